@@ -1,0 +1,32 @@
+/**
+ * Mocha root hooks: picks the backend from TFJS_BACKEND (cpu | wasm | webgpu), registers this
+ * package's kernels for it, and turns an unexpected console.warn into a failure.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';  // registers the gradients in Node
+import '@tensorflow/tfjs-backend-cpu';
+import '@tensorflow/tfjs-backend-wasm';
+import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
+
+const backend = process.env.TFJS_BACKEND ?? 'cpu';
+const realWarn = console.warn;
+let warnings: string[] = [];
+
+export const mochaHooks = {
+  async beforeAll(this: Mocha.Context) {
+    if (!(await tf.setBackend(backend))) throw new Error(`TFJS_BACKEND='${backend}' could not be set`);
+    await tf.ready();
+    registerMoEKernels(backend);
+    console.log(`# backend: ${tf.getBackend()}`);
+  },
+  beforeEach() {
+    warnings = [];
+    console.warn = (...args: unknown[]) => { warnings.push(args.map(String).join(' ')); };
+  },
+  afterEach(this: Mocha.Context) {
+    console.warn = realWarn;
+    if (warnings.length > 0) {
+      throw new Error(`unexpected console.warn in '${this.currentTest?.title}': ${warnings.join(' | ')}`);
+    }
+  },
+};

@@ -1,0 +1,110 @@
+/**
+ * Shared contracts of the MoE ops. Ops, layers and backends import their types from here, never
+ * from each other. Shapes use the letters of src/ops/README.md.
+ */
+import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
+
+/** One LoRA adapter's factors on one weight; the delta is scaling·B·A (per expert for experts). */
+export interface LoRAFactors {
+  /** experts: [r·E, in] expert-major rows; router: [r, H] */
+  A: Tensor2D;
+  /** experts: [out, r·E] rank-major columns; router: [E, r] */
+  B: Tensor2D;
+  /** alpha / r, or alpha / sqrt(r) with rsLoRA */
+  scaling: number;
+}
+
+/** The registered routing families (see src/ops/routing/). */
+export type RoutingKind =
+  | 'softmaxTopK'                  // Mixtral, Qwen2/3-MoE, OLMoE
+  | 'topKSoftmax'                  // gpt-oss
+  | 'sigmoidGroupTopK'             // DeepSeek-V3, GLM-4.5-MoE
+  | 'softmaxGroupTopK'             // Mistral4
+  | 'softmaxGroupLimitedGreedy';   // DeepSeek-V2
+
+export interface RoutingConfig {
+  kind: RoutingKind;
+  /** K, experts per token */
+  topK: number;
+  /** divide the K weights by their sum (softmaxTopK, sigmoidGroupTopK, softmaxGroupTopK) */
+  renormalize?: boolean;
+  /** expert groups for the group-limited kinds; must divide E */
+  nGroup?: number;
+  /** groups kept per token */
+  topkGroup?: number;
+  /** routed_scaling_factor, multiplies the final weights (default 1) */
+  scalingFactor?: number;
+}
+
+/** What every routing op returns. */
+export interface Routing {
+  /** [T, K] float32, differentiable w.r.t. the logits */
+  weights: Tensor2D;
+  /** [T, K] int32, the chosen experts (no gradient) */
+  experts: Tensor2D;
+  /** [T, E] the router logits, returned for aux losses */
+  logits: Tensor2D;
+}
+
+export interface RouterWeights {
+  /** W_g [E, H] */
+  weight: Tensor2D;
+  /** [E] added to the logits (gpt-oss) */
+  bias?: Tensor1D;
+  /** [E] DeepSeek's e_score_correction_bias: used for selection only, gets no gradient */
+  correctionBias?: Tensor1D;
+  /** active router adapters, A [r, H], B [E, r]; their deltas add up */
+  lora?: LoRAFactors[];
+}
+
+/**
+ * 'outIn': HF default, W1 [E, 2I, H] (gate rows then up rows), W2 [E, H, I].
+ * 'inOutInterleaved': gpt-oss, W1 [E, H, 2I] with gate = even columns, W2 [E, I, H].
+ */
+export type ExpertLayout = 'outIn' | 'inOutInterleaved';
+
+export interface ExpertWeights {
+  /** W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOutInterleaved') */
+  gateUp: Tensor3D;
+  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOutInterleaved') */
+  down: Tensor3D;
+  /** [E, 2I] (gpt-oss), in the same column order as gateUp's output */
+  gateUpBias?: Tensor2D;
+  /** [E, H] (gpt-oss) */
+  downBias?: Tensor2D;
+  layout?: ExpertLayout;
+  /** active adapters on W1: A [r·E, H], B [2I, r·E] (PEFT's output order = gateUp's output order) */
+  gateUpLoRA?: LoRAFactors[];
+  /** active adapters on W2: A [r·E, I], B [H, r·E] */
+  downLoRA?: LoRAFactors[];
+}
+
+export type ExpertActivation =
+  /** silu(gate) · up */
+  | { kind: 'swiglu' }
+  /** gpt-oss: gate = min(gate, limit), up = clamp(up, −limit, limit), (up + 1)·gate·sigmoid(alpha·gate) */
+  | { kind: 'clampedSwiglu'; alpha: number; limit: number };
+
+/** A dense SwiGLU MLP: down(silu(gate(x)) · up(x)), PyTorch [out, in] weights. */
+export interface SharedExpertWeights {
+  gate: Tensor2D;   // [I_s, H]
+  up: Tensor2D;     // [I_s, H]
+  down: Tensor2D;   // [H, I_s]
+  /** Qwen2-MoE: output scaled by sigmoid(x · gateᵀ), [1, H]; absent = unweighted (DeepSeek, GLM) */
+  sigmoidGate?: Tensor2D;
+}
+
+export interface MoEBlockWeights {
+  router: RouterWeights;
+  experts: ExpertWeights;
+  shared?: SharedExpertWeights;
+}
+
+export interface MoEBlockConfig {
+  routing: RoutingConfig;
+  activation: ExpertActivation;
+}
+
+export type ExpertKernel = 'fused' | 'reference';
+/** 'materialize': W_eff = W + s·B·A then grouped products; 'split': x·Wᵀ + s·(x·Aᵀ)·Bᵀ; 'auto' picks by cost. */
+export type LoRAMode = 'materialize' | 'split' | 'auto';
