@@ -3,9 +3,12 @@
  * registered (by tfjs itself or an earlier call) is left alone.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { unsortedSegmentSumConfig } from './wasm/unsorted_segment_sum.js';
 
 /** Per backend, the kernels this package adds; filled by src/backends/<backend>/. */
-const kernelsByBackend: Record<string, tf.KernelConfig[]> = {};
+const kernelsByBackend: Record<string, tf.KernelConfig[]> = {
+  wasm: [unsortedSegmentSumConfig],
+};
 
 /** Returns the names of the kernels it registered now. */
 export function registerMoEKernels(backendName: string = tf.getBackend()): string[] {
