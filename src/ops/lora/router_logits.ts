@@ -1,0 +1,56 @@
+/**
+ * Router logits with router LoRA, never forming W_g + ΔW_g: each adapter adds two thin products.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { Tensor2D } from '@tensorflow/tfjs-core';
+import type { RouterWeights } from '../types.js';
+import { assertShape, assertTensor, fail } from '../validate.js';
+import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
+
+/**
+ * logits = x·W_gᵀ + bias + Σ_k s_k·(x·A_kᵀ)·B_kᵀ, with PEFT's router factors A [r, H], B [E, r].
+ *
+ * Plain autodiff ops (2-D matMuls), so `tf.grads` gives gradients for x, the weight, the bias and
+ * every A and B. The router weight stays frozen simply by leaving it out of the trained variable
+ * list. `router.correctionBias` is not used here: it only affects expert selection (routing).
+ *
+ * ```js
+ * const x = tf.randomNormal([6, 64]);                      // T = 6, H = 64
+ * const weight = tf.randomNormal([8, 64]);                 // E = 8
+ * const A = tf.randomNormal([4, 64]), B = tf.zeros([8, 4]);
+ * routerLogits(x, { weight, lora: [{ A, B, scaling: 2 }] });   // [6, 8]
+ * ```
+ *
+ * @param x [T, H] float32 hidden states
+ * @param router weight W_g [E, H], optional bias [E], optional active adapters
+ * @returns [T, E]
+ */
+export function routerLogits(x: Tensor2D, router: RouterWeights): Tensor2D {
+  const op = 'routerLogits';
+  assertTensor(op, 'x', x, 2);
+  if (router == null || typeof router !== 'object') {
+    fail(op, `'router' must be a RouterWeights object {weight, bias?, lora?} but got ` +
+        `${router === null ? 'null' : typeof router}`);
+  }
+  assertTensor(op, 'router.weight', router.weight, 2);
+  const [E, H] = router.weight.shape;
+  assertShape(op, 'x', x, [null, H], `[T, H] with H = ${H} from router.weight [${E},${H}]`);
+  if (router.bias != null) {
+    assertTensor(op, 'router.bias', router.bias, 1);
+    assertShape(op, 'router.bias', router.bias, [E], `E = ${E} from router.weight [${E},${H}]`);
+  }
+  const lora = router.lora ?? [];
+  assertAdapterList(op, 'router.lora', lora);
+  lora.forEach((f, i) => checkRouterFactors(op, `router.lora[${i}].`, f, E, H));
+
+  return tf.tidy(() => {
+    // Transposing the small weight keeps the big product untransposed (fast path on wasm).
+    let logits: Tensor2D = tf.matMul(x, tf.transpose(router.weight));  // [T, E]
+    if (router.bias != null) logits = tf.add(logits, router.bias);
+    for (const { A, B, scaling } of lora) {
+      const low = tf.mul(tf.matMul(x, tf.transpose(A)), scaling);      // [T, r]
+      logits = tf.add(logits, tf.matMul(low, tf.transpose(B)));        // [T, E]
+    }
+    return logits;
+  });
+}
