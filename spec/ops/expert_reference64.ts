@@ -1,0 +1,72 @@
+/**
+ * Float64 JS reference of the routed experts (given the routing), written from the formulas in
+ * spec/fixtures/README.md with explicit index math; used with finite differences as the oracle.
+ */
+export interface Experts64 {
+  T: number; H: number; I: number; E: number; K: number;
+  layout: 'outIn' | 'inOutInterleaved';
+  activation: { kind: 'swiglu' } | { kind: 'clampedSwiglu'; alpha: number; limit: number };
+  experts: Int32Array;          // [T*K]
+  weights: Float64Array;        // [T*K]
+  x: Float64Array;              // [T*H]
+  W1: Float64Array;             // [E,2I,H] or [E,H,2I]
+  W2: Float64Array;             // [E,H,I] or [E,I,H]
+  b1?: Float64Array;            // [E,2I]
+  b2?: Float64Array;            // [E,H]
+  lora1: Array<{ A: Float64Array; B: Float64Array; r: number; s: number }>;  // A [r*E, H], B [2I, r*E]
+  lora2: Array<{ A: Float64Array; B: Float64Array; r: number; s: number }>;  // A [r*E, I], B [H, r*E]
+}
+
+/** PEFT's delta for expert e at (out o, in i): s·Σ_j B[o, j·E + e]·A[e·r + j, i]. */
+function delta(f: { A: Float64Array; B: Float64Array; r: number; s: number }, E: number, inSize: number,
+    e: number, o: number, i: number): number {
+  let d = 0;
+  for (let j = 0; j < f.r; j++) d += f.B[o * f.r * E + j * E + e] * f.A[(e * f.r + j) * inSize + i];
+  return f.s * d;
+}
+
+function sigmoid(v: number): number { return 1 / (1 + Math.exp(-v)); }
+
+export function experts64(m: Experts64): Float64Array {
+  const { T, H, I, E, K } = m;
+  const t2 = m.layout !== 'outIn';
+  // effective weights in (out, in) form
+  const w1 = (e: number, o: number, i: number) =>
+    (t2 ? m.W1[(e * H + i) * 2 * I + o] : m.W1[(e * 2 * I + o) * H + i]) +
+    m.lora1.reduce((s, f) => s + delta(f, E, H, e, o, i), 0);
+  const w2 = (e: number, o: number, i: number) =>
+    (t2 ? m.W2[(e * I + i) * H + o] : m.W2[(e * H + o) * I + i]) +
+    m.lora2.reduce((s, f) => s + delta(f, E, I, e, o, i), 0);
+  const out = new Float64Array(T * H);
+  const h = new Float64Array(2 * I);
+  const a = new Float64Array(I);
+  for (let t = 0; t < T; t++) {
+    for (let k = 0; k < K; k++) {
+      const e = m.experts[t * K + k];
+      for (let o = 0; o < 2 * I; o++) {
+        let v = m.b1 ? m.b1[e * 2 * I + o] : 0;
+        for (let i = 0; i < H; i++) v += m.x[t * H + i] * w1(e, o, i);
+        h[o] = v;
+      }
+      for (let i = 0; i < I; i++) {
+        const g = t2 ? h[2 * i] : h[i];
+        const u = t2 ? h[2 * i + 1] : h[I + i];
+        if (m.activation.kind === 'swiglu') {
+          a[i] = g * sigmoid(g) * u;
+        } else {
+          const { alpha, limit } = m.activation;
+          const gc = Math.min(g, limit);
+          const uc = Math.min(Math.max(u, -limit), limit);
+          a[i] = (uc + 1) * gc * sigmoid(alpha * gc);
+        }
+      }
+      const w = m.weights[t * K + k];
+      for (let o = 0; o < H; o++) {
+        let v = m.b2 ? m.b2[e * H + o] : 0;
+        for (let i = 0; i < I; i++) v += a[i] * w2(e, o, i);
+        out[t * H + o] += w * v;
+      }
+    }
+  }
+  return out;
+}

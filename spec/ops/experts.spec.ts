@@ -1,0 +1,352 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { buildDispatchPlan, planFromExperts } from '../../src/ops/experts/dispatch_plan.js';
+import { chooseLoRAMode, fusedExperts } from '../../src/ops/experts/fused_experts.js';
+import { splitExpertLoRA } from '../../src/ops/lora/split.js';
+import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../src/ops/types.js';
+import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences } from '../helpers/numeric.js';
+import { experts64, type Experts64 } from './expert_reference64.js';
+
+interface CaseSpec {
+  T: number; H: number; I: number; E: number; K: number;
+  layout?: 'outIn' | 'inOutInterleaved';
+  activation?: ExpertActivation;
+  bias?: boolean;
+  lora1?: number[];   // ranks of the adapters on W1
+  lora2?: number[];
+  /** 'random': K distinct experts per token; 'one': every token to expert E-1 (K=1); 'skip': experts 0 and E-1 unused */
+  routing?: 'random' | 'one' | 'skip';
+}
+
+interface Case {
+  m: Experts64;
+  x: tf.Tensor2D; weights: tf.Tensor2D; experts: tf.Tensor2D;
+  w: ExpertWeights;
+  activation: ExpertActivation;
+  dispose(): void;
+}
+
+function makeCase(spec: CaseSpec, seed: number): Case {
+  const rng = new Rng(seed);
+  const { T, H, I, E, K } = spec;
+  const layout = spec.layout ?? 'outIn';
+  const activation = spec.activation ?? { kind: 'swiglu' };
+  const chosen = new Int32Array(T * K);
+  const pool = spec.routing === 'skip' ? Array.from({ length: E - 2 }, (_, i) => i + 1) : Array.from({ length: E }, (_, i) => i);
+  for (let t = 0; t < T; t++) {
+    const perm = [...pool];
+    for (let i = perm.length - 1; i > 0; i--) { const j = rng.int(i + 1); [perm[i], perm[j]] = [perm[j], perm[i]]; }
+    for (let k = 0; k < K; k++) chosen[t * K + k] = spec.routing === 'one' ? E - 1 : perm[k];
+  }
+  const adapters = (ranks: number[] | undefined, inSize: number, outSize: number) => (ranks ?? []).map((r, i) => ({
+    A: asF32(rng.array(r * E * inSize, 0.5)), B: asF32(rng.array(outSize * r * E, 0.5)), r, s: 1.5 + i,
+  }));
+  const m: Experts64 = {
+    T, H, I, E, K, layout, activation, experts: chosen,
+    weights: asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform())),
+    x: asF32(rng.array(T * H)),
+    W1: asF32(rng.array(E * 2 * I * H, 0.6)),
+    W2: asF32(rng.array(E * H * I, 0.6)),
+    b1: spec.bias ? asF32(rng.array(E * 2 * I, 0.3)) : undefined,
+    b2: spec.bias ? asF32(rng.array(E * H, 0.3)) : undefined,
+    lora1: adapters(spec.lora1, H, 2 * I),
+    lora2: adapters(spec.lora2, I, H),
+  };
+  const t2 = layout !== 'outIn';
+  const toFactors = (fs: Experts64['lora1'], inSize: number, outSize: number): LoRAFactors[] => fs.map(f => ({
+    A: tf.tensor2d(Float32Array.from(f.A), [f.r * E, inSize]),
+    B: tf.tensor2d(Float32Array.from(f.B), [outSize, f.r * E]),
+    scaling: f.s,
+  }));
+  const w: ExpertWeights = {
+    layout,
+    gateUp: tf.tensor3d(Float32Array.from(m.W1), t2 ? [E, H, 2 * I] : [E, 2 * I, H]),
+    down: tf.tensor3d(Float32Array.from(m.W2), t2 ? [E, I, H] : [E, H, I]),
+    gateUpBias: m.b1 && tf.tensor2d(Float32Array.from(m.b1), [E, 2 * I]),
+    downBias: m.b2 && tf.tensor2d(Float32Array.from(m.b2), [E, H]),
+    gateUpLoRA: toFactors(m.lora1, H, 2 * I),
+    downLoRA: toFactors(m.lora2, I, H),
+  };
+  const x = tf.tensor2d(Float32Array.from(m.x), [T, H]);
+  const weights = tf.tensor2d(Float32Array.from(m.weights), [T, K]);
+  const experts = tf.tensor2d(chosen, [T, K], 'int32');
+  const all = [x, weights, experts, w.gateUp, w.down, w.gateUpBias, w.downBias,
+    ...w.gateUpLoRA!.flatMap(f => [f.A, f.B]), ...w.downLoRA!.flatMap(f => [f.A, f.B])];
+  return { m, x, weights, experts, w, activation, dispose: () => tf.dispose(all.filter(t => t != null) as tf.Tensor[]) };
+}
+
+/** The trained tensors of a case, with their float64 counterparts, in a fixed order. */
+function trainedOf(c: Case, trainBase: boolean): Array<{ name: string; t: tf.Tensor; set: (m: Experts64, v: Float64Array) => Experts64; get: (m: Experts64) => Float64Array }> {
+  const list = [
+    { name: 'x', t: c.x as tf.Tensor, get: (m: Experts64) => m.x, set: (m: Experts64, v: Float64Array) => ({ ...m, x: v }) },
+    { name: 'weights', t: c.weights, get: (m: Experts64) => m.weights, set: (m: Experts64, v: Float64Array) => ({ ...m, weights: v }) },
+  ];
+  if (trainBase) {
+    list.push({ name: 'W1', t: c.w.gateUp, get: m => m.W1, set: (m, v) => ({ ...m, W1: v }) });
+    list.push({ name: 'W2', t: c.w.down, get: m => m.W2, set: (m, v) => ({ ...m, W2: v }) });
+    if (c.w.gateUpBias) list.push({ name: 'b1', t: c.w.gateUpBias, get: m => m.b1!, set: (m, v) => ({ ...m, b1: v }) });
+    if (c.w.downBias) list.push({ name: 'b2', t: c.w.downBias, get: m => m.b2!, set: (m, v) => ({ ...m, b2: v }) });
+  }
+  for (const [key, tensors] of [['lora1', c.w.gateUpLoRA!], ['lora2', c.w.downLoRA!]] as const) {
+    tensors.forEach((f, i) => {
+      const replace = (m: Experts64, part: 'A' | 'B', v: Float64Array) =>
+        ({ ...m, [key]: m[key].map((g, j) => (j === i ? { ...g, [part]: v } : g)) });
+      list.push({ name: `${key}[${i}].A`, t: f.A, get: m => m[key][i].A, set: (m, v) => replace(m, 'A', v) });
+      list.push({ name: `${key}[${i}].B`, t: f.B, get: m => m[key][i].B, set: (m, v) => replace(m, 'B', v) });
+    });
+  }
+  return list;
+}
+
+function loss64(m: Experts64, G: Float64Array): number {
+  const out = experts64(m);
+  let s = 0;
+  for (let i = 0; i < out.length; i++) s += out[i] * G[i];
+  return s;
+}
+
+/** Checks the fused op's output and every gradient against the float64 reference and finite differences. */
+function checkAgainstReference(c: Case, opts: { trainBase: boolean; loraMode?: LoRAMode }, seed: number): void {
+  const { m } = c;
+  const G = asF32(new Rng(seed).array(m.T * m.H));
+  const gT = tf.tensor2d(Float32Array.from(G), [m.T, m.H]);
+  const trained = trainedOf(c, opts.trainBase);
+  const f = (...inputs: tf.Tensor[]) => {
+    // the trained tensors arrive as inputs; rebuild the call from them
+    const byName = new Map(trained.map((p, i) => [p.name, inputs[i]]));
+    const pick = <T extends tf.Tensor>(name: string, t: T | undefined) => (byName.get(name) as T) ?? t;
+    const w: ExpertWeights = {
+      ...c.w,
+      gateUp: pick('W1', c.w.gateUp), down: pick('W2', c.w.down),
+      gateUpBias: c.w.gateUpBias && pick('b1', c.w.gateUpBias), downBias: c.w.downBias && pick('b2', c.w.downBias),
+      gateUpLoRA: c.w.gateUpLoRA!.map((l, i) => ({ ...l, A: pick(`lora1[${i}].A`, l.A), B: pick(`lora1[${i}].B`, l.B) })),
+      downLoRA: c.w.downLoRA!.map((l, i) => ({ ...l, A: pick(`lora2[${i}].A`, l.A), B: pick(`lora2[${i}].B`, l.B) })),
+    };
+    const out = fusedExperts(byName.get('x') as tf.Tensor2D,
+        { weights: byName.get('weights') as tf.Tensor2D, experts: c.experts }, w, c.activation,
+        { trainExpertWeights: opts.trainBase, loraMode: opts.loraMode });
+    return tf.sum(tf.mul(out, gT));
+  };
+  const out = fusedExperts(c.x, { weights: c.weights, experts: c.experts }, c.w, c.activation,
+      { trainExpertWeights: opts.trainBase, loraMode: opts.loraMode });
+  expectClose(out.dataSync(), experts64(m), 1e-5, 'out');
+  out.dispose();
+  const grads = tf.grads(f)(trained.map(p => p.t));
+  trained.forEach((p, i) => {
+    const fd = finiteDifferences(v => loss64(p.set(m, v), G), p.get(m));
+    expectClose(grads[i].dataSync(), fd, 1e-4, `d${p.name}`);
+  });
+  tf.dispose([...grads, gT]);
+}
+
+describe('fusedExperts', () => {
+  const cases: Array<[string, CaseSpec]> = [
+    ['odd sizes, E=5 K=3', { T: 7, H: 6, I: 3, E: 5, K: 3 }],
+    ['one token, K = E', { T: 1, H: 5, I: 2, E: 4, K: 4 }],
+    ['every token to one expert, K=1', { T: 9, H: 4, I: 3, E: 3, K: 1, routing: 'one' }],
+    ['experts with no tokens', { T: 6, H: 5, I: 2, E: 6, K: 2, routing: 'skip' }],
+    ['gpt-oss layout, biases, clamped GLU', { T: 5, H: 6, I: 4, E: 4, K: 2, layout: 'inOutInterleaved', bias: true,
+      activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.8 } }],
+  ];
+  for (const [name, spec] of cases) {
+    it(`matches float64 and finite differences: ${name}`, () => {
+      const c = makeCase(spec, 11);
+      checkAgainstReference(c, { trainBase: true }, 12);
+      c.dispose();
+    });
+  }
+
+  for (const mode of ['split', 'materialize', 'auto'] as const) {
+    it(`expert LoRA (${mode}): two adapters on W1, one on W2, frozen base; dx, dweights, dA, dB`, () => {
+      const c = makeCase({ T: 8, H: 6, I: 3, E: 5, K: 2, lora1: [2, 1], lora2: [3], routing: 'skip' }, 21);
+      checkAgainstReference(c, { trainBase: false, loraMode: mode }, 22);
+      c.dispose();
+    });
+    it(`expert LoRA (${mode}) on the gpt-oss transposed layout`, () => {
+      const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOutInterleaved', bias: true, lora1: [2], lora2: [1],
+        activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.2 } }, 31);
+      checkAgainstReference(c, { trainBase: false, loraMode: mode }, 32);
+      c.dispose();
+    });
+  }
+
+  it('trains base and LoRA together in split mode (auto picks split)', () => {
+    const c = makeCase({ T: 6, H: 5, I: 2, E: 3, K: 2, lora1: [1], lora2: [2] }, 41);
+    checkAgainstReference(c, { trainBase: true, loraMode: 'auto' }, 42);
+    c.dispose();
+  });
+
+  it('H=100, T=600, E=5, K=3: forward matches float64', () => {
+    const c = makeCase({ T: 600, H: 100, I: 16, E: 5, K: 3, lora1: [2] }, 51);
+    const out = fusedExperts(c.x, { weights: c.weights, experts: c.experts }, c.w, c.activation);
+    expectClose(out.dataSync(), experts64(c.m), 1e-5, 'out');
+    tf.dispose([out]);
+    c.dispose();
+  });
+
+  it('B = 0 gives the base output exactly, in every LoRA mode', () => {
+    const c = makeCase({ T: 7, H: 6, I: 3, E: 4, K: 2 }, 61);
+    const zeroLoRA = (inSize: number, outSize: number): LoRAFactors =>
+      ({ A: tf.randomNormal([2 * 4, inSize]), B: tf.zeros([outSize, 2 * 4]), scaling: 4 });
+    const withLoRA: ExpertWeights = { ...c.w, gateUpLoRA: [zeroLoRA(6, 6)], downLoRA: [zeroLoRA(3, 6)] };
+    const base = fusedExperts(c.x, c, c.w, c.activation);
+    for (const loraMode of ['split', 'materialize', 'auto'] as const) {
+      const adapted = fusedExperts(c.x, c, withLoRA, c.activation, { loraMode });
+      expect(Array.from(adapted.dataSync()), loraMode).to.deep.equal(Array.from(base.dataSync()));
+      adapted.dispose();
+    }
+    tf.dispose([base, ...withLoRA.gateUpLoRA!.flatMap(f => [f.A, f.B]), ...withLoRA.downLoRA!.flatMap(f => [f.A, f.B])]);
+    c.dispose();
+  });
+
+  it('split LoRA backward allocates no gradient of the base weights\' size', () => {
+    // W1 and W2 dominate: 8·128·64 + 8·64·64 floats vs a handful of token rows
+    const c = makeCase({ T: 4, H: 64, I: 64, E: 8, K: 2, lora1: [2], lora2: [2] }, 71);
+    const weightBytes = 4 * (c.w.gateUp.size + c.w.down.size);
+    const peakOf = (trainExpertWeights: boolean) => {
+      const before = tf.memory().numBytes;
+      let peak = 0;
+      const inputs = trainExpertWeights ? [c.x, c.w.gateUp, c.w.down] : [c.x, c.w.gateUpLoRA![0].A, c.w.downLoRA![0].B];
+      const f = (...ins: tf.Tensor[]) => {
+        const w = trainExpertWeights ? { ...c.w, gateUp: ins[1] as tf.Tensor3D, down: ins[2] as tf.Tensor3D }
+          : { ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: ins[1] as tf.Tensor2D }], downLoRA: [{ ...c.w.downLoRA![0], B: ins[2] as tf.Tensor2D }] };
+        return tf.sum(fusedExperts(ins[0] as tf.Tensor2D, c, w, c.activation, { trainExpertWeights, loraMode: 'split' }));
+      };
+      return tf.profile(() => { tf.dispose(tf.grads(f)(inputs)); }).then(info => { peak = info.peakBytes - before; return peak; });
+    };
+    return peakOf(false).then(frozen => peakOf(true).then(trained => {
+      expect(frozen, 'peak bytes with the base frozen').to.be.below(weightBytes / 2);
+      expect(trained, 'peak bytes when the base trains (the check can fail)').to.be.at.least(weightBytes);
+      c.dispose();
+    }));
+  });
+
+  it('leaves no tensor behind across forward + backward', () => {
+    const c = makeCase({ T: 7, H: 6, I: 3, E: 5, K: 2, lora1: [2], lora2: [1] }, 81);
+    expectNoLeak(() => {
+      const f = (x: tf.Tensor, a: tf.Tensor) => tf.sum(fusedExperts(x as tf.Tensor2D, c,
+          { ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: a as tf.Tensor2D }] }, c.activation));
+      for (let step = 0; step < 3; step++) tf.dispose(tf.grads(f)([c.x, c.w.gateUpLoRA![0].A]));
+      tf.dispose(fusedExperts(c.x, c, c.w, c.activation));
+    });
+    c.dispose();
+  });
+
+  it('auto picks split for training-sized rows and materialize when rows are many', () => {
+    expect(chooseLoRAMode(2048, 256, 256, 8, 8)).to.equal('split');
+    expect(chooseLoRAMode(2, 16, 16, 64, 1)).to.equal('split');
+    // a huge rank against few rows of few experts: building W_eff is cheaper
+    expect(chooseLoRAMode(4096, 64, 64, 1, 64)).to.equal('materialize');
+  });
+
+  describe('bad input', () => {
+    let c: Case;
+    before(() => { c = makeCase({ T: 4, H: 6, I: 3, E: 5, K: 2 }, 91); });
+    after(() => c.dispose());
+    const call = (over: Partial<{ x: unknown; weights: unknown; experts: unknown; w: Partial<ExpertWeights>; act: unknown; opts: unknown }>) => () =>
+      fusedExperts((over.x ?? c.x) as tf.Tensor2D,
+          { weights: (over.weights ?? c.weights) as tf.Tensor2D, experts: (over.experts ?? c.experts) as tf.Tensor2D },
+          { ...c.w, ...over.w } as ExpertWeights, (over.act ?? c.activation) as ExpertActivation, (over.opts ?? {}) as object);
+    const cases: Array<[string, () => unknown, RegExp]> = [];
+    it('throws one clear error per problem and leaks nothing', () => {
+      const x3 = tf.zeros([2, 4, 6]);
+      const xInt = tf.zeros([4, 6], 'int32');
+      const w1Bad = tf.zeros([5, 7, 6]);
+      const w2Bad = tf.zeros([5, 6, 4]);
+      const expFloat = tf.zeros([4, 2]);
+      const expOut = tf.tensor2d([0, 1, 2, 5, 1, 1, 0, 4], [4, 2], 'int32');
+      const aBad = tf.zeros([7, 6]);
+      const bBad = tf.zeros([6, 10]);
+      const wK = tf.zeros([4, 6]);
+      const eK = tf.zeros([4, 6], 'int32');
+      cases.push(
+        ['x rank', call({ x: x3 }), /`fusedExperts\(\)`: 'x' must be 2-D but got shape \[2,4,6\]/],
+        ['x dtype', call({ x: xInt }), /'x' must be float32 but got int32/],
+        ['odd gateUp', call({ w: { gateUp: w1Bad as tf.Tensor3D } }), /'weights.gateUp' must have an even gate\+up size \(2I\) but got shape \[5,7,6\]/],
+        ['down shape', call({ w: { down: w2Bad as tf.Tensor3D } }), /'weights.down' must have shape \[5,6,3\] but got \[5,6,4\]/],
+        ['experts dtype', call({ experts: expFloat }), /'routing.experts' must be int32 but got float32/],
+        ['experts range', call({ experts: expOut }), /'experts' must hold expert ids in \[0, 5\) but got 5 at token 1, slot 1/],
+        ['A rows', call({ w: { gateUpLoRA: [{ A: aBad as tf.Tensor2D, B: bBad as tf.Tensor2D, scaling: 1 }] } }),
+          /'weights.gateUpLoRA\[0\].A' must have r·E rows \(expert-major, r >= 1\) with E = 5 experts but got 7 rows/],
+        ['B shape', call({ w: { gateUpLoRA: [{ A: tf.zeros([5, 6]) as tf.Tensor2D, B: bBad as tf.Tensor2D, scaling: 1 }] } }),
+          /'weights.gateUpLoRA\[0\].B' must have shape \[6,5\] but got \[6,10\] \(\[out, r·E\] with r = 1/],
+        ['scaling', call({ w: { downLoRA: [{ A: tf.zeros([5, 3]) as tf.Tensor2D, B: tf.zeros([6, 5]) as tf.Tensor2D, scaling: NaN }] } }),
+          /'weights.downLoRA\[0\].scaling' must be a finite number but got NaN/],
+        ['K > E', call({ weights: wK, experts: eK }), /top-k \(6\) must be in \[1, num experts \(5\)\]/],
+        ['activation', call({ act: { kind: 'gelu' } }), /'activation.kind' must be one of 'swiglu', 'clampedSwiglu' but got 'gelu'/],
+        ['lora mode', call({ opts: { loraMode: 'fast' } }), /'options.loraMode' must be one of 'materialize', 'split', 'auto' but got 'fast'/],
+      );
+      for (const [label, fn, re] of cases) {
+        expectNoLeak(() => expect(fn, label).to.throw(re), label);
+      }
+      tf.dispose([x3, xInt, w1Bad, w2Bad, expFloat, expOut, aBad, bBad, wK, eK]);
+    });
+  });
+});
+
+describe('splitExpertLoRA', () => {
+  it('equals x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ per group; dx, dA, dB match finite differences; W gets none', () => {
+    const rng = new Rng(5);
+    const E = 3, inSize = 4, outSize = 5, r = 2, s = 1.7;
+    const groupSizes = [3, 0, 4];
+    const N = 7;
+    const x = asF32(rng.array(N * inSize)), W = asF32(rng.array(E * outSize * inSize)),
+      A = asF32(rng.array(r * E * inSize)), B = asF32(rng.array(outSize * r * E)), G = asF32(rng.array(N * outSize));
+    const ref = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => {
+      const y = new Float64Array(N * outSize);
+      let row = 0;
+      groupSizes.forEach((n, e) => {
+        for (let q = 0; q < n; q++, row++) {
+          for (let o = 0; o < outSize; o++) {
+            let v = 0;
+            for (let i = 0; i < inSize; i++) {
+              let d = 0;
+              for (let j = 0; j < r; j++) d += Bv[o * r * E + j * E + e] * Av[(e * r + j) * inSize + i];
+              v += xv[row * inSize + i] * (W[(e * outSize + o) * inSize + i] + s * d);
+            }
+            y[row * outSize + o] = v;
+          }
+        }
+      });
+      return y;
+    };
+    const lossRef = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => ref(xv, Av, Bv).reduce((acc, v, i) => acc + v * G[i], 0);
+    const [xT, WT, AT, BT, GT] = [tf.tensor2d(Float32Array.from(x), [N, inSize]), tf.tensor3d(Float32Array.from(W), [E, outSize, inSize]),
+      tf.tensor2d(Float32Array.from(A), [r * E, inSize]), tf.tensor2d(Float32Array.from(B), [outSize, r * E]), tf.tensor2d(Float32Array.from(G), [N, outSize])];
+    expectNoLeak(() => {
+      const y = splitExpertLoRA(xT as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [{ A: AT as tf.Tensor2D, B: BT as tf.Tensor2D, scaling: s }]);
+      expectClose(y.dataSync(), ref(x, A, B), 1e-5, 'y');
+      const [dx, dA, dB] = tf.grads((xi: tf.Tensor, ai: tf.Tensor, bi: tf.Tensor) =>
+        tf.sum(tf.mul(splitExpertLoRA(xi as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [{ A: ai as tf.Tensor2D, B: bi as tf.Tensor2D, scaling: s }]), GT)))([xT, AT, BT]);
+      expectClose(dx.dataSync(), finiteDifferences(v => lossRef(v, A, B), x), 1e-4, 'dx');
+      expectClose(dA.dataSync(), finiteDifferences(v => lossRef(x, v, B), A), 1e-4, 'dA');
+      expectClose(dB.dataSync(), finiteDifferences(v => lossRef(x, A, v), B), 1e-4, 'dB');
+      // rows of the empty expert 1 give zero gradient
+      expect(Array.from(dA.dataSync().subarray(r * inSize, 2 * r * inSize)).every(v => v === 0)).to.equal(true);
+      tf.dispose([y, dx, dA, dB]);
+    });
+    expect(() => splitExpertLoRA(xT as tf.Tensor2D, [3, 0, 3], WT as tf.Tensor3D, []))
+      .to.throw(/`splitExpertLoRA\(\)`: 'groupSizes' must sum to the rows of x \(7\) but sum to 6/);
+    expect(() => splitExpertLoRA(xT as tf.Tensor2D, [7, 0], WT as tf.Tensor3D, []))
+      .to.throw(/'groupSizes' must be an array of 3 \(num experts\) row counts but got \[7,0\]/);
+    tf.dispose([xT, WT, AT, BT, GT]);
+  });
+});
+
+describe('dispatch plan', () => {
+  it('sorts pairs by expert stably and inverts the permutation', () => {
+    const experts = [2, 0, 1, 2, 0, 2];   // T=3, K=2
+    const plan = planFromExperts(experts, 3, 2, 4);
+    expect(plan.groupSizes).to.deep.equal([2, 1, 3, 0]);
+    expect(Array.from(plan.pairOfRow)).to.deep.equal([1, 4, 2, 0, 3, 5]);
+    expect(Array.from(plan.tokenOfRow)).to.deep.equal([0, 2, 1, 0, 1, 2]);
+    for (let p = 0; p < 6; p++) expect(plan.pairOfRow[plan.rowOfPair[p]]).to.equal(p);
+  });
+  it('reads the experts tensor once and checks its dtype', () => {
+    const e = tf.tensor2d([[1, 0], [0, 1]], [2, 2], 'int32');
+    expect(buildDispatchPlan(e as tf.Tensor2D, 2).groupSizes).to.deep.equal([2, 2]);
+    const f = tf.zeros([2, 2]);
+    expect(() => buildDispatchPlan(f as tf.Tensor2D, 2)).to.throw(/`buildDispatchPlan\(\)`: 'experts' must be int32 but got float32/);
+    tf.dispose([e, f]);
+  });
+});

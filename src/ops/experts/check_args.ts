@@ -1,0 +1,66 @@
+/** Argument checks shared by the fused and the reference experts: the weights' shapes must agree. */
+import type * as tf from '@tensorflow/tfjs-core';
+import { assertAdapterList, checkExpertFactors } from '../lora/validate_lora.js';
+import type { ExpertActivation, ExpertWeights } from '../types.js';
+import { assertFiniteNumber, assertOneOf, assertShape, assertTensor, fail } from '../validate.js';
+
+export interface ExpertDims {
+  numTokens: number;    // T
+  hidden: number;       // H
+  inter: number;        // I
+  numExperts: number;   // E
+  topK: number;         // K
+  transposed: boolean;  // gpt-oss layout
+}
+
+function checkLoRA(op: string, arg: string, adapters: unknown, e: number, inSize: number, outSize: number): void {
+  if (adapters === undefined) return;
+  assertAdapterList(op, arg, adapters);
+  adapters.forEach((f, i) => checkExpertFactors(op, `${arg}[${i}].`, f, e, outSize, inSize, `in = ${inSize}, out = ${outSize}`));
+}
+
+export function checkExpertArgs(
+    op: string, x: unknown, routingWeights: unknown, experts: unknown,
+    weights: ExpertWeights, activation: ExpertActivation): ExpertDims {
+  assertTensor(op, 'x', x, 2);
+  assertTensor(op, 'routing.weights', routingWeights, 2);
+  assertTensor(op, 'routing.experts', experts, 2, 'int32');
+  if (weights == null || typeof weights !== 'object') fail(op, `'weights' must be an ExpertWeights object but got ${weights}`);
+  const layout = weights.layout ?? 'outIn';
+  assertOneOf(op, 'weights.layout', layout, ['outIn', 'inOutInterleaved'] as const);
+  assertTensor(op, 'weights.gateUp', weights.gateUp, 3);
+  assertTensor(op, 'weights.down', weights.down, 3);
+  const [numTokens, hidden] = (x as tf.Tensor2D).shape;
+  if (numTokens < 1) fail(op, `'x' must have at least one token but got shape [${(x as tf.Tensor).shape}]`);
+  const transposed = layout === 'inOutInterleaved';
+  const [numExperts, a, b] = weights.gateUp.shape;
+  const twoI = transposed ? b : a;
+  if (twoI % 2 !== 0) fail(op, `'weights.gateUp' must have an even gate+up size (2I) but got shape [${weights.gateUp.shape}]`);
+  const inter = twoI / 2;
+  assertShape(op, 'weights.gateUp', weights.gateUp,
+      transposed ? [numExperts, hidden, twoI] : [numExperts, twoI, hidden], `x is [${(x as tf.Tensor).shape}]`);
+  assertShape(op, 'weights.down', weights.down,
+      transposed ? [numExperts, inter, hidden] : [numExperts, hidden, inter],
+      `gateUp is [${weights.gateUp.shape}], x is [${(x as tf.Tensor).shape}]`);
+  const topK = (routingWeights as tf.Tensor2D).shape[1];
+  assertShape(op, 'routing.weights', routingWeights as tf.Tensor, [numTokens, null], `x is [${(x as tf.Tensor).shape}]`);
+  assertShape(op, 'routing.experts', experts as tf.Tensor, [numTokens, topK],
+      `routing.weights is [${(routingWeights as tf.Tensor).shape}]`);
+  if (topK < 1 || topK > numExperts) fail(op, `top-k (${topK}) must be in [1, num experts (${numExperts})]`);
+  if (weights.gateUpBias !== undefined) {
+    assertTensor(op, 'weights.gateUpBias', weights.gateUpBias, 2);
+    assertShape(op, 'weights.gateUpBias', weights.gateUpBias, [numExperts, twoI]);
+  }
+  if (weights.downBias !== undefined) {
+    assertTensor(op, 'weights.downBias', weights.downBias, 2);
+    assertShape(op, 'weights.downBias', weights.downBias, [numExperts, hidden]);
+  }
+  checkLoRA(op, 'weights.gateUpLoRA', weights.gateUpLoRA, numExperts, hidden, twoI);
+  checkLoRA(op, 'weights.downLoRA', weights.downLoRA, numExperts, inter, hidden);
+  assertOneOf(op, 'activation.kind', activation?.kind, ['swiglu', 'clampedSwiglu'] as const);
+  if (activation.kind === 'clampedSwiglu') {
+    assertFiniteNumber(op, 'activation.alpha', activation.alpha);
+    assertFiniteNumber(op, 'activation.limit', activation.limit);
+  }
+  return { numTokens, hidden, inter, numExperts, topK, transposed };
+}

@@ -1,0 +1,179 @@
+/**
+ * The fused expert computation: sort the T·K (token, slot) pairs by expert once, gather the rows
+ * once, one product per expert over its contiguous rows, activation, down projection, weighted
+ * scatter-add back to tokens (as a gather through the inverse permutation plus a sum over K, which
+ * every backend has). Its backward keeps only x, the routing weights and the up projection's
+ * output h, and recomputes the rest (SonicMoE's design: about half the activation memory of
+ * autodiff, which would keep the gathered rows, h, the activation and the down output).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { materializeExpertLoRA } from '../lora/materialize.js';
+import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
+import { assertOneOf, fail } from '../validate.js';
+import { activationBackward, activationForward } from './activation.js';
+import { checkExpertArgs } from './check_args.js';
+import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
+import { groupedMatMulBackward, groupedMatMulForward, type GroupedWeight } from './grouped_matmul.js';
+
+export interface FusedExpertsOptions {
+  /**
+   * Compute gradients for the base expert weights (and biases). Default: true when no expert
+   * LoRA adapter is active (full fine-tuning), false with adapters (the base stays frozen and no
+   * gradient of its size is ever allocated).
+   */
+  trainExpertWeights?: boolean;
+  /** how expert LoRA is applied; 'auto' (default) picks per projection by arithmetic cost */
+  loraMode?: LoRAMode;
+  /** a plan built beforehand, e.g. with buildDispatchPlanAsync on backends without sync reads */
+  plan?: DispatchPlan;
+}
+
+/**
+ * Extra multiply-adds of LoRA in one training step (forward + backward) for rows N through a
+ * weight [out, in] per expert: split adds two rank-r products per pass; materialize builds
+ * W_eff (E·out·in·r), needs dW_eff (N·out·in) and turns it into dA, dB (2·E·out·in·r).
+ */
+export function chooseLoRAMode(
+    rows: number, inSize: number, outSize: number, numExperts: number, rank: number): 'split' | 'materialize' {
+  const split = 3 * rows * rank * (inSize + outSize);
+  const materialize = 3 * numExperts * outSize * inSize * rank + rows * inSize * outSize;
+  return split <= materialize ? 'split' : 'materialize';
+}
+
+/** One projection's weight as the grouped products see it, and which of its tensors get gradients. */
+interface Projection {
+  weight: tf.Tensor3D;
+  bias?: tf.Tensor2D;
+  lora: LoRAFactors[];
+  transposed: boolean;
+  trainWeight: boolean;
+  trainBias: boolean;
+}
+
+function projection(
+    weight: tf.Tensor3D, bias: tf.Tensor2D|undefined, lora: LoRAFactors[], transposed: boolean,
+    train: boolean, mode: LoRAMode, rows: number): Projection {
+  if (lora.length === 0) return { weight, bias, lora, transposed, trainWeight: train, trainBias: train && bias != null };
+  const [e, a, b] = weight.shape;
+  const [inSize, outSize] = transposed ? [a, b] : [b, a];
+  const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
+  // Training the base and its adapters together needs dW itself, which only the split form gives.
+  const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
+  if (chosen === 'split') return { weight, bias, lora, transposed, trainWeight: train, trainBias: train && bias != null };
+  // W_eff is the output of materializeExpertLoRA's own customGrad: its gradient reaches A and B
+  // through that op, so here it is a trainable input even when the base W is frozen.
+  if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
+  const merged = materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
+  return { weight: merged, bias, lora: [], transposed, trainWeight: true, trainBias: false };
+}
+
+/** The tensors of a projection that get gradients, in a fixed order: W?, b?, A0, B0, A1, B1, ... */
+function trainables(p: Projection): tf.Tensor[] {
+  const list: tf.Tensor[] = [];
+  if (p.trainWeight) list.push(p.weight);
+  if (p.trainBias) list.push(p.bias!);
+  for (const f of p.lora) list.push(f.A, f.B);
+  return list;
+}
+
+/**
+ * What backward must keep of a projection: its trained tensors (they may be intermediates, like
+ * W_eff) and the adapters. A frozen base is read through the closure instead: saving it would
+ * register a W-sized clone for nothing.
+ */
+function savedOf(p: Projection): tf.Tensor[] {
+  return [...(p.trainWeight ? [p.weight] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
+}
+
+function restore(p: Projection, saved: tf.Tensor[], at: number): [GroupedWeight, number] {
+  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;
+  const bias = p.trainBias ? saved[at++] as tf.Tensor2D : p.bias;
+  const lora = p.lora.map(f => ({ A: saved[at++] as tf.Tensor2D, B: saved[at++] as tf.Tensor2D, scaling: f.scaling }));
+  return [{ weight, bias, lora, transposed: p.transposed }, at];
+}
+
+function gradsOf(p: Projection, g: ReturnType<typeof groupedMatMulBackward>): tf.Tensor[] {
+  const list: tf.Tensor[] = [];
+  if (p.trainWeight) list.push(g.dWeight!);
+  if (p.trainBias) list.push(g.dBias!);
+  p.lora.forEach((_, i) => list.push(g.dA[i], g.dB[i]));
+  return list;
+}
+
+/**
+ * Mixture-of-experts feed-forward for routed tokens: out[t] = Σ_k w[t,k] · expert_{e[t,k]}(x[t]).
+ *
+ * Reads `routing.experts` to the host once per call to size the per-expert products (pass
+ * `options.plan` to avoid that, e.g. on webgpu). Gradients: x, routing.weights (dS = ⟨dO_t, y_(t,k)⟩),
+ * the base weights when `trainExpertWeights`, and every active adapter's A and B.
+ *
+ * ```js
+ * const out = fusedExperts(x, {weights, experts}, {gateUp, down}, {kind: 'swiglu'});
+ * ```
+ */
+export function fusedExperts(
+    x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
+    weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
+  const op = 'fusedExperts';
+  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
+  const loraMode = options.loraMode ?? 'auto';
+  assertOneOf(op, 'options.loraMode', loraMode, ['materialize', 'split', 'auto'] as const);
+  const upLoRA = weights.gateUpLoRA ?? [];
+  const downLoRA = weights.downLoRA ?? [];
+  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  const plan = options.plan ?? buildDispatchPlan(routing.experts, dims.numExperts);
+  if (plan.numTokens !== dims.numTokens || plan.topK !== dims.topK || plan.numExperts !== dims.numExperts) {
+    fail(op, `'options.plan' is for T=${plan.numTokens}, K=${plan.topK}, E=${plan.numExperts} ` +
+        `but the call has T=${dims.numTokens}, K=${dims.topK}, E=${dims.numExperts}`);
+  }
+  const { numTokens: t, topK: k, hidden, transposed } = dims;
+  const rows = t * k;
+
+  return tf.tidy(() => {
+    const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows);
+    const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows);
+    const upInputs = trainables(up);
+    const downInputs = trainables(down);
+
+    const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+      const save = args[args.length - 1] as tf.GradSaveFunc;
+      const [xIn, wIn] = args as tf.Tensor2D[];
+      const tokenOfRow = tf.tensor1d(plan.tokenOfRow, 'int32');
+      const xs = tf.gather(xIn, tokenOfRow);                                        // [N, H]
+      const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: up.lora, transposed };
+      const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: down.lora, transposed };
+      const h = groupedMatMulForward(xs, plan.groupSizes, upW);                      // [N, 2I]
+      const a = activationForward(h, activation, transposed);                        // [N, I]
+      const y = groupedMatMulForward(a, plan.groupSizes, downW);                     // [N, H]
+      const wRow = tf.gather(tf.reshape(wIn, [rows]), tf.tensor1d(plan.pairOfRow, 'int32'));  // [N]
+      const weighted = tf.mul(y, tf.reshape(wRow, [rows, 1]));                        // [N, H]
+      const byPair = tf.gather(weighted, tf.tensor1d(plan.rowOfPair, 'int32'));      // [T*K, H]
+      const value = tf.sum(tf.reshape(byPair, [t, k, hidden]), 1) as tf.Tensor2D;    // [T, H]
+      save([xIn, wIn, h, ...savedOf(up), ...savedOf(down)]);
+
+      const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
+        const [xS, wS, hS] = saved as tf.Tensor2D[];
+        const [upS, next] = restore(up, saved, 3);
+        const [downS] = restore(down, saved, next);
+        const tokenIdx = tf.tensor1d(plan.tokenOfRow, 'int32');
+        const pairIdx = tf.tensor1d(plan.pairOfRow, 'int32');
+        const rowIdx = tf.tensor1d(plan.rowOfPair, 'int32');
+        const dRows = tf.gather(dOut, tokenIdx) as tf.Tensor2D;                     // [N, H]
+        const aS = activationForward(hS, activation, transposed);                   // [N, I] recomputed
+        const yS = groupedMatMulForward(aS, plan.groupSizes, downS);                // [N, H] recomputed
+        const dwRow = tf.sum(tf.mul(dRows, yS), 1);                                 // [N]
+        const dWeights = tf.reshape(tf.gather(dwRow, rowIdx), [t, k]);              // [T, K]
+        const wRowS = tf.reshape(tf.gather(tf.reshape(wS, [rows]), pairIdx), [rows, 1]);
+        const downGrads = groupedMatMulBackward(
+            tf.mul(dRows, wRowS) as tf.Tensor2D, aS, plan.groupSizes, downS, down.trainWeight || down.trainBias);
+        const dh = activationBackward(hS, downGrads.dx, activation, transposed);    // [N, 2I]
+        const xsS = tf.gather(xS, tokenIdx) as tf.Tensor2D;                         // [N, H] recomputed
+        const upGrads = groupedMatMulBackward(dh, xsS, plan.groupSizes, upS, up.trainWeight || up.trainBias);
+        const dx = tf.sum(tf.reshape(tf.gather(upGrads.dx, rowIdx), [t, k, hidden]), 1);  // [T, H]
+        return [dx, dWeights, ...gradsOf(up, upGrads), ...gradsOf(down, downGrads)];
+      };
+      return { value, gradFunc };
+    });
+    return run(x, routing.weights, ...upInputs, ...downInputs) as tf.Tensor2D;
+  });
+}
