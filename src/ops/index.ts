@@ -1,0 +1,15 @@
+/** The public ops (see src/ops/README.md for the dimension letters and layouts). */
+export * from './routing/index.js';
+export { referenceRoute } from './reference/routing.js';
+export { loadBalancingLoss, routerZLoss } from './aux_losses.js';
+export * from './lora/index.js';
+export { fusedExperts, chooseLoRAMode, type FusedExpertsOptions } from './experts/fused_experts.js';
+export { buildDispatchPlan, buildDispatchPlanAsync, type DispatchPlan } from './experts/dispatch_plan.js';
+export { referenceExperts, referenceMoEBlock } from './reference/moe_block.js';
+export { sharedExpert } from './shared_expert.js';
+export {
+  moeBlock, registerMoEBlockKernel, moeBlockKernelNames,
+  type MoEBlockKernel, type MoEBlockOptions, type MoEBlockResult,
+} from './moe_block.js';
+export { OpArgumentError } from './validate.js';
+export type * from './types.js';

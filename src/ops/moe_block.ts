@@ -1,0 +1,96 @@
+/**
+ * The MoE block: router (+ router LoRA) → routing → routed experts (+ shared experts).
+ * Implementations sit in a registry with one signature: 'fused' (the customGrad ops) and
+ * 'reference' (the plain per-expert loop, the oracle). Both take and return the same things.
+ */
+import type * as tf from '@tensorflow/tfjs-core';
+import * as tfc from '@tensorflow/tfjs-core';
+import { fusedExperts } from './experts/fused_experts.js';
+import { routerLogits } from './lora/router_logits.js';
+import { referenceMoEBlock } from './reference/moe_block.js';
+import { route } from './routing/route.js';
+import { checkSharedExpert, sharedExpert } from './shared_expert.js';
+import type { ExpertKernel, LoRAMode, MoEBlockConfig, MoEBlockWeights, Routing } from './types.js';
+import { assertTensor, fail } from './validate.js';
+
+export interface MoEBlockOptions {
+  /** 'fused' (default) or 'reference', or a name given to registerMoEBlockKernel */
+  expertKernel?: ExpertKernel | string;
+  /** expert LoRA: 'materialize' | 'split' | 'auto' (default) */
+  loraMode?: LoRAMode;
+  /** gradients for the expert base weights; default: true when no expert LoRA is active */
+  trainExpertWeights?: boolean;
+}
+
+export interface MoEBlockResult {
+  /** [T, H] */
+  out: tf.Tensor2D;
+  /** weights [T, K], experts [T, K], logits [T, E]; dispose with the result */
+  routing: Routing;
+}
+
+export type MoEBlockKernel = (
+    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig, options: MoEBlockOptions) => MoEBlockResult;
+
+function fusedMoEBlock(
+    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig, options: MoEBlockOptions): MoEBlockResult {
+  const logits = routerLogits(x, weights.router);
+  let routing: Routing | undefined;
+  try {
+    routing = route(logits, config.routing, weights.router.correctionBias);
+    const chosen = routing;
+    const out = tfc.tidy(() => {
+      const routed = fusedExperts(x, chosen, weights.experts, config.activation, {
+        loraMode: options.loraMode,
+        trainExpertWeights: options.trainExpertWeights,
+      });
+      return weights.shared ? tfc.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
+    });
+    return { out, routing };
+  } catch (err) {
+    // bad expert weights are found after routing ran: leave nothing behind
+    tfc.dispose([logits, routing?.weights, routing?.experts].filter(t => t != null) as tf.Tensor[]);
+    throw err;
+  }
+}
+
+const kernels = new Map<string, MoEBlockKernel>([
+  ['fused', fusedMoEBlock],
+  ['reference', (x, weights, config) => referenceMoEBlock(x, weights, config)],
+]);
+
+/** Adds (or replaces) a block implementation under `name`, e.g. a backend-specific one. */
+export function registerMoEBlockKernel(name: string, kernel: MoEBlockKernel): void {
+  kernels.set(name, kernel);
+}
+
+export function moeBlockKernelNames(): string[] {
+  return [...kernels.keys()];
+}
+
+/**
+ * One MoE feed-forward block on x [T, H] (flatten batch and sequence first).
+ *
+ * ```js
+ * const {out, routing} = moeBlock(x, {router: {weight: Wg}, experts: {gateUp: W1, down: W2}},
+ *     {routing: {kind: 'softmaxTopK', topK: 2, renormalize: true}, activation: {kind: 'swiglu'}});
+ * ```
+ */
+export function moeBlock(
+    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig, options: MoEBlockOptions = {}): MoEBlockResult {
+  const op = 'moeBlock';
+  const name = options.expertKernel ?? 'fused';
+  const kernel = kernels.get(name);
+  if (kernel === undefined) {
+    fail(op, `'options.expertKernel' must be one of ${[...kernels.keys()].map(k => `'${k}'`).join(', ')} but got '${name}'`);
+  }
+  assertTensor(op, 'x', x, 2);
+  if (weights?.router == null || weights.experts == null) {
+    fail(op, `'weights' must have 'router' and 'experts' but got keys ${Object.keys(weights ?? {}).join(', ') || 'none'}`);
+  }
+  if (config?.routing == null || config.activation == null) {
+    fail(op, `'config' must have 'routing' and 'activation' but got keys ${Object.keys(config ?? {}).join(', ') || 'none'}`);
+  }
+  if (weights.shared) checkSharedExpert(op, weights.shared, x.shape[1]);
+  return kernel(x, weights, config, options);
+}

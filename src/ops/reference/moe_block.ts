@@ -1,0 +1,89 @@
+/**
+ * The plain reference MoE block, written like transformers' eager code: plain routing, then a
+ * loop over the experts that got tokens — gather their rows, run the expert with its own weight
+ * (W_e + s·B_e·A_e when LoRA is on), weight by the routing weight, index-add back. Plain autodiff
+ * only. It is the oracle for the fused path and the benchmark baseline: keep it plain, and share
+ * nothing with the fused implementation beyond argument checks and the shared-expert MLP.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { checkExpertArgs } from '../experts/check_args.js';
+import { routerLogits } from '../lora/router_logits.js';
+import { sharedExpert } from '../shared_expert.js';
+import type { ExpertActivation, LoRAFactors, MoEBlockConfig, MoEBlockWeights, Routing } from '../types.js';
+import { referenceRoute } from './routing.js';
+
+/** W_e [out, in] (or [in, out] when transposed) with every adapter's delta added, plain ops. */
+function expertWeight(w: tf.Tensor3D, e: number, lora: LoRAFactors[], transposed: boolean): tf.Tensor2D {
+  const [numExperts, a, b] = w.shape;
+  let we: tf.Tensor2D = tf.reshape(tf.slice(w, [e, 0, 0], [1, a, b]), [a, b]);
+  for (const { A, B, scaling } of lora) {
+    const r = A.shape[0] / numExperts;
+    const out = B.shape[0];
+    const ae = tf.slice(A, [e * r, 0], [r, -1]);                                                     // [r, in]
+    const be = tf.reshape(tf.slice(tf.reshape(B, [out, r, numExperts]), [0, 0, e], [out, r, 1]), [out, r]);
+    const delta = tf.mul(tf.matMul(be, ae), scaling);                                               // [out, in]
+    we = tf.add(we, transposed ? tf.transpose(delta) : delta) as tf.Tensor2D;
+  }
+  return we;
+}
+
+function activate(h: tf.Tensor2D, activation: ExpertActivation, interleaved: boolean): tf.Tensor {
+  const [n, twoI] = h.shape;
+  let gate: tf.Tensor;
+  let up: tf.Tensor;
+  if (interleaved) {
+    const pairs = tf.reshape(h, [n, twoI / 2, 2]);
+    gate = tf.reshape(tf.slice(pairs, [0, 0, 0], [n, twoI / 2, 1]), [n, twoI / 2]);
+    up = tf.reshape(tf.slice(pairs, [0, 0, 1], [n, twoI / 2, 1]), [n, twoI / 2]);
+  } else {
+    [gate, up] = tf.split(h, 2, 1);
+  }
+  if (activation.kind === 'swiglu') return tf.mul(tf.mul(gate, tf.sigmoid(gate)), up);
+  const g = tf.minimum(gate, activation.limit);
+  const u = tf.clipByValue(up, -activation.limit, activation.limit);
+  return tf.mul(tf.add(u, 1), tf.mul(g, tf.sigmoid(tf.mul(g, activation.alpha))));
+}
+
+/** Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]), one loop step per expert hit. */
+export function referenceExperts(
+    x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
+    weights: MoEBlockWeights['experts'], activation: ExpertActivation): tf.Tensor2D {
+  const dims = checkExpertArgs('referenceExperts', x, routing?.weights, routing?.experts, weights, activation);
+  const { numTokens: t, topK: k, numExperts, transposed } = dims;
+  const chosen = routing.experts.dataSync();
+  return tf.tidy(() => {
+    const flatWeights = tf.reshape(routing.weights, [t * k]);
+    let out: tf.Tensor = tf.zeros([t, dims.hidden]);
+    for (let e = 0; e < numExperts; e++) {
+      const tokens: number[] = [];
+      const pairs: number[] = [];
+      for (let p = 0; p < t * k; p++) {
+        if (chosen[p] === e) { tokens.push(Math.floor(p / k)); pairs.push(p); }
+      }
+      if (tokens.length === 0) continue;
+      const tokenIdx = tf.tensor1d(tokens, 'int32');
+      const xe = tf.gather(x, tokenIdx);
+      const w1 = expertWeight(weights.gateUp, e, weights.gateUpLoRA ?? [], transposed);
+      let h = tf.matMul(xe, w1, false, !transposed) as tf.Tensor2D;
+      if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
+      const w2 = expertWeight(weights.down, e, weights.downLoRA ?? [], transposed);
+      let y = tf.matMul(activate(h, activation, transposed), w2, false, !transposed);
+      if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
+      const w = tf.gather(flatWeights, tf.tensor1d(pairs, 'int32'));
+      out = tf.add(out, tf.unsortedSegmentSum(tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
+    }
+    return out as tf.Tensor2D;
+  });
+}
+
+/** The whole block, plainly: router (+ LoRA), routing, the expert loop, shared experts. */
+export function referenceMoEBlock(
+    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig): { out: tf.Tensor2D; routing: Routing } {
+  const logits = routerLogits(x, weights.router);
+  const routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
+  const out = tf.tidy(() => {
+    const routed = referenceExperts(x, routing, weights.experts, config.activation);
+    return weights.shared ? tf.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
+  });
+  return { out, routing };
+}
