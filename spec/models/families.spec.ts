@@ -1,0 +1,204 @@
+import { expect } from 'chai';
+import { readFileSync, readdirSync } from 'node:fs';
+import {
+  FAMILIES, MODEL_TYPES, expertCount, familyOf, isMoELayer, moeBlockConfigFromHF, moeBlockDims,
+  moeLayerIndices, type HFConfig,
+} from '../../src/models/families.js';
+import { OpArgumentError } from '../../src/ops/validate.js';
+
+const FIXTURES = 'spec/fixtures/hf';
+const fixtureConfig = (arch: string): HFConfig =>
+  JSON.parse(readFileSync(`${FIXTURES}/${arch}/config.json`, 'utf8')) as HFConfig;
+
+/** A GLM-4.5-Air-like config.json (the keys its Hub config.json sets). */
+const GLM: HFConfig = {
+  model_type: 'glm4_moe', hidden_size: 64, moe_intermediate_size: 16, num_hidden_layers: 4,
+  n_routed_experts: 8, num_experts_per_tok: 2, n_group: 1, topk_group: 1, n_shared_experts: 1,
+  routed_scaling_factor: 1.0, norm_topk_prob: true, first_k_dense_replace: 1,
+};
+const GPT_OSS: HFConfig = {
+  model_type: 'gpt_oss', hidden_size: 64, intermediate_size: 32, num_hidden_layers: 3,
+  num_local_experts: 4, num_experts_per_tok: 2, swiglu_limit: 5,
+};
+const OLMOE: HFConfig = {
+  model_type: 'olmoe', hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2,
+  num_experts: 8, num_experts_per_tok: 2,
+};
+
+describe('models/families', () => {
+  describe('moeBlockConfigFromHF', () => {
+    it('reads the routing of each fixture family', () => {
+      expect(moeBlockConfigFromHF(fixtureConfig('mixtral'))).to.deep.equal({
+        routing: { kind: 'softmaxTopK', topK: 2, renormalize: true }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockConfigFromHF(fixtureConfig('qwen2_moe'))).to.deep.equal({
+        routing: { kind: 'softmaxTopK', topK: 2, renormalize: false }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockConfigFromHF(fixtureConfig('qwen3_moe'))).to.deep.equal({
+        routing: { kind: 'softmaxTopK', topK: 2, renormalize: true }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockConfigFromHF(fixtureConfig('deepseek_v3'))).to.deep.equal({
+        routing: {
+          kind: 'sigmoidGroupTopK', topK: 4, renormalize: true, nGroup: 4, topkGroup: 2, scalingFactor: 2.5,
+        },
+        activation: { kind: 'swiglu' },
+      });
+    });
+
+    it('reads the routing of the olmoe, glm4_moe and gpt_oss fixtures', () => {
+      expect(moeBlockConfigFromHF(fixtureConfig('olmoe'))).to.deep.equal({
+        routing: { kind: 'softmaxTopK', topK: 2, renormalize: false }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockConfigFromHF(fixtureConfig('glm4_moe'))).to.deep.equal({
+        routing: {
+          kind: 'sigmoidGroupTopK', topK: 4, renormalize: true, nGroup: 1, topkGroup: 1, scalingFactor: 2.5,
+        },
+        activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockConfigFromHF(fixtureConfig('gpt_oss'))).to.deep.equal({
+        routing: { kind: 'topKSoftmax', topK: 2 },
+        activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 7 },
+      });
+      expect(moeLayerIndices(fixtureConfig('glm4_moe'))).to.deep.equal([1]);
+      expect(moeBlockDims(fixtureConfig('glm4_moe')).sharedIntermediate).to.equal(32);
+      expect(moeBlockDims(fixtureConfig('olmoe')).intermediate).to.equal(48);
+    });
+
+    it('reads GLM-4-MoE, OLMoE and gpt-oss configs', () => {
+      expect(moeBlockConfigFromHF(GLM)).to.deep.equal({
+        routing: {
+          kind: 'sigmoidGroupTopK', topK: 2, renormalize: true, nGroup: 1, topkGroup: 1, scalingFactor: 1,
+        },
+        activation: { kind: 'swiglu' },
+      });
+      // OLMoE's config class defaults norm_topk_prob to false
+      expect(moeBlockConfigFromHF(OLMOE).routing).to.deep.equal(
+          { kind: 'softmaxTopK', topK: 2, renormalize: false });
+      expect(moeBlockConfigFromHF({ ...OLMOE, norm_topk_prob: true }).routing.renormalize).to.equal(true);
+      expect(moeBlockConfigFromHF(GPT_OSS)).to.deep.equal({
+        routing: { kind: 'topKSoftmax', topK: 2 },
+        activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 5 },
+      });
+      const { swiglu_limit: _, ...noLimit } = GPT_OSS;
+      expect(moeBlockConfigFromHF(noLimit).activation).to.deep.equal(
+          { kind: 'clampedSwiglu', alpha: 1.702, limit: 7 });
+    });
+
+    it('always renormalizes Mixtral, whatever norm_topk_prob says', () => {
+      const config = { ...fixtureConfig('mixtral'), norm_topk_prob: false };
+      expect(moeBlockConfigFromHF(config).routing.renormalize).to.equal(true);
+    });
+
+    it('uses the config class defaults for keys config.json leaves out', () => {
+      const { n_group: _g, topk_group: _t, routed_scaling_factor: _s, norm_topk_prob: _n, ...rest } =
+          fixtureConfig('deepseek_v3');
+      // DeepseekV3Config defaults: n_group 8 (16 experts: fine), topk_group 4, scaling 2.5, renormalize
+      expect(moeBlockConfigFromHF(rest).routing).to.deep.equal({
+        kind: 'sigmoidGroupTopK', topK: 4, renormalize: true, nGroup: 8, topkGroup: 4, scalingFactor: 2.5,
+      });
+      const { norm_topk_prob: _q, ...qwen2 } = fixtureConfig('qwen2_moe');
+      expect(moeBlockConfigFromHF(qwen2).routing.renormalize).to.equal(false);
+    });
+
+    it('rejects an unknown or missing model_type, listing the supported ones', () => {
+      const list = "'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss'";
+      expect(() => moeBlockConfigFromHF({ model_type: 'llama' })).to.throw(OpArgumentError,
+          `\`familyOf()\`: config 'model_type' must be one of ${list} (the supported MoE families) but got 'llama'`);
+      expect(() => familyOf({ hidden_size: 4 })).to.throw(OpArgumentError, 'but got no model_type');
+      expect(() => familyOf(null as unknown as HFConfig)).to.throw(OpArgumentError,
+          "`familyOf()`: 'config' must be a parsed config.json object but got null");
+    });
+
+    it('rejects bad values with the key named', () => {
+      expect(() => moeBlockConfigFromHF({ ...OLMOE, num_experts_per_tok: 9 })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.num_experts_per_tok' must be <= num experts (8) but got 9");
+      expect(() => moeBlockConfigFromHF({ ...OLMOE, num_experts_per_tok: 1.5 })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.num_experts_per_tok' must be an integer but got 1.5 (number)");
+      expect(() => moeBlockConfigFromHF({ ...OLMOE, norm_topk_prob: 'yes' })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.norm_topk_prob' must be a boolean but got \"yes\"");
+      expect(() => moeBlockConfigFromHF({ ...GLM, routed_scaling_factor: 'x' })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.routed_scaling_factor' must be a finite number but got 'x'");
+      expect(() => moeBlockConfigFromHF({ ...OLMOE, num_experts: 0 })).to.throw(OpArgumentError,
+          "`expertCount()`: 'config.num_experts' must be >= 1 but got 0");
+    });
+  });
+
+  describe('expertCount and moeBlockDims', () => {
+    it('finds E under each family\'s key', () => {
+      expect(expertCount(fixtureConfig('mixtral'))).to.equal(8);
+      expect(expertCount(fixtureConfig('deepseek_v3'))).to.equal(16);
+      // transformers 5 writes num_local_experts for Qwen3-MoE; Hub configs say num_experts
+      expect(expertCount(fixtureConfig('qwen3_moe'))).to.equal(8);
+      expect(expertCount({ model_type: 'qwen3_moe', num_experts: 128 })).to.equal(128);
+      expect(expertCount(GPT_OSS)).to.equal(4);
+    });
+
+    it('gives H, I, E, K and the shared experts\' size', () => {
+      expect(moeBlockDims(fixtureConfig('qwen2_moe'))).to.deep.equal(
+          { hidden: 64, intermediate: 48, experts: 8, topK: 2, sharedIntermediate: 80 });
+      expect(moeBlockDims(fixtureConfig('deepseek_v3'))).to.deep.equal(
+          { hidden: 64, intermediate: 32, experts: 16, topK: 4, sharedIntermediate: 32 });
+      expect(moeBlockDims({ ...GLM, n_shared_experts: 2 }).sharedIntermediate).to.equal(32);
+      expect(moeBlockDims({ ...GLM, n_shared_experts: 0 })).to.not.have.property('sharedIntermediate');
+      expect(moeBlockDims(fixtureConfig('mixtral'))).to.deep.equal(
+          { hidden: 64, intermediate: 96, experts: 8, topK: 2 });
+      expect(moeBlockDims(GPT_OSS)).to.deep.equal({ hidden: 64, intermediate: 32, experts: 4, topK: 2 });
+    });
+
+    it('names a missing required key', () => {
+      const { hidden_size: _, ...noHidden } = OLMOE;
+      expect(() => moeBlockDims(noHidden)).to.throw(OpArgumentError,
+          "`moeBlockDims()`: config.json of 'olmoe' must set 'hidden_size'");
+    });
+  });
+
+  describe('moeLayerIndices', () => {
+    it('follows each family\'s rule', () => {
+      expect(moeLayerIndices(fixtureConfig('mixtral'))).to.deep.equal([0, 1]);
+      expect(moeLayerIndices(fixtureConfig('qwen2_moe'))).to.deep.equal([0, 1]);
+      expect(moeLayerIndices(fixtureConfig('deepseek_v3'))).to.deep.equal([1]);
+      expect(moeLayerIndices(GLM)).to.deep.equal([1, 2, 3]);
+      expect(moeLayerIndices({ ...GLM, first_k_dense_replace: 3 })).to.deep.equal([3]);
+      expect(moeLayerIndices(GPT_OSS)).to.deep.equal([0, 1, 2]);
+      const qwen = { ...fixtureConfig('qwen3_moe'), num_hidden_layers: 6 };
+      expect(moeLayerIndices({ ...qwen, decoder_sparse_step: 2 })).to.deep.equal([1, 3, 5]);
+      expect(moeLayerIndices({ ...qwen, decoder_sparse_step: 2, mlp_only_layers: [3] })).to.deep.equal([1, 5]);
+      expect(moeLayerIndices({ ...qwen, mlp_only_layers: [0, 4] })).to.deep.equal([1, 2, 3, 5]);
+      expect(isMoELayer(fixtureConfig('deepseek_v3'), 0)).to.equal(false);
+    });
+
+    it('rejects a layer out of range and a bad mlp_only_layers', () => {
+      expect(() => isMoELayer(fixtureConfig('mixtral'), 2)).to.throw(OpArgumentError,
+          "`isMoELayer()`: 'layer' must be <= 1 but got 2");
+      expect(() => moeLayerIndices({ ...fixtureConfig('qwen3_moe'), mlp_only_layers: 'x' })).to.throw(
+          OpArgumentError, "`isMoELayer()`: 'config.mlp_only_layers' must be a list of layer indices but got \"x\"");
+    });
+  });
+
+  describe('the parameter map', () => {
+    it('maps every block parameter of every fixture to a distinct weight field', () => {
+      const archs = readdirSync(FIXTURES);
+      expect(archs).to.include.members(
+          ['mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v3', 'olmoe', 'glm4_moe', 'gpt_oss']);
+      for (const arch of archs) {
+        const golden = JSON.parse(readFileSync(`${FIXTURES}/${arch}/golden.json`, 'utf8')) as
+            { config: HFConfig; block_params: Record<string, number[]> };
+        const family = familyOf(golden.config);
+        const names = Object.keys(golden.block_params).sort();
+        expect(Object.keys(family.parameters).sort(), arch).to.deep.equal(names);
+        const fields = names.map(n => family.parameters[n]);
+        expect(new Set(fields).size, arch).to.equal(fields.length);
+      }
+    });
+
+    it('has a descriptor for every supported model_type', () => {
+      expect(Object.keys(FAMILIES).sort()).to.deep.equal([...MODEL_TYPES].sort());
+      for (const t of MODEL_TYPES) expect(FAMILIES[t].modelType).to.equal(t);
+      expect(FAMILIES.gpt_oss.parameters).to.deep.equal({
+        'router.weight': 'router.weight', 'router.bias': 'router.bias',
+        'experts.gate_up_proj': 'experts.gateUp', 'experts.gate_up_proj_bias': 'experts.gateUpBias',
+        'experts.down_proj': 'experts.down', 'experts.down_proj_bias': 'experts.downBias',
+      });
+    });
+  });
+});

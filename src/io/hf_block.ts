@@ -1,0 +1,219 @@
+/**
+ * Loads one decoder layer's MoE block from a Hugging Face checkpoint into `MoEBlockWeights`,
+ * fusing the Hub's per-expert tensors the way transformers 5 does in memory.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
+import { assertInteger, fail } from '../ops/validate.js';
+import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
+import {
+  familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
+} from '../models/families.js';
+
+/** What the loader needs from a checkpoint; `SafetensorsFile` (src/io/safetensors.ts) is one. */
+export interface TensorSource {
+  has(name: string): boolean;
+  info(name: string): { dtype: string; shape: number[] };
+  /** a new float32 (or int32) tensor the caller owns */
+  tensor(name: string): tf.Tensor;
+}
+
+/**
+ * The decoder layer index in a block name such as golden.json's "block".
+ *
+ * ```js
+ * blockLayerIndex('model.layers.1.mlp');  // 1
+ * ```
+ */
+export function blockLayerIndex(blockName: string): number {
+  const match = typeof blockName === 'string' ? /(?:^|\.)layers\.(\d+)(?:\.|$)/.exec(blockName) : null;
+  if (match === null) {
+    fail('blockLayerIndex', `'block' must name a decoder layer's block like 'model.layers.1.mlp' ` +
+        `but got ${JSON.stringify(blockName)}`);
+  }
+  return Number(match[1]);
+}
+
+interface Expected { name: string; shape: number[] }
+
+/** The full names of one block's tensors with the shapes the config implies. */
+export interface BlockTensorPlan {
+  router: { weight: Expected; bias?: Expected; correctionBias?: Expected };
+  experts:
+    | { kind: 'perExpert'; gate: Expected[]; up: Expected[]; down: Expected[] }
+    | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected };
+  shared?: { gate: Expected; up: Expected; down: Expected; sigmoidGate?: Expected };
+}
+
+/**
+ * The checkpoint tensors of layer `layer`'s MoE block and their expected shapes.
+ *
+ * ```js
+ * moeBlockTensorPlan(mixtralConfig, 0).router.weight;
+ * // {name: 'model.layers.0.block_sparse_moe.gate.weight', shape: [8, 64]}
+ * ```
+ */
+export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensorPlan {
+  const op = 'moeBlockTensorPlan';
+  const family = familyOf(config);
+  const { hidden: H, intermediate: I, experts: E, sharedIntermediate: Is } = moeBlockDims(config);
+  assertInteger(op, 'layerIndex', layer, 0);
+  if (!isMoELayer(config, layer)) {
+    fail(op, `layer ${layer} of this '${family.modelType}' model is a dense MLP, not an MoE block ` +
+        `(MoE layers: ${moeLayerIndices(config).join(', ') || 'none'})`);
+  }
+  const layout = family.checkpoint;
+  const full = (relative: string) => `model.layers.${layer}.${layout.block}.${relative}`;
+  const at = (relative: string, shape: number[]): Expected => ({ name: full(relative), shape });
+  const perExpert = (template: string, shape: number[]) =>
+    Array.from({ length: E }, (_, e) => at(template.replace('{e}', String(e)), shape));
+
+  const plan: BlockTensorPlan = {
+    router: { weight: at(layout.router.weight, [E, H]) },
+    experts: layout.experts.kind === 'perExpert' ? {
+      kind: 'perExpert',
+      gate: perExpert(layout.experts.gate, [I, H]),
+      up: perExpert(layout.experts.up, [I, H]),
+      down: perExpert(layout.experts.down, [H, I]),
+    } : {
+      kind: 'fusedInterleaved',
+      gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
+      gateUpBias: at(layout.experts.gateUpBias, [E, 2 * I]),
+      down: at(layout.experts.down, [E, I, H]),
+      downBias: at(layout.experts.downBias, [E, H]),
+    },
+  };
+  if (layout.router.bias) plan.router.bias = at(layout.router.bias, [E]);
+  if (layout.router.correctionBias) plan.router.correctionBias = at(layout.router.correctionBias, [E]);
+  if (layout.shared && Is !== undefined) {
+    plan.shared = {
+      gate: at(layout.shared.gate, [Is, H]),
+      up: at(layout.shared.up, [Is, H]),
+      down: at(layout.shared.down, [H, Is]),
+    };
+    if (layout.shared.sigmoidGate) plan.shared.sigmoidGate = at(layout.shared.sigmoidGate, [1, H]);
+  }
+  return plan;
+}
+
+function planEntries(plan: BlockTensorPlan): Expected[] {
+  const all: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const ex = plan.experts;
+  if (ex.kind === 'perExpert') {
+    all.push(...ex.gate, ...ex.up, ...ex.down);
+  } else {
+    all.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
+  }
+  if (plan.shared) all.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
+  return all.filter((e): e is Expected => e !== undefined);
+}
+
+/**
+ * Stacks per-expert [rows, cols] tensors into [E, parts·rows, cols]: expert e's block is
+ * parts[0][e] then parts[1][e] ... . Copied into one buffer, expert by expert, so loading holds
+ * the result and a single expert's tensor at a time, not a second copy of the whole layer.
+ */
+function fuseRows(
+    op: string, file: TensorSource, numExperts: number, parts: Expected[][],
+    [rows, cols]: number[]): tf.Tensor3D {
+  const block = rows * cols;
+  const data = new Float32Array(numExperts * parts.length * block);
+  for (let e = 0; e < numExperts; e++) {
+    parts.forEach((part, p) => {
+      const t = file.tensor(part[e].name);
+      try {
+        if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
+        data.set(t.dataSync(), (e * parts.length + p) * block);
+      } finally {
+        t.dispose();
+      }
+    });
+  }
+  return tf.tensor3d(data, [numExperts, parts.length * rows, cols]);
+}
+
+const sameShape = (a: readonly number[], b: readonly number[]) =>
+  a.length === b.length && a.every((d, i) => d === b[i]);
+
+/**
+ * Reads layer `layerIndex`'s MoE block: router, experts (Hub per-expert tensors fused on load:
+ * gateUp[e] = gate_proj[e] rows then up_proj[e] rows → [E, 2I, H], down → [E, H, I]; gpt-oss
+ * kept as stored, layout 'inOutInterleaved') and shared experts. Every tensor is checked before
+ * any is read; a mismatch throws one error that lists every missing or misshapen tensor.
+ * The caller owns the returned tensors (see `disposeMoEBlockWeights`).
+ *
+ * ```js
+ * const file = await readSafetensorsFile('model.safetensors');
+ * const weights = loadMoEBlockWeights(file, config, 1);
+ * weights.experts.gateUp.shape;  // [E, 2I, H]
+ * ```
+ */
+export function loadMoEBlockWeights(
+    file: TensorSource, hfConfig: HFConfig, layerIndex: number): MoEBlockWeights {
+  const op = 'loadMoEBlockWeights';
+  const plan = moeBlockTensorPlan(hfConfig, layerIndex);
+
+  const problems: string[] = [];
+  for (const { name, shape } of planEntries(plan)) {
+    if (!file.has(name)) {
+      problems.push(`missing '${name}' (expected shape [${shape}])`);
+      continue;
+    }
+    const actual = file.info(name).shape;
+    if (!sameShape(actual, shape)) {
+      problems.push(`'${name}' must have shape [${shape}] but has [${actual}]`);
+    }
+  }
+  if (problems.length > 0) {
+    const family = familyOf(hfConfig).modelType;
+    fail(op, `the checkpoint does not hold layer ${layerIndex}'s MoE block as config.json ` +
+        `('${family}') describes it; ${problems.length} problem${problems.length > 1 ? 's' : ''}:\n  ` +
+        problems.join('\n  '));
+  }
+
+  const created: tf.Tensor[] = [];
+  const track = <T extends tf.Tensor>(t: T): T => { created.push(t); return t; };
+  const read = <T extends tf.Tensor>(e: Expected): T => {
+    const t = track(file.tensor(e.name));
+    if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
+    return t as T;
+  };
+  try {
+    const router: RouterWeights = { weight: read<Tensor2D>(plan.router.weight) };
+    if (plan.router.bias) router.bias = read<Tensor1D>(plan.router.bias);
+    if (plan.router.correctionBias) router.correctionBias = read<Tensor1D>(plan.router.correctionBias);
+
+    let experts: ExpertWeights;
+    const ex = plan.experts;
+    if (ex.kind === 'perExpert') {
+      const E = ex.gate.length;
+      const [I, H] = ex.gate[0].shape;
+      const gateUp = track(fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
+      const down = track(fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
+      experts = { gateUp, down, layout: 'outIn' };
+    } else {
+      experts = {
+        gateUp: read<Tensor3D>(ex.gateUp),          // [E, H, 2I]
+        gateUpBias: read<Tensor2D>(ex.gateUpBias),  // [E, 2I]
+        down: read<Tensor3D>(ex.down),              // [E, I, H]
+        downBias: read<Tensor2D>(ex.downBias),      // [E, H]
+        layout: 'inOutInterleaved',
+      };
+    }
+
+    const weights: MoEBlockWeights = { router, experts };
+    if (plan.shared) {
+      const shared: SharedExpertWeights = {
+        gate: read<Tensor2D>(plan.shared.gate),
+        up: read<Tensor2D>(plan.shared.up),
+        down: read<Tensor2D>(plan.shared.down),
+      };
+      if (plan.shared.sigmoidGate) shared.sigmoidGate = read<Tensor2D>(plan.shared.sigmoidGate);
+      weights.shared = shared;
+    }
+    return weights;
+  } catch (e) {
+    for (const t of created) t.dispose();
+    throw e;
+  }
+}

@@ -1,0 +1,401 @@
+/**
+ * The MoE model families as data: one descriptor per Hugging Face `model_type` says how to read
+ * its config.json, which decoder layers carry an MoE block, where the block's tensors sit in a
+ * Hub checkpoint, and which transformers-v5 parameter name maps to which field of
+ * `MoEBlockWeights`. Adding a family is adding a row, not a class.
+ */
+import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import type { ExpertActivation, MoEBlockConfig, RoutingConfig, RoutingKind } from '../ops/types.js';
+import type { WeightField } from './weight_fields.js';
+
+/** A parsed HF config.json; only the keys a descriptor names are read. */
+export type HFConfig = Record<string, unknown>;
+
+export const MODEL_TYPES = [
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
+] as const;
+export type ModelType = typeof MODEL_TYPES[number];
+
+/**
+ * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index), or
+ * gpt-oss's fused tensors kept as stored ('fusedInterleaved'). Names are relative to the block.
+ */
+export type ExpertCheckpoint =
+  | { kind: 'perExpert'; gate: string; up: string; down: string }
+  | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string };
+
+/** Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`. */
+export interface CheckpointLayout {
+  block: string;
+  router: { weight: string; bias?: string; correctionBias?: string };
+  experts: ExpertCheckpoint;
+  shared?: { gate: string; up: string; down: string; sigmoidGate?: string };
+}
+
+/** How the shared expert's intermediate size I_s is read: `key` (times `multiplierKey`). */
+export interface SharedSize {
+  key: string;
+  multiplierKey?: string;
+}
+
+export interface MoEFamily {
+  modelType: ModelType;
+  /** keys that may hold E, the first one present wins (configs renamed them over time) */
+  expertCountKeys: readonly string[];
+  /** key of the routed experts' intermediate size I */
+  expertIntermediateKey: string;
+  /** the HF config class defaults, used for keys a config.json leaves out */
+  defaults: Readonly<Record<string, unknown>>;
+  routing: {
+    kind: RoutingKind;
+    /** a constant, or the config key that holds it (norm_topk_prob) */
+    renormalize?: boolean | { key: string };
+    /** reads n_group / topk_group */
+    grouped?: boolean;
+    /** key of routed_scaling_factor */
+    scalingFactorKey?: string;
+  };
+  activation: 'swiglu' | 'clampedSwiglu';
+  /**
+   * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
+   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+   */
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep';
+  checkpoint: CheckpointLayout;
+  /** present when the block has shared experts */
+  sharedSize?: SharedSize;
+  /** the block's parameter names in transformers v5 (as in golden `block.grad.<name>`) → field */
+  parameters: Readonly<Record<string, WeightField>>;
+}
+
+const PER_EXPERT_PROJ: ExpertCheckpoint = {
+  kind: 'perExpert',
+  gate: 'experts.{e}.gate_proj.weight',
+  up: 'experts.{e}.up_proj.weight',
+  down: 'experts.{e}.down_proj.weight',
+};
+
+const ROUTED_PARAMETERS: Readonly<Record<string, WeightField>> = {
+  'gate.weight': 'router.weight',
+  'experts.gate_up_proj': 'experts.gateUp',
+  'experts.down_proj': 'experts.down',
+};
+
+const SHARED_EXPERTS = {
+  gate: 'shared_experts.gate_proj.weight',
+  up: 'shared_experts.up_proj.weight',
+  down: 'shared_experts.down_proj.weight',
+};
+
+const SHARED_EXPERTS_PARAMETERS: Readonly<Record<string, WeightField>> = {
+  ...ROUTED_PARAMETERS,
+  'shared_experts.gate_proj.weight': 'shared.gate',
+  'shared_experts.up_proj.weight': 'shared.up',
+  'shared_experts.down_proj.weight': 'shared.down',
+};
+
+const QWEN_LIKE = {
+  expertIntermediateKey: 'moe_intermediate_size',
+  routing: { kind: 'softmaxTopK', renormalize: { key: 'norm_topk_prob' } },
+  activation: 'swiglu',
+  moeLayers: 'sparseStep',
+} as const;
+
+const DEEPSEEK_LIKE = {
+  expertCountKeys: ['n_routed_experts'],
+  expertIntermediateKey: 'moe_intermediate_size',
+  routing: {
+    kind: 'sigmoidGroupTopK', renormalize: { key: 'norm_topk_prob' }, grouped: true,
+    scalingFactorKey: 'routed_scaling_factor',
+  },
+  activation: 'swiglu',
+  moeLayers: 'firstKDense',
+  checkpoint: {
+    block: 'mlp',
+    router: { weight: 'gate.weight', correctionBias: 'gate.e_score_correction_bias' },
+    experts: PER_EXPERT_PROJ,
+    shared: SHARED_EXPERTS,
+  },
+  sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'n_shared_experts' },
+  parameters: SHARED_EXPERTS_PARAMETERS,
+} as const;
+
+/** The table. Defaults are those of the transformers 5 config classes. */
+export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
+  mixtral: {
+    modelType: 'mixtral',
+    expertCountKeys: ['num_local_experts'],
+    expertIntermediateKey: 'intermediate_size',
+    defaults: { num_local_experts: 8, num_experts_per_tok: 2 },
+    routing: { kind: 'softmaxTopK', renormalize: true },
+    activation: 'swiglu',
+    moeLayers: 'all',
+    checkpoint: {
+      block: 'block_sparse_moe',
+      router: { weight: 'gate.weight' },
+      experts: {
+        kind: 'perExpert', gate: 'experts.{e}.w1.weight', up: 'experts.{e}.w3.weight',
+        down: 'experts.{e}.w2.weight',
+      },
+    },
+    parameters: ROUTED_PARAMETERS,
+  },
+  qwen2_moe: {
+    modelType: 'qwen2_moe',
+    ...QWEN_LIKE,
+    expertCountKeys: ['num_experts', 'num_local_experts'],
+    defaults: {
+      num_experts: 60, num_experts_per_tok: 4, norm_topk_prob: false, decoder_sparse_step: 1,
+      mlp_only_layers: [],
+    },
+    checkpoint: {
+      block: 'mlp',
+      router: { weight: 'gate.weight' },
+      experts: PER_EXPERT_PROJ,
+      shared: {
+        gate: 'shared_expert.gate_proj.weight',
+        up: 'shared_expert.up_proj.weight',
+        down: 'shared_expert.down_proj.weight',
+        sigmoidGate: 'shared_expert_gate.weight',
+      },
+    },
+    sharedSize: { key: 'shared_expert_intermediate_size' },
+    parameters: {
+      ...ROUTED_PARAMETERS,
+      'shared_expert.gate_proj.weight': 'shared.gate',
+      'shared_expert.up_proj.weight': 'shared.up',
+      'shared_expert.down_proj.weight': 'shared.down',
+      'shared_expert_gate.weight': 'shared.sigmoidGate',
+    },
+  },
+  qwen3_moe: {
+    modelType: 'qwen3_moe',
+    ...QWEN_LIKE,
+    // transformers 5 writes num_local_experts, the Hub's Qwen3 configs say num_experts
+    expertCountKeys: ['num_experts', 'num_local_experts'],
+    defaults: {
+      num_experts: 128, num_experts_per_tok: 8, norm_topk_prob: false, decoder_sparse_step: 1,
+      mlp_only_layers: [],
+    },
+    checkpoint: { block: 'mlp', router: { weight: 'gate.weight' }, experts: PER_EXPERT_PROJ },
+    parameters: ROUTED_PARAMETERS,
+  },
+  olmoe: {
+    modelType: 'olmoe',
+    expertCountKeys: ['num_experts', 'num_local_experts'],
+    expertIntermediateKey: 'intermediate_size',
+    defaults: { num_experts: 64, num_experts_per_tok: 8, norm_topk_prob: false },
+    routing: { kind: 'softmaxTopK', renormalize: { key: 'norm_topk_prob' } },
+    activation: 'swiglu',
+    moeLayers: 'all',
+    checkpoint: { block: 'mlp', router: { weight: 'gate.weight' }, experts: PER_EXPERT_PROJ },
+    parameters: ROUTED_PARAMETERS,
+  },
+  deepseek_v3: {
+    modelType: 'deepseek_v3',
+    ...DEEPSEEK_LIKE,
+    defaults: {
+      n_routed_experts: 256, num_experts_per_tok: 8, n_group: 8, topk_group: 4,
+      norm_topk_prob: true, routed_scaling_factor: 2.5, first_k_dense_replace: 3,
+      n_shared_experts: 1,
+    },
+  },
+  glm4_moe: {
+    modelType: 'glm4_moe',
+    ...DEEPSEEK_LIKE,
+    defaults: {
+      n_routed_experts: 128, num_experts_per_tok: 8, n_group: 1, topk_group: 1,
+      norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 1,
+      n_shared_experts: 1,
+    },
+  },
+  gpt_oss: {
+    modelType: 'gpt_oss',
+    expertCountKeys: ['num_local_experts', 'num_experts'],
+    expertIntermediateKey: 'intermediate_size',
+    defaults: { num_local_experts: 128, num_experts_per_tok: 4, swiglu_alpha: 1.702, swiglu_limit: 7 },
+    routing: { kind: 'topKSoftmax' },
+    activation: 'clampedSwiglu',
+    moeLayers: 'all',
+    checkpoint: {
+      block: 'mlp',
+      router: { weight: 'router.weight', bias: 'router.bias' },
+      experts: {
+        kind: 'fusedInterleaved',
+        gateUp: 'experts.gate_up_proj',
+        gateUpBias: 'experts.gate_up_proj_bias',
+        down: 'experts.down_proj',
+        downBias: 'experts.down_proj_bias',
+      },
+    },
+    parameters: {
+      'router.weight': 'router.weight',
+      'router.bias': 'router.bias',
+      'experts.gate_up_proj': 'experts.gateUp',
+      'experts.gate_up_proj_bias': 'experts.gateUpBias',
+      'experts.down_proj': 'experts.down',
+      'experts.down_proj_bias': 'experts.downBias',
+    },
+  },
+};
+
+/**
+ * The family descriptor of an HF config.
+ *
+ * ```js
+ * const family = familyOf(JSON.parse(fs.readFileSync('config.json', 'utf8')));
+ * family.checkpoint.router.weight;  // 'gate.weight'
+ * ```
+ */
+export function familyOf(config: HFConfig): MoEFamily {
+  const op = 'familyOf';
+  if (config == null || typeof config !== 'object' || Array.isArray(config)) {
+    fail(op, `'config' must be a parsed config.json object but got ${config === null ? 'null' : typeof config}`);
+  }
+  const modelType = config['model_type'];
+  if (typeof modelType !== 'string' || !(MODEL_TYPES as readonly string[]).includes(modelType)) {
+    const got = typeof modelType === 'string' ? `'${modelType}'` : 'no model_type';
+    fail(op, `config 'model_type' must be one of ${MODEL_TYPES.map(t => `'${t}'`).join(', ')} ` +
+        `(the supported MoE families) but got ${got}`);
+  }
+  return FAMILIES[modelType as ModelType];
+}
+
+/** A config value, or the family default when config.json leaves it out (or sets null). */
+function configValue(family: MoEFamily, config: HFConfig, key: string): unknown {
+  const value = config[key];
+  return value === undefined || value === null ? family.defaults[key] : value;
+}
+
+/** A required integer config value >= min. */
+export function configInteger(
+    op: string, family: MoEFamily, config: HFConfig, key: string, min = 1): number {
+  const value = configValue(family, config, key);
+  if (value === undefined) fail(op, `config.json of '${family.modelType}' must set '${key}'`);
+  assertInteger(op, `config.${key}`, value, min);
+  return value;
+}
+
+function configBoolean(op: string, family: MoEFamily, config: HFConfig, key: string): boolean {
+  const value = configValue(family, config, key);
+  if (typeof value !== 'boolean') {
+    fail(op, `'config.${key}' must be a boolean but got ${JSON.stringify(value) ?? 'undefined'}`);
+  }
+  return value;
+}
+
+function configNumber(op: string, family: MoEFamily, config: HFConfig, key: string): number {
+  const value = configValue(family, config, key);
+  if (value === undefined) fail(op, `config.json of '${family.modelType}' must set '${key}'`);
+  assertFiniteNumber(op, `config.${key}`, value);
+  return value;
+}
+
+/** E, the number of routed experts. */
+export function expertCount(config: HFConfig): number {
+  const family = familyOf(config);
+  const key = family.expertCountKeys.find(k => config[k] != null) ?? family.expertCountKeys[0];
+  return configInteger('expertCount', family, config, key);
+}
+
+/** The block's sizes: H, I, E, K and the shared experts' I_s (absent without shared experts). */
+export interface MoEBlockDims {
+  hidden: number;
+  intermediate: number;
+  experts: number;
+  topK: number;
+  sharedIntermediate?: number;
+}
+
+export function moeBlockDims(config: HFConfig): MoEBlockDims {
+  const op = 'moeBlockDims';
+  const family = familyOf(config);
+  const dims: MoEBlockDims = {
+    hidden: configInteger(op, family, config, 'hidden_size'),
+    intermediate: configInteger(op, family, config, family.expertIntermediateKey),
+    experts: expertCount(config),
+    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+  };
+  const shared = family.sharedSize;
+  if (shared) {
+    let size = configInteger(op, family, config, shared.key, 0);
+    if (shared.multiplierKey) size *= configInteger(op, family, config, shared.multiplierKey, 0);
+    if (size > 0) dims.sharedIntermediate = size;
+  }
+  return dims;
+}
+
+/**
+ * The MoEBlockConfig (routing and expert activation) of a family's MoE block.
+ *
+ * ```js
+ * moeBlockConfigFromHF({model_type: 'mixtral', num_local_experts: 8, num_experts_per_tok: 2});
+ * // {routing: {kind: 'softmaxTopK', topK: 2, renormalize: true}, activation: {kind: 'swiglu'}}
+ * ```
+ */
+export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
+  const op = 'moeBlockConfigFromHF';
+  const family = familyOf(config);
+  const experts = expertCount(config);
+  const spec = family.routing;
+  const routing: RoutingConfig = {
+    kind: spec.kind,
+    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+  };
+  if (routing.topK > experts) {
+    fail(op, `'config.num_experts_per_tok' must be <= num experts (${experts}) but got ${routing.topK}`);
+  }
+  if (spec.renormalize !== undefined) {
+    routing.renormalize = typeof spec.renormalize === 'boolean' ?
+        spec.renormalize : configBoolean(op, family, config, spec.renormalize.key);
+  }
+  if (spec.grouped) {
+    routing.nGroup = configInteger(op, family, config, 'n_group');
+    routing.topkGroup = configInteger(op, family, config, 'topk_group');
+  }
+  if (spec.scalingFactorKey) {
+    routing.scalingFactor = configNumber(op, family, config, spec.scalingFactorKey);
+  }
+  const activation: ExpertActivation = family.activation === 'swiglu' ? { kind: 'swiglu' } : {
+    kind: 'clampedSwiglu',
+    alpha: configNumber(op, family, config, 'swiglu_alpha'),
+    limit: configNumber(op, family, config, 'swiglu_limit'),
+  };
+  return { routing, activation };
+}
+
+/** Whether decoder layer `layer` holds an MoE block (the others are dense MLPs). */
+export function isMoELayer(config: HFConfig, layer: number): boolean {
+  const op = 'isMoELayer';
+  const family = familyOf(config);
+  const layers = configInteger(op, family, config, 'num_hidden_layers');
+  assertInteger(op, 'layer', layer, 0, layers - 1);
+  switch (family.moeLayers) {
+    case 'all':
+      return true;
+    case 'firstKDense':
+      return layer >= configInteger(op, family, config, 'first_k_dense_replace', 0);
+    case 'sparseStep': {
+      const step = configInteger(op, family, config, 'decoder_sparse_step');
+      const mlpOnly = configValue(family, config, 'mlp_only_layers');
+      if (!Array.isArray(mlpOnly) || !mlpOnly.every(i => Number.isInteger(i))) {
+        fail(op, `'config.mlp_only_layers' must be a list of layer indices but got ${JSON.stringify(mlpOnly)}`);
+      }
+      return !mlpOnly.includes(layer) && (layer + 1) % step === 0;
+    }
+  }
+}
+
+/**
+ * The indices of the decoder layers that hold an MoE block.
+ *
+ * ```js
+ * moeLayerIndices({model_type: 'deepseek_v3', num_hidden_layers: 4, first_k_dense_replace: 1, ...});
+ * // [1, 2, 3]
+ * ```
+ */
+export function moeLayerIndices(config: HFConfig): number[] {
+  const family = familyOf(config);
+  const layers = configInteger('moeLayerIndices', family, config, 'num_hidden_layers');
+  return Array.from({ length: layers }, (_, i) => i).filter(i => isMoELayer(config, i));
+}
