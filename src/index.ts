@@ -10,3 +10,10 @@ export {
   SafetensorsError, type SafetensorsFile,
 } from './io/safetensors.js';
 export { maxRelativeError } from './util/numeric.js';
+export {
+  FAMILIES, MODEL_TYPES, familyOf, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices, isMoELayer, expertCount,
+  type HFConfig, type ModelType, type MoEFamily, type MoEBlockDims,
+} from './models/families.js';
+export { disposeMoEBlockWeights, trainableWeightFields, type WeightField } from './models/weight_fields.js';
+export { loadMoEBlockWeights, moeBlockTensorPlan, blockLayerIndex, type TensorSource } from './io/hf_block.js';
+export { runBlockParity, FixtureError, type BlockParityResult, type BlockParityOptions } from './models/parity.js';
