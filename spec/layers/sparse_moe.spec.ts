@@ -1,0 +1,130 @@
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import { expect } from 'chai';
+import { SparseMoE, type SparseMoEArgs } from '../../src/layers/sparse_moe.js';
+import { expectClose, expectNoLeak } from '../helpers/numeric.js';
+
+const qwen2Like: SparseMoEArgs = {
+  numExperts: 6, intermediateSize: 4, routing: { kind: 'softmaxTopK', topK: 2, renormalize: false },
+  sharedExpert: { intermediateSize: 5, gated: true }, initializerRange: 0.3,
+};
+
+function built(args: SparseMoEArgs, h = 8): SparseMoE {
+  const layer = new SparseMoE(args);
+  layer.build([null, null, h]);
+  return layer;
+}
+
+describe('SparseMoE layer', () => {
+  it('runs on [B, S, H] and the fused kernel equals the reference one', () => {
+    const layer = built(qwen2Like);
+    const x = tf.randomNormal([2, 3, 8]);
+    expectNoLeak(() => {
+      const ref = layer.apply(x) as tf.Tensor;
+      layer.expertKernel = 'fused';
+      const fused = layer.apply(x) as tf.Tensor;
+      layer.expertKernel = 'reference';
+      expect(fused.shape).to.deep.equal([2, 3, 8]);
+      expectClose(fused, ref, 1e-5, 'out');
+      tf.dispose([ref, fused]);
+    });
+    tf.dispose(x);
+    layer.weights.forEach(w => w.dispose());
+  });
+
+  it('adding an adapter freezes the base; B = 0 keeps the output exactly; training moves only LoRA tensors', () => {
+    const layer = built({ ...qwen2Like, expertKernel: 'fused' });
+    const x = tf.randomNormal([10, 8]);
+    const base = layer.apply(x) as tf.Tensor;
+    layer.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.gate_up', 'experts.down', 'router'] });
+    expect(layer.trainableWeights.map(w => w.originalName.split('/').pop())).to.deep.equal([
+      'lora_default_gate_up_A', 'lora_default_gate_up_B', 'lora_default_down_A', 'lora_default_down_B',
+      'lora_default_router_A', 'lora_default_router_B']);
+    const same = layer.apply(x) as tf.Tensor;
+    expect(Array.from(same.dataSync())).to.deep.equal(Array.from(base.dataSync()));
+    const frozen = layer.nonTrainableWeights.map(w => w.read().dataSync().slice());
+    const opt = tf.train.adam(0.05);
+    const target = tf.randomNormal([10, 8]);
+    const loss = () => tf.mean(tf.square(tf.sub(layer.apply(x) as tf.Tensor, target))) as tf.Scalar;
+    const first = loss().dataSync()[0];
+    const before = tf.memory().numTensors;
+    for (let step = 0; step < 15; step++) {
+      const { value, grads } = tf.variableGrads(loss);
+      for (const w of layer.trainableWeights) {
+        expect(grads[(w.read() as tf.Variable).name], w.originalName).to.not.equal(undefined);
+      }
+      opt.applyGradients(grads as tf.NamedTensorMap as never);
+      tf.dispose([value, ...Object.values(grads)]);
+      if (step === 0) expect(tf.memory().numTensors).to.be.at.least(before);
+      if (step === 1) var steady = tf.memory().numTensors;   // eslint-disable-line no-var
+      if (step > 1) expect(tf.memory().numTensors, `numTensors at step ${step}`).to.equal(steady!);
+    }
+    expect(loss().dataSync()[0]).to.be.below(first);
+    layer.nonTrainableWeights.forEach((w, i) => expect(Array.from(w.read().dataSync()), w.originalName).to.deep.equal(Array.from(frozen[i])));
+    tf.dispose([x, base, same, target]);
+    opt.dispose();
+    layer.weights.forEach(w => w.dispose());
+  });
+
+  it('several adapters add up; disabled and withAdaptersDisabled give the base; merge equals applying', () => {
+    const layer = built({ ...qwen2Like, expertKernel: 'fused' });
+    const x = tf.randomNormal([7, 8]);
+    const base = layer.apply(x) as tf.Tensor;
+    layer.addAdapter({ name: 'a', r: 2, alpha: 4, targets: ['experts.gate_up', 'router'] }, 'random');
+    layer.addAdapter({ name: 'b', r: 1, alpha: 1, rsLoRA: true, targets: ['experts.down'] }, 'random');
+    expect(layer.activeAdapters).to.deep.equal(['a', 'b']);
+    expect(layer.adapter('b').scaling).to.equal(1);
+    const both = layer.apply(x) as tf.Tensor;
+    expect(tf.max(tf.abs(tf.sub(both, base))).dataSync()[0]).to.be.above(1e-3);
+    const off = layer.withAdaptersDisabled(() => layer.apply(x) as tf.Tensor);
+    expect(Array.from(off.dataSync())).to.deep.equal(Array.from(base.dataSync()));
+    expect(layer.adaptersDisabled).to.equal(false);
+    layer.setActiveAdapters(['a']);
+    const onlyA = layer.apply(x) as tf.Tensor;
+    layer.setActiveAdapters(['a', 'b']);
+    layer.mergeAdapter('a');
+    layer.mergeAdapter('b');
+    const merged = layer.apply(x) as tf.Tensor;
+    expectClose(merged, both, 1e-5, 'merged vs applied');
+    layer.unmergeAdapter('b');
+    layer.unmergeAdapter('a');
+    const back = layer.apply(x) as tf.Tensor;
+    expectClose(back, both, 1e-5, 'unmerged');
+    expect(() => layer.setActiveAdapters(['c'])).to.throw(/`SparseMoE.setActiveAdapters\(\)`: unknown adapters c; adapters: a, b/);
+    expect(() => layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] })).to.throw(/an adapter named 'a' already exists/);
+    expect(() => layer.addAdapter({ name: 'z', r: 0, alpha: 1, targets: ['router'] })).to.throw(/'r' must be >= 1 but got 0/);
+    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router' but got 'shared'/);
+    expect(() => layer.deltaWeight('b', 'router')).to.throw(/adapter 'b' does not target 'router'/);
+    expect(onlyA.shape).to.deep.equal([7, 8]);
+    tf.dispose([x, base, both, off, onlyA, merged, back]);
+    layer.weights.forEach(w => w.dispose());
+  });
+
+  it('round-trips through getConfig / fromConfig with its adapters, and serializes in a model', () => {
+    const input = tfl.input({ shape: [4, 8] });
+    const layer = new SparseMoE({ ...qwen2Like, name: 'moe' });
+    layer.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.down'] });
+    const model = tfl.model({ inputs: input, outputs: layer.apply(input) as tfl.SymbolicTensor });
+    const json = model.toJSON(undefined, false) as object;
+    const config = layer.getConfig();
+    const clone = SparseMoE.fromConfig(SparseMoE, config) as SparseMoE;
+    clone.build([null, 4, 8]);
+    expect(clone.adapterNames()).to.deep.equal(['default']);
+    expect(clone.weights.map(w => w.originalName.split('/').pop())).to.deep.equal(layer.weights.map(w => w.originalName.split('/').pop()));
+    clone.setWeights(layer.getWeights());
+    const x = tf.randomNormal([3, 4, 8]);
+    const a = model.predict(x) as tf.Tensor;
+    const b = clone.apply(x) as tf.Tensor;
+    expect(Array.from(b.dataSync())).to.deep.equal(Array.from(a.dataSync()));
+    expect(JSON.stringify(json)).to.include('"class_name":"SparseMoE"');
+    tf.dispose([x, a, b]);
+    model.dispose();
+    clone.weights.forEach(w => w.dispose());
+  });
+
+  it('rejects bad constructor arguments', () => {
+    expect(() => new SparseMoE({ ...qwen2Like, numExperts: 0 })).to.throw(/`SparseMoE\(\)`: 'numExperts' must be >= 1 but got 0/);
+    expect(() => new SparseMoE({ ...qwen2Like, routing: { kind: 'softmaxTopK', topK: 7 } })).to.throw(/'routing.topK' must be <= 6 but got 7/);
+    expect(() => new SparseMoE({ ...qwen2Like, expertLayout: 'rows' as never })).to.throw(/'expertLayout' must be one of 'outIn', 'inOutInterleaved' but got 'rows'/);
+  });
+});

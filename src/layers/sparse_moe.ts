@@ -1,0 +1,408 @@
+/**
+ * SparseMoE: a tfjs-layers Layer holding one MoE block (router, fused experts, optional shared
+ * expert) and, like PEFT's LoRA wrappers, the state of its LoRA adapters: adapters keyed by name,
+ * a list of active ones, a disabled flag and merged adapters, all changed through methods.
+ *
+ * Its own `call` runs the plain reference kernel; `register()` patches it to the fused one.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { expertLoRADelta } from '../ops/lora/delta.js';
+import { moeBlock } from '../ops/moe_block.js';
+import type {
+  ExpertActivation, ExpertLayout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
+} from '../ops/types.js';
+import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+
+export type LoRATarget = 'experts.gate_up' | 'experts.down' | 'router';
+export const LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down', 'router'];
+
+export interface LoRAAdapterConfig {
+  name: string;
+  /** rank per expert (experts) or of the router adapter */
+  r: number;
+  alpha: number;
+  /** scaling alpha/sqrt(r) instead of alpha/r */
+  rsLoRA?: boolean;
+  targets: LoRATarget[];
+}
+
+export interface SparseMoEArgs extends LayerArgs {
+  /** E */
+  numExperts: number;
+  /** I, per expert */
+  intermediateSize: number;
+  routing: RoutingConfig;
+  /** default {kind: 'swiglu'} */
+  activation?: ExpertActivation;
+  /** 'outIn' (transformers' default) or 'inOutInterleaved' (gpt-oss) */
+  expertLayout?: ExpertLayout;
+  /** gate_up and down biases (gpt-oss) */
+  expertBias?: boolean;
+  /** router bias (gpt-oss) */
+  routerBias?: boolean;
+  /** DeepSeek/GLM e_score_correction_bias: selection only, never trained */
+  correctionBias?: boolean;
+  /** a dense SwiGLU expert every token uses; `gated` scales it by sigmoid(x·gᵀ) (Qwen2-MoE) */
+  sharedExpert?: { intermediateSize: number; gated: boolean } | null;
+  /** the block implementation `call` uses; default 'reference' until the plugin patches it */
+  expertKernel?: string;
+  /** how expert LoRA is applied; default 'auto' */
+  loraMode?: LoRAMode;
+  /** std of the normal initializer of the base weights (HF initializer_range); default 0.02 */
+  initializerRange?: number;
+  /** adapters to create in build(), as getConfig() writes them */
+  adapters?: LoRAAdapterConfig[];
+  activeAdapters?: string[];
+  adaptersDisabled?: boolean;
+  mergedAdapters?: string[];
+}
+
+interface AdapterState {
+  config: LoRAAdapterConfig;
+  scaling: number;
+  factors: Partial<Record<LoRATarget, { A: tfl.LayerVariable; B: tfl.LayerVariable }>>;
+}
+
+const TARGET_WEIGHT: Record<LoRATarget, string> = {
+  'experts.gate_up': 'gate_up', 'experts.down': 'down', router: 'router_weight',
+};
+
+function checkAdapterConfig(layer: string, cfg: LoRAAdapterConfig, existing: string[]): void {
+  const op = `${layer}.addAdapter`;
+  if (cfg == null || typeof cfg !== 'object') fail(op, `'config' must be {name, r, alpha, targets} but got ${String(cfg)}`);
+  if (typeof cfg.name !== 'string' || !/^[A-Za-z0-9_-]+$/.test(cfg.name)) {
+    fail(op, `'name' must be letters, digits, '_' or '-' but got ${JSON.stringify(cfg.name)}`);
+  }
+  if (existing.includes(cfg.name)) fail(op, `an adapter named '${cfg.name}' already exists (adapters: ${existing.join(', ')})`);
+  assertInteger(op, 'r', cfg.r, 1);
+  if (typeof cfg.alpha !== 'number' || !Number.isFinite(cfg.alpha) || cfg.alpha <= 0) {
+    fail(op, `'alpha' must be a finite number > 0 but got ${String(cfg.alpha)}`);
+  }
+  if (!Array.isArray(cfg.targets) || cfg.targets.length === 0) {
+    fail(op, `'targets' must be a non-empty array of ${LORA_TARGETS.map(t => `'${t}'`).join(', ')} but got ${JSON.stringify(cfg.targets)}`);
+  }
+  cfg.targets.forEach((t, i) => assertOneOf(op, `targets[${i}]`, t, LORA_TARGETS));
+}
+
+export class SparseMoE extends tfl.layers.Layer {
+  static className = 'SparseMoE';
+
+  readonly numExperts: number;
+  readonly intermediateSize: number;
+  readonly routing: RoutingConfig;
+  readonly activation: ExpertActivation;
+  readonly expertLayout: ExpertLayout;
+  readonly expertBias: boolean;
+  readonly routerBias: boolean;
+  readonly correctionBias: boolean;
+  readonly sharedExpert: { intermediateSize: number; gated: boolean } | null;
+  readonly initializerRange: number;
+  expertKernel: string;
+  loraMode: LoRAMode;
+
+  private readonly weightsByName = new Map<string, tfl.LayerVariable>();
+  private readonly adapters = new Map<string, AdapterState>();
+  private pendingAdapters: LoRAAdapterConfig[];
+  private active: string[];
+  private disabled: boolean;
+  private merged: string[];
+
+  constructor(args: SparseMoEArgs) {
+    super(args);
+    const op = 'SparseMoE';
+    assertInteger(op, 'numExperts', args.numExperts, 1);
+    assertInteger(op, 'intermediateSize', args.intermediateSize, 1);
+    if (args.routing == null || typeof args.routing !== 'object') fail(op, `'routing' must be a RoutingConfig but got ${String(args.routing)}`);
+    assertInteger(op, 'routing.topK', args.routing.topK, 1, args.numExperts);
+    this.numExperts = args.numExperts;
+    this.intermediateSize = args.intermediateSize;
+    this.routing = { ...args.routing };
+    this.activation = args.activation ?? { kind: 'swiglu' };
+    this.expertLayout = args.expertLayout ?? 'outIn';
+    assertOneOf(op, 'expertLayout', this.expertLayout, ['outIn', 'inOutInterleaved'] as const);
+    this.expertBias = args.expertBias ?? false;
+    this.routerBias = args.routerBias ?? false;
+    this.correctionBias = args.correctionBias ?? false;
+    this.sharedExpert = args.sharedExpert ?? null;
+    this.initializerRange = args.initializerRange ?? 0.02;
+    this.expertKernel = args.expertKernel ?? 'reference';
+    this.loraMode = args.loraMode ?? 'auto';
+    this.pendingAdapters = [...(args.adapters ?? [])];
+    this.active = [...(args.activeAdapters ?? this.pendingAdapters.map(a => a.name))];
+    this.disabled = args.adaptersDisabled ?? false;
+    this.merged = [...(args.mergedAdapters ?? [])];
+  }
+
+  override build(inputShape: tfl.Shape | tfl.Shape[]): void {
+    const shape = (Array.isArray(inputShape[0]) ? inputShape[0] : inputShape) as tfl.Shape;
+    const h = shape[shape.length - 1];
+    if (h == null) fail('SparseMoE.build', `the input's last dimension (H) must be known but got shape [${shape}]`);
+    const e = this.numExperts;
+    const i = this.intermediateSize;
+    const init = tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange });
+    const zeros = tfl.initializers.zeros();
+    const t = this.expertLayout !== 'outIn';
+    const add = (name: string, dims: number[], initializer = init, trainable = true) =>
+      this.weightsByName.set(name, this.addWeight(name, dims, 'float32', initializer, undefined, trainable));
+    add('router_weight', [e, h]);
+    if (this.routerBias) add('router_bias', [e], zeros);
+    if (this.correctionBias) add('correction_bias', [e], zeros, false);
+    add('gate_up', t ? [e, h, 2 * i] : [e, 2 * i, h]);
+    add('down', t ? [e, i, h] : [e, h, i]);
+    if (this.expertBias) {
+      add('gate_up_bias', [e, 2 * i], zeros);
+      add('down_bias', [e, h], zeros);
+    }
+    if (this.sharedExpert) {
+      const is = this.sharedExpert.intermediateSize;
+      add('shared_gate', [is, h]);
+      add('shared_up', [is, h]);
+      add('shared_down', [h, is]);
+      if (this.sharedExpert.gated) add('shared_expert_gate', [1, h]);
+    }
+    this.built = true;
+    const pending = this.pendingAdapters;
+    this.pendingAdapters = [];
+    const active = this.active;
+    for (const cfg of pending) this.createAdapter(cfg, 'peft');
+    this.active = active;
+  }
+
+  /** The layer's variable called `name` (see the weight names in the class comment of the API doc). */
+  weightVariable(name: string): tfl.LayerVariable {
+    const v = this.weightsByName.get(name);
+    if (v === undefined) {
+      fail('SparseMoE.weightVariable', `no weight '${name}'${this.built ? '' : ' (the layer is not built yet)'}; ` +
+          `weights: ${[...this.weightsByName.keys()].join(', ')}`);
+    }
+    return v;
+  }
+
+  private hidden(): number {
+    return this.weightVariable('router_weight').shape[1] as number;
+  }
+
+  /** in and out sizes of a LoRA target, in (out, in) terms whatever the storage layout */
+  private targetSizes(target: LoRATarget): [number, number] {
+    const h = this.hidden();
+    const i = this.intermediateSize;
+    if (target === 'router') return [h, this.numExperts];
+    return target === 'experts.gate_up' ? [h, 2 * i] : [i, h];
+  }
+
+  // ---- LoRA state -------------------------------------------------------------------------
+
+  /**
+   * Adds a LoRA adapter (PEFT layouts) and makes it active alongside the active ones.
+   * 'peft' init: A ~ U(±1/√in) (PEFT's kaiming-uniform), B = 0, so the model is unchanged;
+   * 'random': both random (tests). Adding an adapter freezes the base weights, as PEFT does.
+   */
+  addAdapter(config: LoRAAdapterConfig, init: 'peft' | 'random' = 'peft'): void {
+    checkAdapterConfig('SparseMoE', config, [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)]);
+    if (!this.built) {
+      this.pendingAdapters.push({ ...config, targets: [...config.targets] });
+      this.active.push(config.name);
+      return;
+    }
+    this.createAdapter(config, init);
+    this.active.push(config.name);
+  }
+
+  private createAdapter(config: LoRAAdapterConfig, init: 'peft' | 'random'): void {
+    const e = this.numExperts;
+    const state: AdapterState = {
+      config: { ...config, targets: [...config.targets] },
+      scaling: config.alpha / (config.rsLoRA ? Math.sqrt(config.r) : config.r),
+      factors: {},
+    };
+    for (const target of config.targets) {
+      const [inSize, outSize] = this.targetSizes(target);
+      const rows = target === 'router' ? config.r : config.r * e;
+      const bound = 1 / Math.sqrt(inSize);
+      const aInit = tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
+      const bInit = init === 'peft' ? tfl.initializers.zeros() : tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
+      const key = `lora_${config.name}_${TARGET_WEIGHT[target].replace('_weight', '')}`;
+      state.factors[target] = {
+        A: this.addWeight(`${key}_A`, [rows, inSize], 'float32', aInit, undefined, true),
+        B: this.addWeight(`${key}_B`, [outSize, rows], 'float32', bInit, undefined, true),
+      };
+    }
+    this.adapters.set(config.name, state);
+    for (const [name, v] of this.weightsByName) if (!name.startsWith('lora_')) v.trainable = false;
+  }
+
+  removeAdapter(name: string): void {
+    const state = this.adapterState(name, 'removeAdapter');
+    if (this.merged.includes(name)) fail('SparseMoE.removeAdapter', `adapter '${name}' is merged; unmerge it first`);
+    const vars = Object.values(state.factors).flatMap(f => [f!.A, f!.B]);
+    const self = this as unknown as { _trainableWeights: tfl.LayerVariable[] };
+    self._trainableWeights = self._trainableWeights.filter(v => !vars.includes(v));
+    vars.forEach(v => v.dispose());
+    this.adapters.delete(name);
+    this.active = this.active.filter(a => a !== name);
+  }
+
+  adapterNames(): string[] {
+    return [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)];
+  }
+
+  adapter(name: string): Readonly<AdapterState> {
+    return this.adapterState(name, 'adapter');
+  }
+
+  private adapterState(name: string, method: string): AdapterState {
+    const state = this.adapters.get(name);
+    if (state === undefined) {
+      fail(`SparseMoE.${method}`, `no adapter '${name}'${this.built ? '' : ' (build the layer first)'}; adapters: ${this.adapterNames().join(', ') || 'none'}`);
+    }
+    return state;
+  }
+
+  get activeAdapters(): readonly string[] { return [...this.active]; }
+
+  setActiveAdapters(names: string[]): void {
+    const known = this.adapterNames();
+    const unknown = names.filter(n => !known.includes(n));
+    if (unknown.length > 0) fail('SparseMoE.setActiveAdapters', `unknown adapters ${unknown.join(', ')}; adapters: ${known.join(', ') || 'none'}`);
+    this.active = [...names];
+  }
+
+  get adaptersDisabled(): boolean { return this.disabled; }
+  disableAdapters(): void { this.disabled = true; }
+  enableAdapters(): void { this.disabled = false; }
+
+  /** Runs fn with the adapters disabled (e.g. a base-model reference forward), restoring the state after. */
+  withAdaptersDisabled<T>(fn: () => T): T {
+    const before = this.disabled;
+    this.disabled = true;
+    try {
+      return fn();
+    } finally {
+      this.disabled = before;
+    }
+  }
+
+  get mergedAdapters(): readonly string[] { return [...this.merged]; }
+
+  /** ΔW = scaling·B·A of one adapter on one target, in the stored weight's layout. */
+  deltaWeight(name: string, target: LoRATarget): tf.Tensor {
+    const state = this.adapterState(name, 'deltaWeight');
+    const f = state.factors[target];
+    if (f === undefined) fail('SparseMoE.deltaWeight', `adapter '${name}' does not target '${target}' (targets: ${state.config.targets.join(', ')})`);
+    return tf.tidy(() => {
+      if (target === 'router') return tf.mul(tf.matMul(f.B.read(), f.A.read()), state.scaling);
+      return expertLoRADelta(f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, state.scaling,
+          this.numExperts, this.expertLayout === 'outIn' ? 'outIn' : 'inOut');
+    });
+  }
+
+  /** W += ΔW for every target of the adapter; a merged adapter is no longer applied separately. */
+  mergeAdapter(name: string): void {
+    const state = this.adapterState(name, 'mergeAdapter');
+    if (this.merged.includes(name)) fail('SparseMoE.mergeAdapter', `adapter '${name}' is already merged`);
+    for (const target of state.config.targets) {
+      const w = this.weightVariable(TARGET_WEIGHT[target]);
+      tf.tidy(() => { w.write(tf.add(w.read(), this.deltaWeight(name, target))); });
+    }
+    this.merged.push(name);
+  }
+
+  unmergeAdapter(name: string): void {
+    const state = this.adapterState(name, 'unmergeAdapter');
+    if (!this.merged.includes(name)) fail('SparseMoE.unmergeAdapter', `adapter '${name}' is not merged`);
+    for (const target of state.config.targets) {
+      const w = this.weightVariable(TARGET_WEIGHT[target]);
+      tf.tidy(() => { w.write(tf.sub(w.read(), this.deltaWeight(name, target))); });
+    }
+    this.merged = this.merged.filter(m => m !== name);
+  }
+
+  // ---- the block ---------------------------------------------------------------------------
+
+  /** The adapters that change the output now: active, not merged, not disabled. */
+  private appliedAdapters(): AdapterState[] {
+    if (this.disabled) return [];
+    return this.active.filter(n => !this.merged.includes(n)).map(n => this.adapterState(n, 'call'));
+  }
+
+  /** The block's current weights as the ops take them (variables' values, applied adapters). */
+  blockWeights(): MoEBlockWeights {
+    const v = (name: string) => this.weightsByName.get(name)?.read();
+    const applied = this.appliedAdapters();
+    const factors = (target: LoRATarget): LoRAFactors[] => applied.flatMap(a => {
+      const f = a.factors[target];
+      return f ? [{ A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: a.scaling }] : [];
+    });
+    const shared = this.sharedExpert ? {
+      gate: v('shared_gate') as tf.Tensor2D, up: v('shared_up') as tf.Tensor2D, down: v('shared_down') as tf.Tensor2D,
+      sigmoidGate: v('shared_expert_gate') as tf.Tensor2D | undefined,
+    } : undefined;
+    return {
+      router: {
+        weight: v('router_weight') as tf.Tensor2D,
+        bias: v('router_bias') as tf.Tensor1D | undefined,
+        correctionBias: v('correction_bias') as tf.Tensor1D | undefined,
+        lora: factors('router'),
+      },
+      experts: {
+        layout: this.expertLayout,
+        gateUp: v('gate_up') as tf.Tensor3D,
+        down: v('down') as tf.Tensor3D,
+        gateUpBias: v('gate_up_bias') as tf.Tensor2D | undefined,
+        downBias: v('down_bias') as tf.Tensor2D | undefined,
+        gateUpLoRA: factors('experts.gate_up'),
+        downLoRA: factors('experts.down'),
+      },
+      shared,
+    };
+  }
+
+  blockConfig(): MoEBlockConfig {
+    return { routing: { ...this.routing }, activation: { ...this.activation } };
+  }
+
+  override computeOutputShape(inputShape: tfl.Shape | tfl.Shape[]): tfl.Shape | tfl.Shape[] {
+    return inputShape;
+  }
+
+  override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
+    return tf.tidy(() => {
+      const x = Array.isArray(inputs) ? inputs[0] : inputs;
+      const h = x.shape[x.rank - 1];
+      const weights = this.blockWeights();
+      const expertsTrainable = this.trainable && this.weightVariable('gate_up').trainable;
+      const { out } = moeBlock(tf.reshape(x, [-1, h]) as tf.Tensor2D, weights, this.blockConfig(), {
+        expertKernel: this.expertKernel,
+        loraMode: this.loraMode,
+        trainExpertWeights: expertsTrainable,
+      });
+      return tf.reshape(out, x.shape);
+    });
+  }
+
+  override getConfig(): tf.serialization.ConfigDict {
+    const adapters = [...this.adapters.values()].map(a => ({ ...a.config }));
+    return {
+      ...super.getConfig(),
+      numExperts: this.numExperts,
+      intermediateSize: this.intermediateSize,
+      routing: { ...this.routing },
+      activation: { ...this.activation },
+      expertLayout: this.expertLayout,
+      expertBias: this.expertBias,
+      routerBias: this.routerBias,
+      correctionBias: this.correctionBias,
+      sharedExpert: this.sharedExpert ? { ...this.sharedExpert } : null,
+      expertKernel: this.expertKernel,
+      loraMode: this.loraMode,
+      initializerRange: this.initializerRange,
+      adapters: [...adapters, ...this.pendingAdapters],
+      activeAdapters: [...this.active],
+      adaptersDisabled: this.disabled,
+      mergedAdapters: [...this.merged],
+    } as unknown as tf.serialization.ConfigDict;
+  }
+}
+tf.serialization.registerClass(SparseMoE);
