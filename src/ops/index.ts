@@ -8,8 +8,8 @@ export { buildDispatchPlan, buildDispatchPlanAsync, type DispatchPlan } from './
 export { referenceExperts, referenceMoEBlock } from './reference/moe_block.js';
 export { sharedExpert } from './shared_expert.js';
 export {
-  moeBlock, registerMoEBlockKernel, moeBlockKernelNames,
-  type MoEBlockKernel, type MoEBlockOptions, type MoEBlockResult,
+  moeBlock, registerMoEBlockKernel, moeBlockKernelNames, registerExpertsImplementation,
+  type ExpertsImplementation, type MoEBlockKernel, type MoEBlockOptions, type MoEBlockResult,
 } from './moe_block.js';
 export { OpArgumentError } from './validate.js';
 export type * from './types.js';

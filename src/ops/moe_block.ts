@@ -32,6 +32,24 @@ export interface MoEBlockResult {
 export type MoEBlockKernel = (
     x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig, options: MoEBlockOptions) => MoEBlockResult;
 
+/** A backend's own implementation of the routed experts, with fusedExperts' signature and contract. */
+export type ExpertsImplementation = typeof fusedExperts;
+
+const expertsByBackend = new Map<string, ExpertsImplementation>();
+
+/**
+ * Makes the 'fused' block use `impl` for the routed experts when `backend` is active (e.g. WebGPU
+ * kernels that build the dispatch plan on the device); every other backend keeps the composed
+ * fusedExperts. Returns the implementation it replaced, so it can be put back.
+ */
+export function registerExpertsImplementation(
+    backend: string, impl: ExpertsImplementation | undefined): ExpertsImplementation | undefined {
+  const previous = expertsByBackend.get(backend);
+  if (impl === undefined) expertsByBackend.delete(backend);
+  else expertsByBackend.set(backend, impl);
+  return previous;
+}
+
 function fusedMoEBlock(
     x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig, options: MoEBlockOptions): MoEBlockResult {
   const logits = routerLogits(x, weights.router);
@@ -40,7 +58,8 @@ function fusedMoEBlock(
     routing = route(logits, config.routing, weights.router.correctionBias);
     const chosen = routing;
     const out = tfc.tidy(() => {
-      const routed = fusedExperts(x, chosen, weights.experts, config.activation, {
+      const experts = expertsByBackend.get(tfc.getBackend()) ?? fusedExperts;
+      const routed = experts(x, chosen, weights.experts, config.activation, {
         loraMode: options.loraMode,
         trainExpertWeights: options.trainExpertWeights,
       });
