@@ -17,3 +17,15 @@ export {
 export { disposeMoEBlockWeights, trainableWeightFields, type WeightField } from './models/weight_fields.js';
 export { loadMoEBlockWeights, moeBlockTensorPlan, blockLayerIndex, type TensorSource } from './io/hf_block.js';
 export { runBlockParity, FixtureError, type BlockParityResult, type BlockParityOptions } from './models/parity.js';
+export { register, unregister, isRegistered, FUSED_BACKENDS, type PluginHandle, type PatchedLayer } from './plugin.js';
+export { PluginArgsError, type PluginArgsProblem } from './args/errors.js';
+export {
+  PLUGIN_ARG_SPECS, type PluginArgs, type LoRAArgs, type ResolvedPluginArgs, type ResolvedLoRAArgs, type ArgSpec,
+} from './args/schema.js';
+export { validatePluginArgs } from './args/validate.js';
+export {
+  registerMoELayerDescriptor, type MoELayerDescriptor, type MoELayerInfo, type MoELoRAHooks,
+} from './patch/index.js';
+export {
+  SparseMoE, LORA_TARGETS, type SparseMoEArgs, type LoRATarget, type LoRAAdapterConfig,
+} from './layers/sparse_moe.js';

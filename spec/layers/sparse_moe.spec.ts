@@ -2,12 +2,20 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { SparseMoE, type SparseMoEArgs } from '../../src/layers/sparse_moe.js';
+import { sharedExpert } from '../../src/ops/shared_expert.js';
 import { expectClose, expectNoLeak } from '../helpers/numeric.js';
 
 const qwen2Like: SparseMoEArgs = {
   numExperts: 6, intermediateSize: 4, routing: { kind: 'softmaxTopK', topK: 2, renormalize: false },
   sharedExpert: { intermediateSize: 5, gated: true }, initializerRange: 0.3,
 };
+
+function maxAbs(t: tf.Tensor): number {
+  const m = tf.tidy(() => tf.max(tf.abs(t)));
+  const v = m.dataSync()[0];
+  m.dispose();
+  return v;
+}
 
 function built(args: SparseMoEArgs, h = 8): SparseMoE {
   const layer = new SparseMoE(args);
@@ -93,17 +101,94 @@ describe('SparseMoE layer', () => {
     expect(() => layer.setActiveAdapters(['c'])).to.throw(/`SparseMoE.setActiveAdapters\(\)`: unknown adapters c; adapters: a, b/);
     expect(() => layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] })).to.throw(/an adapter named 'a' already exists/);
     expect(() => layer.addAdapter({ name: 'z', r: 0, alpha: 1, targets: ['router'] })).to.throw(/'r' must be >= 1 but got 0/);
-    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router' but got 'shared'/);
+    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down' but got 'shared'/);
+    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['router', 'router'] })).to.throw(/`SparseMoE.addAdapter\(\)`: 'targets' must not repeat a target but got 'router' twice/);
     expect(() => layer.deltaWeight('b', 'router')).to.throw(/adapter 'b' does not target 'router'/);
     expect(onlyA.shape).to.deep.equal([7, 8]);
     tf.dispose([x, base, both, off, onlyA, merged, back]);
     layer.weights.forEach(w => w.dispose());
   });
 
+  it('LoRA on the shared expert: A [r, in], B [out, r], output changes by exactly the shared delta, fused = reference, merge = apply', () => {
+    const layer = built({ ...qwen2Like, expertKernel: 'fused' });
+    const x = tf.randomNormal([9, 8]);
+    const base = layer.apply(x) as tf.Tensor;
+    const before = layer.blockWeights().shared!;
+    const baseShared = sharedExpert(x as tf.Tensor2D, { ...before, lora: undefined });
+    layer.addAdapter({ name: 's', r: 2, alpha: 3, targets: ['shared.gate', 'shared.up', 'shared.down'] }, 'random');
+    const names = layer.trainableWeights.map(w => `${w.originalName.split('/').pop()} [${w.shape}]`);
+    expect(names).to.deep.equal(['lora_s_shared_gate_A [2,8]', 'lora_s_shared_gate_B [5,2]', 'lora_s_shared_up_A [2,8]',
+      'lora_s_shared_up_B [5,2]', 'lora_s_shared_down_A [2,5]', 'lora_s_shared_down_B [8,2]']);
+    const w = layer.blockWeights();
+    expect(w.shared!.lora!.gate!.length).to.equal(1);
+    expect(w.shared!.lora!.gate![0].scaling).to.equal(1.5);
+    expect(w.router.lora).to.deep.equal([]);
+    const withLoRA = layer.apply(x) as tf.Tensor;
+    // the routed part is untouched: out - base = shared(with LoRA) - shared(without)
+    const sharedNow = sharedExpert(x as tf.Tensor2D, w.shared!);
+    const delta = tf.sub(sharedNow, baseShared);
+    expect(maxAbs(delta)).to.be.above(1e-3);
+    expectClose(tf.sub(withLoRA, base), delta, 1e-4, 'out - base');
+    layer.expertKernel = 'reference';
+    const ref = layer.apply(x) as tf.Tensor;
+    layer.expertKernel = 'fused';
+    expectClose(withLoRA, ref, 1e-5, 'fused vs reference');
+    const f = layer.adapter('s').factors['shared.down']!;
+    const dw = layer.deltaWeight('s', 'shared.down');
+    expectClose(dw, tf.mul(tf.matMul(f.B.read(), f.A.read()), 1.5), 1e-6, 'deltaWeight shared.down');
+    // every shared LoRA tensor gets a gradient, the frozen base none
+    const { grads } = tf.variableGrads(() => tf.sum(tf.square(layer.apply(x) as tf.Tensor)) as tf.Scalar);
+    for (const v of layer.trainableWeights) {
+      const g = grads[(v.read() as tf.Variable).name];
+      expect(g, v.originalName).to.not.equal(undefined);
+      expect(maxAbs(g), v.originalName).to.be.above(0);
+    }
+    expect(Object.keys(grads).length).to.equal(6);
+    const sharedBase = layer.weightVariable('shared_down').read().dataSync().slice();
+    layer.mergeAdapter('s');
+    const merged = layer.apply(x) as tf.Tensor;
+    expectClose(merged, withLoRA, 1e-5, 'merged vs applied');
+    layer.unmergeAdapter('s');
+    expectClose(layer.weightVariable('shared_down').read(), sharedBase, 1e-6, 'unmerged shared_down');
+    tf.dispose([x, base, baseShared, withLoRA, sharedNow, delta, ref, dw, merged, ...Object.values(grads)]);
+    layer.weights.forEach(v => v.dispose());
+  });
+
+  it('shared targets need a shared expert; a pending adapter can be removed before build', () => {
+    const plain = new SparseMoE({ numExperts: 4, intermediateSize: 3, routing: { kind: 'softmaxTopK', topK: 2 } });
+    expect(() => plain.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['experts.down', 'shared.up'] }))
+      .to.throw(/`SparseMoE.addAdapter\(\)`: target 'shared.up' needs a shared expert but the layer has none \(sharedExpert is null\)/);
+    plain.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['experts.down'] });
+    expect(plain.adapterNames()).to.deep.equal(['a']);
+    plain.removeAdapter('a');
+    expect(plain.adapterNames()).to.deep.equal([]);
+    expect(plain.activeAdapters).to.deep.equal([]);
+    plain.build([null, 6]);
+    expect(plain.weights.map(v => v.originalName.split('/').pop())).to.deep.equal(['router_weight', 'gate_up', 'down']);
+    plain.weights.forEach(v => v.dispose());
+  });
+
+  it('removing the last adapter gives the base its trainable flags back; the same name can be added again', () => {
+    const layer = built({ ...qwen2Like, correctionBias: true, routing: { kind: 'sigmoidGroupTopK', topK: 2, nGroup: 2, topkGroup: 1 } });
+    const flags = () => layer.weights.map(w => `${w.originalName.split('/').pop()}:${w.trainable}`);
+    const before = flags();
+    expect(before).to.include('correction_bias:false');
+    layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] });
+    layer.addAdapter({ name: 'b', r: 1, alpha: 1, targets: ['experts.down'] });
+    layer.removeAdapter('a');
+    expect(layer.weightVariable('gate_up').trainable, 'frozen while b exists').to.equal(false);
+    layer.removeAdapter('b');
+    expect(flags()).to.deep.equal(before);
+    layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] });
+    expect(layer.adapterNames()).to.deep.equal(['a']);
+    expect(layer.weightVariable('gate_up').trainable).to.equal(false);
+    layer.weights.forEach(w => w.dispose());
+  });
+
   it('round-trips through getConfig / fromConfig with its adapters, and serializes in a model', () => {
     const input = tfl.input({ shape: [4, 8] });
     const layer = new SparseMoE({ ...qwen2Like, name: 'moe' });
-    layer.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.down'] });
+    layer.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.down', 'shared.up'] }, 'random');
     const model = tfl.model({ inputs: input, outputs: layer.apply(input) as tfl.SymbolicTensor });
     const json = model.toJSON(undefined, false) as object;
     const config = layer.getConfig();

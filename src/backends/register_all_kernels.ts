@@ -20,3 +20,8 @@ export function registerMoEKernels(backendName: string = tf.getBackend()): strin
   }
   return added;
 }
+
+/** The names of the kernels this package provides for a backend, registered yet or not. */
+export function moeKernelNames(backendName: string = tf.getBackend()): string[] {
+  return (kernelsByBackend[backendName] ?? []).map(config => config.kernelName);
+}

@@ -14,9 +14,19 @@ import type {
   ExpertActivation, ExpertLayout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { protectString, restoreString } from './config_strings.js';
 
-export type LoRATarget = 'experts.gate_up' | 'experts.down' | 'router';
-export const LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down', 'router'];
+export type LoRATarget =
+  | 'experts.gate_up' | 'experts.down' | 'router'
+  /** the shared expert's projections: plain 2-D LoRA like the router's (A [r, in], B [out, r]) */
+  | 'shared.gate' | 'shared.up' | 'shared.down';
+export const LORA_TARGETS: readonly LoRATarget[] = [
+  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down',
+];
+/** The targets whose adapter holds per-expert factors (A [r·E, in], B [out, r·E]). */
+export const EXPERT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down'];
+/** The targets that exist only on a layer with a shared expert. */
+export const SHARED_LORA_TARGETS: readonly LoRATarget[] = ['shared.gate', 'shared.up', 'shared.down'];
 
 export interface LoRAAdapterConfig {
   name: string;
@@ -67,9 +77,11 @@ interface AdapterState {
 
 const TARGET_WEIGHT: Record<LoRATarget, string> = {
   'experts.gate_up': 'gate_up', 'experts.down': 'down', router: 'router_weight',
+  'shared.gate': 'shared_gate', 'shared.up': 'shared_up', 'shared.down': 'shared_down',
 };
 
-function checkAdapterConfig(layer: string, cfg: LoRAAdapterConfig, existing: string[]): void {
+function checkAdapterConfig(
+    layer: string, cfg: LoRAAdapterConfig, existing: string[], hasShared: boolean): void {
   const op = `${layer}.addAdapter`;
   if (cfg == null || typeof cfg !== 'object') fail(op, `'config' must be {name, r, alpha, targets} but got ${String(cfg)}`);
   if (typeof cfg.name !== 'string' || !/^[A-Za-z0-9_-]+$/.test(cfg.name)) {
@@ -84,6 +96,12 @@ function checkAdapterConfig(layer: string, cfg: LoRAAdapterConfig, existing: str
     fail(op, `'targets' must be a non-empty array of ${LORA_TARGETS.map(t => `'${t}'`).join(', ')} but got ${JSON.stringify(cfg.targets)}`);
   }
   cfg.targets.forEach((t, i) => assertOneOf(op, `targets[${i}]`, t, LORA_TARGETS));
+  const dup = cfg.targets.find((t, i) => cfg.targets.indexOf(t) !== i);
+  if (dup !== undefined) fail(op, `'targets' must not repeat a target but got '${dup}' twice`);
+  const shared = cfg.targets.find(t => SHARED_LORA_TARGETS.includes(t));
+  if (shared !== undefined && !hasShared) {
+    fail(op, `target '${shared}' needs a shared expert but the layer has none (sharedExpert is null)`);
+  }
 }
 
 export class SparseMoE extends tfl.layers.Layer {
@@ -108,6 +126,9 @@ export class SparseMoE extends tfl.layers.Layer {
   private active: string[];
   private disabled: boolean;
   private merged: string[];
+  /** the base weights' trainable flags before the first adapter froze them; null while no adapter exists */
+  private baseTrainable: Map<tfl.LayerVariable, boolean> | null = null;
+  private inBuild = false;
 
   constructor(args: SparseMoEArgs) {
     super(args);
@@ -129,10 +150,15 @@ export class SparseMoE extends tfl.layers.Layer {
     this.initializerRange = args.initializerRange ?? 0.02;
     this.expertKernel = args.expertKernel ?? 'reference';
     this.loraMode = args.loraMode ?? 'auto';
-    this.pendingAdapters = [...(args.adapters ?? [])];
-    this.active = [...(args.activeAdapters ?? this.pendingAdapters.map(a => a.name))];
+    // configs from getConfig() hold protected strings (see config_strings.ts); restore them
+    this.pendingAdapters = (args.adapters ?? []).map(a => {
+      const saved = a as LoRAAdapterConfig & { rslora?: boolean };
+      const { rslora, ...rest } = saved;
+      return { ...rest, rsLoRA: saved.rsLoRA ?? rslora ?? false, targets: a.targets.map(restoreString) as LoRATarget[] };
+    });
+    this.active = (args.activeAdapters ?? this.pendingAdapters.map(a => a.name)).map(restoreString);
     this.disabled = args.adaptersDisabled ?? false;
-    this.merged = [...(args.mergedAdapters ?? [])];
+    this.merged = (args.mergedAdapters ?? []).map(restoreString);
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -166,7 +192,12 @@ export class SparseMoE extends tfl.layers.Layer {
     const pending = this.pendingAdapters;
     this.pendingAdapters = [];
     const active = this.active;
-    for (const cfg of pending) this.createAdapter(cfg, 'peft');
+    this.inBuild = true;
+    try {
+      for (const cfg of pending) this.createAdapter(cfg, 'peft');
+    } finally {
+      this.inBuild = false;
+    }
     this.active = active;
   }
 
@@ -184,12 +215,18 @@ export class SparseMoE extends tfl.layers.Layer {
     return this.weightVariable('router_weight').shape[1] as number;
   }
 
-  /** in and out sizes of a LoRA target, in (out, in) terms whatever the storage layout */
+  /** [in, out] of a LoRA target's weight (per expert for the experts), whatever the storage layout */
   private targetSizes(target: LoRATarget): [number, number] {
     const h = this.hidden();
     const i = this.intermediateSize;
-    if (target === 'router') return [h, this.numExperts];
-    return target === 'experts.gate_up' ? [h, 2 * i] : [i, h];
+    const is = this.sharedExpert?.intermediateSize ?? 0;
+    switch (target) {
+      case 'router': return [h, this.numExperts];
+      case 'experts.gate_up': return [h, 2 * i];
+      case 'experts.down': return [i, h];
+      case 'shared.gate': case 'shared.up': return [h, is];
+      case 'shared.down': return [is, h];
+    }
   }
 
   // ---- LoRA state -------------------------------------------------------------------------
@@ -197,10 +234,14 @@ export class SparseMoE extends tfl.layers.Layer {
   /**
    * Adds a LoRA adapter (PEFT layouts) and makes it active alongside the active ones.
    * 'peft' init: A ~ U(±1/√in) (PEFT's kaiming-uniform), B = 0, so the model is unchanged;
-   * 'random': both random (tests). Adding an adapter freezes the base weights, as PEFT does.
+   * 'random': both random (tests). Adding an adapter freezes the base weights, as PEFT does;
+   * removing the last adapter gives them back the trainable flags they had before.
+   * Targets: 'experts.gate_up', 'experts.down' (per-expert factors), 'router' and, on a layer with
+   * a shared expert, 'shared.gate', 'shared.up', 'shared.down' (plain 2-D factors).
    */
   addAdapter(config: LoRAAdapterConfig, init: 'peft' | 'random' = 'peft'): void {
-    checkAdapterConfig('SparseMoE', config, [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)]);
+    checkAdapterConfig('SparseMoE', config, [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)],
+        this.sharedExpert != null);
     if (!this.built) {
       this.pendingAdapters.push({ ...config, targets: [...config.targets] });
       this.active.push(config.name);
@@ -217,35 +258,63 @@ export class SparseMoE extends tfl.layers.Layer {
       scaling: config.alpha / (config.rsLoRA ? Math.sqrt(config.r) : config.r),
       factors: {},
     };
+    // Outside build() tfjs applies no name scope: scope by hand like the base weights, so the
+    // adapter's names are unique in a model and match the ones a reloaded model builds.
+    const base = this.weightVariable('router_weight').originalName;
+    const scope = !this.inBuild && base.startsWith(`${this.name}/`) ? `${this.name}/` : '';
     for (const target of config.targets) {
       const [inSize, outSize] = this.targetSizes(target);
-      const rows = target === 'router' ? config.r : config.r * e;
+      const rows = EXPERT_LORA_TARGETS.includes(target) ? config.r * e : config.r;
       const bound = 1 / Math.sqrt(inSize);
       const aInit = tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
       const bInit = init === 'peft' ? tfl.initializers.zeros() : tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
-      const key = `lora_${config.name}_${TARGET_WEIGHT[target].replace('_weight', '')}`;
+      const key = `${scope}lora_${config.name}_${TARGET_WEIGHT[target].replace('_weight', '')}`;
       state.factors[target] = {
         A: this.addWeight(`${key}_A`, [rows, inSize], 'float32', aInit, undefined, true),
         B: this.addWeight(`${key}_B`, [outSize, rows], 'float32', bInit, undefined, true),
       };
     }
     this.adapters.set(config.name, state);
-    for (const [name, v] of this.weightsByName) if (!name.startsWith('lora_')) v.trainable = false;
+    if (this.baseTrainable === null) this.baseTrainable = new Map([...this.weightsByName.values()].map(v => [v, v.trainable]));
+    for (const v of this.weightsByName.values()) v.trainable = false;
   }
 
+  /**
+   * Removes an adapter (a pending one too) and disposes its variables. The base stays frozen while
+   * other adapters exist; after the last one it is trainable again as it was before the first.
+   */
   removeAdapter(name: string): void {
+    const pending = this.pendingAdapters.findIndex(a => a.name === name);
+    if (pending >= 0) {
+      this.pendingAdapters.splice(pending, 1);
+      this.active = this.active.filter(a => a !== name);
+      return;
+    }
     const state = this.adapterState(name, 'removeAdapter');
     if (this.merged.includes(name)) fail('SparseMoE.removeAdapter', `adapter '${name}' is merged; unmerge it first`);
     const vars = Object.values(state.factors).flatMap(f => [f!.A, f!.B]);
-    const self = this as unknown as { _trainableWeights: tfl.LayerVariable[] };
+    const self = this as unknown as { _trainableWeights: tfl.LayerVariable[]; _addedWeightNames: string[] };
     self._trainableWeights = self._trainableWeights.filter(v => !vars.includes(v));
+    // frees the names, so an adapter of the same name can be added again
+    const names = vars.map(v => v.originalName);
+    self._addedWeightNames = self._addedWeightNames.filter(n => !names.includes(n));
     vars.forEach(v => v.dispose());
     this.adapters.delete(name);
+    if (this.adapters.size === 0 && this.baseTrainable !== null) {
+      for (const [v, trainable] of this.baseTrainable) v.trainable = trainable;
+      this.baseTrainable = null;
+    }
     this.active = this.active.filter(a => a !== name);
   }
 
   adapterNames(): string[] {
     return [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)];
+  }
+
+  /** An adapter's settings (a pending one's too), or undefined when there is none of that name. */
+  adapterConfig(name: string): LoRAAdapterConfig | undefined {
+    const cfg = this.adapters.get(name)?.config ?? this.pendingAdapters.find(a => a.name === name);
+    return cfg === undefined ? undefined : { ...cfg, targets: [...cfg.targets] };
   }
 
   adapter(name: string): Readonly<AdapterState> {
@@ -292,7 +361,7 @@ export class SparseMoE extends tfl.layers.Layer {
     const f = state.factors[target];
     if (f === undefined) fail('SparseMoE.deltaWeight', `adapter '${name}' does not target '${target}' (targets: ${state.config.targets.join(', ')})`);
     return tf.tidy(() => {
-      if (target === 'router') return tf.mul(tf.matMul(f.B.read(), f.A.read()), state.scaling);
+      if (!EXPERT_LORA_TARGETS.includes(target)) return tf.mul(tf.matMul(f.B.read(), f.A.read()), state.scaling);
       return expertLoRADelta(f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, state.scaling,
           this.numExperts, this.expertLayout === 'outIn' ? 'outIn' : 'inOut');
     });
@@ -338,6 +407,7 @@ export class SparseMoE extends tfl.layers.Layer {
     const shared = this.sharedExpert ? {
       gate: v('shared_gate') as tf.Tensor2D, up: v('shared_up') as tf.Tensor2D, down: v('shared_down') as tf.Tensor2D,
       sigmoidGate: v('shared_expert_gate') as tf.Tensor2D | undefined,
+      lora: { gate: factors('shared.gate'), up: factors('shared.up'), down: factors('shared.down') },
     } : undefined;
     return {
       router: {
@@ -398,10 +468,12 @@ export class SparseMoE extends tfl.layers.Layer {
       expertKernel: this.expertKernel,
       loraMode: this.loraMode,
       initializerRange: this.initializerRange,
-      adapters: [...adapters, ...this.pendingAdapters],
-      activeAdapters: [...this.active],
+      // strings and keys that tfjs's save/load rewriting would change are protected
+      adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ...a }) =>
+        ({ ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString) })),
+      activeAdapters: this.active.map(protectString),
       adaptersDisabled: this.disabled,
-      mergedAdapters: [...this.merged],
+      mergedAdapters: this.merged.map(protectString),
     } as unknown as tf.serialization.ConfigDict;
   }
 }

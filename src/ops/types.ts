@@ -92,6 +92,11 @@ export interface SharedExpertWeights {
   down: Tensor2D;   // [H, I_s]
   /** Qwen2-MoE: output scaled by sigmoid(x · gateᵀ), [1, H]; absent = unweighted (DeepSeek, GLM) */
   sigmoidGate?: Tensor2D;
+  /**
+   * active adapters per projection, plain 2-D LoRA like the router's: A [r, in], B [out, r]
+   * (gate/up: A [r, H], B [I_s, r]; down: A [r, I_s], B [H, r]); their deltas add up
+   */
+  lora?: { gate?: LoRAFactors[]; up?: LoRAFactors[]; down?: LoRAFactors[] };
 }
 
 export interface MoEBlockWeights {

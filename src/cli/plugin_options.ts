@@ -1,0 +1,134 @@
+/**
+ * The plugin args as command-line flags, generated from the one schema (src/args/schema.ts):
+ * `--expert-kernel fused --lora-mode auto --strict --lora-rank 8 --lora-alpha 16
+ * --lora-targets experts.gate_up,experts.down,router`. `pluginArgsFromArgv` turns parsed flags
+ * into plugin args through the same validation as register(), so the messages are the same,
+ * each prefixed by its flag. Any --lora-* flag other than --lora-mode turns LoRA on.
+ */
+import type { Argv, Options } from 'yargs';
+import { PluginArgsError, type PluginArgsProblem } from '../args/errors.js';
+import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '../args/schema.js';
+import { collectArgProblems, describeValue } from '../args/validate.js';
+import { suggestName } from '../args/suggest.js';
+
+/** The schema entries that have a flag. */
+export const PLUGIN_FLAG_SPECS: readonly ArgSpec[] = PLUGIN_ARG_SPECS.filter(s => s.flag !== undefined);
+
+/** '--lora-rank' for 'lora.r', undefined for args without a flag. */
+export function flagOf(path: string): string | undefined {
+  const spec = PLUGIN_FLAG_SPECS.find(s => s.path === path);
+  return spec ? `--${spec.flag}` : undefined;
+}
+
+const isLoRAFlag = (spec: ArgSpec) => spec.path.startsWith('lora.');
+
+function helpText(spec: ArgSpec): string {
+  let text = spec.description;
+  if (spec.kind === 'enum') text += ` (${spec.values!.join(' | ')})`;
+  if (spec.kind === 'targets') text += '; comma-separated';
+  if (isLoRAFlag(spec)) {
+    const shown = Array.isArray(spec.default) ? spec.default.join(',') : String(spec.default);
+    text += spec.required ? '; required with LoRA' : `; default with LoRA: ${shown}`;
+  }
+  return text;
+}
+
+/** yargs options for one spec. Values reach validation as typed (numbers parsed here), never rejected by yargs. */
+function optionOf(spec: ArgSpec): Options {
+  const option: Options = { describe: helpText(spec), group: 'Plugin:' };
+  if (spec.kind === 'boolean') {
+    option.type = 'boolean';
+  } else {
+    // strings, so that a bad value reaches the validation as typed ('abc', not NaN)
+    option.type = 'string';
+    option.requiresArg = true;
+  }
+  // a LoRA flag without a default shows whether the user gave it (any of them turns LoRA on)
+  if (!isLoRAFlag(spec) && spec.default !== undefined) option.default = spec.default;
+  return option;
+}
+
+/**
+ * Adds the plugin flags to a yargs parser, with a check that runs the plugin-arg validation (so
+ * a bad value fails the parse with the validation's message).
+ *
+ * ```js
+ * const argv = await pluginOptions(yargs(['--lora-rank', '8', '--lora-alpha', '16'])).parseAsync();
+ * pluginArgsFromArgv(argv);   // {expertKernel: 'fused', ..., lora: {r: 8, alpha: 16, ...}}
+ * ```
+ */
+export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = {}): Argv<T> {
+  let y = yargs;
+  for (const spec of PLUGIN_FLAG_SPECS) y = y.option(spec.flag!, optionOf(spec)) as Argv<T>;
+  if (options.check ?? true) {
+    y = y.check(argv => {
+      try {
+        pluginArgsFromArgv(argv as Record<string, unknown>);
+        return true;
+      } catch (err) {
+        if (err instanceof PluginArgsError) return err.message;
+        throw err;
+      }
+    });
+  }
+  return y;
+}
+
+const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$/i;
+
+/** A flag's raw value as the arg's type: numbers parsed, lists split on commas; anything odd stays as is. */
+function convert(spec: ArgSpec, raw: unknown, problems: PluginArgsProblem[]): unknown {
+  if (spec.kind === 'targets') {
+    const parts = (Array.isArray(raw) ? raw : [raw]).flatMap(v => String(v).split(','));
+    return parts.map(p => p.trim()).filter(p => p.length > 0);
+  }
+  if (Array.isArray(raw)) {
+    problems.push({ arg: spec.path, message: `${spec.path}: expected one value but got ${raw.length} (${raw.map(describeValue).join(', ')})` });
+    return undefined;
+  }
+  if ((spec.kind === 'integer' || spec.kind === 'number') && typeof raw === 'string' && NUMBER.test(raw.trim())) {
+    return Number(raw);
+  }
+  return raw;
+}
+
+/** Flags that look like plugin flags (--lora-*, --expert-*) but are not: "did you mean". */
+function unknownPluginFlags(argv: Record<string, unknown>): PluginArgsProblem[] {
+  const flags = PLUGIN_FLAG_SPECS.map(s => s.flag!);
+  const camel = (f: string) => f.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+  const known = new Set([...flags, ...flags.map(camel)]);
+  const problems: PluginArgsProblem[] = [];
+  for (const key of Object.keys(argv)) {
+    if (known.has(key) || !/^(lora|expert)[-A-Z]/.test(key)) continue;
+    // yargs gives each flag twice ('lora-rnak' and 'loraRnak'): report the dashed one
+    if (/[A-Z]/.test(key) && Object.keys(argv).some(k => k !== key && camel(k) === key)) continue;
+    const hint = suggestName(key, flags);
+    problems.push({ arg: key, message: `--${key}: unknown flag (expected one of ${flags.map(f => `--${f}`).join(', ')})` +
+        (hint ? `; did you mean --${hint}?` : '') });
+  }
+  return problems;
+}
+
+/**
+ * Parsed flags → resolved plugin args (without models), through the register() validation.
+ * Throws one PluginArgsError whose lines carry the flag names: "--lora-rank: lora.r: expected …".
+ */
+export function pluginArgsFromArgv(argv: Record<string, unknown>): ResolvedPluginArgs {
+  const problems: PluginArgsProblem[] = unknownPluginFlags(argv);
+  const args: Record<string, unknown> = {};
+  const lora: Record<string, unknown> = {};
+  for (const spec of PLUGIN_FLAG_SPECS) {
+    const raw = argv[spec.flag!];
+    if (raw === undefined) continue;
+    const value = convert(spec, raw, problems);
+    if (isLoRAFlag(spec)) lora[keyOf(spec.path)] = value;
+    else args[spec.path] = value;
+  }
+  if (Object.keys(lora).length > 0) args.lora = lora;
+  const checked = collectArgProblems(args);
+  problems.push(...checked.problems);
+  if (problems.length > 0) {
+    throw new PluginArgsError(problems, 'command line', arg => flagOf(arg) ?? flagOf(arg.replace(/\[\d+\]$/, '')));
+  }
+  return checked.resolved as ResolvedPluginArgs;
+}
