@@ -3,6 +3,8 @@
  * TensorFlow.js training. Import it after a tfjs backend; call registerMoEKernels() once the
  * backend is set so per-backend kernels (e.g. wasm's UnsortedSegmentSum) are in place.
  */
+import { registerFileIOHandler as registerFileIO } from './io/file_io_handler.js';
+
 export * from './ops/index.js';
 export { registerMoEKernels } from './backends/register_all_kernels.js';
 export {
@@ -26,6 +28,14 @@ export { validatePluginArgs } from './args/validate.js';
 export {
   registerMoELayerDescriptor, type MoELayerDescriptor, type MoELayerInfo, type MoELoRAHooks,
 } from './patch/index.js';
+export * from './layers/index.js';
+export { loadHFCheckpoint, CheckpointError, hfWeightName, type LoadHFCheckpointOptions } from './io/hf_checkpoint.js';
 export {
-  SparseMoE, LORA_TARGETS, type SparseMoEArgs, type LoRATarget, type LoRAAdapterConfig,
-} from './layers/sparse_moe.js';
+  loadPeftAdapter, savePeftAdapter, peftAdapterTensors, PeftAdapterError,
+  type PeftAdapterOptions, type LoadedPeftAdapter, type PeftTensor,
+} from './io/peft.js';
+export { registerFileIOHandler, fileIO, FileIOError } from './io/file_io_handler.js';
+
+// Like tfjs-node, this (Node) entry makes 'file://' paths work for model.save and
+// tf.loadLayersModel; it steps aside when tfjs-node already handles them.
+registerFileIO();

@@ -1,0 +1,205 @@
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import { expect } from 'chai';
+import { RotaryAttention, type RotaryAttentionArgs } from '../../src/layers/attention.js';
+import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+
+type Weights = Record<string, Float64Array>;
+
+/** float64 reference of the layer: projections, norms, clip, rope, causal (windowed) GQA softmax attention. */
+function attention64(x: Float64Array, w: Weights, a: Required<Omit<RotaryAttentionArgs, keyof tfl.layers.Layer | 'name' | 'initializerRange'>>,
+    b: number, s: number, h: number): Float64Array {
+  const { numHeads: nh, numKeyValueHeads: nkv, headDim: d } = a;
+  const rep = nh / nkv;
+  const linear = (row: Float64Array, name: string, out: number, bias: boolean) => {
+    const y = new Float64Array(out);
+    const W = w[`${name}.weight`];
+    const inSize = row.length;
+    for (let o = 0; o < out; o++) {
+      let acc = bias ? w[`${name}.bias`][o] : 0;
+      for (let i = 0; i < inSize; i++) acc += W[o * inSize + i] * row[i];
+      y[o] = acc;
+    }
+    return y;
+  };
+  const rms = (v: Float64Array, off: number, len: number, weight: Float64Array) => {
+    let ms = 0;
+    for (let i = 0; i < len; i++) ms += v[off + i] ** 2;
+    const inv = 1 / Math.sqrt(ms / len + a.normEpsilon);
+    for (let i = 0; i < len; i++) v[off + i] = v[off + i] * inv * weight[i];
+  };
+  const rope = (v: Float64Array, off: number, p: number) => {
+    const half = d / 2;
+    for (let i = 0; i < half; i++) {
+      const angle = p / a.ropeTheta ** ((2 * i) / d);
+      const x1 = v[off + i];
+      const x2 = v[off + i + half];
+      v[off + i] = x1 * Math.cos(angle) - x2 * Math.sin(angle);
+      v[off + i + half] = x2 * Math.cos(angle) + x1 * Math.sin(angle);
+    }
+  };
+  const out = new Float64Array(b * s * h);
+  for (let bi = 0; bi < b; bi++) {
+    const q: Float64Array[] = [];
+    const k: Float64Array[] = [];
+    const v: Float64Array[] = [];
+    for (let p = 0; p < s; p++) {
+      const row = x.slice((bi * s + p) * h, (bi * s + p + 1) * h);
+      const qp = linear(row, 'q_proj', nh * d, a.qkvBias);
+      const kp = linear(row, 'k_proj', nkv * d, a.qkvBias);
+      const vp = linear(row, 'v_proj', nkv * d, a.qkvBias);
+      if (a.qkNorm === 'full') { rms(qp, 0, nh * d, w['q_norm.weight']); rms(kp, 0, nkv * d, w['k_norm.weight']); }
+      if (a.clipQKV !== null) {
+        for (const t of [qp, kp, vp]) for (let i = 0; i < t.length; i++) t[i] = Math.min(a.clipQKV, Math.max(-a.clipQKV, t[i]));
+      }
+      for (let hh = 0; hh < nh; hh++) {
+        if (a.qkNorm === 'perHead') rms(qp, hh * d, d, w['q_norm.weight']);
+        rope(qp, hh * d, p);
+      }
+      for (let hh = 0; hh < nkv; hh++) {
+        if (a.qkNorm === 'perHead') rms(kp, hh * d, d, w['k_norm.weight']);
+        rope(kp, hh * d, p);
+      }
+      q.push(qp); k.push(kp); v.push(vp);
+    }
+    for (let i = 0; i < s; i++) {
+      const merged = new Float64Array(nh * d);
+      for (let hh = 0; hh < nh; hh++) {
+        const kvh = Math.floor(hh / rep);
+        const keys = [];
+        for (let j = 0; j <= i; j++) if (a.slidingWindow === null || i - j < a.slidingWindow) keys.push(j);
+        const scores = keys.map(j => {
+          let dot = 0;
+          for (let t = 0; t < d; t++) dot += q[i][hh * d + t] * k[j][kvh * d + t];
+          return dot / Math.sqrt(d);
+        });
+        const m = Math.max(...scores);
+        const e = scores.map(sc => Math.exp(sc - m));
+        const z = e.reduce((acc, val) => acc + val, 0);
+        keys.forEach((j, n) => {
+          for (let t = 0; t < d; t++) merged[hh * d + t] += (e[n] / z) * v[j][kvh * d + t];
+        });
+      }
+      out.set(linear(merged, 'o_proj', h, a.outputBias), (bi * s + i) * h);
+    }
+  }
+  return out;
+}
+
+const base = {
+  numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 50, qkvBias: false, outputBias: false,
+  qkNorm: 'none', normEpsilon: 1e-6, clipQKV: null, slidingWindow: null,
+} as const;
+
+function setup(args: Partial<RotaryAttentionArgs>, seed: number, b = 2, s = 5, h = 12) {
+  const full = { ...base, ...args } as Required<Omit<RotaryAttentionArgs, keyof tfl.layers.Layer | 'name' | 'initializerRange'>>;
+  const layer = new RotaryAttention({ ...full, name: 'attn' });
+  layer.apply(tfl.input({ shape: [null, h] }));  // builds inside the layer's name scope, as a model does
+  const rng = new Rng(seed);
+  const w: Weights = {};
+  for (const v of layer.weights) {
+    const name = v.originalName.slice('attn/'.length);
+    const size = v.shape.reduce((p: number, q) => p * (q as number), 1);
+    w[name] = asF32(name.includes('norm') ? rng.array(size, 0.3).map(t => 1 + t) : rng.array(size, name.includes('bias') ? 0.1 : 0.4));
+    v.write(tensorOf(w[name], v.shape as number[]));
+  }
+  const x = asF32(rng.array(b * s * h));
+  return { layer, w, x, full, b, s, h };
+}
+
+describe('RotaryAttention', () => {
+  const cases: Array<[string, Partial<RotaryAttentionArgs>]> = [
+    ['Mixtral-like: GQA, no bias', {}],
+    ['Qwen2-MoE-like: q/k/v bias', { qkvBias: true }],
+    ['Qwen3-MoE-like: per-head q/k norm, all biases', { qkNorm: 'perHead', qkvBias: true, outputBias: true }],
+    ['OLMoE-like: q/k norm over the projection, clip_qkv, no GQA', { qkNorm: 'full', numKeyValueHeads: 4, clipQKV: 0.8 }],
+    ['sliding window 2', { slidingWindow: 2 }],
+  ];
+  for (const [label, args] of cases) {
+    it(`forward matches a float64 reference: ${label}`, () => {
+      const { layer, w, x, full, b, s, h } = setup(args, 7);
+      const xt = tensorOf(x, [b, s, h]);
+      expectNoLeak(() => {
+        const y = layer.apply(xt) as tf.Tensor;
+        expect(y.shape).to.deep.equal([b, s, h]);
+        expectClose(y, attention64(x, w, full, b, s, h), 1e-5, label);
+        y.dispose();
+      });
+      xt.dispose();
+      layer.dispose();
+    });
+  }
+
+  for (const [label, args] of [cases[2], cases[3]]) {
+    it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
+      const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
+      const refArgs = { ...full, clipQKV: null };
+      const rng = new Rng(10);
+      const g = asF32(rng.array(b * s * h));
+      const xt = tensorOf(x, [b, s, h]);
+      const gt = tensorOf(g, [b, s, h]);
+      const loss64 = (xs: Float64Array, ws: Weights) => attention64(xs, ws, refArgs, b, s, h).reduce((acc, v, i) => acc + v * g[i], 0);
+      expectNoLeak(() => {
+        const f = (input: tf.Tensor) => tf.sum(tf.mul(layer.apply(input) as tf.Tensor, gt)) as tf.Scalar;
+        const dx = tf.grad(f)(xt);
+        expectClose(dx, finiteDifferences(v => loss64(v, w), x), 1e-4, 'dx');
+        const vars = layer.weights.map(v => v.read() as tf.Variable);
+        const { value, grads } = tf.variableGrads(() => f(xt), vars);
+        for (const v of layer.weights) {
+          const name = v.originalName.slice('attn/'.length);
+          const fd = finiteDifferences(p => loss64(x, { ...w, [name]: p }), w[name]);
+          expectClose(grads[(v.read() as tf.Variable).name], fd, 1e-4, `d ${name}`);
+        }
+        tf.dispose([dx, value, ...Object.values(grads)]);
+      });
+      tf.dispose([xt, gt]);
+      layer.dispose();
+    });
+  }
+
+  it('is causal: changing a later token leaves earlier outputs unchanged', () => {
+    const { layer, x, b, s, h } = setup({ qkNorm: 'perHead' }, 4);
+    const changed = Float64Array.from(x);
+    for (let i = (s - 1) * h; i < s * h; i++) changed[i] += 1;  // last token of the first sequence
+    const y1 = (layer.apply(tensorOf(x, [b, s, h])) as tf.Tensor).dataSync();
+    const y2 = (layer.apply(tensorOf(changed, [b, s, h])) as tf.Tensor).dataSync();
+    expect(Array.from(y2.slice(0, (s - 1) * h))).to.deep.equal(Array.from(y1.slice(0, (s - 1) * h)));
+    expect(Math.abs(y2[(s - 1) * h] - y1[(s - 1) * h])).to.be.greaterThan(0);
+    layer.dispose();
+  });
+
+  it('names its weights like HF and round-trips its config', () => {
+    const { layer } = setup({ qkNorm: 'full', qkvBias: true, outputBias: true, clipQKV: 2, slidingWindow: 3 }, 1);
+    expect(layer.weights.map(v => v.originalName).sort()).to.deep.equal([
+      'attn/k_norm.weight', 'attn/k_proj.bias', 'attn/k_proj.weight', 'attn/o_proj.bias', 'attn/o_proj.weight',
+      'attn/q_norm.weight', 'attn/q_proj.bias', 'attn/q_proj.weight', 'attn/v_proj.bias', 'attn/v_proj.weight']);
+    expect(layer.weights.find(v => v.originalName === 'attn/q_norm.weight')!.shape).to.deep.equal([16]);
+    expect(layer.weights.find(v => v.originalName === 'attn/k_norm.weight')!.shape).to.deep.equal([8]);
+    const config = layer.getConfig();
+    const clone = tfl.layers.Layer.fromConfig(RotaryAttention, config) as RotaryAttention;
+    expect(clone.getConfig()).to.deep.equal(config);
+    layer.dispose();
+  });
+
+  it('rejects bad arguments', () => {
+    const ok = { numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 1e4 };
+    expect(() => new RotaryAttention({ ...ok, numKeyValueHeads: 3 }))
+      .to.throw("`RotaryAttention()`: 'numKeyValueHeads' (3) must divide 'numHeads' (4)");
+    expect(() => new RotaryAttention({ ...ok, numKeyValueHeads: 8 }))
+      .to.throw("`RotaryAttention()`: 'numKeyValueHeads' must be <= 4 but got 8");
+    expect(() => new RotaryAttention({ ...ok, headDim: 5 }))
+      .to.throw("`RotaryAttention()`: 'headDim' must be even (rotary pairs) but got 5");
+    expect(() => new RotaryAttention({ ...ok, ropeTheta: -1 }))
+      .to.throw("`RotaryAttention()`: 'ropeTheta' must be > 0 but got -1");
+    expect(() => new RotaryAttention({ ...ok, qkNorm: 'rms' as never }))
+      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full' but got 'rms'");
+    expect(() => new RotaryAttention({ ...ok, clipQKV: 0 }))
+      .to.throw("`RotaryAttention()`: 'clipQKV' must be > 0 but got 0");
+    expect(() => new RotaryAttention({ ...ok, slidingWindow: 0 }))
+      .to.throw("`RotaryAttention()`: 'slidingWindow' must be >= 1 but got 0");
+    const layer = new RotaryAttention(ok);
+    layer.apply(tfl.input({ shape: [null, 8] }));
+    expect(() => layer.apply(tf.zeros([4, 8]))).to.throw("`RotaryAttention.call()`: the input must be [batch, seq, hidden] but got shape [4,8]");
+    layer.dispose();
+  });
+});

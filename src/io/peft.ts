@@ -1,0 +1,511 @@
+/**
+ * PEFT LoRA adapters on MoE blocks, in PEFT's own files: adapter_config.json and
+ * adapter_model.safetensors.
+ *
+ * - Fused expert weights and the router are 3-D / 2-D nn.Parameters, adapted through
+ *   `target_parameters` (PEFT >= 0.17 ParamWrapper). PEFT nests one wrapper per targeted parameter
+ *   of a module, in target_parameters order (the last outermost), so with both expert targets
+ *   `<block>.experts.base_layer.lora_A/B.weight` belong to gate_up_proj and
+ *   `<block>.experts.lora_A/B.weight` to down_proj; the router is `<block>.gate.lora_A/B.weight`
+ *   (gpt-oss: `router`). Expert layouts (src/ops/README.md): A [r·E, in] expert-major rows,
+ *   B [out, r·E] rank-major columns; router A [r, H], B [E, r].
+ * - Shared-expert projections are nn.Linear modules, adapted through `target_modules`
+ *   (`<block>.shared_expert.gate_proj.lora_A.weight`, DeepSeek/GLM `shared_experts`): A [r, in], B [out, r].
+ *
+ * Tensor names are `base_model.model.<module path>.…`; a SparseMoE layer's name is its module path
+ * (MoECausalLM names them 'model.layers.N.mlp', as transformers 5 does for every family).
+ * Loading assigns expert wrappers by their shapes, not by nesting depth (which depends on the
+ * order of target_parameters); gate_up and down always differ in A's columns or B's rows.
+ * Entries of target_parameters / target_modules match as PEFT matches them, as suffixes of full
+ * names, so 'model.layers.1.mlp.gate.weight' targets one layer. (PEFT 0.21 ignores
+ * layers_to_transform for target_parameters; it is honoured here on load and never written.)
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import {
+  decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
+} from '../layers/moe_causal_lm.js';
+import {
+  EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, type LoRAAdapterConfig, type LoRATarget,
+} from '../layers/sparse_moe.js';
+import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
+import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
+
+/** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
+export class PeftAdapterError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'PeftAdapterError';
+    Object.setPrototypeOf(this, PeftAdapterError.prototype);
+  }
+}
+
+export const ADAPTER_CONFIG = 'adapter_config.json';
+export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
+const PREFIX = 'base_model.model.';
+/** Canonical target order (target_parameters and target_modules are written in this order). */
+const TARGET_ORDER: readonly LoRATarget[] = [
+  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down',
+];
+
+function peftError(op: string, where: string, problems: string[]): PeftAdapterError {
+  return new PeftAdapterError(`\`${op}()\`: ${where}: ${problems.length} problem${problems.length > 1 ? 's' : ''}:\n  ` +
+      problems.join('\n  '));
+}
+
+/**
+ * PEFT's names of each target on a block of this model: the parameter named in
+ * target_parameters (experts, router) or the module named in target_modules (shared expert).
+ */
+interface PeftNames {
+  routerParam: string;
+  routerModule: string;
+  parameter: Partial<Record<LoRATarget, string>>;
+  module: Partial<Record<LoRATarget, string>>;
+}
+
+function peftNames(model: tfl.LayersModel): PeftNames {
+  const type = hfConfigOf(model)?.['model_type'];
+  const layout = typeof type === 'string' && (MODEL_TYPES as readonly string[]).includes(type) ?
+    FAMILIES[type as ModelType].checkpoint : undefined;
+  const routerParam = layout?.router.weight ?? 'gate.weight';
+  const shared = layout?.shared ?? {
+    gate: 'shared_expert.gate_proj.weight', up: 'shared_expert.up_proj.weight', down: 'shared_expert.down_proj.weight',
+  };
+  const strip = (s: string) => s.replace(/\.weight$/, '');
+  return {
+    routerParam,
+    routerModule: strip(routerParam),
+    parameter: { 'experts.gate_up': 'experts.gate_up_proj', 'experts.down': 'experts.down_proj', router: routerParam },
+    module: { 'shared.gate': strip(shared.gate), 'shared.up': strip(shared.up), 'shared.down': strip(shared.down) },
+  };
+}
+
+const isExpert = (t: LoRATarget) => EXPERT_LORA_TARGETS.includes(t);
+const isShared = (t: LoRATarget) => SHARED_LORA_TARGETS.includes(t);
+
+/** Sizes a target's A and B must have for rank r on this layer. */
+function expectedShapes(layer: SparseMoE, target: LoRATarget, r: number): { A: number[]; B: number[] } {
+  const h = layer.weightVariable('router_weight').shape[1] as number;
+  const e = layer.numExperts;
+  const i = layer.intermediateSize;
+  const is = layer.sharedExpert?.intermediateSize ?? 0;
+  switch (target) {
+    case 'router': return { A: [r, h], B: [e, r] };
+    case 'experts.gate_up': return { A: [r * e, h], B: [2 * i, r * e] };
+    case 'experts.down': return { A: [r * e, i], B: [h, r * e] };
+    case 'shared.gate': case 'shared.up': return { A: [r, h], B: [is, r] };
+    case 'shared.down': return { A: [r, is], B: [h, r] };
+  }
+}
+
+const same = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, k) => d === b[k]);
+
+/** The module path (relative to the block) of each target, for an adapter with these targets. */
+function targetModules(targets: readonly LoRATarget[], names: PeftNames): Map<LoRATarget, string> {
+  const out = new Map<LoRATarget, string>();
+  const experts = TARGET_ORDER.filter(t => isExpert(t) && targets.includes(t));
+  experts.forEach((t, k) => out.set(t, ['experts', ...Array<string>(experts.length - 1 - k).fill('base_layer')].join('.')));
+  if (targets.includes('router')) out.set('router', names.routerModule);
+  for (const t of SHARED_LORA_TARGETS) if (targets.includes(t)) out.set(t, names.module[t]!);
+  return out;
+}
+
+export interface PeftTensor {
+  /** the name in adapter_model.safetensors */
+  peftName: string;
+  layer: SparseMoE;
+  target: LoRATarget;
+  factor: 'A' | 'B';
+  variable: tfl.LayerVariable;
+}
+
+/**
+ * The adapter's tensors under their PEFT file names, for every SparseMoE layer that has it.
+ * (PEFT's in-memory parameter names add the adapter name: `….lora_A.<name>.weight`.)
+ *
+ * ```js
+ * peftAdapterTensors(model, 'default')[0].peftName;
+ * // 'base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight'
+ * ```
+ */
+export function peftAdapterTensors(model: tfl.LayersModel, name = 'default'): PeftTensor[] {
+  const names = peftNames(model);
+  const out: PeftTensor[] = [];
+  for (const layer of sparseMoELayers(model)) {
+    if (!layer.adapterNames().includes(name)) continue;
+    const state = layer.adapter(name);
+    const modules = targetModules(state.config.targets, names);
+    for (const target of TARGET_ORDER) {
+      const f = state.factors[target];
+      if (f === undefined) continue;
+      for (const factor of ['A', 'B'] as const) {
+        out.push({
+          peftName: `${PREFIX}${layer.name}.${modules.get(target)}.lora_${factor}.weight`,
+          layer, target, factor, variable: f[factor],
+        });
+      }
+    }
+  }
+  return out;
+}
+
+export interface PeftAdapterOptions {
+  /** the adapter's name on the layers; default 'default' (PEFT's) */
+  name?: string;
+}
+
+export interface LoadedPeftAdapter {
+  name: string;
+  r: number;
+  alpha: number;
+  rsLoRA: boolean;
+  targets: LoRATarget[];
+  /** the SparseMoE layers that got the adapter */
+  layers: string[];
+  /** things loaded but worth knowing (e.g. a lora_dropout that only matters for PEFT training) */
+  notes: string[];
+}
+
+type Json = Record<string, unknown>;
+
+function isEmpty(v: unknown): boolean {
+  if (v == null || v === false) return true;
+  if (Array.isArray(v) || typeof v === 'string') return v.length === 0;
+  if (typeof v === 'object') return Object.keys(v as object).length === 0;
+  return false;
+}
+
+/** PEFT's suffix rule: a name matches an entry when it is the entry or ends with '.' + entry. */
+const matches = (name: string, entry: string) => name === entry || name.endsWith(`.${entry}`);
+
+/** Reads adapter_config.json's LoRA settings; every unsupported option is its own problem. */
+function readAdapterConfig(
+    config: Json, layers: SparseMoE[], names: PeftNames, problems: string[], notes: string[]) {
+  if (config['peft_type'] !== 'LORA') problems.push(`peft_type must be 'LORA' but is ${JSON.stringify(config['peft_type'])}`);
+  const r = config['r'];
+  if (typeof r !== 'number' || !Number.isInteger(r) || r < 1) problems.push(`r must be an integer >= 1 but is ${JSON.stringify(r)}`);
+  const alpha = config['lora_alpha'];
+  if (typeof alpha !== 'number' || !Number.isFinite(alpha) || alpha <= 0) {
+    problems.push(`lora_alpha must be a number > 0 but is ${JSON.stringify(alpha)}`);
+  }
+  const rsLoRA = config['use_rslora'] ?? false;
+  if (typeof rsLoRA !== 'boolean') problems.push(`use_rslora must be a boolean but is ${JSON.stringify(rsLoRA)}`);
+  const unsupported: Array<[string, string]> = [
+    ['use_dora', 'DoRA (use_dora) is not supported'],
+    ['lora_bias', 'LoRA biases (lora_bias) are not supported'],
+    ['rank_pattern', 'per-module ranks (rank_pattern) are not supported'],
+    ['alpha_pattern', 'per-module alphas (alpha_pattern) are not supported'],
+    ['modules_to_save', 'modules_to_save is not supported'],
+    ['use_qalora', 'QA-LoRA (use_qalora) is not supported'],
+    ['layer_replication', 'layer_replication is not supported'],
+    ['alora_invocation_tokens', 'aLoRA (alora_invocation_tokens) is not supported'],
+    ['trainable_token_indices', 'trainable_token_indices is not supported'],
+    ['fan_in_fan_out', 'fan_in_fan_out is not supported'],
+  ];
+  for (const [key, message] of unsupported) {
+    if (!isEmpty(config[key])) problems.push(`${message} but adapter_config.json sets ${key}: ${JSON.stringify(config[key])}`);
+  }
+  if (config['bias'] != null && config['bias'] !== 'none') {
+    problems.push(`bias must be 'none' (trained biases are not supported) but is ${JSON.stringify(config['bias'])}`);
+  }
+  const dropout = config['lora_dropout'] ?? 0;
+  if (typeof dropout !== 'number' || dropout < 0 || dropout >= 1) {
+    problems.push(`lora_dropout must be a number in [0, 1) but is ${JSON.stringify(dropout)}`);
+  } else if (dropout !== 0) {
+    notes.push(`lora_dropout ${dropout} is not applied (no dropout on MoE parameter adapters here); inference is unaffected`);
+  }
+
+  const layersToTransform = config['layers_to_transform'];
+  let layerSet: number[] | null = null;
+  if (typeof layersToTransform === 'number') layerSet = [layersToTransform];
+  else if (Array.isArray(layersToTransform)) layerSet = layersToTransform as number[];
+  else if (layersToTransform != null) problems.push(`layers_to_transform must be null, an index or a list but is ${JSON.stringify(layersToTransform)}`);
+
+  // PEFT's rule: an entry targets every parameter (module) whose full name ends with it
+  const targetsByLayer = new Map<SparseMoE, Set<LoRATarget>>(layers.map(l => [l, new Set<LoRATarget>()]));
+  const select = (entries: unknown, key: string, kinds: readonly LoRATarget[], relative: Partial<Record<LoRATarget, string>>,
+      unsupported: (entry: string) => string) => {
+    if (typeof entries === 'string' && key === 'target_modules') {
+      if (entries !== '') problems.push(`target_modules as a pattern (${JSON.stringify(entries)}) is not supported; list the shared-expert projections`);
+      return;
+    }
+    if (!Array.isArray(entries)) {
+      problems.push(`${key} must be a list but is ${JSON.stringify(entries)}`);
+      return;
+    }
+    for (const entry of entries) {
+      let hit = false;
+      for (const layer of layers) {
+        for (const t of kinds) {
+          if (typeof entry === 'string' && matches(`${layer.name}.${relative[t]}`, entry)) {
+            hit = true;
+            targetsByLayer.get(layer)!.add(t);
+          }
+        }
+      }
+      if (!hit) problems.push(unsupported(JSON.stringify(entry)));
+    }
+  };
+  const paramTargets = TARGET_ORDER.filter(t => names.parameter[t] !== undefined);
+  select(config['target_parameters'] ?? [], 'target_parameters', paramTargets, names.parameter,
+      e => `target_parameters entry ${e} is not supported; supported: ` +
+        `${paramTargets.map(t => `'${names.parameter[t]}'`).join(', ')} (optionally after a module path)`);
+  select(config['target_modules'] ?? [], 'target_modules', SHARED_LORA_TARGETS, names.module,
+      e => `target_modules entry ${e} is not supported: LoRA on modules is supported only on the shared expert's ` +
+        `projections (${SHARED_LORA_TARGETS.map(t => `'${names.module[t]}'`).join(', ')})`);
+  const all = new Set([...targetsByLayer.values()].flatMap(t => [...t]));
+  const none = (v: unknown) => v == null || (Array.isArray(v) && v.length === 0);
+  if (none(config['target_parameters']) && none(config['target_modules'])) {
+    problems.push(`the adapter targets nothing: target_parameters and target_modules are both empty`);
+  }
+  const excluded: SparseMoE[] = [];
+  for (const layer of layers) {
+    const index = decoderLayerIndex(layer.name);
+    if (layerSet !== null && (index === null || !layerSet.includes(index))) {
+      if (targetsByLayer.get(layer)!.size > 0) excluded.push(layer);
+      targetsByLayer.set(layer, new Set());
+    }
+  }
+  return {
+    r: r as number, alpha: alpha as number, rsLoRA: rsLoRA === true, layerSet, excluded,
+    targets: TARGET_ORDER.filter(t => all.has(t)),
+    targetsOf: (layer: SparseMoE) => TARGET_ORDER.filter(t => targetsByLayer.get(layer)!.has(t)),
+  };
+}
+
+/**
+ * Loads a PEFT LoRA adapter folder into a model's SparseMoE layers as adapter `name` (added and
+ * active; the model's other layers are frozen, as PEFT does). Everything is checked first: an
+ * adapter made for another model (unknown module paths, other shapes, missing tensors) or with
+ * unsupported PEFT options throws one PeftAdapterError with a line per problem, and the model is
+ * left untouched.
+ *
+ * ```js
+ * const model = await loadHFCheckpoint('./Qwen3-30B-A3B');
+ * const {notes} = await loadPeftAdapter(model, './my-adapter');
+ * ```
+ */
+export async function loadPeftAdapter(
+    model: tfl.LayersModel, dir: string, options: PeftAdapterOptions = {}): Promise<LoadedPeftAdapter> {
+  const op = 'loadPeftAdapter';
+  const name = options.name ?? 'default';
+  const where = `'${dir}' (adapter '${name}')`;
+  const layers = sparseMoELayers(model);
+  if (layers.length === 0) throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE layer to load an adapter into`);
+  let config: Json;
+  try {
+    config = JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), 'utf8')) as Json;
+  } catch (e) {
+    throw new PeftAdapterError(`\`${op}()\`: cannot read ${join(dir, ADAPTER_CONFIG)}: ${(e as Error).message}`);
+  }
+  if (config === null || typeof config !== 'object' || Array.isArray(config)) {
+    throw new PeftAdapterError(`\`${op}()\`: ${join(dir, ADAPTER_CONFIG)} must hold a JSON object`);
+  }
+  const file = await readSafetensorsFile(join(dir, ADAPTER_WEIGHTS));
+
+  const problems: string[] = [];
+  const notes: string[] = [];
+  const names = peftNames(model);
+  const cfg = readAdapterConfig(config, layers, names, problems, notes);
+  for (const layer of layers) {
+    if (layer.adapterNames().includes(name)) problems.push(`layer '${layer.name}' already has an adapter named '${name}'`);
+    if (layer.sharedExpert == null) {
+      for (const t of cfg.targetsOf(layer).filter(isShared)) problems.push(`${t} is targeted but '${layer.name}' has no shared expert`);
+    }
+  }
+  const moduleTargets = (module: string): LoRATarget[] => {
+    if (/^experts(\.base_layer)*$/.test(module)) return [...EXPERT_LORA_TARGETS];
+    if (module === names.routerModule) return ['router'];
+    return SHARED_LORA_TARGETS.filter(t => names.module[t] === module);
+  };
+
+  // tensor name → (layer, module, factor)
+  const byLayer = new Map<SparseMoE, Map<string, { A?: string; B?: string }>>();
+  for (const tensorName of file.names()) {
+    const layer = layers.find(l => tensorName.startsWith(`${PREFIX}${l.name}.`));
+    const m = layer ? /^(.+)\.lora_(A|B)\.weight$/.exec(tensorName.slice(PREFIX.length + layer.name.length + 1)) : null;
+    if (layer === undefined || m === null || moduleTargets(m[1]).length === 0) {
+      const known = targetModules(TARGET_ORDER, names);
+      problems.push(`'${tensorName}' is not a LoRA tensor of this model's MoE blocks (expected ` +
+          `'${PREFIX}<block>.<module>.lora_{A,B}.weight' with <module> one of experts[.base_layer], ` +
+          `${[...new Set([names.routerModule, ...SHARED_LORA_TARGETS.map(t => known.get(t))])].join(', ')} and <block> one of ` +
+          `${layers.slice(0, 3).map(l => `'${l.name}'`).join(', ')}${layers.length > 3 ? ', ...' : ''})`);
+      continue;
+    }
+    const modules = byLayer.get(layer) ?? new Map<string, { A?: string; B?: string }>();
+    byLayer.set(layer, modules);
+    const entry = modules.get(m[1]) ?? {};
+    entry[m[2] as 'A' | 'B'] = tensorName;
+    modules.set(m[1], entry);
+  }
+
+  // module → target, by shape
+  const plan: Array<{ layer: SparseMoE; tensors: Map<LoRATarget, { A: string; B: string }>; targets: LoRATarget[] }> = [];
+  for (const layer of layers) {
+    const targets = cfg.targetsOf(layer);
+    const modules = byLayer.get(layer);
+    if (targets.length === 0) {
+      if (modules !== undefined) {
+        problems.push(cfg.excluded.includes(layer) ?
+          `layer '${layer.name}' has LoRA tensors but is not in layers_to_transform [${cfg.layerSet}]` :
+          `layer '${layer.name}' has LoRA tensors but the adapter config targets nothing on it`);
+      }
+      continue;
+    }
+    if (modules === undefined) {
+      problems.push(`no LoRA tensors for '${layer.name}' (expected targets: ${targets.join(', ')})`);
+      continue;
+    }
+    const tensors = new Map<LoRATarget, { A: string; B: string }>();
+    const before = problems.length;
+    for (const [module, pair] of modules) {
+      const label = `'${PREFIX}${layer.name}.${module}'`;
+      if (pair.A === undefined || pair.B === undefined) {
+        problems.push(`${label} has lora_${pair.A === undefined ? 'B' : 'A'} but no lora_${pair.A === undefined ? 'A' : 'B'}`);
+        continue;
+      }
+      const a = file.info(pair.A);
+      const b = file.info(pair.B);
+      for (const [t, info] of [[pair.A, a], [pair.B, b]] as const) {
+        if (!['F32', 'F16', 'BF16'].includes(info.dtype)) problems.push(`'${t}' must be a float tensor but is ${info.dtype}`);
+      }
+      const candidates = moduleTargets(module).filter(t => !isShared(t) || layer.sharedExpert != null);
+      const fits = candidates.filter(t => {
+        const s = expectedShapes(layer, t, cfg.r);
+        return same(a.shape, s.A) && same(b.shape, s.B);
+      });
+      if (fits.length !== 1) {
+        const want = candidates.map(t => {
+          const s = expectedShapes(layer, t, cfg.r);
+          return `${names.parameter[t] ?? names.module[t]}: A [${s.A}], B [${s.B}]`;
+        }).join(' or ');
+        problems.push(`${label} has A [${a.shape}], B [${b.shape}], which fits no target of this layer with r = ${cfg.r}` +
+            (want ? ` (${want})` : ''));
+        continue;
+      }
+      if (tensors.has(fits[0])) {
+        problems.push(`${label} is a second adapter for ${fits[0]} on '${layer.name}'`);
+        continue;
+      }
+      if (!targets.includes(fits[0])) {
+        problems.push(`${label} adapts ${fits[0]}, which the adapter config does not target on this layer`);
+        continue;
+      }
+      tensors.set(fits[0], { A: pair.A, B: pair.B });
+    }
+    // a module that fit nothing was reported already; a target is missing only when none failed
+    if (problems.length === before) {
+      for (const t of targets) if (!tensors.has(t)) problems.push(`no LoRA tensors for ${t} on '${layer.name}'`);
+    }
+    plan.push({ layer, tensors, targets });
+  }
+  if (problems.length > 0) throw peftError(op, where, problems);
+
+  freezeBaseLayers(model);
+  for (const { layer, tensors, targets } of plan) {
+    layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
+    const factors = layer.adapter(name).factors;
+    for (const [target, tensorNames] of tensors) {
+      for (const factor of ['A', 'B'] as const) {
+        const t = file.tensor(tensorNames[factor]);
+        try {
+          factors[target]![factor].write(t);
+        } finally {
+          t.dispose();
+        }
+      }
+    }
+  }
+  return {
+    name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...cfg.targets],
+    layers: plan.map(p => p.layer.name), notes,
+  };
+}
+
+async function writeAtomically(path: string, text: string): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
+  try {
+    await writeFile(tmp, text);
+    await rename(tmp, path);
+  } catch (e) {
+    await rm(tmp, { force: true });
+    throw e;
+  }
+}
+
+/**
+ * Writes adapter `name` of the model's SparseMoE layers as PEFT does (adapter_config.json and
+ * adapter_model.safetensors), so `PeftModel.from_pretrained(hf_model, dir)` loads it. Every layer
+ * with the adapter must have the same r, alpha and rsLoRA (PEFT keeps one of each); when the
+ * layers differ in targets or some have no adapter, the entries name their layers
+ * ('model.layers.1.mlp.experts.gate_up_proj').
+ *
+ * ```js
+ * await savePeftAdapter(model, './my-adapter');
+ * ```
+ */
+export async function savePeftAdapter(
+    model: tfl.LayersModel, dir: string, options: PeftAdapterOptions = {}): Promise<void> {
+  const op = 'savePeftAdapter';
+  const name = options.name ?? 'default';
+  const layers = sparseMoELayers(model);
+  const having = layers.filter(l => l.adapterNames().includes(name));
+  if (having.length === 0) {
+    const all = [...new Set(layers.flatMap(l => l.adapterNames()))];
+    throw new PeftAdapterError(`\`${op}()\`: no SparseMoE layer of '${model.name}' has an adapter '${name}' (adapters: ${all.join(', ') || 'none'})`);
+  }
+  const first = having[0].adapter(name).config;
+  const scale = (c: LoRAAdapterConfig) => `r ${c.r}, alpha ${c.alpha}, rsLoRA ${c.rsLoRA ?? false}`;
+  const problems: string[] = [];
+  for (const layer of having.slice(1)) {
+    const c = layer.adapter(name).config;
+    if (scale(c) !== scale(first)) {
+      problems.push(`'${layer.name}' has ${scale(c)} but '${having[0].name}' has ${scale(first)} (PEFT keeps one of each per adapter)`);
+    }
+  }
+  if (problems.length > 0) throw peftError(op, `'${dir}' (adapter '${name}')`, problems);
+
+  const names = peftNames(model);
+  const targetsOf = (l: SparseMoE) => TARGET_ORDER.filter(t => l.adapter(name).config.targets.includes(t));
+  const key = (l: SparseMoE) => targetsOf(l).join(',');
+  // Short entries target every MoE layer; otherwise each entry names its layer (PEFT matches
+  // entries as suffixes of full names, and ignores layers_to_transform for target_parameters).
+  const uniform = having.length === layers.length && having.every(l => key(l) === key(having[0]));
+  const entries = (shared: boolean) => (uniform ? [having[0]] : having).flatMap(l =>
+    targetsOf(l).filter(t => isShared(t) === shared).map(t => {
+      const relative = shared ? names.module[t]! : names.parameter[t]!;
+      return uniform ? relative : `${l.name}.${relative}`;
+    }));
+  const config = {
+    alpha_pattern: {},
+    auto_mapping: null,
+    base_model_name_or_path: null,
+    bias: 'none',
+    fan_in_fan_out: false,
+    inference_mode: true,
+    init_lora_weights: true,
+    layers_pattern: null,
+    layers_to_transform: null,
+    lora_alpha: first.alpha,
+    lora_bias: false,
+    lora_dropout: 0.0,
+    modules_to_save: null,
+    peft_type: 'LORA',
+    r: first.r,
+    rank_pattern: {},
+    revision: null,
+    target_modules: entries(true),
+    target_parameters: entries(false),
+    task_type: null,
+    use_dora: false,
+    use_rslora: first.rsLoRA ?? false,
+  };
+  const tensors: Record<string, tf.Tensor> = {};
+  for (const t of peftAdapterTensors(model, name)) tensors[t.peftName] = t.variable.read();
+  await mkdir(dir, { recursive: true });
+  await writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
+  await writeAtomically(join(dir, ADAPTER_CONFIG), `${JSON.stringify(config, null, 2)}\n`);
+}

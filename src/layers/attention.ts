@@ -1,0 +1,218 @@
+/**
+ * Causal self-attention with rotary position embeddings and grouped KV heads, plus the per-family
+ * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
+ * or over the whole projection (OLMoE), OLMoE's clip_qkv and an optional sliding window.
+ *
+ * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
+ * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
+ * `<layer name>.<weight name>` is written as it is.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { rmsNorm } from './rms_norm.js';
+import { applyRotary, rotaryTables } from './rotary.js';
+
+export type QKNorm = 'none' | 'perHead' | 'full';
+export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full'];
+
+export interface RotaryAttentionArgs extends LayerArgs {
+  numHeads: number;
+  /** grouped KV heads; must divide numHeads */
+  numKeyValueHeads: number;
+  /** D, the per-head width */
+  headDim: number;
+  /** rope base (HF rope_theta) */
+  ropeTheta: number;
+  /** biases on q, k and v projections (Qwen2-MoE qkv_bias, attention_bias elsewhere) */
+  qkvBias?: boolean;
+  /** bias on the output projection (Qwen3-MoE and OLMoE attention_bias) */
+  outputBias?: boolean;
+  /** 'perHead': RMSNorm over D on each head (Qwen3-MoE); 'full': over the whole projection (OLMoE) */
+  qkNorm?: QKNorm;
+  /** epsilon of the q/k norms (HF rms_norm_eps) */
+  normEpsilon?: number;
+  /** clamp q, k, v to [−c, c] after projection and norm (OLMoE clip_qkv) */
+  clipQKV?: number | null;
+  /** a query attends to keys at distance < window (Mistral-style); null = full causal */
+  slidingWindow?: number | null;
+  /** std of the normal initializer (HF initializer_range); default 0.02 */
+  initializerRange?: number;
+}
+
+/** Additive mask [S, S]: 0 where query i may attend key j (j ≤ i, i − j < window), a large negative value elsewhere. */
+function causalMask(seqLen: number, window: number | null): tf.Tensor2D {
+  // A finite value: it vanishes in softmax exactly as −inf does, without inf − inf in any gradient.
+  const blocked = -1e9;
+  const data = new Float32Array(seqLen * seqLen);
+  for (let i = 0; i < seqLen; i++) {
+    for (let j = 0; j < seqLen; j++) {
+      if (j > i || (window !== null && i - j >= window)) data[i * seqLen + j] = blocked;
+    }
+  }
+  return tf.tensor2d(data, [seqLen, seqLen]);
+}
+
+export class RotaryAttention extends tfl.layers.Layer {
+  static className = 'RotaryAttention';
+  readonly numHeads: number;
+  readonly numKeyValueHeads: number;
+  readonly headDim: number;
+  readonly ropeTheta: number;
+  readonly qkvBias: boolean;
+  readonly outputBias: boolean;
+  readonly qkNorm: QKNorm;
+  readonly normEpsilon: number;
+  readonly clipQKV: number | null;
+  readonly slidingWindow: number | null;
+  readonly initializerRange: number;
+  private readonly vars = new Map<string, tfl.LayerVariable>();
+
+  constructor(args: RotaryAttentionArgs) {
+    super(args);
+    const op = 'RotaryAttention';
+    assertInteger(op, 'numHeads', args.numHeads, 1);
+    assertInteger(op, 'numKeyValueHeads', args.numKeyValueHeads, 1, args.numHeads);
+    if (args.numHeads % args.numKeyValueHeads !== 0) {
+      fail(op, `'numKeyValueHeads' (${args.numKeyValueHeads}) must divide 'numHeads' (${args.numHeads})`);
+    }
+    assertInteger(op, 'headDim', args.headDim, 2);
+    if (args.headDim % 2 !== 0) fail(op, `'headDim' must be even (rotary pairs) but got ${args.headDim}`);
+    assertFiniteNumber(op, 'ropeTheta', args.ropeTheta);
+    if (args.ropeTheta <= 0) fail(op, `'ropeTheta' must be > 0 but got ${args.ropeTheta}`);
+    this.qkNorm = args.qkNorm ?? 'none';
+    assertOneOf(op, 'qkNorm', this.qkNorm, QK_NORMS);
+    this.normEpsilon = args.normEpsilon ?? 1e-6;
+    assertFiniteNumber(op, 'normEpsilon', this.normEpsilon);
+    this.clipQKV = args.clipQKV ?? null;
+    if (this.clipQKV !== null) {
+      assertFiniteNumber(op, 'clipQKV', this.clipQKV);
+      if (this.clipQKV <= 0) fail(op, `'clipQKV' must be > 0 but got ${this.clipQKV}`);
+    }
+    this.slidingWindow = args.slidingWindow ?? null;
+    if (this.slidingWindow !== null) assertInteger(op, 'slidingWindow', this.slidingWindow, 1);
+    this.numHeads = args.numHeads;
+    this.numKeyValueHeads = args.numKeyValueHeads;
+    this.headDim = args.headDim;
+    this.ropeTheta = args.ropeTheta;
+    this.qkvBias = args.qkvBias ?? false;
+    this.outputBias = args.outputBias ?? false;
+    this.initializerRange = args.initializerRange ?? 0.02;
+  }
+
+  override build(inputShape: tfl.Shape | tfl.Shape[]): void {
+    if (this.vars.size > 0) return;
+    const shape = (Array.isArray(inputShape[0]) ? inputShape[0] : inputShape) as tfl.Shape;
+    const h = shape[shape.length - 1];
+    if (h == null) fail('RotaryAttention.build', `the input's last dimension must be known but got shape [${shape}]`);
+    const q = this.numHeads * this.headDim;
+    const kv = this.numKeyValueHeads * this.headDim;
+    const normal = tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange });
+    const zeros = tfl.initializers.zeros();
+    const ones = tfl.initializers.ones();
+    const add = (name: string, dims: number[], init: ReturnType<typeof tfl.initializers.zeros>) =>
+      this.vars.set(name, this.addWeight(name, dims, 'float32', init));
+    add('q_proj.weight', [q, h], normal);
+    add('k_proj.weight', [kv, h], normal);
+    add('v_proj.weight', [kv, h], normal);
+    add('o_proj.weight', [h, q], normal);
+    if (this.qkvBias) {
+      add('q_proj.bias', [q], zeros);
+      add('k_proj.bias', [kv], zeros);
+      add('v_proj.bias', [kv], zeros);
+    }
+    if (this.outputBias) add('o_proj.bias', [h], zeros);
+    if (this.qkNorm === 'perHead') {
+      add('q_norm.weight', [this.headDim], ones);
+      add('k_norm.weight', [this.headDim], ones);
+    } else if (this.qkNorm === 'full') {
+      add('q_norm.weight', [q], ones);
+      add('k_norm.weight', [kv], ones);
+    }
+    this.built = true;
+  }
+
+  private w(name: string): tf.Tensor {
+    return this.vars.get(name)!.read();
+  }
+
+  /** x [N, in] · Wᵀ (+ b) */
+  private linear(x: tf.Tensor2D, proj: string, bias: boolean): tf.Tensor2D {
+    const y = tf.matMul(x, this.w(`${proj}.weight`) as tf.Tensor2D, false, true);
+    return bias ? tf.add(y, this.w(`${proj}.bias`)) as tf.Tensor2D : y as tf.Tensor2D;
+  }
+
+  override computeOutputShape(inputShape: tfl.Shape | tfl.Shape[]): tfl.Shape | tfl.Shape[] {
+    return inputShape;
+  }
+
+  override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
+    return tf.tidy(() => {
+      const x = (Array.isArray(inputs) ? inputs[0] : inputs) as tf.Tensor3D;
+      if (x.rank !== 3) fail('RotaryAttention.call', `the input must be [batch, seq, hidden] but got shape [${x.shape}]`);
+      const [b, s, h] = x.shape;
+      const nh = this.numHeads;
+      const nkv = this.numKeyValueHeads;
+      const d = this.headDim;
+      const x2 = tf.reshape(x, [b * s, h]) as tf.Tensor2D;
+      let q = this.linear(x2, 'q_proj', this.qkvBias);                 // [B*S, nh*D]
+      let k = this.linear(x2, 'k_proj', this.qkvBias);                 // [B*S, nkv*D]
+      let v = this.linear(x2, 'v_proj', this.qkvBias);                 // [B*S, nkv*D]
+      if (this.qkNorm === 'full') {
+        q = rmsNorm(q, this.w('q_norm.weight'), this.normEpsilon) as tf.Tensor2D;
+        k = rmsNorm(k, this.w('k_norm.weight'), this.normEpsilon) as tf.Tensor2D;
+      }
+      if (this.clipQKV !== null) {
+        const c = this.clipQKV;
+        [q, k, v] = [q, k, v].map(t => tf.clipByValue(t, -c, c));
+      }
+      // [B*S, n*D] → [B*n, S, D]; the per-head norm acts on the last axis before the transpose
+      const heads = (t: tf.Tensor, n: number, norm?: string): tf.Tensor3D => {
+        let t4 = tf.reshape(t, [b, s, n, d]);                          // [B, S, n, D]
+        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon);
+        return tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
+      };
+      const perHead = this.qkNorm === 'perHead';
+      let q3 = heads(q, nh, perHead ? 'q_norm.weight' : undefined);    // [B*nh, S, D]
+      let k3 = heads(k, nkv, perHead ? 'k_norm.weight' : undefined);   // [B*nkv, S, D]
+      let v3 = heads(v, nkv);                                          // [B*nkv, S, D]
+      const { cos, sin } = rotaryTables(s, d, this.ropeTheta);
+      q3 = applyRotary(q3, cos, sin);
+      k3 = applyRotary(k3, cos, sin);
+      const rep = nh / nkv;
+      if (rep > 1) {
+        // query head h reads KV head floor(h / rep): repeat each KV head rep times in place
+        const repeat = (t: tf.Tensor3D) =>
+          tf.reshape(tf.tile(tf.reshape(t, [b * nkv, 1, s * d]), [1, rep, 1]), [b * nh, s, d]) as tf.Tensor3D;
+        k3 = repeat(k3);                                               // [B*nh, S, D]
+        v3 = repeat(v3);                                               // [B*nh, S, D]
+      }
+      // same-batch 3-D products only (tfjs's broadcasting batch matMul has a wrong gradient)
+      const scores = tf.add(tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d)),
+          causalMask(s, this.slidingWindow));                          // [B*nh, S, S]
+      const probs = tf.softmax(scores);                                // [B*nh, S, S]
+      const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
+      const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
+      return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
+    });
+  }
+
+  override getConfig(): tf.serialization.ConfigDict {
+    return {
+      ...super.getConfig(),
+      numHeads: this.numHeads,
+      numKeyValueHeads: this.numKeyValueHeads,
+      headDim: this.headDim,
+      ropeTheta: this.ropeTheta,
+      qkvBias: this.qkvBias,
+      outputBias: this.outputBias,
+      qkNorm: this.qkNorm,
+      normEpsilon: this.normEpsilon,
+      clipQKV: this.clipQKV,
+      slidingWindow: this.slidingWindow,
+      initializerRange: this.initializerRange,
+    };
+  }
+}
+tf.serialization.registerClass(RotaryAttention);

@@ -1,0 +1,19 @@
+/**
+ * The tfjs-layers pieces: SparseMoE (the MoE block with its LoRA adapters) and the decoder parts
+ * MoECausalLM is built from. Importing this registers every class for (de)serialization.
+ */
+export {
+  SparseMoE, LORA_TARGETS, EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS,
+  type SparseMoEArgs, type LoRAAdapterConfig, type LoRATarget,
+} from './sparse_moe.js';
+export { RMSNorm, rmsNorm, type RMSNormArgs } from './rms_norm.js';
+export { rotaryTables, applyRotary } from './rotary.js';
+export { RotaryAttention, QK_NORMS, type QKNorm, type RotaryAttentionArgs } from './attention.js';
+export { TokenEmbedding, LMHead, type VocabLayerArgs } from './embedding.js';
+export { SwiGLUMLP, type SwiGLUMLPArgs } from './swiglu_mlp.js';
+export { protectString, restoreString } from './config_strings.js';
+export {
+  buildMoECausalLM, moeCausalLMConfigFromHF, hfConfigOf, sparseMoELayers, decoderLayerIndex, trainableVariables,
+  addMoEAdapter, freezeBaseLayers, WHOLE_MODEL_TYPES,
+  type MoECausalLM, type MoECausalLMConfig, type MoECausalLMOptions,
+} from './moe_causal_lm.js';

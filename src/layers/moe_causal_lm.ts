@@ -1,0 +1,295 @@
+/**
+ * MoECausalLM: a decoder-only MoE language model assembled from tfjs-layers pieces as a
+ * functional `tfl.LayersModel` (input int32 ids [batch, seq] → logits [batch, seq, vocab]).
+ *
+ * Why a functional LayersModel and not a custom Model class: `model.save()` and
+ * `tf.loadLayersModel()` rebuild a functional graph from model.json by class names, so the model
+ * round-trips with any IOHandler and comes back as the same thing; every SparseMoE sits in
+ * `model.layers` where the plugin finds and patches it; and training needs nothing special:
+ * `optimizer.minimize(() => loss(model.apply(ids)))` or `tf.variableGrads` over
+ * `trainableVariables(model)`.
+ *
+ * Layers carry HF's module paths as names ('model.embed_tokens', 'model.layers.0.self_attn',
+ * 'model.layers.0.mlp', 'model.norm', 'lm_head') and their weights HF's names relative to
+ * the module, so the checkpoint tensor of a weight is `<layer name>.<weight name>`, except in
+ * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
+ *
+ * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe. deepseek_v3 (MLA attention), glm4_moe
+ * (partial rotary) and gpt_oss (attention sinks, YaRN, sliding layers) are supported at the
+ * block level only (SparseMoE, src/io/hf_block.ts).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import {
+  familyOf, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices, type HFConfig, type ModelType,
+} from '../models/families.js';
+import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js';
+import { fail } from '../ops/validate.js';
+import { RotaryAttention, type QKNorm } from './attention.js';
+import { LMHead, TokenEmbedding } from './embedding.js';
+import { RMSNorm } from './rms_norm.js';
+import { SparseMoE, type LoRAAdapterConfig } from './sparse_moe.js';
+import { SwiGLUMLP } from './swiglu_mlp.js';
+
+/** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
+export type MoECausalLM = tfl.LayersModel;
+
+/** The model types that load as whole models; the others in MODEL_TYPES are block-only. */
+export const WHOLE_MODEL_TYPES: readonly ModelType[] = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe'];
+
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
+  deepseek_v3: 'its multi-head latent attention (MLA) is not implemented',
+  glm4_moe: 'its partial-rotary attention is not implemented',
+  gpt_oss: 'its attention (sinks, YaRN rope, sliding layers) is not implemented',
+};
+
+/** Everything the graph needs, read from an HF config.json. */
+export interface MoECausalLMConfig {
+  modelType: ModelType;
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKeyValueHeads: number;
+  headDim: number;
+  ropeTheta: number;
+  rmsNormEps: number;
+  qkvBias: boolean;
+  outputBias: boolean;
+  qkNorm: QKNorm;
+  clipQKV: number | null;
+  slidingWindow: number | null;
+  tieWordEmbeddings: boolean;
+  initializerRange: number;
+  /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
+  denseIntermediateSize: number | null;
+  moeLayers: number[];
+  moe: {
+    numExperts: number;
+    intermediateSize: number;
+    routing: RoutingConfig;
+    activation: ExpertActivation;
+    sharedExpert: { intermediateSize: number; gated: boolean } | null;
+  };
+}
+
+const OP = 'moeCausalLMConfigFromHF';
+
+function num(config: HFConfig, key: string, fallback?: number): number {
+  const v = config[key] ?? fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v)) {
+    fail(OP, `'config.${key}' must be a finite number but got ${JSON.stringify(config[key]) ?? 'undefined'}`);
+  }
+  return v;
+}
+
+function int(config: HFConfig, key: string, fallback?: number): number {
+  const v = num(config, key, fallback);
+  if (!Number.isInteger(v) || v < 1) fail(OP, `'config.${key}' must be an integer >= 1 but got ${v}`);
+  return v;
+}
+
+function bool(config: HFConfig, key: string, fallback: boolean): boolean {
+  const v = config[key] ?? fallback;
+  if (typeof v !== 'boolean') fail(OP, `'config.${key}' must be a boolean but got ${JSON.stringify(v)}`);
+  return v;
+}
+
+/** rope_theta from rope_parameters (transformers 5) or the top level; only the default rope. */
+function ropeTheta(config: HFConfig, fallback: number): number {
+  const params = (config['rope_parameters'] ?? config['rope_scaling'] ?? null) as Record<string, unknown> | null;
+  if (params !== null && typeof params === 'object') {
+    const type = params['rope_type'] ?? params['type'] ?? 'default';
+    if (type !== 'default') {
+      fail(OP, `only the default rope is supported but config.json sets rope_type '${String(type)}'`);
+    }
+    if (typeof params['partial_rotary_factor'] === 'number' && params['partial_rotary_factor'] !== 1) {
+      fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${params['partial_rotary_factor']}`);
+    }
+    if (params['rope_theta'] !== undefined) return num(params as HFConfig, 'rope_theta');
+  }
+  return num(config, 'rope_theta', fallback);
+}
+
+/**
+ * The graph's configuration from an HF config.json; a family that is block-only, or a setting
+ * the graph does not implement, is an error that says so.
+ *
+ * ```js
+ * const cfg = moeCausalLMConfigFromHF(JSON.parse(fs.readFileSync('config.json', 'utf8')));
+ * cfg.moeLayers;  // [0, 1]
+ * ```
+ */
+export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
+  const family = familyOf(config);
+  const modelType = family.modelType;
+  if (!WHOLE_MODEL_TYPES.includes(modelType)) {
+    fail(OP, `'${modelType}' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), ` +
+        `not as a whole model: ${BLOCK_ONLY_REASON[modelType] ?? 'its decoder is not implemented'}; ` +
+        `whole models: ${WHOLE_MODEL_TYPES.join(', ')}`);
+  }
+  const hiddenSize = int(config, 'hidden_size');
+  const numHeads = int(config, 'num_attention_heads');
+  const numKeyValueHeads = int(config, 'num_key_value_heads', numHeads);
+  const headDim = config['head_dim'] == null || modelType === 'olmoe' ?
+      hiddenSize / numHeads : int(config, 'head_dim');
+  if (!Number.isInteger(headDim)) {
+    fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
+  }
+  if (bool(config, 'use_sliding_window', false)) {
+    fail(OP, `sliding-window attention ('use_sliding_window': true) is not supported for '${modelType}'`);
+  }
+  const attentionBias = bool(config, 'attention_bias', false);
+  type AttentionDetails = Pick<MoECausalLMConfig, 'qkvBias' | 'outputBias' | 'qkNorm' | 'clipQKV' | 'slidingWindow'>;
+  const attentionDetails = (): AttentionDetails => {
+    switch (modelType) {
+      case 'mixtral':
+        return {
+          qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null,
+          slidingWindow: config['sliding_window'] == null ? null : int(config, 'sliding_window'),
+        };
+      case 'qwen2_moe':
+        return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'qwen3_moe':
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
+      default:  // olmoe
+        return {
+          qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'full', slidingWindow: null,
+          clipQKV: config['clip_qkv'] == null ? null : num(config, 'clip_qkv'),
+        };
+    }
+  };
+  const dims = moeBlockDims(config);
+  const blockConfig = moeBlockConfigFromHF(config);
+  const moeLayers = moeLayerIndices(config);
+  const numLayers = int(config, 'num_hidden_layers');
+  const needsDense = moeLayers.length < numLayers;
+  const sharedLayout = family.checkpoint.shared;
+  return {
+    modelType,
+    vocabSize: int(config, 'vocab_size'),
+    hiddenSize,
+    numLayers,
+    numHeads,
+    numKeyValueHeads,
+    headDim,
+    ropeTheta: ropeTheta(config, modelType === 'mixtral' ? 1e6 : 1e4),
+    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
+    ...attentionDetails(),
+    tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
+    initializerRange: num(config, 'initializer_range', 0.02),
+    denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
+    moeLayers,
+    moe: {
+      numExperts: dims.experts,
+      intermediateSize: dims.intermediate,
+      routing: blockConfig.routing,
+      activation: blockConfig.activation,
+      sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
+          { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
+    },
+  };
+}
+
+export interface MoECausalLMOptions {
+  /** SparseMoE's block implementation: 'reference' (default) or 'fused' */
+  expertKernel?: string;
+  /** how SparseMoE applies expert LoRA; default 'auto' */
+  loraMode?: LoRAMode;
+  /** the model's name; default 'moe_causal_lm' */
+  name?: string;
+}
+
+/** The key under which the HF config is kept in the model's userDefinedMetadata (saved with it). */
+const METADATA_KEY = 'hfConfig';
+
+/**
+ * Builds the model for an HF config.json with freshly initialized weights (HF's init: normal
+ * with std initializer_range, norms at 1). `loadHFCheckpoint` fills them from a checkpoint.
+ *
+ * ```js
+ * const model = buildMoECausalLM(config, {expertKernel: 'fused'});
+ * const logits = model.predict(tf.tensor2d([[1, 2, 3]], [1, 3], 'int32'));  // [1, 3, vocab]
+ * ```
+ */
+export function buildMoECausalLM(hfConfig: HFConfig, options: MoECausalLMOptions = {}): MoECausalLM {
+  const c = moeCausalLMConfigFromHF(hfConfig);
+  const init = c.initializerRange;
+  const ids = tfl.input({ shape: [null], dtype: 'int32', name: 'input_ids' });
+  const embed = new TokenEmbedding({
+    name: 'model.embed_tokens', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init,
+  });
+  let h = embed.apply(ids) as tfl.SymbolicTensor;
+  for (let i = 0; i < c.numLayers; i++) {
+    const prefix = `model.layers.${i}`;
+    const attnIn = new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps }).apply(h);
+    const attn = new RotaryAttention({
+      name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
+      headDim: c.headDim, ropeTheta: c.ropeTheta, qkvBias: c.qkvBias, outputBias: c.outputBias,
+      qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.slidingWindow,
+      initializerRange: init,
+    }).apply(attnIn) as tfl.SymbolicTensor;
+    h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
+    const mlpIn = new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps }).apply(h);
+    const mlp = c.moeLayers.includes(i) ?
+      new SparseMoE({
+        name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
+        routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
+        initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
+      }) :
+      new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init });
+    const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
+    h = tfl.layers.add({ name: `${prefix}.mlp_residual` }).apply([h, out]) as tfl.SymbolicTensor;
+  }
+  h = new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps }).apply(h) as tfl.SymbolicTensor;
+  const head = c.tieWordEmbeddings ? embed :
+    new LMHead({ name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init });
+  const logits = head.apply(h) as tfl.SymbolicTensor;
+  const model = tfl.model({ inputs: ids, outputs: logits, name: options.name ?? 'moe_causal_lm' });
+  model.setUserDefinedMetadata({ [METADATA_KEY]: JSON.parse(JSON.stringify(hfConfig)) });
+  return model;
+}
+
+/** The HF config a model was built from (kept in userDefinedMetadata, so also after save/load), or null. */
+export function hfConfigOf(model: tfl.LayersModel): HFConfig | null {
+  const meta = model.getUserDefinedMetadata() as Record<string, unknown> | undefined;
+  const config = meta?.[METADATA_KEY];
+  return config != null && typeof config === 'object' ? config as HFConfig : null;
+}
+
+/** The SparseMoE layers of a model, in graph order. */
+export function sparseMoELayers(model: tfl.LayersModel): SparseMoE[] {
+  return model.layers.filter((l): l is SparseMoE => l instanceof SparseMoE);
+}
+
+/** The decoder layer index in a layer name such as 'model.layers.3.mlp', or null. */
+export function decoderLayerIndex(layerName: string): number | null {
+  const m = /^model\.layers\.(\d+)\./.exec(layerName);
+  return m === null ? null : Number(m[1]);
+}
+
+/** The tf.Variables an optimizer should update now (trainable layers and weights only). */
+export function trainableVariables(model: tfl.LayersModel): tf.Variable[] {
+  return model.trainableWeights.map(w => w.read() as tf.Variable);
+}
+
+/**
+ * Adds a LoRA adapter to every SparseMoE layer and freezes every other layer, as PEFT's
+ * get_peft_model does, so `trainableVariables(model)` is exactly the adapter's A and B tensors.
+ *
+ * ```js
+ * addMoEAdapter(model, {name: 'default', r: 8, alpha: 16, targets: ['experts.gate_up', 'experts.down', 'router']});
+ * ```
+ */
+export function addMoEAdapter(
+    model: tfl.LayersModel, config: LoRAAdapterConfig, init: 'peft' | 'random' = 'peft'): void {
+  const layers = sparseMoELayers(model);
+  if (layers.length === 0) fail('addMoEAdapter', `the model '${model.name}' has no SparseMoE layer`);
+  freezeBaseLayers(model);
+  for (const layer of layers) layer.addAdapter(config, init);
+}
+
+/** Sets trainable = false on every layer that is not a SparseMoE (whose base weights its adapters freeze). */
+export function freezeBaseLayers(model: tfl.LayersModel): void {
+  for (const layer of model.layers) if (!(layer instanceof SparseMoE)) layer.trainable = false;
+}
