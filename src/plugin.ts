@@ -69,6 +69,8 @@ interface Session {
   options: PatchOptions;
   classPatches: ClassPatch[];
   adapters: AddedAdapter[];
+  /** the models' other weights frozen for LoRA training, with their flags before */
+  frozen: Array<[tfl.LayerVariable, boolean]>;
   warnedFallback: boolean;
   stopListening: () => void;
 }
@@ -108,7 +110,7 @@ function removeAddedAdapter(added: AddedAdapter): void {
 
 function startSession(): Session {
   const s: Session = {
-    options: { expertKernel: 'fused', loraMode: 'auto' }, classPatches: [], adapters: [], warnedFallback: false,
+    options: { expertKernel: 'fused', loraMode: 'auto' }, classPatches: [], adapters: [], frozen: [], warnedFallback: false,
     stopListening: () => {},
   };
   // descriptors registered or removed while the plugin is in effect patch or restore their class at once
@@ -131,6 +133,8 @@ function endSession(s: Session): void {
   setPatchOptions(null);
   attempt(s.stopListening);
   for (const added of [...s.adapters].reverse()) attempt(() => removeAddedAdapter(added));
+  for (const [v, trainable] of s.frozen) attempt(() => { v.trainable = trainable; });
+  s.frozen = [];
   for (const patch of [...s.classPatches].reverse()) attempt(() => restoreLayerClass(patch));
   s.adapters = [];
   s.classPatches = [];
@@ -198,6 +202,21 @@ export function register(args: PluginArgs = {}): PluginHandle {
         layer: f.layer.name, className: f.descriptor.className, routing: checked.infos.get(f)!.routing.kind,
         kernel: options.expertKernel, adapter: a.lora?.adapterName ?? null, adapterAdded,
       });
+    }
+    // As PEFT does, LoRA training trains the adapters only: the weights outside the MoE layers
+    // (attention, embeddings, norms) are frozen until unregister(); the MoE layers froze their
+    // own base when the adapter was added.
+    if (a.lora !== null) {
+      const moeWeights = new Set(found.flatMap(f => f.layer.weights));
+      const others = (resolved.models ?? []).flatMap(m => m.weights)
+          .filter(v => v.trainable && !moeWeights.has(v) && !s.frozen.some(([w]) => w === v));
+      const before = others.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]);
+      s.frozen.push(...before);
+      undo.push(() => {
+        for (const [v, trainable] of before) v.trainable = trainable;
+        s.frozen = s.frozen.filter(entry => !before.includes(entry));
+      });
+      for (const v of others) v.trainable = false;
     }
     s.options = options;
     setPatchOptions(options);

@@ -5,6 +5,7 @@ import { PluginArgsError } from '../../src/args/errors.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { patchOptions } from '../../src/patch/patch_class.js';
 import { FUSED_BACKENDS, isRegistered, register, unregister } from '../../src/plugin.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 
 /** A backend tfjs does not know kernels for; nothing runs on it (register() computes nothing). */
 class OtherBackend extends tf.KernelBackend {
@@ -90,5 +91,19 @@ describe('register(): backends', () => {
       'to it with a warning)']);
     expect(isRegistered()).to.equal(false);
     expect(SparseMoE.prototype.call).to.equal(call);
+  });
+});
+
+describe('register() with LoRA on a whole model', () => {
+  it('trains the adapters only, as PEFT does, and unregister() gives the other weights back', async () => {
+    const model = await loadHFCheckpoint('spec/fixtures/hf/qwen3_moe');
+    const trainableBefore = model.weights.filter(w => w.trainable).map(w => w.originalName);
+    const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: ['experts.gate_up', 'router'] } });
+    const names = model.trainableWeights.map(w => w.originalName);
+    expect(names.length).to.equal(2 * 4);   // 2 MoE layers × (gate_up A, B, router A, B)
+    expect(names.every(n => /lora_default_/.test(n)), names.join(', ')).to.equal(true);
+    handle.unregister();
+    expect(model.weights.filter(w => w.trainable).map(w => w.originalName)).to.deep.equal(trainableBefore);
+    model.weights.forEach(w => w.dispose());
   });
 });
