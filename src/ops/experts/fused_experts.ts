@@ -1,19 +1,25 @@
 /**
- * The fused expert computation: sort the T·K (token, slot) pairs by expert once, gather the rows
- * once, one product per expert over its contiguous rows, activation, down projection, weighted
- * scatter-add back to tokens (as a gather through the inverse permutation plus a sum over K, which
- * every backend has). Its backward keeps only x, the routing weights and the up projection's
- * output h, and recomputes the rest (SonicMoE's design: about half the activation memory of
- * autodiff, which would keep the gathered rows, h, the activation and the down output).
+ * The fused expert computation: sort the T·K (token, slot) pairs by expert once, one grouped
+ * product per projection over the expert-sorted rows (the token gather folded into the up
+ * projection), activation, down projection, weighted scatter-add back to tokens (as a gather
+ * through the inverse permutation plus a sum over K). The building blocks are kernels on cpu and
+ * wasm and stock-op compositions elsewhere (./kernels.ts).
+ *
+ * Its backward keeps only x, the routing weights and the up projection's output h, and recomputes
+ * the activation (SonicMoE's design: about half the activation memory of autodiff, which would
+ * keep the gathered rows, h, the activation and the down output). The down output y is never
+ * recomputed: the routing weights' gradient comes from the down projection's dx (see gradFunc).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { materializeExpertLoRA } from '../lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
 import { assertOneOf, fail } from '../validate.js';
-import { activationBackward, activationForward } from './activation.js';
 import { checkExpertArgs } from './check_args.js';
+import { materializeGrouped } from './materialize_grouped.js';
 import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
-import { groupedMatMulBackward, groupedMatMulForward, type GroupedWeight } from './grouped_matmul.js';
+import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedWeight } from './grouped_matmul.js';
+import {
+  combineRows, expertActivation, expertActivationGrad, groupedProduct, groupedWeightGrad, pairRowDot, type Rows,
+} from './kernels.js';
 
 export interface FusedExpertsOptions {
   /**
@@ -60,10 +66,10 @@ function projection(
   // Training the base and its adapters together needs dW itself, which only the split form gives.
   const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
   if (chosen === 'split') return { weight, bias, lora, transposed, trainWeight: train, trainBias: train && bias != null };
-  // W_eff is the output of materializeExpertLoRA's own customGrad: its gradient reaches A and B
+  // W_eff is the output of materializeGrouped's own customGrad: its gradient reaches A and B
   // through that op, so here it is a trainable input even when the base W is frozen.
   if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
-  const merged = materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
+  const merged = materializeGrouped(weight, lora, transposed);
   return { weight: merged, bias, lora: [], transposed, trainWeight: true, trainBias: false };
 }
 
@@ -92,7 +98,7 @@ function restore(p: Projection, saved: tf.Tensor[], at: number): [GroupedWeight,
   return [{ weight, bias, lora, transposed: p.transposed }, at];
 }
 
-function gradsOf(p: Projection, g: ReturnType<typeof groupedMatMulBackward>): tf.Tensor[] {
+function gradsOf(p: Projection, g: GroupedGrads): tf.Tensor[] {
   const list: tf.Tensor[] = [];
   if (p.trainWeight) list.push(g.dWeight!);
   if (p.trainBias) list.push(g.dBias!);
@@ -126,8 +132,13 @@ export function fusedExperts(
     fail(op, `'options.plan' is for T=${plan.numTokens}, K=${plan.topK}, E=${plan.numExperts} ` +
         `but the call has T=${dims.numTokens}, K=${dims.topK}, E=${dims.numExperts}`);
   }
-  const { numTokens: t, topK: k, hidden, transposed } = dims;
+  const { numTokens: t, topK: k, transposed } = dims;
   const rows = t * k;
+  const groups = plan.groupSizes;
+  // the row index tensors, made where they are used: customGrad keeps nothing from its forward
+  const tokenIndex = () => tf.tensor1d(plan.tokenOfRow, 'int32');
+  const rowIndex = () => tf.tensor1d(plan.rowOfPair, 'int32');
+  const rowWeights = (w: tf.Tensor2D) => tf.gather(tf.reshape(w, [rows]), tf.tensor1d(plan.pairOfRow, 'int32')) as tf.Tensor1D;
 
   return tf.tidy(() => {
     const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows);
@@ -138,39 +149,45 @@ export function fusedExperts(
     const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
       const save = args[args.length - 1] as tf.GradSaveFunc;
       const [xIn, wIn] = args as tf.Tensor2D[];
-      const tokenOfRow = tf.tensor1d(plan.tokenOfRow, 'int32');
-      const xs = tf.gather(xIn, tokenOfRow);                                        // [N, H]
       const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: up.lora, transposed };
       const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: down.lora, transposed };
-      const h = groupedMatMulForward(xs, plan.groupSizes, upW);                      // [N, 2I]
-      const a = activationForward(h, activation, transposed);                        // [N, I]
-      const y = groupedMatMulForward(a, plan.groupSizes, downW);                     // [N, H]
-      const wRow = tf.gather(tf.reshape(wIn, [rows]), tf.tensor1d(plan.pairOfRow, 'int32'));  // [N]
-      const weighted = tf.mul(y, tf.reshape(wRow, [rows, 1]));                        // [N, H]
-      const byPair = tf.gather(weighted, tf.tensor1d(plan.rowOfPair, 'int32'));      // [T*K, H]
-      const value = tf.sum(tf.reshape(byPair, [t, k, hidden]), 1) as tf.Tensor2D;    // [T, H]
+      const h = groupedRowsForward({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
+      const a = expertActivation(h, activation, transposed);                        // [N, I]
+      const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
+      const value = combineRows(y, rowIndex(), t, k, wIn);                          // [T, H]
       save([xIn, wIn, h, ...savedOf(up), ...savedOf(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
         const [xS, wS, hS] = saved as tf.Tensor2D[];
         const [upS, next] = restore(up, saved, 3);
         const [downS] = restore(down, saved, next);
-        const tokenIdx = tf.tensor1d(plan.tokenOfRow, 'int32');
-        const pairIdx = tf.tensor1d(plan.pairOfRow, 'int32');
-        const rowIdx = tf.tensor1d(plan.rowOfPair, 'int32');
-        const dRows = tf.gather(dOut, tokenIdx) as tf.Tensor2D;                     // [N, H]
-        const aS = activationForward(hS, activation, transposed);                   // [N, I] recomputed
-        const yS = groupedMatMulForward(aS, plan.groupSizes, downS);                // [N, H] recomputed
-        const dwRow = tf.sum(tf.mul(dRows, yS), 1);                                 // [N]
-        const dWeights = tf.reshape(tf.gather(dwRow, rowIdx), [t, k]);              // [T, K]
-        const wRowS = tf.reshape(tf.gather(tf.reshape(wS, [rows]), pairIdx), [rows, 1]);
-        const downGrads = groupedMatMulBackward(
-            tf.mul(dRows, wRowS) as tf.Tensor2D, aS, plan.groupSizes, downS, down.trainWeight || down.trainBias);
-        const dh = activationBackward(hS, downGrads.dx, activation, transposed);    // [N, 2I]
-        const xsS = tf.gather(xS, tokenIdx) as tf.Tensor2D;                         // [N, H] recomputed
-        const upGrads = groupedMatMulBackward(dh, xsS, plan.groupSizes, upS, up.trainWeight || up.trainBias);
-        const dx = tf.sum(tf.reshape(tf.gather(upGrads.dx, rowIdx), [t, k, hidden]), 1);  // [T, H]
-        return [dx, dWeights, ...gradsOf(up, upGrads), ...gradsOf(down, downGrads)];
+        const rowIdx = rowIndex();
+        const tokenIdx = tokenIndex();
+        const dRows: Rows = { t: dOut as tf.Tensor2D, index: tokenIdx };            // dO of each row's token
+        const wRow = rowWeights(wS);                                                 // [N]
+        const [aS, aw] = expertActivation(hS, activation, transposed, wRow);        // [N, I] recomputed, and ·w
+        // The down projection's backward runs on the unweighted dO with the weighted input a·w:
+        // the weight and adapter gradients come out the same (linear in both), its dx is
+        // g = dO·W2_eff, and from g both da = w·g and the routing gradient ⟨dO, y⟩ = ⟨g, a⟩ (+ ⟨dO, b2⟩)
+        // follow without recomputing y.
+        const downG = groupedRowsBackward(dRows, { t: aw }, groups, downS, { weight: down.trainWeight, bias: false });
+        let dWeights = pairRowDot(downG.dx, aS, rowIdx, t, k);                        // [T, K]
+        if (downS.bias) {
+          const bias3 = tf.reshape(downS.bias, [dims.numExperts, dims.hidden, 1]) as tf.Tensor3D;
+          const biasTerm = groupedProduct(dRows, bias3, groups, false);             // [N, 1]
+          dWeights = tf.add(dWeights, tf.reshape(tf.gather(tf.reshape(biasTerm, [rows]), rowIdx), [t, k]));
+        }
+        const dDownBias = down.trainBias ?                                           // Σ_rows w·dO
+          tf.reshape(groupedWeightGrad({ t: tf.reshape(wRow, [rows, 1]) as tf.Tensor2D }, dRows, groups),
+              [dims.numExperts, dims.hidden]) as tf.Tensor2D : undefined;
+        tf.dispose(aS);
+        const dh = expertActivationGrad(hS, downG.dx, activation, transposed, wRow);  // [N, 2I]
+        tf.dispose([aw, downG.dx]);
+        const upG = groupedRowsBackward({ t: dh }, { t: xS, index: tokenIdx }, groups, upS,
+            { weight: up.trainWeight, bias: up.trainBias });
+        tf.dispose(dh);
+        const dx = combineRows(upG.dx, rowIdx, t, k);                               // [T, H]
+        return [dx, dWeights, ...gradsOf(up, upG), ...gradsOf(down, { ...downG, dBias: dDownBias })];
       };
       return { value, gradFunc };
     });

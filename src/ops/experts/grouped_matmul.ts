@@ -1,14 +1,20 @@
 /**
  * Grouped products over expert-sorted rows: rows [offset_e, offset_e + n_e) go through expert e.
- * One matMul per non-empty expert, no dense all-experts compute. The forward/backward pair is
+ * One product per non-empty expert, no dense all-experts compute. The forward/backward pair is
  * shared by the fused experts op and the split-LoRA op, which wrap it in their own customGrad.
+ *
+ * Every product is a grouped kernel call (./kernels.ts) whose weight operand is used untransposed
+ * or transposed as the layout asks; the kernels turn each into an untransposed product on the
+ * backends where only that one is fast. Operands may be given through a row index (`Rows`), which
+ * the kernels fold into the product instead of materializing the gathered rows.
  *
  * LoRA adapters on the weight are applied split: y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ, so W_eff is never
  * built and the base weight gets a gradient only when asked for.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { expertFactorA, expertFactorB } from '../lora/layout.js';
+import { expertFactorA, expertFactorB, peftLayoutA, peftLayoutB } from '../lora/layout.js';
 import type { LoRAFactors } from '../types.js';
+import { groupedProduct, groupedWeightGrad, type Rows } from './kernels.js';
 
 export interface GroupedWeight {
   /** [E, out, in], or [E, in, out] when `transposed` (gpt-oss) */
@@ -28,66 +34,84 @@ export interface GroupedGrads {
   dB: tf.Tensor2D[];               // per adapter, [out, r·E]
 }
 
-/** Per-expert views of one adapter's factors; B is re-laid out once per call, not per expert. */
+/** One adapter's factors as per-expert 3-D weights: A [E, r, in] (a reshape), B [E, out, r]. */
 interface ExpertFactors {
-  rank: number;
+  a: tf.Tensor3D;
+  b: tf.Tensor3D;
   scaling: number;
-  A: (e: number) => tf.Tensor2D;   // [r, in]
-  B: (e: number) => tf.Tensor2D;   // [out, r]
 }
 
 function expertFactors(f: LoRAFactors, numExperts: number): ExpertFactors {
-  const a = expertFactorA(f.A, numExperts);   // [E, r, in]
-  const b = expertFactorB(f.B, numExperts);   // [E, out, r], re-laid out once per call
-  const [, rank, inSize] = a.shape;
-  const out = b.shape[1];
-  return {
-    rank,
-    scaling: f.scaling,
-    A: e => tf.reshape(tf.slice(a, [e, 0, 0], [1, rank, inSize]), [rank, inSize]),
-    B: e => tf.reshape(tf.slice(b, [e, 0, 0], [1, out, rank]), [out, rank]),
-  };
+  return { a: expertFactorA(f.A, numExperts), b: expertFactorB(f.B, numExperts), scaling: f.scaling };
 }
 
-function expertSlice(w: tf.Tensor3D, e: number): tf.Tensor2D {
-  const [, a, b] = w.shape;
-  return tf.reshape(tf.slice(w, [e, 0, 0], [1, a, b]), [a, b]);
+/** x·W_eᵀ over each group ('outIn' W [E, out, in]), x·W_e for the transposed layout. */
+function baseProduct(x: Rows, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
+  return groupedProduct(x, w.weight, groupSizes, !w.transposed, { bias: w.bias });
 }
 
-interface ExpertGrads {
-  dxe: tf.Tensor2D; dWe: tf.Tensor2D | null; dBiasE: tf.Tensor1D | null; dAe: tf.Tensor2D[]; dBe: tf.Tensor2D[];
+/** u [N, r] = s·x·A_eᵀ per group: the adapter's low-rank activations. */
+function loraDown(x: Rows, groupSizes: number[], f: ExpertFactors): tf.Tensor2D {
+  return groupedProduct(x, f.a, groupSizes, true, { alpha: f.scaling });
 }
 
-/** tf.tidy for one expert's gradients (its container has nulls where a gradient is not asked for). */
-function tidyExpert(fn: () => ExpertGrads): ExpertGrads {
-  return tf.tidy(fn as unknown as () => tf.TensorContainer) as unknown as ExpertGrads;
+/**
+ * Forward through the grouped weight for expert-sorted rows given through `x` (possibly an
+ * index into another tensor): y [N, out] = per-expert x·W_eᵀ (+ b_e) (+ Σ s·(x·A_eᵀ)·B_eᵀ).
+ */
+export function groupedRowsForward(x: Rows, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
+  return tf.tidy(() => {
+    let y = baseProduct(x, groupSizes, w);                                      // [N, out]
+    for (const f of w.lora.map(l => expertFactors(l, groupSizes.length))) {
+      y = groupedProduct({ t: loraDown(x, groupSizes, f) }, f.b, groupSizes, true, { addTo: y });
+    }
+    return y;
+  });
 }
 
-/** y [N, out] = per-expert x·W_eᵀ (+ b_e) (+ Σ s·(x·A_eᵀ)·B_eᵀ). */
+/** What groupedRowsBackward computes besides dx. */
+export interface GroupedBackwardOptions {
+  /** dW (the base weight's gradient) */
+  weight: boolean;
+  /** db = Σ_rows dy per expert, when there is a bias */
+  bias: boolean;
+}
+
+/**
+ * Gradients of groupedRowsForward for the cotangent rows dy [N, out] (possibly through an index):
+ * dx always, the adapters' dA/dB always, dW and db when asked for; experts with no rows get zeros.
+ */
+export function groupedRowsBackward(
+    dy: Rows, x: Rows, groupSizes: number[], w: GroupedWeight, options: GroupedBackwardOptions): GroupedGrads {
+  return tf.tidy(() => {
+    const numExperts = groupSizes.length;
+    // dx = dy·W_e ('outIn'), dy·W_eᵀ (transposed)
+    let dx = groupedProduct(dy, w.weight, groupSizes, w.transposed);            // [N, in]
+    const dA: tf.Tensor2D[] = [];
+    const dB: tf.Tensor2D[] = [];
+    for (const f of w.lora.map(l => expertFactors(l, numExperts))) {
+      const gr = groupedProduct(dy, f.b, groupSizes, false, { alpha: f.scaling });  // [N, r]
+      dx = groupedProduct({ t: gr }, f.a, groupSizes, false, { addTo: dx });
+      dA.push(peftLayoutA(groupedWeightGrad({ t: gr }, x, groupSizes)));       // [r·E, in]
+      const u = loraDown(x, groupSizes, f);                                     // [N, r]
+      dB.push(peftLayoutB(groupedWeightGrad(dy, { t: u }, groupSizes)));       // [out, r·E]
+    }
+    const grads: GroupedGrads = { dx, dA, dB };
+    if (options.weight) {
+      grads.dWeight = w.transposed ? groupedWeightGrad(x, dy, groupSizes) : groupedWeightGrad(dy, x, groupSizes);
+    }
+    if (options.bias && w.bias) {
+      const ones = tf.ones([dx.shape[0], 1]) as tf.Tensor2D;
+      grads.dBias = tf.reshape(groupedWeightGrad({ t: ones }, dy, groupSizes), [numExperts, -1]);  // [E, out]
+    }
+    return grads as unknown as tf.TensorContainer;
+  }) as unknown as GroupedGrads;
+}
+
+/** y [N, out] = per-expert x·W_eᵀ (+ b_e) (+ Σ s·(x·A_eᵀ)·B_eᵀ) for expert-sorted rows x [N, in]. */
 export function groupedMatMulForward(
     x: tf.Tensor2D, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
-  return tf.tidy(() => {
-    const adapters = w.lora.map(f => expertFactors(f, groupSizes.length));
-    const parts: tf.Tensor2D[] = [];
-    let offset = 0;
-    groupSizes.forEach((n, e) => {
-      if (n === 0) return;
-      const start = offset;
-      offset += n;
-      // one expert's weight slice (a copy on most backends) lives only inside its own scope
-      parts.push(tf.tidy(() => {
-        const xe = tf.slice(x, [start, 0], [n, -1]);                                        // [n, in]
-        let ye: tf.Tensor = tf.matMul(xe, expertSlice(w.weight, e), false, !w.transposed);  // [n, out]
-        if (w.bias) ye = tf.add(ye, tf.slice(w.bias, [e, 0], [1, -1]));
-        for (const f of adapters) {
-          const u = tf.mul(tf.matMul(xe, f.A(e), false, true), f.scaling);                  // [n, r]
-          ye = tf.add(ye, tf.matMul(u, f.B(e), false, true));
-        }
-        return ye as tf.Tensor2D;
-      }));
-    });
-    return parts.length === 1 ? parts[0] : tf.concat(parts, 0);
-  });
+  return groupedRowsForward({ t: x }, groupSizes, w);
 }
 
 /**
@@ -97,65 +121,5 @@ export function groupedMatMulForward(
 export function groupedMatMulBackward(
     dy: tf.Tensor2D, x: tf.Tensor2D, groupSizes: number[], w: GroupedWeight,
     weightGrads: boolean): GroupedGrads {
-  return tf.tidy(() => {
-    const numExperts = groupSizes.length;
-    const adapters = w.lora.map(f => expertFactors(f, numExperts));
-    const [, wa, wb] = w.weight.shape;
-    const inSize = x.shape[1];
-    const outSize = dy.shape[1];
-    const dxParts: tf.Tensor2D[] = [];
-    const dW: tf.Tensor2D[] = [];
-    const dBias: tf.Tensor1D[] = [];
-    const dA: tf.Tensor2D[][] = adapters.map(() => []);
-    const dB: tf.Tensor2D[][] = adapters.map(() => []);
-    let offset = 0;
-    groupSizes.forEach((n, e) => {
-      if (n === 0) {
-        if (weightGrads) {
-          dW.push(tf.zeros([wa, wb]));
-          if (w.bias) dBias.push(tf.zeros([outSize]));
-        }
-        adapters.forEach((f, i) => {
-          dA[i].push(tf.zeros([f.rank, inSize]));
-          dB[i].push(tf.zeros([outSize, f.rank]));
-        });
-        return;
-      }
-      const start = offset;
-      offset += n;
-      const g = tidyExpert(() => {
-        const xe = tf.slice(x, [start, 0], [n, -1]);     // [n, in]
-        const dye = tf.slice(dy, [start, 0], [n, -1]);   // [n, out]
-        let dxe: tf.Tensor = tf.matMul(dye, expertSlice(w.weight, e), false, w.transposed);  // [n, in]
-        const dWe = weightGrads ? (w.transposed ? tf.matMul(xe, dye, true, false) : tf.matMul(dye, xe, true, false)) : null;
-        const dBiasE = weightGrads && w.bias ? tf.sum(dye, 0) : null;
-        const dAe: tf.Tensor2D[] = [];
-        const dBe: tf.Tensor2D[] = [];
-        for (const f of adapters) {
-          const a = f.A(e);                                                    // [r, in]
-          const gr = tf.mul(tf.matMul(dye, f.B(e)), f.scaling);                // [n, r]
-          dxe = tf.add(dxe, tf.matMul(gr, a));
-          dAe.push(tf.matMul(gr, xe, true, false));                            // [r, in]
-          const u = tf.mul(tf.matMul(xe, a, false, true), f.scaling);          // [n, r]
-          dBe.push(tf.matMul(dye, u, true, false));                            // [out, r]
-        }
-        return { dxe: dxe as tf.Tensor2D, dWe: dWe as tf.Tensor2D | null, dBiasE: dBiasE as tf.Tensor1D | null, dAe, dBe };
-      });
-      dxParts.push(g.dxe);
-      if (g.dWe) dW.push(g.dWe);
-      if (g.dBiasE) dBias.push(g.dBiasE);
-      g.dAe.forEach((t, i) => dA[i].push(t));
-      g.dBe.forEach((t, i) => dB[i].push(t));
-    });
-    const grads: GroupedGrads = {
-      dx: dxParts.length === 1 ? dxParts[0] : tf.concat(dxParts, 0),
-      dA: dA.map(parts => tf.concat(parts, 0)),
-      dB: dB.map((parts, i) => tf.reshape(tf.stack(parts, 2), [outSize, adapters[i].rank * numExperts])),
-    };
-    if (weightGrads) {
-      grads.dWeight = tf.stack(dW, 0) as tf.Tensor3D;
-      if (w.bias) grads.dBias = tf.stack(dBias, 0) as tf.Tensor2D;
-    }
-    return grads as unknown as tf.TensorContainer;
-  }) as unknown as GroupedGrads;
+  return groupedRowsBackward({ t: dy }, { t: x }, groupSizes, w, { weight: weightGrads, bias: weightGrads });
 }
