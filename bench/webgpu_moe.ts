@@ -1,0 +1,285 @@
+/**
+ * WebGPU benchmark of the MoE block, forward + backward, for the H100 (docs/webgpu.md):
+ *   npx tsx bench/webgpu_moe.ts [--config M1,Q] [--presets auto,f] [--lora none|split|materialize]
+ *       [--iters 20] [--warmup 3] [--chain 10] [--batch N]
+ *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
+ * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
+ *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
+ *
+ * One step = the gradients of loss = Σ out·g w.r.t. x, the router weight, W1 and W2 (full
+ * fine-tuning, softmaxTopK routing, SwiGLU), g fed as the block output's gradient. The clock stops
+ * after a read of one element of each gradient, i.e. after the GPU finished the step ('median');
+ * 'chained' is the time per step of --chain steps enqueued back to back with one read at the end. Per preset (tile sizes): median ms, TFLOP/s of
+ * the useful expert FLOPs (18·T·K·H·I) and GB/s of the compulsory traffic (every input read once,
+ * every output written once, h written and read once). --profile adds per-program GPU times from
+ * timestamp queries (tf.time), --composed the stock-kernel path (the composed fusedExperts with a
+ * host-read plan) for comparison.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';
+import { writeFileSync } from 'node:fs';
+import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
+import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
+import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
+import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
+import { buildDispatchPlanAsync } from '../src/ops/experts/dispatch_plan.js';
+import { fusedExperts } from '../src/ops/experts/fused_experts.js';
+import { moeBlock, registerExpertsImplementation } from '../src/ops/moe_block.js';
+import { routerLogits } from '../src/ops/lora/router_logits.js';
+import { route } from '../src/ops/routing/route.js';
+import type { MoEBlockConfig } from '../src/ops/types.js';
+
+/** Tile presets (see WebGPUMoETuning); 'auto' is the default choice by rows per expert. */
+export const PRESETS: Record<string, WebGPUMoETuning | undefined> = {
+  auto: undefined,
+  a: { rowTile: 64, tile: { tm: 4, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 } },
+  b: { rowTile: 64, tile: { tm: 4, tn: 4, bk: 16, vec4: true }, gradTile: { tm: 4, tn: 4, bk: 16, vec4: true } },
+  c: { rowTile: 128, tile: { tm: 8, tn: 8, bk: 16, vec4: true }, gradTile: { tm: 8, tn: 8, bk: 16, vec4: true } },
+  d: { rowTile: 128, tile: { tm: 8, tn: 4, bk: 16, vec4: true }, gradTile: { tm: 8, tn: 4, bk: 16, vec4: true } },
+  e: { rowTile: 128, tile: { tm: 8, tn: 8, bk: 8, vec4: true }, gradTile: { tm: 8, tn: 8, bk: 8, vec4: true } },
+  f: { rowTile: 128, tile: { tm: 8, tn: 8, bk: 16 }, gradTile: { tm: 8, tn: 8, bk: 16 } },
+  g: { rowTile: 64, tile: { tm: 4, tn: 8, bk: 16, vec4: true }, gradTile: { tm: 4, tn: 8, bk: 16, vec4: true } },
+  h: { rowTile: 128, tile: { tm: 8, tn: 8, bk: 32, vec4: true }, gradTile: { tm: 8, tn: 8, bk: 32, vec4: true } },
+};
+
+function arg(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
+}
+const flag = (name: string) => process.argv.includes(`--${name}`);
+
+function median(v: number[]): number {
+  const s = [...v].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+interface Problem {
+  x: tf.Tensor2D; g: tf.Tensor2D; router: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; config: MoEBlockConfig;
+  /** expert LoRA [A1, B1, A2, B2] (rank BENCH_CONFIGS[name].rank, PEFT layouts), when benchmarked */
+  lora: tf.Tensor2D[];
+  scaling: number;
+}
+
+function makeProblem(name: string, lora: 'none' | 'split' | 'materialize'): Problem {
+  const c = BENCH_CONFIGS[name];
+  const { tokens: T, hidden: H, inter: I, experts: E, rank: r } = c;
+  let seed = 1;
+  const normal = (shape: number[], std: number) => tf.randomNormal(shape, 0, std, 'float32', seed++);
+  return {
+    x: normal([T, H], 1) as tf.Tensor2D,
+    g: normal([T, H], 1) as tf.Tensor2D,
+    // small router weights: near-uniform top-k, balanced groups as a load-balanced router gives
+    router: normal([E, H], 0.1 / Math.sqrt(H)) as tf.Tensor2D,
+    w1: normal([E, 2 * I, H], 1 / Math.sqrt(H)) as tf.Tensor3D,
+    w2: normal([E, H, I], 1 / Math.sqrt(I)) as tf.Tensor3D,
+    config: { routing: { kind: 'softmaxTopK', topK: c.topK, renormalize: true }, activation: { kind: 'swiglu' } },
+    lora: lora === 'none' ? [] : [normal([r * E, H], 1 / Math.sqrt(H)), normal([2 * I, r * E], 0.01),
+      normal([r * E, I], 1 / Math.sqrt(I)), normal([H, r * E], 0.01)] as tf.Tensor2D[],
+    scaling: 16 / r,
+  };
+}
+
+/**
+ * One step: the gradients of Σ out·g (g fed as the output's gradient) w.r.t. x, W_g, W1, W2 —
+ * or, with expert LoRA, w.r.t. x and the adapters (base and router frozen).
+ */
+function stepOf(p: Problem, lora: 'none' | 'split' | 'materialize'): () => tf.Tensor[] {
+  if (lora === 'none') {
+    const grads = tf.grads((x: tf.Tensor, r: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor) => {
+      const { out, routing } = moeBlock(x as tf.Tensor2D, { router: { weight: r as tf.Tensor2D },
+        experts: { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D } }, p.config);
+      tf.dispose([routing.experts]);
+      return out;
+    });
+    return () => grads([p.x, p.router, p.w1, p.w2], p.g);
+  }
+  const grads = tf.grads((x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
+    const { out, routing } = moeBlock(x as tf.Tensor2D, { router: { weight: p.router }, experts: {
+      gateUp: p.w1, down: p.w2,
+      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: p.scaling }],
+      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: p.scaling }],
+    } }, p.config, { loraMode: lora });
+    tf.dispose([routing.experts]);
+    return out;
+  });
+  return () => grads([p.x, ...p.lora], p.g);
+}
+
+/** Waits for the GPU: a read of one element of each gradient. */
+async function settle(ts: tf.Tensor[]): Promise<void> {
+  const probes = tf.tidy(() => ts.map(t => tf.slice(tf.reshape(t, [-1]), 0, 1)));
+  await Promise.all(probes.map(t => t.data()));
+  tf.dispose(probes);
+}
+
+interface Samples { total: number[]; enqueue: number[] }
+
+/** Per step: wall time to the GPU's end (total) and the host's time to enqueue it. */
+async function timeSteps(step: () => tf.Tensor[], warmup: number, iters: number): Promise<Samples> {
+  const s: Samples = { total: [], enqueue: [] };
+  for (let i = 0; i < warmup + iters; i++) {
+    const t0 = performance.now();
+    const grads = step();
+    const t1 = performance.now();
+    await settle(grads);
+    const ms = performance.now() - t0;
+    tf.dispose(grads);
+    if (i >= warmup) { s.total.push(ms); s.enqueue.push(t1 - t0); }
+  }
+  return s;
+}
+
+/** ms per step over `chain` steps enqueued back to back with one wait at the end (training throughput). */
+async function timeChained(step: () => tf.Tensor[], chain: number, repeats: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let r = 0; r < repeats; r++) {
+    const t0 = performance.now();
+    let grads: tf.Tensor[] = [];
+    for (let i = 0; i < chain; i++) {
+      tf.dispose(grads);
+      grads = step();
+    }
+    await settle(grads);
+    out.push((performance.now() - t0) / chain);
+    tf.dispose(grads);
+  }
+  return out;
+}
+
+/** The latency of one small read after a small kernel: the floor of the per-step wait. */
+async function readLatency(repeats: number): Promise<number> {
+  const a = tf.randomNormal([256]);
+  await a.data();
+  const v: number[] = [];
+  for (let i = 0; i < repeats; i++) {
+    const t0 = performance.now();
+    const b = tf.add(a, 1);
+    await b.data();
+    v.push(performance.now() - t0);
+    b.dispose();
+  }
+  a.dispose();
+  return median(v);
+}
+
+/** Compulsory bytes of one step (float32): inputs read once, outputs written once, h once each way. */
+function compulsoryBytes(name: string, trainBase: boolean): number {
+  const { tokens: T, hidden: H, inter: I, experts: E, topK: K } = BENCH_CONFIGS[name];
+  const weights = 3 * E * H * I + E * H;
+  return 4 * (T * H /* x */ + weights /* W read */ + T * H /* out */ + 2 * T * K * 2 * I /* h */ +
+      T * H /* dOut */ + T * H /* dx */ + (trainBase ? weights : 0) /* dW */);
+}
+
+interface Row {
+  config: string; lora: string; preset: string; path: 'fused' | 'composed'; ms: number; min: number; enqueueMs: number;
+  chainedMs?: number; tflops: number; gbps: number; samples: number[]; peakMiB?: number;
+  gpuMs?: number; kernels?: Array<{ name: string; ms: number; count: number }>;
+}
+
+async function profileStep(step: () => tf.Tensor[]): Promise<NonNullable<Row['kernels']>> {
+  const info = await tf.time(() => { tf.dispose(step()); }) as tf.TimingInfo & { getExtraProfileInfo?: () => string };
+  const byName = new Map<string, { ms: number; count: number }>();
+  for (const part of (info.getExtraProfileInfo?.() ?? '').split(', ')) {
+    const at = part.lastIndexOf(': ');
+    if (at < 0) continue;
+    const name = part.slice(0, at);
+    const e = byName.get(name) ?? { ms: 0, count: 0 };
+    e.ms += Number(part.slice(at + 2));
+    e.count++;
+    byName.set(name, e);
+  }
+  return [...byName].map(([name, e]) => ({ name, ...e })).sort((a, b) => b.ms - a.ms);
+}
+
+async function main(): Promise<void> {
+  // timestamps at full resolution (Dawn rounds them to 100 µs by default)
+  const extraFlags = ['disable-dawn-features=timestamp_quantization', ...arg('dawn-flags', '').split(' ').filter(f => f)];
+  const adapter = await setupDawnWebGPU({ extraFlags });
+  if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu backend failed to initialize');
+  await tf.ready();
+  registerMoEKernels('webgpu');
+  console.log(`# adapter: ${adapter.vendor} ${adapter.architecture} ${adapter.description} (${adapter.featureLevel}, ` +
+      `[${adapter.flags.join(' ')}]); ` +
+      `features: ${adapter.features.join(' ')}`);
+  const configs = arg('config', 'M1').split(',');
+  const presets = arg('presets', 'auto').split(',');
+  const lora = arg('lora', 'none') as 'none' | 'split' | 'materialize';
+  const iters = Number(arg('iters', '20'));
+  const warmup = Number(arg('warmup', '3'));
+  const chain = Number(arg('chain', '10'));
+  const batch = arg('batch', '');
+  if (batch) tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number(batch));
+  console.log(`# read latency (small kernel + read): ${(await readLatency(20)).toFixed(2)} ms; ` +
+      `submit batch ${tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')}`);
+  const rows: Row[] = [];
+  const report = (r: Row) => {
+    rows.push(r);
+    console.log(`${r.config}\t${r.lora}\t${r.path}\t${r.preset}\tmedian ${r.ms.toFixed(2)} ms\tmin ${r.min.toFixed(2)}\t` +
+        `enqueue ${r.enqueueMs.toFixed(2)}\tchained ${r.chainedMs?.toFixed(2) ?? '-'} ms/step\t` +
+        `GPU ${r.gpuMs?.toFixed(2) ?? '-'} ms\t${r.tflops.toFixed(2)} TFLOP/s\t${r.gbps.toFixed(0)} GB/s` +
+        `${r.peakMiB != null ? `\tpeak ${r.peakMiB.toFixed(0)} MiB` : ''}`);
+  };
+  const printKernels = (label: string, kernels: NonNullable<Row['kernels']>, flops: number) => {
+    const total = kernels.reduce((s, k) => s + k.ms, 0);
+    const dispatches = kernels.reduce((s, k) => s + k.count, 0);
+    console.log(`# ${label} per program (timestamp queries, GPU ms, sum ${total.toFixed(2)}, ${dispatches} dispatches):`);
+    for (const k of kernels) console.log(`#   ${k.name.padEnd(34)} ${k.ms.toFixed(3).padStart(8)} ms  x${k.count}`);
+    const mm = kernels.filter(k => k.name.startsWith('Grouped') && !k.name.includes('Column')).reduce((s, k) => s + k.ms, 0);
+    console.log(`#   grouped products: ${mm.toFixed(2)} ms = ${(flops / mm / 1e9).toFixed(2)} TFLOP/s on the expert FLOPs`);
+  };
+  for (const name of configs) {
+    const p = makeProblem(name, lora);
+    const flops = expertFlops(BENCH_CONFIGS[name], lora);
+    const bytes = compulsoryBytes(name, lora === 'none');
+    const row = (preset: string, path: Row['path'], s: Samples): Row => {
+      const ms = median(s.total);
+      return { config: name, lora, preset, path, ms, min: Math.min(...s.total), enqueueMs: median(s.enqueue),
+        tflops: flops / ms / 1e9, gbps: bytes / ms / 1e6, samples: s.total };
+    };
+    const step = stepOf(p, lora);
+    let best: Row | undefined;
+    for (const preset of presets) {
+      setWebGPUMoETuning(PRESETS[preset]);
+      const r = row(preset, 'fused', await timeSteps(step, warmup, iters));
+      r.chainedMs = median(await timeChained(step, chain, 3));
+      if (flag('profile')) {
+        r.kernels = await profileStep(step);
+        r.gpuMs = r.kernels.reduce((s, k) => s + k.ms, 0);
+      }
+      report(r);
+      if (best === undefined || (r.gpuMs ?? r.ms) < (best.gpuMs ?? best.ms)) best = r;
+    }
+    setWebGPUMoETuning(PRESETS[best!.preset]);
+    const before = tf.memory().numBytes;
+    const mem = await tf.profile(async () => { const g = step(); await settle(g); tf.dispose(g); });
+    best!.peakMiB = (mem.peakBytes - before) / 2 ** 20;
+    console.log(`# ${name}: best preset ${best!.preset}, peak ${best!.peakMiB.toFixed(0)} MiB over the inputs`);
+    if (best!.kernels) printKernels(`${name} preset ${best!.preset}`, best!.kernels, flops);
+    if (flag('composed')) {
+      // the stock-kernel path: fusedExperts composed of tfjs ops, its plan read to the host first
+      const logits = routerLogits(p.x, { weight: p.router });
+      const routing = route(logits, p.config.routing);
+      const plan = await buildDispatchPlanAsync(routing.experts, BENCH_CONFIGS[name].experts);
+      tf.dispose([routing.weights, routing.experts, logits]);
+      const previous = registerExpertsImplementation('webgpu', (x, r, w, a, o) => fusedExperts(x, r, w, a, { ...o, plan }));
+      try {
+        const r = row('-', 'composed', await timeSteps(step, Math.min(warmup, 2), Math.min(iters, 5)));
+        if (flag('profile')) {
+          r.kernels = await profileStep(step);
+          r.gpuMs = r.kernels.reduce((s, k) => s + k.ms, 0);
+        }
+        report(r);
+      } catch (err) {
+        console.log(`# ${name} composed: failed: ${String(err).split('\n')[0]}`);
+      } finally {
+        registerExpertsImplementation('webgpu', previous);
+      }
+    }
+    tf.dispose([p.x, p.g, p.router, p.w1, p.w2, ...p.lora]);
+  }
+  const out = arg('json', '');
+  if (out) writeFileSync(out, JSON.stringify({ adapter, rows }, null, 1));
+}
+
+main().then(() => process.exit(0), err => { console.error(err); process.exit(1); });

@@ -1,0 +1,21 @@
+/**
+ * The WebGPU specs (spec/backends/webgpu/) as one plain entry, for the GPU machine where there is
+ * no npm, mocha CLI or tsx: ../shared/gpu/prepare.sh bench/webgpu_specs.ts bundles mocha, the
+ * root hooks of spec/setup.ts and the spec files into .gpu/bundle/webgpu_specs.js; there:
+ *   source .gpu/on-device.sh && TFJS_BACKEND=webgpu node .gpu/bundle/webgpu_specs.js
+ * Here, `TFJS_BACKEND=webgpu npx tsx bench/webgpu_specs.ts` runs the same (npm run test:webgpu is
+ * the usual way).
+ */
+import Mocha from 'mocha';
+
+process.env.TFJS_BACKEND ??= 'webgpu';
+const mocha = new Mocha({ reporter: 'spec', timeout: 600000 });
+// the BDD globals (describe, it, before, ...) must exist before the spec modules run
+mocha.suite.emit('pre-require', globalThis, 'webgpu_specs', mocha);
+const { mochaHooks } = await import('../spec/setup.js');
+mocha.rootHooks(mochaHooks as Mocha.RootHookObject);
+await import('../spec/backends/webgpu/dawn.spec.js');
+await import('../spec/backends/webgpu/kernels.spec.js');
+await import('../spec/backends/webgpu/routing.spec.js');
+await import('../spec/backends/webgpu/experts.spec.js');
+mocha.run(failures => process.exit(failures > 0 ? 1 : 0));

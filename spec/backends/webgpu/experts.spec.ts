@@ -1,0 +1,186 @@
+/**
+ * The WebGPU routed experts (webgpuFusedExperts, the 'fused' block's implementation on webgpu)
+ * against the float64 reference and central finite differences on it: output and every gradient,
+ * odd shapes, empty experts, K = E, one token, both layouts and activations, every LoRA mode.
+ * Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import {
+  WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
+  webgpuMoETuningFor,
+} from '../../../src/backends/webgpu/experts.js';
+import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
+import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
+import type { LoRAMode } from '../../../src/ops/types.js';
+import { OpArgumentError } from '../../../src/ops/validate.js';
+import { Rng, asF32, finiteDifferences } from '../../helpers/numeric.js';
+import { experts64 } from '../../ops/expert_reference64.js';
+import {
+  type ExpertCase, type ExpertCaseSpec, expectCloseAsync, expectNoLeakAsync, loss64, makeExpertCase, trainedOf, weightsWith,
+} from './helpers.js';
+
+async function checkAgainstReference(
+    c: ExpertCase, opts: { trainBase: boolean; loraMode?: LoRAMode }, seed: number): Promise<void> {
+  const { m } = c;
+  const G = asF32(new Rng(seed).array(m.T * m.H));
+  const gT = tf.tensor2d(Float32Array.from(G), [m.T, m.H]);
+  const trained = trainedOf(c, opts.trainBase);
+  const options = { trainExpertWeights: opts.trainBase, loraMode: opts.loraMode };
+  const f = (...inputs: tf.Tensor[]) => {
+    const { x, weights, w } = weightsWith(c, trained, inputs);
+    return tf.sum(tf.mul(webgpuFusedExperts(x, { weights, experts: c.experts }, w, c.activation, options), gT));
+  };
+  const out = webgpuFusedExperts(c.x, { weights: c.weights, experts: c.experts }, c.w, c.activation, options);
+  await expectCloseAsync(out, experts64(m), 1e-5, 'out', [m.T, m.H]);
+  out.dispose();
+  const grads = tf.grads(f)(trained.map(p => p.t));
+  for (const [i, p] of trained.entries()) {
+    const fd = finiteDifferences(v => loss64(p.set(m, v), G), p.get(m));
+    await expectCloseAsync(grads[i], fd, 1e-4, `d${p.name}`, p.t.shape);
+  }
+  tf.dispose([...grads, gT]);
+}
+
+describe('webgpu: webgpuFusedExperts', () => {
+  before(function () {
+    if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+  });
+
+  const cases: Array<[string, ExpertCaseSpec]> = [
+    ['odd sizes, E=5 K=3', { T: 7, H: 6, I: 3, E: 5, K: 3 }],
+    ['one token, K = E', { T: 1, H: 5, I: 2, E: 4, K: 4 }],
+    ['every token to one expert, K=1', { T: 9, H: 4, I: 3, E: 3, K: 1, routing: 'one' }],
+    ['experts with no tokens', { T: 6, H: 5, I: 2, E: 6, K: 2, routing: 'skip' }],
+    ['gpt-oss layout, biases, clamped GLU', { T: 5, H: 6, I: 4, E: 4, K: 2, layout: 'inOutInterleaved', bias: true,
+      activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.8 } }],
+    ['more rows than one tile, E=5 K=3', { T: 40, H: 7, I: 5, E: 5, K: 3 }],
+  ];
+  for (const [name, spec] of cases) {
+    it(`matches float64 and finite differences: ${name}`, async () => {
+      const c = makeExpertCase(spec, 11);
+      await checkAgainstReference(c, { trainBase: true }, 12);
+      c.dispose();
+    });
+  }
+
+  for (const mode of ['split', 'materialize'] as const) {
+    it(`expert LoRA (${mode}): two adapters on W1, one on W2, frozen base; dx, dweights, dA, dB`, async () => {
+      const c = makeExpertCase({ T: 8, H: 6, I: 3, E: 5, K: 2, lora1: [2, 1], lora2: [3], routing: 'skip' }, 21);
+      await checkAgainstReference(c, { trainBase: false, loraMode: mode }, 22);
+      c.dispose();
+    });
+    it(`expert LoRA (${mode}) on the gpt-oss transposed layout`, async () => {
+      const c = makeExpertCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOutInterleaved', bias: true, lora1: [2], lora2: [1],
+        activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.2 } }, 31);
+      await checkAgainstReference(c, { trainBase: false, loraMode: mode }, 32);
+      c.dispose();
+    });
+  }
+
+  it('trains base and LoRA together in split mode (auto picks split)', async () => {
+    const c = makeExpertCase({ T: 6, H: 5, I: 2, E: 3, K: 2, lora1: [1], lora2: [2] }, 41);
+    await checkAgainstReference(c, { trainBase: true, loraMode: 'auto' }, 42);
+    c.dispose();
+  });
+
+  it('H=100, E=5, K=3 with an unused expert: forward and dx match float64', async () => {
+    const c = makeExpertCase({ T: 3, H: 100, I: 8, E: 5, K: 3, routing: 'skip', lora1: [2] }, 51);
+    await checkAgainstReference(c, { trainBase: false, loraMode: 'split' }, 52);
+    c.dispose();
+  });
+
+  it('T=300, H=100, I=24, E=8, K=2: forward and gradients match the cpu-style composed op within 1e-4', async () => {
+    // the composed fusedExperts reads the plan with dataSync, which webgpu cannot: give it a host plan
+    const c = makeExpertCase({ T: 300, H: 100, I: 24, E: 8, K: 2 }, 61);
+    const { buildDispatchPlanAsync } = await import('../../../src/ops/experts/dispatch_plan.js');
+    const plan = await buildDispatchPlanAsync(c.experts, 8);
+    const G = tf.randomNormal([300, 100], 0, 1, 'float32', 5);
+    const run = (impl: typeof fusedExperts) => tf.grads((x: tf.Tensor, w: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor) =>
+      tf.sum(tf.mul(impl(x as tf.Tensor2D, { weights: w as tf.Tensor2D, experts: c.experts },
+          { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D }, c.activation, { plan }), G)))(
+        [c.x, c.weights, c.w.gateUp, c.w.down]);
+    const ours = run(webgpuFusedExperts);
+    const composed = run(fusedExperts);
+    const names = ['dx', 'dweights', 'dW1', 'dW2'];
+    for (let i = 0; i < 4; i++) await expectCloseAsync(ours[i], await composed[i].data(), 1e-4, names[i], composed[i].shape);
+    const out = webgpuFusedExperts(c.x, c, c.w, c.activation);
+    await expectCloseAsync(out, experts64(c.m), 1e-5, 'out');
+    tf.dispose([...ours, ...composed, G, out]);
+    c.dispose();
+  });
+
+  it('gives the same results with 32- and 128-row tiles (8×8 vec4 register tiles)', async () => {
+    const c = makeExpertCase({ T: 50, H: 20, I: 12, E: 5, K: 3 }, 71);
+    const grads = () => tf.grads((x: tf.Tensor, w1: tf.Tensor) => tf.sum(webgpuFusedExperts(x as tf.Tensor2D, c,
+        { ...c.w, gateUp: w1 as tf.Tensor3D }, c.activation)))([c.x, c.w.gateUp]);
+    const previous = setWebGPUMoETuning({ rowTile: 32, tile: { tm: 2, tn: 2, bk: 8 }, gradTile: { tm: 2, tn: 1, bk: 8 } });
+    let small: tf.Tensor[];
+    try { small = grads(); } finally { setWebGPUMoETuning(previous); }
+    setWebGPUMoETuning({ rowTile: 128, tile: { tm: 8, tn: 8, bk: 16, vec4: true }, gradTile: { tm: 8, tn: 4, bk: 16, vec4: true } });
+    let large: tf.Tensor[];
+    try { large = grads(); } finally { setWebGPUMoETuning(previous); }
+    await expectCloseAsync(small[0], await large[0].data(), 1e-5, 'dx');
+    await expectCloseAsync(small[1], await large[1].data(), 1e-5, 'dW1');
+    tf.dispose([...small, ...large]);
+    c.dispose();
+  });
+
+  it('picks tiles by rows per expert; setWebGPUMoETuning rejects a row tile that the register tile does not divide', () => {
+    expect(() => setWebGPUMoETuning({ rowTile: 48, tile: { tm: 2, tn: 2, bk: 8 } })).to.throw(OpArgumentError,
+        "`setWebGPUMoETuning()`: 'rowTile' must be a multiple of 16·tile.tm = 32 but got 48");
+    expect(() => setWebGPUMoETuning({ tile: { tm: 16, tn: 2, bk: 8 } })).to.throw(OpArgumentError,
+        "`setWebGPUMoETuning()`: 'tile' must have tm, tn <= 8 but got 16x2");
+    expect(() => setWebGPUMoETuning({ gradTile: { tm: 4, tn: 2, bk: 8, vec4: true } })).to.throw(OpArgumentError,
+        "`setWebGPUMoETuning()`: 'gradTile' with vec4 must have tm, tn multiples of 4 but got 4x2");
+    expect(getWebGPUMoETuning(), 'still automatic').to.equal(undefined);
+    expect(webgpuMoETuningFor(8 * 300, 8)).to.deep.equal(WEBGPU_MOE_TUNING_LARGE);
+    expect(webgpuMoETuningFor(8 * 200, 8)).to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
+  });
+
+  it('rejects a host plan of another shape, like fusedExperts', () => {
+    const c = makeExpertCase({ T: 4, H: 5, I: 2, E: 3, K: 2 }, 81);
+    const plan = { numTokens: 5, topK: 2, numExperts: 3, pairOfRow: new Int32Array(10), tokenOfRow: new Int32Array(10),
+      rowOfPair: new Int32Array(10), groupSizes: [10, 0, 0] };
+    expect(() => webgpuFusedExperts(c.x, c, c.w, c.activation, { plan })).to.throw(OpArgumentError,
+        "`fusedExperts()`: 'options.plan' is for T=5, K=2, E=3 but the call has T=4, K=2, E=3");
+    c.dispose();
+  });
+
+  it('leaves no tensor behind across forward + backward, and reads nothing synchronously', async () => {
+    const c = makeExpertCase({ T: 7, H: 6, I: 3, E: 5, K: 2, lora1: [2], lora2: [1] }, 91);
+    await expectNoLeakAsync(async () => {
+      const f = (x: tf.Tensor, a: tf.Tensor) => tf.sum(webgpuFusedExperts(x as tf.Tensor2D, c,
+          { ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: a as tf.Tensor2D }] }, c.activation, { loraMode: 'split' }));
+      for (let step = 0; step < 3; step++) {
+        const g = tf.grads(f)([c.x, c.w.gateUpLoRA![0].A]);
+        await g[0].data();
+        tf.dispose(g);
+      }
+      const out = webgpuFusedExperts(c.x, c, c.w, c.activation);
+      await out.data();
+      out.dispose();
+    });
+    c.dispose();
+  });
+
+  it("is what moeBlock's 'fused' kernel runs on webgpu", async () => {
+    const c = makeExpertCase({ T: 6, H: 8, I: 4, E: 4, K: 2 }, 101);
+    let calls = 0;
+    const previous = registerExpertsImplementation('webgpu', (...args) => { calls++; return webgpuFusedExperts(...args); });
+    try {
+      const router = tf.randomNormal([4, 8], 0, 1, 'float32', 3) as tf.Tensor2D;
+      const r = moeBlock(c.x, { router: { weight: router }, experts: c.w },
+          { routing: { kind: 'softmaxTopK', topK: 2 }, activation: { kind: 'swiglu' } });
+      // the block's experts given the routing it chose, in float64
+      const chosen = Int32Array.from(await r.routing.experts.data());
+      const w = Float64Array.from(await r.routing.weights.data());
+      await expectCloseAsync(r.out, experts64({ ...c.m, experts: chosen, weights: w }), 1e-5, 'block out');
+      tf.dispose([r.out, r.routing.weights, r.routing.experts, r.routing.logits, router]);
+    } finally {
+      registerExpertsImplementation('webgpu', previous);
+    }
+    expect(calls).to.equal(1);
+    c.dispose();
+  });
+});

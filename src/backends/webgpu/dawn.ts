@@ -1,0 +1,113 @@
+/**
+ * TF.js's webgpu backend in Node, on Dawn (npm package `webgpu`). Dawn must be installed as
+ * `navigator.gpu` before the backend is created, and the adapter must be asked for with the right
+ * feature level: a real GPU (Vulkan, the H100) gives a 'core' adapter; Mesa's software GL (CI,
+ * `EGL_PLATFORM=surfaceless`) only a 'compatibility' one through Dawn's OpenGL ES backend, which
+ * tfjs's own registration never asks for. So the backend is registered here, on a device this
+ * module requests, and a missing adapter is an error instead of a silent fall back to the cpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+/** What setupDawnWebGPU found. */
+export interface DawnAdapterReport {
+  /** the Dawn `create()` flags that gave the adapter */
+  flags: string[];
+  featureLevel: 'core' | 'compatibility';
+  vendor: string;
+  architecture: string;
+  description: string;
+  features: string[];
+}
+
+export interface DawnSetupOptions {
+  /**
+   * Dawn create() flags and feature level to try, in order; default: the default backend (Vulkan)
+   * at 'core', then OpenGL ES at 'compatibility' (Mesa's software GL).
+   */
+  attempts?: Array<{ flags: string[]; featureLevel: 'core' | 'compatibility' }>;
+  /** the backend's registration priority (default 3, as tfjs's own) */
+  priority?: number;
+  /**
+   * Dawn flags added to every attempt, e.g. 'disable-dawn-features=timestamp_quantization' for
+   * per-kernel timing at full resolution
+   */
+  extraFlags?: string[];
+}
+
+interface DawnModule { create(flags: string[]): GPU; globals: Record<string, unknown> }
+interface WebGPUBackendModule { WebGPUBackend: new (device: GPUDevice, info?: GPUAdapterInfo) => tf.KernelBackend }
+
+const DEFAULT_ATTEMPTS: NonNullable<DawnSetupOptions['attempts']> = [
+  { flags: [], featureLevel: 'core' },
+  { flags: ['backend=opengles'], featureLevel: 'compatibility' },
+];
+
+let gpuRef: GPU | undefined;
+
+/**
+ * Creates Dawn's GPU, finds an adapter, requests a device with every limit the adapter offers
+ * (and 'timestamp-query' and 'subgroups' when offered), and registers tfjs's 'webgpu' backend on
+ * it. Throws when no attempt gives an adapter. Call before `tf.setBackend('webgpu')`.
+ *
+ * ```js
+ * const report = await setupDawnWebGPU();
+ * await tf.setBackend('webgpu');
+ * ```
+ */
+export async function setupDawnWebGPU(options: DawnSetupOptions = {}): Promise<DawnAdapterReport> {
+  // Imported while navigator.gpu is still unset, tfjs's backend module does not register its own
+  // factory (which would ask for a 'core' adapter only).
+  const hadGpu = (globalThis as { navigator?: { gpu?: unknown } }).navigator?.gpu != null;
+  const { WebGPUBackend } = await import('@tensorflow/tfjs-backend-webgpu') as unknown as WebGPUBackendModule;
+  const dawn = await import('webgpu') as unknown as DawnModule;
+  Object.assign(globalThis, dawn.globals);
+  const g = globalThis as unknown as { navigator?: { gpu?: GPU } };
+  const tried: string[] = [];
+  for (const attempt of options.attempts ?? DEFAULT_ATTEMPTS) {
+    const flags = [...attempt.flags, ...(options.extraFlags ?? [])];
+    let gpu: GPU;
+    let adapter: GPUAdapter | null;
+    try {
+      gpu = dawn.create(flags);
+      adapter = await gpu.requestAdapter(
+          { powerPreference: 'high-performance', featureLevel: attempt.featureLevel } as GPURequestAdapterOptions);
+    } catch (err) {
+      // Dawn throws instead of returning null for some backends (Vulkan, with a named adapter)
+      tried.push(`[${flags.join(' ')}] ${attempt.featureLevel}: ${String((err as Error)?.message ?? err).split('\n')[0]}`);
+      continue;
+    }
+    tried.push(`[${flags.join(' ')}] ${attempt.featureLevel}`);
+    if (adapter == null) continue;
+    const requiredLimits: Record<string, number> = {};
+    // GPUSupportedLimits' fields are prototype getters: walk the prototype for their names.
+    for (const key of Object.keys(Object.getPrototypeOf(adapter.limits))) {
+      const value = (adapter.limits as unknown as Record<string, unknown>)[key];
+      if (typeof value === 'number') requiredLimits[key] = value;
+    }
+    const wanted: GPUFeatureName[] = ['timestamp-query', 'subgroups' as GPUFeatureName];
+    const requiredFeatures = wanted.filter(f => adapter.features.has(f));
+    const device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
+    g.navigator ??= {} as { gpu?: GPU };
+    g.navigator.gpu = gpu;
+    gpuRef = gpu;
+    if (hadGpu || tf.findBackendFactory('webgpu') != null) tf.removeBackend('webgpu');
+    tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info), options.priority ?? 3);
+    return {
+      flags,
+      featureLevel: attempt.featureLevel,
+      vendor: adapter.info.vendor,
+      architecture: adapter.info.architecture,
+      description: adapter.info.description,
+      features: [...device.features].map(String).sort(),
+    };
+  }
+  throw new Error(`setupDawnWebGPU: no WebGPU adapter (requestAdapter() returned null or threw for ${tried.join('; ')}); ` +
+      `on Mesa's software GL set EGL_PLATFORM=surfaceless and install libegl1 libegl-mesa0 libgles2 libgl1-mesa-dri`);
+}
+
+/** Drops the reference to Dawn's GPU so that Node can exit (Dawn keeps the process alive while it lives). */
+export function releaseDawnWebGPU(): void {
+  const g = globalThis as unknown as { navigator?: { gpu?: GPU } };
+  if (g.navigator?.gpu === gpuRef) delete g.navigator!.gpu;
+  gpuRef = undefined;
+}

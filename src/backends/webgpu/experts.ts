@@ -1,0 +1,328 @@
+/**
+ * The routed experts on WebGPU with fusedExperts' signature and contract, built from the MoE
+ * kernels of kernels.ts so that nothing is read back to the host: the dispatch plan is sorted on
+ * the device into per-expert row segments padded to the row tile, and every grouped product is
+ * one dispatch over the padded rows (a tile finds its expert in the plan, tiles past the rows in
+ * use skip the work).
+ *
+ * Forward: h = x[tok]·W1_eᵀ (+b1) — the gather fused into the load; y = act(h)·W2_eᵀ (+b2) — the
+ * activation computed on load; out[t] = Σ_k w·y[rowOfPair] (a gather and a sum over K, no float
+ * atomics). Backward keeps only x, the routing weights and h, like the composed op, and never
+ * recomputes y: g = dOut[tok]·W2_e gives both dWeights = ⟨g, act(h)⟩ (+ ⟨dOut, b2⟩) and
+ * dh = act'(h)·(w·g); dx[t] = Σ_k (dh·W1_e)[rowOfPair]; dW1 = Σ dhᵀ·x[tok], dW2 = Σ (w·dOut[tok])ᵀ·act(h)
+ * per expert over its rows. Split LoRA adds rank-r grouped products on PEFT's factor layouts read
+ * in place; materialize goes through the composed materializeExpertLoRA, which runs anywhere.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { checkExpertArgs } from '../../ops/experts/check_args.js';
+import { chooseLoRAMode, type FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
+import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
+import { assertInteger, assertOneOf, fail } from '../../ops/validate.js';
+import {
+  activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, groupedColumnSum, groupedMatMul,
+  groupedWeightGrad, pairDot, type WeightStrides,
+} from './kernels.js';
+import type { TileConfig } from './programs/grouped_matmul_program.js';
+import type { RowSource } from './programs/shared.js';
+
+/** Tile sizes of the WebGPU experts (see setWebGPUMoETuning). */
+export interface WebGPUMoETuning {
+  /** padded rows per expert are a multiple of this; 16·tile.tm must divide it */
+  rowTile: number;
+  /** the row-space products (forward, input gradients) */
+  tile: TileConfig;
+  /** the per-expert weight gradients */
+  gradTile: TileConfig;
+}
+
+/**
+ * The automatic choice, measured on the H100 (docs/webgpu.md): 128-row tiles with 8×8 register
+ * tiles when experts get a few hundred rows each (training batches), 64-row tiles with 4×4 for
+ * fewer rows, where the padding of big tiles would dominate.
+ */
+export const WEBGPU_MOE_TUNING_LARGE: Readonly<WebGPUMoETuning> = {
+  rowTile: 128, tile: { tm: 8, tn: 8, bk: 16 }, gradTile: { tm: 8, tn: 8, bk: 16 },
+};
+export const WEBGPU_MOE_TUNING_SMALL: Readonly<WebGPUMoETuning> = {
+  rowTile: 64, tile: { tm: 4, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 },
+};
+
+let explicitTuning: WebGPUMoETuning | undefined;
+
+function checkTile(op: string, arg: string, t: TileConfig): void {
+  for (const k of ['tm', 'tn', 'bk'] as const) assertInteger(op, `${arg}.${k}`, t?.[k], 1);
+  if (t.tm > 8 || t.tn > 8) fail(op, `'${arg}' must have tm, tn <= 8 but got ${t.tm}x${t.tn}`);
+  if (t.vec4 && (t.tm % 4 !== 0 || t.tn % 4 !== 0)) {
+    fail(op, `'${arg}' with vec4 must have tm, tn multiples of 4 but got ${t.tm}x${t.tn}`);
+  }
+}
+
+/**
+ * Fixes the tile sizes (benchmarks, tuning for another GPU), or with `undefined` goes back to the
+ * automatic choice by rows per expert; returns the previous setting (undefined: automatic).
+ * Missing fields come from the current setting (the large preset when automatic).
+ *
+ * ```js
+ * const previous = setWebGPUMoETuning({ rowTile: 64, tile: { tm: 4, tn: 4, bk: 16 } });
+ * setWebGPUMoETuning(previous);
+ * ```
+ */
+export function setWebGPUMoETuning(change: Partial<WebGPUMoETuning> | undefined): WebGPUMoETuning | undefined {
+  const op = 'setWebGPUMoETuning';
+  const previous = explicitTuning;
+  if (change === undefined) {
+    explicitTuning = undefined;
+    return previous;
+  }
+  const next = { ...(explicitTuning ?? WEBGPU_MOE_TUNING_LARGE), ...change };
+  assertInteger(op, 'rowTile', next.rowTile, 1);
+  checkTile(op, 'tile', next.tile);
+  checkTile(op, 'gradTile', next.gradTile);
+  if (next.rowTile % (16 * next.tile.tm) !== 0) {
+    fail(op, `'rowTile' must be a multiple of 16·tile.tm = ${16 * next.tile.tm} but got ${next.rowTile}`);
+  }
+  explicitTuning = next;
+  return previous;
+}
+
+/** The fixed tile sizes, or undefined when they are chosen per call. */
+export function getWebGPUMoETuning(): WebGPUMoETuning | undefined {
+  return explicitTuning && { ...explicitTuning };
+}
+
+/** The tiles for a call with `rows` = T·K pairs over `numExperts` experts. */
+export function webgpuMoETuningFor(rows: number, numExperts: number): WebGPUMoETuning {
+  return explicitTuning ?? (rows / numExperts >= 256 ? WEBGPU_MOE_TUNING_LARGE : WEBGPU_MOE_TUNING_SMALL);
+}
+
+/** Where (e, out, in) of a per-expert operand lives: e·sE + out·outStride + in·inStride. */
+interface OperandLayout { sE: number; outStride: number; inStride: number }
+
+/** For y = x·Opᵀ: reduction over `in`. */
+function forwardStrides(l: OperandLayout): WeightStrides {
+  return { sE: l.sE, sN: l.outStride, sK: l.inStride };
+}
+
+/** For dx = dy·Op: reduction over `out`. */
+function backwardStrides(l: OperandLayout): WeightStrides {
+  return { sE: l.sE, sN: l.inStride, sK: l.outStride };
+}
+
+/** W [E, out, in], or [E, in, out] when transposed. */
+function weightLayout(outSize: number, inSize: number, transposed: boolean): OperandLayout {
+  return transposed
+    ? { sE: outSize * inSize, outStride: 1, inStride: outSize }
+    : { sE: outSize * inSize, outStride: inSize, inStride: 1 };
+}
+
+/** PEFT's A [r·E, in]: rows e·r + j. */
+function factorALayout(rank: number, inSize: number): OperandLayout {
+  return { sE: rank * inSize, outStride: inSize, inStride: 1 };
+}
+
+/** PEFT's B [out, r·E]: column j·E + e. */
+function factorBLayout(rank: number, numExperts: number): OperandLayout {
+  return { sE: 1, outStride: rank * numExperts, inStride: numExperts };
+}
+
+/** One projection as the kernels see it, and which of its tensors get gradients. */
+interface Projection {
+  weight: tf.Tensor3D;
+  bias?: tf.Tensor2D;
+  lora: LoRAFactors[];
+  trainWeight: boolean;
+  trainBias: boolean;
+  inSize: number;
+  outSize: number;
+}
+
+function projection(
+    weight: tf.Tensor3D, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
+    train: boolean, mode: LoRAMode, rows: number, inSize: number, outSize: number): Projection {
+  const base = { bias, inSize, outSize, trainBias: train && bias != null };
+  if (lora.length === 0) return { ...base, weight, lora, trainWeight: train };
+  const e = weight.shape[0];
+  const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
+  // Training the base and its adapters together needs dW itself, which only the split form gives.
+  const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
+  if (chosen === 'split') return { ...base, weight, lora, trainWeight: train };
+  if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
+  // W_eff comes out of materializeExpertLoRA's own customGrad: its gradient reaches A and B there.
+  const merged = materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
+  return { ...base, weight: merged, lora: [], trainWeight: true, trainBias: false };
+}
+
+/** The tensors of a projection that get gradients, in order: W?, b?, A0, B0, A1, B1, ... */
+function trainables(p: Projection): tf.Tensor[] {
+  return [...(p.trainWeight ? [p.weight] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
+}
+
+/** The same tensors as restored from `saved` in backward (a frozen base is read by closure). */
+function restore(p: Projection, saved: tf.Tensor[], at: number): [Projection, number] {
+  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;
+  const bias = p.trainBias ? saved[at++] as tf.Tensor2D : p.bias;
+  const lora = p.lora.map(f => ({ A: saved[at++] as tf.Tensor2D, B: saved[at++] as tf.Tensor2D, scaling: f.scaling }));
+  return [{ ...p, weight, bias, lora }, at];
+}
+
+/** Rows of a product's left operand: where they come from and the tensor. */
+interface Rows { source: RowSource; t: tf.Tensor2D }
+
+interface Context {
+  plan: DevicePlan; transposed: boolean; activation: ExpertActivation; numExperts: number; tuning: WebGPUMoETuning;
+}
+
+/** y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ. */
+function projectionForward(x: Rows, p: Projection, c: Context): tf.Tensor2D {
+  const common = { plan: c.plan, activation: c.activation, interleaved: c.transposed };
+  let y = groupedMatMul({
+    ...common, a: x.t, source: x.source, w: p.weight, strides: forwardStrides(weightLayout(p.outSize, p.inSize, c.transposed)),
+    inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile,
+  });
+  for (const f of p.lora) {
+    const rank = f.A.shape[0] / c.numExperts;
+    const u = groupedMatMul({
+      ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(factorALayout(rank, p.inSize)),
+      inner: p.inSize, outCols: rank, tile: narrowColumns(c.tuning.tile),
+    });
+    const next = groupedMatMul({
+      ...common, a: u, source: 'rows', w: f.B, strides: forwardStrides(factorBLayout(rank, c.numExperts)),
+      inner: rank, outCols: p.outSize, addend: y, alpha: f.scaling, tile: c.tuning.tile,
+    });
+    tf.dispose([u, y]);
+    y = next;
+  }
+  return y;
+}
+
+/**
+ * Tiles for the rank-r products of split LoRA: a 16-wide (or 16-tall) register tile instead of the
+ * 64–128 of the base products, which would leave most of a tile idle for r = 8.
+ */
+function narrowColumns(t: TileConfig): TileConfig {
+  return { ...t, tn: 1, vec4: false };
+}
+function narrowRows(t: TileConfig): TileConfig {
+  return { ...t, tm: 1, vec4: false };
+}
+
+interface ProjectionGrads { dx: tf.Tensor2D; grads: tf.Tensor[] }
+
+/**
+ * For dy (the rows `dy`, optionally times the pair's routing weight `rowScale`, which the input
+ * gradient leaves out: the caller applies it), returns dx [capacity, in] = dy·W_e + Σ s·(dy·B_e)·A_e
+ * and the gradients of the projection's trainables in trainables() order.
+ */
+function projectionBackward(
+    dy: Rows & { source: 'gather' | 'rows' }, x: Rows, rowScale: tf.Tensor1D | undefined, p: Projection,
+    c: Context): ProjectionGrads {
+  const common = { plan: c.plan, activation: c.activation, interleaved: c.transposed };
+  const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
+  let dx = groupedMatMul({
+    ...common, a: dy.t, source: dy.source, w: p.weight, strides: backwardStrides(wLayout),
+    inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile,
+  });
+  const grads: tf.Tensor[] = [];
+  const gradOf = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
+      shape: number[], scale: tf.Tensor1D | undefined, alpha = 1, tile = c.tuning.gradTile) => groupedWeightGrad({
+    ...common, l: l.t, left: l.source, r: r.t, right: r.source, P, Q, outShape: shape,
+    outStrides: { oE: layout.sE, oP: layout.outStride, oQ: layout.inStride }, rowScale: scale, alpha, tile,
+  });
+  if (p.trainWeight) grads.push(gradOf(dy, x, p.outSize, p.inSize, wLayout, p.weight.shape, rowScale));
+  if (p.trainBias) grads.push(groupedColumnSum(dy.t, dy.source, c.plan, rowScale));
+  for (const f of p.lora) {
+    const rank = f.A.shape[0] / c.numExperts;
+    const aLayout = factorALayout(rank, p.inSize);
+    const bLayout = factorBLayout(rank, c.numExperts);
+    // gr = s·dy·B_e, without the routing weight like dx
+    const gr = groupedMatMul({
+      ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(bLayout),
+      inner: p.outSize, outCols: rank, alpha: f.scaling, tile: narrowColumns(c.tuning.tile),
+    });
+    const next = groupedMatMul({
+      ...common, a: gr, source: 'rows', w: f.A, strides: backwardStrides(aLayout),
+      inner: rank, outCols: p.inSize, addend: dx, tile: c.tuning.tile,
+    });
+    tf.dispose(dx);
+    dx = next;
+    grads.push(gradOf({ source: 'rows', t: gr }, x, rank, p.inSize, aLayout, f.A.shape, rowScale, 1,
+        narrowRows(c.tuning.gradTile)));
+    const u = groupedMatMul({
+      ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(aLayout),
+      inner: p.inSize, outCols: rank, tile: narrowColumns(c.tuning.tile),
+    });
+    grads.push(gradOf(dy, { source: 'rows', t: u }, p.outSize, rank, bLayout, f.B.shape, rowScale, f.scaling,
+        narrowColumns(c.tuning.gradTile)));
+    tf.dispose([gr, u]);
+  }
+  return { dx, grads };
+}
+
+/**
+ * fusedExperts for the 'webgpu' backend: the same arguments, result and gradients, with no host
+ * read. `options.plan` (a host plan) is checked against the call and otherwise not needed.
+ *
+ * ```js
+ * registerExpertsImplementation('webgpu', webgpuFusedExperts);
+ * ```
+ */
+export function webgpuFusedExperts(
+    x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
+    weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
+  const op = 'fusedExperts';
+  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
+  const loraMode = options.loraMode ?? 'auto';
+  assertOneOf(op, 'options.loraMode', loraMode, ['materialize', 'split', 'auto'] as const);
+  const upLoRA = weights.gateUpLoRA ?? [];
+  const downLoRA = weights.downLoRA ?? [];
+  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
+  const hostPlan = options.plan;
+  if (hostPlan !== undefined && (hostPlan.numTokens !== t || hostPlan.topK !== k || hostPlan.numExperts !== numExperts)) {
+    fail(op, `'options.plan' is for T=${hostPlan.numTokens}, K=${hostPlan.topK}, E=${hostPlan.numExperts} ` +
+        `but the call has T=${t}, K=${k}, E=${numExperts}`);
+  }
+  const rows = t * k;
+  const experts = routing.experts;
+  const tuning = webgpuMoETuningFor(rows, numExperts);
+
+  return tf.tidy(() => {
+    const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
+    const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
+    const upInputs = trainables(up);
+    const downInputs = trainables(down);
+
+    const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+      const save = args[args.length - 1] as tf.GradSaveFunc;
+      const [xIn, wIn] = args as tf.Tensor2D[];
+      const plan = deviceDispatchPlan(experts, numExperts, tuning.rowTile);
+      const c: Context = { plan, transposed, activation, numExperts, tuning };
+      const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
+      const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
+      const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
+      save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts, ...trainables(up), ...trainables(down)]);
+
+      const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
+        const [xS, wS, hS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
+        const [upS, next] = restore(up, saved, 7);
+        const [downS] = restore(down, saved, next);
+        const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
+          pairOfRow: pairOfRow as unknown as tf.Tensor1D };
+        const cS: Context = { ...c, plan: planS };
+        const wFlat = tf.reshape(wS, [rows]) as tf.Tensor1D;
+        const dy = { source: 'gather' as const, t: dOut as tf.Tensor2D };
+        const downGrads = projectionBackward(dy, { source: 'act', t: hS }, wFlat, downS, cS);
+        const g = downGrads.dx;                                                  // [cap, I], before w
+        const dWeights = pairDot(g, hS, planS, activation, transposed,
+            downS.bias ? { dOut: dOut as tf.Tensor2D, downBias: downS.bias, experts: expertsS } : undefined);  // [T, K]
+        const dh = activationBackward(hS, g, wFlat, planS, activation, transposed);  // [cap, 2I]
+        const upGrads = projectionBackward({ source: 'rows', t: dh }, { source: 'gather', t: xS }, undefined, upS, cS);
+        const dx = combineRows(upGrads.dx, planS);                               // [T, H]
+        return [dx, dWeights, ...upGrads.grads, ...downGrads.grads];
+      }) as tf.Tensor[];
+      return { value, gradFunc };
+    });
+    return run(x, routing.weights, ...upInputs, ...downInputs) as tf.Tensor2D;
+  });
+}

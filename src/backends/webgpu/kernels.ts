@@ -1,0 +1,402 @@
+/**
+ * The MoE kernels for tfjs's 'webgpu' backend (tf.registerKernel configs) and the typed calls
+ * that run them. Their names start with 'WebGPUMoE': the composed ops look kernels up by their
+ * own names on whatever backend is active, and must not find these. Each kernel builds its program(s) from the attributes and runs them with
+ * WebGPUBackend.runWebGPUProgram; sizes travel as uniforms, specialisations in the shader key.
+ * No kernel reads anything back to the host, so all of them work inside a layer's synchronous
+ * call and inside a customGrad.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
+import type { ExpertActivation } from '../../ops/types.js';
+import {
+  GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
+} from './programs/grouped_matmul_program.js';
+import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
+import {
+  ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
+} from './programs/row_programs.js';
+import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
+import { type ActivationSpec, activationUniforms, type ProgramUniformEntry, type RowSource } from './programs/shared.js';
+
+const BACKEND = 'webgpu';
+
+type KernelArgs = Parameters<tf.KernelFunc>[0];
+
+function webgpu(args: KernelArgs): WebGPUBackend {
+  return args.backend as unknown as WebGPUBackend;
+}
+
+function ints(...values: number[]): ProgramUniformEntry[] {
+  return values.map(v => ({ type: 'int32' as const, data: [v] }));
+}
+
+function activationOf(attrs: tf.NamedAttrMap): { spec: ActivationSpec; activation: ExpertActivation } | undefined {
+  if (attrs.actKind === 'none') return undefined;
+  const kind = attrs.actKind as ExpertActivation['kind'];
+  const activation: ExpertActivation = kind === 'swiglu'
+    ? { kind }
+    : { kind, alpha: attrs.actAlpha as number, limit: attrs.actLimit as number };
+  return { spec: { kind, interleaved: attrs.interleaved as boolean }, activation };
+}
+
+function activationAttrs(activation: ExpertActivation | undefined, interleaved: boolean): tf.NamedAttrMap {
+  return {
+    actKind: activation?.kind ?? 'none',
+    actAlpha: activation?.kind === 'clampedSwiglu' ? activation.alpha : 1,
+    actLimit: activation?.kind === 'clampedSwiglu' ? activation.limit : 0,
+    interleaved,
+  };
+}
+
+function tileAttrs(tile: TileConfig): tf.NamedAttrMap {
+  return { tm: tile.tm, tn: tile.tn, bk: tile.bk };
+}
+
+function tileOf(attrs: tf.NamedAttrMap): TileConfig {
+  return { tm: attrs.tm as number, tn: attrs.tn as number, bk: attrs.bk as number };
+}
+
+// ---- dispatch plan ----------------------------------------------------------------------------
+
+export const DISPATCH_PLAN = 'WebGPUMoEDispatchPlan';
+
+const dispatchPlanConfig: tf.KernelConfig = {
+  kernelName: DISPATCH_PLAN,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const b = webgpu(args);
+    const { experts } = args.inputs as { experts: tf.TensorInfo };
+    const numExperts = args.attrs!.numExperts as number;
+    const rowTile = args.attrs!.rowTile as number;
+    const capacity = args.attrs!.capacity as number;
+    const numPairs = tf.util.sizeFromShape(experts.shape);
+    const flat = { dataId: experts.dataId, shape: [numPairs], dtype: experts.dtype };
+    const seg = b.runWebGPUProgram(new ExpertSegmentsProgram(numExperts), [flat], 'int32',
+        ExpertSegmentsProgram.uniformsFor(numPairs, rowTile));
+    const rowOfPair = b.runWebGPUProgram(new RowOfPairProgram(numPairs, numExperts), [flat, seg], 'int32',
+        RowOfPairProgram.uniformsFor(numPairs));
+    const pairOfRow = b.runWebGPUProgram(new PairOfRowProgram(numPairs, capacity), [rowOfPair, seg], 'int32',
+        PairOfRowProgram.uniformsFor(numPairs, capacity, numExperts));
+    return [seg, rowOfPair, pairOfRow];
+  },
+};
+
+/** The plan's tensors; rows are padded per expert to a multiple of `rowTile`. */
+export interface DevicePlan {
+  /** [2E+1] int32: padded starts (E+1, the last = rows in use), then the count of each expert */
+  seg: tf.Tensor1D;
+  /** [T·K] int32: the padded row of each pair p = t·K + k */
+  rowOfPair: tf.Tensor1D;
+  /** [capacity] int32: the pair of each padded row, −1 on padding */
+  pairOfRow: tf.Tensor1D;
+  capacity: number;
+  rowTile: number;
+  numTokens: number;
+  topK: number;
+  numExperts: number;
+}
+
+/** Rows of the padded space: N + E·(tile − 1), rounded up to the tile. */
+export function planCapacity(numPairs: number, numExperts: number, rowTile: number): number {
+  return Math.ceil((numPairs + numExperts * (rowTile - 1)) / rowTile) * rowTile;
+}
+
+/**
+ * Sorts the (token, slot) pairs of `experts` [T, K] int32 by expert on the device. The ids must be
+ * in [0, E) (a routing op's output is); an id outside is dropped from the counts, as the device
+ * cannot throw.
+ */
+export function deviceDispatchPlan(experts: tf.Tensor2D, numExperts: number, rowTile: number): DevicePlan {
+  const [numTokens, topK] = experts.shape;
+  const capacity = planCapacity(numTokens * topK, numExperts, rowTile);
+  const [seg, rowOfPair, pairOfRow] = tf.engine().runKernel(
+      DISPATCH_PLAN, { experts }, { numExperts, rowTile, capacity }) as tf.Tensor1D[];
+  return { seg, rowOfPair, pairOfRow, capacity, rowTile, numTokens, topK, numExperts };
+}
+
+// ---- grouped products -------------------------------------------------------------------------
+
+export const GROUPED_MATMUL = 'WebGPUMoEGroupedMatMul';
+
+const groupedMatMulConfig: tf.KernelConfig = {
+  kernelName: GROUPED_MATMUL,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const a = args.attrs!;
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const act = activationOf(a);
+    const list = [inputs.A, inputs.W, inputs.seg, inputs.pr];
+    if (a.hasBias) list.push(inputs.bias);
+    if (a.hasAddend) list.push(inputs.addend);
+    const capacity = inputs.pr.shape[0];
+    const outCols = a.outCols as number;
+    const program = new GroupedMatMulProgram(capacity, outCols, {
+      source: a.source as RowSource, activation: act?.spec, hasBias: a.hasBias as boolean,
+      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, tile: tileOf(a),
+    });
+    const uniforms: ProgramUniformEntry[] = [
+      ...ints(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
+          a.sE as number, a.sN as number, a.sK as number),
+      { type: 'float32', data: [a.alpha as number] },
+      ...activationUniforms(act?.activation),
+    ];
+    return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
+  },
+};
+
+/** Where W_e(k, n) lives in the weight tensor: W[e·sE + n·sN + k·sK]. */
+export interface WeightStrides { sE: number; sN: number; sK: number }
+
+export interface GroupedMatMulArgs {
+  /** [T, inner] ('gather'), [capacity, inner] ('rows') or h [capacity, 2·inner] ('act') */
+  a: tf.Tensor2D;
+  source: RowSource;
+  /** any tensor holding the per-expert operand at `strides` */
+  w: tf.Tensor;
+  strides: WeightStrides;
+  inner: number;
+  outCols: number;
+  plan: DevicePlan;
+  tile: TileConfig;
+  activation?: ExpertActivation;
+  interleaved?: boolean;
+  /** [E, outCols] */
+  bias?: tf.Tensor2D;
+  /** [capacity, outCols], added after the product */
+  addend?: tf.Tensor2D;
+  alpha?: number;
+}
+
+/** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
+export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
+  const inputs: tf.NamedTensorMap = { A: args.a, W: args.w, seg: args.plan.seg, pr: args.plan.pairOfRow };
+  if (args.bias) inputs.bias = args.bias;
+  if (args.addend) inputs.addend = args.addend;
+  return tf.engine().runKernel(GROUPED_MATMUL, inputs, {
+    source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
+    outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
+    ...args.strides, alpha: args.alpha ?? 1,
+    ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
+  }) as tf.Tensor2D;
+}
+
+export const GROUPED_WEIGHT_GRAD = 'WebGPUMoEGroupedWeightGrad';
+
+const groupedWeightGradConfig: tf.KernelConfig = {
+  kernelName: GROUPED_WEIGHT_GRAD,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const a = args.attrs!;
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const act = activationOf(a);
+    const list = [inputs.L, inputs.R, inputs.seg];
+    if (usesPairOfRow({ left: a.left as 'gather' | 'rows', right: a.right as RowSource, scaleLeft: a.scaleLeft as boolean })) {
+      list.push(inputs.pr);
+    }
+    if (a.scaleLeft) list.push(inputs.rw);
+    const numExperts = a.numExperts as number;
+    const P = a.P as number;
+    const Q = a.Q as number;
+    const program = new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, {
+      left: a.left as 'gather' | 'rows', right: a.right as RowSource, activation: act?.spec,
+      scaleLeft: a.scaleLeft as boolean, tile: tileOf(a),
+    });
+    const uniforms: ProgramUniformEntry[] = [
+      ...ints(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
+      { type: 'float32', data: [a.alpha as number] },
+      ...activationUniforms(act?.activation),
+    ];
+    return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
+  },
+};
+
+export interface GroupedWeightGradArgs {
+  /** [T, P] ('gather') or [capacity, P] ('rows') */
+  l: tf.Tensor2D;
+  left: 'gather' | 'rows';
+  /** [T, Q] ('gather'), [capacity, Q] ('rows') or h [capacity, 2Q] ('act') */
+  r: tf.Tensor2D;
+  right: RowSource;
+  P: number;
+  Q: number;
+  /** the gradient's shape and where (e, p, q) goes in it */
+  outShape: number[];
+  outStrides: { oE: number; oP: number; oQ: number };
+  plan: DevicePlan;
+  tile: TileConfig;
+  /** [T·K] routing weights multiplying the L rows */
+  rowScale?: tf.Tensor1D;
+  activation?: ExpertActivation;
+  interleaved?: boolean;
+  alpha?: number;
+}
+
+/** dW (outShape): alpha·Σ_{rows of e} L(r, p)·R(r, q) for every expert at once. */
+export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
+  const inputs: tf.NamedTensorMap = { L: args.l, R: args.r, seg: args.plan.seg, pr: args.plan.pairOfRow };
+  if (args.rowScale) inputs.rw = args.rowScale;
+  return tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
+    left: args.left, right: args.right, scaleLeft: args.rowScale != null,
+    P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
+    topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,
+    ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
+  }) as tf.Tensor;
+}
+
+// ---- row-wise ---------------------------------------------------------------------------------
+
+export const COMBINE_ROWS = 'WebGPUMoECombineRows';
+
+const combineRowsConfig: tf.KernelConfig = {
+  kernelName: COMBINE_ROWS,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const topK = args.attrs!.topK as number;
+    const width = inputs.Y.shape[1];
+    const numTokens = inputs.rp.shape[0] / topK;
+    const weighted = inputs.rw != null;
+    const list = [inputs.Y, inputs.rp, ...(weighted ? [inputs.rw] : [])];
+    return webgpu(args).runWebGPUProgram(new CombineRowsProgram(numTokens, width, weighted), list, 'float32',
+        CombineRowsProgram.uniformsFor(width, topK));
+  },
+};
+
+/** out [T, width] = Σ_k (w[t,k]·) y[rowOfPair[t·K+k]]. */
+export function combineRows(y: tf.Tensor2D, plan: DevicePlan, weights?: tf.Tensor1D): tf.Tensor2D {
+  const inputs: tf.NamedTensorMap = { Y: y, rp: plan.rowOfPair };
+  if (weights) inputs.rw = weights;
+  return tf.engine().runKernel(COMBINE_ROWS, inputs, { topK: plan.topK }) as tf.Tensor2D;
+}
+
+export const ACTIVATION_BACKWARD = 'WebGPUMoEActivationBackward';
+
+const activationBackwardConfig: tf.KernelConfig = {
+  kernelName: ACTIVATION_BACKWARD,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const act = activationOf(args.attrs!)!;
+    const [capacity, width] = inputs.g.shape;
+    return webgpu(args).runWebGPUProgram(new ActivationBackwardProgram(capacity, width, act.spec),
+        [inputs.h, inputs.g, inputs.pr, inputs.rw], 'float32',
+        [...ints(capacity * width, width), ...activationUniforms(act.activation)]);
+  },
+};
+
+/** dh [capacity, 2I] = act'(h)·(w_pair·g), zero on padding rows. */
+export function activationBackward(
+    h: tf.Tensor2D, g: tf.Tensor2D, weights: tf.Tensor1D, plan: DevicePlan,
+    activation: ExpertActivation, interleaved: boolean): tf.Tensor2D {
+  return tf.engine().runKernel(ACTIVATION_BACKWARD, { h, g, pr: plan.pairOfRow, rw: weights },
+      activationAttrs(activation, interleaved)) as tf.Tensor2D;
+}
+
+export const PAIR_DOT = 'WebGPUMoEPairDot';
+
+const pairDotConfig: tf.KernelConfig = {
+  kernelName: PAIR_DOT,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const act = activationOf(args.attrs!)!;
+    const topK = args.attrs!.topK as number;
+    const width = inputs.g.shape[1];
+    const numPairs = inputs.rp.shape[0];
+    const withBias = inputs.b2 != null;
+    const hidden = withBias ? inputs.b2.shape[1] : 0;
+    const list = [inputs.g, inputs.h, inputs.rp, ...(withBias ? [inputs.dy, inputs.b2, inputs.ex] : [])];
+    return webgpu(args).runWebGPUProgram(new PairDotProgram(numPairs / topK, topK, act.spec, withBias), list,
+        'float32', [...ints(numPairs, width, hidden, topK), ...activationUniforms(act.activation)]);
+  },
+};
+
+/** dWeights [T, K]: ⟨g_r, act(h_r)⟩ (+ ⟨dOut_t, b2_e⟩) for r = rowOfPair[t·K+k]. */
+export function pairDot(
+    g: tf.Tensor2D, h: tf.Tensor2D, plan: DevicePlan, activation: ExpertActivation, interleaved: boolean,
+    bias?: { dOut: tf.Tensor2D; downBias: tf.Tensor2D; experts: tf.Tensor }): tf.Tensor2D {
+  const inputs: tf.NamedTensorMap = { g, h, rp: plan.rowOfPair };
+  if (bias) Object.assign(inputs, { dy: bias.dOut, b2: bias.downBias, ex: bias.experts });
+  return tf.engine().runKernel(PAIR_DOT, inputs,
+      { ...activationAttrs(activation, interleaved), topK: plan.topK }) as tf.Tensor2D;
+}
+
+export const GROUPED_COLUMN_SUM = 'WebGPUMoEGroupedColumnSum';
+
+const groupedColumnSumConfig: tf.KernelConfig = {
+  kernelName: GROUPED_COLUMN_SUM,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const a = args.attrs!;
+    const numExperts = a.numExperts as number;
+    const width = inputs.S.shape[1];
+    const scaled = inputs.rw != null;
+    const list = [inputs.S, inputs.seg, ...(a.source === 'gather' || scaled ? [inputs.pr] : []), ...(scaled ? [inputs.rw] : [])];
+    return webgpu(args).runWebGPUProgram(
+        new GroupedColumnSumProgram(numExperts, width, a.source as 'gather' | 'rows', scaled), list, 'float32',
+        ints(width, a.topK as number, numExperts));
+  },
+};
+
+/** dBias [E, width] = Σ over each expert's real rows of (w·) S(r). */
+export function groupedColumnSum(
+    s: tf.Tensor2D, source: 'gather' | 'rows', plan: DevicePlan, rowScale?: tf.Tensor1D): tf.Tensor2D {
+  const inputs: tf.NamedTensorMap = { S: s, seg: plan.seg, pr: plan.pairOfRow };
+  if (rowScale) inputs.rw = rowScale;
+  return tf.engine().runKernel(GROUPED_COLUMN_SUM, inputs,
+      { source, topK: plan.topK, numExperts: plan.numExperts }) as tf.Tensor2D;
+}
+
+// ---- routing ----------------------------------------------------------------------------------
+
+export const SOFTMAX_TOPK = 'WebGPUMoESoftmaxTopK';
+
+const softmaxTopKConfig: tf.KernelConfig = {
+  kernelName: SOFTMAX_TOPK,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const { logits } = args.inputs as { logits: tf.TensorInfo };
+    const k = args.attrs!.k as number;
+    const renormalize = args.attrs!.renormalize as boolean;
+    const [numTokens, numExperts] = logits.shape;
+    const uniforms = SoftmaxTopKProgram.uniformsFor(numTokens, numExperts);
+    const b = webgpu(args);
+    return [
+      b.runWebGPUProgram(new SoftmaxTopKProgram(numTokens, k, 'experts', renormalize), [logits], 'int32', uniforms),
+      b.runWebGPUProgram(new SoftmaxTopKProgram(numTokens, k, 'weights', renormalize), [logits], 'float32', uniforms),
+    ];
+  },
+};
+
+/** [experts [T, K] int32, weights [T, K]] of softmax → top-k (→ renormalize), no gradient. */
+export function softmaxTopKKernel(logits: tf.Tensor2D, k: number, renormalize: boolean): [tf.Tensor2D, tf.Tensor2D] {
+  return tf.engine().runKernel(SOFTMAX_TOPK, { logits }, { k, renormalize }) as [tf.Tensor2D, tf.Tensor2D];
+}
+
+export const SOFTMAX_TOPK_GRAD = 'WebGPUMoESoftmaxTopKGrad';
+
+const softmaxTopKGradConfig: tf.KernelConfig = {
+  kernelName: SOFTMAX_TOPK_GRAD,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const { logits, chosen, dy } = args.inputs as Record<string, tf.TensorInfo>;
+    const [numTokens, numExperts] = logits.shape;
+    const k = chosen.shape[1];
+    return webgpu(args).runWebGPUProgram(
+        new SoftmaxTopKGradProgram(numTokens, numExperts, k, args.attrs!.renormalize as boolean),
+        [logits, chosen, dy], 'float32', SoftmaxTopKProgram.uniformsFor(numTokens, numExperts));
+  },
+};
+
+/** dLogits [T, E] of the softmaxTopK weights for their cotangent dy [T, K], the choice fixed. */
+export function softmaxTopKGradKernel(
+    logits: tf.Tensor2D, chosen: tf.Tensor2D, dy: tf.Tensor2D, renormalize: boolean): tf.Tensor2D {
+  return tf.engine().runKernel(SOFTMAX_TOPK_GRAD, { logits, chosen, dy }, { renormalize }) as tf.Tensor2D;
+}
+
+export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
+  dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
+  activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
+];

@@ -1,0 +1,142 @@
+/**
+ * softmax → top-k → weights in one pass over each token's logits: one thread per token computes
+ * the softmax's max and sum, then picks the K largest probabilities in the order (p descending,
+ * index ascending) — the order of tf.topk, ties to the lower index — without sorting or storing
+ * the E probabilities. The same program writes either the experts (int32) or their weights
+ * (float32, optionally divided by their sum): WebGPU programs in tfjs have one output, and the
+ * selection is cheap enough to run twice.
+ */
+import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import type { ProgramUniformEntry } from './shared.js';
+
+export class SoftmaxTopKProgram implements WebGPUProgram {
+  variableNames = ['logits'];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [64, 1, 1];
+  uniforms = 'numTokens : i32, numExperts : i32, ';
+  private readonly k: number;
+  private readonly output: 'experts' | 'weights';
+  private readonly renormalize: boolean;
+
+  constructor(numTokens: number, k: number, output: 'experts' | 'weights', renormalize: boolean) {
+    this.k = k;
+    this.output = output;
+    this.renormalize = renormalize;
+    this.outputShape = [numTokens, k];
+    this.dispatch = [Math.ceil(numTokens / 64), 1, 1];
+    this.shaderKey = `moeSoftmaxTopK_${k}_${output}_${renormalize ? 'r' : ''}`;
+  }
+
+  static uniformsFor(numTokens: number, numExperts: number): ProgramUniformEntry[] {
+    return [{ type: 'int32', data: [numTokens] }, { type: 'int32', data: [numExperts] }];
+  }
+
+  getUserCode(): string {
+    const K = this.k;
+    const write = this.output === 'experts'
+      ? `for (var k = 0; k < ${K}; k++) { result[index * ${K} + k] = chosen[k]; }`
+      : `let denom = ${this.renormalize ? 'total' : '1.0'};
+         for (var k = 0; k < ${K}; k++) { result[index * ${K} + k] = prob[k] / denom; }`;
+    return `
+      fn main(index : i32) {
+        if (index >= uniforms.numTokens) { return; }
+        let E = uniforms.numExperts;
+        let base = index * E;
+        var mx = logits[base];
+        for (var e = 1; e < E; e++) { mx = max(mx, logits[base + e]); }
+        var sum = 0.0;
+        for (var e = 0; e < E; e++) { sum += exp(logits[base + e] - mx); }
+        var chosen : array<i32, ${K}>;
+        var prob : array<f32, ${K}>;
+        var prevP = 2.0;
+        var prevE = -1;
+        var total = 0.0;
+        for (var k = 0; k < ${K}; k++) {
+          var bestP = -1.0;
+          var bestE = -1;
+          for (var e = 0; e < E; e++) {
+            let p = exp(logits[base + e] - mx) / sum;
+            let after = p < prevP || (p == prevP && e > prevE);
+            if (after && p > bestP) {
+              bestP = p;
+              bestE = e;
+            }
+          }
+          chosen[k] = bestE;
+          prob[k] = bestP;
+          total += bestP;
+          prevP = bestP;
+          prevE = bestE;
+        }
+        ${write}
+      }
+    `;
+  }
+}
+
+/**
+ * The logits' gradient of SoftmaxTopKProgram's weights, one thread per token: with p = softmax(z),
+ * the chosen p_k, S = Σ_k p_k and w_k = p_k / S (or p_k), dq_k = (dy_k − Σ_j dy_j·w_j) / S (or
+ * dy_k), dp scattered to the chosen experts (repeats add), and dz_e = p_e·(dp_e − Σ_k dq_k·p_k).
+ * Selection gets no gradient. Replaces a dozen composed kernels of the same formulas.
+ */
+export class SoftmaxTopKGradProgram implements WebGPUProgram {
+  variableNames = ['logits', 'chosen', 'dy'];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [64, 1, 1];
+  uniforms = 'numTokens : i32, numExperts : i32, ';
+  private readonly k: number;
+  private readonly renormalize: boolean;
+
+  constructor(numTokens: number, numExperts: number, k: number, renormalize: boolean) {
+    this.k = k;
+    this.renormalize = renormalize;
+    this.outputShape = [numTokens, numExperts];
+    this.dispatch = [Math.ceil(numTokens / 64), 1, 1];
+    this.shaderKey = `moeSoftmaxTopKGrad_${k}_${renormalize ? 'r' : ''}`;
+  }
+
+  getUserCode(): string {
+    const K = this.k;
+    const dq = this.renormalize ? '(dy[index * K + k] - dot) / total' : 'dy[index * K + k]';
+    return `
+      const K = ${K};
+      fn main(index : i32) {
+        if (index >= uniforms.numTokens) { return; }
+        let E = uniforms.numExperts;
+        let base = index * E;
+        var mx = logits[base];
+        for (var e = 1; e < E; e++) { mx = max(mx, logits[base + e]); }
+        var sum = 0.0;
+        for (var e = 0; e < E; e++) { sum += exp(logits[base + e] - mx); }
+        var ek : array<i32, ${K}>;
+        var pk : array<f32, ${K}>;
+        var dqk : array<f32, ${K}>;
+        var total = 0.0;
+        for (var k = 0; k < K; k++) {
+          ek[k] = chosen[index * K + k];
+          pk[k] = exp(logits[base + ek[k]] - mx) / sum;
+          total += pk[k];
+        }
+        var dot = 0.0;
+        for (var k = 0; k < K; k++) { dot += dy[index * K + k] * pk[k] / total; }
+        var c = 0.0;
+        for (var k = 0; k < K; k++) {
+          dqk[k] = ${dq};
+          c += dqk[k] * pk[k];
+        }
+        for (var e = 0; e < E; e++) {
+          var dp = 0.0;
+          for (var k = 0; k < K; k++) { if (ek[k] == e) { dp += dqk[k]; } }
+          result[base + e] = exp(logits[base + e] - mx) / sum * (dp - c);
+        }
+      }
+    `;
+  }
+}

@@ -1,0 +1,211 @@
+/**
+ * The row-wise programs around the grouped products:
+ * - CombineRowsProgram: out[t] = Σ_k (w[t,k]·) Y[rowOfPair[t·K+k]], the weighted scatter-add back to
+ *   tokens as a gather through the inverse permutation and a sum over K in k order (no float
+ *   atomics, deterministic).
+ * - ActivationBackwardProgram: dh = act'(h)·(w_pair·g) on the padded rows.
+ * - PairDotProgram: the routing weights' gradient ⟨dOut_t, y_(t,k)⟩ without y: it equals
+ *   ⟨g_r, act(h_r)⟩ (+ ⟨dOut_t, b2_e⟩ with a down bias), g = dOut_t·W2_e being the down
+ *   projection's input gradient before the routing weight.
+ * - GroupedColumnSumProgram: bias gradients, Σ over an expert's real rows.
+ */
+import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import {
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, FLAT_WORKGROUP_INDEX, type ProgramUniformEntry,
+} from './shared.js';
+
+const FLAT_THREADS = 64;
+
+function flatDispatch(size: number): [number, number, number] {
+  return [Math.max(1, Math.ceil(size / FLAT_THREADS)), 1, 1];
+}
+
+/** out [T, width] from Y [capacity, width], rowOfPair [T·K] and, when weighted, w [T·K]. */
+export class CombineRowsProgram implements WebGPUProgram {
+  variableNames: string[];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
+  size = true;
+  uniforms = 'width : i32, topK : i32, ';
+  private readonly weighted: boolean;
+
+  constructor(numTokens: number, width: number, weighted: boolean) {
+    this.weighted = weighted;
+    this.outputShape = [numTokens, width];
+    this.dispatch = flatDispatch(numTokens * width);
+    this.variableNames = ['Y', 'rp', ...(weighted ? ['rw'] : [])];
+    this.shaderKey = `moeCombineRows_${weighted ? 'w' : ''}`;
+  }
+
+  static uniformsFor(width: number, topK: number): ProgramUniformEntry[] {
+    return [{ type: 'int32', data: [width] }, { type: 'int32', data: [topK] }];
+  }
+
+  getUserCode(): string {
+    const term = this.weighted ? 'rw[p] * Y[rp[p] * uniforms.width + j]' : 'Y[rp[p] * uniforms.width + j]';
+    return `
+      fn main(index : i32) {
+        if (index >= uniforms.size) { return; }
+        let t = index / uniforms.width;
+        let j = index - t * uniforms.width;
+        var s = 0.0;
+        for (var k = 0; k < uniforms.topK; k++) {
+          let p = t * uniforms.topK + k;
+          s += ${term};
+        }
+        result[index] = s;
+      }
+    `;
+  }
+}
+
+/** dh [capacity, 2·width] from h [capacity, 2·width], g [capacity, width], pairOfRow and w [T·K]. */
+export class ActivationBackwardProgram implements WebGPUProgram {
+  variableNames = ['h', 'g', 'pr', 'rw'];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
+  uniforms = 'count : i32, width : i32, ' + ACTIVATION_UNIFORMS;
+  private readonly activation: ActivationSpec;
+
+  constructor(capacity: number, width: number, activation: ActivationSpec) {
+    this.activation = activation;
+    this.outputShape = [capacity, 2 * width];
+    this.dispatch = flatDispatch(capacity * width);
+    this.shaderKey = `moeActivationBackward_${activationKey(activation)}`;
+  }
+
+  getUserCode(): string {
+    return `
+      ${activationSnippet(this.activation)}
+      fn main(index : i32) {
+        if (index >= uniforms.count) { return; }
+        let r = index / uniforms.width;
+        let i = index - r * uniforms.width;
+        let base = r * 2 * uniforms.width;
+        let gi = base + gateIndex(i, uniforms.width);
+        let ui = base + upIndex(i, uniforms.width);
+        let p = pr[r];
+        if (p < 0) {
+          result[gi] = 0.0;
+          result[ui] = 0.0;
+          return;
+        }
+        let d = actBackward(h[gi], h[ui], rw[p] * g[r * uniforms.width + i]);
+        result[gi] = d.x;
+        result[ui] = d.y;
+      }
+    `;
+  }
+}
+
+const DOT_THREADS = 64;
+
+/**
+ * dWeights [T, K]: per pair, ⟨g_r, act(h_r)⟩ (+ ⟨dOut_t, b2_e⟩), r = rowOfPair[p]; one workgroup
+ * per pair with a tree reduction (fixed order: deterministic).
+ */
+export class PairDotProgram implements WebGPUProgram {
+  variableNames: string[];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [DOT_THREADS, 1, 1];
+  uniforms = 'numPairs : i32, width : i32, hidden : i32, topK : i32, ' + ACTIVATION_UNIFORMS;
+  private readonly activation: ActivationSpec;
+  private readonly withBias: boolean;
+
+  constructor(numTokens: number, topK: number, activation: ActivationSpec, withBias: boolean) {
+    this.activation = activation;
+    this.withBias = withBias;
+    this.outputShape = [numTokens, topK];
+    this.dispatch = [numTokens * topK, 1, 1];
+    this.variableNames = ['g', 'h', 'rp', ...(withBias ? ['dy', 'b2', 'ex'] : [])];
+    this.shaderKey = `moePairDot_${activationKey(activation)}_${withBias ? 'b' : ''}`;
+  }
+
+  getUserCode(): string {
+    const bias = this.withBias ? `
+          let t = pair / uniforms.topK;
+          let e = ex[pair];
+          for (var j = lid; j < uniforms.hidden; j += ${DOT_THREADS}) {
+            s += dy[t * uniforms.hidden + j] * b2[e * uniforms.hidden + j];
+          }` : '';
+    return `
+      ${activationSnippet(this.activation)}
+      ${FLAT_WORKGROUP_INDEX}
+      var<workgroup> partial : array<f32, ${DOT_THREADS}>;
+      fn main(index : i32) {
+        let lid = i32(localIndex);
+        let pair = flatWorkgroupIndex();
+        let live = pair < uniforms.numPairs;
+        var s = 0.0;
+        if (live) {
+          let r = rp[pair];
+          let base = r * 2 * uniforms.width;
+          for (var i = lid; i < uniforms.width; i += ${DOT_THREADS}) {
+            let a = actForward(h[base + gateIndex(i, uniforms.width)], h[base + upIndex(i, uniforms.width)]);
+            s += g[r * uniforms.width + i] * a;
+          }
+          ${bias}
+        }
+        partial[lid] = s;
+        workgroupBarrier();
+        for (var offset = ${DOT_THREADS / 2}; offset > 0; offset /= 2) {
+          if (lid < offset) { partial[lid] += partial[lid + offset]; }
+          workgroupBarrier();
+        }
+        if (live && lid == 0) { result[pair] = partial[0]; }
+      }
+    `;
+  }
+}
+
+/** dBias [E, width] = Σ over the real rows of e of (w·) S(r), S gathered ('gather') or padded rows ('rows'). */
+export class GroupedColumnSumProgram implements WebGPUProgram {
+  variableNames: string[];
+  outputShape: number[];
+  shaderKey: string;
+  dispatchLayout = { x: [0, 1] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
+  size = true;
+  uniforms = 'width : i32, topK : i32, numExperts : i32, ';
+  private readonly source: 'gather' | 'rows';
+  private readonly scaled: boolean;
+
+  constructor(numExperts: number, width: number, source: 'gather' | 'rows', scaled: boolean) {
+    this.source = source;
+    this.scaled = scaled;
+    this.outputShape = [numExperts, width];
+    this.dispatch = flatDispatch(numExperts * width);
+    // an input the shader never reads drops out of the pipeline's layout: name pr only when used
+    this.variableNames = ['S', 'seg', ...(source === 'gather' || scaled ? ['pr'] : []), ...(scaled ? ['rw'] : [])];
+    this.shaderKey = `moeGroupedColumnSum_${source}_${scaled ? 's' : ''}`;
+  }
+
+  getUserCode(): string {
+    const row = this.source === 'gather' ? '(pr[r] / uniforms.topK)' : 'r';
+    const scale = this.scaled ? ' * rw[pr[r]]' : '';
+    return `
+      fn main(index : i32) {
+        if (index >= uniforms.size) { return; }
+        let e = index / uniforms.width;
+        let c = index - e * uniforms.width;
+        let start = seg[e];
+        let end = start + seg[uniforms.numExperts + 1 + e];
+        var s = 0.0;
+        for (var r = start; r < end; r++) {
+          s += S[${row} * uniforms.width + c]${scale};
+        }
+        result[index] = s;
+      }
+    `;
+  }
+}

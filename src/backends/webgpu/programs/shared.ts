@@ -1,0 +1,109 @@
+/**
+ * Pieces shared by the MoE WebGPU programs: the uniform type tfjs's runWebGPUProgram takes, the
+ * activation's WGSL, and the lookups into the device dispatch plan.
+ *
+ * The device plan (see plan_programs.ts) sorts the T·K (token, slot) pairs by expert into a
+ * padded row space: expert e owns rows [seg[e], seg[e+1]), a multiple of the row tile, of which
+ * the first seg[E+1+e] are real and the rest padding (pairOfRow = −1). seg[E] is the number of
+ * rows in use; rows past it, up to the capacity N + E·(tile−1), belong to no expert.
+ *
+ * Every program's WGSL is written against tfjs's shader preamble: inputs are `var<storage, read>`
+ * arrays named after `variableNames`, the output is `result`, sizes come in `uniforms`, and the
+ * builtins are copied into the private variables localId, localIndex, workgroupId, numWorkgroups.
+ * Those copies are not uniform to WGSL's analysis, so a per-workgroup value that guards a barrier
+ * goes through a workgroup variable and workgroupUniformLoad.
+ */
+import type { ExpertActivation } from '../../../ops/types.js';
+
+/** One entry of the program-defined uniforms, in the order of the program's `uniforms` string. */
+export interface ProgramUniformEntry { type: 'int32' | 'float32'; data: number[] }
+
+/** Threads per workgroup of the tiled products: 16×16, each thread a TM×TN block of outputs. */
+export const TILE_THREADS = 16;
+
+/** How a program reads the rows of its left operand. */
+export type RowSource =
+  /** a [T, width] tensor gathered through pairOfRow: row r is token pairOfRow[r] / K */
+  | 'gather'
+  /** a [capacity, width] tensor in the padded row space */
+  | 'rows'
+  /** h [capacity, 2·width]: the activation of the up projection's output, computed on load */
+  | 'act';
+
+/** The activation's specialisation: kind and gate/up layout; alpha and limit are uniforms. */
+export interface ActivationSpec { kind: ExpertActivation['kind']; interleaved: boolean }
+
+export function activationKey(a: ActivationSpec | undefined): string {
+  return a === undefined ? 'none' : `${a.kind}${a.interleaved ? 'I' : 'S'}`;
+}
+
+export function activationUniforms(activation: ExpertActivation | undefined): ProgramUniformEntry[] {
+  const [alpha, limit] = activation?.kind === 'clampedSwiglu' ? [activation.alpha, activation.limit] : [1, 0];
+  return [{ type: 'float32', data: [alpha] }, { type: 'float32', data: [limit] }];
+}
+
+/** Uniform declarations matching activationUniforms. */
+export const ACTIVATION_UNIFORMS = 'actAlpha : f32, actLimit : f32, ';
+
+/**
+ * WGSL: gateIndex/upIndex(i, width) give the columns of gate i and up i in an h row of 2·width;
+ * actForward(g, u) and actBackward(g, u, da) -> vec2(dGate, dUp). The clamps pass the gradient
+ * where the input is within the limits, boundaries included (as torch.clamp does).
+ */
+export function activationSnippet(a: ActivationSpec): string {
+  const index = a.interleaved
+    ? `fn gateIndex(i : i32, width : i32) -> i32 { return 2 * i; }
+       fn upIndex(i : i32, width : i32) -> i32 { return 2 * i + 1; }`
+    : `fn gateIndex(i : i32, width : i32) -> i32 { return i; }
+       fn upIndex(i : i32, width : i32) -> i32 { return width + i; }`;
+  const math = a.kind === 'swiglu'
+    ? `fn actForward(g : f32, u : f32) -> f32 {
+         return g / (1.0 + exp(-g)) * u;
+       }
+       fn actBackward(g : f32, u : f32, da : f32) -> vec2<f32> {
+         let sig = 1.0 / (1.0 + exp(-g));
+         // silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+         return vec2<f32>(da * u * sig * (1.0 + g * (1.0 - sig)), da * g * sig);
+       }`
+    : `fn actForward(gate : f32, up : f32) -> f32 {
+         let g = min(gate, uniforms.actLimit);
+         let u = clamp(up, -uniforms.actLimit, uniforms.actLimit);
+         return (u + 1.0) * g / (1.0 + exp(-uniforms.actAlpha * g));
+       }
+       fn actBackward(gate : f32, up : f32, da : f32) -> vec2<f32> {
+         let g = min(gate, uniforms.actLimit);
+         let u = clamp(up, -uniforms.actLimit, uniforms.actLimit);
+         let sig = 1.0 / (1.0 + exp(-uniforms.actAlpha * g));
+         let glu = g * sig;
+         let dGlu = sig * (1.0 + uniforms.actAlpha * g * (1.0 - sig));
+         let gateIn = select(0.0, 1.0, gate <= uniforms.actLimit);
+         let upIn = select(0.0, 1.0, up >= -uniforms.actLimit && up <= uniforms.actLimit);
+         return vec2<f32>(da * (u + 1.0) * dGlu * gateIn, da * glu * upIn);
+       }`;
+  return `${index}\n${math}`;
+}
+
+/**
+ * WGSL: expertOfRow(r), the expert whose padded rows hold row r < seg[E]: the largest e with
+ * seg[e] <= r (empty experts share their start with the next one, so they are never picked).
+ * Needs an int32 input named `seg` and the uniform numExperts.
+ */
+export const EXPERT_OF_ROW = `
+  fn expertOfRow(r : i32) -> i32 {
+    var lo = 0;
+    var hi = uniforms.numExperts - 1;
+    while (lo < hi) {
+      let mid = (lo + hi + 1) / 2;
+      if (seg[mid] <= r) { lo = mid; } else { hi = mid - 1; }
+    }
+    return lo;
+  }
+`;
+
+/** WGSL: the flat index of this workgroup when a 1-D dispatch was reshaped to fit the limits. */
+export const FLAT_WORKGROUP_INDEX = `
+  fn flatWorkgroupIndex() -> i32 {
+    return i32(workgroupId.x + workgroupId.y * numWorkgroups.x +
+        workgroupId.z * numWorkgroups.x * numWorkgroups.y);
+  }
+`;

@@ -1,0 +1,44 @@
+/**
+ * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
+ * implementation of the 'fused' block and the softmaxTopK routing kernel. The routing override
+ * delegates to the implementation it replaced on every other backend, and for configs it does
+ * not handle (whose errors the replaced implementation reports).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { registerExpertsImplementation } from '../../ops/moe_block.js';
+import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
+import { webgpuFusedExperts } from './experts.js';
+import { webgpuMoEKernelConfigs } from './kernels.js';
+import { webgpuRouteSoftmaxTopK } from './routing.js';
+
+export const WEBGPU_BACKEND = 'webgpu';
+
+let installed = false;
+
+/**
+ * Idempotent; returns the names of the kernels it registered now. Called by
+ * registerMoEKernels('webgpu').
+ *
+ * ```js
+ * await tf.setBackend('webgpu');
+ * registerWebGPUMoE();
+ * ```
+ */
+export function registerWebGPUMoE(): string[] {
+  const added: string[] = [];
+  for (const config of webgpuMoEKernelConfigs) {
+    if (tf.getKernel(config.kernelName, WEBGPU_BACKEND) != null) continue;
+    tf.registerKernel(config);
+    added.push(config.kernelName);
+  }
+  if (installed) return added;
+  installed = true;
+  registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
+  const previous: RoutingFn | undefined = registerRouting('softmaxTopK', (logits, config, bias) => {
+    const own = tf.getBackend() === WEBGPU_BACKEND && bias === undefined && config.nGroup === undefined &&
+        config.topkGroup === undefined && config.scalingFactor === undefined;
+    if (!own) return previous!(logits, config, bias);
+    return webgpuRouteSoftmaxTopK(logits, config.topK, { renormalize: config.renormalize });
+  });
+  return added;
+}
