@@ -14,6 +14,12 @@ let warnings: string[] = [];
 
 export const mochaHooks = {
   async beforeAll(this: Mocha.Context) {
+    if (backend === 'webgpu') {
+      // Dawn as navigator.gpu, the adapter found or a loud failure (src/backends/webgpu/dawn.ts)
+      const { setupDawnWebGPU } = await import('../src/backends/webgpu/dawn.js');
+      const adapter = await setupDawnWebGPU();
+      console.log(`# webgpu adapter: ${adapter.description || adapter.vendor} (${adapter.featureLevel}, [${adapter.flags.join(' ')}])`);
+    }
     if (!(await tf.setBackend(backend))) throw new Error(`TFJS_BACKEND='${backend}' could not be set`);
     await tf.ready();
     registerMoEKernels(backend);
@@ -23,6 +29,9 @@ export const mochaHooks = {
     tf.dispose(tf.scalar(0));
     console.warn = realWarn;
     console.log(`# backend: ${tf.getBackend()}`);
+  },
+  async afterAll() {
+    if (backend === 'webgpu') (await import('../src/backends/webgpu/dawn.js')).releaseDawnWebGPU();
   },
   beforeEach() {
     warnings = [];

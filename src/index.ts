@@ -30,12 +30,29 @@ export {
 } from './patch/index.js';
 export * from './layers/index.js';
 export { loadHFCheckpoint, CheckpointError, hfWeightName, type LoadHFCheckpointOptions } from './io/hf_checkpoint.js';
+export { loadHFCheckpointFrom, type HFCheckpointFiles } from './io/hf_checkpoint_core.js';
+export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction } from './io/fetch_checkpoint.js';
 export {
   loadPeftAdapter, savePeftAdapter, peftAdapterTensors, PeftAdapterError,
   type PeftAdapterOptions, type LoadedPeftAdapter, type PeftTensor,
 } from './io/peft.js';
 export { registerFileIOHandler, fileIO, FileIOError } from './io/file_io_handler.js';
+export {
+  loadModelDir, modelDirFormat, modelDirFormats, ModelDirError, MODEL_DIR_FORMATS, type ModelDirFormat,
+} from './io/model_dir.js';
+export { inspectModel, type ModelReport, type MoELayerReport, type AdapterReport } from './models/inspect.js';
 
 // Like tfjs-node, this (Node) entry makes 'file://' paths work for model.save and
 // tf.loadLayersModel; it steps aside when tfjs-node already handles them.
 registerFileIO();
+export { saveHFCheckpoint, hfCheckpointTensors } from './io/hf_save.js';
+export {
+  CharTokenizer, TokenizerError, readTokenizer, writeTokenizer, generateCorpus,
+  type CharTokenizerJSON, type Corpus, type CorpusOptions, type CorpusStyle,
+} from './data/index.js';
+export {
+  runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
+  type TrainRunOptions, type TrainRunResult, type TrainMode, type TrainLoopOptions, type TrainLoopResult,
+} from './train/index.js';
+export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
+export { registerWebGPUMoE } from './backends/webgpu/register.js';

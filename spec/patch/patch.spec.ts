@@ -4,6 +4,7 @@
  * loaded after register(); adapters added and removed; a user's own MoE class via a descriptor.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { moeKernelNames } from '../../src/backends/register_all_kernels.js';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { LORA_TARGETS, SparseMoE, type LoRATarget, type SparseMoEArgs } from '../../src/layers/sparse_moe.js';
@@ -301,7 +302,10 @@ describe('patching: register / unregister', () => {
     layer.build([null, H]);
     const handle = register({ models: [layer] });
     expect(handle.backend).to.equal(tf.getBackend());
-    expect(handle.kernels).to.deep.equal(tf.getBackend() === 'wasm' ? ['UnsortedSegmentSum'] : []);
+    // every kernel this package has for the backend, and each one really registered there
+    expect(handle.kernels).to.deep.equal(moeKernelNames(tf.getBackend()));
+    handle.kernels.forEach(k => expect(tf.getKernel(k, tf.getBackend()), k).to.not.equal(undefined));
+    if (tf.getBackend() === 'wasm') expect(handle.kernels).to.include('UnsortedSegmentSum');
     expect(handle.patched).to.deep.equal([{ layer: 'moe_f', className: 'SparseMoE', routing: 'sigmoidGroupTopK',
       kernel: 'fused', adapter: null, adapterAdded: false }]);
     expect(handle.active).to.equal(true);

@@ -3,11 +3,17 @@
  * registered (by tfjs itself or an earlier call) is left alone.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { cpuMoEKernelConfigs } from './cpu/moe_kernels.js';
+import { wasmMoEKernelConfigs } from './wasm/moe_kernels.js';
 import { unsortedSegmentSumConfig } from './wasm/unsorted_segment_sum.js';
+import { webgpuMoEKernelConfigs } from './webgpu/kernels.js';
+import { registerWebGPUMoE } from './webgpu/register.js';
 
 /** Per backend, the kernels this package adds; filled by src/backends/<backend>/. */
 const kernelsByBackend: Record<string, tf.KernelConfig[]> = {
-  wasm: [unsortedSegmentSumConfig],
+  cpu: cpuMoEKernelConfigs,
+  wasm: [unsortedSegmentSumConfig, ...wasmMoEKernelConfigs],
+  webgpu: webgpuMoEKernelConfigs,
 };
 
 /** Returns the names of the kernels it registered now. */
@@ -18,6 +24,8 @@ export function registerMoEKernels(backendName: string = tf.getBackend()): strin
     tf.registerKernel(config);
     added.push(config.kernelName);
   }
+  // the experts implementation of the 'fused' block and the routing kernel ride along
+  if (backendName === 'webgpu') registerWebGPUMoE();
   return added;
 }
 

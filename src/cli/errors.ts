@@ -2,6 +2,10 @@
  * Which errors are the user's (a bad fixture, checkpoint, config or install): the CLI prints
  * their message alone. Any other error is a bug and keeps its stack trace.
  */
+import { FileIOError } from '../io/file_io_handler.js';
+import { CheckpointError } from '../io/hf_checkpoint.js';
+import { ModelDirError } from '../io/model_dir.js';
+import { PeftAdapterError } from '../io/peft.js';
 import { SafetensorsError } from '../io/safetensors.js';
 import { FixtureError } from '../models/parity.js';
 import { OpArgumentError } from '../ops/validate.js';
@@ -27,7 +31,8 @@ export class ExitCode extends Error {
 
 export function isUserError(err: unknown): err is Error {
   if (err instanceof OpArgumentError || err instanceof SafetensorsError || err instanceof FixtureError ||
-      err instanceof BackendError) {
+      err instanceof BackendError || err instanceof CheckpointError || err instanceof PeftAdapterError ||
+      err instanceof FileIOError || err instanceof ModelDirError) {
     return true;
   }
   // Node's file-system errors (ENOENT, EACCES, ...) name the path and the cause already.

@@ -6,7 +6,11 @@ import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import * as bench from './commands/bench.js';
+import * as convert from './commands/convert.js';
+import * as inspect from './commands/inspect.js';
 import * as parity from './commands/parity.js';
+import * as train from './commands/train.js';
 import { ExitCode, UsageError, isUserError } from './errors.js';
 
 const NAME = 'tfjs-moe-lora';
@@ -16,6 +20,10 @@ export async function main(args: string[]): Promise<number> {
   const parser = yargs(args)
       .scriptName(NAME)
       .command(parity)
+      .command(train)
+      .command(bench)
+      .command(convert)
+      .command(inspect)
       .demandCommand(1, 'name a command')
       .strict()
       .help()
@@ -55,4 +63,6 @@ function isEntryPoint(): boolean {
   }
 }
 
-if (isEntryPoint()) process.exitCode = await main(hideBin(process.argv));
+// No top-level await: it would make this module async, and code that requires it (tests under
+// a TS loader) would then load a second copy of every module it imports.
+if (isEntryPoint()) void main(hideBin(process.argv)).then(code => { process.exitCode = code; });

@@ -1,0 +1,269 @@
+/**
+ * The browser example: fetch an MoE checkpoint in Hugging Face layout, register the plugin with
+ * LoRA on the experts and the router, and train the adapters on wasm (webgpu when the browser
+ * offers an adapter), drawing the loss as it goes.
+ *
+ * Page parameters (all optional), e.g. index.html?steps=40&lr=0.02:
+ *   model    checkpoint folder URL (config.json, model.safetensors, tokenizer.json)  default 'model/'
+ *   text     URL of a target text to train on (needs the checkpoint's tokenizer.json); default:
+ *            with a tokenizer.json, the example's target text generated here (src/data/),
+ *            without one, random token ids, which the adapters learn to predict
+ *   steps    training steps (60)        lr     Adam learning rate (0.01)
+ *   rank     LoRA rank r (8)            alpha  LoRA alpha (16)
+ *   batch    sequences per step (4)     seq    tokens per sequence (32, at most the model's context)
+ *   backend  auto | wasm | webgpu | cpu (auto: webgpu when an adapter is offered, else wasm)
+ *   seed     seed of the random ids and of the text windows (1)
+ *
+ * Progress is in `window.__moeLoRA` (spec/browser/finetune.spec.ts reads it).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';  // the gradients of the layers' ops
+import '@tensorflow/tfjs-backend-cpu';
+import { setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
+import '@tensorflow/tfjs-backend-webgpu';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { fetchHFCheckpoint, hfConfigOf, register, trainableVariables, type PluginHandle } from '../../src/browser.js';
+import { EXAMPLE_CORPORA, generateCorpus } from '../../src/data/synthetic.js';
+import { LossChart } from './chart.js';
+import { tokenizerFromJSON, type PageTokenizer } from './tokenizer.js';
+
+/** What the page reports to a test harness (and to anyone in the console). */
+export interface PageProgress {
+  status: 'loading' | 'training' | 'done' | 'error';
+  backend: string | null;
+  model: string;
+  data: string | null;
+  step: number;
+  steps: number;
+  losses: number[];
+  /** mean loss on held-out windows of the target text before and after training (null on random ids) */
+  valLoss: { base: number; adapted: number | null } | null;
+  msPerStep: number | null;
+  done: boolean;
+  error: string | null;
+}
+
+declare global {
+  interface Window { __moeLoRA: PageProgress }
+}
+
+const params = new URLSearchParams(location.search);
+
+function numberParam(name: string, fallback: number, check: (v: number) => boolean, rule: string): number {
+  const raw = params.get(name);
+  if (raw === null || raw === '') return fallback;
+  const v = Number(raw);
+  if (!Number.isFinite(v) || !check(v)) throw new Error(`page parameter '${name}' must be ${rule} but is '${raw}'`);
+  return v;
+}
+
+const positiveInt = (v: number) => Number.isInteger(v) && v >= 1;
+
+const progress: PageProgress = {
+  status: 'loading', backend: null, model: params.get('model') ?? 'model/', data: null,
+  step: 0, steps: 0, losses: [], valLoss: null, msPerStep: null, done: false, error: null,
+};
+window.__moeLoRA = progress;
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+function show(text: string): void {
+  $('status').textContent = text;
+}
+
+/** A small seeded generator (mulberry32), so a page parameter set always trains on the same batches. */
+function seeded(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    let t = (state = (state + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+async function pickBackend(wanted: string): Promise<string> {
+  let name = wanted;
+  if (name === 'auto') {
+    const gpu = (navigator as Navigator & { gpu?: { requestAdapter(): Promise<unknown> } }).gpu;
+    const adapter = gpu === undefined ? null : await gpu.requestAdapter().catch(() => null);
+    name = adapter != null ? 'webgpu' : 'wasm';
+  }
+  // the .wasm files lie next to the bundle (the build copies them)
+  setWasmPaths(new URL('./', import.meta.url).href);
+  if (!(await tf.setBackend(name))) throw new Error(`the '${name}' backend could not be started in this browser`);
+  await tf.ready();
+  return tf.getBackend();
+}
+
+/** The checkpoint's tokenizer.json, or null when the folder has none. */
+async function fetchTokenizer(modelURL: string): Promise<PageTokenizer | null> {
+  const url = (modelURL.endsWith('/') ? modelURL : `${modelURL}/`) + 'tokenizer.json';
+  const response = await fetch(url);
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`cannot fetch '${url}': HTTP ${response.status}`);
+  return tokenizerFromJSON(await response.json());
+}
+
+interface Data {
+  describe: string;
+  /** the ids [batch, seq] of the next step */
+  next(): tf.Tensor2D;
+  /** fixed held-out windows [n, seq] of the target text, or null (random ids) */
+  validation: tf.Tensor2D | null;
+}
+
+/** `count` windows of `seq` tokens at random starts (drawn with `random`). */
+function windows(tokens: readonly number[], count: number, seq: number, random: () => number): tf.Tensor2D {
+  const ids: number[] = [];
+  for (let b = 0; b < count; b++) {
+    const start = Math.floor(random() * (tokens.length - seq + 1));
+    ids.push(...tokens.slice(start, start + seq));
+  }
+  return tf.tensor2d(ids, [count, seq], 'int32');
+}
+
+/** The training data: the text of `text` or the example's target text, else fixed random ids. */
+async function makeData(vocab: number, batch: number, seq: number, seed: number, tokenizer: PageTokenizer | null): Promise<Data> {
+  const random = seeded(seed);
+  const textURL = params.get('text');
+  if (textURL === null && tokenizer === null) {
+    const ids = Array.from({ length: batch * seq }, () => Math.floor(random() * vocab));
+    return { next: () => tf.tensor2d(ids, [batch, seq], 'int32'), describe: `random token ids [${batch}, ${seq}]`, validation: null };
+  }
+  if (tokenizer === null) throw new Error(`page parameter 'text' needs the checkpoint's tokenizer.json, which is missing`);
+  let train: string;
+  let val: string;
+  let describe: string;
+  if (textURL !== null) {
+    const response = await fetch(textURL);
+    if (!response.ok) throw new Error(`cannot fetch the text '${textURL}': HTTP ${response.status}`);
+    const text = await response.text();
+    // the last tenth is held out for the validation loss
+    const cut = Math.floor(text.length * 0.9);
+    [train, val] = [text.slice(0, cut), text.slice(cut)];
+    describe = `'${textURL}'`;
+  } else {
+    ({ train, val } = generateCorpus('target', EXAMPLE_CORPORA.target));
+    describe = "the example's target text (generated by src/data/synthetic.ts)";
+  }
+  const trainTokens = tokenizer.encode(train);
+  const valTokens = tokenizer.encode(val);
+  for (const [name, tokens] of [['training', trainTokens], ['validation', valTokens]] as const) {
+    if (tokens.length < seq) throw new Error(`the ${name} text has ${tokens.length} tokens, fewer than seq = ${seq}`);
+  }
+  return {
+    next: () => windows(trainTokens, batch, seq, random),
+    describe: `${describe}: ${trainTokens.length} training + ${valTokens.length} held-out tokens, batch [${batch}, ${seq}]`,
+    validation: windows(valTokens, 4 * batch, seq, seeded(seed + 1)),
+  };
+}
+
+async function validationLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: number): Promise<number> {
+  const loss = tf.tidy(() => nextTokenLoss(model, ids, vocab, false));
+  const value = (await loss.data())[0];
+  loss.dispose();
+  return value;
+}
+
+/** Mean cross-entropy of predicting ids[:, t+1] from logits[:, t]. */
+function nextTokenLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: number, training = true): tf.Scalar {
+  return tf.tidy(() => {
+    const [b, s] = ids.shape;
+    const logits = model.apply(ids, { training }) as tf.Tensor3D;                  // [B, S, V]
+    const predict = tf.reshape(tf.slice(logits, [0, 0, 0], [b, s - 1, vocab]), [b * (s - 1), vocab]);
+    const targets = tf.reshape(tf.slice(ids, [0, 1], [b, s - 1]), [b * (s - 1)]) as tf.Tensor1D;
+    const logp = tf.logSoftmax(predict);                                                  // [N, V]
+    return tf.neg(tf.mean(tf.sum(tf.mul(logp, tf.oneHot(targets, vocab)), 1))) as tf.Scalar;
+  });
+}
+
+async function main(): Promise<void> {
+  const steps = numberParam('steps', 60, positiveInt, 'an integer >= 1');
+  const lr = numberParam('lr', 0.01, v => v > 0, 'a number > 0');
+  const rank = numberParam('rank', 8, positiveInt, 'an integer >= 1');
+  const alpha = numberParam('alpha', 16, v => v > 0, 'a number > 0');
+  const batch = numberParam('batch', 4, positiveInt, 'an integer >= 1');
+  const seqWanted = numberParam('seq', 32, v => Number.isInteger(v) && v >= 2, 'an integer >= 2');
+  const seed = numberParam('seed', 1, Number.isInteger, 'an integer');
+  progress.steps = steps;
+  const chart = new LossChart($<HTMLCanvasElement>('chart'), { steps, title: 'LoRA training loss (next-token cross-entropy)' });
+
+  show('starting the backend ...');
+  progress.backend = await pickBackend(params.get('backend') ?? 'auto');
+  $('backend').textContent = progress.backend;
+
+  show(`fetching the checkpoint '${progress.model}' ...`);
+  let fetched = 0;
+  const model = await fetchHFCheckpoint(progress.model, {
+    expertKernel: 'fused',
+    onFile: (_, bytes) => { fetched += bytes; },
+  });
+  const tokenizer = await fetchTokenizer(progress.model);
+  const vocab = model.outputs[0].shape[2] as number;
+  if (tokenizer !== null && tokenizer.vocabSize > vocab) {
+    throw new Error(`tokenizer.json has ${tokenizer.vocabSize} tokens but the model's vocabulary only ${vocab}`);
+  }
+  const context = Number(hfConfigOf(model)?.['max_position_embeddings'] ?? seqWanted);
+  const seq = Math.min(seqWanted, context);
+  $('model').textContent = `${progress.model} (${(fetched / 1e6).toFixed(2)} MB, ${model.countParams()} parameters, vocab ${vocab})`;
+
+  // the plugin: fused MoE kernels, LoRA adapters on every MoE layer, everything else frozen
+  const handle: PluginHandle = register({
+    models: [model],
+    lora: { r: rank, alpha, targets: ['experts.gate_up', 'experts.down', 'router'] },
+  });
+  const vars = trainableVariables(model);
+  const loraParams = vars.reduce((n, v) => n + v.size, 0);
+  $('plugin').textContent = `${handle.patched.length} MoE layers patched (${handle.expertKernel} kernel), ` +
+      `LoRA r=${rank} alpha=${alpha} on experts + router: ${vars.length} tensors, ${loraParams} trainable parameters`;
+
+  const data = await makeData(vocab, batch, seq, seed, tokenizer);
+  progress.data = data.describe;
+  $('data').textContent = data.describe;
+  if (data.validation !== null) {
+    progress.valLoss = { base: await validationLoss(model, data.validation, vocab), adapted: null };
+  }
+
+  progress.status = 'training';
+  const optimizer = tf.train.adam(lr);
+  const started = performance.now();
+  for (let step = 1; step <= steps; step++) {
+    const ids = data.next();
+    const { value, grads } = tf.variableGrads(() => nextTokenLoss(model, ids, vocab), vars);
+    optimizer.applyGradients(Object.entries(grads).map(([name, tensor]) => ({ name, tensor })));
+    const loss = (await value.data())[0];
+    tf.dispose([ids, value, ...Object.values(grads)]);
+    if (!Number.isFinite(loss)) throw new Error(`step ${step}: the loss is ${loss}`);
+
+    progress.losses.push(loss);
+    progress.step = step;
+    progress.msPerStep = (performance.now() - started) / step;
+    chart.update(progress.losses);
+    show(`step ${step}/${steps}  loss ${loss.toFixed(4)}  ${progress.msPerStep.toFixed(0)} ms/step  ` +
+        `${Math.round((batch * seq) / (progress.msPerStep / 1000))} tokens/s`);
+    await tf.nextFrame();  // let the page paint the chart between steps
+  }
+  optimizer.dispose();
+  const first = progress.losses[0];
+  const last = progress.losses[progress.losses.length - 1];
+  let validation = '';
+  if (data.validation !== null && progress.valLoss !== null) {
+    progress.valLoss.adapted = await validationLoss(model, data.validation, vocab);
+    data.validation.dispose();
+    validation = `; held-out loss base ${progress.valLoss.base.toFixed(4)} → adapted ${progress.valLoss.adapted.toFixed(4)}`;
+  }
+  show(`done: ${steps} steps, loss ${first.toFixed(4)} → ${last.toFixed(4)}, ` +
+      `${progress.msPerStep!.toFixed(0)} ms/step on ${progress.backend}${validation}`);
+  progress.status = 'done';
+  progress.done = true;
+}
+
+main().catch((e: unknown) => {
+  const message = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+  progress.status = 'error';
+  progress.error = message;
+  show(`error: ${message}`);
+  $('status').classList.add('error');
+  throw e;  // also to the console (and to a test's pageerror listener)
+});

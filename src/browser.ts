@@ -1,0 +1,33 @@
+/**
+ * tfjs-moe-lora for browsers (`import ... from 'tfjs-moe-lora/browser'`): the ops, layers and
+ * plugin of the Node entry, and checkpoints loaded with fetch instead of the file system. Nothing
+ * here (or below it) imports a Node module, so bundlers take it as is; spec/browser.spec.ts
+ * bundles it for the browser platform to keep it that way. Import a tfjs backend first
+ * (e.g. '@tensorflow/tfjs-backend-wasm'), and '@tensorflow/tfjs-layers' for the gradients.
+ */
+export * from './ops/index.js';
+export { registerMoEKernels } from './backends/register_all_kernels.js';
+export {
+  parseSafetensors, encodeSafetensors, SafetensorsError, type SafetensorsFile, type SafetensorsTensorInfo,
+} from './io/safetensors_bytes.js';
+export { maxRelativeError } from './util/numeric.js';
+export {
+  FAMILIES, MODEL_TYPES, familyOf, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices, isMoELayer, expertCount,
+  type HFConfig, type ModelType, type MoEFamily, type MoEBlockDims,
+} from './models/families.js';
+export { disposeMoEBlockWeights, trainableWeightFields, type WeightField } from './models/weight_fields.js';
+export { loadMoEBlockWeights, moeBlockTensorPlan, blockLayerIndex, type TensorSource } from './io/hf_block.js';
+export { register, unregister, isRegistered, FUSED_BACKENDS, type PluginHandle, type PatchedLayer } from './plugin.js';
+export { PluginArgsError, type PluginArgsProblem } from './args/errors.js';
+export {
+  PLUGIN_ARG_SPECS, type PluginArgs, type LoRAArgs, type ResolvedPluginArgs, type ResolvedLoRAArgs, type ArgSpec,
+} from './args/schema.js';
+export { validatePluginArgs } from './args/validate.js';
+export {
+  registerMoELayerDescriptor, type MoELayerDescriptor, type MoELayerInfo, type MoELoRAHooks,
+} from './patch/index.js';
+export * from './layers/index.js';
+export {
+  loadHFCheckpointFrom, CheckpointError, hfWeightName, type LoadHFCheckpointOptions, type HFCheckpointFiles,
+} from './io/hf_checkpoint_core.js';
+export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction } from './io/fetch_checkpoint.js';

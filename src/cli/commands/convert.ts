@@ -1,0 +1,194 @@
+/**
+ * `tfjs-moe-lora convert`: between the on-disk forms of a model and its adapters.
+ *
+ * - `--from hf --to tfjs`: an HF checkpoint → a TF.js LayersModel folder (model.json + weights.bin);
+ * - `--from tfjs --to hf`: back, in the Hub's layout (saveHFCheckpoint);
+ * - `--adapter DIR`: a PEFT adapter loaded into the model (HF or TF.js) → a TF.js folder holding both;
+ * - `--to peft`: a TF.js model's LoRA adapter (`--adapter-name`) → a PEFT adapter folder.
+ *
+ * Every conversion copies float32 values unchanged, so each round trip gives back the same numbers.
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { readdir, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import type { ArgumentsCamelCase, Argv } from 'yargs';
+import { fileIO } from '../../io/file_io_handler.js';
+import { saveHFCheckpoint } from '../../io/hf_save.js';
+import { loadModelDir, modelDirFormat, MODEL_DIR_FORMATS, ModelDirError, type ModelDirFormat } from '../../io/model_dir.js';
+import { loadPeftAdapter, savePeftAdapter, type LoadedPeftAdapter } from '../../io/peft.js';
+import { sparseMoELayers } from '../../layers/moe_causal_lm.js';
+import { BACKENDS, selectBackend } from '../backend.js';
+import { UsageError } from '../errors.js';
+
+export const CONVERT_TARGETS = ['hf', 'tfjs', 'peft'] as const;
+export type ConvertTarget = typeof CONVERT_TARGETS[number];
+
+export interface ConvertArgs {
+  input: string;
+  output: string;
+  from?: ModelDirFormat;
+  to?: ConvertTarget;
+  adapter?: string;
+  adapterName: string;
+  overwrite: boolean;
+  backend: string;
+}
+
+/** What a conversion did. */
+export interface ConvertResult {
+  input: string;
+  from: ModelDirFormat;
+  output: string;
+  to: ConvertTarget;
+  /** the PEFT adapter loaded (with --adapter) */
+  adapter: LoadedPeftAdapter | null;
+  /** the files in the output folder after writing, with their sizes in bytes */
+  files: Array<{ name: string; bytes: number }>;
+  /** things worth knowing (an adapter dropped by --to hf, a lora_dropout not applied) */
+  notes: string[];
+}
+
+export const command = 'convert';
+export const describe = 'Convert a model between an HF checkpoint and a TF.js LayersModel folder, and LoRA ' +
+    'adapters between PEFT and the TF.js model';
+
+const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
+
+/** The checks that need no file contents; the format-dependent ones run in convertModel. */
+function checkArgs(argv: Partial<ConvertArgs>): string | true {
+  const { input, output, adapter, to } = argv as ConvertArgs;
+  if (!isDir(input)) return `--input: '${input}' is not a directory`;
+  if (adapter !== undefined && !isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
+  if (to === undefined && adapter === undefined) return '--to: say what to write (hf, tfjs or peft), or pass --adapter';
+  if (adapter !== undefined && to !== undefined && to !== 'tfjs') {
+    return `--adapter loads a PEFT adapter into the model and writes a TF.js folder, so --to must be tfjs (got ${to}); ` +
+        'to write a model\'s adapter as PEFT, use --to peft without --adapter';
+  }
+  if (resolve(output) === resolve(input) || (adapter !== undefined && resolve(output) === resolve(adapter))) {
+    return `--output: '${output}' is an input folder; write somewhere else`;
+  }
+  if (existsSync(output)) {
+    if (!statSync(output).isDirectory()) return `--output: '${output}' exists and is not a directory`;
+    if (readdirSync(output).length > 0 && argv.overwrite !== true) {
+      return `--output: '${output}' is not empty (--overwrite writes into it anyway)`;
+    }
+  }
+  return true;
+}
+
+export function builder(yargs: Argv): Argv<ConvertArgs> {
+  return yargs
+      .option('input', {
+        alias: 'model', type: 'string', demandOption: true, requiresArg: true,
+        describe: 'the model folder: an HF checkpoint (config.json + model.safetensors) or a TF.js model (model.json)',
+      })
+      .option('output', {
+        type: 'string', demandOption: true, requiresArg: true,
+        describe: 'the folder to write (created; must be empty unless --overwrite)',
+      })
+      .option('from', {
+        type: 'string', choices: MODEL_DIR_FORMATS, requiresArg: true,
+        describe: "the input folder's format (default: detected from its files)",
+      })
+      .option('to', {
+        type: 'string', choices: CONVERT_TARGETS, requiresArg: true,
+        describe: 'what to write: hf (checkpoint), tfjs (LayersModel folder) or peft (the model\'s adapter); ' +
+            'default with --adapter: tfjs',
+      })
+      .option('adapter', {
+        type: 'string', requiresArg: true,
+        describe: 'a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to load into the model',
+      })
+      .option('adapter-name', {
+        type: 'string', default: 'default', requiresArg: true,
+        describe: 'the adapter\'s name on the model\'s layers (loaded with --adapter, written with --to peft)',
+      })
+      .option('overwrite', { type: 'boolean', default: false, describe: 'write into a non-empty --output folder' })
+      .option('backend', {
+        type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
+      })
+      .check(argv => checkArgs(argv as Partial<ConvertArgs>))
+      .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
+      .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')
+      .example('$0 convert --adapter spec/fixtures/hf/mixtral/adapter --model spec/fixtures/hf/mixtral ' +
+          '--output /tmp/mixtral-lora', '')
+      .example('$0 convert --to peft --input /tmp/mixtral-lora --output /tmp/mixtral-adapter', '') as unknown as Argv<ConvertArgs>;
+}
+
+async function listFiles(dir: string): Promise<Array<{ name: string; bytes: number }>> {
+  const names = (await readdir(dir)).sort();
+  return Promise.all(names.map(async name => ({ name, bytes: (await stat(join(dir, name))).size })));
+}
+
+/**
+ * Runs one conversion. Argument problems that need the folders' contents (a folder of neither
+ * format, a conversion to its own format) are UsageErrors; a load or write that fails throws the
+ * loader's or writer's own error.
+ */
+export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
+  const bad = checkArgs(argv);
+  if (bad !== true) throw new UsageError(bad);
+  let from: ModelDirFormat;
+  try {
+    from = await modelDirFormat(argv.input, argv.from);
+  } catch (e) {
+    if (e instanceof ModelDirError) throw new UsageError(`--input: ${e.message}`);
+    throw e;
+  }
+  const to: ConvertTarget = argv.to ?? 'tfjs';
+  if (to === from && argv.adapter === undefined) {
+    throw new UsageError(`--input is ${from === 'hf' ? 'an HF checkpoint' : 'a TF.js model'} already: nothing to convert to ${to}`);
+  }
+  await selectBackend(argv.backend);
+  const { model } = await loadModelDir(argv.input, { format: from });
+  const notes: string[] = [];
+  let adapter: LoadedPeftAdapter | null = null;
+  try {
+    if (argv.adapter !== undefined) {
+      adapter = await loadPeftAdapter(model, argv.adapter, { name: argv.adapterName });
+      notes.push(...adapter.notes);
+    }
+    switch (to) {
+      case 'tfjs':
+        await model.save(fileIO(argv.output));
+        break;
+      case 'hf': {
+        const adapters = [...new Set(sparseMoELayers(model).flatMap(l => l.adapterNames()))];
+        const merged = [...new Set(sparseMoELayers(model).flatMap(l => [...l.mergedAdapters]))];
+        await saveHFCheckpoint(model, argv.output);
+        if (adapters.length > 0) {
+          notes.push(`the model's adapters (${adapters.join(', ')}) are not part of an HF checkpoint` +
+              (merged.length > 0 ? ` (merged ones, ${merged.join(', ')}, are in its weights)` : '') +
+              `; write one as PEFT with: convert --to peft --input ${argv.input} --adapter-name NAME --output DIR`);
+        }
+        break;
+      }
+      case 'peft':
+        await savePeftAdapter(model, argv.output, { name: argv.adapterName });
+        break;
+    }
+  } finally {
+    model.dispose();
+  }
+  return { input: argv.input, from, output: argv.output, to, adapter, files: await listFiles(argv.output), notes };
+}
+
+const LABEL: Record<ConvertTarget, string> = { hf: 'HF checkpoint', tfjs: 'TF.js LayersModel', peft: 'PEFT adapter' };
+
+/** The report: what was read, what was written (files and sizes), notes. */
+export function formatConvert(r: ConvertResult): string {
+  const size = (b: number) => b < 1024 ? `${b} B` : b < 1 << 20 ? `${(b / 1024).toFixed(1)} KiB` : `${(b / (1 << 20)).toFixed(1)} MiB`;
+  const a = r.adapter;
+  const lines = [
+    `convert ${r.input} (${LABEL[r.from]})` +
+        (a ? ` + adapter '${a.name}' (r ${a.r}, alpha ${a.alpha}, ${a.targets.join(', ')}; ${a.layers.length} layers)` : '') +
+        ` → ${r.output} (${LABEL[r.to]})`,
+    ...r.files.map(f => `  ${f.name}  ${size(f.bytes)}`),
+    ...r.notes.map(n => `note: ${n}`),
+  ];
+  return `${lines.join('\n')}\n`;
+}
+
+export async function handler(argv: ArgumentsCamelCase<ConvertArgs>): Promise<void> {
+  process.stdout.write(formatConvert(await convertModel(argv)));
+}

@@ -1,0 +1,35 @@
+/** tokenizer.json in a model folder (Node): read and write a CharTokenizer. */
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { CharTokenizer, TOKENIZER_FILE, TokenizerError } from './tokenizer.js';
+
+/**
+ * Reads `dir`/tokenizer.json.
+ *
+ * ```js
+ * const tok = await readTokenizer('examples/models/tala-moe');
+ * ```
+ */
+export async function readTokenizer(dir: string): Promise<CharTokenizer> {
+  const path = join(dir, TOKENIZER_FILE);
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (e) {
+    const missing = (e as NodeJS.ErrnoException).code === 'ENOENT';
+    throw new TokenizerError(missing ? `'${path}' is missing (the model folder needs the tokenizer it was trained with)` :
+      `cannot read '${path}': ${(e as Error).message}`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new TokenizerError(`'${path}' is not valid JSON: ${(e as Error).message}`);
+  }
+  return CharTokenizer.fromJSON(json, `'${path}'`);
+}
+
+/** Writes `dir`/tokenizer.json (the folder must exist). */
+export async function writeTokenizer(dir: string, tokenizer: CharTokenizer): Promise<void> {
+  await writeFile(join(dir, TOKENIZER_FILE), `${JSON.stringify(tokenizer.toJSON(), null, 2)}\n`);
+}

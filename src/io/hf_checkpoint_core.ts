@@ -1,0 +1,239 @@
+/**
+ * The part of Hugging Face checkpoint import that needs no file system: checking a checkpoint's
+ * tensors against its config.json and writing them into a MoECausalLM. The Node loader
+ * (hf_checkpoint.ts, files) and the browser loader (fetch_checkpoint.ts, fetch) only differ in how
+ * they get config.json and the safetensors bytes, so both hand them to this file.
+ */
+import type * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import {
+  buildMoECausalLM, decoderLayerIndex, type MoECausalLM, type MoECausalLMOptions,
+} from '../layers/moe_causal_lm.js';
+import { SparseMoE } from '../layers/sparse_moe.js';
+import { familyOf, type HFConfig } from '../models/families.js';
+import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
+import { loadMoEBlockWeights, moeBlockTensorPlan, type BlockTensorPlan, type TensorSource } from './hf_block.js';
+import type { SafetensorsFile } from './safetensors_bytes.js';
+
+/** A checkpoint that does not match its config (or is not there): the message lists every problem. */
+export class CheckpointError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'CheckpointError';
+    Object.setPrototypeOf(this, CheckpointError.prototype);
+  }
+}
+
+/** @internal One error for all `problems` of the checkpoint at `where` (quoted path or URL). */
+export function checkpointError(op: string, where: string, problems: string[], context = ''): CheckpointError {
+  return new CheckpointError(`\`${op}()\`: ${where}${context}: ${problems.length} problem${problems.length > 1 ? 's' : ''}:\n  ` +
+      problems.join('\n  '));
+}
+
+/** Reads tensors by name from one file or from the shards an index maps them to. */
+export class CheckpointSource implements TensorSource {
+  constructor(private readonly fileOf: Map<string, SafetensorsFile>) {}
+  /** every tensor of one safetensors file */
+  static single(file: SafetensorsFile): CheckpointSource {
+    return new CheckpointSource(new Map(file.names().map(n => [n, file])));
+  }
+  names(): string[] { return [...this.fileOf.keys()]; }
+  has(name: string): boolean { return this.fileOf.has(name); }
+  info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
+  tensor(name: string): tf.Tensor { return this.fileOf.get(name)!.tensor(name); }
+}
+
+/**
+ * @internal The tensors of a sharded checkpoint: `index` is model.safetensors.index.json (read
+ * from `indexWhere`), `openShard` gives a shard file by name or null when it is missing. Every
+ * problem of the index and the shards is reported together.
+ */
+export async function indexedCheckpointSource(
+    op: string, where: string, indexWhere: string, index: unknown,
+    openShard: (shard: string) => Promise<SafetensorsFile | null>): Promise<CheckpointSource> {
+  const map = (index as { weight_map?: unknown } | null)?.weight_map;
+  if (map == null || typeof map !== 'object' || Array.isArray(map)) {
+    throw new CheckpointError(`\`${op}()\`: '${indexWhere}' must have a 'weight_map' object {tensor name: shard file}`);
+  }
+  const entries = Object.entries(map as Record<string, unknown>);
+  const problems: string[] = [];
+  const shardNames = new Set<string>();
+  for (const [name, shard] of entries) {
+    // a bare file name: the index must not reach outside the checkpoint's folder
+    if (typeof shard !== 'string' || /[/\\]/.test(shard) || !shard.endsWith('.safetensors')) {
+      problems.push(`weight_map['${name}'] must be a .safetensors file name in the same folder but is ${JSON.stringify(shard)}`);
+    } else {
+      shardNames.add(shard);
+    }
+  }
+  const shards = new Map<string, SafetensorsFile>();
+  for (const shard of [...shardNames].sort()) {
+    const file = await openShard(shard);
+    if (file === null) {
+      problems.push(`shard '${shard}' named in the index is missing`);
+      continue;
+    }
+    shards.set(shard, file);
+  }
+  const fileOf = new Map<string, SafetensorsFile>();
+  for (const [name, shard] of entries) {
+    const file = typeof shard === 'string' ? shards.get(shard) : undefined;
+    if (file === undefined) continue;
+    if (!file.has(name)) {
+      problems.push(`the index puts '${name}' in '${shard}' but that shard does not hold it`);
+      continue;
+    }
+    fileOf.set(name, file);
+  }
+  if (problems.length > 0) throw checkpointError(op, where, problems);
+  return new CheckpointSource(fileOf);
+}
+
+const FLOAT_DTYPES = ['F32', 'F16', 'BF16'];
+
+interface Expected { name: string; shape: number[] }
+
+/** The MoE block's checkpoint tensors with expected shapes. */
+function planTensors(plan: BlockTensorPlan): Expected[] {
+  const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const ex = plan.experts;
+  if (ex.kind === 'perExpert') out.push(...ex.gate, ...ex.up, ...ex.down);
+  else out.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
+  if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
+  return out.filter((e): e is Expected => e !== undefined);
+}
+
+/** SparseMoE weight names of the fields of `MoEBlockWeights`. */
+const SPARSE_MOE_WEIGHT: Readonly<Record<WeightField, string>> = {
+  'router.weight': 'router_weight',
+  'router.bias': 'router_bias',
+  'router.correctionBias': 'correction_bias',
+  'experts.gateUp': 'gate_up',
+  'experts.down': 'down',
+  'experts.gateUpBias': 'gate_up_bias',
+  'experts.downBias': 'down_bias',
+  'shared.gate': 'shared_gate',
+  'shared.up': 'shared_up',
+  'shared.down': 'shared_down',
+  'shared.sigmoidGate': 'shared_expert_gate',
+};
+
+/** The checkpoint name of a plain layer weight: `<layer name>.<weight name>` (see moe_causal_lm.ts). */
+export function hfWeightName(layer: tfl.layers.Layer, weight: tfl.LayerVariable): string {
+  const scope = `${layer.name}/`;
+  const short = weight.originalName.startsWith(scope) ? weight.originalName.slice(scope.length) : weight.originalName;
+  return `${layer.name}.${short}`;
+}
+
+function sameShape(a: readonly number[], b: readonly (number | null)[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+export interface LoadHFCheckpointOptions extends MoECausalLMOptions {}
+
+/** A checkpoint already in memory: its parsed config.json and its tensors. */
+export interface HFCheckpointFiles {
+  /** config.json, parsed */
+  config: HFConfig;
+  /** the tensors of model.safetensors (a `SafetensorsFile`) or of its shards */
+  tensors: TensorSource;
+  /** how error messages name the checkpoint; default 'the checkpoint' */
+  source?: string;
+}
+
+/**
+ * Builds the MoECausalLM of an HF checkpoint held in memory, as `loadHFCheckpoint` does for a
+ * folder: every tensor is checked (present, expected shape, a float dtype) before any is read,
+ * and all problems are one CheckpointError.
+ *
+ * ```js
+ * const config = await (await fetch('model/config.json')).json();
+ * const bytes = new Uint8Array(await (await fetch('model/model.safetensors')).arrayBuffer());
+ * const model = loadHFCheckpointFrom({config, tensors: parseSafetensors(bytes)});
+ * ```
+ */
+export function loadHFCheckpointFrom(files: HFCheckpointFiles, options: LoadHFCheckpointOptions = {}): MoECausalLM {
+  const op = 'loadHFCheckpointFrom';
+  if (files == null || typeof files !== 'object') {
+    throw new CheckpointError(`\`${op}()\`: 'files' must be {config, tensors} but got ${String(files)}`);
+  }
+  const { config, tensors, source = 'the checkpoint' } = files;
+  if (config == null || typeof config !== 'object' || Array.isArray(config)) {
+    throw new CheckpointError(`\`${op}()\`: 'config' must be the parsed config.json object but got ${JSON.stringify(config)}`);
+  }
+  const methods = ['has', 'info', 'tensor'] as const;
+  const missing = methods.filter(m => typeof (tensors as unknown as Record<string, unknown> | null)?.[m] !== 'function');
+  if (missing.length > 0) {
+    throw new CheckpointError(`\`${op}()\`: 'tensors' must have ${methods.join(', ')} (e.g. a SafetensorsFile) ` +
+        `but lacks ${missing.join(', ')}`);
+  }
+  return modelFromCheckpoint(op, source, config, tensors, options);
+}
+
+/** @internal The model of `config` with the weights of `source`; `where` names the checkpoint in errors. */
+export function modelFromCheckpoint(
+    op: string, where: string, config: HFConfig, source: TensorSource, options: LoadHFCheckpointOptions): MoECausalLM {
+  familyOf(config);  // unknown model types fail here, before any weight is checked
+  const model = buildMoECausalLM(config, options);
+  try {
+    fillWeights(op, where, model, config, source);
+  } catch (e) {
+    model.dispose();
+    throw e;
+  }
+  return model;
+}
+
+function fillWeights(op: string, where: string, model: MoECausalLM, config: HFConfig, source: TensorSource): void {
+  const problems: string[] = [];
+  const check = ({ name, shape }: Expected) => {
+    if (!source.has(name)) {
+      problems.push(`missing '${name}' (expected shape [${shape}])`);
+      return;
+    }
+    const info = source.info(name);
+    if (!sameShape(info.shape, shape)) problems.push(`'${name}' must have shape [${shape}] but has [${info.shape}]`);
+    if (!FLOAT_DTYPES.includes(info.dtype)) {
+      problems.push(`'${name}' must be a float tensor (${FLOAT_DTYPES.join(', ')}) but is ${info.dtype}`);
+    }
+  };
+  const plain: Array<[tfl.LayerVariable, string]> = [];
+  const blocks: Array<[SparseMoE, number]> = [];
+  for (const layer of model.layers) {
+    if (layer instanceof SparseMoE) {
+      const index = decoderLayerIndex(layer.name);
+      if (index === null) throw new CheckpointError(`\`${op}()\`: cannot tell the decoder layer of '${layer.name}'`);
+      planTensors(moeBlockTensorPlan(config, index)).forEach(check);
+      blocks.push([layer, index]);
+      continue;
+    }
+    for (const w of layer.weights) {
+      const name = hfWeightName(layer, w);
+      check({ name, shape: w.shape as number[] });
+      plain.push([w, name]);
+    }
+  }
+  if (problems.length > 0) {
+    throw checkpointError(op, where, problems,
+        ` does not hold the weights its config.json ('${String(config['model_type'])}') describes`);
+  }
+  for (const [variable, name] of plain) {
+    const t = source.tensor(name);
+    try {
+      variable.write(t);
+    } finally {
+      t.dispose();
+    }
+  }
+  for (const [layer, index] of blocks) {
+    const weights = loadMoEBlockWeights(source, config, index);
+    try {
+      for (const [field, weightName] of Object.entries(SPARSE_MOE_WEIGHT) as Array<[WeightField, string]>) {
+        const t = getWeightField(weights, field);
+        if (t !== undefined) layer.weightVariable(weightName).write(t);
+      }
+    } finally {
+      disposeMoEBlockWeights(weights);
+    }
+  }
+}

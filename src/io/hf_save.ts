@@ -1,0 +1,185 @@
+/**
+ * Hugging Face checkpoint export, the inverse of loadHFCheckpoint: config.json (the HF config the
+ * model was built from, `hfConfigOf`) and model.safetensors in the Hub layout of the model's
+ * family (src/models/families.ts). The fused expert weights of each SparseMoE are split back into
+ * per-expert tensors: gate_up [E, 2I, H] → `experts.{e}.gate_proj` (rows 0..I) and `up_proj` (rows
+ * I..2I), down [E, H, I] → `experts.{e}.down_proj` (Mixtral: w1, w3, w2), so loading the folder
+ * gives the same weights bit for bit.
+ *
+ * LoRA: an adapter merged into the base weights (SparseMoE.mergeAdapter) is saved as part of
+ * them, like PEFT's merge_and_unload; an unmerged adapter is not saved here at all: save it with
+ * savePeftAdapter.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
+import { SparseMoE } from '../layers/sparse_moe.js';
+import type { HFConfig } from '../models/families.js';
+import { moeBlockTensorPlan } from './hf_block.js';
+import { CheckpointError, checkpointError, hfWeightName } from './hf_checkpoint_core.js';
+import { writeSafetensorsFile } from './safetensors.js';
+
+const OP = 'saveHFCheckpoint';
+
+interface Expected { name: string; shape: number[] }
+
+const sameShape = (a: readonly number[], b: readonly number[]) =>
+  a.length === b.length && a.every((d, i) => d === b[i]);
+
+/** What goes into model.safetensors: a variable as is, or one expert's row block of a fused weight. */
+type Entry =
+  | { kind: 'whole'; name: string; variable: tfl.LayerVariable }
+  | { kind: 'expertRows'; name: string; variable: tfl.LayerVariable; expert: number; rowStart: number; shape: [number, number] };
+
+/** The checkpoint entries of one SparseMoE, with a problem for every weight whose shape the config contradicts. */
+function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]): Entry[] {
+  const index = decoderLayerIndex(layer.name);
+  if (index === null) {
+    problems.push(`cannot tell the decoder layer of the MoE layer '${layer.name}' (expected a name like 'model.layers.0.mlp')`);
+    return [];
+  }
+  const plan = moeBlockTensorPlan(config, index);
+  const entries: Entry[] = [];
+  const whole = (expected: Expected | undefined, weight: string) => {
+    if (expected === undefined) return;
+    const variable = safeVariable(layer, weight);
+    if (variable === undefined) {
+      problems.push(`'${layer.name}' has no weight '${weight}' for '${expected.name}'`);
+      return;
+    }
+    if (!sameShape(variable.shape as number[], expected.shape)) {
+      problems.push(`'${layer.name}/${weight}' has shape [${variable.shape}] but '${expected.name}' needs [${expected.shape}]`);
+      return;
+    }
+    entries.push({ kind: 'whole', name: expected.name, variable });
+  };
+  whole(plan.router.weight, 'router_weight');
+  whole(plan.router.bias, 'router_bias');
+  whole(plan.router.correctionBias, 'correction_bias');
+  const ex = plan.experts;
+  if (ex.kind === 'fusedInterleaved') {
+    whole(ex.gateUp, 'gate_up');
+    whole(ex.gateUpBias, 'gate_up_bias');
+    whole(ex.down, 'down');
+    whole(ex.downBias, 'down_bias');
+  } else {
+    // the fused [E, parts·rows, cols] weight holds expert e's parts one after the other (hf_block.ts fuseRows)
+    const split = (weight: string, parts: Expected[][]) => {
+      const variable = safeVariable(layer, weight);
+      const [rows, cols] = parts[0][0].shape;
+      const want = [parts[0].length, parts.length * rows, cols];
+      if (variable === undefined || !sameShape(variable.shape as number[], want)) {
+        problems.push(`'${layer.name}/${weight}' has shape [${variable?.shape ?? 'none'}] but the per-expert ` +
+            `tensors ${parts.map(p => `'${p[0].name}'`).join(', ')}… need [${want}]`);
+        return;
+      }
+      parts.forEach((part, p) => part.forEach((expected, e) => entries.push({
+        kind: 'expertRows', name: expected.name, variable, expert: e, rowStart: p * rows, shape: [rows, cols],
+      })));
+    };
+    split('gate_up', [ex.gate, ex.up]);
+    split('down', [ex.down]);
+  }
+  if (plan.shared) {
+    whole(plan.shared.gate, 'shared_gate');
+    whole(plan.shared.up, 'shared_up');
+    whole(plan.shared.down, 'shared_down');
+    whole(plan.shared.sigmoidGate, 'shared_expert_gate');
+  }
+  return entries;
+}
+
+/** The layer's weight `name`, or undefined (weightVariable throws for a missing one). */
+function safeVariable(layer: SparseMoE, name: string): tfl.LayerVariable | undefined {
+  try {
+    return layer.weightVariable(name);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The model's HF config and its weights under their Hub checkpoint names (new tensors the caller
+ * disposes), as saveHFCheckpoint writes them. Throws a CheckpointError when the model has no HF
+ * config or a weight does not fit the config.
+ *
+ * ```js
+ * const {config, tensors} = hfCheckpointTensors(model);
+ * Object.keys(tensors);  // ['model.embed_tokens.weight', 'model.layers.0.mlp.experts.0.gate_proj.weight', ...]
+ * tf.dispose(Object.values(tensors));
+ * ```
+ */
+export function hfCheckpointTensors(model: tfl.LayersModel): { config: HFConfig; tensors: Record<string, tf.Tensor> } {
+  const config = hfConfigOf(model);
+  if (config === null) {
+    throw new CheckpointError(`\`${OP}()\`: the model '${model?.name}' has no HF config; build it with ` +
+        'buildMoECausalLM(config) or load it with loadHFCheckpoint(dir)');
+  }
+  const problems: string[] = [];
+  const entries: Entry[] = [];
+  for (const layer of model.layers) {
+    if (layer instanceof SparseMoE) {
+      entries.push(...sparseMoEEntries(layer, config, problems));
+      continue;
+    }
+    for (const variable of layer.weights) entries.push({ kind: 'whole', name: hfWeightName(layer, variable), variable });
+  }
+  const seen = new Set<string>();
+  for (const { name } of entries) {
+    if (seen.has(name)) problems.push(`two weights map to the checkpoint name '${name}'`);
+    seen.add(name);
+  }
+  if (problems.length > 0) {
+    throw checkpointError(OP, `model '${model.name}'`, problems, ` does not fit its config.json ('${String(config['model_type'])}')`);
+  }
+
+  const tensors: Record<string, tf.Tensor> = {};
+  const values = new Map<tfl.LayerVariable, Float32Array>();
+  try {
+    for (const entry of entries) {
+      if (entry.kind === 'whole') {
+        tensors[entry.name] = tf.clone(entry.variable.read());
+        continue;
+      }
+      let data = values.get(entry.variable);
+      if (data === undefined) {
+        data = entry.variable.read().dataSync() as Float32Array;
+        values.set(entry.variable, data);
+      }
+      const [rows, cols] = entry.shape;
+      const perExpert = (entry.variable.shape[1] as number) * cols;
+      const start = entry.expert * perExpert + entry.rowStart * cols;
+      tensors[entry.name] = tf.tensor2d(data.slice(start, start + rows * cols), [rows, cols]);  // [rows, cols]
+    }
+  } catch (e) {
+    tf.dispose(Object.values(tensors));
+    throw e;
+  }
+  return { config: JSON.parse(JSON.stringify(config)) as HFConfig, tensors };
+}
+
+/**
+ * Writes the model as an HF checkpoint folder (config.json + model.safetensors, created or
+ * overwritten) that loadHFCheckpoint and transformers' from_pretrained read. Merged LoRA adapters
+ * are saved as part of the weights; unmerged ones are not (savePeftAdapter writes those).
+ *
+ * ```js
+ * await saveHFCheckpoint(model, './my-model');
+ * const again = await loadHFCheckpoint('./my-model');  // the same weights, bit for bit
+ * ```
+ */
+export async function saveHFCheckpoint(model: tfl.LayersModel, dir: string): Promise<void> {
+  if (typeof dir !== 'string' || dir.length === 0) {
+    throw new CheckpointError(`\`${OP}()\`: 'dir' must be a folder path but got ${JSON.stringify(dir)}`);
+  }
+  const { config, tensors } = hfCheckpointTensors(model);
+  try {
+    await mkdir(dir, { recursive: true });
+    await writeSafetensorsFile(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
+    await writeFile(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+  } finally {
+    tf.dispose(Object.values(tensors));
+  }
+}

@@ -1,0 +1,89 @@
+/**
+ * A model folder on disk, either format: a Hugging Face checkpoint (config.json +
+ * model.safetensors, or shards with model.safetensors.index.json) or a TF.js LayersModel
+ * (model.json + weights, as `model.save('file://dir')` writes it). The CLI's convert and inspect
+ * take either and tell them apart by their files.
+ */
+import * as tfl from '@tensorflow/tfjs-layers';
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import '../layers/index.js';  // registers every layer class, so loadLayersModel can rebuild them
+import type { MoECausalLM, MoECausalLMOptions } from '../layers/moe_causal_lm.js';
+import { FileIOError, fileIO } from './file_io_handler.js';
+import { loadHFCheckpoint } from './hf_checkpoint.js';
+
+export const MODEL_DIR_FORMATS = ['hf', 'tfjs'] as const;
+export type ModelDirFormat = typeof MODEL_DIR_FORMATS[number];
+
+/** A folder that is not a model folder of the expected format. */
+export class ModelDirError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ModelDirError';
+    Object.setPrototypeOf(this, ModelDirError.prototype);
+  }
+}
+
+const isFile = async (path: string) => (await stat(path).catch(() => null))?.isFile() ?? false;
+
+/** The formats whose files the folder holds (both when it holds both, none when neither). */
+export async function modelDirFormats(dir: string): Promise<ModelDirFormat[]> {
+  const info = await stat(dir).catch(() => null);
+  if (info === null || !info.isDirectory()) return [];
+  const found: ModelDirFormat[] = [];
+  if (await isFile(join(dir, 'config.json')) &&
+      (await isFile(join(dir, 'model.safetensors')) || await isFile(join(dir, 'model.safetensors.index.json')))) {
+    found.push('hf');
+  }
+  if (await isFile(join(dir, 'model.json'))) found.push('tfjs');
+  return found;
+}
+
+/**
+ * The format of a model folder: `expected` when given (checked), else the one whose files it holds.
+ * Throws a ModelDirError naming the files looked for when there is none, or two and no `expected`.
+ *
+ * ```js
+ * await modelDirFormat('spec/fixtures/hf/mixtral');  // 'hf'
+ * ```
+ */
+export async function modelDirFormat(dir: string, expected?: ModelDirFormat): Promise<ModelDirFormat> {
+  const info = await stat(dir).catch(() => null);
+  if (info === null || !info.isDirectory()) throw new ModelDirError(`'${dir}' is not a directory`);
+  const found = await modelDirFormats(dir);
+  const files: Record<ModelDirFormat, string> = {
+    hf: 'an HF checkpoint (config.json + model.safetensors or model.safetensors.index.json)',
+    tfjs: 'a TF.js LayersModel (model.json)',
+  };
+  if (expected !== undefined) {
+    if (!found.includes(expected)) throw new ModelDirError(`'${dir}' is not ${files[expected]}`);
+    return expected;
+  }
+  if (found.length === 0) throw new ModelDirError(`'${dir}' is neither ${files.hf} nor ${files.tfjs}`);
+  if (found.length > 1) throw new ModelDirError(`'${dir}' holds both ${files.hf} and ${files.tfjs}; say which to read`);
+  return found[0];
+}
+
+/**
+ * Loads a model folder of either format (detected, or `options.format`). An HF checkpoint goes
+ * through `loadHFCheckpoint` (its options apply); a TF.js folder through `tf.loadLayersModel`
+ * with the file:// handler, adapters and HF config (userDefinedMetadata) included.
+ *
+ * ```js
+ * const {model, format} = await loadModelDir('./my-model');
+ * ```
+ */
+export async function loadModelDir(
+    dir: string, options: MoECausalLMOptions & { format?: ModelDirFormat } = {}):
+    Promise<{ model: MoECausalLM; format: ModelDirFormat }> {
+  const { format: expected, ...hfOptions } = options;
+  const format = await modelDirFormat(dir, expected);
+  if (format === 'hf') return { model: await loadHFCheckpoint(dir, hfOptions), format };
+  try {
+    return { model: await tfl.loadLayersModel(fileIO(dir)), format };
+  } catch (e) {
+    if (e instanceof FileIOError) throw e;
+    // tfjs's own errors here (an unknown layer class, a topology that does not build) are about the file
+    throw new ModelDirError(`cannot load the TF.js model in '${dir}': ${(e as Error).message}`);
+  }
+}

@@ -1,0 +1,415 @@
+/**
+ * The safetensors format: an 8-byte little-endian u64 header length N, N bytes of UTF-8 JSON
+ * `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__"?: {str: str}}`, then the data
+ * buffer (offsets are relative to its start). Everything in the header is checked before the data
+ * is read or any tensor is made, so a corrupt or hostile file fails with one clear message instead
+ * of a huge allocation or garbage weights.
+ *
+ * This file is the format itself, free of Node modules so that browsers can bundle it
+ * (src/browser.ts); safetensors.ts adds reading and writing files in Node.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+/** Thrown for a malformed file, an unknown tensor name, or a dtype this reader cannot decode. */
+export class SafetensorsError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'SafetensorsError';
+    Object.setPrototypeOf(this, SafetensorsError.prototype);
+  }
+}
+
+/** The reference implementation's header limit; a larger length means a corrupt file. */
+export const MAX_HEADER_BYTES = 100_000_000;
+
+/** Bits per element of every dtype the format defines (F4/F6 pack several elements per byte). */
+const DTYPE_BITS: Readonly<Record<string, number>> = {
+  BOOL: 8, U8: 8, I8: 8, F8_E5M2: 8, F8_E4M3: 8, F8_E8M0: 8, F4: 4, F6_E2M3: 6, F6_E3M2: 6,
+  I16: 16, U16: 16, F16: 16, BF16: 16, I32: 32, U32: 32, F32: 32, C64: 64, F64: 64, I64: 64,
+  U64: 64,
+};
+
+/** The dtypes `tensor()` decodes (the first three to float32, the others to int32). */
+const DECODABLE = ['F32', 'F16', 'BF16', 'I32', 'I64'];
+
+export interface SafetensorsTensorInfo {
+  /** The file's dtype string, e.g. 'F32', 'BF16', 'I64'. */
+  dtype: string;
+  shape: number[];
+}
+
+interface Entry extends SafetensorsTensorInfo {
+  begin: number;
+  end: number;
+}
+
+/** @internal */
+export interface Header {
+  entries: Map<string, Entry>;
+  metadata: Record<string, string>;
+}
+
+/**
+ * A parsed file: the validated header plus the data buffer. `tensor()` decodes on each call and
+ * returns a new tensor that the caller owns (and disposes).
+ */
+export class SafetensorsFile {
+  /** `__metadata__` of the header ({} when it has none). */
+  readonly metadata: Readonly<Record<string, string>>;
+  private readonly entries: Map<string, Entry>;
+
+  /** @internal Use `parseSafetensors` or `readSafetensorsFile`. */
+  constructor(header: Header, private readonly data: Uint8Array, private readonly where: string) {
+    this.entries = header.entries;
+    this.metadata = Object.freeze({ ...header.metadata });
+  }
+
+  /** Tensor names, sorted. */
+  names(): string[] {
+    return [...this.entries.keys()].sort(compareNames);
+  }
+
+  has(name: string): boolean {
+    return this.entries.has(name);
+  }
+
+  info(name: string): SafetensorsTensorInfo {
+    const e = this.entry(name);
+    return { dtype: e.dtype, shape: [...e.shape] };
+  }
+
+  /**
+   * Decodes one tensor: F32, F16 and BF16 to float32; I32 and I64 to int32 (an I64 value outside
+   * the int32 range is an error, not a silent wrap).
+   *
+   * ```js
+   * const file = await readSafetensorsFile('model.safetensors');
+   * const w = file.tensor('lm_head.weight');  // float32 [V, H]
+   * ```
+   */
+  tensor(name: string): tf.Tensor {
+    const e = this.entry(name);
+    const bytes = this.data.subarray(e.begin, e.end);
+    switch (e.dtype) {
+      case 'F32': return tf.tensor(readFloat32(bytes), e.shape, 'float32');
+      case 'I32': return tf.tensor(readInt32(bytes), e.shape, 'int32');
+      case 'F16': return tf.tensor(decodeFloat16(readUint16(bytes)), e.shape, 'float32');
+      case 'BF16': return tf.tensor(decodeBFloat16(readUint16(bytes)), e.shape, 'float32');
+      case 'I64': return tf.tensor(this.decodeInt64(name, e, bytes), e.shape, 'int32');
+      default:
+        throw new SafetensorsError(
+            `${this.where}: tensor '${name}' has dtype ${e.dtype}, which cannot be decoded; ` +
+            `supported: ${DECODABLE.join(', ')}`);
+    }
+  }
+
+  private entry(name: string): Entry {
+    const e = this.entries.get(name);
+    if (e === undefined) {
+      const names = this.names();
+      const some = names.slice(0, 5).map(n => `'${n}'`).join(', ');
+      throw new SafetensorsError(
+          `${this.where}: no tensor named '${name}'; it has ${names.length} tensor(s)` +
+          (names.length > 0 ? `, e.g. ${some}${names.length > 5 ? ', ...' : ''}` : ''));
+    }
+    return e;
+  }
+
+  private decodeInt64(name: string, e: Entry, bytes: Uint8Array): Int32Array {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const out = new Int32Array(bytes.byteLength / 8);
+    for (let i = 0; i < out.length; i++) {
+      const lo = view.getInt32(8 * i, true);
+      const hi = view.getInt32(8 * i + 4, true);
+      // An int64 fits in int32 exactly when its high word is the sign extension of the low word.
+      if (hi !== (lo >> 31)) {
+        const value = view.getBigInt64(8 * i, true);
+        throw new SafetensorsError(
+            `${this.where}: tensor '${name}' (I64, shape [${e.shape}]): element ${i} is ${value}, ` +
+            `outside the int32 range [-2147483648, 2147483647] it is decoded to`);
+      }
+      out[i] = lo;
+    }
+    return out;
+  }
+}
+
+/**
+ * Parses a whole safetensors file held in memory. The returned file keeps a view of `bytes`
+ * (no copy), so do not modify them afterwards. `source` names the file in error messages.
+ *
+ * ```js
+ * const file = parseSafetensors(new Uint8Array(await (await fetch(url)).arrayBuffer()));
+ * file.info('model.embed_tokens.weight');  // {dtype: 'F32', shape: [V, H]}
+ * ```
+ */
+export function parseSafetensors(bytes: Uint8Array, source?: string): SafetensorsFile {
+  const where = describeSource(source);
+  const n = checkHeaderLength(bytes.subarray(0, 8), bytes.byteLength, where);
+  const dataLength = bytes.byteLength - 8 - n;
+  const header = parseHeader(bytes.subarray(8, 8 + n), dataLength, where);
+  return new SafetensorsFile(header, bytes.subarray(8 + n), where);
+}
+
+/**
+ * Encodes float32 tensors as F32 and int32 tensors as I32, laid out as the reference
+ * implementation does: data ordered by dtype (F32 before I32), then by name; header keys in data
+ * order after `__metadata__`; the header padded with spaces to a multiple of 8 bytes.
+ *
+ * ```js
+ * const bytes = encodeSafetensors({'lora_A.weight': a, 'lora_B.weight': b}, {format: 'pt'});
+ * ```
+ */
+export function encodeSafetensors(
+    tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Uint8Array {
+  const op = 'encodeSafetensors';
+  const order: Record<string, number> = { F32: 0, I32: 1 };
+  const items = Object.entries(tensors).map(([name, t]) => {
+    if (name === '__metadata__') {
+      throw new SafetensorsError(`\`${op}()\`: '__metadata__' is reserved and cannot name a tensor`);
+    }
+    if (!(t instanceof tf.Tensor)) {
+      throw new SafetensorsError(`\`${op}()\`: tensor '${name}' must be a tf.Tensor but got ${typeof t}`);
+    }
+    if (t.isDisposed) throw new SafetensorsError(`\`${op}()\`: tensor '${name}' was already disposed`);
+    if (t.dtype !== 'float32' && t.dtype !== 'int32') {
+      throw new SafetensorsError(
+          `\`${op}()\`: tensor '${name}' must be float32 or int32 but got ${t.dtype} (shape [${t.shape}])`);
+    }
+    return { name, t, dtype: t.dtype === 'float32' ? 'F32' : 'I32' };
+  });
+  items.sort((a, b) => order[a.dtype] - order[b.dtype] || compareNames(a.name, b.name));
+
+  // No prototype, so a tensor named '__proto__' is stored like any other name.
+  const header: Record<string, unknown> = Object.create(null);
+  if (metadata !== undefined) {
+    for (const [key, value] of Object.entries(metadata)) {
+      if (typeof value !== 'string') {
+        throw new SafetensorsError(
+            `\`${op}()\`: metadata '${key}' must be a string but got ${typeof value}`);
+      }
+    }
+    header['__metadata__'] = { ...metadata };
+  }
+  let offset = 0;
+  for (const { name, t, dtype } of items) {
+    header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + 4 * t.size] };
+    offset += 4 * t.size;
+  }
+  const json = new TextEncoder().encode(JSON.stringify(header));
+  const headerLength = Math.ceil(json.byteLength / 8) * 8;
+
+  const out = new Uint8Array(8 + headerLength + offset);
+  const view = new DataView(out.buffer);
+  view.setBigUint64(0, BigInt(headerLength), true);
+  out.set(json, 8);
+  out.fill(0x20, 8 + json.byteLength, 8 + headerLength);
+  let at = 8 + headerLength;
+  for (const { t } of items) {
+    writeLittleEndian32(view, at, t.dataSync() as Float32Array | Int32Array);
+    at += 4 * t.size;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header validation
+
+/** @internal */
+export function describeSource(source: string | undefined): string {
+  return source === undefined ? 'safetensors data' : `safetensors file '${source}'`;
+}
+
+function compareNames(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** @internal Returns N from the first 8 bytes, checked against the limit and the total size. */
+export function checkHeaderLength(first8: Uint8Array, totalSize: number, where: string): number {
+  if (totalSize < 8 || first8.byteLength < 8) {
+    throw new SafetensorsError(
+        `${where}: is ${totalSize} bytes long, shorter than the 8-byte header length that starts the format`);
+  }
+  const n = new DataView(first8.buffer, first8.byteOffset, 8).getBigUint64(0, true);
+  if (n > BigInt(MAX_HEADER_BYTES)) {
+    throw new SafetensorsError(
+        `${where}: header length ${n} exceeds the limit of ${MAX_HEADER_BYTES} bytes (corrupt file?)`);
+  }
+  if (n > BigInt(totalSize - 8)) {
+    throw new SafetensorsError(
+        `${where}: header length ${n} exceeds the ${totalSize - 8} bytes that follow the length ` +
+        `field (file size ${totalSize} - 8); the file is truncated or not safetensors`);
+  }
+  return Number(n);
+}
+
+/** @internal */
+export function parseHeader(bytes: Uint8Array, dataLength: number, where: string): Header {
+  let text: string;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw new SafetensorsError(`${where}: header (${bytes.byteLength} bytes) is not valid UTF-8`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new SafetensorsError(
+        `${where}: header (${bytes.byteLength} bytes) is not valid JSON: ${(e as Error).message}`);
+  }
+  if (!isPlainObject(json)) {
+    throw new SafetensorsError(`${where}: header must be a JSON object but got ${jsonKind(json)}`);
+  }
+  const entries = new Map<string, Entry>();
+  let metadata: Record<string, string> = {};
+  for (const [name, value] of Object.entries(json)) {
+    if (name === '__metadata__') {
+      metadata = parseMetadata(value, where);
+    } else {
+      entries.set(name, parseEntry(name, value, dataLength, `${where}: tensor '${name}'`));
+    }
+  }
+  return { entries, metadata };
+}
+
+function parseMetadata(value: unknown, where: string): Record<string, string> {
+  if (!isPlainObject(value)) {
+    throw new SafetensorsError(`${where}: '__metadata__' must be an object but got ${jsonKind(value)}`);
+  }
+  for (const [key, v] of Object.entries(value)) {
+    if (typeof v !== 'string') {
+      throw new SafetensorsError(
+          `${where}: '__metadata__' value '${key}' must be a string but got ${jsonKind(v)}`);
+    }
+  }
+  return value as Record<string, string>;
+}
+
+function parseEntry(name: string, value: unknown, dataLength: number, where: string): Entry {
+  if (!isPlainObject(value)) {
+    throw new SafetensorsError(
+        `${where}: header entry must be an object with dtype, shape and data_offsets but got ${jsonKind(value)}`);
+  }
+  for (const field of ['dtype', 'shape', 'data_offsets']) {
+    if (!(field in value)) {
+      throw new SafetensorsError(`${where}: header entry is missing '${field}'`);
+    }
+  }
+  const { dtype, shape, data_offsets: offsets } = value;
+  if (typeof dtype !== 'string' || !(dtype in DTYPE_BITS)) {
+    throw new SafetensorsError(
+        `${where}: unknown dtype ${JSON.stringify(dtype)}; the format defines ${Object.keys(DTYPE_BITS).join(', ')}`);
+  }
+  if (!Array.isArray(shape) || !shape.every(isNonNegativeInteger)) {
+    throw new SafetensorsError(
+        `${where}: 'shape' must be an array of non-negative integers but got ${JSON.stringify(shape)}`);
+  }
+  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isNonNegativeInteger)) {
+    throw new SafetensorsError(
+        `${where}: 'data_offsets' must be [begin, end] with non-negative integers but got ${JSON.stringify(offsets)}`);
+  }
+  const [begin, end] = offsets as [number, number];
+  if (end < begin) {
+    throw new SafetensorsError(`${where}: data_offsets [${begin}, ${end}] end before they begin`);
+  }
+  if (end > dataLength) {
+    throw new SafetensorsError(
+        `${where}: data_offsets [${begin}, ${end}] lie outside the data buffer of ${dataLength} bytes`);
+  }
+  const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+  const bits = numel * DTYPE_BITS[dtype];
+  if (bits % 8 !== 0 || bits / 8 !== end - begin) {
+    throw new SafetensorsError(
+        `${where}: data_offsets [${begin}, ${end}] span ${end - begin} bytes but dtype ${dtype} ` +
+        `with shape [${shape}] needs ${bits / 8} bytes`);
+  }
+  return { dtype, shape: [...(shape as number[])], begin, end };
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function isNonNegativeInteger(v: unknown): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function jsonKind(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'an array';
+  return typeof v === 'object' ? 'an object' : `${typeof v} ${JSON.stringify(v)}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Little-endian element access. The data buffer is rarely aligned for a typed-array view, so each
+// reader copies its bytes; on a big-endian host the copy goes through a DataView instead.
+
+const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+function readFloat32(bytes: Uint8Array): Float32Array {
+  if (HOST_LITTLE_ENDIAN) return new Float32Array(bytes.slice().buffer);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Float32Array(bytes.byteLength / 4);
+  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(4 * i, true);
+  return out;
+}
+
+function readInt32(bytes: Uint8Array): Int32Array {
+  if (HOST_LITTLE_ENDIAN) return new Int32Array(bytes.slice().buffer);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Int32Array(bytes.byteLength / 4);
+  for (let i = 0; i < out.length; i++) out[i] = view.getInt32(4 * i, true);
+  return out;
+}
+
+function readUint16(bytes: Uint8Array): Uint16Array {
+  if (HOST_LITTLE_ENDIAN) return new Uint16Array(bytes.slice().buffer);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Uint16Array(bytes.byteLength / 2);
+  for (let i = 0; i < out.length; i++) out[i] = view.getUint16(2 * i, true);
+  return out;
+}
+
+function writeLittleEndian32(view: DataView, at: number, values: Float32Array | Int32Array): void {
+  if (HOST_LITTLE_ENDIAN) {
+    new Uint8Array(view.buffer, at, values.byteLength)
+        .set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
+  } else if (values instanceof Float32Array) {
+    for (let i = 0; i < values.length; i++) view.setFloat32(at + 4 * i, values[i], true);
+  } else {
+    for (let i = 0; i < values.length; i++) view.setInt32(at + 4 * i, values[i], true);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit floats
+
+let f16Table: Float32Array | null = null;
+
+/** IEEE binary16 → float32, through a table of all 65536 values (built on first use). */
+export function decodeFloat16(bits: Uint16Array): Float32Array {
+  if (f16Table === null) {
+    f16Table = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) f16Table[h] = float16Value(h);
+  }
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) out[i] = f16Table[bits[i]];
+  return out;
+}
+
+function float16Value(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exponent = (h >> 10) & 0x1f;
+  const mantissa = h & 0x3ff;
+  if (exponent === 0) return sign * mantissa * 2 ** -24;  // zero and subnormals
+  if (exponent === 0x1f) return mantissa === 0 ? sign * Infinity : NaN;
+  return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
+}
+
+/** bfloat16 → float32: bfloat16 is the high half of a float32, so this is exact. */
+export function decodeBFloat16(bits: Uint16Array): Float32Array {
+  const wide = new Uint32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) wide[i] = bits[i] << 16;
+  return new Float32Array(wide.buffer);
+}

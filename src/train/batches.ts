@@ -1,0 +1,58 @@
+/** Token windows for training (random, seeded) and evaluation (every token once). */
+import * as tf from '@tensorflow/tfjs-core';
+import { SeededRandom } from '../data/random.js';
+import { fail } from '../ops/validate.js';
+
+/**
+ * `batch` windows of `seq + 1` consecutive tokens at random starts: int32 [batch, seq + 1].
+ *
+ * ```js
+ * const windows = sampleWindows(tokens, 8, 64, new SeededRandom(1));  // [8, 65]
+ * ```
+ */
+export function sampleWindows(tokens: Int32Array, batch: number, seq: number, rng: SeededRandom): tf.Tensor2D {
+  const width = seq + 1;
+  if (tokens.length < width) {
+    fail('sampleWindows', `the text has ${tokens.length} tokens but a window of seq ${seq} needs ${width}`);
+  }
+  const out = new Int32Array(batch * width);
+  for (let b = 0; b < batch; b++) {
+    const start = rng.int(tokens.length - width + 1);
+    out.set(tokens.subarray(start, start + width), b * width);
+  }
+  return tf.tensor2d(out, [batch, width], 'int32');
+}
+
+/**
+ * The text cut into windows of up to `seq + 1` tokens that overlap by one token, so that every
+ * token after the first is predicted exactly once; the last window may be shorter.
+ *
+ * ```js
+ * evaluationWindows(Int32Array.from([0, 1, 2, 3, 4, 5]), 2);  // [0,1,2], [2,3,4], [4,5]
+ * ```
+ */
+export function evaluationWindows(tokens: Int32Array, seq: number): Int32Array[] {
+  const out: Int32Array[] = [];
+  for (let start = 0; start + 1 < tokens.length; start += seq) {
+    out.push(tokens.subarray(start, Math.min(start + seq + 1, tokens.length)));
+  }
+  return out;
+}
+
+/**
+ * The training windows of a run, step after step: `next()` gives step startStep + 1's windows,
+ * then the following ones, the same for the same seed. A run resumed at step k sees the windows
+ * the uninterrupted run would have seen from step k + 1 on.
+ *
+ * ```js
+ * const batches = windowStream(tokens, 8, 64, 1);
+ * const windows = batches.next();  // [8, 65]
+ * ```
+ */
+export function windowStream(
+    tokens: Int32Array, batch: number, seq: number, seed: number, startStep = 0): { next(): tf.Tensor2D } {
+  const rng = new SeededRandom(seed);
+  // sampleWindows draws one number per window: skip those of the steps done before
+  for (let i = 0; i < startStep * batch; i++) rng.next();
+  return { next: () => sampleWindows(tokens, batch, seq, rng) };
+}

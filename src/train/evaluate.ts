@@ -1,0 +1,106 @@
+/** Validation loss, the base model's view (adapters off) and greedy generation. */
+import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { sparseMoELayers } from '../layers/moe_causal_lm.js';
+import { assertInteger, fail } from '../ops/validate.js';
+import { evaluationWindows } from './batches.js';
+import { nextTokenLoss } from './loss.js';
+
+export interface EvaluateOptions {
+  /** tokens per window (the context the model sees) */
+  seq: number;
+  /** windows per forward pass; default 16 */
+  batch?: number;
+}
+
+/**
+ * The mean next-token cross-entropy (nats per token) over the whole text: every token after the
+ * first is predicted once, from the tokens before it in its window.
+ *
+ * ```js
+ * evaluateLoss(model, tokenizer.encode(validationText), {seq: 64});  // e.g. 0.71
+ * ```
+ */
+export function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, options: EvaluateOptions): number {
+  const op = 'evaluateLoss';
+  assertInteger(op, 'seq', options.seq, 1);
+  const batch = options.batch ?? 16;
+  assertInteger(op, 'batch', batch, 1);
+  if (tokens.length < 2) fail(op, `the text must have at least 2 tokens but has ${tokens.length}`);
+  const windows = evaluationWindows(tokens, options.seq);
+  // windows of one length go through together (the last one may be shorter)
+  const byLength = new Map<number, Int32Array[]>();
+  for (const w of windows) byLength.set(w.length, [...(byLength.get(w.length) ?? []), w]);
+  let total = 0;
+  let count = 0;
+  for (const [length, group] of byLength) {
+    for (let i = 0; i < group.length; i += batch) {
+      const rows = group.slice(i, i + batch);
+      const data = new Int32Array(rows.length * length);
+      rows.forEach((r, k) => data.set(r, k * length));
+      const mean = tf.tidy(() => nextTokenLoss(model, tf.tensor2d(data, [rows.length, length], 'int32'), false).dataSync()[0]);
+      total += mean * rows.length * (length - 1);
+      count += rows.length * (length - 1);
+    }
+  }
+  return total / count;
+}
+
+/**
+ * Runs `fn` with every LoRA adapter of the model's MoE layers switched off (the base model),
+ * restoring each layer's state after.
+ *
+ * ```js
+ * const baseLoss = withAdaptersDisabled(model, () => evaluateLoss(model, tokens, {seq: 64}));
+ * ```
+ */
+export function withAdaptersDisabled<T>(model: tfl.LayersModel, fn: () => T): T {
+  const layers = sparseMoELayers(model);
+  const before = layers.map(l => l.adaptersDisabled);
+  layers.forEach(l => l.disableAdapters());
+  try {
+    return fn();
+  } finally {
+    layers.forEach((l, k) => { if (!before[k]) l.enableAdapters(); });
+  }
+}
+
+export interface GenerateOptions {
+  /** tokens to add */
+  maxNewTokens: number;
+  /** the most recent tokens the model sees; default all */
+  context?: number;
+  /** stop after producing this token (e.g. the newline's id) */
+  stopToken?: number;
+}
+
+/**
+ * Greedy decoding: appends the most likely next token, `maxNewTokens` times (or until
+ * `stopToken`). Returns the new tokens only. Recomputes the whole window each step (there is no
+ * KV cache), which is fine for the small models this is for.
+ *
+ * ```js
+ * const ids = generateGreedy(model, tokenizer.encode('miro '), {maxNewTokens: 40});
+ * tokenizer.decode(ids);
+ * ```
+ */
+export function generateGreedy(model: tfl.LayersModel, prompt: Int32Array, options: GenerateOptions): Int32Array {
+  const op = 'generateGreedy';
+  assertInteger(op, 'maxNewTokens', options.maxNewTokens, 0);
+  if (prompt.length === 0) fail(op, "'prompt' must hold at least one token");
+  const context = options.context ?? Infinity;
+  const ids = Array.from(prompt);
+  const out: number[] = [];
+  for (let i = 0; i < options.maxNewTokens; i++) {
+    const window = ids.slice(Math.max(0, ids.length - context));
+    const next = tf.tidy(() => {
+      const logits = model.apply(tf.tensor2d(window, [1, window.length], 'int32'), { training: false }) as tf.Tensor3D;
+      const v = logits.shape[2];
+      return tf.argMax(tf.reshape(tf.slice(logits, [0, window.length - 1, 0], [1, 1, v]), [v])).dataSync()[0];
+    });
+    ids.push(next);
+    out.push(next);
+    if (next === options.stopToken) break;
+  }
+  return Int32Array.from(out);
+}

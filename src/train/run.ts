@@ -1,0 +1,225 @@
+/**
+ * One training run as `tfjs-moe-lora train` does it: a model from scratch (an init config) or
+ * from a checkpoint folder, its character tokenizer, the plugin registered with the run's args
+ * (LoRA or not), the training loop, and the result written to a folder: an HF checkpoint with
+ * its tokenizer.json (from scratch, or full fine-tuning), or a PEFT adapter (LoRA).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { ResolvedPluginArgs } from '../args/schema.js';
+import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
+import { readTokenizer, writeTokenizer } from '../data/tokenizer_file.js';
+import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
+import { saveHFCheckpoint } from '../io/hf_save.js';
+import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
+import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
+import type { HFConfig } from '../models/families.js';
+import { register, type PluginHandle } from '../plugin.js';
+import { TrainError } from './errors.js';
+import { evaluateLoss } from './evaluate.js';
+import { trainLoop } from './loop.js';
+import { INIT_PRESET_NAMES, presetConfig, type InitPreset } from './presets.js';
+import { createProgress, type ProgressOptions } from './progress.js';
+import { seedAdapterInit, seedModelInit } from './seeded_init.js';
+
+export type TrainMode = 'scratch' | 'full' | 'lora';
+
+export interface TrainRunOptions {
+  /** from scratch: a family preset (INIT_PRESETS) or the path of an HF config.json */
+  initConfig?: string;
+  /** start from this HF checkpoint folder, which must hold the tokenizer.json it was trained with */
+  model?: string;
+  /** the training text file */
+  data: string;
+  /** a held-out text file: its loss is measured before and after training */
+  val?: string;
+  steps: number;
+  lr: number;
+  batch: number;
+  seq: number;
+  seed: number;
+  /** the output folder */
+  out: string;
+  /** the plugin args (models are added here); lora null trains every weight */
+  plugin: ResolvedPluginArgs;
+  progress?: ProgressOptions;
+  /** checked between steps; true stops training, and what was trained is saved */
+  shouldStop?: () => boolean;
+  /** notes for the user (unknown characters, ...) */
+  note?: (line: string) => void;
+  /** called once the model is ready, before the first step */
+  onStart?: (info: { mode: TrainMode; modelType: string; params: number; trainableParams: number; trainTokens: number }) => void;
+}
+
+export interface TrainRunResult {
+  mode: TrainMode;
+  modelType: string;
+  backend: string;
+  vocabSize: number;
+  params: number;
+  trainableParams: number;
+  trainTokens: number;
+  steps: number;
+  stopped: boolean;
+  firstLoss: number | null;
+  /** the mean loss of the last 10 steps (fewer when fewer ran) */
+  finalLoss: number | null;
+  valLossBefore: number | null;
+  valLossAfter: number | null;
+  seconds: number;
+  tokensPerSecond: number;
+  out: string;
+  files: string[];
+  losses: number[];
+}
+
+async function readText(path: string, what: string): Promise<string> {
+  const text = await readFile(path, 'utf8');
+  if (text.length === 0) throw new TrainError(`the ${what} file '${path}' is empty`);
+  return text;
+}
+
+async function initConfig(spec: string, vocabSize: number): Promise<HFConfig> {
+  if ((INIT_PRESET_NAMES as string[]).includes(spec)) return presetConfig(spec as InitPreset, vocabSize);
+  let text: string;
+  try {
+    text = await readFile(spec, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new TrainError(`--init-config '${spec}' is neither a preset (${INIT_PRESET_NAMES.join(', ')}) nor a readable ` +
+        `config.json (${code ?? (e as Error).message})`);
+  }
+  let config: unknown;
+  try {
+    config = JSON.parse(text);
+  } catch (e) {
+    throw new TrainError(`--init-config '${spec}' is not valid JSON: ${(e as Error).message}`);
+  }
+  if (config === null || typeof config !== 'object' || Array.isArray(config)) {
+    throw new TrainError(`--init-config '${spec}' must hold a JSON object (an HF config.json)`);
+  }
+  const c = { ...(config as HFConfig) };
+  const given = c['vocab_size'];
+  if (given == null) {
+    c['vocab_size'] = vocabSize;
+  } else if (typeof given !== 'number' || given < vocabSize) {
+    throw new TrainError(`--init-config '${spec}' sets vocab_size ${JSON.stringify(given)} but the tokenizer built ` +
+        `from the data has ${vocabSize} tokens; raise vocab_size or leave it out`);
+  }
+  return c;
+}
+
+const count = (vars: ReadonlyArray<{ shape: readonly (number | null)[] }>) =>
+  vars.reduce((s, v) => s + v.shape.reduce<number>((p, d) => p * (d ?? 1), 1), 0);
+
+/**
+ * Runs one training as `tfjs-moe-lora train` does (the caller has set the backend).
+ *
+ * ```js
+ * const plugin = validatePluginArgs({lora: {r: 8, alpha: 16, targets: ['experts.gate_up', 'experts.down', 'router']}});
+ * const result = await runTraining({model: 'examples/models/tala-moe', data: 'my.txt', steps: 100, lr: 5e-3,
+ *     batch: 8, seq: 64, seed: 1, out: 'my-adapter', plugin});
+ * result.finalLoss;
+ * ```
+ */
+export async function runTraining(options: TrainRunOptions): Promise<TrainRunResult> {
+  const { plugin } = options;
+  if ((options.initConfig === undefined) === (options.model === undefined)) {
+    throw new TrainError('give exactly one of initConfig (from scratch) and model (a checkpoint folder)');
+  }
+  const lora = plugin.lora;
+  if (options.initConfig !== undefined && lora !== null) {
+    throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
+  }
+  const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  const text = await readText(options.data, 'training data');
+  const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
+
+  let model: tfl.LayersModel;
+  let tokenizer: CharTokenizer;
+  if (options.initConfig !== undefined) {
+    tokenizer = CharTokenizer.fromText(text);
+    const config = await initConfig(options.initConfig, tokenizer.vocabSize);
+    model = buildMoECausalLM(config);
+    const std = typeof config['initializer_range'] === 'number' ? config['initializer_range'] : 0.02;
+    seedModelInit(model, options.seed, std);
+  } else {
+    tokenizer = await readTokenizer(options.model!);
+    model = await loadHFCheckpoint(options.model!);
+  }
+  let handle: PluginHandle | null = null;
+  try {
+    const config = hfConfigOf(model)!;
+    const modelVocab = config['vocab_size'] as number;
+    if (tokenizer.vocabSize > modelVocab) {
+      throw new TrainError(`'${join(options.model ?? '', TOKENIZER_FILE)}' has ${tokenizer.vocabSize} tokens but the ` +
+          `model's vocab_size is ${modelVocab}`);
+    }
+    handle = register({ ...plugin, models: [model] });
+    if (lora !== null) seedAdapterInit(model, lora.adapterName, options.seed);
+    for (const [label, t] of [['training data', text], ['validation text', valText ?? '']] as const) {
+      const unknown = tokenizer.unknownChars(t);
+      if (unknown.length > 0) {
+        options.note?.(`${label}: ${unknown.length} character${unknown.length > 1 ? 's' : ''} not in the tokenizer ` +
+            `became <unk>: ${unknown.slice(0, 8).map(describeChar).join(', ')}${unknown.length > 8 ? ', ...' : ''}`);
+      }
+    }
+    const tokens = tokenizer.encode(text);
+    const valTokens = valText === undefined ? undefined : tokenizer.encode(valText);
+    if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 characters`);
+    const evaluate = () => valTokens === undefined ? null : evaluateLoss(model, valTokens, { seq: options.seq, batch: options.batch });
+
+    const valLossBefore = evaluate();
+    options.onStart?.({
+      mode, modelType: String(config['model_type']), params: count(model.weights),
+      trainableParams: count(trainableVariables(model)), trainTokens: tokens.length,
+    });
+    const progress = createProgress(options.steps, 0, options.progress);
+    let result;
+    try {
+      result = await trainLoop(model, tokens, {
+        steps: options.steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
+        onStep: r => progress.update(r), shouldStop: options.shouldStop,
+      });
+    } finally {
+      progress.stop();
+    }
+    const valLossAfter = result.losses.length > 0 ? evaluate() : valLossBefore;
+
+    let files: string[];
+    if (lora !== null) {
+      await savePeftAdapter(model, options.out, { name: lora.adapterName });
+      files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
+    } else {
+      await saveHFCheckpoint(model, options.out);
+      await writeTokenizer(options.out, tokenizer);
+      files = ['config.json', 'model.safetensors', TOKENIZER_FILE];
+    }
+    const last = result.losses.slice(-10);
+    return {
+      mode,
+      modelType: String(config['model_type']),
+      backend: tf.getBackend(),
+      vocabSize: tokenizer.vocabSize,
+      params: count(model.weights),
+      trainableParams: count(trainableVariables(model)),
+      trainTokens: tokens.length,
+      steps: result.step,
+      stopped: result.stopped,
+      firstLoss: result.losses[0] ?? null,
+      finalLoss: last.length > 0 ? last.reduce((s, l) => s + l, 0) / last.length : null,
+      valLossBefore,
+      valLossAfter,
+      seconds: result.seconds,
+      tokensPerSecond: result.tokensPerSecond,
+      out: options.out,
+      files,
+      losses: result.losses,
+    };
+  } finally {
+    handle?.unregister();
+    model.dispose();
+  }
+}
