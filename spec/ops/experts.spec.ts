@@ -4,106 +4,9 @@ import { buildDispatchPlan, planFromExperts } from '../../src/ops/experts/dispat
 import { chooseLoRAMode, fusedExperts } from '../../src/ops/experts/fused_experts.js';
 import { splitExpertLoRA } from '../../src/ops/lora/split.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../src/ops/types.js';
+import { type ExpertCase as Case, type ExpertCaseSpec, loss64, makeExpertCase as makeCase, trainedOf, weightsWith } from '../helpers/expert_cases.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences } from '../helpers/numeric.js';
-import { experts64, type Experts64 } from './expert_reference64.js';
-
-interface CaseSpec {
-  T: number; H: number; I: number; E: number; K: number;
-  layout?: 'outIn' | 'inOutInterleaved';
-  activation?: ExpertActivation;
-  bias?: boolean;
-  lora1?: number[];   // ranks of the adapters on W1
-  lora2?: number[];
-  /** 'random': K distinct experts per token; 'one': every token to expert E-1 (K=1); 'skip': experts 0 and E-1 unused */
-  routing?: 'random' | 'one' | 'skip';
-}
-
-interface Case {
-  m: Experts64;
-  x: tf.Tensor2D; weights: tf.Tensor2D; experts: tf.Tensor2D;
-  w: ExpertWeights;
-  activation: ExpertActivation;
-  dispose(): void;
-}
-
-function makeCase(spec: CaseSpec, seed: number): Case {
-  const rng = new Rng(seed);
-  const { T, H, I, E, K } = spec;
-  const layout = spec.layout ?? 'outIn';
-  const activation = spec.activation ?? { kind: 'swiglu' };
-  const chosen = new Int32Array(T * K);
-  const pool = spec.routing === 'skip' ? Array.from({ length: E - 2 }, (_, i) => i + 1) : Array.from({ length: E }, (_, i) => i);
-  for (let t = 0; t < T; t++) {
-    const perm = [...pool];
-    for (let i = perm.length - 1; i > 0; i--) { const j = rng.int(i + 1); [perm[i], perm[j]] = [perm[j], perm[i]]; }
-    for (let k = 0; k < K; k++) chosen[t * K + k] = spec.routing === 'one' ? E - 1 : perm[k];
-  }
-  const adapters = (ranks: number[] | undefined, inSize: number, outSize: number) => (ranks ?? []).map((r, i) => ({
-    A: asF32(rng.array(r * E * inSize, 0.5)), B: asF32(rng.array(outSize * r * E, 0.5)), r, s: 1.5 + i,
-  }));
-  const m: Experts64 = {
-    T, H, I, E, K, layout, activation, experts: chosen,
-    weights: asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform())),
-    x: asF32(rng.array(T * H)),
-    W1: asF32(rng.array(E * 2 * I * H, 0.6)),
-    W2: asF32(rng.array(E * H * I, 0.6)),
-    b1: spec.bias ? asF32(rng.array(E * 2 * I, 0.3)) : undefined,
-    b2: spec.bias ? asF32(rng.array(E * H, 0.3)) : undefined,
-    lora1: adapters(spec.lora1, H, 2 * I),
-    lora2: adapters(spec.lora2, I, H),
-  };
-  const t2 = layout !== 'outIn';
-  const toFactors = (fs: Experts64['lora1'], inSize: number, outSize: number): LoRAFactors[] => fs.map(f => ({
-    A: tf.tensor2d(Float32Array.from(f.A), [f.r * E, inSize]),
-    B: tf.tensor2d(Float32Array.from(f.B), [outSize, f.r * E]),
-    scaling: f.s,
-  }));
-  const w: ExpertWeights = {
-    layout,
-    gateUp: tf.tensor3d(Float32Array.from(m.W1), t2 ? [E, H, 2 * I] : [E, 2 * I, H]),
-    down: tf.tensor3d(Float32Array.from(m.W2), t2 ? [E, I, H] : [E, H, I]),
-    gateUpBias: m.b1 && tf.tensor2d(Float32Array.from(m.b1), [E, 2 * I]),
-    downBias: m.b2 && tf.tensor2d(Float32Array.from(m.b2), [E, H]),
-    gateUpLoRA: toFactors(m.lora1, H, 2 * I),
-    downLoRA: toFactors(m.lora2, I, H),
-  };
-  const x = tf.tensor2d(Float32Array.from(m.x), [T, H]);
-  const weights = tf.tensor2d(Float32Array.from(m.weights), [T, K]);
-  const experts = tf.tensor2d(chosen, [T, K], 'int32');
-  const all = [x, weights, experts, w.gateUp, w.down, w.gateUpBias, w.downBias,
-    ...w.gateUpLoRA!.flatMap(f => [f.A, f.B]), ...w.downLoRA!.flatMap(f => [f.A, f.B])];
-  return { m, x, weights, experts, w, activation, dispose: () => tf.dispose(all.filter(t => t != null) as tf.Tensor[]) };
-}
-
-/** The trained tensors of a case, with their float64 counterparts, in a fixed order. */
-function trainedOf(c: Case, trainBase: boolean): Array<{ name: string; t: tf.Tensor; set: (m: Experts64, v: Float64Array) => Experts64; get: (m: Experts64) => Float64Array }> {
-  const list = [
-    { name: 'x', t: c.x as tf.Tensor, get: (m: Experts64) => m.x, set: (m: Experts64, v: Float64Array) => ({ ...m, x: v }) },
-    { name: 'weights', t: c.weights, get: (m: Experts64) => m.weights, set: (m: Experts64, v: Float64Array) => ({ ...m, weights: v }) },
-  ];
-  if (trainBase) {
-    list.push({ name: 'W1', t: c.w.gateUp, get: m => m.W1, set: (m, v) => ({ ...m, W1: v }) });
-    list.push({ name: 'W2', t: c.w.down, get: m => m.W2, set: (m, v) => ({ ...m, W2: v }) });
-    if (c.w.gateUpBias) list.push({ name: 'b1', t: c.w.gateUpBias, get: m => m.b1!, set: (m, v) => ({ ...m, b1: v }) });
-    if (c.w.downBias) list.push({ name: 'b2', t: c.w.downBias, get: m => m.b2!, set: (m, v) => ({ ...m, b2: v }) });
-  }
-  for (const [key, tensors] of [['lora1', c.w.gateUpLoRA!], ['lora2', c.w.downLoRA!]] as const) {
-    tensors.forEach((f, i) => {
-      const replace = (m: Experts64, part: 'A' | 'B', v: Float64Array) =>
-        ({ ...m, [key]: m[key].map((g, j) => (j === i ? { ...g, [part]: v } : g)) });
-      list.push({ name: `${key}[${i}].A`, t: f.A, get: m => m[key][i].A, set: (m, v) => replace(m, 'A', v) });
-      list.push({ name: `${key}[${i}].B`, t: f.B, get: m => m[key][i].B, set: (m, v) => replace(m, 'B', v) });
-    });
-  }
-  return list;
-}
-
-function loss64(m: Experts64, G: Float64Array): number {
-  const out = experts64(m);
-  let s = 0;
-  for (let i = 0; i < out.length; i++) s += out[i] * G[i];
-  return s;
-}
+import { experts64 } from './expert_reference64.js';
 
 /** Checks the fused op's output and every gradient against the float64 reference and finite differences. */
 function checkAgainstReference(c: Case, opts: { trainBase: boolean; loraMode?: LoRAMode }, seed: number): void {
@@ -113,17 +16,8 @@ function checkAgainstReference(c: Case, opts: { trainBase: boolean; loraMode?: L
   const trained = trainedOf(c, opts.trainBase);
   const f = (...inputs: tf.Tensor[]) => {
     // the trained tensors arrive as inputs; rebuild the call from them
-    const byName = new Map(trained.map((p, i) => [p.name, inputs[i]]));
-    const pick = <T extends tf.Tensor>(name: string, t: T | undefined) => (byName.get(name) as T) ?? t;
-    const w: ExpertWeights = {
-      ...c.w,
-      gateUp: pick('W1', c.w.gateUp), down: pick('W2', c.w.down),
-      gateUpBias: c.w.gateUpBias && pick('b1', c.w.gateUpBias), downBias: c.w.downBias && pick('b2', c.w.downBias),
-      gateUpLoRA: c.w.gateUpLoRA!.map((l, i) => ({ ...l, A: pick(`lora1[${i}].A`, l.A), B: pick(`lora1[${i}].B`, l.B) })),
-      downLoRA: c.w.downLoRA!.map((l, i) => ({ ...l, A: pick(`lora2[${i}].A`, l.A), B: pick(`lora2[${i}].B`, l.B) })),
-    };
-    const out = fusedExperts(byName.get('x') as tf.Tensor2D,
-        { weights: byName.get('weights') as tf.Tensor2D, experts: c.experts }, w, c.activation,
+    const { x, weights, w } = weightsWith(c, trained, inputs);
+    const out = fusedExperts(x, { weights, experts: c.experts }, w, c.activation,
         { trainExpertWeights: opts.trainBase, loraMode: opts.loraMode });
     return tf.sum(tf.mul(out, gT));
   };
@@ -140,7 +34,7 @@ function checkAgainstReference(c: Case, opts: { trainBase: boolean; loraMode?: L
 }
 
 describe('fusedExperts', () => {
-  const cases: Array<[string, CaseSpec]> = [
+  const cases: Array<[string, ExpertCaseSpec]> = [
     ['odd sizes, E=5 K=3', { T: 7, H: 6, I: 3, E: 5, K: 3 }],
     ['one token, K = E', { T: 1, H: 5, I: 2, E: 4, K: 4 }],
     ['every token to one expert, K=1', { T: 9, H: 4, I: 3, E: 3, K: 1, routing: 'one' }],
