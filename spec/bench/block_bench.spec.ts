@@ -133,11 +133,28 @@ describe('cli bench', () => {
   });
 });
 
-describe('bench/selectBenchBackend on webgpu', () => {
+describe('bench/selectBenchBackend', () => {
   const layersOnly = async (specifier: string) => {
     if (specifier === '@tensorflow/tfjs-layers') return {};
     throw new Error(`unexpected import of ${specifier}`);
   };
+
+  it('refuses an unknown backend and names a missing backend package', async () => {
+    const errors: unknown[] = [];
+    try { await selectBenchBackend('webgl', layersOnly); } catch (e) { errors.push(e); }
+    const noWasm = async (specifier: string) => {
+      if (specifier === '@tensorflow/tfjs-layers') return {};
+      throw Object.assign(new Error(`Cannot find package '${specifier}' imported from /x`), { code: 'ERR_MODULE_NOT_FOUND' });
+    };
+    try { await selectBenchBackend('wasm', noWasm); } catch (e) { errors.push(e); }
+    expect(errors.map(e => (e as Error).message)).to.deep.equal([
+      `unknown backend 'webgl'; choose one of cpu, wasm, webgpu`,
+      `the 'wasm' backend needs the package @tensorflow/tfjs-backend-wasm, which is not installed ` +
+          `(npm install @tensorflow/tfjs-backend-wasm@^4.22.0)`,
+    ]);
+    errors.forEach(e => expect(e).to.be.instanceOf(BackendError));
+    expect(tf.getBackend()).to.equal(BACKEND);
+  });
 
   it('names the missing package', async () => {
     const missing = async () => {

@@ -1,13 +1,16 @@
 /**
- * The benchmark's backends: cpu and wasm as every command sets them up, plus webgpu, loaded only
- * when asked for. In Node, webgpu runs on Dawn (npm package `webgpu`), set up by
- * src/backends/webgpu/dawn.ts before the backend is picked (../shared/gpu/README.md).
+ * The benchmark's backends: cpu, wasm and webgpu, each loaded only when asked for. In Node,
+ * webgpu runs on Dawn (npm package `webgpu`), set up by src/backends/webgpu/dawn.ts before the
+ * backend is picked (../shared/gpu/README.md).
+ *
+ * Every package is imported with a literal specifier (unlike src/cli/backend.ts), so that esbuild
+ * bundles them all into bench/run.ts's bundle for the GPU machine, which has no node_modules.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../backends/register_all_kernels.js';
-import { BACKENDS, BackendError, selectBackend, type Importer } from '../cli/backend.js';
+import { BackendError, type Importer } from '../cli/backend.js';
 
-export const BENCH_BACKENDS = [...BACKENDS, 'webgpu'] as const;
+export const BENCH_BACKENDS = ['cpu', 'wasm', 'webgpu'] as const;
 export type BenchBackend = typeof BENCH_BACKENDS[number];
 
 /** The packages the webgpu backend needs in Node. */
@@ -24,10 +27,36 @@ export type DawnLoader = () => Promise<DawnModuleLike>;
 // A literal specifier, so that esbuild bundles it for the GPU machine; it is loaded only for webgpu.
 const loadDawn: DawnLoader = () => import('../backends/webgpu/dawn.js');
 
-function missingPackage(err: unknown): string | undefined {
+const PACKAGES = {
+  layers: '@tensorflow/tfjs-layers',
+  cpu: '@tensorflow/tfjs-backend-cpu',
+  wasm: '@tensorflow/tfjs-backend-wasm',
+} as const;
+
+const literalImports: Record<keyof typeof PACKAGES, () => Promise<unknown>> = {
+  layers: () => import('@tensorflow/tfjs-layers'),
+  cpu: () => import('@tensorflow/tfjs-backend-cpu'),
+  wasm: () => import('@tensorflow/tfjs-backend-wasm'),
+};
+
+function missingPackage(err: unknown, candidates: readonly string[]): string | undefined {
   const e = err as { code?: string; message?: string };
   if (e?.code !== 'ERR_MODULE_NOT_FOUND' && e?.code !== 'MODULE_NOT_FOUND') return undefined;
-  return WEBGPU_PACKAGES.find(p => (e.message ?? '').includes(`'${p}'`) || (e.message ?? '').includes(`"${p}"`));
+  return candidates.find(p => (e.message ?? '').includes(`'${p}'`) || (e.message ?? '').includes(`"${p}"`));
+}
+
+/** Imports one of PACKAGES (through `importer` when given: the specs); a missing one is a BackendError. */
+async function load(what: keyof typeof PACKAGES, purpose: string, importer?: Importer): Promise<void> {
+  const specifier = PACKAGES[what];
+  try {
+    await (importer ? importer(specifier) : literalImports[what]());
+  } catch (err) {
+    if (missingPackage(err, [specifier]) !== undefined) {
+      throw new BackendError(`${purpose} needs the package ${specifier}, which is not installed ` +
+          `(npm install ${specifier}@^4.22.0)`);
+    }
+    throw err;
+  }
 }
 
 /**
@@ -40,18 +69,23 @@ function missingPackage(err: unknown): string | undefined {
  */
 export async function selectBenchBackend(
     name: string, importer?: Importer, dawnLoader: DawnLoader = loadDawn): Promise<() => void> {
-  if (name !== 'webgpu') {
-    await selectBackend(name, importer);
+  if (!(BENCH_BACKENDS as readonly string[]).includes(name)) {
+    throw new BackendError(`unknown backend '${name}'; choose one of ${BENCH_BACKENDS.join(', ')}`);
+  }
+  await load('layers', 'computing gradients', importer);
+  if (name === 'cpu' || name === 'wasm') {
+    await load(name, `the '${name}' backend`, importer);
+    if (!(await tf.setBackend(name))) throw new BackendError(`the '${name}' backend failed to initialize`);
+    await tf.ready();
+    registerMoEKernels(name);
     return () => {};
   }
-  if (importer) await importer('@tensorflow/tfjs-layers');
-  else await import('@tensorflow/tfjs-layers');
   let dawn: DawnModuleLike;
   try {
     dawn = await dawnLoader();
     await dawn.setupDawnWebGPU();
   } catch (err) {
-    const pkg = missingPackage(err);
+    const pkg = missingPackage(err, WEBGPU_PACKAGES);
     if (pkg !== undefined) {
       throw new BackendError(`the 'webgpu' backend needs the package ${pkg}, which is not installed ` +
           `(npm install --save-dev ${WEBGPU_PACKAGES.join(' ')})`);
