@@ -14,11 +14,11 @@
  * in place; materialize goes through the composed materializeExpertLoRA, which runs anywhere.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { checkExpertArgs } from '../../ops/experts/check_args.js';
+import { resolveExpertCall } from '../../ops/experts/check_args.js';
 import { chooseLoRAMode, type FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
 import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
-import { assertInteger, assertOneOf, fail } from '../../ops/validate.js';
+import { assertInteger, fail } from '../../ops/validate.js';
 import {
   activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, groupedColumnSum, groupedMatMul,
   groupedWeightGrad, pairDot, type WeightStrides,
@@ -271,18 +271,8 @@ export function webgpuFusedExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
     weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
   const op = 'fusedExperts';
-  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
-  const loraMode = options.loraMode ?? 'auto';
-  assertOneOf(op, 'options.loraMode', loraMode, ['materialize', 'split', 'auto'] as const);
-  const upLoRA = weights.gateUpLoRA ?? [];
-  const downLoRA = weights.downLoRA ?? [];
-  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
   const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
-  const hostPlan = options.plan;
-  if (hostPlan !== undefined && (hostPlan.numTokens !== t || hostPlan.topK !== k || hostPlan.numExperts !== numExperts)) {
-    fail(op, `'options.plan' is for T=${hostPlan.numTokens}, K=${hostPlan.topK}, E=${hostPlan.numExperts} ` +
-        `but the call has T=${t}, K=${k}, E=${numExperts}`);
-  }
   const rows = t * k;
   const experts = routing.experts;
   const tuning = webgpuMoETuningFor(rows, numExperts);

@@ -1,7 +1,8 @@
 /** Argument checks shared by the fused and the reference experts: the weights' shapes must agree. */
 import type * as tf from '@tensorflow/tfjs-core';
 import { assertAdapterList, checkExpertFactors } from '../lora/validate_lora.js';
-import type { ExpertActivation, ExpertWeights } from '../types.js';
+import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
+import type { DispatchPlan } from './dispatch_plan.js';
 import { assertFiniteNumber, assertOneOf, assertShape, assertTensor, fail } from '../validate.js';
 
 export interface ExpertDims {
@@ -63,4 +64,36 @@ export function checkExpertArgs(
     assertFiniteNumber(op, 'activation.limit', activation.limit);
   }
   return { numTokens, hidden, inter, numExperts, topK, transposed };
+}
+
+/** The options of a routed-experts call, resolved the same way by every implementation. */
+export interface ExpertCallSettings {
+  dims: ExpertDims;
+  loraMode: LoRAMode;
+  upLoRA: LoRAFactors[];
+  downLoRA: LoRAFactors[];
+  /** base weights get gradients: asked for, or by default when no expert adapter is active */
+  train: boolean;
+}
+
+/**
+ * Checks a routed-experts call (arguments and, when given, a prebuilt dispatch plan) and resolves
+ * its options; shared by fusedExperts and the backend implementations registered beside it.
+ */
+export function resolveExpertCall(
+    op: string, x: unknown, routing: { weights: unknown; experts: unknown } | undefined, weights: ExpertWeights,
+    activation: ExpertActivation,
+    options: { loraMode?: LoRAMode; trainExpertWeights?: boolean; plan?: Pick<DispatchPlan, 'numTokens' | 'topK' | 'numExperts'> }): ExpertCallSettings {
+  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
+  const loraMode = options.loraMode ?? 'auto';
+  assertOneOf(op, 'options.loraMode', loraMode, ['materialize', 'split', 'auto'] as const);
+  const plan = options.plan;
+  if (plan !== undefined && (plan.numTokens !== dims.numTokens || plan.topK !== dims.topK || plan.numExperts !== dims.numExperts)) {
+    fail(op, `'options.plan' is for T=${plan.numTokens}, K=${plan.topK}, E=${plan.numExperts} ` +
+        `but the call has T=${dims.numTokens}, K=${dims.topK}, E=${dims.numExperts}`);
+  }
+  const upLoRA = weights.gateUpLoRA ?? [];
+  const downLoRA = weights.downLoRA ?? [];
+  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  return { dims, loraMode, upLoRA, downLoRA, train };
 }

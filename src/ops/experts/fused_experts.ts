@@ -12,8 +12,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
-import { assertOneOf, fail } from '../validate.js';
-import { checkExpertArgs } from './check_args.js';
+import { fail } from '../validate.js';
+import { resolveExpertCall } from './check_args.js';
 import { materializeGrouped } from './materialize_grouped.js';
 import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
 import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedWeight } from './grouped_matmul.js';
@@ -121,17 +121,8 @@ export function fusedExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
     weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
   const op = 'fusedExperts';
-  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
-  const loraMode = options.loraMode ?? 'auto';
-  assertOneOf(op, 'options.loraMode', loraMode, ['materialize', 'split', 'auto'] as const);
-  const upLoRA = weights.gateUpLoRA ?? [];
-  const downLoRA = weights.downLoRA ?? [];
-  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
   const plan = options.plan ?? buildDispatchPlan(routing.experts, dims.numExperts);
-  if (plan.numTokens !== dims.numTokens || plan.topK !== dims.topK || plan.numExperts !== dims.numExperts) {
-    fail(op, `'options.plan' is for T=${plan.numTokens}, K=${plan.topK}, E=${plan.numExperts} ` +
-        `but the call has T=${dims.numTokens}, K=${dims.topK}, E=${dims.numExperts}`);
-  }
   const { numTokens: t, topK: k, transposed } = dims;
   const rows = t * k;
   const groups = plan.groupSizes;
