@@ -15,7 +15,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { resolveExpertCall } from '../../ops/experts/check_args.js';
-import { chooseLoRAMode, type FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import type { FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from '../../ops/experts/projection.js';
 import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
 import { assertInteger, fail } from '../../ops/validate.js';
@@ -127,12 +128,7 @@ function factorBLayout(rank: number, numExperts: number): OperandLayout {
 }
 
 /** One projection as the kernels see it, and which of its tensors get gradients. */
-interface Projection {
-  weight: tf.Tensor3D;
-  bias?: tf.Tensor2D;
-  lora: LoRAFactors[];
-  trainWeight: boolean;
-  trainBias: boolean;
+interface Projection extends ProjectionPlan {
   inSize: number;
   outSize: number;
 }
@@ -140,30 +136,12 @@ interface Projection {
 function projection(
     weight: tf.Tensor3D, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number, inSize: number, outSize: number): Projection {
-  const base = { bias, inSize, outSize, trainBias: train && bias != null };
-  if (lora.length === 0) return { ...base, weight, lora, trainWeight: train };
-  const e = weight.shape[0];
-  const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
-  // Training the base and its adapters together needs dW itself, which only the split form gives.
-  const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
-  if (chosen === 'split') return { ...base, weight, lora, trainWeight: train };
-  if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
-  // W_eff comes out of materializeExpertLoRA's own customGrad: its gradient reaches A and B there.
-  const merged = materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
-  return { ...base, weight: merged, lora: [], trainWeight: true, trainBias: false };
+  return { ...planProjection(weight, bias, lora, transposed, train, mode, rows, materializeExpertLoRALayout), inSize, outSize };
 }
 
-/** The tensors of a projection that get gradients, in order: W?, b?, A0, B0, A1, B1, ... */
-function trainables(p: Projection): tf.Tensor[] {
-  return [...(p.trainWeight ? [p.weight] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
-}
-
-/** The same tensors as restored from `saved` in backward (a frozen base is read by closure). */
-function restore(p: Projection, saved: tf.Tensor[], at: number): [Projection, number] {
-  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;
-  const bias = p.trainBias ? saved[at++] as tf.Tensor2D : p.bias;
-  const lora = p.lora.map(f => ({ A: saved[at++] as tf.Tensor2D, B: saved[at++] as tf.Tensor2D, scaling: f.scaling }));
-  return [{ ...p, weight, bias, lora }, at];
+/** The composed materializeExpertLoRA, which runs anywhere, on a weight of either layout. */
+function materializeExpertLoRALayout(weight: tf.Tensor3D, lora: LoRAFactors[], transposed: boolean): tf.Tensor3D {
+  return materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
 }
 
 /** Rows of a product's left operand: where they come from and the tensor. */
@@ -212,7 +190,7 @@ interface ProjectionGrads { dx: tf.Tensor2D; grads: tf.Tensor[] }
 /**
  * For dy (the rows `dy`, optionally times the pair's routing weight `rowScale`, which the input
  * gradient leaves out: the caller applies it), returns dx [capacity, in] = dy·W_e + Σ s·(dy·B_e)·A_e
- * and the gradients of the projection's trainables in trainables() order.
+ * and the gradients of the projection's trainables in projectionTrainables order.
  */
 function projectionBackward(
     dy: Rows & { source: 'gather' | 'rows' }, x: Rows, rowScale: tf.Tensor1D | undefined, p: Projection,
@@ -280,8 +258,8 @@ export function webgpuFusedExperts(
   return tf.tidy(() => {
     const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
     const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
-    const upInputs = trainables(up);
-    const downInputs = trainables(down);
+    const upInputs = projectionTrainables(up);
+    const downInputs = projectionTrainables(down);
 
     const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
       const save = args[args.length - 1] as tf.GradSaveFunc;
@@ -291,12 +269,13 @@ export function webgpuFusedExperts(
       const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
       const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
-      save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts, ...trainables(up), ...trainables(down)]);
+      save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
+          ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
-        const [upS, next] = restore(up, saved, 7);
-        const [downS] = restore(down, saved, next);
+        const [upS, next] = restoreProjection(up, saved, 7);
+        const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
           pairOfRow: pairOfRow as unknown as tf.Tensor1D };
         const cS: Context = { ...c, plan: planS };

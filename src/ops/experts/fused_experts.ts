@@ -12,9 +12,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
-import { fail } from '../validate.js';
 import { resolveExpertCall } from './check_args.js';
 import { materializeGrouped } from './materialize_grouped.js';
+import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from './projection.js';
 import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
 import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedWeight } from './grouped_matmul.js';
 import {
@@ -34,70 +34,21 @@ export interface FusedExpertsOptions {
   plan?: DispatchPlan;
 }
 
-/**
- * Extra multiply-adds of LoRA in one training step (forward + backward) for rows N through a
- * weight [out, in] per expert: split adds two rank-r products per pass; materialize builds
- * W_eff (E·out·in·r), needs dW_eff (N·out·in) and turns it into dA, dB (2·E·out·in·r).
- */
-export function chooseLoRAMode(
-    rows: number, inSize: number, outSize: number, numExperts: number, rank: number): 'split' | 'materialize' {
-  const split = 3 * rows * rank * (inSize + outSize);
-  const materialize = 3 * numExperts * outSize * inSize * rank + rows * inSize * outSize;
-  return split <= materialize ? 'split' : 'materialize';
-}
+// chooseLoRAMode lives beside planProjection, which both experts implementations share
+export { chooseLoRAMode } from './projection.js';
 
-/** One projection's weight as the grouped products see it, and which of its tensors get gradients. */
-interface Projection {
-  weight: tf.Tensor3D;
-  bias?: tf.Tensor2D;
-  lora: LoRAFactors[];
+/** A projection as the grouped products see it (a GroupedWeight), and which of its tensors get gradients. */
+interface Projection extends ProjectionPlan {
   transposed: boolean;
-  trainWeight: boolean;
-  trainBias: boolean;
 }
 
 function projection(
     weight: tf.Tensor3D, bias: tf.Tensor2D|undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number): Projection {
-  if (lora.length === 0) return { weight, bias, lora, transposed, trainWeight: train, trainBias: train && bias != null };
-  const [e, a, b] = weight.shape;
-  const [inSize, outSize] = transposed ? [a, b] : [b, a];
-  const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
-  // Training the base and its adapters together needs dW itself, which only the split form gives.
-  const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
-  if (chosen === 'split') return { weight, bias, lora, transposed, trainWeight: train, trainBias: train && bias != null };
-  // W_eff is the output of materializeGrouped's own customGrad: its gradient reaches A and B
-  // through that op, so here it is a trainable input even when the base W is frozen.
-  if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
-  const merged = materializeGrouped(weight, lora, transposed);
-  return { weight: merged, bias, lora: [], transposed, trainWeight: true, trainBias: false };
+  return { ...planProjection(weight, bias, lora, transposed, train, mode, rows, materializeGrouped), transposed };
 }
 
-/** The tensors of a projection that get gradients, in a fixed order: W?, b?, A0, B0, A1, B1, ... */
-function trainables(p: Projection): tf.Tensor[] {
-  const list: tf.Tensor[] = [];
-  if (p.trainWeight) list.push(p.weight);
-  if (p.trainBias) list.push(p.bias!);
-  for (const f of p.lora) list.push(f.A, f.B);
-  return list;
-}
-
-/**
- * What backward must keep of a projection: its trained tensors (they may be intermediates, like
- * W_eff) and the adapters. A frozen base is read through the closure instead: saving it would
- * register a W-sized clone for nothing.
- */
-function savedOf(p: Projection): tf.Tensor[] {
-  return [...(p.trainWeight ? [p.weight] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
-}
-
-function restore(p: Projection, saved: tf.Tensor[], at: number): [GroupedWeight, number] {
-  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;
-  const bias = p.trainBias ? saved[at++] as tf.Tensor2D : p.bias;
-  const lora = p.lora.map(f => ({ A: saved[at++] as tf.Tensor2D, B: saved[at++] as tf.Tensor2D, scaling: f.scaling }));
-  return [{ weight, bias, lora, transposed: p.transposed }, at];
-}
-
+/** The gradients of a projection's trainables, in projectionTrainables order. */
 function gradsOf(p: Projection, g: GroupedGrads): tf.Tensor[] {
   const list: tf.Tensor[] = [];
   if (p.trainWeight) list.push(g.dWeight!);
@@ -134,8 +85,8 @@ export function fusedExperts(
   return tf.tidy(() => {
     const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows);
     const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows);
-    const upInputs = trainables(up);
-    const downInputs = trainables(down);
+    const upInputs = projectionTrainables(up);
+    const downInputs = projectionTrainables(down);
 
     const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
       const save = args[args.length - 1] as tf.GradSaveFunc;
@@ -146,12 +97,13 @@ export function fusedExperts(
       const a = expertActivation(h, activation, transposed);                        // [N, I]
       const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
       const value = combineRows(y, rowIndex(), t, k, wIn);                          // [T, H]
-      save([xIn, wIn, h, ...savedOf(up), ...savedOf(down)]);
+      // backward keeps each projection's trainables; a frozen base is read through the closure
+      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
         const [xS, wS, hS] = saved as tf.Tensor2D[];
-        const [upS, next] = restore(up, saved, 3);
-        const [downS] = restore(down, saved, next);
+        const [upS, next] = restoreProjection(up, saved, 3);
+        const [downS] = restoreProjection(down, saved, next);
         const rowIdx = rowIndex();
         const tokenIdx = tokenIndex();
         const dRows: Rows = { t: dOut as tf.Tensor2D, index: tokenIdx };            // dO of each row's token
