@@ -17,7 +17,9 @@ import {
   ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
-import { type ActivationSpec, activationUniforms, type ProgramUniformEntry, type RowSource } from './programs/shared.js';
+import {
+  type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
+} from './programs/shared.js';
 
 const BACKEND = 'webgpu';
 
@@ -25,10 +27,6 @@ type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 function webgpu(args: KernelArgs): WebGPUBackend {
   return args.backend as unknown as WebGPUBackend;
-}
-
-function ints(...values: number[]): ProgramUniformEntry[] {
-  return values.map(v => ({ type: 'int32' as const, data: [v] }));
 }
 
 function activationOf(attrs: tf.NamedAttrMap): { spec: ActivationSpec; activation: ExpertActivation } | undefined {
@@ -136,9 +134,9 @@ const groupedMatMulConfig: tf.KernelConfig = {
       hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, tile: tileOf(a),
     });
     const uniforms: ProgramUniformEntry[] = [
-      ...ints(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
+      ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),
-      { type: 'float32', data: [a.alpha as number] },
+      ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
     return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
@@ -203,8 +201,8 @@ const groupedWeightGradConfig: tf.KernelConfig = {
       scaleLeft: a.scaleLeft as boolean, tile: tileOf(a),
     });
     const uniforms: ProgramUniformEntry[] = [
-      ...ints(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
-      { type: 'float32', data: [a.alpha as number] },
+      ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
+      ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
     return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
@@ -281,7 +279,7 @@ const activationBackwardConfig: tf.KernelConfig = {
     const [capacity, width] = inputs.g.shape;
     return webgpu(args).runWebGPUProgram(new ActivationBackwardProgram(capacity, width, act.spec),
         [inputs.h, inputs.g, inputs.pr, inputs.rw], 'float32',
-        [...ints(capacity * width, width), ...activationUniforms(act.activation)]);
+        [...intUniforms(capacity * width, width), ...activationUniforms(act.activation)]);
   },
 };
 
@@ -308,7 +306,7 @@ const pairDotConfig: tf.KernelConfig = {
     const hidden = withBias ? inputs.b2.shape[1] : 0;
     const list = [inputs.g, inputs.h, inputs.rp, ...(withBias ? [inputs.dy, inputs.b2, inputs.ex] : [])];
     return webgpu(args).runWebGPUProgram(new PairDotProgram(numPairs / topK, topK, act.spec, withBias), list,
-        'float32', [...ints(numPairs, width, hidden, topK), ...activationUniforms(act.activation)]);
+        'float32', [...intUniforms(numPairs, width, hidden, topK), ...activationUniforms(act.activation)]);
   },
 };
 
@@ -336,7 +334,7 @@ const groupedColumnSumConfig: tf.KernelConfig = {
     const list = [inputs.S, inputs.seg, ...(a.source === 'gather' || scaled ? [inputs.pr] : []), ...(scaled ? [inputs.rw] : [])];
     return webgpu(args).runWebGPUProgram(
         new GroupedColumnSumProgram(numExperts, width, a.source as 'gather' | 'rows', scaled), list, 'float32',
-        ints(width, a.topK as number, numExperts));
+        intUniforms(width, a.topK as number, numExperts));
   },
 };
 

@@ -6,7 +6,7 @@
  * Integer atomics are only used for the histogram, whose result does not depend on their order.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { EXPERT_OF_ROW, type ProgramUniformEntry } from './shared.js';
+import { EXPERT_OF_ROW, FLAT_THREADS, flatDispatch, intUniforms, type ProgramUniformEntry } from './shared.js';
 
 const PLAN_THREADS = 256;
 
@@ -31,7 +31,7 @@ export class ExpertSegmentsProgram implements WebGPUProgram {
   }
 
   static uniformsFor(numPairs: number, rowTile: number): ProgramUniformEntry[] {
-    return [{ type: 'int32', data: [numPairs] }, { type: 'int32', data: [rowTile] }];
+    return intUniforms(numPairs, rowTile);
   }
 
   getUserCode(): string {
@@ -82,7 +82,7 @@ export class RowOfPairProgram implements WebGPUProgram {
   }
 
   static uniformsFor(numPairs: number): ProgramUniformEntry[] {
-    return [{ type: 'int32', data: [numPairs] }];
+    return intUniforms(numPairs);
   }
 
   getUserCode(): string {
@@ -128,16 +128,16 @@ export class PairOfRowProgram implements WebGPUProgram {
   shaderKey = 'moePairOfRow';
   dispatchLayout = { x: [0] };
   dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
   uniforms = 'numPairs : i32, capacity : i32, numExperts : i32, ';
 
   constructor(numPairs: number, capacity: number) {
     this.outputShape = [capacity];
-    this.dispatch = [Math.ceil(Math.max(numPairs, capacity) / 64), 1, 1];
+    this.dispatch = flatDispatch(Math.max(numPairs, capacity));
   }
 
   static uniformsFor(numPairs: number, capacity: number, numExperts: number): ProgramUniformEntry[] {
-    return [numPairs, capacity, numExperts].map(v => ({ type: 'int32' as const, data: [v] }));
+    return intUniforms(numPairs, capacity, numExperts);
   }
 
   getUserCode(): string {

@@ -7,7 +7,7 @@
  * selection is cheap enough to run twice.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import type { ProgramUniformEntry } from './shared.js';
+import { FLAT_THREADS, flatDispatch, intUniforms, type ProgramUniformEntry } from './shared.js';
 
 export class SoftmaxTopKProgram implements WebGPUProgram {
   variableNames = ['logits'];
@@ -15,7 +15,7 @@ export class SoftmaxTopKProgram implements WebGPUProgram {
   shaderKey: string;
   dispatchLayout = { x: [0, 1] };
   dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
   uniforms = 'numTokens : i32, numExperts : i32, ';
   private readonly k: number;
   private readonly output: 'experts' | 'weights';
@@ -26,12 +26,12 @@ export class SoftmaxTopKProgram implements WebGPUProgram {
     this.output = output;
     this.renormalize = renormalize;
     this.outputShape = [numTokens, k];
-    this.dispatch = [Math.ceil(numTokens / 64), 1, 1];
+    this.dispatch = flatDispatch(numTokens);
     this.shaderKey = `moeSoftmaxTopK_${k}_${output}_${renormalize ? 'r' : ''}`;
   }
 
   static uniformsFor(numTokens: number, numExperts: number): ProgramUniformEntry[] {
-    return [{ type: 'int32', data: [numTokens] }, { type: 'int32', data: [numExperts] }];
+    return intUniforms(numTokens, numExperts);
   }
 
   getUserCode(): string {
@@ -89,7 +89,7 @@ export class SoftmaxTopKGradProgram implements WebGPUProgram {
   shaderKey: string;
   dispatchLayout = { x: [0, 1] };
   dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [64, 1, 1];
+  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
   uniforms = 'numTokens : i32, numExperts : i32, ';
   private readonly k: number;
   private readonly renormalize: boolean;
@@ -98,7 +98,7 @@ export class SoftmaxTopKGradProgram implements WebGPUProgram {
     this.k = k;
     this.renormalize = renormalize;
     this.outputShape = [numTokens, numExperts];
-    this.dispatch = [Math.ceil(numTokens / 64), 1, 1];
+    this.dispatch = flatDispatch(numTokens);
     this.shaderKey = `moeSoftmaxTopKGrad_${k}_${renormalize ? 'r' : ''}`;
   }
 

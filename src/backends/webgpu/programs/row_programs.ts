@@ -11,14 +11,9 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, FLAT_WORKGROUP_INDEX, type ProgramUniformEntry,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, FLAT_THREADS, FLAT_WORKGROUP_INDEX,
+  flatDispatch, intUniforms, type ProgramUniformEntry,
 } from './shared.js';
-
-const FLAT_THREADS = 64;
-
-function flatDispatch(size: number): [number, number, number] {
-  return [Math.max(1, Math.ceil(size / FLAT_THREADS)), 1, 1];
-}
 
 /** out [T, width] from Y [capacity, width], rowOfPair [T·K] and, when weighted, w [T·K]. */
 export class CombineRowsProgram implements WebGPUProgram {
@@ -41,7 +36,7 @@ export class CombineRowsProgram implements WebGPUProgram {
   }
 
   static uniformsFor(width: number, topK: number): ProgramUniformEntry[] {
-    return [{ type: 'int32', data: [width] }, { type: 'int32', data: [topK] }];
+    return intUniforms(width, topK);
   }
 
   getUserCode(): string {

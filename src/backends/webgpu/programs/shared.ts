@@ -1,6 +1,7 @@
 /**
- * Pieces shared by the MoE WebGPU programs: the uniform type tfjs's runWebGPUProgram takes, the
- * activation's WGSL, and the lookups into the device dispatch plan.
+ * Pieces shared by the MoE WebGPU programs: the uniform entries tfjs's runWebGPUProgram takes, the
+ * dispatch of the one-thread-per-element programs, the activation's WGSL, and the lookups into the
+ * device dispatch plan.
  *
  * The device plan (see plan_programs.ts) sorts the T·K (token, slot) pairs by expert into a
  * padded row space: expert e owns rows [seg[e], seg[e+1]), a multiple of the row tile, of which
@@ -17,6 +18,24 @@ import type { ExpertActivation } from '../../../ops/types.js';
 
 /** One entry of the program-defined uniforms, in the order of the program's `uniforms` string. */
 export interface ProgramUniformEntry { type: 'int32' | 'float32'; data: number[] }
+
+/** One int32 uniform entry per value. */
+export function intUniforms(...values: number[]): ProgramUniformEntry[] {
+  return values.map(v => ({ type: 'int32' as const, data: [v] }));
+}
+
+/** One float32 uniform entry per value. */
+export function floatUniforms(...values: number[]): ProgramUniformEntry[] {
+  return values.map(v => ({ type: 'float32' as const, data: [v] }));
+}
+
+/** Threads per workgroup of the programs that run one thread per output element (or token). */
+export const FLAT_THREADS = 64;
+
+/** The dispatch of such a program over `size` elements: one workgroup per FLAT_THREADS, at least one. */
+export function flatDispatch(size: number): [number, number, number] {
+  return [Math.max(1, Math.ceil(size / FLAT_THREADS)), 1, 1];
+}
 
 /** Threads per workgroup of the tiled products: 16×16, each thread a TM×TN block of outputs. */
 export const TILE_THREADS = 16;
@@ -39,7 +58,7 @@ export function activationKey(a: ActivationSpec | undefined): string {
 
 export function activationUniforms(activation: ExpertActivation | undefined): ProgramUniformEntry[] {
   const [alpha, limit] = activation?.kind === 'clampedSwiglu' ? [activation.alpha, activation.limit] : [1, 0];
-  return [{ type: 'float32', data: [alpha] }, { type: 'float32', data: [limit] }];
+  return floatUniforms(alpha, limit);
 }
 
 /** Uniform declarations matching activationUniforms. */
