@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { moeBlock, moeBlockKernelNames } from '../../src/ops/moe_block.js';
+import { referenceMoEBlock } from '../../src/ops/reference/moe_block.js';
 import type { ExpertWeights, LoRAFactors, MoEBlockConfig, MoEBlockWeights, RoutingConfig } from '../../src/ops/types.js';
 import { Rng, expectClose, expectNoLeak } from '../helpers/numeric.js';
 
@@ -152,5 +153,37 @@ describe('moeBlock: fused vs reference', () => {
     expectNoLeak(() => expect(() => moeBlock(b.x, { ...b.weights, experts: { ...b.weights.experts, down: bad } }, b.config))
       .to.throw(/`fusedExperts\(\)`: 'weights.down' must have shape \[8,12,6\] but got \[8,12,5\]/));
     tf.dispose([...b.all, bad]);
+  });
+
+  it('the reference with its routing read beforehand (hostExperts) gives the same output and gradients', () => {
+    const b = build(families[0], 9, true, 5);
+    expectNoLeak(() => {
+      const first = moeBlock(b.x, b.weights, b.config, { expertKernel: 'reference' });
+      const hostExperts = Int32Array.from(first.routing.experts.dataSync());
+      tf.dispose([first.out, first.routing.weights, first.routing.experts, first.routing.logits]);
+      const lossOf = (options: { hostExperts?: Int32Array }) => tf.valueAndGrads((x: tf.Tensor, w1: tf.Tensor) => {
+        const { out, routing } = referenceMoEBlock(x as tf.Tensor2D,
+            { ...b.weights, experts: { ...b.weights.experts, gateUp: w1 as tf.Tensor3D } }, b.config, options);
+        tf.dispose([routing.experts]);
+        return tf.sum(tf.mul(out, b.g));
+      })([b.x, b.weights.experts.gateUp]);
+      const read = lossOf({});
+      const given = lossOf({ hostExperts });
+      expectClose(given.value, read.value, 0, 'loss');
+      given.grads.forEach((g, i) => expectClose(g, read.grads[i], 0, `grad ${i}`));
+      tf.dispose([read.value, given.value, ...read.grads, ...given.grads]);
+    });
+    tf.dispose(b.all);
+  });
+
+  it('bad hostExperts name the argument, the expected and the actual value, and leave nothing behind', () => {
+    const b = build(families[0], 3, false, 6);
+    expectNoLeak(() => {
+      expect(() => referenceMoEBlock(b.x, b.weights, b.config, { hostExperts: [0, 1, 2] }))
+        .to.throw(/`referenceExperts\(\)`: 'options.hostExperts' must hold the 6 chosen experts of routing.experts \[3,2\] but got length 3/);
+      expect(() => referenceMoEBlock(b.x, b.weights, b.config, { hostExperts: [0, 1, 2, 8, 4, 5] }))
+        .to.throw(/'options.hostExperts' must hold expert ids in \[0, 8\) but element 3 is 8/);
+    });
+    tf.dispose(b.all);
   });
 });

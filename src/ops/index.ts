@@ -5,7 +5,7 @@ export { loadBalancingLoss, routerZLoss } from './aux_losses.js';
 export * from './lora/index.js';
 export { fusedExperts, chooseLoRAMode, type FusedExpertsOptions } from './experts/fused_experts.js';
 export { buildDispatchPlan, buildDispatchPlanAsync, type DispatchPlan } from './experts/dispatch_plan.js';
-export { referenceExperts, referenceMoEBlock } from './reference/moe_block.js';
+export { referenceExperts, referenceMoEBlock, type ReferenceOptions } from './reference/moe_block.js';
 export { sharedExpert } from './shared_expert.js';
 export {
   moeBlock, registerMoEBlockKernel, moeBlockKernelNames, registerExpertsImplementation,

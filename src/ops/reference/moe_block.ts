@@ -9,6 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { checkExpertArgs } from '../experts/check_args.js';
 import { routerLogits } from '../lora/router_logits.js';
 import { sharedExpert } from '../shared_expert.js';
+import { fail } from '../validate.js';
 import type { ExpertActivation, LoRAFactors, MoEBlockConfig, MoEBlockWeights, Routing } from '../types.js';
 import { referenceRoute } from './routing.js';
 
@@ -44,13 +45,40 @@ function activate(h: tf.Tensor2D, activation: ExpertActivation, interleaved: boo
   return tf.mul(tf.add(u, 1), tf.mul(g, tf.sigmoid(tf.mul(g, activation.alpha))));
 }
 
+export interface ReferenceOptions {
+  /**
+   * `routing.experts` as already read to the host (`await experts.data()`), so that the loop can
+   * run where a synchronous read is impossible (webgpu) — as transformers' eager loop reads its
+   * routing to the host too. It must hold what the routing computes; only its shape and range are
+   * checked.
+   */
+  hostExperts?: ArrayLike<number>;
+}
+
+/** The chosen experts on the host: `hostExperts` when given (checked), else one synchronous read. */
+function chosenExperts(op: string, experts: tf.Tensor2D, numExperts: number, hostExperts?: ArrayLike<number>): ArrayLike<number> {
+  if (hostExperts === undefined) return experts.dataSync();
+  if (hostExperts == null || typeof hostExperts.length !== 'number' || hostExperts.length !== experts.size) {
+    fail(op, `'options.hostExperts' must hold the ${experts.size} chosen experts of routing.experts [${experts.shape}] ` +
+        `but got length ${hostExperts?.length}`);
+  }
+  for (let i = 0; i < hostExperts.length; i++) {
+    const e = hostExperts[i];
+    if (!Number.isInteger(e) || e < 0 || e >= numExperts) {
+      fail(op, `'options.hostExperts' must hold expert ids in [0, ${numExperts}) but element ${i} is ${e}`);
+    }
+  }
+  return hostExperts;
+}
+
 /** Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]), one loop step per expert hit. */
 export function referenceExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
-    weights: MoEBlockWeights['experts'], activation: ExpertActivation): tf.Tensor2D {
-  const dims = checkExpertArgs('referenceExperts', x, routing?.weights, routing?.experts, weights, activation);
+    weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceOptions = {}): tf.Tensor2D {
+  const op = 'referenceExperts';
+  const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
   const { numTokens: t, topK: k, numExperts, transposed } = dims;
-  const chosen = routing.experts.dataSync();
+  const chosen = chosenExperts(op, routing.experts, numExperts, options.hostExperts);
   return tf.tidy(() => {
     const flatWeights = tf.reshape(routing.weights, [t * k]);
     let out: tf.Tensor = tf.zeros([t, dims.hidden]);
@@ -78,12 +106,18 @@ export function referenceExperts(
 
 /** The whole block, plainly: router (+ LoRA), routing, the expert loop, shared experts. */
 export function referenceMoEBlock(
-    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig): { out: tf.Tensor2D; routing: Routing } {
+    x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig,
+    options: ReferenceOptions = {}): { out: tf.Tensor2D; routing: Routing } {
   const logits = routerLogits(x, weights.router);
   const routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
-  const out = tf.tidy(() => {
-    const routed = referenceExperts(x, routing, weights.experts, config.activation);
-    return weights.shared ? tf.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
-  });
-  return { out, routing };
+  try {
+    const out = tf.tidy(() => {
+      const routed = referenceExperts(x, routing, weights.experts, config.activation, options);
+      return weights.shared ? tf.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
+    });
+    return { out, routing };
+  } catch (err) {
+    tf.dispose([logits, routing.weights, routing.experts]);
+    throw err;
+  }
 }
