@@ -1,10 +1,16 @@
-/** `tfjs-moe-lora bench`: the MoE block forward+backward, fused vs reference, on one backend. */
+/**
+ * `tfjs-moe-lora bench`: the MoE block forward+backward, fused vs reference, on one backend; or,
+ * with `--config example`, whole training steps of the example's model (tokens/s).
+ */
+import * as tf from '@tensorflow/tfjs-core';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
+import { withLinearCpuSegmentSum } from '../../backends/cpu/unsorted_segment_sum.js';
 import { BENCH_BACKENDS, selectBenchBackend } from '../../bench/backend.js';
 import {
   BENCH_CONFIGS, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, benchMoEBlock, formatBenchTable, type BenchLoRA,
   type CpuSegmentSum,
 } from '../../bench/block_bench.js';
+import { TRAIN_BENCH_CONFIG, benchTrainingStep, formatTrainBenchTable } from '../../bench/train_bench.js';
 
 interface BenchArgs {
   config: string;
@@ -18,10 +24,12 @@ interface BenchArgs {
   cpuSegmentSum: CpuSegmentSum;
   profile: boolean;
   rank?: number;
+  model?: string;
+  text?: string;
 }
 
 export const command = 'bench';
-export const describe = 'Time the MoE block forward+backward (fused vs reference kernel) and its peak memory';
+export const describe = 'Time the MoE block forward+backward, or a training step of the example model (fused vs reference kernel), and peak memory';
 
 /** 'none,split' and repeated flags alike, as one list. */
 function loraList(values: string[]): string[] {
@@ -31,8 +39,9 @@ function loraList(values: string[]): string[] {
 export function builder(yargs: Argv): Argv<BenchArgs> {
   return yargs
       .option('config', {
-        type: 'string', choices: Object.keys(BENCH_CONFIGS), default: 'S', requiresArg: true,
-        describe: 'shape: S (T=1024 H=256 I=128 E=8 K=2) for cpu/wasm, M1 and Q for webgpu, XS a smoke test',
+        type: 'string', choices: [...Object.keys(BENCH_CONFIGS), TRAIN_BENCH_CONFIG], default: 'S', requiresArg: true,
+        describe: 'block shape: S (T=1024 H=256 I=128 E=8 K=2) for cpu/wasm, M1 and Q for webgpu, XS a smoke test; ' +
+            `or ${TRAIN_BENCH_CONFIG}: Adam steps of the example model (LoRA r 4 on experts + router, 8 × 64 tokens), tokens/s`,
       })
       .option('backend', {
         type: 'string', choices: BENCH_BACKENDS, default: 'wasm', requiresArg: true, describe: 'tfjs backend',
@@ -56,6 +65,14 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
       .option('profile', {
         type: 'boolean', default: false, describe: 'also report the time per kernel of one profiled step',
       })
+      .option('model', {
+        type: 'string', requiresArg: true,
+        describe: `--config ${TRAIN_BENCH_CONFIG}: HF checkpoint folder with tokenizer.json (default: the repository's examples/models/tala-moe)`,
+      })
+      .option('text', {
+        type: 'string', requiresArg: true,
+        describe: `--config ${TRAIN_BENCH_CONFIG}: training text (default: the repository's examples/data/target_train.txt)`,
+      })
       .option('cpu-segment-sum', {
         type: 'string', choices: CPU_SEGMENT_SUMS, default: 'stock' as const, requiresArg: true,
         describe: 'cpu: tfjs-cpu\'s UnsortedSegmentSum (quadratic; tf.gather\'s gradient in the reference) ' +
@@ -70,6 +87,13 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
           const min = name === 'iters' || name === 'rank' ? 1 : 0;
           if (!Number.isInteger(v) || v < min) return `--${name} must be an integer >= ${min} but got ${v}`;
         }
+        if (argv.config === TRAIN_BENCH_CONFIG) {
+          if (argv.profile === true) return `--profile times the kernels of a block config, not --config ${TRAIN_BENCH_CONFIG}`;
+          return true;
+        }
+        for (const name of ['model', 'text'] as const) {
+          if (argv[name] !== undefined) return `--${name} is for --config ${TRAIN_BENCH_CONFIG}, not ${argv.config}`;
+        }
         const c = BENCH_CONFIGS[argv.config as string];
         if (!c.backends.includes(argv.backend as string) && argv.allowAnyBackend !== true) {
           return `--config ${argv.config} is sized for ${c.backends.join(', ')}, not ${argv.backend} ` +
@@ -79,12 +103,22 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
       })
       .example('$0 bench', 'config S on wasm, every LoRA case')
       .example('$0 bench --backend cpu --lora none,auto --iters 9', '')
-      .example('$0 bench --backend webgpu --config M1 --json', '') as unknown as Argv<BenchArgs>;
+      .example('$0 bench --backend webgpu --config M1 --json', '')
+      .example(`$0 bench --config ${TRAIN_BENCH_CONFIG} --lora auto`, 'tokens/s of the example\'s training step on wasm') as unknown as Argv<BenchArgs>;
 }
 
 export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void> {
   const release = await selectBenchBackend(argv.backend);
   try {
+    if (argv.config === TRAIN_BENCH_CONFIG) {
+      const run = () => benchTrainingStep({
+        model: argv.model, text: argv.text, lora: argv.lora, iters: argv.iters, warmup: argv.warmup, seed: argv.seed,
+        rank: argv.rank,
+      });
+      const cases = tf.getBackend() === 'cpu' && argv.cpuSegmentSum === 'linear' ? await withLinearCpuSegmentSum(run) : await run();
+      process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatTrainBenchTable(cases));
+      return;
+    }
     const cases = await benchMoEBlock({
       config: argv.config, lora: argv.lora, iters: argv.iters, warmup: argv.warmup, seed: argv.seed,
       allowAnyBackend: argv.allowAnyBackend, cpuSegmentSum: argv.cpuSegmentSum,
