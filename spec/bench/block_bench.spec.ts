@@ -31,11 +31,12 @@ function expectCase(c: BenchCase, lora: string): void {
   expect(c).to.include({ config: 'XS', backend: BACKEND, lora, iters: 1, warmup: 0 });
   expectTiming(c.fused, `${lora} fused`);
   expectTiming(c.reference, `${lora} reference`);
-  expect(c.speedup).to.be.closeTo(c.reference.ms / c.fused.ms, 1e-9);
-  expect(c.cpuSpeedup).to.equal(c.reference.cpuMs / c.fused.cpuMs);
+  const ref = c.reference!;
+  expect(c.speedup).to.be.closeTo(ref.ms / c.fused.ms, 1e-9);
+  expect(c.cpuSpeedup).to.equal(ref.cpuMs / c.fused.cpuMs);
   // one round: the paired ratio is the ratio of the two samples
-  expect(c.pairedSpeedup).to.be.closeTo(c.reference.samples[0] / c.fused.samples[0], 1e-9);
-  expect(c.memRatio).to.be.closeTo(c.fused.peakBytes / c.reference.peakBytes, 1e-9);
+  expect(c.pairedSpeedup).to.be.closeTo(ref.samples[0] / c.fused.samples[0], 1e-9);
+  expect(c.memRatio).to.be.closeTo(c.fused.peakBytes / ref.peakBytes, 1e-9);
   expect(c.fused.gflops).to.be.closeTo(expertFlops(BENCH_CONFIGS.XS, c.lora) / c.fused.ms / 1e6, 1e-9);
   expect(c.shape).to.deep.equal({ T: 64, H: 32, I: 16, E: 4, K: 2, r: 4 });
   if (lora === 'auto') {
@@ -85,6 +86,15 @@ describe('bench/benchMoEBlock', () => {
     expect(tf.getKernel('UnsortedSegmentSum', 'cpu')!.kernelFunc).to.equal(stock);
   });
 
+  it('times the fused kernel alone with reference: false (null reference and ratios)', async () => {
+    const before = tf.memory().numTensors;
+    const [c] = await benchMoEBlock({ config: 'XS', lora: ['split'], iters: 1, warmup: 0, reference: false });
+    expect(tf.memory().numTensors).to.equal(before);
+    expectTiming(c.fused, 'fused');
+    expect(c).to.include({ reference: null, speedup: null, cpuSpeedup: null, pairedSpeedup: null, memRatio: null });
+    expect(formatBenchTable([c]).split('\n')[2]).to.match(new RegExp(`^XS\\s+${BACKEND}\\s+split\\s+\\d+\\.\\d\\s+-\\s+-\\s+-`));
+  });
+
   it('rejects bad options with one clear error each', async () => {
     const bad: Array<[object, RegExp]> = [
       [{ config: 'L' }, /`benchMoEBlock\(\)`: 'config' must be one of 'XS', 'S', 'M1', 'Q' but got 'L'/],
@@ -94,6 +104,7 @@ describe('bench/benchMoEBlock', () => {
       [{ config: 'XS', warmup: 1.5 }, /'warmup' must be an integer but got 1.5 \(number\)/],
       [{ config: 'XS', cpuSegmentSum: 'fast' }, /'cpuSegmentSum' must be one of 'stock', 'linear' but got 'fast'/],
       [{ config: 'XS', rank: 0 }, /'rank' must be >= 1 but got 0/],
+      [{ config: 'XS', reference: 'no' }, /'reference' must be a boolean but got "no"/],
       [{ config: 'M1' }, new RegExp(`config 'M1' is sized for webgpu, not ${BACKEND} \\(allowAnyBackend`)],
     ];
     for (const [options, re] of bad) {

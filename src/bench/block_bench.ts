@@ -80,23 +80,24 @@ export interface BenchCase {
   backend: string;
   lora: BenchLoRA;
   fused: BenchTiming;
-  reference: BenchTiming;
-  /** reference ms / fused ms */
-  speedup: number;
+  /** null when the run left the reference out (`reference: false`) */
+  reference: BenchTiming | null;
+  /** reference ms / fused ms (null without a reference, as every ratio below) */
+  speedup: number | null;
   /** reference cpuMs / fused cpuMs */
-  cpuSpeedup: number;
+  cpuSpeedup: number | null;
   /**
    * the median over rounds of reference / fused time within the round: each round runs every case
    * once, close together, so a slow phase of a shared machine cancels out of this ratio
    */
-  pairedSpeedup: number;
+  pairedSpeedup: number | null;
   /**
    * for 'auto', with 'materialize' or 'split' in the same run: the median over rounds of auto's
    * fused time / the faster of materialize's and split's in that round (1.1 = 10% slower)
    */
   autoVsBest?: number;
   /** fused peakBytes / reference peakBytes */
-  memRatio: number;
+  memRatio: number | null;
   /** for 'auto': what the cost model picks for the [up, down] projections */
   autoPicks?: [string, string];
   /** cpu only: the UnsortedSegmentSum kernel the run used (tf.gather's gradient in the reference) */
@@ -127,6 +128,11 @@ export interface BlockBenchOptions {
   cpuSegmentSum?: CpuSegmentSum;
   /** add the per-kernel times of the memory-measuring step (kernels: top 12) */
   profile?: boolean;
+  /**
+   * time the reference kernel too (default true); false times the fused kernel alone, e.g. at Q
+   * on webgpu, where the reference's per-expert loop runs out of the H100's memory
+   */
+  reference?: boolean;
   /** the LoRA rank of the adapter cases instead of the config's (e.g. to find where materialize wins) */
   rank?: number;
   /** called after each case, e.g. to print progress */
@@ -149,7 +155,7 @@ const OP = 'benchMoEBlock';
 /** The random tensors of a run; every LoRA case of the run shares them. */
 interface Inputs {
   x: tf.Tensor2D;
-  g: tf.Tensor2D;                 // the loss weights: loss = Σ out·g
+  g: tf.Tensor2D;                 // the output's gradient: loss = Σ out·g
   router: tf.Tensor2D;
   gateUp: tf.Tensor3D;
   down: tf.Tensor3D;
@@ -261,41 +267,79 @@ async function hostExpertsOf(p: Problem): Promise<Int32Array> {
 /** Backends where a synchronous read is impossible. */
 const ASYNC_READ_BACKENDS = ['webgpu'];
 
-/** One forward + backward: the gradients of loss = Σ out·g w.r.t. every trained tensor. */
+/**
+ * One forward + backward: the gradients of loss = Σ out·g w.r.t. every trained tensor, with g fed
+ * as the block output's gradient. Writing the loss as tf.sum(tf.mul(out, g)) would add the
+ * gradient of tf.sum, which builds a [T, H] tensor of ones on the host and uploads it every step:
+ * 60 ms of a 70 ms step at M1 on webgpu, and nothing to do with the block.
+ */
 function stepOf(p: Problem, kernel: Kernel, lora: BenchLoRA, hostExperts?: Int32Array): () => tf.Tensor[] {
   const loraMode = lora === 'none' ? undefined : lora;
-  const loss = (...args: tf.Tensor[]) => {
+  const block = (...args: tf.Tensor[]) => {
     const x = args[0] as tf.Tensor2D;
     const { out } = kernel === 'reference' && hostExperts !== undefined ?
       referenceMoEBlock(x, p.with(args), p.inputs.config, { hostExperts }) :
       moeBlock(x, p.with(args), p.inputs.config, { expertKernel: kernel, loraMode });
-    return tf.sum(tf.mul(out, p.inputs.g));
+    return out;
   };
-  const grads = tf.grads(loss);
-  return () => grads(p.trained);
+  const grads = tf.grads(block);
+  return () => grads(p.trained, p.inputs.g);
 }
 
 interface Sample { ms: number; cpuMs: number }
 
-async function timeStep(step: () => tf.Tensor[]): Promise<Sample> {
-  const c0 = process.cpuUsage();
-  const t0 = performance.now();
-  const grads = step();
-  await settle(grads);
-  const ms = performance.now() - t0;
-  const c = process.cpuUsage(c0);
-  tf.dispose(grads);
-  return { ms, cpuMs: (c.user + c.system) / 1000 };
+/** The parts of the webgpu backend and its device that gpuErrorsOf uses. */
+interface GPUDeviceLike {
+  pushErrorScope(filter: 'out-of-memory' | 'validation'): void;
+  popErrorScope(): Promise<{ message: string } | null>;
+}
+
+/**
+ * Runs `fn` and throws when the GPU reported an error meanwhile. Dawn does not make tfjs throw
+ * when a buffer cannot be allocated: the step goes on with invalid buffers and its times mean
+ * nothing (the reference at Q on an 80 GB H100 does that). Elsewhere it just runs `fn`.
+ */
+async function gpuChecked<T>(kernel: Kernel, fn: () => Promise<T>): Promise<T> {
+  const device = tf.getBackend() === 'webgpu' ? (tf.backend() as unknown as { device?: GPUDeviceLike }).device : undefined;
+  if (device === undefined) return fn();
+  device.pushErrorScope('validation');
+  device.pushErrorScope('out-of-memory');
+  let result: T;
+  try {
+    result = await fn();
+  } finally {
+    const oom = await device.popErrorScope();
+    const invalid = await device.popErrorScope();
+    const error = oom ?? invalid;
+    if (error != null) {
+      throw new Error(`the ${kernel} kernel's step failed on the GPU${oom ? ' (out of memory)' : ''}: ` +
+          `${error.message.split('\n')[0]}${kernel === 'reference' ? '; time the fused kernel alone with reference: false (--no-reference)' : ''}`);
+    }
+  }
+  return result;
+}
+
+async function timeStep(step: () => tf.Tensor[], kernel: Kernel): Promise<Sample> {
+  return gpuChecked(kernel, async () => {
+    const c0 = process.cpuUsage();
+    const t0 = performance.now();
+    const grads = step();
+    await settle(grads);
+    const ms = performance.now() - t0;
+    const c = process.cpuUsage(c0);
+    tf.dispose(grads);
+    return { ms, cpuMs: (c.user + c.system) / 1000 };
+  });
 }
 
 /** Peak bytes of one step above what was held before it, and its kernels by time. */
-async function profileStep(step: () => tf.Tensor[]): Promise<{ peakBytes: number; kernels: KernelTime[] }> {
+async function profileStep(step: () => tf.Tensor[], kernel: Kernel): Promise<{ peakBytes: number; kernels: KernelTime[] }> {
   const before = tf.memory().numBytes;
-  const info = await tf.profile(async () => {
+  const info = await gpuChecked(kernel, () => tf.profile(async () => {
     const grads = step();
     await settle(grads);
     tf.dispose(grads);
-  });
+  }));
   const byName = new Map<string, KernelTime>();
   for (const k of info.kernels) {
     // a customGrad's forward is recorded as one unnamed scope around its own kernels: counting
@@ -325,6 +369,9 @@ function checkOptions(options: BlockBenchOptions): Required<Omit<BlockBenchOptio
   assertInteger(OP, 'seed', seed, 0);
   const rank = options.rank ?? BENCH_CONFIGS[options.config].rank;
   assertInteger(OP, 'rank', rank, 1);
+  if (options.reference !== undefined && typeof options.reference !== 'boolean') {
+    fail(OP, `'reference' must be a boolean but got ${JSON.stringify(options.reference)}`);
+  }
   const cpuSegmentSum = options.cpuSegmentSum ?? 'stock';
   assertOneOf(OP, 'cpuSegmentSum', cpuSegmentSum, CPU_SEGMENT_SUMS);
   const backend = tf.getBackend();
@@ -336,6 +383,7 @@ function checkOptions(options: BlockBenchOptions): Required<Omit<BlockBenchOptio
   return {
     config: options.config, lora, iters, warmup, seed, cpuSegmentSum, rank,
     allowAnyBackend: options.allowAnyBackend ?? false, profile: options.profile ?? false,
+    reference: options.reference ?? true,
   };
 }
 
@@ -367,16 +415,16 @@ async function runCases(
     for (const lora of o.lora) {
       const p = problemOf(inputs, lora);
       const hostExperts = ASYNC_READ_BACKENDS.includes(backend) ? await hostExpertsOf(p) : undefined;
-      for (const kernel of ['fused', 'reference'] as const) {
+      for (const kernel of o.reference ? ['fused', 'reference'] as const : ['fused'] as const) {
         runs.push({ lora, kernel, step: stepOf(p, kernel, lora, hostExperts), samples: [] });
       }
     }
-    for (const r of runs) for (let i = 0; i < o.warmup; i++) await timeStep(r.step);
+    for (const r of runs) for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel);
     // Every case and kernel once per round, in an order that rotates and turns round from round to
     // round: a slow phase of a shared machine, or the garbage of the step before, hits them alike.
     for (let i = 0; i < o.iters; i++) {
       const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
-      for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await timeStep(r.step));
+      for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await timeStep(r.step, r.kernel));
     }
     const results: BenchCase[] = [];
     for (const lora of o.lora) {
@@ -385,23 +433,23 @@ async function runCases(
         const r = runs.find(x => x.lora === lora && x.kernel === kernel)!;
         const ms = median(r.samples.map(v => v.ms));
         const cpuMs = median(r.samples.map(v => v.cpuMs));
-        const { peakBytes, kernels } = await profileStep(r.step);
+        const { peakBytes, kernels } = await profileStep(r.step, kernel);
         const samples = r.samples.map(v => v.ms);
         const t: BenchTiming = { ms, peakBytes, samples, minMs: Math.min(...samples), cpuMs, gflops: flops / ms / 1e6 };
         if (o.profile) t.kernels = kernels;
         return t;
       };
       const fused = await timing('fused');
-      const reference = await timing('reference');
+      const reference = o.reference ? await timing('reference') : null;
       const fusedRun = runs.find(x => x.lora === lora && x.kernel === 'fused')!;
-      const refRun = runs.find(x => x.lora === lora && x.kernel === 'reference')!;
+      const refRun = runs.find(x => x.lora === lora && x.kernel === 'reference');
       const rows = c.tokens * c.topK;
       const result: BenchCase = {
         config: o.config, backend, lora, fused, reference,
-        speedup: reference.ms / fused.ms,
-        cpuSpeedup: reference.cpuMs / fused.cpuMs,
-        pairedSpeedup: median(refRun.samples.map((v, i) => v.ms / fusedRun.samples[i].ms)),
-        memRatio: fused.peakBytes / reference.peakBytes,
+        speedup: reference && reference.ms / fused.ms,
+        cpuSpeedup: reference && reference.cpuMs / fused.cpuMs,
+        pairedSpeedup: refRun ? median(refRun.samples.map((v, i) => v.ms / fusedRun.samples[i].ms)) : null,
+        memRatio: reference && fused.peakBytes / reference.peakBytes,
         shape: { T: c.tokens, H: c.hidden, I: c.inter, E: c.experts, K: c.topK, r: c.rank },
         iters: o.iters, warmup: o.warmup,
       };
@@ -431,17 +479,19 @@ const MB = 1024 * 1024;
 export function formatBenchTable(cases: readonly BenchCase[]): string {
   const head = ['config', 'backend', 'lora', 'fused ms', 'ref ms', 'speedup', 'paired', 'fused cpu-ms', 'ref cpu-ms',
     'cpu speedup', 'fused MiB', 'ref MiB', 'mem ratio', 'fused GFLOP/s', 'ref GFLOP/s', 'auto picks', 'auto/best'];
+  const ratio = (v: number | null) => (v === null ? '-' : `${v.toFixed(2)}x`);
   const rows = cases.map(c => [
-    c.config, c.backend, c.lora, c.fused.ms.toFixed(1), c.reference.ms.toFixed(1), `${c.speedup.toFixed(2)}x`,
-    `${c.pairedSpeedup.toFixed(2)}x`, c.fused.cpuMs.toFixed(1), c.reference.cpuMs.toFixed(1), `${c.cpuSpeedup.toFixed(2)}x`,
-    (c.fused.peakBytes / MB).toFixed(1), (c.reference.peakBytes / MB).toFixed(1), c.memRatio.toFixed(2),
-    c.fused.gflops.toFixed(2), c.reference.gflops.toFixed(2), c.autoPicks ? c.autoPicks.join('/') : '',
+    c.config, c.backend, c.lora, c.fused.ms.toFixed(1), c.reference?.ms.toFixed(1) ?? '-', ratio(c.speedup),
+    ratio(c.pairedSpeedup), c.fused.cpuMs.toFixed(1), c.reference?.cpuMs.toFixed(1) ?? '-', ratio(c.cpuSpeedup),
+    (c.fused.peakBytes / MB).toFixed(1), c.reference ? (c.reference.peakBytes / MB).toFixed(1) : '-',
+    c.memRatio?.toFixed(2) ?? '-',
+    c.fused.gflops.toFixed(2), c.reference?.gflops.toFixed(2) ?? '-', c.autoPicks ? c.autoPicks.join('/') : '',
     c.autoVsBest !== undefined ? c.autoVsBest.toFixed(2) : '',
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map(r => r[i].length)));
   const line = (cells: string[]) => cells.map((s, i) => (i < 3 ? s.padEnd(widths[i]) : s.padStart(widths[i]))).join('  ').trimEnd();
-  const profiles = cases.flatMap(c => (['fused', 'reference'] as const).filter(k => c[k].kernels).map(k =>
-    `${c.lora} ${k}: ${c[k].kernels!.map(t => `${t.name} ${t.ms.toFixed(1)} ms (${t.calls})`).join(', ')}`));
+  const profiles = cases.flatMap(c => (['fused', 'reference'] as const).filter(k => c[k]?.kernels).map(k =>
+    `${c.lora} ${k}: ${c[k]!.kernels!.map(t => `${t.name} ${t.ms.toFixed(1)} ms (${t.calls})`).join(', ')}`));
   const s = cases[0]?.shape;
   const title = s ? `MoE block forward+backward, T=${s.T} H=${s.H} I=${s.I} E=${s.E} K=${s.K} r=${s.r}, ` +
       `median of ${cases[0].iters} after ${cases[0].warmup} warm-up` +

@@ -26,6 +26,7 @@ interface BenchArgs {
   rank?: number;
   model?: string;
   text?: string;
+  reference: boolean;
 }
 
 export const command = 'bench';
@@ -64,6 +65,10 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
       })
       .option('profile', {
         type: 'boolean', default: false, describe: 'also report the time per kernel of one profiled step',
+      })
+      .option('reference', {
+        type: 'boolean', default: true,
+        describe: 'also time the reference kernel; --no-reference times the fused kernel alone (Q on webgpu: the reference runs out of GPU memory)',
       })
       .option('model', {
         type: 'string', requiresArg: true,
@@ -122,7 +127,7 @@ export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void
     const cases = await benchMoEBlock({
       config: argv.config, lora: argv.lora, iters: argv.iters, warmup: argv.warmup, seed: argv.seed,
       allowAnyBackend: argv.allowAnyBackend, cpuSegmentSum: argv.cpuSegmentSum,
-      profile: argv.profile, rank: argv.rank,
+      profile: argv.profile, rank: argv.rank, reference: argv.reference,
     });
     process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatBenchTable(cases));
   } finally {
