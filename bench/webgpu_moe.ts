@@ -1,8 +1,9 @@
 /**
  * WebGPU benchmark of the MoE block, forward + backward, for the H100 (docs/webgpu.md):
  *   npx tsx bench/webgpu_moe.ts [--config M1,Q] [--presets auto,f] [--lora none|split|materialize]
- *       [--iters 20] [--warmup 3] [--chain 10] [--batch N]
+ *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
+ *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728']
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
  *
@@ -20,6 +21,7 @@ import '@tensorflow/tfjs-layers';
 import { writeFileSync } from 'node:fs';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
+import { SUBMIT_FLOPS_FLAG } from '../src/backends/webgpu/kernels.js';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
 import { buildDispatchPlanAsync } from '../src/ops/experts/dispatch_plan.js';
@@ -130,6 +132,33 @@ async function timeSteps(step: () => tf.Tensor[], warmup: number, iters: number)
   return s;
 }
 
+/**
+ * Submit settings (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE, this package's SUBMIT_FLOPS_FLAG)
+ * compared in one process, one step of each in turn: differences between machines and between
+ * runs on one machine (±0.5 ms at M1) do not enter the comparison.
+ */
+async function timeInterleaved(
+    step: () => tf.Tensor[], variants: Array<{ batch: number; submit: number }>, warmup: number,
+    iters: number): Promise<Samples[]> {
+  const out = variants.map((): Samples => ({ total: [], enqueue: [] }));
+  const batch0 = tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
+  const submit0 = tf.env().getNumber(SUBMIT_FLOPS_FLAG);
+  try {
+    for (let i = 0; i < warmup + iters; i++) {
+      for (const [v, variant] of variants.entries()) {
+        tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', variant.batch);
+        tf.env().set(SUBMIT_FLOPS_FLAG, variant.submit);
+        const s = await timeSteps(step, 0, 1);
+        if (i >= warmup) { out[v].total.push(s.total[0]); out[v].enqueue.push(s.enqueue[0]); }
+      }
+    }
+  } finally {
+    tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', batch0);
+    tf.env().set(SUBMIT_FLOPS_FLAG, submit0);
+  }
+  return out;
+}
+
 /** ms per step over `chain` steps enqueued back to back with one wait at the end (training throughput). */
 async function timeChained(step: () => tf.Tensor[], chain: number, repeats: number): Promise<number[]> {
   const out: number[] = [];
@@ -210,8 +239,11 @@ async function main(): Promise<void> {
   const chain = Number(arg('chain', '10'));
   const batch = arg('batch', '');
   if (batch) tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number(batch));
+  const submitFlops = arg('submit-flops', '');
+  if (submitFlops) tf.env().set(SUBMIT_FLOPS_FLAG, Number(submitFlops));
   console.log(`# read latency (small kernel + read): ${(await readLatency(20)).toFixed(2)} ms; ` +
-      `submit batch ${tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')}`);
+      `submit batch ${tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')}, submit after products of ` +
+      `${tf.env().getNumber(SUBMIT_FLOPS_FLAG)} FLOPs`);
   const rows: Row[] = [];
   const report = (r: Row) => {
     rows.push(r);
@@ -251,6 +283,18 @@ async function main(): Promise<void> {
       if (best === undefined || (r.gpuMs ?? r.ms) < (best.gpuMs ?? best.ms)) best = r;
     }
     setWebGPUMoETuning(PRESETS[best!.preset]);
+    const interleave = arg('interleave', '');
+    if (interleave) {
+      const variants = interleave.split(';').map(v => {
+        const kv = Object.fromEntries(v.split(',').map(p => p.split('=')));
+        return { batch: Number(kv.batch ?? 15), submit: Number(kv.submit ?? 2 ** 27) };
+      });
+      const samples = await timeInterleaved(step, variants, warmup, iters);
+      for (const [v, variant] of variants.entries()) {
+        const r = row(`batch ${variant.batch} submit ${variant.submit}`, 'fused', samples[v]);
+        report(r);
+      }
+    }
     const before = tf.memory().numBytes;
     const mem = await tf.profile(async () => { const g = step(); await settle(g); tf.dispose(g); });
     best!.peakMiB = (mem.peakBytes - before) / 2 ** 20;

@@ -10,6 +10,7 @@ import {
   WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
   webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
+import { SUBMIT_FLOPS_FLAG } from '../../../src/backends/webgpu/kernels.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
 import type { LoRAMode } from '../../../src/ops/types.js';
@@ -123,6 +124,37 @@ describe('webgpu: webgpuFusedExperts', () => {
     await expectCloseAsync(small[0], await large[0].data(), 1e-5, 'dx');
     await expectCloseAsync(small[1], await large[1].data(), 1e-5, 'dW1');
     tf.dispose([...small, ...large]);
+    c.dispose();
+  });
+
+  it(`${SUBMIT_FLOPS_FLAG} = 0 submits after every grouped product, with the same results`, async () => {
+    expect(tf.env().getNumber(SUBMIT_FLOPS_FLAG), 'default').to.equal(2 ** 27);
+    const c = makeExpertCase({ T: 50, H: 20, I: 12, E: 5, K: 3 }, 73);
+    const grads = () => tf.grads((x: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor) => tf.sum(webgpuFusedExperts(x as tf.Tensor2D, c,
+        { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D }, c.activation)))([c.x, c.w.gateUp, c.w.down]);
+    const backend = tf.backend() as unknown as { submitQueue(): void };
+    const submit = backend.submitQueue;
+    let submits = 0;
+    backend.submitQueue = function (this: unknown) { submits++; return submit.call(this); };
+    let batched: tf.Tensor[];
+    let each: tf.Tensor[];
+    let batchedSubmits: number;
+    try {
+      batched = grads();
+      batchedSubmits = submits;
+      submits = 0;
+      tf.env().set(SUBMIT_FLOPS_FLAG, 0);
+      each = grads();
+    } finally {
+      tf.env().set(SUBMIT_FLOPS_FLAG, 2 ** 27);
+      delete (backend as Partial<typeof backend>).submitQueue;
+    }
+    // forward up and down, backward g = dOut·W2, dx, dW1, dW2: six products, each submitted; by
+    // default these small ones wait for tfjs's batches of 15 dispatches
+    expect(submits, 'submits after every product').to.be.at.least(6);
+    expect(batchedSubmits, 'submits by default').to.be.below(submits);
+    for (let i = 0; i < 3; i++) await expectCloseAsync(each[i], await batched[i].data(), 0, `grad ${i}`);
+    tf.dispose([...batched, ...each]);
     c.dispose();
   });
 

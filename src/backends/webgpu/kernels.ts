@@ -29,6 +29,36 @@ function webgpu(args: KernelArgs): WebGPUBackend {
   return args.backend as unknown as WebGPUBackend;
 }
 
+/**
+ * tf.env() flag: a grouped product of at least this many FLOPs submits the commands recorded so
+ * far right after it is recorded (Infinity: never). tfjs submits every
+ * WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE (15) dispatches; at M1 size the host takes 2–3 ms to record a
+ * step, and the GPU would wait for the first 15 dispatches before starting on the big products
+ * among them (docs/webgpu.md). The default, 2^27 FLOPs (about 7 µs on an H100), leaves the small
+ * products of small models batched.
+ */
+export const SUBMIT_FLOPS_FLAG = 'WEBGPU_MOE_SUBMIT_FLOPS';
+tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
+
+/** The parts of WebGPUBackend this uses that its typings keep private. */
+interface CommandQueueInternals {
+  dispatchCountInPass?: number;
+  activeTimers?: unknown;
+  endComputePassEncoder?: () => void;
+  submitQueue?: () => void;
+}
+
+/** Submits the recorded commands when `flops` reach the flag (see SUBMIT_FLOPS_FLAG). */
+function submitIfHeavy(backend: WebGPUBackend, flops: number): void {
+  if (flops < tf.env().getNumber(SUBMIT_FLOPS_FLAG)) return;
+  const q = backend as unknown as CommandQueueInternals;
+  // under tf.time/profile tfjs submits after every program itself, with its timestamp queries
+  if (q.activeTimers != null || !q.dispatchCountInPass) return;
+  if (typeof q.endComputePassEncoder !== 'function' || typeof q.submitQueue !== 'function') return;
+  q.endComputePassEncoder();
+  q.submitQueue();
+}
+
 function activationOf(attrs: tf.NamedAttrMap): { spec: ActivationSpec; activation: ExpertActivation } | undefined {
   if (attrs.actKind === 'none') return undefined;
   const kind = attrs.actKind as ExpertActivation['kind'];
@@ -139,7 +169,10 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
+    const b = webgpu(args);
+    const out = b.runWebGPUProgram(program, list, 'float32', uniforms);
+    submitIfHeavy(b, 2 * capacity * outCols * (a.inner as number));
+    return out;
   },
 };
 
@@ -205,7 +238,11 @@ const groupedWeightGradConfig: tf.KernelConfig = {
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    return webgpu(args).runWebGPUProgram(program, list, 'float32', uniforms);
+    const b = webgpu(args);
+    const out = b.runWebGPUProgram(program, list, 'float32', uniforms);
+    // every row of the plan (pairOfRow's length, padding included) meets each (p, q) of its expert once
+    submitIfHeavy(b, 2 * inputs.pr.shape[0] * P * Q);
+    return out;
   },
 };
 
