@@ -18,4 +18,5 @@ await import('../spec/backends/webgpu/dawn.spec.js');
 await import('../spec/backends/webgpu/kernels.spec.js');
 await import('../spec/backends/webgpu/routing.spec.js');
 await import('../spec/backends/webgpu/experts.spec.js');
+await import('../spec/backends/webgpu/bench.spec.js');
 mocha.run(failures => process.exit(failures > 0 ? 1 : 0));

@@ -5,8 +5,11 @@
  *
  * Timing: `warmup` untimed steps per case and kernel, then `iters` rounds of one timed step of
  * each, in an order that changes from round to round so that a slow phase of a shared machine hits
- * them all; the median is reported. Memory: one more step under tf.profile, peakBytes minus the
- * bytes held before it (inputs and weights excluded).
+ * them all; on webgpu one block of steps per case and kernel instead (see runCases). A step ends
+ * when its gradients exist (on webgpu: a read of one element of each). The median is reported.
+ * Memory: one more step under tf.profile, peakBytes minus the bytes held before it (inputs and
+ * weights excluded). On webgpu the reference gets its routing read before the timed steps
+ * (hostExpertsOf), and a GPU error (out of memory) fails the run instead of timing invalid work.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { withLinearCpuSegmentSum } from '../backends/cpu/unsorted_segment_sum.js';
@@ -62,6 +65,11 @@ export interface BenchTiming {
    * Meaningless on webgpu (the work is on the GPU).
    */
   cpuMs: number;
+  /**
+   * median host time until the step's kernels are all enqueued, ms: on webgpu the rest of `ms` is
+   * the wait for the GPU; on cpu and wasm the same as `ms`
+   */
+  enqueueMs: number;
   /** model FLOPs of the expert products (see `expertFlops`) / median time, GFLOP/s */
   gflops: number;
   /** with `profile`: the kernels of the profiled step by total time, most expensive first */
@@ -267,6 +275,9 @@ async function hostExpertsOf(p: Problem): Promise<Int32Array> {
 /** Backends where a synchronous read is impossible. */
 const ASYNC_READ_BACKENDS = ['webgpu'];
 
+/** Backends whose work runs on a GPU (timed in blocks, see runCases). */
+const GPU_BACKENDS = ['webgpu'];
+
 /**
  * One forward + backward: the gradients of loss = Σ out·g w.r.t. every trained tensor, with g fed
  * as the block output's gradient. Writing the loss as tf.sum(tf.mul(out, g)) would add the
@@ -286,7 +297,7 @@ function stepOf(p: Problem, kernel: Kernel, lora: BenchLoRA, hostExperts?: Int32
   return () => grads(p.trained, p.inputs.g);
 }
 
-interface Sample { ms: number; cpuMs: number }
+interface Sample { ms: number; cpuMs: number; enqueueMs: number }
 
 /** The parts of the webgpu backend and its device that gpuErrorsOf uses. */
 interface GPUDeviceLike {
@@ -319,16 +330,32 @@ async function gpuChecked<T>(kernel: Kernel, fn: () => Promise<T>): Promise<T> {
   return result;
 }
 
-async function timeStep(step: () => tf.Tensor[], kernel: Kernel): Promise<Sample> {
+/**
+ * webgpu: one tiny kernel and its read before a timed step. Dawn finishes the previous step's
+ * deferred work (buffers that tfjs destroyed, e.g. the reference's upload staging buffers, are
+ * freed at the next submit) there instead of inside the next step's time: without it an M1 fused
+ * step timed right after a reference step took 17 ms instead of 6.5 ms on the H100.
+ */
+async function quiesce(onDevice: tf.Tensor): Promise<void> {
+  if (tf.getBackend() !== 'webgpu') return;
+  // an op on a tensor already on the GPU (tfjs runs small ops on host-side inputs on the cpu)
+  const probe = tf.tidy(() => tf.slice(tf.reshape(onDevice, [-1]), 0, 1));
+  await probe.data();
+  probe.dispose();
+}
+
+async function timeStep(step: () => tf.Tensor[], kernel: Kernel, onDevice: tf.Tensor): Promise<Sample> {
+  await quiesce(onDevice);
   return gpuChecked(kernel, async () => {
     const c0 = process.cpuUsage();
     const t0 = performance.now();
     const grads = step();
+    const enqueueMs = performance.now() - t0;
     await settle(grads);
     const ms = performance.now() - t0;
     const c = process.cpuUsage(c0);
     tf.dispose(grads);
-    return { ms, cpuMs: (c.user + c.system) / 1000 };
+    return { ms, cpuMs: (c.user + c.system) / 1000, enqueueMs };
   });
 }
 
@@ -419,12 +446,22 @@ async function runCases(
         runs.push({ lora, kernel, step: stepOf(p, kernel, lora, hostExperts), samples: [] });
       }
     }
-    for (const r of runs) for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel);
-    // Every case and kernel once per round, in an order that rotates and turns round from round to
-    // round: a slow phase of a shared machine, or the garbage of the step before, hits them alike.
-    for (let i = 0; i < o.iters; i++) {
-      const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
-      for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await timeStep(r.step, r.kernel));
+    if (GPU_BACKENDS.includes(backend)) {
+      // One block of steps per case and kernel, its warm-up right before it. Interleaved with the
+      // reference, whose host-side loop leaves the GPU idle for 200 ms at a time, a fused M1 step
+      // measured 29 ms instead of 6.5 (H100; the GPU's wait, not the host's enqueue, grew).
+      for (const r of runs) {
+        for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel, inputs.x);
+        for (let i = 0; i < o.iters; i++) r.samples.push(await timeStep(r.step, r.kernel, inputs.x));
+      }
+    } else {
+      for (const r of runs) for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel, inputs.x);
+      // Every case and kernel once per round, in an order that rotates and turns round from round
+      // to round: a slow phase of a shared machine, or the garbage of the step before, hits them alike.
+      for (let i = 0; i < o.iters; i++) {
+        const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
+        for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await timeStep(r.step, r.kernel, inputs.x));
+      }
     }
     const results: BenchCase[] = [];
     for (const lora of o.lora) {
@@ -433,9 +470,12 @@ async function runCases(
         const r = runs.find(x => x.lora === lora && x.kernel === kernel)!;
         const ms = median(r.samples.map(v => v.ms));
         const cpuMs = median(r.samples.map(v => v.cpuMs));
+        const enqueueMs = median(r.samples.map(v => v.enqueueMs));
         const { peakBytes, kernels } = await profileStep(r.step, kernel);
         const samples = r.samples.map(v => v.ms);
-        const t: BenchTiming = { ms, peakBytes, samples, minMs: Math.min(...samples), cpuMs, gflops: flops / ms / 1e6 };
+        const t: BenchTiming = {
+          ms, peakBytes, samples, minMs: Math.min(...samples), cpuMs, enqueueMs, gflops: flops / ms / 1e6,
+        };
         if (o.profile) t.kernels = kernels;
         return t;
       };
