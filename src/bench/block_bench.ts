@@ -248,7 +248,8 @@ async function settle(grads: tf.Tensor[]): Promise<void> {
   tf.dispose(probes);
 }
 
-function median(values: number[]): number {
+/** The median of `values` (the mean of the middle two for an even count). */
+export function median(values: number[]): number {
   const v = [...values].sort((a, b) => a - b);
   const m = v.length >> 1;
   return v.length % 2 === 1 ? v[m] : (v[m - 1] + v[m]) / 2;

@@ -21,7 +21,7 @@ import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { register, unregister } from '../plugin.js';
 import { windowStream } from '../train/batches.js';
 import { nextTokenLoss } from '../train/loss.js';
-import { BENCH_LORA_CASES, type BenchLoRA } from './block_bench.js';
+import { BENCH_LORA_CASES, median, type BenchLoRA } from './block_bench.js';
 
 const OP = 'benchTrainingStep';
 
@@ -123,12 +123,6 @@ function checkOptions(options: TrainBenchOptions): Resolved {
   }
   if (!existsSync(r.text)) fail(OP, `'text' must be a text file but '${r.text}' does not exist`);
   return r;
-}
-
-function median(values: number[]): number {
-  const v = [...values].sort((a, b) => a - b);
-  const m = v.length >> 1;
-  return v.length % 2 === 1 ? v[m] : (v[m - 1] + v[m]) / 2;
 }
 
 interface Run {
