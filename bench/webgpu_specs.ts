@@ -19,4 +19,5 @@ await import('../spec/backends/webgpu/kernels.spec.js');
 await import('../spec/backends/webgpu/routing.spec.js');
 await import('../spec/backends/webgpu/experts.spec.js');
 await import('../spec/backends/webgpu/bench.spec.js');
+await import('../spec/backends/webgpu/train.spec.js');
 mocha.run(failures => process.exit(failures > 0 ? 1 : 0));

@@ -98,8 +98,12 @@ export async function trainLoop(
       let loss: number;
       try {
         const value = optimizer.minimize(() => nextTokenLoss(model, windows), true, variables)!;
-        loss = value.dataSync()[0];
-        value.dispose();
+        try {
+          // an asynchronous read: webgpu has no dataSync
+          loss = (await value.data())[0];
+        } finally {
+          value.dispose();
+        }
       } finally {
         windows.dispose();
       }
