@@ -5,7 +5,7 @@
  *
  * Timing: `warmup` untimed steps per case and kernel, then `iters` rounds of one timed step of
  * each, in an order that changes from round to round so that a slow phase of a shared machine hits
- * them all; on webgpu one block of steps per case and kernel instead (see runCases). A step ends
+ * them all; on webgpu one block of steps per case and kernel instead (see timeRuns). A step ends
  * when its gradients exist (on webgpu: a read of one element of each). The median is reported.
  * Memory: one more step under tf.profile, peakBytes minus the bytes held before it (inputs and
  * weights excluded). On webgpu the reference gets its routing read before the timed steps
@@ -273,11 +273,32 @@ async function hostExpertsOf(p: Problem): Promise<Int32Array> {
   }
 }
 
-/** Backends where a synchronous read is impossible. */
-const ASYNC_READ_BACKENDS = ['webgpu'];
+/** Backends where a synchronous read is impossible (and whose work runs on a GPU). */
+export const ASYNC_READ_BACKENDS: readonly string[] = ['webgpu'];
 
-/** Backends whose work runs on a GPU (timed in blocks, see runCases). */
-const GPU_BACKENDS = ['webgpu'];
+/**
+ * The timing schedule both benchmarks share: `warmup` untimed then `iters` timed calls of `timeOne`
+ * per run. On cpu and wasm every run once per round, in an order that rotates and turns round from
+ * round to round: a slow phase of a shared machine, or the garbage of the step before, hits them
+ * alike. On a GPU backend one block per run, its warm-up right before it: interleaved with the
+ * reference, whose host-side loop leaves the GPU idle for 200 ms at a time, a fused M1 step
+ * measured 29 ms instead of 6.5 (H100; mostly in the wait for the GPU, enqueue 4.4 ms).
+ */
+export async function timeRuns<R>(
+    runs: readonly R[], warmup: number, iters: number, timeOne: (r: R, timed: boolean) => Promise<void>): Promise<void> {
+  if (ASYNC_READ_BACKENDS.includes(tf.getBackend())) {
+    for (const r of runs) {
+      for (let i = 0; i < warmup; i++) await timeOne(r, false);
+      for (let i = 0; i < iters; i++) await timeOne(r, true);
+    }
+    return;
+  }
+  for (const r of runs) for (let i = 0; i < warmup; i++) await timeOne(r, false);
+  for (let i = 0; i < iters; i++) {
+    const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
+    for (const r of i % 2 === 0 ? order : order.reverse()) await timeOne(r, true);
+  }
+}
 
 /**
  * One forward + backward: the gradients of loss = Σ out·g w.r.t. every trained tensor, with g fed
@@ -332,22 +353,7 @@ async function gpuChecked<T>(kernel: Kernel, fn: () => Promise<T>): Promise<T> {
   return result;
 }
 
-/**
- * webgpu: one tiny kernel and its read before a timed step. Dawn finishes the previous step's
- * deferred work (buffers that tfjs destroyed, e.g. the reference's upload staging buffers, are
- * freed at the next submit) there instead of inside the next step's time: without it an M1 fused
- * step timed right after a reference step took 17 ms instead of 6.5 ms on the H100.
- */
-async function quiesce(onDevice: tf.Tensor): Promise<void> {
-  if (tf.getBackend() !== 'webgpu') return;
-  // an op on a tensor already on the GPU (tfjs runs small ops on host-side inputs on the cpu)
-  const probe = tf.tidy(() => tf.slice(tf.reshape(onDevice, [-1]), 0, 1));
-  await probe.data();
-  probe.dispose();
-}
-
-async function timeStep(step: () => tf.Tensor[], kernel: Kernel, onDevice: tf.Tensor): Promise<Sample> {
-  await quiesce(onDevice);
+async function timeStep(step: () => tf.Tensor[], kernel: Kernel): Promise<Sample> {
   return gpuChecked(kernel, async () => {
     const c0 = process.cpuUsage();
     const t0 = performance.now();
@@ -448,23 +454,10 @@ async function runCases(
         runs.push({ lora, kernel, step: stepOf(p, kernel, lora, hostExperts), samples: [] });
       }
     }
-    if (GPU_BACKENDS.includes(backend)) {
-      // One block of steps per case and kernel, its warm-up right before it. Interleaved with the
-      // reference, whose host-side loop leaves the GPU idle for 200 ms at a time, a fused M1 step
-      // measured 29 ms instead of 6.5 (H100; the GPU's wait, not the host's enqueue, grew).
-      for (const r of runs) {
-        for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel, inputs.x);
-        for (let i = 0; i < o.iters; i++) r.samples.push(await timeStep(r.step, r.kernel, inputs.x));
-      }
-    } else {
-      for (const r of runs) for (let i = 0; i < o.warmup; i++) await timeStep(r.step, r.kernel, inputs.x);
-      // Every case and kernel once per round, in an order that rotates and turns round from round
-      // to round: a slow phase of a shared machine, or the garbage of the step before, hits them alike.
-      for (let i = 0; i < o.iters; i++) {
-        const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
-        for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await timeStep(r.step, r.kernel, inputs.x));
-      }
-    }
+    await timeRuns(runs, o.warmup, o.iters, async (r, timed) => {
+      const sample = await timeStep(r.step, r.kernel);
+      if (timed) r.samples.push(sample);
+    });
     const results: BenchCase[] = [];
     for (const lora of o.lora) {
       const flops = expertFlops(c, lora);

@@ -5,8 +5,8 @@
  * timed in the same run on the current backend. Reports tokens per second: what a user of the
  * example sees, attention, embeddings, loss and optimizer included.
  *
- * Timing as in block_bench.ts: warm-up steps, then rounds of one step of each case and kernel in a
- * rotating order, medians; a step ends when its loss has been read (on webgpu: after the GPU ran
+ * Timing as in block_bench.ts (timeRuns): warm-up steps, then rounds of one step of each case and
+ * kernel in a rotating order (blocks on webgpu), medians; a step ends when its loss has been read (on webgpu: after the GPU ran
  * every kernel of the step, the optimizer's updates included, as the queue runs in order).
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -21,7 +21,7 @@ import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { register, unregister } from '../plugin.js';
 import { windowStream } from '../train/batches.js';
 import { nextTokenLoss } from '../train/loss.js';
-import { BENCH_LORA_CASES, median, type BenchLoRA } from './block_bench.js';
+import { ASYNC_READ_BACKENDS, BENCH_LORA_CASES, median, timeRuns, type BenchLoRA } from './block_bench.js';
 
 const OP = 'benchTrainingStep';
 
@@ -87,13 +87,8 @@ function exampleFile(...parts: string[]): string {
   return resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'examples', ...parts);
 }
 
-/**
- * Backends whose reads are asynchronous only: the reference MoE block reads its routing with
- * dataSync inside the layer's synchronous call, so it cannot run there.
- */
-const NO_SYNC_READ: Record<string, string> = {
-  webgpu: 'the reference MoE block reads its routing with dataSync inside the layer call, which webgpu cannot do',
-};
+/** Why the reference is left out where reads are asynchronous only (ASYNC_READ_BACKENDS). */
+const NO_SYNC_READ = 'the reference MoE block reads its routing with dataSync inside the layer call, which this backend cannot do';
 
 type Kernel = 'fused' | 'reference';
 
@@ -150,7 +145,7 @@ export async function benchTrainingStep(options: TrainBenchOptions = {}): Promis
   const tokens = tokenizer.encode(await readFile(o.text, 'utf8'));
   if (tokens.length < o.seq + 1) fail(OP, `'text' must hold more than seq = ${o.seq} characters but has ${tokens.length}`);
   const model = await loadHFCheckpoint(o.model);
-  const kernels: Kernel[] = NO_SYNC_READ[backend] === undefined ? ['fused', 'reference'] : ['fused'];
+  const kernels: Kernel[] = ASYNC_READ_BACKENDS.includes(backend) ? ['fused'] : ['fused', 'reference'];
   const results: TrainBenchCase[] = [];
   try {
     // LoRA cases share one registration with the adapter; full fine-tuning needs none
@@ -179,11 +174,10 @@ export async function benchTrainingStep(options: TrainBenchOptions = {}): Promis
         return { ms, cpuMs: (c.user + c.system) / 1000 };
       };
       try {
-        for (const r of runs) for (let i = 0; i < o.warmup; i++) await step(r);
-        for (let i = 0; i < o.iters; i++) {
-          const order = [...runs.slice(i % runs.length), ...runs.slice(0, i % runs.length)];
-          for (const r of i % 2 === 0 ? order : order.reverse()) r.samples.push(await step(r));
-        }
+        await timeRuns(runs, o.warmup, o.iters, async (r, timed) => {
+          const sample = await step(r);
+          if (timed) r.samples.push(sample);
+        });
         const timing = async (r: Run): Promise<TrainTiming> => {
           const before = tf.memory().numBytes;
           const info = await tf.profile(async () => { await step(r); });
@@ -214,7 +208,7 @@ export async function benchTrainingStep(options: TrainBenchOptions = {}): Promis
             },
             iters: o.iters, warmup: o.warmup,
           };
-          if (reference === null) result.referenceSkipped = NO_SYNC_READ[backend];
+          if (reference === null) result.referenceSkipped = NO_SYNC_READ;
           results.push(result);
           options.onCase?.(result);
         }

@@ -48,15 +48,23 @@ interface CommandQueueInternals {
   submitQueue?: () => void;
 }
 
-/** Submits the recorded commands when `flops` reach the flag (see SUBMIT_FLOPS_FLAG). */
-function submitIfHeavy(backend: WebGPUBackend, flops: number): void {
-  if (flops < tf.env().getNumber(SUBMIT_FLOPS_FLAG)) return;
+/**
+ * Runs a grouped product of `flops` FLOPs, then submits the recorded commands when `flops` reach
+ * the flag (see SUBMIT_FLOPS_FLAG).
+ */
+function runGroupedProduct(
+    args: KernelArgs, program: GroupedMatMulProgram | GroupedWeightGradProgram, inputs: tf.TensorInfo[],
+    uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
+  const backend = webgpu(args);
+  const out = backend.runWebGPUProgram(program, inputs, 'float32', uniforms);
+  if (flops < tf.env().getNumber(SUBMIT_FLOPS_FLAG)) return out;
   const q = backend as unknown as CommandQueueInternals;
   // under tf.time/profile tfjs submits after every program itself, with its timestamp queries
-  if (q.activeTimers != null || !q.dispatchCountInPass) return;
-  if (typeof q.endComputePassEncoder !== 'function' || typeof q.submitQueue !== 'function') return;
+  if (q.activeTimers != null || !q.dispatchCountInPass) return out;
+  if (typeof q.endComputePassEncoder !== 'function' || typeof q.submitQueue !== 'function') return out;
   q.endComputePassEncoder();
   q.submitQueue();
+  return out;
 }
 
 function activationOf(attrs: tf.NamedAttrMap): { spec: ActivationSpec; activation: ExpertActivation } | undefined {
@@ -169,10 +177,7 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    const b = webgpu(args);
-    const out = b.runWebGPUProgram(program, list, 'float32', uniforms);
-    submitIfHeavy(b, 2 * capacity * outCols * (a.inner as number));
-    return out;
+    return runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * (a.inner as number));
   },
 };
 
@@ -238,11 +243,8 @@ const groupedWeightGradConfig: tf.KernelConfig = {
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    const b = webgpu(args);
-    const out = b.runWebGPUProgram(program, list, 'float32', uniforms);
     // every row of the plan (pairOfRow's length, padding included) meets each (p, q) of its expert once
-    submitIfHeavy(b, 2 * inputs.pr.shape[0] * P * Q);
-    return out;
+    return runGroupedProduct(args, program, list, uniforms, 2 * inputs.pr.shape[0] * P * Q);
   },
 };
 
