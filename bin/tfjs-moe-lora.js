@@ -1,4 +1,6 @@
 #!/usr/bin/env node
-import { main } from '../dist/cli/main.js';
+import { installProcessErrorReport, main } from '../dist/cli/main.js';
+
+installProcessErrorReport();
 
 process.exitCode = await main(process.argv.slice(2));

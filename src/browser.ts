@@ -5,6 +5,8 @@
  * bundles it for the browser platform to keep it that way. Import a tfjs backend first
  * (e.g. '@tensorflow/tfjs-backend-wasm'), and '@tensorflow/tfjs-layers' for the gradients.
  */
+export { MoELoraError } from './errors.js';
+export { describeValue } from './util/describe.js';
 export * from './ops/index.js';
 export { registerMoEKernels } from './backends/register_all_kernels.js';
 export {

@@ -8,6 +8,10 @@ import { registerFileIOHandler as registerFileIO } from './io/file_io_handler.js
 
 export * from './browser.js';
 export { readSafetensorsFile, writeSafetensorsFile } from './io/safetensors.js';
+export {
+  FileError, confinedPath, openRegularFile, readJSONFile, openArtifactFolder,
+} from './util/files.js';
+export { writeArtifactFolder, writeFileAtomically, type ArtifactFolderOptions } from './util/atomic.js';
 export { runBlockParity, FixtureError, type BlockParityResult, type BlockParityOptions } from './models/parity.js';
 export { loadHFCheckpoint } from './io/hf_checkpoint.js';
 export {

@@ -1,5 +1,6 @@
 /** The one error bad plugin args give: every problem found, a line each. */
 
+import { MoELoraError } from '../errors.js';
 export interface PluginArgsProblem {
   /** the plugin arg the problem is about, as a dotted path ('lora.r', 'models', 'expertKernel') */
   arg: string;
@@ -11,7 +12,7 @@ export interface PluginArgsProblem {
  * Thrown by `register()` (and the CLI's argv → args) before anything is patched or added.
  * `problems` holds every problem; the message has one line per problem after a header.
  */
-export class PluginArgsError extends Error {
+export class PluginArgsError extends MoELoraError {
   readonly problems: readonly PluginArgsProblem[];
 
   constructor(problems: PluginArgsProblem[], source = 'register()', prefix?: (arg: string) => string | undefined) {

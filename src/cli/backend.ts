@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../backends/register_all_kernels.js';
+import { MoELoraError } from '../errors.js';
 
 export const BACKENDS = ['cpu', 'wasm'] as const;
 export type BackendName = typeof BACKENDS[number];
@@ -15,7 +16,7 @@ export const BACKEND_PACKAGES: Readonly<Record<BackendName, string>> = {
 };
 
 /** A backend that cannot be loaded or set; a user error (an install or a name), not a bug. */
-export class BackendError extends Error {
+export class BackendError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'BackendError';
@@ -60,9 +61,30 @@ export async function selectBackend(name: string, importer: Importer = nativeImp
   const backend = name as BackendName;
   await importPackage('@tensorflow/tfjs-layers', 'computing gradients', importer);
   await importPackage(BACKEND_PACKAGES[backend], `the '${backend}' backend`, importer);
+  const listenersBefore = processErrorListeners();
   if (!(await tf.setBackend(backend))) {
     throw new BackendError(`the '${backend}' backend failed to initialize`);
   }
   await tf.ready();
+  removeListenersAddedSince(listenersBefore);
   registerMoEKernels(backend);
+}
+
+const PROCESS_ERROR_EVENTS = ['uncaughtException', 'unhandledRejection'] as const;
+
+function processErrorListeners(): Map<string, Set<Function>> {
+  return new Map(PROCESS_ERROR_EVENTS.map(event => [event, new Set<Function>(process.listeners(event as 'uncaughtException'))]));
+}
+
+/**
+ * The wasm backend's Emscripten glue adds process listeners that rethrow every uncaught error from
+ * inside its own file, so Node prints that (minified) source line instead of the error's origin.
+ * Errors are this program's to report; the glue's listeners go.
+ */
+function removeListenersAddedSince(before: Map<string, Set<Function>>): void {
+  for (const event of PROCESS_ERROR_EVENTS) {
+    for (const listener of process.listeners(event as 'uncaughtException')) {
+      if (!before.get(event)!.has(listener)) process.removeListener(event, listener as (...args: unknown[]) => void);
+    }
+  }
 }

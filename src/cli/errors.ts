@@ -1,18 +1,12 @@
 /**
- * Which errors are the user's (a bad fixture, checkpoint, config or install): the CLI prints
- * their message alone. Any other error is a bug and keeps its stack trace.
+ * Which errors are the user's (a bad fixture, checkpoint, config, argument or install): every
+ * error this package throws for its input is a MoELoraError, and the CLI prints its message alone.
+ * Any other error is a bug: the CLI says "internal error" and how to report it.
  */
-import { FileIOError } from '../io/file_io_handler.js';
-import { CheckpointError } from '../io/hf_checkpoint.js';
-import { ModelDirError } from '../io/model_dir.js';
-import { PeftAdapterError } from '../io/peft.js';
-import { SafetensorsError } from '../io/safetensors.js';
-import { FixtureError } from '../models/parity.js';
-import { OpArgumentError } from '../ops/validate.js';
-import { BackendError } from './backend.js';
+import { MoELoraError } from '../errors.js';
 
 /** Bad command-line arguments: exit code 2. */
-export class UsageError extends Error {
+export class UsageError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'UsageError';
@@ -30,11 +24,7 @@ export class ExitCode extends Error {
 }
 
 export function isUserError(err: unknown): err is Error {
-  if (err instanceof OpArgumentError || err instanceof SafetensorsError || err instanceof FixtureError ||
-      err instanceof BackendError || err instanceof CheckpointError || err instanceof PeftAdapterError ||
-      err instanceof FileIOError || err instanceof ModelDirError) {
-    return true;
-  }
+  if (err instanceof MoELoraError) return true;
   // Node's file-system errors (ENOENT, EACCES, ...) name the path and the cause already.
   const e = err as NodeJS.ErrnoException;
   return err instanceof Error && typeof e.syscall === 'string' && typeof e.code === 'string';

@@ -11,6 +11,7 @@ import * as convert from './commands/convert.js';
 import * as inspect from './commands/inspect.js';
 import * as parity from './commands/parity.js';
 import * as train from './commands/train.js';
+import { REPORT_BUGS } from '../errors.js';
 import { ExitCode, UsageError, isUserError } from './errors.js';
 
 const NAME = 'tfjs-moe-lora';
@@ -46,12 +47,25 @@ export async function main(args: string[]): Promise<number> {
       return 2;
     }
     if (isUserError(err)) {
-      process.stderr.write(`${NAME}: error: ${err.message}\n`);
+      process.stderr.write(`${NAME}: error: ${userMessage(err)}\n`);
       return 1;
     }
-    process.stderr.write(`${NAME}: internal error: ${(err as Error)?.stack ?? String(err)}\n`);
+    reportInternalError(err);
     return 1;
   }
+}
+
+/** The message of a user error; Node's file errors get their path when the message lacks it (EISDIR). */
+function userMessage(err: Error): string {
+  const path = (err as NodeJS.ErrnoException).path;
+  return path !== undefined && !err.message.includes(path) ? `${err.message} ('${path}')` : err.message;
+}
+
+/** A bug: one line and how to report it; the stack only when asked for (never a page of minified code). */
+function reportInternalError(err: unknown): void {
+  const message = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+  process.stderr.write(`${NAME}: internal error: ${message.split('\n')[0]}\n  (${REPORT_BUGS})\n`);
+  if (process.env['TFJS_MOE_LORA_DEBUG'] && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
 }
 
 function isEntryPoint(): boolean {
@@ -66,3 +80,18 @@ function isEntryPoint(): boolean {
 // No top-level await: it would make this module async, and code that requires it (tests under
 // a TS loader) would then load a second copy of every module it imports.
 if (isEntryPoint()) void main(hideBin(process.argv)).then(code => { process.exitCode = code; });
+
+/**
+ * Errors that escape every handler (a stray promise) end the process with the same one-line report
+ * as any other internal error. For the bin script and the module run directly.
+ */
+export function installProcessErrorReport(): void {
+  const fatal = (err: unknown) => {
+    if (isUserError(err)) process.stderr.write(`${NAME}: error: ${userMessage(err)}\n`);
+    else reportInternalError(err);
+    process.exit(1);
+  };
+  process.on('uncaughtException', fatal);
+  process.on('unhandledRejection', fatal);
+}
+if (isEntryPoint()) installProcessErrorReport();

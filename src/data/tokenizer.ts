@@ -15,13 +15,14 @@
  * dependency (browsers use it too); tokenizer_file.ts reads and writes the file.
  */
 
+import { MoELoraError } from '../errors.js';
 export const TOKENIZER_FILE = 'tokenizer.json';
 export const UNKNOWN_TOKEN = '<unk>';
 /** The pre-tokenizer pattern: every code point its own piece. */
 const CHAR_PATTERN = '[\\s\\S]';
 
 /** A tokenizer file that cannot be read or is not a character tokenizer of the layout above. */
-export class TokenizerError extends Error {
+export class TokenizerError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'TokenizerError';

@@ -9,13 +9,14 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
+import { MoELoraError } from '../errors.js';
 
 export const FILE_SCHEME = 'file://';
 const MODEL_JSON = 'model.json';
 const WEIGHTS_BIN = 'weights.bin';
 
 /** Thrown for an unusable path or a malformed model.json / weights file. */
-export class FileIOError extends Error {
+export class FileIOError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'FileIOError';

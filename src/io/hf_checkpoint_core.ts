@@ -14,9 +14,10 @@ import { familyOf, type HFConfig } from '../models/families.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
 import { loadMoEBlockWeights, moeBlockTensorPlan, type BlockTensorPlan, type TensorSource } from './hf_block.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
+import { MoELoraError } from '../errors.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
-export class CheckpointError extends Error {
+export class CheckpointError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'CheckpointError';

@@ -11,12 +11,13 @@ import '../layers/index.js';  // registers every layer class, so loadLayersModel
 import type { MoECausalLM, MoECausalLMOptions } from '../layers/moe_causal_lm.js';
 import { FileIOError, fileIO } from './file_io_handler.js';
 import { loadHFCheckpoint } from './hf_checkpoint.js';
+import { MoELoraError } from '../errors.js';
 
 export const MODEL_DIR_FORMATS = ['hf', 'tfjs'] as const;
 export type ModelDirFormat = typeof MODEL_DIR_FORMATS[number];
 
 /** A folder that is not a model folder of the expected format. */
-export class ModelDirError extends Error {
+export class ModelDirError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'ModelDirError';

@@ -32,9 +32,10 @@ import {
 } from '../layers/sparse_moe.js';
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
 import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
+import { MoELoraError } from '../errors.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
-export class PeftAdapterError extends Error {
+export class PeftAdapterError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'PeftAdapterError';

@@ -9,9 +9,10 @@
  * (src/browser.ts); safetensors.ts adds reading and writing files in Node.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { MoELoraError } from '../errors.js';
 
 /** Thrown for a malformed file, an unknown tensor name, or a dtype this reader cannot decode. */
-export class SafetensorsError extends Error {
+export class SafetensorsError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'SafetensorsError';

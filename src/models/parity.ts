@@ -18,9 +18,10 @@ import { familyOf, moeBlockConfigFromHF, type HFConfig, type ModelType } from '.
 import {
   disposeMoEBlockWeights, trainableWeightFields, withWeightFields, type WeightField,
 } from './weight_fields.js';
+import { MoELoraError } from '../errors.js';
 
 /** A fixture that is incomplete or inconsistent: the user's input, not a bug of this package. */
-export class FixtureError extends Error {
+export class FixtureError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'FixtureError';

@@ -3,9 +3,10 @@
  * expected and the actual value, so bad input never fails deep inside tfjs.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { MoELoraError } from '../errors.js';
 
 /** Thrown by an op for a bad argument; nothing has been computed or mutated when it is thrown. */
-export class OpArgumentError extends Error {
+export class OpArgumentError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'OpArgumentError';

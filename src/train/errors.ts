@@ -1,5 +1,6 @@
 /** A training run that cannot go on: bad data for the model, a loss that blew up, nothing to train. */
-export class TrainError extends Error {
+import { MoELoraError } from '../errors.js';
+export class TrainError extends MoELoraError {
   constructor(message: string) {
     super(message);
     this.name = 'TrainError';

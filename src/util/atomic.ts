@@ -1,0 +1,135 @@
+/**
+ * Atomic saves (Node): a file, or a whole multi-file artifact (an adapter folder, a checkpoint with
+ * its shards, index, config and tokenizer files, a TF.js model folder), so that a process killed at
+ * any instant leaves either the previous complete artifact or the new one, never a mix.
+ *
+ * A folder is written into a temporary folder beside the target, flushed, renamed to
+ * `.<name>.next` (complete from then on), the old folder renamed to `.<name>.previous`, the new one
+ * renamed to the target, and the old one removed. The only instant with no target is between the
+ * last two renames; every reader opens folders through `openArtifactFolder` (files.ts), which
+ * finishes such a save first. Files in the old folder that the new artifact neither writes nor
+ * `owns` (a README the user put there) are carried over.
+ */
+import { constants } from 'node:fs';
+import { cp, link, lstat, mkdir, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
+import { artifactSiblings, FileError, settleArtifactFolder } from './files.js';
+
+async function fsyncPath(path: string, flags = constants.O_RDONLY): Promise<void> {
+  const handle = await open(path, flags);
+  try {
+    await handle.sync();
+  } catch (e) {
+    // some file systems cannot sync a directory; the renames are still atomic there
+    if ((e as NodeJS.ErrnoException).code !== 'EINVAL' && (e as NodeJS.ErrnoException).code !== 'EISDIR') throw e;
+  } finally {
+    await handle.close();
+  }
+}
+
+async function ensureParent(target: string, what: string): Promise<string> {
+  const parent = dirname(resolve(target));
+  await mkdir(parent, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
+    throw new FileError(`${what}: cannot create the folder '${parent}' for '${target}': ${e.code ?? e.message}`);
+  });
+  return parent;
+}
+
+/**
+ * Writes one file through a temporary file beside it and a rename.
+ *
+ * ```js
+ * await writeFileAtomically('out/tokenizer.json', JSON.stringify(tok));
+ * ```
+ */
+export async function writeFileAtomically(path: string, data: string | Uint8Array, what = 'save'): Promise<void> {
+  const parent = await ensureParent(path, what);
+  const existing = await stat(path).catch(() => null);
+  if (existing !== null && !existing.isFile()) {
+    throw new FileError(`${what}: '${path}' exists and is not a regular file; it is not replaced`);
+  }
+  const tmp = join(parent, `.${basename(path)}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`);
+  try {
+    await writeFile(tmp, data);
+    await fsyncPath(tmp);
+    await rename(tmp, path);
+  } catch (e) {
+    await rm(tmp, { force: true });
+    throw e;
+  }
+  await fsyncPath(parent);
+}
+
+export interface ArtifactFolderOptions {
+  /**
+   * Names of the old folder that belong to this kind of artifact and go away with it even when
+   * the new one does not write them (old shards, an old index). Default: none.
+   */
+  owns?: (name: string) => boolean;
+  /** how errors name the save, e.g. '`savePeftAdapter()`' */
+  what?: string;
+}
+
+/**
+ * Writes a whole folder atomically: `write(dir)` fills a fresh temporary folder, which then
+ * replaces `target` (created when missing) as described in the file comment. When `write` throws,
+ * the target is untouched and the temporary folder removed.
+ *
+ * ```js
+ * await writeArtifactFolder('my-adapter', async dir => {
+ *   await writeFile(join(dir, 'adapter_config.json'), json);
+ *   await writeSafetensorsFile(join(dir, 'adapter_model.safetensors'), tensors);
+ * }, {owns: name => name.startsWith('adapter_model.')});
+ * ```
+ */
+export async function writeArtifactFolder(
+    target: string, write: (dir: string) => Promise<void>, options: ArtifactFolderOptions = {}): Promise<void> {
+  const what = options.what ?? 'save';
+  if (typeof target !== 'string' || target.length === 0) {
+    throw new FileError(`${what}: the folder must be a non-empty path but got ${JSON.stringify(target)}`);
+  }
+  const parent = await ensureParent(target, what);
+  await settleArtifactFolder(target);
+  const existing = await lstat(target).catch(() => null);
+  if (existing !== null && !existing.isDirectory()) {
+    throw new FileError(`${what}: '${target}' exists and is not a folder; it is not replaced`);
+  }
+  const { next, previous, tmpPrefix } = artifactSiblings(target);
+  const tmp = await mkdtemp(tmpPrefix);
+  try {
+    await write(tmp);
+    const written = new Set(await readdir(tmp));
+    if (existing !== null) await carryOver(target, tmp, written, options.owns ?? (() => false));
+    for (const name of written) {
+      if ((await stat(join(tmp, name))).isFile()) await fsyncPath(join(tmp, name));
+    }
+    await fsyncPath(tmp);
+    await rm(next, { recursive: true, force: true });
+    await rename(tmp, next);
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  // from here on the new artifact is complete: a reader finishes the swap if this process dies
+  if (existing !== null) {
+    await rm(previous, { recursive: true, force: true });
+    await rename(target, previous);
+  }
+  await rename(next, target);
+  await fsyncPath(parent);
+  await rm(previous, { recursive: true, force: true });
+}
+
+/** Links (or copies) the old folder's entries that the new artifact neither wrote nor owns. */
+async function carryOver(from: string, to: string, written: Set<string>, owns: (name: string) => boolean): Promise<void> {
+  for (const name of await readdir(from)) {
+    if (written.has(name) || owns(name)) continue;
+    const source = join(from, name);
+    const info = await lstat(source);
+    if (info.isFile()) {
+      await link(source, join(to, name)).catch(() => cp(source, join(to, name)));
+    } else {
+      await cp(source, join(to, name), { recursive: true, verbatimSymlinks: true });
+    }
+  }
+}
