@@ -5,7 +5,7 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import {
-  loadPeftAdapter, PeftAdapterError, peftAdapterTensors, savePeftAdapter,
+  expertFactorLayout, loadPeftAdapter, PeftAdapterError, peftAdapterTensors, savePeftAdapter,
 } from '../../src/io/peft.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
@@ -437,6 +437,20 @@ describe('io/peft', () => {
         expect(got.notes).to.deep.equal([]);
       });
     }
+
+    it("which PEFT versions swapped in and out, on [E, out, in] weights and on gpt-oss's [E, in, out] (transposed) ones", () => {
+      // PEFT 0.17/0.18 read [E, d1, d2] as [E, in, out]; 0.19.0 swapped only transposed weights; 0.19.1 swaps the others
+      const cases: Array<[string, boolean, 'ours' | 'swapped']> = [
+        ['0.17.1', false, 'swapped'], ['0.18.1', false, 'swapped'], ['0.19.0', false, 'swapped'], ['0.19.1', false, 'ours'],
+        ['0.21.0', false, 'ours'], ['0.17.1', true, 'ours'], ['0.18.1', true, 'ours'], ['0.19.0', true, 'swapped'],
+        ['0.19.1', true, 'ours'], ['0.20.1.dev0@abc', true, 'ours'], ['1.0.0', false, 'ours'], ['0.18.2.dev0', false, 'swapped'],
+      ];
+      for (const [version, transposed, layout] of cases) {
+        const problems: string[] = [];
+        expect(expertFactorLayout(version, transposed, problems, []), `${version} transposed ${transposed}`).to.equal(layout);
+        expect(problems).to.deep.equal([]);
+      }
+    });
 
     it('peft_version: unparsable or an ambiguous pre-release is refused; newer or missing loads with a note', async () => {
       const model = await loadHFCheckpoint(fixtureDir('qwen3_moe'));

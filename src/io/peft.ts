@@ -126,7 +126,7 @@ function adapterModelType(autoMapping: unknown): string | null {
  * 0.19.1) or 'swapped' (A [r·E, out], B [in, r·E]); see the file comment. Problems and notes
  * are pushed.
  */
-function expertFactorLayout(version: unknown, transposed: boolean, problems: string[], notes: string[]): 'ours' | 'swapped' {
+export function expertFactorLayout(version: unknown, transposed: boolean, problems: string[], notes: string[]): 'ours' | 'swapped' {
   if (version == null) {
     notes.push('adapter_config.json has no peft_version: the expert factors are read in the layout of PEFT >= 0.19.1 ' +
         '(this package\'s earlier saves); an adapter from PEFT 0.17 needs peft_version set to convert it');
