@@ -8,19 +8,27 @@
  * 3. fine-tunes the adapters on the target register (other word order, suffixes, fewer words)
  *    with a progress bar;
  * 4. compares the base and the adapted model on held-out target text (loss, greedy generation);
- * 5. writes the PEFT adapter, a JSON log and the loss curve (SVG) to --out.
+ * 5. writes the PEFT adapter, a JSON log and the loss curve (SVG) to --out, as one atomic save
+ *    (writeArtifactFolder): a crash leaves the previous run's files or the new ones, never an
+ *    adapter with another run's log.
  *
  * Ctrl-C stops after the current step, saves the adapter, the log and the plot, and exits with
  * code 130; `--resume` continues from them (Adam's moments start afresh). A second Ctrl-C quits
  * at once. Run `npm run example -- --help` for the flags.
+ *
+ * `--resume` takes the run's settings from log.json: flags left out get the saved values; a flag
+ * given with another value than the saved one (--lr, --batch, --seq, --seed, --lora-rank,
+ * --lora-alpha, --targets, --model, --data) is an error naming each, since the run would silently
+ * not be the one it continues. --steps may only grow (below the steps done is an error); --val and
+ * --backend may change (they do not change what is trained).
  *
  * In your own project, import from 'tfjs-moe-lora' instead of '../src/index.js'.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';  // registers the gradients in Node
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
-import { join, relative } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join, relative, resolve } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { readTokenizer } from '../src/data/tokenizer_file.js';
@@ -31,6 +39,8 @@ import { LORA_TARGETS, type LoRATarget } from '../src/layers/sparse_moe.js';
 import {
   createProgress, evaluateLoss, generateGreedy, onInterrupt, seedAdapterInit, trainLoop, withAdaptersDisabled,
 } from '../src/train/index.js';
+import { MoELoraError } from '../src/errors.js';
+import { writeArtifactFolder } from '../src/util/atomic.js';
 import { lossChartSVG } from './loss_chart.js';
 
 const here = import.meta.dirname;
@@ -105,7 +115,55 @@ interface Log {
 
 const logPath = join(argv.out, 'log.json');
 const adapterDir = join(argv.out, 'adapter');
-const previous: Log | null = argv.resume ? JSON.parse(await readFile(logPath, 'utf8')) as Log : null;
+const chartPath = join(argv.out, 'loss.svg');
+/** Prints one line and exits with code 1 (bad flags or a failed run; never a stack trace). */
+function quit(message: string): never {
+  console.error(message);
+  process.exit(1);
+}
+
+/** A flag given on the command line (not a default). */
+const given = (flag: string) => hideBin(process.argv).some(a => a === `--${flag}` || a.startsWith(`--${flag}=`) ||
+    a === `--${flag.replace(/-(\w)/g, (_, c: string) => c.toUpperCase())}`);
+const targetList = (text: string) => text.split(',').map(t => t.trim()).filter(t => t !== '') as LoRATarget[];
+
+let previous: Log | null = null;
+if (argv.resume) {
+  try {
+    previous = JSON.parse(await readFile(logPath, 'utf8')) as Log;
+  } catch (e) {
+    quit(`--resume: cannot read '${logPath}': ${(e as Error).message}`);
+  }
+  // the saved run's settings, flag by flag: a flag left out takes it; one given must equal it
+  const saved: Array<[string, unknown, unknown, (a: unknown, b: unknown) => boolean]> = [
+    ['model', previous.model, argv.model, (a, b) => resolve(String(a)) === resolve(String(b))],
+    ['data', previous.data, argv.data, (a, b) => resolve(String(a)) === resolve(String(b))],
+    ['lr', previous.lr, argv.lr, Object.is],
+    ['batch', previous.batch, argv.batch, Object.is],
+    ['seq', previous.seq, argv.seq, Object.is],
+    ['seed', previous.seed, argv.seed, Object.is],
+    ['lora-rank', previous.lora?.r, argv['lora-rank'], Object.is],
+    ['lora-alpha', previous.lora?.alpha, argv['lora-alpha'], Object.is],
+    ['targets', previous.lora?.targets?.join(','), targetList(argv.targets).join(','), Object.is],
+  ];
+  const missing = saved.filter(([, value]) => value === undefined).map(([flag]) => flag);
+  if (missing.length > 0 || typeof previous.stepsDone !== 'number') {
+    quit(`--resume: '${logPath}' is not a log of this example (it lacks ${[...missing, 'stepsDone'].join(', ')})`);
+  }
+  const changed = saved.filter(([flag, value, now, same]) => given(flag) && !same(value, now))
+      .map(([flag, value, now]) => `--${flag} ${String(now)} (the saved run has ${String(value)})`);
+  if (changed.length > 0) {
+    quit(`--resume: ${changed.length === 1 ? 'a flag differs' : 'flags differ'} from the run saved in '${argv.out}': ` +
+        `${changed.join(', ')}; leave ${changed.length === 1 ? 'it' : 'them'} out to continue that run, or start a new one without --resume`);
+  }
+  if (argv.steps < previous.stepsDone) {
+    quit(`--resume: --steps ${argv.steps} is below the ${previous.stepsDone} steps already done in '${argv.out}'; ` +
+        `pass --steps ${previous.stepsDone} or more`);
+  }
+  Object.assign(argv, {
+    model: previous.model, data: previous.data, lr: previous.lr, batch: previous.batch, seq: previous.seq, seed: previous.seed,
+  });
+}
 
 // Ctrl-C from here on: training stops after the current step (or before the first) and saves
 const interrupt = onInterrupt(() => process.stderr.write('\ninterrupted: saving after this step (Ctrl-C again quits now)\n'));
@@ -128,7 +186,7 @@ try {
     const loaded = await loadPeftAdapter(model, adapterDir);
     lora = { r: loaded.r, alpha: loaded.alpha, targets: loaded.targets };
   } else {
-    const targets = argv.targets.split(',').map(t => t.trim()).filter(t => t !== '') as LoRATarget[];
+    const targets = targetList(argv.targets);
     register({ models: [model], lora: { r: argv['lora-rank'], alpha: argv['lora-alpha'], targets } });
     seedAdapterInit(model, 'default', argv.seed);
     lora = { r: argv['lora-rank'], alpha: argv['lora-alpha'], targets };
@@ -136,8 +194,7 @@ try {
 } catch (err) {
   // args that do not fit this model (e.g. a rank above a weight's size), or an adapter for another model
   if (!(err instanceof PluginArgsError || err instanceof PeftAdapterError)) throw err;
-  console.error(err.message);
-  process.exit(1);
+  quit(err.message);
 }
 const trainable = model.trainableWeights.reduce((s, w) => s + w.shape.reduce<number>((p, d) => p * (d ?? 1), 1), 0);
 console.log(`model ${argv.model}: ${model.countParams().toLocaleString('en-US')} weights, ` +
@@ -159,10 +216,18 @@ const startStep = previous?.stepsDone ?? 0;
 console.log(`training ${argv.data} (${trainTokens.length} characters): steps ${startStep + 1}..${argv.steps}, ` +
     `batch ${argv.batch} × ${argv.seq}, lr ${argv.lr}`);
 const progress = createProgress(argv.steps, startStep);
-const result = await trainLoop(model, trainTokens, {
-  steps: argv.steps, startStep, lr: argv.lr, batch: argv.batch, seq: argv.seq, seed: argv.seed,
-  onStep: r => progress.update(r), shouldStop: () => interrupt.requested,
-});
+let result: Awaited<ReturnType<typeof trainLoop>>;
+try {
+  result = await trainLoop(model, trainTokens, {
+    steps: argv.steps, startStep, lr: argv.lr, batch: argv.batch, seq: argv.seq, seed: argv.seed,
+    onStep: r => progress.update(r), shouldStop: () => interrupt.requested,
+  });
+} catch (err) {
+  // a run that diverged, or flags the model cannot take (a batch too large): one line, nothing saved
+  progress.stop();
+  if (!(err instanceof MoELoraError)) throw err;
+  quit(`training stopped: ${err.message}`);
+}
 progress.stop();
 interrupt.dispose();
 
@@ -179,13 +244,15 @@ const log: Log = {
   valLoss: { base: baseValLoss, adapted: adaptedValLoss },
   generation: { prompt, base: baseGeneration, adapted: adaptedGeneration },
 };
-await mkdir(argv.out, { recursive: true });
-await savePeftAdapter(model, adapterDir);
-await writeFile(logPath, `${JSON.stringify(log, null, 2)}\n`);
-const chartPath = join(argv.out, 'loss.svg');
-await writeFile(chartPath, lossChartSVG({
-  title: `LoRA r ${lora.r} on ${lora.targets.join(', ')}: target-text loss`, losses, baseValLoss, adaptedValLoss,
-}));
+// the adapter, the log resume reads and the plot are one artifact: all old or all new
+const OUTPUTS = ['adapter', 'log.json', 'loss.svg'];
+await writeArtifactFolder(argv.out, async dir => {
+  await savePeftAdapter(model, join(dir, 'adapter'));
+  await writeFile(join(dir, 'log.json'), `${JSON.stringify(log, null, 2)}\n`);
+  await writeFile(join(dir, 'loss.svg'), lossChartSVG({
+    title: `LoRA r ${lora.r} on ${lora.targets.join(', ')}: target-text loss`, losses, baseValLoss, adaptedValLoss,
+  }));
+}, { owns: name => OUTPUTS.includes(name), what: 'examples/finetune.ts --out' });
 
 const change = (100 * (adaptedValLoss - baseValLoss)) / baseValLoss;
 const quoted = (s: string) => JSON.stringify(s);

@@ -214,6 +214,14 @@ describe('cli/train', () => {
           "'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
     });
 
+    it('--batch 1e9: one line naming batch, seq and the vocabulary, before anything is allocated', async () => {
+      const r = await runMain(['train', '--init-config', config, ...common({ batch: '1e9' }), '--out', join(dir, 'huge-batch')]);
+      // the run's header line, then the error in one line
+      expect(r.stderr.trimEnd().split('\n').slice(1), r.stderr).to.have.length(1);
+      expectFailure(r, `\`trainLoop()\`: 'batch' × 'seq' × vocab (1000000000 × 8 × ${new Set(TEXT).size + 1} = `);
+      expect(r.stderr).to.include('logits) must be at most 1073741824 (2^30, 4 GiB of float32); use a smaller batch or seq');
+    });
+
     it('a text shorter than one window', async () => {
       const tiny = join(dir, 'tiny.txt');
       await writeFile(tiny, 'la miro.');

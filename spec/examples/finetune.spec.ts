@@ -84,6 +84,58 @@ describe('examples/finetune.ts', function () {
     expect(log.valLoss.base).to.be.closeTo(before.valLoss.base, 1e-6);
   });
 
+  it('--resume checks the flags against the saved run: --steps below the steps done, and each changed flag', async () => {
+    const before = await readFile(join(out, 'log.json'), 'utf8');
+    const below = spawnSync(process.execPath, args(['--steps', '3', '--resume']), { encoding: 'utf8' });
+    expect(below.status, below.stderr).to.equal(1);
+    expect(below.stderr.trimEnd()).to.equal(`--resume: --steps 3 is below the 7 steps already done in '${out}'; pass --steps 7 or more`);
+    const changed = spawnSync(process.execPath, args(['--steps', '9', '--resume', '--lr', '0.5', '--lora-rank', '2', '--seed=3',
+      '--targets', 'router']), { encoding: 'utf8' });
+    expect(changed.status, changed.stderr).to.equal(1);
+    expect(changed.stderr.trimEnd()).to.equal(`--resume: flags differ from the run saved in '${out}': ` +
+      '--lr 0.5 (the saved run has 0.01), --seed 3 (the saved run has 1), --lora-rank 2 (the saved run has 4), ' +
+      '--targets router (the saved run has experts.gate_up,experts.down,router); leave them out to continue that run, ' +
+      'or start a new one without --resume');
+    const one = spawnSync(process.execPath, ['--import', 'tsx', 'examples/finetune.ts', '--backend', BACKEND, '--out', out,
+      '--val', val, '--steps', '9', '--resume', '--batch', '4', '--seq', '16'], { encoding: 'utf8' });
+    expect(one.status, one.stderr).to.equal(1);
+    expect(one.stderr.trimEnd()).to.equal(`--resume: a flag differs from the run saved in '${out}': --seq 16 (the saved run has 32); ` +
+      'leave it out to continue that run, or start a new one without --resume');
+    expect(await readFile(join(out, 'log.json'), 'utf8'), 'nothing written').to.equal(before);
+  });
+
+  it('the adapter and log.json are one save: a run killed between them leaves the previous run, which resumes', async () => {
+    const files = async () => Object.fromEntries(await Promise.all(['adapter/adapter_config.json', 'adapter/adapter_model.safetensors',
+      'log.json', 'loss.svg'].map(async f => [f, (await readFile(join(out, f))).toString('base64')])));
+    const before = await files();
+    // SIGKILL when log.json is written, after the new adapter was
+    const preload = join(await tempDir('example-kill-'), 'kill_at_log.mjs');
+    await writeFile(preload, [
+      "import { createRequire, syncBuiltinESMExports } from 'node:module';",
+      'const fsp = createRequire(import.meta.url)(\'node:fs/promises\');',
+      'const writeFile = fsp.writeFile;',
+      "fsp.writeFile = async (path, ...rest) => { if (String(path).endsWith('log.json')) process.kill(process.pid, 'SIGKILL'); return writeFile(path, ...rest); };",
+      'syncBuiltinESMExports();',
+    ].join('\n'));
+    const killed = spawnSync(process.execPath, ['--import', preload, ...args(['--steps', '9', '--resume'])], { encoding: 'utf8' });
+    expect(killed.signal, killed.stderr).to.equal('SIGKILL');
+    expect(await files()).to.deep.equal(before);
+    const resumed = spawnSync(process.execPath, args(['--steps', '8', '--resume']), { encoding: 'utf8' });
+    expect(resumed.status, resumed.stderr).to.equal(0);
+    expect(resumed.stdout).to.include('steps 8..8');
+    expect(await readLog(out)).to.include({ stepsDone: 8 });
+  });
+
+  it('a run that diverges stops with one line that says so, and saves nothing', async () => {
+    const fresh = await tempDir('example-diverge-');
+    const r = spawnSync(process.execPath, ['--import', 'tsx', 'examples/finetune.ts', '--backend', BACKEND, '--out', fresh,
+      '--val', val, '--batch', '4', '--seq', '32', '--steps', '60', '--lr', '1000'], { encoding: 'utf8' });
+    expect(r.status, r.stderr).to.equal(1);
+    expect(r.stderr).to.match(/\ntraining stopped: the model collapsed: the loss is stuck at ln\(vocab\) = \d\.\d{4} \(the same probability for all \d+ tokens\) for the last 10 steps, after it had reached \d\.\d{4} at step \d+; try a smaller learning rate \(it is 1000\)\n$/);
+    expect(r.stderr).to.not.match(/\n\s+at /);
+    expect(await readdir(fresh)).to.deep.equal([]);
+  });
+
   it('Ctrl-C saves the adapter and the log and exits with 130', async () => {
     const child = spawn(process.execPath, args(['--steps', '100000']), { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';

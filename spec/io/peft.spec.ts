@@ -5,7 +5,7 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import {
-  loadPeftAdapter, PeftAdapterError, peftAdapterTensors, savePeftAdapter,
+  expertFactorLayout, loadPeftAdapter, PeftAdapterError, peftAdapterTensors, savePeftAdapter,
 } from '../../src/io/peft.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
@@ -147,12 +147,15 @@ describe('io/peft', () => {
     const err = await rejection(loadPeftAdapter(model, join(fixtureDir('mixtral'), 'adapter')));
     expect(err).to.be.instanceOf(PeftAdapterError);
     const lines = err.message.split('\n');
-    expect(lines[0]).to.equal(`\`loadPeftAdapter()\`: '${join(fixtureDir('mixtral'), 'adapter')}' (adapter 'default'): 4 problems:`);
+    expect(lines[0]).to.equal(`\`loadPeftAdapter()\`: '${join(fixtureDir('mixtral'), 'adapter')}' (adapter 'default'): 5 problems:`);
     const want = '(experts.gate_up_proj: A [32,64], B [96,32] or experts.down_proj: A [32,48], B [64,32])';
-    expect(lines.slice(1)).to.deep.equal([0, 1].flatMap(i => [
+    expect(lines.slice(1)).to.deep.equal([
+      '  the adapter was made for mixtral (auto_mapping {"base_model_class":"MixtralForCausalLM",' +
+        '"parent_library":"transformers.models.mixtral.modeling_mixtral"}) but the model is qwen3_moe (Qwen3MoeForCausalLM)',
+    ].concat([0, 1].flatMap(i => [
       `  'base_model.model.model.layers.${i}.mlp.experts.base_layer' has A [32,64], B [192,32], which fits no target of this layer with r = 4 ${want}`,
       `  'base_model.model.model.layers.${i}.mlp.experts' has A [32,96], B [64,32], which fits no target of this layer with r = 4 ${want}`,
-    ]));
+    ])));
     expect(sparseMoELayers(model).map(l => l.adapterNames())).to.deep.equal([[], []]);
     expect(trainableVariables(model).length).to.equal(model.weights.length);
 
@@ -336,6 +339,139 @@ describe('io/peft', () => {
       `\`savePeftAdapter()\`: '${dir}' (adapter 'default'): 1 problem:\n` +
       "  'model.layers.1.mlp' has r 4, alpha 4, rsLoRA false but 'model.layers.0.mlp' has r 2, alpha 4, rsLoRA false (PEFT keeps one of each per adapter)");
     model.dispose();
+  });
+
+  describe('adapters that would load silently wrong are refused or converted', () => {
+    /** Expert factors of our (PEFT >= 0.19.1) layout in PEFT < 0.19.1's, by index (an independent reference). */
+    function toOldLayout(t: Record<string, tf.Tensor>, r: number) {
+      for (const nameA of Object.keys(t).filter(n => /\.experts(\.base_layer)*\.lora_A\.weight$/.test(n))) {
+        const nameB = nameA.replace('lora_A', 'lora_B');
+        const [A, B] = [t[nameA], t[nameB]];
+        const [rE, inDim] = A.shape;
+        const outDim = B.shape[0];
+        const e = rE / r;
+        const [a, b] = [A.dataSync(), B.dataSync()];
+        const oldA = new Float32Array(rE * outDim);   // [r·E, out]: row e·r + j is B_e's column j
+        const oldB = new Float32Array(inDim * rE);    // [in, r·E]: column j·E + e is A_e's row j
+        for (let x = 0; x < e; x++) {
+          for (let j = 0; j < r; j++) {
+            for (let o = 0; o < outDim; o++) oldA[(x * r + j) * outDim + o] = b[o * rE + j * e + x];
+            for (let i = 0; i < inDim; i++) oldB[i * rE + j * e + x] = a[(x * r + j) * inDim + i];
+          }
+        }
+        tf.dispose([A, B]);
+        t[nameA] = tf.tensor2d(oldA, [rE, outDim]);
+        t[nameB] = tf.tensor2d(oldB, [inDim, rE]);
+      }
+    }
+    const logitsWith = async (arch: string, dir: string) => {
+      const model = await loadHFCheckpoint(fixtureDir(arch));
+      const loaded = await loadPeftAdapter(model, dir);
+      const ids = tf.tensor2d([[3, 1, 4, 1, 5, 9, 2, 6]], [1, 8], 'int32');
+      const y = model.predict(ids) as tf.Tensor;
+      const logits = Array.from(y.dataSync());
+      tf.dispose([ids, y]);
+      model.dispose();
+      return { logits, notes: loaded.notes };
+    };
+
+    it('a NaN or an infinity in any factor: one error naming each tensor, the model untouched, no tensor left', async () => {
+      const model = await loadHFCheckpoint(fixtureDir('qwen3_moe'));
+      const dir = await editedAdapter('qwen3_moe', () => {}, t => {
+        for (const [name, value] of [['base_model.model.model.layers.0.mlp.gate.lora_B.weight', NaN],
+          ['base_model.model.model.layers.1.mlp.experts.lora_A.weight', -Infinity]] as const) {
+          const values = t[name].dataSync().slice();
+          values[3] = value;
+          values[7] = value;
+          const shape = t[name].shape;
+          t[name].dispose();
+          t[name] = tf.tensor(values, shape);
+        }
+      });
+      const before = tf.memory().numTensors;
+      const err = await rejection(loadPeftAdapter(model, dir));
+      expect(tf.memory().numTensors).to.equal(before);
+      expect(err).to.be.instanceOf(PeftAdapterError);
+      expect(err.message).to.equal(`\`loadPeftAdapter()\`: '${dir}' (adapter 'default'): 2 problems:\n` +
+        "  'base_model.model.model.layers.0.mlp.gate.lora_B.weight' holds 2 non-finite values (NaN or ±Infinity)\n" +
+        "  'base_model.model.model.layers.1.mlp.experts.lora_A.weight' holds 2 non-finite values (NaN or ±Infinity)");
+      expect(sparseMoELayers(model).map(l => l.adapterNames())).to.deep.equal([[], []]);
+      expect(trainableVariables(model).length).to.equal(model.weights.length);
+      model.dispose();
+    });
+
+    it('an adapter recorded for another architecture does not load into a same-sized model; saves record ours', async () => {
+      const model = await loadHFCheckpoint(fixtureDir('qwen3_moe'));
+      const mixtral = { base_model_class: 'MixtralForCausalLM', parent_library: 'transformers.models.mixtral.modeling_mixtral' };
+      const forMixtral = await editedAdapter('qwen3_moe', c => { c['auto_mapping'] = mixtral; });
+      expect((await rejection(loadPeftAdapter(model, forMixtral))).message).to.equal(
+        `\`loadPeftAdapter()\`: '${forMixtral}' (adapter 'default'): 1 problem:\n` +
+        `  the adapter was made for mixtral (auto_mapping ${JSON.stringify(mixtral)}) but the model is qwen3_moe (Qwen3MoeForCausalLM)`);
+      const forLlama = await editedAdapter('qwen3_moe', c => { c['auto_mapping'] = { base_model_class: 'LlamaForCausalLM' }; });
+      expect((await rejection(loadPeftAdapter(model, forLlama))).message).to.include(
+        '  the adapter was made for LlamaForCausalLM (auto_mapping {"base_model_class":"LlamaForCausalLM"}) but the model is qwen3_moe');
+      expect(sparseMoELayers(model).map(l => l.adapterNames())).to.deep.equal([[], []]);
+      // what PEFT's save_pretrained writes with task_type null, and the version whose layout we write
+      await loadPeftAdapter(model, join(fixtureDir('qwen3_moe'), 'adapter'));
+      const dir = await tempDir();
+      await savePeftAdapter(model, dir);
+      const config = JSON.parse(await readFile(join(dir, 'adapter_config.json'), 'utf8'));
+      const fixture = JSON.parse(await readFile(join(fixtureDir('qwen3_moe'), 'adapter', 'adapter_config.json'), 'utf8'));
+      expect(config).to.deep.include({ auto_mapping: fixture.auto_mapping, peft_version: fixture.peft_version, task_type: null });
+      model.dispose();
+      const mixtralModel = await loadHFCheckpoint(fixtureDir('mixtral'));
+      expect((await rejection(loadPeftAdapter(mixtralModel, dir))).message).to.include(
+        '  the adapter was made for qwen3_moe (auto_mapping {"base_model_class":"Qwen3MoeForCausalLM",');
+      mixtralModel.dispose();
+    });
+
+    for (const [arch, version, old] of [['qwen3_moe', '0.18.1', true], ['qwen3_moe', '0.19.0', true], ['mixtral', '0.17.0', true],
+      ['olmoe', '0.19.1', false]] as const) {
+      it(`peft_version ${version} on ${arch}: ${old ? 'the older expert layout is converted exactly' : 'the layout is ours'}: the same logits`, async () => {
+        const want = await logitsWith(arch, join(fixtureDir(arch), 'adapter'));
+        const dir = await editedAdapter(arch, c => { c['peft_version'] = version; }, t => { if (old) toOldLayout(t, 4); });
+        const before = tf.memory().numTensors;
+        const got = await logitsWith(arch, dir);
+        expect(tf.memory().numTensors).to.equal(before);
+        expect(got).to.deep.equal(want);
+        expect(got.notes).to.deep.equal([]);
+      });
+    }
+
+    it("which PEFT versions swapped in and out, on [E, out, in] weights and on gpt-oss's [E, in, out] (transposed) ones", () => {
+      // PEFT 0.17/0.18 read [E, d1, d2] as [E, in, out]; 0.19.0 swapped only transposed weights; 0.19.1 swaps the others
+      const cases: Array<[string, boolean, 'ours' | 'swapped']> = [
+        ['0.17.1', false, 'swapped'], ['0.18.1', false, 'swapped'], ['0.19.0', false, 'swapped'], ['0.19.1', false, 'ours'],
+        ['0.21.0', false, 'ours'], ['0.17.1', true, 'ours'], ['0.18.1', true, 'ours'], ['0.19.0', true, 'swapped'],
+        ['0.19.1', true, 'ours'], ['0.20.1.dev0@abc', true, 'ours'], ['1.0.0', false, 'ours'], ['0.18.2.dev0', false, 'swapped'],
+      ];
+      for (const [version, transposed, layout] of cases) {
+        const problems: string[] = [];
+        expect(expertFactorLayout(version, transposed, problems, []), `${version} transposed ${transposed}`).to.equal(layout);
+        expect(problems).to.deep.equal([]);
+      }
+    });
+
+    it('peft_version: unparsable or an ambiguous pre-release is refused; newer or missing loads with a note', async () => {
+      const model = await loadHFCheckpoint(fixtureDir('qwen3_moe'));
+      for (const version of ['latest', 7, '0.19.1.dev0', '0.19.0rc1']) {
+        const message = (await rejection(loadPeftAdapter(model, await editedAdapter('qwen3_moe', c => { c['peft_version'] = version; })))).message;
+        expect(message.split('\n').slice(1)).to.deep.equal([typeof version === 'string' && version.startsWith('0.19') ?
+          `  peft_version ${version} is a pre-release between two expert LoRA layouts (PEFT changed it in 0.19.0 and 0.19.1); ` +
+            'save the adapter again with a released PEFT' :
+          `  peft_version must be a PEFT version such as '0.21.0' but is ${JSON.stringify(version)}`]);
+      }
+      model.dispose();
+      const want = await logitsWith('qwen3_moe', join(fixtureDir('qwen3_moe'), 'adapter'));
+      const newer = await logitsWith('qwen3_moe', await editedAdapter('qwen3_moe', c => { c['peft_version'] = '0.23.0.dev0@abc123'; }));
+      expect(newer.logits).to.deep.equal(want.logits);
+      expect(newer.notes).to.deep.equal(['peft_version 0.23.0.dev0@abc123 is newer than the newest PEFT checked here (0.21); ' +
+        'its expert factors are read in the layout of PEFT >= 0.19.1']);
+      const missing = await logitsWith('qwen3_moe', await editedAdapter('qwen3_moe', c => { delete c['peft_version']; }));
+      expect(missing.logits).to.deep.equal(want.logits);
+      expect(missing.notes).to.deep.equal(['adapter_config.json has no peft_version: the expert factors are read in the layout of ' +
+        "PEFT >= 0.19.1 (this package's earlier saves); an adapter from PEFT 0.17 needs peft_version set to convert it"]);
+    });
   });
 
   it('a missing adapter file is a clear error', async () => {

@@ -7,12 +7,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { SeededRandom } from '../../src/data/random.js';
-import { buildMoECausalLM, freezeBaseLayers, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import { buildMoECausalLM, freezeBaseLayers, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../src/models/families.js';
-import { evaluationWindows, sampleWindows, windowStream } from '../../src/train/batches.js';
+import { evaluationWindows, MAX_LOGITS_ELEMENTS, sampleWindows, windowStream } from '../../src/train/batches.js';
 import { TrainError } from '../../src/train/errors.js';
 import { evaluateLoss, generateGreedy, withAdaptersDisabled } from '../../src/train/evaluate.js';
-import { trainLoop } from '../../src/train/loop.js';
+import { DIVERGENCE_PATIENCE, divergence, trainLoop } from '../../src/train/loop.js';
+import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { INIT_PRESET_NAMES, presetConfig } from '../../src/train/presets.js';
 import { seedAdapterInit, seedModelInit } from '../../src/train/seeded_init.js';
@@ -250,6 +251,131 @@ describe('train: windows and the training loop', () => {
     for (const l of model.layers) l.trainable = false;
     expect((await reject(trainLoop(model, PATTERN, { steps: 1, lr: 1e-2, batch: 1, seq: 8, seed: 1 }))).message)
         .to.equal("the model 'moe_causal_lm' has no trainable weights");
+    model.dispose();
+  });
+});
+
+describe('train: divergence, failures and leaks', () => {
+  const reject = async (p: Promise<unknown>) => {
+    try { await p; } catch (e) { return e as Error; }
+    throw new Error('expected a rejection');
+  };
+  const lnV = Math.log(VOCAB);
+
+  it('divergence(): a collapse back to ln(vocab) after the loss was below it, a sustained blow-up, nothing else', () => {
+    const stuck = Array<number>(DIVERGENCE_PATIENCE).fill(lnV * 1.001);
+    expect(divergence([2.3, 1.1, 0.8, ...stuck], VOCAB)).to.equal(
+      `the model collapsed: the loss is stuck at ln(vocab) = ${lnV.toFixed(4)} (the same probability for all 11 tokens) ` +
+      `for the last ${DIVERGENCE_PATIENCE} steps, after it had reached 0.8000`);
+    // from scratch: near ln(vocab) from the start, never clearly below it: no alarm however long
+    expect(divergence([lnV, ...stuck, ...stuck, lnV * 0.95], VOCAB)).to.equal(null);
+    // back near ln(vocab) for fewer steps than the patience, or still learning: no alarm
+    expect(divergence([1.0, ...stuck.slice(1), 1.5], VOCAB)).to.equal(null);
+    expect(divergence([2.0, 1.5, ...Array<number>(DIVERGENCE_PATIENCE).fill(1.9)], VOCAB)).to.equal(null);
+    const huge = Array<number>(DIVERGENCE_PATIENCE).fill(500);
+    expect(divergence([2.4, ...huge], VOCAB)).to.equal(
+      `the loss diverged: it stayed above 9.600 (4 × the larger of the first loss 2.4000 and ln(vocab)) for the last ` +
+      `${DIVERGENCE_PATIENCE} steps, and is 500.0`);
+    expect(divergence([2.4, 20, ...huge.slice(1), 2.0], VOCAB)).to.equal(null);
+    expect(divergence([2.4, ...huge], null)).to.match(/^the loss diverged/);
+  });
+
+  it('a run that collapses stops with a message that says so, a large lr that blows up too, and no tensor is left', async () => {
+    const model = tinyModel(3);
+    const lmHead = model.weights.find(w => /lm_head/.test(w.originalName))!;
+    const before = tf.memory().numTensors;
+    // learn first (the loss goes clearly below ln V), then force uniform logits after every step from step 15 on
+    const err = await reject(trainLoop(model, PATTERN, {
+      steps: 100, lr: 2e-2, batch: 4, seq: 8, seed: 5,
+      onStep: s => {
+        if (s.step < 15) return;
+        const zeros = tf.zerosLike(lmHead.read());
+        lmHead.write(zeros);
+        zeros.dispose();
+      },
+    }));
+    expect(err).to.be.instanceOf(TrainError);
+    expect(err.message).to.match(new RegExp(`^the model collapsed: the loss is stuck at ln\\(vocab\\) = ${lnV.toFixed(4).replace('.', '\\.')} ` +
+      `\\(the same probability for all 11 tokens\\) for the last ${DIVERGENCE_PATIENCE} steps, after it had reached \\d\\.\\d{4} ` +
+      `at step ${15 + DIVERGENCE_PATIENCE}; try a smaller learning rate \\(it is 0\\.02\\)$`));
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+    model.dispose();
+
+    const blown = tinyModel(1);
+    const beforeBlown = tf.memory().numTensors;
+    const blowUp = await reject(trainLoop(blown, PATTERN, { steps: 100, lr: 1000, batch: 4, seq: 8, seed: 1 }));
+    expect(blowUp).to.be.instanceOf(TrainError);
+    expect(blowUp.message).to.match(/^the loss diverged: it stayed above .* at step \d+; try a smaller learning rate \(it is 1000\)$/);
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(beforeBlown);
+    blown.dispose();
+  });
+
+  it('no false alarm: a from-scratch run whose loss starts and stays near ln(vocab) trains to the end', async () => {
+    const model = buildMoECausalLM(TINY);
+    seedModelInit(model, 2, 0.02);  // HF's init: near-uniform logits, loss ≈ ln V at the start
+    const slow = await trainLoop(model, PATTERN, { steps: 3 * DIVERGENCE_PATIENCE, lr: 1e-7, batch: 4, seq: 8, seed: 1 });
+    expect(Math.abs(slow.losses[0] - lnV)).to.be.below(0.02 * lnV);
+    expect(slow.losses.every(l => Math.abs(l - lnV) < 0.02 * lnV)).to.equal(true);
+    expect(slow).to.include({ step: 3 * DIVERGENCE_PATIENCE, stopped: false });
+    const learning = await trainLoop(model, PATTERN, { steps: 40, lr: 2e-2, batch: 4, seq: 8, seed: 1 });
+    expect(learning.losses.at(-1)).to.be.below(0.5 * lnV);
+    model.dispose();
+  });
+
+  it('every failing trainLoop leaves no tensor: a non-finite loss, a throwing forward pass, a throwing onStep', async () => {
+    const model = tinyModel();
+    const embed = model.weights.find(w => /embed/.test(w.originalName))!;
+    const saved = embed.read().clone();
+    let before = tf.memory().numTensors;
+    const nans = tf.fill(embed.shape as number[], NaN);
+    embed.write(nans);
+    nans.dispose();
+    const nan = await reject(trainLoop(model, PATTERN, { steps: 3, lr: 1e-2, batch: 2, seq: 8, seed: 1 }));
+    expect(nan.message).to.equal('the loss became NaN at step 1; try a smaller learning rate (it is 0.01)');
+    expect(tf.memory().numTensors, 'non-finite loss').to.equal(before);
+    // the non-finite step was not applied: every other weight is as it was
+    for (const w of trainableVariables(model)) expect(w.dataSync().every(Number.isFinite), w.name).to.equal(w.name.includes('embed') ? false : true);
+    embed.write(saved);
+    saved.dispose();
+
+    // a layer deep in the model throws after others saved tensors for the backward pass
+    const layer = sparseMoELayers(model)[1];
+    const call = layer.call.bind(layer);
+    layer.call = () => { throw new Error('boom in the second MoE layer'); };
+    before = tf.memory().numTensors;
+    expect((await reject(trainLoop(model, PATTERN, { steps: 3, lr: 1e-2, batch: 2, seq: 8, seed: 1 }))).message).to.equal('boom in the second MoE layer');
+    expect(tf.memory().numTensors, 'throwing forward pass').to.equal(before);
+    layer.call = call;
+
+    before = tf.memory().numTensors;
+    const onStep = await reject(trainLoop(model, PATTERN, {
+      steps: 3, lr: 1e-2, batch: 2, seq: 8, seed: 1, onStep: () => { throw new Error('from onStep'); } }));
+    expect(onStep.message).to.equal('from onStep');
+    expect(tf.memory().numTensors, 'throwing onStep').to.equal(before);
+    model.dispose();
+  });
+
+  it('unregister() during training stops with a TrainError that says what happened, and leaves no tensor', async () => {
+    const model = tinyModel();
+    const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: ['experts.down'] } });
+    const adapters = 2 * 2;  // A and B on each of the 2 layers, removed by unregister()
+    const before = tf.memory().numTensors;
+    const err = await reject(trainLoop(model, PATTERN, {
+      steps: 5, lr: 1e-2, batch: 2, seq: 8, seed: 1, onStep: s => { if (s.step === 2) handle.unregister(); } }));
+    expect(err).to.be.instanceOf(TrainError);
+    expect(err.message).to.equal("the model's trainable weights changed during training, before step 3 (was the plugin " +
+      'unregistered or an adapter removed?); the loop trains the weights it started with');
+    expect(tf.memory().numTensors).to.equal(before - adapters);
+    model.dispose();
+  });
+
+  it('a batch whose logits cannot fit in a tensor is one clear error before anything is allocated', async () => {
+    const model = tinyModel();
+    const before = tf.memory().numTensors;
+    const err = await reject(trainLoop(model, PATTERN, { steps: 1, lr: 1e-2, batch: 1e9, seq: 8, seed: 1 }));
+    expect(err.message).to.equal("`trainLoop()`: 'batch' × 'seq' × vocab (1000000000 × 8 × 11 = 8.800e+10 logits) must be at " +
+      `most ${MAX_LOGITS_ELEMENTS} (2^30, 4 GiB of float32); use a smaller batch or seq`);
+    expect(tf.memory().numTensors).to.equal(before);
     model.dispose();
   });
 });

@@ -19,6 +19,18 @@
  * Entries of target_parameters / target_modules match as PEFT matches them, as suffixes of full
  * names, so 'model.layers.1.mlp.gate.weight' targets one layer. (PEFT 0.21 ignores
  * layers_to_transform for target_parameters; it is honoured here on load and never written.)
+ *
+ * Versions (`peft_version`, read on load, written on save): PEFT before 0.19.1 read a 3-D expert
+ * parameter [E, d1, d2] as [E, in, out] positionally (0.17, 0.18), or swapped it exactly when the
+ * base layer was transposed (0.19.0), so for transformers 5's [E, out, in] weights (and 0.19.0 on
+ * gpt-oss's [E, in, out]) their A is [r·E, out] and B [in, r·E]: ΔW_e = (B_e·A_e)ᵀ. 0.19.1 fixed
+ * the swap; since then A is [r·E, in], B [out, r·E] (our layout). An older adapter is converted
+ * exactly on load (A'_e = B_eᵀ, B'_e = A_eᵀ: the same numbers, other places). A pre-release of
+ * 0.19.0 / 0.19.1 is ambiguous and refused; an unparsable version is refused; a version newer than
+ * NEWEST_CHECKED_PEFT loads as 0.19.1's layout with a note; a missing one (this package's saves
+ * before it wrote peft_version; PEFT writes it since 0.18) loads as our layout with a note.
+ * The architecture PEFT records (`auto_mapping.base_model_class` / `parent_library`, written when
+ * task_type is null, as here) must be the model's.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
@@ -31,7 +43,7 @@ import {
   EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, type LoRAAdapterConfig, type LoRATarget,
 } from '../layers/sparse_moe.js';
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
-import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
+import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from './safetensors.js';
 import { MoELoraError } from '../errors.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
@@ -82,6 +94,97 @@ function peftNames(model: tfl.LayersModel): PeftNames {
     parameter: { 'experts.gate_up': 'experts.gate_up_proj', 'experts.down': 'experts.down_proj', router: routerParam },
     module: { 'shared.gate': strip(shared.gate), 'shared.up': strip(shared.up), 'shared.down': strip(shared.down) },
   };
+}
+
+/** The PEFT version whose files savePeftAdapter writes (the fixtures were made with it). */
+export const PEFT_VERSION_WRITTEN = '0.21.0';
+/** The newest PEFT version whose expert LoRA layout was checked against this package. */
+const NEWEST_CHECKED_PEFT: readonly number[] = [0, 21];
+
+/**
+ * HF's class and module of a model type, as PEFT records them in auto_mapping: transformers names
+ * them after the model type ('qwen3_moe' → Qwen3MoeForCausalLM in transformers.models.qwen3_moe.modeling_qwen3_moe).
+ */
+function hfArchitecture(type: string): { base_model_class: string; parent_library: string } {
+  const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
+  return { base_model_class: `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
+}
+
+/** The model type an adapter's auto_mapping names, or null when it names none we can read. */
+function adapterModelType(autoMapping: unknown): string | null {
+  if (autoMapping === null || typeof autoMapping !== 'object') return null;
+  const { parent_library: library, base_model_class: cls } = autoMapping as Json;
+  const fromLibrary = typeof library === 'string' ? /^transformers\.models\.([a-z0-9_]+)\.modeling_/.exec(library)?.[1] : undefined;
+  if (fromLibrary !== undefined) return fromLibrary;
+  if (typeof cls !== 'string') return null;
+  const known = MODEL_TYPES.find(t => hfArchitecture(t).base_model_class.replace(/ForCausalLM$/, '') === cls.replace(/For[A-Za-z]+$/, ''));
+  return known ?? cls;
+}
+
+/**
+ * How the expert factors of an adapter written by PEFT `version` are laid out: 'ours' (PEFT >=
+ * 0.19.1) or 'swapped' (A [r·E, out], B [in, r·E]); see the file comment. Problems and notes
+ * are pushed.
+ */
+export function expertFactorLayout(version: unknown, transposed: boolean, problems: string[], notes: string[]): 'ours' | 'swapped' {
+  if (version == null) {
+    notes.push('adapter_config.json has no peft_version: the expert factors are read in the layout of PEFT >= 0.19.1 ' +
+        '(this package\'s earlier saves); an adapter from PEFT 0.17 needs peft_version set to convert it');
+    return 'ours';
+  }
+  const m = typeof version === 'string' ? /^(\d+)\.(\d+)\.(\d+)(.*)$/.exec(version) : null;
+  if (m === null || !/^(|(\.?(dev|rc|a|b)\d*)?(\+[\w.]+)?(@\w+)?)$/.test(m[4])) {
+    problems.push(`peft_version must be a PEFT version such as '0.21.0' but is ${JSON.stringify(version)}`);
+    return 'ours';
+  }
+  const v = [Number(m[1]), Number(m[2]), Number(m[3])];
+  const pre = /^\.?(dev|rc|a|b)/.test(m[4]);
+  const cmp = (w: number[]) => v[0] - w[0] || v[1] - w[1] || v[2] - w[2];
+  if (pre && v[0] === 0 && v[1] === 19 && v[2] <= 1) {
+    problems.push(`peft_version ${version} is a pre-release between two expert LoRA layouts (PEFT changed it in ` +
+        `0.19.0 and 0.19.1); save the adapter again with a released PEFT`);
+    return 'ours';
+  }
+  if (v[0] > NEWEST_CHECKED_PEFT[0] || (v[0] === NEWEST_CHECKED_PEFT[0] && v[1] > NEWEST_CHECKED_PEFT[1])) {
+    notes.push(`peft_version ${version} is newer than the newest PEFT checked here (${NEWEST_CHECKED_PEFT.join('.')}); ` +
+        'its expert factors are read in the layout of PEFT >= 0.19.1');
+  }
+  if (cmp([0, 19, 1]) >= 0) return 'ours';
+  if (cmp([0, 19, 0]) === 0) return 'swapped';  // 0.19.0 swapped exactly the [E, in, out] weights
+  return transposed ? 'ours' : 'swapped';         // 0.17/0.18 never swapped: right for [E, in, out] only
+}
+
+/**
+ * Factors of an expert target in PEFT's pre-0.19.1 layout (A [r·E, out], B [in, r·E]) in ours:
+ * A'_e = B_eᵀ, B'_e = A_eᵀ. The same index maps turn ours into the old one.
+ */
+export function swapExpertFactors(A: tf.Tensor2D, B: tf.Tensor2D, numExperts: number): { A: tf.Tensor2D; B: tf.Tensor2D } {
+  return tf.tidy(() => {
+    const e = numExperts;
+    const r = A.shape[0] / e;
+    const [inDim] = B.shape;
+    const outDim = A.shape[1];
+    const a = tf.reshape(tf.transpose(tf.reshape(B, [inDim, r, e]), [2, 1, 0]), [e * r, inDim]);   // [r·E, in]
+    const b = tf.reshape(tf.transpose(tf.reshape(A, [e, r, outDim]), [2, 1, 0]), [outDim, r * e]);  // [out, r·E]
+    return { A: a as tf.Tensor2D, B: b as tf.Tensor2D };
+  });
+}
+
+/** The names of the tensors among `names` that hold a NaN or an infinity, reading one tensor at a time. */
+async function nonFiniteTensors(file: SafetensorsFile, names: readonly string[]): Promise<string[]> {
+  const bad: string[] = [];
+  for (const name of names) {
+    const t = await file.tensor(name);
+    try {
+      const values = await t.data();
+      let count = 0;
+      for (let k = 0; k < values.length; k++) if (!Number.isFinite(values[k])) count++;
+      if (count > 0) bad.push(`'${name}' holds ${count} non-finite value${count > 1 ? 's' : ''} (NaN or ±Infinity)`);
+    } finally {
+      t.dispose();
+    }
+  }
+  return bad;
 }
 
 const isExpert = (t: LoRATarget) => EXPERT_LORA_TARGETS.includes(t);
@@ -311,6 +414,18 @@ export async function loadPeftAdapter(
   const notes: string[] = [];
   const names = peftNames(model);
   const cfg = readAdapterConfig(config, layers, names, problems, notes);
+  const modelType = hfConfigOf(model)?.['model_type'];
+  const adapterType = adapterModelType(config['auto_mapping']);
+  if (adapterType !== null && typeof modelType === 'string' && adapterType !== modelType) {
+    problems.push(`the adapter was made for ${adapterType} (auto_mapping ${JSON.stringify(config['auto_mapping'])}) ` +
+        `but the model is ${modelType} (${hfArchitecture(modelType).base_model_class})`);
+  }
+  const factorLayout = expertFactorLayout(config['peft_version'], layers[0].expertLayout !== 'outIn', problems, notes);
+  /** A target's A and B shapes as the file holds them (an older PEFT swaps the expert factors' in and out). */
+  const fileShapes = (layer: SparseMoE, t: LoRATarget) => {
+    const s = expectedShapes(layer, t, cfg.r);
+    return isExpert(t) && factorLayout === 'swapped' ? { A: [s.A[0], s.B[0]], B: [s.A[1], s.B[1]] } : s;
+  };
   for (const layer of layers) {
     if (layer.adapterNames().includes(name)) problems.push(`layer '${layer.name}' already has an adapter named '${name}'`);
     if (layer.sharedExpert == null) {
@@ -375,12 +490,12 @@ export async function loadPeftAdapter(
       }
       const candidates = moduleTargets(module).filter(t => !isShared(t) || layer.sharedExpert != null);
       const fits = candidates.filter(t => {
-        const s = expectedShapes(layer, t, cfg.r);
+        const s = fileShapes(layer, t);
         return same(a.shape, s.A) && same(b.shape, s.B);
       });
       if (fits.length !== 1) {
         const want = candidates.map(t => {
-          const s = expectedShapes(layer, t, cfg.r);
+          const s = fileShapes(layer, t);
           return `${names.parameter[t] ?? names.module[t]}: A [${s.A}], B [${s.B}]`;
         }).join(' or ');
         problems.push(`${label} has A [${a.shape}], B [${b.shape}], which fits no target of this layer with r = ${cfg.r}` +
@@ -404,19 +519,23 @@ export async function loadPeftAdapter(
     plan.push({ layer, tensors, targets });
   }
   if (problems.length > 0) throw peftError(op, where, problems);
+  // every value is checked before the model changes, one tensor in memory at a time
+  const nonFinite = await nonFiniteTensors(file, plan.flatMap(p => [...p.tensors.values()].flatMap(t => [t.A, t.B])));
+  if (nonFinite.length > 0) throw peftError(op, where, nonFinite);
 
   freezeBaseLayers(model);
   for (const { layer, tensors, targets } of plan) {
     layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
     const factors = layer.adapter(name).factors;
     for (const [target, tensorNames] of tensors) {
-      for (const factor of ['A', 'B'] as const) {
-        const t = file.tensor(tensorNames[factor]);
-        try {
-          factors[target]![factor].write(t);
-        } finally {
-          t.dispose();
-        }
+      const A = await file.tensor(tensorNames.A) as tf.Tensor2D;
+      const B = await file.tensor(tensorNames.B) as tf.Tensor2D;
+      const converted = isExpert(target) && factorLayout === 'swapped' ? swapExpertFactors(A, B, layer.numExperts) : { A, B };
+      try {
+        factors[target]!.A.write(converted.A);
+        factors[target]!.B.write(converted.B);
+      } finally {
+        tf.dispose([A, B, converted.A, converted.B]);
       }
     }
   }
@@ -480,9 +599,11 @@ export async function savePeftAdapter(
       const relative = shared ? names.module[t]! : names.parameter[t]!;
       return uniform ? relative : `${l.name}.${relative}`;
     }));
+  const modelType = hfConfigOf(model)?.['model_type'];
   const config = {
     alpha_pattern: {},
-    auto_mapping: null,
+    // what PEFT's save_pretrained records when task_type is null: the loader checks it
+    auto_mapping: typeof modelType === 'string' ? hfArchitecture(modelType) : null,
     base_model_name_or_path: null,
     bias: 'none',
     fan_in_fan_out: false,
@@ -495,6 +616,7 @@ export async function savePeftAdapter(
     lora_dropout: 0.0,
     modules_to_save: null,
     peft_type: 'LORA',
+    peft_version: PEFT_VERSION_WRITTEN,
     r: first.r,
     rank_pattern: {},
     revision: null,
