@@ -22,7 +22,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
@@ -33,6 +33,7 @@ import {
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
 import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
 import { MoELoraError } from '../errors.js';
+import { openArtifactFolder, readJSONFile } from '../util/files.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
 export class PeftAdapterError extends MoELoraError {
@@ -296,12 +297,8 @@ export async function loadPeftAdapter(
   const where = `'${dir}' (adapter '${name}')`;
   const layers = sparseMoELayers(model);
   if (layers.length === 0) throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE layer to load an adapter into`);
-  let config: Json;
-  try {
-    config = JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), 'utf8')) as Json;
-  } catch (e) {
-    throw new PeftAdapterError(`\`${op}()\`: cannot read ${join(dir, ADAPTER_CONFIG)}: ${(e as Error).message}`);
-  }
+  await openArtifactFolder(dir, `\`${op}()\`: adapter folder`);
+  const config = await readJSONFile(join(dir, ADAPTER_CONFIG), `\`${op}()\`: adapter config`) as Json;
   if (config === null || typeof config !== 'object' || Array.isArray(config)) {
     throw new PeftAdapterError(`\`${op}()\`: ${join(dir, ADAPTER_CONFIG)} must hold a JSON object`);
   }
@@ -405,20 +402,30 @@ export async function loadPeftAdapter(
   }
   if (problems.length > 0) throw peftError(op, where, problems);
 
-  freezeBaseLayers(model);
-  for (const { layer, tensors, targets } of plan) {
-    layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
-    const factors = layer.adapter(name).factors;
-    for (const [target, tensorNames] of tensors) {
-      for (const factor of ['A', 'B'] as const) {
-        const t = file.tensor(tensorNames[factor]);
-        try {
-          factors[target]![factor].write(t);
-        } finally {
-          t.dispose();
+  // Every factor is read before the model changes: a read that fails (a file changed since its
+  // header was read) leaves the model untouched. Adapters are small next to the model.
+  const read: tf.Tensor[] = [];
+  const values = new Map<string, tf.Tensor>();
+  try {
+    for (const { tensors } of plan) {
+      for (const pair of tensors.values()) {
+        for (const tensorName of [pair.A, pair.B]) {
+          const t = await file.tensor(tensorName);
+          read.push(t);
+          values.set(tensorName, t);
         }
       }
     }
+    freezeBaseLayers(model);
+    for (const { layer, tensors, targets } of plan) {
+      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
+      const factors = layer.adapter(name).factors;
+      for (const [target, tensorNames] of tensors) {
+        for (const factor of ['A', 'B'] as const) factors[target]![factor].write(values.get(tensorNames[factor])!);
+      }
+    }
+  } finally {
+    tf.dispose(read);
   }
   return {
     name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...cfg.targets],
