@@ -24,7 +24,7 @@ async function expectSameSafetensors(actualPath: string, expectedPath: string): 
   expect(actual.names().sort()).to.deep.equal(expected.names().sort());
   for (const name of expected.names()) {
     expect(actual.info(name), name).to.deep.equal(expected.info(name));
-    const [a, e] = [actual.tensor(name), expected.tensor(name)];
+    const [a, e] = [await actual.tensor(name), await expected.tensor(name)];
     try {
       expect(Buffer.from((a.dataSync() as Float32Array).buffer).equals(Buffer.from((e.dataSync() as Float32Array).buffer)),
           `${name} bit-identical`).to.equal(true);
