@@ -188,8 +188,8 @@ describe('cli/convert', () => {
       await truncate(join(broken, 'weights.bin'), 1000);
       const truncated = await runMain(['convert', '--to', 'peft', '--input', broken, '--output', join(out, 'p1'), ...b]);
       expect(truncated.code).to.equal(1);
-      expect(truncated.stderr).to.match(new RegExp(`^tfjs-moe-lora: error: file:// load: the weight files of '.*${join('broken', 'model.json')}' ` +
-          'hold 1000 bytes but its weightsManifest describes \\d+\\n$'));
+      expect(truncated.stderr).to.match(new RegExp(`^tfjs-moe-lora: error: file:// load: the weight files of weightsManifest\\[0\\] ` +
+          `in '.*${join('broken', 'model.json')}' \\('.*${join('broken', 'weights.bin')}'\\) hold 1000 bytes but its weights need \\d+\\n$`));
 
       // an adapter made for another model
       const wrong = await runMain(['convert', '--adapter', join(fixtureDir('qwen3_moe'), 'adapter'), '--model', fixtureDir('mixtral'),

@@ -53,7 +53,8 @@ async function notFiles(dir: string): Promise<string> {
   const lines: string[] = [];
   for (const name of MODEL_FILES) {
     const kind = await pathKind(join(dir, name));
-    if (kind !== 'missing' && kind !== 'file') lines.push(`'${join(dir, name)}' is ${kind}, not a regular file`);
+    if (kind === 'missing' || kind === 'file') continue;
+    lines.push(`'${join(dir, name)}' is ${kind === 'directory' ? 'a directory' : kind}, not a regular file`);
   }
   return lines.length === 0 ? '' : ` (${lines.join('; ')})`;
 }
