@@ -185,6 +185,38 @@ describe('io loaders: confined to their folder, regular files only', () => {
           `'${join(dir, shard)}' is a link to '${join(outside, shard)}', outside its folder '${dir}'`);
     });
 
+    it('reads only the tensors the model needs: an unused 1.5 GB tensor in model.safetensors is never read', async function () {
+      this.timeout(20_000);
+      const dir = await hfCopy();
+      // model.safetensors again, with one more tensor at the end of its data section (sparse)
+      const original = new Uint8Array(await readFile(join(dir, 'model.safetensors')));
+      const n = Number(new DataView(original.buffer, original.byteOffset).getBigUint64(0, true));
+      const header = JSON.parse(new TextDecoder().decode(original.subarray(8, 8 + n)));
+      const dataLength = original.byteLength - 8 - n;
+      const big = 1_500_000_000;
+      header['unused.big'] = { dtype: 'F32', shape: [big / 4], data_offsets: [dataLength, dataLength + big] };
+      let text = JSON.stringify(header);
+      while (text.length % 8 !== 0) text += ' ';
+      const length = new Uint8Array(8);
+      new DataView(length.buffer).setBigUint64(0, BigInt(text.length), true);
+      await writeFile(join(dir, 'model.safetensors'), Buffer.concat([length, Buffer.from(text), original.subarray(8 + n)]));
+      await truncate(join(dir, 'model.safetensors'), 8 + text.length + dataLength + big);
+
+      const before = process.memoryUsage();
+      const model = await loadHFCheckpoint(dir);
+      const after = process.memoryUsage();
+      const reference = await loadHFCheckpoint(fixtureDir('mixtral'));
+      const ids = tf.tensor2d([[3, 1, 4, 1, 5]], [1, 5], 'int32');
+      const [a, b] = [model.predict(ids) as tf.Tensor, reference.predict(ids) as tf.Tensor];
+      expect(Array.from(a.dataSync())).to.deep.equal(Array.from(b.dataSync()));
+      tf.dispose([a, b, ids]);
+      model.dispose();
+      reference.dispose();
+      const grown = (after.arrayBuffers - before.arrayBuffers) / 2 ** 20;
+      expect(grown, `arrayBuffers grew by ${grown.toFixed(1)} MiB`).to.be.below(32);  // the old reader: +1429 MiB
+      expect((after.rss - before.rss) / 2 ** 20).to.be.below(64);
+    });
+
     for (const name of ['config.json', 'model.safetensors', 'model.safetensors.index.json']) {
       it(`refuses a FIFO named ${name} without blocking`, async () => {
         const dir = await hfCopy();
