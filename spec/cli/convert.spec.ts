@@ -24,7 +24,7 @@ async function expectSameSafetensors(actualPath: string, expectedPath: string): 
   expect(actual.names().sort()).to.deep.equal(expected.names().sort());
   for (const name of expected.names()) {
     expect(actual.info(name), name).to.deep.equal(expected.info(name));
-    const [a, e] = [actual.tensor(name), expected.tensor(name)];
+    const [a, e] = [await actual.tensor(name), await expected.tensor(name)];
     try {
       expect(Buffer.from((a.dataSync() as Float32Array).buffer).equals(Buffer.from((e.dataSync() as Float32Array).buffer)),
           `${name} bit-identical`).to.equal(true);
@@ -188,8 +188,8 @@ describe('cli/convert', () => {
       await truncate(join(broken, 'weights.bin'), 1000);
       const truncated = await runMain(['convert', '--to', 'peft', '--input', broken, '--output', join(out, 'p1'), ...b]);
       expect(truncated.code).to.equal(1);
-      expect(truncated.stderr).to.match(new RegExp(`^tfjs-moe-lora: error: file:// load: the weight files of '.*${join('broken', 'model.json')}' ` +
-          'hold 1000 bytes but its weightsManifest describes \\d+\\n$'));
+      expect(truncated.stderr).to.match(new RegExp(`^tfjs-moe-lora: error: file:// load: the weight files of weightsManifest\\[0\\] ` +
+          `in '.*${join('broken', 'model.json')}' \\('.*${join('broken', 'weights.bin')}'\\) hold 1000 bytes but its weights need \\d+\\n$`));
 
       // an adapter made for another model
       const wrong = await runMain(['convert', '--adapter', join(fixtureDir('qwen3_moe'), 'adapter'), '--model', fixtureDir('mixtral'),

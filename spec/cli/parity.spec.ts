@@ -20,7 +20,7 @@ async function editedCopy(
   }
   const golden = await readSafetensorsFile(join(FIXTURES, arch, 'golden.safetensors'));
   const tensors: Record<string, tf.Tensor> = {};
-  for (const name of golden.names()) tensors[name] = golden.tensor(name);
+  for (const name of golden.names()) tensors[name] = await golden.tensor(name);
   edit(tensors);
   writeFileSync(join(dir, 'golden.safetensors'), encodeSafetensors(tensors));
   tf.dispose(Object.values(tensors));
@@ -89,7 +89,7 @@ describe('cli/parity', () => {
       /** block.router_logits = x·W_gᵀ from the checkpoint; token 3's row negated when `flip` */
       async function withLogits(flip: boolean): Promise<string> {
         const model = await readSafetensorsFile(join(FIXTURES, 'mixtral', 'model.safetensors'));
-        const wg = model.tensor('model.layers.0.block_sparse_moe.gate.weight');
+        const wg = await model.tensor('model.layers.0.block_sparse_moe.gate.weight');
         const dir = await editedCopy('mixtral', t => {
           const logits = tf.tidy(() => tf.matMul(tf.reshape(t['block.x'], [15, 64]), wg, false, true));
           const data = Float32Array.from(logits.dataSync());

@@ -77,11 +77,15 @@ describe('data/tokenizer: CharTokenizer', () => {
   });
 
   it('reports a missing or unreadable tokenizer.json and an id outside the vocabulary', async () => {
-    const missing = join(dir, 'nothing');
+    const nowhere = join(dir, 'nothing');
     let error: unknown;
-    try { await readTokenizer(missing); } catch (e) { error = e; }
-    expect((error as Error).message).to.equal(`'${join(missing, 'tokenizer.json')}' is missing (the model folder needs the tokenizer it was trained with)`);
+    try { await readTokenizer(nowhere); } catch (e) { error = e; }
+    expect((error as Error).message).to.equal(`model folder '${nowhere}' does not exist`);
     const bad = await mkdtemp(join(tmpdir(), 'tokenizer-bad-'));
+    error = undefined;
+    try { await readTokenizer(bad); } catch (e) { error = e; }
+    expect(error).to.be.instanceOf(TokenizerError);
+    expect((error as Error).message).to.equal(`'${join(bad, 'tokenizer.json')}' is missing (the model folder needs the tokenizer it was trained with)`);
     await writeFile(join(bad, 'tokenizer.json'), '{"type": ');
     error = undefined;
     try { await readTokenizer(bad); } catch (e) { error = e; }

@@ -22,7 +22,9 @@ export function golden(arch: string): Promise<SafetensorsFile> {
 /** Every tensor of a safetensors file as new tensors (the caller disposes them). */
 export async function readAll(path: string): Promise<Record<string, tf.Tensor>> {
   const file = await readSafetensorsFile(path);
-  return Object.fromEntries(file.names().map(n => [n, file.tensor(n)]));
+  const all: Record<string, tf.Tensor> = {};
+  for (const n of file.names()) all[n] = await file.tensor(n);
+  return all;
 }
 
 /** A fresh temporary folder; `cleanup()` removes every folder made so far. */

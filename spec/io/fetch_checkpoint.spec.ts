@@ -39,15 +39,6 @@ async function rejection(p: Promise<unknown>): Promise<Error> {
   throw new Error('expected a rejection');
 }
 
-function thrown(fn: () => unknown): Error {
-  try {
-    fn();
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a throw');
-}
-
 describe('io/fetch_checkpoint fetchHFCheckpoint', () => {
   after(cleanup);
 
@@ -148,7 +139,7 @@ describe('io/hf_checkpoint_core loadHFCheckpointFrom', () => {
     const config = await fixtureConfig('olmoe');
     const tensors = parseSafetensors(new Uint8Array(await readFile(join(dir, 'model.safetensors'))));
     const ids = tf.tensor2d([[7, 0, 2, 9, 4]], [1, 5], 'int32');
-    const fromMemory = loadHFCheckpointFrom({ config, tensors });
+    const fromMemory = await loadHFCheckpointFrom({ config, tensors });
     const fromDisk = await loadHFCheckpoint(dir);
     expect(logits(fromMemory, ids)).to.deep.equal(logits(fromDisk, ids));
     fromMemory.dispose();
@@ -160,11 +151,11 @@ describe('io/hf_checkpoint_core loadHFCheckpointFrom', () => {
     const config = await fixtureConfig('qwen3_moe');
     const file = await readSafetensorsFile(join(fixtureDir('qwen3_moe'), 'model.safetensors'));
     const before = tf.memory().numTensors;
-    expect(thrown(() => loadHFCheckpointFrom(null as never)).message)
+    expect((await rejection(loadHFCheckpointFrom(null as never))).message)
         .to.equal("`loadHFCheckpointFrom()`: 'files' must be {config, tensors} but got null");
-    expect(thrown(() => loadHFCheckpointFrom({ config: [] as never, tensors: file })).message)
+    expect((await rejection(loadHFCheckpointFrom({ config: [] as never, tensors: file }))).message)
         .to.equal("`loadHFCheckpointFrom()`: 'config' must be the parsed config.json object but got []");
-    const noTensor = thrown(() => loadHFCheckpointFrom({ config, tensors: { has: () => true } as never }));
+    const noTensor = await rejection(loadHFCheckpointFrom({ config, tensors: { has: () => true } as never }));
     expect(noTensor).to.be.instanceOf(CheckpointError);
     expect(noTensor.message).to.equal("`loadHFCheckpointFrom()`: 'tensors' must have has, info, tensor (e.g. a SafetensorsFile) but lacks info, tensor");
 
@@ -173,10 +164,10 @@ describe('io/hf_checkpoint_core loadHFCheckpointFrom', () => {
       info: (n: string) => file.info(n),
       tensor: (n: string) => file.tensor(n),
     };
-    const missing = thrown(() => loadHFCheckpointFrom({ config, tensors: withoutHead, source: "'tiny.safetensors'" }));
+    const missing = await rejection(loadHFCheckpointFrom({ config, tensors: withoutHead, source: "'tiny.safetensors'" }));
     expect(missing.message).to.equal("`loadHFCheckpointFrom()`: 'tiny.safetensors' does not hold the weights its config.json " +
       "('qwen3_moe') describes: 1 problem:\n  missing 'lm_head.weight' (expected shape [97,64])");
-    expect(thrown(() => loadHFCheckpointFrom({ config, tensors: withoutHead })).message)
+    expect((await rejection(loadHFCheckpointFrom({ config, tensors: withoutHead }))).message)
         .to.match(/^`loadHFCheckpointFrom\(\)`: the checkpoint does not hold the weights/);
     expect(tf.memory().numTensors).to.equal(before);
   });

@@ -105,20 +105,21 @@ describe('io/file_io_handler (file:// without tfjs-node)', () => {
     expect(bad.message).to.equal(`file:// save: the path must be a directory (model.json and weights.bin are written into it) ` +
       `but got '${join(dir, 'model.json')}'; use 'file://${dir}'`);
     const missing = await rejection(tfl.loadLayersModel(`file://${join(dir, 'nothing', 'model.json')}`));
-    expect(missing.message).to.equal(`file:// load: '${join(dir, 'nothing', 'model.json')}' does not exist`);
+    expect(missing.message).to.equal(`file:// load: model folder '${join(dir, 'nothing')}' does not exist`);
     await model.save(`file://${dir}`);
     await writeFile(join(dir, 'weights.bin'), new Uint8Array(7));
     const short = await rejection(tfl.loadLayersModel(`file://${join(dir, 'model.json')}`));
-    expect(short.message).to.equal(`file:// load: the weight files of '${join(dir, 'model.json')}' hold 7 bytes but its weightsManifest describes 32`);
+    expect(short.message).to.equal(`file:// load: the weight files of weightsManifest[0] in '${join(dir, 'model.json')}' ` +
+      `('${join(dir, 'weights.bin')}') hold 7 bytes but its weights need 32`);
     await writeFile(join(dir, 'model.json'), '{not json');
     expect((await rejection(tfl.loadLayersModel(`file://${join(dir, 'model.json')}`))).message)
-      .to.match(/^file:\/\/ load: cannot read '.*model\.json' as JSON: /);
+      .to.match(/^file:\/\/ load: model\.json '.*model\.json' is not valid JSON: /);
     await writeFile(join(dir, 'model.json'), JSON.stringify({ format: 'layers-model' }));
     expect((await rejection(tfl.loadLayersModel(`file://${join(dir, 'model.json')}`))).message)
       .to.equal(`file:// load: '${join(dir, 'model.json')}' has no 'modelTopology'`);
     await writeFile(join(dir, 'model.json'), JSON.stringify({ modelTopology: {}, weightsManifest: [{ paths: ['gone.bin'], weights: [] }] }));
     expect((await rejection(fileIO(join(dir, 'model.json')).load())).message)
-      .to.equal(`file:// load: weight file '${join(dir, 'gone.bin')}' named in '${join(dir, 'model.json')}' cannot be read`);
+      .to.equal(`file:// load: weightsManifest[0] path of '${join(dir, 'model.json')}' '${join(dir, 'gone.bin')}' does not exist`);
     expect((await rejection(fileIO(dir).save({ modelTopology: new ArrayBuffer(4) }))).message)
       .to.equal(`file:// save to '${dir}': binary (GraphDef) topologies are not supported, only JSON`);
     expect(() => fileIO('')).to.throw("`fileIO()`: 'path' must be a non-empty string but got \"\"");

@@ -18,12 +18,21 @@ interface Golden {
   block_buffers?: Record<string, number[]>;
 }
 
+/** Awaits `promise` and checks that it rejects with `cls` and `message` (as chai's throw: a string is contained, a RegExp matches). */
+async function expectRejects(promise: Promise<unknown>, cls: new (...args: never[]) => Error, message: string | RegExp): Promise<void> {
+  let error: unknown = null;
+  try { await promise; } catch (e) { error = e; }
+  expect(error).to.be.instanceOf(cls);
+  if (typeof message === 'string') expect((error as Error).message).to.include(message);
+  else expect((error as Error).message).to.match(message);
+}
+
 /** A checkpoint held in a Map, for the error cases. */
 function mapSource(tensors: Record<string, tf.Tensor>): TensorSource {
   return {
     has: name => name in tensors,
     info: name => ({ dtype: tensors[name].dtype === 'float32' ? 'F32' : 'I32', shape: tensors[name].shape }),
-    tensor: name => tensors[name].clone(),
+    tensor: async name => tensors[name].clone(),
   };
 }
 
@@ -65,9 +74,9 @@ describe('io/hf_block', () => {
         file = await readSafetensorsFile(`${FIXTURES}/${arch}/model.safetensors`);
       });
 
-      it('loads the golden block with the in-memory shapes of transformers 5', () => {
+      it('loads the golden block with the in-memory shapes of transformers 5', async () => {
         const before = tf.memory().numTensors;
-        const w = loadMoEBlockWeights(file, golden.config, blockLayerIndex(golden.block));
+        const w = await loadMoEBlockWeights(file, golden.config, blockLayerIndex(golden.block));
         try {
           const p = golden.block_params;
           const shapeOf = (name: string) => p[name];
@@ -101,16 +110,16 @@ describe('io/hf_block', () => {
         expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
       });
 
-      it('holds the checkpoint\'s values, fused gate rows first then up rows', () => {
+      it('holds the checkpoint\'s values, fused gate rows first then up rows', async () => {
         const layer = blockLayerIndex(golden.block);
         const plan = moeBlockTensorPlan(golden.config, layer);
-        const w: MoEBlockWeights = loadMoEBlockWeights(file, golden.config, layer);
-        const raw = (name: string) => { const t = file.tensor(name); const v = Array.from(t.dataSync()); t.dispose(); return v; };
+        const w: MoEBlockWeights = await loadMoEBlockWeights(file, golden.config, layer);
+        const raw = async (name: string) => { const t = await file.tensor(name); const v = Array.from(t.dataSync()); t.dispose(); return v; };
         try {
-          expect(Array.from(w.router.weight.dataSync())).to.deep.equal(raw(plan.router.weight.name));
-          if (plan.router.bias) expect(Array.from(w.router.bias!.dataSync())).to.deep.equal(raw(plan.router.bias.name));
+          expect(Array.from(w.router.weight.dataSync())).to.deep.equal(await raw(plan.router.weight.name));
+          if (plan.router.bias) expect(Array.from(w.router.bias!.dataSync())).to.deep.equal(await raw(plan.router.bias.name));
           if (plan.router.correctionBias) {
-            expect(Array.from(w.router.correctionBias!.dataSync())).to.deep.equal(raw(plan.router.correctionBias.name));
+            expect(Array.from(w.router.correctionBias!.dataSync())).to.deep.equal(await raw(plan.router.correctionBias.name));
           }
           const ex = plan.experts;
           if (ex.kind === 'perExpert') {
@@ -119,23 +128,23 @@ describe('io/hf_block', () => {
             for (const e of [0, 1, E - 1]) {
               const gu = slice3(w.experts.gateUp, e);
               const d = slice3(w.experts.down, e);
-              expect(rows(gu, 0, I), `gate rows of expert ${e}`).to.deep.equal(raw(ex.gate[e].name));
-              expect(rows(gu, I, 2 * I), `up rows of expert ${e}`).to.deep.equal(raw(ex.up[e].name));
-              expect(Array.from(d.dataSync()), `down of expert ${e}`).to.deep.equal(raw(ex.down[e].name));
+              expect(rows(gu, 0, I), `gate rows of expert ${e}`).to.deep.equal(await raw(ex.gate[e].name));
+              expect(rows(gu, I, 2 * I), `up rows of expert ${e}`).to.deep.equal(await raw(ex.up[e].name));
+              expect(Array.from(d.dataSync()), `down of expert ${e}`).to.deep.equal(await raw(ex.down[e].name));
               tf.dispose([gu, d]);
             }
           } else {
-            expect(Array.from(w.experts.gateUp.dataSync())).to.deep.equal(raw(ex.gateUp.name));
-            expect(Array.from(w.experts.down.dataSync())).to.deep.equal(raw(ex.down.name));
-            expect(Array.from(w.experts.gateUpBias!.dataSync())).to.deep.equal(raw(ex.gateUpBias.name));
-            expect(Array.from(w.experts.downBias!.dataSync())).to.deep.equal(raw(ex.downBias.name));
+            expect(Array.from(w.experts.gateUp.dataSync())).to.deep.equal(await raw(ex.gateUp.name));
+            expect(Array.from(w.experts.down.dataSync())).to.deep.equal(await raw(ex.down.name));
+            expect(Array.from(w.experts.gateUpBias!.dataSync())).to.deep.equal(await raw(ex.gateUpBias.name));
+            expect(Array.from(w.experts.downBias!.dataSync())).to.deep.equal(await raw(ex.downBias.name));
           }
           if (plan.shared) {
-            expect(Array.from(w.shared!.gate.dataSync())).to.deep.equal(raw(plan.shared.gate.name));
-            expect(Array.from(w.shared!.up.dataSync())).to.deep.equal(raw(plan.shared.up.name));
-            expect(Array.from(w.shared!.down.dataSync())).to.deep.equal(raw(plan.shared.down.name));
+            expect(Array.from(w.shared!.gate.dataSync())).to.deep.equal(await raw(plan.shared.gate.name));
+            expect(Array.from(w.shared!.up.dataSync())).to.deep.equal(await raw(plan.shared.up.name));
+            expect(Array.from(w.shared!.down.dataSync())).to.deep.equal(await raw(plan.shared.down.name));
             if (plan.shared.sigmoidGate) {
-              expect(Array.from(w.shared!.sigmoidGate!.dataSync())).to.deep.equal(raw(plan.shared.sigmoidGate.name));
+              expect(Array.from(w.shared!.sigmoidGate!.dataSync())).to.deep.equal(await raw(plan.shared.sigmoidGate.name));
             }
           }
         } finally {
@@ -190,20 +199,20 @@ describe('io/hf_block', () => {
     });
     afterEach(() => tf.dispose(Object.values(tensors)));
 
-    it('loads the tiny block (the error cases below change one thing each)', () => {
-      const w = loadMoEBlockWeights(mapSource(tensors), config, 0);
+    it('loads the tiny block (the error cases below change one thing each)', async () => {
+      const w = await loadMoEBlockWeights(mapSource(tensors), config, 0);
       expect(w.experts.gateUp.shape).to.deep.equal([2, 6, 4]);
       expect(Array.from(w.experts.gateUp.dataSync()).filter((_, i) => i % 4 === 0)).to.deep.equal(
           [1, 1, 1, 10, 10, 10, 2, 2, 2, 11, 11, 11]);
       disposeMoEBlockWeights(w);
     });
 
-    it('lists every missing and misshapen tensor in one error', () => {
+    it('lists every missing and misshapen tensor in one error', async () => {
       tf.dispose([tensors[`${p}.experts.1.up_proj.weight`], tensors[`${p}.experts.0.down_proj.weight`]]);
       delete tensors[`${p}.experts.1.up_proj.weight`];
       tensors[`${p}.experts.0.down_proj.weight`] = tf.zeros([3, 4]);
       const before = tf.memory().numTensors;
-      expect(() => loadMoEBlockWeights(mapSource(tensors), config, 0)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 0), OpArgumentError,
           "`loadMoEBlockWeights()`: the checkpoint does not hold layer 0's MoE block as config.json " +
           "('olmoe') describes it; 2 problems:\n" +
           "  missing 'model.layers.0.mlp.experts.1.up_proj.weight' (expected shape [3,4])\n" +
@@ -211,39 +220,37 @@ describe('io/hf_block', () => {
       expect(tf.memory().numTensors).to.equal(before);
     });
 
-    it('rejects a shape that disagrees with the config', () => {
-      expect(() => loadMoEBlockWeights(mapSource(tensors), { ...config, num_experts: 3 }, 0)).to.throw(
-          OpArgumentError, /4 problems:\n  'model.layers.0.mlp.gate.weight' must have shape \[3,4\] but has \[2,4\]\n  missing 'model.layers.0.mlp.experts.2.gate_proj.weight'/);
+    it('rejects a shape that disagrees with the config', async () => {
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, num_experts: 3 }, 0), OpArgumentError, /4 problems:\n  'model.layers.0.mlp.gate.weight' must have shape \[3,4\] but has \[2,4\]\n  missing 'model.layers.0.mlp.experts.2.gate_proj.weight'/);
     });
 
-    it('rejects an integer tensor without leaking the tensors read before it', () => {
+    it('rejects an integer tensor without leaking the tensors read before it', async () => {
       tensors[`${p}.gate.weight`].dispose();
       tensors[`${p}.gate.weight`] = tf.ones([2, 4], 'int32');
       const before = tf.memory().numTensors;
-      expect(() => loadMoEBlockWeights(mapSource(tensors), config, 0)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 0), OpArgumentError,
           "`loadMoEBlockWeights()`: 'model.layers.0.mlp.gate.weight' must be a floating-point tensor but is int32");
       expect(tf.memory().numTensors).to.equal(before);
     });
 
-    it('rejects an integer expert tensor without leaking', () => {
+    it('rejects an integer expert tensor without leaking', async () => {
       tensors[`${p}.experts.1.up_proj.weight`].dispose();
       tensors[`${p}.experts.1.up_proj.weight`] = tf.ones([3, 4], 'int32');
       const before = tf.memory().numTensors;
-      expect(() => loadMoEBlockWeights(mapSource(tensors), config, 0)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 0), OpArgumentError,
           "`loadMoEBlockWeights()`: 'model.layers.0.mlp.experts.1.up_proj.weight' must be a floating-point tensor but is int32");
       expect(tf.memory().numTensors).to.equal(before);
     });
 
-    it('rejects a dense layer, a bad layer index and an unknown model_type', () => {
+    it('rejects a dense layer, a bad layer index and an unknown model_type', async () => {
       const deepseek = JSON.parse(readFileSync(`${FIXTURES}/deepseek_v3/config.json`, 'utf8')) as HFConfig;
-      expect(() => loadMoEBlockWeights(mapSource(tensors), deepseek, 0)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), deepseek, 0), OpArgumentError,
           "`moeBlockTensorPlan()`: layer 0 of this 'deepseek_v3' model is a dense MLP, not an MoE block (MoE layers: 1)");
-      expect(() => loadMoEBlockWeights(mapSource(tensors), config, -1)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, -1), OpArgumentError,
           "`moeBlockTensorPlan()`: 'layerIndex' must be >= 0 but got -1");
-      expect(() => loadMoEBlockWeights(mapSource(tensors), config, 1)).to.throw(OpArgumentError,
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 1), OpArgumentError,
           "`isMoELayer()`: 'layer' must be <= 0 but got 1");
-      expect(() => loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0)).to.throw(
-          OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
+      await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0), OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
           "'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'dbrx'");
     });
   });

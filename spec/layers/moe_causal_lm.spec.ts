@@ -21,8 +21,8 @@ describe('MoECausalLM', () => {
         it(`${arch}, expertKernel '${kernel}'`, async () => {
           const model = await loadHFCheckpoint(fixtureDir(arch), { expertKernel: kernel });
           const g = await golden(arch);
-          const ids = g.tensor('input_ids');
-          const want = g.tensor('logits');
+          const ids = await g.tensor('input_ids');
+          const want = await g.tensor('logits');
           const before = tf.memory().numTensors;
           const logits = model.predict(ids) as tf.Tensor;
           expect(logits.shape).to.deep.equal(want.shape);

@@ -607,9 +607,9 @@ describe('routing ops', () => {
           ? { kind: 'sigmoidGroupTopK', topK: config.num_experts_per_tok, nGroup: config.n_group,
             topkGroup: config.topk_group, renormalize: config.norm_topk_prob, scalingFactor: config.routed_scaling_factor }
           : { kind: 'softmaxTopK', topK: config.num_experts_per_tok, renormalize: config.norm_topk_prob ?? true };
-        const xs = golden.tensor('block.x');
-        const w = model.tensor(gateName);
-        const bias = model.has(biasName) ? model.tensor(biasName) as Tensor1D : undefined;
+        const xs = await golden.tensor('block.x');
+        const w = await model.tensor(gateName);
+        const bias = model.has(biasName) ? await model.tensor(biasName) as Tensor1D : undefined;
         expect(bias !== undefined, 'e_score_correction_bias present').to.equal(arch === 'deepseek_v3');
         const H = w.shape[1]!;
         const logits = tf.tidy(() => tf.matMul(tf.reshape(xs, [-1, H]), w, false, true)) as Tensor2D;  // [T, E]

@@ -1,6 +1,7 @@
 /** tokenizer.json in a model folder (Node): read and write a CharTokenizer. */
-import { readFile, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { openArtifactFolder, pathKind, readTextFile } from '../util/files.js';
 import { CharTokenizer, TOKENIZER_FILE, TokenizerError } from './tokenizer.js';
 
 /**
@@ -11,15 +12,12 @@ import { CharTokenizer, TOKENIZER_FILE, TokenizerError } from './tokenizer.js';
  * ```
  */
 export async function readTokenizer(dir: string): Promise<CharTokenizer> {
+  await openArtifactFolder(dir, 'model folder');
   const path = join(dir, TOKENIZER_FILE);
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (e) {
-    const missing = (e as NodeJS.ErrnoException).code === 'ENOENT';
-    throw new TokenizerError(missing ? `'${path}' is missing (the model folder needs the tokenizer it was trained with)` :
-      `cannot read '${path}': ${(e as Error).message}`);
+  if (await pathKind(path) === 'missing') {
+    throw new TokenizerError(`'${path}' is missing (the model folder needs the tokenizer it was trained with)`);
   }
+  const text = await readTextFile(path, 'tokenizer');  // a folder or a FIFO is refused, never blocks
   let json: unknown;
   try {
     json = JSON.parse(text);

@@ -7,9 +7,14 @@
  * relative to model.json, concatenated in manifest order).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { constants as bufferConstants } from 'node:buffer';
+import { mkdir, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { MoELoraError } from '../errors.js';
+import { describeValue } from '../util/describe.js';
+import {
+  confinedPath, openArtifactFolder, openRegularFile, pathKind, readFully, readJSONFile,
+} from '../util/files.js';
 
 export const FILE_SCHEME = 'file://';
 const MODEL_JSON = 'model.json';
@@ -96,44 +101,101 @@ export class NodeFileIOHandler implements tf.io.IOHandler {
     };
   }
 
+  /**
+   * Reads model.json and its weight files. Every path of `weightsManifest` is confined to the
+   * folder of model.json (no absolute paths, no `..`, no links out), must be a regular file, and
+   * each group's files must hold exactly the bytes its weights need: all checked before a byte
+   * of weights is read.
+   */
   async load(): Promise<tf.io.ModelArtifacts> {
-    let jsonPath = this.path;
-    const info = await stat(jsonPath).catch(() => null);
-    if (info === null) throw new FileIOError(`file:// load: '${jsonPath}' does not exist`);
-    if (info.isDirectory()) jsonPath = join(jsonPath, MODEL_JSON);
-    let modelJSON: tf.io.ModelJSON;
-    try {
-      modelJSON = JSON.parse(await readFile(jsonPath, 'utf8')) as tf.io.ModelJSON;
-    } catch (e) {
-      throw new FileIOError(`file:// load: cannot read '${jsonPath}' as JSON: ${(e as Error).message}`);
+    let jsonPath: string;
+    if (this.path.endsWith('.json') && await pathKind(this.path) !== 'directory') {
+      jsonPath = this.path;
+      await openArtifactFolder(dirname(jsonPath), 'file:// load: model folder');
+    } else {
+      jsonPath = join(await openArtifactFolder(this.path, 'file:// load: model folder'), MODEL_JSON);
     }
+    const modelJSON = await readJSONFile(jsonPath, 'file:// load: model.json') as tf.io.ModelJSON;
     if (modelJSON === null || typeof modelJSON !== 'object' || modelJSON.modelTopology == null) {
       throw new FileIOError(`file:// load: '${jsonPath}' has no 'modelTopology'`);
     }
     const dir = dirname(jsonPath);
-    return tf.io.getModelArtifactsForJSON(modelJSON, async manifest => {
+    const groups = checkManifest(modelJSON.weightsManifest, jsonPath);
+    return tf.io.getModelArtifactsForJSON(modelJSON, async () => {
       const specs: tf.io.WeightsManifestEntry[] = [];
       const buffers: ArrayBuffer[] = [];
-      for (const group of manifest) {
-        for (const p of group.paths) {
-          const file = join(dir, p);
-          const bytes = await readFile(file).catch(() => {
-            throw new FileIOError(`file:// load: weight file '${file}' named in '${jsonPath}' cannot be read`);
-          });
-          buffers.push(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
+      for (const [g, group] of groups.entries()) {
+        const expected = group.weights.reduce((n, s) => n + s.shape.reduce((a, b) => a * b, 1) * bytesPer(s), 0);
+        const opened: Array<{ path: string; handle: FileHandle; size: number }> = [];
+        try {
+          for (const p of group.paths) {
+            const path = await confinedPath(dir, p, `file:// load: weightsManifest[${g}] path of '${jsonPath}'`);
+            opened.push({ path, ...await openRegularFile(path, `file:// load: weight file named in '${jsonPath}'`) });
+          }
+          const size = opened.reduce((n, f) => n + f.size, 0);
+          if (size !== expected) {
+            throw new FileIOError(
+                `file:// load: the weight files of weightsManifest[${g}] in '${jsonPath}' ` +
+                `(${opened.map(f => `'${f.path}'`).join(', ')}) hold ${size} bytes but its weights need ${expected}`);
+          }
+          for (const f of opened) {
+            const bytes = new Uint8Array(f.size);
+            await readFully(f.handle, bytes, 0, `file:// load: weight file '${f.path}'`);
+            buffers.push(bytes.buffer);
+          }
+        } finally {
+          await Promise.all(opened.map(f => f.handle.close()));
         }
         specs.push(...group.weights);
       }
-      const weightData = tf.io.CompositeArrayBuffer.join(buffers);
-      const expected = specs.reduce((n, s) => n + s.shape.reduce((a, b) => a * b, 1) * bytesPer(s), 0);
-      if (weightData.byteLength !== expected) {
-        throw new FileIOError(
-            `file:// load: the weight files of '${jsonPath}' hold ${weightData.byteLength} bytes but its ` +
-            `weightsManifest describes ${expected}`);
-      }
-      return [specs, weightData];
+      return [specs, tf.io.CompositeArrayBuffer.join(buffers)];
     });
   }
+}
+
+/**
+ * `weightsManifest` checked as far as loading relies on it: groups of `{paths, weights}` whose
+ * weights have a name, a dtype and a shape of non-negative integers, and whose total size fits in
+ * one buffer (tfjs joins all weights into one).
+ */
+function checkManifest(manifest: unknown, jsonPath: string): tf.io.WeightsManifestConfig {
+  if (manifest == null) return [];
+  const where = `file:// load: '${jsonPath}'`;
+  if (!Array.isArray(manifest)) {
+    throw new FileIOError(`${where}: 'weightsManifest' must be an array of {paths, weights} but got ${describeValue(manifest)}`);
+  }
+  const problems: string[] = [];
+  let total = 0;
+  manifest.forEach((group: unknown, g) => {
+    const { paths, weights } = (group ?? {}) as { paths?: unknown; weights?: unknown };
+    if (!Array.isArray(paths) || !paths.every(p => typeof p === 'string')) {
+      problems.push(`weightsManifest[${g}].paths must be an array of file names but is ${describeValue(paths)}`);
+    }
+    if (!Array.isArray(weights)) {
+      problems.push(`weightsManifest[${g}].weights must be an array but is ${describeValue(weights)}`);
+      return;
+    }
+    weights.forEach((w: unknown, i) => {
+      const spec = (w ?? {}) as { name?: unknown; shape?: unknown; dtype?: unknown };
+      const at = `weightsManifest[${g}].weights[${i}]`;
+      if (typeof spec.name !== 'string') problems.push(`${at}.name must be a string but is ${describeValue(spec.name)}`);
+      if (typeof spec.dtype !== 'string') problems.push(`${at}.dtype must be a string but is ${describeValue(spec.dtype)}`);
+      if (!Array.isArray(spec.shape) || !spec.shape.every(d => Number.isSafeInteger(d) && d >= 0)) {
+        problems.push(`${at}.shape must be an array of non-negative integers but is ${describeValue(spec.shape)}`);
+      } else {
+        total += spec.shape.reduce((a: number, b: number) => a * b, 1) * bytesPer(w as tf.io.WeightsManifestEntry);
+      }
+    });
+  });
+  if (problems.length === 0 && total > bufferConstants.MAX_LENGTH) {
+    problems.push(`its weights need ${total} bytes, more than the largest buffer this runtime can hold ` +
+        `(${bufferConstants.MAX_LENGTH} bytes)`);
+  }
+  if (problems.length > 0) {
+    throw new FileIOError(`${where}: ${problems.length} problem${problems.length > 1 ? 's' : ''} in 'weightsManifest':\n  ` +
+        problems.join('\n  '));
+  }
+  return manifest as tf.io.WeightsManifestConfig;
 }
 
 function bytesPer(spec: tf.io.WeightsManifestEntry): number {

@@ -10,12 +10,16 @@ import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
 } from '../models/families.js';
 
-/** What the loader needs from a checkpoint; `SafetensorsFile` (src/io/safetensors.ts) is one. */
+/**
+ * What the loaders need from a checkpoint; `SafetensorsFile` (src/io/safetensors.ts) is one.
+ * Names and shapes come from the header; `tensor` reads one tensor when asked (from memory or
+ * with a positional read of a file), so a load holds one tensor at a time, not the whole file.
+ */
 export interface TensorSource {
   has(name: string): boolean;
   info(name: string): { dtype: string; shape: number[] };
   /** a new float32 (or int32) tensor the caller owns */
-  tensor(name: string): tf.Tensor;
+  tensor(name: string): Promise<tf.Tensor>;
 }
 
 /**
@@ -113,21 +117,21 @@ function planEntries(plan: BlockTensorPlan): Expected[] {
  * parts[0][e] then parts[1][e] ... . Copied into one buffer, expert by expert, so loading holds
  * the result and a single expert's tensor at a time, not a second copy of the whole layer.
  */
-function fuseRows(
+async function fuseRows(
     op: string, file: TensorSource, numExperts: number, parts: Expected[][],
-    [rows, cols]: number[]): tf.Tensor3D {
+    [rows, cols]: number[]): Promise<tf.Tensor3D> {
   const block = rows * cols;
   const data = new Float32Array(numExperts * parts.length * block);
   for (let e = 0; e < numExperts; e++) {
-    parts.forEach((part, p) => {
-      const t = file.tensor(part[e].name);
+    for (const [p, part] of parts.entries()) {
+      const t = await file.tensor(part[e].name);
       try {
         if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
         data.set(t.dataSync(), (e * parts.length + p) * block);
       } finally {
         t.dispose();
       }
-    });
+    }
   }
   return tf.tensor3d(data, [numExperts, parts.length * rows, cols]);
 }
@@ -144,12 +148,12 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  *
  * ```js
  * const file = await readSafetensorsFile('model.safetensors');
- * const weights = loadMoEBlockWeights(file, config, 1);
+ * const weights = await loadMoEBlockWeights(file, config, 1);
  * weights.experts.gateUp.shape;  // [E, 2I, H]
  * ```
  */
-export function loadMoEBlockWeights(
-    file: TensorSource, hfConfig: HFConfig, layerIndex: number): MoEBlockWeights {
+export async function loadMoEBlockWeights(
+    file: TensorSource, hfConfig: HFConfig, layerIndex: number): Promise<MoEBlockWeights> {
   const op = 'loadMoEBlockWeights';
   const plan = moeBlockTensorPlan(hfConfig, layerIndex);
 
@@ -173,30 +177,30 @@ export function loadMoEBlockWeights(
 
   const created: tf.Tensor[] = [];
   const track = <T extends tf.Tensor>(t: T): T => { created.push(t); return t; };
-  const read = <T extends tf.Tensor>(e: Expected): T => {
-    const t = track(file.tensor(e.name));
+  const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
+    const t = track(await file.tensor(e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
     return t as T;
   };
   try {
-    const router: RouterWeights = { weight: read<Tensor2D>(plan.router.weight) };
-    if (plan.router.bias) router.bias = read<Tensor1D>(plan.router.bias);
-    if (plan.router.correctionBias) router.correctionBias = read<Tensor1D>(plan.router.correctionBias);
+    const router: RouterWeights = { weight: await read<Tensor2D>(plan.router.weight) };
+    if (plan.router.bias) router.bias = await read<Tensor1D>(plan.router.bias);
+    if (plan.router.correctionBias) router.correctionBias = await read<Tensor1D>(plan.router.correctionBias);
 
     let experts: ExpertWeights;
     const ex = plan.experts;
     if (ex.kind === 'perExpert') {
       const E = ex.gate.length;
       const [I, H] = ex.gate[0].shape;
-      const gateUp = track(fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
-      const down = track(fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
+      const gateUp = track(await fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
+      const down = track(await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
     } else {
       experts = {
-        gateUp: read<Tensor3D>(ex.gateUp),          // [E, H, 2I]
-        gateUpBias: read<Tensor2D>(ex.gateUpBias),  // [E, 2I]
-        down: read<Tensor3D>(ex.down),              // [E, I, H]
-        downBias: read<Tensor2D>(ex.downBias),      // [E, H]
+        gateUp: await read<Tensor3D>(ex.gateUp),          // [E, H, 2I]
+        gateUpBias: await read<Tensor2D>(ex.gateUpBias),  // [E, 2I]
+        down: await read<Tensor3D>(ex.down),              // [E, I, H]
+        downBias: await read<Tensor2D>(ex.downBias),      // [E, H]
         layout: 'inOutInterleaved',
       };
     }
@@ -204,11 +208,11 @@ export function loadMoEBlockWeights(
     const weights: MoEBlockWeights = { router, experts };
     if (plan.shared) {
       const shared: SharedExpertWeights = {
-        gate: read<Tensor2D>(plan.shared.gate),
-        up: read<Tensor2D>(plan.shared.up),
-        down: read<Tensor2D>(plan.shared.down),
+        gate: await read<Tensor2D>(plan.shared.gate),
+        up: await read<Tensor2D>(plan.shared.up),
+        down: await read<Tensor2D>(plan.shared.down),
       };
-      if (plan.shared.sigmoidGate) shared.sigmoidGate = read<Tensor2D>(plan.shared.sigmoidGate);
+      if (plan.shared.sigmoidGate) shared.sigmoidGate = await read<Tensor2D>(plan.shared.sigmoidGate);
       weights.shared = shared;
     }
     return weights;

@@ -5,10 +5,10 @@
  * problems are reported together in one error. This file reads the folder (Node);
  * hf_checkpoint_core.ts checks and loads what it read.
  */
-import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
+import { confinedPath, openArtifactFolder, pathKind, readJSONFile } from '../util/files.js';
 import {
   CheckpointError, CheckpointSource, indexedCheckpointSource, modelFromCheckpoint, type LoadHFCheckpointOptions,
 } from './hf_checkpoint_core.js';
@@ -20,38 +20,24 @@ export {
 
 const OP = 'loadHFCheckpoint';
 
-async function exists(path: string): Promise<boolean> {
-  return (await stat(path).catch(() => null))?.isFile() ?? false;
-}
-
-async function readJSON(path: string, what: string): Promise<unknown> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (e) {
-    throw new CheckpointError(`\`${OP}()\`: cannot read ${what} '${path}': ${(e as Error).message}`);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (e) {
-    throw new CheckpointError(`\`${OP}()\`: ${what} '${path}' is not valid JSON: ${(e as Error).message}`);
-  }
-}
-
-/** The single file, or the shards of model.safetensors.index.json (checked against the index). */
+/**
+ * The single file, or the shards of model.safetensors.index.json (checked against the index).
+ * Whatever is at either name is read through the file helpers, so a folder or a FIFO named
+ * model.safetensors is reported as what it is; shard names from the index stay in `dir`.
+ */
 async function openCheckpoint(dir: string): Promise<CheckpointSource> {
   const single = join(dir, 'model.safetensors');
   const indexPath = join(dir, 'model.safetensors.index.json');
-  if (await exists(single)) return CheckpointSource.single(await readSafetensorsFile(single));
-  if (!(await exists(indexPath))) {
-    const bin = await exists(join(dir, 'pytorch_model.bin'));
+  if (await pathKind(single) !== 'missing') return CheckpointSource.single(await readSafetensorsFile(single));
+  if (await pathKind(indexPath) === 'missing') {
+    const bin = await pathKind(join(dir, 'pytorch_model.bin')) !== 'missing';
     throw new CheckpointError(`\`${OP}()\`: '${dir}' has neither model.safetensors nor model.safetensors.index.json` +
         (bin ? ' (PyTorch .bin checkpoints are not supported; save with safe_serialization=True)' : ''));
   }
-  const index = await readJSON(indexPath, 'index');
+  const index = await readJSONFile(indexPath, `\`${OP}()\`: index`);
   return indexedCheckpointSource(OP, `'${dir}'`, indexPath, index, async shard => {
-    const path = join(dir, shard);
-    return await exists(path) ? readSafetensorsFile(path) : null;
+    if (await pathKind(join(dir, shard)) === 'missing') return null;
+    return readSafetensorsFile(await confinedPath(dir, shard, `\`${OP}()\`: shard named in '${indexPath}'`));
   });
 }
 
@@ -70,7 +56,8 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   if (typeof dir !== 'string' || dir.length === 0) {
     throw new CheckpointError(`\`${OP}()\`: 'dir' must be a folder path but got ${JSON.stringify(dir)}`);
   }
-  const config = await readJSON(join(dir, 'config.json'), 'config') as HFConfig;
+  await openArtifactFolder(dir, `\`${OP}()\`: checkpoint folder`);
+  const config = await readJSONFile(join(dir, 'config.json'), `\`${OP}()\`: config`) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
   const source = await openCheckpoint(dir);
   return modelFromCheckpoint(OP, `'${dir}'`, config, source, options);

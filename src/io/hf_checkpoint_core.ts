@@ -41,7 +41,7 @@ export class CheckpointSource implements TensorSource {
   names(): string[] { return [...this.fileOf.keys()]; }
   has(name: string): boolean { return this.fileOf.has(name); }
   info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
-  tensor(name: string): tf.Tensor { return this.fileOf.get(name)!.tensor(name); }
+  tensor(name: string): Promise<tf.Tensor> { return this.fileOf.get(name)!.tensor(name); }
 }
 
 /**
@@ -150,10 +150,11 @@ export interface HFCheckpointFiles {
  * ```js
  * const config = await (await fetch('model/config.json')).json();
  * const bytes = new Uint8Array(await (await fetch('model/model.safetensors')).arrayBuffer());
- * const model = loadHFCheckpointFrom({config, tensors: parseSafetensors(bytes)});
+ * const model = await loadHFCheckpointFrom({config, tensors: parseSafetensors(bytes)});
  * ```
  */
-export function loadHFCheckpointFrom(files: HFCheckpointFiles, options: LoadHFCheckpointOptions = {}): MoECausalLM {
+export async function loadHFCheckpointFrom(
+    files: HFCheckpointFiles, options: LoadHFCheckpointOptions = {}): Promise<MoECausalLM> {
   const op = 'loadHFCheckpointFrom';
   if (files == null || typeof files !== 'object') {
     throw new CheckpointError(`\`${op}()\`: 'files' must be {config, tensors} but got ${String(files)}`);
@@ -172,12 +173,13 @@ export function loadHFCheckpointFrom(files: HFCheckpointFiles, options: LoadHFCh
 }
 
 /** @internal The model of `config` with the weights of `source`; `where` names the checkpoint in errors. */
-export function modelFromCheckpoint(
-    op: string, where: string, config: HFConfig, source: TensorSource, options: LoadHFCheckpointOptions): MoECausalLM {
+export async function modelFromCheckpoint(
+    op: string, where: string, config: HFConfig, source: TensorSource,
+    options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
   familyOf(config);  // unknown model types fail here, before any weight is checked
   const model = buildMoECausalLM(config, options);
   try {
-    fillWeights(op, where, model, config, source);
+    await fillWeights(op, where, model, config, source);
   } catch (e) {
     model.dispose();
     throw e;
@@ -185,7 +187,8 @@ export function modelFromCheckpoint(
   return model;
 }
 
-function fillWeights(op: string, where: string, model: MoECausalLM, config: HFConfig, source: TensorSource): void {
+async function fillWeights(
+    op: string, where: string, model: MoECausalLM, config: HFConfig, source: TensorSource): Promise<void> {
   const problems: string[] = [];
   const check = ({ name, shape }: Expected) => {
     if (!source.has(name)) {
@@ -219,7 +222,7 @@ function fillWeights(op: string, where: string, model: MoECausalLM, config: HFCo
         ` does not hold the weights its config.json ('${String(config['model_type'])}') describes`);
   }
   for (const [variable, name] of plain) {
-    const t = source.tensor(name);
+    const t = await source.tensor(name);
     try {
       variable.write(t);
     } finally {
@@ -227,7 +230,7 @@ function fillWeights(op: string, where: string, model: MoECausalLM, config: HFCo
     }
   }
   for (const [layer, index] of blocks) {
-    const weights = loadMoEBlockWeights(source, config, index);
+    const weights = await loadMoEBlockWeights(source, config, index);
     try {
       for (const [field, weightName] of Object.entries(SPARSE_MOE_WEIGHT) as Array<[WeightField, string]>) {
         const t = getWeightField(weights, field);

@@ -12,6 +12,7 @@ import type { MoECausalLM, MoECausalLMOptions } from '../layers/moe_causal_lm.js
 import { FileIOError, fileIO } from './file_io_handler.js';
 import { loadHFCheckpoint } from './hf_checkpoint.js';
 import { MoELoraError } from '../errors.js';
+import { openArtifactFolder, pathKind } from '../util/files.js';
 
 export const MODEL_DIR_FORMATS = ['hf', 'tfjs'] as const;
 export type ModelDirFormat = typeof MODEL_DIR_FORMATS[number];
@@ -40,6 +41,24 @@ export async function modelDirFormats(dir: string): Promise<ModelDirFormat[]> {
   return found;
 }
 
+/** The files a model folder is recognised by. */
+const MODEL_FILES = ['config.json', 'model.safetensors', 'model.safetensors.index.json', 'model.json'];
+
+/**
+ * The recognising names in `dir` that hold something other than a regular file (a folder named
+ * model.safetensors, a FIFO named config.json), as lines for an error: otherwise the folder would
+ * be reported as lacking the very file the user sees in it.
+ */
+async function notFiles(dir: string): Promise<string> {
+  const lines: string[] = [];
+  for (const name of MODEL_FILES) {
+    const kind = await pathKind(join(dir, name));
+    if (kind === 'missing' || kind === 'file') continue;
+    lines.push(`'${join(dir, name)}' is ${kind === 'directory' ? 'a directory' : kind}, not a regular file`);
+  }
+  return lines.length === 0 ? '' : ` (${lines.join('; ')})`;
+}
+
 /**
  * The format of a model folder: `expected` when given (checked), else the one whose files it holds.
  * Throws a ModelDirError naming the files looked for when there is none, or two and no `expected`.
@@ -57,10 +76,10 @@ export async function modelDirFormat(dir: string, expected?: ModelDirFormat): Pr
     tfjs: 'a TF.js LayersModel (model.json)',
   };
   if (expected !== undefined) {
-    if (!found.includes(expected)) throw new ModelDirError(`'${dir}' is not ${files[expected]}`);
+    if (!found.includes(expected)) throw new ModelDirError(`'${dir}' is not ${files[expected]}${await notFiles(dir)}`);
     return expected;
   }
-  if (found.length === 0) throw new ModelDirError(`'${dir}' is neither ${files.hf} nor ${files.tfjs}`);
+  if (found.length === 0) throw new ModelDirError(`'${dir}' is neither ${files.hf} nor ${files.tfjs}${await notFiles(dir)}`);
   if (found.length > 1) throw new ModelDirError(`'${dir}' holds both ${files.hf} and ${files.tfjs}; say which to read`);
   return found[0];
 }
@@ -78,6 +97,7 @@ export async function loadModelDir(
     dir: string, options: MoECausalLMOptions & { format?: ModelDirFormat } = {}):
     Promise<{ model: MoECausalLM; format: ModelDirFormat }> {
   const { format: expected, ...hfOptions } = options;
+  await openArtifactFolder(dir, 'model folder');
   const format = await modelDirFormat(dir, expected);
   if (format === 'hf') return { model: await loadHFCheckpoint(dir, hfOptions), format };
   try {

@@ -34,7 +34,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
@@ -45,6 +45,7 @@ import {
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
 import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from './safetensors.js';
 import { MoELoraError } from '../errors.js';
+import { openArtifactFolder, readJSONFile } from '../util/files.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
 export class PeftAdapterError extends MoELoraError {
@@ -399,12 +400,8 @@ export async function loadPeftAdapter(
   const where = `'${dir}' (adapter '${name}')`;
   const layers = sparseMoELayers(model);
   if (layers.length === 0) throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE layer to load an adapter into`);
-  let config: Json;
-  try {
-    config = JSON.parse(await readFile(join(dir, ADAPTER_CONFIG), 'utf8')) as Json;
-  } catch (e) {
-    throw new PeftAdapterError(`\`${op}()\`: cannot read ${join(dir, ADAPTER_CONFIG)}: ${(e as Error).message}`);
-  }
+  await openArtifactFolder(dir, `\`${op}()\`: adapter folder`);
+  const config = await readJSONFile(join(dir, ADAPTER_CONFIG), `\`${op}()\`: adapter config`) as Json;
   if (config === null || typeof config !== 'object' || Array.isArray(config)) {
     throw new PeftAdapterError(`\`${op}()\`: ${join(dir, ADAPTER_CONFIG)} must hold a JSON object`);
   }
@@ -523,21 +520,35 @@ export async function loadPeftAdapter(
   const nonFinite = await nonFiniteTensors(file, plan.flatMap(p => [...p.tensors.values()].flatMap(t => [t.A, t.B])));
   if (nonFinite.length > 0) throw peftError(op, where, nonFinite);
 
-  freezeBaseLayers(model);
-  for (const { layer, tensors, targets } of plan) {
-    layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
-    const factors = layer.adapter(name).factors;
-    for (const [target, tensorNames] of tensors) {
-      const A = await file.tensor(tensorNames.A) as tf.Tensor2D;
-      const B = await file.tensor(tensorNames.B) as tf.Tensor2D;
-      const converted = isExpert(target) && factorLayout === 'swapped' ? swapExpertFactors(A, B, layer.numExperts) : { A, B };
-      try {
-        factors[target]!.A.write(converted.A);
-        factors[target]!.B.write(converted.B);
-      } finally {
-        tf.dispose([A, B, converted.A, converted.B]);
+  // Every factor is read (and converted from an older layout) before the model changes: a read
+  // that fails (a file changed since its header was read) leaves the model untouched. Adapters
+  // are small next to the model.
+  const read: tf.Tensor[] = [];
+  const values = new Map<string, { A: tf.Tensor; B: tf.Tensor }>();
+  try {
+    for (const { layer, tensors } of plan) {
+      for (const [target, pair] of tensors) {
+        const A = await file.tensor(pair.A) as tf.Tensor2D;
+        read.push(A);
+        const B = await file.tensor(pair.B) as tf.Tensor2D;
+        read.push(B);
+        const converted = isExpert(target) && factorLayout === 'swapped' ? swapExpertFactors(A, B, layer.numExperts) : { A, B };
+        read.push(converted.A, converted.B);
+        values.set(`${layer.name}/${target}`, converted);
       }
     }
+    freezeBaseLayers(model);
+    for (const { layer, tensors, targets } of plan) {
+      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
+      const factors = layer.adapter(name).factors;
+      for (const target of tensors.keys()) {
+        const { A, B } = values.get(`${layer.name}/${target}`)!;
+        factors[target]!.A.write(A);
+        factors[target]!.B.write(B);
+      }
+    }
+  } finally {
+    tf.dispose(read);
   }
   return {
     name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...cfg.targets],

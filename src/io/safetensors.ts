@@ -3,8 +3,10 @@
  * reading a file header-first and writing one atomically.
  */
 import { constants as bufferConstants } from 'node:buffer';
-import { open, rename, rm, writeFile } from 'node:fs/promises';
+import { rename, rm, writeFile } from 'node:fs/promises';
 import * as tf from '@tensorflow/tfjs-core';
+import { describeValue } from '../util/describe.js';
+import { openRegularFile, readFully } from '../util/files.js';
 import {
   checkHeaderLength, describeSource, encodeSafetensors, parseHeader, SafetensorsError, SafetensorsFile,
 } from './safetensors_bytes.js';
@@ -15,37 +17,55 @@ export {
 } from './safetensors_bytes.js';
 
 /**
- * Reads a safetensors file: the length and the header first, validated against the file size,
- * then the data buffer in one read.
+ * Opens a safetensors file: reads and validates the length and the header (against the file
+ * size), and keeps the path; each `tensor(name)` then reads exactly that tensor's bytes with a
+ * positional read (the file is opened and closed per read, so no descriptor stays open). Memory
+ * is the header plus the tensor being read, whatever the file's size. FIFOs, devices and folders
+ * are refused without blocking; a file whose size changed since it was opened is refused at the
+ * next read.
  *
  * ```js
  * const file = await readSafetensorsFile('adapter_model.safetensors');
  * for (const name of file.names()) console.log(name, file.info(name).shape);
+ * const a = await file.tensor(file.names()[0]);
  * ```
  */
 export async function readSafetensorsFile(path: string): Promise<SafetensorsFile> {
+  if (typeof path !== 'string' || path.length === 0) {
+    throw new SafetensorsError(`\`readSafetensorsFile()\`: 'path' must be a file path but got ${describeValue(path)}`);
+  }
   const where = describeSource(path);
-  const handle = await open(path, 'r');
+  const what = 'safetensors file';
+  const { handle, size } = await openRegularFile(path, what);
+  let header: ReturnType<typeof parseHeader>;
+  let dataStart: number;
   try {
-    const size = (await handle.stat()).size;
     const lengthBytes = new Uint8Array(Math.min(8, size));
-    await readExactly(handle, lengthBytes, 0, where);
+    await readFully(handle, lengthBytes, 0, where);
     const n = checkHeaderLength(lengthBytes, size, where);
     const headerBytes = new Uint8Array(n);
-    await readExactly(handle, headerBytes, 8, where);
-    const dataLength = size - 8 - n;
-    const header = parseHeader(headerBytes, dataLength, where);
-    if (dataLength > bufferConstants.MAX_LENGTH) {
-      throw new SafetensorsError(
-          `${where}: its data buffer of ${dataLength} bytes exceeds the largest buffer this ` +
-          `runtime can hold (${bufferConstants.MAX_LENGTH} bytes)`);
-    }
-    const data = new Uint8Array(dataLength);
-    await readExactly(handle, data, 8 + n, where);
-    return new SafetensorsFile(header, data, where);
+    await readFully(handle, headerBytes, 8, where);
+    dataStart = 8 + n;
+    header = parseHeader(headerBytes, size - dataStart, where);
   } finally {
     await handle.close();
   }
+  return new SafetensorsFile(header, async (begin, end) => {
+    if (end - begin > bufferConstants.MAX_LENGTH) {
+      throw new SafetensorsError(
+          `${where}: a tensor of ${end - begin} bytes exceeds the largest buffer this runtime can hold ` +
+          `(${bufferConstants.MAX_LENGTH} bytes)`);
+    }
+    const bytes = new Uint8Array(end - begin);
+    if (bytes.byteLength === 0) return bytes;
+    const file = await openRegularFile(path, what, { expectedSize: size });
+    try {
+      await readFully(file.handle, bytes, dataStart + begin, where);
+    } finally {
+      await file.handle.close();
+    }
+    return bytes;
+  }, where);
 }
 
 /**
@@ -68,19 +88,3 @@ export async function writeSafetensorsFile(
     throw e;
   }
 }
-
-async function readExactly(
-    handle: import('node:fs/promises').FileHandle, into: Uint8Array, position: number,
-    where: string): Promise<void> {
-  let done = 0;
-  while (done < into.byteLength) {
-    const { bytesRead } = await handle.read(into, done, into.byteLength - done, position + done);
-    if (bytesRead === 0) {
-      throw new SafetensorsError(
-          `${where}: ended after ${position + done} bytes while reading ${into.byteLength} bytes at ` +
-          `offset ${position} (was the file changed while it was read?)`);
-    }
-    done += bytesRead;
-  }
-}
-

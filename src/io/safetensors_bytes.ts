@@ -10,6 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MoELoraError } from '../errors.js';
+import { describeValue } from '../util/describe.js';
 
 /** Thrown for a malformed file, an unknown tensor name, or a dtype this reader cannot decode. */
 export class SafetensorsError extends MoELoraError {
@@ -51,8 +52,15 @@ export interface Header {
 }
 
 /**
- * A parsed file: the validated header plus the data buffer. `tensor()` decodes on each call and
- * returns a new tensor that the caller owns (and disposes).
+ * @internal The bytes [begin, end) of a file's data section (offsets as in `data_offsets`): a view
+ * of bytes in memory (parseSafetensors) or a positional read of the file (readSafetensorsFile).
+ */
+export type DataRangeReader = (begin: number, end: number) => Promise<Uint8Array>;
+
+/**
+ * A parsed file: the validated header, and a way to read one tensor's byte range. `tensor()`
+ * reads and decodes on each call and resolves to a new tensor that the caller owns (and disposes);
+ * a file on disk is never held whole, only the tensor being read.
  */
 export class SafetensorsFile {
   /** `__metadata__` of the header ({} when it has none). */
@@ -60,7 +68,7 @@ export class SafetensorsFile {
   private readonly entries: Map<string, Entry>;
 
   /** @internal Use `parseSafetensors` or `readSafetensorsFile`. */
-  constructor(header: Header, private readonly data: Uint8Array, private readonly where: string) {
+  constructor(header: Header, private readonly readData: DataRangeReader, private readonly where: string) {
     this.entries = header.entries;
     this.metadata = Object.freeze({ ...header.metadata });
   }
@@ -85,22 +93,23 @@ export class SafetensorsFile {
    *
    * ```js
    * const file = await readSafetensorsFile('model.safetensors');
-   * const w = file.tensor('lm_head.weight');  // float32 [V, H]
+   * const w = await file.tensor('lm_head.weight');  // float32 [V, H]
    * ```
    */
-  tensor(name: string): tf.Tensor {
+  async tensor(name: string): Promise<tf.Tensor> {
     const e = this.entry(name);
-    const bytes = this.data.subarray(e.begin, e.end);
+    if (!DECODABLE.includes(e.dtype)) {
+      throw new SafetensorsError(
+          `${this.where}: tensor '${name}' has dtype ${e.dtype}, which cannot be decoded; ` +
+          `supported: ${DECODABLE.join(', ')}`);
+    }
+    const bytes = await this.readData(e.begin, e.end);
     switch (e.dtype) {
       case 'F32': return tf.tensor(readFloat32(bytes), e.shape, 'float32');
       case 'I32': return tf.tensor(readInt32(bytes), e.shape, 'int32');
       case 'F16': return tf.tensor(decodeFloat16(readUint16(bytes)), e.shape, 'float32');
       case 'BF16': return tf.tensor(decodeBFloat16(readUint16(bytes)), e.shape, 'float32');
-      case 'I64': return tf.tensor(this.decodeInt64(name, e, bytes), e.shape, 'int32');
-      default:
-        throw new SafetensorsError(
-            `${this.where}: tensor '${name}' has dtype ${e.dtype}, which cannot be decoded; ` +
-            `supported: ${DECODABLE.join(', ')}`);
+      default: return tf.tensor(this.decodeInt64(name, e, bytes), e.shape, 'int32');  // I64
     }
   }
 
@@ -145,11 +154,20 @@ export class SafetensorsFile {
  * ```
  */
 export function parseSafetensors(bytes: Uint8Array, source?: string): SafetensorsFile {
+  if (!(bytes instanceof Uint8Array)) {
+    throw new SafetensorsError(
+        `\`parseSafetensors()\`: 'bytes' must be a Uint8Array holding a safetensors file but got ${describeValue(bytes)}`);
+  }
+  if (source !== undefined && typeof source !== 'string') {
+    throw new SafetensorsError(
+        `\`parseSafetensors()\`: 'source' must be a string naming the file but got ${describeValue(source)}`);
+  }
   const where = describeSource(source);
   const n = checkHeaderLength(bytes.subarray(0, 8), bytes.byteLength, where);
   const dataLength = bytes.byteLength - 8 - n;
   const header = parseHeader(bytes.subarray(8, 8 + n), dataLength, where);
-  return new SafetensorsFile(header, bytes.subarray(8 + n), where);
+  const data = bytes.subarray(8 + n);
+  return new SafetensorsFile(header, async (begin, end) => data.subarray(begin, end), where);
 }
 
 /**
@@ -262,6 +280,12 @@ export function parseHeader(bytes: Uint8Array, dataLength: number, where: string
   if (!isPlainObject(json)) {
     throw new SafetensorsError(`${where}: header must be a JSON object but got ${jsonKind(json)}`);
   }
+  const duplicate = firstDuplicateKey(text);
+  if (duplicate !== null) {
+    throw new SafetensorsError(
+        `${where}: header names ${duplicate === '__metadata__' ? "'__metadata__'" : `tensor '${duplicate}'`} ` +
+        'more than once (a JSON parser would silently keep the last one)');
+  }
   const entries = new Map<string, Entry>();
   let metadata: Record<string, string> = {};
   for (const [name, value] of Object.entries(json)) {
@@ -271,7 +295,71 @@ export function parseHeader(bytes: Uint8Array, dataLength: number, where: string
       entries.set(name, parseEntry(name, value, dataLength, `${where}: tensor '${name}'`));
     }
   }
+  checkTiling(entries, dataLength, where);
   return { entries, metadata };
+}
+
+/**
+ * The reference implementation's rule (safetensors `Metadata::validate`): sorted by offsets, the
+ * tensors tile the data section exactly, the first beginning at 0, each where the previous ends,
+ * the last at the end of the section. So no two tensors share bytes (aliased weights that change
+ * together) and no bytes are left unreferenced (a tail that would be read or carried for nothing).
+ */
+function checkTiling(entries: Map<string, Entry>, dataLength: number, where: string): void {
+  const sorted = [...entries].sort(([, a], [, b]) => a.begin - b.begin || a.end - b.end);
+  let at = 0;
+  let previous: string | null = null;
+  for (const [name, e] of sorted) {
+    if (e.begin < at) {
+      throw new SafetensorsError(
+          `${where}: tensor '${name}' (data_offsets [${e.begin}, ${e.end}]) overlaps tensor '${previous}', ` +
+          `which ends at ${at}; tensors must not share bytes`);
+    }
+    if (e.begin > at) {
+      throw new SafetensorsError(
+          `${where}: bytes [${at}, ${e.begin}) of the data buffer belong to no tensor (a gap before ` +
+          `tensor '${name}'); tensors must cover the data buffer exactly`);
+    }
+    at = e.end;
+    previous = name;
+  }
+  if (at !== dataLength) {
+    throw new SafetensorsError(
+        `${where}: the tensors end at byte ${at} but the data buffer is ${dataLength} bytes; ` +
+        `bytes [${at}, ${dataLength}) belong to no tensor`);
+  }
+}
+
+/**
+ * The first top-level key that occurs twice in the (valid) JSON object `text`, or null.
+ * `JSON.parse` keeps the last of duplicate keys without a word, so they are found in the text.
+ */
+function firstDuplicateKey(text: string): string | null {
+  const seen = new Set<string>();
+  let depth = 0;
+  let expectKey = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') {
+      let j = i + 1;
+      while (text[j] !== '"') j += text[j] === '\\' ? 2 : 1;
+      if (depth === 1 && expectKey) {
+        const key = JSON.parse(text.slice(i, j + 1)) as string;
+        if (seen.has(key)) return key;
+        seen.add(key);
+        expectKey = false;
+      }
+      i = j;
+    } else if (c === '{' || c === '[') {
+      depth++;
+      if (depth === 1) expectKey = true;
+    } else if (c === '}' || c === ']') {
+      depth--;
+    } else if (c === ',' && depth === 1) {
+      expectKey = true;
+    }
+  }
+  return null;
 }
 
 function parseMetadata(value: unknown, where: string): Record<string, string> {

@@ -5,11 +5,12 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor, Tensor2D } from '@tensorflow/tfjs-core';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { selectBackend } from '../cli/backend.js';
 import { blockLayerIndex, loadMoEBlockWeights } from '../io/hf_block.js';
 import { readSafetensorsFile, type SafetensorsFile } from '../io/safetensors.js';
+import { readTextFile } from '../util/files.js';
 import { moeBlock } from '../ops/moe_block.js';
 import { referenceRoute } from '../ops/reference/routing.js';
 import type { ExpertKernel, MoEBlockConfig, MoEBlockWeights, Routing } from '../ops/types.js';
@@ -79,10 +80,11 @@ const REQUIRED_FILES = ['config.json', 'model.safetensors', 'golden.json', 'gold
 const REQUIRED_GOLDEN = ['block.x', 'block.out', 'block.g', 'block.dx'];
 const GRAD_PREFIX = 'block.grad.';
 
-function readJson(path: string): Record<string, unknown> {
+async function readJson(path: string): Promise<Record<string, unknown>> {
+  const text = await readTextFile(path, 'fixture file');  // a FIFO or a folder is refused, not read
   let value: unknown;
   try {
-    value = JSON.parse(readFileSync(path, 'utf8'));
+    value = JSON.parse(text);
   } catch (e) {
     throw new FixtureError(`${path} is not valid JSON: ${(e as Error).message}`);
   }
@@ -182,8 +184,8 @@ async function loadFixture(fixture: string): Promise<Loaded> {
     throw new FixtureError(`fixture '${fixture}' lacks ${missing.join(', ')}` +
         (missing.length === REQUIRED_FILES.length ? ' (is it a fixture directory?)' : ''));
   }
-  const config = readJson(join(fixture, 'config.json')) as HFConfig;
-  const meta = readJson(join(fixture, 'golden.json'));
+  const config = await readJson(join(fixture, 'config.json')) as HFConfig;
+  const meta = await readJson(join(fixture, 'golden.json'));
   const family = familyOf(config).modelType;
   const blockConfig = moeBlockConfigFromHF(config);
   if (typeof meta['block'] !== 'string') {
@@ -208,7 +210,7 @@ async function loadFixture(fixture: string): Promise<Loaded> {
     }
   }
   const model = await readSafetensorsFile(join(fixture, 'model.safetensors'));
-  const weights = loadMoEBlockWeights(model, config, layer);
+  const weights = await loadMoEBlockWeights(model, config, layer);
   return { fixture, config, family, blockName, layer, blockConfig, golden, weights };
 }
 
@@ -233,11 +235,11 @@ export async function runBlockParity(
   const owned: Tensor[] = [];
   const own = <T extends Tensor>(t: T): T => { owned.push(t); return t; };
   try {
-    const xGolden = own(golden.tensor('block.x'));
+    const xGolden = own(await golden.tensor('block.x'));
     const hidden = xGolden.shape[xGolden.rank - 1];
     const tokens = xGolden.size / hidden;
     const x = own(tf.reshape(xGolden, [tokens, hidden]) as Tensor2D);     // [T, H]
-    const g = own(tf.reshape(own(golden.tensor('block.g')), [tokens, hidden]) as Tensor2D);  // [T, H]
+    const g = own(tf.reshape(own(await golden.tensor('block.g')), [tokens, hidden]) as Tensor2D);  // [T, H]
 
     const trainable = trainableWeightFields(weights);
     const pairs = pairGradients(fixture, loaded.family, familyOf(loaded.config).parameters, golden, trainable);
@@ -265,45 +267,45 @@ export async function runBlockParity(
       const maxRelError = maxRelativeError(actual, expected);
       comparisons.push({ name, maxRelError, pass: maxRelError <= tolerance });
     };
-    const goldenData = (name: string) => own(golden.tensor(name)).dataSync();
-    compare('out', out.dataSync(), goldenData('block.out'));
-    compare('dx', grads[0].dataSync(), goldenData('block.dx'));
+    const goldenData = async (name: string) => own(await golden.tensor(name)).dataSync();
+    compare('out', out.dataSync(), await goldenData('block.out'));
+    compare('dx', grads[0].dataSync(), await goldenData('block.dx'));
     for (const [name, index] of pairs) {
-      compare(name.slice('block.'.length), grads[index + 1].dataSync(), goldenData(name));
+      compare(name.slice('block.'.length), grads[index + 1].dataSync(), await goldenData(name));
     }
 
     const numExperts = weights.router.weight.shape[0];
     const topK = blockConfig.routing.topK;
-    const goldenMatrix = (name: string, width: number, what: string): Tensor2D => {
+    const goldenMatrix = async (name: string, width: number, what: string): Promise<Tensor2D> => {
       const shape = golden.info(name).shape;
       if (shape.reduce((a, b) => a * b, 1) !== tokens * width || shape[shape.length - 1] !== width) {
         throw new FixtureError(`${fixture}: '${name}' has shape [${shape}] but the ${loaded.family} ` +
             `block's ${what} is [${tokens}, ${width}]`);
       }
-      return own(tf.reshape(own(golden.tensor(name)), [tokens, width]) as Tensor2D);
+      return own(tf.reshape(own(await golden.tensor(name)), [tokens, width]) as Tensor2D);
     };
 
     // The router's outputs, where the fixture has them. [T, E] logits are the routing truth
     // the reference routing starts from when the chosen indices themselves are not stored.
     let goldenLogits: Tensor2D | undefined;
     if (golden.has('block.router.logits')) {
-      goldenLogits = goldenMatrix('block.router.logits', numExperts, 'router logits [T, E]');
+      goldenLogits = await goldenMatrix('block.router.logits', numExperts, 'router logits [T, E]');
       compare('router.logits', chosen.logits.dataSync(), goldenLogits.dataSync());
     }
     if (golden.has('block.router_logits')) {
       // gpt-oss's block returns its top-k weights [T, K] under this name; the others their logits.
       if (blockConfig.routing.kind === 'topKSoftmax') {
-        const w = goldenMatrix('block.router_logits', topK, 'top-k routing weights [T, K]');
+        const w = await goldenMatrix('block.router_logits', topK, 'top-k routing weights [T, K]');
         compare('router_logits', rowsDescending(chosen.weights), rowsDescending(w));
       } else {
-        const logits = goldenMatrix('block.router_logits', numExperts, 'router logits [T, E]');
+        const logits = await goldenMatrix('block.router_logits', numExperts, 'router logits [T, E]');
         compare('router_logits', chosen.logits.dataSync(), logits.dataSync());
         goldenLogits ??= logits;
       }
     }
     let goldenIndices: number[][] | undefined;
     if (golden.has('block.router.indices')) {
-      const indices = goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
+      const indices = await goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
       goldenIndices = expertSets(indices);
       const bad = goldenIndices.flat().find(e => !(Number.isInteger(e) && e >= 0 && e < numExperts));
       if (bad !== undefined) {
@@ -311,10 +313,10 @@ export async function runBlockParity(
       }
     }
     if (golden.has('block.router.weights')) {
-      const w = goldenMatrix('block.router.weights', topK, 'routing weights [T, K]');
+      const w = await goldenMatrix('block.router.weights', topK, 'routing weights [T, K]');
       if (golden.has('block.router.indices')) {
         // scattered to [T, E] by expert id: K's order is free (glm4_moe's top-k is unsorted)
-        const indices = goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
+        const indices = await goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
         compare('router.weights', scatterByExpert(chosen.weights, chosen.experts, numExperts),
             scatterByExpert(w, indices, numExperts));
       } else {

@@ -20,7 +20,7 @@ async function errors(arch: string): Promise<[number, number, number]> {
   const dir = join(FIXTURES, arch);
   const golden = await readSafetensorsFile(join(dir, 'golden.safetensors'));
   const model = await loadHFCheckpoint(dir, { expertKernel: 'fused' });
-  const [ids, logits, loraLogits, cot] = ['input_ids', 'logits', 'lora.logits', 'lora.g'].map(n => golden.tensor(n));
+  const [ids, logits, loraLogits, cot] = await Promise.all(['input_ids', 'logits', 'lora.logits', 'lora.g'].map(n => golden.tensor(n)));
   const base = tf.tidy(() => maxRelativeError((model.predict(ids) as tf.Tensor).dataSync(), logits.dataSync()));
   await loadPeftAdapter(model, join(dir, 'adapter'));
   const lora = peftAdapterTensors(model);
@@ -32,7 +32,7 @@ async function errors(arch: string): Promise<[number, number, number]> {
   }, lora.map(t => t.variable.read() as tf.Variable));
   let grad = 0;
   for (const t of lora) {
-    const expected = golden.tensor(`lora.grad.${t.peftName.replace(/\.weight$/, '.default.weight')}`);
+    const expected = await golden.tensor(`lora.grad.${t.peftName.replace(/\.weight$/, '.default.weight')}`);
     grad = Math.max(grad, maxRelativeError(grads[(t.variable.read() as tf.Variable).name].dataSync(), expected.dataSync()));
     expected.dispose();
   }
