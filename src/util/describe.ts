@@ -6,11 +6,11 @@
 const MAX_CHARS = 80;
 
 /**
- * A short description of any value for an error message: `'abc'` for a string, `1e+9 (number)`,
+ * A short description of any value for an error message: `"abc" (string)`, `1e+9 (number)`,
  * `null`, `an array of length 3`, `a float32 tensor of shape [2, 3]`, `an object {a, b}`.
  *
  * ```js
- * describeValue('x');           // "'x' (string)"
+ * describeValue('x');           // '"x" (string)'
  * describeValue([1, 2]);        // 'an array of length 2'
  * ```
  */
