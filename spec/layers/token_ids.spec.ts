@@ -96,6 +96,16 @@ describe('token ids: int32 and in range, or a clear error', () => {
     expect(tf.memory().numTensors).to.equal(before);
   });
 
+  it('nextTokenLoss needs a model whose output is logits [batch, seq, vocab]', () => {
+    const input = tfl.input({ shape: [3], dtype: 'int32' });
+    const dense = tfl.model({ inputs: input, outputs: tfl.layers.dense({ units: 2 }).apply(input) as tfl.SymbolicTensor, name: 'flat' });
+    const windows = tf.tensor2d([[1, 2, 3]], [1, 3], 'int32');
+    expect(refusal(() => nextTokenLoss(dense, windows)).message)
+      .to.equal("`vocabSizeOf()`: the model 'flat' must output logits [batch, seq, vocab] but outputs shape [null,2]");
+    windows.dispose();
+    dense.dispose();
+  });
+
   it('assertTokenIds checks host arrays on every backend', () => {
     expect(() => assertTokenIds('op', 'ids', Int32Array.from([0, 4]), 4))
       .to.throw("`op()`: 'ids' must hold token ids in [0, 3] (vocab size 4) but holds 4 at index 1");

@@ -17,9 +17,9 @@ const HOST_BACKENDS = ['cpu', 'wasm'];
 
 /**
  * Token ids must be int32 (a float id is a caller's mistake, never rounded silently) and, where
- * `ids` is a host array or lives on a host backend, in [0, vocabSize). On a GPU backend the range
- * is checked where the ids are still host data (nextTokenLoss, evaluateLoss, generateGreedy), as
- * a read back here would stall every forward pass.
+ * `ids` is a host array or lives on a host backend (cpu, wasm), in [0, vocabSize). On a GPU
+ * backend a tensor's range is not read back (that would stall every step); host arrays
+ * (evaluateLoss's tokens, generateGreedy's prompt) are checked there too.
  *
  * ```js
  * assertTokenIds('generateGreedy', 'prompt', Int32Array.from([5, 1]), 97);

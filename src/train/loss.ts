@@ -7,7 +7,7 @@ import { assertTensor, fail } from '../ops/validate.js';
 /** @internal V, the last dimension of the model's logits. */
 export function vocabSizeOf(model: tfl.LayersModel): number {
   const v = model.outputs[0]?.shape[2];
-  if (typeof v !== 'number') fail('vocabSizeOf', `the model '${model.name}' must output logits [batch, seq, vocab] but outputs shape [${model.outputs[0]?.shape}]`);
+  if (typeof v !== 'number') fail('vocabSizeOf', `the model '${model.name}' must output logits [batch, seq, vocab] but outputs shape ${JSON.stringify(model.outputs[0]?.shape ?? null)}`);
   return v;
 }
 
