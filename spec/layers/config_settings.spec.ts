@@ -4,6 +4,7 @@
  * or loading, failing or not, leaves no tensor behind.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
@@ -131,6 +132,17 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     const config = { ...(await fixtureConfig('mixtral')), tie_word_embeddings: true };
     let before = tf.memory().numTensors;
     for (let i = 0; i < 3; i++) buildMoECausalLM(config).dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    // rebuilt from model.json (tf.loadLayersModel calls the shared layer twice again)
+    const built = buildMoECausalLM(config);
+    let artifacts: tf.io.ModelArtifacts | null = null;
+    await built.save(tf.io.withSaveHandler(async a => {
+      artifacts = a;
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } };
+    }));
+    built.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    for (let i = 0; i < 2; i++) (await tfl.loadLayersModel(tf.io.fromMemory(artifacts!))).dispose();
     expect(tf.memory().numTensors).to.equal(before);
     const tensors = await readAll(join(fixtureDir('mixtral'), 'model.safetensors'));
     tensors['lm_head.weight'].dispose();
