@@ -118,6 +118,16 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     buildMoECausalLM({ ...olmoe, head_dim: 16 }).dispose();
   });
 
+  it('sizes that would make a weight larger than a tensor can hold are refused before anything is allocated', async () => {
+    const mixtral = await fixtureConfig('mixtral');
+    expectRefused({ ...mixtral, vocab_size: 5e7 },
+      "`buildMoECausalLM()`: the config makes weights larger than a tensor can hold (2147483647 elements): " +
+      'model.embed_tokens.weight [50000000,64] = 3200000000');
+    expectRefused({ ...mixtral, num_local_experts: 2 ** 20, intermediate_size: 2 ** 10, vocab_size: 2 ** 26 },
+      "`buildMoECausalLM()`: the config makes weights larger than a tensor can hold (2147483647 elements): " +
+      `model.embed_tokens.weight [${2 ** 26},64] = ${2 ** 32}, mlp gate_up (fused experts) [${2 ** 20},${2 ** 11},64] = ${2 ** 37}`);
+  });
+
   it('a config that fails while building (after some layers made their weights) leaves no tensor', async () => {
     const mixtral = await fixtureConfig('mixtral');
     expectRefused({ ...mixtral, num_key_value_heads: 3 }, "`RotaryAttention()`: 'numKeyValueHeads' (3) must divide 'numHeads' (4)");

@@ -7,7 +7,7 @@
 import type * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import {
-  buildMoECausalLM, decoderLayerIndex, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
+  buildMoECausalLM, decoderLayerIndex, MAX_TENSOR_ELEMENTS, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import { familyOf, type HFConfig } from '../models/families.js';
@@ -104,12 +104,6 @@ export function planTensors(plan: BlockTensorPlan): Expected[] {
   if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
   return out.filter((e): e is Expected => e !== undefined);
 }
-
-/**
- * The largest tensor (elements) this package reads or allocates: tfjs-core sizes tensors with
- * 32-bit indices in its kernels and a typed array of more elements cannot be made on every engine.
- */
-export const MAX_TENSOR_ELEMENTS = 2 ** 31 - 1;
 
 /** The checkpoint tensors of a config: the plain layers, then per MoE layer its block plan. */
 export interface ConfigTensorPlan {

@@ -266,6 +266,30 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   };
 }
 
+/**
+ * The largest tensor (elements) this package reads or allocates: tfjs-core sizes tensors with
+ * 32-bit indices in its kernels and a typed array of more elements cannot be made on every engine.
+ */
+export const MAX_TENSOR_ELEMENTS = 2 ** 31 - 1;
+
+/** Every weight that would exceed MAX_TENSOR_ELEMENTS, in one error, before any is allocated. */
+function refuseOversizedWeights(c: MoECausalLMConfig): void {
+  const H = c.hiddenSize;
+  const { numExperts: E, intermediateSize: I, sharedExpert } = c.moe;
+  const largest: Array<[string, number[]]> = [
+    ['model.embed_tokens.weight', [c.vocabSize, H]],
+    ['self_attn.q_proj.weight', [c.numHeads * c.headDim, H]],
+    ['mlp gate_up (fused experts)', [E, 2 * I, H]],
+  ];
+  if (sharedExpert) largest.push(['mlp shared expert', [sharedExpert.intermediateSize, H]]);
+  if (c.denseIntermediateSize !== null) largest.push(['mlp.gate_proj.weight (dense)', [c.denseIntermediateSize, H]]);
+  const over = largest.filter(([, shape]) => shape.reduce((a, b) => a * b, 1) > MAX_TENSOR_ELEMENTS);
+  if (over.length > 0) {
+    fail('buildMoECausalLM', `the config makes weights larger than a tensor can hold (${MAX_TENSOR_ELEMENTS} elements): ` +
+        over.map(([name, shape]) => `${name} [${shape}] = ${shape.reduce((a, b) => a * b, 1)}`).join(', '));
+  }
+}
+
 export interface MoECausalLMOptions {
   /** SparseMoE's block implementation: 'reference' (default) or 'fused' */
   expertKernel?: string;
@@ -289,6 +313,7 @@ const METADATA_KEY = 'hfConfig';
  */
 export function buildMoECausalLM(hfConfig: HFConfig, options: MoECausalLMOptions = {}): MoECausalLM {
   const c = moeCausalLMConfigFromHF(hfConfig);
+  refuseOversizedWeights(c);
   // A layer's weights exist from its first apply(); a later layer may still refuse its
   // arguments, so every layer made so far is released when building stops halfway.
   const made: tfl.layers.Layer[] = [];
