@@ -7,7 +7,7 @@
 import type * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import {
-  buildMoECausalLM, decoderLayerIndex, type MoECausalLM, type MoECausalLMOptions,
+  buildMoECausalLM, decoderLayerIndex, MAX_TENSOR_ELEMENTS, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import { familyOf, type HFConfig } from '../models/families.js';
@@ -92,16 +92,110 @@ export async function indexedCheckpointSource(
 
 const FLOAT_DTYPES = ['F32', 'F16', 'BF16'];
 
-interface Expected { name: string; shape: number[] }
+/** A checkpoint tensor's name and the shape its config implies. */
+export interface Expected { name: string; shape: number[] }
 
-/** The MoE block's checkpoint tensors with expected shapes. */
-function planTensors(plan: BlockTensorPlan): Expected[] {
+/** @internal The MoE block's checkpoint tensors with expected shapes. */
+export function planTensors(plan: BlockTensorPlan): Expected[] {
   const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') out.push(...ex.gate, ...ex.up, ...ex.down);
   else out.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
   return out.filter((e): e is Expected => e !== undefined);
+}
+
+/** The checkpoint tensors of a config: the plain layers, then per MoE layer its block plan. */
+export interface ConfigTensorPlan {
+  /** every tensor, in graph order (a block's tensors where its layer is) */
+  all: Expected[];
+  /** embed, norms, attention, dense MLPs and lm_head: one checkpoint tensor per model weight */
+  plain: Expected[];
+  /** per MoE decoder layer, the Hub tensors its SparseMoE is fused from */
+  blocks: Array<{ layer: number; plan: BlockTensorPlan }>;
+}
+
+/**
+ * @internal Every checkpoint tensor (name and shape) a config.json implies for a whole model,
+ * computed from the config alone: nothing is built or allocated, so a config that does not fit
+ * its checkpoint is reported before any weight exists. A spec keeps this list equal to the
+ * weights `buildMoECausalLM` makes.
+ *
+ * ```js
+ * configTensorPlan(mixtralConfig).plain[0];  // {name: 'model.embed_tokens.weight', shape: [97, 64]}
+ * ```
+ */
+export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
+  const c = moeCausalLMConfigFromHF(config);
+  const H = c.hiddenSize;
+  const q = c.numHeads * c.headDim;
+  const kv = c.numKeyValueHeads * c.headDim;
+  const plain: Expected[] = [];
+  const all: Expected[] = [];
+  const blocks: ConfigTensorPlan['blocks'] = [];
+  const add = (e: Expected) => { plain.push(e); all.push(e); };
+  add({ name: 'model.embed_tokens.weight', shape: [c.vocabSize, H] });
+  for (let i = 0; i < c.numLayers; i++) {
+    const at = (relative: string, shape: number[]) => add({ name: `model.layers.${i}.${relative}`, shape });
+    at('input_layernorm.weight', [H]);
+    at('self_attn.q_proj.weight', [q, H]);
+    at('self_attn.k_proj.weight', [kv, H]);
+    at('self_attn.v_proj.weight', [kv, H]);
+    at('self_attn.o_proj.weight', [H, q]);
+    if (c.qkvBias) {
+      at('self_attn.q_proj.bias', [q]);
+      at('self_attn.k_proj.bias', [kv]);
+      at('self_attn.v_proj.bias', [kv]);
+    }
+    if (c.outputBias) at('self_attn.o_proj.bias', [H]);
+    if (c.qkNorm !== 'none') {
+      at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
+      at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
+    }
+    at('post_attention_layernorm.weight', [H]);
+    if (c.moeLayers.includes(i)) {
+      const plan = moeBlockTensorPlan(config, i);
+      blocks.push({ layer: i, plan });
+      all.push(...planTensors(plan));
+    } else {
+      const I = c.denseIntermediateSize!;
+      at('mlp.gate_proj.weight', [I, H]);
+      at('mlp.up_proj.weight', [I, H]);
+      at('mlp.down_proj.weight', [H, I]);
+    }
+  }
+  add({ name: 'model.norm.weight', shape: [H] });
+  if (!c.tieWordEmbeddings) add({ name: 'lm_head.weight', shape: [c.vocabSize, H] });
+  return { all, plain, blocks };
+}
+
+/**
+ * @internal Checks `source` against the tensors `config` implies (present, expected shape, a
+ * float dtype, a size tfjs can hold) from the config and the tensor headers alone, before any
+ * model weight is allocated; every problem is in the one CheckpointError. So a config.json with a
+ * wrong vocab_size costs nothing, not the gigabytes of a model built first.
+ */
+export function checkCheckpointAgainstConfig(op: string, where: string, config: HFConfig, source: TensorSource): void {
+  const problems: string[] = [];
+  for (const { name, shape } of configTensorPlan(config).all) {
+    const elements = shape.reduce((a, b) => a * b, 1);
+    if (elements > MAX_TENSOR_ELEMENTS) {
+      problems.push(`'${name}' would have shape [${shape}], ${elements} elements, more than the ${MAX_TENSOR_ELEMENTS} a tensor can hold`);
+    }
+    if (!source.has(name)) {
+      problems.push(`missing '${name}' (expected shape [${shape}])`);
+      continue;
+    }
+    const info = source.info(name);
+    if (!sameShape(info.shape, shape)) problems.push(`'${name}' must have shape [${shape}] but has [${info.shape}]`);
+    if (!FLOAT_DTYPES.includes(info.dtype)) {
+      problems.push(`'${name}' must be a float tensor (${FLOAT_DTYPES.join(', ')}) but is ${info.dtype}`);
+    }
+  }
+  if (problems.length > 0) {
+    throw checkpointError(op, where, problems,
+        ` does not hold the weights its config.json ('${String(config['model_type'])}') describes`);
+  }
 }
 
 /** SparseMoE weight names of the fields of `MoEBlockWeights`. */
@@ -177,6 +271,7 @@ export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
     options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
   familyOf(config);  // unknown model types fail here, before any weight is checked
+  checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   const model = buildMoECausalLM(config, options);
   try {
     await fillWeights(op, where, model, config, source);

@@ -7,7 +7,39 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { describeValue } from '../util/describe.js';
 import { assertInteger, fail } from '../ops/validate.js';
+
+type Kwargs = Parameters<tfl.layers.Layer['apply']>[1];
+
+/** Backends whose tensors live in host memory: reading ids there needs no GPU round trip. */
+const HOST_BACKENDS = ['cpu', 'wasm'];
+
+/**
+ * Token ids must be int32 (a float id is a caller's mistake, never rounded silently) and, where
+ * `ids` is a host array or lives on a host backend (cpu, wasm), in [0, vocabSize). On a GPU
+ * backend a tensor's range is not read back (that would stall every step); host arrays
+ * (evaluateLoss's tokens, generateGreedy's prompt) are checked there too.
+ *
+ * ```js
+ * assertTokenIds('generateGreedy', 'prompt', Int32Array.from([5, 1]), 97);
+ * ```
+ */
+export function assertTokenIds(op: string, arg: string, ids: tf.Tensor | Int32Array, vocabSize: number): void {
+  if (ids instanceof tf.Tensor) {
+    if (ids.dtype !== 'int32') fail(op, `'${arg}' must be int32 token ids but got ${ids.dtype} (shape [${ids.shape}])`);
+    if (!HOST_BACKENDS.includes(tf.getBackend())) return;
+  } else if (!(ids instanceof Int32Array)) {
+    fail(op, `'${arg}' must be an Int32Array of token ids but got ${describeValue(ids)}`);
+  }
+  const values = ids instanceof tf.Tensor ? ids.dataSync() : ids;
+  for (let i = 0; i < values.length; i++) {
+    const id = values[i];
+    if (id < 0 || id >= vocabSize) {
+      fail(op, `'${arg}' must hold token ids in [0, ${vocabSize - 1}] (vocab size ${vocabSize}) but holds ${id} at index ${i}`);
+    }
+  }
+}
 
 export interface VocabLayerArgs extends LayerArgs {
   vocabSize: number;
@@ -66,13 +98,30 @@ export class TokenEmbedding extends VocabLayer {
     return shape.length === 2 ? [...shape, this.hiddenSize] : [...shape.slice(0, -1), this.vocabSize];
   }
 
+  /**
+   * tfjs-layers counts one reference per symbolic call, but a model disposes each of its layers
+   * once; the tied head's second call (on hidden states) would keep the table alive after
+   * `model.dispose()`, so that call adds no reference.
+   */
+  override apply(inputs: tf.Tensor | tf.Tensor[] | tfl.SymbolicTensor | tfl.SymbolicTensor[],
+      kwargs?: Kwargs): tf.Tensor | tf.Tensor[] | tfl.SymbolicTensor | tfl.SymbolicTensor[] {
+    const refsBefore = this._refCount;
+    const out = super.apply(inputs, kwargs);
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    if (x instanceof tfl.SymbolicTensor && x.rank === 3 && refsBefore !== null && this._refCount === refsBefore + 1) {
+      this._refCount = refsBefore;
+    }
+    return out;
+  }
+
   override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
     return tf.tidy(() => {
+      const op = 'TokenEmbedding.call';
       const x = Array.isArray(inputs) ? inputs[0] : inputs;
       if (x.rank === 3) return projectToVocab(x, this.table!.read());
-      if (x.rank !== 2) fail('TokenEmbedding.call', `the input must be ids [batch, seq] or hidden states [batch, seq, hidden] but got shape [${x.shape}]`);
-      const ids = x.dtype === 'int32' ? x : tf.cast(x, 'int32');
-      return tf.reshape(tf.gather(this.table!.read(), tf.reshape(ids, [-1])), [...x.shape, this.hiddenSize]);  // [B, S, H]
+      if (x.rank !== 2) fail(op, `the input must be ids [batch, seq] or hidden states [batch, seq, hidden] but got shape [${x.shape}]`);
+      assertTokenIds(op, 'input_ids', x, this.vocabSize);
+      return tf.reshape(tf.gather(this.table!.read(), tf.reshape(x, [-1])), [...x.shape, this.hiddenSize]);  // [B, S, H]
     });
   }
 }

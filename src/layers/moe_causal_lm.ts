@@ -25,6 +25,7 @@ import {
 } from '../models/families.js';
 import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js';
 import { fail } from '../ops/validate.js';
+import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { RMSNorm } from './rms_norm.js';
@@ -95,20 +96,87 @@ function bool(config: HFConfig, key: string, fallback: boolean): boolean {
   return v;
 }
 
-/** rope_theta from rope_parameters (transformers 5) or the top level; only the default rope. */
+/** JSON with object keys sorted, so two settings compare by content. */
+function canonicalJSON(value: unknown): string {
+  return JSON.stringify(value, (_, v: unknown) => (v !== null && typeof v === 'object' && !Array.isArray(v) ?
+    Object.fromEntries(Object.entries(v as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : 1))) : v));
+}
+
+/** The keys of a default rope's settings; any other key (factor, ...) would be ignored, so is refused. */
+const DEFAULT_ROPE_KEYS = ['rope_type', 'type', 'rope_theta', 'partial_rotary_factor'];
+
+/**
+ * rope_theta of the default rope, from rope_parameters (transformers 5) or the top level. Every
+ * other rope setting would change the math but is not implemented, so it is an error, never
+ * ignored: another rope_type, a key the default rope does not read (factor,
+ * original_max_position_embeddings, low/high_freq_factor, ...), rope_scaling that disagrees with
+ * rope_parameters (older transformers read one, newer the other), or two different thetas.
+ */
 function ropeTheta(config: HFConfig, fallback: number): number {
-  const params = (config['rope_parameters'] ?? config['rope_scaling'] ?? null) as Record<string, unknown> | null;
-  if (params !== null && typeof params === 'object') {
-    const type = params['rope_type'] ?? params['type'] ?? 'default';
-    if (type !== 'default') {
-      fail(OP, `only the default rope is supported but config.json sets rope_type '${String(type)}'`);
-    }
-    if (typeof params['partial_rotary_factor'] === 'number' && params['partial_rotary_factor'] !== 1) {
-      fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${params['partial_rotary_factor']}`);
-    }
-    if (params['rope_theta'] !== undefined) return num(params as HFConfig, 'rope_theta');
+  const parameters = config['rope_parameters'] ?? null;
+  const legacy = config['rope_scaling'] ?? null;
+  if (parameters !== null && legacy !== null && canonicalJSON(parameters) !== canonicalJSON(legacy)) {
+    fail(OP, `config.json sets both 'rope_parameters' ${canonicalJSON(parameters)} and 'rope_scaling' ` +
+        `${canonicalJSON(legacy)} and they disagree (transformers 5 reads rope_parameters, older versions ` +
+        'rope_scaling); keep one of them');
   }
-  return num(config, 'rope_theta', fallback);
+  const topLevelPartial = config['partial_rotary_factor'];
+  if (topLevelPartial != null && topLevelPartial !== 1) {
+    fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(topLevelPartial)}`);
+  }
+  const params = parameters ?? legacy;
+  if (params === null) return num(config, 'rope_theta', fallback);
+  const key = parameters !== null ? 'rope_parameters' : 'rope_scaling';
+  if (typeof params !== 'object' || Array.isArray(params)) {
+    fail(OP, `'config.${key}' must be an object but got ${describeValue(params)}`);
+  }
+  const rope = params as Record<string, unknown>;
+  for (const typeKey of ['rope_type', 'type']) {
+    const type = rope[typeKey] ?? 'default';
+    if (type !== 'default') {
+      fail(OP, `only the default rope is supported but config.json sets ${typeKey} '${String(type)}'`);
+    }
+  }
+  const partial = rope['partial_rotary_factor'];
+  if (partial !== undefined && partial !== 1) {
+    fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
+  }
+  const ignored = Object.keys(rope).filter(k => !DEFAULT_ROPE_KEYS.includes(k));
+  if (ignored.length > 0) {
+    fail(OP, `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
+        `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
+  }
+  if (rope['rope_theta'] === undefined) return num(config, 'rope_theta', fallback);
+  const theta = num(rope, 'rope_theta');
+  if (config['rope_theta'] != null && config['rope_theta'] !== theta) {
+    fail(OP, `config.json sets rope_theta ${describeValue(config['rope_theta'])} at the top level and ` +
+        `${theta} in '${key}'; they must agree`);
+  }
+  return theta;
+}
+
+/**
+ * Settings that change what the model computes (in training or inference) but that the graph does
+ * not implement: an error each, never ignored.
+ */
+function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLayers: number,
+    slidingWindow: number | null): void {
+  const dropout = config['attention_dropout'] ?? 0;
+  if (dropout !== 0) {
+    fail(OP, `attention dropout is not implemented: 'config.attention_dropout' must be 0 but got ${describeValue(dropout)}`);
+  }
+  const jitter = config['router_jitter_noise'] ?? 0;
+  if (jitter !== 0) {
+    fail(OP, `router jitter noise is not implemented: 'config.router_jitter_noise' must be 0 but got ${describeValue(jitter)}`);
+  }
+  const layerTypes = config['layer_types'];
+  if (layerTypes != null) {
+    const applied = slidingWindow === null ? 'full_attention' : 'sliding_attention';
+    if (!Array.isArray(layerTypes) || layerTypes.length !== numLayers || layerTypes.some(t => t !== applied)) {
+      fail(OP, `'config.layer_types' must list '${applied}' for each of the ${numLayers} layers ` +
+          `(what this '${modelType}' graph computes) but got ${JSON.stringify(layerTypes)}`);
+    }
+  }
 }
 
 /**
@@ -135,6 +203,11 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       hiddenSize / numHeads : int(config, 'head_dim');
   if (!Number.isInteger(headDim)) {
     fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
+  }
+  if (modelType === 'olmoe' && config['head_dim'] != null && config['head_dim'] !== headDim) {
+    // OLMoE's attention always uses hidden_size / num_attention_heads
+    fail(OP, `'config.head_dim' of 'olmoe' must be hidden_size / num_attention_heads (${headDim}) or unset ` +
+        `but got ${describeValue(config['head_dim'])}`);
   }
   if (bool(config, 'use_sliding_window', false)) {
     fail(OP, `sliding-window attention ('use_sliding_window': true) is not supported for '${modelType}'`);
@@ -165,6 +238,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const numLayers = int(config, 'num_hidden_layers');
   const needsDense = moeLayers.length < numLayers;
   const sharedLayout = family.checkpoint.shared;
+  const attention = attentionDetails();
+  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -175,7 +250,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     headDim,
     ropeTheta: ropeTheta(config, modelType === 'mixtral' ? 1e6 : 1e4),
     rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
-    ...attentionDetails(),
+    ...attention,
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
@@ -189,6 +264,30 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
     },
   };
+}
+
+/**
+ * The largest tensor (elements) this package reads or allocates: tfjs-core sizes tensors with
+ * 32-bit indices in its kernels and a typed array of more elements cannot be made on every engine.
+ */
+export const MAX_TENSOR_ELEMENTS = 2 ** 31 - 1;
+
+/** Every weight that would exceed MAX_TENSOR_ELEMENTS, in one error, before any is allocated. */
+function refuseOversizedWeights(c: MoECausalLMConfig): void {
+  const H = c.hiddenSize;
+  const { numExperts: E, intermediateSize: I, sharedExpert } = c.moe;
+  const largest: Array<[string, number[]]> = [
+    ['model.embed_tokens.weight', [c.vocabSize, H]],
+    ['self_attn.q_proj.weight', [c.numHeads * c.headDim, H]],
+    ['mlp gate_up (fused experts)', [E, 2 * I, H]],
+  ];
+  if (sharedExpert) largest.push(['mlp shared expert', [sharedExpert.intermediateSize, H]]);
+  if (c.denseIntermediateSize !== null) largest.push(['mlp.gate_proj.weight (dense)', [c.denseIntermediateSize, H]]);
+  const over = largest.filter(([, shape]) => shape.reduce((a, b) => a * b, 1) > MAX_TENSOR_ELEMENTS);
+  if (over.length > 0) {
+    fail('buildMoECausalLM', `the config makes weights larger than a tensor can hold (${MAX_TENSOR_ELEMENTS} elements): ` +
+        over.map(([name, shape]) => `${name} [${shape}] = ${shape.reduce((a, b) => a * b, 1)}`).join(', '));
+  }
 }
 
 export interface MoECausalLMOptions {
@@ -214,36 +313,51 @@ const METADATA_KEY = 'hfConfig';
  */
 export function buildMoECausalLM(hfConfig: HFConfig, options: MoECausalLMOptions = {}): MoECausalLM {
   const c = moeCausalLMConfigFromHF(hfConfig);
+  refuseOversizedWeights(c);
+  // A layer's weights exist from its first apply(); a later layer may still refuse its
+  // arguments, so every layer made so far is released when building stops halfway.
+  const made: tfl.layers.Layer[] = [];
+  const layer = <L extends tfl.layers.Layer>(l: L): L => { made.push(l); return l; };
+  try {
+    return assemble(c, hfConfig, options, layer);
+  } catch (e) {
+    for (const l of made) for (const w of l.weights) w.dispose();
+    throw e;
+  }
+}
+
+function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLMOptions,
+    layer: <L extends tfl.layers.Layer>(l: L) => L): MoECausalLM {
   const init = c.initializerRange;
   const ids = tfl.input({ shape: [null], dtype: 'int32', name: 'input_ids' });
-  const embed = new TokenEmbedding({
+  const embed = layer(new TokenEmbedding({
     name: 'model.embed_tokens', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init,
-  });
+  }));
   let h = embed.apply(ids) as tfl.SymbolicTensor;
   for (let i = 0; i < c.numLayers; i++) {
     const prefix = `model.layers.${i}`;
-    const attnIn = new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps }).apply(h);
-    const attn = new RotaryAttention({
+    const attnIn = layer(new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps })).apply(h);
+    const attn = layer(new RotaryAttention({
       name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
       headDim: c.headDim, ropeTheta: c.ropeTheta, qkvBias: c.qkvBias, outputBias: c.outputBias,
       qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.slidingWindow,
       initializerRange: init,
-    }).apply(attnIn) as tfl.SymbolicTensor;
+    })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
-    const mlpIn = new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps }).apply(h);
-    const mlp = c.moeLayers.includes(i) ?
+    const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps })).apply(h);
+    const mlp = layer(c.moeLayers.includes(i) ?
       new SparseMoE({
         name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
       }) :
-      new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init });
+      new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.mlp_residual` }).apply([h, out]) as tfl.SymbolicTensor;
   }
-  h = new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps }).apply(h) as tfl.SymbolicTensor;
+  h = layer(new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps })).apply(h) as tfl.SymbolicTensor;
   const head = c.tieWordEmbeddings ? embed :
-    new LMHead({ name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init });
+    layer(new LMHead({ name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init }));
   const logits = head.apply(h) as tfl.SymbolicTensor;
   const model = tfl.model({ inputs: ids, outputs: logits, name: options.name ?? 'moe_causal_lm' });
   model.setUserDefinedMetadata({ [METADATA_KEY]: JSON.parse(JSON.stringify(hfConfig)) });

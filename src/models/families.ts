@@ -7,6 +7,7 @@
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import type { ExpertActivation, MoEBlockConfig, RoutingConfig, RoutingKind } from '../ops/types.js';
 import type { WeightField } from './weight_fields.js';
+import { describeValue } from '../util/describe.js';
 
 /** A parsed HF config.json; only the keys a descriptor names are read. */
 export type HFConfig = Record<string, unknown>;
@@ -57,6 +58,12 @@ export interface MoEFamily {
   };
   activation: 'swiglu' | 'clampedSwiglu';
   /**
+   * The config.hidden_act values (transformers' ACT2FN names) whose function the experts and the
+   * dense MLPs compute, default first; null when the family's experts do not read hidden_act
+   * (gpt-oss hard-codes its clamped SwiGLU).
+   */
+  hiddenActs: readonly string[] | null;
+  /**
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
    * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
    */
@@ -94,10 +101,14 @@ const SHARED_EXPERTS_PARAMETERS: Readonly<Record<string, WeightField>> = {
   'shared_experts.down_proj.weight': 'shared.down',
 };
 
+/** transformers' ACT2FN maps both names to nn.SiLU, the gate activation of SwiGLU */
+const SILU_NAMES = ['silu', 'swish'] as const;
+
 const QWEN_LIKE = {
   expertIntermediateKey: 'moe_intermediate_size',
   routing: { kind: 'softmaxTopK', renormalize: { key: 'norm_topk_prob' } },
   activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
   moeLayers: 'sparseStep',
 } as const;
 
@@ -109,6 +120,7 @@ const DEEPSEEK_LIKE = {
     scalingFactorKey: 'routed_scaling_factor',
   },
   activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
   moeLayers: 'firstKDense',
   checkpoint: {
     block: 'mlp',
@@ -129,6 +141,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
     defaults: { num_local_experts: 8, num_experts_per_tok: 2 },
     routing: { kind: 'softmaxTopK', renormalize: true },
     activation: 'swiglu',
+    hiddenActs: SILU_NAMES,
     moeLayers: 'all',
     checkpoint: {
       block: 'block_sparse_moe',
@@ -187,6 +200,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
     defaults: { num_experts: 64, num_experts_per_tok: 8, norm_topk_prob: false },
     routing: { kind: 'softmaxTopK', renormalize: { key: 'norm_topk_prob' } },
     activation: 'swiglu',
+    hiddenActs: SILU_NAMES,
     moeLayers: 'all',
     checkpoint: { block: 'mlp', router: { weight: 'gate.weight' }, experts: PER_EXPERT_PROJ },
     parameters: ROUTED_PARAMETERS,
@@ -216,6 +230,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
     defaults: { num_local_experts: 128, num_experts_per_tok: 4, swiglu_alpha: 1.702, swiglu_limit: 7 },
     routing: { kind: 'topKSoftmax' },
     activation: 'clampedSwiglu',
+    hiddenActs: null,
     moeLayers: 'all',
     checkpoint: {
       block: 'mlp',
@@ -355,6 +370,13 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
   }
   if (spec.scalingFactorKey) {
     routing.scalingFactor = configNumber(op, family, config, spec.scalingFactorKey);
+  }
+  if (family.hiddenActs !== null) {
+    const act = config['hidden_act'] ?? family.hiddenActs[0];
+    if (typeof act !== 'string' || !family.hiddenActs.includes(act)) {
+      fail(op, `'config.hidden_act' must be ${family.hiddenActs.map(a => `'${a}'`).join(' or ')} ` +
+          `(the SwiGLU gate activation '${family.modelType}' computes) but got ${describeValue(act)}`);
+    }
   }
   const activation: ExpertActivation = family.activation === 'swiglu' ? { kind: 'swiglu' } : {
     kind: 'clampedSwiglu',

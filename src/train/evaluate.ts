@@ -1,10 +1,11 @@
 /** Validation loss, the base model's view (adapters off) and greedy generation. */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
+import { assertTokenIds } from '../layers/embedding.js';
 import { sparseMoELayers } from '../layers/moe_causal_lm.js';
 import { assertInteger, fail } from '../ops/validate.js';
 import { evaluationWindows } from './batches.js';
-import { nextTokenLoss } from './loss.js';
+import { nextTokenLoss, vocabSizeOf } from './loss.js';
 
 export interface EvaluateOptions {
   /** tokens per window (the context the model sees) */
@@ -26,6 +27,7 @@ export function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, options
   assertInteger(op, 'seq', options.seq, 1);
   const batch = options.batch ?? 16;
   assertInteger(op, 'batch', batch, 1);
+  assertTokenIds(op, 'tokens', tokens, vocabSizeOf(model));
   if (tokens.length < 2) fail(op, `the text must have at least 2 tokens but has ${tokens.length}`);
   const windows = evaluationWindows(tokens, options.seq);
   // windows of one length go through together (the last one may be shorter)
@@ -87,6 +89,7 @@ export interface GenerateOptions {
 export function generateGreedy(model: tfl.LayersModel, prompt: Int32Array, options: GenerateOptions): Int32Array {
   const op = 'generateGreedy';
   assertInteger(op, 'maxNewTokens', options.maxNewTokens, 0);
+  assertTokenIds(op, 'prompt', prompt, vocabSizeOf(model));
   if (prompt.length === 0) fail(op, "'prompt' must hold at least one token");
   const context = options.context ?? Infinity;
   const ids = Array.from(prompt);
