@@ -1,7 +1,6 @@
 /** Token windows for training (random, seeded) and evaluation (every token once). */
 import * as tf from '@tensorflow/tfjs-core';
 import { SeededRandom } from '../data/random.js';
-import type * as tfl from '@tensorflow/tfjs-layers';
 import { fail } from '../ops/validate.js';
 
 /**
@@ -9,12 +8,6 @@ import { fail } from '../ops/validate.js';
  * 4 GiB; also the most a 32-bit wasm heap could hold).
  */
 export const MAX_LOGITS_ELEMENTS = 2 ** 30;
-
-/** The vocabulary size of a causal LM: the last dimension of its output, or null when not known. */
-export function vocabSizeOf(model: tfl.LayersModel): number | null {
-  const v = model.outputs[0]?.shape[2];
-  return typeof v === 'number' && v > 0 ? v : null;
-}
 
 /**
  * Checks, before anything is allocated, that `batch` windows of `seq` tokens give logits that fit
@@ -25,10 +18,10 @@ export function vocabSizeOf(model: tfl.LayersModel): number | null {
  * assertLogitsFit('trainLoop', 1e9, 64, 40);  // throws: 'batch' × 'seq' × vocab ... but is 2.56e+12
  * ```
  */
-export function assertLogitsFit(op: string, batch: number, seq: number, vocab: number | null): void {
-  const elements = batch * seq * (vocab ?? 1);
+export function assertLogitsFit(op: string, batch: number, seq: number, vocab: number): void {
+  const elements = batch * seq * vocab;
   if (elements > MAX_LOGITS_ELEMENTS) {
-    fail(op, `'batch' × 'seq' × vocab (${batch} × ${seq} × ${vocab ?? '?'} = ${elements.toExponential(3)} logits) ` +
+    fail(op, `'batch' × 'seq' × vocab (${batch} × ${seq} × ${vocab} = ${elements.toExponential(3)} logits) ` +
         `must be at most ${MAX_LOGITS_ELEMENTS} (2^30, 4 GiB of float32); use a smaller batch or seq`);
   }
 }

@@ -16,9 +16,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { trainableVariables } from '../layers/moe_causal_lm.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
-import { assertLogitsFit, vocabSizeOf, windowStream } from './batches.js';
+import { assertLogitsFit, windowStream } from './batches.js';
 import { TrainError } from './errors.js';
-import { nextTokenLoss } from './loss.js';
+import { nextTokenLoss, vocabSizeOf } from './loss.js';
 
 export interface TrainLoopOptions {
   /** the step count to reach, counting `startStep` */
