@@ -3,8 +3,9 @@
  * reading a file header-first and writing one atomically.
  */
 import { constants as bufferConstants } from 'node:buffer';
-import { open, rename, rm, writeFile } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import * as tf from '@tensorflow/tfjs-core';
+import { writeFileAtomically } from '../util/atomic.js';
 import {
   checkHeaderLength, describeSource, encodeSafetensors, parseHeader, SafetensorsError, SafetensorsFile,
 } from './safetensors_bytes.js';
@@ -49,8 +50,8 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
 }
 
 /**
- * Writes `encodeSafetensors(tensors, metadata)` to `path` through a temporary file and a rename,
- * so an interrupted write never leaves a truncated checkpoint under the final name.
+ * Writes `encodeSafetensors(tensors, metadata)` to `path` through a temporary file and a rename
+ * (writeFileAtomically), so an interrupted write never leaves a truncated file under the final name.
  *
  * ```js
  * await writeSafetensorsFile('adapter_model.safetensors', loraTensors, {format: 'pt'});
@@ -58,15 +59,7 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
  */
 export async function writeSafetensorsFile(
     path: string, tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Promise<void> {
-  const bytes = encodeSafetensors(tensors, metadata);
-  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  try {
-    await writeFile(tmp, bytes);
-    await rename(tmp, path);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
+  await writeFileAtomically(path, encodeSafetensors(tensors, metadata), '`writeSafetensorsFile()`');
 }
 
 async function readExactly(

@@ -10,7 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
-import { readTokenizer, writeTokenizer } from '../data/tokenizer_file.js';
+import { readTokenizer, tokenizerFileText } from '../data/tokenizer_file.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
@@ -193,8 +193,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       await savePeftAdapter(model, options.out, { name: lora.adapterName });
       files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
     } else {
-      await saveHFCheckpoint(model, options.out);
-      await writeTokenizer(options.out, tokenizer);
+      // the tokenizer is part of the checkpoint artifact: one atomic save, never new weights with an old tokenizer
+      await saveHFCheckpoint(model, options.out, { extraFiles: { [TOKENIZER_FILE]: tokenizerFileText(tokenizer) } });
       files = ['config.json', 'model.safetensors', TOKENIZER_FILE];
     }
     const last = result.losses.slice(-10);

@@ -27,11 +27,33 @@ async function fsyncPath(path: string, flags = constants.O_RDONLY): Promise<void
   }
 }
 
+/**
+ * Creates `dir` and its missing parents, one level at a time. Not `mkdir(dir, {recursive: true})`:
+ * Node's recursive mkdir retries forever where a parent exists but refuses children with ENOENT
+ * (anything under /proc), and a save must fail there, not hang.
+ *
+ * ```js
+ * await makeFolders('out/runs/1', '`train`');
+ * ```
+ */
+export async function makeFolders(dir: string, what: string): Promise<void> {
+  const path = resolve(dir);
+  const info = await stat(path).catch(() => null);
+  if (info !== null) {
+    if (!info.isDirectory()) throw new FileError(`${what}: '${path}' exists and is not a folder`);
+    return;
+  }
+  const parent = dirname(path);
+  if (parent !== path) await makeFolders(parent, what);
+  await mkdir(path).catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'EEXIST') return;  // made meanwhile by someone else
+    throw new FileError(`${what}: cannot create the folder '${path}': ${e.code ?? e.message}`);
+  });
+}
+
 async function ensureParent(target: string, what: string): Promise<string> {
   const parent = dirname(resolve(target));
-  await mkdir(parent, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
-    throw new FileError(`${what}: cannot create the folder '${parent}' for '${target}': ${e.code ?? e.message}`);
-  });
+  await makeFolders(parent, what);
   return parent;
 }
 
