@@ -23,6 +23,7 @@ import { trainLoop } from './loop.js';
 import { INIT_PRESET_NAMES, presetConfig, type InitPreset } from './presets.js';
 import { createProgress, type ProgressOptions } from './progress.js';
 import { seedAdapterInit, seedModelInit } from './seeded_init.js';
+import { checkOutputFolder } from '../util/output_folder.js';
 
 export type TrainMode = 'scratch' | 'full' | 'lora';
 
@@ -40,8 +41,10 @@ export interface TrainRunOptions {
   batch: number;
   seq: number;
   seed: number;
-  /** the output folder */
+  /** the output folder: checked before any work (checkOutputFolder), never the model folder nor inside it */
   out: string;
+  /** replace a model or adapter already in `out` (default false: such an `out` is refused before any work) */
+  overwrite?: boolean;
   /** the plugin args (models are added here); lora null trains every weight */
   plugin: ResolvedPluginArgs;
   progress?: ProgressOptions;
@@ -134,6 +137,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  // before any work: a bad output path must not cost a training run
+  checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
   const text = await readText(options.data, 'training data');
   const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
 
