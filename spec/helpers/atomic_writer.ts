@@ -8,7 +8,15 @@
  * so the two artifacts differ in every file). Prints 'saving' before the save and 'saved CALLS'
  * after it, CALLS being the counted file-system calls of the save.
  */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-backend-cpu';
 import { CharTokenizer } from '../../src/data/tokenizer.js';
+import { tokenizerFileText, writeTokenizer } from '../../src/data/tokenizer_file.js';
+import { fileIO } from '../../src/io/file_io_handler.js';
+import { saveHFCheckpoint } from '../../src/io/hf_save.js';
+import { savePeftAdapter } from '../../src/io/peft.js';
+import { addMoEAdapter, buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import { seedAdapterInit, seedModelInit } from '../../src/train/seeded_init.js';
 
 /** The tiny model every kind saves (vocab 32 holds both tokenizers). */
 export const WRITER_CONFIG = {
@@ -34,12 +42,8 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
     Promise<{ save: (dir: string) => Promise<void>; dispose: () => void }> {
   const v = variant === 'new' ? 1 : 0;
   if (kind === 'tokenizer') {
-    const { writeTokenizer } = await import('../../src/data/tokenizer_file.js');
     return { save: dir => writeTokenizer(dir, writerTokenizer(variant)), dispose: () => {} };
   }
-  const tf = await import('@tensorflow/tfjs-core');
-  const { buildMoECausalLM, addMoEAdapter, sparseMoELayers } = await import('../../src/layers/moe_causal_lm.js');
-  const { seedModelInit, seedAdapterInit } = await import('../../src/train/seeded_init.js');
   const model = buildMoECausalLM(WRITER_CONFIG);
   const dispose = () => model.dispose();
   if (kind === 'peft') {
@@ -53,24 +57,18 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
         value.dispose();
       }
     }
-    const { savePeftAdapter } = await import('../../src/io/peft.js');
     return { save: dir => savePeftAdapter(model, dir), dispose };
   }
   seedModelInit(model, 1 + v, 0.02);
   if (kind === 'hf') {
-    const { saveHFCheckpoint } = await import('../../src/io/hf_save.js');
-    const { tokenizerFileText } = await import('../../src/data/tokenizer_file.js');
     const extraFiles = { 'tokenizer.json': tokenizerFileText(writerTokenizer(variant)) };
     return { save: dir => saveHFCheckpoint(model, dir, { extraFiles }), dispose };
   }
-  const { fileIO } = await import('../../src/io/file_io_handler.js');
   return { save: async dir => { await model.save(fileIO(dir)); }, dispose };
 }
 
 /** The base model the 'peft' adapters belong to (what loadPeftAdapter loads them into). */
-export async function peftBaseModel() {
-  const { buildMoECausalLM } = await import('../../src/layers/moe_causal_lm.js');
-  const { seedModelInit } = await import('../../src/train/seeded_init.js');
+export function peftBaseModel(): ReturnType<typeof buildMoECausalLM> {
   const model = buildMoECausalLM(WRITER_CONFIG);
   seedModelInit(model, 1, 0.02);
   return model;
@@ -78,11 +76,7 @@ export async function peftBaseModel() {
 
 async function main(): Promise<void> {
   const [kind, dir, variant] = process.argv.slice(2) as [ArtifactKind, string, 'old' | 'new'];
-  if (kind !== 'tokenizer') {
-    const tf = await import('@tensorflow/tfjs-core');
-    await import('@tensorflow/tfjs-backend-cpu');
-    await tf.setBackend('cpu');
-  }
+  await tf.setBackend('cpu');
   const { save } = await prepareSave(kind, variant);
   const crashSwitch = (globalThis as Record<symbol, { armed: boolean; calls: number } | undefined>)[
     Symbol.for('tfjs-moe-lora.spec.crashSwitch')];
@@ -94,4 +88,11 @@ async function main(): Promise<void> {
   process.stdout.write(`saved ${crashSwitch.calls}\n`);
 }
 
-if (process.argv[1]?.endsWith('atomic_writer.ts')) await main();
+// no top-level await: the spec imports this file too, and a module with one would be loaded as a
+// second copy of the package (its layer classes registered twice)
+if (process.argv[1]?.endsWith('atomic_writer.ts')) {
+  main().catch((e: unknown) => {
+    process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  });
+}
