@@ -130,6 +130,8 @@ describe('cli output folders', () => {
       const tensors = tf.memory().numTensors;
       const base = { model, data, steps: 1, lr: 1e-3, batch: 2, seq: 8, seed: 1, plugin };
       const refusals: Array<[Parameters<typeof runTraining>[0], string]> = [
+        [{ ...base, out: '' }, "`runTraining()`: out must be a folder path but got \"\" (string)"],
+        [{ ...base, out: 42 as unknown as string }, '`runTraining()`: out must be a folder path but got 42 (number)'],
         [{ ...base, out: model, overwrite: true },
           `\`runTraining()\`: out: '${model}' is the model folder '${model}', which the run reads; write somewhere else`],
         [{ ...base, model: undefined, initConfig: config, out: model },

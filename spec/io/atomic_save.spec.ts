@@ -19,8 +19,8 @@ import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft.js';
-import { writeArtifactFolder } from '../../src/util/atomic.js';
-import { openArtifactFolder } from '../../src/util/files.js';
+import { writeArtifactFolder, writeFileAtomically } from '../../src/util/atomic.js';
+import { FileError, openArtifactFolder } from '../../src/util/files.js';
 import {
   ARTIFACT_KINDS, peftBaseModel, prepareSave, WRITER_ALPHA, writerTokenizer, type ArtifactKind,
 } from '../helpers/atomic_writer.js';
@@ -176,6 +176,16 @@ describe('io/atomic saves: a crash at any instant leaves the old artifact or the
       expect(tf.memory().numTensors).to.equal(tensors);
     });
   }
+
+  it('a save under /proc fails at once with the folder it could not create (a recursive mkdir never returns there)', async () => {
+    let error: unknown;
+    await writeArtifactFolder('/proc/tfjs-moe-lora/adapter', async () => {}, { what: '`savePeftAdapter()`' }).catch(e => { error = e; });
+    expect(error).to.be.instanceOf(FileError);
+    expect((error as Error).message).to.equal("`savePeftAdapter()`: cannot create the folder '/proc/tfjs-moe-lora': ENOENT");
+    error = undefined;
+    await writeFileAtomically('/proc/tfjs-moe-lora/tokenizer.json', '{}', '`writeTokenizer()`').catch(e => { error = e; });
+    expect((error as Error).message).to.equal("`writeTokenizer()`: cannot create the folder '/proc/tfjs-moe-lora': ENOENT");
+  });
 
   it('a save whose write throws leaves the old folder untouched and nothing beside it', async () => {
     const target = join(root, 'throws', 'artifact');

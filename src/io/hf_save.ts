@@ -193,7 +193,7 @@ export async function saveHFCheckpoint(
   if (typeof dir !== 'string' || dir.length === 0) {
     throw new CheckpointError(`\`${OP}()\`: 'dir' must be a folder path but got ${JSON.stringify(dir)}`);
   }
-  const given = options.extraFiles ?? {};
+  const given: unknown = options.extraFiles === undefined ? {} : options.extraFiles;
   if (given === null || typeof given !== 'object' || Array.isArray(given)) {
     throw new CheckpointError(`\`${OP}()\`: 'extraFiles' must be an object of file name → contents but got ${describeValue(given)}`);
   }
