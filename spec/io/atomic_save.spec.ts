@@ -177,6 +177,21 @@ describe('io/atomic saves: a crash at any instant leaves the old artifact or the
     });
   }
 
+  it('a PEFT save replaces the old adapter as a whole (adapter_model.bin goes) and keeps the other files', async () => {
+    const dir = join(root, 'peft-owns', 'adapter');
+    await cp(join('spec', 'fixtures', 'hf', 'mixtral', 'adapter'), dir, { recursive: true });
+    await writeFile(join(dir, 'adapter_model.bin'), 'an older torch adapter');
+    await writeFile(join(dir, 'README.md'), 'mine');
+    const { save, dispose } = await prepareSave('peft', 'new');
+    try {
+      await save(dir);
+    } finally {
+      dispose();
+    }
+    expect((await readdir(dir)).sort()).to.deep.equal(['README.md', 'adapter_config.json', 'adapter_model.safetensors']);
+    expect(JSON.parse(await readFile(join(dir, 'adapter_config.json'), 'utf8')).lora_alpha).to.equal(WRITER_ALPHA.new);
+  });
+
   it('a save under /proc fails at once with the folder it could not create (a recursive mkdir never returns there)', async () => {
     let error: unknown;
     await writeArtifactFolder('/proc/tfjs-moe-lora/adapter', async () => {}, { what: '`savePeftAdapter()`' }).catch(e => { error = e; });
