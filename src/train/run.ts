@@ -17,13 +17,13 @@ import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js'
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
 import type { HFConfig } from '../models/families.js';
 import { register, type PluginHandle } from '../plugin.js';
+import { checkOutputFolder } from '../util/output_folder.js';
 import { TrainError } from './errors.js';
 import { evaluateLoss } from './evaluate.js';
 import { trainLoop } from './loop.js';
 import { INIT_PRESET_NAMES, presetConfig, type InitPreset } from './presets.js';
 import { createProgress, type ProgressOptions } from './progress.js';
 import { seedAdapterInit, seedModelInit } from './seeded_init.js';
-import { checkOutputFolder } from '../util/output_folder.js';
 
 export type TrainMode = 'scratch' | 'full' | 'lora';
 
