@@ -23,7 +23,7 @@ export {
   loadModelDir, modelDirFormat, modelDirFormats, ModelDirError, MODEL_DIR_FORMATS, type ModelDirFormat,
 } from './io/model_dir.js';
 export { inspectModel, type ModelReport, type MoELayerReport, type AdapterReport } from './models/inspect.js';
-export { saveHFCheckpoint, hfCheckpointTensors } from './io/hf_save.js';
+export { saveHFCheckpoint, hfCheckpointTensors, type SaveHFCheckpointOptions } from './io/hf_save.js';
 export {
   CharTokenizer, TokenizerError, readTokenizer, writeTokenizer, generateCorpus,
   type CharTokenizerJSON, type Corpus, type CorpusOptions, type CorpusStyle,

@@ -133,6 +133,7 @@ describe('cli/convert', () => {
     it('argument problems found in the folders are UsageErrors (exit 2)', async () => {
       const out = await tempDir();
       await writeFile(join(out, 'keep.txt'), 'x');
+      await writeFile(join(out, 'config.json'), '{}');
       const cases: Array<[ConvertArgs, string]> = [
         [args({ to: 'hf', input: fixtureDir('mixtral'), output: join(out, 'a') }), '--input is an HF checkpoint already: nothing to convert to hf'],
         [args({ from: 'tfjs', to: 'hf', input: fixtureDir('mixtral'), output: join(out, 'a') }),
@@ -140,19 +141,21 @@ describe('cli/convert', () => {
         [args({ to: 'tfjs', input: 'spec', output: join(out, 'a') }),
           "--input: 'spec' is neither an HF checkpoint (config.json + model.safetensors or model.safetensors.index.json) " +
           'nor a TF.js LayersModel (model.json)'],
-        [args({ to: 'tfjs', input: fixtureDir('mixtral'), output: out }), `--output: '${out}' is not empty (--overwrite writes into it anyway)`],
+        [args({ to: 'tfjs', input: fixtureDir('mixtral'), output: out }),
+          `--output: '${out}' already holds a model or adapter (config.json); pass --overwrite to replace it`],
       ];
       for (const [a, message] of cases) {
         const err = await rejection(convertModel(a));
         expect(err).to.be.instanceOf(UsageError);
         expect(err.message).to.equal(message);
       }
-      expect(await readdir(out)).to.deep.equal(['keep.txt']);
+      expect((await readdir(out)).sort()).to.deep.equal(['config.json', 'keep.txt']);
     });
 
     it('the command: exits 2 with one line for bad arguments', async () => {
       const out = await tempDir();
       await writeFile(join(out, 'keep.txt'), 'x');
+      await writeFile(join(out, 'model.json'), '{}');
       const mixtral = fixtureDir('mixtral');
       const b = ['--backend', BACKEND];
       const cases: Array<[string[], string]> = [
@@ -165,10 +168,12 @@ describe('cli/convert', () => {
         [['convert', '--model', mixtral, '--adapter', join(mixtral, 'adapter'), '--to', 'hf', '--output', join(out, 'a')],
           '--adapter loads a PEFT adapter into the model and writes a TF.js folder, so --to must be tfjs (got hf); ' +
           'to write a model\'s adapter as PEFT, use --to peft without --adapter'],
-        [['convert', '--input', mixtral, '--output', mixtral, '--to', 'tfjs'], `--output: '${mixtral}' is an input folder; write somewhere else`],
+        [['convert', '--input', mixtral, '--output', mixtral, '--to', 'tfjs'],
+          `--output: '${mixtral}' is the --input folder '${mixtral}', which the run reads; write somewhere else`],
         [['convert', '--input', mixtral, '--output', join(out, 'keep.txt'), '--to', 'tfjs'],
-          `--output: '${join(out, 'keep.txt')}' exists and is not a directory`],
-        [['convert', '--input', mixtral, '--output', out, '--to', 'tfjs'], `--output: '${out}' is not empty (--overwrite writes into it anyway)`],
+          `--output: '${join(out, 'keep.txt')}' exists and is not a folder`],
+        [['convert', '--input', mixtral, '--output', out, '--to', 'tfjs'],
+          `--output: '${out}' already holds a model or adapter (model.json); pass --overwrite to replace it`],
         [['convert', '--input', mixtral, '--output', join(out, 'a'), '--to', 'hf'], '--input is an HF checkpoint already: nothing to convert to hf'],
       ];
       for (const [argv, message] of cases) {

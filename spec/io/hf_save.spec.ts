@@ -5,7 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
-import { readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { hfCheckpointTensors, saveHFCheckpoint } from '../../src/io/hf_save.js';
@@ -160,6 +160,50 @@ describe('io/hf_save: saveHFCheckpoint', () => {
   it('rejects an empty folder path', async () => {
     const model = buildMoECausalLM(TINY_QWEN3);
     await expectRejected(saveHFCheckpoint(model, ''), /^`saveHFCheckpoint\(\)`: 'dir' must be a folder path but got ""$/);
+    model.dispose();
+  });
+
+  it('replaces an old checkpoint as a whole (old shards and index go, a README stays) and writes extraFiles into it', async () => {
+    const model = buildMoECausalLM(TINY_QWEN3);
+    const dir = join(await tempDir(), 'ckpt');
+    await mkdir(dir);
+    const oldFiles = ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json', 'config.json'];
+    for (const name of oldFiles) await writeFile(join(dir, name), 'old');
+    await writeFile(join(dir, 'README.md'), 'mine');
+    const tokenizer = '{"model": {"vocab": {}}}\n';
+    const bytes = new Uint8Array([1, 2, 3]);
+    const tensors = tf.memory().numTensors;
+    await saveHFCheckpoint(model, dir, { extraFiles: { 'tokenizer.json': tokenizer, 'extra.bin': bytes } });
+    expect(tf.memory().numTensors).to.equal(tensors);
+    expect((await readdir(dir)).sort()).to.deep.equal(['README.md', 'config.json', 'extra.bin', 'model.safetensors', 'tokenizer.json']);
+    expect(await readFile(join(dir, 'README.md'), 'utf8')).to.equal('mine');
+    expect(await readFile(join(dir, 'tokenizer.json'), 'utf8')).to.equal(tokenizer);
+    expect([...await readFile(join(dir, 'extra.bin'))]).to.deep.equal([1, 2, 3]);
+    expect(await readdir(join(dir, '..'))).to.deep.equal(['ckpt']);
+    const again = await loadHFCheckpoint(dir);
+    expectSameWeights(again, model);
+    again.dispose();
+    model.dispose();
+  });
+
+  it('rejects extraFiles that are not an object of plain file names other than the checkpoint\'s own, nothing written', async () => {
+    const model = buildMoECausalLM(TINY_QWEN3);
+    const dir = join(await tempDir(), 'never');
+    const cases: Array<[unknown, RegExp]> = [
+      [[], /^`saveHFCheckpoint\(\)`: 'extraFiles' must be an object of file name → contents but got an array of length 0$/],
+      [null, /^`saveHFCheckpoint\(\)`: 'extraFiles' must be an object of file name → contents but got null$/],
+      ...['../x.json', 'sub/x.json', '..', 'config.json', 'model-00001-of-00002.safetensors', 'model.safetensors.index.json'].map(
+          (name): [unknown, RegExp] => [{ [name]: 'x' }, new RegExp(`^\`saveHFCheckpoint\\(\\)\`: extraFiles names must be plain file ` +
+            `names other than the checkpoint's own \\(config.json, \\*.safetensors, model.safetensors.index.json\\) but got ` +
+            `${JSON.stringify(name).replace(/[.*()]/g, c => `\\${c}`)}$`)]),
+      [{ 'tokenizer.json': 42 }, /^`saveHFCheckpoint\(\)`: extraFiles\['tokenizer.json'\] must be a string or a Uint8Array but got 42 \(number\)$/],
+    ];
+    const tensors = tf.memory().numTensors;
+    for (const [extraFiles, pattern] of cases) {
+      await expectRejected(saveHFCheckpoint(model, dir, { extraFiles } as never), pattern);
+    }
+    expect(tf.memory().numTensors).to.equal(tensors);
+    expect(await readdir(join(dir, '..'))).to.deep.equal([]);
     model.dispose();
   });
 });

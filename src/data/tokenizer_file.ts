@@ -1,6 +1,6 @@
 /** tokenizer.json in a model folder (Node): read and write a CharTokenizer. */
-import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { writeFileAtomically } from '../util/atomic.js';
 import { openArtifactFolder, pathKind, readTextFile } from '../util/files.js';
 import { CharTokenizer, TOKENIZER_FILE, TokenizerError } from './tokenizer.js';
 
@@ -27,7 +27,19 @@ export async function readTokenizer(dir: string): Promise<CharTokenizer> {
   return CharTokenizer.fromJSON(json, `'${path}'`);
 }
 
-/** Writes `dir`/tokenizer.json (the folder must exist). */
+/**
+ * Writes `dir`/tokenizer.json (the folder is created when missing) through a temporary file and a
+ * rename, so a reader finds the old tokenizer or the new one, never a truncated file.
+ *
+ * ```js
+ * await writeTokenizer('my-model', CharTokenizer.fromText(text));
+ * ```
+ */
 export async function writeTokenizer(dir: string, tokenizer: CharTokenizer): Promise<void> {
-  await writeFile(join(dir, TOKENIZER_FILE), `${JSON.stringify(tokenizer.toJSON(), null, 2)}\n`);
+  await writeFileAtomically(join(dir, TOKENIZER_FILE), tokenizerFileText(tokenizer), '`writeTokenizer()`');
+}
+
+/** The text of tokenizer.json for `tokenizer` (what writeTokenizer writes). */
+export function tokenizerFileText(tokenizer: CharTokenizer): string {
+  return `${JSON.stringify(tokenizer.toJSON(), null, 2)}\n`;
 }

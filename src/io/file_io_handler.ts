@@ -8,9 +8,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { constants as bufferConstants } from 'node:buffer';
-import { mkdir, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
+import { writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { MoELoraError } from '../errors.js';
+import { writeArtifactFolder } from '../util/atomic.js';
 import { describeValue } from '../util/describe.js';
 import {
   confinedPath, openArtifactFolder, openRegularFile, pathKind, readFully, readJSONFile,
@@ -33,21 +34,14 @@ function stripScheme(url: string): string {
   return url.startsWith(FILE_SCHEME) ? url.slice(FILE_SCHEME.length) : url;
 }
 
-/** Writes through a temporary name and a rename, so a crash never leaves a half-written file. */
-async function writeAtomically(path: string, data: string | Uint8Array): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  try {
-    await writeFile(tmp, data);
-    await rename(tmp, path);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
-}
+/** The files of a TF.js model folder: a save replaces them all, e.g. old weight shards. */
+const isTFJSModelFile = (name: string) => name === MODEL_JSON || name.endsWith('.bin');
 
 /**
  * The handler for one path: a directory when saving, model.json (or a directory holding one)
- * when loading.
+ * when loading. A save writes model.json and weights.bin as one atomic artifact
+ * (writeArtifactFolder): a process killed at any instant leaves the old model or the new one;
+ * old *.bin shards go, other files (a README) stay.
  */
 export class NodeFileIOHandler implements tf.io.IOHandler {
   readonly path: string;
@@ -69,7 +63,6 @@ export class NodeFileIOHandler implements tf.io.IOHandler {
           `file:// save: the path must be a directory (model.json and weights.bin are written into it) ` +
           `but got '${this.path}'; use 'file://${dirname(this.path)}'`);
     }
-    await mkdir(this.path, { recursive: true });
     const weightSpecs = artifacts.weightSpecs ?? [];
     const weightData = artifacts.weightData === undefined ?
         new ArrayBuffer(0) : tf.io.CompositeArrayBuffer.join(artifacts.weightData);
@@ -86,9 +79,11 @@ export class NodeFileIOHandler implements tf.io.IOHandler {
     if (artifacts.modelInitializer != null) modelJSON.modelInitializer = artifacts.modelInitializer;
     if (artifacts.initializerSignature != null) modelJSON.initializerSignature = artifacts.initializerSignature;
 
-    // weights first: a model.json on disk always has its weights next to it
-    await writeAtomically(join(this.path, WEIGHTS_BIN), new Uint8Array(weightData));
-    await writeAtomically(join(this.path, MODEL_JSON), JSON.stringify(modelJSON));
+    // one artifact: a model.json on disk always has its own weights next to it
+    await writeArtifactFolder(this.path, async dir => {
+      await writeFile(join(dir, WEIGHTS_BIN), new Uint8Array(weightData));
+      await writeFile(join(dir, MODEL_JSON), JSON.stringify(modelJSON));
+    }, { owns: isTFJSModelFile, what: `file:// save to '${this.path}'` });
     const topologyBytes = Buffer.byteLength(JSON.stringify(modelJSON.modelTopology), 'utf8');
     return {
       modelArtifactsInfo: {

@@ -12,13 +12,15 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
 import { moeBlockTensorPlan } from './hf_block.js';
 import { CheckpointError, checkpointError, hfWeightName } from './hf_checkpoint_core.js';
+import { writeArtifactFolder } from '../util/atomic.js';
+import { describeValue } from '../util/describe.js';
 import { writeSafetensorsFile } from './safetensors.js';
 
 const OP = 'saveHFCheckpoint';
@@ -160,25 +162,58 @@ export function hfCheckpointTensors(model: tfl.LayersModel): { config: HFConfig;
   return { config: JSON.parse(JSON.stringify(config)) as HFConfig, tensors };
 }
 
+/** The files of an HF checkpoint folder that a save replaces even when it does not write them (old shards, an old index). */
+const isCheckpointFile = (name: string) =>
+  name === 'config.json' || name.endsWith('.safetensors') || name === 'model.safetensors.index.json';
+
+export interface SaveHFCheckpointOptions {
+  /**
+   * More files of the same artifact (file name → contents), e.g. `{'tokenizer.json': text}`: they
+   * are written in the same atomic save, so the folder never holds new weights with an old
+   * tokenizer. Names are plain file names.
+   */
+  extraFiles?: Record<string, string | Uint8Array>;
+}
+
 /**
  * Writes the model as an HF checkpoint folder (config.json + model.safetensors, created or
- * overwritten) that loadHFCheckpoint and transformers' from_pretrained read. Merged LoRA adapters
+ * replaced) that loadHFCheckpoint and transformers' from_pretrained read. Merged LoRA adapters
  * are saved as part of the weights; unmerged ones are not (savePeftAdapter writes those).
  *
+ * The folder is saved atomically (writeArtifactFolder): a process killed at any instant leaves the
+ * previous checkpoint or the new one. Old shards and an old index go; other files (a README) stay.
+ *
  * ```js
- * await saveHFCheckpoint(model, './my-model');
+ * await saveHFCheckpoint(model, './my-model', {extraFiles: {'tokenizer.json': tokenizerText}});
  * const again = await loadHFCheckpoint('./my-model');  // the same weights, bit for bit
  * ```
  */
-export async function saveHFCheckpoint(model: tfl.LayersModel, dir: string): Promise<void> {
+export async function saveHFCheckpoint(
+    model: tfl.LayersModel, dir: string, options: SaveHFCheckpointOptions = {}): Promise<void> {
   if (typeof dir !== 'string' || dir.length === 0) {
     throw new CheckpointError(`\`${OP}()\`: 'dir' must be a folder path but got ${JSON.stringify(dir)}`);
   }
+  const given: unknown = options.extraFiles === undefined ? {} : options.extraFiles;
+  if (given === null || typeof given !== 'object' || Array.isArray(given)) {
+    throw new CheckpointError(`\`${OP}()\`: 'extraFiles' must be an object of file name → contents but got ${describeValue(given)}`);
+  }
+  const extraFiles = Object.entries(given);
+  for (const [name, data] of extraFiles) {
+    if (!/^[^/\\]+$/.test(name) || name === '.' || name === '..' || isCheckpointFile(name)) {
+      throw new CheckpointError(`\`${OP}()\`: extraFiles names must be plain file names other than the checkpoint's ` +
+          `own (config.json, *.safetensors, model.safetensors.index.json) but got ${JSON.stringify(name)}`);
+    }
+    if (typeof data !== 'string' && !(data instanceof Uint8Array)) {
+      throw new CheckpointError(`\`${OP}()\`: extraFiles['${name}'] must be a string or a Uint8Array but got ${describeValue(data)}`);
+    }
+  }
   const { config, tensors } = hfCheckpointTensors(model);
   try {
-    await mkdir(dir, { recursive: true });
-    await writeSafetensorsFile(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
-    await writeFile(join(dir, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+    await writeArtifactFolder(dir, async tmp => {
+      await writeSafetensorsFile(join(tmp, 'model.safetensors'), tensors, { format: 'pt' });
+      await writeFile(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+      for (const [name, data] of extraFiles) await writeFile(join(tmp, name), data);
+    }, { owns: isCheckpointFile, what: `\`${OP}()\`` });
   } finally {
     tf.dispose(Object.values(tensors));
   }

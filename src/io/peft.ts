@@ -34,7 +34,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
@@ -45,6 +45,7 @@ import {
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
 import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from './safetensors.js';
 import { MoELoraError } from '../errors.js';
+import { writeArtifactFolder } from '../util/atomic.js';
 import { openArtifactFolder, readJSONFile } from '../util/files.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
@@ -58,6 +59,10 @@ export class PeftAdapterError extends MoELoraError {
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
+
+/** The files of a PEFT adapter folder (a save replaces them all, e.g. an old adapter_model.bin). */
+const isPeftAdapterFile = (name: string) => name === ADAPTER_CONFIG || name.startsWith('adapter_model.');
+
 const PREFIX = 'base_model.model.';
 /** Canonical target order (target_parameters and target_modules are written in this order). */
 const TARGET_ORDER: readonly LoRATarget[] = [
@@ -556,23 +561,16 @@ export async function loadPeftAdapter(
   };
 }
 
-async function writeAtomically(path: string, text: string): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  try {
-    await writeFile(tmp, text);
-    await rename(tmp, path);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
-}
-
 /**
  * Writes adapter `name` of the model's SparseMoE layers as PEFT does (adapter_config.json and
  * adapter_model.safetensors), so `PeftModel.from_pretrained(hf_model, dir)` loads it. Every layer
  * with the adapter must have the same r, alpha and rsLoRA (PEFT keeps one of each); when the
  * layers differ in targets or some have no adapter, the entries name their layers
  * ('model.layers.1.mlp.experts.gate_up_proj').
+ *
+ * The two files are one artifact, saved atomically (writeArtifactFolder): a process killed at any
+ * instant leaves the previous adapter or the new one, never new weights with an old alpha. Other
+ * files in the folder (a README) are kept; old adapter_model.* files go.
  *
  * ```js
  * await savePeftAdapter(model, './my-adapter');
@@ -639,7 +637,8 @@ export async function savePeftAdapter(
   };
   const tensors: Record<string, tf.Tensor> = {};
   for (const t of peftAdapterTensors(model, name)) tensors[t.peftName] = t.variable.read();
-  await mkdir(dir, { recursive: true });
-  await writeSafetensorsFile(join(dir, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
-  await writeAtomically(join(dir, ADAPTER_CONFIG), `${JSON.stringify(config, null, 2)}\n`);
+  await writeArtifactFolder(dir, async tmp => {
+    await writeSafetensorsFile(join(tmp, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
+    await writeFile(join(tmp, ADAPTER_CONFIG), `${JSON.stringify(config, null, 2)}\n`);
+  }, { owns: isPeftAdapterFile, what: `\`${op}()\`` });
 }

@@ -3,8 +3,8 @@
  * reading a file header-first and writing one atomically.
  */
 import { constants as bufferConstants } from 'node:buffer';
-import { rename, rm, writeFile } from 'node:fs/promises';
 import * as tf from '@tensorflow/tfjs-core';
+import { writeFileAtomically } from '../util/atomic.js';
 import { describeValue } from '../util/describe.js';
 import { openRegularFile, readFully } from '../util/files.js';
 import {
@@ -69,8 +69,8 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
 }
 
 /**
- * Writes `encodeSafetensors(tensors, metadata)` to `path` through a temporary file and a rename,
- * so an interrupted write never leaves a truncated checkpoint under the final name.
+ * Writes `encodeSafetensors(tensors, metadata)` to `path` through a temporary file and a rename
+ * (writeFileAtomically), so an interrupted write never leaves a truncated file under the final name.
  *
  * ```js
  * await writeSafetensorsFile('adapter_model.safetensors', loraTensors, {format: 'pt'});
@@ -78,13 +78,5 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
  */
 export async function writeSafetensorsFile(
     path: string, tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Promise<void> {
-  const bytes = encodeSafetensors(tensors, metadata);
-  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  try {
-    await writeFile(tmp, bytes);
-    await rename(tmp, path);
-  } catch (e) {
-    await rm(tmp, { force: true });
-    throw e;
-  }
+  await writeFileAtomically(path, encodeSafetensors(tensors, metadata), '`writeSafetensorsFile()`');
 }

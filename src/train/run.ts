@@ -10,13 +10,14 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
-import { readTokenizer, writeTokenizer } from '../data/tokenizer_file.js';
+import { readTokenizer, tokenizerFileText } from '../data/tokenizer_file.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
 import type { HFConfig } from '../models/families.js';
 import { register, type PluginHandle } from '../plugin.js';
+import { checkOutputFolder } from '../util/output_folder.js';
 import { TrainError } from './errors.js';
 import { evaluateLoss } from './evaluate.js';
 import { trainLoop } from './loop.js';
@@ -40,8 +41,10 @@ export interface TrainRunOptions {
   batch: number;
   seq: number;
   seed: number;
-  /** the output folder */
+  /** the output folder: checked before any work (checkOutputFolder), never the model folder nor inside it */
   out: string;
+  /** replace a model or adapter already in `out` (default false: such an `out` is refused before any work) */
+  overwrite?: boolean;
   /** the plugin args (models are added here); lora null trains every weight */
   plugin: ResolvedPluginArgs;
   progress?: ProgressOptions;
@@ -134,6 +137,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  // before any work: a bad output path must not cost a training run
+  checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
   const text = await readText(options.data, 'training data');
   const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
 
@@ -193,8 +198,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       await savePeftAdapter(model, options.out, { name: lora.adapterName });
       files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
     } else {
-      await saveHFCheckpoint(model, options.out);
-      await writeTokenizer(options.out, tokenizer);
+      // the tokenizer is part of the checkpoint artifact: one atomic save, never new weights with an old tokenizer
+      await saveHFCheckpoint(model, options.out, { extraFiles: { [TOKENIZER_FILE]: tokenizerFileText(tokenizer) } });
       files = ['config.json', 'model.safetensors', TOKENIZER_FILE];
     }
     const last = result.losses.slice(-10);

@@ -10,8 +10,8 @@
  * finishes such a save first. Files in the old folder that the new artifact neither writes nor
  * `owns` (a README the user put there) are carried over.
  */
-import { constants } from 'node:fs';
-import { cp, link, lstat, mkdir, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { constants, mkdirSync, statSync, type Stats } from 'node:fs';
+import { cp, link, lstat, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { artifactSiblings, FileError, settleArtifactFolder } from './files.js';
 
@@ -27,11 +27,42 @@ async function fsyncPath(path: string, flags = constants.O_RDONLY): Promise<void
   }
 }
 
+/**
+ * Creates `dir` and its missing parents, one level at a time. Not `mkdir(dir, {recursive: true})`:
+ * Node's recursive mkdir retries forever where a parent exists but refuses children with ENOENT
+ * (anything under /proc), and a save must fail there, not hang. Synchronous, so the CLI's
+ * argument checks can use it too (output_folder.ts).
+ *
+ * ```js
+ * makeFolders('out/runs/1', '`train`');
+ * ```
+ */
+export function makeFolders(dir: string, what: string): void {
+  const path = resolve(dir);
+  let info: Stats | undefined;
+  try {
+    info = statSync(path);
+  } catch {
+    info = undefined;
+  }
+  if (info !== undefined) {
+    if (!info.isDirectory()) throw new FileError(`${what}: '${path}' exists and is not a folder`);
+    return;
+  }
+  const parent = dirname(path);
+  if (parent !== path) makeFolders(parent, what);
+  try {
+    mkdirSync(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    // EEXIST: made meanwhile by someone else
+    if (code !== 'EEXIST') throw new FileError(`${what}: cannot create the folder '${path}': ${code ?? (e as Error).message}`);
+  }
+}
+
 async function ensureParent(target: string, what: string): Promise<string> {
   const parent = dirname(resolve(target));
-  await mkdir(parent, { recursive: true }).catch((e: NodeJS.ErrnoException) => {
-    throw new FileError(`${what}: cannot create the folder '${parent}' for '${target}': ${e.code ?? e.message}`);
-  });
+  makeFolders(parent, what);
   return parent;
 }
 

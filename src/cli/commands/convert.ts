@@ -8,15 +8,17 @@
  *
  * Every conversion copies float32 values unchanged, so each round trip gives back the same numbers.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { fileIO } from '../../io/file_io_handler.js';
 import { saveHFCheckpoint } from '../../io/hf_save.js';
 import { loadModelDir, modelDirFormat, MODEL_DIR_FORMATS, ModelDirError, type ModelDirFormat } from '../../io/model_dir.js';
 import { loadPeftAdapter, savePeftAdapter, type LoadedPeftAdapter } from '../../io/peft.js';
 import { sparseMoELayers } from '../../layers/moe_causal_lm.js';
+import { FileError } from '../../util/files.js';
+import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
 
@@ -64,14 +66,11 @@ function checkArgs(argv: Partial<ConvertArgs>): string | true {
     return `--adapter loads a PEFT adapter into the model and writes a TF.js folder, so --to must be tfjs (got ${to}); ` +
         'to write a model\'s adapter as PEFT, use --to peft without --adapter';
   }
-  if (resolve(output) === resolve(input) || (adapter !== undefined && resolve(output) === resolve(adapter))) {
-    return `--output: '${output}' is an input folder; write somewhere else`;
-  }
-  if (existsSync(output)) {
-    if (!statSync(output).isDirectory()) return `--output: '${output}' exists and is not a directory`;
-    if (readdirSync(output).length > 0 && argv.overwrite !== true) {
-      return `--output: '${output}' is not empty (--overwrite writes into it anyway)`;
-    }
+  try {
+    checkOutputFolder(output, { name: '--output', overwrite: argv.overwrite === true, inputs: { '--input': input, '--adapter': adapter } });
+  } catch (e) {
+    if (e instanceof FileError) return e.message;
+    throw e;
   }
   return true;
 }
@@ -84,7 +83,8 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       })
       .option('output', {
         type: 'string', demandOption: true, requiresArg: true,
-        describe: 'the folder to write (created; must be empty unless --overwrite)',
+        describe: 'the folder to write (created; a model or adapter already in it is replaced only with --overwrite; ' +
+            'other files stay)',
       })
       .option('from', {
         type: 'string', choices: MODEL_DIR_FORMATS, requiresArg: true,
@@ -103,7 +103,7 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
         type: 'string', default: 'default', requiresArg: true,
         describe: 'the adapter\'s name on the model\'s layers (loaded with --adapter, written with --to peft)',
       })
-      .option('overwrite', { type: 'boolean', default: false, describe: 'write into a non-empty --output folder' })
+      .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --output' })
       .option('backend', {
         type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
       })

@@ -12,6 +12,8 @@ import { TrainError } from '../../train/errors.js';
 import { onInterrupt } from '../../train/interrupt.js';
 import { INIT_PRESET_NAMES } from '../../train/presets.js';
 import { runTraining, type TrainMode, type TrainRunResult } from '../../train/run.js';
+import { FileError } from '../../util/files.js';
+import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import { pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
@@ -28,6 +30,7 @@ interface TrainArgs {
   seed: number;
   backend: string;
   out: string;
+  overwrite: boolean;
   json: boolean;
 }
 
@@ -41,7 +44,7 @@ const isFile = (p: string) => existsSync(p) && statSync(p).isFile();
 const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 
 const LORA_FLAG = /^lora-(?!mode$)/;
-const SINGLE_FLAGS = ['init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out'];
+const SINGLE_FLAGS = ['init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out', 'overwrite'];
 
 export function builder(yargs: Argv): Argv<TrainArgs> {
   const y = yargs
@@ -68,8 +71,10 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       .option('backend', { type: 'string', choices: BACKENDS, default: 'wasm', requiresArg: true, describe: 'tfjs backend' })
       .option('out', {
         type: 'string', demandOption: true, requiresArg: true,
-        describe: 'output folder: an HF checkpoint + tokenizer.json, or with LoRA a PEFT adapter',
+        describe: 'output folder: an HF checkpoint + tokenizer.json, or with LoRA a PEFT adapter (checked before ' +
+            'training; never the --model folder nor inside it)',
       })
+      .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
   return pluginOptions(y)
       .check(argv => {
@@ -99,6 +104,13 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
         if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1) return `--seed must be an integer in [0, 2^32) but got ${seed}`;
         const lr = argv.lr as number | undefined;
         if (lr !== undefined && !(Number.isFinite(lr) && lr > 0)) return `--lr must be a number > 0 but got ${lr}`;
+        // last, as it creates --out's parent folders: the output is checked before any work
+        try {
+          checkOutputFolder(argv.out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model } });
+        } catch (e) {
+          if (e instanceof FileError) return e.message;
+          throw e;
+        }
         return true;
       })
       .example('$0 train --init-config qwen3_moe --data base.txt --steps 600 --out my-model', 'from scratch')
@@ -133,7 +145,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
     result = await runTraining({
       initConfig: argv.initConfig, model: argv.model, data: argv.data, val: argv.val,
       steps: argv.steps, lr: argv.lr ?? (plugin.lora !== null ? DEFAULT_LR.lora : DEFAULT_LR.full),
-      batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, plugin,
+      batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, overwrite: argv.overwrite, plugin,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
       note: line => process.stderr.write(`note: ${line}\n`),
