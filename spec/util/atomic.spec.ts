@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import { spawnSync } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -65,6 +66,17 @@ describe('util/atomic', () => {
     err = undefined;
     try { await writeFileAtomically(join(root, 'tokenizer.json'), '{}'); } catch (e) { err = e; }
     expect((err as Error).message).to.equal(`save: '${join(root, 'tokenizer.json')}' exists and is not a regular file; it is not replaced`);
+  });
+
+  it('removes what saves killed earlier left beside the target, not what a running one uses', async () => {
+    const dead = spawnSync(process.execPath, ['-e', '0']).pid!;  // a process that has exited
+    const target = join(root, 'adapter');
+    await mkdir(join(root, `.adapter.tmp-${dead}-abc123`));
+    await writeFile(join(root, `.tokenizer.json.tmp-${dead}-x1`), 'half');
+    await mkdir(join(root, `.adapter.tmp-${process.pid}-live00`));
+    await writeArtifactFolder(target, async dir => { await writeFile(join(dir, 'a.json'), '1'); });
+    await writeFileAtomically(join(root, 'tokenizer.json'), '{}');
+    expect((await readdir(root)).sort()).to.deep.equal([`.adapter.tmp-${process.pid}-live00`, 'adapter', 'tokenizer.json']);
   });
 
   it('writes a single file through a rename, leaving nothing else', async () => {

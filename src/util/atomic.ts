@@ -8,7 +8,8 @@
  * renamed to the target, and the old one removed. The only instant with no target is between the
  * last two renames; every reader opens folders through `openArtifactFolder` (files.ts), which
  * finishes such a save first. Files in the old folder that the new artifact neither writes nor
- * `owns` (a README the user put there) are carried over.
+ * `owns` (a README the user put there) are carried over. Temporary names carry the writer's process
+ * id, so the next save removes what a killed one left.
  */
 import { constants, mkdirSync, statSync, type Stats } from 'node:fs';
 import { cp, link, lstat, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
@@ -79,6 +80,7 @@ export async function writeFileAtomically(path: string, data: string | Uint8Arra
   if (existing !== null && !existing.isFile()) {
     throw new FileError(`${what}: '${path}' exists and is not a regular file; it is not replaced`);
   }
+  await removeAbandonedTemporaries(path);
   const tmp = join(parent, `.${basename(path)}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`);
   try {
     await writeFile(tmp, data);
@@ -89,6 +91,30 @@ export async function writeFileAtomically(path: string, data: string | Uint8Arra
     throw e;
   }
   await fsyncPath(parent);
+}
+
+/**
+ * Removes the temporary files and folders that saves of `target` killed earlier left beside it:
+ * their names carry the writer's process id, and only those of processes no longer running go
+ * (a save in progress elsewhere keeps its own).
+ */
+async function removeAbandonedTemporaries(target: string): Promise<void> {
+  const parent = dirname(resolve(target));
+  const prefix = `.${basename(resolve(target))}.tmp-`;
+  for (const name of await readdir(parent).catch(() => [] as string[])) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(/^(\d+)-/.exec(name.slice(prefix.length))?.[1]);
+    if (Number.isInteger(pid) && pid > 0 && !isRunning(pid)) await rm(join(parent, name), { recursive: true, force: true });
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';  // running, owned by another user
+  }
 }
 
 export interface ArtifactFolderOptions {
@@ -126,7 +152,8 @@ export async function writeArtifactFolder(
     throw new FileError(`${what}: '${target}' exists and is not a folder; it is not replaced`);
   }
   const { next, previous, tmpPrefix } = artifactSiblings(target);
-  const tmp = await mkdtemp(tmpPrefix);
+  await removeAbandonedTemporaries(target);
+  const tmp = await mkdtemp(`${tmpPrefix}${process.pid}-`);
   try {
     await write(tmp);
     const written = new Set(await readdir(tmp));
