@@ -13,6 +13,7 @@ import { runTraining } from '../../src/train/run.js';
 import { validatePluginArgs } from '../../src/args/validate.js';
 import { FileError } from '../../src/util/files.js';
 import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
+import { expectSettlesQuickly, makeFifo } from '../io/special_files.js';
 import { runMain, type CliRun } from './run_cli.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
@@ -146,6 +147,16 @@ describe('cli output folders', () => {
       }
       expect(tf.memory().numTensors).to.equal(tensors);
     });
+  });
+
+  it('runTraining() refuses a FIFO as its data at once instead of blocking on it', async () => {
+    const fifo = makeFifo(dir, 'data.fifo');
+    const plugin = validatePluginArgs({});
+    const err = await expectSettlesQuickly(runTraining({
+      initConfig: 'qwen3_moe', data: fifo, steps: 1, lr: 1e-3, batch: 2, seq: 8, seed: 1, plugin, out: join(dir, 'fifo-out'),
+    }), fifo);
+    expect(err).to.be.instanceOf(FileError);
+    expect(err.message).to.equal(`the training data file '${fifo}' is a FIFO (named pipe), not a regular file`);
   });
 
   describe('convert --output', () => {

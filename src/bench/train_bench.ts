@@ -11,7 +11,6 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { existsSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readTokenizer } from '../data/tokenizer_file.js';
@@ -21,6 +20,7 @@ import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { register, unregister } from '../plugin.js';
 import { windowStream } from '../train/batches.js';
 import { nextTokenLoss } from '../train/loss.js';
+import { readTextFile } from '../util/files.js';
 import { ASYNC_READ_BACKENDS, BENCH_LORA_CASES, median, timeRuns, type BenchLoRA } from './block_bench.js';
 
 const OP = 'benchTrainingStep';
@@ -142,7 +142,7 @@ export async function benchTrainingStep(options: TrainBenchOptions = {}): Promis
   const o = checkOptions(options);
   const backend = tf.getBackend();
   const tokenizer = await readTokenizer(o.model);
-  const tokens = tokenizer.encode(await readFile(o.text, 'utf8'));
+  const tokens = tokenizer.encode(await readTextFile(o.text, '--text'));
   if (tokens.length < o.seq + 1) fail(OP, `'text' must hold more than seq = ${o.seq} characters but has ${tokens.length}`);
   const model = await loadHFCheckpoint(o.model);
   const kernels: Kernel[] = ASYNC_READ_BACKENDS.includes(backend) ? ['fused'] : ['fused', 'reference'];

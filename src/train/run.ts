@@ -6,7 +6,6 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
@@ -18,6 +17,7 @@ import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_
 import type { HFConfig } from '../models/families.js';
 import { register, type PluginHandle } from '../plugin.js';
 import { checkOutputFolder } from '../util/output_folder.js';
+import { readTextFile } from '../util/files.js';
 import { TrainError } from './errors.js';
 import { evaluateLoss } from './evaluate.js';
 import { trainLoop } from './loop.js';
@@ -79,7 +79,7 @@ export interface TrainRunResult {
 }
 
 async function readText(path: string, what: string): Promise<string> {
-  const text = await readFile(path, 'utf8');
+  const text = await readTextFile(path, `the ${what} file`);
   if (text.length === 0) throw new TrainError(`the ${what} file '${path}' is empty`);
   return text;
 }
@@ -88,11 +88,10 @@ async function initConfig(spec: string, vocabSize: number): Promise<HFConfig> {
   if ((INIT_PRESET_NAMES as string[]).includes(spec)) return presetConfig(spec as InitPreset, vocabSize);
   let text: string;
   try {
-    text = await readFile(spec, 'utf8');
+    text = await readTextFile(spec, '--init-config');
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
     throw new TrainError(`--init-config '${spec}' is neither a preset (${INIT_PRESET_NAMES.join(', ')}) nor a readable ` +
-        `config.json (${code ?? (e as Error).message})`);
+        `config.json (${(e as Error).message})`);
   }
   let config: unknown;
   try {
