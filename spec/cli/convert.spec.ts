@@ -11,6 +11,7 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
 import { runMain, spawnCli } from './run_cli.js';
+import { rejection } from '../helpers/rejection.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
 
@@ -45,14 +46,6 @@ function expectSameWeights(actual: tfl.LayerVariable[], expected: tfl.LayerVaria
   }
 }
 
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 describe('cli/convert', () => {
   after(cleanup);

@@ -12,6 +12,7 @@ import { parseSafetensors, readSafetensorsFile, SafetensorsError } from '../../s
 import type { MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { cleanup, fixtureConfig, fixtureDir, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 /** A fetch over the local file system: '<dir>/<file>' URLs, 404 for missing files; records what it was asked. */
 function folderFetch(overrides: Record<string, () => Promise<Response>> = {}): FetchFunction & { urls: string[] } {
@@ -30,14 +31,6 @@ function logits(model: MoECausalLM, ids: tf.Tensor): number[] {
   return tf.tidy(() => Array.from((model.predict(ids) as tf.Tensor).dataSync()));
 }
 
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 describe('io/fetch_checkpoint fetchHFCheckpoint', () => {
   after(cleanup);

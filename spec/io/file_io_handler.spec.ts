@@ -11,15 +11,7 @@ import { buildMoECausalLM, hfConfigOf, sparseMoELayers } from '../../src/layers/
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { cleanup, fixtureConfig, fixtureDir, tempDir } from './checkpoint_helpers.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 describe('io/file_io_handler (file:// without tfjs-node)', () => {
   before(() => { registerFileIOHandler(); });

@@ -8,6 +8,7 @@ import { SafetensorsError } from '../../src/io/safetensors.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 async function logitsOf(dir: string, ids: tf.Tensor): Promise<Float32Array> {
   const model = await loadHFCheckpoint(dir);
@@ -18,14 +19,6 @@ async function logitsOf(dir: string, ids: tf.Tensor): Promise<Float32Array> {
   return data;
 }
 
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 describe('io/hf_checkpoint loadHFCheckpoint', () => {
   after(cleanup);

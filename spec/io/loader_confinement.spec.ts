@@ -21,15 +21,7 @@ import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { artifactSiblings, FileError } from '../../src/util/files.js';
 import { cleanup, fixtureConfig, fixtureDir, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';
 import { expectSettlesQuickly, makeFifo } from './special_files.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 /** A copy of an HF fixture checkpoint in a new folder (config.json + model.safetensors). */
 async function hfCopy(arch = 'mixtral', shards = 1): Promise<string> {

@@ -11,15 +11,7 @@ import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetens
 import { addMoEAdapter, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { cleanup, fixtureDir, golden, readAll, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 /** A copy of a fixture adapter with its config and tensors edited. */
 async function editedAdapter(

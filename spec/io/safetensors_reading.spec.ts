@@ -17,6 +17,7 @@ import {
 } from '../../src/io/safetensors.js';
 import { FileError } from '../../src/util/files.js';
 import { expectSettlesQuickly, makeFifo } from './special_files.js';
+import { rejection } from '../helpers/rejection.js';
 
 /** A file built by hand: the u64 length, the header text as given, then the data bytes. */
 function build(header: unknown, data: Uint8Array = new Uint8Array(0)): Uint8Array {
@@ -52,14 +53,6 @@ function thrown(fn: () => unknown): Error {
   throw new Error('expected a throw');
 }
 
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 const f32 = (begin: number, n: number) => ({ dtype: 'F32', shape: [n], data_offsets: [begin, begin + 4 * n] });
 

@@ -7,15 +7,7 @@ import { MoELoraError } from '../../src/errors.js';
 import {
   confinedPath, FileError, openArtifactFolder, openRegularFile, readJSONFile, readRegularFile,
 } from '../../src/util/files.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 /** Fails instead of hanging when `p` blocks (a FIFO opened for a blocking read never returns). */
 function within<T>(ms: number, p: Promise<T>): Promise<T> {
