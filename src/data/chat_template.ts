@@ -3,8 +3,8 @@
  * them: the Jinja template of tokenizer_config.json (or chat_template.jinja) with @huggingface/jinja
  * (trim_blocks and lstrip_blocks, as transformers compiles it), given `messages`,
  * `add_generation_prompt`, `tools` and `documents` (None unless given), the special tokens the
- * tokenizer has (bos_token, eos_token, unk_token, pad_token) and the globals `raise_exception` and
- * `strftime_now`. No Node dependency.
+ * tokenizer has (bos_token, eos_token, unk_token, pad_token); @huggingface/jinja itself provides
+ * transformers' globals `raise_exception` and `strftime_now`. No Node dependency.
  */
 import { Template } from '@huggingface/jinja';
 import { describeValue } from '../util/describe.js';
@@ -43,21 +43,6 @@ export function checkChatMessages(messages: unknown, source: string): ChatMessag
   return messages as ChatMessage[];
 }
 
-const MONTHS = ['January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September', 'October',
-  'November', 'December'];
-
-/** Python's `datetime.now().strftime(format)` for the directives chat templates use (dates in system prompts). */
-function strftimeNow(format: string): string {
-  const now = new Date();
-  const pad = (n: number) => String(n).padStart(2, '0');
-  const values: Record<string, string> = {
-    Y: String(now.getFullYear()), y: pad(now.getFullYear() % 100), m: pad(now.getMonth() + 1), d: pad(now.getDate()),
-    B: MONTHS[now.getMonth()], b: MONTHS[now.getMonth()].slice(0, 3), H: pad(now.getHours()), M: pad(now.getMinutes()),
-    S: pad(now.getSeconds()), '%': '%',
-  };
-  return String(format).replace(/%([YymdBbHMS%])/g, (_, d: string) => values[d]);
-}
-
 /** A compiled chat template; `source` names it in messages. */
 export class ChatTemplate {
   private readonly template: Template;
@@ -88,11 +73,9 @@ export class ChatTemplate {
         documents: null,
         add_generation_prompt: options.addGenerationPrompt === true,
         ...this.specialTokens,
-        raise_exception: (message: string) => { throw new TokenizerError(`${this.source}: the chat template refused the messages: ${message}`); },
-        strftime_now: strftimeNow,
       });
     } catch (e) {
-      if (e instanceof TokenizerError) throw e;
+      // raise_exception(message) in a template arrives here as an Error with that message
       throw new TokenizerError(`${this.source}: the chat template failed: ${(e as Error).message}`);
     }
   }
