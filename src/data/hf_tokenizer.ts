@@ -146,6 +146,7 @@ export class HFTokenizer implements TextTokenizer {
         throw new TokenizerError(`\`HFTokenizer.decode()\`: id ${id} at position ${i} is not in [0, ${this.vocabSize})`);
       }
     });
+    if (list.length === 0) return '';  // @huggingface/tokenizers refuses an empty list
     return this.tokenizer.decode(list, { skip_special_tokens: options.skipSpecialTokens === true });
   }
 
