@@ -58,8 +58,16 @@ describe('data/hf_tokenizer', () => {
     const body = ids(plain.encode('miro vidi'));
     expect(ids(tok.encode('miro vidi'))).to.deep.equal([BOS_ID, ...body, EOT_ID]);
     expect(ids(tok.encode('miro vidi', { addSpecialTokens: false }))).to.deep.equal(body);
-    // a text that starts with BOS already gets no second one
-    expect(ids(tok.encode(`${BOS}miro vidi`))).to.deep.equal([BOS_ID, ...body, EOT_ID]);
+    // as transformers' post-processor: a text that starts with BOS gets a second one
+    expect(ids(tok.encode(`${BOS}miro vidi`))).to.deep.equal([BOS_ID, BOS_ID, ...body, EOT_ID]);
+    // a file whose post-processor adds BOS already gets no second one from add_bos_token
+    const framing = JSON.parse(BPE_WITH_BOS) as Record<string, unknown>;
+    framing['post_processor'] = { type: 'TemplateProcessing', single: [{ SpecialToken: { id: BOS, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+      pair: [{ Sequence: { id: 'A', type_id: 0 } }, { Sequence: { id: 'B', type_id: 1 } }],
+      special_tokens: { [BOS]: { id: BOS, ids: [BOS_ID], tokens: [BOS] } } };
+    const framed = HFTokenizer.fromFiles({ tokenizer: JSON.stringify(framing), config: config({ bos_token: BOS, add_bos_token: true }) });
+    expect(ids(framed.encode('miro vidi'))).to.deep.equal([BOS_ID, ...body]);
+    expect(ids(framed.encode('miro vidi', { addSpecialTokens: false }))).to.deep.equal(body);
   });
 
   it('adds config.json eos ids after the tokenizer\'s own', async () => {

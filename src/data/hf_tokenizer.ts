@@ -102,10 +102,12 @@ export class HFTokenizer implements TextTokenizer {
     idOf('unk_token');
     this.specialTokens = specialTokens;
     this.eosTokenIds = [...new Set([...(eos === null ? [] : [eos]), ...modelEos(options.modelEosTokenIds, this.vocabSize, source)])];
-    // transformers adds BOS/EOS itself when add_bos_token / add_eos_token say so (Llama-style tokenizers whose
-    // post-processor does not); @huggingface/tokenizers only runs the post-processor
-    this.addBos = config['add_bos_token'] === true && this.bosTokenId !== null;
-    this.addEos = config['add_eos_token'] === true && eos !== null;
+    // transformers' Llama-style tokenizers rebuild the post-processor from add_bos_token / add_eos_token, so BOS
+    // and EOS come once, before and after every text; @huggingface/tokenizers only runs the file's post-processor:
+    // add what it does not already add
+    const framed = this.tokenizer.encode('', { add_special_tokens: true }).ids;
+    this.addBos = config['add_bos_token'] === true && this.bosTokenId !== null && framed[0] !== this.bosTokenId;
+    this.addEos = config['add_eos_token'] === true && eos !== null && framed[framed.length - 1] !== eos;
     const template = files.chatTemplate ?? chatTemplateText(config['chat_template']);
     this.chatTemplate = template === null ? null : new ChatTemplate(template, specialTokens, source);
   }
@@ -133,8 +135,8 @@ export class HFTokenizer implements TextTokenizer {
     if (typeof text !== 'string') throw new TokenizerError(`\`HFTokenizer.encode()\`: 'text' must be a string but is ${describeValue(text)}`);
     const special = options.addSpecialTokens !== false;
     const ids = this.tokenizer.encode(text, { add_special_tokens: special }).ids;
-    if (special && this.addBos && ids[0] !== this.bosTokenId) ids.unshift(this.bosTokenId!);
-    if (special && this.addEos && ids[ids.length - 1] !== this.eosTokenIds[0]) ids.push(this.eosTokenIds[0]);
+    if (special && this.addBos) ids.unshift(this.bosTokenId!);
+    if (special && this.addEos) ids.push(this.eosTokenIds[0]);
     return Int32Array.from(ids);
   }
 
