@@ -4,6 +4,7 @@
  * template, so users can check what training and generation will see.
  */
 import type { ArgumentsCamelCase, Argv } from 'yargs';
+import type { ChatMessage } from '../../data/chat_template.js';
 import { HFTokenizer } from '../../data/hf_tokenizer.js';
 import { CharTokenizer, TokenizerError } from '../../data/tokenizer.js';
 import { readTokenizer } from '../../data/tokenizer_file.js';
@@ -87,7 +88,8 @@ export async function tokenizeReport(argv: Partial<TokenizeArgs> & { model: stri
       throw new TokenizerError(`--chat: the tokenizer of '${argv.model}' is a character tokenizer, which has no chat template`);
     }
     const messages = await readChat(argv.chat);
-    text = tokenizer.applyChatTemplate(messages as never, { addGenerationPrompt: argv.generationPrompt === true });
+    // the template checks the messages (role and content of each) before rendering
+    text = tokenizer.applyChatTemplate(messages as ChatMessage[], { addGenerationPrompt: argv.generationPrompt === true });
     ids = tokenizer.encode(text, { addSpecialTokens: false });
   } else {
     text = argv.text ?? '';
