@@ -25,8 +25,11 @@ export {
 export { inspectModel, type ModelReport, type MoELayerReport, type AdapterReport } from './models/inspect.js';
 export { saveHFCheckpoint, hfCheckpointTensors, type SaveHFCheckpointOptions } from './io/hf_save.js';
 export {
-  CharTokenizer, TokenizerError, readTokenizer, writeTokenizer, generateCorpus,
+  CharTokenizer, TokenizerError, readTokenizer, writeTokenizer, tokenizerFiles, generateCorpus,
+  HFTokenizer, ChatTemplate, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,
   type CharTokenizerJSON, type Corpus, type CorpusOptions, type CorpusStyle,
+  type TextTokenizer, type EncodeOptions, type DecodeOptions, type ChatMessage, type ChatTemplateOptions,
+  type HFTokenizerFiles, type HFTokenizerOptions,
 } from './data/index.js';
 export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,

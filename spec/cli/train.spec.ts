@@ -7,6 +7,7 @@ import { expect } from 'chai';
 import { spawn } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { CharTokenizer } from '../../src/data/tokenizer.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft.js';
@@ -79,7 +80,7 @@ describe('cli/train', () => {
       expect(result.valLossAfter).to.be.a('number');
       expect(result.trainableParams).to.equal(result.params);
       expect((await readdir(scratchOut)).sort()).to.deep.equal(['config.json', 'model.safetensors', 'tokenizer.json']);
-      const tokenizer = await readTokenizer(scratchOut);
+      const tokenizer = await readTokenizer(scratchOut) as CharTokenizer;
       expect(tokenizer.tokens.slice(1).join('')).to.equal([...new Set(TEXT)].sort().join(''));
       const saved = JSON.parse(await readFile(join(scratchOut, 'config.json'), 'utf8'));
       expect(saved).to.deep.equal({ ...TINY_CONFIG, vocab_size: tokenizer.vocabSize });

@@ -49,7 +49,7 @@ describe('data/tokenizer: CharTokenizer', () => {
       model: { type: 'WordLevel', vocab: Object.fromEntries(tok.tokens.map((t, i) => [t, i])), unk_token: '<unk>' },
     });
     expect(json.model.vocab).to.include({ '<unk>': 0, '\n': 1, ' ': 2, v: 16 });
-    const again = await readTokenizer(dir);
+    const again = await readTokenizer(dir) as CharTokenizer;
     expect(again.tokens).to.deep.equal(tok.tokens);
     expect(again.decode(again.encode(TEXT))).to.equal(TEXT);
   });

@@ -15,6 +15,7 @@ import { expect } from 'chai';
 import { spawn } from 'node:child_process';
 import { cp, lstat, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { CharTokenizer } from '../../src/data/tokenizer.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
@@ -76,11 +77,11 @@ async function checkArtifact(kind: ArtifactKind, dir: string, old: Snapshot, neu
     }
   } else if (kind === 'hf') {
     (await loadHFCheckpoint(dir)).dispose();
-    expect((await readTokenizer(dir)).toJSON(), where).to.deep.equal(writerTokenizer(outcome).toJSON());
+    expect((await readTokenizer(dir) as CharTokenizer).toJSON(), where).to.deep.equal(writerTokenizer(outcome).toJSON());
   } else if (kind === 'tfjs') {
     (await tfl.loadLayersModel(fileIO(dir))).dispose();
   } else {
-    expect((await readTokenizer(dir)).toJSON(), where).to.deep.equal(writerTokenizer(outcome).toJSON());
+    expect((await readTokenizer(dir) as CharTokenizer).toJSON(), where).to.deep.equal(writerTokenizer(outcome).toJSON());
   }
   return outcome;
 }

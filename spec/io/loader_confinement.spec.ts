@@ -327,7 +327,7 @@ describe('io loaders: confined to their folder, regular files only', () => {
       await mkdir(tokDir);
       await writeTokenizer(tokDir, CharTokenizer.fromText('abc'));
       await interrupt(tokDir);
-      expect((await readTokenizer(tokDir)).toJSON()).to.deep.equal(CharTokenizer.fromText('abc').toJSON());
+      expect((await readTokenizer(tokDir) as CharTokenizer).toJSON()).to.deep.equal(CharTokenizer.fromText('abc').toJSON());
     });
   });
 });

@@ -16,10 +16,11 @@
  */
 
 import { MoELoraError } from '../errors.js';
+import type { TextTokenizer } from './text_tokenizer.js';
 export const TOKENIZER_FILE = 'tokenizer.json';
 export const UNKNOWN_TOKEN = '<unk>';
 /** The pre-tokenizer pattern: every code point its own piece. */
-const CHAR_PATTERN = '[\\s\\S]';
+export const CHAR_PATTERN = '[\\s\\S]';
 
 /** A tokenizer file that cannot be read or is not a character tokenizer of the layout above. */
 export class TokenizerError extends MoELoraError {
@@ -54,7 +55,11 @@ export function describeChar(c: string): string {
   return `${shown}(U+${hex})`;
 }
 
-export class CharTokenizer {
+export class CharTokenizer implements TextTokenizer {
+  /** no BOS, EOS or padding: a character tokenizer trains on running text */
+  readonly bosTokenId = null;
+  readonly eosTokenIds: readonly number[] = [];
+  readonly padTokenId = null;
   /** tokens[id]: the unknown token at 0, then single characters */
   readonly tokens: readonly string[];
   private readonly ids: Map<string, number>;

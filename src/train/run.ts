@@ -1,15 +1,17 @@
 /**
  * One training run as `tfjs-moe-lora train` does it: a model from scratch (an init config) or
- * from a checkpoint folder, its character tokenizer, the plugin registered with the run's args
+ * from a checkpoint folder, its tokenizer (the character tokenizer built from the data, or the
+ * folder's: a real HF tokenizer.json or a character one), the plugin registered with the run's args
  * (LoRA or not), the training loop, and the result written to a folder: an HF checkpoint with
- * its tokenizer.json (from scratch, or full fine-tuning), or a PEFT adapter (LoRA).
+ * its tokenizer files (from scratch, or full fine-tuning), or a PEFT adapter (LoRA).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
+import type { HFTokenizer } from '../data/hf_tokenizer.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
-import { readTokenizer, tokenizerFileText } from '../data/tokenizer_file.js';
+import { readTokenizer, tokenizerFiles } from '../data/tokenizer_file.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
@@ -142,7 +144,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
 
   let model: tfl.LayersModel;
-  let tokenizer: CharTokenizer;
+  let tokenizer: CharTokenizer | HFTokenizer;
   if (options.initConfig !== undefined) {
     tokenizer = CharTokenizer.fromText(text);
     const config = await initConfig(options.initConfig, tokenizer.vocabSize);
@@ -163,16 +165,20 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     }
     handle = register({ ...plugin, models: [model] });
     if (lora !== null) seedAdapterInit(model, lora.adapterName, options.seed);
-    for (const [label, t] of [['training data', text], ['validation text', valText ?? '']] as const) {
-      const unknown = tokenizer.unknownChars(t);
-      if (unknown.length > 0) {
-        options.note?.(`${label}: ${unknown.length} character${unknown.length > 1 ? 's' : ''} not in the tokenizer ` +
-            `became <unk>: ${unknown.slice(0, 8).map(describeChar).join(', ')}${unknown.length > 8 ? ', ...' : ''}`);
+    // a real tokenizer has byte fallback or an unknown token of its own: only the character one can miss characters
+    if (tokenizer instanceof CharTokenizer) {
+      const chars = tokenizer;
+      for (const [label, t] of [['training data', text], ['validation text', valText ?? '']] as const) {
+        const unknown = chars.unknownChars(t);
+        if (unknown.length > 0) {
+          options.note?.(`${label}: ${unknown.length} character${unknown.length > 1 ? 's' : ''} not in the tokenizer ` +
+              `became <unk>: ${unknown.slice(0, 8).map(describeChar).join(', ')}${unknown.length > 8 ? ', ...' : ''}`);
+        }
       }
     }
     const tokens = tokenizer.encode(text);
     const valTokens = valText === undefined ? undefined : tokenizer.encode(valText);
-    if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 characters`);
+    if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 tokens`);
     const evaluate = () => valTokens === undefined ? null : evaluateLoss(model, valTokens, { seq: options.seq, batch: options.batch });
 
     const valLossBefore = evaluate();
@@ -198,8 +204,9 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
     } else {
       // the tokenizer is part of the checkpoint artifact: one atomic save, never new weights with an old tokenizer
-      await saveHFCheckpoint(model, options.out, { extraFiles: { [TOKENIZER_FILE]: tokenizerFileText(tokenizer) } });
-      files = ['config.json', 'model.safetensors', TOKENIZER_FILE];
+      const extraFiles = tokenizerFiles(tokenizer);
+      await saveHFCheckpoint(model, options.out, { extraFiles });
+      files = ['config.json', 'model.safetensors', ...Object.keys(extraFiles)];
     }
     const last = result.losses.slice(-10);
     return {
