@@ -32,4 +32,4 @@ export * from './layers/index.js';
 export {
   loadHFCheckpointFrom, CheckpointError, hfWeightName, type LoadHFCheckpointOptions, type HFCheckpointFiles,
 } from './io/hf_checkpoint_core.js';
-export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction } from './io/fetch_checkpoint.js';
+export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction, type FetchResponse } from './io/fetch_checkpoint.js';
