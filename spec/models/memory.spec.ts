@@ -76,6 +76,11 @@ describe('models/memory', () => {
         const f32 = estimateLoadMemory(config);
         expect(f32, arch).to.deep.include({ bytes: all, expertBytes: bytesOf(experts), otherBytes: all - bytesOf(experts) });
         expect(f32.largest.bytes, arch).to.equal(largest);
+        // the peak: the weights, the largest MoE layer read beside them, and the largest other weight
+        const blocks = sparseMoELayers(model);
+        const inBlocks = new Set(blocks.flatMap(l => l.weights.map(w => w.originalName)));
+        const largestPlain = Math.max(...model.weights.filter(w => !inBlocks.has(w.originalName)).map(w => bytesOf([w])));
+        expect(f32.peakBytes, arch).to.equal(all + Math.max(...blocks.map(l => bytesOf(l.weights))) + largestPlain);
         const packed = estimateLoadMemory(config, { expertBytesPerElement: 2 });
         expect(packed.bytes, arch).to.equal(all - bytesOf(experts) / 2);
         expect(packed.expertBytes, arch).to.equal(bytesOf(experts) / 2);
@@ -106,8 +111,11 @@ describe('models/memory', () => {
       const used = tf.memory().numBytes;
       const e = await rejection(loadHFCheckpoint(dir));
       expect(e).to.be.instanceOf(CheckpointError);
-      expect(e.message).to.equal(`\`loadHFCheckpoint()\`: '${dir}': the weights need ${float32Bytes} bytes ` +
-        `(${(float32Bytes / 2 ** 30).toFixed(2)} GiB) but the wasm backend holds at most 4294901760 bytes (4.00 GiB)` +
+      // the peak: the weights, one MoE layer's (experts 64 × 3 × 2048 × 1024 floats, router 64 × 2048) and the embedding's (50304 × 2048)
+      const peak = float32Bytes + 4 * (64 * 3 * 2048 * 1024 + 64 * 2048) + 4 * 50304 * 2048;
+      expect(estimateLoadMemory(config).peakBytes).to.equal(peak);
+      expect(e.message).to.equal(`\`loadHFCheckpoint()\`: '${dir}': loading the weights (${float32Bytes} bytes) needs at its peak ${peak} bytes ` +
+        `(${(peak / 2 ** 30).toFixed(2)} GiB) but the wasm backend holds at most 4294901760 bytes (4.00 GiB)` +
         (used > 0 ? `, of which tensors already take ${used} bytes (${(used / 2 ** 30).toFixed(2)} GiB)` : '') +
         '; use a backend with more memory (cpu, webgpu) or a smaller model');
       expect(tf.memory().numTensors).to.equal(before);

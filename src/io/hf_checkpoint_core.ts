@@ -274,8 +274,9 @@ export async function modelFromCheckpoint(
   familyOf(config);  // unknown model types fail here, before any weight is checked
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   // know before you build: every weight is read as float32 here, experts included
-  const tooLarge = memoryProblem('the weights need',
-      estimateLoadMemory(config, { expertBytesPerElement: 4 }), 'a smaller model');
+  const need = estimateLoadMemory(config, { expertBytesPerElement: 4 });
+  const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
+      { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
   const model = buildMoECausalLM(config, options);
   try {

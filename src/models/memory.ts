@@ -44,6 +44,14 @@ export interface LoadMemoryEstimate {
   otherBytes: number;
   /** the largest single weight of the model as it holds it (experts fused: [E, 2I, H]) */
   largest: { name: string; bytes: number };
+  /**
+   * what a load holds at its peak: `bytes`, plus the largest MoE block's weights (read and fused
+   * beside the built model's before they replace them), plus the largest other weight (its copy
+   * read beside it; on wasm, also the hole its replaced value leaves, which a larger tensor read
+   * later cannot reuse). Measured: OLMoE's widths with 1 layer, 2.50e9 bytes of weights, run out of
+   * wasm's 4.29e9-byte heap while loading.
+   */
+  peakBytes: number;
 }
 
 const size = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
@@ -65,32 +73,39 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
     fail(op, `'options.expertBytesPerElement' must be 1, 2 or 4 but got ${JSON.stringify(expertBytesPerElement)}`);
   }
   const plan = configTensorPlan(config);
-  const weights: Array<{ name: string; elements: number; bytesPerElement: number }> =
-      plan.plain.map(e => ({ name: e.name, elements: size(e.shape), bytesPerElement: 4 }));
-  for (const { plan: block } of plan.blocks) {
+  // `block`: the decoder layer of a MoE block's weight, null for the others
+  const weights: Array<{ name: string; elements: number; bytesPerElement: number; block: number | null }> =
+      plan.plain.map(e => ({ name: e.name, elements: size(e.shape), bytesPerElement: 4, block: null }));
+  for (const { layer, plan: block } of plan.blocks) {
     const sum = (list: Array<Expected | undefined>) => list.reduce((n, e) => n + (e === undefined ? 0 : size(e.shape)), 0);
     const ex = block.experts;
     // the model holds each block's experts fused, one gate_up and one down tensor, whatever the checkpoint's layout
     const [gateUp, down, name] = ex.kind === 'perExpert' ?
       [sum([...ex.gate, ...ex.up]), sum(ex.down), ex.down[0]?.name.replace(/\.experts\.\d+\..*$/, '.experts') ?? 'experts'] :
       [size(ex.gateUp.shape), size(ex.down.shape), ex.gateUp.name.replace(/\.[^.]+$/, '')];
-    weights.push({ name: `${name} (gate_up, fused)`, elements: gateUp, bytesPerElement: expertBytesPerElement });
-    weights.push({ name: `${name} (down, fused)`, elements: down, bytesPerElement: expertBytesPerElement });
+    weights.push({ name: `${name} (gate_up, fused)`, elements: gateUp, bytesPerElement: expertBytesPerElement, block: layer });
+    weights.push({ name: `${name} (down, fused)`, elements: down, bytesPerElement: expertBytesPerElement, block: layer });
     const others: Array<Expected | undefined> = [block.router.weight, block.router.bias, block.router.correctionBias];
     if (ex.kind !== 'perExpert') others.push(ex.gateUpBias, ex.downBias);
     if (block.shared) others.push(block.shared.gate, block.shared.up, block.shared.down, block.shared.sigmoidGate);
-    for (const e of others) if (e !== undefined) weights.push({ name: e.name, elements: size(e.shape), bytesPerElement: 4 });
+    for (const e of others) if (e !== undefined) weights.push({ name: e.name, elements: size(e.shape), bytesPerElement: 4, block: layer });
   }
   let expertBytes = 0;
   let otherBytes = 0;
   let largest = { name: '', bytes: 0 };
+  let largestPlain = 0;
   for (const w of weights) {
     const bytes = w.elements * w.bytesPerElement;
     if (w.name.endsWith(', fused)')) expertBytes += bytes;
     else otherBytes += bytes;
     if (bytes > largest.bytes) largest = { name: w.name, bytes };
+    if (w.block === null) largestPlain = Math.max(largestPlain, bytes);
   }
-  return { bytes: expertBytes + otherBytes, expertBytes, otherBytes, largest };
+  const blockBytes = new Map<number, number>();
+  for (const w of weights) if (w.block !== null) blockBytes.set(w.block, (blockBytes.get(w.block) ?? 0) + w.elements * w.bytesPerElement);
+  const largestBlock = Math.max(0, ...blockBytes.values());
+  const bytes = expertBytes + otherBytes;
+  return { bytes, expertBytes, otherBytes, largest, peakBytes: bytes + largestBlock + largestPlain };
 }
 
 export interface TrainingMemoryEstimate {

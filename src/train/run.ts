@@ -148,7 +148,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     tokenizer = CharTokenizer.fromText(text);
     const config = await initConfig(options.initConfig, tokenizer.vocabSize);
     // a loaded checkpoint is checked by its loader; a new model before it is built (the step: by trainLoop)
-    const tooLarge = memoryProblem('the weights need', estimateLoadMemory(config), 'a smaller config');
+    const tooLarge = memoryProblem('the weights need', estimateLoadMemory(config), 'a smaller config');  // built in place: no load peak
     if (tooLarge !== null) throw new TrainError(`the model of '${options.initConfig}': ${tooLarge}`);
     model = buildMoECausalLM(config);
     const std = typeof config['initializer_range'] === 'number' ? config['initializer_range'] : 0.02;
