@@ -32,4 +32,8 @@ export * from './layers/index.js';
 export {
   loadHFCheckpointFrom, CheckpointError, hfWeightName, type LoadHFCheckpointOptions, type HFCheckpointFiles,
 } from './io/hf_checkpoint_core.js';
-export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction } from './io/fetch_checkpoint.js';
+export { fetchHFCheckpoint, type FetchHFCheckpointOptions, type FetchFunction, type FetchResponse } from './io/fetch_checkpoint.js';
+export {
+  estimateLoadMemory, estimateTrainingMemory, backendMemoryLimits, memoryProblem, formatBytes, WASM_HEAP_LIMIT_BYTES,
+  type LoadMemoryOptions, type LoadMemoryEstimate, type TrainingMemoryEstimate, type BackendMemoryLimits,
+} from './models/memory.js';

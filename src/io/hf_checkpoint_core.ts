@@ -11,6 +11,7 @@ import {
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import { familyOf, type HFConfig } from '../models/families.js';
+import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
 import { loadMoEBlockWeights, moeBlockTensorPlan, type BlockTensorPlan, type TensorSource } from './hf_block.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
@@ -272,6 +273,11 @@ export async function modelFromCheckpoint(
     options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
   familyOf(config);  // unknown model types fail here, before any weight is checked
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
+  // know before you build: every weight is read as float32 here, experts included
+  const need = estimateLoadMemory(config, { expertBytesPerElement: 4 });
+  const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
+      { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
+  if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
   const model = buildMoECausalLM(config, options);
   try {
     await fillWeights(op, model, config, source);

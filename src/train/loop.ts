@@ -15,6 +15,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { trainableVariables } from '../layers/moe_causal_lm.js';
+import { estimateTrainingMemory, memoryProblem } from '../models/memory.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { assertLogitsFit, windowStream } from './batches.js';
 import { TrainError } from './errors.js';
@@ -134,6 +135,11 @@ export async function trainLoop(
   assertLogitsFit(op, options.batch, options.seq, vocab);
   const variables = trainableVariables(model);
   if (variables.length === 0) throw new TrainError(`the model '${model.name}' has no trainable weights`);
+  // know before the first step: its gradients, Adam's state and activations beside the loaded weights
+  const need = estimateTrainingMemory(model, options);
+  const tooLarge = memoryProblem('a training step needs (gradients, Adam moments, activations; beyond the loaded weights)',
+      { bytes: need.stepBytes, largest: need.largest }, 'a smaller batch or seq');
+  if (tooLarge !== null) throw new TrainError(tooLarge);
   const changed = () => {
     const now = trainableVariables(model);
     return now.length !== variables.length || now.some((v, k) => v !== variables[k] || v.isDisposed);

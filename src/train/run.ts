@@ -17,6 +17,7 @@ import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
 import type { HFConfig } from '../models/families.js';
+import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { register, type PluginHandle } from '../plugin.js';
 import { checkOutputFolder } from '../util/output_folder.js';
 import { readTextFile } from '../util/files.js';
@@ -148,6 +149,9 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   if (options.initConfig !== undefined) {
     tokenizer = CharTokenizer.fromText(text);
     const config = await initConfig(options.initConfig, tokenizer.vocabSize);
+    // a loaded checkpoint is checked by its loader; a new model before it is built (the step: by trainLoop)
+    const tooLarge = memoryProblem('the weights need', estimateLoadMemory(config), 'a smaller config');  // built in place: no load peak
+    if (tooLarge !== null) throw new TrainError(`the model of '${options.initConfig}': ${tooLarge}`);
     model = buildMoECausalLM(config);
     const std = typeof config['initializer_range'] === 'number' ? config['initializer_range'] : 0.02;
     seedModelInit(model, options.seed, std);

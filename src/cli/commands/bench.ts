@@ -1,6 +1,7 @@
 /**
  * `tfjs-moe-lora bench`: the MoE block forward+backward, fused vs reference, on one backend; or,
- * with `--config example`, whole training steps of the example's model (tokens/s).
+ * with `--config example`, whole training steps of the example's model (tokens/s); or, with
+ * `--config load`, loading a bf16 checkpoint of OLMoE-1B-7B's shapes (memory, peak RSS, time).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
@@ -10,6 +11,9 @@ import {
   BENCH_CONFIGS, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, benchMoEBlock, formatBenchTable, type BenchLoRA,
   type CpuSegmentSum,
 } from '../../bench/block_bench.js';
+import {
+  LOAD_BENCH_CONFIG, LOAD_BENCH_EXPERT_DTYPES, benchLoad, formatLoadBenchTable, type LoadBenchExpertDtype,
+} from '../../bench/load_bench.js';
 import { TRAIN_BENCH_CONFIG, benchTrainingStep, formatTrainBenchTable } from '../../bench/train_bench.js';
 
 interface BenchArgs {
@@ -27,6 +31,8 @@ interface BenchArgs {
   model?: string;
   text?: string;
   reference: boolean;
+  layers?: number;
+  expertDtype?: string[];
 }
 
 export const command = 'bench';
@@ -40,9 +46,11 @@ function loraList(values: string[]): string[] {
 export function builder(yargs: Argv): Argv<BenchArgs> {
   return yargs
       .option('config', {
-        type: 'string', choices: [...Object.keys(BENCH_CONFIGS), TRAIN_BENCH_CONFIG], default: 'S', requiresArg: true,
+        type: 'string', choices: [...Object.keys(BENCH_CONFIGS), TRAIN_BENCH_CONFIG, LOAD_BENCH_CONFIG], default: 'S', requiresArg: true,
         describe: 'block shape: S (T=1024 H=256 I=128 E=8 K=2) for cpu/wasm, M1 and Q for webgpu, XS a smoke test; ' +
-            `or ${TRAIN_BENCH_CONFIG}: Adam steps of the example model (LoRA r 4 on experts + router, 8 × 64 tokens), tokens/s`,
+            `or ${TRAIN_BENCH_CONFIG}: Adam steps of the example model (LoRA r 4 on experts + router, 8 × 64 tokens), tokens/s; ` +
+            `or ${LOAD_BENCH_CONFIG}: write a random bf16 checkpoint of OLMoE-1B-7B's shapes in 5 GB shards to a temporary ` +
+            'folder and load it (a child process per load): tensor bytes, peak RSS, time',
       })
       .option('backend', {
         type: 'string', choices: BENCH_BACKENDS, default: 'wasm', requiresArg: true, describe: 'tfjs backend',
@@ -78,6 +86,15 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
         type: 'string', requiresArg: true,
         describe: `--config ${TRAIN_BENCH_CONFIG}: training text (default: the repository's examples/data/target_train.txt)`,
       })
+      .option('layers', {
+        type: 'number', requiresArg: true,
+        describe: `--config ${LOAD_BENCH_CONFIG}: decoder layers of the checkpoint (default 16, OLMoE-1B-7B's: 13.8 GB of bf16)`,
+      })
+      .option('expert-dtype', {
+        type: 'string', array: true, requiresArg: true, coerce: loraList,
+        describe: `--config ${LOAD_BENCH_CONFIG}: the loads to run, comma-separated, each passed to the loader as ` +
+            `expertDtype: ${LOAD_BENCH_EXPERT_DTYPES.join(', ')} (default both)`,
+      })
       .option('cpu-segment-sum', {
         type: 'string', choices: CPU_SEGMENT_SUMS, default: 'stock' as const, requiresArg: true,
         describe: 'cpu: tfjs-cpu\'s UnsortedSegmentSum (quadratic; tf.gather\'s gradient in the reference) ' +
@@ -91,6 +108,22 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
           if (v === undefined) continue;
           const min = name === 'iters' || name === 'rank' ? 1 : 0;
           if (!Number.isInteger(v) || v < min) return `--${name} must be an integer >= ${min} but got ${v}`;
+        }
+        for (const name of ['layers', 'expert-dtype'] as const) {
+          if (argv[name] !== undefined && argv.config !== LOAD_BENCH_CONFIG) return `--${name} is for --config ${LOAD_BENCH_CONFIG}, not ${argv.config}`;
+        }
+        if (argv.config === LOAD_BENCH_CONFIG) {
+          const layers = argv.layers as number | undefined;
+          if (layers !== undefined && (!Number.isInteger(layers) || layers < 1 || layers > 16)) {
+            return `--layers must be an integer from 1 to 16 but got ${layers}`;
+          }
+          const bad = ((argv.expertDtype as string[] | undefined) ?? []).filter(d => !(LOAD_BENCH_EXPERT_DTYPES as readonly string[]).includes(d));
+          if (bad.length > 0) return `--expert-dtype: '${bad[0]}' is not one of ${LOAD_BENCH_EXPERT_DTYPES.join(', ')}`;
+          if (argv.backend === 'webgpu') return `--config ${LOAD_BENCH_CONFIG} runs on cpu or wasm`;
+          for (const name of ['model', 'text', 'profile'] as const) {
+            if (argv[name] !== undefined && argv[name] !== false) return `--${name} is not an option of --config ${LOAD_BENCH_CONFIG}`;
+          }
+          return true;
         }
         if (argv.config === TRAIN_BENCH_CONFIG) {
           if (argv.profile === true) return `--profile times the kernels of a block config, not --config ${TRAIN_BENCH_CONFIG}`;
@@ -109,10 +142,21 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
       .example('$0 bench', 'config S on wasm, every LoRA case')
       .example('$0 bench --backend cpu --lora none,auto --iters 9', '')
       .example('$0 bench --backend webgpu --config M1 --json', '')
-      .example(`$0 bench --config ${TRAIN_BENCH_CONFIG} --lora auto`, 'tokens/s of the example\'s training step on wasm') as unknown as Argv<BenchArgs>;
+      .example(`$0 bench --config ${TRAIN_BENCH_CONFIG} --lora auto`, 'tokens/s of the example\'s training step on wasm')
+      .example(`$0 bench --config ${LOAD_BENCH_CONFIG} --backend cpu --layers 4`, 'loading a bf16 OLMoE-shaped checkpoint of 4 layers') as unknown as Argv<BenchArgs>;
 }
 
 export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void> {
+  if (argv.config === LOAD_BENCH_CONFIG) {
+    // each load runs in a child process with its own backend: none is set up here
+    const cases = await benchLoad({
+      layers: argv.layers, backend: argv.backend, seed: argv.seed,
+      expertDtypes: argv.expertDtype as LoadBenchExpertDtype[] | undefined,
+      onWritten: w => void process.stderr.write(`wrote ${w.shards.length} shard(s), ${w.totalBytes} bytes of bf16, in ${w.seconds.toFixed(1)} s\n`),
+    });
+    process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatLoadBenchTable(cases));
+    return;
+  }
   const release = await selectBenchBackend(argv.backend);
   try {
     if (argv.config === TRAIN_BENCH_CONFIG) {
