@@ -15,7 +15,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { resolveExpertCall } from '../../ops/experts/check_args.js';
-import type { FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import { fusedExperts, type FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import { isPackedExpertWeight, type ExpertWeightTensor } from '../../ops/packed.js';
 import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from '../../ops/experts/projection.js';
 import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
@@ -129,6 +130,8 @@ function factorBLayout(rank: number, numExperts: number): OperandLayout {
 
 /** One projection as the kernels see it, and which of its tensors get gradients. */
 interface Projection extends ProjectionPlan {
+  /** never packed here: packed experts take the composed fusedExperts (see webgpuFusedExperts) */
+  weight: tf.Tensor3D;
   inSize: number;
   outSize: number;
 }
@@ -136,12 +139,13 @@ interface Projection extends ProjectionPlan {
 function projection(
     weight: tf.Tensor3D, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number, inSize: number, outSize: number): Projection {
-  return { ...planProjection(weight, bias, lora, transposed, train, mode, rows, materializeExpertLoRALayout), inSize, outSize };
+  const plan = planProjection(weight, bias, lora, transposed, train, mode, rows, materializeExpertLoRALayout);
+  return { ...plan, weight: plan.weight as tf.Tensor3D, inSize, outSize };
 }
 
 /** The composed materializeExpertLoRA, which runs anywhere, on a weight of either layout. */
-function materializeExpertLoRALayout(weight: tf.Tensor3D, lora: LoRAFactors[], transposed: boolean): tf.Tensor3D {
-  return materializeExpertLoRA(weight, lora, { layout: transposed ? 'inOut' : 'outIn' });
+function materializeExpertLoRALayout(weight: ExpertWeightTensor, lora: LoRAFactors[], transposed: boolean): tf.Tensor3D {
+  return materializeExpertLoRA(weight as tf.Tensor3D, lora, { layout: transposed ? 'inOut' : 'outIn' });
 }
 
 /** Rows of a product's left operand: where they come from and the tensor. */
@@ -248,6 +252,11 @@ function projectionBackward(
 export function webgpuFusedExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
     weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
+  // Packed 16-bit experts have no WGSL decode yet: the composed fusedExperts runs them, decoding
+  // one expert group at a time.
+  if (isPackedExpertWeight(weights?.gateUp) || isPackedExpertWeight(weights?.down)) {
+    return fusedExperts(x, routing, weights, activation, options);
+  }
   const op = 'fusedExperts';
   const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
   const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
@@ -256,8 +265,8 @@ export function webgpuFusedExperts(
   const tuning = webgpuMoETuningFor(rows, numExperts);
 
   return tf.tidy(() => {
-    const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
-    const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
+    const up = projection(weights.gateUp as tf.Tensor3D, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
+    const down = projection(weights.down as tf.Tensor3D, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
     const upInputs = projectionTrainables(up);
     const downInputs = projectionTrainables(down);
 
