@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
 import { readTokenizer, tokenizerFileText } from '../data/tokenizer_file.js';
+import type { ExpertDtype } from '../io/hf_block.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
@@ -47,6 +48,11 @@ export interface TrainRunOptions {
   overwrite?: boolean;
   /** the plugin args (models are added here); lora null trains every weight */
   plugin: ResolvedPluginArgs;
+  /**
+   * How `model`'s BF16/F16 routed experts are held: 'stored' (16-bit, packed, frozen; the default
+   * with LoRA) or 'float32' (the default for full fine-tuning, which trains them: 'stored' is then refused)
+   */
+  expertDtype?: ExpertDtype;
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
@@ -136,6 +142,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  if (mode === 'full' && options.expertDtype === 'stored') {
+    throw new TrainError("full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' " +
+        "keeps 16-bit experts packed and frozen; use expertDtype 'float32' (the default without LoRA) or train LoRA adapters");
+  }
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
   const text = await readText(options.data, 'training data');
@@ -151,11 +161,17 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     seedModelInit(model, options.seed, std);
   } else {
     tokenizer = await readTokenizer(options.model!);
-    model = await loadHFCheckpoint(options.model!);
+    // full fine-tuning widens 16-bit experts to float32 masters; LoRA keeps them packed by default
+    model = await loadHFCheckpoint(options.model!, { expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored') });
   }
   let handle: PluginHandle | null = null;
   try {
     const config = hfConfigOf(model)!;
+    const storedDtype = config['dtype'] ?? config['torch_dtype'];
+    if (mode === 'full' && options.expertDtype === undefined && (storedDtype === 'bfloat16' || storedDtype === 'float16')) {
+      options.note?.(`full fine-tuning: the ${storedDtype} experts were widened to float32 to be trained ` +
+          '(LoRA keeps them 16-bit and frozen, at half the memory)');
+    }
     const modelVocab = config['vocab_size'] as number;
     if (tokenizer.vocabSize > modelVocab) {
       throw new TrainError(`'${join(options.model ?? '', TOKENIZER_FILE)}' has ${tokenizer.vocabSize} tokens but the ` +
