@@ -238,8 +238,30 @@ function decodeWords(kind: PackedKind, experts: number, rows: number, cols: numb
 }
 
 /**
+ * MoEDecodePacked: input packed int32 [E, W]; out float32 [count, rows, cols], experts
+ * first … first + count − 1 decoded. Registered where the packed words cannot be read to the host
+ * synchronously (webgpu); elsewhere the decode runs on the host.
+ */
+export const DECODE_PACKED = 'MoEDecodePacked';
+export interface DecodePackedAttrs {
+  kind: PackedKind;
+  first: number;
+  count: number;
+  rows: number;
+  cols: number;
+}
+
+function decodeOnDevice(weight: PackedExpertWeight, first: number, count: number): tf.Tensor3D | null {
+  if (tf.getKernel(DECODE_PACKED, tf.getBackend()) == null) return null;
+  const [, rows, cols] = weight.shape;
+  const attrs: DecodePackedAttrs = { kind: weight.kind, first, count, rows, cols };
+  return tf.engine().runKernel(DECODE_PACKED, { packed: weight.packed }, attrs as unknown as tf.NamedAttrMap) as tf.Tensor3D;
+}
+
+/**
  * The whole weight decoded to float32 [E, rows, cols] (exact). For the reference block (the
- * oracle), saving and merging; the fused paths never call it. Reads the packed words to the host.
+ * oracle), saving and merging; the fused paths never call it. Reads the packed words to the host
+ * (or decodes on the device where a MoEDecodePacked kernel is registered).
  *
  * ```js
  * const w = unpackExpertWeight(packed);  // float32 [E, rows, cols]
@@ -249,15 +271,24 @@ export function unpackExpertWeight(weight: ExpertWeightTensor): tf.Tensor3D {
   assertExpertWeight('unpackExpertWeight', 'weight', weight);
   if (!(weight instanceof PackedExpertWeight)) return tf.clone(weight);
   const [e, rows, cols] = weight.shape;
+  const onDevice = decodeOnDevice(weight, 0, e);
+  if (onDevice) return onDevice;
   return tf.tensor3d(decodeWords(weight.kind, e, rows, cols, weight.packed.dataSync() as Int32Array), weight.shape);
 }
 
 /**
  * Expert `e`'s weight as float32 [rows, cols]: one expert group decoded (the composed fallback,
- * on backends without the packed kernels). Reads that expert's words to the host.
+ * on backends without the packed kernels). Reads that expert's words to the host, or decodes on
+ * the device where a MoEDecodePacked kernel is registered.
  */
 export function packedExpertGroup(weight: PackedExpertWeight, e: number): tf.Tensor2D {
   const [, rows, cols] = weight.shape;
+  const onDevice = decodeOnDevice(weight, e, 1);
+  if (onDevice) {
+    const group = tf.reshape(onDevice, [rows, cols]) as tf.Tensor2D;
+    onDevice.dispose();
+    return group;
+  }
   const words = tf.tidy(() => tf.slice(weight.packed, [e, 0], [1, -1]));
   try {
     return tf.tensor2d(decodeWords(weight.kind, 1, rows, cols, words.dataSync() as Int32Array), [rows, cols]);
