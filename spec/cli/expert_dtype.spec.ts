@@ -6,6 +6,9 @@ import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';
 import { runMain } from './run_cli.js';
 
+/** the spec run's backend, so the commands do not switch (and warn) */
+const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
+
 /** The expertStorage of each SparseMoE in a TF.js folder's model.json (tfjs writes its keys snake_case). */
 async function storages(dir: string): Promise<string[]> {
   const json = JSON.parse(await readFile(join(dir, 'model.json'), 'utf8'));
@@ -25,17 +28,17 @@ describe('--expert-dtype', function () {
 
   it('convert keeps bf16 experts packed by default and widens them with float32', async () => {
     const stored = join(await tempDir('cli-out-'), 'm');
-    const r1 = await runMain(['convert', '--from', 'hf', '--to', 'tfjs', '--input', bf16, '--output', stored]);
+    const r1 = await runMain(['convert', '--from', 'hf', '--to', 'tfjs', '--input', bf16, '--output', stored, '--backend', BACKEND]);
     expect(r1.code, r1.stderr).to.equal(0);
     expect(await storages(stored)).to.deep.equal(['bf16', 'bf16']);
     const wide = join(await tempDir('cli-out-'), 'm');
-    const r2 = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', wide, '--expert-dtype', 'float32']);
+    const r2 = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', wide, '--expert-dtype', 'float32', '--backend', BACKEND]);
     expect(r2.code, r2.stderr).to.equal(0);
     expect(await storages(wide)).to.deep.equal(['float32', 'float32']);
   });
 
   it('inspect takes it; a bad value is an argument error (exit 2)', async () => {
-    const ok = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'float32', '--json']);
+    const ok = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'float32', '--json', '--backend', BACKEND]);
     expect(ok.code, ok.stderr).to.equal(0);
     const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'bf16']);
     expect(bad.code).to.equal(2);
@@ -46,7 +49,7 @@ describe('--expert-dtype', function () {
     const data = join(await tempDir('cli-data-'), 'text.txt');
     await writeFile(data, 'abcdefghij'.repeat(20));
     const out = join(await tempDir('cli-train-'), 'out');
-    const r = await runMain(['train', '--model', bf16, '--data', data, '--out', out, '--steps', '1', '--expert-dtype', 'stored', '--backend', 'cpu']);
+    const r = await runMain(['train', '--model', bf16, '--data', data, '--out', out, '--steps', '1', '--expert-dtype', 'stored', '--backend', BACKEND]);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.match(/full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' keeps 16-bit experts packed and frozen/);
   });
