@@ -17,6 +17,7 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { SparseMoE, variableFloat32 } from '../../src/layers/sparse_moe.js';
 import type { HFConfig } from '../../src/models/families.js';
+import { inspectModel } from '../../src/models/inspect.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { isPackedExpertWeight, packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import { cleanup, fixtureDir, tempDir } from './checkpoint_helpers.js';
@@ -88,6 +89,7 @@ describe('16-bit checkpoints with packed experts', function () {
         expect(Array.from(wa.dataSync())).to.deep.equal(Array.from(wb.dataSync()));
         wa.dispose();
       }
+      expect(inspectModel(packed).totals, 'parameters counted by their logical shapes').to.deep.equal(inspectModel(plain).totals);
       expectClose(logitsOf(packed), logitsOf(plain), 1e-6, 'fused logits');
       for (const m of [packed, plain]) for (const l of sparseMoELayers(m)) l.expertKernel = 'reference';
       expectClose(logitsOf(packed), logitsOf(plain), 1e-6, 'reference logits');

@@ -15,6 +15,7 @@ import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
+import { variableShape } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
 import { register, type PluginHandle } from '../plugin.js';
 import { checkOutputFolder } from '../util/output_folder.js';
@@ -119,8 +120,9 @@ async function initConfig(spec: string, vocabSize: number): Promise<HFConfig> {
   return c;
 }
 
-const count = (vars: ReadonlyArray<{ shape: readonly (number | null)[] }>) =>
-  vars.reduce((s, v) => s + v.shape.reduce<number>((p, d) => p * (d ?? 1), 1), 0);
+// logical shapes: packed 16-bit experts count their [E, rows, cols] values, not their int32 words
+const count = (vars: ReadonlyArray<tfl.LayerVariable | tf.Variable>) =>
+  vars.reduce((s, v) => s + (v instanceof tf.Variable ? v.shape : variableShape(v)).reduce((p, d) => p * d, 1), 0);
 
 /**
  * Runs one training as `tfjs-moe-lora train` does (the caller has set the backend).
