@@ -89,7 +89,11 @@ describe('16-bit checkpoints with packed experts', function () {
         expect(Array.from(wa.dataSync())).to.deep.equal(Array.from(wb.dataSync()));
         wa.dispose();
       }
-      expect(inspectModel(packed).totals, 'parameters counted by their logical shapes').to.deep.equal(inspectModel(plain).totals);
+      const [reportPacked, reportPlain] = [inspectModel(packed).totals, inspectModel(plain).totals];
+      // counted by their logical shapes; the packed experts are frozen
+      expect(reportPacked.params, 'params').to.equal(reportPlain.params);
+      expect(reportPacked.moeParams, 'moeParams').to.equal(reportPlain.moeParams);
+      expect(reportPacked.trainableParams, 'trainableParams').to.equal(reportPlain.trainableParams - expertBytes / 4);
       expectClose(logitsOf(packed), logitsOf(plain), 1e-6, 'fused logits');
       for (const m of [packed, plain]) for (const l of sparseMoELayers(m)) l.expertKernel = 'reference';
       expectClose(logitsOf(packed), logitsOf(plain), 1e-6, 'reference logits');
