@@ -81,7 +81,7 @@ describe('packed 16-bit expert weights', () => {
       }
     });
 
-    it('refuses a bad kind, shape or packed tensor, naming the argument', () => {
+    it('refuses a bad kind, shape or packed tensor, naming the argument', () => expectNoLeak(() => {
       const t = tf.zeros([2, 3], 'int32');
       expect(() => new PackedExpertWeight('fp8' as 'bf16', [2, 2, 3], t)).to.throw(/'kind' must be one of 'bf16', 'f16' but got "fp8"/);
       expect(() => new PackedExpertWeight('bf16', [2, 2], t)).to.throw(/'shape' must be \[E, rows, cols\] of positive integers but got \[2,2\]/);
@@ -91,12 +91,27 @@ describe('packed 16-bit expert weights', () => {
       expect(() => new PackedExpertWeight('f16', [2, 2, 3], f)).to.throw(/but got a float32 tensor of shape \[2,3\]/);
       expect(() => packedExpertWeightFromBits('bf16', [1, 2, 2], new Uint16Array(3)))
           .to.throw(/'halves' must be a Uint16Array of 4 values \(shape \[1,2,2\]\) but got 3 values/);
-      const w = packExpertWeight(tf.zeros([1, 2, 2]) as tf.Tensor3D, 'bf16');
+      expect(() => new PackedExpertWeight('bf16', [2, 2, 3], [1, 2] as unknown as tf.Tensor))
+          .to.throw(/'packed' must be an int32 tensor \[2, 3\] but got 1,2/);
+      expect(() => packedExpertWeightFromBits('f16', [1, 0, 2], new Uint16Array(0)))
+          .to.throw(/`packedExpertWeightFromBits\(\)`: 'shape' must be \[E, rows, cols\] of positive integers but got \[1,0,2\]/);
+      const z = tf.zeros([1, 2, 2]) as tf.Tensor3D;
+      expect(() => packExpertWeight(z, 'fp16' as 'f16')).to.throw(/`packExpertWeight\(\)`: 'kind' must be one of 'bf16', 'f16' but got "fp16"/);
+      const z2 = tf.zeros([2, 2]);
+      expect(() => packExpertWeight(z2 as unknown as tf.Tensor3D, 'bf16')).to.throw(/'weight' must be 3-D but got shape \[2,2\]/);
+      const i3 = tf.zeros([1, 2, 2], 'int32') as tf.Tensor3D;
+      expect(() => unpackExpertWeight(i3)).to.throw(/'weight' must be float32 or a PackedExpertWeight but got int32 \(shape \[1,2,2\]\)/);
+      z.dispose();
+      expect(() => unpackExpertWeight(z)).to.throw(/`unpackExpertWeight\(\)`: 'weight' was already disposed/);
+      tf.dispose([i3, z2]);
+      const z3 = tf.zeros([1, 2, 2]) as tf.Tensor3D;
+      const w = packExpertWeight(z3, 'bf16');
+      z3.dispose();
       expect(() => packExpertWeight(w as unknown as tf.Tensor3D, 'bf16')).to.throw(/'weight' is already packed \(bf16\)/);
       w.dispose();
       expect(() => unpackExpertWeight(w)).to.throw(/'weight.packed' was already disposed/);
       tf.dispose([t, f]);
-    });
+    }));
   });
 
   describe('fusedExperts on packed weights equals the float32 block on the decoded values', () => {
@@ -161,7 +176,9 @@ describe('packed 16-bit expert weights', () => {
       const routing = { weights: c.routingWeights, experts: c.experts };
       expect(() => fusedExperts(c.x, routing, { gateUp: c.down, down: c.down }, c.activation))
           .to.throw(/'weights.gateUp' must have an even gate\+up size \(2I\) but got shape \[4,5,3\]/);
-      const wrong = packExpertWeight(tf.zeros([4, 6, 4]) as tf.Tensor3D, 'bf16');
+      const zeros = tf.zeros([4, 6, 4]) as tf.Tensor3D;
+      const wrong = packExpertWeight(zeros, 'bf16');
+      zeros.dispose();
       expect(() => fusedExperts(c.x, routing, { gateUp: wrong, down: c.down }, c.activation))
           .to.throw(/'weights.gateUp' must have shape \[4,6,5\] but got \[4,6,4\]/);
       wrong.dispose();
