@@ -18,7 +18,10 @@ export {
   type HFConfig, type ModelType, type MoEFamily, type MoEBlockDims,
 } from './models/families.js';
 export { disposeMoEBlockWeights, trainableWeightFields, type WeightField } from './models/weight_fields.js';
-export { loadMoEBlockWeights, moeBlockTensorPlan, blockLayerIndex, type TensorSource } from './io/hf_block.js';
+export {
+  loadMoEBlockWeights, moeBlockTensorPlan, blockLayerIndex, EXPERT_DTYPES,
+  type TensorSource, type ExpertDtype, type LoadMoEBlockOptions,
+} from './io/hf_block.js';
 export { register, unregister, isRegistered, FUSED_BACKENDS, type PluginHandle, type PatchedLayer } from './plugin.js';
 export { PluginArgsError, type PluginArgsProblem } from './args/errors.js';
 export {

@@ -21,7 +21,8 @@ export interface ExpertCaseSpec {
 export interface ExpertCase {
   m: Experts64;
   x: tf.Tensor2D; weights: tf.Tensor2D; experts: tf.Tensor2D;
-  w: ExpertWeights;
+  /** float32 expert weights (packed ones: spec/helpers/packed_case.ts) */
+  w: ExpertWeights & { gateUp: tf.Tensor3D; down: tf.Tensor3D };
   activation: ExpertActivation;
   dispose(): void;
 }
@@ -64,7 +65,7 @@ export function makeExpertCase(spec: ExpertCaseSpec, seed: number): ExpertCase {
     B: tf.tensor2d(Float32Array.from(f.B), [outSize, f.r * E]),
     scaling: f.s,
   }));
-  const w: ExpertWeights = {
+  const w: ExpertCase['w'] = {
     layout,
     gateUp: tf.tensor3d(Float32Array.from(m.W1), t2 ? [E, H, 2 * I] : [E, 2 * I, H]),
     down: tf.tensor3d(Float32Array.from(m.W2), t2 ? [E, I, H] : [E, H, I]),

@@ -126,16 +126,16 @@ describe('io/hf_block', () => {
             const E = ex.gate.length;
             const I = ex.gate[0].shape[0];
             for (const e of [0, 1, E - 1]) {
-              const gu = slice3(w.experts.gateUp, e);
-              const d = slice3(w.experts.down, e);
+              const gu = slice3(w.experts.gateUp as tf.Tensor3D, e);  // F32 fixtures load as float32
+              const d = slice3(w.experts.down as tf.Tensor3D, e);
               expect(rows(gu, 0, I), `gate rows of expert ${e}`).to.deep.equal(await raw(ex.gate[e].name));
               expect(rows(gu, I, 2 * I), `up rows of expert ${e}`).to.deep.equal(await raw(ex.up[e].name));
               expect(Array.from(d.dataSync()), `down of expert ${e}`).to.deep.equal(await raw(ex.down[e].name));
               tf.dispose([gu, d]);
             }
           } else {
-            expect(Array.from(w.experts.gateUp.dataSync())).to.deep.equal(await raw(ex.gateUp.name));
-            expect(Array.from(w.experts.down.dataSync())).to.deep.equal(await raw(ex.down.name));
+            expect(Array.from((w.experts.gateUp as tf.Tensor3D).dataSync())).to.deep.equal(await raw(ex.gateUp.name));
+            expect(Array.from((w.experts.down as tf.Tensor3D).dataSync())).to.deep.equal(await raw(ex.down.name));
             expect(Array.from(w.experts.gateUpBias!.dataSync())).to.deep.equal(await raw(ex.gateUpBias.name));
             expect(Array.from(w.experts.downBias!.dataSync())).to.deep.equal(await raw(ex.downBias.name));
           }
@@ -202,7 +202,7 @@ describe('io/hf_block', () => {
     it('loads the tiny block (the error cases below change one thing each)', async () => {
       const w = await loadMoEBlockWeights(mapSource(tensors), config, 0);
       expect(w.experts.gateUp.shape).to.deep.equal([2, 6, 4]);
-      expect(Array.from(w.experts.gateUp.dataSync()).filter((_, i) => i % 4 === 0)).to.deep.equal(
+      expect(Array.from((w.experts.gateUp as tf.Tensor3D).dataSync()).filter((_, i) => i % 4 === 0)).to.deep.equal(
           [1, 1, 1, 10, 10, 10, 2, 2, 2, 11, 11, 11]);
       disposeMoEBlockWeights(w);
     });

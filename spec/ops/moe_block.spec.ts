@@ -38,10 +38,10 @@ function build(f: FamilySpec, T: number, lora: boolean, seed: number): Built {
   const r = 2;
   const expertLoRA = (inSize: number, outSize: number): LoRAFactors[] =>
     lora ? [{ A: t([r * E, inSize], 0.3), B: t([outSize, r * E], 0.3), scaling: 2 }] : [];
-  const experts: ExpertWeights = f.gptOss
-    ? { layout: 'inOutInterleaved', gateUp: t([E, H, 2 * I], 0.5), down: t([E, I, H], 0.5),
+  const experts: ExpertWeights & { gateUp: tf.Tensor3D; down: tf.Tensor3D } = f.gptOss
+    ? { layout: 'inOutInterleaved', gateUp: t<tf.Tensor3D>([E, H, 2 * I], 0.5), down: t<tf.Tensor3D>([E, I, H], 0.5),
         gateUpBias: t<tf.Tensor2D>([E, 2 * I], 0.2), downBias: t<tf.Tensor2D>([E, H], 0.2) }
-    : { gateUp: t([E, 2 * I, H], 0.5), down: t([E, H, I], 0.5) };
+    : { gateUp: t<tf.Tensor3D>([E, 2 * I, H], 0.5), down: t<tf.Tensor3D>([E, H, I], 0.5) };
   experts.gateUpLoRA = expertLoRA(H, 2 * I);
   experts.downLoRA = expertLoRA(I, H);
   const weights: MoEBlockWeights = {
@@ -77,7 +77,7 @@ function trainedTensors(b: Built, lora: boolean): { tensors: tf.Tensor[]; names:
     entries.push(['router.weight', w.router.weight, (acc, v) => { acc.router.weight = v as tf.Tensor2D; }]);
     if (w.router.bias) entries.push(['router.bias', w.router.bias, (acc, v) => { acc.router.bias = v as tf.Tensor1D; }]);
     for (const key of ['gateUp', 'down', 'gateUpBias', 'downBias'] as const) {
-      if (w.experts[key]) entries.push([key, w.experts[key]!, (acc, v) => { (acc.experts as unknown as Record<string, tf.Tensor>)[key] = v; }]);
+      if (w.experts[key]) entries.push([key, w.experts[key] as tf.Tensor, (acc, v) => { (acc.experts as unknown as Record<string, tf.Tensor>)[key] = v; }]);
     }
     if (w.shared) {
       for (const key of ['gate', 'up', 'down', 'sigmoidGate'] as const) {
@@ -166,7 +166,7 @@ describe('moeBlock: fused vs reference', () => {
             { ...b.weights, experts: { ...b.weights.experts, gateUp: w1 as tf.Tensor3D } }, b.config, options);
         tf.dispose([routing.experts]);
         return tf.sum(tf.mul(out, b.g));
-      })([b.x, b.weights.experts.gateUp]);
+      })([b.x, b.weights.experts.gateUp as tf.Tensor3D]);
       const read = lossOf({});
       const given = lossOf({ hostExperts });
       expectClose(given.value, read.value, 0, 'loss');

@@ -10,6 +10,7 @@ import { PluginArgsError, type PluginArgsProblem } from '../args/errors.js';
 import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '../args/schema.js';
 import { collectArgProblems, describeValue } from '../args/validate.js';
 import { suggestName } from '../args/suggest.js';
+import { EXPERT_DTYPES, type ExpertDtype } from '../io/hf_block.js';
 
 /** The schema entries that have a flag. */
 export const PLUGIN_FLAG_SPECS: readonly ArgSpec[] = PLUGIN_ARG_SPECS.filter(s => s.flag !== undefined);
@@ -74,6 +75,23 @@ export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = 
   return y;
 }
 
+/**
+ * `--expert-dtype stored|float32`, on every command that loads a model: 'stored' keeps BF16/F16
+ * routed experts 16-bit in memory (packed, frozen), 'float32' widens them (loadHFCheckpoint's
+ * expertDtype). Not a register() arg, but named like the plugin's --expert-* flags.
+ *
+ * ```js
+ * const argv = await expertDtypeOption(yargs(['--expert-dtype', 'float32'])).parseAsync();
+ * argv.expertDtype;  // 'float32'
+ * ```
+ */
+export const EXPERT_DTYPE_FLAG = 'expert-dtype';
+export function expertDtypeOption<T>(yargs: Argv<T>, describe = "routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
+    "in memory (packed, frozen; half the memory), 'float32' widens them"): Argv<T & { expertDtype?: ExpertDtype }> {
+  return yargs.option(EXPERT_DTYPE_FLAG, { type: 'string', choices: EXPERT_DTYPES, requiresArg: true, describe }) as
+    unknown as Argv<T & { expertDtype?: ExpertDtype }>;
+}
+
 const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$/i;
 
 /** A flag's raw value as the arg's type: numbers parsed, lists split on commas; anything odd stays as is. */
@@ -96,7 +114,7 @@ function convert(spec: ArgSpec, raw: unknown, problems: PluginArgsProblem[]): un
 function unknownPluginFlags(argv: Record<string, unknown>): PluginArgsProblem[] {
   const flags = PLUGIN_FLAG_SPECS.map(s => s.flag!);
   const camel = (f: string) => f.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
-  const known = new Set([...flags, ...flags.map(camel)]);
+  const known = new Set([...flags, ...flags.map(camel), EXPERT_DTYPE_FLAG, camel(EXPERT_DTYPE_FLAG)]);
   const problems: PluginArgsProblem[] = [];
   for (const key of Object.keys(argv)) {
     if (known.has(key) || !/^(lora|expert)[-A-Z]/.test(key)) continue;

@@ -4,7 +4,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
-import { assertInteger, fail } from '../ops/validate.js';
+import { packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type PackedKind } from '../ops/packed.js';
+import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
@@ -20,6 +21,42 @@ export interface TensorSource {
   info(name: string): { dtype: string; shape: number[] };
   /** a new float32 (or int32) tensor the caller owns */
   tensor(name: string): Promise<tf.Tensor>;
+  /**
+   * The raw 16-bit values of a BF16 or F16 tensor, as stored (optional: without it, 16-bit
+   * experts are loaded as float32)
+   */
+  halfBits?(name: string): Promise<Uint16Array>;
+}
+
+/**
+ * 'stored' (default): routed-expert weights stored BF16 or F16 stay 16-bit in memory, packed
+ * (src/ops/packed.ts), frozen; F32 ones stay float32. 'float32': every weight widened to float32.
+ */
+export type ExpertDtype = 'stored' | 'float32';
+export const EXPERT_DTYPES: readonly ExpertDtype[] = ['stored', 'float32'];
+
+export interface LoadMoEBlockOptions {
+  /** default 'stored' */
+  expertDtype?: ExpertDtype;
+}
+
+const PACKED_OF: Readonly<Record<string, PackedKind>> = { BF16: 'bf16', F16: 'f16' };
+
+/**
+ * The packed kind the routed experts of `names` load as: every one stored BF16 (or every one
+ * F16) and a source that gives raw halves; otherwise null (float32).
+ */
+export function storedExpertKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): PackedKind | null {
+  if (expertDtype !== 'stored' || typeof file.halfBits !== 'function' || names.length === 0) return null;
+  const dtypes = new Set(names.map(n => file.info(n).dtype));
+  if (dtypes.size !== 1) return null;
+  return PACKED_OF[[...dtypes][0]] ?? null;
+}
+
+/** The routed-expert weight tensors of a block plan (the ones that may load packed). */
+export function expertTensorNames(plan: BlockTensorPlan): string[] {
+  const ex = plan.experts;
+  return ex.kind === 'perExpert' ? [...ex.gate, ...ex.up, ...ex.down].map(e => e.name) : [ex.gateUp.name, ex.down.name];
 }
 
 /**
@@ -136,6 +173,25 @@ async function fuseRows(
   return tf.tensor3d(data, [numExperts, parts.length * rows, cols]);
 }
 
+/**
+ * fuseRows for 16-bit experts kept packed: each expert's halves are copied from the file's bytes
+ * into the packed words as they are (no float32 copy of anything), one expert tensor at a time.
+ */
+async function fuseRowsPacked(
+    file: TensorSource, kind: PackedKind, numExperts: number, parts: Expected[][],
+    [rows, cols]: number[]): Promise<PackedExpertWeight> {
+  const block = rows * cols;
+  const words = packedWordsPerExpert(parts.length * rows, cols);
+  const data = new Int32Array(numExperts * words);
+  const halves = new Uint16Array(data.buffer);
+  for (let e = 0; e < numExperts; e++) {
+    for (const [p, part] of parts.entries()) {
+      halves.set(await file.halfBits!(part[e].name), 2 * e * words + p * block);
+    }
+  }
+  return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], tf.tensor2d(data, [numExperts, words], 'int32'));
+}
+
 const sameShape = (a: readonly number[], b: readonly number[]) =>
   a.length === b.length && a.every((d, i) => d === b[i]);
 
@@ -146,6 +202,10 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  * any is read; a mismatch throws one error that lists every missing or misshapen tensor.
  * The caller owns the returned tensors (see `disposeMoEBlockWeights`).
  *
+ * With `expertDtype` 'stored' (default), routed experts stored BF16 (or F16) in the checkpoint
+ * come back as PackedExpertWeight (frozen, half the memory of float32), copied from the file's
+ * halves one expert tensor at a time; 'float32' decodes them.
+ *
  * ```js
  * const file = await readSafetensorsFile('model.safetensors');
  * const weights = await loadMoEBlockWeights(file, config, 1);
@@ -153,8 +213,10 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  * ```
  */
 export async function loadMoEBlockWeights(
-    file: TensorSource, hfConfig: HFConfig, layerIndex: number): Promise<MoEBlockWeights> {
+    file: TensorSource, hfConfig: HFConfig, layerIndex: number, options: LoadMoEBlockOptions = {}): Promise<MoEBlockWeights> {
   const op = 'loadMoEBlockWeights';
+  const expertDtype = options?.expertDtype ?? 'stored';
+  assertOneOf(op, 'options.expertDtype', expertDtype, EXPERT_DTYPES);
   const plan = moeBlockTensorPlan(hfConfig, layerIndex);
 
   const problems: string[] = [];
@@ -175,8 +237,11 @@ export async function loadMoEBlockWeights(
         problems.join('\n  '));
   }
 
-  const created: tf.Tensor[] = [];
-  const track = <T extends tf.Tensor>(t: T): T => { created.push(t); return t; };
+  const kind = storedExpertKind(file, expertTensorNames(plan), expertDtype);
+  const created: Array<tf.Tensor | PackedExpertWeight> = [];
+  const track = <T extends tf.Tensor | PackedExpertWeight>(t: T): T => { created.push(t); return t; };
+  const readPacked = async (e: Expected): Promise<PackedExpertWeight> =>
+    track(packedExpertWeightFromBits(kind!, e.shape, await file.halfBits!(e.name)));
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
     const t = track(await file.tensor(e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
@@ -192,14 +257,16 @@ export async function loadMoEBlockWeights(
     if (ex.kind === 'perExpert') {
       const E = ex.gate.length;
       const [I, H] = ex.gate[0].shape;
-      const gateUp = track(await fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
-      const down = track(await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
+      const gateUp = track(kind ? await fuseRowsPacked(file, kind, E, [ex.gate, ex.up], [I, H]) :
+        await fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
+      const down = track(kind ? await fuseRowsPacked(file, kind, E, [ex.down], [H, I]) :
+        await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
     } else {
       experts = {
-        gateUp: await read<Tensor3D>(ex.gateUp),          // [E, H, 2I]
+        gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I]
         gateUpBias: await read<Tensor2D>(ex.gateUpBias),  // [E, 2I]
-        down: await read<Tensor3D>(ex.down),              // [E, I, H]
+        down: kind ? await readPacked(ex.down) : await read<Tensor3D>(ex.down),        // [E, I, H]
         downBias: await read<Tensor2D>(ex.downBias),      // [E, H]
         layout: 'inOutInterleaved',
       };

@@ -4,16 +4,20 @@
  * (hf_checkpoint.ts, files) and the browser loader (fetch_checkpoint.ts, fetch) only differ in how
  * they get config.json and the safetensors bytes, so both hand them to this file.
  */
-import type * as tf from '@tensorflow/tfjs-core';
+import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import {
   buildMoECausalLM, decoderLayerIndex, MAX_TENSOR_ELEMENTS, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
 } from '../layers/moe_causal_lm.js';
-import { SparseMoE } from '../layers/sparse_moe.js';
+import { SparseMoE, type ExpertStorage } from '../layers/sparse_moe.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
-import { loadMoEBlockWeights, moeBlockTensorPlan, type BlockTensorPlan, type TensorSource } from './hf_block.js';
+import {
+  EXPERT_DTYPES, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan, storedExpertKind,
+  type BlockTensorPlan, type ExpertDtype, type TensorSource,
+} from './hf_block.js';
+import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 
@@ -43,6 +47,7 @@ export class CheckpointSource implements TensorSource {
   has(name: string): boolean { return this.fileOf.has(name); }
   info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
   tensor(name: string): Promise<tf.Tensor> { return this.fileOf.get(name)!.tensor(name); }
+  halfBits(name: string): Promise<Uint16Array> { return this.fileOf.get(name)!.halfBits(name); }
 }
 
 /**
@@ -225,7 +230,13 @@ function sameShape(a: readonly number[], b: readonly (number | null)[]): boolean
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
 
-export interface LoadHFCheckpointOptions extends MoECausalLMOptions {}
+export interface LoadHFCheckpointOptions extends Omit<MoECausalLMOptions, 'expertStorage'> {
+  /**
+   * 'stored' (default): routed experts stored BF16 or F16 stay 16-bit in memory (packed, frozen:
+   * LoRA trains, the experts themselves do not); 'float32': widened, e.g. to train the experts.
+   */
+  expertDtype?: ExpertDtype;
+}
 
 /** A checkpoint already in memory: its parsed config.json and its tensors. */
 export interface HFCheckpointFiles {
@@ -271,16 +282,22 @@ export async function loadHFCheckpointFrom(
 export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
     options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
+  const { expertDtype = 'stored', ...modelOptions } = options ?? {};
+  if (!(EXPERT_DTYPES as readonly unknown[]).includes(expertDtype)) {
+    throw new CheckpointError(`\`${op}()\`: 'expertDtype' must be one of ${EXPERT_DTYPES.map(d => `'${d}'`).join(', ')} ` +
+        `but got ${JSON.stringify(expertDtype)}`);
+  }
   familyOf(config);  // unknown model types fail here, before any weight is checked
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
-  // know before you build: every weight is read as float32 here, experts included
-  const need = estimateLoadMemory(config, { expertBytesPerElement: 4 });
+  const expertStorage = modelExpertStorage(config, source, expertDtype);
+  // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
+  const need = estimateLoadMemory(config, { expertBytesPerElement: expertStorage === 'float32' ? 4 : 2 });
   const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
       { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
-  const model = buildMoECausalLM(config, options);
+  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage });
   try {
-    await fillWeights(op, model, config, source);
+    await fillWeights(op, model, config, source, expertDtype);
   } catch (e) {
     model.dispose();
     throw e;
@@ -288,9 +305,18 @@ export async function modelFromCheckpoint(
   return model;
 }
 
+/**
+ * How the model holds its routed experts: packed when every MoE layer's expert tensors are stored
+ * in one 16-bit dtype and 'stored' is asked for, float32 otherwise.
+ */
+function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): ExpertStorage {
+  const names = configTensorPlan(config).blocks.flatMap(b => expertTensorNames(b.plan));
+  return storedExpertKind(source, names, expertDtype) ?? 'float32';
+}
+
 /** Writes the checkpoint's tensors into the model, one at a time (checkCheckpointAgainstConfig ran first). */
 async function fillWeights(
-    op: string, model: MoECausalLM, config: HFConfig, source: TensorSource): Promise<void> {
+    op: string, model: MoECausalLM, config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): Promise<void> {
   const plain: Array<[tfl.LayerVariable, string]> = [];
   const blocks: Array<[SparseMoE, number]> = [];
   for (const layer of model.layers) {
@@ -311,11 +337,15 @@ async function fillWeights(
     }
   }
   for (const [layer, index] of blocks) {
-    const weights = await loadMoEBlockWeights(source, config, index);
+    const weights = await loadMoEBlockWeights(source, config, index, { expertDtype });
     try {
       for (const [field, weightName] of Object.entries(SPARSE_MOE_WEIGHT) as Array<[WeightField, string]>) {
-        const t = getWeightField(weights, field);
-        if (t !== undefined) layer.weightVariable(weightName).write(t);
+        const t: unknown = getWeightField(weights, field);
+        if (t === undefined) continue;
+        const variable = layer.weightVariable(weightName);
+        if (!isPackedExpertWeight(t)) variable.write(t as tf.Tensor);
+        else if (layer.expertStorage !== 'float32') variable.write(t.packed);
+        else tf.tidy(() => { variable.write(unpackExpertWeight(t)); });
       }
     } finally {
       disposeMoEBlockWeights(weights);

@@ -15,7 +15,7 @@ import type * as tfl from '@tensorflow/tfjs-layers';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
-import { SparseMoE } from '../layers/sparse_moe.js';
+import { SparseMoE, variableFloat32, variableShape } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
 import { moeBlockTensorPlan } from './hf_block.js';
 import { CheckpointError, checkpointError, hfWeightName } from './hf_checkpoint_core.js';
@@ -51,8 +51,8 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
       problems.push(`'${layer.name}' has no weight '${weight}' for '${expected.name}'`);
       return;
     }
-    if (!sameShape(variable.shape as number[], expected.shape)) {
-      problems.push(`'${layer.name}/${weight}' has shape [${variable.shape}] but '${expected.name}' needs [${expected.shape}]`);
+    if (!sameShape(variableShape(variable), expected.shape)) {
+      problems.push(`'${layer.name}/${weight}' has shape [${variableShape(variable)}] but '${expected.name}' needs [${expected.shape}]`);
       return;
     }
     entries.push({ kind: 'whole', name: expected.name, variable });
@@ -72,8 +72,8 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
       const variable = safeVariable(layer, weight);
       const [rows, cols] = parts[0][0].shape;
       const want = [parts[0].length, parts.length * rows, cols];
-      if (variable === undefined || !sameShape(variable.shape as number[], want)) {
-        problems.push(`'${layer.name}/${weight}' has shape [${variable?.shape ?? 'none'}] but the per-expert ` +
+      if (variable === undefined || !sameShape(variableShape(variable), want)) {
+        problems.push(`'${layer.name}/${weight}' has shape [${variable ? variableShape(variable) : 'none'}] but the per-expert ` +
             `tensors ${parts.map(p => `'${p[0].name}'`).join(', ')}… need [${want}]`);
         return;
       }
@@ -142,16 +142,18 @@ export function hfCheckpointTensors(model: tfl.LayersModel): { config: HFConfig;
   try {
     for (const entry of entries) {
       if (entry.kind === 'whole') {
-        tensors[entry.name] = tf.clone(entry.variable.read());
+        tensors[entry.name] = variableFloat32(entry.variable);  // packed experts decoded
         continue;
       }
       let data = values.get(entry.variable);
       if (data === undefined) {
-        data = entry.variable.read().dataSync() as Float32Array;
+        const decoded = variableFloat32(entry.variable);  // packed experts decoded
+        data = decoded.dataSync() as Float32Array;
+        decoded.dispose();
         values.set(entry.variable, data);
       }
       const [rows, cols] = entry.shape;
-      const perExpert = (entry.variable.shape[1] as number) * cols;
+      const perExpert = variableShape(entry.variable)[1] * cols;
       const start = entry.expert * perExpert + entry.rowStart * cols;
       tensors[entry.name] = tf.tensor2d(data.slice(start, start + rows * cols), [rows, cols]);  // [rows, cols]
     }

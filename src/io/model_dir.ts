@@ -8,9 +8,10 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import '../layers/index.js';  // registers every layer class, so loadLayersModel can rebuild them
-import type { MoECausalLM, MoECausalLMOptions } from '../layers/moe_causal_lm.js';
+import type { MoECausalLM } from '../layers/moe_causal_lm.js';
+import { SparseMoE } from '../layers/sparse_moe.js';
 import { FileIOError, fileIO } from './file_io_handler.js';
-import { loadHFCheckpoint } from './hf_checkpoint.js';
+import { loadHFCheckpoint, type LoadHFCheckpointOptions } from './hf_checkpoint.js';
 import { MoELoraError } from '../errors.js';
 import { openArtifactFolder, pathKind } from '../util/files.js';
 
@@ -87,24 +88,35 @@ export async function modelDirFormat(dir: string, expected?: ModelDirFormat): Pr
 /**
  * Loads a model folder of either format (detected, or `options.format`). An HF checkpoint goes
  * through `loadHFCheckpoint` (its options apply); a TF.js folder through `tf.loadLayersModel`
- * with the file:// handler, adapters and HF config (userDefinedMetadata) included.
+ * with the file:// handler, adapters and HF config (userDefinedMetadata) included; it keeps the
+ * expert storage it was saved with, so `expertDtype: 'float32'` is refused for a TF.js folder
+ * saved with packed experts (convert it from the HF checkpoint with --expert-dtype float32).
  *
  * ```js
  * const {model, format} = await loadModelDir('./my-model');
  * ```
  */
 export async function loadModelDir(
-    dir: string, options: MoECausalLMOptions & { format?: ModelDirFormat } = {}):
+    dir: string, options: LoadHFCheckpointOptions & { format?: ModelDirFormat } = {}):
     Promise<{ model: MoECausalLM; format: ModelDirFormat }> {
   const { format: expected, ...hfOptions } = options;
   await openArtifactFolder(dir, 'model folder');
   const format = await modelDirFormat(dir, expected);
   if (format === 'hf') return { model: await loadHFCheckpoint(dir, hfOptions), format };
+  let model: MoECausalLM;
   try {
-    return { model: await tfl.loadLayersModel(fileIO(dir)), format };
+    model = await tfl.loadLayersModel(fileIO(dir));
   } catch (e) {
     if (e instanceof FileIOError) throw e;
     // tfjs's own errors here (an unknown layer class, a topology that does not build) are about the file
     throw new ModelDirError(`cannot load the TF.js model in '${dir}': ${(e as Error).message}`);
   }
+  const packed = model.layers.find((l): l is SparseMoE => l instanceof SparseMoE && l.expertStorage !== 'float32');
+  if (options.expertDtype === 'float32' && packed !== undefined) {
+    model.dispose();
+    throw new ModelDirError(`the TF.js model in '${dir}' holds its experts packed (${packed.expertStorage}, layer ` +
+        `'${packed.name}') and a TF.js folder keeps the storage it was saved with; expertDtype 'float32' applies to ` +
+        'HF checkpoints: load or convert the HF checkpoint with expertDtype float32');
+  }
+  return { model, format };
 }

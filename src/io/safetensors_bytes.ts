@@ -113,6 +113,22 @@ export class SafetensorsFile {
     }
   }
 
+  /**
+   * The raw values of a BF16 or F16 tensor as 16-bit patterns (no decoding): what packed expert
+   * weights are made of (src/ops/packed.ts).
+   *
+   * ```js
+   * const bits = await file.halfBits('model.layers.0.mlp.experts.0.down_proj.weight');  // Uint16Array
+   * ```
+   */
+  async halfBits(name: string): Promise<Uint16Array> {
+    const e = this.entry(name);
+    if (e.dtype !== 'BF16' && e.dtype !== 'F16') {
+      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; halfBits reads BF16 and F16 tensors only`);
+    }
+    return readUint16(await this.readData(e.begin, e.end));
+  }
+
   private entry(name: string): Entry {
     const e = this.entries.get(name);
     if (e === undefined) {

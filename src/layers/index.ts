@@ -3,8 +3,8 @@
  * MoECausalLM is built from. Importing this registers every class for (de)serialization.
  */
 export {
-  SparseMoE, LORA_TARGETS, EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS,
-  type SparseMoEArgs, type LoRAAdapterConfig, type LoRATarget,
+  SparseMoE, LORA_TARGETS, EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, EXPERT_STORAGES, variableFloat32, variableShape,
+  type SparseMoEArgs, type LoRAAdapterConfig, type LoRATarget, type ExpertStorage,
 } from './sparse_moe.js';
 export { RMSNorm, rmsNorm, type RMSNormArgs } from './rms_norm.js';
 export { rotaryTables, applyRotary } from './rotary.js';

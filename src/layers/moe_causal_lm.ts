@@ -29,7 +29,7 @@ import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { RMSNorm } from './rms_norm.js';
-import { SparseMoE, type LoRAAdapterConfig } from './sparse_moe.js';
+import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
 import { SwiGLUMLP } from './swiglu_mlp.js';
 
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
@@ -297,6 +297,8 @@ export interface MoECausalLMOptions {
   loraMode?: LoRAMode;
   /** the model's name; default 'moe_causal_lm' */
   name?: string;
+  /** how every SparseMoE holds its routed experts: 'float32' (default), or packed 'bf16' / 'f16' (frozen) */
+  expertStorage?: ExpertStorage;
 }
 
 /** The key under which the HF config is kept in the model's userDefinedMetadata (saved with it). */
@@ -350,6 +352,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
+        expertStorage: options.expertStorage,
       }) :
       new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;

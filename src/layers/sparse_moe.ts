@@ -10,6 +10,10 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { expertLoRADelta } from '../ops/lora/delta.js';
 import { moeBlock } from '../ops/moe_block.js';
+import {
+  PACKED_KINDS, PackedExpertWeight, packExpertWeight, packedWordsPerExpert, unpackExpertWeight,
+  type ExpertWeightTensor, type PackedKind,
+} from '../ops/packed.js';
 import type {
   ExpertActivation, ExpertLayout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
@@ -27,6 +31,36 @@ export const LORA_TARGETS: readonly LoRATarget[] = [
 export const EXPERT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down'];
 /** The targets that exist only on a layer with a shared expert. */
 export const SHARED_LORA_TARGETS: readonly LoRATarget[] = ['shared.gate', 'shared.up', 'shared.down'];
+
+/**
+ * How a SparseMoE holds its routed-expert weights (gate_up, down): 'float32', or packed 'bf16' /
+ * 'f16' halves in int32 variables (src/ops/packed.ts). Packed experts are frozen: non-trainable,
+ * never given a gradient; LoRA, the router, shared experts and everything else stay float32.
+ */
+export type ExpertStorage = 'float32' | PackedKind;
+export const EXPERT_STORAGES: readonly ExpertStorage[] = ['float32', ...PACKED_KINDS];
+
+/** The packed expert variables of every SparseMoE: what they hold, for readers outside the layer. */
+const packedVariables = new WeakMap<tfl.LayerVariable, { kind: PackedKind; shape: [number, number, number] }>();
+
+/**
+ * A layer variable's value as float32 (a new tensor the caller owns): packed expert weights
+ * decoded (the whole weight: for saving and merging), any other variable cloned.
+ *
+ * ```js
+ * const w = variableFloat32(layer.weightVariable('gate_up'));  // float32 [E, 2I, H]
+ * ```
+ */
+export function variableFloat32(variable: tfl.LayerVariable): tf.Tensor {
+  const packed = packedVariables.get(variable);
+  if (packed === undefined) return tf.clone(variable.read());
+  return unpackExpertWeight(new PackedExpertWeight(packed.kind, packed.shape, variable.read()));
+}
+
+/** A layer variable's logical shape: [E, rows, cols] for packed expert weights, else its own. */
+export function variableShape(variable: tfl.LayerVariable): number[] {
+  return [...(packedVariables.get(variable)?.shape ?? variable.shape as number[])];
+}
 
 export interface LoRAAdapterConfig {
   name: string;
@@ -62,6 +96,8 @@ export interface SparseMoEArgs extends LayerArgs {
   loraMode?: LoRAMode;
   /** std of the normal initializer of the base weights (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /** how gate_up and down are held: 'float32' (default) or packed 'bf16' / 'f16' (frozen) */
+  expertStorage?: ExpertStorage;
   /** adapters to create in build(), as getConfig() writes them */
   adapters?: LoRAAdapterConfig[];
   activeAdapters?: string[];
@@ -117,6 +153,7 @@ export class SparseMoE extends tfl.layers.Layer {
   readonly correctionBias: boolean;
   readonly sharedExpert: { intermediateSize: number; gated: boolean } | null;
   readonly initializerRange: number;
+  readonly expertStorage: ExpertStorage;
   expertKernel: string;
   loraMode: LoRAMode;
 
@@ -148,6 +185,8 @@ export class SparseMoE extends tfl.layers.Layer {
     this.correctionBias = args.correctionBias ?? false;
     this.sharedExpert = args.sharedExpert ?? null;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.expertStorage = args.expertStorage ?? 'float32';
+    assertOneOf(op, 'expertStorage', this.expertStorage, EXPERT_STORAGES);
     this.expertKernel = args.expertKernel ?? 'reference';
     this.loraMode = args.loraMode ?? 'auto';
     // configs from getConfig() hold protected strings (see config_strings.ts); restore them
@@ -175,8 +214,20 @@ export class SparseMoE extends tfl.layers.Layer {
     add('router_weight', [e, h]);
     if (this.routerBias) add('router_bias', [e], zeros);
     if (this.correctionBias) add('correction_bias', [e], zeros, false);
-    add('gate_up', t ? [e, h, 2 * i] : [e, 2 * i, h]);
-    add('down', t ? [e, i, h] : [e, h, i]);
+    const gateUpShape: [number, number, number] = t ? [e, h, 2 * i] : [e, 2 * i, h];
+    const downShape: [number, number, number] = t ? [e, i, h] : [e, h, i];
+    if (this.expertStorage === 'float32') {
+      add('gate_up', gateUpShape);
+      add('down', downShape);
+    } else {
+      // packed halves (zeros until a checkpoint is loaded), frozen: non-trainable int32 variables
+      const kind = this.expertStorage;
+      for (const [name, shape] of [['gate_up', gateUpShape], ['down', downShape]] as const) {
+        const v = this.addWeight(name, [e, packedWordsPerExpert(shape[1], shape[2])], 'int32', zeros, undefined, false);
+        this.weightsByName.set(name, v);
+        packedVariables.set(v, { kind, shape });
+      }
+    }
     if (this.expertBias) {
       add('gate_up_bias', [e, 2 * i], zeros);
       add('down_bias', [e, h], zeros);
@@ -367,25 +418,50 @@ export class SparseMoE extends tfl.layers.Layer {
     });
   }
 
-  /** W += ΔW for every target of the adapter; a merged adapter is no longer applied separately. */
+  /**
+   * W += ΔW for every target of the adapter; a merged adapter is no longer applied separately.
+   * Packed experts are decoded, merged in float32 and packed again, so the merged weight is
+   * rounded to the stored precision (as PEFT's merge into a bf16 model is): unmergeAdapter then
+   * gives back the base only up to that rounding.
+   */
   mergeAdapter(name: string): void {
     const state = this.adapterState(name, 'mergeAdapter');
     if (this.merged.includes(name)) fail('SparseMoE.mergeAdapter', `adapter '${name}' is already merged`);
-    for (const target of state.config.targets) {
-      const w = this.weightVariable(TARGET_WEIGHT[target]);
-      tf.tidy(() => { w.write(tf.add(w.read(), this.deltaWeight(name, target))); });
-    }
+    for (const target of state.config.targets) this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), 1);
     this.merged.push(name);
   }
 
   unmergeAdapter(name: string): void {
     const state = this.adapterState(name, 'unmergeAdapter');
     if (!this.merged.includes(name)) fail('SparseMoE.unmergeAdapter', `adapter '${name}' is not merged`);
-    for (const target of state.config.targets) {
-      const w = this.weightVariable(TARGET_WEIGHT[target]);
-      tf.tidy(() => { w.write(tf.sub(w.read(), this.deltaWeight(name, target))); });
-    }
+    for (const target of state.config.targets) this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), -1);
     this.merged = this.merged.filter(m => m !== name);
+  }
+
+  /** W += sign·delta (delta disposed), re-packing a packed expert weight. */
+  private addToWeight(weight: string, delta: tf.Tensor, sign: 1 | -1): void {
+    const w = this.weightVariable(weight);
+    const packed = packedVariables.get(w);
+    tf.tidy(() => {
+      const sum = sign > 0 ? tf.add(variableFloat32(w), delta) : tf.sub(variableFloat32(w), delta);
+      if (packed === undefined) {
+        w.write(sum);
+        return;
+      }
+      const repacked = packExpertWeight(sum as tf.Tensor3D, packed.kind);
+      w.write(repacked.packed);
+    });
+    delta.dispose();
+  }
+
+  /**
+   * gate_up or down as the ops take it: a float32 tensor, or a PackedExpertWeight over the packed
+   * variable's value (not a copy).
+   */
+  expertWeight(name: 'gate_up' | 'down'): ExpertWeightTensor {
+    const v = this.weightVariable(name);
+    const packed = packedVariables.get(v);
+    return packed === undefined ? v.read() as tf.Tensor3D : new PackedExpertWeight(packed.kind, packed.shape, v.read());
   }
 
   // ---- the block ---------------------------------------------------------------------------
@@ -418,8 +494,8 @@ export class SparseMoE extends tfl.layers.Layer {
       },
       experts: {
         layout: this.expertLayout,
-        gateUp: v('gate_up') as tf.Tensor3D,
-        down: v('down') as tf.Tensor3D,
+        gateUp: this.expertWeight('gate_up'),
+        down: this.expertWeight('down'),
         gateUpBias: v('gate_up_bias') as tf.Tensor2D | undefined,
         downBias: v('down_bias') as tf.Tensor2D | undefined,
         gateUpLoRA: factors('experts.gate_up'),
@@ -468,6 +544,7 @@ export class SparseMoE extends tfl.layers.Layer {
       expertKernel: this.expertKernel,
       loraMode: this.loraMode,
       initializerRange: this.initializerRange,
+      expertStorage: this.expertStorage,
       // strings and keys that tfjs's save/load rewriting would change are protected
       adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ...a }) =>
         ({ ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString) })),

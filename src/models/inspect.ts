@@ -4,7 +4,7 @@
  * CLI's `inspect` prints it; anything else can use it to check a model before training.
  */
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { EXPERT_LORA_TARGETS, SparseMoE, type LoRAAdapterConfig, type LoRATarget } from '../layers/sparse_moe.js';
+import { EXPERT_LORA_TARGETS, SparseMoE, variableShape, type LoRAAdapterConfig, type LoRATarget } from '../layers/sparse_moe.js';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
 import type { ExpertKernel, RoutingConfig } from '../ops/types.js';
 import { describeMoELayer } from '../patch/descriptor.js';
@@ -82,7 +82,8 @@ export interface ModelReport {
 }
 
 const size = (shape: readonly (number | null)[]) => shape.reduce<number>((n, d) => n * (d ?? 0), 1);
-const count = (vars: readonly tfl.LayerVariable[]) => vars.reduce((n, v) => n + size(v.shape), 0);
+// logical shapes: packed 16-bit experts count their [E, rows, cols] values, not their int32 words
+const count = (vars: readonly tfl.LayerVariable[]) => vars.reduce((n, v) => n + size(variableShape(v)), 0);
 
 /** A / B sizes of one adapter target per PEFT's layouts (src/ops/README.md), for layer classes without variables to count. */
 function targetParams(target: LoRATarget, r: number, e: number, h: number, i: number, is: number): number {

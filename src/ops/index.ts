@@ -12,4 +12,8 @@ export {
   type ExpertsImplementation, type MoEBlockKernel, type MoEBlockOptions, type MoEBlockResult,
 } from './moe_block.js';
 export { OpArgumentError } from './validate.js';
+export {
+  PackedExpertWeight, packExpertWeight, unpackExpertWeight, packedExpertWeightFromBits, isPackedExpertWeight,
+  PACKED_KINDS, type PackedKind, type ExpertWeightTensor,
+} from './packed.js';
 export type * from './types.js';

@@ -2,7 +2,8 @@
  * Shared contracts of the MoE ops. Ops, layers and backends import their types from here, never
  * from each other. Shapes use the letters of src/ops/README.md.
  */
-import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
+import type { Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import type { ExpertWeightTensor } from './packed.js';
 
 /** One LoRA adapter's factors on one weight; the delta is scaling·B·A (per expert for experts). */
 export interface LoRAFactors {
@@ -64,10 +65,13 @@ export interface RouterWeights {
 export type ExpertLayout = 'outIn' | 'inOutInterleaved';
 
 export interface ExpertWeights {
-  /** W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOutInterleaved') */
-  gateUp: Tensor3D;
-  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOutInterleaved') */
-  down: Tensor3D;
+  /**
+   * W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOutInterleaved'); float32, or a PackedExpertWeight
+   * (bf16/f16 halves in int32, frozen: never trained, see src/ops/packed.ts)
+   */
+  gateUp: ExpertWeightTensor;
+  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOutInterleaved'); float32 or packed like gateUp */
+  down: ExpertWeightTensor;
   /** [E, 2I] (gpt-oss), in the same column order as gateUp's output */
   gateUpBias?: Tensor2D;
   /** [E, H] (gpt-oss) */

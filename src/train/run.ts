@@ -12,10 +12,12 @@ import type { ResolvedPluginArgs } from '../args/schema.js';
 import type { HFTokenizer } from '../data/hf_tokenizer.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
 import { readTokenizer, tokenizerFiles } from '../data/tokenizer_file.js';
+import type { ExpertDtype } from '../io/hf_block.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
+import { variableShape } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { register, type PluginHandle } from '../plugin.js';
@@ -50,6 +52,11 @@ export interface TrainRunOptions {
   overwrite?: boolean;
   /** the plugin args (models are added here); lora null trains every weight */
   plugin: ResolvedPluginArgs;
+  /**
+   * How `model`'s BF16/F16 routed experts are held: 'stored' (16-bit, packed, frozen; the default
+   * with LoRA) or 'float32' (the default for full fine-tuning, which trains them: 'stored' is then refused)
+   */
+  expertDtype?: ExpertDtype;
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
@@ -116,8 +123,9 @@ async function initConfig(spec: string, vocabSize: number): Promise<HFConfig> {
   return c;
 }
 
-const count = (vars: ReadonlyArray<{ shape: readonly (number | null)[] }>) =>
-  vars.reduce((s, v) => s + v.shape.reduce<number>((p, d) => p * (d ?? 1), 1), 0);
+// logical shapes: packed 16-bit experts count their [E, rows, cols] values, not their int32 words
+const count = (vars: ReadonlyArray<tfl.LayerVariable | tf.Variable>) =>
+  vars.reduce((s, v) => s + (v instanceof tf.Variable ? v.shape : variableShape(v)).reduce((p, d) => p * d, 1), 0);
 
 /**
  * Runs one training as `tfjs-moe-lora train` does (the caller has set the backend).
@@ -139,6 +147,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  if (mode === 'full' && options.expertDtype === 'stored') {
+    throw new TrainError("full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' " +
+        "keeps 16-bit experts packed and frozen; use expertDtype 'float32' (the default without LoRA) or train LoRA adapters");
+  }
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
   const text = await readText(options.data, 'training data');
@@ -157,11 +169,17 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     seedModelInit(model, options.seed, std);
   } else {
     tokenizer = await readTokenizer(options.model!);
-    model = await loadHFCheckpoint(options.model!);
+    // full fine-tuning widens 16-bit experts to float32 masters; LoRA keeps them packed by default
+    model = await loadHFCheckpoint(options.model!, { expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored') });
   }
   let handle: PluginHandle | null = null;
   try {
     const config = hfConfigOf(model)!;
+    const storedDtype = config['dtype'] ?? config['torch_dtype'];
+    if (mode === 'full' && options.expertDtype === undefined && (storedDtype === 'bfloat16' || storedDtype === 'float16')) {
+      options.note?.(`full fine-tuning: the ${storedDtype} experts were widened to float32 to be trained ` +
+          '(LoRA keeps them 16-bit and frozen, at half the memory)');
+    }
     const modelVocab = config['vocab_size'] as number;
     if (tokenizer.vocabSize > modelVocab) {
       throw new TrainError(`'${join(options.model ?? '', TOKENIZER_FILE)}' has ${tokenizer.vocabSize} tokens but the ` +

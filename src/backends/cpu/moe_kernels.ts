@@ -9,6 +9,7 @@ import {
   COMBINE_ROWS, EXPERT_ACTIVATION, EXPERT_ACTIVATION_GRAD, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, PAIR_ROW_DOT,
   type ExpertActivationAttrs, type GroupedMatMulAttrs, type GroupedWeightGradAttrs, type PairAttrs,
 } from '../../ops/experts/kernels.js';
+import { decodeExpertInto } from '../../ops/packed.js';
 import {
   NARROW, activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto,
   gemm, gemmNT, pairRowDot, transposeInto,
@@ -38,12 +39,17 @@ function i32(b: CpuBackendLike, t: tf.TensorInfo | undefined): Int32Array | null
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const b = backend as CpuBackendLike;
   const { x, w, rows, bias, addTo } = inputs;
-  const { groupSizes, transposeW, alpha } = attrs as unknown as GroupedMatMulAttrs;
-  const [, p, q] = w.shape;
+  const { groupSizes, transposeW, alpha, packed, wShape } = attrs as unknown as GroupedMatMulAttrs;
+  const [, p, q] = wShape;
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
   const xv = f32(b, x);
-  const wv = f32(b, w);
+  // a packed weight (int32 words of bf16/f16 halves) is decoded one expert at a time into `decoded`
+  const words = packed !== 'none' ? b.readSync(w.dataId) as Int32Array : null;
+  const wordsPerExpert = w.shape[1] as number;
+  const decoded = words ? new Float32Array(p * q) : null;
+  const decodedBits = decoded ? new Int32Array(decoded.buffer) : null;
+  const wv = decoded ?? f32(b, w);
   const idx = i32(b, rows);
   const bv = bias ? f32(b, bias) : null;
   const out = addTo ? Float32Array.from(f32(b, addTo)) : new Float32Array(total * m);
@@ -65,8 +71,12 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
     }
     let bArr = wv;
     let bOff = e * p * q;
+    if (words) {
+      decodeExpertInto(packed as 'bf16' | 'f16', p * q, words, e * wordsPerExpert, decoded!, decodedBits!, 0);
+      bOff = 0;
+    }
     if (wt) {
-      transposeInto(p, q, wv, e * p * q, wt, 0);
+      transposeInto(p, q, bArr, bOff, wt, 0);
       bArr = wt;
       bOff = 0;
     }

@@ -9,13 +9,14 @@
  * Uses tfjs-backend-wasm 4.x internals (`wasm.tfjs.registerTensor`, `dataIdMap`, the exported
  * `BatchMatMul`); without them the products run on moe_math's JS gemm over the heap instead.
  * Scratch blocks are backend allocations outside the engine's tensor count: at most one expert's
- * rows and one expert's weight (W/E) per call.
+ * rows and one expert's weight (W/E) per call, two when a packed weight is decoded and transposed.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import {
   COMBINE_ROWS, EXPERT_ACTIVATION, EXPERT_ACTIVATION_GRAD, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, PAIR_ROW_DOT,
   type ExpertActivationAttrs, type GroupedMatMulAttrs, type GroupedWeightGradAttrs, type PairAttrs,
 } from '../../ops/experts/kernels.js';
+import { decodeExpertInto } from '../../ops/packed.js';
 import {
   activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto, gemm,
   pairRowDot, scaleAdd, transposeInto,
@@ -95,14 +96,17 @@ function scratch(b: WasmBackendLike, size: number): { index: number; free(): voi
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const b = backend as unknown as WasmBackendLike;
   const { x, w, rows, bias, addTo } = inputs;
-  const { groupSizes, transposeW, alpha } = attrs as unknown as GroupedMatMulAttrs;
-  const [, p, q] = w.shape;
+  const { groupSizes, transposeW, alpha, packed, wShape } = attrs as unknown as GroupedMatMulAttrs;
+  const [, p, q] = wShape;
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
   const out = b.makeOutput([total, m], 'float32');
   const maxRows = Math.max(0, ...groupSizes);
   const xs = rows ? scratch(b, maxRows * k) : null;        // one expert's gathered rows
   const wt = transposeW ? scratch(b, k * m) : null;        // one expert's W_eᵀ
+  // a packed weight (int32 words of bf16/f16 halves) is decoded one expert at a time
+  const dec = packed !== 'none' ? scratch(b, p * q) : null;
+  const wordsPerExpert = w.shape[1] as number;
   const run = heapGemm(b);
   try {
     const [xi, wi, oi] = [at(b, x), at(b, w), at(b, out)];
@@ -119,6 +123,10 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
         a = xs.index;
       }
       let wIdx = wi + e * p * q;
+      if (dec) {
+        decodeExpertInto(packed as 'bf16' | 'f16', p * q, b.wasm.HEAP32, wi + e * wordsPerExpert, heap, b.wasm.HEAP32, dec.index);
+        wIdx = dec.index;
+      }
       if (wt) {
         transposeInto(p, q, heap, wIdx, heap, wt.index);
         wIdx = wt.index;
@@ -132,6 +140,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   } finally {
     xs?.free();
     wt?.free();
+    dec?.free();
   }
   return out;
 }

@@ -17,6 +17,8 @@ import {
   ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
+import { DecodePackedProgram } from './programs/decode_packed_program.js';
+import { DECODE_PACKED, type DecodePackedAttrs } from '../../ops/packed.js';
 import {
   type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
 } from './programs/shared.js';
@@ -433,7 +435,22 @@ export function softmaxTopKGradKernel(
   return tf.engine().runKernel(SOFTMAX_TOPK_GRAD, { logits, chosen, dy }, { renormalize }) as tf.Tensor2D;
 }
 
+/**
+ * The composed ops' MoEDecodePacked (src/ops/packed.ts), under that op's own name: packed expert
+ * weights decoded on the device, since webgpu cannot read them to the host inside a call.
+ */
+const decodePackedConfig: tf.KernelConfig = {
+  kernelName: DECODE_PACKED,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { kind, first, count, rows, cols } = args.attrs as unknown as DecodePackedAttrs;
+    return webgpu(args).runWebGPUProgram(new DecodePackedProgram(kind, count, rows, cols), [args.inputs.packed as tf.TensorInfo],
+        'float32', DecodePackedProgram.uniformsFor(count, rows, cols, first));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
+  decodePackedConfig,
 ];

@@ -14,6 +14,8 @@ import { join } from 'node:path';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { fileIO } from '../../io/file_io_handler.js';
 import { saveHFCheckpoint } from '../../io/hf_save.js';
+import type { ExpertDtype } from '../../io/hf_block.js';
+import { expertDtypeOption } from '../plugin_options.js';
 import { loadModelDir, modelDirFormat, MODEL_DIR_FORMATS, ModelDirError, type ModelDirFormat } from '../../io/model_dir.js';
 import { loadPeftAdapter, savePeftAdapter, type LoadedPeftAdapter } from '../../io/peft.js';
 import { sparseMoELayers } from '../../layers/moe_causal_lm.js';
@@ -34,6 +36,8 @@ export interface ConvertArgs {
   adapterName: string;
   overwrite: boolean;
   backend: string;
+  /** 'stored' (default) or 'float32', for an HF checkpoint's 16-bit experts */
+  expertDtype?: ExpertDtype;
 }
 
 /** What a conversion did. */
@@ -76,7 +80,7 @@ function checkArgs(argv: Partial<ConvertArgs>): string | true {
 }
 
 export function builder(yargs: Argv): Argv<ConvertArgs> {
-  return yargs
+  const y0 = yargs
       .option('input', {
         alias: 'model', type: 'string', demandOption: true, requiresArg: true,
         describe: 'the model folder: an HF checkpoint (config.json + model.safetensors) or a TF.js model (model.json)',
@@ -106,7 +110,9 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --output' })
       .option('backend', {
         type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
-      })
+      });
+  return expertDtypeOption(y0, "an HF --input's routed experts stored BF16/F16: 'stored' keeps them 16-bit (packed " +
+      "in a TF.js output), 'float32' widens them")
       .check(argv => checkArgs(argv as Partial<ConvertArgs>))
       .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
       .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')
@@ -140,7 +146,7 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
     throw new UsageError(`--input is ${from === 'hf' ? 'an HF checkpoint' : 'a TF.js model'} already: nothing to convert to ${to}`);
   }
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.input, { format: from });
+  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype });
   const notes: string[] = [];
   let adapter: LoadedPeftAdapter | null = null;
   try {

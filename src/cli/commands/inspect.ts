@@ -13,7 +13,8 @@ import type { RoutingConfig } from '../../ops/types.js';
 import { register, type PluginHandle } from '../../plugin.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
-import { flagOf, pluginArgsFromArgv, pluginOptions, PLUGIN_FLAG_SPECS } from '../plugin_options.js';
+import type { ExpertDtype } from '../../io/hf_block.js';
+import { expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions, PLUGIN_FLAG_SPECS } from '../plugin_options.js';
 
 interface InspectArgs {
   model: string;
@@ -21,6 +22,8 @@ interface InspectArgs {
   json: boolean;
   register: boolean;
   backend: string;
+  /** 'stored' (default) or 'float32', for an HF checkpoint's 16-bit experts */
+  expertDtype?: ExpertDtype;
 }
 
 /** What `--register` did: the register() handle's facts. */
@@ -70,7 +73,7 @@ export function builder(yargs: Argv): Argv<InspectArgs> {
         if (lora !== undefined && argv.register !== true) return `--${lora} is a register() flag: it needs --register`;
         return true;
       });
-  return pluginOptions(y)
+  return pluginOptions(expertDtypeOption(y))
       .example('$0 inspect --model spec/fixtures/hf/mixtral', '')
       .example('$0 inspect --model ./my-model --json', '')
       .example('$0 inspect --model ./my-model --register --lora-rank 8 --lora-alpha 16 --lora-targets experts.gate_up,router',
@@ -88,7 +91,7 @@ export async function inspectDir(argv: InspectArgs & Record<string, unknown>): P
   }
   const args = argv.register ? pluginArgsFromArgv(argv) : null;
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.model, { format });
+  const { model } = await loadModelDir(argv.model, { format, expertDtype: argv.expertDtype });
   let handle: PluginHandle | null = null;
   try {
     if (args !== null) {

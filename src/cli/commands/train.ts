@@ -16,7 +16,8 @@ import { FileError } from '../../util/files.js';
 import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
-import { pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
+import type { ExpertDtype } from '../../io/hf_block.js';
+import { expertDtypeOption, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
 
 interface TrainArgs {
   initConfig?: string;
@@ -32,6 +33,7 @@ interface TrainArgs {
   out: string;
   overwrite: boolean;
   json: boolean;
+  expertDtype?: ExpertDtype;
 }
 
 export const command = 'train';
@@ -44,7 +46,7 @@ const isFile = (p: string) => existsSync(p) && statSync(p).isFile();
 const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 
 const LORA_FLAG = /^lora-(?!mode$)/;
-const SINGLE_FLAGS = ['init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out', 'overwrite'];
+const SINGLE_FLAGS = ['init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out', 'overwrite', 'expert-dtype'];
 
 export function builder(yargs: Argv): Argv<TrainArgs> {
   const y = yargs
@@ -76,7 +78,8 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
-  return pluginOptions(y)
+  return pluginOptions(expertDtypeOption(y, "--model's routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
+      "(packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them)"))
       .check(argv => {
         // yargs collects a repeated flag into a list
         const repeated = SINGLE_FLAGS.find(f => Array.isArray(argv[f]));
@@ -146,6 +149,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       initConfig: argv.initConfig, model: argv.model, data: argv.data, val: argv.val,
       steps: argv.steps, lr: argv.lr ?? (plugin.lora !== null ? DEFAULT_LR.lora : DEFAULT_LR.full),
       batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, overwrite: argv.overwrite, plugin,
+      expertDtype: argv.expertDtype,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
       note: line => process.stderr.write(`note: ${line}\n`),

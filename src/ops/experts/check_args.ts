@@ -3,6 +3,7 @@ import type * as tf from '@tensorflow/tfjs-core';
 import { assertAdapterList, checkExpertFactors } from '../lora/validate_lora.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
 import type { DispatchPlan } from './dispatch_plan.js';
+import { assertExpertWeight, isPackedExpertWeight } from '../packed.js';
 import { assertFiniteNumber, assertOneOf, assertShape, assertTensor, fail } from '../validate.js';
 
 export interface ExpertDims {
@@ -20,6 +21,13 @@ function checkLoRA(op: string, arg: string, adapters: unknown, e: number, inSize
   adapters.forEach((f, i) => checkExpertFactors(op, `${arg}[${i}].`, f, e, outSize, inSize, `in = ${inSize}, out = ${outSize}`));
 }
 
+/** Like assertShape, on a shape (a packed weight's is its logical shape). */
+function assertLogicalShape(op: string, arg: string, actual: readonly number[], shape: number[], context: string): void {
+  if (actual.length !== shape.length || !shape.every((d, i) => d === actual[i])) {
+    fail(op, `'${arg}' must have shape [${shape}] but got [${actual}]${context ? ` (${context})` : ''}`);
+  }
+}
+
 export function checkExpertArgs(
     op: string, x: unknown, routingWeights: unknown, experts: unknown,
     weights: ExpertWeights, activation: ExpertActivation): ExpertDims {
@@ -29,8 +37,8 @@ export function checkExpertArgs(
   if (weights == null || typeof weights !== 'object') fail(op, `'weights' must be an ExpertWeights object but got ${weights}`);
   const layout = weights.layout ?? 'outIn';
   assertOneOf(op, 'weights.layout', layout, ['outIn', 'inOutInterleaved'] as const);
-  assertTensor(op, 'weights.gateUp', weights.gateUp, 3);
-  assertTensor(op, 'weights.down', weights.down, 3);
+  assertExpertWeight(op, 'weights.gateUp', weights.gateUp);
+  assertExpertWeight(op, 'weights.down', weights.down);
   const [numTokens, hidden] = (x as tf.Tensor2D).shape;
   if (numTokens < 1) fail(op, `'x' must have at least one token but got shape [${(x as tf.Tensor).shape}]`);
   const transposed = layout === 'inOutInterleaved';
@@ -38,9 +46,9 @@ export function checkExpertArgs(
   const twoI = transposed ? b : a;
   if (twoI % 2 !== 0) fail(op, `'weights.gateUp' must have an even gate+up size (2I) but got shape [${weights.gateUp.shape}]`);
   const inter = twoI / 2;
-  assertShape(op, 'weights.gateUp', weights.gateUp,
+  assertLogicalShape(op, 'weights.gateUp', weights.gateUp.shape,
       transposed ? [numExperts, hidden, twoI] : [numExperts, twoI, hidden], `x is [${(x as tf.Tensor).shape}]`);
-  assertShape(op, 'weights.down', weights.down,
+  assertLogicalShape(op, 'weights.down', weights.down.shape,
       transposed ? [numExperts, inter, hidden] : [numExperts, hidden, inter],
       `gateUp is [${weights.gateUp.shape}], x is [${(x as tf.Tensor).shape}]`);
   const topK = (routingWeights as tf.Tensor2D).shape[1];
@@ -94,6 +102,13 @@ export function resolveExpertCall(
   }
   const upLoRA = weights.gateUpLoRA ?? [];
   const downLoRA = weights.downLoRA ?? [];
-  const train = options.trainExpertWeights ?? (upLoRA.length === 0 && downLoRA.length === 0);
+  const packed = isPackedExpertWeight(weights.gateUp) || isPackedExpertWeight(weights.down);
+  // packed 16-bit experts are frozen: no f32 master to update (load with expertDtype 'float32')
+  if (packed && options.trainExpertWeights === true) {
+    fail(op, `'options.trainExpertWeights' is true but the expert weights are packed ` +
+        `(${isPackedExpertWeight(weights.gateUp) ? weights.gateUp.kind : (weights.down as { kind: string }).kind}), which are frozen; ` +
+        `load the model with expertDtype 'float32' to train the experts themselves`);
+  }
+  const train = options.trainExpertWeights ?? (!packed && upLoRA.length === 0 && downLoRA.length === 0);
   return { dims, loraMode, upLoRA, downLoRA, train };
 }

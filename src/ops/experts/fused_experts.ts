@@ -11,6 +11,7 @@
  * recomputed: the routing weights' gradient comes from the down projection's dx (see gradFunc).
  */
 import * as tf from '@tensorflow/tfjs-core';
+import type { ExpertWeightTensor } from '../packed.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../types.js';
 import { resolveExpertCall } from './check_args.js';
 import { materializeGrouped } from './materialize_grouped.js';
@@ -43,7 +44,7 @@ interface Projection extends ProjectionPlan {
 }
 
 function projection(
-    weight: tf.Tensor3D, bias: tf.Tensor2D|undefined, lora: LoRAFactors[], transposed: boolean,
+    weight: ExpertWeightTensor, bias: tf.Tensor2D|undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number): Projection {
   return { ...planProjection(weight, bias, lora, transposed, train, mode, rows, materializeGrouped), transposed };
 }

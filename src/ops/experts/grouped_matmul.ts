@@ -13,12 +13,13 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expertFactorA, expertFactorB, peftLayoutA, peftLayoutB } from '../lora/layout.js';
+import type { ExpertWeightTensor } from '../packed.js';
 import type { LoRAFactors } from '../types.js';
 import { groupedProduct, groupedWeightGrad, type Rows } from './kernels.js';
 
 export interface GroupedWeight {
-  /** [E, out, in], or [E, in, out] when `transposed` (gpt-oss) */
-  weight: tf.Tensor3D;
+  /** [E, out, in], or [E, in, out] when `transposed` (gpt-oss); packed only when frozen */
+  weight: ExpertWeightTensor;
   transposed: boolean;
   /** [E, out] */
   bias?: tf.Tensor2D;

@@ -11,6 +11,7 @@
  * inside their own custom gradients.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { isPackedExpertWeight, packedExpertGroup, type ExpertWeightTensor, type PackedKind } from '../packed.js';
 import type { ExpertActivation } from '../types.js';
 import { activationBackward, activationForward } from './activation.js';
 
@@ -29,12 +30,17 @@ export const MOE_KERNEL_NAMES = [
  * MoEGroupedMatMul: inputs x [R, k], w [E, p, q], rows? int32 [N], bias? [E, m], addTo? [N, m];
  * out [N, m] with rows [o_e, o_e + n_e) = alpha·X_e·op(W_e) (+ bias[e]) (+ addTo's rows), where
  * X_e are the rows rows[o_e …] of x (or x's own rows o_e … without `rows`) and op(W_e) = W_e
- * (k = p, m = q) or W_eᵀ when transposeW (k = q, m = p).
+ * (k = p, m = q) or W_eᵀ when transposeW (k = q, m = p). With `packed` 'bf16' | 'f16', w is the
+ * int32 tensor of a PackedExpertWeight of logical shape `wShape` [E, p, q] (src/ops/packed.ts),
+ * decoded by the kernel one expert at a time.
  */
 export interface GroupedMatMulAttrs {
   groupSizes: number[];
   transposeW: boolean;
   alpha: number;
+  packed: PackedKind | 'none';
+  /** the logical [E, p, q] of w (its own shape unless packed) */
+  wShape: number[];
 }
 
 /** MoEGroupedWeightGrad: inputs a [Ra, p], b [Rb, q], aRows?, bRows?; out [E, p, q] = Σ_{rows of e} aᵀ·b. */
@@ -78,7 +84,8 @@ function gathered(r: Rows): tf.Tensor2D {
   return r.index ? tf.gather(r.t, r.index) : r.t;
 }
 
-function expertSlice(w: tf.Tensor3D, e: number): tf.Tensor2D {
+function expertSlice(w: ExpertWeightTensor, e: number): tf.Tensor2D {
+  if (isPackedExpertWeight(w)) return packedExpertGroup(w, e);  // one expert group decoded
   const [, a, b] = w.shape;
   return tf.reshape(tf.slice(w, [e, 0, 0], [1, a, b]), [a, b]);
 }
@@ -95,7 +102,8 @@ export interface GroupedProductOptions {
 
 /**
  * Per expert e, alpha·X_e·W_e (or alpha·X_e·W_eᵀ with `transposeW`) over its rows, plus bias[e],
- * plus `addTo`; [N, m].
+ * plus `addTo`; [N, m]. `w` may be packed (bf16/f16): the kernels decode one expert at a time,
+ * the composition one expert group at a time (through the host).
  *
  * ```js
  * // rows 0-2 through expert 0, rows 3-4 through expert 2
@@ -103,13 +111,16 @@ export interface GroupedProductOptions {
  * ```
  */
 export function groupedProduct(
-    x: Rows, w: tf.Tensor3D, groupSizes: number[], transposeW: boolean,
+    x: Rows, w: ExpertWeightTensor, groupSizes: number[], transposeW: boolean,
     options: GroupedProductOptions = {}): tf.Tensor2D {
   const { bias, addTo } = options;
   const alpha = options.alpha ?? 1;
   if (hasKernel(GROUPED_MATMUL)) {
-    const attrs: GroupedMatMulAttrs = { groupSizes, transposeW, alpha };
-    return run(GROUPED_MATMUL, { x: x.t, w, rows: x.index, bias, addTo }, attrs);
+    const packed = isPackedExpertWeight(w);
+    const attrs: GroupedMatMulAttrs = {
+      groupSizes, transposeW, alpha, packed: packed ? w.kind : 'none', wShape: [...w.shape],
+    };
+    return run(GROUPED_MATMUL, { x: x.t, w: packed ? w.packed : w, rows: x.index, bias, addTo }, attrs);
   }
   return tf.tidy(() => {
     const xs = gathered(x);

@@ -4,10 +4,12 @@
  * with W added in the same pass, and the backward's dA = s·B_eᵀ·G_e, dB = s·G_e·A_eᵀ are one
  * grouped weight gradient and one grouped product. Same values and gradients as
  * materializeExpertLoRA (src/ops/lora/materialize.ts), without its batched matMuls, which run on
- * tfjs's slow paths on cpu and wasm. W is frozen: captured, never an input of the custom gradient.
+ * tfjs's slow paths on cpu and wasm. W is frozen: captured, never an input of the custom gradient;
+ * a packed W is decoded (W_eff is float32 of W's size in any case).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expertFactorA, expertFactorB, peftLayoutA, peftLayoutB } from '../lora/layout.js';
+import { isPackedExpertWeight, unpackExpertWeight, type ExpertWeightTensor } from '../packed.js';
 import type { LoRAFactors } from '../types.js';
 import { groupedProduct, groupedWeightGrad } from './kernels.js';
 
@@ -23,13 +25,15 @@ function factors(f: LoRAFactors, e: number, transposed: boolean) {
  * W [E, out, in] (or [E, in, out] when `transposed`) plus every adapter's delta, differentiable
  * w.r.t. each adapter's A and B (in PEFT's layouts) only. At least one adapter.
  */
-export function materializeGrouped(W: tf.Tensor3D, adapters: LoRAFactors[], transposed: boolean): tf.Tensor3D {
+export function materializeGrouped(W: ExpertWeightTensor, adapters: LoRAFactors[], transposed: boolean): tf.Tensor3D {
   const [e, d1, d2] = W.shape;
   const groups = new Array<number>(e).fill(d1);      // the rows of W_e: out ('outIn') or in
   const apply = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
     const current = adapters.map((f, i) => ({ A: args[2 * i] as tf.Tensor2D, B: args[2 * i + 1] as tf.Tensor2D, scaling: f.scaling }));
     const value = tf.tidy(() => {
-      let acc = tf.reshape(W, [e * d1, d2]) as tf.Tensor2D;
+      // a packed W is decoded whole here: W_eff is a float32 tensor of W's size anyway
+      // (loraMode 'auto' never materializes a packed weight)
+      let acc = tf.reshape(isPackedExpertWeight(W) ? unpackExpertWeight(W) : W, [e * d1, d2]) as tf.Tensor2D;
       for (const f of current.map(c => factors(c, e, transposed))) {
         acc = transposed ?
           // W_e [in, out] + s·A_eᵀ·B_eᵀ: rows of A_eᵀ times B_eᵀ

@@ -7,6 +7,7 @@
  * materializer differs between them.
  */
 import type * as tf from '@tensorflow/tfjs-core';
+import { isPackedExpertWeight, type ExpertWeightTensor } from '../packed.js';
 import type { LoRAFactors, LoRAMode } from '../types.js';
 import { fail } from '../validate.js';
 
@@ -24,8 +25,11 @@ export function chooseLoRAMode(
 
 /** One projection's weight as the grouped products see it, and which of its tensors get gradients. */
 export interface ProjectionPlan {
-  /** [E, out, in], or [E, in, out] when transposed; W_eff when the adapters were materialized */
-  weight: tf.Tensor3D;
+  /**
+   * [E, out, in], or [E, in, out] when transposed; W_eff when the adapters were materialized;
+   * packed (frozen, never trained) only as the base of a split projection
+   */
+  weight: ExpertWeightTensor;
   bias?: tf.Tensor2D;
   /** the adapters still applied split (none once materialized) */
   lora: LoRAFactors[];
@@ -34,14 +38,15 @@ export interface ProjectionPlan {
 }
 
 /** W_eff = W + Σ s·B_e·A_e in W's layout, with gradients to every A and B (none to W). */
-export type ExpertMaterializer = (weight: tf.Tensor3D, lora: LoRAFactors[], transposed: boolean) => tf.Tensor3D;
+export type ExpertMaterializer = (weight: ExpertWeightTensor, lora: LoRAFactors[], transposed: boolean) => tf.Tensor3D;
 
 /**
  * Decides how a projection's adapters are applied: `mode` as given, or for 'auto' split when the
- * base is trained and otherwise the cheaper of the two by chooseLoRAMode for `rows` = T·K rows.
+ * base is trained or packed (materializing would build a float32 copy of the whole weight, which
+ * is what packing avoids) and otherwise the cheaper of the two by chooseLoRAMode for `rows` = T·K rows.
  */
 export function planProjection(
-    weight: tf.Tensor3D, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
+    weight: ExpertWeightTensor, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number, materialize: ExpertMaterializer): ProjectionPlan {
   const split: ProjectionPlan = { weight, bias, lora, trainWeight: train, trainBias: train && bias != null };
   if (lora.length === 0) return split;
@@ -49,7 +54,8 @@ export function planProjection(
   const [inSize, outSize] = transposed ? [a, b] : [b, a];
   const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
   // Training the base and its adapters together needs dW itself, which only the split form gives.
-  const chosen = mode !== 'auto' ? mode : train ? 'split' : chooseLoRAMode(rows, inSize, outSize, e, rank);
+  const chosen = mode !== 'auto' ? mode : train || isPackedExpertWeight(weight) ? 'split' :
+    chooseLoRAMode(rows, inSize, outSize, e, rank);
   if (chosen === 'split') return split;
   if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
   // W_eff is the output of the materializer's own customGrad: its gradient reaches A and B
@@ -64,7 +70,7 @@ export function planProjection(
  * W-sized clone for nothing.
  */
 export function projectionTrainables(p: ProjectionPlan): tf.Tensor[] {
-  return [...(p.trainWeight ? [p.weight] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
+  return [...(p.trainWeight ? [p.weight as tf.Tensor3D] : []), ...(p.trainBias ? [p.bias!] : []), ...p.lora.flatMap(f => [f.A, f.B])];
 }
 
 /**
@@ -72,7 +78,7 @@ export function projectionTrainables(p: ProjectionPlan): tf.Tensor[] {
  * projectionTrainables order); returns it and the index after them.
  */
 export function restoreProjection<P extends ProjectionPlan>(p: P, saved: tf.Tensor[], at: number): [P, number] {
-  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;
+  const weight = p.trainWeight ? saved[at++] as tf.Tensor3D : p.weight;  // a packed base is never trained
   const bias = p.trainBias ? saved[at++] as tf.Tensor2D : p.bias;
   const lora = p.lora.map(f => ({ A: saved[at++] as tf.Tensor2D, B: saved[at++] as tf.Tensor2D, scaling: f.scaling }));
   return [{ ...p, weight, bias, lora }, at];

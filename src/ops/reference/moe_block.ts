@@ -8,6 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { checkExpertArgs } from '../experts/check_args.js';
 import { routerLogits } from '../lora/router_logits.js';
+import { isPackedExpertWeight, unpackExpertWeight } from '../packed.js';
 import { sharedExpert } from '../shared_expert.js';
 import { fail } from '../validate.js';
 import type { ExpertActivation, LoRAFactors, MoEBlockConfig, MoEBlockWeights, Routing } from '../types.js';
@@ -80,6 +81,9 @@ export function referenceExperts(
   const { numTokens: t, topK: k, numExperts, transposed } = dims;
   const chosen = chosenExperts(op, routing.experts, numExperts, options.hostExperts);
   return tf.tidy(() => {
+    // the oracle decodes packed (bf16/f16) experts whole, once per call; they get no gradient
+    const gateUp = isPackedExpertWeight(weights.gateUp) ? unpackExpertWeight(weights.gateUp) : weights.gateUp;
+    const down = isPackedExpertWeight(weights.down) ? unpackExpertWeight(weights.down) : weights.down;
     const flatWeights = tf.reshape(routing.weights, [t * k]);
     let out: tf.Tensor = tf.zeros([t, dims.hidden]);
     for (let e = 0; e < numExperts; e++) {
@@ -91,10 +95,10 @@ export function referenceExperts(
       if (tokens.length === 0) continue;
       const tokenIdx = tf.tensor1d(tokens, 'int32');
       const xe = tf.gather(x, tokenIdx);
-      const w1 = expertWeight(weights.gateUp, e, weights.gateUpLoRA ?? [], transposed);
+      const w1 = expertWeight(gateUp, e, weights.gateUpLoRA ?? [], transposed);
       let h = tf.matMul(xe, w1, false, !transposed) as tf.Tensor2D;
       if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
-      const w2 = expertWeight(weights.down, e, weights.downLoRA ?? [], transposed);
+      const w2 = expertWeight(down, e, weights.downLoRA ?? [], transposed);
       let y = tf.matMul(activate(h, activation, transposed), w2, false, !transposed);
       if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
       const w = tf.gather(flatWeights, tf.tensor1d(pairs, 'int32'));

@@ -1,0 +1,96 @@
+/**
+ * Packed 16-bit experts on WebGPU, where the grouped-product programs do not decode in place yet:
+ * the device decode (MoEDecodePacked) is exact, the composed fusedExperts (with a host plan)
+ * decodes one expert group at a time, and webgpuFusedExperts / moeBlock (no host read) decode
+ * them whole for the forward and again for the backward. Each equals the same computation on the float32 decoded values.
+ * Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { webgpuFusedExperts } from '../../../src/backends/webgpu/experts.js';
+import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
+import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
+import { moeBlock } from '../../../src/ops/moe_block.js';
+import { packedExpertWeightFromBits, unpackExpertWeight } from '../../../src/ops/packed.js';
+import type { ExpertWeights } from '../../../src/ops/types.js';
+import { makePackedCase, type PackedCase } from '../../helpers/packed_case.js';
+import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
+
+type Experts = typeof fusedExperts;
+
+/** Output and the gradients of x and every LoRA factor through `impl` for the given expert weights. */
+function run(c: PackedCase, impl: Experts, gateUp: ExpertWeights['gateUp'], down: ExpertWeights['down'],
+    options: Parameters<Experts>[4]): tf.Tensor[] {
+  const f = (x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
+    const w: ExpertWeights = {
+      gateUp, down, layout: c.layout, gateUpBias: c.gateUpBias, downBias: c.downBias,
+      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: c.upLoRA.scaling }],
+      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: c.downLoRA.scaling }],
+    };
+    const out = impl(x as tf.Tensor2D, { weights: c.routingWeights, experts: c.experts }, w, c.activation, options);
+    return tf.sum(tf.mul(out, tf.sin(out)));
+  };
+  const { value, grads } = tf.valueAndGrads(f)([c.x, c.upLoRA.A, c.upLoRA.B, c.downLoRA.A, c.downLoRA.B]);
+  return [value, ...grads];
+}
+
+const NAMES = ['loss', 'dx', 'dA_up', 'dB_up', 'dA_down', 'dB_down'];
+
+async function expectSame(c: PackedCase, impl: Experts, options: Parameters<Experts>[4], label: string): Promise<void> {
+  const packed = run(c, impl, c.gateUp, c.down, options);
+  const plain = run(c, impl, c.gateUp32, c.down32, options);
+  for (const [i, t] of packed.entries()) await expectCloseAsync(t, await plain[i].data(), 1e-6, `${label} ${NAMES[i]}`);
+  tf.dispose([...packed, ...plain]);
+}
+
+describe('webgpu: packed 16-bit expert weights', () => {
+  const dims = { T: 9, H: 5, I: 3, E: 4, K: 2, r: 2 };   // H·I odd: down's experts end mid-word
+
+  it('the device decode is exact, bf16 and f16, odd expert sizes included', async () => {
+    const bits = Uint16Array.from([0x3f80, 0xc040, 0x0001, 0x7f7f, 0x8000, 0x3e80, 0x4049, 0xbf00, 0x0400, 0x3c00]);
+    const expected = {
+      bf16: [1, -3, 2 ** -133, 3.3895313892515355e38, -0, 0.25, 3.140625, -0.5, 2 ** -119 * 1.0, 0.0078125],
+      f16: [1.875, -2.125, 2 ** -24, NaN, -0, 1.625, 2.142578125, -1.75, 2 ** -14, 1],   // 0x7f7f: exponent 31, a NaN
+    };
+    for (const kind of ['bf16', 'f16'] as const) {
+      const w = packedExpertWeightFromBits(kind, [2, 1, 5], bits);   // 5 halves per expert: padded
+      const decoded = unpackExpertWeight(w);
+      const values = Array.from(await decoded.data());
+      expect(values.map((v, i) => (Object.is(v, expected[kind][i]) || v === Math.fround(expected[kind][i]))), `${kind}: ${values}`)
+          .to.deep.equal(new Array(10).fill(true));
+      decoded.dispose();
+      w.dispose();
+    }
+  });
+
+  for (const kind of ['bf16', 'f16'] as const) {
+    it(`${kind}: the composed fusedExperts with a host plan (one expert group decoded at a time)`, async () => {
+      const c = makePackedCase(kind, dims, 21);
+      const plan = await buildDispatchPlanAsync(c.experts, dims.E);
+      await expectNoLeakAsync(() => expectSame(c, fusedExperts, { plan, loraMode: 'split' }, `${kind} composed`));
+      c.dispose();
+    });
+  }
+
+  it('webgpuFusedExperts without a host plan, both LoRA modes, gpt-oss layout too', async () => {
+    for (const [layout, loraMode] of [['outIn', 'split'], ['outIn', 'materialize'], ['inOutInterleaved', 'split']] as const) {
+      const c = makePackedCase('bf16', dims, 22, layout);
+      await expectNoLeakAsync(() => expectSame(c, webgpuFusedExperts, { loraMode }, `${layout} ${loraMode}`));
+      c.dispose();
+    }
+  });
+
+  it("moeBlock 'fused' runs a packed block on webgpu and refuses to train the packed experts", async () => {
+    const c = makePackedCase('f16', dims, 23);
+    const router = { weight: tf.randomNormal([dims.E, dims.H], 0, 0.5, 'float32', 3) as tf.Tensor2D };
+    const config = { routing: { kind: 'softmaxTopK', topK: dims.K, renormalize: true }, activation: c.activation } as const;
+    const packed = moeBlock(c.x, { router, experts: { gateUp: c.gateUp, down: c.down } }, config);
+    const plain = moeBlock(c.x, { router, experts: { gateUp: c.gateUp32, down: c.down32 } }, config);
+    await expectCloseAsync(packed.out, await plain.out.data(), 1e-6, 'block out');
+    expect(() => moeBlock(c.x, { router, experts: { gateUp: c.gateUp, down: c.down } }, config, { trainExpertWeights: true }))
+        .to.throw(/'options.trainExpertWeights' is true but the expert weights are packed \(f16\), which are frozen/);
+    for (const r of [packed, plain]) tf.dispose([r.out, r.routing.weights, r.routing.experts, r.routing.logits]);
+    router.weight.dispose();
+    c.dispose();
+  });
+});

@@ -1,0 +1,56 @@
+/** `--expert-dtype` on the commands that load a model: convert, inspect, train. */
+import { expect } from 'chai';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
+import { writeHalfFixture } from '../helpers/half_checkpoint.js';
+import { runMain } from './run_cli.js';
+
+/** the spec run's backend, so the commands do not switch (and warn) */
+const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
+
+/** The expertStorage of each SparseMoE in a TF.js folder's model.json (tfjs writes its keys snake_case). */
+async function storages(dir: string): Promise<string[]> {
+  const json = JSON.parse(await readFile(join(dir, 'model.json'), 'utf8'));
+  return (json.modelTopology.config.layers as Array<{ class_name: string; config: { expert_storage: string } }>)
+      .filter(l => l.class_name === 'SparseMoE').map(l => l.config.expert_storage);
+}
+
+describe('--expert-dtype', function () {
+  this.timeout(60_000);
+  let bf16: string;
+
+  before(async () => {
+    bf16 = await tempDir('cli-bf16-');
+    await writeHalfFixture(fixtureDir('olmoe'), 'bf16', bf16, await tempDir('cli-rounded-'));
+  });
+  after(cleanup);
+
+  it('convert keeps bf16 experts packed by default and widens them with float32', async () => {
+    const stored = join(await tempDir('cli-out-'), 'm');
+    const r1 = await runMain(['convert', '--from', 'hf', '--to', 'tfjs', '--input', bf16, '--output', stored, '--backend', BACKEND]);
+    expect(r1.code, r1.stderr).to.equal(0);
+    expect(await storages(stored)).to.deep.equal(['bf16', 'bf16']);
+    const wide = join(await tempDir('cli-out-'), 'm');
+    const r2 = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', wide, '--expert-dtype', 'float32', '--backend', BACKEND]);
+    expect(r2.code, r2.stderr).to.equal(0);
+    expect(await storages(wide)).to.deep.equal(['float32', 'float32']);
+  });
+
+  it('inspect takes it; a bad value is an argument error (exit 2)', async () => {
+    const ok = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'float32', '--json', '--backend', BACKEND]);
+    expect(ok.code, ok.stderr).to.equal(0);
+    const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'bf16']);
+    expect(bad.code).to.equal(2);
+    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32"/);
+  });
+
+  it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {
+    const data = join(await tempDir('cli-data-'), 'text.txt');
+    await writeFile(data, 'abcdefghij'.repeat(20));
+    const out = join(await tempDir('cli-train-'), 'out');
+    const r = await runMain(['train', '--model', bf16, '--data', data, '--out', out, '--steps', '1', '--expert-dtype', 'stored', '--backend', BACKEND]);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.match(/full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' keeps 16-bit experts packed and frozen/);
+  });
+});

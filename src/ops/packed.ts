@@ -1,0 +1,298 @@
+/**
+ * Frozen expert weights kept in their stored 16-bit precision. TF.js has no 16-bit dtype, so the
+ * bf16 or f16 values are held two per element of an int32 tensor, with a small wrapper that says
+ * what is inside (the format, the logical shape). The bit layout is in src/ops/README.md ("Packed
+ * expert weights"): expert e owns words [e·W, (e+1)·W) with W = ceil(rows·cols / 2); its flat
+ * element j = row·cols + col is the low half (bits 0–15) of word j/2 when j is even and the high
+ * half (bits 16–31) when j is odd. That is the byte order of the 16-bit values in a little-endian
+ * file, so a load copies the file's halves as they are, and WGSL can read them later with
+ * `unpack2x16float` (f16) or a shift (bf16 is the high half of an f32).
+ *
+ * The fused kernels (cpu, wasm) decode one expert at a time into a scratch block; the composed
+ * fallback decodes one expert group at a time; only the oracle, saving and merging decode the
+ * whole weight (unpackExpertWeight).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { fail } from './validate.js';
+
+/** The 16-bit formats a packed expert weight can hold. */
+export type PackedKind = 'bf16' | 'f16';
+export const PACKED_KINDS: readonly PackedKind[] = ['bf16', 'f16'];
+
+/** int32 words that hold one expert's rows·cols halves (the last half of an odd count is padding, 0). */
+export function packedWordsPerExpert(rows: number, cols: number): number {
+  return Math.ceil((rows * cols) / 2);
+}
+
+/**
+ * A routed-expert weight of logical shape [E, rows, cols] held as bf16 or f16 halves, two per
+ * element of an int32 tensor [E, ceil(rows·cols / 2)]. Frozen: it never gets a gradient. The
+ * wrapper owns nothing beyond `packed`; `dispose()` disposes it.
+ *
+ * ```js
+ * const w = packExpertWeight(tf.randomNormal([8, 256, 64]), 'bf16');
+ * w.shape;          // [8, 256, 64]
+ * w.packed.shape;   // [8, 8192], int32
+ * ```
+ */
+export class PackedExpertWeight {
+  readonly kind: PackedKind;
+  /** the logical shape [E, rows, cols], in the layout of the f32 weight it stands for */
+  readonly shape: [number, number, number];
+  /** int32 [E, ceil(rows·cols / 2)] */
+  readonly packed: tf.Tensor2D;
+
+  constructor(kind: PackedKind, shape: readonly number[], packed: tf.Tensor) {
+    const op = 'PackedExpertWeight';
+    if (!(PACKED_KINDS as readonly string[]).includes(kind)) {
+      fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+    }
+    if (!Array.isArray(shape) || shape.length !== 3 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
+      fail(op, `'shape' must be [E, rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
+    }
+    checkPackedTensor(op, 'packed', packed, kind, shape as [number, number, number]);
+    this.kind = kind;
+    this.shape = [shape[0], shape[1], shape[2]];
+    this.packed = packed as tf.Tensor2D;
+  }
+
+  get rank(): 3 { return 3; }
+  get isDisposed(): boolean { return this.packed.isDisposed; }
+  /** int32 words per expert */
+  get wordsPerExpert(): number { return packedWordsPerExpert(this.shape[1], this.shape[2]); }
+  dispose(): void { this.packed.dispose(); }
+}
+
+function checkPackedTensor(op: string, arg: string, packed: unknown, kind: string, shape: [number, number, number]): void {
+  const words = packedWordsPerExpert(shape[1], shape[2]);
+  if (!(packed instanceof tf.Tensor)) fail(op, `'${arg}' must be an int32 tensor [${shape[0]}, ${words}] but got ${String(packed)}`);
+  if (packed.isDisposed) fail(op, `'${arg}' was already disposed`);
+  if (packed.dtype !== 'int32' || packed.rank !== 2 || packed.shape[0] !== shape[0] || packed.shape[1] !== words) {
+    fail(op, `'${arg}' must be an int32 tensor [${shape[0]}, ${words}] (${kind} halves of [${shape}]) ` +
+        `but got a ${packed.dtype} tensor of shape [${packed.shape}]`);
+  }
+}
+
+/** A routed-expert weight as the ops take it: float32, or packed 16-bit (frozen). */
+export type ExpertWeightTensor = tf.Tensor3D | PackedExpertWeight;
+
+export function isPackedExpertWeight(value: unknown): value is PackedExpertWeight {
+  return value instanceof PackedExpertWeight;
+}
+
+/** An expert weight argument: a 3-D float32 tensor or a valid, undisposed PackedExpertWeight. */
+export function assertExpertWeight(op: string, arg: string, value: unknown): asserts value is ExpertWeightTensor {
+  if (value instanceof PackedExpertWeight) {
+    checkPackedTensor(op, `${arg}.packed`, value.packed, value.kind, value.shape);
+    return;
+  }
+  if (!(value instanceof tf.Tensor)) {
+    fail(op, `'${arg}' must be a 3-D float32 tensor or a PackedExpertWeight but got ${value === null ? 'null' : typeof value}`);
+  }
+  if (value.isDisposed) fail(op, `'${arg}' was already disposed`);
+  if (value.rank !== 3) fail(op, `'${arg}' must be 3-D but got shape [${value.shape}]`);
+  if (value.dtype !== 'float32') fail(op, `'${arg}' must be float32 or a PackedExpertWeight but got ${value.dtype} (shape [${value.shape}])`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the 16-bit formats on the host
+
+let f16Table: Float32Array | null = null;
+
+/** All 65536 f16 values as float32 (exact), built on first use. */
+function float16Table(): Float32Array {
+  if (f16Table === null) {
+    f16Table = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) {
+      const sign = h & 0x8000 ? -1 : 1;
+      const exponent = (h >> 10) & 0x1f;
+      const mantissa = h & 0x3ff;
+      f16Table[h] = exponent === 0 ? sign * mantissa * 2 ** -24 :
+        exponent === 0x1f ? (mantissa === 0 ? sign * Infinity : NaN) :
+        sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
+    }
+  }
+  return f16Table;
+}
+
+const bitsScratch = new DataView(new ArrayBuffer(4));
+
+function float32Bits(v: number): number {
+  bitsScratch.setFloat32(0, v);
+  return bitsScratch.getUint32(0);
+}
+
+/** float32 → bf16 bits, rounded to nearest even as torch's `.to(torch.bfloat16)`; NaN stays NaN. */
+export function bfloat16Bits(v: number): number {
+  const x = float32Bits(v);
+  if ((x & 0x7fffffff) > 0x7f800000) return ((x >>> 16) | 0x40) & 0xffff;
+  return ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+/** float32 → IEEE binary16 bits, rounded to nearest even; overflow gives ±Infinity. */
+export function float16Bits(v: number): number {
+  const x = float32Bits(v);
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant !== 0 ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {  // a subnormal f16 (or zero): value / 2^-24, rounded
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let h = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const half = 1 << (shift - 1);
+    if (rem > half || (rem === half && (h & 1) === 1)) h++;
+    return sign | h;
+  }
+  let h = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && (h & 1) === 1)) h++;  // a carry into the exponent is right
+  return sign | h;
+}
+
+/**
+ * Decodes `count` elements of one expert, whose first word is words[wOff], into float32 at
+ * dst[dOff …]. `dstBits` is an Int32Array over the same memory as `dst` (bf16 is written as bits:
+ * exact and branch-free). Shared by the cpu and wasm kernels (wasm: HEAP32 / HEAPF32).
+ */
+export function decodeExpertInto(
+    kind: PackedKind, count: number, words: Int32Array, wOff: number,
+    dst: Float32Array, dstBits: Int32Array, dOff: number): void {
+  const pairs = count >> 1;
+  if (kind === 'bf16') {
+    for (let i = 0; i < pairs; i++) {
+      const w = words[wOff + i];
+      dstBits[dOff + 2 * i] = w << 16;
+      dstBits[dOff + 2 * i + 1] = w & -65536;
+    }
+    if (count & 1) dstBits[dOff + count - 1] = words[wOff + pairs] << 16;
+  } else {
+    const table = float16Table();
+    for (let i = 0; i < pairs; i++) {
+      const w = words[wOff + i];
+      dst[dOff + 2 * i] = table[w & 0xffff];
+      dst[dOff + 2 * i + 1] = table[w >>> 16];
+    }
+    if (count & 1) dst[dOff + count - 1] = table[words[wOff + pairs] & 0xffff];
+  }
+}
+
+/**
+ * A packed weight from 16-bit values (bits) laid out as the f32 weight would be, expert-major
+ * [E, rows, cols]: the values are copied as they are, each expert starting on a word.
+ *
+ * ```js
+ * const w = packedExpertWeightFromBits('bf16', [E, 2 * I, H], halves);  // halves: Uint16Array(E·2I·H)
+ * ```
+ */
+export function packedExpertWeightFromBits(kind: PackedKind, shape: readonly number[], halves: Uint16Array): PackedExpertWeight {
+  const op = 'packedExpertWeightFromBits';
+  if (!Array.isArray(shape) || shape.length !== 3 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
+    fail(op, `'shape' must be [E, rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
+  }
+  const [e, rows, cols] = shape;
+  const block = rows * cols;
+  if (!(halves instanceof Uint16Array) || halves.length !== e * block) {
+    fail(op, `'halves' must be a Uint16Array of ${e * block} values (shape [${shape}]) but got ` +
+        `${halves instanceof Uint16Array ? `${halves.length} values` : String(halves)}`);
+  }
+  const words = packedWordsPerExpert(rows, cols);
+  const data = new Int32Array(e * words);
+  const view = new Uint16Array(data.buffer);
+  for (let i = 0; i < e; i++) view.set(halves.subarray(i * block, (i + 1) * block), 2 * i * words);
+  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [e, words], 'int32'));
+}
+
+/**
+ * A float32 weight [E, rows, cols] rounded to bf16 or f16 (nearest even, as torch does) and packed.
+ *
+ * ```js
+ * const packed = packExpertWeight(gateUp, 'bf16');
+ * ```
+ */
+export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind): PackedExpertWeight {
+  const op = 'packExpertWeight';
+  assertExpertWeight(op, 'weight', weight);
+  if (weight instanceof PackedExpertWeight) fail(op, `'weight' is already packed (${weight.kind})`);
+  if (!(PACKED_KINDS as readonly string[]).includes(kind)) {
+    fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+  }
+  const values = weight.dataSync();
+  const halves = new Uint16Array(values.length);
+  const encode = kind === 'bf16' ? bfloat16Bits : float16Bits;
+  for (let i = 0; i < values.length; i++) halves[i] = encode(values[i]);
+  return packedExpertWeightFromBits(kind, weight.shape, halves);
+}
+
+function decodeWords(kind: PackedKind, experts: number, rows: number, cols: number, words: Int32Array): Float32Array {
+  const block = rows * cols;
+  const perExpert = packedWordsPerExpert(rows, cols);
+  const out = new Float32Array(experts * block);
+  const bits = new Int32Array(out.buffer);
+  for (let e = 0; e < experts; e++) decodeExpertInto(kind, block, words, e * perExpert, out, bits, e * block);
+  return out;
+}
+
+/**
+ * MoEDecodePacked: input packed int32 [E, W]; out float32 [count, rows, cols], experts
+ * first … first + count − 1 decoded. Registered where the packed words cannot be read to the host
+ * synchronously (webgpu); elsewhere the decode runs on the host.
+ */
+export const DECODE_PACKED = 'MoEDecodePacked';
+export interface DecodePackedAttrs {
+  kind: PackedKind;
+  first: number;
+  count: number;
+  rows: number;
+  cols: number;
+}
+
+function decodeOnDevice(weight: PackedExpertWeight, first: number, count: number): tf.Tensor3D | null {
+  if (tf.getKernel(DECODE_PACKED, tf.getBackend()) == null) return null;
+  const [, rows, cols] = weight.shape;
+  const attrs: DecodePackedAttrs = { kind: weight.kind, first, count, rows, cols };
+  return tf.engine().runKernel(DECODE_PACKED, { packed: weight.packed }, attrs as unknown as tf.NamedAttrMap) as tf.Tensor3D;
+}
+
+/**
+ * The whole weight decoded to float32 [E, rows, cols] (exact). For the reference block (the
+ * oracle), saving and merging; the fused paths never call it. Reads the packed words to the host
+ * (or decodes on the device where a MoEDecodePacked kernel is registered).
+ *
+ * ```js
+ * const w = unpackExpertWeight(packed);  // float32 [E, rows, cols]
+ * ```
+ */
+export function unpackExpertWeight(weight: ExpertWeightTensor): tf.Tensor3D {
+  assertExpertWeight('unpackExpertWeight', 'weight', weight);
+  if (!(weight instanceof PackedExpertWeight)) return tf.clone(weight);
+  const [e, rows, cols] = weight.shape;
+  const onDevice = decodeOnDevice(weight, 0, e);
+  if (onDevice) return onDevice;
+  return tf.tensor3d(decodeWords(weight.kind, e, rows, cols, weight.packed.dataSync() as Int32Array), weight.shape);
+}
+
+/**
+ * Expert `e`'s weight as float32 [rows, cols]: one expert group decoded (the composed fallback,
+ * on backends without the packed kernels). Reads that expert's words to the host, or decodes on
+ * the device where a MoEDecodePacked kernel is registered.
+ */
+export function packedExpertGroup(weight: PackedExpertWeight, e: number): tf.Tensor2D {
+  const [, rows, cols] = weight.shape;
+  const onDevice = decodeOnDevice(weight, e, 1);
+  if (onDevice) {
+    const group = tf.reshape(onDevice, [rows, cols]) as tf.Tensor2D;
+    onDevice.dispose();
+    return group;
+  }
+  const words = tf.tidy(() => tf.slice(weight.packed, [e, 0], [1, -1]));
+  try {
+    return tf.tensor2d(decodeWords(weight.kind, 1, rows, cols, words.dataSync() as Int32Array), [rows, cols]);
+  } finally {
+    words.dispose();
+  }
+}
