@@ -9,6 +9,7 @@ import { hideBin } from 'yargs/helpers';
 import * as bench from './commands/bench.js';
 import * as convert from './commands/convert.js';
 import * as inspect from './commands/inspect.js';
+import * as merge from './commands/merge.js';
 import * as parity from './commands/parity.js';
 import * as train from './commands/train.js';
 import { REPORT_BUGS } from '../errors.js';
@@ -25,6 +26,7 @@ export async function main(args: string[]): Promise<number> {
       .command(bench)
       .command(convert)
       .command(inspect)
+      .command(merge)
       .demandCommand(1, 'name a command')
       .strict()
       .help()

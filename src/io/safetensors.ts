@@ -136,8 +136,9 @@ export async function writeSafetensorsStream(
       const size = shape.reduce((a, b) => a * b, 1);
       const want = dtype === 'I32' ? Int32Array : Float32Array;
       if (!(values instanceof want) || values.length !== size) {
-        throw new SafetensorsError(`\`${op}()\`: tensor '${name}' (${dtype}, shape [${shape}]) needs a ${want.name} of ` +
-            `${size} values but values() gave ${describeValue(values)}${ArrayBuffer.isView(values) ? ` of length ${(values as Float32Array).length}` : ''}`);
+        throw new SafetensorsError(`\`${op}()\`: tensor '${name}' (${dtype}, shape [${shape}]) needs ${size} values ` +
+            `(${want.name}) but values() gave ${values instanceof Float32Array || values instanceof Int32Array ?
+              `${values.length} values (${values.constructor.name})` : describeValue(values)}`);
       }
       let at = header.byteLength + begin;
       for (let start = 0; start < size; start += STREAM_CHUNK_ELEMENTS) {
