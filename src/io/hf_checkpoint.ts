@@ -8,8 +8,8 @@
 import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
-import { confinedPath, openArtifactFolder, pathKind, readJSONFile } from '../util/files.js';
-import { recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
+import { confinedPath, openArtifactFolder, pathKind, readJSONFile, readTextFile } from '../util/files.js';
+import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
 import {
   CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
   type LoadHFCheckpointOptions,
@@ -68,5 +68,7 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   // every name of the plan is in the source: modelFromCheckpoint checked them
   recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   recordSourceFolder(model, dir);
+  // read again as text (it parsed above): which of its numbers are floats, for writing it back
+  recordConfigFloats(model, integralFloatPaths(await readTextFile(join(dir, 'config.json'), `\`${OP}()\`: config`)));
   return model;
 }

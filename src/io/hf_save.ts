@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
-import { sourceDtypeOf, sourceFolderOf } from './checkpoint_source.js';
+import { hfConfigText, sourceDtypeOf, sourceFolderOf } from './checkpoint_source.js';
 import { moeBlockTensorPlan } from './hf_block.js';
 import { CheckpointError, checkpointError, hfWeightName } from './hf_checkpoint_core.js';
 import { writeArtifactFolder } from '../util/atomic.js';
@@ -35,10 +35,17 @@ interface Expected { name: string; shape: number[] }
 const sameShape = (a: readonly number[], b: readonly number[]) =>
   a.length === b.length && a.every((d, i) => d === b[i]);
 
-/** What goes into model.safetensors: a variable as is, or one expert's row block of a fused weight. */
+/**
+ * What goes into model.safetensors: a variable as is, or one expert's row block of a fused weight.
+ * `fusedName` is the name of the weight in transformers 5's model (the fused
+ * `<block>.experts.gate_up_proj` for a per-expert gate or up tensor): save_pretrained orders
+ * tensors by it. `part` is the part of the fused weight (gate 0, up 1): save_pretrained shards the
+ * per-expert tensors of one part as one unit (all experts' gates in one shard).
+ */
 type Entry =
-  | { kind: 'whole'; name: string; variable: tfl.LayerVariable }
-  | { kind: 'expertRows'; name: string; variable: tfl.LayerVariable; expert: number; rowStart: number; shape: [number, number] };
+  | { kind: 'whole'; name: string; fusedName: string; variable: tfl.LayerVariable }
+  | { kind: 'expertRows'; name: string; fusedName: string; part: number; variable: tfl.LayerVariable; expert: number;
+      rowStart: number; shape: [number, number] };
 
 /** The checkpoint entries of one SparseMoE, with a problem for every weight whose shape the config contradicts. */
 function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]): Entry[] {
@@ -60,7 +67,7 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
       problems.push(`'${layer.name}/${weight}' has shape [${variable.shape}] but '${expected.name}' needs [${expected.shape}]`);
       return;
     }
-    entries.push({ kind: 'whole', name: expected.name, variable });
+    entries.push({ kind: 'whole', name: expected.name, fusedName: expected.name, variable });
   };
   whole(plan.router.weight, 'router_weight');
   whole(plan.router.bias, 'router_bias');
@@ -73,7 +80,7 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
     whole(ex.downBias, 'down_bias');
   } else {
     // the fused [E, parts·rows, cols] weight holds expert e's parts one after the other (hf_block.ts fuseRows)
-    const split = (weight: string, parts: Expected[][]) => {
+    const split = (weight: string, fusedName: string, parts: Expected[][]) => {
       const variable = safeVariable(layer, weight);
       const [rows, cols] = parts[0][0].shape;
       const want = [parts[0].length, parts.length * rows, cols];
@@ -82,12 +89,14 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
             `tensors ${parts.map(p => `'${p[0].name}'`).join(', ')}… need [${want}]`);
         return;
       }
+      // transformers 5 splits a fused weight part by part, each expert by expert (all gates, then all ups)
       parts.forEach((part, p) => part.forEach((expected, e) => entries.push({
-        kind: 'expertRows', name: expected.name, variable, expert: e, rowStart: p * rows, shape: [rows, cols],
+        kind: 'expertRows', name: expected.name, fusedName: `${layer.name}.experts.${fusedName}`, part: p, variable, expert: e,
+        rowStart: p * rows, shape: [rows, cols],
       })));
     };
-    split('gate_up', [ex.gate, ex.up]);
-    split('down', [ex.down]);
+    split('gate_up', 'gate_up_proj', [ex.gate, ex.up]);
+    split('down', 'down_proj', [ex.down]);
   }
   if (plan.shared) {
     whole(plan.shared.gate, 'shared_gate');
@@ -111,13 +120,18 @@ function safeVariable(layer: SparseMoE, name: string): tfl.LayerVariable | undef
 export interface CheckpointTensor {
   name: string;
   shape: number[];
+  /**
+   * The tensors save_pretrained keeps in one shard share this: one part of one fused expert weight
+   * over all experts (e.g. every expert's gate_proj of a layer), else the tensor alone
+   */
+  shardUnit: string;
   /** the tensor's float32 values as a new tensor (the caller disposes it) */
   read(): tf.Tensor;
 }
 
 /**
- * @internal The model's checkpoint tensors in model order (embedding, layer by layer, final norm,
- * head), read lazily: the one place that reads a model's weights for saving, so a save holds one
+ * @internal The model's checkpoint tensors in the order transformers 5's save_pretrained writes
+ * them (sorted by the names of its own, fused, weights), read lazily: the one place that reads a model's weights for saving, so a save holds one
  * tensor at a time. Throws a CheckpointError when the model has no HF config or a weight does not
  * fit the config.
  */
@@ -134,8 +148,14 @@ export function hfCheckpointEntries(model: tfl.LayersModel): { config: HFConfig;
       entries.push(...sparseMoEEntries(layer, config, problems));
       continue;
     }
-    for (const variable of layer.weights) entries.push({ kind: 'whole', name: hfWeightName(layer, variable), variable });
+    for (const variable of layer.weights) {
+      const name = hfWeightName(layer, variable);
+      entries.push({ kind: 'whole', name, fusedName: name, variable });
+    }
   }
+  // save_pretrained's order (its shards fill in it): by the fused names; a stable sort keeps the
+  // parts and experts of one fused weight in the order transformers splits them
+  entries.sort((a, b) => a.fusedName < b.fusedName ? -1 : a.fusedName > b.fusedName ? 1 : 0);
   const seen = new Set<string>();
   for (const { name } of entries) {
     if (seen.has(name)) problems.push(`two weights map to the checkpoint name '${name}'`);
@@ -146,11 +166,14 @@ export function hfCheckpointEntries(model: tfl.LayersModel): { config: HFConfig;
   }
   const tensors = entries.map((entry): CheckpointTensor => {
     if (entry.kind === 'whole') {
-      return { name: entry.name, shape: entry.variable.shape as number[], read: () => tf.clone(entry.variable.read()) };
+      return {
+        name: entry.name, shape: entry.variable.shape as number[], shardUnit: entry.name,
+        read: () => tf.clone(entry.variable.read()),
+      };
     }
     const [rows, cols] = entry.shape;
     return {
-      name: entry.name, shape: [rows, cols],
+      name: entry.name, shape: [rows, cols], shardUnit: `${entry.fusedName}#${entry.part}`,
       // one expert's row block: a slice, so the fused weight is never copied whole
       read: () => tf.tidy(() => tf.reshape(
           tf.slice(entry.variable.read(), [entry.expert, entry.rowStart, 0], [1, rows, cols]), [rows, cols])),  // [rows, cols]
@@ -247,26 +270,34 @@ export function parseShardSize(size: unknown): number {
 }
 
 /**
- * Splits tensors (in order) into shards as huggingface_hub's split_state_dict_into_shards does for
- * save_pretrained: a tensor that would take the current shard over `maxBytes` starts a new one,
- * and a tensor larger than `maxBytes` gets a shard of its own at once.
+ * Splits tensors (in order) into shards as save_pretrained does (huggingface_hub's
+ * split_state_dict_into_shards, on transformers 5's fused weights): the tensors of one shardUnit
+ * stay together; a unit that would take the current shard over `maxBytes` starts a new one, and a
+ * unit larger than `maxBytes` gets a shard of its own at once.
  */
-function planShards<T extends { bytes: number }>(tensors: T[], maxBytes: number): T[][] {
+function planShards<T extends { bytes: number; shardUnit: string }>(tensors: T[], maxBytes: number): T[][] {
+  const units: T[][] = [];
+  for (const t of tensors) {
+    const last = units[units.length - 1];
+    if (last !== undefined && last[0].shardUnit === t.shardUnit) last.push(t);
+    else units.push([t]);
+  }
   const shards: T[][] = [];
   let current: T[] = [];
   let size = 0;
-  for (const t of tensors) {
-    if (t.bytes > maxBytes) {
-      shards.push([t]);
+  for (const unit of units) {
+    const bytes = unit.reduce((sum, t) => sum + t.bytes, 0);
+    if (bytes > maxBytes) {
+      shards.push(unit);
       continue;
     }
-    if (size + t.bytes > maxBytes) {
+    if (size + bytes > maxBytes) {
       shards.push(current);
       current = [];
       size = 0;
     }
-    current.push(t);
-    size += t.bytes;
+    current.push(...unit);
+    size += bytes;
   }
   if (current.length > 0) shards.push(current);
   return shards;
@@ -414,10 +445,11 @@ export async function saveHFCheckpoint(
     if (shards.length > 1) {
       const weightMap: Record<string, string> = {};
       shards.forEach((shard, i) => shard.forEach(t => { weightMap[t.name] = names[i]; }));
-      const index = { metadata: { total_size: totalSize }, weight_map: weightMap };
+      const totalParameters = written.reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1), 0);
+      const index = { metadata: { total_parameters: totalParameters, total_size: totalSize }, weight_map: weightMap };
       await writeFile(join(tmp, 'model.safetensors.index.json'), `${sortedJSON(index)}\n`);
     }
-    await writeFile(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+    await writeFile(join(tmp, 'config.json'), hfConfigText(model, config));
     for (const [name, data] of Object.entries(companions)) await writeFile(join(tmp, name), data);
     for (const [name, data] of extraFiles) await writeFile(join(tmp, name), data);
   }, { owns: isCheckpointFile, what: `\`${OP}()\`` });
