@@ -20,6 +20,8 @@ import {
   decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16, readSafetensorsFile, writeSafetensorsStream,
   type WritableDtype,
 } from '../../src/io/safetensors.js';
+import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
+import type { HFConfig } from '../../src/models/families.js';
 import { FileError } from '../../src/util/files.js';
 import { cleanup, fixtureDir, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
 import { expectSettlesQuickly, makeFifo } from './special_files.js';
@@ -95,6 +97,12 @@ async function bf16Checkpoint(arch: string, keepF32: string[] = [], configKey = 
 
 const SAVE_PRETRAINED = 'spec/fixtures/save_pretrained';
 
+const TINY: HFConfig = {
+  model_type: 'qwen3_moe', vocab_size: 11, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,
+  num_key_value_heads: 1, head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 6,
+  norm_topk_prob: true, rms_norm_eps: 1e-6, tie_word_embeddings: true,
+};
+
 describe('io/hf_save: saved like the Hub (shards, source dtype, tokenizer files)', () => {
   after(cleanup);
 
@@ -125,6 +133,15 @@ describe('io/hf_save: saved like the Hub (shards, source dtype, tokenizer files)
         model.dispose();
         reloaded.dispose();
       }
+      // a config built in JS: undefined keys left out (as JSON.stringify), non-integers as Python writes floats
+      const built = buildMoECausalLM({ ...TINY, extra: undefined, eps: [1e-5, 0.5, 2.5e-5, 1e-7, 123.25], name: 'é' } as HFConfig);
+      const dir = await tempDir('hf-config-built-');
+      await saveHFCheckpoint(built, dir);
+      const text = await readFile(join(dir, 'config.json'), 'utf8');
+      expect(text).to.include('"eps": [\n    1e-05,\n    0.5,\n    2.5e-05,\n    1e-07,\n    123.25\n  ],');
+      expect(text).to.include('"name": "\\u00e9"');
+      expect(text).to.not.include('extra');
+      built.dispose();
       expect(integralFloatPaths('{"a": 0.0, "b": [1, 2.0, {"c": 1E2}], "d": 1e-5, "e": "3.0", "f\\"": -4.00}'))
           .to.deep.equal([['a'], ['b', 1], ['b', 2, 'c'], ['f"']]);
     });

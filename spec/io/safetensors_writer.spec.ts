@@ -156,6 +156,10 @@ describe('io/safetensors writer (streamed, BF16/F16 rounding)', () => {
       { name: 'w', dtype: 'F32', shape: [1], values: () => f32(1) }, { name: 'w', dtype: 'F32', shape: [1], values: () => f32(1) }]));
     expect(twice).to.be.instanceOf(SafetensorsError);
     expect(twice.message).to.equal("`writeSafetensorsStream()`: tensor 'w' is given twice");
+    expect((await one({ name: 7 as unknown as string })).message).to.equal(
+        '`writeSafetensorsStream()`: tensor names must be strings but got 7 (number)');
+    expect((await rejection(writeSafetensorsStream(p, [], { format: 5 as unknown as string }))).message).to.equal(
+        "`writeSafetensorsStream()`: metadata 'format' must be a string but got number");
     expect((await rejection(writeSafetensorsStream('', []))).message).to.match(/'path' must be a file path but got/);
     expect((await rejection(writeSafetensorsStream(p, {} as SafetensorsStreamTensor[]))).message).to.match(/'tensors' must be an array/);
   });

@@ -178,7 +178,8 @@ export function hfConfigText(model: tfl.LayersModel, config: Record<string, unkn
       if (value.length === 0) return '[]';
       return `[\n${value.map((v, i) => inner + write(v, [...path, i], inner)).join(',\n')}\n${indent}]`;
     }
-    const keys = Object.keys(value as object).sort();
+    // like JSON.stringify: a key whose value is undefined is left out
+    const keys = Object.keys(value as object).filter(k => (value as Record<string, unknown>)[k] !== undefined).sort();
     if (keys.length === 0) return '{}';
     return `{\n${keys.map(k => `${inner}${pythonString(k)}: ${write((value as Record<string, unknown>)[k], [...path, k], inner)}`)
         .join(',\n')}\n${indent}}`;
