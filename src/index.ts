@@ -7,7 +7,10 @@
 import { registerFileIOHandler as registerFileIO } from './io/file_io_handler.js';
 
 export * from './browser.js';
-export { readSafetensorsFile, writeSafetensorsFile } from './io/safetensors.js';
+export {
+  readSafetensorsFile, writeSafetensorsFile, writeSafetensorsStream, encodeBFloat16, encodeFloat16,
+  WRITABLE_DTYPES, type WritableDtype, type SafetensorsStreamTensor,
+} from './io/safetensors.js';
 export {
   FileError, confinedPath, openRegularFile, readJSONFile, openArtifactFolder,
 } from './util/files.js';
@@ -23,7 +26,12 @@ export {
   loadModelDir, modelDirFormat, modelDirFormats, ModelDirError, MODEL_DIR_FORMATS, type ModelDirFormat,
 } from './io/model_dir.js';
 export { inspectModel, type ModelReport, type MoELayerReport, type AdapterReport } from './models/inspect.js';
-export { saveHFCheckpoint, hfCheckpointTensors, type SaveHFCheckpointOptions } from './io/hf_save.js';
+export {
+  saveHFCheckpoint, hfCheckpointTensors, parseShardSize, CHECKPOINT_COMPANION_FILES, HF_SAVE_DTYPES,
+  DEFAULT_MAX_SHARD_SIZE, type SaveHFCheckpointOptions, type SavedHFCheckpoint, type HFSaveDtype,
+} from './io/hf_save.js';
+export { sourceDtypeOf } from './io/checkpoint_source.js';
+export { mergeAdapterIntoCheckpoint, type MergeAdapterOptions, type MergeResult } from './io/merge.js';
 export {
   CharTokenizer, TokenizerError, readTokenizer, writeTokenizer, tokenizerFiles, generateCorpus,
   HFTokenizer, ChatTemplate, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE,

@@ -58,7 +58,8 @@ describe('cli/convert', () => {
         const r = await convertModel(args({ from: 'hf', to: 'tfjs', input: fixtureDir(arch), output: out }));
         expect(tf.memory().numTensors, 'nothing left behind').to.equal(before);
         expect(r).to.deep.include({ from: 'hf', to: 'tfjs', adapter: null, notes: [] });
-        expect(r.files.map(f => f.name)).to.deep.equal(['model.json', 'weights.bin']);
+        // the fixture's generation_config.json goes along (CHECKPOINT_COMPANION_FILES)
+        expect(r.files.map(f => f.name)).to.deep.equal(['generation_config.json', 'model.json', 'weights.bin']);
         const hf = await loadHFCheckpoint(fixtureDir(arch));
         const { model, format } = await loadModelDir(out);
         try {
@@ -229,7 +230,8 @@ describe('cli/convert', () => {
     expect(r.code, r.stderr).to.equal(0);
     const lines = r.stdout.split('\n');
     expect(lines[0]).to.equal(`convert ${fixtureDir('mixtral')} (HF checkpoint) → ${out} (TF.js LayersModel)`);
-    expect(lines.slice(1, 3).map(l => l.replace(/\d+(\.\d)? (B|KiB|MiB)$/, 'N'))).to.deep.equal(['  model.json  N', '  weights.bin  N']);
+    expect(lines.slice(1, 4).map(l => l.replace(/\d+(\.\d)? (B|KiB|MiB)$/, 'N'))).to.deep.equal(
+        ['  generation_config.json  N', '  model.json  N', '  weights.bin  N']);
     expect(formatConvert({
       input: 'in', from: 'tfjs', output: 'out', to: 'peft', files: [{ name: 'a', bytes: 2048 }], notes: ['n'],
       adapter: { name: 'x', r: 2, alpha: 4, rsLoRA: false, targets: ['router'], layers: ['l'], notes: [] },

@@ -201,7 +201,8 @@ describe('cli output folders', () => {
           `--output: '${out}' already holds a model or adapter (group1-shard2of2.bin, model.json); pass --overwrite to replace it`);
       const r = await runMain(['convert', '--input', input, '--to', 'tfjs', '--output', out, '--overwrite', '--backend', BACKEND]);
       expect(r.code, r.stderr).to.equal(0);
-      expect((await readdir(out)).sort()).to.deep.equal(['README.md', 'model.json', 'weights.bin']);
+      // generation_config.json: the input fixture's, carried along by convert
+      expect((await readdir(out)).sort()).to.deep.equal(['README.md', 'generation_config.json', 'model.json', 'weights.bin']);
       expect(await readFile(join(out, 'README.md'), 'utf8')).to.equal('notes');
       expect(JSON.parse(await readFile(join(out, 'model.json'), 'utf8'))).to.have.property('modelTopology');
     });

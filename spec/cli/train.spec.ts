@@ -83,7 +83,8 @@ describe('cli/train', () => {
       const tokenizer = await readTokenizer(scratchOut) as CharTokenizer;
       expect(tokenizer.tokens.slice(1).join('')).to.equal([...new Set(TEXT)].sort().join(''));
       const saved = JSON.parse(await readFile(join(scratchOut, 'config.json'), 'utf8'));
-      expect(saved).to.deep.equal({ ...TINY_CONFIG, vocab_size: tokenizer.vocabSize });
+      // dtype: what saveHFCheckpoint wrote (float32: a model built from a config)
+      expect(saved).to.deep.equal({ ...TINY_CONFIG, vocab_size: tokenizer.vocabSize, dtype: 'float32' });
       const model = await loadHFCheckpoint(scratchOut);
       expect(model.outputs[0].shape[2]).to.equal(tokenizer.vocabSize);
       model.dispose();

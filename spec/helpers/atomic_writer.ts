@@ -62,7 +62,7 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
   seedModelInit(model, 1 + v, 0.02);
   if (kind === 'hf') {
     const extraFiles = { 'tokenizer.json': tokenizerFileText(writerTokenizer(variant)) };
-    return { save: dir => saveHFCheckpoint(model, dir, { extraFiles }), dispose };
+    return { save: async dir => { await saveHFCheckpoint(model, dir, { extraFiles }); }, dispose };
   }
   return { save: async dir => { await model.save(fileIO(dir)); }, dispose };
 }

@@ -187,10 +187,12 @@ describe('16-bit checkpoints with packed experts', function () {
 
     const out = await tempDir('packed-save-');
     await saveHFCheckpoint(model, out);
-    const again = await loadHFCheckpoint(out);   // F32 on disk today: widened values, exactly the decoded ones
-    const [w0, w1] = [variableFloat32(layer.weightVariable('down')), sparseMoELayers(again)[0].weightVariable('down').read()];
+    const again = await loadHFCheckpoint(out);   // BF16 on disk (the source dtype): packed again, the same values
+    const againLayer = sparseMoELayers(again)[0];
+    expect(againLayer.expertStorage).to.equal('bf16');
+    const [w0, w1] = [variableFloat32(layer.weightVariable('down')), variableFloat32(againLayer.weightVariable('down'))];
     expect(Array.from(w1.dataSync())).to.deep.equal(Array.from(w0.dataSync()));
-    w0.dispose();
+    tf.dispose([w0, w1]);
     again.dispose();
 
     const tfjsDir = await tempDir('packed-tfjs-');

@@ -9,6 +9,7 @@ import { hideBin } from 'yargs/helpers';
 import * as bench from './commands/bench.js';
 import * as convert from './commands/convert.js';
 import * as inspect from './commands/inspect.js';
+import * as merge from './commands/merge.js';
 import * as parity from './commands/parity.js';
 import * as tokenize from './commands/tokenize.js';
 import * as train from './commands/train.js';
@@ -27,6 +28,7 @@ export async function main(args: string[]): Promise<number> {
       .command(convert)
       .command(inspect)
       .command(tokenize)
+      .command(merge)
       .demandCommand(1, 'name a command')
       .strict()
       .help()

@@ -8,9 +8,11 @@
 import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
-import { confinedPath, openArtifactFolder, pathKind, readJSONFile } from '../util/files.js';
+import { confinedPath, openArtifactFolder, pathKind, readJSONFile, readTextFile } from '../util/files.js';
+import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
 import {
-  CheckpointError, CheckpointSource, indexedCheckpointSource, modelFromCheckpoint, type LoadHFCheckpointOptions,
+  CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
+  type LoadHFCheckpointOptions,
 } from './hf_checkpoint_core.js';
 import { readSafetensorsFile } from './safetensors.js';
 
@@ -46,6 +48,8 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe; other MoE families are an error that says
  * they are block-only. Extra tensors in the checkpoint are ignored (as transformers does with
  * unexpected keys); missing, misshapen or non-float tensors are one CheckpointError listing all.
+ * The model remembers each tensor's dtype on disk and the folder (checkpoint_source.ts), so
+ * saveHFCheckpoint writes bf16 back as bf16 and copies the tokenizer files.
  *
  * ```js
  * const model = await loadHFCheckpoint('./Qwen3-30B-A3B', {expertKernel: 'fused'});
@@ -60,5 +64,11 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   const config = await readJSONFile(join(dir, 'config.json'), `\`${OP}()\`: config`) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
   const source = await openCheckpoint(dir);
-  return modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
+  const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
+  // every name of the plan is in the source: modelFromCheckpoint checked them
+  recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
+  recordSourceFolder(model, dir);
+  // read again as text (it parsed above): which of its numbers are floats, for writing it back
+  recordConfigFloats(model, integralFloatPaths(await readTextFile(join(dir, 'config.json'), `\`${OP}()\`: config`)));
+  return model;
 }

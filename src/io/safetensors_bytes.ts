@@ -186,34 +186,56 @@ export function parseSafetensors(bytes: Uint8Array, source?: string): Safetensor
   return new SafetensorsFile(header, async (begin, end) => data.subarray(begin, end), where);
 }
 
+/** The dtypes this package writes: F32 and I32 as they are, BF16 and F16 rounded from float32. */
+export const WRITABLE_DTYPES = ['F32', 'I32', 'BF16', 'F16'] as const;
+export type WritableDtype = typeof WRITABLE_DTYPES[number];
+
 /**
- * Encodes float32 tensors as F32 and int32 tensors as I32, laid out as the reference
- * implementation does: data ordered by dtype (F32 before I32), then by name; header keys in data
- * order after `__metadata__`; the header padded with spaces to a multiple of 8 bytes.
- *
- * ```js
- * const bytes = encodeSafetensors({'lora_A.weight': a, 'lora_B.weight': b}, {format: 'pt'});
- * ```
+ * The reference implementation's data order: dtypes in descending order of its Dtype enum (F32,
+ * I32, BF16, F16 of those written here), then names; files written here then match the bytes
+ * safetensors (and so transformers' save_pretrained) writes for the same tensors.
  */
-export function encodeSafetensors(
-    tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Uint8Array {
-  const op = 'encodeSafetensors';
-  const order: Record<string, number> = { F32: 0, I32: 1 };
-  const items = Object.entries(tensors).map(([name, t]) => {
+const WRITE_ORDER: Readonly<Record<WritableDtype, number>> = { F32: 0, I32: 1, BF16: 2, F16: 3 };
+const WRITE_BYTES: Readonly<Record<WritableDtype, number>> = { F32: 4, I32: 4, BF16: 2, F16: 2 };
+
+/** A tensor to write: its name, the dtype it gets in the file, and its shape. */
+export interface SafetensorsLayoutItem {
+  name: string;
+  dtype: WritableDtype;
+  shape: number[];
+}
+
+/** @internal Where each tensor's bytes go, relative to the start of the data section. */
+export interface SafetensorsLayoutEntry extends SafetensorsLayoutItem {
+  begin: number;
+  end: number;
+}
+
+/**
+ * @internal The header bytes (8-byte length, JSON padded with spaces to a multiple of 8) and the
+ * data order of a file holding `items`, laid out as the reference implementation does; the data
+ * itself is written by the caller, entry by entry (encodeSafetensors in memory,
+ * writeSafetensorsStream through a file handle).
+ */
+export function safetensorsLayout(op: string, items: SafetensorsLayoutItem[], metadata?: Record<string, string>):
+    { header: Uint8Array; entries: SafetensorsLayoutEntry[]; dataBytes: number } {
+  const seen = new Set<string>();
+  for (const { name, dtype, shape } of items) {
+    if (typeof name !== 'string') throw new SafetensorsError(`\`${op}()\`: tensor names must be strings but got ${describeValue(name)}`);
     if (name === '__metadata__') {
       throw new SafetensorsError(`\`${op}()\`: '__metadata__' is reserved and cannot name a tensor`);
     }
-    if (!(t instanceof tf.Tensor)) {
-      throw new SafetensorsError(`\`${op}()\`: tensor '${name}' must be a tf.Tensor but got ${typeof t}`);
+    if (seen.has(name)) throw new SafetensorsError(`\`${op}()\`: tensor '${name}' is given twice`);
+    seen.add(name);
+    if (!(WRITABLE_DTYPES as readonly string[]).includes(dtype)) {
+      throw new SafetensorsError(`\`${op}()\`: tensor '${name}' has dtype ${describeValue(dtype)}; ` +
+          `writable: ${WRITABLE_DTYPES.join(', ')}`);
     }
-    if (t.isDisposed) throw new SafetensorsError(`\`${op}()\`: tensor '${name}' was already disposed`);
-    if (t.dtype !== 'float32' && t.dtype !== 'int32') {
-      throw new SafetensorsError(
-          `\`${op}()\`: tensor '${name}' must be float32 or int32 but got ${t.dtype} (shape [${t.shape}])`);
+    if (!Array.isArray(shape) || !shape.every(isNonNegativeInteger)) {
+      throw new SafetensorsError(`\`${op}()\`: tensor '${name}' must have a shape of non-negative integers but got ${describeValue(shape)}`);
     }
-    return { name, t, dtype: t.dtype === 'float32' ? 'F32' : 'I32' };
-  });
-  items.sort((a, b) => order[a.dtype] - order[b.dtype] || compareNames(a.name, b.name));
+  }
+  const sorted = [...items].sort((a, b) => WRITE_ORDER[a.dtype] - WRITE_ORDER[b.dtype] || compareNames(a.name, b.name));
 
   // No prototype, so a tensor named '__proto__' is stored like any other name.
   const header: Record<string, unknown> = Object.create(null);
@@ -227,22 +249,73 @@ export function encodeSafetensors(
     header['__metadata__'] = { ...metadata };
   }
   let offset = 0;
-  for (const { name, t, dtype } of items) {
-    header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + 4 * t.size] };
-    offset += 4 * t.size;
-  }
+  const entries = sorted.map(({ name, dtype, shape }) => {
+    const bytes = WRITE_BYTES[dtype] * shape.reduce((a, b) => a * b, 1);
+    header[name] = { dtype, shape, data_offsets: [offset, offset + bytes] };
+    const entry = { name, dtype, shape: [...shape], begin: offset, end: offset + bytes };
+    offset += bytes;
+    return entry;
+  });
   const json = new TextEncoder().encode(JSON.stringify(header));
   const headerLength = Math.ceil(json.byteLength / 8) * 8;
-
-  const out = new Uint8Array(8 + headerLength + offset);
-  const view = new DataView(out.buffer);
-  view.setBigUint64(0, BigInt(headerLength), true);
+  const out = new Uint8Array(8 + headerLength);
+  new DataView(out.buffer).setBigUint64(0, BigInt(headerLength), true);
   out.set(json, 8);
-  out.fill(0x20, 8 + json.byteLength, 8 + headerLength);
-  let at = 8 + headerLength;
-  for (const { t } of items) {
-    writeLittleEndian32(view, at, t.dataSync() as Float32Array | Int32Array);
-    at += 4 * t.size;
+  out.fill(0x20, 8 + json.byteLength);
+  return { header: out, entries, dataBytes: offset };
+}
+
+/**
+ * @internal The little-endian bytes of `values` in `dtype`: F32 and I32 as they are (a view, no
+ * copy, on a little-endian host), BF16 and F16 rounded to nearest even from float32.
+ */
+export function encodeTensorData(dtype: WritableDtype, values: Float32Array | Int32Array): Uint8Array {
+  let out: Float32Array | Int32Array | Uint16Array;
+  if (dtype === 'BF16') out = encodeBFloat16(values as Float32Array);
+  else if (dtype === 'F16') out = encodeFloat16(values as Float32Array);
+  else out = values;
+  if (HOST_LITTLE_ENDIAN) return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  const bytes = new Uint8Array(out.byteLength);
+  const view = new DataView(bytes.buffer);
+  for (let i = 0; i < out.length; i++) {
+    if (out instanceof Uint16Array) view.setUint16(2 * i, out[i], true);
+    else if (out instanceof Float32Array) view.setFloat32(4 * i, out[i], true);
+    else view.setInt32(4 * i, out[i], true);
+  }
+  return bytes;
+}
+
+/**
+ * Encodes float32 tensors as F32 and int32 tensors as I32, laid out as the reference
+ * implementation does: data ordered by dtype (F32 before I32), then by name; header keys in data
+ * order after `__metadata__`; the header padded with spaces to a multiple of 8 bytes.
+ *
+ * ```js
+ * const bytes = encodeSafetensors({'lora_A.weight': a, 'lora_B.weight': b}, {format: 'pt'});
+ * ```
+ */
+export function encodeSafetensors(
+    tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Uint8Array {
+  const op = 'encodeSafetensors';
+  const items = Object.entries(tensors).map(([name, t]) => {
+    if (name === '__metadata__') {
+      throw new SafetensorsError(`\`${op}()\`: '__metadata__' is reserved and cannot name a tensor`);
+    }
+    if (!(t instanceof tf.Tensor)) {
+      throw new SafetensorsError(`\`${op}()\`: tensor '${name}' must be a tf.Tensor but got ${typeof t}`);
+    }
+    if (t.isDisposed) throw new SafetensorsError(`\`${op}()\`: tensor '${name}' was already disposed`);
+    if (t.dtype !== 'float32' && t.dtype !== 'int32') {
+      throw new SafetensorsError(
+          `\`${op}()\`: tensor '${name}' must be float32 or int32 but got ${t.dtype} (shape [${t.shape}])`);
+    }
+    return { name, dtype: (t.dtype === 'float32' ? 'F32' : 'I32') as WritableDtype, shape: t.shape };
+  });
+  const { header, entries, dataBytes } = safetensorsLayout(op, items, metadata);
+  const out = new Uint8Array(header.byteLength + dataBytes);
+  out.set(header, 0);
+  for (const { name, dtype, begin } of entries) {
+    out.set(encodeTensorData(dtype, tensors[name].dataSync() as Float32Array | Int32Array), header.byteLength + begin);
   }
   return out;
 }
@@ -476,17 +549,6 @@ function readUint16(bytes: Uint8Array): Uint16Array {
   return out;
 }
 
-function writeLittleEndian32(view: DataView, at: number, values: Float32Array | Int32Array): void {
-  if (HOST_LITTLE_ENDIAN) {
-    new Uint8Array(view.buffer, at, values.byteLength)
-        .set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
-  } else if (values instanceof Float32Array) {
-    for (let i = 0; i < values.length; i++) view.setFloat32(at + 4 * i, values[i], true);
-  } else {
-    for (let i = 0; i < values.length; i++) view.setInt32(at + 4 * i, values[i], true);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 16-bit floats
 
@@ -517,4 +579,65 @@ export function decodeBFloat16(bits: Uint16Array): Float32Array {
   const wide = new Uint32Array(bits.length);
   for (let i = 0; i < bits.length; i++) wide[i] = bits[i] << 16;
   return new Float32Array(wide.buffer);
+}
+
+/**
+ * float32 → bfloat16 bits, rounded to nearest even as torch's `.to(torch.bfloat16)` does (NaN
+ * becomes 0x7FC0, as in torch). Exact for values that came from bfloat16.
+ *
+ * ```js
+ * encodeBFloat16(new Float32Array([1, 1 + 2 ** -8]));  // Uint16Array [0x3F80, 0x3F80]: the tie goes to even
+ * ```
+ */
+export function encodeBFloat16(values: Float32Array): Uint16Array {
+  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < out.length; i++) {
+    const u = bits[i];
+    if ((u & 0x7fffffff) > 0x7f800000) {
+      out[i] = 0x7fc0;
+    } else {
+      out[i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;  // carries into the exponent (up to infinity) as it should
+    }
+  }
+  return out;
+}
+
+/**
+ * float32 → IEEE binary16 bits, rounded to nearest even (as torch's `.to(torch.float16)`):
+ * overflow gives ±infinity, tiny values subnormals or ±0, NaN a quiet NaN.
+ *
+ * ```js
+ * encodeFloat16(new Float32Array([1, 65520, 2 ** -25]));  // Uint16Array [0x3C00, 0x7C00, 0x0000]
+ * ```
+ */
+export function encodeFloat16(values: Float32Array): Uint16Array {
+  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < out.length; i++) out[i] = float16Bits(bits[i]);
+  return out;
+}
+
+function float16Bits(u: number): number {
+  const sign = (u >>> 16) & 0x8000;
+  const exponent = (u >>> 23) & 0xff;
+  const mantissa = u & 0x7fffff;
+  if (exponent === 0xff) return sign | (mantissa === 0 ? 0x7c00 : 0x7e00);
+  const e = exponent - 127 + 15;  // the binary16 exponent field this value would have
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    // subnormal (or zero): the value in units of 2^-24, rounded; below half a unit it is zero
+    if (e < -10) return sign;
+    const m = mantissa | 0x800000;
+    const shift = 14 - e;
+    const half = 1 << (shift - 1);
+    const rest = m & ((1 << shift) - 1);
+    let r = m >>> shift;
+    if (rest > half || (rest === half && (r & 1) === 1)) r++;
+    return sign | r;  // r = 0x400 is the smallest normal, as it should be
+  }
+  let r = (e << 10) | (mantissa >>> 13);
+  const rest = mantissa & 0x1fff;
+  if (rest > 0x1000 || (rest === 0x1000 && (r & 1) === 1)) r++;  // a carry into the exponent is right (up to infinity)
+  return sign | r;
 }

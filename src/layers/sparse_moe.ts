@@ -11,7 +11,7 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { expertLoRADelta } from '../ops/lora/delta.js';
 import { moeBlock } from '../ops/moe_block.js';
 import {
-  PACKED_KINDS, PackedExpertWeight, packExpertWeight, packedWordsPerExpert, unpackExpertWeight,
+  PACKED_KINDS, PackedExpertWeight, packExpertWeight, packedExpertGroup, packedWordsPerExpert, unpackExpertWeight,
   type ExpertWeightTensor, type PackedKind,
 } from '../ops/packed.js';
 import type {
@@ -55,6 +55,17 @@ export function variableFloat32(variable: tfl.LayerVariable): tf.Tensor {
   const packed = packedVariables.get(variable);
   if (packed === undefined) return tf.clone(variable.read());
   return unpackExpertWeight(new PackedExpertWeight(packed.kind, packed.shape, variable.read()));
+}
+
+/**
+ * Expert `e` of an expert weight variable [E, rows, cols] as float32 [rows, cols]: one expert is
+ * decoded when the variable holds packed experts, never the whole weight.
+ */
+export function variableExpertFloat32(variable: tfl.LayerVariable, e: number): tf.Tensor2D {
+  const packed = packedVariables.get(variable);
+  if (packed !== undefined) return packedExpertGroup(new PackedExpertWeight(packed.kind, packed.shape, variable.read()), e);
+  const [, rows, cols] = variable.shape as number[];
+  return tf.tidy(() => tf.reshape(tf.slice(variable.read(), [e, 0, 0], [1, rows, cols]), [rows, cols]) as tf.Tensor2D);
 }
 
 /** A layer variable's logical shape: [E, rows, cols] for packed expert weights, else its own. */

@@ -6,19 +6,24 @@
  * - `--adapter DIR`: a PEFT adapter loaded into the model (HF or TF.js) → a TF.js folder holding both;
  * - `--to peft`: a TF.js model's LoRA adapter (`--adapter-name`) → a PEFT adapter folder.
  *
- * Every conversion copies float32 values unchanged, so each round trip gives back the same numbers.
+ * Every conversion copies float32 values unchanged, so each round trip gives back the same numbers;
+ * `--to hf` writes each tensor in the dtype it had in the HF checkpoint the model came from (a TF.js
+ * folder remembers it), so bf16 stays bf16. The input folder's tokenizer and generation files
+ * (tokenizer.json, tokenizer_config.json, ...: CHECKPOINT_COMPANION_FILES) go with the model to
+ * --to hf and --to tfjs.
  */
 import { existsSync, statSync } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { fileIO } from '../../io/file_io_handler.js';
-import { saveHFCheckpoint } from '../../io/hf_save.js';
+import { readCompanionFiles, saveHFCheckpoint } from '../../io/hf_save.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
 import { expertDtypeOption } from '../plugin_options.js';
 import { loadModelDir, modelDirFormat, MODEL_DIR_FORMATS, ModelDirError, type ModelDirFormat } from '../../io/model_dir.js';
 import { loadPeftAdapter, savePeftAdapter, type LoadedPeftAdapter } from '../../io/peft.js';
 import { sparseMoELayers } from '../../layers/moe_causal_lm.js';
+import { writeFileAtomically } from '../../util/atomic.js';
 import { FileError } from '../../util/files.js';
 import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
@@ -155,13 +160,20 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
       notes.push(...adapter.notes);
     }
     switch (to) {
-      case 'tfjs':
+      case 'tfjs': {
+        // read before the save, so a bad tokenizer file fails before anything is written
+        const companions = await readCompanionFiles(argv.input, '--input');
         await model.save(fileIO(argv.output));
+        // the TF.js folder's own save is atomic; each file beside it is replaced atomically too
+        for (const [name, data] of Object.entries(companions)) {
+          await writeFileAtomically(join(argv.output, name), data, `convert: '${name}'`);
+        }
         break;
+      }
       case 'hf': {
         const adapters = [...new Set(sparseMoELayers(model).flatMap(l => l.adapterNames()))];
         const merged = [...new Set(sparseMoELayers(model).flatMap(l => [...l.mergedAdapters]))];
-        await saveHFCheckpoint(model, argv.output);
+        await saveHFCheckpoint(model, argv.output, { sourceFolder: argv.input });
         if (adapters.length > 0) {
           notes.push(`the model's adapters (${adapters.join(', ')}) are not part of an HF checkpoint` +
               (merged.length > 0 ? ` (merged ones, ${merged.join(', ')}, are in its weights)` : '') +

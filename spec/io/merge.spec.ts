@@ -1,0 +1,98 @@
+/**
+ * mergeAdapterIntoCheckpoint: the fixtures' PEFT adapters folded into their base models and
+ * written as HF checkpoints. The merged checkpoint's logits equal the model with the adapter
+ * (ours, <= 1e-4 relative) and PEFT's own (`lora.logits`, made by PEFT); written as bfloat16,
+ * <= 1e-2. (transformers loading these folders and giving the same logits was checked once on the
+ * GPU machine: tools/merge_check/, docs/models.md.)
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { CheckpointError } from '../../src/io/hf_checkpoint_core.js';
+import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
+import { loadPeftAdapter } from '../../src/io/peft.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import { maxRelativeError } from '../../src/util/numeric.js';
+import { cleanup, fixtureDir, golden, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
+
+async function logitsOf(dir: string, ids: tf.Tensor, adapter?: string): Promise<Float32Array> {
+  const model = await loadHFCheckpoint(dir);
+  if (adapter !== undefined) await loadPeftAdapter(model, adapter);
+  const y = model.predict(ids) as tf.Tensor;
+  const values = await y.data() as Float32Array;
+  y.dispose();
+  model.dispose();
+  return values;
+}
+
+describe('io/merge: mergeAdapterIntoCheckpoint', () => {
+  after(cleanup);
+
+  for (const arch of WHOLE_ARCHS) {
+    it(`${arch}: the merged checkpoint gives the logits of model + adapter (f32 <= 1e-4; bf16 <= 1e-2)`, async () => {
+      const g = await golden(arch);
+      const [ids, peft] = [await g.tensor('input_ids'), await g.tensor('lora.logits')];
+      const adapter = join(fixtureDir(arch), 'adapter');
+      const withAdapter = await logitsOf(fixtureDir(arch), ids, adapter);
+
+      const before = tf.memory().numTensors;
+      const f32 = await tempDir(`merge-f32-${arch}-`);
+      const result = await mergeAdapterIntoCheckpoint(fixtureDir(arch), adapter, f32);
+      expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+      expect(result.format).to.equal('hf');
+      expect(result.adapter.layers.length).to.equal(2);
+      expect(result.saved.dtype).to.equal('float32');
+      expect((await readdir(f32)).sort()).to.deep.equal(['config.json', 'generation_config.json', 'model.safetensors']);
+      expect((await readFile(join(f32, 'generation_config.json'))).equals(await readFile(join(fixtureDir(arch), 'generation_config.json')))).to.equal(true);
+      const merged = await logitsOf(f32, ids);
+      const vsOurs = maxRelativeError(merged, withAdapter);
+      const vsPeft = maxRelativeError(merged, peft.dataSync());
+      expect(vsOurs, `merged vs model + adapter ${vsOurs.toExponential(2)}`).to.be.at.most(1e-4);
+      expect(vsPeft, `merged vs PEFT's lora.logits ${vsPeft.toExponential(2)}`).to.be.at.most(1e-4);
+      // the adapter changes the logits: the comparison above is not base vs base
+      expect(maxRelativeError(await logitsOf(fixtureDir(arch), ids), withAdapter)).to.be.above(1e-3);
+
+      const bf16 = await tempDir(`merge-bf16-${arch}-`);
+      await mergeAdapterIntoCheckpoint(fixtureDir(arch), adapter, bf16, { dtype: 'bfloat16', maxShardSize: '200KB' });
+      const index = JSON.parse(await readFile(join(bf16, 'model.safetensors.index.json'), 'utf8'));
+      const shards = [...new Set(Object.values(index.weight_map as Record<string, string>))];
+      expect(shards.length).to.be.above(1);
+      for (const shard of shards) {
+        const file = await readSafetensorsFile(join(bf16, shard));
+        expect(new Set(file.names().map(n => file.info(n).dtype)), shard).to.deep.equal(new Set(['BF16']));
+      }
+      expect(JSON.parse(await readFile(join(bf16, 'config.json'), 'utf8'))['dtype']).to.equal('bfloat16');
+      const rounded = maxRelativeError(await logitsOf(bf16, ids), withAdapter);
+      expect(rounded, `bf16 merged vs model + adapter ${rounded.toExponential(2)}`).to.be.at.most(1e-2);
+      tf.dispose([ids, peft]);
+    });
+  }
+
+  it('refuses folder arguments that are not paths, and an adapter of another model, writing nothing', async () => {
+    const out = await tempDir('merge-bad-');
+    for (const [args, name] of [
+      [['', 'a', 'b'], 'modelDir'], [['a', 5, 'b'], 'adapterDir'], [['a', 'b', null], 'outDir'],
+    ] as Array<[unknown[], string]>) {
+      let error: unknown;
+      try {
+        await mergeAdapterIntoCheckpoint(...(args as [string, string, string]));
+      } catch (e) {
+        error = e;
+      }
+      expect(error).to.be.instanceOf(CheckpointError);
+      expect((error as Error).message).to.match(new RegExp(`^\`mergeAdapterIntoCheckpoint\\(\\)\`: '${name}' must be a folder path but got `));
+    }
+    const before = tf.memory().numTensors;
+    let error: unknown;
+    try {
+      await mergeAdapterIntoCheckpoint(fixtureDir('olmoe'), join(fixtureDir('mixtral'), 'adapter'), out);
+    } catch (e) {
+      error = e;
+    }
+    expect((error as Error).message).to.match(/loadPeftAdapter/);
+    expect(tf.memory().numTensors).to.equal(before);
+    expect(await readdir(out)).to.deep.equal([]);
+  });
+});

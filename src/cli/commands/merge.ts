@@ -1,0 +1,114 @@
+/**
+ * `tfjs-moe-lora merge`: a PEFT adapter folded into its base model, written as an HF checkpoint
+ * (mergeAdapterIntoCheckpoint): in the source dtype, sharded like save_pretrained, with the
+ * model folder's tokenizer and generation files.
+ */
+import { existsSync, statSync } from 'node:fs';
+import type { ArgumentsCamelCase, Argv } from 'yargs';
+import { HF_SAVE_DTYPES, parseShardSize, type HFSaveDtype } from '../../io/hf_save.js';
+import { mergeAdapterIntoCheckpoint, type MergeResult } from '../../io/merge.js';
+import { CheckpointError } from '../../io/hf_checkpoint_core.js';
+import { FileError } from '../../util/files.js';
+import { checkOutputFolder } from '../../util/output_folder.js';
+import { BACKENDS, selectBackend } from '../backend.js';
+import { UsageError } from '../errors.js';
+
+export interface MergeArgs {
+  model: string;
+  adapter: string;
+  out: string;
+  dtype: HFSaveDtype;
+  maxShardSize?: string;
+  overwrite: boolean;
+  backend: string;
+}
+
+export const command = 'merge';
+export const describe = 'Merge a PEFT adapter into its base model and write an HF checkpoint (source dtype, ' +
+    'sharded, tokenizer files copied)';
+
+const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
+
+/** The checks that need no file contents, before any work. */
+function checkArgs(argv: Partial<MergeArgs>): string | true {
+  const { model, adapter, out, maxShardSize } = argv as MergeArgs;
+  if (!isDir(model)) return `--model: '${model}' is not a directory`;
+  if (!isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
+  if (maxShardSize !== undefined) {
+    try {
+      parseShardSize(/^\d+$/.test(maxShardSize) ? Number(maxShardSize) : maxShardSize);
+    } catch (e) {
+      if (e instanceof CheckpointError) return `--max-shard-size: ${e.message.replace(/^`[^`]*`: /, '')}`;
+      throw e;
+    }
+  }
+  try {
+    checkOutputFolder(out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model, '--adapter': adapter } });
+  } catch (e) {
+    if (e instanceof FileError) return e.message;
+    throw e;
+  }
+  return true;
+}
+
+export function builder(yargs: Argv): Argv<MergeArgs> {
+  return yargs
+      .option('model', {
+        type: 'string', demandOption: true, requiresArg: true,
+        describe: 'the base model folder: an HF checkpoint (config.json + safetensors) or a TF.js model (model.json)',
+      })
+      .option('adapter', {
+        type: 'string', demandOption: true, requiresArg: true,
+        describe: 'the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to merge',
+      })
+      .option('out', {
+        type: 'string', demandOption: true, requiresArg: true,
+        describe: 'the folder to write the merged HF checkpoint to (created; a model already in it is replaced ' +
+            'only with --overwrite; other files stay)',
+      })
+      .option('dtype', {
+        type: 'string', choices: HF_SAVE_DTYPES, default: 'source', requiresArg: true,
+        describe: 'dtype of the written weights: source (each tensor as it was on disk) or one for all',
+      })
+      .option('max-shard-size', {
+        type: 'string', requiresArg: true,
+        describe: "the largest weight file, in bytes or like '5GB', '2GiB' (default 50GB, as transformers 5)",
+      })
+      .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model already in --out' })
+      .option('backend', {
+        type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
+      })
+      .check(argv => checkArgs(argv as Partial<MergeArgs>))
+      .example('$0 merge --model spec/fixtures/hf/olmoe --adapter spec/fixtures/hf/olmoe/adapter --out /tmp/olmoe-merged', '')
+      .example('$0 merge --model ./OLMoE-1B-7B --adapter ./my-adapter --out ./merged --max-shard-size 5GB', '') as
+      unknown as Argv<MergeArgs>;
+}
+
+/** Runs the merge (argument problems are UsageErrors; a load or write that fails throws its own error). */
+export async function mergeCommand(argv: MergeArgs): Promise<MergeResult> {
+  const bad = checkArgs(argv);
+  if (bad !== true) throw new UsageError(bad);
+  await selectBackend(argv.backend);
+  const maxShardSize = argv.maxShardSize === undefined ? undefined :
+    /^\d+$/.test(argv.maxShardSize) ? Number(argv.maxShardSize) : argv.maxShardSize;
+  return mergeAdapterIntoCheckpoint(argv.model, argv.adapter, argv.out, { dtype: argv.dtype, maxShardSize });
+}
+
+/** The report: what was merged, the files written with their sizes, the dtype. */
+export function formatMerge(argv: Pick<MergeArgs, 'model' | 'adapter' | 'out'>, r: MergeResult): string {
+  const size = (b: number) => b < 1024 ? `${b} B` : b < 1 << 20 ? `${(b / 1024).toFixed(1)} KiB` :
+    b < 1 << 30 ? `${(b / (1 << 20)).toFixed(1)} MiB` : `${(b / (1 << 30)).toFixed(2)} GiB`;
+  const a = r.adapter;
+  const lines = [
+    `merge ${argv.model} + adapter ${argv.adapter} (r ${a.r}, alpha ${a.alpha}, ${a.targets.join(', ')}; ` +
+        `${a.layers.length} layers) → ${argv.out} (HF checkpoint, ${r.saved.dtype})`,
+    ...r.saved.shards.map(s => `  ${s.name}  ${size(s.bytes)}`),
+    ...(r.saved.copied.length > 0 ? [`  copied: ${r.saved.copied.join(', ')}`] : []),
+    ...a.notes.map(n => `note: ${n}`),
+  ];
+  return `${lines.join('\n')}\n`;
+}
+
+export async function handler(argv: ArgumentsCamelCase<MergeArgs>): Promise<void> {
+  process.stdout.write(formatMerge(argv, await mergeCommand(argv)));
+}
