@@ -109,13 +109,21 @@ describe('models/memory', () => {
     await tf.setBackend('wasm');
     try {
       const used = tf.memory().numBytes;
-      const e = await rejection(loadHFCheckpoint(dir));
+      const e = await rejection(loadHFCheckpoint(dir, { expertDtype: 'float32' }));
       expect(e).to.be.instanceOf(CheckpointError);
       // the peak: the weights, one MoE layer's (experts 64 × 3 × 2048 × 1024 floats, router 64 × 2048) and the embedding's (50304 × 2048)
       const peak = float32Bytes + 4 * (64 * 3 * 2048 * 1024 + 64 * 2048) + 4 * 50304 * 2048;
       expect(estimateLoadMemory(config).peakBytes).to.equal(peak);
       expect(e.message).to.equal(`\`loadHFCheckpoint()\`: '${dir}': loading the weights (${float32Bytes} bytes) needs at its peak ${peak} bytes ` +
         `(${(peak / 2 ** 30).toFixed(2)} GiB) but the wasm backend holds at most 4294901760 bytes (4.00 GiB)` +
+        (used > 0 ? `, of which tensors already take ${used} bytes (${(used / 2 ** 30).toFixed(2)} GiB)` : '') +
+        '; use a backend with more memory (cpu, webgpu) or a smaller model');
+      // kept packed (the file is bf16), the experts take half: still over the heap, with its own numbers
+      const stored = estimateLoadMemory(config, { expertBytesPerElement: 2 });
+      expect(stored.peakBytes).to.be.greaterThan(WASM_HEAP_LIMIT_BYTES);
+      const p = await rejection(loadHFCheckpoint(dir));
+      expect(p.message).to.equal(`\`loadHFCheckpoint()\`: '${dir}': loading the weights (${stored.bytes} bytes) needs at its peak ` +
+        `${stored.peakBytes} bytes (${(stored.peakBytes / 2 ** 30).toFixed(2)} GiB) but the wasm backend holds at most 4294901760 bytes (4.00 GiB)` +
         (used > 0 ? `, of which tensors already take ${used} bytes (${(used / 2 ** 30).toFixed(2)} GiB)` : '') +
         '; use a backend with more memory (cpu, webgpu) or a smaller model');
       expect(tf.memory().numTensors).to.equal(before);
