@@ -17,17 +17,9 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { cleanup, fixtureConfig, tempDir } from '../io/checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 describe('bench/load_bench', () => {
   after(cleanup);

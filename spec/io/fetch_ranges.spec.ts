@@ -14,6 +14,7 @@ import { CheckpointError, loadHFCheckpoint } from '../../src/io/hf_checkpoint.js
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import type { MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { cleanup, fixtureConfig, fixtureDir, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 /**
  * How the server answers a Range header: 'ranges' as RFC 9110 says (206 + Content-Range), 'none'
@@ -68,15 +69,6 @@ async function serveFolder(dir: string, mode: Mode): Promise<FolderServer> {
 
 function weightsOf(model: MoECausalLM): Map<string, number[]> {
   return new Map(model.weights.map(w => [w.originalName, Array.from(w.read().dataSync())]));
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('io/fetch_checkpoint fetchHFCheckpoint over HTTP', () => {

@@ -26,15 +26,7 @@ import { FileError } from '../../src/util/files.js';
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
 import { cleanup, fixtureDir, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
 import { expectSettlesQuickly, makeFifo } from './special_files.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 /** Every weight's float32 bits by name (packed 16-bit experts decoded). */
 function weightBits(model: tfl.LayersModel): Map<string, number[]> {

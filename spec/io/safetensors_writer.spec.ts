@@ -14,15 +14,7 @@ import {
   decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16, encodeSafetensors, readSafetensorsFile,
   SafetensorsError, writeSafetensorsStream, type SafetensorsStreamTensor,
 } from '../../src/io/safetensors.js';
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
+import { rejection } from '../helpers/rejection.js';
 
 /** f32 values and their bit patterns, for exact comparisons (NaN included). */
 const bitsOf = (values: Float32Array) => Array.from(new Uint32Array(values.slice().buffer));

@@ -19,18 +19,10 @@ import { register } from '../../src/plugin.js';
 import { trainLoop } from '../../src/train/loop.js';
 import { TrainError } from '../../src/train/errors.js';
 import { cleanup, fixtureConfig, fixtureDir, tempDir, WHOLE_ARCHS } from '../io/checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 const bytesOf = (weights: ReadonlyArray<{ shape: readonly (number | null)[] }>) =>
   weights.reduce((n, w) => n + 4 * w.shape.reduce<number>((a, d) => a * d!, 1), 0);
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-}
 
 /**
  * A checkpoint of `config` whose data are all holes: a real header (every tensor the config
