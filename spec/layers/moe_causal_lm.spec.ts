@@ -94,6 +94,21 @@ describe('MoECausalLM', () => {
     model.dispose();
   });
 
+  it('builds zero weights (norms at one) without drawing random numbers when initializeWeights is false', async () => {
+    const config = await fixtureConfig('qwen3_moe');
+    const drawn = buildMoECausalLM(config);
+    const zeros = buildMoECausalLM(config, { initializeWeights: false });
+    for (const [i, w] of zeros.weights.entries()) {
+      const values = Array.from(w.read().dataSync());
+      const isNorm = /norm/.test(w.originalName);
+      expect(new Set(values), w.originalName).to.deep.equal(new Set([isNorm ? 1 : 0]));
+      // the default draws HF's normal init for the same weight
+      if (!isNorm) expect(new Set(drawn.weights[i].read().dataSync()).size, w.originalName).to.be.greaterThan(1);
+    }
+    drawn.dispose();
+    zeros.dispose();
+  });
+
   it('addMoEAdapter leaves exactly the adapter tensors trainable', async () => {
     const model = buildMoECausalLM(await fixtureConfig('mixtral'));
     expect(trainableVariables(model).length).to.equal(model.weights.length);

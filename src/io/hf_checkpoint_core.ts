@@ -295,7 +295,8 @@ export async function modelFromCheckpoint(
   const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
       { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
-  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage });
+  // every weight is overwritten from the checkpoint: built as zeros, not drawn at random
+  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, initializeWeights: false });
   try {
     await fillWeights(op, model, config, source, expertDtype);
   } catch (e) {

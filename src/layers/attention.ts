@@ -13,6 +13,7 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { rmsNorm } from './rms_norm.js';
 import { applyRotary, rotaryTables } from './rotary.js';
+import { normalInitializer } from './initializers.js';
 
 export type QKNorm = 'none' | 'perHead' | 'full';
 export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full'];
@@ -108,7 +109,7 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (h == null) fail('RotaryAttention.build', `the input's last dimension must be known but got shape [${shape}]`);
     const q = this.numHeads * this.headDim;
     const kv = this.numKeyValueHeads * this.headDim;
-    const normal = tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange });
+    const normal = normalInitializer(this.initializerRange);
     const zeros = tfl.initializers.zeros();
     const ones = tfl.initializers.ones();
     const add = (name: string, dims: number[], init: ReturnType<typeof tfl.initializers.zeros>) =>

@@ -9,6 +9,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { describeValue } from '../util/describe.js';
 import { assertInteger, fail } from '../ops/validate.js';
+import { normalInitializer } from './initializers.js';
 
 type Kwargs = Parameters<tfl.layers.Layer['apply']>[1];
 
@@ -73,7 +74,7 @@ abstract class VocabLayer extends tfl.layers.Layer {
   override build(): void {
     if (this.table !== null) return;
     this.table = this.addWeight('weight', [this.vocabSize, this.hiddenSize], 'float32',
-        tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange }));
+        normalInitializer(this.initializerRange));
     this.built = true;
   }
 

@@ -299,6 +299,12 @@ export interface MoECausalLMOptions {
   name?: string;
   /** how every SparseMoE holds its routed experts: 'float32' (default), or packed 'bf16' / 'f16' (frozen) */
   expertStorage?: ExpertStorage;
+  /**
+   * false: every weight starts at zero instead of HF's random init, for a model whose weights are
+   * all overwritten next (checkpoint loaders: drawing the normals is half a large model's load
+   * time). Default true.
+   */
+  initializeWeights?: boolean;
 }
 
 /** The key under which the HF config is kept in the model's userDefinedMetadata (saved with it). */
@@ -330,7 +336,8 @@ export function buildMoECausalLM(hfConfig: HFConfig, options: MoECausalLMOptions
 
 function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLMOptions,
     layer: <L extends tfl.layers.Layer>(l: L) => L): MoECausalLM {
-  const init = c.initializerRange;
+  // std 0: zeros, filled without drawing random numbers (layers/initializers.ts)
+  const init = options.initializeWeights === false ? 0 : c.initializerRange;
   const ids = tfl.input({ shape: [null], dtype: 'int32', name: 'input_ids' });
   const embed = layer(new TokenEmbedding({
     name: 'model.embed_tokens', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init,

@@ -19,6 +19,7 @@ import type {
 } from '../ops/types.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
+import { normalInitializer } from './initializers.js';
 
 export type LoRATarget =
   | 'experts.gate_up' | 'experts.down' | 'router'
@@ -217,7 +218,7 @@ export class SparseMoE extends tfl.layers.Layer {
     if (h == null) fail('SparseMoE.build', `the input's last dimension (H) must be known but got shape [${shape}]`);
     const e = this.numExperts;
     const i = this.intermediateSize;
-    const init = tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange });
+    const init = normalInitializer(this.initializerRange);
     const zeros = tfl.initializers.zeros();
     const t = this.expertLayout !== 'outIn';
     const add = (name: string, dims: number[], initializer = init, trainable = true) =>

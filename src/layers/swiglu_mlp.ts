@@ -8,6 +8,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { sharedExpert } from '../ops/shared_expert.js';
 import { assertInteger, fail } from '../ops/validate.js';
+import { normalInitializer } from './initializers.js';
 
 export interface SwiGLUMLPArgs extends LayerArgs {
   /** I of the dense MLP (HF intermediate_size) */
@@ -35,7 +36,7 @@ export class SwiGLUMLP extends tfl.layers.Layer {
     const h = shape[shape.length - 1];
     if (h == null) fail('SwiGLUMLP.build', `the input's last dimension must be known but got shape [${shape}]`);
     const i = this.intermediateSize;
-    const init = tfl.initializers.randomNormal({ mean: 0, stddev: this.initializerRange });
+    const init = normalInitializer(this.initializerRange);
     for (const [name, dims] of [['gate_proj.weight', [i, h]], ['up_proj.weight', [i, h]], ['down_proj.weight', [h, i]]] as const) {
       this.vars.set(name, this.addWeight(name, [...dims], 'float32', init));
     }
