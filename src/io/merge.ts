@@ -48,7 +48,10 @@ export async function mergeAdapterIntoCheckpoint(
     }
   }
   const name = options.adapterName ?? 'default';
-  const { model, format } = await loadModelDir(modelDir);
+  // 16-bit experts stay packed (merged, then rounded to their own dtype once) only when they are
+  // written back in it; any other output dtype merges in float32, so nothing is rounded twice
+  const keepsSourceDtype = options.dtype === undefined || options.dtype === 'source';
+  const { model, format } = await loadModelDir(modelDir, { expertDtype: keepsSourceDtype ? 'stored' : 'float32' });
   try {
     const adapter = await loadPeftAdapter(model, adapterDir, { name });
     for (const layer of sparseMoELayers(model)) {
