@@ -15,6 +15,7 @@ import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
 import { loadPeftAdapter } from '../../src/io/peft.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
+import { writeHalfFixture } from '../helpers/half_checkpoint.js';
 import { cleanup, fixtureDir, golden, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
 
 async function logitsOf(dir: string, ids: tf.Tensor, adapter?: string): Promise<Float32Array> {
@@ -69,6 +70,21 @@ describe('io/merge: mergeAdapterIntoCheckpoint', () => {
       tf.dispose([ids, peft]);
     });
   }
+
+  it('a bf16 model merged into another dtype is merged in float32, rounded once: float32 output equals the merge of the same values stored as F32', async () => {
+    const [dir16, dir32] = [await tempDir('merge-bf16-'), await tempDir('merge-bf16-as-f32-')];
+    await writeHalfFixture(fixtureDir('qwen3_moe'), 'bf16', dir16, dir32);
+    const adapter = join(fixtureDir('qwen3_moe'), 'adapter');
+    const [from16, from32, kept] = [await tempDir('merged-16-'), await tempDir('merged-32-'), await tempDir('merged-kept-')];
+    await mergeAdapterIntoCheckpoint(dir16, adapter, from16, { dtype: 'float32' });
+    await mergeAdapterIntoCheckpoint(dir32, adapter, from32, { dtype: 'float32' });
+    const [a, b] = [await readFile(join(from16, 'model.safetensors')), await readFile(join(from32, 'model.safetensors'))];
+    expect(a.equals(b), 'the same merged float32 bytes').to.equal(true);
+    // written back in its own dtype (the default), the merge stays bf16 on disk
+    await mergeAdapterIntoCheckpoint(dir16, adapter, kept);
+    const file = await readSafetensorsFile(join(kept, 'model.safetensors'));
+    expect(new Set(file.names().map(n => file.info(n).dtype))).to.deep.equal(new Set(['BF16']));
+  });
 
   it('refuses folder arguments that are not paths, and an adapter of another model, writing nothing', async () => {
     const out = await tempDir('merge-bad-');
