@@ -3,8 +3,8 @@
  * rounded to nearest even), written as a BF16/F16 safetensors file, beside the same rounded
  * values as an F32 file: the two must load to the same model.
  *
- * The package's writer writes F32 and I32 only (16-bit saving is another part of issue 10), so
- * the 16-bit file is encoded here, by the safetensors format: header length, JSON header, data.
+ * The 16-bit file is encoded here, by the safetensors format (header length, JSON header, data),
+ * not by the package's writer: the loader's specs then do not rest on the writer they also test.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { copyFile, mkdir, writeFile } from 'node:fs/promises';
