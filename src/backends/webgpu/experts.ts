@@ -12,10 +12,12 @@
  * dh = act'(h)·(w·g); dx[t] = Σ_k (dh·W1_e)[rowOfPair]; dW1 = Σ dhᵀ·x[tok], dW2 = Σ (w·dOut[tok])ᵀ·act(h)
  * per expert over its rows. Split LoRA adds rank-r grouped products on PEFT's factor layouts read
  * in place; materialize goes through the composed materializeExpertLoRA, which runs anywhere.
+ * Packed 16-bit experts (frozen) go to the same products, which decode each element as they load
+ * it: no float32 copy of the experts is made (except W_eff, when LoRA is materialized on them).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { resolveExpertCall } from '../../ops/experts/check_args.js';
-import { fusedExperts, type FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
+import type { FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
 import { isPackedExpertWeight, unpackExpertWeight, type ExpertWeightTensor } from '../../ops/packed.js';
 import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from '../../ops/experts/projection.js';
 import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
@@ -130,22 +132,29 @@ function factorBLayout(rank: number, numExperts: number): OperandLayout {
 
 /** One projection as the kernels see it, and which of its tensors get gradients. */
 interface Projection extends ProjectionPlan {
-  /** never packed here: packed experts take the composed fusedExperts (see webgpuFusedExperts) */
-  weight: tf.Tensor3D;
   inSize: number;
   outSize: number;
 }
 
 function projection(
-    weight: tf.Tensor3D, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
+    weight: ExpertWeightTensor, bias: tf.Tensor2D | undefined, lora: LoRAFactors[], transposed: boolean,
     train: boolean, mode: LoRAMode, rows: number, inSize: number, outSize: number): Projection {
   const plan = planProjection(weight, bias, lora, transposed, train, mode, rows, materializeExpertLoRALayout);
-  return { ...plan, weight: plan.weight as tf.Tensor3D, inSize, outSize };
+  return { ...plan, inSize, outSize };
 }
 
-/** The composed materializeExpertLoRA, which runs anywhere, on a weight of either layout. */
+/**
+ * The composed materializeExpertLoRA, which runs anywhere, on a weight of either layout. A packed
+ * base is decoded for it and dropped at once: W_eff is float32 of that size anyway, and its
+ * gradient (to A and B) does not read W.
+ */
 function materializeExpertLoRALayout(weight: ExpertWeightTensor, lora: LoRAFactors[], transposed: boolean): tf.Tensor3D {
-  return materializeExpertLoRA(weight as tf.Tensor3D, lora, { layout: transposed ? 'inOut' : 'outIn' });
+  const layout = { layout: transposed ? 'inOut' : 'outIn' } as const;
+  if (!isPackedExpertWeight(weight)) return materializeExpertLoRA(weight, lora, layout);
+  const decoded = unpackExpertWeight(weight);
+  const effective = materializeExpertLoRA(decoded, lora, layout);
+  decoded.dispose();
+  return effective;
 }
 
 /** Rows of a product's left operand: where they come from and the tensor. */
@@ -242,23 +251,6 @@ function projectionBackward(
 }
 
 /**
- * Packed 16-bit experts, which the WGSL products do not decode in place yet. With a host plan the
- * composed fusedExperts runs them, decoding one expert group at a time on the device. Without one
- * (a layer's synchronous call: webgpu cannot read the plan to the host) they are decoded whole to
- * float32 for the call, and the backward keeps those decoded weights until it has run (a stopgap:
- * float32 experts' memory during a step, not between steps).
- */
-function packedWebGPUExperts(
-    x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
-    weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions): tf.Tensor2D {
-  if (options.plan !== undefined) return fusedExperts(x, routing, weights, activation, options);
-  resolveExpertCall('fusedExperts', x, routing, weights, activation, options);  // checks; refuses training them
-  return tf.tidy(() => webgpuExperts(x, routing, {
-    ...weights, gateUp: unpackExpertWeight(weights.gateUp), down: unpackExpertWeight(weights.down),
-  }, activation, { ...options, trainExpertWeights: false }, true));
-}
-
-/**
  * fusedExperts for the 'webgpu' backend: the same arguments, result and gradients, with no host
  * read. `options.plan` (a host plan) is checked against the call and otherwise not needed.
  *
@@ -269,19 +261,6 @@ function packedWebGPUExperts(
 export function webgpuFusedExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
     weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
-  if (isPackedExpertWeight(weights?.gateUp) || isPackedExpertWeight(weights?.down)) {
-    return packedWebGPUExperts(x, routing, weights, activation, options);
-  }
-  return webgpuExperts(x, routing, weights, activation, options, false);
-}
-
-/**
- * webgpuFusedExperts; `saveBase`: the frozen base weights are temporaries of this call (decoded
- * packed experts), so backward keeps them through `save` instead of reading them by closure.
- */
-function webgpuExperts(
-    x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
-    weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions, saveBase: boolean): tf.Tensor2D {
   const op = 'fusedExperts';
   const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
   const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
@@ -290,8 +269,8 @@ function webgpuExperts(
   const tuning = webgpuMoETuningFor(rows, numExperts);
 
   return tf.tidy(() => {
-    const up = projection(weights.gateUp as tf.Tensor3D, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
-    const down = projection(weights.down as tf.Tensor3D, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
+    const up = projection(weights.gateUp, weights.gateUpBias, upLoRA, transposed, train, loraMode, rows, hidden, 2 * inter);
+    const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows, inter, hidden);
     const upInputs = projectionTrainables(up);
     const downInputs = projectionTrainables(down);
 
@@ -303,18 +282,13 @@ function webgpuExperts(
       const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
       const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
-      const frozenBases = saveBase ? [up, down].filter(p => !p.trainWeight) : [];
       save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
-          ...projectionTrainables(up), ...projectionTrainables(down), ...frozenBases.map(p => p.weight)]);
+          ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
-        const [upR, next] = restoreProjection(up, saved, 7);
-        const [downR, afterDown] = restoreProjection(down, saved, next);
-        // temporary frozen bases come back from `saved`, after the trainables, in order
-        let at = afterDown;
-        const [upS, downS] = [upR, downR].map(p =>
-          (saveBase && !p.trainWeight ? { ...p, weight: saved[at++] as tf.Tensor3D } : p));
+        const [upS, next] = restoreProjection(up, saved, 7);
+        const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
           pairOfRow: pairOfRow as unknown as tf.Tensor1D };
         const cS: Context = { ...c, plan: planS };

@@ -18,7 +18,9 @@ import {
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
-import { DECODE_PACKED, type DecodePackedAttrs } from '../../ops/packed.js';
+import {
+  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, isPackedExpertWeight, type PackedKind,
+} from '../../ops/packed.js';
 import {
   type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
 } from './programs/shared.js';
@@ -169,9 +171,10 @@ const groupedMatMulConfig: tf.KernelConfig = {
     if (a.hasAddend) list.push(inputs.addend);
     const capacity = inputs.pr.shape[0];
     const outCols = a.outCols as number;
+    const weightKind = a.weightKind === 'float32' ? undefined : a.weightKind as PackedKind;
     const program = new GroupedMatMulProgram(capacity, outCols, {
       source: a.source as RowSource, activation: act?.spec, hasBias: a.hasBias as boolean,
-      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, tile: tileOf(a),
+      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, tile: tileOf(a), weightKind,
     });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
@@ -183,15 +186,21 @@ const groupedMatMulConfig: tf.KernelConfig = {
   },
 };
 
-/** Where W_e(k, n) lives in the weight tensor: W[e·sE + n·sN + k·sK]. */
+/**
+ * Where W_e(k, n) lives in the weight tensor: W[e·sE + n·sN + k·sK] (for a packed weight, the
+ * logical float32 strides: the kernel reads half n·sN + k·sK of expert e's words).
+ */
 export interface WeightStrides { sE: number; sN: number; sK: number }
 
 export interface GroupedMatMulArgs {
   /** [T, inner] ('gather'), [capacity, inner] ('rows') or h [capacity, 2·inner] ('act') */
   a: tf.Tensor2D;
   source: RowSource;
-  /** any tensor holding the per-expert operand at `strides` */
-  w: tf.Tensor;
+  /**
+   * any tensor holding the per-expert operand at `strides`, or a packed 16-bit expert weight
+   * (frozen experts: decoded in the product's loads, never copied to float32)
+   */
+  w: tf.Tensor | ExpertWeightTensor;
   strides: WeightStrides;
   inner: number;
   outCols: number;
@@ -208,13 +217,17 @@ export interface GroupedMatMulArgs {
 
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
 export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
-  const inputs: tf.NamedTensorMap = { A: args.a, W: args.w, seg: args.plan.seg, pr: args.plan.pairOfRow };
+  const packed = isPackedExpertWeight(args.w) ? args.w : undefined;
+  const w = packed ? packed.packed : args.w as tf.Tensor;
+  const inputs: tf.NamedTensorMap = { A: args.a, W: w, seg: args.plan.seg, pr: args.plan.pairOfRow };
   if (args.bias) inputs.bias = args.bias;
   if (args.addend) inputs.addend = args.addend;
   return tf.engine().runKernel(GROUPED_MATMUL, inputs, {
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
+    // each packed expert starts on a word: its base counts words
+    ...(packed ? { sE: packed.wordsPerExpert } : {}), weightKind: packed?.kind ?? 'float32',
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
   }) as tf.Tensor2D;
 }

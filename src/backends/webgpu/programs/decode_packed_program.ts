@@ -1,11 +1,12 @@
 /**
  * Packed 16-bit expert weights (src/ops/packed.ts) decoded to float32 on the device, for the
- * composed experts path on webgpu (which cannot read the words to the host in a synchronous
- * call): experts first … first + count − 1, the layout of src/ops/README.md ("Packed expert
- * weights"). The grouped-product programs do not decode in place yet.
+ * composed fusedExperts and unpackExpertWeight on webgpu (which cannot read the words to the host
+ * in a synchronous call): experts first … first + count − 1, the layout of src/ops/README.md
+ * ("Packed expert weights"). webgpuFusedExperts does not use it: its grouped products decode each
+ * weight element as they load it (GroupedMatMulProgram's packed specialisation).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { FLAT_THREADS, flatDispatch, intUniforms, type ProgramUniformEntry } from './shared.js';
+import { FLAT_THREADS, flatDispatch, intUniforms, packedHalfSnippet, type ProgramUniformEntry } from './shared.js';
 
 export class DecodePackedProgram implements WebGPUProgram {
   variableNames = ['packed'];
@@ -29,19 +30,14 @@ export class DecodePackedProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    // even elements are the low half of their word, odd ones the high half
-    const decode = this.kind === 'bf16'
-      ? 'let value = bitcast<f32>(select(w << 16u, w & 0xffff0000u, odd));'
-      : 'let pair = unpack2x16float(w);\n          let value = select(pair.x, pair.y, odd);';
     return `
+      ${packedHalfSnippet(this.kind, 'decodeHalf')}
       fn main(index : i32) {
         if (index < uniforms.size) {
           let e = uniforms.first + index / uniforms.block;
           let j = index % uniforms.block;
           let w = bitcast<u32>(packed[e * uniforms.words + j / 2]);
-          let odd = (j & 1) == 1;
-          ${decode}
-          setOutputAtIndex(index, value);
+          setOutputAtIndex(index, decodeHalf(w, (j & 1) == 1));
         }
       }
     `;

@@ -7,7 +7,11 @@
  * or as the activation of h computed on load ('act': SwiGLU / gpt-oss's clamped GLU, so a = act(h)
  * is never stored). W_e(k, n) = W[e·sE + n·sN + k·sK]: the strides (uniforms) cover W and Wᵀ in
  * both expert layouts and PEFT's LoRA factors (A [r·E, in], B [out, r·E] rank-major) without
- * copies. Padding rows get 0; tiles past the rows in use write 0 and skip the product.
+ * copies. Padding rows get 0; tiles past the rows in use write 0 and skip the product. With
+ * `weightKind` 'bf16' or 'f16', W is a packed expert weight's int32 words (src/ops/packed.ts) and
+ * each element is decoded as it is loaded into the slab, so no float32 copy of the experts exists:
+ * expert e's words start at e·sE (sE counts words there) and W_e(k, n) is its half
+ * j = n·sN + k·sK.
  *
  * GroupedWeightGradProgram: dW[e](p, q) = alpha·Σ_{real rows r of e} L(r, p)·R(r, q), written at
  * e·oE + p·oP + q·oQ (any layout, PEFT's B included); L and R come gathered, from padded rows or
@@ -20,8 +24,8 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, type RowSource,
-  TILE_THREADS,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedHalfSnippet,
+  type RowSource, TILE_THREADS,
 } from './shared.js';
 
 /**
@@ -144,6 +148,11 @@ export interface GroupedMatMulSpec {
   /** W's reduction stride is 1 (an [out, in] weight): the slab is loaded along k */
   kContiguous: boolean;
   tile: TileConfig;
+  /**
+   * W holds packed 16-bit halves (int32 words, sE in words) decoded on load; absent: float32.
+   * Only frozen weights are packed, so only this program (never the weight gradient) reads them.
+   */
+  weightKind?: 'bf16' | 'f16';
 }
 
 export class GroupedMatMulProgram implements WebGPUProgram {
@@ -165,7 +174,25 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     this.dispatch = [Math.ceil(outCols / (TILE_THREADS * tn)), Math.ceil(capacity / (TILE_THREADS * tm)), 1];
     this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []), ...(spec.hasAddend ? ['addend'] : [])];
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
-        `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}`;
+        `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
+        (spec.weightKind ? `_${spec.weightKind}` : '');
+  }
+
+  /**
+   * WGSL of the weight element load into `v` (wBase: the expert's first element, or word when
+   * packed). Float32 reads W directly; packed reads the word of half j and decodes it.
+   */
+  private loadW(): { fn: string; assign: string } {
+    const kind = this.spec.weightKind;
+    if (kind === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
+    return {
+      fn: `
+          ${packedHalfSnippet(kind, 'decodeHalf')}
+          fn loadPackedW(wordBase : i32, j : i32) -> f32 {
+            return decodeHalf(bitcast<u32>(W[wordBase + j / 2]), (j & 1) == 1);
+          }`,
+      assign: 'v = loadPackedW(wBase, n * uniforms.sN + k * uniforms.sK);',
+    };
   }
 
   /** WGSL: loadA(m, k), the tile's row m at column k, through rowSrc (the source row, −1 on padding). */
@@ -200,10 +227,11 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     const bSlab = new Slab('Bs', bk, bn, tile.vec4 === true);
     const fetchA = new Fetch('pa', bk * bm, `let kk = i % ${bk}; let mm = i / ${bk};`,
         k0 => `let k = ${k0} + kk;\n            if (k < uniforms.inner) { v = loadA(mm, k); }`);
+    const loadW = this.loadW();
     const fetchB = new Fetch('pb', bk * bn,
         this.spec.kContiguous ? `let kk = i % ${bk}; let nn = i / ${bk};` : `let nn = i % ${bn}; let kk = i / ${bn};`,
         k0 => `let k = ${k0} + kk;\n            let n = col0 + nn;\n` +
-            `            if (n < uniforms.outCols && k < uniforms.inner) { v = W[wBase + n * uniforms.sN + k * uniforms.sK]; }`);
+            `            if (n < uniforms.outCols && k < uniforms.inner) { ${loadW.assign} }`);
     const rowSource = this.spec.source === 'gather' ? 'p / uniforms.topK' : 'r';
     return `
       ${aSlab.declaration()}
@@ -212,6 +240,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
       var<workgroup> tileExpert : i32;
       ${EXPERT_OF_ROW}
       ${this.loadA()}
+      ${loadW.fn}
 
       fn main() {
         let tx = i32(localId.x);

@@ -126,3 +126,19 @@ export const FLAT_WORKGROUP_INDEX = `
         workgroupId.z * numWorkgroups.x * numWorkgroups.y);
   }
 `;
+
+/**
+ * WGSL of `fn ${name}(w : u32, odd : bool) -> f32`: the float32 value of one 16-bit half of a packed
+ * expert word (src/ops/README.md, "Packed expert weights"): the low half for an even element, the
+ * high half for an odd one. bf16 is the high half of an f32; f16 goes through unpack2x16float,
+ * which needs no shader-f16.
+ */
+export function packedHalfSnippet(kind: 'bf16' | 'f16', name: string): string {
+  const body = kind === 'bf16'
+    ? 'return bitcast<f32>(select(w << 16u, w & 0xffff0000u, odd));'
+    : 'let pair = unpack2x16float(w);\n            return select(pair.x, pair.y, odd);';
+  return `
+          fn ${name}(w : u32, odd : bool) -> f32 {
+            ${body}
+          }`;
+}
