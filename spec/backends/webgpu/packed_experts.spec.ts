@@ -1,17 +1,18 @@
 /**
- * Packed 16-bit experts on WebGPU, where the grouped-product programs do not decode in place yet:
- * the device decode (MoEDecodePacked) is exact, the composed fusedExperts (with a host plan)
- * decodes one expert group at a time, and webgpuFusedExperts / moeBlock (no host read) decode
- * them whole for the forward and again for the backward. Each equals the same computation on the float32 decoded values.
- * Run with TFJS_BACKEND=webgpu.
+ * Packed 16-bit experts on WebGPU: the device decode (MoEDecodePacked) is exact, the composed
+ * fusedExperts (with a host plan) decodes one expert group at a time, and webgpuFusedExperts /
+ * moeBlock (no host read) pass the packed words to the grouped products, which decode each element
+ * as they load it: no decode kernel runs and no float32 copy of the experts is allocated. Each
+ * equals the same computation on the float32 decoded values. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { webgpuFusedExperts } from '../../../src/backends/webgpu/experts.js';
+import { GROUPED_MATMUL } from '../../../src/backends/webgpu/kernels.js';
 import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock } from '../../../src/ops/moe_block.js';
-import { packedExpertWeightFromBits, unpackExpertWeight } from '../../../src/ops/packed.js';
+import { DECODE_PACKED, packedExpertWeightFromBits, unpackExpertWeight } from '../../../src/ops/packed.js';
 import type { ExpertWeights } from '../../../src/ops/types.js';
 import { makePackedCase, type PackedCase } from '../../helpers/packed_case.js';
 import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
@@ -76,6 +77,31 @@ describe('webgpu: packed 16-bit expert weights', () => {
     for (const [layout, loraMode] of [['outIn', 'split'], ['outIn', 'materialize'], ['inOutInterleaved', 'split']] as const) {
       const c = makePackedCase('bf16', dims, 22, layout);
       await expectNoLeakAsync(() => expectSame(c, webgpuFusedExperts, { loraMode }, `${layout} ${loraMode}`));
+      c.dispose();
+    }
+  });
+
+  it('webgpuFusedExperts decodes packed experts in the products: no decode kernel, no float32 copy of the experts', async () => {
+    // float32 gateUp 4·1024·1024·4 = 16 MiB, down 8 MiB; the call's padded rows (320) need far less
+    const big = { T: 4, H: 1024, I: 512, E: 4, K: 2, r: 2 };
+    for (const kind of ['bf16', 'f16'] as const) {
+      const c = makePackedCase(kind, big, 24);
+      const downFloat32Bytes = 4 * big.E * big.H * big.I;
+      const bytesBefore = tf.memory().numBytes;
+      // tf.profile warns once where the adapter has no timestamp queries (Mesa's GL): expected here
+      const warn = console.warn;
+      console.warn = () => {};
+      let info: Awaited<ReturnType<typeof tf.profile>>;
+      try {
+        info = await tf.profile(() => tf.dispose(run(c, webgpuFusedExperts, c.gateUp, c.down, { loraMode: 'split' })));
+      } finally {
+        console.warn = warn;
+      }
+      expect(info.kernelNames, kind).to.include(GROUPED_MATMUL);
+      expect(info.kernelNames, kind).to.not.include(DECODE_PACKED);
+      // forward and backward together stay below the smaller of the two float32 expert weights
+      expect(info.peakBytes - bytesBefore, `${kind}: peak bytes above the start`).to.be.below(downFloat32Bytes);
+      expect(tf.memory().numBytes, kind).to.equal(bytesBefore);
       c.dispose();
     }
   });
