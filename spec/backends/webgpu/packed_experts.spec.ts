@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { webgpuFusedExperts } from '../../../src/backends/webgpu/experts.js';
+import { setWebGPUMoETuning, webgpuFusedExperts } from '../../../src/backends/webgpu/experts.js';
 import { GROUPED_MATMUL } from '../../../src/backends/webgpu/kernels.js';
 import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
@@ -78,6 +78,19 @@ describe('webgpu: packed 16-bit expert weights', () => {
       const c = makePackedCase('bf16', dims, 22, layout);
       await expectNoLeakAsync(() => expectSame(c, webgpuFusedExperts, { loraMode }, `${layout} ${loraMode}`));
       c.dispose();
+    }
+  });
+
+  it('webgpuFusedExperts decodes packed words in the vec4 8×8 tiles too, f16 and bf16', async () => {
+    const previous = setWebGPUMoETuning({ rowTile: 128, tile: { tm: 8, tn: 8, bk: 16, vec4: true } });
+    try {
+      for (const kind of ['bf16', 'f16'] as const) {
+        const c = makePackedCase(kind, dims, 25);
+        await expectNoLeakAsync(() => expectSame(c, webgpuFusedExperts, { loraMode: 'split' }, `${kind} vec4`));
+        c.dispose();
+      }
+    } finally {
+      setWebGPUMoETuning(previous);
     }
   });
 
