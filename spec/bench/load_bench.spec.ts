@@ -9,13 +9,14 @@ import { spawnSync } from 'node:child_process';
 import { readdir, readFile, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
-  benchLoad, formatLoadBenchTable, olmoeConfig, roundToBFloat16Bits, writeRandomBF16Checkpoint,
+  benchLoad, formatLoadBenchTable, olmoeConfig, writeRandomBF16Checkpoint,
 } from '../../src/bench/load_bench.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
+import { encodeBFloat16 } from '../../src/util/half.js';
 import { cleanup, fixtureConfig, tempDir } from '../io/checkpoint_helpers.js';
 import { rejection } from '../helpers/rejection.js';
 
@@ -27,7 +28,7 @@ describe('bench/load_bench', () => {
   it('rounds float32 to bfloat16 to nearest even', () => {
     const f32 = new Float32Array(new Uint32Array([0x3f800000, 0xc0200000, 0x3f808000, 0x3f818000, 0x3f808001, 0x3f807fff]).buffer);
     // 1, -2.5, a tie (even below), a tie (even above), just above a tie, just below one
-    expect(Array.from(roundToBFloat16Bits(f32))).to.deep.equal([0x3f80, 0xc020, 0x3f80, 0x3f82, 0x3f81, 0x3f80]);
+    expect(Array.from(encodeBFloat16(f32))).to.deep.equal([0x3f80, 0xc020, 0x3f80, 0x3f82, 0x3f81, 0x3f80]);
   });
 
   it('writes every tensor of a config in bf16 shards with HF names and index, which the loader reads', async () => {

@@ -20,6 +20,7 @@ import { configTensorPlan } from '../io/hf_checkpoint_core.js';
 import type { HFConfig } from '../models/families.js';
 import { estimateLoadMemory } from '../models/memory.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { encodeBFloat16 } from '../util/half.js';
 import { BENCH_BACKENDS } from './backend.js';
 
 const OP = 'benchLoad';
@@ -45,14 +46,6 @@ export function olmoeConfig(layers = 16): HFConfig {
     tie_word_embeddings: false, pad_token_id: 1, eos_token_id: 50279, bos_token_id: null,
     router_aux_loss_coef: 0.01, output_router_logits: false,
   };
-}
-
-/** float32 → bfloat16 bits, rounded to nearest even (finite inputs). */
-export function roundToBFloat16Bits(values: Float32Array): Uint16Array {
-  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
-  const out = new Uint16Array(values.length);
-  for (let i = 0; i < bits.length; i++) out[i] = ((bits[i] + 0x7fff + ((bits[i] >>> 16) & 1)) >>> 16) & 0xffff;
-  return out;
 }
 
 /** mulberry32: a small seeded generator of uniform numbers in [0, 1). */
@@ -95,7 +88,7 @@ export async function writeRandomBF16Checkpoint(
   // a pool of up to 16 Mi values (32 MiB), no larger than the checkpoint
   const values = new Float32Array(Math.min(16 * 2 ** 20, plan.reduce((n, e) => n + e.shape.reduce((a, b) => a * b, 1), 0)));
   for (let i = 0; i < values.length; i++) values[i] = (random() * 2 - 1) * 0.035;
-  const pool = roundToBFloat16Bits(values);
+  const pool = encodeBFloat16(values);
   const poolBytes = new Uint8Array(pool.buffer);
 
   // shards: tensors in graph order, a new shard when the next tensor would overflow this one

@@ -13,6 +13,7 @@
  * whole weight (unpackExpertWeight).
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { encodeBFloat16, encodeFloat16, float16Values } from '../util/half.js';
 import { fail } from './validate.js';
 
 /** The 16-bit formats a packed expert weight can hold. */
@@ -97,61 +98,14 @@ export function assertExpertWeight(op: string, arg: string, value: unknown): ass
 // ---------------------------------------------------------------------------------------------
 // the 16-bit formats on the host
 
-let f16Table: Float32Array | null = null;
-
-/** All 65536 f16 values as float32 (exact), built on first use. */
-function float16Table(): Float32Array {
-  if (f16Table === null) {
-    f16Table = new Float32Array(65536);
-    for (let h = 0; h < 65536; h++) {
-      const sign = h & 0x8000 ? -1 : 1;
-      const exponent = (h >> 10) & 0x1f;
-      const mantissa = h & 0x3ff;
-      f16Table[h] = exponent === 0 ? sign * mantissa * 2 ** -24 :
-        exponent === 0x1f ? (mantissa === 0 ? sign * Infinity : NaN) :
-        sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
-    }
-  }
-  return f16Table;
-}
-
-const bitsScratch = new DataView(new ArrayBuffer(4));
-
-function float32Bits(v: number): number {
-  bitsScratch.setFloat32(0, v);
-  return bitsScratch.getUint32(0);
-}
-
 /** float32 → bf16 bits, rounded to nearest even as torch's `.to(torch.bfloat16)`; NaN stays NaN. */
 export function bfloat16Bits(v: number): number {
-  const x = float32Bits(v);
-  if ((x & 0x7fffffff) > 0x7f800000) return ((x >>> 16) | 0x40) & 0xffff;
-  return ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
+  return encodeBFloat16(Float32Array.of(v))[0];
 }
 
 /** float32 → IEEE binary16 bits, rounded to nearest even; overflow gives ±Infinity. */
 export function float16Bits(v: number): number {
-  const x = float32Bits(v);
-  const sign = (x >>> 16) & 0x8000;
-  const exp = (x >>> 23) & 0xff;
-  let mant = x & 0x7fffff;
-  if (exp === 0xff) return sign | 0x7c00 | (mant !== 0 ? 0x200 : 0);
-  const e = exp - 127 + 15;
-  if (e >= 31) return sign | 0x7c00;
-  if (e <= 0) {  // a subnormal f16 (or zero): value / 2^-24, rounded
-    if (e < -10) return sign;
-    mant |= 0x800000;
-    const shift = 14 - e;
-    let h = mant >>> shift;
-    const rem = mant & ((1 << shift) - 1);
-    const half = 1 << (shift - 1);
-    if (rem > half || (rem === half && (h & 1) === 1)) h++;
-    return sign | h;
-  }
-  let h = (e << 10) | (mant >>> 13);
-  const rem = mant & 0x1fff;
-  if (rem > 0x1000 || (rem === 0x1000 && (h & 1) === 1)) h++;  // a carry into the exponent is right
-  return sign | h;
+  return encodeFloat16(Float32Array.of(v))[0];
 }
 
 /**
@@ -171,7 +125,7 @@ export function decodeExpertInto(
     }
     if (count & 1) dstBits[dOff + count - 1] = words[wOff + pairs] << 16;
   } else {
-    const table = float16Table();
+    const table = float16Values();
     for (let i = 0; i < pairs; i++) {
       const w = words[wOff + i];
       dst[dOff + 2 * i] = table[w & 0xffff];
@@ -221,11 +175,8 @@ export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind): PackedE
   if (!(PACKED_KINDS as readonly string[]).includes(kind)) {
     fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
   }
-  const values = weight.dataSync();
-  const halves = new Uint16Array(values.length);
-  const encode = kind === 'bf16' ? bfloat16Bits : float16Bits;
-  for (let i = 0; i < values.length; i++) halves[i] = encode(values[i]);
-  return packedExpertWeightFromBits(kind, weight.shape, halves);
+  const values = weight.dataSync() as Float32Array;
+  return packedExpertWeightFromBits(kind, weight.shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
 }
 
 function decodeWords(kind: PackedKind, experts: number, rows: number, cols: number, words: Int32Array): Float32Array {
