@@ -8,7 +8,7 @@
 import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
-import { confinedPath, openArtifactFolder, pathKind, readJSONFile, readTextFile } from '../util/files.js';
+import { confinedPath, openArtifactFolder, parseJSONText, pathKind, readJSONFile, readTextFile } from '../util/files.js';
 import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
 import {
   CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
@@ -61,14 +61,16 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
     throw new CheckpointError(`\`${OP}()\`: 'dir' must be a folder path but got ${JSON.stringify(dir)}`);
   }
   await openArtifactFolder(dir, `\`${OP}()\`: checkpoint folder`);
-  const config = await readJSONFile(join(dir, 'config.json'), `\`${OP}()\`: config`) as HFConfig;
+  const configWhat = `\`${OP}()\`: config`;
+  const configText = await readTextFile(join(dir, 'config.json'), configWhat);
+  const config = parseJSONText(configText, join(dir, 'config.json'), configWhat) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
   const source = await openCheckpoint(dir);
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
   // every name of the plan is in the source: modelFromCheckpoint checked them
   recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   recordSourceFolder(model, dir);
-  // read again as text (it parsed above): which of its numbers are floats, for writing it back
-  recordConfigFloats(model, integralFloatPaths(await readTextFile(join(dir, 'config.json'), `\`${OP}()\`: config`)));
+  // which of its numbers are floats (JSON.parse turns 0.0 into 0), for writing it back
+  recordConfigFloats(model, integralFloatPaths(configText));
   return model;
 }

@@ -131,7 +131,11 @@ export async function readTextFile(path: string, what: string, options: OpenRegu
 
 /** Parses a regular JSON file; an unreadable or malformed one is a FileError naming it. */
 export async function readJSONFile(path: string, what: string): Promise<unknown> {
-  const text = await readTextFile(path, what);
+  return parseJSONText(await readTextFile(path, what), path, what);
+}
+
+/** JSON.parse of the text of the file at `path`; malformed JSON is a FileError naming the file. */
+export function parseJSONText(text: string, path: string, what: string): unknown {
   try {
     return JSON.parse(text);
   } catch (e) {
