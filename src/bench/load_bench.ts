@@ -17,6 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { configTensorPlan } from '../io/hf_checkpoint_core.js';
+import { safetensorsLayout } from '../io/safetensors_bytes.js';
 import type { HFConfig } from '../models/families.js';
 import { estimateLoadMemory } from '../models/memory.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
@@ -111,25 +112,17 @@ export async function writeRandomBF16Checkpoint(
   const weightMap: Record<string, string> = {};
   let totalBytes = 0;
   for (const [i, group] of groups.entries()) {
-    const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
-    let offset = 0;
-    for (const t of group) {
-      header[t.name] = { dtype: 'BF16', shape: t.shape, data_offsets: [offset, offset + t.bytes] };
-      offset += t.bytes;
-      weightMap[t.name] = shardName(i);
-    }
-    totalBytes += offset;
-    const json = new TextEncoder().encode(JSON.stringify(header));
-    const headerLength = Math.ceil(json.byteLength / 8) * 8;
-    const start = new Uint8Array(8 + headerLength).fill(0x20, 8 + json.byteLength);
-    new DataView(start.buffer).setBigUint64(0, BigInt(headerLength), true);
-    start.set(json, 8);
+    // the format's own layout (header bytes and data order); only the data is the bench's
+    const { header: start, entries, dataBytes } = safetensorsLayout('writeRandomBF16Checkpoint',
+        group.map(t => ({ name: t.name, dtype: 'BF16' as const, shape: t.shape })), { format: 'pt' });
+    for (const e of entries) weightMap[e.name] = shardName(i);
+    totalBytes += dataBytes;
     const file = await open(join(dir, shardName(i)), 'w');
     try {
       await file.write(start, 0, start.byteLength, 0);
       let at = start.byteLength;
-      for (const t of group) {
-        for (let left = t.bytes; left > 0;) {
+      for (const e of entries) {
+        for (let left = e.end - e.begin; left > 0;) {
           const from = 2 * Math.floor(random() * (pool.length / 2));  // an even byte: whole bf16 values
           const chunk = Math.min(left, poolBytes.byteLength - from);
           await file.write(poolBytes, from, chunk, at);
