@@ -14,7 +14,8 @@ import { normalInitializer } from './initializers.js';
 type Kwargs = Parameters<tfl.layers.Layer['apply']>[1];
 
 /** Backends whose tensors live in host memory: reading ids there needs no GPU round trip. */
-const HOST_BACKENDS = ['cpu', 'wasm'];
+/** Backends whose tensors can be read back synchronously, cheaply: their token ids are range-checked. */
+export const HOST_BACKENDS: readonly string[] = ['cpu', 'wasm'];
 
 /**
  * Token ids must be int32 (a float id is a caller's mistake, never rounded silently) and, where

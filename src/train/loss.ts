@@ -1,8 +1,36 @@
 /** The language-modelling loss: mean cross-entropy of each next token given the ones before it. */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { assertTokenIds } from '../layers/embedding.js';
-import { assertTensor, fail } from '../ops/validate.js';
+import { assertTokenIds, HOST_BACKENDS } from '../layers/embedding.js';
+import { withSequenceContext } from '../layers/sequence_context.js';
+import { assertInteger, assertTensor, fail } from '../ops/validate.js';
+
+/** A label that predicts nothing (padding, prompts under a completion-only loss): PyTorch's ignore_index. */
+export const IGNORE_INDEX = -100;
+
+/**
+ * One micro-batch of a training or evaluation step. Every tensor is int32 [batch, seq] and owned
+ * by whoever made the batch (`disposeBatch`).
+ */
+export interface TrainingBatch {
+  inputIds: tf.Tensor2D;
+  /**
+   * The token each position must predict, already shifted (labels[b, t] follows inputIds[b, ..t]),
+   * or IGNORE_INDEX where nothing is predicted.
+   */
+  labels: tf.Tensor2D;
+  /** see SequenceContext.segmentIds; null: one sample per row, no padding */
+  segmentIds: tf.Tensor2D | null;
+  /** see SequenceContext.positionIds; null: 0 .. seq − 1 in every row */
+  positionIds: tf.Tensor2D | null;
+  /** how many labels are not IGNORE_INDEX (known on the host: the loss divides by it without a read) */
+  targetCount: number;
+}
+
+/** Disposes a batch's tensors. */
+export function disposeBatch(batch: TrainingBatch): void {
+  tf.dispose([batch.inputIds, batch.labels, batch.segmentIds ?? [], batch.positionIds ?? []].flat());
+}
 
 /** @internal V, the last dimension of the model's logits. */
 export function vocabSizeOf(model: tfl.LayersModel): number {
@@ -29,6 +57,7 @@ export function nextTokenLoss(model: tfl.LayersModel, windows: tf.Tensor2D, trai
   assertTokenIds(op, 'windows', windows, vocabSizeOf(model));
   return tf.tidy(() => {
     const s = s1 - 1;
+    // the plain path (no mask, no context): the reference the masked loss is checked against
     const inputs = tf.slice(windows, [0, 0], [b, s]);                             // [B, S]
     const targets = tf.reshape(tf.slice(windows, [0, 1], [b, s]), [b * s]);       // [B·S]
     const logits = model.apply(inputs, { training }) as tf.Tensor3D;              // [B, S, V]
@@ -37,5 +66,64 @@ export function nextTokenLoss(model: tfl.LayersModel, windows: tf.Tensor2D, trai
     // a one-hot product, not a gather: its gradient needs no UnsortedSegmentSum on any backend
     const picked = tf.sum(tf.mul(logp, tf.oneHot(targets as tf.Tensor1D, v)), 1);  // [B·S]
     return tf.neg(tf.mean(picked)) as tf.Scalar;
+  });
+}
+
+/**
+ * Labels are token ids or IGNORE_INDEX: any other value would be a zero one-hot row, a silently
+ * wrong loss. Read back on host backends only, as assertTokenIds does.
+ */
+function assertLabels(op: string, labels: tf.Tensor2D, vocabSize: number): void {
+  if (!HOST_BACKENDS.includes(tf.getBackend())) return;
+  const values = labels.dataSync();
+  for (let i = 0; i < values.length; i++) {
+    const id = values[i];
+    if (id !== IGNORE_INDEX && (id < 0 || id >= vocabSize)) {
+      fail(op, `'labels' must hold token ids in [0, ${vocabSize - 1}] (vocab size ${vocabSize}) or IGNORE_INDEX ` +
+          `(${IGNORE_INDEX}) but holds ${id} at index ${i}`);
+    }
+  }
+}
+
+/**
+ * Σ −log p(labels[b, t] | inputIds[b, ..t]) over the positions whose label is not IGNORE_INDEX,
+ * divided by `normalizer` (default the batch's targetCount: the mean; gradient accumulation
+ * passes the target count of the whole step, so every target weighs the same whatever
+ * micro-batch it fell in). One forward pass, with the batch's segment and position ids.
+ *
+ * ```js
+ * const loss = batchLoss(model, batch);  // scalar
+ * ```
+ */
+export function batchLoss(
+    model: tfl.LayersModel, batch: TrainingBatch, options: { training?: boolean; normalizer?: number } = {}): tf.Scalar {
+  const op = 'batchLoss';
+  assertTensor(op, 'inputIds', batch.inputIds, 2, 'int32');
+  const [b, s] = batch.inputIds.shape;
+  const same = (name: string, t: tf.Tensor | null) => {
+    if (t === null) return;
+    assertTensor(op, name, t, 2, 'int32');
+    if (t.shape[0] !== b || t.shape[1] !== s) fail(op, `'${name}' must have the shape of 'inputIds' [${b},${s}] but has [${t.shape}]`);
+  };
+  same('labels', batch.labels);
+  same('segmentIds', batch.segmentIds);
+  same('positionIds', batch.positionIds);
+  if (options.normalizer === undefined && batch.targetCount === 0) {
+    fail(op, "the batch has no label to predict (every label is IGNORE_INDEX, 'targetCount' 0)");
+  }
+  const normalizer = options.normalizer ?? batch.targetCount;
+  assertInteger(op, 'normalizer', normalizer, 1);
+  const v = vocabSizeOf(model);
+  assertTokenIds(op, 'inputIds', batch.inputIds, v);
+  assertLabels(op, batch.labels, v);
+  return tf.tidy(() => {
+    const labels = tf.reshape(batch.labels, [b * s]) as tf.Tensor1D;
+    const counted = tf.notEqual(labels, IGNORE_INDEX);                            // [B·S]
+    const logits = withSequenceContext({ segmentIds: batch.segmentIds, positionIds: batch.positionIds },
+        () => model.apply(batch.inputIds, { training: options.training ?? true }) as tf.Tensor3D);  // [B, S, V]
+    const logp = tf.logSoftmax(tf.reshape(logits, [b * s, v]));                  // [B·S, V]
+    const safe = tf.where(counted, labels, tf.zerosLike(labels)) as tf.Tensor1D;
+    const picked = tf.mul(tf.sum(tf.mul(logp, tf.oneHot(safe, v)), 1), tf.cast(counted, 'float32'));
+    return tf.div(tf.neg(tf.sum(picked)), normalizer) as tf.Scalar;
   });
 }
