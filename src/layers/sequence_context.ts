@@ -23,6 +23,13 @@ export interface SequenceContext {
    * null/absent: 0, 1, ..., seq − 1 in every row.
    */
   positionIds?: tf.Tensor2D | null;
+  /** a training pass (dropout on); absent: inference */
+  training?: boolean;
+  /**
+   * The seed of this pass's dropout masks (each layer derives its own from it and its name), so a
+   * resumed run draws the masks the uninterrupted run drew. Absent: unseeded.
+   */
+  dropoutSeed?: number;
 }
 
 const active: SequenceContext[] = [];

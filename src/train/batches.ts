@@ -2,6 +2,17 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { SeededRandom } from '../data/random.js';
 import { fail } from '../ops/validate.js';
+import type { TrainingBatch } from './loss.js';
+
+/**
+ * The micro-batches of a run, in order. Sources are deterministic: made again with the same seed
+ * and told how many micro-batches were already taken, they continue exactly where the first one
+ * was (that is how a resumed run sees the data the uninterrupted run saw).
+ */
+export interface BatchSource {
+  /** the next micro-batch; the caller disposes it (disposeBatch) */
+  next(): TrainingBatch;
+}
 
 /**
  * The most elements of the largest tensor a step makes, the logits [batch·seq, vocab] (float32:

@@ -96,7 +96,8 @@ function assertLabels(op: string, labels: tf.Tensor2D, vocabSize: number): void 
  * ```
  */
 export function batchLoss(
-    model: tfl.LayersModel, batch: TrainingBatch, options: { training?: boolean; normalizer?: number } = {}): tf.Scalar {
+    model: tfl.LayersModel, batch: TrainingBatch,
+    options: { training?: boolean; normalizer?: number; dropoutSeed?: number } = {}): tf.Scalar {
   const op = 'batchLoss';
   assertTensor(op, 'inputIds', batch.inputIds, 2, 'int32');
   const [b, s] = batch.inputIds.shape;
@@ -119,8 +120,9 @@ export function batchLoss(
   return tf.tidy(() => {
     const labels = tf.reshape(batch.labels, [b * s]) as tf.Tensor1D;
     const counted = tf.notEqual(labels, IGNORE_INDEX);                            // [B·S]
-    const logits = withSequenceContext({ segmentIds: batch.segmentIds, positionIds: batch.positionIds },
-        () => model.apply(batch.inputIds, { training: options.training ?? true }) as tf.Tensor3D);  // [B, S, V]
+    const training = options.training ?? true;
+    const context = { segmentIds: batch.segmentIds, positionIds: batch.positionIds, training, dropoutSeed: options.dropoutSeed };
+    const logits = withSequenceContext(context, () => model.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, V]
     const logp = tf.logSoftmax(tf.reshape(logits, [b * s, v]));                  // [B·S, V]
     const safe = tf.where(counted, labels, tf.zerosLike(labels)) as tf.Tensor1D;
     const picked = tf.mul(tf.sum(tf.mul(logp, tf.oneHot(safe, v)), 1), tf.cast(counted, 'float32'));
