@@ -10,9 +10,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
-import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, rotaryTables } from './rotary.js';
+import { applyRotary, rotaryTables, rotaryTablesAt } from './rotary.js';
+import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 
 export type QKNorm = 'none' | 'perHead' | 'full';
@@ -53,6 +54,32 @@ function causalMask(seqLen: number, window: number | null): tf.Tensor2D {
     }
   }
   return tf.tensor2d(data, [seqLen, seqLen]);
+}
+
+/**
+ * The additive mask of a pass: causalMask [S, S] without segments; with `segmentIds` [B, S] (see
+ * SequenceContext) [B, 1, S, S], where a query also attends only keys of its own segment (packed
+ * samples do not see each other; padding sees padding only, so no row is all blocked).
+ */
+function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
+  const causal = causalMask(seqLen, window);
+  if (segmentIds === null) return causal;
+  const b = segmentIds.shape[0];
+  const same = tf.equal(tf.reshape(segmentIds, [b, 1, seqLen, 1]), tf.reshape(segmentIds, [b, 1, 1, seqLen]));  // [B, 1, S, S]
+  return tf.add(causal, tf.mul(tf.sub(1, tf.cast(same, 'float32')), -1e9)) as tf.Tensor4D;
+}
+
+/** The context's segment and position ids, checked against the input's [batch, seq]; null where absent. */
+function contextIds(b: number, s: number): { segmentIds: tf.Tensor2D | null; positionIds: tf.Tensor2D | null } {
+  const context = currentSequenceContext();
+  const get = (name: 'segmentIds' | 'positionIds') => {
+    const t = context?.[name] ?? null;
+    if (t === null) return null;
+    assertTensor('RotaryAttention.call', `context.${name}`, t, 2, 'int32');
+    if (t.shape[0] !== b || t.shape[1] !== s) fail('RotaryAttention.call', `'context.${name}' must be [batch, seq] [${b},${s}] but is [${t.shape}]`);
+    return t;
+  };
+  return { segmentIds: get('segmentIds'), positionIds: get('positionIds') };
 }
 
 export class RotaryAttention extends tfl.layers.Layer {
@@ -178,7 +205,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       let q3 = heads(q, nh, perHead ? 'q_norm.weight' : undefined);    // [B*nh, S, D]
       let k3 = heads(k, nkv, perHead ? 'k_norm.weight' : undefined);   // [B*nkv, S, D]
       let v3 = heads(v, nkv);                                          // [B*nkv, S, D]
-      const { cos, sin } = rotaryTables(s, d, this.ropeTheta);
+      const { segmentIds, positionIds } = contextIds(b, s);
+      const { cos, sin } = positionIds === null ? rotaryTables(s, d, this.ropeTheta) : rotaryTablesAt(positionIds, d, this.ropeTheta, s);
       q3 = applyRotary(q3, cos, sin);
       k3 = applyRotary(k3, cos, sin);
       const rep = nh / nkv;
@@ -190,8 +218,10 @@ export class RotaryAttention extends tfl.layers.Layer {
         v3 = repeat(v3);                                               // [B*nh, S, D]
       }
       // same-batch 3-D products only (tfjs's broadcasting batch matMul has a wrong gradient)
-      const scores = tf.add(tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d)),
-          causalMask(s, this.slidingWindow));                          // [B*nh, S, S]
+      const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d));  // [B*nh, S, S]
+      const mask = attentionMask(s, this.slidingWindow, segmentIds);  // [S, S] or [B, 1, S, S]
+      const scores = mask.rank === 2 ? tf.add(scaled, mask) :
+        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, S]
       const probs = tf.softmax(scores);                                // [B*nh, S, S]
       const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;

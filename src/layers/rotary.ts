@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import { HOST_BACKENDS } from './embedding.js';
 
 /**
  * cos and sin tables [S, D] for positions 0..S−1, computed in float64 and rounded once.
@@ -36,19 +37,52 @@ export function rotaryTables(seqLen: number, headDim: number, theta: number): { 
 }
 
 /** (x1, x2) → (−x2, x1) on the halves of the last axis. */
-function rotateHalf(x: tf.Tensor3D): tf.Tensor3D {
-  const half = x.shape[2] / 2;
-  const [x1, x2] = tf.split(x, [half, half], 2);
-  return tf.concat([tf.neg(x2), x1], 2) as tf.Tensor3D;
+function rotateHalf<T extends tf.Tensor>(x: T): T {
+  const axis = x.rank - 1;
+  const half = x.shape[axis] / 2;
+  const [x1, x2] = tf.split(x, [half, half], axis);
+  return tf.concat([tf.neg(x2), x1], axis) as T;
 }
 
 /**
- * x · cos + rotateHalf(x) · sin for x [N, S, D] (heads folded into N) and tables [S, D].
+ * cos and sin [B, S, D] of each token's own position (packed samples restart at 0): rows of the
+ * tables of positions 0..tableLength−1 gathered by `positionIds` (int32 [B, S], each in
+ * [0, tableLength), checked on host backends).
+ *
+ * ```js
+ * const {cos, sin} = rotaryTablesAt(tf.tensor2d([[0, 1, 0, 1]], [1, 4], 'int32'), 16, 10000, 4);  // [1, 4, 16]
+ * ```
+ */
+export function rotaryTablesAt(positionIds: tf.Tensor2D, headDim: number, theta: number, tableLength: number): { cos: tf.Tensor3D; sin: tf.Tensor3D } {
+  const [b, s] = positionIds.shape;
+  if (HOST_BACKENDS.includes(tf.getBackend())) {
+    const values = positionIds.dataSync();
+    const bad = values.findIndex(p => p < 0 || p >= tableLength);
+    if (bad >= 0) fail('rotaryTablesAt', `'positionIds' must hold positions in [0, ${tableLength - 1}] but holds ${values[bad]} at index ${bad}`);
+  }
+  return tf.tidy(() => {
+    const { cos, sin } = rotaryTables(tableLength, headDim, theta);
+    const flat = tf.reshape(positionIds, [b * s]) as tf.Tensor1D;
+    const at = (table: tf.Tensor2D) => tf.reshape(tf.gather(table, flat), [b, s, headDim]) as tf.Tensor3D;
+    return { cos: at(cos), sin: at(sin) };
+  });
+}
+
+/**
+ * x · cos + rotateHalf(x) · sin for x [N, S, D] (heads folded into N: N = B·heads) and tables
+ * [S, D] shared by every row, or [B, S, D] per row (rotaryTablesAt).
  *
  * ```js
  * const q = applyRotary(q3d, cos, sin);  // [N, S, D]
  * ```
  */
-export function applyRotary(x: tf.Tensor3D, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor3D {
-  return tf.tidy(() => tf.add(tf.mul(x, cos), tf.mul(rotateHalf(x), sin)) as tf.Tensor3D);
+export function applyRotary(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
+  return tf.tidy(() => {
+    if (cos.rank === 2) return tf.add(tf.mul(x, cos), tf.mul(rotateHalf(x), sin)) as tf.Tensor3D;
+    const [n, s, d] = x.shape;
+    const b = cos.shape[0];
+    const x4 = tf.reshape(x, [b, n / b, s, d]);                       // [B, heads, S, D]
+    const [c4, s4] = [cos, sin].map(t => tf.expandDims(t, 1));        // [B, 1, S, D]
+    return tf.reshape(tf.add(tf.mul(x4, c4), tf.mul(rotateHalf(x4), s4)), [n, s, d]) as tf.Tensor3D;
+  });
 }
