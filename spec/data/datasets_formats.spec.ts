@@ -153,7 +153,7 @@ describe('data/datasets: formats and loss masks', () => {
         'the rendered conversation, so its tokens cannot be found');
     await rejects(loadDatasets([{ path: chat, type: 'chat_template' }], bpe(NO_END), { sequenceLen: 64, seed: 0 }),
         `${chat}:1: messages[1] (assistant) has no end-of-turn token (eos ids [${EOT}]) after it`);
-    await rejects(loadDatasets([{ path: chat, type: 'chat_template' }], new CharTokenizer(['l', 'a']), { sequenceLen: 64, seed: 0 }),
+    await rejects(loadDatasets([{ path: chat, type: 'chat_template' }], CharTokenizer.fromText('la miro'), { sequenceLen: 64, seed: 0 }),
         `${chat}:1: type chat_template needs a tokenizer with a chat template (an HFTokenizer) but the tokenizer has none`);
     // the chat template's own mask on the small template: the assistant content and its eos, nothing else
     const [s] = await onlySample(chat, 'chat_template', bpe());
