@@ -38,6 +38,9 @@ export {
   type CharTokenizerJSON, type Corpus, type CorpusOptions, type CorpusStyle,
   type TextTokenizer, type EncodeOptions, type DecodeOptions, type ChatMessage, type ChatTemplateOptions,
   type HFTokenizerFiles, type HFTokenizerOptions,
+  loadDatasets, datasetBatches, evaluationBatches, epochBatchCount, DatasetError, DATASET_TYPES,
+  type DatasetSpec, type DatasetType, type LoadDatasetsOptions, type TokenizedDataset, type TokenizedSample,
+  type DatasetBatchSource,
 } from './data/index.js';
 export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
