@@ -89,6 +89,12 @@ describe('data/datasets: formats and loss masks', () => {
     expect(trainedRuns(tok, s.ids, s.labels)).to.deep.equal([`ka en vora lupa.${END_OF_TEXT}`]);
     const [all] = await onlySample(pc, 'prompt_completion', tok, { trainOnInputs: true });
     expect(all.targetCount).to.equal(all.ids.length - 1);
+    // a tokenizer that adds EOS itself (add_eos_token): one EOS, and the prompt's own EOS does not shift the mask
+    const eosTok = HFTokenizer.fromFiles({ tokenizer: JSON.stringify(smallBPETokenizerJSON(TEXT, 30)),
+      config: JSON.stringify({ eos_token: END_OF_TEXT, add_eos_token: true }) });
+    const [e] = await onlySample(pc, 'prompt_completion', eosTok);
+    expect(tok.decode(e.ids)).to.equal(`la miro vidi?\nka en vora lupa.${END_OF_TEXT}`);
+    expect(trainedRuns(tok, e.ids, e.labels)).to.deep.equal([`ka en vora lupa.${END_OF_TEXT}`]);
 
     const al = await jsonl('al.jsonl', [
       { instruction: 'la miro', input: 'vidi so', output: 'tasel.' },

@@ -60,12 +60,19 @@ function withEos(tokenizer: TextTokenizer, text: string): number[] {
 
 /**
  * A prompt and its answer as axolotl tokenizes them: the ids of prompt + answer (+ EOS), the
- * first len(ids of the prompt alone) of them masked unless `trainOnInputs`.
+ * first len(ids of the prompt alone, without an EOS the tokenizer adds) of them masked unless
+ * `trainOnInputs`.
  */
 function promptAnswer(tokenizer: TextTokenizer, prompt: string, answer: string, trainOnInputs: boolean): SampleTokens {
   const ids = withEos(tokenizer, prompt + answer);
   const trained = new Uint8Array(ids.length).fill(1);
-  if (!trainOnInputs) trained.fill(0, 0, Math.min(tokenizer.encode(prompt).length, ids.length));
+  if (!trainOnInputs) {
+    const promptIds = tokenizer.encode(prompt);
+    let n = promptIds.length;
+    // a tokenizer that adds EOS to every text (add_eos_token) adds it to the prompt alone too: not a prompt token
+    if (n > 0 && promptIds[n - 1] === tokenizer.eosTokenIds[0] && ids[n - 1] !== promptIds[n - 1]) n--;
+    trained.fill(0, 0, Math.min(n, ids.length));
+  }
   return { ids: Int32Array.from(ids), trained };
 }
 
