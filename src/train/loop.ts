@@ -94,8 +94,10 @@ export interface StepReport {
   tokens: number;
   /** trained tokens per second over this run's steps so far */
   tokensPerSecond: number;
-  /** seconds of training so far (a resumed run counts the saved ones too) */
+  /** seconds of this run's training so far */
   seconds: number;
+  /** seconds of training since the run began (a resumed run counts the checkpoint's too) */
+  elapsed: number;
 }
 
 export interface EvalReport {
@@ -356,7 +358,7 @@ export async function trainLoop(
       if (diverged !== null) throw new TrainError(`${diverged} at step ${step}; try a smaller learning rate (it is ${options.lr})`);
       const seconds = elapsed();
       options.onStep?.({
-        step, steps: options.steps, loss, lr, gradNorm, tokens, seconds: savedSeconds + seconds,
+        step, steps: options.steps, loss, lr, gradNorm, tokens, seconds, elapsed: savedSeconds + seconds,
         tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
       });
       if (options.evalEvery !== undefined && step % options.evalEvery === 0) {

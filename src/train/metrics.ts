@@ -33,7 +33,7 @@ export function openMetricsLog(path: string, append: boolean): MetricsLog {
   return {
     step: r => write({
       type: 'train', step: r.step, loss: r.loss, learning_rate: r.lr, grad_norm: r.gradNorm, tokens: r.tokens,
-      tokens_per_second: r.tokensPerSecond, elapsed: r.seconds,
+      tokens_per_second: r.tokensPerSecond, elapsed: r.elapsed,
     }),
     eval: r => write({ type: 'eval', step: r.step, eval_loss: r.loss }),
     close: () => closeSync(fd),
