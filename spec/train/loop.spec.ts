@@ -240,6 +240,29 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
     resumed.dispose();
   });
 
+  it('a run stopped between checkpoints saves its state where it stopped, and resumes from there exactly', async () => {
+    const whole = tinyModel(6);
+    const full = await trainLoop(whole, PATTERN, { ...options, steps: 5 });
+    const stopped = tinyModel(6);
+    const saved: TrainState[] = [];
+    let weights: Float32Array[] = [];
+    let calls = 0;
+    const r = await trainLoop(stopped, PATTERN, {
+      ...options, steps: 5, saveEvery: 2, shouldStop: () => ++calls > 3,
+      onSave: async s => {
+        saved.push(s);
+        weights = trainableVariables(stopped).map(x => Float32Array.from(x.dataSync()));
+      },
+    });
+    expect(r).to.include({ step: 3, stopped: true });
+    expect(saved.map(s => s.step)).to.deep.equal([2, 3]);
+    trainableVariables(stopped).forEach((x, i) => x.assign(tf.tensor(weights[i], x.shape)));
+    const rest = await trainLoop(stopped, PATTERN, { ...options, steps: 5, resume: saved[1] });
+    expect([...r.losses, ...rest.losses]).to.deep.equal(full.losses);
+    whole.dispose();
+    stopped.dispose();
+  });
+
   it('takes a BatchSource: the micro-batches it gives, with their masks', async () => {
     const model = tinyModel();
     const given: TrainingBatch[] = [];

@@ -56,7 +56,7 @@ export interface TrainLoopOptions {
   /** the evaluation loss (e.g. evaluateLoss on held-out tokens) */
   evaluate?: () => number | Promise<number>;
   onEval?: (report: EvalReport) => void;
-  /** call `onSave` after every this many steps; default none */
+  /** call `onSave` after every this many steps, and where shouldStop() stopped the run; default none */
   saveEvery?: number;
   /** writes a checkpoint of the state (the loop waits for it) */
   onSave?: (state: TrainState) => Promise<void>;
@@ -300,6 +300,10 @@ export async function trainLoop(
   const elapsed = () => (performance.now() - began) / 1000;
   let step = start;
   let stopped = false;
+  const save = async () => options.onSave!({
+    step, microBatches, losses: [...history], evalLosses: [...evalLosses], optimizer: await optimizer.snapshot(),
+    seconds: savedSeconds + elapsed(),
+  });
   try {
     if (resume !== undefined) {
       if (resume.optimizer.step !== resume.step) {
@@ -366,14 +370,11 @@ export async function trainLoop(
         evalLosses.push(report);
         options.onEval?.(report);
       }
-      if (options.saveEvery !== undefined && step % options.saveEvery === 0) {
-        await options.onSave!({
-          step, microBatches, losses: [...history], evalLosses: [...evalLosses], optimizer: await optimizer.snapshot(),
-          seconds: savedSeconds + elapsed(),
-        });
-      }
+      if (options.saveEvery !== undefined && step % options.saveEvery === 0) await save();
       await yieldToEventLoop();
     }
+    // a stopped run (Ctrl-C) keeps a checkpoint of where it stopped, so --resume can go on from there
+    if (stopped && options.saveEvery !== undefined && step > start && step % options.saveEvery !== 0) await save();
   } finally {
     optimizer.dispose();
   }
