@@ -7,7 +7,8 @@ import { expect } from 'chai';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parse } from 'yaml';
-import { readRunConfig, RunConfigError, runConfigFlags } from '../../src/train/run_config.js';
+import { BACKENDS } from '../../src/cli/backend.js';
+import { readRunConfig, RUN_CONFIG_KEYS, RunConfigError, runConfigFlags } from '../../src/train/run_config.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 
 const GOOD = `
@@ -115,6 +116,10 @@ describe('train/run_config: axolotl-style YAML', () => {
       error!.problems[2],
     ]);
     expect(error!.problems[2]).to.match(/^lora_target_modules: lora\.targets\[0\]: expected one of .* but got 'experts\.gate_upp' \(string\); did you mean 'experts\.gate_up'\?$/);
+  });
+
+  it('backend takes the CLI\'s backends', () => {
+    expect(RUN_CONFIG_KEYS.find(k => k.key === 'backend')!.values).to.deep.equal(BACKENDS);
   });
 
   it('reads a file; YAML syntax errors and a top level that is not a mapping are one problem each', async () => {

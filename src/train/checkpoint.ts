@@ -7,13 +7,12 @@
  * one atomic artifact (writeArtifactFolder), and only the newest `keep` stay (save_total_limit).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { readdir, rm, stat } from 'node:fs/promises';
+import { readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readSafetensorsFile } from '../io/safetensors.js';
 import { encodeSafetensors } from '../io/safetensors_bytes.js';
 import { writeArtifactFolder } from '../util/atomic.js';
 import { openArtifactFolder, readJSONFile } from '../util/files.js';
-import { writeFile } from 'node:fs/promises';
 import { TrainError } from './errors.js';
 import type { EvalReport, TrainState } from './loop.js';
 
