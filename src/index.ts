@@ -45,6 +45,8 @@ export {
 export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
   type TrainRunOptions, type TrainRunResult, type TrainMode, type TrainLoopOptions, type TrainLoopResult,
+  learningRateAt, LR_SCHEDULERS, clipByGlobalNorm, saveTrainCheckpoint, loadTrainCheckpoint, readRunConfig, RunConfigError,
+  type LRScheduler, type TrainState, type StepReport, type EvalReport,
 } from './train/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';

@@ -133,6 +133,60 @@ describe('cli/train', () => {
       after.dispose();
     });
 
+    it('LoRA with checkpoints: --resume from checkpoint-2 repeats the uninterrupted run\'s steps 3 and 4 exactly', async () => {
+      const lora = ['--lora-rank', '2', '--lora-alpha', '4', '--lora-targets', 'experts.gate_up,router'];
+      const loop = ['--lr-scheduler', 'cosine', '--warmup-steps', '1', '--grad-accum', '2', '--max-grad-norm', '0.5', '--save-every', '2'];
+      const out = join(dir, 'lora-ckpt');
+      const full = await runMain(['train', '--model', scratchOut, ...common({ steps: '4' }), ...lora, ...loop, '--out', out, '--json']);
+      expect(full.code, full.stderr).to.equal(0);
+      expect((await readdir(join(out, 'checkpoint-2'))).sort())
+          .to.deep.equal(['adapter_config.json', 'adapter_model.safetensors', 'optimizer.safetensors', 'trainer_state.json']);
+      const metrics = join(dir, 'lora-metrics.jsonl');
+      const resumed = await runMain(['train', '--model', scratchOut, ...common({ steps: '4' }), ...lora, ...loop,
+        '--resume', join(out, 'checkpoint-2'), '--out', join(dir, 'lora-resumed'), '--metrics', metrics, '--json']);
+      expect(resumed.code, resumed.stderr).to.equal(0);
+      const [a, b] = [JSON.parse(full.stdout) as TrainRunResult, JSON.parse(resumed.stdout) as TrainRunResult];
+      expect(b.steps).to.equal(4);
+      expect(b.losses).to.deep.equal(a.losses.slice(2));
+      const lines = (await readFile(metrics, 'utf8')).trimEnd().split('\n').map(l => JSON.parse(l));
+      expect(lines.map(l => [l.step, l.loss])).to.deep.equal([[3, a.losses[2]], [4, a.losses[3]]]);
+      expect(await readFile(join(dir, 'lora-resumed', 'adapter_model.safetensors')))
+          .to.deep.equal(await readFile(join(out, 'adapter_model.safetensors')));
+    });
+
+    it('--config run.yaml: axolotl keys set the run, flags given on the command line win', async () => {
+      const yaml = join(dir, 'run.yaml');
+      await writeFile(yaml, [
+        `base_model: ${scratchOut}`, `data: ${data}`, 'adapter: lora', 'lora_r: 2', 'lora_alpha: 4', 'lora_target_modules: [router]',
+        'sequence_len: 8', 'micro_batch_size: 2', 'gradient_accumulation_steps: 2', 'max_steps: 5', 'learning_rate: 0.005',
+        'lr_scheduler: linear', `output_dir: ${join(dir, 'from-yaml')}`, 'seed: 3', `backend: ${BACKEND}`,
+      ].join('\n'));
+      const r = await runMain(['train', '--config', yaml, '--steps', '2', '--json']);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(JSON.parse(r.stdout)).to.include({ mode: 'lora', steps: 2, out: join(dir, 'from-yaml') });
+      const adapter = JSON.parse(await readFile(join(dir, 'from-yaml', 'adapter_config.json'), 'utf8'));
+      expect(adapter).to.include({ r: 2, lora_alpha: 4 });
+      // the same run from flags only: the same losses
+      const flags = await runMain(['train', '--model', scratchOut, '--data', data, '--seq', '8', '--batch', '2', '--grad-accum', '2',
+        '--steps', '2', '--lr', '0.005', '--lr-scheduler', 'linear', '--seed', '3', '--backend', BACKEND, '--lora-rank', '2',
+        '--lora-alpha', '4', '--lora-targets', 'router', '--out', join(dir, 'from-flags'), '--json']);
+      expect(JSON.parse(flags.stdout).losses).to.deep.equal(JSON.parse(r.stdout).losses);
+    });
+
+    it('--config with bad keys: exit 2, every problem on the line, with did-you-mean', async () => {
+      const yaml = join(dir, 'bad.yaml');
+      await writeFile(yaml, `base_model: ${scratchOut}\ndata: ${data}\nlearning_rat: 0.1\nmicro_batch_size: 0\noutput_dir: x\n`);
+      expectUsageError(await runMain(['train', '--config', yaml]),
+          `--config: the run config '${yaml}' has 2 problems: - learning_rat: unknown key; did you mean 'learning_rate'? - ` +
+          'micro_batch_size: expected an integer >= 1 but got 0 (number)');
+    });
+
+    it('--config with datasets: refused as not wired yet (exit 1)', async () => {
+      const yaml = join(dir, 'datasets.yaml');
+      await writeFile(yaml, `base_model: ${scratchOut}\ndatasets:\n  - path: a.jsonl\n    type: alpaca\noutput_dir: ${join(dir, 'ds')}\nbackend: ${BACKEND}\n`);
+      expectFailure(await runMain(['train', '--config', yaml]), 'datasets: not wired into training yet');
+    });
+
     it('notes characters outside the tokenizer, which train as <unk>', async () => {
       const odd = join(dir, 'odd.txt');
       await writeFile(odd, `${TEXT}ÄÄ#\n`);
@@ -172,6 +226,19 @@ describe('cli/train', () => {
       ['a negative learning rate', () => [['--init-config', 'qwen3_moe', '--data', data, '--lr', '-1', '--out', join(dir, 'x')],
         '--lr must be a number > 0 but got -1']],
       ['no --out', () => [['--init-config', 'qwen3_moe', '--data', data], 'Missing required argument: out']],
+      ['no --data', () => [['--init-config', 'qwen3_moe', '--out', join(dir, 'x')], 'Missing required argument: data']],
+      ['--eval-every without --val', () => [['--init-config', 'qwen3_moe', '--data', data, '--eval-every', '2', '--out', join(dir, 'x')],
+        '--eval-every needs --val (the held-out text it evaluates)']],
+      ['--resume that is not a folder', () => [['--init-config', 'qwen3_moe', '--data', data, '--resume', data, '--out', join(dir, 'x')],
+        `--resume: '${data}' is not a directory`]],
+      ['a negative warm-up', () => [['--init-config', 'qwen3_moe', '--data', data, '--warmup-steps', '-1', '--out', join(dir, 'x')],
+        '--warmup-steps must be an integer >= 0 but got -1']],
+      ['a zero --max-grad-norm', () => [['--init-config', 'qwen3_moe', '--data', data, '--max-grad-norm', '0', '--out', join(dir, 'x')],
+        '--max-grad-norm must be a number > 0 but got 0']],
+      ['a fractional --grad-accum', () => [['--init-config', 'qwen3_moe', '--data', data, '--grad-accum', '1.5', '--out', join(dir, 'x')],
+        '--grad-accum must be an integer >= 1 but got 1.5']],
+      ['an unknown --lr-scheduler', () => [['--init-config', 'qwen3_moe', '--data', data, '--lr-scheduler', 'step', '--out', join(dir, 'x')],
+        'Invalid values']],
       ['a bad LoRA rank', () => [['--model', scratchOut, '--data', data, '--lora-rank', 'abc', '--lora-alpha', '8', '--out', join(dir, 'x')],
         /--lora-rank: lora\.r: expected an integer >= 1 but got 'abc'/]],
       ['an unknown backend', () => [['--init-config', 'qwen3_moe', '--data', data, '--backend', 'tpu', '--out', join(dir, 'x')],

@@ -52,7 +52,7 @@ export function expectation(spec: ArgSpec): string {
   }
 }
 
-class Collector {
+export class Collector {
   readonly problems: PluginArgsProblem[] = [];
   add(arg: string, message: string): void {
     this.problems.push({ arg, message });
@@ -77,8 +77,8 @@ function checkUnknownKeys(c: Collector, parent: string, obj: Record<string, unkn
   }
 }
 
-/** One scalar arg: its value if valid (or the default when absent), undefined after a problem. */
-function checkScalar(c: Collector, spec: ArgSpec, value: unknown): unknown {
+/** One scalar arg (of any spec table: the run config uses it too): its value if valid (or the default when absent), undefined after a problem. */
+export function checkScalar(c: Collector, spec: ArgSpec, value: unknown): unknown {
   if (value === undefined) {
     if (spec.required) {
       c.add(spec.path, `${spec.path}: expected ${expectation(spec)} but got nothing (required when '${spec.path.split('.')[0]}' is given)`);

@@ -90,3 +90,28 @@ export function windowStream(
   for (let i = 0; i < startStep * batch; i++) rng.next();
   return { next: () => sampleWindows(tokens, batch, seq, rng) };
 }
+
+/**
+ * The random windows of `windowStream` as a BatchSource: each micro-batch holds `batch` windows,
+ * inputIds = window[:-1], labels = window[1:] (every position predicts), one sample per row.
+ * Made with `startBatch` (micro-batches already taken), it continues where a source of the same
+ * seed stood after that many.
+ *
+ * ```js
+ * const source = windowBatches(tokens, 8, 64, 1);
+ * const batch = source.next();  // inputIds and labels [8, 64], targetCount 512
+ * disposeBatch(batch);
+ * ```
+ */
+export function windowBatches(tokens: Int32Array, batch: number, seq: number, seed: number, startBatch = 0): BatchSource {
+  // a micro-batch draws what one windowStream step draws: skip startBatch of them
+  const windows = windowStream(tokens, batch, seq, seed, startBatch);
+  return {
+    next(): TrainingBatch {
+      const w = windows.next();  // [B, S+1]
+      const [inputIds, labels] = tf.tidy(() => [tf.slice(w, [0, 0], [batch, seq]), tf.slice(w, [0, 1], [batch, seq])]);
+      w.dispose();
+      return { inputIds: inputIds as tf.Tensor2D, labels: labels as tf.Tensor2D, segmentIds: null, positionIds: null, targetCount: batch * seq };
+    },
+  };
+}

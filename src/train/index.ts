@@ -1,7 +1,15 @@
 /** Training: the loop the CLI's `train` and the examples share, evaluation, generation, presets. */
 export { nextTokenLoss } from './loss.js';
-export { sampleWindows, evaluationWindows, windowStream } from './batches.js';
-export { trainLoop, type TrainLoopOptions, type TrainLoopResult, type StepReport } from './loop.js';
+export { sampleWindows, evaluationWindows, windowStream, windowBatches, type BatchSource } from './batches.js';
+export {
+  trainLoop, stepGradients, microBatchSeed,
+  type TrainLoopOptions, type TrainLoopResult, type StepReport, type EvalReport, type TrainState,
+} from './loop.js';
+export { learningRateAt, LR_SCHEDULERS, type LRScheduler, type LRScheduleOptions } from './schedule.js';
+export { Adam, clipByGlobalNorm, type AdamSnapshot, type AdamOptions } from './optimizer.js';
+export { saveTrainCheckpoint, loadTrainCheckpoint, pruneCheckpoints, checkpointFolder } from './checkpoint.js';
+export { openMetricsLog, type MetricsLog } from './metrics.js';
+export { readRunConfig, runConfigFlags, RunConfigError, RUN_CONFIG_KEYS } from './run_config.js';
 export {
   evaluateLoss, withAdaptersDisabled, generateGreedy, type EvaluateOptions, type GenerateOptions,
 } from './evaluate.js';

@@ -1,8 +1,13 @@
 /**
- * The training loop the CLI's `train` and examples/finetune.ts share: random windows of the
- * token stream, next-token cross-entropy, Adam on the model's trainable variables (with LoRA
- * registered, only the adapters'). It yields to the event loop after every step, so a Ctrl-C
- * handler can ask it to stop between steps.
+ * The training loop the CLI's `train` and examples/finetune.ts share: micro-batches from a
+ * BatchSource (or random windows of a token array), the masked cross-entropy of batchLoss, Adam
+ * (torch's update, optimizer.ts) on the model's trainable variables (with LoRA registered, only the
+ * adapters'), as transformers' Trainer runs it: a learning-rate schedule with warm-up
+ * (schedule.ts), gradient accumulation (a step's loss is normalised by the step's whole target
+ * count, as transformers >= 4.46 does), global-norm clipping, evaluation and checkpoint callbacks
+ * every N steps, and a state (step, micro-batches taken, Adam's moments, the losses) from which a
+ * resumed run continues exactly. It yields to the event loop after every step, so a Ctrl-C handler
+ * can ask it to stop between steps.
  *
  * Divergence stops the loop with a TrainError that says so (see `divergence`): a non-finite loss
  * at once; a collapse (the loss back at ln(vocab), the uniform prediction, for DIVERGENCE_PATIENCE
@@ -17,27 +22,63 @@ import type * as tfl from '@tensorflow/tfjs-layers';
 import { trainableVariables } from '../layers/moe_causal_lm.js';
 import { estimateTrainingMemory, memoryProblem } from '../models/memory.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
-import { assertLogitsFit, windowStream } from './batches.js';
+import { assertLogitsFit, windowBatches, type BatchSource } from './batches.js';
 import { TrainError } from './errors.js';
-import { nextTokenLoss, vocabSizeOf } from './loss.js';
+import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
+import { Adam, clipByGlobalNorm, type AdamSnapshot } from './optimizer.js';
+import { learningRateAt, LR_SCHEDULERS, type LRScheduler } from './schedule.js';
 
 export interface TrainLoopOptions {
-  /** the step count to reach, counting `startStep` */
+  /** the step count to reach, counting `startStep` (the schedules' num_training_steps) */
   steps: number;
-  /** Adam's learning rate */
+  /** the base (peak) learning rate */
   lr: number;
-  /** windows per step */
+  /** windows (rows) per micro-batch; with a BatchSource, the most rows a micro-batch has (memory check) */
   batch: number;
-  /** tokens per window (predicted positions) */
+  /** tokens per window (predicted positions); with a BatchSource, the longest row */
   seq: number;
-  /** seed of the window order */
+  /** seed of the window order and of the dropout masks */
   seed: number;
-  /** steps already done (resuming): the window order continues where it stopped; default 0 */
+  /** 'constant' (default), 'linear' or 'cosine', each after a linear warm-up (HF's formulas, schedule.ts) */
+  lrScheduler?: LRScheduler;
+  /** warm-up steps from lr 0; default 0 */
+  warmupSteps?: number;
+  /** micro-batches per optimizer step (gradient accumulation); default 1 */
+  gradAccum?: number;
+  /** clip the gradients' global L2 norm to this (torch's clip_grad_norm_); default null: no clipping */
+  maxGradNorm?: number | null;
+  /** steps already done without a saved state (the window order continues; Adam starts afresh); default 0 */
   startStep?: number;
+  /** a saved state (`onSave`, a checkpoint) to continue from exactly: the step, Adam, the losses */
+  resume?: TrainState;
+  /** call `evaluate` after every this many steps (and report it with onEval); default none */
+  evalEvery?: number;
+  /** the evaluation loss (e.g. evaluateLoss on held-out tokens) */
+  evaluate?: () => number | Promise<number>;
+  onEval?: (report: EvalReport) => void;
+  /** call `onSave` after every this many steps, and where shouldStop() stopped the run; default none */
+  saveEvery?: number;
+  /** writes a checkpoint of the state (the loop waits for it) */
+  onSave?: (state: TrainState) => Promise<void>;
   /** after every step */
   onStep?: (report: StepReport) => void;
   /** checked after every step; true stops the loop there */
   shouldStop?: () => boolean;
+}
+
+/** Everything a resumed run needs from the loop to continue exactly (a checkpoint holds it). */
+export interface TrainState {
+  /** optimizer steps done */
+  step: number;
+  /** micro-batches taken from the source (a BatchSource for the resumed run starts there) */
+  microBatches: number;
+  /** the loss of every step so far (the divergence checks look back at them) */
+  losses: number[];
+  /** the evaluations so far */
+  evalLosses: EvalReport[];
+  optimizer: AdamSnapshot;
+  /** training seconds so far */
+  seconds: number;
 }
 
 export interface StepReport {
@@ -45,14 +86,30 @@ export interface StepReport {
   step: number;
   steps: number;
   loss: number;
+  /** the learning rate this step used */
+  lr: number;
+  /** the gradients' global L2 norm before clipping */
+  gradNorm: number;
+  /** labels predicted in this step (all its micro-batches) */
+  tokens: number;
   /** trained tokens per second over this run's steps so far */
   tokensPerSecond: number;
+  /** seconds of this run's training so far */
   seconds: number;
+  /** seconds of training since the run began (a resumed run counts the checkpoint's too) */
+  elapsed: number;
+}
+
+export interface EvalReport {
+  step: number;
+  loss: number;
 }
 
 export interface TrainLoopResult {
   /** the loss of every step this run did */
   losses: number[];
+  /** the evaluations this run did */
+  evalLosses: EvalReport[];
   /** the step count reached, counting `startStep` */
   step: number;
   /** true when shouldStop() ended the loop before `steps` */
@@ -109,26 +166,112 @@ function disposeAbandonedTape(): void {
 const yieldToEventLoop = () => new Promise<void>(resolve => setImmediate(resolve));
 
 /**
- * Trains `model` on `tokens` for `steps - startStep` Adam steps.
+ * The dropout seed of micro-batch `index` (0-based, over the whole run) of a run seeded `seed`: a
+ * resumed run draws the masks the uninterrupted one drew. A 32-bit mix (murmur3's finaliser) of
+ * both, so neighbouring micro-batches get unrelated seeds.
+ *
+ * ```js
+ * microBatchSeed(1, 0) !== microBatchSeed(1, 1);  // true
+ * ```
+ */
+export function microBatchSeed(seed: number, index: number): number {
+  let h = (Math.imul(seed >>> 0, 0x9e3779b1) ^ Math.imul(index >>> 0, 0x85ebca77) ^ Math.floor(index / 2 ** 32)) >>> 0;
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
+  return (h ^ (h >>> 16)) >>> 0;
+}
+
+/**
+ * The loss and the gradients of one optimizer step over its micro-batches: each micro-batch's
+ * summed cross-entropy divided by the step's total target count, so the gradients (summed over
+ * the micro-batches) are those of the mean over every target of the step, as one batch of all of
+ * them would give (transformers >= 4.46's num_items_in_batch). Returns new tensors in the order of
+ * `variables`; the caller disposes them.
+ *
+ * ```js
+ * const {loss, grads} = stepGradients(model, trainableVariables(model), [batchA, batchB], [seedA, seedB]);
+ * ```
+ */
+export function stepGradients(
+    model: tfl.LayersModel, variables: tf.Variable[], microBatches: readonly TrainingBatch[],
+    dropoutSeeds: readonly number[]): { loss: tf.Scalar; grads: tf.Tensor[] } {
+  const normalizer = microBatches.reduce((s, b) => s + b.targetCount, 0);
+  if (normalizer === 0) fail('stepGradients', "the step's micro-batches have no label to predict (every targetCount is 0)");
+  let loss: tf.Scalar | null = null;
+  let grads: tf.Tensor[] | null = null;
+  try {
+    microBatches.forEach((batch, k) => {
+      let computed: { value: tf.Scalar; grads: tf.NamedTensorMap };
+      try {
+        computed = tf.variableGrads(() => batchLoss(model, batch, { training: true, normalizer, dropoutSeed: dropoutSeeds[k] }), variables);
+      } catch (e) {
+        disposeAbandonedTape();
+        throw e;
+      }
+      const g = variables.map(x => computed.grads[x.name]);
+      if (loss === null || grads === null) {
+        loss = computed.value;
+        grads = g;
+        return;
+      }
+      const [sumLoss, sumGrads] = tf.tidy(() => [tf.add(loss!, computed.value), grads!.map((a, i) => tf.add(a, g[i]))]);
+      tf.dispose([loss, ...grads, computed.value, ...g]);
+      loss = sumLoss as tf.Scalar;
+      grads = sumGrads as tf.Tensor[];
+    });
+  } catch (e) {
+    tf.dispose([loss ?? [], ...(grads ?? [])].flat());
+    throw e;
+  }
+  return { loss: loss!, grads: grads! };
+}
+
+/**
+ * Trains `model` until step `steps`, on `data`: a token array (random windows of it, `batch` ×
+ * `seq` per micro-batch, in the order `seed` gives) or a BatchSource (positioned by the caller:
+ * when resuming, made with startBatch = resume.microBatches).
  *
  * ```js
  * const tokens = tokenizer.encode(text);
- * const {losses} = await trainLoop(model, tokens, {steps: 200, lr: 3e-3, batch: 8, seq: 64, seed: 1});
+ * const {losses} = await trainLoop(model, tokens, {steps: 200, lr: 3e-3, batch: 8, seq: 64, seed: 1,
+ *     lrScheduler: 'cosine', warmupSteps: 20, gradAccum: 2, maxGradNorm: 1});
  * ```
  */
 export async function trainLoop(
-    model: tfl.LayersModel, tokens: Int32Array, options: TrainLoopOptions): Promise<TrainLoopResult> {
+    model: tfl.LayersModel, data: Int32Array | BatchSource, options: TrainLoopOptions): Promise<TrainLoopResult> {
   const op = 'trainLoop';
-  const start = options.startStep ?? 0;
+  const resume = options.resume;
+  if (resume !== undefined && options.startStep !== undefined) {
+    fail(op, "give 'startStep' (a fresh optimizer) or 'resume' (a saved state), not both");
+  }
+  const start = resume?.step ?? options.startStep ?? 0;
   assertInteger(op, 'steps', options.steps, 1);
-  assertInteger(op, 'startStep', start, 0, options.steps);
+  assertInteger(op, resume !== undefined ? 'resume.step' : 'startStep', start, 0, options.steps);
   assertFiniteNumber(op, 'lr', options.lr);
   if (options.lr <= 0) fail(op, `'lr' must be > 0 but got ${options.lr}`);
   assertInteger(op, 'batch', options.batch, 1);
   assertInteger(op, 'seq', options.seq, 1);
   assertInteger(op, 'seed', options.seed, 0, 2 ** 32 - 1);
-  if (tokens.length < options.seq + 1) {
-    throw new TrainError(`the training text has ${tokens.length} tokens but one window of seq ${options.seq} ` +
+  const scheduler = options.lrScheduler ?? 'constant';
+  if (!(LR_SCHEDULERS as readonly string[]).includes(scheduler)) {
+    fail(op, `'lrScheduler' must be one of ${LR_SCHEDULERS.map(s => `'${s}'`).join(', ')} but got ${JSON.stringify(scheduler)}`);
+  }
+  const warmupSteps = options.warmupSteps ?? 0;
+  assertInteger(op, 'warmupSteps', warmupSteps, 0);
+  const gradAccum = options.gradAccum ?? 1;
+  assertInteger(op, 'gradAccum', gradAccum, 1);
+  const maxGradNorm = options.maxGradNorm ?? null;
+  if (maxGradNorm !== null && !(typeof maxGradNorm === 'number' && Number.isFinite(maxGradNorm) && maxGradNorm > 0)) {
+    fail(op, `'maxGradNorm' must be a number > 0 (or null: no clipping) but got ${maxGradNorm}`);
+  }
+  for (const [name, every, callback] of [['evalEvery', options.evalEvery, 'evaluate'], ['saveEvery', options.saveEvery, 'onSave']] as const) {
+    if (every === undefined) continue;
+    assertInteger(op, name, every, 1);
+    if (options[callback] === undefined) fail(op, `'${name}' needs '${callback}'`);
+  }
+  const isTokens = data instanceof Int32Array;
+  if (isTokens && data.length < options.seq + 1) {
+    throw new TrainError(`the training text has ${data.length} tokens but one window of seq ${options.seq} ` +
         `needs ${options.seq + 1}; use more text or a smaller seq`);
   }
   const vocab = vocabSizeOf(model);
@@ -145,14 +288,30 @@ export async function trainLoop(
     return now.length !== variables.length || now.some((v, k) => v !== variables[k] || v.isDisposed);
   };
 
-  const batches = windowStream(tokens, options.batch, options.seq, options.seed, start);
-  const optimizer = tf.train.adam(options.lr);
+  let microBatches = resume?.microBatches ?? start * gradAccum;
+  const source: BatchSource = isTokens ? windowBatches(data, options.batch, options.seq, options.seed, microBatches) : data;
+  const optimizer = new Adam(variables);
+  const history = [...(resume?.losses ?? [])];
+  const evalLosses: EvalReport[] = [];
+  const savedSeconds = resume?.seconds ?? 0;
   const losses: number[] = [];
-  const tokensPerStep = options.batch * options.seq;
+  let tokensTrained = 0;
   const began = performance.now();
+  const elapsed = () => (performance.now() - began) / 1000;
   let step = start;
   let stopped = false;
+  const save = async () => options.onSave!({
+    step, microBatches, losses: [...history], evalLosses: [...evalLosses], optimizer: await optimizer.snapshot(),
+    seconds: savedSeconds + elapsed(),
+  });
   try {
+    if (resume !== undefined) {
+      if (resume.optimizer.step !== resume.step) {
+        throw new TrainError(`the saved state is inconsistent: Adam took ${resume.optimizer.step} steps but the run ${resume.step}`);
+      }
+      optimizer.restore(resume.optimizer);
+      evalLosses.push(...(resume.evalLosses ?? []));
+    }
     while (step < options.steps) {
       if (options.shouldStop?.()) {
         stopped = true;
@@ -163,45 +322,65 @@ export async function trainLoop(
         throw new TrainError(`the model's trainable weights changed during training, before step ${step + 1} ` +
             `(was the plugin unregistered or an adapter removed?); the loop trains the weights it started with`);
       }
-      const windows = batches.next();  // [B, S+1]
+      const lr = learningRateAt(scheduler, step + 1, { lr: options.lr, totalSteps: options.steps, warmupSteps });
+      const batches: TrainingBatch[] = [];
       let loss: number;
+      let gradNorm: number;
+      let tokens: number;
       try {
-        let computed: { value: tf.Scalar; grads: tf.NamedTensorMap };
+        for (let k = 0; k < gradAccum; k++) batches.push(source.next());
+        tokens = batches.reduce((s, b) => s + b.targetCount, 0);
+        if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
+        const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
+        const computed = stepGradients(model, variables, batches, seeds);
         try {
-          computed = tf.variableGrads(() => nextTokenLoss(model, windows), variables);
-        } catch (e) {
-          disposeAbandonedTape();
-          throw e;
-        }
-        try {
-          // an asynchronous read: webgpu has no dataSync
-          loss = (await computed.value.data())[0];
+          // asynchronous reads: webgpu has no dataSync
+          loss = (await computed.loss.data())[0];
+          const clipped = await clipByGlobalNorm(computed.grads, maxGradNorm);
+          gradNorm = clipped.norm;
           // a non-finite step is not applied: the model stays at the last good step
-          if (Number.isFinite(loss)) optimizer.applyGradients(Object.entries(computed.grads).map(([name, tensor]) => ({ name, tensor })));
+          try {
+            if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped.grads, lr);
+          } finally {
+            tf.dispose(clipped.grads);
+          }
         } finally {
-          tf.dispose([computed.value, ...Object.values(computed.grads)]);
+          tf.dispose([computed.loss, ...computed.grads]);
         }
       } finally {
-        windows.dispose();
+        batches.forEach(disposeBatch);
       }
       step++;
+      microBatches += gradAccum;
       if (!Number.isFinite(loss)) {
         throw new TrainError(`the loss became ${loss} at step ${step}; try a smaller learning rate (it is ${options.lr})`);
       }
       losses.push(loss);
-      const diverged = divergence(losses, vocab);
+      history.push(loss);
+      tokensTrained += tokens;
+      const diverged = divergence(history, vocab);
       if (diverged !== null) throw new TrainError(`${diverged} at step ${step}; try a smaller learning rate (it is ${options.lr})`);
-      const seconds = (performance.now() - began) / 1000;
+      const seconds = elapsed();
       options.onStep?.({
-        step, steps: options.steps, loss, seconds, tokensPerSecond: (losses.length * tokensPerStep) / seconds,
+        step, steps: options.steps, loss, lr, gradNorm, tokens, seconds, elapsed: savedSeconds + seconds,
+        tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
       });
+      if (options.evalEvery !== undefined && step % options.evalEvery === 0) {
+        const report = { step, loss: await options.evaluate!() };
+        evalLosses.push(report);
+        options.onEval?.(report);
+      }
+      if (options.saveEvery !== undefined && step % options.saveEvery === 0) await save();
       await yieldToEventLoop();
     }
+    // a stopped run (Ctrl-C) keeps a checkpoint of where it stopped, so --resume can go on from there
+    if (stopped && options.saveEvery !== undefined && step > start && step % options.saveEvery !== 0) await save();
   } finally {
     optimizer.dispose();
   }
-  const seconds = (performance.now() - began) / 1000;
+  const seconds = elapsed();
   return {
-    losses, step, stopped, seconds, tokensPerSecond: seconds > 0 ? (losses.length * tokensPerStep) / seconds : 0,
+    losses, evalLosses: evalLosses.slice(resume?.evalLosses?.length ?? 0), step, stopped, seconds,
+    tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
   };
 }

@@ -15,7 +15,7 @@ import { readTokenizer, tokenizerFiles } from '../data/tokenizer_file.js';
 import type { ExpertDtype } from '../io/hf_block.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../io/hf_save.js';
-import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, savePeftAdapter } from '../io/peft.js';
+import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, loadPeftAdapter, savePeftAdapter } from '../io/peft.js';
 import { buildMoECausalLM, hfConfigOf, trainableVariables } from '../layers/moe_causal_lm.js';
 import { variableShape } from '../layers/sparse_moe.js';
 import type { HFConfig } from '../models/families.js';
@@ -25,7 +25,10 @@ import { checkOutputFolder } from '../util/output_folder.js';
 import { readTextFile } from '../util/files.js';
 import { TrainError } from './errors.js';
 import { evaluateLoss } from './evaluate.js';
-import { trainLoop } from './loop.js';
+import { loadTrainCheckpoint, saveTrainCheckpoint } from './checkpoint.js';
+import { trainLoop, type TrainState } from './loop.js';
+import { openMetricsLog } from './metrics.js';
+import type { LRScheduler } from './schedule.js';
 import { INIT_PRESET_NAMES, presetConfig, type InitPreset } from './presets.js';
 import { createProgress, type ProgressOptions } from './progress.js';
 import { seedAdapterInit, seedModelInit } from './seeded_init.js';
@@ -38,10 +41,41 @@ export interface TrainRunOptions {
   /** start from this HF checkpoint folder, which must hold the tokenizer.json it was trained with */
   model?: string;
   /** the training text file */
-  data: string;
-  /** a held-out text file: its loss is measured before and after training */
+  data?: string;
+  /** a held-out text file: its loss is measured before and after training (and every evalEvery steps) */
   val?: string;
-  steps: number;
+  /** optimizer steps (HF's max_steps); wins over numEpochs */
+  steps?: number;
+  /** passes over the text when `steps` is absent: one epoch is ceil(tokens / (batch · seq · gradAccum)) steps */
+  numEpochs?: number;
+  /** 'constant' (default), 'linear' or 'cosine', after a linear warm-up */
+  lrScheduler?: LRScheduler;
+  /** warm-up steps; default 0 */
+  warmupSteps?: number;
+  /** warm-up as a fraction of the steps (HF: ceil(steps · ratio)) when warmupSteps is absent */
+  warmupRatio?: number;
+  /** micro-batches (of `batch` windows) per optimizer step; default 1 */
+  gradAccum?: number;
+  /** clip the gradients' global norm to this; default none */
+  maxGradNorm?: number;
+  /** evaluate on `val` every this many steps (a line in the metrics) */
+  evalEvery?: number;
+  /** write out/checkpoint-<step>/ every this many steps */
+  saveEvery?: number;
+  /** keep only the newest this many checkpoints */
+  saveTotalLimit?: number;
+  /** write one JSON line per step and per evaluation to this file */
+  metrics?: string;
+  /** continue the run from this checkpoint folder (out/checkpoint-<step>), exactly as it would have gone on */
+  resume?: string;
+  /** datasets (axolotl's path/type/field): carried for the dataset loader, not wired into the run yet */
+  datasets?: { path: string; type: string; field?: string }[];
+  /** pack short samples into rows: not wired yet */
+  samplePacking?: boolean;
+  /** the loss on the prompts too: not wired yet */
+  trainOnInputs?: boolean;
+  /** a validation split of the datasets: not wired yet */
+  valSetSize?: number;
   lr: number;
   batch: number;
   seq: number;
@@ -139,6 +173,13 @@ const count = (vars: ReadonlyArray<tfl.LayerVariable | tf.Variable>) =>
  */
 export async function runTraining(options: TrainRunOptions): Promise<TrainRunResult> {
   const { plugin } = options;
+  const notWired = (['datasets', 'samplePacking', 'trainOnInputs', 'valSetSize'] as const).filter(k => options[k] !== undefined);
+  if (notWired.length > 0) {
+    throw new TrainError(`${notWired.join(', ')}: not wired into training yet (the dataset loader comes next); ` +
+        'train on a text file with data for now');
+  }
+  if (options.data === undefined) throw new TrainError('give data (the training text file)');
+  if (options.steps === undefined && options.numEpochs === undefined) throw new TrainError('give steps (max_steps) or numEpochs');
   if ((options.initConfig === undefined) === (options.model === undefined)) {
     throw new TrainError('give exactly one of initConfig (from scratch) and model (a checkpoint folder)');
   }
@@ -154,11 +195,16 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
   const text = await readText(options.data, 'training data');
+  const resumed = options.resume === undefined ? null : await loadTrainCheckpoint(options.resume);
   const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
 
   let model: tfl.LayersModel;
   let tokenizer: CharTokenizer | HFTokenizer;
-  if (options.initConfig !== undefined) {
+  if (resumed !== null && mode !== 'lora') {
+    // the checkpoint holds the trained weights and the tokenizer they were trained with
+    tokenizer = await readTokenizer(options.resume!);
+    model = await loadHFCheckpoint(options.resume!, { expertDtype: 'float32' });
+  } else if (options.initConfig !== undefined) {
     tokenizer = CharTokenizer.fromText(text);
     const config = await initConfig(options.initConfig, tokenizer.vocabSize);
     // a loaded checkpoint is checked by its loader; a new model before it is built (the step: by trainLoop)
@@ -185,8 +231,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       throw new TrainError(`'${join(options.model ?? '', TOKENIZER_FILE)}' has ${tokenizer.vocabSize} tokens but the ` +
           `model's vocab_size is ${modelVocab}`);
     }
+    // resuming LoRA: the checkpoint's adapter first; register() keeps an adapter of its name
+    if (resumed !== null && lora !== null) await loadPeftAdapter(model, options.resume!, { name: lora.adapterName });
     handle = register({ ...plugin, models: [model] });
-    if (lora !== null) seedAdapterInit(model, lora.adapterName, options.seed);
+    if (lora !== null && resumed === null) seedAdapterInit(model, lora.adapterName, options.seed);
     // a real tokenizer has byte fallback or an unknown token of its own: only the character one can miss characters
     if (tokenizer instanceof CharTokenizer) {
       const chars = tokenizer;
@@ -203,33 +251,60 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 tokens`);
     const evaluate = () => valTokens === undefined ? null : evaluateLoss(model, valTokens, { seq: options.seq, batch: options.batch });
 
+    const gradAccum = options.gradAccum ?? 1;
+    const steps = options.steps ?? Math.ceil(options.numEpochs! * tokens.length / (options.batch * options.seq * gradAccum));
+    if (options.evalEvery !== undefined && valTokens === undefined) throw new TrainError('evalEvery needs val (the held-out text)');
+    // what decides the loss curve: a resumed run must match the checkpoint's run on all of it
+    const curve = {
+      mode, steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
+      lrScheduler: options.lrScheduler ?? 'constant',
+      warmupSteps: options.warmupSteps ?? Math.ceil(steps * (options.warmupRatio ?? 0)),
+      gradAccum, maxGradNorm: options.maxGradNorm ?? null, trainTokens: tokens.length,
+    };
+    if (resumed !== null) {
+      const differ = Object.entries(curve).filter(([k, v]) => JSON.stringify(resumed.options[k]) !== JSON.stringify(v));
+      if (differ.length > 0) {
+        throw new TrainError(`the run differs from the checkpoint '${options.resume}' it resumes, which would not continue ` +
+            `its loss curve: ${differ.map(([k, v]) => `${k} ${JSON.stringify(v)} (checkpoint: ${JSON.stringify(resumed.options[k])})`).join(', ')}`);
+      }
+    }
+    const saveModel = async (dir: string): Promise<string[]> => {
+      if (lora !== null) {
+        await savePeftAdapter(model, dir, { name: lora.adapterName });
+        return [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
+      }
+      // the tokenizer is part of the checkpoint artifact: one atomic save, never new weights with an old tokenizer
+      const extraFiles = tokenizerFiles(tokenizer);
+      await saveHFCheckpoint(model, dir, { extraFiles });
+      return ['config.json', 'model.safetensors', ...Object.keys(extraFiles)];
+    };
+
     const valLossBefore = evaluate();
     options.onStart?.({
       mode, modelType: String(config['model_type']), params: count(model.weights),
       trainableParams: count(trainableVariables(model)), trainTokens: tokens.length,
     });
-    const progress = createProgress(options.steps, 0, options.progress);
+    const progress = createProgress(steps, resumed?.state.step ?? 0, options.progress);
+    const metrics = options.metrics === undefined ? null : openMetricsLog(options.metrics, resumed !== null);
     let result;
     try {
       result = await trainLoop(model, tokens, {
-        steps: options.steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
-        onStep: r => progress.update(r), shouldStop: options.shouldStop,
+        steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
+        lrScheduler: curve.lrScheduler, warmupSteps: curve.warmupSteps, gradAccum, maxGradNorm: curve.maxGradNorm,
+        resume: resumed?.state,
+        evalEvery: options.evalEvery, evaluate: () => evaluate()!, onEval: r => metrics?.eval(r),
+        saveEvery: options.saveEvery,
+        onSave: (state: TrainState) => saveTrainCheckpoint(options.out, state, curve, async dir => { await saveModel(dir); },
+            options.saveTotalLimit).then(() => undefined),
+        onStep: r => { progress.update(r); metrics?.step(r); },
+        shouldStop: options.shouldStop,
       });
     } finally {
       progress.stop();
+      metrics?.close();
     }
     const valLossAfter = result.losses.length > 0 ? evaluate() : valLossBefore;
-
-    let files: string[];
-    if (lora !== null) {
-      await savePeftAdapter(model, options.out, { name: lora.adapterName });
-      files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS];
-    } else {
-      // the tokenizer is part of the checkpoint artifact: one atomic save, never new weights with an old tokenizer
-      const extraFiles = tokenizerFiles(tokenizer);
-      await saveHFCheckpoint(model, options.out, { extraFiles });
-      files = ['config.json', 'model.safetensors', ...Object.keys(extraFiles)];
-    }
+    const files = await saveModel(options.out);
     const last = result.losses.slice(-10);
     return {
       mode,

@@ -17,20 +17,38 @@ import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
-import { expertDtypeOption, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
+import { expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
+import { RunConfigError, readRunConfig } from '../../train/run_config.js';
+import { LR_SCHEDULERS, type LRScheduler } from '../../train/schedule.js';
 
 interface TrainArgs {
+  config?: string;
   initConfig?: string;
   model?: string;
   data: string;
   val?: string;
   steps: number;
+  numEpochs?: number;
   lr: number;
   batch: number;
   seq: number;
   seed: number;
   backend: string;
   out: string;
+  lrScheduler?: LRScheduler;
+  warmupSteps?: number;
+  warmupRatio?: number;
+  gradAccum?: number;
+  maxGradNorm?: number;
+  evalEvery?: number;
+  saveEvery?: number;
+  saveTotalLimit?: number;
+  metrics?: string;
+  resume?: string;
+  datasets?: { path: string; type: string; field?: string }[];
+  samplePacking?: boolean;
+  trainOnInputs?: boolean;
+  valSetSize?: number;
   overwrite: boolean;
   json: boolean;
   expertDtype?: ExpertDtype;
@@ -46,7 +64,92 @@ const isFile = (p: string) => existsSync(p) && statSync(p).isFile();
 const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 
 const LORA_FLAG = /^lora-(?!mode$)/;
-const SINGLE_FLAGS = ['init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out', 'overwrite', 'expert-dtype'];
+const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
+  'overwrite', 'expert-dtype', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
+  'save-total-limit', 'metrics', 'resume'];
+
+/** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
+const TRAIN_DEFAULTS = { steps: 200, batch: 8, seq: 64, seed: 1, backend: 'wasm' } as const;
+
+/** Flags as yargs gives them: the dashed name and the camelCase one. */
+const camel = (flag: string) => flag.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+const dashed = (field: string) => field.replace(/[A-Z]/g, c => `-${c.toLowerCase()}`);
+
+/** The checks of the parsed (and, with --config, merged) flags: a message for the first problem, or true. */
+function checkTrainArgs(argv: Record<string, unknown>): string | true {
+  // yargs collects a repeated flag into a list
+  const repeated = SINGLE_FLAGS.find(f => Array.isArray(argv[f]));
+  if (repeated !== undefined) return `--${repeated} is given ${(argv[repeated] as unknown[]).length} times; give it once`;
+  if (argv.data === undefined && argv.datasets === undefined) return 'Missing required argument: data';
+  if (argv.out === undefined) return 'Missing required argument: out';
+  const scratch = argv['init-config'] as string | undefined;
+  const model = argv.model as string | undefined;
+  if ((scratch === undefined) === (model === undefined)) return 'give exactly one of --init-config (from scratch) and --model DIR';
+  const loraFlag = Object.keys(argv).find(k => LORA_FLAG.test(k) && argv[k] !== undefined);
+  if (scratch !== undefined && loraFlag !== undefined) {
+    return `--${loraFlag} needs --model: LoRA adapts a trained model, a from-scratch run trains every weight`;
+  }
+  if (scratch !== undefined && !(INIT_PRESET_NAMES as string[]).includes(scratch) && !isFile(scratch)) {
+    return `--init-config: '${scratch}' is neither a preset (${INIT_PRESET_NAMES.join(', ')}) nor a file`;
+  }
+  if (model !== undefined && !isDir(model)) return `--model: '${model}' is not a directory`;
+  for (const name of ['data', 'val'] as const) {
+    const path = argv[name] as string | undefined;
+    if (path !== undefined && !isFile(path)) return `--${name}: '${path}' is not a file`;
+  }
+  if (argv.resume !== undefined && !isDir(argv.resume as string)) return `--resume: '${argv.resume}' is not a directory`;
+  for (const name of ['steps', 'batch', 'seq', 'grad-accum', 'eval-every', 'save-every', 'save-total-limit'] as const) {
+    const v = argv[name] as number | undefined;
+    if (v !== undefined && (!Number.isInteger(v) || v < 1)) return `--${name} must be an integer >= 1 but got ${v}`;
+  }
+  const warmup = argv['warmup-steps'] as number | undefined;
+  if (warmup !== undefined && (!Number.isInteger(warmup) || warmup < 0)) return `--warmup-steps must be an integer >= 0 but got ${warmup}`;
+  const seed = argv.seed as number;
+  if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1) return `--seed must be an integer in [0, 2^32) but got ${seed}`;
+  for (const name of ['lr', 'max-grad-norm'] as const) {
+    const v = argv[name] as number | undefined;
+    if (v !== undefined && !(Number.isFinite(v) && v > 0)) return `--${name} must be a number > 0 but got ${v}`;
+  }
+  if (argv['eval-every'] !== undefined && argv.val === undefined) return '--eval-every needs --val (the held-out text it evaluates)';
+  // last, as it creates --out's parent folders: the output is checked before any work
+  try {
+    // a resumed run writes into the folder that holds its checkpoints
+    checkOutputFolder(argv.out, { name: '--out', overwrite: argv.overwrite === true || argv.resume !== undefined, inputs: { '--model': model } });
+  } catch (e) {
+    if (e instanceof FileError) return e.message;
+    throw e;
+  }
+  return true;
+}
+
+/**
+ * With --config: the file's values under the flags given on the command line (flags win), then
+ * the defaults. Throws a UsageError with every problem of the file.
+ */
+async function mergeRunConfig(argv: Record<string, unknown>): Promise<void> {
+  let fromFile: Record<string, unknown>;
+  try {
+    fromFile = await readRunConfig(argv.config as string);
+  } catch (e) {
+    if (e instanceof RunConfigError || e instanceof FileError) throw new UsageError(`--config: ${e.message}`);
+    throw e;
+  }
+  for (const [field, value] of Object.entries(fromFile)) {
+    // lora.r → --lora-rank: the plugin flags' names come from the one schema
+    const flag = field.startsWith('lora.') ? flagOf(field)!.slice(2) : dashed(field);
+    if (argv[flag] !== undefined) continue;
+    argv[flag] = value;
+    argv[camel(flag)] = value;
+  }
+}
+
+function applyDefaults(argv: Record<string, unknown>): void {
+  for (const [flag, value] of Object.entries(TRAIN_DEFAULTS)) {
+    // num_epochs from a run config sets the length when no step count was given (max_steps wins, as in transformers)
+    if (flag === 'steps' && argv.numEpochs !== undefined) continue;
+    if (argv[flag] === undefined) argv[flag] = argv[camel(flag)] = value;
+  }
+}
 
 export function builder(yargs: Argv): Argv<TrainArgs> {
   const y = yargs
@@ -60,19 +163,45 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
         describe: 'fine-tune this HF checkpoint folder (config.json, model.safetensors, tokenizer.json): LoRA with ' +
             'the --lora-* flags, else every weight',
       })
-      .option('data', { type: 'string', demandOption: true, requiresArg: true, describe: 'the training text (UTF-8)' })
+      .option('config', {
+        type: 'string', requiresArg: true,
+        describe: 'a YAML run config with axolotl\'s keys (base_model, adapter, lora_r, micro_batch_size, learning_rate, ' +
+            'lr_scheduler, output_dir, ...; see docs/training.md); flags given here win over it',
+      })
+      .option('data', { type: 'string', requiresArg: true, describe: 'the training text (UTF-8); required' })
       .option('val', { type: 'string', requiresArg: true, describe: 'held-out text: its loss is reported before and after' })
-      .option('steps', { type: 'number', default: 200, requiresArg: true, describe: 'Adam steps' })
+      .option('steps', { type: 'number', requiresArg: true, describe: `optimizer steps (default ${TRAIN_DEFAULTS.steps})` })
       .option('lr', {
         type: 'number', requiresArg: true,
         describe: `learning rate (default ${DEFAULT_LR.full} without LoRA, ${DEFAULT_LR.lora} with LoRA)`,
       })
-      .option('batch', { type: 'number', default: 8, requiresArg: true, describe: 'windows per step' })
-      .option('seq', { type: 'number', default: 64, requiresArg: true, describe: 'tokens per window' })
-      .option('seed', { type: 'number', default: 1, requiresArg: true, describe: 'seed of the initial weights (from scratch) or of LoRA\'s A, and of the window order' })
-      .option('backend', { type: 'string', choices: BACKENDS, default: 'wasm', requiresArg: true, describe: 'tfjs backend' })
+      .option('batch', { type: 'number', requiresArg: true, describe: `windows per micro-batch (default ${TRAIN_DEFAULTS.batch})` })
+      .option('seq', { type: 'number', requiresArg: true, describe: `tokens per window (default ${TRAIN_DEFAULTS.seq})` })
+      .option('seed', {
+        type: 'number', requiresArg: true,
+        describe: `seed of the initial weights (from scratch) or of LoRA's A, the window order and dropout (default ${TRAIN_DEFAULTS.seed})`,
+      })
+      .option('lr-scheduler', {
+        type: 'string', choices: LR_SCHEDULERS, requiresArg: true, group: 'Schedule:',
+        describe: "learning-rate schedule after the warm-up, transformers' formulas (default constant)",
+      })
+      .option('warmup-steps', { type: 'number', requiresArg: true, group: 'Schedule:', describe: 'linear warm-up from 0 (default 0)' })
+      .option('grad-accum', {
+        type: 'number', requiresArg: true, group: 'Schedule:',
+        describe: 'micro-batches per optimizer step (gradient accumulation; default 1)',
+      })
+      .option('max-grad-norm', { type: 'number', requiresArg: true, group: 'Schedule:', describe: 'clip the gradients\' global norm (default: no clipping)' })
+      .option('eval-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'evaluate on --val every N steps' })
+      .option('save-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'write --out/checkpoint-<step>/ every N steps' })
+      .option('save-total-limit', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'keep only the newest N checkpoints' })
+      .option('metrics', { type: 'string', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'write a JSON line per step and per evaluation to this file' })
+      .option('resume', {
+        type: 'string', requiresArg: true, group: 'Checkpoints and metrics:',
+        describe: 'continue from a checkpoint folder (--out/checkpoint-<step>) with the same flags: the same loss curve as an uninterrupted run',
+      })
+      .option('backend', { type: 'string', choices: BACKENDS, requiresArg: true, describe: `tfjs backend (default ${TRAIN_DEFAULTS.backend})` })
       .option('out', {
-        type: 'string', demandOption: true, requiresArg: true,
+        type: 'string', requiresArg: true,
         describe: 'output folder: an HF checkpoint + tokenizer.json, or with LoRA a PEFT adapter (checked before ' +
             'training; never the --model folder nor inside it)',
       })
@@ -81,44 +210,15 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
   return pluginOptions(expertDtypeOption(y, "--model's routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
       "(packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them)"))
       .check(argv => {
-        // yargs collects a repeated flag into a list
-        const repeated = SINGLE_FLAGS.find(f => Array.isArray(argv[f]));
-        if (repeated !== undefined) return `--${repeated} is given ${(argv[repeated] as unknown[]).length} times; give it once`;
-        const scratch = argv['init-config'] as string | undefined;
-        const model = argv.model as string | undefined;
-        if ((scratch === undefined) === (model === undefined)) return 'give exactly one of --init-config (from scratch) and --model DIR';
-        const loraFlag = Object.keys(argv).find(k => LORA_FLAG.test(k) && argv[k] !== undefined);
-        if (scratch !== undefined && loraFlag !== undefined) {
-          return `--${loraFlag} needs --model: LoRA adapts a trained model, a from-scratch run trains every weight`;
-        }
-        if (scratch !== undefined && !(INIT_PRESET_NAMES as string[]).includes(scratch) && !isFile(scratch)) {
-          return `--init-config: '${scratch}' is neither a preset (${INIT_PRESET_NAMES.join(', ')}) nor a file`;
-        }
-        if (model !== undefined && !isDir(model)) return `--model: '${model}' is not a directory`;
-        for (const name of ['data', 'val'] as const) {
-          const path = argv[name] as string | undefined;
-          if (path !== undefined && !isFile(path)) return `--${name}: '${path}' is not a file`;
-        }
-        for (const name of ['steps', 'batch', 'seq'] as const) {
-          const v = argv[name] as number;
-          if (!Number.isInteger(v) || v < 1) return `--${name} must be an integer >= 1 but got ${v}`;
-        }
-        const seed = argv.seed as number;
-        if (!Number.isInteger(seed) || seed < 0 || seed > 2 ** 32 - 1) return `--seed must be an integer in [0, 2^32) but got ${seed}`;
-        const lr = argv.lr as number | undefined;
-        if (lr !== undefined && !(Number.isFinite(lr) && lr > 0)) return `--lr must be a number > 0 but got ${lr}`;
-        // last, as it creates --out's parent folders: the output is checked before any work
-        try {
-          checkOutputFolder(argv.out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model } });
-        } catch (e) {
-          if (e instanceof FileError) return e.message;
-          throw e;
-        }
-        return true;
+        // with --config the file fills in flags first: the handler checks the merged flags
+        if (argv.config !== undefined) return true;
+        applyDefaults(argv as Record<string, unknown>);
+        return checkTrainArgs(argv as Record<string, unknown>);
       })
       .example('$0 train --init-config qwen3_moe --data base.txt --steps 600 --out my-model', 'from scratch')
       .example('$0 train --model my-model --data target.txt --lora-rank 4 --lora-alpha 8 ' +
-          '--lora-targets experts.gate_up,experts.down,router --out my-adapter', 'LoRA on the experts and the router') as
+          '--lora-targets experts.gate_up,experts.down,router --out my-adapter', 'LoRA on the experts and the router')
+      .example('$0 train --config run.yaml --lr 1e-3', 'a YAML run config, its learning rate replaced') as
       unknown as Argv<TrainArgs>;
 }
 
@@ -140,15 +240,35 @@ function formatResult(r: TrainRunResult): string {
 }
 
 export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void> {
-  const plugin = pluginArgsFromArgv(argv as unknown as Record<string, unknown>);
+  if (argv.config !== undefined) {
+    const flags = argv as unknown as Record<string, unknown>;
+    await mergeRunConfig(flags);
+    applyDefaults(flags);
+    const problem = checkTrainArgs(flags);
+    if (problem !== true) throw new UsageError(problem);
+  }
+  let plugin;
+  try {
+    plugin = pluginArgsFromArgv(argv as unknown as Record<string, unknown>);
+  } catch (e) {
+    if (e instanceof PluginArgsError) throw new UsageError(e.message);
+    throw e;
+  }
   await selectBackend(argv.backend);
   const interrupt = onInterrupt(() => process.stderr.write('\ninterrupted: stopping after this step and saving (Ctrl-C again quits now)\n'));
   let result: TrainRunResult;
   try {
     result = await runTraining({
       initConfig: argv.initConfig, model: argv.model, data: argv.data, val: argv.val,
-      steps: argv.steps, lr: argv.lr ?? (plugin.lora !== null ? DEFAULT_LR.lora : DEFAULT_LR.full),
-      batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, overwrite: argv.overwrite, plugin,
+      // a run config's num_epochs applies when no step count was given (max_steps wins, as in transformers)
+      steps: argv.steps,
+      numEpochs: argv.numEpochs,
+      lr: argv.lr ?? (plugin.lora !== null ? DEFAULT_LR.lora : DEFAULT_LR.full),
+      batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, overwrite: argv.overwrite || argv.resume !== undefined, plugin,
+      lrScheduler: argv.lrScheduler, warmupSteps: argv.warmupSteps, warmupRatio: argv.warmupRatio, gradAccum: argv.gradAccum,
+      maxGradNorm: argv.maxGradNorm, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
+      metrics: argv.metrics, resume: argv.resume,
+      datasets: argv.datasets, samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
       expertDtype: argv.expertDtype,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,

@@ -1,0 +1,148 @@
+/**
+ * The training loop's optimizer: Adam with torch.optim.Adam's update (the optimizer transformers'
+ * Trainer uses, AdamW with weight decay 0), a learning rate given per step (schedules), and a state
+ * that can be saved and restored bit for bit (checkpoints, resume); and global-norm gradient
+ * clipping with torch.nn.utils.clip_grad_norm_'s semantics.
+ *
+ * Not tf.train.adam: its epsilon sits differently (1e-7, added to the uncorrected √v), and its
+ * setWeights() rebuilds β^t with a float32 pow instead of the product the steps accumulated, so a
+ * restored optimizer would not continue a run exactly.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+
+/** What a checkpoint keeps of Adam: the step count and both moments of every variable, in order. */
+export interface AdamSnapshot {
+  /** optimizer steps taken (t) */
+  step: number;
+  /** the first moments, in the order of the variables */
+  m: Float32Array[];
+  /** the second moments */
+  v: Float32Array[];
+}
+
+export interface AdamOptions {
+  /** default 0.9 (torch, transformers) */
+  beta1?: number;
+  /** default 0.999 */
+  beta2?: number;
+  /** default 1e-8 */
+  epsilon?: number;
+}
+
+/**
+ * Adam over a fixed list of variables.
+ *
+ * ```js
+ * const adam = new Adam(trainableVariables(model));
+ * adam.apply(grads, 1e-3);   // grads in the variables' order
+ * const saved = await adam.snapshot();
+ * ```
+ */
+export class Adam {
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly epsilon: number;
+  private t = 0;
+  private m: tf.Tensor[];
+  private v: tf.Tensor[];
+
+  constructor(readonly variables: readonly tf.Variable[], options: AdamOptions = {}) {
+    this.beta1 = options.beta1 ?? 0.9;
+    this.beta2 = options.beta2 ?? 0.999;
+    this.epsilon = options.epsilon ?? 1e-8;
+    this.m = variables.map(x => tf.zerosLike(x));
+    this.v = variables.map(x => tf.zerosLike(x));
+  }
+
+  /** optimizer steps taken */
+  get step(): number {
+    return this.t;
+  }
+
+  /**
+   * One step: torch.optim.Adam's `exp_avg.lerp_(grad, 1 − β1)`, `exp_avg_sq·β2 + (1 − β2)·grad²`,
+   * `denom = √exp_avg_sq / √(1 − β2^t) + ε`, `param −= lr / (1 − β1^t) · exp_avg / denom`. The bias
+   * corrections are float64 numbers of t, so a restored state continues exactly.
+   */
+  apply(grads: readonly tf.Tensor[], lr: number): void {
+    if (grads.length !== this.variables.length) {
+      fail('Adam.apply', `'grads' must hold one gradient per variable (${this.variables.length}) but holds ${grads.length}`);
+    }
+    assertFiniteNumber('Adam.apply', 'lr', lr);
+    this.t++;
+    const correction1 = 1 - this.beta1 ** this.t;
+    const correction2Sqrt = Math.sqrt(1 - this.beta2 ** this.t);
+    this.variables.forEach((variable, i) => {
+      const [m, v] = tf.tidy(() => {
+        const g = grads[i];
+        const m = tf.add(tf.mul(this.m[i], this.beta1), tf.mul(g, 1 - this.beta1));
+        const v = tf.add(tf.mul(this.v[i], this.beta2), tf.mul(tf.square(g), 1 - this.beta2));
+        const denom = tf.add(tf.div(tf.sqrt(v), correction2Sqrt), this.epsilon);
+        variable.assign(tf.sub(variable, tf.mul(tf.div(m, denom), lr / correction1)));
+        return [m, v];
+      });
+      tf.dispose([this.m[i], this.v[i]]);
+      this.m[i] = m;
+      this.v[i] = v;
+    });
+  }
+
+  /** The state, read back from the device (asynchronous: webgpu has no dataSync). */
+  async snapshot(): Promise<AdamSnapshot> {
+    const read = (ts: tf.Tensor[]) => Promise.all(ts.map(async t => Float32Array.from(await t.data() as Float32Array)));
+    return { step: this.t, m: await read(this.m), v: await read(this.v) };
+  }
+
+  /** Replaces the state by a snapshot of an optimizer over variables of the same shapes. */
+  restore(snapshot: AdamSnapshot): void {
+    const op = 'Adam.restore';
+    assertInteger(op, 'step', snapshot.step, 0);
+    const n = this.variables.length;
+    if (snapshot.m.length !== n || snapshot.v.length !== n) {
+      fail(op, `the snapshot holds moments of ${snapshot.m.length} and ${snapshot.v.length} variables but the optimizer has ${n}`);
+    }
+    this.variables.forEach((x, i) => {
+      for (const [which, values] of [['m', snapshot.m[i]], ['v', snapshot.v[i]]] as const) {
+        if (values.length !== x.size) {
+          fail(op, `'${which}[${i}]' must hold ${x.size} values (variable '${x.name}' [${x.shape}]) but holds ${values.length}`);
+        }
+      }
+    });
+    tf.dispose([...this.m, ...this.v]);
+    this.m = this.variables.map((x, i) => tf.tensor(snapshot.m[i], x.shape, 'float32'));
+    this.v = this.variables.map((x, i) => tf.tensor(snapshot.v[i], x.shape, 'float32'));
+    this.t = snapshot.step;
+  }
+
+  dispose(): void {
+    tf.dispose([...this.m, ...this.v]);
+  }
+}
+
+/**
+ * The global L2 norm of `grads` (all of them as one vector) and the gradients scaled so that norm
+ * is at most `maxNorm`: torch.nn.utils.clip_grad_norm_, `clip_coef = max_norm / (total_norm + 1e-6)`,
+ * applied when below 1. `maxNorm` null: the norm only, the gradients unchanged (same tensors).
+ * Returns new tensors (the caller disposes them) and the norm before clipping.
+ *
+ * ```js
+ * const {grads: clipped, norm} = await clipByGlobalNorm(grads, 1.0);
+ * ```
+ */
+export async function clipByGlobalNorm(
+    grads: readonly tf.Tensor[], maxNorm: number | null): Promise<{ grads: tf.Tensor[]; norm: number }> {
+  const op = 'clipByGlobalNorm';
+  if (maxNorm !== null) {
+    assertFiniteNumber(op, 'maxNorm', maxNorm);
+    if (maxNorm <= 0) fail(op, `'maxNorm' must be > 0 (or null: no clipping) but got ${maxNorm}`);
+  }
+  if (grads.length === 0) return { grads: [], norm: 0 };
+  const normTensor = tf.tidy(() => tf.sqrt(tf.addN(grads.map(g => tf.sum(tf.square(g))))));
+  const norm = (await normTensor.data())[0];
+  normTensor.dispose();
+  const coefficient = maxNorm === null ? 1 : maxNorm / (norm + 1e-6);
+  // torch multiplies by the clamped coefficient even when it is 1; skipping that multiply changes nothing
+  if (coefficient >= 1 || !Number.isFinite(norm)) return { grads: grads.map(g => tf.clone(g)), norm };
+  return { grads: grads.map(g => tf.mul(g, coefficient)), norm };
+}
