@@ -89,6 +89,11 @@ describe('generate/generate', () => {
     const stopped = await generate(model, PROMPT, { maxNewTokens: 12, tokenizer: CHARS, stopStrings: ['zz-not-there', stop] });
     expect(stopped).to.deep.include({ finishReason: 'stop', stopString: stop, text: full.text!.slice(0, at) });
     expect(Array.from(stopped.ids)).to.deep.equal(g.slice(0, at + stop.length));
+    // ids past the tokenizer's vocabulary (a padded model vocabulary) have no text, as in HF's decode
+    const small = CharTokenizer.fromText('abcde');
+    const padded = await generate(model, PROMPT, { maxNewTokens: 12, tokenizer: small });
+    expect(Array.from(padded.ids)).to.deep.equal(g);
+    expect(padded.text).to.equal(small.decode(g.filter(id => id < small.vocabSize)));
     // a text prompt is encoded by the tokenizer
     const text = await generate(model, CHARS.decode(PROMPT), { maxNewTokens: 12, tokenizer: CHARS });
     expect(Array.from(text.promptIds)).to.deep.equal(PROMPT);

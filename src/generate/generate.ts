@@ -157,7 +157,9 @@ export async function generate(model: tfl.LayersModel, prompt: GenerationPrompt,
     fail(OP, `'useCache' needs RotaryAttention layers (they keep the cache) but the model '${model.name}' has none; pass useCache: false`);
   }
   const rng = sampling === null ? null : new SeededRandom(sampling.seed);
-  const decode = (ids: number[]) => tokenizer!.decode(ids, { skipSpecialTokens: options.skipSpecialTokens !== false });
+  // a model's vocabulary is often padded past the tokenizer's: those ids have no text (HF's decode skips them too)
+  const decode = (ids: number[]) => tokenizer!.decode(ids.filter(id => id < tokenizer!.vocabSize),
+      { skipSpecialTokens: options.skipSpecialTokens !== false });
 
   const cache = useCache ? new KVCache() : null;
   const ids: number[] = [];
