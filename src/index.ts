@@ -43,6 +43,11 @@ export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
   type TrainRunOptions, type TrainRunResult, type TrainMode, type TrainLoopOptions, type TrainLoopResult,
 } from './train/index.js';
+export {
+  generate, KVCache, processLogits, drawToken, generationConfigFromJSON, readGenerationConfig, GenerationConfigError,
+  GENERATION_CONFIG_FILE, type GenerationOptions, type GenerationPrompt, type GenerationResult, type FinishReason,
+  type CachedKeys, type SamplingSettings, type GenerationConfig,
+} from './generate/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';
 
