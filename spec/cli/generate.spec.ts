@@ -19,6 +19,8 @@ import { runMain } from './run_cli.js';
 
 const TALA = 'examples/models/tala-moe';
 const MIXTRAL = 'spec/fixtures/hf/mixtral';
+/** the suite's backend (the command would otherwise switch to its default, cpu) */
+const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
 
 /** What generate() gives for the folder (and adapter) as the CLI loads them. */
 async function apiIds(dir: string, prompt: GenerationPrompt, options: GenerationOptions, adapter?: string): Promise<number[]> {
@@ -33,7 +35,7 @@ async function apiIds(dir: string, prompt: GenerationPrompt, options: Generation
 }
 
 async function runJSON(args: string[]): Promise<GenerateReport> {
-  const r = await runMain(['generate', ...args, '--json']);
+  const r = await runMain(['generate', ...args, '--json', '--backend', BACKEND]);
   expect(r.code, r.stderr).to.equal(0);
   return JSON.parse(r.stdout) as GenerateReport;
 }
@@ -54,7 +56,7 @@ describe('cli/generate', () => {
     expect(sampled.ids).to.deep.equal(await apiIds(TALA, 'miro ', { maxNewTokens: 16, temperature: 1.2, topK: 8, topP: 0.9, seed: 4 }));
     expect(sampled.sampling).to.deep.equal({ temperature: 1.2, topK: 8, topP: 0.9, seed: 4 });
     expect((await runJSON(sampledArgs)).ids, 'the same seed').to.deep.equal(sampled.ids);
-    const plain = await runMain(['generate', '--model', TALA, '--prompt', 'miro ', '--max-new-tokens', '16']);
+    const plain = await runMain(['generate', '--model', TALA, '--prompt', 'miro ', '--max-new-tokens', '16', '--backend', BACKEND]);
     expect(plain.code, plain.stderr).to.equal(0);
     expect(plain.stdout).to.equal(`${greedy.text}\n`);
     expect(plain.stderr).to.match(/\[16 tokens in [\d.]+ s, greedy; stopped at the token limit\]\n$/);
@@ -125,7 +127,7 @@ describe('cli/generate', () => {
     // a chat on a character tokenizer: the model folder has no chat template (exit 1)
     const chat = join(dir, 'chat-char.json');
     await writeFile(chat, JSON.stringify([{ role: 'user', content: 'miro' }]));
-    const r = await runMain(['generate', '--model', TALA, '--chat', chat]);
+    const r = await runMain(['generate', '--model', TALA, '--chat', chat, '--backend', BACKEND]);
     expect(r.code).to.equal(1);
     expect(r.stderr).to.include("`generate()`: a chat prompt needs an HFTokenizer (with a chat template) as 'options.tokenizer'");
   });
