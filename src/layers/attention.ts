@@ -222,11 +222,8 @@ export class RotaryAttention extends tfl.layers.Layer {
     const cache = currentSequenceContext()?.kvCache ?? null;
     if (cache === null) return {};
     const past = cache.seen(this.name);
-    const d = this.headDim;
-    const full = rotaryTables(past + s, d, this.ropeTheta);
-    const rotary = { cos: tf.slice(full.cos, [past, 0], [s, d]), sin: tf.slice(full.sin, [past, 0], [s, d]) };
     return {
-      rotary,
+      rotary: rotaryTables(s, this.headDim, this.ropeTheta, past),
       attend: (k, v) => {
         const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
         return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
