@@ -48,6 +48,11 @@ export {
   learningRateAt, LR_SCHEDULERS, clipByGlobalNorm, saveTrainCheckpoint, loadTrainCheckpoint, readRunConfig, RunConfigError,
   type LRScheduler, type TrainState, type StepReport, type EvalReport,
 } from './train/index.js';
+export {
+  generate, KVCache, processLogits, drawToken, generationConfigFromJSON, readGenerationConfig, GenerationConfigError,
+  GENERATION_CONFIG_FILE, type GenerationOptions, type GenerationPrompt, type GenerationResult, type FinishReason,
+  type CachedKeys, type SamplingSettings, type GenerationConfig,
+} from './generate/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';
 

@@ -44,6 +44,16 @@ describe('rotary embeddings', () => {
     });
   });
 
+  it('tables from a first position (a generation step after cached tokens) are the rows of the full table', () => {
+    expectNoLeak(() => {
+      const full = rotaryTables(9, 8, 10000);
+      const part = rotaryTables(3, 8, 10000, 6);
+      expect(Array.from(part.cos.dataSync())).to.deep.equal(Array.from(full.cos.dataSync().slice(6 * 8)));
+      expect(Array.from(part.sin.dataSync())).to.deep.equal(Array.from(full.sin.dataSync().slice(6 * 8)));
+      tf.dispose([full.cos, full.sin, part.cos, part.sin]);
+    });
+  });
+
   it('applyRotary matches a float64 reference, gradient equal to finite differences', () => {
     const rng = new Rng(3);
     const [n, s, d, theta] = [2, 4, 6, 100];
@@ -67,5 +77,6 @@ describe('rotary embeddings', () => {
     expect(() => rotaryTables(4, 7, 1e4)).to.throw("`rotaryTables()`: 'headDim' must be even but got 7");
     expect(() => rotaryTables(0, 8, 1e4)).to.throw("`rotaryTables()`: 'seqLen' must be >= 1 but got 0");
     expect(() => rotaryTables(4, 8, 0)).to.throw("`rotaryTables()`: 'theta' must be > 0 but got 0");
+    expect(() => rotaryTables(4, 8, 1e4, -1)).to.throw("`rotaryTables()`: 'first' must be >= 0 but got -1");
   });
 });

@@ -8,6 +8,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import * as bench from './commands/bench.js';
 import * as convert from './commands/convert.js';
+import * as generate from './commands/generate.js';
 import * as inspect from './commands/inspect.js';
 import * as merge from './commands/merge.js';
 import * as parity from './commands/parity.js';
@@ -29,6 +30,7 @@ export async function main(args: string[]): Promise<number> {
       .command(inspect)
       .command(tokenize)
       .command(merge)
+      .command(generate)
       .demandCommand(1, 'name a command')
       .strict()
       .help()

@@ -43,17 +43,22 @@ export interface RotaryAttentionArgs extends LayerArgs {
   initializerRange?: number;
 }
 
-/** Additive mask [S, S]: 0 where query i may attend key j (j ≤ i, i − j < window), a large negative value elsewhere. */
-function causalMask(seqLen: number, window: number | null): tf.Tensor2D {
+/**
+ * Additive mask [S, L]: 0 where query i (at position queryStart + i) may attend key j (at position
+ * keyStart + j): not after it and, with a window, less than `window` before it; a large negative
+ * value elsewhere. Without a KV cache both starts are 0 and L = S.
+ */
+function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
   // A finite value: it vanishes in softmax exactly as −inf does, without inf − inf in any gradient.
   const blocked = -1e9;
-  const data = new Float32Array(seqLen * seqLen);
+  const data = new Float32Array(seqLen * keyLen);
   for (let i = 0; i < seqLen; i++) {
-    for (let j = 0; j < seqLen; j++) {
-      if (j > i || (window !== null && i - j >= window)) data[i * seqLen + j] = blocked;
+    for (let j = 0; j < keyLen; j++) {
+      const distance = (queryStart + i) - (keyStart + j);
+      if (distance < 0 || (window !== null && distance >= window)) data[i * keyLen + j] = blocked;
     }
   }
-  return tf.tensor2d(data, [seqLen, seqLen]);
+  return tf.tensor2d(data, [seqLen, keyLen]);
 }
 
 /**
@@ -206,27 +211,57 @@ export class RotaryAttention extends tfl.layers.Layer {
       let k3 = heads(k, nkv, perHead ? 'k_norm.weight' : undefined);   // [B*nkv, S, D]
       let v3 = heads(v, nkv);                                          // [B*nkv, S, D]
       const { segmentIds, positionIds } = contextIds(b, s);
-      const { cos, sin } = positionIds === null ? rotaryTables(s, d, this.ropeTheta) : rotaryTablesAt(positionIds, d, this.ropeTheta, s);
+      // generation: the new tokens come after the cached ones (cachedPositions)
+      const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
+      const { cos, sin } = cached.rotary ??
+        (positionIds === null ? rotaryTables(s, d, this.ropeTheta) : rotaryTablesAt(positionIds, d, this.ropeTheta, s));
       q3 = applyRotary(q3, cos, sin);
       k3 = applyRotary(k3, cos, sin);
+      let mask: tf.Tensor2D | tf.Tensor4D;
+      [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds)];
+      const keyLen = k3.shape[1];                                      // L = S without a cache
       const rep = nh / nkv;
       if (rep > 1) {
         // query head h reads KV head floor(h / rep): repeat each KV head rep times in place
         const repeat = (t: tf.Tensor3D) =>
-          tf.reshape(tf.tile(tf.reshape(t, [b * nkv, 1, s * d]), [1, rep, 1]), [b * nh, s, d]) as tf.Tensor3D;
-        k3 = repeat(k3);                                               // [B*nh, S, D]
-        v3 = repeat(v3);                                               // [B*nh, S, D]
+          tf.reshape(tf.tile(tf.reshape(t, [b * nkv, 1, keyLen * d]), [1, rep, 1]), [b * nh, keyLen, d]) as tf.Tensor3D;
+        k3 = repeat(k3);                                               // [B*nh, L, D]
+        v3 = repeat(v3);                                               // [B*nh, L, D]
       }
       // same-batch 3-D products only (tfjs's broadcasting batch matMul has a wrong gradient)
-      const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d));  // [B*nh, S, S]
-      const mask = attentionMask(s, this.slidingWindow, segmentIds);  // [S, S] or [B, 1, S, S]
+      const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d));  // [B*nh, S, L]
+      // the mask: [S, L], or [B, 1, S, S] with segments
       const scores = mask.rank === 2 ? tf.add(scaled, mask) :
-        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, S]
-      const probs = tf.softmax(scores);                                // [B*nh, S, S]
+        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, L]
+      const probs = tf.softmax(scores);                                // [B*nh, S, L]
       const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
     });
+  }
+
+  /**
+   * With a KV cache in the sequence context (generation): the rotary tables of the S new tokens at
+   * the positions after the cached ones, and `attend`, which appends their keys and values to the
+   * cache and returns what they attend over (cache + new, [B·nkv, L, D]) with its causal (and
+   * sliding-window) mask [S, L]. Without a cache: nothing (positions from 0, keys are the new ones).
+   */
+  private cachedPositions(s: number, hasSegments: boolean): {
+    rotary?: { cos: tf.Tensor2D; sin: tf.Tensor2D };
+    attend?: (k: tf.Tensor3D, v: tf.Tensor3D) => [tf.Tensor3D, tf.Tensor3D, tf.Tensor2D];
+  } {
+    const cache = currentSequenceContext()?.kvCache ?? null;
+    if (cache === null) return {};
+    // the cache's positions run on from its length: one sample a row, no packing or padding
+    if (hasSegments) fail('RotaryAttention.call', "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
+    const past = cache.seen(this.name);
+    return {
+      rotary: rotaryTables(s, this.headDim, this.ropeTheta, past),
+      attend: (k, v) => {
+        const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
+        return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
+      },
+    };
   }
 
   override getConfig(): tf.serialization.ConfigDict {

@@ -7,26 +7,28 @@ import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { HOST_BACKENDS } from './embedding.js';
 
 /**
- * cos and sin tables [S, D] for positions 0..S−1, computed in float64 and rounded once.
+ * cos and sin tables [S, D] for positions first..first+S−1 (first 0 unless given: a generation
+ * step's new tokens come after the cached ones), computed in float64 and rounded once.
  *
  * ```js
  * const {cos, sin} = rotaryTables(11, 16, 10000);  // each [11, 16]
  * ```
  */
-export function rotaryTables(seqLen: number, headDim: number, theta: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+export function rotaryTables(seqLen: number, headDim: number, theta: number, first = 0): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
   const op = 'rotaryTables';
   assertInteger(op, 'seqLen', seqLen, 1);
   assertInteger(op, 'headDim', headDim, 2);
   if (headDim % 2 !== 0) fail(op, `'headDim' must be even but got ${headDim}`);
   assertFiniteNumber(op, 'theta', theta);
   if (theta <= 0) fail(op, `'theta' must be > 0 but got ${theta}`);
+  assertInteger(op, 'first', first, 0);
   const half = headDim / 2;
   const cos = new Float32Array(seqLen * headDim);
   const sin = new Float32Array(seqLen * headDim);
   for (let i = 0; i < half; i++) {
     const invFreq = 1 / Math.pow(theta, (2 * i) / headDim);
     for (let p = 0; p < seqLen; p++) {
-      const angle = p * invFreq;
+      const angle = (first + p) * invFreq;
       const c = Math.cos(angle);
       const s = Math.sin(angle);
       cos[p * headDim + i] = c; cos[p * headDim + i + half] = c;

@@ -9,6 +9,7 @@
  * tape keeps what the forward pass computed).
  */
 import type * as tf from '@tensorflow/tfjs-core';
+import type { KVCache } from '../generate/kv_cache.js';
 import { fail } from '../ops/validate.js';
 
 export interface SequenceContext {
@@ -30,6 +31,12 @@ export interface SequenceContext {
    * resumed run draws the masks the uninterrupted run drew. Absent: unseeded.
    */
   dropoutSeed?: number;
+  /**
+   * Generation: the keys and values of the tokens seen so far, per attention layer. The ids are
+   * then only the new tokens (positions continue after the cached ones); each RotaryAttention
+   * appends its new keys and values. Owned and disposed by the caller (`generate` does both).
+   */
+  kvCache?: KVCache | null;
 }
 
 const active: SequenceContext[] = [];

@@ -64,7 +64,7 @@ export function builder(yargs: Argv): Argv<TokenizeArgs> {
 }
 
 /** The messages of a --chat file: {messages: [...]} or the array itself (checked by the template). */
-async function readChat(path: string): Promise<unknown> {
+export async function readChat(path: string): Promise<unknown> {
   const json = await readJSONFile(path, '--chat file');
   if (Array.isArray(json)) return json;
   if (json !== null && typeof json === 'object' && 'messages' in json) return (json as { messages: unknown }).messages;
