@@ -4,21 +4,22 @@
  * applied and generation_config.json's EOS, and every bad argument.
  */
 import { expect } from 'chai';
-import { copyFile, mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { GenerateReport } from '../../src/cli/commands/generate.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
-import { CharTokenizer } from '../../src/data/tokenizer.js';
+import type { CharTokenizer } from '../../src/data/tokenizer.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { generate, type GenerationOptions, type GenerationPrompt } from '../../src/generate/generate.js';
 import { readGenerationConfig } from '../../src/generate/generation_config_file.js';
 import { loadModelDir } from '../../src/io/model_dir.js';
 import { loadPeftAdapter } from '../../src/io/peft.js';
+import { writeChatModel } from '../helpers/chat_model.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 import { runMain } from './run_cli.js';
 
 const TALA = 'examples/models/tala-moe';
-const MIXTRAL = 'spec/fixtures/hf/mixtral';
+const MIXTRAL = 'spec/fixtures/hf/mixtral';  // the chat model's weights (helpers/chat_model.ts) and an adapter for them
 /** the suite's backend (the command would otherwise switch to its default, cpu) */
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
 
@@ -71,19 +72,7 @@ describe('cli/generate', () => {
 
   it('--chat --adapter: the chat template\'s prompt, the adapter applied, generation_config.json\'s EOS', async () => {
     // the mixtral fixture's weights (vocab 97) with a 31-token HF tokenizer that has a chat template
-    const model = join(dir, 'chat-model');
-    await mkdir(model);
-    for (const f of ['config.json', 'model.safetensors']) await copyFile(join(MIXTRAL, f), join(model, f));
-    const json = CharTokenizer.fromText('abcdefghijklmnopqrstuvwxyz :\n').toJSON() as unknown as Record<string, any>;
-    const imEnd = Object.keys(json.model.vocab).length;
-    json.model.vocab['<|im_end|>'] = imEnd;
-    json.added_tokens.push({ ...json.added_tokens[0], id: imEnd, content: '<|im_end|>' });
-    json.pre_tokenizer.pattern.Regex = '[^\\x00]|\\x00';  // every code point, but not the character tokenizer's file
-    await writeFile(join(model, 'tokenizer.json'), JSON.stringify(json));
-    await writeFile(join(model, 'tokenizer_config.json'), JSON.stringify({
-      eos_token: '<|im_end|>',
-      chat_template: '{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}',
-    }));
+    const model = await writeChatModel(join(dir, 'chat-model'));
     const chat = join(dir, 'chat.json');
     const messages = [{ role: 'user', content: 'hello there' }];
     await writeFile(chat, JSON.stringify({ messages }));

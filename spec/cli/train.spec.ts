@@ -107,7 +107,7 @@ describe('cli/train', () => {
       expect(r.stderr).to.match(new RegExp(`^training qwen3_moe \\(LoRA\\) on ${BACKEND}: [\\d,]+ of [\\d,]+ weights trainable, ` +
           '3 steps of 2 × 8 tokens \\(Ctrl-C stops and saves\\)\\n'));
       const lines = r.stdout.trimEnd().split('\n');
-      expect(lines[0]).to.match(new RegExp(`^trained qwen3_moe \\(LoRA\\) on ${BACKEND}: 3 steps on a ${TEXT.length}-token text in [\\d.]+ s \\(\\d+ tok/s\\)$`));
+      expect(lines[0]).to.match(new RegExp(`^trained qwen3_moe \\(LoRA\\) on ${BACKEND}: 3 steps on ${TEXT.length} training tokens in [\\d.]+ s \\(\\d+ tok/s\\)$`));
       expect(lines[1]).to.match(/^ {2}train loss {7}\d+\.\d{4} \(first step\) → \d+\.\d{4} \(mean of the last 3\)$/);
       expect(lines[2]).to.match(/^ {2}validation loss {2}\d+\.\d{4} → \d+\.\d{4}$/);
       expect(lines[4]).to.equal(`  wrote            ${out}/adapter_config.json, ${out}/adapter_model.safetensors`);

@@ -123,13 +123,13 @@ describe('train/run: checkpoints, metrics, evaluation and resume', () => {
     expect((await readdir(out)).sort()).to.deep.equal(['checkpoint-4', 'checkpoint-6']);
   });
 
-  it('refuses what is not wired yet, a run without data or length, evaluation without val, and an unwritable metrics file', async () => {
+  it('refuses data with datasets (or neither), dataset options on a text, no length, evaluation without validation data, and an unwritable metrics file', async () => {
     const cases: Array<[Partial<TrainRunOptions>, string]> = [
-      [{ datasets: [{ path: 'a.jsonl', type: 'alpaca' }], samplePacking: true },
-        'datasets, samplePacking: not wired into training yet (the dataset loader comes next); train on a text file with data for now'],
-      [{ data: undefined }, 'give data (the training text file)'],
+      [{ datasets: [{ path: 'a.jsonl', type: 'alpaca' }] }, 'give exactly one of data (a text file) and datasets (JSON Lines files)'],
+      [{ data: undefined }, 'give exactly one of data (a text file) and datasets (JSON Lines files)'],
+      [{ samplePacking: true, valSetSize: 2 }, 'samplePacking, valSetSize: for datasets (JSON Lines files), not for the text file of data'],
       [{ steps: undefined }, 'give steps (max_steps) or numEpochs'],
-      [{ val: undefined, evalEvery: 2 }, 'evalEvery needs val (the held-out text)'],
+      [{ val: undefined, evalEvery: 2 }, 'evalEvery needs validation data: val (with data) or valSetSize (with datasets)'],
     ];
     for (const [over, message] of cases) {
       const e = await reject(runTraining(run({ out: join(dir, 'bad'), ...over })));

@@ -9,7 +9,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { join } from 'node:path';
 import type { ResolvedPluginArgs } from '../args/schema.js';
+import { datasetBatches, epochBatchCount, loadDatasets, type DatasetSpec } from '../data/datasets.js';
 import type { HFTokenizer } from '../data/hf_tokenizer.js';
+import type { TextTokenizer } from '../data/text_tokenizer.js';
 import { CharTokenizer, describeChar, TOKENIZER_FILE } from '../data/tokenizer.js';
 import { readTokenizer, tokenizerFiles } from '../data/tokenizer_file.js';
 import type { ExpertDtype } from '../io/hf_block.js';
@@ -24,7 +26,8 @@ import { register, type PluginHandle } from '../plugin.js';
 import { checkOutputFolder } from '../util/output_folder.js';
 import { readTextFile } from '../util/files.js';
 import { TrainError } from './errors.js';
-import { evaluateLoss } from './evaluate.js';
+import { evaluateDatasetLoss, evaluateLoss } from './evaluate.js';
+import type { BatchSource } from './batches.js';
 import { loadTrainCheckpoint, saveTrainCheckpoint } from './checkpoint.js';
 import { trainLoop, type TrainState } from './loop.js';
 import { openMetricsLog } from './metrics.js';
@@ -40,13 +43,32 @@ export interface TrainRunOptions {
   initConfig?: string;
   /** start from this HF checkpoint folder, which must hold the tokenizer.json it was trained with */
   model?: string;
-  /** the training text file */
+  /** the training text file (random windows of its tokens); or give `datasets` */
   data?: string;
-  /** a held-out text file: its loss is measured before and after training (and every evalEvery steps) */
+  /** a held-out text file (with `data`): its loss is measured before and after training (and every evalEvery steps) */
   val?: string;
+  /**
+   * JSON Lines datasets (axolotl's `datasets: [{path, type, field}]`, see loadDatasets) instead of
+   * `data`: samples of at most `seq` tokens, loss-masked, padded or packed, `batch` rows a micro-batch
+   */
+  datasets?: DatasetSpec[];
+  /** with datasets: several samples a row (axolotl's sample_packing); default false */
+  samplePacking?: boolean;
+  /** with datasets: the loss on prompts and user turns too (axolotl's train_on_inputs); default false */
+  trainOnInputs?: boolean;
+  /** with datasets: validation samples split off, a fraction in (0, 1) or a count (axolotl's val_set_size) */
+  valSetSize?: number;
+  /**
+   * from scratch: a folder whose tokenizer.json (an HF tokenizer, with its tokenizer_config.json)
+   * the new model uses; default a character tokenizer built from `data`
+   */
+  tokenizer?: string;
   /** optimizer steps (HF's max_steps); wins over numEpochs */
   steps?: number;
-  /** passes over the text when `steps` is absent: one epoch is ceil(tokens / (batch · seq · gradAccum)) steps */
+  /**
+   * passes over the data when `steps` is absent: one epoch is ceil(tokens / (batch · seq · gradAccum))
+   * steps of a text, ceil(micro-batches of the first epoch / gradAccum) of datasets
+   */
   numEpochs?: number;
   /** 'constant' (default), 'linear' or 'cosine', after a linear warm-up */
   lrScheduler?: LRScheduler;
@@ -68,14 +90,6 @@ export interface TrainRunOptions {
   metrics?: string;
   /** continue the run from this checkpoint folder (out/checkpoint-<step>), exactly as it would have gone on */
   resume?: string;
-  /** datasets (axolotl's path/type/field): carried for the dataset loader, not wired into the run yet */
-  datasets?: { path: string; type: string; field?: string }[];
-  /** pack short samples into rows: not wired yet */
-  samplePacking?: boolean;
-  /** the loss on the prompts too: not wired yet */
-  trainOnInputs?: boolean;
-  /** a validation split of the datasets: not wired yet */
-  valSetSize?: number;
   lr: number;
   batch: number;
   seq: number;
@@ -157,6 +171,50 @@ async function initConfig(spec: string, vocabSize: number): Promise<HFConfig> {
   return c;
 }
 
+/** What the loop trains on and evaluates with, from a text file or from datasets. */
+interface RunData {
+  /** a text's tokens, the predicted labels of datasets */
+  trainTokens: number;
+  /** the loop's input, positioned after `startBatch` micro-batches (resume) */
+  source(startBatch: number): Int32Array | BatchSource;
+  /** optimizer steps in `epochs` passes */
+  epochSteps(epochs: number): number;
+  evaluate: (() => number | Promise<number>) | null;
+}
+
+function textData(model: tfl.LayersModel, tokenizer: TextTokenizer, text: string, valText: string | undefined,
+    options: TrainRunOptions, gradAccum: number): RunData {
+  const tokens = tokenizer.encode(text);
+  const valTokens = valText === undefined ? undefined : tokenizer.encode(valText);
+  if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 tokens`);
+  return {
+    trainTokens: tokens.length,
+    // the loop draws the windows itself (windowBatches), positioned by the resumed state
+    source: () => tokens,
+    epochSteps: epochs => Math.ceil(epochs * tokens.length / (options.batch * options.seq * gradAccum)),
+    evaluate: valTokens === undefined ? null : () => evaluateLoss(model, valTokens, { seq: options.seq, batch: options.batch }),
+  };
+}
+
+async function datasetData(
+    model: tfl.LayersModel, tokenizer: TextTokenizer, options: TrainRunOptions, gradAccum: number): Promise<RunData> {
+  const { train, val, dropped } = await loadDatasets(options.datasets!, tokenizer, {
+    sequenceLen: options.seq, samplePacking: options.samplePacking, trainOnInputs: options.trainOnInputs,
+    valSetSize: options.valSetSize, seed: options.seed,
+  });
+  if (dropped > 0) {
+    options.note?.(`${dropped} sample${dropped > 1 ? 's' : ''} left out: nothing to predict within seq ${options.seq} ` +
+        '(the answer was cut away, or empty)');
+  }
+  return {
+    trainTokens: train.targetCount,
+    source: startBatch => datasetBatches(train, { batch: options.batch, seed: options.seed, startBatch }),
+    // packing makes an epoch's row count depend on its order: the first epoch's stands for all
+    epochSteps: epochs => Math.ceil(epochs * epochBatchCount(train, { batch: options.batch, seed: options.seed, epoch: 0 }) / gradAccum),
+    evaluate: val === null ? null : () => evaluateDatasetLoss(model, val, options.batch),
+  };
+}
+
 // logical shapes: packed 16-bit experts count their [E, rows, cols] values, not their int32 words
 const count = (vars: ReadonlyArray<tfl.LayerVariable | tf.Variable>) =>
   vars.reduce((s, v) => s + (v instanceof tf.Variable ? v.shape : variableShape(v)).reduce((p, d) => p * d, 1), 0);
@@ -173,12 +231,17 @@ const count = (vars: ReadonlyArray<tfl.LayerVariable | tf.Variable>) =>
  */
 export async function runTraining(options: TrainRunOptions): Promise<TrainRunResult> {
   const { plugin } = options;
-  const notWired = (['datasets', 'samplePacking', 'trainOnInputs', 'valSetSize'] as const).filter(k => options[k] !== undefined);
-  if (notWired.length > 0) {
-    throw new TrainError(`${notWired.join(', ')}: not wired into training yet (the dataset loader comes next); ` +
-        'train on a text file with data for now');
+  if ((options.data === undefined) === (options.datasets === undefined)) {
+    throw new TrainError('give exactly one of data (a text file) and datasets (JSON Lines files)');
   }
-  if (options.data === undefined) throw new TrainError('give data (the training text file)');
+  if (options.datasets === undefined) {
+    const datasetOnly = (['samplePacking', 'trainOnInputs', 'valSetSize'] as const).filter(k => options[k] !== undefined);
+    if (datasetOnly.length > 0) {
+      throw new TrainError(`${datasetOnly.join(', ')}: for datasets (JSON Lines files), not for the text file of data`);
+    }
+  } else if (options.val !== undefined) {
+    throw new TrainError('val (a held-out text file) goes with data; with datasets, split validation samples off with valSetSize');
+  }
   if (options.steps === undefined && options.numEpochs === undefined) throw new TrainError('give steps (max_steps) or numEpochs');
   if ((options.initConfig === undefined) === (options.model === undefined)) {
     throw new TrainError('give exactly one of initConfig (from scratch) and model (a checkpoint folder)');
@@ -187,6 +250,13 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   if (options.initConfig !== undefined && lora !== null) {
     throw new TrainError('LoRA needs a trained model to adapt (model), not a from-scratch initConfig');
   }
+  if (options.tokenizer !== undefined && options.initConfig === undefined) {
+    throw new TrainError('tokenizer is for a from-scratch run (initConfig): a model folder brings its own tokenizer.json');
+  }
+  if (options.initConfig !== undefined && options.tokenizer === undefined && options.datasets !== undefined) {
+    throw new TrainError('a from-scratch run on datasets needs a tokenizer folder (tokenizer): the character tokenizer ' +
+        'is built from the text file of data');
+  }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
   if (mode === 'full' && options.expertDtype === 'stored') {
     throw new TrainError("full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' " +
@@ -194,7 +264,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   }
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
-  const text = await readText(options.data, 'training data');
+  const text = options.data === undefined ? null : await readText(options.data, 'training data');
   const resumed = options.resume === undefined ? null : await loadTrainCheckpoint(options.resume);
   const valText = options.val === undefined ? undefined : await readText(options.val, 'validation');
 
@@ -205,7 +275,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     tokenizer = await readTokenizer(options.resume!);
     model = await loadHFCheckpoint(options.resume!, { expertDtype: 'float32' });
   } else if (options.initConfig !== undefined) {
-    tokenizer = CharTokenizer.fromText(text);
+    tokenizer = options.tokenizer !== undefined ? await readTokenizer(options.tokenizer) : CharTokenizer.fromText(text!);
     const config = await initConfig(options.initConfig, tokenizer.vocabSize);
     // a loaded checkpoint is checked by its loader; a new model before it is built (the step: by trainLoop)
     const tooLarge = memoryProblem('the weights need', estimateLoadMemory(config), 'a smaller config');  // built in place: no load peak
@@ -236,7 +306,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     handle = register({ ...plugin, models: [model] });
     if (lora !== null && resumed === null) seedAdapterInit(model, lora.adapterName, options.seed);
     // a real tokenizer has byte fallback or an unknown token of its own: only the character one can miss characters
-    if (tokenizer instanceof CharTokenizer) {
+    if (tokenizer instanceof CharTokenizer && text !== null) {
       const chars = tokenizer;
       for (const [label, t] of [['training data', text], ['validation text', valText ?? '']] as const) {
         const unknown = chars.unknownChars(t);
@@ -246,20 +316,25 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
         }
       }
     }
-    const tokens = tokenizer.encode(text);
-    const valTokens = valText === undefined ? undefined : tokenizer.encode(valText);
-    if (valTokens !== undefined && valTokens.length < 2) throw new TrainError(`the validation text '${options.val}' needs at least 2 tokens`);
-    const evaluate = () => valTokens === undefined ? null : evaluateLoss(model, valTokens, { seq: options.seq, batch: options.batch });
-
     const gradAccum = options.gradAccum ?? 1;
-    const steps = options.steps ?? Math.ceil(options.numEpochs! * tokens.length / (options.batch * options.seq * gradAccum));
-    if (options.evalEvery !== undefined && valTokens === undefined) throw new TrainError('evalEvery needs val (the held-out text)');
+    const data = text !== null ?
+      textData(model, tokenizer, text, valText, options, gradAccum) :
+      await datasetData(model, tokenizer, options, gradAccum);
+    const steps = options.steps ?? data.epochSteps(options.numEpochs!);
+    if (options.evalEvery !== undefined && data.evaluate === null) {
+      throw new TrainError('evalEvery needs validation data: val (with data) or valSetSize (with datasets)');
+    }
+    const evaluate = async () => data.evaluate === null ? null : data.evaluate();
     // what decides the loss curve: a resumed run must match the checkpoint's run on all of it
     const curve = {
       mode, steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
       lrScheduler: options.lrScheduler ?? 'constant',
       warmupSteps: options.warmupSteps ?? Math.ceil(steps * (options.warmupRatio ?? 0)),
-      gradAccum, maxGradNorm: options.maxGradNorm ?? null, trainTokens: tokens.length,
+      gradAccum, maxGradNorm: options.maxGradNorm ?? null, trainTokens: data.trainTokens,
+      // datasets: what makes their rows (a text's windows depend on the above only)
+      ...(options.datasets === undefined ? {} : {
+        samplePacking: options.samplePacking === true, trainOnInputs: options.trainOnInputs === true, valSetSize: options.valSetSize ?? 0,
+      }),
     };
     if (resumed !== null) {
       const differ = Object.entries(curve).filter(([k, v]) => JSON.stringify(resumed.options[k]) !== JSON.stringify(v));
@@ -279,20 +354,20 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       return ['config.json', 'model.safetensors', ...Object.keys(extraFiles)];
     };
 
-    const valLossBefore = evaluate();
+    const valLossBefore = await evaluate();
     options.onStart?.({
       mode, modelType: String(config['model_type']), params: count(model.weights),
-      trainableParams: count(trainableVariables(model)), trainTokens: tokens.length,
+      trainableParams: count(trainableVariables(model)), trainTokens: data.trainTokens,
     });
     const progress = createProgress(steps, resumed?.state.step ?? 0, options.progress);
     const metrics = options.metrics === undefined ? null : openMetricsLog(options.metrics, resumed !== null);
     let result;
     try {
-      result = await trainLoop(model, tokens, {
+      result = await trainLoop(model, data.source(resumed?.state.microBatches ?? 0), {
         steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
         lrScheduler: curve.lrScheduler, warmupSteps: curve.warmupSteps, gradAccum, maxGradNorm: curve.maxGradNorm,
         resume: resumed?.state,
-        evalEvery: options.evalEvery, evaluate: () => evaluate()!, onEval: r => metrics?.eval(r),
+        evalEvery: options.evalEvery, evaluate: async () => (await evaluate())!, onEval: r => metrics?.eval(r),
         saveEvery: options.saveEvery,
         onSave: (state: TrainState) => saveTrainCheckpoint(options.out, state, curve, async dir => { await saveModel(dir); },
             options.saveTotalLimit).then(() => undefined),
@@ -303,7 +378,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       progress.stop();
       metrics?.close();
     }
-    const valLossAfter = result.losses.length > 0 ? evaluate() : valLossBefore;
+    const valLossAfter = result.losses.length > 0 ? await evaluate() : valLossBefore;
     const files = await saveModel(options.out);
     const last = result.losses.slice(-10);
     return {
@@ -313,7 +388,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       vocabSize: tokenizer.vocabSize,
       params: count(model.weights),
       trainableParams: count(trainableVariables(model)),
-      trainTokens: tokens.length,
+      trainTokens: data.trainTokens,
       steps: result.step,
       stopped: result.stopped,
       firstLoss: result.losses[0] ?? null,

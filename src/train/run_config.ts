@@ -12,6 +12,8 @@ import type { PluginArgsProblem } from '../args/errors.js';
 import type { ArgSpec } from '../args/schema.js';
 import { checkScalar, collectArgProblems, Collector, describeValue } from '../args/validate.js';
 import { suggestName } from '../args/suggest.js';
+import { DATASET_TYPES, type DatasetType } from '../data/datasets_formats.js';
+import type { DatasetSpec } from '../data/datasets.js';
 import { readTextFile } from '../util/files.js';
 import { TrainError } from './errors.js';
 import { LR_SCHEDULERS } from './schedule.js';
@@ -50,6 +52,8 @@ export const RUN_CONFIG_KEYS: readonly RunKeySpec[] = [
   { key: 'init_config', kind: 'string', field: 'initConfig' },
   { key: 'data', kind: 'string', field: 'data' },
   { key: 'val', kind: 'string', field: 'val' },
+  // axolotl's key for where the tokenizer is (here: a from-scratch run's tokenizer folder)
+  { key: 'tokenizer_config', kind: 'string', field: 'tokenizer' },
   { key: 'datasets', kind: 'datasets', field: 'datasets' },
   { key: 'adapter', kind: 'adapter' },
   { key: 'lora_r', kind: 'integer', lora: 'r' },
@@ -95,12 +99,12 @@ const LORA_KEY_OF: Readonly<Record<string, string>> = Object.fromEntries(
 
 const DATASET_KEYS = ['path', 'type', 'field'];
 
-function checkDatasets(problems: string[], value: unknown): { path: string; type: string; field?: string }[] | undefined {
+function checkDatasets(problems: string[], value: unknown): DatasetSpec[] | undefined {
   if (!Array.isArray(value) || value.length === 0) {
     problems.push(`datasets: expected a non-empty list of {path, type, field?} but got ${describeValue(value)}`);
     return undefined;
   }
-  const out: { path: string; type: string; field?: string }[] = [];
+  const out: DatasetSpec[] = [];
   value.forEach((d, i) => {
     if (d === null || typeof d !== 'object' || Array.isArray(d)) {
       problems.push(`datasets[${i}]: expected {path, type, field?} but got ${describeValue(d)}`);
@@ -117,10 +121,15 @@ function checkDatasets(problems: string[], value: unknown): { path: string; type
         problems.push(`datasets[${i}].${key}: expected a non-empty string but got ${describeValue(entry[key])}`);
       }
     }
+    const type = entry['type'];
+    if (typeof type === 'string' && type.length > 0 && !DATASET_TYPES.includes(type as DatasetType)) {
+      const hint = suggestName(type, DATASET_TYPES);
+      problems.push(`datasets[${i}].type: expected one of ${DATASET_TYPES.join(', ')} but got '${type}'${hint ? `; did you mean '${hint}'?` : ''}`);
+    }
     if (entry['field'] !== undefined && typeof entry['field'] !== 'string') {
       problems.push(`datasets[${i}].field: expected a string but got ${describeValue(entry['field'])}`);
     }
-    out.push({ path: entry['path'] as string, type: entry['type'] as string, ...(entry['field'] === undefined ? {} : { field: entry['field'] as string }) });
+    out.push({ path: entry['path'] as string, type: type as DatasetType, ...(entry['field'] === undefined ? {} : { field: entry['field'] as string }) });
   });
   return out;
 }

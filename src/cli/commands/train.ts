@@ -1,6 +1,6 @@
 /**
  * `tfjs-moe-lora train`: a model from scratch (--init-config) or LoRA / full fine-tuning of a
- * checkpoint folder (--model), on a text file, with next-token cross-entropy and Adam. The logic is
+ * checkpoint folder (--model), on a text file or JSON Lines datasets, with next-token cross-entropy and Adam. The logic is
  * src/train/run.ts. Exit codes: 0 done, 1 failed, 2 bad arguments, 130 interrupted (Ctrl-C;
  * what was trained so far is saved).
  */
@@ -8,6 +8,9 @@ import { existsSync, statSync } from 'node:fs';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { PluginArgsError } from '../../args/errors.js';
 import { TokenizerError } from '../../data/tokenizer.js';
+import type { DatasetSpec } from '../../data/datasets.js';
+import { DatasetError } from '../../data/datasets_error.js';
+import { DATASET_TYPES, type DatasetType } from '../../data/datasets_formats.js';
 import { TrainError } from '../../train/errors.js';
 import { onInterrupt } from '../../train/interrupt.js';
 import { INIT_PRESET_NAMES } from '../../train/presets.js';
@@ -45,7 +48,9 @@ interface TrainArgs {
   saveTotalLimit?: number;
   metrics?: string;
   resume?: string;
-  datasets?: { path: string; type: string; field?: string }[];
+  datasets?: DatasetSpec[];
+  dataType?: string;
+  tokenizer?: string;
   samplePacking?: boolean;
   trainOnInputs?: boolean;
   valSetSize?: number;
@@ -55,10 +60,13 @@ interface TrainArgs {
 }
 
 export const command = 'train';
-export const describe = 'Train an MoE model from scratch or fine-tune one (LoRA with the --lora-* flags) on a text file';
+export const describe = 'Train an MoE model from scratch or fine-tune one (LoRA with the --lora-* flags) on a text file or a JSON Lines dataset';
 
 /** Default learning rates: LoRA adapters start at zero and take a larger step. */
 export const DEFAULT_LR = { full: 3e-3, lora: 1e-2 } as const;
+
+/** --data-type's values: a text file, or a dataset type */
+const DATA_TYPES: readonly string[] = ['text', ...DATASET_TYPES];
 
 const isFile = (p: string) => existsSync(p) && statSync(p).isFile();
 const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
@@ -66,7 +74,7 @@ const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 const LORA_FLAG = /^lora-(?!mode$)/;
 const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
   'overwrite', 'expert-dtype', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
-  'save-total-limit', 'metrics', 'resume'];
+  'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size'];
 
 /** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
 const TRAIN_DEFAULTS = { steps: 200, batch: 8, seq: 64, seed: 1, backend: 'wasm' } as const;
@@ -81,6 +89,15 @@ function checkTrainArgs(argv: Record<string, unknown>): string | true {
   const repeated = SINGLE_FLAGS.find(f => Array.isArray(argv[f]));
   if (repeated !== undefined) return `--${repeated} is given ${(argv[repeated] as unknown[]).length} times; give it once`;
   if (argv.data === undefined && argv.datasets === undefined) return 'Missing required argument: data';
+  if (argv.data !== undefined && argv.datasets !== undefined) return 'give --data or a run config\'s datasets, not both';
+  const dataType = argv['data-type'] as string | undefined;
+  if (dataType !== undefined && !DATA_TYPES.includes(dataType)) {
+    return `--data-type must be one of ${DATA_TYPES.join(', ')} but got '${dataType}'`;
+  }
+  const onText = argv.datasets === undefined && (dataType ?? 'text') === 'text';
+  const datasetFlag = ['sample-packing', 'train-on-inputs', 'val-set-size'].find(f => argv[f] !== undefined);
+  if (onText && datasetFlag !== undefined) return `--${datasetFlag} is for JSON Lines datasets (--data-type), not a text file`;
+  if (!onText && argv.val !== undefined) return '--val is a held-out text file; with a dataset, split validation samples off with --val-set-size';
   if (argv.out === undefined) return 'Missing required argument: out';
   const scratch = argv['init-config'] as string | undefined;
   const model = argv.model as string | undefined;
@@ -110,7 +127,15 @@ function checkTrainArgs(argv: Record<string, unknown>): string | true {
     const v = argv[name] as number | undefined;
     if (v !== undefined && !(Number.isFinite(v) && v > 0)) return `--${name} must be a number > 0 but got ${v}`;
   }
-  if (argv['eval-every'] !== undefined && argv.val === undefined) return '--eval-every needs --val (the held-out text it evaluates)';
+  if (argv['eval-every'] !== undefined && argv.val === undefined && argv['val-set-size'] === undefined) {
+    return '--eval-every needs validation data: --val (a held-out text) or --val-set-size (with a dataset)';
+  }
+  const tokenizer = argv.tokenizer as string | undefined;
+  if (tokenizer !== undefined && scratch === undefined) return '--tokenizer is for --init-config: a --model folder brings its own tokenizer';
+  if (tokenizer !== undefined && !isDir(tokenizer)) return `--tokenizer: '${tokenizer}' is not a directory`;
+  if (scratch !== undefined && tokenizer === undefined && !onText) {
+    return 'a from-scratch run on a dataset needs --tokenizer DIR (the character tokenizer is built from a text file)';
+  }
   // last, as it creates --out's parent folders: the output is checked before any work
   try {
     // a resumed run writes into the folder that holds its checkpoints
@@ -170,6 +195,20 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('data', { type: 'string', requiresArg: true, describe: 'the training text (UTF-8); required' })
       .option('val', { type: 'string', requiresArg: true, describe: 'held-out text: its loss is reported before and after' })
+      .option('data-type', {
+        type: 'string', requiresArg: true, group: 'Data:',
+        describe: `what --data holds: 'text' (default: random windows of a text file) or a JSON Lines dataset type ` +
+            `(${DATASET_TYPES.join(', ')}; docs/datasets.md)`,
+      })
+      .option('sample-packing', { type: 'boolean', group: 'Data:', describe: 'pack several samples a row (a dataset; no attention across samples)' })
+      .option('train-on-inputs', { type: 'boolean', group: 'Data:', describe: 'train on prompts and user turns too (default: answers only)' })
+      .option('val-set-size', {
+        type: 'number', requiresArg: true, group: 'Data:', describe: 'validation samples split off a dataset: a fraction in (0, 1) or a count',
+      })
+      .option('tokenizer', {
+        type: 'string', requiresArg: true, group: 'Model (one of):',
+        describe: 'with --init-config: a folder whose tokenizer.json the new model uses (default: characters of --data)',
+      })
       .option('steps', { type: 'number', requiresArg: true, describe: `optimizer steps (default ${TRAIN_DEFAULTS.steps})` })
       .option('lr', {
         type: 'number', requiresArg: true,
@@ -228,7 +267,7 @@ function formatResult(r: TrainRunResult): string {
   const what = MODE_NAMES[r.mode];
   const loss = (v: number | null) => (v === null ? '-' : v.toFixed(4));
   const lines = [
-    `trained ${r.modelType} (${what}) on ${r.backend}: ${r.steps} steps on a ${r.trainTokens}-token text in ` +
+    `trained ${r.modelType} (${what}) on ${r.backend}: ${r.steps} steps on ${r.trainTokens} training tokens in ` +
         `${r.seconds.toFixed(1)} s (${Math.round(r.tokensPerSecond)} tok/s)`,
     `  train loss       ${loss(r.firstLoss)} (first step) → ${loss(r.finalLoss)} (mean of the last ${Math.min(10, r.losses.length)})`,
   ];
@@ -259,7 +298,11 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   let result: TrainRunResult;
   try {
     result = await runTraining({
-      initConfig: argv.initConfig, model: argv.model, data: argv.data, val: argv.val,
+      initConfig: argv.initConfig, model: argv.model, val: argv.val, tokenizer: argv.tokenizer,
+      // --data-type makes --data a dataset; a run config gives datasets
+      ...(argv.data !== undefined && (argv.dataType ?? 'text') !== 'text' ?
+        { datasets: [{ path: argv.data, type: argv.dataType as DatasetType }] } :
+        { data: argv.data, datasets: argv.datasets }),
       // a run config's num_epochs applies when no step count was given (max_steps wins, as in transformers)
       steps: argv.steps,
       numEpochs: argv.numEpochs,
@@ -268,7 +311,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       lrScheduler: argv.lrScheduler, warmupSteps: argv.warmupSteps, warmupRatio: argv.warmupRatio, gradAccum: argv.gradAccum,
       maxGradNorm: argv.maxGradNorm, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
       metrics: argv.metrics, resume: argv.resume,
-      datasets: argv.datasets, samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
+      samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
       expertDtype: argv.expertDtype,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
@@ -283,7 +326,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   } catch (err) {
     // the model and the args did not fit together (e.g. a rank above a weight's size): bad arguments
     if (err instanceof PluginArgsError) throw new UsageError(err.message);
-    if (err instanceof TrainError || err instanceof TokenizerError) {
+    if (err instanceof TrainError || err instanceof TokenizerError || err instanceof DatasetError) {
       process.stderr.write(`tfjs-moe-lora: error: ${err.message}\n`);
       throw new ExitCode(1);
     }
