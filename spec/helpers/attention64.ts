@@ -1,11 +1,14 @@
 /** A float64 reference of RotaryAttention (spec helper shared by the attention and LoRA specs). */
-import type * as tfl from '@tensorflow/tfjs-layers';
 import type { RotaryAttentionArgs } from '../../src/layers/attention.js';
 
 export type Weights = Record<string, Float64Array>;
 
 /** float64 reference of the layer: projections, norms, clip, rope, causal (windowed) GQA softmax attention. */
-export function attention64(x: Float64Array, w: Weights, a: Required<Omit<RotaryAttentionArgs, keyof tfl.layers.Layer | 'name' | 'initializerRange'>>,
+/** The layer settings the reference reads. */
+export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
+    'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>>;
+
+export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     b: number, s: number, h: number): Float64Array {
   const { numHeads: nh, numKeyValueHeads: nkv, headDim: d } = a;
   const rep = nh / nkv;
