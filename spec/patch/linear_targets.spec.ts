@@ -128,7 +128,7 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
           "lora.rankPattern: expected keys that are regular expressions but got '('",
           'lora.rankPattern["k_proj"]: expected an integer >= 1 but got 0 (number)']);
     expect(problems(() => register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj'], alphaPattern: [] as never } })))
-        .to.deep.equal(['lora.alphaPattern: expected an object {module-name key: a number > 0} but got [] (array)']);
+        .to.deep.equal(['lora.alphaPattern: expected an object {module-name key: a number > 0} but got []']);
   });
 
   it('dropout > 0 is accepted on attention and dense-MLP targets and applies in training passes', () => {
