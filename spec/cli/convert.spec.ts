@@ -234,7 +234,7 @@ describe('cli/convert', () => {
         ['  generation_config.json  N', '  model.json  N', '  weights.bin  N']);
     expect(formatConvert({
       input: 'in', from: 'tfjs', output: 'out', to: 'peft', files: [{ name: 'a', bytes: 2048 }], notes: ['n'],
-      adapter: { name: 'x', r: 2, alpha: 4, rsLoRA: false, targets: ['router'], layers: ['l'], notes: [] },
+      adapter: { name: 'x', r: 2, alpha: 4, rsLoRA: false, targets: ['router'], layers: ['l'], modules: [], notes: [] },
     })).to.equal("convert in (TF.js LayersModel) + adapter 'x' (r 2, alpha 4, router; 1 layers) → out (PEFT adapter)\n  a  2.0 KiB\nnote: n\n");
     const help = await runMain(['convert', '--help']);
     expect(help.code).to.equal(0);

@@ -235,6 +235,11 @@ export class LinearLoRA {
     return [...this.adapters.keys(), ...this.pending.map(c => c.name)];
   }
 
+  /** Whether a variable of the layer is an adapter factor (not a base weight). */
+  owns(variable: tfl.LayerVariable): boolean {
+    return [...this.adapters.values()].some(s => Object.values(s.factors).some(f => f.A === variable || f.B === variable));
+  }
+
   /** An adapter's settings (a pending one's too), or undefined. */
   config(name: string): LinearAdapterConfig | undefined {
     const c = this.adapters.get(name)?.config ?? this.pending.find(p => p.name === name);
