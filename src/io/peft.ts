@@ -410,8 +410,11 @@ function readAdapterConfig(
   // a pattern on an MoE target would change its rank in PEFT: refused rather than ignored
   for (const [key, values] of [['rank_pattern', rankPattern], ['alpha_pattern', alphaPattern]] as const) {
     for (const k of Object.keys(values)) {
-      const moe = layers.flatMap(l => [...Object.values(names.parameter), ...Object.values(names.module)].map(n => `${l.name}.${n}`))
-          .find(n => patternKey([k], n) !== undefined || patternKey([k], n.replace(/\.weight$/, '')) !== undefined);
+      // PEFT matches a parameter target by its module's name ('….mlp.experts') and a module target by its own
+      const moe = layers.flatMap(l => [
+        ...Object.values(names.parameter).map(n => `${l.name}.${n.slice(0, n.lastIndexOf('.'))}`),
+        ...(l.sharedExpert == null ? [] : Object.values(names.module).map(n => `${l.name}.${n}`)),
+      ]).find(n => patternKey([k], n) !== undefined);
       if (moe !== undefined) problems.push(`${key} key ${JSON.stringify(k)} matches the MoE target '${moe}': per-module ranks and alphas are supported on attention and dense-MLP projections only`);
     }
   }
