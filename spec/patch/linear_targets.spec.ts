@@ -6,6 +6,7 @@ import { buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_l
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
 import { patternKey } from '../../src/patch/linear_targets.js';
 import { register, unregister } from '../../src/plugin.js';
+import { seedAdapterInit } from '../../src/train/seeded_init.js';
 import { TINY_QWEN2_MOE } from '../helpers/tiny_models.js';
 
 /** Every adapted module of the model as '<module name>: r/alpha'. */
@@ -122,6 +123,22 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
           'lora.rankPattern["k_proj"]: expected an integer >= 1 but got 0 (number)']);
     expect(problems(() => register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj'], alphaPattern: [] as never } })))
         .to.deep.equal(['lora.alphaPattern: expected an object {module-name key: a number > 0} but got []']);
+  });
+
+  it('seedAdapterInit re-draws the linear adapters\' A from U(±1/√in) by seed (B stays 0)', () => {
+    const draw = (seed: number) => {
+      register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj', 'mlp.down_proj'] } });
+      seedAdapterInit(model, 'default', seed);
+      const f = (model.getLayer('model.layers.0.mlp') as SwiGLUMLP).lora.factors('default')['down_proj'];
+      const a = Array.from(f.A.read().dataSync());
+      expect(a.every(v => Math.abs(v) <= 1 / Math.sqrt(6)), 'within ±1/√in').to.equal(true);
+      expect(f.B.read().dataSync().every(v => v === 0)).to.equal(true);
+      unregister();
+      return a;
+    };
+    const first = draw(1);
+    expect(draw(1)).to.deep.equal(first);
+    expect(draw(2)).not.to.deep.equal(first);
   });
 
   it('dropout > 0 is accepted on attention and dense-MLP targets and applies in training passes', () => {
