@@ -215,7 +215,7 @@ describe('cli/convert', () => {
       const r = spawnCli(['convert', '--to', 'peft', '--input', fixtureDir('mixtral'), '--output', out, '--backend', BACKEND]);
       expect(r.code).to.equal(1);
       expect(r.stderr.split('\n').filter(l => l.startsWith('tfjs-moe-lora'))).to.deep.equal([
-        "tfjs-moe-lora: error: `savePeftAdapter()`: no SparseMoE layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)",
+        "tfjs-moe-lora: error: `savePeftAdapter()`: no layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)",
       ]);
       expect(r.stderr).to.not.match(/\n\s+at /);
       const bad = spawnCli(['convert', '--input', fixtureDir('mixtral'), '--output', out, '--to', 'tfjs', '--bogus']);
