@@ -19,6 +19,8 @@ import { moeKernelNames, registerMoEKernels } from './backends/register_all_kern
 import type { ExpertKernel, RoutingKind } from './ops/types.js';
 import { allDescriptors, onDescriptorChange, type ResolvedDescriptor } from './patch/descriptor.js';
 import { findMoELayers } from './patch/find_layers.js';
+import { LORA_TARGETS, SparseMoE } from './layers/sparse_moe.js';
+import { planLinearLoRA } from './patch/linear_targets.js';
 import { checkMoELayers } from './patch/model_rules.js';
 import {
   patchLayerClass, restoreLayerClass, setPatchOptions, type ClassPatch, type PatchOptions,
@@ -59,8 +61,9 @@ export interface PluginHandle {
 
 interface AddedAdapter {
   layer: tfl.layers.Layer;
-  descriptor: ResolvedDescriptor;
   name: string;
+  /** removes the adapter from the layer when it is still there */
+  remove: () => void;
   /** the layer's weights and their trainable flags before the adapter froze them */
   trainable: Array<[tfl.LayerVariable, boolean]>;
 }
@@ -101,8 +104,7 @@ function dropClassPatch(s: Session, patch: ClassPatch): void {
 
 function removeAddedAdapter(added: AddedAdapter): void {
   try {
-    const lora = added.descriptor.lora!;
-    if (lora.adapterNames(added.layer).includes(added.name)) lora.remove(added.layer, added.name);
+    added.remove();
   } finally {
     for (const [v, trainable] of added.trainable) v.trainable = trainable;
   }
@@ -162,6 +164,11 @@ export function register(args: PluginArgs = {}): PluginHandle {
   const { found, layersPerModel } = findMoELayers(resolved.models ?? []);
   const checked = checkMoELayers(found, layersPerModel, resolved);
   problems.push(...checked.problems);
+  // attention / dense-MLP / shared-expert modules named as PEFT names them, and the patterns
+  const l = resolved.lora;
+  const linearPlan = l != null && l.r !== undefined && l.alpha !== undefined && l.targets !== undefined ?
+    planLinearLoRA(resolved.models ?? [], { ...l, r: l.r, alpha: l.alpha, targets: l.targets }) : null;
+  if (linearPlan !== null) problems.push(...linearPlan.problems);
   if (problems.length > 0) throw new PluginArgsError(problems);
   const a = resolved as ResolvedPluginArgs;
 
@@ -184,14 +191,17 @@ export function register(args: PluginArgs = {}): PluginHandle {
     const patched: PatchedLayer[] = [];
     for (const f of found) {
       let adapterAdded = false;
-      if (a.lora !== null && !f.descriptor.lora!.adapterNames(f.layer).includes(a.lora.adapterName)) {
+      const lora = f.descriptor.lora!;
+      const targets = a.lora === null ? [] : LORA_TARGETS.filter(t => a.lora!.targets.includes(t) ||
+          (f.layer instanceof SparseMoE && (linearPlan!.shared.get(f.layer) ?? []).includes(t)));
+      if (a.lora !== null && targets.length > 0 && !lora.adapterNames(f.layer).includes(a.lora.adapterName)) {
+        const name = a.lora.adapterName;
         const added: AddedAdapter = {
-          layer: f.layer, descriptor: f.descriptor, name: a.lora.adapterName,
+          layer: f.layer, name,
+          remove: () => { if (lora.adapterNames(f.layer).includes(name)) lora.remove(f.layer, name); },
           trainable: f.layer.weights.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]),
         };
-        f.descriptor.lora!.add(f.layer, {
-          name: a.lora.adapterName, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets: [...a.lora.targets],
-        });
+        lora.add(f.layer, { name, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets });
         s.adapters.push(added);
         undo.push(() => { s.adapters.splice(s.adapters.indexOf(added), 1); removeAddedAdapter(added); });
         // the weights the layer had before the adapter are its base: frozen while the adapter trains
@@ -203,11 +213,27 @@ export function register(args: PluginArgs = {}): PluginHandle {
         kernel: options.expertKernel, adapter: a.lora?.adapterName ?? null, adapterAdded,
       });
     }
+    // LoRA on attention and dense-MLP projections: the layer's LinearLoRA state
+    const adapterWeights = new Set<tfl.LayerVariable>();
+    for (const { layer, modules } of a.lora === null ? [] : linearPlan!.linear) {
+      const name = a.lora!.adapterName;
+      if (!layer.lora.names().includes(name)) {
+        const added: AddedAdapter = {
+          layer, name,
+          remove: () => { if (layer.lora.names().includes(name)) layer.lora.remove(name); },
+          trainable: layer.weights.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]),
+        };
+        layer.lora.add({ name, modules, rsLoRA: a.lora!.rsLoRA, dropout: a.lora!.dropout });
+        s.adapters.push(added);
+        undo.push(() => { s.adapters.splice(s.adapters.indexOf(added), 1); removeAddedAdapter(added); });
+      }
+      for (const f of Object.values(layer.lora.factors(name))) adapterWeights.add(f.A).add(f.B);
+    }
     // As PEFT does, LoRA training trains the adapters only: the weights outside the MoE layers
-    // (attention, embeddings, norms) are frozen until unregister(); the MoE layers froze their
-    // own base when the adapter was added.
+    // (attention, embeddings, norms) are frozen until unregister(); the MoE layers and the linear
+    // layers froze their own base when the adapter was added.
     if (a.lora !== null) {
-      const moeWeights = new Set(found.flatMap(f => f.layer.weights));
+      const moeWeights = new Set([...found.flatMap(f => f.layer.weights), ...adapterWeights]);
       const others = (resolved.models ?? []).flatMap(m => m.weights)
           .filter(v => v.trainable && !moeWeights.has(v) && !s.frozen.some(([w]) => w === v));
       const before = others.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]);

@@ -215,7 +215,7 @@ describe('cli/convert', () => {
       const r = spawnCli(['convert', '--to', 'peft', '--input', fixtureDir('mixtral'), '--output', out, '--backend', BACKEND]);
       expect(r.code).to.equal(1);
       expect(r.stderr.split('\n').filter(l => l.startsWith('tfjs-moe-lora'))).to.deep.equal([
-        "tfjs-moe-lora: error: `savePeftAdapter()`: no SparseMoE layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)",
+        "tfjs-moe-lora: error: `savePeftAdapter()`: no layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)",
       ]);
       expect(r.stderr).to.not.match(/\n\s+at /);
       const bad = spawnCli(['convert', '--input', fixtureDir('mixtral'), '--output', out, '--to', 'tfjs', '--bogus']);
@@ -234,7 +234,7 @@ describe('cli/convert', () => {
         ['  generation_config.json  N', '  model.json  N', '  weights.bin  N']);
     expect(formatConvert({
       input: 'in', from: 'tfjs', output: 'out', to: 'peft', files: [{ name: 'a', bytes: 2048 }], notes: ['n'],
-      adapter: { name: 'x', r: 2, alpha: 4, rsLoRA: false, targets: ['router'], layers: ['l'], notes: [] },
+      adapter: { name: 'x', r: 2, alpha: 4, rsLoRA: false, targets: ['router'], layers: ['l'], modules: [], notes: [] },
     })).to.equal("convert in (TF.js LayersModel) + adapter 'x' (r 2, alpha 4, router; 1 layers) → out (PEFT adapter)\n  a  2.0 KiB\nnote: n\n");
     const help = await runMain(['convert', '--help']);
     expect(help.code).to.equal(0);

@@ -33,11 +33,12 @@ function registerProblems(args: PluginArgs): string[] {
 }
 
 describe('CLI: plugin flags', () => {
-  it('every schema arg except models and lora itself has a flag', () => {
+  it('every schema arg except models, lora itself and the pattern objects has a flag', () => {
     expect(PLUGIN_FLAG_SPECS.map(s => `--${s.flag}`)).to.deep.equal([
       '--expert-kernel', '--lora-mode', '--strict', '--lora-rank', '--lora-alpha', '--lora-dropout', '--lora-rslora',
       '--lora-targets', '--lora-adapter-name']);
-    expect(PLUGIN_ARG_SPECS.filter(s => s.flag === undefined).map(s => s.path)).to.deep.equal(['models', 'lora']);
+    expect(PLUGIN_ARG_SPECS.filter(s => s.flag === undefined).map(s => s.path)).to.deep.equal(
+        ['models', 'lora', 'lora.rankPattern', 'lora.alphaPattern']);
     expect(flagOf('lora.r')).to.equal('--lora-rank');
     expect(flagOf('models')).to.equal(undefined);
   });
@@ -47,7 +48,7 @@ describe('CLI: plugin flags', () => {
       '--lora-targets', 'experts.gate_up,experts.down,router', '--lora-mode', 'auto', '--strict']);
     expect(args).to.deep.equal({
       expertKernel: 'fused', loraMode: 'auto', strict: true, models: [],
-      lora: { r: 8, alpha: 16, dropout: 0, rsLoRA: false, targets: ['experts.gate_up', 'experts.down', 'router'], adapterName: 'default' },
+      lora: { r: 8, alpha: 16, dropout: 0, rsLoRA: false, targets: ['experts.gate_up', 'experts.down', 'router'], rankPattern: {}, alphaPattern: {}, adapterName: 'default' },
     });
   });
 
@@ -60,7 +61,7 @@ describe('CLI: plugin flags', () => {
     const args = await parse(['--lora-rank', '4', '--lora-alpha', '4.5', '--lora-targets', 'router', '--lora-targets',
       'shared.up, shared.down', '--lora-rslora', '--lora-adapter-name', 'run-1', '--lora-dropout', '0', '--no-strict']);
     expect(args.lora).to.deep.equal({ r: 4, alpha: 4.5, dropout: 0, rsLoRA: true, targets: ['router', 'shared.up', 'shared.down'],
-      adapterName: 'run-1' });
+      rankPattern: {}, alphaPattern: {}, adapterName: 'run-1' });
     expect(args.strict).to.equal(false);
   });
 
@@ -74,7 +75,8 @@ describe('CLI: plugin flags', () => {
       '--lora-rank: lora.r: expected an integer >= 1 but got 0 (number)',
       '--lora-alpha: lora.alpha: expected a finite number > 0 but got -1 (number)',
       "--lora-targets: lora.targets[0]: expected one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', " +
-          "'shared.down' but got 'experts.gateup' (string); did you mean 'experts.gate_up'?",
+          "'shared.down', 'all-linear', 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' (module names " +
+          "may have a path before the projection: 'self_attn.q_proj') but got 'experts.gateup' (string); did you mean 'experts.gate_up'?",
     ]);
     expect(lines).to.deep.equal(same.map((l, i) => `${lines[i].split(': ')[0]}: ${l}`));
   });

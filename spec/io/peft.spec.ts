@@ -39,7 +39,7 @@ describe('io/peft', () => {
           const loaded = await loadPeftAdapter(model, join(fixtureDir(arch), 'adapter'));
           expect(loaded).to.deep.equal({
             name: 'default', r: 4, alpha: 8, rsLoRA: false, targets: ['experts.gate_up', 'experts.down', 'router'],
-            layers: ['model.layers.0.mlp', 'model.layers.1.mlp'], notes: [],
+            layers: ['model.layers.0.mlp', 'model.layers.1.mlp'], modules: [], notes: [],
           });
           const g = await golden(arch);
           const [ids, want, cot] = await Promise.all(['input_ids', 'lora.logits', 'lora.g'].map(n => g.tensor(n)));
@@ -165,7 +165,8 @@ describe('io/peft', () => {
     const expectedModules = "(expected 'base_model.model.<block>.<module>.lora_{A,B}.weight' with <module> one of experts[.base_layer], " +
       "gate, shared_expert.gate_proj, shared_expert.up_proj, shared_expert.down_proj and <block> one of 'model.layers.0.mlp', 'model.layers.1.mlp')";
     expect(strayErr.message.split('\n').slice(1)).to.deep.equal([
-      `  'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' is not a LoRA tensor of this model's MoE blocks ${expectedModules}`,
+      "  'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' is a LoRA tensor of 'model.layers.0.self_attn' that " +
+        'the adapter config does not target (target_modules [])',
       `  'base_model.model.model.layers.7.mlp.gate.lora_A.weight' is not a LoRA tensor of this model's MoE blocks ${expectedModules}`,
       '  no LoRA tensors for router on \'model.layers.0.mlp\'',
       "  'base_model.model.model.layers.1.mlp.experts.base_layer' has lora_A but no lora_B",
@@ -173,12 +174,12 @@ describe('io/peft', () => {
     model.dispose();
   });
 
-  it('refuses unsupported PEFT options, one line each; a non-zero lora_dropout loads with a note', async () => {
+  it('refuses unsupported PEFT options, one line each (patterns on MoE targets too); a non-zero lora_dropout loads with a note', async () => {
     const model = await loadHFCheckpoint(fixtureDir('mixtral'));
     const dir = await editedAdapter('mixtral', c => {
       Object.assign(c, {
         use_dora: true, lora_bias: true, rank_pattern: { 'experts': 8 }, alpha_pattern: { gate: 2 },
-        target_modules: ['q_proj'], bias: 'all', modules_to_save: ['lm_head'], peft_type: 'LOHA',
+        target_modules: ['w1'], bias: 'all', modules_to_save: ['lm_head'], peft_type: 'LOHA',
         target_parameters: ['experts.gate_up_proj', 'experts.down_proj', 'gate.weight', 'self_attn.q_proj.weight'],
       });
     });
@@ -188,13 +189,16 @@ describe('io/peft', () => {
       "  peft_type must be 'LORA' but is \"LOHA\"",
       '  DoRA (use_dora) is not supported but adapter_config.json sets use_dora: true',
       '  LoRA biases (lora_bias) are not supported but adapter_config.json sets lora_bias: true',
-      '  per-module ranks (rank_pattern) are not supported but adapter_config.json sets rank_pattern: {"experts":8}',
-      '  per-module alphas (alpha_pattern) are not supported but adapter_config.json sets alpha_pattern: {"gate":2}',
       '  modules_to_save is not supported but adapter_config.json sets modules_to_save: ["lm_head"]',
       "  bias must be 'none' (trained biases are not supported) but is \"all\"",
       "  target_parameters entry \"self_attn.q_proj.weight\" is not supported; supported: 'experts.gate_up_proj', 'experts.down_proj', 'gate.weight' (optionally after a module path)",
-      "  target_modules entry \"q_proj\" is not supported: LoRA on modules is supported only on the shared expert's projections " +
-        "('shared_expert.gate_proj', 'shared_expert.up_proj', 'shared_expert.down_proj')",
+      "  target_modules entry \"w1\" is not supported: LoRA on modules is supported on the attention projections ('q_proj', " +
+        "'k_proj', 'v_proj', 'o_proj'), the dense MLPs' ('gate_proj', 'up_proj', 'down_proj') and the shared expert's " +
+        "('shared_expert.gate_proj', 'shared_expert.up_proj', 'shared_expert.down_proj'); it matches none of this model's",
+      "  rank_pattern key \"experts\" matches the MoE target 'model.layers.0.mlp.experts': per-module ranks and alphas are " +
+        'supported on attention and dense-MLP projections only',
+      "  alpha_pattern key \"gate\" matches the MoE target 'model.layers.0.mlp.gate': per-module ranks and alphas are " +
+        'supported on attention and dense-MLP projections only',
     ]);
     const shared = await editedAdapter('mixtral', c => { c['target_modules'] = ['shared_expert.up_proj']; });
     expect((await rejection(loadPeftAdapter(model, shared))).message.split('\n').slice(1)).to.deep.equal([
@@ -206,7 +210,7 @@ describe('io/peft', () => {
 
     const dropout = await editedAdapter('mixtral', c => { c['lora_dropout'] = 0.05; });
     const loaded = await loadPeftAdapter(model, dropout);
-    expect(loaded.notes).to.deep.equal(['lora_dropout 0.05 is not applied (no dropout on MoE parameter adapters here); inference is unaffected']);
+    expect(loaded.notes).to.deep.equal(['lora_dropout 0.05 is not applied on the MoE targets (their fused ops take no dropout); inference is unaffected']);
     const again = await rejection(loadPeftAdapter(model, dropout));
     expect(again.message.split('\n').slice(1)).to.deep.equal([
       "  layer 'model.layers.0.mlp' already has an adapter named 'default'",
@@ -274,7 +278,7 @@ describe('io/peft', () => {
     model.dispose();
     const plain = tfl.sequential({ layers: [tfl.layers.dense({ units: 1, inputShape: [2] })] });
     expect((await rejection(loadPeftAdapter(plain, dir))).message).to.equal(
-      `\`loadPeftAdapter()\`: the model '${plain.name}' has no SparseMoE layer to load an adapter into`);
+      `\`loadPeftAdapter()\`: the model '${plain.name}' has no SparseMoE, attention or dense-MLP layer to load an adapter into`);
     plain.dispose();
   });
 
@@ -323,7 +327,7 @@ describe('io/peft', () => {
     const model = await loadHFCheckpoint(fixtureDir('mixtral'));
     const dir = await tempDir();
     expect((await rejection(savePeftAdapter(model, dir))).message).to.equal(
-      "`savePeftAdapter()`: no SparseMoE layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)");
+      "`savePeftAdapter()`: no layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)");
     const [l0, l1] = sparseMoELayers(model);
     l0.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['router'] });
     l1.addAdapter({ name: 'default', r: 4, alpha: 4, targets: ['router', 'experts.down'] });

@@ -14,7 +14,9 @@ import { registerMoELayerDescriptor } from '../../src/patch/descriptor.js';
 import { register, unregister } from '../../src/plugin.js';
 import { BARE_DESCRIPTOR, BareMoE, TOY_DESCRIPTOR, ToyMoE, builtToy } from '../helpers/toy_moe.js';
 
-const ALL_TARGETS = "'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down'";
+const ALL_TARGETS = "'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'all-linear', " +
+    "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'";
+const PATH_NOTE = "(module names may have a path before the projection: 'self_attn.q_proj')";
 
 /** The problem lines register(args) gives; [] when it registers (then it unregisters again). */
 function problemsOf(args: unknown): string[] {
@@ -77,7 +79,7 @@ describe('plugin args: the validation table', () => {
     { rule: 'unknown key: nothing close', good: () => ({ strict: false }), bad: () => ({ learningRate: 1e-4 }),
       message: 'learningRate: unknown argument (expected one of expertKernel, loraMode, strict, models, lora)' },
     { rule: 'unknown lora key: PEFT spelling', good: () => ({ lora: { ...lora, dropout: 0 } }), bad: () => ({ lora: { ...lora, lora_dropout: 0 } }),
-      message: "lora.lora_dropout: unknown argument (expected one of r, alpha, dropout, rsLoRA, targets, adapterName); did you mean 'lora.dropout'?" },
+      message: "lora.lora_dropout: unknown argument (expected one of r, alpha, dropout, rsLoRA, targets, rankPattern, alphaPattern, adapterName); did you mean 'lora.dropout'?" },
     { rule: "expertKernel is 'fused' | 'reference'", good: () => ({ expertKernel: 'reference' }), bad: () => ({ expertKernel: 'fast' }),
       message: "expertKernel: expected one of 'fused', 'reference' but got 'fast' (string)" },
     { rule: "loraMode is 'materialize' | 'split' | 'auto'", good: () => ({ loraMode: 'split' }), bad: () => ({ loraMode: 'merge' }),
@@ -89,7 +91,7 @@ describe('plugin args: the validation table', () => {
     { rule: 'models holds models and layers', good: () => ({ models: [moeModel, plain] }), bad: () => ({ models: [moeModel, 'model.json'] }),
       message: "models[1]: expected a tf.LayersModel or a tf.layers.Layer but got 'model.json' (string)" },
     { rule: 'lora is an object or null', good: () => ({ lora: null }), bad: () => ({ lora: 8 }),
-      message: 'lora: expected an object {r, alpha, dropout?, rsLoRA?, targets?, adapterName?}, or null for none, but got 8 (number)' },
+      message: 'lora: expected an object {r, alpha, dropout?, rsLoRA?, targets?, rankPattern?, alphaPattern?, adapterName?}, or null for none, but got 8 (number)' },
     { rule: 'lora.r is required', good: () => ({ lora }), bad: () => ({ lora: { alpha: 4 } }),
       message: "lora.r: expected an integer >= 1 but got nothing (required when 'lora' is given)" },
     { rule: 'lora.r is an integer', good: () => ({ lora: { ...lora, r: 3 } }), bad: () => ({ lora: { ...lora, r: 2.5 } }),
@@ -109,14 +111,14 @@ describe('plugin args: the validation table', () => {
       message: `lora.dropout: expected 0 on expert targets (experts.gate_up, experts.down) but got 0.05: ${EXPERT_DROPOUT_REASON}` },
     { rule: 'lora.dropout is 0 on router / shared targets too (not implemented)', good: () => ({ lora: { ...lora, targets: ['router'] } }),
       bad: () => ({ lora: { ...lora, dropout: 0.1, targets: ['router'] } }),
-      message: `lora.dropout: expected 0 but got 0.1: ${NON_EXPERT_DROPOUT_REASON}` },
+      message: `lora.dropout: expected 0 on router but got 0.1: ${NON_EXPERT_DROPOUT_REASON}` },
     { rule: 'lora.rsLoRA is a boolean', good: () => ({ lora: { ...lora, rsLoRA: true } }), bad: () => ({ lora: { ...lora, rsLoRA: 1 } }),
       message: 'lora.rsLoRA: expected a boolean but got 1 (number)' },
     { rule: 'lora.targets is a non-empty list', good: () => ({ lora: { ...lora, targets: ['router'] } }), bad: () => ({ lora: { ...lora, targets: [] } }),
-      message: `lora.targets: expected a non-empty list of ${ALL_TARGETS} but got []` },
+      message: `lora.targets: expected a non-empty list of ${ALL_TARGETS} or module names ending in one but got []` },
     { rule: 'lora.targets are known (did you mean)', good: () => ({ lora: { ...lora, targets: ['experts.gate_up'] } }),
       bad: () => ({ lora: { ...lora, targets: ['experts.gateup'] } }),
-      message: `lora.targets[0]: expected one of ${ALL_TARGETS} but got 'experts.gateup' (string); did you mean 'experts.gate_up'?` },
+      message: `lora.targets[0]: expected one of ${ALL_TARGETS} ${PATH_NOTE} but got 'experts.gateup' (string); did you mean 'experts.gate_up'?` },
     { rule: 'lora.targets has no repeats', good: () => ({ lora: { ...lora, targets: ['router', 'experts.down'] } }),
       bad: () => ({ lora: { ...lora, targets: ['router', 'experts.down', 'router'] } }),
       message: "lora.targets: expected each target once but got 'router' 2 times" },
@@ -217,7 +219,7 @@ describe('plugin args: the validation table', () => {
       "  - expertKernel: expected one of 'fused', 'reference' but got 'fast' (string)",
       '  - lora.r: expected an integer >= 1 but got 0 (number)',
       '  - lora.alpha: expected a finite number > 0 but got -1 (number)',
-      `  - lora.targets[1]: expected one of ${ALL_TARGETS} but got 'shared' (string); did you mean 'shared.up'?`,
+      `  - lora.targets[1]: expected one of ${ALL_TARGETS} ${PATH_NOTE} but got 'shared' (string); did you mean 'shared.up'?`,
     ].join('\n'));
     expect(e.problems.map(p => p.arg)).to.deep.equal(['stict', 'expertKernel', 'lora.r', 'lora.alpha', 'lora.targets']);
   });
@@ -234,7 +236,7 @@ describe('plugin args: the validation table', () => {
   it('validatePluginArgs fills in every default', () => {
     expect(validatePluginArgs(undefined)).to.deep.equal({ expertKernel: 'fused', loraMode: 'auto', strict: false, models: [], lora: null });
     expect(validatePluginArgs({ lora: { r: 8, alpha: 16 } }).lora).to.deep.equal({
-      r: 8, alpha: 16, dropout: 0, rsLoRA: false, targets: ['experts.gate_up', 'experts.down'], adapterName: 'default',
+      r: 8, alpha: 16, dropout: 0, rsLoRA: false, targets: ['experts.gate_up', 'experts.down'], rankPattern: {}, alphaPattern: {}, adapterName: 'default',
     });
   });
 

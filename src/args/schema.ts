@@ -5,6 +5,7 @@
  */
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { LORA_TARGETS, type LoRATarget } from '../layers/sparse_moe.js';
+import { ALL_LINEAR, LINEAR_MODULE_NAMES } from '../patch/linear_targets.js';
 import type { ExpertKernel, LoRAMode } from '../ops/types.js';
 
 export const EXPERT_KERNELS: readonly ExpertKernel[] = ['fused', 'reference'];
@@ -18,12 +19,19 @@ export interface LoRAArgs {
   r: number;
   /** s = alpha / r (alpha / √r with rsLoRA); > 0 */
   alpha: number;
-  /** must be 0 (see the 'lora.dropout' description); default 0 */
+  /** PEFT's lora_dropout on the branch input of attention / dense-MLP projections; 0 on MoE targets; default 0 */
   dropout?: number;
   /** default false */
   rsLoRA?: boolean;
-  /** default ['experts.gate_up', 'experts.down'] */
-  targets?: LoRATarget[];
+  /**
+   * default ['experts.gate_up', 'experts.down']; MoE targets, module names as PEFT's target_modules
+   * ('q_proj', 'self_attn.o_proj', 'mlp.down_proj', 'shared_expert.gate_proj') or 'all-linear'
+   */
+  targets?: string[];
+  /** PEFT's rank_pattern: module-name key (regex, matched at the end of the name) → r */
+  rankPattern?: Record<string, number>;
+  /** PEFT's alpha_pattern: module-name key → alpha */
+  alphaPattern?: Record<string, number>;
   /** default 'default' */
   adapterName?: string;
 }
@@ -45,7 +53,9 @@ export interface ResolvedLoRAArgs {
   alpha: number;
   dropout: number;
   rsLoRA: boolean;
-  targets: LoRATarget[];
+  targets: string[];
+  rankPattern: Record<string, number>;
+  alphaPattern: Record<string, number>;
   adapterName: string;
 }
 
@@ -58,13 +68,13 @@ export interface ResolvedPluginArgs {
   lora: ResolvedLoRAArgs | null;
 }
 
-export type ArgKind = 'enum' | 'boolean' | 'integer' | 'number' | 'name' | 'targets' | 'models' | 'object';
+export type ArgKind = 'enum' | 'boolean' | 'integer' | 'number' | 'name' | 'targets' | 'pattern' | 'models' | 'object';
 
 export interface ArgSpec {
   /** dotted path in PluginArgs: 'expertKernel', 'lora.r' */
   path: string;
   kind: ArgKind;
-  /** the allowed values ('enum') or list items ('targets') */
+  /** the allowed values ('enum'), or the list items suggested for 'targets' */
   values?: readonly string[];
   default?: unknown;
   /** must be given when its parent object is (lora.r, lora.alpha) */
@@ -82,14 +92,13 @@ export interface ArgSpec {
 
 /** Why LoRA dropout is refused on expert weights (used in the description and in the message). */
 export const EXPERT_DROPOUT_REASON =
-    'LoRA dropout on fused expert weights is not supported: PEFT drops the input of the adapter ' +
-    'branch only (W·x + s·B·A·dropout(x)), but the fused path either folds the adapter into the ' +
-    'expert weight (materialize: (W + s·B·A)·x) or reuses the gathered token rows for both products ' +
-    '(split), so there is no separate adapter input to drop; PEFT itself refuses it on fused expert ' +
-    "parameters (lora.ParamWrapper does not work with lora_dropout != 0)";
+    'PEFT drops the input of the adapter branch only (W·x + s·B·A·dropout(x)); the fused expert path ' +
+    'folds the adapter into the expert weight (materialize) or shares the gathered token rows between ' +
+    'both products (split), so it has no separate branch input to drop (PEFT itself refuses dropout on ' +
+    'fused expert parameters); dropout applies to attention and dense-MLP targets';
 
 export const NON_EXPERT_DROPOUT_REASON =
-    'LoRA dropout is not implemented for the router and shared-expert targets (their ops take no dropout)';
+    'the router and shared-expert ops take no dropout; dropout applies to attention and dense-MLP targets';
 
 export const DEFAULT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down'];
 
@@ -129,17 +138,30 @@ export const PLUGIN_ARG_SPECS: readonly ArgSpec[] = [
   },
   {
     path: 'lora.dropout', kind: 'number', min: 0, below: 1, default: 0, flag: 'lora-dropout',
-    description: 'LoRA dropout; must be 0: the fused expert path has no separate adapter input to drop ' +
-        '(the error message says why in full)',
+    description: "LoRA dropout (PEFT's lora_dropout) on the branch input, in training passes only: on " +
+        'attention and dense-MLP targets; 0 on MoE targets (experts, router, shared expert)',
   },
   {
     path: 'lora.rsLoRA', kind: 'boolean', default: false, flag: 'lora-rslora',
     description: 'rank-stabilized LoRA: scaling alpha / √r instead of alpha / r',
   },
   {
-    path: 'lora.targets', kind: 'targets', values: LORA_TARGETS, default: DEFAULT_LORA_TARGETS, flag: 'lora-targets',
+    path: 'lora.targets', kind: 'targets', values: [...LORA_TARGETS, ALL_LINEAR, ...LINEAR_MODULE_NAMES],
+    default: DEFAULT_LORA_TARGETS, flag: 'lora-targets',
     description: "the weights that get LoRA: 'experts.gate_up', 'experts.down' (fused expert weights), " +
-        "'router', 'shared.gate', 'shared.up', 'shared.down' (shared-expert projections)",
+        "'router', 'shared.gate', 'shared.up', 'shared.down' (shared-expert projections); module names as " +
+        "PEFT's target_modules matches them ('q_proj', 'self_attn.q_proj', 'mlp.down_proj', " +
+        "'shared_expert.up_proj': a full name or its end after a '.'); 'all-linear' (PEFT's: every attention, " +
+        'dense-MLP and shared-expert projection, not the output head)',
+  },
+  {
+    path: 'lora.rankPattern', kind: 'pattern', min: 1, default: {},
+    description: "PEFT's rank_pattern: {key: r}; a module whose full name matches ^(.*\\.)?(key)$ (first key wins) " +
+        'gets rank r (attention and dense-MLP projections)',
+  },
+  {
+    path: 'lora.alphaPattern', kind: 'pattern', above: 0, default: {},
+    description: "PEFT's alpha_pattern: {key: alpha}, matched like rankPattern",
   },
   {
     path: 'lora.adapterName', kind: 'name', default: 'default', flag: 'lora-adapter-name',
@@ -168,5 +190,5 @@ export function keyOf(path: string): string {
 export const ARG_ALIASES: Readonly<Record<string, string>> = {
   rank: 'r', lora_r: 'r', lora_alpha: 'alpha', lora_dropout: 'dropout', use_rslora: 'rsLoRA',
   target_modules: 'targets', target_parameters: 'targets', adapter_name: 'adapterName',
-  lora_target_modules: 'targets', kernel: 'expertKernel', mode: 'loraMode',
+  lora_target_modules: 'targets', rank_pattern: 'rankPattern', alpha_pattern: 'alphaPattern', kernel: 'expertKernel', mode: 'loraMode',
 };

@@ -6,7 +6,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
-import { EXPERT_LORA_TARGETS, type LoRATarget } from '../layers/sparse_moe.js';
+import { EXPERT_LORA_TARGETS, LORA_TARGETS } from '../layers/sparse_moe.js';
+import { isTargetSpelling } from '../patch/linear_targets.js';
 import { PluginArgsError, type PluginArgsProblem } from './errors.js';
 import {
   ARG_ALIASES, EXPERT_DROPOUT_REASON, NON_EXPERT_DROPOUT_REASON, childSpecs, keyOf,
@@ -46,7 +47,8 @@ export function expectation(spec: ArgSpec): string {
       return `a number in [${spec.min}, ${spec.below})`;
     }
     case 'name': return "a name of letters, digits, '_' or '-'";
-    case 'targets': return `a non-empty list of ${spec.values!.map(v => `'${v}'`).join(', ')}`;
+    case 'targets': return `a non-empty list of ${spec.values!.map(v => `'${v}'`).join(', ')} or module names ending in one`;
+    case 'pattern': return `an object {module-name key: ${spec.min !== undefined ? `an integer >= ${spec.min}` : `a number > ${spec.above}`}}`;
     case 'models': return 'an array of tf.LayersModel or tf.layers.Layer';
     case 'object': return `an object {${childSpecs(spec.path).map(c => keyOf(c.path) + (c.required ? '' : '?')).join(', ')}}`;
   }
@@ -108,6 +110,8 @@ export function checkScalar(c: Collector, spec: ArgSpec, value: unknown): unknow
       break;
     case 'targets':
       return checkTargets(c, spec, value);
+    case 'pattern':
+      return checkPattern(c, spec, value);
     case 'models':
       return checkModels(c, spec, value);
     case 'object':
@@ -117,17 +121,42 @@ export function checkScalar(c: Collector, spec: ArgSpec, value: unknown): unknow
   return undefined;
 }
 
-function checkTargets(c: Collector, spec: ArgSpec, value: unknown): LoRATarget[] | undefined {
+function checkPattern(c: Collector, spec: ArgSpec, value: unknown): Record<string, number> | undefined {
+  if (value === undefined) return { ...(spec.default as Record<string, number>) };
+  if (!isPlainObject(value)) {
+    c.expected(spec, value);
+    return undefined;
+  }
+  let ok = true;
+  for (const [key, v] of Object.entries(value)) {
+    let regexOk = key.length > 0;
+    try { new RegExp(key); } catch { regexOk = false; }
+    if (!regexOk) {
+      ok = false;
+      c.add(spec.path, `${spec.path}: expected keys that are regular expressions but got ${describeValue(key)}`);
+    }
+    const good = spec.min !== undefined ? typeof v === 'number' && Number.isInteger(v) && v >= spec.min :
+      typeof v === 'number' && Number.isFinite(v) && v > spec.above!;
+    if (!good) {
+      ok = false;
+      c.add(spec.path, `${spec.path}[${JSON.stringify(key)}]: expected ${spec.min !== undefined ? `an integer >= ${spec.min}` : `a number > ${spec.above}`} but got ${withType(v)}`);
+    }
+  }
+  return ok ? { ...value } as Record<string, number> : undefined;
+}
+
+function checkTargets(c: Collector, spec: ArgSpec, value: unknown): string[] | undefined {
   if (!Array.isArray(value) || value.length === 0) {
     c.expected(spec, value);
     return undefined;
   }
   let ok = true;
   value.forEach((t, i) => {
-    if (typeof t === 'string' && spec.values!.includes(t)) return;
+    if (typeof t === 'string' && isTargetSpelling(t)) return;
     ok = false;
-    const hint = typeof t === 'string' ? suggestName(t, spec.values!) : undefined;
-    c.add(spec.path, `${spec.path}[${i}]: expected one of ${spec.values!.map(v => `'${v}'`).join(', ')} but got ` +
+    const hint = typeof t === 'string' ? suggestName(t.slice(t.lastIndexOf('.') + 1), spec.values!) ?? suggestName(t, spec.values!) : undefined;
+    c.add(spec.path, `${spec.path}[${i}]: expected one of ${spec.values!.map(v => `'${v}'`).join(', ')} ` +
+        `(module names may have a path before the projection: 'self_attn.q_proj') but got ` +
         `${withType(t)}${hint ? `; did you mean '${hint}'?` : ''}`);
   });
   const dup = value.find((t, i) => value.indexOf(t) !== i);
@@ -136,7 +165,7 @@ function checkTargets(c: Collector, spec: ArgSpec, value: unknown): LoRATarget[]
     c.add(spec.path, `${spec.path}: expected each target once but got ${describeValue(dup)} ` +
         `${value.filter(t => t === dup).length} times`);
   }
-  return ok ? [...value] as LoRATarget[] : undefined;
+  return ok ? [...value] as string[] : undefined;
 }
 
 function isModelOrLayer(v: unknown): v is ModelOrLayer {
@@ -205,10 +234,13 @@ function checkCrossFields(c: Collector, args: PartialResolvedArgs): void {
   if (lora == null || lora.dropout === undefined || lora.dropout === 0) return;
   // only when the targets are known: the reason depends on them
   if (lora.targets === undefined) return;
-  const experts = lora.targets.filter(t => EXPERT_LORA_TARGETS.includes(t));
-  c.add('lora.dropout', experts.length > 0
-    ? `lora.dropout: expected 0 on expert targets (${experts.join(', ')}) but got ${lora.dropout}: ${EXPERT_DROPOUT_REASON}`
-    : `lora.dropout: expected 0 but got ${lora.dropout}: ${NON_EXPERT_DROPOUT_REASON}`);
+  const experts = lora.targets.filter(t => (EXPERT_LORA_TARGETS as readonly string[]).includes(t));
+  const others = lora.targets.filter(t => (LORA_TARGETS as readonly string[]).includes(t) && !experts.includes(t));
+  if (experts.length > 0) {
+    c.add('lora.dropout', `lora.dropout: expected 0 on expert targets (${experts.join(', ')}) but got ${lora.dropout}: ${EXPERT_DROPOUT_REASON}`);
+  } else if (others.length > 0) {
+    c.add('lora.dropout', `lora.dropout: expected 0 on ${others.join(', ')} but got ${lora.dropout}: ${NON_EXPERT_DROPOUT_REASON}`);
+  }
 }
 
 /**

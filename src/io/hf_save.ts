@@ -17,8 +17,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { RotaryAttention } from '../layers/attention.js';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
 import { SparseMoE, variableExpertFloat32, variableFloat32, variableShape } from '../layers/sparse_moe.js';
+import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import type { HFConfig } from '../models/families.js';
 import { hfConfigText, sourceDtypeOf, sourceFolderOf } from './checkpoint_source.js';
 import { moeBlockTensorPlan } from './hf_block.js';
@@ -149,6 +151,8 @@ export function hfCheckpointEntries(model: tfl.LayersModel): { config: HFConfig;
       continue;
     }
     for (const variable of layer.weights) {
+      // adapters of attention / dense-MLP projections: saved by savePeftAdapter, or merged first
+      if ((layer instanceof RotaryAttention || layer instanceof SwiGLUMLP) && layer.lora.owns(variable)) continue;
       const name = hfWeightName(layer, variable);
       entries.push({ kind: 'whole', name, fusedName: name, variable });
     }

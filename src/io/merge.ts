@@ -3,7 +3,9 @@
  * as PEFT's `merge_and_unload()` followed by `save_pretrained()`. A composition of the loaders,
  * SparseMoE.mergeAdapter (W += scaling·B·A, the one deltaWeight) and saveHFCheckpoint.
  */
+import { RotaryAttention } from '../layers/attention.js';
 import { sparseMoELayers } from '../layers/moe_causal_lm.js';
+import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import { describeValue } from '../util/describe.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { saveHFCheckpoint, type SavedHFCheckpoint, type SaveHFCheckpointOptions } from './hf_save.js';
@@ -56,6 +58,10 @@ export async function mergeAdapterIntoCheckpoint(
     const adapter = await loadPeftAdapter(model, adapterDir, { name });
     for (const layer of sparseMoELayers(model)) {
       if (layer.adapterNames().includes(name)) layer.mergeAdapter(name);
+    }
+    // attention and dense-MLP projections (LinearLoRA.merge: W += s·B·A, the one linearDeltaWeight)
+    for (const layer of model.layers) {
+      if ((layer instanceof RotaryAttention || layer instanceof SwiGLUMLP) && layer.lora.names().includes(name)) layer.lora.merge(name);
     }
     const saved = await saveHFCheckpoint(model, outDir, {
       dtype: options.dtype, maxShardSize: options.maxShardSize, extraFiles: options.extraFiles, sourceFolder: modelDir,

@@ -40,9 +40,13 @@ import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
 } from '../layers/moe_causal_lm.js';
 import {
-  EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, type LoRAAdapterConfig, type LoRATarget,
+  EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, type LoRATarget,
 } from '../layers/sparse_moe.js';
 import { FAMILIES, MODEL_TYPES, type ModelType } from '../models/families.js';
+import type { RotaryAttention } from '../layers/attention.js';
+import type { LinearLoRAModule } from '../layers/linear_lora.js';
+import type { SwiGLUMLP } from '../layers/swiglu_mlp.js';
+import { loraModules, moduleMatches, patternKey, sharedExpertModules } from '../patch/linear_targets.js';
 import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from './safetensors.js';
 import { MoELoraError } from '../errors.js';
 import { writeArtifactFolder } from '../util/atomic.js';
@@ -90,15 +94,11 @@ function peftNames(model: tfl.LayersModel): PeftNames {
   const layout = typeof type === 'string' && (MODEL_TYPES as readonly string[]).includes(type) ?
     FAMILIES[type as ModelType].checkpoint : undefined;
   const routerParam = layout?.router.weight ?? 'gate.weight';
-  const shared = layout?.shared ?? {
-    gate: 'shared_expert.gate_proj.weight', up: 'shared_expert.up_proj.weight', down: 'shared_expert.down_proj.weight',
-  };
-  const strip = (s: string) => s.replace(/\.weight$/, '');
   return {
     routerParam,
-    routerModule: strip(routerParam),
+    routerModule: routerParam.replace(/\.weight$/, ''),
     parameter: { 'experts.gate_up': 'experts.gate_up_proj', 'experts.down': 'experts.down_proj', router: routerParam },
-    module: { 'shared.gate': strip(shared.gate), 'shared.up': strip(shared.up), 'shared.down': strip(shared.down) },
+    module: sharedExpertModules(type),
   };
 }
 
@@ -262,6 +262,19 @@ export function peftAdapterTensors(model: tfl.LayersModel, name = 'default'): Pe
   return out;
 }
 
+/** A linear layer (attention, dense MLP) whose projections can hold a LoRA adapter. */
+type LinearLayer = RotaryAttention | SwiGLUMLP;
+
+/** The model's attention and dense-MLP layers, in model order. */
+function linearLayers(model: tfl.LayersModel): LinearLayer[] {
+  return [...new Set(loraModules([model]).flatMap(m => m.kind === 'linear' ? [m.layer] : []))];
+}
+
+/** The PEFT file names of a linear adapter's factors: `base_model.model.<layer>.<projection>.lora_{A,B}.weight`. */
+function linearTensorName(layer: LinearLayer, projection: string, factor: 'A' | 'B'): string {
+  return `${PREFIX}${layer.name}.${projection}.lora_${factor}.weight`;
+}
+
 export interface PeftAdapterOptions {
   /** the adapter's name on the layers; default 'default' (PEFT's) */
   name?: string;
@@ -275,6 +288,8 @@ export interface LoadedPeftAdapter {
   targets: LoRATarget[];
   /** the SparseMoE layers that got the adapter */
   layers: string[];
+  /** the attention and dense-MLP projections that got it ('model.layers.0.self_attn.q_proj') */
+  modules: string[];
   /** things loaded but worth knowing (e.g. a lora_dropout that only matters for PEFT training) */
   notes: string[];
 }
@@ -293,7 +308,7 @@ const matches = (name: string, entry: string) => name === entry || name.endsWith
 
 /** Reads adapter_config.json's LoRA settings; every unsupported option is its own problem. */
 function readAdapterConfig(
-    config: Json, layers: SparseMoE[], names: PeftNames, problems: string[], notes: string[]) {
+    config: Json, layers: SparseMoE[], linear: LinearLayer[], names: PeftNames, problems: string[], notes: string[]) {
   if (config['peft_type'] !== 'LORA') problems.push(`peft_type must be 'LORA' but is ${JSON.stringify(config['peft_type'])}`);
   const r = config['r'];
   if (typeof r !== 'number' || !Number.isInteger(r) || r < 1) problems.push(`r must be an integer >= 1 but is ${JSON.stringify(r)}`);
@@ -306,8 +321,6 @@ function readAdapterConfig(
   const unsupported: Array<[string, string]> = [
     ['use_dora', 'DoRA (use_dora) is not supported'],
     ['lora_bias', 'LoRA biases (lora_bias) are not supported'],
-    ['rank_pattern', 'per-module ranks (rank_pattern) are not supported'],
-    ['alpha_pattern', 'per-module alphas (alpha_pattern) are not supported'],
     ['modules_to_save', 'modules_to_save is not supported'],
     ['use_qalora', 'QA-LoRA (use_qalora) is not supported'],
     ['layer_replication', 'layer_replication is not supported'],
@@ -324,9 +337,16 @@ function readAdapterConfig(
   const dropout = config['lora_dropout'] ?? 0;
   if (typeof dropout !== 'number' || dropout < 0 || dropout >= 1) {
     problems.push(`lora_dropout must be a number in [0, 1) but is ${JSON.stringify(dropout)}`);
-  } else if (dropout !== 0) {
-    notes.push(`lora_dropout ${dropout} is not applied (no dropout on MoE parameter adapters here); inference is unaffected`);
   }
+  const pattern = (key: string, integer: boolean): Record<string, number> => {
+    const value = config[key] ?? {};
+    const ok = value !== null && typeof value === 'object' && !Array.isArray(value) &&
+        Object.values(value).every(v => typeof v === 'number' && (integer ? Number.isInteger(v) && v >= 1 : Number.isFinite(v) && v > 0));
+    if (!ok) problems.push(`${key} must map module-name keys to ${integer ? 'integers >= 1' : 'numbers > 0'} but is ${JSON.stringify(value)}`);
+    return ok ? value as Record<string, number> : {};
+  };
+  const rankPattern = pattern('rank_pattern', true);
+  const alphaPattern = pattern('alpha_pattern', false);
 
   const layersToTransform = config['layers_to_transform'];
   let layerSet: number[] | null = null;
@@ -337,7 +357,7 @@ function readAdapterConfig(
   // PEFT's rule: an entry targets every parameter (module) whose full name ends with it
   const targetsByLayer = new Map<SparseMoE, Set<LoRATarget>>(layers.map(l => [l, new Set<LoRATarget>()]));
   const select = (entries: unknown, key: string, kinds: readonly LoRATarget[], relative: Partial<Record<LoRATarget, string>>,
-      unsupported: (entry: string) => string) => {
+      unsupported: (entry: string) => string, other: (entry: string) => boolean = () => false) => {
     if (typeof entries === 'string' && key === 'target_modules') {
       if (entries !== '') problems.push(`target_modules as a pattern (${JSON.stringify(entries)}) is not supported; list the shared-expert projections`);
       return;
@@ -356,6 +376,7 @@ function readAdapterConfig(
           }
         }
       }
+      if (typeof entry === 'string' && other(entry)) hit = true;
       if (!hit) problems.push(unsupported(JSON.stringify(entry)));
     }
   };
@@ -363,11 +384,45 @@ function readAdapterConfig(
   select(config['target_parameters'] ?? [], 'target_parameters', paramTargets, names.parameter,
       e => `target_parameters entry ${e} is not supported; supported: ` +
         `${paramTargets.map(t => `'${names.parameter[t]}'`).join(', ')} (optionally after a module path)`);
+  // attention and dense-MLP projections: PEFT's lora.Linear, named by target_modules
+  const linearModules = loraModules(linear).filter(m => m.kind === 'linear');
+  const selectedLinear = new Set<string>();
+  const selectLinear = (entry: string) => {
+    const hits = linearModules.filter(m => moduleMatches(m.name, entry));
+    hits.forEach(m => selectedLinear.add(m.name));
+    return hits.length > 0;
+  };
   select(config['target_modules'] ?? [], 'target_modules', SHARED_LORA_TARGETS, names.module,
-      e => `target_modules entry ${e} is not supported: LoRA on modules is supported only on the shared expert's ` +
-        `projections (${SHARED_LORA_TARGETS.map(t => `'${names.module[t]}'`).join(', ')})`);
+      e => `target_modules entry ${e} is not supported: LoRA on modules is supported on the attention projections ` +
+        "('q_proj', 'k_proj', 'v_proj', 'o_proj'), the dense MLPs' ('gate_proj', 'up_proj', 'down_proj') and the shared " +
+        `expert's (${SHARED_LORA_TARGETS.map(t => `'${names.module[t]}'`).join(', ')}); it matches none of this model's`, selectLinear);
+  const linearPlan = new Map<LinearLayer, Record<string, LinearLoRAModule>>();
+  for (const m of linearModules) {
+    if (m.kind !== 'linear' || !selectedLinear.has(m.name)) continue;
+    const index = decoderLayerIndex(m.layer.name);
+    if (layerSet !== null && (index === null || !layerSet.includes(index))) continue;
+    const rk = patternKey(Object.keys(rankPattern), m.name);
+    const ak = patternKey(Object.keys(alphaPattern), m.name);
+    const modules = linearPlan.get(m.layer) ?? {};
+    modules[m.projection] = { r: rk === undefined ? r as number : rankPattern[rk], alpha: ak === undefined ? alpha as number : alphaPattern[ak] };
+    linearPlan.set(m.layer, modules);
+  }
+  // a pattern on an MoE target would change its rank in PEFT: refused rather than ignored
+  for (const [key, values] of [['rank_pattern', rankPattern], ['alpha_pattern', alphaPattern]] as const) {
+    for (const k of Object.keys(values)) {
+      // PEFT matches a parameter target by its module's name ('….mlp.experts') and a module target by its own
+      const moe = layers.flatMap(l => [
+        ...Object.values(names.parameter).map(n => `${l.name}.${n.slice(0, n.lastIndexOf('.'))}`),
+        ...(l.sharedExpert == null ? [] : Object.values(names.module).map(n => `${l.name}.${n}`)),
+      ]).find(n => patternKey([k], n) !== undefined);
+      if (moe !== undefined) problems.push(`${key} key ${JSON.stringify(k)} matches the MoE target '${moe}': per-module ranks and alphas are supported on attention and dense-MLP projections only`);
+    }
+  }
   const all = new Set([...targetsByLayer.values()].flatMap(t => [...t]));
   const none = (v: unknown) => v == null || (Array.isArray(v) && v.length === 0);
+  if ((dropout as number) > 0 && [...targetsByLayer.values()].some(t => t.size > 0)) {
+    notes.push(`lora_dropout ${dropout} is not applied on the MoE targets (their fused ops take no dropout); inference is unaffected`);
+  }
   if (none(config['target_parameters']) && none(config['target_modules'])) {
     problems.push(`the adapter targets nothing: target_parameters and target_modules are both empty`);
   }
@@ -383,6 +438,7 @@ function readAdapterConfig(
     r: r as number, alpha: alpha as number, rsLoRA: rsLoRA === true, layerSet, excluded,
     targets: TARGET_ORDER.filter(t => all.has(t)),
     targetsOf: (layer: SparseMoE) => TARGET_ORDER.filter(t => targetsByLayer.get(layer)!.has(t)),
+    linear: linearPlan, dropout: typeof dropout === 'number' ? dropout : 0,
   };
 }
 
@@ -404,7 +460,10 @@ export async function loadPeftAdapter(
   const name = options.name ?? 'default';
   const where = `'${dir}' (adapter '${name}')`;
   const layers = sparseMoELayers(model);
-  if (layers.length === 0) throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE layer to load an adapter into`);
+  const linear = linearLayers(model);
+  if (layers.length === 0 && linear.length === 0) {
+    throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE, attention or dense-MLP layer to load an adapter into`);
+  }
   await openArtifactFolder(dir, `\`${op}()\`: adapter folder`);
   const config = await readJSONFile(join(dir, ADAPTER_CONFIG), `\`${op}()\`: adapter config`) as Json;
   if (config === null || typeof config !== 'object' || Array.isArray(config)) {
@@ -415,14 +474,14 @@ export async function loadPeftAdapter(
   const problems: string[] = [];
   const notes: string[] = [];
   const names = peftNames(model);
-  const cfg = readAdapterConfig(config, layers, names, problems, notes);
+  const cfg = readAdapterConfig(config, layers, linear, names, problems, notes);
   const modelType = hfConfigOf(model)?.['model_type'];
   const adapterType = adapterModelType(config['auto_mapping']);
   if (adapterType !== null && typeof modelType === 'string' && adapterType !== modelType) {
     problems.push(`the adapter was made for ${adapterType} (auto_mapping ${JSON.stringify(config['auto_mapping'])}) ` +
         `but the model is ${modelType} (${hfArchitecture(modelType).base_model_class})`);
   }
-  const factorLayout = expertFactorLayout(config['peft_version'], layers[0].expertLayout !== 'outIn', problems, notes);
+  const factorLayout = expertFactorLayout(config['peft_version'], layers.length > 0 && layers[0].expertLayout !== 'outIn', problems, notes);
   /** A target's A and B shapes as the file holds them (an older PEFT swaps the expert factors' in and out). */
   const fileShapes = (layer: SparseMoE, t: LoRATarget) => {
     const s = expectedShapes(layer, t, cfg.r);
@@ -440,9 +499,37 @@ export async function loadPeftAdapter(
     return SHARED_LORA_TARGETS.filter(t => names.module[t] === module);
   };
 
+  // attention / dense-MLP tensors: '<layer>.<projection>.lora_{A,B}.weight', checked against the config's modules
+  const linearTensors = new Set<string>();
+  for (const [layer, modules] of cfg.linear) {
+    if (layer.lora.names().includes(name)) problems.push(`layer '${layer.name}' already has an adapter named '${name}'`);
+    for (const [projection, m] of Object.entries(modules)) {
+      const [out, inSize] = layer.weights.find(v => v.originalName.endsWith(`/${projection}.weight`))!.shape as number[];
+      for (const [factor, shape] of [['A', [m.r, inSize]], ['B', [out, m.r]]] as const) {
+        const tensorName = linearTensorName(layer, projection, factor);
+        linearTensors.add(tensorName);
+        if (!file.names().includes(tensorName)) {
+          problems.push(`no '${tensorName}' (the adapter config targets '${layer.name}.${projection}')`);
+          continue;
+        }
+        const info = file.info(tensorName);
+        if (!['F32', 'F16', 'BF16'].includes(info.dtype)) problems.push(`'${tensorName}' must be a float tensor but is ${info.dtype}`);
+        if (!same(info.shape, shape)) problems.push(`'${tensorName}' has shape [${info.shape}] but ${layer.name}.${projection} with r = ${m.r} needs [${shape}]`);
+      }
+    }
+  }
+  const linearModuleOf = (tensorName: string) => linear.find(l => tensorName.startsWith(`${PREFIX}${l.name}.`));
+
   // tensor name → (layer, module, factor)
   const byLayer = new Map<SparseMoE, Map<string, { A?: string; B?: string }>>();
   for (const tensorName of file.names()) {
+    if (linearTensors.has(tensorName)) continue;
+    const linearLayer = linearModuleOf(tensorName);
+    if (linearLayer !== undefined) {
+      problems.push(`'${tensorName}' is a LoRA tensor of '${linearLayer.name}' that the adapter config does not target ` +
+          `(target_modules ${JSON.stringify(config['target_modules'] ?? [])})`);
+      continue;
+    }
     const layer = layers.find(l => tensorName.startsWith(`${PREFIX}${l.name}.`));
     const m = layer ? /^(.+)\.lora_(A|B)\.weight$/.exec(tensorName.slice(PREFIX.length + layer.name.length + 1)) : null;
     if (layer === undefined || m === null || moduleTargets(m[1]).length === 0) {
@@ -522,7 +609,7 @@ export async function loadPeftAdapter(
   }
   if (problems.length > 0) throw peftError(op, where, problems);
   // every value is checked before the model changes, one tensor in memory at a time
-  const nonFinite = await nonFiniteTensors(file, plan.flatMap(p => [...p.tensors.values()].flatMap(t => [t.A, t.B])));
+  const nonFinite = await nonFiniteTensors(file, [...plan.flatMap(p => [...p.tensors.values()].flatMap(t => [t.A, t.B])), ...linearTensors]);
   if (nonFinite.length > 0) throw peftError(op, where, nonFinite);
 
   // Every factor is read (and converted from an older layout) before the model changes: a read
@@ -542,7 +629,21 @@ export async function loadPeftAdapter(
         values.set(`${layer.name}/${target}`, converted);
       }
     }
+    for (const tensorName of linearTensors) {
+      const t = await file.tensor(tensorName);
+      read.push(t);
+      values.set(tensorName, { A: t, B: t });
+    }
     freezeBaseLayers(model);
+    for (const [layer, modules] of cfg.linear) {
+      // the layer trains again; its LinearLoRA freezes the base weights and keeps the adapter trainable
+      layer.trainable = true;
+      layer.lora.add({ name, modules, rsLoRA: cfg.rsLoRA, dropout: cfg.dropout }, 'peft');
+      for (const [projection, f] of Object.entries(layer.lora.factors(name))) {
+        f.A.write(values.get(linearTensorName(layer, projection, 'A'))!.A);
+        f.B.write(values.get(linearTensorName(layer, projection, 'B'))!.A);
+      }
+    }
     for (const { layer, tensors, targets } of plan) {
       layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
       const factors = layer.adapter(name).factors;
@@ -557,7 +658,8 @@ export async function loadPeftAdapter(
   }
   return {
     name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...cfg.targets],
-    layers: plan.map(p => p.layer.name), notes,
+    layers: plan.map(p => p.layer.name),
+    modules: [...cfg.linear].flatMap(([layer, modules]) => Object.keys(modules).map(p => `${layer.name}.${p}`)), notes,
   };
 }
 
@@ -582,19 +684,33 @@ export async function savePeftAdapter(
   const name = options.name ?? 'default';
   const layers = sparseMoELayers(model);
   const having = layers.filter(l => l.adapterNames().includes(name));
-  if (having.length === 0) {
-    const all = [...new Set(layers.flatMap(l => l.adapterNames()))];
-    throw new PeftAdapterError(`\`${op}()\`: no SparseMoE layer of '${model.name}' has an adapter '${name}' (adapters: ${all.join(', ') || 'none'})`);
+  const linear = linearLayers(model).filter(l => l.lora.names().includes(name));
+  if (having.length === 0 && linear.length === 0) {
+    const all = [...new Set([...layers.flatMap(l => l.adapterNames()), ...linearLayers(model).flatMap(l => l.lora.names())])];
+    throw new PeftAdapterError(`\`${op}()\`: no layer of '${model.name}' has an adapter '${name}' (adapters: ${all.join(', ') || 'none'})`);
   }
-  const first = having[0].adapter(name).config;
-  const scale = (c: LoRAAdapterConfig) => `r ${c.r}, alpha ${c.alpha}, rsLoRA ${c.rsLoRA ?? false}`;
+  // one r, alpha, rsLoRA and dropout per adapter (PEFT's); linear modules that differ go in the patterns
+  const linearModules = linear.flatMap(l => Object.entries(l.lora.config(name)!.modules).map(([p, m]) =>
+    ({ layer: l, projection: p, module: `${l.name}.${p}`, ...m })));
+  const first: { r: number; alpha: number; rsLoRA?: boolean } = having.length > 0 ? having[0].adapter(name).config :
+    { ...linearModules[0], rsLoRA: linear[0].lora.config(name)!.rsLoRA };
+  const firstName = having.length > 0 ? `'${having[0].name}'` : `'${linearModules[0].module}'`;
+  const scale = (c: { r: number; alpha: number; rsLoRA?: boolean }) => `r ${c.r}, alpha ${c.alpha}, rsLoRA ${c.rsLoRA ?? false}`;
   const problems: string[] = [];
   for (const layer of having.slice(1)) {
     const c = layer.adapter(name).config;
     if (scale(c) !== scale(first)) {
-      problems.push(`'${layer.name}' has ${scale(c)} but '${having[0].name}' has ${scale(first)} (PEFT keeps one of each per adapter)`);
+      problems.push(`'${layer.name}' has ${scale(c)} but ${firstName} has ${scale(first)} (PEFT keeps one of each per adapter)`);
     }
   }
+  const dropouts = [...new Set(linear.map(l => l.lora.config(name)!.dropout ?? 0))];
+  for (const layer of linear) {
+    const c = layer.lora.config(name)!;
+    if ((c.rsLoRA ?? false) !== (first.rsLoRA ?? false)) {
+      problems.push(`'${layer.name}' has rsLoRA ${c.rsLoRA ?? false} but ${firstName} has rsLoRA ${first.rsLoRA ?? false} (PEFT keeps one per adapter)`);
+    }
+  }
+  if (dropouts.length > 1) problems.push(`the linear layers have lora_dropout ${dropouts.join(', ')} (PEFT keeps one per adapter)`);
   if (problems.length > 0) throw peftError(op, `'${dir}' (adapter '${name}')`, problems);
 
   const names = peftNames(model);
@@ -608,9 +724,26 @@ export async function savePeftAdapter(
       const relative = shared ? names.module[t]! : names.parameter[t]!;
       return uniform ? relative : `${l.name}.${relative}`;
     }));
+  // Linear modules: '<layer's last name part>.<projection>' ('self_attn.q_proj') when it selects
+  // exactly the adapted modules of the model, else each module's full name.
+  const allModules = loraModules([model]).map(m => m.name);
+  const adaptedModules = new Set(linearModules.map(m => m.module));
+  const linearEntries: string[] = [];
+  for (const m of linearModules) {
+    const short = `${m.layer.name.slice(m.layer.name.lastIndexOf('.') + 1)}.${m.projection}`;
+    const hits = allModules.filter(n => moduleMatches(n, short));
+    const entry = hits.every(n => adaptedModules.has(n)) ? short : m.module;
+    if (!linearEntries.includes(entry)) linearEntries.push(entry);
+  }
+  const rankPattern: Record<string, number> = {};
+  const alphaPattern: Record<string, number> = {};
+  for (const m of linearModules) {
+    if (m.r !== first.r) rankPattern[m.module] = m.r;
+    if (m.alpha !== first.alpha) alphaPattern[m.module] = m.alpha;
+  }
   const modelType = hfConfigOf(model)?.['model_type'];
   const config = {
-    alpha_pattern: {},
+    alpha_pattern: alphaPattern,
     // what PEFT's save_pretrained records when task_type is null: the loader checks it
     auto_mapping: typeof modelType === 'string' ? hfArchitecture(modelType) : null,
     base_model_name_or_path: null,
@@ -622,14 +755,14 @@ export async function savePeftAdapter(
     layers_to_transform: null,
     lora_alpha: first.alpha,
     lora_bias: false,
-    lora_dropout: 0.0,
+    lora_dropout: dropouts[0] ?? 0.0,
     modules_to_save: null,
     peft_type: 'LORA',
     peft_version: PEFT_VERSION_WRITTEN,
     r: first.r,
-    rank_pattern: {},
+    rank_pattern: rankPattern,
     revision: null,
-    target_modules: entries(true),
+    target_modules: [...entries(true), ...linearEntries],
     target_parameters: entries(false),
     task_type: null,
     use_dora: false,
@@ -637,6 +770,11 @@ export async function savePeftAdapter(
   };
   const tensors: Record<string, tf.Tensor> = {};
   for (const t of peftAdapterTensors(model, name)) tensors[t.peftName] = t.variable.read();
+  for (const m of linearModules) {
+    const f = m.layer.lora.factors(name)[m.projection];
+    tensors[linearTensorName(m.layer, m.projection, 'A')] = f.A.read();
+    tensors[linearTensorName(m.layer, m.projection, 'B')] = f.B.read();
+  }
   await writeArtifactFolder(dir, async tmp => {
     await writeSafetensorsFile(join(tmp, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
     await writeFile(join(tmp, ADAPTER_CONFIG), `${JSON.stringify(config, null, 2)}\n`);

@@ -15,6 +15,7 @@ import { rmsNorm } from './rms_norm.js';
 import { applyRotary, rotaryTables, rotaryTablesAt } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
+import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 
 export type QKNorm = 'none' | 'perHead' | 'full';
 export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full'];
@@ -41,6 +42,9 @@ export interface RotaryAttentionArgs extends LayerArgs {
   slidingWindow?: number | null;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /** LoRA adapters on q/k/v/o_proj to create in build(), as getConfig() writes them */
+  loraAdapters?: SavedLinearAdapter[];
+  activeLoraAdapters?: string[];
 }
 
 /**
@@ -101,9 +105,17 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly slidingWindow: number | null;
   readonly initializerRange: number;
   private readonly vars = new Map<string, tfl.LayerVariable>();
+  /** LoRA adapters on q_proj, k_proj, v_proj and o_proj (PEFT's lora.Linear state) */
+  readonly lora: LinearLoRA;
 
   constructor(args: RotaryAttentionArgs) {
     super(args);
+    const saved = LinearLoRA.savedAdapters(args.loraAdapters, args.activeLoraAdapters);
+    this.lora = new LinearLoRA({
+      layer: this, projections: ATTENTION_PROJECTIONS,
+      weight: p => this.vars.get(`${p}.weight`)!,
+      baseWeights: () => [...this.vars.values()],
+    }, saved.adapters, saved.active);
     const op = 'RotaryAttention';
     assertInteger(op, 'numHeads', args.numHeads, 1);
     assertInteger(op, 'numKeyValueHeads', args.numKeyValueHeads, 1, args.numHeads);
@@ -164,16 +176,16 @@ export class RotaryAttention extends tfl.layers.Layer {
       add('k_norm.weight', [kv], ones);
     }
     this.built = true;
+    this.lora.buildPending();
   }
 
   private w(name: string): tf.Tensor {
     return this.vars.get(name)!.read();
   }
 
-  /** x [N, in] · Wᵀ (+ b) */
+  /** x [N, in] · Wᵀ (+ b), plus the projection's applied LoRA adapters */
   private linear(x: tf.Tensor2D, proj: string, bias: boolean): tf.Tensor2D {
-    const y = tf.matMul(x, this.w(`${proj}.weight`) as tf.Tensor2D, false, true);
-    return bias ? tf.add(y, this.w(`${proj}.bias`)) as tf.Tensor2D : y as tf.Tensor2D;
+    return this.lora.apply(x, proj, bias ? this.vars.get(`${proj}.bias`)! : null);
   }
 
   override computeOutputShape(inputShape: tfl.Shape | tfl.Shape[]): tfl.Shape | tfl.Shape[] {
@@ -278,7 +290,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       clipQKV: this.clipQKV,
       slidingWindow: this.slidingWindow,
       initializerRange: this.initializerRange,
-    };
+      ...this.lora.getConfig(),
+    } as unknown as tf.serialization.ConfigDict;
   }
 }
 tf.serialization.registerClass(RotaryAttention);

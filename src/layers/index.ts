@@ -11,6 +11,10 @@ export { rotaryTables, applyRotary } from './rotary.js';
 export { RotaryAttention, QK_NORMS, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 export { TokenEmbedding, LMHead, type VocabLayerArgs } from './embedding.js';
 export { SwiGLUMLP, type SwiGLUMLPArgs } from './swiglu_mlp.js';
+export {
+  LinearLoRA, ATTENTION_PROJECTIONS, MLP_PROJECTIONS, loraBranch, linearDeltaWeight, loraDropoutMask, dropoutSeedOf,
+  type LinearAdapterConfig, type LinearLoRAModule,
+} from './linear_lora.js';
 export { protectString, restoreString } from './config_strings.js';
 export {
   buildMoECausalLM, moeCausalLMConfigFromHF, hfConfigOf, sparseMoELayers, decoderLayerIndex, trainableVariables,

@@ -7,7 +7,7 @@
 import type { PluginArgsProblem } from '../args/errors.js';
 import type { PartialResolvedArgs } from '../args/validate.js';
 import { describeValue } from '../args/validate.js';
-import { SHARED_LORA_TARGETS, type LoRATarget } from '../layers/sparse_moe.js';
+import { LORA_TARGETS, SHARED_LORA_TARGETS, type LoRATarget } from '../layers/sparse_moe.js';
 import { registeredRoutingKinds } from '../ops/routing/route.js';
 import type { RoutingKind } from '../ops/types.js';
 import { allDescriptors, describeMoELayer, type MoELayerInfo } from './descriptor.js';
@@ -72,7 +72,8 @@ function loraProblems(found: FoundMoELayer, info: MoELayerInfo, lora: NonNullabl
         '(register it with lora: {targets, adapterNames, add, remove}, or leave lora out)');
     return out;
   }
-  const targets = lora.targets;
+  // module names and 'all-linear' are resolved against the models' modules (linear_targets.ts)
+  const targets = lora.targets?.filter((t): t is LoRATarget => (LORA_TARGETS as readonly string[]).includes(t));
   if (targets !== undefined) {
     const unsupported = targets.filter(t => !d.lora!.targets.includes(t));
     if (unsupported.length > 0) {
@@ -101,7 +102,7 @@ function loraProblems(found: FoundMoELayer, info: MoELayerInfo, lora: NonNullabl
   const name = lora.adapterName;
   if (name !== undefined && d.lora.adapterNames(layer).includes(name) && d.lora.adapterConfig) {
     const have = d.lora.adapterConfig(layer, name);
-    const want = lora;
+    const want = { ...lora, targets };
     const fmt = (c: { r?: number; alpha?: number; rsLoRA?: boolean; targets?: readonly string[] }) =>
       `r = ${c.r}, alpha = ${c.alpha}, rsLoRA = ${c.rsLoRA ?? false}, targets ${[...(c.targets ?? [])].join(', ')}`;
     const same = have !== undefined && have.r === want.r && have.alpha === want.alpha &&

@@ -6,7 +6,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { SeededRandom } from '../data/random.js';
+import { RotaryAttention } from '../layers/attention.js';
 import { sparseMoELayers } from '../layers/moe_causal_lm.js';
+import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 
 function write(variable: tfl.LayerVariable, draw: () => number): void {
   const data = new Float32Array(variable.shape.reduce<number>((p, d) => p * (d ?? 1), 1));
@@ -34,8 +36,8 @@ export function seedModelInit(model: tfl.LayersModel, seed: number, std: number)
 }
 
 /**
- * Re-draws the A factors of adapter `name` on every MoE layer from PEFT's init, U(±1/√in), and
- * leaves B (zeros: the adapter starts as a no-op).
+ * Re-draws the A factors of adapter `name` on every MoE layer, then on every attention and
+ * dense-MLP layer, from PEFT's init, U(±1/√in), and leaves B (zeros: the adapter starts as a no-op).
  *
  * ```js
  * register({models: [model], lora: {r: 4, alpha: 8}});
@@ -49,6 +51,13 @@ export function seedAdapterInit(model: tfl.LayersModel, name: string, seed: numb
     for (const factors of Object.values(layer.adapter(name).factors)) {
       const bound = 1 / Math.sqrt(factors!.A.shape[1] as number);
       write(factors!.A, () => (2 * rng.next() - 1) * bound);
+    }
+  }
+  for (const layer of model.layers) {
+    if (!(layer instanceof RotaryAttention || layer instanceof SwiGLUMLP) || !layer.lora.names().includes(name)) continue;
+    for (const factors of Object.values(layer.lora.factors(name))) {
+      const bound = 1 / Math.sqrt(factors.A.shape[1] as number);
+      write(factors.A, () => (2 * rng.next() - 1) * bound);
     }
   }
 }
