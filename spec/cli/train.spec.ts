@@ -14,6 +14,7 @@ import { loadPeftAdapter } from '../../src/io/peft.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import type { TrainRunResult } from '../../src/train/run.js';
 import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
+import { writeChatModel } from '../helpers/chat_model.js';
 import { runMain, spawnCli, type CliRun } from './run_cli.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
@@ -181,10 +182,45 @@ describe('cli/train', () => {
           'micro_batch_size: expected an integer >= 1 but got 0 (number)');
     });
 
-    it('--config with datasets: refused as not wired yet (exit 1)', async () => {
-      const yaml = join(dir, 'datasets.yaml');
-      await writeFile(yaml, `base_model: ${scratchOut}\ndatasets:\n  - path: a.jsonl\n    type: alpaca\noutput_dir: ${join(dir, 'ds')}\nbackend: ${BACKEND}\n`);
-      expectFailure(await runMain(['train', '--config', yaml]), 'datasets: not wired into training yet');
+    it('--config with a chat dataset, then generate with the adapter: the axolotl-style run a user starts from', async () => {
+      const model = await writeChatModel(join(dir, 'chat-model'));
+      const chats = join(dir, 'chats.jsonl');
+      const turns = ['rain', 'snow', 'wind', 'sun', 'fog', 'hail'].map(t => JSON.stringify({
+        messages: [{ role: 'user', content: `what is ${t}` }, { role: 'assistant', content: `${t} is weather` }] }));
+      await writeFile(chats, turns.join('\n'));
+      const yaml = join(dir, 'chat.yaml');
+      const out = join(dir, 'chat-adapter');
+      await writeFile(yaml, [`base_model: ${model}`, 'datasets:', `  - path: ${chats}`, '    type: chat_template',
+        'sample_packing: true', 'val_set_size: 2', 'eval_steps: 2', 'adapter: lora', 'lora_r: 2', 'lora_alpha: 4',
+        'lora_target_modules: [q_proj, v_proj, experts.gate_up]', 'sequence_len: 64', 'micro_batch_size: 2', 'max_steps: 4',
+        'learning_rate: 0.005', `output_dir: ${out}`, 'seed: 3', `backend: ${BACKEND}`].join('\n'));
+      const r = await runMain(['train', '--config', yaml, '--json']);
+      expect(r.code, r.stderr).to.equal(0);
+      const result = JSON.parse(r.stdout) as TrainRunResult;
+      expect(result).to.include({ mode: 'lora', steps: 4 });
+      expect(result.valLossAfter).to.be.below(result.valLossBefore!);
+      // the same run from flags: --data-type makes --data a dataset
+      const flags = await runMain(['train', '--model', model, '--data', chats, '--data-type', 'chat_template', '--sample-packing',
+        '--val-set-size', '2', '--eval-every', '2', '--lora-rank', '2', '--lora-alpha', '4', '--lora-targets', 'q_proj,v_proj,experts.gate_up',
+        '--seq', '64', '--batch', '2', '--steps', '4', '--lr', '0.005', '--out', join(dir, 'chat-flags'), '--seed', '3', '--backend', BACKEND, '--json']);
+      expect(flags.code, flags.stderr).to.equal(0);
+      expect((JSON.parse(flags.stdout) as TrainRunResult).losses).to.deep.equal(result.losses);
+      const chat = join(dir, 'ask.json');
+      await writeFile(chat, JSON.stringify({ messages: [{ role: 'user', content: 'what is rain' }] }));
+      const g = await runMain(['generate', '--model', model, '--adapter', out, '--chat', chat, '--max-new-tokens', '6', '--backend', BACKEND, '--json']);
+      expect(g.code, g.stderr).to.equal(0);
+      expect(JSON.parse(g.stdout).prompt).to.equal('user: what is rain<|im_end|>\nassistant:');
+    });
+
+    it('dataset flags on a text file, --tokenizer without --init-config, and --val with a dataset are refused (exit 2)', async () => {
+      expectUsageError(await runMain(['train', '--model', scratchOut, ...common(), '--sample-packing', '--out', join(dir, 'x')]),
+          '--sample-packing is for JSON Lines datasets (--data-type), not a text file');
+      expectUsageError(await runMain(['train', '--model', scratchOut, ...common(), '--tokenizer', dir, '--out', join(dir, 'x')]),
+          '--tokenizer is for --init-config: a --model folder brings its own tokenizer');
+      expectUsageError(await runMain(['train', '--model', scratchOut, ...common(), '--data-type', 'alpaca', '--val', val, '--out', join(dir, 'x')]),
+          '--val is a held-out text file; with a dataset, split validation samples off with --val-set-size');
+      expectUsageError(await runMain(['train', '--model', scratchOut, ...common(), '--data-type', 'chat', '--out', join(dir, 'x')]),
+          "--data-type must be one of text, completion, prompt_completion, alpaca, chat_template but got 'chat'");
     });
 
     it('notes characters outside the tokenizer, which train as <unk>', async () => {
@@ -228,7 +264,7 @@ describe('cli/train', () => {
       ['no --out', () => [['--init-config', 'qwen3_moe', '--data', data], 'Missing required argument: out']],
       ['no --data', () => [['--init-config', 'qwen3_moe', '--out', join(dir, 'x')], 'Missing required argument: data']],
       ['--eval-every without --val', () => [['--init-config', 'qwen3_moe', '--data', data, '--eval-every', '2', '--out', join(dir, 'x')],
-        '--eval-every needs --val (the held-out text it evaluates)']],
+        '--eval-every needs validation data: --val (a held-out text) or --val-set-size (with a dataset)']],
       ['--resume that is not a folder', () => [['--init-config', 'qwen3_moe', '--data', data, '--resume', data, '--out', join(dir, 'x')],
         `--resume: '${data}' is not a directory`]],
       ['a negative warm-up', () => [['--init-config', 'qwen3_moe', '--data', data, '--warmup-steps', '-1', '--out', join(dir, 'x')],

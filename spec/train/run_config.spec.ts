@@ -73,7 +73,7 @@ describe('train/run_config: axolotl-style YAML', () => {
     const bad = {
       learning_rat: 1e-3, micro_batchsize: 2, lr: 1, base_model: 7, adapter: 'qlora', lora_r: 0,
       lora_target_modules: ['experts.gate_upp'], lr_scheduler: 'step', warmup_steps: 5, warmup_ratio: 0.1,
-      datasets: [{ path: 'a.jsonl', typ: 'alpaca' }], seed: -1, zzz: true,
+      datasets: [{ path: 'a.jsonl', typ: 'alpaca' }, { path: 'b.jsonl', type: 'chat_templat' }], seed: -1, zzz: true,
     };
     let error: RunConfigError | undefined;
     try {
@@ -86,7 +86,7 @@ describe('train/run_config: axolotl-style YAML', () => {
       "learning_rat: unknown key; did you mean 'learning_rate'?",
       "micro_batchsize: unknown key; did you mean 'micro_batch_size'?",
       "lr: unknown key; did you mean 'learning_rate'?",
-      `zzz: unknown key (the keys: ${['base_model', 'init_config', 'data', 'val', 'datasets', 'adapter', 'lora_r', 'lora_alpha',
+      `zzz: unknown key (the keys: ${['base_model', 'init_config', 'data', 'val', 'tokenizer_config', 'datasets', 'adapter', 'lora_r', 'lora_alpha',
         'lora_dropout', 'lora_target_modules', 'lora_target_linear', 'sequence_len', 'sample_packing', 'train_on_inputs',
         'micro_batch_size', 'gradient_accumulation_steps', 'num_epochs', 'max_steps', 'learning_rate', 'lr_scheduler',
         'warmup_steps', 'warmup_ratio', 'max_grad_norm', 'val_set_size', 'eval_steps', 'save_steps', 'save_total_limit',
@@ -94,13 +94,14 @@ describe('train/run_config: axolotl-style YAML', () => {
       'base_model: expected a non-empty string but got 7',
       "datasets[0].typ: unknown key (expected one of path, type, field); did you mean 'type'?",
       'datasets[0].type: expected a non-empty string but got nothing',
+      "datasets[1].type: expected one of completion, prompt_completion, alpaca, chat_template but got 'chat_templat'; did you mean 'chat_template'?",
       "adapter: expected 'lora' or null (full fine-tuning) but got 'qlora'",
       "lr_scheduler: expected one of 'constant', 'linear', 'cosine' but got 'step' (string)",
       'seed: expected an integer >= 0 but got -1 (number)',
       'lora_r, lora_target_modules: need adapter: lora (without it every weight is trained)',
       'warmup_steps, warmup_ratio: give one of them, not both',
     ]);
-    expect(error!.message).to.match(/^the run config 'run\.yaml' has 12 problems:\n {2}- learning_rat: /);
+    expect(error!.message).to.match(/^the run config 'run\.yaml' has 13 problems:\n {2}- learning_rat: /);
   });
 
   it('with adapter: lora, register()\'s schema checks the lora values and names the YAML key', () => {
