@@ -17,10 +17,7 @@ export {
 export { writeArtifactFolder, writeFileAtomically, type ArtifactFolderOptions } from './util/atomic.js';
 export { runBlockParity, FixtureError, type BlockParityResult, type BlockParityOptions } from './models/parity.js';
 export { loadHFCheckpoint } from './io/hf_checkpoint.js';
-export {
-  loadPeftAdapter, savePeftAdapter, peftAdapterTensors, PeftAdapterError,
-  type PeftAdapterOptions, type LoadedPeftAdapter, type PeftTensor,
-} from './io/peft.js';
+export { loadPeftAdapter, savePeftAdapter } from './io/peft_files.js';
 export { registerFileIOHandler, fileIO, FileIOError } from './io/file_io_handler.js';
 export {
   loadModelDir, modelDirFormat, modelDirFormats, ModelDirError, MODEL_DIR_FORMATS, type ModelDirFormat,
