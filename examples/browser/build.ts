@@ -17,8 +17,8 @@ const root = resolve(here, '../..');
 
 /** Where `npm run build:browser` puts the page. */
 export const DIST_DIR = join(here, 'dist');
-/** The checkpoint the page trains by default (copied to <out>/model/). */
-export const DEFAULT_MODEL_DIR = join(root, 'spec/fixtures/hf/qwen3_moe');
+/** The checkpoint the page trains by default (copied to <out>/model/): the shipped model, with its tokenizer.json. */
+export const DEFAULT_MODEL_DIR = join(root, 'examples/models/tala-moe');
 
 const WASM_DIR = join(root, 'node_modules/@tensorflow/tfjs-backend-wasm/dist');
 const WASM_FILES = ['tfjs-backend-wasm.wasm', 'tfjs-backend-wasm-simd.wasm', 'tfjs-backend-wasm-threaded-simd.wasm'];
