@@ -40,6 +40,11 @@ export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
   type TrainRunOptions, type TrainRunResult, type TrainMode, type TrainLoopOptions, type TrainLoopResult,
 } from './train/index.js';
+// what the examples' training scripts use besides the loop (examples/finetune.ts: a copy of it runs from the installed package)
+export {
+  createProgress, onInterrupt, seedAdapterInit, withAdaptersDisabled,
+  type Progress, type ProgressOptions, type InterruptFlag,
+} from './train/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';
 
