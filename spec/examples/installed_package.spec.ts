@@ -20,6 +20,7 @@ import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 
+const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
 const REPO = resolve('.');
 const MODULES = join(REPO, 'node_modules');
 const TSX = join(MODULES, '.bin', 'tsx');
@@ -137,7 +138,7 @@ describe('examples from the installed package (npm pack, unpacked into a fresh p
     const val = join(project, 'val.txt');
     const heldOut = (await readFile(join(REPO, 'examples/data/target_val.txt'), 'utf8')).split('\n').slice(0, 6).join('\n');
     await writeFile(val, `${heldOut}\n`);
-    const r = run(['examples/finetune.ts', '--backend', 'cpu', '--steps', '2', '--batch', '2', '--seq', '16', '--val', val, '--out', out]);
+    const r = run(['examples/finetune.ts', '--backend', BACKEND, '--steps', '2', '--batch', '2', '--seq', '16', '--val', val, '--out', out]);
     expect(r.status, r.stderr).to.equal(0);
     expect(r.stdout).to.match(/validation loss on held-out target text/);
     const log = JSON.parse(await readFile(join(out, 'log.json'), 'utf8')) as { stepsDone: number; losses: number[] };
