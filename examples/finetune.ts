@@ -22,7 +22,9 @@
  * not be the one it continues. --steps may only grow (below the steps done is an error); --val and
  * --backend may change (they do not change what is trained).
  *
- * In your own project, import from 'tfjs-moe-lora' instead of '../src/index.js'.
+ * It imports only what the package exports, so it runs from an installed package as it is
+ * (examples/README.md says how; inside this repository tsconfig.json's `paths` point
+ * 'tfjs-moe-lora' at src/).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';  // registers the gradients in Node
@@ -31,16 +33,11 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join, relative, resolve } from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { readTokenizer } from '../src/data/tokenizer_file.js';
 import {
-  loadHFCheckpoint, loadPeftAdapter, PeftAdapterError, PluginArgsError, register, savePeftAdapter, sparseMoELayers,
-} from '../src/index.js';
-import { LORA_TARGETS, type LoRATarget } from '../src/layers/sparse_moe.js';
-import {
-  createProgress, evaluateLoss, generateGreedy, onInterrupt, seedAdapterInit, trainLoop, withAdaptersDisabled,
-} from '../src/train/index.js';
-import { MoELoraError } from '../src/errors.js';
-import { writeArtifactFolder } from '../src/util/atomic.js';
+  createProgress, evaluateLoss, generateGreedy, loadHFCheckpoint, loadPeftAdapter, LORA_TARGETS, MoELoraError,
+  onInterrupt, PeftAdapterError, PluginArgsError, readTokenizer, register, savePeftAdapter, seedAdapterInit,
+  sparseMoELayers, trainLoop, withAdaptersDisabled, writeArtifactFolder, type LoRATarget,
+} from 'tfjs-moe-lora';
 import { lossChartSVG } from './loss_chart.js';
 
 const here = import.meta.dirname;

@@ -1,5 +1,5 @@
 /**
- * Writes the Tala corpora (src/data/synthetic.ts) that the shipped model and the example use:
+ * Writes the Tala corpora (generateCorpus, src/data/synthetic.ts) that the shipped model and the example use:
  * examples/data/{base,target}_{train,val}.txt. Deterministic: the same files on every run.
  *
  *   npx tsx examples/make_data.ts [--out examples/data]
@@ -9,7 +9,7 @@
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CORPUS_STYLES, EXAMPLE_CORPORA, generateCorpus } from '../src/data/synthetic.js';
+import { CORPUS_STYLES, EXAMPLE_CORPORA, generateCorpus } from 'tfjs-moe-lora';
 
 const at = process.argv.indexOf('--out');
 const out = at >= 0 && process.argv[at + 1] ? process.argv[at + 1] : join(import.meta.dirname, 'data');

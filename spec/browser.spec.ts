@@ -18,8 +18,9 @@ describe('browser entry (src/browser.ts)', () => {
   it('bundles for the browser without any Node module, with the fetch loader and without the file loaders', async () => {
     const inputs = Object.keys((await bundleForBrowser('src/browser.ts')).inputs);
     expect(inputs.filter(i => /^node:|^(fs|path|os|buffer|url)$/.test(i)), 'Node modules in the bundle').to.deep.equal([]);
-    expect(inputs).to.include.members(['src/browser.ts', 'src/io/fetch_checkpoint.ts', 'src/io/safetensors_bytes.ts', 'src/plugin.ts']);
-    for (const nodeOnly of ['src/io/safetensors.ts', 'src/io/hf_checkpoint.ts', 'src/io/peft.ts', 'src/io/file_io_handler.ts']) {
+    expect(inputs).to.include.members(['src/browser.ts', 'src/io/fetch_checkpoint.ts', 'src/io/safetensors_bytes.ts', 'src/plugin.ts',
+      'src/io/peft.ts', 'src/data/hf_tokenizer.ts']);
+    for (const nodeOnly of ['src/io/safetensors.ts', 'src/io/hf_checkpoint.ts', 'src/io/peft_files.ts', 'src/io/file_io_handler.ts']) {
       expect(inputs, nodeOnly).to.not.include(nodeOnly);
     }
   });
@@ -33,11 +34,12 @@ describe('browser entry (src/browser.ts)', () => {
   it('exports the very objects of the Node entry, without its file-system functions', () => {
     const names = Object.keys(browserEntry);
     expect(names).to.include.members(['register', 'fetchHFCheckpoint', 'loadHFCheckpointFrom', 'parseSafetensors',
-      'buildMoECausalLM', 'SparseMoE', 'trainableVariables', 'registerMoEKernels', 'moeBlock']);
+      'buildMoECausalLM', 'SparseMoE', 'trainableVariables', 'registerMoEKernels', 'moeBlock',
+      'loadPeftAdapterFrom', 'encodePeftAdapter', 'HFTokenizer']);
     for (const name of names) {
       expect((nodeEntry as Record<string, unknown>)[name], name).to.equal((browserEntry as Record<string, unknown>)[name]);
     }
-    for (const nodeOnly of ['loadHFCheckpoint', 'readSafetensorsFile', 'loadPeftAdapter', 'registerFileIOHandler']) {
+    for (const nodeOnly of ['loadHFCheckpoint', 'readSafetensorsFile', 'loadPeftAdapter', 'savePeftAdapter', 'registerFileIOHandler']) {
       expect(names, nodeOnly).to.not.include(nodeOnly);
     }
   });

@@ -17,10 +17,7 @@ export {
 export { writeArtifactFolder, writeFileAtomically, type ArtifactFolderOptions } from './util/atomic.js';
 export { runBlockParity, FixtureError, type BlockParityResult, type BlockParityOptions } from './models/parity.js';
 export { loadHFCheckpoint } from './io/hf_checkpoint.js';
-export {
-  loadPeftAdapter, savePeftAdapter, peftAdapterTensors, PeftAdapterError,
-  type PeftAdapterOptions, type LoadedPeftAdapter, type PeftTensor,
-} from './io/peft.js';
+export { loadPeftAdapter, savePeftAdapter } from './io/peft_files.js';
 export { registerFileIOHandler, fileIO, FileIOError } from './io/file_io_handler.js';
 export {
   loadModelDir, modelDirFormat, modelDirFormats, ModelDirError, MODEL_DIR_FORMATS, type ModelDirFormat,
@@ -53,6 +50,11 @@ export {
   GENERATION_CONFIG_FILE, type GenerationOptions, type GenerationPrompt, type GenerationResult, type FinishReason,
   type CachedKeys, type SamplingSettings, type GenerationConfig,
 } from './generate/index.js';
+// what the examples' training scripts use besides the loop (examples/finetune.ts: a copy of it runs from the installed package)
+export {
+  createProgress, onInterrupt, seedAdapterInit, withAdaptersDisabled,
+  type Progress, type ProgressOptions, type InterruptFlag,
+} from './train/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';
 

@@ -9,18 +9,19 @@
  */
 import { build } from 'esbuild';
 import { copyFile, mkdir, readdir, rm, stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const root = resolve(here, '../..');
 
 /** Where `npm run build:browser` puts the page. */
 export const DIST_DIR = join(here, 'dist');
-/** The checkpoint the page trains by default (copied to <out>/model/). */
-export const DEFAULT_MODEL_DIR = join(root, 'spec/fixtures/hf/qwen3_moe');
+/** The checkpoint the page trains by default (copied to <out>/model/): the shipped model, with its tokenizer.json. */
+export const DEFAULT_MODEL_DIR = join(here, '../models/tala-moe');
 
-const WASM_DIR = join(root, 'node_modules/@tensorflow/tfjs-backend-wasm/dist');
+/** tfjs's wasm binaries, wherever node_modules has the backend (this repository or a project that installed the package). */
+const WASM_DIR = join(dirname(createRequire(import.meta.url).resolve('@tensorflow/tfjs-backend-wasm/package.json')), 'dist');
 const WASM_FILES = ['tfjs-backend-wasm.wasm', 'tfjs-backend-wasm-simd.wasm', 'tfjs-backend-wasm-threaded-simd.wasm'];
 
 /** The files of an HF checkpoint folder the page fetches; other files (fixtures' goldens) stay behind. */

@@ -1,7 +1,9 @@
 /**
- * The browser example: fetch an MoE checkpoint in Hugging Face layout, register the plugin with
- * LoRA on the experts and the router, and train the adapters on wasm (webgpu when the browser
- * offers an adapter), drawing the loss as it goes.
+ * The browser example: fetch an MoE checkpoint in Hugging Face layout and its tokenizer.json
+ * (run by the package's HFTokenizer, i.e. Hugging Face's own tokenizers in JS), register the
+ * plugin with LoRA on the experts and the router, train the adapters on wasm (webgpu when the
+ * browser offers an adapter), drawing the loss as it goes, and offer the trained adapter as PEFT's
+ * two files (adapter_config.json, adapter_model.safetensors) to download.
  *
  * Page parameters (all optional), e.g. index.html?steps=40&lr=0.02:
  *   model    checkpoint folder URL (config.json, model.safetensors, tokenizer.json)  default 'model/'
@@ -14,7 +16,8 @@
  *   backend  auto | wasm | webgpu | cpu (auto: webgpu when an adapter is offered, else wasm)
  *   seed     seed of the random ids and of the text windows (1)
  *
- * Progress is in `window.__moeLoRA` (spec/browser/finetune.spec.ts reads it).
+ * Progress is in `window.__moeLoRA`; `window.__moeLoRAPage` tokenizes with any tokenizer folder
+ * and reads the trained adapter (spec/browser/finetune.spec.ts uses both).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';  // the gradients of the layers' ops
@@ -22,10 +25,11 @@ import '@tensorflow/tfjs-backend-cpu';
 import { setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
 import '@tensorflow/tfjs-backend-webgpu';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { fetchHFCheckpoint, hfConfigOf, register, trainableVariables, type PluginHandle } from '../../src/browser.js';
-import { EXAMPLE_CORPORA, generateCorpus } from '../../src/data/synthetic.js';
+import {
+  ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXAMPLE_CORPORA, encodePeftAdapter, fetchHFCheckpoint, generateCorpus, hfConfigOf,
+  HFTokenizer, peftAdapterTensors, register, TOKENIZER_CONFIG_FILE, trainableVariables, type PluginHandle,
+} from 'tfjs-moe-lora/browser';
 import { LossChart } from './chart.js';
-import { tokenizerFromJSON, type PageTokenizer } from './tokenizer.js';
 
 /** What the page reports to a test harness (and to anyone in the console). */
 export interface PageProgress {
@@ -39,12 +43,31 @@ export interface PageProgress {
   /** mean loss on held-out windows of the target text before and after training (null on random ids) */
   valLoss: { base: number; adapted: number | null } | null;
   msPerStep: number | null;
+  /** the tokenizer.json's model type and size, or null when the checkpoint has none */
+  tokenizer: string | null;
+  /** the adapter files offered for download once trained: name and size in bytes */
+  adapterFiles: Array<{ name: string; bytes: number }>;
   done: boolean;
   error: string | null;
 }
 
+/** A LoRA factor of the trained adapter, under its PEFT name. */
+export interface TrainedTensor {
+  name: string;
+  shape: number[];
+  values: number[];
+}
+
+/** What the page offers a test harness besides the progress. */
+export interface PageHelpers {
+  /** the ids of each text (no special tokens) by the tokenizer of `folderURL`, read as the page reads the model's */
+  tokenize(folderURL: string, texts: string[]): Promise<number[][]>;
+  /** the trained adapter's factors as they are in memory, [] before training ends */
+  trainedAdapter(): TrainedTensor[];
+}
+
 declare global {
-  interface Window { __moeLoRA: PageProgress }
+  interface Window { __moeLoRA: PageProgress; __moeLoRAPage: PageHelpers }
 }
 
 const params = new URLSearchParams(location.search);
@@ -61,9 +84,18 @@ const positiveInt = (v: number) => Number.isInteger(v) && v >= 1;
 
 const progress: PageProgress = {
   status: 'loading', backend: null, model: params.get('model') ?? 'model/', data: null,
-  step: 0, steps: 0, losses: [], valLoss: null, msPerStep: null, done: false, error: null,
+  step: 0, steps: 0, losses: [], valLoss: null, msPerStep: null, tokenizer: null, adapterFiles: [], done: false, error: null,
 };
 window.__moeLoRA = progress;
+let trainedAdapter: () => TrainedTensor[] = () => [];
+window.__moeLoRAPage = {
+  tokenize: async (folderURL, texts) => {
+    const tokenizer = await fetchTokenizer(folderURL);
+    if (tokenizer === null) throw new Error(`no tokenizer.json in '${folderURL}'`);
+    return texts.map(text => Array.from(tokenizer.encode(text, { addSpecialTokens: false })));
+  },
+  trainedAdapter: () => trainedAdapter(),
+};
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -96,13 +128,43 @@ async function pickBackend(wanted: string): Promise<string> {
   return tf.getBackend();
 }
 
-/** The checkpoint's tokenizer.json, or null when the folder has none. */
-async function fetchTokenizer(modelURL: string): Promise<PageTokenizer | null> {
-  const url = (modelURL.endsWith('/') ? modelURL : `${modelURL}/`) + 'tokenizer.json';
+/** The text of `name` in the folder, or null when the server has no such file (404). */
+async function fetchOptionalText(folderURL: string, name: string): Promise<string | null> {
+  const url = (folderURL.endsWith('/') ? folderURL : `${folderURL}/`) + name;
   const response = await fetch(url);
   if (response.status === 404) return null;
   if (!response.ok) throw new Error(`cannot fetch '${url}': HTTP ${response.status}`);
-  return tokenizerFromJSON(await response.json());
+  return response.text();
+}
+
+/**
+ * The folder's Hugging Face tokenizer (tokenizer.json, with tokenizer_config.json's special tokens
+ * when there is one), or null when the folder has no tokenizer.json.
+ */
+async function fetchTokenizer(folderURL: string): Promise<HFTokenizer | null> {
+  const [tokenizer, config] = await Promise.all([
+    fetchOptionalText(folderURL, 'tokenizer.json'), fetchOptionalText(folderURL, TOKENIZER_CONFIG_FILE),
+  ]);
+  if (tokenizer === null) return null;
+  return HFTokenizer.fromFiles({ tokenizer, config: config ?? undefined }, { source: folderURL });
+}
+
+/** Links that download the adapter as PEFT's two files (a click each: browsers block a second automatic download). */
+function offerAdapter(model: tfl.LayersModel): void {
+  const { config, weights } = encodePeftAdapter(model);
+  const list = $('adapter');
+  list.textContent = '';
+  for (const [name, data] of [[ADAPTER_CONFIG, config], [ADAPTER_WEIGHTS, weights]] as const) {
+    const blob = new Blob([data as BlobPart], { type: typeof data === 'string' ? 'application/json' : 'application/octet-stream' });
+    const link = document.createElement('a');
+    link.id = `download-${name.replace(/\..*$/, '').replace(/_/g, '-')}`;
+    link.download = name;
+    link.href = URL.createObjectURL(blob);
+    link.textContent = `${name} (${blob.size} bytes)`;
+    list.append(link, ' ');
+    progress.adapterFiles.push({ name, bytes: blob.size });
+  }
+  list.append('— put both in one folder: PeftModel.from_pretrained(model, folder) loads it');
 }
 
 interface Data {
@@ -124,7 +186,7 @@ function windows(tokens: readonly number[], count: number, seq: number, random: 
 }
 
 /** The training data: the text of `text` or the example's target text, else fixed random ids. */
-async function makeData(vocab: number, batch: number, seq: number, seed: number, tokenizer: PageTokenizer | null): Promise<Data> {
+async function makeData(vocab: number, batch: number, seq: number, seed: number, tokenizer: HFTokenizer | null): Promise<Data> {
   const random = seeded(seed);
   const textURL = params.get('text');
   if (textURL === null && tokenizer === null) {
@@ -147,8 +209,9 @@ async function makeData(vocab: number, batch: number, seq: number, seed: number,
     ({ train, val } = generateCorpus('target', EXAMPLE_CORPORA.target));
     describe = "the example's target text (generated by src/data/synthetic.ts)";
   }
-  const trainTokens = tokenizer.encode(train);
-  const valTokens = tokenizer.encode(val);
+  // windows of running text: no BOS/EOS inside them
+  const trainTokens = Array.from(tokenizer.encode(train, { addSpecialTokens: false }));
+  const valTokens = Array.from(tokenizer.encode(val, { addSpecialTokens: false }));
   for (const [name, tokens] of [['training', trainTokens], ['validation', valTokens]] as const) {
     if (tokens.length < seq) throw new Error(`the ${name} text has ${tokens.length} tokens, fewer than seq = ${seq}`);
   }
@@ -204,6 +267,9 @@ async function main(): Promise<void> {
   if (tokenizer !== null && tokenizer.vocabSize > vocab) {
     throw new Error(`tokenizer.json has ${tokenizer.vocabSize} tokens but the model's vocabulary only ${vocab}`);
   }
+  progress.tokenizer = tokenizer === null ? null :
+    `${JSON.parse(tokenizer.files.tokenizer).model.type} tokenizer.json, ${tokenizer.vocabSize} tokens`;
+  $('tokenizer').textContent = progress.tokenizer ?? 'none (the checkpoint has no tokenizer.json: random ids)';
   const context = Number(hfConfigOf(model)?.['max_position_embeddings'] ?? seqWanted);
   const seq = Math.min(seqWanted, context);
   $('model').textContent = `${progress.model} (${(fetched / 1e6).toFixed(2)} MB, ${model.countParams()} parameters, vocab ${vocab})`;
@@ -253,6 +319,10 @@ async function main(): Promise<void> {
     data.validation.dispose();
     validation = `; held-out loss base ${progress.valLoss.base.toFixed(4)} → adapted ${progress.valLoss.adapted.toFixed(4)}`;
   }
+  offerAdapter(model);
+  trainedAdapter = () => peftAdapterTensors(model).map(t => ({
+    name: t.peftName, shape: t.variable.shape as number[], values: Array.from(t.variable.read().dataSync()),
+  }));
   show(`done: ${steps} steps, loss ${first.toFixed(4)} → ${last.toFixed(4)}, ` +
       `${progress.msPerStep!.toFixed(0)} ms/step on ${progress.backend}${validation}`);
   progress.status = 'done';

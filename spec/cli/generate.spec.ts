@@ -13,7 +13,7 @@ import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { generate, type GenerationOptions, type GenerationPrompt } from '../../src/generate/generate.js';
 import { readGenerationConfig } from '../../src/generate/generation_config_file.js';
 import { loadModelDir } from '../../src/io/model_dir.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { writeChatModel } from '../helpers/chat_model.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 import { runMain } from './run_cli.js';

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { formatInspect, inspectDir, type InspectReport } from '../../src/cli/commands/inspect.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { inspectModel } from '../../src/models/inspect.js';

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { CharTokenizer } from '../../src/data/tokenizer.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import type { TrainRunResult } from '../../src/train/run.js';
 import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';

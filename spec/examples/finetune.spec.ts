@@ -8,7 +8,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';

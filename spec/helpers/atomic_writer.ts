@@ -14,7 +14,7 @@ import { CharTokenizer } from '../../src/data/tokenizer.js';
 import { tokenizerFileText, writeTokenizer } from '../../src/data/tokenizer_file.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
-import { savePeftAdapter } from '../../src/io/peft.js';
+import { savePeftAdapter } from '../../src/io/peft_files.js';
 import { addMoEAdapter, buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { seedAdapterInit, seedModelInit } from '../../src/train/seeded_init.js';
 

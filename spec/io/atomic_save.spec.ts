@@ -19,7 +19,7 @@ import type { CharTokenizer } from '../../src/data/tokenizer.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { writeArtifactFolder, writeFileAtomically } from '../../src/util/atomic.js';
 import { FileError, openArtifactFolder } from '../../src/util/files.js';
 import {

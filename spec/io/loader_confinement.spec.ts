@@ -16,7 +16,7 @@ import { MoELoraError } from '../../src/errors.js';
 import { FileIOError, fileIO } from '../../src/io/file_io_handler.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadModelDir, ModelDirError } from '../../src/io/model_dir.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { artifactSiblings, FileError } from '../../src/util/files.js';
 import { cleanup, fixtureConfig, fixtureDir, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { CheckpointError } from '../../src/io/hf_checkpoint_core.js';
 import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';

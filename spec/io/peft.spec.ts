@@ -4,9 +4,8 @@ import { expect } from 'chai';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import {
-  expertFactorLayout, loadPeftAdapter, PeftAdapterError, peftAdapterTensors, savePeftAdapter,
-} from '../../src/io/peft.js';
+import { expertFactorLayout, PeftAdapterError, peftAdapterTensors } from '../../src/io/peft.js';
+import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { maxRelativeError } from '../../src/util/numeric.js';

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
-import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { RotaryAttention } from '../../src/layers/attention.js';
 import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';

@@ -10,7 +10,8 @@ import { describeValue } from '../util/describe.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { saveHFCheckpoint, type SavedHFCheckpoint, type SaveHFCheckpointOptions } from './hf_save.js';
 import { loadModelDir, type ModelDirFormat } from './model_dir.js';
-import { loadPeftAdapter, type LoadedPeftAdapter } from './peft.js';
+import type { LoadedPeftAdapter } from './peft.js';
+import { loadPeftAdapter } from './peft_files.js';
 
 const OP = 'mergeAdapterIntoCheckpoint';
 

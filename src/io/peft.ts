@@ -34,8 +34,6 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
 } from '../layers/moe_causal_lm.js';
@@ -47,10 +45,9 @@ import type { RotaryAttention } from '../layers/attention.js';
 import type { LinearLoRAModule } from '../layers/linear_lora.js';
 import type { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import { loraModules, moduleMatches, patternKey, sharedExpertModules } from '../patch/linear_targets.js';
-import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from './safetensors.js';
+import { encodeSafetensors, parseSafetensors, type SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
-import { writeArtifactFolder } from '../util/atomic.js';
-import { openArtifactFolder, readJSONFile } from '../util/files.js';
+import { describeValue } from '../util/describe.js';
 
 /** An adapter that cannot be loaded into (or saved from) this model; the message lists every problem. */
 export class PeftAdapterError extends MoELoraError {
@@ -65,7 +62,7 @@ export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
 
 /** The files of a PEFT adapter folder (a save replaces them all, e.g. an old adapter_model.bin). */
-const isPeftAdapterFile = (name: string) => name === ADAPTER_CONFIG || name.startsWith('adapter_model.');
+export const isPeftAdapterFile = (name: string) => name === ADAPTER_CONFIG || name.startsWith('adapter_model.');
 
 const PREFIX = 'base_model.model.';
 /** Canonical target order (target_parameters and target_modules are written in this order). */
@@ -442,34 +439,68 @@ function readAdapterConfig(
   };
 }
 
+/** A PEFT adapter's two files as bytes: what a browser fetches, downloads or keeps in memory. */
+export interface PeftAdapterFiles {
+  /** the text of adapter_config.json */
+  config: string;
+  /** the bytes of adapter_model.safetensors */
+  weights: Uint8Array;
+}
+
 /**
- * Loads a PEFT LoRA adapter folder into a model's SparseMoE layers as adapter `name` (added and
- * active; the model's other layers are frozen, as PEFT does). Everything is checked first: an
- * adapter made for another model (unknown module paths, other shapes, missing tensors) or with
- * unsupported PEFT options throws one PeftAdapterError with a line per problem, and the model is
- * left untouched.
+ * Loads a PEFT LoRA adapter from its files' contents (no file system: browsers fetch them) into a
+ * model's SparseMoE layers, exactly as loadPeftAdapter loads a folder: same checks, same messages,
+ * the model left untouched when anything is wrong.
  *
  * ```js
- * const model = await loadHFCheckpoint('./Qwen3-30B-A3B');
- * const {notes} = await loadPeftAdapter(model, './my-adapter');
+ * const files = {config: await (await fetch(url + '/adapter_config.json')).text(),
+ *     weights: new Uint8Array(await (await fetch(url + '/adapter_model.safetensors')).arrayBuffer())};
+ * const {r, targets} = await loadPeftAdapterFrom(model, files);
  * ```
  */
-export async function loadPeftAdapter(
-    model: tfl.LayersModel, dir: string, options: PeftAdapterOptions = {}): Promise<LoadedPeftAdapter> {
-  const op = 'loadPeftAdapter';
+export async function loadPeftAdapterFrom(
+    model: tfl.LayersModel, files: PeftAdapterFiles, options: PeftAdapterOptions = {}): Promise<LoadedPeftAdapter> {
+  const op = 'loadPeftAdapterFrom';
+  if (files === null || typeof files !== 'object' || typeof files.config !== 'string' || !(files.weights instanceof Uint8Array)) {
+    throw new PeftAdapterError(`\`${op}()\`: 'files' must be {config: the text of ${ADAPTER_CONFIG}, weights: the bytes of ` +
+        `${ADAPTER_WEIGHTS} (a Uint8Array)} but is ${describeValue(files)}`);
+  }
+  let config: unknown;
+  try {
+    config = JSON.parse(files.config);
+  } catch (e) {
+    throw new PeftAdapterError(`\`${op}()\`: 'files.config' (${ADAPTER_CONFIG}) is not valid JSON: ${(e as Error).message}`);
+  }
+  return loadParsedPeftAdapter(op, model, () => config, () => parseSafetensors(files.weights, ADAPTER_WEIGHTS),
+      { source: 'the given files', configName: `'files.config' (${ADAPTER_CONFIG})` }, options);
+}
+
+/**
+ * The loader behind loadPeftAdapterFrom and the Node loadPeftAdapter (src/io/peft_files.ts): the
+ * parsed config and the weights are asked for once the model has MoE layers, the weights only
+ * once the config is an object.
+ * `names.source` names the adapter in messages, `names.configName` its config.
+ * @internal
+ */
+export async function loadParsedPeftAdapter(op: string, model: tfl.LayersModel, readConfig: () => unknown,
+    openWeights: () => SafetensorsFile | Promise<SafetensorsFile>, names: { source: string; configName: string },
+    options: PeftAdapterOptions): Promise<LoadedPeftAdapter> {
   const name = options.name ?? 'default';
-  const where = `'${dir}' (adapter '${name}')`;
+  const where = `${names.source} (adapter '${name}')`;
   const layers = sparseMoELayers(model);
   const linear = linearLayers(model);
   if (layers.length === 0 && linear.length === 0) {
     throw new PeftAdapterError(`\`${op}()\`: the model '${model.name}' has no SparseMoE, attention or dense-MLP layer to load an adapter into`);
   }
-  await openArtifactFolder(dir, `\`${op}()\`: adapter folder`);
-  const config = await readJSONFile(join(dir, ADAPTER_CONFIG), `\`${op}()\`: adapter config`) as Json;
+  const config = await readConfig();
   if (config === null || typeof config !== 'object' || Array.isArray(config)) {
-    throw new PeftAdapterError(`\`${op}()\`: ${join(dir, ADAPTER_CONFIG)} must hold a JSON object`);
+    throw new PeftAdapterError(`\`${op}()\`: ${names.configName} must hold a JSON object`);
   }
-  const file = await readSafetensorsFile(join(dir, ADAPTER_WEIGHTS));
+  return loadAdapterConfig(op, model, layers, linear, config as Json, await openWeights(), where, name);
+}
+
+async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: SparseMoE[], linear: LinearLayer[], config: Json,
+    file: SafetensorsFile, where: string, name: string): Promise<LoadedPeftAdapter> {
 
   const problems: string[] = [];
   const notes: string[] = [];
@@ -664,23 +695,27 @@ export async function loadPeftAdapter(
 }
 
 /**
- * Writes adapter `name` of the model's SparseMoE layers as PEFT does (adapter_config.json and
- * adapter_model.safetensors), so `PeftModel.from_pretrained(hf_model, dir)` loads it. Every layer
- * with the adapter must have the same r, alpha and rsLoRA (PEFT keeps one of each); when the
- * layers differ in targets or some have no adapter, the entries name their layers
- * ('model.layers.1.mlp.experts.gate_up_proj').
- *
- * The two files are one artifact, saved atomically (writeArtifactFolder): a process killed at any
- * instant leaves the previous adapter or the new one, never new weights with an old alpha. Other
- * files in the folder (a README) are kept; old adapter_model.* files go.
+ * The two files of adapter `name` of the model's SparseMoE layers as PEFT writes them
+ * (adapter_config.json's text, adapter_model.safetensors' bytes), without the file system: what a
+ * browser page offers as downloads. savePeftAdapter writes the same bytes to a folder; see it for
+ * what the files hold.
  *
  * ```js
- * await savePeftAdapter(model, './my-adapter');
+ * const {config, weights} = encodePeftAdapter(model);
+ * const link = Object.assign(document.createElement('a'), {download: 'adapter_model.safetensors',
+ *     href: URL.createObjectURL(new Blob([weights]))});
  * ```
  */
-export async function savePeftAdapter(
-    model: tfl.LayersModel, dir: string, options: PeftAdapterOptions = {}): Promise<void> {
-  const op = 'savePeftAdapter';
+export function encodePeftAdapter(model: tfl.LayersModel, options: PeftAdapterOptions = {}): PeftAdapterFiles {
+  return peftAdapterFiles('encodePeftAdapter', model, options);
+}
+
+/**
+ * The files of savePeftAdapter and encodePeftAdapter.
+ * @internal
+ */
+export function peftAdapterFiles(
+    op: string, model: tfl.LayersModel, options: PeftAdapterOptions, source: string | null = null): PeftAdapterFiles {
   const name = options.name ?? 'default';
   const layers = sparseMoELayers(model);
   const having = layers.filter(l => l.adapterNames().includes(name));
@@ -711,7 +746,7 @@ export async function savePeftAdapter(
     }
   }
   if (dropouts.length > 1) problems.push(`the linear layers have lora_dropout ${dropouts.join(', ')} (PEFT keeps one per adapter)`);
-  if (problems.length > 0) throw peftError(op, `'${dir}' (adapter '${name}')`, problems);
+  if (problems.length > 0) throw peftError(op, source === null ? `adapter '${name}'` : `${source} (adapter '${name}')`, problems);
 
   const names = peftNames(model);
   const targetsOf = (l: SparseMoE) => TARGET_ORDER.filter(t => l.adapter(name).config.targets.includes(t));
@@ -775,8 +810,5 @@ export async function savePeftAdapter(
     tensors[linearTensorName(m.layer, m.projection, 'A')] = f.A.read();
     tensors[linearTensorName(m.layer, m.projection, 'B')] = f.B.read();
   }
-  await writeArtifactFolder(dir, async tmp => {
-    await writeSafetensorsFile(join(tmp, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
-    await writeFile(join(tmp, ADAPTER_CONFIG), `${JSON.stringify(config, null, 2)}\n`);
-  }, { owns: isPeftAdapterFile, what: `\`${op}()\`` });
+  return { config: `${JSON.stringify(config, null, 2)}\n`, weights: encodeSafetensors(tensors, { format: 'pt' }) };
 }

@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
-import { loadPeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 
 const ARCHS = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe'];

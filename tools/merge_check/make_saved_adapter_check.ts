@@ -15,7 +15,7 @@ import { cp } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
-import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft.js';
+import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 

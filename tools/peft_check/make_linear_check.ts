@@ -15,7 +15,7 @@ import '@tensorflow/tfjs-backend-cpu';
 import { cp, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { savePeftAdapter } from '../../src/io/peft.js';
+import { savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { loraModules } from '../../src/patch/linear_targets.js';
 import { register, unregister } from '../../src/plugin.js';

@@ -11,7 +11,7 @@ import { readTokenizer } from '../../data/tokenizer_file.js';
 import { generate, type GenerationPrompt, type GenerationResult } from '../../generate/generate.js';
 import { readGenerationConfig } from '../../generate/generation_config_file.js';
 import { loadModelDir } from '../../io/model_dir.js';
-import { loadPeftAdapter } from '../../io/peft.js';
+import { loadPeftAdapter } from '../../io/peft_files.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { readChat } from './tokenize.js';
 
