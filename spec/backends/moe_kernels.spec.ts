@@ -10,7 +10,9 @@ import {
   MOE_KERNEL_NAMES, combineRows, expertActivation, expertActivationGrad, groupedProduct, groupedWeightGrad,
   pairRowDot,
 } from '../../src/ops/experts/kernels.js';
+import { packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import type { ExpertActivation } from '../../src/ops/types.js';
+import { WEIGHT_CACHE_BYTES_FLAG, clearWasmWeightCache, wasmWeightCacheSize } from '../../src/backends/wasm/moe_kernels.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences, tensorOf } from '../helpers/numeric.js';
 
 const BACKEND = tf.getBackend.bind(tf);
@@ -165,6 +167,65 @@ describe('MoE kernels', () => {
         }, path));
       }
     });
+  });
+
+  it('frozenW: the results of an unfrozen weight call after call, both layouts, float32 and packed bf16; ' +
+      'wasm keeps one operator per expert and layout, drops those of disposed weights, stays within its byte budget', () => {
+    const E = 3;
+    const [p, q] = [19, 23];
+    const groups = [4, 0, 6];   // expert 1 has no rows: nothing kept for it
+    const n = 10;
+    const rng = new Rng(41);
+    const wasm = BACKEND() === 'wasm';
+    const budget = tf.env().getNumber(WEIGHT_CACHE_BYTES_FLAG);
+    if (wasm) clearWasmWeightCache(tf.backend());
+    const before = tf.memory().numTensors;
+    const w = asF32(rng.array(E * p * q));
+    const wF = tensorOf(w, [E, p, q]) as tf.Tensor3D;
+    const packed = packExpertWeight(wF, 'bf16');
+    const unpacked = unpackExpertWeight(packed);
+    const bf16Values = Float64Array.from(unpacked.dataSync());
+    unpacked.dispose();
+    for (const [name, weight, values] of [['float32', wF, w], ['bf16', packed, bf16Values]] as const) {
+      for (const transposeW of [false, true]) {
+        const k = transposeW ? q : p;
+        const x = asF32(rng.array(n * k));
+        const expected = groupedProduct64(x, k, null, values, [E, p, q], groups, transposeW, null);
+        const xt = tensorOf(x, [n, k]) as tf.Tensor2D;
+        const plain = groupedProduct({ t: xt }, weight, groups, transposeW);
+        for (let call = 0; call < 2; call++) {   // the second call runs on the kept operators
+          const y = groupedProduct({ t: xt }, weight, groups, transposeW, { frozenW: true });
+          const label = `${name}, W${transposeW ? 'ᵀ' : ''}, call ${call}`;
+          expectClose(y, expected, 1e-5, label);
+          expect(Array.from(y.dataSync()), label).to.deep.equal(Array.from(plain.dataSync()));
+          y.dispose();
+        }
+        tf.dispose([xt, plain]);
+      }
+    }
+    if (wasm) {
+      // 2 experts with rows × 2 layouts, for each of the two weights
+      expect(wasmWeightCacheSize(tf.backend())).to.deep.equal({ entries: 8, bytes: 8 * p * q * 4 });
+    }
+    tf.dispose([wF, packed.packed]);
+    const other = tensorOf(rng.array(E * p * q), [E, p, q]) as tf.Tensor3D;
+    const xs = tf.ones([n, q]) as tf.Tensor2D;
+    const run = () => tf.dispose(groupedProduct({ t: xs }, other, groups, true, { frozenW: true }));
+    try {
+      run();
+      if (wasm) expect(wasmWeightCacheSize(tf.backend()), 'the disposed weights\' entries dropped').to.deep.equal({ entries: 2, bytes: 2 * p * q * 4 });
+      tf.env().set(WEIGHT_CACHE_BYTES_FLAG, p * q * 4);   // room for one expert's block: the least recently used goes
+      run();
+      if (wasm) expect(wasmWeightCacheSize(tf.backend())).to.deep.equal({ entries: 1, bytes: p * q * 4 });
+      tf.env().set(WEIGHT_CACHE_BYTES_FLAG, 0);
+      if (wasm) clearWasmWeightCache(tf.backend());
+      run();
+      if (wasm) expect(wasmWeightCacheSize(tf.backend())).to.deep.equal({ entries: 0, bytes: 0 });
+    } finally {
+      tf.env().set(WEIGHT_CACHE_BYTES_FLAG, budget);
+      tf.dispose([other, xs]);
+    }
+    expect(tf.memory().numTensors).to.equal(before);
   });
 
   describe('groupedWeightGrad', () => {

@@ -29,6 +29,7 @@ function expectTiming(t: unknown, label: string): void {
 
 function expectCase(c: BenchCase, lora: string): void {
   expect(c).to.include({ config: 'XS', backend: BACKEND, lora, iters: 1, warmup: 0 });
+  expect(c.expertStorage).to.be.oneOf(['float32', 'bf16']);
   expectTiming(c.fused, `${lora} fused`);
   expectTiming(c.reference, `${lora} reference`);
   const ref = c.reference!;
@@ -95,6 +96,15 @@ describe('bench/benchMoEBlock', () => {
     expect(formatBenchTable([c]).split('\n')[2]).to.match(new RegExp(`^XS\\s+${BACKEND}\\s+split\\s+\\d+\\.\\d\\s+-\\s+-\\s+-`));
   });
 
+  it('runs on packed bf16 experts (the title says so) and leaves no tensor behind', async () => {
+    const before = tf.memory().numTensors;
+    const [c] = await benchMoEBlock({ config: 'XS', lora: ['split'], iters: 1, warmup: 0, expertStorage: 'bf16' });
+    expect(tf.memory().numTensors).to.equal(before);
+    expectCase(c, 'split');
+    expect(c.expertStorage).to.equal('bf16');
+    expect(formatBenchTable([c]).split('\n')[0]).to.match(/warm-up, experts packed bf16(,|$)/);
+  });
+
   it('rejects bad options with one clear error each', async () => {
     const bad: Array<[object, RegExp]> = [
       [{ config: 'L' }, /`benchMoEBlock\(\)`: 'config' must be one of 'XS', 'S', 'M1', 'Q' but got 'L'/],
@@ -105,6 +115,9 @@ describe('bench/benchMoEBlock', () => {
       [{ config: 'XS', cpuSegmentSum: 'fast' }, /'cpuSegmentSum' must be one of 'stock', 'linear' but got 'fast'/],
       [{ config: 'XS', rank: 0 }, /'rank' must be >= 1 but got 0/],
       [{ config: 'XS', reference: 'no' }, /'reference' must be a boolean but got "no"/],
+      [{ config: 'XS', expertStorage: 'int8' }, /'expertStorage' must be one of 'float32', 'bf16', 'f16' but got 'int8'/],
+      [{ config: 'XS', expertStorage: 'bf16', lora: ['split', 'none'] },
+        /'expertStorage' 'bf16' holds the expert weights frozen, so the LoRA case 'none' \(which trains them\) cannot run; ask for LoRA cases only \(got \["split","none"\]\)/],
       [{ config: 'M1' }, new RegExp(`config 'M1' is sized for webgpu, not ${BACKEND} \\(allowAnyBackend`)],
     ];
     for (const [options, re] of bad) {

@@ -18,6 +18,7 @@ import { routerLogits } from '../ops/lora/router_logits.js';
 import { moeBlock } from '../ops/moe_block.js';
 import { referenceMoEBlock } from '../ops/reference/moe_block.js';
 import { referenceRoute } from '../ops/reference/routing.js';
+import { packExpertWeight, type ExpertWeightTensor } from '../ops/packed.js';
 import type { LoRAFactors, MoEBlockConfig, MoEBlockWeights } from '../ops/types.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 
@@ -45,6 +46,13 @@ export const BENCH_CONFIGS: Readonly<Record<string, BenchConfig>> = {
 
 export const CPU_SEGMENT_SUMS = ['stock', 'linear'] as const;
 export type CpuSegmentSum = typeof CPU_SEGMENT_SUMS[number];
+
+/**
+ * How the routed experts' weights are held: float32 tensors, or packed bf16 / f16 halves (frozen,
+ * as a checkpoint loaded with its stored dtype; src/ops/packed.ts), rounded from the same values.
+ */
+export const BENCH_EXPERT_STORAGES = ['float32', 'bf16', 'f16'] as const;
+export type BenchExpertStorage = typeof BENCH_EXPERT_STORAGES[number];
 
 export const BENCH_LORA_CASES = ['none', 'materialize', 'split', 'auto'] as const;
 /** 'none': full fine-tuning (x, router and expert weights train); else router + expert LoRA, base frozen. */
@@ -111,6 +119,8 @@ export interface BenchCase {
   /** cpu only: the UnsortedSegmentSum kernel the run used (tf.gather's gradient in the reference) */
   cpuSegmentSum?: CpuSegmentSum;
   shape: { T: number; H: number; I: number; E: number; K: number; r: number };
+  /** how the expert weights were held */
+  expertStorage: BenchExpertStorage;
   iters: number;
   warmup: number;
 }
@@ -143,6 +153,11 @@ export interface BlockBenchOptions {
   reference?: boolean;
   /** the LoRA rank of the adapter cases instead of the config's (e.g. to find where materialize wins) */
   rank?: number;
+  /**
+   * 'float32' (default), or the expert weights packed as 'bf16' / 'f16' (frozen: LoRA cases only,
+   * 'none' trains them)
+   */
+  expertStorage?: BenchExpertStorage;
   /** called after each case, e.g. to print progress */
   onCase?: (c: BenchCase) => void;
 }
@@ -165,8 +180,8 @@ interface Inputs {
   x: tf.Tensor2D;
   g: tf.Tensor2D;                 // the output's gradient: loss = Σ out·g
   router: tf.Tensor2D;
-  gateUp: tf.Tensor3D;
-  down: tf.Tensor3D;
+  gateUp: ExpertWeightTensor;
+  down: ExpertWeightTensor;
   /** router, gate_up and down adapters (when a LoRA case is asked for) */
   lora?: { router: LoRAFactors; up: LoRAFactors; down: LoRAFactors };
   config: MoEBlockConfig;
@@ -188,7 +203,7 @@ interface Problem {
  * gives. LoRA's B is small but not zero (PEFT initializes it to 0), so that every product does
  * real work.
  */
-function makeInputs(c: BenchConfig, seed: number, withLoRA: boolean): Inputs {
+function makeInputs(c: BenchConfig, seed: number, withLoRA: boolean, storage: BenchExpertStorage): Inputs {
   const { tokens: T, hidden: H, inter: I, experts: E, rank: r } = c;
   let s = seed * 7919;
   const normal = (shape: number[], std: number) => tf.randomNormal(shape, 0, std, 'float32', s++);
@@ -198,8 +213,8 @@ function makeInputs(c: BenchConfig, seed: number, withLoRA: boolean): Inputs {
     x: own(normal([T, H], 1) as tf.Tensor2D),
     g: own(normal([T, H], 1) as tf.Tensor2D),
     router: own(normal([E, H], 0.1 / Math.sqrt(H)) as tf.Tensor2D),
-    gateUp: own(normal([E, 2 * I, H], 1 / Math.sqrt(H)) as tf.Tensor3D),
-    down: own(normal([E, H, I], 1 / Math.sqrt(I)) as tf.Tensor3D),
+    gateUp: expertWeight(normal([E, 2 * I, H], 1 / Math.sqrt(H)) as tf.Tensor3D, storage, own),
+    down: expertWeight(normal([E, H, I], 1 / Math.sqrt(I)) as tf.Tensor3D, storage, own),
     config: { routing: { kind: 'softmaxTopK', topK: c.topK, renormalize: true }, activation: { kind: 'swiglu' } },
     dispose: () => tf.dispose(owned),
   };
@@ -217,11 +232,20 @@ function makeInputs(c: BenchConfig, seed: number, withLoRA: boolean): Inputs {
   return inputs;
 }
 
+/** The float32 weight as `storage` holds it (packed: rounded, the float32 one disposed). */
+function expertWeight(w: tf.Tensor3D, storage: BenchExpertStorage, own: <T extends tf.Tensor>(t: T) => T): ExpertWeightTensor {
+  if (storage === 'float32') return own(w);
+  const packed = packExpertWeight(w, storage);
+  w.dispose();
+  own(packed.packed);
+  return packed;
+}
+
 function problemOf(inputs: Inputs, lora: BenchLoRA): Problem {
   const { x, router, gateUp, down } = inputs;
   if (lora === 'none') {
     return {
-      inputs, trained: [x, router, gateUp, down],
+      inputs, trained: [x, router, gateUp as tf.Tensor3D, down as tf.Tensor3D],
       with: ([, rw, w1, w2]) => ({
         router: { weight: rw as tf.Tensor2D },
         experts: { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D },
@@ -407,6 +431,12 @@ function checkOptions(options: BlockBenchOptions): Required<Omit<BlockBenchOptio
   if (options.reference !== undefined && typeof options.reference !== 'boolean') {
     fail(OP, `'reference' must be a boolean but got ${JSON.stringify(options.reference)}`);
   }
+  const expertStorage = options.expertStorage ?? 'float32';
+  assertOneOf(OP, 'expertStorage', expertStorage, BENCH_EXPERT_STORAGES);
+  if (expertStorage !== 'float32' && lora.includes('none')) {
+    fail(OP, `'expertStorage' '${expertStorage}' holds the expert weights frozen, so the LoRA case 'none' ` +
+        `(which trains them) cannot run; ask for LoRA cases only (got ${JSON.stringify(lora)})`);
+  }
   const cpuSegmentSum = options.cpuSegmentSum ?? 'stock';
   assertOneOf(OP, 'cpuSegmentSum', cpuSegmentSum, CPU_SEGMENT_SUMS);
   const backend = tf.getBackend();
@@ -416,7 +446,7 @@ function checkOptions(options: BlockBenchOptions): Required<Omit<BlockBenchOptio
         `(allowAnyBackend / --allow-any-backend runs it anyway)`);
   }
   return {
-    config: options.config, lora, iters, warmup, seed, cpuSegmentSum, rank,
+    config: options.config, lora, iters, warmup, seed, cpuSegmentSum, rank, expertStorage,
     allowAnyBackend: options.allowAnyBackend ?? false, profile: options.profile ?? false,
     reference: options.reference ?? true,
   };
@@ -444,7 +474,7 @@ async function runCases(
     o: Required<Omit<BlockBenchOptions, 'onCase'>>, onCase: BlockBenchOptions['onCase']): Promise<BenchCase[]> {
   const c = { ...BENCH_CONFIGS[o.config], rank: o.rank };
   const backend = tf.getBackend();
-  const inputs = makeInputs(c, o.seed, o.lora.some(l => l !== 'none'));
+  const inputs = makeInputs(c, o.seed, o.lora.some(l => l !== 'none'), o.expertStorage);
   try {
     const runs: Array<{ lora: BenchLoRA; kernel: Kernel; step: () => tf.Tensor[]; samples: Sample[] }> = [];
     for (const lora of o.lora) {
@@ -486,6 +516,7 @@ async function runCases(
         pairedSpeedup: refRun ? median(refRun.samples.map((v, i) => v.ms / fusedRun.samples[i].ms)) : null,
         memRatio: reference && fused.peakBytes / reference.peakBytes,
         shape: { T: c.tokens, H: c.hidden, I: c.inter, E: c.experts, K: c.topK, r: c.rank },
+        expertStorage: o.expertStorage,
         iters: o.iters, warmup: o.warmup,
       };
       if (backend === 'cpu') result.cpuSegmentSum = o.cpuSegmentSum;
@@ -530,6 +561,7 @@ export function formatBenchTable(cases: readonly BenchCase[]): string {
   const s = cases[0]?.shape;
   const title = s ? `MoE block forward+backward, T=${s.T} H=${s.H} I=${s.I} E=${s.E} K=${s.K} r=${s.r}, ` +
       `median of ${cases[0].iters} after ${cases[0].warmup} warm-up` +
+      (cases[0].expertStorage !== 'float32' ? `, experts packed ${cases[0].expertStorage}` : '') +
       (cases[0].cpuSegmentSum ? `, cpu UnsortedSegmentSum: ${cases[0].cpuSegmentSum}` : '') : 'no cases';
   const profile = profiles.length > 0 ? ['kernel time in the profiled step (tf.profile):', ...profiles] : [];
   return `${[title, line(head), ...rows.map(line), ...profile].join('\n')}\n`;

@@ -10,6 +10,12 @@
  * `BatchMatMul`); without them the products run on moe_math's JS gemm over the heap instead.
  * Scratch blocks are backend allocations outside the engine's tensor count: at most one expert's
  * rows and one expert's weight (W/E) per call, two when a packed weight is decoded and transposed.
+ *
+ * A frozen weight (`frozenW`: a base under LoRA, any packed weight) is the same tensor step after
+ * step: its products keep their XNNPACK operator (which holds a packed float32 copy of the
+ * expert's block, in the layout the product reads) under an id that stays registered, so after
+ * the first step its blocks are never decoded, transposed or packed again. Those copies live on
+ * the wasm heap outside tf.memory(), up to WASM_MOE_WEIGHT_CACHE_BYTES (see below).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import {
@@ -32,7 +38,7 @@ interface WasmModuleLike {
 
 interface WasmBackendLike {
   wasm: WasmModuleLike;
-  dataIdMap: { get(dataId: tf.DataId): { id: number; memoryOffset: number } };
+  dataIdMap: { get(dataId: tf.DataId): { id: number; memoryOffset: number }; has(dataId: tf.DataId): boolean };
   dataIdNextNumber: number;
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
   disposeData(dataId: tf.DataId, force?: boolean): boolean;
@@ -53,13 +59,26 @@ function at(b: WasmBackendLike, t: tf.TensorInfo): number {
 /** C[m, n] = A[m, k]·B[k, n], operands given by their HEAPF32 index. */
 type HeapGemm = (m: number, k: number, n: number, a: number, bIdx: number, c: number) => void;
 
-const gemmOf = new WeakMap<WasmModuleLike, HeapGemm>();
+/**
+ * The products on the heap: `product` for operands given by index; with XNNPACK (tfjs-wasm's
+ * exported BatchMatMul) also `productWithWeightId`, whose B is a tensor id that stays registered
+ * (`register` / `unregister`): tfjs-wasm caches the XNNPACK operator, with its packed copy of B,
+ * under B's id, so a later product with the same id neither reads nor packs B again.
+ */
+interface HeapProducts {
+  product: HeapGemm;
+  productWithWeightId: ((m: number, k: number, n: number, a: number, bId: number, c: number) => void) | null;
+  register(index: number, size: number): number;
+  unregister(id: number): void;
+}
 
-function heapGemm(b: WasmBackendLike): HeapGemm {
+const productsOf = new WeakMap<WasmModuleLike, HeapProducts>();
+
+function heapProducts(b: WasmBackendLike): HeapProducts {
   const wasm = b.wasm;
-  const cached = gemmOf.get(wasm);
+  const cached = productsOf.get(wasm);
   if (cached) return cached;
-  let fn: HeapGemm;
+  let products: HeapProducts;
   const register = wasm.tfjs?.registerTensor;
   const unregister = wasm.tfjs?.disposeData;
   if (typeof wasm.cwrap === 'function' && register && unregister) {
@@ -71,24 +90,124 @@ function heapGemm(b: WasmBackendLike): HeapGemm {
       register(id, size, index * 4);
       return id;
     };
-    fn = (m, k, n, a, bIdx, c) => {
-      // Unregistering B's id also drops the XNNPACK operator cached for it (with its packed copy).
-      const ids = [view(a, m * k), view(bIdx, k * n), view(c, m * n)];
-      try {
-        matMul(ids[0], shape(m, k), 3, ids[1], shape(k, n), 3, 0, 0, ids[2]);
-      } finally {
-        ids.forEach(id => unregister(id));
-      }
+    const withIds = (m: number, k: number, n: number, aId: number, bId: number, cId: number) =>
+      matMul(aId, shape(m, k), 3, bId, shape(k, n), 3, 0, 0, cId);
+    products = {
+      product: (m, k, n, a, bIdx, c) => {
+        // Unregistering B's id also drops the XNNPACK operator cached for it (with its packed copy).
+        const ids = [view(a, m * k), view(bIdx, k * n), view(c, m * n)];
+        try {
+          withIds(m, k, n, ids[0], ids[1], ids[2]);
+        } finally {
+          ids.forEach(id => unregister(id));
+        }
+      },
+      productWithWeightId: (m, k, n, a, bId, c) => {
+        const ids = [view(a, m * k), view(c, m * n)];
+        try {
+          withIds(m, k, n, ids[0], bId, ids[1]);
+        } finally {
+          ids.forEach(id => unregister(id));
+        }
+      },
+      register: view,
+      unregister: id => unregister(id),
     };
   } else {
-    fn = (m, k, n, a, bIdx, c) => { const h = wasm.HEAPF32; gemm(m, k, n, h, a, h, bIdx, h, c); };
+    products = {
+      product: (m, k, n, a, bIdx, c) => { const h = wasm.HEAPF32; gemm(m, k, n, h, a, h, bIdx, h, c); },
+      productWithWeightId: null,
+      register: () => 0,
+      unregister: () => {},
+    };
   }
-  gemmOf.set(wasm, fn);
-  return fn;
+  productsOf.set(wasm, products);
+  return products;
+}
+
+/**
+ * tf.env() flag: bytes of XNNPACK operators (each holds a packed float32 copy of one expert's
+ * weight in one layout, about rows·cols·4 bytes) that the wasm kernels keep for frozen expert
+ * weights between calls. A frozen base is used in two layouts per step (W_eᵀ forward, W_e for
+ * dx), so keeping all of it costs 2× its float32 size (4× a packed bf16 weight); beyond the
+ * budget the least recently used are dropped and rebuilt when needed (as every call did
+ * before). 0 keeps none.
+ */
+export const WEIGHT_CACHE_BYTES_FLAG = 'WASM_MOE_WEIGHT_CACHE_BYTES';
+tf.env().registerFlag(WEIGHT_CACHE_BYTES_FLAG, () => 128 * 2 ** 20);
+
+interface CachedWeight {
+  /** the weight tensor the operator was built from: when it is disposed the entry is dropped */
+  dataId: tf.DataId;
+  /** the registered id XNNPACK's operator is cached under */
+  id: number;
+  bytes: number;
+}
+
+/**
+ * The frozen expert weights' operators, per wasm module: key `${tensor id}/${expert}/${layout}`,
+ * in least-recently-used order (a Map keeps insertion order; a hit moves the entry to the end).
+ * tfjs tensors never change their values, and wasm tensor ids are never reused, so an entry is
+ * valid as long as its tensor lives.
+ */
+interface WeightCache {
+  entries: Map<string, CachedWeight>;
+  bytes: number;
+}
+
+const weightCaches = new WeakMap<WasmModuleLike, WeightCache>();
+
+function weightCache(b: WasmBackendLike): WeightCache {
+  let cache = weightCaches.get(b.wasm);
+  if (!cache) {
+    cache = { entries: new Map(), bytes: 0 };
+    weightCaches.set(b.wasm, cache);
+  }
+  return cache;
+}
+
+function dropCached(cache: WeightCache, key: string, entry: CachedWeight, products: HeapProducts): void {
+  products.unregister(entry.id);   // tfjs-wasm deletes the operator (and its packed copy) with the id
+  cache.entries.delete(key);
+  cache.bytes -= entry.bytes;
+}
+
+/**
+ * Makes room for `bytes` more: drops the entries of disposed tensors, then the least recently
+ * used. False when `bytes` alone is over the budget (the caller then runs the product uncached).
+ */
+function makeRoom(b: WasmBackendLike, cache: WeightCache, bytes: number, products: HeapProducts): boolean {
+  const budget = tf.env().getNumber(WEIGHT_CACHE_BYTES_FLAG);
+  if (bytes > budget) return false;
+  for (const [key, entry] of cache.entries) {
+    if (!b.dataIdMap.has(entry.dataId)) dropCached(cache, key, entry, products);
+  }
+  for (const [key, entry] of cache.entries) {
+    if (cache.bytes + bytes <= budget) break;
+    dropCached(cache, key, entry, products);
+  }
+  return true;
+}
+
+/** Drops every kept operator (specs; a model's weights can also just be disposed). */
+export function clearWasmWeightCache(backend: {}): void {
+  const b = backend as WasmBackendLike;
+  const cache = weightCaches.get(b.wasm);
+  if (!cache) return;
+  const products = heapProducts(b);
+  for (const [key, entry] of cache.entries) dropCached(cache, key, entry, products);
+}
+
+/** The number of kept operators and their bytes (specs, the benchmark's notes). */
+export function wasmWeightCacheSize(backend: {}): { entries: number; bytes: number } {
+  const cache = weightCaches.get((backend as WasmBackendLike).wasm);
+  return { entries: cache?.entries.size ?? 0, bytes: cache?.bytes ?? 0 };
 }
 
 /** A scratch block on the heap, freed by `free`. */
-function scratch(b: WasmBackendLike, size: number): { index: number; free(): void } {
+interface Scratch { index: number; free(): void }
+
+function scratch(b: WasmBackendLike, size: number): Scratch {
   const t = b.makeOutput([Math.max(size, 1)], 'float32');
   return { index: at(b, t), free: () => { b.disposeData(t.dataId); } };
 }
@@ -96,51 +215,71 @@ function scratch(b: WasmBackendLike, size: number): { index: number; free(): voi
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const b = backend as unknown as WasmBackendLike;
   const { x, w, rows, bias, addTo } = inputs;
-  const { groupSizes, transposeW, alpha, packed, wShape } = attrs as unknown as GroupedMatMulAttrs;
+  const { groupSizes, transposeW, alpha, packed, wShape, frozenW } = attrs as unknown as GroupedMatMulAttrs;
   const [, p, q] = wShape;
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
   const out = b.makeOutput([total, m], 'float32');
   const maxRows = Math.max(0, ...groupSizes);
+  const products = heapProducts(b);
+  const cache = frozenW && products.productWithWeightId ? weightCache(b) : null;
+  if (cache && cache.bytes > tf.env().getNumber(WEIGHT_CACHE_BYTES_FLAG)) makeRoom(b, cache, 0, products);  // the budget was lowered
+  const wId = cache ? b.dataIdMap.get(w.dataId).id : 0;
   const xs = rows ? scratch(b, maxRows * k) : null;        // one expert's gathered rows
-  const wt = transposeW ? scratch(b, k * m) : null;        // one expert's W_eᵀ
-  // a packed weight (int32 words of bf16/f16 halves) is decoded one expert at a time
-  const dec = packed !== 'none' ? scratch(b, p * q) : null;
+  const blocks: { wt?: Scratch; dec?: Scratch } = {};      // one expert's W_eᵀ, its decoded packed weight
   const wordsPerExpert = w.shape[1] as number;
-  const run = heapGemm(b);
+  /** HEAPF32 index of expert e's weight as the product reads it ([k, m]), decoded and transposed when needed */
+  const weightBlock = (e: number): number => {
+    let wIdx = at(b, w) + e * p * q;
+    if (packed !== 'none') {
+      blocks.dec ??= scratch(b, p * q);
+      decodeExpertInto(packed as 'bf16' | 'f16', p * q, b.wasm.HEAP32, at(b, w) + e * wordsPerExpert,
+          b.wasm.HEAPF32, b.wasm.HEAP32, blocks.dec.index);
+      wIdx = blocks.dec.index;
+    }
+    if (transposeW) {
+      blocks.wt ??= scratch(b, k * m);
+      transposeInto(p, q, b.wasm.HEAPF32, wIdx, b.wasm.HEAPF32, blocks.wt.index);   // the heap may have grown
+      wIdx = blocks.wt.index;
+    }
+    return wIdx;
+  };
   try {
-    const [xi, wi, oi] = [at(b, x), at(b, w), at(b, out)];
-    const ri = rows ? at(b, rows) : 0;
-    const bi = bias ? at(b, bias) : 0;
-    const addi = addTo ? at(b, addTo) : 0;
     let start = 0;
     groupSizes.forEach((n, e) => {
       if (n === 0) return;
-      const heap = b.wasm.HEAPF32;
-      let a = xi + start * k;
+      let a = at(b, x) + start * k;
       if (xs) {
-        gatherRowsInto(n, k, heap, xi, b.wasm.HEAP32, ri, start, heap, xs.index);
+        gatherRowsInto(n, k, b.wasm.HEAPF32, at(b, x), b.wasm.HEAP32, at(b, rows), start, b.wasm.HEAPF32, xs.index);
         a = xs.index;
       }
-      let wIdx = wi + e * p * q;
-      if (dec) {
-        decodeExpertInto(packed as 'bf16' | 'f16', p * q, b.wasm.HEAP32, wi + e * wordsPerExpert, heap, b.wasm.HEAP32, dec.index);
-        wIdx = dec.index;
+      const o = at(b, out) + start * m;
+      const key = cache ? `${wId}/${e}/${transposeW ? 't' : 'n'}` : '';
+      const hit = cache?.entries.get(key);
+      if (cache && hit) {
+        cache.entries.delete(key);    // most recently used: to the end
+        cache.entries.set(key, hit);
+        products.productWithWeightId!(n, k, m, a, hit.id, o);
+      } else if (cache && makeRoom(b, cache, k * m * 4, products)) {
+        // The operator packs B when it is built and never reads it again: the id may point at a
+        // scratch block that is reused for the next expert.
+        const entry: CachedWeight = { dataId: w.dataId, id: products.register(weightBlock(e), k * m), bytes: k * m * 4 };
+        cache.entries.set(key, entry);
+        cache.bytes += entry.bytes;
+        products.productWithWeightId!(n, k, m, a, entry.id, o);
+      } else {
+        products.product(n, k, m, a, weightBlock(e), o);
       }
-      if (wt) {
-        transposeInto(p, q, heap, wIdx, heap, wt.index);
-        wIdx = wt.index;
-      }
-      run(n, k, m, a, wIdx, oi + start * m);
       const after = b.wasm.HEAPF32;   // the product may have grown the heap
-      if (alpha !== 1 || addTo) scaleAdd(n * m, alpha, after, oi + start * m, addTo ? after : null, addi + start * m);
-      if (bias) addRowVector(n, m, after, oi + start * m, after, bi + e * m);
+      const oi = at(b, out) + start * m;
+      if (alpha !== 1 || addTo) scaleAdd(n * m, alpha, after, oi, addTo ? after : null, addTo ? at(b, addTo) + start * m : 0);
+      if (bias) addRowVector(n, m, after, oi, after, at(b, bias) + e * m);
       start += n;
     });
   } finally {
     xs?.free();
-    wt?.free();
-    dec?.free();
+    blocks.wt?.free();
+    blocks.dec?.free();
   }
   return out;
 }
@@ -155,7 +294,7 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
   const maxRows = Math.max(0, ...groupSizes);
   const at_ = scratch(bk, maxRows * p);                    // one expert's a rows, transposed
   const bs = bRows ? scratch(bk, maxRows * q) : null;
-  const run = heapGemm(bk);
+  const run = heapProducts(bk).product;
   try {
     const [ai, bi, oi] = [at(bk, a), at(bk, b), at(bk, out)];
     const ari = aRows ? at(bk, aRows) : 0;
@@ -185,6 +324,35 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
   return out;
 }
 
+/** out = σ(x) elementwise for two tensors' heap ids (tfjs-wasm's XNNPACK sigmoid, SIMD), or null. */
+type HeapSigmoid = (xId: number, outId: number) => void;
+
+const sigmoidOf = new WeakMap<WasmModuleLike, HeapSigmoid | null>();
+
+function heapSigmoid(b: WasmBackendLike): HeapSigmoid | null {
+  const wasm = b.wasm;
+  if (!sigmoidOf.has(wasm)) {
+    sigmoidOf.set(wasm, typeof wasm.cwrap === 'function' ? wasm.cwrap('Sigmoid', null, ['number', 'number']) : null);
+  }
+  return sigmoidOf.get(wasm)!;
+}
+
+/**
+ * σ of every element of h [n, 2I] into a scratch block, for SwiGLU with gate and up halves: in JS
+ * Math.exp costs ~15 ns an element (three quarters of the activation's time), XNNPACK's
+ * vectorized sigmoid ~1.3 ns. The up half's σ is computed too and not read: the call takes only
+ * contiguous tensors, and it is cheaper than a gather of the gate columns. Null (the caller runs
+ * the JS loop) for gpt-oss's clamped, interleaved GLU or without the export.
+ */
+function sigmoidOfH(b: WasmBackendLike, h: tf.TensorInfo, params: ExpertActivationAttrs):
+    { index: number; free(): void } | null {
+  const sigmoid = params.clamped || params.interleaved ? null : heapSigmoid(b);
+  if (sigmoid === null) return null;
+  const t = b.makeOutput([...h.shape], 'float32');
+  sigmoid(b.dataIdMap.get(h.dataId).id, b.dataIdMap.get(t.dataId).id);
+  return { index: at(b, t), free: () => { b.disposeData(t.dataId); } };
+}
+
 function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo[] {
   const b = backend as unknown as WasmBackendLike;
   const { h, scale } = inputs;
@@ -193,10 +361,60 @@ function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo
   const inter = twoI / 2;
   const outs = [b.makeOutput([n, inter], 'float32')];
   if (scale) outs.push(b.makeOutput([n, inter], 'float32'));
-  const heap = b.wasm.HEAPF32;   // after the allocations
-  activationForward(n, inter, params, heap, at(b, h), heap, at(b, outs[0]),
-      scale ? heap : null, scale ? at(b, scale) : 0, scale ? heap : null, scale ? at(b, outs[1]) : 0);
+  const sig = sigmoidOfH(b, h, params);
+  try {
+    const heap = b.wasm.HEAPF32;   // after the allocations
+    if (sig) {
+      swigluForward(n, inter, heap, at(b, h), sig.index, at(b, outs[0]), scale ? at(b, scale) : -1, scale ? at(b, outs[1]) : 0);
+    } else {
+      activationForward(n, inter, params, heap, at(b, h), heap, at(b, outs[0]),
+          scale ? heap : null, scale ? at(b, scale) : 0, scale ? heap : null, scale ? at(b, outs[1]) : 0);
+    }
+  } finally {
+    sig?.free();
+  }
   return outs;
+}
+
+/** activationForward's SwiGLU (halves) with σ(h) given at heap[sig …]; scale −1: none. */
+function swigluForward(n: number, inter: number, heap: Float32Array, h: number, sig: number, a: number, scale: number, aScaled: number): void {
+  for (let r = 0; r < n; r++) {
+    const g0 = h + r * 2 * inter;
+    const u0 = g0 + inter;
+    const s0 = sig + r * 2 * inter;
+    const a0 = a + r * inter;
+    if (scale < 0) {
+      for (let j = 0; j < inter; j++) heap[a0 + j] = (heap[g0 + j] * heap[u0 + j]) * heap[s0 + j];
+    } else {
+      const s = heap[scale + r];
+      const as0 = aScaled + r * inter;
+      for (let j = 0; j < inter; j++) {
+        const v = Math.fround((heap[g0 + j] * heap[u0 + j]) * heap[s0 + j]);
+        heap[a0 + j] = v;
+        heap[as0 + j] = v * s;
+      }
+    }
+  }
+}
+
+/** activationBackward's SwiGLU (halves) with σ(h) given at heap[sig …]; scale −1: none. */
+function swigluBackward(n: number, inter: number, heap: Float32Array, h: number, sig: number, da: number, scale: number, dh: number): void {
+  for (let r = 0; r < n; r++) {
+    const g0 = h + r * 2 * inter;
+    const s0 = sig + r * 2 * inter;
+    const d0 = dh + r * 2 * inter;
+    const a0 = da + r * inter;
+    const s = scale < 0 ? 1 : heap[scale + r];
+    for (let j = 0; j < inter; j++) {
+      const g = heap[g0 + j];
+      const u = heap[g0 + inter + j];
+      const d = heap[a0 + j] * s;
+      const sg = heap[s0 + j];
+      // silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+      heap[d0 + j] = d * u * sg * (1 + g * (1 - sg));
+      heap[d0 + inter + j] = d * g * sg;
+    }
+  }
 }
 
 function expertActivationGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
@@ -205,9 +423,18 @@ function expertActivationGrad({ inputs, backend, attrs }: KernelArgs): tf.Tensor
   const params = attrs as unknown as ExpertActivationAttrs;
   const [n, twoI] = h.shape;
   const out = b.makeOutput([n, twoI], 'float32');
-  const heap = b.wasm.HEAPF32;
-  activationBackward(n, twoI / 2, params, heap, at(b, h), heap, at(b, da),
-      scale ? heap : null, scale ? at(b, scale) : 0, heap, at(b, out));
+  const sig = sigmoidOfH(b, h, params);
+  try {
+    const heap = b.wasm.HEAPF32;
+    if (sig) {
+      swigluBackward(n, twoI / 2, heap, at(b, h), sig.index, at(b, da), scale ? at(b, scale) : -1, at(b, out));
+    } else {
+      activationBackward(n, twoI / 2, params, heap, at(b, h), heap, at(b, da),
+          scale ? heap : null, scale ? at(b, scale) : 0, heap, at(b, out));
+    }
+  } finally {
+    sig?.free();
+  }
   return out;
 }
 

@@ -8,7 +8,7 @@ import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { withLinearCpuSegmentSum } from '../../backends/cpu/unsorted_segment_sum.js';
 import { BENCH_BACKENDS, selectBenchBackend } from '../../bench/backend.js';
 import {
-  BENCH_CONFIGS, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, benchMoEBlock, formatBenchTable, type BenchLoRA,
+  BENCH_CONFIGS, BENCH_EXPERT_STORAGES, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, type BenchExpertStorage, benchMoEBlock, formatBenchTable, type BenchLoRA,
   type CpuSegmentSum,
 } from '../../bench/block_bench.js';
 import {
@@ -33,6 +33,7 @@ interface BenchArgs {
   reference: boolean;
   layers?: number;
   expertDtype?: string[];
+  expertStorage: BenchExpertStorage;
 }
 
 export const command = 'bench';
@@ -94,6 +95,10 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
         type: 'string', array: true, requiresArg: true, coerce: loraList,
         describe: `--config ${LOAD_BENCH_CONFIG}: the loads to run, comma-separated, each passed to the loader as ` +
             `expertDtype: ${LOAD_BENCH_EXPERT_DTYPES.join(', ')} (default both)`,
+      })
+      .option('expert-storage', {
+        type: 'string', choices: BENCH_EXPERT_STORAGES, default: 'float32' as const, requiresArg: true,
+        describe: 'block configs: the routed experts as float32 tensors, or packed bf16 / f16 halves (frozen: LoRA cases only)',
       })
       .option('cpu-segment-sum', {
         type: 'string', choices: CPU_SEGMENT_SUMS, default: 'stock' as const, requiresArg: true,
@@ -171,7 +176,7 @@ export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void
     const cases = await benchMoEBlock({
       config: argv.config, lora: argv.lora, iters: argv.iters, warmup: argv.warmup, seed: argv.seed,
       allowAnyBackend: argv.allowAnyBackend, cpuSegmentSum: argv.cpuSegmentSum,
-      profile: argv.profile, rank: argv.rank, reference: argv.reference,
+      profile: argv.profile, rank: argv.rank, reference: argv.reference, expertStorage: argv.expertStorage,
     });
     process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatBenchTable(cases));
   } finally {

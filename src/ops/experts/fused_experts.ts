@@ -92,8 +92,9 @@ export function fusedExperts(
     const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
       const save = args[args.length - 1] as tf.GradSaveFunc;
       const [xIn, wIn] = args as tf.Tensor2D[];
-      const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: up.lora, transposed };
-      const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: down.lora, transposed };
+      // a base that gets no gradient is frozen (W_eff of materialize is trained: new every step)
+      const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: up.lora, transposed, frozen: !up.trainWeight };
+      const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: down.lora, transposed, frozen: !down.trainWeight };
       const h = groupedRowsForward({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
       const a = expertActivation(h, activation, transposed);                        // [N, I]
       const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
@@ -114,7 +115,8 @@ export function fusedExperts(
         // the weight and adapter gradients come out the same (linear in both), its dx is
         // g = dO·W2_eff, and from g both da = w·g and the routing gradient ⟨dO, y⟩ = ⟨g, a⟩ (+ ⟨dO, b2⟩)
         // follow without recomputing y.
-        const downG = groupedRowsBackward(dRows, { t: aw }, groups, downS, { weight: down.trainWeight, bias: false });
+        const downG = groupedRowsBackward(dRows, { t: aw }, groups, { ...downS, frozen: !down.trainWeight },
+            { weight: down.trainWeight, bias: false });
         let dWeights = pairRowDot(downG.dx, aS, rowIdx, t, k);                        // [T, K]
         if (downS.bias) {
           const bias3 = tf.reshape(downS.bias, [dims.numExperts, dims.hidden, 1]) as tf.Tensor3D;
@@ -127,7 +129,7 @@ export function fusedExperts(
         tf.dispose(aS);
         const dh = expertActivationGrad(hS, downG.dx, activation, transposed, wRow);  // [N, 2I]
         tf.dispose([aw, downG.dx]);
-        const upG = groupedRowsBackward({ t: dh }, { t: xS, index: tokenIdx }, groups, upS,
+        const upG = groupedRowsBackward({ t: dh }, { t: xS, index: tokenIdx }, groups, { ...upS, frozen: !up.trainWeight },
             { weight: up.trainWeight, bias: up.trainBias });
         tf.dispose(dh);
         const dx = combineRows(upG.dx, rowIdx, t, k);                               // [T, H]

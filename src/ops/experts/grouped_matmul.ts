@@ -25,6 +25,8 @@ export interface GroupedWeight {
   bias?: tf.Tensor2D;
   /** split adapters: A [r·E, in] expert-major rows, B [out, r·E] rank-major columns */
   lora: LoRAFactors[];
+  /** `weight` is a frozen base, the same tensor from step to step (kernels may cache forms of it) */
+  frozen?: boolean;
 }
 
 export interface GroupedGrads {
@@ -48,7 +50,7 @@ function expertFactors(f: LoRAFactors, numExperts: number): ExpertFactors {
 
 /** x·W_eᵀ over each group ('outIn' W [E, out, in]), x·W_e for the transposed layout. */
 function baseProduct(x: Rows, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
-  return groupedProduct(x, w.weight, groupSizes, !w.transposed, { bias: w.bias });
+  return groupedProduct(x, w.weight, groupSizes, !w.transposed, { bias: w.bias, frozenW: w.frozen });
 }
 
 /** u [N, r] = s·x·A_eᵀ per group: the adapter's low-rank activations. */
@@ -87,7 +89,7 @@ export function groupedRowsBackward(
   return tf.tidy(() => {
     const numExperts = groupSizes.length;
     // dx = dy·W_e ('outIn'), dy·W_eᵀ (transposed)
-    let dx = groupedProduct(dy, w.weight, groupSizes, w.transposed);            // [N, in]
+    let dx = groupedProduct(dy, w.weight, groupSizes, w.transposed, { frozenW: w.frozen });  // [N, in]
     const dA: tf.Tensor2D[] = [];
     const dB: tf.Tensor2D[] = [];
     for (const f of w.lora.map(l => expertFactors(l, numExperts))) {

@@ -41,6 +41,11 @@ export interface GroupedMatMulAttrs {
   packed: PackedKind | 'none';
   /** the logical [E, p, q] of w (its own shape unless packed) */
   wShape: number[];
+  /**
+   * w is a frozen base whose values stay the same from step to step (packed weights always are):
+   * a backend may keep per-expert forms of it across calls (wasm keeps XNNPACK's packed copy)
+   */
+  frozenW: boolean;
 }
 
 /** MoEGroupedWeightGrad: inputs a [Ra, p], b [Rb, q], aRows?, bRows?; out [E, p, q] = Σ_{rows of e} aᵀ·b. */
@@ -98,6 +103,8 @@ export interface GroupedProductOptions {
   addTo?: tf.Tensor2D;
   /** scales the product (default 1) */
   alpha?: number;
+  /** w is a frozen base, the same tensor step after step (see GroupedMatMulAttrs.frozenW) */
+  frozenW?: boolean;
 }
 
 /**
@@ -119,6 +126,7 @@ export function groupedProduct(
     const packed = isPackedExpertWeight(w);
     const attrs: GroupedMatMulAttrs = {
       groupSizes, transposeW, alpha, packed: packed ? w.kind : 'none', wShape: [...w.shape],
+      frozenW: packed || options.frozenW === true,
     };
     return run(GROUPED_MATMUL, { x: x.t, w: packed ? w.packed : w, rows: x.index, bias, addTo }, attrs);
   }
