@@ -44,7 +44,7 @@ describe('SparseMoE layer', () => {
     const layer = built({ ...qwen2Like, expertKernel: 'fused' });
     // seeded throughout: the run is the same every time (it once failed in a full suite, unseeded)
     const reseed = (names: RegExp) => layer.weights.forEach((w, i) => {
-      if (names.test(w.originalName)) w.write(tf.tidy(() => tf.randomNormal(w.shape, 0, 0.3, 'float32', 100 + i)));
+      if (names.test(w.originalName)) w.write(tf.tidy(() => tf.randomNormal(w.shape as number[], 0, 0.3, 'float32', 100 + i)));
     });
     reseed(/^(?!.*lora_)/);
     const x = tf.randomNormal([10, 8], 0, 1, 'float32', 1);
