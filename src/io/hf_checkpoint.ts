@@ -9,9 +9,9 @@ import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { confinedPath, openArtifactFolder, parseJSONText, pathKind, readJSONFile, readTextFile } from '../util/files.js';
-import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
+import { integralFloatPaths, recordConfigFloats, recordSourceFolder } from './checkpoint_source.js';
 import {
-  CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
+  CheckpointError, CheckpointSource, indexedCheckpointSource, modelFromCheckpoint,
   type LoadHFCheckpointOptions,
 } from './hf_checkpoint_core.js';
 import { readSafetensorsFile } from './safetensors.js';
@@ -67,8 +67,6 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   familyOf(config);  // unknown model types fail here, before any weights are read
   const source = await openCheckpoint(dir);
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
-  // every name of the plan is in the source: modelFromCheckpoint checked them
-  recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   recordSourceFolder(model, dir);
   // which of its numbers are floats (JSON.parse turns 0.0 into 0), for writing it back
   recordConfigFloats(model, integralFloatPaths(configText));

@@ -20,6 +20,7 @@ import {
 import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
+import { recordSourceDtypes } from './checkpoint_source.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
 export class CheckpointError extends MoELoraError {
@@ -303,6 +304,8 @@ export async function modelFromCheckpoint(
     model.dispose();
     throw e;
   }
+  // each tensor's dtype on disk, whichever loader read it: a save writes bf16 back as bf16
+  recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   return model;
 }
 
