@@ -154,6 +154,7 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       at('self_attn.v_proj.bias', [kv]);
     }
     if (c.outputBias) at('self_attn.o_proj.bias', [H]);
+    if (c.sinks) at('self_attn.sinks', [c.numHeads]);
     if (c.qkNorm !== 'none') {
       at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
       at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
