@@ -181,10 +181,11 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
         `'${modelType}' supports the default and ${scaledTypes.map(t => `'${t}'`).join(', ')} ropes but config.json sets ${typeKey} '${String(type)}'`);
     }
   }
-  const scaled = types.length > 0;
-  if (types.length === 2 && rope['rope_type'] !== rope['type']) {
+  if (rope['rope_type'] != null && rope['type'] != null && rope['rope_type'] !== rope['type']) {
+    // transformers reads rope_type, older versions type
     fail(OP, `'config.${key}' sets rope_type '${String(rope['rope_type'])}' and type '${String(rope['type'])}'; they must agree`);
   }
+  const scaled = types.length > 0;
   const partial = rope['partial_rotary_factor'];
   if (partial !== undefined && partial !== 1) {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
