@@ -14,6 +14,7 @@ import {
   CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
   type LoadHFCheckpointOptions,
 } from './hf_checkpoint_core.js';
+import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 import { readSafetensorsFile } from './safetensors.js';
 
 export {
@@ -65,7 +66,9 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   const configText = await readTextFile(join(dir, 'config.json'), configWhat);
   const config = parseJSONText(configText, join(dir, 'config.json'), configWhat) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
-  const source = await openCheckpoint(dir);
+  const stored = await openCheckpoint(dir);
+  // MXFP4 experts read as the BF16 they decode to (also what saveHFCheckpoint writes back)
+  const source = isMXFP4Config(config) ? mxfp4TensorSource(stored, `'${dir}'`) : stored;
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
   // every name of the plan is in the source: modelFromCheckpoint checked them
   recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));

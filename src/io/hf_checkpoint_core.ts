@@ -20,6 +20,7 @@ import {
 import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
+import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
 export class CheckpointError extends MoELoraError {
@@ -48,6 +49,7 @@ export class CheckpointSource implements TensorSource {
   info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
   tensor(name: string): Promise<tf.Tensor> { return this.fileOf.get(name)!.tensor(name); }
   halfBits(name: string): Promise<Uint16Array> { return this.fileOf.get(name)!.halfBits(name); }
+  uint8Values(name: string): Promise<Uint8Array> { return this.fileOf.get(name)!.uint8Values(name); }
 }
 
 /**
@@ -289,6 +291,8 @@ export async function modelFromCheckpoint(
         `but got ${JSON.stringify(expertDtype)}`);
   }
   familyOf(config);  // unknown model types fail here, before any weight is checked
+  // MXFP4 experts (gpt-oss on the Hub) are read as the BF16 weights they decode to, exactly
+  if (isMXFP4Config(config)) source = mxfp4TensorSource(source, where);
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   const expertStorage = modelExpertStorage(config, source, expertDtype);
   // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
