@@ -7,9 +7,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CheckpointError, loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { decodeMXFP4 } from '../../src/io/mxfp4.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
@@ -166,8 +167,19 @@ describe('io/mxfp4: gpt-oss MXFP4 experts decoded on load into packed bf16', () 
     // the grid is coarse: the logits move off transformers' unquantized ones, but not far
     const full = await g.tensor('logits');
     expect(maxRelativeError(a.dataSync(), full.dataSync())).to.be.within(1e-4, 0.5);
-    tf.dispose([a, b, c, ids, full]);
-    for (const m of [mx, half, wide]) m.dispose();
+    // saved, the experts are plain BF16 weights and config.json no longer says MXFP4: it reloads to the same logits
+    const saved = await tempDir();
+    await saveHFCheckpoint(mx, saved);
+    const savedConfig = JSON.parse(await readFile(join(saved, 'config.json'), 'utf8'));
+    expect(savedConfig).to.not.have.property('quantization_config');
+    const savedFile = await readSafetensorsFile(join(saved, 'model.safetensors'));
+    expect(savedFile.info('model.layers.0.mlp.experts.gate_up_proj')).to.deep.equal({ dtype: 'BF16', shape: [8, 64, 64] });
+    expect(savedFile.names().some(n => n.endsWith('_blocks'))).to.equal(false);
+    const again = await loadHFCheckpoint(saved);
+    const d = again.predict(ids) as tf.Tensor;
+    expect(maxRelativeError(d.dataSync(), b.dataSync()), 'saved and reloaded').to.equal(0);
+    tf.dispose([a, b, c, d, ids, full]);
+    for (const m of [mx, half, wide, again]) m.dispose();
     expect(tf.memory().numTensors).to.equal(before);
   });
 
