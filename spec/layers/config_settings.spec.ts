@@ -158,7 +158,7 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     expectRefused(withRope({ type: 'yarn', rope_type: 'default' }),
       `${OP}'config.rope_parameters' sets rope_type 'default' and type 'yarn'; they must agree`);
     expectRefused({ ...gptOss, rope_parameters: undefined, rope_theta: 150000 },
-      `${OP}config.json of 'gpt_oss' must set 'rope_parameters' (or 'rope_scaling'): GptOssConfig's default is a YaRN rope`);
+      `${OP}config.json of 'gpt_oss' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a yarn rope`);
     expectRefused({ ...gptOss, layer_types: ['sliding_attention', 'chunked_attention'] },
       `${OP}'config.layer_types' must list 'sliding_attention' or 'full_attention' for each of the 2 layers ` +
       'but got ["sliding_attention","chunked_attention"]');

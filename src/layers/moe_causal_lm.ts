@@ -119,9 +119,6 @@ const YARN_ROPE_KEYS = [
   'attention_factor',
 ];
 
-/** The rope types each family's graph implements beyond the default one. */
-const SCALED_ROPE_TYPES: Partial<Record<ModelType, readonly string[]>> = { gpt_oss: ['yarn'] };
-
 /** YaRN's settings as transformers reads them: factor and the original context required, the rest defaulted. */
 function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<RopeScaling> {
   const at = `${key}.`;
@@ -171,7 +168,7 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
     fail(OP, `'config.${key}' must be an object but got ${describeValue(params)}`);
   }
   const rope = params as Record<string, unknown>;
-  const scaledTypes = SCALED_ROPE_TYPES[modelType] ?? [];
+  const scaledTypes = familyOf(config).attention?.scaledRopes ?? [];
   const types = ['rope_type', 'type'].filter(k => rope[k] != null && rope[k] !== 'default');
   for (const typeKey of types) {
     const type = rope[typeKey];
@@ -283,8 +280,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `sliding-window attention ('use_sliding_window': true) is not supported for '${modelType}'`);
   }
   const attentionBias = bool(config, 'attention_bias', false);
-  type AttentionDetails = Pick<MoECausalLMConfig, 'qkvBias' | 'outputBias' | 'qkNorm' | 'clipQKV' | 'slidingWindow'> &
-    { sinks?: boolean };
+  type AttentionDetails = Pick<MoECausalLMConfig, 'qkvBias' | 'outputBias' | 'qkNorm' | 'clipQKV' | 'slidingWindow'>;
+  const traits = family.attention ?? {};
   const attentionDetails = (): AttentionDetails => {
     switch (modelType) {
       case 'mixtral':
@@ -296,10 +293,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'qwen3_moe':
         return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
-      case 'gpt_oss':  // GptOssConfig's defaults: attention_bias true, sliding_window 128
+      case 'gpt_oss':
         return {
-          qkvBias: bool(config, 'attention_bias', true), outputBias: bool(config, 'attention_bias', true),
-          qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', 128), sinks: true,
+          qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
+          qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', traits.slidingWindow),
         };
       default:  // olmoe
         return {
@@ -314,16 +311,18 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const numLayers = int(config, 'num_hidden_layers');
   const needsDense = moeLayers.length < numLayers;
   const sharedLayout = family.checkpoint.shared;
-  const { sinks = false, ...attention } = attentionDetails();
-  const perLayerTypes = modelType === 'gpt_oss';
+  const attention = attentionDetails();
+  const sinks = traits.sinks ?? false;
+  const perLayerTypes = traits.layerTypes ?? false;
   refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
   const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
     Array.from({ length: numLayers }, () => attention.slidingWindow);
-  if (modelType === 'gpt_oss' && config['rope_parameters'] == null && config['rope_scaling'] == null) {
-    // transformers would apply GptOssConfig's default YaRN; this graph applies only what config.json says
-    fail(OP, "config.json of 'gpt_oss' must set 'rope_parameters' (or 'rope_scaling'): GptOssConfig's default is a YaRN rope");
+  if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
+    // transformers would apply the config class's default scaled rope; this graph applies only what config.json says
+    fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
+        `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeOf(config, modelType === 'mixtral' ? 1e6 : modelType === 'gpt_oss' ? 150000 : 1e4, modelType);
+  const rope = ropeOf(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
