@@ -134,6 +134,10 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     expect(moeCausalLMConfigFromHF(withRope({ truncate: undefined, beta_fast: 0, beta_slow: null, attention_factor: 1.5 })).ropeScaling)
       .to.deep.equal({ kind: 'yarn', factor: 32, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, truncate: true, attentionFactor: 1.5 });
     expect(moeCausalLMConfigFromHF({ ...gptOss, rope_parameters: { rope_type: 'default', rope_theta: 1e4 } }).ropeScaling).to.equal(null);
+    // the Hub's gpt-oss config.json: rope_scaling without a theta, rope_theta at the top level
+    const { rope_theta: hubTheta, ...hubRope } = yarn;
+    const hub = moeCausalLMConfigFromHF({ ...gptOss, rope_parameters: undefined, rope_scaling: hubRope, rope_theta: hubTheta });
+    expect([hub.ropeTheta, hub.ropeScaling]).to.deep.equal([c.ropeTheta, c.ropeScaling]);
     // no layer_types: GptOssConfig's alternation, sliding first
     expect(moeCausalLMConfigFromHF({ ...gptOss, layer_types: undefined, num_hidden_layers: 3, sliding_window: 5 }).layerWindows)
       .to.deep.equal([5, null, 5]);
