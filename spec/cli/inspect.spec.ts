@@ -257,7 +257,7 @@ describe('cli/inspect', () => {
       expect(blockOnly.code).to.equal(1);
       expect(blockOnly.stderr).to.equal("tfjs-moe-lora: error: `moeCausalLMConfigFromHF()`: 'deepseek_v3' is supported at the " +
           'MoE block level only (SparseMoE, loadMoEBlockWeights), not as a whole model: its multi-head latent attention (MLA) ' +
-          'is not implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe\n');
+          'is not implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss\n');
     });
 
     it('--help lists the options and exits 0', async () => {

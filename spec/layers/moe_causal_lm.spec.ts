@@ -121,15 +121,14 @@ describe('MoECausalLM', () => {
   });
 
   it('refuses block-only families, saying why, and settings the graph does not implement', async () => {
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe']);
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss']);
     for (const [arch, why] of [
       ['deepseek_v3', 'its multi-head latent attention (MLA) is not implemented'],
       ['glm4_moe', 'its partial-rotary attention is not implemented'],
-      ['gpt_oss', 'its attention (sinks, YaRN rope, sliding layers) is not implemented'],
     ]) {
       expect(() => buildMoECausalLM(JSON.parse(JSON.stringify(require_(arch))))).to.throw(
         `\`moeCausalLMConfigFromHF()\`: '${arch}' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), ` +
-        `not as a whole model: ${why}; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe`);
+        `not as a whole model: ${why}; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss`);
     }
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))

@@ -45,7 +45,7 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
 
 /**
  * Reads an HF checkpoint folder into a MoECausalLM (a functional tf.LayersModel).
- * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe; other MoE families are an error that says
+ * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss; other MoE families are an error that says
  * they are block-only. Extra tensors in the checkpoint are ignored (as transformers does with
  * unexpected keys); missing, misshapen or non-float tensors are one CheckpointError listing all.
  * The model remembers each tensor's dtype on disk and the folder (checkpoint_source.ts), so

@@ -14,9 +14,9 @@
  * the module, so the checkpoint tensor of a weight is `<layer name>.<weight name>`, except in
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
- * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe. deepseek_v3 (MLA attention), glm4_moe
- * (partial rotary) and gpt_oss (attention sinks, YaRN, sliding layers) are supported at the
- * block level only (SparseMoE, src/io/hf_block.ts).
+ * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
+ * sliding and full layers by layer_types). deepseek_v3 (MLA attention) and glm4_moe (partial
+ * rotary) are supported at the block level only (SparseMoE, src/io/hf_block.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -27,6 +27,7 @@ import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js'
 import { fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
+import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
@@ -36,12 +37,11 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 export type MoECausalLM = tfl.LayersModel;
 
 /** The model types that load as whole models; the others in MODEL_TYPES are block-only. */
-export const WHOLE_MODEL_TYPES: readonly ModelType[] = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe'];
+export const WHOLE_MODEL_TYPES: readonly ModelType[] = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss'];
 
 const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
   deepseek_v3: 'its multi-head latent attention (MLA) is not implemented',
   glm4_moe: 'its partial-rotary attention is not implemented',
-  gpt_oss: 'its attention (sinks, YaRN rope, sliding layers) is not implemented',
 };
 
 /** Everything the graph needs, read from an HF config.json. */
@@ -54,12 +54,18 @@ export interface MoECausalLMConfig {
   numKeyValueHeads: number;
   headDim: number;
   ropeTheta: number;
+  /** YaRN (gpt_oss); null: the default rope */
+  ropeScaling: RopeScaling;
   rmsNormEps: number;
   qkvBias: boolean;
   outputBias: boolean;
   qkNorm: QKNorm;
   clipQKV: number | null;
   slidingWindow: number | null;
+  /** per decoder layer, the window its attention uses (slidingWindow, or null for a full-attention layer) */
+  layerWindows: Array<number | null>;
+  /** attention sinks (gpt_oss) */
+  sinks: boolean;
   tieWordEmbeddings: boolean;
   initializerRange: number;
   /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
@@ -71,6 +77,8 @@ export interface MoECausalLMConfig {
     routing: RoutingConfig;
     activation: ExpertActivation;
     sharedExpert: { intermediateSize: number; gated: boolean } | null;
+    /** gpt_oss: experts stored [E, in, out] with gate/up interleaved, expert and router biases */
+    fusedInterleaved: boolean;
   };
 }
 
@@ -105,14 +113,43 @@ function canonicalJSON(value: unknown): string {
 /** The keys of a default rope's settings; any other key (factor, ...) would be ignored, so is refused. */
 const DEFAULT_ROPE_KEYS = ['rope_type', 'type', 'rope_theta', 'partial_rotary_factor'];
 
+/** The keys YaRN reads (transformers' _compute_yarn_parameters, without DeepSeek's mscale ones). */
+const YARN_ROPE_KEYS = [
+  ...DEFAULT_ROPE_KEYS, 'factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'truncate',
+  'attention_factor',
+];
+
+/** YaRN's settings as transformers reads them: factor and the original context required, the rest defaulted. */
+function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<RopeScaling> {
+  const at = `${key}.`;
+  const required = (name: string) => {
+    if (rope[name] == null) fail(OP, `a YaRN rope needs '${at}${name}' but config.json does not set it`);
+    return num(rope, name);
+  };
+  const factor = required('factor');
+  if (factor < 1) fail(OP, `'config.${at}factor' must be >= 1 but got ${factor}`);
+  const context = required('original_max_position_embeddings');
+  const truncate = rope['truncate'] ?? true;
+  if (typeof truncate !== 'boolean') fail(OP, `'config.${at}truncate' must be a boolean but got ${describeValue(truncate)}`);
+  return {
+    kind: 'yarn', factor, originalMaxPositionEmbeddings: context,
+    // transformers: `get("beta_fast") or 32`, so 0 or null also mean the default
+    betaFast: rope['beta_fast'] ? num(rope, 'beta_fast') : 32,
+    betaSlow: rope['beta_slow'] ? num(rope, 'beta_slow') : 1,
+    truncate,
+    attentionFactor: rope['attention_factor'] != null ? num(rope, 'attention_factor') :
+      factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1,
+  };
+}
+
 /**
- * rope_theta of the default rope, from rope_parameters (transformers 5) or the top level. Every
- * other rope setting would change the math but is not implemented, so it is an error, never
- * ignored: another rope_type, a key the default rope does not read (factor,
- * original_max_position_embeddings, low/high_freq_factor, ...), rope_scaling that disagrees with
- * rope_parameters (older transformers read one, newer the other), or two different thetas.
+ * rope_theta and the scaling (YaRN for the families of SCALED_ROPE_TYPES, else none), from
+ * rope_parameters (transformers 5), rope_scaling (older) or the top level. Every other rope
+ * setting would change the math but is not implemented, so it is an error, never ignored: another
+ * rope_type, a key the rope does not read (low/high_freq_factor, mscale, ...), rope_scaling that
+ * disagrees with rope_parameters (older transformers read one, newer the other), or two thetas.
  */
-function ropeTheta(config: HFConfig, fallback: number): number {
+function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { theta: number; scaling: RopeScaling } {
   const parameters = config['rope_parameters'] ?? null;
   const legacy = config['rope_scaling'] ?? null;
   if (parameters !== null && legacy !== null && canonicalJSON(parameters) !== canonicalJSON(legacy)) {
@@ -125,34 +162,48 @@ function ropeTheta(config: HFConfig, fallback: number): number {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(topLevelPartial)}`);
   }
   const params = parameters ?? legacy;
-  if (params === null) return num(config, 'rope_theta', fallback);
+  if (params === null) return { theta: num(config, 'rope_theta', fallback), scaling: null };
   const key = parameters !== null ? 'rope_parameters' : 'rope_scaling';
   if (typeof params !== 'object' || Array.isArray(params)) {
     fail(OP, `'config.${key}' must be an object but got ${describeValue(params)}`);
   }
   const rope = params as Record<string, unknown>;
-  for (const typeKey of ['rope_type', 'type']) {
-    const type = rope[typeKey] ?? 'default';
-    if (type !== 'default') {
-      fail(OP, `only the default rope is supported but config.json sets ${typeKey} '${String(type)}'`);
+  const scaledTypes = familyOf(config).attention?.scaledRopes ?? [];
+  const types = ['rope_type', 'type'].filter(k => rope[k] != null && rope[k] !== 'default');
+  for (const typeKey of types) {
+    const type = rope[typeKey];
+    if (!scaledTypes.includes(type as string)) {
+      fail(OP, scaledTypes.length === 0 ?
+        `only the default rope is supported but config.json sets ${typeKey} '${String(type)}'` :
+        `'${modelType}' supports the default and ${scaledTypes.map(t => `'${t}'`).join(', ')} ropes but config.json sets ${typeKey} '${String(type)}'`);
     }
   }
+  if (rope['rope_type'] != null && rope['type'] != null && rope['rope_type'] !== rope['type']) {
+    // transformers reads rope_type, older versions type
+    fail(OP, `'config.${key}' sets rope_type '${String(rope['rope_type'])}' and type '${String(rope['type'])}'; they must agree`);
+  }
+  const scaled = types.length > 0;
   const partial = rope['partial_rotary_factor'];
   if (partial !== undefined && partial !== 1) {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
   }
-  const ignored = Object.keys(rope).filter(k => !DEFAULT_ROPE_KEYS.includes(k));
+  const known = scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
+  const ignored = Object.keys(rope).filter(k => !known.includes(k));
   if (ignored.length > 0) {
-    fail(OP, `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
-        `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
+    fail(OP, scaled ?
+      `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which YaRN as implemented here does not read ` +
+          `(only ${YARN_ROPE_KEYS.map(k => `'${k}'`).join(', ')})` :
+      `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
+          `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
   }
-  if (rope['rope_theta'] === undefined) return num(config, 'rope_theta', fallback);
+  const scaling = scaled ? yarnScaling(rope, key) : null;
+  if (rope['rope_theta'] === undefined) return { theta: num(config, 'rope_theta', fallback), scaling };
   const theta = num(rope, 'rope_theta');
   if (config['rope_theta'] != null && config['rope_theta'] !== theta) {
     fail(OP, `config.json sets rope_theta ${describeValue(config['rope_theta'])} at the top level and ` +
         `${theta} in '${key}'; they must agree`);
   }
-  return theta;
+  return { theta, scaling };
 }
 
 /**
@@ -160,7 +211,7 @@ function ropeTheta(config: HFConfig, fallback: number): number {
  * not implement: an error each, never ignored.
  */
 function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLayers: number,
-    slidingWindow: number | null): void {
+    slidingWindow: number | null, perLayerTypes: boolean): void {
   const dropout = config['attention_dropout'] ?? 0;
   if (dropout !== 0) {
     fail(OP, `attention dropout is not implemented: 'config.attention_dropout' must be 0 but got ${describeValue(dropout)}`);
@@ -170,13 +221,29 @@ function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLaye
     fail(OP, `router jitter noise is not implemented: 'config.router_jitter_noise' must be 0 but got ${describeValue(jitter)}`);
   }
   const layerTypes = config['layer_types'];
-  if (layerTypes != null) {
+  if (layerTypes != null && !perLayerTypes) {
     const applied = slidingWindow === null ? 'full_attention' : 'sliding_attention';
     if (!Array.isArray(layerTypes) || layerTypes.length !== numLayers || layerTypes.some(t => t !== applied)) {
       fail(OP, `'config.layer_types' must list '${applied}' for each of the ${numLayers} layers ` +
           `(what this '${modelType}' graph computes) but got ${JSON.stringify(layerTypes)}`);
     }
   }
+}
+
+const LAYER_TYPES = ['sliding_attention', 'full_attention'];
+
+/**
+ * Per decoder layer, the window of its attention for a family that mixes sliding and full layers
+ * (gpt_oss): config.layer_types, or transformers' default (sliding, full, sliding, ...).
+ */
+function windowsByLayerType(config: HFConfig, numLayers: number, slidingWindow: number): Array<number | null> {
+  const given = config['layer_types'];
+  const types = given ?? Array.from({ length: numLayers }, (_, i) => LAYER_TYPES[i % 2]);
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => !LAYER_TYPES.includes(t))) {
+    fail(OP, `'config.layer_types' must list 'sliding_attention' or 'full_attention' for each of the ${numLayers} layers ` +
+        `but got ${JSON.stringify(given)}`);
+  }
+  return types.map(t => (t === 'sliding_attention' ? slidingWindow : null));
 }
 
 /**
@@ -214,6 +281,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   }
   const attentionBias = bool(config, 'attention_bias', false);
   type AttentionDetails = Pick<MoECausalLMConfig, 'qkvBias' | 'outputBias' | 'qkNorm' | 'clipQKV' | 'slidingWindow'>;
+  const traits = family.attention ?? {};
   const attentionDetails = (): AttentionDetails => {
     switch (modelType) {
       case 'mixtral':
@@ -225,6 +293,11 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'qwen3_moe':
         return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
+      case 'gpt_oss':
+        return {
+          qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
+          qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', traits.slidingWindow),
+        };
       default:  // olmoe
         return {
           qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'full', slidingWindow: null,
@@ -239,7 +312,17 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const needsDense = moeLayers.length < numLayers;
   const sharedLayout = family.checkpoint.shared;
   const attention = attentionDetails();
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow);
+  const sinks = traits.sinks ?? false;
+  const perLayerTypes = traits.layerTypes ?? false;
+  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
+  const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
+    Array.from({ length: numLayers }, () => attention.slidingWindow);
+  if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
+    // transformers would apply the config class's default scaled rope; this graph applies only what config.json says
+    fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
+        `${(traits.scaledRopes ?? []).join('/')} rope`);
+  }
+  const rope = ropeOf(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -248,9 +331,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     numHeads,
     numKeyValueHeads,
     headDim,
-    ropeTheta: ropeTheta(config, modelType === 'mixtral' ? 1e6 : 1e4),
+    ropeTheta: rope.theta,
+    ropeScaling: rope.scaling,
     rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
     ...attention,
+    layerWindows,
+    sinks,
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
@@ -262,6 +348,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       activation: blockConfig.activation,
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
+      fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
     },
   };
 }
@@ -349,7 +436,8 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
     const attn = layer(new RotaryAttention({
       name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
       headDim: c.headDim, ropeTheta: c.ropeTheta, qkvBias: c.qkvBias, outputBias: c.outputBias,
-      qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.slidingWindow,
+      qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
+      ropeScaling: c.ropeScaling, sinks: c.sinks,
       initializerRange: init,
     })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
@@ -360,6 +448,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
+        ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
       }) :
       new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
