@@ -74,7 +74,9 @@ function gradsOf(p: Projection, g: GroupedGrads): tf.Tensor[] {
  *
  * Reads `routing.experts` to the host once per call to size the per-expert products (pass
  * `options.plan` to avoid that, e.g. on webgpu). Gradients: x, routing.weights (dS = ⟨dO_t, y_(t,k)⟩),
- * the base weights when `trainExpertWeights`, and every active adapter's A and B.
+ * the base weights when `trainExpertWeights`, and every active adapter's A and B. An adapter with
+ * `dropout` (PEFT's lora_dropout) reads dropout(input) as its branch input, one mask row per
+ * (token, slot) pair drawn [T·K, in] in pair order from its seed (split mode only).
  *
  * ```js
  * const out = fusedExperts(x, {weights, experts}, {gateUp, down}, {kind: 'swiglu'});
