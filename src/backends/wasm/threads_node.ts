@@ -62,7 +62,8 @@ export async function useThreadedWasm(threads: number): Promise<{ threads: numbe
         'but it has started already');
   }
   const require = createRequire(import.meta.url);
-  const wasmPackage = await import(WASM_PACKAGE) as unknown as WasmPackage;
+  // a literal specifier: esbuild bundles it, so the bundle's BackendWasm and kernels are the ones used
+  const wasmPackage = await import('@tensorflow/tfjs-backend-wasm') as unknown as WasmPackage;
   const wasmOut = path.dirname(require.resolve(`${WASM_PACKAGE}/wasm-out/tfjs-backend-wasm-threaded-simd.js`));
   const factoryExport = require(path.join(wasmOut, 'tfjs-backend-wasm-threaded-simd.js')) as
       ((config: object) => Promise<ThreadedModule>) | { default: (config: object) => Promise<ThreadedModule> };
