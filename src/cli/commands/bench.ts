@@ -6,6 +6,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { withLinearCpuSegmentSum } from '../../backends/cpu/unsorted_segment_sum.js';
+import { MAX_WASM_THREADS, useThreadedWasm } from '../../backends/wasm/threads_node.js';
 import { BENCH_BACKENDS, selectBenchBackend } from '../../bench/backend.js';
 import {
   BENCH_CONFIGS, BENCH_EXPERT_STORAGES, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, type BenchExpertStorage, benchMoEBlock, formatBenchTable, type BenchLoRA,
@@ -34,6 +35,7 @@ interface BenchArgs {
   layers?: number;
   expertDtype?: string[];
   expertStorage: BenchExpertStorage;
+  wasmThreads?: number;
 }
 
 export const command = 'bench';
@@ -105,7 +107,20 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
         describe: 'cpu: tfjs-cpu\'s UnsortedSegmentSum (quadratic; tf.gather\'s gradient in the reference) ' +
             'or a linear one for the run',
       })
+      .option('wasm-threads', {
+        type: 'number', requiresArg: true,
+        describe: 'block configs on wasm: tfjs-wasm\'s threaded SIMD build with this many XNNPACK threads (1 to 8; ' +
+            'default: the single-threaded build tfjs loads in Node)',
+      })
       .check(argv => {
+        const threads = argv.wasmThreads as number | undefined;
+        if (threads !== undefined) {
+          if (argv.backend !== 'wasm') return `--wasm-threads is for --backend wasm, not ${argv.backend}`;
+          if (argv.config === LOAD_BENCH_CONFIG) return `--wasm-threads is not an option of --config ${LOAD_BENCH_CONFIG}`;
+          if (!Number.isInteger(threads) || threads < 1 || threads > MAX_WASM_THREADS) {
+            return `--wasm-threads must be an integer from 1 to ${MAX_WASM_THREADS} but got ${threads}`;
+          }
+        }
         const bad = (argv.lora as string[]).filter(l => !(BENCH_LORA_CASES as readonly string[]).includes(l));
         if (bad.length > 0) return `--lora: '${bad[0]}' is not one of ${BENCH_LORA_CASES.join(', ')}`;
         for (const name of ['iters', 'warmup', 'seed', 'rank'] as const) {
@@ -162,6 +177,12 @@ export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void
     process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatLoadBenchTable(cases));
     return;
   }
+  let releaseThreads = () => {};
+  if (argv.wasmThreads !== undefined) {
+    const threaded = await useThreadedWasm(argv.wasmThreads);
+    releaseThreads = threaded.release;
+    process.stderr.write(`wasm: threaded SIMD build, ${threaded.threads} XNNPACK threads\n`);
+  }
   const release = await selectBenchBackend(argv.backend);
   try {
     if (argv.config === TRAIN_BENCH_CONFIG) {
@@ -181,5 +202,6 @@ export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void
     process.stdout.write(argv.json ? `${JSON.stringify(cases)}\n` : formatBenchTable(cases));
   } finally {
     release();
+    releaseThreads();
   }
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Times the fused block at config S on wasm with 0 (tfjs's single-threaded build), 1, 2, 4 and 8
+# XNNPACK threads, rotating the order each round; one JSON line per run into $OUT/wasm_threads.jsonl.
+set -uo pipefail
+source .gpu/on-device.sh
+out=${OUT:-.}/wasm_threads.jsonl
+: > "$out"
+threads=(0 1 2 4 8)
+for round in 1 2 3; do
+  for i in "${!threads[@]}"; do
+    t=${threads[$(( (i + round) % ${#threads[@]} ))]}
+    flag=(); [ "$t" -gt 0 ] && flag=(--wasm-threads "$t")
+    for storage in float32 bf16; do
+      lora=none,split; [ "$storage" = bf16 ] && lora=split
+      json=$(node .gpu/bundle/run.js --config S --backend wasm --iters 15 --warmup 2 --json --no-reference \
+          --lora "$lora" --expert-storage "$storage" "${flag[@]}" 2>/dev/null | tail -1)
+      echo "{\"round\":$round,\"threads\":$t,\"storage\":\"$storage\",\"cases\":${json:-null}}" >> "$out"
+    done
+  done
+done
+echo "wrote $out"
