@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../backends/register_all_kernels.js';
-import { MoELoraError } from '../errors.js';
+import { BackendError } from '../backends/errors.js';
 
 export const BACKENDS = ['cpu', 'wasm'] as const;
 export type BackendName = typeof BACKENDS[number];
@@ -15,14 +15,7 @@ export const BACKEND_PACKAGES: Readonly<Record<BackendName, string>> = {
   wasm: '@tensorflow/tfjs-backend-wasm',
 };
 
-/** A backend that cannot be loaded or set; a user error (an install or a name), not a bug. */
-export class BackendError extends MoELoraError {
-  constructor(message: string) {
-    super(message);
-    this.name = 'BackendError';
-    Object.setPrototypeOf(this, BackendError.prototype);
-  }
-}
+export { BackendError };
 
 export type Importer = (specifier: string) => Promise<unknown>;
 

@@ -22,7 +22,7 @@ import { writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import { BackendError } from '../../cli/backend.js';
+import { BackendError } from '../errors.js';
 
 /** tfjs-wasm's pthread pool has this many workers (its build's PTHREAD_POOL_SIZE). */
 export const MAX_WASM_THREADS = 8;
