@@ -1,7 +1,8 @@
 /**
  * Causal self-attention with rotary position embeddings and grouped KV heads, plus the per-family
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
- * or over the whole projection (OLMoE), OLMoE's clip_qkv and an optional sliding window.
+ * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window and partial
+ * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D).
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -28,6 +29,11 @@ export interface RotaryAttentionArgs extends LayerArgs {
   headDim: number;
   /** rope base (HF rope_theta) */
   ropeTheta: number;
+  /**
+   * the leading part of each head that rope rotates (HF head_dim · partial_rotary_factor), the
+   * rest passes unrotated; default headDim (all of it)
+   */
+  rotaryDim?: number;
   /** biases on q, k and v projections (Qwen2-MoE qkv_bias, attention_bias elsewhere) */
   qkvBias?: boolean;
   /** bias on the output projection (Qwen3-MoE and OLMoE attention_bias) */
@@ -52,7 +58,7 @@ export interface RotaryAttentionArgs extends LayerArgs {
  * keyStart + j): not after it and, with a window, less than `window` before it; a large negative
  * value elsewhere. Without a KV cache both starts are 0 and L = S.
  */
-function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
+export function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
   // A finite value: it vanishes in softmax exactly as −inf does, without inf − inf in any gradient.
   const blocked = -1e9;
   const data = new Float32Array(seqLen * keyLen);
@@ -70,7 +76,7 @@ function causalMask(seqLen: number, window: number | null, keyLen = seqLen, quer
  * SequenceContext) [B, 1, S, S], where a query also attends only keys of its own segment (packed
  * samples do not see each other; padding sees padding only, so no row is all blocked).
  */
-function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
+export function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
   const causal = causalMask(seqLen, window);
   if (segmentIds === null) return causal;
   const b = segmentIds.shape[0];
@@ -78,14 +84,17 @@ function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Ten
   return tf.add(causal, tf.mul(tf.sub(1, tf.cast(same, 'float32')), -1e9)) as tf.Tensor4D;
 }
 
-/** The context's segment and position ids, checked against the input's [batch, seq]; null where absent. */
-function contextIds(b: number, s: number): { segmentIds: tf.Tensor2D | null; positionIds: tf.Tensor2D | null } {
+/**
+ * The context's segment and position ids, checked against the input's [batch, seq]; null where
+ * absent. `op` names the attention layer in errors.
+ */
+export function contextIds(b: number, s: number, op = 'RotaryAttention.call'): { segmentIds: tf.Tensor2D | null; positionIds: tf.Tensor2D | null } {
   const context = currentSequenceContext();
   const get = (name: 'segmentIds' | 'positionIds') => {
     const t = context?.[name] ?? null;
     if (t === null) return null;
-    assertTensor('RotaryAttention.call', `context.${name}`, t, 2, 'int32');
-    if (t.shape[0] !== b || t.shape[1] !== s) fail('RotaryAttention.call', `'context.${name}' must be [batch, seq] [${b},${s}] but is [${t.shape}]`);
+    assertTensor(op, `context.${name}`, t, 2, 'int32');
+    if (t.shape[0] !== b || t.shape[1] !== s) fail(op, `'context.${name}' must be [batch, seq] [${b},${s}] but is [${t.shape}]`);
     return t;
   };
   return { segmentIds: get('segmentIds'), positionIds: get('positionIds') };
@@ -97,6 +106,7 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly numKeyValueHeads: number;
   readonly headDim: number;
   readonly ropeTheta: number;
+  readonly rotaryDim: number;
   readonly qkvBias: boolean;
   readonly outputBias: boolean;
   readonly qkNorm: QKNorm;
@@ -126,6 +136,9 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (args.headDim % 2 !== 0) fail(op, `'headDim' must be even (rotary pairs) but got ${args.headDim}`);
     assertFiniteNumber(op, 'ropeTheta', args.ropeTheta);
     if (args.ropeTheta <= 0) fail(op, `'ropeTheta' must be > 0 but got ${args.ropeTheta}`);
+    this.rotaryDim = args.rotaryDim ?? args.headDim;
+    assertInteger(op, 'rotaryDim', this.rotaryDim, 2, args.headDim);
+    if (this.rotaryDim % 2 !== 0) fail(op, `'rotaryDim' must be even (rotary pairs) but got ${this.rotaryDim}`);
     this.qkNorm = args.qkNorm ?? 'none';
     assertOneOf(op, 'qkNorm', this.qkNorm, QK_NORMS);
     this.normEpsilon = args.normEpsilon ?? 1e-6;
@@ -225,10 +238,11 @@ export class RotaryAttention extends tfl.layers.Layer {
       const { segmentIds, positionIds } = contextIds(b, s);
       // generation: the new tokens come after the cached ones (cachedPositions)
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
+      const rd = this.rotaryDim;
       const { cos, sin } = cached.rotary ??
-        (positionIds === null ? rotaryTables(s, d, this.ropeTheta) : rotaryTablesAt(positionIds, d, this.ropeTheta, s));
-      q3 = applyRotary(q3, cos, sin);
-      k3 = applyRotary(k3, cos, sin);
+        (positionIds === null ? rotaryTables(s, rd, this.ropeTheta) : rotaryTablesAt(positionIds, rd, this.ropeTheta, s));
+      q3 = this.rotate(q3, cos, sin);
+      k3 = this.rotate(k3, cos, sin);
       let mask: tf.Tensor2D | tf.Tensor4D;
       [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds)];
       const keyLen = k3.shape[1];                                      // L = S without a cache
@@ -252,6 +266,14 @@ export class RotaryAttention extends tfl.layers.Layer {
     });
   }
 
+  /** rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary) */
+  private rotate(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
+    const rd = this.rotaryDim;
+    if (rd === this.headDim) return applyRotary(x, cos, sin);
+    const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
+    return tf.concat([applyRotary(rotated, cos, sin), passed], 2) as tf.Tensor3D;
+  }
+
   /**
    * With a KV cache in the sequence context (generation): the rotary tables of the S new tokens at
    * the positions after the cached ones, and `attend`, which appends their keys and values to the
@@ -268,7 +290,7 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (hasSegments) fail('RotaryAttention.call', "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
     const past = cache.seen(this.name);
     return {
-      rotary: rotaryTables(s, this.headDim, this.ropeTheta, past),
+      rotary: rotaryTables(s, this.rotaryDim, this.ropeTheta, past),
       attend: (k, v) => {
         const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
         return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
@@ -283,6 +305,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       numKeyValueHeads: this.numKeyValueHeads,
       headDim: this.headDim,
       ropeTheta: this.ropeTheta,
+      rotaryDim: this.rotaryDim,
       qkvBias: this.qkvBias,
       outputBias: this.outputBias,
       qkNorm: this.qkNorm,
