@@ -6,7 +6,7 @@ export type Weights = Record<string, Float64Array>;
 /** float64 reference of the layer: projections, norms, clip, rope, causal (windowed) GQA softmax attention. */
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
-    'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>>;
+    'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> & { rotaryDim?: number };
 
 export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     b: number, s: number, h: number): Float64Array {
@@ -29,10 +29,12 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     const inv = 1 / Math.sqrt(ms / len + a.normEpsilon);
     for (let i = 0; i < len; i++) v[off + i] = v[off + i] * inv * weight[i];
   };
+  // partial rotary: only the first rd of each head turns, with frequencies of an rd-wide rope
+  const rd = a.rotaryDim ?? d;
   const rope = (v: Float64Array, off: number, p: number) => {
-    const half = d / 2;
+    const half = rd / 2;
     for (let i = 0; i < half; i++) {
-      const angle = p / a.ropeTheta ** ((2 * i) / d);
+      const angle = p / a.ropeTheta ** ((2 * i) / rd);
       const x1 = v[off + i];
       const x2 = v[off + i + half];
       v[off + i] = x1 * Math.cos(angle) - x2 * Math.sin(angle);
