@@ -145,8 +145,8 @@ function ropeSettings(config: HFConfig, fallback: number, modelType: ModelType):
     fail(OP, `'config.partial_rotary_factor' must be a number in (0, 1] but got ${describeValue(factor)}`);
   }
   if (nested !== undefined && config['partial_rotary_factor'] != null && config['partial_rotary_factor'] !== nested) {
-    fail(OP, `config.json sets partial_rotary_factor ${describeValue(config['partial_rotary_factor'])} at the top level and ` +
-        `${describeValue(nested)} in the rope settings; they must agree`);
+    fail(OP, `config.json sets partial_rotary_factor ${JSON.stringify(config['partial_rotary_factor'])} at the top level and ` +
+        `${factor} in the rope settings; they must agree`);
   }
   const withoutPartial: HFConfig = { ...config, partial_rotary_factor: undefined };
   if (params !== null && typeof params === 'object' && !Array.isArray(params)) {
