@@ -299,7 +299,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow);
   const rope = ropeSettings(config, modelType === 'mixtral' ? 1e6 : 1e4, modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
-  if (rotaryDim < 2 || rotaryDim % 2 !== 0) {
+  if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
   const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
