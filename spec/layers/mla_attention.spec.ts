@@ -14,7 +14,8 @@ import { withSequenceContext } from '../../src/layers/sequence_context.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
 type Weights = Record<string, Float64Array>;
-type Args = Required<Omit<MLAAttentionArgs, keyof tfl.layers.Layer | 'name' | 'initializerRange'>>;
+type Args = Required<Pick<MLAAttentionArgs, 'numHeads' | 'qLoraRank' | 'kvLoraRank' | 'qkNopeHeadDim' | 'qkRopeHeadDim' |
+    'vHeadDim' | 'ropeTheta' | 'ropeInterleave' | 'attentionBias' | 'normEpsilon'>>;
 
 const base: Args = {
   numHeads: 2, qLoraRank: null, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
