@@ -253,11 +253,11 @@ describe('cli/inspect', () => {
         expect(r.stderr).to.equal(`tfjs-moe-lora: ${message} (see tfjs-moe-lora --help)\n`);
         expect(r.stdout).to.equal('');
       }
-      const blockOnly = await run(['inspect', '--model', fixtureDir('deepseek_v3'), ...backend]);
+      const blockOnly = await run(['inspect', '--model', fixtureDir('gpt_oss'), ...backend]);
       expect(blockOnly.code).to.equal(1);
-      expect(blockOnly.stderr).to.equal("tfjs-moe-lora: error: `moeCausalLMConfigFromHF()`: 'deepseek_v3' is supported at the " +
-          'MoE block level only (SparseMoE, loadMoEBlockWeights), not as a whole model: its multi-head latent attention (MLA) ' +
-          'is not implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe\n');
+      expect(blockOnly.stderr).to.equal("tfjs-moe-lora: error: `moeCausalLMConfigFromHF()`: 'gpt_oss' is supported at the " +
+          'MoE block level only (SparseMoE, loadMoEBlockWeights), not as a whole model: its attention (sinks, YaRN rope, ' +
+          'sliding layers) is not implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3\n');
     });
 
     it('--help lists the options and exits 0', async () => {

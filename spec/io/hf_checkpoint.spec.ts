@@ -135,8 +135,8 @@ describe('io/hf_checkpoint loadHFCheckpoint', () => {
     expect(unknown.message).to.contain("config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
       "'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
 
-    const blockOnly = await rejection(loadHFCheckpoint(fixtureDir('deepseek_v3')));
-    expect(blockOnly.message).to.contain("'deepseek_v3' is supported at the MoE block level only");
+    const blockOnly = await rejection(loadHFCheckpoint(fixtureDir('gpt_oss')));
+    expect(blockOnly.message).to.contain("'gpt_oss' is supported at the MoE block level only");
 
     await writeFile(join(dir, 'config.json'), JSON.stringify(await fixtureConfig('mixtral')));
     const none = await rejection(loadHFCheckpoint(dir));
