@@ -10,6 +10,7 @@ import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { confinedPath, openArtifactFolder, parseJSONText, pathKind, readJSONFile, readTextFile } from '../util/files.js';
 import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
+import { dequantizingSource } from './fp8_checkpoint.js';
 import {
   CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
   type LoadHFCheckpointOptions,
@@ -65,7 +66,8 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   const configText = await readTextFile(join(dir, 'config.json'), configWhat);
   const config = parseJSONText(configText, join(dir, 'config.json'), configWhat) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
-  const source = await openCheckpoint(dir);
+  // FP8 weights read as the float32 they decode to (and are saved so)
+  const source = dequantizingSource(config, await openCheckpoint(dir), `'${dir}'`);
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
   // every name of the plan is in the source: modelFromCheckpoint checked them
   recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));

@@ -11,6 +11,7 @@ import {
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE, type ExpertStorage } from '../layers/sparse_moe.js';
 import { mlaWeightShapes } from '../layers/mla_attention.js';
+import { dequantizingSource, withoutQuantizationConfig } from './fp8_checkpoint.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
@@ -293,6 +294,10 @@ export async function modelFromCheckpoint(
         `but got ${JSON.stringify(expertDtype)}`);
   }
   familyOf(config);  // unknown model types fail here, before any weight is checked
+  // an FP8 checkpoint (quantization_config) loads as the float32 model of its dequantized weights
+  const quantized = config['quantization_config'] != null;
+  source = dequantizingSource(config, source, where);
+  if (quantized) config = withoutQuantizationConfig(config);
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   const expertStorage = modelExpertStorage(config, source, expertDtype);
   // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
