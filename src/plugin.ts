@@ -201,7 +201,7 @@ export function register(args: PluginArgs = {}): PluginHandle {
           remove: () => { if (lora.adapterNames(f.layer).includes(name)) lora.remove(f.layer, name); },
           trainable: f.layer.weights.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]),
         };
-        lora.add(f.layer, { name, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets });
+        lora.add(f.layer, { name, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets, dropout: a.lora.dropout });
         s.adapters.push(added);
         undo.push(() => { s.adapters.splice(s.adapters.indexOf(added), 1); removeAddedAdapter(added); });
         // the weights the layer had before the adapter are its base: frozen while the adapter trains

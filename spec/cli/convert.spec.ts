@@ -123,6 +123,28 @@ describe('cli/convert', () => {
     await expectSameSafetensors(join(root, 'hf', 'model.safetensors'), join(fixtureDir('mixtral'), 'model.safetensors'));
   });
 
+  it('tfjs → HF with --dtype bfloat16 --max-shard-size: bf16 shards and their index, values rounded as torch rounds', async () => {
+    const root = await tempDir();
+    const tfjs = join(root, 'tfjs');
+    await convertModel(args({ to: 'tfjs', input: fixtureDir('mixtral'), output: tfjs }));
+    const out = join(root, 'hf');
+    await runMain(['convert', '--to', 'hf', '--input', tfjs, '--output', out, '--dtype', 'bfloat16', '--max-shard-size', '300KB',
+      '--backend', BACKEND]).then(r => expect(r.code, r.stderr).to.equal(0));
+    const files = (await readdir(out)).sort();
+    expect(files.filter(f => /^model-\d{5}-of-\d{5}\.safetensors$/.test(f)).length).to.be.above(1);
+    expect(files).to.include('model.safetensors.index.json');
+    const index = JSON.parse(await readFile(join(out, 'model.safetensors.index.json'), 'utf8'));
+    const source = await readSafetensorsFile(join(fixtureDir('mixtral'), 'model.safetensors'));
+    const name = 'model.embed_tokens.weight';
+    const shard = await readSafetensorsFile(join(out, index.weight_map[name]));
+    expect(shard.info(name).dtype).to.equal('BF16');
+    // each value is the float32 one rounded to bfloat16 (nearest, ties to even)
+    const want = Float32Array.from(await source.tensor(name).then(t => t.dataSync()), v => toBF16(v));
+    const got = await shard.tensor(name).then(t => t.dataSync());
+    expect(Array.from(got)).to.deep.equal(Array.from(want));
+    expect(JSON.parse(await readFile(join(out, 'config.json'), 'utf8')).dtype).to.equal('bfloat16');
+  });
+
   describe('errors', () => {
     it('argument problems found in the folders are UsageErrors (exit 2)', async () => {
       const out = await tempDir();
@@ -169,6 +191,10 @@ describe('cli/convert', () => {
         [['convert', '--input', mixtral, '--output', out, '--to', 'tfjs'],
           `--output: '${out}' already holds a model or adapter (model.json); pass --overwrite to replace it`],
         [['convert', '--input', mixtral, '--output', join(out, 'a'), '--to', 'hf'], '--input is an HF checkpoint already: nothing to convert to hf'],
+        [['convert', '--input', mixtral, '--output', join(out, 'a'), '--to', 'tfjs', '--dtype', 'bfloat16'],
+          '--dtype is for an HF checkpoint (--to hf) but --to is tfjs'],
+        [['convert', '--input', mixtral, '--output', join(out, 'a'), '--to', 'hf', '--max-shard-size', '5XB'],
+          `--max-shard-size: 'maxShardSize' must be a positive whole number of bytes or a size like '5GB', '500MB' or '2GiB' but got "5XB" (string)`],
       ];
       for (const [argv, message] of cases) {
         const r = await runMain([...argv, ...b]);
@@ -243,3 +269,12 @@ describe('cli/convert', () => {
     }
   });
 });
+
+/** float32 → bfloat16 → float32, round to nearest even (torch's rounding), written out here as the reference. */
+function toBF16(v: number): number {
+  const view = new DataView(new ArrayBuffer(4));
+  view.setFloat32(0, v);
+  const bits = view.getUint32(0);
+  view.setUint32(0, ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 0) & 0xffff0000);
+  return view.getFloat32(0);
+}

@@ -2,7 +2,7 @@
 import { expect } from 'chai';
 import yargs from 'yargs';
 import { PluginArgsError } from '../../src/args/errors.js';
-import { EXPERT_DROPOUT_REASON, PLUGIN_ARG_SPECS, type PluginArgs } from '../../src/args/schema.js';
+import { EXPERT_DROPOUT_NEEDS_SPLIT, PLUGIN_ARG_SPECS, type PluginArgs } from '../../src/args/schema.js';
 import { flagOf, pluginArgsFromArgv, pluginOptions, PLUGIN_FLAG_SPECS } from '../../src/cli/plugin_options.js';
 import { register } from '../../src/plugin.js';
 
@@ -81,9 +81,10 @@ describe('CLI: plugin flags', () => {
     expect(lines).to.deep.equal(same.map((l, i) => `${lines[i].split(': ')[0]}: ${l}`));
   });
 
-  it('the dropout rule with its reason', async () => {
-    expect(await problems(['--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0.05'])).to.deep.equal([
-      `--lora-dropout: lora.dropout: expected 0 on expert targets (experts.gate_up, experts.down) but got 0.05: ${EXPERT_DROPOUT_REASON}`]);
+  it('the dropout rule with its reason: expert dropout needs split LoRA', async () => {
+    expect(await problems(['--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0.05'])).to.deep.equal([]);
+    expect(await problems(['--lora-rank', '8', '--lora-alpha', '16', '--lora-dropout', '0.05', '--lora-mode', 'materialize'])).to.deep.equal([
+      `--lora-mode: loraMode: expected 'split' or 'auto' with lora.dropout 0.05 on expert targets (experts.gate_up, experts.down) but got 'materialize': ${EXPERT_DROPOUT_NEEDS_SPLIT}`]);
   });
 
   it('a value that is not a number stays as typed in the message; a missing rank; a repeated single-value flag', async () => {

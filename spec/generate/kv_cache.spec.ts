@@ -8,7 +8,7 @@ import { expect } from 'chai';
 import { KVCache } from '../../src/generate/kv_cache.js';
 import type { MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
-import { MIXTRAL_WINDOW, QWEN3_TINY, seededModel } from './models.js';
+import { GPT_OSS_TINY, MIXTRAL_WINDOW, QWEN3_TINY, seededModel } from './models.js';
 
 const IDS = [3, 17, 5, 9, 22, 0, 11, 4, 8, 13, 2];
 
@@ -42,7 +42,10 @@ function maxAbsDiff(a: number[][], b: number[][]): number {
 }
 
 describe('generate/KVCache in RotaryAttention', () => {
-  for (const [name, config] of [['qwen3_moe, GQA 4/2', QWEN3_TINY], ['mixtral, GQA 4/1, sliding window 3', MIXTRAL_WINDOW]] as const) {
+  for (const [name, config] of [
+    ['qwen3_moe, GQA 4/2', QWEN3_TINY], ['mixtral, GQA 4/1, sliding window 3', MIXTRAL_WINDOW],
+    ['gpt_oss, sinks, YaRN, a sliding (3) then a full layer', GPT_OSS_TINY],
+  ] as const) {
     it(`${name}: cached logits equal the full forward's (prompt, then 1 and 2 tokens at a time)`, async () => {
       const model = seededModel(config, 5);
       try {

@@ -1,4 +1,4 @@
-/** Tiny models for the generation specs: Qwen3-MoE with GQA, and Mixtral with GQA and a sliding window. */
+/** Tiny models for the generation specs: Qwen3-MoE with GQA, Mixtral with GQA and a sliding window, gpt-oss. */
 import { buildMoECausalLM, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
@@ -14,6 +14,18 @@ export const MIXTRAL_WINDOW: HFConfig = {
   model_type: 'mixtral', vocab_size: 23, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 4,
   num_key_value_heads: 1, head_dim: 4, num_local_experts: 4, num_experts_per_tok: 2, intermediate_size: 8,
   sliding_window: 3, rms_norm_eps: 1e-5, initializer_range: 0.5,
+};
+
+/** gpt-oss: attention sinks, YaRN, biases, a sliding layer (window 3) then a full one */
+export const GPT_OSS_TINY: HFConfig = {
+  model_type: 'gpt_oss', vocab_size: 23, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 4,
+  num_key_value_heads: 2, head_dim: 4, num_local_experts: 4, num_experts_per_tok: 2, intermediate_size: 8,
+  sliding_window: 3, layer_types: ['sliding_attention', 'full_attention'], attention_bias: true,
+  rope_parameters: {
+    rope_type: 'yarn', rope_theta: 50, factor: 4, beta_fast: 8, beta_slow: 1, original_max_position_embeddings: 16,
+    truncate: false,
+  },
+  rms_norm_eps: 1e-5, initializer_range: 0.5,
 };
 
 /** The model of `config` with weights from `seed` (large enough that the logits are far from uniform). */

@@ -1,12 +1,33 @@
 /** A float64 reference of RotaryAttention (spec helper shared by the attention and LoRA specs). */
 import type { RotaryAttentionArgs } from '../../src/layers/attention.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
 
 export type Weights = Record<string, Float64Array>;
 
 /** float64 reference of the layer: projections, norms, clip, rope, causal (windowed) GQA softmax attention. */
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
-    'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> & { rotaryDim?: number };
+    'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling'> & { rotaryDim?: number };
+
+/**
+ * float64 YaRN frequencies, written from the paper's definition: the ramp runs over the
+ * dimension index between the dimensions that make betaFast and betaSlow turns over the
+ * original context, 0 below (theta's frequency kept), 1 above (divided by factor).
+ */
+export function yarn64(d: number, theta: number, y: YarnRope): number[] {
+  const turnsAt = (beta: number) => d / 2 * Math.log(y.originalMaxPositionEmbeddings / (2 * Math.PI * beta)) / Math.log(theta);
+  let [lo, hi] = [turnsAt(y.betaFast), turnsAt(y.betaSlow)];
+  if (y.truncate) [lo, hi] = [Math.floor(lo), Math.ceil(hi)];
+  [lo, hi] = [Math.max(0, lo), Math.min(d - 1, hi)];
+  const out: number[] = [];
+  for (let i = 0; i < d / 2; i++) {
+    const f = theta ** (-2 * i / d);
+    const t = i <= lo ? 0 : i >= hi ? 1 : (i - lo) / (hi - lo);
+    out.push(t * f / y.factor + (1 - t) * f);
+  }
+  return out;
+}
 
 export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     b: number, s: number, h: number): Float64Array {
@@ -31,14 +52,17 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   };
   // partial rotary: only the first rd of each head turns, with frequencies of an rd-wide rope
   const rd = a.rotaryDim ?? d;
+  const scaling = a.ropeScaling ?? null;
+  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) : yarn64(rd, a.ropeTheta, scaling);
+  const m = scaling === null ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
     const half = rd / 2;
     for (let i = 0; i < half; i++) {
-      const angle = p / a.ropeTheta ** ((2 * i) / rd);
+      const angle = p * freq[i];
       const x1 = v[off + i];
       const x2 = v[off + i + half];
-      v[off + i] = x1 * Math.cos(angle) - x2 * Math.sin(angle);
-      v[off + i + half] = x2 * Math.cos(angle) + x1 * Math.sin(angle);
+      v[off + i] = m * (x1 * Math.cos(angle) - x2 * Math.sin(angle));
+      v[off + i + half] = m * (x2 * Math.cos(angle) + x1 * Math.sin(angle));
     }
   };
   const out = new Float64Array(b * s * h);
@@ -76,9 +100,11 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
           for (let t = 0; t < d; t++) dot += q[i][hh * d + t] * k[j][kvh * d + t];
           return dot / Math.sqrt(d);
         });
-        const m = Math.max(...scores);
-        const e = scores.map(sc => Math.exp(sc - m));
-        const z = e.reduce((acc, val) => acc + val, 0);
+        // a sink joins the denominator only
+        const sink = a.sinks ? w['sinks'][hh] : -Infinity;
+        const top = Math.max(...scores, sink);
+        const e = scores.map(sc => Math.exp(sc - top));
+        const z = e.reduce((acc, val) => acc + val, 0) + Math.exp(sink - top);
         keys.forEach((j, n) => {
           for (let t = 0; t < d; t++) merged[hh * d + t] += (e[n] / z) * v[j][kvh * d + t];
         });

@@ -3,7 +3,8 @@
  * the composed-op specs and the WebGPU specs: the tensors, which of them train, and the float64 loss.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type { ExpertActivation, ExpertWeights, LoRAFactors } from '../../src/ops/types.js';
+import { loraDropoutMask } from '../../src/ops/lora/dropout.js';
+import type { ExpertActivation, ExpertWeights, LoRADropout, LoRAFactors } from '../../src/ops/types.js';
 import { experts64, type Experts64 } from '../ops/expert_reference64.js';
 import { Rng, asF32 } from './numeric.js';
 
@@ -16,6 +17,12 @@ export interface ExpertCaseSpec {
   lora2?: number[];
   /** 'random': K distinct experts per token; 'one': every token to expert E−1 (K=1); 'skip': experts 0 and E−1 unused */
   routing?: 'random' | 'one' | 'skip';
+  /**
+   * LoRA dropout p on every adapter, seeds `dropoutSeed` + 0, 1, ... on W1's adapters and
+   * `dropoutSeed` + 100, ... on W2's; the float64 twin gets the same masks (loraDropoutMask)
+   */
+  dropout?: number;
+  dropoutSeed?: number;
 }
 
 export interface ExpertCase {
@@ -45,8 +52,13 @@ export function makeExpertCase(spec: ExpertCaseSpec, seed: number): ExpertCase {
   const layout = spec.layout ?? 'outIn';
   const activation = spec.activation ?? { kind: 'swiglu' };
   const chosen = chooseExperts(rng, T, K, E, spec.routing);
-  const adapters = (ranks: number[] | undefined, inSize: number, outSize: number) => (ranks ?? []).map((r, i) => ({
+  const dropoutOf = (i: number, base: number): LoRADropout | undefined => spec.dropout === undefined ? undefined :
+    { p: spec.dropout, seed: (spec.dropoutSeed ?? 0) + base + i };
+  const maskOf = (d: LoRADropout | undefined, inSize: number) => d === undefined ? undefined :
+    (() => { const t = loraDropoutMask([T * K, inSize], d.p, d.seed); const v = Float64Array.from(t.dataSync()); t.dispose(); return v; })();
+  const adapters = (ranks: number[] | undefined, inSize: number, outSize: number, base: number) => (ranks ?? []).map((r, i) => ({
     A: asF32(rng.array(r * E * inSize, 0.5)), B: asF32(rng.array(outSize * r * E, 0.5)), r, s: 1.5 + i,
+    dropout: dropoutOf(i, base), mask: maskOf(dropoutOf(i, base), inSize),
   }));
   const m: Experts64 = {
     T, H, I, E, K, layout, activation, experts: chosen,
@@ -56,15 +68,17 @@ export function makeExpertCase(spec: ExpertCaseSpec, seed: number): ExpertCase {
     W2: asF32(rng.array(E * H * I, 0.6 / Math.sqrt(I / 3))),
     b1: spec.bias ? asF32(rng.array(E * 2 * I, 0.3)) : undefined,
     b2: spec.bias ? asF32(rng.array(E * H, 0.3)) : undefined,
-    lora1: adapters(spec.lora1, H, 2 * I),
-    lora2: adapters(spec.lora2, I, H),
+    lora1: adapters(spec.lora1, H, 2 * I, 0),
+    lora2: adapters(spec.lora2, I, H, 100),
   };
   const t2 = layout !== 'outIn';
-  const toFactors = (fs: Experts64['lora1'], inSize: number, outSize: number): LoRAFactors[] => fs.map(f => ({
-    A: tf.tensor2d(Float32Array.from(f.A), [f.r * E, inSize]),
-    B: tf.tensor2d(Float32Array.from(f.B), [outSize, f.r * E]),
-    scaling: f.s,
-  }));
+  const toFactors = (fs: Array<Experts64['lora1'][number] & { dropout?: LoRADropout }>, inSize: number, outSize: number): LoRAFactors[] =>
+    fs.map(f => ({
+      A: tf.tensor2d(Float32Array.from(f.A), [f.r * E, inSize]),
+      B: tf.tensor2d(Float32Array.from(f.B), [outSize, f.r * E]),
+      scaling: f.s,
+      ...(f.dropout ? { dropout: f.dropout } : {}),
+    }));
   const w: ExpertCase['w'] = {
     layout,
     gateUp: tf.tensor3d(Float32Array.from(m.W1), t2 ? [E, H, 2 * I] : [E, 2 * I, H]),

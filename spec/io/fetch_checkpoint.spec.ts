@@ -13,6 +13,8 @@ import type { MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { cleanup, fixtureConfig, fixtureDir, readAll, tempDir, writeCheckpoint } from './checkpoint_helpers.js';
 import { rejection } from '../helpers/rejection.js';
+import { writeHalfFixture } from '../helpers/half_checkpoint.js';
+import { sourceDtypeOf } from '../../src/io/checkpoint_source.js';
 
 /** A fetch over the local file system: '<dir>/<file>' URLs, 404 for missing files; records what it was asked. */
 function folderFetch(overrides: Record<string, () => Promise<Response>> = {}): FetchFunction & { urls: string[] } {
@@ -67,6 +69,24 @@ describe('io/fetch_checkpoint fetchHFCheckpoint', () => {
     for (const m of [sharded, mixtral, fromDisk]) m.dispose();
     ids.dispose();
     expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('remembers each tensor\'s dtype on disk, as loadHFCheckpoint does: a bf16 checkpoint is saved back as bf16', async () => {
+    const dir16 = await tempDir();
+    const dir32 = await tempDir();
+    await writeHalfFixture(fixtureDir('qwen3_moe'), 'bf16', dir16, dir32);
+    const fetched = await fetchHFCheckpoint(dir16, { fetch: folderFetch() });
+    const fromBytes = await loadHFCheckpointFrom({ config: JSON.parse(await readFile(join(dir16, 'config.json'), 'utf8')),
+      tensors: parseSafetensors(new Uint8Array(await readFile(join(dir16, 'model.safetensors')))) });
+    try {
+      for (const model of [fetched, fromBytes]) {
+        expect(sourceDtypeOf(model, 'model.embed_tokens.weight')).to.equal('BF16');
+        expect(sourceDtypeOf(model, 'model.layers.0.mlp.experts.0.down_proj.weight')).to.equal('BF16');
+      }
+    } finally {
+      fetched.dispose();
+      fromBytes.dispose();
+    }
   });
 
   it('names the URL and the cause of every failure, and leaves nothing behind', async () => {

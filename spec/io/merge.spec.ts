@@ -14,6 +14,7 @@ import { CheckpointError } from '../../src/io/hf_checkpoint_core.js';
 import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import { bfloat16Bits } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';
 import { moeLayerIndices } from '../../src/models/families.js';
@@ -62,13 +63,21 @@ describe('io/merge: mergeAdapterIntoCheckpoint', () => {
       const index = JSON.parse(await readFile(join(bf16, 'model.safetensors.index.json'), 'utf8'));
       const shards = [...new Set(Object.values(index.weight_map as Record<string, string>))];
       expect(shards.length).to.be.above(1);
+      const merged32 = await readSafetensorsFile(join(f32, 'model.safetensors'));
       for (const shard of shards) {
         const file = await readSafetensorsFile(join(bf16, shard));
         expect(new Set(file.names().map(n => file.info(n).dtype)), shard).to.deep.equal(new Set(['BF16']));
+        // merged in float32 and rounded once: each half is the f32 merge's value rounded to nearest even
+        for (const n of file.names()) {
+          const wide = await merged32.tensor(n);
+          expect(Array.from(await file.halfBits(n)), n).to.deep.equal(Array.from(wide.dataSync(), bfloat16Bits));
+          wide.dispose();
+        }
       }
       expect(JSON.parse(await readFile(join(bf16, 'config.json'), 'utf8'))['dtype']).to.equal('bfloat16');
       const rounded = maxRelativeError(await logitsOf(bf16, ids), withAdapter);
-      expect(rounded, `bf16 merged vs model + adapter ${rounded.toExponential(2)}`).to.be.at.most(1e-2);
+      // how far bf16 rounding of every weight moves the logits, measured: gpt_oss (sinks, biases) 1.5e-2, the others below 1e-2
+      expect(rounded, `bf16 merged vs model + adapter ${rounded.toExponential(2)}`).to.be.at.most(arch === 'gpt_oss' ? 2e-2 : 1e-2);
       tf.dispose([ids, peft]);
     });
   }

@@ -8,6 +8,7 @@ import { expertFactorLayout, PeftAdapterError, peftAdapterTensors } from '../../
 import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
+import type { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { moeLayerIndices } from '../../src/models/families.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, readAll, tempDir, WHOLE_ARCHS } from './checkpoint_helpers.js';
@@ -176,7 +177,7 @@ describe('io/peft', () => {
     model.dispose();
   });
 
-  it('refuses unsupported PEFT options, one line each (patterns on MoE targets too); a non-zero lora_dropout loads with a note', async () => {
+  it('refuses unsupported PEFT options, one line each (patterns on MoE targets too); a non-zero lora_dropout loads onto the MoE adapters', async () => {
     const model = await loadHFCheckpoint(fixtureDir('mixtral'));
     const dir = await editedAdapter('mixtral', c => {
       Object.assign(c, {
@@ -212,7 +213,8 @@ describe('io/peft', () => {
 
     const dropout = await editedAdapter('mixtral', c => { c['lora_dropout'] = 0.05; });
     const loaded = await loadPeftAdapter(model, dropout);
-    expect(loaded.notes).to.deep.equal(['lora_dropout 0.05 is not applied on the MoE targets (their fused ops take no dropout); inference is unaffected']);
+    expect(loaded.notes).to.deep.equal([]);
+    expect((model.getLayer('model.layers.0.mlp') as SparseMoE).adapterConfig('default')!.dropout).to.equal(0.05);
     const again = await rejection(loadPeftAdapter(model, dropout));
     expect(again.message.split('\n').slice(1)).to.deep.equal([
       "  layer 'model.layers.0.mlp' already has an adapter named 'default'",

@@ -13,7 +13,7 @@ import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
 import { RotaryAttention } from '../../src/layers/attention.js';
-import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
+import { buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
 import { register, unregister } from '../../src/plugin.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
@@ -131,6 +131,33 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     copy.dispose();
   });
 
+  it('lora_dropout on MoE targets: saved with shared-expert targets, 0 with parameter targets (PEFT\'s ParamWrapper refuses it), loaded back', async () => {
+    const model = baseModel();
+    register({ models: [model], lora: { r: 2, alpha: 4, dropout: 0.1, targets: ['shared_expert.up_proj', 'q_proj'] } });
+    const dir = await tempDir();
+    await savePeftAdapter(model, dir);
+    const config = JSON.parse(await readFile(join(dir, 'adapter_config.json'), 'utf8'));
+    expect([config.lora_dropout, config.target_parameters]).to.deep.equal([0.1, []]);
+    unregister();
+    model.dispose();
+    const experts = baseModel();
+    // the experts and the router ('gate.weight') are parameter targets in PEFT
+    register({ models: [experts], lora: { r: 2, alpha: 4, dropout: 0.1, targets: ['experts.gate_up', 'router', 'shared_expert.up_proj'] } });
+    const expertsDir = await tempDir();
+    await savePeftAdapter(experts, expertsDir);
+    const expertsConfig = JSON.parse(await readFile(join(expertsDir, 'adapter_config.json'), 'utf8'));
+    expect([expertsConfig.lora_dropout, expertsConfig.target_parameters]).to.deep.equal([0, ['experts.gate_up_proj', 'gate.weight']]);
+    // the MoE layers and the linear layers of one adapter must agree (PEFT keeps one lora_dropout)
+    (experts.getLayer('model.layers.0.self_attn') as RotaryAttention).lora.add({ name: 'default', modules: { q_proj: { r: 2, alpha: 4 } }, dropout: 0.3 });
+    expect((await rejection(savePeftAdapter(experts, await tempDir()))).message).to.match(/the adapted layers have lora_dropout 0\.1, 0\.3 \(PEFT keeps one per adapter\)/);
+    unregister();
+    experts.dispose();
+    const copy = baseModel();
+    await loadPeftAdapter(copy, dir);
+    expect(sparseMoELayers(copy).map(l => l.adapterConfig('default')?.dropout)).to.deep.equal([0.1]);
+    copy.dispose();
+  });
+
   it('mergeAdapterIntoCheckpoint folds attention and dense-MLP adapters: merged logits = model + adapter', async () => {
     const model = baseModel();
     const baseDir = await tempDir();
@@ -199,7 +226,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     expect(err.message.split('\n')).to.deep.equal([
       `\`savePeftAdapter()\`: '${dir}' (adapter 'x'): 2 problems:`,
       "  'model.layers.0.mlp' has rsLoRA false but 'model.layers.0.self_attn.q_proj' has rsLoRA true (PEFT keeps one per adapter)",
-      '  the linear layers have lora_dropout 0.1, 0.2 (PEFT keeps one per adapter)',
+      '  the adapted layers have lora_dropout 0.1, 0.2 (PEFT keeps one per adapter)',
     ]);
     model.dispose();
   });

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { RotaryAttention, type RotaryAttentionArgs } from '../../src/layers/attention.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
 import { attention64, type Weights } from '../helpers/attention64.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
@@ -26,6 +27,12 @@ function setup(args: Partial<RotaryAttentionArgs>, seed: number, b = 2, s = 5, h
   return { layer, w, x, full, b, s, h };
 }
 
+/** YaRN with a ramp inside head_dim 4 at theta 50 (dimension bounds 0.33 and 1.0) */
+const YARN: YarnRope = {
+  kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 16, betaFast: 8, betaSlow: 1, truncate: false,
+  attentionFactor: 0.1 * Math.log(4) + 1,
+};
+
 describe('RotaryAttention', () => {
   const cases: Array<[string, Partial<RotaryAttentionArgs>]> = [
     ['Mixtral-like: GQA, no bias', {}],
@@ -35,6 +42,9 @@ describe('RotaryAttention', () => {
     ['sliding window 2', { slidingWindow: 2 }],
     ['GLM-4.5-MoE-like: partial rotary (half of each head), q/k/v bias, per-head q/k norm',
       { rotaryDim: 2, qkvBias: true, qkNorm: 'perHead' }],
+    ['gpt-oss-like: sinks, YaRN rope, all biases, sliding window 3', {
+      sinks: true, ropeScaling: YARN, qkvBias: true, outputBias: true, slidingWindow: 3,
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -51,7 +61,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };
@@ -100,6 +110,13 @@ describe('RotaryAttention', () => {
     const clone = tfl.layers.Layer.fromConfig(RotaryAttention, config) as RotaryAttention;
     expect(clone.getConfig()).to.deep.equal(config);
     layer.dispose();
+    // gpt-oss: one sink logit per head, HF's name; YaRN survives the round trip
+    const gptOss = setup({ sinks: true, ropeScaling: YARN }, 1).layer;
+    expect(gptOss.weights.find(v => v.originalName === 'attn/sinks')!.shape).to.deep.equal([4]);
+    const gptOssConfig = gptOss.getConfig();
+    expect(gptOssConfig['ropeScaling']).to.deep.equal(YARN);
+    expect((tfl.layers.Layer.fromConfig(RotaryAttention, gptOssConfig) as RotaryAttention).getConfig()).to.deep.equal(gptOssConfig);
+    gptOss.dispose();
   });
 
   it('rejects bad arguments', () => {
@@ -122,6 +139,20 @@ describe('RotaryAttention', () => {
       .to.throw("`RotaryAttention()`: 'rotaryDim' must be <= 4 but got 6");
     expect(() => new RotaryAttention({ ...ok, headDim: 6, rotaryDim: 3 }))
       .to.throw("`RotaryAttention()`: 'rotaryDim' must be even (rotary pairs) but got 3");
+    const yarn = (change: Partial<YarnRope>) => new RotaryAttention({ ...ok, ropeScaling: { ...YARN, ...change } });
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");
+    expect(() => yarn({ factor: NaN })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be a finite number but got NaN");
+    expect(() => yarn({ factor: 0.5 })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be >= 1 but got 0.5");
+    expect(() => yarn({ attentionFactor: 0 })).to.throw("`RotaryAttention()`: 'ropeScaling.attentionFactor' must be > 0 but got 0");
+    expect(() => yarn({ betaFast: 1, betaSlow: 2 }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling' needs betaFast > betaSlow > 0 but got betaFast 1, betaSlow 2");
+    expect(() => yarn({ originalMaxPositionEmbeddings: 0.5 }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.originalMaxPositionEmbeddings' must be an integer but got 0.5");
+    expect(() => yarn({ truncate: 'yes' as never }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.truncate' must be a boolean but got \"yes\" (string)");
+    expect(() => new RotaryAttention({ ...ok, sinks: 1 as never }))
+      .to.throw("`RotaryAttention()`: 'sinks' must be a boolean but got 1 (number)");
     const layer = new RotaryAttention(ok);
     layer.apply(tfl.input({ shape: [null, 8] }));
     expect(() => layer.apply(tf.zeros([4, 8]))).to.throw("`RotaryAttention.call()`: the input must be [batch, seq, hidden] but got shape [4,8]");

@@ -8,6 +8,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { RotaryAttention } from '../../src/layers/attention.js';
 import { buildMoECausalLM, moeCausalLMConfigFromHF } from '../../src/layers/moe_causal_lm.js';
 import { moeBlockConfigFromHF, type HFConfig } from '../../src/models/families.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -33,7 +34,7 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
   after(cleanup);
 
   it("hidden_act: 'silu' or 'swish' (both SiLU in transformers) for the SwiGLU families, anything else refused", async () => {
-    for (const arch of WHOLE_ARCHS) {
+    for (const arch of WHOLE_ARCHS.filter(a => a !== 'gpt_oss')) {
       const config = await fixtureConfig(arch);
       for (const act of ['gelu', 'relu', 'gelu_pytorch_tanh']) {
         expectRefused({ ...config, hidden_act: act },
@@ -52,6 +53,7 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     expect(() => moeBlockConfigFromHF({ ...deepseek, hidden_act: 'gelu' }))
       .to.throw("`moeBlockConfigFromHF()`: 'config.hidden_act' must be 'silu' or 'swish' (the SwiGLU gate activation 'deepseek_v3' computes) but got \"gelu\" (string)");
     expect(moeBlockConfigFromHF({ ...(await fixtureConfig('gpt_oss')), hidden_act: 'gelu' }).activation.kind).to.equal('clampedSwiglu');
+    buildMoECausalLM({ ...(await fixtureConfig('gpt_oss')), hidden_act: 'gelu' }).dispose();
   });
 
   it('rope: only the default rope, every key it would ignore refused, rope_scaling and rope_parameters must agree', async () => {
@@ -116,6 +118,56 @@ describe('MoECausalLM config settings: applied or refused, never ignored', () =>
     expectRefused({ ...olmoe, head_dim: 32 },
       `${OP}'config.head_dim' of 'olmoe' must be hidden_size / num_attention_heads (16) or unset but got 32 (number)`);
     buildMoECausalLM({ ...olmoe, head_dim: 16 }).dispose();
+  });
+
+  it('gpt_oss: YaRN read as transformers reads it, sliding/full layers from layer_types, sinks; what it cannot apply refused', async () => {
+    const gptOss = await fixtureConfig('gpt_oss');
+    const c = moeCausalLMConfigFromHF(gptOss);
+    expect([c.ropeTheta, c.ropeScaling, c.layerWindows, c.sinks, c.qkvBias, c.outputBias, c.headDim]).to.deep.equal([
+      150000,
+      { kind: 'yarn', factor: 32, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, truncate: false,
+        attentionFactor: 0.1 * Math.log(32) + 1 },
+      [128, null], true, true, true, 16]);
+    const yarn = gptOss['rope_parameters'] as Record<string, unknown>;
+    const withRope = (change: Record<string, unknown>) => ({ ...gptOss, rope_parameters: { ...yarn, ...change } });
+    // transformers' defaults: truncate true, beta_fast 32 / beta_slow 1 when unset or 0; attention_factor when set
+    expect(moeCausalLMConfigFromHF(withRope({ truncate: undefined, beta_fast: 0, beta_slow: null, attention_factor: 1.5 })).ropeScaling)
+      .to.deep.equal({ kind: 'yarn', factor: 32, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, truncate: true, attentionFactor: 1.5 });
+    expect(moeCausalLMConfigFromHF({ ...gptOss, rope_parameters: { rope_type: 'default', rope_theta: 1e4 } }).ropeScaling).to.equal(null);
+    // the Hub's gpt-oss config.json: rope_scaling without a theta, rope_theta at the top level
+    const { rope_theta: hubTheta, ...hubRope } = yarn;
+    const hub = moeCausalLMConfigFromHF({ ...gptOss, rope_parameters: undefined, rope_scaling: hubRope, rope_theta: hubTheta });
+    expect([hub.ropeTheta, hub.ropeScaling]).to.deep.equal([c.ropeTheta, c.ropeScaling]);
+    // no layer_types: GptOssConfig's alternation, sliding first
+    expect(moeCausalLMConfigFromHF({ ...gptOss, layer_types: undefined, num_hidden_layers: 3, sliding_window: 5 }).layerWindows)
+      .to.deep.equal([5, null, 5]);
+    const model = buildMoECausalLM({ ...gptOss, layer_types: ['full_attention', 'sliding_attention'], sliding_window: 4 });
+    expect([0, 1].map(i => (model.getLayer(`model.layers.${i}.self_attn`) as RotaryAttention).slidingWindow)).to.deep.equal([null, 4]);
+    model.dispose();
+
+    expectRefused(withRope({ factor: undefined }),
+      `${OP}a YaRN rope needs 'rope_parameters.factor' but config.json does not set it`);
+    expectRefused(withRope({ original_max_position_embeddings: null }),
+      `${OP}a YaRN rope needs 'rope_parameters.original_max_position_embeddings' but config.json does not set it`);
+    expectRefused(withRope({ factor: 0.5 }), `${OP}'config.rope_parameters.factor' must be >= 1 but got 0.5`);
+    expectRefused(withRope({ truncate: 'no' }), `${OP}'config.rope_parameters.truncate' must be a boolean but got "no" (string)`);
+    expectRefused(withRope({ mscale: 1, mscale_all_dim: 1 }),
+      `${OP}'config.rope_parameters' sets 'mscale', 'mscale_all_dim', which YaRN as implemented here does not read ` +
+      "(only 'rope_type', 'type', 'rope_theta', 'partial_rotary_factor', 'factor', 'original_max_position_embeddings', " +
+      "'beta_fast', 'beta_slow', 'truncate', 'attention_factor')");
+    expectRefused(withRope({ rope_type: 'llama3' }),
+      `${OP}'gpt_oss' supports the default and 'yarn' ropes but config.json sets rope_type 'llama3'`);
+    expectRefused(withRope({ type: 'linear' }),
+      `${OP}'gpt_oss' supports the default and 'yarn' ropes but config.json sets type 'linear'`);
+    expectRefused(withRope({ type: 'yarn', rope_type: 'default' }),
+      `${OP}'config.rope_parameters' sets rope_type 'default' and type 'yarn'; they must agree`);
+    expectRefused({ ...gptOss, rope_parameters: undefined, rope_theta: 150000 },
+      `${OP}config.json of 'gpt_oss' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a yarn rope`);
+    expectRefused({ ...gptOss, layer_types: ['sliding_attention', 'chunked_attention'] },
+      `${OP}'config.layer_types' must list 'sliding_attention' or 'full_attention' for each of the 2 layers ` +
+      'but got ["sliding_attention","chunked_attention"]');
+    expectRefused({ ...gptOss, layer_types: ['full_attention'] },
+      `${OP}'config.layer_types' must list 'sliding_attention' or 'full_attention' for each of the 2 layers but got ["full_attention"]`);
   });
 
   it('sizes that would make a weight larger than a tensor can hold are refused before anything is allocated', async () => {

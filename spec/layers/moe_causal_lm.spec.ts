@@ -8,6 +8,7 @@ import {
   addMoEAdapter, buildMoECausalLM, hfConfigOf, moeCausalLMConfigFromHF, sparseMoELayers, trainableVariables,
   WHOLE_MODEL_TYPES,
 } from '../../src/layers/moe_causal_lm.js';
+import { MODEL_TYPES } from '../../src/models/families.js';
 import { RMSNorm } from '../../src/layers/rms_norm.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
@@ -135,12 +136,10 @@ describe('MoECausalLM', () => {
     model.dispose();
   });
 
-  it('refuses block-only families, saying why, and settings the graph does not implement', async () => {
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'glm4_moe', 'deepseek_v3']);
-    expect(() => buildMoECausalLM(JSON.parse(JSON.stringify(require_('gpt_oss'))))).to.throw(
-      "`moeCausalLMConfigFromHF()`: 'gpt_oss' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), " +
-      'not as a whole model: its attention (sinks, YaRN rope, sliding layers) is not implemented; ' +
-      'whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3');
+  it('builds every family whole, and refuses settings the graph does not implement', async () => {
+    // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3']);
+    expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
@@ -182,11 +181,3 @@ describe('MoECausalLM', () => {
       .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
   });
 });
-
-const configs = new Map<string, unknown>();
-before(async () => {
-  for (const arch of ['gpt_oss']) configs.set(arch, await fixtureConfig(arch));
-});
-function require_(arch: string): unknown {
-  return configs.get(arch);
-}

@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { applyRotary, rotaryTables } from '../../src/layers/rotary.js';
+import { applyRotary, ropeFrequencies, rotaryTables, rotaryTablesAt, type YarnRope } from '../../src/layers/rotary.js';
+import { yarn64 } from '../helpers/attention64.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
 /** float64 rotate-half rope on x [N, S, D]. */
@@ -71,6 +72,50 @@ describe('rotary embeddings', () => {
       tf.dispose([y, dx]);
     });
     tf.dispose([xt, gt, cos, sin]);
+  });
+
+  describe('YaRN (gpt-oss: factor 32, beta 32/1, original context 4096, theta 150000)', () => {
+    const yarn: YarnRope = {
+      kind: 'yarn', factor: 32, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, truncate: false,
+      attentionFactor: 0.1 * Math.log(32) + 1,
+    };
+    for (const truncate of [false, true]) {
+      it(`frequencies and tables (truncate ${truncate}): cos and sin of p·f_i times the attention factor`, () => {
+        const scaling = { ...yarn, truncate };
+        const want = yarn64(16, 150000, scaling);
+        const { inverseFrequencies, attentionFactor } = ropeFrequencies(16, 150000, scaling);
+        inverseFrequencies.forEach((f, i) => expect(f, `f_${i}`).to.be.closeTo(want[i], 1e-12 * want[0]));
+        expect(attentionFactor).to.be.closeTo(1.34657359, 1e-8);
+        // the fastest dimension keeps theta's frequency, the slowest is divided by the factor
+        expect(inverseFrequencies[0]).to.equal(1);
+        expect(inverseFrequencies[7]).to.be.closeTo(150000 ** (-14 / 16) / 32, 1e-15);
+        expectNoLeak(() => {
+          const { cos, sin } = rotaryTables(6, 16, 150000, 3, scaling);
+          const [c, sn] = [cos.dataSync(), sin.dataSync()];
+          for (let p = 0; p < 6; p++) {
+            for (let i = 0; i < 8; i++) {
+              for (const at of [i, i + 8]) {
+                expect(c[p * 16 + at]).to.be.closeTo(Math.cos((p + 3) * want[i]) * attentionFactor, 1e-6);
+                expect(sn[p * 16 + at]).to.be.closeTo(Math.sin((p + 3) * want[i]) * attentionFactor, 1e-6);
+              }
+            }
+          }
+          // per-token positions gather the same rows
+          const positions = tf.tensor2d([[3, 8]], [1, 2], 'int32');
+          const at = rotaryTablesAt(positions, 16, 150000, 9, scaling);
+          expect(Array.from(at.cos.dataSync())).to.deep.equal(Array.from(c.slice(0, 16)).concat(Array.from(c.slice(5 * 16, 6 * 16))));
+          tf.dispose([cos, sin, at.cos, at.sin, positions]);
+        });
+      });
+    }
+
+    it('truncate rounds the ramp to whole dimensions: the two settings differ inside the ramp only', () => {
+      const a = ropeFrequencies(16, 150000, yarn).inverseFrequencies;
+      const b = ropeFrequencies(16, 150000, { ...yarn, truncate: true }).inverseFrequencies;
+      expect(a[0]).to.equal(b[0]);
+      expect(a[7]).to.equal(b[7]);
+      expect(Array.from(a).some((f, i) => Math.abs(f - b[i]) > 1e-6 * f)).to.equal(true);
+    });
   });
 
   it('rejects bad sizes', () => {

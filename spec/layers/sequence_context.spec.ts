@@ -47,7 +47,10 @@ function maxDiff(a: number[][], b: number[][]): number {
 
 async function models(): Promise<Array<[string, tfl.LayersModel]>> {
   const mixtral = { ...(await fixtureConfig('mixtral')), sliding_window: 3, layer_types: ['sliding_attention', 'sliding_attention'] };
-  const out: Array<[string, tfl.LayersModel]> = [['qwen3_moe', buildMoECausalLM(QWEN3)], ['mixtral, sliding window 3', buildMoECausalLM(mixtral)]];
+  // gpt_oss: sinks, YaRN, a sliding layer (window 3) then a full one
+  const gptOss = { ...(await fixtureConfig('gpt_oss')), sliding_window: 3 };
+  const out: Array<[string, tfl.LayersModel]> = [['qwen3_moe', buildMoECausalLM(QWEN3)], ['mixtral, sliding window 3', buildMoECausalLM(mixtral)],
+    ['gpt_oss, sinks, YaRN, sliding window 3 then full', buildMoECausalLM(gptOss)]];
   out.forEach(([, m], i) => seedModelInit(m, 3 + i, 0.3));
   return out;
 }

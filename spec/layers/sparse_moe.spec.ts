@@ -2,6 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { SparseMoE, type SparseMoEArgs } from '../../src/layers/sparse_moe.js';
+import { dropoutSeedOf } from '../../src/ops/lora/dropout.js';
+import { withSequenceContext, type SequenceContext } from '../../src/layers/sequence_context.js';
 import { sharedExpert } from '../../src/ops/shared_expert.js';
 import { expectClose, expectNoLeak } from '../helpers/numeric.js';
 
@@ -42,9 +44,15 @@ describe('SparseMoE layer', () => {
 
   it('adding an adapter freezes the base; B = 0 keeps the output exactly; training moves only LoRA tensors', () => {
     const layer = built({ ...qwen2Like, expertKernel: 'fused' });
-    const x = tf.randomNormal([10, 8]);
+    // seeded throughout: the run is the same every time (it once failed in a full suite, unseeded)
+    const reseed = (names: RegExp) => layer.weights.forEach((w, i) => {
+      if (names.test(w.originalName)) w.write(tf.tidy(() => tf.randomNormal(w.shape as number[], 0, 0.3, 'float32', 100 + i)));
+    });
+    reseed(/^(?!.*lora_)/);
+    const x = tf.randomNormal([10, 8], 0, 1, 'float32', 1);
     const base = layer.apply(x) as tf.Tensor;
     layer.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.gate_up', 'experts.down', 'router'] });
+    reseed(/lora_default_\w+_A$/);
     expect(layer.trainableWeights.map(w => w.originalName.split('/').pop())).to.deep.equal([
       'lora_default_gate_up_A', 'lora_default_gate_up_B', 'lora_default_down_A', 'lora_default_down_B',
       'lora_default_router_A', 'lora_default_router_B']);
@@ -52,7 +60,7 @@ describe('SparseMoE layer', () => {
     expect(Array.from(same.dataSync())).to.deep.equal(Array.from(base.dataSync()));
     const frozen = layer.nonTrainableWeights.map(w => w.read().dataSync().slice());
     const opt = tf.train.adam(0.05);
-    const target = tf.randomNormal([10, 8]);
+    const target = tf.randomNormal([10, 8], 0, 1, 'float32', 2);
     const loss = () => tf.mean(tf.square(tf.sub(layer.apply(x) as tf.Tensor, target))) as tf.Scalar;
     const first = loss().dataSync()[0];
     const before = tf.memory().numTensors;
@@ -151,6 +159,54 @@ describe('SparseMoE layer', () => {
     layer.unmergeAdapter('s');
     expectClose(layer.weightVariable('shared_down').read(), sharedBase, 1e-6, 'unmerged shared_down');
     tf.dispose([x, base, baseShared, withLoRA, sharedNow, delta, ref, dw, merged, ...Object.values(grads)]);
+    layer.weights.forEach(v => v.dispose());
+  });
+
+  it('lora_dropout on every MoE target: training passes only, seeded by the pass seed and the target; fused = reference; saved in the config', () => {
+    const layer = built({ ...qwen2Like, expertKernel: 'fused' });
+    layer.addAdapter({ name: 'd', r: 2, alpha: 4, dropout: 0.3,
+      targets: ['experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down'] }, 'random');
+    const x = tf.randomNormal([1, 7, 8]);
+    const run = (context: SequenceContext) => withSequenceContext(context, () => {
+      const y = layer.apply(x) as tf.Tensor;
+      const values = Array.from(y.dataSync());
+      y.dispose();
+      return values;
+    });
+    expectNoLeak(() => {
+      const inference = run({});
+      expect(run({ training: false, dropoutSeed: 3 })).to.deep.equal(inference);
+      const trained = run({ training: true, dropoutSeed: 3 });
+      expect(trained).to.not.deep.equal(inference);
+      expect(run({ training: true, dropoutSeed: 3 })).to.deep.equal(trained);
+      expect(run({ training: true, dropoutSeed: 4 })).to.not.deep.equal(trained);
+      layer.expertKernel = 'reference';
+      expectClose(run({ training: true, dropoutSeed: 3 }), trained, 1e-5, 'reference with the same masks');
+      layer.expertKernel = 'fused';
+      // each target its own seed, from the pass seed and the target's name
+      withSequenceContext({ training: true, dropoutSeed: 3 }, () => {
+        const w = layer.blockWeights();
+        expect(w.experts.gateUpLoRA![0].dropout).to.deep.equal({ p: 0.3, seed: dropoutSeedOf(3, `${layer.name}.experts.gate_up/d`) });
+        expect(w.experts.downLoRA![0].dropout!.seed).to.equal(dropoutSeedOf(3, `${layer.name}.experts.down/d`));
+        expect(w.router.lora![0].dropout!.seed).to.not.equal(w.shared!.lora!.up![0].dropout!.seed);
+      });
+      expect(layer.blockWeights().experts.gateUpLoRA![0].dropout).to.equal(undefined);
+      // every LoRA tensor gets a gradient through the dropped branches
+      const { value, grads } = withSequenceContext({ training: true, dropoutSeed: 5 },
+        () => tf.variableGrads(() => tf.sum(tf.square(layer.apply(x) as tf.Tensor)) as tf.Scalar));
+      expect(Object.keys(grads).length).to.equal(12);
+      for (const g of Object.values(grads)) expect(maxAbs(g)).to.be.above(0);
+      tf.dispose([value, ...Object.values(grads)]);
+    });
+    // materialize has no branch input: refused in training, inference unaffected
+    layer.loraMode = 'materialize';
+    expect(() => run({ training: true, dropoutSeed: 3 })).to.throw(/`fusedExperts\(\)`: expert LoRA dropout needs loraMode 'split' or 'auto' but got loraMode 'materialize'/);
+    expect(run({ training: false })).to.have.length(56);
+    const config = layer.getConfig() as unknown as { adapters: Array<{ dropout?: number }> };
+    expect(config.adapters[0].dropout).to.equal(0.3);
+    expect(() => layer.addAdapter({ name: 'e', r: 1, alpha: 1, dropout: 1, targets: ['router'] }))
+      .to.throw(/`SparseMoE.addAdapter\(\)`: 'dropout' must be a number in \[0, 1\) but got 1/);
+    tf.dispose(x);
     layer.weights.forEach(v => v.dispose());
   });
 

@@ -199,6 +199,12 @@ describe('models/families', () => {
         'experts.gate_up_proj': 'experts.gateUp', 'experts.gate_up_proj_bias': 'experts.gateUpBias',
         'experts.down_proj': 'experts.down', 'experts.down_proj_bias': 'experts.downBias',
       });
+      // the decoder's attention additions are data too: only gpt-oss has any
+      expect(FAMILIES.gpt_oss.attention).to.deep.equal({
+        sinks: true, scaledRopes: ['yarn'], ropeRequired: true, layerTypes: true,
+        ropeTheta: 150000, slidingWindow: 128, attentionBias: true,
+      });
+      expect(MODEL_TYPES.filter(t => FAMILIES[t].attention !== undefined)).to.deep.equal(['gpt_oss']);
     });
   });
 });

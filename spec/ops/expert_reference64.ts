@@ -13,9 +13,15 @@ export interface Experts64 {
   W2: Float64Array;             // [E,H,I] or [E,I,H]
   b1?: Float64Array;            // [E,2I]
   b2?: Float64Array;            // [E,H]
-  lora1: Array<{ A: Float64Array; B: Float64Array; r: number; s: number }>;  // A [r*E, H], B [2I, r*E]
-  lora2: Array<{ A: Float64Array; B: Float64Array; r: number; s: number }>;  // A [r*E, I], B [H, r*E]
+  lora1: Array<Adapter64>;  // A [r*E, H], B [2I, r*E]; mask [T*K, H]
+  lora2: Array<Adapter64>;  // A [r*E, I], B [H, r*E]; mask [T*K, I]
 }
+
+/**
+ * One expert adapter; with `mask` (LoRA dropout, one row per (token, slot) pair t*K + k) its
+ * branch reads x ⊙ mask[pair] instead of x, as a per-expert nn.Linear with lora_dropout does.
+ */
+export interface Adapter64 { A: Float64Array; B: Float64Array; r: number; s: number; mask?: Float64Array }
 
 /** PEFT's delta for expert e at (out o, in i): s·Σ_j B[o, j·E + e]·A[e·r + j, i]. */
 function delta(f: { A: Float64Array; B: Float64Array; r: number; s: number }, E: number, inSize: number,
@@ -31,12 +37,13 @@ export function experts64(m: Experts64): Float64Array {
   const { T, H, I, E, K } = m;
   const t2 = m.layout !== 'outIn';
   // effective weights in (out, in) form
-  const w1 = (e: number, o: number, i: number) =>
+  // effective weight of pair p at (o, i): base + Σ deltas, a dropped adapter's delta times its mask
+  const w1 = (p: number, e: number, o: number, i: number) =>
     (t2 ? m.W1[(e * H + i) * 2 * I + o] : m.W1[(e * 2 * I + o) * H + i]) +
-    m.lora1.reduce((s, f) => s + delta(f, E, H, e, o, i), 0);
-  const w2 = (e: number, o: number, i: number) =>
+    m.lora1.reduce((s, f) => s + delta(f, E, H, e, o, i) * (f.mask ? f.mask[p * H + i] : 1), 0);
+  const w2 = (p: number, e: number, o: number, i: number) =>
     (t2 ? m.W2[(e * I + i) * H + o] : m.W2[(e * H + o) * I + i]) +
-    m.lora2.reduce((s, f) => s + delta(f, E, I, e, o, i), 0);
+    m.lora2.reduce((s, f) => s + delta(f, E, I, e, o, i) * (f.mask ? f.mask[p * I + i] : 1), 0);
   const out = new Float64Array(T * H);
   const h = new Float64Array(2 * I);
   const a = new Float64Array(I);
@@ -45,7 +52,7 @@ export function experts64(m: Experts64): Float64Array {
       const e = m.experts[t * K + k];
       for (let o = 0; o < 2 * I; o++) {
         let v = m.b1 ? m.b1[e * 2 * I + o] : 0;
-        for (let i = 0; i < H; i++) v += m.x[t * H + i] * w1(e, o, i);
+        for (let i = 0; i < H; i++) v += m.x[t * H + i] * w1(t * K + k, e, o, i);
         h[o] = v;
       }
       for (let i = 0; i < I; i++) {
@@ -63,7 +70,7 @@ export function experts64(m: Experts64): Float64Array {
       const w = m.weights[t * K + k];
       for (let o = 0; o < H; o++) {
         let v = m.b2 ? m.b2[e * H + o] : 0;
-        for (let i = 0; i < I; i++) v += a[i] * w2(e, o, i);
+        for (let i = 0; i < I; i++) v += a[i] * w2(t * K + k, e, o, i);
         out[t * H + o] += w * v;
       }
     }

@@ -3,7 +3,9 @@ import { expect } from 'chai';
 import { buildDispatchPlan, planFromExperts } from '../../src/ops/experts/dispatch_plan.js';
 import { chooseLoRAMode, fusedExperts } from '../../src/ops/experts/fused_experts.js';
 import { splitExpertLoRA } from '../../src/ops/lora/split.js';
-import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../src/ops/types.js';
+import { loraDropoutMask } from '../../src/ops/lora/dropout.js';
+import { referenceExperts } from '../../src/ops/reference/moe_block.js';
+import type { ExpertActivation, ExpertWeights, LoRADropout, LoRAFactors, LoRAMode } from '../../src/ops/types.js';
 import { type ExpertCase as Case, type ExpertCaseSpec, loss64, makeExpertCase as makeCase, trainedOf, weightsWith } from '../helpers/expert_cases.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences } from '../helpers/numeric.js';
 import { experts64 } from './expert_reference64.js';
@@ -133,6 +135,69 @@ describe('fusedExperts', () => {
     expect(chooseLoRAMode(4096, 64, 64, 1, 64)).to.equal('materialize');
   });
 
+  describe('LoRA dropout (PEFT\'s lora_dropout, one mask per (token, expert) pair)', () => {
+    const spec: ExpertCaseSpec = { T: 8, H: 6, I: 3, E: 5, K: 2, lora1: [2, 1], lora2: [3], routing: 'skip', dropout: 0.4, dropoutSeed: 7 };
+    for (const mode of ['split', 'auto'] as const) {
+      it(`out, dx, dweights, dA, dB equal float64 with the same masks and finite differences (${mode})`, () => {
+        const c = makeCase(spec, 21);
+        checkAgainstReference(c, { trainBase: false, loraMode: mode }, 22);
+        c.dispose();
+      });
+    }
+    it('gpt-oss transposed layout with biases; base and LoRA trained together', () => {
+      const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOutInterleaved', bias: true, lora1: [2], lora2: [1],
+        activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.2 }, dropout: 0.3, dropoutSeed: 3 }, 31);
+      checkAgainstReference(c, { trainBase: true, loraMode: 'split' }, 32);
+      c.dispose();
+    });
+    it('same seed: the same output; another seed or no dropout: a different one; p = 0 is no dropout; no leaks', () => {
+      const c = makeCase({ ...spec, dropout: undefined }, 21);
+      const run = (dropout?: LoRADropout) => {
+        const w = { ...c.w, gateUpLoRA: c.w.gateUpLoRA!.map(f => ({ ...f, dropout })), downLoRA: c.w.downLoRA!.map(f => ({ ...f, dropout })) };
+        const out = fusedExperts(c.x, { weights: c.weights, experts: c.experts }, w, c.activation, { loraMode: 'split' });
+        const values = Array.from(out.dataSync());
+        out.dispose();
+        return values;
+      };
+      expectNoLeak(() => {
+        const none = run();
+        const a = run({ p: 0.4, seed: 1 });
+        expect(run({ p: 0.4, seed: 1 })).to.deep.equal(a);
+        expect(run({ p: 0.4, seed: 2 })).to.not.deep.equal(a);
+        expect(a).to.not.deep.equal(none);
+        expect(run({ p: 0, seed: 1 })).to.deep.equal(none);
+        const [dA] = tf.grads((A: tf.Tensor) => tf.sum(fusedExperts(c.x, { weights: c.weights, experts: c.experts },
+          { ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: A as tf.Tensor2D, dropout: { p: 0.4, seed: 1 } }] }, c.activation)))([c.w.gateUpLoRA![0].A]);
+        dA.dispose();
+      });
+      c.dispose();
+    });
+    it('the reference block draws the same masks: its output and gradients equal the fused op\'s', () => {
+      const c = makeCase(spec, 41);
+      const G = tf.tensor2d(Float32Array.from(asF32(new Rng(42).array(c.m.T * c.m.H))), [c.m.T, c.m.H]);
+      const factors = [c.w.gateUpLoRA![0].A, c.w.gateUpLoRA![1].B, c.w.downLoRA![0].A, c.w.downLoRA![0].B];
+      const loss = (impl: typeof fusedExperts) => (x: tf.Tensor, a1: tf.Tensor, b2: tf.Tensor, a3: tf.Tensor, b3: tf.Tensor) => {
+        const w = { ...c.w,
+          gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: a1 as tf.Tensor2D }, { ...c.w.gateUpLoRA![1], B: b2 as tf.Tensor2D }],
+          downLoRA: [{ ...c.w.downLoRA![0], A: a3 as tf.Tensor2D, B: b3 as tf.Tensor2D }] };
+        return tf.sum(tf.mul(impl(x as tf.Tensor2D, { weights: c.weights, experts: c.experts }, w, c.activation), G));
+      };
+      const ref = referenceExperts(c.x, { weights: c.weights, experts: c.experts }, c.w, c.activation);
+      expectClose(ref.dataSync(), experts64(c.m), 1e-5, 'reference out');
+      const fused = tf.grads(loss(fusedExperts))([c.x, ...factors]);
+      const plain = tf.grads(loss(referenceExperts as typeof fusedExperts))([c.x, ...factors]);
+      fused.forEach((g, i) => expectClose(g.dataSync(), plain[i].dataSync(), 1e-4, `grad ${i}`));
+      tf.dispose([ref, G, ...fused, ...plain]);
+      c.dispose();
+    });
+    it('loraMode \'materialize\' is refused: it has no separate branch input', () => {
+      const c = makeCase(spec, 21);
+      expect(() => fusedExperts(c.x, { weights: c.weights, experts: c.experts }, c.w, c.activation, { loraMode: 'materialize' }))
+        .to.throw(/`fusedExperts\(\)`: expert LoRA dropout needs loraMode 'split' or 'auto' but got loraMode 'materialize': materialize folds the adapter into W_eff/);
+      c.dispose();
+    });
+  });
+
   describe('bad input', () => {
     let c: Case;
     before(() => { c = makeCase({ T: 4, H: 6, I: 3, E: 5, K: 2 }, 91); });
@@ -178,52 +243,79 @@ describe('fusedExperts', () => {
   });
 });
 
+/**
+ * splitExpertLoRA against float64 and finite differences; with `dropout`, the branch input of each
+ * row is x ⊙ mask (the mask drawn [N, in] over x's rows from the seed), the base product sees x.
+ */
+function checkSplit(dropout?: LoRADropout): void {
+  const rng = new Rng(5);
+  const E = 3, inSize = 4, outSize = 5, r = 2, s = 1.7;
+  const groupSizes = [3, 0, 4];
+  const N = 7;
+  const x = asF32(rng.array(N * inSize)), W = asF32(rng.array(E * outSize * inSize)),
+    A = asF32(rng.array(r * E * inSize)), B = asF32(rng.array(outSize * r * E)), G = asF32(rng.array(N * outSize));
+  const maskT = dropout && loraDropoutMask([N, inSize], dropout.p, dropout.seed);
+  const mask = maskT ? Float64Array.from(maskT.dataSync()) : new Float64Array(N * inSize).fill(1);
+  maskT?.dispose();
+  if (dropout) expect(mask.some(v => v === 0) && mask.some(v => v !== 0)).to.equal(true);
+  const ref = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => {
+    const y = new Float64Array(N * outSize);
+    let row = 0;
+    groupSizes.forEach((n, e) => {
+      for (let q = 0; q < n; q++, row++) {
+        for (let o = 0; o < outSize; o++) {
+          let v = 0;
+          for (let i = 0; i < inSize; i++) {
+            let d = 0;
+            for (let j = 0; j < r; j++) d += Bv[o * r * E + j * E + e] * Av[(e * r + j) * inSize + i];
+            v += xv[row * inSize + i] * (W[(e * outSize + o) * inSize + i] + s * d * mask[row * inSize + i]);
+          }
+          y[row * outSize + o] = v;
+        }
+      }
+    });
+    return y;
+  };
+  const lossRef = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => ref(xv, Av, Bv).reduce((acc, v, i) => acc + v * G[i], 0);
+  const [xT, WT, AT, BT, GT] = [tf.tensor2d(Float32Array.from(x), [N, inSize]), tf.tensor3d(Float32Array.from(W), [E, outSize, inSize]),
+    tf.tensor2d(Float32Array.from(A), [r * E, inSize]), tf.tensor2d(Float32Array.from(B), [outSize, r * E]), tf.tensor2d(Float32Array.from(G), [N, outSize])];
+  const adapter = (a: tf.Tensor, b: tf.Tensor): LoRAFactors => ({ A: a as tf.Tensor2D, B: b as tf.Tensor2D, scaling: s, ...(dropout ? { dropout } : {}) });
+  expectNoLeak(() => {
+    const y = splitExpertLoRA(xT as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [adapter(AT, BT)]);
+    expectClose(y.dataSync(), ref(x, A, B), 1e-5, 'y');
+    const [dx, dA, dB] = tf.grads((xi: tf.Tensor, ai: tf.Tensor, bi: tf.Tensor) =>
+      tf.sum(tf.mul(splitExpertLoRA(xi as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [adapter(ai, bi)]), GT)))([xT, AT, BT]);
+    expectClose(dx.dataSync(), finiteDifferences(v => lossRef(v, A, B), x), 1e-4, 'dx');
+    expectClose(dA.dataSync(), finiteDifferences(v => lossRef(x, v, B), A), 1e-4, 'dA');
+    expectClose(dB.dataSync(), finiteDifferences(v => lossRef(x, A, v), B), 1e-4, 'dB');
+    // rows of the empty expert 1 give zero gradient
+    expect(Array.from(dA.dataSync().subarray(r * inSize, 2 * r * inSize)).every(v => v === 0)).to.equal(true);
+    tf.dispose([y, dx, dA, dB]);
+  });
+  tf.dispose([xT, WT, AT, BT, GT]);
+}
+
 describe('splitExpertLoRA', () => {
   it('equals x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ per group; dx, dA, dB match finite differences; W gets none', () => {
-    const rng = new Rng(5);
-    const E = 3, inSize = 4, outSize = 5, r = 2, s = 1.7;
-    const groupSizes = [3, 0, 4];
-    const N = 7;
-    const x = asF32(rng.array(N * inSize)), W = asF32(rng.array(E * outSize * inSize)),
-      A = asF32(rng.array(r * E * inSize)), B = asF32(rng.array(outSize * r * E)), G = asF32(rng.array(N * outSize));
-    const ref = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => {
-      const y = new Float64Array(N * outSize);
-      let row = 0;
-      groupSizes.forEach((n, e) => {
-        for (let q = 0; q < n; q++, row++) {
-          for (let o = 0; o < outSize; o++) {
-            let v = 0;
-            for (let i = 0; i < inSize; i++) {
-              let d = 0;
-              for (let j = 0; j < r; j++) d += Bv[o * r * E + j * E + e] * Av[(e * r + j) * inSize + i];
-              v += xv[row * inSize + i] * (W[(e * outSize + o) * inSize + i] + s * d);
-            }
-            y[row * outSize + o] = v;
-          }
-        }
-      });
-      return y;
-    };
-    const lossRef = (xv: Float64Array, Av: Float64Array, Bv: Float64Array) => ref(xv, Av, Bv).reduce((acc, v, i) => acc + v * G[i], 0);
-    const [xT, WT, AT, BT, GT] = [tf.tensor2d(Float32Array.from(x), [N, inSize]), tf.tensor3d(Float32Array.from(W), [E, outSize, inSize]),
-      tf.tensor2d(Float32Array.from(A), [r * E, inSize]), tf.tensor2d(Float32Array.from(B), [outSize, r * E]), tf.tensor2d(Float32Array.from(G), [N, outSize])];
-    expectNoLeak(() => {
-      const y = splitExpertLoRA(xT as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [{ A: AT as tf.Tensor2D, B: BT as tf.Tensor2D, scaling: s }]);
-      expectClose(y.dataSync(), ref(x, A, B), 1e-5, 'y');
-      const [dx, dA, dB] = tf.grads((xi: tf.Tensor, ai: tf.Tensor, bi: tf.Tensor) =>
-        tf.sum(tf.mul(splitExpertLoRA(xi as tf.Tensor2D, groupSizes, WT as tf.Tensor3D, [{ A: ai as tf.Tensor2D, B: bi as tf.Tensor2D, scaling: s }]), GT)))([xT, AT, BT]);
-      expectClose(dx.dataSync(), finiteDifferences(v => lossRef(v, A, B), x), 1e-4, 'dx');
-      expectClose(dA.dataSync(), finiteDifferences(v => lossRef(x, v, B), A), 1e-4, 'dA');
-      expectClose(dB.dataSync(), finiteDifferences(v => lossRef(x, A, v), B), 1e-4, 'dB');
-      // rows of the empty expert 1 give zero gradient
-      expect(Array.from(dA.dataSync().subarray(r * inSize, 2 * r * inSize)).every(v => v === 0)).to.equal(true);
-      tf.dispose([y, dx, dA, dB]);
-    });
-    expect(() => splitExpertLoRA(xT as tf.Tensor2D, [3, 0, 3], WT as tf.Tensor3D, []))
+    checkSplit();
+  });
+  it('with LoRA dropout: x·W_eᵀ + s·((x ⊙ mask)·A_eᵀ)·B_eᵀ; dx, dA, dB match finite differences', () => {
+    checkSplit({ p: 0.4, seed: 9 });
+  });
+  it('checks the group sizes and the dropout', () => {
+    const x = tf.zeros([7, 4]) as tf.Tensor2D, W = tf.zeros([3, 5, 4]) as tf.Tensor3D;
+    const A = tf.zeros([6, 4]) as tf.Tensor2D, B = tf.zeros([5, 6]) as tf.Tensor2D;
+    expect(() => splitExpertLoRA(x, [3, 0, 3], W, []))
       .to.throw(/`splitExpertLoRA\(\)`: 'groupSizes' must sum to the rows of x \(7\) but sum to 6/);
-    expect(() => splitExpertLoRA(xT as tf.Tensor2D, [7, 0], WT as tf.Tensor3D, []))
+    expect(() => splitExpertLoRA(x, [7, 0], W, []))
       .to.throw(/'groupSizes' must be an array of 3 \(num experts\) row counts but got \[7,0\]/);
-    tf.dispose([xT, WT, AT, BT, GT]);
+    expect(() => splitExpertLoRA(x, [3, 0, 4], W, [{ A, B, scaling: 1, dropout: { p: 1 } }]))
+      .to.throw(/'adapters\[0\]\.dropout\.p' must be a number in \[0, 1\) but got 1/);
+    expect(() => splitExpertLoRA(x, [3, 0, 4], W, [{ A, B, scaling: 1, dropout: { p: 0.1, seed: 0.5 } }]))
+      .to.throw(/'adapters\[0\]\.dropout\.seed' must be an integer but got 0\.5/);
+    expect(() => splitExpertLoRA(x, [3, 0, 4], W, [{ A, B, scaling: 1, dropout: null as unknown as LoRADropout }]))
+      .to.throw(/'adapters\[0\]\.dropout' must be \{p, seed\?\} but got null/);
+    tf.dispose([x, W, A, B]);
   });
 });
 

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor, Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { expertLoRADelta, materializeExpertLoRA, routerLogits } from '../../src/ops/lora/index.js';
+import { loraDropoutMask } from '../../src/ops/lora/dropout.js';
 import type { LoRAFactors } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
@@ -361,10 +362,10 @@ describe('ops/lora', () => {
         for (let e = 0; e < E; e++) {
           let acc = bias ? bias[e] : 0;
           for (let h = 0; h < H; h++) acc += x[t * H + h] * W[e * H + h];
-          for (const { A, B, r, s } of lora) {
+          for (const { A, B, r, s, mask } of lora as Array<RefAdapter & { mask?: Float64Array }>) {
             for (let j = 0; j < r; j++) {
               let low = 0;
-              for (let h = 0; h < H; h++) low += x[t * H + h] * A[j * H + h];
+              for (let h = 0; h < H; h++) low += x[t * H + h] * (mask ? mask[t * H + h] : 1) * A[j * H + h];
               acc += s * low * B[e * r + j];
             }
           }
@@ -413,6 +414,40 @@ describe('ops/lora', () => {
         });
       }));
       tf.dispose([xt, Wt, biasT, Gt]);
+      disposeFactors(lora.map(l => l.factors));
+    });
+
+    it('LoRA dropout: the branch reads x ⊙ mask (its own per adapter), the base x; dx, dA, dB match finite differences', () => {
+      const rng = new Rng(13);
+      const [x, xt] = randomPair(rng, [T, H]);
+      const [W, Wt] = randomPair(rng, [E, H]);
+      const [G, Gt] = randomPair(rng, [T, E]);
+      const lora = [[2, 0.5, 4], [3, -1.5, 5]].map(([r, s, seed]) => {
+        const [A, At] = randomPair(rng, [r, H]);
+        const [B, Bt] = randomPair(rng, [E, r]);
+        const maskT = loraDropoutMask([T, H], 0.4, seed);
+        const mask = Float64Array.from(maskT.dataSync());
+        maskT.dispose();
+        return { ref: { A, B, r, s, mask }, factors: { A: At as Tensor2D, B: Bt as Tensor2D, scaling: s, dropout: { p: 0.4, seed } } };
+      });
+      const refs = lora.map(l => l.ref);
+      expectNoLeak(() => tf.tidy(() => {
+        const logits = routerLogits(xt as Tensor2D, { weight: Wt as Tensor2D, lora: lora.map(l => l.factors) });
+        expectClose(logits, refLogits(x, W, null, refs), 1e-6, 'logits');
+        const inputs = [xt, ...lora.flatMap(l => [l.factors.A, l.factors.B])];
+        const grads = tf.grads((...v: Tensor[]) => routerLogits(v[0] as Tensor2D, {
+          weight: Wt as Tensor2D, lora: lora.map((l, k) => ({ ...l.factors, A: v[1 + 2 * k] as Tensor2D, B: v[2 + 2 * k] as Tensor2D })),
+        }))(inputs, Gt);
+        const loss = (xv: Float64Array, list = refs) => dot(refLogits(xv, W, null, list), G);
+        expectClose(grads[0], finiteDifferences(v => loss(v), x), 1e-4, 'dx');
+        refs.forEach((ref, k) => {
+          expectClose(grads[1 + 2 * k], finiteDifferences(A => loss(x, refs.map((q, i) => (i === k ? { ...q, A } : q))), ref.A), 1e-4, `dA[${k}]`);
+          expectClose(grads[2 + 2 * k], finiteDifferences(B => loss(x, refs.map((q, i) => (i === k ? { ...q, B } : q))), ref.B), 1e-4, `dB[${k}]`);
+        });
+      }));
+      expect(() => routerLogits(xt as Tensor2D, { weight: Wt as Tensor2D, lora: [{ ...lora[0].factors, dropout: { p: -0.1 } }] }))
+        .to.throw(/`routerLogits\(\)`: 'router\.lora\[0\]\.dropout\.p' must be a number in \[0, 1\) but got -0\.1/);
+      tf.dispose([xt, Wt, Gt]);
       disposeFactors(lora.map(l => l.factors));
     });
 

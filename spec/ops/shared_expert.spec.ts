@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor, Tensor2D } from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { moeBlock } from '../../src/ops/moe_block.js';
+import { loraDropoutMask } from '../../src/ops/lora/dropout.js';
 import { sharedExpert } from '../../src/ops/shared_expert.js';
 import type { LoRAFactors, SharedExpertWeights } from '../../src/ops/types.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
@@ -12,7 +13,8 @@ import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } fr
 // B [out, r]; out = (silu(x·G_effᵀ) ⊙ (x·U_effᵀ))·D_effᵀ, times sigmoid(x·gᵀ) when gated.
 // ---------------------------------------------------------------------------------------------
 
-interface RefAdapter { A: Float64Array; B: Float64Array; r: number; s: number }
+/** with `mask` [T, in] (LoRA dropout) the adapter's branch reads x ⊙ mask, the base x */
+interface RefAdapter { A: Float64Array; B: Float64Array; r: number; s: number; mask?: Float64Array }
 type Proj = 'gate' | 'up' | 'down';
 
 function effective(W: Float64Array, out: number, inn: number, adapters: RefAdapter[]): Float64Array {
@@ -47,11 +49,21 @@ const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 interface RefShared { gate: Float64Array; up: Float64Array; down: Float64Array; sigmoidGate?: Float64Array;
   lora: Record<Proj, RefAdapter[]> }
 
+/** x·W_effᵀ with the undropped adapters folded in, plus each dropped adapter's (x ⊙ mask)·(s·B·A)ᵀ */
+function refProjection(x: Float64Array, T: number, inn: number, W: Float64Array, out: number, adapters: RefAdapter[]): Float64Array {
+  const y = matVecT(x, T, inn, effective(W, out, inn, adapters.filter(a => !a.mask)), out);
+  for (const a of adapters.filter(q => q.mask)) {
+    const branch = matVecT(x.map((v, k) => v * a.mask![k]), T, inn, effective(new Float64Array(out * inn), out, inn, [a]), out);
+    branch.forEach((v, k) => { y[k] += v; });
+  }
+  return y;
+}
+
 function refShared(x: Float64Array, T: number, H: number, I: number, w: RefShared): Float64Array {
-  const g = matVecT(x, T, H, effective(w.gate, I, H, w.lora.gate), I);
-  const u = matVecT(x, T, H, effective(w.up, I, H, w.lora.up), I);
+  const g = refProjection(x, T, H, w.gate, I, w.lora.gate);
+  const u = refProjection(x, T, H, w.up, I, w.lora.up);
   const h = g.map((v, k) => v * sigmoid(v) * u[k]);
-  const out = matVecT(h, T, I, effective(w.down, H, I, w.lora.down), H);
+  const out = refProjection(h, T, I, w.down, H, w.lora.down);
   if (w.sigmoidGate) {
     const gate = matVecT(x, T, H, w.sigmoidGate, 1);
     for (let t = 0; t < T; t++) for (let o = 0; o < H; o++) out[t * H + o] *= sigmoid(gate[t]);
@@ -68,7 +80,7 @@ function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
 /** A named float64 array and the float32 tensor of exactly its values. */
 interface Param { name: string; data: Float64Array; tensor: Tensor; set: (w: RefShared, v: Float64Array) => void }
 
-function setup(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>) {
+function setup(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>, dropout?: number) {
   const T = 5, H = 4, I = 3;
   const rng = new Rng(seed);
   const params: Param[] = [];
@@ -91,8 +103,13 @@ function setup(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[
     weights.lora![p] = (ranks[p] ?? []).map(([r, s], k): LoRAFactors => {
       const a = pair(`lora.${p}[${k}].A`, [r, inn], 0.5, (acc, v) => { acc.lora[p][k].A = v; });
       const b = pair(`lora.${p}[${k}].B`, [out, r], 0.5, (acc, v) => { acc.lora[p][k].B = v; });
-      ref.lora[p].push({ A: a.data, B: b.data, r, s });
-      return { A: a.tensor as Tensor2D, B: b.tensor as Tensor2D, scaling: s };
+      // dropout: each adapter of each projection its own seed, so its own mask
+      const d = dropout === undefined ? undefined : { p: dropout, seed: seed * 100 + ['gate', 'up', 'down'].indexOf(p) * 10 + k };
+      const maskT = d && loraDropoutMask([T, inn], d.p, d.seed);
+      const mask = maskT && Float64Array.from(maskT.dataSync());
+      maskT?.dispose();
+      ref.lora[p].push({ A: a.data, B: b.data, r, s, mask });
+      return { A: a.tensor as Tensor2D, B: b.tensor as Tensor2D, scaling: s, ...(d ? { dropout: d } : {}) };
     });
   }
   if (gated) {
@@ -111,14 +128,14 @@ function rebuild(w: SharedExpertWeights, ts: Tensor[]): SharedExpertWeights {
   const out: SharedExpertWeights = { gate: w.gate, up: w.up, down: w.down, lora: {} };
   for (const p of ['gate', 'up', 'down'] as const) {
     out[p] = next();
-    out.lora![p] = (w.lora?.[p] ?? []).map(f => ({ A: next(), B: next(), scaling: f.scaling }));
+    out.lora![p] = (w.lora?.[p] ?? []).map(f => ({ A: next(), B: next(), scaling: f.scaling, dropout: f.dropout }));
   }
   if (w.sigmoidGate) out.sigmoidGate = next();
   return out;
 }
 
-function checkAgainstReference(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>) {
-  const s = setup(seed, gated, ranks);
+function checkAgainstReference(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>, dropout?: number) {
+  const s = setup(seed, gated, ranks, dropout);
   expectNoLeak(() => {
     const out = sharedExpert(s.x.tensor as Tensor2D, s.weights);
     expectClose(out, refShared(s.x.data, s.T, s.H, s.I, s.ref), 1e-5, 'out');
@@ -149,6 +166,10 @@ describe('sharedExpert with LoRA on its projections', () => {
 
   it('Qwen2-MoE sigmoid gate, two adapters on down and one on gate (rsLoRA-like scaling): deltas add up', () => {
     checkAgainstReference(13, true, { gate: [[3, 1 / Math.sqrt(3)]], down: [[1, 2], [2, 0.75]] });
+  });
+
+  it('LoRA dropout (PEFT\'s lora_dropout): each adapter\'s branch reads its own dropped input, the base x; value and gradients', () => {
+    checkAgainstReference(14, true, { gate: [[2, 1.5]], up: [[1, 0.5]], down: [[2, 2], [1, -1]] }, 0.4);
   });
 
   it('empty adapter lists equal no lora at all, bit for bit', () => {

@@ -6,7 +6,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { PluginArgsError } from '../../src/args/errors.js';
-import { EXPERT_DROPOUT_REASON, NON_EXPERT_DROPOUT_REASON, type PluginArgs } from '../../src/args/schema.js';
+import { EXPERT_DROPOUT_NEEDS_SPLIT, type PluginArgs } from '../../src/args/schema.js';
 import { editDistance, suggestName } from '../../src/args/suggest.js';
 import { validatePluginArgs } from '../../src/args/validate.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
@@ -106,12 +106,14 @@ describe('plugin args: the validation table', () => {
       message: 'lora.alpha: expected a finite number > 0 but got Infinity (number)' },
     { rule: 'lora.dropout is in [0, 1)', good: () => ({ lora: { ...lora, dropout: 0 } }), bad: () => ({ lora: { ...lora, dropout: 1 } }),
       message: 'lora.dropout: expected a number in [0, 1) but got 1 (number)' },
-    { rule: 'lora.dropout is 0 on expert parameters', good: () => ({ lora: { ...lora, dropout: 0, targets: ['experts.down'] } }),
-      bad: () => ({ lora: { ...lora, dropout: 0.05 } }),
-      message: `lora.dropout: expected 0 on expert targets (experts.gate_up, experts.down) but got 0.05: ${EXPERT_DROPOUT_REASON}` },
-    { rule: 'lora.dropout is 0 on router / shared targets too (not implemented)', good: () => ({ lora: { ...lora, targets: ['router'] } }),
-      bad: () => ({ lora: { ...lora, dropout: 0.1, targets: ['router'] } }),
-      message: `lora.dropout: expected 0 on router but got 0.1: ${NON_EXPERT_DROPOUT_REASON}` },
+    { rule: 'lora.dropout on expert targets needs split LoRA (auto picks it)',
+      good: () => ({ loraMode: 'auto', lora: { ...lora, dropout: 0.05 } }),
+      bad: () => ({ loraMode: 'materialize', lora: { ...lora, dropout: 0.05 } }),
+      message: `loraMode: expected 'split' or 'auto' with lora.dropout 0.05 on expert targets (experts.gate_up, experts.down) but got 'materialize': ${EXPERT_DROPOUT_NEEDS_SPLIT}` },
+    { rule: 'lora.dropout on the router and shared targets in any loraMode',
+      good: () => ({ loraMode: 'materialize', lora: { ...lora, dropout: 0.1, targets: ['router', 'shared.up'] } }),
+      bad: () => ({ loraMode: 'materialize', lora: { ...lora, dropout: 0.1, targets: ['router', 'experts.down'] } }),
+      message: `loraMode: expected 'split' or 'auto' with lora.dropout 0.1 on expert targets (experts.down) but got 'materialize': ${EXPERT_DROPOUT_NEEDS_SPLIT}` },
     { rule: 'lora.rsLoRA is a boolean', good: () => ({ lora: { ...lora, rsLoRA: true } }), bad: () => ({ lora: { ...lora, rsLoRA: 1 } }),
       message: 'lora.rsLoRA: expected a boolean but got 1 (number)' },
     { rule: 'lora.targets is a non-empty list', good: () => ({ lora: { ...lora, targets: ['router'] } }), bad: () => ({ lora: { ...lora, targets: [] } }),

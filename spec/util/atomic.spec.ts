@@ -1,6 +1,6 @@
 import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeArtifactFolder, writeFileAtomically } from '../../src/util/atomic.js';
@@ -37,6 +37,21 @@ describe('util/atomic', () => {
     expect(await read(join(target, 'config.json'))).to.equal('new');
     expect(await read(join(target, 'README.md'))).to.equal('mine');
     expect(await readdir(root)).to.deep.equal(['ckpt']);
+  });
+
+  it('carries the user\'s folders over file by file as hard links: the same inodes, no bytes copied, symlinks kept', async () => {
+    const target = join(root, 'run');
+    await mkdir(join(target, 'checkpoint-2', 'nested'), { recursive: true });
+    await writeFile(join(target, 'checkpoint-2', 'model.safetensors'), 'weights of step 2');
+    await writeFile(join(target, 'checkpoint-2', 'nested', 'state.json'), '{}');
+    await symlink('model.safetensors', join(target, 'checkpoint-2', 'latest'));
+    const inode = (await stat(join(target, 'checkpoint-2', 'model.safetensors'))).ino;
+    await writeArtifactFolder(target, async dir => { await writeFile(join(dir, 'model.safetensors'), 'final'); });
+    expect((await readdir(target)).sort()).to.deep.equal(['checkpoint-2', 'model.safetensors']);
+    expect((await stat(join(target, 'checkpoint-2', 'model.safetensors'))).ino, 'a link, not a copy').to.equal(inode);
+    expect(await read(join(target, 'checkpoint-2', 'nested', 'state.json'))).to.equal('{}');
+    expect(await readlink(join(target, 'checkpoint-2', 'latest'))).to.equal('model.safetensors');
+    expect(await read(join(target, 'model.safetensors'))).to.equal('final');
   });
 
   it('leaves the old artifact untouched and no temporary folder when writing fails', async () => {

@@ -19,7 +19,10 @@ export interface LoRAArgs {
   r: number;
   /** s = alpha / r (alpha / √r with rsLoRA); > 0 */
   alpha: number;
-  /** PEFT's lora_dropout on the branch input of attention / dense-MLP projections; 0 on MoE targets; default 0 */
+  /**
+   * PEFT's lora_dropout on the branch input of every target, in training passes only (routed
+   * experts: one mask per (token, expert) pair, split LoRA only); default 0
+   */
   dropout?: number;
   /** default false */
   rsLoRA?: boolean;
@@ -90,15 +93,11 @@ export interface ArgSpec {
   flag?: string;
 }
 
-/** Why LoRA dropout is refused on expert weights (used in the description and in the message). */
-export const EXPERT_DROPOUT_REASON =
-    'PEFT drops the input of the adapter branch only (W·x + s·B·A·dropout(x)); the fused expert path ' +
-    'folds the adapter into the expert weight (materialize) or shares the gathered token rows between ' +
-    'both products (split), so it has no separate branch input to drop (PEFT itself refuses dropout on ' +
-    'fused expert parameters); dropout applies to attention and dense-MLP targets';
-
-export const NON_EXPERT_DROPOUT_REASON =
-    'the router and shared-expert ops take no dropout; dropout applies to attention and dense-MLP targets';
+/** Why expert LoRA dropout needs the split form (used in the message of the loraMode rule). */
+export const EXPERT_DROPOUT_NEEDS_SPLIT =
+    "PEFT drops the adapter branch's input only (W·x + s·B·A·dropout(x)); loraMode 'materialize' folds " +
+    "the adapter into W_eff, which has no separate branch input: use loraMode 'split' or 'auto' (auto " +
+    'picks split when dropout is on)';
 
 export const DEFAULT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down'];
 
@@ -138,8 +137,9 @@ export const PLUGIN_ARG_SPECS: readonly ArgSpec[] = [
   },
   {
     path: 'lora.dropout', kind: 'number', min: 0, below: 1, default: 0, flag: 'lora-dropout',
-    description: "LoRA dropout (PEFT's lora_dropout) on the branch input, in training passes only: on " +
-        'attention and dense-MLP targets; 0 on MoE targets (experts, router, shared expert)',
+    description: "LoRA dropout (PEFT's lora_dropout) on the branch input, in training passes only, on every " +
+        "target; routed experts drop each (token, expert) pair's input independently, in split LoRA " +
+        "(loraMode 'auto' picks split; 'materialize' is refused)",
   },
   {
     path: 'lora.rsLoRA', kind: 'boolean', default: false, flag: 'lora-rslora',

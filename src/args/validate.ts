@@ -6,11 +6,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
-import { EXPERT_LORA_TARGETS, LORA_TARGETS } from '../layers/sparse_moe.js';
+import { EXPERT_LORA_TARGETS } from '../layers/sparse_moe.js';
 import { isTargetSpelling } from '../patch/linear_targets.js';
 import { PluginArgsError, type PluginArgsProblem } from './errors.js';
 import {
-  ARG_ALIASES, EXPERT_DROPOUT_REASON, NON_EXPERT_DROPOUT_REASON, childSpecs, keyOf,
+  ARG_ALIASES, EXPERT_DROPOUT_NEEDS_SPLIT, childSpecs, keyOf,
   type ArgSpec, type ModelOrLayer, type ResolvedLoRAArgs, type ResolvedPluginArgs,
 } from './schema.js';
 import { suggestName } from './suggest.js';
@@ -232,14 +232,12 @@ export function collectArgProblems(args: unknown): { problems: PluginArgsProblem
 function checkCrossFields(c: Collector, args: PartialResolvedArgs): void {
   const lora = args.lora;
   if (lora == null || lora.dropout === undefined || lora.dropout === 0) return;
-  // only when the targets are known: the reason depends on them
-  if (lora.targets === undefined) return;
+  // only when the targets are known: the rule depends on them
+  if (lora.targets === undefined || args.loraMode !== 'materialize') return;
   const experts = lora.targets.filter(t => (EXPERT_LORA_TARGETS as readonly string[]).includes(t));
-  const others = lora.targets.filter(t => (LORA_TARGETS as readonly string[]).includes(t) && !experts.includes(t));
   if (experts.length > 0) {
-    c.add('lora.dropout', `lora.dropout: expected 0 on expert targets (${experts.join(', ')}) but got ${lora.dropout}: ${EXPERT_DROPOUT_REASON}`);
-  } else if (others.length > 0) {
-    c.add('lora.dropout', `lora.dropout: expected 0 on ${others.join(', ')} but got ${lora.dropout}: ${NON_EXPERT_DROPOUT_REASON}`);
+    c.add('loraMode', `loraMode: expected 'split' or 'auto' with lora.dropout ${lora.dropout} on expert targets ` +
+        `(${experts.join(', ')}) but got 'materialize': ${EXPERT_DROPOUT_NEEDS_SPLIT}`);
   }
 }
 

@@ -9,10 +9,9 @@ import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { confinedPath, openArtifactFolder, parseJSONText, pathKind, readJSONFile, readTextFile } from '../util/files.js';
-import { integralFloatPaths, recordConfigFloats, recordSourceDtypes, recordSourceFolder } from './checkpoint_source.js';
-import { dequantizingSource } from './fp8_checkpoint.js';
+import { integralFloatPaths, recordConfigFloats, recordSourceFolder } from './checkpoint_source.js';
 import {
-  CheckpointError, CheckpointSource, configTensorPlan, indexedCheckpointSource, modelFromCheckpoint,
+  CheckpointError, CheckpointSource, indexedCheckpointSource, modelFromCheckpoint,
   type LoadHFCheckpointOptions,
 } from './hf_checkpoint_core.js';
 import { readSafetensorsFile } from './safetensors.js';
@@ -46,9 +45,10 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
 
 /**
  * Reads an HF checkpoint folder into a MoECausalLM (a functional tf.LayersModel).
- * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe; other MoE families are an error that says
- * they are block-only. Extra tensors in the checkpoint are ignored (as transformers does with
- * unexpected keys); missing, misshapen or non-float tensors are one CheckpointError listing all.
+ * Whole models: every family (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3);
+ * FP8 and MXFP4 checkpoints decode on load. Extra tensors in the checkpoint are ignored (as
+ * transformers does with unexpected keys); missing, misshapen or non-float tensors are one
+ * CheckpointError listing all.
  * The model remembers each tensor's dtype on disk and the folder (checkpoint_source.ts), so
  * saveHFCheckpoint writes bf16 back as bf16 and copies the tokenizer files.
  *
@@ -66,11 +66,9 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   const configText = await readTextFile(join(dir, 'config.json'), configWhat);
   const config = parseJSONText(configText, join(dir, 'config.json'), configWhat) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
-  // FP8 weights read as the float32 they decode to (and are saved so)
-  const source = dequantizingSource(config, await openCheckpoint(dir), `'${dir}'`);
+  // FP8 and MXFP4 weights are decoded (and their dtypes recorded) once, in modelFromCheckpoint
+  const source = await openCheckpoint(dir);
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
-  // every name of the plan is in the source: modelFromCheckpoint checked them
-  recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   recordSourceFolder(model, dir);
   // which of its numbers are floats (JSON.parse turns 0.0 into 0), for writing it back
   recordConfigFloats(model, integralFloatPaths(configText));

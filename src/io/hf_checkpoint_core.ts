@@ -22,6 +22,8 @@ import {
 import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
+import { recordSourceDtypes } from './checkpoint_source.js';
+import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
 export class CheckpointError extends MoELoraError {
@@ -50,6 +52,7 @@ export class CheckpointSource implements TensorSource {
   info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
   tensor(name: string): Promise<tf.Tensor> { return this.fileOf.get(name)!.tensor(name); }
   halfBits(name: string): Promise<Uint16Array> { return this.fileOf.get(name)!.halfBits(name); }
+  uint8Values(name: string): Promise<Uint8Array> { return this.fileOf.get(name)!.uint8Values(name); }
 }
 
 /**
@@ -159,6 +162,7 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
         at('self_attn.v_proj.bias', [kv]);
       }
       if (c.outputBias) at('self_attn.o_proj.bias', [H]);
+      if (c.sinks) at('self_attn.sinks', [c.numHeads]);
       if (c.qkNorm !== 'none') {
         at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
         at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
@@ -294,10 +298,15 @@ export async function modelFromCheckpoint(
         `but got ${JSON.stringify(expertDtype)}`);
   }
   familyOf(config);  // unknown model types fail here, before any weight is checked
-  // an FP8 checkpoint (quantization_config) loads as the float32 model of its dequantized weights
-  const quantized = config['quantization_config'] != null;
-  source = dequantizingSource(config, source, where);
-  if (quantized) config = withoutQuantizationConfig(config);
+  if (isMXFP4Config(config)) {
+    // MXFP4 experts (gpt-oss on the Hub) are read as the BF16 weights they decode to, exactly
+    source = mxfp4TensorSource(source, where);
+  } else if (config['quantization_config'] != null) {
+    // an FP8 checkpoint loads as the float32 model of its dequantized weights (any other
+    // quantization is refused here, by name)
+    source = dequantizingSource(config, source, where);
+    config = withoutQuantizationConfig(config);
+  }
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   const expertStorage = modelExpertStorage(config, source, expertDtype);
   // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
@@ -313,6 +322,8 @@ export async function modelFromCheckpoint(
     model.dispose();
     throw e;
   }
+  // each tensor's dtype on disk, whichever loader read it: a save writes bf16 back as bf16
+  recordSourceDtypes(model, new Map(configTensorPlan(config).all.map(({ name }) => [name, source.info(name).dtype])));
   return model;
 }
 

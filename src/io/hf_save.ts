@@ -19,6 +19,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { RotaryAttention } from '../layers/attention.js';
 import { decoderLayerIndex, hfConfigOf } from '../layers/moe_causal_lm.js';
+import { isMXFP4Config } from './mxfp4.js';
 import { SparseMoE, variableExpertFloat32, variableFloat32, variableShape } from '../layers/sparse_moe.js';
 import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import type { HFConfig } from '../models/families.js';
@@ -415,6 +416,9 @@ export async function saveHFCheckpoint(
   const mainDtype = TORCH_DTYPE[[...elements].sort((a, b) => b[1] - a[1])[0]?.[0] ?? 'F32'];
   config['dtype'] = mainDtype;
   if ('torch_dtype' in config) config['torch_dtype'] = mainDtype;
+  // MXFP4 experts were decoded on load and are written as plain weights: a quantization_config
+  // left in would make transformers look for *_blocks / *_scales
+  if (isMXFP4Config(config)) delete config['quantization_config'];
 
   let companions: Record<string, Uint8Array> = {};
   if (typeof sourceFolder === 'string') {

@@ -417,9 +417,6 @@ function readAdapterConfig(
   }
   const all = new Set([...targetsByLayer.values()].flatMap(t => [...t]));
   const none = (v: unknown) => v == null || (Array.isArray(v) && v.length === 0);
-  if ((dropout as number) > 0 && [...targetsByLayer.values()].some(t => t.size > 0)) {
-    notes.push(`lora_dropout ${dropout} is not applied on the MoE targets (their fused ops take no dropout); inference is unaffected`);
-  }
   if (none(config['target_parameters']) && none(config['target_modules'])) {
     problems.push(`the adapter targets nothing: target_parameters and target_modules are both empty`);
   }
@@ -676,7 +673,7 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
       }
     }
     for (const { layer, tensors, targets } of plan) {
-      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets] }, 'peft');
+      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets], dropout: cfg.dropout }, 'peft');
       const factors = layer.adapter(name).factors;
       for (const target of tensors.keys()) {
         const { A, B } = values.get(`${layer.name}/${target}`)!;
@@ -738,14 +735,14 @@ export function peftAdapterFiles(
       problems.push(`'${layer.name}' has ${scale(c)} but ${firstName} has ${scale(first)} (PEFT keeps one of each per adapter)`);
     }
   }
-  const dropouts = [...new Set(linear.map(l => l.lora.config(name)!.dropout ?? 0))];
+  const dropouts = [...new Set([...having.map(l => l.adapter(name).config.dropout ?? 0), ...linear.map(l => l.lora.config(name)!.dropout ?? 0)])];
   for (const layer of linear) {
     const c = layer.lora.config(name)!;
     if ((c.rsLoRA ?? false) !== (first.rsLoRA ?? false)) {
       problems.push(`'${layer.name}' has rsLoRA ${c.rsLoRA ?? false} but ${firstName} has rsLoRA ${first.rsLoRA ?? false} (PEFT keeps one per adapter)`);
     }
   }
-  if (dropouts.length > 1) problems.push(`the linear layers have lora_dropout ${dropouts.join(', ')} (PEFT keeps one per adapter)`);
+  if (dropouts.length > 1) problems.push(`the adapted layers have lora_dropout ${dropouts.join(', ')} (PEFT keeps one per adapter)`);
   if (problems.length > 0) throw peftError(op, source === null ? `adapter '${name}'` : `${source} (adapter '${name}')`, problems);
 
   const names = peftNames(model);
@@ -777,6 +774,7 @@ export function peftAdapterFiles(
     if (m.alpha !== first.alpha) alphaPattern[m.module] = m.alpha;
   }
   const modelType = hfConfigOf(model)?.['model_type'];
+  const parameters = entries(false);
   const config = {
     alpha_pattern: alphaPattern,
     // what PEFT's save_pretrained records when task_type is null: the loader checks it
@@ -790,7 +788,9 @@ export function peftAdapterFiles(
     layers_to_transform: null,
     lora_alpha: first.alpha,
     lora_bias: false,
-    lora_dropout: dropouts[0] ?? 0.0,
+    // PEFT's ParamWrapper (every target_parameters entry) refuses to load a config whose
+    // lora_dropout is not 0; dropout only acts in training, so the adapter computes the same
+    lora_dropout: parameters.length > 0 ? 0.0 : dropouts[0] ?? 0.0,
     modules_to_save: null,
     peft_type: 'LORA',
     peft_version: PEFT_VERSION_WRITTEN,
@@ -798,7 +798,7 @@ export function peftAdapterFiles(
     rank_pattern: rankPattern,
     revision: null,
     target_modules: [...entries(true), ...linearEntries],
-    target_parameters: entries(false),
+    target_parameters: parameters,
     task_type: null,
     use_dora: false,
     use_rslora: first.rsLoRA ?? false,

@@ -133,6 +133,21 @@ export class SafetensorsFile {
     return readUint16(await this.readData(e.begin, e.end));
   }
 
+  /**
+   * The raw bytes of a U8 tensor (MXFP4 blocks and scales, src/io/mxfp4.ts).
+   *
+   * ```js
+   * const scales = await file.uint8Values('model.layers.0.mlp.experts.down_proj_scales');  // Uint8Array
+   * ```
+   */
+  async uint8Values(name: string): Promise<Uint8Array> {
+    const e = this.entry(name);
+    if (e.dtype !== 'U8') {
+      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; uint8Values reads U8 tensors only`);
+    }
+    return this.readData(e.begin, e.end);
+  }
+
   private entry(name: string): Entry {
     const e = this.entries.get(name);
     if (e === undefined) {

@@ -1,8 +1,9 @@
 /**
  * Causal self-attention with rotary position embeddings and grouped KV heads, plus the per-family
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
- * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window and partial
- * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D).
+ * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, partial
+ * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope and gpt-oss's
+ * attention sinks (a learned logit per head that joins every softmax denominator).
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -12,8 +13,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
+import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, rotaryTables, rotaryTablesAt } from './rotary.js';
+import { applyRotary, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
@@ -46,6 +48,13 @@ export interface RotaryAttentionArgs extends LayerArgs {
   clipQKV?: number | null;
   /** a query attends to keys at distance < window (Mistral-style); null = full causal */
   slidingWindow?: number | null;
+  /** scaled rope frequencies (YaRN); null/absent: the default rope */
+  ropeScaling?: RopeScaling;
+  /**
+   * gpt-oss attention sinks: a learned logit per head ('sinks' [numHeads]) joined to each query's
+   * softmax over its keys and dropped after it, so a query may give weight to no key at all
+   */
+  sinks?: boolean;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
   /** LoRA adapters on q/k/v/o_proj to create in build(), as getConfig() writes them */
@@ -100,6 +109,23 @@ export function contextIds(b: number, s: number, op = 'RotaryAttention.call'): {
   return { segmentIds: get('segmentIds'), positionIds: get('positionIds') };
 }
 
+/** A RopeScaling's numbers: each finite, factor >= 1, a positive context and attention factor. */
+function checkRopeScaling(op: string, scaling: NonNullable<RopeScaling>): void {
+  if (scaling === null || typeof scaling !== 'object' || scaling.kind !== 'yarn') {
+    fail(op, `'ropeScaling' must be null or {kind: 'yarn', ...} but got ${describeValue(scaling)}`);
+  }
+  for (const key of ['factor', 'betaFast', 'betaSlow', 'attentionFactor'] as const) {
+    assertFiniteNumber(op, `ropeScaling.${key}`, scaling[key]);
+  }
+  if (scaling.factor < 1) fail(op, `'ropeScaling.factor' must be >= 1 but got ${scaling.factor}`);
+  if (scaling.attentionFactor <= 0) fail(op, `'ropeScaling.attentionFactor' must be > 0 but got ${scaling.attentionFactor}`);
+  if (!(scaling.betaSlow > 0 && scaling.betaFast > scaling.betaSlow)) {
+    fail(op, `'ropeScaling' needs betaFast > betaSlow > 0 but got betaFast ${scaling.betaFast}, betaSlow ${scaling.betaSlow}`);
+  }
+  assertInteger(op, 'ropeScaling.originalMaxPositionEmbeddings', scaling.originalMaxPositionEmbeddings, 1);
+  if (typeof scaling.truncate !== 'boolean') fail(op, `'ropeScaling.truncate' must be a boolean but got ${describeValue(scaling.truncate)}`);
+}
+
 export class RotaryAttention extends tfl.layers.Layer {
   static className = 'RotaryAttention';
   readonly numHeads: number;
@@ -113,6 +139,8 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly normEpsilon: number;
   readonly clipQKV: number | null;
   readonly slidingWindow: number | null;
+  readonly ropeScaling: RopeScaling;
+  readonly sinks: boolean;
   readonly initializerRange: number;
   private readonly vars = new Map<string, tfl.LayerVariable>();
   /** LoRA adapters on q_proj, k_proj, v_proj and o_proj (PEFT's lora.Linear state) */
@@ -150,6 +178,10 @@ export class RotaryAttention extends tfl.layers.Layer {
     }
     this.slidingWindow = args.slidingWindow ?? null;
     if (this.slidingWindow !== null) assertInteger(op, 'slidingWindow', this.slidingWindow, 1);
+    this.ropeScaling = args.ropeScaling ?? null;
+    if (this.ropeScaling !== null) checkRopeScaling(op, this.ropeScaling);
+    this.sinks = args.sinks ?? false;
+    if (typeof this.sinks !== 'boolean') fail(op, `'sinks' must be a boolean but got ${describeValue(this.sinks)}`);
     this.numHeads = args.numHeads;
     this.numKeyValueHeads = args.numKeyValueHeads;
     this.headDim = args.headDim;
@@ -181,6 +213,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       add('v_proj.bias', [kv], zeros);
     }
     if (this.outputBias) add('o_proj.bias', [h], zeros);
+    if (this.sinks) add('sinks', [this.numHeads], normal);  // transformers inits them normal(0, initializer_range)
     if (this.qkNorm === 'perHead') {
       add('q_norm.weight', [this.headDim], ones);
       add('k_norm.weight', [this.headDim], ones);
@@ -240,7 +273,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
       const rd = this.rotaryDim;
       const { cos, sin } = cached.rotary ??
-        (positionIds === null ? rotaryTables(s, rd, this.ropeTheta) : rotaryTablesAt(positionIds, rd, this.ropeTheta, s));
+        (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
+          rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
       q3 = this.rotate(q3, cos, sin);
       k3 = this.rotate(k3, cos, sin);
       let mask: tf.Tensor2D | tf.Tensor4D;
@@ -259,7 +293,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       // the mask: [S, L], or [B, 1, S, S] with segments
       const scores = mask.rank === 2 ? tf.add(scaled, mask) :
         tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, L]
-      const probs = tf.softmax(scores);                                // [B*nh, S, L]
+      const probs = this.sinks ? this.softmaxWithSinks(scores as tf.Tensor3D, b) : tf.softmax(scores);  // [B*nh, S, L]
       const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
@@ -272,6 +306,17 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (rd === this.headDim) return applyRotary(x, cos, sin);
     const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
     return tf.concat([applyRotary(rotated, cos, sin), passed], 2) as tf.Tensor3D;
+  }
+
+  /**
+   * softmax over [keys..., sink] of scores [B·nh, S, L], the sink's column dropped: each head's
+   * sink logit adds exp(sink) to every denominator (transformers' eager gpt-oss attention).
+   */
+  private softmaxWithSinks(scores: tf.Tensor3D, b: number): tf.Tensor3D {
+    const [n, s, keyLen] = scores.shape;
+    const sinks = tf.tile(tf.reshape(this.w('sinks'), [1, this.numHeads, 1, 1]), [b, 1, s, 1]);  // [B, nh, S, 1]
+    const joined = tf.concat([scores, tf.reshape(sinks, [n, s, 1])], 2);                         // [B*nh, S, L+1]
+    return tf.slice(tf.softmax(joined), [0, 0, 0], [n, s, keyLen]) as tf.Tensor3D;
   }
 
   /**
@@ -290,7 +335,7 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (hasSegments) fail('RotaryAttention.call', "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
     const past = cache.seen(this.name);
     return {
-      rotary: rotaryTables(s, this.rotaryDim, this.ropeTheta, past),
+      rotary: rotaryTables(s, this.rotaryDim, this.ropeTheta, past, this.ropeScaling),
       attend: (k, v) => {
         const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
         return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
@@ -312,6 +357,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       normEpsilon: this.normEpsilon,
       clipQKV: this.clipQKV,
       slidingWindow: this.slidingWindow,
+      ropeScaling: this.ropeScaling,
+      sinks: this.sinks,
       initializerRange: this.initializerRange,
       ...this.lora.getConfig(),
     } as unknown as tf.serialization.ConfigDict;

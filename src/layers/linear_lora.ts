@@ -19,6 +19,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import { assertInteger, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
 import { currentSequenceContext } from './sequence_context.js';
+import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
 
 /** The projections of RotaryAttention and SwiGLUMLP that take LoRA, under HF's module names. */
 export const ATTENTION_PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -57,34 +58,8 @@ export function loraScaling(r: number, alpha: number, rsLoRA: boolean): number {
   return alpha / (rsLoRA ? Math.sqrt(r) : r);
 }
 
-/**
- * The seed of one module's dropout mask in a pass seeded `passSeed`: FNV-1a over the seed and the
- * module's name, so masks differ between modules and repeat for the same pass seed.
- *
- * ```js
- * dropoutSeedOf(7, 'model.layers.0.self_attn.q_proj/default');  // a 32-bit integer
- * ```
- */
-export function dropoutSeedOf(passSeed: number, key: string): number {
-  let h = 0x811c9dc5;
-  for (const ch of `${passSeed}:${key}`) {
-    h ^= ch.charCodeAt(0);
-    h = Math.imul(h, 0x01000193) >>> 0;
-  }
-  return h;
-}
-
-/**
- * The keep mask PEFT's nn.Dropout(p) applies, already divided by 1 − p: 0 or 1/(1 − p) per
- * element, seeded (the same seed gives the same mask on every backend: tfjs draws it on the CPU).
- *
- * ```js
- * const mask = loraDropoutMask([4, 8], 0.1, dropoutSeedOf(7, 'q_proj'));
- * ```
- */
-export function loraDropoutMask(shape: number[], p: number, seed: number | undefined): tf.Tensor {
-  return tf.tidy(() => tf.div(tf.cast(tf.greaterEqual(tf.randomUniform(shape, 0, 1, 'float32', seed), p), 'float32'), 1 - p));
-}
+// the mask helpers live with the ops (the router and expert ops draw masks the same way)
+export { dropoutSeedOf, loraDropoutMask };
 
 /**
  * The LoRA branch of one adapted projection: s · (dropout(x)·Aᵀ)·Bᵀ for x [N, in], A [r, in],

@@ -14,9 +14,9 @@
  * the module, so the checkpoint tensor of a weight is `<layer name>.<weight name>`, except in
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
- * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe (RotaryAttention with partial
- * rotary) and deepseek_v3 (MLAAttention). gpt_oss (attention sinks, YaRN, sliding layers) is
- * supported at the block level only (SparseMoE, src/io/hf_block.ts).
+ * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
+ * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary) and
+ * deepseek_v3 (MLAAttention).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -27,6 +27,7 @@ import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js'
 import { fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
+import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { MLAAttention } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
@@ -36,12 +37,13 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
 export type MoECausalLM = tfl.LayersModel;
 
-/** The model types that load as whole models; the others in MODEL_TYPES are block-only. */
-export const WHOLE_MODEL_TYPES: readonly ModelType[] = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'glm4_moe', 'deepseek_v3'];
+/** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
+export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+];
 
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  gpt_oss: 'its attention (sinks, YaRN rope, sliding layers) is not implemented',
-};
+/** Why a block-only family has no whole model (none is block-only now). */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -57,12 +59,18 @@ export interface MoECausalLMConfig {
   rotaryDim: number;
   /** deepseek_v3's multi-head latent attention (MLAAttention) instead of RotaryAttention; else null */
   mla: MLAConfig | null;
+  /** YaRN (gpt_oss); null: the default rope */
+  ropeScaling: RopeScaling;
   rmsNormEps: number;
   qkvBias: boolean;
   outputBias: boolean;
   qkNorm: QKNorm;
   clipQKV: number | null;
   slidingWindow: number | null;
+  /** per decoder layer, the window its attention uses (slidingWindow, or null for a full-attention layer) */
+  layerWindows: Array<number | null>;
+  /** attention sinks (gpt_oss) */
+  sinks: boolean;
   tieWordEmbeddings: boolean;
   initializerRange: number;
   /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
@@ -76,6 +84,8 @@ export interface MoECausalLMConfig {
     /** DeepSeek/GLM e_score_correction_bias (expert selection only) */
     correctionBias: boolean;
     sharedExpert: { intermediateSize: number; gated: boolean } | null;
+    /** gpt_oss: experts stored [E, in, out] with gate/up interleaved, expert and router biases */
+    fusedInterleaved: boolean;
   };
 }
 
@@ -127,16 +137,46 @@ function canonicalJSON(value: unknown): string {
 /** The keys of a default rope's settings; any other key (factor, ...) would be ignored, so is refused. */
 const DEFAULT_ROPE_KEYS = ['rope_type', 'type', 'rope_theta', 'partial_rotary_factor'];
 
+/** The keys YaRN reads (transformers' _compute_yarn_parameters, without DeepSeek's mscale ones). */
+const YARN_ROPE_KEYS = [
+  ...DEFAULT_ROPE_KEYS, 'factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'truncate',
+  'attention_factor',
+];
+
+/** YaRN's settings as transformers reads them: factor and the original context required, the rest defaulted. */
+function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<RopeScaling> {
+  const at = `${key}.`;
+  const required = (name: string) => {
+    if (rope[name] == null) fail(OP, `a YaRN rope needs '${at}${name}' but config.json does not set it`);
+    return num(rope, name);
+  };
+  const factor = required('factor');
+  if (factor < 1) fail(OP, `'config.${at}factor' must be >= 1 but got ${factor}`);
+  const context = required('original_max_position_embeddings');
+  const truncate = rope['truncate'] ?? true;
+  if (typeof truncate !== 'boolean') fail(OP, `'config.${at}truncate' must be a boolean but got ${describeValue(truncate)}`);
+  return {
+    kind: 'yarn', factor, originalMaxPositionEmbeddings: context,
+    // transformers: `get("beta_fast") or 32`, so 0 or null also mean the default
+    betaFast: rope['beta_fast'] ? num(rope, 'beta_fast') : 32,
+    betaSlow: rope['beta_slow'] ? num(rope, 'beta_slow') : 1,
+    truncate,
+    attentionFactor: rope['attention_factor'] != null ? num(rope, 'attention_factor') :
+      factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1,
+  };
+}
+
 /**
- * rope_theta of the default rope, from rope_parameters (transformers 5) or the top level. Every
- * other rope setting would change the math but is not implemented, so it is an error, never
- * ignored: another rope_type, a key the default rope does not read (factor,
- * original_max_position_embeddings, low/high_freq_factor, ...), rope_scaling that disagrees with
- * rope_parameters (older transformers read one, newer the other), or two different thetas.
+ * rope_theta and the scaling (YaRN for the families of SCALED_ROPE_TYPES, else none), from
+ * rope_parameters (transformers 5), rope_scaling (older) or the top level. Every other rope
+ * setting would change the math but is not implemented, so it is an error, never ignored: another
+ * rope_type, a key the rope does not read (low/high_freq_factor, mscale, ...), rope_scaling that
+ * disagrees with rope_parameters (older transformers read one, newer the other), or two thetas.
  */
-function ropeSettings(config: HFConfig, fallback: number, modelType: ModelType): { theta: number; partialRotaryFactor: number } {
+function ropeSettings(config: HFConfig, fallback: number, modelType: ModelType):
+    { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
   const partialDefault = PARTIAL_ROTARY_DEFAULT[modelType];
-  if (partialDefault === undefined) return { theta: ropeTheta(config, fallback), partialRotaryFactor: 1 };
+  if (partialDefault === undefined) return { ...ropeOf(config, fallback, modelType), partialRotaryFactor: 1 };
   // the family implements partial rotary: rope_parameters' factor wins (transformers 5), then the top level
   const params = config['rope_parameters'] ?? config['rope_scaling'];
   const nested = params !== null && typeof params === 'object' ? (params as Record<string, unknown>)['partial_rotary_factor'] : undefined;
@@ -159,10 +199,10 @@ function ropeSettings(config: HFConfig, fallback: number, modelType: ModelType):
       withoutPartial['rope_scaling'] = legacy;
     }
   }
-  return { theta: ropeTheta(withoutPartial, fallback), partialRotaryFactor: factor };
+  return { ...ropeOf(withoutPartial, fallback, modelType), partialRotaryFactor: factor };
 }
 
-function ropeTheta(config: HFConfig, fallback: number): number {
+function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { theta: number; scaling: RopeScaling } {
   const parameters = config['rope_parameters'] ?? null;
   const legacy = config['rope_scaling'] ?? null;
   if (parameters !== null && legacy !== null && canonicalJSON(parameters) !== canonicalJSON(legacy)) {
@@ -175,34 +215,48 @@ function ropeTheta(config: HFConfig, fallback: number): number {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(topLevelPartial)}`);
   }
   const params = parameters ?? legacy;
-  if (params === null) return num(config, 'rope_theta', fallback);
+  if (params === null) return { theta: num(config, 'rope_theta', fallback), scaling: null };
   const key = parameters !== null ? 'rope_parameters' : 'rope_scaling';
   if (typeof params !== 'object' || Array.isArray(params)) {
     fail(OP, `'config.${key}' must be an object but got ${describeValue(params)}`);
   }
   const rope = params as Record<string, unknown>;
-  for (const typeKey of ['rope_type', 'type']) {
-    const type = rope[typeKey] ?? 'default';
-    if (type !== 'default') {
-      fail(OP, `only the default rope is supported but config.json sets ${typeKey} '${String(type)}'`);
+  const scaledTypes = familyOf(config).attention?.scaledRopes ?? [];
+  const types = ['rope_type', 'type'].filter(k => rope[k] != null && rope[k] !== 'default');
+  for (const typeKey of types) {
+    const type = rope[typeKey];
+    if (!scaledTypes.includes(type as string)) {
+      fail(OP, scaledTypes.length === 0 ?
+        `only the default rope is supported but config.json sets ${typeKey} '${String(type)}'` :
+        `'${modelType}' supports the default and ${scaledTypes.map(t => `'${t}'`).join(', ')} ropes but config.json sets ${typeKey} '${String(type)}'`);
     }
   }
+  if (rope['rope_type'] != null && rope['type'] != null && rope['rope_type'] !== rope['type']) {
+    // transformers reads rope_type, older versions type
+    fail(OP, `'config.${key}' sets rope_type '${String(rope['rope_type'])}' and type '${String(rope['type'])}'; they must agree`);
+  }
+  const scaled = types.length > 0;
   const partial = rope['partial_rotary_factor'];
   if (partial !== undefined && partial !== 1) {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
   }
-  const ignored = Object.keys(rope).filter(k => !DEFAULT_ROPE_KEYS.includes(k));
+  const known = scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
+  const ignored = Object.keys(rope).filter(k => !known.includes(k));
   if (ignored.length > 0) {
-    fail(OP, `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
-        `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
+    fail(OP, scaled ?
+      `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which YaRN as implemented here does not read ` +
+          `(only ${YARN_ROPE_KEYS.map(k => `'${k}'`).join(', ')})` :
+      `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
+          `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
   }
-  if (rope['rope_theta'] === undefined) return num(config, 'rope_theta', fallback);
+  const scaling = scaled ? yarnScaling(rope, key) : null;
+  if (rope['rope_theta'] === undefined) return { theta: num(config, 'rope_theta', fallback), scaling };
   const theta = num(rope, 'rope_theta');
   if (config['rope_theta'] != null && config['rope_theta'] !== theta) {
     fail(OP, `config.json sets rope_theta ${describeValue(config['rope_theta'])} at the top level and ` +
         `${theta} in '${key}'; they must agree`);
   }
-  return theta;
+  return { theta, scaling };
 }
 
 /**
@@ -210,7 +264,7 @@ function ropeTheta(config: HFConfig, fallback: number): number {
  * not implement: an error each, never ignored.
  */
 function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLayers: number,
-    slidingWindow: number | null): void {
+    slidingWindow: number | null, perLayerTypes: boolean): void {
   const dropout = config['attention_dropout'] ?? 0;
   if (dropout !== 0) {
     fail(OP, `attention dropout is not implemented: 'config.attention_dropout' must be 0 but got ${describeValue(dropout)}`);
@@ -220,13 +274,29 @@ function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLaye
     fail(OP, `router jitter noise is not implemented: 'config.router_jitter_noise' must be 0 but got ${describeValue(jitter)}`);
   }
   const layerTypes = config['layer_types'];
-  if (layerTypes != null) {
+  if (layerTypes != null && !perLayerTypes) {
     const applied = slidingWindow === null ? 'full_attention' : 'sliding_attention';
     if (!Array.isArray(layerTypes) || layerTypes.length !== numLayers || layerTypes.some(t => t !== applied)) {
       fail(OP, `'config.layer_types' must list '${applied}' for each of the ${numLayers} layers ` +
           `(what this '${modelType}' graph computes) but got ${JSON.stringify(layerTypes)}`);
     }
   }
+}
+
+const LAYER_TYPES = ['sliding_attention', 'full_attention'];
+
+/**
+ * Per decoder layer, the window of its attention for a family that mixes sliding and full layers
+ * (gpt_oss): config.layer_types, or transformers' default (sliding, full, sliding, ...).
+ */
+function windowsByLayerType(config: HFConfig, numLayers: number, slidingWindow: number): Array<number | null> {
+  const given = config['layer_types'];
+  const types = given ?? Array.from({ length: numLayers }, (_, i) => LAYER_TYPES[i % 2]);
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => !LAYER_TYPES.includes(t))) {
+    fail(OP, `'config.layer_types' must list 'sliding_attention' or 'full_attention' for each of the ${numLayers} layers ` +
+        `but got ${JSON.stringify(given)}`);
+  }
+  return types.map(t => (t === 'sliding_attention' ? slidingWindow : null));
 }
 
 /**
@@ -264,6 +334,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   }
   const attentionBias = bool(config, 'attention_bias', false);
   type AttentionDetails = Pick<MoECausalLMConfig, 'qkvBias' | 'outputBias' | 'qkNorm' | 'clipQKV' | 'slidingWindow'>;
+  const traits = family.attention ?? {};
   const attentionDetails = (): AttentionDetails => {
     switch (modelType) {
       case 'mixtral':
@@ -282,6 +353,11 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         };
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'gpt_oss':
+        return {
+          qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
+          qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', traits.slidingWindow),
+        };
       default:  // olmoe
         return {
           qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'full', slidingWindow: null,
@@ -296,8 +372,17 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const needsDense = moeLayers.length < numLayers;
   const sharedLayout = family.checkpoint.shared;
   const attention = attentionDetails();
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow);
-  const rope = ropeSettings(config, modelType === 'mixtral' ? 1e6 : 1e4, modelType);
+  const sinks = traits.sinks ?? false;
+  const perLayerTypes = traits.layerTypes ?? false;
+  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
+  const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
+    Array.from({ length: numLayers }, () => attention.slidingWindow);
+  if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
+    // transformers would apply the config class's default scaled rope; this graph applies only what config.json says
+    fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
+        `${(traits.scaledRopes ?? []).join('/')} rope`);
+  }
+  const rope = ropeSettings(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
@@ -314,8 +399,11 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     ropeTheta: rope.theta,
     rotaryDim,
     mla,
+    ropeScaling: rope.scaling,
     rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
     ...attention,
+    layerWindows,
+    sinks,
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
@@ -328,6 +416,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       correctionBias: family.checkpoint.router.correctionBias !== undefined,
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
+      fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
     },
   };
 }
@@ -431,7 +520,8 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
       new RotaryAttention({
         name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
-        qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.slidingWindow,
+        qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
+        ropeScaling: c.ropeScaling, sinks: c.sinks,
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
@@ -443,6 +533,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
+        ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
       }) :
       new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;

@@ -1,20 +1,73 @@
 /**
- * Rotary position embeddings, the default ("rope_type": "default") kind: rotate-half pairs
- * (i, i + D/2) by the angle position · theta^(−2i/D).
+ * Rotary position embeddings: rotate-half pairs (i, i + D/2) by the angle position · f_i, with
+ * f_i = theta^(−2i/D) for the default rope ("rope_type": "default") or YaRN's blend of f_i and
+ * f_i / factor (gpt-oss), whose cos and sin are also scaled by its attention factor.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { HOST_BACKENDS } from './embedding.js';
 
 /**
+ * YaRN ("rope_type": "yarn", arXiv 2309.00071) as transformers computes it: dimensions that turn
+ * more than betaFast times over the original context keep theta's frequency, those that turn less
+ * than betaSlow times are divided by `factor`, a linear ramp in between; cos and sin are multiplied
+ * by `attentionFactor` (0.1·ln(factor) + 1 unless config.json sets attention_factor).
+ */
+export interface YarnRope {
+  kind: 'yarn';
+  factor: number;
+  originalMaxPositionEmbeddings: number;
+  betaFast: number;
+  betaSlow: number;
+  /** round the ramp's ends to whole dimensions (floor / ceil), transformers' default */
+  truncate: boolean;
+  attentionFactor: number;
+}
+
+/** How the rotary frequencies are scaled; null: the default rope. */
+export type RopeScaling = YarnRope | null;
+
+/**
+ * The D/2 rotary frequencies (float64) and the factor on cos and sin.
+ *
+ * ```js
+ * ropeFrequencies(16, 150000, null).inverseFrequencies[1];  // 150000 ** (-2 / 16)
+ * ```
+ */
+export function ropeFrequencies(headDim: number, theta: number, scaling: RopeScaling): {
+  inverseFrequencies: Float64Array; attentionFactor: number;
+} {
+  const half = headDim / 2;
+  const base = Float64Array.from({ length: half }, (_, i) => 1 / Math.pow(theta, (2 * i) / headDim));
+  if (scaling === null) return { inverseFrequencies: base, attentionFactor: 1 };
+  const { factor, originalMaxPositionEmbeddings: context, betaFast, betaSlow, truncate } = scaling;
+  // the dimension whose frequency turns `turns` times over the original context
+  const dimensionOf = (turns: number) =>
+    (headDim * Math.log(context / (turns * 2 * Math.PI))) / (2 * Math.log(theta));
+  let low = dimensionOf(betaFast);
+  let high = dimensionOf(betaSlow);
+  if (truncate) { low = Math.floor(low); high = Math.ceil(high); }
+  low = Math.max(low, 0);
+  high = Math.min(high, headDim - 1);
+  if (low === high) high += 0.001;  // as transformers: no division by zero
+  const inverseFrequencies = base.map((f, i) => {
+    const ramp = Math.min(1, Math.max(0, (i - low) / (high - low)));  // 0: keep f, 1: f / factor
+    return (f / factor) * ramp + f * (1 - ramp);
+  });
+  return { inverseFrequencies, attentionFactor: scaling.attentionFactor };
+}
+
+/**
  * cos and sin tables [S, D] for positions first..first+S−1 (first 0 unless given: a generation
- * step's new tokens come after the cached ones), computed in float64 and rounded once.
+ * step's new tokens come after the cached ones), computed in float64 and rounded once; with a
+ * `scaling` (YaRN), of its frequencies and times its attention factor.
  *
  * ```js
  * const {cos, sin} = rotaryTables(11, 16, 10000);  // each [11, 16]
  * ```
  */
-export function rotaryTables(seqLen: number, headDim: number, theta: number, first = 0): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+export function rotaryTables(seqLen: number, headDim: number, theta: number, first = 0,
+    scaling: RopeScaling = null): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
   const op = 'rotaryTables';
   assertInteger(op, 'seqLen', seqLen, 1);
   assertInteger(op, 'headDim', headDim, 2);
@@ -25,12 +78,13 @@ export function rotaryTables(seqLen: number, headDim: number, theta: number, fir
   const half = headDim / 2;
   const cos = new Float32Array(seqLen * headDim);
   const sin = new Float32Array(seqLen * headDim);
+  const { inverseFrequencies, attentionFactor } = ropeFrequencies(headDim, theta, scaling);
   for (let i = 0; i < half; i++) {
-    const invFreq = 1 / Math.pow(theta, (2 * i) / headDim);
+    const invFreq = inverseFrequencies[i];
     for (let p = 0; p < seqLen; p++) {
       const angle = (first + p) * invFreq;
-      const c = Math.cos(angle);
-      const s = Math.sin(angle);
+      const c = Math.cos(angle) * attentionFactor;
+      const s = Math.sin(angle) * attentionFactor;
       cos[p * headDim + i] = c; cos[p * headDim + i + half] = c;
       sin[p * headDim + i] = s; sin[p * headDim + i + half] = s;
     }
@@ -55,7 +109,8 @@ function rotateHalf<T extends tf.Tensor>(x: T): T {
  * const {cos, sin} = rotaryTablesAt(tf.tensor2d([[0, 1, 0, 1]], [1, 4], 'int32'), 16, 10000, 4);  // [1, 4, 16]
  * ```
  */
-export function rotaryTablesAt(positionIds: tf.Tensor2D, headDim: number, theta: number, tableLength: number): { cos: tf.Tensor3D; sin: tf.Tensor3D } {
+export function rotaryTablesAt(positionIds: tf.Tensor2D, headDim: number, theta: number, tableLength: number,
+    scaling: RopeScaling = null): { cos: tf.Tensor3D; sin: tf.Tensor3D } {
   const [b, s] = positionIds.shape;
   if (HOST_BACKENDS.includes(tf.getBackend())) {
     const values = positionIds.dataSync();
@@ -63,7 +118,7 @@ export function rotaryTablesAt(positionIds: tf.Tensor2D, headDim: number, theta:
     if (bad >= 0) fail('rotaryTablesAt', `'positionIds' must hold positions in [0, ${tableLength - 1}] but holds ${values[bad]} at index ${bad}`);
   }
   return tf.tidy(() => {
-    const { cos, sin } = rotaryTables(tableLength, headDim, theta);
+    const { cos, sin } = rotaryTables(tableLength, headDim, theta, 0, scaling);
     const flat = tf.reshape(positionIds, [b * s]) as tf.Tensor1D;
     const at = (table: tf.Tensor2D) => tf.reshape(tf.gather(table, flat), [b, s, headDim]) as tf.Tensor3D;
     return { cos: at(cos), sin: at(sin) };

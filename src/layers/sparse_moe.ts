@@ -9,17 +9,19 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { expertLoRADelta } from '../ops/lora/delta.js';
+import { dropoutSeedOf } from '../ops/lora/dropout.js';
 import { moeBlock } from '../ops/moe_block.js';
 import {
   PACKED_KINDS, PackedExpertWeight, packExpertWeight, packedExpertGroup, packedWordsPerExpert, unpackExpertWeight,
   type ExpertWeightTensor, type PackedKind,
 } from '../ops/packed.js';
 import type {
-  ExpertActivation, ExpertLayout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
+  ExpertActivation, ExpertLayout, LoRADropout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
 import { normalInitializer } from './initializers.js';
+import { currentSequenceContext } from './sequence_context.js';
 
 export type LoRATarget =
   | 'experts.gate_up' | 'experts.down' | 'router'
@@ -82,6 +84,12 @@ export interface LoRAAdapterConfig {
   /** scaling alpha/sqrt(r) instead of alpha/r */
   rsLoRA?: boolean;
   targets: LoRATarget[];
+  /**
+   * PEFT's lora_dropout on every target's branch input, in training passes only (`training` of
+   * the current SequenceContext); routed experts drop each (token, expert) pair's input
+   * independently (split LoRA only). Default 0.
+   */
+  dropout?: number;
 }
 
 export interface SparseMoEArgs extends LayerArgs {
@@ -146,6 +154,8 @@ function checkAdapterConfig(
   cfg.targets.forEach((t, i) => assertOneOf(op, `targets[${i}]`, t, LORA_TARGETS));
   const dup = cfg.targets.find((t, i) => cfg.targets.indexOf(t) !== i);
   if (dup !== undefined) fail(op, `'targets' must not repeat a target but got '${dup}' twice`);
+  const p = cfg.dropout ?? 0;
+  if (typeof p !== 'number' || !(p >= 0 && p < 1)) fail(op, `'dropout' must be a number in [0, 1) but got ${String(p)}`);
   const shared = cfg.targets.find(t => SHARED_LORA_TARGETS.includes(t));
   if (shared !== undefined && !hasShared) {
     fail(op, `target '${shared}' needs a shared expert but the layer has none (sharedExpert is null)`);
@@ -484,13 +494,24 @@ export class SparseMoE extends tfl.layers.Layer {
     return this.active.filter(n => !this.merged.includes(n)).map(n => this.adapterState(n, 'call'));
   }
 
-  /** The block's current weights as the ops take them (variables' values, applied adapters). */
+  /**
+   * The block's current weights as the ops take them (variables' values, applied adapters). In a
+   * training pass an adapter with dropout carries it, seeded from the pass's dropoutSeed and the
+   * target's name (as LinearLoRA seeds its projections), so a resumed run redraws the same masks.
+   */
   blockWeights(): MoEBlockWeights {
     const v = (name: string) => this.weightsByName.get(name)?.read();
     const applied = this.appliedAdapters();
+    const context = currentSequenceContext();
+    const dropoutOf = (a: AdapterState, target: LoRATarget): { dropout?: LoRADropout } => {
+      const p = a.config.dropout ?? 0;
+      if (p === 0 || context?.training !== true) return {};
+      const key = `${this.name}.${target}/${a.config.name}`;
+      return { dropout: { p, seed: context.dropoutSeed === undefined ? undefined : dropoutSeedOf(context.dropoutSeed, key) } };
+    };
     const factors = (target: LoRATarget): LoRAFactors[] => applied.flatMap(a => {
       const f = a.factors[target];
-      return f ? [{ A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: a.scaling }] : [];
+      return f ? [{ A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: a.scaling, ...dropoutOf(a, target) }] : [];
     });
     const shared = this.sharedExpert ? {
       gate: v('shared_gate') as tf.Tensor2D, up: v('shared_up') as tf.Tensor2D, down: v('shared_down') as tf.Tensor2D,

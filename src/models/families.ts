@@ -73,6 +73,27 @@ export interface MoEFamily {
   sharedSize?: SharedSize;
   /** the block's parameter names in transformers v5 (as in golden `block.grad.<name>`) → field */
   parameters: Readonly<Record<string, WeightField>>;
+  /** what the decoder's RotaryAttention adds for this family; absent: nothing beyond the defaults */
+  attention?: AttentionTraits;
+}
+
+/** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
+export interface AttentionTraits {
+  /** a learned sink logit per head in every softmax ('self_attn.sinks', gpt-oss) */
+  sinks?: boolean;
+  /** rope_type values implemented beyond 'default' (YaRN for gpt-oss) */
+  scaledRopes?: readonly string[];
+  /**
+   * config.json must state its rope: the config class's default is a scaled rope this graph
+   * would not apply from an absent key
+   */
+  ropeRequired?: boolean;
+  /** 'sliding_attention' / 'full_attention' per layer from layer_types (default alternating, sliding first) */
+  layerTypes?: boolean;
+  /** rope_theta, sliding_window and attention_bias when config.json leaves them out */
+  ropeTheta?: number;
+  slidingWindow?: number;
+  attentionBias?: boolean;
 }
 
 const PER_EXPERT_PROJ: ExpertCheckpoint = {
@@ -242,6 +263,10 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
         down: 'experts.down_proj',
         downBias: 'experts.down_proj_bias',
       },
+    },
+    attention: {
+      sinks: true, scaledRopes: ['yarn'], ropeRequired: true, layerTypes: true,
+      ropeTheta: 150000, slidingWindow: 128, attentionBias: true,
     },
     parameters: {
       'router.weight': 'router.weight',

@@ -5,6 +5,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { LoRAFactors, SharedExpertWeights } from './types.js';
+import { checkLoRADropout, droppedInput } from './lora/dropout.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from './validate.js';
 
 const PROJECTIONS = ['gate', 'up', 'down'] as const;
@@ -23,6 +24,7 @@ function checkDenseFactors(op: string, prefix: string, f: unknown, out: number, 
   assertTensor(op, `${prefix}.B`, B, 2);
   assertShape(op, `${prefix}.B`, B, [out, r], `[out, r] with out = ${out} from ${weight} and r = ${r} from '${prefix}.A' [${A.shape}]`);
   assertFiniteNumber(op, `${prefix}.scaling`, scaling);
+  checkLoRADropout(op, `${prefix}.`, (f as LoRAFactors).dropout);
 }
 
 export function checkSharedExpert(op: string, shared: SharedExpertWeights, hidden: number): void {
@@ -59,11 +61,15 @@ export function checkSharedExpert(op: string, shared: SharedExpertWeights, hidde
   }
 }
 
-/** x·Wᵀ + Σ s·(x·Aᵀ)·Bᵀ for W [out, in]: each adapter adds two thin products. x [T, in] → [T, out] */
+/**
+ * x·Wᵀ + Σ s·(dropout(x)·Aᵀ)·Bᵀ for W [out, in]: each adapter adds two thin products, on its own
+ * dropped copy of x when it has dropout (as PEFT's lora.Linear). x [T, in] → [T, out]
+ */
 function projection(x: tf.Tensor2D, w: tf.Tensor2D, lora: LoRAFactors[] | undefined): tf.Tensor2D {
   let y: tf.Tensor2D = tf.matMul(x, w, false, true);                        // [T, out]
-  for (const { A, B, scaling } of lora ?? []) {
-    const low = tf.mul(tf.matMul(x, A, false, true), scaling);               // [T, r]
+  for (const f of lora ?? []) {
+    const { A, B, scaling } = f;
+    const low = tf.mul(tf.matMul(droppedInput(x, f), A, false, true), scaling);  // [T, r]
     y = tf.add(y, tf.matMul(low, B, false, true));                           // [T, out]
   }
   return y;

@@ -13,6 +13,24 @@ export interface LoRAFactors {
   B: Tensor2D;
   /** alpha / r, or alpha / sqrt(r) with rsLoRA */
   scaling: number;
+  /**
+   * PEFT's lora_dropout on this adapter's branch input in this call: y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ.
+   * Absent or p = 0: none. The layers set it in training passes only.
+   */
+  dropout?: LoRADropout;
+}
+
+/**
+ * Dropout on a LoRA branch input: each element kept with probability 1 − p and scaled by
+ * 1/(1 − p), the mask drawn from `seed` (loraDropoutMask). Routed experts draw one mask row per
+ * (token, slot) pair: each pair's branch input is dropped independently, as PEFT's per-expert
+ * nn.Linear modules do.
+ */
+export interface LoRADropout {
+  /** probability of zeroing an element, in [0, 1) */
+  p: number;
+  /** the mask's seed; absent: unseeded */
+  seed?: number;
 }
 
 /** The registered routing families (see src/ops/routing/). */

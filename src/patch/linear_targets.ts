@@ -103,7 +103,6 @@ export interface LinearLoRAPlan {
  */
 export function planLinearLoRA(models: readonly (tfl.LayersModel | tfl.layers.Layer)[], lora: {
   r: number; alpha: number; targets: readonly string[]; rankPattern?: Record<string, number>; alphaPattern?: Record<string, number>;
-  dropout?: number;
 }): LinearLoRAPlan {
   const modules = loraModules(models);
   const problems: PluginArgsProblem[] = [];
@@ -126,10 +125,6 @@ export function planLinearLoRA(models: readonly (tfl.LayersModel | tfl.layers.La
   for (const m of modules.filter(mod => selected.has(mod))) {
     if (m.kind === 'shared') {
       shared.set(m.layer, [...(shared.get(m.layer) ?? []), m.target]);
-      if ((lora.dropout ?? 0) > 0 && !problems.some(p => p.arg === 'lora.dropout')) {
-        problems.push({ arg: 'lora.dropout', message: `lora.dropout: expected 0 when a shared-expert projection is targeted ` +
-            `('${m.name}') but got ${lora.dropout}: the shared expert's fused op takes no dropout` });
-      }
       continue;
     }
     const rk = patternKey(rankKeys, m.name);

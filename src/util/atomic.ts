@@ -12,7 +12,7 @@
  * id, so the next save removes what a killed one left.
  */
 import { constants, mkdirSync, statSync, type Stats } from 'node:fs';
-import { cp, link, lstat, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { cp, link, lstat, mkdir, mkdtemp, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { artifactSiblings, FileError, settleArtifactFolder } from './files.js';
 
@@ -182,12 +182,23 @@ export async function writeArtifactFolder(
 async function carryOver(from: string, to: string, written: Set<string>, owns: (name: string) => boolean): Promise<void> {
   for (const name of await readdir(from)) {
     if (written.has(name) || owns(name)) continue;
-    const source = join(from, name);
-    const info = await lstat(source);
-    if (info.isFile()) {
-      await link(source, join(to, name)).catch(() => cp(source, join(to, name)));
-    } else {
-      await cp(source, join(to, name), { recursive: true, verbatimSymlinks: true });
-    }
+    await linkTree(join(from, name), join(to, name));
+  }
+}
+
+/**
+ * Hard-links a file, or a folder's files one by one into new folders: the carried-over entry costs
+ * a link per file, not a copy of its bytes (a training run's checkpoint folders beside its final
+ * save can be many GB). Copies where a link is refused (another file system); links as links.
+ */
+async function linkTree(source: string, dest: string): Promise<void> {
+  const info = await lstat(source);
+  if (info.isDirectory()) {
+    await mkdir(dest);
+    for (const name of await readdir(source)) await linkTree(join(source, name), join(dest, name));
+  } else if (info.isFile()) {
+    await link(source, dest).catch(() => cp(source, dest));
+  } else {
+    await cp(source, dest, { verbatimSymlinks: true });
   }
 }

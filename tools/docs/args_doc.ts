@@ -26,7 +26,7 @@ const BAD: Record<string, { args: unknown; flags?: Record<string, unknown>; what
   lora: { args: { lora: 'r8' }, what: 'a string for the object' },
   'lora.r': { args: { lora: { r: 0, alpha: 16 } }, flags: { 'lora-rank': '0', 'lora-alpha': '16' }, what: 'rank 0' },
   'lora.alpha': { args: { lora: { r: 8 } }, flags: { 'lora-rank': '8' }, what: 'alpha left out' },
-  'lora.dropout': { args: { lora: { r: 8, alpha: 16, dropout: 0.05 } }, flags: { 'lora-rank': '8', 'lora-alpha': '16', 'lora-dropout': '0.05' }, what: 'a non-zero dropout on the default (expert) targets' },
+  'lora.dropout': { args: { loraMode: 'materialize', lora: { r: 8, alpha: 16, dropout: 0.05 } }, flags: { 'lora-mode': 'materialize', 'lora-rank': '8', 'lora-alpha': '16', 'lora-dropout': '0.05' }, what: "dropout on the default (expert) targets with loraMode 'materialize'" },
   'lora.rsLoRA': { args: { lora: { r: 8, alpha: 16, rsLoRA: 1 } }, what: 'a number for a boolean' },
   'lora.targets': { args: { lora: { r: 8, alpha: 16, targets: ['experts.gate_up', 'expert.down'] } }, flags: { 'lora-rank': '8', 'lora-alpha': '16', 'lora-targets': 'experts.gate_up,expert.down' }, what: 'a misspelt target' },
   'lora.adapterName': { args: { lora: { r: 8, alpha: 16, adapterName: 'my adapter' } }, flags: { 'lora-rank': '8', 'lora-alpha': '16', 'lora-adapter-name': 'my adapter' }, what: 'a space in the name' },

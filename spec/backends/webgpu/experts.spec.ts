@@ -179,6 +179,15 @@ describe('webgpu: webgpuFusedExperts', () => {
     c.dispose();
   });
 
+  it('refuses expert LoRA dropout (not implemented in the WebGPU programs), naming the adapter', () => {
+    const c = makeExpertCase({ T: 4, H: 5, I: 2, E: 3, K: 2, lora1: [1], lora2: [1] }, 82);
+    const w = { ...c.w, downLoRA: [{ ...c.w.downLoRA![0], dropout: { p: 0.1, seed: 1 } }] };
+    expect(() => webgpuFusedExperts(c.x, c, w, c.activation)).to.throw(OpArgumentError,
+        "`fusedExperts()`: 'weights.downLoRA[0].dropout' must be absent or p 0 on webgpu but got p 0.1: expert LoRA dropout " +
+        'runs on cpu, wasm and the stock-op backends; on webgpu use lora.dropout 0 on expert targets');
+    c.dispose();
+  });
+
   it('leaves no tensor behind across forward + backward, and reads nothing synchronously', async () => {
     const c = makeExpertCase({ T: 7, H: 6, I: 3, E: 5, K: 2, lora1: [2], lora2: [1] }, 91);
     await expectNoLeakAsync(async () => {

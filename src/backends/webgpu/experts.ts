@@ -20,6 +20,7 @@ import { resolveExpertCall } from '../../ops/experts/check_args.js';
 import type { FusedExpertsOptions } from '../../ops/experts/fused_experts.js';
 import { isPackedExpertWeight, unpackExpertWeight, type ExpertWeightTensor } from '../../ops/packed.js';
 import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from '../../ops/experts/projection.js';
+import { hasDropout } from '../../ops/lora/dropout.js';
 import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
 import { assertInteger, fail } from '../../ops/validate.js';
@@ -264,6 +265,12 @@ export function webgpuFusedExperts(
   const op = 'fusedExperts';
   const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
   const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
+  const dropped = [...upLoRA.map((f, i) => [f, `weights.gateUpLoRA[${i}]`] as const),
+    ...downLoRA.map((f, i) => [f, `weights.downLoRA[${i}]`] as const)].find(([f]) => hasDropout(f));
+  if (dropped !== undefined) {
+    fail(op, `'${dropped[1]}.dropout' must be absent or p 0 on webgpu but got p ${dropped[0].dropout!.p}: ` +
+        'expert LoRA dropout runs on cpu, wasm and the stock-op backends; on webgpu use lora.dropout 0 on expert targets');
+  }
   const rows = t * k;
   const experts = routing.experts;
   const tuning = webgpuMoETuningFor(rows, numExperts);

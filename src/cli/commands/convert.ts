@@ -29,11 +29,12 @@ import { FileError } from '../../util/files.js';
 import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
+import { checkMaxShardSize, hfSaveOptions, maxShardSizeOf, type HFSaveArgs } from '../hf_save_options.js';
 
 export const CONVERT_TARGETS = ['hf', 'tfjs', 'peft'] as const;
 export type ConvertTarget = typeof CONVERT_TARGETS[number];
 
-export interface ConvertArgs {
+export interface ConvertArgs extends HFSaveArgs {
   input: string;
   output: string;
   from?: ModelDirFormat;
@@ -72,6 +73,12 @@ function checkArgs(argv: Partial<ConvertArgs>): string | true {
   if (!isDir(input)) return `--input: '${input}' is not a directory`;
   if (adapter !== undefined && !isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
   if (to === undefined && adapter === undefined) return '--to: say what to write (hf, tfjs or peft), or pass --adapter';
+  const hfFlag = (['dtype', 'maxShardSize'] as const).find(k => argv[k] !== undefined);
+  if (hfFlag !== undefined && to !== 'hf') {
+    return `--${hfFlag === 'dtype' ? 'dtype' : 'max-shard-size'} is for an HF checkpoint (--to hf) but --to is ${to ?? 'tfjs (with --adapter)'}`;
+  }
+  const shardProblem = checkMaxShardSize(argv.maxShardSize);
+  if (shardProblem !== true) return shardProblem;
   if (adapter !== undefined && to !== undefined && to !== 'tfjs') {
     return `--adapter loads a PEFT adapter into the model and writes a TF.js folder, so --to must be tfjs (got ${to}); ` +
         'to write a model\'s adapter as PEFT, use --to peft without --adapter';
@@ -86,7 +93,7 @@ function checkArgs(argv: Partial<ConvertArgs>): string | true {
 }
 
 export function builder(yargs: Argv): Argv<ConvertArgs> {
-  const y0 = yargs
+  const y0 = hfSaveOptions(yargs, 'an HF --output')
       .option('input', {
         alias: 'model', type: 'string', demandOption: true, requiresArg: true,
         describe: 'the model folder: an HF checkpoint (config.json + model.safetensors) or a TF.js model (model.json)',
@@ -122,6 +129,7 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       .check(argv => checkArgs(argv as Partial<ConvertArgs>))
       .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
       .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')
+      .example('$0 convert --to hf --input ./my-model --output ./my-model-bf16 --dtype bfloat16 --max-shard-size 5GB', '')
       .example('$0 convert --adapter spec/fixtures/hf/mixtral/adapter --model spec/fixtures/hf/mixtral ' +
           '--output /tmp/mixtral-lora', '')
       .example('$0 convert --to peft --input /tmp/mixtral-lora --output /tmp/mixtral-adapter', '') as unknown as Argv<ConvertArgs>;
@@ -174,7 +182,9 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
       case 'hf': {
         const adapters = [...new Set(sparseMoELayers(model).flatMap(l => l.adapterNames()))];
         const merged = [...new Set(sparseMoELayers(model).flatMap(l => [...l.mergedAdapters]))];
-        await saveHFCheckpoint(model, argv.output, { sourceFolder: argv.input });
+        await saveHFCheckpoint(model, argv.output, {
+          sourceFolder: argv.input, dtype: argv.dtype, maxShardSize: maxShardSizeOf(argv.maxShardSize),
+        });
         if (adapters.length > 0) {
           notes.push(`the model's adapters (${adapters.join(', ')}) are not part of an HF checkpoint` +
               (merged.length > 0 ? ` (merged ones, ${merged.join(', ')}, are in its weights)` : '') +

@@ -5,20 +5,17 @@
  */
 import { existsSync, statSync } from 'node:fs';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
-import { HF_SAVE_DTYPES, parseShardSize, type HFSaveDtype } from '../../io/hf_save.js';
 import { mergeAdapterIntoCheckpoint, type MergeResult } from '../../io/merge.js';
-import { CheckpointError } from '../../io/hf_checkpoint_core.js';
 import { FileError } from '../../util/files.js';
 import { checkOutputFolder } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
+import { checkMaxShardSize, hfSaveOptions, maxShardSizeOf, type HFSaveArgs } from '../hf_save_options.js';
 
-export interface MergeArgs {
+export interface MergeArgs extends HFSaveArgs {
   model: string;
   adapter: string;
   out: string;
-  dtype: HFSaveDtype;
-  maxShardSize?: string;
   overwrite: boolean;
   backend: string;
 }
@@ -34,14 +31,8 @@ function checkArgs(argv: Partial<MergeArgs>): string | true {
   const { model, adapter, out, maxShardSize } = argv as MergeArgs;
   if (!isDir(model)) return `--model: '${model}' is not a directory`;
   if (!isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
-  if (maxShardSize !== undefined) {
-    try {
-      parseShardSize(/^\d+$/.test(maxShardSize) ? Number(maxShardSize) : maxShardSize);
-    } catch (e) {
-      if (e instanceof CheckpointError) return `--max-shard-size: ${e.message.replace(/^`[^`]*`: /, '')}`;
-      throw e;
-    }
-  }
+  const shardProblem = checkMaxShardSize(maxShardSize);
+  if (shardProblem !== true) return shardProblem;
   try {
     checkOutputFolder(out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model, '--adapter': adapter } });
   } catch (e) {
@@ -52,7 +43,7 @@ function checkArgs(argv: Partial<MergeArgs>): string | true {
 }
 
 export function builder(yargs: Argv): Argv<MergeArgs> {
-  return yargs
+  return hfSaveOptions(yargs, 'the merged checkpoint')
       .option('model', {
         type: 'string', demandOption: true, requiresArg: true,
         describe: 'the base model folder: an HF checkpoint (config.json + safetensors) or a TF.js model (model.json)',
@@ -65,14 +56,6 @@ export function builder(yargs: Argv): Argv<MergeArgs> {
         type: 'string', demandOption: true, requiresArg: true,
         describe: 'the folder to write the merged HF checkpoint to (created; a model already in it is replaced ' +
             'only with --overwrite; other files stay)',
-      })
-      .option('dtype', {
-        type: 'string', choices: HF_SAVE_DTYPES, default: 'source', requiresArg: true,
-        describe: 'dtype of the written weights: source (each tensor as it was on disk) or one for all',
-      })
-      .option('max-shard-size', {
-        type: 'string', requiresArg: true,
-        describe: "the largest weight file, in bytes or like '5GB', '2GiB' (default 50GB, as transformers 5)",
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model already in --out' })
       .option('backend', {
@@ -89,9 +72,7 @@ export async function mergeCommand(argv: MergeArgs): Promise<MergeResult> {
   const bad = checkArgs(argv);
   if (bad !== true) throw new UsageError(bad);
   await selectBackend(argv.backend);
-  const maxShardSize = argv.maxShardSize === undefined ? undefined :
-    /^\d+$/.test(argv.maxShardSize) ? Number(argv.maxShardSize) : argv.maxShardSize;
-  return mergeAdapterIntoCheckpoint(argv.model, argv.adapter, argv.out, { dtype: argv.dtype, maxShardSize });
+  return mergeAdapterIntoCheckpoint(argv.model, argv.adapter, argv.out, { dtype: argv.dtype, maxShardSize: maxShardSizeOf(argv.maxShardSize) });
 }
 
 /** The report: what was merged, the files written with their sizes, the dtype. */

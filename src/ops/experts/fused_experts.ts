@@ -17,7 +17,8 @@ import { resolveExpertCall } from './check_args.js';
 import { materializeGrouped } from './materialize_grouped.js';
 import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from './projection.js';
 import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
-import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedWeight } from './grouped_matmul.js';
+import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedLoRA, type GroupedWeight } from './grouped_matmul.js';
+import { hasDropout, loraDropoutMask } from '../lora/dropout.js';
 import {
   combineRows, expertActivation, expertActivationGrad, groupedProduct, groupedWeightGrad, pairRowDot, type Rows,
 } from './kernels.js';
@@ -49,6 +50,16 @@ function projection(
   return { ...planProjection(weight, bias, lora, transposed, train, mode, rows, materializeGrouped), transposed };
 }
 
+/**
+ * The dropout mask of each adapter's branch input in expert-sorted row order [N, in] (undefined
+ * for an adapter without dropout): drawn [T·K, in] in (token, slot) pair order from the adapter's
+ * seed, as the reference block draws it, then sorted like the rows.
+ */
+function expertRowMasks(lora: LoRAFactors[], rows: number, inSize: number, plan: DispatchPlan): Array<tf.Tensor2D | undefined> {
+  return lora.map(f => !hasDropout(f) ? undefined :
+    tf.gather(loraDropoutMask([rows, inSize], f.dropout!.p, f.dropout!.seed), tf.tensor1d(plan.pairOfRow, 'int32')) as tf.Tensor2D);
+}
+
 /** The gradients of a projection's trainables, in projectionTrainables order. */
 function gradsOf(p: Projection, g: GroupedGrads): tf.Tensor[] {
   const list: tf.Tensor[] = [];
@@ -63,7 +74,9 @@ function gradsOf(p: Projection, g: GroupedGrads): tf.Tensor[] {
  *
  * Reads `routing.experts` to the host once per call to size the per-expert products (pass
  * `options.plan` to avoid that, e.g. on webgpu). Gradients: x, routing.weights (dS = ⟨dO_t, y_(t,k)⟩),
- * the base weights when `trainExpertWeights`, and every active adapter's A and B.
+ * the base weights when `trainExpertWeights`, and every active adapter's A and B. An adapter with
+ * `dropout` (PEFT's lora_dropout) reads dropout(input) as its branch input, one mask row per
+ * (token, slot) pair drawn [T·K, in] in pair order from its seed (split mode only).
  *
  * ```js
  * const out = fusedExperts(x, {weights, experts}, {gateUp, down}, {kind: 'swiglu'});
@@ -88,24 +101,35 @@ export function fusedExperts(
     const down = projection(weights.down, weights.downBias, downLoRA, transposed, train, loraMode, rows);
     const upInputs = projectionTrainables(up);
     const downInputs = projectionTrainables(down);
+    // LoRA dropout: one mask row per (token, slot) pair, drawn in pair order and sorted like the rows
+    const upMasks = expertRowMasks(up.lora, rows, dims.hidden, plan);
+    const downMasks = expertRowMasks(down.lora, rows, dims.inter, plan);
+    const masks = [...upMasks, ...downMasks].filter((m): m is tf.Tensor2D => m !== undefined);
+    const withMasks = (lora: LoRAFactors[], list: Array<tf.Tensor2D | undefined>): GroupedLoRA[] =>
+      lora.map((f, i) => ({ ...f, rowMask: list[i] }));
 
     const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
       const save = args[args.length - 1] as tf.GradSaveFunc;
       const [xIn, wIn] = args as tf.Tensor2D[];
       // a base that gets no gradient is frozen (W_eff of materialize is trained: new every step)
-      const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: up.lora, transposed, frozen: !up.trainWeight };
-      const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: down.lora, transposed, frozen: !down.trainWeight };
+      const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: withMasks(up.lora, upMasks), transposed, frozen: !up.trainWeight };
+      const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: withMasks(down.lora, downMasks), transposed, frozen: !down.trainWeight };
       const h = groupedRowsForward({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
       const a = expertActivation(h, activation, transposed);                        // [N, I]
       const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
       const value = combineRows(y, rowIndex(), t, k, wIn);                          // [T, H]
       // backward keeps each projection's trainables; a frozen base is read through the closure
-      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down)]);
+      // (and the dropout masks, drawn once: backward must drop what forward dropped)
+      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down), ...masks]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
         const [xS, wS, hS] = saved as tf.Tensor2D[];
-        const [upS, next] = restoreProjection(up, saved, 3);
-        const [downS] = restoreProjection(down, saved, next);
+        const [upP, next] = restoreProjection(up, saved, 3);
+        const [downP, afterTrainables] = restoreProjection(down, saved, next);
+        let at = afterTrainables;
+        const restoreMasks = (list: Array<tf.Tensor2D | undefined>) => list.map(m => m === undefined ? undefined : saved[at++] as tf.Tensor2D);
+        const upS = { ...upP, lora: withMasks(upP.lora, restoreMasks(upMasks)) };
+        const downS = { ...downP, lora: withMasks(downP.lora, restoreMasks(downMasks)) };
         const rowIdx = rowIndex();
         const tokenIdx = tokenIndex();
         const dRows: Rows = { t: dOut as tf.Tensor2D, index: tokenIdx };            // dO of each row's token

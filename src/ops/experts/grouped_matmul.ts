@@ -9,7 +9,9 @@
  * the kernels fold into the product instead of materializing the gathered rows.
  *
  * LoRA adapters on the weight are applied split: y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ, so W_eff is never
- * built and the base weight gets a gradient only when asked for.
+ * built and the base weight gets a gradient only when asked for. An adapter with a dropout mask
+ * (rows in the same order as x) reads (x ⊙ mask) as its branch input, PEFT's lora_dropout: the
+ * base product still sees x, and the branch's part of dx is multiplied by the mask.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expertFactorA, expertFactorB, peftLayoutA, peftLayoutB } from '../lora/layout.js';
@@ -24,9 +26,20 @@ export interface GroupedWeight {
   /** [E, out] */
   bias?: tf.Tensor2D;
   /** split adapters: A [r·E, in] expert-major rows, B [out, r·E] rank-major columns */
-  lora: LoRAFactors[];
+  lora: GroupedLoRA[];
   /** `weight` is a frozen base, the same tensor from step to step (kernels may cache forms of it) */
   frozen?: boolean;
+}
+
+/** A split adapter of a grouped weight; `rowMask` is its dropout mask [N, in] in the rows' order. */
+export interface GroupedLoRA extends LoRAFactors {
+  rowMask?: tf.Tensor2D;
+}
+
+/** The adapter's branch input: the rows themselves, or the gathered rows times the dropout mask. */
+function branchRows(x: Rows, l: GroupedLoRA): Rows {
+  if (l.rowMask === undefined) return x;
+  return { t: tf.mul(x.index ? tf.gather(x.t, x.index) : x.t, l.rowMask) as tf.Tensor2D };
 }
 
 export interface GroupedGrads {
@@ -65,8 +78,9 @@ function loraDown(x: Rows, groupSizes: number[], f: ExpertFactors): tf.Tensor2D 
 export function groupedRowsForward(x: Rows, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
   return tf.tidy(() => {
     let y = baseProduct(x, groupSizes, w);                                      // [N, out]
-    for (const f of w.lora.map(l => expertFactors(l, groupSizes.length))) {
-      y = groupedProduct({ t: loraDown(x, groupSizes, f) }, f.b, groupSizes, true, { addTo: y });
+    for (const l of w.lora) {
+      const f = expertFactors(l, groupSizes.length);
+      y = groupedProduct({ t: loraDown(branchRows(x, l), groupSizes, f) }, f.b, groupSizes, true, { addTo: y });
     }
     return y;
   });
@@ -92,11 +106,14 @@ export function groupedRowsBackward(
     let dx = groupedProduct(dy, w.weight, groupSizes, w.transposed, { frozenW: w.frozen });  // [N, in]
     const dA: tf.Tensor2D[] = [];
     const dB: tf.Tensor2D[] = [];
-    for (const f of w.lora.map(l => expertFactors(l, numExperts))) {
+    for (const l of w.lora) {
+      const f = expertFactors(l, numExperts);
+      const xb = branchRows(x, l);                                              // dropout(x)
       const gr = groupedProduct(dy, f.b, groupSizes, false, { alpha: f.scaling });  // [N, r]
-      dx = groupedProduct({ t: gr }, f.a, groupSizes, false, { addTo: dx });
-      dA.push(peftLayoutA(groupedWeightGrad({ t: gr }, x, groupSizes)));       // [r·E, in]
-      const u = loraDown(x, groupSizes, f);                                     // [N, r]
+      dx = l.rowMask === undefined ? groupedProduct({ t: gr }, f.a, groupSizes, false, { addTo: dx }) :
+        tf.add(dx, tf.mul(groupedProduct({ t: gr }, f.a, groupSizes, false), l.rowMask)) as tf.Tensor2D;
+      dA.push(peftLayoutA(groupedWeightGrad({ t: gr }, xb, groupSizes)));      // [r·E, in]
+      const u = loraDown(xb, groupSizes, f);                                    // [N, r]
       dB.push(peftLayoutB(groupedWeightGrad(dy, { t: u }, groupSizes)));       // [out, r·E]
     }
     const grads: GroupedGrads = { dx, dA, dB };

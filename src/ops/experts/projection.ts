@@ -10,6 +10,7 @@ import type * as tf from '@tensorflow/tfjs-core';
 import { isPackedExpertWeight, type ExpertWeightTensor } from '../packed.js';
 import type { LoRAFactors, LoRAMode } from '../types.js';
 import { fail } from '../validate.js';
+import { hasDropout } from '../lora/dropout.js';
 
 /**
  * Extra multiply-adds of LoRA in one training step (forward + backward) for rows N through a
@@ -42,7 +43,7 @@ export type ExpertMaterializer = (weight: ExpertWeightTensor, lora: LoRAFactors[
 
 /**
  * Decides how a projection's adapters are applied: `mode` as given, or for 'auto' split when the
- * base is trained or packed (materializing would build a float32 copy of the whole weight, which
+ * base is trained, an adapter has dropout, or the base is packed (materializing would build a float32 copy of the whole weight, which
  * is what packing avoids) and otherwise the cheaper of the two by chooseLoRAMode for `rows` = T·K rows.
  */
 export function planProjection(
@@ -54,9 +55,15 @@ export function planProjection(
   const [inSize, outSize] = transposed ? [a, b] : [b, a];
   const rank = lora.reduce((sum, f) => sum + f.A.shape[0] / e, 0);
   // Training the base and its adapters together needs dW itself, which only the split form gives.
-  const chosen = mode !== 'auto' ? mode : train || isPackedExpertWeight(weight) ? 'split' :
+  // Dropout acts on the branch input, which only the split form has.
+  const dropped = lora.some(hasDropout);
+  const chosen = mode !== 'auto' ? mode : train || dropped || isPackedExpertWeight(weight) ? 'split' :
     chooseLoRAMode(rows, inSize, outSize, e, rank);
   if (chosen === 'split') return split;
+  if (dropped) {
+    fail('fusedExperts', `expert LoRA dropout needs loraMode 'split' or 'auto' but got loraMode 'materialize': ` +
+        'materialize folds the adapter into W_eff, so there is no separate branch input to drop');
+  }
   if (train) fail('fusedExperts', `'trainExpertWeights' with loraMode 'materialize' would train W and its adapters on the same weight; use loraMode 'split'`);
   // W_eff is the output of the materializer's own customGrad: its gradient reaches A and B
   // through that op, so here it is a trainable input even when the base W is frozen.

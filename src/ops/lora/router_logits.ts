@@ -5,6 +5,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor2D } from '@tensorflow/tfjs-core';
 import type { RouterWeights } from '../types.js';
 import { assertShape, assertTensor, fail } from '../validate.js';
+import { droppedInput } from './dropout.js';
 import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
 
 /**
@@ -47,8 +48,10 @@ export function routerLogits(x: Tensor2D, router: RouterWeights): Tensor2D {
     // Transposing the small weight keeps the big product untransposed (fast path on wasm).
     let logits: Tensor2D = tf.matMul(x, tf.transpose(router.weight));  // [T, E]
     if (router.bias != null) logits = tf.add(logits, router.bias);
-    for (const { A, B, scaling } of lora) {
-      const low = tf.mul(tf.matMul(x, tf.transpose(A)), scaling);      // [T, r]
+    for (const f of lora) {
+      const { A, B, scaling } = f;
+      // PEFT's lora.Linear: the branch input is dropped, the base product above sees x
+      const low = tf.mul(tf.matMul(droppedInput(x, f), tf.transpose(A)), scaling);  // [T, r]
       logits = tf.add(logits, tf.matMul(low, tf.transpose(B)));        // [T, E]
     }
     return logits;

@@ -1,12 +1,15 @@
 /**
  * Split LoRA on fused expert weights: for rows routed to expert e, y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ,
  * never building W_eff. The base weight is captured, not an input: it gets no gradient and no
- * gradient memory; backward gives dx, dA and dB in PEFT's layouts.
+ * gradient memory; backward gives dx, dA and dB in PEFT's layouts. An adapter with `dropout`
+ * reads dropout(x) as its branch input (PEFT's lora_dropout), one mask drawn [N, in] over x's rows
+ * in their order; the base product sees x.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { groupedMatMulBackward, groupedMatMulForward, type GroupedWeight } from '../experts/grouped_matmul.js';
 import type { LoRAFactors } from '../types.js';
 import { assertInteger, assertShape, assertTensor, fail } from '../validate.js';
+import { hasDropout, loraDropoutMask } from './dropout.js';
 import { assertAdapterList, checkExpertFactors } from './validate_lora.js';
 
 export interface SplitExpertLoRAOptions {
@@ -41,21 +44,28 @@ export function splitExpertLoRA(
   assertAdapterList(op, 'adapters', adapters);
   adapters.forEach((f, i) => checkExpertFactors(op, `adapters[${i}].`, f, e, outSize, inSize, `W is [${W.shape}]`));
 
+  // the masks are drawn once here: backward drops what forward dropped (they are saved with x)
+  const masks = adapters.map(f => hasDropout(f) ? loraDropoutMask(x.shape, f.dropout!.p, f.dropout!.seed) as tf.Tensor2D : undefined);
+  const drawn = masks.filter((m): m is tf.Tensor2D => m !== undefined);
   const run = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
     const save = args[args.length - 1] as tf.GradSaveFunc;
     const factors = args.slice(1, -1) as tf.Tensor2D[];
-    const lora = adapters.map((f, i) => ({ A: factors[2 * i], B: factors[2 * i + 1], scaling: f.scaling }));
+    const lora = adapters.map((f, i) => ({ A: factors[2 * i], B: factors[2 * i + 1], scaling: f.scaling, rowMask: masks[i] }));
     const weight: GroupedWeight = { weight: W, transposed, lora };
     const value = groupedMatMulForward(args[0] as tf.Tensor2D, groupSizes, weight);  // [N, out]
-    save([args[0] as tf.Tensor, ...factors]);  // W is frozen and read through the closure
+    save([args[0] as tf.Tensor, ...factors, ...drawn]);  // W is frozen and read through the closure
     const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
       const [xS, ...fS] = saved;
-      const savedLoRA = adapters.map((f, i) => ({ A: fS[2 * i] as tf.Tensor2D, B: fS[2 * i + 1] as tf.Tensor2D, scaling: f.scaling }));
+      let at = 2 * adapters.length;
+      const savedLoRA = adapters.map((f, i) => ({ A: fS[2 * i] as tf.Tensor2D, B: fS[2 * i + 1] as tf.Tensor2D, scaling: f.scaling,
+        rowMask: masks[i] === undefined ? undefined : fS[at++] as tf.Tensor2D }));
       const g = groupedMatMulBackward(dy as tf.Tensor2D, xS as tf.Tensor2D, groupSizes,
           { weight: W, transposed, lora: savedLoRA }, false);
       return [g.dx, ...g.dA.flatMap((dA, i) => [dA, g.dB[i]])];
     };
     return { value, gradFunc };
   });
-  return run(x, ...adapters.flatMap(f => [f.A, f.B])) as tf.Tensor2D;
+  const y = run(x, ...adapters.flatMap(f => [f.A, f.B])) as tf.Tensor2D;
+  tf.dispose(drawn);  // saved by customGrad as copies
+  return y;
 }

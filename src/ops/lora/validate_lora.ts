@@ -6,6 +6,7 @@
 import type { Tensor2D } from '@tensorflow/tfjs-core';
 import type { LoRAFactors } from '../types.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
+import { checkLoRADropout } from './dropout.js';
 
 function assertFactorsObject(op: string, prefix: string, f: unknown): asserts f is LoRAFactors {
   if (f == null || typeof f !== 'object' || Array.isArray(f)) {
@@ -37,6 +38,7 @@ export function checkExpertFactors(
   assertShape(op, nameB, f.B as Tensor2D, [outDim, r * numExperts],
       `[out, r·E] with r = ${r} from '${nameA}' [${f.A.shape}] and E = ${numExperts}; ${context}`);
   assertFiniteNumber(op, `${prefix}scaling`, f.scaling);
+  checkLoRADropout(op, prefix, f.dropout);
   return r;
 }
 
@@ -54,6 +56,7 @@ export function checkRouterFactors(
   assertShape(op, nameB, f.B as Tensor2D, [numExperts, r],
       `[E, r] with E = ${numExperts} and r = ${r} from '${nameA}' [${f.A.shape}]`);
   assertFiniteNumber(op, `${prefix}scaling`, f.scaling);
+  checkLoRADropout(op, prefix, f.dropout);
   return r;
 }
 

@@ -7,6 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { checkExpertArgs } from '../experts/check_args.js';
+import { hasDropout, loraDropoutMask } from '../lora/dropout.js';
 import { routerLogits } from '../lora/router_logits.js';
 import { isPackedExpertWeight, unpackExpertWeight } from '../packed.js';
 import { sharedExpert } from '../shared_expert.js';
@@ -14,19 +15,44 @@ import { fail } from '../validate.js';
 import type { ExpertActivation, LoRAFactors, MoEBlockConfig, MoEBlockWeights, Routing } from '../types.js';
 import { referenceRoute } from './routing.js';
 
+/** Expert e's A_e [r, in] and B_e [out, r] from PEFT's layouts A [r·E, in], B [out, r·E]. */
+function expertFactors(A: tf.Tensor2D, B: tf.Tensor2D, e: number, numExperts: number): [tf.Tensor2D, tf.Tensor2D] {
+  const r = A.shape[0] / numExperts;
+  const out = B.shape[0];
+  const ae = tf.slice(A, [e * r, 0], [r, -1]);                                                       // [r, in]
+  const be = tf.reshape(tf.slice(tf.reshape(B, [out, r, numExperts]), [0, 0, e], [out, r, 1]), [out, r]) as tf.Tensor2D;
+  return [ae, be];
+}
+
 /** W_e [out, in] (or [in, out] when transposed) with every adapter's delta added, plain ops. */
 function expertWeight(w: tf.Tensor3D, e: number, lora: LoRAFactors[], transposed: boolean): tf.Tensor2D {
   const [numExperts, a, b] = w.shape;
   let we: tf.Tensor2D = tf.reshape(tf.slice(w, [e, 0, 0], [1, a, b]), [a, b]);
   for (const { A, B, scaling } of lora) {
-    const r = A.shape[0] / numExperts;
-    const out = B.shape[0];
-    const ae = tf.slice(A, [e * r, 0], [r, -1]);                                                     // [r, in]
-    const be = tf.reshape(tf.slice(tf.reshape(B, [out, r, numExperts]), [0, 0, e], [out, r, 1]), [out, r]);
+    const [ae, be] = expertFactors(A, B, e, numExperts);
     const delta = tf.mul(tf.matMul(be, ae), scaling);                                               // [out, in]
     we = tf.add(we, transposed ? tf.transpose(delta) : delta) as tf.Tensor2D;
   }
   return we;
+}
+
+/**
+ * An expert projection of rows xe [n, in] (the pairs `pairs` routed to expert e): adapters without
+ * dropout are merged into W_e; each adapter with dropout adds s·((xe ⊙ its mask rows)·A_eᵀ)·B_eᵀ,
+ * as a per-expert nn.Linear with lora_dropout does. `masks[i]` is adapter i's mask [T·K, in] in
+ * (token, slot) pair order.
+ */
+function expertProjection(xe: tf.Tensor2D, w: tf.Tensor3D, e: number, lora: LoRAFactors[], transposed: boolean,
+    masks: Array<tf.Tensor | undefined>, pairs: tf.Tensor1D): tf.Tensor2D {
+  const merged = lora.filter((_, i) => masks[i] === undefined);
+  let y = tf.matMul(xe, expertWeight(w, e, merged, transposed), false, !transposed) as tf.Tensor2D;
+  lora.forEach((f, i) => {
+    if (masks[i] === undefined) return;
+    const [ae, be] = expertFactors(f.A, f.B, e, w.shape[0]);
+    const dropped = tf.mul(xe, tf.gather(masks[i]!, pairs));
+    y = tf.add(y, tf.mul(tf.matMul(tf.matMul(dropped, ae, false, true), be, false, true), f.scaling));
+  });
+  return y;
 }
 
 function activate(h: tf.Tensor2D, activation: ExpertActivation, interleaved: boolean): tf.Tensor {
@@ -86,6 +112,11 @@ export function referenceExperts(
     const down = isPackedExpertWeight(weights.down) ? unpackExpertWeight(weights.down) : weights.down;
     const flatWeights = tf.reshape(routing.weights, [t * k]);
     let out: tf.Tensor = tf.zeros([t, dims.hidden]);
+    // LoRA dropout: one mask row per (token, slot) pair, drawn in pair order as the fused op draws it
+    const masksOf = (lora: LoRAFactors[] | undefined, inSize: number) => (lora ?? []).map(f =>
+      hasDropout(f) ? loraDropoutMask([t * k, inSize], f.dropout!.p, f.dropout!.seed) : undefined);
+    const upMasks = masksOf(weights.gateUpLoRA, dims.hidden);
+    const downMasks = masksOf(weights.downLoRA, dims.inter);
     for (let e = 0; e < numExperts; e++) {
       const tokens: number[] = [];
       const pairs: number[] = [];
@@ -95,13 +126,13 @@ export function referenceExperts(
       if (tokens.length === 0) continue;
       const tokenIdx = tf.tensor1d(tokens, 'int32');
       const xe = tf.gather(x, tokenIdx);
-      const w1 = expertWeight(gateUp, e, weights.gateUpLoRA ?? [], transposed);
-      let h = tf.matMul(xe, w1, false, !transposed) as tf.Tensor2D;
+      const pairIdx = tf.tensor1d(pairs, 'int32');
+      let h = expertProjection(xe, gateUp, e, weights.gateUpLoRA ?? [], transposed, upMasks, pairIdx);
       if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
-      const w2 = expertWeight(down, e, weights.downLoRA ?? [], transposed);
-      let y = tf.matMul(activate(h, activation, transposed), w2, false, !transposed);
+      const a = activate(h, activation, transposed) as tf.Tensor2D;
+      let y: tf.Tensor = expertProjection(a, down, e, weights.downLoRA ?? [], transposed, downMasks, pairIdx);
       if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
-      const w = tf.gather(flatWeights, tf.tensor1d(pairs, 'int32'));
+      const w = tf.gather(flatWeights, pairIdx);
       out = tf.add(out, tf.unsortedSegmentSum(tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
     }
     return out as tf.Tensor2D;
