@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
-import { readFile } from 'node:fs/promises';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatInspect, inspectDir, type InspectReport } from '../../src/cli/commands/inspect.js';
 import { fileIO } from '../../src/io/file_io_handler.js';
@@ -253,11 +253,14 @@ describe('cli/inspect', () => {
         expect(r.stderr).to.equal(`tfjs-moe-lora: ${message} (see tfjs-moe-lora --help)\n`);
         expect(r.stdout).to.equal('');
       }
-      const blockOnly = await run(['inspect', '--model', fixtureDir('deepseek_v3'), ...backend]);
-      expect(blockOnly.code).to.equal(1);
-      expect(blockOnly.stderr).to.equal("tfjs-moe-lora: error: `moeCausalLMConfigFromHF()`: 'deepseek_v3' is supported at the " +
-          'MoE block level only (SparseMoE, loadMoEBlockWeights), not as a whole model: its multi-head latent attention (MLA) ' +
-          'is not implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss\n');
+      // every family loads whole now: a setting the graph does not implement is what exits 1
+      const unapplied = await tempDir();
+      await writeFile(join(unapplied, 'config.json'), JSON.stringify({ ...(await fixtureConfig('mixtral')), attention_dropout: 0.1 }));
+      await copyFile(join(fixtureDir('mixtral'), 'model.safetensors'), join(unapplied, 'model.safetensors'));
+      const refused = await run(['inspect', '--model', unapplied, ...backend]);
+      expect(refused.code).to.equal(1);
+      expect(refused.stderr).to.equal("tfjs-moe-lora: error: `moeCausalLMConfigFromHF()`: attention dropout is not implemented: " +
+          "'config.attention_dropout' must be 0 but got 0.1 (number)\n");
     });
 
     it('--help lists the options and exits 0', async () => {

@@ -17,7 +17,8 @@ import { readGenerationConfig } from '../../src/generate/generation_config_file.
 import type { MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { generateGreedy } from '../../src/train/evaluate.js';
 import { smallBPETokenizerJSON } from '../data/small_bpe.js';
-import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
 import { rejection } from '../helpers/rejection.js';
 import { MIXTRAL_WINDOW, QWEN3_TINY, seededModel } from './models.js';
 
@@ -35,6 +36,8 @@ describe('generate/generate', () => {
   before(async () => {
     models.set('qwen3', seededModel(QWEN3_TINY, 5));
     models.set('mixtral', seededModel(MIXTRAL_WINDOW, 5));
+    // MLA (deepseek_v3) and partial rotary (glm4_moe) keep their own keys in the cache
+    for (const arch of ['deepseek_v3', 'glm4_moe']) models.set(arch, await loadHFCheckpoint(fixtureDir(arch)));
     dir = await tempDir('generate-');
   });
   after(async () => {
@@ -42,7 +45,7 @@ describe('generate/generate', () => {
     await cleanup();
   });
 
-  for (const name of ['qwen3', 'mixtral']) {
+  for (const name of ['qwen3', 'mixtral', 'deepseek_v3', 'glm4_moe']) {
     it(`${name}: the KV cache gives the tokens of a full forward pass per step, greedy and sampled`, async () => {
       const model = models.get(name)!;
       const before = tf.memory().numTensors;
@@ -196,7 +199,7 @@ describe('generate/generate', () => {
     try {
       expect(await ids(model, [1], { maxNewTokens: 3 })).to.deep.equal([3, 1, 3]);
       expect((await rejection(generate(model, [1], { useCache: true }))).message).to.equal(
-          `\`generate()\`: 'useCache' needs RotaryAttention layers (they keep the cache) but the model '${model.name}' has none; pass useCache: false`);
+          `\`generate()\`: 'useCache' needs RotaryAttention or MLAAttention layers (they keep the cache) but the model '${model.name}' has none; pass useCache: false`);
     } finally {
       model.dispose();
     }

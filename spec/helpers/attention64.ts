@@ -8,7 +8,7 @@ export type Weights = Record<string, Float64Array>;
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
     'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
-    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling'>;
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling'> & { rotaryDim?: number };
 
 /**
  * float64 YaRN frequencies, written from the paper's definition: the ramp runs over the
@@ -50,11 +50,13 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     const inv = 1 / Math.sqrt(ms / len + a.normEpsilon);
     for (let i = 0; i < len; i++) v[off + i] = v[off + i] * inv * weight[i];
   };
+  // partial rotary: only the first rd of each head turns, with frequencies of an rd-wide rope
+  const rd = a.rotaryDim ?? d;
   const scaling = a.ropeScaling ?? null;
-  const freq = scaling === null ? Array.from({ length: d / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / d)) : yarn64(d, a.ropeTheta, scaling);
+  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) : yarn64(rd, a.ropeTheta, scaling);
   const m = scaling === null ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
-    const half = d / 2;
+    const half = rd / 2;
     for (let i = 0; i < half; i++) {
       const angle = p * freq[i];
       const x1 = v[off + i];

@@ -94,6 +94,8 @@ describe('io/hf_checkpoint_core configTensorPlan: the checkpoint tensors a confi
       }
       if (arch === 'qwen3_moe' || arch === 'olmoe') expectPlanMatchesModel({ ...config, attention_bias: true });
       if (arch === 'qwen2_moe') expectPlanMatchesModel({ ...config, qkv_bias: false, shared_expert_intermediate_size: 0 });
+      if (arch === 'glm4_moe') expectPlanMatchesModel({ ...config, use_qk_norm: true, attention_bias: false });
+      if (arch === 'deepseek_v3') expectPlanMatchesModel({ ...config, q_lora_rank: 12, attention_bias: true, first_k_dense_replace: 0 });
       if (arch === 'gpt_oss') expectPlanMatchesModel({ ...config, attention_bias: false, num_key_value_heads: 4 });
     });
   }
@@ -103,10 +105,9 @@ describe('io/hf_checkpoint_core configTensorPlan: the checkpoint tensors a confi
     for (const name of INIT_PRESET_NAMES) expectPlanMatchesModel(presetConfig(name, 53));
   });
 
-  for (const arch of ['deepseek_v3', 'glm4_moe']) {
-    it(`block-only '${arch}': each MoE layer's block plan fuses into exactly the weights of a SparseMoE of that config`, async () => {
+  for (const arch of ['deepseek_v3', 'glm4_moe', 'gpt_oss']) {
+    it(`'${arch}': each MoE layer's block plan fuses into exactly the weights of a SparseMoE of that config`, async () => {
       const config = await fixtureConfig(arch);
-      expect(() => configTensorPlan(config)).to.throw(`'${arch}' is supported at the MoE block level only`);
       const { routing, activation } = moeBlockConfigFromHF(config);
       const dims = moeBlockDims(config);
       const before = tf.memory().numTensors;

@@ -390,7 +390,7 @@ describe('safetensors', () => {
       await expectNoLeakAsync(async () => {
         for (const [name, dtype] of [['d', 'F64'], ['u', 'U8'], ['b', 'BOOL']]) {
           await expectRejects(file.tensor(name),
-              `${where}: tensor '${name}' has dtype ${dtype}, which cannot be decoded; supported: F32, F16, BF16, I32, I64`);
+              `${where}: tensor '${name}' has dtype ${dtype}, which cannot be decoded; supported: F32, F16, BF16, F8_E4M3, I32, I64`);
         }
       });
     });

@@ -218,7 +218,7 @@ describe('io/safetensors reading (validation, positional reads, special files)',
       expect((process.memoryUsage().rss - before) / 2 ** 20).to.be.below(16);
       const u8 = await rejection(file.tensor('big'));
       expect(u8.message).to.equal(`safetensors file '${path}': tensor 'big' has dtype U8, which cannot be decoded; ` +
-          'supported: F32, F16, BF16, I32, I64');
+          'supported: F32, F16, BF16, F8_E4M3, I32, I64');
       rmSync(path);
     });
 

@@ -40,6 +40,8 @@ describe('RotaryAttention', () => {
     ['Qwen3-MoE-like: per-head q/k norm, all biases', { qkNorm: 'perHead', qkvBias: true, outputBias: true }],
     ['OLMoE-like: q/k norm over the projection, clip_qkv, no GQA', { qkNorm: 'full', numKeyValueHeads: 4, clipQKV: 0.8 }],
     ['sliding window 2', { slidingWindow: 2 }],
+    ['GLM-4.5-MoE-like: partial rotary (half of each head), q/k/v bias, per-head q/k norm',
+      { rotaryDim: 2, qkvBias: true, qkNorm: 'perHead' }],
     ['gpt-oss-like: sinks, YaRN rope, all biases, sliding window 3', {
       sinks: true, ropeScaling: YARN, qkvBias: true, outputBias: true, slidingWindow: 3,
     }],
@@ -133,6 +135,10 @@ describe('RotaryAttention', () => {
       .to.throw("`RotaryAttention()`: 'clipQKV' must be > 0 but got 0");
     expect(() => new RotaryAttention({ ...ok, slidingWindow: 0 }))
       .to.throw("`RotaryAttention()`: 'slidingWindow' must be >= 1 but got 0");
+    expect(() => new RotaryAttention({ ...ok, rotaryDim: 6 }))
+      .to.throw("`RotaryAttention()`: 'rotaryDim' must be <= 4 but got 6");
+    expect(() => new RotaryAttention({ ...ok, headDim: 6, rotaryDim: 3 }))
+      .to.throw("`RotaryAttention()`: 'rotaryDim' must be even (rotary pairs) but got 3");
     const yarn = (change: Partial<YarnRope>) => new RotaryAttention({ ...ok, ropeScaling: { ...YARN, ...change } });
     expect(() => new RotaryAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
       .to.throw("`RotaryAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");

@@ -8,6 +8,7 @@ import {
   addMoEAdapter, buildMoECausalLM, hfConfigOf, moeCausalLMConfigFromHF, sparseMoELayers, trainableVariables,
   WHOLE_MODEL_TYPES,
 } from '../../src/layers/moe_causal_lm.js';
+import { MODEL_TYPES } from '../../src/models/families.js';
 import { RMSNorm } from '../../src/layers/rms_norm.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
@@ -72,6 +73,21 @@ describe('MoECausalLM', () => {
     expect(await details('qwen2_moe')).to.deep.equal([true, false, 'none', 16, 1e4, 1e-6, null]);
     expect(await details('qwen3_moe')).to.deep.equal([false, false, 'perHead', 16, 1e4, 1e-6, null]);
     expect(await details('olmoe')).to.deep.equal([false, false, 'full', 16, 1e4, 1e-5, null]);
+    expect(await details('glm4_moe')).to.deep.equal([true, false, 'none', 16, 1e4, 1e-5, null]);
+    const glm = await fixtureConfig('glm4_moe');
+    expect(moeCausalLMConfigFromHF(glm).rotaryDim).to.equal(8);  // partial_rotary_factor 0.5 of head_dim 16
+    expect(moeCausalLMConfigFromHF({ ...glm, use_qk_norm: true }).qkNorm).to.equal('perHead');
+    // GLM-4.5-MoE's config class defaults to half the head; a full rope when a config says 1
+    const noFactor = { ...glm, partial_rotary_factor: undefined, rope_parameters: { rope_type: 'default', rope_theta: 1e4 } };
+    expect(moeCausalLMConfigFromHF(noFactor).rotaryDim).to.equal(8);
+    expect(moeCausalLMConfigFromHF({ ...noFactor, partial_rotary_factor: 1 }).rotaryDim).to.equal(16);
+    const deepseek = moeCausalLMConfigFromHF(await fixtureConfig('deepseek_v3'));
+    expect(deepseek.mla).to.deep.equal({
+      qLoraRank: null, kvLoraRank: 32, qkNopeHeadDim: 16, qkRopeHeadDim: 8, vHeadDim: 16, ropeInterleave: true, attentionBias: false,
+    });
+    expect(deepseek.moe.correctionBias).to.equal(true);
+    expect(moeCausalLMConfigFromHF({ ...(await fixtureConfig('deepseek_v3')), q_lora_rank: undefined }).mla!.qLoraRank)
+      .to.equal(1536);  // DeepseekV3Config's default: only an explicit null means a plain q_proj
     const legacy = { ...(await fixtureConfig('mixtral')), rope_parameters: undefined, rope_theta: 5000, sliding_window: 4096 };
     expect(moeCausalLMConfigFromHF(legacy).ropeTheta).to.equal(5000);
     expect(moeCausalLMConfigFromHF(legacy).slidingWindow).to.equal(4096);
@@ -120,16 +136,10 @@ describe('MoECausalLM', () => {
     model.dispose();
   });
 
-  it('refuses block-only families, saying why, and settings the graph does not implement', async () => {
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss']);
-    for (const [arch, why] of [
-      ['deepseek_v3', 'its multi-head latent attention (MLA) is not implemented'],
-      ['glm4_moe', 'its partial-rotary attention is not implemented'],
-    ]) {
-      expect(() => buildMoECausalLM(JSON.parse(JSON.stringify(require_(arch))))).to.throw(
-        `\`moeCausalLMConfigFromHF()\`: '${arch}' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), ` +
-        `not as a whole model: ${why}; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss`);
-    }
+  it('builds every family whole, and refuses settings the graph does not implement', async () => {
+    // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3']);
+    expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
@@ -146,6 +156,23 @@ describe('MoECausalLM', () => {
       .to.throw("`moeCausalLMConfigFromHF()`: 'config.hidden_size' (64) must be divisible by 'num_attention_heads' (5) when head_dim is not set");
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'default', rope_theta: 1e4, partial_rotary_factor: 0.5 } }))
       .to.throw('`moeCausalLMConfigFromHF()`: partial rotary embeddings are not supported but config.json sets partial_rotary_factor 0.5');
+    const glm = await fixtureConfig('glm4_moe');
+    const glmRope = (factor: unknown) => ({ ...glm, partial_rotary_factor: undefined, rope_parameters: { rope_type: 'default', rope_theta: 1e4, partial_rotary_factor: factor } });
+    expect(() => buildMoECausalLM(glmRope(0)))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.partial_rotary_factor' must be a number in (0, 1] but got 0");
+    expect(() => buildMoECausalLM({ ...glmRope(0.5), partial_rotary_factor: 0.25 }))
+      .to.throw('`moeCausalLMConfigFromHF()`: config.json sets partial_rotary_factor 0.25 at the top level and 0.5 in the rope settings; they must agree');
+    expect(() => buildMoECausalLM(glmRope(0.1)))
+      .to.throw('`moeCausalLMConfigFromHF()`: head_dim · partial_rotary_factor (16 · 0.1) must give an even rotary width >= 2 but gives 1');
+    expect(() => buildMoECausalLM({ ...glm, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4, partial_rotary_factor: 0.5 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
+    const deepseek = await fixtureConfig('deepseek_v3');
+    expect(() => buildMoECausalLM({ ...deepseek, qk_rope_head_dim: 7 }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.qk_rope_head_dim' must be even (rotary pairs) but got 7");
+    expect(() => buildMoECausalLM({ ...deepseek, kv_lora_rank: 0 }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.kv_lora_rank' must be an integer >= 1 but got 0");
+    expect(() => buildMoECausalLM({ ...deepseek, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 40, mscale: 1, mscale_all_dim: 1 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
     const dense = tfl.sequential({ layers: [tfl.layers.dense({ units: 1, inputShape: [2] })] });
     expect(() => addMoEAdapter(dense, { name: 'a', r: 1, alpha: 1, targets: ['router'] }))
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);
@@ -154,11 +181,3 @@ describe('MoECausalLM', () => {
       .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
   });
 });
-
-const configs = new Map<string, unknown>();
-before(async () => {
-  for (const arch of ['deepseek_v3', 'glm4_moe', 'gpt_oss']) configs.set(arch, await fixtureConfig(arch));
-});
-function require_(arch: string): unknown {
-  return configs.get(arch);
-}

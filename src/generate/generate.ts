@@ -10,6 +10,7 @@ import { HFTokenizer } from '../data/hf_tokenizer.js';
 import { SeededRandom } from '../data/random.js';
 import type { TextTokenizer } from '../data/text_tokenizer.js';
 import { RotaryAttention } from '../layers/attention.js';
+import { MLAAttention } from '../layers/mla_attention.js';
 import { assertTokenIds } from '../layers/embedding.js';
 import { hfConfigOf } from '../layers/moe_causal_lm.js';
 import { withSequenceContext } from '../layers/sequence_context.js';
@@ -151,10 +152,10 @@ export async function generate(model: tfl.LayersModel, prompt: GenerationPrompt,
   if (stopStrings.length > 0 && tokenizer === undefined) fail(OP, "'stopStrings' need 'options.tokenizer' to decode the new tokens");
   const eos = new Set(eosIdsOf(model, options));
   const sampling = samplingOf(options);
-  const hasAttention = model.layers.some(l => l instanceof RotaryAttention);
+  const hasAttention = model.layers.some(l => l instanceof RotaryAttention || l instanceof MLAAttention);
   const useCache = options.useCache ?? hasAttention;
   if (useCache && !hasAttention) {
-    fail(OP, `'useCache' needs RotaryAttention layers (they keep the cache) but the model '${model.name}' has none; pass useCache: false`);
+    fail(OP, `'useCache' needs RotaryAttention or MLAAttention layers (they keep the cache) but the model '${model.name}' has none; pass useCache: false`);
   }
   const rng = sampling === null ? null : new SeededRandom(sampling.seed);
   // a model's vocabulary is often padded past the tokenizer's: those ids have no text (HF's decode skips them too)

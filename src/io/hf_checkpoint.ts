@@ -45,9 +45,10 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
 
 /**
  * Reads an HF checkpoint folder into a MoECausalLM (a functional tf.LayersModel).
- * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss; other MoE families are an error that says
- * they are block-only. Extra tensors in the checkpoint are ignored (as transformers does with
- * unexpected keys); missing, misshapen or non-float tensors are one CheckpointError listing all.
+ * Whole models: every family (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3);
+ * FP8 and MXFP4 checkpoints decode on load. Extra tensors in the checkpoint are ignored (as
+ * transformers does with unexpected keys); missing, misshapen or non-float tensors are one
+ * CheckpointError listing all.
  * The model remembers each tensor's dtype on disk and the folder (checkpoint_source.ts), so
  * saveHFCheckpoint writes bf16 back as bf16 and copies the tokenizer files.
  *
@@ -65,6 +66,7 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   const configText = await readTextFile(join(dir, 'config.json'), configWhat);
   const config = parseJSONText(configText, join(dir, 'config.json'), configWhat) as HFConfig;
   familyOf(config);  // unknown model types fail here, before any weights are read
+  // FP8 and MXFP4 weights are decoded (and their dtypes recorded) once, in modelFromCheckpoint
   const source = await openCheckpoint(dir);
   const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
   recordSourceFolder(model, dir);

@@ -10,6 +10,8 @@ import {
   buildMoECausalLM, decoderLayerIndex, MAX_TENSOR_ELEMENTS, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE, type ExpertStorage } from '../layers/sparse_moe.js';
+import { mlaWeightShapes } from '../layers/mla_attention.js';
+import { dequantizingSource, withoutQuantizationConfig } from './fp8_checkpoint.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
@@ -147,20 +149,24 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
   for (let i = 0; i < c.numLayers; i++) {
     const at = (relative: string, shape: number[]) => add({ name: `model.layers.${i}.${relative}`, shape });
     at('input_layernorm.weight', [H]);
-    at('self_attn.q_proj.weight', [q, H]);
-    at('self_attn.k_proj.weight', [kv, H]);
-    at('self_attn.v_proj.weight', [kv, H]);
-    at('self_attn.o_proj.weight', [H, q]);
-    if (c.qkvBias) {
-      at('self_attn.q_proj.bias', [q]);
-      at('self_attn.k_proj.bias', [kv]);
-      at('self_attn.v_proj.bias', [kv]);
-    }
-    if (c.outputBias) at('self_attn.o_proj.bias', [H]);
-    if (c.sinks) at('self_attn.sinks', [c.numHeads]);
-    if (c.qkNorm !== 'none') {
-      at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
-      at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
+    if (c.mla !== null) {
+      for (const w of mlaWeightShapes({ numHeads: c.numHeads, ...c.mla }, H)) at(`self_attn.${w.name}`, w.shape);
+    } else {
+      at('self_attn.q_proj.weight', [q, H]);
+      at('self_attn.k_proj.weight', [kv, H]);
+      at('self_attn.v_proj.weight', [kv, H]);
+      at('self_attn.o_proj.weight', [H, q]);
+      if (c.qkvBias) {
+        at('self_attn.q_proj.bias', [q]);
+        at('self_attn.k_proj.bias', [kv]);
+        at('self_attn.v_proj.bias', [kv]);
+      }
+      if (c.outputBias) at('self_attn.o_proj.bias', [H]);
+      if (c.sinks) at('self_attn.sinks', [c.numHeads]);
+      if (c.qkNorm !== 'none') {
+        at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
+        at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
+      }
     }
     at('post_attention_layernorm.weight', [H]);
     if (c.moeLayers.includes(i)) {
@@ -292,8 +298,15 @@ export async function modelFromCheckpoint(
         `but got ${JSON.stringify(expertDtype)}`);
   }
   familyOf(config);  // unknown model types fail here, before any weight is checked
-  // MXFP4 experts (gpt-oss on the Hub) are read as the BF16 weights they decode to, exactly
-  if (isMXFP4Config(config)) source = mxfp4TensorSource(source, where);
+  if (isMXFP4Config(config)) {
+    // MXFP4 experts (gpt-oss on the Hub) are read as the BF16 weights they decode to, exactly
+    source = mxfp4TensorSource(source, where);
+  } else if (config['quantization_config'] != null) {
+    // an FP8 checkpoint loads as the float32 model of its dequantized weights (any other
+    // quantization is refused here, by name)
+    source = dequantizingSource(config, source, where);
+    config = withoutQuantizationConfig(config);
+  }
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
   const expertStorage = modelExpertStorage(config, source, expertDtype);
   // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4

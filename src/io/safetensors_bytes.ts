@@ -11,6 +11,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { MoELoraError } from '../errors.js';
 import { describeValue } from '../util/describe.js';
+import { decodeFloat8E4M3 } from '../util/float8.js';
 import { decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16 } from '../util/half.js';
 
 /** Thrown for a malformed file, an unknown tensor name, or a dtype this reader cannot decode. */
@@ -32,8 +33,8 @@ const DTYPE_BITS: Readonly<Record<string, number>> = {
   U64: 64,
 };
 
-/** The dtypes `tensor()` decodes (the first three to float32, the others to int32). */
-const DECODABLE = ['F32', 'F16', 'BF16', 'I32', 'I64'];
+/** The dtypes `tensor()` decodes (the float ones to float32, the integer ones to int32). */
+const DECODABLE = ['F32', 'F16', 'BF16', 'F8_E4M3', 'I32', 'I64'];
 
 export interface SafetensorsTensorInfo {
   /** The file's dtype string, e.g. 'F32', 'BF16', 'I64'. */
@@ -89,8 +90,9 @@ export class SafetensorsFile {
   }
 
   /**
-   * Decodes one tensor: F32, F16 and BF16 to float32; I32 and I64 to int32 (an I64 value outside
-   * the int32 range is an error, not a silent wrap).
+   * Decodes one tensor: F32, F16, BF16 and F8_E4M3 to float32 (F8 as stored: a block-scaled FP8
+   * checkpoint's scales are applied by src/io/fp8_checkpoint.ts); I32 and I64 to int32 (an I64
+   * value outside the int32 range is an error, not a silent wrap).
    *
    * ```js
    * const file = await readSafetensorsFile('model.safetensors');
@@ -110,6 +112,7 @@ export class SafetensorsFile {
       case 'I32': return tf.tensor(readInt32(bytes), e.shape, 'int32');
       case 'F16': return tf.tensor(decodeFloat16(readUint16(bytes)), e.shape, 'float32');
       case 'BF16': return tf.tensor(decodeBFloat16(readUint16(bytes)), e.shape, 'float32');
+      case 'F8_E4M3': return tf.tensor(decodeFloat8E4M3(bytes), e.shape, 'float32');
       default: return tf.tensor(this.decodeInt64(name, e, bytes), e.shape, 'int32');  // I64
     }
   }

@@ -1,8 +1,9 @@
 /**
  * Causal self-attention with rotary position embeddings and grouped KV heads, plus the per-family
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
- * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, YaRN rope
- * and gpt-oss's attention sinks (a learned logit per head that joins every softmax denominator).
+ * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, partial
+ * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope and gpt-oss's
+ * attention sinks (a learned logit per head that joins every softmax denominator).
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -30,6 +31,11 @@ export interface RotaryAttentionArgs extends LayerArgs {
   headDim: number;
   /** rope base (HF rope_theta) */
   ropeTheta: number;
+  /**
+   * the leading part of each head that rope rotates (HF head_dim · partial_rotary_factor), the
+   * rest passes unrotated; default headDim (all of it)
+   */
+  rotaryDim?: number;
   /** biases on q, k and v projections (Qwen2-MoE qkv_bias, attention_bias elsewhere) */
   qkvBias?: boolean;
   /** bias on the output projection (Qwen3-MoE and OLMoE attention_bias) */
@@ -61,7 +67,7 @@ export interface RotaryAttentionArgs extends LayerArgs {
  * keyStart + j): not after it and, with a window, less than `window` before it; a large negative
  * value elsewhere. Without a KV cache both starts are 0 and L = S.
  */
-function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
+export function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
   // A finite value: it vanishes in softmax exactly as −inf does, without inf − inf in any gradient.
   const blocked = -1e9;
   const data = new Float32Array(seqLen * keyLen);
@@ -79,7 +85,7 @@ function causalMask(seqLen: number, window: number | null, keyLen = seqLen, quer
  * SequenceContext) [B, 1, S, S], where a query also attends only keys of its own segment (packed
  * samples do not see each other; padding sees padding only, so no row is all blocked).
  */
-function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
+export function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
   const causal = causalMask(seqLen, window);
   if (segmentIds === null) return causal;
   const b = segmentIds.shape[0];
@@ -87,14 +93,17 @@ function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Ten
   return tf.add(causal, tf.mul(tf.sub(1, tf.cast(same, 'float32')), -1e9)) as tf.Tensor4D;
 }
 
-/** The context's segment and position ids, checked against the input's [batch, seq]; null where absent. */
-function contextIds(b: number, s: number): { segmentIds: tf.Tensor2D | null; positionIds: tf.Tensor2D | null } {
+/**
+ * The context's segment and position ids, checked against the input's [batch, seq]; null where
+ * absent. `op` names the attention layer in errors.
+ */
+export function contextIds(b: number, s: number, op = 'RotaryAttention.call'): { segmentIds: tf.Tensor2D | null; positionIds: tf.Tensor2D | null } {
   const context = currentSequenceContext();
   const get = (name: 'segmentIds' | 'positionIds') => {
     const t = context?.[name] ?? null;
     if (t === null) return null;
-    assertTensor('RotaryAttention.call', `context.${name}`, t, 2, 'int32');
-    if (t.shape[0] !== b || t.shape[1] !== s) fail('RotaryAttention.call', `'context.${name}' must be [batch, seq] [${b},${s}] but is [${t.shape}]`);
+    assertTensor(op, `context.${name}`, t, 2, 'int32');
+    if (t.shape[0] !== b || t.shape[1] !== s) fail(op, `'context.${name}' must be [batch, seq] [${b},${s}] but is [${t.shape}]`);
     return t;
   };
   return { segmentIds: get('segmentIds'), positionIds: get('positionIds') };
@@ -123,6 +132,7 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly numKeyValueHeads: number;
   readonly headDim: number;
   readonly ropeTheta: number;
+  readonly rotaryDim: number;
   readonly qkvBias: boolean;
   readonly outputBias: boolean;
   readonly qkNorm: QKNorm;
@@ -154,6 +164,9 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (args.headDim % 2 !== 0) fail(op, `'headDim' must be even (rotary pairs) but got ${args.headDim}`);
     assertFiniteNumber(op, 'ropeTheta', args.ropeTheta);
     if (args.ropeTheta <= 0) fail(op, `'ropeTheta' must be > 0 but got ${args.ropeTheta}`);
+    this.rotaryDim = args.rotaryDim ?? args.headDim;
+    assertInteger(op, 'rotaryDim', this.rotaryDim, 2, args.headDim);
+    if (this.rotaryDim % 2 !== 0) fail(op, `'rotaryDim' must be even (rotary pairs) but got ${this.rotaryDim}`);
     this.qkNorm = args.qkNorm ?? 'none';
     assertOneOf(op, 'qkNorm', this.qkNorm, QK_NORMS);
     this.normEpsilon = args.normEpsilon ?? 1e-6;
@@ -258,11 +271,12 @@ export class RotaryAttention extends tfl.layers.Layer {
       const { segmentIds, positionIds } = contextIds(b, s);
       // generation: the new tokens come after the cached ones (cachedPositions)
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
+      const rd = this.rotaryDim;
       const { cos, sin } = cached.rotary ??
-        (positionIds === null ? rotaryTables(s, d, this.ropeTheta, 0, this.ropeScaling) :
-          rotaryTablesAt(positionIds, d, this.ropeTheta, s, this.ropeScaling));
-      q3 = applyRotary(q3, cos, sin);
-      k3 = applyRotary(k3, cos, sin);
+        (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
+          rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
+      q3 = this.rotate(q3, cos, sin);
+      k3 = this.rotate(k3, cos, sin);
       let mask: tf.Tensor2D | tf.Tensor4D;
       [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds)];
       const keyLen = k3.shape[1];                                      // L = S without a cache
@@ -284,6 +298,14 @@ export class RotaryAttention extends tfl.layers.Layer {
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
     });
+  }
+
+  /** rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary) */
+  private rotate(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
+    const rd = this.rotaryDim;
+    if (rd === this.headDim) return applyRotary(x, cos, sin);
+    const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
+    return tf.concat([applyRotary(rotated, cos, sin), passed], 2) as tf.Tensor3D;
   }
 
   /**
@@ -313,7 +335,7 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (hasSegments) fail('RotaryAttention.call', "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
     const past = cache.seen(this.name);
     return {
-      rotary: rotaryTables(s, this.headDim, this.ropeTheta, past, this.ropeScaling),
+      rotary: rotaryTables(s, this.rotaryDim, this.ropeTheta, past, this.ropeScaling),
       attend: (k, v) => {
         const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
         return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
@@ -328,6 +350,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       numKeyValueHeads: this.numKeyValueHeads,
       headDim: this.headDim,
       ropeTheta: this.ropeTheta,
+      rotaryDim: this.rotaryDim,
       qkvBias: this.qkvBias,
       outputBias: this.outputBias,
       qkNorm: this.qkNorm,

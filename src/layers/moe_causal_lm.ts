@@ -15,8 +15,8 @@
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
- * sliding and full layers by layer_types). deepseek_v3 (MLA attention) and glm4_moe (partial
- * rotary) are supported at the block level only (SparseMoE, src/io/hf_block.ts).
+ * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary) and
+ * deepseek_v3 (MLAAttention).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -29,6 +29,7 @@ import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
 import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
+import { MLAAttention } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
 import { SwiGLUMLP } from './swiglu_mlp.js';
@@ -36,13 +37,13 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
 export type MoECausalLM = tfl.LayersModel;
 
-/** The model types that load as whole models; the others in MODEL_TYPES are block-only. */
-export const WHOLE_MODEL_TYPES: readonly ModelType[] = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss'];
+/** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
+export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+];
 
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  deepseek_v3: 'its multi-head latent attention (MLA) is not implemented',
-  glm4_moe: 'its partial-rotary attention is not implemented',
-};
+/** Why a block-only family has no whole model (none is block-only now). */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -54,6 +55,10 @@ export interface MoECausalLMConfig {
   numKeyValueHeads: number;
   headDim: number;
   ropeTheta: number;
+  /** the leading part of each head that rope rotates (headDim · partial_rotary_factor) */
+  rotaryDim: number;
+  /** deepseek_v3's multi-head latent attention (MLAAttention) instead of RotaryAttention; else null */
+  mla: MLAConfig | null;
   /** YaRN (gpt_oss); null: the default rope */
   ropeScaling: RopeScaling;
   rmsNormEps: number;
@@ -76,11 +81,30 @@ export interface MoECausalLMConfig {
     intermediateSize: number;
     routing: RoutingConfig;
     activation: ExpertActivation;
+    /** DeepSeek/GLM e_score_correction_bias (expert selection only) */
+    correctionBias: boolean;
     sharedExpert: { intermediateSize: number; gated: boolean } | null;
     /** gpt_oss: experts stored [E, in, out] with gate/up interleaved, expert and router biases */
     fusedInterleaved: boolean;
   };
 }
+
+/** The sizes of deepseek_v3's multi-head latent attention, as MLAAttention takes them. */
+export interface MLAConfig {
+  qLoraRank: number | null;
+  kvLoraRank: number;
+  qkNopeHeadDim: number;
+  qkRopeHeadDim: number;
+  vHeadDim: number;
+  ropeInterleave: boolean;
+  attentionBias: boolean;
+}
+
+/** DeepseekV3Config's defaults for the MLA keys a config.json leaves out. */
+const MLA_DEFAULTS = { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 };
+
+/** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
 
 const OP = 'moeCausalLMConfigFromHF';
 
@@ -149,6 +173,35 @@ function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<Ro
  * rope_type, a key the rope does not read (low/high_freq_factor, mscale, ...), rope_scaling that
  * disagrees with rope_parameters (older transformers read one, newer the other), or two thetas.
  */
+function ropeSettings(config: HFConfig, fallback: number, modelType: ModelType):
+    { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
+  const partialDefault = PARTIAL_ROTARY_DEFAULT[modelType];
+  if (partialDefault === undefined) return { ...ropeOf(config, fallback, modelType), partialRotaryFactor: 1 };
+  // the family implements partial rotary: rope_parameters' factor wins (transformers 5), then the top level
+  const params = config['rope_parameters'] ?? config['rope_scaling'];
+  const nested = params !== null && typeof params === 'object' ? (params as Record<string, unknown>)['partial_rotary_factor'] : undefined;
+  const factor = nested ?? config['partial_rotary_factor'] ?? partialDefault;
+  if (typeof factor !== 'number' || !(factor > 0 && factor <= 1)) {
+    fail(OP, `'config.partial_rotary_factor' must be a number in (0, 1] but got ${describeValue(factor)}`);
+  }
+  if (nested !== undefined && config['partial_rotary_factor'] != null && config['partial_rotary_factor'] !== nested) {
+    fail(OP, `config.json sets partial_rotary_factor ${JSON.stringify(config['partial_rotary_factor'])} at the top level and ` +
+        `${factor} in the rope settings; they must agree`);
+  }
+  const withoutPartial: HFConfig = { ...config, partial_rotary_factor: undefined };
+  if (params !== null && typeof params === 'object' && !Array.isArray(params)) {
+    const rest = { ...(params as Record<string, unknown>) };
+    delete rest['partial_rotary_factor'];
+    if (config['rope_parameters'] != null) withoutPartial['rope_parameters'] = rest;
+    if (config['rope_scaling'] != null) {
+      const legacy = { ...(config['rope_scaling'] as Record<string, unknown>) };
+      delete legacy['partial_rotary_factor'];
+      withoutPartial['rope_scaling'] = legacy;
+    }
+  }
+  return { ...ropeOf(withoutPartial, fallback, modelType), partialRotaryFactor: factor };
+}
+
 function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { theta: number; scaling: RopeScaling } {
   const parameters = config['rope_parameters'] ?? null;
   const legacy = config['rope_scaling'] ?? null;
@@ -293,6 +346,13 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'qwen3_moe':
         return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
+      case 'glm4_moe':
+        return {
+          qkvBias: attentionBias, outputBias: false, qkNorm: bool(config, 'use_qk_norm', false) ? 'perHead' : 'none',
+          clipQKV: null, slidingWindow: null,
+        };
+      case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
+        return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
@@ -322,7 +382,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
         `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeOf(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
+  const rope = ropeSettings(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
+  const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
+  if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
+    fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
+  }
+  const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -332,6 +397,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     numKeyValueHeads,
     headDim,
     ropeTheta: rope.theta,
+    rotaryDim,
+    mla,
     ropeScaling: rope.scaling,
     rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
     ...attention,
@@ -346,10 +413,23 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       intermediateSize: dims.intermediate,
       routing: blockConfig.routing,
       activation: blockConfig.activation,
+      correctionBias: family.checkpoint.router.correctionBias !== undefined,
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
     },
+  };
+}
+
+/** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
+function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
+  const size = (key: keyof typeof MLA_DEFAULTS) => int(config, key, MLA_DEFAULTS[key]);
+  const qLoraRank = config['q_lora_rank'] === null ? null : size('q_lora_rank');
+  const qkRopeHeadDim = size('qk_rope_head_dim');
+  if (qkRopeHeadDim % 2 !== 0) fail(OP, `'config.qk_rope_head_dim' must be even (rotary pairs) but got ${qkRopeHeadDim}`);
+  return {
+    qLoraRank, kvLoraRank: size('kv_lora_rank'), qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim,
+    vHeadDim: size('v_head_dim'), ropeInterleave: bool(config, 'rope_interleave', true), attentionBias,
   };
 }
 
@@ -433,19 +513,24 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   for (let i = 0; i < c.numLayers; i++) {
     const prefix = `model.layers.${i}`;
     const attnIn = layer(new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps })).apply(h);
-    const attn = layer(new RotaryAttention({
-      name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
-      headDim: c.headDim, ropeTheta: c.ropeTheta, qkvBias: c.qkvBias, outputBias: c.outputBias,
-      qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
-      ropeScaling: c.ropeScaling, sinks: c.sinks,
-      initializerRange: init,
-    })).apply(attnIn) as tfl.SymbolicTensor;
+    const attn = layer(c.mla !== null ?
+      new MLAAttention({
+        name: `${prefix}.self_attn`, numHeads: c.numHeads, ropeTheta: c.ropeTheta, initializerRange: init, ...c.mla,
+      }) :
+      new RotaryAttention({
+        name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
+        headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
+        qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
+        ropeScaling: c.ropeScaling, sinks: c.sinks,
+        initializerRange: init,
+      })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
     const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps })).apply(h);
     const mlp = layer(c.moeLayers.includes(i) ?
       new SparseMoE({
         name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
+        correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
         ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),

@@ -1,7 +1,7 @@
 /**
  * The whole-model table of docs/models.md: for each whole-model family's fixture, the max relative
  * error against transformers / PEFT of the logits, of the logits with the fixture's PEFT adapter,
- * and of every LoRA gradient (the max over the 12 adapter tensors), per backend, fused kernel.
+ * and of every LoRA gradient (the max over the adapter tensors: 12, or 6 where the first layer is dense), per backend, fused kernel.
  *
  *   npx tsx tools/docs/model_parity_table.ts
  */
