@@ -19,21 +19,13 @@ import { batchLoss, disposeBatch } from '../../src/train/loss.js';
 import { runTraining, type TrainRunOptions } from '../../src/train/run.js';
 import { writeChatModel } from '../helpers/chat_model.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 const TOPICS = ['rain', 'snow', 'wind', 'sun', 'fog', 'hail', 'dew', 'frost', 'mist', 'cloud'];
 const CHATS = TOPICS.map(t => JSON.stringify({
   messages: [{ role: 'user', content: `what is ${t}` }, { role: 'assistant', content: `${t} is weather` }],
 })).join('\n');
 const COMPLETIONS = TOPICS.map(t => JSON.stringify({ prompt: `say ${t}:`, completion: ` ${t} ${t}` })).join('\n');
-
-const reject = async (p: Promise<unknown>) => {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
-};
 
 describe('train/run on datasets', () => {
   let dir: string;
@@ -107,7 +99,7 @@ describe('train/run on datasets', () => {
         'a from-scratch run on datasets needs a tokenizer folder (tokenizer): the character tokenizer is built from the text file of data'],
     ];
     for (const [over, message] of cases) {
-      const e = await reject(runTraining(run({ out: join(dir, 'bad'), ...over })));
+      const e = await rejection(runTraining(run({ out: join(dir, 'bad'), ...over })));
       expect(e, message).to.be.instanceOf(TrainError);
       expect(e.message).to.equal(message);
     }

@@ -15,21 +15,13 @@ import { runTraining, type TrainRunOptions } from '../../src/train/run.js';
 import { learningRateAt } from '../../src/train/schedule.js';
 import { FileError } from '../../src/util/files.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
+import { rejection } from '../helpers/rejection.js';
 
 const TEXT = 'la miro vidi so tasel. ka en vora lupa la kemi?\n'.repeat(8);
 const VAL = 'so kemi lupa la miro.\n'.repeat(3);
 const TINY_CONFIG = {
   model_type: 'qwen3_moe', hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1,
   head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 8, norm_topk_prob: true, rms_norm_eps: 1e-6,
-};
-
-const reject = async (p: Promise<unknown>) => {
-  try {
-    await p;
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a rejection');
 };
 
 describe('train/run: checkpoints, metrics, evaluation and resume', () => {
@@ -92,17 +84,17 @@ describe('train/run: checkpoints, metrics, evaluation and resume', () => {
 
   it('refuses a resume whose options would not continue the curve, and a folder that is not a checkpoint', async () => {
     const out = join(dir, 'out');
-    const e = await reject(runTraining(run({ out: join(dir, 'out3'), resume: join(out, 'checkpoint-6'), lr: 2e-2, gradAccum: 1 })));
+    const e = await rejection(runTraining(run({ out: join(dir, 'out3'), resume: join(out, 'checkpoint-6'), lr: 2e-2, gradAccum: 1 })));
     expect(e).to.be.instanceOf(TrainError);
     expect(e.message).to.equal(`the run differs from the checkpoint '${join(out, 'checkpoint-6')}' it resumes, which would not ` +
         'continue its loss curve: lr 0.02 (checkpoint: 0.01), gradAccum 1 (checkpoint: 2)');
     const fake = join(dir, 'fake');
     await mkdir(fake, { recursive: true });
     await writeFile(join(fake, 'trainer_state.json'), JSON.stringify({ format: 'other', step: -1 }));
-    expect((await reject(loadTrainCheckpoint(fake))).message)
+    expect((await rejection(loadTrainCheckpoint(fake))).message)
         .to.equal(`'${fake}' is not a training checkpoint this package wrote: its trainer_state.json must have format 'tfjs-moe-lora trainer state'`);
     await writeFile(join(fake, 'trainer_state.json'), JSON.stringify({ format: 'tfjs-moe-lora trainer state', step: -1, micro_batches: 0, adam_step: 0, variables: 0, losses: ['x'], options: {} }));
-    expect((await reject(loadTrainCheckpoint(fake))).message)
+    expect((await rejection(loadTrainCheckpoint(fake))).message)
         .to.equal(`'${fake}' is not a training checkpoint this package wrote: 'step' must be an integer >= 0 but is -1; 'losses' must be a list of numbers`);
   });
 
@@ -110,7 +102,7 @@ describe('train/run: checkpoints, metrics, evaluation and resume', () => {
     const out = join(dir, 'atomic');
     const state = { step: 2, microBatches: 2, losses: [1, 0.5], evalLosses: [], optimizer: { step: 2, m: [Float32Array.of(1)], v: [Float32Array.of(2)] }, seconds: 1 };
     await saveTrainCheckpoint(out, state, { lr: 1 }, async d => { await writeFile(join(d, 'weights.bin'), 'w'); });
-    const failed = await reject(saveTrainCheckpoint(out, { ...state, step: 4 }, { lr: 1 }, async d => {
+    const failed = await rejection(saveTrainCheckpoint(out, { ...state, step: 4 }, { lr: 1 }, async d => {
       await writeFile(join(d, 'weights.bin'), 'half');
       throw new Error('disk full');
     }));
@@ -132,7 +124,7 @@ describe('train/run: checkpoints, metrics, evaluation and resume', () => {
       [{ val: undefined, evalEvery: 2 }, 'evalEvery needs validation data: val (with data) or valSetSize (with datasets)'],
     ];
     for (const [over, message] of cases) {
-      const e = await reject(runTraining(run({ out: join(dir, 'bad'), ...over })));
+      const e = await rejection(runTraining(run({ out: join(dir, 'bad'), ...over })));
       expect(e, message).to.be.instanceOf(TrainError);
       expect(e.message).to.equal(message);
     }

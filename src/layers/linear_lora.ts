@@ -18,6 +18,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { assertInteger, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
+import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
 
@@ -193,11 +194,7 @@ export class LinearLoRA {
     const state = this.state(name, 'removeAdapter');
     if (this.merged.includes(name)) fail(`${this.owner.layer.getClassName()}.removeAdapter`, `adapter '${name}' is merged; unmerge it first`);
     const vars = Object.values(state.factors).flatMap(f => [f.A, f.B]);
-    const self = this.owner.layer as unknown as { _trainableWeights: tfl.LayerVariable[]; _addedWeightNames: string[] };
-    self._trainableWeights = self._trainableWeights.filter(v => !vars.includes(v));
-    const names = vars.map(v => v.originalName);
-    self._addedWeightNames = self._addedWeightNames.filter(n => !names.includes(n));
-    vars.forEach(v => v.dispose());
+    releaseLayerVariables(this.owner.layer, vars);
     this.adapters.delete(name);
     if (this.adapters.size === 0 && this.baseTrainable !== null) {
       for (const [v, trainable] of this.baseTrainable) v.trainable = trainable;

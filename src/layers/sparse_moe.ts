@@ -21,6 +21,7 @@ import type {
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
 import { normalInitializer } from './initializers.js';
+import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 
 export type LoRATarget =
@@ -366,12 +367,8 @@ export class SparseMoE extends tfl.layers.Layer {
     const state = this.adapterState(name, 'removeAdapter');
     if (this.merged.includes(name)) fail('SparseMoE.removeAdapter', `adapter '${name}' is merged; unmerge it first`);
     const vars = Object.values(state.factors).flatMap(f => [f!.A, f!.B]);
-    const self = this as unknown as { _trainableWeights: tfl.LayerVariable[]; _addedWeightNames: string[] };
-    self._trainableWeights = self._trainableWeights.filter(v => !vars.includes(v));
-    // frees the names, so an adapter of the same name can be added again
-    const names = vars.map(v => v.originalName);
-    self._addedWeightNames = self._addedWeightNames.filter(n => !names.includes(n));
-    vars.forEach(v => v.dispose());
+    // frees the names too, so an adapter of the same name can be added again
+    releaseLayerVariables(this, vars);
     this.adapters.delete(name);
     if (this.adapters.size === 0 && this.baseTrainable !== null) {
       for (const [v, trainable] of this.baseTrainable) v.trainable = trainable;
