@@ -158,7 +158,7 @@ describe('models/memory', () => {
       });
       const measured = info.peakBytes - base;
       const estimate = estimateTrainingMemory(model, { batch: B, seq: S });
-      expect(measured, 'the loss dominates the step').to.be.above(10 * B * S * 20000 * 4);
+      expect(measured, 'the logits dominate the step').to.be.above(5 * B * S * 20000 * 4);
       expect(estimate.stepBytes, `estimate ${estimate.stepBytes} vs measured peak ${measured}`).to.be.at.least(measured);
       expect(estimate.stepBytes).to.be.below(1.5 * measured);
     } finally {
@@ -176,7 +176,7 @@ describe('models/memory', () => {
       const trainable = trainableVariables(model).reduce((n, v) => n + v.size, 0);
       expect(trainable).to.be.greaterThan(0);
       const logits = B * S * 97 * 4;
-      const activations = 16 * logits + 2 * B * S * (8 * 64 + 2 * 4 * S) * 4 + 2 * B * S * 2 * (2 * 48 + 64) * 4;
+      const activations = 7 * logits + 2 * B * S * (8 * 64 + 2 * 4 * S) * 4 + 2 * B * S * 2 * (2 * 48 + 64) * 4;
       const estimate = estimateTrainingMemory(model, { batch: B, seq: S });
       expect(estimate).to.deep.include({
         weightBytes: bytesOf(model.weights), optimizerBytes: 12 * trainable, activationBytes: activations,

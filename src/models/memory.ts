@@ -122,8 +122,8 @@ export interface TrainingMemoryEstimate {
   largest: { name: string; bytes: number };
 }
 
-/** Tensors of the logits' size a training step's loss holds at its peak (measured: 15.8; see estimateTrainingMemory). */
-const LOSS_LOGITS_COPIES = 16;
+/** Tensors of the logits' size a training step holds at its peak (measured: 6.8; see estimateTrainingMemory). */
+const LOSS_LOGITS_COPIES = 7;
 
 const DTYPE_BYTES: Readonly<Record<string, number>> = { float32: 4, int32: 4, bool: 1, complex64: 8, string: 0 };
 
@@ -131,10 +131,10 @@ const DTYPE_BYTES: Readonly<Record<string, number>> = { float32: 4, int32: 4, bo
  * The memory one training step of `model` on `batch` windows of `seq` tokens needs, a simple
  * estimate (it says what dominates, it is no allocator trace):
  *   weights (as held) + trainable elements × 3 × 4 bytes (gradient, Adam's m and v)
- *   + 16 × B·S·V × 4: what the loss keeps and makes over the logits [B·S, V] (logits, log-softmax and
- *     its intermediates, one-hot targets, their product, the gradients of each): tf.profile's
- *     peakBytes of a step of a large-vocabulary model is 15.8 of them on cpu and wasm (a spec checks
- *     the estimate stays above the measured peak)
+ *   + 7 × B·S·V × 4: the logits [B·S, V] and what the loss (tokenCrossEntropy) and the head's
+ *     gradient make of their size at the peak: tf.profile's peakBytes of a step of a
+ *     large-vocabulary model is 6.8 of them on cpu and wasm (15.8 with the composed loss it
+ *     replaced; a spec checks the estimate stays above the measured peak)
  *   + per decoder layer, what its backward keeps: B·S·(8·H + 2·n_heads·S) × 4 (residual stream,
  *     norms, q/k/v/o, attention scores and probabilities) and, in an MoE layer,
  *     B·S·K·(2·I + H) × 4 (each routed token's gate/up output and its gathered input).

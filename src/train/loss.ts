@@ -3,6 +3,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { assertTokenIds, HOST_BACKENDS } from '../layers/embedding.js';
 import { withSequenceContext } from '../layers/sequence_context.js';
+import { tokenCrossEntropy } from '../ops/token_cross_entropy.js';
 import { assertInteger, assertTensor, fail } from '../ops/validate.js';
 
 /** A label that predicts nothing (padding, prompts under a completion-only loss): PyTorch's ignore_index. */
@@ -118,14 +119,11 @@ export function batchLoss(
   assertTokenIds(op, 'inputIds', batch.inputIds, v);
   assertLabels(op, batch.labels, v);
   return tf.tidy(() => {
-    const labels = tf.reshape(batch.labels, [b * s]) as tf.Tensor1D;
-    const counted = tf.notEqual(labels, IGNORE_INDEX);                            // [B·S]
+    const labels = tf.reshape(batch.labels, [b * s]) as tf.Tensor1D;             // IGNORE_INDEX < 0: not counted
     const training = options.training ?? true;
     const context = { segmentIds: batch.segmentIds, positionIds: batch.positionIds, training, dropoutSeed: options.dropoutSeed };
     const logits = withSequenceContext(context, () => model.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, V]
-    const logp = tf.logSoftmax(tf.reshape(logits, [b * s, v]));                  // [B·S, V]
-    const safe = tf.where(counted, labels, tf.zerosLike(labels)) as tf.Tensor1D;
-    const picked = tf.mul(tf.sum(tf.mul(logp, tf.oneHot(safe, v)), 1), tf.cast(counted, 'float32'));
-    return tf.div(tf.neg(tf.sum(picked)), normalizer) as tf.Scalar;
+    // one op with its own gradient: a few logits-sized tensors, not the composed loss's dozen
+    return tokenCrossEntropy(tf.reshape(logits, [b * s, v]) as tf.Tensor2D, labels, normalizer);
   });
 }
