@@ -73,9 +73,6 @@ export function decodeMXFP4(blocks: Uint8Array, scales: Uint8Array, blocksShape:
   return out;
 }
 
-/** The sources mxfp4TensorSource made. */
-const views = new WeakSet<TensorSource>();
-
 /** A source that can give a U8 tensor's bytes (SafetensorsFile, CheckpointSource). */
 type ByteSource = TensorSource & { uint8Values?(name: string): Promise<Uint8Array> };
 
@@ -97,7 +94,6 @@ export function isMXFP4Config(config: Record<string, unknown>): boolean {
  */
 export function mxfp4TensorSource(source: ByteSource, where: string): TensorSource {
   const op = 'mxfp4TensorSource';
-  if (views.has(source)) return source;  // already a decoded view: decoding twice would find no _blocks
   const names = (source as { names?(): string[] }).names?.() ?? [];
   const decoded = new Map<string, { blocks: string; scales: string; shape: number[] }>();
   const problems: string[] = [];
@@ -159,6 +155,5 @@ export function mxfp4TensorSource(source: ByteSource, where: string): TensorSour
     },
   };
   if (typeof source.halfBits === 'function' || decoded.size > 0) wrapped.halfBits = halfBits;
-  views.add(wrapped);
   return wrapped;
 }
