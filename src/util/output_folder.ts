@@ -97,3 +97,21 @@ export function checkOutputFolder(out: unknown, check: OutputFolderCheck): void 
   }
   rmdirSync(probe);
 }
+
+/**
+ * checkOutputFolder for an argument check that reports problems as text (yargs' `.check`): the
+ * FileError's message, or true.
+ *
+ * ```js
+ * outputFolderProblem(argv.out, {name: '--out', overwrite: argv.overwrite, inputs: {'--model': argv.model}});
+ * ```
+ */
+export function outputFolderProblem(out: unknown, check: OutputFolderCheck): string | true {
+  try {
+    checkOutputFolder(out, check);
+  } catch (e) {
+    if (e instanceof FileError) return e.message;
+    throw e;
+  }
+  return true;
+}

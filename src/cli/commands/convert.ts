@@ -25,8 +25,7 @@ import type { LoadedPeftAdapter } from '../../io/peft.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../io/peft_files.js';
 import { sparseMoELayers } from '../../layers/moe_causal_lm.js';
 import { writeFileAtomically } from '../../util/atomic.js';
-import { FileError } from '../../util/files.js';
-import { checkOutputFolder } from '../../util/output_folder.js';
+import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
 import { checkMaxShardSize, hfSaveOptions, maxShardSizeOf, type HFSaveArgs } from '../hf_save_options.js';
@@ -83,13 +82,7 @@ function checkArgs(argv: Partial<ConvertArgs>): string | true {
     return `--adapter loads a PEFT adapter into the model and writes a TF.js folder, so --to must be tfjs (got ${to}); ` +
         'to write a model\'s adapter as PEFT, use --to peft without --adapter';
   }
-  try {
-    checkOutputFolder(output, { name: '--output', overwrite: argv.overwrite === true, inputs: { '--input': input, '--adapter': adapter } });
-  } catch (e) {
-    if (e instanceof FileError) return e.message;
-    throw e;
-  }
-  return true;
+  return outputFolderProblem(output, { name: '--output', overwrite: argv.overwrite === true, inputs: { '--input': input, '--adapter': adapter } });
 }
 
 export function builder(yargs: Argv): Argv<ConvertArgs> {

@@ -6,8 +6,7 @@
 import { existsSync, statSync } from 'node:fs';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { mergeAdapterIntoCheckpoint, type MergeResult } from '../../io/merge.js';
-import { FileError } from '../../util/files.js';
-import { checkOutputFolder } from '../../util/output_folder.js';
+import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
 import { checkMaxShardSize, hfSaveOptions, maxShardSizeOf, type HFSaveArgs } from '../hf_save_options.js';
@@ -33,13 +32,7 @@ function checkArgs(argv: Partial<MergeArgs>): string | true {
   if (!isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
   const shardProblem = checkMaxShardSize(maxShardSize);
   if (shardProblem !== true) return shardProblem;
-  try {
-    checkOutputFolder(out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model, '--adapter': adapter } });
-  } catch (e) {
-    if (e instanceof FileError) return e.message;
-    throw e;
-  }
-  return true;
+  return outputFolderProblem(out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model, '--adapter': adapter } });
 }
 
 export function builder(yargs: Argv): Argv<MergeArgs> {

@@ -16,7 +16,7 @@ import { onInterrupt } from '../../train/interrupt.js';
 import { INIT_PRESET_NAMES } from '../../train/presets.js';
 import { runTraining, type TrainMode, type TrainRunResult } from '../../train/run.js';
 import { FileError } from '../../util/files.js';
-import { checkOutputFolder } from '../../util/output_folder.js';
+import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
@@ -137,14 +137,8 @@ function checkTrainArgs(argv: Record<string, unknown>): string | true {
     return 'a from-scratch run on a dataset needs --tokenizer DIR (the character tokenizer is built from a text file)';
   }
   // last, as it creates --out's parent folders: the output is checked before any work
-  try {
-    // a resumed run writes into the folder that holds its checkpoints
-    checkOutputFolder(argv.out, { name: '--out', overwrite: argv.overwrite === true || argv.resume !== undefined, inputs: { '--model': model } });
-  } catch (e) {
-    if (e instanceof FileError) return e.message;
-    throw e;
-  }
-  return true;
+  // a resumed run writes into the folder that holds its checkpoints
+  return outputFolderProblem(argv.out, { name: '--out', overwrite: argv.overwrite === true || argv.resume !== undefined, inputs: { '--model': model } });
 }
 
 /**
