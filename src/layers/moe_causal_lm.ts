@@ -37,13 +37,17 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
 export type MoECausalLM = tfl.LayersModel;
 
-/** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
+/** The model types that load as whole models; the others of MODEL_TYPES are block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
 ];
 
-/** Why a block-only family has no whole model (none is block-only now). */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
+/** Why a block-only family has no whole model. */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
+  qwen3_5_moe_text: 'its gated DeltaNet linear-attention layers are not implemented',
+  qwen3_next: 'its gated DeltaNet linear-attention layers are not implemented',
+  glm_moe_dsa: 'its DeepSeek sparse attention (MLA with a top-k token indexer) is not implemented',
+};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {

@@ -14,6 +14,7 @@ export type HFConfig = Record<string, unknown>;
 
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
+  'qwen3_5_moe_text', 'glm_moe_dsa', 'qwen3_next',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
@@ -65,9 +66,10 @@ export interface MoEFamily {
   hiddenActs: readonly string[] | null;
   /**
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
-   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers;
+   * 'mlpLayerTypes': mlp_layer_types[i] == 'sparse', or, without that list, 'firstKDense'.
    */
-  moeLayers: 'all' | 'firstKDense' | 'sparseStep';
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'mlpLayerTypes';
   checkpoint: CheckpointLayout;
   /** present when the block has shared experts */
   sharedSize?: SharedSize;
@@ -153,6 +155,32 @@ const DEEPSEEK_LIKE = {
   parameters: SHARED_EXPERTS_PARAMETERS,
 } as const;
 
+/**
+ * Qwen2-MoE's block: softmax top-k routing plus one shared expert scaled by
+ * sigmoid(shared_expert_gate(x)); Qwen3-Next and Qwen3.5-MoE keep it unchanged.
+ */
+const SIGMOID_GATED_SHARED_EXPERT = {
+  checkpoint: {
+    block: 'mlp',
+    router: { weight: 'gate.weight' },
+    experts: PER_EXPERT_PROJ,
+    shared: {
+      gate: 'shared_expert.gate_proj.weight',
+      up: 'shared_expert.up_proj.weight',
+      down: 'shared_expert.down_proj.weight',
+      sigmoidGate: 'shared_expert_gate.weight',
+    },
+  },
+  sharedSize: { key: 'shared_expert_intermediate_size' },
+  parameters: {
+    ...ROUTED_PARAMETERS,
+    'shared_expert.gate_proj.weight': 'shared.gate',
+    'shared_expert.up_proj.weight': 'shared.up',
+    'shared_expert.down_proj.weight': 'shared.down',
+    'shared_expert_gate.weight': 'shared.sigmoidGate',
+  },
+} as const;
+
 /** The table. Defaults are those of the transformers 5 config classes. */
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   mixtral: {
@@ -182,25 +210,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
       num_experts: 60, num_experts_per_tok: 4, norm_topk_prob: false, decoder_sparse_step: 1,
       mlp_only_layers: [],
     },
-    checkpoint: {
-      block: 'mlp',
-      router: { weight: 'gate.weight' },
-      experts: PER_EXPERT_PROJ,
-      shared: {
-        gate: 'shared_expert.gate_proj.weight',
-        up: 'shared_expert.up_proj.weight',
-        down: 'shared_expert.down_proj.weight',
-        sigmoidGate: 'shared_expert_gate.weight',
-      },
-    },
-    sharedSize: { key: 'shared_expert_intermediate_size' },
-    parameters: {
-      ...ROUTED_PARAMETERS,
-      'shared_expert.gate_proj.weight': 'shared.gate',
-      'shared_expert.up_proj.weight': 'shared.up',
-      'shared_expert.down_proj.weight': 'shared.down',
-      'shared_expert_gate.weight': 'shared.sigmoidGate',
-    },
+    ...SIGMOID_GATED_SHARED_EXPERT,
   },
   qwen3_moe: {
     modelType: 'qwen3_moe',
@@ -276,6 +286,42 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
       'experts.down_proj': 'experts.down',
       'experts.down_proj_bias': 'experts.downBias',
     },
+  },
+  // Qwen3.5-MoE's text model (Qwen3_5MoeTextConfig; the Hub's 'qwen3_5_moe' wraps it in text_config):
+  // its router always renormalizes the top-k softmax (no norm_topk_prob), every layer is MoE
+  qwen3_5_moe_text: {
+    modelType: 'qwen3_5_moe_text',
+    expertCountKeys: ['num_experts'],
+    expertIntermediateKey: 'moe_intermediate_size',
+    defaults: { num_experts: 256, num_experts_per_tok: 8, shared_expert_intermediate_size: 512 },
+    routing: { kind: 'softmaxTopK', renormalize: true },
+    activation: 'swiglu',
+    hiddenActs: SILU_NAMES,
+    moeLayers: 'all',
+    ...SIGMOID_GATED_SHARED_EXPERT,
+  },
+  // GLM-5 (GLM with DeepSeek sparse attention): DeepSeek-V3's block and routing; the MoE layers
+  // are those mlp_layer_types marks 'sparse'
+  glm_moe_dsa: {
+    modelType: 'glm_moe_dsa',
+    ...DEEPSEEK_LIKE,
+    moeLayers: 'mlpLayerTypes',
+    defaults: {
+      n_routed_experts: 256, num_experts_per_tok: 8, n_group: 1, topk_group: 1,
+      norm_topk_prob: true, routed_scaling_factor: 2.5, first_k_dense_replace: 3,
+      n_shared_experts: 1,
+    },
+  },
+  // Qwen3-Next: Qwen2-MoE's block (sigmoid-gated shared expert), norm_topk_prob on by default
+  qwen3_next: {
+    modelType: 'qwen3_next',
+    ...QWEN_LIKE,
+    expertCountKeys: ['num_experts'],
+    defaults: {
+      num_experts: 512, num_experts_per_tok: 10, norm_topk_prob: true, decoder_sparse_step: 1,
+      mlp_only_layers: [], shared_expert_intermediate_size: 512,
+    },
+    ...SIGMOID_GATED_SHARED_EXPERT,
   },
 };
 
@@ -429,6 +475,17 @@ export function isMoELayer(config: HFConfig, layer: number): boolean {
         fail(op, `'config.mlp_only_layers' must be a list of layer indices but got ${JSON.stringify(mlpOnly)}`);
       }
       return !mlpOnly.includes(layer) && (layer + 1) % step === 0;
+    }
+    case 'mlpLayerTypes': {
+      const types = config['mlp_layer_types'];
+      if (types === undefined || types === null) {
+        return layer >= Math.min(configInteger(op, family, config, 'first_k_dense_replace', 0), layers);
+      }
+      if (!Array.isArray(types) || types.length !== layers || !types.every(t => t === 'dense' || t === 'sparse')) {
+        fail(op, `'config.mlp_layer_types' must list 'dense' or 'sparse' for each of the ${layers} layers ` +
+            `but got ${JSON.stringify(types)}`);
+      }
+      return types[layer] === 'sparse';
     }
   }
 }
