@@ -178,6 +178,6 @@ describe('MoECausalLM', () => {
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);
     dense.dispose();
     expect(() => buildMoECausalLM({ ...qwen3, model_type: 'llama' }))
-      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
+      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'qwen3_5_moe_text', 'glm_moe_dsa', 'qwen3_next' (the supported MoE families) but got 'llama'");
   });
 });
