@@ -12,6 +12,9 @@
  * half-by-half, as transformers does: the same permutation on q and k leaves q·k unchanged.
  * Packing and padding (segmentIds, positionIds) and the generation KV cache come from the
  * sequence context, as in RotaryAttention; the cache holds the per-head keys and values.
+ * With `indexer` (glm_moe_dsa's DeepSeek sparse attention, src/layers/dsa_indexer.ts), each query
+ * attends only the `indexer.topK` keys its indexer scores best (the cache then also holds the
+ * indexer's keys).
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the module
  * ('kv_b_proj.weight', ...), so a checkpoint tensor `<layer name>.<weight name>` is written as it is.
@@ -21,6 +24,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { attentionMask, causalMask, contextIds } from './attention.js';
+import { checkDSAIndexerArgs, dsaIndexerKeys, dsaIndexerWeightShapes, dsaKeepMask, type DSAIndexerArgs } from './dsa_indexer.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
 import { applyRotary, rotaryTables, rotaryTablesAt } from './rotary.js';
@@ -48,11 +52,13 @@ export interface MLAAttentionArgs extends LayerArgs {
   normEpsilon?: number;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /** DeepSeek sparse attention's token indexer (glm_moe_dsa); default null: every key attended */
+  indexer?: DSAIndexerArgs | null;
 }
 
 /** The sizes that decide MLA's weights. */
 export type MLAShapeArgs = Pick<MLAAttentionArgs,
-  'numHeads' | 'qLoraRank' | 'kvLoraRank' | 'qkNopeHeadDim' | 'qkRopeHeadDim' | 'vHeadDim' | 'attentionBias'>;
+  'numHeads' | 'qLoraRank' | 'kvLoraRank' | 'qkNopeHeadDim' | 'qkRopeHeadDim' | 'vHeadDim' | 'attentionBias' | 'indexer'>;
 
 /**
  * Every weight of an MLA layer on hidden size `hidden`, by HF name with its shape and init: the
@@ -83,6 +89,7 @@ export function mlaWeightShapes(a: MLAShapeArgs, hidden: number): Array<{ name: 
   add('kv_b_proj.weight', [nh * (a.qkNopeHeadDim + a.vHeadDim), a.kvLoraRank]);
   add('o_proj.weight', [hidden, nh * a.vHeadDim]);
   if (bias) add('o_proj.bias', [hidden], 'zeros');
+  if (a.indexer != null && a.qLoraRank !== null) out.push(...dsaIndexerWeightShapes(a.indexer, hidden, a.qLoraRank));
   return out;
 }
 
@@ -105,6 +112,7 @@ export class MLAAttention extends tfl.layers.Layer {
   readonly attentionBias: boolean;
   readonly normEpsilon: number;
   readonly initializerRange: number;
+  readonly indexer: DSAIndexerArgs | null;
   private readonly vars = new Map<string, tfl.LayerVariable>();
 
   constructor(args: MLAAttentionArgs) {
@@ -131,6 +139,8 @@ export class MLAAttention extends tfl.layers.Layer {
     this.ropeInterleave = args.ropeInterleave ?? true;
     this.attentionBias = args.attentionBias ?? false;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.indexer = args.indexer ?? null;
+    if (this.indexer !== null) checkDSAIndexerArgs(op, this.indexer, args.qkRopeHeadDim, args.qLoraRank);
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -174,8 +184,9 @@ export class MLAAttention extends tfl.layers.Layer {
       const vd = this.vHeadDim;
       const qk = nope + rd;
       const x2 = tf.reshape(x, [b * s, h]) as tf.Tensor2D;
-      const q = this.qLoraRank === null ? this.linear(x2, 'q_proj') :
-        this.linear(rmsNorm(this.linear(x2, 'q_a_proj'), this.w('q_a_layernorm.weight'), this.normEpsilon) as tf.Tensor2D, 'q_b_proj');
+      const qLatent = this.qLoraRank === null ? null :
+        rmsNorm(this.linear(x2, 'q_a_proj'), this.w('q_a_layernorm.weight'), this.normEpsilon) as tf.Tensor2D;
+      const q = qLatent === null ? this.linear(x2, 'q_proj') : this.linear(qLatent, 'q_b_proj');
       // [B*S, n*D] → [B*n, S, D]
       const heads = (t: tf.Tensor, n: number, d: number) =>
         tf.reshape(tf.transpose(tf.reshape(t, [b, s, n, d]), [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
@@ -212,6 +223,14 @@ export class MLAAttention extends tfl.layers.Layer {
         mask = attentionMask(s, null, segmentIds);
       }
       const keyLen = k3.shape[1];
+      if (this.indexer !== null) {
+        const w = (name: string) => this.w(name);
+        let indexKeys = dsaIndexerKeys(x2, w, b, s, rd, cos, sin);                  // [B, S, d]
+        // the cache keeps the indexer's keys beside the layer's own ones; they have no values
+        if (cache !== null) indexKeys = cache.append(`${this.name}/indexer`, indexKeys, tf.zeros([b, s, 0]), null).keys;
+        const keep = dsaKeepMask(this.indexer, x2, qLatent!, indexKeys, w, b, s, rd, cos, sin, mask);
+        if (keep !== null) mask = tf.add(mask, keep) as tf.Tensor4D;                 // [B, 1, S, L]
+      }
       const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(qk));   // [B*nh, S, L]
       const scores = mask.rank === 2 ? tf.add(scaled, mask) :
         tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, keyLen]), mask), [b * nh, s, keyLen]);
@@ -235,6 +254,7 @@ export class MLAAttention extends tfl.layers.Layer {
       attentionBias: this.attentionBias,
       normEpsilon: this.normEpsilon,
       initializerRange: this.initializerRange,
+      indexer: this.indexer === null ? null : { ...this.indexer },
     };
   }
 }

@@ -1,0 +1,224 @@
+/**
+ * MLAAttention with the DSA indexer (glm_moe_dsa's DeepSeek sparse attention) against a float64
+ * reference written from transformers' GlmMoeDsaAttention and GlmMoeDsaIndexer (eager): the
+ * indexer keeps each query's topK best keys, gradients equal finite differences (none reaches the
+ * indexer, which transformers runs under no_grad), a KV-cached pass equals the full one, and bad
+ * indexer arguments are one clear error.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
+import { expect } from 'chai';
+import { KVCache } from '../../src/generate/kv_cache.js';
+import { dsaIndexerWeightShapes } from '../../src/layers/dsa_indexer.js';
+import { MLAAttention, mlaWeightShapes, type MLAAttentionArgs } from '../../src/layers/mla_attention.js';
+import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+
+type Weights = Record<string, Float64Array>;
+
+const ARGS = {
+  numHeads: 2, qLoraRank: 6, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
+  ropeTheta: 30, ropeInterleave: false, attentionBias: false, normEpsilon: 1e-6,
+  indexer: { numHeads: 3, headDim: 6, topK: 3 },
+} satisfies MLAAttentionArgs;
+
+/**
+ * float64 GlmMoeDsaAttention, one row at a time: MLA with rotate-half rope on the rope parts, and
+ * the indexer's mask: score[s, t] = Σ_h w[s,h]·relu(q_h[s]·k[t]/√d) over the causal keys, the
+ * min(topK, s + 1) best kept (transformers takes top-k over all keys after adding the causal mask,
+ * so the blocked ones come last and are masked again).
+ */
+function dsa64(x: Float64Array, w: Weights, b: number, s: number, h: number): { out: Float64Array; kept: number[][][] } {
+  const { numHeads: nh, qkNopeHeadDim: nope, qkRopeHeadDim: rd, vHeadDim: vd, kvLoraRank: kvr } = ARGS;
+  const { numHeads: ih, headDim: id, topK } = ARGS.indexer;
+  const qk = nope + rd;
+  const linear = (row: Float64Array, name: string) => {
+    const W = w[`${name}.weight`];
+    const out = W.length / row.length;
+    return Float64Array.from({ length: out }, (_, o) => {
+      let acc = 0;
+      for (let i = 0; i < row.length; i++) acc += W[o * row.length + i] * row[i];
+      return acc;
+    });
+  };
+  const rms = (v: Float64Array, weight: Float64Array) => {
+    const inv = 1 / Math.sqrt(v.reduce((acc, t) => acc + t * t, 0) / v.length + ARGS.normEpsilon);
+    return v.map((t, i) => t * inv * weight[i]);
+  };
+  const layerNorm = (v: Float64Array) => {
+    const mean = v.reduce((a, t) => a + t, 0) / v.length;
+    const variance = v.reduce((a, t) => a + (t - mean) ** 2, 0) / v.length;
+    return v.map((t, i) => (t - mean) / Math.sqrt(variance + 1e-6) * w['indexer.k_norm.weight'][i] + w['indexer.k_norm.bias'][i]);
+  };
+  // rotate_half rope over the first rd values, the rest passed through
+  const rope = (v: Float64Array, p: number) => {
+    const out = Float64Array.from(v);
+    for (let i = 0; i < rd / 2; i++) {
+      const angle = p / ARGS.ropeTheta ** ((2 * i) / rd);
+      out[i] = v[i] * Math.cos(angle) - v[i + rd / 2] * Math.sin(angle);
+      out[i + rd / 2] = v[i + rd / 2] * Math.cos(angle) + v[i] * Math.sin(angle);
+    }
+    return out;
+  };
+  const result = new Float64Array(b * s * h);
+  const kept: number[][][] = [];
+  for (let bi = 0; bi < b; bi++) {
+    const q: Float64Array[][] = [];
+    const k: Float64Array[][] = [];
+    const v: Float64Array[][] = [];
+    const iq: Float64Array[][] = [];
+    const ik: Float64Array[] = [];
+    const iw: Float64Array[] = [];
+    for (let p = 0; p < s; p++) {
+      const row = x.slice((bi * s + p) * h, (bi * s + p + 1) * h);
+      const latent = rms(linear(row, 'q_a_proj'), w['q_a_layernorm.weight']);
+      const qAll = linear(latent, 'q_b_proj');
+      const ckv = linear(row, 'kv_a_proj_with_mqa');
+      const kRot = rope(ckv.slice(kvr), p);
+      const kv = linear(rms(ckv.slice(0, kvr), w['kv_a_layernorm.weight']), 'kv_b_proj');
+      q.push([]); k.push([]); v.push([]); iq.push([]);
+      for (let hh = 0; hh < nh; hh++) {
+        const qh = qAll.slice(hh * qk, (hh + 1) * qk);
+        q[p].push(Float64Array.from([...qh.slice(0, nope), ...rope(qh.slice(nope), p)]));
+        const kvh = kv.slice(hh * (nope + vd), (hh + 1) * (nope + vd));
+        k[p].push(Float64Array.from([...kvh.slice(0, nope), ...kRot]));
+        v[p].push(kvh.slice(nope));
+      }
+      const qi = linear(latent, 'indexer.wq_b');
+      for (let hh = 0; hh < ih; hh++) iq[p].push(rope(qi.slice(hh * id, (hh + 1) * id), p));
+      ik.push(rope(layerNorm(linear(row, 'indexer.wk')), p));
+      iw.push(linear(row, 'indexer.weights_proj').map(t => t / Math.sqrt(ih)));
+    }
+    kept.push([]);
+    for (let i = 0; i < s; i++) {
+      const score = (j: number) => iq[i].reduce((acc, qh, hh) =>
+        acc + iw[i][hh] * Math.max(0, qh.reduce((a, t, n) => a + t * ik[j][n], 0) / Math.sqrt(id)), 0);
+      const order = Array.from({ length: i + 1 }, (_, j) => j).sort((m, n) => score(n) - score(m));
+      const keep = new Set(order.slice(0, topK));
+      kept[bi].push([...keep].sort((m, n) => m - n));
+      const merged = new Float64Array(nh * vd);
+      for (let hh = 0; hh < nh; hh++) {
+        const keys = [...keep];
+        const scores = keys.map(j => q[i][hh].reduce((acc, t, n) => acc + t * k[j][hh][n], 0) / Math.sqrt(qk));
+        const m = Math.max(...scores);
+        const e = scores.map(sc => Math.exp(sc - m));
+        const z = e.reduce((acc, t) => acc + t, 0);
+        e.forEach((ej, c) => { for (let t = 0; t < vd; t++) merged[hh * vd + t] += (ej / z) * v[keys[c]][hh][t]; });
+      }
+      result.set(linear(merged, 'o_proj'), (bi * s + i) * h);
+    }
+  }
+  return { out: result, kept };
+}
+
+function setup(seed: number, b = 2, s = 6, h = 8, args: Partial<MLAAttentionArgs> = {}) {
+  const layer = new MLAAttention({ ...ARGS, ...args, name: 'attn' });
+  layer.apply(tfl.input({ shape: [null, h] }));
+  const rng = new Rng(seed);
+  const w: Weights = {};
+  for (const v of layer.weights) {
+    const name = v.originalName.slice('attn/'.length);
+    const size = v.shape.reduce((p: number, q) => p * (q as number), 1);
+    w[name] = asF32(name.includes('norm.weight') || name.includes('layernorm') ? rng.array(size, 0.3).map(t => 1 + t) :
+      rng.array(size, name.includes('bias') ? 0.1 : 0.7));
+    v.write(tensorOf(w[name], v.shape as number[]));
+  }
+  const x = asF32(rng.array(b * s * h));
+  return { layer, w, x, b, s, h };
+}
+
+describe('MLAAttention with the DSA indexer', () => {
+  it('keeps each query\'s topK best-scored keys, as transformers\' GlmMoeDsaAttention', () => {
+    const { layer, w, x, b, s, h } = setup(7);
+    const want = dsa64(x, w, b, s, h);
+    // the indexer really drops keys here: later queries keep 3 of up to 6
+    expect(want.kept[0][5]).to.have.length(3);
+    expect(want.kept[0].slice(3).some(row => row.join() !== '0,1,2')).to.equal(true);
+    const xt = tensorOf(x, [b, s, h]);
+    expectNoLeak(() => {
+      const y = layer.apply(xt) as tf.Tensor;
+      expectClose(y, want.out, 1e-5, 'out');
+      y.dispose();
+    });
+    // with topK >= the keys, the indexer keeps all: plain MLA (the same weights without an indexer)
+    const plain = new MLAAttention({ ...ARGS, indexer: null, name: 'plain' });
+    plain.apply(tfl.input({ shape: [null, h] }));
+    for (const v of plain.weights) v.write(tensorOf(w[v.originalName.slice('plain/'.length)], v.shape as number[]));
+    const wide = setup(7, b, s, h, { indexer: { ...ARGS.indexer, topK: s } });
+    const [yWide, yPlain] = [wide.layer.apply(xt) as tf.Tensor, plain.apply(xt) as tf.Tensor];
+    expectClose(yWide, yPlain, 1e-6, 'topK >= S vs no indexer');
+    tf.dispose([xt, yWide, yPlain]);
+    [layer, plain, wide.layer].forEach(l => l.dispose());
+  });
+
+  it('gradients w.r.t. the input and the attention weights equal finite differences; the indexer gets none', () => {
+    const { layer, w, x, b, s, h } = setup(9, 1, 6, 8);
+    const g = asF32(new Rng(10).array(b * s * h));
+    const xt = tensorOf(x, [b, s, h]);
+    const gt = tensorOf(g, [b, s, h]);
+    const loss64 = (xs: Float64Array, ws: Weights) => dsa64(xs, ws, b, s, h).out.reduce((acc, v, i) => acc + v * g[i], 0);
+    expectNoLeak(() => {
+      const f = (input: tf.Tensor) => tf.sum(tf.mul(layer.apply(input) as tf.Tensor, gt)) as tf.Scalar;
+      const dx = tf.grad(f)(xt);
+      expectClose(dx, finiteDifferences(v => loss64(v, w), x), 1e-4, 'dx');
+      const { value, grads } = tf.variableGrads(() => f(xt), layer.weights.map(v => v.read() as tf.Variable));
+      for (const v of layer.weights) {
+        const name = v.originalName.slice('attn/'.length);
+        const grad = grads[(v.read() as tf.Variable).name];
+        if (name.startsWith('indexer.')) {
+          expect(grad === undefined || grad.dataSync().every(t => t === 0), `d ${name} is zero`).to.equal(true);
+          continue;
+        }
+        expectClose(grad, finiteDifferences(p => loss64(x, { ...w, [name]: p }), w[name]), 1e-4, `d ${name}`);
+      }
+      tf.dispose([dx, value, ...Object.values(grads)]);
+    });
+    tf.dispose([xt, gt]);
+    layer.dispose();
+  });
+
+  it('with a KV cache, a prompt then one token at a time gives the rows of the full pass', () => {
+    const { layer, x, h } = setup(5, 1, 7, 8);
+    const full = layer.apply(tensorOf(x, [1, 7, h])) as tf.Tensor;
+    const cache = new KVCache();
+    const parts = [[0, 4], [4, 5], [5, 6], [6, 7]].map(([from, to]) => {
+      const input = tensorOf(x.slice(from * h, to * h), [1, to - from, h]);
+      const y = withSequenceContext({ kvCache: cache }, () => layer.apply(input) as tf.Tensor);
+      input.dispose();
+      return y;
+    });
+    expect(cache.seen('attn/indexer')).to.equal(7);
+    const stitched = tf.concat(parts, 1);
+    expectClose(stitched, full, 1e-5, 'cached vs full');
+    tf.dispose([full, stitched, ...parts]);
+    cache.dispose();
+    layer.dispose();
+  });
+
+  it('names the indexer weights like HF and round-trips its config', () => {
+    const { layer } = setup(1);
+    expect(layer.weights.map(v => `${v.originalName}:${v.shape}`).filter(n => n.includes('indexer')).sort()).to.deep.equal([
+      'attn/indexer.k_norm.bias:6', 'attn/indexer.k_norm.weight:6', 'attn/indexer.weights_proj.weight:3,8',
+      'attn/indexer.wk.weight:6,8', 'attn/indexer.wq_b.weight:18,6']);
+    expect(mlaWeightShapes(ARGS, 8).filter(e => e.name.startsWith('indexer.'))).to.deep.equal(
+        dsaIndexerWeightShapes(ARGS.indexer, 8, 6));
+    const config = layer.getConfig();
+    expect(config['indexer']).to.deep.equal(ARGS.indexer);
+    const clone = tfl.layers.Layer.fromConfig(MLAAttention, config) as MLAAttention;
+    expect(clone.getConfig()).to.deep.equal(config);
+    layer.dispose();
+  });
+
+  it('rejects bad indexer arguments', () => {
+    const make = (indexer: unknown, extra: Partial<MLAAttentionArgs> = {}) =>
+      () => new MLAAttention({ ...ARGS, ...extra, indexer: indexer as MLAAttentionArgs['indexer'] });
+    expect(make({ ...ARGS.indexer, numHeads: 0 })).to.throw("`MLAAttention()`: 'indexer.numHeads' must be >= 1 but got 0");
+    expect(make({ ...ARGS.indexer, headDim: 2.5 })).to.throw("`MLAAttention()`: 'indexer.headDim' must be an integer");
+    expect(make({ ...ARGS.indexer, topK: 0 })).to.throw("`MLAAttention()`: 'indexer.topK' must be >= 1 but got 0");
+    expect(make({ ...ARGS.indexer, headDim: 2 })).to.throw(
+        "`MLAAttention()`: 'indexer.headDim' must be >= qkRopeHeadDim (4): its rope part is that wide, but got 2");
+    expect(make(ARGS.indexer, { qLoraRank: null })).to.throw(
+        "`MLAAttention()`: 'indexer' needs a query latent: 'qLoraRank' must be set (transformers' indexer reads q_a_layernorm's output)");
+    expect(make(7)).to.throw("`MLAAttention()`: 'indexer' must be {numHeads, headDim, topK} or null but got number");
+  });
+});
