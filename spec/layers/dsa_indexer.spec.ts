@@ -1,6 +1,7 @@
 /**
  * MLAAttention with the DSA indexer (glm_moe_dsa's DeepSeek sparse attention) against a float64
- * reference written from transformers' GlmMoeDsaAttention and GlmMoeDsaIndexer (eager): the
+ * reference written from transformers' GlmMoeDsaAttention and GlmMoeDsaIndexer (eager,
+ * spec/helpers/glm_dsa64.ts): the
  * indexer keeps each query's topK best keys, gradients equal finite differences (none reaches the
  * indexer, which transformers runs under no_grad), a KV-cached pass equals the full one, and bad
  * indexer arguments are one clear error.
@@ -12,6 +13,7 @@ import { KVCache } from '../../src/generate/kv_cache.js';
 import { dsaIndexerWeightShapes } from '../../src/layers/dsa_indexer.js';
 import { MLAAttention, mlaWeightShapes, type MLAAttentionArgs } from '../../src/layers/mla_attention.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import { dsaAttention64, type DSA64Args } from '../helpers/glm_dsa64.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
 type Weights = Record<string, Float64Array>;
@@ -22,93 +24,21 @@ const ARGS = {
   indexer: { numHeads: 3, headDim: 6, topK: 3 },
 } satisfies MLAAttentionArgs;
 
-/**
- * float64 GlmMoeDsaAttention, one row at a time: MLA with rotate-half rope on the rope parts, and
- * the indexer's mask: score[s, t] = Σ_h w[s,h]·relu(q_h[s]·k[t]/√d) over the causal keys, the
- * min(topK, s + 1) best kept (transformers takes top-k over all keys after adding the causal mask,
- * so the blocked ones come last and are masked again).
- */
+/** dsaAttention64 on each row of the batch, weights by name. */
 function dsa64(x: Float64Array, w: Weights, b: number, s: number, h: number): { out: Float64Array; kept: number[][][] } {
-  const { numHeads: nh, qkNopeHeadDim: nope, qkRopeHeadDim: rd, vHeadDim: vd, kvLoraRank: kvr } = ARGS;
-  const { numHeads: ih, headDim: id, topK } = ARGS.indexer;
-  const qk = nope + rd;
-  const linear = (row: Float64Array, name: string) => {
-    const W = w[`${name}.weight`];
-    const out = W.length / row.length;
-    return Float64Array.from({ length: out }, (_, o) => {
-      let acc = 0;
-      for (let i = 0; i < row.length; i++) acc += W[o * row.length + i] * row[i];
-      return acc;
-    });
+  const args: DSA64Args = {
+    numHeads: ARGS.numHeads, qkNopeHeadDim: ARGS.qkNopeHeadDim, qkRopeHeadDim: ARGS.qkRopeHeadDim, vHeadDim: ARGS.vHeadDim,
+    kvLoraRank: ARGS.kvLoraRank, ropeTheta: ARGS.ropeTheta, indexHeads: ARGS.indexer.numHeads,
+    indexHeadDim: ARGS.indexer.headDim, indexTopK: ARGS.indexer.topK,
   };
-  const rms = (v: Float64Array, weight: Float64Array) => {
-    const inv = 1 / Math.sqrt(v.reduce((acc, t) => acc + t * t, 0) / v.length + ARGS.normEpsilon);
-    return v.map((t, i) => t * inv * weight[i]);
-  };
-  const layerNorm = (v: Float64Array) => {
-    const mean = v.reduce((a, t) => a + t, 0) / v.length;
-    const variance = v.reduce((a, t) => a + (t - mean) ** 2, 0) / v.length;
-    return v.map((t, i) => (t - mean) / Math.sqrt(variance + 1e-6) * w['indexer.k_norm.weight'][i] + w['indexer.k_norm.bias'][i]);
-  };
-  // rotate_half rope over the first rd values, the rest passed through
-  const rope = (v: Float64Array, p: number) => {
-    const out = Float64Array.from(v);
-    for (let i = 0; i < rd / 2; i++) {
-      const angle = p / ARGS.ropeTheta ** ((2 * i) / rd);
-      out[i] = v[i] * Math.cos(angle) - v[i + rd / 2] * Math.sin(angle);
-      out[i + rd / 2] = v[i + rd / 2] * Math.cos(angle) + v[i] * Math.sin(angle);
-    }
-    return out;
-  };
-  const result = new Float64Array(b * s * h);
+  const out = new Float64Array(b * s * h);
   const kept: number[][][] = [];
   for (let bi = 0; bi < b; bi++) {
-    const q: Float64Array[][] = [];
-    const k: Float64Array[][] = [];
-    const v: Float64Array[][] = [];
-    const iq: Float64Array[][] = [];
-    const ik: Float64Array[] = [];
-    const iw: Float64Array[] = [];
-    for (let p = 0; p < s; p++) {
-      const row = x.slice((bi * s + p) * h, (bi * s + p + 1) * h);
-      const latent = rms(linear(row, 'q_a_proj'), w['q_a_layernorm.weight']);
-      const qAll = linear(latent, 'q_b_proj');
-      const ckv = linear(row, 'kv_a_proj_with_mqa');
-      const kRot = rope(ckv.slice(kvr), p);
-      const kv = linear(rms(ckv.slice(0, kvr), w['kv_a_layernorm.weight']), 'kv_b_proj');
-      q.push([]); k.push([]); v.push([]); iq.push([]);
-      for (let hh = 0; hh < nh; hh++) {
-        const qh = qAll.slice(hh * qk, (hh + 1) * qk);
-        q[p].push(Float64Array.from([...qh.slice(0, nope), ...rope(qh.slice(nope), p)]));
-        const kvh = kv.slice(hh * (nope + vd), (hh + 1) * (nope + vd));
-        k[p].push(Float64Array.from([...kvh.slice(0, nope), ...kRot]));
-        v[p].push(kvh.slice(nope));
-      }
-      const qi = linear(latent, 'indexer.wq_b');
-      for (let hh = 0; hh < ih; hh++) iq[p].push(rope(qi.slice(hh * id, (hh + 1) * id), p));
-      ik.push(rope(layerNorm(linear(row, 'indexer.wk')), p));
-      iw.push(linear(row, 'indexer.weights_proj').map(t => t / Math.sqrt(ih)));
-    }
-    kept.push([]);
-    for (let i = 0; i < s; i++) {
-      const score = (j: number) => iq[i].reduce((acc, qh, hh) =>
-        acc + iw[i][hh] * Math.max(0, qh.reduce((a, t, n) => a + t * ik[j][n], 0) / Math.sqrt(id)), 0);
-      const order = Array.from({ length: i + 1 }, (_, j) => j).sort((m, n) => score(n) - score(m));
-      const keep = new Set(order.slice(0, topK));
-      kept[bi].push([...keep].sort((m, n) => m - n));
-      const merged = new Float64Array(nh * vd);
-      for (let hh = 0; hh < nh; hh++) {
-        const keys = [...keep];
-        const scores = keys.map(j => q[i][hh].reduce((acc, t, n) => acc + t * k[j][hh][n], 0) / Math.sqrt(qk));
-        const m = Math.max(...scores);
-        const e = scores.map(sc => Math.exp(sc - m));
-        const z = e.reduce((acc, t) => acc + t, 0);
-        e.forEach((ej, c) => { for (let t = 0; t < vd; t++) merged[hh * vd + t] += (ej / z) * v[keys[c]][hh][t]; });
-      }
-      result.set(linear(merged, 'o_proj'), (bi * s + i) * h);
-    }
+    const r = dsaAttention64(x.slice(bi * s * h, (bi + 1) * s * h), n => w[n], args, s, h);
+    out.set(r.out, bi * s * h);
+    kept.push(r.kept);
   }
-  return { out: result, kept };
+  return { out, kept };
 }
 
 function setup(seed: number, b = 2, s = 6, h = 8, args: Partial<MLAAttentionArgs> = {}) {

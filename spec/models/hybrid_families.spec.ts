@@ -1,8 +1,7 @@
 /**
  * qwen3_5_moe_text, glm_moe_dsa and qwen3_next: their config.json read as transformers 5 reads it,
  * and their MoE block loaded from the Hub's per-expert layout and run by moeBlock, against a float64
- * JS transcription of the transformers modules (Qwen3_5MoeSparseMoeBlock, GlmMoeDsaMoE,
- * Qwen3NextSparseMoeBlock) and its finite differences.
+ * JS transcription of the transformers modules (spec/helpers/glm_dsa64.ts) and its finite differences.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
@@ -15,6 +14,7 @@ import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import type { MoEBlockWeights } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
+import { moeBlock64, type Params } from '../helpers/glm_dsa64.js';
 import { Rng, asF32, expectClose, finiteDifferences } from '../helpers/numeric.js';
 
 const QWEN3_5: HFConfig = {
@@ -32,9 +32,6 @@ const GLM_DSA: HFConfig = {
   n_routed_experts: 8, num_experts_per_tok: 3, n_group: 2, topk_group: 1, n_shared_experts: 1,
   routed_scaling_factor: 2.5, norm_topk_prob: true, mlp_layer_types: ['dense', 'sparse', 'sparse'],
 };
-
-/** A Hub checkpoint held in a Map of float64 arrays (also the reference's parameters). */
-type Params = Map<string, { data: Float64Array; shape: number[] }>;
 
 function hubParams(config: HFConfig, layer: number, rng: Rng): Params {
   const plan = moeBlockTensorPlan(config, layer);
@@ -60,108 +57,12 @@ function mapSource(params: Params): TensorSource {
   };
 }
 
-const silu = (v: number) => v / (1 + Math.exp(-v));
-const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
-
-/** x·Wᵀ for one token: W [out, in] row-major. */
-function linear(W: Float64Array, x: Float64Array, xOff: number, out: number, inSize: number): Float64Array {
-  const y = new Float64Array(out);
-  for (let o = 0; o < out; o++) {
-    let s = 0;
-    for (let i = 0; i < inSize; i++) s += W[o * inSize + i] * x[xOff + i];
-    y[o] = s;
-  }
-  return y;
-}
-
-/** down(silu(gate(x)) · up(x)) for one token (an expert or the shared MLP). */
-function swiglu(gate: Float64Array, up: Float64Array, down: Float64Array, x: Float64Array, xOff: number,
-    H: number, I: number): Float64Array {
-  const g = linear(gate, x, xOff, I, H);
-  const u = linear(up, x, xOff, I, H);
-  const a = g.map((v, i) => silu(v) * u[i]);
-  return linear(down, a, 0, H, I);
-}
-
-/** Indices of the k largest values, largest first (the tests keep wide gaps, so no ties). */
-function topK(values: ArrayLike<number>, k: number): number[] {
-  return Array.from(values, (v, i) => [v, i]).sort((a, b) => b[0] - a[0]).slice(0, k).map(p => p[1]);
-}
-
-interface Block64 { out: Float64Array; experts: number[][] }
-
-/**
- * The transformers block forward in float64, from the modeling files of transformers 5:
- * - qwen3_5_moe_text / qwen3_next: softmax(x·W_gᵀ) → top-k → /sum (Qwen3.5 always, Qwen3-Next when
- *   norm_topk_prob) → experts; plus sigmoid(x·w_sgᵀ) · shared_expert(x).
- * - glm_moe_dsa: s = sigmoid(x·W_gᵀ); groups scored by the sum of their two best s + bias; the
- *   topk_group best groups kept; top-k of s + bias there; weights s at those experts, / (sum + 1e-20)
- *   when norm_topk_prob, × routed_scaling_factor; plus the unweighted shared experts.
- */
-function block64(config: HFConfig, layer: number, p: Params, x: Float64Array, T: number): Block64 {
-  const { hidden: H, intermediate: I, experts: E, topK: K, sharedIntermediate: Is } = moeBlockDims(config);
-  const at = (rel: string) => p.get(`model.layers.${layer}.mlp.${rel}`)!.data;
-  const out = new Float64Array(T * H);
-  const chosen: number[][] = [];
-  const glm = config['model_type'] === 'glm_moe_dsa';
-  for (let t = 0; t < T; t++) {
-    const z = linear(at('gate.weight'), x, t * H, E, H);
-    let idx: number[];
-    let w: number[];
-    if (glm) {
-      const s = z.map(sigmoid);
-      const bias = at('gate.e_score_correction_bias');
-      const choice = s.map((v, e) => v + bias[e]);
-      const nGroup = config['n_group'] as number;
-      const per = E / nGroup;
-      const groupScores = Array.from({ length: nGroup }, (_, g) => {
-        const best = topK(choice.slice(g * per, (g + 1) * per), 2);
-        return best.reduce((acc, i) => acc + choice[g * per + i], 0);
-      });
-      const groups = new Set(topK(groupScores, config['topk_group'] as number));
-      const masked = choice.map((v, e) => groups.has(Math.floor(e / per)) ? v : -Infinity);
-      idx = topK(masked, K);
-      w = idx.map(e => s[e]);
-      if (config['norm_topk_prob'] !== false) {
-        const sum = w.reduce((a, b) => a + b, 0) + 1e-20;
-        w = w.map(v => v / sum);
-      }
-      w = w.map(v => v * (config['routed_scaling_factor'] as number));
-    } else {
-      const m = Math.max(...z);
-      const ez = z.map(v => Math.exp(v - m));
-      const sum = ez.reduce((a, b) => a + b, 0);
-      const prob = ez.map(v => v / sum);
-      idx = topK(prob, K);
-      w = idx.map(e => prob[e]);
-      const renormalize = config['model_type'] === 'qwen3_5_moe_text' || config['norm_topk_prob'] !== false;
-      if (renormalize) {
-        const s = w.reduce((a, b) => a + b, 0);
-        w = w.map(v => v / s);
-      }
-    }
-    chosen.push(idx);
-    for (let k = 0; k < K; k++) {
-      const e = idx[k];
-      const y = swiglu(at(`experts.${e}.gate_proj.weight`), at(`experts.${e}.up_proj.weight`),
-          at(`experts.${e}.down_proj.weight`), x, t * H, H, I);
-      for (let h = 0; h < H; h++) out[t * H + h] += w[k] * y[h];
-    }
-    const sharedName = glm ? 'shared_experts' : 'shared_expert';
-    const y = swiglu(at(`${sharedName}.gate_proj.weight`), at(`${sharedName}.up_proj.weight`),
-        at(`${sharedName}.down_proj.weight`), x, t * H, H, Is!);
-    const scale = glm ? 1 : sigmoid(linear(at('shared_expert_gate.weight'), x, t * H, 1, H)[0]);
-    for (let h = 0; h < H; h++) out[t * H + h] += scale * y[h];
-  }
-  return { out, experts: chosen };
-}
-
 const dot = (a: Float64Array, b: ArrayLike<number>) => a.reduce((s, v, i) => s + v * b[i], 0);
 
 /**
- * moeBlock on the block loaded from `params`, against block64: out, the experts chosen, and the
+ * moeBlock on the block loaded from `params`, against moeBlock64: out, the experts chosen, and the
  * gradients of sum(out·g) w.r.t. x and every checkpoint tensor (the per-expert ones through the
- * fused gate_up / down gradients) against central differences of block64.
+ * fused gate_up / down gradients) against central differences of moeBlock64.
  */
 async function checkBlock(config: HFConfig, layer: number, seed: number): Promise<void> {
   const rng = new Rng(seed);
@@ -173,7 +74,7 @@ async function checkBlock(config: HFConfig, layer: number, seed: number): Promis
   const before = tf.memory().numTensors;
   const w = await loadMoEBlockWeights(mapSource(params), config, layer);
   const blockConfig = moeBlockConfigFromHF(config);
-  const want = block64(config, layer, params, x, T);
+  const want = moeBlock64(config, layer, params, x, T);
   try {
     const xt = tf.tensor2d(Float32Array.from(x), [T, H]);
     const gt = tf.tensor2d(Float32Array.from(g), [T, H]);
@@ -204,7 +105,7 @@ async function checkBlock(config: HFConfig, layer: number, seed: number): Promis
     tf.dispose([out, routing.weights, routing.experts, routing.logits]);
     const grads = tf.grads(f)(inputs);
 
-    const loss = (p: Params, xs: Float64Array) => dot(block64(config, layer, p, xs, T).out, g);
+    const loss = (p: Params, xs: Float64Array) => dot(moeBlock64(config, layer, p, xs, T).out, g);
     expectClose(grads[0], finiteDifferences(xs => loss(params, xs), x), 1e-4, 'dx');
     /** d loss / d one checkpoint tensor */
     const fd = (name: string) => {
@@ -318,15 +219,13 @@ describe('models/families: qwen3_5_moe_text, glm_moe_dsa, qwen3_next', () => {
     });
   });
 
-  it('refuses them as whole models, saying what is missing', () => {
+  it('refuses the two Qwens as whole models, saying what is missing', () => {
     const whole = (config: HFConfig) => () => buildMoECausalLM({ ...config, vocab_size: 32, num_attention_heads: 2 });
     const deltaNet = 'not as a whole model: its gated DeltaNet linear-attention layers are not implemented; whole models: ';
     expect(whole(QWEN3_NEXT)).to.throw(OpArgumentError,
         "`moeCausalLMConfigFromHF()`: 'qwen3_next' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), " +
-        deltaNet + 'mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3');
+        deltaNet + 'mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3, glm_moe_dsa');
     expect(whole(QWEN3_5)).to.throw(OpArgumentError, `'qwen3_5_moe_text' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), ${deltaNet}`);
-    expect(whole(GLM_DSA)).to.throw(OpArgumentError, "'glm_moe_dsa' is supported at the MoE block level only (SparseMoE, " +
-        'loadMoEBlockWeights), not as a whole model: its DeepSeek sparse attention (MLA with a top-k token indexer) is not implemented');
   });
 
   describe('the block, loaded from the Hub layout, against transformers\' forward in float64', () => {

@@ -15,8 +15,8 @@
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
- * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary) and
- * deepseek_v3 (MLAAttention).
+ * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
+ * deepseek_v3 (MLAAttention) and glm_moe_dsa (MLAAttention with the DSA indexer).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -29,6 +29,7 @@ import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm } from './attention.js';
 import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
+import type { DSAIndexerArgs } from './dsa_indexer.js';
 import { MLAAttention } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
@@ -40,13 +41,13 @@ export type MoECausalLM = tfl.LayersModel;
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'glm_moe_dsa',
 ];
 
 /** Why a block-only family has no whole model. */
 const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
   qwen3_5_moe_text: 'its gated DeltaNet linear-attention layers are not implemented',
   qwen3_next: 'its gated DeltaNet linear-attention layers are not implemented',
-  glm_moe_dsa: 'its DeepSeek sparse attention (MLA with a top-k token indexer) is not implemented',
 };
 
 /** Everything the graph needs, read from an HF config.json. */
@@ -102,10 +103,18 @@ export interface MLAConfig {
   vHeadDim: number;
   ropeInterleave: boolean;
   attentionBias: boolean;
+  /** glm_moe_dsa's DeepSeek sparse attention indexer; absent for deepseek_v3 */
+  indexer?: DSAIndexerArgs;
 }
 
 /** DeepseekV3Config's defaults for the MLA keys a config.json leaves out. */
 const MLA_DEFAULTS = { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 };
+
+/** GlmMoeDsaConfig's defaults for its MLA and indexer keys. */
+const DSA_DEFAULTS = {
+  q_lora_rank: 2048, kv_lora_rank: 512, qk_nope_head_dim: 192, qk_rope_head_dim: 64, v_head_dim: 256,
+  index_n_heads: 32, index_head_dim: 128, index_topk: 2048,
+};
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
 const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
@@ -356,6 +365,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           clipQKV: null, slidingWindow: null,
         };
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
+      case 'glm_moe_dsa':
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
@@ -391,7 +401,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
-  const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
+  const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) :
+    modelType === 'glm_moe_dsa' ? dsaConfig(config, attentionBias, numLayers) : null;
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -435,6 +446,43 @@ function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
     qLoraRank, kvLoraRank: size('kv_lora_rank'), qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim,
     vHeadDim: size('v_head_dim'), ropeInterleave: bool(config, 'rope_interleave', true), attentionBias,
   };
+}
+
+/**
+ * glm_moe_dsa's MLA sizes and indexer (GlmMoeDsaConfig's defaults for missing keys). Its rope is
+ * rotate-half (GlmMoeDsaAttention has no rope_interleave); every layer must run its own indexer:
+ * 'shared' indexer_types (reusing the previous layer's choice) are refused.
+ */
+function dsaConfig(config: HFConfig, attentionBias: boolean, numLayers: number): MLAConfig {
+  const size = (key: keyof typeof DSA_DEFAULTS) => int(config, key, DSA_DEFAULTS[key]);
+  const qkRopeHeadDim = size('qk_rope_head_dim');
+  if (qkRopeHeadDim % 2 !== 0) fail(OP, `'config.qk_rope_head_dim' must be even (rotary pairs) but got ${qkRopeHeadDim}`);
+  const types = config['indexer_types'] ?? derivedIndexerTypes(config, numLayers);
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => t !== 'full')) {
+    fail(OP, `'config.indexer_types' must be 'full' for each of the ${numLayers} layers (layers sharing the previous ` +
+        `layer's indexer choice are not implemented) but got ${JSON.stringify(types)}`);
+  }
+  return {
+    qLoraRank: config['q_lora_rank'] === null ? null : size('q_lora_rank'), kvLoraRank: size('kv_lora_rank'),
+    qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim, vHeadDim: size('v_head_dim'), ropeInterleave: false,
+    attentionBias,
+    indexer: { numHeads: size('index_n_heads'), headDim: size('index_head_dim'), topK: size('index_topk') },
+  };
+}
+
+/**
+ * GlmMoeDsaConfig's indexer_types when config.json has none: from index_topk_pattern ('F' full,
+ * 'S' shared, per layer), else layer i is full when max(i − index_skip_topk_offset + 1, 0) is a
+ * multiple of index_topk_freq (defaults 2 and 1: every layer full).
+ */
+function derivedIndexerTypes(config: HFConfig, numLayers: number): unknown {
+  const pattern = config['index_topk_pattern'];
+  if (pattern != null) {
+    return typeof pattern === 'string' ? [...pattern].map(c => ({ F: 'full', S: 'shared' } as Record<string, string>)[c] ?? c) : pattern;
+  }
+  const freq = Math.max(num(config, 'index_topk_freq', 1), 1);
+  const offset = num(config, 'index_skip_topk_offset', 2);
+  return Array.from({ length: numLayers }, (_, i) => (Math.max(i - offset + 1, 0) % freq === 0 ? 'full' : 'shared'));
 }
 
 /**
