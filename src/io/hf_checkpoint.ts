@@ -45,7 +45,7 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
 
 /**
  * Reads an HF checkpoint folder into a MoECausalLM (a functional tf.LayersModel).
- * Whole models: every family (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3);
+ * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3, glm_moe_dsa;
  * FP8 and MXFP4 checkpoints decode on load. Extra tensors in the checkpoint are ignored (as
  * transformers does with unexpected keys); missing, misshapen or non-float tensors are one
  * CheckpointError listing all.
