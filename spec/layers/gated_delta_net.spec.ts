@@ -1,6 +1,6 @@
 /**
  * GatedDeltaNet (Qwen3-Next's linear attention) against a float64 transcription of transformers'
- * Qwen3NextGatedDeltaNet (fix_query_key_value_ordering, the causal conv1d, the recurrent gated
+ * Qwen3NextGatedDeltaNet (spec/helpers/qwen3_next64.ts: fix_query_key_value_ordering, the causal conv1d, the recurrent gated
  * delta rule, Qwen3NextRMSNormGated), with gradients against finite differences; refusals of what
  * it does not implement.
  */
@@ -11,78 +11,15 @@ import { KVCache } from '../../src/generate/kv_cache.js';
 import { GatedDeltaNet, gatedDeltaNetWeightShapes, type GatedDeltaNetArgs } from '../../src/layers/gated_delta_net.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+import { deltaNet64 as deltaNet64Row } from '../helpers/qwen3_next64.js';
 
 type Weights = Record<string, Float64Array>;
 const ARGS = { numKeyHeads: 2, numValueHeads: 4, keyHeadDim: 3, valueHeadDim: 2, convKernel: 3, normEpsilon: 1e-6 } satisfies GatedDeltaNetArgs;
 
-const silu = (v: number) => v / (1 + Math.exp(-v));
-const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
-const softplus = (v: number) => Math.log1p(Math.exp(v));
-
-/** float64 Qwen3NextGatedDeltaNet.forward (no cache, no mask) on x [B, S, H], literally. */
+/** deltaNet64 on each row of the batch. */
 function deltaNet64(x: Float64Array, w: Weights, b: number, s: number, h: number): Float64Array {
-  const { numKeyHeads: nk, numValueHeads: nv, keyHeadDim: dk, valueHeadDim: dv, convKernel: kw } = ARGS;
-  const r = nv / nk;
-  const per = 2 * dk + 2 * r * dv;
-  const C = 2 * nk * dk + nv * dv;
-  const linear = (W: Float64Array, row: Float64Array) => Float64Array.from({ length: W.length / row.length }, (_, o) =>
-    row.reduce((acc, t, i) => acc + W[o * row.length + i] * t, 0));
   const out = new Float64Array(b * s * h);
-  for (let bi = 0; bi < b; bi++) {
-    const mixed: Float64Array[] = [];
-    const zs: Float64Array[] = [];
-    const bs: Float64Array[] = [];
-    const as: Float64Array[] = [];
-    for (let t = 0; t < s; t++) {
-      const row = x.slice((bi * s + t) * h, (bi * s + t + 1) * h);
-      const qkvz = linear(w['in_proj_qkvz.weight'], row);
-      const ba = linear(w['in_proj_ba.weight'], row);
-      const q: number[] = []; const k: number[] = []; const v: number[] = []; const z: number[] = [];
-      const bb: number[] = []; const aa: number[] = [];
-      for (let g = 0; g < nk; g++) {
-        const grp = qkvz.slice(g * per, (g + 1) * per);
-        q.push(...grp.slice(0, dk));
-        k.push(...grp.slice(dk, 2 * dk));
-        v.push(...grp.slice(2 * dk, 2 * dk + r * dv));
-        z.push(...grp.slice(2 * dk + r * dv));
-        bb.push(...ba.slice(g * 2 * r, g * 2 * r + r));
-        aa.push(...ba.slice(g * 2 * r + r, (g + 1) * 2 * r));
-      }
-      mixed.push(Float64Array.from([...q, ...k, ...v]));
-      zs.push(Float64Array.from(z)); bs.push(Float64Array.from(bb)); as.push(Float64Array.from(aa));
-    }
-    // nn.Conv1d(groups=C, padding=K−1) then [:, :, :S], silu
-    const conv = mixed.map((_, t) => Float64Array.from({ length: C }, (_, c) => {
-      let acc = 0;
-      for (let j = 0; j < kw; j++) {
-        const src = t - (kw - 1) + j;
-        if (src >= 0) acc += w['conv1d.weight'][c * kw + j] * mixed[src][c];
-      }
-      return silu(acc);
-    }));
-    const states = Array.from({ length: nv }, () => Array.from({ length: dk }, () => new Float64Array(dv)));
-    for (let t = 0; t < s; t++) {
-      const outRow = new Float64Array(nv * dv);
-      for (let hv = 0; hv < nv; hv++) {
-        const hk = Math.floor(hv / r);    // repeat_interleave
-        const l2 = (v: Float64Array) => { const inv = 1 / Math.sqrt(v.reduce((a, e) => a + e * e, 0) + 1e-6); return v.map(e => e * inv); };
-        const q = l2(conv[t].slice(hk * dk, (hk + 1) * dk)).map(e => e / Math.sqrt(dk));
-        const k = l2(conv[t].slice(nk * dk + hk * dk, nk * dk + (hk + 1) * dk));
-        const v = conv[t].slice(2 * nk * dk + hv * dv, 2 * nk * dk + (hv + 1) * dv);
-        const beta = sigmoid(bs[t][hv]);
-        const g = -Math.exp(w['A_log'][hv]) * softplus(as[t][hv] + w['dt_bias'][hv]);
-        const S = states[hv];
-        for (let i = 0; i < dk; i++) for (let j = 0; j < dv; j++) S[i][j] *= Math.exp(g);
-        const delta = Float64Array.from({ length: dv }, (_, j) => (v[j] - S.reduce((a, rowS, i) => a + rowS[j] * k[i], 0)) * beta);
-        for (let i = 0; i < dk; i++) for (let j = 0; j < dv; j++) S[i][j] += k[i] * delta[j];
-        const o = Float64Array.from({ length: dv }, (_, j) => S.reduce((a, rowS, i) => a + rowS[j] * q[i], 0));
-        // Qwen3NextRMSNormGated: rms(o)·weight·silu(z)
-        const inv = 1 / Math.sqrt(o.reduce((a, e) => a + e * e, 0) / dv + ARGS.normEpsilon);
-        for (let j = 0; j < dv; j++) outRow[hv * dv + j] = o[j] * inv * w['norm.weight'][j] * silu(zs[t][hv * dv + j]);
-      }
-      out.set(linear(w['out_proj.weight'], outRow), (bi * s + t) * h);
-    }
-  }
+  for (let bi = 0; bi < b; bi++) out.set(deltaNet64Row(x.slice(bi * s * h, (bi + 1) * s * h), n => w[n], ARGS, s, h), bi * s * h);
   return out;
 }
 

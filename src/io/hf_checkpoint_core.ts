@@ -10,6 +10,7 @@ import {
   buildMoECausalLM, decoderLayerIndex, MAX_TENSOR_ELEMENTS, moeCausalLMConfigFromHF, type MoECausalLM, type MoECausalLMOptions,
 } from '../layers/moe_causal_lm.js';
 import { SparseMoE, type ExpertStorage } from '../layers/sparse_moe.js';
+import { gatedDeltaNetWeightShapes } from '../layers/gated_delta_net.js';
 import { mlaWeightShapes } from '../layers/mla_attention.js';
 import { dequantizingSource, withoutQuantizationConfig } from './fp8_checkpoint.js';
 import { familyOf, type HFConfig } from '../models/families.js';
@@ -149,15 +150,18 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
   for (let i = 0; i < c.numLayers; i++) {
     const at = (relative: string, shape: number[]) => add({ name: `model.layers.${i}.${relative}`, shape });
     at('input_layernorm.weight', [H]);
-    if (c.mla !== null) {
+    if (c.deltaNet?.layers[i]) {
+      for (const w of gatedDeltaNetWeightShapes(c.deltaNet.shape, H)) at(`linear_attn.${w.name}`, w.shape);
+    } else if (c.mla !== null) {
       for (const w of mlaWeightShapes({ numHeads: c.numHeads, ...c.mla }, H)) at(`self_attn.${w.name}`, w.shape);
     } else {
-      at('self_attn.q_proj.weight', [q, H]);
+      const qOut = c.outputGate ? 2 * q : q;  // qwen3_next: each head's queries then its gate logits
+      at('self_attn.q_proj.weight', [qOut, H]);
       at('self_attn.k_proj.weight', [kv, H]);
       at('self_attn.v_proj.weight', [kv, H]);
       at('self_attn.o_proj.weight', [H, q]);
       if (c.qkvBias) {
-        at('self_attn.q_proj.bias', [q]);
+        at('self_attn.q_proj.bias', [qOut]);
         at('self_attn.k_proj.bias', [kv]);
         at('self_attn.v_proj.bias', [kv]);
       }

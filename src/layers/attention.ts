@@ -55,6 +55,14 @@ export interface RotaryAttentionArgs extends LayerArgs {
    * softmax over its keys and dropped after it, so a query may give weight to no key at all
    */
   sinks?: boolean;
+  /**
+   * Qwen3-Next's gated attention: q_proj gives each head its queries and as many gate logits
+   * ([q_h, gate_h] per head), and the attention output is multiplied by sigmoid(gate) before
+   * o_proj. Default false.
+   */
+  outputGate?: boolean;
+  /** q_norm / k_norm scale by (1 + weight), zeros at init (Qwen3-Next); default false */
+  qkNormZeroCentered?: boolean;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
   /** LoRA adapters on q/k/v/o_proj to create in build(), as getConfig() writes them */
@@ -141,6 +149,8 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly slidingWindow: number | null;
   readonly ropeScaling: RopeScaling;
   readonly sinks: boolean;
+  readonly outputGate: boolean;
+  readonly qkNormZeroCentered: boolean;
   readonly initializerRange: number;
   private readonly vars = new Map<string, tfl.LayerVariable>();
   /** LoRA adapters on q_proj, k_proj, v_proj and o_proj (PEFT's lora.Linear state) */
@@ -182,6 +192,8 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (this.ropeScaling !== null) checkRopeScaling(op, this.ropeScaling);
     this.sinks = args.sinks ?? false;
     if (typeof this.sinks !== 'boolean') fail(op, `'sinks' must be a boolean but got ${describeValue(this.sinks)}`);
+    this.outputGate = args.outputGate ?? false;
+    this.qkNormZeroCentered = args.qkNormZeroCentered ?? false;
     this.numHeads = args.numHeads;
     this.numKeyValueHeads = args.numKeyValueHeads;
     this.headDim = args.headDim;
@@ -203,20 +215,20 @@ export class RotaryAttention extends tfl.layers.Layer {
     const ones = tfl.initializers.ones();
     const add = (name: string, dims: number[], init: ReturnType<typeof tfl.initializers.zeros>) =>
       this.vars.set(name, this.addWeight(name, dims, 'float32', init));
-    add('q_proj.weight', [q, h], normal);
+    add('q_proj.weight', [this.outputGate ? 2 * q : q, h], normal);
     add('k_proj.weight', [kv, h], normal);
     add('v_proj.weight', [kv, h], normal);
     add('o_proj.weight', [h, q], normal);
     if (this.qkvBias) {
-      add('q_proj.bias', [q], zeros);
+      add('q_proj.bias', [this.outputGate ? 2 * q : q], zeros);
       add('k_proj.bias', [kv], zeros);
       add('v_proj.bias', [kv], zeros);
     }
     if (this.outputBias) add('o_proj.bias', [h], zeros);
     if (this.sinks) add('sinks', [this.numHeads], normal);  // transformers inits them normal(0, initializer_range)
     if (this.qkNorm === 'perHead') {
-      add('q_norm.weight', [this.headDim], ones);
-      add('k_norm.weight', [this.headDim], ones);
+      add('q_norm.weight', [this.headDim], this.qkNormZeroCentered ? zeros : ones);
+      add('k_norm.weight', [this.headDim], this.qkNormZeroCentered ? zeros : ones);
     } else if (this.qkNorm === 'full') {
       add('q_norm.weight', [q], ones);
       add('k_norm.weight', [kv], ones);
@@ -247,7 +259,12 @@ export class RotaryAttention extends tfl.layers.Layer {
       const nkv = this.numKeyValueHeads;
       const d = this.headDim;
       const x2 = tf.reshape(x, [b * s, h]) as tf.Tensor2D;
-      let q = this.linear(x2, 'q_proj', this.qkvBias);                 // [B*S, nh*D]
+      let q = this.linear(x2, 'q_proj', this.qkvBias);                 // [B*S, nh*D] ([B*S, nh*2D] with outputGate)
+      let gate: tf.Tensor | null = null;
+      if (this.outputGate) {
+        const [qh, gh] = tf.split(tf.reshape(q, [b * s, nh, 2 * d]), [d, d], 2);
+        [q, gate] = [tf.reshape(qh, [b * s, nh * d]) as tf.Tensor2D, tf.reshape(gh, [b * s, nh * d])];
+      }
       let k = this.linear(x2, 'k_proj', this.qkvBias);                 // [B*S, nkv*D]
       let v = this.linear(x2, 'v_proj', this.qkvBias);                 // [B*S, nkv*D]
       if (this.qkNorm === 'full') {
@@ -261,7 +278,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       // [B*S, n*D] → [B*n, S, D]; the per-head norm acts on the last axis before the transpose
       const heads = (t: tf.Tensor, n: number, norm?: string): tf.Tensor3D => {
         let t4 = tf.reshape(t, [b, s, n, d]);                          // [B, S, n, D]
-        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon);
+        if (norm !== undefined) t4 = rmsNorm(t4, this.qkNormZeroCentered ? tf.add(this.w(norm), 1) : this.w(norm), this.normEpsilon);
         return tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
       };
       const perHead = this.qkNorm === 'perHead';
@@ -295,7 +312,8 @@ export class RotaryAttention extends tfl.layers.Layer {
         tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, L]
       const probs = this.sinks ? this.softmaxWithSinks(scores as tf.Tensor3D, b) : tf.softmax(scores);  // [B*nh, S, L]
       const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
-      const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
+      let merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
+      if (gate !== null) merged = tf.mul(merged, tf.sigmoid(gate));
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
     });
   }
@@ -359,6 +377,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       slidingWindow: this.slidingWindow,
       ropeScaling: this.ropeScaling,
       sinks: this.sinks,
+      ...(this.outputGate ? { outputGate: true } : {}),
+      ...(this.qkNormZeroCentered ? { qkNormZeroCentered: true } : {}),
       initializerRange: this.initializerRange,
       ...this.lora.getConfig(),
     } as unknown as tf.serialization.ConfigDict;

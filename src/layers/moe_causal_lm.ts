@@ -16,7 +16,8 @@
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
- * deepseek_v3 (MLAAttention) and glm_moe_dsa (MLAAttention with the DSA indexer).
+ * deepseek_v3 (MLAAttention), glm_moe_dsa (MLAAttention with the DSA indexer) and qwen3_next
+ * (GatedDeltaNet linear-attention layers between gated RotaryAttention layers).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -30,6 +31,7 @@ import { RotaryAttention, type QKNorm } from './attention.js';
 import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import type { DSAIndexerArgs } from './dsa_indexer.js';
+import { GatedDeltaNet, type GatedDeltaNetShapeArgs } from './gated_delta_net.js';
 import { MLAAttention } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
@@ -41,13 +43,12 @@ export type MoECausalLM = tfl.LayersModel;
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
-  'glm_moe_dsa',
+  'glm_moe_dsa', 'qwen3_next',
 ];
 
 /** Why a block-only family has no whole model. */
 const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  qwen3_5_moe_text: 'its gated DeltaNet linear-attention layers are not implemented',
-  qwen3_next: 'its gated DeltaNet linear-attention layers are not implemented',
+  qwen3_5_moe_text: "its gated DeltaNet layers' projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) are not implemented",
 };
 
 /** Everything the graph needs, read from an HF config.json. */
@@ -76,6 +77,15 @@ export interface MoECausalLMConfig {
   layerWindows: Array<number | null>;
   /** attention sinks (gpt_oss) */
   sinks: boolean;
+  /**
+   * qwen3_next: the decoder layers whose token mixer is a GatedDeltaNet ('linear_attention' in
+   * layer_types) and its sizes; the others are gated RotaryAttention. Absent for other families.
+   */
+  deltaNet?: { layers: boolean[]; shape: GatedDeltaNetShapeArgs };
+  /** qwen3_next: every RMSNorm (and q/k norm) scales by (1 + weight) */
+  zeroCenteredNorms?: boolean;
+  /** qwen3_next: the attention output is gated by sigmoid of a second half of q_proj */
+  outputGate?: boolean;
   tieWordEmbeddings: boolean;
   initializerRange: number;
   /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
@@ -117,7 +127,36 @@ const DSA_DEFAULTS = {
 };
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
-const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, qwen3_next: 0.25 };
+
+/** Qwen3NextConfig's defaults for the gated DeltaNet keys. */
+const DELTA_NET_DEFAULTS = {
+  linear_num_key_heads: 16, linear_num_value_heads: 32, linear_key_head_dim: 128, linear_value_head_dim: 128,
+  linear_conv_kernel_dim: 4,
+};
+
+/**
+ * qwen3_next's layer_types: 'linear_attention' (GatedDeltaNet) or 'full_attention' per layer;
+ * without the key, Qwen3NextConfig's pattern (every full_attention_interval-th layer full, default 4).
+ */
+function deltaNetSettings(config: HFConfig, numLayers: number): NonNullable<MoECausalLMConfig['deltaNet']> {
+  const interval = int(config, 'full_attention_interval', 4);
+  const given = config['layer_types'];
+  const types = given ?? Array.from({ length: numLayers }, (_, i) => ((i + 1) % interval === 0 ? 'full_attention' : 'linear_attention'));
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => t !== 'linear_attention' && t !== 'full_attention')) {
+    fail(OP, `'config.layer_types' must list 'linear_attention' or 'full_attention' for each of the ${numLayers} layers ` +
+        `but got ${JSON.stringify(given)}`);
+  }
+  const size = (key: keyof typeof DELTA_NET_DEFAULTS) => int(config, key, DELTA_NET_DEFAULTS[key]);
+  const shape = {
+    numKeyHeads: size('linear_num_key_heads'), numValueHeads: size('linear_num_value_heads'),
+    keyHeadDim: size('linear_key_head_dim'), valueHeadDim: size('linear_value_head_dim'), convKernel: size('linear_conv_kernel_dim'),
+  };
+  if (shape.numValueHeads % shape.numKeyHeads !== 0) {
+    fail(OP, `'config.linear_num_value_heads' (${shape.numValueHeads}) must be a multiple of 'linear_num_key_heads' (${shape.numKeyHeads})`);
+  }
+  return { layers: types.map(t => t === 'linear_attention'), shape };
+}
 
 const OP = 'moeCausalLMConfigFromHF';
 
@@ -358,6 +397,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       case 'qwen2_moe':
         return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'qwen3_moe':
+      case 'qwen3_next':
         return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
       case 'glm4_moe':
         return {
@@ -387,8 +427,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const sharedLayout = family.checkpoint.shared;
   const attention = attentionDetails();
   const sinks = traits.sinks ?? false;
+  const qwen3Next = modelType === 'qwen3_next';
   const perLayerTypes = traits.layerTypes ?? false;
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
+  // qwen3_next's layer_types (linear or full attention) are read by deltaNetSettings
+  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes || qwen3Next);
   const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
     Array.from({ length: numLayers }, () => attention.slidingWindow);
   if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
@@ -415,10 +457,11 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     rotaryDim,
     mla,
     ropeScaling: rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
+    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' || qwen3Next ? 1e-6 : 1e-5),
     ...attention,
     layerWindows,
     sinks,
+    ...(qwen3Next ? { deltaNet: deltaNetSettings(config, numLayers), zeroCenteredNorms: true, outputGate: true } : {}),
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
@@ -564,8 +607,11 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   let h = embed.apply(ids) as tfl.SymbolicTensor;
   for (let i = 0; i < c.numLayers; i++) {
     const prefix = `model.layers.${i}`;
-    const attnIn = layer(new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps })).apply(h);
-    const attn = layer(c.mla !== null ?
+    const zeroCentered = c.zeroCenteredNorms ?? false;
+    const attnIn = layer(new RMSNorm({ name: `${prefix}.input_layernorm`, epsilon: c.rmsNormEps, zeroCentered })).apply(h);
+    const attn = layer(c.deltaNet?.layers[i] ?
+      new GatedDeltaNet({ name: `${prefix}.linear_attn`, ...c.deltaNet.shape, normEpsilon: c.rmsNormEps, initializerRange: init }) :
+      c.mla !== null ?
       new MLAAttention({
         name: `${prefix}.self_attn`, numHeads: c.numHeads, ropeTheta: c.ropeTheta, initializerRange: init, ...c.mla,
       }) :
@@ -573,11 +619,11 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
-        ropeScaling: c.ropeScaling, sinks: c.sinks,
+        ropeScaling: c.ropeScaling, sinks: c.sinks, outputGate: c.outputGate, qkNormZeroCentered: zeroCentered,
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
-    const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps })).apply(h);
+    const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps, zeroCentered })).apply(h);
     const mlp = layer(c.moeLayers.includes(i) ?
       new SparseMoE({
         name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
@@ -591,7 +637,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.mlp_residual` }).apply([h, out]) as tfl.SymbolicTensor;
   }
-  h = layer(new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps })).apply(h) as tfl.SymbolicTensor;
+  h = layer(new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps, zeroCentered: c.zeroCenteredNorms ?? false })).apply(h) as tfl.SymbolicTensor;
   const head = c.tieWordEmbeddings ? embed :
     layer(new LMHead({ name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init }));
   const logits = head.apply(h) as tfl.SymbolicTensor;

@@ -24,12 +24,18 @@ export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, epsilon: number): tf.Te
 export interface RMSNormArgs extends LayerArgs {
   /** added to the mean square; HF's rms_norm_eps (default 1e-6) */
   epsilon?: number;
+  /**
+   * scale by (1 + weight), the weight zeros at init (Qwen3-Next's zero-centred norms); default
+   * false: scale by weight, ones at init
+   */
+  zeroCentered?: boolean;
 }
 
-/** A tfjs layer around `rmsNorm` with a weight 'weight' [D] (ones at init). */
+/** A tfjs layer around `rmsNorm` with a weight 'weight' [D] (ones at init; zeros when zeroCentered). */
 export class RMSNorm extends tfl.layers.Layer {
   static className = 'RMSNorm';
   readonly epsilon: number;
+  readonly zeroCentered: boolean;
   private weight: tfl.LayerVariable | null = null;
 
   constructor(args: RMSNormArgs = {}) {
@@ -37,6 +43,7 @@ export class RMSNorm extends tfl.layers.Layer {
     this.epsilon = args.epsilon ?? 1e-6;
     assertFiniteNumber('RMSNorm', 'epsilon', this.epsilon);
     if (this.epsilon < 0) fail('RMSNorm', `'epsilon' must be >= 0 but got ${this.epsilon}`);
+    this.zeroCentered = args.zeroCentered ?? false;
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -44,7 +51,7 @@ export class RMSNorm extends tfl.layers.Layer {
     const shape = (Array.isArray(inputShape[0]) ? inputShape[0] : inputShape) as tfl.Shape;
     const size = shape[shape.length - 1];
     if (size == null) fail('RMSNorm.build', `the input's last dimension must be known but got shape [${shape}]`);
-    this.weight = this.addWeight('weight', [size], 'float32', tfl.initializers.ones());
+    this.weight = this.addWeight('weight', [size], 'float32', this.zeroCentered ? tfl.initializers.zeros() : tfl.initializers.ones());
     this.built = true;
   }
 
@@ -53,11 +60,14 @@ export class RMSNorm extends tfl.layers.Layer {
   }
 
   override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
-    return tf.tidy(() => rmsNorm(Array.isArray(inputs) ? inputs[0] : inputs, this.weight!.read(), this.epsilon));
+    return tf.tidy(() => {
+      const weight = this.zeroCentered ? tf.add(this.weight!.read(), 1) : this.weight!.read();
+      return rmsNorm(Array.isArray(inputs) ? inputs[0] : inputs, weight, this.epsilon);
+    });
   }
 
   override getConfig(): tf.serialization.ConfigDict {
-    return { ...super.getConfig(), epsilon: this.epsilon };
+    return { ...super.getConfig(), epsilon: this.epsilon, ...(this.zeroCentered ? { zeroCentered: true } : {}) };
   }
 }
 tf.serialization.registerClass(RMSNorm);
