@@ -1,7 +1,8 @@
 /**
  * Float64 references written from transformers' modeling_qwen3_next.py (spec helper):
  * Qwen3NextGatedDeltaNet, Qwen3NextAttention (gated, zero-centred per-head q/k norm, partial
- * rotary) and the whole Qwen3NextForCausalLM, reading Hub-layout tensors by name.
+ * rotary) and the whole Qwen3NextForCausalLM, reading Hub-layout tensors by name; Qwen3.5-MoE's
+ * text model is the same with Qwen3_5GatedDeltaNet's four input projections.
  */
 import type { HFConfig } from '../../src/models/families.js';
 import { linear64, moeBlock64, swiglu64, type Params } from './glm_dsa64.js';
@@ -16,9 +17,16 @@ function rmsZero64(v: Float64Array, weight: Float64Array, eps: number): Float64A
   return v.map((t, i) => t * inv * (1 + weight[i]));
 }
 
-export interface DeltaNet64Args { numKeyHeads: number; numValueHeads: number; keyHeadDim: number; valueHeadDim: number; convKernel: number; normEpsilon: number }
+export interface DeltaNet64Args {
+  numKeyHeads: number; numValueHeads: number; keyHeadDim: number; valueHeadDim: number; convKernel: number; normEpsilon: number;
+  /** 'separate': Qwen3_5GatedDeltaNet's in_proj_qkv / in_proj_z / in_proj_b / in_proj_a */
+  projections?: 'qkvz' | 'separate';
+}
 
-/** float64 Qwen3NextGatedDeltaNet.forward (no cache, no mask) on one sequence x [S, H], literally. */
+/**
+ * float64 Qwen3NextGatedDeltaNet.forward (no cache, no mask) on one sequence x [S, H], literally;
+ * with projections 'separate', Qwen3_5GatedDeltaNet's (the same after its four projections).
+ */
 export function deltaNet64(x: Float64Array, w: (name: string) => Float64Array, a: DeltaNet64Args, s: number, h: number): Float64Array {
   const { numKeyHeads: nk, numValueHeads: nv, keyHeadDim: dk, valueHeadDim: dv, convKernel: kw } = a;
   const r = nv / nk;
@@ -31,6 +39,13 @@ export function deltaNet64(x: Float64Array, w: (name: string) => Float64Array, a
   const as: Float64Array[] = [];
   for (let t = 0; t < s; t++) {
     const row = x.slice(t * h, (t + 1) * h);
+    if (a.projections === 'separate') {
+      mixed.push(linear64(w('in_proj_qkv.weight'), row));
+      zs.push(linear64(w('in_proj_z.weight'), row));
+      bs.push(linear64(w('in_proj_b.weight'), row));
+      as.push(linear64(w('in_proj_a.weight'), row));
+      continue;
+    }
     const qkvz = linear64(w('in_proj_qkvz.weight'), row);
     const ba = linear64(w('in_proj_ba.weight'), row);
     const q: number[] = []; const k: number[] = []; const v: number[] = []; const z: number[] = [];
@@ -160,6 +175,7 @@ export function qwen3NextLogits64(config: HFConfig, p: Params, ids: number[], mo
     numKeyHeads: config['linear_num_key_heads'] as number, numValueHeads: config['linear_num_value_heads'] as number,
     keyHeadDim: config['linear_key_head_dim'] as number, valueHeadDim: config['linear_value_head_dim'] as number,
     convKernel: config['linear_conv_kernel_dim'] as number, normEpsilon: eps,
+    projections: config['model_type'] === 'qwen3_5_moe_text' ? 'separate' : 'qkvz',
   };
   const types = config['layer_types'] as string[];
   for (let i = 0; i < types.length; i++) {

@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { KVCache } from '../../src/generate/kv_cache.js';
-import { GatedDeltaNet, gatedDeltaNetWeightShapes, type GatedDeltaNetArgs } from '../../src/layers/gated_delta_net.js';
+import { GatedDeltaNet, gatedDeltaNetWeightShapes, type DeltaNetProjections, type GatedDeltaNetArgs } from '../../src/layers/gated_delta_net.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 import { deltaNet64 as deltaNet64Row } from '../helpers/qwen3_next64.js';
@@ -17,14 +17,16 @@ type Weights = Record<string, Float64Array>;
 const ARGS = { numKeyHeads: 2, numValueHeads: 4, keyHeadDim: 3, valueHeadDim: 2, convKernel: 3, normEpsilon: 1e-6 } satisfies GatedDeltaNetArgs;
 
 /** deltaNet64 on each row of the batch. */
-function deltaNet64(x: Float64Array, w: Weights, b: number, s: number, h: number): Float64Array {
+function deltaNet64(x: Float64Array, w: Weights, b: number, s: number, h: number, projections: DeltaNetProjections = 'qkvz'): Float64Array {
   const out = new Float64Array(b * s * h);
-  for (let bi = 0; bi < b; bi++) out.set(deltaNet64Row(x.slice(bi * s * h, (bi + 1) * s * h), n => w[n], ARGS, s, h), bi * s * h);
+  for (let bi = 0; bi < b; bi++) {
+    out.set(deltaNet64Row(x.slice(bi * s * h, (bi + 1) * s * h), n => w[n], { ...ARGS, projections }, s, h), bi * s * h);
+  }
   return out;
 }
 
-function setup(seed: number, b = 2, s = 5, h = 6) {
-  const layer = new GatedDeltaNet({ ...ARGS, name: 'lin' });
+function setup(seed: number, b = 2, s = 5, h = 6, projections: DeltaNetProjections = 'qkvz') {
+  const layer = new GatedDeltaNet({ ...ARGS, projections, name: 'lin' });
   layer.apply(tfl.input({ shape: [null, h] }));
   const rng = new Rng(seed);
   const w: Weights = {};
@@ -51,12 +53,13 @@ describe('GatedDeltaNet', () => {
     layer.dispose();
   });
 
-  it('gradients w.r.t. the input and every weight equal finite differences', () => {
-    const { layer, w, x, b, s, h } = setup(4, 1, 4, 6);
+  for (const projections of ['qkvz', 'separate'] as const) {
+    it(`gradients w.r.t. the input and every weight equal finite differences (projections '${projections}')`, () => {
+      const { layer, w, x, b, s, h } = setup(4, 1, 4, 6, projections);
     const g = asF32(new Rng(5).array(b * s * h));
     const xt = tensorOf(x, [b, s, h]);
     const gt = tensorOf(g, [b, s, h]);
-    const loss64 = (xs: Float64Array, ws: Weights) => deltaNet64(xs, ws, b, s, h).reduce((acc, v, i) => acc + v * g[i], 0);
+    const loss64 = (xs: Float64Array, ws: Weights) => deltaNet64(xs, ws, b, s, h, projections).reduce((acc, v, i) => acc + v * g[i], 0);
     expectNoLeak(() => {
       const f = (input: tf.Tensor) => tf.sum(tf.mul(layer.apply(input) as tf.Tensor, gt)) as tf.Scalar;
       const dx = tf.grad(f)(xt);
@@ -69,6 +72,25 @@ describe('GatedDeltaNet', () => {
       tf.dispose([dx, value, ...Object.values(grads)]);
     });
     tf.dispose([xt, gt]);
+    layer.dispose();
+  });
+
+  }
+
+  it('Qwen3.5\'s four separate projections: forward matches Qwen3_5GatedDeltaNet', () => {
+    const { layer, w, x, b, s, h } = setup(6, 2, 5, 6, 'separate');
+    expect(layer.weights.map(v => `${v.originalName}:${v.shape}`).filter(n => n.includes('in_proj')).sort()).to.deep.equal([
+      'lin/in_proj_a.weight:4,6', 'lin/in_proj_b.weight:4,6', 'lin/in_proj_qkv.weight:20,6', 'lin/in_proj_z.weight:8,6']);
+    const xt = tensorOf(x, [b, s, h]);
+    expectNoLeak(() => {
+      const y = layer.apply(xt) as tf.Tensor;
+      expectClose(y, deltaNet64(x, w, b, s, h, 'separate'), 1e-5, 'out');
+      y.dispose();
+    });
+    const config = layer.getConfig();
+    expect(config['projections']).to.equal('separate');
+    expect((tfl.layers.Layer.fromConfig(GatedDeltaNet, config) as GatedDeltaNet).getConfig()).to.deep.equal(config);
+    xt.dispose();
     layer.dispose();
   });
 
@@ -92,6 +114,7 @@ describe('GatedDeltaNet', () => {
     expect(() => new GatedDeltaNet({ ...ARGS, valueHeadDim: 0 })).to.throw("`GatedDeltaNet()`: 'valueHeadDim' must be >= 1 but got 0");
     expect(() => new GatedDeltaNet({ ...ARGS, convKernel: 0 })).to.throw("`GatedDeltaNet()`: 'convKernel' must be >= 1 but got 0");
     expect(() => new GatedDeltaNet({ ...ARGS, normEpsilon: NaN })).to.throw("`GatedDeltaNet()`: 'normEpsilon' must be a finite number");
+    expect(() => new GatedDeltaNet({ ...ARGS, projections: 'fused' as DeltaNetProjections })).to.throw("`GatedDeltaNet()`: 'projections' must be one of");
     const layer = new GatedDeltaNet(ARGS);
     expect(() => layer.build([null, null, null])).to.throw("`GatedDeltaNet.build()`: the input's last dimension must be known but got shape [,,]");
     layer.apply(tfl.input({ shape: [null, 6] }));

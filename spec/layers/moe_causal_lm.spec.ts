@@ -137,9 +137,10 @@ describe('MoECausalLM', () => {
   });
 
   it('builds every family whole, and refuses settings the graph does not implement', async () => {
-    // the block-only families' refusal is in spec/models/hybrid_families.spec.ts
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'glm_moe_dsa', 'qwen3_next']);
-    expect([...WHOLE_MODEL_TYPES, 'qwen3_5_moe_text'].sort()).to.deep.equal([...MODEL_TYPES].sort());
+    // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+      'glm_moe_dsa', 'qwen3_next', 'qwen3_5_moe_text']);
+    expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");

@@ -10,7 +10,6 @@ import {
   expertCount, isMoELayer, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices, type HFConfig,
 } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
-import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import type { MoEBlockWeights } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -217,13 +216,6 @@ describe('models/families: qwen3_5_moe_text, glm_moe_dsa, qwen3_next', () => {
       expect(() => moeBlockTensorPlan(GLM_DSA, 0)).to.throw(OpArgumentError,
           "`moeBlockTensorPlan()`: layer 0 of this 'glm_moe_dsa' model is a dense MLP, not an MoE block (MoE layers: 1, 2)");
     });
-  });
-
-  it('refuses qwen3_5_moe_text as a whole model, saying what is missing', () => {
-    expect(() => buildMoECausalLM({ ...QWEN3_5, vocab_size: 32, num_attention_heads: 2 })).to.throw(OpArgumentError,
-        "`moeCausalLMConfigFromHF()`: 'qwen3_5_moe_text' is supported at the MoE block level only (SparseMoE, loadMoEBlockWeights), " +
-        "not as a whole model: its gated DeltaNet layers' projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) are not " +
-        'implemented; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3, glm_moe_dsa, qwen3_next');
   });
 
   describe('the block, loaded from the Hub layout, against transformers\' forward in float64', () => {

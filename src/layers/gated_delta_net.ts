@@ -1,8 +1,10 @@
 /**
  * Qwen3-Next's gated DeltaNet linear attention (transformers' Qwen3NextGatedDeltaNet), the token
- * mixer of its 'linear_attention' layers:
+ * mixer of its 'linear_attention' layers, and Qwen3.5's (Qwen3_5GatedDeltaNet: the same with four
+ * separate input projections, `projections: 'separate'`):
  *
  *   [q, k, v, z] = x·W_qkvzᵀ, [b, a] = x·W_baᵀ   grouped per key head: [q_h, k_h, v_{h·r..}, z_{h·r..}]
+ *     ('separate': [q, k, v] = x·W_qkvᵀ, z = x·W_zᵀ, b = x·W_bᵀ, a = x·W_aᵀ, each head after head)
  *   [q, k, v]    = silu(causal depthwise conv1d of width K over [q, k, v])
  *   β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias)               per value head
  *   q, k         = l2norm(q), l2norm(k) (eps 1e-6), q /= √d_k, each key head serving r = nv/nk value heads
@@ -20,7 +22,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
-import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
 import { currentSequenceContext } from './sequence_context.js';
@@ -40,10 +42,18 @@ export interface GatedDeltaNetArgs extends LayerArgs {
   normEpsilon?: number;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /**
+   * 'qkvz' (default, Qwen3-Next): in_proj_qkvz and in_proj_ba, grouped per key head;
+   * 'separate' (Qwen3.5): in_proj_qkv, in_proj_z, in_proj_b, in_proj_a
+   */
+  projections?: DeltaNetProjections;
 }
 
+export type DeltaNetProjections = 'qkvz' | 'separate';
+const DELTA_NET_PROJECTIONS: readonly DeltaNetProjections[] = ['qkvz', 'separate'];
+
 /** The sizes that decide the module's weights. */
-export type GatedDeltaNetShapeArgs = Pick<GatedDeltaNetArgs, 'numKeyHeads' | 'numValueHeads' | 'keyHeadDim' | 'valueHeadDim' | 'convKernel'>;
+export type GatedDeltaNetShapeArgs = Pick<GatedDeltaNetArgs, 'numKeyHeads' | 'numValueHeads' | 'keyHeadDim' | 'valueHeadDim' | 'convKernel' | 'projections'>;
 
 /**
  * Every weight of the module on hidden size `hidden`, by HF name with shape and init.
@@ -57,9 +67,17 @@ export function gatedDeltaNetWeightShapes(a: GatedDeltaNetShapeArgs, hidden: num
     Array<{ name: string; shape: number[]; init: 'normal' | 'zeros' | 'ones' }> {
   const keyDim = a.numKeyHeads * a.keyHeadDim;
   const valueDim = a.numValueHeads * a.valueHeadDim;
-  return [
+  const projections: Array<{ name: string; shape: number[]; init: 'normal' }> = (a.projections ?? 'qkvz') === 'qkvz' ? [
     { name: 'in_proj_qkvz.weight', shape: [2 * keyDim + 2 * valueDim, hidden], init: 'normal' },
     { name: 'in_proj_ba.weight', shape: [2 * a.numValueHeads, hidden], init: 'normal' },
+  ] : [
+    { name: 'in_proj_qkv.weight', shape: [2 * keyDim + valueDim, hidden], init: 'normal' },
+    { name: 'in_proj_z.weight', shape: [valueDim, hidden], init: 'normal' },
+    { name: 'in_proj_b.weight', shape: [a.numValueHeads, hidden], init: 'normal' },
+    { name: 'in_proj_a.weight', shape: [a.numValueHeads, hidden], init: 'normal' },
+  ];
+  return [
+    ...projections,
     { name: 'conv1d.weight', shape: [2 * keyDim + valueDim, 1, a.convKernel], init: 'normal' },
     { name: 'dt_bias', shape: [a.numValueHeads], init: 'ones' },
     // transformers draws A uniform in (0, 16) and stores its log; zeros (A = 1) is a plain stand-in
@@ -83,6 +101,7 @@ export class GatedDeltaNet extends tfl.layers.Layer {
   readonly convKernel: number;
   readonly normEpsilon: number;
   readonly initializerRange: number;
+  readonly projections: DeltaNetProjections;
   private readonly vars = new Map<string, tfl.LayerVariable>();
 
   constructor(args: GatedDeltaNetArgs) {
@@ -104,6 +123,8 @@ export class GatedDeltaNet extends tfl.layers.Layer {
     this.valueHeadDim = args.valueHeadDim;
     this.convKernel = args.convKernel;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.projections = args.projections ?? 'qkvz';
+    assertOneOf(op, 'projections', this.projections, DELTA_NET_PROJECTIONS);
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -144,12 +165,22 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       const { numKeyHeads: nk, numValueHeads: nv, keyHeadDim: dk, valueHeadDim: dv, convKernel: kw } = this;
       const r = nv / nk;
       const x2 = tf.reshape(x, [b * s, h]);
-      // fix_query_key_value_ordering: per key head [q dk, k dk, v r·dv, z r·dv] and [b r, a r]
-      const qkvz = tf.reshape(tf.matMul(x2, this.w('in_proj_qkvz.weight'), false, true), [b, s, nk, 2 * dk + 2 * r * dv]);
-      const [q0, k0, v0, z] = tf.split(qkvz, [dk, dk, r * dv, r * dv], 3);
-      const ba = tf.reshape(tf.matMul(x2, this.w('in_proj_ba.weight'), false, true), [b, s, nk, 2 * r]);
-      const [beta0, a] = tf.split(ba, [r, r], 3).map(t => tf.reshape(t, [b, s, nv]));
-      const mixed = tf.concat([tf.reshape(q0, [b, s, nk * dk]), tf.reshape(k0, [b, s, nk * dk]), tf.reshape(v0, [b, s, nv * dv])], 2);
+      const project = (name: string, width: number) => tf.reshape(tf.matMul(x2, this.w(name), false, true), [b, s, width]);
+      let mixed: tf.Tensor; let z: tf.Tensor; let beta0: tf.Tensor; let a: tf.Tensor;
+      if (this.projections === 'qkvz') {
+        // fix_query_key_value_ordering: per key head [q dk, k dk, v r·dv, z r·dv] and [b r, a r]
+        const qkvz = tf.reshape(project('in_proj_qkvz.weight', nk * (2 * dk + 2 * r * dv)), [b, s, nk, 2 * dk + 2 * r * dv]);
+        const [q0, k0, v0, z0] = tf.split(qkvz, [dk, dk, r * dv, r * dv], 3);
+        const ba = tf.reshape(project('in_proj_ba.weight', 2 * nv), [b, s, nk, 2 * r]);
+        [beta0, a] = tf.split(ba, [r, r], 3).map(t => tf.reshape(t, [b, s, nv]));
+        mixed = tf.concat([tf.reshape(q0, [b, s, nk * dk]), tf.reshape(k0, [b, s, nk * dk]), tf.reshape(v0, [b, s, nv * dv])], 2);
+        z = z0;
+      } else {
+        mixed = project('in_proj_qkv.weight', 2 * nk * dk + nv * dv);
+        z = project('in_proj_z.weight', nv * dv);
+        beta0 = project('in_proj_b.weight', nv);
+        a = project('in_proj_a.weight', nv);
+      }
       // causal depthwise conv1d: out[t] = Σ_j w[:, j]·x[t − (K−1) + j], x zero before the sequence
       const channels = 2 * nk * dk + nv * dv;
       const padded = tf.pad(mixed, [[0, 0], [kw - 1, 0], [0, 0]]);
@@ -200,6 +231,7 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       keyHeadDim: this.keyHeadDim,
       valueHeadDim: this.valueHeadDim,
       convKernel: this.convKernel,
+      ...(this.projections === 'separate' ? { projections: 'separate' } : {}),
       normEpsilon: this.normEpsilon,
       initializerRange: this.initializerRange,
     };

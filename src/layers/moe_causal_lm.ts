@@ -16,8 +16,8 @@
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
- * deepseek_v3 (MLAAttention), glm_moe_dsa (MLAAttention with the DSA indexer) and qwen3_next
- * (GatedDeltaNet linear-attention layers between gated RotaryAttention layers).
+ * deepseek_v3 (MLAAttention), glm_moe_dsa (MLAAttention with the DSA indexer), qwen3_next and
+ * qwen3_5_moe_text (GatedDeltaNet linear-attention layers between gated RotaryAttention layers).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -43,13 +43,11 @@ export type MoECausalLM = tfl.LayersModel;
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
-  'glm_moe_dsa', 'qwen3_next',
+  'glm_moe_dsa', 'qwen3_next', 'qwen3_5_moe_text',
 ];
 
 /** Why a block-only family has no whole model. */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  qwen3_5_moe_text: "its gated DeltaNet layers' projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) are not implemented",
-};
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -127,9 +125,9 @@ const DSA_DEFAULTS = {
 };
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
-const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, qwen3_next: 0.25 };
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, qwen3_next: 0.25, qwen3_5_moe_text: 0.25 };
 
-/** Qwen3NextConfig's defaults for the gated DeltaNet keys. */
+/** Qwen3NextConfig's (and Qwen3_5MoeTextConfig's) defaults for the gated DeltaNet keys. */
 const DELTA_NET_DEFAULTS = {
   linear_num_key_heads: 16, linear_num_value_heads: 32, linear_key_head_dim: 128, linear_value_head_dim: 128,
   linear_conv_kernel_dim: 4,
@@ -139,7 +137,7 @@ const DELTA_NET_DEFAULTS = {
  * qwen3_next's layer_types: 'linear_attention' (GatedDeltaNet) or 'full_attention' per layer;
  * without the key, Qwen3NextConfig's pattern (every full_attention_interval-th layer full, default 4).
  */
-function deltaNetSettings(config: HFConfig, numLayers: number): NonNullable<MoECausalLMConfig['deltaNet']> {
+function deltaNetSettings(config: HFConfig, numLayers: number, modelType: ModelType): NonNullable<MoECausalLMConfig['deltaNet']> {
   const interval = int(config, 'full_attention_interval', 4);
   const given = config['layer_types'];
   const types = given ?? Array.from({ length: numLayers }, (_, i) => ((i + 1) % interval === 0 ? 'full_attention' : 'linear_attention'));
@@ -151,6 +149,8 @@ function deltaNetSettings(config: HFConfig, numLayers: number): NonNullable<MoEC
   const shape = {
     numKeyHeads: size('linear_num_key_heads'), numValueHeads: size('linear_num_value_heads'),
     keyHeadDim: size('linear_key_head_dim'), valueHeadDim: size('linear_value_head_dim'), convKernel: size('linear_conv_kernel_dim'),
+    // Qwen3.5 split Qwen3-Next's two fused input projections into four
+    projections: modelType === 'qwen3_5_moe_text' ? 'separate' as const : 'qkvz' as const,
   };
   if (shape.numValueHeads % shape.numKeyHeads !== 0) {
     fail(OP, `'config.linear_num_value_heads' (${shape.numValueHeads}) must be a multiple of 'linear_num_key_heads' (${shape.numKeyHeads})`);
@@ -398,6 +398,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         return { qkvBias: bool(config, 'qkv_bias', true), outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'qwen3_moe':
       case 'qwen3_next':
+      case 'qwen3_5_moe_text':
         return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHead', clipQKV: null, slidingWindow: null };
       case 'glm4_moe':
         return {
@@ -427,7 +428,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const sharedLayout = family.checkpoint.shared;
   const attention = attentionDetails();
   const sinks = traits.sinks ?? false;
-  const qwen3Next = modelType === 'qwen3_next';
+  // Qwen3-Next and Qwen3.5-MoE: gated DeltaNet and gated attention layers, (1 + w) norms
+  const qwen3Next = modelType === 'qwen3_next' || modelType === 'qwen3_5_moe_text';
   const perLayerTypes = traits.layerTypes ?? false;
   // qwen3_next's layer_types (linear or full attention) are read by deltaNetSettings
   refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes || qwen3Next);
@@ -438,7 +440,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
         `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeSettings(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
+  const rope = ropeSettings(modelType === 'qwen3_5_moe_text' ? withoutTextMRope(config) : config,
+      traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
@@ -461,7 +464,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     ...attention,
     layerWindows,
     sinks,
-    ...(qwen3Next ? { deltaNet: deltaNetSettings(config, numLayers), zeroCenteredNorms: true, outputGate: true } : {}),
+    ...(qwen3Next ? { deltaNet: deltaNetSettings(config, numLayers, modelType), zeroCenteredNorms: true, outputGate: true } : {}),
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
@@ -489,6 +492,23 @@ function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
     qLoraRank, kvLoraRank: size('kv_lora_rank'), qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim,
     vHeadDim: size('v_head_dim'), ropeInterleave: bool(config, 'rope_interleave', true), attentionBias,
   };
+}
+
+/**
+ * Qwen3.5's rope settings without its multimodal rope keys (mrope_section, mrope_interleaved): a
+ * text-only model gives its three position grids the same ids, so the interleaved multimodal rope
+ * is the plain one.
+ */
+function withoutTextMRope(config: HFConfig): HFConfig {
+  const strip = (params: unknown) => {
+    if (params === null || typeof params !== 'object' || Array.isArray(params)) return params;
+    const { mrope_section: _s, mrope_interleaved: _i, ...rest } = params as Record<string, unknown>;
+    return rest;
+  };
+  const out: HFConfig = { ...config };
+  if (config['rope_parameters'] != null) out['rope_parameters'] = strip(config['rope_parameters']);
+  if (config['rope_scaling'] != null) out['rope_scaling'] = strip(config['rope_scaling']);
+  return out;
 }
 
 /**
