@@ -1,8 +1,8 @@
 /**
  * GatedDeltaNet (Qwen3-Next's linear attention) against a float64 transcription of transformers'
  * Qwen3NextGatedDeltaNet (spec/helpers/qwen3_next64.ts: fix_query_key_value_ordering, the causal conv1d, the recurrent gated
- * delta rule, Qwen3NextRMSNormGated), with gradients against finite differences; refusals of what
- * it does not implement.
+ * delta rule, Qwen3NextRMSNormGated), with gradients against finite differences; packed samples
+ * equal each sample alone; refusals of what it does not implement.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -106,7 +106,29 @@ describe('GatedDeltaNet', () => {
     layer.dispose();
   });
 
-  it('rejects bad arguments, packed samples and a KV cache', () => {
+  it('packed samples (segmentIds) give what each sample gives alone, gradients included', () => {
+    const { layer, x, h } = setup(8, 1, 6, 6);
+    const packed = tensorOf(x, [1, 6, h]);
+    const segmentIds = tf.tensor2d([[1, 1, 1, 1, 2, 2]], [1, 6], 'int32');
+    const [first, second] = [tensorOf(x.slice(0, 4 * h), [1, 4, h]), tensorOf(x.slice(4 * h), [1, 2, h])];
+    const g = tensorOf(new Rng(9).array(6 * h), [1, 6, h]);
+    expectNoLeak(() => {
+      const y = withSequenceContext({ segmentIds }, () => layer.apply(packed) as tf.Tensor);
+      const each = [layer.apply(first) as tf.Tensor, layer.apply(second) as tf.Tensor];
+      const alone = tf.concat(each, 1);
+      expectClose(y, alone, 1e-6, 'packed vs alone');
+      const weights = layer.weights.map(v => v.read() as tf.Variable);
+      const lossPacked = () => tf.sum(tf.mul(withSequenceContext({ segmentIds }, () => layer.apply(packed) as tf.Tensor), g)) as tf.Scalar;
+      const lossAlone = () => tf.sum(tf.mul(tf.concat([layer.apply(first) as tf.Tensor, layer.apply(second) as tf.Tensor], 1), g)) as tf.Scalar;
+      const [a, b] = [tf.variableGrads(lossPacked, weights), tf.variableGrads(lossAlone, weights)];
+      for (const v of weights) expectClose(a.grads[v.name], b.grads[v.name], 1e-5, `d ${v.name}`);
+      tf.dispose([y, alone, ...each, a.value, b.value, ...Object.values(a.grads), ...Object.values(b.grads)]);
+    });
+    tf.dispose([packed, segmentIds, first, second, g]);
+    layer.dispose();
+  });
+
+  it('rejects bad arguments, bad segment ids and a KV cache', () => {
     expect(() => new GatedDeltaNet({ ...ARGS, numKeyHeads: 0 })).to.throw("`GatedDeltaNet()`: 'numKeyHeads' must be >= 1 but got 0");
     expect(() => new GatedDeltaNet({ ...ARGS, numValueHeads: 3 })).to.throw(
         "`GatedDeltaNet()`: 'numValueHeads' must be a multiple of numKeyHeads (2) but got 3");
@@ -120,9 +142,9 @@ describe('GatedDeltaNet', () => {
     layer.apply(tfl.input({ shape: [null, 6] }));
     expect(() => layer.apply(tf.zeros([4, 6]))).to.throw("`GatedDeltaNet.call()`: the input must be [batch, seq, hidden] but got shape [4,6]");
     const x = tf.zeros([1, 3, 6]);
-    const segmentIds = tf.tensor2d([[1, 1, 2]], [1, 3], 'int32');
+    const segmentIds = tf.tensor2d([[1, 2]], [1, 2], 'int32');
     expect(() => withSequenceContext({ segmentIds }, () => layer.apply(x))).to.throw(
-        "`GatedDeltaNet.call()`: packed samples ('segmentIds') are not supported: the DeltaNet state would flow from one sample into the next");
+        "`GatedDeltaNet.call()`: 'context.segmentIds' must be [batch, seq] [1,3] but is [1,2]");
     const cache = new KVCache();
     expect(() => withSequenceContext({ kvCache: cache }, () => layer.apply(x))).to.throw(
         '`GatedDeltaNet.call()`: generation with a KV cache is not implemented for gated DeltaNet layers (their recurrent and conv states are not cached)');

@@ -13,8 +13,9 @@
  *
  * The recurrence runs token by token in tf ops (transformers' chunked form computes the same
  * values), so its gradient is tfjs's autodiff through the loop: the tape keeps one state per token,
- * [B·nv, d_k, d_v] each. Packed samples (segmentIds) and the generation cache are refused: the
- * state would flow across samples, and the cache holds no recurrent state yet.
+ * [B·nv, d_k, d_v] each. With packed samples (the context's segmentIds) each sample starts from a
+ * zero state and its conv sees none of the previous sample's tokens: each sample gives what it gives
+ * alone. The generation cache is refused: it holds no recurrent state yet.
  *
  * Weights keep PyTorch's layout and HF's names relative to the module ('in_proj_qkvz.weight',
  * 'conv1d.weight' [C, 1, K], 'A_log', ...).
@@ -25,6 +26,7 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
+import { contextIds } from './attention.js';
 import { currentSequenceContext } from './sequence_context.js';
 
 export interface GatedDeltaNetArgs extends LayerArgs {
@@ -158,10 +160,14 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       if (context?.kvCache != null) {
         fail(op, 'generation with a KV cache is not implemented for gated DeltaNet layers (their recurrent and conv states are not cached)');
       }
-      if (context?.segmentIds != null) {
-        fail(op, "packed samples ('segmentIds') are not supported: the DeltaNet state would flow from one sample into the next");
-      }
       const [b, s, h] = x.shape;
+      const { segmentIds } = contextIds(b, s, op);
+      // sameSegment(o) [B, S, 1]: 1 where token t and token t − o belong to one sample (0 before the row)
+      const sameSegment = (o: number): tf.Tensor | null => {
+        if (segmentIds === null || o === 0) return null;
+        const earlier = tf.pad(tf.slice(segmentIds, [0, 0], [b, Math.max(s - o, 0)]), [[0, 0], [Math.min(o, s), 0]], -1);
+        return tf.expandDims(tf.cast(tf.equal(segmentIds, earlier), 'float32'), 2);
+      };
       const { numKeyHeads: nk, numValueHeads: nv, keyHeadDim: dk, valueHeadDim: dv, convKernel: kw } = this;
       const r = nv / nk;
       const x2 = tf.reshape(x, [b * s, h]);
@@ -187,7 +193,10 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       const taps = tf.reshape(this.w('conv1d.weight'), [channels, kw]);
       let conv: tf.Tensor = tf.zeros([b, s, channels]);
       for (let j = 0; j < kw; j++) {
-        conv = tf.add(conv, tf.mul(tf.slice(padded, [0, j, 0], [b, s, channels]), tf.reshape(tf.slice(taps, [0, j], [channels, 1]), [channels])));
+        let shifted = tf.slice(padded, [0, j, 0], [b, s, channels]);              // x[t − (K−1−j)]
+        const same = sameSegment(kw - 1 - j);
+        if (same !== null) shifted = tf.mul(shifted, same);
+        conv = tf.add(conv, tf.mul(shifted, tf.reshape(tf.slice(taps, [0, j], [channels, 1]), [channels])));
       }
       const activated = tf.mul(conv, tf.sigmoid(conv));
       const [qc, kc, vc] = tf.split(activated, [nk * dk, nk * dk, nv * dv], 2);
@@ -203,7 +212,9 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       const value = valueHeads(vc, nv, dv);
       const perHead = (t: tf.Tensor) => tf.reshape(tf.transpose(t, [0, 2, 1]), [b * nv, s, 1]);   // [B, S, nv] → [B·nv, S, 1]
       const beta = perHead(tf.sigmoid(beta0));
-      const decay = perHead(tf.exp(tf.mul(tf.neg(tf.exp(this.w('A_log'))), tf.softplus(tf.add(a, this.w('dt_bias'))))));
+      let decay = perHead(tf.exp(tf.mul(tf.neg(tf.exp(this.w('A_log'))), tf.softplus(tf.add(a, this.w('dt_bias'))))));
+      const continues = sameSegment(1);                                            // a sample's first token: state reset
+      if (continues !== null) decay = tf.mul(decay, perHead(tf.tile(continues, [1, 1, nv])));
       const n = b * nv;
       let state: tf.Tensor = tf.zeros([n, dk, dv]);
       const outputs: tf.Tensor[] = [];
