@@ -2,7 +2,7 @@
  * GatedDeltaNet (Qwen3-Next's linear attention) against a float64 transcription of transformers'
  * Qwen3NextGatedDeltaNet (spec/helpers/qwen3_next64.ts: fix_query_key_value_ordering, the causal conv1d, the recurrent gated
  * delta rule, Qwen3NextRMSNormGated), with gradients against finite differences; packed samples
- * equal each sample alone; refusals of what it does not implement.
+ * equal each sample alone; a KV-cached pass equals the full one; bad arguments are one clear error.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -128,7 +128,37 @@ describe('GatedDeltaNet', () => {
     layer.dispose();
   });
 
-  it('rejects bad arguments, bad segment ids and a KV cache', () => {
+  it('with a KV cache, a prompt then one token at a time gives the rows of the full pass; the cache releases its states', () => {
+    const { layer, x, h } = setup(12, 1, 7, 6);
+    const before = tf.memory().numTensors;
+    const fullInput = tensorOf(x, [1, 7, h]);
+    const full = layer.apply(fullInput) as tf.Tensor;
+    const cache = new KVCache();
+    // a first call shorter than the conv (1 < K − 1), then longer ones, then single tokens
+    const parts = [[0, 1], [1, 4], [4, 5], [5, 6], [6, 7]].map(([from, to]) => {
+      const input = tensorOf(x.slice(from * h, to * h), [1, to - from, h]);
+      const y = withSequenceContext({ kvCache: cache }, () => layer.apply(input) as tf.Tensor);
+      input.dispose();
+      return y;
+    });
+    expect(cache.state('lin/recurrent')!.shape).to.deep.equal([4, 3, 2]);
+    expect(cache.state('lin/conv')!.shape).to.deep.equal([1, 2, 20]);
+    const stitched = tf.concat(parts, 1);
+    expectClose(stitched, full, 1e-5, 'cached vs full');
+    const two = tensorOf(x.slice(0, 2 * h), [2, 1, h]);
+    expect(() => withSequenceContext({ kvCache: cache }, () => layer.apply(two))).to.throw(
+        "`GatedDeltaNet.call()`: the cache holds 1 rows for 'lin' but got 2: a cache serves one batch; start a new one for another");
+    const one = tensorOf(x.slice(0, h), [1, 1, h]);
+    const positionIds = tf.tensor2d([[0]], [1, 1], 'int32');
+    expect(() => withSequenceContext({ kvCache: cache, positionIds }, () => layer.apply(one))).to.throw(
+        "`GatedDeltaNet.call()`: a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
+    tf.dispose([fullInput, full, stitched, ...parts, two, one, positionIds]);
+    cache.dispose();
+    expect(tf.memory().numTensors, 'the cache released its states').to.equal(before);
+    layer.dispose();
+  });
+
+  it('rejects bad arguments and bad segment ids', () => {
     expect(() => new GatedDeltaNet({ ...ARGS, numKeyHeads: 0 })).to.throw("`GatedDeltaNet()`: 'numKeyHeads' must be >= 1 but got 0");
     expect(() => new GatedDeltaNet({ ...ARGS, numValueHeads: 3 })).to.throw(
         "`GatedDeltaNet()`: 'numValueHeads' must be a multiple of numKeyHeads (2) but got 3");
@@ -145,9 +175,6 @@ describe('GatedDeltaNet', () => {
     const segmentIds = tf.tensor2d([[1, 2]], [1, 2], 'int32');
     expect(() => withSequenceContext({ segmentIds }, () => layer.apply(x))).to.throw(
         "`GatedDeltaNet.call()`: 'context.segmentIds' must be [batch, seq] [1,3] but is [1,2]");
-    const cache = new KVCache();
-    expect(() => withSequenceContext({ kvCache: cache }, () => layer.apply(x))).to.throw(
-        '`GatedDeltaNet.call()`: generation with a KV cache is not implemented for gated DeltaNet layers (their recurrent and conv states are not cached)');
     tf.dispose([x, segmentIds]);
     layer.dispose();
   });

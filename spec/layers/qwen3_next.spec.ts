@@ -7,6 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { generate } from '../../src/generate/generate.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { moeCausalLMConfigFromHF } from '../../src/layers/moe_causal_lm.js';
@@ -84,6 +85,17 @@ describe('qwen3_next and qwen3_5_moe_text whole models', () => {
       'model.layers.2.self_attn.q_norm.weight', 'model.layers.1.mlp.gate_proj.weight', 'model.layers.2.mlp.shared_expert_gate.weight']);
     expect(plan.map(e => e.name)).to.not.include('model.layers.0.self_attn.q_proj.weight');
     await expectLogitsMatch(QWEN3_NEXT, 31);
+  });
+
+  it('generates the same tokens with the cache (DeltaNet states, attention keys) as without it', async () => {
+    const { dir } = await randomCheckpoint(QWEN3_NEXT, 51);
+    const model = await loadHFCheckpoint(dir, { expertKernel: 'fused' });
+    const before = tf.memory().numTensors;
+    const cached = await generate(model, [3, 17, 5, 29], { maxNewTokens: 6, useCache: true });
+    const uncached = await generate(model, [3, 17, 5, 29], { maxNewTokens: 6, useCache: false });
+    expect(Array.from(cached.ids)).to.deep.equal(Array.from(uncached.ids)).and.to.have.length(6);
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+    model.dispose();
   });
 
   it('reads Qwen3NextConfig\'s defaults and refuses a bad layer_types', () => {

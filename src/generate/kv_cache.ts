@@ -30,6 +30,23 @@ export interface CachedKeys {
 
 export class KVCache {
   private readonly layers = new Map<string, LayerCache>();
+  /** recurrent layers' states (GatedDeltaNet: its conv inputs and delta-rule state), by name */
+  private readonly states = new Map<string, tf.Tensor>();
+
+  /**
+   * A recurrent layer's state after the tokens seen so far under `key`, or null before its first
+   * step. The tensor belongs to the cache.
+   */
+  state(key: string): tf.Tensor | null {
+    return this.states.get(key) ?? null;
+  }
+
+  /** Replaces the state under `key` (kept out of the caller's tidy; the old one is released). */
+  setState(key: string, value: tf.Tensor): void {
+    const old = this.states.get(key);
+    this.states.set(key, tf.keep(value));
+    if (old !== undefined && old !== value) old.dispose();
+  }
 
   /**
    * The position of the next token for `layer` (0 before its first step): the rotary offset of the
@@ -83,5 +100,7 @@ export class KVCache {
   dispose(): void {
     for (const c of this.layers.values()) tf.dispose([c.keys, c.values]);
     this.layers.clear();
+    tf.dispose([...this.states.values()]);
+    this.states.clear();
   }
 }

@@ -15,7 +15,8 @@
  * values), so its gradient is tfjs's autodiff through the loop: the tape keeps one state per token,
  * [B·nv, d_k, d_v] each. With packed samples (the context's segmentIds) each sample starts from a
  * zero state and its conv sees none of the previous sample's tokens: each sample gives what it gives
- * alone. The generation cache is refused: it holds no recurrent state yet.
+ * alone. With a generation cache (the context's kvCache) the layer continues from the state and the
+ * last K−1 conv inputs of the tokens before (KVCache.state), as transformers' cache does.
  *
  * Weights keep PyTorch's layout and HF's names relative to the module ('in_proj_qkvz.weight',
  * 'conv1d.weight' [C, 1, K], 'A_log', ...).
@@ -156,12 +157,12 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       const op = 'GatedDeltaNet.call';
       const x = (Array.isArray(inputs) ? inputs[0] : inputs) as tf.Tensor3D;
       if (x.rank !== 3) fail(op, `the input must be [batch, seq, hidden] but got shape [${x.shape}]`);
-      const context = currentSequenceContext();
-      if (context?.kvCache != null) {
-        fail(op, 'generation with a KV cache is not implemented for gated DeltaNet layers (their recurrent and conv states are not cached)');
-      }
+      const cache = currentSequenceContext()?.kvCache ?? null;
       const [b, s, h] = x.shape;
-      const { segmentIds } = contextIds(b, s, op);
+      const { segmentIds, positionIds } = contextIds(b, s, op);
+      if (cache !== null && (segmentIds !== null || positionIds !== null)) {
+        fail(op, "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
+      }
       // sameSegment(o) [B, S, 1]: 1 where token t and token t − o belong to one sample (0 before the row)
       const sameSegment = (o: number): tf.Tensor | null => {
         if (segmentIds === null || o === 0) return null;
@@ -189,7 +190,14 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       }
       // causal depthwise conv1d: out[t] = Σ_j w[:, j]·x[t − (K−1) + j], x zero before the sequence
       const channels = 2 * nk * dk + nv * dv;
-      const padded = tf.pad(mixed, [[0, 0], [kw - 1, 0], [0, 0]]);
+      // the K−1 inputs before this call's first token: the cache's, else zeros
+      const convKey = `${this.name}/conv`;
+      const before = cache?.state(convKey) ?? tf.zeros([b, kw - 1, channels]);
+      if (before.shape[0] !== b) {
+        fail(op, `the cache holds ${before.shape[0]} rows for '${this.name}' but got ${b}: a cache serves one batch; start a new one for another`);
+      }
+      const padded = tf.concat([before, mixed], 1);                                // [B, K−1+S, C]
+      if (cache !== null) cache.setState(convKey, tf.slice(padded, [0, s, 0], [b, kw - 1, channels]));
       const taps = tf.reshape(this.w('conv1d.weight'), [channels, kw]);
       let conv: tf.Tensor = tf.zeros([b, s, channels]);
       for (let j = 0; j < kw; j++) {
@@ -216,7 +224,8 @@ export class GatedDeltaNet extends tfl.layers.Layer {
       const continues = sameSegment(1);                                            // a sample's first token: state reset
       if (continues !== null) decay = tf.mul(decay, perHead(tf.tile(continues, [1, 1, nv])));
       const n = b * nv;
-      let state: tf.Tensor = tf.zeros([n, dk, dv]);
+      const stateKey = `${this.name}/recurrent`;
+      let state: tf.Tensor = cache?.state(stateKey) ?? tf.zeros([n, dk, dv]);
       const outputs: tf.Tensor[] = [];
       const at = (t: tf.Tensor, i: number) => tf.slice(t, [0, i, 0], [n, 1, t.shape[2]!]);
       for (let i = 0; i < s; i++) {
@@ -226,6 +235,7 @@ export class GatedDeltaNet extends tfl.layers.Layer {
         state = tf.add(state, tf.matMul(kt, delta, true, false));                   // + k ⊗ delta
         outputs.push(tf.matMul(at(query, i), state));                                // [N, 1, dv]
       }
+      if (cache !== null) cache.setState(stateKey, state);
       const core = tf.transpose(tf.reshape(tf.concat(outputs, 1), [b, nv, s, dv]), [0, 2, 1, 3]);   // [B, S, nv, dv]
       const gate = tf.reshape(z, [b, s, nv, dv]);
       const normed = tf.mul(rmsNorm(core, this.w('norm.weight'), this.normEpsilon), tf.mul(gate, tf.sigmoid(gate)));
