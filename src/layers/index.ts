@@ -10,6 +10,8 @@ export { RMSNorm, rmsNorm, type RMSNormArgs } from './rms_norm.js';
 export { rotaryTables, applyRotary } from './rotary.js';
 export { RotaryAttention, QK_NORMS, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 export { MLAAttention, type MLAAttentionArgs } from './mla_attention.js';
+export { GatedDeltaNet, type GatedDeltaNetArgs, type DeltaNetProjections } from './gated_delta_net.js';
+export type { DSAIndexerArgs } from './dsa_indexer.js';
 export { TokenEmbedding, LMHead, type VocabLayerArgs } from './embedding.js';
 export { SwiGLUMLP, type SwiGLUMLPArgs } from './swiglu_mlp.js';
 export {
