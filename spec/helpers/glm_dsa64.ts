@@ -110,11 +110,14 @@ export function moeBlock64(config: HFConfig, layer: number, p: Params, x: Float6
 export interface DSA64Args {
   numHeads: number; qkNopeHeadDim: number; qkRopeHeadDim: number; vHeadDim: number; kvLoraRank: number;
   ropeTheta: number; indexHeads: number; indexHeadDim: number; indexTopK: number;
+  /** rope pairs (x0, x1), (x2, x3), ... (transformers 5.17's apply_rotary_pos_emb_interleave); default true */
+  ropeInterleave?: boolean;
 }
 
 /**
  * float64 GlmMoeDsaAttention on one sequence x [S, H], weights by name relative to self_attn
- * (`w(name)`): MLA with rotate-half rope on the rope parts (q_a → q_a_layernorm (eps 1e-6) →
+ * (`w(name)`): MLA with interleaved rope on the rope parts, in the indexer too (the output laid
+ * out as [x_even·cos − x_odd·sin, x_odd·cos + x_even·sin]) (q_a → q_a_layernorm (eps 1e-6) →
  * q_b; kv_a_proj_with_mqa → kv_a_layernorm → kv_b_proj) and the indexer's mask:
  * score[s, t] = Σ_h w[s,h]·relu(q_h[s]·k[t]/√d) over the causal keys, the min(topK, s + 1) best
  * kept (transformers takes top-k over all keys after adding the causal mask, so the blocked ones
@@ -131,13 +134,15 @@ export function dsaAttention64(x: Float64Array, w: (name: string) => Float64Arra
     const variance = v.reduce((acc, t) => acc + (t - mean) ** 2, 0) / v.length;
     return v.map((t, i) => (t - mean) / Math.sqrt(variance + 1e-6) * w('indexer.k_norm.weight')[i] + w('indexer.k_norm.bias')[i]);
   };
-  // rotate_half rope over the first rd values, the rest passed through
+  // rope over the first rd values (pair i: (x_2i, x_2i+1) interleaved, else (x_i, x_i+rd/2)), the rest passed through
+  const interleave = a.ropeInterleave ?? true;
   const rope = (v: Float64Array, p: number) => {
     const out = Float64Array.from(v);
     for (let i = 0; i < rd / 2; i++) {
       const angle = p / a.ropeTheta ** ((2 * i) / rd);
-      out[i] = v[i] * Math.cos(angle) - v[i + rd / 2] * Math.sin(angle);
-      out[i + rd / 2] = v[i + rd / 2] * Math.cos(angle) + v[i] * Math.sin(angle);
+      const [x1, x2] = interleave ? [v[2 * i], v[2 * i + 1]] : [v[i], v[i + rd / 2]];
+      out[i] = x1 * Math.cos(angle) - x2 * Math.sin(angle);
+      out[i + rd / 2] = x2 * Math.cos(angle) + x1 * Math.sin(angle);
     }
     return out;
   };

@@ -20,15 +20,15 @@ type Weights = Record<string, Float64Array>;
 
 const ARGS = {
   numHeads: 2, qLoraRank: 6, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
-  ropeTheta: 30, ropeInterleave: false, attentionBias: false, normEpsilon: 1e-6,
+  ropeTheta: 30, ropeInterleave: true, attentionBias: false, normEpsilon: 1e-6,
   indexer: { numHeads: 3, headDim: 6, topK: 3 },
 } satisfies MLAAttentionArgs;
 
 /** dsaAttention64 on each row of the batch, weights by name. */
-function dsa64(x: Float64Array, w: Weights, b: number, s: number, h: number): { out: Float64Array; kept: number[][][] } {
+function dsa64(x: Float64Array, w: Weights, b: number, s: number, h: number, interleave = true): { out: Float64Array; kept: number[][][] } {
   const args: DSA64Args = {
     numHeads: ARGS.numHeads, qkNopeHeadDim: ARGS.qkNopeHeadDim, qkRopeHeadDim: ARGS.qkRopeHeadDim, vHeadDim: ARGS.vHeadDim,
-    kvLoraRank: ARGS.kvLoraRank, ropeTheta: ARGS.ropeTheta, indexHeads: ARGS.indexer.numHeads,
+    kvLoraRank: ARGS.kvLoraRank, ropeTheta: ARGS.ropeTheta, indexHeads: ARGS.indexer.numHeads, ropeInterleave: interleave,
     indexHeadDim: ARGS.indexer.headDim, indexTopK: ARGS.indexer.topK,
   };
   const out = new Float64Array(b * s * h);
@@ -79,6 +79,15 @@ describe('MLAAttention with the DSA indexer', () => {
     expectClose(yWide, yPlain, 1e-6, 'topK >= S vs no indexer');
     tf.dispose([xt, yWide, yPlain]);
     [layer, plain, wide.layer].forEach(l => l.dispose());
+  });
+
+  it('rope not interleaved (rotate-half pairs) in the attention and the indexer alike', () => {
+    const { layer, w, x, b, s, h } = setup(8, 2, 6, 8, { ropeInterleave: false });
+    const xt = tensorOf(x, [b, s, h]);
+    const y = layer.apply(xt) as tf.Tensor;
+    expectClose(y, dsa64(x, w, b, s, h, false).out, 1e-5, 'out');
+    tf.dispose([xt, y]);
+    layer.dispose();
   });
 
   it('gradients w.r.t. the input and the attention weights equal finite differences; the indexer gets none', () => {

@@ -62,7 +62,7 @@ describe('glm_moe_dsa whole model', () => {
   it('reads GlmMoeDsaConfig\'s defaults and refuses layers that share the previous indexer choice', () => {
     const c = moeCausalLMConfigFromHF({ ...GLM_DSA, q_lora_rank: undefined, index_topk: undefined, v_head_dim: undefined });
     expect(c.mla).to.deep.equal({
-      qLoraRank: 2048, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 256, ropeInterleave: false,
+      qLoraRank: 2048, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 256, ropeInterleave: true,
       attentionBias: false, indexer: { numHeads: 2, headDim: 6, topK: 2048 },
     });
     expect(c.moeLayers).to.deep.equal([1]);

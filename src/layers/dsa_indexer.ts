@@ -5,7 +5,8 @@
  *
  *   q     = q_latent·W_qbᵀ               [T, nh·d]  (q_latent: MLA's q_a_layernorm(q_a_proj(x)))
  *   k     = LayerNorm(x·W_kᵀ)            [T, d]     one key head shared by all index heads
- *   rope (rotate-half) on the first rope_dim of each q head and of k, then
+ *   rope on the first rope_dim of each q head and of k (pairs interleaved like MLA's when
+ *   ropeInterleave, as GLM-5's: transformers 5.17 rotates (x0, x1), (x2, x3), ...), then
  *   w     = x·W_wᵀ / √nh                 [T, nh]
  *   score[s, t] = Σ_h w[s, h] · relu(q[s, h]·k[t] / √d) + mask[s, t]
  *   kept  = the min(topK, L) best keys of each query by score
@@ -65,26 +66,39 @@ export function dsaIndexerWeightShapes(a: DSAIndexerArgs, hidden: number, qLoraR
   ];
 }
 
-/** Rope on the leading `ropeDim` of the last axis of [N, S, d], the rest as it is. */
-function ropeLeading(x: tf.Tensor3D, ropeDim: number, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
-  const d = x.shape[2];
-  if (ropeDim === d) return applyRotary(x, cos, sin);
-  const [rot, pass] = tf.split(x, [ropeDim, d - ropeDim], 2) as [tf.Tensor3D, tf.Tensor3D];
-  return tf.concat([applyRotary(rot, cos, sin), pass], 2) as tf.Tensor3D;
+/** MLA's rope settings the indexer shares: the rope width, its tables, interleaved pairs or not. */
+export interface IndexerRope {
+  ropeDim: number;
+  interleave: boolean;
+  cos: tf.Tensor2D | tf.Tensor3D;
+  sin: tf.Tensor2D | tf.Tensor3D;
+}
+
+/**
+ * Rope on the leading `ropeDim` of the last axis of [N, S, d], the rest as it is; interleaved
+ * pairs are first de-interleaved (evens then odds), as transformers' apply_rotary_pos_emb_interleave
+ * lays out its output (the same permutation on q and k keeps every q·k).
+ */
+function ropeLeading(x: tf.Tensor3D, rope: IndexerRope): tf.Tensor3D {
+  const [n, s, d] = x.shape;
+  const rd = rope.ropeDim;
+  let [rot, pass] = rd === d ? [x, null] : tf.split(x, [rd, d - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
+  if (rope.interleave) rot = tf.reshape(tf.transpose(tf.reshape(rot, [n, s, rd / 2, 2]), [0, 1, 3, 2]), [n, s, rd]) as tf.Tensor3D;
+  const rotated = applyRotary(rot, rope.cos, rope.sin);
+  return pass === null ? rotated : tf.concat([rotated, pass], 2) as tf.Tensor3D;
 }
 
 /**
  * The indexer keys of new tokens: LayerNorm(x·W_kᵀ) with rope, [B, S, d]. `w` reads a weight by
  * HF name; cos/sin are MLA's rope tables for these positions.
  */
-export function dsaIndexerKeys(x2: tf.Tensor2D, w: (name: string) => tf.Tensor, b: number, s: number,
-    ropeDim: number, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
+export function dsaIndexerKeys(x2: tf.Tensor2D, w: (name: string) => tf.Tensor, b: number, s: number, rope: IndexerRope): tf.Tensor3D {
   return tf.tidy(() => {
     const k = tf.matMul(x2, w('indexer.wk.weight'), false, true);                  // [B·S, d]
     const { mean, variance } = tf.moments(k, -1, true);
     const normed = tf.add(tf.mul(tf.div(tf.sub(k, mean), tf.sqrt(tf.add(variance, K_NORM_EPSILON))),
         w('indexer.k_norm.weight')), w('indexer.k_norm.bias'));
-    return ropeLeading(tf.reshape(normed, [b, s, k.shape[1]!]) as tf.Tensor3D, ropeDim, cos, sin);
+    return ropeLeading(tf.reshape(normed, [b, s, k.shape[1]!]) as tf.Tensor3D, rope);
   });
 }
 
@@ -96,8 +110,7 @@ export function dsaIndexerKeys(x2: tf.Tensor2D, w: (name: string) => tf.Tensor, 
  * No gradient reaches x2, qLatent or keys.
  */
 export function dsaKeepMask(a: DSAIndexerArgs, x2: tf.Tensor2D, qLatent: tf.Tensor2D, keys: tf.Tensor3D,
-    w: (name: string) => tf.Tensor, b: number, s: number, ropeDim: number,
-    cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D, mask: tf.Tensor2D | tf.Tensor4D): tf.Tensor4D | null {
+    w: (name: string) => tf.Tensor, b: number, s: number, rope: IndexerRope, mask: tf.Tensor2D | tf.Tensor4D): tf.Tensor4D | null {
   const keyLen = keys.shape[1];
   if (a.topK >= keyLen) return null;
   const { numHeads: nh, headDim: d } = a;
@@ -106,7 +119,7 @@ export function dsaKeepMask(a: DSAIndexerArgs, x2: tf.Tensor2D, qLatent: tf.Tens
     const value = tf.tidy(() => {
       const q = tf.matMul(latent, w('indexer.wq_b.weight'), false, true);           // [B·S, nh·d]
       const qHeads = tf.reshape(tf.transpose(tf.reshape(q, [b, s, nh, d]), [0, 2, 1, 3]), [b * nh, s, d]) as tf.Tensor3D;
-      const qRot = tf.reshape(ropeLeading(qHeads, ropeDim, cos, sin), [b, nh * s, d]);
+      const qRot = tf.reshape(ropeLeading(qHeads, rope), [b, nh * s, d]);
       const qk = tf.relu(tf.mul(tf.matMul(qRot, ks, false, true), 1 / Math.sqrt(d)));  // [B, nh·S, L]
       const weights = tf.mul(tf.matMul(xs, w('indexer.weights_proj.weight'), false, true), 1 / Math.sqrt(nh));  // [B·S, nh]
       const perHead = tf.mul(tf.reshape(qk, [b, nh, s, keyLen]),

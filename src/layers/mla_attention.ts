@@ -225,10 +225,11 @@ export class MLAAttention extends tfl.layers.Layer {
       const keyLen = k3.shape[1];
       if (this.indexer !== null) {
         const w = (name: string) => this.w(name);
-        let indexKeys = dsaIndexerKeys(x2, w, b, s, rd, cos, sin);                  // [B, S, d]
+        const rope = { ropeDim: rd, interleave: this.ropeInterleave, cos, sin };
+        let indexKeys = dsaIndexerKeys(x2, w, b, s, rope);                          // [B, S, d]
         // the cache keeps the indexer's keys beside the layer's own ones; they have no values
         if (cache !== null) indexKeys = cache.append(`${this.name}/indexer`, indexKeys, tf.zeros([b, s, 0]), null).keys;
-        const keep = dsaKeepMask(this.indexer, x2, qLatent!, indexKeys, w, b, s, rd, cos, sin, mask);
+        const keep = dsaKeepMask(this.indexer, x2, qLatent!, indexKeys, w, b, s, rope, mask);
         if (keep !== null) mask = tf.add(mask, keep) as tf.Tensor4D;                 // [B, 1, S, L]
       }
       const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(qk));   // [B*nh, S, L]

@@ -316,7 +316,7 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
  * not implement: an error each, never ignored.
  */
 function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLayers: number,
-    slidingWindow: number | null, perLayerTypes: boolean): void {
+    slidingWindow: number | null, perLayerTypes: boolean, layerType: string | null = null): void {
   const dropout = config['attention_dropout'] ?? 0;
   if (dropout !== 0) {
     fail(OP, `attention dropout is not implemented: 'config.attention_dropout' must be 0 but got ${describeValue(dropout)}`);
@@ -327,7 +327,8 @@ function refuseUnappliedSettings(config: HFConfig, modelType: ModelType, numLaye
   }
   const layerTypes = config['layer_types'];
   if (layerTypes != null && !perLayerTypes) {
-    const applied = slidingWindow === null ? 'full_attention' : 'sliding_attention';
+    // glm_moe_dsa names its every layer 'deepseek_sparse_attention' (MLA with the indexer)
+    const applied = layerType ?? (slidingWindow === null ? 'full_attention' : 'sliding_attention');
     if (!Array.isArray(layerTypes) || layerTypes.length !== numLayers || layerTypes.some(t => t !== applied)) {
       fail(OP, `'config.layer_types' must list '${applied}' for each of the ${numLayers} layers ` +
           `(what this '${modelType}' graph computes) but got ${JSON.stringify(layerTypes)}`);
@@ -432,7 +433,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const qwen3Next = modelType === 'qwen3_next' || modelType === 'qwen3_5_moe_text';
   const perLayerTypes = traits.layerTypes ?? false;
   // qwen3_next's layer_types (linear or full attention) are read by deltaNetSettings
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes || qwen3Next);
+  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes || qwen3Next,
+      modelType === 'glm_moe_dsa' ? 'deepseek_sparse_attention' : null);
   const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
     Array.from({ length: numLayers }, () => attention.slidingWindow);
   if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
@@ -513,7 +515,8 @@ function withoutTextMRope(config: HFConfig): HFConfig {
 
 /**
  * glm_moe_dsa's MLA sizes and indexer (GlmMoeDsaConfig's defaults for missing keys). Its rope is
- * rotate-half (GlmMoeDsaAttention has no rope_interleave); every layer must run its own indexer:
+ * interleaved in the attention and the indexer alike (transformers 5.17's
+ * apply_rotary_pos_emb_interleave; it has no rope_interleave key); every layer must run its own indexer:
  * 'shared' indexer_types (reusing the previous layer's choice) are refused.
  */
 function dsaConfig(config: HFConfig, attentionBias: boolean, numLayers: number): MLAConfig {
@@ -527,7 +530,7 @@ function dsaConfig(config: HFConfig, attentionBias: boolean, numLayers: number):
   }
   return {
     qLoraRank: config['q_lora_rank'] === null ? null : size('q_lora_rank'), kvLoraRank: size('kv_lora_rank'),
-    qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim, vHeadDim: size('v_head_dim'), ropeInterleave: false,
+    qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim, vHeadDim: size('v_head_dim'), ropeInterleave: true,
     attentionBias,
     indexer: { numHeads: size('index_n_heads'), headDim: size('index_head_dim'), topK: size('index_topk') },
   };
