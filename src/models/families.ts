@@ -77,6 +77,11 @@ export interface MoEFamily {
   parameters: Readonly<Record<string, WeightField>>;
   /** what the decoder's RotaryAttention adds for this family; absent: nothing beyond the defaults */
   attention?: AttentionTraits;
+  /**
+   * transformers' module and causal-LM class when they are not named after the model type
+   * (PEFT records them in an adapter's auto_mapping); absent: models/<type>, <Type>ForCausalLM
+   */
+  transformers?: { module: string; causalLM: string };
 }
 
 /** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
@@ -299,6 +304,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
     hiddenActs: SILU_NAMES,
     moeLayers: 'all',
     ...SIGMOID_GATED_SHARED_EXPERT,
+    transformers: { module: 'qwen3_5_moe', causalLM: 'Qwen3_5MoeForCausalLM' },
   },
   // GLM-5 (GLM with DeepSeek sparse attention): DeepSeek-V3's block and routing; the MoE layers
   // are those mlp_layer_types marks 'sparse'
