@@ -5,7 +5,9 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource } from '../../src/io/hf_block.js';
+import { readFileSync } from 'node:fs';
+import { blockLayerIndex, loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource } from '../../src/io/hf_block.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import {
   expertCount, isMoELayer, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices, type HFConfig,
 } from '../../src/models/families.js';
@@ -216,6 +218,36 @@ describe('models/families: qwen3_5_moe_text, glm_moe_dsa, qwen3_next', () => {
       expect(() => moeBlockTensorPlan(GLM_DSA, 0)).to.throw(OpArgumentError,
           "`moeBlockTensorPlan()`: layer 0 of this 'glm_moe_dsa' model is a dense MLP, not an MoE block (MoE layers: 1, 2)");
     });
+  });
+
+  describe('the transformers 5.17 fixtures: the experts and weights of the block\'s router', () => {
+    for (const arch of ['qwen3_5_moe_text', 'glm_moe_dsa', 'qwen3_next']) {
+      it(`${arch}: the same experts per token as block.router.output.2, the weights of output.1`, async () => {
+        const dir = `spec/fixtures/hf/${arch}`;
+        const golden = JSON.parse(readFileSync(`${dir}/golden.json`, 'utf8')) as { block: string; config: HFConfig };
+        const file = await readSafetensorsFile(`${dir}/model.safetensors`);
+        const tensors = await readSafetensorsFile(`${dir}/golden.safetensors`);
+        const before = tf.memory().numTensors;
+        const w = await loadMoEBlockWeights(file, golden.config, blockLayerIndex(golden.block));
+        const x3 = await tensors.tensor('block.x');
+        const x = tf.reshape(x3, [-1, x3.shape[2]!]) as tf.Tensor2D;
+        const { out, routing } = moeBlock(x, w, moeBlockConfigFromHF(golden.config));
+        const [indices, weights] = [await tensors.tensor('block.router.output.2'), await tensors.tensor('block.router.output.1')];
+        const [ours, theirs] = [routing.experts.arraySync() as number[][], indices.arraySync() as number[][]];
+        const [ourW, theirW] = [routing.weights.arraySync() as number[][], weights.arraySync() as number[][]];
+        expect(ours.length).to.equal(15);
+        for (let t = 0; t < ours.length; t++) {
+          // glm's top-k is sorted=False: compare per token by expert id
+          const byExpert = (e: number[], v: number[]) => e.map((id, k) => [id, v[k]]).sort((a, b) => a[0] - b[0]);
+          const [a, b] = [byExpert(ours[t], ourW[t]), byExpert(theirs[t], theirW[t])];
+          expect(a.map(p => p[0]), `${arch} token ${t} experts`).to.deep.equal(b.map(p => p[0]));
+          expectClose(a.map(p => p[1]), b.map(p => p[1]), 1e-5, `${arch} token ${t} weights`);
+        }
+        tf.dispose([x3, x, out, routing.weights, routing.experts, routing.logits, indices, weights]);
+        disposeMoEBlockWeights(w);
+        expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+      });
+    }
   });
 
   describe('the block, loaded from the Hub layout, against transformers\' forward in float64', () => {
