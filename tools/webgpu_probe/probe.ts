@@ -30,7 +30,18 @@ const FLAG_SETS: string[][] = [[], [ENABLE_UNSAFE], [ENABLE_UNSAFE_F16]];
 const TIMING_FLAG = 'disable-dawn-features=timestamp_quantization';
 
 const report: Record<string, unknown> = { probe: 'webgpu_probe v1', startedAt: new Date(started).toISOString() };
-const log = (msg: string) => process.stderr.write(`[probe ${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}\n`);
+// Every Dawn instance and adapter made stays referenced to the end: with Mesa's GL backend a
+// bundled run crashed or hung in the first dispatch once earlier instances could be collected.
+const keepAlive: unknown[] = [];
+
+/**
+ * Progress on stderr, and the report so far in $OUT/probe.partial.json: a hang inside Dawn blocks
+ * the event loop (no timeout or watchdog fires), so what finished before it must already be on disk.
+ */
+function log(msg: string): void {
+  process.stderr.write(`[probe ${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}\n`);
+  if (process.env.OUT) writeFileSync(join(process.env.OUT, 'probe.partial.json'), JSON.stringify({ ...report, lastStep: msg }, null, 1));
+}
 const errorText = (err: unknown) => String((err as Error)?.message ?? err);
 
 let finished = false;
@@ -110,8 +121,10 @@ interface AdapterFound { flags: string[]; featureLevel: 'core' | 'compatibility'
 
 async function requestAdapter(flags: string[], featureLevel: 'core' | 'compatibility') {
   const gpu = create(flags);
+  keepAlive.push(gpu);
   const adapter = await withTimeout(gpu.requestAdapter(
       { powerPreference: 'high-performance', featureLevel } as GPURequestAdapterOptions), `requestAdapter [${flags}]`);
+  keepAlive.push(adapter);
   return { gpu, adapter };
 }
 
@@ -614,6 +627,7 @@ async function deviceTests(richest: AdapterFound): Promise<void> {
   let device: GPUDevice;
   try {
     device = await withTimeout(adapter.requestDevice({ requiredFeatures, requiredLimits: limits }), 'requestDevice');
+    keepAlive.push(device);
   } catch (err) {
     tests.deviceError = errorText(err);
     return;
