@@ -1,0 +1,135 @@
+/**
+ * ernie4_5_moe, hunyuan_v1_moe and minimax_m2 as whole models, before their transformers fixtures:
+ * what each config.json turns into (attention, rope, norms, head, MoE layers), the Hub tensor names
+ * the checkpoint must hold, and a save → load round trip through those names. The pieces that
+ * compute (the routing, the MoE block, the attention variants) are checked against float64
+ * references in spec/ops/routing, spec/ops/moe_block and spec/layers/attention.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
+import { saveHFCheckpoint } from '../../src/io/hf_save.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import { RotaryAttention } from '../../src/layers/attention.js';
+import {
+  buildMoECausalLM, moeCausalLMConfigFromHF, sparseMoELayers,
+} from '../../src/layers/moe_causal_lm.js';
+import type { HFConfig } from '../../src/models/families.js';
+import { OpArgumentError } from '../../src/ops/validate.js';
+import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
+import { Rng } from '../helpers/numeric.js';
+
+const COMMON = { vocab_size: 37, hidden_size: 32, num_attention_heads: 4, num_key_value_heads: 2, hidden_act: 'silu' };
+
+/** ERNIE-4.5-21B-A3B's keys: its config.json leaves tie_word_embeddings and rope_theta to the class defaults. */
+const ERNIE: HFConfig = {
+  ...COMMON, model_type: 'ernie4_5_moe', num_hidden_layers: 3, intermediate_size: 40, moe_intermediate_size: 8,
+  moe_num_experts: 6, moe_k: 2, moe_num_shared_experts: 2, moe_layer_start_index: 1, moe_layer_end_index: 2,
+  moe_layer_interval: 1, moe_norm_min: 1e-12, use_bias: false,
+};
+const HUNYUAN: HFConfig = {
+  ...COMMON, model_type: 'hunyuan_v1_moe', num_hidden_layers: 2, intermediate_size: 12, num_experts: 6, moe_topk: 2,
+  head_dim: 8, attention_bias: false, rope_theta: 10000, tie_word_embeddings: true,
+};
+const MINIMAX: HFConfig = {
+  ...COMMON, model_type: 'minimax_m2', num_hidden_layers: 2, intermediate_size: 12, num_local_experts: 6,
+  num_experts_per_tok: 2, head_dim: 8, rotary_dim: 4, rope_parameters: { rope_type: 'default', rope_theta: 5e6, partial_rotary_factor: 0.5 },
+};
+
+describe('ernie4_5_moe, hunyuan_v1_moe, minimax_m2 whole models', () => {
+  after(cleanup);
+
+  it('reads each family\'s decoder from config.json and its config class defaults', () => {
+    const ernie = moeCausalLMConfigFromHF(ERNIE);
+    expect([ernie.ropeInterleave, ernie.tieWordEmbeddings, ernie.ropeTheta, ernie.rmsNormEps, ernie.qkNorm, ernie.qkvBias])
+      .to.deep.equal([true, true, 500000, 1e-5, 'none', false]);
+    expect([ernie.moeLayers, ernie.denseIntermediateSize, ernie.moe.correctionBias, ernie.moe.sharedExpert])
+      .to.deep.equal([[1, 2], 40, true, { intermediateSize: 16, gated: false }]);
+    expect(ernie.moe.routing).to.deep.equal({ kind: 'softmaxBiasedTopK', topK: 2, normMin: 1e-12 });
+    expect(moeCausalLMConfigFromHF({ ...ERNIE, tie_word_embeddings: false }).tieWordEmbeddings).to.equal(false);
+
+    const hunyuan = moeCausalLMConfigFromHF(HUNYUAN);
+    expect([hunyuan.qkNorm, hunyuan.ropeInterleave, hunyuan.headDim, hunyuan.ropeTheta, hunyuan.rmsNormEps, hunyuan.tieWordEmbeddings])
+      .to.deep.equal(['perHeadAfterRope', false, 8, 10000, 1e-5, true]);
+    expect(hunyuan.moe.sharedExpert).to.deep.equal({ intermediateSize: 12, gated: false });
+    expect(moeCausalLMConfigFromHF({ ...HUNYUAN, attention_bias: true }).outputBias).to.equal(true);
+
+    const minimax = moeCausalLMConfigFromHF(MINIMAX);
+    expect([minimax.qkNorm, minimax.rotaryDim, minimax.headDim, minimax.ropeTheta, minimax.rmsNormEps, minimax.tieWordEmbeddings])
+      .to.deep.equal(['full', 4, 8, 5e6, 1e-6, false]);
+    expect(minimax.moe.routing).to.deep.equal({ kind: 'sigmoidGroupTopK', topK: 2, renormalize: true });
+    expect(minimax.moe.sharedExpert).to.equal(null);
+    // MiniMaxM2Config's rope_theta when config.json gives none; a full rope without partial_rotary_factor
+    const { rope_parameters: _r, rotary_dim: _d, ...plain } = MINIMAX;
+    expect([moeCausalLMConfigFromHF(plain).ropeTheta, moeCausalLMConfigFromHF(plain).rotaryDim]).to.deep.equal([5e6, 8]);
+  });
+
+  it('names the Hub tensors of each family', () => {
+    const shapes = (config: HFConfig) => new Map(configTensorPlan(config).all.map(e => [e.name, e.shape]));
+    const ernie = shapes(ERNIE);
+    expect(ernie.get('model.layers.1.mlp.moe_statics.e_score_correction_bias')).to.deep.equal([1, 6]);
+    expect(ernie.get('model.layers.1.mlp.gate.weight')).to.deep.equal([6, 32]);
+    expect(ernie.get('model.layers.2.mlp.shared_experts.up_proj.weight')).to.deep.equal([16, 32]);
+    expect(ernie.get('model.layers.1.mlp.experts.5.down_proj.weight')).to.deep.equal([32, 8]);
+    expect(ernie.get('model.layers.0.mlp.gate_proj.weight')).to.deep.equal([40, 32]);   // dense first layer
+    expect(ernie.has('lm_head.weight'), 'tied head by default').to.equal(false);
+    const hunyuan = shapes(HUNYUAN);
+    expect(hunyuan.get('model.layers.0.mlp.gate.wg.weight')).to.deep.equal([6, 32]);
+    expect(hunyuan.get('model.layers.1.mlp.shared_mlp.down_proj.weight')).to.deep.equal([32, 12]);
+    expect(hunyuan.get('model.layers.0.mlp.experts.0.gate_proj.weight')).to.deep.equal([12, 32]);
+    expect(hunyuan.get('model.layers.0.self_attn.query_layernorm.weight')).to.deep.equal([8]);
+    expect(hunyuan.get('model.layers.0.self_attn.key_layernorm.weight')).to.deep.equal([8]);
+    const minimax = shapes(MINIMAX);
+    expect(minimax.get('model.layers.0.block_sparse_moe.gate.weight')).to.deep.equal([6, 32]);
+    expect(minimax.get('model.layers.0.block_sparse_moe.e_score_correction_bias')).to.deep.equal([6]);
+    expect(minimax.get('model.layers.1.block_sparse_moe.experts.3.w3.weight')).to.deep.equal([12, 32]);
+    expect(minimax.get('model.layers.0.self_attn.q_norm.weight')).to.deep.equal([32]);
+    expect(minimax.get('model.layers.0.self_attn.k_norm.weight')).to.deep.equal([16]);
+    expect(minimax.get('lm_head.weight')).to.deep.equal([37, 32]);
+  });
+
+  for (const config of [ERNIE, HUNYUAN, MINIMAX]) {
+    it(`${String(config['model_type'])}: saved under the Hub names and loaded back, the same logits`, async () => {
+      const model = buildMoECausalLM(config, { expertKernel: 'fused' });
+      // random, distinct norms and selection biases, so a weight loaded into the wrong place shows
+      const rng = new Rng(3);
+      for (const w of model.weights) {
+        if (!/norm|correction_bias/.test(w.originalName)) continue;
+        const values = tf.tensor(Float32Array.from(rng.array(w.read().size, 0.3)), w.shape as number[]);
+        w.write(values);
+        values.dispose();
+      }
+      expect(model.layers.filter(l => l instanceof RotaryAttention).length).to.equal(config['num_hidden_layers']);
+      const dir = await tempDir('fam1-');
+      await saveHFCheckpoint(model, dir);
+      const file = await readSafetensorsFile(`${dir}/model.safetensors`);
+      expect(file.names().sort()).to.deep.equal(configTensorPlan(config).all.map(e => e.name).sort());
+      const loaded = await loadHFCheckpoint(dir, { expertKernel: 'fused' });
+      const ids = tf.tensor2d([[1, 7, 3, 30, 2, 9], [4, 4, 0, 36, 11, 5]], [2, 6], 'int32');
+      const before = tf.memory().numTensors;
+      const a = model.predict(ids) as tf.Tensor;
+      const b = loaded.predict(ids) as tf.Tensor;
+      expect(Array.from(b.dataSync())).to.deep.equal(Array.from(a.dataSync()));
+      const moe = sparseMoELayers(loaded);
+      expect(moe.map(l => l.name)).to.deep.equal(moeCausalLMConfigFromHF(config).moeLayers.map(i =>
+        `model.layers.${i}.mlp`));
+      tf.dispose([a, b]);
+      expect(tf.memory().numTensors).to.equal(before);
+      tf.dispose(ids);
+      model.dispose();
+      loaded.dispose();
+    });
+  }
+
+  it('refuses what the graph does not implement', () => {
+    expect(() => buildMoECausalLM({ ...ERNIE, use_bias: true })).to.throw(OpArgumentError,
+        "'config.use_bias' must be false for 'ernie4_5_moe' (the only setting implemented) but got true");
+    expect(() => buildMoECausalLM({ ...MINIMAX, rotary_dim: 8 })).to.throw(OpArgumentError,
+        '`moeCausalLMConfigFromHF()`: config.json sets rotary_dim 8 but transformers rotates head_dim · partial_rotary_factor = 4 ' +
+        'dims of each head (it does not read rotary_dim); set partial_rotary_factor to match');
+    // Hunyuan-A13B's Hub rope: dynamic NTK with alpha, not implemented
+    expect(() => buildMoECausalLM({ ...HUNYUAN, rope_scaling: { type: 'dynamic', alpha: 1000, factor: 1 } })).to.throw(OpArgumentError,
+        "`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets type 'dynamic'");
+  });
+});
