@@ -10,12 +10,16 @@ import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
+import { peftAdapterTensors } from '../../src/io/peft.js';
+import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
+import { readFile } from 'node:fs/promises';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { RotaryAttention } from '../../src/layers/attention.js';
 import {
-  buildMoECausalLM, moeCausalLMConfigFromHF, sparseMoELayers,
+  addMoEAdapter, buildMoECausalLM, moeCausalLMConfigFromHF, sparseMoELayers,
 } from '../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../src/models/families.js';
+import type { LoRATarget } from '../../src/layers/sparse_moe.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 import { Rng } from '../helpers/numeric.js';
@@ -119,6 +123,40 @@ describe('ernie4_5_moe, hunyuan_v1_moe, minimax_m2 whole models', () => {
       tf.dispose(ids);
       model.dispose();
       loaded.dispose();
+    });
+  }
+
+  const PEFT_CASES: Array<[HFConfig, string, string, string[]]> = [
+    [ERNIE, 'Ernie4_5_MoeForCausalLM', 'gate', ['shared_experts.gate_proj', 'shared_experts.up_proj', 'shared_experts.down_proj']],
+    [HUNYUAN, 'HunYuanMoEV1ForCausalLM', 'gate.wg', ['shared_mlp.gate_proj', 'shared_mlp.up_proj', 'shared_mlp.down_proj']],
+    [MINIMAX, 'MiniMaxM2ForCausalLM', 'gate', []],
+  ];
+  for (const [config, cls, router, shared] of PEFT_CASES) {
+    it(`${String(config['model_type'])}: a PEFT adapter names transformers' modules and loads back exactly`, async () => {
+      const source = buildMoECausalLM(config, { expertKernel: 'fused' });
+      const targets: LoRATarget[] = ['experts.gate_up', 'experts.down', 'router', ...(shared.length > 0 ? ['shared.up' as const] : [])];
+      addMoEAdapter(source, { name: 'default', r: 2, alpha: 4, targets }, 'random');
+      const dir = await tempDir('fam1-peft-');
+      await savePeftAdapter(source, dir);
+      const adapterConfig = JSON.parse(await readFile(`${dir}/adapter_config.json`, 'utf8'));
+      expect(adapterConfig['auto_mapping']['base_model_class']).to.equal(cls);
+      // every MoE layer has the adapter: the entries are the names relative to the block
+      expect(adapterConfig['target_parameters']).to.have.members(['experts.gate_up_proj', 'experts.down_proj', `${router}.weight`]);
+      expect(adapterConfig['target_modules'] ?? []).to.deep.equal(shared.slice(1, 2));
+      const target = buildMoECausalLM(config, { expertKernel: 'fused' });
+      const base = new Map(source.weights.map(w => [w.originalName, w]));
+      for (const w of target.weights) w.write(base.get(w.originalName)!.read());
+      await loadPeftAdapter(target, dir);
+      const a = peftAdapterTensors(source);
+      const b = peftAdapterTensors(target);
+      expect(b.map(t => t.peftName)).to.deep.equal(a.map(t => t.peftName));
+      a.forEach((t, i) => expect(Array.from(b[i].variable.read().dataSync()), t.peftName).to.deep.equal(Array.from(t.variable.read().dataSync())));
+      const ids = tf.tensor2d([[3, 1, 4, 1, 5, 9]], [1, 6], 'int32');
+      const [y1, y2] = [source, target].map(m => m.predict(ids) as tf.Tensor);
+      expect(Array.from(y2.dataSync())).to.deep.equal(Array.from(y1.dataSync()));
+      tf.dispose([ids, y1, y2]);
+      source.dispose();
+      target.dispose();
     });
   }
 

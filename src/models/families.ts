@@ -88,6 +88,11 @@ export interface MoEFamily {
   parameters: Readonly<Record<string, WeightField>>;
   /** what the decoder's RotaryAttention adds for this family; absent: nothing beyond the defaults */
   attention?: AttentionTraits;
+  /**
+   * transformers' causal-LM class when it is not the model type in Pascal case
+   * ('ernie4_5_moe' → Ernie4_5_MoeForCausalLM), as PEFT records it in auto_mapping
+   */
+  causalLMClass?: string;
 }
 
 /** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
@@ -199,6 +204,7 @@ const ERNIE4_5_MOE: MoEFamily = {
   sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'moe_num_shared_experts' },
   parameters: SHARED_EXPERTS_PARAMETERS,
   attention: { ropeTheta: 500000, rmsNormEps: 1e-5, tieWordEmbeddings: true, ropeInterleave: true },
+  causalLMClass: 'Ernie4_5_MoeForCausalLM',
 };
 
 /**
@@ -233,6 +239,7 @@ const HUNYUAN_V1_MOE: MoEFamily = {
     'shared_mlp.down_proj.weight': 'shared.down',
   },
   attention: { ropeTheta: 10000, rmsNormEps: 1e-5 },
+  causalLMClass: 'HunYuanMoEV1ForCausalLM',
 };
 
 /**
@@ -259,6 +266,7 @@ const MINIMAX_M2: MoEFamily = {
   },
   parameters: ROUTED_PARAMETERS,
   attention: { ropeTheta: 5000000, rmsNormEps: 1e-6 },
+  causalLMClass: 'MiniMaxM2ForCausalLM',
 };
 
 /** The table. Defaults are those of the transformers 5 config classes. */
