@@ -8,6 +8,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { peftAdapterTensors } from '../../src/io/peft.js';
@@ -125,6 +127,27 @@ describe('ernie4_5_moe, hunyuan_v1_moe, minimax_m2 whole models', () => {
       loaded.dispose();
     });
   }
+
+  it('ernie4_5_moe: the [1, E] selection bias on disk is the block\'s [E] bias, and loading it leaves nothing behind', async () => {
+    const model = buildMoECausalLM(ERNIE);
+    const bias = model.getLayer('model.layers.2.mlp').weights.find(w => w.originalName.endsWith('correction_bias'))!;
+    const values = tf.tensor1d([0.5, -0.25, 0.125, 1, -1, 2]);
+    bias.write(values);
+    const dir = await tempDir('fam1-bias-');
+    await saveHFCheckpoint(model, dir);
+    const file = await readSafetensorsFile(`${dir}/model.safetensors`);
+    const stored = await file.tensor('model.layers.2.mlp.moe_statics.e_score_correction_bias');
+    expect(stored.shape).to.deep.equal([1, 6]);
+    expect(Array.from(stored.dataSync())).to.deep.equal([0.5, -0.25, 0.125, 1, -1, 2]);
+    const before = tf.memory().numTensors;
+    const weights = await loadMoEBlockWeights(file, ERNIE, 2);
+    expect(weights.router.correctionBias!.shape).to.deep.equal([6]);
+    expect(Array.from(weights.router.correctionBias!.dataSync())).to.deep.equal([0.5, -0.25, 0.125, 1, -1, 2]);
+    disposeMoEBlockWeights(weights);
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+    tf.dispose([values, stored]);
+    model.dispose();
+  });
 
   const PEFT_CASES: Array<[HFConfig, string, string, string[]]> = [
     [ERNIE, 'Ernie4_5_MoeForCausalLM', 'gate', ['shared_experts.gate_proj', 'shared_experts.up_proj', 'shared_experts.down_proj']],
