@@ -8,7 +8,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { blockLayerIndex, loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { moeBlockConfigFromHF } from '../../src/models/families.js';
+import { route } from '../../src/ops/routing/index.js';
+import { maxRelativeError } from '../../src/util/numeric.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
@@ -23,7 +26,7 @@ import {
 import type { HFConfig } from '../../src/models/families.js';
 import type { LoRATarget } from '../../src/layers/sparse_moe.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
-import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
+import { cleanup, fixtureConfig, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
 import { Rng } from '../helpers/numeric.js';
 
 const COMMON = { vocab_size: 37, hidden_size: 32, num_attention_heads: 4, num_key_value_heads: 2, hidden_act: 'silu' };
@@ -69,6 +72,11 @@ describe('ernie4_5_moe, hunyuan_v1_moe, minimax_m2 whole models', () => {
     // MiniMaxM2Config's rope_theta when config.json gives none; a full rope without partial_rotary_factor
     const { rope_parameters: _r, rotary_dim: _d, ...plain } = MINIMAX;
     expect([moeCausalLMConfigFromHF(plain).ropeTheta, moeCausalLMConfigFromHF(plain).rotaryDim]).to.deep.equal([5e6, 8]);
+    // MiniMaxM2Config's head_dim is 128 whatever hidden_size / heads is
+    const { head_dim: _h, ...noHeadDim } = plain;
+    expect(moeCausalLMConfigFromHF(noHeadDim).headDim).to.equal(128);
+    const { head_dim: _e, ...ernieNoHeadDim } = { ...ERNIE, head_dim: undefined };
+    expect(moeCausalLMConfigFromHF(ernieNoHeadDim).headDim).to.equal(8);   // hidden_size / heads
   });
 
   it('names the Hub tensors of each family', () => {
@@ -180,6 +188,37 @@ describe('ernie4_5_moe, hunyuan_v1_moe, minimax_m2 whole models', () => {
       tf.dispose([ids, y1, y2]);
       source.dispose();
       target.dispose();
+    });
+  }
+
+  // The fixtures' routers' own outputs (transformers 5.17): logits [T, E], weights [T, K], experts [T, K]
+  for (const arch of ['ernie4_5_moe', 'hunyuan_v1_moe']) {
+    it(`${arch}: route() of the fixture's router logits chooses transformers' experts with its weights`, async () => {
+      const dir = fixtureDir(arch);
+      const config = await fixtureConfig(arch);
+      const goldenFile = await readSafetensorsFile(`${dir}/golden.safetensors`);
+      const block = JSON.parse(await readFile(`${dir}/golden.json`, 'utf8')).block as string;
+      const weights = await loadMoEBlockWeights(await readSafetensorsFile(`${dir}/model.safetensors`), config, blockLayerIndex(block));
+      const [x, logits, goldenWeights, goldenExperts] = await Promise.all(
+          ['block.x', 'block.router.output.0', 'block.router.output.1', 'block.router.output.2'].map(n => goldenFile.tensor(n)));
+      const before = tf.memory().numTensors;
+      const ours = tf.tidy(() => tf.matMul(tf.reshape(x, [-1, x.shape[2]!]), weights.router.weight, false, true));
+      expect(maxRelativeError(ours.dataSync(), logits.dataSync()), 'router logits').to.be.at.most(1e-5);
+      const r = route(logits as tf.Tensor2D, moeBlockConfigFromHF(config).routing, weights.router.correctionBias);
+      const K = r.experts.shape[1];
+      const byExpert = (w: tf.Tensor, e: tf.Tensor) => {
+        const [wv, ev] = [w.dataSync(), e.dataSync()];
+        return Array.from({ length: ev.length / K }, (_, t) =>
+          Array.from({ length: K }, (_, k) => [ev[t * K + k], wv[t * K + k]]).sort((a, b) => a[0] - b[0]));
+      };
+      const mine = byExpert(r.weights, r.experts);
+      const theirs = byExpert(goldenWeights, goldenExperts);
+      expect(mine.map(t => t.map(([e]) => e)), 'experts, per token').to.deep.equal(theirs.map(t => t.map(([e]) => e)));
+      expect(maxRelativeError(mine.flat().map(([, w]) => w), theirs.flat().map(([, w]) => w)), 'weights').to.be.at.most(1e-5);
+      tf.dispose([ours, r.weights, r.experts]);
+      expect(tf.memory().numTensors).to.equal(before);
+      tf.dispose([x, logits, goldenWeights, goldenExperts]);
+      disposeMoEBlockWeights(weights);
     });
   }
 

@@ -323,8 +323,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const hiddenSize = int(config, 'hidden_size');
   const numHeads = int(config, 'num_attention_heads');
   const numKeyValueHeads = int(config, 'num_key_value_heads', numHeads);
-  const headDim = config['head_dim'] == null || modelType === 'olmoe' ?
-      hiddenSize / numHeads : int(config, 'head_dim');
+  // a family whose config class sets head_dim (MiniMax-M2: 128) uses it when config.json does not
+  const defaultHeadDim = family.attention?.headDim;
+  const headDim = modelType === 'olmoe' || (config['head_dim'] == null && defaultHeadDim === undefined) ?
+      hiddenSize / numHeads : int(config, 'head_dim', defaultHeadDim);
   if (!Number.isInteger(headDim)) {
     fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
   }

@@ -117,6 +117,8 @@ export interface AttentionTraits {
   tieWordEmbeddings?: boolean;
   /** rope pairs adjacent (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5) */
   ropeInterleave?: boolean;
+  /** head_dim when config.json leaves it out, for a config class that sets one (else hidden / heads) */
+  headDim?: number;
 }
 
 const PER_EXPERT_PROJ: ExpertCheckpoint = {
@@ -202,7 +204,8 @@ const ERNIE4_5_MOE: MoEFamily = {
     shared: SHARED_EXPERTS,
   },
   sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'moe_num_shared_experts' },
-  parameters: SHARED_EXPERTS_PARAMETERS,
+  // the selection bias is an nn.Parameter (requires_grad False) in transformers, [1, E]: no gradient
+  parameters: { ...SHARED_EXPERTS_PARAMETERS, 'gate.moe_statics.e_score_correction_bias': 'router.correctionBias' },
   attention: { ropeTheta: 500000, rmsNormEps: 1e-5, tieWordEmbeddings: true, ropeInterleave: true },
   causalLMClass: 'Ernie4_5_MoeForCausalLM',
 };
@@ -265,7 +268,7 @@ const MINIMAX_M2: MoEFamily = {
     },
   },
   parameters: ROUTED_PARAMETERS,
-  attention: { ropeTheta: 5000000, rmsNormEps: 1e-6 },
+  attention: { ropeTheta: 5000000, rmsNormEps: 1e-6, headDim: 128 },
   causalLMClass: 'MiniMaxM2ForCausalLM',
 };
 
