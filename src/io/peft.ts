@@ -109,10 +109,13 @@ const NEWEST_CHECKED_PEFT: readonly number[] = [0, 21];
  * them after the model type ('qwen3_moe' → Qwen3MoeForCausalLM in transformers.models.qwen3_moe.modeling_qwen3_moe).
  */
 function hfArchitecture(type: string): { base_model_class: string; parent_library: string } {
-  const named = (FAMILIES as Partial<Record<string, MoEFamily>>)[type]?.transformers;  // qwen3_5_moe_text lives in models/qwen3_5_moe
-  if (named !== undefined) return { base_model_class: named.causalLM, parent_library: `transformers.models.${named.module}.modeling_${named.module}` };
+  const family = (FAMILIES as Partial<Record<string, MoEFamily>>)[type];
   const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
-  return { base_model_class: `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
+  const module = family?.transformersModule ?? type;  // qwen3_5_moe_text lives in models/qwen3_5_moe
+  return {
+    base_model_class: family?.causalLMClass ?? `${pascal}ForCausalLM`,
+    parent_library: `transformers.models.${module}.modeling_${module}`,
+  };
 }
 
 /** The model type an adapter's auto_mapping names, or null when it names none we can read. */
@@ -120,7 +123,7 @@ function adapterModelType(autoMapping: unknown): string | null {
   if (autoMapping === null || typeof autoMapping !== 'object') return null;
   const { parent_library: library, base_model_class: cls } = autoMapping as Json;
   const fromLibrary = typeof library === 'string' ? /^transformers\.models\.([a-z0-9_]+)\.modeling_/.exec(library)?.[1] : undefined;
-  if (fromLibrary !== undefined) return MODEL_TYPES.find(t => FAMILIES[t].transformers?.module === fromLibrary) ?? fromLibrary;
+  if (fromLibrary !== undefined) return MODEL_TYPES.find(t => FAMILIES[t].transformersModule === fromLibrary) ?? fromLibrary;
   if (typeof cls !== 'string') return null;
   const known = MODEL_TYPES.find(t => hfArchitecture(t).base_model_class.replace(/ForCausalLM$/, '') === cls.replace(/For[A-Za-z]+$/, ''));
   return known ?? cls;

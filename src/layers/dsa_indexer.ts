@@ -18,7 +18,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc } from '@tensorflow/tfjs-core';
 import { assertInteger, fail } from '../ops/validate.js';
-import { applyRotary } from './rotary.js';
+import { applyRotary, deinterleavePairs } from './rotary.js';
 
 /** The indexer's sizes: HF index_n_heads, index_head_dim, index_topk. */
 export interface DSAIndexerArgs {
@@ -80,10 +80,10 @@ export interface IndexerRope {
  * lays out its output (the same permutation on q and k keeps every q·k).
  */
 function ropeLeading(x: tf.Tensor3D, rope: IndexerRope): tf.Tensor3D {
-  const [n, s, d] = x.shape;
+  const d = x.shape[2];
   const rd = rope.ropeDim;
   let [rot, pass] = rd === d ? [x, null] : tf.split(x, [rd, d - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
-  if (rope.interleave) rot = tf.reshape(tf.transpose(tf.reshape(rot, [n, s, rd / 2, 2]), [0, 1, 3, 2]), [n, s, rd]) as tf.Tensor3D;
+  if (rope.interleave) rot = deinterleavePairs(rot);
   const rotated = applyRotary(rot, rope.cos, rope.sin);
   return pass === null ? rotated : tf.concat([rotated, pass], 2) as tf.Tensor3D;
 }

@@ -16,8 +16,10 @@
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
- * deepseek_v3 (MLAAttention), glm_moe_dsa (MLAAttention with the DSA indexer), qwen3_next and
- * qwen3_5_moe_text (GatedDeltaNet linear-attention layers between gated RotaryAttention layers).
+ * deepseek_v3 (MLAAttention), ernie4_5_moe (interleaved rope pairs), hunyuan_v1_moe (q/k norms
+ * per head after rope), minimax_m2 (q/k norms over the whole projection, partial rotary),
+ * glm_moe_dsa (MLAAttention with the DSA indexer), qwen3_next and qwen3_5_moe_text (GatedDeltaNet
+ * linear-attention layers between gated RotaryAttention layers).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -43,6 +45,7 @@ export type MoECausalLM = tfl.LayersModel;
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
   'glm_moe_dsa', 'qwen3_next', 'qwen3_5_moe_text',
 ];
 
@@ -61,6 +64,8 @@ export interface MoECausalLMConfig {
   ropeTheta: number;
   /** the leading part of each head that rope rotates (headDim · partial_rotary_factor) */
   rotaryDim: number;
+  /** rope pairs adjacent (2i, 2i+1) in each head (ernie4_5_moe) */
+  ropeInterleave: boolean;
   /** deepseek_v3's multi-head latent attention (MLAAttention) instead of RotaryAttention; else null */
   mla: MLAConfig | null;
   /** YaRN (gpt_oss); null: the default rope */
@@ -125,7 +130,9 @@ const DSA_DEFAULTS = {
 };
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
-const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, qwen3_next: 0.25, qwen3_5_moe_text: 0.25 };
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = {
+  glm4_moe: 0.5, minimax_m2: 1, qwen3_next: 0.25, qwen3_5_moe_text: 0.25,
+};
 
 /** Qwen3NextConfig's (and Qwen3_5MoeTextConfig's) defaults for the gated DeltaNet keys. */
 const DELTA_NET_DEFAULTS = {
@@ -372,8 +379,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const hiddenSize = int(config, 'hidden_size');
   const numHeads = int(config, 'num_attention_heads');
   const numKeyValueHeads = int(config, 'num_key_value_heads', numHeads);
-  const headDim = config['head_dim'] == null || modelType === 'olmoe' ?
-      hiddenSize / numHeads : int(config, 'head_dim');
+  // a family whose config class sets head_dim (MiniMax-M2: 128) uses it when config.json does not
+  const defaultHeadDim = family.attention?.headDim;
+  const headDim = modelType === 'olmoe' || (config['head_dim'] == null && defaultHeadDim === undefined) ?
+      hiddenSize / numHeads : int(config, 'head_dim', defaultHeadDim);
   if (!Number.isInteger(headDim)) {
     fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
   }
@@ -409,6 +418,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
       case 'glm_moe_dsa':
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'ernie4_5_moe':  // use_bias (all projections) is refused by the family row
+        return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'hunyuan_v1_moe':
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHeadAfterRope', clipQKV: null, slidingWindow: null };
+      case 'minimax_m2':
+        return { qkvBias: false, outputBias: false, qkNorm: 'full', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
@@ -450,6 +465,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   }
   const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) :
     modelType === 'glm_moe_dsa' ? dsaConfig(config, attentionBias, numLayers) : null;
+  refuseStaleRotaryDim(config, rotaryDim);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -460,14 +476,16 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     headDim,
     ropeTheta: rope.theta,
     rotaryDim,
+    ropeInterleave: traits.ropeInterleave ?? false,
     mla,
     ropeScaling: rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' || qwen3Next ? 1e-6 : 1e-5),
+    rmsNormEps: num(config, 'rms_norm_eps',
+        traits.rmsNormEps ?? (modelType === 'qwen2_moe' || modelType === 'qwen3_moe' || qwen3Next ? 1e-6 : 1e-5)),
     ...attention,
     layerWindows,
     sinks,
     ...(qwen3Next ? { deltaNet: deltaNetSettings(config, numLayers, modelType), zeroCenteredNorms: true, outputGate: true } : {}),
-    tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
+    tieWordEmbeddings: bool(config, 'tie_word_embeddings', traits.tieWordEmbeddings ?? false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
     moeLayers,
@@ -482,6 +500,18 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
     },
   };
+}
+
+/**
+ * MiniMax-M2's Hub config.json says rotary_dim, which transformers 5 does not read (its rope width
+ * is head_dim · partial_rotary_factor): a rotary_dim that disagrees with the width applied is refused.
+ */
+function refuseStaleRotaryDim(config: HFConfig, rotaryDim: number): void {
+  const stated = config['rotary_dim'];
+  if (stated != null && stated !== rotaryDim) {
+    fail(OP, `config.json sets rotary_dim ${JSON.stringify(stated)} but transformers rotates head_dim · partial_rotary_factor = ` +
+        `${rotaryDim} dims of each head (it does not read rotary_dim); set partial_rotary_factor to match`);
+  }
 }
 
 /** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
@@ -642,7 +672,8 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
-        ropeScaling: c.ropeScaling, sinks: c.sinks, outputGate: c.outputGate, qkNormZeroCentered: zeroCentered,
+        ropeScaling: c.ropeScaling, sinks: c.sinks, ropeInterleave: c.ropeInterleave,
+        outputGate: c.outputGate, qkNormZeroCentered: zeroCentered,
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
