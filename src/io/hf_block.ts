@@ -4,7 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
-import { packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type PackedKind } from '../ops/packed.js';
+import { packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type HalfKind } from '../ops/packed.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
@@ -40,13 +40,13 @@ export interface LoadMoEBlockOptions {
   expertDtype?: ExpertDtype;
 }
 
-const PACKED_OF: Readonly<Record<string, PackedKind>> = { BF16: 'bf16', F16: 'f16' };
+const PACKED_OF: Readonly<Record<string, HalfKind>> = { BF16: 'bf16', F16: 'f16' };
 
 /**
  * The packed kind the routed experts of `names` load as: every one stored BF16 (or every one
  * F16) and a source that gives raw halves; otherwise null (float32).
  */
-export function storedExpertKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): PackedKind | null {
+export function storedExpertKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): HalfKind | null {
   if (expertDtype !== 'stored' || typeof file.halfBits !== 'function' || names.length === 0) return null;
   const dtypes = new Set(names.map(n => file.info(n).dtype));
   if (dtypes.size !== 1) return null;
@@ -178,7 +178,7 @@ async function fuseRows(
  * into the packed words as they are (no float32 copy of anything), one expert tensor at a time.
  */
 async function fuseRowsPacked(
-    file: TensorSource, kind: PackedKind, numExperts: number, parts: Expected[][],
+    file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<PackedExpertWeight> {
   const block = rows * cols;
   const words = packedWordsPerExpert(parts.length * rows, cols);
