@@ -42,7 +42,18 @@ describe('--expert-dtype', function () {
     expect(ok.code, ok.stderr).to.equal(0);
     const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'bf16']);
     expect(bad.code).to.equal(2);
-    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32"/);
+    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "mxfp4"/);
+  });
+
+  it('convert quantizes with int4 / nf4: the TF.js folder keeps them quantized, and loads back so', async () => {
+    for (const kind of ['int4', 'nf4']) {
+      const out = join(await tempDir('cli-out-'), 'm');
+      const r = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', out, '--expert-dtype', kind, '--backend', BACKEND]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(await storages(out), kind).to.deep.equal([kind, kind]);
+      const ok = await runMain(['inspect', '--model', out, '--json', '--backend', BACKEND]);
+      expect(ok.code, ok.stderr).to.equal(0);
+    }
   });
 
   it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {
@@ -51,6 +62,9 @@ describe('--expert-dtype', function () {
     const out = join(await tempDir('cli-train-'), 'out');
     const r = await runMain(['train', '--model', bf16, '--data', data, '--out', out, '--steps', '1', '--expert-dtype', 'stored', '--backend', BACKEND]);
     expect(r.code).to.equal(1);
-    expect(r.stderr).to.match(/full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' keeps 16-bit experts packed and frozen/);
+    expect(r.stderr).to.match(/full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' keeps them 16-bit and frozen/);
+    const q = await runMain(['train', '--model', bf16, '--data', data, '--out', out, '--steps', '1', '--expert-dtype', 'nf4', '--backend', BACKEND]);
+    expect(q.code).to.equal(1);
+    expect(q.stderr).to.match(/full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'nf4' keeps them quantized and frozen/);
   });
 });

@@ -16,7 +16,7 @@ import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
 import {
-  EXPERT_DTYPES, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan, storedExpertKind,
+  EXPERT_DTYPES, expertPackedKind, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan,
   type BlockTensorPlan, type ExpertDtype, type TensorSource,
 } from './hf_block.js';
 import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
@@ -246,6 +246,11 @@ export interface LoadHFCheckpointOptions extends Omit<MoECausalLMOptions, 'exper
    * LoRA trains, the experts themselves do not); 'float32': widened, e.g. to train the experts.
    */
   expertDtype?: ExpertDtype;
+  /**
+   * @internal with a quantized expertDtype: hold the experts as float32, the exact values the
+   * quantized experts stand for (a merge into the base an adapter was trained on)
+   */
+  dequantizeExperts?: boolean;
 }
 
 /** A checkpoint already in memory: its parsed config.json and its tensors. */
@@ -292,7 +297,7 @@ export async function loadHFCheckpointFrom(
 export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
     options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
-  const { expertDtype = 'stored', ...modelOptions } = options ?? {};
+  const { expertDtype = 'stored', dequantizeExperts = false, ...modelOptions } = options ?? {};
   if (!(EXPERT_DTYPES as readonly unknown[]).includes(expertDtype)) {
     throw new CheckpointError(`\`${op}()\`: 'expertDtype' must be one of ${EXPERT_DTYPES.map(d => `'${d}'`).join(', ')} ` +
         `but got ${JSON.stringify(expertDtype)}`);
@@ -308,9 +313,9 @@ export async function modelFromCheckpoint(
     config = withoutQuantizationConfig(config);
   }
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
-  const expertStorage = modelExpertStorage(config, source, expertDtype);
-  // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
-  const need = estimateLoadMemory(config, { expertBytesPerElement: expertStorage === 'float32' ? 4 : 2 });
+  const expertStorage = dequantizeExperts ? 'float32' : modelExpertStorage(config, source, expertDtype);
+  // know before you build: the experts as they will be held (16-bit, quantized), every other weight 4 bytes an element
+  const need = estimateLoadMemory(config, { expertStorage });
   const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
       { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
@@ -333,7 +338,7 @@ export async function modelFromCheckpoint(
  */
 function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): ExpertStorage {
   const names = configTensorPlan(config).blocks.flatMap(b => expertTensorNames(b.plan));
-  return storedExpertKind(source, names, expertDtype) ?? 'float32';
+  return expertPackedKind(source, names, expertDtype) ?? 'float32';
 }
 
 /** Writes the checkpoint's tensors into the model, one at a time (checkCheckpointAgainstConfig ran first). */

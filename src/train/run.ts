@@ -259,9 +259,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
         'is built from the text file of data');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
-  if (mode === 'full' && options.expertDtype === 'stored') {
-    throw new TrainError("full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' " +
-        "keeps 16-bit experts packed and frozen; use expertDtype 'float32' (the default without LoRA) or train LoRA adapters");
+  if (mode === 'full' && options.expertDtype !== undefined && options.expertDtype !== 'float32') {
+    throw new TrainError(`full fine-tuning trains the routed experts, which needs them in float32: expertDtype '${options.expertDtype}' ` +
+        `keeps them ${options.expertDtype === 'stored' ? '16-bit and ' : 'quantized and '}frozen; use expertDtype 'float32' ` +
+        '(the default without LoRA) or train LoRA adapters');
   }
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });

@@ -117,8 +117,8 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       .option('backend', {
         type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
       });
-  return expertDtypeOption(y0, "an HF --input's routed experts stored BF16/F16: 'stored' keeps them 16-bit (packed " +
-      "in a TF.js output), 'float32' widens them")
+  return expertDtypeOption(y0, "an HF --input's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 ones " +
+      "MXFP4 (packed in a TF.js output), 'float32' widens them, int8/int4/nf4/mxfp4 quantize them (a TF.js output keeps them quantized)")
       .check(argv => checkArgs(argv as Partial<ConvertArgs>))
       .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
       .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')

@@ -240,8 +240,9 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
-  return pluginOptions(expertDtypeOption(y, "--model's routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
-      "(packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them)"))
+  return pluginOptions(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
+      "ones MXFP4 (packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them), " +
+      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'))
       .check(argv => {
         // with --config the file fills in flags first: the handler checks the merged flags
         if (argv.config !== undefined) return true;
