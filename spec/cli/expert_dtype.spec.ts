@@ -5,6 +5,10 @@ import { join } from 'node:path';
 import { cleanup, fixtureDir, tempDir } from '../io/checkpoint_helpers.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';
 import { runMain } from './run_cli.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
+import { CharTokenizer, writeTokenizer } from '../../src/data/index.js';
+import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 
 /** the spec run's backend, so the commands do not switch (and warn) */
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
@@ -54,6 +58,26 @@ describe('--expert-dtype', function () {
       const ok = await runMain(['inspect', '--model', out, '--json', '--backend', BACKEND]);
       expect(ok.code, ok.stderr).to.equal(0);
     }
+  });
+
+  it('train: QLoRA with --expert-dtype nf4 trains the adapter on the quantized experts and writes it', async () => {
+    const data = join(await tempDir('cli-data-'), 'text.txt');
+    await writeFile(data, 'abcdefghij'.repeat(20));
+    // the model folder brings its tokenizer: a character one (vocabulary within the fixture's 97)
+    const model16 = await tempDir('cli-qlora-model-');
+    await writeHalfFixture(fixtureDir('olmoe'), 'bf16', model16, await tempDir('cli-rounded-'));
+    await writeTokenizer(model16, CharTokenizer.fromText('abcdefghij'));
+    const out = join(await tempDir('cli-qlora-'), 'out');
+    const r = await runMain(['train', '--model', model16, '--data', data, '--out', out, '--steps', '2', '--batch', '2', '--seq', '8',
+      '--lora-rank', '2', '--lora-alpha', '4', '--lora-targets', 'experts.gate_up,experts.down', '--expert-dtype', 'nf4', '--backend', BACKEND]);
+    expect(r.code, r.stderr).to.equal(0);
+    const adapter = await readFile(join(out, 'adapter_model.safetensors'));
+    expect(adapter.byteLength).to.be.above(0);
+    const model = await loadHFCheckpoint(model16, { expertDtype: 'nf4' });
+    const loaded = await loadPeftAdapter(model, out);
+    expect(loaded.targets).to.have.members(['experts.gate_up', 'experts.down']);
+    expect(sparseMoELayers(model).map(l => l.expertStorage)).to.deep.equal(['nf4', 'nf4']);
+    model.dispose();
   });
 
   it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {
