@@ -14,7 +14,11 @@ import { mergeAdapterIntoCheckpoint } from '../../src/io/merge.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { addMoEAdapter, sparseMoELayers, trainableVariables, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
-import { variableFloat32 } from '../../src/layers/sparse_moe.js';
+import { SparseMoE, variableFloat32 } from '../../src/layers/sparse_moe.js';
+import { fileIO } from '../../src/io/file_io_handler.js';
+import { loadModelDir } from '../../src/io/model_dir.js';
+import { loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { CheckpointSource } from '../../src/io/hf_checkpoint_core.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
 import { packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import { QUANTIZED_KINDS, quantizedLayout, type QuantizedKind } from '../../src/ops/quantized.js';
@@ -104,6 +108,45 @@ describe('quantized experts on load (expertDtype int8, int4, nf4, mxfp4)', funct
       });
     }
   }
+
+  it('int4 groups of 32 or 128 (int4GroupSize): the words of that grouping, its bytes, kept by a TF.js save and load', async () => {
+    const dir = fixtureDir('olmoe');
+    const config = await fixtureConfig('olmoe');
+    const plain = await loadHFCheckpoint(dir);
+    for (const g of [32, 128]) {
+      const before = tf.memory().numBytes;
+      const model = await loadHFCheckpoint(dir, { expertDtype: 'int4', int4GroupSize: g, expertKernel: 'fused' });
+      expect(tf.memory().numBytes - before, `g${g} bytes`).to.equal(estimateLoadMemory(config, { expertStorage: 'int4', expertGroupSize: g }).bytes);
+      const layer = sparseMoELayers(model)[1];
+      expect(layer.expertGroupSize).to.equal(g);
+      const f32 = sparseMoELayers(plain)[1].weightVariable('gate_up').read() as tf.Tensor3D;
+      const whole = packExpertWeight(f32, 'int4', { groupSize: g });
+      expect(Array.from(layer.weightVariable('gate_up').read().dataSync())).to.deep.equal(Array.from(whole.packed.dataSync()));
+      whole.dispose();
+      const saved = await tempDir(`int4-g${g}-`);
+      await model.save(fileIO(saved));
+      const { model: back } = await loadModelDir(saved);
+      expect(sparseMoELayers(back).map(l => [l.expertStorage, l.expertGroupSize])).to.deep.equal([['int4', g], ['int4', g]]);
+      for (const l of sparseMoELayers(back)) l.expertKernel = 'fused';
+      expect(Array.from(logitsOf(back))).to.deep.equal(Array.from(logitsOf(model)));
+      back.dispose();
+      model.dispose();
+    }
+    plain.dispose();
+    const e = await rejection(loadHFCheckpoint(dir, { expertDtype: 'nf4', int4GroupSize: 32 }));
+    expect(e.message).to.equal(`\`loadHFCheckpoint()\`: 'int4GroupSize' must be one of 32, 64, 128 with expertDtype 'int4' but got 32 with expertDtype 'nf4'`);
+    const e2 = await rejection(loadHFCheckpoint(dir, { expertDtype: 'int4', int4GroupSize: 48 }));
+    expect(e2.message).to.equal(`\`loadHFCheckpoint()\`: 'int4GroupSize' must be one of 32, 64, 128 with expertDtype 'int4' but got 48 with expertDtype 'int4'`);
+    expect(() => new SparseMoE({ numExperts: 2, intermediateSize: 4, routing: { kind: 'softmaxTopK', topK: 1, renormalize: false },
+      expertStorage: 'bf16', expertGroupSize: 32 })).to.throw(/`SparseMoE\(\)`: 'expertGroupSize' is for expertStorage 'int4' but expertStorage is 'bf16'/);
+    expect(() => new SparseMoE({ numExperts: 2, intermediateSize: 4, routing: { kind: 'softmaxTopK', topK: 1, renormalize: false },
+      expertStorage: 'int4', expertGroupSize: 16 })).to.throw(/`SparseMoE\(\)`: 'expertGroupSize' must be one of 32, 64, 128 but got 16/);
+    expect(() => estimateLoadMemory(config, { expertStorage: 'nf4', expertGroupSize: 32 })).to.throw(
+        "`estimateLoadMemory()`: 'options.expertGroupSize' is for expertStorage 'int4' but got expertStorage \"nf4\"");
+    const file = CheckpointSource.single(await readSafetensorsFile(join(dir, 'model.safetensors')));
+    const e3 = await rejection(loadMoEBlockWeights(file, config, 0, { expertDtype: 'nf4', int4GroupSize: 32 }));
+    expect(e3.message).to.equal("`loadMoEBlockWeights()`: 'options.int4GroupSize' is for expertDtype 'int4' but expertDtype is 'nf4'");
+  });
 
   it('int4 QLoRA: LoRA trains, the quantized words stay identical, losses match the dequantized float32 model', async () => {
     const dir = fixtureDir('olmoe');

@@ -48,6 +48,8 @@ export const EXPERT_DTYPES: readonly ExpertDtype[] = ['stored', 'float32', ...QU
 export interface LoadMoEBlockOptions {
   /** default 'stored' */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size along the input, 32, 64 (default) or 128 */
+  int4GroupSize?: number;
 }
 
 const PACKED_OF: Readonly<Record<string, HalfKind>> = { BF16: 'bf16', F16: 'f16' };
@@ -220,9 +222,9 @@ async function fuseRowsPacked(
  */
 async function fuseRowsQuantized(
     op: string, file: TensorSource, kind: QuantizedKind, numExperts: number, parts: Expected[][],
-    [rows, cols]: number[]): Promise<PackedExpertWeight> {
+    [rows, cols]: number[], groupSize: number | undefined): Promise<PackedExpertWeight> {
   const shape = [numExperts, parts.length * rows, cols];
-  const layout = quantizedLayout(kind, shape, 2);
+  const layout = quantizedLayout(kind, shape, 2, groupSize, op);
   const block = new Float32Array(parts.length * rows * cols);
   const data = new Int32Array(numExperts * layout.wordsPerExpert);
   for (let e = 0; e < numExperts; e++) {
@@ -237,7 +239,7 @@ async function fuseRowsQuantized(
     }
     quantizeExpertInto(layout, block, 0, data, e * layout.wordsPerExpert);
   }
-  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [numExperts, layout.wordsPerExpert], 'int32'), { inputAxis: 2 });
+  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [numExperts, layout.wordsPerExpert], 'int32'), { inputAxis: 2, groupSize });
 }
 
 /**
@@ -246,8 +248,9 @@ async function fuseRowsQuantized(
  * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales), else read as float32
  * (this one tensor) and quantized expert by expert.
  */
-async function readQuantizedTransposed(op: string, file: TensorSource, kind: QuantizedKind, e: Expected): Promise<PackedExpertWeight> {
-  const layout = quantizedLayout(kind, e.shape, 1);
+async function readQuantizedTransposed(
+    op: string, file: TensorSource, kind: QuantizedKind, e: Expected, groupSize: number | undefined): Promise<PackedExpertWeight> {
+  const layout = quantizedLayout(kind, e.shape, 1, groupSize, op);
   const [experts, rows, cols] = e.shape;
   const data = new Int32Array(experts * layout.wordsPerExpert);
   if (kind === 'mxfp4' && file.isMXFP4?.(e.name) === true) {
@@ -269,7 +272,7 @@ async function readQuantizedTransposed(op: string, file: TensorSource, kind: Qua
       t.dispose();
     }
   }
-  return new PackedExpertWeight(kind, e.shape, tf.tensor2d(data, [experts, layout.wordsPerExpert], 'int32'), { inputAxis: 1 });
+  return new PackedExpertWeight(kind, e.shape, tf.tensor2d(data, [experts, layout.wordsPerExpert], 'int32'), { inputAxis: 1, groupSize });
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]) =>
@@ -319,14 +322,18 @@ export async function loadMoEBlockWeights(
   }
 
   const kind = expertPackedKind(file, expertTensorNames(plan), expertDtype);
+  const groupSize = options.int4GroupSize;
+  if (groupSize !== undefined && expertDtype !== 'int4') {
+    fail(op, `'options.int4GroupSize' is for expertDtype 'int4' but expertDtype is '${expertDtype}'`);
+  }
   const created: Array<tf.Tensor | PackedExpertWeight> = [];
   const track = <T extends tf.Tensor | PackedExpertWeight>(t: T): T => { created.push(t); return t; };
   const readPacked = async (e: Expected): Promise<PackedExpertWeight> => track(isQuantizedKind(kind!) ?
-    await readQuantizedTransposed(op, file, kind, e) :
+    await readQuantizedTransposed(op, file, kind, e, groupSize) :
     packedExpertWeightFromBits(kind as HalfKind, e.shape, await file.halfBits!(e.name)));
   const fuse = (parts: Expected[][], E: number, dims: number[]) =>
     kind === null ? fuseRows(op, file, E, parts, dims) :
-    isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims) : fuseRowsPacked(file, kind, E, parts, dims);
+    isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize) : fuseRowsPacked(file, kind, E, parts, dims);
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
     const t = track(await file.tensor(e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);

@@ -15,6 +15,7 @@ import {
   PACKED_KINDS, PackedExpertWeight, expertWordsOf, isQuantizedKind, packExpertWeight, packedExpertGroup, unpackExpertWeight,
   type ExpertWeightTensor, type PackedKind, type PackedOptions,
 } from '../ops/packed.js';
+import { DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type {
   ExpertActivation, ExpertLayout, LoRADropout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
@@ -126,6 +127,8 @@ export interface SparseMoEArgs extends LayerArgs {
   initializerRange?: number;
   /** how gate_up and down are held: 'float32' (default), packed 'bf16' / 'f16' or quantized (frozen) */
   expertStorage?: ExpertStorage;
+  /** int4 experts' group size along the input: 32, 64 (default) or 128; only with expertStorage 'int4' */
+  expertGroupSize?: number;
   /** adapters to create in build(), as getConfig() writes them */
   adapters?: LoRAAdapterConfig[];
   activeAdapters?: string[];
@@ -184,6 +187,8 @@ export class SparseMoE extends tfl.layers.Layer {
   readonly sharedExpert: { intermediateSize: number; gated: boolean } | null;
   readonly initializerRange: number;
   readonly expertStorage: ExpertStorage;
+  /** int4's group size (expertStorage 'int4'), else null */
+  readonly expertGroupSize: number | null;
   expertKernel: string;
   loraMode: LoRAMode;
 
@@ -217,6 +222,14 @@ export class SparseMoE extends tfl.layers.Layer {
     this.initializerRange = args.initializerRange ?? 0.02;
     this.expertStorage = args.expertStorage ?? 'float32';
     assertOneOf(op, 'expertStorage', this.expertStorage, EXPERT_STORAGES);
+    const groupSize = args.expertGroupSize ?? null;
+    if (groupSize !== null && this.expertStorage !== 'int4') {
+      fail(op, `'expertGroupSize' is for expertStorage 'int4' but expertStorage is '${this.expertStorage}'`);
+    }
+    if (groupSize !== null && !INT4_GROUP_SIZES.includes(groupSize)) {
+      fail(op, `'expertGroupSize' must be one of ${INT4_GROUP_SIZES.join(', ')} but got ${JSON.stringify(groupSize)}`);
+    }
+    this.expertGroupSize = this.expertStorage === 'int4' ? groupSize ?? DEFAULT_INT4_GROUP_SIZE : null;
     this.expertKernel = args.expertKernel ?? 'reference';
     this.loraMode = args.loraMode ?? 'auto';
     // configs from getConfig() hold protected strings (see config_strings.ts); restore them
@@ -253,7 +266,8 @@ export class SparseMoE extends tfl.layers.Layer {
       // packed halves or quantized words (zeros until a checkpoint is loaded), frozen:
       // non-trainable int32 variables; quantized groups run along the input ([E, out, in]: axis 2)
       const kind = this.expertStorage;
-      const options: PackedOptions = isQuantizedKind(kind) ? { inputAxis: t ? 1 : 2 } : {};
+      const options: PackedOptions = isQuantizedKind(kind) ?
+        { inputAxis: t ? 1 : 2, ...(this.expertGroupSize !== null ? { groupSize: this.expertGroupSize } : {}) } : {};
       for (const [name, shape] of [['gate_up', gateUpShape], ['down', downShape]] as const) {
         const v = this.addWeight(name, [e, expertWordsOf(kind, shape, options)], 'int32', zeros, undefined, false);
         this.weightsByName.set(name, v);
@@ -613,6 +627,7 @@ export class SparseMoE extends tfl.layers.Layer {
       loraMode: this.loraMode,
       initializerRange: this.initializerRange,
       expertStorage: this.expertStorage,
+      ...(this.expertGroupSize !== null ? { expertGroupSize: this.expertGroupSize } : {}),
       // strings and keys that tfjs's save/load rewriting would change are protected
       adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ...a }) =>
         ({ ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString) })),

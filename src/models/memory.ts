@@ -41,6 +41,8 @@ export interface LoadMemoryOptions {
    * expertBytesPerElement
    */
   expertStorage?: ExpertStorage;
+  /** int4 experts' group size (expertStorage 'int4'): 32, 64 (default) or 128 */
+  expertGroupSize?: number;
 }
 
 export interface LoadMemoryEstimate {
@@ -88,11 +90,15 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
   if (storage !== undefined && options.expertBytesPerElement !== undefined) {
     fail(op, "give 'options.expertStorage' or 'options.expertBytesPerElement', not both");
   }
+  if (options.expertGroupSize !== undefined && storage !== 'int4') {
+    fail(op, `'options.expertGroupSize' is for expertStorage 'int4' but got expertStorage ${JSON.stringify(storage)}`);
+  }
   /** bytes of a fused expert weight [E, rows, cols] (the input on `inputAxis`) as the model holds it */
   const expertWeightBytes = (shape: number[], inputAxis: 1 | 2): number => {
     if (storage === undefined) return size(shape) * expertBytesPerElement;
     if (storage === 'float32') return size(shape) * 4;
-    return 4 * shape[0] * expertWordsOf(storage, shape, isQuantizedKind(storage) ? { inputAxis } : {});
+    const groupSize = storage === 'int4' ? options.expertGroupSize : undefined;
+    return 4 * shape[0] * expertWordsOf(storage, shape, isQuantizedKind(storage) ? { inputAxis, groupSize } : {});
   };
   const plan = configTensorPlan(config);
   // `block`: the decoder layer of a MoE block's weight, null for the others
