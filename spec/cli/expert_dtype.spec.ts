@@ -49,7 +49,7 @@ describe('--expert-dtype', function () {
     expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "mxfp4"/);
   });
 
-  it('convert quantizes with int4 / nf4: the TF.js folder keeps them quantized, and loads back so', async () => {
+  it('convert quantizes with int4 / nf4 (int4 groups of 32 with --int4-group-size): the TF.js folder keeps them quantized', async () => {
     for (const kind of ['int4', 'nf4']) {
       const out = join(await tempDir('cli-out-'), 'm');
       const r = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', out, '--expert-dtype', kind, '--backend', BACKEND]);
@@ -58,6 +58,19 @@ describe('--expert-dtype', function () {
       const ok = await runMain(['inspect', '--model', out, '--json', '--backend', BACKEND]);
       expect(ok.code, ok.stderr).to.equal(0);
     }
+     const g32 = join(await tempDir('cli-out-'), 'm');
+    const r = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', g32, '--expert-dtype', 'int4', '--int4-group-size', '32', '--backend', BACKEND]);
+    expect(r.code, r.stderr).to.equal(0);
+    const json = JSON.parse(await readFile(join(g32, 'model.json'), 'utf8'));
+    const groups = (json.modelTopology.config.layers as Array<{ class_name: string; config: { expert_group_size?: number } }>)
+        .filter(l => l.class_name === 'SparseMoE').map(l => l.config.expert_group_size);
+    expect(groups).to.deep.equal([32, 32]);
+    const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'nf4', '--int4-group-size', '32']);
+    expect(bad.code).to.equal(2);
+    expect(bad.stderr).to.match(/--int4-group-size needs --expert-dtype int4 but --expert-dtype is nf4/);
+    const bad2 = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'int4', '--int4-group-size', '48']);
+    expect(bad2.code).to.equal(2);
+    expect(bad2.stderr).to.match(/Invalid values:\s+Argument: int4-group-size, Given: 48, Choices: 32, 64, 128/);
   });
 
   it('train: QLoRA with --expert-dtype nf4 trains the adapter on the quantized experts and writes it', async () => {

@@ -106,6 +106,8 @@ export interface TrainRunOptions {
    * with LoRA) or 'float32' (the default for full fine-tuning, which trains them: 'stored' is then refused)
    */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size along the input (32, 64 default, 128) */
+  int4GroupSize?: number;
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
@@ -288,7 +290,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   } else {
     tokenizer = await readTokenizer(options.model!);
     // full fine-tuning widens 16-bit experts to float32 masters; LoRA keeps them packed by default
-    model = await loadHFCheckpoint(options.model!, { expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored') });
+    model = await loadHFCheckpoint(options.model!, {
+      expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored'),
+      ...(options.int4GroupSize !== undefined ? { int4GroupSize: options.int4GroupSize } : {}),
+    });
   }
   let handle: PluginHandle | null = null;
   try {

@@ -42,8 +42,10 @@ export interface ConvertArgs extends HFSaveArgs {
   adapterName: string;
   overwrite: boolean;
   backend: string;
-  /** 'stored' (default) or 'float32', for an HF checkpoint's 16-bit experts */
+  /** 'stored' (default), 'float32' or a quantized kind, for an HF checkpoint's experts */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size */
+  int4GroupSize?: number;
 }
 
 /** What a conversion did. */
@@ -153,7 +155,7 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
     throw new UsageError(`--input is ${from === 'hf' ? 'an HF checkpoint' : 'a TF.js model'} already: nothing to convert to ${to}`);
   }
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype });
+  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize });
   const notes: string[] = [];
   let adapter: LoadedPeftAdapter | null = null;
   try {
