@@ -15,6 +15,7 @@ import { decodeMXFP4 } from '../../src/io/mxfp4.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
+import { packExpertWeight } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { rejection } from '../helpers/rejection.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, tempDir } from './checkpoint_helpers.js';
@@ -196,6 +197,27 @@ describe('io/mxfp4: gpt-oss MXFP4 experts kept as MXFP4 on load, or decoded exac
     tf.dispose([a, b, c, d, ids, full]);
     for (const m of [mx, half, wide, again]) m.dispose();
     expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it("expertDtype 'mxfp4' keeps the stored bytes as 'stored' does; 'nf4' quantizes the decoded grid values", async () => {
+    const { mxDir } = await writeQuantized();
+    const stored = await loadHFCheckpoint(mxDir);
+    const asked = await loadHFCheckpoint(mxDir, { expertDtype: 'mxfp4' });
+    const wide = await loadHFCheckpoint(mxDir, { expertDtype: 'float32' });
+    const nf4 = await loadHFCheckpoint(mxDir, { expertDtype: 'nf4' });
+    for (const [i, layer] of sparseMoELayers(asked).entries()) {
+      for (const field of ['gate_up', 'down']) {
+        expect(Array.from(layer.weightVariable(field).read().dataSync()), `${layer.name} ${field}`)
+          .to.deep.equal(Array.from(sparseMoELayers(stored)[i].weightVariable(field).read().dataSync()));
+        // gpt-oss's [E, in, out]: nf4 groups along `in` (axis 1)
+        const q = packExpertWeight(sparseMoELayers(wide)[i].weightVariable(field).read() as tf.Tensor3D, 'nf4', { inputAxis: 1 });
+        expect(sparseMoELayers(nf4)[i].expertStorage).to.equal('nf4');
+        expect(Array.from(sparseMoELayers(nf4)[i].weightVariable(field).read().dataSync()), `${layer.name} ${field} nf4`)
+          .to.deep.equal(Array.from(q.packed.dataSync()));
+        q.dispose();
+      }
+    }
+    for (const m of [stored, asked, wide, nf4]) m.dispose();
   });
 
   it('blocks and scales that are not as transformers stores them: one CheckpointError listing each', async () => {
