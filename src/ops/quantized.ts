@@ -119,15 +119,11 @@ function floatView(words: Int32Array): Float32Array {
   return new Float32Array(words.buffer, words.byteOffset, words.length);
 }
 
-/** The code of value s (output-major index) of the expert whose first word is `base`. */
-function codeAt(kind: QuantizedKind, words: Int32Array, base: number, s: number): number {
-  if (kind === 'int8') return (words[base + (s >> 2)] << (24 - 8 * (s & 3))) >> 24;
-  return (words[base + (s >> 3)] >>> (4 * (s & 7))) & 15;
-}
-
 /**
  * Decodes one expert (first word words[wOff]) into float32 [rows, cols] at dst[dOff …], in the
  * logical layout. Shared by the cpu and wasm kernels (wasm: HEAP32 / HEAPF32) and the host decode.
+ * The 4-bit kinds decode through a 16-entry table per group (each entry the float32 the formula
+ * gives for that code, so the values are the formula's exactly).
  */
 export function decodeQuantizedExpertInto(
     layout: QuantizedLayout, words: Int32Array, wOff: number, dst: Float32Array, dOff: number): void {
@@ -137,22 +133,34 @@ export function decodeQuantizedExpertInto(
   // the logical index of (o, i): [out, in] or [in, out]
   const oStride = inputAxis === 2 ? inputs : 1;
   const iStride = inputAxis === 2 ? 1 : outputs;
+  const lut = new Float32Array(16);
   for (let o = 0; o < outputs; o++) {
+    const row = o * inputs;
     for (let g = 0; g < groupsPerOutput; g++) {
       const group = o * groupsPerOutput + g;
-      const end = Math.min(inputs, (g + 1) * groupSize);
-      let scale: number;
-      let zero = 0;
-      if (kind === 'mxfp4') scale = 2 ** (((words[wOff + scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255) - 127);
-      else scale = floats[wOff + scaleWord + group];
-      if (kind === 'int4') zero = floats[wOff + zeroWord + group];
-      for (let i = g * groupSize; i < end; i++) {
-        const q = codeAt(kind, words, wOff, o * inputs + i);
-        const at = dOff + o * oStride + i * iStride;
-        if (kind === 'int8') dst[at] = scale * q;
-        else if (kind === 'int4') dst[at] = scale * f32(q - zero);
-        else if (kind === 'nf4') dst[at] = NF4_CODE_BOOK[q] * scale;
-        else dst[at] = E2M1_VALUES[q] * scale;
+      const start = g * groupSize;
+      const end = Math.min(inputs, start + groupSize);
+      let at = dOff + o * oStride + start * iStride;
+      if (kind === 'int8') {
+        const scale = floats[wOff + scaleWord + group];
+        for (let i = start, s = row + start; i < end; i++, s++, at += iStride) {
+          dst[at] = scale * ((words[wOff + (s >> 2)] << (24 - 8 * (s & 3))) >> 24);
+        }
+        continue;
+      }
+      if (kind === 'mxfp4') {
+        const scale = 2 ** (((words[wOff + scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255) - 127);
+        for (let q = 0; q < 16; q++) lut[q] = E2M1_VALUES[q] * scale;
+      } else if (kind === 'nf4') {
+        const absmax = floats[wOff + scaleWord + group];
+        for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
+      } else {
+        const scale = floats[wOff + scaleWord + group];
+        const zero = floats[wOff + zeroWord + group];
+        for (let q = 0; q < 16; q++) lut[q] = scale * f32(q - zero);
+      }
+      for (let i = start, s = row + start; i < end; i++, s++, at += iStride) {
+        dst[at] = lut[(words[wOff + (s >> 3)] >>> (4 * (s & 7))) & 15];
       }
     }
   }
