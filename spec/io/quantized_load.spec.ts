@@ -146,6 +146,16 @@ describe('quantized experts on load (expertDtype int8, int4, nf4, mxfp4)', funct
     const file = CheckpointSource.single(await readSafetensorsFile(join(dir, 'model.safetensors')));
     const e3 = await rejection(loadMoEBlockWeights(file, config, 0, { expertDtype: 'nf4', int4GroupSize: 32 }));
     expect(e3.message).to.equal("`loadMoEBlockWeights()`: 'options.int4GroupSize' is for expertDtype 'int4' but expertDtype is 'nf4'");
+    // a non-finite value cannot be quantized: the error names the expert's tensors
+    const bad = 'model.layers.0.mlp.experts.1.down_proj.weight';
+    const withNaN = {
+      has: (n: string) => file.has(n), info: (n: string) => file.info(n),
+      tensor: async (n: string) => (n === bad ? tf.fill(file.info(n).shape, NaN) : file.tensor(n)),
+    };
+    const before = tf.memory().numTensors;
+    const e4 = await rejection(loadMoEBlockWeights(withNaN, config, 0, { expertDtype: 'int8' }));
+    expect(e4.message).to.equal(`\`loadMoEBlockWeights()\`: '${bad}' must be finite to be quantized (int8) but holds NaN`);
+    expect(tf.memory().numTensors).to.equal(before);
   });
 
   it('int4 QLoRA: LoRA trains, the quantized words stay identical, losses match the dequantized float32 model', async () => {

@@ -165,7 +165,9 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
       expect(() => packExpertWeight(w0, 'int8', { inputAxis: 0 as 1 })).to.throw(/'inputAxis' must be 1 or 2 but got 0/);
       expect(() => packExpertWeight(w0, 'bf16', { groupSize: 64 })).to.throw(/`packExpertWeight\(\)`: 'options' are for quantized kinds, not bf16/);
       const bad = tf.fill([1, 1, 4], NaN) as tf.Tensor3D;
-      expect(() => packExpertWeight(bad, 'int8')).to.throw(/`quantizeExpertWeight\(\)`: 'weight' must be finite but holds NaN/);
+      expect(() => packExpertWeight(bad, 'int8')).to.throw(/`packExpertWeight\(\)`: 'weight' must be finite to be quantized \(int8\) but holds NaN/);
+      expect(() => quantizeExpertValues(quantizedLayout('nf4', [1, 1, 4], 2), 1, Float32Array.of(1, Infinity, 0, 0))).to.throw(
+          /`quantizeExpertValues\(\)`: 'values' must be finite to be quantized \(nf4\) but holds Infinity/);
       bad.dispose();
       const words = tf.zeros([2, 5], 'int32');
       expect(() => new PackedExpertWeight('nf4', [2, 4, 64], words)).to.throw(

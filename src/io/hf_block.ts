@@ -237,7 +237,7 @@ async function fuseRowsQuantized(
         t.dispose();
       }
     }
-    quantizeExpertInto(layout, block, 0, data, e * layout.wordsPerExpert);
+    quantizeExpertInto(layout, block, 0, data, e * layout.wordsPerExpert, op, `${parts.map(p => p[e].name).join("', '")}`);
   }
   return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [numExperts, layout.wordsPerExpert], 'int32'), { inputAxis: 2, groupSize });
 }
@@ -267,7 +267,7 @@ async function readQuantizedTransposed(
     try {
       if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
       const values = t.dataSync() as Float32Array;
-      for (let x = 0; x < experts; x++) quantizeExpertInto(layout, values, x * rows * cols, data, x * layout.wordsPerExpert);
+      for (let x = 0; x < experts; x++) quantizeExpertInto(layout, values, x * rows * cols, data, x * layout.wordsPerExpert, op, e.name);
     } finally {
       t.dispose();
     }

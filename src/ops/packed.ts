@@ -281,7 +281,7 @@ export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind, options:
   const layout = quantizedLayout(kind, weight.shape, options.inputAxis ?? 2, options.groupSize, op);
   const [e, rows, cols] = weight.shape;
   const data = new Int32Array(e * layout.wordsPerExpert);
-  for (let i = 0; i < e; i++) quantizeExpertInto(layout, values, i * rows * cols, data, i * layout.wordsPerExpert);
+  for (let i = 0; i < e; i++) quantizeExpertInto(layout, values, i * rows * cols, data, i * layout.wordsPerExpert, op, 'weight');
   return new PackedExpertWeight(kind, weight.shape, tf.tensor2d(data, [e, layout.wordsPerExpert], 'int32'), options);
 }
 

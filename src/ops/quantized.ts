@@ -212,7 +212,8 @@ function setCode(kind: QuantizedKind, words: Int32Array, base: number, s: number
  * exponent) and the nearest e2m1 of v / 2^e, saturating at ±6.
  */
 export function quantizeExpertInto(
-    layout: QuantizedLayout, values: Float32Array, vOff: number, words: Int32Array, wOff: number): void {
+    layout: QuantizedLayout, values: Float32Array, vOff: number, words: Int32Array, wOff: number,
+    op = 'quantizeExpertValues', arg = 'values'): void {
   const { kind, outputs, inputs, groupSize, groupsPerOutput, scaleWord, zeroWord, inputAxis } = layout;
   const floats = floatView(words);
   const f32 = Math.fround;
@@ -229,7 +230,7 @@ export function quantizeExpertInto(
       let max = 0;
       for (let i = start; i < end; i++) {
         const v = at(i);
-        if (!Number.isFinite(v)) fail('quantizeExpertWeight', `'weight' must be finite but holds ${v}`);
+        if (!Number.isFinite(v)) fail(op, `'${arg}' must be finite to be quantized (${layout.kind}) but holds ${v}`);
         if (v < min) min = v;
         if (v > max) max = v;
       }
