@@ -93,6 +93,23 @@ describe('--expert-dtype', function () {
     model.dispose();
   });
 
+  it('merge --expert-dtype nf4 writes bf16 of the dequantized base plus the delta; --requantize reports the change', async () => {
+    const adapter = join(fixtureDir('olmoe'), 'adapter');
+    const out = join(await tempDir('cli-merge-'), 'm');
+    const r = await runMain(['merge', '--model', fixtureDir('olmoe'), '--adapter', adapter, '--out', out, '--expert-dtype', 'nf4', '--backend', BACKEND]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stdout).to.match(/\(HF checkpoint, bfloat16\)/);
+    expect(r.stdout).to.not.match(/re-quantized/);
+    const out2 = join(await tempDir('cli-merge-'), 'm');
+    const q = await runMain(['merge', '--model', fixtureDir('olmoe'), '--adapter', adapter, '--out', out2, '--expert-dtype', 'nf4',
+      '--requantize', '--backend', BACKEND]);
+    expect(q.code, q.stderr).to.equal(0);
+    expect(q.stdout).to.match(/ {2}re-quantized experts: largest change \d\.\d+(e-\d+)?\n/);
+    const bad = await runMain(['merge', '--model', fixtureDir('olmoe'), '--adapter', adapter, '--out', join(await tempDir('cli-merge-'), 'm'), '--requantize']);
+    expect(bad.code).to.equal(2);
+    expect(bad.stderr).to.match(/--requantize needs a quantized --expert-dtype \(int8, int4, nf4, mxfp4\) but got none/);
+  });
+
   it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {
     const data = join(await tempDir('cli-data-'), 'text.txt');
     await writeFile(data, 'abcdefghij'.repeat(20));

@@ -3,13 +3,13 @@
  * as PEFT's `merge_and_unload()` followed by `save_pretrained()`. A composition of the loaders,
  * SparseMoE.mergeAdapter (W += scaling·B·A, the one deltaWeight) and saveHFCheckpoint.
  */
+import * as tf from '@tensorflow/tfjs-core';
 import { RotaryAttention } from '../layers/attention.js';
 import { sparseMoELayers } from '../layers/moe_causal_lm.js';
 import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import { variableFloat32 } from '../layers/sparse_moe.js';
 import { isQuantizedKind, packExpertWeight, unpackExpertWeight } from '../ops/packed.js';
 import { describeValue } from '../util/describe.js';
-import * as tf from '@tensorflow/tfjs-core';
 import type { ExpertDtype } from './hf_block.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { saveHFCheckpoint, type SavedHFCheckpoint, type SaveHFCheckpointOptions } from './hf_save.js';
@@ -30,6 +30,8 @@ export interface MergeAdapterOptions extends Pick<SaveHFCheckpointOptions, 'dtyp
    * unless `dtype` says otherwise.
    */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size (as in training) */
+  int4GroupSize?: number;
   /**
    * With a quantized expertDtype: quantize the merged experts again to that format (the written
    * values are what the re-quantized experts decode to) and report the largest change that made
@@ -84,7 +86,7 @@ export async function mergeAdapterIntoCheckpoint(
   // Quantized experts merge as the float32 values they stand for, written in bf16 by default.
   const keepsSourceDtype = options.dtype === undefined || options.dtype === 'source';
   const { model, format } = await loadModelDir(modelDir, quantized !== null ?
-    { expertDtype: quantized, dequantizeExperts: true } : { expertDtype: options.expertDtype ?? (keepsSourceDtype ? 'stored' : 'float32') });
+    { expertDtype: quantized, dequantizeExperts: true, ...(options.int4GroupSize !== undefined ? { int4GroupSize: options.int4GroupSize } : {}) } : { expertDtype: options.expertDtype ?? (keepsSourceDtype ? 'stored' : 'float32') });
   try {
     const adapter = await loadPeftAdapter(model, adapterDir, { name });
     let requantizeMaxChange: number | undefined;
@@ -98,7 +100,9 @@ export async function mergeAdapterIntoCheckpoint(
         const variable = layer.weightVariable(weight);
         tf.tidy(() => {
           const merged = variableFloat32(variable) as tf.Tensor3D;
-          const requantized = unpackExpertWeight(packExpertWeight(merged, quantized!, { inputAxis: layer.expertLayout === 'outIn' ? 2 : 1 }));
+          const requantized = unpackExpertWeight(packExpertWeight(merged, quantized!, {
+            inputAxis: layer.expertLayout === 'outIn' ? 2 : 1, ...(quantized === 'int4' ? { groupSize: options.int4GroupSize } : {}),
+          }));
           const change = tf.max(tf.abs(tf.sub(requantized, merged))).dataSync()[0];
           requantizeMaxChange = Math.max(requantizeMaxChange ?? 0, change);
           variable.write(requantized);
