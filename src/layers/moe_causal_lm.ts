@@ -614,6 +614,8 @@ export interface MoECausalLMOptions {
   name?: string;
   /** how every SparseMoE holds its routed experts: 'float32' (default), or packed 'bf16' / 'f16' (frozen) */
   expertStorage?: ExpertStorage;
+  /** int4 experts' group size along the input (32, 64 default, 128); only with expertStorage 'int4' */
+  expertGroupSize?: number;
   /**
    * false: every weight starts at zero instead of HF's random init, for a model whose weights are
    * all overwritten next (checkpoint loaders: drawing the normals is half a large model's load
@@ -685,6 +687,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
+        ...(options.expertGroupSize !== undefined ? { expertGroupSize: options.expertGroupSize } : {}),
         ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
       }) :
       new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));

@@ -24,7 +24,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedHalfSnippet,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
   type RowSource, TILE_THREADS,
 } from './shared.js';
 
@@ -149,10 +149,11 @@ export interface GroupedMatMulSpec {
   kContiguous: boolean;
   tile: TileConfig;
   /**
-   * W holds packed 16-bit halves (int32 words, sE in words) decoded on load; absent: float32.
-   * Only frozen weights are packed, so only this program (never the weight gradient) reads them.
+   * W holds packed 16-bit halves or quantized codes and scales (int32 words, sE in words) decoded
+   * on load; absent: float32. Only frozen weights are packed, so only this program (never the
+   * weight gradient) reads them.
    */
-  weightKind?: 'bf16' | 'f16';
+  packedWeight?: PackedWeightSpec;
 }
 
 export class GroupedMatMulProgram implements WebGPUProgram {
@@ -175,7 +176,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []), ...(spec.hasAddend ? ['addend'] : [])];
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
-        (spec.weightKind ? `_${spec.weightKind}` : '');
+        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '');
   }
 
   /**
@@ -183,14 +184,10 @@ export class GroupedMatMulProgram implements WebGPUProgram {
    * packed). Float32 reads W directly; packed reads the word of half j and decodes it.
    */
   private loadW(): { fn: string; assign: string } {
-    const kind = this.spec.weightKind;
-    if (kind === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
+    const packed = this.spec.packedWeight;
+    if (packed === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
     return {
-      fn: `
-          ${packedHalfSnippet(kind, 'decodeHalf')}
-          fn loadPackedW(wordBase : i32, j : i32) -> f32 {
-            return decodeHalf(bitcast<u32>(W[wordBase + j / 2]), (j & 1) == 1);
-          }`,
+      fn: packedElementSnippet(packed, 'W', 'loadPackedW'),
       assign: 'v = loadPackedW(wBase, n * uniforms.sN + k * uniforms.sK);',
     };
   }
