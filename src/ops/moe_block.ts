@@ -12,6 +12,7 @@ import { route } from './routing/route.js';
 import { checkSharedExpert, sharedExpert } from './shared_expert.js';
 import type { ExpertKernel, LoRAMode, MoEBlockConfig, MoEBlockWeights, Routing } from './types.js';
 import { assertTensor, fail } from './validate.js';
+import { describeValue } from '../util/describe.js';
 
 export interface MoEBlockOptions {
   /** 'fused' (default) or 'reference', or a name given to registerMoEBlockKernel */
@@ -59,10 +60,10 @@ function fusedMoEBlock(
     const chosen = routing;
     const out = tfc.tidy(() => {
       const experts = expertsByBackend.get(tfc.getBackend()) ?? fusedExperts;
-      const routed = experts(x, chosen, weights.experts, config.activation, {
-        loraMode: options.loraMode,
-        trainExpertWeights: options.trainExpertWeights,
-      });
+      const settings = { loraMode: options.loraMode, trainExpertWeights: options.trainExpertWeights };
+      const routed = config.weightedInput ?
+        inputWeightedExperts(experts, x, chosen, weights, config, settings) :
+        experts(x, chosen, weights.experts, config.activation, settings);
       return weights.shared ? tfc.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
     });
     return { out, routing };
@@ -71,6 +72,24 @@ function fusedMoEBlock(
     tfc.dispose([logits, routing?.weights, routing?.experts].filter(t => t != null) as tf.Tensor[]);
     throw err;
   }
+}
+
+/**
+ * Llama 4's routed experts, Σ_k expert_k(w_k·x), through any experts implementation: every
+ * (token, slot) pair becomes a row w[t,k]·x[t] (row t·K + k) routed to its one expert with weight
+ * 1, and the K rows of a token are summed. The scaling and the sum are plain autodiff ops, so the
+ * gradient reaches x and the routing weights through them; the implementation's own routing-weight
+ * gradient (of the constant ones) is unused.
+ */
+function inputWeightedExperts(
+    experts: ExpertsImplementation, x: tf.Tensor2D, routing: Routing, weights: MoEBlockWeights,
+    config: MoEBlockConfig, settings: Parameters<ExpertsImplementation>[4]): tf.Tensor2D {
+  const [T, K] = routing.experts.shape;
+  const H = x.shape[1];
+  const rows = tfc.reshape(tfc.mul(tfc.expandDims(x, 1), tfc.expandDims(routing.weights, 2)), [T * K, H]);  // [T·K, H]
+  const pairs = { weights: tfc.ones([T * K, 1]) as tf.Tensor2D, experts: tfc.reshape(routing.experts, [T * K, 1]) as tf.Tensor2D };
+  const y = experts(rows as tf.Tensor2D, pairs, weights.experts, config.activation, settings);               // [T·K, H]
+  return tfc.sum(tfc.reshape(y, [T, K, H]), 1) as tf.Tensor2D;                                                // [T, H]
 }
 
 const kernels = new Map<string, MoEBlockKernel>([
@@ -109,6 +128,9 @@ export function moeBlock(
   }
   if (config?.routing == null || config.activation == null) {
     fail(op, `'config' must have 'routing' and 'activation' but got keys ${Object.keys(config ?? {}).join(', ') || 'none'}`);
+  }
+  if (config.weightedInput !== undefined && typeof config.weightedInput !== 'boolean') {
+    fail(op, `'config.weightedInput' must be a boolean but got ${describeValue(config.weightedInput)}`);
   }
   if (weights.shared) checkSharedExpert(op, weights.shared, x.shape[1]);
   return kernel(x, weights, config, options);

@@ -39,7 +39,8 @@ export type RoutingKind =
   | 'topKSoftmax'                  // gpt-oss
   | 'sigmoidGroupTopK'             // DeepSeek-V3, GLM-4.5-MoE
   | 'softmaxGroupTopK'             // Mistral4
-  | 'softmaxGroupLimitedGreedy';   // DeepSeek-V2
+  | 'softmaxGroupLimitedGreedy'    // DeepSeek-V2
+  | 'topKSigmoid';                 // Llama 4
 
 export interface RoutingConfig {
   kind: RoutingKind;
@@ -130,6 +131,12 @@ export interface MoEBlockWeights {
 export interface MoEBlockConfig {
   routing: RoutingConfig;
   activation: ExpertActivation;
+  /**
+   * Llama 4: each chosen expert runs on the token scaled by its routing weight and the K outputs
+   * are summed unweighted, out = Σ_k expert_k(w_k·x) (transformers' Llama4TextMoe); default
+   * false: out = Σ_k w_k·expert_k(x). The two differ because the expert is not linear.
+   */
+  weightedInput?: boolean;
 }
 
 export type ExpertKernel = 'fused' | 'reference';

@@ -98,10 +98,19 @@ function chosenExperts(op: string, experts: tf.Tensor2D, numExperts: number, hos
   return hostExperts;
 }
 
-/** Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]), one loop step per expert hit. */
+/** referenceExperts' options: the block's and where the routing weight applies. */
+export interface ReferenceExpertsOptions extends ReferenceOptions {
+  /** Llama 4: out[t] = Σ_k expert_{e[t,k]}(w[t,k]·x[t]) (MoEBlockConfig.weightedInput); default false */
+  weightedInput?: boolean;
+}
+
+/**
+ * Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]) (or Σ_k expert_{e[t,k]}(w[t,k]·x[t])
+ * with `weightedInput`), one loop step per expert hit.
+ */
 export function referenceExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
-    weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceOptions = {}): tf.Tensor2D {
+    weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceExpertsOptions = {}): tf.Tensor2D {
   const op = 'referenceExperts';
   const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
   const { numTokens: t, topK: k, numExperts, transposed } = dims;
@@ -125,15 +134,15 @@ export function referenceExperts(
       }
       if (tokens.length === 0) continue;
       const tokenIdx = tf.tensor1d(tokens, 'int32');
-      const xe = tf.gather(x, tokenIdx);
       const pairIdx = tf.tensor1d(pairs, 'int32');
+      const w = tf.gather(flatWeights, pairIdx);
+      const xe = options.weightedInput ? tf.mul(tf.gather(x, tokenIdx), tf.expandDims(w, 1)) as tf.Tensor2D : tf.gather(x, tokenIdx);
       let h = expertProjection(xe, gateUp, e, weights.gateUpLoRA ?? [], transposed, upMasks, pairIdx);
       if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
       const a = activate(h, activation, transposed) as tf.Tensor2D;
       let y: tf.Tensor = expertProjection(a, down, e, weights.downLoRA ?? [], transposed, downMasks, pairIdx);
       if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
-      const w = tf.gather(flatWeights, pairIdx);
-      out = tf.add(out, tf.unsortedSegmentSum(tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
+      out = tf.add(out, tf.unsortedSegmentSum(options.weightedInput ? y : tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
     }
     return out as tf.Tensor2D;
   });
@@ -147,7 +156,8 @@ export function referenceMoEBlock(
   const routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
   try {
     const out = tf.tidy(() => {
-      const routed = referenceExperts(x, routing, weights.experts, config.activation, options);
+      const routed = referenceExperts(x, routing, weights.experts, config.activation,
+          { ...options, weightedInput: config.weightedInput });
       return weights.shared ? tf.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
     });
     return { out, routing };

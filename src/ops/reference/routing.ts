@@ -11,7 +11,7 @@ import { assertFiniteNumber, assertInteger, assertOneOf, assertShape, assertTens
 const OP = 'referenceRoute';
 
 const KINDS: readonly RoutingKind[] =
-    ['softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy'];
+    ['softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', 'topKSigmoid'];
 
 /** The config fields each kind reads besides kind and topK. */
 const FIELDS: Record<RoutingKind, ReadonlyArray<keyof RoutingConfig>> = {
@@ -20,6 +20,7 @@ const FIELDS: Record<RoutingKind, ReadonlyArray<keyof RoutingConfig>> = {
   sigmoidGroupTopK: ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'],
   softmaxGroupTopK: ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'],
   softmaxGroupLimitedGreedy: ['nGroup', 'topkGroup', 'scalingFactor'],
+  topKSigmoid: [],
 };
 
 /**
@@ -64,6 +65,8 @@ export function referenceRoute(logits: Tensor2D, config: RoutingConfig, correcti
         return tf.mul(normalize(pick(tf.softmax(logits)), 1e-20), scale);
       case 'softmaxGroupLimitedGreedy':
         return tf.mul(pick(tf.softmax(logits)), scale);
+      case 'topKSigmoid':
+        return tf.sigmoid(pick(logits));
     }
   }) as Tensor2D;                                                                                // [T, K]
   return { weights, experts, logits };
@@ -83,7 +86,7 @@ function chooseExperts(
   try {
     return tf.tidy(() => {
       let scores: Tensor2D;                                                                      // [T, E]
-      if (kind === 'topKSoftmax') return tf.topk(detached, k).indices as Tensor2D;
+      if (kind === 'topKSoftmax' || kind === 'topKSigmoid') return tf.topk(detached, k).indices as Tensor2D;
       if (kind === 'sigmoidGroupTopK') {
         scores = tf.sigmoid(detached);
         if (bias) scores = tf.add(scores, bias);

@@ -6,6 +6,7 @@ import { routeSigmoidGroupTopK } from './sigmoid_group_topk.js';
 import { routeSoftmaxGroupLimitedGreedy } from './softmax_group_limited_greedy.js';
 import { routeSoftmaxGroupTopK } from './softmax_group_topk.js';
 import { routeSoftmaxTopK } from './softmax_topk.js';
+import { routeTopKSigmoid } from './topk_sigmoid.js';
 import { routeTopKSoftmax } from './topk_softmax.js';
 
 /** A routing implementation: validates its own arguments and returns a fresh Routing. */
@@ -104,4 +105,8 @@ registerRouting('softmaxGroupLimitedGreedy', (logits, config, bias) => {
   return routeSoftmaxGroupLimitedGreedy(logits, config.topK, {
     nGroup: config.nGroup, topkGroup: config.topkGroup, scalingFactor: config.scalingFactor,
   });
+});
+registerRouting('topKSigmoid', (logits, config, bias) => {
+  rejectUnused(config, [], bias);
+  return routeTopKSigmoid(logits, config.topK);
 });

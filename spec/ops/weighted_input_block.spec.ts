@@ -1,0 +1,194 @@
+/**
+ * Llama 4's MoE block (MoEBlockConfig.weightedInput with 'topKSigmoid' routing and a shared expert)
+ * against a float64 JS transcription of transformers' Llama4TextMoe and finite differences, and
+ * the fused block against the reference block with expert and router LoRA.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { moeBlock } from '../../src/ops/moe_block.js';
+import type { MoEBlockConfig, MoEBlockWeights } from '../../src/ops/types.js';
+import { OpArgumentError } from '../../src/ops/validate.js';
+import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences, tensorOf } from '../helpers/numeric.js';
+import { experts64 } from './expert_reference64.js';
+
+interface Params64 {
+  x: Float64Array;       // [T, H]
+  router: Float64Array;  // [E, H]
+  W1: Float64Array;      // [E, 2I, H]
+  W2: Float64Array;      // [E, H, I]
+  sg: Float64Array;      // shared gate [Is, H]
+  su: Float64Array;      // shared up [Is, H]
+  sd: Float64Array;      // shared down [H, Is]
+}
+const NAMES = ['x', 'router', 'W1', 'W2', 'sg', 'su', 'sd'] as const;
+
+interface Dims { T: number; H: number; I: number; E: number; K: number; Is: number }
+
+const silu = (v: number) => v / (1 + Math.exp(-v));
+
+/**
+ * Llama4TextMoe.forward in float64: logits = x·Wgᵀ; the K largest logits (ties to the lower
+ * index); s = sigmoid(logit); out = shared(x) + Σ_k expert_k(s_k·x). Also returns the routing and
+ * the smallest gap between the K-th and (K+1)-th logit.
+ */
+function llama4Block64(p: Params64, d: Dims) {
+  const { T, H, I, E, K, Is } = d;
+  const experts = new Int32Array(T * K);
+  const scaled = new Float64Array(T * K * H);
+  let margin = Infinity;
+  for (let t = 0; t < T; t++) {
+    const z = Array.from({ length: E }, (_, e) => {
+      let v = 0;
+      for (let i = 0; i < H; i++) v += p.x[t * H + i] * p.router[e * H + i];
+      return v;
+    });
+    const order = z.map((_, e) => e).sort((a, b) => z[b] - z[a] || a - b);
+    if (K < E) margin = Math.min(margin, z[order[K - 1]] - z[order[K]]);
+    for (let k = 0; k < K; k++) {
+      const e = order[k];
+      experts[t * K + k] = e;
+      const s = 1 / (1 + Math.exp(-z[e]));
+      for (let i = 0; i < H; i++) scaled[(t * K + k) * H + i] = s * p.x[t * H + i];
+    }
+  }
+  const routed = experts64({
+    T: T * K, H, I, E, K: 1, layout: 'outIn', activation: { kind: 'swiglu' }, experts,
+    weights: new Float64Array(T * K).fill(1), x: scaled, W1: p.W1, W2: p.W2, lora1: [], lora2: [],
+  });
+  const out = new Float64Array(T * H);
+  for (let t = 0; t < T; t++) {
+    const a = new Float64Array(Is);
+    for (let j = 0; j < Is; j++) {
+      let g = 0;
+      let u = 0;
+      for (let i = 0; i < H; i++) {
+        g += p.sg[j * H + i] * p.x[t * H + i];
+        u += p.su[j * H + i] * p.x[t * H + i];
+      }
+      a[j] = silu(g) * u;
+    }
+    for (let o = 0; o < H; o++) {
+      let v = 0;
+      for (let j = 0; j < Is; j++) v += p.sd[o * Is + j] * a[j];
+      for (let k = 0; k < K; k++) v += routed[(t * K + k) * H + o];
+      out[t * H + o] = v;
+    }
+  }
+  return { out, experts, margin };
+}
+
+function params64(rng: Rng, d: Dims): Params64 {
+  const { T, H, I, E, Is } = d;
+  return {
+    x: asF32(rng.array(T * H)), router: asF32(rng.array(E * H, 1.5)), W1: asF32(rng.array(E * 2 * I * H, 0.5)),
+    W2: asF32(rng.array(E * H * I, 0.5)), sg: asF32(rng.array(Is * H, 0.5)), su: asF32(rng.array(Is * H, 0.5)),
+    sd: asF32(rng.array(H * Is, 0.5)),
+  };
+}
+
+function blockInputs(p: Params64, d: Dims): { x: tf.Tensor2D; weights: MoEBlockWeights } {
+  const { T, H, I, E, Is } = d;
+  return {
+    x: tensorOf(p.x, [T, H]) as tf.Tensor2D,
+    weights: {
+      router: { weight: tensorOf(p.router, [E, H]) as tf.Tensor2D },
+      experts: { gateUp: tensorOf(p.W1, [E, 2 * I, H]) as tf.Tensor3D, down: tensorOf(p.W2, [E, H, I]) as tf.Tensor3D },
+      shared: {
+        gate: tensorOf(p.sg, [Is, H]) as tf.Tensor2D, up: tensorOf(p.su, [Is, H]) as tf.Tensor2D,
+        down: tensorOf(p.sd, [H, Is]) as tf.Tensor2D,
+      },
+    },
+  };
+}
+
+const configOf = (K: number): MoEBlockConfig =>
+  ({ routing: { kind: 'topKSigmoid', topK: K }, activation: { kind: 'swiglu' }, weightedInput: true });
+
+describe('moeBlock with weightedInput (Llama 4: Σ_k expert_k(sigmoid(z_k)·x) + shared expert)', () => {
+  for (const K of [1, 2]) {
+    for (const kernel of ['fused', 'reference']) {
+      it(`${kernel}, K=${K}: output, routing and every gradient vs float64 and finite differences`, () => {
+        const d: Dims = { T: 5, H: 6, I: 3, E: 4, K, Is: 4 };
+        const rng = new Rng(40 + K);
+        let p: Params64;
+        do p = params64(rng, d); while (llama4Block64(p, d).margin < 1e-2);
+        const g64 = asF32(rng.array(d.T * d.H));
+        const ref = llama4Block64(p, d);
+        const { x, weights } = blockInputs(p, d);
+        const g = tensorOf(g64, [d.T, d.H]);
+        const flat = (w: MoEBlockWeights) =>
+          [w.router.weight, w.experts.gateUp as tf.Tensor, w.experts.down as tf.Tensor, w.shared!.gate, w.shared!.up, w.shared!.down];
+        expectNoLeak(() => {
+          const { out, routing } = moeBlock(x, weights, configOf(K), { expertKernel: kernel, trainExpertWeights: true });
+          expect(Array.from(routing.experts.dataSync()), 'experts').to.deep.equal(Array.from(ref.experts));
+          expectClose(out, ref.out, 1e-5, 'out');
+          const loss = (xIn: tf.Tensor, wg: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor, sg: tf.Tensor, su: tf.Tensor, sd: tf.Tensor) => {
+            const r = moeBlock(xIn as tf.Tensor2D, {
+              router: { weight: wg as tf.Tensor2D },
+              experts: { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D },
+              shared: { gate: sg as tf.Tensor2D, up: su as tf.Tensor2D, down: sd as tf.Tensor2D },
+            }, configOf(K), { expertKernel: kernel, trainExpertWeights: true });
+            tf.dispose([r.routing.weights, r.routing.experts, r.routing.logits]);
+            return tf.sum(tf.mul(r.out, g));
+          };
+          const grads = tf.grads(loss)([x, ...flat(weights)]);
+          NAMES.forEach((name, i) => {
+            const f = (v: Float64Array) => {
+              const o = llama4Block64({ ...p, [name]: v }, d).out;
+              return o.reduce((s, value, j) => s + value * g64[j], 0);
+            };
+            expectClose(grads[i], finiteDifferences(f, Float64Array.from(p[name])), 1e-4, `d${name}`);
+          });
+          tf.dispose([out, routing.weights, routing.experts, routing.logits, ...grads]);
+        });
+        tf.dispose([x, g, ...flat(weights)]);
+      });
+    }
+  }
+
+  for (const loraMode of ['split', 'materialize'] as const) {
+    it(`fused = reference with router and expert LoRA (${loraMode}), K=2: output and every LoRA gradient`, () => {
+      const d: Dims = { T: 9, H: 8, I: 4, E: 6, K: 2, Is: 5 };
+      const rng = new Rng(77);
+      const p = params64(rng, d);
+      const { x, weights } = blockInputs(p, d);
+      const r = 2;
+      const t = (shape: number[]) => tensorOf(rng.array(shape.reduce((a, b) => a * b, 1), 0.3), shape) as tf.Tensor2D;
+      const factors = [t([r * d.E, d.H]), t([2 * d.I, r * d.E]), t([r * d.E, d.I]), t([d.H, r * d.E]), t([r, d.H]), t([d.E, r])];
+      const g = tensorOf(rng.array(d.T * d.H), [d.T, d.H]);
+      const run = (kernel: string) => {
+        const f = (xIn: tf.Tensor, ...fs: tf.Tensor[]) => {
+          const [a1, b1, a2, b2, ar, br] = fs as tf.Tensor2D[];
+          const res = moeBlock(xIn as tf.Tensor2D, {
+            router: { ...weights.router, lora: [{ A: ar, B: br, scaling: 2 }] },
+            experts: { ...weights.experts, gateUpLoRA: [{ A: a1, B: b1, scaling: 2 }], downLoRA: [{ A: a2, B: b2, scaling: 2 }] },
+            shared: weights.shared,
+          }, configOf(2), { expertKernel: kernel, loraMode });
+          tf.dispose([res.routing.weights, res.routing.experts, res.routing.logits]);
+          return tf.sum(tf.mul(res.out, g));
+        };
+        return tf.valueAndGrads(f)([x, ...factors]);
+      };
+      expectNoLeak(() => {
+        const fused = run('fused');
+        const ref = run('reference');
+        expectClose(fused.value, ref.value, 1e-5, 'loss');
+        fused.grads.forEach((gr, i) => expectClose(gr, ref.grads[i], 1e-5, `grad ${i}`));
+        tf.dispose([fused.value, ref.value, ...fused.grads, ...ref.grads]);
+      });
+      tf.dispose([x, g, ...factors, weights.router.weight, weights.experts.gateUp as tf.Tensor,
+        weights.experts.down as tf.Tensor, weights.shared!.gate, weights.shared!.up, weights.shared!.down]);
+    });
+  }
+
+  it('refuses a weightedInput that is not a boolean', () => {
+    const x = tf.zeros([2, 4]) as tf.Tensor2D;
+    const weights: MoEBlockWeights = {
+      router: { weight: tf.zeros([2, 4]) }, experts: { gateUp: tf.zeros([2, 6, 4]), down: tf.zeros([2, 4, 3]) },
+    };
+    const bad = { ...configOf(1), weightedInput: 'yes' } as unknown as MoEBlockConfig;
+    expect(() => moeBlock(x, weights, bad)).to.throw(OpArgumentError,
+        "`moeBlock()`: 'config.weightedInput' must be a boolean but got \"yes\" (string)");
+    tf.dispose([x, weights.router.weight, weights.experts.gateUp as tf.Tensor, weights.experts.down as tf.Tensor]);
+  });
+});
