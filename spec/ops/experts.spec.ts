@@ -43,6 +43,7 @@ describe('fusedExperts', () => {
     ['experts with no tokens', { T: 6, H: 5, I: 2, E: 6, K: 2, routing: 'skip' }],
     ['gpt-oss layout, biases, clamped GLU', { T: 5, H: 6, I: 4, E: 4, K: 2, layout: 'inOutInterleaved', bias: true,
       activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.8 } }],
+    ['Llama 4 layout (W stored [E, in, out], gate half then up half)', { T: 6, H: 5, I: 3, E: 4, K: 2, layout: 'inOut' }],
   ];
   for (const [name, spec] of cases) {
     it(`matches float64 and finite differences: ${name}`, () => {
@@ -62,6 +63,11 @@ describe('fusedExperts', () => {
       const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOutInterleaved', bias: true, lora1: [2], lora2: [1],
         activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.2 } }, 31);
       checkAgainstReference(c, { trainBase: false, loraMode: mode }, 32);
+      c.dispose();
+    });
+    it(`expert LoRA (${mode}) on the Llama 4 transposed layout`, () => {
+      const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOut', lora1: [2], lora2: [1] }, 33);
+      checkAgainstReference(c, { trainBase: false, loraMode: mode }, 34);
       c.dispose();
     });
   }

@@ -86,13 +86,21 @@ function params64(rng: Rng, d: Dims): Params64 {
   };
 }
 
-function blockInputs(p: Params64, d: Dims): { x: tf.Tensor2D; weights: MoEBlockWeights } {
+/** The block's tensors; with layout 'inOut' the experts are stored [E, in, out] as Llama 4's checkpoints hold them. */
+function blockInputs(p: Params64, d: Dims, layout: 'outIn' | 'inOut' = 'outIn'): { x: tf.Tensor2D; weights: MoEBlockWeights } {
   const { T, H, I, E, Is } = d;
+  const expert = (data: Float64Array, shape: number[]) => {
+    const w = tensorOf(data, shape);
+    if (layout === 'outIn') return w as tf.Tensor3D;
+    const t = tf.transpose(w, [0, 2, 1]) as tf.Tensor3D;
+    w.dispose();
+    return t;
+  };
   return {
     x: tensorOf(p.x, [T, H]) as tf.Tensor2D,
     weights: {
       router: { weight: tensorOf(p.router, [E, H]) as tf.Tensor2D },
-      experts: { gateUp: tensorOf(p.W1, [E, 2 * I, H]) as tf.Tensor3D, down: tensorOf(p.W2, [E, H, I]) as tf.Tensor3D },
+      experts: { gateUp: expert(p.W1, [E, 2 * I, H]), down: expert(p.W2, [E, H, I]), layout },
       shared: {
         gate: tensorOf(p.sg, [Is, H]) as tf.Tensor2D, up: tensorOf(p.su, [Is, H]) as tf.Tensor2D,
         down: tensorOf(p.sd, [H, Is]) as tf.Tensor2D,
@@ -105,16 +113,16 @@ const configOf = (K: number): MoEBlockConfig =>
   ({ routing: { kind: 'topKSigmoid', topK: K }, activation: { kind: 'swiglu' }, weightedInput: true });
 
 describe('moeBlock with weightedInput (Llama 4: Σ_k expert_k(sigmoid(z_k)·x) + shared expert)', () => {
-  for (const K of [1, 2]) {
+  for (const [K, layout] of [[1, 'inOut'], [2, 'outIn']] as const) {
     for (const kernel of ['fused', 'reference']) {
-      it(`${kernel}, K=${K}: output, routing and every gradient vs float64 and finite differences`, () => {
+      it(`${kernel}, K=${K}, experts '${layout}': output, routing and every gradient vs float64 and finite differences`, () => {
         const d: Dims = { T: 5, H: 6, I: 3, E: 4, K, Is: 4 };
         const rng = new Rng(40 + K);
         let p: Params64;
         do p = params64(rng, d); while (llama4Block64(p, d).margin < 1e-2);
         const g64 = asF32(rng.array(d.T * d.H));
         const ref = llama4Block64(p, d);
-        const { x, weights } = blockInputs(p, d);
+        const { x, weights } = blockInputs(p, d, layout);
         const g = tensorOf(g64, [d.T, d.H]);
         const flat = (w: MoEBlockWeights) =>
           [w.router.weight, w.experts.gateUp as tf.Tensor, w.experts.down as tf.Tensor, w.shared!.gate, w.shared!.up, w.shared!.down];
@@ -125,7 +133,7 @@ describe('moeBlock with weightedInput (Llama 4: Σ_k expert_k(sigmoid(z_k)·x) +
           const loss = (xIn: tf.Tensor, wg: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor, sg: tf.Tensor, su: tf.Tensor, sd: tf.Tensor) => {
             const r = moeBlock(xIn as tf.Tensor2D, {
               router: { weight: wg as tf.Tensor2D },
-              experts: { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D },
+              experts: { gateUp: w1 as tf.Tensor3D, down: w2 as tf.Tensor3D, layout },
               shared: { gate: sg as tf.Tensor2D, up: su as tf.Tensor2D, down: sd as tf.Tensor2D },
             }, configOf(K), { expertKernel: kernel, trainExpertWeights: true });
             tf.dispose([r.routing.weights, r.routing.experts, r.routing.logits]);
@@ -137,7 +145,11 @@ describe('moeBlock with weightedInput (Llama 4: Σ_k expert_k(sigmoid(z_k)·x) +
               const o = llama4Block64({ ...p, [name]: v }, d).out;
               return o.reduce((s, value, j) => s + value * g64[j], 0);
             };
-            expectClose(grads[i], finiteDifferences(f, Float64Array.from(p[name])), 1e-4, `d${name}`);
+            // the experts' gradients come in the layout of the weights; the float64 ones are [E, out, in]
+            const grad = layout === 'inOut' && (name === 'W1' || name === 'W2') ?
+              tf.transpose(grads[i], [0, 2, 1]) : tf.clone(grads[i]);
+            expectClose(grad, finiteDifferences(f, Float64Array.from(p[name])), 1e-4, `d${name}`);
+            grad.dispose();
           });
           tf.dispose([out, routing.weights, routing.experts, routing.logits, ...grads]);
         });
@@ -151,7 +163,7 @@ describe('moeBlock with weightedInput (Llama 4: Σ_k expert_k(sigmoid(z_k)·x) +
       const d: Dims = { T: 9, H: 8, I: 4, E: 6, K: 2, Is: 5 };
       const rng = new Rng(77);
       const p = params64(rng, d);
-      const { x, weights } = blockInputs(p, d);
+      const { x, weights } = blockInputs(p, d, 'inOut');
       const r = 2;
       const t = (shape: number[]) => tensorOf(rng.array(shape.reduce((a, b) => a * b, 1), 0.3), shape) as tf.Tensor2D;
       const factors = [t([r * d.E, d.H]), t([2 * d.I, r * d.E]), t([r * d.E, d.I]), t([d.H, r * d.E]), t([r, d.H]), t([d.E, r])];

@@ -80,16 +80,17 @@ export interface RouterWeights {
 /**
  * 'outIn': HF default, W1 [E, 2I, H] (gate rows then up rows), W2 [E, H, I].
  * 'inOutInterleaved': gpt-oss, W1 [E, H, 2I] with gate = even columns, W2 [E, I, H].
+ * 'inOut': Llama 4, W1 [E, H, 2I] with gate = the first I columns, up the last I, W2 [E, I, H].
  */
-export type ExpertLayout = 'outIn' | 'inOutInterleaved';
+export type ExpertLayout = 'outIn' | 'inOutInterleaved' | 'inOut';
 
 export interface ExpertWeights {
   /**
-   * W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOutInterleaved'); float32, or a PackedExpertWeight
+   * W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOut', 'inOutInterleaved'); float32, or a PackedExpertWeight
    * (bf16/f16 halves in int32, frozen: never trained, see src/ops/packed.ts)
    */
   gateUp: ExpertWeightTensor;
-  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOutInterleaved'); float32 or packed like gateUp */
+  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOut', 'inOutInterleaved'); float32 or packed like gateUp */
   down: ExpertWeightTensor;
   /** [E, 2I] (gpt-oss), in the same column order as gateUp's output */
   gateUpBias?: Tensor2D;

@@ -113,7 +113,7 @@ export function referenceExperts(
     weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceExpertsOptions = {}): tf.Tensor2D {
   const op = 'referenceExperts';
   const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
-  const { numTokens: t, topK: k, numExperts, transposed } = dims;
+  const { numTokens: t, topK: k, numExperts, transposed, interleaved } = dims;
   const chosen = chosenExperts(op, routing.experts, numExperts, options.hostExperts);
   return tf.tidy(() => {
     // the oracle decodes packed (bf16/f16) experts whole, once per call; they get no gradient
@@ -139,7 +139,7 @@ export function referenceExperts(
       const xe = options.weightedInput ? tf.mul(tf.gather(x, tokenIdx), tf.expandDims(w, 1)) as tf.Tensor2D : tf.gather(x, tokenIdx);
       let h = expertProjection(xe, gateUp, e, weights.gateUpLoRA ?? [], transposed, upMasks, pairIdx);
       if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
-      const a = activate(h, activation, transposed) as tf.Tensor2D;
+      const a = activate(h, activation, interleaved) as tf.Tensor2D;
       let y: tf.Tensor = expertProjection(a, down, e, weights.downLoRA ?? [], transposed, downMasks, pairIdx);
       if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
       out = tf.add(out, tf.unsortedSegmentSum(options.weightedInput ? y : tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
