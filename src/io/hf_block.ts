@@ -82,7 +82,8 @@ export interface BlockTensorPlan {
   router: { weight: Expected; bias?: Expected; correctionBias?: Expected };
   experts:
     | { kind: 'perExpert'; gate: Expected[]; up: Expected[]; down: Expected[] }
-    | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected };
+    | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected }
+    | { kind: 'fusedInOut'; gateUp: Expected; down: Expected };
   shared?: { gate: Expected; up: Expected; down: Expected; sigmoidGate?: Expected };
 }
 
@@ -116,6 +117,10 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
       gate: perExpert(layout.experts.gate, [I, H]),
       up: perExpert(layout.experts.up, [I, H]),
       down: perExpert(layout.experts.down, [H, I]),
+    } : layout.experts.kind === 'fusedInOut' ? {
+      kind: 'fusedInOut',
+      gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
+      down: at(layout.experts.down, [E, I, H]),
     } : {
       kind: 'fusedInterleaved',
       gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
@@ -142,6 +147,8 @@ function planEntries(plan: BlockTensorPlan): Expected[] {
   const ex = plan.experts;
   if (ex.kind === 'perExpert') {
     all.push(...ex.gate, ...ex.up, ...ex.down);
+  } else if (ex.kind === 'fusedInOut') {
+    all.push(ex.gateUp, ex.down);
   } else {
     all.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   }
@@ -198,7 +205,7 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
 /**
  * Reads layer `layerIndex`'s MoE block: router, experts (Hub per-expert tensors fused on load:
  * gateUp[e] = gate_proj[e] rows then up_proj[e] rows → [E, 2I, H], down → [E, H, I]; gpt-oss
- * kept as stored, layout 'inOutInterleaved') and shared experts. Every tensor is checked before
+ * kept as stored, layout 'inOutInterleaved'; Llama 4 kept as stored, layout 'inOut') and shared experts. Every tensor is checked before
  * any is read; a mismatch throws one error that lists every missing or misshapen tensor.
  * The caller owns the returned tensors (see `disposeMoEBlockWeights`).
  *
@@ -262,6 +269,12 @@ export async function loadMoEBlockWeights(
       const down = track(kind ? await fuseRowsPacked(file, kind, E, [ex.down], [H, I]) :
         await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
+    } else if (ex.kind === 'fusedInOut') {
+      experts = {
+        gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I]
+        down: kind ? await readPacked(ex.down) : await read<Tensor3D>(ex.down),        // [E, I, H]
+        layout: 'inOut',
+      };
     } else {
       experts = {
         gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I]

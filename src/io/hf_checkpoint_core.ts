@@ -111,6 +111,7 @@ export function planTensors(plan: BlockTensorPlan): Expected[] {
   const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') out.push(...ex.gate, ...ex.up, ...ex.down);
+  else if (ex.kind === 'fusedInOut') out.push(ex.gateUp, ex.down);
   else out.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
   return out.filter((e): e is Expected => e !== undefined);

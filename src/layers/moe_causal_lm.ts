@@ -37,13 +37,16 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
 export type MoECausalLM = tfl.LayersModel;
 
-/** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
+/** The model types that load as whole models; the others of MODEL_TYPES are block-only (BLOCK_ONLY_REASON). */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
 ];
 
-/** Why a block-only family has no whole model (none is block-only now). */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
+/** Why a block-only family has no whole model. */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
+  llama4_text: "Llama 4's attention (interleaved complex rope, NoPE layers with temperature tuning, chunked " +
+      'attention, L2 q/k norm) and its feed_forward module names are not built yet',
+};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {

@@ -14,16 +14,20 @@ export type HFConfig = Record<string, unknown>;
 
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
+  'llama4_text',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
 /**
- * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index), or
- * gpt-oss's fused tensors kept as stored ('fusedInterleaved'). Names are relative to the block.
+ * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index),
+ * gpt-oss's fused tensors kept as stored ('fusedInterleaved'), or Llama 4's fused [E, in, out]
+ * tensors kept as stored ('fusedInOut': gate_up [E, H, 2I] gate half first, down [E, I, H]).
+ * Names are relative to the block.
  */
 export type ExpertCheckpoint =
   | { kind: 'perExpert'; gate: string; up: string; down: string }
-  | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string };
+  | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string }
+  | { kind: 'fusedInOut'; gateUp: string; down: string };
 
 /** Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`. */
 export interface CheckpointLayout {
@@ -55,6 +59,8 @@ export interface MoEFamily {
     grouped?: boolean;
     /** key of routed_scaling_factor */
     scalingFactorKey?: string;
+    /** the routing weight scales the expert's input, not its output (Llama 4; MoEBlockConfig.weightedInput) */
+    weightedInput?: boolean;
   };
   activation: 'swiglu' | 'clampedSwiglu';
   /**
@@ -65,9 +71,11 @@ export interface MoEFamily {
   hiddenActs: readonly string[] | null;
   /**
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
-   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers;
+   * 'interleaveStep' (Llama 4): the layers listed in moe_layers, or when it is not set
+   * i = step − 1, 2·step − 1, ... with step = interleave_moe_layer_step.
    */
-  moeLayers: 'all' | 'firstKDense' | 'sparseStep';
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interleaveStep';
   checkpoint: CheckpointLayout;
   /** present when the block has shared experts */
   sharedSize?: SharedSize;
@@ -152,6 +160,42 @@ const DEEPSEEK_LIKE = {
   sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'n_shared_experts' },
   parameters: SHARED_EXPERTS_PARAMETERS,
 } as const;
+
+/**
+ * Llama 4's text model (Llama4ForCausalLM, model_type 'llama4_text'): top-k sigmoid routing that
+ * scales the expert's input, a shared expert of intermediate_size, fused [E, in, out] experts
+ * under `feed_forward`, MoE every interleave_moe_layer_step-th layer (dense ones use
+ * intermediate_size_mlp).
+ */
+const LLAMA4_TEXT: MoEFamily = {
+  modelType: 'llama4_text',
+  expertCountKeys: ['num_local_experts'],
+  expertIntermediateKey: 'intermediate_size',
+  defaults: { num_local_experts: 16, num_experts_per_tok: 1, interleave_moe_layer_step: 1, intermediate_size: 8192 },
+  routing: { kind: 'topKSigmoid', weightedInput: true },
+  activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
+  moeLayers: 'interleaveStep',
+  checkpoint: {
+    block: 'feed_forward',
+    router: { weight: 'router.weight' },
+    experts: { kind: 'fusedInOut', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+    shared: {
+      gate: 'shared_expert.gate_proj.weight',
+      up: 'shared_expert.up_proj.weight',
+      down: 'shared_expert.down_proj.weight',
+    },
+  },
+  sharedSize: { key: 'intermediate_size' },
+  parameters: {
+    'router.weight': 'router.weight',
+    'experts.gate_up_proj': 'experts.gateUp',
+    'experts.down_proj': 'experts.down',
+    'shared_expert.gate_proj.weight': 'shared.gate',
+    'shared_expert.up_proj.weight': 'shared.up',
+    'shared_expert.down_proj.weight': 'shared.down',
+  },
+};
 
 /** The table. Defaults are those of the transformers 5 config classes. */
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
@@ -277,6 +321,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
       'experts.down_proj_bias': 'experts.downBias',
     },
   },
+  llama4_text: LLAMA4_TEXT,
 };
 
 /**
@@ -408,7 +453,7 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
     alpha: configNumber(op, family, config, 'swiglu_alpha'),
     limit: configNumber(op, family, config, 'swiglu_limit'),
   };
-  return { routing, activation };
+  return spec.weightedInput ? { routing, activation, weightedInput: true } : { routing, activation };
 }
 
 /** Whether decoder layer `layer` holds an MoE block (the others are dense MLPs). */
@@ -429,6 +474,18 @@ export function isMoELayer(config: HFConfig, layer: number): boolean {
         fail(op, `'config.mlp_only_layers' must be a list of layer indices but got ${JSON.stringify(mlpOnly)}`);
       }
       return !mlpOnly.includes(layer) && (layer + 1) % step === 0;
+    }
+    case 'interleaveStep': {
+      // Llama4TextConfig: an explicit moe_layers list wins over interleave_moe_layer_step
+      const listed = config['moe_layers'];
+      if (listed != null) {
+        if (!Array.isArray(listed) || !listed.every(i => Number.isInteger(i) && i >= 0 && i < layers)) {
+          fail(op, `'config.moe_layers' must be a list of layer indices in [0, ${layers}) but got ${JSON.stringify(listed)}`);
+        }
+        return listed.includes(layer);
+      }
+      const step = configInteger(op, family, config, 'interleave_moe_layer_step');
+      return (layer + 1) % step === 0;
     }
   }
 }
