@@ -139,7 +139,7 @@ describe('MoECausalLM', () => {
   it('builds every family whole, and refuses settings the graph does not implement', async () => {
     expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3']);
     // the block-only families: their block loads, their decoder is refused with the reason
-    expect(MODEL_TYPES.filter(t => !WHOLE_MODEL_TYPES.includes(t))).to.deep.equal(['llama4_text']);
+    expect(MODEL_TYPES.filter(t => !WHOLE_MODEL_TYPES.includes(t))).to.deep.equal(['llama4_text', 'mistral4']);
     expect(() => buildMoECausalLM({
       model_type: 'llama4_text', vocab_size: 97, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
       num_local_experts: 4, intermediate_size: 32,
@@ -185,6 +185,6 @@ describe('MoECausalLM', () => {
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);
     dense.dispose();
     expect(() => buildMoECausalLM({ ...qwen3, model_type: 'llama' }))
-      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text' (the supported MoE families) but got 'llama'");
+      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4' (the supported MoE families) but got 'llama'");
   });
 });

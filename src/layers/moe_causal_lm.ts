@@ -46,6 +46,7 @@ export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
 const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
   llama4_text: "Llama 4's attention (interleaved complex rope, NoPE layers with temperature tuning, chunked " +
       'attention, L2 q/k norm) and its feed_forward module names are not built yet',
+  mistral4: "Mistral 4's attention (MLA with YaRN, its mscale softmax factor and Llama 4 position scaling) is not built yet",
 };
 
 /** Everything the graph needs, read from an HF config.json. */

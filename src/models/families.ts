@@ -14,7 +14,7 @@ export type HFConfig = Record<string, unknown>;
 
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
-  'llama4_text',
+  'llama4_text', 'mistral4',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
@@ -197,6 +197,24 @@ const LLAMA4_TEXT: MoEFamily = {
   },
 };
 
+/**
+ * Mistral 4 (Mistral4ForCausalLM): DeepSeek-V3's block and layout without the correction bias,
+ * softmax scores with group-limited top-k (Mistral4TopkRouter), shared experts.
+ */
+const MISTRAL4: MoEFamily = {
+  ...DEEPSEEK_LIKE,
+  modelType: 'mistral4',
+  routing: {
+    kind: 'softmaxGroupTopK', renormalize: { key: 'norm_topk_prob' }, grouped: true,
+    scalingFactorKey: 'routed_scaling_factor',
+  },
+  checkpoint: { ...DEEPSEEK_LIKE.checkpoint, router: { weight: 'gate.weight' } },
+  defaults: {
+    n_routed_experts: 128, num_experts_per_tok: 4, n_group: 1, topk_group: 1,
+    norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 0, n_shared_experts: 1,
+  },
+};
+
 /** The table. Defaults are those of the transformers 5 config classes. */
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   mixtral: {
@@ -322,6 +340,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
     },
   },
   llama4_text: LLAMA4_TEXT,
+  mistral4: MISTRAL4,
 };
 
 /**
