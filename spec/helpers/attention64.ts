@@ -8,7 +8,8 @@ export type Weights = Record<string, Float64Array>;
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
     'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
-    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling'> & { rotaryDim?: number };
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleaved' | 'rope' | 'temperatureTuning' |
+      'attentionChunkSize'> & { rotaryDim?: number };
 
 /**
  * float64 YaRN frequencies, written from the paper's definition: the ramp runs over the
@@ -56,7 +57,19 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) : yarn64(rd, a.ropeTheta, scaling);
   const m = scaling === null ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
+    if (a.rope === false) return;
     const half = rd / 2;
+    if (a.ropeInterleaved) {
+      // Llama 4: (v[2i] + i·v[2i+1]) · e^{i·p·f_i}, as torch.view_as_complex pairs adjacent values
+      for (let i = 0; i < half; i++) {
+        const angle = p * freq[i];
+        const re = v[off + 2 * i];
+        const im = v[off + 2 * i + 1];
+        v[off + 2 * i] = m * (re * Math.cos(angle) - im * Math.sin(angle));
+        v[off + 2 * i + 1] = m * (re * Math.sin(angle) + im * Math.cos(angle));
+      }
+      return;
+    }
     for (let i = 0; i < half; i++) {
       const angle = p * freq[i];
       const x1 = v[off + i];
@@ -79,13 +92,20 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       if (a.clipQKV !== null) {
         for (const t of [qp, kp, vp]) for (let i = 0; i < t.length; i++) t[i] = Math.min(a.clipQKV, Math.max(-a.clipQKV, t[i]));
       }
+      const ones = new Float64Array(d).fill(1);
+      // Llama 4: the weightless L2 norm after rope, then the NoPE layers' query temperature
+      const temperature = a.temperatureTuning ?
+        Math.log(1 + Math.floor((p + 1) / a.temperatureTuning.floorScale)) * a.temperatureTuning.attnScale + 1 : 1;
       for (let hh = 0; hh < nh; hh++) {
         if (a.qkNorm === 'perHead') rms(qp, hh * d, d, w['q_norm.weight']);
         rope(qp, hh * d, p);
+        if (a.qkNorm === 'l2') rms(qp, hh * d, d, ones);
+        for (let t = 0; t < d; t++) qp[hh * d + t] *= temperature;
       }
       for (let hh = 0; hh < nkv; hh++) {
         if (a.qkNorm === 'perHead') rms(kp, hh * d, d, w['k_norm.weight']);
         rope(kp, hh * d, p);
+        if (a.qkNorm === 'l2') rms(kp, hh * d, d, ones);
       }
       q.push(qp); k.push(kp); v.push(vp);
     }
@@ -94,7 +114,10 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       for (let hh = 0; hh < nh; hh++) {
         const kvh = Math.floor(hh / rep);
         const keys = [];
-        for (let j = 0; j <= i; j++) if (a.slidingWindow === null || i - j < a.slidingWindow) keys.push(j);
+        const chunk = a.attentionChunkSize ?? null;
+        for (let j = 0; j <= i; j++) {
+          if ((a.slidingWindow === null || i - j < a.slidingWindow) && (chunk === null || Math.floor(i / chunk) === Math.floor(j / chunk))) keys.push(j);
+        }
         const scores = keys.map(j => {
           let dot = 0;
           for (let t = 0; t < d; t++) dot += q[i][hh * d + t] * k[j][kvh * d + t];

@@ -45,6 +45,12 @@ describe('RotaryAttention', () => {
     ['gpt-oss-like: sinks, YaRN rope, all biases, sliding window 3', {
       sinks: true, ropeScaling: YARN, qkvBias: true, outputBias: true, slidingWindow: 3,
     }],
+    ['Llama 4 rope layer: adjacent-pair (complex) rope, L2 q/k norm, chunks of 2', {
+      ropeInterleaved: true, qkNorm: 'l2', attentionChunkSize: 2,
+    }],
+    ['Llama 4 NoPE layer: no rope, temperature tuning (floor scale 2)', {
+      rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 },
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -61,7 +67,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3], cases[5]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };
@@ -119,6 +125,20 @@ describe('RotaryAttention', () => {
     gptOss.dispose();
   });
 
+  it("round-trips Llama 4's settings through its config (written only when used)", () => {
+    for (const args of [{ ropeInterleaved: true, qkNorm: 'l2', attentionChunkSize: 2 },
+      { rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 } }] as Array<Partial<RotaryAttentionArgs>>) {
+      const { layer } = setup(args, 1);
+      const config = layer.getConfig();
+      for (const [key, value] of Object.entries(args)) expect(config[key], key).to.deep.equal(value);
+      expect((tfl.layers.Layer.fromConfig(RotaryAttention, config) as RotaryAttention).getConfig()).to.deep.equal(config);
+      layer.dispose();
+    }
+    const { layer } = setup({}, 1);
+    expect(Object.keys(layer.getConfig())).to.not.include.members(['ropeInterleaved', 'rope', 'temperatureTuning', 'attentionChunkSize']);
+    layer.dispose();
+  });
+
   it('rejects bad arguments', () => {
     const ok = { numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 1e4 };
     expect(() => new RotaryAttention({ ...ok, numKeyValueHeads: 3 }))
@@ -130,7 +150,19 @@ describe('RotaryAttention', () => {
     expect(() => new RotaryAttention({ ...ok, ropeTheta: -1 }))
       .to.throw("`RotaryAttention()`: 'ropeTheta' must be > 0 but got -1");
     expect(() => new RotaryAttention({ ...ok, qkNorm: 'rms' as never }))
-      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full' but got 'rms'");
+      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'l2' but got 'rms'");
+    expect(() => new RotaryAttention({ ...ok, ropeInterleaved: 'yes' as never }))
+      .to.throw("`RotaryAttention()`: 'ropeInterleaved' must be a boolean but got \"yes\" (string)");
+    expect(() => new RotaryAttention({ ...ok, headDim: 8, rotaryDim: 4, ropeInterleaved: true }))
+      .to.throw("`RotaryAttention()`: 'ropeInterleaved' rotates whole heads: 'rotaryDim' must be headDim (8) but got 4");
+    expect(() => new RotaryAttention({ ...ok, rope: 0 as never }))
+      .to.throw("`RotaryAttention()`: 'rope' must be a boolean but got 0 (number)");
+    expect(() => new RotaryAttention({ ...ok, temperatureTuning: { attnScale: NaN, floorScale: 4 } }))
+      .to.throw("`RotaryAttention()`: 'temperatureTuning.attnScale' must be a finite number but got NaN");
+    expect(() => new RotaryAttention({ ...ok, temperatureTuning: { attnScale: 0.1, floorScale: 0 } }))
+      .to.throw("`RotaryAttention()`: 'temperatureTuning.floorScale' must be > 0 but got 0");
+    expect(() => new RotaryAttention({ ...ok, attentionChunkSize: 0 }))
+      .to.throw("`RotaryAttention()`: 'attentionChunkSize' must be >= 1 but got 0");
     expect(() => new RotaryAttention({ ...ok, clipQKV: 0 }))
       .to.throw("`RotaryAttention()`: 'clipQKV' must be > 0 but got 0");
     expect(() => new RotaryAttention({ ...ok, slidingWindow: 0 }))
