@@ -5,7 +5,16 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource } from '../../src/io/hf_block.js';
+import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
+import { hfCheckpointTensors, saveHFCheckpoint } from '../../src/io/hf_save.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
+import type { RotaryAttention } from '../../src/layers/attention.js';
+import { addMoEAdapter, buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import {
   FAMILIES, type HFConfig, isMoELayer, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices,
@@ -14,6 +23,7 @@ import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { Rng, expectClose, expectNoLeak, tensorOf } from '../helpers/numeric.js';
+import { attention64 } from '../helpers/attention64.js';
 import { type Dims, llama4Block64, params64 } from '../ops/llama4_reference64.js';
 
 const CONFIG: HFConfig = {
@@ -110,6 +120,146 @@ describe('llama4_text (Llama4ForCausalLM)', () => {
       .to.throw(OpArgumentError, "`SparseMoE()`: 'weightedInput' must be a boolean but got 1 (number)");
     tf.dispose([x, out]);
     for (const w of layer.weights) w.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+});
+
+// ---- the whole model --------------------------------------------------------------------------
+
+/** A tiny Llama4ForCausalLM config shaped like the fixture's: layer 0 dense with rope and chunks, layer 1 MoE and NoPE. */
+const WHOLE: HFConfig = {
+  model_type: 'llama4_text', vocab_size: 23, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 4,
+  num_key_value_heads: 2, head_dim: 4, intermediate_size: 6, intermediate_size_mlp: 10, num_local_experts: 4,
+  num_experts_per_tok: 2, interleave_moe_layer_step: 2, no_rope_layers: [1, 0], use_qk_norm: true,
+  attention_chunk_size: 3, attn_temperature_tuning: true, floor_scale: 2, attn_scale: 0.5, rms_norm_eps: 1e-5,
+  rope_parameters: { rope_type: 'default', rope_theta: 50 }, tie_word_embeddings: false, hidden_act: 'silu',
+};
+
+/** Llama4ForCausalLM.forward in float64 from the checkpoint tensors `w` (HF names), for one row of ids. */
+function llama4Logits64(w: Record<string, Float64Array>, ids: number[]): Float64Array {
+  const H = 16;
+  const S = ids.length;
+  const rms = (v: Float64Array, weight?: Float64Array) => {
+    const out = new Float64Array(v.length);
+    for (let t = 0; t < v.length / H; t++) {
+      let ms = 0;
+      for (let i = 0; i < H; i++) ms += v[t * H + i] ** 2;
+      const inv = 1 / Math.sqrt(ms / H + 1e-5);
+      for (let i = 0; i < H; i++) out[t * H + i] = v[t * H + i] * inv * (weight ? weight[i] : 1);
+    }
+    return out;
+  };
+  let h = new Float64Array(S * H);
+  ids.forEach((id, t) => h.set(w['model.embed_tokens.weight'].subarray(id * H, (id + 1) * H), t * H));
+  const layers = [
+    { rope: true, qkNorm: 'l2' as const, temperatureTuning: null, attentionChunkSize: 3 },
+    { rope: false, qkNorm: 'none' as const, temperatureTuning: { attnScale: 0.5, floorScale: 2 }, attentionChunkSize: null },
+  ];
+  layers.forEach((settings, i) => {
+    const p = `model.layers.${i}.`;
+    const attnW = Object.fromEntries(['q_proj', 'k_proj', 'v_proj', 'o_proj'].map(n => [`${n}.weight`, w[`${p}self_attn.${n}.weight`]]));
+    const attn = attention64(rms(h, w[`${p}input_layernorm.weight`]), attnW, {
+      numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 50, qkvBias: false, outputBias: false, normEpsilon: 1e-5,
+      clipQKV: null, slidingWindow: null, ropeInterleaved: true, ...settings,
+    }, 1, S, H);
+    h = h.map((v, j) => v + attn[j]);
+    const x = rms(h, w[`${p}post_attention_layernorm.weight`]);
+    let mlp: Float64Array;
+    if (i === 0) {
+      const [g, u, d] = ['gate_proj', 'up_proj', 'down_proj'].map(n => w[`${p}feed_forward.${n}.weight`]);
+      mlp = new Float64Array(S * H);
+      for (let t = 0; t < S; t++) {
+        const a = Array.from({ length: 10 }, (_, j) => {
+          let gv = 0;
+          let uv = 0;
+          for (let k = 0; k < H; k++) { gv += g[j * H + k] * x[t * H + k]; uv += u[j * H + k] * x[t * H + k]; }
+          return gv / (1 + Math.exp(-gv)) * uv;
+        });
+        for (let o = 0; o < H; o++) mlp[t * H + o] = a.reduce((s, v, j) => s + v * d[o * 10 + j], 0);
+      }
+    } else {
+      const f = `${p}feed_forward.`;
+      mlp = llama4Block64({
+        x, router: w[`${f}router.weight`], W1: transposed(w[`${f}experts.gate_up_proj`], 4, H, 12),
+        W2: transposed(w[`${f}experts.down_proj`], 4, 6, H), sg: w[`${f}shared_expert.gate_proj.weight`],
+        su: w[`${f}shared_expert.up_proj.weight`], sd: w[`${f}shared_expert.down_proj.weight`],
+      }, { T: S, H, I: 6, E: 4, K: 2, Is: 6 }).out;
+    }
+    h = h.map((v, j) => v + mlp[j]);
+  });
+  const n = rms(h, w['model.norm.weight']);
+  const head = w['lm_head.weight'];
+  const logits = new Float64Array(S * 23);
+  for (let t = 0; t < S; t++) for (let o = 0; o < 23; o++) {
+    let v = 0;
+    for (let i = 0; i < H; i++) v += head[o * H + i] * n[t * H + i];
+    logits[t * 23 + o] = v;
+  }
+  return logits;
+}
+
+describe('llama4_text whole model (Llama4ForCausalLM)', () => {
+  it('builds the decoder Llama 4 describes, with the checkpoint names configTensorPlan lists', () => {
+    const before = tf.memory().numTensors;
+    const model = buildMoECausalLM(WHOLE, { expertKernel: 'fused' });
+    const { tensors } = hfCheckpointTensors(model);
+    const plan = configTensorPlan(WHOLE).all;
+    expect(Object.keys(tensors).sort()).to.deep.equal(plan.map(e => e.name).sort());
+    for (const e of plan) expect(tensors[e.name].shape, e.name).to.deep.equal(e.shape);
+    const attn = model.getLayer('model.layers.0.self_attn') as RotaryAttention;
+    expect([attn.rope, attn.ropeInterleaved, attn.qkNorm, attn.attentionChunkSize, attn.temperatureTuning]).to.deep.equal([true, true, 'l2', 3, null]);
+    const nope = model.getLayer('model.layers.1.self_attn') as RotaryAttention;
+    expect([nope.rope, nope.qkNorm, nope.attentionChunkSize, nope.temperatureTuning]).to.deep.equal([false, 'none', null, { attnScale: 0.5, floorScale: 2 }]);
+    tf.dispose(Object.values(tensors));
+    model.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  for (const expertKernel of ['fused', 'reference']) {
+    it(`${expertKernel}: logits equal a float64 transcription of Llama4ForCausalLM (chunks, NoPE, temperature, MoE)`, () => {
+      const model = buildMoECausalLM(WHOLE, { expertKernel });
+      // weights redrawn larger than the init so that routing, chunks and the temperature all matter
+      const rng = new Rng(3);
+      for (const v of model.weights) {
+        const size = v.shape.reduce((a: number, b) => a * (b as number), 1);
+        const isNorm = v.originalName.includes('norm');
+        v.write(tensorOf(rng.array(size, isNorm ? 0.2 : 0.5).map(x => (isNorm ? 1 + x : x)), v.shape as number[]));
+      }
+      const { tensors } = hfCheckpointTensors(model);
+      const w = Object.fromEntries(Object.entries(tensors).map(([k, t]) => [k, Float64Array.from(t.dataSync())]));
+      tf.dispose(Object.values(tensors));
+      const ids = [3, 17, 5, 9, 22, 1, 14];
+      const input = tf.tensor2d([ids], [1, 7], 'int32');
+      expectNoLeak(() => {
+        const logits = model.predict(input) as tf.Tensor;
+        expectClose(logits, llama4Logits64(w, ids), 1e-4, 'logits');
+        logits.dispose();
+      });
+      input.dispose();
+      model.dispose();
+    });
+  }
+
+  it('saves as a Hub checkpoint and a PEFT adapter that load back to the same logits', async () => {
+    const before = tf.memory().numTensors;
+    const model = buildMoECausalLM(WHOLE, { expertKernel: 'fused' });
+    addMoEAdapter(model, { name: 'default', r: 2, alpha: 4, targets: ['experts.gate_up', 'experts.down', 'router'] }, 'random');
+    const dir = await tempDir();
+    await saveHFCheckpoint(model, join(dir, 'base'));
+    await savePeftAdapter(model, join(dir, 'adapter'));
+    const config = JSON.parse(await readFile(join(dir, 'adapter', 'adapter_config.json'), 'utf8')) as Record<string, unknown>;
+    expect(config['auto_mapping']).to.deep.equal(
+        { base_model_class: 'Llama4ForCausalLM', parent_library: 'transformers.models.llama4.modeling_llama4' });
+    const again = await loadHFCheckpoint(join(dir, 'base'), { expertKernel: 'fused' });
+    expect(sparseMoELayers(again).map(l => l.name)).to.deep.equal(['model.layers.1.feed_forward']);
+    await loadPeftAdapter(again, join(dir, 'adapter'));
+    const input = tf.tensor2d([[4, 8, 15, 16, 22, 0]], [1, 6], 'int32');
+    const [a, b] = [model, again].map(m => m.predict(input) as tf.Tensor);
+    expectClose(b, a, 1e-6, 'logits after save and load');
+    tf.dispose([a, b, input]);
+    model.dispose();
+    again.dispose();
+    await cleanup();
     expect(tf.memory().numTensors).to.equal(before);
   });
 });

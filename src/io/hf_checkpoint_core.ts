@@ -164,7 +164,7 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       }
       if (c.outputBias) at('self_attn.o_proj.bias', [H]);
       if (c.sinks) at('self_attn.sinks', [c.numHeads]);
-      if (c.qkNorm !== 'none') {
+      if (c.qkNorm === 'perHead' || c.qkNorm === 'full') {
         at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
         at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
       }
@@ -176,9 +176,9 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       all.push(...planTensors(plan));
     } else {
       const I = c.denseIntermediateSize!;
-      at('mlp.gate_proj.weight', [I, H]);
-      at('mlp.up_proj.weight', [I, H]);
-      at('mlp.down_proj.weight', [H, I]);
+      at(`${c.mlpModule}.gate_proj.weight`, [I, H]);
+      at(`${c.mlpModule}.up_proj.weight`, [I, H]);
+      at(`${c.mlpModule}.down_proj.weight`, [H, I]);
     }
   }
   add({ name: 'model.norm.weight', shape: [H] });

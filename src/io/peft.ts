@@ -109,6 +109,8 @@ const NEWEST_CHECKED_PEFT: readonly number[] = [0, 21];
  * them after the model type ('qwen3_moe' → Qwen3MoeForCausalLM in transformers.models.qwen3_moe.modeling_qwen3_moe).
  */
 function hfArchitecture(type: string): { base_model_class: string; parent_library: string } {
+  // Llama 4's text model lives in the llama4 module under the multimodal model's name
+  if (type === 'llama4_text') return { base_model_class: 'Llama4ForCausalLM', parent_library: 'transformers.models.llama4.modeling_llama4' };
   const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
   return { base_model_class: `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
 }
@@ -118,7 +120,9 @@ function adapterModelType(autoMapping: unknown): string | null {
   if (autoMapping === null || typeof autoMapping !== 'object') return null;
   const { parent_library: library, base_model_class: cls } = autoMapping as Json;
   const fromLibrary = typeof library === 'string' ? /^transformers\.models\.([a-z0-9_]+)\.modeling_/.exec(library)?.[1] : undefined;
-  if (fromLibrary !== undefined) return fromLibrary;
+  if (fromLibrary !== undefined) {
+    return MODEL_TYPES.find(t => hfArchitecture(t).parent_library === library && hfArchitecture(t).base_model_class === cls) ?? fromLibrary;
+  }
   if (typeof cls !== 'string') return null;
   const known = MODEL_TYPES.find(t => hfArchitecture(t).base_model_class.replace(/ForCausalLM$/, '') === cls.replace(/For[A-Za-z]+$/, ''));
   return known ?? cls;

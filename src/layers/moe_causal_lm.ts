@@ -15,8 +15,9 @@
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
- * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary) and
- * deepseek_v3 (MLAAttention).
+ * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
+ * deepseek_v3 (MLAAttention) and llama4_text (RotaryAttention with Llama 4's per-layer settings:
+ * rope or NoPE, chunked attention, L2 q/k norm, temperature tuning; its MLPs under 'feed_forward').
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -26,7 +27,7 @@ import {
 import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js';
 import { fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
-import { RotaryAttention, type QKNorm } from './attention.js';
+import { RotaryAttention, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { MLAAttention } from './mla_attention.js';
@@ -39,13 +40,11 @@ export type MoECausalLM = tfl.LayersModel;
 
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only (BLOCK_ONLY_REASON). */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
-  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text',
 ];
 
 /** Why a block-only family has no whole model. */
 const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  llama4_text: "Llama 4's attention (interleaved complex rope, NoPE layers with temperature tuning, chunked " +
-      'attention, L2 q/k norm) and its feed_forward module names are not built yet',
   mistral4: "Mistral 4's attention (MLA with YaRN, its mscale softmax factor and Llama 4 position scaling) is not built yet",
 };
 
@@ -75,6 +74,10 @@ export interface MoECausalLMConfig {
   layerWindows: Array<number | null>;
   /** attention sinks (gpt_oss) */
   sinks: boolean;
+  /** per decoder layer, Llama 4's attention settings (rope or NoPE, chunks, L2 q/k norm, temperature); else null */
+  llama4Layers: Llama4LayerAttention[] | null;
+  /** the module name of each layer's MLP / MoE block: 'mlp', Llama 4's 'feed_forward' */
+  mlpModule: string;
   tieWordEmbeddings: boolean;
   initializerRange: number;
   /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
@@ -90,8 +93,16 @@ export interface MoECausalLMConfig {
     sharedExpert: { intermediateSize: number; gated: boolean } | null;
     /** gpt_oss: experts stored [E, in, out] with gate/up interleaved, expert and router biases */
     fusedInterleaved: boolean;
+    /** Llama 4: experts stored [E, in, out] (layout 'inOut') */
+    fusedInOut: boolean;
+    /** Llama 4: the routing weight scales the expert's input (MoEBlockConfig.weightedInput) */
+    weightedInput: boolean;
   };
 }
+
+/** What RotaryAttention takes per Llama 4 decoder layer (src/layers/attention.ts). */
+export type Llama4LayerAttention =
+  Required<Pick<RotaryAttentionArgs, 'rope' | 'ropeInterleaved' | 'qkNorm' | 'temperatureTuning' | 'attentionChunkSize'>>;
 
 /** The sizes of deepseek_v3's multi-head latent attention, as MLAAttention takes them. */
 export interface MLAConfig {
@@ -362,6 +373,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
           qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', traits.slidingWindow),
         };
+      case 'llama4_text':  // the q/k norm is per layer (llama4Layers below)
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       default:  // olmoe
         return {
           qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'full', slidingWindow: null,
@@ -378,7 +391,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const attention = attentionDetails();
   const sinks = traits.sinks ?? false;
   const perLayerTypes = traits.layerTypes ?? false;
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
+  const llama4Layers = modelType === 'llama4_text' ? llama4LayerAttention(config, numLayers) : null;
+  // Llama 4's layer_types (chunked or full) are read by llama4LayerAttention
+  refuseUnappliedSettings(llama4Layers ? { ...config, layer_types: undefined } : config, modelType, numLayers,
+      attention.slidingWindow, perLayerTypes);
   const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
     Array.from({ length: numLayers }, () => attention.slidingWindow);
   if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
@@ -386,7 +402,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
         `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeSettings(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
+  const rope = ropeSettings(config, traits.ropeTheta ?? ROPE_THETA_DEFAULT[modelType] ?? 1e4, modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
@@ -408,9 +424,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     ...attention,
     layerWindows,
     sinks,
+    llama4Layers,
+    mlpModule: modelType === 'llama4_text' ? 'feed_forward' : 'mlp',
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
     initializerRange: num(config, 'initializer_range', 0.02),
-    denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
+    denseIntermediateSize: !needsDense ? null :
+      modelType === 'llama4_text' ? int(config, 'intermediate_size_mlp', 16384) : int(config, 'intermediate_size'),
     moeLayers,
     moe: {
       numExperts: dims.experts,
@@ -421,8 +440,53 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
+      fusedInOut: family.checkpoint.experts.kind === 'fusedInOut',
+      weightedInput: blockConfig.weightedInput ?? false,
     },
   };
+}
+
+/** rope_theta of the config classes that do not use 10000 (Llama4TextConfig.default_theta). */
+const ROPE_THETA_DEFAULT: Partial<Record<ModelType, number>> = { mixtral: 1e6, llama4_text: 500000 };
+
+/**
+ * Llama 4's attention per decoder layer, as Llama4TextAttention reads its config: rope where
+ * no_rope_layers[i] is 1 (default: every no_rope_layer_interval-th layer is NoPE), with the L2
+ * q/k norm there when use_qk_norm; the NoPE layers' queries temperature-tuned when
+ * attn_temperature_tuning; chunked attention on the layers layer_types calls 'chunked_attention'
+ * (default: the rope layers).
+ */
+function llama4LayerAttention(config: HFConfig, numLayers: number): Llama4LayerAttention[] {
+  const interval = int(config, 'no_rope_layer_interval', 4);
+  const given = config['no_rope_layers'];
+  // Llama4TextConfig: `no_rope_layers if no_rope_layers else default`, so an empty list means the default
+  const useRope = Array.isArray(given) && given.length > 0 ? given :
+    Array.from({ length: numLayers }, (_, i) => ((i + 1) % interval !== 0 ? 1 : 0));
+  if (useRope.length < numLayers || useRope.some(v => v !== 0 && v !== 1 && typeof v !== 'boolean')) {
+    fail(OP, `'config.no_rope_layers' must hold 1 (rope) or 0 (NoPE) for each of the ${numLayers} layers but got ${JSON.stringify(given)}`);
+  }
+  const types = config['layer_types'] ?? useRope.slice(0, numLayers).map(r => (r ? 'chunked_attention' : 'full_attention'));
+  const known = ['chunked_attention', 'full_attention'];
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => !known.includes(t))) {
+    fail(OP, `'config.layer_types' must list 'chunked_attention' or 'full_attention' for each of the ${numLayers} layers ` +
+        `but got ${JSON.stringify(config['layer_types'])}`);
+  }
+  const chunk = config['attention_chunk_size'] ?? 8192;
+  if (types.includes('chunked_attention') && (typeof chunk !== 'number' || !Number.isInteger(chunk) || chunk < 1)) {
+    fail(OP, `'config.attention_chunk_size' must be an integer >= 1 for the chunked_attention layers but got ${describeValue(chunk)}`);
+  }
+  const qkNorm = bool(config, 'use_qk_norm', true);
+  const tuning = bool(config, 'attn_temperature_tuning', true) ?
+    { attnScale: num(config, 'attn_scale', 0.1), floorScale: num(config, 'floor_scale', 8192) } : null;
+  if (tuning !== null && !(tuning.floorScale > 0)) fail(OP, `'config.floor_scale' must be > 0 but got ${tuning.floorScale}`);
+  return types.map((type, i) => {
+    const rope = Boolean(useRope[i]);
+    return {
+      rope, ropeInterleaved: true, qkNorm: rope && qkNorm ? 'l2' : 'none',
+      temperatureTuning: rope ? null : tuning,
+      attentionChunkSize: type === 'chunked_attention' ? chunk as number : null,
+    };
+  });
 }
 
 /** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
@@ -526,20 +590,23 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
         ropeScaling: c.ropeScaling, sinks: c.sinks,
+        ...(c.llama4Layers?.[i] ?? {}),
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
     const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps })).apply(h);
     const mlp = layer(c.moeLayers.includes(i) ?
       new SparseMoE({
-        name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
+        name: `${prefix}.${c.mlpModule}`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
         correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
         ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
+        ...(c.moe.fusedInOut ? { expertLayout: 'inOut' } as const : {}),
+        ...(c.moe.weightedInput ? { weightedInput: true } : {}),
       }) :
-      new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
+      new SwiGLUMLP({ name: `${prefix}.${c.mlpModule}`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.mlp_residual` }).apply([h, out]) as tfl.SymbolicTensor;
   }
