@@ -11,11 +11,19 @@ import { expect } from 'chai';
 import { KVCache } from '../../src/generate/kv_cache.js';
 import { MLAAttention, type MLAAttentionArgs } from '../../src/layers/mla_attention.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
+import { yarn64 } from '../helpers/attention64.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+
+/** YaRN with its ramp inside the 4-wide rope part at theta 30 */
+const YARN: YarnRope = {
+  kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 16, betaFast: 8, betaSlow: 1, truncate: false, attentionFactor: 1.2,
+};
 
 type Weights = Record<string, Float64Array>;
 type Args = Required<Pick<MLAAttentionArgs, 'numHeads' | 'qLoraRank' | 'kvLoraRank' | 'qkNopeHeadDim' | 'qkRopeHeadDim' |
-    'vHeadDim' | 'ropeTheta' | 'ropeInterleave' | 'attentionBias' | 'normEpsilon'>>;
+    'vHeadDim' | 'ropeTheta' | 'ropeInterleave' | 'attentionBias' | 'normEpsilon'>> &
+    Pick<MLAAttentionArgs, 'ropeScaling' | 'softmaxScale' | 'positionScaling'>;
 
 const base: Args = {
   numHeads: 2, qLoraRank: null, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
@@ -41,16 +49,23 @@ function mla64(x: Float64Array, w: Weights, a: Args, b: number, s: number, h: nu
     return v.map((t, i) => t * inv * weight[i]);
   };
   // apply_rotary_pos_emb(_interleave): view(d/2, 2).transpose → evens then odds, then rotate_half
+  // Mistral 4: YaRN frequencies of an rd-wide rope, cos and sin times the attention factor
+  const freq = a.ropeScaling ? yarn64(rd, a.ropeTheta, a.ropeScaling) : Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd));
+  const m = a.ropeScaling ? a.ropeScaling.attentionFactor : 1;
   const rope = (v: Float64Array, p: number) => {
     const r = a.ropeInterleave ? Float64Array.from({ length: rd }, (_, i) => v[i < rd / 2 ? 2 * i : 2 * (i - rd / 2) + 1]) : v;
     const out = new Float64Array(rd);
     for (let i = 0; i < rd / 2; i++) {
-      const angle = p / a.ropeTheta ** ((2 * i) / rd);
-      out[i] = r[i] * Math.cos(angle) - r[i + rd / 2] * Math.sin(angle);
-      out[i + rd / 2] = r[i + rd / 2] * Math.cos(angle) + r[i] * Math.sin(angle);
+      const angle = p * freq[i];
+      out[i] = m * (r[i] * Math.cos(angle) - r[i + rd / 2] * Math.sin(angle));
+      out[i + rd / 2] = m * (r[i + rd / 2] * Math.cos(angle) + r[i] * Math.sin(angle));
     }
     return out;
   };
+  // get_llama_4_attn_scale on the whole query
+  const qScale = (p: number) => (a.positionScaling ?
+    1 + a.positionScaling.beta * Math.log(1 + Math.floor(p / a.positionScaling.originalMaxPositionEmbeddings)) : 1);
+  const softmaxScale = a.softmaxScale ?? 1 / Math.sqrt(qk);
   const result = new Float64Array(b * s * h);
   for (let bi = 0; bi < b; bi++) {
     const q: Float64Array[][] = [];   // [pos][head] → qk
@@ -65,7 +80,7 @@ function mla64(x: Float64Array, w: Weights, a: Args, b: number, s: number, h: nu
       q.push([]); k.push([]); v.push([]);
       for (let hh = 0; hh < nh; hh++) {
         const qh = qAll.slice(hh * qk, (hh + 1) * qk);
-        q[p].push(Float64Array.from([...qh.slice(0, nope), ...rope(qh.slice(nope), p)]));
+        q[p].push(Float64Array.from([...qh.slice(0, nope), ...rope(qh.slice(nope), p)]).map(t => t * qScale(p)));
         const kvh = kv.slice(hh * (nope + vd), (hh + 1) * (nope + vd));
         k[p].push(Float64Array.from([...kvh.slice(0, nope), ...kRot]));
         v[p].push(kvh.slice(nope));
@@ -74,7 +89,7 @@ function mla64(x: Float64Array, w: Weights, a: Args, b: number, s: number, h: nu
     for (let i = 0; i < s; i++) {
       const merged = new Float64Array(nh * vd);
       for (let hh = 0; hh < nh; hh++) {
-        const scores = Array.from({ length: i + 1 }, (_, j) => q[i][hh].reduce((acc, t, n) => acc + t * k[j][hh][n], 0) / Math.sqrt(qk));
+        const scores = Array.from({ length: i + 1 }, (_, j) => q[i][hh].reduce((acc, t, n) => acc + t * k[j][hh][n], 0) * softmaxScale);
         const m = Math.max(...scores);
         const e = scores.map(sc => Math.exp(sc - m));
         const z = e.reduce((acc, t) => acc + t, 0);
@@ -107,6 +122,9 @@ describe('MLAAttention', () => {
     ['plain q_proj, interleaved rope (the deepseek_v3 fixture\'s settings)', {}],
     ['q_lora_rank: q_a_proj → q_a_layernorm → q_b_proj, attention biases', { qLoraRank: 6, attentionBias: true }],
     ['rope not interleaved', { ropeInterleave: false, numHeads: 3 }],
+    ['Mistral 4: YaRN on the rope part, a softmax scale, Llama 4 position scaling (context 2)', {
+      qLoraRank: 6, ropeScaling: YARN, softmaxScale: 0.7, positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 },
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -145,8 +163,11 @@ describe('MLAAttention', () => {
     layer.dispose();
   });
 
-  it('packed samples (segmentIds, positionIds) give what each sample gives alone', () => {
-    const { layer, x, h } = setup({}, 3, 1, 5, 8);
+  const MISTRAL4: Partial<Args> = { ropeScaling: YARN, softmaxScale: 0.7, positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 } };
+
+  for (const [label, settings] of [['', {}], [' (Mistral 4: YaRN, position scaling)', MISTRAL4]] as Array<[string, Partial<Args>]>) {
+  it(`packed samples (segmentIds, positionIds) give what each sample gives alone${label}`, () => {
+    const { layer, x, h } = setup(settings, 3, 1, 5, 8);
     const packed = tensorOf(x, [1, 5, h]);
     const segmentIds = tf.tensor2d([[1, 1, 1, 2, 2]], [1, 5], 'int32');
     const positionIds = tf.tensor2d([[0, 1, 2, 0, 1]], [1, 5], 'int32');
@@ -162,8 +183,8 @@ describe('MLAAttention', () => {
     layer.dispose();
   });
 
-  it('with a KV cache, a prompt then one token at a time gives the rows of the full pass', () => {
-    const { layer, x, h } = setup({ qLoraRank: 6 }, 5, 1, 6, 8);
+  it(`with a KV cache, a prompt then one token at a time gives the rows of the full pass${label}`, () => {
+    const { layer, x, h } = setup({ qLoraRank: 6, ...settings }, 5, 1, 6, 8);
     const full = layer.apply(tensorOf(x, [1, 6, h])) as tf.Tensor;
     const cache = new KVCache();
     const parts = [[0, 4], [4, 5], [5, 6]].map(([from, to]) => {
@@ -182,6 +203,19 @@ describe('MLAAttention', () => {
     tf.dispose([full, stitched, ...parts, segmentIds, one]);
     cache.dispose();
     layer.dispose();
+  });
+  }
+
+  it("round-trips Mistral 4's settings through its config (written only when used)", () => {
+    const { layer } = setup(MISTRAL4, 1);
+    const config = layer.getConfig();
+    expect([config['ropeScaling'], config['softmaxScale'], config['positionScaling']])
+      .to.deep.equal([MISTRAL4.ropeScaling, MISTRAL4.softmaxScale, MISTRAL4.positionScaling]);
+    expect((tfl.layers.Layer.fromConfig(MLAAttention, config) as MLAAttention).getConfig()).to.deep.equal(config);
+    layer.dispose();
+    const plain = setup({}, 1).layer;
+    expect(Object.keys(plain.getConfig())).to.not.include.members(['ropeScaling', 'softmaxScale', 'positionScaling']);
+    plain.dispose();
   });
 
   it('names its weights like HF and round-trips its config', () => {
@@ -207,6 +241,14 @@ describe('MLAAttention', () => {
     expect(() => new MLAAttention({ ...ok, vHeadDim: 0 })).to.throw("`MLAAttention()`: 'vHeadDim' must be >= 1 but got 0");
     expect(() => new MLAAttention({ ...ok, ropeTheta: 0 })).to.throw("`MLAAttention()`: 'ropeTheta' must be > 0 but got 0");
     expect(() => new MLAAttention({ ...ok, normEpsilon: NaN })).to.throw("`MLAAttention()`: 'normEpsilon' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
+      .to.throw("`MLAAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");
+    expect(() => new MLAAttention({ ...ok, softmaxScale: 0 })).to.throw("`MLAAttention()`: 'softmaxScale' must be > 0 but got 0");
+    expect(() => new MLAAttention({ ...ok, softmaxScale: NaN })).to.throw("`MLAAttention()`: 'softmaxScale' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, positionScaling: { beta: Infinity, originalMaxPositionEmbeddings: 4 } }))
+      .to.throw("`MLAAttention()`: 'positionScaling.beta' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, positionScaling: { beta: 0.1, originalMaxPositionEmbeddings: 0 } }))
+      .to.throw("`MLAAttention()`: 'positionScaling.originalMaxPositionEmbeddings' must be >= 1 but got 0");
     const layer = new MLAAttention(ok);
     expect(() => layer.build([null, null, null])).to.throw("`MLAAttention.build()`: the input's last dimension must be known but got shape [,,]");
     layer.apply(tfl.input({ shape: [null, 8] }));
