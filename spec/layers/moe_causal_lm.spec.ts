@@ -137,16 +137,10 @@ describe('MoECausalLM', () => {
   });
 
   it('builds every family whole, and refuses settings the graph does not implement', async () => {
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text']);
-    // the block-only families: their block loads, their decoder is refused with the reason
-    expect(MODEL_TYPES.filter(t => !WHOLE_MODEL_TYPES.includes(t))).to.deep.equal(['mistral4']);
-    expect(() => buildMoECausalLM({
-      model_type: 'mistral4', vocab_size: 97, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
-      n_routed_experts: 4, moe_intermediate_size: 32,
-    })).to.throw("`moeCausalLMConfigFromHF()`: 'mistral4' is supported at the MoE block level only (SparseMoE, " +
-        "loadMoEBlockWeights), not as a whole model: Mistral 4's attention (MLA with YaRN, its mscale softmax factor " +
-        'and Llama 4 position scaling) is not built yet; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, ' +
-        'glm4_moe, deepseek_v3, llama4_text');
+    // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(
+        ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text', 'mistral4']);
+    expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");

@@ -7,11 +7,16 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource } from '../../src/io/hf_block.js';
+import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
+import { hfCheckpointTensors } from '../../src/io/hf_save.js';
+import { buildMoECausalLM, moeCausalLMConfigFromHF } from '../../src/layers/moe_causal_lm.js';
+import type { MLAAttention } from '../../src/layers/mla_attention.js';
 import { type HFConfig, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import { Rng, asF32, expectClose, expectNoLeak, tensorOf } from '../helpers/numeric.js';
 import { experts64 } from '../ops/expert_reference64.js';
+import { mla64 } from '../helpers/mla64.js';
 
 const CONFIG: HFConfig = {
   model_type: 'mistral4', hidden_size: 8, moe_intermediate_size: 3, intermediate_size: 12, num_hidden_layers: 3,
@@ -126,4 +131,147 @@ describe('mistral4 (Mistral4ForCausalLM)', () => {
     disposeMoEBlockWeights(weights);
     tf.dispose([x, ...Object.values(tensors)]);
   });
+});
+
+// ---- the whole model --------------------------------------------------------------------------
+
+/** Mistral4ForCausalLM, tiny: MLA with YaRN (context 2, so the Llama 4 position scaling acts), layer 0 dense. */
+const WHOLE: HFConfig = {
+  ...CONFIG, vocab_size: 19, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, q_lora_rank: 6,
+  kv_lora_rank: 5, qk_nope_head_dim: 4, qk_rope_head_dim: 4, v_head_dim: 3, rope_interleave: true, rms_norm_eps: 1e-6,
+  tie_word_embeddings: false,
+  rope_parameters: {
+    rope_type: 'yarn', rope_theta: 30, factor: 4, original_max_position_embeddings: 2, max_position_embeddings: 64,
+    beta_fast: 8, beta_slow: 1, mscale: 1, mscale_all_dim: 0.7, llama_4_scaling_beta: 0.4, partial_rotary_factor: 0.5,
+  },
+};
+
+/** YaRN's get_mscale, written out: 0.1·m·ln(s) + 1 */
+const getMscale = (s: number, m: number) => 0.1 * m * Math.log(s) + 1;
+
+/** Mistral4ForCausalLM.forward in float64 from the checkpoint tensors `w` (HF names), one row of ids. */
+function mistral4Logits64(w: Record<string, Float64Array>, ids: number[]): Float64Array {
+  const H = 8;
+  const S = ids.length;
+  const rms = (v: Float64Array, weight: Float64Array) => {
+    const out = new Float64Array(v.length);
+    for (let t = 0; t < v.length / H; t++) {
+      let ms = 0;
+      for (let i = 0; i < H; i++) ms += v[t * H + i] ** 2;
+      const inv = 1 / Math.sqrt(ms / H + 1e-6);
+      for (let i = 0; i < H; i++) out[t * H + i] = v[t * H + i] * inv * weight[i];
+    }
+    return out;
+  };
+  let h = new Float64Array(S * H);
+  ids.forEach((id, t) => h.set(w['model.embed_tokens.weight'].subarray(id * H, (id + 1) * H), t * H));
+  for (let i = 0; i < 2; i++) {
+    const p = `model.layers.${i}.`;
+    const attnW = Object.fromEntries(Object.entries(w).filter(([k]) => k.startsWith(`${p}self_attn.`))
+      .map(([k, v]) => [k.slice(`${p}self_attn.`.length), v]));
+    const attn = mla64(rms(h, w[`${p}input_layernorm.weight`]), attnW, {
+      numHeads: 2, qLoraRank: 6, kvLoraRank: 5, qkNopeHeadDim: 4, qkRopeHeadDim: 4, vHeadDim: 3, ropeTheta: 30,
+      ropeInterleave: true, attentionBias: false, normEpsilon: 1e-6,
+      ropeScaling: { kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 2, betaFast: 8, betaSlow: 1, truncate: true,
+        attentionFactor: getMscale(4, 1) / getMscale(4, 0.7) },
+      softmaxScale: getMscale(4, 0.7) ** 2 / Math.sqrt(8),
+      positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 },
+    }, 1, S, H);
+    h = h.map((v, j) => v + attn[j]);
+    const x = rms(h, w[`${p}post_attention_layernorm.weight`]);
+    let mlp: Float64Array;
+    if (i === 0) {
+      const [g, u, d] = ['gate_proj', 'up_proj', 'down_proj'].map(n => w[`${p}mlp.${n}.weight`]);
+      mlp = new Float64Array(S * H);
+      for (let t = 0; t < S; t++) {
+        const a = Array.from({ length: 12 }, (_, j) => {
+          let gv = 0;
+          let uv = 0;
+          for (let k = 0; k < H; k++) { gv += g[j * H + k] * x[t * H + k]; uv += u[j * H + k] * x[t * H + k]; }
+          return gv / (1 + Math.exp(-gv)) * uv;
+        });
+        for (let o = 0; o < H; o++) mlp[t * H + o] = a.reduce((acc, v, j) => acc + v * d[o * 12 + j], 0);
+      }
+    } else {
+      const f = `${p}mlp.`;
+      const expert = (part: string) => Array.from({ length: 8 }, (_, e) => w[`${f}experts.${e}.${part}.weight`]);
+      mlp = mistral4Block64({
+        x, router: w[`${f}gate.weight`], gate: expert('gate_proj'), up: expert('up_proj'), down: expert('down_proj'),
+        sg: w[`${f}shared_experts.gate_proj.weight`], su: w[`${f}shared_experts.up_proj.weight`],
+        sd: w[`${f}shared_experts.down_proj.weight`],
+      }, S, H, 3, 8, 3, 6).out;
+    }
+    h = h.map((v, j) => v + mlp[j]);
+  }
+  const n = rms(h, w['model.norm.weight']);
+  const head = w['lm_head.weight'];
+  return Float64Array.from({ length: S * 19 }, (_, j) => {
+    const [t, o] = [Math.floor(j / 19), j % 19];
+    let v = 0;
+    for (let i = 0; i < H; i++) v += head[o * H + i] * n[t * H + i];
+    return v;
+  });
+}
+
+describe('mistral4 whole model (Mistral4ForCausalLM)', () => {
+  it("reads Mistral 4's rope: YaRN on the rope part, mscale, the softmax scale, Llama 4 position scaling", () => {
+    const c = moeCausalLMConfigFromHF(WHOLE);
+    expect(c.mla).to.deep.include({
+      qLoraRank: 6, kvLoraRank: 5, qkNopeHeadDim: 4, qkRopeHeadDim: 4, vHeadDim: 3, ropeInterleave: true,
+      positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 },
+    });
+    expect(c.mla!.ropeScaling).to.deep.include({ kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 2, betaFast: 8, betaSlow: 1, truncate: true });
+    expect(c.mla!.ropeScaling!.attentionFactor).to.be.closeTo(getMscale(4, 1) / getMscale(4, 0.7), 1e-15);
+    expect(c.mla!.softmaxScale).to.be.closeTo(getMscale(4, 0.7) ** 2 / Math.sqrt(8), 1e-15);
+    expect([c.ropeTheta, c.ropeScaling, c.rmsNormEps]).to.deep.equal([30, null, 1e-6]);
+    // the config class's default rope when config.json has none
+    const bare = moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: undefined });
+    expect(bare.mla!.ropeScaling).to.deep.include({ factor: 128, originalMaxPositionEmbeddings: 8192, betaFast: 32, betaSlow: 1 });
+    expect(bare.mla!.positionScaling).to.deep.equal({ beta: 0.1, originalMaxPositionEmbeddings: 8192 });
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { rope_type: 'default', rope_theta: 1e4 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'mistral4' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type \"default\" (string)");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...WHOLE['rope_parameters'] as object, low_freq_factor: 1 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' sets 'low_freq_factor', which Mistral 4's YaRN as implemented here does not read");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...WHOLE['rope_parameters'] as object, partial_rotary_factor: 0.25 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters.partial_rotary_factor' must make (qk_nope_head_dim + qk_rope_head_dim) · factor = qk_rope_head_dim (4 of 8) but got 0.25");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: [] }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' must be an object but got an array of length 0");
+  });
+
+  it('builds the decoder with the checkpoint names configTensorPlan lists', () => {
+    const before = tf.memory().numTensors;
+    const model = buildMoECausalLM(WHOLE);
+    const { tensors } = hfCheckpointTensors(model);
+    const plan = configTensorPlan(WHOLE).all;
+    expect(Object.keys(tensors).sort()).to.deep.equal(plan.map(e => e.name).sort());
+    for (const e of plan) expect(tensors[e.name].shape, e.name).to.deep.equal(e.shape);
+    expect((model.getLayer('model.layers.0.self_attn') as MLAAttention).positionScaling).to.deep.equal({ beta: 0.4, originalMaxPositionEmbeddings: 2 });
+    tf.dispose(Object.values(tensors));
+    model.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  for (const expertKernel of ['fused', 'reference']) {
+    it(`${expertKernel}: logits equal a float64 transcription of Mistral4ForCausalLM`, () => {
+      const model = buildMoECausalLM(WHOLE, { expertKernel });
+      const rng = new Rng(8);
+      for (const v of model.weights) {
+        const size = v.shape.reduce((a: number, b) => a * (b as number), 1);
+        const isNorm = v.originalName.includes('norm');
+        v.write(tensorOf(rng.array(size, isNorm ? 0.2 : v.originalName.includes('gate.weight') ? 2 : 0.5).map(x => (isNorm ? 1 + x : x)), v.shape as number[]));
+      }
+      const { tensors } = hfCheckpointTensors(model);
+      const w = Object.fromEntries(Object.entries(tensors).map(([k, t]) => [k, Float64Array.from(t.dataSync())]));
+      tf.dispose(Object.values(tensors));
+      const ids = [3, 17, 5, 9, 0, 12, 7];
+      const input = tf.tensor2d([ids], [1, 7], 'int32');
+      expectNoLeak(() => {
+        const logits = model.predict(input) as tf.Tensor;
+        expectClose(logits, mistral4Logits64(w, ids), 1e-4, 'logits');
+        logits.dispose();
+      });
+      input.dispose();
+      model.dispose();
+    });
+  }
 });

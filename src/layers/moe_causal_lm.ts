@@ -16,7 +16,8 @@
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
- * deepseek_v3 (MLAAttention) and llama4_text (RotaryAttention with Llama 4's per-layer settings:
+ * deepseek_v3 and mistral4 (MLAAttention; Mistral 4's with YaRN, its mscale and Llama 4's
+ * position scaling) and llama4_text (RotaryAttention with Llama 4's per-layer settings:
  * rope or NoPE, chunked attention, L2 q/k norm, temperature tuning; its MLPs under 'feed_forward').
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -30,7 +31,7 @@ import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 import type { RopeScaling } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
-import { MLAAttention } from './mla_attention.js';
+import { MLAAttention, type PositionScaling } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
 import { SwiGLUMLP } from './swiglu_mlp.js';
@@ -40,13 +41,11 @@ export type MoECausalLM = tfl.LayersModel;
 
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only (BLOCK_ONLY_REASON). */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
-  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text',
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text', 'mistral4',
 ];
 
-/** Why a block-only family has no whole model. */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
-  mistral4: "Mistral 4's attention (MLA with YaRN, its mscale softmax factor and Llama 4 position scaling) is not built yet",
-};
+/** Why a block-only family has no whole model (none is block-only now). */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -104,7 +103,7 @@ export interface MoECausalLMConfig {
 export type Llama4LayerAttention =
   Required<Pick<RotaryAttentionArgs, 'rope' | 'ropeInterleaved' | 'qkNorm' | 'temperatureTuning' | 'attentionChunkSize'>>;
 
-/** The sizes of deepseek_v3's multi-head latent attention, as MLAAttention takes them. */
+/** The sizes of deepseek_v3's and mistral4's multi-head latent attention, as MLAAttention takes them. */
 export interface MLAConfig {
   qLoraRank: number | null;
   kvLoraRank: number;
@@ -113,10 +112,17 @@ export interface MLAConfig {
   vHeadDim: number;
   ropeInterleave: boolean;
   attentionBias: boolean;
+  /** Mistral 4's YaRN on the rope part, softmax scale and Llama 4 position scaling (mistral4Rope) */
+  ropeScaling?: RopeScaling;
+  softmaxScale?: number;
+  positionScaling?: PositionScaling | null;
 }
 
-/** DeepseekV3Config's defaults for the MLA keys a config.json leaves out. */
-const MLA_DEFAULTS = { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 };
+/** The config classes' defaults for the MLA keys a config.json leaves out (DeepseekV3Config, Mistral4Config). */
+const MLA_DEFAULTS: Partial<Record<ModelType, Record<'q_lora_rank' | 'kv_lora_rank' | 'qk_nope_head_dim' | 'qk_rope_head_dim' | 'v_head_dim', number>>> = {
+  deepseek_v3: { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 },
+  mistral4: { q_lora_rank: 1024, kv_lora_rank: 256, qk_nope_head_dim: 64, qk_rope_head_dim: 64, v_head_dim: 128 },
+};
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
 const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
@@ -367,6 +373,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           clipQKV: null, slidingWindow: null,
         };
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
+      case 'mistral4':
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
@@ -402,12 +409,14 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
         `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeSettings(config, traits.ropeTheta ?? ROPE_THETA_DEFAULT[modelType] ?? 1e4, modelType);
+  const mla = MLA_DEFAULTS[modelType] ? mlaConfig(config, attentionBias, MLA_DEFAULTS[modelType]!) : null;
+  // Mistral 4's YaRN acts on MLA's rope part only (mistral4Rope); the other families' rope on whole heads
+  const rope = modelType === 'mistral4' ? mistral4Rope(config, mla!) :
+    ropeSettings(config, traits.ropeTheta ?? ROPE_THETA_DEFAULT[modelType] ?? 1e4, modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
-  const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -419,8 +428,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     ropeTheta: rope.theta,
     rotaryDim,
     mla,
-    ropeScaling: rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
+    ropeScaling: modelType === 'mistral4' ? null : rope.scaling,
+    rmsNormEps: num(config, 'rms_norm_eps', ['qwen2_moe', 'qwen3_moe', 'mistral4'].includes(modelType) ? 1e-6 : 1e-5),
     ...attention,
     layerWindows,
     sinks,
@@ -489,9 +498,9 @@ function llama4LayerAttention(config: HFConfig, numLayers: number): Llama4LayerA
   });
 }
 
-/** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
-function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
-  const size = (key: keyof typeof MLA_DEFAULTS) => int(config, key, MLA_DEFAULTS[key]);
+/** The MLA sizes; a missing key takes the config class's default, q_lora_rank null means a plain q_proj. */
+function mlaConfig(config: HFConfig, attentionBias: boolean, defaults: NonNullable<typeof MLA_DEFAULTS['deepseek_v3']>): MLAConfig {
+  const size = (key: keyof typeof defaults) => int(config, key, defaults[key]);
   const qLoraRank = config['q_lora_rank'] === null ? null : size('q_lora_rank');
   const qkRopeHeadDim = size('qk_rope_head_dim');
   if (qkRopeHeadDim % 2 !== 0) fail(OP, `'config.qk_rope_head_dim' must be even (rotary pairs) but got ${qkRopeHeadDim}`);
@@ -499,6 +508,59 @@ function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
     qLoraRank, kvLoraRank: size('kv_lora_rank'), qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim,
     vHeadDim: size('v_head_dim'), ropeInterleave: bool(config, 'rope_interleave', true), attentionBias,
   };
+}
+
+/** The rope keys Mistral 4's YaRN reads (ignored ones included: HF validates without them). */
+const MISTRAL4_ROPE_KEYS = [
+  'rope_type', 'type', 'rope_theta', 'factor', 'original_max_position_embeddings', 'max_position_embeddings',
+  'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'llama_4_scaling_beta', 'partial_rotary_factor', 'truncate',
+  'attention_factor',
+];
+
+/** YaRN's get_mscale: 1 for scale <= 1, else 0.1·m·ln(scale) + 1. */
+const yarnMscale = (scale: number, m = 1) => (scale <= 1 ? 1 : 0.1 * m * Math.log(scale) + 1);
+
+/**
+ * Mistral 4's rope, as transformers 5 reads Mistral4Config: YaRN over the rope part of each head
+ * (qk_rope_head_dim = head_dim · partial_rotary_factor), its attention factor from mscale and
+ * mscale_all_dim, the softmax scale (nope + rope)^-½ times get_mscale(factor, mscale_all_dim)²
+ * (yarn_apply_mscale), and Llama 4's query scaling by position (llama_4_scaling_beta). Without
+ * rope settings the config class's default applies (YaRN factor 128 over 8192 positions).
+ */
+function mistral4Rope(config: HFConfig, mla: MLAConfig): { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
+  const qk = mla.qkNopeHeadDim + mla.qkRopeHeadDim;
+  const given = config['rope_parameters'] ?? config['rope_scaling'];
+  const rope = (given ?? {
+    rope_type: 'yarn', rope_theta: 10000, factor: 128, original_max_position_embeddings: 8192, beta_fast: 32, beta_slow: 1,
+    mscale_all_dim: 1, mscale: 1, llama_4_scaling_beta: 0.1, partial_rotary_factor: mla.qkRopeHeadDim / qk,
+  }) as Record<string, unknown>;
+  if (typeof rope !== 'object' || Array.isArray(rope)) fail(OP, `'config.rope_parameters' must be an object but got ${describeValue(rope)}`);
+  const type = rope['rope_type'] ?? rope['type'];
+  if (type !== 'yarn') {
+    fail(OP, `'mistral4' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type ${describeValue(type)}`);
+  }
+  const ignored = Object.keys(rope).filter(k => !MISTRAL4_ROPE_KEYS.includes(k));
+  if (ignored.length > 0) {
+    fail(OP, `'config.rope_parameters' sets ${ignored.map(k => `'${k}'`).join(', ')}, which Mistral 4's YaRN as implemented here does not read`);
+  }
+  const partial = rope['partial_rotary_factor'];
+  if (partial != null && (typeof partial !== 'number' || Math.floor(qk * partial) !== mla.qkRopeHeadDim)) {
+    fail(OP, `'config.rope_parameters.partial_rotary_factor' must make (qk_nope_head_dim + qk_rope_head_dim) · factor = ` +
+        `qk_rope_head_dim (${mla.qkRopeHeadDim} of ${qk}) but got ${describeValue(partial)}`);
+  }
+  const scaling = yarnScaling(rope, 'rope_parameters');
+  // transformers: `if mscale and mscale_all_dim`, so 0 and null both mean unset
+  const mscale = rope['mscale'] == null ? 0 : num(rope, 'mscale');
+  const mscaleAllDim = rope['mscale_all_dim'] == null ? 0 : num(rope, 'mscale_all_dim');
+  if (rope['attention_factor'] == null && mscale && mscaleAllDim) {
+    scaling.attentionFactor = yarnMscale(scaling.factor, mscale) / yarnMscale(scaling.factor, mscaleAllDim);
+  }
+  mla.ropeScaling = scaling;
+  mla.softmaxScale = qk ** -0.5 * (mscaleAllDim ? yarnMscale(scaling.factor, mscaleAllDim) ** 2 : 1);
+  const beta = rope['llama_4_scaling_beta'];
+  mla.positionScaling = beta == null ? null :
+    { beta: num(rope, 'llama_4_scaling_beta'), originalMaxPositionEmbeddings: scaling.originalMaxPositionEmbeddings };
+  return { theta: num(rope, 'rope_theta', 10000), scaling, partialRotaryFactor: 1 };
 }
 
 /**
