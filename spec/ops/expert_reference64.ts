@@ -5,7 +5,7 @@
 export interface Experts64 {
   T: number; H: number; I: number; E: number; K: number;
   layout: 'outIn' | 'inOutInterleaved' | 'inOut';
-  activation: { kind: 'swiglu' } | { kind: 'clampedSwiglu'; alpha: number; limit: number };
+  activation: { kind: 'swiglu' } | { kind: 'gegluTanh' } | { kind: 'clampedSwiglu'; alpha: number; limit: number };
   experts: Int32Array;          // [T*K]
   weights: Float64Array;        // [T*K]
   x: Float64Array;              // [T*H]
@@ -62,6 +62,9 @@ export function experts64(m: Experts64): Float64Array {
         const u = interleaved ? h[2 * i + 1] : h[I + i];
         if (m.activation.kind === 'swiglu') {
           a[i] = g * sigmoid(g) * u;
+        } else if (m.activation.kind === 'gegluTanh') {
+          // PyTorch's gelu(approximate='tanh')
+          a[i] = 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3))) * u;
         } else {
           const { alpha, limit } = m.activation;
           const gc = Math.min(g, limit);

@@ -11,7 +11,7 @@ import { referenceMoEBlock } from './reference/moe_block.js';
 import { route } from './routing/route.js';
 import { checkSharedExpert, sharedExpert } from './shared_expert.js';
 import type { ExpertKernel, LoRAMode, MoEBlockConfig, MoEBlockWeights, Routing } from './types.js';
-import { assertTensor, fail } from './validate.js';
+import { assertShape, assertTensor, fail } from './validate.js';
 import { describeValue } from '../util/describe.js';
 
 export interface MoEBlockOptions {
@@ -57,6 +57,7 @@ function fusedMoEBlock(
   let routing: Routing | undefined;
   try {
     routing = route(logits, config.routing, weights.router.correctionBias);
+    if (weights.router.expertScale) routing = scaledByExpert(routing, weights.router.expertScale);
     const chosen = routing;
     const out = tfc.tidy(() => {
       const experts = expertsByBackend.get(tfc.getBackend()) ?? fusedExperts;
@@ -72,6 +73,30 @@ function fusedMoEBlock(
     tfc.dispose([logits, routing?.weights, routing?.experts].filter(t => t != null) as tf.Tensor[]);
     throw err;
   }
+}
+
+/**
+ * Gemma 4's per_expert_scale: w[t, k] · expertScale[e[t, k]] (plain autodiff, so the scale gets its
+ * gradient). The Routing's unscaled weights are replaced (disposed: the tape keeps its own copies).
+ */
+function scaledByExpert(routing: Routing, expertScale: tf.Tensor1D): Routing {
+  const experts = routing.experts;
+  const [T, K] = experts.shape;
+  const E = expertScale.shape[0];
+  // the scale at each chosen expert; the chosen experts are a constant here (no gradient reaches
+  // them), saved because the caller may dispose the Routing before backprop
+  const pick = tfc.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+    const save = args[1] as tf.GradSaveFunc;
+    save([experts]);
+    return {
+      value: tfc.gather(args[0] as tf.Tensor1D, experts),                                       // [T, K]
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+        tfc.scatterND(tfc.reshape(saved[0], [T * K, 1]), tfc.reshape(dy, [T * K]), [E]),        // [E]
+    };
+  });
+  const weights = tfc.tidy(() => tfc.mul(routing.weights, pick(expertScale)) as tf.Tensor2D);
+  routing.weights.dispose();
+  return { ...routing, weights };
 }
 
 /**
@@ -133,5 +158,12 @@ export function moeBlock(
     fail(op, `'config.weightedInput' must be a boolean but got ${describeValue(config.weightedInput)}`);
   }
   if (weights.shared) checkSharedExpert(op, weights.shared, x.shape[1]);
+  const expertScale = weights.router.expertScale;
+  if (expertScale !== undefined) {
+    assertTensor(op, 'weights.router.weight', weights.router.weight, 2);
+    assertTensor(op, 'weights.router.expertScale', expertScale, 1);
+    assertShape(op, 'weights.router.expertScale', expertScale, [weights.router.weight.shape[0]],
+        `E from router.weight [${weights.router.weight.shape}]`);
+  }
   return kernel(x, weights, config, options);
 }

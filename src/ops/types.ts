@@ -75,6 +75,13 @@ export interface RouterWeights {
   correctionBias?: Tensor1D;
   /** active router adapters, A [r, H], B [E, r]; their deltas add up */
   lora?: LoRAFactors[];
+  /**
+   * Gemma 4: the router reads rms(x)·scale·H^-½ instead of x (a weightless RMS norm with this
+   * epsilon, then its learned `scale` [H])
+   */
+  inputNorm?: { scale: Tensor1D; epsilon: number };
+  /** Gemma 4's per_expert_scale [E]: each routing weight times its expert's scale, after routing */
+  expertScale?: Tensor1D;
 }
 
 /**
@@ -106,6 +113,8 @@ export interface ExpertWeights {
 export type ExpertActivation =
   /** silu(gate) · up */
   | { kind: 'swiglu' }
+  /** Gemma 4: gelu(gate) · up with GELU's tanh approximation (gelu_pytorch_tanh) */
+  | { kind: 'gegluTanh' }
   /** gpt-oss: gate = min(gate, limit), up = clamp(up, −limit, limit), (up + 1)·gate·sigmoid(alpha·gate) */
   | { kind: 'clampedSwiglu'; alpha: number; limit: number };
 

@@ -68,7 +68,7 @@ export function checkExpertArgs(
   }
   checkLoRA(op, 'weights.gateUpLoRA', weights.gateUpLoRA, numExperts, hidden, twoI);
   checkLoRA(op, 'weights.downLoRA', weights.downLoRA, numExperts, inter, hidden);
-  assertOneOf(op, 'activation.kind', activation?.kind, ['swiglu', 'clampedSwiglu'] as const);
+  assertOneOf(op, 'activation.kind', activation?.kind, ['swiglu', 'clampedSwiglu', 'gegluTanh'] as const);
   if (activation.kind === 'clampedSwiglu') {
     assertFiniteNumber(op, 'activation.alpha', activation.alpha);
     assertFiniteNumber(op, 'activation.limit', activation.limit);

@@ -67,6 +67,11 @@ function activate(h: tf.Tensor2D, activation: ExpertActivation, interleaved: boo
     [gate, up] = tf.split(h, 2, 1);
   }
   if (activation.kind === 'swiglu') return tf.mul(tf.mul(gate, tf.sigmoid(gate)), up);
+  if (activation.kind === 'gegluTanh') {
+    // PyTorch's gelu(approximate='tanh'), plain ops: autodiff gives its gradient
+    const inner = tf.mul(Math.sqrt(2 / Math.PI), tf.add(gate, tf.mul(0.044715, tf.mul(gate, tf.mul(gate, gate)))));
+    return tf.mul(tf.mul(tf.mul(0.5, gate), tf.add(1, tf.tanh(inner))), up);
+  }
   const g = tf.minimum(gate, activation.limit);
   const u = tf.clipByValue(up, -activation.limit, activation.limit);
   return tf.mul(tf.add(u, 1), tf.mul(g, tf.sigmoid(tf.mul(g, activation.alpha))));
@@ -153,7 +158,19 @@ export function referenceMoEBlock(
     x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig,
     options: ReferenceOptions = {}): { out: tf.Tensor2D; routing: Routing } {
   const logits = routerLogits(x, weights.router);
-  const routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
+  let routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
+  const expertScale = weights.router.expertScale;
+  if (expertScale) {
+    // Gemma 4's per_expert_scale, picked with a one-hot product (no gather gradient needed)
+    const unscaled = routing.weights;
+    const scaled = tf.tidy(() => {
+      const ids = tf.range(0, logits.shape[1], 1, 'int32');
+      const chosen = tf.cast(tf.equal(tf.expandDims(routing.experts, 2), ids), 'float32');         // [T, K, E]
+      return tf.mul(unscaled, tf.sum(tf.mul(chosen, expertScale), 2)) as tf.Tensor2D;             // [T, K]
+    });
+    unscaled.dispose();
+    routing = { ...routing, weights: scaled };
+  }
   try {
     const out = tf.tidy(() => {
       const routed = referenceExperts(x, routing, weights.experts, config.activation,
