@@ -253,7 +253,7 @@ describe('io/hf_block', () => {
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 1), OpArgumentError,
           "`isMoELayer()`: 'layer' must be <= 0 but got 1");
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0), OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
-          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4' (the supported MoE families) but got 'dbrx'");
+          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4', 'gemma4_text' (the supported MoE families) but got 'dbrx'");
     });
   });
 });

@@ -101,7 +101,7 @@ describe('models/families', () => {
     });
 
     it('rejects an unknown or missing model_type, listing the supported ones', () => {
-      const list = "'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4'";
+      const list = "'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4', 'gemma4_text'";
       expect(() => moeBlockConfigFromHF({ model_type: 'llama' })).to.throw(OpArgumentError,
           `\`familyOf()\`: config 'model_type' must be one of ${list} (the supported MoE families) but got 'llama'`);
       expect(() => familyOf({ hidden_size: 4 })).to.throw(OpArgumentError, 'but got no model_type');

@@ -60,7 +60,7 @@ describe('llama4_text (Llama4ForCausalLM)', () => {
         "`isMoELayer()`: 'config.moe_layers' must be a list of layer indices in [0, 4) but got [0,4]");
     expect(() => moeBlockConfigFromHF({ ...CONFIG, hidden_act: 'gelu' })).to.throw(OpArgumentError, "'config.hidden_act' must be");
     expect(moeBlockTensorPlan(CONFIG, 1).experts).to.deep.equal({
-      kind: 'fusedInOut',
+      kind: 'fused', layout: 'inOut',
       gateUp: { name: 'model.layers.1.feed_forward.experts.gate_up_proj', shape: [4, 6, 6] },
       down: { name: 'model.layers.1.feed_forward.experts.down_proj', shape: [4, 3, 6] },
     });

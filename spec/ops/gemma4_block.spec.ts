@@ -9,43 +9,14 @@ import { moeBlock } from '../../src/ops/moe_block.js';
 import type { MoEBlockConfig, MoEBlockWeights } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences, tensorOf } from '../helpers/numeric.js';
-import { experts64 } from './expert_reference64.js';
-
-interface Gemma64 { x: Float64Array; proj: Float64Array; scale: Float64Array; pes: Float64Array; W1: Float64Array; W2: Float64Array }
-const NAMES = ['x', 'proj', 'scale', 'pes', 'W1', 'W2'] as const;
-const [T, H, I, E, K, EPS] = [6, 8, 3, 6, 2, 1e-6];
-
-/** Gemma4TextRouter then Gemma4TextExperts on x [T, H], float64; also the chosen experts and the smallest top-k gap. */
-function gemma64(p: Gemma64) {
-  const experts = new Int32Array(T * K);
-  const weights = new Float64Array(T * K);
-  let margin = Infinity;
-  for (let t = 0; t < T; t++) {
-    const row = p.x.subarray(t * H, (t + 1) * H);
-    const inv = 1 / Math.sqrt(row.reduce((s, v) => s + v * v, 0) / H + EPS);
-    const xs = Array.from(row, (v, i) => v * inv * p.scale[i] * H ** -0.5);
-    const z = Array.from({ length: E }, (_, e) => xs.reduce((s, v, i) => s + v * p.proj[e * H + i], 0));
-    const m = Math.max(...z);
-    const ex = z.map(v => Math.exp(v - m));
-    const sum = ex.reduce((a, v) => a + v, 0);
-    const prob = ex.map(v => v / sum);
-    const order = prob.map((_, e) => e).sort((a, b) => prob[b] - prob[a] || a - b);
-    margin = Math.min(margin, prob[order[K - 1]] - prob[order[K]]);
-    const top = order.slice(0, K);
-    const denom = top.reduce((a, e) => a + prob[e], 0);
-    top.forEach((e, k) => { experts[t * K + k] = e; weights[t * K + k] = (prob[e] / denom) * p.pes[e]; });
-  }
-  const out = experts64({ T, H, I, E, K, layout: 'outIn', activation: { kind: 'gegluTanh' }, experts, weights, x: p.x,
-    W1: p.W1, W2: p.W2, lora1: [], lora2: [] });
-  return { out, experts, margin };
-}
+import { EPS, E, H, I, K, T, type Gemma64, NAMES, gemma64 } from './gemma4_reference64.js';
 
 const CONFIG: MoEBlockConfig = { routing: { kind: 'softmaxTopK', topK: K, renormalize: true }, activation: { kind: 'gegluTanh' } };
 
 function weightsOf(ts: tf.Tensor[]): MoEBlockWeights {
   const [, proj, scale, pes, W1, W2] = ts;
   return {
-    router: { weight: proj as tf.Tensor2D, inputNorm: { scale: scale as tf.Tensor1D, epsilon: EPS }, expertScale: pes as tf.Tensor1D },
+    router: { weight: proj as tf.Tensor2D, inputScale: scale as tf.Tensor1D, inputNormEpsilon: EPS, expertScale: pes as tf.Tensor1D },
     experts: { gateUp: W1 as tf.Tensor3D, down: W2 as tf.Tensor3D },
   };
 }
@@ -91,12 +62,10 @@ describe("moeBlock on Gemma 4's routed branch (router norm and scales, tanh-GELU
     expectNoLeak(() => {
       expect(run({ expertScale: bad[0] as tf.Tensor1D })).to.throw(OpArgumentError,
           "`moeBlock()`: 'weights.router.expertScale' must have shape [3] but got [4] (E from router.weight [3,4])");
-      expect(run({ inputNorm: { scale: bad[1] as tf.Tensor1D, epsilon: 1e-6 } })).to.throw(OpArgumentError,
-          "`routerLogits()`: 'router.inputNorm.scale' must have shape [4] but got [3] (H = 4 from router.weight [3,4])");
-      expect(run({ inputNorm: { scale: bad[0] as tf.Tensor1D, epsilon: NaN } })).to.throw(OpArgumentError,
-          "`routerLogits()`: 'router.inputNorm.epsilon' must be a finite number but got NaN");
-      expect(run({ inputNorm: 3 as never })).to.throw(OpArgumentError,
-          "`routerLogits()`: 'router.inputNorm' must be {scale, epsilon} but got 3 (number)");
+      expect(run({ inputScale: bad[1] as tf.Tensor1D, inputNormEpsilon: 1e-6 })).to.throw(OpArgumentError,
+          "`routerLogits()`: 'router.inputScale' must have shape [4] but got [3] (H = 4 from router.weight [3,4])");
+      expect(run({ inputScale: bad[0] as tf.Tensor1D })).to.throw(OpArgumentError,
+          "`routerLogits()`: 'router.inputNormEpsilon' must be a finite number but got undefined");
     });
     tf.dispose([x, w.router.weight, w.experts.gateUp as tf.Tensor, w.experts.down as tf.Tensor, ...bad]);
   });

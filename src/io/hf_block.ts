@@ -79,11 +79,11 @@ interface Expected { name: string; shape: number[] }
 
 /** The full names of one block's tensors with the shapes the config implies. */
 export interface BlockTensorPlan {
-  router: { weight: Expected; bias?: Expected; correctionBias?: Expected };
+  router: { weight: Expected; bias?: Expected; correctionBias?: Expected; inputScale?: Expected; expertScale?: Expected };
   experts:
     | { kind: 'perExpert'; gate: Expected[]; up: Expected[]; down: Expected[] }
     | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected }
-    | { kind: 'fusedInOut'; gateUp: Expected; down: Expected };
+    | { kind: 'fused'; layout: 'inOut' | 'outIn'; gateUp: Expected; down: Expected };
   shared?: { gate: Expected; up: Expected; down: Expected; sigmoidGate?: Expected };
 }
 
@@ -105,7 +105,7 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
         `(MoE layers: ${moeLayerIndices(config).join(', ') || 'none'})`);
   }
   const layout = family.checkpoint;
-  const full = (relative: string) => `model.layers.${layer}.${layout.block}.${relative}`;
+  const full = (relative: string) => `model.layers.${layer}.${layout.block === '' ? '' : `${layout.block}.`}${relative}`;
   const at = (relative: string, shape: number[]): Expected => ({ name: full(relative), shape });
   const perExpert = (template: string, shape: number[]) =>
     Array.from({ length: E }, (_, e) => at(template.replace('{e}', String(e)), shape));
@@ -117,10 +117,11 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
       gate: perExpert(layout.experts.gate, [I, H]),
       up: perExpert(layout.experts.up, [I, H]),
       down: perExpert(layout.experts.down, [H, I]),
-    } : layout.experts.kind === 'fusedInOut' ? {
-      kind: 'fusedInOut',
-      gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
-      down: at(layout.experts.down, [E, I, H]),
+    } : layout.experts.kind === 'fused' ? {
+      kind: 'fused',
+      layout: layout.experts.layout,
+      gateUp: at(layout.experts.gateUp, layout.experts.layout === 'inOut' ? [E, H, 2 * I] : [E, 2 * I, H]),
+      down: at(layout.experts.down, layout.experts.layout === 'inOut' ? [E, I, H] : [E, H, I]),
     } : {
       kind: 'fusedInterleaved',
       gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
@@ -131,6 +132,8 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
   };
   if (layout.router.bias) plan.router.bias = at(layout.router.bias, [E]);
   if (layout.router.correctionBias) plan.router.correctionBias = at(layout.router.correctionBias, [E]);
+  if (layout.router.inputScale) plan.router.inputScale = at(layout.router.inputScale, [H]);
+  if (layout.router.expertScale) plan.router.expertScale = at(layout.router.expertScale, [E]);
   if (layout.shared && Is !== undefined) {
     plan.shared = {
       gate: at(layout.shared.gate, [Is, H]),
@@ -143,11 +146,12 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
 }
 
 function planEntries(plan: BlockTensorPlan): Expected[] {
-  const all: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const all: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias,
+    plan.router.inputScale, plan.router.expertScale];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') {
     all.push(...ex.gate, ...ex.up, ...ex.down);
-  } else if (ex.kind === 'fusedInOut') {
+  } else if (ex.kind === 'fused') {
     all.push(ex.gateUp, ex.down);
   } else {
     all.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
@@ -205,7 +209,8 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
 /**
  * Reads layer `layerIndex`'s MoE block: router, experts (Hub per-expert tensors fused on load:
  * gateUp[e] = gate_proj[e] rows then up_proj[e] rows → [E, 2I, H], down → [E, H, I]; gpt-oss
- * kept as stored, layout 'inOutInterleaved'; Llama 4 kept as stored, layout 'inOut') and shared experts. Every tensor is checked before
+ * kept as stored, layout 'inOutInterleaved'; Llama 4's and Gemma 4's fused ones as stored, layout 'inOut' /
+ * 'outIn') and shared experts. Every tensor is checked before
  * any is read; a mismatch throws one error that lists every missing or misshapen tensor.
  * The caller owns the returned tensors (see `disposeMoEBlockWeights`).
  *
@@ -258,6 +263,14 @@ export async function loadMoEBlockWeights(
     const router: RouterWeights = { weight: await read<Tensor2D>(plan.router.weight) };
     if (plan.router.bias) router.bias = await read<Tensor1D>(plan.router.bias);
     if (plan.router.correctionBias) router.correctionBias = await read<Tensor1D>(plan.router.correctionBias);
+    if (plan.router.inputScale) {
+      router.inputScale = await read<Tensor1D>(plan.router.inputScale);
+      // Gemma4TextRouter's norm uses rms_norm_eps (Gemma4TextConfig's default 1e-6)
+      const eps = hfConfig['rms_norm_eps'] ?? 1e-6;
+      if (typeof eps !== 'number' || !Number.isFinite(eps)) fail(op, `'config.rms_norm_eps' must be a finite number but got ${JSON.stringify(eps)}`);
+      router.inputNormEpsilon = eps;
+    }
+    if (plan.router.expertScale) router.expertScale = await read<Tensor1D>(plan.router.expertScale);
 
     let experts: ExpertWeights;
     const ex = plan.experts;
@@ -269,11 +282,11 @@ export async function loadMoEBlockWeights(
       const down = track(kind ? await fuseRowsPacked(file, kind, E, [ex.down], [H, I]) :
         await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
-    } else if (ex.kind === 'fusedInOut') {
+    } else if (ex.kind === 'fused') {
       experts = {
-        gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I]
-        down: kind ? await readPacked(ex.down) : await read<Tensor3D>(ex.down),        // [E, I, H]
-        layout: 'inOut',
+        gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I] or [E, 2I, H]
+        down: kind ? await readPacked(ex.down) : await read<Tensor3D>(ex.down),        // [E, I, H] or [E, H, I]
+        layout: ex.layout,
       };
     } else {
       experts = {

@@ -108,10 +108,11 @@ export interface Expected { name: string; shape: number[] }
 
 /** @internal The MoE block's checkpoint tensors with expected shapes. */
 export function planTensors(plan: BlockTensorPlan): Expected[] {
-  const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias,
+    plan.router.inputScale, plan.router.expertScale];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') out.push(...ex.gate, ...ex.up, ...ex.down);
-  else if (ex.kind === 'fusedInOut') out.push(ex.gateUp, ex.down);
+  else if (ex.kind === 'fused') out.push(ex.gateUp, ex.down);
   else out.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
   return out.filter((e): e is Expected => e !== undefined);
@@ -220,6 +221,9 @@ const SPARSE_MOE_WEIGHT: Readonly<Record<WeightField, string>> = {
   'router.weight': 'router_weight',
   'router.bias': 'router_bias',
   'router.correctionBias': 'correction_bias',
+  // Gemma 4's router scales: block level only, no SparseMoE holds them yet
+  'router.inputScale': 'router_input_scale',
+  'router.expertScale': 'router_expert_scale',
   'experts.gateUp': 'gate_up',
   'experts.down': 'down',
   'experts.gateUpBias': 'gate_up_bias',

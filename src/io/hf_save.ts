@@ -81,7 +81,7 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
     whole(ex.gateUpBias, 'gate_up_bias');
     whole(ex.down, 'down');
     whole(ex.downBias, 'down_bias');
-  } else if (ex.kind === 'fusedInOut') {
+  } else if (ex.kind === 'fused') {
     whole(ex.gateUp, 'gate_up');
     whole(ex.down, 'down');
   } else {

@@ -44,8 +44,12 @@ export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text', 'mistral4',
 ];
 
-/** Why a block-only family has no whole model (none is block-only now). */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
+/** Why a block-only family has no whole model. */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
+  gemma4_text: "Gemma 4's decoder layer (router and experts beside a dense MLP with their own norms, attention with " +
+      'v_norm, scaling 1, k_eq_v and KV-shared layers, per-layer rope and head sizes, per-layer inputs, logit ' +
+      'softcapping) is not built',
+};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -449,7 +453,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
-      fusedInOut: family.checkpoint.experts.kind === 'fusedInOut',
+      fusedInOut: family.checkpoint.experts.kind === 'fused' && family.checkpoint.experts.layout === 'inOut',
       weightedInput: blockConfig.weightedInput ?? false,
     },
   };

@@ -14,25 +14,30 @@ export type HFConfig = Record<string, unknown>;
 
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
-  'llama4_text', 'mistral4',
+  'llama4_text', 'mistral4', 'gemma4_text',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
 /**
  * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index),
- * gpt-oss's fused tensors kept as stored ('fusedInterleaved'), or Llama 4's fused [E, in, out]
- * tensors kept as stored ('fusedInOut': gate_up [E, H, 2I] gate half first, down [E, I, H]).
+ * gpt-oss's fused tensors kept as stored ('fusedInterleaved'), or fused tensors as transformers 5
+ * holds them, gate half then up half ('fused'): Llama 4's [E, in, out] (layout 'inOut': gate_up
+ * [E, H, 2I], down [E, I, H]), Gemma 4's [E, out, in] ('outIn': [E, 2I, H], [E, H, I]).
  * Names are relative to the block.
  */
 export type ExpertCheckpoint =
   | { kind: 'perExpert'; gate: string; up: string; down: string }
   | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string }
-  | { kind: 'fusedInOut'; gateUp: string; down: string };
+  | { kind: 'fused'; layout: 'inOut' | 'outIn'; gateUp: string; down: string };
 
-/** Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`. */
+/**
+ * Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`
+ * (`model.layers.N.` when block is '': Gemma 4's router and experts sit on the decoder layer).
+ */
 export interface CheckpointLayout {
   block: string;
-  router: { weight: string; bias?: string; correctionBias?: string };
+  /** Gemma 4 adds the router's input scale [H] and per-expert scale [E] */
+  router: { weight: string; bias?: string; correctionBias?: string; inputScale?: string; expertScale?: string };
   experts: ExpertCheckpoint;
   shared?: { gate: string; up: string; down: string; sigmoidGate?: string };
 }
@@ -62,7 +67,11 @@ export interface MoEFamily {
     /** the routing weight scales the expert's input, not its output (Llama 4; MoEBlockConfig.weightedInput) */
     weightedInput?: boolean;
   };
-  activation: 'swiglu' | 'clampedSwiglu';
+  activation: 'swiglu' | 'clampedSwiglu' | 'gegluTanh';
+  /** the config key of K; default 'num_experts_per_tok' (Gemma 4: top_k_experts) */
+  topKKey?: string;
+  /** the config key of the activation's name; default 'hidden_act' (Gemma 4: hidden_activation) */
+  hiddenActKey?: string;
   /**
    * The config.hidden_act values (transformers' ACT2FN names) whose function the experts and the
    * dense MLPs compute, default first; null when the family's experts do not read hidden_act
@@ -73,9 +82,10 @@ export interface MoEFamily {
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
    * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers;
    * 'interleaveStep' (Llama 4): the layers listed in moe_layers, or when it is not set
-   * i = step − 1, 2·step − 1, ... with step = interleave_moe_layer_step.
+   * i = step − 1, 2·step − 1, ... with step = interleave_moe_layer_step;
+   * 'enableMoEBlock' (Gemma 4): every layer when enable_moe_block, else none.
    */
-  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interleaveStep';
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interleaveStep' | 'enableMoEBlock';
   checkpoint: CheckpointLayout;
   /** present when the block has shared experts */
   sharedSize?: SharedSize;
@@ -179,7 +189,7 @@ const LLAMA4_TEXT: MoEFamily = {
   checkpoint: {
     block: 'feed_forward',
     router: { weight: 'router.weight' },
-    experts: { kind: 'fusedInOut', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+    experts: { kind: 'fused', layout: 'inOut', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
     shared: {
       gate: 'shared_expert.gate_proj.weight',
       up: 'shared_expert.up_proj.weight',
@@ -212,6 +222,38 @@ const MISTRAL4: MoEFamily = {
   defaults: {
     n_routed_experts: 128, num_experts_per_tok: 4, n_group: 1, topk_group: 1,
     norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 0, n_shared_experts: 1,
+  },
+};
+
+/**
+ * Gemma 4's text model (Gemma4ForCausalLM, model_type 'gemma4_text', enable_moe_block): the
+ * router and experts sit on the decoder layer beside its dense MLP. The router reads
+ * rms(x)·scale·H^-½, routes softmax → top-k → renormalised, times per_expert_scale; the experts
+ * are fused [E, 2I, H] / [E, H, I] with a tanh-GELU GLU (hidden_activation).
+ */
+const GEMMA4_TEXT: MoEFamily = {
+  modelType: 'gemma4_text',
+  expertCountKeys: ['num_experts'],
+  expertIntermediateKey: 'moe_intermediate_size',
+  topKKey: 'top_k_experts',
+  hiddenActKey: 'hidden_activation',
+  defaults: { enable_moe_block: false, rms_norm_eps: 1e-6 },
+  routing: { kind: 'softmaxTopK', renormalize: true },
+  activation: 'gegluTanh',
+  // ACT2FN: both are the tanh approximation of GELU
+  hiddenActs: ['gelu_pytorch_tanh', 'gelu_new'],
+  moeLayers: 'enableMoEBlock',
+  checkpoint: {
+    block: '',
+    router: { weight: 'router.proj.weight', inputScale: 'router.scale', expertScale: 'router.per_expert_scale' },
+    experts: { kind: 'fused', layout: 'outIn', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+  },
+  parameters: {
+    'router.proj.weight': 'router.weight',
+    'router.scale': 'router.inputScale',
+    'router.per_expert_scale': 'router.expertScale',
+    'experts.gate_up_proj': 'experts.gateUp',
+    'experts.down_proj': 'experts.down',
   },
 };
 
@@ -341,6 +383,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   llama4_text: LLAMA4_TEXT,
   mistral4: MISTRAL4,
+  gemma4_text: GEMMA4_TEXT,
 };
 
 /**
@@ -418,7 +461,7 @@ export function moeBlockDims(config: HFConfig): MoEBlockDims {
     hidden: configInteger(op, family, config, 'hidden_size'),
     intermediate: configInteger(op, family, config, family.expertIntermediateKey),
     experts: expertCount(config),
-    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+    topK: configInteger(op, family, config, family.topKKey ?? 'num_experts_per_tok'),
   };
   const shared = family.sharedSize;
   if (shared) {
@@ -444,10 +487,10 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
   const spec = family.routing;
   const routing: RoutingConfig = {
     kind: spec.kind,
-    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+    topK: configInteger(op, family, config, family.topKKey ?? 'num_experts_per_tok'),
   };
   if (routing.topK > experts) {
-    fail(op, `'config.num_experts_per_tok' must be <= num experts (${experts}) but got ${routing.topK}`);
+    fail(op, `'config.${family.topKKey ?? 'num_experts_per_tok'}' must be <= num experts (${experts}) but got ${routing.topK}`);
   }
   if (spec.renormalize !== undefined) {
     routing.renormalize = typeof spec.renormalize === 'boolean' ?
@@ -461,13 +504,14 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
     routing.scalingFactor = configNumber(op, family, config, spec.scalingFactorKey);
   }
   if (family.hiddenActs !== null) {
-    const act = config['hidden_act'] ?? family.hiddenActs[0];
+    const key = family.hiddenActKey ?? 'hidden_act';
+    const act = config[key] ?? family.hiddenActs[0];
     if (typeof act !== 'string' || !family.hiddenActs.includes(act)) {
-      fail(op, `'config.hidden_act' must be ${family.hiddenActs.map(a => `'${a}'`).join(' or ')} ` +
-          `(the SwiGLU gate activation '${family.modelType}' computes) but got ${describeValue(act)}`);
+      fail(op, `'config.${key}' must be ${family.hiddenActs.map(a => `'${a}'`).join(' or ')} ` +
+          `(the ${family.activation === 'gegluTanh' ? 'GeGLU' : 'SwiGLU'} gate activation '${family.modelType}' computes) but got ${describeValue(act)}`);
     }
   }
-  const activation: ExpertActivation = family.activation === 'swiglu' ? { kind: 'swiglu' } : {
+  const activation: ExpertActivation = family.activation !== 'clampedSwiglu' ? { kind: family.activation } : {
     kind: 'clampedSwiglu',
     alpha: configNumber(op, family, config, 'swiglu_alpha'),
     limit: configNumber(op, family, config, 'swiglu_limit'),
@@ -494,6 +538,8 @@ export function isMoELayer(config: HFConfig, layer: number): boolean {
       }
       return !mlpOnly.includes(layer) && (layer + 1) % step === 0;
     }
+    case 'enableMoEBlock':
+      return configBoolean(op, family, config, 'enable_moe_block');
     case 'interleaveStep': {
       // Llama4TextConfig: an explicit moe_layers list wins over interleave_moe_layer_step
       const listed = config['moe_layers'];

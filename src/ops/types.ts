@@ -76,10 +76,12 @@ export interface RouterWeights {
   /** active router adapters, A [r, H], B [E, r]; their deltas add up */
   lora?: LoRAFactors[];
   /**
-   * Gemma 4: the router reads rms(x)·scale·H^-½ instead of x (a weightless RMS norm with this
-   * epsilon, then its learned `scale` [H])
+   * Gemma 4: the router reads rms(x)·inputScale·H^-½ instead of x (a weightless RMS norm with
+   * `inputNormEpsilon`, then this learned scale [H])
    */
-  inputNorm?: { scale: Tensor1D; epsilon: number };
+  inputScale?: Tensor1D;
+  /** the epsilon of that norm (HF rms_norm_eps); required with inputScale */
+  inputNormEpsilon?: number;
   /** Gemma 4's per_expert_scale [E]: each routing weight times its expert's scale, after routing */
   expertScale?: Tensor1D;
 }
