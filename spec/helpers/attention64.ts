@@ -1,6 +1,6 @@
 /** A float64 reference of RotaryAttention (spec helper shared by the attention and LoRA specs). */
 import type { RotaryAttentionArgs } from '../../src/layers/attention.js';
-import type { YarnRope } from '../../src/layers/rotary.js';
+import type { Llama3Rope, YarnRope } from '../../src/layers/rotary.js';
 
 export type Weights = Record<string, Float64Array>;
 
@@ -30,6 +30,24 @@ export function yarn64(d: number, theta: number, y: YarnRope): number[] {
   return out;
 }
 
+/**
+ * float64 llama3 frequencies, written from transformers' _compute_llama3_parameters: wavelength
+ * 2π/f above original/low → f/factor, below original/high → f, between → the smoothed blend.
+ */
+export function llama3_64(d: number, theta: number, r: Llama3Rope): number[] {
+  return Array.from({ length: d / 2 }, (_, i) => {
+    const f = theta ** (-2 * i / d);
+    const wavelen = 2 * Math.PI / f;
+    const lowWavelen = r.originalMaxPositionEmbeddings / r.lowFreqFactor;
+    const highWavelen = r.originalMaxPositionEmbeddings / r.highFreqFactor;
+    const scaled = wavelen > lowWavelen ? f / r.factor : f;
+    const medium = !(wavelen < highWavelen) && !(wavelen > lowWavelen);
+    if (!medium) return scaled;
+    const smooth = (r.originalMaxPositionEmbeddings / wavelen - r.lowFreqFactor) / (r.highFreqFactor - r.lowFreqFactor);
+    return (1 - smooth) * scaled / r.factor + smooth * scaled;
+  });
+}
+
 export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
     b: number, s: number, h: number): Float64Array {
   const { numHeads: nh, numKeyValueHeads: nkv, headDim: d } = a;
@@ -54,8 +72,9 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   // partial rotary: only the first rd of each head turns, with frequencies of an rd-wide rope
   const rd = a.rotaryDim ?? d;
   const scaling = a.ropeScaling ?? null;
-  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) : yarn64(rd, a.ropeTheta, scaling);
-  const m = scaling === null ? 1 : scaling.attentionFactor;
+  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) :
+    scaling.kind === 'llama3' ? llama3_64(rd, a.ropeTheta, scaling) : yarn64(rd, a.ropeTheta, scaling);
+  const m = scaling === null || scaling.kind === 'llama3' ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
     if (a.rope === false) return;
     const half = rd / 2;

@@ -1,5 +1,6 @@
 /** A float64 reference of MLAAttention, literally as transformers' DeepseekV3Attention / Mistral4Attention compute it (spec helper). */
 import type { MLAAttentionArgs } from '../../src/layers/mla_attention.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
 import { yarn64 } from './attention64.js';
 
 export type Weights = Record<string, Float64Array>;
@@ -32,8 +33,8 @@ export function mla64(x: Float64Array, w: Weights, a: MLA64Args, b: number, s: n
   };
   // apply_rotary_pos_emb(_interleave): view(d/2, 2).transpose → evens then odds, then rotate_half
   // Mistral 4: YaRN frequencies of an rd-wide rope, cos and sin times the attention factor
-  const freq = a.ropeScaling ? yarn64(rd, a.ropeTheta, a.ropeScaling) : Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd));
-  const m = a.ropeScaling ? a.ropeScaling.attentionFactor : 1;
+  const freq = a.ropeScaling ? yarn64(rd, a.ropeTheta, a.ropeScaling as YarnRope) : Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd));
+  const m = a.ropeScaling ? (a.ropeScaling as YarnRope).attentionFactor : 1;
   const rope = (v: Float64Array, p: number) => {
     const r = a.ropeInterleave ? Float64Array.from({ length: rd }, (_, i) => v[i < rd / 2 ? 2 * i : 2 * (i - rd / 2) + 1]) : v;
     const out = new Float64Array(rd);

@@ -51,6 +51,9 @@ describe('RotaryAttention', () => {
     ['Llama 4 NoPE layer: no rope, temperature tuning (floor scale 2)', {
       rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 },
     }],
+    ["Llama 4 rope layer with the Hub's llama3 rope scaling (one frequency in the smoothed band, one divided)", {
+      ropeInterleaved: true, qkNorm: 'l2', ropeScaling: { kind: 'llama3', factor: 4, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 },
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -173,7 +176,14 @@ describe('RotaryAttention', () => {
       .to.throw("`RotaryAttention()`: 'rotaryDim' must be even (rotary pairs) but got 3");
     const yarn = (change: Partial<YarnRope>) => new RotaryAttention({ ...ok, ropeScaling: { ...YARN, ...change } });
     expect(() => new RotaryAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
-      .to.throw("`RotaryAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");
+      .to.throw("`RotaryAttention()`: 'ropeScaling' must be null, {kind: 'yarn', ...} or {kind: 'llama3', ...} but got an object {kind}");
+    const llama3 = { kind: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 } as const;
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, lowFreqFactor: 2, highFreqFactor: 1 } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling' needs highFreqFactor >= lowFreqFactor > 0 but got lowFreqFactor 2, highFreqFactor 1");
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, factor: NaN } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be a finite number but got NaN");
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, originalMaxPositionEmbeddings: 0 } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.originalMaxPositionEmbeddings' must be >= 1 but got 0");
     expect(() => yarn({ factor: NaN })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be a finite number but got NaN");
     expect(() => yarn({ factor: 0.5 })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be >= 1 but got 0.5");
     expect(() => yarn({ attentionFactor: 0 })).to.throw("`RotaryAttention()`: 'ropeScaling.attentionFactor' must be > 0 but got 0");

@@ -204,7 +204,8 @@ describe('models/families', () => {
         sinks: true, scaledRopes: ['yarn'], ropeRequired: true, layerTypes: true,
         ropeTheta: 150000, slidingWindow: 128, attentionBias: true,
       });
-      expect(MODEL_TYPES.filter(t => FAMILIES[t].attention !== undefined)).to.deep.equal(['gpt_oss']);
+      expect(MODEL_TYPES.filter(t => FAMILIES[t].attention !== undefined)).to.deep.equal(['gpt_oss', 'llama4_text']);
+      expect(FAMILIES.llama4_text.attention).to.deep.equal({ scaledRopes: ['llama3'] });
     });
   });
 });

@@ -13,7 +13,8 @@ import { hfCheckpointTensors, saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import type { RotaryAttention } from '../../src/layers/attention.js';
-import { addMoEAdapter, buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import type { Llama3Rope } from '../../src/layers/rotary.js';
+import { addMoEAdapter, buildMoECausalLM, moeCausalLMConfigFromHF, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { cleanup, tempDir } from '../io/checkpoint_helpers.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import {
@@ -136,7 +137,7 @@ const WHOLE: HFConfig = {
 };
 
 /** Llama4ForCausalLM.forward in float64 from the checkpoint tensors `w` (HF names), for one row of ids. */
-function llama4Logits64(w: Record<string, Float64Array>, ids: number[]): Float64Array {
+function llama4Logits64(w: Record<string, Float64Array>, ids: number[], ropeScaling: Llama3Rope | null = null): Float64Array {
   const H = 16;
   const S = ids.length;
   const rms = (v: Float64Array, weight?: Float64Array) => {
@@ -160,7 +161,7 @@ function llama4Logits64(w: Record<string, Float64Array>, ids: number[]): Float64
     const attnW = Object.fromEntries(['q_proj', 'k_proj', 'v_proj', 'o_proj'].map(n => [`${n}.weight`, w[`${p}self_attn.${n}.weight`]]));
     const attn = attention64(rms(h, w[`${p}input_layernorm.weight`]), attnW, {
       numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 50, qkvBias: false, outputBias: false, normEpsilon: 1e-5,
-      clipQKV: null, slidingWindow: null, ropeInterleaved: true, ...settings,
+      clipQKV: null, slidingWindow: null, ropeInterleaved: true, ropeScaling, ...settings,
     }, 1, S, H);
     h = h.map((v, j) => v + attn[j]);
     const x = rms(h, w[`${p}post_attention_layernorm.weight`]);
@@ -215,9 +216,12 @@ describe('llama4_text whole model (Llama4ForCausalLM)', () => {
     expect(tf.memory().numTensors).to.equal(before);
   });
 
-  for (const expertKernel of ['fused', 'reference']) {
-    it(`${expertKernel}: logits equal a float64 transcription of Llama4ForCausalLM (chunks, NoPE, temperature, MoE)`, () => {
-      const model = buildMoECausalLM(WHOLE, { expertKernel });
+  const LLAMA3: Llama3Rope = { kind: 'llama3', factor: 4, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 };
+  for (const [expertKernel, rope] of [['fused', null], ['reference', null], ['fused', LLAMA3]] as Array<[string, Llama3Rope | null]>) {
+    it(`${expertKernel}: logits equal a float64 transcription of Llama4ForCausalLM (chunks, NoPE, temperature, MoE${rope ? ', llama3 rope' : ''})`, () => {
+      const config = rope === null ? WHOLE : { ...WHOLE, rope_parameters: {
+        rope_type: 'llama3', rope_theta: 50, factor: 4, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8 } };
+      const model = buildMoECausalLM(config, { expertKernel });
       // weights redrawn larger than the init so that routing, chunks and the temperature all matter
       const rng = new Rng(3);
       for (const v of model.weights) {
@@ -232,13 +236,29 @@ describe('llama4_text whole model (Llama4ForCausalLM)', () => {
       const input = tf.tensor2d([ids], [1, 7], 'int32');
       expectNoLeak(() => {
         const logits = model.predict(input) as tf.Tensor;
-        expectClose(logits, llama4Logits64(w, ids), 1e-4, 'logits');
+        expectClose(logits, llama4Logits64(w, ids, rope), 1e-4, 'logits');
         logits.dispose();
       });
       input.dispose();
       model.dispose();
     });
   }
+
+  it("reads the Hub's llama3 rope and refuses one it would misread", () => {
+    const rope = { rope_type: 'llama3', rope_theta: 5e5, factor: 16, low_freq_factor: 1, high_freq_factor: 1, original_max_position_embeddings: 8192 };
+    expect(moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: rope }).ropeScaling).to.deep.equal(
+        { kind: 'llama3', factor: 16, lowFreqFactor: 1, highFreqFactor: 1, originalMaxPositionEmbeddings: 8192 });
+    const { low_freq_factor: _, ...missing } = rope;
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: missing }))
+      .to.throw("`moeCausalLMConfigFromHF()`: a llama3 rope needs 'rope_parameters.low_freq_factor' but config.json does not set it");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...rope, beta_fast: 32 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' sets 'beta_fast', which the llama3 rope does not read " +
+          "(only 'rope_type', 'type', 'rope_theta', 'partial_rotary_factor', 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...rope, low_freq_factor: 4 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' needs high_freq_factor >= low_freq_factor > 0 but sets 4 and 1");
+    expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...rope, rope_type: 'yarn' } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: 'llama4_text' supports the default and 'llama3' ropes but config.json sets rope_type 'yarn'");
+  });
 
   it('saves as a Hub checkpoint and a PEFT adapter that load back to the same logits', async () => {
     const before = tf.memory().numTensors;

@@ -11,6 +11,7 @@ import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { hfCheckpointTensors } from '../../src/io/hf_save.js';
 import { buildMoECausalLM, moeCausalLMConfigFromHF } from '../../src/layers/moe_causal_lm.js';
 import type { MLAAttention } from '../../src/layers/mla_attention.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
 import { type HFConfig, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
@@ -221,7 +222,7 @@ describe('mistral4 whole model (Mistral4ForCausalLM)', () => {
       positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 },
     });
     expect(c.mla!.ropeScaling).to.deep.include({ kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 2, betaFast: 8, betaSlow: 1, truncate: true });
-    expect(c.mla!.ropeScaling!.attentionFactor).to.be.closeTo(getMscale(4, 1) / getMscale(4, 0.7), 1e-15);
+    expect((c.mla!.ropeScaling as YarnRope).attentionFactor).to.be.closeTo(getMscale(4, 1) / getMscale(4, 0.7), 1e-15);
     expect(c.mla!.softmaxScale).to.be.closeTo(getMscale(4, 0.7) ** 2 / Math.sqrt(8), 1e-15);
     expect([c.ropeTheta, c.ropeScaling, c.rmsNormEps]).to.deep.equal([30, null, 1e-6]);
     // the config class's default rope when config.json has none

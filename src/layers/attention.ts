@@ -149,8 +149,17 @@ function deinterleavePairs(x: tf.Tensor3D): tf.Tensor3D {
 
 /** A RopeScaling's numbers: each finite, factor >= 1, a positive context and attention factor. */
 function checkRopeScaling(op: string, scaling: NonNullable<RopeScaling>): void {
+  if (scaling !== null && typeof scaling === 'object' && scaling.kind === 'llama3') {
+    for (const key of ['factor', 'lowFreqFactor', 'highFreqFactor'] as const) assertFiniteNumber(op, `ropeScaling.${key}`, scaling[key]);
+    if (!(scaling.lowFreqFactor > 0 && scaling.highFreqFactor >= scaling.lowFreqFactor)) {
+      fail(op, `'ropeScaling' needs highFreqFactor >= lowFreqFactor > 0 but got lowFreqFactor ${scaling.lowFreqFactor}, ` +
+          `highFreqFactor ${scaling.highFreqFactor}`);
+    }
+    assertInteger(op, 'ropeScaling.originalMaxPositionEmbeddings', scaling.originalMaxPositionEmbeddings, 1);
+    return;
+  }
   if (scaling === null || typeof scaling !== 'object' || scaling.kind !== 'yarn') {
-    fail(op, `'ropeScaling' must be null or {kind: 'yarn', ...} but got ${describeValue(scaling)}`);
+    fail(op, `'ropeScaling' must be null, {kind: 'yarn', ...} or {kind: 'llama3', ...} but got ${describeValue(scaling)}`);
   }
   for (const key of ['factor', 'betaFast', 'betaSlow', 'attentionFactor'] as const) {
     assertFiniteNumber(op, `ropeScaling.${key}`, scaling[key]);

@@ -29,7 +29,7 @@ import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js'
 import { fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm, type RotaryAttentionArgs } from './attention.js';
-import type { RopeScaling } from './rotary.js';
+import type { Llama3Rope, RopeScaling, YarnRope } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
 import { MLAAttention, type PositionScaling } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
@@ -169,7 +169,7 @@ const YARN_ROPE_KEYS = [
 ];
 
 /** YaRN's settings as transformers reads them: factor and the original context required, the rest defaulted. */
-function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<RopeScaling> {
+function yarnScaling(rope: Record<string, unknown>, key: string): YarnRope {
   const at = `${key}.`;
   const required = (name: string) => {
     if (rope[name] == null) fail(OP, `a YaRN rope needs '${at}${name}' but config.json does not set it`);
@@ -189,6 +189,25 @@ function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<Ro
     attentionFactor: rope['attention_factor'] != null ? num(rope, 'attention_factor') :
       factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1,
   };
+}
+
+/** The keys the llama3 rope reads (transformers' _compute_llama3_parameters). */
+const LLAMA3_ROPE_KEYS = [...DEFAULT_ROPE_KEYS, 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'];
+
+/** Llama 3's rope scaling as transformers reads it: all four keys required. */
+function llama3Scaling(rope: Record<string, unknown>, key: string): Llama3Rope {
+  const required = (name: string) => {
+    if (rope[name] == null) fail(OP, `a llama3 rope needs '${key}.${name}' but config.json does not set it`);
+    return num(rope, name);
+  };
+  const scaling: Llama3Rope = {
+    kind: 'llama3', factor: required('factor'), lowFreqFactor: required('low_freq_factor'),
+    highFreqFactor: required('high_freq_factor'), originalMaxPositionEmbeddings: required('original_max_position_embeddings'),
+  };
+  if (!(scaling.lowFreqFactor > 0 && scaling.highFreqFactor >= scaling.lowFreqFactor)) {
+    fail(OP, `'config.${key}' needs high_freq_factor >= low_freq_factor > 0 but sets ${scaling.lowFreqFactor} and ${scaling.highFreqFactor}`);
+  }
+  return scaling;
 }
 
 /**
@@ -265,8 +284,13 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
   if (partial !== undefined && partial !== 1) {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
   }
-  const known = scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
+  const llama3 = scaled && rope[types[0]] === 'llama3';
+  const known = llama3 ? LLAMA3_ROPE_KEYS : scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
   const ignored = Object.keys(rope).filter(k => !known.includes(k));
+  if (ignored.length > 0 && llama3) {
+    fail(OP, `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the llama3 rope does not read ` +
+        `(only ${LLAMA3_ROPE_KEYS.map(k => `'${k}'`).join(', ')})`);
+  }
   if (ignored.length > 0) {
     fail(OP, scaled ?
       `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which YaRN as implemented here does not read ` +
@@ -274,7 +298,7 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
       `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
           `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
   }
-  const scaling = scaled ? yarnScaling(rope, key) : null;
+  const scaling = llama3 ? llama3Scaling(rope, key) : scaled ? yarnScaling(rope, key) : null;
   if (rope['rope_theta'] === undefined) return { theta: num(config, 'rope_theta', fallback), scaling };
   const theta = num(rope, 'rope_theta');
   if (config['rope_theta'] != null && config['rope_theta'] !== theta) {

@@ -197,6 +197,8 @@ const LLAMA4_TEXT: MoEFamily = {
     },
   },
   sharedSize: { key: 'intermediate_size' },
+  // the Hub's Llama 4 configs scale their rope the llama3 way
+  attention: { scaledRopes: ['llama3'] },
   parameters: {
     'router.weight': 'router.weight',
     'experts.gate_up_proj': 'experts.gateUp',
