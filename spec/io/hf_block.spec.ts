@@ -5,7 +5,7 @@ import {
   blockLayerIndex, loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource,
 } from '../../src/io/hf_block.js';
 import { readSafetensorsFile, type SafetensorsFile } from '../../src/io/safetensors.js';
-import type { HFConfig } from '../../src/models/families.js';
+import { familyOf, type HFConfig } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import type { MoEBlockWeights } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -87,9 +87,13 @@ describe('io/hf_block', () => {
             expect(w.experts.gateUpBias!.shape).to.deep.equal(shapeOf('experts.gate_up_proj_bias'));
             expect(w.experts.downBias!.shape).to.deep.equal(shapeOf('experts.down_proj_bias'));
           } else {
-            expect(w.experts.layout).to.equal('outIn');
-            expect(w.router.weight.shape).to.deep.equal(shapeOf('gate.weight'));
+            // Llama 4 keeps its [E, in, out] experts as stored
+            expect(w.experts.layout).to.equal(arch === 'llama4_text' ? 'inOut' : 'outIn');
+            expect(w.router.weight.shape).to.deep.equal(shapeOf(familyOf(golden.config).checkpoint.router.weight));
           }
+          // Gemma 4's router scales: [H] on its input, [E] on the routing weights
+          expect(w.router.inputScale?.shape).to.deep.equal(shapeOf('router.scale'));
+          expect(w.router.expertScale?.shape).to.deep.equal(shapeOf('router.per_expert_scale'));
           expect(w.experts.gateUp.shape).to.deep.equal(shapeOf('experts.gate_up_proj'));
           expect(w.experts.down.shape).to.deep.equal(shapeOf('experts.down_proj'));
           const sharedPrefix = ['shared_expert', 'shared_experts'].find(s => `${s}.gate_proj.weight` in p);
@@ -101,7 +105,8 @@ describe('io/hf_block', () => {
             expect(w.shared).to.equal(undefined);
           }
           expect(w.shared?.sigmoidGate?.shape).to.deep.equal(shapeOf('shared_expert_gate.weight'));
-          // the only buffer of these blocks is DeepSeek/GLM's selection bias
+          // the only buffer of these blocks is DeepSeek/GLM's selection bias (Gemma 4's block, the whole
+          // decoder layer, has its layer_scalar too, which is not part of the routed branch)
           const buffers = golden.block_buffers ?? {};
           expect(w.router.correctionBias?.shape).to.deep.equal(buffers['gate.e_score_correction_bias']);
         } finally {

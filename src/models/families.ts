@@ -220,7 +220,11 @@ const MISTRAL4: MoEFamily = {
     kind: 'softmaxGroupTopK', renormalize: { key: 'norm_topk_prob' }, grouped: true,
     scalingFactorKey: 'routed_scaling_factor',
   },
-  checkpoint: { ...DEEPSEEK_LIKE.checkpoint, router: { weight: 'gate.weight' } },
+  // transformers 5.17 has no checkpoint conversion for mistral4: save_pretrained writes the fused experts
+  checkpoint: {
+    ...DEEPSEEK_LIKE.checkpoint, router: { weight: 'gate.weight' },
+    experts: { kind: 'fused', layout: 'outIn', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+  },
   defaults: {
     n_routed_experts: 128, num_experts_per_tok: 4, n_group: 1, topk_group: 1,
     norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 0, n_shared_experts: 1,
