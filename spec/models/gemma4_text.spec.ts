@@ -10,6 +10,7 @@ import { type HFConfig, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices } fr
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
+import { expectFixtureRouting } from './fixture_routing.js';
 import { Rng, asF32, expectClose, expectNoLeak, tensorOf } from '../helpers/numeric.js';
 import { E, EPS, H, I, K, T, type Gemma64, gemma64 } from '../ops/gemma4_reference64.js';
 
@@ -83,4 +84,12 @@ describe('gemma4_text (Gemma4ForCausalLM, enable_moe_block)', () => {
     tf.dispose([x, ...Object.values(tensors)]);
     expect(tf.memory().numTensors).to.equal(before);
   });
+});
+
+describe('gemma4_text: the transformers fixture', () => {
+  for (const expertKernel of ['fused', 'reference']) {
+    it(`${expertKernel}: chooses the experts transformers chose on the fixture's block.x, with its weights`, async () => {
+      await expectFixtureRouting('spec/fixtures/hf/gemma4_text', expertKernel);
+    });
+  }
 });

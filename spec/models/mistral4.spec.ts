@@ -1,6 +1,6 @@
 /**
- * The mistral4 family row (Mistral4ForCausalLM): config reading, its Hub block layout (per-expert
- * tensors fused on load, shared experts, no correction bias), and the loaded block against a
+ * The mistral4 family row (Mistral4ForCausalLM): config reading, its checkpoint block layout (the
+ * experts fused as transformers 5.17 saves them, shared experts, no correction bias), and the loaded block against a
  * float64 transcription of Mistral4MoE (Mistral4TopkRouter: softmax, group-limited top-k with
  * masked scores 0.0, renormalised + 1e-20, × routed_scaling_factor; plus the shared experts).
  */
@@ -15,6 +15,7 @@ import type { YarnRope } from '../../src/layers/rotary.js';
 import { type HFConfig, moeBlockConfigFromHF, moeBlockDims, moeLayerIndices } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
+import { expectFixtureRouting } from './fixture_routing.js';
 import { Rng, asF32, expectClose, expectNoLeak, tensorOf } from '../helpers/numeric.js';
 import { experts64 } from '../ops/expert_reference64.js';
 import { mla64 } from '../helpers/mla64.js';
@@ -27,7 +28,8 @@ const CONFIG: HFConfig = {
 
 const silu = (v: number) => v / (1 + Math.exp(-v));
 
-interface Block64 { x: Float64Array; router: Float64Array; gate: Float64Array[]; up: Float64Array[]; down: Float64Array[];
+/** W1 [E, 2I, H] (each expert's gate rows, then its up rows) and W2 [E, H, I], as Mistral4Experts holds them. */
+interface Block64 { x: Float64Array; router: Float64Array; W1: Float64Array; W2: Float64Array;
   sg: Float64Array; su: Float64Array; sd: Float64Array }
 
 /** Mistral4MoE.forward in float64, one token at a time (T tokens, H, I, E, K, Is = I·n_shared). */
@@ -50,14 +52,8 @@ function mistral4Block64(b: Block64, T: number, H: number, I: number, E: number,
     const denom = chosen.reduce((a, e) => a + p[e], 0) + 1e-20;
     chosen.forEach((e, k) => { experts[t * K + k] = e; weights[t * K + k] = (p[e] / denom) * 1.5; });
   }
-  const W1 = new Float64Array(E * 2 * I * H);
-  const W2 = new Float64Array(E * H * I);
-  for (let e = 0; e < E; e++) {
-    W1.set(b.gate[e], e * 2 * I * H);
-    W1.set(b.up[e], (e * 2 + 1) * I * H);
-    W2.set(b.down[e], e * H * I);
-  }
-  const out = experts64({ T, H, I, E, K, layout: 'outIn', activation: { kind: 'swiglu' }, experts, weights, x: b.x, W1, W2, lora1: [], lora2: [] });
+  const out = experts64({ T, H, I, E, K, layout: 'outIn', activation: { kind: 'swiglu' }, experts, weights, x: b.x,
+    W1: b.W1, W2: b.W2, lora1: [], lora2: [] });
   for (let t = 0; t < T; t++) {
     const a = Array.from({ length: Is }, (_, j) => {
       let g = 0;
@@ -101,8 +97,7 @@ describe('mistral4 (Mistral4ForCausalLM)', () => {
     const rng = new Rng(17);
     const f = (n: number, s = 0.5) => asF32(rng.array(n, s));
     const b: Block64 = {
-      x: f(T * H, 1), router: f(E * H, 2), gate: Array.from({ length: E }, () => f(I * H)), up: Array.from({ length: E }, () => f(I * H)),
-      down: Array.from({ length: E }, () => f(H * I)), sg: f(Is * H), su: f(Is * H), sd: f(H * Is),
+      x: f(T * H, 1), router: f(E * H, 2), W1: f(E * 2 * I * H), W2: f(E * H * I), sg: f(Is * H), su: f(Is * H), sd: f(H * Is),
     };
     const prefix = 'model.layers.2.mlp.';
     const tensors: Record<string, tf.Tensor> = {
@@ -110,12 +105,10 @@ describe('mistral4 (Mistral4ForCausalLM)', () => {
       [`${prefix}shared_experts.gate_proj.weight`]: tensorOf(b.sg, [Is, H]),
       [`${prefix}shared_experts.up_proj.weight`]: tensorOf(b.su, [Is, H]),
       [`${prefix}shared_experts.down_proj.weight`]: tensorOf(b.sd, [H, Is]),
+      // transformers 5.17 saves Mistral 4's experts fused, as it holds them
+      [`${prefix}experts.gate_up_proj`]: tensorOf(b.W1, [E, 2 * I, H]),
+      [`${prefix}experts.down_proj`]: tensorOf(b.W2, [E, H, I]),
     };
-    for (let e = 0; e < E; e++) {
-      tensors[`${prefix}experts.${e}.gate_proj.weight`] = tensorOf(b.gate[e], [I, H]);
-      tensors[`${prefix}experts.${e}.up_proj.weight`] = tensorOf(b.up[e], [I, H]);
-      tensors[`${prefix}experts.${e}.down_proj.weight`] = tensorOf(b.down[e], [H, I]);
-    }
     const weights = await loadMoEBlockWeights(mapSource(tensors), CONFIG, 2);
     expect(weights.router.correctionBias).to.equal(undefined);
     const x = tensorOf(b.x, [T, H]) as tf.Tensor2D;
@@ -195,9 +188,8 @@ function mistral4Logits64(w: Record<string, Float64Array>, ids: number[]): Float
       }
     } else {
       const f = `${p}mlp.`;
-      const expert = (part: string) => Array.from({ length: 8 }, (_, e) => w[`${f}experts.${e}.${part}.weight`]);
       mlp = mistral4Block64({
-        x, router: w[`${f}gate.weight`], gate: expert('gate_proj'), up: expert('up_proj'), down: expert('down_proj'),
+        x, router: w[`${f}gate.weight`], W1: w[`${f}experts.gate_up_proj`], W2: w[`${f}experts.down_proj`],
         sg: w[`${f}shared_experts.gate_proj.weight`], su: w[`${f}shared_experts.up_proj.weight`],
         sd: w[`${f}shared_experts.down_proj.weight`],
       }, S, H, 3, 8, 3, 6).out;
@@ -273,6 +265,14 @@ describe('mistral4 whole model (Mistral4ForCausalLM)', () => {
       });
       input.dispose();
       model.dispose();
+    });
+  }
+});
+
+describe('mistral4: the transformers fixture', () => {
+  for (const expertKernel of ['fused', 'reference']) {
+    it(`${expertKernel}: chooses the experts transformers chose on the fixture's block.x, with its weights`, async () => {
+      await expectFixtureRouting('spec/fixtures/hf/mistral4', expertKernel);
     });
   }
 });
