@@ -12,6 +12,8 @@ import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { hfCheckpointTensors, saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
+import { peftAdapterTensors, swapExpertFactors, type PeftTensor } from '../../src/io/peft.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import type { RotaryAttention } from '../../src/layers/attention.js';
 import type { Llama3Rope } from '../../src/layers/rotary.js';
 import { addMoEAdapter, buildMoECausalLM, moeCausalLMConfigFromHF, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
@@ -281,5 +283,53 @@ describe('llama4_text whole model (Llama4ForCausalLM)', () => {
     again.dispose();
     await cleanup();
     expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it("the fixture adapter reproduces PEFT's lora.logits and every lora.grad.* (PEFT reads these experts as [E, out, in])", async () => {
+    const dir = 'spec/fixtures/hf/llama4_text';
+    const model = await loadHFCheckpoint(dir, { expertKernel: 'fused' });
+    const loaded = await loadPeftAdapter(model, join(dir, 'adapter'));
+    expect([loaded.layers, loaded.targets]).to.deep.equal([['model.layers.1.feed_forward'], ['experts.gate_up', 'experts.down', 'router']]);
+    const g = await readSafetensorsFile(join(dir, 'golden.safetensors'));
+    const [ids, want, cot] = await Promise.all(['input_ids', 'lora.logits', 'lora.g'].map(n => g.tensor(n)));
+    const lora = peftAdapterTensors(model);
+    const before = tf.memory().numTensors;
+    const { value, grads } = tf.variableGrads(() => {
+      const logits = model.apply(ids, { training: true }) as tf.Tensor;
+      expectClose(logits, want, 1e-4, 'lora.logits');
+      return tf.sum(tf.mul(logits, cot)) as tf.Scalar;
+    }, lora.map(t => t.variable.read() as tf.Variable));
+    const gradOf = (t: PeftTensor) => grads[(t.variable.read() as tf.Variable).name] as tf.Tensor2D;
+    const goldenGrad = (t: PeftTensor) => g.tensor(`lora.grad.${t.peftName.replace(/\.weight$/, '.default.weight')}`);
+    for (const t of lora.filter(x => x.target === 'router')) {
+      const expected = await goldenGrad(t);
+      expectClose(gradOf(t), expected, 1e-4, t.peftName);
+      expected.dispose();
+    }
+    for (const target of ['experts.gate_up', 'experts.down']) {
+      // PEFT's factors are ours with A and B swapped (the same numbers, other places): so are their gradients
+      const [a, b] = ['A', 'B'].map(f => lora.find(x => x.target === target && x.factor === f)!);
+      const [gA, gB] = await Promise.all([goldenGrad(a), goldenGrad(b)]);
+      const ours = swapExpertFactors(gradOf(a), gradOf(b), 8);
+      expectClose(ours.A, gA, 1e-4, a.peftName);
+      expectClose(ours.B, gB, 1e-4, b.peftName);
+      tf.dispose([gA, gB, ours.A, ours.B]);
+    }
+    tf.dispose([value, ...Object.values(grads)]);
+    expect(tf.memory().numTensors).to.equal(before);
+    // saved again, the adapter holds PEFT's own tensors, bit for bit
+    const out = await tempDir();
+    await savePeftAdapter(model, out);
+    const [saved, original] = await Promise.all([join(out, 'adapter_model.safetensors'), join(dir, 'adapter', 'adapter_model.safetensors')]
+      .map(f => readSafetensorsFile(f)));
+    expect(saved.names().sort()).to.deep.equal(original.names().sort());
+    for (const name of original.names()) {
+      const [x, y] = await Promise.all([saved.tensor(name), original.tensor(name)]);
+      expect(Array.from(x.dataSync()), name).to.deep.equal(Array.from(y.dataSync()));
+      tf.dispose([x, y]);
+    }
+    tf.dispose([ids, want, cot]);
+    model.dispose();
+    await cleanup();
   });
 });
