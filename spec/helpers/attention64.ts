@@ -8,7 +8,7 @@ export type Weights = Record<string, Float64Array>;
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
     'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
-    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleaved' | 'rope' | 'temperatureTuning' |
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleave' | 'rope' | 'temperatureTuning' |
       'attentionChunkSize'> & { rotaryDim?: number };
 
 /**
@@ -78,14 +78,15 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   const rope = (v: Float64Array, off: number, p: number) => {
     if (a.rope === false) return;
     const half = rd / 2;
-    if (a.ropeInterleaved) {
-      // Llama 4: (v[2i] + i·v[2i+1]) · e^{i·p·f_i}, as torch.view_as_complex pairs adjacent values
+    if (a.ropeInterleave) {
+      // GPT-J / ERNIE: pair i is (2i, 2i+1), turned by frequency i (transformers' Ernie4_5 apply_rotary_pos_emb);
+      // Llama 4's (v[2i] + i·v[2i+1]) · e^{i·p·f_i} is the same turn (torch.view_as_complex pairs adjacent values)
       for (let i = 0; i < half; i++) {
         const angle = p * freq[i];
-        const re = v[off + 2 * i];
-        const im = v[off + 2 * i + 1];
-        v[off + 2 * i] = m * (re * Math.cos(angle) - im * Math.sin(angle));
-        v[off + 2 * i + 1] = m * (re * Math.sin(angle) + im * Math.cos(angle));
+        const x1 = v[off + 2 * i];
+        const x2 = v[off + 2 * i + 1];
+        v[off + 2 * i] = m * (x1 * Math.cos(angle) - x2 * Math.sin(angle));
+        v[off + 2 * i + 1] = m * (x2 * Math.cos(angle) + x1 * Math.sin(angle));
       }
       return;
     }
@@ -118,12 +119,14 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       for (let hh = 0; hh < nh; hh++) {
         if (a.qkNorm === 'perHead') rms(qp, hh * d, d, w['q_norm.weight']);
         rope(qp, hh * d, p);
+        if (a.qkNorm === 'perHeadAfterRope') rms(qp, hh * d, d, w['query_layernorm.weight']);
         if (a.qkNorm === 'l2') rms(qp, hh * d, d, ones);
         for (let t = 0; t < d; t++) qp[hh * d + t] *= temperature;
       }
       for (let hh = 0; hh < nkv; hh++) {
         if (a.qkNorm === 'perHead') rms(kp, hh * d, d, w['k_norm.weight']);
         rope(kp, hh * d, p);
+        if (a.qkNorm === 'perHeadAfterRope') rms(kp, hh * d, d, w['key_layernorm.weight']);
         if (a.qkNorm === 'l2') rms(kp, hh * d, d, ones);
       }
       q.push(qp); k.push(kp); v.push(vp);

@@ -89,6 +89,7 @@ describe('io/hf_block', () => {
           } else {
             // Llama 4 keeps its [E, in, out] experts as stored
             expect(w.experts.layout).to.equal(arch === 'llama4_text' ? 'inOut' : 'outIn');
+            // the family's name of the router weight: gate.weight, Hunyuan's gate.wg.weight, Llama 4's router.weight
             expect(w.router.weight.shape).to.deep.equal(shapeOf(familyOf(golden.config).checkpoint.router.weight));
           }
           // Gemma 4's router scales: [H] on its input, [E] on the routing weights
@@ -96,7 +97,7 @@ describe('io/hf_block', () => {
           expect(w.router.expertScale?.shape).to.deep.equal(shapeOf('router.per_expert_scale'));
           expect(w.experts.gateUp.shape).to.deep.equal(shapeOf('experts.gate_up_proj'));
           expect(w.experts.down.shape).to.deep.equal(shapeOf('experts.down_proj'));
-          const sharedPrefix = ['shared_expert', 'shared_experts'].find(s => `${s}.gate_proj.weight` in p);
+          const sharedPrefix = ['shared_expert', 'shared_experts', 'shared_mlp'].find(s => `${s}.gate_proj.weight` in p);
           if (sharedPrefix) {
             expect(w.shared!.gate.shape).to.deep.equal(shapeOf(`${sharedPrefix}.gate_proj.weight`));
             expect(w.shared!.up.shape).to.deep.equal(shapeOf(`${sharedPrefix}.up_proj.weight`));
@@ -105,10 +106,14 @@ describe('io/hf_block', () => {
             expect(w.shared).to.equal(undefined);
           }
           expect(w.shared?.sigmoidGate?.shape).to.deep.equal(shapeOf('shared_expert_gate.weight'));
-          // the only buffer of these blocks is DeepSeek/GLM's selection bias (Gemma 4's block, the whole
-          // decoder layer, has its layer_scalar too, which is not part of the routed branch)
-          const buffers = golden.block_buffers ?? {};
-          expect(w.router.correctionBias?.shape).to.deep.equal(buffers['gate.e_score_correction_bias']);
+          // the only buffer of these blocks is the selection bias (DeepSeek/GLM's gate.e_score_correction_bias,
+          // ERNIE's gate.moe_statics one, held [E] though transformers keeps [1, E], MiniMax's on the block)
+          // (ERNIE's is a parameter without gradient, in block_params); Gemma 4's block, the whole decoder
+          // layer, has its layer_scalar too, which is not part of the routed branch
+          const buffers = { ...golden.block_buffers, ...p };
+          const biasName = Object.keys(buffers).find(n => n.endsWith('e_score_correction_bias'));
+          const biasShape = biasName === undefined ? undefined : buffers[biasName].filter(d => d !== 1 || buffers[biasName].length === 1);
+          expect(w.router.correctionBias?.shape).to.deep.equal(biasShape);
         } finally {
           disposeMoEBlockWeights(w);
         }
@@ -168,6 +173,16 @@ describe('io/hf_block', () => {
       expect(plan.router.weight).to.deep.equal({ name: 'model.layers.1.block_sparse_moe.gate.weight', shape: [8, 64] });
       expect(plan.experts.kind === 'perExpert' && plan.experts.up[3]).to.deep.equal(
           { name: 'model.layers.1.block_sparse_moe.experts.3.w3.weight', shape: [96, 64] });
+      const ernie = {
+        model_type: 'ernie4_5_moe', hidden_size: 8, moe_intermediate_size: 4, num_hidden_layers: 2, moe_num_experts: 3,
+        moe_k: 1, moe_num_shared_experts: 1,
+      };
+      expect(moeBlockTensorPlan(ernie, 1).router).to.deep.equal({
+        weight: { name: 'model.layers.1.mlp.gate.weight', shape: [3, 8] },
+        correctionBias: { name: 'model.layers.1.mlp.moe_statics.e_score_correction_bias', shape: [1, 3] },
+      });
+      expect(() => moeBlockTensorPlan(ernie, 0)).to.throw(OpArgumentError,
+          "`moeBlockTensorPlan()`: layer 0 of this 'ernie4_5_moe' model is a dense MLP, not an MoE block (MoE layers: 1)");
       const gptOss = {
         model_type: 'gpt_oss', hidden_size: 8, intermediate_size: 4, num_hidden_layers: 1,
         num_local_experts: 2, num_experts_per_tok: 1,
@@ -258,7 +273,8 @@ describe('io/hf_block', () => {
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 1), OpArgumentError,
           "`isMoELayer()`: 'layer' must be <= 0 but got 1");
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0), OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
-          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'llama4_text', 'mistral4', 'gemma4_text' (the supported MoE families) but got 'dbrx'");
+          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4', " +
+          "'gemma4_text' (the supported MoE families) but got 'dbrx'");
     });
   });
 });

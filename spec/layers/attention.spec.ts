@@ -45,14 +45,20 @@ describe('RotaryAttention', () => {
     ['gpt-oss-like: sinks, YaRN rope, all biases, sliding window 3', {
       sinks: true, ropeScaling: YARN, qkvBias: true, outputBias: true, slidingWindow: 3,
     }],
+    ['ERNIE-4.5-like: interleaved rope pairs (2i, 2i+1), head 8', { ropeInterleave: true, headDim: 8 }],
+    ['Hunyuan-like: per-head q/k norm after rope, all biases', { qkNorm: 'perHeadAfterRope', qkvBias: true, outputBias: true }],
+    ['MiniMax-M2-like: q/k norm over the projection, partial rotary', { qkNorm: 'full', rotaryDim: 2 }],
     ['Llama 4 rope layer: adjacent-pair (complex) rope, L2 q/k norm, chunks of 2', {
-      ropeInterleaved: true, qkNorm: 'l2', attentionChunkSize: 2,
+      ropeInterleave: true, qkNorm: 'l2', attentionChunkSize: 2,
     }],
     ['Llama 4 NoPE layer: no rope, temperature tuning (floor scale 2)', {
       rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 },
     }],
     ["Llama 4 rope layer with the Hub's llama3 rope scaling (one frequency in the smoothed band, one divided)", {
-      ropeInterleaved: true, qkNorm: 'l2', ropeScaling: { kind: 'llama3', factor: 4, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 },
+      ropeInterleave: true, qkNorm: 'l2', ropeScaling: { kind: 'llama3', factor: 4, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 },
+    }],
+    ['interleaved rope pairs on a partial rotary width (the first 4 of each head of 8)', {
+      ropeInterleave: true, headDim: 8, rotaryDim: 4,
     }],
   ];
   for (const [label, args] of cases) {
@@ -70,7 +76,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8], cases[10], cases[11]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };
@@ -126,10 +132,21 @@ describe('RotaryAttention', () => {
     expect(gptOssConfig['ropeScaling']).to.deep.equal(YARN);
     expect((tfl.layers.Layer.fromConfig(RotaryAttention, gptOssConfig) as RotaryAttention).getConfig()).to.deep.equal(gptOssConfig);
     gptOss.dispose();
+    // Hunyuan: its norms after rope keep HF's names (query_layernorm / key_layernorm) and width D
+    const hunyuan = setup({ qkNorm: 'perHeadAfterRope', ropeInterleave: false }, 1).layer;
+    expect(hunyuan.weights.map(v => v.originalName).filter(n => n.includes('norm')).sort())
+      .to.deep.equal(['attn/key_layernorm.weight', 'attn/query_layernorm.weight']);
+    expect(hunyuan.weights.find(v => v.originalName === 'attn/key_layernorm.weight')!.shape).to.deep.equal([4]);
+    hunyuan.dispose();
+    const ernie = setup({ ropeInterleave: true }, 1).layer;
+    const ernieConfig = ernie.getConfig();
+    expect(ernieConfig['ropeInterleave']).to.equal(true);
+    expect((tfl.layers.Layer.fromConfig(RotaryAttention, ernieConfig) as RotaryAttention).ropeInterleave).to.equal(true);
+    ernie.dispose();
   });
 
-  it("round-trips Llama 4's settings through its config (written only when used)", () => {
-    for (const args of [{ ropeInterleaved: true, qkNorm: 'l2', attentionChunkSize: 2 },
+  it("round-trips Llama 4's settings through its config (rope, temperature and chunks written only when used)", () => {
+    for (const args of [{ ropeInterleave: true, qkNorm: 'l2', attentionChunkSize: 2 },
       { rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 } }] as Array<Partial<RotaryAttentionArgs>>) {
       const { layer } = setup(args, 1);
       const config = layer.getConfig();
@@ -138,7 +155,7 @@ describe('RotaryAttention', () => {
       layer.dispose();
     }
     const { layer } = setup({}, 1);
-    expect(Object.keys(layer.getConfig())).to.not.include.members(['ropeInterleaved', 'rope', 'temperatureTuning', 'attentionChunkSize']);
+    expect(Object.keys(layer.getConfig())).to.not.include.members(['rope', 'temperatureTuning', 'attentionChunkSize']);
     layer.dispose();
   });
 
@@ -153,11 +170,9 @@ describe('RotaryAttention', () => {
     expect(() => new RotaryAttention({ ...ok, ropeTheta: -1 }))
       .to.throw("`RotaryAttention()`: 'ropeTheta' must be > 0 but got -1");
     expect(() => new RotaryAttention({ ...ok, qkNorm: 'rms' as never }))
-      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'l2' but got 'rms'");
-    expect(() => new RotaryAttention({ ...ok, ropeInterleaved: 'yes' as never }))
-      .to.throw("`RotaryAttention()`: 'ropeInterleaved' must be a boolean but got \"yes\" (string)");
-    expect(() => new RotaryAttention({ ...ok, headDim: 8, rotaryDim: 4, ropeInterleaved: true }))
-      .to.throw("`RotaryAttention()`: 'ropeInterleaved' rotates whole heads: 'rotaryDim' must be headDim (8) but got 4");
+      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'perHeadAfterRope', 'l2' but got 'rms'");
+    expect(() => new RotaryAttention({ ...ok, ropeInterleave: 'yes' as never }))
+      .to.throw("`RotaryAttention()`: 'ropeInterleave' must be a boolean but got \"yes\" (string)");
     expect(() => new RotaryAttention({ ...ok, rope: 0 as never }))
       .to.throw("`RotaryAttention()`: 'rope' must be a boolean but got 0 (number)");
     expect(() => new RotaryAttention({ ...ok, temperatureTuning: { attnScale: NaN, floorScale: 4 } }))

@@ -163,7 +163,7 @@ function llama4Logits64(w: Record<string, Float64Array>, ids: number[], ropeScal
     const attnW = Object.fromEntries(['q_proj', 'k_proj', 'v_proj', 'o_proj'].map(n => [`${n}.weight`, w[`${p}self_attn.${n}.weight`]]));
     const attn = attention64(rms(h, w[`${p}input_layernorm.weight`]), attnW, {
       numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 50, qkvBias: false, outputBias: false, normEpsilon: 1e-5,
-      clipQKV: null, slidingWindow: null, ropeInterleaved: true, ropeScaling, ...settings,
+      clipQKV: null, slidingWindow: null, ropeInterleave: true, ropeScaling, ...settings,
     }, 1, S, H);
     h = h.map((v, j) => v + attn[j]);
     const x = rms(h, w[`${p}post_attention_layernorm.weight`]);
@@ -210,7 +210,7 @@ describe('llama4_text whole model (Llama4ForCausalLM)', () => {
     expect(Object.keys(tensors).sort()).to.deep.equal(plan.map(e => e.name).sort());
     for (const e of plan) expect(tensors[e.name].shape, e.name).to.deep.equal(e.shape);
     const attn = model.getLayer('model.layers.0.self_attn') as RotaryAttention;
-    expect([attn.rope, attn.ropeInterleaved, attn.qkNorm, attn.attentionChunkSize, attn.temperatureTuning]).to.deep.equal([true, true, 'l2', 3, null]);
+    expect([attn.rope, attn.ropeInterleave, attn.qkNorm, attn.attentionChunkSize, attn.temperatureTuning]).to.deep.equal([true, true, 'l2', 3, null]);
     const nope = model.getLayer('model.layers.1.self_attn') as RotaryAttention;
     expect([nope.rope, nope.qkNorm, nope.attentionChunkSize, nope.temperatureTuning]).to.deep.equal([false, 'none', null, { attnScale: 0.5, floorScale: 2 }]);
     tf.dispose(Object.values(tensors));

@@ -48,7 +48,9 @@ export function processLogits(logits: ArrayLike<number>, settings: SamplingSetti
   }
   if (settings.topP < 1) {
     const probs = softmax(scores);
-    const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a] || a - b);  // most likely first
+    // most likely first; among equal probabilities the higher index first, the reverse of the stable
+    // ascending sort HF's TopPLogitsWarper removes from (so of tied tokens the lowest index goes first)
+    const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a] || b - a);
     let before = 0;  // the probability of the tokens more likely than this one
     for (let r = 0; r < n; r++) {
       // the most likely token always stays (HF's min_tokens_to_keep = 1)

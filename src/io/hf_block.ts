@@ -131,7 +131,9 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
     },
   };
   if (layout.router.bias) plan.router.bias = at(layout.router.bias, [E]);
-  if (layout.router.correctionBias) plan.router.correctionBias = at(layout.router.correctionBias, [E]);
+  if (layout.router.correctionBias) {
+    plan.router.correctionBias = at(layout.router.correctionBias, layout.router.correctionBiasRow ? [1, E] : [E]);
+  }
   if (layout.router.inputScale) plan.router.inputScale = at(layout.router.inputScale, [H]);
   if (layout.router.expertScale) plan.router.expertScale = at(layout.router.expertScale, [E]);
   if (layout.shared && Is !== undefined) {
@@ -262,7 +264,15 @@ export async function loadMoEBlockWeights(
   try {
     const router: RouterWeights = { weight: await read<Tensor2D>(plan.router.weight) };
     if (plan.router.bias) router.bias = await read<Tensor1D>(plan.router.bias);
-    if (plan.router.correctionBias) router.correctionBias = await read<Tensor1D>(plan.router.correctionBias);
+    if (plan.router.correctionBias) {
+      const bias = await read<tf.Tensor>(plan.router.correctionBias);   // [E], or ERNIE's [1, E]
+      if (bias.rank === 1) {
+        router.correctionBias = bias as Tensor1D;
+      } else {
+        router.correctionBias = track(tf.reshape(bias, [bias.size]) as Tensor1D);
+        bias.dispose();   // the reshape is a new tensor (disposing twice on an error later is harmless)
+      }
+    }
     if (plan.router.inputScale) {
       router.inputScale = await read<Tensor1D>(plan.router.inputScale);
       // Gemma4TextRouter's norm uses rms_norm_eps (Gemma4TextConfig's default 1e-6)

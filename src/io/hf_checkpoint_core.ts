@@ -165,7 +165,10 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       }
       if (c.outputBias) at('self_attn.o_proj.bias', [H]);
       if (c.sinks) at('self_attn.sinks', [c.numHeads]);
-      if (c.qkNorm === 'perHead' || c.qkNorm === 'full') {
+      if (c.qkNorm === 'perHeadAfterRope') {
+        at('self_attn.query_layernorm.weight', [c.headDim]);
+        at('self_attn.key_layernorm.weight', [c.headDim]);
+      } else if (c.qkNorm === 'perHead' || c.qkNorm === 'full') {
         at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
         at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
       }

@@ -115,7 +115,8 @@ function hfArchitecture(type: string): { base_model_class: string; parent_librar
   // Llama 4's text model lives in the llama4 module under the multimodal model's name
   if (type === 'llama4_text') return { base_model_class: 'Llama4ForCausalLM', parent_library: 'transformers.models.llama4.modeling_llama4' };
   const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
-  return { base_model_class: `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
+  const named = (MODEL_TYPES as readonly string[]).includes(type) ? FAMILIES[type as ModelType].causalLMClass : undefined;
+  return { base_model_class: named ?? `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
 }
 
 /** The model type an adapter's auto_mapping names, or null when it names none we can read. */

@@ -3,9 +3,10 @@
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
  * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, partial
  * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope, gpt-oss's
- * attention sinks (a learned logit per head that joins every softmax denominator), and Llama 4's
- * layers: rope on adjacent pairs (its complex rope), a weightless L2 (RMS) q/k norm, NoPE layers
- * (no rope) whose queries are scaled by the temperature tuning, and chunked attention.
+ * attention sinks (a learned logit per head that joins every softmax denominator), interleaved
+ * rope pairs (ERNIE-4.5; Llama 4's complex rope), Hunyuan's per-head q/k norms after rope, and
+ * Llama 4's layers: a weightless L2 (RMS) q/k norm, NoPE layers (no rope) whose queries are scaled
+ * by the temperature tuning, and chunked attention.
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -17,13 +18,13 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
+import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 
-export type QKNorm = 'none' | 'perHead' | 'full' | 'l2';
-export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'l2'];
+export type QKNorm = 'none' | 'perHead' | 'full' | 'perHeadAfterRope' | 'l2';
+export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'perHeadAfterRope', 'l2'];
 
 /**
  * Llama 4's attention temperature tuning on NoPE layers: the query at position p is multiplied by
@@ -53,9 +54,15 @@ export interface RotaryAttentionArgs extends LayerArgs {
   outputBias?: boolean;
   /**
    * 'perHead': RMSNorm over D on each head (Qwen3-MoE); 'full': over the whole projection (OLMoE);
+   * 'perHeadAfterRope': over D on each rotated head, weights 'query_layernorm' / 'key_layernorm' (Hunyuan);
    * 'l2': a weightless RMS norm over D on each head (Llama 4's use_qk_norm)
    */
   qkNorm?: QKNorm;
+  /**
+   * rope pairs adjacent dimensions (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5, Llama 4's complex
+   * rope); default false: (i, i + D/2)
+   */
+  ropeInterleave?: boolean;
   /** epsilon of the q/k norms (HF rms_norm_eps) */
   normEpsilon?: number;
   /** clamp q, k, v to [−c, c] after projection and norm (OLMoE clip_qkv) */
@@ -64,11 +71,6 @@ export interface RotaryAttentionArgs extends LayerArgs {
   slidingWindow?: number | null;
   /** scaled rope frequencies (YaRN); null/absent: the default rope */
   ropeScaling?: RopeScaling;
-  /**
-   * rope pairs adjacent dimensions (2i, 2i+1) as Llama 4's complex rope does, instead of (i, i + D/2);
-   * default false
-   */
-  ropeInterleaved?: boolean;
   /** false: a NoPE layer, no rope at all (Llama 4's no_rope_layers); default true */
   rope?: boolean;
   /** Llama 4's query temperature tuning (its NoPE layers); null/absent: none */
@@ -141,12 +143,6 @@ export function contextIds(b: number, s: number, op = 'RotaryAttention.call'): {
   return { segmentIds: get('segmentIds'), positionIds: get('positionIds') };
 }
 
-/** [N, S, D] with rope pairs at (2i, 2i+1) → pairs at (i, i + D/2): the evens, then the odds. */
-function deinterleavePairs(x: tf.Tensor3D): tf.Tensor3D {
-  const [n, s, d] = x.shape;
-  return tf.reshape(tf.transpose(tf.reshape(x, [n, s, d / 2, 2]), [0, 1, 3, 2]), [n, s, d]) as tf.Tensor3D;
-}
-
 /** A RopeScaling's numbers: each finite, factor >= 1, a positive context and attention factor. */
 function checkRopeScaling(op: string, scaling: NonNullable<RopeScaling>): void {
   if (scaling !== null && typeof scaling === 'object' && scaling.kind === 'llama3') {
@@ -183,12 +179,12 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly qkvBias: boolean;
   readonly outputBias: boolean;
   readonly qkNorm: QKNorm;
+  readonly ropeInterleave: boolean;
   readonly normEpsilon: number;
   readonly clipQKV: number | null;
   readonly slidingWindow: number | null;
   readonly ropeScaling: RopeScaling;
   readonly sinks: boolean;
-  readonly ropeInterleaved: boolean;
   readonly rope: boolean;
   readonly temperatureTuning: TemperatureTuning | null;
   readonly attentionChunkSize: number | null;
@@ -220,6 +216,10 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (this.rotaryDim % 2 !== 0) fail(op, `'rotaryDim' must be even (rotary pairs) but got ${this.rotaryDim}`);
     this.qkNorm = args.qkNorm ?? 'none';
     assertOneOf(op, 'qkNorm', this.qkNorm, QK_NORMS);
+    this.ropeInterleave = args.ropeInterleave ?? false;
+    if (typeof this.ropeInterleave !== 'boolean') {
+      fail(op, `'ropeInterleave' must be a boolean but got ${describeValue(this.ropeInterleave)}`);
+    }
     this.normEpsilon = args.normEpsilon ?? 1e-6;
     assertFiniteNumber(op, 'normEpsilon', this.normEpsilon);
     this.clipQKV = args.clipQKV ?? null;
@@ -233,11 +233,6 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (this.ropeScaling !== null) checkRopeScaling(op, this.ropeScaling);
     this.sinks = args.sinks ?? false;
     if (typeof this.sinks !== 'boolean') fail(op, `'sinks' must be a boolean but got ${describeValue(this.sinks)}`);
-    this.ropeInterleaved = args.ropeInterleaved ?? false;
-    if (typeof this.ropeInterleaved !== 'boolean') fail(op, `'ropeInterleaved' must be a boolean but got ${describeValue(this.ropeInterleaved)}`);
-    if (this.ropeInterleaved && this.rotaryDim !== args.headDim) {
-      fail(op, `'ropeInterleaved' rotates whole heads: 'rotaryDim' must be headDim (${args.headDim}) but got ${this.rotaryDim}`);
-    }
     this.rope = args.rope ?? true;
     if (typeof this.rope !== 'boolean') fail(op, `'rope' must be a boolean but got ${describeValue(this.rope)}`);
     this.temperatureTuning = args.temperatureTuning ?? null;
@@ -288,6 +283,9 @@ export class RotaryAttention extends tfl.layers.Layer {
     } else if (this.qkNorm === 'full') {
       add('q_norm.weight', [q], ones);
       add('k_norm.weight', [kv], ones);
+    } else if (this.qkNorm === 'perHeadAfterRope') {
+      add('query_layernorm.weight', [this.headDim], ones);
+      add('key_layernorm.weight', [this.headDim], ones);
     }
     this.built = true;
     this.lora.buildPending();
@@ -340,17 +338,16 @@ export class RotaryAttention extends tfl.layers.Layer {
       // generation: the new tokens come after the cached ones (cachedPositions)
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
       if (this.rope) {
-        if (this.ropeInterleaved) {
-          // the same permutation of q's and k's dimensions leaves q·k unchanged: pairs (2i, 2i+1) → (i, i + D/2)
-          q3 = deinterleavePairs(q3);
-          k3 = deinterleavePairs(k3);
-        }
         const rd = this.rotaryDim;
         const { cos, sin } = cached.rotary ??
           (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
             rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
         q3 = this.rotate(q3, cos, sin);
         k3 = this.rotate(k3, cos, sin);
+      }
+      if (this.qkNorm === 'perHeadAfterRope') {
+        q3 = rmsNorm(q3, this.w('query_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
+        k3 = rmsNorm(k3, this.w('key_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
       }
       if (this.qkNorm === 'l2') {
         // a rotation keeps each head's norm, so normalizing after rope (Llama 4) equals before
@@ -393,12 +390,17 @@ export class RotaryAttention extends tfl.layers.Layer {
     return tf.tensor2d(scales, [s, 1]);
   }
 
-  /** rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary) */
+  /**
+   * rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary).
+   * Interleaved pairs are de-interleaved first and left so (deinterleavePairs): q and k both are,
+   * so their products are GPT-J's, and v is untouched.
+   */
   private rotate(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
     const rd = this.rotaryDim;
-    if (rd === this.headDim) return applyRotary(x, cos, sin);
+    const rope = (t: tf.Tensor3D) => applyRotary(this.ropeInterleave ? deinterleavePairs(t) : t, cos, sin);
+    if (rd === this.headDim) return rope(x);
     const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
-    return tf.concat([applyRotary(rotated, cos, sin), passed], 2) as tf.Tensor3D;
+    return tf.concat([rope(rotated), passed], 2) as tf.Tensor3D;
   }
 
   /**
@@ -449,13 +451,13 @@ export class RotaryAttention extends tfl.layers.Layer {
       qkvBias: this.qkvBias,
       outputBias: this.outputBias,
       qkNorm: this.qkNorm,
+      ropeInterleave: this.ropeInterleave,
       normEpsilon: this.normEpsilon,
       clipQKV: this.clipQKV,
       slidingWindow: this.slidingWindow,
       ropeScaling: this.ropeScaling,
       sinks: this.sinks,
       // Llama 4's settings, written only when used, so the configs of the other families stay as they were
-      ...(this.ropeInterleaved ? { ropeInterleaved: true } : {}),
       ...(this.rope ? {} : { rope: false }),
       ...(this.temperatureTuning !== null ? { temperatureTuning: { ...this.temperatureTuning } } : {}),
       ...(this.attentionChunkSize !== null ? { attentionChunkSize: this.attentionChunkSize } : {}),

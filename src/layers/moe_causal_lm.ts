@@ -17,8 +17,10 @@
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
  * deepseek_v3 and mistral4 (MLAAttention; Mistral 4's with YaRN, its mscale and Llama 4's
- * position scaling) and llama4_text (RotaryAttention with Llama 4's per-layer settings:
- * rope or NoPE, chunked attention, L2 q/k norm, temperature tuning; its MLPs under 'feed_forward').
+ * position scaling), ernie4_5_moe (interleaved rope pairs), hunyuan_v1_moe (q/k norms per head
+ * after rope), minimax_m2 (q/k norms over the whole projection, partial rotary) and llama4_text
+ * (RotaryAttention with Llama 4's per-layer settings: rope or NoPE, chunked attention, L2 q/k
+ * norm, temperature tuning; its MLPs under 'feed_forward').
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -41,7 +43,8 @@ export type MoECausalLM = tfl.LayersModel;
 
 /** The model types that load as whole models; the others of MODEL_TYPES are block-only (BLOCK_ONLY_REASON). */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
-  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3', 'llama4_text', 'mistral4',
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4',
 ];
 
 /** Why a block-only family has no whole model. */
@@ -63,6 +66,8 @@ export interface MoECausalLMConfig {
   ropeTheta: number;
   /** the leading part of each head that rope rotates (headDim · partial_rotary_factor) */
   rotaryDim: number;
+  /** rope pairs adjacent (2i, 2i+1) in each head (ernie4_5_moe) */
+  ropeInterleave: boolean;
   /** deepseek_v3's multi-head latent attention (MLAAttention) instead of RotaryAttention; else null */
   mla: MLAConfig | null;
   /** YaRN (gpt_oss); null: the default rope */
@@ -105,7 +110,7 @@ export interface MoECausalLMConfig {
 
 /** What RotaryAttention takes per Llama 4 decoder layer (src/layers/attention.ts). */
 export type Llama4LayerAttention =
-  Required<Pick<RotaryAttentionArgs, 'rope' | 'ropeInterleaved' | 'qkNorm' | 'temperatureTuning' | 'attentionChunkSize'>>;
+  Required<Pick<RotaryAttentionArgs, 'rope' | 'ropeInterleave' | 'qkNorm' | 'temperatureTuning' | 'attentionChunkSize'>>;
 
 /** The sizes of deepseek_v3's and mistral4's multi-head latent attention, as MLAAttention takes them. */
 export interface MLAConfig {
@@ -129,7 +134,7 @@ const MLA_DEFAULTS: Partial<Record<ModelType, Record<'q_lora_rank' | 'kv_lora_ra
 };
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
-const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, minimax_m2: 1 };
 
 const OP = 'moeCausalLMConfigFromHF';
 
@@ -368,8 +373,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const hiddenSize = int(config, 'hidden_size');
   const numHeads = int(config, 'num_attention_heads');
   const numKeyValueHeads = int(config, 'num_key_value_heads', numHeads);
-  const headDim = config['head_dim'] == null || modelType === 'olmoe' ?
-      hiddenSize / numHeads : int(config, 'head_dim');
+  // a family whose config class sets head_dim (MiniMax-M2: 128) uses it when config.json does not
+  const defaultHeadDim = family.attention?.headDim;
+  const headDim = modelType === 'olmoe' || (config['head_dim'] == null && defaultHeadDim === undefined) ?
+      hiddenSize / numHeads : int(config, 'head_dim', defaultHeadDim);
   if (!Number.isInteger(headDim)) {
     fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
   }
@@ -403,6 +410,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
       case 'mistral4':
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'ernie4_5_moe':  // use_bias (all projections) is refused by the family row
+        return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'hunyuan_v1_moe':
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHeadAfterRope', clipQKV: null, slidingWindow: null };
+      case 'minimax_m2':
+        return { qkvBias: false, outputBias: false, qkNorm: 'full', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
@@ -445,6 +458,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
+  refuseStaleRotaryDim(config, rotaryDim);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -455,15 +469,17 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     headDim,
     ropeTheta: rope.theta,
     rotaryDim,
+    ropeInterleave: traits.ropeInterleave ?? false,
     mla,
     ropeScaling: modelType === 'mistral4' ? null : rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', ['qwen2_moe', 'qwen3_moe', 'mistral4'].includes(modelType) ? 1e-6 : 1e-5),
+    rmsNormEps: num(config, 'rms_norm_eps',
+        traits.rmsNormEps ?? (['qwen2_moe', 'qwen3_moe', 'mistral4'].includes(modelType) ? 1e-6 : 1e-5)),
     ...attention,
     layerWindows,
     sinks,
     llama4Layers,
     mlpModule: modelType === 'llama4_text' ? 'feed_forward' : 'mlp',
-    tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
+    tieWordEmbeddings: bool(config, 'tie_word_embeddings', traits.tieWordEmbeddings ?? false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: !needsDense ? null :
       modelType === 'llama4_text' ? int(config, 'intermediate_size_mlp', 16384) : int(config, 'intermediate_size'),
@@ -519,11 +535,23 @@ function llama4LayerAttention(config: HFConfig, numLayers: number): Llama4LayerA
   return types.map((type, i) => {
     const rope = Boolean(useRope[i]);
     return {
-      rope, ropeInterleaved: true, qkNorm: rope && qkNorm ? 'l2' : 'none',
+      rope, ropeInterleave: true, qkNorm: rope && qkNorm ? 'l2' : 'none',
       temperatureTuning: rope ? null : tuning,
       attentionChunkSize: type === 'chunked_attention' ? chunk as number : null,
     };
   });
+}
+
+/**
+ * MiniMax-M2's Hub config.json says rotary_dim, which transformers 5 does not read (its rope width
+ * is head_dim · partial_rotary_factor): a rotary_dim that disagrees with the width applied is refused.
+ */
+function refuseStaleRotaryDim(config: HFConfig, rotaryDim: number): void {
+  const stated = config['rotary_dim'];
+  if (stated != null && stated !== rotaryDim) {
+    fail(OP, `config.json sets rotary_dim ${JSON.stringify(stated)} but transformers rotates head_dim · partial_rotary_factor = ` +
+        `${rotaryDim} dims of each head (it does not read rotary_dim); set partial_rotary_factor to match`);
+  }
 }
 
 /** The MLA sizes; a missing key takes the config class's default, q_lora_rank null means a plain q_proj. */
@@ -679,7 +707,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
-        ropeScaling: c.ropeScaling, sinks: c.sinks,
+        ropeScaling: c.ropeScaling, sinks: c.sinks, ropeInterleave: c.ropeInterleave,
         ...(c.llama4Layers?.[i] ?? {}),
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;

@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
 )
 
 FIXTURES = 'spec/fixtures/hf'
-ARCHS = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe']
+ARCHS = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss']
 NEW_TOKENS = 12
 PROMPT = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 14, 50]  # ids < 97, the fixtures' vocabulary
 WARPER_LOGITS = [[0.31, -1.7, 2.24, 0.05, 1.12, -0.43, 3.01, -2.6, 0.88, 1.57, -0.09, 2.63],

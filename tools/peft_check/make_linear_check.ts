@@ -24,7 +24,17 @@ import { SeededRandom } from '../../src/data/random.js';
 await tf.setBackend('cpu');
 const out = process.argv[2];
 if (out === undefined) throw new Error('usage: make_linear_check.ts OUT');
-for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe']) {
+// every whole-model family: PEFT's all-linear set is what ours must equal, so each family's is wanted,
+// including those (deepseek_v3's MLA) whose adapters ours cannot build yet
+for (const arch of ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss']) {
+  try {
+    await prepareArch(arch);
+  } catch (err) {
+    console.log(arch, 'failed:', (err as Error).message);
+  }
+}
+
+async function prepareArch(arch: string): Promise<void> {
   const fixture = `spec/fixtures/hf/${arch}`;
   const dir = join(out, arch);
   await cp(fixture, join(dir, 'base'), { recursive: true, filter: s => !s.includes('adapter') && !s.includes('golden') });
