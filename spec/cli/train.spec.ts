@@ -316,7 +316,7 @@ describe('cli/train', () => {
       await writeFile(llama, JSON.stringify({ ...TINY_CONFIG, model_type: 'llama' }));
       expectFailure(await runMain(['train', '--init-config', llama, ...common(), '--out', join(dir, 'x')]),
           "`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', " +
-          "'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', " +
+          "'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4', 'gemma4_text', " +
           "'qwen3_5_moe_text', 'glm_moe_dsa', 'qwen3_next' (the supported MoE families) but got 'llama'");
     });
 

@@ -45,8 +45,9 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
 
 /**
  * Reads an HF checkpoint folder into a MoECausalLM (a functional tf.LayersModel).
- * Whole models: every family (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe, deepseek_v3,
- * ernie4_5_moe, hunyuan_v1_moe, minimax_m2, glm_moe_dsa, qwen3_next, qwen3_5_moe_text);
+ * Whole models: every family but gemma4_text (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe,
+ * deepseek_v3, ernie4_5_moe, hunyuan_v1_moe, minimax_m2, llama4_text, mistral4, glm_moe_dsa,
+ * qwen3_next, qwen3_5_moe_text);
  * FP8 and MXFP4 checkpoints decode on load. Extra tensors in the checkpoint are ignored (as
  * transformers does with unexpected keys); missing, misshapen or non-float tensors are one
  * CheckpointError listing all.
