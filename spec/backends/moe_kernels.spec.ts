@@ -72,6 +72,8 @@ function weightGrad64(
 }
 
 const sig = (v: number) => 1 / (1 + Math.exp(-v));
+/** PyTorch's gelu(approximate='tanh'), float64 */
+const gelu64 = (g: number) => 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3)));
 
 /** float64 activation of one row of h [2I]. */
 function activate64(h: Float64Array, inter: number, act: ExpertActivation, interleaved: boolean): Float64Array {
@@ -83,6 +85,8 @@ function activate64(h: Float64Array, inter: number, act: ExpertActivation, inter
       const u = h[r * 2 * inter + (interleaved ? 2 * j + 1 : inter + j)];
       if (act.kind === 'swiglu') {
         out[r * inter + j] = g * sig(g) * u;
+      } else if (act.kind === 'gegluTanh') {
+        out[r * inter + j] = gelu64(g) * u;
       } else {
         const gg = Math.min(g, act.limit);
         const uu = Math.min(Math.max(u, -act.limit), act.limit);
@@ -259,6 +263,7 @@ describe('MoE kernels', () => {
     const acts: Array<[string, ExpertActivation, boolean]> = [
       ['swiglu, gate/up halves', { kind: 'swiglu' }, false],
       ['clamped swiglu, interleaved', { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.1 }, true],
+      ['Gemma 4 geglu (tanh GELU), gate/up halves', { kind: 'gegluTanh' }, false],
     ];
     for (const [name, act, interleaved] of acts) {
       it(`${name}: a, a·scale and dh (finite differences of the float64 forward)`, () => {

@@ -1,6 +1,6 @@
 /** A float64 reference of RotaryAttention (spec helper shared by the attention and LoRA specs). */
 import type { RotaryAttentionArgs } from '../../src/layers/attention.js';
-import type { YarnRope } from '../../src/layers/rotary.js';
+import type { Llama3Rope, YarnRope } from '../../src/layers/rotary.js';
 
 export type Weights = Record<string, Float64Array>;
 
@@ -8,7 +8,8 @@ export type Weights = Record<string, Float64Array>;
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
     'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
-    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleave'> & { rotaryDim?: number };
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleave' | 'rope' | 'temperatureTuning' |
+      'attentionChunkSize'> & { rotaryDim?: number };
 
 /**
  * float64 YaRN frequencies, written from the paper's definition: the ramp runs over the
@@ -27,6 +28,24 @@ export function yarn64(d: number, theta: number, y: YarnRope): number[] {
     out.push(t * f / y.factor + (1 - t) * f);
   }
   return out;
+}
+
+/**
+ * float64 llama3 frequencies, written from transformers' _compute_llama3_parameters: wavelength
+ * 2π/f above original/low → f/factor, below original/high → f, between → the smoothed blend.
+ */
+export function llama3_64(d: number, theta: number, r: Llama3Rope): number[] {
+  return Array.from({ length: d / 2 }, (_, i) => {
+    const f = theta ** (-2 * i / d);
+    const wavelen = 2 * Math.PI / f;
+    const lowWavelen = r.originalMaxPositionEmbeddings / r.lowFreqFactor;
+    const highWavelen = r.originalMaxPositionEmbeddings / r.highFreqFactor;
+    const scaled = wavelen > lowWavelen ? f / r.factor : f;
+    const medium = !(wavelen < highWavelen) && !(wavelen > lowWavelen);
+    if (!medium) return scaled;
+    const smooth = (r.originalMaxPositionEmbeddings / wavelen - r.lowFreqFactor) / (r.highFreqFactor - r.lowFreqFactor);
+    return (1 - smooth) * scaled / r.factor + smooth * scaled;
+  });
 }
 
 export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
@@ -53,12 +72,15 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   // partial rotary: only the first rd of each head turns, with frequencies of an rd-wide rope
   const rd = a.rotaryDim ?? d;
   const scaling = a.ropeScaling ?? null;
-  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) : yarn64(rd, a.ropeTheta, scaling);
-  const m = scaling === null ? 1 : scaling.attentionFactor;
+  const freq = scaling === null ? Array.from({ length: rd / 2 }, (_, i) => a.ropeTheta ** (-(2 * i) / rd)) :
+    scaling.kind === 'llama3' ? llama3_64(rd, a.ropeTheta, scaling) : yarn64(rd, a.ropeTheta, scaling);
+  const m = scaling === null || scaling.kind === 'llama3' ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
+    if (a.rope === false) return;
     const half = rd / 2;
     if (a.ropeInterleave) {
-      // GPT-J / ERNIE: pair i is (2i, 2i+1), turned by frequency i (transformers' Ernie4_5 apply_rotary_pos_emb)
+      // GPT-J / ERNIE: pair i is (2i, 2i+1), turned by frequency i (transformers' Ernie4_5 apply_rotary_pos_emb);
+      // Llama 4's (v[2i] + i·v[2i+1]) · e^{i·p·f_i} is the same turn (torch.view_as_complex pairs adjacent values)
       for (let i = 0; i < half; i++) {
         const angle = p * freq[i];
         const x1 = v[off + 2 * i];
@@ -90,15 +112,22 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       if (a.clipQKV !== null) {
         for (const t of [qp, kp, vp]) for (let i = 0; i < t.length; i++) t[i] = Math.min(a.clipQKV, Math.max(-a.clipQKV, t[i]));
       }
+      const ones = new Float64Array(d).fill(1);
+      // Llama 4: the weightless L2 norm after rope, then the NoPE layers' query temperature
+      const temperature = a.temperatureTuning ?
+        Math.log(1 + Math.floor((p + 1) / a.temperatureTuning.floorScale)) * a.temperatureTuning.attnScale + 1 : 1;
       for (let hh = 0; hh < nh; hh++) {
         if (a.qkNorm === 'perHead') rms(qp, hh * d, d, w['q_norm.weight']);
         rope(qp, hh * d, p);
         if (a.qkNorm === 'perHeadAfterRope') rms(qp, hh * d, d, w['query_layernorm.weight']);
+        if (a.qkNorm === 'l2') rms(qp, hh * d, d, ones);
+        for (let t = 0; t < d; t++) qp[hh * d + t] *= temperature;
       }
       for (let hh = 0; hh < nkv; hh++) {
         if (a.qkNorm === 'perHead') rms(kp, hh * d, d, w['k_norm.weight']);
         rope(kp, hh * d, p);
         if (a.qkNorm === 'perHeadAfterRope') rms(kp, hh * d, d, w['key_layernorm.weight']);
+        if (a.qkNorm === 'l2') rms(kp, hh * d, d, ones);
       }
       q.push(qp); k.push(kp); v.push(vp);
     }
@@ -107,7 +136,10 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       for (let hh = 0; hh < nh; hh++) {
         const kvh = Math.floor(hh / rep);
         const keys = [];
-        for (let j = 0; j <= i; j++) if (a.slidingWindow === null || i - j < a.slidingWindow) keys.push(j);
+        const chunk = a.attentionChunkSize ?? null;
+        for (let j = 0; j <= i; j++) {
+          if ((a.slidingWindow === null || i - j < a.slidingWindow) && (chunk === null || Math.floor(i / chunk) === Math.floor(j / chunk))) keys.push(j);
+        }
         const scores = keys.map(j => {
           let dot = 0;
           for (let t = 0; t < d; t++) dot += q[i][hh * d + t] * k[j][kvh * d + t];

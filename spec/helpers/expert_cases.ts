@@ -10,7 +10,7 @@ import { Rng, asF32 } from './numeric.js';
 
 export interface ExpertCaseSpec {
   T: number; H: number; I: number; E: number; K: number;
-  layout?: 'outIn' | 'inOutInterleaved';
+  layout?: 'outIn' | 'inOutInterleaved' | 'inOut';
   activation?: ExpertActivation;
   bias?: boolean;
   lora1?: number[];

@@ -8,7 +8,7 @@ import type { HFConfig } from '../../src/models/families.js';
 
 export const WHOLE_ARCHS = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
-  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4',
 ] as const;
 export type WholeArch = typeof WHOLE_ARCHS[number];
 

@@ -31,9 +31,11 @@ function fusedShapes(plan: BlockTensorPlan): Shapes {
     out['down'] = [E, H, I];
   } else {
     out['gate_up'] = ex.gateUp.shape;
-    out['gate_up_bias'] = ex.gateUpBias.shape;
     out['down'] = ex.down.shape;
-    out['down_bias'] = ex.downBias.shape;
+    if (ex.kind === 'fusedInterleaved') {
+      out['gate_up_bias'] = ex.gateUpBias.shape;
+      out['down_bias'] = ex.downBias.shape;
+    }
   }
   if (plan.shared) {
     out['shared_gate'] = plan.shared.gate.shape;

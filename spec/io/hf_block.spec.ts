@@ -87,11 +87,14 @@ describe('io/hf_block', () => {
             expect(w.experts.gateUpBias!.shape).to.deep.equal(shapeOf('experts.gate_up_proj_bias'));
             expect(w.experts.downBias!.shape).to.deep.equal(shapeOf('experts.down_proj_bias'));
           } else {
-            expect(w.experts.layout).to.equal('outIn');
-            // transformers' name of the router weight: gate.weight, Hunyuan's gate.wg.weight
-            const router = Object.keys(p).find(n => familyOf(golden.config).parameters[n] === 'router.weight')!;
-            expect(w.router.weight.shape).to.deep.equal(shapeOf(router));
+            // Llama 4 keeps its [E, in, out] experts as stored
+            expect(w.experts.layout).to.equal(arch === 'llama4_text' ? 'inOut' : 'outIn');
+            // the family's name of the router weight: gate.weight, Hunyuan's gate.wg.weight, Llama 4's router.weight
+            expect(w.router.weight.shape).to.deep.equal(shapeOf(familyOf(golden.config).checkpoint.router.weight));
           }
+          // Gemma 4's router scales: [H] on its input, [E] on the routing weights
+          expect(w.router.inputScale?.shape).to.deep.equal(shapeOf('router.scale'));
+          expect(w.router.expertScale?.shape).to.deep.equal(shapeOf('router.per_expert_scale'));
           expect(w.experts.gateUp.shape).to.deep.equal(shapeOf('experts.gate_up_proj'));
           expect(w.experts.down.shape).to.deep.equal(shapeOf('experts.down_proj'));
           const sharedPrefix = ['shared_expert', 'shared_experts', 'shared_mlp'].find(s => `${s}.gate_proj.weight` in p);
@@ -105,7 +108,8 @@ describe('io/hf_block', () => {
           expect(w.shared?.sigmoidGate?.shape).to.deep.equal(shapeOf('shared_expert_gate.weight'));
           // the only buffer of these blocks is the selection bias (DeepSeek/GLM's gate.e_score_correction_bias,
           // ERNIE's gate.moe_statics one, held [E] though transformers keeps [1, E], MiniMax's on the block)
-          // (ERNIE's is a parameter without gradient, in block_params)
+          // (ERNIE's is a parameter without gradient, in block_params); Gemma 4's block, the whole decoder
+          // layer, has its layer_scalar too, which is not part of the routed branch
           const buffers = { ...golden.block_buffers, ...p };
           const biasName = Object.keys(buffers).find(n => n.endsWith('e_score_correction_bias'));
           const biasShape = biasName === undefined ? undefined : buffers[biasName].filter(d => d !== 1 || buffers[biasName].length === 1);
@@ -142,8 +146,10 @@ describe('io/hf_block', () => {
           } else {
             expect(Array.from((w.experts.gateUp as tf.Tensor3D).dataSync())).to.deep.equal(await raw(ex.gateUp.name));
             expect(Array.from((w.experts.down as tf.Tensor3D).dataSync())).to.deep.equal(await raw(ex.down.name));
-            expect(Array.from(w.experts.gateUpBias!.dataSync())).to.deep.equal(await raw(ex.gateUpBias.name));
-            expect(Array.from(w.experts.downBias!.dataSync())).to.deep.equal(await raw(ex.downBias.name));
+            if (ex.kind === 'fusedInterleaved') {
+              expect(Array.from(w.experts.gateUpBias!.dataSync())).to.deep.equal(await raw(ex.gateUpBias.name));
+              expect(Array.from(w.experts.downBias!.dataSync())).to.deep.equal(await raw(ex.downBias.name));
+            }
           }
           if (plan.shared) {
             expect(Array.from(w.shared!.gate.dataSync())).to.deep.equal(await raw(plan.shared.gate.name));
@@ -267,7 +273,8 @@ describe('io/hf_block', () => {
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 1), OpArgumentError,
           "`isMoELayer()`: 'layer' must be <= 0 but got 1");
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0), OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
-          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'dbrx'");
+          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4', " +
+          "'gemma4_text' (the supported MoE families) but got 'dbrx'");
     });
   });
 });

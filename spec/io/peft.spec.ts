@@ -33,7 +33,8 @@ describe('io/peft', () => {
   after(cleanup);
 
   describe('the fixture adapters reproduce PEFT\'s lora.logits and every lora.grad.* (<= 1e-4 relative)', () => {
-    for (const arch of WHOLE_ARCHS) {
+    // llama4_text's (Llama 4 names its blocks feed_forward, PEFT reads its experts the other way round) are in spec/models/llama4_text.spec.ts
+    for (const arch of WHOLE_ARCHS.filter(a => a !== 'llama4_text')) {
       for (const kernel of ['reference', 'fused'] as const) {
         it(`${arch}, expertKernel '${kernel}'`, async () => {
           const model = await loadHFCheckpoint(fixtureDir(arch), { expertKernel: kernel });

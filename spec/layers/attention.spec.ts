@@ -48,6 +48,18 @@ describe('RotaryAttention', () => {
     ['ERNIE-4.5-like: interleaved rope pairs (2i, 2i+1), head 8', { ropeInterleave: true, headDim: 8 }],
     ['Hunyuan-like: per-head q/k norm after rope, all biases', { qkNorm: 'perHeadAfterRope', qkvBias: true, outputBias: true }],
     ['MiniMax-M2-like: q/k norm over the projection, partial rotary', { qkNorm: 'full', rotaryDim: 2 }],
+    ['Llama 4 rope layer: adjacent-pair (complex) rope, L2 q/k norm, chunks of 2', {
+      ropeInterleave: true, qkNorm: 'l2', attentionChunkSize: 2,
+    }],
+    ['Llama 4 NoPE layer: no rope, temperature tuning (floor scale 2)', {
+      rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 },
+    }],
+    ["Llama 4 rope layer with the Hub's llama3 rope scaling (one frequency in the smoothed band, one divided)", {
+      ropeInterleave: true, qkNorm: 'l2', ropeScaling: { kind: 'llama3', factor: 4, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 },
+    }],
+    ['interleaved rope pairs on a partial rotary width (the first 4 of each head of 8)', {
+      ropeInterleave: true, headDim: 8, rotaryDim: 4,
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -64,7 +76,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8], cases[10], cases[11]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };
@@ -133,6 +145,20 @@ describe('RotaryAttention', () => {
     ernie.dispose();
   });
 
+  it("round-trips Llama 4's settings through its config (rope, temperature and chunks written only when used)", () => {
+    for (const args of [{ ropeInterleave: true, qkNorm: 'l2', attentionChunkSize: 2 },
+      { rope: false, temperatureTuning: { attnScale: 0.5, floorScale: 2 } }] as Array<Partial<RotaryAttentionArgs>>) {
+      const { layer } = setup(args, 1);
+      const config = layer.getConfig();
+      for (const [key, value] of Object.entries(args)) expect(config[key], key).to.deep.equal(value);
+      expect((tfl.layers.Layer.fromConfig(RotaryAttention, config) as RotaryAttention).getConfig()).to.deep.equal(config);
+      layer.dispose();
+    }
+    const { layer } = setup({}, 1);
+    expect(Object.keys(layer.getConfig())).to.not.include.members(['rope', 'temperatureTuning', 'attentionChunkSize']);
+    layer.dispose();
+  });
+
   it('rejects bad arguments', () => {
     const ok = { numHeads: 4, numKeyValueHeads: 2, headDim: 4, ropeTheta: 1e4 };
     expect(() => new RotaryAttention({ ...ok, numKeyValueHeads: 3 }))
@@ -144,9 +170,17 @@ describe('RotaryAttention', () => {
     expect(() => new RotaryAttention({ ...ok, ropeTheta: -1 }))
       .to.throw("`RotaryAttention()`: 'ropeTheta' must be > 0 but got -1");
     expect(() => new RotaryAttention({ ...ok, qkNorm: 'rms' as never }))
-      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'perHeadAfterRope' but got 'rms'");
+      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'perHeadAfterRope', 'l2' but got 'rms'");
     expect(() => new RotaryAttention({ ...ok, ropeInterleave: 'yes' as never }))
       .to.throw("`RotaryAttention()`: 'ropeInterleave' must be a boolean but got \"yes\" (string)");
+    expect(() => new RotaryAttention({ ...ok, rope: 0 as never }))
+      .to.throw("`RotaryAttention()`: 'rope' must be a boolean but got 0 (number)");
+    expect(() => new RotaryAttention({ ...ok, temperatureTuning: { attnScale: NaN, floorScale: 4 } }))
+      .to.throw("`RotaryAttention()`: 'temperatureTuning.attnScale' must be a finite number but got NaN");
+    expect(() => new RotaryAttention({ ...ok, temperatureTuning: { attnScale: 0.1, floorScale: 0 } }))
+      .to.throw("`RotaryAttention()`: 'temperatureTuning.floorScale' must be > 0 but got 0");
+    expect(() => new RotaryAttention({ ...ok, attentionChunkSize: 0 }))
+      .to.throw("`RotaryAttention()`: 'attentionChunkSize' must be >= 1 but got 0");
     expect(() => new RotaryAttention({ ...ok, clipQKV: 0 }))
       .to.throw("`RotaryAttention()`: 'clipQKV' must be > 0 but got 0");
     expect(() => new RotaryAttention({ ...ok, slidingWindow: 0 }))
@@ -157,7 +191,14 @@ describe('RotaryAttention', () => {
       .to.throw("`RotaryAttention()`: 'rotaryDim' must be even (rotary pairs) but got 3");
     const yarn = (change: Partial<YarnRope>) => new RotaryAttention({ ...ok, ropeScaling: { ...YARN, ...change } });
     expect(() => new RotaryAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
-      .to.throw("`RotaryAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");
+      .to.throw("`RotaryAttention()`: 'ropeScaling' must be null, {kind: 'yarn', ...} or {kind: 'llama3', ...} but got an object {kind}");
+    const llama3 = { kind: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 } as const;
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, lowFreqFactor: 2, highFreqFactor: 1 } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling' needs highFreqFactor >= lowFreqFactor > 0 but got lowFreqFactor 2, highFreqFactor 1");
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, factor: NaN } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be a finite number but got NaN");
+    expect(() => new RotaryAttention({ ...ok, ropeScaling: { ...llama3, originalMaxPositionEmbeddings: 0 } }))
+      .to.throw("`RotaryAttention()`: 'ropeScaling.originalMaxPositionEmbeddings' must be >= 1 but got 0");
     expect(() => yarn({ factor: NaN })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be a finite number but got NaN");
     expect(() => yarn({ factor: 0.5 })).to.throw("`RotaryAttention()`: 'ropeScaling.factor' must be >= 1 but got 0.5");
     expect(() => yarn({ attentionFactor: 0 })).to.throw("`RotaryAttention()`: 'ropeScaling.attentionFactor' must be > 0 but got 0");

@@ -9,82 +9,16 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { KVCache } from '../../src/generate/kv_cache.js';
-import { MLAAttention, type MLAAttentionArgs } from '../../src/layers/mla_attention.js';
+import { MLAAttention } from '../../src/layers/mla_attention.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import type { YarnRope } from '../../src/layers/rotary.js';
+import { MLA_BASE as base, type MLA64Args as Args, type Weights, mla64 } from '../helpers/mla64.js';
 import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
-type Weights = Record<string, Float64Array>;
-type Args = Required<Pick<MLAAttentionArgs, 'numHeads' | 'qLoraRank' | 'kvLoraRank' | 'qkNopeHeadDim' | 'qkRopeHeadDim' |
-    'vHeadDim' | 'ropeTheta' | 'ropeInterleave' | 'attentionBias' | 'normEpsilon'>>;
-
-const base: Args = {
-  numHeads: 2, qLoraRank: null, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
-  ropeTheta: 30, ropeInterleave: true, attentionBias: false, normEpsilon: 1e-6,
+/** YaRN with its ramp inside the 4-wide rope part at theta 30 */
+const YARN: YarnRope = {
+  kind: 'yarn', factor: 4, originalMaxPositionEmbeddings: 16, betaFast: 8, betaSlow: 1, truncate: false, attentionFactor: 1.2,
 };
-
-/** float64 MLA, literally as transformers' DeepseekV3Attention (eager) computes it, one row at a time. */
-function mla64(x: Float64Array, w: Weights, a: Args, b: number, s: number, h: number): Float64Array {
-  const { numHeads: nh, qkNopeHeadDim: nope, qkRopeHeadDim: rd, vHeadDim: vd, kvLoraRank: kvr } = a;
-  const qk = nope + rd;
-  const linear = (row: Float64Array, name: string) => {
-    const W = w[`${name}.weight`];
-    const out = W.length / row.length;
-    const bias = w[`${name}.bias`];
-    return Float64Array.from({ length: out }, (_, o) => {
-      let acc = bias === undefined ? 0 : bias[o];
-      for (let i = 0; i < row.length; i++) acc += W[o * row.length + i] * row[i];
-      return acc;
-    });
-  };
-  const rms = (v: Float64Array, weight: Float64Array) => {
-    const inv = 1 / Math.sqrt(v.reduce((acc, t) => acc + t * t, 0) / v.length + a.normEpsilon);
-    return v.map((t, i) => t * inv * weight[i]);
-  };
-  // apply_rotary_pos_emb(_interleave): view(d/2, 2).transpose → evens then odds, then rotate_half
-  const rope = (v: Float64Array, p: number) => {
-    const r = a.ropeInterleave ? Float64Array.from({ length: rd }, (_, i) => v[i < rd / 2 ? 2 * i : 2 * (i - rd / 2) + 1]) : v;
-    const out = new Float64Array(rd);
-    for (let i = 0; i < rd / 2; i++) {
-      const angle = p / a.ropeTheta ** ((2 * i) / rd);
-      out[i] = r[i] * Math.cos(angle) - r[i + rd / 2] * Math.sin(angle);
-      out[i + rd / 2] = r[i + rd / 2] * Math.cos(angle) + r[i] * Math.sin(angle);
-    }
-    return out;
-  };
-  const result = new Float64Array(b * s * h);
-  for (let bi = 0; bi < b; bi++) {
-    const q: Float64Array[][] = [];   // [pos][head] → qk
-    const k: Float64Array[][] = [];
-    const v: Float64Array[][] = [];
-    for (let p = 0; p < s; p++) {
-      const row = x.slice((bi * s + p) * h, (bi * s + p + 1) * h);
-      const qAll = a.qLoraRank === null ? linear(row, 'q_proj') : linear(rms(linear(row, 'q_a_proj'), w['q_a_layernorm.weight']), 'q_b_proj');
-      const ckv = linear(row, 'kv_a_proj_with_mqa');
-      const kRot = rope(ckv.slice(kvr), p);
-      const kv = linear(rms(ckv.slice(0, kvr), w['kv_a_layernorm.weight']), 'kv_b_proj');
-      q.push([]); k.push([]); v.push([]);
-      for (let hh = 0; hh < nh; hh++) {
-        const qh = qAll.slice(hh * qk, (hh + 1) * qk);
-        q[p].push(Float64Array.from([...qh.slice(0, nope), ...rope(qh.slice(nope), p)]));
-        const kvh = kv.slice(hh * (nope + vd), (hh + 1) * (nope + vd));
-        k[p].push(Float64Array.from([...kvh.slice(0, nope), ...kRot]));
-        v[p].push(kvh.slice(nope));
-      }
-    }
-    for (let i = 0; i < s; i++) {
-      const merged = new Float64Array(nh * vd);
-      for (let hh = 0; hh < nh; hh++) {
-        const scores = Array.from({ length: i + 1 }, (_, j) => q[i][hh].reduce((acc, t, n) => acc + t * k[j][hh][n], 0) / Math.sqrt(qk));
-        const m = Math.max(...scores);
-        const e = scores.map(sc => Math.exp(sc - m));
-        const z = e.reduce((acc, t) => acc + t, 0);
-        e.forEach((ej, j) => { for (let t = 0; t < vd; t++) merged[hh * vd + t] += (ej / z) * v[j][hh][t]; });
-      }
-      result.set(linear(merged, 'o_proj'), (bi * s + i) * h);
-    }
-  }
-  return result;
-}
 
 function setup(args: Partial<Args>, seed: number, b = 2, s = 5, h = 8) {
   const full = { ...base, ...args };
@@ -107,6 +41,9 @@ describe('MLAAttention', () => {
     ['plain q_proj, interleaved rope (the deepseek_v3 fixture\'s settings)', {}],
     ['q_lora_rank: q_a_proj → q_a_layernorm → q_b_proj, attention biases', { qLoraRank: 6, attentionBias: true }],
     ['rope not interleaved', { ropeInterleave: false, numHeads: 3 }],
+    ['Mistral 4: YaRN on the rope part, a softmax scale, Llama 4 position scaling (context 2)', {
+      qLoraRank: 6, ropeScaling: YARN, softmaxScale: 0.7, positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 },
+    }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -145,8 +82,11 @@ describe('MLAAttention', () => {
     layer.dispose();
   });
 
-  it('packed samples (segmentIds, positionIds) give what each sample gives alone', () => {
-    const { layer, x, h } = setup({}, 3, 1, 5, 8);
+  const MISTRAL4: Partial<Args> = { ropeScaling: YARN, softmaxScale: 0.7, positionScaling: { beta: 0.4, originalMaxPositionEmbeddings: 2 } };
+
+  for (const [label, settings] of [['', {}], [' (Mistral 4: YaRN, position scaling)', MISTRAL4]] as Array<[string, Partial<Args>]>) {
+  it(`packed samples (segmentIds, positionIds) give what each sample gives alone${label}`, () => {
+    const { layer, x, h } = setup(settings, 3, 1, 5, 8);
     const packed = tensorOf(x, [1, 5, h]);
     const segmentIds = tf.tensor2d([[1, 1, 1, 2, 2]], [1, 5], 'int32');
     const positionIds = tf.tensor2d([[0, 1, 2, 0, 1]], [1, 5], 'int32');
@@ -162,8 +102,8 @@ describe('MLAAttention', () => {
     layer.dispose();
   });
 
-  it('with a KV cache, a prompt then one token at a time gives the rows of the full pass', () => {
-    const { layer, x, h } = setup({ qLoraRank: 6 }, 5, 1, 6, 8);
+  it(`with a KV cache, a prompt then one token at a time gives the rows of the full pass${label}`, () => {
+    const { layer, x, h } = setup({ qLoraRank: 6, ...settings }, 5, 1, 6, 8);
     const full = layer.apply(tensorOf(x, [1, 6, h])) as tf.Tensor;
     const cache = new KVCache();
     const parts = [[0, 4], [4, 5], [5, 6]].map(([from, to]) => {
@@ -182,6 +122,19 @@ describe('MLAAttention', () => {
     tf.dispose([full, stitched, ...parts, segmentIds, one]);
     cache.dispose();
     layer.dispose();
+  });
+  }
+
+  it("round-trips Mistral 4's settings through its config (written only when used)", () => {
+    const { layer } = setup(MISTRAL4, 1);
+    const config = layer.getConfig();
+    expect([config['ropeScaling'], config['softmaxScale'], config['positionScaling']])
+      .to.deep.equal([MISTRAL4.ropeScaling, MISTRAL4.softmaxScale, MISTRAL4.positionScaling]);
+    expect((tfl.layers.Layer.fromConfig(MLAAttention, config) as MLAAttention).getConfig()).to.deep.equal(config);
+    layer.dispose();
+    const plain = setup({}, 1).layer;
+    expect(Object.keys(plain.getConfig())).to.not.include.members(['ropeScaling', 'softmaxScale', 'positionScaling']);
+    plain.dispose();
   });
 
   it('names its weights like HF and round-trips its config', () => {
@@ -207,6 +160,14 @@ describe('MLAAttention', () => {
     expect(() => new MLAAttention({ ...ok, vHeadDim: 0 })).to.throw("`MLAAttention()`: 'vHeadDim' must be >= 1 but got 0");
     expect(() => new MLAAttention({ ...ok, ropeTheta: 0 })).to.throw("`MLAAttention()`: 'ropeTheta' must be > 0 but got 0");
     expect(() => new MLAAttention({ ...ok, normEpsilon: NaN })).to.throw("`MLAAttention()`: 'normEpsilon' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, ropeScaling: { kind: 'ntk' } as never }))
+      .to.throw("`MLAAttention()`: 'ropeScaling' must be null or {kind: 'yarn', ...} but got an object {kind}");
+    expect(() => new MLAAttention({ ...ok, softmaxScale: 0 })).to.throw("`MLAAttention()`: 'softmaxScale' must be > 0 but got 0");
+    expect(() => new MLAAttention({ ...ok, softmaxScale: NaN })).to.throw("`MLAAttention()`: 'softmaxScale' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, positionScaling: { beta: Infinity, originalMaxPositionEmbeddings: 4 } }))
+      .to.throw("`MLAAttention()`: 'positionScaling.beta' must be a finite number");
+    expect(() => new MLAAttention({ ...ok, positionScaling: { beta: 0.1, originalMaxPositionEmbeddings: 0 } }))
+      .to.throw("`MLAAttention()`: 'positionScaling.originalMaxPositionEmbeddings' must be >= 1 but got 0");
     const layer = new MLAAttention(ok);
     expect(() => layer.build([null, null, null])).to.throw("`MLAAttention.build()`: the input's last dimension must be known but got shape [,,]");
     layer.apply(tfl.input({ shape: [null, 8] }));

@@ -137,10 +137,18 @@ describe('MoECausalLM', () => {
   });
 
   it('builds every family whole, and refuses settings the graph does not implement', async () => {
-    // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
     expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
-      'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2']);
-    expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
+      'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4']);
+    // the block-only families: their block loads, their decoder is refused with the reason
+    expect(MODEL_TYPES.filter(t => !WHOLE_MODEL_TYPES.includes(t))).to.deep.equal(['gemma4_text']);
+    expect(() => buildMoECausalLM({
+      model_type: 'gemma4_text', vocab_size: 97, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+      enable_moe_block: true, num_experts: 4, top_k_experts: 2, moe_intermediate_size: 32,
+    })).to.throw("`moeCausalLMConfigFromHF()`: 'gemma4_text' is supported at the MoE block level only (SparseMoE, " +
+        "loadMoEBlockWeights), not as a whole model: Gemma 4's decoder layer (router and experts beside a dense MLP " +
+        'with their own norms, attention with v_norm, scaling 1, k_eq_v and KV-shared layers, per-layer rope and head ' +
+        'sizes, per-layer inputs, logit softcapping) is not built; whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, ' +
+        'gpt_oss, glm4_moe, deepseek_v3, ernie4_5_moe, hunyuan_v1_moe, minimax_m2, llama4_text, mistral4');
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
@@ -179,6 +187,6 @@ describe('MoECausalLM', () => {
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);
     dense.dispose();
     expect(() => buildMoECausalLM({ ...qwen3, model_type: 'llama' }))
-      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'llama'");
+      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4', 'gemma4_text' (the supported MoE families) but got 'llama'");
   });
 });

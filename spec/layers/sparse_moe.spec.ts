@@ -266,6 +266,6 @@ describe('SparseMoE layer', () => {
   it('rejects bad constructor arguments', () => {
     expect(() => new SparseMoE({ ...qwen2Like, numExperts: 0 })).to.throw(/`SparseMoE\(\)`: 'numExperts' must be >= 1 but got 0/);
     expect(() => new SparseMoE({ ...qwen2Like, routing: { kind: 'softmaxTopK', topK: 7 } })).to.throw(/'routing.topK' must be <= 6 but got 7/);
-    expect(() => new SparseMoE({ ...qwen2Like, expertLayout: 'rows' as never })).to.throw(/'expertLayout' must be one of 'outIn', 'inOutInterleaved' but got 'rows'/);
+    expect(() => new SparseMoE({ ...qwen2Like, expertLayout: 'rows' as never })).to.throw(/'expertLayout' must be one of 'outIn', 'inOutInterleaved', 'inOut' but got 'rows'/);
   });
 });

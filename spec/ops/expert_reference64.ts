@@ -4,8 +4,8 @@
  */
 export interface Experts64 {
   T: number; H: number; I: number; E: number; K: number;
-  layout: 'outIn' | 'inOutInterleaved';
-  activation: { kind: 'swiglu' } | { kind: 'clampedSwiglu'; alpha: number; limit: number };
+  layout: 'outIn' | 'inOutInterleaved' | 'inOut';
+  activation: { kind: 'swiglu' } | { kind: 'gegluTanh' } | { kind: 'clampedSwiglu'; alpha: number; limit: number };
   experts: Int32Array;          // [T*K]
   weights: Float64Array;        // [T*K]
   x: Float64Array;              // [T*H]
@@ -36,6 +36,8 @@ function sigmoid(v: number): number { return 1 / (1 + Math.exp(-v)); }
 export function experts64(m: Experts64): Float64Array {
   const { T, H, I, E, K } = m;
   const t2 = m.layout !== 'outIn';
+  // gpt-oss alternates gate and up columns; Llama 4 ('inOut') has the gate half, then the up half
+  const interleaved = m.layout === 'inOutInterleaved';
   // effective weights in (out, in) form
   // effective weight of pair p at (o, i): base + Σ deltas, a dropped adapter's delta times its mask
   const w1 = (p: number, e: number, o: number, i: number) =>
@@ -56,10 +58,13 @@ export function experts64(m: Experts64): Float64Array {
         h[o] = v;
       }
       for (let i = 0; i < I; i++) {
-        const g = t2 ? h[2 * i] : h[i];
-        const u = t2 ? h[2 * i + 1] : h[I + i];
+        const g = interleaved ? h[2 * i] : h[i];
+        const u = interleaved ? h[2 * i + 1] : h[I + i];
         if (m.activation.kind === 'swiglu') {
           a[i] = g * sigmoid(g) * u;
+        } else if (m.activation.kind === 'gegluTanh') {
+          // PyTorch's gelu(approximate='tanh')
+          a[i] = 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3))) * u;
         } else {
           const { alpha, limit } = m.activation;
           const gc = Math.min(g, limit);

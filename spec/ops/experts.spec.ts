@@ -43,6 +43,8 @@ describe('fusedExperts', () => {
     ['experts with no tokens', { T: 6, H: 5, I: 2, E: 6, K: 2, routing: 'skip' }],
     ['gpt-oss layout, biases, clamped GLU', { T: 5, H: 6, I: 4, E: 4, K: 2, layout: 'inOutInterleaved', bias: true,
       activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.8 } }],
+    ['Llama 4 layout (W stored [E, in, out], gate half then up half)', { T: 6, H: 5, I: 3, E: 4, K: 2, layout: 'inOut' }],
+    ['Gemma 4 geglu (tanh GELU)', { T: 6, H: 5, I: 3, E: 4, K: 2, activation: { kind: 'gegluTanh' } }],
   ];
   for (const [name, spec] of cases) {
     it(`matches float64 and finite differences: ${name}`, () => {
@@ -62,6 +64,11 @@ describe('fusedExperts', () => {
       const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOutInterleaved', bias: true, lora1: [2], lora2: [1],
         activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.2 } }, 31);
       checkAgainstReference(c, { trainBase: false, loraMode: mode }, 32);
+      c.dispose();
+    });
+    it(`expert LoRA (${mode}) on the Llama 4 transposed layout`, () => {
+      const c = makeCase({ T: 5, H: 4, I: 3, E: 3, K: 2, layout: 'inOut', lora1: [2], lora2: [1] }, 33);
+      checkAgainstReference(c, { trainBase: false, loraMode: mode }, 34);
       c.dispose();
     });
   }
@@ -232,7 +239,7 @@ describe('fusedExperts', () => {
         ['scaling', call({ w: { downLoRA: [{ A: tf.zeros([5, 3]) as tf.Tensor2D, B: tf.zeros([6, 5]) as tf.Tensor2D, scaling: NaN }] } }),
           /'weights.downLoRA\[0\].scaling' must be a finite number but got NaN/],
         ['K > E', call({ weights: wK, experts: eK }), /top-k \(6\) must be in \[1, num experts \(5\)\]/],
-        ['activation', call({ act: { kind: 'gelu' } }), /'activation.kind' must be one of 'swiglu', 'clampedSwiglu' but got 'gelu'/],
+        ['activation', call({ act: { kind: 'gelu' } }), /'activation.kind' must be one of 'swiglu', 'clampedSwiglu', 'gegluTanh' but got 'gelu'/],
         ['lora mode', call({ opts: { loraMode: 'fast' } }), /'options.loraMode' must be one of 'materialize', 'split', 'auto' but got 'fast'/],
       );
       for (const [label, fn, re] of cases) {

@@ -6,7 +6,7 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { referenceRoute } from '../../src/ops/reference/routing.js';
 import {
   registerRouting, registeredRoutingKinds, route, routeSigmoidGroupTopK, routeSoftmaxBiasedTopK,
-  routeSoftmaxGroupLimitedGreedy, routeSoftmaxGroupTopK, routeSoftmaxTopK, routeTopKSoftmax,
+  routeSoftmaxGroupLimitedGreedy, routeSoftmaxGroupTopK, routeSoftmaxTopK, routeTopKSigmoid, routeTopKSoftmax,
 } from '../../src/ops/routing/index.js';
 import type { Routing, RoutingConfig, RoutingKind } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -64,6 +64,11 @@ function route64(z: ArrayLike<number>, cfg: RoutingConfig, bias?: ArrayLike<numb
     const sel = experts.map(e => p[e]);
     const denom = Math.max(sel.reduce((a, b) => a + b, 0), cfg.normMin ?? 1e-12);
     return { experts, weights: sel.map(v => v / denom), margin };
+  }
+  if (cfg.kind === 'topKSigmoid') {
+    // Llama4Router: top-k of the logits, sigmoid of each kept logit
+    const experts = cut(Array.from(z), order(z), () => false);
+    return { experts, weights: experts.map(e => sigmoid64(z[e])), margin };
   }
   if (cfg.kind === 'softmaxTopK') {
     const p = softmax64(z);
@@ -156,6 +161,7 @@ const FUSED: Record<RoutingKind, Impl> = {
     nGroup: c.nGroup, topkGroup: c.topkGroup, scalingFactor: c.scalingFactor,
   }),
   softmaxBiasedTopK: (x, c, b) => routeSoftmaxBiasedTopK(x, c.topK, { correctionBias: b, normMin: c.normMin }),
+  topKSigmoid: (x, c) => routeTopKSigmoid(x, c.topK),
 };
 
 const IMPLS: Array<[string, (kind: RoutingKind) => Impl]> = [
@@ -254,6 +260,10 @@ const CASES: Case[] = [
   { cfg: { kind: 'softmaxBiasedTopK', topK: 4 }, T: 600, E: 16, bias: true },
   // a floor above the sum of the chosen probabilities: the divisor is the constant normMin
   { cfg: { kind: 'softmaxBiasedTopK', topK: 2, normMin: 1.5 }, T: 5, E: 8, bias: true },
+  { cfg: { kind: 'topKSigmoid', topK: 1 }, T: 7, E: 16 },
+  { cfg: { kind: 'topKSigmoid', topK: 3 }, T: 4, E: 5 },
+  { cfg: { kind: 'topKSigmoid', topK: 1 }, T: 3, E: 1 },
+  { cfg: { kind: 'topKSigmoid', topK: 2 }, T: 600, E: 16 },
 ];
 
 function expectArgError(fn: () => unknown, message: string): void {
@@ -367,6 +377,10 @@ describe('routing ops', () => {
       expectClose(r.weights, [0.7310586, 0.2689414], 1e-6, 'weights');
       tf.dispose([r.weights, r.experts]);
     }
+    const llama4 = routeTopKSigmoid(x, 1);
+    expect(Array.from(llama4.experts.dataSync())).to.deep.equal([0]);
+    expectClose(llama4.weights, [0.8807971], 1e-6, 'topKSigmoid weights');
+    tf.dispose([llama4.weights, llama4.experts]);
     x.dispose();
   });
 
@@ -380,10 +394,11 @@ describe('routing ops', () => {
       { kind: 'softmaxGroupTopK', topK: 4, nGroup: 4, topkGroup: 2, renormalize: false, scalingFactor: 2 },
       { kind: 'softmaxGroupLimitedGreedy', topK: 4, nGroup: 4, topkGroup: 2, scalingFactor: 16 },
       { kind: 'softmaxBiasedTopK', topK: 4, normMin: 1e-9 },
+      { kind: 'topKSigmoid', topK: 2 },
     ];
     const withBias: RoutingKind[] = ['sigmoidGroupTopK', 'softmaxBiasedTopK'];
 
-    it('lists the six built-in kinds', () => {
+    it('lists the seven built-in kinds', () => {
       expect(registeredRoutingKinds()).to.have.members(configs.map(c => c.kind));
     });
 
@@ -549,7 +564,7 @@ describe('routing ops', () => {
 
     it('route()', () => {
       const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', " +
-          "'softmaxBiasedTopK'";
+          "'softmaxBiasedTopK', 'topKSigmoid'";
       expectArgError(() => route(x, any(null)), "`route()`: 'config' must be a RoutingConfig object but got null");
       expectArgError(() => route(x, any('softmaxTopK')), "`route()`: 'config' must be a RoutingConfig object but got string");
       expectArgError(() => route(x, any({ kind: 'mixtral', topK: 2 })),
@@ -566,6 +581,8 @@ describe('routing ops', () => {
           "`route()`: 'config.scalingFactor' is not used by routing kind 'softmaxTopK' (it uses topK, renormalize) but got 2");
       expectArgError(() => route(x, { kind: 'topKSoftmax', topK: 2, topkGroup: 1 }),
           "`route()`: 'config.topkGroup' is not used by routing kind 'topKSoftmax' (it uses topK) but got 1");
+      expectArgError(() => route(x, { kind: 'topKSigmoid', topK: 1, renormalize: true }),
+          "`route()`: 'config.renormalize' is not used by routing kind 'topKSigmoid' (it uses topK) but got true");
       expectArgError(() => route(x, { kind: 'softmaxGroupTopK', topK: 2 }, bias16),
           "`route()`: 'correctionBias' is only used by routing kinds 'sigmoidGroupTopK', 'softmaxBiasedTopK' but config.kind is 'softmaxGroupTopK'");
       expectArgError(() => route(x, { kind: 'softmaxBiasedTopK', topK: 2, renormalize: true }),
@@ -590,13 +607,13 @@ describe('routing ops', () => {
           "`registerRouting()`: 'kind' must be a non-empty string but got 3 (number)");
       expectArgError(() => registerRouting('softmaxTopK', any(null)),
           "`registerRouting()`: 'fn' must be a function but got null (object)");
-      expect(registeredRoutingKinds()).to.have.length(6);
+      expect(registeredRoutingKinds()).to.have.length(7);
     });
 
     it('referenceRoute()', () => {
       const op = '`referenceRoute()`';
       const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', " +
-          "'softmaxBiasedTopK'";
+          "'softmaxBiasedTopK', 'topKSigmoid'";
       const cases: Array<[() => unknown, string]> = [
         [() => referenceRoute(any([[1]]), { kind: 'softmaxTopK', topK: 1 }),
           `${op}: 'logits' must be a 2-D float32 tensor but got an array of length 1`],

@@ -103,10 +103,11 @@ interface Expected { name: string; shape: number[] }
 
 /** The full names of one block's tensors with the shapes the config implies. */
 export interface BlockTensorPlan {
-  router: { weight: Expected; bias?: Expected; correctionBias?: Expected };
+  router: { weight: Expected; bias?: Expected; correctionBias?: Expected; inputScale?: Expected; expertScale?: Expected };
   experts:
     | { kind: 'perExpert'; gate: Expected[]; up: Expected[]; down: Expected[] }
-    | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected };
+    | { kind: 'fusedInterleaved'; gateUp: Expected; gateUpBias: Expected; down: Expected; downBias: Expected }
+    | { kind: 'fused'; layout: 'inOut' | 'outIn'; gateUp: Expected; down: Expected };
   shared?: { gate: Expected; up: Expected; down: Expected; sigmoidGate?: Expected };
 }
 
@@ -128,7 +129,7 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
         `(MoE layers: ${moeLayerIndices(config).join(', ') || 'none'})`);
   }
   const layout = family.checkpoint;
-  const full = (relative: string) => `model.layers.${layer}.${layout.block}.${relative}`;
+  const full = (relative: string) => `model.layers.${layer}.${layout.block === '' ? '' : `${layout.block}.`}${relative}`;
   const at = (relative: string, shape: number[]): Expected => ({ name: full(relative), shape });
   const perExpert = (template: string, shape: number[]) =>
     Array.from({ length: E }, (_, e) => at(template.replace('{e}', String(e)), shape));
@@ -140,6 +141,11 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
       gate: perExpert(layout.experts.gate, [I, H]),
       up: perExpert(layout.experts.up, [I, H]),
       down: perExpert(layout.experts.down, [H, I]),
+    } : layout.experts.kind === 'fused' ? {
+      kind: 'fused',
+      layout: layout.experts.layout,
+      gateUp: at(layout.experts.gateUp, layout.experts.layout === 'inOut' ? [E, H, 2 * I] : [E, 2 * I, H]),
+      down: at(layout.experts.down, layout.experts.layout === 'inOut' ? [E, I, H] : [E, H, I]),
     } : {
       kind: 'fusedInterleaved',
       gateUp: at(layout.experts.gateUp, [E, H, 2 * I]),
@@ -152,6 +158,8 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
   if (layout.router.correctionBias) {
     plan.router.correctionBias = at(layout.router.correctionBias, layout.router.correctionBiasRow ? [1, E] : [E]);
   }
+  if (layout.router.inputScale) plan.router.inputScale = at(layout.router.inputScale, [H]);
+  if (layout.router.expertScale) plan.router.expertScale = at(layout.router.expertScale, [E]);
   if (layout.shared && Is !== undefined) {
     plan.shared = {
       gate: at(layout.shared.gate, [Is, H]),
@@ -164,10 +172,13 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
 }
 
 function planEntries(plan: BlockTensorPlan): Expected[] {
-  const all: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const all: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias,
+    plan.router.inputScale, plan.router.expertScale];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') {
     all.push(...ex.gate, ...ex.up, ...ex.down);
+  } else if (ex.kind === 'fused') {
+    all.push(ex.gateUp, ex.down);
   } else {
     all.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   }
@@ -283,7 +294,8 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
 /**
  * Reads layer `layerIndex`'s MoE block: router, experts (Hub per-expert tensors fused on load:
  * gateUp[e] = gate_proj[e] rows then up_proj[e] rows → [E, 2I, H], down → [E, H, I]; gpt-oss
- * kept as stored, layout 'inOutInterleaved') and shared experts. Every tensor is checked before
+ * kept as stored, layout 'inOutInterleaved'; Llama 4's and Gemma 4's fused ones as stored, layout 'inOut' /
+ * 'outIn') and shared experts. Every tensor is checked before
  * any is read; a mismatch throws one error that lists every missing or misshapen tensor.
  * The caller owns the returned tensors (see `disposeMoEBlockWeights`).
  *
@@ -353,6 +365,14 @@ export async function loadMoEBlockWeights(
         bias.dispose();   // the reshape is a new tensor (disposing twice on an error later is harmless)
       }
     }
+    if (plan.router.inputScale) {
+      router.inputScale = await read<Tensor1D>(plan.router.inputScale);
+      // Gemma4TextRouter's norm uses rms_norm_eps (Gemma4TextConfig's default 1e-6)
+      const eps = hfConfig['rms_norm_eps'] ?? 1e-6;
+      if (typeof eps !== 'number' || !Number.isFinite(eps)) fail(op, `'config.rms_norm_eps' must be a finite number but got ${JSON.stringify(eps)}`);
+      router.inputNormEpsilon = eps;
+    }
+    if (plan.router.expertScale) router.expertScale = await read<Tensor1D>(plan.router.expertScale);
 
     let experts: ExpertWeights;
     const ex = plan.experts;
@@ -362,6 +382,12 @@ export async function loadMoEBlockWeights(
       const gateUp = track(await fuse([ex.gate, ex.up], E, [I, H]));  // [E, 2I, H]
       const down = track(await fuse([ex.down], E, [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
+    } else if (ex.kind === 'fused') {
+      experts = {
+        gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I] or [E, 2I, H]
+        down: kind ? await readPacked(ex.down) : await read<Tensor3D>(ex.down),        // [E, I, H] or [E, H, I]
+        layout: ex.layout,
+      };
     } else {
       experts = {
         gateUp: kind ? await readPacked(ex.gateUp) : await read<Tensor3D>(ex.gateUp),  // [E, H, 2I]

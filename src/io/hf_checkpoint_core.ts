@@ -109,9 +109,11 @@ export interface Expected { name: string; shape: number[] }
 
 /** @internal The MoE block's checkpoint tensors with expected shapes. */
 export function planTensors(plan: BlockTensorPlan): Expected[] {
-  const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias];
+  const out: Array<Expected | undefined> = [plan.router.weight, plan.router.bias, plan.router.correctionBias,
+    plan.router.inputScale, plan.router.expertScale];
   const ex = plan.experts;
   if (ex.kind === 'perExpert') out.push(...ex.gate, ...ex.up, ...ex.down);
+  else if (ex.kind === 'fused') out.push(ex.gateUp, ex.down);
   else out.push(ex.gateUp, ex.gateUpBias, ex.down, ex.downBias);
   if (plan.shared) out.push(plan.shared.gate, plan.shared.up, plan.shared.down, plan.shared.sigmoidGate);
   return out.filter((e): e is Expected => e !== undefined);
@@ -167,7 +169,7 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       if (c.qkNorm === 'perHeadAfterRope') {
         at('self_attn.query_layernorm.weight', [c.headDim]);
         at('self_attn.key_layernorm.weight', [c.headDim]);
-      } else if (c.qkNorm !== 'none') {
+      } else if (c.qkNorm === 'perHead' || c.qkNorm === 'full') {
         at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
         at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
       }
@@ -179,9 +181,9 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       all.push(...planTensors(plan));
     } else {
       const I = c.denseIntermediateSize!;
-      at('mlp.gate_proj.weight', [I, H]);
-      at('mlp.up_proj.weight', [I, H]);
-      at('mlp.down_proj.weight', [H, I]);
+      at(`${c.mlpModule}.gate_proj.weight`, [I, H]);
+      at(`${c.mlpModule}.up_proj.weight`, [I, H]);
+      at(`${c.mlpModule}.down_proj.weight`, [H, I]);
     }
   }
   add({ name: 'model.norm.weight', shape: [H] });
@@ -223,6 +225,9 @@ const SPARSE_MOE_WEIGHT: Readonly<Record<WeightField, string>> = {
   'router.weight': 'router_weight',
   'router.bias': 'router_bias',
   'router.correctionBias': 'correction_bias',
+  // Gemma 4's router scales: block level only, no SparseMoE holds them yet
+  'router.inputScale': 'router_input_scale',
+  'router.expertScale': 'router_expert_scale',
   'experts.gateUp': 'gate_up',
   'experts.down': 'down',
   'experts.gateUpBias': 'gate_up_bias',

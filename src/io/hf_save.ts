@@ -84,6 +84,9 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
     whole(ex.gateUpBias, 'gate_up_bias');
     whole(ex.down, 'down');
     whole(ex.downBias, 'down_bias');
+  } else if (ex.kind === 'fused') {
+    whole(ex.gateUp, 'gate_up');
+    whole(ex.down, 'down');
   } else {
     // the fused [E, parts·rows, cols] weight holds expert e's parts one after the other (hf_block.ts fuseRows)
     const split = (weight: string, fusedName: string, parts: Expected[][]) => {

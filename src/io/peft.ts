@@ -29,6 +29,9 @@
  * 0.19.0 / 0.19.1 is ambiguous and refused; an unparsable version is refused; a version newer than
  * NEWEST_CHECKED_PEFT loads as 0.19.1's layout with a note; a missing one (this package's saves
  * before it wrote peft_version; PEFT writes it since 0.18) loads as our layout with a note.
+ * PEFT knows gpt-oss's experts are [E, in, out]; Llama 4's, [E, in, out] too, it reads as
+ * [E, out, in] (A [r·E, out], B [in, r·E] with ΔW_e = B_e·A_e in the stored layout): the old
+ * layout, converted on load and written on save, whatever the version.
  * The architecture PEFT records (`auto_mapping.base_model_class` / `parent_library`, written when
  * task_type is null, as here) must be the model's.
  */
@@ -109,6 +112,8 @@ const NEWEST_CHECKED_PEFT: readonly number[] = [0, 21];
  * them after the model type ('qwen3_moe' → Qwen3MoeForCausalLM in transformers.models.qwen3_moe.modeling_qwen3_moe).
  */
 function hfArchitecture(type: string): { base_model_class: string; parent_library: string } {
+  // Llama 4's text model lives in the llama4 module under the multimodal model's name
+  if (type === 'llama4_text') return { base_model_class: 'Llama4ForCausalLM', parent_library: 'transformers.models.llama4.modeling_llama4' };
   const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
   const named = (MODEL_TYPES as readonly string[]).includes(type) ? FAMILIES[type as ModelType].causalLMClass : undefined;
   return { base_model_class: named ?? `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
@@ -119,7 +124,9 @@ function adapterModelType(autoMapping: unknown): string | null {
   if (autoMapping === null || typeof autoMapping !== 'object') return null;
   const { parent_library: library, base_model_class: cls } = autoMapping as Json;
   const fromLibrary = typeof library === 'string' ? /^transformers\.models\.([a-z0-9_]+)\.modeling_/.exec(library)?.[1] : undefined;
-  if (fromLibrary !== undefined) return fromLibrary;
+  if (fromLibrary !== undefined) {
+    return MODEL_TYPES.find(t => hfArchitecture(t).parent_library === library && hfArchitecture(t).base_model_class === cls) ?? fromLibrary;
+  }
   if (typeof cls !== 'string') return null;
   const known = MODEL_TYPES.find(t => hfArchitecture(t).base_model_class.replace(/ForCausalLM$/, '') === cls.replace(/For[A-Za-z]+$/, ''));
   return known ?? cls;
@@ -130,7 +137,8 @@ function adapterModelType(autoMapping: unknown): string | null {
  * 0.19.1) or 'swapped' (A [r·E, out], B [in, r·E]); see the file comment. Problems and notes
  * are pushed.
  */
-export function expertFactorLayout(version: unknown, transposed: boolean, problems: string[], notes: string[]): 'ours' | 'swapped' {
+export function expertFactorLayout(version: unknown, transposed: boolean, problems: string[], notes: string[],
+    peftTransposed = transposed): 'ours' | 'swapped' {
   if (version == null) {
     notes.push('adapter_config.json has no peft_version: the expert factors are read in the layout of PEFT >= 0.19.1 ' +
         '(this package\'s earlier saves); an adapter from PEFT 0.17 needs peft_version set to convert it');
@@ -153,8 +161,9 @@ export function expertFactorLayout(version: unknown, transposed: boolean, proble
     notes.push(`peft_version ${version} is newer than the newest PEFT checked here (${NEWEST_CHECKED_PEFT.join('.')}); ` +
         'its expert factors are read in the layout of PEFT >= 0.19.1');
   }
-  if (cmp([0, 19, 1]) >= 0) return 'ours';
-  if (cmp([0, 19, 0]) === 0) return 'swapped';  // 0.19.0 swapped exactly the [E, in, out] weights
+  // `peftTransposed`: whether PEFT itself takes the weights for [E, in, out] (gpt-oss, not Llama 4)
+  if (cmp([0, 19, 1]) >= 0) return transposed === peftTransposed ? 'ours' : 'swapped';
+  if (cmp([0, 19, 0]) === 0) return transposed === !peftTransposed ? 'ours' : 'swapped';  // 0.19.0 swapped exactly the weights it took for [E, in, out]
   return transposed ? 'ours' : 'swapped';         // 0.17/0.18 never swapped: right for [E, in, out] only
 }
 
@@ -172,6 +181,14 @@ export function swapExpertFactors(A: tf.Tensor2D, B: tf.Tensor2D, numExperts: nu
     const b = tf.reshape(tf.transpose(tf.reshape(A, [e, r, outDim]), [2, 1, 0]), [outDim, r * e]);  // [out, r·E]
     return { A: a as tf.Tensor2D, B: b as tf.Tensor2D };
   });
+}
+
+/**
+ * Whether PEFT takes a layer's expert weights for [E, in, out]: gpt-oss's (interleaved), which it
+ * knows; Llama 4's 'inOut' ones it reads as [E, out, in] like every other family's.
+ */
+function peftTakesTransposed(layer: SparseMoE): boolean {
+  return layer.expertLayout === 'inOutInterleaved';
 }
 
 /** The names of the tensors among `names` that hold a NaN or an infinity, reading one tensor at a time. */
@@ -510,7 +527,8 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
     problems.push(`the adapter was made for ${adapterType} (auto_mapping ${JSON.stringify(config['auto_mapping'])}) ` +
         `but the model is ${modelType} (${hfArchitecture(modelType).base_model_class})`);
   }
-  const factorLayout = expertFactorLayout(config['peft_version'], layers.length > 0 && layers[0].expertLayout !== 'outIn', problems, notes);
+  const factorLayout = expertFactorLayout(config['peft_version'], layers.length > 0 && layers[0].expertLayout !== 'outIn', problems, notes,
+      layers.length > 0 && peftTakesTransposed(layers[0]));
   /** A target's A and B shapes as the file holds them (an older PEFT swaps the expert factors' in and out). */
   const fileShapes = (layer: SparseMoE, t: LoRATarget) => {
     const s = expectedShapes(layer, t, cfg.r);
@@ -805,11 +823,28 @@ export function peftAdapterFiles(
     use_rslora: first.rsLoRA ?? false,
   };
   const tensors: Record<string, tf.Tensor> = {};
-  for (const t of peftAdapterTensors(model, name)) tensors[t.peftName] = t.variable.read();
+  const made: tf.Tensor[] = [];
+  const adapterTensors = peftAdapterTensors(model, name);
+  for (const t of adapterTensors) {
+    if (!isExpert(t.target) || (t.layer.expertLayout !== 'outIn') === peftTakesTransposed(t.layer)) {
+      tensors[t.peftName] = t.variable.read();
+    } else if (t.factor === 'A') {
+      // PEFT reads these experts in the other orientation (Llama 4): write its layout
+      const b = adapterTensors.find(o => o.layer === t.layer && o.target === t.target && o.factor === 'B')!;
+      const swapped = swapExpertFactors(t.variable.read() as tf.Tensor2D, b.variable.read() as tf.Tensor2D, t.layer.numExperts);
+      tensors[t.peftName] = swapped.A;
+      tensors[b.peftName] = swapped.B;
+      made.push(swapped.A, swapped.B);
+    }
+  }
   for (const m of linearModules) {
     const f = m.layer.lora.factors(name)[m.projection];
     tensors[linearTensorName(m.layer, m.projection, 'A')] = f.A.read();
     tensors[linearTensorName(m.layer, m.projection, 'B')] = f.B.read();
   }
-  return { config: `${JSON.stringify(config, null, 2)}\n`, weights: encodeSafetensors(tensors, { format: 'pt' }) };
+  try {
+    return { config: `${JSON.stringify(config, null, 2)}\n`, weights: encodeSafetensors(tensors, { format: 'pt' }) };
+  } finally {
+    tf.dispose(made);
+  }
 }

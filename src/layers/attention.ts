@@ -3,8 +3,10 @@
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
  * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, partial
  * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope, gpt-oss's
- * attention sinks (a learned logit per head that joins every softmax denominator), ERNIE-4.5's
- * interleaved rope pairs and Hunyuan's per-head q/k norms after rope.
+ * attention sinks (a learned logit per head that joins every softmax denominator), interleaved
+ * rope pairs (ERNIE-4.5; Llama 4's complex rope), Hunyuan's per-head q/k norms after rope, and
+ * Llama 4's layers: a weightless L2 (RMS) q/k norm, NoPE layers (no rope) whose queries are scaled
+ * by the temperature tuning, and chunked attention.
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -21,8 +23,17 @@ import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 
-export type QKNorm = 'none' | 'perHead' | 'full' | 'perHeadAfterRope';
-export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'perHeadAfterRope'];
+export type QKNorm = 'none' | 'perHead' | 'full' | 'perHeadAfterRope' | 'l2';
+export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'perHeadAfterRope', 'l2'];
+
+/**
+ * Llama 4's attention temperature tuning on NoPE layers: the query at position p is multiplied by
+ * 1 + attnScale·ln(1 + floor((p + 1) / floorScale)) (HF attn_scale, floor_scale).
+ */
+export interface TemperatureTuning {
+  attnScale: number;
+  floorScale: number;
+}
 
 export interface RotaryAttentionArgs extends LayerArgs {
   numHeads: number;
@@ -43,10 +54,14 @@ export interface RotaryAttentionArgs extends LayerArgs {
   outputBias?: boolean;
   /**
    * 'perHead': RMSNorm over D on each head (Qwen3-MoE); 'full': over the whole projection (OLMoE);
-   * 'perHeadAfterRope': over D on each rotated head, weights 'query_layernorm' / 'key_layernorm' (Hunyuan)
+   * 'perHeadAfterRope': over D on each rotated head, weights 'query_layernorm' / 'key_layernorm' (Hunyuan);
+   * 'l2': a weightless RMS norm over D on each head (Llama 4's use_qk_norm)
    */
   qkNorm?: QKNorm;
-  /** rope pairs adjacent (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5); default false: (i, i + D/2) */
+  /**
+   * rope pairs adjacent dimensions (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5, Llama 4's complex
+   * rope); default false: (i, i + D/2)
+   */
   ropeInterleave?: boolean;
   /** epsilon of the q/k norms (HF rms_norm_eps) */
   normEpsilon?: number;
@@ -56,6 +71,15 @@ export interface RotaryAttentionArgs extends LayerArgs {
   slidingWindow?: number | null;
   /** scaled rope frequencies (YaRN); null/absent: the default rope */
   ropeScaling?: RopeScaling;
+  /** false: a NoPE layer, no rope at all (Llama 4's no_rope_layers); default true */
+  rope?: boolean;
+  /** Llama 4's query temperature tuning (its NoPE layers); null/absent: none */
+  temperatureTuning?: TemperatureTuning | null;
+  /**
+   * Llama 4's chunked attention: a query attends only keys of its own chunk of this many positions
+   * (chunks start at position 0); null/absent: none
+   */
+  attentionChunkSize?: number | null;
   /**
    * gpt-oss attention sinks: a learned logit per head ('sinks' [numHeads]) joined to each query's
    * softmax over its keys and dropped after it, so a query may give weight to no key at all
@@ -70,17 +94,20 @@ export interface RotaryAttentionArgs extends LayerArgs {
 
 /**
  * Additive mask [S, L]: 0 where query i (at position queryStart + i) may attend key j (at position
- * keyStart + j): not after it and, with a window, less than `window` before it; a large negative
- * value elsewhere. Without a KV cache both starts are 0 and L = S.
+ * keyStart + j): not after it, with a window less than `window` before it, and with a `chunk` in
+ * the same chunk of positions (floor(position / chunk) equal); a large negative value elsewhere.
+ * Without a KV cache both starts are 0 and L = S.
  */
-export function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0): tf.Tensor2D {
+export function causalMask(seqLen: number, window: number | null, keyLen = seqLen, queryStart = 0, keyStart = 0,
+    chunk: number | null = null): tf.Tensor2D {
   // A finite value: it vanishes in softmax exactly as −inf does, without inf − inf in any gradient.
   const blocked = -1e9;
   const data = new Float32Array(seqLen * keyLen);
   for (let i = 0; i < seqLen; i++) {
     for (let j = 0; j < keyLen; j++) {
       const distance = (queryStart + i) - (keyStart + j);
-      if (distance < 0 || (window !== null && distance >= window)) data[i * keyLen + j] = blocked;
+      const otherChunk = chunk !== null && Math.floor((queryStart + i) / chunk) !== Math.floor((keyStart + j) / chunk);
+      if (distance < 0 || (window !== null && distance >= window) || otherChunk) data[i * keyLen + j] = blocked;
     }
   }
   return tf.tensor2d(data, [seqLen, keyLen]);
@@ -91,8 +118,9 @@ export function causalMask(seqLen: number, window: number | null, keyLen = seqLe
  * SequenceContext) [B, 1, S, S], where a query also attends only keys of its own segment (packed
  * samples do not see each other; padding sees padding only, so no row is all blocked).
  */
-export function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null): tf.Tensor2D | tf.Tensor4D {
-  const causal = causalMask(seqLen, window);
+export function attentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null,
+    chunk: number | null = null): tf.Tensor2D | tf.Tensor4D {
+  const causal = causalMask(seqLen, window, seqLen, 0, 0, chunk);
   if (segmentIds === null) return causal;
   const b = segmentIds.shape[0];
   const same = tf.equal(tf.reshape(segmentIds, [b, 1, seqLen, 1]), tf.reshape(segmentIds, [b, 1, 1, seqLen]));  // [B, 1, S, S]
@@ -117,8 +145,17 @@ export function contextIds(b: number, s: number, op = 'RotaryAttention.call'): {
 
 /** A RopeScaling's numbers: each finite, factor >= 1, a positive context and attention factor. */
 function checkRopeScaling(op: string, scaling: NonNullable<RopeScaling>): void {
+  if (scaling !== null && typeof scaling === 'object' && scaling.kind === 'llama3') {
+    for (const key of ['factor', 'lowFreqFactor', 'highFreqFactor'] as const) assertFiniteNumber(op, `ropeScaling.${key}`, scaling[key]);
+    if (!(scaling.lowFreqFactor > 0 && scaling.highFreqFactor >= scaling.lowFreqFactor)) {
+      fail(op, `'ropeScaling' needs highFreqFactor >= lowFreqFactor > 0 but got lowFreqFactor ${scaling.lowFreqFactor}, ` +
+          `highFreqFactor ${scaling.highFreqFactor}`);
+    }
+    assertInteger(op, 'ropeScaling.originalMaxPositionEmbeddings', scaling.originalMaxPositionEmbeddings, 1);
+    return;
+  }
   if (scaling === null || typeof scaling !== 'object' || scaling.kind !== 'yarn') {
-    fail(op, `'ropeScaling' must be null or {kind: 'yarn', ...} but got ${describeValue(scaling)}`);
+    fail(op, `'ropeScaling' must be null, {kind: 'yarn', ...} or {kind: 'llama3', ...} but got ${describeValue(scaling)}`);
   }
   for (const key of ['factor', 'betaFast', 'betaSlow', 'attentionFactor'] as const) {
     assertFiniteNumber(op, `ropeScaling.${key}`, scaling[key]);
@@ -148,6 +185,9 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly slidingWindow: number | null;
   readonly ropeScaling: RopeScaling;
   readonly sinks: boolean;
+  readonly rope: boolean;
+  readonly temperatureTuning: TemperatureTuning | null;
+  readonly attentionChunkSize: number | null;
   readonly initializerRange: number;
   private readonly vars = new Map<string, tfl.LayerVariable>();
   /** LoRA adapters on q_proj, k_proj, v_proj and o_proj (PEFT's lora.Linear state) */
@@ -193,6 +233,18 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (this.ropeScaling !== null) checkRopeScaling(op, this.ropeScaling);
     this.sinks = args.sinks ?? false;
     if (typeof this.sinks !== 'boolean') fail(op, `'sinks' must be a boolean but got ${describeValue(this.sinks)}`);
+    this.rope = args.rope ?? true;
+    if (typeof this.rope !== 'boolean') fail(op, `'rope' must be a boolean but got ${describeValue(this.rope)}`);
+    this.temperatureTuning = args.temperatureTuning ?? null;
+    if (this.temperatureTuning !== null) {
+      assertFiniteNumber(op, 'temperatureTuning.attnScale', this.temperatureTuning.attnScale);
+      assertFiniteNumber(op, 'temperatureTuning.floorScale', this.temperatureTuning.floorScale);
+      if (!(this.temperatureTuning.floorScale > 0)) {
+        fail(op, `'temperatureTuning.floorScale' must be > 0 but got ${this.temperatureTuning.floorScale}`);
+      }
+    }
+    this.attentionChunkSize = args.attentionChunkSize ?? null;
+    if (this.attentionChunkSize !== null) assertInteger(op, 'attentionChunkSize', this.attentionChunkSize, 1);
     this.numHeads = args.numHeads;
     this.numKeyValueHeads = args.numKeyValueHeads;
     this.headDim = args.headDim;
@@ -285,18 +337,27 @@ export class RotaryAttention extends tfl.layers.Layer {
       const { segmentIds, positionIds } = contextIds(b, s);
       // generation: the new tokens come after the cached ones (cachedPositions)
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
-      const rd = this.rotaryDim;
-      const { cos, sin } = cached.rotary ??
-        (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
-          rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
-      q3 = this.rotate(q3, cos, sin);
-      k3 = this.rotate(k3, cos, sin);
+      if (this.rope) {
+        const rd = this.rotaryDim;
+        const { cos, sin } = cached.rotary ??
+          (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
+            rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
+        q3 = this.rotate(q3, cos, sin);
+        k3 = this.rotate(k3, cos, sin);
+      }
       if (this.qkNorm === 'perHeadAfterRope') {
         q3 = rmsNorm(q3, this.w('query_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
         k3 = rmsNorm(k3, this.w('key_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
       }
+      if (this.qkNorm === 'l2') {
+        // a rotation keeps each head's norm, so normalizing after rope (Llama 4) equals before
+        const ones = tf.ones([d]);
+        q3 = rmsNorm(q3, ones, this.normEpsilon) as tf.Tensor3D;
+        k3 = rmsNorm(k3, ones, this.normEpsilon) as tf.Tensor3D;
+      }
+      if (this.temperatureTuning !== null) q3 = tf.mul(q3, this.queryTemperature(s, cached.past ?? 0)) as tf.Tensor3D;
       let mask: tf.Tensor2D | tf.Tensor4D;
-      [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds)];
+      [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds, this.attentionChunkSize)];
       const keyLen = k3.shape[1];                                      // L = S without a cache
       const rep = nh / nkv;
       if (rep > 1) {
@@ -316,6 +377,17 @@ export class RotaryAttention extends tfl.layers.Layer {
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
     });
+  }
+
+  /**
+   * Llama 4's temperature tuning [S, 1] for the queries at positions past..past+S−1: HF uses the
+   * row's position (cache_position), not a packed sample's own position.
+   */
+  private queryTemperature(s: number, past: number): tf.Tensor2D {
+    const { attnScale, floorScale } = this.temperatureTuning!;
+    const scales = Float32Array.from({ length: s },
+        (_, p) => Math.log1p(Math.floor((past + p + 1) / floorScale)) * attnScale + 1);
+    return tf.tensor2d(scales, [s, 1]);
   }
 
   /**
@@ -349,6 +421,7 @@ export class RotaryAttention extends tfl.layers.Layer {
    * sliding-window) mask [S, L]. Without a cache: nothing (positions from 0, keys are the new ones).
    */
   private cachedPositions(s: number, hasSegments: boolean): {
+    past?: number;
     rotary?: { cos: tf.Tensor2D; sin: tf.Tensor2D };
     attend?: (k: tf.Tensor3D, v: tf.Tensor3D) => [tf.Tensor3D, tf.Tensor3D, tf.Tensor2D];
   } {
@@ -358,10 +431,11 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (hasSegments) fail('RotaryAttention.call', "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
     const past = cache.seen(this.name);
     return {
+      past,
       rotary: rotaryTables(s, this.rotaryDim, this.ropeTheta, past, this.ropeScaling),
       attend: (k, v) => {
         const { keys, values, start } = cache.append(this.name, k, v, this.slidingWindow);
-        return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start)];
+        return [keys, values, causalMask(s, this.slidingWindow, keys.shape[1], past, start, this.attentionChunkSize)];
       },
     };
   }
@@ -383,6 +457,10 @@ export class RotaryAttention extends tfl.layers.Layer {
       slidingWindow: this.slidingWindow,
       ropeScaling: this.ropeScaling,
       sinks: this.sinks,
+      // Llama 4's settings, written only when used, so the configs of the other families stay as they were
+      ...(this.rope ? {} : { rope: false }),
+      ...(this.temperatureTuning !== null ? { temperatureTuning: { ...this.temperatureTuning } } : {}),
+      ...(this.attentionChunkSize !== null ? { attentionChunkSize: this.attentionChunkSize } : {}),
       initializerRange: this.initializerRange,
       ...this.lora.getConfig(),
     } as unknown as tf.serialization.ConfigDict;

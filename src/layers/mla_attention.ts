@@ -7,6 +7,10 @@
  *   k        = [k_n, rope(k_r)]  (k_r one head, shared by all)      q = [q_n, rope(q_r)]
  *   out      = softmax(q·kᵀ · scale + mask)·v ·W_oᵀ
  *
+ * Mistral 4 adds YaRN frequencies on the rope part (`ropeScaling`), a softmax scale other than
+ * 1/√(nope + rope) (YaRN's mscale², `softmaxScale`), and Llama 4's position scaling of the queries
+ * (`positionScaling`: q ·= 1 + β·ln(1 + floor(position / original context))).
+ *
  * Rope acts on the rope part only; with rope_interleave (the Hub checkpoints' layout) its pairs
  * are adjacent (2i, 2i+1), so they are first de-interleaved (evens then odds) and then rotated
  * half-by-half, as transformers does: the same permutation on q and k leaves q·k unchanged.
@@ -20,10 +24,11 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import { describeValue } from '../util/describe.js';
 import { attentionMask, causalMask, contextIds } from './attention.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, deinterleavePairs as deinterleave, rotaryTables, rotaryTablesAt } from './rotary.js';
+import { applyRotary, deinterleavePairs as deinterleave, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 
 export interface MLAAttentionArgs extends LayerArgs {
@@ -48,6 +53,18 @@ export interface MLAAttentionArgs extends LayerArgs {
   normEpsilon?: number;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /** YaRN frequencies for the rope part (Mistral 4); null/absent: the default rope */
+  ropeScaling?: RopeScaling;
+  /** the factor on q·kᵀ; default 1/√(qkNopeHeadDim + qkRopeHeadDim) */
+  softmaxScale?: number;
+  /** Llama 4's query scaling by position (Mistral 4's llama_4_scaling_beta); null/absent: none */
+  positionScaling?: PositionScaling | null;
+}
+
+/** q at position p is multiplied by 1 + beta·ln(1 + floor(p / originalMaxPositionEmbeddings)). */
+export interface PositionScaling {
+  beta: number;
+  originalMaxPositionEmbeddings: number;
 }
 
 /** The sizes that decide MLA's weights. */
@@ -99,6 +116,9 @@ export class MLAAttention extends tfl.layers.Layer {
   readonly attentionBias: boolean;
   readonly normEpsilon: number;
   readonly initializerRange: number;
+  readonly ropeScaling: RopeScaling;
+  readonly softmaxScale: number | null;
+  readonly positionScaling: PositionScaling | null;
   private readonly vars = new Map<string, tfl.LayerVariable>();
 
   constructor(args: MLAAttentionArgs) {
@@ -125,6 +145,20 @@ export class MLAAttention extends tfl.layers.Layer {
     this.ropeInterleave = args.ropeInterleave ?? true;
     this.attentionBias = args.attentionBias ?? false;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.ropeScaling = args.ropeScaling ?? null;
+    if (this.ropeScaling !== null && (typeof this.ropeScaling !== 'object' || this.ropeScaling.kind !== 'yarn')) {
+      fail(op, `'ropeScaling' must be null or {kind: 'yarn', ...} but got ${describeValue(this.ropeScaling)}`);
+    }
+    this.softmaxScale = args.softmaxScale ?? null;
+    if (this.softmaxScale !== null) {
+      assertFiniteNumber(op, 'softmaxScale', this.softmaxScale);
+      if (!(this.softmaxScale > 0)) fail(op, `'softmaxScale' must be > 0 but got ${this.softmaxScale}`);
+    }
+    this.positionScaling = args.positionScaling ?? null;
+    if (this.positionScaling !== null) {
+      assertFiniteNumber(op, 'positionScaling.beta', this.positionScaling.beta);
+      assertInteger(op, 'positionScaling.originalMaxPositionEmbeddings', this.positionScaling.originalMaxPositionEmbeddings, 1);
+    }
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -189,12 +223,13 @@ export class MLAAttention extends tfl.layers.Layer {
         fail(op, "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
       }
       const past = cache?.seen(this.name) ?? 0;
-      const { cos, sin } = positionIds === null ? rotaryTables(s, rd, this.ropeTheta, past) :
-        rotaryTablesAt(positionIds, rd, this.ropeTheta, s);
+      const { cos, sin } = positionIds === null ? rotaryTables(s, rd, this.ropeTheta, past, this.ropeScaling) :
+        rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling);
       qRot = applyRotary(qRot, cos, sin);
       kRope = applyRotary(kRope, cos, sin);                                        // [B, S, rd]
       const kRopeHeads = tf.reshape(tf.tile(tf.reshape(kRope, [b, 1, s * rd]), [1, nh, 1]), [b * nh, s, rd]);
-      const q3 = tf.concat([qNope, qRot], 2) as tf.Tensor3D;                       // [B*nh, S, qk]
+      let q3 = tf.concat([qNope, qRot], 2) as tf.Tensor3D;                         // [B*nh, S, qk]
+      if (this.positionScaling !== null) q3 = tf.mul(q3, this.queryScales(b, s, past, positionIds)) as tf.Tensor3D;
       let k3 = tf.concat([kNope, kRopeHeads], 2) as tf.Tensor3D;                   // [B*nh, S, qk]
       let values = v3;
       let mask: tf.Tensor2D | tf.Tensor4D;
@@ -206,7 +241,7 @@ export class MLAAttention extends tfl.layers.Layer {
         mask = attentionMask(s, null, segmentIds);
       }
       const keyLen = k3.shape[1];
-      const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(qk));   // [B*nh, S, L]
+      const scaled = tf.mul(tf.matMul(q3, k3, false, true), this.softmaxScale ?? 1 / Math.sqrt(qk));  // [B*nh, S, L]
       const scores = mask.rank === 2 ? tf.add(scaled, mask) :
         tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, keyLen]), mask), [b * nh, s, keyLen]);
       const o = tf.matMul(tf.softmax(scores), values);                             // [B*nh, S, vd]
@@ -215,9 +250,25 @@ export class MLAAttention extends tfl.layers.Layer {
     });
   }
 
+  /**
+   * Llama 4's query scales [B·nh, S, 1] at each token's position: past + p without position ids,
+   * else the ids (packed samples restart at 0, as HF's position_ids do).
+   */
+  private queryScales(b: number, s: number, past: number, positionIds: tf.Tensor2D | null): tf.Tensor3D {
+    const { beta, originalMaxPositionEmbeddings: context } = this.positionScaling!;
+    const positions = positionIds === null ?
+      tf.tile(tf.reshape(tf.range(past, past + s, 1, 'float32'), [1, s]), [b, 1]) : tf.cast(positionIds, 'float32');  // [B, S]
+    const scale = tf.add(1, tf.mul(beta, tf.log1p(tf.floor(tf.div(positions, context)))));                         // [B, S]
+    return tf.reshape(tf.tile(tf.reshape(scale, [b, 1, s, 1]), [1, this.numHeads, 1, 1]), [b * this.numHeads, s, 1]) as tf.Tensor3D;
+  }
+
   override getConfig(): tf.serialization.ConfigDict {
     return {
       ...super.getConfig(),
+      // Mistral 4's settings, written only when used, so deepseek_v3's config stays as it was
+      ...(this.ropeScaling !== null ? { ropeScaling: { ...this.ropeScaling } } : {}),
+      ...(this.softmaxScale !== null ? { softmaxScale: this.softmaxScale } : {}),
+      ...(this.positionScaling !== null ? { positionScaling: { ...this.positionScaling } } : {}),
       numHeads: this.numHeads,
       qLoraRank: this.qLoraRank,
       kvLoraRank: this.kvLoraRank,

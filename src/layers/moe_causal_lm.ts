@@ -16,8 +16,11 @@
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
  * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
- * deepseek_v3 (MLAAttention), ernie4_5_moe (interleaved rope pairs), hunyuan_v1_moe (q/k norms
- * per head after rope) and minimax_m2 (q/k norms over the whole projection, partial rotary).
+ * deepseek_v3 and mistral4 (MLAAttention; Mistral 4's with YaRN, its mscale and Llama 4's
+ * position scaling), ernie4_5_moe (interleaved rope pairs), hunyuan_v1_moe (q/k norms per head
+ * after rope), minimax_m2 (q/k norms over the whole projection, partial rotary) and llama4_text
+ * (RotaryAttention with Llama 4's per-layer settings: rope or NoPE, chunked attention, L2 q/k
+ * norm, temperature tuning; its MLPs under 'feed_forward').
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -27,10 +30,10 @@ import {
 import type { ExpertActivation, LoRAMode, RoutingConfig } from '../ops/types.js';
 import { fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
-import { RotaryAttention, type QKNorm } from './attention.js';
-import type { RopeScaling } from './rotary.js';
+import { RotaryAttention, type QKNorm, type RotaryAttentionArgs } from './attention.js';
+import type { Llama3Rope, RopeScaling, YarnRope } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
-import { MLAAttention } from './mla_attention.js';
+import { MLAAttention, type PositionScaling } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
 import { SwiGLUMLP } from './swiglu_mlp.js';
@@ -38,14 +41,18 @@ import { SwiGLUMLP } from './swiglu_mlp.js';
 /** A decoder MoE LM: a functional LayersModel built by `buildMoECausalLM` (see the file comment). */
 export type MoECausalLM = tfl.LayersModel;
 
-/** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
+/** The model types that load as whole models; the others of MODEL_TYPES are block-only (BLOCK_ONLY_REASON). */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
-  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4',
 ];
 
-/** Why a block-only family has no whole model (none is block-only now). */
-const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {};
+/** Why a block-only family has no whole model. */
+const BLOCK_ONLY_REASON: Partial<Record<ModelType, string>> = {
+  gemma4_text: "Gemma 4's decoder layer (router and experts beside a dense MLP with their own norms, attention with " +
+      'v_norm, scaling 1, k_eq_v and KV-shared layers, per-layer rope and head sizes, per-layer inputs, logit ' +
+      'softcapping) is not built',
+};
 
 /** Everything the graph needs, read from an HF config.json. */
 export interface MoECausalLMConfig {
@@ -75,6 +82,10 @@ export interface MoECausalLMConfig {
   layerWindows: Array<number | null>;
   /** attention sinks (gpt_oss) */
   sinks: boolean;
+  /** per decoder layer, Llama 4's attention settings (rope or NoPE, chunks, L2 q/k norm, temperature); else null */
+  llama4Layers: Llama4LayerAttention[] | null;
+  /** the module name of each layer's MLP / MoE block: 'mlp', Llama 4's 'feed_forward' */
+  mlpModule: string;
   tieWordEmbeddings: boolean;
   initializerRange: number;
   /** I of the dense MLP in the layers that are not MoE (null when every layer is MoE) */
@@ -90,10 +101,18 @@ export interface MoECausalLMConfig {
     sharedExpert: { intermediateSize: number; gated: boolean } | null;
     /** gpt_oss: experts stored [E, in, out] with gate/up interleaved, expert and router biases */
     fusedInterleaved: boolean;
+    /** Llama 4: experts stored [E, in, out] (layout 'inOut') */
+    fusedInOut: boolean;
+    /** Llama 4: the routing weight scales the expert's input (MoEBlockConfig.weightedInput) */
+    weightedInput: boolean;
   };
 }
 
-/** The sizes of deepseek_v3's multi-head latent attention, as MLAAttention takes them. */
+/** What RotaryAttention takes per Llama 4 decoder layer (src/layers/attention.ts). */
+export type Llama4LayerAttention =
+  Required<Pick<RotaryAttentionArgs, 'rope' | 'ropeInterleave' | 'qkNorm' | 'temperatureTuning' | 'attentionChunkSize'>>;
+
+/** The sizes of deepseek_v3's and mistral4's multi-head latent attention, as MLAAttention takes them. */
 export interface MLAConfig {
   qLoraRank: number | null;
   kvLoraRank: number;
@@ -102,10 +121,17 @@ export interface MLAConfig {
   vHeadDim: number;
   ropeInterleave: boolean;
   attentionBias: boolean;
+  /** Mistral 4's YaRN on the rope part, softmax scale and Llama 4 position scaling (mistral4Rope) */
+  ropeScaling?: RopeScaling;
+  softmaxScale?: number;
+  positionScaling?: PositionScaling | null;
 }
 
-/** DeepseekV3Config's defaults for the MLA keys a config.json leaves out. */
-const MLA_DEFAULTS = { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 };
+/** The config classes' defaults for the MLA keys a config.json leaves out (DeepseekV3Config, Mistral4Config). */
+const MLA_DEFAULTS: Partial<Record<ModelType, Record<'q_lora_rank' | 'kv_lora_rank' | 'qk_nope_head_dim' | 'qk_rope_head_dim' | 'v_head_dim', number>>> = {
+  deepseek_v3: { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 },
+  mistral4: { q_lora_rank: 1024, kv_lora_rank: 256, qk_nope_head_dim: 64, qk_rope_head_dim: 64, v_head_dim: 128 },
+};
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
 const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, minimax_m2: 1 };
@@ -148,7 +174,7 @@ const YARN_ROPE_KEYS = [
 ];
 
 /** YaRN's settings as transformers reads them: factor and the original context required, the rest defaulted. */
-function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<RopeScaling> {
+function yarnScaling(rope: Record<string, unknown>, key: string): YarnRope {
   const at = `${key}.`;
   const required = (name: string) => {
     if (rope[name] == null) fail(OP, `a YaRN rope needs '${at}${name}' but config.json does not set it`);
@@ -168,6 +194,25 @@ function yarnScaling(rope: Record<string, unknown>, key: string): NonNullable<Ro
     attentionFactor: rope['attention_factor'] != null ? num(rope, 'attention_factor') :
       factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1,
   };
+}
+
+/** The keys the llama3 rope reads (transformers' _compute_llama3_parameters). */
+const LLAMA3_ROPE_KEYS = [...DEFAULT_ROPE_KEYS, 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'];
+
+/** Llama 3's rope scaling as transformers reads it: all four keys required. */
+function llama3Scaling(rope: Record<string, unknown>, key: string): Llama3Rope {
+  const required = (name: string) => {
+    if (rope[name] == null) fail(OP, `a llama3 rope needs '${key}.${name}' but config.json does not set it`);
+    return num(rope, name);
+  };
+  const scaling: Llama3Rope = {
+    kind: 'llama3', factor: required('factor'), lowFreqFactor: required('low_freq_factor'),
+    highFreqFactor: required('high_freq_factor'), originalMaxPositionEmbeddings: required('original_max_position_embeddings'),
+  };
+  if (!(scaling.lowFreqFactor > 0 && scaling.highFreqFactor >= scaling.lowFreqFactor)) {
+    fail(OP, `'config.${key}' needs high_freq_factor >= low_freq_factor > 0 but sets ${scaling.lowFreqFactor} and ${scaling.highFreqFactor}`);
+  }
+  return scaling;
 }
 
 /**
@@ -244,8 +289,13 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
   if (partial !== undefined && partial !== 1) {
     fail(OP, `partial rotary embeddings are not supported but config.json sets partial_rotary_factor ${describeValue(partial)}`);
   }
-  const known = scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
+  const llama3 = scaled && rope[types[0]] === 'llama3';
+  const known = llama3 ? LLAMA3_ROPE_KEYS : scaled ? YARN_ROPE_KEYS : DEFAULT_ROPE_KEYS;
   const ignored = Object.keys(rope).filter(k => !known.includes(k));
+  if (ignored.length > 0 && llama3) {
+    fail(OP, `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the llama3 rope does not read ` +
+        `(only ${LLAMA3_ROPE_KEYS.map(k => `'${k}'`).join(', ')})`);
+  }
   if (ignored.length > 0) {
     fail(OP, scaled ?
       `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which YaRN as implemented here does not read ` +
@@ -253,7 +303,7 @@ function ropeOf(config: HFConfig, fallback: number, modelType: ModelType): { the
       `'config.${key}' sets ${ignored.map(k => `'${k}'`).join(', ')}, which the default rope does not use ` +
           `(only ${DEFAULT_ROPE_KEYS.map(k => `'${k}'`).join(', ')}); a scaled rope is not implemented`);
   }
-  const scaling = scaled ? yarnScaling(rope, key) : null;
+  const scaling = llama3 ? llama3Scaling(rope, key) : scaled ? yarnScaling(rope, key) : null;
   if (rope['rope_theta'] === undefined) return { theta: num(config, 'rope_theta', fallback), scaling };
   const theta = num(rope, 'rope_theta');
   if (config['rope_theta'] != null && config['rope_theta'] !== theta) {
@@ -358,6 +408,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           clipQKV: null, slidingWindow: null,
         };
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
+      case 'mistral4':
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       case 'ernie4_5_moe':  // use_bias (all projections) is refused by the family row
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
@@ -370,6 +421,8 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
           qkNorm: 'none', clipQKV: null, slidingWindow: int(config, 'sliding_window', traits.slidingWindow),
         };
+      case 'llama4_text':  // the q/k norm is per layer (llama4Layers below)
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'none', clipQKV: null, slidingWindow: null };
       default:  // olmoe
         return {
           qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'full', slidingWindow: null,
@@ -386,7 +439,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const attention = attentionDetails();
   const sinks = traits.sinks ?? false;
   const perLayerTypes = traits.layerTypes ?? false;
-  refuseUnappliedSettings(config, modelType, numLayers, attention.slidingWindow, perLayerTypes);
+  const llama4Layers = modelType === 'llama4_text' ? llama4LayerAttention(config, numLayers) : null;
+  // Llama 4's layer_types (chunked or full) are read by llama4LayerAttention
+  refuseUnappliedSettings(llama4Layers ? { ...config, layer_types: undefined } : config, modelType, numLayers,
+      attention.slidingWindow, perLayerTypes);
   const layerWindows = perLayerTypes ? windowsByLayerType(config, numLayers, attention.slidingWindow!) :
     Array.from({ length: numLayers }, () => attention.slidingWindow);
   if (traits.ropeRequired && config['rope_parameters'] == null && config['rope_scaling'] == null) {
@@ -394,12 +450,14 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `config.json of '${modelType}' must set 'rope_parameters' (or 'rope_scaling'): its config class's default is a ` +
         `${(traits.scaledRopes ?? []).join('/')} rope`);
   }
-  const rope = ropeSettings(config, traits.ropeTheta ?? (modelType === 'mixtral' ? 1e6 : 1e4), modelType);
+  const mla = MLA_DEFAULTS[modelType] ? mlaConfig(config, attentionBias, MLA_DEFAULTS[modelType]!) : null;
+  // Mistral 4's YaRN acts on MLA's rope part only (mistral4Rope); the other families' rope on whole heads
+  const rope = modelType === 'mistral4' ? mistral4Rope(config, mla!) :
+    ropeSettings(config, traits.ropeTheta ?? ROPE_THETA_DEFAULT[modelType] ?? 1e4, modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
   if (rope.partialRotaryFactor !== 1 && (rotaryDim < 2 || rotaryDim % 2 !== 0)) {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
-  const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
   refuseStaleRotaryDim(config, rotaryDim);
   return {
     modelType,
@@ -413,14 +471,18 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     rotaryDim,
     ropeInterleave: traits.ropeInterleave ?? false,
     mla,
-    ropeScaling: rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', traits.rmsNormEps ?? (modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5)),
+    ropeScaling: modelType === 'mistral4' ? null : rope.scaling,
+    rmsNormEps: num(config, 'rms_norm_eps',
+        traits.rmsNormEps ?? (['qwen2_moe', 'qwen3_moe', 'mistral4'].includes(modelType) ? 1e-6 : 1e-5)),
     ...attention,
     layerWindows,
     sinks,
+    llama4Layers,
+    mlpModule: modelType === 'llama4_text' ? 'feed_forward' : 'mlp',
     tieWordEmbeddings: bool(config, 'tie_word_embeddings', traits.tieWordEmbeddings ?? false),
     initializerRange: num(config, 'initializer_range', 0.02),
-    denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
+    denseIntermediateSize: !needsDense ? null :
+      modelType === 'llama4_text' ? int(config, 'intermediate_size_mlp', 16384) : int(config, 'intermediate_size'),
     moeLayers,
     moe: {
       numExperts: dims.experts,
@@ -431,8 +493,53 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       sharedExpert: dims.sharedIntermediate !== undefined && sharedLayout ?
           { intermediateSize: dims.sharedIntermediate, gated: sharedLayout.sigmoidGate !== undefined } : null,
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
+      fusedInOut: family.checkpoint.experts.kind === 'fused' && family.checkpoint.experts.layout === 'inOut',
+      weightedInput: blockConfig.weightedInput ?? false,
     },
   };
+}
+
+/** rope_theta of the config classes that do not use 10000 (Llama4TextConfig.default_theta). */
+const ROPE_THETA_DEFAULT: Partial<Record<ModelType, number>> = { mixtral: 1e6, llama4_text: 500000 };
+
+/**
+ * Llama 4's attention per decoder layer, as Llama4TextAttention reads its config: rope where
+ * no_rope_layers[i] is 1 (default: every no_rope_layer_interval-th layer is NoPE), with the L2
+ * q/k norm there when use_qk_norm; the NoPE layers' queries temperature-tuned when
+ * attn_temperature_tuning; chunked attention on the layers layer_types calls 'chunked_attention'
+ * (default: the rope layers).
+ */
+function llama4LayerAttention(config: HFConfig, numLayers: number): Llama4LayerAttention[] {
+  const interval = int(config, 'no_rope_layer_interval', 4);
+  const given = config['no_rope_layers'];
+  // Llama4TextConfig: `no_rope_layers if no_rope_layers else default`, so an empty list means the default
+  const useRope = Array.isArray(given) && given.length > 0 ? given :
+    Array.from({ length: numLayers }, (_, i) => ((i + 1) % interval !== 0 ? 1 : 0));
+  if (useRope.length < numLayers || useRope.some(v => v !== 0 && v !== 1 && typeof v !== 'boolean')) {
+    fail(OP, `'config.no_rope_layers' must hold 1 (rope) or 0 (NoPE) for each of the ${numLayers} layers but got ${JSON.stringify(given)}`);
+  }
+  const types = config['layer_types'] ?? useRope.slice(0, numLayers).map(r => (r ? 'chunked_attention' : 'full_attention'));
+  const known = ['chunked_attention', 'full_attention'];
+  if (!Array.isArray(types) || types.length !== numLayers || types.some(t => !known.includes(t))) {
+    fail(OP, `'config.layer_types' must list 'chunked_attention' or 'full_attention' for each of the ${numLayers} layers ` +
+        `but got ${JSON.stringify(config['layer_types'])}`);
+  }
+  const chunk = config['attention_chunk_size'] ?? 8192;
+  if (types.includes('chunked_attention') && (typeof chunk !== 'number' || !Number.isInteger(chunk) || chunk < 1)) {
+    fail(OP, `'config.attention_chunk_size' must be an integer >= 1 for the chunked_attention layers but got ${describeValue(chunk)}`);
+  }
+  const qkNorm = bool(config, 'use_qk_norm', true);
+  const tuning = bool(config, 'attn_temperature_tuning', true) ?
+    { attnScale: num(config, 'attn_scale', 0.1), floorScale: num(config, 'floor_scale', 8192) } : null;
+  if (tuning !== null && !(tuning.floorScale > 0)) fail(OP, `'config.floor_scale' must be > 0 but got ${tuning.floorScale}`);
+  return types.map((type, i) => {
+    const rope = Boolean(useRope[i]);
+    return {
+      rope, ropeInterleave: true, qkNorm: rope && qkNorm ? 'l2' : 'none',
+      temperatureTuning: rope ? null : tuning,
+      attentionChunkSize: type === 'chunked_attention' ? chunk as number : null,
+    };
+  });
 }
 
 /**
@@ -447,9 +554,9 @@ function refuseStaleRotaryDim(config: HFConfig, rotaryDim: number): void {
   }
 }
 
-/** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
-function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
-  const size = (key: keyof typeof MLA_DEFAULTS) => int(config, key, MLA_DEFAULTS[key]);
+/** The MLA sizes; a missing key takes the config class's default, q_lora_rank null means a plain q_proj. */
+function mlaConfig(config: HFConfig, attentionBias: boolean, defaults: NonNullable<typeof MLA_DEFAULTS['deepseek_v3']>): MLAConfig {
+  const size = (key: keyof typeof defaults) => int(config, key, defaults[key]);
   const qLoraRank = config['q_lora_rank'] === null ? null : size('q_lora_rank');
   const qkRopeHeadDim = size('qk_rope_head_dim');
   if (qkRopeHeadDim % 2 !== 0) fail(OP, `'config.qk_rope_head_dim' must be even (rotary pairs) but got ${qkRopeHeadDim}`);
@@ -457,6 +564,59 @@ function mlaConfig(config: HFConfig, attentionBias: boolean): MLAConfig {
     qLoraRank, kvLoraRank: size('kv_lora_rank'), qkNopeHeadDim: size('qk_nope_head_dim'), qkRopeHeadDim,
     vHeadDim: size('v_head_dim'), ropeInterleave: bool(config, 'rope_interleave', true), attentionBias,
   };
+}
+
+/** The rope keys Mistral 4's YaRN reads (ignored ones included: HF validates without them). */
+const MISTRAL4_ROPE_KEYS = [
+  'rope_type', 'type', 'rope_theta', 'factor', 'original_max_position_embeddings', 'max_position_embeddings',
+  'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'llama_4_scaling_beta', 'partial_rotary_factor', 'truncate',
+  'attention_factor',
+];
+
+/** YaRN's get_mscale: 1 for scale <= 1, else 0.1·m·ln(scale) + 1. */
+const yarnMscale = (scale: number, m = 1) => (scale <= 1 ? 1 : 0.1 * m * Math.log(scale) + 1);
+
+/**
+ * Mistral 4's rope, as transformers 5 reads Mistral4Config: YaRN over the rope part of each head
+ * (qk_rope_head_dim = head_dim · partial_rotary_factor), its attention factor from mscale and
+ * mscale_all_dim, the softmax scale (nope + rope)^-½ times get_mscale(factor, mscale_all_dim)²
+ * (yarn_apply_mscale), and Llama 4's query scaling by position (llama_4_scaling_beta). Without
+ * rope settings the config class's default applies (YaRN factor 128 over 8192 positions).
+ */
+function mistral4Rope(config: HFConfig, mla: MLAConfig): { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
+  const qk = mla.qkNopeHeadDim + mla.qkRopeHeadDim;
+  const given = config['rope_parameters'] ?? config['rope_scaling'];
+  const rope = (given ?? {
+    rope_type: 'yarn', rope_theta: 10000, factor: 128, original_max_position_embeddings: 8192, beta_fast: 32, beta_slow: 1,
+    mscale_all_dim: 1, mscale: 1, llama_4_scaling_beta: 0.1, partial_rotary_factor: mla.qkRopeHeadDim / qk,
+  }) as Record<string, unknown>;
+  if (typeof rope !== 'object' || Array.isArray(rope)) fail(OP, `'config.rope_parameters' must be an object but got ${describeValue(rope)}`);
+  const type = rope['rope_type'] ?? rope['type'];
+  if (type !== 'yarn') {
+    fail(OP, `'mistral4' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type ${describeValue(type)}`);
+  }
+  const ignored = Object.keys(rope).filter(k => !MISTRAL4_ROPE_KEYS.includes(k));
+  if (ignored.length > 0) {
+    fail(OP, `'config.rope_parameters' sets ${ignored.map(k => `'${k}'`).join(', ')}, which Mistral 4's YaRN as implemented here does not read`);
+  }
+  const partial = rope['partial_rotary_factor'];
+  if (partial != null && (typeof partial !== 'number' || Math.floor(qk * partial) !== mla.qkRopeHeadDim)) {
+    fail(OP, `'config.rope_parameters.partial_rotary_factor' must make (qk_nope_head_dim + qk_rope_head_dim) · factor = ` +
+        `qk_rope_head_dim (${mla.qkRopeHeadDim} of ${qk}) but got ${describeValue(partial)}`);
+  }
+  const scaling = yarnScaling(rope, 'rope_parameters');
+  // transformers: `if mscale and mscale_all_dim`, so 0 and null both mean unset
+  const mscale = rope['mscale'] == null ? 0 : num(rope, 'mscale');
+  const mscaleAllDim = rope['mscale_all_dim'] == null ? 0 : num(rope, 'mscale_all_dim');
+  if (rope['attention_factor'] == null && mscale && mscaleAllDim) {
+    scaling.attentionFactor = yarnMscale(scaling.factor, mscale) / yarnMscale(scaling.factor, mscaleAllDim);
+  }
+  mla.ropeScaling = scaling;
+  mla.softmaxScale = qk ** -0.5 * (mscaleAllDim ? yarnMscale(scaling.factor, mscaleAllDim) ** 2 : 1);
+  const beta = rope['llama_4_scaling_beta'];
+  mla.positionScaling = beta == null ? null :
+    { beta: num(rope, 'llama_4_scaling_beta'), originalMaxPositionEmbeddings: scaling.originalMaxPositionEmbeddings };
+  return { theta: num(rope, 'rope_theta', 10000), scaling, partialRotaryFactor: 1 };
 }
 
 /**
@@ -550,21 +710,24 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
         ropeScaling: c.ropeScaling, sinks: c.sinks, ropeInterleave: c.ropeInterleave,
+        ...(c.llama4Layers?.[i] ?? {}),
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
     const mlpIn = layer(new RMSNorm({ name: `${prefix}.post_attention_layernorm`, epsilon: c.rmsNormEps })).apply(h);
     const mlp = layer(c.moeLayers.includes(i) ?
       new SparseMoE({
-        name: `${prefix}.mlp`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
+        name: `${prefix}.${c.mlpModule}`, numExperts: c.moe.numExperts, intermediateSize: c.moe.intermediateSize,
         routing: c.moe.routing, activation: c.moe.activation, sharedExpert: c.moe.sharedExpert,
         correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
         ...(options.expertGroupSize !== undefined ? { expertGroupSize: options.expertGroupSize } : {}),
         ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
+        ...(c.moe.fusedInOut ? { expertLayout: 'inOut' } as const : {}),
+        ...(c.moe.weightedInput ? { weightedInput: true } : {}),
       }) :
-      new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
+      new SwiGLUMLP({ name: `${prefix}.${c.mlpModule}`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));
     const out = mlp.apply(mlpIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.mlp_residual` }).apply([h, out]) as tfl.SymbolicTensor;
   }

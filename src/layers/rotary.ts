@@ -24,8 +24,22 @@ export interface YarnRope {
   attentionFactor: number;
 }
 
+/**
+ * Llama 3's rope scaling ("rope_type": "llama3", Llama 4's Hub configs) as transformers computes
+ * it: frequencies whose wavelength 2π/f exceeds original/lowFreqFactor are divided by `factor`,
+ * those below original/highFreqFactor kept, the ones between blended by
+ * s = (original/wavelength − lowFreqFactor) / (highFreqFactor − lowFreqFactor); cos and sin unscaled.
+ */
+export interface Llama3Rope {
+  kind: 'llama3';
+  factor: number;
+  lowFreqFactor: number;
+  highFreqFactor: number;
+  originalMaxPositionEmbeddings: number;
+}
+
 /** How the rotary frequencies are scaled; null: the default rope. */
-export type RopeScaling = YarnRope | null;
+export type RopeScaling = YarnRope | Llama3Rope | null;
 
 /**
  * The D/2 rotary frequencies (float64) and the factor on cos and sin.
@@ -40,6 +54,7 @@ export function ropeFrequencies(headDim: number, theta: number, scaling: RopeSca
   const half = headDim / 2;
   const base = Float64Array.from({ length: half }, (_, i) => 1 / Math.pow(theta, (2 * i) / headDim));
   if (scaling === null) return { inverseFrequencies: base, attentionFactor: 1 };
+  if (scaling.kind === 'llama3') return { inverseFrequencies: base.map(f => llama3Frequency(f, scaling)), attentionFactor: 1 };
   const { factor, originalMaxPositionEmbeddings: context, betaFast, betaSlow, truncate } = scaling;
   // the dimension whose frequency turns `turns` times over the original context
   const dimensionOf = (turns: number) =>
@@ -55,6 +70,18 @@ export function ropeFrequencies(headDim: number, theta: number, scaling: RopeSca
     return (f / factor) * ramp + f * (1 - ramp);
   });
   return { inverseFrequencies, attentionFactor: scaling.attentionFactor };
+}
+
+/** One frequency under Llama 3's scaling (transformers' _compute_llama3_parameters). */
+function llama3Frequency(f: number, s: Llama3Rope): number {
+  const wavelength = 2 * Math.PI / f;
+  const lowWavelength = s.originalMaxPositionEmbeddings / s.lowFreqFactor;
+  const highWavelength = s.originalMaxPositionEmbeddings / s.highFreqFactor;
+  if (wavelength > lowWavelength) return f / s.factor;
+  if (wavelength < highWavelength) return f;
+  // between the two (only reached when highFreqFactor > lowFreqFactor or at the boundary itself)
+  const smooth = (s.originalMaxPositionEmbeddings / wavelength - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+  return (1 - smooth) * f / s.factor + smooth * f;
 }
 
 /**

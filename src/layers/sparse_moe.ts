@@ -20,6 +20,7 @@ import type {
   ExpertActivation, ExpertLayout, LoRADropout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { describeValue } from '../util/describe.js';
 import { protectString, restoreString } from './config_strings.js';
 import { normalInitializer } from './initializers.js';
 import { releaseLayerVariables } from './layer_variables.js';
@@ -109,7 +110,7 @@ export interface SparseMoEArgs extends LayerArgs {
   routing: RoutingConfig;
   /** default {kind: 'swiglu'} */
   activation?: ExpertActivation;
-  /** 'outIn' (transformers' default) or 'inOutInterleaved' (gpt-oss) */
+  /** 'outIn' (transformers' default), 'inOutInterleaved' (gpt-oss) or 'inOut' (Llama 4) */
   expertLayout?: ExpertLayout;
   /** gate_up and down biases (gpt-oss) */
   expertBias?: boolean;
@@ -117,6 +118,8 @@ export interface SparseMoEArgs extends LayerArgs {
   routerBias?: boolean;
   /** DeepSeek/GLM e_score_correction_bias: selection only, never trained */
   correctionBias?: boolean;
+  /** Llama 4: each chosen expert runs on w·x, outputs summed unweighted (MoEBlockConfig.weightedInput) */
+  weightedInput?: boolean;
   /** a dense SwiGLU expert every token uses; `gated` scales it by sigmoid(x·gᵀ) (Qwen2-MoE) */
   sharedExpert?: { intermediateSize: number; gated: boolean } | null;
   /** the block implementation `call` uses; default 'reference' until the plugin patches it */
@@ -184,6 +187,7 @@ export class SparseMoE extends tfl.layers.Layer {
   readonly expertBias: boolean;
   readonly routerBias: boolean;
   readonly correctionBias: boolean;
+  readonly weightedInput: boolean;
   readonly sharedExpert: { intermediateSize: number; gated: boolean } | null;
   readonly initializerRange: number;
   readonly expertStorage: ExpertStorage;
@@ -214,10 +218,12 @@ export class SparseMoE extends tfl.layers.Layer {
     this.routing = { ...args.routing };
     this.activation = args.activation ?? { kind: 'swiglu' };
     this.expertLayout = args.expertLayout ?? 'outIn';
-    assertOneOf(op, 'expertLayout', this.expertLayout, ['outIn', 'inOutInterleaved'] as const);
+    assertOneOf(op, 'expertLayout', this.expertLayout, ['outIn', 'inOutInterleaved', 'inOut'] as const);
     this.expertBias = args.expertBias ?? false;
     this.routerBias = args.routerBias ?? false;
     this.correctionBias = args.correctionBias ?? false;
+    this.weightedInput = args.weightedInput ?? false;
+    if (typeof this.weightedInput !== 'boolean') fail(op, `'weightedInput' must be a boolean but got ${describeValue(this.weightedInput)}`);
     this.sharedExpert = args.sharedExpert ?? null;
     this.initializerRange = args.initializerRange ?? 0.02;
     this.expertStorage = args.expertStorage ?? 'float32';
@@ -588,7 +594,9 @@ export class SparseMoE extends tfl.layers.Layer {
   }
 
   blockConfig(): MoEBlockConfig {
-    return { routing: { ...this.routing }, activation: { ...this.activation } };
+    const config: MoEBlockConfig = { routing: { ...this.routing }, activation: { ...this.activation } };
+    if (this.weightedInput) config.weightedInput = true;
+    return config;
   }
 
   override computeOutputShape(inputShape: tfl.Shape | tfl.Shape[]): tfl.Shape | tfl.Shape[] {
@@ -622,6 +630,8 @@ export class SparseMoE extends tfl.layers.Layer {
       expertBias: this.expertBias,
       routerBias: this.routerBias,
       correctionBias: this.correctionBias,
+      // written only when set, so the configs of the other families stay as they were
+      ...(this.weightedInput ? { weightedInput: true } : {}),
       sharedExpert: this.sharedExpert ? { ...this.sharedExpert } : null,
       expertKernel: this.expertKernel,
       loraMode: this.loraMode,

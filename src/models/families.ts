@@ -15,22 +15,36 @@ export type HFConfig = Record<string, unknown>;
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
   'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
+  'llama4_text', 'mistral4', 'gemma4_text',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
 /**
- * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index), or
- * gpt-oss's fused tensors kept as stored ('fusedInterleaved'). Names are relative to the block.
+ * Per-expert tensors as the Hub stores them ('perExpert', `{e}` is the expert index),
+ * gpt-oss's fused tensors kept as stored ('fusedInterleaved'), or fused tensors as transformers 5
+ * holds them, gate half then up half ('fused'): Llama 4's [E, in, out] (layout 'inOut': gate_up
+ * [E, H, 2I], down [E, I, H]), Gemma 4's [E, out, in] ('outIn': [E, 2I, H], [E, H, I]).
+ * Names are relative to the block.
  */
 export type ExpertCheckpoint =
   | { kind: 'perExpert'; gate: string; up: string; down: string }
-  | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string };
+  | { kind: 'fusedInterleaved'; gateUp: string; gateUpBias: string; down: string; downBias: string }
+  | { kind: 'fused'; layout: 'inOut' | 'outIn'; gateUp: string; down: string };
 
-/** Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`. */
+/**
+ * Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`
+ * (`model.layers.N.` when block is '': Gemma 4's router and experts sit on the decoder layer).
+ */
 export interface CheckpointLayout {
   block: string;
-  /** correctionBiasRow: the bias is stored [1, E] (ERNIE's moe_statics), not [E] */
-  router: { weight: string; bias?: string; correctionBias?: string; correctionBiasRow?: boolean };
+  /**
+   * Gemma 4 adds the router's input scale [H] and per-expert scale [E]; correctionBiasRow: the
+   * bias is stored [1, E] (ERNIE's moe_statics), not [E]
+   */
+  router: {
+    weight: string; bias?: string; correctionBias?: string; correctionBiasRow?: boolean;
+    inputScale?: string; expertScale?: string;
+  };
   experts: ExpertCheckpoint;
   shared?: { gate: string; up: string; down: string; sigmoidGate?: string };
 }
@@ -47,7 +61,7 @@ export interface MoEFamily {
   expertCountKeys: readonly string[];
   /** key of the routed experts' intermediate size I */
   expertIntermediateKey: string;
-  /** key of K, the experts per token; default 'num_experts_per_tok' (ERNIE: moe_k, Hunyuan: moe_topk) */
+  /** key of K, the experts per token; default 'num_experts_per_tok' (ERNIE: moe_k, Hunyuan: moe_topk, Gemma 4: top_k_experts) */
   topKKey?: string;
   /**
    * config settings the graph does not implement, with the one value it computes: a config.json
@@ -66,8 +80,12 @@ export interface MoEFamily {
     scalingFactorKey?: string;
     /** key of the floor of the weights' divisor (softmaxBiasedTopK: ERNIE's moe_norm_min) */
     normMinKey?: string;
+    /** the routing weight scales the expert's input, not its output (Llama 4; MoEBlockConfig.weightedInput) */
+    weightedInput?: boolean;
   };
-  activation: 'swiglu' | 'clampedSwiglu';
+  activation: 'swiglu' | 'clampedSwiglu' | 'gegluTanh';
+  /** the config key of the activation's name; default 'hidden_act' (Gemma 4: hidden_activation) */
+  hiddenActKey?: string;
   /**
    * The config.hidden_act values (transformers' ACT2FN names) whose function the experts and the
    * dense MLPs compute, default first; null when the family's experts do not read hidden_act
@@ -78,9 +96,12 @@ export interface MoEFamily {
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
    * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers;
    * 'interval': (i + 1) % moe_layer_interval == 0 and moe_layer_start_index <= i <= moe_layer_end_index
-   * (-1: the last layer), ERNIE-4.5's rule.
+   * (-1: the last layer), ERNIE-4.5's rule;
+   * 'interleaveStep' (Llama 4): the layers listed in moe_layers, or when it is not set
+   * i = step − 1, 2·step − 1, ... with step = interleave_moe_layer_step;
+   * 'enableMoEBlock' (Gemma 4): every layer when enable_moe_block, else none.
    */
-  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interval';
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interval' | 'interleaveStep' | 'enableMoEBlock';
   checkpoint: CheckpointLayout;
   /** present when the block has shared experts */
   sharedSize?: SharedSize;
@@ -272,6 +293,98 @@ const MINIMAX_M2: MoEFamily = {
   causalLMClass: 'MiniMaxM2ForCausalLM',
 };
 
+/**
+ * Llama 4's text model (Llama4ForCausalLM, model_type 'llama4_text'): top-k sigmoid routing that
+ * scales the expert's input, a shared expert of intermediate_size, fused [E, in, out] experts
+ * under `feed_forward`, MoE every interleave_moe_layer_step-th layer (dense ones use
+ * intermediate_size_mlp).
+ */
+const LLAMA4_TEXT: MoEFamily = {
+  modelType: 'llama4_text',
+  expertCountKeys: ['num_local_experts'],
+  expertIntermediateKey: 'intermediate_size',
+  defaults: { num_local_experts: 16, num_experts_per_tok: 1, interleave_moe_layer_step: 1, intermediate_size: 8192 },
+  routing: { kind: 'topKSigmoid', weightedInput: true },
+  activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
+  moeLayers: 'interleaveStep',
+  checkpoint: {
+    block: 'feed_forward',
+    router: { weight: 'router.weight' },
+    experts: { kind: 'fused', layout: 'inOut', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+    shared: {
+      gate: 'shared_expert.gate_proj.weight',
+      up: 'shared_expert.up_proj.weight',
+      down: 'shared_expert.down_proj.weight',
+    },
+  },
+  sharedSize: { key: 'intermediate_size' },
+  // the Hub's Llama 4 configs scale their rope the llama3 way
+  attention: { scaledRopes: ['llama3'] },
+  parameters: {
+    'router.weight': 'router.weight',
+    'experts.gate_up_proj': 'experts.gateUp',
+    'experts.down_proj': 'experts.down',
+    'shared_expert.gate_proj.weight': 'shared.gate',
+    'shared_expert.up_proj.weight': 'shared.up',
+    'shared_expert.down_proj.weight': 'shared.down',
+  },
+};
+
+/**
+ * Mistral 4 (Mistral4ForCausalLM): DeepSeek-V3's block and layout without the correction bias,
+ * softmax scores with group-limited top-k (Mistral4TopkRouter), shared experts.
+ */
+const MISTRAL4: MoEFamily = {
+  ...DEEPSEEK_LIKE,
+  modelType: 'mistral4',
+  routing: {
+    kind: 'softmaxGroupTopK', renormalize: { key: 'norm_topk_prob' }, grouped: true,
+    scalingFactorKey: 'routed_scaling_factor',
+  },
+  // transformers 5.17 has no checkpoint conversion for mistral4: save_pretrained writes the fused experts
+  checkpoint: {
+    ...DEEPSEEK_LIKE.checkpoint, router: { weight: 'gate.weight' },
+    experts: { kind: 'fused', layout: 'outIn', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+  },
+  defaults: {
+    n_routed_experts: 128, num_experts_per_tok: 4, n_group: 1, topk_group: 1,
+    norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 0, n_shared_experts: 1,
+  },
+};
+
+/**
+ * Gemma 4's text model (Gemma4ForCausalLM, model_type 'gemma4_text', enable_moe_block): the
+ * router and experts sit on the decoder layer beside its dense MLP. The router reads
+ * rms(x)·scale·H^-½, routes softmax → top-k → renormalised, times per_expert_scale; the experts
+ * are fused [E, 2I, H] / [E, H, I] with a tanh-GELU GLU (hidden_activation).
+ */
+const GEMMA4_TEXT: MoEFamily = {
+  modelType: 'gemma4_text',
+  expertCountKeys: ['num_experts'],
+  expertIntermediateKey: 'moe_intermediate_size',
+  topKKey: 'top_k_experts',
+  hiddenActKey: 'hidden_activation',
+  defaults: { enable_moe_block: false, rms_norm_eps: 1e-6 },
+  routing: { kind: 'softmaxTopK', renormalize: true },
+  activation: 'gegluTanh',
+  // ACT2FN: both are the tanh approximation of GELU
+  hiddenActs: ['gelu_pytorch_tanh', 'gelu_new'],
+  moeLayers: 'enableMoEBlock',
+  checkpoint: {
+    block: '',
+    router: { weight: 'router.proj.weight', inputScale: 'router.scale', expertScale: 'router.per_expert_scale' },
+    experts: { kind: 'fused', layout: 'outIn', gateUp: 'experts.gate_up_proj', down: 'experts.down_proj' },
+  },
+  parameters: {
+    'router.proj.weight': 'router.weight',
+    'router.scale': 'router.inputScale',
+    'router.per_expert_scale': 'router.expertScale',
+    'experts.gate_up_proj': 'experts.gateUp',
+    'experts.down_proj': 'experts.down',
+  },
+};
+
 /** The table. Defaults are those of the transformers 5 config classes. */
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   mixtral: {
@@ -399,6 +512,9 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   ernie4_5_moe: ERNIE4_5_MOE,
   hunyuan_v1_moe: HUNYUAN_V1_MOE,
   minimax_m2: MINIMAX_M2,
+  llama4_text: LLAMA4_TEXT,
+  mistral4: MISTRAL4,
+  gemma4_text: GEMMA4_TEXT,
 };
 
 /**
@@ -541,18 +657,19 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
     if (!(routing.normMin > 0)) fail(op, `'config.${spec.normMinKey}' must be > 0 but got ${routing.normMin}`);
   }
   if (family.hiddenActs !== null) {
-    const act = config['hidden_act'] ?? family.hiddenActs[0];
+    const key = family.hiddenActKey ?? 'hidden_act';
+    const act = config[key] ?? family.hiddenActs[0];
     if (typeof act !== 'string' || !family.hiddenActs.includes(act)) {
-      fail(op, `'config.hidden_act' must be ${family.hiddenActs.map(a => `'${a}'`).join(' or ')} ` +
-          `(the SwiGLU gate activation '${family.modelType}' computes) but got ${describeValue(act)}`);
+      fail(op, `'config.${key}' must be ${family.hiddenActs.map(a => `'${a}'`).join(' or ')} ` +
+          `(the ${family.activation === 'gegluTanh' ? 'GeGLU' : 'SwiGLU'} gate activation '${family.modelType}' computes) but got ${describeValue(act)}`);
     }
   }
-  const activation: ExpertActivation = family.activation === 'swiglu' ? { kind: 'swiglu' } : {
+  const activation: ExpertActivation = family.activation !== 'clampedSwiglu' ? { kind: family.activation } : {
     kind: 'clampedSwiglu',
     alpha: configNumber(op, family, config, 'swiglu_alpha'),
     limit: configNumber(op, family, config, 'swiglu_limit'),
   };
-  return { routing, activation };
+  return spec.weightedInput ? { routing, activation, weightedInput: true } : { routing, activation };
 }
 
 /** Whether decoder layer `layer` holds an MoE block (the others are dense MLPs). */
@@ -581,6 +698,20 @@ export function isMoELayer(config: HFConfig, layer: number): boolean {
       // the config class turns -1 into the last layer
       const end = endValue === -1 ? layers - 1 : configInteger(op, family, config, 'moe_layer_end_index', 0);
       return (layer + 1) % interval === 0 && layer >= start && layer <= end;
+    }
+    case 'enableMoEBlock':
+      return configBoolean(op, family, config, 'enable_moe_block');
+    case 'interleaveStep': {
+      // Llama4TextConfig: an explicit moe_layers list wins over interleave_moe_layer_step
+      const listed = config['moe_layers'];
+      if (listed != null) {
+        if (!Array.isArray(listed) || !listed.every(i => Number.isInteger(i) && i >= 0 && i < layers)) {
+          fail(op, `'config.moe_layers' must be a list of layer indices in [0, ${layers}) but got ${JSON.stringify(listed)}`);
+        }
+        return listed.includes(layer);
+      }
+      const step = configInteger(op, family, config, 'interleave_moe_layer_step');
+      return (layer + 1) % step === 0;
     }
   }
 }

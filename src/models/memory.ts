@@ -115,7 +115,7 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
     weights.push({ name: `${name} (gate_up, fused)`, bytes: gateUp, block: layer });
     weights.push({ name: `${name} (down, fused)`, bytes: down, block: layer });
     const others: Array<Expected | undefined> = [block.router.weight, block.router.bias, block.router.correctionBias];
-    if (ex.kind !== 'perExpert') others.push(ex.gateUpBias, ex.downBias);
+    if (ex.kind === 'fusedInterleaved') others.push(ex.gateUpBias, ex.downBias);
     if (block.shared) others.push(block.shared.gate, block.shared.up, block.shared.down, block.shared.sigmoidGate);
     for (const e of others) if (e !== undefined) weights.push({ name: e.name, bytes: size(e.shape) * 4, block: layer });
   }

@@ -9,13 +9,13 @@ import type {
 } from '../ops/types.js';
 
 export type WeightField =
-  | 'router.weight' | 'router.bias' | 'router.correctionBias'
+  | 'router.weight' | 'router.bias' | 'router.correctionBias' | 'router.inputScale' | 'router.expertScale'
   | 'experts.gateUp' | 'experts.down' | 'experts.gateUpBias' | 'experts.downBias'
   | 'shared.gate' | 'shared.up' | 'shared.down' | 'shared.sigmoidGate';
 
 /** The trainable fields in a fixed order (correctionBias is a buffer: selection only, no gradient). */
 export const TRAINABLE_FIELDS: readonly WeightField[] = [
-  'router.weight', 'router.bias',
+  'router.weight', 'router.bias', 'router.inputScale', 'router.expertScale',
   'experts.gateUp', 'experts.down', 'experts.gateUpBias', 'experts.downBias',
   'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoidGate',
 ];

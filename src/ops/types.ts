@@ -40,7 +40,8 @@ export type RoutingKind =
   | 'sigmoidGroupTopK'             // DeepSeek-V3, GLM-4.5-MoE
   | 'softmaxGroupTopK'             // Mistral4
   | 'softmaxGroupLimitedGreedy'    // DeepSeek-V2
-  | 'softmaxBiasedTopK';           // ERNIE-4.5-MoE
+  | 'softmaxBiasedTopK'            // ERNIE-4.5-MoE
+  | 'topKSigmoid';                 // Llama 4
 
 export interface RoutingConfig {
   kind: RoutingKind;
@@ -77,21 +78,31 @@ export interface RouterWeights {
   correctionBias?: Tensor1D;
   /** active router adapters, A [r, H], B [E, r]; their deltas add up */
   lora?: LoRAFactors[];
+  /**
+   * Gemma 4: the router reads rms(x)·inputScale·H^-½ instead of x (a weightless RMS norm with
+   * `inputNormEpsilon`, then this learned scale [H])
+   */
+  inputScale?: Tensor1D;
+  /** the epsilon of that norm (HF rms_norm_eps); required with inputScale */
+  inputNormEpsilon?: number;
+  /** Gemma 4's per_expert_scale [E]: each routing weight times its expert's scale, after routing */
+  expertScale?: Tensor1D;
 }
 
 /**
  * 'outIn': HF default, W1 [E, 2I, H] (gate rows then up rows), W2 [E, H, I].
  * 'inOutInterleaved': gpt-oss, W1 [E, H, 2I] with gate = even columns, W2 [E, I, H].
+ * 'inOut': Llama 4, W1 [E, H, 2I] with gate = the first I columns, up the last I, W2 [E, I, H].
  */
-export type ExpertLayout = 'outIn' | 'inOutInterleaved';
+export type ExpertLayout = 'outIn' | 'inOutInterleaved' | 'inOut';
 
 export interface ExpertWeights {
   /**
-   * W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOutInterleaved'); float32, or a PackedExpertWeight
+   * W1: [E, 2I, H] ('outIn') or [E, H, 2I] ('inOut', 'inOutInterleaved'); float32, or a PackedExpertWeight
    * (bf16/f16 halves in int32, frozen: never trained, see src/ops/packed.ts)
    */
   gateUp: ExpertWeightTensor;
-  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOutInterleaved'); float32 or packed like gateUp */
+  /** W2: [E, H, I] ('outIn') or [E, I, H] ('inOut', 'inOutInterleaved'); float32 or packed like gateUp */
   down: ExpertWeightTensor;
   /** [E, 2I] (gpt-oss), in the same column order as gateUp's output */
   gateUpBias?: Tensor2D;
@@ -107,6 +118,8 @@ export interface ExpertWeights {
 export type ExpertActivation =
   /** silu(gate) · up */
   | { kind: 'swiglu' }
+  /** Gemma 4: gelu(gate) · up with GELU's tanh approximation (gelu_pytorch_tanh) */
+  | { kind: 'gegluTanh' }
   /** gpt-oss: gate = min(gate, limit), up = clamp(up, −limit, limit), (up + 1)·gate·sigmoid(alpha·gate) */
   | { kind: 'clampedSwiglu'; alpha: number; limit: number };
 
@@ -133,6 +146,12 @@ export interface MoEBlockWeights {
 export interface MoEBlockConfig {
   routing: RoutingConfig;
   activation: ExpertActivation;
+  /**
+   * Llama 4: each chosen expert runs on the token scaled by its routing weight and the K outputs
+   * are summed unweighted, out = Σ_k expert_k(w_k·x) (transformers' Llama4TextMoe); default
+   * false: out = Σ_k w_k·expert_k(x). The two differ because the expert is not linear.
+   */
+  weightedInput?: boolean;
 }
 
 export type ExpertKernel = 'fused' | 'reference';

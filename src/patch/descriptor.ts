@@ -185,7 +185,7 @@ export function describeMoELayer(d: MoELayerDescriptor, layer: tfl.layers.Layer)
     const down = w.experts.down.shape;
     info = {
       numExperts, hidden,
-      intermediateSize: w.experts.layout === 'inOutInterleaved' ? down[1] : down[2],
+      intermediateSize: (w.experts.layout ?? 'outIn') !== 'outIn' ? down[1] : down[2],
       sharedIntermediateSize: w.shared ? w.shared.gate.shape[0] : null,
       routing: { ...config.routing },
     };

@@ -11,7 +11,7 @@ import { runBlockParity } from '../../src/models/parity.js';
 
 const FIXTURES = 'spec/fixtures/hf';
 const ORDER = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
-  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2'];
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text', 'mistral4', 'gemma4_text'];
 const only = process.argv.slice(2);
 const BACKENDS = ['cpu', 'wasm'];
 

@@ -56,6 +56,8 @@ describe('webgpu: webgpuFusedExperts', () => {
     ['gpt-oss layout, biases, clamped GLU', { T: 5, H: 6, I: 4, E: 4, K: 2, layout: 'inOutInterleaved', bias: true,
       activation: { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.8 } }],
     ['more rows than one tile, E=5 K=3', { T: 40, H: 7, I: 5, E: 5, K: 3 }],
+    ['Llama 4 layout (W [E, in, out], gate half then up half)', { T: 6, H: 5, I: 3, E: 4, K: 2, layout: 'inOut' }],
+    ['Gemma 4 geglu (tanh GELU)', { T: 6, H: 5, I: 3, E: 4, K: 2, activation: { kind: 'gegluTanh' } }],
   ];
   for (const [name, spec] of cases) {
     it(`matches float64 and finite differences: ${name}`, async () => {

@@ -43,8 +43,12 @@ function paddedPlan64(experts: Int32Array, T: number, K: number, E: number, tile
 
 function sigmoid(v: number): number { return 1 / (1 + Math.exp(-v)); }
 
+/** PyTorch's gelu(approximate='tanh'), float64 */
+const gelu64 = (g: number) => 0.5 * g * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (g + 0.044715 * g ** 3)));
+
 function act64(a: ExpertActivation, g: number, u: number): number {
   if (a.kind === 'swiglu') return g * sigmoid(g) * u;
+  if (a.kind === 'gegluTanh') return gelu64(g) * u;
   const gc = Math.min(g, a.limit);
   const uc = Math.min(Math.max(u, -a.limit), a.limit);
   return (uc + 1) * gc * sigmoid(a.alpha * gc);
@@ -52,6 +56,11 @@ function act64(a: ExpertActivation, g: number, u: number): number {
 
 /** [dGate, dUp] of act at (g, u) for da, by the formulas (clamps pass the gradient inside the limits). */
 function actGrad64(a: ExpertActivation, g: number, u: number, da: number): [number, number] {
+  if (a.kind === 'gegluTanh') {
+    // central differences of the float64 GELU (1e-6 on float64 is ~1e-10 accurate)
+    const dGelu = (gelu64(g + 1e-6) - gelu64(g - 1e-6)) / 2e-6;
+    return [da * u * dGelu, da * gelu64(g)];
+  }
   if (a.kind === 'swiglu') {
     const s = sigmoid(g);
     return [da * u * s * (1 + g * (1 - s)), da * g * s];
@@ -266,6 +275,7 @@ describe('webgpu: MoE kernels', () => {
     const activations: Array<[string, ExpertActivation, boolean]> = [
       ['swiglu, gate|up halves', { kind: 'swiglu' }, false],
       ['clamped GLU, interleaved', { kind: 'clampedSwiglu', alpha: 1.702, limit: 0.7 }, true],
+      ['Gemma 4 geglu (tanh GELU), gate|up halves', { kind: 'gegluTanh' }, false],
     ];
     for (const [name, activation, interleaved] of activations) {
       it(`WebGPUMoEActivationBackward (${name}): dh = act'(h)·(w·g), zero on padding`, async () => {

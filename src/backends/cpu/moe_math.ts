@@ -164,6 +164,8 @@ export function scaleAdd(size: number, alpha: number, y: F32, yOff: number, add:
 export interface ActivationParams {
   /** 0: silu(gate)·up; 1: gpt-oss's clamped (up + 1)·gate·σ(alpha·gate) */
   clamped: boolean;
+  /** Gemma 4: gelu_tanh(gate)·up (with clamped false); absent: false */
+  gelu?: boolean;
   alpha: number;
   limit: number;
   /** gate/up interleaved in columns (gpt-oss) instead of halves */
@@ -174,6 +176,18 @@ function sigmoid(v: number): number {
   return 1 / (1 + Math.exp(-v));
 }
 
+/** GELU's tanh approximation (PyTorch's gelu(approximate='tanh')): 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) */
+const GELU_C = Math.sqrt(2 / Math.PI);
+export function geluTanh(g: number): number {
+  return 0.5 * g * (1 + Math.tanh(GELU_C * (g + 0.044715 * g * g * g)));
+}
+
+/** d geluTanh / dg = 0.5·(1 + t) + 0.5·g·(1 − t²)·√(2/π)·(1 + 3·0.044715·g²), t = tanh(…) */
+export function geluTanhGrad(g: number): number {
+  const t = Math.tanh(GELU_C * (g + 0.044715 * g * g * g));
+  return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * g * g);
+}
+
 /**
  * a[n, I] from h[n, 2I]; with `scale` also aScaled[r] = a[r]·scale[r] (the routing weight of
  * the row), which the down projection's weight gradient needs.
@@ -182,6 +196,7 @@ export function activationForward(
     n: number, inter: number, p: ActivationParams, h: F32, hOff: number, a: F32, aOff: number,
     scale: F32 | null, sOff: number, aScaled: F32 | null, asOff: number): void {
   const { clamped, alpha, limit, interleaved } = p;
+  const gelu = p.gelu === true;
   for (let r = 0; r < n; r++) {
     const hr = hOff + r * 2 * inter;
     const ar = r * inter;
@@ -190,7 +205,9 @@ export function activationForward(
       const g = interleaved ? h[hr + 2 * j] : h[hr + j];
       const u = interleaved ? h[hr + 2 * j + 1] : h[hr + inter + j];
       let v: number;
-      if (!clamped) {
+      if (gelu) {
+        v = geluTanh(g) * u;
+      } else if (!clamped) {
         v = (g * u) * sigmoid(g);
       } else {
         const gg = g < limit ? g : limit;
@@ -211,6 +228,7 @@ export function activationBackward(
     n: number, inter: number, p: ActivationParams, h: F32, hOff: number, da: F32, daOff: number,
     scale: F32 | null, sOff: number, dh: F32, dhOff: number): void {
   const { clamped, alpha, limit, interleaved } = p;
+  const gelu = p.gelu === true;
   for (let r = 0; r < n; r++) {
     const hr = hOff + r * 2 * inter;
     const dr = dhOff + r * 2 * inter;
@@ -224,7 +242,10 @@ export function activationBackward(
       const d = da[ar + j] * s;
       let dg: number;
       let du: number;
-      if (!clamped) {
+      if (gelu) {
+        dg = d * u * geluTanhGrad(g);
+        du = d * geluTanh(g);
+      } else if (!clamped) {
         const sig = sigmoid(g);
         // silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
         dg = d * u * sig * (1 + g * (1 - sig));

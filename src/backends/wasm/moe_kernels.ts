@@ -348,7 +348,7 @@ function heapSigmoid(b: WasmBackendLike): HeapSigmoid | null {
  */
 function sigmoidOfH(b: WasmBackendLike, h: tf.TensorInfo, params: ExpertActivationAttrs):
     { index: number; free(): void } | null {
-  const sigmoid = params.clamped || params.interleaved ? null : heapSigmoid(b);
+  const sigmoid = params.clamped || params.gelu || params.interleaved ? null : heapSigmoid(b);
   if (sigmoid === null) return null;
   const t = b.makeOutput([...h.shape], 'float32');
   sigmoid(b.dataIdMap.get(h.dataId).id, b.dataIdMap.get(t.dataId).id);

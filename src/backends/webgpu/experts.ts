@@ -162,12 +162,13 @@ function materializeExpertLoRALayout(weight: ExpertWeightTensor, lora: LoRAFacto
 interface Rows { source: RowSource; t: tf.Tensor2D }
 
 interface Context {
-  plan: DevicePlan; transposed: boolean; activation: ExpertActivation; numExperts: number; tuning: WebGPUMoETuning;
+  plan: DevicePlan; transposed: boolean; interleaved: boolean; activation: ExpertActivation; numExperts: number;
+  tuning: WebGPUMoETuning;
 }
 
 /** y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ. */
 function projectionForward(x: Rows, p: Projection, c: Context): tf.Tensor2D {
-  const common = { plan: c.plan, activation: c.activation, interleaved: c.transposed };
+  const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   let y = groupedMatMul({
     ...common, a: x.t, source: x.source, w: p.weight, strides: forwardStrides(weightLayout(p.outSize, p.inSize, c.transposed)),
     inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile,
@@ -209,7 +210,7 @@ interface ProjectionGrads { dx: tf.Tensor2D; grads: tf.Tensor[] }
 function projectionBackward(
     dy: Rows & { source: 'gather' | 'rows' }, x: Rows, rowScale: tf.Tensor1D | undefined, p: Projection,
     c: Context): ProjectionGrads {
-  const common = { plan: c.plan, activation: c.activation, interleaved: c.transposed };
+  const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
   let dx = groupedMatMul({
     ...common, a: dy.t, source: dy.source, w: p.weight, strides: backwardStrides(wLayout),
@@ -264,7 +265,7 @@ export function webgpuFusedExperts(
     weights: ExpertWeights, activation: ExpertActivation, options: FusedExpertsOptions = {}): tf.Tensor2D {
   const op = 'fusedExperts';
   const { dims, loraMode, upLoRA, downLoRA, train } = resolveExpertCall(op, x, routing, weights, activation, options);
-  const { numTokens: t, topK: k, hidden, inter, numExperts, transposed } = dims;
+  const { numTokens: t, topK: k, hidden, inter, numExperts, transposed, interleaved } = dims;
   const dropped = [...upLoRA.map((f, i) => [f, `weights.gateUpLoRA[${i}]`] as const),
     ...downLoRA.map((f, i) => [f, `weights.downLoRA[${i}]`] as const)].find(([f]) => hasDropout(f));
   if (dropped !== undefined) {
@@ -285,7 +286,7 @@ export function webgpuFusedExperts(
       const save = args[args.length - 1] as tf.GradSaveFunc;
       const [xIn, wIn] = args as tf.Tensor2D[];
       const plan = deviceDispatchPlan(experts, numExperts, tuning.rowTile);
-      const c: Context = { plan, transposed, activation, numExperts, tuning };
+      const c: Context = { plan, transposed, interleaved, activation, numExperts, tuning };
       const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
       const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
@@ -303,9 +304,9 @@ export function webgpuFusedExperts(
         const dy = { source: 'gather' as const, t: dOut as tf.Tensor2D };
         const downGrads = projectionBackward(dy, { source: 'act', t: hS }, wFlat, downS, cS);
         const g = downGrads.dx;                                                  // [cap, I], before w
-        const dWeights = pairDot(g, hS, planS, activation, transposed,
+        const dWeights = pairDot(g, hS, planS, activation, interleaved,
             downS.bias ? { dOut: dOut as tf.Tensor2D, downBias: downS.bias, experts: expertsS } : undefined);  // [T, K]
-        const dh = activationBackward(hS, g, wFlat, planS, activation, transposed);  // [cap, 2I]
+        const dh = activationBackward(hS, g, wFlat, planS, activation, interleaved);  // [cap, 2I]
         const upGrads = projectionBackward({ source: 'rows', t: dh }, { source: 'gather', t: xS }, undefined, upS, cS);
         const dx = combineRows(upGrads.dx, planS);                               // [T, H]
         return [dx, dWeights, ...upGrads.grads, ...downGrads.grads];

@@ -79,9 +79,9 @@ function runGroupedProduct(
 function activationOf(attrs: tf.NamedAttrMap): { spec: ActivationSpec; activation: ExpertActivation } | undefined {
   if (attrs.actKind === 'none') return undefined;
   const kind = attrs.actKind as ExpertActivation['kind'];
-  const activation: ExpertActivation = kind === 'swiglu'
-    ? { kind }
-    : { kind, alpha: attrs.actAlpha as number, limit: attrs.actLimit as number };
+  const activation: ExpertActivation = kind === 'clampedSwiglu'
+    ? { kind, alpha: attrs.actAlpha as number, limit: attrs.actLimit as number }
+    : { kind };
   return { spec: { kind, interleaved: attrs.interleaved as boolean }, activation };
 }
 

@@ -7,6 +7,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { ExpertActivation } from '../types.js';
 
+const GELU_C = Math.sqrt(2 / Math.PI);
+
+/** GELU's tanh approximation (gelu_pytorch_tanh): 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) */
+function geluTanh(g: tf.Tensor): tf.Tensor {
+  return tf.mul(tf.mul(0.5, g), tf.add(1, tf.tanh(tf.mul(GELU_C, tf.add(g, tf.mul(0.044715, tf.pow(g, 3)))))));
+}
+
 function splitGateUp(h: tf.Tensor2D, interleaved: boolean): [tf.Tensor2D, tf.Tensor2D] {
   const [n, twoI] = h.shape;
   const i = twoI / 2;
@@ -28,6 +35,7 @@ export function activationForward(
   return tf.tidy(() => {
     const [gate, up] = splitGateUp(h, interleaved);
     if (activation.kind === 'swiglu') return tf.mul(tf.mul(gate, tf.sigmoid(gate)), up);
+    if (activation.kind === 'gegluTanh') return tf.mul(geluTanh(gate), up);
     const { alpha, limit } = activation;
     const g = tf.minimum(gate, limit);
     const u = tf.clipByValue(up, -limit, limit);
@@ -46,6 +54,13 @@ export function activationBackward(
       // silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
       const dSilu = tf.mul(sig, tf.add(1, tf.mul(gate, tf.sub(1, sig))));
       return joinGateUp(tf.mul(tf.mul(da, up), dSilu) as tf.Tensor2D, tf.mul(da, silu) as tf.Tensor2D, interleaved);
+    }
+    if (activation.kind === 'gegluTanh') {
+      // d gelu/dg = 0.5·(1 + t) + 0.5·g·(1 − t²)·c·(1 + 3·0.044715·g²), t = tanh(c·(g + 0.044715·g³))
+      const t = tf.tanh(tf.mul(GELU_C, tf.add(gate, tf.mul(0.044715, tf.pow(gate, 3)))));
+      const dGelu = tf.add(tf.mul(0.5, tf.add(1, t)),
+          tf.mul(tf.mul(tf.mul(0.5, gate), tf.sub(1, tf.square(t))), tf.mul(GELU_C, tf.add(1, tf.mul(3 * 0.044715, tf.square(gate))))));
+      return joinGateUp(tf.mul(tf.mul(da, up), dGelu) as tf.Tensor2D, tf.mul(da, geluTanh(gate)) as tf.Tensor2D, interleaved);
     }
     const { alpha, limit } = activation;
     const g = tf.minimum(gate, limit);

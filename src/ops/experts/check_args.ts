@@ -12,7 +12,8 @@ export interface ExpertDims {
   inter: number;        // I
   numExperts: number;   // E
   topK: number;         // K
-  transposed: boolean;  // gpt-oss layout
+  transposed: boolean;  // W stored [E, in, out]: gpt-oss, Llama 4
+  interleaved: boolean; // gate/up columns alternate (gpt-oss); else gate half then up half
 }
 
 function checkLoRA(op: string, arg: string, adapters: unknown, e: number, inSize: number, outSize: number): void {
@@ -36,12 +37,13 @@ export function checkExpertArgs(
   assertTensor(op, 'routing.experts', experts, 2, 'int32');
   if (weights == null || typeof weights !== 'object') fail(op, `'weights' must be an ExpertWeights object but got ${weights}`);
   const layout = weights.layout ?? 'outIn';
-  assertOneOf(op, 'weights.layout', layout, ['outIn', 'inOutInterleaved'] as const);
+  assertOneOf(op, 'weights.layout', layout, ['outIn', 'inOutInterleaved', 'inOut'] as const);
   assertExpertWeight(op, 'weights.gateUp', weights.gateUp);
   assertExpertWeight(op, 'weights.down', weights.down);
   const [numTokens, hidden] = (x as tf.Tensor2D).shape;
   if (numTokens < 1) fail(op, `'x' must have at least one token but got shape [${(x as tf.Tensor).shape}]`);
-  const transposed = layout === 'inOutInterleaved';
+  const transposed = layout !== 'outIn';
+  const interleaved = layout === 'inOutInterleaved';
   const [numExperts, a, b] = weights.gateUp.shape;
   const twoI = transposed ? b : a;
   if (twoI % 2 !== 0) fail(op, `'weights.gateUp' must have an even gate+up size (2I) but got shape [${weights.gateUp.shape}]`);
@@ -66,12 +68,12 @@ export function checkExpertArgs(
   }
   checkLoRA(op, 'weights.gateUpLoRA', weights.gateUpLoRA, numExperts, hidden, twoI);
   checkLoRA(op, 'weights.downLoRA', weights.downLoRA, numExperts, inter, hidden);
-  assertOneOf(op, 'activation.kind', activation?.kind, ['swiglu', 'clampedSwiglu'] as const);
+  assertOneOf(op, 'activation.kind', activation?.kind, ['swiglu', 'clampedSwiglu', 'gegluTanh'] as const);
   if (activation.kind === 'clampedSwiglu') {
     assertFiniteNumber(op, 'activation.alpha', activation.alpha);
     assertFiniteNumber(op, 'activation.limit', activation.limit);
   }
-  return { numTokens, hidden, inter, numExperts, topK, transposed };
+  return { numTokens, hidden, inter, numExperts, topK, transposed, interleaved };
 }
 
 /** The options of a routed-experts call, resolved the same way by every implementation. */

@@ -115,7 +115,7 @@ export function fusedExperts(
       const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: withMasks(up.lora, upMasks), transposed, frozen: !up.trainWeight };
       const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: withMasks(down.lora, downMasks), transposed, frozen: !down.trainWeight };
       const h = groupedRowsForward({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
-      const a = expertActivation(h, activation, transposed);                        // [N, I]
+      const a = expertActivation(h, activation, dims.interleaved);                  // [N, I]
       const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
       const value = combineRows(y, rowIndex(), t, k, wIn);                          // [T, H]
       // backward keeps each projection's trainables; a frozen base is read through the closure
@@ -134,7 +134,7 @@ export function fusedExperts(
         const tokenIdx = tokenIndex();
         const dRows: Rows = { t: dOut as tf.Tensor2D, index: tokenIdx };            // dO of each row's token
         const wRow = rowWeights(wS);                                                 // [N]
-        const [aS, aw] = expertActivation(hS, activation, transposed, wRow);        // [N, I] recomputed, and ·w
+        const [aS, aw] = expertActivation(hS, activation, dims.interleaved, wRow);  // [N, I] recomputed, and ·w
         // The down projection's backward runs on the unweighted dO with the weighted input a·w:
         // the weight and adapter gradients come out the same (linear in both), its dx is
         // g = dO·W2_eff, and from g both da = w·g and the routing gradient ⟨dO, y⟩ = ⟨g, a⟩ (+ ⟨dO, b2⟩)
@@ -151,7 +151,7 @@ export function fusedExperts(
           tf.reshape(groupedWeightGrad({ t: tf.reshape(wRow, [rows, 1]) as tf.Tensor2D }, dRows, groups),
               [dims.numExperts, dims.hidden]) as tf.Tensor2D : undefined;
         tf.dispose(aS);
-        const dh = expertActivationGrad(hS, downG.dx, activation, transposed, wRow);  // [N, 2I]
+        const dh = expertActivationGrad(hS, downG.dx, activation, dims.interleaved, wRow);  // [N, 2I]
         tf.dispose([aw, downG.dx]);
         const upG = groupedRowsBackward({ t: dh }, { t: xS, index: tokenIdx }, groups, { ...upS, frozen: !up.trainWeight },
             { weight: up.trainWeight, bias: up.trainBias });

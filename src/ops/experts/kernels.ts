@@ -59,6 +59,8 @@ export interface GroupedWeightGradAttrs {
 /** MoEExpertActivation(h [N, 2I], scale? [N]) → a [N, I] (and a·scale); the Grad takes h, da, scale? → dh. */
 export interface ExpertActivationAttrs {
   clamped: boolean;
+  /** Gemma 4's gelu_pytorch_tanh(gate)·up instead of silu(gate)·up (clamped false) */
+  gelu: boolean;
   alpha: number;
   limit: number;
   interleaved: boolean;
@@ -175,9 +177,8 @@ export function groupedWeightGrad(a: Rows, b: Rows, groupSizes: number[]): tf.Te
 }
 
 function activationAttrs(activation: ExpertActivation, interleaved: boolean): ExpertActivationAttrs {
-  return activation.kind === 'swiglu' ?
-    { clamped: false, alpha: 1, limit: 0, interleaved } :
-    { clamped: true, alpha: activation.alpha, limit: activation.limit, interleaved };
+  if (activation.kind !== 'clampedSwiglu') return { clamped: false, gelu: activation.kind === 'gegluTanh', alpha: 1, limit: 0, interleaved };
+  return { clamped: true, gelu: false, alpha: activation.alpha, limit: activation.limit, interleaved };
 }
 
 /** a [N, I] = act(h [N, 2I]); with `scale` [N] also a·scale (row-wise), as a second tensor. */

@@ -4,12 +4,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor2D } from '@tensorflow/tfjs-core';
 import type { RouterWeights } from '../types.js';
-import { assertShape, assertTensor, fail } from '../validate.js';
+import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
 import { droppedInput } from './dropout.js';
 import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
 
 /**
  * logits = x·W_gᵀ + bias + Σ_k s_k·(x·A_kᵀ)·B_kᵀ, with PEFT's router factors A [r, H], B [E, r].
+ * With `router.inputScale` (Gemma 4) x is first rms(x)·inputScale·H^-½.
  *
  * Plain autodiff ops (2-D matMuls), so `tf.grads` gives gradients for x, the weight, the bias and
  * every A and B. The router weight stays frozen simply by leaving it out of the trained variable
@@ -40,11 +41,22 @@ export function routerLogits(x: Tensor2D, router: RouterWeights): Tensor2D {
     assertTensor(op, 'router.bias', router.bias, 1);
     assertShape(op, 'router.bias', router.bias, [E], `E = ${E} from router.weight [${E},${H}]`);
   }
+  const inputScale = router.inputScale;
+  if (inputScale !== undefined) {
+    assertTensor(op, 'router.inputScale', inputScale, 1);
+    assertShape(op, 'router.inputScale', inputScale, [H], `H = ${H} from router.weight [${E},${H}]`);
+    assertFiniteNumber(op, 'router.inputNormEpsilon', router.inputNormEpsilon);
+  }
   const lora = router.lora ?? [];
   assertAdapterList(op, 'router.lora', lora);
   lora.forEach((f, i) => checkRouterFactors(op, `router.lora[${i}].`, f, E, H));
 
   return tf.tidy(() => {
+    if (inputScale !== undefined) {
+      // Gemma4TextRouter: norm without scale, then × scale × H^-½
+      const inv = tf.rsqrt(tf.add(tf.mean(tf.square(x), 1, true), router.inputNormEpsilon!));  // [T, 1]
+      x = tf.mul(tf.mul(x, inv), tf.mul(inputScale, H ** -0.5)) as Tensor2D;                  // [T, H]
+    }
     // Transposing the small weight keeps the big product untransposed (fast path on wasm).
     let logits: Tensor2D = tf.matMul(x, tf.transpose(router.weight));  // [T, E]
     if (router.bias != null) logits = tf.add(logits, router.bias);

@@ -67,6 +67,11 @@ function activate(h: tf.Tensor2D, activation: ExpertActivation, interleaved: boo
     [gate, up] = tf.split(h, 2, 1);
   }
   if (activation.kind === 'swiglu') return tf.mul(tf.mul(gate, tf.sigmoid(gate)), up);
+  if (activation.kind === 'gegluTanh') {
+    // PyTorch's gelu(approximate='tanh'), plain ops: autodiff gives its gradient
+    const inner = tf.mul(Math.sqrt(2 / Math.PI), tf.add(gate, tf.mul(0.044715, tf.mul(gate, tf.mul(gate, gate)))));
+    return tf.mul(tf.mul(tf.mul(0.5, gate), tf.add(1, tf.tanh(inner))), up);
+  }
   const g = tf.minimum(gate, activation.limit);
   const u = tf.clipByValue(up, -activation.limit, activation.limit);
   return tf.mul(tf.add(u, 1), tf.mul(g, tf.sigmoid(tf.mul(g, activation.alpha))));
@@ -98,13 +103,22 @@ function chosenExperts(op: string, experts: tf.Tensor2D, numExperts: number, hos
   return hostExperts;
 }
 
-/** Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]), one loop step per expert hit. */
+/** referenceExperts' options: the block's and where the routing weight applies. */
+export interface ReferenceExpertsOptions extends ReferenceOptions {
+  /** Llama 4: out[t] = Σ_k expert_{e[t,k]}(w[t,k]·x[t]) (MoEBlockConfig.weightedInput); default false */
+  weightedInput?: boolean;
+}
+
+/**
+ * Routed experts only: out[t] = Σ_k w[t,k]·expert_{e[t,k]}(x[t]) (or Σ_k expert_{e[t,k]}(w[t,k]·x[t])
+ * with `weightedInput`), one loop step per expert hit.
+ */
 export function referenceExperts(
     x: tf.Tensor2D, routing: { weights: tf.Tensor2D; experts: tf.Tensor2D },
-    weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceOptions = {}): tf.Tensor2D {
+    weights: MoEBlockWeights['experts'], activation: ExpertActivation, options: ReferenceExpertsOptions = {}): tf.Tensor2D {
   const op = 'referenceExperts';
   const dims = checkExpertArgs(op, x, routing?.weights, routing?.experts, weights, activation);
-  const { numTokens: t, topK: k, numExperts, transposed } = dims;
+  const { numTokens: t, topK: k, numExperts, transposed, interleaved } = dims;
   const chosen = chosenExperts(op, routing.experts, numExperts, options.hostExperts);
   return tf.tidy(() => {
     // the oracle decodes packed (bf16/f16) experts whole, once per call; they get no gradient
@@ -125,15 +139,15 @@ export function referenceExperts(
       }
       if (tokens.length === 0) continue;
       const tokenIdx = tf.tensor1d(tokens, 'int32');
-      const xe = tf.gather(x, tokenIdx);
       const pairIdx = tf.tensor1d(pairs, 'int32');
+      const w = tf.gather(flatWeights, pairIdx);
+      const xe = options.weightedInput ? tf.mul(tf.gather(x, tokenIdx), tf.expandDims(w, 1)) as tf.Tensor2D : tf.gather(x, tokenIdx);
       let h = expertProjection(xe, gateUp, e, weights.gateUpLoRA ?? [], transposed, upMasks, pairIdx);
       if (weights.gateUpBias) h = tf.add(h, tf.slice(weights.gateUpBias, [e, 0], [1, -1]));
-      const a = activate(h, activation, transposed) as tf.Tensor2D;
+      const a = activate(h, activation, interleaved) as tf.Tensor2D;
       let y: tf.Tensor = expertProjection(a, down, e, weights.downLoRA ?? [], transposed, downMasks, pairIdx);
       if (weights.downBias) y = tf.add(y, tf.slice(weights.downBias, [e, 0], [1, -1]));
-      const w = tf.gather(flatWeights, pairIdx);
-      out = tf.add(out, tf.unsortedSegmentSum(tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
+      out = tf.add(out, tf.unsortedSegmentSum(options.weightedInput ? y : tf.mul(y, tf.expandDims(w, 1)), tokenIdx, t));
     }
     return out as tf.Tensor2D;
   });
@@ -144,10 +158,23 @@ export function referenceMoEBlock(
     x: tf.Tensor2D, weights: MoEBlockWeights, config: MoEBlockConfig,
     options: ReferenceOptions = {}): { out: tf.Tensor2D; routing: Routing } {
   const logits = routerLogits(x, weights.router);
-  const routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
+  let routing = referenceRoute(logits, config.routing, weights.router.correctionBias);
+  const expertScale = weights.router.expertScale;
+  if (expertScale) {
+    // Gemma 4's per_expert_scale, picked with a one-hot product (no gather gradient needed)
+    const unscaled = routing.weights;
+    const scaled = tf.tidy(() => {
+      const ids = tf.range(0, logits.shape[1], 1, 'int32');
+      const chosen = tf.cast(tf.equal(tf.expandDims(routing.experts, 2), ids), 'float32');         // [T, K, E]
+      return tf.mul(unscaled, tf.sum(tf.mul(chosen, expertScale), 2)) as tf.Tensor2D;             // [T, K]
+    });
+    unscaled.dispose();
+    routing = { ...routing, weights: scaled };
+  }
   try {
     const out = tf.tidy(() => {
-      const routed = referenceExperts(x, routing, weights.experts, config.activation, options);
+      const routed = referenceExperts(x, routing, weights.experts, config.activation,
+          { ...options, weightedInput: config.weightedInput });
       return weights.shared ? tf.add(routed, sharedExpert(x, weights.shared)) as tf.Tensor2D : routed;
     });
     return { out, routing };

@@ -12,7 +12,7 @@ const OP = 'referenceRoute';
 
 const KINDS: readonly RoutingKind[] =
     ['softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy',
-      'softmaxBiasedTopK'];
+      'softmaxBiasedTopK', 'topKSigmoid'];
 
 /** The kinds that take a correction bias (selection only). */
 const BIAS_KINDS: readonly RoutingKind[] = ['sigmoidGroupTopK', 'softmaxBiasedTopK'];
@@ -25,6 +25,7 @@ const FIELDS: Record<RoutingKind, ReadonlyArray<keyof RoutingConfig>> = {
   softmaxGroupTopK: ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'],
   softmaxGroupLimitedGreedy: ['nGroup', 'topkGroup', 'scalingFactor'],
   softmaxBiasedTopK: ['normMin'],
+  topKSigmoid: [],
 };
 
 /**
@@ -73,6 +74,8 @@ export function referenceRoute(logits: Tensor2D, config: RoutingConfig, correcti
         const sel = pick(tf.softmax(logits));
         return tf.div(sel, tf.maximum(tf.sum(sel, 1, true), config.normMin ?? 1e-12));
       }
+      case 'topKSigmoid':
+        return tf.sigmoid(pick(logits));
     }
   }) as Tensor2D;                                                                                // [T, K]
   return { weights, experts, logits };
@@ -92,7 +95,7 @@ function chooseExperts(
   try {
     return tf.tidy(() => {
       let scores: Tensor2D;                                                                      // [T, E]
-      if (kind === 'topKSoftmax') return tf.topk(detached, k).indices as Tensor2D;
+      if (kind === 'topKSoftmax' || kind === 'topKSigmoid') return tf.topk(detached, k).indices as Tensor2D;
       if (kind === 'sigmoidGroupTopK') {
         scores = tf.sigmoid(detached);
         if (bias) scores = tf.add(scores, bias);

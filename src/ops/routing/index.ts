@@ -2,6 +2,7 @@
 export { routeSoftmaxTopK } from './softmax_topk.js';
 export type { SoftmaxTopKOptions } from './softmax_topk.js';
 export { routeTopKSoftmax } from './topk_softmax.js';
+export { routeTopKSigmoid } from './topk_sigmoid.js';
 export { routeSigmoidGroupTopK } from './sigmoid_group_topk.js';
 export type { SigmoidGroupTopKOptions } from './sigmoid_group_topk.js';
 export { routeSoftmaxGroupTopK } from './softmax_group_topk.js';

@@ -7,6 +7,7 @@ import { routeSoftmaxBiasedTopK } from './softmax_biased_topk.js';
 import { routeSoftmaxGroupLimitedGreedy } from './softmax_group_limited_greedy.js';
 import { routeSoftmaxGroupTopK } from './softmax_group_topk.js';
 import { routeSoftmaxTopK } from './softmax_topk.js';
+import { routeTopKSigmoid } from './topk_sigmoid.js';
 import { routeTopKSoftmax } from './topk_softmax.js';
 
 /** A routing implementation: validates its own arguments and returns a fresh Routing. */
@@ -113,4 +114,8 @@ registerRouting('softmaxGroupLimitedGreedy', (logits, config, bias) => {
 registerRouting('softmaxBiasedTopK', (logits, config, bias) => {
   rejectUnused(config, ['normMin'], bias, true);
   return routeSoftmaxBiasedTopK(logits, config.topK, { correctionBias: bias, normMin: config.normMin });
+});
+registerRouting('topKSigmoid', (logits, config, bias) => {
+  rejectUnused(config, [], bias);
+  return routeTopKSigmoid(logits, config.topK);
 });

@@ -77,7 +77,18 @@ export function activationSnippet(a: ActivationSpec): string {
        fn upIndex(i : i32, width : i32) -> i32 { return 2 * i + 1; }`
     : `fn gateIndex(i : i32, width : i32) -> i32 { return i; }
        fn upIndex(i : i32, width : i32) -> i32 { return width + i; }`;
-  const math = a.kind === 'swiglu'
+  const gelu = `fn geluTanh(g : f32) -> f32 {
+         return 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
+       }
+       fn actForward(g : f32, u : f32) -> f32 {
+         return geluTanh(g) * u;
+       }
+       fn actBackward(g : f32, u : f32, da : f32) -> vec2<f32> {
+         let t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g));
+         let dGelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g);
+         return vec2<f32>(da * u * dGelu, da * geluTanh(g));
+       }`;
+  const math = a.kind === 'gegluTanh' ? gelu : a.kind === 'swiglu'
     ? `fn actForward(g : f32, u : f32) -> f32 {
          return g / (1.0 + exp(-g)) * u;
        }
