@@ -109,7 +109,7 @@ describe('SparseMoE layer', () => {
     expect(() => layer.setActiveAdapters(['c'])).to.throw(/`SparseMoE.setActiveAdapters\(\)`: unknown adapters c; adapters: a, b/);
     expect(() => layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] })).to.throw(/an adapter named 'a' already exists/);
     expect(() => layer.addAdapter({ name: 'z', r: 0, alpha: 1, targets: ['router'] })).to.throw(/'r' must be >= 1 but got 0/);
-    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down' but got 'shared'/);
+    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate' but got 'shared'/);
     expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['router', 'router'] })).to.throw(/`SparseMoE.addAdapter\(\)`: 'targets' must not repeat a target but got 'router' twice/);
     expect(() => layer.deltaWeight('b', 'router')).to.throw(/adapter 'b' does not target 'router'/);
     expect(onlyA.shape).to.deep.equal([7, 8]);
