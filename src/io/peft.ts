@@ -792,10 +792,13 @@ export function peftAdapterFiles(
     ] as const) {
       const differing = withTarget.filter(l => own(l) !== base);
       if (differing.length === 0) continue;
-      const shortKey = `.*\\.${escape(names.parameter[t] ?? names.module[t]!)}`;
-      const selects = adaptedNames.filter(n => patternKey([shortKey], n) !== undefined);
+      // the shortest trailing part of the name that selects this target only ('gate_up_proj', 'gate.weight')
+      const parts = (names.parameter[t] ?? names.module[t]!).split('.');
+      const shortKey = parts.map((_, k) => `.*\\.${escape(parts.slice(k).join('.'))}`).reverse()
+          .filter(key => key !== '.*\\.weight')
+          .find(key => adaptedNames.every(n => patternKey([key], n) === undefined || withTarget.some(l => targetName(l, t) === n)));
       const oneValue = differing.length === withTarget.length && differing.every(l => own(l) === own(differing[0]));
-      if (oneValue && selects.every(n => withTarget.some(l => targetName(l, t) === n))) pattern[shortKey] = own(differing[0]);
+      if (oneValue && shortKey !== undefined) pattern[shortKey] = own(differing[0]);
       else for (const l of differing) pattern[escape(targetName(l, t))] = own(l);
     }
   }

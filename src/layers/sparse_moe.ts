@@ -265,11 +265,12 @@ export class SparseMoE extends tfl.layers.Layer {
       const saved = a as LoRAAdapterConfig & { rslora?: boolean; targetRanks?: number[]; targetAlphas?: number[] };
       const { rslora, targetRanks, targetAlphas, ...rest } = saved;
       const targets = a.targets.map(restoreString) as LoRATarget[];
-      const byTarget = (values: number[] | undefined) =>
-        values === undefined ? undefined : Object.fromEntries(targets.map((t, k) => [t, values[k]]));
+      // the lists hold every target's value; the config keeps those that differ from r / alpha
+      const byTarget = (values: number[] | undefined, base: number) =>
+        values === undefined ? undefined : Object.fromEntries(targets.flatMap((t, k) => values[k] === base ? [] : [[t, values[k]]]));
       return { ...rest, rsLoRA: saved.rsLoRA ?? rslora ?? false, targets,
-        ...(targetRanks === undefined ? {} : { ranks: byTarget(targetRanks) }),
-        ...(targetAlphas === undefined ? {} : { alphas: byTarget(targetAlphas) }) };
+        ...(targetRanks === undefined ? {} : { ranks: byTarget(targetRanks, rest.r) }),
+        ...(targetAlphas === undefined ? {} : { alphas: byTarget(targetAlphas, rest.alpha) }) };
     });
     this.active = (args.activeAdapters ?? this.pendingAdapters.map(a => a.name)).map(restoreString);
     this.disabled = args.adaptersDisabled ?? false;
