@@ -351,11 +351,11 @@ describe('SparseMoE layer', () => {
           const at = (d: number) => {
             const moved = Float32Array.from(data);
             moved[k] += d;
-            tf.tidy(() => v.write(tf.tensor(moved, v.shape as number[])));
+            tf.tidy(() => { v.write(tf.tensor(moved, v.shape as number[])); });
             return lossAt();
           };
           const fd = (at(eps) - at(-eps)) / (2 * eps);
-          tf.tidy(() => v.write(tf.tensor(data, v.shape as number[])));
+          tf.tidy(() => { v.write(tf.tensor(data, v.shape as number[])); });
           return fd;
         });
         const scale = Math.max(...Array.from(analytic).map(Math.abs));
