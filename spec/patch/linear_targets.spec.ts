@@ -88,6 +88,10 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
           "kv_a_proj_with_mqa / kv_b_proj / o_proj included) needs LoRA on MLA attention ('model.layers.0.self_attn'), which this " +
           'package does not have yet; name the targets instead (experts.gate_up, experts.down, router, shared.*)']);
     expect(adapted(deepseek)).to.deep.equal([]);
+    // its shared expert has no sigmoid gate to adapt
+    expect(problems(() => register({ models: [deepseek], lora: { r: 2, alpha: 4, targets: ['shared.sigmoid_gate'] } }))).to.deep.equal([
+      "models[0] layer 'model.layers.1.mlp' (SparseMoE): lora.targets: expected 'shared.sigmoid_gate' only on a layer whose shared expert is gated " +
+          "(Qwen2-MoE's shared_expert_gate), but the layer's is not"]);
     deepseek.dispose();
   });
 

@@ -86,6 +86,10 @@ function loraProblems(found: FoundMoELayer, info: MoELayerInfo, lora: NonNullabl
       add('lora.targets', `lora.targets: expected shared-expert targets only on a layer with a shared expert, ` +
           `but the layer has none and got ${shared.map(t => `'${t}'`).join(', ')}`);
     }
+    if (targets.includes('shared.sigmoid_gate') && info.sharedIntermediateSize !== null && info.sharedGated !== true) {
+      add('lora.targets', "lora.targets: expected 'shared.sigmoid_gate' only on a layer whose shared expert is gated " +
+          "(Qwen2-MoE's shared_expert_gate), but the layer's is not");
+    }
     if (lora.r !== undefined) {
       for (const t of targets) {
         if (SHARED_LORA_TARGETS.includes(t) && info.sharedIntermediateSize === null) continue;
