@@ -108,8 +108,9 @@ describe("io/peft: PEFT 0.21's all-linear and per-target MoE ranks", () => {
 
     const copy = await loadHFCheckpoint(fixtureDir('mixtral'));
     await loadPeftAdapter(copy, dir);
-    // the same factors exactly; the logits up to the kernels' rounding (register() ran the fused one)
-    expect(maxRelativeError(logitsOf(copy), want)).to.be.at.most(1e-6);
+    // the same factors exactly; the logits up to the kernels' rounding (register() ran the fused one,
+    // the loaded model runs the reference one: 1e-5 as the fused-vs-reference specs)
+    expect(maxRelativeError(logitsOf(copy), want)).to.be.at.most(1e-5);
     const loaded = factors(copy);
     expect(Object.keys(loaded).sort()).to.deep.equal(Object.keys(saved).sort());
     for (const [n, v] of Object.entries(saved)) expect(loaded[n], n).to.deep.equal(v);
@@ -139,7 +140,7 @@ describe("io/peft: PEFT 0.21's all-linear and per-target MoE ranks", () => {
     const copy = await loadHFCheckpoint(fixtureDir('qwen3_moe'));
     const loaded = await loadPeftAdapter(copy, dir);
     expect(loaded.targets).to.deep.equal(['experts.gate_up', 'experts.down', 'router']);
-    expect(maxRelativeError(logitsOf(copy), want)).to.be.at.most(1e-6);
+    expect(maxRelativeError(logitsOf(copy), want)).to.be.at.most(1e-5);
     const back = factors(copy);
     expect(Object.keys(back).sort()).to.deep.equal(Object.keys(saved).sort());
     for (const [n, v] of Object.entries(saved)) expect(back[n], n).to.deep.equal(v);
