@@ -114,6 +114,15 @@ export interface MoEFamily {
    * ('ernie4_5_moe' → Ernie4_5_MoeForCausalLM), as PEFT records it in auto_mapping
    */
   causalLMClass?: string;
+  /**
+   * How PEFT 0.21 rewrites a LoRA config for this model type (transformers-v5 fused experts): the
+   * base type transformers' `_MODEL_TO_CONVERSION_PATTERN` maps it to, 'mixtral' (w1/w3/w2/gate)
+   * or 'qwen2_moe' (gate_proj/up_proj/down_proj/gate); absent: no rewrite. It decides 'all-linear'
+   * and how PEFT reads MLP target_modules (src/patch/linear_targets.ts). Qwen2-MoE itself is in
+   * that mapping but PEFT 0.21 + transformers 5.17 left its configs as written (measured by
+   * tools/peft_check/check_linear.py), so its row has none.
+   */
+  peftConversion?: 'mixtral' | 'qwen2_moe';
 }
 
 /** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
@@ -206,6 +215,7 @@ const DEEPSEEK_LIKE = {
  */
 const ERNIE4_5_MOE: MoEFamily = {
   modelType: 'ernie4_5_moe',
+  peftConversion: 'qwen2_moe',
   expertCountKeys: ['moe_num_experts', 'num_experts'],
   expertIntermediateKey: 'moe_intermediate_size',
   topKKey: 'moe_k',
@@ -237,6 +247,7 @@ const ERNIE4_5_MOE: MoEFamily = {
  */
 const HUNYUAN_V1_MOE: MoEFamily = {
   modelType: 'hunyuan_v1_moe',
+  peftConversion: 'qwen2_moe',
   expertCountKeys: ['num_experts'],
   expertIntermediateKey: 'intermediate_size',
   topKKey: 'moe_topk',
@@ -272,6 +283,7 @@ const HUNYUAN_V1_MOE: MoEFamily = {
  */
 const MINIMAX_M2: MoEFamily = {
   modelType: 'minimax_m2',
+  peftConversion: 'mixtral',
   expertCountKeys: ['num_local_experts', 'num_experts'],
   expertIntermediateKey: 'intermediate_size',
   defaults: { num_local_experts: 256, num_experts_per_tok: 8 },
@@ -389,6 +401,7 @@ const GEMMA4_TEXT: MoEFamily = {
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   mixtral: {
     modelType: 'mixtral',
+    peftConversion: 'mixtral',
     expertCountKeys: ['num_local_experts'],
     expertIntermediateKey: 'intermediate_size',
     defaults: { num_local_experts: 8, num_experts_per_tok: 2 },
@@ -436,6 +449,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   qwen3_moe: {
     modelType: 'qwen3_moe',
+    peftConversion: 'qwen2_moe',
     ...QWEN_LIKE,
     // transformers 5 writes num_local_experts, the Hub's Qwen3 configs say num_experts
     expertCountKeys: ['num_experts', 'num_local_experts'],
@@ -448,6 +462,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   olmoe: {
     modelType: 'olmoe',
+    peftConversion: 'qwen2_moe',
     expertCountKeys: ['num_experts', 'num_local_experts'],
     expertIntermediateKey: 'intermediate_size',
     defaults: { num_experts: 64, num_experts_per_tok: 8, norm_topk_prob: false },
@@ -460,6 +475,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   deepseek_v3: {
     modelType: 'deepseek_v3',
+    peftConversion: 'qwen2_moe',
     ...DEEPSEEK_LIKE,
     defaults: {
       n_routed_experts: 256, num_experts_per_tok: 8, n_group: 8, topk_group: 4,
@@ -469,6 +485,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   glm4_moe: {
     modelType: 'glm4_moe',
+    peftConversion: 'qwen2_moe',
     ...DEEPSEEK_LIKE,
     defaults: {
       n_routed_experts: 128, num_experts_per_tok: 8, n_group: 1, topk_group: 1,
