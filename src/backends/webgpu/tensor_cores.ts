@@ -139,10 +139,11 @@ export function activeTensorCores(): TensorCoreDevice | undefined {
 }
 
 /**
- * Whether a product of this size goes to the subgroup-matrix program: both output sides and the
- * reduction at least 64 (one workgroup's 64×64 block). The rank-r LoRA products (a side of r) stay
- * on the f32 kernels, where a 16×16 matrix would be mostly padding.
+ * Whether a product of this size goes to the subgroup-matrix program: both output sides at least
+ * 32 (half of a workgroup's 64×64 block) and the reduction at least 16 (one matrix step). The
+ * rank-r LoRA products (r < 32: a side of r) stay on the f32 kernels, where most of a block
+ * would be padding.
  */
 export function wideEnoughForTensorCores(rows: number, cols: number, inner: number): boolean {
-  return rows >= 64 && cols >= 64 && inner >= 64;
+  return rows >= 32 && cols >= 32 && inner >= 16;
 }
