@@ -283,6 +283,13 @@ async function main(): Promise<void> {
   report.adapter = adapter;
   log(`adapter ${adapter.vendor} ${adapter.description}: tensor cores ${adapter.tensorCores}`);
   await tf.setBackend('webgpu');
+  // a shader that does not compile shows up here (tfjs does not throw for it), not as a wrong number only
+  const deviceErrors: string[] = [];
+  report.deviceErrors = deviceErrors;
+  const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+  device.addEventListener('uncapturederror', event => {
+    if (deviceErrors.length < 20) deviceErrors.push(String((event as GPUUncapturedErrorEvent).error?.message ?? event).slice(0, 2000));
+  });
   registerMoEKernels('webgpu');
   setWebGPUMoETuning(undefined);
   recordPrograms();
