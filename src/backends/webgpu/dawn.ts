@@ -90,14 +90,31 @@ export async function setupDawnWebGPU(options: DawnSetupOptions = {}): Promise<D
   // factory (which would ask for a 'core' adapter only).
   const hadGpu = (globalThis as { navigator?: { gpu?: unknown } }).navigator?.gpu != null;
   const { WebGPUBackend } = await import('@tensorflow/tfjs-backend-webgpu') as unknown as WebGPUBackendModule;
-  const dawn = await import('webgpu') as unknown as DawnModule;
-  Object.assign(globalThis, dawn.globals);
+  const { gpu, adapter, device, report } = await requestDawnDevice(options, 'setupDawnWebGPU');
   const g = globalThis as unknown as { navigator?: { gpu?: GPU } };
-  const tried: string[] = [];
+  g.navigator ??= {} as { gpu?: GPU };
+  g.navigator.gpu = gpu;
+  gpuRef = gpu;
+  if (hadGpu || tf.findBackendFactory('webgpu') != null) tf.removeBackend('webgpu');
+  tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info), options.priority ?? 3);
+  return report;
+}
+
+/**
+ * setupDawnWebGPU's adapter and device, without registering a backend (specs, tools): the first
+ * attempt that gives an adapter, its device with every limit and the wanted features, and the
+ * report. With tensorCores 'auto' a capable device is registered for the subgroup-matrix programs.
+ * `op` names the caller in the error when no attempt gives an adapter.
+ */
+export async function requestDawnDevice(options: DawnSetupOptions = {}, op = 'requestDawnDevice'):
+    Promise<{ gpu: GPU; adapter: GPUAdapter; device: GPUDevice; report: DawnAdapterReport }> {
   const tensorCores = options.tensorCores ?? 'off';
   if (tensorCores !== 'auto' && tensorCores !== 'off') {
-    fail('setupDawnWebGPU', `'tensorCores' must be 'auto' or 'off' but got ${describeValue(tensorCores)}`);
+    fail(op, `'tensorCores' must be 'auto' or 'off' but got ${describeValue(tensorCores)}`);
   }
+  const dawn = await import('webgpu') as unknown as DawnModule;
+  Object.assign(globalThis, dawn.globals);
+  const tried: string[] = [];
   for (const attempt of options.attempts ?? DEFAULT_ATTEMPTS) {
     const flags = withToggles([...attempt.flags, ...(options.extraFlags ?? [])], tensorCores === 'auto' ? TENSOR_CORE_TOGGLES : []);
     let gpu: GPU;
@@ -129,18 +146,11 @@ export async function setupDawnWebGPU(options: DawnSetupOptions = {}): Promise<D
       const info = adapter.info as unknown as { subgroupMinSize?: number; subgroupMaxSize?: number };
       const support = tensorCoreSupport([...device.features].map(String), subgroupMatrixConfigs,
           info.subgroupMinSize, info.subgroupMaxSize);
-      if ('device' in support) {
-        tensorCoreState = registerTensorCoreDevice(device, support.device) ?? 'available';
-      } else {
-        tensorCoreState = support.missing;
-      }
+      tensorCoreState = 'device' in support
+        ? registerTensorCoreDevice(device, support.device) ?? 'available'
+        : support.missing;
     }
-    g.navigator ??= {} as { gpu?: GPU };
-    g.navigator.gpu = gpu;
-    gpuRef = gpu;
-    if (hadGpu || tf.findBackendFactory('webgpu') != null) tf.removeBackend('webgpu');
-    tf.registerBackend('webgpu', () => new WebGPUBackend(device, adapter.info), options.priority ?? 3);
-    return {
+    const report: DawnAdapterReport = {
       flags,
       featureLevel: attempt.featureLevel,
       vendor: adapter.info.vendor,
@@ -150,8 +160,9 @@ export async function setupDawnWebGPU(options: DawnSetupOptions = {}): Promise<D
       subgroupMatrixConfigs,
       tensorCores: tensorCoreState,
     };
+    return { gpu, adapter, device, report };
   }
-  throw new Error(`setupDawnWebGPU: no WebGPU adapter (requestAdapter() returned null or threw for ${tried.join('; ')}); ` +
+  throw new Error(`${op}: no WebGPU adapter (requestAdapter() returned null or threw for ${tried.join('; ')}); ` +
       `on Mesa's software GL set EGL_PLATFORM=surfaceless and install libegl1 libegl-mesa0 libgles2 libgl1-mesa-dri`);
 }
 
