@@ -115,7 +115,7 @@ describe('bench/benchMoEBlock', () => {
       [{ config: 'XS', cpuSegmentSum: 'fast' }, /'cpuSegmentSum' must be one of 'stock', 'linear' but got 'fast'/],
       [{ config: 'XS', rank: 0 }, /'rank' must be >= 1 but got 0/],
       [{ config: 'XS', reference: 'no' }, /'reference' must be a boolean but got "no"/],
-      [{ config: 'XS', expertStorage: 'int8' }, /'expertStorage' must be one of 'float32', 'bf16', 'f16' but got 'int8'/],
+      [{ config: 'XS', expertStorage: 'int3' }, /'expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got 'int3'/],
       [{ config: 'XS', expertStorage: 'bf16', lora: ['split', 'none'] },
         /'expertStorage' 'bf16' holds the expert weights frozen, so the LoRA case 'none' \(which trains them\) cannot run; ask for LoRA cases only \(got \["split","none"\]\)/],
       [{ config: 'M1' }, new RegExp(`config 'M1' is sized for webgpu, not ${BACKEND} \\(allowAnyBackend`)],

@@ -316,7 +316,7 @@ describe('cli/train', () => {
       await writeFile(llama, JSON.stringify({ ...TINY_CONFIG, model_type: 'llama' }));
       expectFailure(await runMain(['train', '--init-config', llama, ...common(), '--out', join(dir, 'x')]),
           "`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', " +
-          "'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
+          "'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'llama'");
     });
 
     it('--batch 1e9: one line naming batch, seq and the vocabulary, before anything is allocated', async () => {

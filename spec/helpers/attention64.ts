@@ -8,7 +8,7 @@ export type Weights = Record<string, Float64Array>;
 /** The layer settings the reference reads. */
 export type Attention64Args = Required<Pick<RotaryAttentionArgs, 'numHeads' | 'numKeyValueHeads' | 'headDim' | 'ropeTheta' |
     'qkvBias' | 'outputBias' | 'qkNorm' | 'normEpsilon' | 'clipQKV' | 'slidingWindow'>> &
-    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling'> & { rotaryDim?: number };
+    Pick<RotaryAttentionArgs, 'sinks' | 'ropeScaling' | 'ropeInterleave'> & { rotaryDim?: number };
 
 /**
  * float64 YaRN frequencies, written from the paper's definition: the ramp runs over the
@@ -57,6 +57,17 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
   const m = scaling === null ? 1 : scaling.attentionFactor;
   const rope = (v: Float64Array, off: number, p: number) => {
     const half = rd / 2;
+    if (a.ropeInterleave) {
+      // GPT-J / ERNIE: pair i is (2i, 2i+1), turned by frequency i (transformers' Ernie4_5 apply_rotary_pos_emb)
+      for (let i = 0; i < half; i++) {
+        const angle = p * freq[i];
+        const x1 = v[off + 2 * i];
+        const x2 = v[off + 2 * i + 1];
+        v[off + 2 * i] = m * (x1 * Math.cos(angle) - x2 * Math.sin(angle));
+        v[off + 2 * i + 1] = m * (x2 * Math.cos(angle) + x1 * Math.sin(angle));
+      }
+      return;
+    }
     for (let i = 0; i < half; i++) {
       const angle = p * freq[i];
       const x1 = v[off + i];
@@ -82,10 +93,12 @@ export function attention64(x: Float64Array, w: Weights, a: Attention64Args,
       for (let hh = 0; hh < nh; hh++) {
         if (a.qkNorm === 'perHead') rms(qp, hh * d, d, w['q_norm.weight']);
         rope(qp, hh * d, p);
+        if (a.qkNorm === 'perHeadAfterRope') rms(qp, hh * d, d, w['query_layernorm.weight']);
       }
       for (let hh = 0; hh < nkv; hh++) {
         if (a.qkNorm === 'perHead') rms(kp, hh * d, d, w['k_norm.weight']);
         rope(kp, hh * d, p);
+        if (a.qkNorm === 'perHeadAfterRope') rms(kp, hh * d, d, w['key_layernorm.weight']);
       }
       q.push(qp); k.push(kp); v.push(vp);
     }

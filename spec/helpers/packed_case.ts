@@ -1,12 +1,14 @@
 /**
- * A routed-experts case whose expert weights are packed (bf16 or f16) beside the same weights as
- * float32 tensors holding the rounded values, so that the fused block on the packed weights can be
+ * A routed-experts case whose expert weights are packed (bf16 or f16, or quantized) beside the same
+ * weights as float32 tensors holding the rounded (or dequantized) values, so that the fused block on the packed weights can be
  * compared with the float32 block on exactly the values it decodes.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import {
-  bfloat16Bits, float16Bits, packedExpertWeightFromBits, type PackedExpertWeight, type PackedKind,
+  bfloat16Bits, float16Bits, isQuantizedKind, packedExpertWeightFromBits, PackedExpertWeight, type HalfKind, type PackedKind,
 } from '../../src/ops/packed.js';
+import { quantizedLayout, quantizeExpertValues, type QuantizedKind } from '../../src/ops/quantized.js';
+import { referenceDecode } from './quantized_reference.js';
 import type { ExpertActivation, ExpertLayout, LoRAFactors } from '../../src/ops/types.js';
 import { chooseExperts } from './expert_cases.js';
 import { Rng, tensorOf } from './numeric.js';
@@ -34,7 +36,7 @@ export interface PackedCase {
  * Random values rounded to `kind`: the bits, and the values they stand for decoded on the host by
  * the formats' definitions (no device read: webgpu in Node cannot read synchronously).
  */
-function roundedWeight(kind: PackedKind, values: Float64Array, shape: number[]): { packed: PackedExpertWeight; plain: tf.Tensor3D } {
+function roundedWeight(kind: HalfKind, values: Float64Array, shape: number[]): { packed: PackedExpertWeight; plain: tf.Tensor3D } {
   const bits = Uint16Array.from(values, v => (kind === 'bf16' ? bfloat16Bits(v) : float16Bits(v)));
   const decoded = new Float32Array(bits.length);
   const word = new Uint32Array(1);
@@ -52,14 +54,31 @@ function roundedWeight(kind: PackedKind, values: Float64Array, shape: number[]):
   return { packed: packedExpertWeightFromBits(kind, shape, bits), plain: tf.tensor3d(decoded, shape as [number, number, number]) };
 }
 
+/**
+ * Random values quantized on the host, and the values their words stand for decoded by
+ * quantized_reference.ts (the formats' formulas), input along `inputAxis`.
+ */
+function quantizedWeight(
+    kind: QuantizedKind, values: Float64Array, shape: number[], inputAxis: 1 | 2,
+    groupSize?: number): { packed: PackedExpertWeight; plain: tf.Tensor3D } {
+  const layout = quantizedLayout(kind, shape, inputAxis, groupSize);
+  const words = quantizeExpertValues(layout, shape[0], Float32Array.from(values));
+  return {
+    packed: new PackedExpertWeight(kind, shape, tf.tensor2d(words, [shape[0], layout.wordsPerExpert], 'int32'), { inputAxis, groupSize }),
+    plain: tf.tensor3d(referenceDecode(layout, shape[0], words), shape as [number, number, number]),
+  };
+}
+
 export function makePackedCase(
     kind: PackedKind, dims: { T: number; H: number; I: number; E: number; K: number; r: number },
-    seed: number, layout: ExpertLayout = 'outIn'): PackedCase {
+    seed: number, layout: ExpertLayout = 'outIn', groupSize?: number): PackedCase {
   const { T, H, I, E, K, r } = dims;
   const rng = new Rng(seed);
   const t = layout !== 'outIn';
-  const w1 = roundedWeight(kind, rng.array(E * 2 * I * H, 0.5), t ? [E, H, 2 * I] : [E, 2 * I, H]);
-  const w2 = roundedWeight(kind, rng.array(E * H * I, 0.5), t ? [E, I, H] : [E, H, I]);
+  const make = (values: Float64Array, shape: number[]) => isQuantizedKind(kind) ?
+    quantizedWeight(kind, values, shape, t ? 1 : 2, groupSize) : roundedWeight(kind, values, shape);
+  const w1 = make(rng.array(E * 2 * I * H, 0.5), t ? [E, H, 2 * I] : [E, 2 * I, H]);
+  const w2 = make(rng.array(E * H * I, 0.5), t ? [E, I, H] : [E, H, I]);
   const c: PackedCase = {
     x: tensorOf(rng.array(T * H), [T, H]) as tf.Tensor2D,
     routingWeights: tensorOf(Array.from({ length: T * K }, () => 0.2 + rng.uniform()), [T, K]) as tf.Tensor2D,

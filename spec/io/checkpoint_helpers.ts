@@ -6,7 +6,10 @@ import { join } from 'node:path';
 import { readSafetensorsFile, writeSafetensorsFile, type SafetensorsFile } from '../../src/io/safetensors.js';
 import type { HFConfig } from '../../src/models/families.js';
 
-export const WHOLE_ARCHS = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3'] as const;
+export const WHOLE_ARCHS = [
+  'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
+] as const;
 export type WholeArch = typeof WHOLE_ARCHS[number];
 
 export const fixtureDir = (arch: string) => `spec/fixtures/hf/${arch}`;

@@ -18,7 +18,8 @@ type Shapes = Record<string, number[]>;
 function fusedShapes(plan: BlockTensorPlan): Shapes {
   const out: Shapes = { router_weight: plan.router.weight.shape };
   if (plan.router.bias) out['router_bias'] = plan.router.bias.shape;
-  if (plan.router.correctionBias) out['correction_bias'] = plan.router.correctionBias.shape;
+  // ERNIE stores its selection bias [1, E]; the layer holds it [E]
+  if (plan.router.correctionBias) out['correction_bias'] = plan.router.correctionBias.shape.filter((d, i, all) => all.length === 1 || d !== 1 || i > 0);
   const ex = plan.experts;
   if (ex.kind === 'perExpert') {
     const E = ex.gate.length;
@@ -97,6 +98,8 @@ describe('io/hf_checkpoint_core configTensorPlan: the checkpoint tensors a confi
       if (arch === 'glm4_moe') expectPlanMatchesModel({ ...config, use_qk_norm: true, attention_bias: false });
       if (arch === 'deepseek_v3') expectPlanMatchesModel({ ...config, q_lora_rank: 12, attention_bias: true, first_k_dense_replace: 0 });
       if (arch === 'gpt_oss') expectPlanMatchesModel({ ...config, attention_bias: false, num_key_value_heads: 4 });
+      if (arch === 'ernie4_5_moe') expectPlanMatchesModel({ ...config, num_hidden_layers: 4, moe_layer_end_index: -1, moe_layer_interval: 2 });
+      if (arch === 'hunyuan_v1_moe') expectPlanMatchesModel({ ...config, attention_bias: true });
     });
   }
 

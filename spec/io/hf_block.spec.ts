@@ -5,7 +5,7 @@ import {
   blockLayerIndex, loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource,
 } from '../../src/io/hf_block.js';
 import { readSafetensorsFile, type SafetensorsFile } from '../../src/io/safetensors.js';
-import type { HFConfig } from '../../src/models/families.js';
+import { familyOf, type HFConfig } from '../../src/models/families.js';
 import { disposeMoEBlockWeights } from '../../src/models/weight_fields.js';
 import type { MoEBlockWeights } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -88,11 +88,13 @@ describe('io/hf_block', () => {
             expect(w.experts.downBias!.shape).to.deep.equal(shapeOf('experts.down_proj_bias'));
           } else {
             expect(w.experts.layout).to.equal('outIn');
-            expect(w.router.weight.shape).to.deep.equal(shapeOf('gate.weight'));
+            // transformers' name of the router weight: gate.weight, Hunyuan's gate.wg.weight
+            const router = Object.keys(p).find(n => familyOf(golden.config).parameters[n] === 'router.weight')!;
+            expect(w.router.weight.shape).to.deep.equal(shapeOf(router));
           }
           expect(w.experts.gateUp.shape).to.deep.equal(shapeOf('experts.gate_up_proj'));
           expect(w.experts.down.shape).to.deep.equal(shapeOf('experts.down_proj'));
-          const sharedPrefix = ['shared_expert', 'shared_experts'].find(s => `${s}.gate_proj.weight` in p);
+          const sharedPrefix = ['shared_expert', 'shared_experts', 'shared_mlp'].find(s => `${s}.gate_proj.weight` in p);
           if (sharedPrefix) {
             expect(w.shared!.gate.shape).to.deep.equal(shapeOf(`${sharedPrefix}.gate_proj.weight`));
             expect(w.shared!.up.shape).to.deep.equal(shapeOf(`${sharedPrefix}.up_proj.weight`));
@@ -101,9 +103,13 @@ describe('io/hf_block', () => {
             expect(w.shared).to.equal(undefined);
           }
           expect(w.shared?.sigmoidGate?.shape).to.deep.equal(shapeOf('shared_expert_gate.weight'));
-          // the only buffer of these blocks is DeepSeek/GLM's selection bias
-          const buffers = golden.block_buffers ?? {};
-          expect(w.router.correctionBias?.shape).to.deep.equal(buffers['gate.e_score_correction_bias']);
+          // the only buffer of these blocks is the selection bias (DeepSeek/GLM's gate.e_score_correction_bias,
+          // ERNIE's gate.moe_statics one, held [E] though transformers keeps [1, E], MiniMax's on the block)
+          // (ERNIE's is a parameter without gradient, in block_params)
+          const buffers = { ...golden.block_buffers, ...p };
+          const biasName = Object.keys(buffers).find(n => n.endsWith('e_score_correction_bias'));
+          const biasShape = biasName === undefined ? undefined : buffers[biasName].filter(d => d !== 1 || buffers[biasName].length === 1);
+          expect(w.router.correctionBias?.shape).to.deep.equal(biasShape);
         } finally {
           disposeMoEBlockWeights(w);
         }
@@ -161,6 +167,16 @@ describe('io/hf_block', () => {
       expect(plan.router.weight).to.deep.equal({ name: 'model.layers.1.block_sparse_moe.gate.weight', shape: [8, 64] });
       expect(plan.experts.kind === 'perExpert' && plan.experts.up[3]).to.deep.equal(
           { name: 'model.layers.1.block_sparse_moe.experts.3.w3.weight', shape: [96, 64] });
+      const ernie = {
+        model_type: 'ernie4_5_moe', hidden_size: 8, moe_intermediate_size: 4, num_hidden_layers: 2, moe_num_experts: 3,
+        moe_k: 1, moe_num_shared_experts: 1,
+      };
+      expect(moeBlockTensorPlan(ernie, 1).router).to.deep.equal({
+        weight: { name: 'model.layers.1.mlp.gate.weight', shape: [3, 8] },
+        correctionBias: { name: 'model.layers.1.mlp.moe_statics.e_score_correction_bias', shape: [1, 3] },
+      });
+      expect(() => moeBlockTensorPlan(ernie, 0)).to.throw(OpArgumentError,
+          "`moeBlockTensorPlan()`: layer 0 of this 'ernie4_5_moe' model is a dense MLP, not an MoE block (MoE layers: 1)");
       const gptOss = {
         model_type: 'gpt_oss', hidden_size: 8, intermediate_size: 4, num_hidden_layers: 1,
         num_local_experts: 2, num_experts_per_tok: 1,
@@ -251,7 +267,7 @@ describe('io/hf_block', () => {
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), config, 1), OpArgumentError,
           "`isMoELayer()`: 'layer' must be <= 0 but got 1");
       await expectRejects(loadMoEBlockWeights(mapSource(tensors), { ...config, model_type: 'dbrx' }, 0), OpArgumentError, "config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
-          "'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'dbrx'");
+          "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'dbrx'");
     });
   });
 });

@@ -133,7 +133,7 @@ describe('io/hf_checkpoint loadHFCheckpoint', () => {
     const unknown = await rejection(loadHFCheckpoint(dir));
     expect(unknown).to.be.instanceOf(OpArgumentError);
     expect(unknown.message).to.contain("config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', " +
-      "'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
+      "'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'llama'");
 
     await writeFile(join(dir, 'config.json'), JSON.stringify(await fixtureConfig('mixtral')));
     const none = await rejection(loadHFCheckpoint(dir));

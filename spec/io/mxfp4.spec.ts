@@ -1,6 +1,6 @@
 /**
- * MXFP4 experts (gpt-oss on the Hub): `*_blocks` + `*_scales` decoded on load into the packed bf16
- * experts, exactly. The MXFP4 checkpoint is written here from the fixture: each expert weight
+ * MXFP4 experts (gpt-oss on the Hub): `*_blocks` + `*_scales` kept as MXFP4 by default (their
+ * bytes are the quantized experts' words), decoded exactly for float32. The MXFP4 checkpoint is written here from the fixture: each expert weight
  * quantized to the e2m1 × 2^k grid by an encoder of this spec (the layout of transformers'
  * integrations/mxfp4.py, written independently of src/io/mxfp4.ts), beside the same grid values
  * stored BF16 (exact): both must load to the same weights and give the same logits.
@@ -14,6 +14,8 @@ import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { decodeMXFP4 } from '../../src/io/mxfp4.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import { variableFloat32 } from '../../src/layers/sparse_moe.js';
+import { packExpertWeight } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { rejection } from '../helpers/rejection.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, tempDir } from './checkpoint_helpers.js';
@@ -115,10 +117,10 @@ async function writeQuantized(edit: (t: Record<string, Raw>) => void = () => {})
   await writeFile(join(mxDir, 'model.safetensors'), encodeRaw(mx));
   await writeFile(join(halfDir, 'config.json'), JSON.stringify(config));
   await writeFile(join(halfDir, 'model.safetensors'), encodeRaw(half));
-  return { mxDir, halfDir, grids };
+  return { mxDir, halfDir, grids, mxTensors: mx };
 }
 
-describe('io/mxfp4: gpt-oss MXFP4 experts decoded on load into packed bf16', () => {
+describe('io/mxfp4: gpt-oss MXFP4 experts kept as MXFP4 on load, or decoded exactly', () => {
   after(cleanup);
 
   it('decodeMXFP4: low nibble first, value e2m1 · 2^(scale − 127), [E, out, in] transposed to [E, in, out]', () => {
@@ -141,20 +143,34 @@ describe('io/mxfp4: gpt-oss MXFP4 experts decoded on load into packed bf16', () 
     expect(new Float32Array(new Uint32Array([big[0] << 16]).buffer)[0]).to.equal(Infinity);
   });
 
-  it('an MXFP4 checkpoint loads to exactly its grid values, packed bf16, and gives the BF16 checkpoint\'s logits', async () => {
-    const { mxDir, halfDir, grids } = await writeQuantized();
+  it('an MXFP4 checkpoint loads as MXFP4 (its bytes as stored), decodes to exactly its grid values and gives the BF16 checkpoint\'s logits', async () => {
+    const { mxDir, halfDir, grids, mxTensors } = await writeQuantized();
     const before = tf.memory().numTensors;
     const mx = await loadHFCheckpoint(mxDir);
     const half = await loadHFCheckpoint(halfDir);
     const wide = await loadHFCheckpoint(mxDir, { expertDtype: 'float32' });
     for (const [i, layer] of sparseMoELayers(mx).entries()) {
-      expect(layer.expertStorage, layer.name).to.equal('bf16');
+      expect(layer.expertStorage, layer.name).to.equal('mxfp4');
       for (const [field, hf] of [['gate_up', 'gate_up_proj'], ['down', 'down_proj']]) {
-        const grid = grids.get(`model.layers.${i}.mlp.experts.${hf}`)!;
-        // packed halves: the bf16 of each grid value, in the weight's [E, in, out] order
-        const words = layer.weightVariable(field).read().dataSync() as Int32Array;
-        expect(Array.from(new Uint16Array(words.buffer, words.byteOffset, grid.length)), `${layer.name} ${field} bits`)
-          .to.deep.equal(Array.from(grid, bf16));
+        const name = `model.layers.${i}.mlp.experts.${hf}`;
+        const grid = grids.get(name)!;
+        // each expert's words: its blocks' bytes (the codes), then its scales' bytes, as the file has them
+        const v = layer.weightVariable(field);
+        const words = v.read().dataSync() as Int32Array;
+        const bytes = new Uint8Array(words.buffer, words.byteOffset, words.byteLength);
+        const [blocks, scales] = [mxTensors[`${name}_blocks`].bytes, mxTensors[`${name}_scales`].bytes];
+        const [E, W] = v.shape as number[];
+        const codeBytes = blocks.length / E;
+        const scaleBytes = scales.length / E;
+        for (let e = 0; e < E; e++) {
+          expect(Array.from(bytes.subarray(4 * e * W, 4 * e * W + codeBytes)), `${name} codes of expert ${e}`)
+            .to.deep.equal(Array.from(blocks.subarray(e * codeBytes, (e + 1) * codeBytes)));
+          expect(Array.from(bytes.subarray(4 * e * W + codeBytes, 4 * e * W + codeBytes + scaleBytes)), `${name} scales of expert ${e}`)
+            .to.deep.equal(Array.from(scales.subarray(e * scaleBytes, (e + 1) * scaleBytes)));
+        }
+        const decoded = variableFloat32(v);
+        expect(Array.from(decoded.dataSync()), `${layer.name} ${field} decoded`).to.deep.equal(Array.from(grid));
+        decoded.dispose();
         const widened = sparseMoELayers(wide)[i].weightVariable(field).read().dataSync();
         expect(Array.from(widened), `${layer.name} ${field} float32`).to.deep.equal(Array.from(grid));
       }
@@ -181,6 +197,27 @@ describe('io/mxfp4: gpt-oss MXFP4 experts decoded on load into packed bf16', () 
     tf.dispose([a, b, c, d, ids, full]);
     for (const m of [mx, half, wide, again]) m.dispose();
     expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it("expertDtype 'mxfp4' keeps the stored bytes as 'stored' does; 'nf4' quantizes the decoded grid values", async () => {
+    const { mxDir } = await writeQuantized();
+    const stored = await loadHFCheckpoint(mxDir);
+    const asked = await loadHFCheckpoint(mxDir, { expertDtype: 'mxfp4' });
+    const wide = await loadHFCheckpoint(mxDir, { expertDtype: 'float32' });
+    const nf4 = await loadHFCheckpoint(mxDir, { expertDtype: 'nf4' });
+    for (const [i, layer] of sparseMoELayers(asked).entries()) {
+      for (const field of ['gate_up', 'down']) {
+        expect(Array.from(layer.weightVariable(field).read().dataSync()), `${layer.name} ${field}`)
+          .to.deep.equal(Array.from(sparseMoELayers(stored)[i].weightVariable(field).read().dataSync()));
+        // gpt-oss's [E, in, out]: nf4 groups along `in` (axis 1)
+        const q = packExpertWeight(sparseMoELayers(wide)[i].weightVariable(field).read() as tf.Tensor3D, 'nf4', { inputAxis: 1 });
+        expect(sparseMoELayers(nf4)[i].expertStorage).to.equal('nf4');
+        expect(Array.from(sparseMoELayers(nf4)[i].weightVariable(field).read().dataSync()), `${layer.name} ${field} nf4`)
+          .to.deep.equal(Array.from(q.packed.dataSync()));
+        q.dispose();
+      }
+    }
+    for (const m of [stored, asked, wide, nf4]) m.dispose();
   });
 
   it('blocks and scales that are not as transformers stores them: one CheckpointError listing each', async () => {

@@ -45,6 +45,9 @@ describe('RotaryAttention', () => {
     ['gpt-oss-like: sinks, YaRN rope, all biases, sliding window 3', {
       sinks: true, ropeScaling: YARN, qkvBias: true, outputBias: true, slidingWindow: 3,
     }],
+    ['ERNIE-4.5-like: interleaved rope pairs (2i, 2i+1), head 8', { ropeInterleave: true, headDim: 8 }],
+    ['Hunyuan-like: per-head q/k norm after rope, all biases', { qkNorm: 'perHeadAfterRope', qkvBias: true, outputBias: true }],
+    ['MiniMax-M2-like: q/k norm over the projection, partial rotary', { qkNorm: 'full', rotaryDim: 2 }],
   ];
   for (const [label, args] of cases) {
     it(`forward matches a float64 reference: ${label}`, () => {
@@ -61,7 +64,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3], cases[5]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };
@@ -117,6 +120,17 @@ describe('RotaryAttention', () => {
     expect(gptOssConfig['ropeScaling']).to.deep.equal(YARN);
     expect((tfl.layers.Layer.fromConfig(RotaryAttention, gptOssConfig) as RotaryAttention).getConfig()).to.deep.equal(gptOssConfig);
     gptOss.dispose();
+    // Hunyuan: its norms after rope keep HF's names (query_layernorm / key_layernorm) and width D
+    const hunyuan = setup({ qkNorm: 'perHeadAfterRope', ropeInterleave: false }, 1).layer;
+    expect(hunyuan.weights.map(v => v.originalName).filter(n => n.includes('norm')).sort())
+      .to.deep.equal(['attn/key_layernorm.weight', 'attn/query_layernorm.weight']);
+    expect(hunyuan.weights.find(v => v.originalName === 'attn/key_layernorm.weight')!.shape).to.deep.equal([4]);
+    hunyuan.dispose();
+    const ernie = setup({ ropeInterleave: true }, 1).layer;
+    const ernieConfig = ernie.getConfig();
+    expect(ernieConfig['ropeInterleave']).to.equal(true);
+    expect((tfl.layers.Layer.fromConfig(RotaryAttention, ernieConfig) as RotaryAttention).ropeInterleave).to.equal(true);
+    ernie.dispose();
   });
 
   it('rejects bad arguments', () => {
@@ -130,7 +144,9 @@ describe('RotaryAttention', () => {
     expect(() => new RotaryAttention({ ...ok, ropeTheta: -1 }))
       .to.throw("`RotaryAttention()`: 'ropeTheta' must be > 0 but got -1");
     expect(() => new RotaryAttention({ ...ok, qkNorm: 'rms' as never }))
-      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full' but got 'rms'");
+      .to.throw("`RotaryAttention()`: 'qkNorm' must be one of 'none', 'perHead', 'full', 'perHeadAfterRope' but got 'rms'");
+    expect(() => new RotaryAttention({ ...ok, ropeInterleave: 'yes' as never }))
+      .to.throw("`RotaryAttention()`: 'ropeInterleave' must be a boolean but got \"yes\" (string)");
     expect(() => new RotaryAttention({ ...ok, clipQKV: 0 }))
       .to.throw("`RotaryAttention()`: 'clipQKV' must be > 0 but got 0");
     expect(() => new RotaryAttention({ ...ok, slidingWindow: 0 }))

@@ -138,7 +138,8 @@ describe('MoECausalLM', () => {
 
   it('builds every family whole, and refuses settings the graph does not implement', async () => {
     // no family is block-only any more: the block-only refusal (BLOCK_ONLY_REASON) has none to refuse
-    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3']);
+    expect(WHOLE_MODEL_TYPES).to.deep.equal(['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+      'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2']);
     expect([...WHOLE_MODEL_TYPES].sort()).to.deep.equal([...MODEL_TYPES].sort());
     const mixtral = await fixtureConfig('mixtral');
     expect(() => buildMoECausalLM({ ...mixtral, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 4 } }))
@@ -178,6 +179,6 @@ describe('MoECausalLM', () => {
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);
     dense.dispose();
     expect(() => buildMoECausalLM({ ...qwen3, model_type: 'llama' }))
-      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss' (the supported MoE families) but got 'llama'");
+      .to.throw("`familyOf()`: config 'model_type' must be one of 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2' (the supported MoE families) but got 'llama'");
   });
 });

@@ -81,7 +81,7 @@ function loraTraining(arch: string, targets: LoRATarget[], lr: number, drop: (fi
     expect(lora.every(w => /\/lora_default_/.test(w.originalName))).to.equal(true);
     // A and B per target and MoE layer (2 MoE layers, 1 where the first layer is dense)
     expect(lora.length).to.equal(2 * targets.length * sparseMoELayers(model).length);
-    expect(sparseMoELayers(model).length).to.equal(arch === 'deepseek_v3' || arch === 'glm4_moe' ? 1 : 2);
+    expect(sparseMoELayers(model).length).to.equal(arch === 'deepseek_v3' || arch === 'glm4_moe' || arch === 'ernie4_5_moe' ? 1 : 2);
     const frozen = model.weights.filter(w => !lora.includes(w));
     const before = snapshot(frozen);
     const result = train(model, ids, vocab, lr);

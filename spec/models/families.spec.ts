@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import {
   FAMILIES, MODEL_TYPES, expertCount, familyOf, isMoELayer, moeBlockConfigFromHF, moeBlockDims,
   moeLayerIndices, type HFConfig,
@@ -23,6 +23,22 @@ const GPT_OSS: HFConfig = {
 const OLMOE: HFConfig = {
   model_type: 'olmoe', hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2,
   num_experts: 8, num_experts_per_tok: 2,
+};
+
+/** An ERNIE-4.5-21B-A3B-like config.json (its Hub keys, small sizes). */
+const ERNIE: HFConfig = {
+  model_type: 'ernie4_5_moe', hidden_size: 64, intermediate_size: 96, moe_intermediate_size: 16, num_hidden_layers: 4,
+  moe_num_experts: 8, moe_k: 2, moe_num_shared_experts: 2, moe_layer_start_index: 1, moe_layer_end_index: 3,
+  moe_layer_interval: 1, moe_norm_min: 1e-12, use_bias: false,
+};
+/** A Hunyuan-A13B-like config.json. */
+const HUNYUAN: HFConfig = {
+  model_type: 'hunyuan_v1_moe', hidden_size: 64, intermediate_size: 24, num_hidden_layers: 2, num_experts: 8, moe_topk: 2,
+};
+/** A MiniMax-M2-like config.json. */
+const MINIMAX: HFConfig = {
+  model_type: 'minimax_m2', hidden_size: 64, intermediate_size: 24, num_hidden_layers: 2, num_local_experts: 8,
+  num_experts_per_tok: 3,
 };
 
 describe('models/families', () => {
@@ -84,6 +100,45 @@ describe('models/families', () => {
           { kind: 'clampedSwiglu', alpha: 1.702, limit: 7 });
     });
 
+    it('reads ERNIE-4.5-MoE, Hunyuan and MiniMax-M2 configs', () => {
+      expect(moeBlockConfigFromHF(ERNIE)).to.deep.equal({
+        routing: { kind: 'softmaxBiasedTopK', topK: 2, normMin: 1e-12 }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockDims(ERNIE)).to.deep.equal({ hidden: 64, intermediate: 16, experts: 8, topK: 2, sharedIntermediate: 32 });
+      expect(moeBlockDims({ ...ERNIE, moe_num_shared_experts: 0 })).to.not.have.property('sharedIntermediate');
+      // Ernie4_5_MoeConfig's defaults: moe_k 6, moe_norm_min 1e-12, two shared experts
+      const { moe_k: _k, moe_norm_min: _n, moe_num_shared_experts: _s, ...ernieDefaults } = ERNIE;
+      expect(moeBlockConfigFromHF(ernieDefaults).routing).to.deep.equal({ kind: 'softmaxBiasedTopK', topK: 6, normMin: 1e-12 });
+      expect(moeBlockDims(ernieDefaults).sharedIntermediate).to.equal(32);
+      expect(moeBlockConfigFromHF({ ...ERNIE, moe_norm_min: 1e-6 }).routing.normMin).to.equal(1e-6);
+      expect(moeBlockConfigFromHF(HUNYUAN)).to.deep.equal({
+        routing: { kind: 'softmaxTopK', topK: 2, renormalize: true }, activation: { kind: 'swiglu' },
+      });
+      // the routed experts and the one shared MLP are both intermediate_size wide
+      expect(moeBlockDims(HUNYUAN)).to.deep.equal({ hidden: 64, intermediate: 24, experts: 8, topK: 2, sharedIntermediate: 24 });
+      expect(moeBlockConfigFromHF(MINIMAX)).to.deep.equal({
+        routing: { kind: 'sigmoidGroupTopK', topK: 3, renormalize: true }, activation: { kind: 'swiglu' },
+      });
+      expect(moeBlockDims(MINIMAX)).to.deep.equal({ hidden: 64, intermediate: 24, experts: 8, topK: 3 });
+      expect(FAMILIES.ernie4_5_moe.checkpoint.router).to.deep.equal(
+          { weight: 'gate.weight', correctionBias: 'moe_statics.e_score_correction_bias', correctionBiasRow: true });
+      expect(FAMILIES.minimax_m2.checkpoint.block).to.equal('block_sparse_moe');
+    });
+
+    it('refuses ERNIE settings it does not implement, and names K\'s key', () => {
+      expect(() => moeBlockConfigFromHF({ ...ERNIE, use_bias: true })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.use_bias' must be false for 'ernie4_5_moe' (the only setting implemented) but got true");
+      expect(() => moeBlockDims({ ...ERNIE, use_bias: true })).to.throw(OpArgumentError,
+          "`moeBlockDims()`: 'config.use_bias' must be false for 'ernie4_5_moe' (the only setting implemented) but got true");
+      expect(() => moeBlockConfigFromHF({ ...ERNIE, moe_k: 9 })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.moe_k' must be <= num experts (8) but got 9");
+      expect(() => moeBlockConfigFromHF({ ...ERNIE, moe_norm_min: 0 })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.moe_norm_min' must be > 0 but got 0");
+      // Hunyuan's per-layer lists of experts / K are not implemented: refused by the integer check
+      expect(() => moeBlockConfigFromHF({ ...HUNYUAN, moe_topk: [2, 2] })).to.throw(OpArgumentError,
+          "`moeBlockConfigFromHF()`: 'config.moe_topk' must be an integer but got");
+    });
+
     it('always renormalizes Mixtral, whatever norm_topk_prob says', () => {
       const config = { ...fixtureConfig('mixtral'), norm_topk_prob: false };
       expect(moeBlockConfigFromHF(config).routing.renormalize).to.equal(true);
@@ -101,7 +156,8 @@ describe('models/families', () => {
     });
 
     it('rejects an unknown or missing model_type, listing the supported ones', () => {
-      const list = "'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss'";
+      const list = "'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss', 'ernie4_5_moe', " +
+          "'hunyuan_v1_moe', 'minimax_m2'";
       expect(() => moeBlockConfigFromHF({ model_type: 'llama' })).to.throw(OpArgumentError,
           `\`familyOf()\`: config 'model_type' must be one of ${list} (the supported MoE families) but got 'llama'`);
       expect(() => familyOf({ hidden_size: 4 })).to.throw(OpArgumentError, 'but got no model_type');
@@ -165,6 +221,16 @@ describe('models/families', () => {
       expect(moeLayerIndices({ ...qwen, decoder_sparse_step: 2, mlp_only_layers: [3] })).to.deep.equal([1, 5]);
       expect(moeLayerIndices({ ...qwen, mlp_only_layers: [0, 4] })).to.deep.equal([1, 2, 3, 5]);
       expect(isMoELayer(fixtureConfig('deepseek_v3'), 0)).to.equal(false);
+      // ERNIE: (i + 1) % interval == 0 within [start, end], end -1 meaning the last layer
+      expect(moeLayerIndices(ERNIE)).to.deep.equal([1, 2, 3]);
+      expect(moeLayerIndices({ ...ERNIE, num_hidden_layers: 8, moe_layer_end_index: -1, moe_layer_interval: 2 }))
+        .to.deep.equal([1, 3, 5, 7]);
+      expect(moeLayerIndices({ ...ERNIE, num_hidden_layers: 8, moe_layer_start_index: 2, moe_layer_end_index: 5 }))
+        .to.deep.equal([2, 3, 4, 5]);
+      const { moe_layer_start_index: _st, moe_layer_end_index: _en, moe_layer_interval: _in, ...ernieDefaults } = ERNIE;
+      expect(moeLayerIndices(ernieDefaults)).to.deep.equal([1, 2, 3]);   // start 1, end -1, interval 1
+      expect(moeLayerIndices(HUNYUAN)).to.deep.equal([0, 1]);
+      expect(moeLayerIndices(MINIMAX)).to.deep.equal([0, 1]);
     });
 
     it('rejects a layer out of range and a bad mlp_only_layers', () => {
@@ -177,7 +243,8 @@ describe('models/families', () => {
 
   describe('the parameter map', () => {
     it('maps every block parameter of every fixture to a distinct weight field', () => {
-      const archs = readdirSync(FIXTURES);
+      // the family fixtures (a golden.json each); format variants such as deepseek_v3_fp8 have none
+      const archs = readdirSync(FIXTURES).filter(arch => existsSync(`${FIXTURES}/${arch}/golden.json`));
       expect(archs).to.include.members(
           ['mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v3', 'olmoe', 'glm4_moe', 'gpt_oss']);
       for (const arch of archs) {
@@ -199,12 +266,15 @@ describe('models/families', () => {
         'experts.gate_up_proj': 'experts.gateUp', 'experts.gate_up_proj_bias': 'experts.gateUpBias',
         'experts.down_proj': 'experts.down', 'experts.down_proj_bias': 'experts.downBias',
       });
-      // the decoder's attention additions are data too: only gpt-oss has any
+      // the decoder's attention additions are data too
       expect(FAMILIES.gpt_oss.attention).to.deep.equal({
         sinks: true, scaledRopes: ['yarn'], ropeRequired: true, layerTypes: true,
         ropeTheta: 150000, slidingWindow: 128, attentionBias: true,
       });
-      expect(MODEL_TYPES.filter(t => FAMILIES[t].attention !== undefined)).to.deep.equal(['gpt_oss']);
+      expect(FAMILIES.ernie4_5_moe.attention).to.deep.equal(
+          { ropeTheta: 500000, rmsNormEps: 1e-5, tieWordEmbeddings: true, ropeInterleave: true });
+      expect(MODEL_TYPES.filter(t => FAMILIES[t].attention !== undefined)).to.deep.equal(
+          ['gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2']);
     });
   });
 });

@@ -141,6 +141,50 @@ describe('models/memory', () => {
     expect(backendMemoryLimits()).to.deep.include({ backend, usedBytes: tf.memory().numBytes });
   });
 
+  it('knows the quantized formats\' bytes (codes, scales, zero points) and refuses on wasm with those numbers', async () => {
+    // OLMoE-1B-7B's widths with 12 layers: even with NF4 experts it does not fit wasm's heap
+    const config = {
+      ...(await fixtureConfig('olmoe')), hidden_size: 2048, intermediate_size: 1024, num_experts: 64, num_experts_per_tok: 8,
+      num_hidden_layers: 12, num_attention_heads: 16, num_key_value_heads: 16, vocab_size: 50304,
+    };
+    // per expert, by the formats (src/ops/quantized.ts): gate_up [2048 out, 2048 in], down [2048 out, 1024 in]
+    const perExpert = (bits: number, metaBytesPerGroup: number, group: (inputs: number) => number) =>
+      [[2048, 2048], [2048, 1024]].reduce((n, [o, i]) => n + (o * i * bits) / 8 + o * Math.ceil(i / group(i)) * metaBytesPerGroup, 0);
+    const expected = {
+      int8: perExpert(8, 4, i => i),              // one f32 scale per output
+      int4: perExpert(4, 8, () => 64),            // f32 scale and zero per 64 inputs
+      nf4: perExpert(4, 4, () => 64),             // f32 absmax per 64
+      mxfp4: perExpert(4, 1, () => 32),           // one e8m0 byte per 32 (4 a word)
+    };
+    const plain = estimateLoadMemory(config);
+    for (const [kind, bytes] of Object.entries(expected)) {
+      const e = estimateLoadMemory(config, { expertStorage: kind as 'nf4' });
+      expect(e.expertBytes, kind).to.equal(12 * 64 * bytes);
+      expect(e.otherBytes, kind).to.equal(plain.otherBytes);
+    }
+    expect(estimateLoadMemory(config, { expertStorage: 'bf16' }).expertBytes).to.equal(plain.expertBytes / 2);
+    const { dir } = await sparseCheckpoint(config);
+    const nf4 = estimateLoadMemory(config, { expertStorage: 'nf4' });
+    expect(nf4.peakBytes).to.be.greaterThan(WASM_HEAP_LIMIT_BYTES);
+    const backend = tf.getBackend();
+    await tf.setBackend('wasm');
+    try {
+      const used = tf.memory().numBytes;
+      const e = await rejection(loadHFCheckpoint(dir, { expertDtype: 'nf4' }));
+      expect(e).to.be.instanceOf(CheckpointError);
+      expect(e.message).to.equal(`\`loadHFCheckpoint()\`: '${dir}': loading the weights (${nf4.bytes} bytes) needs at its peak ` +
+        `${nf4.peakBytes} bytes (${(nf4.peakBytes / 2 ** 30).toFixed(2)} GiB) but the wasm backend holds at most 4294901760 bytes (4.00 GiB)` +
+        (used > 0 ? `, of which tensors already take ${used} bytes (${(used / 2 ** 30).toFixed(2)} GiB)` : '') +
+        '; use a backend with more memory (cpu, webgpu) or a smaller model');
+    } finally {
+      await tf.setBackend(backend);
+    }
+    expect(() => estimateLoadMemory(config, { expertStorage: 'int3' as 'nf4' })).to.throw(
+        "`estimateLoadMemory()`: 'options.expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got \"int3\"");
+    expect(() => estimateLoadMemory(config, { expertStorage: 'nf4', expertBytesPerElement: 2 })).to.throw(
+        "`estimateLoadMemory()`: give 'options.expertStorage' or 'options.expertBytesPerElement', not both");
+  });
+
   it('the step estimate stays above the peak a training step really reaches (tf.profile), where the logits dominate', async () => {
     // a 20k vocabulary on a tiny model: the loss over [B·S, V] is most of the step, as with a real tokenizer
     const model = buildMoECausalLM({ model_type: 'qwen3_moe', vocab_size: 20000, hidden_size: 16, num_hidden_layers: 1,

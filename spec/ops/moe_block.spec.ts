@@ -22,6 +22,9 @@ const families: FamilySpec[] = [
   { name: 'glm4_moe (sigmoid, one group)', routing: { kind: 'sigmoidGroupTopK', topK: 3, nGroup: 1, topkGroup: 1, renormalize: true, scalingFactor: 1.5 }, E: 7, H: 9, I: 4, correctionBias: true, shared: 'plain' },
   { name: 'mistral4 (softmax group top-k)', routing: { kind: 'softmaxGroupTopK', topK: 2, nGroup: 2, topkGroup: 1, renormalize: true }, E: 6, H: 8, I: 3 },
   { name: 'deepseek_v2 (softmax group-limited greedy)', routing: { kind: 'softmaxGroupLimitedGreedy', topK: 3, nGroup: 4, topkGroup: 2, scalingFactor: 1.25 }, E: 8, H: 8, I: 3 },
+  { name: 'ernie4_5_moe (softmax, bias for the selection, clamped sum, shared)', routing: { kind: 'softmaxBiasedTopK', topK: 3, normMin: 1e-12 }, E: 8, H: 8, I: 4, correctionBias: true, shared: 'plain' },
+  { name: 'hunyuan_v1_moe (softmax → top-k → renormalise, shared MLP)', routing: { kind: 'softmaxTopK', topK: 2, renormalize: true }, E: 6, H: 8, I: 4, shared: 'plain' },
+  { name: 'minimax_m2 (sigmoid, bias, no groups, renormalise)', routing: { kind: 'sigmoidGroupTopK', topK: 3, renormalize: true }, E: 8, H: 8, I: 4, correctionBias: true },
 ];
 
 interface Built { weights: MoEBlockWeights; config: MoEBlockConfig; x: tf.Tensor2D; g: tf.Tensor2D; all: tf.Tensor[] }

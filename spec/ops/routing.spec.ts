@@ -5,8 +5,8 @@ import { readFileSync } from 'node:fs';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { referenceRoute } from '../../src/ops/reference/routing.js';
 import {
-  registerRouting, registeredRoutingKinds, route, routeSigmoidGroupTopK, routeSoftmaxGroupLimitedGreedy,
-  routeSoftmaxGroupTopK, routeSoftmaxTopK, routeTopKSoftmax,
+  registerRouting, registeredRoutingKinds, route, routeSigmoidGroupTopK, routeSoftmaxBiasedTopK,
+  routeSoftmaxGroupLimitedGreedy, routeSoftmaxGroupTopK, routeSoftmaxTopK, routeTopKSoftmax,
 } from '../../src/ops/routing/index.js';
 import type { Routing, RoutingConfig, RoutingKind } from '../../src/ops/types.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
@@ -55,6 +55,15 @@ function route64(z: ArrayLike<number>, cfg: RoutingConfig, bias?: ArrayLike<numb
   if (cfg.kind === 'topKSoftmax') {
     const experts = cut(Array.from(z), order(z), () => false);
     return { experts, weights: softmax64(experts.map(e => z[e])), margin };
+  }
+  if (cfg.kind === 'softmaxBiasedTopK') {
+    // ERNIE: select on p + bias, weigh with p / max(Σ, normMin)
+    const p = softmax64(z);
+    const choice = p.map((v, e) => v + (bias ? bias[e] : 0));
+    const experts = cut(choice, order(choice), () => false);
+    const sel = experts.map(e => p[e]);
+    const denom = Math.max(sel.reduce((a, b) => a + b, 0), cfg.normMin ?? 1e-12);
+    return { experts, weights: sel.map(v => v / denom), margin };
   }
   if (cfg.kind === 'softmaxTopK') {
     const p = softmax64(z);
@@ -146,6 +155,7 @@ const FUSED: Record<RoutingKind, Impl> = {
   softmaxGroupLimitedGreedy: (x, c) => routeSoftmaxGroupLimitedGreedy(x, c.topK, {
     nGroup: c.nGroup, topkGroup: c.topkGroup, scalingFactor: c.scalingFactor,
   }),
+  softmaxBiasedTopK: (x, c, b) => routeSoftmaxBiasedTopK(x, c.topK, { correctionBias: b, normMin: c.normMin }),
 };
 
 const IMPLS: Array<[string, (kind: RoutingKind) => Impl]> = [
@@ -237,6 +247,13 @@ const CASES: Case[] = [
   { cfg: { kind: 'softmaxGroupLimitedGreedy', topK: 8, nGroup: 4, topkGroup: 2 }, T: 5, E: 16 },
   { cfg: { kind: 'softmaxGroupLimitedGreedy', topK: 1, nGroup: 4, topkGroup: 1 }, T: 5, E: 16 },
   { cfg: { kind: 'softmaxGroupLimitedGreedy', topK: 4, nGroup: 4, topkGroup: 2 }, T: 600, E: 16 },
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 3 }, T: 1, E: 5 },
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 1 }, T: 3, E: 1, bias: true },
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 3 }, T: 9, E: 16, bias: true },
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 6 }, T: 4, E: 6, bias: true },
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 4 }, T: 600, E: 16, bias: true },
+  // a floor above the sum of the chosen probabilities: the divisor is the constant normMin
+  { cfg: { kind: 'softmaxBiasedTopK', topK: 2, normMin: 1.5 }, T: 5, E: 8, bias: true },
 ];
 
 function expectArgError(fn: () => unknown, message: string): void {
@@ -308,10 +325,12 @@ describe('routing ops', () => {
         });
       }
 
-      it(`${name}: the correction bias gets no gradient`, () => {
+      for (const cfg of [
+        { kind: 'sigmoidGroupTopK', topK: 4, nGroup: 4, topkGroup: 2 },
+        { kind: 'softmaxBiasedTopK', topK: 4 },
+      ] as RoutingConfig[]) it(`${name} ${cfg.kind}: the correction bias gets no gradient`, () => {
         const x = tensorOf(new Rng(5).array(32), [2, 16]) as Tensor2D;
         const bias = tensorOf(new Rng(6).array(16, 0.1), [16]) as Tensor1D;
-        const cfg: RoutingConfig = { kind: 'sigmoidGroupTopK', topK: 4, nGroup: 4, topkGroup: 2 };
         const impl = pick(cfg.kind);
         expectNoLeak(() => {
           expect(() => tf.grads((z: Tensor, b: Tensor) => tf.sum(impl(z as Tensor2D, cfg, b as Tensor1D).weights))([x, bias]))
@@ -336,6 +355,13 @@ describe('routing ops', () => {
 
   it('the docs examples give what they say', () => {
     const x = tf.tensor2d([[2, 0, 1, -1]]);
+    const correctionBias = tf.tensor1d([0, 0, 0, 1]);
+    const biased = routeSoftmaxBiasedTopK(x, 2, { correctionBias });
+    expect(Array.from(biased.experts.dataSync())).to.deep.equal([3, 0]);
+    const p = softmax64([2, 0, 1, -1]);
+    expectClose(biased.weights, [p[3] / (p[3] + p[0]), p[0] / (p[3] + p[0])], 1e-6, 'biased weights');
+    expectClose(biased.weights, [0.047, 0.953], 5e-4, 'the example\'s rounded weights');
+    tf.dispose([biased.weights, biased.experts, correctionBias]);
     for (const r of [routeSoftmaxTopK(x, 2), routeTopKSoftmax(x, 2)]) {
       expect(Array.from(r.experts.dataSync())).to.deep.equal([0, 2]);
       expectClose(r.weights, [0.7310586, 0.2689414], 1e-6, 'weights');
@@ -353,16 +379,18 @@ describe('routing ops', () => {
       { kind: 'sigmoidGroupTopK', topK: 4, nGroup: 4, topkGroup: 2, scalingFactor: 2.5 },
       { kind: 'softmaxGroupTopK', topK: 4, nGroup: 4, topkGroup: 2, renormalize: false, scalingFactor: 2 },
       { kind: 'softmaxGroupLimitedGreedy', topK: 4, nGroup: 4, topkGroup: 2, scalingFactor: 16 },
+      { kind: 'softmaxBiasedTopK', topK: 4, normMin: 1e-9 },
     ];
+    const withBias: RoutingKind[] = ['sigmoidGroupTopK', 'softmaxBiasedTopK'];
 
-    it('lists the five built-in kinds', () => {
+    it('lists the six built-in kinds', () => {
       expect(registeredRoutingKinds()).to.have.members(configs.map(c => c.kind));
     });
 
     for (const cfg of configs) {
       it(`route(${cfg.kind}) is the op of that kind`, () => {
         const x = tensorOf(x64, [3, 16]) as Tensor2D;
-        const bias = cfg.kind === 'sigmoidGroupTopK' ? tensorOf(bias64, [16]) as Tensor1D : undefined;
+        const bias = withBias.includes(cfg.kind) ? tensorOf(bias64, [16]) as Tensor1D : undefined;
         expectNoLeak(() => {
           const a = route(x, cfg, bias);
           const b = FUSED[cfg.kind](x, cfg, bias);
@@ -494,6 +522,19 @@ describe('routing ops', () => {
       });
     }
 
+    it('routeSoftmaxBiasedTopK: correctionBias and normMin', () => {
+      const op = '`routeSoftmaxBiasedTopK()`';
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 2, { correctionBias: bias8 }),
+          `${op}: 'correctionBias' must have shape [16] but got [8] (logits [T,E] = [2,16])`);
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 2, { correctionBias: any(bad.bias2d) }),
+          `${op}: 'correctionBias' must be 1-D but got shape [1,16]`);
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 2, { normMin: 0 }), `${op}: 'normMin' must be > 0 but got 0`);
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 2, { normMin: any('1') }),
+          `${op}: 'normMin' must be a finite number but got '1'`);
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 17), `${op}: 'k' must be <= num experts (16) but got 17`);
+      expectArgError(() => routeSoftmaxBiasedTopK(x, 2, any(null)), `${op}: 'options' must be an object but got null`);
+    });
+
     it('routeSigmoidGroupTopK: correctionBias', () => {
       const op = '`routeSigmoidGroupTopK()`';
       expectArgError(() => routeSigmoidGroupTopK(x, 2, { correctionBias: bias8 }),
@@ -507,7 +548,8 @@ describe('routing ops', () => {
     });
 
     it('route()', () => {
-      const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy'";
+      const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', " +
+          "'softmaxBiasedTopK'";
       expectArgError(() => route(x, any(null)), "`route()`: 'config' must be a RoutingConfig object but got null");
       expectArgError(() => route(x, any('softmaxTopK')), "`route()`: 'config' must be a RoutingConfig object but got string");
       expectArgError(() => route(x, any({ kind: 'mixtral', topK: 2 })),
@@ -525,7 +567,13 @@ describe('routing ops', () => {
       expectArgError(() => route(x, { kind: 'topKSoftmax', topK: 2, topkGroup: 1 }),
           "`route()`: 'config.topkGroup' is not used by routing kind 'topKSoftmax' (it uses topK) but got 1");
       expectArgError(() => route(x, { kind: 'softmaxGroupTopK', topK: 2 }, bias16),
-          "`route()`: 'correctionBias' is only used by routing kind 'sigmoidGroupTopK' but config.kind is 'softmaxGroupTopK'");
+          "`route()`: 'correctionBias' is only used by routing kinds 'sigmoidGroupTopK', 'softmaxBiasedTopK' but config.kind is 'softmaxGroupTopK'");
+      expectArgError(() => route(x, { kind: 'softmaxBiasedTopK', topK: 2, renormalize: true }),
+          "`route()`: 'config.renormalize' is not used by routing kind 'softmaxBiasedTopK' (it uses topK, normMin) but got true");
+      expectArgError(() => route(x, { kind: 'softmaxTopK', topK: 2, normMin: 1e-12 }),
+          "`route()`: 'config.normMin' is not used by routing kind 'softmaxTopK' (it uses topK, renormalize) but got 1e-12");
+      expectArgError(() => route(x, { kind: 'softmaxBiasedTopK', topK: 2, normMin: 0 }),
+          "`routeSoftmaxBiasedTopK()`: 'normMin' must be > 0 but got 0");
       // the op checks the numbers and names itself
       expectArgError(() => route(x8, { kind: 'softmaxTopK', topK: 9 }),
           "`routeSoftmaxTopK()`: 'k' must be <= num experts (8) but got 9");
@@ -542,12 +590,13 @@ describe('routing ops', () => {
           "`registerRouting()`: 'kind' must be a non-empty string but got 3 (number)");
       expectArgError(() => registerRouting('softmaxTopK', any(null)),
           "`registerRouting()`: 'fn' must be a function but got null (object)");
-      expect(registeredRoutingKinds()).to.have.length(5);
+      expect(registeredRoutingKinds()).to.have.length(6);
     });
 
     it('referenceRoute()', () => {
       const op = '`referenceRoute()`';
-      const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy'";
+      const kinds = "'softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', " +
+          "'softmaxBiasedTopK'";
       const cases: Array<[() => unknown, string]> = [
         [() => referenceRoute(any([[1]]), { kind: 'softmaxTopK', topK: 1 }),
           `${op}: 'logits' must be a 2-D float32 tensor but got an array of length 1`],
@@ -580,7 +629,13 @@ describe('routing ops', () => {
         [() => referenceRoute(x, { kind: 'sigmoidGroupTopK', topK: 2, scalingFactor: NaN }),
           `${op}: 'config.scalingFactor' must be a finite number but got NaN (number)`],
         [() => referenceRoute(x, { kind: 'softmaxTopK', topK: 2 }, bias16),
-          `${op}: 'correctionBias' is only used by routing kind 'sigmoidGroupTopK' but config.kind is 'softmaxTopK'`],
+          `${op}: 'correctionBias' is only used by routing kinds 'sigmoidGroupTopK', 'softmaxBiasedTopK' but config.kind is 'softmaxTopK'`],
+        [() => referenceRoute(x, { kind: 'softmaxTopK', topK: 2, normMin: 1 }),
+          `${op}: 'config.normMin' is not used by routing kind 'softmaxTopK' (it uses topK, renormalize) but got 1`],
+        [() => referenceRoute(x, { kind: 'softmaxBiasedTopK', topK: 2, normMin: -1 }),
+          `${op}: 'config.normMin' must be > 0 but got -1`],
+        [() => referenceRoute(x, { kind: 'softmaxBiasedTopK', topK: 2, normMin: NaN }),
+          `${op}: 'config.normMin' must be a finite number but got NaN (number)`],
         [() => referenceRoute(x, { kind: 'sigmoidGroupTopK', topK: 2 }, bias8),
           `${op}: 'correctionBias' must have shape [16] but got [8] (logits [T,E] = [2,16])`],
         [() => referenceRoute(x, { kind: 'sigmoidGroupTopK', topK: 2 }, any(bad.biasInt)),

@@ -134,7 +134,7 @@ describe('plugin args: the validation table', () => {
     { rule: 'the routing kind is registered', good: () => ({ models: [toy('toy_kind_ok', 4, { kind: 'topKSoftmax', topK: 2 })] }),
       bad: () => ({ models: [toy('toy_kind', 4, { kind: 'expertChoice' as never, topK: 2 })] }),
       message: "models[0] layer 'toy_kind' (ToyMoE): routing.kind: expected one of 'softmaxTopK', 'topKSoftmax', " +
-          "'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy' but got 'expertChoice'" },
+          "'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy', 'softmaxBiasedTopK' but got 'expertChoice'" },
     { rule: 'K <= E', good: () => ({ models: [toy('toy_k_ok', 4, { kind: 'softmaxTopK', topK: 4 })] }),
       bad: () => ({ models: [toy('toy_k', 4, { kind: 'softmaxTopK', topK: 5 })] }),
       message: "models[0] layer 'toy_k' (ToyMoE): routing.topK: expected an integer in [1, numExperts = 4] (K <= E) but got 5" },

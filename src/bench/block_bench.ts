@@ -49,9 +49,10 @@ export type CpuSegmentSum = typeof CPU_SEGMENT_SUMS[number];
 
 /**
  * How the routed experts' weights are held: float32 tensors, or packed bf16 / f16 halves (frozen,
- * as a checkpoint loaded with its stored dtype; src/ops/packed.ts), rounded from the same values.
+ * as a checkpoint loaded with its stored dtype; src/ops/packed.ts), rounded from the same values,
+ * or quantized from them (int8, int4 in groups of 64, nf4, mxfp4; src/ops/quantized.ts).
  */
-export const BENCH_EXPERT_STORAGES = ['float32', 'bf16', 'f16'] as const;
+export const BENCH_EXPERT_STORAGES = ['float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4'] as const;
 export type BenchExpertStorage = typeof BENCH_EXPERT_STORAGES[number];
 
 export const BENCH_LORA_CASES = ['none', 'materialize', 'split', 'auto'] as const;
@@ -232,7 +233,7 @@ function makeInputs(c: BenchConfig, seed: number, withLoRA: boolean, storage: Be
   return inputs;
 }
 
-/** The float32 weight as `storage` holds it (packed: rounded, the float32 one disposed). */
+/** The float32 weight as `storage` holds it (packed: rounded or quantized, the float32 one disposed). */
 function expertWeight(w: tf.Tensor3D, storage: BenchExpertStorage, own: <T extends tf.Tensor>(t: T) => T): ExpertWeightTensor {
   if (storage === 'float32') return own(w);
   const packed = packExpertWeight(w, storage);

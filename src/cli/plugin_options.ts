@@ -11,6 +11,7 @@ import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '
 import { collectArgProblems, describeValue } from '../args/validate.js';
 import { suggestName } from '../args/suggest.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../io/hf_block.js';
+import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 
 /** The schema entries that have a flag. */
 export const PLUGIN_FLAG_SPECS: readonly ArgSpec[] = PLUGIN_ARG_SPECS.filter(s => s.flag !== undefined);
@@ -76,9 +77,10 @@ export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = 
 }
 
 /**
- * `--expert-dtype stored|float32`, on every command that loads a model: 'stored' keeps BF16/F16
- * routed experts 16-bit in memory (packed, frozen), 'float32' widens them (loadHFCheckpoint's
- * expertDtype). Not a register() arg, but named like the plugin's --expert-* flags.
+ * `--expert-dtype stored|float32|int8|int4|nf4|mxfp4`, on every command that loads a model:
+ * 'stored' keeps BF16/F16 routed experts 16-bit in memory (packed, frozen) and MXFP4 ones MXFP4,
+ * 'float32' widens them, the others quantize them on load (frozen; docs/quantized.md)
+ * (loadHFCheckpoint's expertDtype). Not a register() arg, but named like the plugin's --expert-* flags.
  *
  * ```js
  * const argv = await expertDtypeOption(yargs(['--expert-dtype', 'float32'])).parseAsync();
@@ -86,11 +88,19 @@ export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = 
  * ```
  */
 export const EXPERT_DTYPE_FLAG = 'expert-dtype';
-export function expertDtypeOption<T>(yargs: Argv<T>, describe = "routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
-    "in memory (packed, frozen; half the memory), 'float32' widens them"): Argv<T & { expertDtype?: ExpertDtype }> {
-  return yargs.option(EXPERT_DTYPE_FLAG, { type: 'string', choices: EXPERT_DTYPES, requiresArg: true, describe }) as
-    unknown as Argv<T & { expertDtype?: ExpertDtype }>;
+export function expertDtypeOption<T>(yargs: Argv<T>, describe = "routed experts: 'stored' keeps BF16/F16 ones 16-bit " +
+    "in memory (packed, frozen; half the memory) and MXFP4 ones MXFP4, 'float32' widens them, int8/int4/nf4/mxfp4 " +
+    'quantize them on load (frozen; docs/quantized.md)'): Argv<T & { expertDtype?: ExpertDtype; int4GroupSize?: number }> {
+  return yargs.option(EXPERT_DTYPE_FLAG, { type: 'string', choices: EXPERT_DTYPES, requiresArg: true, describe })
+      .option(INT4_GROUP_SIZE_FLAG, {
+        type: 'number', choices: INT4_GROUP_SIZES, requiresArg: true,
+        describe: 'with --expert-dtype int4: inputs per scale and zero point (default 64)',
+      })
+      .check(argv => argv.int4GroupSize === undefined || argv.expertDtype === 'int4' ||
+        `--${INT4_GROUP_SIZE_FLAG} needs --${EXPERT_DTYPE_FLAG} int4 but --${EXPERT_DTYPE_FLAG} is ${argv.expertDtype ?? 'not given'}`) as
+    unknown as Argv<T & { expertDtype?: ExpertDtype; int4GroupSize?: number }>;
 }
+export const INT4_GROUP_SIZE_FLAG = 'int4-group-size';
 
 const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$/i;
 

@@ -4,7 +4,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
-import { packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type PackedKind } from '../ops/packed.js';
+import {
+  isQuantizedKind, packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type HalfKind, type PackedKind,
+} from '../ops/packed.js';
+import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
@@ -26,31 +29,52 @@ export interface TensorSource {
    * experts are loaded as float32)
    */
   halfBits?(name: string): Promise<Uint16Array>;
+  /** whether `name` is an MXFP4 weight shown as one tensor (mxfp4TensorSource); optional */
+  isMXFP4?(name: string): boolean;
+  /** an MXFP4 weight's stored bytes (`X_blocks`, `X_scales`), where isMXFP4(name) */
+  mxfp4Bytes?(name: string): Promise<{ blocks: Uint8Array; scales: Uint8Array }>;
 }
 
 /**
  * 'stored' (default): routed-expert weights stored BF16 or F16 stay 16-bit in memory, packed
- * (src/ops/packed.ts), frozen; F32 ones stay float32. 'float32': every weight widened to float32.
+ * (src/ops/packed.ts), frozen; MXFP4 ones (gpt-oss) stay MXFP4, their bytes as stored; F32 ones
+ * stay float32. 'float32': every weight widened to float32. 'int8', 'int4', 'nf4', 'mxfp4':
+ * quantized on load (src/ops/quantized.ts; int4 in groups of 64), one expert tensor at a time,
+ * frozen; an MXFP4 checkpoint asked for 'mxfp4' keeps its bytes.
  */
-export type ExpertDtype = 'stored' | 'float32';
-export const EXPERT_DTYPES: readonly ExpertDtype[] = ['stored', 'float32'];
+export type ExpertDtype = 'stored' | 'float32' | QuantizedKind;
+export const EXPERT_DTYPES: readonly ExpertDtype[] = ['stored', 'float32', ...QUANTIZED_KINDS];
 
 export interface LoadMoEBlockOptions {
   /** default 'stored' */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size along the input, 32, 64 (default) or 128 */
+  int4GroupSize?: number;
 }
 
-const PACKED_OF: Readonly<Record<string, PackedKind>> = { BF16: 'bf16', F16: 'f16' };
+const PACKED_OF: Readonly<Record<string, HalfKind>> = { BF16: 'bf16', F16: 'f16' };
 
 /**
  * The packed kind the routed experts of `names` load as: every one stored BF16 (or every one
  * F16) and a source that gives raw halves; otherwise null (float32).
  */
-export function storedExpertKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): PackedKind | null {
+export function storedExpertKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): HalfKind | null {
   if (expertDtype !== 'stored' || typeof file.halfBits !== 'function' || names.length === 0) return null;
   const dtypes = new Set(names.map(n => file.info(n).dtype));
   if (dtypes.size !== 1) return null;
   return PACKED_OF[[...dtypes][0]] ?? null;
+}
+
+/**
+ * The packed kind the routed experts of `names` load as for `expertDtype`: a quantized kind as
+ * asked; for 'stored', MXFP4 when every one is stored MXFP4 (and the source gives its bytes),
+ * else storedExpertKind's 16-bit kind; null for float32.
+ */
+export function expertPackedKind(file: TensorSource, names: string[], expertDtype: ExpertDtype = 'stored'): PackedKind | null {
+  if (isQuantizedKind(expertDtype)) return expertDtype;
+  if (expertDtype === 'stored' && names.length > 0 && typeof file.isMXFP4 === 'function' &&
+      names.every(n => file.isMXFP4!(n))) return 'mxfp4';
+  return storedExpertKind(file, names, expertDtype);
 }
 
 /** The routed-expert weight tensors of a block plan (the ones that may load packed). */
@@ -125,7 +149,9 @@ export function moeBlockTensorPlan(config: HFConfig, layer: number): BlockTensor
     },
   };
   if (layout.router.bias) plan.router.bias = at(layout.router.bias, [E]);
-  if (layout.router.correctionBias) plan.router.correctionBias = at(layout.router.correctionBias, [E]);
+  if (layout.router.correctionBias) {
+    plan.router.correctionBias = at(layout.router.correctionBias, layout.router.correctionBiasRow ? [1, E] : [E]);
+  }
   if (layout.shared && Is !== undefined) {
     plan.shared = {
       gate: at(layout.shared.gate, [Is, H]),
@@ -178,7 +204,7 @@ async function fuseRows(
  * into the packed words as they are (no float32 copy of anything), one expert tensor at a time.
  */
 async function fuseRowsPacked(
-    file: TensorSource, kind: PackedKind, numExperts: number, parts: Expected[][],
+    file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<PackedExpertWeight> {
   const block = rows * cols;
   const words = packedWordsPerExpert(parts.length * rows, cols);
@@ -190,6 +216,65 @@ async function fuseRowsPacked(
     }
   }
   return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], tf.tensor2d(data, [numExperts, words], 'int32'));
+}
+
+/**
+ * fuseRows for quantized experts: each expert's parts read (float32, one expert tensor at a time)
+ * into one expert's block and quantized into its words; no float32 copy beyond one expert.
+ */
+async function fuseRowsQuantized(
+    op: string, file: TensorSource, kind: QuantizedKind, numExperts: number, parts: Expected[][],
+    [rows, cols]: number[], groupSize: number | undefined): Promise<PackedExpertWeight> {
+  const shape = [numExperts, parts.length * rows, cols];
+  const layout = quantizedLayout(kind, shape, 2, groupSize, op);
+  const block = new Float32Array(parts.length * rows * cols);
+  const data = new Int32Array(numExperts * layout.wordsPerExpert);
+  for (let e = 0; e < numExperts; e++) {
+    for (const [p, part] of parts.entries()) {
+      const t = await file.tensor(part[e].name);
+      try {
+        if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
+        block.set(t.dataSync(), p * rows * cols);
+      } finally {
+        t.dispose();
+      }
+    }
+    quantizeExpertInto(layout, block, 0, data, e * layout.wordsPerExpert, op, `${parts.map(p => p[e].name).join("', '")}`);
+  }
+  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [numExperts, layout.wordsPerExpert], 'int32'), { inputAxis: 2, groupSize });
+}
+
+/**
+ * A fused expert tensor [E, in, out] (gpt-oss's layout: the input on axis 1) as a quantized
+ * weight: MXFP4 stored bytes copied as they are when the kind is MXFP4 and the source has them
+ * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales), else read as float32
+ * (this one tensor) and quantized expert by expert.
+ */
+async function readQuantizedTransposed(
+    op: string, file: TensorSource, kind: QuantizedKind, e: Expected, groupSize: number | undefined): Promise<PackedExpertWeight> {
+  const layout = quantizedLayout(kind, e.shape, 1, groupSize, op);
+  const [experts, rows, cols] = e.shape;
+  const data = new Int32Array(experts * layout.wordsPerExpert);
+  if (kind === 'mxfp4' && file.isMXFP4?.(e.name) === true) {
+    const { blocks, scales } = await file.mxfp4Bytes!(e.name);
+    const bytes = new Uint8Array(data.buffer);
+    const codeBytes = (layout.outputs * layout.inputs) / 2;
+    const scaleBytes = layout.outputs * layout.groupsPerOutput;
+    for (let x = 0; x < experts; x++) {
+      bytes.set(blocks.subarray(x * codeBytes, (x + 1) * codeBytes), 4 * x * layout.wordsPerExpert);
+      bytes.set(scales.subarray(x * scaleBytes, (x + 1) * scaleBytes), 4 * (x * layout.wordsPerExpert + layout.scaleWord));
+    }
+  } else {
+    const t = await file.tensor(e.name);
+    try {
+      if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
+      const values = t.dataSync() as Float32Array;
+      for (let x = 0; x < experts; x++) quantizeExpertInto(layout, values, x * rows * cols, data, x * layout.wordsPerExpert, op, e.name);
+    } finally {
+      t.dispose();
+    }
+  }
+  return new PackedExpertWeight(kind, e.shape, tf.tensor2d(data, [experts, layout.wordsPerExpert], 'int32'), { inputAxis: 1, groupSize });
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]) =>
@@ -204,7 +289,8 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  *
  * With `expertDtype` 'stored' (default), routed experts stored BF16 (or F16) in the checkpoint
  * come back as PackedExpertWeight (frozen, half the memory of float32), copied from the file's
- * halves one expert tensor at a time; 'float32' decodes them.
+ * halves one expert tensor at a time (MXFP4 ones as MXFP4, their bytes copied); 'float32'
+ * decodes them; 'int8', 'int4', 'nf4', 'mxfp4' quantize them (one expert tensor at a time).
  *
  * ```js
  * const file = await readSafetensorsFile('model.safetensors');
@@ -237,11 +323,19 @@ export async function loadMoEBlockWeights(
         problems.join('\n  '));
   }
 
-  const kind = storedExpertKind(file, expertTensorNames(plan), expertDtype);
+  const kind = expertPackedKind(file, expertTensorNames(plan), expertDtype);
+  const groupSize = options.int4GroupSize;
+  if (groupSize !== undefined && expertDtype !== 'int4') {
+    fail(op, `'options.int4GroupSize' is for expertDtype 'int4' but expertDtype is '${expertDtype}'`);
+  }
   const created: Array<tf.Tensor | PackedExpertWeight> = [];
   const track = <T extends tf.Tensor | PackedExpertWeight>(t: T): T => { created.push(t); return t; };
-  const readPacked = async (e: Expected): Promise<PackedExpertWeight> =>
-    track(packedExpertWeightFromBits(kind!, e.shape, await file.halfBits!(e.name)));
+  const readPacked = async (e: Expected): Promise<PackedExpertWeight> => track(isQuantizedKind(kind!) ?
+    await readQuantizedTransposed(op, file, kind, e, groupSize) :
+    packedExpertWeightFromBits(kind as HalfKind, e.shape, await file.halfBits!(e.name)));
+  const fuse = (parts: Expected[][], E: number, dims: number[]) =>
+    kind === null ? fuseRows(op, file, E, parts, dims) :
+    isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize) : fuseRowsPacked(file, kind, E, parts, dims);
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
     const t = track(await file.tensor(e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
@@ -250,17 +344,23 @@ export async function loadMoEBlockWeights(
   try {
     const router: RouterWeights = { weight: await read<Tensor2D>(plan.router.weight) };
     if (plan.router.bias) router.bias = await read<Tensor1D>(plan.router.bias);
-    if (plan.router.correctionBias) router.correctionBias = await read<Tensor1D>(plan.router.correctionBias);
+    if (plan.router.correctionBias) {
+      const bias = await read<tf.Tensor>(plan.router.correctionBias);   // [E], or ERNIE's [1, E]
+      if (bias.rank === 1) {
+        router.correctionBias = bias as Tensor1D;
+      } else {
+        router.correctionBias = track(tf.reshape(bias, [bias.size]) as Tensor1D);
+        bias.dispose();   // the reshape is a new tensor (disposing twice on an error later is harmless)
+      }
+    }
 
     let experts: ExpertWeights;
     const ex = plan.experts;
     if (ex.kind === 'perExpert') {
       const E = ex.gate.length;
       const [I, H] = ex.gate[0].shape;
-      const gateUp = track(kind ? await fuseRowsPacked(file, kind, E, [ex.gate, ex.up], [I, H]) :
-        await fuseRows(op, file, E, [ex.gate, ex.up], [I, H]));  // [E, 2I, H]
-      const down = track(kind ? await fuseRowsPacked(file, kind, E, [ex.down], [H, I]) :
-        await fuseRows(op, file, E, [ex.down], [H, I]));           // [E, H, I]
+      const gateUp = track(await fuse([ex.gate, ex.up], E, [I, H]));  // [E, 2I, H]
+      const down = track(await fuse([ex.down], E, [H, I]));           // [E, H, I]
       experts = { gateUp, down, layout: 'outIn' };
     } else {
       experts = {

@@ -16,10 +16,11 @@ import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
 import {
-  EXPERT_DTYPES, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan, storedExpertKind,
+  EXPERT_DTYPES, expertPackedKind, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan,
   type BlockTensorPlan, type ExpertDtype, type TensorSource,
 } from './hf_block.js';
 import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
+import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
@@ -163,7 +164,10 @@ export function configTensorPlan(config: HFConfig): ConfigTensorPlan {
       }
       if (c.outputBias) at('self_attn.o_proj.bias', [H]);
       if (c.sinks) at('self_attn.sinks', [c.numHeads]);
-      if (c.qkNorm !== 'none') {
+      if (c.qkNorm === 'perHeadAfterRope') {
+        at('self_attn.query_layernorm.weight', [c.headDim]);
+        at('self_attn.key_layernorm.weight', [c.headDim]);
+      } else if (c.qkNorm !== 'none') {
         at('self_attn.q_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : q]);
         at('self_attn.k_norm.weight', [c.qkNorm === 'perHead' ? c.headDim : kv]);
       }
@@ -240,12 +244,19 @@ function sameShape(a: readonly number[], b: readonly (number | null)[]): boolean
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
 
-export interface LoadHFCheckpointOptions extends Omit<MoECausalLMOptions, 'expertStorage'> {
+export interface LoadHFCheckpointOptions extends Omit<MoECausalLMOptions, 'expertStorage' | 'expertGroupSize'> {
   /**
    * 'stored' (default): routed experts stored BF16 or F16 stay 16-bit in memory (packed, frozen:
    * LoRA trains, the experts themselves do not); 'float32': widened, e.g. to train the experts.
    */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size along the input, 32, 64 (default) or 128 */
+  int4GroupSize?: number;
+  /**
+   * @internal with a quantized expertDtype: hold the experts as float32, the exact values the
+   * quantized experts stand for (a merge into the base an adapter was trained on)
+   */
+  dequantizeExperts?: boolean;
 }
 
 /** A checkpoint already in memory: its parsed config.json and its tensors. */
@@ -292,10 +303,14 @@ export async function loadHFCheckpointFrom(
 export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
     options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
-  const { expertDtype = 'stored', ...modelOptions } = options ?? {};
+  const { expertDtype = 'stored', dequantizeExperts = false, int4GroupSize, ...modelOptions } = options ?? {};
   if (!(EXPERT_DTYPES as readonly unknown[]).includes(expertDtype)) {
     throw new CheckpointError(`\`${op}()\`: 'expertDtype' must be one of ${EXPERT_DTYPES.map(d => `'${d}'`).join(', ')} ` +
         `but got ${JSON.stringify(expertDtype)}`);
+  }
+  if (int4GroupSize !== undefined && (expertDtype !== 'int4' || !INT4_GROUP_SIZES.includes(int4GroupSize))) {
+    throw new CheckpointError(`\`${op}()\`: 'int4GroupSize' must be one of ${INT4_GROUP_SIZES.join(', ')} with expertDtype 'int4' ` +
+        `but got ${JSON.stringify(int4GroupSize)} with expertDtype '${expertDtype}'`);
   }
   familyOf(config);  // unknown model types fail here, before any weight is checked
   if (isMXFP4Config(config)) {
@@ -308,16 +323,17 @@ export async function modelFromCheckpoint(
     config = withoutQuantizationConfig(config);
   }
   checkCheckpointAgainstConfig(op, where, config, source);  // before buildMoECausalLM allocates anything
-  const expertStorage = modelExpertStorage(config, source, expertDtype);
-  // know before you build: packed 16-bit experts take 2 bytes an element, every other weight 4
-  const need = estimateLoadMemory(config, { expertBytesPerElement: expertStorage === 'float32' ? 4 : 2 });
+  const expertStorage = dequantizeExperts ? 'float32' : modelExpertStorage(config, source, expertDtype);
+  // know before you build: the experts as they will be held (16-bit, quantized), every other weight 4 bytes an element
+  const groupOptions = int4GroupSize !== undefined && expertStorage === 'int4' ? { expertGroupSize: int4GroupSize } : {};
+  const need = estimateLoadMemory(config, { expertStorage, ...groupOptions });
   const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
       { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
   // every weight is overwritten from the checkpoint: built as zeros, not drawn at random
-  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, initializeWeights: false });
+  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, ...groupOptions, initializeWeights: false });
   try {
-    await fillWeights(op, model, config, source, expertDtype);
+    await fillWeights(op, model, config, source, expertDtype, int4GroupSize);
   } catch (e) {
     model.dispose();
     throw e;
@@ -333,12 +349,13 @@ export async function modelFromCheckpoint(
  */
 function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): ExpertStorage {
   const names = configTensorPlan(config).blocks.flatMap(b => expertTensorNames(b.plan));
-  return storedExpertKind(source, names, expertDtype) ?? 'float32';
+  return expertPackedKind(source, names, expertDtype) ?? 'float32';
 }
 
 /** Writes the checkpoint's tensors into the model, one at a time (checkCheckpointAgainstConfig ran first). */
 async function fillWeights(
-    op: string, model: MoECausalLM, config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): Promise<void> {
+    op: string, model: MoECausalLM, config: HFConfig, source: TensorSource, expertDtype: ExpertDtype,
+    int4GroupSize: number | undefined): Promise<void> {
   const plain: Array<[tfl.LayerVariable, string]> = [];
   const blocks: Array<[SparseMoE, number]> = [];
   for (const layer of model.layers) {
@@ -359,7 +376,7 @@ async function fillWeights(
     }
   }
   for (const [layer, index] of blocks) {
-    const weights = await loadMoEBlockWeights(source, config, index, { expertDtype });
+    const weights = await loadMoEBlockWeights(source, config, index, { expertDtype, int4GroupSize });
     try {
       for (const [field, weightName] of Object.entries(SPARSE_MOE_WEIGHT) as Array<[WeightField, string]>) {
         const t: unknown = getWeightField(weights, field);

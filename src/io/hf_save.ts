@@ -46,7 +46,7 @@ const sameShape = (a: readonly number[], b: readonly number[]) =>
  * per-expert tensors of one part as one unit (all experts' gates in one shard).
  */
 type Entry =
-  | { kind: 'whole'; name: string; fusedName: string; variable: tfl.LayerVariable }
+  | { kind: 'whole'; name: string; fusedName: string; variable: tfl.LayerVariable; storedShape?: number[] }
   | { kind: 'expertRows'; name: string; fusedName: string; part: number; variable: tfl.LayerVariable; expert: number;
       rowStart: number; shape: [number, number] };
 
@@ -66,11 +66,14 @@ function sparseMoEEntries(layer: SparseMoE, config: HFConfig, problems: string[]
       problems.push(`'${layer.name}' has no weight '${weight}' for '${expected.name}'`);
       return;
     }
-    if (!sameShape(variableShape(variable), expected.shape)) {
+    // ERNIE stores its [E] correction bias as [1, E]: the same values, written in the stored shape
+    const asRow = expected.shape.length === 2 && expected.shape[0] === 1 &&
+        sameShape(variableShape(variable), [expected.shape[1]]);
+    if (!asRow && !sameShape(variableShape(variable), expected.shape)) {
       problems.push(`'${layer.name}/${weight}' has shape [${variableShape(variable)}] but '${expected.name}' needs [${expected.shape}]`);
       return;
     }
-    entries.push({ kind: 'whole', name: expected.name, fusedName: expected.name, variable });
+    entries.push({ kind: 'whole', name: expected.name, fusedName: expected.name, variable, ...(asRow ? { storedShape: expected.shape } : {}) });
   };
   whole(plan.router.weight, 'router_weight');
   whole(plan.router.bias, 'router_bias');
@@ -171,9 +174,11 @@ export function hfCheckpointEntries(model: tfl.LayersModel): { config: HFConfig;
   }
   const tensors = entries.map((entry): CheckpointTensor => {
     if (entry.kind === 'whole') {
+      const stored = entry.storedShape;
       return {
-        name: entry.name, shape: variableShape(entry.variable), shardUnit: entry.name,
-        read: () => variableFloat32(entry.variable),  // packed experts decoded
+        name: entry.name, shape: stored ?? variableShape(entry.variable), shardUnit: entry.name,
+        read: stored === undefined ? () => variableFloat32(entry.variable) :  // packed experts decoded
+          () => tf.tidy(() => tf.reshape(variableFloat32(entry.variable), stored)),
       };
     }
     const [rows, cols] = entry.shape;

@@ -1,6 +1,8 @@
 /**
  * MXFP4 expert weights (gpt-oss on the Hub, config.json `quantization_config.quant_method: "mxfp4"`),
- * decoded on load into bf16 halves for the packed experts (src/ops/packed.ts).
+ * kept as MXFP4 (expertDtype 'stored' or 'mxfp4': `mxfp4Bytes` gives the stored bytes, which are
+ * the quantized experts' own layout, src/ops/quantized.ts) or decoded on load into bf16 halves /
+ * float32 for any other expertDtype.
  *
  * The Hub stores a weight `X` of transformers' layout [E, in, out] as two U8 tensors:
  * `X_blocks` [E, out, in/32, 16], two e2m1 codes a byte, and `X_scales` [E, out, in/32], one e8m0
@@ -155,5 +157,11 @@ export function mxfp4TensorSource(source: ByteSource, where: string): TensorSour
     },
   };
   if (typeof source.halfBits === 'function' || decoded.size > 0) wrapped.halfBits = halfBits;
+  // the stored bytes, for a load that keeps MXFP4 experts as they are (expertDtype 'stored' / 'mxfp4')
+  wrapped.isMXFP4 = name => decoded.has(name);
+  wrapped.mxfp4Bytes = async name => {
+    const d = decoded.get(name)!;
+    return { blocks: await source.uint8Values!(d.blocks), scales: await source.uint8Values!(d.scales) };
+  };
   return wrapped;
 }

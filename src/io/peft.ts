@@ -110,7 +110,8 @@ const NEWEST_CHECKED_PEFT: readonly number[] = [0, 21];
  */
 function hfArchitecture(type: string): { base_model_class: string; parent_library: string } {
   const pascal = type.split('_').map(w => w.charAt(0).toUpperCase() + w.slice(1)).join('');
-  return { base_model_class: `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
+  const named = (MODEL_TYPES as readonly string[]).includes(type) ? FAMILIES[type as ModelType].causalLMClass : undefined;
+  return { base_model_class: named ?? `${pascal}ForCausalLM`, parent_library: `transformers.models.${type}.modeling_${type}` };
 }
 
 /** The model type an adapter's auto_mapping names, or null when it names none we can read. */

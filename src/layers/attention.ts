@@ -2,8 +2,9 @@
  * Causal self-attention with rotary position embeddings and grouped KV heads, plus the per-family
  * details the supported MoE models need: q/k/v (and o) biases, q/k RMSNorm per head (Qwen3-MoE)
  * or over the whole projection (OLMoE), OLMoE's clip_qkv, an optional sliding window, partial
- * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope and gpt-oss's
- * attention sinks (a learned logit per head that joins every softmax denominator).
+ * rotary (GLM-4.5-MoE rotates only the first rotaryDim of each head's D), YaRN rope, gpt-oss's
+ * attention sinks (a learned logit per head that joins every softmax denominator), ERNIE-4.5's
+ * interleaved rope pairs and Hunyuan's per-head q/k norms after rope.
  *
  * Weights keep PyTorch's [out, in] layout and HF's names relative to the attention module
  * ('q_proj.weight', 'q_proj.bias', 'q_norm.weight', ...), so a checkpoint tensor
@@ -15,13 +16,13 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
+import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 
-export type QKNorm = 'none' | 'perHead' | 'full';
-export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full'];
+export type QKNorm = 'none' | 'perHead' | 'full' | 'perHeadAfterRope';
+export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'perHeadAfterRope'];
 
 export interface RotaryAttentionArgs extends LayerArgs {
   numHeads: number;
@@ -40,8 +41,13 @@ export interface RotaryAttentionArgs extends LayerArgs {
   qkvBias?: boolean;
   /** bias on the output projection (Qwen3-MoE and OLMoE attention_bias) */
   outputBias?: boolean;
-  /** 'perHead': RMSNorm over D on each head (Qwen3-MoE); 'full': over the whole projection (OLMoE) */
+  /**
+   * 'perHead': RMSNorm over D on each head (Qwen3-MoE); 'full': over the whole projection (OLMoE);
+   * 'perHeadAfterRope': over D on each rotated head, weights 'query_layernorm' / 'key_layernorm' (Hunyuan)
+   */
   qkNorm?: QKNorm;
+  /** rope pairs adjacent (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5); default false: (i, i + D/2) */
+  ropeInterleave?: boolean;
   /** epsilon of the q/k norms (HF rms_norm_eps) */
   normEpsilon?: number;
   /** clamp q, k, v to [−c, c] after projection and norm (OLMoE clip_qkv) */
@@ -136,6 +142,7 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly qkvBias: boolean;
   readonly outputBias: boolean;
   readonly qkNorm: QKNorm;
+  readonly ropeInterleave: boolean;
   readonly normEpsilon: number;
   readonly clipQKV: number | null;
   readonly slidingWindow: number | null;
@@ -169,6 +176,10 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (this.rotaryDim % 2 !== 0) fail(op, `'rotaryDim' must be even (rotary pairs) but got ${this.rotaryDim}`);
     this.qkNorm = args.qkNorm ?? 'none';
     assertOneOf(op, 'qkNorm', this.qkNorm, QK_NORMS);
+    this.ropeInterleave = args.ropeInterleave ?? false;
+    if (typeof this.ropeInterleave !== 'boolean') {
+      fail(op, `'ropeInterleave' must be a boolean but got ${describeValue(this.ropeInterleave)}`);
+    }
     this.normEpsilon = args.normEpsilon ?? 1e-6;
     assertFiniteNumber(op, 'normEpsilon', this.normEpsilon);
     this.clipQKV = args.clipQKV ?? null;
@@ -220,6 +231,9 @@ export class RotaryAttention extends tfl.layers.Layer {
     } else if (this.qkNorm === 'full') {
       add('q_norm.weight', [q], ones);
       add('k_norm.weight', [kv], ones);
+    } else if (this.qkNorm === 'perHeadAfterRope') {
+      add('query_layernorm.weight', [this.headDim], ones);
+      add('key_layernorm.weight', [this.headDim], ones);
     }
     this.built = true;
     this.lora.buildPending();
@@ -277,6 +291,10 @@ export class RotaryAttention extends tfl.layers.Layer {
           rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
       q3 = this.rotate(q3, cos, sin);
       k3 = this.rotate(k3, cos, sin);
+      if (this.qkNorm === 'perHeadAfterRope') {
+        q3 = rmsNorm(q3, this.w('query_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
+        k3 = rmsNorm(k3, this.w('key_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
+      }
       let mask: tf.Tensor2D | tf.Tensor4D;
       [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds)];
       const keyLen = k3.shape[1];                                      // L = S without a cache
@@ -300,12 +318,17 @@ export class RotaryAttention extends tfl.layers.Layer {
     });
   }
 
-  /** rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary) */
+  /**
+   * rope on the first rotaryDim of each head [N, S, D]; the rest passes as it is (partial rotary).
+   * Interleaved pairs are de-interleaved first and left so (deinterleavePairs): q and k both are,
+   * so their products are GPT-J's, and v is untouched.
+   */
   private rotate(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
     const rd = this.rotaryDim;
-    if (rd === this.headDim) return applyRotary(x, cos, sin);
+    const rope = (t: tf.Tensor3D) => applyRotary(this.ropeInterleave ? deinterleavePairs(t) : t, cos, sin);
+    if (rd === this.headDim) return rope(x);
     const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
-    return tf.concat([applyRotary(rotated, cos, sin), passed], 2) as tf.Tensor3D;
+    return tf.concat([rope(rotated), passed], 2) as tf.Tensor3D;
   }
 
   /**
@@ -354,6 +377,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       qkvBias: this.qkvBias,
       outputBias: this.outputBias,
       qkNorm: this.qkNorm,
+      ropeInterleave: this.ropeInterleave,
       normEpsilon: this.normEpsilon,
       clipQKV: this.clipQKV,
       slidingWindow: this.slidingWindow,

@@ -23,7 +23,7 @@ import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { attentionMask, causalMask, contextIds } from './attention.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
-import { applyRotary, rotaryTables, rotaryTablesAt } from './rotary.js';
+import { applyRotary, deinterleavePairs as deinterleave, rotaryTables, rotaryTablesAt } from './rotary.js';
 import { currentSequenceContext } from './sequence_context.js';
 
 export interface MLAAttentionArgs extends LayerArgs {
@@ -84,12 +84,6 @@ export function mlaWeightShapes(a: MLAShapeArgs, hidden: number): Array<{ name: 
   add('o_proj.weight', [hidden, nh * a.vHeadDim]);
   if (bias) add('o_proj.bias', [hidden], 'zeros');
   return out;
-}
-
-/** [N, S, D] with rope pairs at (2i, 2i+1) → pairs at (i, i + D/2): the evens, then the odds. */
-function deinterleave(x: tf.Tensor3D): tf.Tensor3D {
-  const [n, s, d] = x.shape;
-  return tf.reshape(tf.transpose(tf.reshape(x, [n, s, d / 2, 2]), [0, 1, 3, 2]), [n, s, d]) as tf.Tensor3D;
 }
 
 export class MLAAttention extends tfl.layers.Layer {

@@ -15,8 +15,9 @@
  * SparseMoE, whose fused weights come from the family table (src/models/families.ts).
  *
  * Whole models: mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss (attention sinks, YaRN rope,
- * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary) and
- * deepseek_v3 (MLAAttention).
+ * sliding and full layers by layer_types), glm4_moe (RotaryAttention with partial rotary),
+ * deepseek_v3 (MLAAttention), ernie4_5_moe (interleaved rope pairs), hunyuan_v1_moe (q/k norms
+ * per head after rope) and minimax_m2 (q/k norms over the whole projection, partial rotary).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
@@ -40,6 +41,7 @@ export type MoECausalLM = tfl.LayersModel;
 /** The model types that load as whole models (all of MODEL_TYPES now); any other would be block-only. */
 export const WHOLE_MODEL_TYPES: readonly ModelType[] = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss', 'glm4_moe', 'deepseek_v3',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
 ];
 
 /** Why a block-only family has no whole model (none is block-only now). */
@@ -57,6 +59,8 @@ export interface MoECausalLMConfig {
   ropeTheta: number;
   /** the leading part of each head that rope rotates (headDim · partial_rotary_factor) */
   rotaryDim: number;
+  /** rope pairs adjacent (2i, 2i+1) in each head (ernie4_5_moe) */
+  ropeInterleave: boolean;
   /** deepseek_v3's multi-head latent attention (MLAAttention) instead of RotaryAttention; else null */
   mla: MLAConfig | null;
   /** YaRN (gpt_oss); null: the default rope */
@@ -104,7 +108,7 @@ export interface MLAConfig {
 const MLA_DEFAULTS = { q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128 };
 
 /** Model types whose attention rotates only part of each head (partial_rotary_factor), with its default. */
-const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5 };
+const PARTIAL_ROTARY_DEFAULT: Partial<Record<ModelType, number>> = { glm4_moe: 0.5, minimax_m2: 1 };
 
 const OP = 'moeCausalLMConfigFromHF';
 
@@ -319,8 +323,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   const hiddenSize = int(config, 'hidden_size');
   const numHeads = int(config, 'num_attention_heads');
   const numKeyValueHeads = int(config, 'num_key_value_heads', numHeads);
-  const headDim = config['head_dim'] == null || modelType === 'olmoe' ?
-      hiddenSize / numHeads : int(config, 'head_dim');
+  // a family whose config class sets head_dim (MiniMax-M2: 128) uses it when config.json does not
+  const defaultHeadDim = family.attention?.headDim;
+  const headDim = modelType === 'olmoe' || (config['head_dim'] == null && defaultHeadDim === undefined) ?
+      hiddenSize / numHeads : int(config, 'head_dim', defaultHeadDim);
   if (!Number.isInteger(headDim)) {
     fail(OP, `'config.hidden_size' (${hiddenSize}) must be divisible by 'num_attention_heads' (${numHeads}) when head_dim is not set`);
   }
@@ -353,6 +359,12 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
         };
       case 'deepseek_v3':  // MLAAttention reads attention_bias itself (mla below)
         return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'ernie4_5_moe':  // use_bias (all projections) is refused by the family row
+        return { qkvBias: false, outputBias: false, qkNorm: 'none', clipQKV: null, slidingWindow: null };
+      case 'hunyuan_v1_moe':
+        return { qkvBias: attentionBias, outputBias: attentionBias, qkNorm: 'perHeadAfterRope', clipQKV: null, slidingWindow: null };
+      case 'minimax_m2':
+        return { qkvBias: false, outputBias: false, qkNorm: 'full', clipQKV: null, slidingWindow: null };
       case 'gpt_oss':
         return {
           qkvBias: bool(config, 'attention_bias', traits.attentionBias!), outputBias: bool(config, 'attention_bias', traits.attentionBias!),
@@ -388,6 +400,7 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     fail(OP, `head_dim · partial_rotary_factor (${headDim} · ${rope.partialRotaryFactor}) must give an even rotary width >= 2 but gives ${rotaryDim}`);
   }
   const mla = modelType === 'deepseek_v3' ? mlaConfig(config, attentionBias) : null;
+  refuseStaleRotaryDim(config, rotaryDim);
   return {
     modelType,
     vocabSize: int(config, 'vocab_size'),
@@ -398,13 +411,14 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
     headDim,
     ropeTheta: rope.theta,
     rotaryDim,
+    ropeInterleave: traits.ropeInterleave ?? false,
     mla,
     ropeScaling: rope.scaling,
-    rmsNormEps: num(config, 'rms_norm_eps', modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5),
+    rmsNormEps: num(config, 'rms_norm_eps', traits.rmsNormEps ?? (modelType === 'qwen2_moe' || modelType === 'qwen3_moe' ? 1e-6 : 1e-5)),
     ...attention,
     layerWindows,
     sinks,
-    tieWordEmbeddings: bool(config, 'tie_word_embeddings', false),
+    tieWordEmbeddings: bool(config, 'tie_word_embeddings', traits.tieWordEmbeddings ?? false),
     initializerRange: num(config, 'initializer_range', 0.02),
     denseIntermediateSize: needsDense ? int(config, 'intermediate_size') : null,
     moeLayers,
@@ -419,6 +433,18 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
       fusedInterleaved: family.checkpoint.experts.kind === 'fusedInterleaved',
     },
   };
+}
+
+/**
+ * MiniMax-M2's Hub config.json says rotary_dim, which transformers 5 does not read (its rope width
+ * is head_dim · partial_rotary_factor): a rotary_dim that disagrees with the width applied is refused.
+ */
+function refuseStaleRotaryDim(config: HFConfig, rotaryDim: number): void {
+  const stated = config['rotary_dim'];
+  if (stated != null && stated !== rotaryDim) {
+    fail(OP, `config.json sets rotary_dim ${JSON.stringify(stated)} but transformers rotates head_dim · partial_rotary_factor = ` +
+        `${rotaryDim} dims of each head (it does not read rotary_dim); set partial_rotary_factor to match`);
+  }
 }
 
 /** deepseek_v3's MLA sizes; a missing key takes DeepseekV3Config's default, q_lora_rank null means a plain q_proj. */
@@ -466,6 +492,8 @@ export interface MoECausalLMOptions {
   name?: string;
   /** how every SparseMoE holds its routed experts: 'float32' (default), or packed 'bf16' / 'f16' (frozen) */
   expertStorage?: ExpertStorage;
+  /** int4 experts' group size along the input (32, 64 default, 128); only with expertStorage 'int4' */
+  expertGroupSize?: number;
   /**
    * false: every weight starts at zero instead of HF's random init, for a model whose weights are
    * all overwritten next (checkpoint loaders: drawing the normals is half a large model's load
@@ -521,7 +549,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         name: `${prefix}.self_attn`, numHeads: c.numHeads, numKeyValueHeads: c.numKeyValueHeads,
         headDim: c.headDim, ropeTheta: c.ropeTheta, rotaryDim: c.rotaryDim, qkvBias: c.qkvBias, outputBias: c.outputBias,
         qkNorm: c.qkNorm, normEpsilon: c.rmsNormEps, clipQKV: c.clipQKV, slidingWindow: c.layerWindows[i],
-        ropeScaling: c.ropeScaling, sinks: c.sinks,
+        ropeScaling: c.ropeScaling, sinks: c.sinks, ropeInterleave: c.ropeInterleave,
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;
@@ -533,6 +561,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         correctionBias: c.moe.correctionBias,
         initializerRange: init, expertKernel: options.expertKernel, loraMode: options.loraMode,
         expertStorage: options.expertStorage,
+        ...(options.expertGroupSize !== undefined ? { expertGroupSize: options.expertGroupSize } : {}),
         ...(c.moe.fusedInterleaved ? { expertLayout: 'inOutInterleaved', expertBias: true, routerBias: true } as const : {}),
       }) :
       new SwiGLUMLP({ name: `${prefix}.mlp`, intermediateSize: c.denseIntermediateSize!, initializerRange: init }));

@@ -143,3 +143,17 @@ export function applyRotary(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin:
     return tf.reshape(tf.add(tf.mul(x4, c4), tf.mul(rotateHalf(x4), s4)), [n, s, d]) as tf.Tensor3D;
   });
 }
+
+/**
+ * [N, S, D] with rope pairs at (2i, 2i+1) (GPT-J style, HF rope_interleave) → pairs at (i, i + D/2):
+ * the evens, then the odds. Rotating the result with applyRotary and leaving it so is GPT-J's
+ * rope up to a permutation of the D axis, which q·k does not see when q and k both take it.
+ *
+ * ```js
+ * const q = applyRotary(deinterleavePairs(q3d), cos, sin);  // [N, S, D]
+ * ```
+ */
+export function deinterleavePairs(x: tf.Tensor3D): tf.Tensor3D {
+  const [n, s, d] = x.shape;
+  return tf.reshape(tf.transpose(tf.reshape(x, [n, s, d / 2, 2]), [0, 1, 3, 2]), [n, s, d]) as tf.Tensor3D;
+}

@@ -12,9 +12,10 @@ import { expertLoRADelta } from '../ops/lora/delta.js';
 import { dropoutSeedOf } from '../ops/lora/dropout.js';
 import { moeBlock } from '../ops/moe_block.js';
 import {
-  PACKED_KINDS, PackedExpertWeight, packExpertWeight, packedExpertGroup, packedWordsPerExpert, unpackExpertWeight,
-  type ExpertWeightTensor, type PackedKind,
+  PACKED_KINDS, PackedExpertWeight, expertWordsOf, isQuantizedKind, packExpertWeight, packedExpertGroup, unpackExpertWeight,
+  type ExpertWeightTensor, type PackedKind, type PackedOptions,
 } from '../ops/packed.js';
+import { DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type {
   ExpertActivation, ExpertLayout, LoRADropout, LoRAFactors, LoRAMode, MoEBlockConfig, MoEBlockWeights, RoutingConfig,
 } from '../ops/types.js';
@@ -37,15 +38,22 @@ export const EXPERT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'e
 export const SHARED_LORA_TARGETS: readonly LoRATarget[] = ['shared.gate', 'shared.up', 'shared.down'];
 
 /**
- * How a SparseMoE holds its routed-expert weights (gate_up, down): 'float32', or packed 'bf16' /
- * 'f16' halves in int32 variables (src/ops/packed.ts). Packed experts are frozen: non-trainable,
- * never given a gradient; LoRA, the router, shared experts and everything else stay float32.
+ * How a SparseMoE holds its routed-expert weights (gate_up, down): 'float32', packed 'bf16' /
+ * 'f16' halves, or quantized 'int8' / 'int4' (groups of 64) / 'nf4' / 'mxfp4', in int32 variables
+ * (src/ops/packed.ts, src/ops/quantized.ts; groups run along each weight's input). Packed experts
+ * are frozen: non-trainable, never given a gradient; LoRA, the router, shared experts and
+ * everything else stay float32.
  */
 export type ExpertStorage = 'float32' | PackedKind;
 export const EXPERT_STORAGES: readonly ExpertStorage[] = ['float32', ...PACKED_KINDS];
 
 /** The packed expert variables of every SparseMoE: what they hold, for readers outside the layer. */
-const packedVariables = new WeakMap<tfl.LayerVariable, { kind: PackedKind; shape: [number, number, number] }>();
+const packedVariables = new WeakMap<tfl.LayerVariable, { kind: PackedKind; shape: [number, number, number]; options: PackedOptions }>();
+
+function packedOf(variable: tfl.LayerVariable): PackedExpertWeight | undefined {
+  const packed = packedVariables.get(variable);
+  return packed && new PackedExpertWeight(packed.kind, packed.shape, variable.read(), packed.options);
+}
 
 /**
  * A layer variable's value as float32 (a new tensor the caller owns): packed expert weights
@@ -56,9 +64,9 @@ const packedVariables = new WeakMap<tfl.LayerVariable, { kind: PackedKind; shape
  * ```
  */
 export function variableFloat32(variable: tfl.LayerVariable): tf.Tensor {
-  const packed = packedVariables.get(variable);
+  const packed = packedOf(variable);
   if (packed === undefined) return tf.clone(variable.read());
-  return unpackExpertWeight(new PackedExpertWeight(packed.kind, packed.shape, variable.read()));
+  return unpackExpertWeight(packed);
 }
 
 /**
@@ -66,8 +74,8 @@ export function variableFloat32(variable: tfl.LayerVariable): tf.Tensor {
  * decoded when the variable holds packed experts, never the whole weight.
  */
 export function variableExpertFloat32(variable: tfl.LayerVariable, e: number): tf.Tensor2D {
-  const packed = packedVariables.get(variable);
-  if (packed !== undefined) return packedExpertGroup(new PackedExpertWeight(packed.kind, packed.shape, variable.read()), e);
+  const packed = packedOf(variable);
+  if (packed !== undefined) return packedExpertGroup(packed, e);
   const [, rows, cols] = variable.shape as number[];
   return tf.tidy(() => tf.reshape(tf.slice(variable.read(), [e, 0, 0], [1, rows, cols]), [rows, cols]) as tf.Tensor2D);
 }
@@ -117,8 +125,10 @@ export interface SparseMoEArgs extends LayerArgs {
   loraMode?: LoRAMode;
   /** std of the normal initializer of the base weights (HF initializer_range); default 0.02 */
   initializerRange?: number;
-  /** how gate_up and down are held: 'float32' (default) or packed 'bf16' / 'f16' (frozen) */
+  /** how gate_up and down are held: 'float32' (default), packed 'bf16' / 'f16' or quantized (frozen) */
   expertStorage?: ExpertStorage;
+  /** int4 experts' group size along the input: 32, 64 (default) or 128; only with expertStorage 'int4' */
+  expertGroupSize?: number;
   /** adapters to create in build(), as getConfig() writes them */
   adapters?: LoRAAdapterConfig[];
   activeAdapters?: string[];
@@ -177,6 +187,8 @@ export class SparseMoE extends tfl.layers.Layer {
   readonly sharedExpert: { intermediateSize: number; gated: boolean } | null;
   readonly initializerRange: number;
   readonly expertStorage: ExpertStorage;
+  /** int4's group size (expertStorage 'int4'), else null */
+  readonly expertGroupSize: number | null;
   expertKernel: string;
   loraMode: LoRAMode;
 
@@ -210,6 +222,14 @@ export class SparseMoE extends tfl.layers.Layer {
     this.initializerRange = args.initializerRange ?? 0.02;
     this.expertStorage = args.expertStorage ?? 'float32';
     assertOneOf(op, 'expertStorage', this.expertStorage, EXPERT_STORAGES);
+    const groupSize = args.expertGroupSize ?? null;
+    if (groupSize !== null && this.expertStorage !== 'int4') {
+      fail(op, `'expertGroupSize' is for expertStorage 'int4' but expertStorage is '${this.expertStorage}'`);
+    }
+    if (groupSize !== null && !INT4_GROUP_SIZES.includes(groupSize)) {
+      fail(op, `'expertGroupSize' must be one of ${INT4_GROUP_SIZES.join(', ')} but got ${JSON.stringify(groupSize)}`);
+    }
+    this.expertGroupSize = this.expertStorage === 'int4' ? groupSize ?? DEFAULT_INT4_GROUP_SIZE : null;
     this.expertKernel = args.expertKernel ?? 'reference';
     this.loraMode = args.loraMode ?? 'auto';
     // configs from getConfig() hold protected strings (see config_strings.ts); restore them
@@ -243,12 +263,15 @@ export class SparseMoE extends tfl.layers.Layer {
       add('gate_up', gateUpShape);
       add('down', downShape);
     } else {
-      // packed halves (zeros until a checkpoint is loaded), frozen: non-trainable int32 variables
+      // packed halves or quantized words (zeros until a checkpoint is loaded), frozen:
+      // non-trainable int32 variables; quantized groups run along the input ([E, out, in]: axis 2)
       const kind = this.expertStorage;
+      const options: PackedOptions = isQuantizedKind(kind) ?
+        { inputAxis: t ? 1 : 2, ...(this.expertGroupSize !== null ? { groupSize: this.expertGroupSize } : {}) } : {};
       for (const [name, shape] of [['gate_up', gateUpShape], ['down', downShape]] as const) {
-        const v = this.addWeight(name, [e, packedWordsPerExpert(shape[1], shape[2])], 'int32', zeros, undefined, false);
+        const v = this.addWeight(name, [e, expertWordsOf(kind, shape, options)], 'int32', zeros, undefined, false);
         this.weightsByName.set(name, v);
-        packedVariables.set(v, { kind, shape });
+        packedVariables.set(v, { kind, shape, options });
       }
     }
     if (this.expertBias) {
@@ -442,12 +465,36 @@ export class SparseMoE extends tfl.layers.Layer {
    * Packed experts are decoded, merged in float32 and packed again, so the merged weight is
    * rounded to the stored precision (as PEFT's merge into a bf16 model is): unmergeAdapter then
    * gives back the base only up to that rounding.
+   *
+   * Quantized experts (int8, int4, nf4, mxfp4) can only take the merge re-quantized, which can
+   * lose much of a small delta: that needs `{requantize: true}`, and the largest change the
+   * re-quantization made to any merged value (|requantized − (dequantized base + ΔW)|) is
+   * returned so the caller can judge it. To keep the delta exactly, merge into a checkpoint
+   * instead (mergeAdapterIntoCheckpoint with the same expertDtype writes the dequantized base plus
+   * ΔW in bf16). Returns null when nothing was re-quantized.
+   *
+   * ```js
+   * const change = layer.mergeAdapter('default', {requantize: true});  // nf4 experts: e.g. 0.004
+   * ```
    */
-  mergeAdapter(name: string): void {
+  mergeAdapter(name: string, options: { requantize?: boolean } = {}): number | null {
     const state = this.adapterState(name, 'mergeAdapter');
     if (this.merged.includes(name)) fail('SparseMoE.mergeAdapter', `adapter '${name}' is already merged`);
-    for (const target of state.config.targets) this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), 1);
+    const quantized = isQuantizedKind(this.expertStorage) &&
+        state.config.targets.some(t => EXPERT_LORA_TARGETS.includes(t));
+    if (quantized && options.requantize !== true) {
+      fail('SparseMoE.mergeAdapter', `adapter '${name}' targets the routed experts, which are quantized ` +
+          `(${this.expertStorage}): merging re-quantizes them and may lose the delta; pass {requantize: true} to ` +
+          "accept that (the largest change is returned), or merge into a checkpoint with mergeAdapterIntoCheckpoint, " +
+          'which writes the dequantized base plus the delta in bf16');
+    }
+    let change: number | null = null;
+    for (const target of state.config.targets) {
+      const c = this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), 1);
+      if (c !== null) change = Math.max(change ?? 0, c);
+    }
     this.merged.push(name);
+    return change;
   }
 
   unmergeAdapter(name: string): void {
@@ -457,20 +504,26 @@ export class SparseMoE extends tfl.layers.Layer {
     this.merged = this.merged.filter(m => m !== name);
   }
 
-  /** W += sign·delta (delta disposed), re-packing a packed expert weight. */
-  private addToWeight(weight: string, delta: tf.Tensor, sign: 1 | -1): void {
+  /**
+   * W += sign·delta (delta disposed), re-packing a packed expert weight; returns the largest
+   * change re-quantizing made (quantized experts), else null.
+   */
+  private addToWeight(weight: string, delta: tf.Tensor, sign: 1 | -1): number | null {
     const w = this.weightVariable(weight);
     const packed = packedVariables.get(w);
+    let change: number | null = null;
     tf.tidy(() => {
       const sum = sign > 0 ? tf.add(variableFloat32(w), delta) : tf.sub(variableFloat32(w), delta);
       if (packed === undefined) {
         w.write(sum);
         return;
       }
-      const repacked = packExpertWeight(sum as tf.Tensor3D, packed.kind);
+      const repacked = packExpertWeight(sum as tf.Tensor3D, packed.kind, packed.options);
+      if (isQuantizedKind(packed.kind)) change = tf.max(tf.abs(tf.sub(unpackExpertWeight(repacked), sum))).dataSync()[0];
       w.write(repacked.packed);
     });
     delta.dispose();
+    return change;
   }
 
   /**
@@ -479,8 +532,7 @@ export class SparseMoE extends tfl.layers.Layer {
    */
   expertWeight(name: 'gate_up' | 'down'): ExpertWeightTensor {
     const v = this.weightVariable(name);
-    const packed = packedVariables.get(v);
-    return packed === undefined ? v.read() as tf.Tensor3D : new PackedExpertWeight(packed.kind, packed.shape, v.read());
+    return packedOf(v) ?? v.read() as tf.Tensor3D;
   }
 
   // ---- the block ---------------------------------------------------------------------------
@@ -575,6 +627,7 @@ export class SparseMoE extends tfl.layers.Layer {
       loraMode: this.loraMode,
       initializerRange: this.initializerRange,
       expertStorage: this.expertStorage,
+      ...(this.expertGroupSize !== null ? { expertGroupSize: this.expertGroupSize } : {}),
       // strings and keys that tfjs's save/load rewriting would change are protected
       adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ...a }) =>
         ({ ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString) })),

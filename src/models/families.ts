@@ -14,6 +14,7 @@ export type HFConfig = Record<string, unknown>;
 
 export const MODEL_TYPES = [
   'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2',
 ] as const;
 export type ModelType = typeof MODEL_TYPES[number];
 
@@ -28,7 +29,8 @@ export type ExpertCheckpoint =
 /** Tensor names of one MoE block in a Hub checkpoint, relative to `model.layers.N.<block>.`. */
 export interface CheckpointLayout {
   block: string;
-  router: { weight: string; bias?: string; correctionBias?: string };
+  /** correctionBiasRow: the bias is stored [1, E] (ERNIE's moe_statics), not [E] */
+  router: { weight: string; bias?: string; correctionBias?: string; correctionBiasRow?: boolean };
   experts: ExpertCheckpoint;
   shared?: { gate: string; up: string; down: string; sigmoidGate?: string };
 }
@@ -45,6 +47,13 @@ export interface MoEFamily {
   expertCountKeys: readonly string[];
   /** key of the routed experts' intermediate size I */
   expertIntermediateKey: string;
+  /** key of K, the experts per token; default 'num_experts_per_tok' (ERNIE: moe_k, Hunyuan: moe_topk) */
+  topKKey?: string;
+  /**
+   * config settings the graph does not implement, with the one value it computes: a config.json
+   * that sets another is refused, never ignored (ERNIE's use_bias)
+   */
+  requiredValues?: Readonly<Record<string, unknown>>;
   /** the HF config class defaults, used for keys a config.json leaves out */
   defaults: Readonly<Record<string, unknown>>;
   routing: {
@@ -55,6 +64,8 @@ export interface MoEFamily {
     grouped?: boolean;
     /** key of routed_scaling_factor */
     scalingFactorKey?: string;
+    /** key of the floor of the weights' divisor (softmaxBiasedTopK: ERNIE's moe_norm_min) */
+    normMinKey?: string;
   };
   activation: 'swiglu' | 'clampedSwiglu';
   /**
@@ -65,9 +76,11 @@ export interface MoEFamily {
   hiddenActs: readonly string[] | null;
   /**
    * 'all': every decoder layer; 'firstKDense': layers >= first_k_dense_replace;
-   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+   * 'sparseStep': (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers;
+   * 'interval': (i + 1) % moe_layer_interval == 0 and moe_layer_start_index <= i <= moe_layer_end_index
+   * (-1: the last layer), ERNIE-4.5's rule.
    */
-  moeLayers: 'all' | 'firstKDense' | 'sparseStep';
+  moeLayers: 'all' | 'firstKDense' | 'sparseStep' | 'interval';
   checkpoint: CheckpointLayout;
   /** present when the block has shared experts */
   sharedSize?: SharedSize;
@@ -75,6 +88,11 @@ export interface MoEFamily {
   parameters: Readonly<Record<string, WeightField>>;
   /** what the decoder's RotaryAttention adds for this family; absent: nothing beyond the defaults */
   attention?: AttentionTraits;
+  /**
+   * transformers' causal-LM class when it is not the model type in Pascal case
+   * ('ernie4_5_moe' → Ernie4_5_MoeForCausalLM), as PEFT records it in auto_mapping
+   */
+  causalLMClass?: string;
 }
 
 /** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
@@ -94,6 +112,13 @@ export interface AttentionTraits {
   ropeTheta?: number;
   slidingWindow?: number;
   attentionBias?: boolean;
+  /** rms_norm_eps and tie_word_embeddings when config.json leaves them out (the config class's defaults) */
+  rmsNormEps?: number;
+  tieWordEmbeddings?: boolean;
+  /** rope pairs adjacent (2i, 2i+1) in each head, GPT-J style (ERNIE-4.5) */
+  ropeInterleave?: boolean;
+  /** head_dim when config.json leaves it out, for a config class that sets one (else hidden / heads) */
+  headDim?: number;
 }
 
 const PER_EXPERT_PROJ: ExpertCheckpoint = {
@@ -152,6 +177,100 @@ const DEEPSEEK_LIKE = {
   sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'n_shared_experts' },
   parameters: SHARED_EXPERTS_PARAMETERS,
 } as const;
+
+/**
+ * ERNIE-4.5-MoE (transformers' Ernie4_5_MoeSparseMoeBlock): softmax router whose selection adds
+ * moe_statics.e_score_correction_bias ([1, E] on disk), shared experts of
+ * moe_intermediate_size · moe_num_shared_experts, MoE layers by moe_layer_start_index/interval.
+ */
+const ERNIE4_5_MOE: MoEFamily = {
+  modelType: 'ernie4_5_moe',
+  expertCountKeys: ['moe_num_experts', 'num_experts'],
+  expertIntermediateKey: 'moe_intermediate_size',
+  topKKey: 'moe_k',
+  requiredValues: { use_bias: false },
+  defaults: {
+    moe_num_experts: 64, moe_k: 6, moe_num_shared_experts: 2, moe_layer_start_index: 1,
+    moe_layer_end_index: -1, moe_layer_interval: 1, moe_norm_min: 1e-12, use_bias: false,
+  },
+  routing: { kind: 'softmaxBiasedTopK', normMinKey: 'moe_norm_min' },
+  activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
+  moeLayers: 'interval',
+  checkpoint: {
+    block: 'mlp',
+    router: { weight: 'gate.weight', correctionBias: 'moe_statics.e_score_correction_bias', correctionBiasRow: true },
+    experts: PER_EXPERT_PROJ,
+    shared: SHARED_EXPERTS,
+  },
+  sharedSize: { key: 'moe_intermediate_size', multiplierKey: 'moe_num_shared_experts' },
+  // the selection bias is an nn.Parameter (requires_grad False) in transformers, [1, E]: no gradient
+  parameters: { ...SHARED_EXPERTS_PARAMETERS, 'gate.moe_statics.e_score_correction_bias': 'router.correctionBias' },
+  attention: { ropeTheta: 500000, rmsNormEps: 1e-5, tieWordEmbeddings: true, ropeInterleave: true },
+  causalLMClass: 'Ernie4_5_MoeForCausalLM',
+};
+
+/**
+ * Hunyuan-A13B (transformers' HunYuanMoEV1Moe): softmax → top-k → renormalise on gate.wg, routed
+ * experts and one always-on shared MLP, both of intermediate_size; every layer is MoE.
+ */
+const HUNYUAN_V1_MOE: MoEFamily = {
+  modelType: 'hunyuan_v1_moe',
+  expertCountKeys: ['num_experts'],
+  expertIntermediateKey: 'intermediate_size',
+  topKKey: 'moe_topk',
+  defaults: { num_experts: 1, moe_topk: 1 },
+  routing: { kind: 'softmaxTopK', renormalize: true },
+  activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
+  moeLayers: 'all',
+  checkpoint: {
+    block: 'mlp',
+    router: { weight: 'gate.wg.weight' },
+    experts: PER_EXPERT_PROJ,
+    shared: {
+      gate: 'shared_mlp.gate_proj.weight', up: 'shared_mlp.up_proj.weight', down: 'shared_mlp.down_proj.weight',
+    },
+  },
+  sharedSize: { key: 'intermediate_size' },
+  parameters: {
+    'gate.wg.weight': 'router.weight',
+    'experts.gate_up_proj': 'experts.gateUp',
+    'experts.down_proj': 'experts.down',
+    'shared_mlp.gate_proj.weight': 'shared.gate',
+    'shared_mlp.up_proj.weight': 'shared.up',
+    'shared_mlp.down_proj.weight': 'shared.down',
+  },
+  attention: { ropeTheta: 10000, rmsNormEps: 1e-5 },
+  causalLMClass: 'HunYuanMoEV1ForCausalLM',
+};
+
+/**
+ * MiniMax-M2 (transformers' MiniMaxM2SparseMoeBlock): sigmoid scores, e_score_correction_bias for
+ * the selection, weights renormalised; Mixtral's checkpoint names; no shared expert.
+ */
+const MINIMAX_M2: MoEFamily = {
+  modelType: 'minimax_m2',
+  expertCountKeys: ['num_local_experts', 'num_experts'],
+  expertIntermediateKey: 'intermediate_size',
+  defaults: { num_local_experts: 256, num_experts_per_tok: 8 },
+  // no groups: one group kept whole; transformers divides by the bare sum, this kind by sum + 1e-20,
+  // which float32 cannot tell apart for any sum of K sigmoids
+  routing: { kind: 'sigmoidGroupTopK', renormalize: true },
+  activation: 'swiglu',
+  hiddenActs: SILU_NAMES,
+  moeLayers: 'all',
+  checkpoint: {
+    block: 'block_sparse_moe',
+    router: { weight: 'gate.weight', correctionBias: 'e_score_correction_bias' },
+    experts: {
+      kind: 'perExpert', gate: 'experts.{e}.w1.weight', up: 'experts.{e}.w3.weight', down: 'experts.{e}.w2.weight',
+    },
+  },
+  parameters: ROUTED_PARAMETERS,
+  attention: { ropeTheta: 5000000, rmsNormEps: 1e-6, headDim: 128 },
+  causalLMClass: 'MiniMaxM2ForCausalLM',
+};
 
 /** The table. Defaults are those of the transformers 5 config classes. */
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
@@ -277,6 +396,9 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
       'experts.down_proj_bias': 'experts.downBias',
     },
   },
+  ernie4_5_moe: ERNIE4_5_MOE,
+  hunyuan_v1_moe: HUNYUAN_V1_MOE,
+  minimax_m2: MINIMAX_M2,
 };
 
 /**
@@ -331,6 +453,22 @@ function configNumber(op: string, family: MoEFamily, config: HFConfig, key: stri
   return value;
 }
 
+/** The config key of K (experts per token). */
+function topKKey(family: MoEFamily): string {
+  return family.topKKey ?? 'num_experts_per_tok';
+}
+
+/** A config setting the graph does not implement (family.requiredValues) is an error, never ignored. */
+function refuseUnimplementedValues(op: string, family: MoEFamily, config: HFConfig): void {
+  for (const [key, value] of Object.entries(family.requiredValues ?? {})) {
+    const actual = configValue(family, config, key);
+    if (actual !== value) {
+      fail(op, `'config.${key}' must be ${JSON.stringify(value)} for '${family.modelType}' ` +
+          `(the only setting implemented) but got ${describeValue(actual)}`);
+    }
+  }
+}
+
 /** E, the number of routed experts. */
 export function expertCount(config: HFConfig): number {
   const family = familyOf(config);
@@ -354,8 +492,9 @@ export function moeBlockDims(config: HFConfig): MoEBlockDims {
     hidden: configInteger(op, family, config, 'hidden_size'),
     intermediate: configInteger(op, family, config, family.expertIntermediateKey),
     experts: expertCount(config),
-    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+    topK: configInteger(op, family, config, topKKey(family)),
   };
+  refuseUnimplementedValues(op, family, config);
   const shared = family.sharedSize;
   if (shared) {
     let size = configInteger(op, family, config, shared.key, 0);
@@ -380,11 +519,12 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
   const spec = family.routing;
   const routing: RoutingConfig = {
     kind: spec.kind,
-    topK: configInteger(op, family, config, 'num_experts_per_tok'),
+    topK: configInteger(op, family, config, topKKey(family)),
   };
   if (routing.topK > experts) {
-    fail(op, `'config.num_experts_per_tok' must be <= num experts (${experts}) but got ${routing.topK}`);
+    fail(op, `'config.${topKKey(family)}' must be <= num experts (${experts}) but got ${routing.topK}`);
   }
+  refuseUnimplementedValues(op, family, config);
   if (spec.renormalize !== undefined) {
     routing.renormalize = typeof spec.renormalize === 'boolean' ?
         spec.renormalize : configBoolean(op, family, config, spec.renormalize.key);
@@ -395,6 +535,10 @@ export function moeBlockConfigFromHF(config: HFConfig): MoEBlockConfig {
   }
   if (spec.scalingFactorKey) {
     routing.scalingFactor = configNumber(op, family, config, spec.scalingFactorKey);
+  }
+  if (spec.normMinKey) {
+    routing.normMin = configNumber(op, family, config, spec.normMinKey);
+    if (!(routing.normMin > 0)) fail(op, `'config.${spec.normMinKey}' must be > 0 but got ${routing.normMin}`);
   }
   if (family.hiddenActs !== null) {
     const act = config['hidden_act'] ?? family.hiddenActs[0];
@@ -429,6 +573,14 @@ export function isMoELayer(config: HFConfig, layer: number): boolean {
         fail(op, `'config.mlp_only_layers' must be a list of layer indices but got ${JSON.stringify(mlpOnly)}`);
       }
       return !mlpOnly.includes(layer) && (layer + 1) % step === 0;
+    }
+    case 'interval': {
+      const interval = configInteger(op, family, config, 'moe_layer_interval');
+      const start = configInteger(op, family, config, 'moe_layer_start_index', 0);
+      const endValue = configValue(family, config, 'moe_layer_end_index');
+      // the config class turns -1 into the last layer
+      const end = endValue === -1 ? layers - 1 : configInteger(op, family, config, 'moe_layer_end_index', 0);
+      return (layer + 1) % interval === 0 && layer >= start && layer <= end;
     }
   }
 }

@@ -21,6 +21,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { configTensorPlan, type Expected } from '../io/hf_checkpoint_core.js';
 import { hfConfigOf, moeCausalLMConfigFromHF, trainableVariables } from '../layers/moe_causal_lm.js';
+import { EXPERT_STORAGES, type ExpertStorage } from '../layers/sparse_moe.js';
+import { expertWordsOf, isQuantizedKind } from '../ops/packed.js';
 import { assertInteger, fail } from '../ops/validate.js';
 import type { HFConfig } from './families.js';
 
@@ -33,6 +35,14 @@ export interface LoadMemoryOptions {
    * (16-bit experts kept packed in their stored precision)
    */
   expertBytesPerElement?: number;
+  /**
+   * how the model holds its routed experts (SparseMoE's expertStorage): their exact bytes, the
+   * quantized formats' codes, scales and zero points included (src/ops/quantized.ts); instead of
+   * expertBytesPerElement
+   */
+  expertStorage?: ExpertStorage;
+  /** int4 experts' group size (expertStorage 'int4'): 32, 64 (default) or 128 */
+  expertGroupSize?: number;
 }
 
 export interface LoadMemoryEstimate {
@@ -64,6 +74,7 @@ const size = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
  *
  * ```js
  * const {bytes, largest} = estimateLoadMemory(config, {expertBytesPerElement: 2});  // bf16 experts kept packed
+ * estimateLoadMemory(config, {expertStorage: 'nf4'}).expertBytes;  // 4-bit codes + one absmax per 64
  * ```
  */
 export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions = {}): LoadMemoryEstimate {
@@ -72,37 +83,55 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
   if (![1, 2, 4].includes(expertBytesPerElement)) {
     fail(op, `'options.expertBytesPerElement' must be 1, 2 or 4 but got ${JSON.stringify(expertBytesPerElement)}`);
   }
+  const storage = options.expertStorage;
+  if (storage !== undefined && !(EXPERT_STORAGES as readonly unknown[]).includes(storage)) {
+    fail(op, `'options.expertStorage' must be one of ${EXPERT_STORAGES.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(storage)}`);
+  }
+  if (storage !== undefined && options.expertBytesPerElement !== undefined) {
+    fail(op, "give 'options.expertStorage' or 'options.expertBytesPerElement', not both");
+  }
+  if (options.expertGroupSize !== undefined && storage !== 'int4') {
+    fail(op, `'options.expertGroupSize' is for expertStorage 'int4' but got expertStorage ${JSON.stringify(storage)}`);
+  }
+  /** bytes of a fused expert weight [E, rows, cols] (the input on `inputAxis`) as the model holds it */
+  const expertWeightBytes = (shape: number[], inputAxis: 1 | 2): number => {
+    if (storage === undefined) return size(shape) * expertBytesPerElement;
+    if (storage === 'float32') return size(shape) * 4;
+    const groupSize = storage === 'int4' ? options.expertGroupSize : undefined;
+    return 4 * shape[0] * expertWordsOf(storage, shape, isQuantizedKind(storage) ? { inputAxis, groupSize } : {});
+  };
   const plan = configTensorPlan(config);
   // `block`: the decoder layer of a MoE block's weight, null for the others
-  const weights: Array<{ name: string; elements: number; bytesPerElement: number; block: number | null }> =
-      plan.plain.map(e => ({ name: e.name, elements: size(e.shape), bytesPerElement: 4, block: null }));
+  const weights: Array<{ name: string; bytes: number; block: number | null }> =
+      plan.plain.map(e => ({ name: e.name, bytes: size(e.shape) * 4, block: null }));
   for (const { layer, plan: block } of plan.blocks) {
-    const sum = (list: Array<Expected | undefined>) => list.reduce((n, e) => n + (e === undefined ? 0 : size(e.shape)), 0);
     const ex = block.experts;
     // the model holds each block's experts fused, one gate_up and one down tensor, whatever the checkpoint's layout
     const [gateUp, down, name] = ex.kind === 'perExpert' ?
-      [sum([...ex.gate, ...ex.up]), sum(ex.down), ex.down[0]?.name.replace(/\.experts\.\d+\..*$/, '.experts') ?? 'experts'] :
-      [size(ex.gateUp.shape), size(ex.down.shape), ex.gateUp.name.replace(/\.[^.]+$/, '')];
-    weights.push({ name: `${name} (gate_up, fused)`, elements: gateUp, bytesPerElement: expertBytesPerElement, block: layer });
-    weights.push({ name: `${name} (down, fused)`, elements: down, bytesPerElement: expertBytesPerElement, block: layer });
+      [expertWeightBytes([ex.gate.length, 2 * ex.gate[0].shape[0], ex.gate[0].shape[1]], 2),
+        expertWeightBytes([ex.down.length, ...ex.down[0].shape], 2),
+        ex.down[0]?.name.replace(/\.experts\.\d+\..*$/, '.experts') ?? 'experts'] :
+      [expertWeightBytes(ex.gateUp.shape, 1), expertWeightBytes(ex.down.shape, 1), ex.gateUp.name.replace(/\.[^.]+$/, '')];
+    weights.push({ name: `${name} (gate_up, fused)`, bytes: gateUp, block: layer });
+    weights.push({ name: `${name} (down, fused)`, bytes: down, block: layer });
     const others: Array<Expected | undefined> = [block.router.weight, block.router.bias, block.router.correctionBias];
     if (ex.kind !== 'perExpert') others.push(ex.gateUpBias, ex.downBias);
     if (block.shared) others.push(block.shared.gate, block.shared.up, block.shared.down, block.shared.sigmoidGate);
-    for (const e of others) if (e !== undefined) weights.push({ name: e.name, elements: size(e.shape), bytesPerElement: 4, block: layer });
+    for (const e of others) if (e !== undefined) weights.push({ name: e.name, bytes: size(e.shape) * 4, block: layer });
   }
   let expertBytes = 0;
   let otherBytes = 0;
   let largest = { name: '', bytes: 0 };
   let largestPlain = 0;
   for (const w of weights) {
-    const bytes = w.elements * w.bytesPerElement;
+    const bytes = w.bytes;
     if (w.name.endsWith(', fused)')) expertBytes += bytes;
     else otherBytes += bytes;
     if (bytes > largest.bytes) largest = { name: w.name, bytes };
     if (w.block === null) largestPlain = Math.max(largestPlain, bytes);
   }
   const blockBytes = new Map<number, number>();
-  for (const w of weights) if (w.block !== null) blockBytes.set(w.block, (blockBytes.get(w.block) ?? 0) + w.elements * w.bytesPerElement);
+  for (const w of weights) if (w.block !== null) blockBytes.set(w.block, (blockBytes.get(w.block) ?? 0) + w.bytes);
   const largestBlock = Math.max(0, ...blockBytes.values());
   const bytes = expertBytes + otherBytes;
   return { bytes, expertBytes, otherBytes, largest, peakBytes: bytes + largestBlock + largestPlain };

@@ -15,5 +15,10 @@ export { OpArgumentError } from './validate.js';
 export {
   PackedExpertWeight, packExpertWeight, unpackExpertWeight, packedExpertWeightFromBits, isPackedExpertWeight,
   PACKED_KINDS, type PackedKind, type ExpertWeightTensor,
+  HALF_KINDS, type HalfKind, isQuantizedKind, type PackedOptions,
 } from './packed.js';
+export {
+  QUANTIZED_KINDS, type QuantizedKind, quantizedLayout, type QuantizedLayout, quantizeExpertValues,
+  NF4_CODE_BOOK, E2M1_VALUES, INT4_GROUP_SIZES,
+} from './quantized.js';
 export type * from './types.js';

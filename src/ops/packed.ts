@@ -14,11 +14,35 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { encodeBFloat16, encodeFloat16, float16Values } from '../util/half.js';
+import {
+  QUANTIZED_KINDS, decodeQuantizedExpertInto, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout,
+} from './quantized.js';
 import { fail } from './validate.js';
 
 /** The 16-bit formats a packed expert weight can hold. */
-export type PackedKind = 'bf16' | 'f16';
-export const PACKED_KINDS: readonly PackedKind[] = ['bf16', 'f16'];
+export type HalfKind = 'bf16' | 'f16';
+export const HALF_KINDS: readonly HalfKind[] = ['bf16', 'f16'];
+/** Every format a packed (frozen) expert weight can hold: 16-bit, or quantized (src/ops/quantized.ts). */
+export type PackedKind = HalfKind | QuantizedKind;
+export const PACKED_KINDS: readonly PackedKind[] = [...HALF_KINDS, ...QUANTIZED_KINDS];
+
+export function isQuantizedKind(kind: string): kind is QuantizedKind {
+  return (QUANTIZED_KINDS as readonly string[]).includes(kind);
+}
+
+/** How a packed weight's words are laid out beyond its kind and shape (quantized kinds only). */
+export interface PackedOptions {
+  /** the input axis of [E, rows, cols]: 2 for [E, out, in] (default), 1 for gpt-oss's [E, in, out] */
+  inputAxis?: 1 | 2;
+  /** int4's group size along the input: 32, 64 (default) or 128 */
+  groupSize?: number;
+}
+
+/** int32 words per expert of a `kind` weight of logical shape [E, rows, cols]. */
+export function expertWordsOf(kind: PackedKind, shape: readonly number[], options: PackedOptions = {}): number {
+  if (isQuantizedKind(kind)) return quantizedLayout(kind, shape, options.inputAxis ?? 2, options.groupSize).wordsPerExpert;
+  return packedWordsPerExpert(shape[1], shape[2]);
+}
 
 /** int32 words that hold one expert's rows·cols halves (the last half of an odd count is padding, 0). */
 export function packedWordsPerExpert(rows: number, cols: number): number {
@@ -26,24 +50,32 @@ export function packedWordsPerExpert(rows: number, cols: number): number {
 }
 
 /**
- * A routed-expert weight of logical shape [E, rows, cols] held as bf16 or f16 halves, two per
- * element of an int32 tensor [E, ceil(rows·cols / 2)]. Frozen: it never gets a gradient. The
- * wrapper owns nothing beyond `packed`; `dispose()` disposes it.
+ * A frozen routed-expert weight of logical shape [E, rows, cols] held compactly in an int32 tensor
+ * [E, W], row e everything expert e needs: bf16 or f16 halves two per word (W = ceil(rows·cols /
+ * 2)), or a quantized format's codes, scales and zero points (src/ops/quantized.ts: `layout` says
+ * where each lies; `codes()`, `scales()`, `zeros()` read them out). Frozen: it never gets a
+ * gradient. The wrapper owns nothing beyond `packed`; `dispose()` disposes it.
  *
  * ```js
  * const w = packExpertWeight(tf.randomNormal([8, 256, 64]), 'bf16');
  * w.shape;          // [8, 256, 64]
  * w.packed.shape;   // [8, 8192], int32
+ * const q = packExpertWeight(tf.randomNormal([8, 256, 64]), 'nf4');
+ * q.packed.shape;   // [8, 2048 + 256], int32: 4-bit codes, then one absmax per 64 inputs
  * ```
  */
 export class PackedExpertWeight {
   readonly kind: PackedKind;
   /** the logical shape [E, rows, cols], in the layout of the f32 weight it stands for */
   readonly shape: [number, number, number];
-  /** int32 [E, ceil(rows·cols / 2)] */
+  /** int32 [E, wordsPerExpert] */
   readonly packed: tf.Tensor2D;
+  /** the input axis (quantized kinds group along it); 2 unless given */
+  readonly inputAxis: 1 | 2;
+  /** where codes, scales and zeros lie (quantized kinds), else null */
+  readonly layout: QuantizedLayout | null;
 
-  constructor(kind: PackedKind, shape: readonly number[], packed: tf.Tensor) {
+  constructor(kind: PackedKind, shape: readonly number[], packed: tf.Tensor, options: PackedOptions = {}) {
     const op = 'PackedExpertWeight';
     if (!(PACKED_KINDS as readonly string[]).includes(kind)) {
       fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
@@ -51,25 +83,64 @@ export class PackedExpertWeight {
     if (!Array.isArray(shape) || shape.length !== 3 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
       fail(op, `'shape' must be [E, rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
     }
-    checkPackedTensor(op, 'packed', packed, kind, shape as [number, number, number]);
+    const inputAxis = options.inputAxis ?? 2;
+    this.layout = isQuantizedKind(kind) ? quantizedLayout(kind, shape, inputAxis, options.groupSize, op) : null;
+    if (!isQuantizedKind(kind) && options.groupSize !== undefined) fail(op, `'groupSize' is for quantized kinds, not ${kind}`);
+    checkPackedTensor(op, 'packed', packed, kind, shape as [number, number, number], this.wordsOf(shape));
     this.kind = kind;
     this.shape = [shape[0], shape[1], shape[2]];
     this.packed = packed as tf.Tensor2D;
+    this.inputAxis = inputAxis;
+  }
+
+  private wordsOf(shape: readonly number[]): number {
+    return this.layout?.wordsPerExpert ?? packedWordsPerExpert(shape[1], shape[2]);
   }
 
   get rank(): 3 { return 3; }
   get isDisposed(): boolean { return this.packed.isDisposed; }
   /** int32 words per expert */
-  get wordsPerExpert(): number { return packedWordsPerExpert(this.shape[1], this.shape[2]); }
+  get wordsPerExpert(): number { return this.wordsOf(this.shape); }
+  /** quantized kinds' group size along the input, else null */
+  get groupSize(): number | null { return this.layout?.groupSize ?? null; }
+  /** the options that rebuild this weight's wrapper around other words */
+  get options(): PackedOptions {
+    return this.layout ? { inputAxis: this.inputAxis, groupSize: this.layout.groupSize } : {};
+  }
+  /** int32 [E, codeWords]: the codes' words (quantized kinds; 16-bit: every word) */
+  codes(): tf.Tensor2D {
+    return tf.slice(this.packed, [0, 0], [-1, this.layout?.scaleWord ?? this.wordsPerExpert]);
+  }
+  /** float32 [E, O, groups]: the scales (mxfp4: 2^(e − 127)); null for 16-bit kinds */
+  scales(): tf.Tensor3D | null { return this.metaFloats('scales'); }
+  /** float32 [E, O, groups]: int4's zero points, else null */
+  zeros(): tf.Tensor3D | null { return this.metaFloats('zeros'); }
+
+  private metaFloats(which: 'scales' | 'zeros'): tf.Tensor3D | null {
+    const l = this.layout;
+    if (l === null || (which === 'zeros' && l.zeroWord < 0)) return null;
+    const groups = l.outputs * l.groupsPerOutput;
+    const words = this.packed.dataSync() as Int32Array;
+    const out = new Float32Array(this.shape[0] * groups);
+    const floats = new Float32Array(words.buffer, words.byteOffset, words.length);
+    for (let e = 0; e < this.shape[0]; e++) {
+      const base = e * l.wordsPerExpert + (which === 'zeros' ? l.zeroWord : l.scaleWord);
+      for (let g = 0; g < groups; g++) {
+        out[e * groups + g] = l.kind === 'mxfp4' ? 2 ** (((words[base + (g >> 2)] >>> (8 * (g & 3))) & 255) - 127) : floats[base + g];
+      }
+    }
+    return tf.tensor3d(out, [this.shape[0], l.outputs, l.groupsPerOutput]);
+  }
+
   dispose(): void { this.packed.dispose(); }
 }
 
-function checkPackedTensor(op: string, arg: string, packed: unknown, kind: string, shape: [number, number, number]): void {
-  const words = packedWordsPerExpert(shape[1], shape[2]);
+function checkPackedTensor(
+    op: string, arg: string, packed: unknown, kind: string, shape: [number, number, number], words: number): void {
   if (!(packed instanceof tf.Tensor)) fail(op, `'${arg}' must be an int32 tensor [${shape[0]}, ${words}] but got ${String(packed)}`);
   if (packed.isDisposed) fail(op, `'${arg}' was already disposed`);
   if (packed.dtype !== 'int32' || packed.rank !== 2 || packed.shape[0] !== shape[0] || packed.shape[1] !== words) {
-    fail(op, `'${arg}' must be an int32 tensor [${shape[0]}, ${words}] (${kind} halves of [${shape}]) ` +
+    fail(op, `'${arg}' must be an int32 tensor [${shape[0]}, ${words}] (${kind} ${isQuantizedKind(kind) ? 'words' : 'halves'} of [${shape}]) ` +
         `but got a ${packed.dtype} tensor of shape [${packed.shape}]`);
   }
 }
@@ -84,7 +155,7 @@ export function isPackedExpertWeight(value: unknown): value is PackedExpertWeigh
 /** An expert weight argument: a 3-D float32 tensor or a valid, undisposed PackedExpertWeight. */
 export function assertExpertWeight(op: string, arg: string, value: unknown): asserts value is ExpertWeightTensor {
   if (value instanceof PackedExpertWeight) {
-    checkPackedTensor(op, `${arg}.packed`, value.packed, value.kind, value.shape);
+    checkPackedTensor(op, `${arg}.packed`, value.packed, value.kind, value.shape, value.wordsPerExpert);
     return;
   }
   if (!(value instanceof tf.Tensor)) {
@@ -114,7 +185,7 @@ export function float16Bits(v: number): number {
  * exact and branch-free). Shared by the cpu and wasm kernels (wasm: HEAP32 / HEAPF32).
  */
 export function decodeExpertInto(
-    kind: PackedKind, count: number, words: Int32Array, wOff: number,
+    kind: HalfKind, count: number, words: Int32Array, wOff: number,
     dst: Float32Array, dstBits: Int32Array, dOff: number): void {
   const pairs = count >> 1;
   if (kind === 'bf16') {
@@ -135,6 +206,31 @@ export function decodeExpertInto(
   }
 }
 
+/** What a kernel knows of a packed weight: its kind, logical shape and options (the kernel attrs). */
+export interface PackedFormat {
+  kind: PackedKind;
+  shape: readonly number[];
+  inputAxis: 1 | 2;
+  /** quantized kinds' group size (ignored for 16-bit) */
+  groupSize: number;
+}
+
+/** The quantized layout of `f`, else null (cached per call site by the kernels: cheap anyway). */
+export function layoutOf(f: PackedFormat): QuantizedLayout | null {
+  return isQuantizedKind(f.kind) ? quantizedLayout(f.kind, f.shape, f.inputAxis, f.groupSize) : null;
+}
+
+/**
+ * Decodes expert e of any packed format (its first word words[wOff]) into float32 [rows, cols] at
+ * dst[dOff …]; `dstBits` an Int32Array over the same memory (see decodeExpertInto).
+ */
+export function decodePackedExpertInto(
+    f: PackedFormat, layout: QuantizedLayout | null, words: Int32Array, wOff: number,
+    dst: Float32Array, dstBits: Int32Array, dOff: number): void {
+  if (layout !== null) decodeQuantizedExpertInto(layout, words, wOff, dst, dOff);
+  else decodeExpertInto(f.kind as HalfKind, f.shape[1] * f.shape[2], words, wOff, dst, dstBits, dOff);
+}
+
 /**
  * A packed weight from 16-bit values (bits) laid out as the f32 weight would be, expert-major
  * [E, rows, cols]: the values are copied as they are, each expert starting on a word.
@@ -143,7 +239,7 @@ export function decodeExpertInto(
  * const w = packedExpertWeightFromBits('bf16', [E, 2 * I, H], halves);  // halves: Uint16Array(E·2I·H)
  * ```
  */
-export function packedExpertWeightFromBits(kind: PackedKind, shape: readonly number[], halves: Uint16Array): PackedExpertWeight {
+export function packedExpertWeightFromBits(kind: HalfKind, shape: readonly number[], halves: Uint16Array): PackedExpertWeight {
   const op = 'packedExpertWeightFromBits';
   if (!Array.isArray(shape) || shape.length !== 3 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
     fail(op, `'shape' must be [E, rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
@@ -162,13 +258,15 @@ export function packedExpertWeightFromBits(kind: PackedKind, shape: readonly num
 }
 
 /**
- * A float32 weight [E, rows, cols] rounded to bf16 or f16 (nearest even, as torch does) and packed.
+ * A float32 weight [E, rows, cols] rounded to bf16 or f16 (nearest even, as torch does) and
+ * packed, or quantized to int8, int4, NF4 or MXFP4 (src/ops/quantized.ts) one expert at a time.
  *
  * ```js
  * const packed = packExpertWeight(gateUp, 'bf16');
+ * const q = packExpertWeight(gateUp, 'int4', {groupSize: 128});  // [E, out, in]: groups along in
  * ```
  */
-export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind): PackedExpertWeight {
+export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind, options: PackedOptions = {}): PackedExpertWeight {
   const op = 'packExpertWeight';
   assertExpertWeight(op, 'weight', weight);
   if (weight instanceof PackedExpertWeight) fail(op, `'weight' is already packed (${weight.kind})`);
@@ -176,15 +274,30 @@ export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind): PackedE
     fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
   }
   const values = weight.dataSync() as Float32Array;
-  return packedExpertWeightFromBits(kind, weight.shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
+  if (!isQuantizedKind(kind)) {
+    if (options.groupSize !== undefined || options.inputAxis !== undefined) fail(op, `'options' are for quantized kinds, not ${kind}`);
+    return packedExpertWeightFromBits(kind, weight.shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
+  }
+  const layout = quantizedLayout(kind, weight.shape, options.inputAxis ?? 2, options.groupSize, op);
+  const [e, rows, cols] = weight.shape;
+  const data = new Int32Array(e * layout.wordsPerExpert);
+  for (let i = 0; i < e; i++) quantizeExpertInto(layout, values, i * rows * cols, data, i * layout.wordsPerExpert, op, 'weight');
+  return new PackedExpertWeight(kind, weight.shape, tf.tensor2d(data, [e, layout.wordsPerExpert], 'int32'), options);
 }
 
-function decodeWords(kind: PackedKind, experts: number, rows: number, cols: number, words: Int32Array): Float32Array {
+/** `weight`'s format as the kernels take it. */
+export function packedFormatOf(weight: PackedExpertWeight): PackedFormat {
+  return { kind: weight.kind, shape: weight.shape, inputAxis: weight.inputAxis, groupSize: weight.groupSize ?? 0 };
+}
+
+function decodeWords(weight: PackedExpertWeight, experts: number, words: Int32Array): Float32Array {
+  const [, rows, cols] = weight.shape;
   const block = rows * cols;
-  const perExpert = packedWordsPerExpert(rows, cols);
+  const perExpert = weight.wordsPerExpert;
   const out = new Float32Array(experts * block);
   const bits = new Int32Array(out.buffer);
-  for (let e = 0; e < experts; e++) decodeExpertInto(kind, block, words, e * perExpert, out, bits, e * block);
+  const f = packedFormatOf(weight);
+  for (let e = 0; e < experts; e++) decodePackedExpertInto(f, weight.layout, words, e * perExpert, out, bits, e * block);
   return out;
 }
 
@@ -200,12 +313,17 @@ export interface DecodePackedAttrs {
   count: number;
   rows: number;
   cols: number;
+  /** quantized kinds: the input axis and group size (src/ops/quantized.ts) */
+  inputAxis: 1 | 2;
+  groupSize: number;
 }
 
 function decodeOnDevice(weight: PackedExpertWeight, first: number, count: number): tf.Tensor3D | null {
   if (tf.getKernel(DECODE_PACKED, tf.getBackend()) == null) return null;
   const [, rows, cols] = weight.shape;
-  const attrs: DecodePackedAttrs = { kind: weight.kind, first, count, rows, cols };
+  const attrs: DecodePackedAttrs = {
+    kind: weight.kind, first, count, rows, cols, inputAxis: weight.inputAxis, groupSize: weight.groupSize ?? 0,
+  };
   return tf.engine().runKernel(DECODE_PACKED, { packed: weight.packed }, attrs as unknown as tf.NamedAttrMap) as tf.Tensor3D;
 }
 
@@ -221,10 +339,10 @@ function decodeOnDevice(weight: PackedExpertWeight, first: number, count: number
 export function unpackExpertWeight(weight: ExpertWeightTensor): tf.Tensor3D {
   assertExpertWeight('unpackExpertWeight', 'weight', weight);
   if (!(weight instanceof PackedExpertWeight)) return tf.clone(weight);
-  const [e, rows, cols] = weight.shape;
+  const e = weight.shape[0];
   const onDevice = decodeOnDevice(weight, 0, e);
   if (onDevice) return onDevice;
-  return tf.tensor3d(decodeWords(weight.kind, e, rows, cols, weight.packed.dataSync() as Int32Array), weight.shape);
+  return tf.tensor3d(decodeWords(weight, e, weight.packed.dataSync() as Int32Array), weight.shape);
 }
 
 /**
@@ -242,7 +360,7 @@ export function packedExpertGroup(weight: PackedExpertWeight, e: number): tf.Ten
   }
   const words = tf.tidy(() => tf.slice(weight.packed, [e, 0], [1, -1]));
   try {
-    return tf.tensor2d(decodeWords(weight.kind, 1, rows, cols, words.dataSync() as Int32Array), [rows, cols]);
+    return tf.tensor2d(decodeWords(weight, 1, words.dataSync() as Int32Array), [rows, cols]);
   } finally {
     words.dispose();
   }

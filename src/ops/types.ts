@@ -39,7 +39,8 @@ export type RoutingKind =
   | 'topKSoftmax'                  // gpt-oss
   | 'sigmoidGroupTopK'             // DeepSeek-V3, GLM-4.5-MoE
   | 'softmaxGroupTopK'             // Mistral4
-  | 'softmaxGroupLimitedGreedy';   // DeepSeek-V2
+  | 'softmaxGroupLimitedGreedy'    // DeepSeek-V2
+  | 'softmaxBiasedTopK';           // ERNIE-4.5-MoE
 
 export interface RoutingConfig {
   kind: RoutingKind;
@@ -53,6 +54,8 @@ export interface RoutingConfig {
   topkGroup?: number;
   /** routed_scaling_factor, multiplies the final weights (default 1) */
   scalingFactor?: number;
+  /** the floor of the weights' divisor, max(Σ, normMin) (softmaxBiasedTopK: ERNIE's moe_norm_min, default 1e-12) */
+  normMin?: number;
 }
 
 /** What every routing op returns. */
@@ -70,7 +73,7 @@ export interface RouterWeights {
   weight: Tensor2D;
   /** [E] added to the logits (gpt-oss) */
   bias?: Tensor1D;
-  /** [E] DeepSeek's e_score_correction_bias: used for selection only, gets no gradient */
+  /** [E] DeepSeek's (ERNIE's, MiniMax's) e_score_correction_bias: used for selection only, gets no gradient */
   correctionBias?: Tensor1D;
   /** active router adapters, A [r, H], B [E, r]; their deltas add up */
   lora?: LoRAFactors[];

@@ -106,6 +106,8 @@ export interface TrainRunOptions {
    * with LoRA) or 'float32' (the default for full fine-tuning, which trains them: 'stored' is then refused)
    */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size along the input (32, 64 default, 128) */
+  int4GroupSize?: number;
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
@@ -259,9 +261,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
         'is built from the text file of data');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
-  if (mode === 'full' && options.expertDtype === 'stored') {
-    throw new TrainError("full fine-tuning trains the routed experts, which needs them in float32: expertDtype 'stored' " +
-        "keeps 16-bit experts packed and frozen; use expertDtype 'float32' (the default without LoRA) or train LoRA adapters");
+  if (mode === 'full' && options.expertDtype !== undefined && options.expertDtype !== 'float32') {
+    throw new TrainError(`full fine-tuning trains the routed experts, which needs them in float32: expertDtype '${options.expertDtype}' ` +
+        `keeps them ${options.expertDtype === 'stored' ? '16-bit and ' : 'quantized and '}frozen; use expertDtype 'float32' ` +
+        '(the default without LoRA) or train LoRA adapters');
   }
   // before any work: a bad output path must not cost a training run
   checkOutputFolder(options.out, { name: '`runTraining()`: out', overwrite: options.overwrite === true, inputs: { model: options.model } });
@@ -287,7 +290,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
   } else {
     tokenizer = await readTokenizer(options.model!);
     // full fine-tuning widens 16-bit experts to float32 masters; LoRA keeps them packed by default
-    model = await loadHFCheckpoint(options.model!, { expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored') });
+    model = await loadHFCheckpoint(options.model!, {
+      expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored'),
+      ...(options.int4GroupSize !== undefined ? { int4GroupSize: options.int4GroupSize } : {}),
+    });
   }
   let handle: PluginHandle | null = null;
   try {

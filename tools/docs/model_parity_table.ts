@@ -3,7 +3,7 @@
  * error against transformers / PEFT of the logits, of the logits with the fixture's PEFT adapter,
  * and of every LoRA gradient (the max over the adapter tensors: 12, or 6 where the first layer is dense), per backend, fused kernel.
  *
- *   npx tsx tools/docs/model_parity_table.ts
+ *   npx tsx tools/docs/model_parity_table.ts [family ...]     (default: every whole-model family)
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { join } from 'node:path';
@@ -43,7 +43,8 @@ async function errors(arch: string): Promise<[number, number, number]> {
 }
 
 const rows = ['| family | backend | logits | logits with adapter | LoRA gradients |', '|---|---|---|---|---|'];
-for (const arch of WHOLE_MODEL_TYPES) {
+const only = process.argv.slice(2);
+for (const arch of WHOLE_MODEL_TYPES.filter(a => only.length === 0 || only.includes(a))) {
   for (const backend of ['cpu', 'wasm']) {
     await selectBackend(backend);
     const e = await errors(arch);

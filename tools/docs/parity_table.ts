@@ -3,17 +3,19 @@
  * max relative error over the block's output, dx and every parameter gradient against Hugging
  * Face's (what `tfjs-moe-lora parity --json` reports per run), and whether routing is identical.
  *
- *   npx tsx tools/docs/parity_table.ts
+ *   npx tsx tools/docs/parity_table.ts [family ...]     (default: every fixture)
  */
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { runBlockParity } from '../../src/models/parity.js';
 
 const FIXTURES = 'spec/fixtures/hf';
-const ORDER = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss'];
+const ORDER = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'glm4_moe', 'gpt_oss',
+  'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2'];
+const only = process.argv.slice(2);
 const BACKENDS = ['cpu', 'wasm'];
 
-const archs = readdirSync(FIXTURES).filter(a => existsSync(join(FIXTURES, a, 'golden.json')))
+const archs = readdirSync(FIXTURES).filter(a => existsSync(join(FIXTURES, a, 'golden.json')) && (only.length === 0 || only.includes(a)))
     .sort((a, b) => (ORDER.indexOf(a) + 1 || 99) - (ORDER.indexOf(b) + 1 || 99));
 const rows: string[] = ['| family | block | cpu | wasm | routing |', '|---|---|---|---|---|'];
 for (const arch of archs) {

@@ -11,6 +11,7 @@ import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
+import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
   SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes,
@@ -19,6 +20,8 @@ import {
   activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
   tensorCoreDevice, tensorCoreSupport, wideEnoughForTensorCores, type SubgroupMatrixConfig,
 } from '../../../src/backends/webgpu/tensor_cores.js';
+import type { PackedKind } from '../../../src/ops/packed.js';
+import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { expectNoLeakAsync } from './helpers.js';
 
@@ -260,19 +263,30 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
   }
 
+  /** The decode spec of a [4, 128, 96] packed weight (input on `inputAxis`), as the kernel builds it. */
+  function packedSpec(kind: PackedKind, inputAxis: 1 | 2, groupSize?: number): PackedWeightSpec {
+    const layout = kind === 'bf16' || kind === 'f16' ? null : quantizedLayout(kind, [4, 128, 96], inputAxis, groupSize);
+    return { kind, cols: 96, layout };
+  }
+
   const matMulSpecs: Array<Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean }> = [
     { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true },
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
     { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: true, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false },
-    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, weightKind: 'bf16' },
-    { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: false, hasAddend: false, kContiguous: false, scaled: false, weightKind: 'f16' },
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: packedSpec('bf16', 2) },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('f16', 1) },
+    // quantized experts go through the f32 program's decode too (packedElementSnippet), on both input axes
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: packedSpec('int8', 2) },
+    { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, packedWeight: packedSpec('int4', 1, 32) },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: packedSpec('nf4', 2) },
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('mxfp4', 1) },
   ];
   for (const spec of matMulSpecs) {
     const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32);
     it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
-      const ints = ['seg', 'pr', ...(spec.weightKind ? ['W'] : [])];
+      const ints = ['seg', 'pr', ...(spec.packedWeight ? ['W'] : [])];
       expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
     });
   }

@@ -9,7 +9,7 @@ import {
   COMBINE_ROWS, EXPERT_ACTIVATION, EXPERT_ACTIVATION_GRAD, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, PAIR_ROW_DOT,
   type ExpertActivationAttrs, type GroupedMatMulAttrs, type GroupedWeightGradAttrs, type PairAttrs,
 } from '../../ops/experts/kernels.js';
-import { decodeExpertInto } from '../../ops/packed.js';
+import { decodePackedExpertInto, layoutOf, type PackedFormat } from '../../ops/packed.js';
 import {
   NARROW, activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto,
   gemm, gemmNT, pairRowDot, transposeInto,
@@ -39,13 +39,15 @@ function i32(b: CpuBackendLike, t: tf.TensorInfo | undefined): Int32Array | null
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const b = backend as CpuBackendLike;
   const { x, w, rows, bias, addTo } = inputs;
-  const { groupSizes, transposeW, alpha, packed, wShape } = attrs as unknown as GroupedMatMulAttrs;
+  const { groupSizes, transposeW, alpha, packed, wShape, inputAxis, groupSize } = attrs as unknown as GroupedMatMulAttrs;
   const [, p, q] = wShape;
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
   const xv = f32(b, x);
-  // a packed weight (int32 words of bf16/f16 halves) is decoded one expert at a time into `decoded`
+  // a packed weight (int32 words: bf16/f16 halves or quantized) is decoded one expert at a time into `decoded`
   const words = packed !== 'none' ? b.readSync(w.dataId) as Int32Array : null;
+  const format: PackedFormat | null = packed !== 'none' ? { kind: packed, shape: wShape, inputAxis, groupSize } : null;
+  const layout = format ? layoutOf(format) : null;
   const wordsPerExpert = w.shape[1] as number;
   const decoded = words ? new Float32Array(p * q) : null;
   const decodedBits = decoded ? new Int32Array(decoded.buffer) : null;
@@ -72,7 +74,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
     let bArr = wv;
     let bOff = e * p * q;
     if (words) {
-      decodeExpertInto(packed as 'bf16' | 'f16', p * q, words, e * wordsPerExpert, decoded!, decodedBits!, 0);
+      decodePackedExpertInto(format!, layout, words, e * wordsPerExpert, decoded!, decodedBits!, 0);
       bOff = 0;
     }
     if (wt) {

@@ -22,7 +22,7 @@ import {
   COMBINE_ROWS, EXPERT_ACTIVATION, EXPERT_ACTIVATION_GRAD, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, PAIR_ROW_DOT,
   type ExpertActivationAttrs, type GroupedMatMulAttrs, type GroupedWeightGradAttrs, type PairAttrs,
 } from '../../ops/experts/kernels.js';
-import { decodeExpertInto } from '../../ops/packed.js';
+import { decodePackedExpertInto, layoutOf, type PackedFormat } from '../../ops/packed.js';
 import {
   activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto, gemm,
   pairRowDot, scaleAdd, transposeInto,
@@ -215,7 +215,9 @@ function scratch(b: WasmBackendLike, size: number): Scratch {
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const b = backend as unknown as WasmBackendLike;
   const { x, w, rows, bias, addTo } = inputs;
-  const { groupSizes, transposeW, alpha, packed, wShape, frozenW } = attrs as unknown as GroupedMatMulAttrs;
+  const { groupSizes, transposeW, alpha, packed, wShape, frozenW, inputAxis, groupSize } = attrs as unknown as GroupedMatMulAttrs;
+  const format: PackedFormat | null = packed !== 'none' ? { kind: packed, shape: wShape, inputAxis, groupSize } : null;
+  const layout = format ? layoutOf(format) : null;
   const [, p, q] = wShape;
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
@@ -233,7 +235,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
     let wIdx = at(b, w) + e * p * q;
     if (packed !== 'none') {
       blocks.dec ??= scratch(b, p * q);
-      decodeExpertInto(packed as 'bf16' | 'f16', p * q, b.wasm.HEAP32, at(b, w) + e * wordsPerExpert,
+      decodePackedExpertInto(format!, layout, b.wasm.HEAP32, at(b, w) + e * wordsPerExpert,
           b.wasm.HEAPF32, b.wasm.HEAP32, blocks.dec.index);
       wIdx = blocks.dec.index;
     }

@@ -23,8 +23,13 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, isPackedExpertWeight, type PackedKind,
+  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, isPackedExpertWeight, layoutOf, type PackedFormat, type PackedKind,
 } from '../../ops/packed.js';
+import type { PackedWeightSpec } from './programs/shared.js';
+
+function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
+  return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
+}
 import {
   type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
 } from './programs/shared.js';
@@ -177,13 +182,16 @@ const groupedMatMulConfig: tf.KernelConfig = {
     if (a.hasAddend) list.push(inputs.addend);
     const capacity = inputs.pr.shape[0];
     const outCols = a.outCols as number;
-    const weightKind = a.weightKind === 'float32' ? undefined : a.weightKind as PackedKind;
+    const packedWeight = a.weightKind === 'float32' ? undefined : packedWeightSpec({
+      kind: a.weightKind as PackedKind, shape: a.packedShape as number[], inputAxis: a.inputAxis as 1 | 2, groupSize: a.groupSize as number,
+    });
     const common = {
       source: a.source as RowSource, activation: act?.spec, hasBias: a.hasBias as boolean,
-      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, weightKind,
+      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, packedWeight,
     };
     // the wrapper chose tensor cores for this device; a device that is not registered (cannot
-    // happen through groupedMatMul) falls back to f32 without the scale input
+    // happen through groupedMatMul) falls back to f32 without the scale input. Packed weights of
+    // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
@@ -264,6 +272,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     ...args.strides, alpha: args.alpha ?? 1,
     // each packed expert starts on a word: its base counts words
     ...(packed ? { sE: packed.wordsPerExpert } : {}), weightKind: packed?.kind ?? 'float32',
+    ...(packed ? { packedShape: [...packed.shape], inputAxis: packed.inputAxis, groupSize: packed.groupSize ?? 0 } : {}),
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
   }) as tf.Tensor2D;
   if (inputs.amax) inputs.amax.dispose();
@@ -506,9 +515,11 @@ const decodePackedConfig: tf.KernelConfig = {
   kernelName: DECODE_PACKED,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
-    const { kind, first, count, rows, cols } = args.attrs as unknown as DecodePackedAttrs;
-    return webgpu(args).runWebGPUProgram(new DecodePackedProgram(kind, count, rows, cols), [args.inputs.packed as tf.TensorInfo],
-        'float32', DecodePackedProgram.uniformsFor(count, rows, cols, first));
+    const { kind, first, count, rows, cols, inputAxis, groupSize } = args.attrs as unknown as DecodePackedAttrs;
+    const packed = args.inputs.packed as tf.TensorInfo;
+    const spec = packedWeightSpec({ kind, shape: [packed.shape[0], rows, cols], inputAxis, groupSize });
+    return webgpu(args).runWebGPUProgram(new DecodePackedProgram(spec, count, rows), [packed],
+        'float32', DecodePackedProgram.uniformsFor(count, rows, cols, first, packed.shape[1]));
   },
 };
 

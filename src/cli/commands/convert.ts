@@ -42,8 +42,10 @@ export interface ConvertArgs extends HFSaveArgs {
   adapterName: string;
   overwrite: boolean;
   backend: string;
-  /** 'stored' (default) or 'float32', for an HF checkpoint's 16-bit experts */
+  /** 'stored' (default), 'float32' or a quantized kind, for an HF checkpoint's experts */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size */
+  int4GroupSize?: number;
 }
 
 /** What a conversion did. */
@@ -117,8 +119,8 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       .option('backend', {
         type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
       });
-  return expertDtypeOption(y0, "an HF --input's routed experts stored BF16/F16: 'stored' keeps them 16-bit (packed " +
-      "in a TF.js output), 'float32' widens them")
+  return expertDtypeOption(y0, "an HF --input's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 ones " +
+      "MXFP4 (packed in a TF.js output), 'float32' widens them, int8/int4/nf4/mxfp4 quantize them (a TF.js output keeps them quantized)")
       .check(argv => checkArgs(argv as Partial<ConvertArgs>))
       .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
       .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')
@@ -153,7 +155,7 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
     throw new UsageError(`--input is ${from === 'hf' ? 'an HF checkpoint' : 'a TF.js model'} already: nothing to convert to ${to}`);
   }
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype });
+  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize });
   const notes: string[] = [];
   let adapter: LoadedPeftAdapter | null = null;
   try {

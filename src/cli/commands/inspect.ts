@@ -22,8 +22,10 @@ interface InspectArgs {
   json: boolean;
   register: boolean;
   backend: string;
-  /** 'stored' (default) or 'float32', for an HF checkpoint's 16-bit experts */
+  /** 'stored' (default), 'float32' or a quantized kind, for an HF checkpoint's experts */
   expertDtype?: ExpertDtype;
+  /** with expertDtype 'int4': its group size */
+  int4GroupSize?: number;
 }
 
 /** What `--register` did: the register() handle's facts. */
@@ -91,7 +93,7 @@ export async function inspectDir(argv: InspectArgs & Record<string, unknown>): P
   }
   const args = argv.register ? pluginArgsFromArgv(argv) : null;
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.model, { format, expertDtype: argv.expertDtype });
+  const { model } = await loadModelDir(argv.model, { format, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize });
   let handle: PluginHandle | null = null;
   try {
     if (args !== null) {

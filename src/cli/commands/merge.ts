@@ -10,6 +10,8 @@ import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
 import { checkMaxShardSize, hfSaveOptions, maxShardSizeOf, type HFSaveArgs } from '../hf_save_options.js';
+import type { ExpertDtype } from '../../io/hf_block.js';
+import { expertDtypeOption } from '../plugin_options.js';
 
 export interface MergeArgs extends HFSaveArgs {
   model: string;
@@ -17,6 +19,10 @@ export interface MergeArgs extends HFSaveArgs {
   out: string;
   overwrite: boolean;
   backend: string;
+  /** the experts the adapter was trained on (a quantized one: merged into its dequantized values, written bf16) */
+  expertDtype?: ExpertDtype;
+  int4GroupSize?: number;
+  requantize: boolean;
 }
 
 export const command = 'merge';
@@ -30,13 +36,22 @@ function checkArgs(argv: Partial<MergeArgs>): string | true {
   const { model, adapter, out, maxShardSize } = argv as MergeArgs;
   if (!isDir(model)) return `--model: '${model}' is not a directory`;
   if (!isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
+  if (argv.requantize === true && !['int8', 'int4', 'nf4', 'mxfp4'].includes(argv.expertDtype ?? '')) {
+    return `--requantize needs a quantized --expert-dtype (int8, int4, nf4, mxfp4) but got ${argv.expertDtype ?? 'none'}`;
+  }
   const shardProblem = checkMaxShardSize(maxShardSize);
   if (shardProblem !== true) return shardProblem;
   return outputFolderProblem(out, { name: '--out', overwrite: argv.overwrite === true, inputs: { '--model': model, '--adapter': adapter } });
 }
 
 export function builder(yargs: Argv): Argv<MergeArgs> {
-  return hfSaveOptions(yargs, 'the merged checkpoint')
+  return expertDtypeOption(hfSaveOptions(yargs, 'the merged checkpoint'), "the routed experts the adapter was trained on: " +
+      "int8/int4/nf4/mxfp4 merge into the values the quantized experts stand for and write bf16 unless --dtype says " +
+      "otherwise; 'stored' (default) and 'float32' as for loading")
+      .option('requantize', {
+        type: 'boolean', default: false,
+        describe: 'with a quantized --expert-dtype: quantize the merged experts again and report the largest change',
+      })
       .option('model', {
         type: 'string', demandOption: true, requiresArg: true,
         describe: 'the base model folder: an HF checkpoint (config.json + safetensors) or a TF.js model (model.json)',
@@ -65,7 +80,10 @@ export async function mergeCommand(argv: MergeArgs): Promise<MergeResult> {
   const bad = checkArgs(argv);
   if (bad !== true) throw new UsageError(bad);
   await selectBackend(argv.backend);
-  return mergeAdapterIntoCheckpoint(argv.model, argv.adapter, argv.out, { dtype: argv.dtype, maxShardSize: maxShardSizeOf(argv.maxShardSize) });
+  return mergeAdapterIntoCheckpoint(argv.model, argv.adapter, argv.out, {
+    dtype: argv.dtype, maxShardSize: maxShardSizeOf(argv.maxShardSize), expertDtype: argv.expertDtype,
+    int4GroupSize: argv.int4GroupSize, requantize: argv.requantize,
+  });
 }
 
 /** The report: what was merged, the files written with their sizes, the dtype. */
@@ -78,6 +96,7 @@ export function formatMerge(argv: Pick<MergeArgs, 'model' | 'adapter' | 'out'>, 
         `${a.layers.length} layers) → ${argv.out} (HF checkpoint, ${r.saved.dtype})`,
     ...r.saved.shards.map(s => `  ${s.name}  ${size(s.bytes)}`),
     ...(r.saved.copied.length > 0 ? [`  copied: ${r.saved.copied.join(', ')}`] : []),
+    ...(r.requantizeMaxChange !== undefined ? [`  re-quantized experts: largest change ${r.requantizeMaxChange.toPrecision(3)}`] : []),
     ...a.notes.map(n => `note: ${n}`),
   ];
   return `${lines.join('\n')}\n`;

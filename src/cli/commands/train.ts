@@ -57,6 +57,7 @@ interface TrainArgs {
   overwrite: boolean;
   json: boolean;
   expertDtype?: ExpertDtype;
+  int4GroupSize?: number;
 }
 
 export const command = 'train';
@@ -73,7 +74,7 @@ const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 
 const LORA_FLAG = /^lora-(?!mode$)/;
 const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
-  'overwrite', 'expert-dtype', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
+  'overwrite', 'expert-dtype', 'int4-group-size', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
   'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size'];
 
 /** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
@@ -240,8 +241,9 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
-  return pluginOptions(expertDtypeOption(y, "--model's routed experts stored BF16/F16: 'stored' keeps them 16-bit " +
-      "(packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them)"))
+  return pluginOptions(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
+      "ones MXFP4 (packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them), " +
+      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'))
       .check(argv => {
         // with --config the file fills in flags first: the handler checks the merged flags
         if (argv.config !== undefined) return true;
@@ -306,7 +308,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       maxGradNorm: argv.maxGradNorm, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
       metrics: argv.metrics, resume: argv.resume,
       samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
-      expertDtype: argv.expertDtype,
+      expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
       note: line => process.stderr.write(`note: ${line}\n`),

@@ -30,9 +30,9 @@ export const MOE_KERNEL_NAMES = [
  * MoEGroupedMatMul: inputs x [R, k], w [E, p, q], rows? int32 [N], bias? [E, m], addTo? [N, m];
  * out [N, m] with rows [o_e, o_e + n_e) = alpha·X_e·op(W_e) (+ bias[e]) (+ addTo's rows), where
  * X_e are the rows rows[o_e …] of x (or x's own rows o_e … without `rows`) and op(W_e) = W_e
- * (k = p, m = q) or W_eᵀ when transposeW (k = q, m = p). With `packed` 'bf16' | 'f16', w is the
- * int32 tensor of a PackedExpertWeight of logical shape `wShape` [E, p, q] (src/ops/packed.ts),
- * decoded by the kernel one expert at a time.
+ * (k = p, m = q) or W_eᵀ when transposeW (k = q, m = p). With `packed` a PackedKind (16-bit or
+ * quantized), w is the int32 tensor of a PackedExpertWeight of logical shape `wShape` [E, p, q]
+ * (src/ops/packed.ts, src/ops/quantized.ts), decoded by the kernel one expert at a time.
  */
 export interface GroupedMatMulAttrs {
   groupSizes: number[];
@@ -41,6 +41,9 @@ export interface GroupedMatMulAttrs {
   packed: PackedKind | 'none';
   /** the logical [E, p, q] of w (its own shape unless packed) */
   wShape: number[];
+  /** a quantized w's input axis (1 or 2) and group size (src/ops/quantized.ts); 2 and 0 otherwise */
+  inputAxis: 1 | 2;
+  groupSize: number;
   /**
    * w is a frozen base whose values stay the same from step to step (packed weights always are):
    * a backend may keep per-expert forms of it across calls (wasm keeps XNNPACK's packed copy)
@@ -126,6 +129,7 @@ export function groupedProduct(
     const packed = isPackedExpertWeight(w);
     const attrs: GroupedMatMulAttrs = {
       groupSizes, transposeW, alpha, packed: packed ? w.kind : 'none', wShape: [...w.shape],
+      inputAxis: packed ? w.inputAxis : 2, groupSize: packed ? w.groupSize ?? 0 : 0,
       frozenW: packed || options.frozenW === true,
     };
     return run(GROUPED_MATMUL, { x: x.t, w: packed ? w.packed : w, rows: x.index, bias, addTo }, attrs);

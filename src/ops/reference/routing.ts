@@ -11,7 +11,11 @@ import { assertFiniteNumber, assertInteger, assertOneOf, assertShape, assertTens
 const OP = 'referenceRoute';
 
 const KINDS: readonly RoutingKind[] =
-    ['softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy'];
+    ['softmaxTopK', 'topKSoftmax', 'sigmoidGroupTopK', 'softmaxGroupTopK', 'softmaxGroupLimitedGreedy',
+      'softmaxBiasedTopK'];
+
+/** The kinds that take a correction bias (selection only). */
+const BIAS_KINDS: readonly RoutingKind[] = ['sigmoidGroupTopK', 'softmaxBiasedTopK'];
 
 /** The config fields each kind reads besides kind and topK. */
 const FIELDS: Record<RoutingKind, ReadonlyArray<keyof RoutingConfig>> = {
@@ -20,6 +24,7 @@ const FIELDS: Record<RoutingKind, ReadonlyArray<keyof RoutingConfig>> = {
   sigmoidGroupTopK: ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'],
   softmaxGroupTopK: ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'],
   softmaxGroupLimitedGreedy: ['nGroup', 'topkGroup', 'scalingFactor'],
+  softmaxBiasedTopK: ['normMin'],
 };
 
 /**
@@ -64,6 +69,10 @@ export function referenceRoute(logits: Tensor2D, config: RoutingConfig, correcti
         return tf.mul(normalize(pick(tf.softmax(logits)), 1e-20), scale);
       case 'softmaxGroupLimitedGreedy':
         return tf.mul(pick(tf.softmax(logits)), scale);
+      case 'softmaxBiasedTopK': {
+        const sel = pick(tf.softmax(logits));
+        return tf.div(sel, tf.maximum(tf.sum(sel, 1, true), config.normMin ?? 1e-12));
+      }
     }
   }) as Tensor2D;                                                                                // [T, K]
   return { weights, experts, logits };
@@ -89,6 +98,7 @@ function chooseExperts(
         if (bias) scores = tf.add(scores, bias);
       } else {
         scores = tf.softmax(detached);
+        if (bias) scores = tf.add(scores, bias);   // softmaxBiasedTopK (checkArgs refuses a bias elsewhere)
       }
       if (kind !== 'softmaxTopK' && topkGroup < nGroup) {
         scores = keepBestGroups(scores, nGroup, topkGroup, kind === 'softmaxGroupLimitedGreedy' ? 'max' : 'top2');
@@ -130,7 +140,7 @@ function checkArgs(logits: unknown, config: unknown, correctionBias: unknown): a
   const c = config as RoutingConfig;
   assertOneOf(OP, 'config.kind', c.kind, KINDS);
   const used = FIELDS[c.kind];
-  for (const field of ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'] as const) {
+  for (const field of ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor', 'normMin'] as const) {
     if (!used.includes(field) && c[field] !== undefined) {
       fail(OP, `'config.${field}' is not used by routing kind '${c.kind}' ` +
           `(it uses topK${used.map(u => `, ${u}`).join('')}) but got ${String(c[field])}`);
@@ -156,9 +166,14 @@ function checkArgs(logits: unknown, config: unknown, correctionBias: unknown): a
     }
   }
   if (c.scalingFactor !== undefined) assertFiniteNumber(OP, 'config.scalingFactor', c.scalingFactor);
+  if (c.normMin !== undefined) {
+    assertFiniteNumber(OP, 'config.normMin', c.normMin);
+    if (!(c.normMin > 0)) fail(OP, `'config.normMin' must be > 0 but got ${c.normMin}`);
+  }
   if (correctionBias !== undefined) {
-    if (c.kind !== 'sigmoidGroupTopK') {
-      fail(OP, `'correctionBias' is only used by routing kind 'sigmoidGroupTopK' but config.kind is '${c.kind}'`);
+    if (!BIAS_KINDS.includes(c.kind)) {
+      fail(OP, `'correctionBias' is only used by routing kinds ${BIAS_KINDS.map(k => `'${k}'`).join(', ')} ` +
+          `but config.kind is '${c.kind}'`);
     }
     assertTensor(OP, 'correctionBias', correctionBias, 1);
     assertShape(OP, 'correctionBias', correctionBias, [numExperts], `logits [T,E] = [${logits.shape}]`);

@@ -3,6 +3,7 @@ import type { Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import type { Routing, RoutingConfig, RoutingKind } from '../types.js';
 import { assertOneOf, fail } from '../validate.js';
 import { routeSigmoidGroupTopK } from './sigmoid_group_topk.js';
+import { routeSoftmaxBiasedTopK } from './softmax_biased_topk.js';
 import { routeSoftmaxGroupLimitedGreedy } from './softmax_group_limited_greedy.js';
 import { routeSoftmaxGroupTopK } from './softmax_group_topk.js';
 import { routeSoftmaxTopK } from './softmax_topk.js';
@@ -41,8 +42,8 @@ export function registeredRoutingKinds(): RoutingKind[] {
 
 /**
  * Routes router logits [T, E] with the registered implementation of `config.kind`; see the
- * routeXxx ops for each family's formula. `correctionBias` [E] is DeepSeek-V3's
- * e_score_correction_bias, used by 'sigmoidGroupTopK' only. Config fields (and a bias) that the
+ * routeXxx ops for each family's formula. `correctionBias` [E] is DeepSeek-V3's (ERNIE-4.5's)
+ * e_score_correction_bias, used by 'sigmoidGroupTopK' and 'softmaxBiasedTopK' only. Config fields (and a bias) that the
  * kind does not use are rejected rather than ignored. The numeric fields are checked by the op,
  * whose name appears in the message.
  *
@@ -61,11 +62,14 @@ export function route(logits: Tensor2D, config: RoutingConfig, correctionBias?: 
 
 type ConfigField = Exclude<keyof RoutingConfig, 'kind' | 'topK'>;
 
+/** The kinds that take a correction bias (selection only). */
+export const CORRECTION_BIAS_KINDS: readonly RoutingKind[] = ['sigmoidGroupTopK', 'softmaxBiasedTopK'];
+
 /** Rejects the config fields (and the bias) that `kind` does not use instead of ignoring them. */
 function rejectUnused(
     config: RoutingConfig, used: ConfigField[], correctionBias: Tensor1D | undefined,
     usesBias = false): void {
-  const all: ConfigField[] = ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor'];
+  const all: ConfigField[] = ['renormalize', 'nGroup', 'topkGroup', 'scalingFactor', 'normMin'];
   for (const field of all) {
     if (!used.includes(field) && config[field] !== undefined) {
       fail('route', `'config.${field}' is not used by routing kind '${config.kind}' ` +
@@ -73,7 +77,8 @@ function rejectUnused(
     }
   }
   if (!usesBias && correctionBias !== undefined) {
-    fail('route', `'correctionBias' is only used by routing kind 'sigmoidGroupTopK' but config.kind is '${config.kind}'`);
+    fail('route', `'correctionBias' is only used by routing kinds ${CORRECTION_BIAS_KINDS.map(k => `'${k}'`).join(', ')} ` +
+        `but config.kind is '${config.kind}'`);
   }
 }
 
@@ -104,4 +109,8 @@ registerRouting('softmaxGroupLimitedGreedy', (logits, config, bias) => {
   return routeSoftmaxGroupLimitedGreedy(logits, config.topK, {
     nGroup: config.nGroup, topkGroup: config.topkGroup, scalingFactor: config.scalingFactor,
   });
+});
+registerRouting('softmaxBiasedTopK', (logits, config, bias) => {
+  rejectUnused(config, ['normMin'], bias, true);
+  return routeSoftmaxBiasedTopK(logits, config.topK, { correctionBias: bias, normMin: config.normMin });
 });

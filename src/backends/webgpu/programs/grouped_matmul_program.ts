@@ -8,10 +8,10 @@
  * is never stored). W_e(k, n) = W[e·sE + n·sN + k·sK]: the strides (uniforms) cover W and Wᵀ in
  * both expert layouts and PEFT's LoRA factors (A [r·E, in], B [out, r·E] rank-major) without
  * copies. Padding rows get 0; tiles past the rows in use write 0 and skip the product. With
- * `weightKind` 'bf16' or 'f16', W is a packed expert weight's int32 words (src/ops/packed.ts) and
- * each element is decoded as it is loaded into the slab, so no float32 copy of the experts exists:
- * expert e's words start at e·sE (sE counts words there) and W_e(k, n) is its half
- * j = n·sN + k·sK.
+ * `packedWeight`, W is a packed expert weight's int32 words (bf16/f16 halves, src/ops/packed.ts, or
+ * quantized codes and scales, src/ops/quantized.ts) and each element is decoded as it is loaded
+ * into the slab, so no float32 copy of the experts exists: expert e's words start at e·sE (sE
+ * counts words there) and W_e(k, n) is its element j = n·sN + k·sK.
  *
  * GroupedWeightGradProgram: dW[e](p, q) = alpha·Σ_{real rows r of e} L(r, p)·R(r, q), written at
  * e·oE + p·oP + q·oQ (any layout, PEFT's B included); L and R come gathered, from padded rows or
@@ -24,7 +24,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedHalfSnippet,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
   type RowSource, TILE_THREADS,
 } from './shared.js';
 
@@ -141,17 +141,14 @@ class Fetch {
 
 /**
  * WGSL of the weight element load into `v` (wBase: the expert's first element, or word when
- * packed; n, k in scope). Float32 reads W directly; packed reads the word of half j and decodes it.
- * Shared with the subgroup-matrix program.
+ * packed; n, k in scope). Float32 reads W directly; packed (16-bit halves or quantized codes and
+ * scales) decodes element j of the expert's words (packedElementSnippet). Shared with the
+ * subgroup-matrix program, so both decode every packed kind the same way.
  */
-export function weightLoadSnippet(kind: 'bf16' | 'f16' | undefined): { fn: string; assign: string } {
-  if (kind === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
+export function weightLoadSnippet(packed: PackedWeightSpec | undefined): { fn: string; assign: string } {
+  if (packed === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
   return {
-    fn: `
-          ${packedHalfSnippet(kind, 'decodeHalf')}
-          fn loadPackedW(wordBase : i32, j : i32) -> f32 {
-            return decodeHalf(bitcast<u32>(W[wordBase + j / 2]), (j & 1) == 1);
-          }`,
+    fn: packedElementSnippet(packed, 'W', 'loadPackedW'),
     assign: 'v = loadPackedW(wBase, n * uniforms.sN + k * uniforms.sK);',
   };
 }
@@ -192,10 +189,11 @@ export interface GroupedMatMulSpec {
   kContiguous: boolean;
   tile: TileConfig;
   /**
-   * W holds packed 16-bit halves (int32 words, sE in words) decoded on load; absent: float32.
-   * Only frozen weights are packed, so only this program (never the weight gradient) reads them.
+   * W holds packed 16-bit halves or quantized codes and scales (int32 words, sE in words) decoded
+   * on load; absent: float32. Only frozen weights are packed, so only this program (never the
+   * weight gradient) reads them.
    */
-  weightKind?: 'bf16' | 'f16';
+  packedWeight?: PackedWeightSpec;
 }
 
 export class GroupedMatMulProgram implements WebGPUProgram {
@@ -218,7 +216,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []), ...(spec.hasAddend ? ['addend'] : [])];
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
-        (spec.weightKind ? `_${spec.weightKind}` : '');
+        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '');
   }
 
   getUserCode(): string {
@@ -230,7 +228,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     const bSlab = new Slab('Bs', bk, bn, tile.vec4 === true);
     const fetchA = new Fetch('pa', bk * bm, `let kk = i % ${bk}; let mm = i / ${bk};`,
         k0 => `let k = ${k0} + kk;\n            if (k < uniforms.inner) { v = loadA(mm, k); }`);
-    const loadW = weightLoadSnippet(this.spec.weightKind);
+    const loadW = weightLoadSnippet(this.spec.packedWeight);
     const fetchB = new Fetch('pb', bk * bn,
         this.spec.kContiguous ? `let kk = i % ${bk}; let nn = i / ${bk};` : `let nn = i % ${bn}; let kk = i / ${bn};`,
         k0 => `let k = ${k0} + kk;\n            let n = col0 + nn;\n` +

@@ -14,6 +14,8 @@
  * Those copies are not uniform to WGSL's analysis, so a per-workgroup value that guards a barrier
  * goes through a workgroup variable and workgroupUniformLoad.
  */
+import type { PackedKind } from '../../../ops/packed.js';
+import { E2M1_VALUES, NF4_CODE_BOOK, type QuantizedLayout } from '../../../ops/quantized.js';
 import type { ExpertActivation } from '../../../ops/types.js';
 
 /** One entry of the program-defined uniforms, in the order of the program's `uniforms` string. */
@@ -140,5 +142,63 @@ export function packedHalfSnippet(kind: 'bf16' | 'f16', name: string): string {
   return `
           fn ${name}(w : u32, odd : bool) -> f32 {
             ${body}
+          }`;
+}
+
+/** A packed weight as the WGSL decode needs it: its kind, its logical columns and (quantized) its layout. */
+export interface PackedWeightSpec {
+  kind: PackedKind;
+  /** cols of the logical [E, rows, cols] */
+  cols: number;
+  layout: QuantizedLayout | null;
+}
+
+/** Part of a shader key that names every specialisation of a PackedWeightSpec. */
+export function packedWeightKey(spec: PackedWeightSpec): string {
+  const l = spec.layout;
+  return l === null ? spec.kind : `${spec.kind}_${spec.cols}_${l.inputAxis}_${l.outputs}_${l.inputs}_${l.groupSize}`;
+}
+
+/**
+ * WGSL `fn ${name}(wordBase : i32, j : i32) -> f32`: element j (= row·cols + col of the logical
+ * [rows, cols]) of the expert whose words start at array `words`[wordBase], decoded by the
+ * formulas of src/ops/packed.ts / src/ops/quantized.ts, in f32 operations in the same order as
+ * the host decode (so the same values).
+ */
+export function packedElementSnippet(spec: PackedWeightSpec, words: string, name: string): string {
+  const l = spec.layout;
+  if (l === null) {
+    return `
+          ${packedHalfSnippet(spec.kind as 'bf16' | 'f16', `${name}Half`)}
+          fn ${name}(wordBase : i32, j : i32) -> f32 {
+            return ${name}Half(bitcast<u32>(${words}[wordBase + j / 2]), (j & 1) == 1);
+          }`;
+  }
+  const f = (v: number) => (Object.is(v, -0) ? '-0.0' : Number.isInteger(v) ? `${v}.0` : `${v}`);
+  const table = l.kind === 'nf4' ? `var<private> ${name}Table : array<f32, 16> = array<f32, 16>(${Array.from(NF4_CODE_BOOK, f).join(', ')});` :
+    l.kind === 'mxfp4' ? `var<private> ${name}Table : array<f32, 16> = array<f32, 16>(${Array.from(E2M1_VALUES, f).join(', ')});` : '';
+  const [oOf, iOf] = l.inputAxis === 2 ? ['r', 'c'] : ['c', 'r'];
+  const code = l.kind === 'int8' ?
+    `let q = f32((${words}[wordBase + s / 4] << u32(24 - 8 * (s & 3))) >> 24u);` :
+    `let q = (bitcast<u32>(${words}[wordBase + s / 8]) >> u32(4 * (s & 7))) & 15u;`;
+  const scale = l.kind === 'mxfp4' ?
+    `let e = i32((bitcast<u32>(${words}[wordBase + ${l.scaleWord} + grp / 4]) >> u32(8 * (grp & 3))) & 255u);` :
+    `let scale = bitcast<f32>(${words}[wordBase + ${l.scaleWord} + grp]);`;
+  const value = l.kind === 'int8' ? 'return scale * q;' :
+    l.kind === 'int4' ? `let zero = bitcast<f32>(${words}[wordBase + ${l.zeroWord} + grp]);
+            return scale * (f32(q) - zero);` :
+    l.kind === 'nf4' ? `return ${name}Table[q] * scale;` : `return ldexp(${name}Table[q], e - 127);`;
+  return `
+          ${table}
+          fn ${name}(wordBase : i32, j : i32) -> f32 {
+            let r = j / ${spec.cols};
+            let c = j - r * ${spec.cols};
+            let o = ${oOf};
+            let i = ${iOf};
+            let s = o * ${l.inputs} + i;
+            let grp = o * ${l.groupsPerOutput} + i / ${l.groupSize};
+            ${code}
+            ${scale}
+            ${value}
           }`;
 }

@@ -7,7 +7,8 @@
  * probe's proven pattern, and no subgroup id is needed) owns a 64×64 block of the output as 4×4
  * result matrices of 16×16 f32. Each step stages a 32-deep slab of both operands in workgroup
  * memory as f16 — converted on the fly from f32 activations (the activation computed on load, the
- * gather fused as in the f32 program) and from f32 or packed bf16/f16 weights — and multiplies
+ * gather fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
+ * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies
  * them with subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. The accumulators go through a
  * workgroup f32 block so that the epilogue (alpha, bias, addend, padding rows, edges) is the f32
  * program's, per element.
@@ -25,7 +26,7 @@ import {
   type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, usesPairOfRow, weightGradLoadSnippets,
   weightLoadSnippet,
 } from './grouped_matmul_program.js';
-import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW } from './shared.js';
+import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
 
 /** The output block of one workgroup and the depth of a staged slab. */
 export const SUBGROUP_MATRIX_BLOCK = { rows: 64, cols: 64, depth: 32 } as const;
@@ -135,13 +136,13 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
-        `${subgroupSize}${spec.weightKind ? `_${spec.weightKind}` : ''}`;
+        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}`;
   }
 
   getUserCode(): string {
     const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
     const threads = this.workgroupSize[0];
-    const loadW = weightLoadSnippet(this.spec.weightKind);
+    const loadW = weightLoadSnippet(this.spec.packedWeight);
     const acc = accumulators();
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
     const bIndex = this.spec.kContiguous

@@ -1,0 +1,284 @@
+/**
+ * Quantized frozen expert weights: int8, int4, NF4 and MXFP4, held like the 16-bit packed experts
+ * (src/ops/packed.ts) in one int32 tensor [E, W] whose row e is everything expert e needs to be
+ * decoded: its codes, then its scales (then its zero points). One tensor per weight keeps the
+ * rest of the package unchanged: one layer variable, one kernel input, one tensor in a saved
+ * folder, and the fused kernels decode one expert from one contiguous range of words.
+ *
+ * The layout (src/ops/README.md, "Quantized expert weights"): the weight [E, rows, cols] has an
+ * input axis (2 for the 'outIn' layout [E, out, in], 1 for gpt-oss's [E, in, out]); an expert's
+ * values are taken in output-major order, s = o·N + i (N inputs, O outputs), and cut into groups
+ * of G consecutive inputs of one output (the last group of a row may be shorter). Per expert:
+ *
+ * | kind  | codes (from word 0)                     | then                                         |
+ * |-------|-----------------------------------------|----------------------------------------------|
+ * | int8  | signed bytes, s in byte s (G = N)       | scale f32 per output: v = scale·q            |
+ * | int4  | nibbles 0…15, s in nibble s (G = 32/64/128, default 64) | scale f32, then zero f32, per group: v = scale·(q − zero) |
+ * | nf4   | nibbles, s in nibble s (G = 64)         | absmax f32 per group: v = NF4[q]·absmax      |
+ * | mxfp4 | nibbles, s in nibble s (G = 32)         | e8m0 byte per group: v = E2M1[q]·2^(e − 127)  |
+ *
+ * Nibble s is bits 4·(s mod 8) … of word ⌊s/8⌋ (low nibble first in each little-endian byte), byte
+ * s of the int8 codes is bits 8·(s mod 4) … of word ⌊s/4⌋; f32 values are stored as their bits;
+ * each region starts on a word. MXFP4's codes and scales are byte for byte gpt-oss's `_blocks`
+ * and `_scales` of one expert, so a gpt-oss checkpoint loads as it is stored.
+ *
+ * Every decode is a few f32 operations, the same on every backend: int4's is
+ * f32(scale · f32(q − zero)), NF4's f32(NF4[q] · absmax), the others exact.
+ */
+import { fail } from './validate.js';
+
+/** The quantized formats of a frozen expert weight. */
+export type QuantizedKind = 'int8' | 'int4' | 'nf4' | 'mxfp4';
+export const QUANTIZED_KINDS: readonly QuantizedKind[] = ['int8', 'int4', 'nf4', 'mxfp4'];
+
+/** int4 group sizes along the input; 64 by default (1 bit of scale and zero per weight, bitsandbytes' NF4 block). */
+export const INT4_GROUP_SIZES: readonly number[] = [32, 64, 128];
+export const DEFAULT_INT4_GROUP_SIZE = 64;
+/** bitsandbytes' NF4 block size */
+export const NF4_BLOCK_SIZE = 64;
+/** OCP MX block size (gpt-oss) */
+export const MXFP4_BLOCK_SIZE = 32;
+
+/**
+ * bitsandbytes' NF4 code book (the 16 float32 values of its `nf4` quant map, code 0 … 15), as
+ * QLoRA defines it: quantiles of N(0, 1) scaled to [−1, 1], with an exact 0.
+ */
+export const NF4_CODE_BOOK: Float32Array = Float32Array.of(
+  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+  -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+  0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+  0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+
+/** The 16 e2m1 values by code (bit 3 the sign), as transformers' FP4_VALUES. */
+export const E2M1_VALUES: Float32Array = Float32Array.of(0, 0.5, 1, 1.5, 2, 3, 4, 6, -0, -0.5, -1, -1.5, -2, -3, -4, -6);
+
+/** Where everything of one quantized expert lies in its words. */
+export interface QuantizedLayout {
+  kind: QuantizedKind;
+  /** 1 or 2: the axis of [E, rows, cols] that is the input (groups run along it) */
+  inputAxis: 1 | 2;
+  /** O, N */
+  outputs: number;
+  inputs: number;
+  /** G */
+  groupSize: number;
+  /** ⌈N / G⌉ */
+  groupsPerOutput: number;
+  /** first word of the scales (= words of the codes) */
+  scaleWord: number;
+  /** first word of the zero points (int4), else −1 */
+  zeroWord: number;
+  wordsPerExpert: number;
+}
+
+/** The group size of `kind` when none is given (int8: the whole input row). */
+export function defaultGroupSize(kind: QuantizedKind, inputs: number): number {
+  return kind === 'int8' ? inputs : kind === 'int4' ? DEFAULT_INT4_GROUP_SIZE : kind === 'nf4' ? NF4_BLOCK_SIZE : MXFP4_BLOCK_SIZE;
+}
+
+/**
+ * The layout of one expert of a `kind` weight of logical shape [E, rows, cols] with the input on
+ * `inputAxis`; `groupSize` only for int4 (32, 64 or 128).
+ *
+ * ```js
+ * quantizedLayout('nf4', [64, 2048, 2048], 2).wordsPerExpert;  // 2048·2048/8 + 2048·32 = 589824
+ * ```
+ */
+export function quantizedLayout(
+    kind: QuantizedKind, shape: readonly number[], inputAxis: 1 | 2, groupSize?: number, op = 'quantizedLayout'): QuantizedLayout {
+  if (!(QUANTIZED_KINDS as readonly string[]).includes(kind)) {
+    fail(op, `'kind' must be one of ${QUANTIZED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+  }
+  if (inputAxis !== 1 && inputAxis !== 2) fail(op, `'inputAxis' must be 1 or 2 but got ${JSON.stringify(inputAxis)}`);
+  const inputs = shape[inputAxis];
+  const outputs = shape[3 - inputAxis];
+  if (groupSize !== undefined && groupSize !== defaultGroupSize(kind, inputs)) {
+    if (kind !== 'int4') {
+      fail(op, `'groupSize' is fixed for ${kind} (${kind === 'int8' ? `one scale per output: ${inputs}` : defaultGroupSize(kind, inputs)}) but got ${JSON.stringify(groupSize)}`);
+    }
+    if (!INT4_GROUP_SIZES.includes(groupSize)) fail(op, `'groupSize' of int4 must be one of ${INT4_GROUP_SIZES.join(', ')} but got ${JSON.stringify(groupSize)}`);
+  }
+  const g = groupSize ?? defaultGroupSize(kind, inputs);
+  const groupsPerOutput = Math.ceil(inputs / g);
+  const groups = outputs * groupsPerOutput;
+  const codeWords = Math.ceil((outputs * inputs) / (kind === 'int8' ? 4 : 8));
+  const scaleWords = kind === 'mxfp4' ? Math.ceil(groups / 4) : groups;
+  const zeroWord = kind === 'int4' ? codeWords + scaleWords : -1;
+  return {
+    kind, inputAxis, outputs, inputs, groupSize: g, groupsPerOutput, scaleWord: codeWords, zeroWord,
+    wordsPerExpert: codeWords + scaleWords + (kind === 'int4' ? groups : 0),
+  };
+}
+
+/** Bytes of one expert in `layout` (what the memory estimate counts). */
+export function quantizedBytesPerExpert(layout: QuantizedLayout): number {
+  return 4 * layout.wordsPerExpert;
+}
+
+function floatView(words: Int32Array): Float32Array {
+  return new Float32Array(words.buffer, words.byteOffset, words.length);
+}
+
+/**
+ * Decodes one expert (first word words[wOff]) into float32 [rows, cols] at dst[dOff …], in the
+ * logical layout. Shared by the cpu and wasm kernels (wasm: HEAP32 / HEAPF32) and the host decode.
+ * The 4-bit kinds decode through a 16-entry table per group (each entry the float32 the formula
+ * gives for that code, so the values are the formula's exactly).
+ */
+export function decodeQuantizedExpertInto(
+    layout: QuantizedLayout, words: Int32Array, wOff: number, dst: Float32Array, dOff: number): void {
+  const { kind, outputs, inputs, groupSize, groupsPerOutput, scaleWord, zeroWord, inputAxis } = layout;
+  const floats = floatView(words);
+  const f32 = Math.fround;
+  // the logical index of (o, i): [out, in] or [in, out]
+  const oStride = inputAxis === 2 ? inputs : 1;
+  const iStride = inputAxis === 2 ? 1 : outputs;
+  const lut = new Float32Array(16);
+  for (let o = 0; o < outputs; o++) {
+    const row = o * inputs;
+    for (let g = 0; g < groupsPerOutput; g++) {
+      const group = o * groupsPerOutput + g;
+      const start = g * groupSize;
+      const end = Math.min(inputs, start + groupSize);
+      let at = dOff + o * oStride + start * iStride;
+      if (kind === 'int8') {
+        const scale = floats[wOff + scaleWord + group];
+        for (let i = start, s = row + start; i < end; i++, s++, at += iStride) {
+          dst[at] = scale * ((words[wOff + (s >> 2)] << (24 - 8 * (s & 3))) >> 24);
+        }
+        continue;
+      }
+      if (kind === 'mxfp4') {
+        const scale = 2 ** (((words[wOff + scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255) - 127);
+        for (let q = 0; q < 16; q++) lut[q] = E2M1_VALUES[q] * scale;
+      } else if (kind === 'nf4') {
+        const absmax = floats[wOff + scaleWord + group];
+        for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
+      } else {
+        const scale = floats[wOff + scaleWord + group];
+        const zero = floats[wOff + zeroWord + group];
+        for (let q = 0; q < 16; q++) lut[q] = scale * f32(q - zero);
+      }
+      for (let i = start, s = row + start; i < end; i++, s++, at += iStride) {
+        dst[at] = lut[(words[wOff + (s >> 3)] >>> (4 * (s & 7))) & 15];
+      }
+    }
+  }
+}
+
+// the quantizers' nearest-code thresholds: midpoints between neighbouring values
+const NF4_MIDPOINTS = Array.from({ length: 15 }, (_, c) => (NF4_CODE_BOOK[c] + NF4_CODE_BOOK[c + 1]) / 2);
+const E2M1_MAGNITUDE_MIDPOINTS = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5];
+
+function nearestNF4(x: number): number {
+  let c = 0;
+  while (c < 15 && x > NF4_MIDPOINTS[c]) c++;
+  return c;
+}
+
+function nearestE2M1(x: number): number {
+  const m = Math.abs(x);
+  let c = 0;
+  while (c < 7 && m > E2M1_MAGNITUDE_MIDPOINTS[c]) c++;  // saturates at 6
+  return c === 0 ? 0 : (x < 0 ? 8 : 0) | c;
+}
+
+/** floor(log2(x)) for x > 0, exact (Math.log2 may be off by one near powers of two). */
+function exponentOf(x: number): number {
+  let e = Math.floor(Math.log2(x));
+  if (2 ** e > x) e--;
+  if (2 ** (e + 1) <= x) e++;
+  return e;
+}
+
+function setCode(kind: QuantizedKind, words: Int32Array, base: number, s: number, q: number): void {
+  if (kind === 'int8') {
+    const w = base + (s >> 2);
+    const shift = 8 * (s & 3);
+    words[w] = (words[w] & ~(255 << shift)) | ((q & 255) << shift);
+  } else {
+    const w = base + (s >> 3);
+    const shift = 4 * (s & 7);
+    words[w] = (words[w] & ~(15 << shift)) | ((q & 15) << shift);
+  }
+}
+
+/**
+ * Quantizes one expert's float32 values [rows, cols] (logical layout, at values[vOff …]) into its
+ * words at words[wOff …] (which must be zero or hold an earlier expert's words: every word is
+ * written). Round to nearest: int8 q = round(v / scale), scale = absmax / 127 per output; int4
+ * q = round(v / scale + zero), scale = (max − min) / 15 and zero = −min / scale over the group with
+ * 0 in its range; NF4 the nearest code of v / absmax; MXFP4 e = ⌊log2 absmax⌋ − 2 (OCP's shared
+ * exponent) and the nearest e2m1 of v / 2^e, saturating at ±6.
+ */
+export function quantizeExpertInto(
+    layout: QuantizedLayout, values: Float32Array, vOff: number, words: Int32Array, wOff: number,
+    op = 'quantizeExpertValues', arg = 'values'): void {
+  const { kind, outputs, inputs, groupSize, groupsPerOutput, scaleWord, zeroWord, inputAxis } = layout;
+  const floats = floatView(words);
+  const f32 = Math.fround;
+  const oStride = inputAxis === 2 ? inputs : 1;
+  const iStride = inputAxis === 2 ? 1 : outputs;
+  words.fill(0, wOff, wOff + layout.wordsPerExpert);
+  for (let o = 0; o < outputs; o++) {
+    for (let g = 0; g < groupsPerOutput; g++) {
+      const group = o * groupsPerOutput + g;
+      const start = g * groupSize;
+      const end = Math.min(inputs, start + groupSize);
+      const at = (i: number) => values[vOff + o * oStride + i * iStride];
+      let min = 0;
+      let max = 0;
+      for (let i = start; i < end; i++) {
+        const v = at(i);
+        if (!Number.isFinite(v)) fail(op, `'${arg}' must be finite to be quantized (${layout.kind}) but holds ${v}`);
+        if (v < min) min = v;
+        if (v > max) max = v;
+      }
+      const absmax = Math.max(max, -min);
+      let code: (v: number) => number;
+      if (kind === 'int8') {
+        const scale = f32(absmax / 127);
+        floats[wOff + scaleWord + group] = scale;
+        code = v => scale === 0 ? 0 : Math.max(-127, Math.min(127, Math.round(v / scale)));
+      } else if (kind === 'int4') {
+        const scale = f32((max - min) / 15);
+        const zero = scale === 0 ? 0 : f32(-min / scale);
+        floats[wOff + scaleWord + group] = scale;
+        floats[wOff + zeroWord + group] = zero;
+        code = v => scale === 0 ? 0 : Math.max(0, Math.min(15, Math.round(v / scale + zero)));
+      } else if (kind === 'nf4') {
+        floats[wOff + scaleWord + group] = absmax;  // an f32 value already
+        code = v => absmax === 0 ? 7 : nearestNF4(v / absmax);
+      } else {
+        // e8m0 holds 2^−127 … 2^127; the shared exponent leaves the largest value in [4, 8) · 2^e
+        const e = absmax === 0 ? 0 : Math.max(-127, Math.min(127, exponentOf(absmax) - 2));
+        const w = wOff + scaleWord + (group >> 2);
+        words[w] |= (e + 127) << (8 * (group & 3));
+        code = v => nearestE2M1(v / 2 ** e);
+      }
+      for (let i = start; i < end; i++) setCode(kind, words, wOff, o * inputs + i, code(at(i)));
+    }
+  }
+}
+
+/**
+ * A weight's float32 values [E, rows, cols] (host memory) quantized expert by expert: the int32
+ * words [E, layout.wordsPerExpert] of a PackedExpertWeight. For loaders and callers that hold the
+ * values on the host (webgpu cannot read a tensor synchronously).
+ *
+ * ```js
+ * const layout = quantizedLayout('int8', [E, 2 * I, H], 2);
+ * const words = quantizeExpertValues(layout, E, values);
+ * new PackedExpertWeight('int8', [E, 2 * I, H], tf.tensor2d(words, [E, layout.wordsPerExpert], 'int32'));
+ * ```
+ */
+export function quantizeExpertValues(layout: QuantizedLayout, experts: number, values: Float32Array): Int32Array {
+  const block = layout.outputs * layout.inputs;
+  if (!(values instanceof Float32Array) || values.length !== experts * block) {
+    fail('quantizeExpertValues', `'values' must be a Float32Array of ${experts * block} values but got ` +
+        `${values instanceof Float32Array ? `${values.length} values` : String(values)}`);
+  }
+  const words = new Int32Array(experts * layout.wordsPerExpert);
+  for (let e = 0; e < experts; e++) quantizeExpertInto(layout, values, e * block, words, e * layout.wordsPerExpert);
+  return words;
+}
