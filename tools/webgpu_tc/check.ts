@@ -30,7 +30,7 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { type HFConfig, moeBlockConfigFromHF } from '../../src/models/families.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import { readJSONFile } from '../../src/util/files.js';
-import { bfloat16Bits, packedExpertWeightFromBits } from '../../src/ops/packed.js';
+import { bfloat16Bits, packExpertWeight, type PackedExpertWeight, packedExpertWeightFromBits } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
 
@@ -110,13 +110,16 @@ const SIZES: Size[] = [
 /** Each product of the fused block once, as fusedExperts calls it (full fine-tuning, SwiGLU). */
 function products(s: Size, t: {
   x: tf.Tensor2D; dOut: tf.Tensor2D; h: tf.Tensor2D; dh: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; rw: tf.Tensor1D;
-  w1bf16: ReturnType<typeof packedExpertWeightFromBits>; plan: DevicePlan;
+  w1bf16: PackedExpertWeight; w1Quantized: PackedExpertWeight[]; plan: DevicePlan;
 }): Record<string, () => tf.Tensor> {
   const { H, I, E } = s;
   const tile = webgpuMoETuningFor(s.T * s.K, E);
   const common = { plan: t.plan, activation: { kind: 'swiglu' as const }, interleaved: false };
   const up = { sE: 2 * I * H, sN: H, sK: 1 };
   const down = { sE: H * I, sN: I, sK: 1 };
+  // quantized experts: the subgroup-matrix program decodes them with the f32 program's loader
+  const quantized = Object.fromEntries(t.w1Quantized.map(w => [`up (gather, ${w.kind} weight)`,
+    () => groupedMatMul({ ...common, a: t.x, source: 'gather', w, strides: up, inner: H, outCols: 2 * I, tile: tile.tile })]));
   return {
     'up (gather)': () => groupedMatMul({ ...common, a: t.x, source: 'gather', w: t.w1, strides: up, inner: H, outCols: 2 * I, tile: tile.tile }),
     'up (gather, bf16 weight)': () => groupedMatMul({ ...common, a: t.x, source: 'gather', w: t.w1bf16, strides: up, inner: H, outCols: 2 * I, tile: tile.tile }),
@@ -129,6 +132,7 @@ function products(s: Size, t: {
       outShape: [E, 2 * I, H], outStrides: { oE: 2 * I * H, oP: H, oQ: 1 }, tile: tile.gradTile }),
     'dW2 = (w·dOut)ᵀ·act(h)': () => groupedWeightGrad({ ...common, l: t.dOut, left: 'gather', r: t.h, right: 'act', P: H, Q: I,
       outShape: [E, H, I], outStrides: { oE: H * I, oP: I, oQ: 1 }, tile: tile.gradTile, rowScale: t.rw }),
+    ...quantized,
   };
 }
 
@@ -151,10 +155,18 @@ async function checkKernels(s: Size): Promise<unknown[]> {
     w2: tf.randomNormal([E, H, I], 0, 1 / Math.sqrt(I), 'float32', 5) as tf.Tensor3D,
     rw: tf.randomUniform([T * K], 0, 1, 'float32', 6) as tf.Tensor1D,
     w1bf16: packedExpertWeightFromBits('bf16', [E, 2 * I, H], Uint16Array.from(w1Values, bfloat16Bits)),
+    w1Quantized: [] as PackedExpertWeight[],
     plan,
   };
   const results: unknown[] = [];
   try {
+    // quantized on the host from the same values, groups along H (the input of [E, 2I, H])
+    const w1Host = tf.tensor3d(w1Values, [E, 2 * I, H]);
+    try {
+      t.w1Quantized = (['int8', 'int4', 'nf4', 'mxfp4'] as const).map(kind => packExpertWeight(w1Host, kind));
+    } finally {
+      w1Host.dispose();
+    }
     for (const [name, run] of Object.entries(products(s, t))) {
       const entry: Record<string, unknown> = { size: s.name, product: name };
       results.push(entry);
@@ -194,7 +206,8 @@ async function checkKernels(s: Size): Promise<unknown[]> {
       }
     }
   } finally {
-    tf.dispose([experts, t.x, t.dOut, t.h, t.dh, t.w1, t.w2, t.rw, t.w1bf16.packed, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+    tf.dispose([experts, t.x, t.dOut, t.h, t.dh, t.w1, t.w2, t.rw, t.w1bf16.packed, ...t.w1Quantized.map(w => w.packed),
+      plan.seg, plan.rowOfPair, plan.pairOfRow]);
   }
   return results;
 }
