@@ -192,8 +192,9 @@ export function register(args: PluginArgs = {}): PluginHandle {
     for (const f of found) {
       let adapterAdded = false;
       const lora = f.descriptor.lora!;
-      const targets = a.lora === null ? [] : LORA_TARGETS.filter(t => a.lora!.targets.includes(t) ||
-          (f.layer instanceof SparseMoE && (linearPlan!.shared.get(f.layer) ?? []).includes(t)));
+      // a SparseMoE's targets, ranks and alphas come from the plan (module names, all-linear, patterns)
+      const moePlan = f.layer instanceof SparseMoE ? linearPlan?.moe.get(f.layer) : undefined;
+      const targets = a.lora === null ? [] : moePlan?.targets ?? LORA_TARGETS.filter(t => a.lora!.targets.includes(t));
       if (a.lora !== null && targets.length > 0 && !lora.adapterNames(f.layer).includes(a.lora.adapterName)) {
         const name = a.lora.adapterName;
         const added: AddedAdapter = {
@@ -201,7 +202,11 @@ export function register(args: PluginArgs = {}): PluginHandle {
           remove: () => { if (lora.adapterNames(f.layer).includes(name)) lora.remove(f.layer, name); },
           trainable: f.layer.weights.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]),
         };
-        lora.add(f.layer, { name, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets, dropout: a.lora.dropout });
+        const own = moePlan === undefined ? {} : {
+          ...(Object.keys(moePlan.ranks).length > 0 ? { ranks: moePlan.ranks } : {}),
+          ...(Object.keys(moePlan.alphas).length > 0 ? { alphas: moePlan.alphas } : {}),
+        };
+        lora.add(f.layer, { name, r: a.lora.r, alpha: a.lora.alpha, rsLoRA: a.lora.rsLoRA, targets, dropout: a.lora.dropout, ...own });
         s.adapters.push(added);
         undo.push(() => { s.adapters.splice(s.adapters.indexOf(added), 1); removeAddedAdapter(added); });
         // the weights the layer had before the adapter are its base: frozen while the adapter trains

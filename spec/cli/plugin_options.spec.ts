@@ -75,7 +75,7 @@ describe('CLI: plugin flags', () => {
       '--lora-rank: lora.r: expected an integer >= 1 but got 0 (number)',
       '--lora-alpha: lora.alpha: expected a finite number > 0 but got -1 (number)',
       "--lora-targets: lora.targets[0]: expected one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', " +
-          "'shared.down', 'all-linear', 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' (module names " +
+          "'shared.down', 'shared.sigmoid_gate', 'all-linear', 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' (module names " +
           "may have a path before the projection: 'self_attn.q_proj') but got 'experts.gateup' (string); did you mean 'experts.gate_up'?",
     ]);
     expect(lines).to.deep.equal(same.map((l, i) => `${lines[i].split(': ')[0]}: ${l}`));

@@ -167,7 +167,7 @@ describe('io/peft', () => {
     });
     const strayErr = await rejection(loadPeftAdapter(model, stray));
     const expectedModules = "(expected 'base_model.model.<block>.<module>.lora_{A,B}.weight' with <module> one of experts[.base_layer], " +
-      "gate, shared_expert.gate_proj, shared_expert.up_proj, shared_expert.down_proj and <block> one of 'model.layers.0.mlp', 'model.layers.1.mlp')";
+      "gate, shared_expert.gate_proj, shared_expert.up_proj, shared_expert.down_proj, shared_expert_gate and <block> one of 'model.layers.0.mlp', 'model.layers.1.mlp')";
     expect(strayErr.message.split('\n').slice(1)).to.deep.equal([
       "  'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' is a LoRA tensor of 'model.layers.0.self_attn' that " +
         'the adapter config does not target (target_modules [])',
@@ -178,18 +178,18 @@ describe('io/peft', () => {
     model.dispose();
   });
 
-  it('refuses unsupported PEFT options, one line each (patterns on MoE targets too); a non-zero lora_dropout loads onto the MoE adapters', async () => {
+  it('refuses unsupported PEFT options, one line each; a non-zero lora_dropout loads onto the MoE adapters', async () => {
     const model = await loadHFCheckpoint(fixtureDir('mixtral'));
     const dir = await editedAdapter('mixtral', c => {
       Object.assign(c, {
-        use_dora: true, lora_bias: true, rank_pattern: { 'experts': 8 }, alpha_pattern: { gate: 2 },
+        use_dora: true, lora_bias: true,
         target_modules: ['w1'], bias: 'all', modules_to_save: ['lm_head'], peft_type: 'LOHA',
         target_parameters: ['experts.gate_up_proj', 'experts.down_proj', 'gate.weight', 'self_attn.q_proj.weight'],
       });
     });
     const err = await rejection(loadPeftAdapter(model, dir));
     expect(err.message.split('\n')).to.deep.equal([
-      `\`loadPeftAdapter()\`: '${dir}' (adapter 'default'): 9 problems:`,
+      `\`loadPeftAdapter()\`: '${dir}' (adapter 'default'): 7 problems:`,
       "  peft_type must be 'LORA' but is \"LOHA\"",
       '  DoRA (use_dora) is not supported but adapter_config.json sets use_dora: true',
       '  LoRA biases (lora_bias) are not supported but adapter_config.json sets lora_bias: true',
@@ -199,10 +199,6 @@ describe('io/peft', () => {
       "  target_modules entry \"w1\" is not supported: LoRA on modules is supported on the attention projections ('q_proj', " +
         "'k_proj', 'v_proj', 'o_proj'), the dense MLPs' ('gate_proj', 'up_proj', 'down_proj') and the shared expert's " +
         "('shared_expert.gate_proj', 'shared_expert.up_proj', 'shared_expert.down_proj'); it matches none of this model's",
-      "  rank_pattern key \"experts\" matches the MoE target 'model.layers.0.mlp.experts': per-module ranks and alphas are " +
-        'supported on attention and dense-MLP projections only',
-      "  alpha_pattern key \"gate\" matches the MoE target 'model.layers.0.mlp.gate': per-module ranks and alphas are " +
-        'supported on attention and dense-MLP projections only',
     ]);
     const shared = await editedAdapter('mixtral', c => { c['target_modules'] = ['shared_expert.up_proj']; });
     expect((await rejection(loadPeftAdapter(model, shared))).message.split('\n').slice(1)).to.deep.equal([

@@ -109,7 +109,7 @@ describe('SparseMoE layer', () => {
     expect(() => layer.setActiveAdapters(['c'])).to.throw(/`SparseMoE.setActiveAdapters\(\)`: unknown adapters c; adapters: a, b/);
     expect(() => layer.addAdapter({ name: 'a', r: 1, alpha: 1, targets: ['router'] })).to.throw(/an adapter named 'a' already exists/);
     expect(() => layer.addAdapter({ name: 'z', r: 0, alpha: 1, targets: ['router'] })).to.throw(/'r' must be >= 1 but got 0/);
-    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down' but got 'shared'/);
+    expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared'] as never })).to.throw(/'targets\[0\]' must be one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate' but got 'shared'/);
     expect(() => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['router', 'router'] })).to.throw(/`SparseMoE.addAdapter\(\)`: 'targets' must not repeat a target but got 'router' twice/);
     expect(() => layer.deltaWeight('b', 'router')).to.throw(/adapter 'b' does not target 'router'/);
     expect(onlyA.shape).to.deep.equal([7, 8]);
@@ -267,5 +267,123 @@ describe('SparseMoE layer', () => {
     expect(() => new SparseMoE({ ...qwen2Like, numExperts: 0 })).to.throw(/`SparseMoE\(\)`: 'numExperts' must be >= 1 but got 0/);
     expect(() => new SparseMoE({ ...qwen2Like, routing: { kind: 'softmaxTopK', topK: 7 } })).to.throw(/'routing.topK' must be <= 6 but got 7/);
     expect(() => new SparseMoE({ ...qwen2Like, expertLayout: 'rows' as never })).to.throw(/'expertLayout' must be one of 'outIn', 'inOutInterleaved', 'inOut' but got 'rows'/);
+  });
+
+  describe('per-target ranks and alphas (PEFT rank_pattern / alpha_pattern on MoE targets)', () => {
+    const own = {
+      name: 'u', r: 2, alpha: 4, targets: ['experts.gate_up', 'experts.down', 'router', 'shared.down', 'shared.sigmoid_gate'],
+      ranks: { 'experts.gate_up': 4, router: 1, 'shared.sigmoid_gate': 3 }, alphas: { 'experts.gate_up': 8, 'shared.sigmoid_gate': 1.5 },
+    } as const;
+    /** The same deltas as one adapter per (r, alpha): an independent composition (several adapters add up). */
+    const split = [
+      { name: 'g', r: 4, alpha: 8, targets: ['experts.gate_up'] }, { name: 'd', r: 2, alpha: 4, targets: ['experts.down', 'shared.down'] },
+      { name: 'rt', r: 1, alpha: 4, targets: ['router'] }, { name: 'sg', r: 3, alpha: 1.5, targets: ['shared.sigmoid_gate'] },
+    ] as const;
+
+    function pair(kernel: 'fused' | 'reference') {
+      const a = built({ ...qwen2Like, expertKernel: kernel, loraMode: 'split' });
+      const b = built({ ...qwen2Like, expertKernel: kernel, loraMode: 'split' });
+      b.setWeights(a.getWeights());
+      a.addAdapter({ ...own, targets: [...own.targets], ranks: { ...own.ranks }, alphas: { ...own.alphas } }, 'random');
+      for (const c of split) b.addAdapter({ ...c, targets: [...c.targets] }, 'peft');
+      // b's factors are a's, target by target
+      for (const c of split) {
+        for (const t of c.targets) {
+          const f = a.adapter('u').factors[t]!;
+          b.adapter(c.name).factors[t]!.A.write(f.A.read());
+          b.adapter(c.name).factors[t]!.B.write(f.B.read());
+        }
+      }
+      return { a, b };
+    }
+
+    it('shapes and scalings per target; output and every factor gradient equal one adapter per rank; merge equals applying', () => {
+      for (const kernel of ['fused', 'reference'] as const) {
+        const { a, b } = pair(kernel);
+        const shapes = a.trainableWeights.map(w => `${w.originalName.split('/').pop()} [${w.shape}]`);
+        expect(shapes).to.deep.equal(['lora_u_gate_up_A [24,8]', 'lora_u_gate_up_B [8,24]', 'lora_u_down_A [12,4]', 'lora_u_down_B [8,12]',
+          'lora_u_router_A [1,8]', 'lora_u_router_B [6,1]', 'lora_u_shared_down_A [2,5]', 'lora_u_shared_down_B [8,2]',
+          'lora_u_shared_expert_gate_A [3,8]', 'lora_u_shared_expert_gate_B [1,3]']);
+        expect(a.adapter('u').scalings).to.deep.equal({ 'experts.gate_up': 2, 'experts.down': 2, router: 4, 'shared.down': 2, 'shared.sigmoid_gate': 0.5 });
+        const x = tf.randomNormal([9, 8], 0, 1, 'float32', 3);
+        expectNoLeak(() => {
+          const ya = a.apply(x) as tf.Tensor;
+          const yb = b.apply(x) as tf.Tensor;
+          expectClose(ya, yb, 1e-5, `${kernel}: one adapter with ranks vs one adapter per rank`);
+          const loss = (layer: SparseMoE) => () => tf.sum(tf.square(layer.apply(x) as tf.Tensor)) as tf.Scalar;
+          const ga = tf.variableGrads(loss(a), a.trainableWeights.map(v => v.read() as tf.Variable));
+          const gb = tf.variableGrads(loss(b), b.trainableWeights.map(v => v.read() as tf.Variable));
+          const key = (v: { originalName: string }) => v.originalName.split('/').pop()!.replace(/^lora_[a-z]+_/, '');
+          const byKey = new Map(b.trainableWeights.map(v => [key(v), gb.grads[(v.read() as tf.Variable).name]]));
+          for (const v of a.trainableWeights) {
+            const g = ga.grads[(v.read() as tf.Variable).name];
+            expect(maxAbs(g), v.originalName).to.be.above(0);
+            expectClose(g, byKey.get(key(v))!, 1e-4, `${kernel}: d${key(v)}`);
+          }
+          a.mergeAdapter('u');
+          const merged = a.apply(x) as tf.Tensor;
+          expectClose(merged, ya, 1e-5, `${kernel}: merged vs applied`);
+          a.unmergeAdapter('u');
+          tf.dispose([ya, yb, merged, ga.value, gb.value, ...Object.values(ga.grads), ...Object.values(gb.grads)]);
+        });
+        x.dispose();
+        a.weights.forEach(v => v.dispose());
+        b.weights.forEach(v => v.dispose());
+      }
+    });
+
+    it('gradients of the unequal-rank factors match central finite differences of the layer loss', () => {
+      const before = tf.memory().numTensors;
+      const layer = built({ ...qwen2Like, expertKernel: 'fused', loraMode: 'split' });
+      layer.addAdapter({ ...own, targets: [...own.targets], ranks: { ...own.ranks }, alphas: { ...own.alphas } }, 'random');
+      const x = tf.randomNormal([7, 8], 0, 1, 'float32', 4);
+      const g = tf.randomNormal([7, 8], 0, 1, 'float32', 5);
+      // float64 accumulation of the float32 forward; a few entries of every factor (routing stays put for small steps)
+      const lossAt = () => tf.tidy(() => tf.sum(tf.mul(layer.apply(x) as tf.Tensor, g)).dataSync()[0]);
+      const { grads, value } = tf.variableGrads(() => tf.sum(tf.mul(layer.apply(x) as tf.Tensor, g)) as tf.Scalar,
+          layer.trainableWeights.map(v => v.read() as tf.Variable));
+      const eps = 1e-3;
+      for (const v of layer.trainableWeights) {
+        const analytic = grads[(v.read() as tf.Variable).name].dataSync();
+        const data = Float32Array.from(v.read().dataSync());
+        const picks = [0, Math.floor(data.length / 2), data.length - 1];
+        const numeric = picks.map(k => {
+          const at = (d: number) => {
+            const moved = Float32Array.from(data);
+            moved[k] += d;
+            tf.tidy(() => { v.write(tf.tensor(moved, v.shape as number[])); });
+            return lossAt();
+          };
+          const fd = (at(eps) - at(-eps)) / (2 * eps);
+          tf.tidy(() => { v.write(tf.tensor(data, v.shape as number[])); });
+          return fd;
+        });
+        const scale = Math.max(...Array.from(analytic).map(Math.abs));
+        picks.forEach((k, i) => expect(Math.abs(analytic[k] - numeric[i]) / scale, `${v.originalName}[${k}]`).to.be.below(1e-2));
+      }
+      tf.dispose([x, g, value, ...Object.values(grads)]);
+      layer.weights.forEach(v => v.dispose());
+      expect(tf.memory().numTensors).to.equal(before);
+    });
+
+    it('survive getConfig / fromConfig; bad ranks and alphas are refused naming the target', () => {
+      const layer = new SparseMoE({ ...qwen2Like, name: 'moe' });
+      layer.addAdapter({ ...own, targets: [...own.targets], ranks: { ...own.ranks }, alphas: { ...own.alphas } }, 'random');
+      layer.build([null, 8]);
+      const clone = SparseMoE.fromConfig(SparseMoE, layer.getConfig()) as SparseMoE;
+      clone.build([null, 8]);
+      expect(clone.adapterConfig('u')).to.deep.include({ ranks: own.ranks, alphas: own.alphas });
+      expect(clone.weights.map(w => w.shape)).to.deep.equal(layer.weights.map(w => w.shape));
+      const add = (extra: object) => () => layer.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['router'], ...extra });
+      expect(add({ ranks: { 'experts.down': 2 } })).to.throw(
+          "`SparseMoE.addAdapter()`: 'ranks' may only name the adapter's targets (router) but names 'experts.down'");
+      expect(add({ ranks: { router: 0 } })).to.throw("`SparseMoE.addAdapter()`: 'ranks['router']' must be >= 1 but got 0");
+      expect(add({ alphas: { router: -1 } })).to.throw("`SparseMoE.addAdapter()`: 'alphas['router']' must be a finite number > 0 but got -1");
+      expect(add({ ranks: [2] })).to.throw("`SparseMoE.addAdapter()`: 'ranks' must be an object {target: rank} but got");
+      const ungated = built({ ...qwen2Like, sharedExpert: { intermediateSize: 5, gated: false } });
+      expect(() => ungated.addAdapter({ name: 'z', r: 1, alpha: 1, targets: ['shared.sigmoid_gate'] })).to.throw(
+          "`SparseMoE.addAdapter()`: target 'shared.sigmoid_gate' needs a gated shared expert (Qwen2-MoE's shared_expert_gate) but the layer's is not gated");
+      [layer, clone, ungated].forEach(l => l.weights.forEach(v => v.dispose()));
+    });
   });
 });

@@ -280,4 +280,22 @@ describe('models/families', () => {
           ['gpt_oss', 'ernie4_5_moe', 'hunyuan_v1_moe', 'minimax_m2', 'llama4_text']);
     });
   });
+
+  it("peftConversion is transformers 5.17's _MODEL_TO_CONVERSION_PATTERN as PEFT 0.21 acts on it (Qwen2-MoE measured unconverted)", () => {
+    // transformers/conversion_mapping.py, the MoE rows PEFT's _MOE_TARGET_MODULE_MAPPING knows; a model
+    // type absent here gets no rewrite (llama4_text, mistral4, qwen3_5_moe, glm_moe_dsa, gemma4_text, gpt_oss)
+    const transformers: Record<string, 'mixtral' | 'qwen2_moe'> = {
+      mixtral: 'mixtral', minimax: 'mixtral', minimax_m2: 'mixtral',
+      deepseek_v2: 'qwen2_moe', deepseek_v3: 'qwen2_moe', dots1: 'qwen2_moe', ernie4_5_moe: 'qwen2_moe', glm4_moe: 'qwen2_moe',
+      glm4_moe_lite: 'qwen2_moe', longcat_flash: 'qwen2_moe', solar_open: 'qwen2_moe', qwen3_moe: 'qwen2_moe',
+      qwen3_next: 'qwen2_moe', hunyuan_v1_moe: 'qwen2_moe', flex_olmo: 'qwen2_moe', olmoe: 'qwen2_moe',
+    };
+    // tools/peft_check/check_linear.py: PEFT 0.21's all-linear on qwen2_moe kept the shared-expert
+    // projections and took no experts, and it loaded ours with shared_expert.gate_proj unconverted
+    const measuredUnconverted = ['qwen2_moe'];
+    for (const type of MODEL_TYPES) {
+      const want = measuredUnconverted.includes(type) ? undefined : transformers[type];
+      expect(FAMILIES[type].peftConversion, type).to.equal(want);
+    }
+  });
 });

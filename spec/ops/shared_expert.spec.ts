@@ -47,7 +47,7 @@ function matVecT(x: Float64Array, T: number, inn: number, W: Float64Array, out: 
 const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 
 interface RefShared { gate: Float64Array; up: Float64Array; down: Float64Array; sigmoidGate?: Float64Array;
-  lora: Record<Proj, RefAdapter[]> }
+  lora: Record<Proj, RefAdapter[]> & { sigmoidGate?: RefAdapter[] } }
 
 /** x·W_effᵀ with the undropped adapters folded in, plus each dropped adapter's (x ⊙ mask)·(s·B·A)ᵀ */
 function refProjection(x: Float64Array, T: number, inn: number, W: Float64Array, out: number, adapters: RefAdapter[]): Float64Array {
@@ -65,7 +65,7 @@ function refShared(x: Float64Array, T: number, H: number, I: number, w: RefShare
   const h = g.map((v, k) => v * sigmoid(v) * u[k]);
   const out = refProjection(h, T, I, w.down, H, w.lora.down);
   if (w.sigmoidGate) {
-    const gate = matVecT(x, T, H, w.sigmoidGate, 1);
+    const gate = refProjection(x, T, H, w.sigmoidGate, 1, w.lora.sigmoidGate ?? []);
     for (let t = 0; t < T; t++) for (let o = 0; o < H; o++) out[t * H + o] *= sigmoid(gate[t]);
   }
   return out;
@@ -80,7 +80,9 @@ function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
 /** A named float64 array and the float32 tensor of exactly its values. */
 interface Param { name: string; data: Float64Array; tensor: Tensor; set: (w: RefShared, v: Float64Array) => void }
 
-function setup(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>, dropout?: number) {
+type Ranks = Partial<Record<Proj | 'sigmoidGate', Array<[number, number]>>>;
+
+function setup(seed: number, gated: boolean, ranks: Ranks, dropout?: number) {
   const T = 5, H = 4, I = 3;
   const rng = new Rng(seed);
   const params: Param[] = [];
@@ -116,6 +118,15 @@ function setup(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[
     const sg = pair('shared.sigmoidGate', [1, H], 0.6, (acc, v) => { acc.sigmoidGate = v; });
     ref.sigmoidGate = sg.data;
     weights.sigmoidGate = sg.tensor as Tensor2D;
+    if (ranks.sigmoidGate !== undefined) {
+      ref.lora.sigmoidGate = [];
+      weights.lora!.sigmoidGate = ranks.sigmoidGate.map(([r, sc], k): LoRAFactors => {
+        const a = pair(`lora.sigmoidGate[${k}].A`, [r, H], 0.5, (acc, v) => { acc.lora.sigmoidGate![k].A = v; });
+        const b = pair(`lora.sigmoidGate[${k}].B`, [1, r], 0.5, (acc, v) => { acc.lora.sigmoidGate![k].B = v; });
+        ref.lora.sigmoidGate!.push({ A: a.data, B: b.data, r, s: sc });
+        return { A: a.tensor as Tensor2D, B: b.tensor as Tensor2D, scaling: sc };
+      });
+    }
   }
   const G = asF32(rng.array(T * H));
   return { T, H, I, x, params, ref, weights: weights as SharedExpertWeights, G, Gt: tensorOf(G, [T, H]) };
@@ -131,10 +142,11 @@ function rebuild(w: SharedExpertWeights, ts: Tensor[]): SharedExpertWeights {
     out.lora![p] = (w.lora?.[p] ?? []).map(f => ({ A: next(), B: next(), scaling: f.scaling, dropout: f.dropout }));
   }
   if (w.sigmoidGate) out.sigmoidGate = next();
+  if (w.lora?.sigmoidGate) out.lora!.sigmoidGate = w.lora.sigmoidGate.map(f => ({ A: next(), B: next(), scaling: f.scaling }));
   return out;
 }
 
-function checkAgainstReference(seed: number, gated: boolean, ranks: Partial<Record<Proj, Array<[number, number]>>>, dropout?: number) {
+function checkAgainstReference(seed: number, gated: boolean, ranks: Ranks, dropout?: number) {
   const s = setup(seed, gated, ranks, dropout);
   expectNoLeak(() => {
     const out = sharedExpert(s.x.tensor as Tensor2D, s.weights);
@@ -144,7 +156,8 @@ function checkAgainstReference(seed: number, gated: boolean, ranks: Partial<Reco
     s.params.forEach((p, k) => {
       const loss = (v: Float64Array) => {
         const w: RefShared = { ...s.ref, lora: { gate: s.ref.lora.gate.map(a => ({ ...a })),
-          up: s.ref.lora.up.map(a => ({ ...a })), down: s.ref.lora.down.map(a => ({ ...a })) } };
+          up: s.ref.lora.up.map(a => ({ ...a })), down: s.ref.lora.down.map(a => ({ ...a })),
+          sigmoidGate: s.ref.lora.sigmoidGate?.map(a => ({ ...a })) } };
         p.set(w, v);
         return dot(refShared(p.name === 'x' ? v : s.x.data, s.T, s.H, s.I, w), s.G);
       };
@@ -166,6 +179,10 @@ describe('sharedExpert with LoRA on its projections', () => {
 
   it('Qwen2-MoE sigmoid gate, two adapters on down and one on gate (rsLoRA-like scaling): deltas add up', () => {
     checkAgainstReference(13, true, { gate: [[3, 1 / Math.sqrt(3)]], down: [[1, 2], [2, 0.75]] });
+  });
+
+  it('LoRA on the Qwen2-MoE sigmoid gate ([1, H], PEFT\'s shared_expert_gate) with rank 3 beside rank-2 down: value and gradients', () => {
+    checkAgainstReference(19, true, { sigmoidGate: [[3, 0.7]], down: [[2, 1.5]] });
   });
 
   it('LoRA dropout (PEFT\'s lora_dropout): each adapter\'s branch reads its own dropped input, the base x; value and gradients', () => {
@@ -213,9 +230,11 @@ describe('sharedExpert with LoRA on its projections', () => {
     type Make = (w: SharedExpertWeights, t: (shape: number[]) => Tensor2D) => SharedExpertWeights;
     const cases: Array<[string, Make, RegExp]> = [
       ['lora not an object', w => ({ ...w, lora: 3 as never }),
-        /`sharedExpert\(\)`: 'weights.shared.lora' must be an object \{gate\?, up\?, down\?\} of LoRAFactors lists but got number/],
+        /`sharedExpert\(\)`: 'weights.shared.lora' must be an object \{gate\?, up\?, down\?, sigmoidGate\?\} of LoRAFactors lists but got number/],
       ['unknown projection', w => ({ ...w, lora: { gate_proj: [] } as never }),
-        /'weights.shared.lora' may only have keys 'gate', 'up', 'down' but got 'gate_proj'/],
+        /'weights.shared.lora' may only have keys 'gate', 'up', 'down', 'sigmoidGate' but got 'gate_proj'/],
+      ['sigmoidGate LoRA without a sigmoid gate', (w, t) => ({ ...w, lora: { sigmoidGate: [{ A: t([1, 4]), B: t([1, 1]), scaling: 1 }] } }),
+        /'weights.shared.lora.sigmoidGate' adapts the shared expert's sigmoid gate but 'weights.shared.sigmoidGate' is absent/],
       ['list not an array', w => ({ ...w, lora: { up: {} as never } }),
         /'weights.shared.lora.up' must be an array of LoRAFactors but got object/],
       ['factor not an object', w => ({ ...w, lora: { up: [null as never] } }),

@@ -1,6 +1,8 @@
+import type * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { PluginArgsError } from '../../src/args/errors.js';
 import { RotaryAttention } from '../../src/layers/attention.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { buildMoECausalLM, sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { SwiGLUMLP } from '../../src/layers/swiglu_mlp.js';
 import { patternKey } from '../../src/patch/linear_targets.js';
@@ -9,7 +11,7 @@ import { seedAdapterInit } from '../../src/train/seeded_init.js';
 import { TINY_QWEN2_MOE } from '../helpers/tiny_models.js';
 
 /** Every adapted module of the model as '<module name>: r/alpha'. */
-function adapted(model: ReturnType<typeof buildMoECausalLM>, name = 'default'): string[] {
+function adapted(model: tfl.LayersModel, name = 'default'): string[] {
   const out: string[] = [];
   for (const layer of model.layers) {
     if ((layer instanceof RotaryAttention || layer instanceof SwiGLUMLP) && layer.lora.names().includes(name)) {
@@ -19,7 +21,7 @@ function adapted(model: ReturnType<typeof buildMoECausalLM>, name = 'default'): 
   for (const layer of sparseMoELayers(model)) {
     if (!layer.adapterNames().includes(name)) continue;
     const c = layer.adapterConfig(name)!;
-    for (const t of c.targets) out.push(`${layer.name}:${t}: ${c.r}/${c.alpha}`);
+    for (const t of c.targets) out.push(`${layer.name}:${t}: ${c.ranks?.[t] ?? c.r}/${c.alphas?.[t] ?? c.alpha}`);
   }
   return out;
 }
@@ -40,7 +42,7 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
   after(() => { unregister(); model.dispose(); });
   afterEach(() => unregister());
 
-  it("'all-linear' selects exactly PEFT's set: attention, dense MLP and shared-expert projections, not the router, experts or lm_head", () => {
+  it("'all-linear' on Qwen2-MoE (PEFT 0.21 leaves its config as is): attention, dense MLP, shared-expert projections and shared_expert_gate, not the router, experts or lm_head", () => {
     const trainableBefore = model.trainableWeights.length;
     register({ models: [model], lora: { r: 2, alpha: 4, targets: ['all-linear'] } });
     expect(adapted(model)).to.deep.equal([
@@ -50,13 +52,47 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
       'model.layers.1.self_attn.q_proj: 2/4', 'model.layers.1.self_attn.k_proj: 2/4',
       'model.layers.1.self_attn.v_proj: 2/4', 'model.layers.1.self_attn.o_proj: 2/4',
       'model.layers.1.mlp:shared.gate: 2/4', 'model.layers.1.mlp:shared.up: 2/4', 'model.layers.1.mlp:shared.down: 2/4',
+      'model.layers.1.mlp:shared.sigmoid_gate: 2/4',
     ]);
-    // only the adapters train: 14 modules × (A, B)
-    expect(model.trainableWeights.length).to.equal(28);
+    // only the adapters train: 15 modules × (A, B)
+    expect(model.trainableWeights.length).to.equal(30);
     expect(model.trainableWeights.every(v => /lora_default_/.test(v.originalName))).to.equal(true);
     unregister();
     expect(adapted(model)).to.deep.equal([]);
     expect(model.trainableWeights.length).to.equal(trainableBefore);
+  });
+
+  it("'all-linear' on a family PEFT 0.21 converts (GLM-4.5-MoE): attention + experts.gate_up (2r, 2α) + experts.down + router; no dense MLP, no shared expert", async () => {
+    const glm = await loadHFCheckpoint('spec/fixtures/hf/glm4_moe');
+    register({ models: [glm], lora: { r: 2, alpha: 4, targets: ['all-linear'], rankPattern: { 'layers.1.self_attn.q_proj': 1 } } });
+    expect(adapted(glm)).to.deep.equal([
+      'model.layers.0.self_attn.q_proj: 2/4', 'model.layers.0.self_attn.k_proj: 2/4',
+      'model.layers.0.self_attn.v_proj: 2/4', 'model.layers.0.self_attn.o_proj: 2/4',
+      'model.layers.1.self_attn.q_proj: 1/4', 'model.layers.1.self_attn.k_proj: 2/4',
+      'model.layers.1.self_attn.v_proj: 2/4', 'model.layers.1.self_attn.o_proj: 2/4',
+      'model.layers.1.mlp:experts.gate_up: 4/8', 'model.layers.1.mlp:experts.down: 2/4', 'model.layers.1.mlp:router: 2/4',
+    ]);
+    unregister();
+    // a rank pattern on an MoE parameter, by PEFT's name '<module>.<parameter>'
+    register({ models: [glm], lora: { r: 2, alpha: 4, targets: ['experts.down', 'router'], rankPattern: { 'experts.down_proj': 3 },
+      alphaPattern: { 'mlp.gate.weight': 1 } } });
+    expect(adapted(glm)).to.deep.equal(['model.layers.1.mlp:experts.down: 3/4', 'model.layers.1.mlp:router: 2/1']);
+    unregister();
+    glm.dispose();
+  });
+
+  it("'all-linear' on an MLA model is refused: its attention has no LoRA here yet", async () => {
+    const deepseek = await loadHFCheckpoint('spec/fixtures/hf/deepseek_v3');
+    expect(problems(() => register({ models: [deepseek], lora: { r: 2, alpha: 4, targets: ['all-linear'] } }))).to.deep.equal([
+      "lora.targets: 'all-linear' on 'moe_causal_lm' (PEFT 0.21: every attention projection, MLA's q_proj / q_a_proj / q_b_proj / " +
+          "kv_a_proj_with_mqa / kv_b_proj / o_proj included) needs LoRA on MLA attention ('model.layers.0.self_attn'), which this " +
+          'package does not have yet; name the targets instead (experts.gate_up, experts.down, router, shared.*)']);
+    expect(adapted(deepseek)).to.deep.equal([]);
+    // its shared expert has no sigmoid gate to adapt
+    expect(problems(() => register({ models: [deepseek], lora: { r: 2, alpha: 4, targets: ['shared.sigmoid_gate'] } }))).to.deep.equal([
+      "models[0] layer 'model.layers.1.mlp' (SparseMoE): lora.targets: expected 'shared.sigmoid_gate' only on a layer whose shared expert is gated " +
+          "(Qwen2-MoE's shared_expert_gate), but the layer's is not"]);
+    deepseek.dispose();
   });
 
   it("entries match as PEFT's list matching does: the full name or its end after a '.'", () => {
@@ -104,14 +140,14 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
       "lora.targets[0]: expected a module name of the models (PEFT's rule: a full name or its end after a '.') but " +
           "'attn.q_proj' matches none; modules: 'model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj', " +
           "'model.layers.0.self_attn.v_proj', ...",
-      "lora.rankPattern: expected each key to match a targeted attention or dense-MLP projection (PEFT's rule: the module name " +
-          "ends with the key after a '.') but 'k_proj' matches none",
-      "lora.alphaPattern: expected each key to match a targeted attention or dense-MLP projection (PEFT's rule: the module name " +
-          "ends with the key after a '.') but 'v_proj' matches none",
+      "lora.rankPattern: expected each key to match a targeted module or MoE parameter (PEFT's rule: the name, e.g. " +
+          "'model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.gate_up_proj', ends with the key after a '.') but 'k_proj' matches none",
+      "lora.alphaPattern: expected each key to match a targeted module or MoE parameter (PEFT's rule: the name, e.g. " +
+          "'model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.gate_up_proj', ends with the key after a '.') but 'v_proj' matches none",
     ]);
     expect(adapted(model)).to.deep.equal([]);
     expect(problems(() => register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_prj'] } }))).to.deep.equal([
-      "lora.targets[0]: expected one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', " +
+      "lora.targets[0]: expected one of 'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate', " +
           "'all-linear', 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj' (module names may have a " +
           "path before the projection: 'self_attn.q_proj') but got 'q_prj' (string); did you mean 'q_proj'?"]);
     expect(problems(() => register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj'], rankPattern: { '(': 2, 'k_proj': 0 } } })))

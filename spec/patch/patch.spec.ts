@@ -79,7 +79,8 @@ describe('patching: the fused path equals the layer’s own path', () => {
         const layer = new SparseMoE({ ...fam.args, name: `fam${f}` });
         layer.build([null, null, H]);
         randomize(layer, 100 + f);
-        const targets: LoRATarget[] = LORA_TARGETS.filter(t => !t.startsWith('shared.') || fam.args.sharedExpert);
+        const targets: LoRATarget[] = LORA_TARGETS.filter(t => !t.startsWith('shared.') || fam.args.sharedExpert)
+            .filter(t => t !== 'shared.sigmoid_gate' || fam.args.sharedExpert?.gated === true);
         const adapter = { name: 'default', r: 2, alpha: 4, targets };
         if (lora) layer.addAdapter(adapter, 'random');
         const rng = new Rng(7 + f);

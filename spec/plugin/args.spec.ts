@@ -14,7 +14,7 @@ import { registerMoELayerDescriptor } from '../../src/patch/descriptor.js';
 import { register, unregister } from '../../src/plugin.js';
 import { BARE_DESCRIPTOR, BareMoE, TOY_DESCRIPTOR, ToyMoE, builtToy } from '../helpers/toy_moe.js';
 
-const ALL_TARGETS = "'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'all-linear', " +
+const ALL_TARGETS = "'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate', 'all-linear', " +
     "'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'";
 const PATH_NOTE = "(module names may have a path before the projection: 'self_attn.q_proj')";
 

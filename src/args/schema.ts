@@ -149,15 +149,18 @@ export const PLUGIN_ARG_SPECS: readonly ArgSpec[] = [
     path: 'lora.targets', kind: 'targets', values: [...LORA_TARGETS, ALL_LINEAR, ...LINEAR_MODULE_NAMES],
     default: DEFAULT_LORA_TARGETS, flag: 'lora-targets',
     description: "the weights that get LoRA: 'experts.gate_up', 'experts.down' (fused expert weights), " +
-        "'router', 'shared.gate', 'shared.up', 'shared.down' (shared-expert projections); module names as " +
-        "PEFT's target_modules matches them ('q_proj', 'self_attn.q_proj', 'mlp.down_proj', " +
-        "'shared_expert.up_proj': a full name or its end after a '.'); 'all-linear' (PEFT's: every attention, " +
-        'dense-MLP and shared-expert projection, not the output head)',
+        "'router', 'shared.gate', 'shared.up', 'shared.down' (shared-expert projections), 'shared.sigmoid_gate' " +
+        "(Qwen2-MoE's shared_expert_gate); module names as PEFT's target_modules matches them ('q_proj', " +
+        "'self_attn.q_proj', 'mlp.down_proj', 'shared_expert.up_proj': a full name or its end after a '.'); " +
+        "'all-linear' (PEFT 0.21's, per family: where PEFT converts fused experts (Mixtral, Qwen3-MoE, OLMoE, GLM-4.5, " +
+        'DeepSeek) the attention projections, experts (gate_up at 2r, 2·alpha) and router; elsewhere every attention, ' +
+        'dense-MLP and shared-expert projection and the shared_expert_gate; never the output head)',
   },
   {
     path: 'lora.rankPattern', kind: 'pattern', min: 1, default: {},
-    description: "PEFT's rank_pattern: {key: r}; a module whose full name matches ^(.*\\.)?(key)$ (first key wins) " +
-        'gets rank r (attention and dense-MLP projections)',
+    description: "PEFT's rank_pattern: {key: r}; a module or MoE parameter whose full name matches ^(.*\\.)?(key)$ " +
+        "(first key wins) gets rank r: attention / dense-MLP / shared-expert modules by name, the MoE targets by PEFT's " +
+        "'<block>.experts.gate_up_proj', '<block>.experts.down_proj', '<block>.gate.weight'",
   },
   {
     path: 'lora.alphaPattern', kind: 'pattern', above: 0, default: {},

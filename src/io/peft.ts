@@ -41,13 +41,13 @@ import {
   decoderLayerIndex, freezeBaseLayers, hfConfigOf, sparseMoELayers,
 } from '../layers/moe_causal_lm.js';
 import {
-  EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, type LoRATarget,
+  EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, SparseMoE, targetAlpha, targetRank, type LoRATarget,
 } from '../layers/sparse_moe.js';
-import { FAMILIES, MODEL_TYPES, type MoEFamily, type ModelType } from '../models/families.js';
+import { FAMILIES, MODEL_TYPES, type MoEFamily } from '../models/families.js';
 import type { RotaryAttention } from '../layers/attention.js';
 import type { LinearLoRAModule } from '../layers/linear_lora.js';
 import type { SwiGLUMLP } from '../layers/swiglu_mlp.js';
-import { loraModules, moduleMatches, patternKey, sharedExpertModules } from '../patch/linear_targets.js';
+import { loraModules, moduleMatches, moeTargetPeftNames, patternKey } from '../patch/linear_targets.js';
 import { encodeSafetensors, parseSafetensors, type SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { describeValue } from '../util/describe.js';
@@ -70,7 +70,7 @@ export const isPeftAdapterFile = (name: string) => name === ADAPTER_CONFIG || na
 const PREFIX = 'base_model.model.';
 /** Canonical target order (target_parameters and target_modules are written in this order). */
 const TARGET_ORDER: readonly LoRATarget[] = [
-  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down',
+  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate',
 ];
 
 function peftError(op: string, where: string, problems: string[]): PeftAdapterError {
@@ -90,16 +90,8 @@ interface PeftNames {
 }
 
 function peftNames(model: tfl.LayersModel): PeftNames {
-  const type = hfConfigOf(model)?.['model_type'];
-  const layout = typeof type === 'string' && (MODEL_TYPES as readonly string[]).includes(type) ?
-    FAMILIES[type as ModelType].checkpoint : undefined;
-  const routerParam = layout?.router.weight ?? 'gate.weight';
-  return {
-    routerParam,
-    routerModule: routerParam.replace(/\.weight$/, ''),
-    parameter: { 'experts.gate_up': 'experts.gate_up_proj', 'experts.down': 'experts.down_proj', router: routerParam },
-    module: sharedExpertModules(type),
-  };
+  const { parameter, module } = moeTargetPeftNames(hfConfigOf(model)?.['model_type']);
+  return { routerParam: parameter.router!, routerModule: parameter.router!.replace(/\.weight$/, ''), parameter, module };
 }
 
 /** The PEFT version whose files savePeftAdapter writes (the fixtures were made with it). */
@@ -226,6 +218,7 @@ function expectedShapes(layer: SparseMoE, target: LoRATarget, r: number): { A: n
     case 'experts.down': return { A: [r * e, i], B: [h, r * e] };
     case 'shared.gate': case 'shared.up': return { A: [r, h], B: [is, r] };
     case 'shared.down': return { A: [r, is], B: [h, r] };
+    case 'shared.sigmoid_gate': return { A: [r, h], B: [1, r] };
   }
 }
 
@@ -410,10 +403,12 @@ function readAdapterConfig(
     hits.forEach(m => selectedLinear.add(m.name));
     return hits.length > 0;
   };
+  // Qwen2-MoE's shared_expert_gate is named only where a layer has one
+  const sharedListed = SHARED_LORA_TARGETS.filter(t => t !== 'shared.sigmoid_gate' || layers.some(l => l.sharedExpert?.gated === true));
   select(config['target_modules'] ?? [], 'target_modules', SHARED_LORA_TARGETS, names.module,
       e => `target_modules entry ${e} is not supported: LoRA on modules is supported on the attention projections ` +
         "('q_proj', 'k_proj', 'v_proj', 'o_proj'), the dense MLPs' ('gate_proj', 'up_proj', 'down_proj') and the shared " +
-        `expert's (${SHARED_LORA_TARGETS.map(t => `'${names.module[t]}'`).join(', ')}); it matches none of this model's`, selectLinear);
+        `expert's (${sharedListed.map(t => `'${names.module[t]}'`).join(', ')}); it matches none of this model's`, selectLinear);
   const linearPlan = new Map<LinearLayer, Record<string, LinearLoRAModule>>();
   for (const m of linearModules) {
     if (m.kind !== 'linear' || !selectedLinear.has(m.name)) continue;
@@ -425,17 +420,14 @@ function readAdapterConfig(
     modules[m.projection] = { r: rk === undefined ? r as number : rankPattern[rk], alpha: ak === undefined ? alpha as number : alphaPattern[ak] };
     linearPlan.set(m.layer, modules);
   }
-  // a pattern on an MoE target would change its rank in PEFT: refused rather than ignored
-  for (const [key, values] of [['rank_pattern', rankPattern], ['alpha_pattern', alphaPattern]] as const) {
-    for (const k of Object.keys(values)) {
-      // PEFT matches a parameter target by its module's name ('….mlp.experts') and a module target by its own
-      const moe = layers.flatMap(l => [
-        ...Object.values(names.parameter).map(n => `${l.name}.${n.slice(0, n.lastIndexOf('.'))}`),
-        ...(l.sharedExpert == null ? [] : Object.values(names.module).map(n => `${l.name}.${n}`)),
-      ]).find(n => patternKey([k], n) !== undefined);
-      if (moe !== undefined) problems.push(`${key} key ${JSON.stringify(k)} matches the MoE target '${moe}': per-module ranks and alphas are supported on attention and dense-MLP projections only`);
-    }
-  }
+  // PEFT applies the patterns to an MoE target by its name: '<block>.experts.gate_up_proj' for a
+  // parameter target ('<module>.<parameter>'), the module name for a shared-expert projection
+  const targetSettings = (layer: SparseMoE, t: LoRATarget) => {
+    const targetName = `${layer.name}.${names.parameter[t] ?? names.module[t]}`;
+    const rk = patternKey(Object.keys(rankPattern), targetName);
+    const ak = patternKey(Object.keys(alphaPattern), targetName);
+    return { r: rk === undefined ? r as number : rankPattern[rk], alpha: ak === undefined ? alpha as number : alphaPattern[ak] };
+  };
   const all = new Set([...targetsByLayer.values()].flatMap(t => [...t]));
   const none = (v: unknown) => v == null || (Array.isArray(v) && v.length === 0);
   if (none(config['target_parameters']) && none(config['target_modules'])) {
@@ -453,6 +445,7 @@ function readAdapterConfig(
     r: r as number, alpha: alpha as number, rsLoRA: rsLoRA === true, layerSet, excluded,
     targets: TARGET_ORDER.filter(t => all.has(t)),
     targetsOf: (layer: SparseMoE) => TARGET_ORDER.filter(t => targetsByLayer.get(layer)!.has(t)),
+    targetSettings,
     linear: linearPlan, dropout: typeof dropout === 'number' ? dropout : 0,
   };
 }
@@ -534,13 +527,16 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
       layers.length > 0 && peftTakesTransposed(layers[0]));
   /** A target's A and B shapes as the file holds them (an older PEFT swaps the expert factors' in and out). */
   const fileShapes = (layer: SparseMoE, t: LoRATarget) => {
-    const s = expectedShapes(layer, t, cfg.r);
+    const s = expectedShapes(layer, t, cfg.targetSettings(layer, t).r);
     return isExpert(t) && factorLayout === 'swapped' ? { A: [s.A[0], s.B[0]], B: [s.A[1], s.B[1]] } : s;
   };
   for (const layer of layers) {
     if (layer.adapterNames().includes(name)) problems.push(`layer '${layer.name}' already has an adapter named '${name}'`);
     if (layer.sharedExpert == null) {
       for (const t of cfg.targetsOf(layer).filter(isShared)) problems.push(`${t} is targeted but '${layer.name}' has no shared expert`);
+    }
+    else if (!layer.sharedExpert.gated && cfg.targetsOf(layer).includes('shared.sigmoid_gate')) {
+      problems.push(`shared.sigmoid_gate is targeted but the shared expert of '${layer.name}' has no sigmoid gate`);
     }
   }
   const moduleTargets = (module: string): LoRATarget[] => {
@@ -637,7 +633,9 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
           const s = fileShapes(layer, t);
           return `${names.parameter[t] ?? names.module[t]}: A [${s.A}], B [${s.B}]`;
         }).join(' or ');
-        problems.push(`${label} has A [${a.shape}], B [${b.shape}], which fits no target of this layer with r = ${cfg.r}` +
+        const ranks = candidates.map(t => cfg.targetSettings(layer, t).r);
+        const rank = ranks.every(v => v === cfg.r) ? `r = ${cfg.r}` : `its ranks (${candidates.map((t, k) => `${t} ${ranks[k]}`).join(', ')})`;
+        problems.push(`${label} has A [${a.shape}], B [${b.shape}], which fits no target of this layer with ${rank}` +
             (want ? ` (${want})` : ''));
         continue;
       }
@@ -695,7 +693,15 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
       }
     }
     for (const { layer, tensors, targets } of plan) {
-      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets], dropout: cfg.dropout }, 'peft');
+      const ranks: Partial<Record<LoRATarget, number>> = {};
+      const alphas: Partial<Record<LoRATarget, number>> = {};
+      for (const t of targets) {
+        const own = cfg.targetSettings(layer, t);
+        if (own.r !== cfg.r) ranks[t] = own.r;
+        if (own.alpha !== cfg.alpha) alphas[t] = own.alpha;
+      }
+      layer.addAdapter({ name, r: cfg.r, alpha: cfg.alpha, rsLoRA: cfg.rsLoRA, targets: [...targets], dropout: cfg.dropout,
+        ...(Object.keys(ranks).length > 0 ? { ranks } : {}), ...(Object.keys(alphas).length > 0 ? { alphas } : {}) }, 'peft');
       const factors = layer.adapter(name).factors;
       for (const target of tensors.keys()) {
         const { A, B } = values.get(`${layer.name}/${target}`)!;
@@ -794,6 +800,29 @@ export function peftAdapterFiles(
   for (const m of linearModules) {
     if (m.r !== first.r) rankPattern[m.module] = m.r;
     if (m.alpha !== first.alpha) alphaPattern[m.module] = m.alpha;
+  }
+  // MoE targets with a rank or alpha of their own: PEFT's own key ('.*\\.gate_up_proj') when one
+  // value holds on every layer and the key selects no other adapted name, else each target's name
+  const targetName = (l: SparseMoE, t: LoRATarget) => `${l.name}.${names.parameter[t] ?? names.module[t]}`;
+  const adaptedNames = [...adaptedModules, ...having.flatMap(l => targetsOf(l).map(t => targetName(l, t)))];
+  const escape = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  for (const t of TARGET_ORDER) {
+    const withTarget = having.filter(l => targetsOf(l).includes(t));
+    for (const [pattern, own, base] of [
+      [rankPattern, (l: SparseMoE) => targetRank(l.adapter(name).config, t), first.r],
+      [alphaPattern, (l: SparseMoE) => targetAlpha(l.adapter(name).config, t), first.alpha],
+    ] as const) {
+      const differing = withTarget.filter(l => own(l) !== base);
+      if (differing.length === 0) continue;
+      // the shortest trailing part of the name that selects this target only ('gate_up_proj', 'gate.weight')
+      const parts = (names.parameter[t] ?? names.module[t]!).split('.');
+      const shortKey = parts.map((_, k) => `.*\\.${escape(parts.slice(k).join('.'))}`).reverse()
+          .filter(key => key !== '.*\\.weight')
+          .find(key => adaptedNames.every(n => patternKey([key], n) === undefined || withTarget.some(l => targetName(l, t) === n)));
+      const oneValue = differing.length === withTarget.length && differing.every(l => own(l) === own(differing[0]));
+      if (oneValue && shortKey !== undefined) pattern[shortKey] = own(differing[0]);
+      else for (const l of differing) pattern[escape(targetName(l, t))] = own(l);
+    }
   }
   const modelType = hfConfigOf(model)?.['model_type'];
   const parameters = entries(false);

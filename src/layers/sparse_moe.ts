@@ -29,14 +29,16 @@ import { currentSequenceContext } from './sequence_context.js';
 export type LoRATarget =
   | 'experts.gate_up' | 'experts.down' | 'router'
   /** the shared expert's projections: plain 2-D LoRA like the router's (A [r, in], B [out, r]) */
-  | 'shared.gate' | 'shared.up' | 'shared.down';
+  | 'shared.gate' | 'shared.up' | 'shared.down'
+  /** Qwen2-MoE's [1, H] shared_expert_gate (PEFT's all-linear adapts it): A [r, H], B [1, r] */
+  | 'shared.sigmoid_gate';
 export const LORA_TARGETS: readonly LoRATarget[] = [
-  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down',
+  'experts.gate_up', 'experts.down', 'router', 'shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate',
 ];
 /** The targets whose adapter holds per-expert factors (A [r·E, in], B [out, r·E]). */
 export const EXPERT_LORA_TARGETS: readonly LoRATarget[] = ['experts.gate_up', 'experts.down'];
 /** The targets that exist only on a layer with a shared expert. */
-export const SHARED_LORA_TARGETS: readonly LoRATarget[] = ['shared.gate', 'shared.up', 'shared.down'];
+export const SHARED_LORA_TARGETS: readonly LoRATarget[] = ['shared.gate', 'shared.up', 'shared.down', 'shared.sigmoid_gate'];
 
 /**
  * How a SparseMoE holds its routed-expert weights (gate_up, down): 'float32', packed 'bf16' /
@@ -95,6 +97,13 @@ export interface LoRAAdapterConfig {
   rsLoRA?: boolean;
   targets: LoRATarget[];
   /**
+   * Ranks of single targets that differ from `r` (PEFT's rank_pattern on a target, e.g.
+   * `{'experts.gate_up': 8}`: gate and up fused in one weight, each keeping rank 4 of its own).
+   */
+  ranks?: Partial<Record<LoRATarget, number>>;
+  /** Alphas of single targets that differ from `alpha` (PEFT's alpha_pattern on a target). */
+  alphas?: Partial<Record<LoRATarget, number>>;
+  /**
    * PEFT's lora_dropout on every target's branch input, in training passes only (`training` of
    * the current SequenceContext); routed experts drop each (token, expert) pair's input
    * independently (split LoRA only). Default 0.
@@ -141,17 +150,39 @@ export interface SparseMoEArgs extends LayerArgs {
 
 interface AdapterState {
   config: LoRAAdapterConfig;
+  /** the scaling of the targets without a rank or alpha of their own */
   scaling: number;
+  /** every target's scaling: alpha_t / r_t (alpha_t / √r_t with rsLoRA) */
+  scalings: Partial<Record<LoRATarget, number>>;
   factors: Partial<Record<LoRATarget, { A: tfl.LayerVariable; B: tfl.LayerVariable }>>;
 }
 
 const TARGET_WEIGHT: Record<LoRATarget, string> = {
   'experts.gate_up': 'gate_up', 'experts.down': 'down', router: 'router_weight',
   'shared.gate': 'shared_gate', 'shared.up': 'shared_up', 'shared.down': 'shared_down',
+  'shared.sigmoid_gate': 'shared_expert_gate',
 };
 
+/** A target's rank in an adapter: its own (`ranks`) or the adapter's r. */
+export function targetRank(config: Pick<LoRAAdapterConfig, 'r' | 'ranks'>, target: LoRATarget): number {
+  return config.ranks?.[target] ?? config.r;
+}
+
+/** A target's alpha in an adapter: its own (`alphas`) or the adapter's alpha. */
+export function targetAlpha(config: Pick<LoRAAdapterConfig, 'alpha' | 'alphas'>, target: LoRATarget): number {
+  return config.alphas?.[target] ?? config.alpha;
+}
+
+function copyAdapterConfig(config: LoRAAdapterConfig): LoRAAdapterConfig {
+  return {
+    ...config, targets: [...config.targets],
+    ...(config.ranks === undefined ? {} : { ranks: { ...config.ranks } }),
+    ...(config.alphas === undefined ? {} : { alphas: { ...config.alphas } }),
+  };
+}
+
 function checkAdapterConfig(
-    layer: string, cfg: LoRAAdapterConfig, existing: string[], hasShared: boolean): void {
+    layer: string, cfg: LoRAAdapterConfig, existing: string[], shared: SparseMoE['sharedExpert']): void {
   const op = `${layer}.addAdapter`;
   if (cfg == null || typeof cfg !== 'object') fail(op, `'config' must be {name, r, alpha, targets} but got ${String(cfg)}`);
   if (typeof cfg.name !== 'string' || !/^[A-Za-z0-9_-]+$/.test(cfg.name)) {
@@ -170,9 +201,25 @@ function checkAdapterConfig(
   if (dup !== undefined) fail(op, `'targets' must not repeat a target but got '${dup}' twice`);
   const p = cfg.dropout ?? 0;
   if (typeof p !== 'number' || !(p >= 0 && p < 1)) fail(op, `'dropout' must be a number in [0, 1) but got ${String(p)}`);
-  const shared = cfg.targets.find(t => SHARED_LORA_TARGETS.includes(t));
-  if (shared !== undefined && !hasShared) {
-    fail(op, `target '${shared}' needs a shared expert but the layer has none (sharedExpert is null)`);
+  for (const [key, values, integer] of [['ranks', cfg.ranks, true], ['alphas', cfg.alphas, false]] as const) {
+    if (values === undefined) continue;
+    if (values === null || typeof values !== 'object' || Array.isArray(values)) {
+      fail(op, `'${key}' must be an object {target: ${integer ? 'rank' : 'alpha'}} but got ${describeValue(values)}`);
+    }
+    for (const [t, v] of Object.entries(values)) {
+      if (!cfg.targets.includes(t as LoRATarget)) {
+        fail(op, `'${key}' may only name the adapter's targets (${cfg.targets.join(', ')}) but names '${t}'`);
+      }
+      if (integer) assertInteger(op, `${key}['${t}']`, v, 1);
+      else if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) fail(op, `'${key}['${t}']' must be a finite number > 0 but got ${String(v)}`);
+    }
+  }
+  const sharedTarget = cfg.targets.find(t => SHARED_LORA_TARGETS.includes(t));
+  if (sharedTarget !== undefined && shared == null) {
+    fail(op, `target '${sharedTarget}' needs a shared expert but the layer has none (sharedExpert is null)`);
+  }
+  if (cfg.targets.includes('shared.sigmoid_gate') && shared?.gated !== true) {
+    fail(op, "target 'shared.sigmoid_gate' needs a gated shared expert (Qwen2-MoE's shared_expert_gate) but the layer's is not gated");
   }
 }
 
@@ -240,9 +287,15 @@ export class SparseMoE extends tfl.layers.Layer {
     this.loraMode = args.loraMode ?? 'auto';
     // configs from getConfig() hold protected strings (see config_strings.ts); restore them
     this.pendingAdapters = (args.adapters ?? []).map(a => {
-      const saved = a as LoRAAdapterConfig & { rslora?: boolean };
-      const { rslora, ...rest } = saved;
-      return { ...rest, rsLoRA: saved.rsLoRA ?? rslora ?? false, targets: a.targets.map(restoreString) as LoRATarget[] };
+      const saved = a as LoRAAdapterConfig & { rslora?: boolean; targetRanks?: number[]; targetAlphas?: number[] };
+      const { rslora, targetRanks, targetAlphas, ...rest } = saved;
+      const targets = a.targets.map(restoreString) as LoRATarget[];
+      // the lists hold every target's value; the config keeps those that differ from r / alpha
+      const byTarget = (values: number[] | undefined, base: number) =>
+        values === undefined ? undefined : Object.fromEntries(targets.flatMap((t, k) => values[k] === base ? [] : [[t, values[k]]]));
+      return { ...rest, rsLoRA: saved.rsLoRA ?? rslora ?? false, targets,
+        ...(targetRanks === undefined ? {} : { ranks: byTarget(targetRanks, rest.r) }),
+        ...(targetAlphas === undefined ? {} : { alphas: byTarget(targetAlphas, rest.alpha) }) };
     });
     this.active = (args.activeAdapters ?? this.pendingAdapters.map(a => a.name)).map(restoreString);
     this.disabled = args.adaptersDisabled ?? false;
@@ -329,6 +382,7 @@ export class SparseMoE extends tfl.layers.Layer {
       case 'experts.down': return [i, h];
       case 'shared.gate': case 'shared.up': return [h, is];
       case 'shared.down': return [is, h];
+      case 'shared.sigmoid_gate': return [h, 1];
     }
   }
 
@@ -340,13 +394,14 @@ export class SparseMoE extends tfl.layers.Layer {
    * 'random': both random (tests). Adding an adapter freezes the base weights, as PEFT does;
    * removing the last adapter gives them back the trainable flags they had before.
    * Targets: 'experts.gate_up', 'experts.down' (per-expert factors), 'router' and, on a layer with
-   * a shared expert, 'shared.gate', 'shared.up', 'shared.down' (plain 2-D factors).
+   * a shared expert, 'shared.gate', 'shared.up', 'shared.down' and, when it is gated (Qwen2-MoE),
+   * 'shared.sigmoid_gate' (plain 2-D factors). `ranks` / `alphas` give single targets their own.
    */
   addAdapter(config: LoRAAdapterConfig, init: 'peft' | 'random' = 'peft'): void {
     checkAdapterConfig('SparseMoE', config, [...this.adapters.keys(), ...this.pendingAdapters.map(a => a.name)],
-        this.sharedExpert != null);
+        this.sharedExpert);
     if (!this.built) {
-      this.pendingAdapters.push({ ...config, targets: [...config.targets] });
+      this.pendingAdapters.push(copyAdapterConfig(config));
       this.active.push(config.name);
       return;
     }
@@ -356,9 +411,11 @@ export class SparseMoE extends tfl.layers.Layer {
 
   private createAdapter(config: LoRAAdapterConfig, init: 'peft' | 'random'): void {
     const e = this.numExperts;
+    const scalingOf = (r: number, alpha: number) => alpha / (config.rsLoRA ? Math.sqrt(r) : r);
     const state: AdapterState = {
-      config: { ...config, targets: [...config.targets] },
-      scaling: config.alpha / (config.rsLoRA ? Math.sqrt(config.r) : config.r),
+      config: copyAdapterConfig(config),
+      scaling: scalingOf(config.r, config.alpha),
+      scalings: Object.fromEntries(config.targets.map(t => [t, scalingOf(targetRank(config, t), config.alphas?.[t] ?? config.alpha)])),
       factors: {},
     };
     // Outside build() tfjs applies no name scope: scope by hand like the base weights, so the
@@ -367,7 +424,8 @@ export class SparseMoE extends tfl.layers.Layer {
     const scope = !this.inBuild && base.startsWith(`${this.name}/`) ? `${this.name}/` : '';
     for (const target of config.targets) {
       const [inSize, outSize] = this.targetSizes(target);
-      const rows = EXPERT_LORA_TARGETS.includes(target) ? config.r * e : config.r;
+      const r = targetRank(config, target);
+      const rows = EXPERT_LORA_TARGETS.includes(target) ? r * e : r;
       const bound = 1 / Math.sqrt(inSize);
       const aInit = tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
       const bInit = init === 'peft' ? tfl.initializers.zeros() : tfl.initializers.randomUniform({ minval: -bound, maxval: bound });
@@ -413,7 +471,7 @@ export class SparseMoE extends tfl.layers.Layer {
   /** An adapter's settings (a pending one's too), or undefined when there is none of that name. */
   adapterConfig(name: string): LoRAAdapterConfig | undefined {
     const cfg = this.adapters.get(name)?.config ?? this.pendingAdapters.find(a => a.name === name);
-    return cfg === undefined ? undefined : { ...cfg, targets: [...cfg.targets] };
+    return cfg === undefined ? undefined : copyAdapterConfig(cfg);
   }
 
   adapter(name: string): Readonly<AdapterState> {
@@ -460,8 +518,9 @@ export class SparseMoE extends tfl.layers.Layer {
     const f = state.factors[target];
     if (f === undefined) fail('SparseMoE.deltaWeight', `adapter '${name}' does not target '${target}' (targets: ${state.config.targets.join(', ')})`);
     return tf.tidy(() => {
-      if (!EXPERT_LORA_TARGETS.includes(target)) return tf.mul(tf.matMul(f.B.read(), f.A.read()), state.scaling);
-      return expertLoRADelta(f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, state.scaling,
+      const scaling = state.scalings[target]!;
+      if (!EXPERT_LORA_TARGETS.includes(target)) return tf.mul(tf.matMul(f.B.read(), f.A.read()), scaling);
+      return expertLoRADelta(f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, scaling,
           this.numExperts, this.expertLayout === 'outIn' ? 'outIn' : 'inOut');
     });
   }
@@ -566,12 +625,15 @@ export class SparseMoE extends tfl.layers.Layer {
     };
     const factors = (target: LoRATarget): LoRAFactors[] => applied.flatMap(a => {
       const f = a.factors[target];
-      return f ? [{ A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: a.scaling, ...dropoutOf(a, target) }] : [];
+      return f ? [{ A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: a.scalings[target]!, ...dropoutOf(a, target) }] : [];
     });
     const shared = this.sharedExpert ? {
       gate: v('shared_gate') as tf.Tensor2D, up: v('shared_up') as tf.Tensor2D, down: v('shared_down') as tf.Tensor2D,
       sigmoidGate: v('shared_expert_gate') as tf.Tensor2D | undefined,
-      lora: { gate: factors('shared.gate'), up: factors('shared.up'), down: factors('shared.down') },
+      lora: {
+        gate: factors('shared.gate'), up: factors('shared.up'), down: factors('shared.down'),
+        ...(this.sharedExpert.gated ? { sigmoidGate: factors('shared.sigmoid_gate') } : {}),
+      },
     } : undefined;
     return {
       router: {
@@ -639,8 +701,12 @@ export class SparseMoE extends tfl.layers.Layer {
       expertStorage: this.expertStorage,
       ...(this.expertGroupSize !== null ? { expertGroupSize: this.expertGroupSize } : {}),
       // strings and keys that tfjs's save/load rewriting would change are protected
-      adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ...a }) =>
-        ({ ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString) })),
+      // per-target ranks and alphas as lists beside targets: object keys would be rewritten too
+      adapters: [...adapters, ...this.pendingAdapters].map(({ rsLoRA, ranks, alphas, ...a }) => ({
+        ...a, rslora: rsLoRA ?? false, targets: a.targets.map(protectString),
+        ...(ranks === undefined ? {} : { targetRanks: a.targets.map(t => ranks[t] ?? a.r) }),
+        ...(alphas === undefined ? {} : { targetAlphas: a.targets.map(t => alphas[t] ?? a.alpha) }),
+      })),
       activeAdapters: this.active.map(protectString),
       adaptersDisabled: this.disabled,
       mergedAdapters: this.merged.map(protectString),

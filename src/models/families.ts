@@ -121,6 +121,15 @@ export interface MoEFamily {
    * llama4_text lives in models/llama4, qwen3_5_moe_text in models/qwen3_5_moe
    */
   transformersModule?: string;
+  /**
+   * How PEFT 0.21 rewrites a LoRA config for this model type (transformers-v5 fused experts): the
+   * base type transformers' `_MODEL_TO_CONVERSION_PATTERN` maps it to, 'mixtral' (w1/w3/w2/gate)
+   * or 'qwen2_moe' (gate_proj/up_proj/down_proj/gate); absent: no rewrite. It decides 'all-linear'
+   * and how PEFT reads MLP target_modules (src/patch/linear_targets.ts). Qwen2-MoE itself is in
+   * that mapping but PEFT 0.21 + transformers 5.17 left its configs as written (measured by
+   * tools/peft_check/check_linear.py), so its row has none.
+   */
+  peftConversion?: 'mixtral' | 'qwen2_moe';
 }
 
 /** Decoder attention settings a family adds (read by moeCausalLMConfigFromHF). */
@@ -239,6 +248,7 @@ const SIGMOID_GATED_SHARED_EXPERT = {
  */
 const ERNIE4_5_MOE: MoEFamily = {
   modelType: 'ernie4_5_moe',
+  peftConversion: 'qwen2_moe',
   expertCountKeys: ['moe_num_experts', 'num_experts'],
   expertIntermediateKey: 'moe_intermediate_size',
   topKKey: 'moe_k',
@@ -270,6 +280,7 @@ const ERNIE4_5_MOE: MoEFamily = {
  */
 const HUNYUAN_V1_MOE: MoEFamily = {
   modelType: 'hunyuan_v1_moe',
+  peftConversion: 'qwen2_moe',
   expertCountKeys: ['num_experts'],
   expertIntermediateKey: 'intermediate_size',
   topKKey: 'moe_topk',
@@ -305,6 +316,7 @@ const HUNYUAN_V1_MOE: MoEFamily = {
  */
 const MINIMAX_M2: MoEFamily = {
   modelType: 'minimax_m2',
+  peftConversion: 'mixtral',
   expertCountKeys: ['num_local_experts', 'num_experts'],
   expertIntermediateKey: 'intermediate_size',
   defaults: { num_local_experts: 256, num_experts_per_tok: 8 },
@@ -425,6 +437,7 @@ const GEMMA4_TEXT: MoEFamily = {
 export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   mixtral: {
     modelType: 'mixtral',
+    peftConversion: 'mixtral',
     expertCountKeys: ['num_local_experts'],
     expertIntermediateKey: 'intermediate_size',
     defaults: { num_local_experts: 8, num_experts_per_tok: 2 },
@@ -454,6 +467,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   qwen3_moe: {
     modelType: 'qwen3_moe',
+    peftConversion: 'qwen2_moe',
     ...QWEN_LIKE,
     // transformers 5 writes num_local_experts, the Hub's Qwen3 configs say num_experts
     expertCountKeys: ['num_experts', 'num_local_experts'],
@@ -466,6 +480,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   olmoe: {
     modelType: 'olmoe',
+    peftConversion: 'qwen2_moe',
     expertCountKeys: ['num_experts', 'num_local_experts'],
     expertIntermediateKey: 'intermediate_size',
     defaults: { num_experts: 64, num_experts_per_tok: 8, norm_topk_prob: false },
@@ -478,6 +493,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   deepseek_v3: {
     modelType: 'deepseek_v3',
+    peftConversion: 'qwen2_moe',
     ...DEEPSEEK_LIKE,
     defaults: {
       n_routed_experts: 256, num_experts_per_tok: 8, n_group: 8, topk_group: 4,
@@ -487,6 +503,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   },
   glm4_moe: {
     modelType: 'glm4_moe',
+    peftConversion: 'qwen2_moe',
     ...DEEPSEEK_LIKE,
     defaults: {
       n_routed_experts: 128, num_experts_per_tok: 8, n_group: 1, topk_group: 1,
@@ -563,6 +580,7 @@ export const FAMILIES: Readonly<Record<ModelType, MoEFamily>> = {
   // Qwen3-Next: Qwen2-MoE's block (sigmoid-gated shared expert), norm_topk_prob on by default
   qwen3_next: {
     modelType: 'qwen3_next',
+    peftConversion: 'qwen2_moe',
     ...QWEN_LIKE,
     expertCountKeys: ['num_experts'],
     defaults: {

@@ -90,7 +90,7 @@ function targetParams(target: LoRATarget, r: number, e: number, h: number, i: nu
   const experts = EXPERT_LORA_TARGETS.includes(target);
   const [inSize, outSize] = ({
     'experts.gate_up': [h, 2 * i], 'experts.down': [i, h], router: [h, e],
-    'shared.gate': [h, is], 'shared.up': [h, is], 'shared.down': [is, h],
+    'shared.gate': [h, is], 'shared.up': [h, is], 'shared.down': [is, h], 'shared.sigmoid_gate': [h, 1],
   } as Record<LoRATarget, [number, number]>)[target];
   const rows = experts ? r * e : r;
   return rows * (inSize + outSize);
@@ -153,7 +153,7 @@ export function inspectModel(model: tfl.LayersModel): ModelReport {
         const cfg = hooks?.adapterConfig?.(layer, name);
         if (cfg === undefined) return [];
         const params = info.hidden === null ? 0 : cfg.targets.reduce((n, t) =>
-          n + targetParams(t, cfg.r, info.numExperts, info.hidden!, info.intermediateSize, info.sharedIntermediateSize ?? 0), 0);
+          n + targetParams(t, cfg.ranks?.[t] ?? cfg.r, info.numExperts, info.hidden!, info.intermediateSize, info.sharedIntermediateSize ?? 0), 0);
         return [adapterReport(cfg, params, null, null)];
       });
       lora = adapters.reduce((n, a) => n + a.params, 0);

@@ -8,7 +8,7 @@ import type { LoRAFactors, SharedExpertWeights } from './types.js';
 import { checkLoRADropout, droppedInput } from './lora/dropout.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from './validate.js';
 
-const PROJECTIONS = ['gate', 'up', 'down'] as const;
+const PROJECTIONS = ['gate', 'up', 'down', 'sigmoidGate'] as const;
 
 /** One plain 2-D adapter on W [out, in]: A [r, in], B [out, r], scaling finite. */
 function checkDenseFactors(op: string, prefix: string, f: unknown, out: number, inSize: number, weight: string): void {
@@ -42,12 +42,15 @@ export function checkSharedExpert(op: string, shared: SharedExpertWeights, hidde
   const lora = shared.lora;
   if (lora === undefined) return;
   if (lora === null || typeof lora !== 'object' || Array.isArray(lora)) {
-    fail(op, `'weights.shared.lora' must be an object {gate?, up?, down?} of LoRAFactors lists but got ` +
+    fail(op, `'weights.shared.lora' must be an object {gate?, up?, down?, sigmoidGate?} of LoRAFactors lists but got ` +
         `${lora === null ? 'null' : Array.isArray(lora) ? 'an array' : typeof lora}`);
   }
   const unknown = Object.keys(lora).filter(k => !(PROJECTIONS as readonly string[]).includes(k));
   if (unknown.length > 0) {
-    fail(op, `'weights.shared.lora' may only have keys 'gate', 'up', 'down' but got '${unknown.join("', '")}'`);
+    fail(op, `'weights.shared.lora' may only have keys 'gate', 'up', 'down', 'sigmoidGate' but got '${unknown.join("', '")}'`);
+  }
+  if (lora.sigmoidGate !== undefined && shared.sigmoidGate === undefined) {
+    fail(op, "'weights.shared.lora.sigmoidGate' adapts the shared expert's sigmoid gate but 'weights.shared.sigmoidGate' is absent");
   }
   for (const p of PROJECTIONS) {
     const list = lora[p];
@@ -55,7 +58,7 @@ export function checkSharedExpert(op: string, shared: SharedExpertWeights, hidde
     if (!Array.isArray(list)) {
       fail(op, `'weights.shared.lora.${p}' must be an array of LoRAFactors but got ${list === null ? 'null' : typeof list}`);
     }
-    const w = shared[p];
+    const w = shared[p]!;
     list.forEach((f, i) => checkDenseFactors(op, `weights.shared.lora.${p}[${i}]`, f, w.shape[0], w.shape[1],
         `weights.shared.${p} [${w.shape}]`));
   }
@@ -77,7 +80,7 @@ function projection(x: tf.Tensor2D, w: tf.Tensor2D, lora: LoRAFactors[] | undefi
 
 /**
  * down(silu(x·gateᵀ) · (x·upᵀ)), times sigmoid(x·sigmoidGateᵀ) when present (Qwen2-MoE), with
- * each projection's active LoRA adapters added as s·(x·Aᵀ)·Bᵀ. x [T, H] → [T, H]
+ * each projection's active LoRA adapters (the sigmoid gate's too) added as s·(x·Aᵀ)·Bᵀ. x [T, H] → [T, H]
  *
  * ```js
  * const out = sharedExpert(x, {gate, up, down, lora: {down: [{A, B, scaling: 2}]}});
@@ -95,6 +98,7 @@ export function sharedExpert(x: tf.Tensor2D, shared: SharedExpertWeights): tf.Te
     const h = tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) as tf.Tensor2D;
     const out = projection(h, shared.down, shared.lora?.down);               // [T, H]
     if (!shared.sigmoidGate) return out;
-    return tf.mul(out, tf.sigmoid(tf.matMul(x, shared.sigmoidGate, false, true))) as tf.Tensor2D;  // [T, 1] gate
+    const gateLogit = projection(x, shared.sigmoidGate, shared.lora?.sigmoidGate);  // [T, 1]
+    return tf.mul(out, tf.sigmoid(gateLogit)) as tf.Tensor2D;
   });
 }

@@ -132,9 +132,10 @@ export interface SharedExpertWeights {
   sigmoidGate?: Tensor2D;
   /**
    * active adapters per projection, plain 2-D LoRA like the router's: A [r, in], B [out, r]
-   * (gate/up: A [r, H], B [I_s, r]; down: A [r, I_s], B [H, r]); their deltas add up
+   * (gate/up: A [r, H], B [I_s, r]; down: A [r, I_s], B [H, r]; sigmoidGate, only with a
+   * sigmoidGate: A [r, H], B [1, r]); their deltas add up
    */
-  lora?: { gate?: LoRAFactors[]; up?: LoRAFactors[]; down?: LoRAFactors[] };
+  lora?: { gate?: LoRAFactors[]; up?: LoRAFactors[]; down?: LoRAFactors[]; sigmoidGate?: LoRAFactors[] };
 }
 
 export interface MoEBlockWeights {

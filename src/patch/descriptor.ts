@@ -22,6 +22,8 @@ export interface MoELayerInfo {
   intermediateSize: number;
   /** I_s of the shared expert; null when the layer has none */
   sharedIntermediateSize: number | null;
+  /** whether the shared expert's output is scaled by a sigmoid gate (Qwen2-MoE); absent: not */
+  sharedGated?: boolean;
   routing: RoutingConfig;
 }
 
@@ -187,6 +189,7 @@ export function describeMoELayer(d: MoELayerDescriptor, layer: tfl.layers.Layer)
       numExperts, hidden,
       intermediateSize: (w.experts.layout ?? 'outIn') !== 'outIn' ? down[1] : down[2],
       sharedIntermediateSize: w.shared ? w.shared.gate.shape[0] : null,
+      sharedGated: w.shared?.sigmoidGate !== undefined,
       routing: { ...config.routing },
     };
   });

@@ -60,6 +60,7 @@ function targetDims(target: LoRATarget, info: MoELayerInfo): { out: [string, num
     case 'router': return { out: ['E', info.numExperts], in: H };
     case 'shared.gate': case 'shared.up': return { out: Is, in: H };
     case 'shared.down': return { out: H, in: Is };
+    case 'shared.sigmoid_gate': return { out: ['1', 1], in: H };
   }
 }
 
@@ -85,9 +86,15 @@ function loraProblems(found: FoundMoELayer, info: MoELayerInfo, lora: NonNullabl
       add('lora.targets', `lora.targets: expected shared-expert targets only on a layer with a shared expert, ` +
           `but the layer has none and got ${shared.map(t => `'${t}'`).join(', ')}`);
     }
+    if (targets.includes('shared.sigmoid_gate') && info.sharedIntermediateSize !== null && info.sharedGated !== true) {
+      add('lora.targets', "lora.targets: expected 'shared.sigmoid_gate' only on a layer whose shared expert is gated " +
+          "(Qwen2-MoE's shared_expert_gate), but the layer's is not");
+    }
     if (lora.r !== undefined) {
       for (const t of targets) {
         if (SHARED_LORA_TARGETS.includes(t) && info.sharedIntermediateSize === null) continue;
+        // PEFT's all-linear adapts the 1-wide gate with the adapter's r (a rank above 1 adds nothing, but loads)
+        if (t === 'shared.sigmoid_gate') continue;
         const dims = targetDims(t, info);
         const known = [dims.out[1], dims.in[1]].filter((v): v is number => v !== null);
         const limit = Math.min(...known);

@@ -14,6 +14,7 @@ export const SPARSE_MOE_DESCRIPTOR: MoELayerDescriptor<SparseMoE> = {
     hidden: layer.built ? layer.weightVariable('router_weight').shape[1] as number : null,
     intermediateSize: layer.intermediateSize,
     sharedIntermediateSize: layer.sharedExpert?.intermediateSize ?? null,
+    sharedGated: layer.sharedExpert?.gated ?? false,
     routing: { ...layer.routing },
   }),
   // as SparseMoE.call: base experts get gradients only while they are trainable

@@ -1,9 +1,10 @@
 /**
- * Prepares the PEFT check of LoRA on attention / dense-MLP / shared-expert projections (issue 11
- * item 3). For each whole-model fixture, into OUT/<arch>/: base/ (the fixture model), our_adapter/
- * (all-linear + the expert targets, a rank and an alpha pattern, random B, saved by
- * savePeftAdapter), ours.safetensors (input_ids and our logits with it), our_modules.json (the
- * modules our 'all-linear' selects). Then, on the GPU machine (PyTorch, transformers, PEFT):
+ * Prepares the PEFT check of LoRA on attention / dense-MLP / shared-expert projections and of
+ * per-target MoE ranks (issue 11). For each whole-model fixture, into OUT/<arch>/: base/ (the
+ * fixture model), our_adapter/ (PEFT 0.21's all-linear + the expert targets, rank and alpha
+ * patterns on linear modules and on MoE parameters, random B, saved by savePeftAdapter),
+ * ours.safetensors (input_ids and our logits with it), our_modules.json (every module a target name
+ * can select). Then, on the GPU machine (PyTorch, transformers, PEFT):
  *
  *   npx tsx tools/peft_check/make_linear_check.ts OUT
  *   python tools/peft_check/check_linear.py OUT          # PEFT loads ours; PEFT saves its own all-linear adapter
@@ -17,6 +18,7 @@ import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { savePeftAdapter } from '../../src/io/peft_files.js';
 import { readSafetensorsFile, writeSafetensorsFile } from '../../src/io/safetensors.js';
+import { MLAAttention } from '../../src/layers/mla_attention.js';
 import { loraModules } from '../../src/patch/linear_targets.js';
 import { register, unregister } from '../../src/plugin.js';
 import { SeededRandom } from '../../src/data/random.js';
@@ -40,9 +42,14 @@ async function prepareArch(arch: string): Promise<void> {
   await cp(fixture, join(dir, 'base'), { recursive: true, filter: s => !s.includes('adapter') && !s.includes('golden') });
   const model = await loadHFCheckpoint(fixture);
   await writeFile(join(dir, 'our_modules.json'), JSON.stringify(loraModules([model]).map(m => m.name)));
+  // all-linear as PEFT 0.21 resolves it (gate_up at 2r, 2α on the families PEFT converts), plus
+  // ranks and alphas of MoE targets by PEFT's names; MLA models (no attention LoRA here) name the
+  // expert targets instead of all-linear
+  const mla = model.layers.some(l => l instanceof MLAAttention);
   register({ models: [model], lora: {
-    r: 4, alpha: 8, targets: ['all-linear', 'experts.gate_up', 'experts.down'],
-    rankPattern: { 'q_proj': 2 }, alphaPattern: { 'layers.1.self_attn.o_proj': 16 },
+    r: 4, alpha: 8, targets: mla ? ['experts.gate_up', 'experts.down', 'router'] : ['all-linear', 'experts.gate_up', 'experts.down'],
+    rankPattern: { ...(mla ? {} : { 'q_proj': 2 }), 'model.layers.1.mlp.experts.down_proj': 3 },
+    alphaPattern: { ...(mla ? {} : { 'layers.1.self_attn.o_proj': 16 }), 'experts.gate_up_proj': 12 },
   } });
   // every factor random (B too), so the check cannot pass on a no-op adapter
   const rng = new SeededRandom(11);

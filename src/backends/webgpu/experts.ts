@@ -214,7 +214,7 @@ function projectionBackward(
   const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
   let dx = groupedMatMul({
     ...common, a: dy.t, source: dy.source, w: p.weight, strides: backwardStrides(wLayout),
-    inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile,
+    inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile, gradient: true,
   });
   const grads: tf.Tensor[] = [];
   const gradOf = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
@@ -231,7 +231,7 @@ function projectionBackward(
     // gr = s·dy·B_e, without the routing weight like dx
     const gr = groupedMatMul({
       ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(bLayout),
-      inner: p.outSize, outCols: rank, alpha: f.scaling, tile: narrowColumns(c.tuning.tile),
+      inner: p.outSize, outCols: rank, alpha: f.scaling, tile: narrowColumns(c.tuning.tile), gradient: true,
     });
     const next = groupedMatMul({
       ...common, a: gr, source: 'rows', w: f.A, strides: backwardStrides(aLayout),

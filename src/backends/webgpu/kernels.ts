@@ -12,6 +12,10 @@ import type { ExpertActivation } from '../../ops/types.js';
 import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
+import {
+  SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+} from './programs/subgroup_matrix_program.js';
+import { activeTensorCores, tensorCoreDevice, wideEnoughForTensorCores } from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
 import {
   ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
@@ -62,7 +66,9 @@ interface CommandQueueInternals {
  * the flag (see SUBMIT_FLOPS_FLAG).
  */
 function runGroupedProduct(
-    args: KernelArgs, program: GroupedMatMulProgram | GroupedWeightGradProgram, inputs: tf.TensorInfo[],
+    args: KernelArgs,
+    program: GroupedMatMulProgram | GroupedWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const backend = webgpu(args);
   const out = backend.runWebGPUProgram(program, inputs, 'float32', uniforms);
@@ -179,10 +185,18 @@ const groupedMatMulConfig: tf.KernelConfig = {
     const packedWeight = a.weightKind === 'float32' ? undefined : packedWeightSpec({
       kind: a.weightKind as PackedKind, shape: a.packedShape as number[], inputAxis: a.inputAxis as 1 | 2, groupSize: a.groupSize as number,
     });
-    const program = new GroupedMatMulProgram(capacity, outCols, {
+    const common = {
       source: a.source as RowSource, activation: act?.spec, hasBias: a.hasBias as boolean,
-      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, tile: tileOf(a), packedWeight,
-    });
+      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, packedWeight,
+    };
+    // the wrapper chose tensor cores for this device; a device that is not registered (cannot
+    // happen through groupedMatMul) falls back to f32 without the scale input. Packed weights of
+    // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
+    const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
+    if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
+    const program = tc !== undefined
+      ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize)
+      : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),
@@ -220,6 +234,26 @@ export interface GroupedMatMulArgs {
   /** [capacity, outCols], added after the product */
   addend?: tf.Tensor2D;
   alpha?: number;
+  /**
+   * A holds gradients (dOut, dh): on tensor cores it is scaled per tensor into f16's range
+   * (SubgroupMatrixMatMulProgram)
+   */
+  gradient?: boolean;
+}
+
+/**
+ * Whether a grouped product over `plan` of outCols × inner goes to the subgroup-matrix programs:
+ * WEBGPU_MOE_TENSOR_CORES on, a registered device, the plan's row tile a multiple of the 64-row
+ * block and the product wide enough (wideEnoughForTensorCores).
+ */
+export function useTensorCores(plan: DevicePlan, rows: number, cols: number, inner: number): boolean {
+  return activeTensorCores() !== undefined && plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 &&
+      wideEnoughForTensorCores(rows, cols, inner);
+}
+
+/** max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores). */
+function maxAbs(t: tf.Tensor): tf.Tensor1D {
+  return tf.tidy(() => tf.reshape(tf.max(tf.abs(t)), [1]) as tf.Tensor1D);
 }
 
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
@@ -229,7 +263,10 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const inputs: tf.NamedTensorMap = { A: args.a, W: w, seg: args.plan.seg, pr: args.plan.pairOfRow };
   if (args.bias) inputs.bias = args.bias;
   if (args.addend) inputs.addend = args.addend;
-  return tf.engine().runKernel(GROUPED_MATMUL, inputs, {
+  const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
+  if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
+  const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
+    tensorCores,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
@@ -238,6 +275,8 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     ...(packed ? { packedShape: [...packed.shape], inputAxis: packed.inputAxis, groupSize: packed.groupSize ?? 0 } : {}),
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
   }) as tf.Tensor2D;
+  if (inputs.amax) inputs.amax.dispose();
+  return out;
 }
 
 export const GROUPED_WEIGHT_GRAD = 'WebGPUMoEGroupedWeightGrad';
@@ -257,10 +296,16 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     const numExperts = a.numExperts as number;
     const P = a.P as number;
     const Q = a.Q as number;
-    const program = new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, {
+    const common = {
       left: a.left as 'gather' | 'rows', right: a.right as RowSource, activation: act?.spec,
-      scaleLeft: a.scaleLeft as boolean, tile: tileOf(a),
-    });
+      scaleLeft: a.scaleLeft as boolean,
+    };
+    const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
+    if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
+    const program = tc !== undefined
+      ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
+          { ...common, scaled: inputs.amax != null }, tc.subgroupSize)
+      : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
       ...floatUniforms(a.alpha as number),
@@ -296,12 +341,18 @@ export interface GroupedWeightGradArgs {
 export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const inputs: tf.NamedTensorMap = { L: args.l, R: args.r, seg: args.plan.seg, pr: args.plan.pairOfRow };
   if (args.rowScale) inputs.rw = args.rowScale;
-  return tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
+  // L is the gradient operand (dy) of every weight gradient: scaled on tensor cores
+  const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
+  if (tensorCores) inputs.amax = maxAbs(args.l);
+  const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
+    tensorCores,
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
     topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
   }) as tf.Tensor;
+  if (inputs.amax) inputs.amax.dispose();
+  return out;
 }
 
 // ---- row-wise ---------------------------------------------------------------------------------

@@ -8,10 +8,10 @@
  * is never stored). W_e(k, n) = W[e·sE + n·sN + k·sK]: the strides (uniforms) cover W and Wᵀ in
  * both expert layouts and PEFT's LoRA factors (A [r·E, in], B [out, r·E] rank-major) without
  * copies. Padding rows get 0; tiles past the rows in use write 0 and skip the product. With
- * `weightKind` 'bf16' or 'f16', W is a packed expert weight's int32 words (src/ops/packed.ts) and
- * each element is decoded as it is loaded into the slab, so no float32 copy of the experts exists:
- * expert e's words start at e·sE (sE counts words there) and W_e(k, n) is its half
- * j = n·sN + k·sK.
+ * `packedWeight`, W is a packed expert weight's int32 words (bf16/f16 halves, src/ops/packed.ts, or
+ * quantized codes and scales, src/ops/quantized.ts) and each element is decoded as it is loaded
+ * into the slab, so no float32 copy of the experts exists: expert e's words start at e·sE (sE
+ * counts words there) and W_e(k, n) is its element j = n·sN + k·sK.
  *
  * GroupedWeightGradProgram: dW[e](p, q) = alpha·Σ_{real rows r of e} L(r, p)·R(r, q), written at
  * e·oE + p·oP + q·oQ (any layout, PEFT's B included); L and R come gathered, from padded rows or
@@ -139,6 +139,46 @@ class Fetch {
   }
 }
 
+/**
+ * WGSL of the weight element load into `v` (wBase: the expert's first element, or word when
+ * packed; n, k in scope). Float32 reads W directly; packed (16-bit halves or quantized codes and
+ * scales) decodes element j of the expert's words (packedElementSnippet). Shared with the
+ * subgroup-matrix program, so both decode every packed kind the same way.
+ */
+export function weightLoadSnippet(packed: PackedWeightSpec | undefined): { fn: string; assign: string } {
+  if (packed === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
+  return {
+    fn: packedElementSnippet(packed, 'W', 'loadPackedW'),
+    assign: 'v = loadPackedW(wBase, n * uniforms.sN + k * uniforms.sK);',
+  };
+}
+
+/**
+ * WGSL: loadA(m, k), the tile's row m at column k, through the workgroup array rowSrc (the source
+ * row, −1 on padding). Shared with the subgroup-matrix program.
+ */
+export function rowLoadSnippet(source: RowSource, activation: ActivationSpec | undefined): string {
+  switch (source) {
+    case 'gather':
+    case 'rows':
+      return `
+          fn loadA(m : i32, k : i32) -> f32 {
+            let src = rowSrc[m];
+            if (src < 0) { return 0.0; }
+            return A[src * uniforms.inner + k];
+          }`;
+    case 'act':
+      return `
+          ${activationSnippet(activation!)}
+          fn loadA(m : i32, k : i32) -> f32 {
+            let src = rowSrc[m];
+            if (src < 0) { return 0.0; }
+            let base = src * 2 * uniforms.inner;
+            return actForward(A[base + gateIndex(k, uniforms.inner)], A[base + upIndex(k, uniforms.inner)]);
+          }`;
+  }
+}
+
 export interface GroupedMatMulSpec {
   source: RowSource;
   /** the activation, when source is 'act' */
@@ -179,42 +219,6 @@ export class GroupedMatMulProgram implements WebGPUProgram {
         (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '');
   }
 
-  /**
-   * WGSL of the weight element load into `v` (wBase: the expert's first element, or word when
-   * packed). Float32 reads W directly; packed reads the word of half j and decodes it.
-   */
-  private loadW(): { fn: string; assign: string } {
-    const packed = this.spec.packedWeight;
-    if (packed === undefined) return { fn: '', assign: 'v = W[wBase + n * uniforms.sN + k * uniforms.sK];' };
-    return {
-      fn: packedElementSnippet(packed, 'W', 'loadPackedW'),
-      assign: 'v = loadPackedW(wBase, n * uniforms.sN + k * uniforms.sK);',
-    };
-  }
-
-  /** WGSL: loadA(m, k), the tile's row m at column k, through rowSrc (the source row, −1 on padding). */
-  private loadA(): string {
-    switch (this.spec.source) {
-      case 'gather':
-      case 'rows':
-        return `
-          fn loadA(m : i32, k : i32) -> f32 {
-            let src = rowSrc[m];
-            if (src < 0) { return 0.0; }
-            return A[src * uniforms.inner + k];
-          }`;
-      case 'act':
-        return `
-          ${activationSnippet(this.spec.activation!)}
-          fn loadA(m : i32, k : i32) -> f32 {
-            let src = rowSrc[m];
-            if (src < 0) { return 0.0; }
-            let base = src * 2 * uniforms.inner;
-            return actForward(A[base + gateIndex(k, uniforms.inner)], A[base + upIndex(k, uniforms.inner)]);
-          }`;
-    }
-  }
-
   getUserCode(): string {
     const tile = this.spec.tile;
     const { tm, tn, bk } = tile;
@@ -224,7 +228,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     const bSlab = new Slab('Bs', bk, bn, tile.vec4 === true);
     const fetchA = new Fetch('pa', bk * bm, `let kk = i % ${bk}; let mm = i / ${bk};`,
         k0 => `let k = ${k0} + kk;\n            if (k < uniforms.inner) { v = loadA(mm, k); }`);
-    const loadW = this.loadW();
+    const loadW = weightLoadSnippet(this.spec.packedWeight);
     const fetchB = new Fetch('pb', bk * bn,
         this.spec.kContiguous ? `let kk = i % ${bk}; let nn = i / ${bk};` : `let nn = i % ${bn}; let kk = i / ${bn};`,
         k0 => `let k = ${k0} + kk;\n            let n = col0 + nn;\n` +
@@ -236,7 +240,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
       var<workgroup> rowSrc : array<i32, ${bm}>;
       var<workgroup> tileExpert : i32;
       ${EXPERT_OF_ROW}
-      ${this.loadA()}
+      ${rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${loadW.fn}
 
       fn main() {
@@ -320,6 +324,35 @@ export function usesPairOfRow(spec: Pick<GroupedWeightGradSpec, 'left' | 'right'
   return spec.left === 'gather' || spec.right === 'gather' || spec.scaleLeft;
 }
 
+/**
+ * WGSL: loadL(r, p) and loadR(r, q), the weight gradient's operands at padded row r (L times the
+ * pair's routing weight when scaleLeft). Shared with the subgroup-matrix program.
+ */
+export function weightGradLoadSnippets(spec: GroupedWeightGradSpec): { loadL: string; loadR: string } {
+  const scale = spec.scaleLeft ? ' * rw[pr[r]]' : '';
+  const loadL = spec.left === 'gather'
+    ? `fn loadL(r : i32, p : i32) -> f32 { return L[(pr[r] / uniforms.topK) * uniforms.P + p]${scale}; }`
+    : `fn loadL(r : i32, p : i32) -> f32 { return L[r * uniforms.P + p]${scale}; }`;
+  let loadR: string;
+  switch (spec.right) {
+    case 'gather':
+      loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[(pr[r] / uniforms.topK) * uniforms.Q + q]; }`;
+      break;
+    case 'rows':
+      loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[r * uniforms.Q + q]; }`;
+      break;
+    case 'act':
+      loadR = `
+        ${activationSnippet(spec.activation!)}
+        fn loadR(r : i32, q : i32) -> f32 {
+          let base = r * 2 * uniforms.Q;
+          return actForward(R[base + gateIndex(q, uniforms.Q)], R[base + upIndex(q, uniforms.Q)]);
+        }`;
+      break;
+  }
+  return { loadL, loadR };
+}
+
 export class GroupedWeightGradProgram implements WebGPUProgram {
   variableNames: string[];
   outputShape: number[];
@@ -350,27 +383,7 @@ export class GroupedWeightGradProgram implements WebGPUProgram {
     const bq = TILE_THREADS * tn;
     const ls = new Slab('Ls', bk, bp, tile.vec4 === true);
     const rs = new Slab('Rs', bk, bq, tile.vec4 === true);
-    const scale = this.spec.scaleLeft ? ' * rw[pr[r]]' : '';
-    const loadL = this.spec.left === 'gather'
-      ? `fn loadL(r : i32, p : i32) -> f32 { return L[(pr[r] / uniforms.topK) * uniforms.P + p]${scale}; }`
-      : `fn loadL(r : i32, p : i32) -> f32 { return L[r * uniforms.P + p]${scale}; }`;
-    let loadR: string;
-    switch (this.spec.right) {
-      case 'gather':
-        loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[(pr[r] / uniforms.topK) * uniforms.Q + q]; }`;
-        break;
-      case 'rows':
-        loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[r * uniforms.Q + q]; }`;
-        break;
-      case 'act':
-        loadR = `
-          ${activationSnippet(this.spec.activation!)}
-          fn loadR(r : i32, q : i32) -> f32 {
-            let base = r * 2 * uniforms.Q;
-            return actForward(R[base + gateIndex(q, uniforms.Q)], R[base + upIndex(q, uniforms.Q)]);
-          }`;
-        break;
-    }
+    const { loadL, loadR } = weightGradLoadSnippets(this.spec);
     const fetchL = new Fetch('pl', bk * bp, `let pp = i % ${bp}; let rr = i / ${bp};`,
         r0 => `let p = p0 + pp;\n            if (p < uniforms.P && ${r0} + rr < count) { v = loadL(start + ${r0} + rr, p); }`);
     const fetchR = new Fetch('pr_', bk * bq, `let qq = i % ${bq}; let rr = i / ${bq};`,

@@ -1,0 +1,311 @@
+/**
+ * Tensor cores from WebGPU (issue 13) where they do not exist: Mesa (CI) has neither shader-f16
+ * nor subgroup matrices, so this checks the setup's report and choice, the f32 fall back with the
+ * flag on, the dispatch math, and that the subgroup-matrix programs' WGSL is valid apart from the
+ * subgroup-matrix builtins (compiled here with those replaced by plain stand-ins). The products
+ * themselves are checked on the GPU machine by tools/webgpu_tc/check.ts.
+ * Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
+import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
+import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
+import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
+import {
+  SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  subgroupMatrixWorkgroupBytes,
+} from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import {
+  activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
+  tensorCoreDevice, tensorCoreSupport, wideEnoughForTensorCores, type SubgroupMatrixConfig,
+} from '../../../src/backends/webgpu/tensor_cores.js';
+import type { PackedKind } from '../../../src/ops/packed.js';
+import { quantizedLayout } from '../../../src/ops/quantized.js';
+import { OpArgumentError } from '../../../src/ops/validate.js';
+import { expectNoLeakAsync } from './helpers.js';
+
+const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
+const BOTH = ['shader-f16', 'chromium-experimental-subgroup-matrix'];
+
+/** Runs fn with the tensor-core flag `on`, restoring it after. */
+async function withFlag<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
+  const before = tf.env().getBool(TENSOR_CORES_FLAG);
+  tf.env().set(TENSOR_CORES_FLAG, on);
+  try {
+    return await fn();
+  } finally {
+    tf.env().set(TENSOR_CORES_FLAG, before);
+  }
+}
+
+describe('webgpu: tensor cores (setup and choice, on a device without them)', () => {
+  it('tensorCoreSupport needs both features, an f16→f32 16×16×16 config and one subgroup size', () => {
+    expect(tensorCoreSupport([], [F16_F32], 32, 32)).to.deep.equal(
+        { missing: 'the device lacks shader-f16 and chromium-experimental-subgroup-matrix' });
+    expect(tensorCoreSupport(['shader-f16'], [F16_F32], 32, 32)).to.deep.equal(
+        { missing: 'the device lacks chromium-experimental-subgroup-matrix' });
+    const u8 = { componentType: 'u8', resultComponentType: 'u32', M: 16, N: 16, K: 32 };
+    const f16f16 = { ...F16_F32, resultComponentType: 'f16' };
+    expect(tensorCoreSupport(BOTH, [u8, f16f16], 32, 32)).to.deep.equal(
+        { missing: 'no f16→f32 16×16×16 subgroup matrix config (the adapter lists u8→u32 16×16×32, f16→f16 16×16×16)' });
+    expect(tensorCoreSupport(BOTH, [], 32, 32)).to.deep.equal(
+        { missing: 'no f16→f32 16×16×16 subgroup matrix config (the adapter lists none)' });
+    expect(tensorCoreSupport(BOTH, [{ ...F16_F32, N: 8 }], 32, 32)).to.have.property('missing');
+    expect(tensorCoreSupport(BOTH, [F16_F32], 16, 32)).to.deep.equal(
+        { missing: 'the subgroup size is not fixed (min 16, max 32)' });
+    expect(tensorCoreSupport(BOTH, [F16_F32], undefined, undefined)).to.deep.equal(
+        { missing: 'the subgroup size is not fixed (min undefined, max undefined)' });
+    // the H100's list (tools/webgpu_probe's run): the f16→f32 16×16×16 entry among ten
+    const h100 = [f16f16, { ...f16f16, N: 8 }, F16_F32, { ...F16_F32, N: 8 }, u8];
+    expect(tensorCoreSupport([...BOTH, 'subgroups'], h100, 32, 32)).to.deep.equal(
+        { device: { config: F16_F32, subgroupSize: 32 } });
+  });
+
+  it('reads subgroupMatrixConfigs from prototype getters, and none when absent', () => {
+    class Config {
+      get componentType() { return 'f16'; }
+      get resultComponentType() { return 'f32'; }
+      get M() { return 16; }
+      get N() { return 8; }
+      get K() { return 16; }
+    }
+    const info = { subgroupMatrixConfigs: [new Config()] } as unknown as GPUAdapterInfo;
+    expect(readSubgroupMatrixConfigs(info)).to.deep.equal([{ ...F16_F32, N: 8 }]);
+    expect(readSubgroupMatrixConfigs({} as GPUAdapterInfo)).to.deep.equal([]);
+    expect(readSubgroupMatrixConfigs(undefined)).to.deep.equal([]);
+  });
+
+  it('adds the toggles to the one enable-dawn-features flag, each once', () => {
+    expect(withToggles([], TENSOR_CORE_TOGGLES)).to.deep.equal(
+        ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
+    expect(withToggles(['backend=opengles', 'enable-dawn-features=use_dxc,allow_unsafe_apis'], TENSOR_CORE_TOGGLES))
+        .to.deep.equal(['backend=opengles', 'enable-dawn-features=use_dxc,allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
+    expect(withToggles(['disable-dawn-features=timestamp_quantization'], [])).to.deep.equal(
+        ['disable-dawn-features=timestamp_quantization']);
+  });
+
+  it('hoists enable directives to the front of the shader, each once', () => {
+    const code = 'struct U { a : f32 };\n  enable f16;\nenable chromium_experimental_subgroup_matrix;\nfn f() {}\nenable f16;\n';
+    const hoisted = hoistEnableDirectives(code);
+    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\nstruct U')).to.equal(true);
+    expect(hoisted.match(/enable/g)).to.have.length(2);
+    expect(hoistEnableDirectives('fn f() {}')).to.equal('fn f() {}');
+    // a word 'enable' inside code is no directive
+    expect(hoistEnableDirectives('let enabled = 1;')).to.equal('let enabled = 1;');
+  });
+
+  it('a registered device hoists its shaders\' directives; one that refuses the wrapper stays unregistered', () => {
+    const seen: string[] = [];
+    const fake = { createShaderModule: (d: GPUShaderModuleDescriptor) => { seen.push(d.code); return {}; } } as unknown as GPUDevice;
+    const support = { config: F16_F32, subgroupSize: 32 };
+    expect(tensorCoreDevice(fake)).to.equal(undefined);
+    expect(registerTensorCoreDevice(fake, support)).to.equal(undefined);
+    expect(tensorCoreDevice(fake)).to.deep.equal(support);
+    fake.createShaderModule({ code: 'fn f() {}\nenable f16;' });
+    expect(seen).to.deep.equal(['enable f16;\nfn f() {}\n']);
+    // registering twice wraps once
+    expect(registerTensorCoreDevice(fake, support)).to.equal(undefined);
+    fake.createShaderModule({ code: 'x\nenable f16;' });
+    expect(seen[1]).to.equal('enable f16;\nx\n');
+
+    const frozen = Object.freeze({ createShaderModule: () => ({}) }) as unknown as GPUDevice;
+    expect(registerTensorCoreDevice(frozen, support)).to.match(/^the device's createShaderModule cannot be wrapped/);
+    expect(tensorCoreDevice(frozen)).to.equal(undefined);
+  });
+
+  it('requestDawnDevice with tensorCores \'auto\' on Mesa: the toggles, the same report fields, no configs, the reason', async () => {
+    const mesa = { flags: ['backend=opengles'], featureLevel: 'compatibility' as const };
+    const off = await requestDawnDevice({ attempts: [mesa] });
+    const auto = await requestDawnDevice({ attempts: [mesa], tensorCores: 'auto' });
+    try {
+      expect(Object.keys(auto.report).sort()).to.deep.equal(Object.keys(off.report).sort());
+      expect(off.report.tensorCores).to.equal('off');
+      expect(off.report.flags).to.deep.equal(['backend=opengles']);
+      expect(auto.report.flags).to.deep.equal(['backend=opengles', 'enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia']);
+      expect(auto.report.subgroupMatrixConfigs).to.deep.equal([]);
+      expect(auto.report.features).to.not.include('shader-f16');
+      expect(auto.report.tensorCores).to.match(/^the device lacks shader-f16/);
+      expect(tensorCoreDevice(auto.device)).to.equal(undefined);
+    } finally {
+      off.device.destroy();
+      auto.device.destroy();
+    }
+  });
+
+  it('rejects a tensorCores value other than \'auto\' or \'off\'', async () => {
+    let error: unknown;
+    try {
+      await requestDawnDevice({ tensorCores: 'on' as 'auto' }, 'setupDawnWebGPU');
+    } catch (err) {
+      error = err;
+    }
+    expect(error).to.be.instanceOf(OpArgumentError);
+    expect((error as Error).message).to.equal(`\`setupDawnWebGPU()\`: 'tensorCores' must be 'auto' or 'off' but got "on" (string)`);
+  });
+
+  it('with the flag on, the suite\'s device (not registered) keeps the f32 kernels: same numbers, no subgroup program', async () => {
+    expect(activeTensorCores()).to.equal(undefined);
+    await withFlag(true, async () => expect(activeTensorCores()).to.equal(undefined));
+    const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
+    const run = backend.runWebGPUProgram;
+    const keys: string[] = [];
+    backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
+      keys.push(p.shaderKey);
+      return run.call(this, p, ...rest);
+    };
+    try {
+      await expectNoLeakAsync(async () => {
+        const [T, H, I, E, K] = [96, 64, 48, 4, 2];
+        const experts = tf.tensor2d(Int32Array.from({ length: T * K }, (_, i) => (i * 7 + (i % K)) % E), [T, K], 'int32') as tf.Tensor2D;
+        const plan = deviceDispatchPlan(experts, E, 64);
+        const x = tf.randomNormal([T, H], 0, 1, 'float32', 1) as tf.Tensor2D;
+        const w1 = tf.randomNormal([E, 2 * I, H], 0, 0.1, 'float32', 2);
+        const product = () => groupedMatMul({ a: x, source: 'gather', w: w1, strides: { sE: 2 * I * H, sN: H, sK: 1 },
+          inner: H, outCols: 2 * I, plan, tile: { tm: 4, tn: 4, bk: 16 }, gradient: true });
+        const off = await withFlag(false, async () => { const y = product(); const d = await y.data(); y.dispose(); return d; });
+        const on = await withFlag(true, async () => {
+          expect(useTensorCores(plan, plan.capacity, 2 * I, H)).to.equal(false);
+          const y = product();
+          const d = await y.data();
+          y.dispose();
+          return d;
+        });
+        expect(Array.from(on)).to.deep.equal(Array.from(off));
+        tf.dispose([experts, x, w1, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+      });
+    } finally {
+      backend.runWebGPUProgram = run;
+    }
+    expect(keys.filter(k => k.startsWith('moeGroupedMatMul'))).to.have.length(2);
+    expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
+  });
+
+  it('sends only wide products to the tensor cores: sides >= 32, reduction >= 16', () => {
+    expect(wideEnoughForTensorCores(4096, 1024, 512)).to.equal(true);
+    expect(wideEnoughForTensorCores(64, 32, 16)).to.equal(true);
+    expect(wideEnoughForTensorCores(4096, 8, 1024)).to.equal(false);   // u = x·Aᵀ, rank 8
+    expect(wideEnoughForTensorCores(4096, 1024, 8)).to.equal(false);   // u·Bᵀ, rank 8
+    expect(wideEnoughForTensorCores(16, 1024, 1024)).to.equal(false);
+  });
+});
+
+describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
+  it('one workgroup of one subgroup per 64×64 output block, per expert for the weight gradients', () => {
+    expect(subgroupMatrixDispatch(256, 100)).to.deep.equal([2, 4, 1]);
+    expect(subgroupMatrixDispatch(64, 64, 8)).to.deep.equal([1, 1, 8]);
+    expect(subgroupMatrixDispatch(65, 1, 1)).to.deep.equal([1, 2, 1]);
+    const mm = new SubgroupMatrixMatMulProgram(4224, 1536, {
+      source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+    expect(mm.workgroupSize).to.deep.equal([32, 1, 1]);
+    expect(mm.dispatch).to.deep.equal([24, 66, 1]);
+    const wg = new SubgroupMatrixWeightGradProgram([128, 1536, 2048], 128, 1536, 2048, {
+      left: 'rows', right: 'gather', scaleLeft: false, scaled: true }, 32);
+    expect(wg.dispatch).to.deep.equal([32, 24, 128]);
+    expect(wg.variableNames).to.deep.equal(['L', 'R', 'seg', 'pr', 'amax']);
+    // two f16 slabs, the f32 block and the row sources: 24.8 KiB, within the H100's 48 KiB
+    expect(subgroupMatrixWorkgroupBytes()).to.equal(2 * (64 * 32 + 32 * 64) + 4 * 64 * 64 + 4 * 64 + 8);
+    expect(subgroupMatrixWorkgroupBytes()).to.be.at.most(49152);
+    expect(SUBGROUP_MATRIX_BLOCK.rows % 16).to.equal(0);
+  });
+
+  /**
+   * The program's shader as tfjs's builder lays it out (the declarations the programs use, then
+   * the program's code, then the entry point), with the subgroup-matrix types and builtins
+   * replaced by a struct and plain functions and f16 by f32, so that Mesa's compiler checks the
+   * rest: names, types, uniformity of the barriers, the staging and the epilogue.
+   */
+  function standIn(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, intInputs: string[]): string {
+    const inputs = program.variableNames.map((name, i) =>
+      `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${intInputs.includes(name) ? 'i32' : 'f32'}>;`);
+    const user = program.getUserCode();
+    const hoisted = hoistEnableDirectives(`${inputs.join('\n')}\n${user}`);
+    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n')).to.equal(true);
+    const body = user.replace(/^\s*enable .*$/gm, '').replace(/\bf16\b/g, 'f32')
+      .replace(/subgroupMatrixLoad<subgroup_matrix_(left|right)<f32, 16, 16>>\(/g, 'smLoad(')
+      .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
+      .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(').replace(/subgroupMatrixStore\(/g, 'smStore(');
+    expect(body).to.not.match(/subgroup_matrix|subgroupMatrix/);
+    const slab = SUBGROUP_MATRIX_BLOCK.rows * SUBGROUP_MATRIX_BLOCK.depth;
+    const block = SUBGROUP_MATRIX_BLOCK.rows * SUBGROUP_MATRIX_BLOCK.cols;
+    return `
+      var<private> localId : vec3<u32>;
+      var<private> localIndex : u32;
+      var<private> workgroupId : vec3<u32>;
+      var<private> numWorkgroups : vec3<u32>;
+      struct Uniforms { ${program.uniforms} };
+      @group(0) @binding(0) var<storage, read_write> result : array<f32>;
+      ${inputs.join('\n')}
+      @group(0) @binding(${program.variableNames.length + 1}) var<uniform> uniforms : Uniforms;
+      struct SM { v : f32 }
+      fn smLoad(p : ptr<workgroup, array<f32, ${slab}>>, offset : u32, colMajor : bool, stride : u32) -> SM {
+        return SM((*p)[offset + stride]);
+      }
+      fn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }
+      fn smStore(p : ptr<workgroup, array<f32, ${block}>>, offset : u32, c : SM, colMajor : bool, stride : u32) {
+        (*p)[offset + stride] = c.v;
+      }
+      ${body}
+      @compute @workgroup_size(${program.workgroupSize.join(', ')})
+      fn _start(@builtin(local_invocation_index) li : u32, @builtin(workgroup_id) wg : vec3<u32>) {
+        localIndex = li;
+        workgroupId = wg;
+        main();
+      }`;
+  }
+
+  async function compileErrors(code: string): Promise<string[]> {
+    const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+    // in an error scope: an invalid module is this check's finding, not an uncaptured device error
+    device.pushErrorScope('validation');
+    const info = await device.createShaderModule({ code }).getCompilationInfo();
+    await device.popErrorScope();
+    return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
+  }
+
+  /** The decode spec of a [4, 128, 96] packed weight (input on `inputAxis`), as the kernel builds it. */
+  function packedSpec(kind: PackedKind, inputAxis: 1 | 2, groupSize?: number): PackedWeightSpec {
+    const layout = kind === 'bf16' || kind === 'f16' ? null : quantizedLayout(kind, [4, 128, 96], inputAxis, groupSize);
+    return { kind, cols: 96, layout };
+  }
+
+  const matMulSpecs: Array<Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean }> = [
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
+    { source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: true, hasAddend: false, kContiguous: true, scaled: false },
+    { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false },
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: packedSpec('bf16', 2) },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('f16', 1) },
+    // quantized experts go through the f32 program's decode too (packedElementSnippet), on both input axes
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: packedSpec('int8', 2) },
+    { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, packedWeight: packedSpec('int4', 1, 32) },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: packedSpec('nf4', 2) },
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('mxfp4', 1) },
+  ];
+  for (const spec of matMulSpecs) {
+    const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32);
+    it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+      const ints = ['seg', 'pr', ...(spec.packedWeight ? ['W'] : [])];
+      expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
+    });
+  }
+
+  const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
+    { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },
+    { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: true, scaled: true },
+    { left: 'gather', right: 'rows', scaleLeft: true, scaled: false },
+  ];
+  for (const spec of gradSpecs) {
+    const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32);
+    it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+      expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);
+    });
+  }
+
+  it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {
+    const program = new SubgroupMatrixMatMulProgram(128, 96, matMulSpecs[0], 32);
+    const broken = standIn(program, ['seg', 'pr']).replace('let wBase = e * uniforms.sE;', 'let wBase = e * uniforms.noSuchField;');
+    expect((await compileErrors(broken)).join('\n')).to.match(/noSuchField/);
+  });
+});

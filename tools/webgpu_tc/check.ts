@@ -1,0 +1,351 @@
+/**
+ * Tensor-core check for the GPU machine (issue 13): the subgroup-matrix grouped products against
+ * the f32 kernels on random inputs, the fused block of a transformers fixture with and without
+ * them, and block timings at M1 and Q, both paths in one process.
+ *
+ * Here (Mesa: reports that the feature is missing and exits 0):
+ *   EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
+ * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/check.ts` in a checkout:
+ *   source .gpu/on-device.sh && node .gpu/bundle/check.js
+ * and a dry run of the steps there (both "paths" are the f32 kernels on Mesa):
+ *   TC_CHECK_HARNESS=1 EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
+ * Prints one JSON object on stdout (progress on stderr) and writes it to $OUT/tc.json when OUT is
+ * set, and the report so far to $OUT/tc.partial.json after every step (a hang inside Dawn blocks
+ * the event loop). Every step is caught and recorded. Exits 0 unless there is no adapter.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { type DawnAdapterReport, setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
+import { setWebGPUMoETuning, webgpuMoETuningFor } from '../../src/backends/webgpu/experts.js';
+import {
+  deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad,
+} from '../../src/backends/webgpu/kernels.js';
+import { TENSOR_CORES_FLAG } from '../../src/backends/webgpu/tensor_cores.js';
+import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { BENCH_CONFIGS, expertFlops } from '../../src/bench/block_bench.js';
+import { blockLayerIndex, loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import { type HFConfig, moeBlockConfigFromHF } from '../../src/models/families.js';
+import { moeBlock } from '../../src/ops/moe_block.js';
+import { readJSONFile } from '../../src/util/files.js';
+import { bfloat16Bits, packExpertWeight, type PackedExpertWeight, packedExpertWeightFromBits } from '../../src/ops/packed.js';
+import { maxRelativeError } from '../../src/util/numeric.js';
+import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
+
+const started = Date.now();
+// TC_CHECK_HARNESS=1 runs the small steps anyway, both "paths" then f32, with short timing loops:
+// a dry run of this script where the feature is missing (Mesa's software GL is slow)
+const harness = process.env.TC_CHECK_HARNESS === '1';
+const CHAIN = harness ? 2 : 20;
+const ROUNDS = harness ? 1 : 3;
+const TOTAL_BUDGET_MS = 110_000;
+/** the precision contract of issue 13: max relative error to the f32 path */
+const CONTRACT = 1e-2;
+const report: Record<string, unknown> = { check: 'webgpu_tc v1', startedAt: new Date(started).toISOString() };
+const errorText = (err: unknown) => String((err as Error)?.stack ?? (err as Error)?.message ?? err).split('\n').slice(0, 4).join(' | ');
+const left = () => TOTAL_BUDGET_MS - (Date.now() - started);
+
+function log(msg: string): void {
+  process.stderr.write(`[tc ${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}\n`);
+  if (process.env.OUT) writeFileSync(join(process.env.OUT, 'tc.partial.json'), JSON.stringify({ ...report, lastStep: msg }, null, 1));
+}
+
+function finish(code: number): never {
+  report.elapsedMs = Date.now() - started;
+  const json = JSON.stringify(report, null, 1);
+  process.stdout.write(json + '\n');
+  if (process.env.OUT) writeFileSync(join(process.env.OUT, 'tc.json'), json);
+  process.exit(code);
+}
+
+/** Runs `fn` with the tensor-core flag set to `on`, restoring it after. */
+async function withTensorCores<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
+  const before = tf.env().getBool(TENSOR_CORES_FLAG);
+  tf.env().set(TENSOR_CORES_FLAG, on);
+  try {
+    return await fn();
+  } finally {
+    tf.env().set(TENSOR_CORES_FLAG, before);
+  }
+}
+
+/** Shader keys of the programs run since the last clear (recordPrograms wraps the backend). */
+const programsRun: string[] = [];
+const subgroupKeysSeen = new Set<string>();
+
+function recordPrograms(): void {
+  const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string }, ...rest: unknown[]) => unknown };
+  const run = backend.runWebGPUProgram.bind(backend);
+  backend.runWebGPUProgram = (program, ...rest) => {
+    programsRun.push(program.shaderKey);
+    if (program.shaderKey.startsWith('moeSubgroup')) subgroupKeysSeen.add(program.shaderKey);
+    return run(program, ...rest);
+  };
+}
+
+/** How many of the programs run since the last call were subgroup-matrix ones, of how many grouped products. */
+function takeProgramCounts(): { subgroupMatrix: number; f32Grouped: number } {
+  const subgroupMatrix = programsRun.filter(k => k.startsWith('moeSubgroup')).length;
+  const f32Grouped = programsRun.filter(k => k.startsWith('moeGroupedMatMul') || k.startsWith('moeGroupedWeightGrad')).length;
+  programsRun.length = 0;
+  return { subgroupMatrix, f32Grouped };
+}
+
+function lcg(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return s / 2 ** 32;
+  };
+}
+
+interface Size { name: string; T: number; H: number; I: number; E: number; K: number }
+const SIZES: Size[] = [
+  { name: 'small', T: 256, H: 256, I: 128, E: 8, K: 2 },
+  { name: 'M1', T: 4096, H: 1024, I: 512, E: 8, K: 2 },
+];
+
+/** Each product of the fused block once, as fusedExperts calls it (full fine-tuning, SwiGLU). */
+function products(s: Size, t: {
+  x: tf.Tensor2D; dOut: tf.Tensor2D; h: tf.Tensor2D; dh: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; rw: tf.Tensor1D;
+  w1bf16: PackedExpertWeight; w1Quantized: PackedExpertWeight[]; plan: DevicePlan;
+}): Record<string, () => tf.Tensor> {
+  const { H, I, E } = s;
+  const tile = webgpuMoETuningFor(s.T * s.K, E);
+  const common = { plan: t.plan, activation: { kind: 'swiglu' as const }, interleaved: false };
+  const up = { sE: 2 * I * H, sN: H, sK: 1 };
+  const down = { sE: H * I, sN: I, sK: 1 };
+  // quantized experts: the subgroup-matrix program decodes them with the f32 program's loader
+  const quantized = Object.fromEntries(t.w1Quantized.map(w => [`up (gather, ${w.kind} weight)`,
+    () => groupedMatMul({ ...common, a: t.x, source: 'gather', w, strides: up, inner: H, outCols: 2 * I, tile: tile.tile })]));
+  return {
+    'up (gather)': () => groupedMatMul({ ...common, a: t.x, source: 'gather', w: t.w1, strides: up, inner: H, outCols: 2 * I, tile: tile.tile }),
+    'up (gather, bf16 weight)': () => groupedMatMul({ ...common, a: t.x, source: 'gather', w: t.w1bf16, strides: up, inner: H, outCols: 2 * I, tile: tile.tile }),
+    'down (act)': () => groupedMatMul({ ...common, a: t.h, source: 'act', w: t.w2, strides: down, inner: I, outCols: H, tile: tile.tile }),
+    'g = dOut·W2 (gather, scaled)': () => groupedMatMul({ ...common, a: t.dOut, source: 'gather', w: t.w2,
+      strides: { sE: H * I, sN: 1, sK: I }, inner: H, outCols: I, tile: tile.tile, gradient: true }),
+    'dx rows = dh·W1 (rows, scaled)': () => groupedMatMul({ ...common, a: t.dh, source: 'rows', w: t.w1,
+      strides: { sE: 2 * I * H, sN: 1, sK: H }, inner: 2 * I, outCols: H, tile: tile.tile, gradient: true }),
+    'dW1 = dhᵀ·x': () => groupedWeightGrad({ ...common, l: t.dh, left: 'rows', r: t.x, right: 'gather', P: 2 * I, Q: H,
+      outShape: [E, 2 * I, H], outStrides: { oE: 2 * I * H, oP: H, oQ: 1 }, tile: tile.gradTile }),
+    'dW2 = (w·dOut)ᵀ·act(h)': () => groupedWeightGrad({ ...common, l: t.dOut, left: 'gather', r: t.h, right: 'act', P: H, Q: I,
+      outShape: [E, H, I], outStrides: { oE: H * I, oP: I, oQ: 1 }, tile: tile.gradTile, rowScale: t.rw }),
+    ...quantized,
+  };
+}
+
+async function checkKernels(s: Size): Promise<unknown[]> {
+  const { T, H, I, E, K } = s;
+  const rand = lcg(7);
+  const experts = tf.tensor2d(Int32Array.from({ length: T * K }, (_, i) => (Math.floor(rand() * E) + (i % K)) % E), [T, K], 'int32');
+  // distinct experts per token are not needed by the products; any ids in [0, E) are valid rows
+  const tuning = webgpuMoETuningFor(T * K, E);
+  const plan = deviceDispatchPlan(experts as tf.Tensor2D, E, tuning.rowTile);
+  const cap = plan.capacity;
+  const w1Values = Float32Array.from({ length: E * 2 * I * H }, () => (rand() - 0.5) * 2 / Math.sqrt(H));
+  const t = {
+    x: tf.randomNormal([T, H], 0, 1, 'float32', 1) as tf.Tensor2D,
+    // a mean loss over many tokens: gradients far below f16's smallest normal without scaling
+    dOut: tf.randomNormal([T, H], 0, 1e-6, 'float32', 2) as tf.Tensor2D,
+    h: tf.randomNormal([cap, 2 * I], 0, 1, 'float32', 3) as tf.Tensor2D,
+    dh: tf.randomNormal([cap, 2 * I], 0, 1e-6, 'float32', 4) as tf.Tensor2D,
+    w1: tf.tensor3d(w1Values, [E, 2 * I, H]),
+    w2: tf.randomNormal([E, H, I], 0, 1 / Math.sqrt(I), 'float32', 5) as tf.Tensor3D,
+    rw: tf.randomUniform([T * K], 0, 1, 'float32', 6) as tf.Tensor1D,
+    w1bf16: packedExpertWeightFromBits('bf16', [E, 2 * I, H], Uint16Array.from(w1Values, bfloat16Bits)),
+    w1Quantized: [] as PackedExpertWeight[],
+    plan,
+  };
+  const results: unknown[] = [];
+  try {
+    // quantized on the host from the same values, groups along H (the input of [E, 2I, H])
+    const w1Host = tf.tensor3d(w1Values, [E, 2 * I, H]);
+    try {
+      t.w1Quantized = (['int8', 'int4', 'nf4', 'mxfp4'] as const).map(kind => packExpertWeight(w1Host, kind));
+    } finally {
+      w1Host.dispose();
+    }
+    for (const [name, run] of Object.entries(products(s, t))) {
+      const entry: Record<string, unknown> = { size: s.name, product: name };
+      results.push(entry);
+      log(`kernel ${s.name} ${name}`);
+      try {
+        takeProgramCounts();
+        const f32 = await withTensorCores(false, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
+        entry.f32Programs = takeProgramCounts();
+        const tc = await withTensorCores(true, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
+        entry.tcPrograms = takeProgramCounts();
+        entry.maxRelError = maxRelativeError(tc, f32);
+        entry.finite = tc.every(Number.isFinite);
+        entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT;
+        // timing: CHAIN (20) products enqueued back to back, one read at the end (a single product at M1
+        // is far shorter than the read's latency); the median of 3 such rounds, per product
+        for (const on of [false, true]) {
+          const ms: number[] = [];
+          await withTensorCores(on, async () => {
+            for (let round = 0; round < ROUNDS; round++) {
+              const t0 = performance.now();
+              let r: tf.Tensor | undefined;
+              for (let i = 0; i < CHAIN; i++) {
+                r?.dispose();
+                r = run();
+              }
+              const probe = tf.tidy(() => tf.slice(tf.reshape(r!, [-1]), 0, 1));
+              await probe.data();
+              ms.push((performance.now() - t0) / CHAIN);
+              tf.dispose([r!, probe]);
+            }
+          });
+          entry[on ? 'tcMs' : 'f32Ms'] = median(ms);
+        }
+        takeProgramCounts();
+      } catch (err) {
+        entry.error = errorText(err);
+      }
+    }
+  } finally {
+    tf.dispose([experts, t.x, t.dOut, t.h, t.dh, t.w1, t.w2, t.rw, t.w1bf16.packed, ...t.w1Quantized.map(w => w.packed),
+      plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  }
+  return results;
+}
+
+/**
+ * The qwen3_moe fixture's block (transformers' weights and input): out, dx and the gradients of
+ * the expert weights and the router with the tensor cores against the f32 kernels, and out / dx
+ * against transformers' own (golden) values. Read asynchronously: webgpu has no dataSync in Node.
+ */
+async function checkFixture(): Promise<Record<string, unknown>> {
+  const dir = 'spec/fixtures/hf/qwen3_moe';
+  const config = await readJSONFile(join(dir, 'config.json'), 'fixture config') as HFConfig;
+  const meta = await readJSONFile(join(dir, 'golden.json'), 'fixture golden.json') as { block: string };
+  const golden = await readSafetensorsFile(join(dir, 'golden.safetensors'));
+  const model = await readSafetensorsFile(join(dir, 'model.safetensors'));
+  const weights = await loadMoEBlockWeights(model, config, blockLayerIndex(meta.block));
+  const blockConfig = moeBlockConfigFromHF(config);
+  const xGolden = await golden.tensor('block.x');
+  const H = xGolden.shape[xGolden.rank - 1];
+  const x = tf.reshape(xGolden, [-1, H]) as tf.Tensor2D;
+  const g = tf.reshape(await golden.tensor('block.g'), [-1, H]) as tf.Tensor2D;
+  const names = ['out', 'dx', 'grad.router', 'grad.gateUp', 'grad.down'];
+  const run = async (): Promise<Float32Array[]> => {
+    const f = (xIn: tf.Tensor, router: tf.Tensor, gateUp: tf.Tensor, down: tf.Tensor) => {
+      const { out, routing } = moeBlock(xIn as tf.Tensor2D, {
+        ...weights, router: { ...weights.router, weight: router as tf.Tensor2D },
+        experts: { ...weights.experts, gateUp: gateUp as tf.Tensor3D, down: down as tf.Tensor3D },
+      }, blockConfig, { trainExpertWeights: true });
+      tf.dispose([routing.experts]);
+      return out;
+    };
+    const { value, grads } = tf.valueAndGrads(f)(
+        [x, weights.router.weight, weights.experts.gateUp as tf.Tensor3D, weights.experts.down as tf.Tensor3D], g);
+    const data = await Promise.all([value, ...grads].map(t => t.data() as Promise<Float32Array>));
+    tf.dispose([value, ...grads]);
+    return data;
+  };
+  const out: Record<string, unknown> = { tokens: x.shape[0], hidden: H };
+  try {
+    takeProgramCounts();
+    const f32 = await withTensorCores(false, run);
+    out.f32Programs = takeProgramCounts();
+    const tc = await withTensorCores(true, run);
+    out.tcPrograms = takeProgramCounts();
+    const goldenOut = await golden.tensor('block.out');
+    const goldenDx = await golden.tensor('block.dx');
+    const [gOut, gDx] = await Promise.all([goldenOut.data(), goldenDx.data()]);
+    tf.dispose([goldenOut, goldenDx]);
+    out.tcVsF32 = Object.fromEntries(names.map((n, i) => [n, maxRelativeError(tc[i], f32[i])]));
+    out.f32VsTransformers = { out: maxRelativeError(f32[0], gOut), dx: maxRelativeError(f32[1], gDx) };
+    out.tcVsTransformers = { out: maxRelativeError(tc[0], gOut), dx: maxRelativeError(tc[1], gDx) };
+    out.withinContract = Object.values(out.tcVsF32 as Record<string, number>).every(e => e <= CONTRACT);
+  } finally {
+    tf.dispose([xGolden, x, g, weights.router.weight, weights.experts.gateUp as tf.Tensor, weights.experts.down as tf.Tensor]);
+  }
+  return out;
+}
+
+async function timeBlocks(): Promise<unknown[]> {
+  const rows: unknown[] = [];
+  for (const config of ['M1', 'Q']) {
+    for (const lora of ['none', 'split'] as const) {
+      for (const on of [false, true]) {
+        const entry: Record<string, unknown> = { config, lora, path: on ? 'tensorCores' : 'f32' };
+        rows.push(entry);
+        if (left() < 15_000) { entry.skipped = 'out of time budget'; continue; }
+        log(`block ${config} ${lora} ${entry.path}`);
+        const p = makeProblem(config, lora);
+        try {
+          const step = stepOf(p, lora);
+          takeProgramCounts();
+          const samples = await withTensorCores(on, () => timeSteps(step, 2, config === 'Q' ? 5 : 10));
+          const ms = median(samples.total);
+          entry.medianMs = ms;
+          entry.enqueueMs = median(samples.enqueue);
+          entry.tflops = expertFlops(BENCH_CONFIGS[config], lora) / (ms * 1e-3) / 1e12;
+          entry.programs = takeProgramCounts();
+        } catch (err) {
+          entry.error = errorText(err);
+        } finally {
+          tf.dispose([p.x, p.g, p.router, p.w1, p.w2, ...p.lora]);
+        }
+      }
+    }
+  }
+  return rows;
+}
+
+async function main(): Promise<void> {
+  let adapter: DawnAdapterReport;
+  try {
+    adapter = await setupDawnWebGPU({ tensorCores: 'auto' });
+  } catch (err) {
+    report.fatal = errorText(err);
+    finish(1);
+  }
+  report.adapter = adapter;
+  log(`adapter ${adapter.vendor} ${adapter.description}: tensor cores ${adapter.tensorCores}`);
+  await tf.setBackend('webgpu');
+  // a shader that does not compile shows up here (tfjs does not throw for it), not as a wrong number only
+  const deviceErrors: string[] = [];
+  report.deviceErrors = deviceErrors;
+  const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+  device.addEventListener('uncapturederror', event => {
+    if (deviceErrors.length < 20) deviceErrors.push(String((event as GPUUncapturedErrorEvent).error?.message ?? event).slice(0, 2000));
+  });
+  registerMoEKernels('webgpu');
+  setWebGPUMoETuning(undefined);
+  recordPrograms();
+  if (adapter.tensorCores !== 'available') {
+    report.skipped = `no tensor-core path on this adapter: ${adapter.tensorCores}`;
+    if (!harness) finish(0);
+  }
+  const steps: Array<[string, () => Promise<unknown>]> = harness && adapter.tensorCores !== 'available'
+    ? [['kernels', () => checkKernels(SIZES[0])], ['fixture', checkFixture]]
+    : [
+      ['kernels', async () => { const all = []; for (const s of SIZES) all.push(...await checkKernels(s)); return all; }],
+      ['fixture', checkFixture],
+      ['blocks', timeBlocks],
+    ];
+  for (const [name, run] of steps) {
+    if (left() < 5_000) { report[name] = { skipped: 'out of time budget' }; continue; }
+    try {
+      report[name] = await run();
+    } catch (err) {
+      report[name] = { error: errorText(err) };
+    }
+    log(`${name} done`);
+  }
+  report.subgroupPrograms = [...subgroupKeysSeen];
+  finish(0);
+}
+
+setTimeout(() => {
+  report.watchdog = `stopped at ${TOTAL_BUDGET_MS + 5000} ms; the report holds what finished`;
+  finish(report.adapter ? 0 : 1);
+}, TOTAL_BUDGET_MS + 5000).unref();
+main().catch(err => {
+  report.fatal = errorText(err);
+  finish(report.adapter ? 0 : 1);
+});
