@@ -95,6 +95,21 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
     deepseek.dispose();
   });
 
+  it("'all-linear' on a gated DeltaNet model is refused: PEFT adapts its projections, which have no LoRA here yet", async () => {
+    const qwen3Next = await loadHFCheckpoint('spec/fixtures/hf/qwen3_next');
+    expect(problems(() => register({ models: [qwen3Next], lora: { r: 2, alpha: 4, targets: ['all-linear'] } }))).to.deep.equal([
+      "lora.targets: 'all-linear' on 'moe_causal_lm' (PEFT 0.21: every nn.Linear, the gated DeltaNet's in_proj_* / out_proj " +
+          "included) needs LoRA on GatedDeltaNet ('model.layers.0.linear_attn'), which this package does not have yet; name the " +
+          'targets instead (q_proj, k_proj, v_proj, o_proj, experts.gate_up, experts.down, router, shared.*)']);
+    expect(adapted(qwen3Next)).to.deep.equal([]);
+    // named targets still work on it: the gated attention's projections and the experts
+    register({ models: [qwen3Next], lora: { r: 2, alpha: 4, targets: ['q_proj', 'experts.down'] } });
+    expect(adapted(qwen3Next)).to.deep.equal([
+      'model.layers.1.self_attn.q_proj: 2/4', 'model.layers.0.mlp:experts.down: 2/4', 'model.layers.1.mlp:experts.down: 2/4']);
+    unregister();
+    qwen3Next.dispose();
+  });
+
   it("entries match as PEFT's list matching does: the full name or its end after a '.'", () => {
     register({ models: [model], lora: { r: 1, alpha: 2, targets: ['self_attn.q_proj', 'model.layers.1.self_attn.v_proj', 'mlp.down_proj', 'experts.down'] } });
     expect(adapted(model)).to.deep.equal([

@@ -27,6 +27,7 @@
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { PluginArgsProblem } from '../args/errors.js';
 import { RotaryAttention } from '../layers/attention.js';
+import { GatedDeltaNet } from '../layers/gated_delta_net.js';
 import { MLAAttention } from '../layers/mla_attention.js';
 import { ATTENTION_PROJECTIONS, MLP_PROJECTIONS, type LinearLoRAModule } from '../layers/linear_lora.js';
 import { hfConfigOf } from '../layers/moe_causal_lm.js';
@@ -171,7 +172,7 @@ function moeLayersOf(models: readonly (tfl.LayersModel | tfl.layers.Layer)[]): A
  * Which modules of `models` the targets select (module names, 'all-linear'; MoE targets such as
  * 'experts.gate_up' name a SparseMoE target directly), with each module's and MoE target's r and
  * alpha after the patterns. A name that selects nothing, a pattern key that matches no selected
- * module or MoE target, and 'all-linear' on a model whose attention has no LoRA here (MLA) are
+ * module or MoE target, and 'all-linear' on a model with layers that have no LoRA here (MLA, GatedDeltaNet) are
  * problems (PEFT raises for the first and ignores the second, which hides typos).
  */
 export function planLinearLoRA(models: readonly (tfl.LayersModel | tfl.layers.Layer)[], lora: {
@@ -195,12 +196,22 @@ export function planLinearLoRA(models: readonly (tfl.LayersModel | tfl.layers.La
   }
   if (allLinear) {
     for (const model of models) {
-      const mla = (model instanceof tfl.LayersModel ? model.layers : [model]).find(l => l instanceof MLAAttention);
-      if (mla === undefined) continue;
-      problems.push({ arg: 'lora.targets', message: `lora.targets: 'all-linear' on '${model.name}' (PEFT 0.21: every ` +
-          `attention projection, MLA's q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj included) needs ` +
-          `LoRA on MLA attention ('${mla.name}'), which this package does not have yet; name the targets instead ` +
-          `(experts.gate_up, experts.down, router, shared.*)` });
+      const layers = model instanceof tfl.LayersModel ? model.layers : [model];
+      const mla = layers.find(l => l instanceof MLAAttention);
+      if (mla !== undefined) {
+        problems.push({ arg: 'lora.targets', message: `lora.targets: 'all-linear' on '${model.name}' (PEFT 0.21: every ` +
+            `attention projection, MLA's q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj included) needs ` +
+            `LoRA on MLA attention ('${mla.name}'), which this package does not have yet; name the targets instead ` +
+            `(experts.gate_up, experts.down, router, shared.*)` });
+      }
+      // PEFT adapts the DeltaNet's in_proj_* and out_proj too (nn.Linear); leaving them out would differ silently
+      const deltaNet = layers.find(l => l instanceof GatedDeltaNet);
+      if (deltaNet !== undefined) {
+        problems.push({ arg: 'lora.targets', message: `lora.targets: 'all-linear' on '${model.name}' (PEFT 0.21: every ` +
+            `nn.Linear, the gated DeltaNet's in_proj_* / out_proj included) needs LoRA on GatedDeltaNet ('${deltaNet.name}'), ` +
+            `which this package does not have yet; name the targets instead (q_proj, k_proj, v_proj, o_proj, experts.gate_up, ` +
+            `experts.down, router, shared.*)` });
+      }
     }
   }
   lora.targets.forEach((entry, i) => {
