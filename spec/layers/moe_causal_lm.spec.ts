@@ -182,8 +182,8 @@ describe('MoECausalLM', () => {
       .to.throw("`moeCausalLMConfigFromHF()`: 'config.qk_rope_head_dim' must be even (rotary pairs) but got 7");
     expect(() => buildMoECausalLM({ ...deepseek, kv_lora_rank: 0 }))
       .to.throw("`moeCausalLMConfigFromHF()`: 'config.kv_lora_rank' must be an integer >= 1 but got 0");
-    expect(() => buildMoECausalLM({ ...deepseek, rope_parameters: { rope_type: 'yarn', rope_theta: 1e4, factor: 40, mscale: 1, mscale_all_dim: 1 } }))
-      .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'yarn'");
+    expect(() => buildMoECausalLM({ ...deepseek, rope_parameters: { rope_type: 'linear', rope_theta: 1e4, factor: 4 } }))
+      .to.throw("`moeCausalLMConfigFromHF()`: only the default rope is supported but config.json sets rope_type 'linear'");
     const dense = tfl.sequential({ layers: [tfl.layers.dense({ units: 1, inputShape: [2] })] });
     expect(() => addMoEAdapter(dense, { name: 'a', r: 1, alpha: 1, targets: ['router'] }))
       .to.throw(`\`addMoEAdapter()\`: the model '${dense.name}' has no SparseMoE layer`);

@@ -6,6 +6,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { readFile } from 'node:fs/promises';
 import { loadMoEBlockWeights, moeBlockTensorPlan, type TensorSource } from '../../src/io/hf_block.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { hfCheckpointTensors } from '../../src/io/hf_save.js';
@@ -224,7 +225,7 @@ describe('mistral4 whole model (Mistral4ForCausalLM)', () => {
     expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { rope_type: 'default', rope_theta: 1e4 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: 'mistral4' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type \"default\" (string)");
     expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...WHOLE['rope_parameters'] as object, low_freq_factor: 1 } }))
-      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' sets 'low_freq_factor', which Mistral 4's YaRN as implemented here does not read");
+      .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters' sets 'low_freq_factor', which MLA's YaRN as implemented here does not read");
     expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: { ...WHOLE['rope_parameters'] as object, partial_rotary_factor: 0.25 } }))
       .to.throw("`moeCausalLMConfigFromHF()`: 'config.rope_parameters.partial_rotary_factor' must make (qk_nope_head_dim + qk_rope_head_dim) · factor = qk_rope_head_dim (4 of 8) but got 0.25");
     expect(() => moeCausalLMConfigFromHF({ ...WHOLE, rope_parameters: [] }))
@@ -275,4 +276,23 @@ describe('mistral4: the transformers fixture', () => {
       await expectFixtureRouting('spec/fixtures/hf/mistral4', expertKernel);
     });
   }
+});
+
+describe("deepseek_v3 with the Hub's YaRN (the attention Mistral 4's is modelled on)", () => {
+  it('reads rope_scaling as DeepseekV3Attention does: YaRN on the rope part, mscale², top-level rope_theta', async () => {
+    const fixture = JSON.parse(await readFile('spec/fixtures/hf/deepseek_v3/config.json', 'utf8')) as HFConfig;
+    // DeepSeek-V3's config.json style: legacy rope_scaling with `type`, rope_theta beside it
+    const hub = { ...fixture, rope_parameters: undefined, rope_theta: 20000, rope_scaling: {
+      type: 'yarn', factor: 40, original_max_position_embeddings: 16, beta_fast: 32, beta_slow: 1, mscale: 0.707, mscale_all_dim: 1,
+    } };
+    const c = moeCausalLMConfigFromHF(hub);
+    const qk = (fixture['qk_nope_head_dim'] as number) + (fixture['qk_rope_head_dim'] as number);
+    expect(c.mla!.ropeScaling).to.deep.include({ kind: 'yarn', factor: 40, originalMaxPositionEmbeddings: 16, betaFast: 32, betaSlow: 1 });
+    expect((c.mla!.ropeScaling as YarnRope).attentionFactor).to.be.closeTo(getMscale(40, 0.707) / getMscale(40, 1), 1e-15);
+    expect(c.mla!.softmaxScale).to.be.closeTo(getMscale(40, 1) ** 2 / Math.sqrt(qk), 1e-15);
+    expect(c.mla!.positionScaling).to.equal(null);
+    expect(c.ropeTheta).to.equal(20000);
+    // the fixture's default rope keeps the plain path
+    expect(moeCausalLMConfigFromHF(fixture).mla!.ropeScaling ?? null).to.equal(null);
+  });
 });

@@ -137,7 +137,7 @@ export interface MLAConfig {
   attentionBias: boolean;
   /** glm_moe_dsa's DeepSeek sparse attention indexer; absent for deepseek_v3 */
   indexer?: DSAIndexerArgs;
-  /** Mistral 4's YaRN on the rope part, softmax scale and Llama 4 position scaling (mistral4Rope) */
+  /** YaRN on the rope part, softmax scale and Llama 4 position scaling (mlaYarnRope: Mistral 4, DeepSeek-V3's YaRN) */
   ropeScaling?: RopeScaling;
   softmaxScale?: number;
   positionScaling?: PositionScaling | null;
@@ -512,8 +512,10 @@ export function moeCausalLMConfigFromHF(config: HFConfig): MoECausalLMConfig {
   }
   const mla = modelType === 'glm_moe_dsa' ? dsaConfig(config, attentionBias, numLayers) :
     MLA_DEFAULTS[modelType] ? mlaConfig(config, attentionBias, MLA_DEFAULTS[modelType]!) : null;
-  // Mistral 4's YaRN acts on MLA's rope part only (mistral4Rope); the other families' rope on whole heads
-  const rope = modelType === 'mistral4' ? mistral4Rope(config, mla!) :
+  // MLA's YaRN acts on the rope part only (mlaYarnRope): Mistral 4's always, DeepSeek-V3's when its config
+  // sets it (the Hub's does); the other families' rope on whole heads
+  const rope = modelType === 'mistral4' || (modelType === 'deepseek_v3' && isYarnRope(config)) ?
+    mlaYarnRope(config, mla!, modelType) :
     ropeSettings(modelType === 'qwen3_5_moe_text' ? withoutTextMRope(config) : config,
         traits.ropeTheta ?? ROPE_THETA_DEFAULT[modelType] ?? 1e4, modelType);
   const rotaryDim = Math.floor(headDim * rope.partialRotaryFactor);
@@ -639,14 +641,24 @@ const MISTRAL4_ROPE_KEYS = [
 /** YaRN's get_mscale: 1 for scale <= 1, else 0.1·m·ln(scale) + 1. */
 const yarnMscale = (scale: number, m = 1) => (scale <= 1 ? 1 : 0.1 * m * Math.log(scale) + 1);
 
+/** Whether config.json's rope settings are YaRN's (rope_type, or the older type). */
+function isYarnRope(config: HFConfig): boolean {
+  const rope = config['rope_parameters'] ?? config['rope_scaling'];
+  if (rope === null || typeof rope !== 'object') return false;
+  const r = rope as Record<string, unknown>;
+  return (r['rope_type'] ?? r['type']) === 'yarn';
+}
+
 /**
- * Mistral 4's rope, as transformers 5 reads Mistral4Config: YaRN over the rope part of each head
+ * Mistral 4's rope, as transformers 5 reads Mistral4Config, and DeepSeek-V3's YaRN (the attention
+ * Mistral 4's is modelled on: DeepseekV3Attention scales its softmax by get_mscale(factor,
+ * mscale_all_dim)² and its rotary embedding spans qk_rope_head_dim): YaRN over the rope part of each head
  * (qk_rope_head_dim = head_dim · partial_rotary_factor), its attention factor from mscale and
  * mscale_all_dim, the softmax scale (nope + rope)^-½ times get_mscale(factor, mscale_all_dim)²
  * (yarn_apply_mscale), and Llama 4's query scaling by position (llama_4_scaling_beta). Without
  * rope settings the config class's default applies (YaRN factor 128 over 8192 positions).
  */
-function mistral4Rope(config: HFConfig, mla: MLAConfig): { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
+function mlaYarnRope(config: HFConfig, mla: MLAConfig, modelType: string): { theta: number; scaling: RopeScaling; partialRotaryFactor: number } {
   const qk = mla.qkNopeHeadDim + mla.qkRopeHeadDim;
   const given = config['rope_parameters'] ?? config['rope_scaling'];
   const rope = (given ?? {
@@ -656,11 +668,11 @@ function mistral4Rope(config: HFConfig, mla: MLAConfig): { theta: number; scalin
   if (typeof rope !== 'object' || Array.isArray(rope)) fail(OP, `'config.rope_parameters' must be an object but got ${describeValue(rope)}`);
   const type = rope['rope_type'] ?? rope['type'];
   if (type !== 'yarn') {
-    fail(OP, `'mistral4' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type ${describeValue(type)}`);
+    fail(OP, `'${modelType}' is implemented with its YaRN rope (rope_type 'yarn') but config.json sets rope_type ${describeValue(type)}`);
   }
   const ignored = Object.keys(rope).filter(k => !MISTRAL4_ROPE_KEYS.includes(k));
   if (ignored.length > 0) {
-    fail(OP, `'config.rope_parameters' sets ${ignored.map(k => `'${k}'`).join(', ')}, which Mistral 4's YaRN as implemented here does not read`);
+    fail(OP, `'config.rope_parameters' sets ${ignored.map(k => `'${k}'`).join(', ')}, which MLA's YaRN as implemented here does not read`);
   }
   const partial = rope['partial_rotary_factor'];
   if (partial != null && (typeof partial !== 'number' || Math.floor(qk * partial) !== mla.qkRopeHeadDim)) {
@@ -679,7 +691,8 @@ function mistral4Rope(config: HFConfig, mla: MLAConfig): { theta: number; scalin
   const beta = rope['llama_4_scaling_beta'];
   mla.positionScaling = beta == null ? null :
     { beta: num(rope, 'llama_4_scaling_beta'), originalMaxPositionEmbeddings: scaling.originalMaxPositionEmbeddings };
-  return { theta: num(rope, 'rope_theta', 10000), scaling, partialRotaryFactor: 1 };
+  // older configs (DeepSeek-V3's on the Hub) keep rope_theta beside rope_scaling, at the top level
+  return { theta: num(rope, 'rope_theta', num(config, 'rope_theta', 10000)), scaling, partialRotaryFactor: 1 };
 }
 
 /**
