@@ -196,6 +196,29 @@ export interface GroupedMatMulSpec {
   packedWeight?: PackedWeightSpec;
 }
 
+/**
+ * WGSL (inside main, with lid and row0 set): the tile's expert into `tileExpert` (−1 past the last
+ * group) and the source row of each of its `rows` rows into `rowSrc` (−1 on padding), once per
+ * tile instead of a plan lookup per element; a workgroupUniformLoad of tileExpert publishes both.
+ */
+export function tileRowsSnippet(source: RowSource, rows: number, threads: number): string {
+  const rowSource = source === 'gather' ? 'p / uniforms.topK' : 'r';
+  return `if (lid == 0) {
+          var e = -1;
+          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
+          tileExpert = e;
+        }
+        for (var m = lid; m < ${rows}; m += ${threads}) {
+          let r = row0 + m;
+          var src = -1;
+          if (r < uniforms.numRows) {
+            let p = pr[r];
+            if (p >= 0) { src = ${rowSource}; }
+          }
+          rowSrc[m] = src;
+        }`;
+}
+
 export class GroupedMatMulProgram implements WebGPUProgram {
   variableNames: string[];
   outputShape: number[];
@@ -233,7 +256,6 @@ export class GroupedMatMulProgram implements WebGPUProgram {
         this.spec.kContiguous ? `let kk = i % ${bk}; let nn = i / ${bk};` : `let nn = i % ${bn}; let kk = i / ${bn};`,
         k0 => `let k = ${k0} + kk;\n            let n = col0 + nn;\n` +
             `            if (n < uniforms.outCols && k < uniforms.inner) { ${loadW.assign} }`);
-    const rowSource = this.spec.source === 'gather' ? 'p / uniforms.topK' : 'r';
     return `
       ${aSlab.declaration()}
       ${bSlab.declaration()}
@@ -249,21 +271,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
         let lid = i32(localIndex);
         let col0 = i32(workgroupId.x) * ${bn};
         let row0 = i32(workgroupId.y) * ${bm};
-        if (lid == 0) {
-          var e = -1;
-          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
-          tileExpert = e;
-        }
-        // the source row of each tile row once, instead of a plan lookup per element
-        for (var m = lid; m < ${bm}; m += ${THREADS}) {
-          let r = row0 + m;
-          var src = -1;
-          if (r < uniforms.numRows) {
-            let p = pr[r];
-            if (p >= 0) { src = ${rowSource}; }
-          }
-          rowSrc[m] = src;
-        }
+        ${tileRowsSnippet(this.spec.source, bm, THREADS)}
         // also the barrier that publishes rowSrc
         let e = workgroupUniformLoad(&tileExpert);
         var acc : array<f32, ${tm * tn}>;

@@ -24,7 +24,7 @@
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
   type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, usesPairOfRow, weightGradLoadSnippets,
-  weightLoadSnippet,
+  weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
 
@@ -148,7 +148,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const bIndex = this.spec.kContiguous
       ? `let kk = i % ${depth}; let nn = i / ${depth};`
       : `let nn = i % ${cols}; let kk = i / ${cols};`;
-    const rowSource = this.spec.source === 'gather' ? 'p / uniforms.topK' : 'r';
     return `
       ${ENABLES}
       ${workgroupArrays()}
@@ -164,20 +163,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let col0 = i32(workgroupId.x) * ${cols};
         let row0 = i32(workgroupId.y) * ${rows};
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
-        if (lid == 0) {
-          var e = -1;
-          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
-          tileExpert = e;
-        }
-        for (var m = lid; m < ${rows}; m += ${threads}) {
-          let r = row0 + m;
-          var src = -1;
-          if (r < uniforms.numRows) {
-            let p = pr[r];
-            if (p >= 0) { src = ${rowSource}; }
-          }
-          rowSrc[m] = src;
-        }
+        ${tileRowsSnippet(this.spec.source, rows, threads)}
         let e = workgroupUniformLoad(&tileExpert);
         ${acc.declare}
         if (e >= 0) {
