@@ -329,6 +329,9 @@ async function main(): Promise<void> {
     const { setupDawnWebGPU } = await import('../../src/backends/webgpu/dawn.js');
     const adapter = await setupDawnWebGPU({ tensorCores: args.tensorCores ? 'auto' : 'off' });
     process.stderr.write(`[ours] adapter ${adapter.vendor} ${adapter.description} (${adapter.featureLevel}), tensor cores ${adapter.tensorCores}\n`);
+    // the card, driver and Dawn flags the table's note needs, beside the result
+    await mkdir(args.out, { recursive: true });
+    await writeFile(join(args.out, 'adapter.json'), JSON.stringify(adapter, null, 1));
     if (args.tensorCores) {
       if (adapter.tensorCores !== 'available') throw new Error(`--tensor-cores on, but this adapter has none: ${adapter.tensorCores}`);
       const { TENSOR_CORES_FLAG } = await import('../../src/backends/webgpu/tensor_cores.js');
@@ -343,9 +346,6 @@ async function main(): Promise<void> {
   registerMoEKernels(args.backend);
   const result = await runOurs(withDefaults);
   process.stdout.write(`${JSON.stringify(result, null, 1)}\n`);
-  if (process.env.OUT && resolve(process.env.OUT) !== resolve(args.out)) {
-    await writeFile(join(process.env.OUT, `ours-${result.modelType}-${result.name}.json`), JSON.stringify(result, null, 1));
-  }
 }
 
 if (process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
