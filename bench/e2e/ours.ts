@@ -233,7 +233,11 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   await partial(`tokenized: ${textTokens.length} tokens, ${total} steps of ${o.batch} × ${o.seq + 1}`);
 
   const t0 = performance.now();
-  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype });
+  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype }).catch(async err => {
+    result.errors['load'] = errorText(err);
+    await partial('load failed');
+    throw err;
+  });
   result.loadSeconds = (performance.now() - t0) / 1000;
   result.memory = maxMemory(result.memory, memoryNow());
   const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...E2E_LORA_TARGETS] } });
@@ -291,6 +295,10 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       result.errors['promptLogits'] = errorText(err);
       await partial('prompt logits not written');
     }
+  } catch (err) {
+    result.errors['train'] = errorText(err);
+    await partial(`failed after ${result.stepSeconds.length} steps`);
+    throw err;
   } finally {
     handle.unregister();
     optimizer.dispose();
