@@ -22,7 +22,7 @@ async function editedCopy(
   const tensors: Record<string, tf.Tensor> = {};
   for (const name of golden.names()) tensors[name] = await golden.tensor(name);
   edit(tensors);
-  writeFileSync(join(dir, 'golden.safetensors'), encodeSafetensors(tensors));
+  writeFileSync(join(dir, 'golden.safetensors'), await encodeSafetensors(tensors));
   tf.dispose(Object.values(tensors));
   return dir;
 }
