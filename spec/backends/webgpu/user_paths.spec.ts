@@ -274,6 +274,21 @@ describe('webgpu: every user path, with asynchronous reads only', () => {
         "model with expertDtype 'float32', or use mergeAdapterIntoCheckpoint (it writes the same bits)");
     expect(Array.from(await layer.weightVariable('gate_up').read().data())).to.deep.equal(words);
     model.dispose();
+    // and unmerging an adapter merged on cpu (re-packs too), before anything changes
+    const mergedOnCpu = await onCpu(async () => {
+      const m = await loadHFCheckpoint(dir16);
+      await loadPeftAdapter(m, ADAPTER);
+      sparseMoELayers(m).forEach(l => l.mergeAdapter('default'));
+      return m;
+    });
+    const mergedWords = Array.from(await sparseMoELayers(mergedOnCpu)[0].weightVariable('gate_up').read().data());
+    refusal = undefined;
+    try { sparseMoELayers(mergedOnCpu)[0].unmergeAdapter('default'); } catch (e) { refusal = e; }
+    expect((refusal as Error).message).to.equal("`SparseMoE.unmergeAdapter()`: adapter 'default' adapts 'gate_up', whose experts are " +
+        'stored packed (bf16): re-packing them reads them synchronously, which the webgpu backend cannot do; load the ' +
+        "model with expertDtype 'float32', or use mergeAdapterIntoCheckpoint (it writes the same bits)");
+    expect(Array.from(await sparseMoELayers(mergedOnCpu)[0].weightVariable('gate_up').read().data())).to.deep.equal(mergedWords);
+    mergedOnCpu.dispose();
 
     // mergeAdapterIntoCheckpoint merges in float32 here and rounds once when writing: the cpu's
     // packed merge, up to one bf16 step where ΔW's last float32 bits differ between the backends
