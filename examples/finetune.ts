@@ -202,11 +202,11 @@ console.log(`model ${argv.model}: ${model.countParams().toLocaleString('en-US')}
 const [line0, line1 = ''] = valText.split('\n');
 const prompt = `${line0}\n${line1.split(' ')[0]} `;
 const newline = tokenizer.encode('\n')[0];
-const generate = () => tokenizer.decode(generateGreedy(model, tokenizer.encode(prompt),
+const generate = async () => tokenizer.decode(await generateGreedy(model, tokenizer.encode(prompt),
     { maxNewTokens: 60, context: argv.seq, stopToken: newline })).replace(/\n$/, '');
 const evaluate = () => evaluateLoss(model, valTokens, { seq: argv.seq });
-const baseValLoss = withAdaptersDisabled(model, evaluate);
-const baseGeneration = withAdaptersDisabled(model, generate);
+const baseValLoss = await withAdaptersDisabled(model, evaluate);
+const baseGeneration = await withAdaptersDisabled(model, generate);
 
 // 4. training; Ctrl-C stops after the current step
 const startStep = previous?.stepsDone ?? 0;
@@ -229,8 +229,8 @@ progress.stop();
 interrupt.dispose();
 
 // 5. base vs adapted, and the files
-const adaptedValLoss = evaluate();
-const adaptedGeneration = generate();
+const adaptedValLoss = await evaluate();
+const adaptedGeneration = await generate();
 const losses = [...(previous?.losses ?? []), ...result.losses];
 const trainSeconds = (previous?.trainSeconds ?? 0) + result.seconds;
 const log: Log = {

@@ -150,8 +150,8 @@ async function fetchTokenizer(folderURL: string): Promise<HFTokenizer | null> {
 }
 
 /** Links that download the adapter as PEFT's two files (a click each: browsers block a second automatic download). */
-function offerAdapter(model: tfl.LayersModel): void {
-  const { config, weights } = encodePeftAdapter(model);
+async function offerAdapter(model: tfl.LayersModel): Promise<void> {
+  const { config, weights } = await encodePeftAdapter(model);
   const list = $('adapter');
   list.textContent = '';
   for (const [name, data] of [[ADAPTER_CONFIG, config], [ADAPTER_WEIGHTS, weights]] as const) {
@@ -319,7 +319,7 @@ async function main(): Promise<void> {
     data.validation.dispose();
     validation = `; held-out loss base ${progress.valLoss.base.toFixed(4)} → adapted ${progress.valLoss.adapted.toFixed(4)}`;
   }
-  offerAdapter(model);
+  await offerAdapter(model);
   trainedAdapter = () => peftAdapterTensors(model).map(t => ({
     name: t.peftName, shape: t.variable.shape as number[], values: Array.from(t.variable.read().dataSync()),
   }));

@@ -22,7 +22,7 @@ async function editedCopy(
   const tensors: Record<string, tf.Tensor> = {};
   for (const name of golden.names()) tensors[name] = await golden.tensor(name);
   edit(tensors);
-  writeFileSync(join(dir, 'golden.safetensors'), encodeSafetensors(tensors));
+  writeFileSync(join(dir, 'golden.safetensors'), await encodeSafetensors(tensors));
   tf.dispose(Object.values(tensors));
   return dir;
 }
@@ -212,7 +212,7 @@ describe('cli/parity', () => {
       const bad = cli(['parity', '--fixture', join(FIXTURES, 'mixtral'), '--backend', 'webgl']);
       expect(bad.status).to.equal(2);
       expect(bad.stderr).to.equal('tfjs-moe-lora: Invalid values: Argument: backend, Given: "webgl", ' +
-          'Choices: "cpu", "wasm" (see tfjs-moe-lora --help)\n');
+          'Choices: "cpu", "wasm", "webgpu" (see tfjs-moe-lora --help)\n');
       const missing = cli(['parity', '--fixture', 'no/such/dir']);
       expect(missing.status).to.equal(2);
       expect(missing.stderr).to.equal(

@@ -52,7 +52,7 @@ describe('generate/generate', () => {
       const greedy = await ids(model, PROMPT, { maxNewTokens: 10 });
       expect(greedy).to.deep.equal(await ids(model, PROMPT, { maxNewTokens: 10, useCache: false }));
       // and those of the old greedy loop (one full pass a step, synchronous reads)
-      expect(greedy).to.deep.equal(Array.from(generateGreedy(model, Int32Array.from(PROMPT), { maxNewTokens: 10 })));
+      expect(greedy).to.deep.equal(Array.from(await generateGreedy(model, Int32Array.from(PROMPT), { maxNewTokens: 10 })));
       expect(new Set(greedy).size, 'a sequence that shows a wrong step').to.be.above(1);
       const sampling = { maxNewTokens: 10, temperature: 1.5, topK: 10, topP: 0.95, seed: 3 };
       const sampled = await ids(model, PROMPT, sampling);

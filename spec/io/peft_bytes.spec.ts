@@ -8,7 +8,7 @@ import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
-import { encodePeftAdapter, loadPeftAdapterFrom, peftAdapterTensors, type PeftAdapterFiles } from '../../src/io/peft.js';
+import { encodePeftAdapter, loadPeftAdapterFrom, PeftAdapterError, peftAdapterTensors, type PeftAdapterFiles } from '../../src/io/peft.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../src/io/peft_files.js';
 import { parseSafetensors } from '../../src/io/safetensors_bytes.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
@@ -55,7 +55,7 @@ describe('io/peft without the file system (loadPeftAdapterFrom, encodePeftAdapte
       t.variable.write(tf.tidy(() => tf.add(t.variable.read(), tf.fill(t.variable.shape as number[], 0.25 * (k + 1)))));
     }
     const before = tf.memory().numTensors;
-    const files = encodePeftAdapter(model);
+    const files = await encodePeftAdapter(model);
     expect(tf.memory().numTensors, 'tensors left by encodePeftAdapter').to.equal(before);
     const dir = await tempDir();
     await savePeftAdapter(model, dir);
@@ -108,8 +108,9 @@ describe('io/peft without the file system (loadPeftAdapterFrom, encodePeftAdapte
 
   it('encodePeftAdapter refuses a model without the adapter', async () => {
     const model = await loadHFCheckpoint(fixtureDir(ARCH));
-    expect(() => encodePeftAdapter(model)).to.throw(
-        "`encodePeftAdapter()`: no layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)");
+    const e = await rejection(encodePeftAdapter(model));
+    expect(e).to.be.instanceOf(PeftAdapterError);
+    expect(e.message).to.equal("`encodePeftAdapter()`: no layer of 'moe_causal_lm' has an adapter 'default' (adapters: none)");
     model.dispose();
   });
 });

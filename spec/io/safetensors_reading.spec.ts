@@ -136,7 +136,7 @@ describe('io/safetensors reading (validation, positional reads, special files)',
 
     it('reads every file the writer makes (the writer tiles exactly)', async () => {
       const tensors = { b: tf.ones([2, 3]), a: tf.zeros([0]), c: tf.tensor([1, 2], [2], 'int32') };
-      const file = parseSafetensors(encodeSafetensors(tensors));
+      const file = parseSafetensors(await encodeSafetensors(tensors));
       tf.dispose(Object.values(tensors));
       expect(file.names()).to.deep.equal(['a', 'b', 'c']);
     });
@@ -225,7 +225,7 @@ describe('io/safetensors reading (validation, positional reads, special files)',
     it('leaves no file descriptor open, and refuses a file that changed size since its header was read', async () => {
       const path = join(dir, 'changing.safetensors');
       const tensors = { a: tf.tensor([1, 2, 3]), b: tf.tensor([4, 5]) };
-      writeFileSync(path, encodeSafetensors(tensors));
+      writeFileSync(path, await encodeSafetensors(tensors));
       tf.dispose(Object.values(tensors));
       const fds = () => readdirSync('/proc/self/fd').length;
       const open = fds();
@@ -235,7 +235,7 @@ describe('io/safetensors reading (validation, positional reads, special files)',
       expect(fds(), 'open descriptors').to.equal(open);
 
       const other = { a: tf.tensor([9, 9, 9, 9]), b: tf.tensor([4, 5]) };
-      writeFileSync(path, encodeSafetensors(other));
+      writeFileSync(path, await encodeSafetensors(other));
       tf.dispose(Object.values(other));
       const before = tf.memory().numTensors;
       const e = await rejection(file.tensor('b'));

@@ -75,7 +75,7 @@ describe('io/safetensors writer (streamed, BF16/F16 rounding)', () => {
     }));
     const size = await writeSafetensorsStream(path, stream, { format: 'pt' });
     const written = await readFile(path);
-    expect(written.equals(Buffer.from(encodeSafetensors(tensors, { format: 'pt' })))).to.equal(true);
+    expect(written.equals(Buffer.from(await encodeSafetensors(tensors, { format: 'pt' })))).to.equal(true);
     expect(size).to.equal(written.byteLength);
     expect(tf.memory().numTensors).to.equal(before);
     tf.dispose(Object.values(tensors));

@@ -12,6 +12,7 @@ import type { HFConfig } from '../../src/models/families.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { evaluateLoss, generateGreedy } from '../../src/train/evaluate.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
+import { rejection } from '../helpers/rejection.js';
 
 const VOCAB = 11;
 const TINY: HFConfig = {
@@ -19,6 +20,15 @@ const TINY: HFConfig = {
   num_key_value_heads: 1, head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 8,
 };
 const HOST = ['cpu', 'wasm'].includes(process.env.TFJS_BACKEND ?? 'cpu');  // as spec/setup.ts picks it
+
+/** The OpArgumentError a promise rejects with, nothing left behind. */
+async function asyncRefusal(p: Promise<unknown>): Promise<Error> {
+  const before = tf.memory().numTensors;
+  const e = await rejection(p);
+  expect(e).to.be.instanceOf(OpArgumentError);
+  expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+  return e;
+}
 
 function refusal(fn: () => unknown): Error {
   const before = tf.memory().numTensors;
@@ -78,21 +88,21 @@ describe('token ids: int32 and in range, or a clear error', () => {
     badTarget.dispose();
   });
 
-  it('evaluateLoss and generateGreedy take an Int32Array of ids in range', () => {
+  it('evaluateLoss and generateGreedy take an Int32Array of ids in range', async () => {
     const tokens = Float32Array.from([1, 2, 3, 4]);
-    expect(refusal(() => evaluateLoss(model, tokens as unknown as Int32Array, { seq: 2 })).message)
+    expect((await asyncRefusal(evaluateLoss(model, tokens as unknown as Int32Array, { seq: 2 }))).message)
       .to.equal("`evaluateLoss()`: 'tokens' must be an Int32Array of token ids but got a Float32Array of 16 bytes");
-    expect(refusal(() => evaluateLoss(model, [1, 2, 3] as unknown as Int32Array, { seq: 2 })).message)
+    expect((await asyncRefusal(evaluateLoss(model, [1, 2, 3] as unknown as Int32Array, { seq: 2 }))).message)
       .to.equal("`evaluateLoss()`: 'tokens' must be an Int32Array of token ids but got an array of length 3");
-    expect(refusal(() => evaluateLoss(model, Int32Array.from([1, 2, 12, 3]), { seq: 2 })).message).to.equal(
+    expect((await asyncRefusal(evaluateLoss(model, Int32Array.from([1, 2, 12, 3]), { seq: 2 }))).message).to.equal(
       `\`evaluateLoss()\`: 'tokens' must hold token ids in [0, ${VOCAB - 1}] (vocab size ${VOCAB}) but holds 12 at index 2`);
-    expect(refusal(() => generateGreedy(model, Float32Array.from([1.5]) as unknown as Int32Array, { maxNewTokens: 1 })).message)
+    expect((await asyncRefusal(generateGreedy(model, Float32Array.from([1.5]) as unknown as Int32Array, { maxNewTokens: 1 }))).message)
       .to.equal("`generateGreedy()`: 'prompt' must be an Int32Array of token ids but got a Float32Array of 4 bytes");
-    expect(refusal(() => generateGreedy(model, Int32Array.from([1, -3]), { maxNewTokens: 1 })).message).to.equal(
+    expect((await asyncRefusal(generateGreedy(model, Int32Array.from([1, -3]), { maxNewTokens: 1 }))).message).to.equal(
       `\`generateGreedy()\`: 'prompt' must hold token ids in [0, ${VOCAB - 1}] (vocab size ${VOCAB}) but holds -3 at index 1`);
     const before = tf.memory().numTensors;
-    expect(Number.isFinite(evaluateLoss(model, Int32Array.from([0, 5, VOCAB - 1, 2]), { seq: 2 }))).to.equal(true);
-    expect(generateGreedy(model, Int32Array.from([0, VOCAB - 1]), { maxNewTokens: 2 })).to.have.length(2);
+    expect(Number.isFinite(await evaluateLoss(model, Int32Array.from([0, 5, VOCAB - 1, 2]), { seq: 2 }))).to.equal(true);
+    expect(await generateGreedy(model, Int32Array.from([0, VOCAB - 1]), { maxNewTokens: 2 })).to.have.length(2);
     expect(tf.memory().numTensors).to.equal(before);
   });
 

@@ -18,6 +18,7 @@ import { nextTokenLoss } from '../../src/train/loss.js';
 import { INIT_PRESET_NAMES, presetConfig } from '../../src/train/presets.js';
 import { seedAdapterInit, seedModelInit } from '../../src/train/seeded_init.js';
 import { expectNoLeak } from '../helpers/numeric.js';
+import { rejection } from '../helpers/rejection.js';
 
 const VOCAB = 11;
 const TINY: HFConfig = {
@@ -103,21 +104,21 @@ describe('train: loss, windows, evaluation, generation', () => {
     }
   });
 
-  it('evaluateLoss is the mean over every predicted token of the text (float64 reference)', () => {
+  it('evaluateLoss is the mean over every predicted token of the text (float64 reference)', async () => {
     const tokens = randomTokens(23, 4);
     const windows = evaluationWindows(tokens, 5).map(w => Array.from(w));
     const { sum, count } = referenceLoss(model, windows);
     expect(count).to.equal(22);
-    expectNoLeak(() => {
-      // batch 3 with 5 windows: full and partial batches, and a shorter last window on its own
-      expect(Math.abs(evaluateLoss(model, tokens, { seq: 5, batch: 3 }) - sum / count)).to.be.below(1e-5);
-    });
-    expect(() => evaluateLoss(model, Int32Array.from([1]), { seq: 4 }))
-        .to.throw('`evaluateLoss()`: the text must have at least 2 tokens but has 1');
-    expect(() => evaluateLoss(model, tokens, { seq: 0 })).to.throw("`evaluateLoss()`: 'seq' must be >= 1 but got 0");
+    const before = tf.memory().numTensors;
+    // batch 3 with 5 windows: full and partial batches, and a shorter last window on its own
+    expect(Math.abs(await evaluateLoss(model, tokens, { seq: 5, batch: 3 }) - sum / count)).to.be.below(1e-5);
+    expect(tf.memory().numTensors, 'numTensors').to.equal(before);
+    expect((await rejection(evaluateLoss(model, Int32Array.from([1]), { seq: 4 }))).message)
+        .to.equal('`evaluateLoss()`: the text must have at least 2 tokens but has 1');
+    expect((await rejection(evaluateLoss(model, tokens, { seq: 0 }))).message).to.equal("`evaluateLoss()`: 'seq' must be >= 1 but got 0");
   });
 
-  it('generateGreedy appends the argmax of the last position, within the context, until the stop token', () => {
+  it('generateGreedy appends the argmax of the last position, within the context, until the stop token', async () => {
     const prompt = [3, 1, 4, 1, 5];
     const reference = (context: number, n: number) => {
       const ids = [...prompt];
@@ -128,19 +129,19 @@ describe('train: loss, windows, evaluation, generation', () => {
       }
       return ids.slice(prompt.length);
     };
-    expectNoLeak(() => {
-      expect(Array.from(generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6 }))).to.deep.equal(reference(Infinity, 6));
-      expect(Array.from(generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6, context: 3 }))).to.deep.equal(reference(3, 6));
-    });
+    const before = tf.memory().numTensors;
+    expect(Array.from(await generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6 }))).to.deep.equal(reference(Infinity, 6));
+    expect(Array.from(await generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6, context: 3 }))).to.deep.equal(reference(3, 6));
+    expect(tf.memory().numTensors, 'numTensors').to.equal(before);
     const full = reference(Infinity, 6);
     const stop = full[2];
-    const stopped = Array.from(generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6, stopToken: stop }));
+    const stopped = Array.from(await generateGreedy(model, Int32Array.from(prompt), { maxNewTokens: 6, stopToken: stop }));
     expect(stopped).to.deep.equal(full.slice(0, full.indexOf(stop) + 1));
-    expect(() => generateGreedy(model, new Int32Array(0), { maxNewTokens: 2 }))
-        .to.throw("`generateGreedy()`: 'prompt' must hold at least one token");
+    expect((await rejection(generateGreedy(model, new Int32Array(0), { maxNewTokens: 2 }))).message)
+        .to.equal("`generateGreedy()`: 'prompt' must hold at least one token");
   });
 
-  it('withAdaptersDisabled evaluates the base model and restores each layer\'s state', () => {
+  it('withAdaptersDisabled evaluates the base model and restores each layer\'s state once an async fn settles', async () => {
     const adapted = tinyModel();
     const layers = sparseMoELayers(adapted);
     for (const l of layers) l.addAdapter({ name: 'a', r: 2, alpha: 4, targets: ['experts.gate_up', 'router'] }, 'random');
@@ -155,10 +156,19 @@ describe('train: loss, windows, evaluation, generation', () => {
       t.dispose();
     }
     const tokens = randomTokens(30, 5);
-    const base = evaluateLoss(model, tokens, { seq: 8 });
-    expect(Math.abs(evaluateLoss(adapted, tokens, { seq: 8 }) - base)).to.be.above(1e-3);
+    const base = await evaluateLoss(model, tokens, { seq: 8 });
+    expect(Math.abs(await evaluateLoss(adapted, tokens, { seq: 8 }) - base)).to.be.above(1e-3);
     layers[1].disableAdapters();
-    expect(withAdaptersDisabled(adapted, () => evaluateLoss(adapted, tokens, { seq: 8 }))).to.equal(base);
+    const pending = withAdaptersDisabled(adapted, () => evaluateLoss(adapted, tokens, { seq: 8 }));
+    // still off while the asynchronous evaluation runs
+    expect(layers.map(l => l.adaptersDisabled)).to.deep.equal([true, true]);
+    expect(await pending).to.equal(base);
+    expect(layers.map(l => l.adaptersDisabled)).to.deep.equal([false, true]);
+    // a synchronous fn: restored before it returns, and after a throw
+    expect(withAdaptersDisabled(adapted, () => layers.map(l => l.adaptersDisabled))).to.deep.equal([true, true]);
+    expect(() => withAdaptersDisabled(adapted, () => { throw new Error('boom'); })).to.throw('boom');
+    expect(layers.map(l => l.adaptersDisabled)).to.deep.equal([false, true]);
+    expect((await rejection(withAdaptersDisabled(adapted, () => Promise.reject(new Error('late')))) as Error).message).to.equal('late');
     expect(layers.map(l => l.adaptersDisabled)).to.deep.equal([false, true]);
     adapted.dispose();
   });

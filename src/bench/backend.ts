@@ -8,7 +8,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../backends/register_all_kernels.js';
-import { BackendError, type Importer } from '../cli/backend.js';
+import { BackendError, type DawnLoader, type DawnModuleLike, type Importer } from '../cli/backend.js';
 
 export const BENCH_BACKENDS = ['cpu', 'wasm', 'webgpu'] as const;
 export type BenchBackend = typeof BENCH_BACKENDS[number];
@@ -16,13 +16,7 @@ export type BenchBackend = typeof BENCH_BACKENDS[number];
 /** The packages the webgpu backend needs in Node. */
 export const WEBGPU_PACKAGES = ['@tensorflow/tfjs-backend-webgpu', 'webgpu'] as const;
 
-/** What is used of src/backends/webgpu/dawn.ts. */
-export interface DawnModuleLike {
-  setupDawnWebGPU(): Promise<unknown>;
-  releaseDawnWebGPU(): void;
-}
-
-export type DawnLoader = () => Promise<DawnModuleLike>;
+export type { DawnModuleLike, DawnLoader };
 
 // A literal specifier, so that esbuild bundles it for the GPU machine; it is loaded only for webgpu.
 const loadDawn: DawnLoader = () => import('../backends/webgpu/dawn.js');

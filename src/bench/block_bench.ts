@@ -16,7 +16,7 @@ import { withLinearCpuSegmentSum } from '../backends/cpu/unsorted_segment_sum.js
 import { chooseLoRAMode } from '../ops/experts/fused_experts.js';
 import { routerLogits } from '../ops/lora/router_logits.js';
 import { moeBlock } from '../ops/moe_block.js';
-import { referenceMoEBlock } from '../ops/reference/moe_block.js';
+import { ASYNC_READ_BACKENDS, referenceMoEBlock } from '../ops/reference/moe_block.js';
 import { referenceRoute } from '../ops/reference/routing.js';
 import { packExpertWeight, type ExpertWeightTensor } from '../ops/packed.js';
 import type { LoRAFactors, MoEBlockConfig, MoEBlockWeights } from '../ops/types.js';
@@ -298,8 +298,7 @@ async function hostExpertsOf(p: Problem): Promise<Int32Array> {
   }
 }
 
-/** Backends where a synchronous read is impossible (and whose work runs on a GPU). */
-export const ASYNC_READ_BACKENDS: readonly string[] = ['webgpu'];
+export { ASYNC_READ_BACKENDS };
 
 /**
  * The timing schedule both benchmarks share: `warmup` untimed then `iters` timed calls of `timeOne`

@@ -15,6 +15,7 @@ import * as parity from './commands/parity.js';
 import * as tokenize from './commands/tokenize.js';
 import * as train from './commands/train.js';
 import { REPORT_BUGS } from '../errors.js';
+import { releaseBackend } from './backend.js';
 import { ExitCode, UsageError, isUserError } from './errors.js';
 
 const NAME = 'tfjs-moe-lora';
@@ -58,6 +59,9 @@ export async function main(args: string[]): Promise<number> {
     }
     reportInternalError(err);
     return 1;
+  } finally {
+    // Dawn (webgpu) keeps Node alive while it is held
+    releaseBackend();
   }
 }
 

@@ -201,7 +201,7 @@ async function fuseRows(
       const t = await file.tensor(part[e].name);
       try {
         if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-        data.set(t.dataSync(), (e * parts.length + p) * block);
+        data.set(await t.data(), (e * parts.length + p) * block);
       } finally {
         t.dispose();
       }
@@ -245,7 +245,7 @@ async function fuseRowsQuantized(
       const t = await file.tensor(part[e].name);
       try {
         if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-        block.set(t.dataSync(), p * rows * cols);
+        block.set(await t.data(), p * rows * cols);
       } finally {
         t.dispose();
       }
@@ -279,7 +279,7 @@ async function readQuantizedTransposed(
     const t = await file.tensor(e.name);
     try {
       if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
-      const values = t.dataSync() as Float32Array;
+      const values = await t.data() as Float32Array;
       for (let x = 0; x < experts; x++) quantizeExpertInto(layout, values, x * rows * cols, data, x * layout.wordsPerExpert, op, e.name);
     } finally {
       t.dispose();

@@ -8,7 +8,8 @@ import { RotaryAttention } from '../layers/attention.js';
 import { sparseMoELayers } from '../layers/moe_causal_lm.js';
 import { SwiGLUMLP } from '../layers/swiglu_mlp.js';
 import { variableFloat32 } from '../layers/sparse_moe.js';
-import { isQuantizedKind, packExpertWeight, unpackExpertWeight } from '../ops/packed.js';
+import { HOST_BACKENDS } from '../layers/embedding.js';
+import { isQuantizedKind, packExpertWeightAsync, unpackExpertWeight } from '../ops/packed.js';
 import { describeValue } from '../util/describe.js';
 import type { ExpertDtype } from './hf_block.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
@@ -84,7 +85,9 @@ export async function mergeAdapterIntoCheckpoint(
   // 16-bit experts stay packed (merged, then rounded to their own dtype once) only when they are
   // written back in it; any other output dtype merges in float32, so nothing is rounded twice.
   // Quantized experts merge as the float32 values they stand for, written in bf16 by default.
-  const keepsSourceDtype = options.dtype === undefined || options.dtype === 'source';
+  // Re-packing reads the experts synchronously, which a GPU backend (webgpu) cannot: there they
+  // merge in float32 and are rounded to their dtype once, when written: the same bits.
+  const keepsSourceDtype = (options.dtype === undefined || options.dtype === 'source') && HOST_BACKENDS.includes(tf.getBackend());
   const { model, format } = await loadModelDir(modelDir, quantized !== null ?
     { expertDtype: quantized, dequantizeExperts: true, ...(options.int4GroupSize !== undefined ? { int4GroupSize: options.int4GroupSize } : {}) } : { expertDtype: options.expertDtype ?? (keepsSourceDtype ? 'stored' : 'float32') });
   try {
@@ -98,15 +101,19 @@ export async function mergeAdapterIntoCheckpoint(
       for (const [weight, target] of [['gate_up', 'experts.gate_up'], ['down', 'experts.down']] as const) {
         if (!targets.includes(target)) continue;   // untouched experts: written as they were trained on
         const variable = layer.weightVariable(weight);
-        tf.tidy(() => {
-          const merged = variableFloat32(variable) as tf.Tensor3D;
-          const requantized = unpackExpertWeight(packExpertWeight(merged, quantized!, {
-            inputAxis: layer.expertLayout === 'outIn' ? 2 : 1, ...(quantized === 'int4' ? { groupSize: options.int4GroupSize } : {}),
-          }));
-          const change = tf.max(tf.abs(tf.sub(requantized, merged))).dataSync()[0];
-          requantizeMaxChange = Math.max(requantizeMaxChange ?? 0, change);
-          variable.write(requantized);
+        const merged = variableFloat32(variable) as tf.Tensor3D;
+        // read asynchronously (webgpu too); packing itself runs on the host
+        const packed = await packExpertWeightAsync(merged, quantized!, {
+          inputAxis: layer.expertLayout === 'outIn' ? 2 : 1, ...(quantized === 'int4' ? { groupSize: options.int4GroupSize } : {}),
         });
+        const requantized = unpackExpertWeight(packed);
+        packed.dispose();
+        const largest = tf.tidy(() => tf.max(tf.abs(tf.sub(requantized, merged))));
+        const change = (await largest.data())[0];
+        tf.dispose([largest, merged]);
+        requantizeMaxChange = Math.max(requantizeMaxChange ?? 0, change);
+        variable.write(requantized);
+        requantized.dispose();
       }
     }
     // attention and dense-MLP projections (LinearLoRA.merge: W += s·B·A, the one linearDeltaWeight)

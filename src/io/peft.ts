@@ -723,15 +723,15 @@ async function loadAdapterConfig(op: string, model: tfl.LayersModel, layers: Spa
  * The two files of adapter `name` of the model's SparseMoE layers as PEFT writes them
  * (adapter_config.json's text, adapter_model.safetensors' bytes), without the file system: what a
  * browser page offers as downloads. savePeftAdapter writes the same bytes to a folder; see it for
- * what the files hold.
+ * what the files hold. Reads the factors asynchronously, so it runs on webgpu too.
  *
  * ```js
- * const {config, weights} = encodePeftAdapter(model);
+ * const {config, weights} = await encodePeftAdapter(model);
  * const link = Object.assign(document.createElement('a'), {download: 'adapter_model.safetensors',
  *     href: URL.createObjectURL(new Blob([weights]))});
  * ```
  */
-export function encodePeftAdapter(model: tfl.LayersModel, options: PeftAdapterOptions = {}): PeftAdapterFiles {
+export async function encodePeftAdapter(model: tfl.LayersModel, options: PeftAdapterOptions = {}): Promise<PeftAdapterFiles> {
   return peftAdapterFiles('encodePeftAdapter', model, options);
 }
 
@@ -739,8 +739,8 @@ export function encodePeftAdapter(model: tfl.LayersModel, options: PeftAdapterOp
  * The files of savePeftAdapter and encodePeftAdapter.
  * @internal
  */
-export function peftAdapterFiles(
-    op: string, model: tfl.LayersModel, options: PeftAdapterOptions, source: string | null = null): PeftAdapterFiles {
+export async function peftAdapterFiles(
+    op: string, model: tfl.LayersModel, options: PeftAdapterOptions, source: string | null = null): Promise<PeftAdapterFiles> {
   const name = options.name ?? 'default';
   const layers = sparseMoELayers(model);
   const having = layers.filter(l => l.adapterNames().includes(name));
@@ -875,7 +875,7 @@ export function peftAdapterFiles(
     tensors[linearTensorName(m.layer, m.projection, 'B')] = f.B.read();
   }
   try {
-    return { config: `${JSON.stringify(config, null, 2)}\n`, weights: encodeSafetensors(tensors, { format: 'pt' }) };
+    return { config: `${JSON.stringify(config, null, 2)}\n`, weights: await encodeSafetensors(tensors, { format: 'pt' }) };
   } finally {
     tf.dispose(made);
   }

@@ -56,7 +56,7 @@ export async function loadPeftAdapter(
 export async function savePeftAdapter(
     model: tfl.LayersModel, dir: string, options: PeftAdapterOptions = {}): Promise<void> {
   const op = 'savePeftAdapter';
-  const { config, weights } = peftAdapterFiles(op, model, options, `'${dir}'`);
+  const { config, weights } = await peftAdapterFiles(op, model, options, `'${dir}'`);
   await writeArtifactFolder(dir, async tmp => {
     await writeFile(join(tmp, ADAPTER_WEIGHTS), weights);
     await writeFile(join(tmp, ADAPTER_CONFIG), config);

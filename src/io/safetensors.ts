@@ -81,7 +81,7 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
  */
 export async function writeSafetensorsFile(
     path: string, tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Promise<void> {
-  await writeFileAtomically(path, encodeSafetensors(tensors, metadata), '`writeSafetensorsFile()`');
+  await writeFileAtomically(path, await encodeSafetensors(tensors, metadata), '`writeSafetensorsFile()`');
 }
 
 /** One tensor for writeSafetensorsStream: name, file dtype, shape, and its values when its turn comes. */

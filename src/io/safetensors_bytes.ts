@@ -307,14 +307,15 @@ export function encodeTensorData(dtype: WritableDtype, values: Float32Array | In
 /**
  * Encodes float32 tensors as F32 and int32 tensors as I32, laid out as the reference
  * implementation does: data ordered by dtype (F32 before I32), then by name; header keys in data
- * order after `__metadata__`; the header padded with spaces to a multiple of 8 bytes.
+ * order after `__metadata__`; the header padded with spaces to a multiple of 8 bytes. Reads each
+ * tensor asynchronously, so it runs on webgpu too.
  *
  * ```js
- * const bytes = encodeSafetensors({'lora_A.weight': a, 'lora_B.weight': b}, {format: 'pt'});
+ * const bytes = await encodeSafetensors({'lora_A.weight': a, 'lora_B.weight': b}, {format: 'pt'});
  * ```
  */
-export function encodeSafetensors(
-    tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Uint8Array {
+export async function encodeSafetensors(
+    tensors: Record<string, tf.Tensor>, metadata?: Record<string, string>): Promise<Uint8Array> {
   const op = 'encodeSafetensors';
   const items = Object.entries(tensors).map(([name, t]) => {
     if (name === '__metadata__') {
@@ -334,7 +335,7 @@ export function encodeSafetensors(
   const out = new Uint8Array(header.byteLength + dataBytes);
   out.set(header, 0);
   for (const { name, dtype, begin } of entries) {
-    out.set(encodeTensorData(dtype, tensors[name].dataSync() as Float32Array | Int32Array), header.byteLength + begin);
+    out.set(encodeTensorData(dtype, await tensors[name].data() as Float32Array | Int32Array), header.byteLength + begin);
   }
   return out;
 }

@@ -22,6 +22,7 @@ import type {
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { protectString, restoreString } from './config_strings.js';
+import { HOST_BACKENDS } from './embedding.js';
 import { normalInitializer } from './initializers.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
@@ -553,6 +554,7 @@ export class SparseMoE extends tfl.layers.Layer {
           "accept that (the largest change is returned), or merge into a checkpoint with mergeAdapterIntoCheckpoint, " +
           'which writes the dequantized base plus the delta in bf16');
     }
+    this.assertRepackable('SparseMoE.mergeAdapter', name, state.config.targets);
     let change: number | null = null;
     for (const target of state.config.targets) {
       const c = this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), 1);
@@ -565,8 +567,22 @@ export class SparseMoE extends tfl.layers.Layer {
   unmergeAdapter(name: string): void {
     const state = this.adapterState(name, 'unmergeAdapter');
     if (!this.merged.includes(name)) fail('SparseMoE.unmergeAdapter', `adapter '${name}' is not merged`);
+    this.assertRepackable('SparseMoE.unmergeAdapter', name, state.config.targets);
     for (const target of state.config.targets) this.addToWeight(TARGET_WEIGHT[target], this.deltaWeight(name, target), -1);
     this.merged = this.merged.filter(m => m !== name);
+  }
+
+  /**
+   * Re-packing a packed expert weight reads it to the host, synchronously here (merging is
+   * synchronous): refused up front on a backend that cannot (webgpu), before anything changed.
+   */
+  private assertRepackable(op: string, name: string, targets: readonly LoRATarget[]): void {
+    if (HOST_BACKENDS.includes(tf.getBackend())) return;
+    const packed = targets.map(t => TARGET_WEIGHT[t]).find(w => packedVariables.has(this.weightVariable(w)));
+    if (packed === undefined) return;
+    fail(op, `adapter '${name}' adapts '${packed}', whose experts are stored packed (${this.expertStorage}): re-packing ` +
+        `them reads them synchronously, which the ${tf.getBackend()} backend cannot do; load the model with ` +
+        "expertDtype 'float32', or use mergeAdapterIntoCheckpoint (it writes the same bits)");
   }
 
   /**

@@ -12,6 +12,7 @@ import { blockLayerIndex, loadMoEBlockWeights } from '../io/hf_block.js';
 import { readSafetensorsFile, type SafetensorsFile } from '../io/safetensors.js';
 import { readTextFile } from '../util/files.js';
 import { moeBlock } from '../ops/moe_block.js';
+import { routerLogits } from '../ops/lora/router_logits.js';
 import { referenceRoute } from '../ops/reference/routing.js';
 import type { ExpertKernel, MoEBlockConfig, MoEBlockWeights, Routing } from '../ops/types.js';
 import { maxRelativeError } from '../util/numeric.js';
@@ -131,10 +132,10 @@ function pairGradients(
   return pairs;
 }
 
-/** Per token, the chosen experts as a sorted list. */
-function expertSets(experts: Tensor2D): number[][] {
+/** Per token, the chosen experts as a sorted list (read asynchronously: webgpu too). */
+async function expertSets(experts: Tensor2D): Promise<number[][]> {
   const [t, k] = experts.shape;
-  const ids = experts.dataSync();
+  const ids = await experts.data();
   return Array.from({ length: t }, (_, i) => Array.from(ids.subarray(i * k, (i + 1) * k)).sort((a, b) => a - b));
 }
 
@@ -147,18 +148,18 @@ function compareRouting(expected: number[][], actual: number[][]): RoutingMismat
 }
 
 /** Each row sorted in descending order: top-k weights compared without caring how K is ordered. */
-function rowsDescending(t: Tensor2D): Float32Array {
+async function rowsDescending(t: Tensor2D): Promise<Float32Array> {
   const [rows, cols] = t.shape;
-  const data = Float32Array.from(t.dataSync());
+  const data = Float32Array.from(await t.data());
   for (let r = 0; r < rows; r++) data.subarray(r * cols, (r + 1) * cols).sort().reverse();
   return data;
 }
 
 /** [T, K] weights at their experts' columns of a [T, E] zero matrix. */
-function scatterByExpert(weights: Tensor2D, experts: Tensor2D, numExperts: number): Float32Array {
+async function scatterByExpert(weights: Tensor2D, experts: Tensor2D, numExperts: number): Promise<Float32Array> {
   const [t, k] = weights.shape;
-  const w = weights.dataSync();
-  const e = experts.dataSync();
+  const w = await weights.data();
+  const e = await experts.data();
   const out = new Float32Array(t * numExperts);
   for (let i = 0; i < t * k; i++) out[Math.floor(i / k) * numExperts + e[i]] += w[i];
   return out;
@@ -267,11 +268,11 @@ export async function runBlockParity(
       const maxRelError = maxRelativeError(actual, expected);
       comparisons.push({ name, maxRelError, pass: maxRelError <= tolerance });
     };
-    const goldenData = async (name: string) => own(await golden.tensor(name)).dataSync();
-    compare('out', out.dataSync(), await goldenData('block.out'));
-    compare('dx', grads[0].dataSync(), await goldenData('block.dx'));
+    const goldenData = async (name: string) => own(await golden.tensor(name)).data();
+    compare('out', await out.data(), await goldenData('block.out'));
+    compare('dx', await grads[0].data(), await goldenData('block.dx'));
     for (const [name, index] of pairs) {
-      compare(name.slice('block.'.length), grads[index + 1].dataSync(), await goldenData(name));
+      compare(name.slice('block.'.length), await grads[index + 1].data(), await goldenData(name));
     }
 
     const numExperts = weights.router.weight.shape[0];
@@ -290,23 +291,23 @@ export async function runBlockParity(
     let goldenLogits: Tensor2D | undefined;
     if (golden.has('block.router.logits')) {
       goldenLogits = await goldenMatrix('block.router.logits', numExperts, 'router logits [T, E]');
-      compare('router.logits', chosen.logits.dataSync(), goldenLogits.dataSync());
+      compare('router.logits', await chosen.logits.data(), await goldenLogits.data());
     }
     if (golden.has('block.router_logits')) {
       // gpt-oss's block returns its top-k weights [T, K] under this name; the others their logits.
       if (blockConfig.routing.kind === 'topKSoftmax') {
         const w = await goldenMatrix('block.router_logits', topK, 'top-k routing weights [T, K]');
-        compare('router_logits', rowsDescending(chosen.weights), rowsDescending(w));
+        compare('router_logits', await rowsDescending(chosen.weights), await rowsDescending(w));
       } else {
         const logits = await goldenMatrix('block.router_logits', numExperts, 'router logits [T, E]');
-        compare('router_logits', chosen.logits.dataSync(), logits.dataSync());
+        compare('router_logits', await chosen.logits.data(), await logits.data());
         goldenLogits ??= logits;
       }
     }
     let goldenIndices: number[][] | undefined;
     if (golden.has('block.router.indices')) {
       const indices = await goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
-      goldenIndices = expertSets(indices);
+      goldenIndices = await expertSets(indices);
       const bad = goldenIndices.flat().find(e => !(Number.isInteger(e) && e >= 0 && e < numExperts));
       if (bad !== undefined) {
         throw new FixtureError(`${fixture}: 'block.router.indices' holds expert ${bad}, outside [0, ${numExperts})`);
@@ -317,10 +318,10 @@ export async function runBlockParity(
       if (golden.has('block.router.indices')) {
         // scattered to [T, E] by expert id: K's order is free (glm4_moe's top-k is unsorted)
         const indices = await goldenMatrix('block.router.indices', topK, 'chosen experts [T, K]');
-        compare('router.weights', scatterByExpert(chosen.weights, chosen.experts, numExperts),
-            scatterByExpert(w, indices, numExperts));
+        compare('router.weights', await scatterByExpert(chosen.weights, chosen.experts, numExperts),
+            await scatterByExpert(w, indices, numExperts));
       } else {
-        compare('router.weights', rowsDescending(chosen.weights), rowsDescending(w));
+        compare('router.weights', await rowsDescending(chosen.weights), await rowsDescending(w));
       }
     }
 
@@ -331,16 +332,19 @@ export async function runBlockParity(
       routingReference = 'golden router indices';
     } else if (goldenLogits !== undefined) {
       const ref = referenceRoute(goldenLogits, blockConfig.routing, weights.router.correctionBias);
-      expectedExperts = expertSets(ref.experts);
+      expectedExperts = await expertSets(ref.experts);
       tf.dispose([ref.weights, ref.experts, ref.logits]);
       routingReference = 'golden router logits';
     } else {
-      const ref = moeBlock(x, weights, blockConfig, { expertKernel: 'reference' });
-      expectedExperts = expertSets(ref.routing.experts);
-      tf.dispose([ref.out, ref.routing.weights, ref.routing.experts, ref.routing.logits]);
+      // the reference kernel's routing (referenceMoEBlock routes so): its expert loop is not
+      // needed for the chosen experts, and it reads them synchronously, which webgpu cannot
+      const logits = routerLogits(x, weights.router);
+      const ref = referenceRoute(logits, blockConfig.routing, weights.router.correctionBias);
+      expectedExperts = await expertSets(ref.experts);
+      tf.dispose([logits, ref.weights, ref.experts, ref.logits]);
       routingReference = 'reference expert kernel';
     }
-    const routingMismatches = compareRouting(expectedExperts, expertSets(chosen.experts));
+    const routingMismatches = compareRouting(expectedExperts, await expertSets(chosen.experts));
     const routingIdentical = routingMismatches.length === 0;
     return {
       fixture,

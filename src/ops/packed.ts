@@ -267,22 +267,39 @@ export function packedExpertWeightFromBits(kind: HalfKind, shape: readonly numbe
  * ```
  */
 export function packExpertWeight(weight: tf.Tensor3D, kind: PackedKind, options: PackedOptions = {}): PackedExpertWeight {
-  const op = 'packExpertWeight';
+  checkPackArgs('packExpertWeight', weight, kind);
+  return packExpertValues('packExpertWeight', weight.dataSync() as Float32Array, weight.shape, kind, options);
+}
+
+/**
+ * @internal packExpertWeight reading `weight` asynchronously, so it runs on webgpu too (merge's
+ * re-quantizing): the values are read to the host either way, as packing is done there.
+ */
+export async function packExpertWeightAsync(weight: tf.Tensor3D, kind: PackedKind, options: PackedOptions = {}): Promise<PackedExpertWeight> {
+  checkPackArgs('packExpertWeight', weight, kind);
+  return packExpertValues('packExpertWeight', await weight.data() as Float32Array, weight.shape, kind, options);
+}
+
+function checkPackArgs(op: string, weight: tf.Tensor3D, kind: PackedKind): void {
   assertExpertWeight(op, 'weight', weight);
   if (weight instanceof PackedExpertWeight) fail(op, `'weight' is already packed (${weight.kind})`);
   if (!(PACKED_KINDS as readonly string[]).includes(kind)) {
     fail(op, `'kind' must be one of ${PACKED_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
   }
-  const values = weight.dataSync() as Float32Array;
+}
+
+/** The packing itself, from the weight's values [E, rows, cols] on the host. */
+function packExpertValues(
+    op: string, values: Float32Array, shape: [number, number, number], kind: PackedKind, options: PackedOptions): PackedExpertWeight {
   if (!isQuantizedKind(kind)) {
     if (options.groupSize !== undefined || options.inputAxis !== undefined) fail(op, `'options' are for quantized kinds, not ${kind}`);
-    return packedExpertWeightFromBits(kind, weight.shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
+    return packedExpertWeightFromBits(kind, shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
   }
-  const layout = quantizedLayout(kind, weight.shape, options.inputAxis ?? 2, options.groupSize, op);
-  const [e, rows, cols] = weight.shape;
+  const layout = quantizedLayout(kind, shape, options.inputAxis ?? 2, options.groupSize, op);
+  const [e, rows, cols] = shape;
   const data = new Int32Array(e * layout.wordsPerExpert);
   for (let i = 0; i < e; i++) quantizeExpertInto(layout, values, i * rows * cols, data, i * layout.wordsPerExpert, op, 'weight');
-  return new PackedExpertWeight(kind, weight.shape, tf.tensor2d(data, [e, layout.wordsPerExpert], 'int32'), options);
+  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [e, layout.wordsPerExpert], 'int32'), options);
 }
 
 /** `weight`'s format as the kernels take it. */

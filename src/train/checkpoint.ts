@@ -46,7 +46,7 @@ export async function saveTrainCheckpoint(
     state.optimizer.m.forEach((m, i) => { tensors[`m.${i}`] = tf.tensor1d(m, 'float32'); });
     state.optimizer.v.forEach((v, i) => { tensors[`v.${i}`] = tf.tensor1d(v, 'float32'); });
     try {
-      await writeFile(join(dir, OPTIMIZER_STATE), encodeSafetensors(tensors, { format: 'pt' }));
+      await writeFile(join(dir, OPTIMIZER_STATE), await encodeSafetensors(tensors, { format: 'pt' }));
     } finally {
       tf.dispose(Object.values(tensors));
     }

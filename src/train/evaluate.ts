@@ -17,13 +17,14 @@ export interface EvaluateOptions {
 
 /**
  * The mean next-token cross-entropy (nats per token) over the whole text: every token after the
- * first is predicted once, from the tokens before it in its window.
+ * first is predicted once, from the tokens before it in its window. Reads each batch's loss
+ * asynchronously, so it runs on webgpu too.
  *
  * ```js
- * evaluateLoss(model, tokenizer.encode(validationText), {seq: 64});  // e.g. 0.71
+ * await evaluateLoss(model, tokenizer.encode(validationText), {seq: 64});  // e.g. 0.71
  * ```
  */
-export function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, options: EvaluateOptions): number {
+export async function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, options: EvaluateOptions): Promise<number> {
   const op = 'evaluateLoss';
   assertInteger(op, 'seq', options.seq, 1);
   const batch = options.batch ?? 16;
@@ -41,7 +42,9 @@ export function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, options
       const rows = group.slice(i, i + batch);
       const data = new Int32Array(rows.length * length);
       rows.forEach((r, k) => data.set(r, k * length));
-      const mean = tf.tidy(() => nextTokenLoss(model, tf.tensor2d(data, [rows.length, length], 'int32'), false).dataSync()[0]);
+      const loss = tf.tidy(() => nextTokenLoss(model, tf.tensor2d(data, [rows.length, length], 'int32'), false));
+      const mean = (await loss.data())[0];
+      loss.dispose();
       total += mean * rows.length * (length - 1);
       count += rows.length * (length - 1);
     }
@@ -76,21 +79,28 @@ export async function evaluateDatasetLoss(model: tfl.LayersModel, dataset: Token
 
 /**
  * Runs `fn` with every LoRA adapter of the model's MoE layers switched off (the base model),
- * restoring each layer's state after.
+ * restoring each layer's state after; when `fn` returns a Promise (evaluateLoss), after it settles.
  *
  * ```js
- * const baseLoss = withAdaptersDisabled(model, () => evaluateLoss(model, tokens, {seq: 64}));
+ * const baseLoss = await withAdaptersDisabled(model, () => evaluateLoss(model, tokens, {seq: 64}));
  * ```
  */
 export function withAdaptersDisabled<T>(model: tfl.LayersModel, fn: () => T): T {
   const layers = sparseMoELayers(model);
   const before = layers.map(l => l.adaptersDisabled);
   layers.forEach(l => l.disableAdapters());
+  const restore = () => layers.forEach((l, k) => { if (!before[k]) l.enableAdapters(); });
+  let result: T;
   try {
-    return fn();
-  } finally {
-    layers.forEach((l, k) => { if (!before[k]) l.enableAdapters(); });
+    result = fn();
+  } catch (e) {
+    restore();
+    throw e;
   }
+  // an asynchronous fn still runs its forward passes after this returns: restore once it settles
+  if (result instanceof Promise) return result.finally(restore) as T;
+  restore();
+  return result;
 }
 
 export interface GenerateOptions {
@@ -105,14 +115,15 @@ export interface GenerateOptions {
 /**
  * Greedy decoding: appends the most likely next token, `maxNewTokens` times (or until
  * `stopToken`). Returns the new tokens only. Recomputes the whole window each step (there is no
- * KV cache), which is fine for the small models this is for.
+ * KV cache), which is fine for the small models this is for. Reads each token asynchronously, so
+ * it runs on webgpu too.
  *
  * ```js
- * const ids = generateGreedy(model, tokenizer.encode('miro '), {maxNewTokens: 40});
+ * const ids = await generateGreedy(model, tokenizer.encode('miro '), {maxNewTokens: 40});
  * tokenizer.decode(ids);
  * ```
  */
-export function generateGreedy(model: tfl.LayersModel, prompt: Int32Array, options: GenerateOptions): Int32Array {
+export async function generateGreedy(model: tfl.LayersModel, prompt: Int32Array, options: GenerateOptions): Promise<Int32Array> {
   const op = 'generateGreedy';
   assertInteger(op, 'maxNewTokens', options.maxNewTokens, 0);
   assertTokenIds(op, 'prompt', prompt, vocabSizeOf(model));
@@ -122,11 +133,13 @@ export function generateGreedy(model: tfl.LayersModel, prompt: Int32Array, optio
   const out: number[] = [];
   for (let i = 0; i < options.maxNewTokens; i++) {
     const window = ids.slice(Math.max(0, ids.length - context));
-    const next = tf.tidy(() => {
+    const best = tf.tidy(() => {
       const logits = model.apply(tf.tensor2d(window, [1, window.length], 'int32'), { training: false }) as tf.Tensor3D;
       const v = logits.shape[2];
-      return tf.argMax(tf.reshape(tf.slice(logits, [0, window.length - 1, 0], [1, 1, v]), [v])).dataSync()[0];
+      return tf.argMax(tf.reshape(tf.slice(logits, [0, window.length - 1, 0], [1, 1, v]), [v]));
     });
+    const next = (await best.data())[0];
+    best.dispose();
     ids.push(next);
     out.push(next);
     if (next === options.stopToken) break;

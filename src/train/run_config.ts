@@ -80,7 +80,7 @@ export const RUN_CONFIG_KEYS: readonly RunKeySpec[] = [
   { key: 'output_dir', kind: 'string', field: 'out' },
   { key: 'seed', kind: 'integer', min: 0, field: 'seed' },
   // the CLI's BACKENDS (src/cli/backend.ts, which src/train does not import); a spec keeps them equal
-  { key: 'backend', kind: 'enum', values: ['cpu', 'wasm'], field: 'backend' },
+  { key: 'backend', kind: 'enum', values: ['cpu', 'wasm', 'webgpu'], field: 'backend' },
   { key: 'metrics', kind: 'string', field: 'metrics' },
 ];
 

@@ -87,9 +87,23 @@ export interface ReferenceOptions {
   hostExperts?: ArrayLike<number>;
 }
 
-/** The chosen experts on the host: `hostExperts` when given (checked), else one synchronous read. */
+/** Backends where a synchronous read is impossible (and whose work runs on a GPU). */
+export const ASYNC_READ_BACKENDS: readonly string[] = ['webgpu'];
+
+/**
+ * The chosen experts on the host: `hostExperts` when given (checked), else one synchronous read
+ * (cpu, wasm, tensorflow, webgl; refused where there is none: the reference is their oracle).
+ */
 function chosenExperts(op: string, experts: tf.Tensor2D, numExperts: number, hostExperts?: ArrayLike<number>): ArrayLike<number> {
-  if (hostExperts === undefined) return experts.dataSync();
+  if (hostExperts === undefined) {
+    const backend = tf.getBackend();
+    if (ASYNC_READ_BACKENDS.includes(backend)) {
+      fail(op, `the reference expert loop reads the chosen experts synchronously, which the ${backend} backend cannot do: ` +
+          "register() the plugin (its fused kernels run there; an unregistered SparseMoE uses 'reference'), or pass " +
+          "options.hostExperts (await routing.experts.data())");
+    }
+    return experts.dataSync();
+  }
   if (hostExperts == null || typeof hostExperts.length !== 'number' || hostExperts.length !== experts.size) {
     fail(op, `'options.hostExperts' must hold the ${experts.size} chosen experts of routing.experts [${experts.shape}] ` +
         `but got length ${hostExperts?.length}`);
