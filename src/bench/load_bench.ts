@@ -16,7 +16,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { configTensorPlan } from '../io/hf_checkpoint_core.js';
 import { safetensorsLayout } from '../io/safetensors_bytes.js';
@@ -200,10 +200,15 @@ export interface LoadBenchOptions {
   onWritten?: (written: WrittenCheckpoint & { seconds: number; dir: string }) => void | Promise<void>;
 }
 
-/** The child's entry, next to this module (.ts under tsx, .js once built). */
+/**
+ * The child's entry, next to this module (.ts under tsx, .js once built); in an esbuild bundle
+ * (../shared/gpu/prepare.sh, this module inside bench/run.js) the child bundled beside it, as
+ * load_bench_child.js: prepare.sh must be given src/bench/load_bench_child.ts as an entry too.
+ */
 function childEntry(): string {
   const self = fileURLToPath(import.meta.url);
-  return self.replace(/load_bench\.(ts|js)$/, 'load_bench_child.$1');
+  return /load_bench\.(ts|js)$/.test(self) ? self.replace(/load_bench\.(ts|js)$/, 'load_bench_child.$1') :
+    join(dirname(self), 'load_bench_child.js');
 }
 
 /** Runs one load in a child process and returns its report (the last line of its stdout). */

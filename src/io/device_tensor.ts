@@ -8,6 +8,8 @@
  * place.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { decodeBFloat16, decodeFloat16 } from '../util/half.js';
+import type { TensorSource } from './hf_block.js';
 
 /** What is used of tfjs-backend-webgpu's WebGPUBackend (4.22), checked before use. */
 interface WebGPUBackendLike {
@@ -146,4 +148,44 @@ export function hostValueBytes(t: tf.Tensor): number | null {
   if (webgpu === null) return null;
   const values = webgpu.tensorMap.get(t.dataId)?.values as ArrayLike<number> & { byteLength?: number } | null | undefined;
   return values == null ? 0 : values.byteLength ?? values.length * 4;
+}
+
+/** Elements decoded per piece when a 16-bit tensor is written to the device: 16 MiB of float32. */
+const DECODE_CHUNK_ELEMENTS = 1 << 22;
+
+/**
+ * The 16-bit values `halves` (BF16 or F16 bits, as stored) decoded to float32, `count` at a time
+ * from element `from`.
+ */
+export function decodeHalves(dtype: string, halves: Uint16Array, from = 0, count = halves.length - from): Float32Array {
+  const part = halves.subarray(from, from + count);
+  return dtype === 'BF16' ? decodeBFloat16(part) : decodeFloat16(part);
+}
+
+/**
+ * The checkpoint tensor `name` as a float32 (or int32) tensor on the device. On webgpu a BF16 or
+ * F16 tensor is read as its stored halves and decoded into its device buffer a piece at a time,
+ * so the host holds the tensor's bytes as stored and one piece of float32, not all of it as
+ * float32; anything else is `source.tensor(name)` moved with onDevice.
+ *
+ * ```js
+ * const embed = await readToDevice(file, 'model.embed_tokens.weight');
+ * ```
+ */
+export async function readToDevice(source: TensorSource, name: string): Promise<tf.Tensor> {
+  const { dtype, shape } = source.info(name);
+  if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
+    return onDevice(await source.tensor(name));
+  }
+  const halves = await source.halfBits(name);
+  const builder = new TensorBuilder(shape, 'float32');
+  try {
+    for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
+      await builder.write(decodeHalves(dtype, halves, at, Math.min(DECODE_CHUNK_ELEMENTS, halves.length - at)), at);
+    }
+    return await builder.finish();
+  } catch (e) {
+    builder.dispose();
+    throw e;
+  }
 }

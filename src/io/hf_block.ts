@@ -9,7 +9,7 @@ import {
 } from '../ops/packed.js';
 import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { onDevice, TensorBuilder } from './device_tensor.js';
+import { decodeHalves, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
@@ -280,9 +280,9 @@ async function fuseRowsQuantized(
 /**
  * A fused expert tensor [E, in, out] (gpt-oss's layout: the input on axis 1) as a quantized
  * weight: MXFP4 stored bytes copied as they are when the kind is MXFP4 and the source has them
- * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales), else read as float32
- * (this one tensor) and quantized expert by expert. Each expert's words are written into the
- * stack as they are made.
+ * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales); a 16-bit one read as
+ * stored and decoded one expert at a time; else read as float32 (this one tensor); quantized
+ * expert by expert, each expert's words written into the stack as they are made.
  */
 async function readQuantizedTransposed(
     op: string, file: TensorSource, kind: QuantizedKind, e: Expected, groupSize: number | undefined): Promise<PackedExpertWeight> {
@@ -300,6 +300,14 @@ async function readQuantizedTransposed(
         expert.fill(0);
         bytes.set(blocks.subarray(x * codeBytes, (x + 1) * codeBytes), 0);
         bytes.set(scales.subarray(x * scaleBytes, (x + 1) * scaleBytes), 4 * layout.scaleWord);
+        await stack.write(expert, x * layout.wordsPerExpert);
+      }
+    } else if (typeof file.halfBits === 'function' && ['BF16', 'F16'].includes(file.info(e.name).dtype)) {
+      // as stored (half the bytes of float32), one expert decoded at a time
+      const { dtype } = file.info(e.name);
+      const halves = await file.halfBits(e.name);
+      for (let x = 0; x < experts; x++) {
+        quantizeExpertInto(layout, decodeHalves(dtype, halves, x * rows * cols, rows * cols), 0, expert, 0, op, e.name);
         await stack.write(expert, x * layout.wordsPerExpert);
       }
     } else {
@@ -409,7 +417,7 @@ export async function loadMoEBlockWeights(
     isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize) : fuseRowsPacked(file, kind, E, parts, dims);
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
     // on the device now (webgpu), not left on the host until its first use
-    const t = track(await onDevice(await file.tensor(e.name)));
+    const t = track(await readToDevice(file, e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
     return t as T;
   };

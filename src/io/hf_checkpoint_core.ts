@@ -25,7 +25,7 @@ import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
-import { onDevice } from './device_tensor.js';
+import { readToDevice } from './device_tensor.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
@@ -383,7 +383,7 @@ async function fillWeights(
   }
   for (const [variable, name] of plain) {
     // on the device before it is written (webgpu would otherwise keep it on the host until first use)
-    const t = await onDevice(await source.tensor(name));
+    const t = await readToDevice(source, name);
     try {
       variable.write(t);
     } finally {
