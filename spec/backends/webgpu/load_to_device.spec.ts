@@ -9,13 +9,14 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { deviceTensor, hostValueBytes, onDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
+import { deviceTensor, hostValueBytes, onDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
-import { readSafetensorsFile, type SafetensorsFile } from '../../../src/io/safetensors.js';
+import { encodeFloat16, readSafetensorsFile, type SafetensorsFile } from '../../../src/io/safetensors.js';
 import { sparseMoELayers, type MoECausalLM } from '../../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../../src/layers/sparse_moe.js';
 import { packExpertWeight } from '../../../src/ops/packed.js';
-import { writeHalfFixture } from '../../helpers/half_checkpoint.js';
+import { encodeHalfSafetensors, writeHalfFixture } from '../../helpers/half_checkpoint.js';
+import { writeFile } from 'node:fs/promises';
 import { cleanup, fixtureDir, tempDir, writeCheckpoint } from '../../io/checkpoint_helpers.js';
 
 const dirs = { olmoe16: '', olmoe32: '', gptOss16: '', gptOss32: '' };
@@ -93,6 +94,25 @@ describe('webgpu: loading a checkpoint straight to the device', function () {
     await abandoned.write(new Int32Array(256).fill(7), 0);
     abandoned.dispose();
     expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(before);
+  });
+
+  it('readToDevice decodes a 16-bit tensor into its device buffer in pieces: every piece where it belongs', async () => {
+    // 2^22 + 3 elements: a whole 4 Mi-element piece and a short one; f16 here (bf16 is the loads below)
+    const n = 2 ** 22 + 3;
+    const values = Float32Array.from({ length: n }, (_, i) => Math.fround(((i * 7919) % 4001 - 2000) / 1024));
+    const dir = await tempDir();
+    const path = join(dir, 'big.safetensors');
+    await writeFile(path, encodeHalfSafetensors('f16', { big: { bits: encodeFloat16(values), shape: [n] } }));
+    const file = await readSafetensorsFile(path);
+    const before = tf.memory().numTensors;
+    const t = await readToDevice(file, 'big');
+    expect(hostValueBytes(t)).to.equal(0);
+    const got = await t.data();
+    t.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    let mismatches = 0;
+    for (let i = 0; i < n; i++) if (got[i] !== values[i]) mismatches++;  // every value is exact in f16
+    expect(mismatches).to.equal(0);
   });
 
   it('bf16 olmoe as float32: every weight on the device and equal to the file, the stacks fused expert by expert', async () => {
