@@ -11,7 +11,7 @@ out=${OUT:-.}
 run() {  # name, then the bench's flags
   local name=$1; shift
   echo "== $name: $*" >&2
-  /usr/bin/time -v node .gpu/bundle/run.js --config load --json "$@" > "$out/$name.json" 2> "$out/$name.stderr" || {
+  node .gpu/bundle/run.js --config load --json "$@" > "$out/$name.json" 2> "$out/$name.stderr" || {
     echo "$name failed (see $out/$name.stderr)" >&2; return 0; }
   cat "$out/$name.json" >&2
 }
