@@ -3,16 +3,10 @@
  * spec/backends/webgpu/load_memory.spec.ts on Mesa): OLMoE's layout at smaller widths, 275 MB of
  * bf16 in one shard, written at run time by the load bench's own writer.
  */
-import type { HFConfig } from '../../src/models/families.js';
-import { olmoeConfig } from '../../src/bench/load_bench.js';
+import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
 
-/** hidden 512, 32 experts of 512, vocab 32000: the embedding (65.5 MB as float32) is the largest tensor. */
-export function loadMemoryConfig(layers: number): HFConfig {
-  return {
-    ...olmoeConfig(layers), hidden_size: 512, intermediate_size: 512, num_experts: 32, vocab_size: 32000,
-    num_attention_heads: 8, num_key_value_heads: 8,
-  };
-}
+/** the checkpoint of the specs: narrowOlmoeConfig (the embedding, 65.5 MB as float32, is the largest tensor) */
+export const loadMemoryConfig = narrowOlmoeConfig;
 
 /**
  * What a load may hold on the host beyond the weights' own memory, for a largest tensor of

@@ -14,6 +14,9 @@ describe('io: host memory of a checkpoint load on cpu', function () {
   it('150 MB of bf16 with packed experts: peak RSS within the model plus the largest tensor and a margin', async () => {
     const config = loadMemoryConfig(2);
     const [c] = await benchLoad({ config, backend: 'cpu', expertDtypes: ['stored'] });
+    const mb = (b: number) => (b / 1e6).toFixed(1);
+    console.log(`# cpu load: ${mb(c.checkpointBytes)} MB bf16, weights ${mb(c.numBytes)} MB, largest ${mb(c.largestWeightBytes)} MB, ` +
+        `peak RSS ${mb(c.loadPeakBytes)} MB (bound ${mb(c.numBytes + hostBound(c.largestWeightBytes))}), ${c.seconds.toFixed(1)} s`);
     const estimate = estimateLoadMemory(config, { expertBytesPerElement: 2 });
     expect(c.numBytes).to.equal(estimate.bytes);
     expect(c.largestWeightBytes).to.equal(estimate.largest.bytes);

@@ -51,6 +51,18 @@ export function olmoeConfig(layers = 16): HFConfig {
   };
 }
 
+/**
+ * OLMoE's layout at widths Mesa's software GPU takes (its buffers hold at most 128 MiB): hidden
+ * 512, 8 heads, 32 experts of 512, vocab 32000; 4 layers are 275 MB of bf16 and the embedding
+ * (65.5 MB as float32) is the largest tensor. The load-memory specs and tools/gpu_load/mesa.ts.
+ */
+export function narrowOlmoeConfig(layers: number): HFConfig {
+  return {
+    ...olmoeConfig(layers), hidden_size: 512, intermediate_size: 512, num_experts: 32, vocab_size: 32000,
+    num_attention_heads: 8, num_key_value_heads: 8,
+  };
+}
+
 /** mulberry32: a small seeded generator of uniform numbers in [0, 1). */
 function seededUniform(seed: number): () => number {
   let a = seed >>> 0;

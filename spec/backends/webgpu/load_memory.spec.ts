@@ -22,6 +22,10 @@ describe('webgpu: host memory of a checkpoint load', function () {
   it('275 MB of bf16 with packed experts: the host holds the largest tensor plus a margin, the device the model', async () => {
     const config = loadMemoryConfig(4);
     const [c] = await benchLoad({ config, backend: 'webgpu', expertDtypes: ['stored'] });
+    const mb = (b: number) => (b / 1e6).toFixed(1);
+    console.log(`# webgpu load: ${mb(c.checkpointBytes)} MB bf16, weights ${mb(c.numBytes)} MB, largest ${mb(c.largestWeightBytes)} MB, ` +
+        `peak host ${mb(c.peakHostBytes)} MB (bound ${mb(hostBound(c.largestWeightBytes))}), peak RSS ${mb(c.loadPeakBytes)} MB, ` +
+        `left on host ${mb(c.hostValueBytesAfter)} MB, ${c.seconds.toFixed(1)} s`);
     const estimate = estimateLoadMemory(config, { expertBytesPerElement: 2 });
     expect(c.checkpointBytes).to.equal(275_399_680);
     expect(c.numBytes).to.equal(estimate.bytes);
