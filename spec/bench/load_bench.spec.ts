@@ -81,6 +81,8 @@ describe('bench/load_bench', () => {
       expect(c.rssBefore).to.be.greaterThan(0);
       expect(c.peakRss).to.be.at.least(c.rssBefore);
       expect(c.seconds).to.be.greaterThan(0);
+      expect(c.hostValueBytesAfter).to.equal(0);  // cpu and wasm: the weights are host memory, nothing is counted
+      expect(c.peakHostBytes).to.be.at.least(0);
       expect(c.largestWeightBytes).to.equal((c.expertDtype === 'stored' ? packed : estimateLoadMemory(config)).largest.bytes);
     }
     expect(formatLoadBenchTable(cases)).to.match(/numBytes stored \/ float32: \d\.\d{3} \(target <= 0\.55\)\n$/);
@@ -101,7 +103,7 @@ describe('bench/load_bench', () => {
       return e.message;
     };
     expect(await msg({ layers: 0 })).to.equal("`benchLoad()`: 'layers' must be >= 1 but got 0");
-    expect(await msg({ backend: 'webgpu' })).to.equal("`benchLoad()`: 'backend' must be one of 'cpu', 'wasm' but got 'webgpu'");
+    expect(await msg({ backend: 'webgl' })).to.equal("`benchLoad()`: 'backend' must be one of 'cpu', 'wasm', 'webgpu' but got 'webgl'");
     expect(await msg({ expertDtypes: [] })).to.equal("`benchLoad()`: 'expertDtypes' must name at least one of stored, float32");
     expect(await msg({ expertDtypes: ['f16' as never] })).to.equal("`benchLoad()`: 'expertDtypes' must be one of 'stored', 'float32' but got 'f16'");
     expect(olmoeConfig()).to.deep.include({ hidden_size: 2048, num_hidden_layers: 16, num_experts: 64, num_experts_per_tok: 8, intermediate_size: 1024, vocab_size: 50304, num_attention_heads: 16 });

@@ -5,7 +5,9 @@
  * loaded once per expert dtype, each load in a child process of its own (load_bench_child.ts), so
  * that its peak RSS (process.resourceUsage().maxRSS) is the load's alone and not the writer's or
  * another load's. Reports, per load: tf.memory().numBytes after the load, the child's RSS before
- * and at its peak, the load's wall time, and the memory estimate (estimateLoadMemory).
+ * and at its peak, the peak of RSS minus the device's buffers (webgpu: on Mesa the device's memory
+ * is RSS too) and the bytes of weights left on the host after the load, the load's wall time, and
+ * the memory estimate (estimateLoadMemory).
  *
  * The checkpoint's values are a pool of random bf16 numbers (uniform in ±0.035, about the spread
  * of HF's init) written at random offsets: generating 7 billion fresh ones would time the
@@ -14,7 +16,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { configTensorPlan } from '../io/hf_checkpoint_core.js';
 import { safetensorsLayout } from '../io/safetensors_bytes.js';
@@ -46,6 +48,18 @@ export function olmoeConfig(layers = 16): HFConfig {
     attention_bias: false, clip_qkv: null, hidden_act: 'silu', initializer_range: 0.02,
     tie_word_embeddings: false, pad_token_id: 1, eos_token_id: 50279, bos_token_id: null,
     router_aux_loss_coef: 0.01, output_router_logits: false,
+  };
+}
+
+/**
+ * OLMoE's layout at widths Mesa's software GPU takes (its buffers hold at most 128 MiB): hidden
+ * 512, 8 heads, 32 experts of 512, vocab 32000; 4 layers are 275 MB of bf16 and the embedding
+ * (65.5 MB as float32) is the largest tensor. The load-memory specs and tools/gpu_load/mesa.ts.
+ */
+export function narrowOlmoeConfig(layers: number): HFConfig {
+  return {
+    ...olmoeConfig(layers), hidden_size: 512, intermediate_size: 512, num_experts: 32, vocab_size: 32000,
+    num_attention_heads: 8, num_key_value_heads: 8,
   };
 }
 
@@ -152,8 +166,16 @@ export interface LoadChildResult {
   peakRss: number;
   /** the load's wall time */
   seconds: number;
-  /** the loaded model's largest weight, bytes */
+  /** the loaded model's largest weight, bytes (as held: packed experts as their int32 words) */
   largestWeightBytes: number;
+  /**
+   * the load's peak of RSS minus the device buffers the backend allocated (webgpu; on cpu and
+   * wasm RSS alone) above the same before it, sampled every millisecond: what the load holds on
+   * the host apart from the device's memory, which on Mesa's software GPU is in RSS too
+   */
+  peakHostBytes: number;
+  /** webgpu: bytes of the model's weights still held on the host after the load (0: all on the device); cpu, wasm: 0 */
+  hostValueBytesAfter: number;
 }
 
 export interface LoadBenchCase extends LoadChildResult {
@@ -190,10 +212,15 @@ export interface LoadBenchOptions {
   onWritten?: (written: WrittenCheckpoint & { seconds: number; dir: string }) => void | Promise<void>;
 }
 
-/** The child's entry, next to this module (.ts under tsx, .js once built). */
+/**
+ * The child's entry, next to this module (.ts under tsx, .js once built); in an esbuild bundle
+ * (../shared/gpu/prepare.sh, this module inside bench/run.js) the child bundled beside it, as
+ * load_bench_child.js: prepare.sh must be given src/bench/load_bench_child.ts as an entry too.
+ */
 function childEntry(): string {
   const self = fileURLToPath(import.meta.url);
-  return self.replace(/load_bench\.(ts|js)$/, 'load_bench_child.$1');
+  return /load_bench\.(ts|js)$/.test(self) ? self.replace(/load_bench\.(ts|js)$/, 'load_bench_child.$1') :
+    join(dirname(self), 'load_bench_child.js');
 }
 
 /** Runs one load in a child process and returns its report (the last line of its stdout). */
@@ -233,7 +260,7 @@ export async function benchLoad(options: LoadBenchOptions = {}): Promise<LoadBen
   const layers = options.layers ?? 16;
   assertInteger(OP, 'layers', layers, 1, 16);
   const backend = options.backend ?? 'cpu';
-  assertOneOf(OP, 'backend', backend, BENCH_BACKENDS.filter(b => b !== 'webgpu'));
+  assertOneOf(OP, 'backend', backend, BENCH_BACKENDS);
   const expertDtypes = options.expertDtypes ?? LOAD_BENCH_EXPERT_DTYPES;
   if (expertDtypes.length === 0) fail(OP, "'expertDtypes' must name at least one of stored, float32");
   for (const d of expertDtypes) assertOneOf(OP, 'expertDtypes', d, LOAD_BENCH_EXPERT_DTYPES);
@@ -265,11 +292,13 @@ const gib = (bytes: number) => (bytes / 2 ** 30).toFixed(2);
 /** A table of the cases, one line per load, and stored/float32 when both ran. */
 export function formatLoadBenchTable(cases: readonly LoadBenchCase[]): string {
   const lines = [
-    'backend  experts  layers  checkpoint GiB  numBytes GiB  estimate f32 GiB  load peak RSS GiB  target GiB  load s',
+    'backend  experts  layers  checkpoint GiB  numBytes GiB  estimate f32 GiB  load peak RSS GiB  target GiB  ' +
+        'peak host GiB  left on host GiB  largest GiB  load s',
     ...cases.map(c => [
       c.backend.padEnd(7), c.expertDtype.padEnd(7), String(c.layers).padStart(6), gib(c.checkpointBytes).padStart(14),
       gib(c.numBytes).padStart(12), gib(c.estimateFloat32Bytes).padStart(16), gib(c.loadPeakBytes).padStart(17),
-      gib(c.rssTargetBytes).padStart(10), c.seconds.toFixed(1).padStart(6),
+      gib(c.rssTargetBytes).padStart(10), gib(c.peakHostBytes).padStart(13), gib(c.hostValueBytesAfter).padStart(16),
+      gib(c.largestWeightBytes).padStart(11), c.seconds.toFixed(1).padStart(6),
     ].join('  ')),
   ];
   const stored = cases.find(c => c.expertDtype === 'stored');

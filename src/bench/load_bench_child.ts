@@ -2,10 +2,17 @@
  * One load of the load benchmark, in a process of its own (started by load_bench.ts), so that its
  * peak RSS is the load's: argv[2] is `{dir, backend, expertDtype}` as JSON; the last line of
  * stdout is the LoadChildResult as JSON, or `{error}` (exit code 1).
+ *
+ * Besides the peak RSS, the child samples every millisecond of the load the RSS minus the bytes of
+ * the device buffers the backend has allocated (tf.memory().numBytesAllocatedInGPU, webgpu only):
+ * on Mesa's software GPU the device's memory is the process's own, so RSS alone cannot tell a
+ * weight on the device from one left on the host. The loader awaits a file read per tensor, so
+ * the sampler runs between tensors.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import type { LoadHFCheckpointOptions } from '../io/hf_checkpoint_core.js';
+import { hostValueBytes } from '../io/device_tensor.js';
 import { selectBenchBackend } from './backend.js';
 import type { LoadChildResult } from './load_bench.js';
 
@@ -14,13 +21,26 @@ try {
   const release = await selectBenchBackend(backend);
   try {
     const rssBefore = process.memoryUsage().rss;
+    const hostBytes = () => process.memoryUsage().rss - ((tf.memory() as { numBytesAllocatedInGPU?: number }).numBytesAllocatedInGPU ?? 0);
+    const hostBefore = hostBytes();
+    let peakHost = hostBefore;
+    const sampler = setInterval(() => { peakHost = Math.max(peakHost, hostBytes()); }, 1);
     const began = performance.now();
-    // `expertDtype` is passed through as is: 'stored' keeps 16-bit experts packed where the loader supports it
-    const model = await loadHFCheckpoint(dir, { expertDtype } as LoadHFCheckpointOptions);
+    let model;
+    try {
+      // `expertDtype` is passed through as is: 'stored' keeps 16-bit experts packed where the loader supports it
+      model = await loadHFCheckpoint(dir, { expertDtype } as LoadHFCheckpointOptions);
+    } finally {
+      clearInterval(sampler);
+    }
     const seconds = (performance.now() - began) / 1000;
+    peakHost = Math.max(peakHost, hostBytes());
+    const weights = model.weights.map(w => w.read());
     const result: LoadChildResult = {
       numBytes: tf.memory().numBytes, rssBefore, peakRss: process.resourceUsage().maxRSS * 1024, seconds,
-      largestWeightBytes: Math.max(...model.weights.map(w => w.read().size * 4)),
+      largestWeightBytes: Math.max(...weights.map(w => w.size * 4)),
+      peakHostBytes: peakHost - hostBefore,
+      hostValueBytesAfter: weights.reduce((sum, w) => sum + (hostValueBytes(w) ?? 0), 0),
     };
     model.dispose();
     process.stdout.write(`${JSON.stringify(result)}\n`);

@@ -9,6 +9,7 @@ import {
 } from '../ops/packed.js';
 import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { decodeHalves, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
@@ -188,50 +189,64 @@ function planEntries(plan: BlockTensorPlan): Expected[] {
 
 /**
  * Stacks per-expert [rows, cols] tensors into [E, parts·rows, cols]: expert e's block is
- * parts[0][e] then parts[1][e] ... . Copied into one buffer, expert by expert, so loading holds
- * the result and a single expert's tensor at a time, not a second copy of the whole layer.
+ * parts[0][e] then parts[1][e] ... . Written into the stack expert tensor by expert tensor
+ * (TensorBuilder: on webgpu straight into its device buffer), so loading holds one expert's tensor
+ * on the host, never a host copy of the whole stack (on cpu the stack is host memory itself).
  */
 async function fuseRows(
     op: string, file: TensorSource, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<tf.Tensor3D> {
   const block = rows * cols;
-  const data = new Float32Array(numExperts * parts.length * block);
-  for (let e = 0; e < numExperts; e++) {
-    for (const [p, part] of parts.entries()) {
-      const t = await file.tensor(part[e].name);
-      try {
-        if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-        data.set(await t.data(), (e * parts.length + p) * block);
-      } finally {
-        t.dispose();
+  const stack = new TensorBuilder([numExperts, parts.length * rows, cols], 'float32');
+  try {
+    for (let e = 0; e < numExperts; e++) {
+      for (const [p, part] of parts.entries()) {
+        const t = await file.tensor(part[e].name);
+        try {
+          if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
+          await stack.write(await t.data() as Float32Array, (e * parts.length + p) * block);
+        } finally {
+          t.dispose();
+        }
       }
     }
+    return await stack.finish() as tf.Tensor3D;
+  } catch (err) {
+    stack.dispose();
+    throw err;
   }
-  return tf.tensor3d(data, [numExperts, parts.length * rows, cols]);
 }
 
 /**
  * fuseRows for 16-bit experts kept packed: each expert's halves are copied from the file's bytes
- * into the packed words as they are (no float32 copy of anything), one expert tensor at a time.
+ * into one expert's packed words as they are (no float32 copy of anything), then written into the
+ * stack; the host holds one expert's words.
  */
 async function fuseRowsPacked(
     file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<PackedExpertWeight> {
   const block = rows * cols;
   const words = packedWordsPerExpert(parts.length * rows, cols);
-  const data = new Int32Array(numExperts * words);
-  const halves = new Uint16Array(data.buffer);
-  for (let e = 0; e < numExperts; e++) {
-    for (const [p, part] of parts.entries()) {
-      halves.set(await file.halfBits!(part[e].name), 2 * e * words + p * block);
+  const expert = new Int32Array(words);
+  const halves = new Uint16Array(expert.buffer);
+  const stack = new TensorBuilder([numExperts, words], 'int32');
+  try {
+    for (let e = 0; e < numExperts; e++) {
+      expert.fill(0);  // the padding word of an odd-sized expert
+      for (const [p, part] of parts.entries()) halves.set(await file.halfBits!(part[e].name), p * block);
+      await stack.write(expert, e * words);
     }
+    return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], await stack.finish());
+  } catch (err) {
+    stack.dispose();
+    throw err;
   }
-  return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], tf.tensor2d(data, [numExperts, words], 'int32'));
 }
 
 /**
  * fuseRows for quantized experts: each expert's parts read (float32, one expert tensor at a time)
- * into one expert's block and quantized into its words; no float32 copy beyond one expert.
+ * into one expert's block, quantized into one expert's words and written into the stack; no
+ * float32 copy beyond one expert.
  */
 async function fuseRowsQuantized(
     op: string, file: TensorSource, kind: QuantizedKind, numExperts: number, parts: Expected[][],
@@ -239,53 +254,106 @@ async function fuseRowsQuantized(
   const shape = [numExperts, parts.length * rows, cols];
   const layout = quantizedLayout(kind, shape, 2, groupSize, op);
   const block = new Float32Array(parts.length * rows * cols);
-  const data = new Int32Array(numExperts * layout.wordsPerExpert);
-  for (let e = 0; e < numExperts; e++) {
-    for (const [p, part] of parts.entries()) {
-      const t = await file.tensor(part[e].name);
-      try {
-        if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-        block.set(await t.data(), p * rows * cols);
-      } finally {
-        t.dispose();
+  const expert = new Int32Array(layout.wordsPerExpert);
+  const stack = new TensorBuilder([numExperts, layout.wordsPerExpert], 'int32');
+  try {
+    for (let e = 0; e < numExperts; e++) {
+      for (const [p, part] of parts.entries()) {
+        const t = await file.tensor(part[e].name);
+        try {
+          if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
+          block.set(await t.data(), p * rows * cols);
+        } finally {
+          t.dispose();
+        }
       }
+      quantizeExpertInto(layout, block, 0, expert, 0, op, `${parts.map(p => p[e].name).join("', '")}`);
+      await stack.write(expert, e * layout.wordsPerExpert);
     }
-    quantizeExpertInto(layout, block, 0, data, e * layout.wordsPerExpert, op, `${parts.map(p => p[e].name).join("', '")}`);
+    return new PackedExpertWeight(kind, shape, await stack.finish(), { inputAxis: 2, groupSize });
+  } catch (err) {
+    stack.dispose();
+    throw err;
   }
-  return new PackedExpertWeight(kind, shape, tf.tensor2d(data, [numExperts, layout.wordsPerExpert], 'int32'), { inputAxis: 2, groupSize });
 }
 
 /**
  * A fused expert tensor [E, in, out] (gpt-oss's layout: the input on axis 1) as a quantized
  * weight: MXFP4 stored bytes copied as they are when the kind is MXFP4 and the source has them
- * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales), else read as float32
- * (this one tensor) and quantized expert by expert.
+ * (gpt-oss's `_blocks` of one expert are its codes, `_scales` its scales); a 16-bit one read as
+ * stored and decoded one expert at a time; else read as float32 (this one tensor); quantized
+ * expert by expert, each expert's words written into the stack as they are made.
  */
 async function readQuantizedTransposed(
     op: string, file: TensorSource, kind: QuantizedKind, e: Expected, groupSize: number | undefined): Promise<PackedExpertWeight> {
   const layout = quantizedLayout(kind, e.shape, 1, groupSize, op);
   const [experts, rows, cols] = e.shape;
-  const data = new Int32Array(experts * layout.wordsPerExpert);
-  if (kind === 'mxfp4' && file.isMXFP4?.(e.name) === true) {
-    const { blocks, scales } = await file.mxfp4Bytes!(e.name);
-    const bytes = new Uint8Array(data.buffer);
-    const codeBytes = (layout.outputs * layout.inputs) / 2;
-    const scaleBytes = layout.outputs * layout.groupsPerOutput;
-    for (let x = 0; x < experts; x++) {
-      bytes.set(blocks.subarray(x * codeBytes, (x + 1) * codeBytes), 4 * x * layout.wordsPerExpert);
-      bytes.set(scales.subarray(x * scaleBytes, (x + 1) * scaleBytes), 4 * (x * layout.wordsPerExpert + layout.scaleWord));
+  const expert = new Int32Array(layout.wordsPerExpert);
+  const stack = new TensorBuilder([experts, layout.wordsPerExpert], 'int32');
+  try {
+    if (kind === 'mxfp4' && file.isMXFP4?.(e.name) === true) {
+      const { blocks, scales } = await file.mxfp4Bytes!(e.name);
+      const bytes = new Uint8Array(expert.buffer);
+      const codeBytes = (layout.outputs * layout.inputs) / 2;
+      const scaleBytes = layout.outputs * layout.groupsPerOutput;
+      for (let x = 0; x < experts; x++) {
+        expert.fill(0);
+        bytes.set(blocks.subarray(x * codeBytes, (x + 1) * codeBytes), 0);
+        bytes.set(scales.subarray(x * scaleBytes, (x + 1) * scaleBytes), 4 * layout.scaleWord);
+        await stack.write(expert, x * layout.wordsPerExpert);
+      }
+    } else if (typeof file.halfBits === 'function' && ['BF16', 'F16'].includes(file.info(e.name).dtype)) {
+      // as stored (half the bytes of float32), one expert decoded at a time
+      const { dtype } = file.info(e.name);
+      const halves = await file.halfBits(e.name);
+      for (let x = 0; x < experts; x++) {
+        quantizeExpertInto(layout, decodeHalves(dtype, halves, x * rows * cols, rows * cols), 0, expert, 0, op, e.name);
+        await stack.write(expert, x * layout.wordsPerExpert);
+      }
+    } else {
+      const t = await file.tensor(e.name);
+      try {
+        if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
+        const values = await t.data() as Float32Array;
+        for (let x = 0; x < experts; x++) {
+          quantizeExpertInto(layout, values, x * rows * cols, expert, 0, op, e.name);
+          await stack.write(expert, x * layout.wordsPerExpert);
+        }
+      } finally {
+        t.dispose();
+      }
     }
-  } else {
-    const t = await file.tensor(e.name);
-    try {
-      if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
-      const values = await t.data() as Float32Array;
-      for (let x = 0; x < experts; x++) quantizeExpertInto(layout, values, x * rows * cols, data, x * layout.wordsPerExpert, op, e.name);
-    } finally {
-      t.dispose();
-    }
+    return new PackedExpertWeight(kind, e.shape, await stack.finish(), { inputAxis: 1, groupSize });
+  } catch (err) {
+    stack.dispose();
+    throw err;
   }
-  return new PackedExpertWeight(kind, e.shape, tf.tensor2d(data, [experts, layout.wordsPerExpert], 'int32'), { inputAxis: 1, groupSize });
+}
+
+/**
+ * A fused 16-bit expert tensor kept packed: its halves (the tensor as stored) packed expert by
+ * expert and written into the stack; the host holds the stored halves and one expert's words.
+ */
+async function readPackedHalves(file: TensorSource, kind: HalfKind, e: Expected): Promise<PackedExpertWeight> {
+  const [experts, rows, cols] = e.shape;
+  const block = rows * cols;
+  const halves = await file.halfBits!(e.name);
+  if (halves.length !== experts * block) return packedExpertWeightFromBits(kind, e.shape, halves);  // its own error
+  const words = packedWordsPerExpert(rows, cols);
+  const expert = new Int32Array(words);
+  const view = new Uint16Array(expert.buffer);
+  const stack = new TensorBuilder([experts, words], 'int32');
+  try {
+    for (let x = 0; x < experts; x++) {
+      expert.fill(0);
+      view.set(halves.subarray(x * block, (x + 1) * block), 0);
+      await stack.write(expert, x * words);
+    }
+    return new PackedExpertWeight(kind, e.shape, await stack.finish());
+  } catch (err) {
+    stack.dispose();
+    throw err;
+  }
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]) =>
@@ -343,13 +411,13 @@ export async function loadMoEBlockWeights(
   const created: Array<tf.Tensor | PackedExpertWeight> = [];
   const track = <T extends tf.Tensor | PackedExpertWeight>(t: T): T => { created.push(t); return t; };
   const readPacked = async (e: Expected): Promise<PackedExpertWeight> => track(isQuantizedKind(kind!) ?
-    await readQuantizedTransposed(op, file, kind, e, groupSize) :
-    packedExpertWeightFromBits(kind as HalfKind, e.shape, await file.halfBits!(e.name)));
+    await readQuantizedTransposed(op, file, kind, e, groupSize) : await readPackedHalves(file, kind as HalfKind, e));
   const fuse = (parts: Expected[][], E: number, dims: number[]) =>
     kind === null ? fuseRows(op, file, E, parts, dims) :
     isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize) : fuseRowsPacked(file, kind, E, parts, dims);
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
-    const t = track(await file.tensor(e.name));
+    // on the device now (webgpu), not left on the host until its first use
+    const t = track(await readToDevice(file, e.name));
     if (t.dtype !== 'float32') fail(op, `'${e.name}' must be a floating-point tensor but is ${t.dtype}`);
     return t as T;
   };

@@ -25,6 +25,7 @@ import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
+import { readToDevice } from './device_tensor.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
@@ -361,7 +362,11 @@ function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype:
   return expertPackedKind(source, names, expertDtype) ?? 'float32';
 }
 
-/** Writes the checkpoint's tensors into the model, one at a time (checkCheckpointAgainstConfig ran first). */
+/**
+ * Writes the checkpoint's tensors into the model, one at a time (checkCheckpointAgainstConfig ran
+ * first), each on the device as it is read (src/io/device_tensor.ts): on webgpu the host never
+ * holds more than the tensor being read, or one expert of a fused stack.
+ */
 async function fillWeights(
     op: string, model: MoECausalLM, config: HFConfig, source: TensorSource, expertDtype: ExpertDtype,
     int4GroupSize: number | undefined): Promise<void> {
@@ -377,7 +382,8 @@ async function fillWeights(
     for (const w of layer.weights) plain.push([w, hfWeightName(layer, w)]);
   }
   for (const [variable, name] of plain) {
-    const t = await source.tensor(name);
+    // on the device before it is written (webgpu would otherwise keep it on the host until first use)
+    const t = await readToDevice(source, name);
     try {
       variable.write(t);
     } finally {

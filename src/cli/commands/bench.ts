@@ -139,7 +139,6 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
           }
           const bad = ((argv.expertDtype as string[] | undefined) ?? []).filter(d => !(LOAD_BENCH_EXPERT_DTYPES as readonly string[]).includes(d));
           if (bad.length > 0) return `--expert-dtype: '${bad[0]}' is not one of ${LOAD_BENCH_EXPERT_DTYPES.join(', ')}`;
-          if (argv.backend === 'webgpu') return `--config ${LOAD_BENCH_CONFIG} runs on cpu or wasm`;
           for (const name of ['model', 'text', 'profile'] as const) {
             if (argv[name] !== undefined && argv[name] !== false) return `--${name} is not an option of --config ${LOAD_BENCH_CONFIG}`;
           }

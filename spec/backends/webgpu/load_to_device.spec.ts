@@ -1,0 +1,211 @@
+/**
+ * Loading a checkpoint on webgpu puts every weight straight on the device (src/io/device_tensor.ts):
+ * the values equal the file's (read back asynchronously), no weight is left on the host for its
+ * first use, fused expert stacks written expert by expert land where they belong (float32, packed
+ * bf16, int4, the gpt-oss layout), and a load that fails mid-stack frees the stack's buffer.
+ * Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { deviceTensor, hostValueBytes, onDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
+import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
+import { encodeFloat16, readSafetensorsFile, type SafetensorsFile } from '../../../src/io/safetensors.js';
+import { sparseMoELayers, type MoECausalLM } from '../../../src/layers/moe_causal_lm.js';
+import { variableFloat32 } from '../../../src/layers/sparse_moe.js';
+import { packExpertWeight } from '../../../src/ops/packed.js';
+import { encodeHalfSafetensors, writeHalfFixture } from '../../helpers/half_checkpoint.js';
+import { writeFile } from 'node:fs/promises';
+import { cleanup, fixtureDir, tempDir, writeCheckpoint } from '../../io/checkpoint_helpers.js';
+
+const dirs = { olmoe16: '', olmoe32: '', gptOss16: '', gptOss32: '' };
+
+/** Concatenates the float32 values of `names` (each a [rows, cols] tensor) in order: a fused stack by hand. */
+async function stacked(file: SafetensorsFile, names: string[]): Promise<Float32Array> {
+  const parts: Float32Array[] = [];
+  for (const name of names) {
+    const t = await file.tensor(name);
+    parts.push(await t.data() as Float32Array);
+    t.dispose();
+  }
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+/** The olmoe fixture's layer-`layer` gate_up [E, 2I, H] (gate rows then up rows per expert) and down, from `file`. */
+function olmoeExpertNames(layer: number, experts: number) {
+  const at = (e: number, w: string) => `model.layers.${layer}.mlp.experts.${e}.${w}.weight`;
+  const es = Array.from({ length: experts }, (_, e) => e);
+  return { gateUp: es.flatMap(e => [at(e, 'gate_proj'), at(e, 'up_proj')]), down: es.map(e => at(e, 'down_proj')) };
+}
+
+async function valuesOf(t: tf.Tensor): Promise<Float32Array> {
+  return await t.data() as Float32Array;
+}
+
+function expectAllOnDevice(model: MoECausalLM): void {
+  for (const w of model.weights) expect(hostValueBytes(w.read()), w.originalName).to.equal(0);
+}
+
+describe('webgpu: loading a checkpoint straight to the device', function () {
+  this.timeout(120_000);
+
+  before(async function () {
+    if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+    dirs.olmoe16 = await tempDir();
+    dirs.olmoe32 = await tempDir();
+    dirs.gptOss16 = await tempDir();
+    dirs.gptOss32 = await tempDir();
+    await writeHalfFixture(fixtureDir('olmoe'), 'bf16', dirs.olmoe16, dirs.olmoe32);
+    await writeHalfFixture(fixtureDir('gpt_oss'), 'bf16', dirs.gptOss16, dirs.gptOss32);
+  });
+  after(cleanup);
+
+  it('a tf.tensor is left on the host by tfjs-backend-webgpu until first use; onDevice and deviceTensor put it on the device', async () => {
+    const before = tf.memory().numTensors;
+    const values = Float32Array.from({ length: 1000 }, (_, i) => Math.sin(i));
+    const plain = tf.tensor(values, [10, 100]);
+    expect(hostValueBytes(plain)).to.equal(4000);   // what the loader must not leave behind
+    const moved = await onDevice(plain);
+    expect(plain.isDisposed).to.equal(true);
+    expect(hostValueBytes(moved)).to.equal(0);
+    expect(Array.from(await valuesOf(moved))).to.deep.equal(Array.from(values));
+    expect(await onDevice(moved)).to.equal(moved);  // already on the device: the same tensor
+    const ints = await deviceTensor(Int32Array.from([1, -2, 2147483647]), [3], 'int32');
+    expect(hostValueBytes(ints)).to.equal(0);
+    expect(Array.from(await ints.data())).to.deep.equal([1, -2, 2147483647]);
+    tf.dispose([moved, ints]);
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('a TensorBuilder writes pieces into one device buffer; disposed unfinished, it frees the buffer', async () => {
+    const gpuBytes = () => (tf.memory() as unknown as { numBytesInGPU: number }).numBytesInGPU;
+    const before = { tensors: tf.memory().numTensors, gpu: gpuBytes() };
+    const stack = new TensorBuilder([3, 2, 2], 'float32');
+    for (let e = 2; e >= 0; e--) await stack.write(Float32Array.from([1, 2, 3, 4], v => 10 * e + v), 4 * e);
+    const t = await stack.finish();
+    expect(t.shape).to.deep.equal([3, 2, 2]);
+    expect(Array.from(await t.data())).to.deep.equal([1, 2, 3, 4, 11, 12, 13, 14, 21, 22, 23, 24]);
+    t.dispose();
+    const abandoned = new TensorBuilder([1024, 256], 'int32');
+    await abandoned.write(new Int32Array(256).fill(7), 0);
+    abandoned.dispose();
+    expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(before);
+  });
+
+  it('readToDevice decodes a 16-bit tensor into its device buffer in pieces: every piece where it belongs', async () => {
+    // 2^22 + 3 elements: a whole 4 Mi-element piece and a short one; f16 here (bf16 is the loads below)
+    const n = 2 ** 22 + 3;
+    const values = Float32Array.from({ length: n }, (_, i) => Math.fround(((i * 7919) % 4001 - 2000) / 1024));
+    const dir = await tempDir();
+    const path = join(dir, 'big.safetensors');
+    await writeFile(path, encodeHalfSafetensors('f16', { big: { bits: encodeFloat16(values), shape: [n] } }));
+    const file = await readSafetensorsFile(path);
+    const before = tf.memory().numTensors;
+    const t = await readToDevice(file, 'big');
+    expect(hostValueBytes(t)).to.equal(0);
+    const got = await t.data();
+    t.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    let mismatches = 0;
+    for (let i = 0; i < n; i++) if (got[i] !== values[i]) mismatches++;  // every value is exact in f16
+    expect(mismatches).to.equal(0);
+  });
+
+  it('bf16 olmoe as float32: every weight on the device and equal to the file, the stacks fused expert by expert', async () => {
+    const before = tf.memory().numTensors;
+    const model = await loadHFCheckpoint(dirs.olmoe16, { expertDtype: 'float32' });
+    try {
+      expectAllOnDevice(model);
+      const file = await readSafetensorsFile(join(dirs.olmoe32, 'model.safetensors'));
+      const embed = await file.tensor('model.embed_tokens.weight');
+      expect(Array.from(await valuesOf(model.getLayer('model.embed_tokens').weights[0].read()))).to.deep.equal(Array.from(await valuesOf(embed)));
+      embed.dispose();
+      for (const [i, layer] of sparseMoELayers(model).entries()) {
+        const names = olmoeExpertNames(i, 8);
+        expect(Array.from(await valuesOf(layer.weightVariable('gate_up').read())), `layer ${i} gate_up`)
+            .to.deep.equal(Array.from(await stacked(file, names.gateUp)));
+        expect(Array.from(await valuesOf(layer.weightVariable('down').read())), `layer ${i} down`)
+            .to.deep.equal(Array.from(await stacked(file, names.down)));
+      }
+    } finally {
+      model.dispose();
+    }
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('bf16 experts kept packed (per-expert olmoe and fused gpt-oss) decode to the file\'s values', async () => {
+    const before = tf.memory().numTensors;
+    for (const [dir16, dir32, fused] of [[dirs.olmoe16, dirs.olmoe32, false], [dirs.gptOss16, dirs.gptOss32, true]] as const) {
+      const model = await loadHFCheckpoint(dir16);
+      try {
+        expectAllOnDevice(model);
+        const file = await readSafetensorsFile(join(dir32, 'model.safetensors'));
+        for (const [i, layer] of sparseMoELayers(model).entries()) {
+          expect(layer.expertStorage).to.equal('bf16');
+          const names = fused ?
+            { gateUp: [`model.layers.${i}.mlp.experts.gate_up_proj`], down: [`model.layers.${i}.mlp.experts.down_proj`] } :
+            olmoeExpertNames(i, 8);
+          for (const [weight, parts] of [['gate_up', names.gateUp], ['down', names.down]] as const) {
+            const decoded = variableFloat32(layer.weightVariable(weight));
+            expect(Array.from(await valuesOf(decoded)), `${dir16} layer ${i} ${weight}`).to.deep.equal(Array.from(await stacked(file, parts)));
+            decoded.dispose();
+          }
+        }
+      } finally {
+        model.dispose();
+      }
+    }
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('int4 experts quantized on load, expert by expert, equal the whole stack quantized at once', async () => {
+    const before = tf.memory().numTensors;
+    for (const [dir16, dir32, fused] of [[dirs.olmoe16, dirs.olmoe32, false], [dirs.gptOss16, dirs.gptOss32, true]] as const) {
+      const model = await loadHFCheckpoint(dir16, { expertDtype: 'int4', int4GroupSize: 32 });
+      try {
+        expectAllOnDevice(model);
+        const file = await readSafetensorsFile(join(dir32, 'model.safetensors'));
+        const layer = sparseMoELayers(model)[0];
+        const name = fused ? 'model.layers.0.mlp.experts.down_proj' : undefined;
+        const values = name ? await stacked(file, [name]) : await stacked(file, olmoeExpertNames(0, 8).down);
+        const shape = name ? file.info(name).shape : [8, 64, 48];
+        const whole = tf.tensor3d(values, shape as [number, number, number]);
+        const reference = packExpertWeight(whole, 'int4', { groupSize: 32, ...(fused ? { inputAxis: 1 } : {}) });
+        expect(Array.from(await layer.weightVariable('down').read().data()), dir16).to.deep.equal(Array.from(await reference.packed.data()));
+        tf.dispose([whole, reference.packed]);
+      } finally {
+        model.dispose();
+      }
+    }
+    expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('a load that fails in the middle of a stack leaves no tensor and no device buffer behind', async () => {
+    // one expert's down_proj holds a NaN: int4 quantization refuses it after the stack's first experts were written
+    const file = await readSafetensorsFile(join(dirs.olmoe32, 'model.safetensors'));
+    const tensors: Record<string, tf.Tensor> = {};
+    for (const name of file.names()) tensors[name] = await file.tensor(name);
+    const bad = 'model.layers.0.mlp.experts.5.down_proj.weight';
+    const values = (await tensors[bad].data() as Float32Array).slice();
+    values[7] = NaN;
+    tensors[bad].dispose();
+    tensors[bad] = tf.tensor(values, file.info(bad).shape);
+    const dir = await tempDir();
+    await writeCheckpoint(dir, JSON.parse(await readFile(join(dirs.olmoe32, 'config.json'), 'utf8')), tensors);
+    tf.dispose(Object.values(tensors));
+    const gpuBytes = () => (tf.memory() as unknown as { numBytesInGPU: number }).numBytesInGPU;
+    const before = { tensors: tf.memory().numTensors, gpu: gpuBytes() };
+    let error: Error | undefined;
+    try {
+      (await loadHFCheckpoint(dir, { expertDtype: 'int4' })).dispose();
+    } catch (e) {
+      error = e as Error;
+    }
+    expect(error?.message).to.match(/must be finite to be quantized \(int4\) but holds NaN/);
+    expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(before);
+  });
+});

@@ -1,0 +1,191 @@
+/**
+ * Loaded weights go straight to the device. On webgpu, tf.tensor(values) only records the host
+ * array: tfjs-backend-webgpu uploads it at the tensor's first use (uploadToGPU) and keeps it until
+ * then, so a model loaded with tf.tensor holds every weight on the host until its first forward
+ * pass. Here a weight's device buffer is allocated empty and filled with queue.writeBuffer, a
+ * piece at a time (a fused expert stack one expert at a time), so the host holds one piece, never
+ * the stack or the model. On cpu and wasm the tensor's memory is the host's: one array, filled in
+ * place.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { decodeBFloat16, decodeFloat16 } from '../util/half.js';
+import type { TensorSource } from './hf_block.js';
+
+/** What is used of tfjs-backend-webgpu's WebGPUBackend (4.22), checked before use. */
+interface WebGPUBackendLike {
+  device: GPUDevice;
+  tensorMap: { get(dataId: object): { values?: ArrayLike<number> | null; resource?: unknown } | undefined };
+  makeTensorInfo(shape: number[], dtype: tf.DataType): tf.TensorInfo;
+  uploadToGPU(dataId: object): void;
+  disposeData(dataId: object, force?: boolean): boolean;
+}
+
+/** Bytes queued with writeBuffer before the queue is waited on: bounds Dawn's staging memory. */
+const MAX_QUEUED_BYTES = 64 * 2 ** 20;
+
+/** The webgpu backend when it is the active one and has what this file uses, else null. */
+function activeWebGPU(): WebGPUBackendLike | null {
+  if (tf.getBackend() !== 'webgpu') return null;
+  const b = tf.backend() as unknown as Partial<WebGPUBackendLike>;
+  const usable = typeof b.makeTensorInfo === 'function' && typeof b.uploadToGPU === 'function' &&
+      typeof b.disposeData === 'function' && typeof b.tensorMap?.get === 'function' &&
+      typeof b.device?.queue?.writeBuffer === 'function';
+  return usable ? b as WebGPUBackendLike : null;
+}
+
+let queuedBytes = 0;
+
+/** Waits for the queue when more than MAX_QUEUED_BYTES were written since the last wait (or always with `force`). */
+async function drainQueue(backend: WebGPUBackendLike, force: boolean): Promise<void> {
+  if (queuedBytes === 0 || (!force && queuedBytes < MAX_QUEUED_BYTES)) return;
+  queuedBytes = 0;
+  await backend.device.queue.onSubmittedWorkDone();
+}
+
+/**
+ * A float32 or int32 tensor of `shape` filled piece by piece: `write` copies a piece into its
+ * place (on webgpu straight into the tensor's device buffer), `finish` gives the tensor. Every
+ * element must be written once before `finish` (a reused device buffer is not zeroed).
+ *
+ * ```js
+ * const stack = new TensorBuilder([E, rows, cols], 'float32');
+ * for (let e = 0; e < E; e++) await stack.write(await expertValues(e), e * rows * cols);
+ * const w = await stack.finish();
+ * ```
+ */
+export class TensorBuilder {
+  private readonly backend: WebGPUBackendLike | null;
+  private readonly host: Float32Array | Int32Array | null = null;
+  private info: tf.TensorInfo | null = null;
+  private buffer: GPUBuffer | null = null;
+
+  constructor(readonly shape: number[], readonly dtype: 'float32' | 'int32') {
+    const size = shape.reduce((a, b) => a * b, 1);
+    const webgpu = size > 0 ? activeWebGPU() : null;
+    this.backend = webgpu;
+    if (webgpu === null) {
+      this.host = dtype === 'int32' ? new Int32Array(size) : new Float32Array(size);
+      return;
+    }
+    // no values: uploadToGPU only allocates the device buffer
+    this.info = webgpu.makeTensorInfo(shape, dtype);
+    webgpu.uploadToGPU(this.info.dataId);
+    this.buffer = webgpu.tensorMap.get(this.info.dataId)!.resource as GPUBuffer;
+  }
+
+  /** Copies `values` to elements [offset, offset + values.length); `values` may be reused afterwards. */
+  async write(values: Float32Array | Int32Array, offset: number): Promise<void> {
+    if (this.host !== null) {
+      this.host.set(values, offset);
+      return;
+    }
+    const backend = this.backend!;
+    backend.device.queue.writeBuffer(this.buffer!, offset * 4, values.buffer, values.byteOffset, values.byteLength);
+    queuedBytes += values.byteLength;
+    await drainQueue(backend, false);
+  }
+
+  /** The tensor (the caller owns it); the builder is spent. */
+  async finish(): Promise<tf.Tensor> {
+    if (this.host !== null) return tf.tensor(this.host, this.shape, this.dtype);
+    await drainQueue(this.backend!, true);
+    const info = this.info!;
+    this.info = null;
+    return tf.engine().makeTensorFromTensorInfo(info, this.backend as unknown as tf.KernelBackend);
+  }
+
+  /** Frees the device buffer of a builder that will not be finished (an error while loading). */
+  dispose(): void {
+    if (this.info !== null) this.backend!.disposeData(this.info.dataId, true);
+    this.info = null;
+  }
+}
+
+/**
+ * `values` as a tensor on the active backend's device: on webgpu written to a device buffer now
+ * (tf.tensor would keep `values` on the host until the tensor's first use); elsewhere tf.tensor.
+ *
+ * ```js
+ * const w = await deviceTensor(decodeBFloat16(bits), [V, H], 'float32');
+ * ```
+ */
+export async function deviceTensor(values: Float32Array | Int32Array, shape: number[], dtype: 'float32' | 'int32'): Promise<tf.Tensor> {
+  const builder = new TensorBuilder(shape, dtype);
+  try {
+    await builder.write(values, 0);
+    return await builder.finish();
+  } catch (e) {
+    builder.dispose();
+    throw e;
+  }
+}
+
+/**
+ * `t` on the device: on webgpu, a tensor whose values are still only on the host (made by
+ * tf.tensor, not used yet) is replaced by a device copy and disposed; anything else is `t`.
+ *
+ * ```js
+ * const w = await onDevice(await file.tensor('lm_head.weight'));
+ * ```
+ */
+export async function onDevice(t: tf.Tensor): Promise<tf.Tensor> {
+  const webgpu = activeWebGPU();
+  if (webgpu === null || (t.dtype !== 'float32' && t.dtype !== 'int32')) return t;
+  const data = webgpu.tensorMap.get(t.dataId);
+  const values = data?.values;
+  if (values == null || data!.resource != null || !(values instanceof Float32Array || values instanceof Int32Array)) return t;
+  const moved = await deviceTensor(values, t.shape, t.dtype);
+  t.dispose();
+  return moved;
+}
+
+/**
+ * Bytes of `t`'s values held on the host by the webgpu backend (0 once on the device); null on
+ * other backends, where every tensor lives on the host. The load bench reports it.
+ */
+export function hostValueBytes(t: tf.Tensor): number | null {
+  const webgpu = activeWebGPU();
+  if (webgpu === null) return null;
+  const values = webgpu.tensorMap.get(t.dataId)?.values as ArrayLike<number> & { byteLength?: number } | null | undefined;
+  return values == null ? 0 : values.byteLength ?? values.length * 4;
+}
+
+/** Elements decoded per piece when a 16-bit tensor is written to the device: 16 MiB of float32. */
+const DECODE_CHUNK_ELEMENTS = 1 << 22;
+
+/**
+ * The 16-bit values `halves` (BF16 or F16 bits, as stored) decoded to float32, `count` at a time
+ * from element `from`.
+ */
+export function decodeHalves(dtype: string, halves: Uint16Array, from = 0, count = halves.length - from): Float32Array {
+  const part = halves.subarray(from, from + count);
+  return dtype === 'BF16' ? decodeBFloat16(part) : decodeFloat16(part);
+}
+
+/**
+ * The checkpoint tensor `name` as a float32 (or int32) tensor on the device. On webgpu a BF16 or
+ * F16 tensor is read as its stored halves and decoded into its device buffer a piece at a time,
+ * so the host holds the tensor's bytes as stored and one piece of float32, not all of it as
+ * float32; anything else is `source.tensor(name)` moved with onDevice.
+ *
+ * ```js
+ * const embed = await readToDevice(file, 'model.embed_tokens.weight');
+ * ```
+ */
+export async function readToDevice(source: TensorSource, name: string): Promise<tf.Tensor> {
+  const { dtype, shape } = source.info(name);
+  if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
+    return onDevice(await source.tensor(name));
+  }
+  const halves = await source.halfBits(name);
+  const builder = new TensorBuilder(shape, 'float32');
+  try {
+    for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
+      await builder.write(decodeHalves(dtype, halves, at, Math.min(DECODE_CHUNK_ELEMENTS, halves.length - at)), at);
+    }
+    return await builder.finish();
+  } catch (e) {
+    builder.dispose();
+    throw e;
+  }
+}
