@@ -206,6 +206,7 @@ export async function bnbTensorSource(source: ByteSource, where: string): Promis
     const formatName = `${prefix}weight_format`;
     hidden.add(scbName);
     hidden.add(formatName);
+    withState.add(weight);
     if (!source.has(weight)) {
       problems.push(`'${scbName}' has no 8-bit weight '${weight}'`);
       continue;
