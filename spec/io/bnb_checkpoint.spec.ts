@@ -7,11 +7,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   BNB_FP4_CODE_BOOK, bnbTensorSource, decode4bit, decode8bit, decodeNestedAbsmax,
 } from '../../src/io/bnb_checkpoint.js';
 import { CheckpointError, loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
+import { saveHFCheckpoint } from '../../src/io/hf_save.js';
+import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
 import { NF4_CODE_BOOK } from '../../src/ops/quantized.js';
@@ -114,7 +117,6 @@ describe('io/bnb_checkpoint: bitsandbytes 4-bit and 8-bit checkpoints', () => {
     it('every quantized weight reads as what the generator computed in float64 (nf4, fp4, double quant, int8, bf16)', async () => {
       for (const options of [{}, { quantType: 'fp4' }, { doubleQuant: true, blocksize: 128 }, { bits: 8 }, { dtype: 'bfloat16', doubleQuant: true }] as BnbFixtureOptions[]) {
         const { dir, decoded } = await fixture(options);
-        const { readSafetensorsFile } = await import('../../src/io/safetensors.js');
         const source = await bnbTensorSource(await readSafetensorsFile(join(dir, 'model.safetensors')), 'the fixture');
         for (const [name, want] of decoded) {
           const t = await source.tensor(name);
@@ -128,6 +130,21 @@ describe('io/bnb_checkpoint: bitsandbytes 4-bit and 8-bit checkpoints', () => {
   describe('the imported model equals the model of the dequantized weights', () => {
     it('NF4, blocks of 64: kept as this package\'s nf4 (codes and absmax as stored), the same expert values and logits', async () => {
       await expectImport({}, undefined, 'nf4', 0);
+    });
+
+    it('saved, an imported model is a plain checkpoint (no quantization_config) that reloads to the same logits', async () => {
+      const { dir } = await fixture({});
+      const before = tf.memory().numTensors;
+      const model = await loadHFCheckpoint(dir);
+      const saved = await tempDir('bnb-saved-');
+      await saveHFCheckpoint(model, saved);
+      expect(JSON.parse(await readFile(join(saved, 'config.json'), 'utf8'))).to.not.have.property('quantization_config');
+      const again = await loadHFCheckpoint(saved);
+      const [a, b] = logits(model, again);
+      expect(maxRelativeError(a, b)).to.equal(0);
+      model.dispose();
+      again.dispose();
+      expect(tf.memory().numTensors).to.equal(before);
     });
 
     it('NF4 with double quantization: decoded (float32 experts) by default; re-quantized only with expertDtype \'nf4\'', async () => {
