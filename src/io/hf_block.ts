@@ -7,7 +7,7 @@ import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
 import {
   isQuantizedKind, packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type HalfKind, type PackedKind,
 } from '../ops/packed.js';
-import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind } from '../ops/quantized.js';
+import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { decodeHalves, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
@@ -34,6 +34,16 @@ export interface TensorSource {
   isMXFP4?(name: string): boolean;
   /** an MXFP4 weight's stored bytes (`X_blocks`, `X_scales`), where isMXFP4(name) */
   mxfp4Bytes?(name: string): Promise<{ blocks: Uint8Array; scales: Uint8Array }>;
+  /**
+   * The quantized kind a weight is stored in when its codes and scales are that kind's own
+   * (bitsandbytes NF4 in blocks of 64, LLM.int8: src/io/bnb_checkpoint.ts), else null; optional
+   */
+  storedQuantizedKind?(name: string): QuantizedKind | null;
+  /**
+   * Such a [out, in] weight's codes (bytes in this package's order: src/ops/quantized.ts) and
+   * scales (one per group, output-major), where storedQuantizedKind(name) is not null
+   */
+  storedQuantizedParts?(name: string): Promise<{ codes: Uint8Array; scales: Float32Array }>;
 }
 
 /**
@@ -75,7 +85,16 @@ export function expertPackedKind(file: TensorSource, names: string[], expertDtyp
   if (isQuantizedKind(expertDtype)) return expertDtype;
   if (expertDtype === 'stored' && names.length > 0 && typeof file.isMXFP4 === 'function' &&
       names.every(n => file.isMXFP4!(n))) return 'mxfp4';
+  const stored = storedQuantizedKindOf(file, names);
+  if (expertDtype === 'stored' && stored !== null) return stored;
   return storedExpertKind(file, names, expertDtype);
+}
+
+/** The one quantized kind every tensor of `names` is stored in as its own words (bitsandbytes' NF4, int8), else null. */
+function storedQuantizedKindOf(file: TensorSource, names: string[]): QuantizedKind | null {
+  if (typeof file.storedQuantizedKind !== 'function' || names.length === 0) return null;
+  const kinds = new Set(names.map(n => file.storedQuantizedKind!(n)));
+  return kinds.size === 1 ? [...kinds][0] : null;
 }
 
 /** The routed-expert weight tensors of a block plan (the ones that may load packed). */
@@ -253,6 +272,7 @@ async function fuseRowsQuantized(
     [rows, cols]: number[], groupSize: number | undefined): Promise<PackedExpertWeight> {
   const shape = [numExperts, parts.length * rows, cols];
   const layout = quantizedLayout(kind, shape, 2, groupSize, op);
+  if (storedQuantizedKindOf(file, parts.flat().map(p => p.name)) === kind) return fuseStoredQuantized(file, kind, layout, numExperts, parts, [rows, cols]);
   const block = new Float32Array(parts.length * rows * cols);
   const expert = new Int32Array(layout.wordsPerExpert);
   const stack = new TensorBuilder([numExperts, layout.wordsPerExpert], 'int32');
@@ -275,6 +295,30 @@ async function fuseRowsQuantized(
     stack.dispose();
     throw err;
   }
+}
+
+/**
+ * fuseRows for experts stored in `kind`'s own codes and scales (bitsandbytes NF4 or int8): each
+ * part's codes and scales copied into the expert's words, gate rows then up rows (the groups of a
+ * part are whole rows, so its codes and scales follow the previous part's); nothing is decoded.
+ */
+async function fuseStoredQuantized(
+    file: TensorSource, kind: QuantizedKind, layout: QuantizedLayout, numExperts: number, parts: Expected[][],
+    [rows, cols]: number[]): Promise<PackedExpertWeight> {
+  const W = layout.wordsPerExpert;
+  const data = new Int32Array(numExperts * W);
+  const bytes = new Uint8Array(data.buffer);
+  const floats = new Float32Array(data.buffer);
+  const codeBytes = kind === 'int8' ? rows * cols : (rows * cols) / 2;
+  const scales = rows * layout.groupsPerOutput;
+  for (let e = 0; e < numExperts; e++) {
+    for (const [p, part] of parts.entries()) {
+      const stored = await file.storedQuantizedParts!(part[e].name);
+      bytes.set(stored.codes, 4 * e * W + p * codeBytes);
+      floats.set(stored.scales, e * W + layout.scaleWord + p * scales);
+    }
+  }
+  return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], tf.tensor2d(data, [numExperts, W], 'int32'), { inputAxis: 2 });
 }
 
 /**

@@ -48,7 +48,8 @@ async function openCheckpoint(dir: string): Promise<CheckpointSource> {
  * Whole models: every family but gemma4_text (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, glm4_moe,
  * deepseek_v3, ernie4_5_moe, hunyuan_v1_moe, minimax_m2, llama4_text, mistral4, glm_moe_dsa,
  * qwen3_next, qwen3_5_moe_text);
- * FP8 and MXFP4 checkpoints decode on load. Extra tensors in the checkpoint are ignored (as
+ * FP8, MXFP4 and bitsandbytes 4-/8-bit checkpoints load (NF4 / int8 experts kept as stored, the
+ * rest decoded: docs/quantized.md). Extra tensors in the checkpoint are ignored (as
  * transformers does with unexpected keys); missing, misshapen or non-float tensors are one
  * CheckpointError listing all.
  * The model remembers each tensor's dtype on disk and the folder (checkpoint_source.ts), so

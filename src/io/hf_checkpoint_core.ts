@@ -27,6 +27,7 @@ import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
 import { readToDevice } from './device_tensor.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
+import { bnbTensorSource, isBitsAndBytesConfig } from './bnb_checkpoint.js';
 
 /** A checkpoint that does not match its config (or is not there): the message lists every problem. */
 export class CheckpointError extends MoELoraError {
@@ -326,6 +327,11 @@ export async function modelFromCheckpoint(
   if (isMXFP4Config(config)) {
     // MXFP4 experts (gpt-oss on the Hub) are read as the BF16 weights they decode to, exactly
     source = mxfp4TensorSource(source, where);
+  } else if (isBitsAndBytesConfig(config)) {
+    // bitsandbytes 4-/8-bit linears read as the weights they decode to (NF4 in blocks of 64 and
+    // int8 experts can stay as they are stored: bnb_checkpoint.ts); the model is then a plain one
+    source = await bnbTensorSource(source, where);
+    config = withoutQuantizationConfig(config);
   } else if (config['quantization_config'] != null) {
     // an FP8 checkpoint loads as the float32 model of its dequantized weights (any other
     // quantization is refused here, by name)

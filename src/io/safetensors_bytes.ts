@@ -134,7 +134,8 @@ export class SafetensorsFile {
   }
 
   /**
-   * The raw bytes of a U8 tensor (MXFP4 blocks and scales, src/io/mxfp4.ts).
+   * The raw bytes of a U8 or I8 tensor (MXFP4 blocks and scales, src/io/mxfp4.ts; bitsandbytes'
+   * codes, src/io/bnb_checkpoint.ts).
    *
    * ```js
    * const scales = await file.uint8Values('model.layers.0.mlp.experts.down_proj_scales');  // Uint8Array
@@ -142,8 +143,8 @@ export class SafetensorsFile {
    */
   async uint8Values(name: string): Promise<Uint8Array> {
     const e = this.entry(name);
-    if (e.dtype !== 'U8') {
-      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; uint8Values reads U8 tensors only`);
+    if (e.dtype !== 'U8' && e.dtype !== 'I8') {
+      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; uint8Values reads U8 and I8 tensors only`);
     }
     return this.readData(e.begin, e.end);
   }
