@@ -306,19 +306,28 @@ async function fuseStoredQuantized(
     file: TensorSource, kind: QuantizedKind, layout: QuantizedLayout, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<PackedExpertWeight> {
   const W = layout.wordsPerExpert;
-  const data = new Int32Array(numExperts * W);
-  const bytes = new Uint8Array(data.buffer);
-  const floats = new Float32Array(data.buffer);
+  // one expert's words on the host at a time, written to the device as the others (TensorBuilder)
+  const expert = new Int32Array(W);
+  const bytes = new Uint8Array(expert.buffer);
+  const floats = new Float32Array(expert.buffer);
   const codeBytes = kind === 'int8' ? rows * cols : (rows * cols) / 2;
   const scales = rows * layout.groupsPerOutput;
-  for (let e = 0; e < numExperts; e++) {
-    for (const [p, part] of parts.entries()) {
-      const stored = await file.storedQuantizedParts!(part[e].name);
-      bytes.set(stored.codes, 4 * e * W + p * codeBytes);
-      floats.set(stored.scales, e * W + layout.scaleWord + p * scales);
+  const stack = new TensorBuilder([numExperts, W], 'int32');
+  try {
+    for (let e = 0; e < numExperts; e++) {
+      expert.fill(0);
+      for (const [p, part] of parts.entries()) {
+        const stored = await file.storedQuantizedParts!(part[e].name);
+        bytes.set(stored.codes, p * codeBytes);
+        floats.set(stored.scales, layout.scaleWord + p * scales);
+      }
+      await stack.write(expert, e * W);
     }
+    return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], await stack.finish(), { inputAxis: 2 });
+  } catch (err) {
+    stack.dispose();
+    throw err;
   }
-  return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], tf.tensor2d(data, [numExperts, W], 'int32'), { inputAxis: 2 });
 }
 
 /**
