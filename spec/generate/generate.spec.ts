@@ -34,8 +34,8 @@ describe('generate/generate', () => {
   const models = new Map<string, MoECausalLM>();
   let dir: string;
   before(async () => {
-    models.set('qwen3', seededModel(QWEN3_TINY, 5));
-    models.set('mixtral', seededModel(MIXTRAL_WINDOW, 5));
+    models.set('qwen3', await seededModel(QWEN3_TINY, 5));
+    models.set('mixtral', await seededModel(MIXTRAL_WINDOW, 5));
     // MLA (deepseek_v3) and partial rotary (glm4_moe) keep their own keys in the cache
     for (const arch of ['deepseek_v3', 'glm4_moe']) models.set(arch, await loadHFCheckpoint(fixtureDir(arch)));
     dir = await tempDir('generate-');
@@ -111,7 +111,7 @@ describe('generate/generate', () => {
         chat_template: "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
       }),
     });
-    const model = seededModel({ ...QWEN3_TINY, vocab_size: tokenizer.vocabSize }, 1);
+    const model = await seededModel({ ...QWEN3_TINY, vocab_size: tokenizer.vocabSize }, 1);
     try {
       const messages = [{ role: 'user', content: 'hello' }];
       const r = await generate(model, messages, { tokenizer, maxNewTokens: 3 });

@@ -47,7 +47,7 @@ describe('generate/KVCache in RotaryAttention', () => {
     ['gpt_oss, sinks, YaRN, a sliding (3) then a full layer', GPT_OSS_TINY],
   ] as const) {
     it(`${name}: cached logits equal the full forward's (prompt, then 1 and 2 tokens at a time)`, async () => {
-      const model = seededModel(config, 5);
+      const model = await seededModel(config, 5);
       try {
         const full = await fullLogits(model, IDS);
         // the logits are far from uniform: a wrong position or key would show
@@ -68,7 +68,7 @@ describe('generate/KVCache in RotaryAttention', () => {
 
   it('a sliding window keeps window − 1 keys per layer; without one, every key', async () => {
     for (const [config, kept] of [[MIXTRAL_WINDOW, 2], [QWEN3_TINY, IDS.length]] as const) {
-      const model = seededModel(config, 2);
+      const model = await seededModel(config, 2);
       const cache = new KVCache();
       try {
         await cachedLogits(model, IDS, [5, 6], cache);
@@ -98,8 +98,8 @@ describe('generate/KVCache in RotaryAttention', () => {
     }
   });
 
-  it('a cache takes no segment or position ids (its positions run on from its length)', () => {
-    const model = seededModel(QWEN3_TINY, 5);
+  it('a cache takes no segment or position ids (its positions run on from its length)', async () => {
+    const model = await seededModel(QWEN3_TINY, 5);
     const cache = new KVCache();
     const ids = tf.tensor2d([[1, 2, 3]], [1, 3], 'int32');
     try {

@@ -29,8 +29,8 @@ export const GPT_OSS_TINY: HFConfig = {
 };
 
 /** The model of `config` with weights from `seed` (large enough that the logits are far from uniform). */
-export function seededModel(config: HFConfig, seed: number): MoECausalLM {
+export async function seededModel(config: HFConfig, seed: number): Promise<MoECausalLM> {
   const model = buildMoECausalLM(config);
-  seedModelInit(model, seed, config['initializer_range'] as number);
+  await seedModelInit(model, seed, config['initializer_range'] as number);
   return model;
 }

@@ -47,7 +47,7 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
   const model = buildMoECausalLM(WRITER_CONFIG);
   const dispose = () => model.dispose();
   if (kind === 'peft') {
-    seedModelInit(model, 1, 0.02);
+    await seedModelInit(model, 1, 0.02);
     addMoEAdapter(model, { name: 'default', r: 2, alpha: WRITER_ALPHA[variant], targets: ['experts.gate_up', 'experts.down'] });
     seedAdapterInit(model, 'default', 1 + v);
     for (const layer of sparseMoELayers(model)) {
@@ -59,7 +59,7 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
     }
     return { save: dir => savePeftAdapter(model, dir), dispose };
   }
-  seedModelInit(model, 1 + v, 0.02);
+  await seedModelInit(model, 1 + v, 0.02);
   if (kind === 'hf') {
     const extraFiles = { 'tokenizer.json': tokenizerFileText(writerTokenizer(variant)) };
     return { save: async dir => { await saveHFCheckpoint(model, dir, { extraFiles }); }, dispose };
@@ -68,9 +68,9 @@ export async function prepareSave(kind: ArtifactKind, variant: 'old' | 'new'):
 }
 
 /** The base model the 'peft' adapters belong to (what loadPeftAdapter loads them into). */
-export function peftBaseModel(): ReturnType<typeof buildMoECausalLM> {
+export async function peftBaseModel(): Promise<ReturnType<typeof buildMoECausalLM>> {
   const model = buildMoECausalLM(WRITER_CONFIG);
-  seedModelInit(model, 1, 0.02);
+  await seedModelInit(model, 1, 0.02);
   return model;
 }
 

@@ -24,9 +24,9 @@ import { cleanup, readAll, tempDir } from './checkpoint_helpers.js';
 
 const ids = () => tf.tensor2d([[1, 5, 9, 3, 30, 2]], [1, 6], 'int32');
 
-function baseModel() {
+async function baseModel() {
   const model = buildMoECausalLM(TINY_QWEN2_MOE);
-  seedModelInit(model, 3, 0.2);
+  await seedModelInit(model, 3, 0.2);
   return model;
 }
 
@@ -56,7 +56,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
   };
 
   it('save → load is exact: PEFT names, target_modules and patterns in the config, the same tensors and logits', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     register({ models: [model], lora });
     randomizeAdapters(model, 5);
     const dir = await tempDir();
@@ -85,7 +85,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     expect(Array.from(saved['base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight'].dataSync()))
         .to.deep.equal(Array.from(attn1.lora.factors('default')['v_proj'].B.read().dataSync()));
 
-    const copy = baseModel();
+    const copy = await baseModel();
     const loaded = await loadPeftAdapter(copy, dir);
     expect(loaded.modules).to.deep.equal([
       'model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj', 'model.layers.0.self_attn.o_proj',
@@ -106,7 +106,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     // only the adapter trains in the loaded model too
     expect(copy.trainableWeights.length).to.equal(model.trainableWeights.length);
     const withAdapter = logits(model);
-    expect(maxDiff(withAdapter, logits(baseModel()))).to.be.greaterThan(1e-3);
+    expect(maxDiff(withAdapter, logits(await baseModel()))).to.be.greaterThan(1e-3);
     expect(Array.from(logits(copy))).to.deep.equal(Array.from(withAdapter));
     tf.dispose(Object.values(saved));
     unregister();
@@ -115,13 +115,13 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
   });
 
   it('lora_dropout and rsLoRA are saved and loaded as PEFT writes them', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     register({ models: [model], lora: { r: 2, alpha: 4, dropout: 0.25, rsLoRA: true, targets: ['k_proj', 'mlp.up_proj'] } });
     const dir = await tempDir();
     await savePeftAdapter(model, dir);
     const config = JSON.parse(await readFile(join(dir, 'adapter_config.json'), 'utf8'));
     expect([config.lora_dropout, config.use_rslora, config.target_modules]).to.deep.equal([0.25, true, ['self_attn.k_proj', 'mlp.up_proj']]);
-    const copy = baseModel();
+    const copy = await baseModel();
     const loaded = await loadPeftAdapter(copy, dir);
     expect([loaded.rsLoRA, loaded.notes]).to.deep.equal([true, []]);
     expect((copy.getLayer('model.layers.0.mlp') as SwiGLUMLP).lora.config('default')).to.deep.equal(
@@ -132,7 +132,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
   });
 
   it('lora_dropout on MoE targets: saved with shared-expert targets, 0 with parameter targets (PEFT\'s ParamWrapper refuses it), loaded back', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     register({ models: [model], lora: { r: 2, alpha: 4, dropout: 0.1, targets: ['shared_expert.up_proj', 'q_proj'] } });
     const dir = await tempDir();
     await savePeftAdapter(model, dir);
@@ -140,7 +140,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     expect([config.lora_dropout, config.target_parameters]).to.deep.equal([0.1, []]);
     unregister();
     model.dispose();
-    const experts = baseModel();
+    const experts = await baseModel();
     // the experts and the router ('gate.weight') are parameter targets in PEFT
     register({ models: [experts], lora: { r: 2, alpha: 4, dropout: 0.1, targets: ['experts.gate_up', 'router', 'shared_expert.up_proj'] } });
     const expertsDir = await tempDir();
@@ -152,14 +152,14 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     expect((await rejection(savePeftAdapter(experts, await tempDir()))).message).to.match(/the adapted layers have lora_dropout 0\.1, 0\.3 \(PEFT keeps one per adapter\)/);
     unregister();
     experts.dispose();
-    const copy = baseModel();
+    const copy = await baseModel();
     await loadPeftAdapter(copy, dir);
     expect(sparseMoELayers(copy).map(l => l.adapterConfig('default')?.dropout)).to.deep.equal([0.1]);
     copy.dispose();
   });
 
   it('mergeAdapterIntoCheckpoint folds attention and dense-MLP adapters: merged logits = model + adapter', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     const baseDir = await tempDir();
     await saveHFCheckpoint(model, baseDir);
     register({ models: [model], lora });
@@ -180,7 +180,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
   });
 
   it('refuses linear tensors that are missing, misshapen, untargeted or not float, one line each', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj'] } });
     const dir = await tempDir();
     await savePeftAdapter(model, dir);
@@ -196,7 +196,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
     tensors['base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'] = tf.zeros([2, 8]);
     await writeSafetensorsFile(join(dir, 'adapter_model.safetensors'), tensors, { format: 'pt' });
     tf.dispose(Object.values(tensors));
-    const copy = baseModel();
+    const copy = await baseModel();
     const err = await rejection(loadPeftAdapter(copy, dir));
     expect(err.message.split('\n').slice(1)).to.deep.equal([
       `  no '${q0}.lora_B.weight' (the adapter config targets 'model.layers.0.self_attn.q_proj')`,
@@ -216,7 +216,7 @@ describe('io/peft: LoRA on attention and dense-MLP projections', () => {
   });
 
   it('savePeftAdapter refuses linear adapters that PEFT cannot hold in one config', async () => {
-    const model = baseModel();
+    const model = await baseModel();
     const attn = model.getLayer('model.layers.0.self_attn') as RotaryAttention;
     const mlp = model.getLayer('model.layers.0.mlp') as SwiGLUMLP;
     attn.lora.add({ name: 'x', modules: { q_proj: { r: 2, alpha: 4 } }, rsLoRA: true, dropout: 0.1 });

@@ -51,7 +51,7 @@ async function models(): Promise<Array<[string, tfl.LayersModel]>> {
   const gptOss = { ...(await fixtureConfig('gpt_oss')), sliding_window: 3 };
   const out: Array<[string, tfl.LayersModel]> = [['qwen3_moe', buildMoECausalLM(QWEN3)], ['mixtral, sliding window 3', buildMoECausalLM(mixtral)],
     ['gpt_oss, sinks, YaRN, sliding window 3 then full', buildMoECausalLM(gptOss)]];
-  out.forEach(([, m], i) => seedModelInit(m, 3 + i, 0.3));
+  for (const [i, [, m]] of out.entries()) await seedModelInit(m, 3 + i, 0.3);
   return out;
 }
 

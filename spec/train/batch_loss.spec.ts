@@ -35,9 +35,9 @@ function batchOf(ids: number[][], labels: number[][]): TrainingBatch {
 
 describe('train: batchLoss', () => {
   let model: tfl.LayersModel;
-  before(() => {
+  before(async () => {
     model = buildMoECausalLM(TINY);
-    seedModelInit(model, 3, 0.3);
+    await seedModelInit(model, 3, 0.3);
   });
   after(() => model.dispose());
 

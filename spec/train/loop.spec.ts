@@ -26,9 +26,9 @@ const TINY: HFConfig = {
 };
 const PATTERN = Int32Array.from({ length: 400 }, (_, i) => [1, 2, 3, 4, 5, 6, 3, 7][i % 8]);
 
-function tinyModel(seed = 1): tfl.LayersModel {
+async function tinyModel(seed = 1): Promise<tfl.LayersModel> {
   const model = buildMoECausalLM(TINY);
-  seedModelInit(model, seed, 0.3);
+  await seedModelInit(model, seed, 0.3);
   return model;
 }
 
@@ -95,7 +95,7 @@ function batchOf(rows: number[][], ignored: Array<[number, number]> = []): Train
 
 describe('train/loop: accumulation, clipping, Adam', () => {
   let model: tfl.LayersModel;
-  before(() => { model = tinyModel(); });
+  before(async () => { model = await tinyModel(); });
   after(() => model.dispose());
 
   it('k micro-batches give the gradient of one batch of all their rows (normalised by the step\'s target count)', () => {
@@ -189,7 +189,7 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
   };
 
   it('reports each step\'s scheduled lr and its pre-clip gradient norm (float64 norm of the step\'s gradients)', async () => {
-    const model = tinyModel(2);
+    const model = await tinyModel(2);
     const reports: StepReport[] = [];
     // the first step's gradients, before any update: the same micro-batches and dropout seeds as the loop
     const source = windowBatches(PATTERN, 2, 8, 3);
@@ -209,7 +209,7 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
   });
 
   it('a run resumed from its saved state gives the uninterrupted run\'s losses bit for bit', async () => {
-    const whole = tinyModel(5);
+    const whole = await tinyModel(5);
     const states: TrainState[] = [];
     const weightsAt: Float32Array[][] = [];
     const evals: number[] = [];
@@ -227,7 +227,7 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
     expect(states[0]).to.include({ microBatches: 8 });
     expect(states[0].losses).to.deep.equal(full.losses.slice(0, 4));
 
-    const resumed = tinyModel(5);
+    const resumed = await tinyModel(5);
     trainableVariables(resumed).forEach((x, i) => x.assign(tf.tensor(weightsAt[0][i], x.shape)));
     const before = tf.memory().numTensors;
     const rest = await trainLoop(resumed, PATTERN, { ...options, resume: states[0], evalEvery: 3, evaluate: () => 2 });
@@ -241,9 +241,9 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
   });
 
   it('a run stopped between checkpoints saves its state where it stopped, and resumes from there exactly', async () => {
-    const whole = tinyModel(6);
+    const whole = await tinyModel(6);
     const full = await trainLoop(whole, PATTERN, { ...options, steps: 5 });
-    const stopped = tinyModel(6);
+    const stopped = await tinyModel(6);
     const saved: TrainState[] = [];
     let weights: Float32Array[] = [];
     let calls = 0;
@@ -264,7 +264,7 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
   });
 
   it('takes a BatchSource: the micro-batches it gives, with their masks', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const given: TrainingBatch[] = [];
     const source: BatchSource = {
       next() {
@@ -284,7 +284,7 @@ describe('train/loop: the loop with schedules, accumulation, clipping, eval and 
   });
 
   it('rejects bad options and a step without labels, and leaves no tensor', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const base = { steps: 2, lr: 1e-2, batch: 1, seq: 4, seed: 1 };
     const state: TrainState = { step: 1, microBatches: 1, losses: [1], evalLosses: [], optimizer: { step: 2, m: [], v: [] }, seconds: 0 };
     const before = tf.memory().numTensors;

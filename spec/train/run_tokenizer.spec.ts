@@ -33,7 +33,7 @@ const TINY_CONFIG = {
 async function bpeModelFolder(dir: string, vocabSize: number): Promise<string> {
   const model = buildMoECausalLM({ ...TINY_CONFIG, vocab_size: vocabSize });
   try {
-    seedModelInit(model, 3, 0.02);
+    await seedModelInit(model, 3, 0.02);
     await saveHFCheckpoint(model, dir, { extraFiles: { 'tokenizer.json': BPE, 'tokenizer_config.json': TOKENIZER_CONFIG } });
   } finally {
     model.dispose();

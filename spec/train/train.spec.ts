@@ -27,10 +27,10 @@ const TINY: HFConfig = {
   norm_topk_prob: true, rms_norm_eps: 1e-6,
 };
 
-function tinyModel(seed = 1): tfl.LayersModel {
+async function tinyModel(seed = 1): Promise<tfl.LayersModel> {
   const model = buildMoECausalLM(TINY);
   // larger weights than HF's 0.02 so the logits (and the losses compared below) are not all alike
-  seedModelInit(model, seed, 0.3);
+  await seedModelInit(model, seed, 0.3);
   return model;
 }
 
@@ -70,7 +70,7 @@ const PATTERN = Int32Array.from({ length: 400 }, (_, i) => [1, 2, 3, 4, 5, 6, 3,
 
 describe('train: loss, windows, evaluation, generation', () => {
   let model: tfl.LayersModel;
-  before(() => { model = tinyModel(); });
+  before(async () => { model = await tinyModel(); });
   after(() => model.dispose());
 
   it('nextTokenLoss is the mean next-token cross-entropy (float64 reference)', () => {
@@ -142,7 +142,7 @@ describe('train: loss, windows, evaluation, generation', () => {
   });
 
   it('withAdaptersDisabled evaluates the base model and restores each layer\'s state once an async fn settles', async () => {
-    const adapted = tinyModel();
+    const adapted = await tinyModel();
     const layers = sparseMoELayers(adapted);
     for (const l of layers) l.addAdapter({ name: 'a', r: 2, alpha: 4, targets: ['experts.gate_up', 'router'] }, 'random');
     // the 'random' init draws from tfjs's unseeded generator, and some draws moved the loss by
@@ -202,7 +202,7 @@ describe('train: windows and the training loop', () => {
   it('learns a repeated pattern, leaves no tensor behind and repeats its losses for a seed', async () => {
     const runs: number[][] = [];
     for (let run = 0; run < 2; run++) {
-      const model = tinyModel(3);
+      const model = await tinyModel(3);
       const before = tf.memory().numTensors;
       const reports: number[] = [];
       const r = await trainLoop(model, PATTERN, {
@@ -220,7 +220,7 @@ describe('train: windows and the training loop', () => {
   });
 
   it('stops when asked, and a resumed run continues the step count', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     let calls = 0;
     const stopped = await trainLoop(model, PATTERN, {
       steps: 10, lr: 1e-2, batch: 2, seq: 8, seed: 1, shouldStop: () => ++calls > 2,
@@ -234,7 +234,7 @@ describe('train: windows and the training loop', () => {
   });
 
   it('trains only the trainable variables (LoRA: the adapters)', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     for (const l of sparseMoELayers(model)) l.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.down'] });
     freezeBaseLayers(model);
     const frozen = model.weights.filter(w => !/lora_/.test(w.originalName)).map(w => [w, w.read().dataSync().slice()] as const);
@@ -246,7 +246,7 @@ describe('train: windows and the training loop', () => {
   });
 
   it('rejects a text shorter than one window, a model with nothing to train and bad options', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const reject = async (p: Promise<unknown>) => {
       try { await p; } catch (e) { return e as Error; }
       throw new Error('expected a rejection');
@@ -291,7 +291,7 @@ describe('train: divergence, failures and leaks', () => {
   });
 
   it('a run that collapses stops with a message that says so, a large lr that blows up too, and no tensor is left', async () => {
-    const model = tinyModel(3);
+    const model = await tinyModel(3);
     const lmHead = model.weights.find(w => /lm_head/.test(w.originalName))!;
     const before = tf.memory().numTensors;
     // learn first (the loss goes clearly below ln V), then force uniform logits after every step from step 15 on
@@ -311,7 +311,7 @@ describe('train: divergence, failures and leaks', () => {
     expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
     model.dispose();
 
-    const blown = tinyModel(1);
+    const blown = await tinyModel(1);
     const beforeBlown = tf.memory().numTensors;
     const blowUp = await reject(trainLoop(blown, PATTERN, { steps: 100, lr: 1000, batch: 4, seq: 8, seed: 1 }));
     expect(blowUp).to.be.instanceOf(TrainError);
@@ -322,7 +322,7 @@ describe('train: divergence, failures and leaks', () => {
 
   it('no false alarm: a from-scratch run whose loss starts and stays near ln(vocab) trains to the end', async () => {
     const model = buildMoECausalLM(TINY);
-    seedModelInit(model, 2, 0.02);  // HF's init: near-uniform logits, loss ≈ ln V at the start
+    await seedModelInit(model, 2, 0.02);  // HF's init: near-uniform logits, loss ≈ ln V at the start
     const slow = await trainLoop(model, PATTERN, { steps: 3 * DIVERGENCE_PATIENCE, lr: 1e-7, batch: 4, seq: 8, seed: 1 });
     expect(Math.abs(slow.losses[0] - lnV)).to.be.below(0.02 * lnV);
     expect(slow.losses.every(l => Math.abs(l - lnV) < 0.02 * lnV)).to.equal(true);
@@ -333,7 +333,7 @@ describe('train: divergence, failures and leaks', () => {
   });
 
   it('every failing trainLoop leaves no tensor: a non-finite loss, a throwing forward pass, a throwing onStep', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const embed = model.weights.find(w => /embed/.test(w.originalName))!;
     const saved = embed.read().clone();
     let before = tf.memory().numTensors;
@@ -366,7 +366,7 @@ describe('train: divergence, failures and leaks', () => {
   });
 
   it('unregister() during training stops with a TrainError that says what happened, and leaves no tensor', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: ['experts.down'] } });
     const adapters = 2 * 2;  // A and B on each of the 2 layers, removed by unregister()
     const before = tf.memory().numTensors;
@@ -380,7 +380,7 @@ describe('train: divergence, failures and leaks', () => {
   });
 
   it('a batch whose logits cannot fit in a tensor is one clear error before anything is allocated', async () => {
-    const model = tinyModel();
+    const model = await tinyModel();
     const before = tf.memory().numTensors;
     const err = await reject(trainLoop(model, PATTERN, { steps: 1, lr: 1e-2, batch: 1e9, seq: 8, seed: 1 }));
     expect(err.message).to.equal("`trainLoop()`: 'batch' × 'seq' × vocab (1000000000 × 8 × 11 = 8.800e+10 logits) must be at " +
@@ -391,8 +391,8 @@ describe('train: divergence, failures and leaks', () => {
 });
 
 describe('train: seeded inits and presets', () => {
-  it('seedModelInit gives the same weights for a seed, keeps the norms at 1 and draws with the given std', () => {
-    const [a, b, c] = [tinyModel(4), tinyModel(4), tinyModel(5)];
+  it('seedModelInit gives the same weights for a seed, keeps the norms at 1 and draws with the given std', async () => {
+    const [a, b, c] = [await tinyModel(4), await tinyModel(4), await tinyModel(5)];
     const values = (m: tfl.LayersModel) => m.weights.map(w => Array.from(w.read().dataSync()));
     expect(values(b)).to.deep.equal(values(a));
     expect(values(c)).to.not.deep.equal(values(a));
@@ -404,9 +404,9 @@ describe('train: seeded inits and presets', () => {
     for (const m of [a, b, c]) m.dispose();
   });
 
-  it('seedAdapterInit draws A from U(±1/√in) the same way for a seed and keeps B at zero', () => {
-    const draw = () => {
-      const model = tinyModel();
+  it('seedAdapterInit draws A from U(±1/√in) the same way for a seed and keeps B at zero', async () => {
+    const draw = async () => {
+      const model = await tinyModel();
       for (const l of sparseMoELayers(model)) l.addAdapter({ name: 'default', r: 2, alpha: 4, targets: ['experts.gate_up', 'experts.down'] });
       seedAdapterInit(model, 'default', 8);
       const f = sparseMoELayers(model)[1].adapter('default').factors;
@@ -417,7 +417,7 @@ describe('train: seeded inits and presets', () => {
       model.dispose();
       return out;
     };
-    const [x, y] = [draw(), draw()];
+    const [x, y] = [await draw(), await draw()];
     expect(y.a).to.deep.equal(x.a);
     const bound = 1 / Math.sqrt(8);  // in = I = 8 for experts.down
     expect(Math.max(...x.a.map(Math.abs))).to.be.within(0.8 * bound, bound);

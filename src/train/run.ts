@@ -286,7 +286,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     if (tooLarge !== null) throw new TrainError(`the model of '${options.initConfig}': ${tooLarge}`);
     model = buildMoECausalLM(config);
     const std = typeof config['initializer_range'] === 'number' ? config['initializer_range'] : 0.02;
-    seedModelInit(model, options.seed, std);
+    await seedModelInit(model, options.seed, std);
   } else {
     tokenizer = await readTokenizer(options.model!);
     // full fine-tuning widens 16-bit experts to float32 masters; LoRA keeps them packed by default

@@ -17,19 +17,22 @@ function write(variable: tfl.LayerVariable, draw: () => number): void {
 }
 
 /**
- * Re-draws every randomly initialized weight of a fresh model (one whose values are not all
- * equal; norms start at 1 and biases at 0 and are kept) from N(0, std²), HF's init.
+ * Re-draws every randomly initialized weight of a model (one whose values are not all equal;
+ * norms start at 1 and biases at 0 and are kept) from N(0, std²), HF's init. Asynchronous: the
+ * weights are read with `data()`, the one read webgpu allows once a weight lives on the GPU.
  *
  * ```js
  * const model = buildMoECausalLM(config);
- * seedModelInit(model, 1, config.initializer_range ?? 0.02);
+ * await seedModelInit(model, 1, config.initializer_range ?? 0.02);
  * ```
  */
-export function seedModelInit(model: tfl.LayersModel, seed: number, std: number): void {
+export async function seedModelInit(model: tfl.LayersModel, seed: number, std: number): Promise<void> {
   const rng = new SeededRandom(seed);
   const normal = () => Math.sqrt(-2 * Math.log(1 - rng.next())) * Math.cos(2 * Math.PI * rng.next()) * std;
+  // one weight at a time, in order: the draws' order is the seed's contract (fixtures hold its
+  // values), and only one weight's values are on the host at once
   for (const w of model.weights) {
-    const values = w.read().dataSync() as Float32Array;
+    const values = await w.read().data() as Float32Array;
     if (values.every(v => v === values[0])) continue;
     write(w, normal);
   }

@@ -28,7 +28,7 @@ describe('webgpu: RotaryAttention under a SequenceContext', () => {
 
   it('packed samples keep their own logits; the packed loss has gradients', async () => {
     const model = buildMoECausalLM(TINY);
-    seedModelInit(model, 3, 0.3);
+    await seedModelInit(model, 3, 0.3);
     // the fused expert kernels: the reference expert loop reads the routing synchronously
     const handle = register({ models: [model] });
     const samples = SAMPLES.map(ids => toSample({ ids: Int32Array.from(ids), trained: new Uint8Array(ids.length).fill(1) }, 16));

@@ -185,7 +185,7 @@ describe('webgpu: every user path, with asynchronous reads only', () => {
     // values, so that the saved adapter is not the no-op B = 0
     const run = async (dir: string) => {
       const model = buildMoECausalLM(await fixtureConfig(ARCH));
-      seedModelInit(model, 4, 0.2);
+      await seedModelInit(model, 4, 0.2);
       const handle = register({ models: [model], lora: { ...lora, targets: [...lora.targets] } });
       seedAdapterInit(model, 'default', 5);
       for (const [k, t] of peftAdapterTensors(model).entries()) {
@@ -223,6 +223,26 @@ describe('webgpu: every user path, with asynchronous reads only', () => {
     expect(back).to.deep.equal(gpu.factors);
     fresh.dispose();
     gpu.model.dispose();
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+  });
+
+  it('seedModelInit on a model whose weights were already used on the device: the cpu\'s seeded weights', async () => {
+    // a forward first moves every weight onto the GPU (a new tensor's values wait on the host until
+    // first use), where only an asynchronous read reaches them
+    const run = async () => {
+      const model = buildMoECausalLM(await fixtureConfig(ARCH));
+      const handle = register({ models: [model] });  // the fused kernels: the reference expert loop reads synchronously
+      await logitsOf(model, ids);
+      handle.unregister();
+      await seedModelInit(model, 4, 0.2);
+      const weights = await Promise.all(model.weights.map(async w => Array.from(await w.read().data())));
+      model.dispose();
+      return weights;
+    };
+    const before = tf.memory().numTensors;
+    const gpu = await run();
+    const cpu = await onCpu(run);
+    expect(gpu).to.deep.equal(cpu);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 
