@@ -52,10 +52,12 @@ describe('bench/benchLoRAQuality', () => {
   const bad: Array<[string, QualityBenchOptions, RegExp]> = [
     ['an empty dtype list', { expertDtypes: [] }, /'expertDtypes' must be a non-empty list but got \[\]/],
     ['an unknown dtype', { expertDtypes: ['float32', 'bf16' as never] }, /'expertDtypes\[1\]' must be one of .*'nf4'.* but got 'bf16'/],
-    ['steps 0', { steps: 0 }, /'steps'/],
-    ['a negative seed', { seed: -1 }, /'seed'/],
-    ['lr 0', { lr: 0 }, /'lr' must be a number > 0 but got 0/],
-    ['alpha NaN', { alpha: NaN }, /'alpha' must be a number > 0 but got NaN/],
+    ['steps 0', { steps: 0 }, /'steps' must be >= 1 but got 0/],
+    ['a fractional batch', { batch: 2.5 }, /'batch' must be an integer but got 2.5/],
+    ['a negative seed', { seed: -1 }, /'seed' must be >= 0 but got -1/],
+    ['lr 0', { lr: 0 }, /'lr' must be > 0 but got 0/],
+    ['lr Infinity', { lr: Infinity }, /'lr' must be a finite number but got Infinity/],
+    ['alpha NaN', { alpha: NaN }, /'alpha' must be a finite number but got NaN/],
   ];
   for (const [what, options, message] of bad) {
     it(`refuses ${what}`, async () => {

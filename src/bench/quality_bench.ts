@@ -17,7 +17,7 @@ import { readTokenizer } from '../data/tokenizer_file.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../io/hf_block.js';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import { seedAdapterInit } from '../train/seeded_init.js';
-import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { assertFiniteNumber, assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { register, unregister } from '../plugin.js';
 import { evaluateLoss, withAdaptersDisabled } from '../train/evaluate.js';
 import { trainLoop } from '../train/loop.js';
@@ -100,7 +100,8 @@ export async function benchLoRAQuality(options: QualityBenchOptions = {}): Promi
   for (const k of ['steps', 'rank', 'batch', 'seq'] as const) assertInteger(OP, k, o[k], 1);
   assertInteger(OP, 'seed', o.seed, 0);
   for (const k of ['lr', 'alpha'] as const) {
-    if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${o[k]}`);
+    assertFiniteNumber(OP, k, o[k]);
+    if (!(o[k] > 0)) fail(OP, `'${k}' must be > 0 but got ${o[k]}`);
   }
   if (!existsSync(join(o.model, 'config.json'))) {
     fail(OP, `'model' must be a Hugging Face checkpoint folder with config.json but '${o.model}' has none`);
