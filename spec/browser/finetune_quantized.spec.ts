@@ -46,7 +46,9 @@ const TINY_OLMOE: HFConfig = {
 /** OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924) cut from 16 decoder layers to 2: every width and all 64 experts kept. */
 const CONFIG = FULL_SIZE ? olmoeConfig(2) : TINY_OLMOE;
 const STEPS = 10;
-const PAGE_PARAMS = `steps=${STEPS}&batch=1&seq=16&lr=0.02&expertDtype=int4`;
+/** Adam's rate: at 0.02 the 1B model's loss jumped about (11.3, 8.6, 3.0, 9.5, … 14.6, 6.8) */
+const LEARNING_RATE = FULL_SIZE ? 0.005 : 0.02;
+const PAGE_PARAMS = `steps=${STEPS}&batch=1&seq=16&lr=${LEARNING_RATE}&expertDtype=int4`;
 /** the 1B run: about 75 s to load and 14 s a step on 2 cores; the tiny one: seconds */
 const TRAINING_TIMEOUT_MS = FULL_SIZE ? 900_000 : 120_000;
 /** the trained factors are compared every STRIDE-th value: the 1B model's are 7 million numbers */
@@ -211,7 +213,8 @@ describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' :
     expect(progress.losses.every(Number.isFinite), `finite losses ${progress.losses}`).to.equal(true);
     // random weights: the first loss is about ln(vocab); the adapters learn the fixed batch
     expect(progress.losses[0]).to.be.closeTo(Math.log(CONFIG.vocab_size as number), 0.5);
-    expect(progress.losses[STEPS - 1], `losses ${progress.losses}`).to.be.below(0.9 * progress.losses[0]);
+    const lastThree = progress.losses.slice(-3).reduce((a, b) => a + b, 0) / 3;
+    expect(lastThree, `mean of the last 3 losses vs the first (${progress.losses})`).to.be.below(0.9 * progress.losses[0]);
     expect(progress.loadMs).to.be.above(0);
     expect(progress.stepMs).to.have.length(STEPS);
     expect(progress.stepMs.every(ms => ms > 0)).to.equal(true);
