@@ -10,7 +10,7 @@
  * layout (the same code path, seconds). `npm run test:browser-1b` (BROWSER_1B=1) runs it with 2 of
  * OLMoE-1B-7B's 16 layers and all its widths: 1 045 186 560 parameters, 2.09 GB of bf16; its f32
  * weights (3.9 GiB, 5.8 GiB at the load's peak) would not fit wasm's 4 GiB heap, int4 experts
- * (1.36 GiB, 1.98 GiB at the peak) do. That run takes about 5 minutes on 2 cores: not in CI; its
+ * (1.36 GiB, 1.98 GiB at the peak) do. That run takes about 7 minutes on 2 cores: not in CI; its
  * figures are in docs/benchmarks.md.
  *
  * CHROMIUM overrides the browser binary (default /usr/bin/chromium).
@@ -49,7 +49,7 @@ const STEPS = 10;
 /** Adam's rate: at 0.02 the 1B model's loss jumped about (11.3, 8.6, 3.0, 9.5, … 14.6, 6.8) */
 const LEARNING_RATE = FULL_SIZE ? 0.005 : 0.02;
 const PAGE_PARAMS = `steps=${STEPS}&batch=1&seq=16&lr=${LEARNING_RATE}&expertDtype=int4`;
-/** the 1B run: about 75 s to load and 14 s a step on 2 cores; the tiny one: seconds */
+/** the 1B run: about 140 s to load and 14 s a step on 2 cores (twice that when the cores are shared); the tiny one: seconds */
 const TRAINING_TIMEOUT_MS = FULL_SIZE ? 900_000 : 120_000;
 /** the trained factors are compared every STRIDE-th value: the 1B model's are 7 million numbers */
 const STRIDE = FULL_SIZE ? 997 : 1;
