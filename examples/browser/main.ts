@@ -14,6 +14,8 @@
  *   rank     LoRA rank r (8)            alpha  LoRA alpha (16)
  *   batch    sequences per step (4)     seq    tokens per sequence (32, at most the model's context)
  *   backend  auto | wasm | webgpu | cpu (auto: webgpu when an adapter is offered, else wasm)
+ *   expertDtype  how the routed experts are held: stored (default) | float32 | int8 | int4 | nf4 |
+ *            mxfp4 (quantized as each expert is read: a 1B-parameter MoE fits wasm's 4 GiB with int4)
  *   seed     seed of the random ids and of the text windows (1)
  *
  * Progress is in `window.__moeLoRA`; `window.__moeLoRAPage` tokenizes with any tokenizer folder
@@ -26,8 +28,9 @@ import { setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
 import '@tensorflow/tfjs-backend-webgpu';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import {
-  ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXAMPLE_CORPORA, encodePeftAdapter, fetchHFCheckpoint, generateCorpus, hfConfigOf,
-  HFTokenizer, peftAdapterTensors, register, TOKENIZER_CONFIG_FILE, trainableVariables, type PluginHandle,
+  ADAPTER_CONFIG, ADAPTER_WEIGHTS, estimateLoadMemory, EXAMPLE_CORPORA, encodePeftAdapter, EXPERT_DTYPES, fetchHFCheckpoint,
+  generateCorpus, hfConfigOf, HFTokenizer, peftAdapterTensors, register, TOKENIZER_CONFIG_FILE, trainableVariables,
+  type ExpertDtype, type HFConfig, type PluginHandle,
 } from 'tfjs-moe-lora/browser';
 import { LossChart } from './chart.js';
 
@@ -43,12 +46,38 @@ export interface PageProgress {
   /** mean loss on held-out windows of the target text before and after training (null on random ids) */
   valLoss: { base: number; adapted: number | null } | null;
   msPerStep: number | null;
+  /** the page parameter expertDtype: how the routed experts are held */
+  expertDtype: ExpertDtype;
+  /** the checkpoint's parameters (every weight's elements, whatever the dtype the experts are held in) */
+  parameters: number | null;
+  /** estimateLoadMemory of config.json for this expertDtype, before loading (null for 'stored': it depends on the files' dtype) */
+  estimatedWeightBytes: number | null;
+  /** wall time of fetchHFCheckpoint (fetching, decoding, quantizing the experts) */
+  loadMs: number | null;
+  /** wall time of each training step (forward, backward, Adam, reading the loss) */
+  stepMs: number[];
+  memory: PageMemory;
   /** the tokenizer.json's model type and size, or null when the checkpoint has none */
   tokenizer: string | null;
   /** the adapter files offered for download once trained: name and size in bytes */
   adapterFiles: Array<{ name: string; bytes: number }>;
   done: boolean;
   error: string | null;
+}
+
+/** Memory the page used, sampled after the load and after every step. */
+export interface PageMemory {
+  /** tf.memory().numBytes right after the load: the model's weights as held */
+  weightBytes: number | null;
+  /** the largest tf.memory().numBytes seen (after the load, and after each step's gradients, before they are freed) */
+  peakTensorBytes: number;
+  /**
+   * wasm: the module's heap size (it only grows, so this is its peak over the page's life; the
+   * tensors live in it); null on other backends
+   */
+  wasmHeapBytes: number | null;
+  /** Chrome's performance.memory.usedJSHeapSize at its largest sample (JS objects, not the wasm heap); null elsewhere */
+  peakJSHeapBytes: number | null;
 }
 
 /** A LoRA factor of the trained adapter, under its PEFT name. */
@@ -62,8 +91,11 @@ export interface TrainedTensor {
 export interface PageHelpers {
   /** the ids of each text (no special tokens) by the tokenizer of `folderURL`, read as the page reads the model's */
   tokenize(folderURL: string, texts: string[]): Promise<number[][]>;
-  /** the trained adapter's factors as they are in memory, [] before training ends */
-  trainedAdapter(): TrainedTensor[];
+  /**
+   * the trained adapter's factors as they are in memory, [] before training ends; with `stride`,
+   * every stride-th value only (a 1B model's factors are millions of numbers)
+   */
+  trainedAdapter(stride?: number): TrainedTensor[];
 }
 
 declare global {
@@ -84,17 +116,20 @@ const positiveInt = (v: number) => Number.isInteger(v) && v >= 1;
 
 const progress: PageProgress = {
   status: 'loading', backend: null, model: params.get('model') ?? 'model/', data: null,
-  step: 0, steps: 0, losses: [], valLoss: null, msPerStep: null, tokenizer: null, adapterFiles: [], done: false, error: null,
+  step: 0, steps: 0, losses: [], valLoss: null, msPerStep: null, expertDtype: 'stored', parameters: null,
+  estimatedWeightBytes: null, loadMs: null, stepMs: [],
+  memory: { weightBytes: null, peakTensorBytes: 0, wasmHeapBytes: null, peakJSHeapBytes: null },
+  tokenizer: null, adapterFiles: [], done: false, error: null,
 };
 window.__moeLoRA = progress;
-let trainedAdapter: () => TrainedTensor[] = () => [];
+let trainedAdapter: (stride: number) => TrainedTensor[] = () => [];
 window.__moeLoRAPage = {
   tokenize: async (folderURL, texts) => {
     const tokenizer = await fetchTokenizer(folderURL);
     if (tokenizer === null) throw new Error(`no tokenizer.json in '${folderURL}'`);
     return texts.map(text => Array.from(tokenizer.encode(text, { addSpecialTokens: false })));
   },
-  trainedAdapter: () => trainedAdapter(),
+  trainedAdapter: (stride = 1) => trainedAdapter(stride),
 };
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -127,6 +162,21 @@ async function pickBackend(wanted: string): Promise<string> {
   await tf.ready();
   return tf.getBackend();
 }
+
+/** Samples the memory figures of `progress.memory` now (see PageMemory). */
+function sampleMemory(): void {
+  const memory = progress.memory;
+  memory.peakTensorBytes = Math.max(memory.peakTensorBytes, tf.memory().numBytes);
+  if (tf.getBackend() === 'wasm') {
+    // the emscripten module's heap view; its buffer is the whole (grown) heap
+    const heap = (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }).wasm?.HEAPU8;
+    if (heap !== undefined) memory.wasmHeapBytes = heap.buffer.byteLength;
+  }
+  const js = (performance as Performance & { memory?: { usedJSHeapSize: number } }).memory;
+  if (js !== undefined) memory.peakJSHeapBytes = Math.max(memory.peakJSHeapBytes ?? 0, js.usedJSHeapSize);
+}
+
+const MB = (bytes: number) => `${(bytes / 1e6).toFixed(0)} MB`;
 
 /** The text of `name` in the folder, or null when the server has no such file (404). */
 async function fetchOptionalText(folderURL: string, name: string): Promise<string | null> {
@@ -241,6 +291,17 @@ function nextTokenLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: number, 
   });
 }
 
+/** The memory and timing line of the page. */
+function showMemory(): void {
+  const { weightBytes, peakTensorBytes, wasmHeapBytes, peakJSHeapBytes } = progress.memory;
+  const steps = progress.stepMs.map(ms => (ms / 1000).toFixed(1)).join(', ');
+  $('memory').textContent = `weights ${weightBytes === null ? '?' : MB(weightBytes)}, tensors at most ${MB(peakTensorBytes)}` +
+      (wasmHeapBytes === null ? '' : `, wasm heap ${MB(wasmHeapBytes)}`) +
+      (peakJSHeapBytes === null ? '' : `, JS heap at most ${MB(peakJSHeapBytes)}`);
+  $('timing').textContent = `load ${progress.loadMs === null ? '?' : `${(progress.loadMs / 1000).toFixed(1)} s`}` +
+      (steps === '' ? '' : `; steps (s): ${steps}`);
+}
+
 async function main(): Promise<void> {
   const steps = numberParam('steps', 60, positiveInt, 'an integer >= 1');
   const lr = numberParam('lr', 0.01, v => v > 0, 'a number > 0');
@@ -249,6 +310,11 @@ async function main(): Promise<void> {
   const batch = numberParam('batch', 4, positiveInt, 'an integer >= 1');
   const seqWanted = numberParam('seq', 32, v => Number.isInteger(v) && v >= 2, 'an integer >= 2');
   const seed = numberParam('seed', 1, Number.isInteger, 'an integer');
+  const expertDtype = params.get('expertDtype') ?? 'stored';
+  if (!(EXPERT_DTYPES as readonly string[]).includes(expertDtype)) {
+    throw new Error(`page parameter 'expertDtype' must be one of ${EXPERT_DTYPES.join(', ')} but is '${expertDtype}'`);
+  }
+  progress.expertDtype = expertDtype as ExpertDtype;
   progress.steps = steps;
   const chart = new LossChart($<HTMLCanvasElement>('chart'), { steps, title: 'LoRA training loss (next-token cross-entropy)' });
 
@@ -256,12 +322,28 @@ async function main(): Promise<void> {
   progress.backend = await pickBackend(params.get('backend') ?? 'auto');
   $('backend').textContent = progress.backend;
 
-  show(`fetching the checkpoint '${progress.model}' ...`);
+  // know before loading: the parameters and (for a chosen expert format) the bytes the weights will take
+  const configURL = `${progress.model.endsWith('/') ? progress.model : `${progress.model}/`}config.json`;
+  const configResponse = await fetch(configURL);
+  if (!configResponse.ok) throw new Error(`cannot fetch '${configURL}': HTTP ${configResponse.status}`);
+  const config = await configResponse.json() as HFConfig;
+  progress.parameters = estimateLoadMemory(config, { expertStorage: 'float32' }).bytes / 4;
+  if (progress.expertDtype !== 'stored') {
+    progress.estimatedWeightBytes = estimateLoadMemory(config, { expertStorage: progress.expertDtype }).bytes;
+  }
+  const expected = progress.estimatedWeightBytes === null ? '' : `, ${progress.expertDtype} experts: ${MB(progress.estimatedWeightBytes)} estimated`;
+  $('model').textContent = `${progress.model}: ${progress.parameters.toLocaleString('en')} parameters${expected}`;
+
+  show(`fetching the checkpoint '${progress.model}' (experts as ${progress.expertDtype}) ...`);
   let fetched = 0;
+  const loadStarted = performance.now();
   const model = await fetchHFCheckpoint(progress.model, {
-    expertKernel: 'fused',
+    expertKernel: 'fused', expertDtype: progress.expertDtype,
     onFile: (_, bytes) => { fetched += bytes; },
   });
+  progress.loadMs = performance.now() - loadStarted;
+  progress.memory.weightBytes = tf.memory().numBytes;
+  sampleMemory();
   const tokenizer = await fetchTokenizer(progress.model);
   const vocab = model.outputs[0].shape[2] as number;
   if (tokenizer !== null && tokenizer.vocabSize > vocab) {
@@ -272,7 +354,10 @@ async function main(): Promise<void> {
   $('tokenizer').textContent = progress.tokenizer ?? 'none (the checkpoint has no tokenizer.json: random ids)';
   const context = Number(hfConfigOf(model)?.['max_position_embeddings'] ?? seqWanted);
   const seq = Math.min(seqWanted, context);
-  $('model').textContent = `${progress.model} (${(fetched / 1e6).toFixed(2)} MB, ${model.countParams()} parameters, vocab ${vocab})`;
+  $('model').textContent = `${progress.model} (${(fetched / 1e6).toFixed(2)} MB, ${progress.parameters.toLocaleString('en')} ` +
+      `parameters, vocab ${vocab}, experts as ${progress.expertDtype}): loaded in ${(progress.loadMs / 1000).toFixed(1)} s, ` +
+      `weights ${MB(progress.memory.weightBytes)}${expected === '' ? '' : ` (${MB(progress.estimatedWeightBytes!)} estimated)`}`;
+  showMemory();
 
   // the plugin: fused MoE kernels, LoRA adapters on every MoE layer, everything else frozen
   const handle: PluginHandle = register({
@@ -295,16 +380,21 @@ async function main(): Promise<void> {
   const optimizer = tf.train.adam(lr);
   const started = performance.now();
   for (let step = 1; step <= steps; step++) {
+    const stepStarted = performance.now();
     const ids = data.next();
     const { value, grads } = tf.variableGrads(() => nextTokenLoss(model, ids, vocab), vars);
+    sampleMemory();  // the gradients are still held here
     optimizer.applyGradients(Object.entries(grads).map(([name, tensor]) => ({ name, tensor })));
     const loss = (await value.data())[0];
+    progress.stepMs.push(performance.now() - stepStarted);
     tf.dispose([ids, value, ...Object.values(grads)]);
     if (!Number.isFinite(loss)) throw new Error(`step ${step}: the loss is ${loss}`);
 
     progress.losses.push(loss);
     progress.step = step;
     progress.msPerStep = (performance.now() - started) / step;
+    sampleMemory();
+    showMemory();
     chart.update(progress.losses);
     show(`step ${step}/${steps}  loss ${loss.toFixed(4)}  ${progress.msPerStep.toFixed(0)} ms/step  ` +
         `${Math.round((batch * seq) / (progress.msPerStep / 1000))} tokens/s`);
@@ -320,8 +410,9 @@ async function main(): Promise<void> {
     validation = `; held-out loss base ${progress.valLoss.base.toFixed(4)} → adapted ${progress.valLoss.adapted.toFixed(4)}`;
   }
   await offerAdapter(model);
-  trainedAdapter = () => peftAdapterTensors(model).map(t => ({
-    name: t.peftName, shape: t.variable.shape as number[], values: Array.from(t.variable.read().dataSync()),
+  trainedAdapter = stride => peftAdapterTensors(model).map(t => ({
+    name: t.peftName, shape: t.variable.shape as number[],
+    values: Array.from(t.variable.read().dataSync()).filter((_, i) => i % stride === 0),
   }));
   show(`done: ${steps} steps, loss ${first.toFixed(4)} → ${last.toFixed(4)}, ` +
       `${progress.msPerStep!.toFixed(0)} ms/step on ${progress.backend}${validation}`);

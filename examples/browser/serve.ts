@@ -1,7 +1,9 @@
 /**
  * A tiny static file server for the browser example (and its spec): GET/HEAD of files under a
  * few mounted folders, on 127.0.0.1, nothing else. Any static server works for the page; this
- * one needs no install and knows the content type browsers want for .wasm.
+ * one needs no install, knows the content type browsers want for .wasm, and answers single byte
+ * ranges (`Range: bytes=a-b`), so fetchHFCheckpoint reads a multi-GB safetensors file one tensor at
+ * a time instead of holding the whole file in the page.
  *
  *   npx tsx examples/browser/serve.ts [--port 8080] [--dir examples/browser/dist] [--model <checkpoint dir>]
  */
@@ -34,9 +36,32 @@ export interface StaticServer {
 }
 
 /**
+ * The byte range [first, last] of a file of `size` bytes asked by a Range header (RFC 9110 14.1.2:
+ * `bytes=a-b`, `bytes=a-`, `bytes=-n`), 'unsatisfiable' when it starts past the end, or null for no
+ * header or one this server does not take (several ranges, other units, malformed): the whole file
+ * is sent then, which the RFC allows.
+ */
+export function parseRangeHeader(header: string | undefined, size: number):
+    { first: number; last: number } | 'unsatisfiable' | null {
+  if (header === undefined) return null;
+  const m = /^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$/i.exec(header);
+  if (m === null || (m[1] === '' && m[2] === '')) return null;
+  if (m[1] === '') {
+    // a suffix: the last n bytes
+    const n = Number(m[2]);
+    if (n === 0) return 'unsatisfiable';
+    return size === 0 ? 'unsatisfiable' : { first: Math.max(0, size - n), last: size - 1 };
+  }
+  const first = Number(m[1]);
+  const last = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
+  if (m[2] !== '' && Number(m[2]) < first) return null;
+  return first >= size ? 'unsatisfiable' : { first, last };
+}
+
+/**
  * Serves `mounts` (URL prefix ending in '/' → folder; the longest matching prefix wins) on
  * 127.0.0.1:`port` (0: a free port). A path that leaves its folder, or any other method than
- * GET/HEAD, is refused.
+ * GET/HEAD, is refused. A single byte range is answered with 206 and Content-Range.
  */
 export async function serveStatic(mounts: Record<string, string>, port = 0): Promise<StaticServer> {
   const table = Object.entries(mounts)
@@ -71,13 +96,22 @@ export async function serveStatic(mounts: Record<string, string>, port = 0): Pro
       info = await stat(file).catch(() => null);
     }
     if (info === null || !info.isFile()) return reply(404, 'not found');
-    res.writeHead(200, {
-      'content-type': CONTENT_TYPES[extname(file)] ?? 'application/octet-stream',
-      'content-length': info.size,
+    const type = CONTENT_TYPES[extname(file)] ?? 'application/octet-stream';
+    const range = parseRangeHeader(req.headers.range, info.size);
+    if (range === 'unsatisfiable') {
+      res.writeHead(416, { 'content-range': `bytes */${info.size}`, 'cache-control': 'no-store' });
+      return res.end();
+    }
+    const { first, last } = range ?? { first: 0, last: info.size - 1 };
+    res.writeHead(range === null ? 200 : 206, {
+      'content-type': type,
+      'content-length': last - first + 1,
+      'accept-ranges': 'bytes',
       'cache-control': 'no-store',
+      ...(range === null ? {} : { 'content-range': `bytes ${first}-${last}/${info.size}` }),
     });
-    if (req.method === 'HEAD') return res.end();
-    createReadStream(file).on('error', () => res.destroy()).pipe(res);
+    if (req.method === 'HEAD' || last < first) return res.end();
+    createReadStream(file, { start: first, end: last }).on('error', () => res.destroy()).pipe(res);
   });
 
   await new Promise<void>((ok, fail) => {
