@@ -85,11 +85,14 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         ['disable-dawn-features=timestamp_quantization']);
   });
 
-  it('hoists enable directives to the front of the shader, each once', () => {
-    const code = 'struct U { a : f32 };\n  enable f16;\nenable chromium_experimental_subgroup_matrix;\nfn f() {}\nenable f16;\n';
+  it('hoists enable and diagnostic directives to the front of the shader, each once', () => {
+    const code = 'struct U { a : f32 };\n  enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
+        'diagnostic(off, chromium.subgroup_matrix_uniformity);\nfn f() {}\nenable f16;\n';
     const hoisted = hoistEnableDirectives(code);
-    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\nstruct U')).to.equal(true);
+    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
+        'diagnostic(off, chromium.subgroup_matrix_uniformity);\nstruct U')).to.equal(true);
     expect(hoisted.match(/enable/g)).to.have.length(2);
+    expect(hoisted.match(/diagnostic/g)).to.have.length(1);
     expect(hoistEnableDirectives('fn f() {}')).to.equal('fn f() {}');
     // a word 'enable' inside code is no directive
     expect(hoistEnableDirectives('let enabled = 1;')).to.equal('let enabled = 1;');
@@ -221,8 +224,9 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${intInputs.includes(name) ? 'i32' : 'f32'}>;`);
     const user = program.getUserCode();
     const hoisted = hoistEnableDirectives(`${inputs.join('\n')}\n${user}`);
-    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n')).to.equal(true);
-    const body = user.replace(/^\s*enable .*$/gm, '').replace(/\bf16\b/g, 'f32')
+    expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
+        'diagnostic(off, chromium.subgroup_matrix_uniformity);\n')).to.equal(true);
+    const body = user.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
       .replace(/subgroupMatrixLoad<subgroup_matrix_(left|right)<f32, 16, 16>>\(/g, 'smLoad(')
       .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
       .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(').replace(/subgroupMatrixStore\(/g, 'smStore(');

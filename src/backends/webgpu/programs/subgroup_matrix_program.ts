@@ -60,7 +60,14 @@ export function subgroupMatrixWorkgroupBytes(): number {
   return 2 * (rows * depth + depth * cols) + 4 * SUBGROUPS * EDGE * EDGE + 4 * rows + 8;
 }
 
-const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;';
+/**
+ * The extensions, and Tint's subgroup-matrix uniformity check off: it asks every matrix offset to
+ * be uniform across the workgroup, which four subgroups owning four parts cannot be (each offset
+ * is uniform across its subgroup, which is what the hardware needs; llama.cpp's and ONNX
+ * Runtime's WebGPU matrix kernels turn the check off likewise).
+ */
+const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
+    'diagnostic(off, chromium.subgroup_matrix_uniformity);';
 
 /**
  * WGSL: operandScale(), the power of two s with s·amax <= 2^14 (1 when amax is 0 or not finite).
