@@ -103,7 +103,8 @@ function lcg(seed: number): () => number {
 
 interface Size { name: string; T: number; H: number; I: number; E: number; K: number }
 const SIZES: Size[] = [
-  { name: 'small', T: 256, H: 256, I: 128, E: 8, K: 2 },
+  // 256 rows per expert: the large tuning's 128-row tile, which the 128-row blocks need
+  { name: 'small', T: 256, H: 256, I: 128, E: 2, K: 2 },
   { name: 'M1', T: 4096, H: 1024, I: 512, E: 8, K: 2 },
 ];
 

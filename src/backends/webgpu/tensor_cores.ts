@@ -85,8 +85,9 @@ export function tensorCoreSupport(
 }
 
 /**
- * The program's WGSL with its `enable ...;` directives moved to the front, in their order and
- * each once (tfjs's builder emits the program's code after its own declarations).
+ * The program's WGSL with its `enable ...;` and `diagnostic(...);` directives moved to the front,
+ * in their order and each once (tfjs's builder emits the program's code after its own
+ * declarations, and WGSL wants directives before any declaration).
  *
  * ```js
  * hoistEnableDirectives('struct S {}\nenable f16;\nfn f() {}');  // 'enable f16;\nstruct S {}\n\nfn f() {}'
@@ -94,7 +95,7 @@ export function tensorCoreSupport(
  */
 export function hoistEnableDirectives(code: string): string {
   const directives: string[] = [];
-  const rest = code.replace(/^[ \t]*enable\s+[A-Za-z0-9_,\s]+;[ \t]*$/gm, line => {
+  const rest = code.replace(/^[ \t]*(?:enable\s+[A-Za-z0-9_,\s]+|diagnostic\s*\([A-Za-z0-9_.,\s]+\));[ \t]*$/gm, line => {
     const directive = line.trim();
     if (!directives.includes(directive)) directives.push(directive);
     return '';

@@ -28,32 +28,46 @@ import {
 } from './grouped_matmul_program.js';
 import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
 
-/** The output block of one workgroup and the depth of a staged slab. */
-export const SUBGROUP_MATRIX_BLOCK = { rows: 64, cols: 64, depth: 32 } as const;
+/**
+ * The output block of one workgroup and the depth of a staged slab: 2×2 subgroups, each owning a
+ * 64×64 part as 4×4 result matrices. Four subgroups share each staged slab, so that staging
+ * (the gather, activation or weight decode, and the f16 conversion) is amortized over 4× the
+ * matrix work of a one-subgroup block.
+ */
+export const SUBGROUP_MATRIX_BLOCK = { rows: 128, cols: 128, depth: 32, subgroupRows: 2, subgroupCols: 2 } as const;
 
 /** The 16×16×16 matrices the programs use. */
 const EDGE = 16;
-const TILES_M = SUBGROUP_MATRIX_BLOCK.rows / EDGE;
-const TILES_N = SUBGROUP_MATRIX_BLOCK.cols / EDGE;
+/** One subgroup's part of the block: 64×64 as TILES×TILES result matrices. */
+const PART = 64;
+const TILES = PART / EDGE;
+const SUBGROUPS = SUBGROUP_MATRIX_BLOCK.subgroupRows * SUBGROUP_MATRIX_BLOCK.subgroupCols;
 
 /**
- * Workgroups for an output of rows × cols (per expert: × experts): one per 64×64 block.
+ * Workgroups for an output of rows × cols (per expert: × experts): one per block.
  *
  * ```js
- * subgroupMatrixDispatch(256, 100);   // [2, 4, 1]
+ * subgroupMatrixDispatch(256, 100);   // [1, 2, 1]
  * ```
  */
 export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1): [number, number, number] {
   return [Math.ceil(cols / SUBGROUP_MATRIX_BLOCK.cols), Math.ceil(rows / SUBGROUP_MATRIX_BLOCK.rows), experts];
 }
 
-/** Bytes of workgroup memory a program uses: two f16 slabs, the f32 block, the row sources. */
+/** Bytes of workgroup memory a program uses: two f16 slabs, a 16×16 f32 tile per subgroup, the row sources. */
 export function subgroupMatrixWorkgroupBytes(): number {
   const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
-  return 2 * (rows * depth + depth * cols) + 4 * rows * cols + 4 * rows + 8;
+  return 2 * (rows * depth + depth * cols) + 4 * SUBGROUPS * EDGE * EDGE + 4 * rows + 8;
 }
 
-const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;';
+/**
+ * The extensions, and Tint's subgroup-matrix uniformity check off: it asks every matrix offset to
+ * be uniform across the workgroup, which four subgroups owning four parts cannot be (each offset
+ * is uniform across its subgroup, which is what the hardware needs; llama.cpp's and ONNX
+ * Runtime's WebGPU matrix kernels turn the check off likewise).
+ */
+const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
+    'diagnostic(off, chromium.subgroup_matrix_uniformity);';
 
 /**
  * WGSL: operandScale(), the power of two s with s·amax <= 2^14 (1 when amax is 0 or not finite).
@@ -65,40 +79,70 @@ const OPERAND_SCALE = `
     return exp2(clamp(floor(log2(16384.0 / m)), -100.0, 100.0));
   }`;
 
+/**
+ * WGSL: which part of the block this invocation's subgroup owns, (partRow, partCol), and its lane.
+ * Subgroups are consecutive runs of local_invocation_index (as on every GPU these programs are
+ * registered for: a fixed subgroup size, one-dimensional workgroups).
+ */
+function subgroupPart(subgroupSize: number): string {
+  const { subgroupCols } = SUBGROUP_MATRIX_BLOCK;
+  return `let subgroup = lid / ${subgroupSize};
+        let lane = lid % ${subgroupSize};
+        let partRow = (subgroup / ${subgroupCols}) * ${PART};
+        let partCol = (subgroup % ${subgroupCols}) * ${PART};`;
+}
+
 /** WGSL: the unrolled K loop over a staged slab, As [rows][depth] and Bs [depth][cols] row-major. */
 function multiplySlab(leftColMajor: boolean): string {
   const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
   const lines: string[] = [];
   lines.push(`for (var kk = 0u; kk < ${depth}u; kk += ${EDGE}u) {`);
-  for (let i = 0; i < TILES_M; i++) {
+  for (let i = 0; i < TILES; i++) {
     // left (m, k): row-major As[m·depth + k], or column-major Ls[k·rows + m]
-    const offset = leftColMajor ? `kk * ${rows}u + ${i * EDGE}u` : `${i * EDGE * depth}u + kk`;
+    const offset = leftColMajor ? `kk * ${rows}u + u32(partRow) + ${i * EDGE}u` : `(u32(partRow) + ${i * EDGE}u) * ${depth}u + kk`;
     lines.push(`  let a${i} = subgroupMatrixLoad<subgroup_matrix_left<f16, ${EDGE}, ${EDGE}>>(&As, ${offset}, ` +
         `${leftColMajor}, ${leftColMajor ? rows : depth}u);`);
   }
-  for (let j = 0; j < TILES_N; j++) {
+  for (let j = 0; j < TILES; j++) {
     lines.push(`  let b${j} = subgroupMatrixLoad<subgroup_matrix_right<f16, ${EDGE}, ${EDGE}>>(&Bs, ` +
-        `kk * ${cols}u + ${j * EDGE}u, false, ${cols}u);`);
+        `kk * ${cols}u + u32(partCol) + ${j * EDGE}u, false, ${cols}u);`);
   }
-  for (let i = 0; i < TILES_M; i++) {
-    for (let j = 0; j < TILES_N; j++) lines.push(`  c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
+  for (let i = 0; i < TILES; i++) {
+    for (let j = 0; j < TILES; j++) lines.push(`  c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
   }
   lines.push('}');
   return lines.join('\n          ');
 }
 
-/** WGSL: the accumulators' declarations, and their store into the f32 block Cs [rows][cols]. */
-function accumulators(): { declare: string; store: string } {
-  const { cols } = SUBGROUP_MATRIX_BLOCK;
+/** WGSL: the accumulators' declarations. */
+function declareAccumulators(): string {
   const declare: string[] = [];
-  const store: string[] = [];
-  for (let i = 0; i < TILES_M; i++) {
-    for (let j = 0; j < TILES_N; j++) {
-      declare.push(`var c${i}_${j} = subgroup_matrix_result<f32, ${EDGE}, ${EDGE}>();`);
-      store.push(`subgroupMatrixStore(&Cs, ${i * EDGE * cols + j * EDGE}u, c${i}_${j}, false, ${cols}u);`);
+  for (let i = 0; i < TILES; i++) {
+    for (let j = 0; j < TILES; j++) declare.push(`var c${i}_${j} = subgroup_matrix_result<f32, ${EDGE}, ${EDGE}>();`);
+  }
+  return declare.join('\n        ');
+}
+
+/**
+ * WGSL: the epilogue, one result matrix at a time: each subgroup stores its matrix (i, j) to its
+ * 16×16 slot of Ts, and its lanes write the slot's elements through `write(m, n, v)` (m, n in the
+ * block); every subgroup takes the same steps, so the barriers are in uniform control flow.
+ */
+function epilogue(subgroupSize: number, write: (m: string, n: string, v: string) => string): string {
+  const lines: string[] = [];
+  for (let i = 0; i < TILES; i++) {
+    for (let j = 0; j < TILES; j++) {
+      lines.push(`subgroupMatrixStore(&Ts, u32(subgroup) * ${EDGE * EDGE}u, c${i}_${j}, false, ${EDGE}u);`);
+      lines.push('workgroupBarrier();');
+      lines.push(`for (var t = lane; t < ${EDGE * EDGE}; t += ${subgroupSize}) {
+          let m = partRow + ${i * EDGE} + t / ${EDGE};
+          let n = partCol + ${j * EDGE} + t % ${EDGE};
+          ${write('m', 'n', `Ts[subgroup * ${EDGE * EDGE} + t]`)}
+        }`);
+      lines.push('workgroupBarrier();');
     }
   }
-  return { declare: declare.join('\n        '), store: store.join('\n        ') };
+  return lines.join('\n        ');
 }
 
 function workgroupArrays(): string {
@@ -106,7 +150,7 @@ function workgroupArrays(): string {
   return `
       var<workgroup> As : array<f16, ${rows * depth}>;
       var<workgroup> Bs : array<f16, ${depth * cols}>;
-      var<workgroup> Cs : array<f32, ${rows * cols}>;`;
+      var<workgroup> Ts : array<f32, ${SUBGROUPS * EDGE * EDGE}>;`;
 }
 
 /**
@@ -130,7 +174,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       subgroupSize: number) {
     this.spec = spec;
     this.outputShape = [capacity, outCols];
-    this.workgroupSize = [subgroupSize, 1, 1];
+    this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols);
     this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
@@ -142,8 +186,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   getUserCode(): string {
     const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
     const threads = this.workgroupSize[0];
+    const subgroupSize = threads / SUBGROUPS;
     const loadW = weightLoadSnippet(this.spec.packedWeight);
-    const acc = accumulators();
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
     const bIndex = this.spec.kContiguous
       ? `let kk = i % ${depth}; let nn = i / ${depth};`
@@ -162,10 +206,11 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let lid = i32(localIndex);
         let col0 = i32(workgroupId.x) * ${cols};
         let row0 = i32(workgroupId.y) * ${rows};
+        ${subgroupPart(subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         ${tileRowsSnippet(this.spec.source, rows, threads)}
         let e = workgroupUniformLoad(&tileExpert);
-        ${acc.declare}
+        ${declareAccumulators()}
         if (e >= 0) {
           let wBase = e * uniforms.sE;
           for (var k0 = 0; k0 < uniforms.inner; k0 += ${depth}) {
@@ -189,23 +234,18 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             workgroupBarrier();
           }
         }
-        ${acc.store}
-        workgroupBarrier();
         let unscale = uniforms.alpha / s;
-        for (var i = lid; i < ${rows * cols}; i += ${threads}) {
-          let m = i / ${cols};
-          let r = row0 + m;
-          let c = col0 + i % ${cols};
+        ${epilogue(subgroupSize, (m, n, v) => `let r = row0 + ${m};
+          let c = col0 + ${n};
           if (r < uniforms.numRows && c < uniforms.outCols) {
             var v = 0.0;
-            if (e >= 0 && rowSrc[m] >= 0) {
-              v = unscale * Cs[i];
+            if (e >= 0 && rowSrc[${m}] >= 0) {
+              v = unscale * ${v};
               ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
               ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
             }
             result[r * uniforms.outCols + c] = v;
-          }
-        }
+          }`)}
       }
     `;
   }
@@ -231,7 +271,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
       spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }, subgroupSize: number) {
     this.spec = spec;
     this.outputShape = outputShape;
-    this.workgroupSize = [subgroupSize, 1, 1];
+    this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(P, Q, numExperts);
     this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : []),
       ...(spec.scaled ? ['amax'] : [])];
@@ -242,8 +282,8 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
   getUserCode(): string {
     const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
     const threads = this.workgroupSize[0];
+    const subgroupSize = threads / SUBGROUPS;
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, tile: { tm: 1, tn: 1, bk: 1 } });
-    const acc = accumulators();
     return `
       ${ENABLES}
       ${workgroupArrays()}
@@ -258,6 +298,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         let e = i32(workgroupId.z);
         let q0 = i32(workgroupId.x) * ${cols};
         let p0 = i32(workgroupId.y) * ${rows};
+        ${subgroupPart(subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         if (lid == 0) {
           segStart = seg[e];
@@ -265,7 +306,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         }
         let start = workgroupUniformLoad(&segStart);
         let count = workgroupUniformLoad(&segCount);
-        ${acc.declare}
+        ${declareAccumulators()}
         for (var r0 = 0; r0 < count; r0 += ${depth}) {
           // As holds Lᵀ column-major: As[rr·rows + pp] = L(r0 + rr, p0 + pp)
           for (var i = lid; i < ${rows * depth}; i += ${threads}) {
@@ -288,16 +329,12 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
           ${multiplySlab(true)}
           workgroupBarrier();
         }
-        ${acc.store}
-        workgroupBarrier();
         let unscale = uniforms.alpha / s;
-        for (var i = lid; i < ${rows * cols}; i += ${threads}) {
-          let p = p0 + i / ${cols};
-          let q = q0 + i % ${cols};
+        ${epilogue(subgroupSize, (m, n, v) => `let p = p0 + ${m};
+          let q = q0 + ${n};
           if (p < uniforms.P && q < uniforms.Q) {
-            result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = unscale * Cs[i];
-          }
-        }
+            result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = unscale * ${v};
+          }`)}
       }
     `;
   }
