@@ -25,7 +25,7 @@ import { chromium, type BrowserContext, type Page } from 'playwright-core';
 import { buildBrowserExample } from '../../examples/browser/build.js';
 import type { PageHelpers, PageProgress } from '../../examples/browser/main.js';
 import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
-import { olmoeConfig } from '../../src/bench/load_bench.js';
+import { olmoeConfig, seededUniform } from '../../src/bench/load_bench.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { writeSafetensorsStream } from '../../src/io/safetensors.js';
@@ -58,18 +58,6 @@ const CHROMIUM_ARGS = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
 ];
-
-/** mulberry32: seeded uniform numbers in [0, 1). */
-function seededUniform(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /**
  * Writes config.json and model.safetensors (BF16) with every tensor `config` implies: norm gains 1

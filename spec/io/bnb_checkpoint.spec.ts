@@ -19,7 +19,8 @@ import { sparseMoELayers, type MoECausalLM } from '../../src/layers/moe_causal_l
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
 import { NF4_CODE_BOOK } from '../../src/ops/quantized.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
-import { dynamicMap, writeBnbFixture, type BnbFixtureOptions, type RawTensor } from '../../tools/fixtures/make_bnb_fixture.js';
+import { dynamicMap, writeBnbFixture, type BnbFixtureOptions } from '../../tools/fixtures/make_bnb_fixture.js';
+import type { RawTensor } from '../../tools/fixtures/raw_safetensors.js';
 import { rejection } from '../helpers/rejection.js';
 import { cleanup, tempDir } from './checkpoint_helpers.js';
 

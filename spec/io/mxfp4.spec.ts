@@ -17,6 +17,7 @@ import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
 import { packExpertWeight } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
+import { encodeRawSafetensors, type RawTensor } from '../../tools/fixtures/raw_safetensors.js';
 import { rejection } from '../helpers/rejection.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, tempDir } from './checkpoint_helpers.js';
 
@@ -61,26 +62,6 @@ function quantize(w: Float32Array, [E, inSize, out]: number[]) {
   return { blocks, scales, grid };
 }
 
-type Raw = { dtype: 'F32' | 'BF16' | 'U8'; shape: number[]; bytes: Uint8Array };
-
-/** A safetensors file from raw little-endian bytes (not the package's writer). */
-function encodeRaw(tensors: Record<string, Raw>): Uint8Array {
-  const names = Object.keys(tensors).sort();
-  const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
-  let offset = 0;
-  for (const n of names) {
-    header[n] = { dtype: tensors[n].dtype, shape: tensors[n].shape, data_offsets: [offset, offset + tensors[n].bytes.byteLength] };
-    offset += tensors[n].bytes.byteLength;
-  }
-  const json = new TextEncoder().encode(JSON.stringify(header));
-  const headerLength = Math.ceil(json.byteLength / 8) * 8;
-  const out = new Uint8Array(8 + headerLength + offset).fill(0x20, 8, 8 + headerLength);
-  new DataView(out.buffer).setBigUint64(0, BigInt(headerLength), true);
-  out.set(json, 8);
-  let at = 8 + headerLength;
-  for (const n of names) { out.set(tensors[n].bytes, at); at += tensors[n].bytes.byteLength; }
-  return out;
-}
 
 const f32Bytes = (v: Float32Array) => new Uint8Array(v.buffer.slice(0));
 const bf16Bytes = (v: Float32Array) => new Uint8Array(Uint16Array.from(v, bf16).buffer);
@@ -89,11 +70,11 @@ const bf16Bytes = (v: Float32Array) => new Uint8Array(Uint16Array.from(v, bf16).
  * Writes the fixture as an MXFP4 checkpoint and as a BF16-experts one with the same grid values;
  * `edit` may change the MXFP4 tensors. Returns the folders and the grid values by weight name.
  */
-async function writeQuantized(edit: (t: Record<string, Raw>) => void = () => {}) {
+async function writeQuantized(edit: (t: Record<string, RawTensor>) => void = () => {}) {
   const config = await fixtureConfig('gpt_oss');
   const file = await readSafetensorsFile(join(fixtureDir('gpt_oss'), 'model.safetensors'));
-  const mx: Record<string, Raw> = {};
-  const half: Record<string, Raw> = {};
+  const mx: Record<string, RawTensor> = {};
+  const half: Record<string, RawTensor> = {};
   const grids = new Map<string, Float32Array>();
   for (const name of file.names()) {
     const t = await file.tensor(name);
@@ -114,9 +95,9 @@ async function writeQuantized(edit: (t: Record<string, Raw>) => void = () => {})
   const [mxDir, halfDir] = [await tempDir(), await tempDir()];
   const quantization = { quant_method: 'mxfp4', modules_to_not_convert: ['model.layers.*.self_attn', 'model.layers.*.mlp.router', 'model.embed_tokens', 'lm_head'] };
   await writeFile(join(mxDir, 'config.json'), JSON.stringify({ ...config, quantization_config: quantization }));
-  await writeFile(join(mxDir, 'model.safetensors'), encodeRaw(mx));
+  await writeFile(join(mxDir, 'model.safetensors'), encodeRawSafetensors(mx));
   await writeFile(join(halfDir, 'config.json'), JSON.stringify(config));
-  await writeFile(join(halfDir, 'model.safetensors'), encodeRaw(half));
+  await writeFile(join(halfDir, 'model.safetensors'), encodeRawSafetensors(half));
   return { mxDir, halfDir, grids, mxTensors: mx };
 }
 

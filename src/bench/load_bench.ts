@@ -64,7 +64,7 @@ export function narrowOlmoeConfig(layers: number): HFConfig {
 }
 
 /** mulberry32: a small seeded generator of uniform numbers in [0, 1). */
-function seededUniform(seed: number): () => number {
+export function seededUniform(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;

@@ -206,6 +206,17 @@ function planEntries(plan: BlockTensorPlan): Expected[] {
   return all.filter((e): e is Expected => e !== undefined);
 }
 
+/** The float32 values of one expert tensor of the file (read, checked, its tensor disposed). */
+async function floatValuesOf(op: string, file: TensorSource, name: string): Promise<Float32Array> {
+  const t = await file.tensor(name);
+  try {
+    if (t.dtype !== 'float32') fail(op, `'${name}' must be a floating-point tensor but is ${t.dtype}`);
+    return await t.data() as Float32Array;
+  } finally {
+    t.dispose();
+  }
+}
+
 /**
  * Stacks per-expert [rows, cols] tensors into [E, parts·rows, cols]: expert e's block is
  * parts[0][e] then parts[1][e] ... . Written into the stack expert tensor by expert tensor
@@ -220,13 +231,7 @@ async function fuseRows(
   try {
     for (let e = 0; e < numExperts; e++) {
       for (const [p, part] of parts.entries()) {
-        const t = await file.tensor(part[e].name);
-        try {
-          if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-          await stack.write(await t.data() as Float32Array, (e * parts.length + p) * block);
-        } finally {
-          t.dispose();
-        }
+        await stack.write(await floatValuesOf(op, file, part[e].name), (e * parts.length + p) * block);
       }
     }
     return await stack.finish() as tf.Tensor3D;
@@ -279,13 +284,7 @@ async function fuseRowsQuantized(
   try {
     for (let e = 0; e < numExperts; e++) {
       for (const [p, part] of parts.entries()) {
-        const t = await file.tensor(part[e].name);
-        try {
-          if (t.dtype !== 'float32') fail(op, `'${part[e].name}' must be a floating-point tensor but is ${t.dtype}`);
-          block.set(await t.data(), p * rows * cols);
-        } finally {
-          t.dispose();
-        }
+        block.set(await floatValuesOf(op, file, part[e].name), p * rows * cols);
       }
       quantizeExpertInto(layout, block, 0, expert, 0, op, `${parts.map(p => p[e].name).join("', '")}`);
       await stack.write(expert, e * layout.wordsPerExpert);
