@@ -9,7 +9,8 @@ import {
 } from '../../src/ops/packed.js';
 import { quantizedLayout, quantizeExpertValues, type QuantizedKind } from '../../src/ops/quantized.js';
 import { referenceDecode } from './quantized_reference.js';
-import type { ExpertActivation, ExpertLayout, LoRAFactors } from '../../src/ops/types.js';
+import type { fusedExperts } from '../../src/ops/experts/fused_experts.js';
+import type { ExpertActivation, ExpertLayout, ExpertWeights, LoRAFactors } from '../../src/ops/types.js';
 import { chooseExperts } from './expert_cases.js';
 import { Rng, tensorOf } from './numeric.js';
 
@@ -102,4 +103,28 @@ export function makePackedCase(
     c.downBias = tensorOf(rng.array(E * H, 0.1), [E, H]) as tf.Tensor2D;
   }
   return c;
+}
+
+type FusedExperts = typeof fusedExperts;
+
+/** What packedCaseGrads returns, in order. */
+export const PACKED_CASE_GRAD_NAMES = ['loss', 'dx', 'dA_up', 'dB_up', 'dA_down', 'dB_down'];
+
+/**
+ * The case's loss Σ out·sin(out) through `impl` with the given expert weights (the packed ones or
+ * their float32 values), and its gradients with respect to x and every LoRA factor.
+ */
+export function packedCaseGrads(c: PackedCase, impl: FusedExperts, gateUp: ExpertWeights['gateUp'],
+    down: ExpertWeights['down'], options: Parameters<FusedExperts>[4]): tf.Tensor[] {
+  const f = (x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
+    const w: ExpertWeights = {
+      gateUp, down, layout: c.layout, gateUpBias: c.gateUpBias, downBias: c.downBias,
+      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: c.upLoRA.scaling }],
+      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: c.downLoRA.scaling }],
+    };
+    const out = impl(x as tf.Tensor2D, { weights: c.routingWeights, experts: c.experts }, w, c.activation, options);
+    return tf.sum(tf.mul(out, tf.sin(out)));
+  };
+  const { value, grads } = tf.valueAndGrads(f)([c.x, c.upLoRA.A, c.upLoRA.B, c.downLoRA.A, c.downLoRA.B]);
+  return [value, ...grads];
 }

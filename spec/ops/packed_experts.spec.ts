@@ -7,31 +7,14 @@ import {
 } from '../../src/ops/packed.js';
 import { referenceExperts } from '../../src/ops/reference/moe_block.js';
 import type { ExpertWeights, LoRAMode } from '../../src/ops/types.js';
-import { makePackedCase, type PackedCase } from '../helpers/packed_case.js';
+import { makePackedCase, PACKED_CASE_GRAD_NAMES, packedCaseGrads, type PackedCase } from '../helpers/packed_case.js';
 import { expectClose, expectNoLeak } from '../helpers/numeric.js';
 
-/** fusedExperts' output and the gradients of x and every LoRA factor, for the given expert weights. */
-function runWith(c: PackedCase, gateUp: ExpertWeights['gateUp'], down: ExpertWeights['down'], loraMode: LoRAMode): tf.Tensor[] {
-  const f = (x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
-    const w: ExpertWeights = {
-      gateUp, down, layout: c.layout, gateUpBias: c.gateUpBias, downBias: c.downBias,
-      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: c.upLoRA.scaling }],
-      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: c.downLoRA.scaling }],
-    };
-    const out = fusedExperts(x as tf.Tensor2D, { weights: c.routingWeights, experts: c.experts }, w, c.activation, { loraMode });
-    return tf.sum(tf.mul(out, tf.sin(out)));
-  };
-  const { value, grads } = tf.valueAndGrads(f)([c.x, c.upLoRA.A, c.upLoRA.B, c.downLoRA.A, c.downLoRA.B]);
-  return [value, ...grads];
-}
-
-const NAMES = ['loss', 'dx', 'dA_up', 'dB_up', 'dA_down', 'dB_down'];
-
 function expectSameAsFloat32(c: PackedCase, loraMode: LoRAMode, label: string): void {
-  const packed = runWith(c, c.gateUp, c.down, loraMode);
-  const plain = runWith(c, c.gateUp32, c.down32, loraMode);
+  const packed = packedCaseGrads(c, fusedExperts, c.gateUp, c.down, { loraMode });
+  const plain = packedCaseGrads(c, fusedExperts, c.gateUp32, c.down32, { loraMode });
   // the decode is exact: the packed run sees the very values of the float32 run
-  packed.forEach((t, i) => expectClose(t, plain[i], 1e-6, `${label} ${NAMES[i]}`));
+  packed.forEach((t, i) => expectClose(t, plain[i], 1e-6, `${label} ${PACKED_CASE_GRAD_NAMES[i]}`));
   tf.dispose([...packed, ...plain]);
 }
 

@@ -13,34 +13,15 @@ import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.j
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock } from '../../../src/ops/moe_block.js';
 import { DECODE_PACKED, packedExpertWeightFromBits, unpackExpertWeight } from '../../../src/ops/packed.js';
-import type { ExpertWeights } from '../../../src/ops/types.js';
-import { makePackedCase, type PackedCase } from '../../helpers/packed_case.js';
+import { makePackedCase, PACKED_CASE_GRAD_NAMES, packedCaseGrads, type PackedCase } from '../../helpers/packed_case.js';
 import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
 
 type Experts = typeof fusedExperts;
 
-/** Output and the gradients of x and every LoRA factor through `impl` for the given expert weights. */
-function run(c: PackedCase, impl: Experts, gateUp: ExpertWeights['gateUp'], down: ExpertWeights['down'],
-    options: Parameters<Experts>[4]): tf.Tensor[] {
-  const f = (x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
-    const w: ExpertWeights = {
-      gateUp, down, layout: c.layout, gateUpBias: c.gateUpBias, downBias: c.downBias,
-      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: c.upLoRA.scaling }],
-      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: c.downLoRA.scaling }],
-    };
-    const out = impl(x as tf.Tensor2D, { weights: c.routingWeights, experts: c.experts }, w, c.activation, options);
-    return tf.sum(tf.mul(out, tf.sin(out)));
-  };
-  const { value, grads } = tf.valueAndGrads(f)([c.x, c.upLoRA.A, c.upLoRA.B, c.downLoRA.A, c.downLoRA.B]);
-  return [value, ...grads];
-}
-
-const NAMES = ['loss', 'dx', 'dA_up', 'dB_up', 'dA_down', 'dB_down'];
-
 async function expectSame(c: PackedCase, impl: Experts, options: Parameters<Experts>[4], label: string): Promise<void> {
-  const packed = run(c, impl, c.gateUp, c.down, options);
-  const plain = run(c, impl, c.gateUp32, c.down32, options);
-  for (const [i, t] of packed.entries()) await expectCloseAsync(t, await plain[i].data(), 1e-6, `${label} ${NAMES[i]}`);
+  const packed = packedCaseGrads(c, impl, c.gateUp, c.down, options);
+  const plain = packedCaseGrads(c, impl, c.gateUp32, c.down32, options);
+  for (const [i, t] of packed.entries()) await expectCloseAsync(t, await plain[i].data(), 1e-6, `${label} ${PACKED_CASE_GRAD_NAMES[i]}`);
   tf.dispose([...packed, ...plain]);
 }
 
@@ -106,7 +87,7 @@ describe('webgpu: packed 16-bit expert weights', () => {
       console.warn = () => {};
       let info: Awaited<ReturnType<typeof tf.profile>>;
       try {
-        info = await tf.profile(() => tf.dispose(run(c, webgpuFusedExperts, c.gateUp, c.down, { loraMode: 'split' })));
+        info = await tf.profile(() => tf.dispose(packedCaseGrads(c, webgpuFusedExperts, c.gateUp, c.down, { loraMode: 'split' })));
       } finally {
         console.warn = warn;
       }

@@ -13,35 +13,17 @@ import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.j
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { DECODE_PACKED, PackedExpertWeight, unpackExpertWeight } from '../../../src/ops/packed.js';
 import { QUANTIZED_KINDS, quantizedLayout, quantizeExpertValues } from '../../../src/ops/quantized.js';
-import type { ExpertWeights } from '../../../src/ops/types.js';
-import { makePackedCase, type PackedCase } from '../../helpers/packed_case.js';
+import { makePackedCase, PACKED_CASE_GRAD_NAMES, packedCaseGrads, type PackedCase } from '../../helpers/packed_case.js';
 import { Rng } from '../../helpers/numeric.js';
 import { referenceDecode } from '../../helpers/quantized_reference.js';
 import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
 
 type Experts = typeof fusedExperts;
 
-function run(c: PackedCase, impl: Experts, gateUp: ExpertWeights['gateUp'], down: ExpertWeights['down'],
-    options: Parameters<Experts>[4]): tf.Tensor[] {
-  const f = (x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
-    const w: ExpertWeights = {
-      gateUp, down, layout: c.layout, gateUpBias: c.gateUpBias, downBias: c.downBias,
-      gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: c.upLoRA.scaling }],
-      downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: c.downLoRA.scaling }],
-    };
-    const out = impl(x as tf.Tensor2D, { weights: c.routingWeights, experts: c.experts }, w, c.activation, options);
-    return tf.sum(tf.mul(out, tf.sin(out)));
-  };
-  const { value, grads } = tf.valueAndGrads(f)([c.x, c.upLoRA.A, c.upLoRA.B, c.downLoRA.A, c.downLoRA.B]);
-  return [value, ...grads];
-}
-
-const NAMES = ['loss', 'dx', 'dA_up', 'dB_up', 'dA_down', 'dB_down'];
-
 async function expectSame(c: PackedCase, impl: Experts, options: Parameters<Experts>[4], label: string): Promise<void> {
-  const quantized = run(c, impl, c.gateUp, c.down, options);
-  const plain = run(c, impl, c.gateUp32, c.down32, options);
-  for (const [i, t] of quantized.entries()) await expectCloseAsync(t, await plain[i].data(), 1e-5, `${label} ${NAMES[i]}`);
+  const quantized = packedCaseGrads(c, impl, c.gateUp, c.down, options);
+  const plain = packedCaseGrads(c, impl, c.gateUp32, c.down32, options);
+  for (const [i, t] of quantized.entries()) await expectCloseAsync(t, await plain[i].data(), 1e-5, `${label} ${PACKED_CASE_GRAD_NAMES[i]}`);
   tf.dispose([...quantized, ...plain]);
 }
 
@@ -104,7 +86,7 @@ describe('webgpu: quantized expert weights', () => {
     console.warn = () => {};   // tf.profile warns where the adapter has no timestamp queries (Mesa)
     let info: Awaited<ReturnType<typeof tf.profile>>;
     try {
-      info = await tf.profile(() => tf.dispose(run(c, webgpuFusedExperts, c.gateUp, c.down, { loraMode: 'split' })));
+      info = await tf.profile(() => tf.dispose(packedCaseGrads(c, webgpuFusedExperts, c.gateUp, c.down, { loraMode: 'split' })));
     } finally {
       console.warn = warn;
     }
