@@ -32,7 +32,7 @@ enable chromium_experimental_subgroup_matrix;
 `;
 /** keeps every binding in the 'auto' layout (an unused one is dropped, and the bind group then fails) */
 const TOUCH = 'if (wg.z > 1000u) { C[0] = A32[0] + B32[0] + f32(A16[0]) + f32(B16[0]); }';
-const L = (t: string) => `subgroup_matrix_left<f16, 16, 16>`;
+const L = 'subgroup_matrix_left<f16, 16, 16>';
 const R = 'subgroup_matrix_right<f16, 16, 16>';
 const RES = 'subgroup_matrix_result<f32, 16, 16>';
 
@@ -45,7 +45,7 @@ function accs(mt: number, nt: number): string {
 /** the K step over a slab: a from (src, offsetA(i), strideA), b from (src, offsetB(j), strideB) */
 function step(mt: number, nt: number, a: (i: number) => string, b: (j: number) => string): string {
   const l: string[] = [];
-  for (let i = 0; i < mt; i++) l.push(`let a${i} = subgroupMatrixLoad<${L('')}>(${a(i)});`);
+  for (let i = 0; i < mt; i++) l.push(`let a${i} = subgroupMatrixLoad<${L}>(${a(i)});`);
   for (let j = 0; j < nt; j++) l.push(`let b${j} = subgroupMatrixLoad<${R}>(${b(j)});`);
   for (let i = 0; i < mt; i++) for (let j = 0; j < nt; j++) l.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
   return l.join('\n    ');
