@@ -14,10 +14,21 @@ const mocha = new Mocha({ reporter: 'spec', timeout: 600000 });
 mocha.suite.emit('pre-require', globalThis, 'webgpu_specs', mocha);
 const { mochaHooks } = await import('../spec/setup.js');
 mocha.rootHooks(mochaHooks as Mocha.RootHookObject);
+// every spec of spec/backends/webgpu/ (what `npm run test:webgpu` runs on Mesa), listed: the bundler
+// follows static imports only
 await import('../spec/backends/webgpu/dawn.spec.js');
 await import('../spec/backends/webgpu/kernels.spec.js');
 await import('../spec/backends/webgpu/routing.spec.js');
 await import('../spec/backends/webgpu/experts.spec.js');
+await import('../spec/backends/webgpu/packed_experts.spec.js');
+await import('../spec/backends/webgpu/quantized_experts.spec.js');
+await import('../spec/backends/webgpu/sequence_context.spec.js');
+await import('../spec/backends/webgpu/generate.spec.js');
+await import('../spec/backends/webgpu/user_paths.spec.js');
+await import('../spec/backends/webgpu/load_to_device.spec.js');
+await import('../spec/backends/webgpu/load_memory.spec.js');
+await import('../spec/backends/webgpu/memory_limits.spec.js');
+await import('../spec/backends/webgpu/tensor_cores.spec.js');
 await import('../spec/backends/webgpu/bench.spec.js');
 await import('../spec/backends/webgpu/train.spec.js');
 mocha.run(failures => process.exit(failures > 0 ? 1 : 0));

@@ -62,6 +62,8 @@ export interface E2EOptions {
   tokenizer?: string | HFTokenizer;
   /** how the routed experts are held: 'stored' (bf16 as in the files), 'float32', 'int4', 'nf4', ... */
   expertDtype?: ExpertDtype;
+  /** the LoRA targets, a subset of E2E_LORA_TARGETS (default: all of them, as torch_peft.py trains) */
+  targets?: readonly string[];
   rank?: number;
   alpha?: number;
   batch?: number;
@@ -191,13 +193,15 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, ...options,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, targets: E2E_LORA_TARGETS as readonly string[], ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
   for (const k of ['model', 'data', 'out'] as const) {
     if (typeof o[k] !== 'string' || o[k].length === 0) fail(OP, `'${k}' must be a path but got ${JSON.stringify(o[k])}`);
   }
   assertOneOf(OP, 'expertDtype', o.expertDtype, EXPERT_DTYPES);
+  if (!Array.isArray(o.targets) || o.targets.length === 0) fail(OP, `'targets' must be a non-empty list but got ${JSON.stringify(o.targets)}`);
+  for (const t of o.targets) assertOneOf(OP, 'targets', t, E2E_LORA_TARGETS);
   for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
   assertInteger(OP, 'warmup', o.warmup, 0);
   for (const k of ['alpha', 'learningRate'] as const) {
@@ -218,7 +222,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
   const result: E2EResult = {
     side: 'ours', name: o.name ?? o.expertDtype, backend: tf.getBackend(), model: o.model, modelType: String(config['model_type']),
-    expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: E2E_LORA_TARGETS },
+    expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
     stepSeconds: [], losses: [], memory: memoryNow(), errors: {}, stage: 'start', elapsedSeconds: 0,
@@ -240,7 +244,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   });
   result.loadSeconds = (performance.now() - t0) / 1000;
   result.memory = maxMemory(result.memory, memoryNow());
-  const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...E2E_LORA_TARGETS] } });
+  const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...o.targets] } });
   const optimizer = tf.train.adam(o.learningRate);
   try {
     const variables = trainableVariables(model);
@@ -319,7 +323,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'targets'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -334,6 +338,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
     saveAdapter: onOff('save-adapter', true), backend, tensorCores: onOff('tensor-cores', false),
+    targets: flags['targets']?.split(','),
   };
 }
 

@@ -134,6 +134,8 @@ describe('bench/e2e/ours.ts', function () {
     await expectReject(run(data, { warmup: -1 }), /'warmup' must be >= 0 but got -1/);
     await expectReject(run(data, { alpha: 0 }), /'alpha' must be a number > 0 but got 0/);
     await expectReject(run(data, { model: '' }), /'model' must be a path but got ""/);
+    await expectReject(run(data, { targets: ['router', 'lm_head'] }), /'targets' must be one of 'experts.gate_up', .* but got 'lm_head'/);
+    await expectReject(run(data, { targets: [] }), /'targets' must be a non-empty list but got \[\]/);
   });
 
   it('reads its command line, and refuses unknown flags, odd arguments and a tensor-core run without tensor cores', () => {
@@ -141,7 +143,8 @@ describe('bench/e2e/ours.ts', function () {
       '--backend', 'cpu', '--tensor-cores', 'on', '--save-adapter', 'off']);
     expect(args).to.deep.include({ model: 'M', data: 'D', out: 'O', expertDtype: 'nf4', rank: 16, learningRate: 2e-4, backend: 'cpu',
       tensorCores: true, saveAdapter: false, steps: undefined });
-    expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true });
+    expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, targets: undefined });
+    expect(parseOursArgs(['--targets', 'router,q_proj']).targets).to.deep.equal(['router', 'q_proj']);
     expect(() => parseOursArgs(['--modle', 'M'])).to.throw(OpArgumentError, /'--modle' is not a flag; the flags are --model --data/);
     expect(() => parseOursArgs(['--model'])).to.throw(OpArgumentError, /arguments must be '--flag value' pairs but got \["--model"\]/);
     expect(() => parseOursArgs(['--backend', 'gpu'])).to.throw(OpArgumentError, /'--backend' must be one of 'webgpu', 'cpu', 'wasm' but got 'gpu'/);
