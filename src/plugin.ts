@@ -234,11 +234,12 @@ export function register(args: PluginArgs = {}): PluginHandle {
       }
       for (const f of Object.values(layer.lora.factors(name))) adapterWeights.add(f.A).add(f.B);
     }
-    // As PEFT does, LoRA training trains the adapters only: the weights outside the MoE layers
-    // (attention, embeddings, norms) are frozen until unregister(); the MoE layers and the linear
-    // layers froze their own base when the adapter was added.
+    // As PEFT does, LoRA training trains the adapters only: every other weight (attention,
+    // embeddings, norms, and the MoE layers the targets leave out, e.g. attention-only LoRA) is
+    // frozen until unregister(); a MoE or linear layer froze its own base when its adapter was added.
     if (a.lora !== null) {
-      const moeWeights = new Set([...found.flatMap(f => f.layer.weights), ...adapterWeights]);
+      const adapted = found.filter(f => f.descriptor.lora!.adapterNames(f.layer).includes(a.lora!.adapterName));
+      const moeWeights = new Set([...adapted.flatMap(f => f.layer.weights), ...adapterWeights]);
       const others = (resolved.models ?? []).flatMap(m => m.weights)
           .filter(v => v.trainable && !moeWeights.has(v) && !s.frozen.some(([w]) => w === v));
       const before = others.map((v): [tfl.LayerVariable, boolean] => [v, v.trainable]);

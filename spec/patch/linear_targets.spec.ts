@@ -62,6 +62,19 @@ describe('LoRA targets as PEFT names them (target_modules, all-linear, rank/alph
     expect(model.trainableWeights.length).to.equal(trainableBefore);
   });
 
+  it('attention-only targets freeze the MoE layers too (no MoE target, no MoE adapter), as PEFT does, until unregister()', () => {
+    const moeWeights = sparseMoELayers(model).flatMap(l => l.weights);
+    const trainableBefore = model.trainableWeights.map(v => v.name);
+    expect(moeWeights.filter(v => v.trainable).length, 'the MoE layers train before').to.be.above(0);
+    register({ models: [model], lora: { r: 2, alpha: 4, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] } });
+    // 2 layers × 4 projections × (A, B), nothing else: a saved adapter then holds everything that trained
+    expect(model.trainableWeights.length).to.equal(16);
+    expect(model.trainableWeights.every(v => /lora_default_/.test(v.originalName))).to.equal(true);
+    expect(moeWeights.filter(v => v.trainable)).to.deep.equal([]);
+    unregister();
+    expect(model.trainableWeights.map(v => v.name)).to.deep.equal(trainableBefore);
+  });
+
   it("'all-linear' on a family PEFT 0.21 converts (GLM-4.5-MoE): attention + experts.gate_up (2r, 2α) + experts.down + router; no dense MLP, no shared expert", async () => {
     const glm = await loadHFCheckpoint('spec/fixtures/hf/glm4_moe');
     register({ models: [glm], lora: { r: 2, alpha: 4, targets: ['all-linear'], rankPattern: { 'layers.1.self_attn.q_proj': 1 } } });
