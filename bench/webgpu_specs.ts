@@ -18,6 +18,7 @@ mocha.rootHooks(mochaHooks as Mocha.RootHookObject);
 // follows static imports only
 await import('../spec/backends/webgpu/dawn.spec.js');
 await import('../spec/backends/webgpu/kernels.spec.js');
+await import('../spec/backends/webgpu/batch_mat_mul.spec.js');
 await import('../spec/backends/webgpu/routing.spec.js');
 await import('../spec/backends/webgpu/experts.spec.js');
 await import('../spec/backends/webgpu/packed_experts.spec.js');

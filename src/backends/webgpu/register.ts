@@ -1,12 +1,14 @@
 /**
  * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
- * implementation of the 'fused' block and the softmaxTopK routing kernel. The routing override
+ * implementation of the 'fused' block, the softmaxTopK routing kernel and tfjs-webgpu's matMul
+ * kernels wrapped around a wrong product (batch_mat_mul.ts). The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
  * not handle (whose errors the replaced implementation reports).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerExpertsImplementation } from '../../ops/moe_block.js';
 import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
+import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
 import { webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
@@ -31,6 +33,9 @@ export function registerWebGPUMoE(): string[] {
     tf.registerKernel(config);
     added.push(config.kernelName);
   }
+  // tfjs-webgpu's matMul, wrapped where it computes a wrong product (LoRA's x·Aᵀ at width 2048):
+  // a replacement, not an addition, so not in the names returned
+  useSplitKSafeMatMul();
   if (installed) return added;
   installed = true;
   registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
