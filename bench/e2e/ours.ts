@@ -34,6 +34,8 @@ import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
+import { Adam } from '../../src/train/optimizer.js';
+import { profileTrainingStep, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
 
@@ -74,6 +76,12 @@ export interface E2EOptions {
   name?: string;
   /** skip writing the adapter (it is large for big models: r·E rows per expert weight) */
   saveAdapter?: boolean;
+  /**
+   * after the timed steps, one more step profiled (step_profile.ts: kernels, GPU dispatches and
+   * reads per phase, host ms per phase; GPU ms per program where timestamp-query exists), written
+   * to `out`/profile.json; off by default (it trains one or two more steps)
+   */
+  profile?: boolean;
   /** progress lines (default: stderr) */
   log?: (line: string) => void;
 }
@@ -103,6 +111,8 @@ export interface E2EResult {
   tokensPerSecond?: number;
   /** the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU) */
   memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null };
+  /** profile.json (--profile on) */
+  profileFile?: string;
   adapterDir?: string;
   promptFile?: string;
   idsFile?: string;
@@ -191,7 +201,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, ...options,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
   for (const k of ['model', 'data', 'out'] as const) {
@@ -241,9 +251,12 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   result.loadSeconds = (performance.now() - t0) / 1000;
   result.memory = maxMemory(result.memory, memoryNow());
   const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...E2E_LORA_TARGETS] } });
-  const optimizer = tf.train.adam(o.learningRate);
+  // torch.optim.Adam's update, as torch_peft.py trains (not tf.train.adam: its ε sits elsewhere)
+  let optimizer: Adam | undefined;
   try {
     const variables = trainableVariables(model);
+    optimizer = new Adam(variables);
+    const apply = (grads: tf.Tensor[]) => optimizer!.apply(grads, o.learningRate);
     const layers = sparseMoELayers(model);
     result.params = {
       total: model.countParams(), trainable: variables.reduce((n, v) => n + v.size, 0),
@@ -255,16 +268,34 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     for (let step = 0; step < total; step++) {
       const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
       const s0 = performance.now();
-      const loss = optimizer.minimize(() => nextTokenLoss(model, windows), true, variables)!;
-      const [value] = await loss.data();
+      const value = await trainingStep({ loss: () => nextTokenLoss(model, windows), variables, apply });
       result.stepSeconds.push((performance.now() - s0) / 1000);
       result.losses.push(value);
-      tf.dispose([loss, windows]);
+      windows.dispose();
       result.memory = maxMemory(result.memory, memoryNow());
       await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
     }
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
+
+    if (o.profile) {
+      try {
+        // the last step's windows again: the profile describes a step like the timed ones
+        const windows = tf.tensor2d(ids.subarray((total - 1) * window, total * window), [o.batch, o.seq + 1], 'int32');
+        try {
+          const { profile, losses } = await profileTrainingStep({ loss: () => nextTokenLoss(model, windows), variables, apply });
+          result.profileFile = join(o.out, 'profile.json');
+          await writeFile(result.profileFile, JSON.stringify({ batch: o.batch, seq: o.seq, losses, ...profile }, null, 1));
+        } finally {
+          windows.dispose();
+        }
+        await partial('profile written');
+      } catch (err) {
+        delete result.profileFile;
+        result.errors['profile'] = errorText(err);
+        await partial('profile not written');
+      }
+    }
 
     // each output stage on its own: a failing one (a synchronous read on webgpu) leaves the others
     if (o.saveAdapter) {
@@ -301,7 +332,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     throw err;
   } finally {
     handle.unregister();
-    optimizer.dispose();
+    optimizer?.dispose();
     model.dispose();
   }
   result.stage = 'done';
@@ -319,7 +350,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -333,7 +364,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     model: flags['model'], data: flags['data'], out: flags['out'] ?? process.env.OUT ?? '', tokenizer: flags['tokenizer'],
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
-    saveAdapter: onOff('save-adapter', true), backend, tensorCores: onOff('tensor-cores', false),
+    saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), backend, tensorCores: onOff('tensor-cores', false),
   };
 }
 
