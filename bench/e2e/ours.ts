@@ -378,7 +378,11 @@ async function main(): Promise<void> {
   const withDefaults = Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as typeof args;
   if (args.backend === 'webgpu') {
     const { setupDawnWebGPU } = await import('../../src/backends/webgpu/dawn.js');
-    const adapter = await setupDawnWebGPU({ tensorCores: args.tensorCores ? 'auto' : 'off' });
+    // --profile on: GPU timestamps at full resolution (Dawn quantizes them by default)
+    const adapter = await setupDawnWebGPU({
+      tensorCores: args.tensorCores ? 'auto' : 'off',
+      extraFlags: args.profile ? ['disable-dawn-features=timestamp_quantization'] : [],
+    });
     process.stderr.write(`[ours] adapter ${adapter.vendor} ${adapter.description} (${adapter.featureLevel}), tensor cores ${adapter.tensorCores}\n`);
     // the card, driver and Dawn flags the table's note needs, beside the result
     await mkdir(args.out, { recursive: true });

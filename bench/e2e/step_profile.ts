@@ -10,6 +10,7 @@
  * restores them after; it does not change what the step computes.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { fail } from '../../src/ops/validate.js';
 
 /** The phases of one step, in order. */
@@ -49,6 +50,13 @@ export interface StepProfile {
   gpuMsByProgram: Record<string, { count: number; ms: number }> | null;
   /** Σ gpuMsByProgram ms */
   gpuMs: number | null;
+  /**
+   * webgpu: host ms per phase of another step recorded with no submit before the loss read
+   * (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE and SUBMIT_FLOPS_FLAG out of reach), so forward,
+   * backward and optimizer are the host's recording alone and lossRead is the GPU's work that was
+   * left when recording ended; null elsewhere
+   */
+  recordOnlyMs: Record<StepPhase, number> | null;
 }
 
 const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0 });
@@ -144,9 +152,9 @@ export async function trainingStep(step: StepFunctions, mark: (phase: StepPhase)
 }
 
 /**
- * Runs one step with counters (and, where the backend times programs on the GPU, a second one
- * under backend.time) and returns the profile and the steps' losses. Both steps train: the
- * caller's variables and optimizer move on by one or two steps.
+ * Runs one step with counters, on webgpu a second one recorded without submits (recordOnlyMs) and,
+ * where the backend times programs on the GPU, a third under backend.time; returns the profile and
+ * the steps' losses. Every step trains: the caller's variables and optimizer move on by 1 to 3 steps.
  *
  * ```js
  * const adam = new Adam(variables);
@@ -177,6 +185,25 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
   } finally {
     counter.uninstall();
   }
+  let recordOnlyMs: StepProfile['recordOnlyMs'] = null;
+  if (tf.getBackend() === 'webgpu') {
+    const flags = { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE'), [SUBMIT_FLOPS_FLAG]: tf.env().getNumber(SUBMIT_FLOPS_FLAG) };
+    tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number.MAX_SAFE_INTEGER);
+    tf.env().set(SUBMIT_FLOPS_FLAG, Infinity);
+    const ms = Object.fromEntries(STEP_PHASES.map(p => [p, 0])) as Record<StepPhase, number>;
+    let from = performance.now();
+    try {
+      losses.push(await trainingStep(step, phase => {
+        const now = performance.now();
+        ms[phase] = now - from;
+        from = now;
+      }));
+    } finally {
+      for (const [flag, value] of Object.entries(flags)) tf.env().set(flag, value);
+    }
+    recordOnlyMs = ms;
+  }
+
   const total = zeroCounts();
   for (const p of STEP_PHASES) for (const k of Object.keys(total) as Array<keyof PhaseCounts>) total[k] += phases[p][k];
 
@@ -205,7 +232,7 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
   const gpuMs = gpuMsByProgram === null ? null : Object.values(gpuMsByProgram).reduce((s, e) => s + e.ms, 0);
   return {
     profile: {
-      backend: tf.getBackend(), phases, total, kernelCounts, programCounts, gpuMsByProgram, gpuMs,
+      backend: tf.getBackend(), phases, total, recordOnlyMs, kernelCounts, programCounts, gpuMsByProgram, gpuMs,
     },
     losses,
   };
