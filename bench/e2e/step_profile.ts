@@ -101,8 +101,27 @@ export class StepCounter {
       this.programCounts[name] = (this.programCounts[name] ?? 0) + 1;
       this.current.dispatches++;
     });
+    // one read of a tensor, whichever method the caller used: cpu's read calls its readSync
+    // synchronously, which is not counted again
+    let reading = false;
+    const read = backend['read'];
+    if (typeof read === 'function') {
+      const own = Object.prototype.hasOwnProperty.call(backend, 'read');
+      backend['read'] = function (this: unknown, ...args: unknown[]) {
+        reading = true;
+        try {
+          return read.apply(this, args);
+        } finally {
+          reading = false;
+        }
+      };
+      this.restore.push(() => {
+        if (own) backend['read'] = read;
+        else delete backend['read'];
+      });
+    }
     wrap(backend, 'read', () => this.current.reads++);
-    wrap(backend, 'readSync', () => this.current.reads++);
+    wrap(backend, 'readSync', () => { if (!reading) this.current.reads++; });
     wrap(backend, 'getBufferData', () => this.current.mapReads++);
     wrap(backend, 'submitQueue', () => this.current.submits++);
   }
