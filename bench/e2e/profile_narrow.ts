@@ -5,7 +5,7 @@
  * dispatch and read counts carry over to the real shape (per layer, plus the LM head and loss);
  * Mesa's times do not.
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/profile_narrow.ts --layers 1,2 --seq 64 [--composed-adam on]
- * --composed-adam on unregisters MoEAdamUpdate first: Adam as composed tfjs ops (the count before it).
+ * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
-import { ADAM_UPDATE } from '../../src/train/adam_update.js';
+import { ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
 import { runOurs } from './ours.js';
 import type { StepProfile } from './step_profile.js';
 
@@ -26,7 +26,7 @@ const flag = (name: string, fallback: string) => {
 await setupDawnWebGPU({ tensorCores: 'off' });
 if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
 registerMoEKernels('webgpu');
-if (flag('composed-adam', 'off') === 'on') tf.unregisterKernel(ADAM_UPDATE, 'webgpu');
+tf.env().set(ADAM_UPDATE_KERNEL_FLAG, flag('composed-adam', 'off') !== 'on');
 const seq = Number(flag('seq', '64'));
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {

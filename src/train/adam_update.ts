@@ -19,6 +19,13 @@ import { describeValue } from '../util/describe.js';
  */
 export const ADAM_UPDATE = 'MoEAdamUpdate';
 
+/**
+ * tf.env() flag: false runs the composed ops even where MoEAdamUpdate is registered (to compare
+ * the two, or count what the kernel saves: bench/e2e/profile_narrow.ts --composed-adam on).
+ */
+export const ADAM_UPDATE_KERNEL_FLAG = 'MOE_ADAM_UPDATE_KERNEL';
+tf.env().registerFlag(ADAM_UPDATE_KERNEL_FLAG, () => true);
+
 /** The scalars of one step (the same for every variable of the step). */
 export interface AdamUpdateAttrs {
   beta1: number;
@@ -55,7 +62,7 @@ export function adamUpdate(param: tf.Tensor, grad: tf.Tensor, m: tf.Tensor, v: t
     if (!tf.util.arraysEqual(t.shape, param.shape)) fail(op, `'${name}' must have the shape of 'param' [${param.shape}] but has [${t.shape}]`);
   }
   for (const k of ['beta1', 'beta2', 'epsilon', 'correction2Sqrt', 'stepSize'] as const) assertFiniteNumber(op, k, attrs[k]);
-  if (tf.getKernel(ADAM_UPDATE, tf.getBackend()) != null) {
+  if (tf.env().getBool(ADAM_UPDATE_KERNEL_FLAG) && tf.getKernel(ADAM_UPDATE, tf.getBackend()) != null) {
     const { beta1, beta2, epsilon, correction2Sqrt, stepSize } = attrs;
     const [p2, m2, v2] = tf.engine().runKernel(ADAM_UPDATE, { param, grad, m, v },
         { beta1, beta2, epsilon, correction2Sqrt, stepSize }) as tf.Tensor[];

@@ -14,7 +14,7 @@ import { SeededRandom } from '../../../src/data/random.js';
 import { buildMoECausalLM, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../../src/models/families.js';
 import { register } from '../../../src/plugin.js';
-import { ADAM_UPDATE } from '../../../src/train/adam_update.js';
+import { ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
 import { nextTokenLoss } from '../../../src/train/loss.js';
 import { Adam } from '../../../src/train/optimizer.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
@@ -25,15 +25,14 @@ const TINY: HFConfig = {
   norm_topk_prob: true, rms_norm_eps: 1e-6,
 };
 
-/** Runs `fn` with MoEAdamUpdate unregistered on webgpu (Adam then composes tfjs ops), then registers it again. */
+/** Runs `fn` with Adam composed from tfjs ops (ADAM_UPDATE_KERNEL_FLAG false), then the kernel again. */
 async function withComposedAdam<T>(fn: () => Promise<T>): Promise<T> {
-  const config = tf.getKernel(ADAM_UPDATE, 'webgpu');
-  expect(config, 'MoEAdamUpdate is registered on webgpu').to.not.equal(undefined);
-  tf.unregisterKernel(ADAM_UPDATE, 'webgpu');
+  expect(tf.getKernel(ADAM_UPDATE, 'webgpu'), 'MoEAdamUpdate is registered on webgpu').to.not.equal(undefined);
+  tf.env().set(ADAM_UPDATE_KERNEL_FLAG, false);
   try {
     return await fn();
   } finally {
-    tf.registerKernel(config!);
+    tf.env().set(ADAM_UPDATE_KERNEL_FLAG, true);
   }
 }
 
