@@ -14,7 +14,7 @@ import { join, resolve } from 'node:path';
 import {
   assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, runOurs, trainingWindows, type E2EResult,
 } from '../../bench/e2e/ours.js';
-import type { StepProfile } from '../../bench/e2e/step_profile.js';
+import { StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
@@ -145,6 +145,23 @@ describe('bench/e2e/ours.ts', function () {
     const sum = (k: 'kernels' | 'reads') => Object.values(profile.phases).reduce((s, p) => s + p[k], 0);
     expect(profile.total).to.include({ kernels: sum('kernels'), reads: sum('reads') });
     expect(Object.values(profile.kernelCounts.forward).reduce((a, b) => a + b, 0)).to.equal(profile.phases.forward.kernels);
+  });
+
+  it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
+    const engine = tf.engine() as unknown as Record<string, unknown>;
+    const runKernel = engine['runKernel'];
+    const counter = new StepCounter();
+    counter.install();
+    expect(() => counter.install()).to.throw(OpArgumentError, '`StepCounter.install()`: the counter is already installed');
+    const a = tf.tensor1d([1, 2]);
+    const b = tf.add(a, tf.mul(a, a));
+    await b.data();
+    counter.uninstall();
+    tf.dispose([a, b]);
+    expect(counter.kernelCounts).to.deep.equal({ Multiply: 1, Add: 1 });
+    expect(counter.current).to.include({ kernels: 2, reads: 1 });
+    expect(engine['runKernel']).to.equal(runKernel);
+    expect(Object.prototype.hasOwnProperty.call(engine, 'runKernel'), 'no own property left behind').to.equal(false);
   });
 
   it('refuses bad data and options with one message naming them', async () => {
