@@ -13,6 +13,8 @@
 #
 # Knobs (environment): E2E_WARMUP=2 E2E_STEPS=5 E2E_BATCH=1 E2E_SEQ=512 E2E_RANK=8 E2E_ALPHA=16 E2E_LR=1e-3
 #   E2E_QWEN3_LAYERS=12  E2E_MORE="nf4 float32"  E2E_TENSOR_CORES=off
+#   E2E_PROFILE=off (on: after the timed steps ours profiles 2-3 more, writing ours-DTYPE/profile.json: kernels,
+#   dispatches, reads and host ms per phase, recording-only ms, GPU ms per program with timestamp-query)
 #   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
 #   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
 set -uo pipefail
@@ -72,7 +74,7 @@ fi
 
 common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2E_STEPS:-5}" --batch "${E2E_BATCH:-1}"
         --seq "${E2E_SEQ:-512}" --rank "${E2E_RANK:-8}" --alpha "${E2E_ALPHA:-16}" --lr "${E2E_LR:-1e-3}"
-        --tensor-cores "${E2E_TENSOR_CORES:-off}")
+        --tensor-cores "${E2E_TENSOR_CORES:-off}" --profile "${E2E_PROFILE:-off}")
 ours() {  # ours EXPERT_DTYPE [flags]
   local dtype=$1; shift
   # shellcheck disable=SC2086

@@ -34,6 +34,8 @@ import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
+import { Adam } from '../../src/train/optimizer.js';
+import { profileTrainingStep, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
 
@@ -76,6 +78,12 @@ export interface E2EOptions {
   name?: string;
   /** skip writing the adapter (it is large for big models: r·E rows per expert weight) */
   saveAdapter?: boolean;
+  /**
+   * after the timed steps, one more step profiled (step_profile.ts: kernels, GPU dispatches and
+   * reads per phase, host ms per phase; GPU ms per program where timestamp-query exists), written
+   * to `out`/profile.json; off by default (it trains one or two more steps)
+   */
+  profile?: boolean;
   /** progress lines (default: stderr) */
   log?: (line: string) => void;
 }
@@ -105,6 +113,8 @@ export interface E2EResult {
   tokensPerSecond?: number;
   /** the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU) */
   memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null };
+  /** profile.json (--profile on) */
+  profileFile?: string;
   adapterDir?: string;
   promptFile?: string;
   idsFile?: string;
@@ -193,7 +203,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, targets: E2E_LORA_TARGETS as readonly string[], ...options,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, targets: E2E_LORA_TARGETS as readonly string[], ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
   for (const k of ['model', 'data', 'out'] as const) {
@@ -245,9 +255,12 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   result.loadSeconds = (performance.now() - t0) / 1000;
   result.memory = maxMemory(result.memory, memoryNow());
   const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...o.targets] } });
-  const optimizer = tf.train.adam(o.learningRate);
+  // torch.optim.Adam's update, as torch_peft.py trains (not tf.train.adam: its ε sits elsewhere)
+  let optimizer: Adam | undefined;
   try {
     const variables = trainableVariables(model);
+    optimizer = new Adam(variables);
+    const apply = (grads: tf.Tensor[]) => optimizer!.apply(grads, o.learningRate);
     const layers = sparseMoELayers(model);
     result.params = {
       total: model.countParams(), trainable: variables.reduce((n, v) => n + v.size, 0),
@@ -259,16 +272,34 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     for (let step = 0; step < total; step++) {
       const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
       const s0 = performance.now();
-      const loss = optimizer.minimize(() => nextTokenLoss(model, windows), true, variables)!;
-      const [value] = await loss.data();
+      const value = await trainingStep({ loss: () => nextTokenLoss(model, windows), variables, apply });
       result.stepSeconds.push((performance.now() - s0) / 1000);
       result.losses.push(value);
-      tf.dispose([loss, windows]);
+      windows.dispose();
       result.memory = maxMemory(result.memory, memoryNow());
       await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
     }
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
+
+    if (o.profile) {
+      try {
+        // the last step's windows again: the profile describes a step like the timed ones
+        const windows = tf.tensor2d(ids.subarray((total - 1) * window, total * window), [o.batch, o.seq + 1], 'int32');
+        try {
+          const { profile, losses } = await profileTrainingStep({ loss: () => nextTokenLoss(model, windows), variables, apply });
+          result.profileFile = join(o.out, 'profile.json');
+          await writeFile(result.profileFile, JSON.stringify({ batch: o.batch, seq: o.seq, losses, ...profile }, null, 1));
+        } finally {
+          windows.dispose();
+        }
+        await partial('profile written');
+      } catch (err) {
+        delete result.profileFile;
+        result.errors['profile'] = errorText(err);
+        await partial('profile not written');
+      }
+    }
 
     // each output stage on its own: a failing one (a synchronous read on webgpu) leaves the others
     if (o.saveAdapter) {
@@ -305,7 +336,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     throw err;
   } finally {
     handle.unregister();
-    optimizer.dispose();
+    optimizer?.dispose();
     model.dispose();
   }
   result.stage = 'done';
@@ -323,7 +354,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores', 'targets'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'targets'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -337,7 +368,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     model: flags['model'], data: flags['data'], out: flags['out'] ?? process.env.OUT ?? '', tokenizer: flags['tokenizer'],
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
-    saveAdapter: onOff('save-adapter', true), backend, tensorCores: onOff('tensor-cores', false),
+    saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), backend, tensorCores: onOff('tensor-cores', false),
     targets: flags['targets']?.split(','),
   };
 }
@@ -352,7 +383,11 @@ async function main(): Promise<void> {
   const withDefaults = Object.fromEntries(Object.entries(args).filter(([, v]) => v !== undefined)) as typeof args;
   if (args.backend === 'webgpu') {
     const { setupDawnWebGPU } = await import('../../src/backends/webgpu/dawn.js');
-    const adapter = await setupDawnWebGPU({ tensorCores: args.tensorCores ? 'auto' : 'off' });
+    // --profile on: GPU timestamps at full resolution (Dawn quantizes them by default)
+    const adapter = await setupDawnWebGPU({
+      tensorCores: args.tensorCores ? 'auto' : 'off',
+      extraFlags: args.profile ? ['disable-dawn-features=timestamp_quantization'] : [],
+    });
     process.stderr.write(`[ours] adapter ${adapter.vendor} ${adapter.description} (${adapter.featureLevel}), tensor cores ${adapter.tensorCores}\n`);
     // the card, driver and Dawn flags the table's note needs, beside the result
     await mkdir(args.out, { recursive: true });

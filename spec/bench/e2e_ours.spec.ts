@@ -14,6 +14,7 @@ import { join, resolve } from 'node:path';
 import {
   assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, runOurs, trainingWindows, type E2EResult,
 } from '../../bench/e2e/ours.js';
+import { StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
@@ -120,6 +121,49 @@ describe('bench/e2e/ours.ts', function () {
     expect(tf.memory().numTensors).to.equal(before);
   });
 
+  it('--profile on: one more step counted per phase, in profile.json', async () => {
+    const out = join(dir, 'profiled');
+    const tokenizer = HFTokenizer.fromFiles({ tokenizer: readFileSync(defaultTokenizerPath(), 'utf8') });
+    const before = tf.memory().numTensors;
+    const result = await runOurs({
+      model: FIXTURE, data, out, tokenizer, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, profile: true, log: () => {},
+    });
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    expect(result.errors).to.deep.equal({});
+    expect(result.profileFile).to.equal(join(out, 'profile.json'));
+    const profile = JSON.parse(readFileSync(result.profileFile!, 'utf8')) as StepProfile & { losses: number[]; seq: number };
+    expect(profile).to.include({ backend: tf.getBackend(), seq: 8, recordOnlyMs: null, gpuMsByProgram: null, gpuMs: null });
+    // the step after the timed one, on the same windows: trained a little, its loss a little lower
+    expect(profile.losses).to.have.length(1);
+    expect(profile.losses[0]).to.be.below(result.losses[0]).and.above(result.losses[0] - 0.5);
+    // 2 layers × 7 targets × (A, B): Adam's composed update, 13 kernels per variable (no GPU here)
+    const n = 28;
+    expect(profile.kernelCounts.optimizer).to.deep.equal({ Multiply: 5 * n, Add: 3 * n, RealDiv: 2 * n, Sqrt: n, Square: n, Sub: n });
+    expect(profile.phases.optimizer).to.include({ kernels: 13 * n, dispatches: 0, reads: 0 });
+    expect(profile.phases.lossRead).to.include({ kernels: 0, reads: 1 });
+    for (const phase of ['forward', 'backward'] as const) expect(profile.phases[phase].kernels, phase).to.be.above(50);
+    const sum = (k: 'kernels' | 'reads') => Object.values(profile.phases).reduce((s, p) => s + p[k], 0);
+    expect(profile.total).to.include({ kernels: sum('kernels'), reads: sum('reads') });
+    expect(Object.values(profile.kernelCounts.forward).reduce((a, b) => a + b, 0)).to.equal(profile.phases.forward.kernels);
+  });
+
+  it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
+    const engine = tf.engine() as unknown as Record<string, unknown>;
+    const runKernel = engine['runKernel'];
+    const counter = new StepCounter();
+    counter.install();
+    expect(() => counter.install()).to.throw(OpArgumentError, '`StepCounter.install()`: the counter is already installed');
+    const a = tf.tensor1d([1, 2]);
+    const b = tf.add(a, tf.mul(a, a));
+    await b.data();
+    counter.uninstall();
+    tf.dispose([a, b]);
+    expect(counter.kernelCounts).to.deep.equal({ Multiply: 1, Add: 1 });
+    expect(counter.current).to.include({ kernels: 2, reads: 1 });
+    expect(engine['runKernel']).to.equal(runKernel);
+    expect(Object.prototype.hasOwnProperty.call(engine, 'runKernel'), 'no own property left behind').to.equal(false);
+  });
+
   it('refuses bad data and options with one message naming them', async () => {
     const bad = join(dir, 'bad.jsonl');
     const run = (file: string, extra = {}) => runOurs({ model: FIXTURE, data: file, out: join(dir, 'x'), log: () => {}, ...extra });
@@ -140,11 +184,12 @@ describe('bench/e2e/ours.ts', function () {
 
   it('reads its command line, and refuses unknown flags, odd arguments and a tensor-core run without tensor cores', () => {
     const args = parseOursArgs(['--model', 'M', '--data', 'D', '--out', 'O', '--expert-dtype', 'nf4', '--rank', '16', '--lr', '2e-4',
-      '--backend', 'cpu', '--tensor-cores', 'on', '--save-adapter', 'off']);
+      '--backend', 'cpu', '--tensor-cores', 'on', '--save-adapter', 'off', '--profile', 'on']);
     expect(args).to.deep.include({ model: 'M', data: 'D', out: 'O', expertDtype: 'nf4', rank: 16, learningRate: 2e-4, backend: 'cpu',
-      tensorCores: true, saveAdapter: false, steps: undefined });
-    expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, targets: undefined });
+      tensorCores: true, saveAdapter: false, profile: true, steps: undefined });
+    expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, profile: false, targets: undefined });
     expect(parseOursArgs(['--targets', 'router,q_proj']).targets).to.deep.equal(['router', 'q_proj']);
+    expect(() => parseOursArgs(['--profile', 'yes'])).to.throw(OpArgumentError, /'--profile' must be one of 'on', 'off' but got 'yes'/);
     expect(() => parseOursArgs(['--modle', 'M'])).to.throw(OpArgumentError, /'--modle' is not a flag; the flags are --model --data/);
     expect(() => parseOursArgs(['--model'])).to.throw(OpArgumentError, /arguments must be '--flag value' pairs but got \["--model"\]/);
     expect(() => parseOursArgs(['--backend', 'gpu'])).to.throw(OpArgumentError, /'--backend' must be one of 'webgpu', 'cpu', 'wasm' but got 'gpu'/);

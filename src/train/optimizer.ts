@@ -10,6 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import { adamUpdate } from './adam_update.js';
 
 /** What a checkpoint keeps of Adam: the step count and both moments of every variable, in order. */
 export interface AdamSnapshot {
@@ -73,16 +74,12 @@ export class Adam {
     this.t++;
     const correction1 = 1 - this.beta1 ** this.t;
     const correction2Sqrt = Math.sqrt(1 - this.beta2 ** this.t);
+    const attrs = { beta1: this.beta1, beta2: this.beta2, epsilon: this.epsilon, correction2Sqrt, stepSize: lr / correction1 };
     this.variables.forEach((variable, i) => {
-      const [m, v] = tf.tidy(() => {
-        const g = grads[i];
-        const m = tf.add(tf.mul(this.m[i], this.beta1), tf.mul(g, 1 - this.beta1));
-        const v = tf.add(tf.mul(this.v[i], this.beta2), tf.mul(tf.square(g), 1 - this.beta2));
-        const denom = tf.add(tf.div(tf.sqrt(v), correction2Sqrt), this.epsilon);
-        variable.assign(tf.sub(variable, tf.mul(tf.div(m, denom), lr / correction1)));
-        return [m, v];
-      });
-      tf.dispose([this.m[i], this.v[i]]);
+      // one op per variable: webgpu runs it as 3 programs instead of ~14 (adam_update.ts)
+      const { param, m, v } = adamUpdate(variable, grads[i], this.m[i], this.v[i], attrs);
+      variable.assign(param);
+      tf.dispose([param, this.m[i], this.v[i]]);
       this.m[i] = m;
       this.v[i] = v;
     });

@@ -26,6 +26,8 @@ import {
   DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, isPackedExpertWeight, layoutOf, type PackedFormat, type PackedKind,
 } from '../../ops/packed.js';
 import type { PackedWeightSpec } from './programs/shared.js';
+import { AdamUpdateProgram } from './programs/adam_program.js';
+import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -523,8 +525,24 @@ const decodePackedConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * The training loop's MoEAdamUpdate (src/train/adam_update.ts), under that op's own name: one
+ * program per output instead of the composed op's ~14 kernels per variable (issue 15).
+ */
+const adamUpdateConfig: tf.KernelConfig = {
+  kernelName: ADAM_UPDATE,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const list = [inputs.param, inputs.grad, inputs.m, inputs.v];
+    const uniforms = AdamUpdateProgram.uniformsFor(args.attrs as unknown as AdamUpdateAttrs);
+    return (['param', 'm', 'v'] as const).map(output =>
+      webgpu(args).runWebGPUProgram(new AdamUpdateProgram(inputs.param.shape, output), list, 'float32', uniforms));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig,
+  decodePackedConfig, adamUpdateConfig,
 ];

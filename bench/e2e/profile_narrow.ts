@@ -1,0 +1,50 @@
+/**
+ * The step profile (step_profile.ts) of ours.ts on a narrow OLMoE-shaped random checkpoint
+ * (load_bench's narrowOlmoeConfig: hidden 512, 32 experts top-8, vocab 32000), small enough for
+ * Mesa's software webgpu; prints one JSON line per layer count with the counts per phase. GPU
+ * dispatch and read counts carry over to the real shape (per layer, plus the LM head and loss);
+ * Mesa's times do not.
+ *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/profile_narrow.ts --layers 1,2 --seq 64 [--composed-adam on]
+ * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
+import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
+import { ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
+import { runOurs } from './ours.js';
+import type { StepProfile } from './step_profile.js';
+
+const args = process.argv.slice(2);
+const flag = (name: string, fallback: string) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
+};
+await setupDawnWebGPU({ tensorCores: 'off' });
+if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
+registerMoEKernels('webgpu');
+tf.env().set(ADAM_UPDATE_KERNEL_FLAG, flag('composed-adam', 'off') !== 'on');
+const seq = Number(flag('seq', '64'));
+const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
+try {
+  const data = join(dir, 'data.jsonl');
+  await writeFile(data, ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.']
+      .map(text => JSON.stringify({ text })).join('\n') + '\n');
+  for (const layers of flag('layers', '1,2').split(',').map(Number)) {
+    const model = join(dir, `ckpt-${layers}`);
+    await import('node:fs/promises').then(fs => fs.mkdir(model));
+    await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
+    const out = join(dir, `out-${layers}`);
+    const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, saveAdapter: false, profile: true, log: () => {} });
+    const profile = JSON.parse(await readFile(result.profileFile!, 'utf8')) as StepProfile;
+    const counts = Object.fromEntries(Object.entries(profile.phases).map(([phase, c]) => [phase, { kernels: c.kernels, dispatches: c.dispatches, reads: c.reads, mapReads: c.mapReads, submits: c.submits }]));
+    process.stdout.write(`${JSON.stringify({ layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs })}\n`);
+    await rm(model, { recursive: true, force: true });
+  }
+} finally {
+  await rm(dir, { recursive: true, force: true });
+}
+process.exit(0);

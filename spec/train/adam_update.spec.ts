@@ -1,0 +1,59 @@
+/**
+ * adamUpdate (src/train/adam_update.ts), the op Adam.apply runs per variable: on the backends that
+ * register no MoEAdamUpdate (cpu, wasm) it composes tfjs ops; checked against a float64 replay of
+ * torch.optim.Adam's formula on a 2-D variable, and its argument checks. The webgpu kernel:
+ * spec/backends/webgpu/adam_update.spec.ts.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { SeededRandom } from '../../src/data/random.js';
+import { ADAM_UPDATE, adamUpdate, type AdamUpdateAttrs } from '../../src/train/adam_update.js';
+import { maxRelativeError } from '../../src/util/numeric.js';
+
+describe('train/adam_update: one Adam update of one variable', () => {
+  it('composes torch\'s update where no MoEAdamUpdate is registered (float64 replay, 2 steps)', async () => {
+    expect(tf.getKernel(ADAM_UPDATE, tf.getBackend()), 'no kernel on this backend').to.equal(undefined);
+    const rng = new SeededRandom(2);
+    const shape: [number, number] = [4, 9];
+    const n = 36;
+    let p = Array.from({ length: n }, () => Math.fround(rng.next() - 0.5));
+    let m = new Array<number>(n).fill(0);
+    let v = new Array<number>(n).fill(0);
+    const before = tf.memory().numTensors;
+    let state = { param: tf.tensor2d(p, shape) as tf.Tensor, m: tf.zeros(shape), v: tf.zeros(shape) };
+    for (const [t, lr] of [[1, 1e-2], [2, 4e-2]] as const) {
+      const g = Array.from({ length: n }, () => Math.fround(rng.next() * 2 - 1));
+      m = m.map((x, k) => 0.9 * x + 0.1 * g[k]);
+      v = v.map((x, k) => 0.999 * x + 0.001 * g[k] * g[k]);
+      p = p.map((x, k) => x - lr / (1 - 0.9 ** t) * m[k] / (Math.sqrt(v[k]) / Math.sqrt(1 - 0.999 ** t) + 1e-8));
+      const grad = tf.tensor2d(g, shape);
+      const attrs: AdamUpdateAttrs = { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, correction2Sqrt: Math.sqrt(1 - 0.999 ** t), stepSize: lr / (1 - 0.9 ** t) };
+      const next = adamUpdate(state.param, grad, state.m, state.v, attrs);
+      tf.dispose([grad, state.param, state.m, state.v]);
+      state = next;
+      expect(state.param.shape).to.deep.equal(shape);
+    }
+    expect(maxRelativeError(await state.param.data(), p), 'param').to.be.below(1e-6);
+    expect(maxRelativeError(await state.m.data(), m), 'm').to.be.below(1e-6);
+    expect(maxRelativeError(await state.v.data(), v), 'v').to.be.below(1e-6);
+    tf.dispose([state.param, state.m, state.v]);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+  });
+
+  it('names the argument that is wrong', () => {
+    const attrs: AdamUpdateAttrs = { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, correction2Sqrt: 0.03, stepSize: 0.01 };
+    const a = tf.zeros([2, 3]);
+    const b = tf.zeros([3, 2]);
+    const ints = tf.zeros([2, 3], 'int32');
+    const flat = tf.zeros([6]);
+    const before = tf.memory().numTensors;
+    expect(() => adamUpdate([1, 2] as unknown as tf.Tensor, a, a, a, attrs))
+        .to.throw("`adamUpdate()`: 'param' must be a float32 tensor but got an array of length 2");
+    expect(() => adamUpdate(ints, a, a, a, attrs)).to.throw("`adamUpdate()`: 'param' must be float32 but got int32 (shape [2,3])");
+    expect(() => adamUpdate(a, b, a, a, attrs)).to.throw("`adamUpdate()`: 'grad' must have the shape of 'param' [2,3] but has [3,2]");
+    expect(() => adamUpdate(a, a, a, flat, attrs)).to.throw("`adamUpdate()`: 'v' must be 2-D but got shape [6]");
+    expect(() => adamUpdate(a, a, a, a, { ...attrs, stepSize: NaN })).to.throw("`adamUpdate()`: 'stepSize' must be a finite number but got NaN");
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    tf.dispose([a, b, ints, flat]);
+  });
+});
