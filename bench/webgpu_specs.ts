@@ -34,4 +34,6 @@ await import('../spec/backends/webgpu/load_to_device.spec.js');
 await import('../spec/backends/webgpu/memory_limits.spec.js');
 await import('../spec/backends/webgpu/bench.spec.js');
 await import('../spec/backends/webgpu/train.spec.js');
+await import('../spec/backends/webgpu/adam_update.spec.js');
+await import('../spec/backends/webgpu/step_profile.spec.js');
 mocha.run(failures => process.exit(failures > 0 ? 1 : 0));
