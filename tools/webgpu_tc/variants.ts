@@ -21,8 +21,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import { SubgroupMatrixMatMulProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
-import { hoistEnableDirectives } from '../../src/backends/webgpu/tensor_cores.js';
-import { BINDINGS, type Problem, stagedVariant, stagedVariants, storageVariant, type Variant } from './variant_codes.js';
+import { BINDINGS, packageProgramShader, type Problem, stagedVariant, stagedVariants, storageVariant, type Variant } from './variant_codes.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
@@ -172,35 +171,15 @@ async function gemmVariants(r: Runner, p: Problem, results: unknown[]): Promise<
  * under a minimal stand-in of tfjs's preamble: 2 experts of 1024 padded rows, 1000 real each,
  * N = 1536, K = 2048; padding rows must come out 0.
  */
-async function packageProgram(r: Runner, results: unknown[]): Promise<void> {
+async function packageProgram(r: Runner, results: unknown[], ifWrapped: boolean): Promise<void> {
   const E = 2, perExpert = 1024, real = 1000, N = 1536, K = 2048, capacity = E * perExpert;
-  const entry: Record<string, unknown> = { problem: 'grouped rows', name: 'package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])' };
+  const entry: Record<string, unknown> = { problem: 'grouped rows',
+    name: `package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])${ifWrapped ? ', K loop inside if (e >= 0) as on 2026-12-05' : ''}` };
   results.push(entry);
   log(String(entry.name));
   const program = new SubgroupMatrixMatMulProgram(capacity, N,
       { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
-  const code = hoistEnableDirectives(`
-var<private> localId : vec3<u32>;
-var<private> localIndex : u32;
-var<private> workgroupId : vec3<u32>;
-var<private> numWorkgroups : vec3<u32>;
-struct Uniforms { ${program.uniforms} };
-@group(0) @binding(0) var<storage, read_write> result : array<f32>;
-@group(0) @binding(1) var<storage, read> A : array<f32>;
-@group(0) @binding(2) var<storage, read> W : array<f32>;
-@group(0) @binding(3) var<storage, read> seg : array<i32>;
-@group(0) @binding(4) var<storage, read> pr : array<i32>;
-@group(0) @binding(5) var<uniform> uniforms : Uniforms;
-${program.getUserCode()}
-@compute @workgroup_size(${program.workgroupSize.join(', ')})
-fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,
-    @builtin(workgroup_id) wg : vec3<u32>, @builtin(num_workgroups) nw : vec3<u32>) {
-  localId = li3;
-  localIndex = li;
-  workgroupId = wg;
-  numWorkgroups = nw;
-  main_();
-}`.replace(/\bfn main\(\)/, 'fn main_()'));
+  const code = packageProgramShader(program, ifWrapped);
   const a = sixtyFourths(capacity * K);
   const w = sixtyFourths(E * N * K);
   const pr = Int32Array.from({ length: capacity }, (_, row) => (row % perExpert < real ? row : -1));
@@ -254,7 +233,8 @@ async function main(): Promise<void> {
   const r = runner(device);
   const results: unknown[] = [];
   report.results = results;
-  await packageProgram(r, results);
+  await packageProgram(r, results, false);
+  await packageProgram(r, results, true);
   for (const p of PROBLEMS) await gemmVariants(r, p, results);
   finish();
 }

@@ -20,7 +20,9 @@ import {
 import {
   MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
-import { gemmLayout, stagedVariant, stagedVariants, storageVariant, type Problem } from '../../../tools/webgpu_tc/variant_codes.js';
+import {
+  gemmLayout, packageProgramShader, stagedVariant, stagedVariants, storageVariant, type Problem,
+} from '../../../tools/webgpu_tc/variant_codes.js';
 
 const E = MATRIX_EDGE;
 
@@ -239,6 +241,25 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       expect(await compileErrors(standIn(v.code))).to.deep.equal([]);
     });
   }
+
+  const rowsProgram = new SubgroupMatrixMatMulProgram(2048, 1536,
+      { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+  for (const ifWrapped of [false, true]) {
+    it(`the package's program outside tfjs${ifWrapped ? ', K loop inside if (e >= 0)' : ''}: valid WGSL around the matrix builtins`, async () => {
+      const code = packageProgramShader(rowsProgram, ifWrapped);
+      expect(code.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n')).to.equal(true);
+      expect(code.includes('if (e >= 0) { for (var k0 = 0; k0 < kEnd;')).to.equal(ifWrapped);
+      expect(await compileErrors(standIn(code))).to.deep.equal([]);
+    });
+  }
+
+  it('packageProgramShader takes only the four inputs it binds, and the K loop it knows', () => {
+    const withBias = new SubgroupMatrixMatMulProgram(256, 128,
+        { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false }, 32);
+    expect(() => packageProgramShader(withBias, false)).to.throw('packageProgramShader: inputs A, W, seg, pr only');
+    const moved = Object.assign(Object.create(rowsProgram) as SubgroupMatrixMatMulProgram, { getUserCode: () => 'fn main() {}' });
+    expect(() => packageProgramShader(moved, true)).to.throw('packageProgramShader: the K loop moved');
+  });
 
   it('a variant with a mistake does not compile (the check above can fail)', async () => {
     const v = stagedVariant(problem, stagedVariants()[0]);
