@@ -188,6 +188,31 @@ fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) 
 }` };
 }
 
+/**
+ * A plain f32 GEMM (one invocation per element, no f16, no matrices) with the same bindings (the f16
+ * buffers typed u32): the harness's dry run where subgroup matrices are missing (Mesa).
+ */
+export function plainVariant(p: Problem): Variant {
+  return { name: 'plain f32 (harness dry run)', threads: 64, blockRows: 8, blockCols: 8, code: `
+@group(0) @binding(0) var<storage, read> A32 : array<f32>;
+@group(0) @binding(1) var<storage, read> B32 : array<f32>;
+@group(0) @binding(2) var<storage, read> A16 : array<u32>;
+@group(0) @binding(3) var<storage, read> B16 : array<u32>;
+@group(0) @binding(4) var<storage, read_write> C : array<f32>;
+@group(0) @binding(5) var<storage, read> A16v : array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> B16v : array<vec4<u32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  if (wg.z > 100000u) { C[0] = A32[0] + B32[0] + f32(A16[0] + B16[0] + A16v[0].x + B16v[0].x); }
+  ${origins(p, 8, 8)}
+  let r = row0 + lid / 8u;
+  let c = col0 + lid % 8u;
+  var s = 0.0;
+  for (var k = 0u; k < ${p.K}u; k++) { s += A32[aBase + r * ${p.K}u + k] * B32[bBase + k * ${p.N}u + c]; }
+  C[cBase + r * ${p.N}u + c] = s;
+}` };
+}
+
 /** A staged layout over A row-major (see SlabLayout). */
 export function gemmLayout(o: { sgRows: number; sgCols: number; tilesM: number; tilesN: number; depth: number; pad: number }): SlabLayout {
   return { rows: o.sgRows * o.tilesM * 16, cols: o.sgCols * o.tilesN * 16, depth: o.depth, subgroupRows: o.sgRows,
@@ -251,4 +276,27 @@ fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation
   numWorkgroups = nw;
   main_();
 }`);
+}
+
+/**
+ * `code` with f16 as f32 and each subgroup-matrix builtin replaced by a plain function of its
+ * array (one per array: WGSL has no overloads), so that a device without subgroup matrices (Mesa)
+ * compiles and runs everything else: names, types, uniformity, bindings. The numbers are not a
+ * product.
+ */
+export function standInMatrices(code: string): string {
+  const arrays = new Set<string>();
+  const body = code.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
+    .replace(/subgroupMatrix(Load|Store)(?:<subgroup_matrix_(?:left|right)<f32, 16, 16>>)?\(&(\w+), /g, (_, op: string, name: string) => {
+      arrays.add(name);
+      return `sm${op}_${name}(`;
+    })
+    .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
+    .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(');
+  const writable = /var<(?:workgroup|storage, read_write)>\s*(\w+)/g;
+  const canWrite = new Set([...body.matchAll(writable)].map(m => m[1]));
+  const helpers = [...arrays].map(a => `
+fn smLoad_${a}(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(f32(${a}[offset + stride])); }
+fn smStore_${a}(offset : u32, c : SM, colMajor : bool, stride : u32) { ${canWrite.has(a) ? `${a}[offset + stride] = c.v;` : ''} }`);
+  return `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n${body}\n${helpers.join('\n')}`;
 }

@@ -13,7 +13,10 @@
  * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts`:
  *   source .gpu/on-device.sh && node .gpu/bundle/variants.js
  * Here (Mesa): `EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/variants.ts` reports that the
- * adapter has no subgroup matrices and exits 0.
+ * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it first runs the harness
+ * (buffers, bind groups, read back, check, timing) on a plain f32 GEMM.
+ * Times: 10 back-to-back dispatches in one pass, `ms` from timestamp queries where the device has
+ * them (the pass's GPU time; `wallMs`: submit to done, as variants v1 reported).
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every step). Stops starting variants after TIME_BUDGET_MS.
  */
@@ -21,7 +24,9 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import { SubgroupMatrixMatMulProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
-import { BINDINGS, packageProgramShader, type Problem, stagedVariant, stagedVariants, storageVariant, type Variant } from './variant_codes.js';
+import {
+  BINDINGS, packageProgramShader, plainVariant, type Problem, stagedVariant, standInMatrices, stagedVariants, storageVariant, type Variant,
+} from './variant_codes.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
@@ -71,6 +76,9 @@ interface Runner {
 
 function runner(device: GPUDevice): Runner {
   const errors: string[] = [];
+  const querySet = device.features.has('timestamp-query') ? device.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
+  const stamps = querySet && device.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC });
+  const stampsRead = querySet && device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   device.addEventListener('uncapturederror', e => errors.push(String((e as GPUUncapturedErrorEvent).error.message).slice(0, 800)));
   const buffer = (data: ArrayBufferView | number) => {
     const size = typeof data === 'number' ? data : data.byteLength;
@@ -90,14 +98,18 @@ function runner(device: GPUDevice): Runner {
       const entries: GPUBindGroupEntry[] = buffers.map((b, binding) => ({ binding, resource: { buffer: b } }));
       if (uniforms) entries.push({ binding: buffers.length, resource: { buffer: uniforms } });
       const bind = device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
-      const go = (n: number) => {
+      const go = (n: number, timed = false) => {
         const enc = device.createCommandEncoder();
         enc.clearBuffer(out);
-        const pass = enc.beginComputePass();
+        const pass = enc.beginComputePass(timed && querySet ? { timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
         pass.setPipeline(pipeline);
         pass.setBindGroup(0, bind);
         for (let i = 0; i < n; i++) pass.dispatchWorkgroups(...dispatch);
         pass.end();
+        if (timed && querySet) {
+          enc.resolveQuerySet(querySet, 0, 2, stamps!, 0);
+          enc.copyBufferToBuffer(stamps!, 0, stampsRead!, 0, 16);
+        }
         device.queue.submit([enc.finish()]);
       };
       go(1);
@@ -112,9 +124,18 @@ function runner(device: GPUDevice): Runner {
       entry.maxRelError = check(c);
       await device.queue.onSubmittedWorkDone();
       const t0 = performance.now();
-      go(10);
+      go(10, true);
       await device.queue.onSubmittedWorkDone();
-      const ms = (performance.now() - t0) / 10;
+      entry.wallMs = (performance.now() - t0) / 10;
+      let ms = entry.wallMs as number;
+      if (querySet) {
+        // the pass's own GPU time (timestamp queries), without the submit and the wait
+        await stampsRead!.mapAsync(GPUMapMode.READ);
+        const [begin, end] = new BigUint64Array(stampsRead!.getMappedRange().slice(0));
+        stampsRead!.unmap();
+        ms = Number(end - begin) / 1e6 / 10;
+        entry.gpuMs = ms;
+      }
       entry.ms = ms;
       entry.tflops = flops / (ms * 1e-3) / 1e12;
       entry.errors = [...errors];
@@ -135,7 +156,7 @@ function gemmCheck(p: Problem, a: Float32Array, b: Float32Array): (c: Float32Arr
     Math.max(worst, Math.abs(c[(z * p.M + r) * p.N + col] - expected[i]) / scale), 0);
 }
 
-async function gemmVariants(r: Runner, p: Problem, results: unknown[]): Promise<void> {
+async function gemmVariants(r: Runner, p: Problem, results: unknown[], only?: (p: Problem) => Variant[]): Promise<void> {
   const a = sixtyFourths(p.batch * p.M * p.K);
   const b = sixtyFourths(p.batch * p.K * p.N);
   const check = gemmCheck(p, a, b);
@@ -145,7 +166,7 @@ async function gemmVariants(r: Runner, p: Problem, results: unknown[]): Promise<
   // bindings 5, 6: the f16 buffers again, read as vec4<f16>
   const buffers = [A32, B32, A16, B16, C, A16, B16];
   if (buffers.length !== BINDINGS) throw new Error('bindings');
-  const variants: Variant[] = [
+  const variants: Variant[] = only ? only(p) : [
     storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 8 }),
     ...stagedVariants().map(o => stagedVariant(p, o)),
     storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4 }),
@@ -169,17 +190,21 @@ async function gemmVariants(r: Runner, p: Problem, results: unknown[]): Promise<
 /**
  * The package's SubgroupMatrixMatMulProgram ('rows' source, [E, N, K] f32 weight read along k)
  * under a minimal stand-in of tfjs's preamble: 2 experts of 1024 padded rows, 1000 real each,
- * N = 1536, K = 2048; padding rows must come out 0.
+ * N = 1536, K = 2048; padding rows must come out 0. `dryRun`: a small problem, matrices stood in for.
  */
-async function packageProgram(r: Runner, results: unknown[], ifWrapped: boolean): Promise<void> {
-  const E = 2, perExpert = 1024, real = 1000, N = 1536, K = 2048, capacity = E * perExpert;
+async function packageProgram(r: Runner, results: unknown[], ifWrapped: boolean, dryRun = false): Promise<void> {
+  const [perExpert, real, N, K] = dryRun ? [128, 100, 128, 64] : [1024, 1000, 1536, 2048];
+  const E = 2, capacity = E * perExpert;
   const entry: Record<string, unknown> = { problem: 'grouped rows',
     name: `package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])${ifWrapped ? ', K loop inside if (e >= 0) as on 2026-12-05' : ''}` };
   results.push(entry);
   log(String(entry.name));
   const program = new SubgroupMatrixMatMulProgram(capacity, N,
       { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
-  const code = packageProgramShader(program, ifWrapped);
+  // the dry run's f32 slabs at half length, within Mesa's 32 KiB (its numbers are no product anyway)
+  const code = dryRun
+    ? standInMatrices(packageProgramShader(program, ifWrapped)).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
+    : packageProgramShader(program, ifWrapped);
   const a = sixtyFourths(capacity * K);
   const w = sixtyFourths(E * N * K);
   const pr = Int32Array.from({ length: capacity }, (_, row) => (row % perExpert < real ? row : -1));
@@ -217,13 +242,22 @@ async function main(): Promise<void> {
   const adapter = await create(FLAGS).requestAdapter({ powerPreference: 'high-performance' }) ??
       await create([...FLAGS, 'backend=opengles']).requestAdapter({ featureLevel: 'compatibility' });
   if (!adapter) throw new Error('no adapter');
-  const features = ['shader-f16', 'chromium-experimental-subgroup-matrix', 'subgroups'].filter(f => adapter.features.has(f)) as GPUFeatureName[];
+  const features = ['shader-f16', 'chromium-experimental-subgroup-matrix', 'subgroups', 'timestamp-query'].filter(f => adapter.features.has(f)) as GPUFeatureName[];
   report.features = features;
   report.adapter = (adapter.info as unknown as { description?: string }).description;
   const lacking = ['shader-f16', 'chromium-experimental-subgroup-matrix'].filter(f => !adapter.features.has(f));
   if (lacking.length > 0) {
     report.noSubgroupMatrix = `no subgroup matrix: the adapter lacks ${lacking.join(' and ')}`;
     log(String(report.noSubgroupMatrix));
+    if (process.env.VARIANTS_HARNESS !== '1') finish();
+    // dry run of the harness (buffers, bind groups, read back, check, timing) with a plain f32 GEMM
+    // and the package program's plumbing (bindings, uniforms, dispatch) with the matrices stood in for: its numbers are no product
+    const device = await adapter.requestDevice({ requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize } });
+    const results: unknown[] = [];
+    report.results = results;
+    const r = runner(device);
+    await gemmVariants(r, { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, results, p => [plainVariant(p)]);
+    await packageProgram(r, results, false, true);
     finish();
   }
   const device = await adapter.requestDevice({ requiredFeatures: features,

@@ -21,7 +21,7 @@ import {
   MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
-  gemmLayout, packageProgramShader, stagedVariant, stagedVariants, storageVariant, type Problem,
+  gemmLayout, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
 } from '../../../tools/webgpu_tc/variant_codes.js';
 
 const E = MATRIX_EDGE;
@@ -200,25 +200,10 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
 });
 
 describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (Mesa)', () => {
-  /**
-   * The variant's WGSL with f16 as f32 and each subgroup-matrix builtin replaced by a plain
-   * function of its array (one per array: WGSL has no overloads), so Mesa's compiler checks names,
-   * types and uniformity of everything else.
-   */
+  /** the variant's WGSL with the matrix builtins stood in for (standInMatrices), and nothing of them left */
   function standIn(code: string): string {
-    const arrays = new Set<string>();
-    let body = code.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
-      .replace(/subgroupMatrix(Load|Store)(?:<subgroup_matrix_(?:left|right)<f32, 16, 16>>)?\(&(\w+), /g, (_, op: string, name: string) => {
-        arrays.add(name);
-        return `sm${op}_${name}(`;
-      })
-      .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
-      .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(');
-    expect(body).to.not.match(/subgroup_matrix|subgroupMatrix/);
-    const helpers = [...arrays].map(a => `
-      fn smLoad_${a}(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(f32(${a}[offset + stride])); }
-      fn smStore_${a}(offset : u32, c : SM, colMajor : bool, stride : u32) { ${a === 'C' || a === 'Ts' ? `${a}[offset + stride] = c.v;` : ''} }`);
-    body = `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n${body}\n${helpers.join('\n')}`;
+    const body = standInMatrices(code);
+    expect(body).to.not.match(/subgroup_matrix|subgroupMatrix|\bf16\b/);
     return body;
   }
 
