@@ -12,7 +12,9 @@ import {
   aIndex, bIndex, declareAccumulators, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
   stagedElementA, stagedElementB, subgroupCount, wgslU32,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_core.js';
-import type { SubgroupMatrixMatMulProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import type {
+  SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+} from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { hoistEnableDirectives } from '../../src/backends/webgpu/tensor_cores.js';
 
 export interface Problem { name: string; batch: number; M: number; N: number; K: number }
@@ -239,21 +241,27 @@ export function stagedVariants(): StagedOptions[] {
   ];
 }
 
+/** The inputs packageProgramShader binds, and their WGSL element types. */
+const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32' };
+
 /**
- * A SubgroupMatrixMatMulProgram's shader outside tfjs: its code under a minimal stand-in of tfjs's
- * preamble (the private builtins, the uniforms struct, result at binding 0, A, W, seg, pr, then
- * the uniforms), entry point `main`. `ifWrapped`: the control flow of the programs that computed
- * wrong numbers on 2026-12-05 (the matrix operations inside a branch on the block's expert; now a
- * uniform loop bound, as in the weight gradients, which were right).
+ * A subgroup-matrix program's shader outside tfjs: its code under a minimal stand-in of tfjs's
+ * preamble (the private builtins, the uniforms struct, result at binding 0, the inputs in order,
+ * then the uniforms), entry point `main`. `ifWrapped` (a MatMul program): the control flow of the
+ * programs that computed wrong numbers on 2026-12-05 (the matrix operations inside a branch on the
+ * block's expert; now a uniform loop bound, as in the weight gradients, which were right).
  */
-export function packageProgramShader(program: SubgroupMatrixMatMulProgram, ifWrapped: boolean): string {
-  if (program.variableNames.join(',') !== 'A,W,seg,pr') throw new Error('packageProgramShader: inputs A, W, seg, pr only');
+export function packageProgramShader(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, ifWrapped: boolean): string {
+  const unbound = program.variableNames.filter(name => !(name in PROGRAM_INPUTS));
+  if (unbound.length > 0) throw new Error(`packageProgramShader: no binding for input ${unbound.join(', ')}`);
   let userCode = program.getUserCode();
   if (ifWrapped) {
     const loop = 'for (var k0 = 0; k0 < kEnd;';
     if (!userCode.includes(loop) || !userCode.includes('let unscale =')) throw new Error('packageProgramShader: the K loop moved');
     userCode = userCode.replace(loop, `if (e >= 0) { ${loop}`).replace('let unscale =', '}\n        let unscale =');
   }
+  const inputs = program.variableNames.map((name, i) =>
+    `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${PROGRAM_INPUTS[name]}>;`);
   return hoistEnableDirectives(`
 var<private> localId : vec3<u32>;
 var<private> localIndex : u32;
@@ -261,11 +269,8 @@ var<private> workgroupId : vec3<u32>;
 var<private> numWorkgroups : vec3<u32>;
 struct Uniforms { ${program.uniforms} };
 @group(0) @binding(0) var<storage, read_write> result : array<f32>;
-@group(0) @binding(1) var<storage, read> A : array<f32>;
-@group(0) @binding(2) var<storage, read> W : array<f32>;
-@group(0) @binding(3) var<storage, read> seg : array<i32>;
-@group(0) @binding(4) var<storage, read> pr : array<i32>;
-@group(0) @binding(5) var<uniform> uniforms : Uniforms;
+${inputs.join('\n')}
+@group(0) @binding(${inputs.length + 1}) var<uniform> uniforms : Uniforms;
 ${userCode.replace(/\bfn main\(\)/, 'fn main_()')}
 @compute @workgroup_size(${program.workgroupSize.join(', ')})
 fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,

@@ -14,7 +14,8 @@
  *   source .gpu/on-device.sh && node .gpu/bundle/variants.js
  * Here (Mesa): `EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/variants.ts` reports that the
  * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it first runs the harness
- * (buffers, bind groups, read back, check, timing) on a plain f32 GEMM.
+ * (buffers, bind groups, read back, check, timing) on a plain f32 GEMM, then the package's MatMul
+ * program's plumbing with the matrices stood in for (DRY_KINDS=weightGrad: the weight gradient's).
  * Times: 10 back-to-back dispatches in one pass, `ms` from timestamp queries where the device has
  * them (the pass's GPU time; `wallMs`: submit to done, as variants v1 reported).
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
@@ -23,7 +24,7 @@
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
-import { SubgroupMatrixMatMulProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import { SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   BINDINGS, packageProgramShader, plainVariant, type Problem, stagedVariant, standInMatrices, stagedVariants, storageVariant, type Variant,
 } from './variant_codes.js';
@@ -188,48 +189,75 @@ async function gemmVariants(r: Runner, p: Problem, results: unknown[], only?: (p
 }
 
 /**
- * The package's SubgroupMatrixMatMulProgram ('rows' source, [E, N, K] f32 weight read along k)
- * under a minimal stand-in of tfjs's preamble: 2 experts of 1024 padded rows, 1000 real each,
- * N = 1536, K = 2048; padding rows must come out 0. `dryRun`: a small problem, matrices stood in for.
+ * The package's programs under a minimal stand-in of tfjs's preamble (packageProgramShader), on 2
+ * experts of 1024 padded rows, 1000 real each (the padding rows hold values that must not count):
+ * 'matmul', SubgroupMatrixMatMulProgram ('rows' source, [E, N, K] f32 weight read along k, N 1536,
+ * K 2048; padding rows must come out 0), 'matmul-if' the same with its K loop inside
+ * if (e >= 0) as on the wrong run, 'weightGrad' SubgroupMatrixWeightGradProgram (rows × rows,
+ * dW [E, 1536, 2048]; right in tfjs on that run: the control). `dryRun`: a small problem with the
+ * matrices stood in for (Mesa: the plumbing only).
  */
-async function packageProgram(r: Runner, results: unknown[], ifWrapped: boolean, dryRun = false): Promise<void> {
+async function packageProgram(r: Runner, results: unknown[], kind: 'matmul' | 'matmul-if' | 'weightGrad', dryRun = false): Promise<void> {
   const [perExpert, real, N, K] = dryRun ? [128, 100, 128, 64] : [1024, 1000, 1536, 2048];
   const E = 2, capacity = E * perExpert;
-  const entry: Record<string, unknown> = { problem: 'grouped rows',
-    name: `package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])${ifWrapped ? ', K loop inside if (e >= 0) as on 2026-12-05' : ''}` };
+  const grad = kind === 'weightGrad';
+  const entry: Record<string, unknown> = { problem: 'grouped rows', name: grad
+    ? 'package SubgroupMatrixWeightGradProgram (rows x rows, dW [E, P, Q])'
+    : `package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])${kind === 'matmul-if' ? ', K loop inside if (e >= 0) as on 2026-12-05' : ''}` };
   results.push(entry);
   log(String(entry.name));
-  const program = new SubgroupMatrixMatMulProgram(capacity, N,
-      { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+  const program = grad
+    ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32)
+    : new SubgroupMatrixMatMulProgram(capacity, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+  const shader = packageProgramShader(program, kind === 'matmul-if');
   // the dry run's f32 slabs at half length, within Mesa's 32 KiB (its numbers are no product anyway)
   const code = dryRun
-    ? standInMatrices(packageProgramShader(program, ifWrapped)).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
-    : packageProgramShader(program, ifWrapped);
-  const a = sixtyFourths(capacity * K);
-  const w = sixtyFourths(E * N * K);
+    ? standInMatrices(shader).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
+    : shader;
   const pr = Int32Array.from({ length: capacity }, (_, row) => (row % perExpert < real ? row : -1));
   const seg = Int32Array.from([0, perExpert, capacity, real, real]);
   const uniformData = new ArrayBuffer(48);
-  new Int32Array(uniformData, 0, 8).set([capacity, N, K, 1, E, N * K, K, 1]);
-  new Float32Array(uniformData, 32, 3).set([1, 0, 0]);
-  const samples = Array.from({ length: 512 }, (_, i) => [
-    i < 32 ? Math.floor(rand() * E) * perExpert + real + Math.floor(rand() * (perExpert - real)) : Math.floor(rand() * capacity),
-    Math.floor(rand() * N)]);
-  const expected = samples.map(([row, n]) => {
-    if (pr[row] < 0) return 0;
-    const e = Math.floor(row / perExpert);
-    let s = 0;
-    for (let k = 0; k < K; k++) s += a[row * K + k] * w[(e * N + n) * K + k];
-    return s;
-  });
+  // matmul: A [capacity, K], W [E, N, K]; weightGrad: L [capacity, N], R [capacity, K]
+  const a = sixtyFourths(capacity * (grad ? N : K));
+  const w = sixtyFourths(grad ? capacity * K : E * N * K);
+  let samples: number[][];
+  let expected: number[];
+  let inputs: GPUBuffer[];
+  let outLength: number;
+  if (grad) {
+    outLength = E * N * K;
+    new Int32Array(uniformData, 0, 7).set([N, K, 1, E, N * K, K, 1]);
+    new Float32Array(uniformData, 28, 3).set([1, 0, 0]);
+    samples = Array.from({ length: 512 }, () => [Math.floor(rand() * E), Math.floor(rand() * N), Math.floor(rand() * K)]);
+    expected = samples.map(([e, p, q]) => {
+      let s = 0;
+      for (let row = e * perExpert; row < e * perExpert + real; row++) s += a[row * N + p] * w[row * K + q];
+      return s;
+    });
+    inputs = [r.buffer(outLength * 4), r.buffer(a), r.buffer(w), r.buffer(seg)];
+  } else {
+    outLength = capacity * N;
+    new Int32Array(uniformData, 0, 8).set([capacity, N, K, 1, E, N * K, K, 1]);
+    new Float32Array(uniformData, 32, 3).set([1, 0, 0]);
+    samples = Array.from({ length: 512 }, (_, i) => [
+      i < 32 ? Math.floor(rand() * E) * perExpert + real + Math.floor(rand() * (perExpert - real)) : Math.floor(rand() * capacity),
+      Math.floor(rand() * N)]);
+    expected = samples.map(([row, n]) => {
+      if (pr[row] < 0) return 0;
+      const e = Math.floor(row / perExpert);
+      let s = 0;
+      for (let k = 0; k < K; k++) s += a[row * K + k] * w[(e * N + n) * K + k];
+      return s;
+    });
+    inputs = [r.buffer(outLength * 4), r.buffer(a), r.buffer(w), r.buffer(seg), r.buffer(pr)];
+  }
+  const at = (sample: number[]) => (grad ? (sample[0] * N + sample[1]) * K + sample[2] : sample[0] * N + sample[1]);
   const scale = Math.max(...expected.map(Math.abs));
-  const out = r.buffer(capacity * N * 4);
-  const inputs = [out, r.buffer(a), r.buffer(w), r.buffer(seg), r.buffer(pr)];
   const uniforms = r.device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
   r.device.queue.writeBuffer(uniforms, 0, uniformData);
   try {
-    await r.run(entry, code, inputs, out, uniforms, program.dispatch, 2 * capacity * N * K, c => samples.reduce((worst, [row, n], i) =>
-      Math.max(worst, Math.abs(c[row * N + n] - expected[i]) / scale), 0));
+    await r.run(entry, code, inputs, inputs[0], uniforms, program.dispatch, 2 * E * (grad ? real : perExpert) * N * K,
+        c => samples.reduce((worst, sample, i) => Math.max(worst, Math.abs(c[at(sample)] - expected[i]) / scale), 0));
   } catch (err) {
     entry.error = String((err as Error)?.message ?? err).slice(0, 800);
   }
@@ -257,7 +285,9 @@ async function main(): Promise<void> {
     report.results = results;
     const r = runner(device);
     await gemmVariants(r, { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, results, p => [plainVariant(p)]);
-    await packageProgram(r, results, false, true);
+    // one program per process (DRY_KINDS=weightGrad for the other): on Mesa's GL a second one after the
+    // first, with its half-length stand-in slabs, brings the process down
+    await packageProgram(r, results, process.env.DRY_KINDS === 'weightGrad' ? 'weightGrad' : 'matmul', true);
     finish();
   }
   const device = await adapter.requestDevice({ requiredFeatures: features,
@@ -267,8 +297,7 @@ async function main(): Promise<void> {
   const r = runner(device);
   const results: unknown[] = [];
   report.results = results;
-  await packageProgram(r, results, false);
-  await packageProgram(r, results, true);
+  for (const kind of ['matmul', 'matmul-if', 'weightGrad'] as const) await packageProgram(r, results, kind);
   for (const p of PROBLEMS) await gemmVariants(r, p, results);
   finish();
 }

@@ -238,10 +238,15 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     });
   }
 
-  it('packageProgramShader takes only the four inputs it binds, and the K loop it knows', () => {
+  it('the package\'s weight-gradient program outside tfjs: valid WGSL around the matrix builtins', async () => {
+    const program = new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32);
+    expect(await compileErrors(standIn(packageProgramShader(program, false)))).to.deep.equal([]);
+  });
+
+  it('packageProgramShader takes only the inputs it binds, and the K loop it knows', () => {
     const withBias = new SubgroupMatrixMatMulProgram(256, 128,
         { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false }, 32);
-    expect(() => packageProgramShader(withBias, false)).to.throw('packageProgramShader: inputs A, W, seg, pr only');
+    expect(() => packageProgramShader(withBias, false)).to.throw('packageProgramShader: no binding for input bias');
     const moved = Object.assign(Object.create(rowsProgram) as SubgroupMatrixMatMulProgram, { getUserCode: () => 'fn main() {}' });
     expect(() => packageProgramShader(moved, true)).to.throw('packageProgramShader: the K loop moved');
   });
