@@ -41,7 +41,6 @@ diagnostic(off, chromium.subgroup_matrix_uniformity);
 `;
 /** keeps every binding in the 'auto' layout (an unused one is dropped, and the bind group then fails) */
 const TOUCH = 'if (wg.z > 100000u) { C[0] = A32[0] + B32[0] + f32(A16[0]) + f32(B16[0]) + f32(A16v[0].x) + f32(B16v[0].x); }';
-export const BINDINGS = 7;
 
 /** WGSL: the batch's bases and the block's origin. */
 function origins(p: Problem, rows: number, cols: number): string {
