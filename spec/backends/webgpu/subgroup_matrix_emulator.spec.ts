@@ -171,6 +171,27 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     for (const o of stagedVariants()) expect(blockError(o.layout, { inner: 2 * o.layout.depth, kFastestB: false }), JSON.stringify(o.layout)).to.equal(0);
   });
 
+  it('vec4 staging (the variants\' f16 reads): 4 consecutive elements from 4 consecutive halves into 4 consecutive slab halves', () => {
+    const x = integers;
+    for (const o of stagedVariants().filter(v => v.vec4)) {
+      const l = o.layout;
+      for (let e = 0; e < l.rows * l.depth; e += 4) {
+        const first = stagedElementA(x, l, e);
+        for (let c = 1; c < 4; c++) {
+          const next = stagedElementA(x, l, e + c);
+          expect([next.m, next.k, aIndex(x, l, next.m, next.k)]).to.deep.equal([first.m, first.k + c, aIndex(x, l, first.m, first.k) + c]);
+        }
+      }
+      for (let e = 0; e < l.depth * l.cols; e += 4) {
+        const first = stagedElementB(x, l, e, false);
+        for (let c = 1; c < 4; c++) {
+          const next = stagedElementB(x, l, e + c, false);
+          expect([next.k, next.n, bIndex(x, l, next.k, next.n)]).to.deep.equal([first.k, first.n + c, bIndex(x, l, first.k, first.n) + c]);
+        }
+      }
+    }
+  });
+
   it('a left load with the wrong major order, or lanes reading another subgroup\'s slot, is caught', () => {
     expect(blockError(MATMUL_LAYOUT, { inner: 32, kFastestB: true, fault: 'left load transposed' })).to.be.greaterThan(0.1);
     expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 32, kFastestB: false, fault: 'left load transposed' })).to.be.greaterThan(0.1);
