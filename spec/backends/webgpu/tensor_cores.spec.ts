@@ -310,7 +310,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
 
   it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {
     const program = new SubgroupMatrixMatMulProgram(128, 96, matMulSpecs[0], 32);
-    const broken = standIn(program, ['seg', 'pr']).replace('let wBase = e * uniforms.sE;', 'let wBase = e * uniforms.noSuchField;');
+    const broken = standIn(program, ['seg', 'pr']).replace('let wBase = max(e, 0) * uniforms.sE;', 'let wBase = max(e, 0) * uniforms.noSuchField;');
     expect((await compileErrors(broken)).join('\n')).to.match(/noSuchField/);
   });
 });

@@ -17,6 +17,8 @@
  * turns the subgroup-matrix products on for the products that are wide enough.
  */
 import * as tf from '@tensorflow/tfjs-core';
+// the matrix edge the programs are written for: 16×16 f16 operands, 16×16 f32 results
+import { MATRIX_EDGE } from './programs/subgroup_matrix_core.js';
 
 /** One entry of GPUAdapterInfo.subgroupMatrixConfigs, as plain data. */
 export interface SubgroupMatrixConfig {
@@ -39,8 +41,7 @@ export interface TensorCoreDevice {
 export const TENSOR_CORES_FLAG = 'WEBGPU_MOE_TENSOR_CORES';
 tf.env().registerFlag(TENSOR_CORES_FLAG, () => false);
 
-/** The matrix edge the programs are written for: 16×16 f16 operands, 16×16 f32 results. */
-export const MATRIX_EDGE = 16;
+export { MATRIX_EDGE };
 
 /**
  * The subgroup-matrix configs of an adapter's info as plain data (Dawn's entries have prototype

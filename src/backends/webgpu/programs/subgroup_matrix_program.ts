@@ -3,15 +3,16 @@
  * uniforms and results, computed with WGSL's subgroup matrices (chromium_experimental_subgroup_matrix)
  * on f16 operands with f32 accumulation.
  *
- * One subgroup per workgroup (workgroup size = the device's fixed subgroup size, 32 on NVIDIA; the
- * probe's proven pattern, and no subgroup id is needed) owns a 64×64 block of the output as 4×4
- * result matrices of 16×16 f32. Each step stages a 32-deep slab of both operands in workgroup
- * memory as f16 — converted on the fly from f32 activations (the activation computed on load, the
- * gather fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
- * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies
- * them with subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. The accumulators go through a
- * workgroup f32 block so that the epilogue (alpha, bias, addend, padding rows, edges) is the f32
- * program's, per element.
+ * Four subgroups per workgroup own a 128×128 block of the output, each a 64×64 part as 4×4 result
+ * matrices of 16×16 f32. Each step stages a 32-deep slab of both operands in workgroup memory as
+ * f16 — converted on the fly from f32 activations (the activation computed on load, the gather
+ * fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
+ * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies them with
+ * subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. Each accumulator goes through its
+ * subgroup's 16×16 f32 slot in workgroup memory so that the epilogue (alpha, bias, addend, padding
+ * rows, edges) is the f32 program's, per element. The index math (slab layouts, which subgroup owns
+ * which part, the matrix offsets and strides, the epilogue's element of each lane) is
+ * subgroup_matrix_core.ts's, shared with the raw Dawn variants and the emulator spec.
  *
  * Gradient operands can be tiny (a mean loss over many tokens), below f16's smallest normal
  * (6e-5): with `scaled`, the left operand is multiplied by a power of two s that brings its
@@ -27,6 +28,10 @@ import {
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
+import {
+  aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
+  type SlabLayout, slabSizes, stagedElementA, stagedElementB, wgslU32,
+} from './subgroup_matrix_core.js';
 
 /**
  * The output block of one workgroup and the depth of a staged slab: 2×2 subgroups, each owning a
@@ -36,12 +41,21 @@ import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } fr
  */
 export const SUBGROUP_MATRIX_BLOCK = { rows: 128, cols: 128, depth: 32, subgroupRows: 2, subgroupCols: 2 } as const;
 
-/** The 16×16×16 matrices the programs use. */
-const EDGE = 16;
-/** One subgroup's part of the block: 64×64 as TILES×TILES result matrices. */
-const PART = 64;
-const TILES = PART / EDGE;
+/** A subgroup's part of the block: 64×64 as 4×4 result matrices. */
+const TILES = 4;
 const SUBGROUPS = SUBGROUP_MATRIX_BLOCK.subgroupRows * SUBGROUP_MATRIX_BLOCK.subgroupCols;
+
+/**
+ * The block of the products (As holds the left operand's rows) and of the weight gradients (As
+ * holds Lᵀ, read column-major): the index math of subgroup_matrix_core.ts, the same that
+ * tools/webgpu_tc/variants.ts runs on raw Dawn and spec/backends/webgpu/subgroup_matrix_emulator.spec.ts
+ * emulates.
+ */
+export const MATMUL_LAYOUT: SlabLayout = {
+  ...SUBGROUP_MATRIX_BLOCK, tilesM: TILES, tilesN: TILES, leftColMajor: false, pad: 0,
+};
+export const WEIGHT_GRAD_LAYOUT: SlabLayout = { ...MATMUL_LAYOUT, leftColMajor: true };
+checkSlabLayout(MATMUL_LAYOUT);
 
 /**
  * Workgroups for an output of rows × cols (per expert: × experts): one per block.
@@ -56,8 +70,8 @@ export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1):
 
 /** Bytes of workgroup memory a program uses: two f16 slabs, a 16×16 f32 tile per subgroup, the row sources. */
 export function subgroupMatrixWorkgroupBytes(): number {
-  const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
-  return 2 * (rows * depth + depth * cols) + 4 * SUBGROUPS * EDGE * EDGE + 4 * rows + 8;
+  const { a, b } = slabSizes(MATMUL_LAYOUT);
+  return 2 * (a + b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * SUBGROUP_MATRIX_BLOCK.rows + 8;
 }
 
 /**
@@ -80,83 +94,44 @@ const OPERAND_SCALE = `
   }`;
 
 /**
- * WGSL: which part of the block this invocation's subgroup owns, (partRow, partCol), and its lane.
- * Subgroups are consecutive runs of local_invocation_index (as on every GPU these programs are
- * registered for: a fixed subgroup size, one-dimensional workgroups).
+ * WGSL: this invocation's subgroup and lane and where its part starts (u32): subgroups are
+ * consecutive runs of local_invocation_index (as on every GPU these programs are registered for:
+ * a fixed subgroup size, one-dimensional workgroups).
  */
-function subgroupPart(subgroupSize: number): string {
-  const { subgroupCols } = SUBGROUP_MATRIX_BLOCK;
-  return `let subgroup = lid / ${subgroupSize};
-        let lane = lid % ${subgroupSize};
-        let partRow = (subgroup / ${subgroupCols}) * ${PART};
-        let partCol = (subgroup % ${subgroupCols}) * ${PART};`;
+function subgroupPart(layout: SlabLayout, subgroupSize: number): string {
+  const { row, col } = partOrigin(wgslU32, layout, 'subgroup');
+  return `let subgroup = localIndex / ${subgroupSize}u;
+        let lane = localIndex % ${subgroupSize}u;
+        let partRow = ${row};
+        let partCol = ${col};`;
 }
 
-/** WGSL: the unrolled K loop over a staged slab, As [rows][depth] and Bs [depth][cols] row-major. */
-function multiplySlab(leftColMajor: boolean): string {
-  const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
-  const lines: string[] = [];
-  lines.push(`for (var kk = 0u; kk < ${depth}u; kk += ${EDGE}u) {`);
-  for (let i = 0; i < TILES; i++) {
-    // left (m, k): row-major As[m·depth + k], or column-major Ls[k·rows + m]
-    const offset = leftColMajor ? `kk * ${rows}u + u32(partRow) + ${i * EDGE}u` : `(u32(partRow) + ${i * EDGE}u) * ${depth}u + kk`;
-    lines.push(`  let a${i} = subgroupMatrixLoad<subgroup_matrix_left<f16, ${EDGE}, ${EDGE}>>(&As, ${offset}, ` +
-        `${leftColMajor}, ${leftColMajor ? rows : depth}u);`);
-  }
-  for (let j = 0; j < TILES; j++) {
-    lines.push(`  let b${j} = subgroupMatrixLoad<subgroup_matrix_right<f16, ${EDGE}, ${EDGE}>>(&Bs, ` +
-        `kk * ${cols}u + u32(partCol) + ${j * EDGE}u, false, ${cols}u);`);
-  }
-  for (let i = 0; i < TILES; i++) {
-    for (let j = 0; j < TILES; j++) lines.push(`  c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
-  }
-  lines.push('}');
-  return lines.join('\n          ');
-}
-
-/** WGSL: the accumulators' declarations. */
-function declareAccumulators(): string {
-  const declare: string[] = [];
-  for (let i = 0; i < TILES; i++) {
-    for (let j = 0; j < TILES; j++) declare.push(`var c${i}_${j} = subgroup_matrix_result<f32, ${EDGE}, ${EDGE}>();`);
-  }
-  return declare.join('\n        ');
+function workgroupArrays(layout: SlabLayout): string {
+  const { a, b } = slabSizes(layout);
+  return `
+      var<workgroup> As : array<f16, ${a}>;
+      var<workgroup> Bs : array<f16, ${b}>;
+      var<workgroup> Ts : array<f32, ${SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE}>;`;
 }
 
 /**
- * WGSL: the epilogue, one result matrix at a time: each subgroup stores its matrix (i, j) to its
- * 16×16 slot of Ts, and its lanes write the slot's elements through `write(m, n, v)` (m, n in the
- * block); every subgroup takes the same steps, so the barriers are in uniform control flow.
+ * WGSL: one staging loop, `count` slab elements over the workgroup's invocations: `at(i)` declares
+ * the element's coordinates (u32) for step i, `body` computes `v` (f32) and `index` is where the
+ * f16 goes.
  */
-function epilogue(subgroupSize: number, write: (m: string, n: string, v: string) => string): string {
-  const lines: string[] = [];
-  for (let i = 0; i < TILES; i++) {
-    for (let j = 0; j < TILES; j++) {
-      lines.push(`subgroupMatrixStore(&Ts, u32(subgroup) * ${EDGE * EDGE}u, c${i}_${j}, false, ${EDGE}u);`);
-      lines.push('workgroupBarrier();');
-      lines.push(`for (var t = lane; t < ${EDGE * EDGE}; t += ${subgroupSize}) {
-          let m = partRow + ${i * EDGE} + t / ${EDGE};
-          let n = partCol + ${j * EDGE} + t % ${EDGE};
-          ${write('m', 'n', `Ts[subgroup * ${EDGE * EDGE} + t]`)}
-        }`);
-      lines.push('workgroupBarrier();');
-    }
-  }
-  return lines.join('\n        ');
-}
-
-function workgroupArrays(): string {
-  const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
-  return `
-      var<workgroup> As : array<f16, ${rows * depth}>;
-      var<workgroup> Bs : array<f16, ${depth * cols}>;
-      var<workgroup> Ts : array<f32, ${SUBGROUPS * EDGE * EDGE}>;`;
+function stage(array: string, count: number, threads: number, at: string, body: string, index: string): string {
+  return `for (var i = localIndex; i < ${count}u; i += ${threads}u) {
+            ${at}
+            var v = 0.0;
+            ${body}
+            ${array}[${index}] = f16(v);
+          }`;
 }
 
 /**
  * GroupedMatMulProgram's product (its spec without the register tile) on subgroup matrices;
  * `scaled` adds the input `amax` (see the file comment). The plan's row tile must be a multiple
- * of 64, so that a block never spans two experts.
+ * of 128 (the block's rows), so that a block never spans two experts.
  */
 export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   variableNames: string[];
@@ -169,7 +144,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean };
 
-  /** out [capacity, outCols]; capacity a multiple of 64 */
+  /** out [capacity, outCols]; capacity a multiple of 128 */
   constructor(capacity: number, outCols: number, spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean },
       subgroupSize: number) {
     this.spec = spec;
@@ -184,17 +159,18 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
+    const layout = MATMUL_LAYOUT;
+    const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
     const loadW = weightLoadSnippet(this.spec.packedWeight);
+    const x = wgslU32;
+    const a = stagedElementA(x, layout, 'i');
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
-    const bIndex = this.spec.kContiguous
-      ? `let kk = i % ${depth}; let nn = i / ${depth};`
-      : `let nn = i % ${cols}; let kk = i / ${cols};`;
+    const b = stagedElementB(x, layout, 'i', this.spec.kContiguous);
     return `
       ${ENABLES}
-      ${workgroupArrays()}
+      ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${rows}>;
       var<workgroup> tileExpert : i32;
       ${EXPERT_OF_ROW}
@@ -206,46 +182,42 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let lid = i32(localIndex);
         let col0 = i32(workgroupId.x) * ${cols};
         let row0 = i32(workgroupId.y) * ${rows};
-        ${subgroupPart(subgroupSize)}
+        ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         ${tileRowsSnippet(this.spec.source, rows, threads)}
         let e = workgroupUniformLoad(&tileExpert);
-        ${declareAccumulators()}
-        if (e >= 0) {
-          let wBase = e * uniforms.sE;
-          for (var k0 = 0; k0 < uniforms.inner; k0 += ${depth}) {
-            for (var i = lid; i < ${rows * depth}; i += ${threads}) {
-              let mm = i / ${depth};
-              let k = k0 + i % ${depth};
-              var v = 0.0;
-              if (k < uniforms.inner) { v = loadA(mm, k) * s; }
-              As[i] = f16(v);
-            }
-            for (var i = lid; i < ${depth * cols}; i += ${threads}) {
-              ${bIndex}
-              let k = k0 + kk;
-              let n = col0 + nn;
-              var v = 0.0;
-              if (n < uniforms.outCols && k < uniforms.inner) { ${loadW.assign} }
-              Bs[kk * ${cols} + nn] = f16(v);
-            }
-            workgroupBarrier();
-          ${multiplySlab(false)}
-            workgroupBarrier();
-          }
+        ${declareAccumulators(layout)}
+        // a block past the rows in use (e < 0) runs no step: a uniform loop bound rather than a
+        // branch around the matrix operations, the control flow of the verified variants
+        let kEnd = select(0, uniforms.inner, e >= 0);
+        let wBase = max(e, 0) * uniforms.sE;
+        for (var k0 = 0; k0 < kEnd; k0 += ${depth}) {
+          ${stage('As', rows * depth, threads, `let mm = ${a.m}; let kk = ${a.k};`,
+              'let k = k0 + i32(kk);\n            if (k < uniforms.inner) { v = loadA(i32(mm), k) * s; }',
+              aIndex(x, layout, 'mm', 'kk'))}
+          ${stage('Bs', depth * cols, threads, `let kk = ${b.k}; let nn = ${b.n};`,
+              'let k = k0 + i32(kk);\n            let n = col0 + i32(nn);\n' +
+              `            if (n < uniforms.outCols && k < uniforms.inner) { ${loadW.assign} }`,
+              bIndex(x, layout, 'kk', 'nn'))}
+          workgroupBarrier();
+          ${multiplySlab(layout, 'partRow', 'partCol')}
+          workgroupBarrier();
         }
         let unscale = uniforms.alpha / s;
-        ${epilogue(subgroupSize, (m, n, v) => `let r = row0 + ${m};
-          let c = col0 + ${n};
+        ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
+          let m = ${m};
+          let r = row0 + i32(m);
+          let c = col0 + i32(${n});
           if (r < uniforms.numRows && c < uniforms.outCols) {
             var v = 0.0;
-            if (e >= 0 && rowSrc[${m}] >= 0) {
+            if (e >= 0 && rowSrc[m] >= 0) {
               v = unscale * ${v};
               ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
               ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
             }
             result[r * uniforms.outCols + c] = v;
-          }`)}
+          }
+        }`)}
       }
     `;
   }
@@ -280,13 +252,18 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
+    const layout = WEIGHT_GRAD_LAYOUT;
+    const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, tile: { tm: 1, tn: 1, bk: 1 } });
+    const x = wgslU32;
+    // As holds Lᵀ column-major: its element (p, r) is L(r0 + r, p0 + p), walked p fastest
+    const a = stagedElementA(x, layout, 'i');
+    const b = stagedElementB(x, layout, 'i', false);
     return `
       ${ENABLES}
-      ${workgroupArrays()}
+      ${workgroupArrays(layout)}
       var<workgroup> segStart : i32;
       var<workgroup> segCount : i32;
       ${loadL}
@@ -298,7 +275,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         let e = i32(workgroupId.z);
         let q0 = i32(workgroupId.x) * ${cols};
         let p0 = i32(workgroupId.y) * ${rows};
-        ${subgroupPart(subgroupSize)}
+        ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         if (lid == 0) {
           segStart = seg[e];
@@ -306,35 +283,28 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         }
         let start = workgroupUniformLoad(&segStart);
         let count = workgroupUniformLoad(&segCount);
-        ${declareAccumulators()}
+        ${declareAccumulators(layout)}
         for (var r0 = 0; r0 < count; r0 += ${depth}) {
-          // As holds Lᵀ column-major: As[rr·rows + pp] = L(r0 + rr, p0 + pp)
-          for (var i = lid; i < ${rows * depth}; i += ${threads}) {
-            let pp = i % ${rows};
-            let rr = i / ${rows};
-            let p = p0 + pp;
-            var v = 0.0;
-            if (p < uniforms.P && r0 + rr < count) { v = loadL(start + r0 + rr, p) * s; }
-            As[i] = f16(v);
-          }
-          for (var i = lid; i < ${depth * cols}; i += ${threads}) {
-            let qq = i % ${cols};
-            let rr = i / ${cols};
-            let q = q0 + qq;
-            var v = 0.0;
-            if (q < uniforms.Q && r0 + rr < count) { v = loadR(start + r0 + rr, q); }
-            Bs[i] = f16(v);
-          }
+          ${stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
+              'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
+              '            if (p < uniforms.P && r < count) { v = loadL(start + r, p) * s; }',
+              aIndex(x, layout, 'pp', 'rr'))}
+          ${stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
+              'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
+              '            if (q < uniforms.Q && r < count) { v = loadR(start + r, q); }',
+              bIndex(x, layout, 'rr', 'qq'))}
           workgroupBarrier();
-          ${multiplySlab(true)}
+          ${multiplySlab(layout, 'partRow', 'partCol')}
           workgroupBarrier();
         }
         let unscale = uniforms.alpha / s;
-        ${epilogue(subgroupSize, (m, n, v) => `let p = p0 + ${m};
-          let q = q0 + ${n};
+        ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
+          let p = p0 + i32(${m});
+          let q = q0 + i32(${n});
           if (p < uniforms.P && q < uniforms.Q) {
             result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = unscale * ${v};
-          }`)}
+          }
+        }`)}
       }
     `;
   }

@@ -1,0 +1,291 @@
+/**
+ * The subgroup-matrix programs' index math (issue 13), checked where no subgroup matrices exist:
+ * a JS emulator runs one workgroup's data movement — the staging loops of every invocation, each
+ * matrix load as "16×16 block at offset with stride, row- or column-major" (Dawn's semantics, in
+ * subgroup_matrix_core.ts's comment), the products, the epilogue's store to each subgroup's slot
+ * and every lane's reads — with the very functions the package's programs and the GPU variants
+ * generate their WGSL from, and compares the block with a float64 product. Operands are multiples
+ * of 1/64 (exact in f16, every sum exact), so a right layout gives equal numbers; unwritten slab
+ * elements are NaN, so a load that reads padding or a stale element shows.
+ * Also: the programs' WGSL holds exactly the core's inner loop and epilogue, and every variant of
+ * tools/webgpu_tc compiles on Mesa with the matrix builtins stood in for.
+ * Run with TFJS_BACKEND=webgpu (the compile checks use the backend's device; the emulator is plain JS).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import {
+  aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
+  partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, subgroupCount,
+} from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
+import {
+  MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
+} from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import {
+  gemmLayout, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
+} from '../../../tools/webgpu_tc/variant_codes.js';
+
+const E = MATRIX_EDGE;
+
+/** Dawn's subgroupMatrixLoad: element (r, c) of the 16×16 matrix at `at` in `array`. */
+function loadMatrix(array: Float64Array, at: MatrixAt<number>): Float64Array {
+  const out = new Float64Array(E * E);
+  for (let r = 0; r < E; r++) {
+    for (let c = 0; c < E; c++) {
+      const index = at.offset + (at.colMajor ? c * at.stride + r : r * at.stride + c);
+      if (index < 0 || index >= array.length) throw new Error(`matrix load outside the array at ${index}`);
+      out[r * E + c] = array[index];
+    }
+  }
+  return out;
+}
+
+function storeMatrix(array: Float64Array, at: MatrixAt<number>, m: Float64Array): void {
+  for (let r = 0; r < E; r++) {
+    for (let c = 0; c < E; c++) array[at.offset + (at.colMajor ? c * at.stride + r : r * at.stride + c)] = m[r * E + c];
+  }
+}
+
+interface Emulated {
+  layout: SlabLayout;
+  subgroupSize: number;
+  /** the reduction's length (the programs' K loop runs over whole slabs, staging 0 past it) */
+  inner: number;
+  /** the block's left operand (m, k), right operand (k, n) */
+  left(m: number, k: number): number;
+  right(k: number, n: number): number;
+  /** the B staging walks k fastest (a weight stored [out, in]) */
+  kFastestB: boolean;
+  /** a deliberate mistake, to show the check can fail */
+  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0';
+}
+
+/** One workgroup of the generated program, as data movement: the block it writes (NaN where unwritten). */
+function emulateWorkgroup(w: Emulated): Float64Array {
+  const l = w.layout;
+  checkSlabLayout(l);
+  const x = integers;
+  const threads = subgroupCount(l) * w.subgroupSize;
+  const sizes = slabSizes(l);
+  const acc = Array.from({ length: subgroupCount(l) }, () =>
+    Array.from({ length: l.tilesM * l.tilesN }, () => new Float64Array(E * E)));
+  for (let k0 = 0; k0 < w.inner; k0 += l.depth) {
+    const As = new Float64Array(sizes.a).fill(NaN);
+    const Bs = new Float64Array(sizes.b).fill(NaN);
+    for (let lid = 0; lid < threads; lid++) {
+      for (let i = lid; i < l.rows * l.depth; i += threads) {
+        const { m, k } = stagedElementA(x, l, i);
+        const at = aIndex(x, l, m, k);
+        if (!Number.isNaN(As[at])) throw new Error(`As[${at}] staged twice`);
+        As[at] = k0 + k < w.inner ? w.left(m, k0 + k) : 0;
+      }
+      for (let i = lid; i < l.depth * l.cols; i += threads) {
+        const { k, n } = stagedElementB(x, l, i, w.kFastestB);
+        const at = bIndex(x, l, k, n);
+        if (!Number.isNaN(Bs[at])) throw new Error(`Bs[${at}] staged twice`);
+        Bs[at] = k0 + k < w.inner ? w.right(k0 + k, n) : 0;
+      }
+    }
+    for (let s = 0; s < subgroupCount(l); s++) {
+      const part = partOrigin(x, l, s);
+      for (let kk = 0; kk < l.depth; kk += E) {
+        const a = Array.from({ length: l.tilesM }, (_, i) => {
+          const at = leftTile(x, l, part.row, kk, i);
+          return loadMatrix(As, w.fault === 'left load transposed' ? { ...at, colMajor: !at.colMajor } : at);
+        });
+        const b = Array.from({ length: l.tilesN }, (_, j) => loadMatrix(Bs, rightTile(x, l, part.col, kk, j)));
+        for (let i = 0; i < l.tilesM; i++) {
+          for (let j = 0; j < l.tilesN; j++) {
+            const c = acc[s][i * l.tilesN + j];
+            for (let r = 0; r < E; r++) for (let q = 0; q < E; q++) for (let t = 0; t < E; t++) c[r * E + q] += a[i][r * E + t] * b[j][t * E + q];
+          }
+        }
+      }
+    }
+  }
+  const out = new Float64Array(l.rows * l.cols).fill(NaN);
+  for (let i = 0; i < l.tilesM; i++) {
+    for (let j = 0; j < l.tilesN; j++) {
+      const Ts = new Float64Array(subgroupCount(l) * E * E).fill(NaN);
+      for (let s = 0; s < subgroupCount(l); s++) storeMatrix(Ts, resultSlot(x, s), acc[s][i * l.tilesN + j]);
+      for (let lid = 0; lid < threads; lid++) {
+        const s = w.fault === 'epilogue lanes from subgroup 0' ? 0 : Math.trunc(lid / w.subgroupSize);
+        const lane = lid % w.subgroupSize;
+        const part = partOrigin(x, l, Math.trunc(lid / w.subgroupSize));
+        const slot = resultSlot(x, s);
+        for (let t = lane; t < E * E; t += w.subgroupSize) {
+          const { m, n } = slotElement(x, part.row, part.col, i, j, t);
+          if (!Number.isNaN(out[m * l.cols + n])) throw new Error(`block element (${m}, ${n}) written twice`);
+          out[m * l.cols + n] = Ts[slot.offset + t];
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** Multiples of 1/64 in [-1, 1] from a fixed seed. */
+function values(n: number, seed: number): Float64Array {
+  let s = seed >>> 0;
+  return Float64Array.from({ length: n }, () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return Math.round((s / 2 ** 32 * 2 - 1) * 64) / 64;
+  });
+}
+
+/**
+ * Emulates `layout` on a product with `inner` not a multiple of the slab depth and returns the
+ * largest |difference| to the float64 block. `leftTransposed`: the left operand comes as Lᵀ (the
+ * weight gradients: L(r, p) with r the reduction).
+ */
+function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault'] }): number {
+  const { rows, cols } = layout;
+  const A = values(rows * o.inner, 1); // A(m, k) at m·inner + k
+  const B = values(o.inner * cols, 2); // B(k, n) at k·cols + n
+  const block = emulateWorkgroup({
+    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault,
+    left: (m, k) => A[m * o.inner + k], right: (k, n) => B[k * cols + n],
+  });
+  let worst = 0;
+  for (let m = 0; m < rows; m++) {
+    for (let n = 0; n < cols; n++) {
+      let s = 0;
+      for (let k = 0; k < o.inner; k++) s += A[m * o.inner + k] * B[k * cols + n];
+      const d = Math.abs(block[m * cols + n] - s);
+      worst = Number.isNaN(d) ? Infinity : Math.max(worst, d);
+    }
+  }
+  return worst;
+}
+
+describe('webgpu: subgroup-matrix index math (emulated workgroup against float64)', () => {
+  it('the products\' layout (As row-major): the block exactly, B staged along k or along n', () => {
+    expect(blockError(MATMUL_LAYOUT, { inner: 80, kFastestB: true })).to.equal(0);
+    expect(blockError(MATMUL_LAYOUT, { inner: 48, kFastestB: false })).to.equal(0);
+  });
+
+  it('the weight gradients\' layout (As holds Lᵀ column-major): the block exactly', () => {
+    expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 72, kFastestB: false })).to.equal(0);
+  });
+
+  it('every staged layout the GPU variants try (8 subgroups, depth 64, padded rows, 4×8 matrices)', () => {
+    for (const o of stagedVariants()) expect(blockError(o.layout, { inner: 2 * o.layout.depth, kFastestB: false }), JSON.stringify(o.layout)).to.equal(0);
+  });
+
+  it('vec4 staging (the variants\' f16 reads): 4 consecutive elements from 4 consecutive halves into 4 consecutive slab halves', () => {
+    const x = integers;
+    for (const o of stagedVariants().filter(v => v.vec4)) {
+      const l = o.layout;
+      for (let e = 0; e < l.rows * l.depth; e += 4) {
+        const first = stagedElementA(x, l, e);
+        for (let c = 1; c < 4; c++) {
+          const next = stagedElementA(x, l, e + c);
+          expect([next.m, next.k, aIndex(x, l, next.m, next.k)]).to.deep.equal([first.m, first.k + c, aIndex(x, l, first.m, first.k) + c]);
+        }
+      }
+      for (let e = 0; e < l.depth * l.cols; e += 4) {
+        const first = stagedElementB(x, l, e, false);
+        for (let c = 1; c < 4; c++) {
+          const next = stagedElementB(x, l, e + c, false);
+          expect([next.k, next.n, bIndex(x, l, next.k, next.n)]).to.deep.equal([first.k, first.n + c, bIndex(x, l, first.k, first.n) + c]);
+        }
+      }
+    }
+  });
+
+  it('a left load with the wrong major order, or lanes reading another subgroup\'s slot, is caught', () => {
+    expect(blockError(MATMUL_LAYOUT, { inner: 32, kFastestB: true, fault: 'left load transposed' })).to.be.greaterThan(0.1);
+    expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 32, kFastestB: false, fault: 'left load transposed' })).to.be.greaterThan(0.1);
+    expect(blockError(MATMUL_LAYOUT, { inner: 32, kFastestB: true, fault: 'epilogue lanes from subgroup 0' })).to.be.greaterThan(0.1);
+  });
+
+  it('rejects a layout whose subgroups do not tile the block', () => {
+    expect(() => checkSlabLayout({ ...MATMUL_LAYOUT, cols: 96 })).to.throw(
+        'subgroup-matrix layout: 2×2 subgroups of 4×4 matrices do not tile a 128×96 block at depth 32');
+    expect(() => checkSlabLayout({ ...MATMUL_LAYOUT, depth: 24 })).to.throw(/at depth 24/);
+  });
+
+  it('the programs\' WGSL holds the core\'s inner loop and epilogue (what was emulated is what runs)', () => {
+    const mm = new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32).getUserCode();
+    const wg = new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { left: 'rows', right: 'gather', scaleLeft: false, scaled: false }, 32).getUserCode();
+    const squash = (s: string) => s.replace(/\s+/g, ' ');
+    expect(squash(mm)).to.contain(squash(multiplySlab(MATMUL_LAYOUT, 'partRow', 'partCol')));
+    expect(squash(wg)).to.contain(squash(multiplySlab(WEIGHT_GRAD_LAYOUT, 'partRow', 'partCol')));
+    expect(squash(mm)).to.contain('As[((mm * 32u) + kk)] = f16(v);');
+    expect(squash(wg)).to.contain('As[((rr * 128u) + pp)] = f16(v);');
+    // the epilogue's lane loop and slot reads
+    const slots = epilogueThroughSlots(MATMUL_LAYOUT, 'subgroup', 'lane', 32, 'partRow', 'partCol', () => '');
+    expect(slots).to.contain('subgroupMatrixStore(&Ts, (subgroup * 256u), c3_3, false, 16u);');
+    expect(squash(mm)).to.contain('for (var t = lane; t < 256u; t += 32u) {');
+    expect(squash(mm)).to.contain('Ts[((subgroup * 256u) + t)]');
+  });
+});
+
+describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (Mesa)', () => {
+  /** the variant's WGSL with the matrix builtins stood in for (standInMatrices), and nothing of them left */
+  function standIn(code: string): string {
+    const body = standInMatrices(code);
+    expect(body).to.not.match(/subgroup_matrix|subgroupMatrix|\bf16\b/);
+    return body;
+  }
+
+  async function compileErrors(code: string): Promise<string[]> {
+    const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+    device.pushErrorScope('validation');
+    const info = await device.createShaderModule({ code }).getCompilationInfo();
+    await device.popErrorScope();
+    return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
+  }
+
+  const problem: Problem = { name: 'small', batch: 2, M: 256, N: 256, K: 128 };
+  const variants = [
+    storageVariant(problem, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 8 }),
+    storageVariant(problem, { sgRows: 1, sgCols: 1, tilesM: 4, tilesN: 4 }),
+    ...stagedVariants().map(o => stagedVariant(problem, o)),
+  ];
+  for (const v of variants) {
+    it(`${v.name}: valid WGSL around the matrix builtins`, async () => {
+      expect(await compileErrors(standIn(v.code))).to.deep.equal([]);
+    });
+  }
+
+  const rowsProgram = new SubgroupMatrixMatMulProgram(2048, 1536,
+      { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+  for (const ifWrapped of [false, true]) {
+    it(`the package's program outside tfjs${ifWrapped ? ', K loop inside if (e >= 0)' : ''}: valid WGSL around the matrix builtins`, async () => {
+      const code = packageProgramShader(rowsProgram, ifWrapped);
+      expect(code.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n')).to.equal(true);
+      expect(code.includes('if (e >= 0) { for (var k0 = 0; k0 < kEnd;')).to.equal(ifWrapped);
+      expect(await compileErrors(standIn(code))).to.deep.equal([]);
+    });
+  }
+
+  it('the package\'s weight-gradient program outside tfjs: valid WGSL around the matrix builtins', async () => {
+    const program = new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32);
+    expect(await compileErrors(standIn(packageProgramShader(program, false)))).to.deep.equal([]);
+  });
+
+  it('packageProgramShader takes only the inputs it binds, and the K loop it knows', () => {
+    const withBias = new SubgroupMatrixMatMulProgram(256, 128,
+        { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false }, 32);
+    expect(() => packageProgramShader(withBias, false)).to.throw('packageProgramShader: no binding for input bias');
+    const moved = Object.assign(Object.create(rowsProgram) as SubgroupMatrixMatMulProgram, { getUserCode: () => 'fn main() {}' });
+    expect(() => packageProgramShader(moved, true)).to.throw('packageProgramShader: the K loop moved');
+  });
+
+  it('a variant with a mistake does not compile (the check above can fail)', async () => {
+    const v = stagedVariant(problem, stagedVariants()[0]);
+    expect((await compileErrors(standIn(v.code.replace('let partRow =', 'let partRows =')))).join('\n')).to.match(/partRow/);
+  });
+
+  it('rejects staged options the generator cannot build', () => {
+    const layout = gemmLayout({ sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4, depth: 32, pad: 0 });
+    expect(() => stagedVariant(problem, { layout: { ...layout, leftColMajor: true }, from: 'f16', vec4: false, prefetch: false }))
+      .to.throw('stagedVariant: the GEMM stages A row-major');
+    expect(() => stagedVariant(problem, { layout, from: 'f32', vec4: true, prefetch: false }))
+      .to.throw('stagedVariant: vec4 and prefetch read f16 storage');
+    // 4 subgroups of one 16×16 matrix each, 16 deep: 64 vec4 of A for 128 invocations
+    const thin = gemmLayout({ sgRows: 1, sgCols: 4, tilesM: 1, tilesN: 1, depth: 16, pad: 0 });
+    expect(() => stagedVariant(problem, { layout: thin, from: 'f16', vec4: true, prefetch: true }))
+      .to.throw('stagedVariant: prefetch needs whole shares');
+  });
+});

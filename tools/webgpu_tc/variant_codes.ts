@@ -1,0 +1,306 @@
+/**
+ * The WGSL of the raw Dawn subgroup-matrix GEMM variants (tools/webgpu_tc/variants.ts runs them;
+ * pure, so that spec/backends/webgpu/subgroup_matrix_emulator.spec.ts can emulate the staged
+ * layouts without a GPU). Every staged variant takes its index math from
+ * src/backends/webgpu/programs/subgroup_matrix_core.ts, the package programs' own.
+ *
+ * Problem: C_z = A_z·B_z for z < batch, A [batch, M, K], B [batch, K, N], C [batch, M, N], all
+ * row-major, sizes compiled in; operands in f32 (A32, B32) and the same values in f16 (A16, B16,
+ * and the vec4 views A16v, B16v of those buffers).
+ */
+import {
+  aIndex, bIndex, declareAccumulators, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
+  stagedElementA, stagedElementB, subgroupCount, wgslU32,
+} from '../../src/backends/webgpu/programs/subgroup_matrix_core.js';
+import type {
+  SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+} from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import { hoistEnableDirectives } from '../../src/backends/webgpu/tensor_cores.js';
+
+export interface Problem { name: string; batch: number; M: number; N: number; K: number }
+
+export interface Variant {
+  name: string;
+  threads: number;
+  /** output block of one workgroup */
+  blockRows: number;
+  blockCols: number;
+  code: string;
+}
+
+const HEADER = `enable f16;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+@group(0) @binding(0) var<storage, read> A32 : array<f32>;
+@group(0) @binding(1) var<storage, read> B32 : array<f32>;
+@group(0) @binding(2) var<storage, read> A16 : array<f16>;
+@group(0) @binding(3) var<storage, read> B16 : array<f16>;
+@group(0) @binding(4) var<storage, read_write> C : array<f32>;
+@group(0) @binding(5) var<storage, read> A16v : array<vec4<f16>>;
+@group(0) @binding(6) var<storage, read> B16v : array<vec4<f16>>;
+`;
+/** keeps every binding in the 'auto' layout (an unused one is dropped, and the bind group then fails) */
+const TOUCH = 'if (wg.z > 100000u) { C[0] = A32[0] + B32[0] + f32(A16[0]) + f32(B16[0]) + f32(A16v[0].x) + f32(B16v[0].x); }';
+
+/** WGSL: the batch's bases and the block's origin. */
+function origins(p: Problem, rows: number, cols: number): string {
+  return `let aBase = wg.z * ${p.M * p.K}u;
+  let bBase = wg.z * ${p.K * p.N}u;
+  let cBase = wg.z * ${p.M * p.N}u;
+  let row0 = wg.y * ${rows}u;
+  let col0 = wg.x * ${cols}u;`;
+}
+
+function storeC(p: Problem, tilesM: number, tilesN: number, row: string, col: string): string {
+  const l: string[] = [];
+  for (let i = 0; i < tilesM; i++) {
+    for (let j = 0; j < tilesN; j++) {
+      l.push(`subgroupMatrixStore(&C, cBase + (${row} + ${i * MATRIX_EDGE}u) * ${p.N}u + ${col} + ${j * MATRIX_EDGE}u, c${i}_${j}, false, ${p.N}u);`);
+    }
+  }
+  return l.join('\n  ');
+}
+
+/**
+ * Operands straight from f16 storage, no workgroup memory: subgroups sgRows × sgCols, each owning
+ * tilesM × tilesN matrices (the probe's GEMM is 1 subgroup of 4×4). Neighbouring subgroups share
+ * their rows and columns only through the caches.
+ */
+export function storageVariant(p: Problem, o: { sgRows: number; sgCols: number; tilesM: number; tilesN: number }): Variant {
+  const layout: SlabLayout = { rows: o.sgRows * o.tilesM * 16, cols: o.sgCols * o.tilesN * 16, depth: 16,
+    subgroupRows: o.sgRows, subgroupCols: o.sgCols, tilesM: o.tilesM, tilesN: o.tilesN, leftColMajor: false, pad: 0 };
+  const threads = 32 * subgroupCount(layout);
+  const { row, col } = partOrigin(wgslU32, layout, 'subgroup');
+  const loads: string[] = [];
+  for (let i = 0; i < o.tilesM; i++) {
+    loads.push(`let a${i} = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&A16, aBase + (row0 + partRow + ${i * 16}u) * ${p.K}u + k, false, ${p.K}u);`);
+  }
+  for (let j = 0; j < o.tilesN; j++) {
+    loads.push(`let b${j} = subgroupMatrixLoad<subgroup_matrix_right<f16, 16, 16>>(&B16, bBase + k * ${p.N}u + col0 + partCol + ${j * 16}u, false, ${p.N}u);`);
+  }
+  for (let i = 0; i < o.tilesM; i++) for (let j = 0; j < o.tilesN; j++) loads.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${i}, b${j}, c${i}_${j});`);
+  return {
+    name: `storage f16, ${subgroupCount(layout)} subgroup(s) of ${o.tilesM * 16}x${o.tilesN * 16}, ${layout.rows}x${layout.cols}`,
+    threads, blockRows: layout.rows, blockCols: layout.cols, code: `${HEADER}
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  ${TOUCH}
+  ${origins(p, layout.rows, layout.cols)}
+  let subgroup = lid / 32u;
+  let partRow = ${row};
+  let partCol = ${col};
+  ${declareAccumulators(layout)}
+  for (var k = 0u; k < ${p.K}u; k += 16u) {
+    ${loads.join('\n    ')}
+  }
+  ${storeC(p, o.tilesM, o.tilesN, 'row0 + partRow', 'col0 + partCol')}
+}` };
+}
+
+export interface StagedOptions {
+  layout: SlabLayout;
+  /** the operands' storage: f32 (converted while staging, as the package's programs do) or f16 */
+  from: 'f32' | 'f16';
+  /** f16 staging reads vec4<f16> (4 halves per invocation and step) */
+  vec4: boolean;
+  /** each invocation loads its share of slab k+1 into registers while the matrices multiply slab k */
+  prefetch: boolean;
+}
+
+/**
+ * Workgroup staging with the package programs' index math (subgroup_matrix_core.ts): each step
+ * stages a depth-deep slab of A (row-major) and B in workgroup memory as f16 and every subgroup
+ * multiplies its part from there; results go straight to C.
+ */
+export function stagedVariant(p: Problem, o: StagedOptions): Variant {
+  const l = o.layout;
+  if (l.leftColMajor) throw new Error('stagedVariant: the GEMM stages A row-major');
+  if ((o.vec4 || o.prefetch) && o.from !== 'f16') throw new Error('stagedVariant: vec4 and prefetch read f16 storage');
+  const threads = 32 * subgroupCount(l);
+  const x = wgslU32;
+  const { row, col } = partOrigin(x, l, 'subgroup');
+  const size = slabSizes(l);
+  const width = o.vec4 ? 4 : 1;
+  const countA = l.rows * l.depth / width;
+  const countB = l.depth * l.cols / width;
+  const a = stagedElementA(x, l, 'e');
+  const b = stagedElementB(x, l, 'e', false);
+  const aSource = (k0: string) => `aBase + (row0 + ${a.m}) * ${p.K}u + ${k0} + ${a.k}`;
+  const bSource = (k0: string) => `bBase + (${k0} + ${b.k}) * ${p.N}u + col0 + ${b.n}`;
+  const conv = (v: string) => (o.from === 'f32' ? `f16(${v})` : v);
+  const src = o.from === 'f32' ? ['A32', 'B32'] : ['A16', 'B16'];
+  /** writes value `v` (an f16, or a vec4<f16> of 4 consecutive elements) of element e to the slab */
+  const put = (slab: string, index: string, v: string) => o.vec4
+    ? `{ let d = ${index}; ${slab}[d] = ${v}.x; ${slab}[d + 1u] = ${v}.y; ${slab}[d + 2u] = ${v}.z; ${slab}[d + 3u] = ${v}.w; }`
+    : `${slab}[${index}] = ${v};`;
+  const read = (which: 0 | 1, at: string) => o.vec4 ? `${src[which]}v[(${at}) / 4u]` : conv(`${src[which]}[${at}]`);
+  let body: string;
+  if (!o.prefetch) {
+    const loop = (count: number, slab: string, which: 0 | 1, source: string, index: string) =>
+      `for (var q = lid; q < ${count}u; q += ${threads}u) {
+      let e = q * ${width}u;
+      ${put(slab, index, read(which, source))}
+    }`;
+    body = `for (var k0 = 0u; k0 < ${p.K}u; k0 += ${l.depth}u) {
+    ${loop(countA, 'As', 0, aSource('k0'), aIndex(x, l, a.m, a.k))}
+    ${loop(countB, 'Bs', 1, bSource('k0'), bIndex(x, l, b.k, b.n))}
+    workgroupBarrier();
+    ${multiplySlab(l, 'partRow', 'partCol')}
+    workgroupBarrier();
+  }`;
+  } else {
+    if (countA % threads !== 0 || countB % threads !== 0) throw new Error('stagedVariant: prefetch needs whole shares');
+    const regs = (n: number, r: string) => Array.from({ length: n }, (_, t) => `var ${r}${t} : ${o.vec4 ? 'vec4<f16>' : 'f16'};`).join(' ');
+    const each = (n: number, f: (t: number) => string) => Array.from({ length: n }, (_, t) => `{ let e = (lid + ${t * threads}u) * ${width}u; ${f(t)} }`).join('\n    ');
+    const nA = countA / threads;
+    const nB = countB / threads;
+    const fetch = (k0: string) => `${each(nA, t => `ra${t} = ${read(0, aSource(k0))};`)}
+    ${each(nB, t => `rb${t} = ${read(1, bSource(k0))};`)}`;
+    body = `${regs(nA, 'ra')}
+  ${regs(nB, 'rb')}
+  ${fetch('0u')}
+  for (var k0 = 0u; k0 < ${p.K}u; k0 += ${l.depth}u) {
+    ${each(nA, t => put('As', aIndex(x, l, a.m, a.k), `ra${t}`))}
+    ${each(nB, t => put('Bs', bIndex(x, l, b.k, b.n), `rb${t}`))}
+    workgroupBarrier();
+    if (k0 + ${l.depth}u < ${p.K}u) {
+      let next = k0 + ${l.depth}u;
+      ${fetch('next')}
+    }
+    ${multiplySlab(l, 'partRow', 'partCol')}
+    workgroupBarrier();
+  }`;
+  }
+  const name = `staged ${o.from}->wg f16, ${subgroupCount(l)} subgroups of ${l.tilesM * 16}x${l.tilesN * 16}, ${l.rows}x${l.cols}, ` +
+      `depth ${l.depth}${l.pad ? `, pad ${l.pad}` : ''}${o.vec4 ? ', vec4' : ''}${o.prefetch ? ', prefetch' : ''}`;
+  return { name, threads, blockRows: l.rows, blockCols: l.cols, code: `${HEADER}
+var<workgroup> As : array<f16, ${size.a}>;
+var<workgroup> Bs : array<f16, ${size.b}>;
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  ${TOUCH}
+  ${origins(p, l.rows, l.cols)}
+  let subgroup = lid / 32u;
+  let partRow = ${row};
+  let partCol = ${col};
+  ${declareAccumulators(l)}
+  ${body}
+  ${storeC(p, l.tilesM, l.tilesN, 'row0 + partRow', 'col0 + partCol')}
+}` };
+}
+
+/**
+ * A plain f32 GEMM (one invocation per element, no f16, no matrices) with the same bindings (the f16
+ * buffers typed u32): the harness's dry run where subgroup matrices are missing (Mesa).
+ */
+export function plainVariant(p: Problem): Variant {
+  return { name: 'plain f32 (harness dry run)', threads: 64, blockRows: 8, blockCols: 8, code: `
+@group(0) @binding(0) var<storage, read> A32 : array<f32>;
+@group(0) @binding(1) var<storage, read> B32 : array<f32>;
+@group(0) @binding(2) var<storage, read> A16 : array<u32>;
+@group(0) @binding(3) var<storage, read> B16 : array<u32>;
+@group(0) @binding(4) var<storage, read_write> C : array<f32>;
+@group(0) @binding(5) var<storage, read> A16v : array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> B16v : array<vec4<u32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  if (wg.z > 100000u) { C[0] = A32[0] + B32[0] + f32(A16[0] + B16[0] + A16v[0].x + B16v[0].x); }
+  ${origins(p, 8, 8)}
+  let r = row0 + lid / 8u;
+  let c = col0 + lid % 8u;
+  var s = 0.0;
+  for (var k = 0u; k < ${p.K}u; k++) { s += A32[aBase + r * ${p.K}u + k] * B32[bBase + k * ${p.N}u + c]; }
+  C[cBase + r * ${p.N}u + c] = s;
+}` };
+}
+
+/** A staged layout over A row-major (see SlabLayout). */
+export function gemmLayout(o: { sgRows: number; sgCols: number; tilesM: number; tilesN: number; depth: number; pad: number }): SlabLayout {
+  return { rows: o.sgRows * o.tilesM * 16, cols: o.sgCols * o.tilesN * 16, depth: o.depth, subgroupRows: o.sgRows,
+    subgroupCols: o.sgCols, tilesM: o.tilesM, tilesN: o.tilesN, leftColMajor: false, pad: o.pad };
+}
+
+/**
+ * The staged variants, most promising first (a GPU run stops at its time budget). The package's
+ * programs use the last one's layout and f32 sources (4 subgroups of 64×64, depth 32, no pad).
+ */
+export function stagedVariants(): StagedOptions[] {
+  const v = (sgRows: number, sgCols: number, tilesN: number, depth: number, pad: number, vec4: boolean, prefetch: boolean,
+      from: 'f16' | 'f32' = 'f16'): StagedOptions =>
+    ({ layout: gemmLayout({ sgRows, sgCols, tilesM: 4, tilesN, depth, pad }), from, vec4, prefetch });
+  return [
+    v(4, 2, 4, 32, 8, true, true),   // 8 subgroups, 256×128: each slab feeds twice the matrices
+    v(2, 4, 4, 32, 8, true, true),   // 8 subgroups, 128×256
+    v(2, 2, 4, 64, 8, true, true),   // half the barriers
+    v(2, 2, 4, 32, 8, true, true),
+    v(2, 2, 8, 32, 8, true, true),   // 4×8 accumulators: 256 f32 per lane, may spill
+    v(2, 2, 4, 32, 8, true, false),
+    v(2, 2, 4, 32, 0, false, false), // the verified pattern of the last run (14.0 TFLOP/s at 2048³)
+    v(2, 2, 4, 32, 0, false, false, 'f32'), // the package programs' layout and conversion
+  ];
+}
+
+/** The inputs packageProgramShader binds, and their WGSL element types. */
+const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32' };
+
+/**
+ * A subgroup-matrix program's shader outside tfjs: its code under a minimal stand-in of tfjs's
+ * preamble (the private builtins, the uniforms struct, result at binding 0, the inputs in order,
+ * then the uniforms), entry point `main`. `ifWrapped` (a MatMul program): the control flow of the
+ * programs that computed wrong numbers on 2026-12-05 (the matrix operations inside a branch on the
+ * block's expert; now a uniform loop bound, as in the weight gradients, which were right).
+ */
+export function packageProgramShader(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, ifWrapped: boolean): string {
+  const unbound = program.variableNames.filter(name => !(name in PROGRAM_INPUTS));
+  if (unbound.length > 0) throw new Error(`packageProgramShader: no binding for input ${unbound.join(', ')}`);
+  let userCode = program.getUserCode();
+  if (ifWrapped) {
+    const loop = 'for (var k0 = 0; k0 < kEnd;';
+    if (!userCode.includes(loop) || !userCode.includes('let unscale =')) throw new Error('packageProgramShader: the K loop moved');
+    userCode = userCode.replace(loop, `if (e >= 0) { ${loop}`).replace('let unscale =', '}\n        let unscale =');
+  }
+  const inputs = program.variableNames.map((name, i) =>
+    `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${PROGRAM_INPUTS[name]}>;`);
+  return hoistEnableDirectives(`
+var<private> localId : vec3<u32>;
+var<private> localIndex : u32;
+var<private> workgroupId : vec3<u32>;
+var<private> numWorkgroups : vec3<u32>;
+struct Uniforms { ${program.uniforms} };
+@group(0) @binding(0) var<storage, read_write> result : array<f32>;
+${inputs.join('\n')}
+@group(0) @binding(${inputs.length + 1}) var<uniform> uniforms : Uniforms;
+${userCode.replace(/\bfn main\(\)/, 'fn main_()')}
+@compute @workgroup_size(${program.workgroupSize.join(', ')})
+fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,
+    @builtin(workgroup_id) wg : vec3<u32>, @builtin(num_workgroups) nw : vec3<u32>) {
+  localId = li3;
+  localIndex = li;
+  workgroupId = wg;
+  numWorkgroups = nw;
+  main_();
+}`);
+}
+
+/**
+ * `code` with f16 as f32 and each subgroup-matrix builtin replaced by a plain function of its
+ * array (one per array: WGSL has no overloads), so that a device without subgroup matrices (Mesa)
+ * compiles and runs everything else: names, types, uniformity, bindings. The numbers are not a
+ * product.
+ */
+export function standInMatrices(code: string): string {
+  const arrays = new Set<string>();
+  const body = code.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
+    .replace(/subgroupMatrix(Load|Store)(?:<subgroup_matrix_(?:left|right)<f32, 16, 16>>)?\(&(\w+), /g, (_, op: string, name: string) => {
+      arrays.add(name);
+      return `sm${op}_${name}(`;
+    })
+    .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
+    .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(');
+  const writable = /var<(?:workgroup|storage, read_write)>\s*(\w+)/g;
+  const canWrite = new Set([...body.matchAll(writable)].map(m => m[1]));
+  const helpers = [...arrays].map(a => `
+fn smLoad_${a}(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(f32(${a}[offset + stride])); }
+fn smStore_${a}(offset : u32, c : SM, colMajor : bool, stride : u32) { ${canWrite.has(a) ? `${a}[offset + stride] = c.v;` : ''} }`);
+  return `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n${body}\n${helpers.join('\n')}`;
+}
