@@ -36,4 +36,5 @@ await import('../spec/backends/webgpu/bench.spec.js');
 await import('../spec/backends/webgpu/train.spec.js');
 await import('../spec/backends/webgpu/adam_update.spec.js');
 await import('../spec/backends/webgpu/step_profile.spec.js');
+await import('../spec/backends/webgpu/subgroup_matrix_emulator.spec.js');
 mocha.run(failures => process.exit(failures > 0 ? 1 : 0));
