@@ -14,7 +14,7 @@ import { join, resolve } from 'node:path';
 import {
   assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, runOurs, trainingWindows, type E2EResult,
 } from '../../bench/e2e/ours.js';
-import { StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
+import { programTimes, StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
@@ -198,6 +198,14 @@ describe('bench/e2e/ours.ts', function () {
         .to.throw(OpArgumentError, /'--tensor-cores' is on but this adapter has none: no chromium-experimental-subgroup-matrix on this adapter/);
     expect(() => assertTensorCores(true, 'available')).to.not.throw();
     expect(() => assertTensorCores(false, 'off')).to.not.throw();
+  });
+
+  it("reads tfjs-webgpu's per-program GPU times, joined into one string as 4.22 returns them, or as an array", () => {
+    expect(programTimes('MatMulPackedProgram2: 0.125, GroupedMatMulProgram: 1.5')).to.deep.equal([
+      { name: 'MatMulPackedProgram2', ms: 0.125 }, { name: 'GroupedMatMulProgram', ms: 1.5 }]);
+    expect(programTimes([{ name: 'A', ms: 2 }])).to.deep.equal([{ name: 'A', ms: 2 }]);
+    expect(programTimes('')).to.deep.equal([]);
+    expect(programTimes(undefined)).to.deep.equal([]);
   });
 
   it('cuts the text into consecutive windows, wrapping around', () => {
