@@ -9,7 +9,7 @@ import {
 } from '../ops/packed.js';
 import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { decodeHalves, readToDevice, TensorBuilder } from './device_tensor.js';
+import { decodeHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
@@ -281,10 +281,23 @@ async function fuseRowsQuantized(
   const block = new Float32Array(parts.length * rows * cols);
   const expert = new Int32Array(layout.wordsPerExpert);
   const stack = new TensorBuilder([numExperts, layout.wordsPerExpert], 'int32');
+  // 16-bit experts (the Hub's bf16): their stored halves decoded into `block`, no tensor made;
+  // expert e + 1's reads are under way while expert e is quantized
+  const asHalves = typeof file.halfBits === 'function' &&
+      parts.every(part => part.every(t => ['BF16', 'F16'].includes(file.info(t.name).dtype)));
+  const readHalves = (e: number) => Promise.all(parts.map(part => file.halfBits!(part[e].name)));
   try {
+    let next = asHalves ? readHalves(0) : null;
     for (let e = 0; e < numExperts; e++) {
-      for (const [p, part] of parts.entries()) {
-        block.set(await floatValuesOf(op, file, part[e].name), p * rows * cols);
+      if (next !== null) {
+        const halves = await next;
+        next = e + 1 < numExperts ? readHalves(e + 1) : null;
+        next?.catch(() => {});   // awaited next round; an error now must not be unhandled meanwhile
+        halves.forEach((h, p) => decodeHalvesInto(file.info(parts[p][e].name).dtype, h, block, p * rows * cols));
+      } else {
+        for (const [p, part] of parts.entries()) {
+          block.set(await floatValuesOf(op, file, part[e].name), p * rows * cols);
+        }
       }
       quantizeExpertInto(layout, block, 0, expert, 0, op, `${parts.map(p => p[e].name).join("', '")}`);
       await stack.write(expert, e * layout.wordsPerExpert);
@@ -358,8 +371,10 @@ async function readQuantizedTransposed(
       // as stored (half the bytes of float32), one expert decoded at a time
       const { dtype } = file.info(e.name);
       const halves = await file.halfBits(e.name);
+      const block = new Float32Array(rows * cols);
       for (let x = 0; x < experts; x++) {
-        quantizeExpertInto(layout, decodeHalves(dtype, halves, x * rows * cols, rows * cols), 0, expert, 0, op, e.name);
+        decodeHalvesInto(dtype, halves.subarray(x * rows * cols, (x + 1) * rows * cols), block, 0);
+        quantizeExpertInto(layout, block, 0, expert, 0, op, e.name);
         await stack.write(expert, x * layout.wordsPerExpert);
       }
     } else {
