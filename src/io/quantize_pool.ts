@@ -61,6 +61,7 @@ export function quantizeWorkerPool(
     for (let i = 0; i < threads; i++) {
       const w = startWorker(workerUrl);
       w.on('message', (reply: QuantizeReply) => {
+        w.unref();
         replies.get(reply.id)?.(reply);
         replies.delete(reply.id);
         release(w);
@@ -73,7 +74,7 @@ export function quantizeWorkerPool(
         replies.clear();
         for (const resolve of waiting.splice(0)) resolve(null);
       });
-      w.unref();   // an unclosed pool must not keep Node running
+      w.unref();   // an idle worker of an unclosed pool must not keep Node running (a busy one must: ref'd while it works)
       workers.push(w);
       idle.push(w);
     }
@@ -99,19 +100,20 @@ export function quantizeWorkerPool(
     threads,
     counts,
     async quantize(layout, parts, op, arg) {
-      const total = parts.reduce((n, p) => n + p.halves.length, 0);
-      const halves = new Uint16Array(total);
+      const worker = await acquire();
+      if (worker === null) return here(layout, parts, op, arg);
+      // one owned copy of the halves, moved to the worker (the caller's may be views of a larger buffer)
+      const halves = new Uint16Array(parts.reduce((n, p) => n + p.halves.length, 0));
       let at = 0;
       for (const p of parts) {
         halves.set(p.halves, at);
         at += p.halves.length;
       }
-      const worker = await acquire();
-      if (worker === null) return here(layout, parts, op, arg);
       const id = nextId++;
       const reply = await new Promise<QuantizeReply>(resolve => {
         replies.set(id, resolve);
         const request: QuantizeRequest = { id, layout, parts: parts.map(p => ({ dtype: p.dtype, count: p.halves.length })), halves };
+        worker.ref();
         worker.postMessage(request, [halves.buffer]);
       });
       if (!('words' in reply)) return here(layout, parts, op, arg);

@@ -206,12 +206,21 @@ const NF4_BUCKET_CODES: Uint8Array = (() => {
 })();
 
 /**
- * MXFP4's nearest magnitude code by table: the midpoints are multiples of 0.25, so m·4 (exact)
- * names the quarter m lies in; inside a quarter the code is constant, on its lower end (a
- * possible midpoint, a tie) it is the lower one. |v / 2^e| < 8 always (absmax < 8·2^e).
+ * MXFP4's nearest code by table: the midpoints are multiples of 0.25 and a tie goes to the
+ * smaller magnitude, so the magnitude code is constant on each (j − 1)/4 < m ≤ j/4 and
+ * j = ⌈m·4⌉ (m·4 exact) names it; |v / 2^e| < 8 always (absmax < 8·2^e), so j ≤ 32. Entry
+ * j + 33 is the same code with the sign bit (8), except 0 (a negative value that rounds to 0 is
+ * +0, as in the definition), so the sign bit of v picks the half without a branch.
  */
-const E2M1_INSIDE_QUARTER: Uint8Array = Uint8Array.from({ length: 32 }, (_, k) => nearestE2M1Magnitude(k / 4 + 0.125));
-const E2M1_AT_QUARTER: Uint8Array = Uint8Array.from({ length: 32 }, (_, k) => nearestE2M1Magnitude(k / 4));
+const E2M1_BY_CEILING: Uint8Array = (() => {
+  const codes = new Uint8Array(66);
+  for (let j = 0; j <= 32; j++) {
+    const c = nearestE2M1Magnitude(j / 4);   // the code of the whole interval ((j − 1)/4, j/4]
+    codes[j] = c;
+    codes[j + 33] = c === 0 ? 0 : c | 8;
+  }
+  return codes;
+})();
 
 /** floor(log2(x)) for x > 0, exact (Math.log2 may be off by one near powers of two). */
 function exponentOf(x: number): number {
@@ -275,14 +284,11 @@ function codesNF4(values: Float32Array, at: number, stride: number, n: number, s
   if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
 }
 
-function codesMXFP4(values: Float32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
+function codesMXFP4(values: Float32Array, bits: Int32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
   let acc = 0;
   for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
-    const x = values[at] / scale;    // exact: scale is a power of two
-    const m4 = Math.abs(x) * 4;
-    const quarter = m4 | 0;
-    let q = quarter >= 32 ? 7 : m4 === quarter ? E2M1_AT_QUARTER[quarter] : E2M1_INSIDE_QUARTER[quarter];
-    if (q !== 0 && x < 0) q |= 8;
+    const j = Math.ceil(Math.abs(values[at] / scale) * 4);   // exact: scale is a power of two
+    const q = E2M1_BY_CEILING[j + ((bits[at] >>> 31) * 33)];
     acc |= q << ((s & 7) << 2);
     if ((s & 7) === 7) {
       words[wOff + (s >> 3)] |= acc;
@@ -307,6 +313,7 @@ export function quantizeExpertInto(
     op = 'quantizeExpertValues', arg = 'values'): void {
   const { kind, outputs, inputs, groupSize, groupsPerOutput, scaleWord, zeroWord, inputAxis } = layout;
   const floats = floatView(words);
+  const valueBits = new Int32Array(values.buffer, values.byteOffset, values.length);   // MXFP4 reads the sign bit
   const f32 = Math.fround;
   const oStride = inputAxis === 2 ? inputs : 1;
   const iStride = inputAxis === 2 ? 1 : outputs;
@@ -348,7 +355,7 @@ export function quantizeExpertInto(
         // e8m0 holds 2^−127 … 2^127; the shared exponent leaves the largest value in [4, 8) · 2^e
         const e = absmax === 0 ? 0 : Math.max(-127, Math.min(127, exponentOf(absmax) - 2));
         words[wOff + scaleWord + (group >> 2)] |= (e + 127) << (8 * (group & 3));
-        codesMXFP4(values, first, iStride, n, s0, 2 ** e, words, wOff);
+        codesMXFP4(values, valueBits, first, iStride, n, s0, 2 ** e, words, wOff);
       }
     }
   }
