@@ -8,7 +8,7 @@
  * place.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { decodeBFloat16, decodeFloat16 } from '../util/half.js';
+import { decodeBFloat16, decodeBFloat16Into, decodeFloat16, decodeFloat16Into } from '../util/half.js';
 import type { TensorSource } from './hf_block.js';
 
 /** What is used of tfjs-backend-webgpu's WebGPUBackend (4.22), checked before use. */
@@ -160,6 +160,12 @@ const DECODE_CHUNK_ELEMENTS = 1 << 22;
 export function decodeHalves(dtype: string, halves: Uint16Array, from = 0, count = halves.length - from): Float32Array {
   const part = halves.subarray(from, from + count);
   return dtype === 'BF16' ? decodeBFloat16(part) : decodeFloat16(part);
+}
+
+/** decodeHalves into dst[dOff …] (a buffer reused across tensors: the quantizing loaders). */
+export function decodeHalvesInto(dtype: string, halves: Uint16Array, dst: Float32Array, dOff: number): void {
+  if (dtype === 'BF16') decodeBFloat16Into(halves, dst, dOff);
+  else decodeFloat16Into(halves, dst, dOff);
 }
 
 /**

@@ -9,7 +9,8 @@ import {
 } from '../ops/packed.js';
 import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { decodeHalves, readToDevice, TensorBuilder } from './device_tensor.js';
+import { decodeHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
+import type { ExpertQuantizer } from './quantize_pool.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
   familyOf, isMoELayer, moeBlockDims, moeLayerIndices, type HFConfig,
@@ -61,6 +62,11 @@ export interface LoadMoEBlockOptions {
   expertDtype?: ExpertDtype;
   /** with expertDtype 'int4': its group size along the input, 32, 64 (default) or 128 */
   int4GroupSize?: number;
+  /**
+   * @internal Node: worker threads that quantize 16-bit experts (src/io/quantize_pool.ts;
+   * loadHFCheckpoint passes one); without it they are quantized on this thread.
+   */
+  quantizer?: ExpertQuantizer;
 }
 
 const PACKED_OF: Readonly<Record<string, HalfKind>> = { BF16: 'bf16', F16: 'f16' };
@@ -274,17 +280,31 @@ async function fuseRowsPacked(
  */
 async function fuseRowsQuantized(
     op: string, file: TensorSource, kind: QuantizedKind, numExperts: number, parts: Expected[][],
-    [rows, cols]: number[], groupSize: number | undefined): Promise<PackedExpertWeight> {
+    [rows, cols]: number[], groupSize: number | undefined, quantizer?: ExpertQuantizer): Promise<PackedExpertWeight> {
   const shape = [numExperts, parts.length * rows, cols];
   const layout = quantizedLayout(kind, shape, 2, groupSize, op);
   if (storedQuantizedKindOf(file, parts.flat().map(p => p.name)) === kind) return fuseStoredQuantized(file, kind, layout, numExperts, parts, [rows, cols]);
+  // 16-bit experts (the Hub's bf16): their stored halves decoded into `block`, no tensor made;
+  // expert e + 1's reads are under way while expert e is quantized (or on workers, see below)
+  const asHalves = typeof file.halfBits === 'function' &&
+      parts.every(part => part.every(t => ['BF16', 'F16'].includes(file.info(t.name).dtype)));
+  const readHalves = (e: number) => Promise.all(parts.map(part => file.halfBits!(part[e].name)));
+  const stack = new TensorBuilder([numExperts, layout.wordsPerExpert], 'int32');
+  if (asHalves && quantizer !== undefined) return fuseRowsOnWorkers(op, file, quantizer, layout, stack, shape, parts, readHalves, groupSize);
   const block = new Float32Array(parts.length * rows * cols);
   const expert = new Int32Array(layout.wordsPerExpert);
-  const stack = new TensorBuilder([numExperts, layout.wordsPerExpert], 'int32');
   try {
+    let next = asHalves ? readHalves(0) : null;
     for (let e = 0; e < numExperts; e++) {
-      for (const [p, part] of parts.entries()) {
-        block.set(await floatValuesOf(op, file, part[e].name), p * rows * cols);
+      if (next !== null) {
+        const halves = await next;
+        next = e + 1 < numExperts ? readHalves(e + 1) : null;
+        next?.catch(() => {});   // awaited next round; an error now must not be unhandled meanwhile
+        halves.forEach((h, p) => decodeHalvesInto(file.info(parts[p][e].name).dtype, h, block, p * rows * cols));
+      } else {
+        for (const [p, part] of parts.entries()) {
+          block.set(await floatValuesOf(op, file, part[e].name), p * rows * cols);
+        }
       }
       quantizeExpertInto(layout, block, 0, expert, 0, op, `${parts.map(p => p[e].name).join("', '")}`);
       await stack.write(expert, e * layout.wordsPerExpert);
@@ -294,6 +314,41 @@ async function fuseRowsQuantized(
     stack.dispose();
     throw err;
   }
+}
+
+/**
+ * fuseRowsQuantized on worker threads: expert tensors read in order on this thread, each expert
+ * quantized by the next free worker and its words written into the stack when they come; at
+ * most threads + 1 experts in flight (their halves and words are what the host holds).
+ */
+async function fuseRowsOnWorkers(
+    op: string, file: TensorSource, quantizer: ExpertQuantizer, layout: QuantizedLayout, stack: TensorBuilder,
+    shape: number[], parts: Expected[][], readHalves: (e: number) => Promise<Uint16Array[]>,
+    groupSize: number | undefined): Promise<PackedExpertWeight> {
+  const W = layout.wordsPerExpert;
+  const inFlight = new Set<Promise<void>>();
+  let failure: unknown = null;
+  try {
+    for (let e = 0; e < shape[0] && failure === null; e++) {
+      const halves = await readHalves(e);
+      const job: Promise<void> = quantizer.quantize(
+          layout, halves.map((h, p) => ({ dtype: file.info(parts[p][e].name).dtype, halves: h })), op,
+          `${parts.map(p => p[e].name).join("', '")}`)
+        .then(words => stack.write(words, e * W))
+        .catch(err => { failure ??= err; })
+        .finally(() => inFlight.delete(job));
+      inFlight.add(job);
+      if (inFlight.size > quantizer.threads) await Promise.race(inFlight);
+    }
+  } catch (err) {
+    failure ??= err;
+  }
+  await Promise.all(inFlight);   // nothing writes into the stack after this
+  if (failure !== null) {
+    stack.dispose();
+    throw failure;
+  }
+  return new PackedExpertWeight(layout.kind, shape, await stack.finish(), { inputAxis: 2, groupSize });
 }
 
 /**
@@ -358,8 +413,10 @@ async function readQuantizedTransposed(
       // as stored (half the bytes of float32), one expert decoded at a time
       const { dtype } = file.info(e.name);
       const halves = await file.halfBits(e.name);
+      const block = new Float32Array(rows * cols);
       for (let x = 0; x < experts; x++) {
-        quantizeExpertInto(layout, decodeHalves(dtype, halves, x * rows * cols, rows * cols), 0, expert, 0, op, e.name);
+        decodeHalvesInto(dtype, halves.subarray(x * rows * cols, (x + 1) * rows * cols), block, 0);
+        quantizeExpertInto(layout, block, 0, expert, 0, op, e.name);
         await stack.write(expert, x * layout.wordsPerExpert);
       }
     } else {
@@ -466,7 +523,7 @@ export async function loadMoEBlockWeights(
     await readQuantizedTransposed(op, file, kind, e, groupSize) : await readPackedHalves(file, kind as HalfKind, e));
   const fuse = (parts: Expected[][], E: number, dims: number[]) =>
     kind === null ? fuseRows(op, file, E, parts, dims) :
-    isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize) : fuseRowsPacked(file, kind, E, parts, dims);
+    isQuantizedKind(kind) ? fuseRowsQuantized(op, file, kind, E, parts, dims, groupSize, options.quantizer) : fuseRowsPacked(file, kind, E, parts, dims);
   const read = async <T extends tf.Tensor>(e: Expected): Promise<T> => {
     // on the device now (webgpu), not left on the host until its first use
     const t = track(await readToDevice(file, e.name));

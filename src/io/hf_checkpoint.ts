@@ -7,6 +7,7 @@
  */
 import { join } from 'node:path';
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
+import { quantizeWorkerPool } from './quantize_pool.js';
 import { familyOf, type HFConfig } from '../models/families.js';
 import { confinedPath, openArtifactFolder, parseJSONText, pathKind, readJSONFile, readTextFile } from '../util/files.js';
 import { integralFloatPaths, recordConfigFloats, recordSourceFolder } from './checkpoint_source.js';
@@ -71,7 +72,14 @@ export async function loadHFCheckpoint(dir: string, options: LoadHFCheckpointOpt
   familyOf(config);  // unknown model types fail here, before any weights are read
   // FP8 and MXFP4 weights are decoded (and their dtypes recorded) once, in modelFromCheckpoint
   const source = await openCheckpoint(dir);
-  const model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options);
+  // experts quantized on load use every core (started only if some are)
+  const quantizer = quantizeWorkerPool();
+  let model: MoECausalLM;
+  try {
+    model = await modelFromCheckpoint(OP, `'${dir}'`, config, source, options, quantizer);
+  } finally {
+    await quantizer.close();
+  }
   recordSourceFolder(model, dir);
   // which of its numbers are floats (JSON.parse turns 0.0 into 0), for writing it back
   recordConfigFloats(model, integralFloatPaths(configText));

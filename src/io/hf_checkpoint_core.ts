@@ -26,6 +26,7 @@ import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
 import { readToDevice } from './device_tensor.js';
+import type { ExpertQuantizer } from './quantize_pool.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 import { bnbTensorSource, isBitsAndBytesConfig } from './bnb_checkpoint.js';
 
@@ -313,7 +314,7 @@ export async function loadHFCheckpointFrom(
 /** @internal The model of `config` with the weights of `source`; `where` names the checkpoint in errors. */
 export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
-    options: LoadHFCheckpointOptions): Promise<MoECausalLM> {
+    options: LoadHFCheckpointOptions, quantizer?: ExpertQuantizer): Promise<MoECausalLM> {
   const { expertDtype = 'stored', dequantizeExperts = false, int4GroupSize, ...modelOptions } = options ?? {};
   if (!(EXPERT_DTYPES as readonly unknown[]).includes(expertDtype)) {
     throw new CheckpointError(`\`${op}()\`: 'expertDtype' must be one of ${EXPERT_DTYPES.map(d => `'${d}'`).join(', ')} ` +
@@ -349,7 +350,7 @@ export async function modelFromCheckpoint(
   // every weight is overwritten from the checkpoint: built as zeros, not drawn at random
   const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, ...groupOptions, initializeWeights: false });
   try {
-    await fillWeights(op, model, config, source, expertDtype, int4GroupSize);
+    await fillWeights(op, model, config, source, expertDtype, int4GroupSize, quantizer);
   } catch (e) {
     model.dispose();
     throw e;
@@ -375,7 +376,7 @@ function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype:
  */
 async function fillWeights(
     op: string, model: MoECausalLM, config: HFConfig, source: TensorSource, expertDtype: ExpertDtype,
-    int4GroupSize: number | undefined): Promise<void> {
+    int4GroupSize: number | undefined, quantizer: ExpertQuantizer | undefined): Promise<void> {
   const plain: Array<[tfl.LayerVariable, string]> = [];
   const blocks: Array<[SparseMoE, number]> = [];
   for (const layer of model.layers) {
@@ -397,7 +398,7 @@ async function fillWeights(
     }
   }
   for (const [layer, index] of blocks) {
-    const weights = await loadMoEBlockWeights(source, config, index, { expertDtype, int4GroupSize });
+    const weights = await loadMoEBlockWeights(source, config, index, { expertDtype, int4GroupSize, quantizer });
     try {
       for (const [field, weightName] of Object.entries(SPARSE_MOE_WEIGHT) as Array<[WeightField, string]>) {
         const t: unknown = getWeightField(weights, field);

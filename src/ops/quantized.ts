@@ -166,22 +166,61 @@ export function decodeQuantizedExpertInto(
   }
 }
 
-// the quantizers' nearest-code thresholds: midpoints between neighbouring values
-const NF4_MIDPOINTS = Array.from({ length: 15 }, (_, c) => (NF4_CODE_BOOK[c] + NF4_CODE_BOOK[c + 1]) / 2);
+// the quantizers' nearest-code thresholds: midpoints between neighbouring values (exact: the
+// sum of two float32 values and its half are exact in float64); a value above a midpoint takes
+// the upper code, one on it the lower
+const NF4_MIDPOINTS = Float64Array.from({ length: 15 }, (_, c) => (NF4_CODE_BOOK[c] + NF4_CODE_BOOK[c + 1]) / 2);
 const E2M1_MAGNITUDE_MIDPOINTS = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5];
 
+/** The NF4 code of x in [−1, 1] by the midpoints (the definition; the table below is built from it). */
 function nearestNF4(x: number): number {
   let c = 0;
   while (c < 15 && x > NF4_MIDPOINTS[c]) c++;
   return c;
 }
 
-function nearestE2M1(x: number): number {
-  const m = Math.abs(x);
+/** The e2m1 code (no sign) of a magnitude m ≥ 0 by the midpoints, saturating at 6. */
+function nearestE2M1Magnitude(m: number): number {
   let c = 0;
-  while (c < 7 && m > E2M1_MAGNITUDE_MIDPOINTS[c]) c++;  // saturates at 6
-  return c === 0 ? 0 : (x < 0 ? 8 : 0) | c;
+  while (c < 7 && m > E2M1_MAGNITUDE_MIDPOINTS[c]) c++;
+  return c;
 }
+
+/**
+ * NF4's nearest code by table: [−1, 1] cut into 4096 buckets; a bucket that no midpoint comes
+ * near (within 2^-20, far more than the rounding of (x + 1)·2048) holds its one code, the few
+ * that hold a midpoint hold 255 and are decided by nearestNF4. Codes grow with x, so a bucket
+ * whose widened ends have the same code has that code throughout: the same codes as nearestNF4,
+ * for about one compare a value instead of eight.
+ */
+const NF4_BUCKETS = 4096;
+const NF4_BUCKET_CODES: Uint8Array = (() => {
+  const codes = new Uint8Array(NF4_BUCKETS + 1);   // x = 1 lands in bucket 4096
+  const slack = 2 ** -20;
+  for (let b = 0; b <= NF4_BUCKETS; b++) {
+    const lo = nearestNF4((b * 2) / NF4_BUCKETS - 1 - slack);
+    const hi = nearestNF4(((b + 1) * 2) / NF4_BUCKETS - 1 + slack);
+    codes[b] = lo === hi ? lo : 255;
+  }
+  return codes;
+})();
+
+/**
+ * MXFP4's nearest code by table: the midpoints are multiples of 0.25 and a tie goes to the
+ * smaller magnitude, so the magnitude code is constant on each (j − 1)/4 < m ≤ j/4 and
+ * j = ⌈m·4⌉ (m·4 exact) names it; |v / 2^e| < 8 always (absmax < 8·2^e), so j ≤ 32. Entry
+ * j + 33 is the same code with the sign bit (8), except 0 (a negative value that rounds to 0 is
+ * +0, as in the definition), so the sign bit of v picks the half without a branch.
+ */
+const E2M1_BY_CEILING: Uint8Array = (() => {
+  const codes = new Uint8Array(66);
+  for (let j = 0; j <= 32; j++) {
+    const c = nearestE2M1Magnitude(j / 4);   // the code of the whole interval ((j − 1)/4, j/4]
+    codes[j] = c;
+    codes[j + 33] = c === 0 ? 0 : c | 8;
+  }
+  return codes;
+})();
 
 /** floor(log2(x)) for x > 0, exact (Math.log2 may be off by one near powers of two). */
 function exponentOf(x: number): number {
@@ -191,16 +230,72 @@ function exponentOf(x: number): number {
   return e;
 }
 
-function setCode(kind: QuantizedKind, words: Int32Array, base: number, s: number, q: number): void {
-  if (kind === 'int8') {
-    const w = base + (s >> 2);
-    const shift = 8 * (s & 3);
-    words[w] = (words[w] & ~(255 << shift)) | ((q & 255) << shift);
-  } else {
-    const w = base + (s >> 3);
-    const shift = 4 * (s & 7);
-    words[w] = (words[w] & ~(15 << shift)) | ((q & 15) << shift);
+/*
+ * The per-group code loops, one per kind: `n` values from values[at], `stride` apart, whose flat
+ * indices in the expert are s0 … s0 + n − 1. Codes are gathered in a word (acc) and OR-ed into
+ * the zeroed words once a word is full or the group ends (a row of an odd size shares its first
+ * and last word with its neighbours). Each computes exactly the formula of quantizeExpertInto's
+ * doc, in the same float64 operations as the definitions above (the division by the scale is
+ * kept: a multiplication by its reciprocal would round differently).
+ */
+
+function codesInt8(values: Float32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    let q = Math.round(values[at] / scale);
+    if (q > 127) q = 127;
+    else if (q < -127) q = -127;
+    acc |= (q & 255) << ((s & 3) << 3);
+    if ((s & 3) === 3) {
+      words[wOff + (s >> 2)] |= acc;
+      acc = 0;
+    }
   }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 2)] |= acc;
+}
+
+function codesInt4(values: Float32Array, at: number, stride: number, n: number, s0: number, scale: number, zero: number, words: Int32Array, wOff: number): void {
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    let q = Math.round(values[at] / scale + zero);
+    if (q > 15) q = 15;
+    else if (q < 0) q = 0;
+    acc |= q << ((s & 7) << 2);
+    if ((s & 7) === 7) {
+      words[wOff + (s >> 3)] |= acc;
+      acc = 0;
+    }
+  }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
+}
+
+function codesNF4(values: Float32Array, at: number, stride: number, n: number, s0: number, absmax: number, words: Int32Array, wOff: number): void {
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    const x = values[at] / absmax;   // in [−1, 1]
+    let q = NF4_BUCKET_CODES[((x + 1) * (NF4_BUCKETS / 2)) | 0];
+    if (q === 255) q = nearestNF4(x);
+    acc |= q << ((s & 7) << 2);
+    if ((s & 7) === 7) {
+      words[wOff + (s >> 3)] |= acc;
+      acc = 0;
+    }
+  }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
+}
+
+function codesMXFP4(values: Float32Array, bits: Int32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    const j = Math.ceil(Math.abs(values[at] / scale) * 4);   // exact: scale is a power of two
+    const q = E2M1_BY_CEILING[j + ((bits[at] >>> 31) * 33)];
+    acc |= q << ((s & 7) << 2);
+    if ((s & 7) === 7) {
+      words[wOff + (s >> 3)] |= acc;
+      acc = 0;
+    }
+  }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
 }
 
 /**
@@ -209,13 +304,16 @@ function setCode(kind: QuantizedKind, words: Int32Array, base: number, s: number
  * written). Round to nearest: int8 q = round(v / scale), scale = absmax / 127 per output; int4
  * q = round(v / scale + zero), scale = (max − min) / 15 and zero = −min / scale over the group with
  * 0 in its range; NF4 the nearest code of v / absmax; MXFP4 e = ⌊log2 absmax⌋ − 2 (OCP's shared
- * exponent) and the nearest e2m1 of v / 2^e, saturating at ±6.
+ * exponent) and the nearest e2m1 of v / 2^e, saturating at ±6. Ties go to the lower code (NF4,
+ * e2m1 magnitudes) or up (Math.round: int8, int4). One pass a group for min, max and the
+ * finiteness check, one for the codes; no allocation (the loaders reuse `words` across experts).
  */
 export function quantizeExpertInto(
     layout: QuantizedLayout, values: Float32Array, vOff: number, words: Int32Array, wOff: number,
     op = 'quantizeExpertValues', arg = 'values'): void {
   const { kind, outputs, inputs, groupSize, groupsPerOutput, scaleWord, zeroWord, inputAxis } = layout;
   const floats = floatView(words);
+  const valueBits = new Int32Array(values.buffer, values.byteOffset, values.length);   // MXFP4 reads the sign bit
   const f32 = Math.fround;
   const oStride = inputAxis === 2 ? inputs : 1;
   const iStride = inputAxis === 2 ? 1 : outputs;
@@ -224,39 +322,41 @@ export function quantizeExpertInto(
     for (let g = 0; g < groupsPerOutput; g++) {
       const group = o * groupsPerOutput + g;
       const start = g * groupSize;
-      const end = Math.min(inputs, start + groupSize);
-      const at = (i: number) => values[vOff + o * oStride + i * iStride];
+      const n = Math.min(inputs, start + groupSize) - start;
+      const first = vOff + o * oStride + start * iStride;
+      const s0 = o * inputs + start;
       let min = 0;
       let max = 0;
-      for (let i = start; i < end; i++) {
-        const v = at(i);
-        if (!Number.isFinite(v)) fail(op, `'${arg}' must be finite to be quantized (${layout.kind}) but holds ${v}`);
+      for (let k = 0, at = first; k < n; k++, at += iStride) {
+        const v = values[at];
+        if (v - v !== 0) fail(op, `'${arg}' must be finite to be quantized (${kind}) but holds ${v}`);  // NaN, ±Infinity
         if (v < min) min = v;
         if (v > max) max = v;
       }
       const absmax = Math.max(max, -min);
-      let code: (v: number) => number;
       if (kind === 'int8') {
         const scale = f32(absmax / 127);
         floats[wOff + scaleWord + group] = scale;
-        code = v => scale === 0 ? 0 : Math.max(-127, Math.min(127, Math.round(v / scale)));
+        if (scale !== 0) codesInt8(values, first, iStride, n, s0, scale, words, wOff);   // else every code 0
       } else if (kind === 'int4') {
         const scale = f32((max - min) / 15);
         const zero = scale === 0 ? 0 : f32(-min / scale);
         floats[wOff + scaleWord + group] = scale;
         floats[wOff + zeroWord + group] = zero;
-        code = v => scale === 0 ? 0 : Math.max(0, Math.min(15, Math.round(v / scale + zero)));
+        if (scale !== 0) codesInt4(values, first, iStride, n, s0, scale, zero, words, wOff);
       } else if (kind === 'nf4') {
         floats[wOff + scaleWord + group] = absmax;  // an f32 value already
-        code = v => absmax === 0 ? 7 : nearestNF4(v / absmax);
+        if (absmax !== 0) {
+          codesNF4(values, first, iStride, n, s0, absmax, words, wOff);
+        } else {
+          for (let s = s0; s < s0 + n; s++) words[wOff + (s >> 3)] |= 7 << ((s & 7) << 2);   // NF4's 0
+        }
       } else {
         // e8m0 holds 2^−127 … 2^127; the shared exponent leaves the largest value in [4, 8) · 2^e
         const e = absmax === 0 ? 0 : Math.max(-127, Math.min(127, exponentOf(absmax) - 2));
-        const w = wOff + scaleWord + (group >> 2);
-        words[w] |= (e + 127) << (8 * (group & 3));
-        code = v => nearestE2M1(v / 2 ** e);
+        words[wOff + scaleWord + (group >> 2)] |= (e + 127) << (8 * (group & 3));
+        codesMXFP4(values, valueBits, first, iStride, n, s0, 2 ** e, words, wOff);
       }
-      for (let i = start; i < end; i++) setCode(kind, words, wOff, o * inputs + i, code(at(i)));
     }
   }
 }

@@ -17,9 +17,13 @@ export function float16Values(): Float32Array {
 
 /** IEEE binary16 → float32, through the table of all 65536 values. */
 export function decodeFloat16(bits: Uint16Array): Float32Array {
+  return decodeFloat16Into(bits, new Float32Array(bits.length), 0);
+}
+
+/** decodeFloat16 into out[offset …] (a buffer reused across tensors); returns `out`. */
+export function decodeFloat16Into(bits: Uint16Array, out: Float32Array, offset: number): Float32Array {
   const table = float16Values();
-  const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]];
+  for (let i = 0; i < bits.length; i++) out[offset + i] = table[bits[i]];
   return out;
 }
 
@@ -34,9 +38,14 @@ function float16Value(h: number): number {
 
 /** bfloat16 → float32: bfloat16 is the high half of a float32, so this is exact. */
 export function decodeBFloat16(bits: Uint16Array): Float32Array {
-  const wide = new Uint32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) wide[i] = bits[i] << 16;
-  return new Float32Array(wide.buffer);
+  return decodeBFloat16Into(bits, new Float32Array(bits.length), 0);
+}
+
+/** decodeBFloat16 into out[offset …] (a buffer reused across tensors), written as bits; returns `out`. */
+export function decodeBFloat16Into(bits: Uint16Array, out: Float32Array, offset: number): Float32Array {
+  const wide = new Int32Array(out.buffer, out.byteOffset, out.length);
+  for (let i = 0; i < bits.length; i++) wide[offset + i] = bits[i] << 16;
+  return out;
 }
 
 /**
