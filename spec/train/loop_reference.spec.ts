@@ -8,14 +8,15 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
-import { Adam, clipByGlobalNorm } from '../../src/train/optimizer.js';
+import { clipByGlobalNorm } from '../../src/train/optimizer.js';
 import { learningRateAt, type LRScheduler } from '../../src/train/schedule.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
+import { adamStepErrors, type AdamReference } from '../helpers/adam_reference.js';
 
 interface ScheduleReference { lr: number; warmup_steps: number; total_steps: number; lrs: number[] }
 interface Reference {
   schedules: Record<LRScheduler, ScheduleReference>;
-  adam: { initial: number[]; grads: number[][]; lrs: number[]; params: number[][] };
+  adam: AdamReference;
   clip: { grads: number[][]; shapes: number[][]; cases: Array<{ max_norm: number; norm: number; clipped: number[][] }> };
 }
 
@@ -37,17 +38,7 @@ describe('train/loop_reference (transformers get_scheduler, torch Adam and clip_
   }
 
   it('Adam: the parameters after each step equal torch.optim.Adam\'s (float32)', async () => {
-    const ref = reference.adam;
-    const variable = tf.variable(tf.tensor1d(ref.initial));
-    const adam = new Adam([variable]);
-    for (let step = 0; step < ref.grads.length; step++) {
-      const grad = tf.tensor1d(ref.grads[step]);
-      adam.apply([grad], ref.lrs[step]);
-      grad.dispose();
-      expect(maxRelativeError(await variable.data(), ref.params[step]), `step ${step + 1}`).to.be.below(1e-6);
-    }
-    adam.dispose();
-    variable.dispose();
+    (await adamStepErrors(reference.adam)).forEach((err, step) => expect(err, `step ${step + 1}`).to.be.below(1e-6));
   });
 
   it('clipByGlobalNorm: the norm and the clipped gradients of clip_grad_norm_', async () => {

@@ -18,6 +18,7 @@ import { ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_up
 import { nextTokenLoss } from '../../../src/train/loss.js';
 import { Adam } from '../../../src/train/optimizer.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
+import { adamStepErrors, type AdamReference } from '../../helpers/adam_reference.js';
 
 const TINY: HFConfig = {
   model_type: 'qwen3_moe', vocab_size: 11, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2,
@@ -42,20 +43,9 @@ describe('webgpu: MoEAdamUpdate (Adam in 3 programs per variable)', () => {
   });
 
   it('gives torch.optim.Adam\'s parameters (its own fixture) step after step', async () => {
-    const ref = (JSON.parse(await readFile('spec/fixtures/train/loop_reference.json', 'utf8')) as {
-      adam: { initial: number[]; grads: number[][]; lrs: number[]; params: number[][] };
-    }).adam;
+    const ref = (JSON.parse(await readFile('spec/fixtures/train/loop_reference.json', 'utf8')) as { adam: AdamReference }).adam;
     const before = tf.memory().numTensors;
-    const variable = tf.tidy(() => tf.variable(tf.tensor1d(ref.initial)));
-    const adam = new Adam([variable]);
-    for (let step = 0; step < ref.grads.length; step++) {
-      const grad = tf.tensor1d(ref.grads[step]);
-      adam.apply([grad], ref.lrs[step]);
-      grad.dispose();
-      expect(maxRelativeError(await variable.data(), ref.params[step]), `step ${step + 1}`).to.be.below(1e-6);
-    }
-    adam.dispose();
-    variable.dispose();
+    (await adamStepErrors(ref)).forEach((err, step) => expect(err, `step ${step + 1}`).to.be.below(1e-6));
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 

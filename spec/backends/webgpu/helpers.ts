@@ -23,4 +23,16 @@ export async function expectNoLeakAsync(fn: () => Promise<void>, label = 'numTen
   expect(tf.memory().numTensors, label).to.equal(before);
 }
 
+/**
+ * The error messages ('line:column message') of compiling WGSL on the active webgpu device, in an
+ * error scope: an invalid module is the caller's finding, not an uncaptured device error.
+ */
+export async function compileErrors(code: string): Promise<string[]> {
+  const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+  device.pushErrorScope('validation');
+  const info = await device.createShaderModule({ code }).getCompilationInfo();
+  await device.popErrorScope();
+  return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
+}
+
 export * from '../../helpers/expert_cases.js';

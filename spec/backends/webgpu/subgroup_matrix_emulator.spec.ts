@@ -11,7 +11,6 @@
  * tools/webgpu_tc compiles on Mesa with the matrix builtins stood in for.
  * Run with TFJS_BACKEND=webgpu (the compile checks use the backend's device; the emulator is plain JS).
  */
-import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import {
   aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
@@ -23,6 +22,7 @@ import {
 import {
   gemmLayout, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
 } from '../../../tools/webgpu_tc/variant_codes.js';
+import { compileErrors } from './helpers.js';
 
 const E = MATRIX_EDGE;
 
@@ -228,13 +228,6 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     return body;
   }
 
-  async function compileErrors(code: string): Promise<string[]> {
-    const device = (tf.backend() as unknown as { device: GPUDevice }).device;
-    device.pushErrorScope('validation');
-    const info = await device.createShaderModule({ code }).getCompilationInfo();
-    await device.popErrorScope();
-    return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
-  }
 
   const problem: Problem = { name: 'small', batch: 2, M: 256, N: 256, K: 128 };
   const variants = [

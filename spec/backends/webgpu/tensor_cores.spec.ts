@@ -23,7 +23,7 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
-import { expectNoLeakAsync } from './helpers.js';
+import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
 const BOTH = ['shader-f16', 'chromium-experimental-subgroup-matrix'];
@@ -259,14 +259,6 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       }`;
   }
 
-  async function compileErrors(code: string): Promise<string[]> {
-    const device = (tf.backend() as unknown as { device: GPUDevice }).device;
-    // in an error scope: an invalid module is this check's finding, not an uncaptured device error
-    device.pushErrorScope('validation');
-    const info = await device.createShaderModule({ code }).getCompilationInfo();
-    await device.popErrorScope();
-    return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
-  }
 
   /** The decode spec of a [4, 128, 96] packed weight (input on `inputAxis`), as the kernel builds it. */
   function packedSpec(kind: PackedKind, inputAxis: 1 | 2, groupSize?: number): PackedWeightSpec {
