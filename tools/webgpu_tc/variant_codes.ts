@@ -244,6 +244,22 @@ export function stagedVariants(): StagedOptions[] {
 const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32' };
 
 /**
+ * What tfjs-webgpu declares before a program's code, as far as the package's programs use it: the
+ * private builtins its main() fills, the uniforms struct, the result binding, the inputs'
+ * declarations (`inputs`, bindings 1..n) and the uniforms' binding after them.
+ */
+export function tfjsPreambleStandIn(uniforms: string, inputs: readonly string[]): string {
+  return `var<private> localId : vec3<u32>;
+var<private> localIndex : u32;
+var<private> workgroupId : vec3<u32>;
+var<private> numWorkgroups : vec3<u32>;
+struct Uniforms { ${uniforms} };
+@group(0) @binding(0) var<storage, read_write> result : array<f32>;
+${inputs.join('\n')}
+@group(0) @binding(${inputs.length + 1}) var<uniform> uniforms : Uniforms;`;
+}
+
+/**
  * A subgroup-matrix program's shader outside tfjs: its code under a minimal stand-in of tfjs's
  * preamble (the private builtins, the uniforms struct, result at binding 0, the inputs in order,
  * then the uniforms), entry point `main`. `ifWrapped` (a MatMul program): the control flow of the
@@ -262,14 +278,7 @@ export function packageProgramShader(program: SubgroupMatrixMatMulProgram | Subg
   const inputs = program.variableNames.map((name, i) =>
     `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${PROGRAM_INPUTS[name]}>;`);
   return hoistEnableDirectives(`
-var<private> localId : vec3<u32>;
-var<private> localIndex : u32;
-var<private> workgroupId : vec3<u32>;
-var<private> numWorkgroups : vec3<u32>;
-struct Uniforms { ${program.uniforms} };
-@group(0) @binding(0) var<storage, read_write> result : array<f32>;
-${inputs.join('\n')}
-@group(0) @binding(${inputs.length + 1}) var<uniform> uniforms : Uniforms;
+${tfjsPreambleStandIn(program.uniforms, inputs)}
 ${userCode.replace(/\bfn main\(\)/, 'fn main_()')}
 @compute @workgroup_size(${program.workgroupSize.join(', ')})
 fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,

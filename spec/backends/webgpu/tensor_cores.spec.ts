@@ -23,6 +23,7 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
+import { tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
 import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
@@ -234,14 +235,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const slab = SUBGROUP_MATRIX_BLOCK.rows * SUBGROUP_MATRIX_BLOCK.depth;
     const tiles = SUBGROUP_MATRIX_BLOCK.subgroupRows * SUBGROUP_MATRIX_BLOCK.subgroupCols * 16 * 16;
     return `
-      var<private> localId : vec3<u32>;
-      var<private> localIndex : u32;
-      var<private> workgroupId : vec3<u32>;
-      var<private> numWorkgroups : vec3<u32>;
-      struct Uniforms { ${program.uniforms} };
-      @group(0) @binding(0) var<storage, read_write> result : array<f32>;
-      ${inputs.join('\n')}
-      @group(0) @binding(${program.variableNames.length + 1}) var<uniform> uniforms : Uniforms;
+      ${tfjsPreambleStandIn(program.uniforms, inputs)}
       struct SM { v : f32 }
       fn smLoad(p : ptr<workgroup, array<f32, ${slab}>>, offset : u32, colMajor : bool, stride : u32) -> SM {
         return SM((*p)[offset + stride]);
