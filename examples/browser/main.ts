@@ -29,7 +29,7 @@ import '@tensorflow/tfjs-backend-webgpu';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import {
   ADAPTER_CONFIG, ADAPTER_WEIGHTS, estimateLoadMemory, EXAMPLE_CORPORA, encodePeftAdapter, EXPERT_DTYPES, fetchHFCheckpoint,
-  generateCorpus, hfConfigOf, HFTokenizer, peftAdapterTensors, register, TOKENIZER_CONFIG_FILE, trainableVariables,
+  generateCorpus, hfConfigOf, HFTokenizer, peftAdapterTensors, register, tokenCrossEntropy, TOKENIZER_CONFIG_FILE, trainableVariables,
   type ExpertDtype, type HFConfig, type PluginHandle,
 } from 'tfjs-moe-lora/browser';
 import { LossChart } from './chart.js';
@@ -279,15 +279,18 @@ async function validationLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: n
   return value;
 }
 
-/** Mean cross-entropy of predicting ids[:, t+1] from logits[:, t]. */
+/**
+ * Mean cross-entropy of predicting ids[:, t+1] from logits[:, t]: tokenCrossEntropy, one op with its
+ * own gradient (a loss composed of logSoftmax, a one-hot product and sums holds a dozen
+ * logits-sized tensors in a step and builds arrays of ones that size on the host).
+ */
 function nextTokenLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: number, training = true): tf.Scalar {
   return tf.tidy(() => {
     const [b, s] = ids.shape;
     const logits = model.apply(ids, { training }) as tf.Tensor3D;                  // [B, S, V]
-    const predict = tf.reshape(tf.slice(logits, [0, 0, 0], [b, s - 1, vocab]), [b * (s - 1), vocab]);
+    const predict = tf.reshape(tf.slice(logits, [0, 0, 0], [b, s - 1, vocab]), [b * (s - 1), vocab]) as tf.Tensor2D;
     const targets = tf.reshape(tf.slice(ids, [0, 1], [b, s - 1]), [b * (s - 1)]) as tf.Tensor1D;
-    const logp = tf.logSoftmax(predict);                                                  // [N, V]
-    return tf.neg(tf.mean(tf.sum(tf.mul(logp, tf.oneHot(targets, vocab)), 1))) as tf.Scalar;
+    return tokenCrossEntropy(predict, targets, b * (s - 1));
   });
 }
 
