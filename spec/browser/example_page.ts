@@ -1,13 +1,16 @@
 /**
- * Headless Chromium on the browser example, for the browser specs: the binary, its flags, a fresh
- * profile and the page's errors and responses, and the wait for the page's training to end.
+ * Headless Chromium on the browser example, for the browser specs: the example built and served,
+ * the binary, its flags, a fresh profile and the page's errors and responses, the wait for the
+ * page's training to end, and the cleanup.
  */
 import { existsSync } from 'node:fs';
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import { buildBrowserExample, type BuildOptions } from '../../examples/browser/build.js';
 import type { PageProgress } from '../../examples/browser/main.js';
+import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
 
 /** The browser binary: CHROMIUM, or Debian's chromium (.ci/browser.sh installs it). */
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -56,4 +59,32 @@ export async function trainOnPage(page: Page, url: string, timeoutMs: number, po
     return p !== undefined && (p.done || p.error !== null);
   }, null, { timeout: timeoutMs, polling: pollingMs });
   return page.evaluate(() => (window as unknown as { __moeLoRA: PageProgress }).__moeLoRA);
+}
+
+/** The example built, served and open in Chromium; close() ends all three and removes `temps`. */
+export interface ExampleSite extends ExamplePage {
+  server: StaticServer;
+  close(): Promise<void>;
+}
+
+/**
+ * Builds the example into a folder of its own (pushed to `temps`), serves it at '/' with `mounts`
+ * beside it (a longer prefix wins: '/model/' replaces the build's model) and opens the page.
+ */
+export async function openExampleSite(temps: string[], options: {
+  build?: Omit<BuildOptions, 'outDir'>; mounts?: Record<string, string>; viewport: { width: number; height: number };
+}): Promise<ExampleSite> {
+  const outDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-dist-'));
+  temps.push(outDir);
+  await buildBrowserExample({ ...options.build, outDir });
+  const server = await serveStatic({ '/': outDir, ...options.mounts });
+  const opened = await openExamplePage(temps, options.viewport);
+  return {
+    ...opened, server,
+    async close() {
+      await opened.context.close();
+      await server.close();
+      for (const dir of temps) await rm(dir, { recursive: true, force: true });
+    },
+  };
 }

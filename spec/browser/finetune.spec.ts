@@ -11,14 +11,13 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Page } from 'playwright-core';
-import { buildBrowserExample, DEFAULT_MODEL_DIR } from '../../examples/browser/build.js';
+import { DEFAULT_MODEL_DIR } from '../../examples/browser/build.js';
 import type { PageHelpers, PageProgress } from '../../examples/browser/main.js';
-import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
-import { type ExamplePage, openExamplePage, trainOnPage } from './example_page.js';
+import { type ExampleSite, openExampleSite, trainOnPage } from './example_page.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { peftAdapterTensors } from '../../src/io/peft.js';
 import { loadPeftAdapter } from '../../src/io/peft_files.js';
@@ -36,30 +35,21 @@ const TRAINING_TIMEOUT_MS = 150_000;
 describe('browser example (headless Chromium)', function () {
   this.timeout(TRAINING_TIMEOUT_MS + 60_000);
   const temps: string[] = [];
-  let server: StaticServer | undefined;
-  let browser: ExamplePage | undefined;
+  let browser: ExampleSite | undefined;
   let page: Page;
 
   before(async function () {
-    const outDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-dist-'));
-    temps.push(outDir);
-    await buildBrowserExample({ outDir, modelDir: process.env.BROWSER_MODEL });
-    const mounts: Record<string, string> = { '/': outDir };
+    const mounts: Record<string, string> = {};
     for (const name of TOKENIZERS) mounts[`/tokenizers/${name}/`] = tokenizerFolder(name);
-    server = await serveStatic(mounts);
-    browser = await openExamplePage(temps, { width: 800, height: 640 });
+    browser = await openExampleSite(temps, { build: { modelDir: process.env.BROWSER_MODEL }, mounts, viewport: { width: 800, height: 640 } });
     page = browser.page;
   });
 
-  after(async () => {
-    await browser?.context.close();
-    await server?.close();
-    for (const dir of temps) await rm(dir, { recursive: true, force: true });
-  });
+  after(async () => { await browser?.close(); });
 
   it(`loads the checkpoint, trains LoRA on experts + router for ${STEPS} steps on wasm, and the loss falls`, async () => {
     const started = Date.now();
-    const progress = await trainOnPage(page, `${server!.url}/index.html?steps=${STEPS}`, TRAINING_TIMEOUT_MS, 250);
+    const progress = await trainOnPage(page, `${browser!.server.url}/index.html?steps=${STEPS}`, TRAINING_TIMEOUT_MS, 250);
     const seconds = (Date.now() - started) / 1000;
 
     expect(progress.error, 'the page reports no error').to.equal(null);
@@ -165,7 +155,7 @@ describe('browser example (headless Chromium)', function () {
       expect(texts.length).to.be.above(10);
       const ids = await page.evaluate(({ url, texts }) =>
         (window as unknown as { __moeLoRAPage: PageHelpers }).__moeLoRAPage.tokenize(url, texts),
-      { url: `${server!.url}/tokenizers/${name}/`, texts });
+      { url: `${browser!.server.url}/tokenizers/${name}/`, texts });
       for (const [k, s] of reference.strings.entries()) expect(ids[k], JSON.stringify(s.text)).to.deep.equal(s.tokenizers_ids);
     });
   }

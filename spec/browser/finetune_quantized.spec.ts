@@ -17,14 +17,12 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Page } from 'playwright-core';
-import { buildBrowserExample } from '../../examples/browser/build.js';
 import type { PageHelpers } from '../../examples/browser/main.js';
-import { serveStatic, type StaticServer } from '../../examples/browser/serve.js';
-import { type ExamplePage, openExamplePage, trainOnPage } from './example_page.js';
+import { type ExampleSite, openExampleSite, trainOnPage } from './example_page.js';
 import { olmoeConfig, seededUniform } from '../../src/bench/load_bench.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
@@ -102,8 +100,7 @@ async function parametersInFile(path: string): Promise<number> {
 describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' : 'a tiny'} OLMoE-shaped MoE (headless Chromium)`, function () {
   this.timeout(TRAINING_TIMEOUT_MS + 300_000);
   const temps: string[] = [];
-  let server: StaticServer | undefined;
-  let browser: ExamplePage | undefined;
+  let browser: ExampleSite | undefined;
   let page: Page;
   let modelDir: string;
   let checkpointBytes: number;
@@ -112,24 +109,16 @@ describe(`browser example with int4 experts: ${FULL_SIZE ? 'a 1.05B-parameter' :
     modelDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-olmoe-'));
     temps.push(modelDir);
     checkpointBytes = await writeRandomCheckpoint(modelDir, CONFIG, 3);
-    const outDir = await mkdtemp(join(tmpdir(), 'moe-lora-browser-dist-'));
-    temps.push(outDir);
-    await buildBrowserExample({ outDir });
     // the written checkpoint is model/ (the longer prefix wins over the build's copy of the shipped model)
-    server = await serveStatic({ '/': outDir, '/model/': modelDir });
-    browser = await openExamplePage(temps, { width: 800, height: 720 });
+    browser = await openExampleSite(temps, { mounts: { '/model/': modelDir }, viewport: { width: 800, height: 720 } });
     page = browser.page;
   });
 
-  after(async () => {
-    await browser?.context.close();
-    await server?.close();
-    for (const dir of temps) await rm(dir, { recursive: true, force: true });
-  });
+  after(async () => { await browser?.close(); });
 
   it(`loads the checkpoint with int4 experts over byte ranges, trains LoRA ${STEPS} steps on wasm, reports time and memory`, async () => {
     const started = Date.now();
-    const progress = await trainOnPage(page, `${server!.url}/index.html?${PAGE_PARAMS}`, TRAINING_TIMEOUT_MS, 500);
+    const progress = await trainOnPage(page, `${browser!.server.url}/index.html?${PAGE_PARAMS}`, TRAINING_TIMEOUT_MS, 500);
     const seconds = (Date.now() - started) / 1000;
     // the figures first: a 1B run is minutes, they are worth having even when a check below fails
     const shot = join(await mkdtemp(join(tmpdir(), 'moe-lora-browser-shot-')), 'finetune_int4.png');
