@@ -15,6 +15,9 @@
 #   E2E_QWEN3_LAYERS=12  E2E_MORE="nf4 float32"  E2E_TENSOR_CORES=off
 #   E2E_PROFILE=off (on: after the timed steps ours profiles 2-3 more, writing ours-DTYPE/profile.json: kernels,
 #   dispatches, reads and host ms per phase, recording-only ms, GPU ms per program with timestamp-query)
+#   E2E_CPU_PROFILE=off (on: the timed steps under V8's sampling profiler: ours-DTYPE/steps.cpuprofile and
+#   cpu-profile.json, ms per function; the sampling slows the steps a little)
+#   E2E_TF_FLAGS="" (tf.env() flags for ours, e.g. WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,WEBGPU_MOE_SUBMIT_FLOPS=1e9)
 #   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
 #   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
 set -uo pipefail
@@ -74,7 +77,8 @@ fi
 
 common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2E_STEPS:-5}" --batch "${E2E_BATCH:-1}"
         --seq "${E2E_SEQ:-512}" --rank "${E2E_RANK:-8}" --alpha "${E2E_ALPHA:-16}" --lr "${E2E_LR:-1e-3}"
-        --tensor-cores "${E2E_TENSOR_CORES:-off}" --profile "${E2E_PROFILE:-off}")
+        --tensor-cores "${E2E_TENSOR_CORES:-off}" --profile "${E2E_PROFILE:-off}" --cpu-profile "${E2E_CPU_PROFILE:-off}")
+[ -n "${E2E_TF_FLAGS:-}" ] && common+=(--tf-flags "$E2E_TF_FLAGS")
 ours() {  # ours EXPERT_DTYPE [flags]
   local dtype=$1; shift
   # shellcheck disable=SC2086
@@ -107,7 +111,7 @@ fi
 
 say "packing"
 cp "$ckpt/e2e_checkpoint.json" "$work/$model/" 2>/dev/null
-(cd "$work" && find "$model" \( -name '*.json' -o -name '*.log' -o -name 'gpu.txt' \) -not -path '*/adapter_model*' -print0 |
+(cd "$work" && find "$model" \( -name '*.json' -o -name '*.log' -o -name 'gpu.txt' -o -name '*.cpuprofile' \) -not -path '*/adapter_model*' -print0 |
   tar czf "$out/e2e-$phase.tar.gz" --null -T -)
 say "done: $out/e2e-$phase.tar.gz"
 cp "$log" "$out/e2e-$phase.log"

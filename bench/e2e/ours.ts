@@ -35,6 +35,7 @@ import { batchLoss } from '../../src/train/loss.js';
 import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
+import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { profileTrainingStep, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
@@ -84,6 +85,12 @@ export interface E2EOptions {
    * to `out`/profile.json; off by default (it trains one or two more steps)
    */
   profile?: boolean;
+  /**
+   * the timed steps run under V8's sampling profiler: `out`/steps.cpuprofile (open it in Chrome's
+   * DevTools) and cpu-profile.json (ms per function, cpu_profile.ts); off by default (sampling
+   * slows the host a little, so its steps are not the figures to quote)
+   */
+  cpuProfile?: boolean;
   /** progress lines (default: stderr) */
   log?: (line: string) => void;
 }
@@ -115,6 +122,8 @@ export interface E2EResult {
   memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null };
   /** profile.json (--profile on) */
   profileFile?: string;
+  /** steps.cpuprofile (--cpu-profile on) */
+  cpuProfileFile?: string;
   adapterDir?: string;
   promptFile?: string;
   idsFile?: string;
@@ -203,7 +212,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, targets: E2E_LORA_TARGETS as readonly string[], ...options,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[], ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
   for (const k of ['model', 'data', 'out'] as const) {
@@ -277,15 +286,26 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const labels = tf.slice(windows, [0, 1], [o.batch, o.seq]) as tf.Tensor2D;
       return batchLoss(model, { inputIds, labels, segmentIds: null, positionIds: null, targetCount: o.batch * o.seq });
     });
-    for (let step = 0; step < total; step++) {
-      const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
-      const s0 = performance.now();
-      const value = await trainingStep({ loss: windowLoss(windows), variables, apply });
-      result.stepSeconds.push((performance.now() - s0) / 1000);
-      result.losses.push(value);
-      windows.dispose();
-      result.memory = maxMemory(result.memory, memoryNow());
-      await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
+    const runSteps = async (from: number, to: number) => {
+      for (let step = from; step < to; step++) {
+        const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
+        const s0 = performance.now();
+        const value = await trainingStep({ loss: windowLoss(windows), variables, apply });
+        result.stepSeconds.push((performance.now() - s0) / 1000);
+        result.losses.push(value);
+        windows.dispose();
+        result.memory = maxMemory(result.memory, memoryNow());
+        await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
+      }
+    };
+    await runSteps(0, o.warmup);
+    if (o.cpuProfile) {
+      const { profile } = await withCpuProfile(() => runSteps(o.warmup, total));
+      result.cpuProfileFile = join(o.out, 'steps.cpuprofile');
+      await writeFile(result.cpuProfileFile, JSON.stringify(profile));
+      await writeFile(join(o.out, 'cpu-profile.json'), JSON.stringify({ steps: o.steps, ...summarizeCpuProfile(profile) }, null, 1));
+    } else {
+      await runSteps(o.warmup, total);
     }
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
@@ -354,7 +374,9 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 }
 
 /** The command line's flags, as runOurs's options plus the backend and the tensor-core switch. */
-export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: typeof E2E_BACKENDS[number]; tensorCores: boolean } {
+export function parseOursArgs(argv: readonly string[]): E2EOptions & {
+  backend: typeof E2E_BACKENDS[number]; tensorCores: boolean; tfFlags: Record<string, number | boolean>;
+} {
   const flags: Record<string, string> = {};
   for (let i = 0; i < argv.length; i += 2) {
     const key = argv[i];
@@ -362,7 +384,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'targets'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -376,9 +398,27 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & { backend: 
     model: flags['model'], data: flags['data'], out: flags['out'] ?? process.env.OUT ?? '', tokenizer: flags['tokenizer'],
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
-    saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), backend, tensorCores: onOff('tensor-cores', false),
-    targets: flags['targets']?.split(','),
+    saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
+    backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
+    tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
   };
+}
+
+/**
+ * `--tf-flags 'NAME=VALUE,...'`: tf.env() flags to set once the backend is up (numbers, or true /
+ * false), for trying a backend's knobs on the GPU machine without a new bundle, e.g.
+ * `WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60`.
+ */
+export function parseTfFlags(text: string): Record<string, number | boolean> {
+  const flags: Record<string, number | boolean> = {};
+  for (const pair of text.split(',')) {
+    const match = /^([A-Z][A-Z0-9_]*)=(true|false|-?[0-9.e+-]+)$/.exec(pair.trim());
+    if (match === null || (match[2] !== 'true' && match[2] !== 'false' && !Number.isFinite(Number(match[2])))) {
+      fail(OP, `'--tf-flags' must be NAME=VALUE pairs (a number, true or false) joined by commas but got ${JSON.stringify(pair)}`);
+    }
+    flags[match[1]] = match[2] === 'true' ? true : match[2] === 'false' ? false : Number(match[2]);
+  }
+  return flags;
 }
 
 /** A run asked for with --tensor-cores on stops where the adapter has none: a silent f32 run would be mislabelled. */
@@ -412,6 +452,13 @@ async function main(): Promise<void> {
   }
   if (!(await tf.setBackend(args.backend))) throw new Error(`backend '${args.backend}' could not be set`);
   registerMoEKernels(args.backend);
+  for (const [name, value] of Object.entries(args.tfFlags)) {
+    try {
+      tf.env().set(name, value);
+    } catch (err) {
+      fail(OP, `'--tf-flags' names ${name}, which tf.env() cannot set on ${args.backend}: ${errorText(err)}`);
+    }
+  }
   const result = await runOurs(withDefaults);
   process.stdout.write(`${JSON.stringify(result, null, 1)}\n`);
 }

@@ -12,8 +12,9 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import {
-  assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, runOurs, trainingWindows, type E2EResult,
+  assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, parseTfFlags, runOurs, trainingWindows, type E2EResult,
 } from '../../bench/e2e/ours.js';
+import { summarizeCpuProfile, type CpuProfile, type CpuProfileSummary } from '../../bench/e2e/cpu_profile.js';
 import { programTimes, StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
@@ -121,13 +122,21 @@ describe('bench/e2e/ours.ts', function () {
     expect(tf.memory().numTensors).to.equal(before);
   });
 
-  it('--profile on: one more step counted per phase, in profile.json', async () => {
+  it('--profile on: one more step counted per phase, in profile.json; --cpu-profile on: the timed steps sampled by V8', async () => {
     const out = join(dir, 'profiled');
     const tokenizer = HFTokenizer.fromFiles({ tokenizer: readFileSync(defaultTokenizerPath(), 'utf8') });
     const before = tf.memory().numTensors;
     const result = await runOurs({
-      model: FIXTURE, data, out, tokenizer, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, profile: true, log: () => {},
+      model: FIXTURE, data, out, tokenizer, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, profile: true,
+      cpuProfile: true, log: () => {},
     });
+    expect(result.cpuProfileFile).to.equal(join(out, 'steps.cpuprofile'));
+    const cpu = JSON.parse(readFileSync(join(out, 'cpu-profile.json'), 'utf8')) as CpuProfileSummary & { steps: number };
+    expect(cpu.steps).to.equal(1);
+    expect(cpu.totalMs).to.be.above(0);
+    // the step ran tfjs kernels, so the engine's runKernel is among the functions the step sat in
+    expect(cpu.inclusive.map(f => f.name).some(n => n.startsWith('Engine.runKernel ') || n.startsWith('runKernel '))).to.equal(true);
+    expect(summarizeCpuProfile(JSON.parse(readFileSync(result.cpuProfileFile!, 'utf8')) as CpuProfile).totalMs).to.equal(cpu.totalMs);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     expect(result.errors).to.deep.equal({});
     expect(result.profileFile).to.equal(join(out, 'profile.json'));
@@ -189,6 +198,12 @@ describe('bench/e2e/ours.ts', function () {
       tensorCores: true, saveAdapter: false, profile: true, steps: undefined });
     expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, profile: false, targets: undefined });
     expect(parseOursArgs(['--targets', 'router,q_proj']).targets).to.deep.equal(['router', 'q_proj']);
+    expect(parseOursArgs(['--cpu-profile', 'on', '--tf-flags', 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,DEBUG=false']))
+        .to.deep.include({ cpuProfile: true, tfFlags: { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: 60, DEBUG: false } });
+    expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });
+    for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=yes', 'X=1,', 'X=1-2']) {
+      expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true or false\) joined by commas but got "/);
+    }
     expect(() => parseOursArgs(['--profile', 'yes'])).to.throw(OpArgumentError, /'--profile' must be one of 'on', 'off' but got 'yes'/);
     expect(() => parseOursArgs(['--modle', 'M'])).to.throw(OpArgumentError, /'--modle' is not a flag; the flags are --model --data/);
     expect(() => parseOursArgs(['--model'])).to.throw(OpArgumentError, /arguments must be '--flag value' pairs but got \["--model"\]/);
@@ -206,6 +221,30 @@ describe('bench/e2e/ours.ts', function () {
     expect(programTimes([{ name: 'A', ms: 2 }])).to.deep.equal([{ name: 'A', ms: 2 }]);
     expect(programTimes('')).to.deep.equal([]);
     expect(programTimes(undefined)).to.deep.equal([]);
+  });
+
+  it('sums a V8 profile per function: self time in the frame sampled, inclusive time in every frame above it, recursion once', () => {
+    const frame = (functionName: string, line: number) => ({ functionName, url: 'file:///x/dir/a.js', lineNumber: line - 1 });
+    // root → step → runKernel → runKernel (recursive) ; step → dispose
+    const profile: CpuProfile = {
+      nodes: [
+        { id: 1, callFrame: { functionName: '(root)', url: '', lineNumber: -1 }, children: [2] },
+        { id: 2, callFrame: frame('step', 10), children: [3, 5] },
+        { id: 3, callFrame: frame('runKernel', 20), children: [4] },
+        { id: 4, callFrame: frame('runKernel', 20) },
+        { id: 5, callFrame: frame('', 30) },
+      ],
+      // each sample lasts until the next one: 4 ms, 2 ms, 1 ms, 3 ms, then a last sample of 0
+      samples: [4, 3, 5, 2, 4],
+      timeDeltas: [0, 4000, 2000, 1000, 3000],
+    };
+    const { totalMs, self, inclusive } = summarizeCpuProfile(profile);
+    expect(totalMs).to.equal(10);
+    expect(self).to.deep.equal([
+      { name: 'runKernel a.js:20', ms: 6 }, { name: 'step a.js:10', ms: 3 }, { name: '(anonymous) a.js:30', ms: 1 }]);
+    expect(inclusive.slice(0, 3)).to.deep.equal([
+      { name: '(root)', ms: 10 }, { name: 'step a.js:10', ms: 10 }, { name: 'runKernel a.js:20', ms: 6 }]);
+    expect(summarizeCpuProfile(profile, 1).self).to.have.length(1);
   });
 
   it('cuts the text into consecutive windows, wrapping around', () => {
