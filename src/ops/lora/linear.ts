@@ -90,7 +90,13 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
     const xs = args[0] as Tensor2D;
     const save = args[args.length - 1] as GradSaveFunc;
     const factors = adapters.map((_, i) => ({ A: args[1 + 2 * i] as Tensor2D, B: args[2 + 2 * i] as Tensor2D }));
-    let y = tf.fused.matMul({ a: xs, b: weight, transposeB: true, bias: bias ?? undefined });  // [N, out]
+    // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
+    let y = tf.matMul(xs, weight, false, true) as Tensor2D;  // [N, out]
+    if (bias !== null) {
+      const biased = tf.add(y, bias) as Tensor2D;
+      y.dispose();
+      y = biased;
+    }
     const kept: Tensor[] = [];
     adapters.forEach((a, i) => {
       const scaling = tf.scalar(a.scaling);
