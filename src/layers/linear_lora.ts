@@ -21,6 +21,7 @@ import { protectString, restoreString } from './config_strings.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
+import { loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
 
 /** The projections of RotaryAttention and SwiGLUMLP that take LoRA, under HF's module names. */
 export const ATTENTION_PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -63,20 +64,30 @@ export function loraScaling(r: number, alpha: number, rsLoRA: boolean): number {
 export { dropoutSeedOf, loraDropoutMask };
 
 /**
+ * The keep mask of one adapter's branch input in this pass (0 or 1/(1 − p), [N, in]), or
+ * undefined: dropout acts only in a training SequenceContext and with p > 0. `key` names the
+ * module and adapter (it seeds the mask).
+ */
+export function branchDropoutMask(shape: [number, number], dropout: number, key: string): tf.Tensor2D | undefined {
+  const context = currentSequenceContext();
+  if (!(dropout > 0 && context?.training === true)) return undefined;
+  const seed = context.dropoutSeed === undefined ? undefined : dropoutSeedOf(context.dropoutSeed, key);
+  return loraDropoutMask(shape, dropout, seed) as tf.Tensor2D;
+}
+
+/**
  * The LoRA branch of one adapted projection: s · (dropout(x)·Aᵀ)·Bᵀ for x [N, in], A [r, in],
  * B [out, r]; dropout only when the current SequenceContext is a training pass and p > 0.
- * `key` names the module and adapter (it seeds the mask).
+ * `key` names the module and adapter (it seeds the mask). Composed on the tape: the reference
+ * that `loraLinear` (what `LinearLoRA.apply` trains with) is checked against; both compute the
+ * branch with `loraBranchForward`.
  */
 export function loraBranch(x: tf.Tensor2D, A: tf.Tensor2D, B: tf.Tensor2D, scaling: number,
     dropout: number, key: string): tf.Tensor2D {
   return tf.tidy(() => {
-    const context = currentSequenceContext();
-    let input = x;
-    if (dropout > 0 && context?.training === true) {
-      const seed = context.dropoutSeed === undefined ? undefined : dropoutSeedOf(context.dropoutSeed, key);
-      input = tf.mul(x, loraDropoutMask(x.shape, dropout, seed)) as tf.Tensor2D;
-    }
-    return tf.mul(tf.matMul(tf.matMul(input, A, false, true), B, false, true), scaling) as tf.Tensor2D;  // [N, out]
+    const mask = branchDropoutMask(x.shape, dropout, key);
+    const input = mask === undefined ? x : tf.mul(x, mask) as tf.Tensor2D;
+    return loraBranchForward(input, A, B, scaling).branch;  // [N, out]
   });
 }
 
@@ -275,20 +286,32 @@ export class LinearLoRA {
 
   /**
    * A projection with its applied adapters (active, not merged, not disabled):
-   * x·Wᵀ + b + Σ loraBranch(x). x [N, in] → [N, out].
+   * x·Wᵀ + b + Σ loraBranch(x). x [N, in] → [N, out]. With the base frozen (always, while an
+   * adapter exists) this is one `loraLinear` op, its own gradient off tfjs's tape; a trainable
+   * base (full fine-tuning) takes the composed path, whose tape gives W and b their gradients.
    */
   apply(x: tf.Tensor2D, projection: string, bias: tfl.LayerVariable | null): tf.Tensor2D {
+    const weight = this.owner.weight(projection);
+    const applied: Array<{ f: LinearFactors; dropout: number; key: string }> = [];
+    for (const name of this.disabled ? [] : this.active) {
+      if (this.merged.includes(name)) continue;
+      const state = this.adapters.get(name);
+      const f = state?.factors[projection];
+      if (f !== undefined) applied.push({ f, dropout: state!.config.dropout ?? 0, key: `${this.owner.layer.name}.${projection}/${name}` });
+    }
     return tf.tidy(() => {
-      let y = tf.matMul(x, this.owner.weight(projection).read() as tf.Tensor2D, false, true) as tf.Tensor2D;  // [N, out]
+      const W = weight.read() as tf.Tensor2D;
+      if (!weight.trainable && bias?.trainable !== true) {
+        const branches: LinearLoRABranch[] = applied.map(({ f, dropout, key }) => ({
+          A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: f.scaling,
+          mask: branchDropoutMask([x.shape[0], x.shape[1]], dropout, key),
+        }));
+        return loraLinear(x, W, bias === null ? null : bias.read() as tf.Tensor1D, branches);
+      }
+      let y = tf.matMul(x, W, false, true) as tf.Tensor2D;  // [N, out]
       if (bias !== null) y = tf.add(y, bias.read());
-      if (this.disabled) return y;
-      for (const name of this.active) {
-        if (this.merged.includes(name)) continue;
-        const state = this.adapters.get(name);
-        const f = state?.factors[projection];
-        if (f === undefined) continue;
-        y = tf.add(y, loraBranch(x, f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, f.scaling,
-            state!.config.dropout ?? 0, `${this.owner.layer.name}.${projection}/${name}`));
+      for (const { f, dropout, key } of applied) {
+        y = tf.add(y, loraBranch(x, f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, f.scaling, dropout, key));
       }
       return y;
     });

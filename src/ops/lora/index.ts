@@ -7,3 +7,4 @@ export {
 } from './layout.js';
 export { checkExpertFactors, checkRouterFactors } from './validate_lora.js';
 export { splitExpertLoRA, type SplitExpertLoRAOptions } from './split.js';
+export { loraLinear, type LinearLoRABranch } from './linear.js';

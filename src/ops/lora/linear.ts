@@ -1,0 +1,136 @@
+/**
+ * A frozen linear projection with its LoRA branches as one op with its own gradient: what
+ * LinearLoRA.apply trains with (attention q/k/v/o, the dense MLP's gate/up/down). Composed on
+ * tfjs's tape, a projection with one adapter ran 23 kernels a step: 12 products and adds, an
+ * Identity for each of the 8 inputs its kernels saved, and the Reshapes and Cast of tfjs-core's
+ * Add and Mul gradients. Here the forward runs 1 + 4 products and adds per adapter (+1 with a
+ * bias, +1 per dropout mask) and saves 5 tensors per adapter, the backward 1 + 6 per adapter
+ * (+1 per mask): 15 kernels for that projection. Public tfjs ops only, so every backend runs it.
+ *
+ *   y = x·Wᵀ + b + Σ_a s_a·((m_a ⊙ x)·A_aᵀ)·B_aᵀ
+ *
+ * with the closed-form gradient (u_a = s_a·(m_a ⊙ x)·A_aᵀ, g_a = s_a·dy·B_a):
+ *   dB_a = dyᵀ·u_a,  dA_a = g_aᵀ·(m_a ⊙ x),  dx = dy·W + Σ_a (g_a·A_a) ⊙ m_a.
+ * W and b are captured, not inputs: they get no gradient (frozen under LoRA).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
+
+/** One applied adapter of a projection: A [r, in], B [out, r], s, and its dropout mask if any. */
+export interface LinearLoRABranch {
+  A: Tensor2D;
+  B: Tensor2D;
+  scaling: number;
+  /** PEFT's dropout on the branch input, already divided by 1 − p ([N, in], from loraDropoutMask); absent: none */
+  mask?: Tensor2D;
+}
+
+/**
+ * The one LoRA branch formula, s·(input·Aᵀ)·Bᵀ, with s applied on the rank-sized product:
+ * returns that scaled down-projection [N, r] (the op's backward needs it) and the branch [N, out].
+ * `loraBranch` (the composed reference, on the tape) and `loraLinear`'s forward both call it.
+ */
+export function loraBranchForward(input: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: number | Scalar):
+    { down: Tensor2D; branch: Tensor2D } {
+  const down = tf.mul(tf.matMul(input, A, false, true), scaling) as Tensor2D;  // [N, r]
+  return { down, branch: tf.matMul(down, B, false, true) };                   // [N, out]
+}
+
+/**
+ * The gradient of loraBranchForward w.r.t. A, B and its input, given dy [N, out] and what the
+ * forward kept (its input, its scaled down-projection).
+ */
+function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: Scalar):
+    { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
+  const g = tf.mul(tf.matMul(dy, B), scaling) as Tensor2D;  // [N, r]
+  const dB = tf.matMul(dy, down, true, false) as Tensor2D;   // [out, r]
+  const dA = tf.matMul(g, input, true, false) as Tensor2D;   // [r, in]
+  const dInput = tf.matMul(g, A) as Tensor2D;                // [N, in]
+  g.dispose();
+  return { dA, dB, dInput };
+}
+
+/**
+ * x·Wᵀ + b + Σ s·((mask ⊙ x)·Aᵀ)·Bᵀ for x [N, in], a frozen W [out, in] and b [out] (or null),
+ * and the applied adapters; gradients flow to x and every A and B, never to W or b. One op: its
+ * forward and backward leave nothing on tfjs's tape but the tensors its backward reads.
+ *
+ * ```js
+ * const y = loraLinear(x, W, null, [{ A, B, scaling: 2 }]);  // x [N, in] → [N, out]
+ * const { grads } = tf.variableGrads(() => tf.sum(loraLinear(x, W, null, [{ A, B, scaling: 2 }])));
+ * ```
+ */
+export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null, adapters: readonly LinearLoRABranch[]): Tensor2D {
+  const op = 'loraLinear';
+  assertTensor(op, 'x', x, 2);
+  assertTensor(op, 'weight', weight, 2);
+  const [n, inSize] = x.shape;
+  const out = weight.shape[0];
+  const shapes = `x [N,in] = [${x.shape}], weight [out,in] = [${weight.shape}]`;
+  assertShape(op, 'weight', weight, [null, inSize], shapes);
+  if (bias !== null) {
+    assertTensor(op, 'bias', bias, 1);
+    assertShape(op, 'bias', bias, [out], shapes);
+  }
+  if (!Array.isArray(adapters)) fail(op, `'adapters' must be an array of {A, B, scaling, mask?} but got ${adapters === null ? 'null' : typeof adapters}`);
+  adapters.forEach((a, i) => {
+    const arg = `adapters[${i}]`;
+    assertTensor(op, `${arg}.A`, a.A, 2);
+    const r = a.A.shape[0];
+    assertShape(op, `${arg}.A`, a.A, [null, inSize], shapes);
+    assertTensor(op, `${arg}.B`, a.B, 2);
+    assertShape(op, `${arg}.B`, a.B, [out, r], `${shapes}, ${arg}.A [r,in] = [${a.A.shape}]`);
+    assertFiniteNumber(op, `${arg}.scaling`, a.scaling);
+    if (a.mask !== undefined) {
+      assertTensor(op, `${arg}.mask`, a.mask, 2);
+      assertShape(op, `${arg}.mask`, a.mask, [n, inSize], shapes);
+    }
+  });
+  const forward = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+    const xs = args[0] as Tensor2D;
+    const save = args[args.length - 1] as GradSaveFunc;
+    const factors = adapters.map((_, i) => ({ A: args[1 + 2 * i] as Tensor2D, B: args[2 + 2 * i] as Tensor2D }));
+    // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
+    let y = tf.matMul(xs, weight, false, true) as Tensor2D;  // [N, out]
+    if (bias !== null) {
+      const biased = tf.add(y, bias) as Tensor2D;
+      y.dispose();
+      y = biased;
+    }
+    const kept: Tensor[] = [];
+    adapters.forEach((a, i) => {
+      const scaling = tf.scalar(a.scaling);
+      const input = a.mask === undefined ? xs : tf.mul(xs, a.mask) as Tensor2D;  // [N, in]
+      const { down, branch } = loraBranchForward(input, factors[i].A, factors[i].B, scaling);
+      const sum = tf.add(y, branch) as Tensor2D;
+      tf.dispose([y, branch]);
+      y = sum;
+      kept.push(input, down, factors[i].A, factors[i].B, scaling, ...(a.mask === undefined ? [] : [a.mask]));
+    });
+    save(kept);
+    return {
+      value: y,
+      gradFunc: (dy: Tensor, saved: Tensor[]) => {
+        const dy2 = dy as Tensor2D;
+        let dx = tf.matMul(dy2, weight);  // [N, in]
+        const grads: Tensor[] = [];
+        let at = 0;
+        adapters.forEach(a => {
+          const [input, down, A, B, scaling] = saved.slice(at, at + 5) as [Tensor2D, Tensor2D, Tensor2D, Tensor2D, Scalar];
+          const mask = a.mask === undefined ? null : saved[at + 5] as Tensor2D;
+          at += mask === null ? 5 : 6;
+          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling);
+          const dBranch = mask === null ? dInput : tf.mul(dInput, mask) as Tensor2D;
+          const sum = tf.add(dx, dBranch) as Tensor2D;
+          tf.dispose([dx, dInput, dBranch]);
+          dx = sum;
+          grads.push(dA, dB);
+        });
+        return [dx, ...grads];
+      },
+    };
+  });
+  // the forward runs in a tidy of tfjs's engine: what it does not return or save is freed
+  return forward(x, ...adapters.flatMap(a => [a.A, a.B])) as Tensor2D;
+}
