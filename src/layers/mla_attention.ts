@@ -26,6 +26,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { attentionMask, causalMask, contextIds } from './attention.js';
@@ -251,7 +252,6 @@ export class MLAAttention extends tfl.layers.Layer {
       } else {
         mask = attentionMask(s, null, segmentIds);
       }
-      const keyLen = k3.shape[1];
       if (this.indexer !== null) {
         const w = (name: string) => this.w(name);
         const rope = { ropeDim: rd, interleave: this.ropeInterleave, cos, sin };
@@ -261,10 +261,8 @@ export class MLAAttention extends tfl.layers.Layer {
         const keep = dsaKeepMask(this.indexer, x2, qLatent!, indexKeys, w, b, s, rope, mask);
         if (keep !== null) mask = tf.add(mask, keep) as tf.Tensor4D;                 // [B, 1, S, L]
       }
-      const scaled = tf.mul(tf.matMul(q3, k3, false, true), this.softmaxScale ?? 1 / Math.sqrt(qk));  // [B*nh, S, L]
-      const scores = mask.rank === 2 ? tf.add(scaled, mask) :
-        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, keyLen]), mask), [b * nh, s, keyLen]);
-      const o = tf.matMul(tf.softmax(scores), values);                             // [B*nh, S, vd]
+      // the core as one op with its own gradient
+      const o = scaledDotProductAttention(q3, k3, values, mask, this.softmaxScale ?? 1 / Math.sqrt(qk));  // [B*nh, S, vd]
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, vd]), [0, 2, 1, 3]), [b * s, nh * vd]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj'), [b, s, h]);
     });
