@@ -56,28 +56,30 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
   // the mask's view of the scores: [Nkv, rep, S, L] for a shared mask, [B, nh, S, L] per sample
   const maskedShape = mask.rank === 2 ? [nkv, rep, s, keyLen] : [batch, nq / batch, s, keyLen];
   const needsView = rep > 1 || mask.rank === 4;
+  // with rep 1 the grouped shapes are the given ones: no Reshape kernels (each costs host time)
+  const grouped = <T extends Tensor>(t: Tensor, shape: number[]) => (rep > 1 ? tf.reshape(t, shape) : t) as T;
   // the mask is data, not a trainable input: captured here, it gets no gradient
   const attend = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const [q3, k3, v3] = args as Tensor3D[];
     const save = args[3] as GradSaveFunc;
-    const scaledQ = tf.reshape(tf.mul(q3, scale), [nkv, rows, dk]) as Tensor3D;  // [Nkv, rep·S, Dk]
+    const scaledQ = grouped<Tensor3D>(tf.mul(q3, scale), [nkv, rows, dk]);       // [Nkv, rep·S, Dk]
     const probs = tf.tidy(() => {
       const scores = tf.matMul(scaledQ, k3, false, true);                          // [Nkv, rep·S, L]
-      const masked = needsView ? tf.add(tf.reshape(scores, maskedShape), mask) : tf.add(scores, mask);
-      return tf.reshape(tf.softmax(masked), [nkv, rows, keyLen]) as Tensor3D;
+      if (!needsView) return tf.softmax(tf.add(scores, mask)) as Tensor3D;
+      return tf.reshape(tf.softmax(tf.add(tf.reshape(scores, maskedShape), mask)), [nkv, rows, keyLen]) as Tensor3D;
     });
     save([scaledQ, k3, v3, probs]);
-    const value = tf.tidy(() => tf.reshape(tf.matMul(probs, v3), [nq, s, dv]) as Tensor3D);
+    const value = tf.tidy(() => grouped<Tensor3D>(tf.matMul(probs, v3), [nq, s, dv]));
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => tf.tidy(() => {
         const [qs, ks, vs, p] = saved as Tensor3D[];
-        const dO = tf.reshape(dy, [nkv, rows, dv]) as Tensor3D;
+        const dO = grouped<Tensor3D>(dy, [nkv, rows, dv]);
         const dV = tf.matMul(p, dO, true, false);                                 // [Nkv, L, Dv]
         const dP = tf.matMul(dO, vs, false, true);                                // [Nkv, rep·S, L]
         // softmax's gradient: dS = P ⊙ (dP − Σ_j dP ⊙ P); blocked keys have P = 0 and get 0
         const dS = tf.mul(p, tf.sub(dP, tf.sum(tf.mul(dP, p), 2, true)));
-        const dQ = tf.reshape(tf.mul(tf.matMul(dS, ks), scale), [nq, s, dk]);     // [Nq, S, Dk]
+        const dQ = grouped(tf.mul(tf.matMul(dS, ks), scale), [nq, s, dk]);        // [Nq, S, Dk]
         const dK = tf.matMul(dS, qs, true, false);                                // [Nkv, L, Dk], q already scaled
         return [dQ, dK, dV];
       }),
