@@ -239,7 +239,9 @@ export class MLAAttention extends tfl.layers.Layer {
         rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling);
       qRot = applyRotary(qRot, cos, sin);
       kRope = applyRotary(kRope, cos, sin);                                        // [B, S, rd]
-      const kRopeHeads = tf.reshape(tf.tile(tf.reshape(kRope, [b, 1, s * rd]), [1, nh, 1]), [b * nh, s, rd]);
+      // every head reads the one rope key: repeated by a broadcasting add, whose gradient is one sum
+      // over the heads (Tile's is a slice and an add per head: 2·nh kernels a layer, 256 on DeepSeek-V3)
+      const kRopeHeads = tf.reshape(tf.add(tf.reshape(kRope, [b, 1, s * rd]), tf.zeros([1, nh, 1])), [b * nh, s, rd]);
       let q3 = tf.concat([qNope, qRot], 2) as tf.Tensor3D;                         // [B*nh, S, qk]
       if (this.positionScaling !== null) q3 = tf.mul(q3, this.queryScales(b, s, past, positionIds)) as tf.Tensor3D;
       let k3 = tf.concat([kNope, kRopeHeads], 2) as tf.Tensor3D;                   // [B*nh, S, qk]
