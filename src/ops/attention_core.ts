@@ -1,10 +1,10 @@
 /**
  * The attention core softmax(q·kᵀ·scale + mask)·v as one op with its own gradient. Composed on
- * tfjs's tape, the core and its grouped-KV repeat cost a training step about two dozen kernels a
- * layer, each input saved by an Identity kernel and each gradient built from tfjs's generic pieces
- * (Tile's gradient is a slice and an add per repeat); on webgpu such a step is bound by the host
- * recording kernels, not by the GPU. Here the forward pass runs six kernels with the tape off and
- * the backward pass the closed-form gradient in eleven.
+ * tfjs's tape, each of its kernels saves its inputs (an Identity kernel each) and the grouped-KV
+ * repeat's Tile has a slice and an add per repeat for gradient; on webgpu a training step is bound
+ * by the host recording kernels, not by the GPU. Here the forward pass runs five kernels with the
+ * tape off (plus free reshapes with grouped heads or a per-sample mask) and the backward pass the
+ * closed-form gradient in nine.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
