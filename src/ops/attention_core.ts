@@ -3,7 +3,7 @@
  * tfjs's tape, each of its kernels saves its inputs (an Identity kernel each) and the grouped-KV
  * repeat's Tile has a slice and an add per repeat for gradient; on webgpu a training step is bound
  * by the host recording kernels, not by the GPU. Here the forward pass runs five kernels with the
- * tape off (plus free reshapes with grouped heads or a per-sample mask) and the backward pass the
+ * tape off (plus Reshapes, no GPU work, with grouped heads or a per-sample mask) and the backward the
  * closed-form gradient in nine.
  */
 import * as tf from '@tensorflow/tfjs-core';
