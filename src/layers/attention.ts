@@ -16,6 +16,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
+import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
 import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
@@ -375,22 +376,9 @@ export class RotaryAttention extends tfl.layers.Layer {
       if (this.temperatureTuning !== null) q3 = tf.mul(q3, this.queryTemperature(s, cached.past ?? 0)) as tf.Tensor3D;
       let mask: tf.Tensor2D | tf.Tensor4D;
       [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds, this.attentionChunkSize)];
-      const keyLen = k3.shape[1];                                      // L = S without a cache
-      const rep = nh / nkv;
-      if (rep > 1) {
-        // query head h reads KV head floor(h / rep): repeat each KV head rep times in place
-        const repeat = (t: tf.Tensor3D) =>
-          tf.reshape(tf.tile(tf.reshape(t, [b * nkv, 1, keyLen * d]), [1, rep, 1]), [b * nh, keyLen, d]) as tf.Tensor3D;
-        k3 = repeat(k3);                                               // [B*nh, L, D]
-        v3 = repeat(v3);                                               // [B*nh, L, D]
-      }
-      // same-batch 3-D products only (tfjs's broadcasting batch matMul has a wrong gradient)
-      const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d));  // [B*nh, S, L]
-      // the mask: [S, L], or [B, 1, S, S] with segments
-      const scores = mask.rank === 2 ? tf.add(scaled, mask) :
-        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, L]
-      const probs = this.sinks ? this.softmaxWithSinks(scores as tf.Tensor3D, b) : tf.softmax(scores);  // [B*nh, S, L]
-      const o = tf.matMul(probs, v3);                                  // [B*nh, S, D]
+      // the core as one op with its own gradient (grouped KV heads read in place); with sinks, composed
+      const o = this.sinks ? this.attendWithSinks(q3, k3, v3, mask, b) :
+        scaledDotProductAttention(q3, k3, v3, mask, 1 / Math.sqrt(d));  // [B*nh, S, D]
       let merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, d]), [0, 2, 1, 3]), [b * s, nh * d]) as tf.Tensor2D;
       if (gate !== null) merged = tf.mul(merged, tf.sigmoid(gate));
       return tf.reshape(this.linear(merged, 'o_proj', this.outputBias), [b, s, h]);
@@ -419,6 +407,31 @@ export class RotaryAttention extends tfl.layers.Layer {
     if (rd === this.headDim) return rope(x);
     const [rotated, passed] = tf.split(x, [rd, this.headDim - rd], 2) as [tf.Tensor3D, tf.Tensor3D];
     return tf.concat([rope(rotated), passed], 2) as tf.Tensor3D;
+  }
+
+  /**
+   * gpt-oss's core, composed on the tape: each KV head repeated for its query heads, then
+   * softmaxWithSinks(q·kᵀ/√D + mask)·v over q3 [B·nh, S, D] and k3, v3 [B·nkv, L, D].
+   */
+  private attendWithSinks(q3: tf.Tensor3D, k3: tf.Tensor3D, v3: tf.Tensor3D, mask: tf.Tensor2D | tf.Tensor4D,
+      b: number): tf.Tensor3D {
+    const [nh, nkv, d, s] = [this.numHeads, this.numKeyValueHeads, this.headDim, q3.shape[1]];
+    const keyLen = k3.shape[1];                                      // L = S without a cache
+    const rep = nh / nkv;
+    if (rep > 1) {
+      // query head h reads KV head floor(h / rep): repeat each KV head rep times in place
+      const repeat = (t: tf.Tensor3D) =>
+        tf.reshape(tf.tile(tf.reshape(t, [b * nkv, 1, keyLen * d]), [1, rep, 1]), [b * nh, keyLen, d]) as tf.Tensor3D;
+      k3 = repeat(k3);                                               // [B*nh, L, D]
+      v3 = repeat(v3);                                               // [B*nh, L, D]
+    }
+    // same-batch 3-D products only (tfjs's broadcasting batch matMul has a wrong gradient)
+    const scaled = tf.mul(tf.matMul(q3, k3, false, true), 1 / Math.sqrt(d));  // [B*nh, S, L]
+    // the mask: [S, L], or [B, 1, S, S] with segments
+    const scores = mask.rank === 2 ? tf.add(scaled, mask) :
+      tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, s]), mask), [b * nh, s, s]);  // [B*nh, S, L]
+    const probs = this.softmaxWithSinks(scores as tf.Tensor3D, b);  // [B*nh, S, L]
+    return tf.matMul(probs, v3);                                     // [B*nh, S, D]
   }
 
   /**

@@ -26,6 +26,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
 import { attentionMask, causalMask, contextIds } from './attention.js';
@@ -238,7 +239,9 @@ export class MLAAttention extends tfl.layers.Layer {
         rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling);
       qRot = applyRotary(qRot, cos, sin);
       kRope = applyRotary(kRope, cos, sin);                                        // [B, S, rd]
-      const kRopeHeads = tf.reshape(tf.tile(tf.reshape(kRope, [b, 1, s * rd]), [1, nh, 1]), [b * nh, s, rd]);
+      // every head reads the one rope key: repeated by a broadcasting add, whose gradient is one sum
+      // over the heads (Tile's is a slice and an add per head: 2·nh kernels a layer, 256 on DeepSeek-V3)
+      const kRopeHeads = tf.reshape(tf.add(tf.reshape(kRope, [b, 1, s * rd]), tf.zeros([1, nh, 1])), [b * nh, s, rd]);
       let q3 = tf.concat([qNope, qRot], 2) as tf.Tensor3D;                         // [B*nh, S, qk]
       if (this.positionScaling !== null) q3 = tf.mul(q3, this.queryScales(b, s, past, positionIds)) as tf.Tensor3D;
       let k3 = tf.concat([kNope, kRopeHeads], 2) as tf.Tensor3D;                   // [B*nh, S, qk]
@@ -251,7 +254,6 @@ export class MLAAttention extends tfl.layers.Layer {
       } else {
         mask = attentionMask(s, null, segmentIds);
       }
-      const keyLen = k3.shape[1];
       if (this.indexer !== null) {
         const w = (name: string) => this.w(name);
         const rope = { ropeDim: rd, interleave: this.ropeInterleave, cos, sin };
@@ -261,10 +263,8 @@ export class MLAAttention extends tfl.layers.Layer {
         const keep = dsaKeepMask(this.indexer, x2, qLatent!, indexKeys, w, b, s, rope, mask);
         if (keep !== null) mask = tf.add(mask, keep) as tf.Tensor4D;                 // [B, 1, S, L]
       }
-      const scaled = tf.mul(tf.matMul(q3, k3, false, true), this.softmaxScale ?? 1 / Math.sqrt(qk));  // [B*nh, S, L]
-      const scores = mask.rank === 2 ? tf.add(scaled, mask) :
-        tf.reshape(tf.add(tf.reshape(scaled, [b, nh, s, keyLen]), mask), [b * nh, s, keyLen]);
-      const o = tf.matMul(tf.softmax(scores), values);                             // [B*nh, S, vd]
+      // the core as one op with its own gradient
+      const o = scaledDotProductAttention(q3, k3, values, mask, this.softmaxScale ?? 1 / Math.sqrt(qk));  // [B*nh, S, vd]
       const merged = tf.reshape(tf.transpose(tf.reshape(o, [b, nh, s, vd]), [0, 2, 1, 3]), [b * s, nh * vd]) as tf.Tensor2D;
       return tf.reshape(this.linear(merged, 'o_proj'), [b, s, h]);
     });
