@@ -76,7 +76,7 @@ describe('RotaryAttention', () => {
     });
   }
 
-  for (const [label, args] of [cases[2], cases[3], cases[5], cases[7], cases[8], cases[10], cases[11]]) {
+  for (const [label, args] of [cases[2], cases[3], cases[5], cases[6], cases[7], cases[8], cases[10], cases[11]]) {
     it(`gradients w.r.t. the input and every weight equal finite differences: ${label}`, () => {
       const { layer, w, x, full, b, s, h } = setup({ ...args, clipQKV: null }, 9, 2, 3, 8);
       const refArgs = { ...full, clipQKV: null };

@@ -440,7 +440,8 @@ export class RotaryAttention extends tfl.layers.Layer {
    */
   private softmaxWithSinks(scores: tf.Tensor3D, b: number): tf.Tensor3D {
     const [n, s, keyLen] = scores.shape;
-    const sinks = tf.tile(tf.reshape(this.w('sinks'), [1, this.numHeads, 1, 1]), [b, 1, s, 1]);  // [B, nh, S, 1]
+    // broadcast by an add, not tf.tile: Tile's gradient is a slice and an add per copy (B·S of them)
+    const sinks = tf.add(tf.zeros([b, this.numHeads, s, 1]), tf.reshape(this.w('sinks'), [1, this.numHeads, 1, 1]));  // [B, nh, S, 1]
     const joined = tf.concat([scores, tf.reshape(sinks, [n, s, 1])], 2);                         // [B*nh, S, L+1]
     return tf.slice(tf.softmax(joined), [0, 0, 0], [n, s, keyLen]) as tf.Tensor3D;
   }
