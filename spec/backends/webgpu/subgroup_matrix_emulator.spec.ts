@@ -72,13 +72,16 @@ function emulateWorkgroup(w: Emulated): Float64Array {
     const As = new Float64Array(sizes.a).fill(NaN);
     const Bs = new Float64Array(sizes.b).fill(NaN);
     for (let lid = 0; lid < threads; lid++) {
-      for (let i = lid; i < l.rows * l.depth; i += threads) {
+      // the programs' uniformStrideLoop: element lid + step·threads, the same steps for every invocation
+      for (let step = 0; step < l.rows * l.depth / threads; step++) {
+        const i = lid + step * threads;
         const { m, k } = stagedElementA(x, l, i);
         const at = aIndex(x, l, m, k);
         if (!Number.isNaN(As[at])) throw new Error(`As[${at}] staged twice`);
         As[at] = k0 + k < w.inner ? w.left(m, k0 + k) : 0;
       }
-      for (let i = lid; i < l.depth * l.cols; i += threads) {
+      for (let step = 0; step < l.depth * l.cols / threads; step++) {
+        const i = lid + step * threads;
         const { k, n } = stagedElementB(x, l, i, w.kFastestB);
         const at = bIndex(x, l, k, n);
         if (!Number.isNaN(Bs[at])) throw new Error(`Bs[${at}] staged twice`);
@@ -112,7 +115,8 @@ function emulateWorkgroup(w: Emulated): Float64Array {
         const lane = lid % w.subgroupSize;
         const part = partOrigin(x, l, Math.trunc(lid / w.subgroupSize));
         const slot = resultSlot(x, s);
-        for (let t = lane; t < E * E; t += w.subgroupSize) {
+        for (let step = 0; step < E * E / w.subgroupSize; step++) {
+          const t = lane + step * w.subgroupSize;
           const { m, n } = slotElement(x, part.row, part.col, i, j, t);
           if (!Number.isNaN(out[m * l.cols + n])) throw new Error(`block element (${m}, ${n}) written twice`);
           out[m * l.cols + n] = Ts[slot.offset + t];
@@ -215,7 +219,7 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     // the epilogue's lane loop and slot reads
     const slots = epilogueThroughSlots(MATMUL_LAYOUT, 'subgroup', 'lane', 32, 'partRow', 'partCol', () => '');
     expect(slots).to.contain('subgroupMatrixStore(&Ts, (subgroup * 256u), c3_3, false, 16u);');
-    expect(squash(mm)).to.contain('for (var t = lane; t < 256u; t += 32u) {');
+    expect(squash(mm)).to.contain('for (var step = 0u; step < 8u; step++) { let t = lane + step * 32u;');
     expect(squash(mm)).to.contain('Ts[((subgroup * 256u) + t)]');
   });
 });
