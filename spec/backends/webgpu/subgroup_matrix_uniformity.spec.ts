@@ -45,7 +45,7 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
   it('the shader the device batch runs outside tfjs too (the stand-in preamble calls main from the entry point)', () => {
     const program = new SubgroupMatrixMatMulProgram(2048, 1536,
         { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
-    const code = packageProgramShader(program, false);
+    const code = packageProgramShader(program);
     expect(code).to.contain('main_();');
     expect(auditSubgroupControlFlow(code)).to.deep.equal([]);
   });
