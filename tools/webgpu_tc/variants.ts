@@ -74,7 +74,17 @@ type CaseSpec =
   | { kind: 'package'; program: 'matmul' | 'weightGrad'; code: 'fixed' | 'db64af4'; entry: PackageShaderOptions['entry']; shape: Grouped; timing: Timing }
   | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing };
 
-interface Case { id: string; name: string; spec: CaseSpec }
+interface Case {
+  id: string;
+  name: string;
+  spec: CaseSpec;
+  /**
+   * keep no reference to the Dawn instance and collect garbage (node --expose-gc) once the inputs
+   * are made: v2's way of holding it (none), made certain to matter, so that a crash here and none
+   * in the same case without it says that the collected instance brought v2 down
+   */
+  dropInstance?: boolean;
+}
 
 const GEMM_2048: Problem = { name: '2048^3', batch: 1, M: 2048, N: 2048, K: 2048 };
 const GEMM_Q: Problem = { name: 'Q up: 16 x (1024 x 1536 x 2048)', batch: 16, M: 1024, N: 1536, K: 2048 };
@@ -90,6 +100,11 @@ function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed'
     spec: { kind: 'package', program, code, entry, shape, timing } };
 }
 
+function droppedInstanceCase(): Case {
+  const c = packageCase('fixed-matmul-small-dropped-instance', 'matmul', 'fixed', SMALL);
+  return { ...c, name: `${c.name}, Dawn instance dropped and collected`, dropInstance: true };
+}
+
 /** Every case, in the order they run: the decisive first (see the file comment). */
 export const CASES: Case[] = [
   packageCase('fixed-matmul-small', 'matmul', 'fixed', SMALL),
@@ -100,6 +115,7 @@ export const CASES: Case[] = [
   packageCase('old-matmul-v2shape', 'matmul', 'db64af4', V2_SHAPE),
   packageCase('old-weightgrad-small', 'weightGrad', 'db64af4', SMALL),
   packageCase('fixed-matmul-v2shape', 'matmul', 'fixed', V2_SHAPE),
+  droppedInstanceCase(),
   { id: 'v1-storage-2048', name: 'v1 storage f16, 1 subgroup of 64x64', spec: { kind: 'gemm', problem: GEMM_2048, variant: v1Storage, timing: 'timestamps' } },
   { id: 'v1-staged-f16-2048', name: 'v1 staged f16->wg f16, 4 subgroups, 128x128', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f16'), timing: 'timestamps' } },
   { id: 'v1-staged-f32-2048', name: 'v1 staged f32->wg f16, 4 subgroups, 128x128 (the programs\' layout)', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f32'), timing: 'timestamps' } },
@@ -119,6 +135,7 @@ const HARNESS_CASES: Case[] = [
   packageCase('fixed-weightgrad-small', 'weightGrad', 'fixed', SMALL),
   packageCase('fixed-matmul-small-inline', 'matmul', 'fixed', SMALL, 'inline'),
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
+  droppedInstanceCase(),
 ];
 
 // ---- the child: one case ----------------------------------------------------------------------
@@ -326,8 +343,12 @@ function gemmRun(device: GPUDevice, p: Problem, v: Variant): Run {
  */
 const instances: GPU[] = [];
 
-async function requestAdapter(): Promise<GPUAdapter> {
-  const instance = (flags: string[]) => { const gpu = create(flags); instances.push(gpu); return gpu; };
+async function requestAdapter(hold = true): Promise<GPUAdapter> {
+  const instance = (flags: string[]) => {
+    const gpu = create(flags);
+    if (hold) instances.push(gpu);
+    return gpu;
+  };
   // Vulkan (the GPU machine); else Mesa's GL
   const adapter = await instance(FLAGS).requestAdapter({ powerPreference: 'high-performance' }) ??
       await instance([...FLAGS, 'backend=opengles']).requestAdapter({ featureLevel: 'compatibility' });
@@ -342,13 +363,17 @@ async function child(id: string): Promise<void> {
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
-  const adapter = await requestAdapter();
+  const adapter = await requestAdapter(!c.dropInstance);
   const features = WANTED.filter(f => adapter.features.has(f));
   const device = await adapter.requestDevice({ requiredFeatures: harness ? [] : features,
     requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
       maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize, maxBufferSize: adapter.limits.maxBufferSize } });
   tell({ phase: 'inputs' });
   const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness) : gemmRun(device, c.spec.problem, c.spec.variant(c.spec.problem));
+  if (c.dropInstance) {
+    tell({ phase: 'gc' });
+    (globalThis as { gc?: () => void }).gc?.();
+  }
   await runOnce(device, entry, run, c.spec.timing);
   tell({ result: entry });
   device.destroy();
@@ -363,7 +388,7 @@ function runCase(c: Case): Promise<Outcome> {
     const outcome: Outcome = { id: c.id, name: c.name };
     const t0 = Date.now();
     // the same script (the bundle, or tsx's loader in execArgv), one case
-    const proc = spawn(process.execPath, [...process.execArgv, process.argv[1]], {
+    const proc = spawn(process.execPath, [...process.execArgv, ...(c.dropInstance ? ['--expose-gc'] : []), process.argv[1]], {
       env: { ...process.env, VARIANT_CASE: c.id }, stdio: ['ignore', 'pipe', 'pipe'] });
     let pending = '';
     const stderrTail: string[] = [];
