@@ -411,7 +411,9 @@ function runCase(c: Case): Promise<Outcome> {
       for (const line of chunk.toString().split('\n')) if (line.trim()) stderrTail.push(line.slice(0, 300));
       stderrTail.splice(0, Math.max(0, stderrTail.length - 8));
     });
-    const timer = setTimeout(() => { outcome.timedOut = true; proc.kill('SIGKILL'); }, CASE_TIMEOUT_MS);
+    // the dropped instance may hang rather than crash (it does on Mesa): less of the budget for it
+    const timeout = c.dropInstance ? CASE_TIMEOUT_MS / 2 : CASE_TIMEOUT_MS;
+    const timer = setTimeout(() => { outcome.timedOut = true; proc.kill('SIGKILL'); }, timeout);
     proc.on('close', (code, signal) => {
       clearTimeout(timer);
       outcome.seconds = (Date.now() - t0) / 1000;
