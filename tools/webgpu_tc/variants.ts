@@ -95,7 +95,7 @@ const stagedV1 = (from: 'f16' | 'f32') => (p: Problem) => stagedVariant(p,
 function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
     entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
   const what = program === 'matmul' ? 'SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])' : 'SubgroupMatrixWeightGradProgram (rows x rows)';
-  const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
+  const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
   return { id, name: `package ${what}, ${code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
     spec: { kind: 'package', program, code, entry, shape, timing } };
 }
