@@ -33,6 +33,7 @@ import { readJSONFile } from '../../src/util/files.js';
 import { bfloat16Bits, packExpertWeight, type PackedExpertWeight, packedExpertWeightFromBits } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
+import { auditSubgroupControlFlow } from './uniformity.js';
 
 const started = Date.now();
 // TC_CHECK_HARNESS=1 runs the small steps anyway, both "paths" then f32, with short timing loops:
@@ -43,7 +44,7 @@ const ROUNDS = harness ? 1 : 3;
 const TOTAL_BUDGET_MS = 110_000;
 /** the precision contract of issue 13: max relative error to the f32 path */
 const CONTRACT = 1e-2;
-const report: Record<string, unknown> = { check: 'webgpu_tc v1', startedAt: new Date(started).toISOString() };
+const report: Record<string, unknown> = { check: 'webgpu_tc v2', startedAt: new Date(started).toISOString() };
 const errorText = (err: unknown) => String((err as Error)?.stack ?? (err as Error)?.message ?? err).split('\n').slice(0, 4).join(' | ');
 const left = () => TOTAL_BUDGET_MS - (Date.now() - started);
 
@@ -74,13 +75,25 @@ async function withTensorCores<T>(on: boolean, fn: () => Promise<T>): Promise<T>
 /** Shader keys of the programs run since the last clear (recordPrograms wraps the backend). */
 const programsRun: string[] = [];
 const subgroupKeysSeen = new Set<string>();
+/**
+ * Per subgroup-matrix program run, what tools/webgpu_tc/uniformity.ts finds in its WGSL: [] for the
+ * programs with uniform control flow (2026-12-05 evening), the per-invocation loops for db64af4's.
+ * Says which programs a report measured.
+ */
+const subgroupAudit: Record<string, string[]> = {};
+/** product → the tensor-core programs' max relative error to the f32 kernels, per size: the headline of the report */
+const errorSummary: Record<string, number | string> = {};
 
 function recordPrograms(): void {
   const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string }, ...rest: unknown[]) => unknown };
   const run = backend.runWebGPUProgram.bind(backend);
   backend.runWebGPUProgram = (program, ...rest) => {
     programsRun.push(program.shaderKey);
-    if (program.shaderKey.startsWith('moeSubgroup')) subgroupKeysSeen.add(program.shaderKey);
+    if (program.shaderKey.startsWith('moeSubgroup') && !subgroupKeysSeen.has(program.shaderKey)) {
+      subgroupKeysSeen.add(program.shaderKey);
+      const code = (program as unknown as { getUserCode(): string }).getUserCode();
+      subgroupAudit[program.shaderKey] = auditSubgroupControlFlow(code).map(f => `${f.kind}: ${f.at}`);
+    }
     return run(program, ...rest);
   };
 }
@@ -181,6 +194,9 @@ async function checkKernels(s: Size): Promise<unknown[]> {
         entry.maxRelError = maxRelativeError(tc, f32);
         entry.finite = tc.every(Number.isFinite);
         entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT;
+        errorSummary[`${s.name}: ${name}`] = entry.maxRelError as number;
+        log(`${s.name} ${name}: tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)}` +
+            ` (${entry.withinContract ? 'within' : 'OUTSIDE'} ${CONTRACT}), ${JSON.stringify(entry.tcPrograms)}`);
         // timing: CHAIN (20) products enqueued back to back, one read at the end (a single product at M1
         // is far shorter than the read's latency); the median of 3 such rounds, per product
         for (const on of [false, true]) {
@@ -204,6 +220,7 @@ async function checkKernels(s: Size): Promise<unknown[]> {
         takeProgramCounts();
       } catch (err) {
         entry.error = errorText(err);
+        errorSummary[`${s.name}: ${name}`] = `error: ${entry.error}`.slice(0, 200);
       }
     }
   } finally {
@@ -311,6 +328,8 @@ async function main(): Promise<void> {
   // a shader that does not compile shows up here (tfjs does not throw for it), not as a wrong number only
   const deviceErrors: string[] = [];
   report.deviceErrors = deviceErrors;
+  report.tcVsF32 = errorSummary;
+  report.subgroupProgramAudit = subgroupAudit;
   const device = (tf.backend() as unknown as { device: GPUDevice }).device;
   device.addEventListener('uncapturederror', event => {
     if (deviceErrors.length < 20) deviceErrors.push(String((event as GPUUncapturedErrorEvent).error?.message ?? event).slice(0, 2000));

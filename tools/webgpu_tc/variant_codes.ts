@@ -259,36 +259,53 @@ ${inputs.join('\n')}
 @group(0) @binding(${inputs.length + 1}) var<uniform> uniforms : Uniforms;`;
 }
 
+/** How packageProgramShader lays a program's code out. */
+export interface PackageShaderOptions {
+  /** the code to run instead of the program's own getUserCode() (db64af4's, tools/webgpu_tc/frozen/) */
+  userCode?: string;
+  /**
+   * 'wrapper' (tfjs's layout): an entry point that sets the private ids and calls the program's
+   * main(); 'inline': the program's main() is the entry point and the ids are its builtins
+   * (shadowing the private ones), so the matrix operations sit in the entry point as in the
+   * standalone variants that were exact on the H200.
+   */
+  entry: 'wrapper' | 'inline';
+}
+
 /**
  * A subgroup-matrix program's shader outside tfjs: its code under a minimal stand-in of tfjs's
  * preamble (the private builtins, the uniforms struct, result at binding 0, the inputs in order,
- * then the uniforms), entry point `main`. `ifWrapped` (a MatMul program): the control flow of the
- * programs that computed wrong numbers on 2026-12-05 (the matrix operations inside a branch on the
- * block's expert; now a uniform loop bound, as in the weight gradients, which were right).
+ * then the uniforms), entry point `main`.
  */
-export function packageProgramShader(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, ifWrapped: boolean): string {
+export function packageProgramShader(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    options: PackageShaderOptions = { entry: 'wrapper' }): string {
   const unbound = program.variableNames.filter(name => !(name in PROGRAM_INPUTS));
   if (unbound.length > 0) throw new Error(`packageProgramShader: no binding for input ${unbound.join(', ')}`);
-  let userCode = program.getUserCode();
-  if (ifWrapped) {
-    const loop = 'for (var k0 = 0; k0 < kEnd;';
-    if (!userCode.includes(loop) || !userCode.includes('let unscale =')) throw new Error('packageProgramShader: the K loop moved');
-    userCode = userCode.replace(loop, `if (e >= 0) { ${loop}`).replace('let unscale =', '}\n        let unscale =');
-  }
+  const userCode = options.userCode ?? program.getUserCode();
+  if (!/\bfn main\(\) \{/.test(userCode)) throw new Error('packageProgramShader: the code has no fn main() {');
   const inputs = program.variableNames.map((name, i) =>
     `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${PROGRAM_INPUTS[name]}>;`);
-  return hoistEnableDirectives(`
-${tfjsPreambleStandIn(program.uniforms, inputs)}
-${userCode.replace(/\bfn main\(\)/, 'fn main_()')}
-@compute @workgroup_size(${program.workgroupSize.join(', ')})
-fn main(@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,
-    @builtin(workgroup_id) wg : vec3<u32>, @builtin(num_workgroups) nw : vec3<u32>) {
+  const builtins = `@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,
+    @builtin(workgroup_id) wg : vec3<u32>, @builtin(num_workgroups) nw : vec3<u32>`;
+  const workgroupSize = `@compute @workgroup_size(${program.workgroupSize.join(', ')})`;
+  const code = options.entry === 'inline'
+    ? userCode.replace(/\bfn main\(\) \{/, `${workgroupSize}\nfn main(${builtins}) {
+  let localId = li3;
+  let localIndex = li;
+  let workgroupId = wg;
+  let numWorkgroups = nw;`)
+    : `${userCode.replace(/\bfn main\(\)/, 'fn main_()')}
+${workgroupSize}
+fn main(${builtins}) {
   localId = li3;
   localIndex = li;
   workgroupId = wg;
   numWorkgroups = nw;
   main_();
-}`);
+}`;
+  return hoistEnableDirectives(`
+${tfjsPreambleStandIn(program.uniforms, inputs)}
+${code}`);
 }
 
 /**

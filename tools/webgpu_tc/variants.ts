@@ -1,57 +1,153 @@
 /**
- * Subgroup-matrix GEMM variants on raw Dawn (no tfjs), issue 13: which patterns compute the right
- * product on the GPU and how fast, and the package's own SubgroupMatrixMatMulProgram run outside
- * tfjs (its WGSL under a minimal stand-in of tfjs's preamble) on a grouped problem with padding
- * rows, so that a wrong result there is the shader's and a right one points at the integration.
- * The staged variants' index math is the package programs' (src/backends/webgpu/programs/
- * subgroup_matrix_core.ts; WGSL in variant_codes.ts).
+ * The tensor-core device batch, variants v3 (issue 13): the package's subgroup-matrix programs run
+ * outside tfjs (their WGSL under a minimal stand-in of tfjs's preamble, variant_codes.ts), fixed
+ * and as they were at db64af4, then the standalone GEMM variants that were exact on the H200,
+ * each checked against float64 and timed. Every case runs in a child process of its own (this
+ * script again, with VARIANT_CASE set), so that a crash inside Dawn or the driver (variants v2
+ * died of SIGSEGV in its first case on the H100) ends that case only and is recorded as
+ * `{ crashed: true, signal, lastPhase }`; a case that hangs is killed after CASE_TIMEOUT_MS.
  *
- * Problems: 2048³, and config Q's up projection per expert (16 experts × 1024 rows, N 1536, K 2048).
- * Operands are multiples of 1/64 in [-1, 1] (exact in f16; every partial sum exact in f32), 512
- * sampled entries against a float64 product: a right kernel gives maxRelError 0.
+ * Cases, the decisive first (CASES below):
+ * 1. the fixed SubgroupMatrixMatMulProgram on a small grouped problem that has every edge (a K
+ *    tail, output columns past the last block's, padding rows, a block past the rows in use), every
+ *    element checked; the fixed weight gradient likewise; the MatMul at Q's up projection, timed;
+ *    the MatMul with its main() as the entry point (no helper function, no private ids);
+ * 2. db64af4's programs (tools/webgpu_tc/frozen/), small and at the shape v2 crashed on;
+ * 3. variants v1's fastest standalone GEMMs (2048³ and Q's shape), then v2's faster patterns.
+ * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
+ * sums: a right kernel gives maxRelError 0.
  *
  * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts`:
- *   source .gpu/on-device.sh && node .gpu/bundle/variants.js
+ *   source .gpu/on-device.sh && node .gpu/bundle/variants.js      (bash tools/webgpu_tc/on_device.sh runs it)
  * Here (Mesa): `EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/variants.ts` reports that the
- * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it first runs the harness
- * (buffers, bind groups, read back, check, timing) on a plain f32 GEMM, then the package's MatMul
- * program's plumbing with the matrices stood in for (DRY_KINDS=weightGrad: the weight gradient's).
- * Times: 10 back-to-back dispatches in one pass, `ms` from timestamp queries where the device has
- * them (the pass's GPU time; `wallMs`: submit to done, as variants v1 reported).
+ * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it dry-runs the harness:
+ * a plain f32 GEMM and the package cases' plumbing with the matrices stood in for (their numbers
+ * are no product), each in its child process. `VARIANT_CASES=id,id` runs only those cases.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
- * every step). Stops starting variants after TIME_BUDGET_MS.
+ * every case). Stops starting cases after TIME_BUDGET_MS.
  */
+import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import { SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
-  packageProgramShader, plainVariant, type Problem, stagedVariant, standInMatrices, stagedVariants, storageVariant, type Variant,
+  type PackageShaderOptions, packageProgramShader, plainVariant, type Problem, stagedVariant, standInMatrices, stagedVariants,
+  storageVariant, type Variant, gemmLayout,
 } from './variant_codes.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
-const TIME_BUDGET_MS = 60_000;
-const PROBLEMS: Problem[] = [
-  { name: '2048^3', batch: 1, M: 2048, N: 2048, K: 2048 },
-  { name: 'Q up: 16 x (1024 x 1536 x 2048)', batch: 16, M: 1024, N: 1536, K: 2048 },
-];
-const report: Record<string, unknown> = { check: 'webgpu_tc variants v2', budgetMs: TIME_BUDGET_MS };
+/** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout */
+const TIME_BUDGET_MS = 120_000;
+const CASE_TIMEOUT_MS = 30_000;
+const harness = process.env.VARIANTS_HARNESS === '1';
 const started = Date.now();
-const write = (name: string) => {
-  if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
-};
-const log = (m: string) => {
-  process.stderr.write(`[variants ${((Date.now() - started) / 1000).toFixed(1)}s] ${m}\n`);
-  write('variants.partial.json');
-};
-function finish(): never {
-  report.elapsedMs = Date.now() - started;
-  process.stdout.write(JSON.stringify(report, null, 1) + '\n');
-  write('variants.json');
-  process.exit(0);
+const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
+
+// ---- the cases --------------------------------------------------------------------------------
+
+/** A grouped problem for the package's programs: E experts of `perExpert` padded rows, `real` of them real. */
+interface Grouped {
+  E: number;
+  perExpert: number;
+  real: number;
+  /** padded rows past the rows in use (a block whose expert is −1): MatMul only */
+  unused: number;
+  /** MatMul: out [rows, N] = A [rows, K] · W_e [N, K]ᵀ; weight gradient: dW_e [N, K] = Σ_rows L[r, N]ᵀ R[r, K] */
+  N: number;
+  K: number;
+  /** check every element (else 512 samples) */
+  everyElement: boolean;
 }
 
+const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
+/** variants v2's shape, the one its first case crashed on */
+const V2_SHAPE: Grouped = { E: 2, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
+/** config Q's up projection */
+const Q_UP: Grouped = { E: 16, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
+
+type Timing = 'none' | 'timestamps';
+
+type CaseSpec =
+  | { kind: 'package'; program: 'matmul' | 'weightGrad'; code: 'fixed' | 'db64af4'; entry: PackageShaderOptions['entry']; shape: Grouped; timing: Timing }
+  | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing };
+
+interface Case {
+  id: string;
+  name: string;
+  spec: CaseSpec;
+  /**
+   * keep no reference to the Dawn instance and collect garbage (node --expose-gc) once the inputs
+   * are made: v2's way of holding it (none), made certain to matter, so that a crash here and none
+   * in the same case without it says that the collected instance brought v2 down
+   */
+  dropInstance?: boolean;
+}
+
+const GEMM_2048: Problem = { name: '2048^3', batch: 1, M: 2048, N: 2048, K: 2048 };
+const GEMM_Q: Problem = { name: 'Q up: 16 x (1024 x 1536 x 2048)', batch: 16, M: 1024, N: 1536, K: 2048 };
+const v1Storage = (p: Problem) => storageVariant(p, { sgRows: 1, sgCols: 1, tilesM: 4, tilesN: 4 });
+const stagedV1 = (from: 'f16' | 'f32') => (p: Problem) => stagedVariant(p,
+    { layout: gemmLayout({ sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4, depth: 32, pad: 0 }), from, vec4: false, prefetch: false });
+
+function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
+    entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
+  const what = program === 'matmul' ? 'SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])' : 'SubgroupMatrixWeightGradProgram (rows x rows)';
+  const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
+  return { id, name: `package ${what}, ${code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
+    spec: { kind: 'package', program, code, entry, shape, timing } };
+}
+
+function droppedInstanceCase(): Case {
+  const c = packageCase('fixed-matmul-small-dropped-instance', 'matmul', 'fixed', SMALL);
+  return { ...c, name: `${c.name}, Dawn instance dropped and collected`, dropInstance: true };
+}
+
+/** Every case, in the order they run: the decisive first (see the file comment). */
+export const CASES: Case[] = [
+  packageCase('fixed-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('fixed-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  packageCase('fixed-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('fixed-matmul-small-inline', 'matmul', 'fixed', SMALL, 'inline'),
+  packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
+  packageCase('old-matmul-v2shape', 'matmul', 'db64af4', V2_SHAPE),
+  packageCase('old-weightgrad-small', 'weightGrad', 'db64af4', SMALL),
+  packageCase('fixed-matmul-v2shape', 'matmul', 'fixed', V2_SHAPE),
+  droppedInstanceCase(),
+  { id: 'v1-storage-2048', name: 'v1 storage f16, 1 subgroup of 64x64', spec: { kind: 'gemm', problem: GEMM_2048, variant: v1Storage, timing: 'timestamps' } },
+  { id: 'v1-staged-f16-2048', name: 'v1 staged f16->wg f16, 4 subgroups, 128x128', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f16'), timing: 'timestamps' } },
+  { id: 'v1-staged-f32-2048', name: 'v1 staged f32->wg f16, 4 subgroups, 128x128 (the programs\' layout)', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f32'), timing: 'timestamps' } },
+  { id: 'v1-storage-q', name: 'v1 storage f16, 1 subgroup of 64x64', spec: { kind: 'gemm', problem: GEMM_Q, variant: v1Storage, timing: 'timestamps' } },
+  { id: 'v1-staged-f16-q', name: 'v1 staged f16->wg f16, 4 subgroups, 128x128', spec: { kind: 'gemm', problem: GEMM_Q, variant: stagedV1('f16'), timing: 'timestamps' } },
+  ...stagedVariants().slice(0, 5).map((o, i): Case => ({ id: `v2-staged-${i}-2048`, name: `v2 ${stagedVariant(GEMM_2048, o).name}`,
+    spec: { kind: 'gemm', problem: GEMM_2048, variant: p => stagedVariant(p, o), timing: 'timestamps' } })),
+  { id: 'v2-storage-4sg-2048', name: 'v2 storage f16, 4 subgroups of 64x128', spec: { kind: 'gemm', problem: GEMM_2048,
+    variant: p => storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 8 }), timing: 'timestamps' } },
+];
+
+/** The Mesa dry run's cases: the harness on a plain GEMM, the package cases' plumbing on small shapes. */
+const HARNESS_CASES: Case[] = [
+  { id: 'harness-plain', name: 'plain f32 GEMM (harness dry run)',
+    spec: { kind: 'gemm', problem: { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, variant: plainVariant, timing: 'timestamps' } },
+  packageCase('fixed-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('fixed-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  packageCase('fixed-matmul-small-inline', 'matmul', 'fixed', SMALL, 'inline'),
+  packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
+  droppedInstanceCase(),
+];
+
+// ---- the child: one case ----------------------------------------------------------------------
+
+/** A line for the parent: the phase reached (so that a crash says where), or the result. */
+function tell(message: Record<string, unknown>): void {
+  process.stdout.write(`${JSON.stringify(message)}\n`);
+}
+
+let seed = 12345;
+const rand = () => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed / 2 ** 32; };
+const sixtyFourths = (n: number) => Float32Array.from({ length: n }, () => Math.round((rand() * 2 - 1) * 64) / 64);
 const scratchF32 = new Float32Array(1);
 const scratchU32 = new Uint32Array(scratchF32.buffer);
 function halfBits(v: number): number {
@@ -62,243 +158,310 @@ function halfBits(v: number): number {
   return ((u >>> 16) & 0x8000) | ((((u >>> 23) & 0xff) - 127 + 15) << 10) | ((u >>> 13) & 0x3ff);
 }
 
-let seed = 12345;
-const rand = () => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed / 2 ** 32; };
-const sixtyFourths = (n: number) => Float32Array.from({ length: n }, () => Math.round((rand() * 2 - 1) * 64) / 64);
-
-interface Runner {
-  device: GPUDevice;
-  errors: string[];
-  buffer(data: ArrayBufferView | number): GPUBuffer;
-  /** compiles, runs once, reads `out` back, times `repeat` runs; fills entry */
-  run(entry: Record<string, unknown>, code: string, buffers: GPUBuffer[], out: GPUBuffer, uniforms: GPUBuffer | undefined,
-      dispatch: [number, number, number], flops: number, check: (c: Float32Array) => number): Promise<void>;
+interface Run {
+  code: string;
+  /** bound in order from binding 0 */
+  buffers: GPUBuffer[];
+  out: GPUBuffer;
+  uniforms?: GPUBuffer;
+  dispatch: [number, number, number];
+  flops: number;
+  /** max |c − expected| / max |expected| */
+  check: (c: Float32Array) => number;
 }
 
-function runner(device: GPUDevice): Runner {
+/** Compiles, runs once, checks, then times 10 dispatches (timestamp queries); tells each phase first. */
+async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: Run, timing: Timing): Promise<void> {
   const errors: string[] = [];
-  const querySet = device.features.has('timestamp-query') ? device.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
+  device.addEventListener('uncapturederror', e => errors.push(String((e as GPUUncapturedErrorEvent).error.message).slice(0, 800)));
+  entry.deviceErrors = errors;
+  tell({ phase: 'compile' });
+  const module = device.createShaderModule({ code: run.code });
+  const info = await module.getCompilationInfo();
+  const msgs = info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
+  if (msgs.length) { entry.compileErrors = msgs.slice(0, 5); return; }
+  tell({ phase: 'pipeline' });
+  const pipeline = await device.createComputePipelineAsync({ layout: 'auto', compute: { module, entryPoint: 'main' } });
+  const entries: GPUBindGroupEntry[] = run.buffers.map((b, binding) => ({ binding, resource: { buffer: b } }));
+  if (run.uniforms) entries.push({ binding: run.buffers.length, resource: { buffer: run.uniforms } });
+  const bind = device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+  const querySet = timing === 'timestamps' && device.features.has('timestamp-query')
+    ? device.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
   const stamps = querySet && device.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC });
   const stampsRead = querySet && device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-  device.addEventListener('uncapturederror', e => errors.push(String((e as GPUUncapturedErrorEvent).error.message).slice(0, 800)));
-  const buffer = (data: ArrayBufferView | number) => {
-    const size = typeof data === 'number' ? data : data.byteLength;
-    const g = device.createBuffer({ size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC });
-    if (typeof data !== 'number') device.queue.writeBuffer(g, 0, data as unknown as ArrayBuffer);
-    return g;
+  const go = (n: number, timed: boolean) => {
+    const enc = device.createCommandEncoder();
+    enc.clearBuffer(run.out);
+    const pass = enc.beginComputePass(timed && querySet ? { timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bind);
+    for (let i = 0; i < n; i++) pass.dispatchWorkgroups(...run.dispatch);
+    pass.end();
+    if (timed && querySet) {
+      enc.resolveQuerySet(querySet, 0, 2, stamps!, 0);
+      enc.copyBufferToBuffer(stamps!, 0, stampsRead!, 0, 16);
+    }
+    device.queue.submit([enc.finish()]);
   };
-  return {
-    device, errors, buffer,
-    async run(entry, code, buffers, out, uniforms, dispatch, flops, check) {
-      errors.length = 0;
-      const module = device.createShaderModule({ code });
-      const info = await module.getCompilationInfo();
-      const msgs = info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
-      if (msgs.length) { entry.compileErrors = msgs.slice(0, 5); return; }
-      const pipeline = await device.createComputePipelineAsync({ layout: 'auto', compute: { module, entryPoint: 'main' } });
-      const entries: GPUBindGroupEntry[] = buffers.map((b, binding) => ({ binding, resource: { buffer: b } }));
-      if (uniforms) entries.push({ binding: buffers.length, resource: { buffer: uniforms } });
-      const bind = device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
-      const go = (n: number, timed = false) => {
-        const enc = device.createCommandEncoder();
-        enc.clearBuffer(out);
-        const pass = enc.beginComputePass(timed && querySet ? { timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
-        pass.setPipeline(pipeline);
-        pass.setBindGroup(0, bind);
-        for (let i = 0; i < n; i++) pass.dispatchWorkgroups(...dispatch);
-        pass.end();
-        if (timed && querySet) {
-          enc.resolveQuerySet(querySet, 0, 2, stamps!, 0);
-          enc.copyBufferToBuffer(stamps!, 0, stampsRead!, 0, 16);
-        }
-        device.queue.submit([enc.finish()]);
-      };
-      go(1);
-      const readback = device.createBuffer({ size: out.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-      const enc = device.createCommandEncoder();
-      enc.copyBufferToBuffer(out, 0, readback, 0, out.size);
-      device.queue.submit([enc.finish()]);
-      await readback.mapAsync(GPUMapMode.READ);
-      const c = new Float32Array(readback.getMappedRange().slice(0));
-      readback.unmap();
-      readback.destroy();
-      entry.maxRelError = check(c);
-      await device.queue.onSubmittedWorkDone();
-      const t0 = performance.now();
-      go(10, true);
-      await device.queue.onSubmittedWorkDone();
-      entry.wallMs = (performance.now() - t0) / 10;
-      let ms = entry.wallMs as number;
-      if (querySet) {
-        // the pass's own GPU time (timestamp queries), without the submit and the wait
-        await stampsRead!.mapAsync(GPUMapMode.READ);
-        const [begin, end] = new BigUint64Array(stampsRead!.getMappedRange().slice(0));
-        stampsRead!.unmap();
-        ms = Number(end - begin) / 1e6 / 10;
-        entry.gpuMs = ms;
-      }
-      entry.ms = ms;
-      entry.tflops = flops / (ms * 1e-3) / 1e12;
-      entry.errors = [...errors];
-    },
-  };
+  tell({ phase: 'dispatch' });
+  go(1, false);
+  tell({ phase: 'readback' });
+  const readback = device.createBuffer({ size: run.out.size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const enc = device.createCommandEncoder();
+  enc.copyBufferToBuffer(run.out, 0, readback, 0, run.out.size);
+  device.queue.submit([enc.finish()]);
+  await readback.mapAsync(GPUMapMode.READ);
+  const c = new Float32Array(readback.getMappedRange().slice(0));
+  readback.unmap();
+  entry.maxRelError = run.check(c);
+  entry.finite = c.every(Number.isFinite);
+  // the verdict first: a crash while timing leaves it with the parent
+  tell({ partial: entry });
+  if (timing === 'none') return;
+  tell({ phase: 'timing' });
+  await device.queue.onSubmittedWorkDone();
+  const t0 = performance.now();
+  go(10, true);
+  await device.queue.onSubmittedWorkDone();
+  entry.wallMs = (performance.now() - t0) / 10;
+  let ms = entry.wallMs as number;
+  if (querySet) {
+    await stampsRead!.mapAsync(GPUMapMode.READ);
+    const [begin, end] = new BigUint64Array(stampsRead!.getMappedRange().slice(0));
+    stampsRead!.unmap();
+    ms = Number(end - begin) / 1e6 / 10;
+    entry.gpuMs = ms;
+  }
+  entry.ms = ms;
+  entry.tflops = run.flops / (ms * 1e-3) / 1e12;
 }
 
-/** max |c − expected| / max |expected| over 512 sampled entries of the batched GEMM. */
-function gemmCheck(p: Problem, a: Float32Array, b: Float32Array): (c: Float32Array) => number {
+function storage(device: GPUDevice, data: ArrayBufferView | number): GPUBuffer {
+  const size = typeof data === 'number' ? data : data.byteLength;
+  const g = device.createBuffer({ size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC });
+  if (typeof data !== 'number') device.queue.writeBuffer(g, 0, data as unknown as ArrayBuffer);
+  return g;
+}
+
+/** max |c − expected| / max |expected| over `points` (indices into c) with their float64 values. */
+function relativeCheck(points: number[], expected: number[]): (c: Float32Array) => number {
+  const scale = expected.reduce((m, v) => Math.max(m, Math.abs(v)), 1e-30);
+  return c => points.reduce((worst, at, i) => Math.max(worst, Math.abs(c[at] - expected[i]) / scale), 0);
+}
+
+/**
+ * The package program's run on `g`: inputs, uniforms (the stand-in preamble's struct, in the order
+ * of the program's `uniforms`), and the float64 reference. MatMul: padding rows, the unused block
+ * and nothing else must come out 0.
+ */
+function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package' }>, dryRun: boolean): Run {
+  const g = spec.shape;
+  const { E, perExpert, real, N, K } = g;
+  const grad = spec.program === 'weightGrad';
+  const rows = E * perExpert + (grad ? 0 : g.unused);
+  const program = grad
+    ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32)
+    : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+  const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
+  const shader = packageProgramShader(program, { entry: spec.entry, userCode });
+  // Mesa: f32 stand-in slabs at half length, within its 32 KiB (its numbers are no product anyway)
+  const code = dryRun
+    ? standInMatrices(shader).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
+    : shader;
+  const isReal = (row: number) => row < E * perExpert && row % perExpert < real;
+  const pr = Int32Array.from({ length: rows }, (_, row) => (isReal(row) ? row : -1));
+  // the plan's seg: E + 1 group starts (the last: rows in use), then E real counts
+  const seg = Int32Array.from([...Array.from({ length: E + 1 }, (_, e) => e * perExpert), ...Array(E).fill(real)]);
+  const uniformData = new ArrayBuffer(48);
+  let points: number[];
+  let expected: number[];
+  let buffers: GPUBuffer[];
+  if (grad) {
+    // L [rows, N], R [rows, K]; dW [E, N, K]
+    const l = sixtyFourths(rows * N), r = sixtyFourths(rows * K);
+    new Int32Array(uniformData, 0, 7).set([N, K, 1, E, N * K, K, 1]);
+    new Float32Array(uniformData, 28, 3).set([1, 0, 0]);
+    const at = g.everyElement ? Array.from({ length: E * N * K }, (_, i) => i)
+      : Array.from({ length: 512 }, () => Math.floor(rand() * E * N * K));
+    points = at;
+    expected = at.map(i => {
+      const e = Math.floor(i / (N * K)), p = Math.floor(i / K) % N, q = i % K;
+      let s = 0;
+      for (let row = e * perExpert; row < e * perExpert + real; row++) s += l[row * N + p] * r[row * K + q];
+      return s;
+    });
+    buffers = [storage(device, E * N * K * 4), storage(device, l), storage(device, r), storage(device, seg)];
+  } else {
+    // A [rows, K], W [E, N, K]; out [rows, N]
+    const a = sixtyFourths(rows * K), w = sixtyFourths(E * N * K);
+    new Int32Array(uniformData, 0, 8).set([rows, N, K, 1, E, N * K, K, 1]);
+    new Float32Array(uniformData, 32, 3).set([1, 0, 0]);
+    // sampled: 32 of the samples on padding rows, which must be 0
+    const padding = Array.from({ length: rows }, (_, row) => row).filter(row => !isReal(row));
+    const at = g.everyElement ? Array.from({ length: rows * N }, (_, i) => i)
+      : Array.from({ length: 512 }, (_, i) => (i < 32 && padding.length
+        ? padding[Math.floor(rand() * padding.length)] * N + Math.floor(rand() * N)
+        : Math.floor(rand() * rows * N)));
+    points = at;
+    expected = at.map(i => {
+      const row = Math.floor(i / N), n = i % N;
+      if (!isReal(row)) return 0;
+      const e = Math.floor(row / perExpert);
+      let s = 0;
+      for (let k = 0; k < K; k++) s += a[row * K + k] * w[(e * N + n) * K + k];
+      return s;
+    });
+    buffers = [storage(device, rows * N * 4), storage(device, a), storage(device, w), storage(device, seg), storage(device, pr)];
+  }
+  const uniforms = device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+  device.queue.writeBuffer(uniforms, 0, uniformData);
+  return { code, buffers, out: buffers[0], uniforms, dispatch: program.dispatch, check: relativeCheck(points, expected),
+    flops: 2 * E * (grad ? real : perExpert) * N * K };
+}
+
+function gemmRun(device: GPUDevice, p: Problem, v: Variant): Run {
+  const a = sixtyFourths(p.batch * p.M * p.K);
+  const b = sixtyFourths(p.batch * p.K * p.N);
   const samples = Array.from({ length: 512 }, () => [Math.floor(rand() * p.batch), Math.floor(rand() * p.M), Math.floor(rand() * p.N)]);
   const expected = samples.map(([z, r, col]) => {
     let s = 0;
     for (let k = 0; k < p.K; k++) s += a[(z * p.M + r) * p.K + k] * b[(z * p.K + k) * p.N + col];
     return s;
   });
-  const scale = Math.max(...expected.map(Math.abs));
-  return c => samples.reduce((worst, [z, r, col], i) =>
-    Math.max(worst, Math.abs(c[(z * p.M + r) * p.N + col] - expected[i]) / scale), 0);
-}
-
-async function gemmVariants(r: Runner, p: Problem, results: unknown[], only?: (p: Problem) => Variant[]): Promise<void> {
-  const a = sixtyFourths(p.batch * p.M * p.K);
-  const b = sixtyFourths(p.batch * p.K * p.N);
-  const check = gemmCheck(p, a, b);
-  const A32 = r.buffer(a), B32 = r.buffer(b);
-  const A16 = r.buffer(Uint16Array.from(a, halfBits)), B16 = r.buffer(Uint16Array.from(b, halfBits));
-  const C = r.buffer(p.batch * p.M * p.N * 4);
+  const A16 = storage(device, Uint16Array.from(a, halfBits)), B16 = storage(device, Uint16Array.from(b, halfBits));
+  const C = storage(device, p.batch * p.M * p.N * 4);
   // bindings 5, 6: the f16 buffers again, read as vec4<f16>
-  const buffers = [A32, B32, A16, B16, C, A16, B16];
-  const variants: Variant[] = only ? only(p) : [
-    storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 8 }),
-    ...stagedVariants().map(o => stagedVariant(p, o)),
-    storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4 }),
-    storageVariant(p, { sgRows: 1, sgCols: 1, tilesM: 4, tilesN: 4 }),
-  ];
-  for (const v of variants) {
-    const entry: Record<string, unknown> = { problem: p.name, name: v.name };
-    results.push(entry);
-    if (Date.now() - started > TIME_BUDGET_MS) { entry.skipped = 'out of time budget'; continue; }
-    log(`${p.name}: ${v.name}`);
-    try {
-      await r.run(entry, v.code, buffers, C, undefined, [p.N / v.blockCols, p.M / v.blockRows, p.batch], 2 * p.batch * p.M * p.N * p.K, check);
-    } catch (err) {
-      entry.error = String((err as Error)?.message ?? err).slice(0, 800);
-    }
-    log(`${v.name}: ${JSON.stringify({ rel: entry.maxRelError, tflops: entry.tflops, err: entry.error ?? entry.compileErrors })}`);
-  }
-  for (const g of [A32, B32, A16, B16, C]) g.destroy();
+  return { code: v.code, buffers: [storage(device, a), storage(device, b), A16, B16, C, A16, B16], out: C,
+    dispatch: [p.N / v.blockCols, p.M / v.blockRows, p.batch], flops: 2 * p.batch * p.M * p.N * p.K,
+    check: relativeCheck(samples.map(([z, r, col]) => (z * p.M + r) * p.N + col), expected) };
 }
 
 /**
- * The package's programs under a minimal stand-in of tfjs's preamble (packageProgramShader), on 2
- * experts of 1024 padded rows, 1000 real each (the padding rows hold values that must not count):
- * 'matmul', SubgroupMatrixMatMulProgram ('rows' source, [E, N, K] f32 weight read along k, N 1536,
- * K 2048; padding rows must come out 0), 'matmul-if' the same with its K loop inside
- * if (e >= 0) as on the wrong run, 'weightGrad' SubgroupMatrixWeightGradProgram (rows × rows,
- * dW [E, 1536, 2048]; right in tfjs on that run: the control). `dryRun`: a small problem with the
- * matrices stood in for (Mesa: the plumbing only).
+ * Every Dawn instance made, kept for the life of the process: an instance collected while another
+ * works (the Vulkan one that found no adapter on Mesa) brought the process down in a later
+ * getCompilationInfo.
  */
-async function packageProgram(r: Runner, results: unknown[], kind: 'matmul' | 'matmul-if' | 'weightGrad', dryRun = false): Promise<void> {
-  const [perExpert, real, N, K] = dryRun ? [128, 100, 128, 64] : [1024, 1000, 1536, 2048];
-  const E = 2, capacity = E * perExpert;
-  const grad = kind === 'weightGrad';
-  const entry: Record<string, unknown> = { problem: 'grouped rows', name: grad
-    ? 'package SubgroupMatrixWeightGradProgram (rows x rows, dW [E, P, Q])'
-    : `package SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])${kind === 'matmul-if' ? ', K loop inside if (e >= 0) as on 2026-12-05' : ''}` };
-  results.push(entry);
-  log(String(entry.name));
-  const program = grad
-    ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32)
-    : new SubgroupMatrixMatMulProgram(capacity, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
-  const shader = packageProgramShader(program, kind === 'matmul-if');
-  // the dry run's f32 slabs at half length, within Mesa's 32 KiB (its numbers are no product anyway)
-  const code = dryRun
-    ? standInMatrices(shader).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
-    : shader;
-  const pr = Int32Array.from({ length: capacity }, (_, row) => (row % perExpert < real ? row : -1));
-  const seg = Int32Array.from([0, perExpert, capacity, real, real]);
-  const uniformData = new ArrayBuffer(48);
-  // matmul: A [capacity, K], W [E, N, K]; weightGrad: L [capacity, N], R [capacity, K]
-  const a = sixtyFourths(capacity * (grad ? N : K));
-  const w = sixtyFourths(grad ? capacity * K : E * N * K);
-  let samples: number[][];
-  let expected: number[];
-  let inputs: GPUBuffer[];
-  let outLength: number;
-  if (grad) {
-    outLength = E * N * K;
-    new Int32Array(uniformData, 0, 7).set([N, K, 1, E, N * K, K, 1]);
-    new Float32Array(uniformData, 28, 3).set([1, 0, 0]);
-    samples = Array.from({ length: 512 }, () => [Math.floor(rand() * E), Math.floor(rand() * N), Math.floor(rand() * K)]);
-    expected = samples.map(([e, p, q]) => {
-      let s = 0;
-      for (let row = e * perExpert; row < e * perExpert + real; row++) s += a[row * N + p] * w[row * K + q];
-      return s;
-    });
-    inputs = [r.buffer(outLength * 4), r.buffer(a), r.buffer(w), r.buffer(seg)];
-  } else {
-    outLength = capacity * N;
-    new Int32Array(uniformData, 0, 8).set([capacity, N, K, 1, E, N * K, K, 1]);
-    new Float32Array(uniformData, 32, 3).set([1, 0, 0]);
-    samples = Array.from({ length: 512 }, (_, i) => [
-      i < 32 ? Math.floor(rand() * E) * perExpert + real + Math.floor(rand() * (perExpert - real)) : Math.floor(rand() * capacity),
-      Math.floor(rand() * N)]);
-    expected = samples.map(([row, n]) => {
-      if (pr[row] < 0) return 0;
-      const e = Math.floor(row / perExpert);
-      let s = 0;
-      for (let k = 0; k < K; k++) s += a[row * K + k] * w[(e * N + n) * K + k];
-      return s;
-    });
-    inputs = [r.buffer(outLength * 4), r.buffer(a), r.buffer(w), r.buffer(seg), r.buffer(pr)];
-  }
-  const at = (sample: number[]) => (grad ? (sample[0] * N + sample[1]) * K + sample[2] : sample[0] * N + sample[1]);
-  const scale = Math.max(...expected.map(Math.abs));
-  const uniforms = r.device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
-  r.device.queue.writeBuffer(uniforms, 0, uniformData);
-  try {
-    await r.run(entry, code, inputs, inputs[0], uniforms, program.dispatch, 2 * E * (grad ? real : perExpert) * N * K,
-        c => samples.reduce((worst, sample, i) => Math.max(worst, Math.abs(c[at(sample)] - expected[i]) / scale), 0));
-  } catch (err) {
-    entry.error = String((err as Error)?.message ?? err).slice(0, 800);
-  }
-  log(`package program: ${JSON.stringify({ rel: entry.maxRelError, tflops: entry.tflops, err: entry.error ?? entry.compileErrors })}`);
-  for (const g of [...inputs, uniforms]) g.destroy();
+const instances: GPU[] = [];
+
+async function requestAdapter(hold = true): Promise<GPUAdapter> {
+  const instance = (flags: string[]) => {
+    const gpu = create(flags);
+    if (hold) instances.push(gpu);
+    return gpu;
+  };
+  // Vulkan (the GPU machine); else Mesa's GL
+  const adapter = await instance(FLAGS).requestAdapter({ powerPreference: 'high-performance' }) ??
+      await instance([...FLAGS, 'backend=opengles']).requestAdapter({ featureLevel: 'compatibility' });
+  if (!adapter) throw new Error('no adapter');
+  return adapter;
 }
 
-async function main(): Promise<void> {
-  // Vulkan (the GPU machine); else Mesa's GL, only to report what it lacks
-  const adapter = await create(FLAGS).requestAdapter({ powerPreference: 'high-performance' }) ??
-      await create([...FLAGS, 'backend=opengles']).requestAdapter({ featureLevel: 'compatibility' });
-  if (!adapter) throw new Error('no adapter');
-  const features = ['shader-f16', 'chromium-experimental-subgroup-matrix', 'subgroups', 'timestamp-query'].filter(f => adapter.features.has(f)) as GPUFeatureName[];
-  report.features = features;
-  report.adapter = (adapter.info as unknown as { description?: string }).description;
-  const lacking = ['shader-f16', 'chromium-experimental-subgroup-matrix'].filter(f => !adapter.features.has(f));
-  if (lacking.length > 0) {
-    report.noSubgroupMatrix = `no subgroup matrix: the adapter lacks ${lacking.join(' and ')}`;
-    log(String(report.noSubgroupMatrix));
-    if (process.env.VARIANTS_HARNESS !== '1') finish();
-    // dry run of the harness (buffers, bind groups, read back, check, timing) with a plain f32 GEMM
-    // and the package program's plumbing (bindings, uniforms, dispatch) with the matrices stood in for: its numbers are no product
-    const device = await adapter.requestDevice({ requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize } });
-    const results: unknown[] = [];
-    report.results = results;
-    const r = runner(device);
-    await gemmVariants(r, { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, results, p => [plainVariant(p)]);
-    // one program per process (DRY_KINDS=weightGrad for the other): on Mesa's GL a second one after the
-    // first, with its half-length stand-in slabs, brings the process down
-    await packageProgram(r, results, process.env.DRY_KINDS === 'weightGrad' ? 'weightGrad' : 'matmul', true);
-    finish();
-  }
-  const device = await adapter.requestDevice({ requiredFeatures: features,
+const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
+
+async function child(id: string): Promise<void> {
+  const c = [...CASES, ...HARNESS_CASES].find(x => x.id === id);
+  if (!c) throw new Error(`variants: no case ${id}`);
+  const entry: Record<string, unknown> = {};
+  tell({ phase: 'adapter' });
+  const adapter = await requestAdapter(!c.dropInstance);
+  const features = WANTED.filter(f => adapter.features.has(f));
+  const device = await adapter.requestDevice({ requiredFeatures: harness ? [] : features,
     requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
       maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize, maxBufferSize: adapter.limits.maxBufferSize } });
-  report.maxComputeWorkgroupStorageSize = device.limits.maxComputeWorkgroupStorageSize;
-  const r = runner(device);
-  const results: unknown[] = [];
-  report.results = results;
-  for (const kind of ['matmul', 'matmul-if', 'weightGrad'] as const) await packageProgram(r, results, kind);
-  for (const p of PROBLEMS) await gemmVariants(r, p, results);
-  finish();
+  tell({ phase: 'inputs' });
+  const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness) : gemmRun(device, c.spec.problem, c.spec.variant(c.spec.problem));
+  if (c.dropInstance) {
+    tell({ phase: 'gc' });
+    (globalThis as { gc?: () => void }).gc?.();
+  }
+  await runOnce(device, entry, run, c.spec.timing);
+  tell({ result: entry });
+  device.destroy();
 }
-setTimeout(() => { report.watchdog = 'stopped at 100 s'; finish(); }, 100_000).unref();
-main().catch(err => { report.fatal = String(err?.stack ?? err); finish(); });
+
+// ---- the parent: every case in its own process ------------------------------------------------
+
+interface Outcome extends Record<string, unknown> { id: string; name: string }
+
+function runCase(c: Case): Promise<Outcome> {
+  return new Promise(resolve => {
+    const outcome: Outcome = { id: c.id, name: c.name };
+    const t0 = Date.now();
+    // the same script (the bundle, or tsx's loader in execArgv), one case
+    const proc = spawn(process.execPath, [...process.execArgv, ...(c.dropInstance ? ['--expose-gc'] : []), process.argv[1]], {
+      env: { ...process.env, VARIANT_CASE: c.id }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let pending = '';
+    const stderrTail: string[] = [];
+    proc.stdout.on('data', (chunk: Buffer) => {
+      pending += chunk.toString();
+      const lines = pending.split('\n');
+      pending = lines.pop()!;
+      for (const line of lines) {
+        try {
+          const m = JSON.parse(line) as { phase?: string; partial?: object; result?: object };
+          if (m.phase) outcome.lastPhase = m.phase;
+          if (m.partial) Object.assign(outcome, m.partial);
+          if (m.result) Object.assign(outcome, m.result, { done: true });
+        } catch {
+          stderrTail.push(line.slice(0, 300));
+        }
+      }
+    });
+    proc.stderr.on('data', (chunk: Buffer) => {
+      for (const line of chunk.toString().split('\n')) if (line.trim()) stderrTail.push(line.slice(0, 300));
+      stderrTail.splice(0, Math.max(0, stderrTail.length - 8));
+    });
+    // the dropped instance may hang rather than crash (it does on Mesa): less of the budget for it
+    const timeout = c.dropInstance ? CASE_TIMEOUT_MS / 2 : CASE_TIMEOUT_MS;
+    const timer = setTimeout(() => { outcome.timedOut = true; proc.kill('SIGKILL'); }, timeout);
+    proc.on('close', (code, signal) => {
+      clearTimeout(timer);
+      outcome.seconds = (Date.now() - t0) / 1000;
+      if (signal && !outcome.timedOut) Object.assign(outcome, { crashed: true, signal });
+      else if (code !== 0 && !outcome.timedOut) Object.assign(outcome, { crashed: true, exitCode: code });
+      if (!outcome.done || outcome.crashed) outcome.stderrTail = stderrTail;
+      resolve(outcome);
+    });
+  });
+}
+
+async function parent(): Promise<void> {
+  const report: Record<string, unknown> = { check: 'webgpu_tc variants v3', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
+  const write = (name: string) => {
+    if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
+  };
+  const adapter = await requestAdapter();
+  report.adapter = (adapter.info as unknown as { description?: string }).description;
+  report.features = WANTED.filter(f => adapter.features.has(f));
+  const lacking = ['shader-f16', 'chromium-experimental-subgroup-matrix'].filter(f => !adapter.features.has(f));
+  let cases = CASES;
+  if (lacking.length > 0) {
+    report.noSubgroupMatrix = `no subgroup matrix: the adapter lacks ${lacking.join(' and ')}`;
+    process.stderr.write(`[variants ${elapsed()}s] ${report.noSubgroupMatrix}\n`);
+    cases = harness ? HARNESS_CASES : [];
+  }
+  const only = process.env.VARIANT_CASES?.split(',');
+  if (only) cases = cases.filter(c => only.includes(c.id));
+  const results: Outcome[] = [];
+  report.results = results;
+  for (const c of cases) {
+    if (Date.now() - started > TIME_BUDGET_MS) { results.push({ id: c.id, name: c.name, skipped: 'out of time budget' }); continue; }
+    process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${c.name}\n`);
+    const o = await runCase(c);
+    results.push(o);
+    const brief = { rel: o.maxRelError, tflops: o.tflops, crashed: o.crashed, signal: o.signal, timedOut: o.timedOut, lastPhase: o.done ? undefined : o.lastPhase,
+      err: o.error ?? o.compileErrors ?? (o.deviceErrors as string[] | undefined)?.[0] };
+    process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${JSON.stringify(brief)}\n`);
+    write('variants.partial.json');
+  }
+  report.elapsedMs = Date.now() - started;
+  process.stdout.write(JSON.stringify(report, null, 1) + '\n');
+  write('variants.json');
+}
+
+const caseId = process.env.VARIANT_CASE;
+if (caseId) {
+  child(caseId).then(() => process.exit(0), err => { tell({ result: { error: String(err?.stack ?? err).slice(0, 800) } }); process.exit(0); });
+} else {
+  parent().then(() => process.exit(0), err => { process.stdout.write(JSON.stringify({ fatal: String(err?.stack ?? err) }) + '\n'); process.exit(0); });
+}

@@ -20,8 +20,9 @@ import {
   MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
-  gemmLayout, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
+  gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
 } from '../../../tools/webgpu_tc/variant_codes.js';
+import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
 import { compileErrors } from './helpers.js';
 
 const E = MATRIX_EDGE;
@@ -72,13 +73,16 @@ function emulateWorkgroup(w: Emulated): Float64Array {
     const As = new Float64Array(sizes.a).fill(NaN);
     const Bs = new Float64Array(sizes.b).fill(NaN);
     for (let lid = 0; lid < threads; lid++) {
-      for (let i = lid; i < l.rows * l.depth; i += threads) {
+      // the programs' uniformStrideLoop: element lid + step·threads, the same steps for every invocation
+      for (let step = 0; step < l.rows * l.depth / threads; step++) {
+        const i = lid + step * threads;
         const { m, k } = stagedElementA(x, l, i);
         const at = aIndex(x, l, m, k);
         if (!Number.isNaN(As[at])) throw new Error(`As[${at}] staged twice`);
         As[at] = k0 + k < w.inner ? w.left(m, k0 + k) : 0;
       }
-      for (let i = lid; i < l.depth * l.cols; i += threads) {
+      for (let step = 0; step < l.depth * l.cols / threads; step++) {
+        const i = lid + step * threads;
         const { k, n } = stagedElementB(x, l, i, w.kFastestB);
         const at = bIndex(x, l, k, n);
         if (!Number.isNaN(Bs[at])) throw new Error(`Bs[${at}] staged twice`);
@@ -112,7 +116,8 @@ function emulateWorkgroup(w: Emulated): Float64Array {
         const lane = lid % w.subgroupSize;
         const part = partOrigin(x, l, Math.trunc(lid / w.subgroupSize));
         const slot = resultSlot(x, s);
-        for (let t = lane; t < E * E; t += w.subgroupSize) {
+        for (let step = 0; step < E * E / w.subgroupSize; step++) {
+          const t = lane + step * w.subgroupSize;
           const { m, n } = slotElement(x, part.row, part.col, i, j, t);
           if (!Number.isNaN(out[m * l.cols + n])) throw new Error(`block element (${m}, ${n}) written twice`);
           out[m * l.cols + n] = Ts[slot.offset + t];
@@ -215,7 +220,7 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     // the epilogue's lane loop and slot reads
     const slots = epilogueThroughSlots(MATMUL_LAYOUT, 'subgroup', 'lane', 32, 'partRow', 'partCol', () => '');
     expect(slots).to.contain('subgroupMatrixStore(&Ts, (subgroup * 256u), c3_3, false, 16u);');
-    expect(squash(mm)).to.contain('for (var t = lane; t < 256u; t += 32u) {');
+    expect(squash(mm)).to.contain('for (var step = 0u; step < 8u; step++) { let t = lane + step * 32u;');
     expect(squash(mm)).to.contain('Ts[((subgroup * 256u) + t)]');
   });
 });
@@ -243,26 +248,36 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
 
   const rowsProgram = new SubgroupMatrixMatMulProgram(2048, 1536,
       { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
-  for (const ifWrapped of [false, true]) {
-    it(`the package's program outside tfjs${ifWrapped ? ', K loop inside if (e >= 0)' : ''}: valid WGSL around the matrix builtins`, async () => {
-      const code = packageProgramShader(rowsProgram, ifWrapped);
+  const gradProgram = new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048,
+      { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32);
+  const layouts: Array<[string, PackageShaderOptions]> = [
+    ['as tfjs calls it (an entry point calls main)', { entry: 'wrapper' }],
+    ['inline (main is the entry point)', { entry: 'inline' }],
+  ];
+  for (const [name, options] of layouts) {
+    it(`the package's programs outside tfjs, ${name}: valid WGSL around the matrix builtins`, async () => {
+      const code = packageProgramShader(rowsProgram, options);
       expect(code.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n')).to.equal(true);
-      expect(code.includes('if (e >= 0) { for (var k0 = 0; k0 < kEnd;')).to.equal(ifWrapped);
+      expect(code.includes('main_();')).to.equal(options.entry === 'wrapper');
       expect(await compileErrors(standIn(code))).to.deep.equal([]);
+      expect(await compileErrors(standIn(packageProgramShader(gradProgram, options)))).to.deep.equal([]);
     });
   }
 
-  it('the package\'s weight-gradient program outside tfjs: valid WGSL around the matrix builtins', async () => {
-    const program = new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32);
-    expect(await compileErrors(standIn(packageProgramShader(program, false)))).to.deep.equal([]);
+  it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
+    for (const [program, userCode] of [[rowsProgram, OLD_MATMUL_ROWS], [gradProgram, OLD_WEIGHT_GRAD_ROWS]] as const) {
+      const code = packageProgramShader(program, { entry: 'wrapper', userCode });
+      expect(code).to.contain('for (var i = localIndex; i < 4096u; i += 128u)');
+      expect(await compileErrors(standIn(code))).to.deep.equal([]);
+    }
   });
 
-  it('packageProgramShader takes only the inputs it binds, and the K loop it knows', () => {
+  it('packageProgramShader takes only the inputs it binds, and code with a main()', () => {
     const withBias = new SubgroupMatrixMatMulProgram(256, 128,
         { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false }, 32);
-    expect(() => packageProgramShader(withBias, false)).to.throw('packageProgramShader: no binding for input bias');
-    const moved = Object.assign(Object.create(rowsProgram) as SubgroupMatrixMatMulProgram, { getUserCode: () => 'fn main() {}' });
-    expect(() => packageProgramShader(moved, true)).to.throw('packageProgramShader: the K loop moved');
+    expect(() => packageProgramShader(withBias)).to.throw('packageProgramShader: no binding for input bias');
+    expect(() => packageProgramShader(rowsProgram, { entry: 'inline', userCode: 'fn start() {}' }))
+      .to.throw('packageProgramShader: the code has no fn main() {');
   });
 
   it('a variant with a mistake does not compile (the check above can fail)', async () => {

@@ -200,23 +200,35 @@ export interface GroupedMatMulSpec {
  * WGSL (inside main, with lid and row0 set): the tile's expert into `tileExpert` (−1 past the last
  * group) and the source row of each of its `rows` rows into `rowSrc` (−1 on padding), once per
  * tile instead of a plan lookup per element; a workgroupUniformLoad of tileExpert publishes both.
+ * `uniformSteps` (the subgroup-matrix programs): the row loop takes the same number of steps in
+ * every invocation, as the matrix operations after it need (rather than one that stops at `rows`
+ * at a different step for each).
  */
-export function tileRowsSnippet(source: RowSource, rows: number, threads: number): string {
+export function tileRowsSnippet(source: RowSource, rows: number, threads: number, uniformSteps = false): string {
   const rowSource = source === 'gather' ? 'p / uniforms.topK' : 'r';
-  return `if (lid == 0) {
-          var e = -1;
-          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
-          tileExpert = e;
-        }
-        for (var m = lid; m < ${rows}; m += ${threads}) {
-          let r = row0 + m;
+  const row = `let r = row0 + m;
           var src = -1;
           if (r < uniforms.numRows) {
             let p = pr[r];
             if (p >= 0) { src = ${rowSource}; }
           }
-          rowSrc[m] = src;
+          rowSrc[m] = src;`;
+  const loop = uniformSteps
+    ? `for (var step = 0; step < ${Math.ceil(rows / threads)}; step++) {
+          let m = lid + step * ${threads};
+          if (m < ${rows}) {
+            ${row}
+          }
+        }`
+    : `for (var m = lid; m < ${rows}; m += ${threads}) {
+          ${row}
         }`;
+  return `if (lid == 0) {
+          var e = -1;
+          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
+          tileExpert = e;
+        }
+        ${loop}`;
 }
 
 export class GroupedMatMulProgram implements WebGPUProgram {

@@ -207,9 +207,29 @@ export function multiplySlab(l: SlabLayout, partRow: string, partCol: string): s
 }
 
 /**
+ * WGSL: a loop over `count` items shared by `threads` invocations, item `index` = `first` + step·threads
+ * for step < count / threads: the same trip count for every invocation (a loop that starts at the
+ * invocation's own index and stops at `count` has a per-invocation bound, and the subgroup-matrix
+ * builtins after it need every invocation of the subgroup back in step). `count` must be whole steps.
+ *
+ * ```js
+ * uniformStrideLoop('i', 'localIndex', 4096, 128, 'As[i] = 0.0h;');
+ * // for (var step = 0u; step < 32u; step++) { let i = localIndex + step * 128u; As[i] = 0.0h; }
+ * ```
+ */
+export function uniformStrideLoop(index: string, first: string, count: number, threads: number, body: string): string {
+  if (count % threads !== 0) throw new Error(`uniformStrideLoop: ${count} items are not whole steps of ${threads} invocations`);
+  return `for (var step = 0u; step < ${count / threads}u; step++) {
+            let ${index} = ${first} + step * ${threads}u;
+            ${body}
+          }`;
+}
+
+/**
  * WGSL: the epilogue, one result matrix at a time (see the file comment): `subgroup` and `lane`
  * u32 expressions; `write(m, n, v)` the statement for block element (m, n) (u32) of value v.
- * Every subgroup takes the same steps, so the barriers are in uniform control flow.
+ * Every invocation takes the same steps (uniformStrideLoop over the slot's elements), so the
+ * stores and the barriers are in uniform control flow.
  */
 export function epilogueThroughSlots(l: SlabLayout, subgroup: string, lane: string, subgroupSize: number,
     partRow: string, partCol: string, write: (m: string, n: string, v: string) => string): string {
@@ -221,9 +241,7 @@ export function epilogueThroughSlots(l: SlabLayout, subgroup: string, lane: stri
       const { m, n } = slotElement(x, partRow, partCol, i, j, 't');
       lines.push(`subgroupMatrixStore(&Ts, ${slot.offset}, c${i}_${j}, ${slot.colMajor}, ${slot.stride}u);`,
           'workgroupBarrier();',
-          `for (var t = ${lane}; t < ${MATRIX_EDGE * MATRIX_EDGE}u; t += ${subgroupSize}u) {`,
-          `  ${write(m, n, `Ts[${x.add(slot.offset, 't')}]`)}`,
-          '}',
+          uniformStrideLoop('t', lane, MATRIX_EDGE * MATRIX_EDGE, subgroupSize, write(m, n, `Ts[${x.add(slot.offset, 't')}]`)),
           'workgroupBarrier();');
     }
   }

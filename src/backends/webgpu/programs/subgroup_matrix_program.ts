@@ -30,7 +30,7 @@ import {
 import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
 import {
   aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
-  type SlabLayout, slabSizes, stagedElementA, stagedElementB, wgslU32,
+  type SlabLayout, slabSizes, stagedElementA, stagedElementB, uniformStrideLoop, wgslU32,
 } from './subgroup_matrix_core.js';
 
 /**
@@ -89,8 +89,8 @@ const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
 const OPERAND_SCALE = `
   fn operandScale() -> f32 {
     let m = amax[0];
-    if (!(m > 0.0) || m > 3.0e38) { return 1.0; }
-    return exp2(clamp(floor(log2(16384.0 / m)), -100.0, 100.0));
+    let usable = m > 0.0 && m <= 3.0e38;
+    return select(1.0, exp2(clamp(floor(log2(16384.0 / select(1.0, m, usable))), -100.0, 100.0)), usable);
   }`;
 
 /**
@@ -115,17 +115,16 @@ function workgroupArrays(layout: SlabLayout): string {
 }
 
 /**
- * WGSL: one staging loop, `count` slab elements over the workgroup's invocations: `at(i)` declares
- * the element's coordinates (u32) for step i, `body` computes `v` (f32) and `index` is where the
- * f16 goes.
+ * WGSL: one staging loop, `count` slab elements over the workgroup's invocations, the same number
+ * of steps for each (uniformStrideLoop): `at` declares the coordinates (u32) of element i, `body`
+ * computes `v` (f32) without branching (indices clamped into range, then select: every invocation
+ * runs the same instructions up to the matrix operations) and `index` is where the f16 goes.
  */
 function stage(array: string, count: number, threads: number, at: string, body: string, index: string): string {
-  return `for (var i = localIndex; i < ${count}u; i += ${threads}u) {
-            ${at}
+  return uniformStrideLoop('i', 'localIndex', count, threads, `${at}
             var v = 0.0;
             ${body}
-            ${array}[${index}] = f16(v);
-          }`;
+            ${array}[${index}] = f16(v);`);
 }
 
 /**
@@ -184,20 +183,25 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let row0 = i32(workgroupId.y) * ${rows};
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
-        ${tileRowsSnippet(this.spec.source, rows, threads)}
+        ${tileRowsSnippet(this.spec.source, rows, threads, true)}
         let e = workgroupUniformLoad(&tileExpert);
         ${declareAccumulators(layout)}
-        // a block past the rows in use (e < 0) runs no step: a uniform loop bound rather than a
-        // branch around the matrix operations, the control flow of the verified variants
+        // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
+        // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
+        // matrix operations
         let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
         for (var k0 = 0; k0 < kEnd; k0 += ${depth}) {
           ${stage('As', rows * depth, threads, `let mm = ${a.m}; let kk = ${a.k};`,
-              'let k = k0 + i32(kk);\n            if (k < uniforms.inner) { v = loadA(i32(mm), k) * s; }',
+              'let kAt = k0 + i32(kk);\n' +
+              '            let a = loadA(i32(mm), min(kAt, uniforms.inner - 1)) * s;\n' +
+              '            v = select(0.0, a, kAt < uniforms.inner);',
               aIndex(x, layout, 'mm', 'kk'))}
           ${stage('Bs', depth * cols, threads, `let kk = ${b.k}; let nn = ${b.n};`,
-              'let k = k0 + i32(kk);\n            let n = col0 + i32(nn);\n' +
-              `            if (n < uniforms.outCols && k < uniforms.inner) { ${loadW.assign} }`,
+              'let kAt = k0 + i32(kk);\n            let nAt = col0 + i32(nn);\n' +
+              '            let k = min(kAt, uniforms.inner - 1);\n            let n = min(nAt, uniforms.outCols - 1);\n' +
+              `            ${loadW.assign}\n` +
+              '            v = select(0.0, v, nAt < uniforms.outCols && kAt < uniforms.inner);',
               bIndex(x, layout, 'kk', 'nn'))}
           workgroupBarrier();
           ${multiplySlab(layout, 'partRow', 'partCol')}
@@ -208,14 +212,13 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           let m = ${m};
           let r = row0 + i32(m);
           let c = col0 + i32(${n});
+          // the store is the only branch: no subgroup-wide operation inside, and padding rows and
+          // blocks past the rows in use get 0 by select
           if (r < uniforms.numRows && c < uniforms.outCols) {
-            var v = 0.0;
-            if (e >= 0 && rowSrc[m] >= 0) {
-              v = unscale * ${v};
-              ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
-              ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-            }
-            result[r * uniforms.outCols + c] = v;
+            var v = unscale * ${v};
+            ${this.spec.hasBias ? 'v += bias[max(e, 0) * uniforms.outCols + c];' : ''}
+            ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
+            result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
       }
@@ -287,11 +290,13 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         for (var r0 = 0; r0 < count; r0 += ${depth}) {
           ${stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
               'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
-              '            if (p < uniforms.P && r < count) { v = loadL(start + r, p) * s; }',
+              '            let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1)) * s;\n' +
+              '            v = select(0.0, l, p < uniforms.P && r < count);',
               aIndex(x, layout, 'pp', 'rr'))}
           ${stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
               'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
-              '            if (q < uniforms.Q && r < count) { v = loadR(start + r, q); }',
+              '            let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1));\n' +
+              '            v = select(0.0, rv, q < uniforms.Q && r < count);',
               bIndex(x, layout, 'rr', 'qq'))}
           workgroupBarrier();
           ${multiplySlab(layout, 'partRow', 'partCol')}

@@ -1,0 +1,108 @@
+/**
+ * The control flow around the subgroup-matrix builtins and barriers of the package's programs
+ * (issue 13): tools/webgpu_tc/uniformity.ts's audit finds nothing in any program variant, and
+ * finds what it should in the programs of db64af4 (wrong on the H100) and in small shaders with
+ * each mistake. Pure text: no device needed.
+ */
+import { expect } from 'chai';
+import { uniformStrideLoop } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
+import {
+  SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+} from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
+import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
+import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
+import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
+import { packageProgramShader } from '../../../tools/webgpu_tc/variant_codes.js';
+
+describe('webgpu: subgroup-matrix programs reach the matrix builtins and barriers in uniform control flow', () => {
+  const bf16: PackedWeightSpec = { kind: 'bf16', cols: 96, layout: null };
+  const matMulSpecs: Array<Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean }> = [
+    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
+    { source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
+    { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: true, hasAddend: false, kContiguous: true, scaled: false },
+    { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: bf16 },
+  ];
+  const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
+    { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },
+    { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: true, scaled: true },
+  ];
+  // 16 and 64 invocations per subgroup: 64 and 256 per workgroup, fewer or more than the block's 128 rows
+  for (const subgroupSize of [16, 32, 64]) {
+    it(`every program variant at subgroup size ${subgroupSize}: no per-invocation branch around them, no per-invocation loop bound, no early exit`, () => {
+      for (const spec of matMulSpecs) {
+        const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize);
+        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+      }
+      for (const spec of gradSpecs) {
+        const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, subgroupSize);
+        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+      }
+    });
+  }
+
+  it('the shader the device batch runs outside tfjs too (the stand-in preamble calls main from the entry point)', () => {
+    const program = new SubgroupMatrixMatMulProgram(2048, 1536,
+        { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+    const code = packageProgramShader(program);
+    expect(code).to.contain('main_();');
+    expect(auditSubgroupControlFlow(code)).to.deep.equal([]);
+  });
+
+  it('finds the per-invocation loops of db64af4\'s programs (staging, the row sources, the epilogue\'s lanes)', () => {
+    const headers = (code: string) => auditSubgroupControlFlow(code).map(f => `${f.kind}: ${f.at}`);
+    const matmul = headers(OLD_MATMUL_ROWS);
+    expect(new Set(matmul)).to.deep.equal(new Set([
+      'loop: for (var m = lid; m < 128; m += 128)',
+      'loop: for (var i = localIndex; i < 4096u; i += 128u)',
+      'loop: for (var t = lane; t < 256u; t += 32u)',
+    ]));
+    // two staging loops per slab, one lane loop per result matrix (4×4)
+    expect(matmul.length).to.equal(1 + 2 + 16);
+    expect(headers(OLD_WEIGHT_GRAD_ROWS).length).to.equal(2 + 16);
+  });
+
+  it('finds a matrix operation or barrier under a per-invocation branch, its else, a loop or an exit', () => {
+    const shader = (body: string) => `fn helper() -> f32 { return 1.0; }\nfn main() {\n  let lid = i32(localIndex);\n  ${body}\n}`;
+    expect(auditSubgroupControlFlow(shader('if (lid == 0) { subgroupMatrixStore(&Ts, 0u, c, false, 16u); }'))).to.deep.equal([
+      { kind: 'enclosed', fn: 'main', at: 'subgroupMatrixStore(&Ts, 0u, c, false, 16u)' },
+    ]);
+    // through a value computed from the invocation, and in the else of such a branch
+    expect(auditSubgroupControlFlow(shader('let first = lid < 32; if (first) { x = 1; } else { workgroupBarrier(); }')))
+      .to.deep.equal([{ kind: 'enclosed', fn: 'main', at: 'workgroupBarrier()' }]);
+    expect(auditSubgroupControlFlow(shader('for (var i = lid; i < 64; i += 32) { x = 1; }\nworkgroupBarrier();'))).to.deep.equal([
+      { kind: 'loop', fn: 'main', at: 'for (var i = lid; i < 64; i += 32)' },
+    ]);
+    expect(auditSubgroupControlFlow(shader('if (lid > 3) { return; }\nworkgroupBarrier();'))).to.deep.equal([
+      { kind: 'exit', fn: 'main', at: 'return' },
+    ]);
+    // a value assigned under a per-invocation branch is per-invocation
+    expect(auditSubgroupControlFlow(shader('var n = 4; if (lid == 0) { n = 8; }\nfor (var i = 0; i < n; i++) { workgroupBarrier(); }'))
+      .map(f => f.kind)).to.deep.equal(['loop', 'enclosed']);
+  });
+
+  it('accepts what is uniform: workgroupUniformLoad, uniforms, a shadowed name, a guarded store without collective operations', () => {
+    const code = `fn main() {
+      let lid = i32(localIndex);
+      if (lid == 0) { tileExpert = seg[0]; }
+      let e = workgroupUniformLoad(&tileExpert);
+      let kEnd = select(0, uniforms.inner, e >= 0);
+      for (var k0 = 0; k0 < kEnd; k0 += 32) {
+        for (var step = 0u; step < 8u; step++) { let kk = localIndex + step * 128u; if (kk < 100u) { As[kk] = 0.0; } }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 32u; kk += 16u) { let a = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&As, kk, false, 32u); }
+        workgroupBarrier();
+      }
+    }`;
+    expect(auditSubgroupControlFlow(code)).to.deep.equal([]);
+    // functions without collective operations are not audited (the row loaders' early returns)
+    expect(auditSubgroupControlFlow('fn loadA(m : i32) -> f32 { if (m < 0) { return 0.0; } return 1.0; }')).to.deep.equal([]);
+  });
+
+  it('uniformStrideLoop: whole steps only', () => {
+    expect(uniformStrideLoop('i', 'localIndex', 256, 64, 'x[i] = 0;')).to.contain('for (var step = 0u; step < 4u; step++)');
+    expect(() => uniformStrideLoop('i', 'localIndex', 100, 64, '')).to.throw(
+        'uniformStrideLoop: 100 items are not whole steps of 64 invocations');
+  });
+});
