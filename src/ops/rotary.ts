@@ -39,36 +39,55 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
     fail(op, `'cos' and 'sin' must both be [S, D] = [${s}, ${d}] or [B, S, D] with B dividing N = ${n} but got ${shapes}`);
   }
   const half = d / 2;
-  // [B, heads, S, D] against [B, 1, S, D] for per-row tables; as they are for shared ones
-  const rowShape = cos.rank === 2 ? [n, s, d] : [cos.shape[0], n / cos.shape[0], s, d];
-  const tableShape = cos.rank === 2 ? [s, d] : [cos.shape[0], 1, s, d];
+  const layout = rotaryLayout(n, s, d, cos.rank === 2 ? 0 : cos.shape[0]);
   return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const save = args[1] as GradSaveFunc;
-    const cosRows = tf.reshape(cos, tableShape);
-    // (−sin₁, sin₂): reverse((x1, x2)) · (−sin₁, sin₂) = (−x2·sin₁, x1·sin₂) = rotateHalf(x) · sin
-    const sign = tf.tensor1d(Float32Array.from({ length: d }, (_, i) => (i < half ? -1 : 1)));
-    const signedSin = tf.mul(tf.reshape(sin, tableShape), sign);
+    const cosRows = tf.reshape(cos, layout.table);
+    // (−sin₁, sin₂): swapHalves((x1, x2)) · (−sin₁, sin₂) = (−x2·sin₁, x1·sin₂) = rotateHalf(x) · sin
+    const sign = tf.tensor(Float32Array.from({ length: d }, (_, i) => (i < half ? -1 : 1)), layout.table.slice(-layout.signRank));
+    const signedSin = tf.mul(tf.reshape(sin, layout.table), sign);
     // the tables are kept: the caller's tidy disposes them before backward runs
     save([cosRows, signedSin]);
     return {
-      value: rotaryForward(args[0] as Tensor, cosRows, signedSin, n, s, half, rowShape),
-      gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryBackward(dy, saved[0], saved[1], n, s, half, rowShape)],
+      value: rotaryForward(args[0] as Tensor, cosRows, signedSin, layout),
+      gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryBackward(dy, saved[0], saved[1], layout)],
     };
   })(x) as Tensor3D;
 }
 
-/** (t1, t2) → (t2, t1) on the last axis of t [N, S, D]: one Reverse over a [N·S, 2, D/2] view. */
-function swapHalves(t: Tensor, n: number, s: number, half: number, rowShape: number[]): Tensor {
-  return tf.reshape(tf.reverse(tf.reshape(t, [n * s, 2, half]), 1), rowShape);
+/**
+ * Shapes the op works in, and how it swaps the halves of D. Shared tables: x as [N, S, 2, D/2]
+ * against tables [S, 2, D/2], the halves swapped by one Reverse of axis 2 (few reshapes: each is
+ * a tfjs kernel call). Per-row tables: x as [B, heads, S, D] against [B, 1, S, D], the swap on a
+ * [N·S, 2, D/2] view (tfjs-webgpu's Reverse takes rank 4 at most).
+ */
+interface RotaryLayout {
+  out: number[];
+  work: number[];
+  table: number[];
+  /** the trailing axes of `table` that the [D] sign is reshaped to: [2, D/2] or [D] */
+  signRank: number;
+  swapHalves: (t: Tensor) => Tensor;
+}
+
+function rotaryLayout(n: number, s: number, d: number, b: number): RotaryLayout {
+  const half = d / 2;
+  if (b === 0) {
+    return { out: [n, s, d], work: [n, s, 2, half], table: [s, 2, half], signRank: 2, swapHalves: t => tf.reverse(t, 2) };
+  }
+  const work = [b, n / b, s, d];
+  return {
+    out: [n, s, d], work, table: [b, 1, s, d], signRank: 1,
+    swapHalves: t => tf.reshape(tf.reverse(tf.reshape(t, [n * s, 2, half]), 1), work),
+  };
 }
 
 /** x·cos + swapHalves(x)·(−sin₁, sin₂) = x·cos + (−x2·sin₁, x1·sin₂). */
-function rotaryForward(x: Tensor, cosRows: Tensor, signedSin: Tensor, n: number, s: number, half: number,
-    rowShape: number[]): Tensor {
+function rotaryForward(x: Tensor, cosRows: Tensor, signedSin: Tensor, layout: RotaryLayout): Tensor {
   return tf.tidy(() => {
-    const rows = tf.reshape(x, rowShape);
-    const rotated = tf.mul(swapHalves(x, n, s, half, rowShape), signedSin);
-    return tf.reshape(tf.add(tf.mul(rows, cosRows), rotated), [n, s, 2 * half]);  // [N, S, D]
+    const rows = tf.reshape(x, layout.work);
+    const rotated = tf.mul(layout.swapHalves(rows), signedSin);
+    return tf.reshape(tf.add(tf.mul(rows, cosRows), rotated), layout.out);  // [N, S, D]
   });
 }
 
@@ -76,11 +95,10 @@ function rotaryForward(x: Tensor, cosRows: Tensor, signedSin: Tensor, n: number,
  * dx = dy·cos + swapHalves(dy·(−sin₁, sin₂)) = dy·cos + (dy2·sin₂, −dy1·sin₁): the transpose of
  * rotate-half is its negation, dy·cos − rotateHalf(dy·sin).
  */
-function rotaryBackward(dy: Tensor, cosRows: Tensor, signedSin: Tensor, n: number, s: number, half: number,
-    rowShape: number[]): Tensor {
+function rotaryBackward(dy: Tensor, cosRows: Tensor, signedSin: Tensor, layout: RotaryLayout): Tensor {
   return tf.tidy(() => {
-    const rows = tf.reshape(dy, rowShape);
-    const rotated = swapHalves(tf.mul(rows, signedSin), n, s, half, rowShape);
-    return tf.reshape(tf.add(tf.mul(rows, cosRows), rotated), [n, s, 2 * half]);  // [N, S, D]
+    const rows = tf.reshape(dy, layout.work);
+    const rotated = layout.swapHalves(tf.mul(rows, signedSin));
+    return tf.reshape(tf.add(tf.mul(rows, cosRows), rotated), layout.out);  // [N, S, D]
   });
 }
