@@ -9,7 +9,7 @@ import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { rmsNorm, rmsNormReference } from '../../src/ops/rms_norm.js';
 import { expectCloseAsync, expectNoLeakAsync } from '../backends/webgpu/helpers.js';
-import { asF32, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+import { asF32, countKernels, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
 /** float64 RMSNorm over rows of width d, scaled by w (by 1 + w when zeroCentered). */
 function rmsNorm64(x: Float64Array, w: Float64Array, d: number, eps: number, zeroCentered: boolean): Float64Array {
@@ -21,23 +21,6 @@ function rmsNorm64(x: Float64Array, w: Float64Array, d: number, eps: number, zer
     for (let j = 0; j < d; j++) out[r * d + j] = x[r * d + j] * inv * (zeroCentered ? 1 + w[j] : w[j]);
   }
   return out;
-}
-
-/** How many times `fn` runs the kernel `name` (tf.profile warns on webgpu without timestamps). */
-function countKernels(name: string, fn: () => void): number {
-  const engine = tf.engine() as unknown as { runKernel: (kernel: string, ...rest: unknown[]) => unknown };
-  const runKernel = engine.runKernel;
-  let count = 0;
-  engine.runKernel = function (this: unknown, kernel: string, ...rest: unknown[]) {
-    if (kernel === name) count++;
-    return runKernel.call(this, kernel, ...rest);
-  };
-  try {
-    fn();
-  } finally {
-    delete (engine as Partial<typeof engine>).runKernel;  // the prototype's again
-  }
-  return count;
 }
 
 interface NormCase { name: string; shape: number[]; weight: 'random' | 'ones' | 'small'; zeroCentered?: boolean }
