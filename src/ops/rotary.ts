@@ -1,9 +1,10 @@
 /**
  * Rotate-half rotary embedding as one op with its own gradient. Composed on tfjs's tape
  * (`applyRotaryReference`), rotate-half is a split, a negation and a concat, and every kernel
- * saves its inputs and gets tfjs's gradient (slices padded back, broadcast sums): about 30 kernels
- * per call, two calls (q and k) per layer. Here rotate-half is a reverse of the two halves times a
- * signed sin, x·cos + reverse(x)·sin±, and its gradient is the same shape: dy·cos + reverse(dy·sin±).
+ * saves its inputs and gets tfjs's gradient (slices, a concat, casts): 24 kernel calls per call
+ * with its backward, two calls (q and k) per layer. Here rotate-half is a reverse of the two halves
+ * times a signed sin, x·cos + reverse(x)·sin±, and its gradient is the same shape:
+ * dy·cos + reverse(dy·sin±): 17 kernel calls, 9 of them GPU programs against 14.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
