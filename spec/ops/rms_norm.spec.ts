@@ -8,6 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { rmsNorm, rmsNormReference } from '../../src/ops/rms_norm.js';
+import { maxRelativeError } from '../../src/util/numeric.js';
 import { expectCloseAsync, expectNoLeakAsync } from '../backends/webgpu/helpers.js';
 import { asF32, countKernels, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
@@ -100,6 +101,27 @@ describe('ops/rmsNorm', () => {
       tf.dispose([value, grads[trained.name], dx]);
     });
     tf.dispose([xt, gt, frozen, trained]);
+  });
+
+  it('stays exact where mean(x²) nears float32\'s range (tfjs\'s Rsqrt gradient, pow(v, 1.5), overflows there)', async () => {
+    const d = 8;
+    const x = asF32(Array.from({ length: d }, (_, i) => (i % 3 - 1.2) * 3e18 * (1 + i / 7)));  // mean(x²) ≈ 1e37
+    const w = asF32(Array.from({ length: d }, (_, i) => 1000 * (1 + 0.1 * i)));
+    const g = asF32(Array.from({ length: d }, (_, i) => Math.sin(i + 1)));
+    const [xt, wt, gt] = [tensorOf(x, [1, d]), tensorOf(w, [d]), tensorOf(g, [1, d])];
+    // float64 closed form (finite differences cannot step at this scale): dx = r·(g·w − x̂·mean(g·w·x̂))
+    const r = 1 / Math.sqrt(x.reduce((s, v) => s + v * v, 0) / d + eps);
+    const projection = x.reduce((s, v, j) => s + g[j] * w[j] * v * r, 0) / d;
+    const dx64 = x.map((v, j) => r * (g[j] * w[j] - v * r * projection));
+    await expectNoLeakAsync(async () => {
+      const [fused] = tf.grads((a: tf.Tensor) => tf.sum(tf.mul(rmsNorm(a, wt, eps, { trainWeight: false }), gt)))([xt]);
+      const [composed] = tf.grads((a: tf.Tensor) => tf.sum(tf.mul(rmsNormReference(a, wt, eps), gt)))([xt]);
+      await expectCloseAsync(fused, dx64, 1e-6, 'dx', [1, d]);
+      const composedError = maxRelativeError(await composed.data(), dx64);
+      expect(composedError, 'the composed gradient drops the mean term').to.be.above(0.1);
+      tf.dispose([fused, composed]);
+    });
+    tf.dispose([xt, wt, gt]);
   });
 
   it('refuses bad arguments with one message naming the argument', () => {
