@@ -73,3 +73,20 @@ export function expectNoLeak(fn: () => void, label = 'numTensors'): void {
   fn();
   expect(tf.memory().numTensors, label).to.equal(before);
 }
+
+/** How many times `fn` runs the kernel `name` (tf.profile warns on webgpu without timestamps). */
+export function countKernels(name: string, fn: () => void): number {
+  const engine = tf.engine() as unknown as { runKernel: (kernel: string, ...rest: unknown[]) => unknown };
+  const runKernel = engine.runKernel;
+  let count = 0;
+  engine.runKernel = function (this: unknown, kernel: string, ...rest: unknown[]) {
+    if (kernel === name) count++;
+    return runKernel.call(this, kernel, ...rest);
+  };
+  try {
+    fn();
+  } finally {
+    delete (engine as Partial<typeof engine>).runKernel;  // the prototype's again
+  }
+  return count;
+}

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { RMSNorm, rmsNorm } from '../../src/layers/rms_norm.js';
-import { asF32, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
+import { asF32, countKernels, expectClose, expectNoLeak, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
 
 /** float64 RMSNorm over rows of width d. */
 function rmsNorm64(x: Float64Array, w: Float64Array, d: number, eps: number): Float64Array {
@@ -54,6 +54,31 @@ describe('rmsNorm / RMSNorm layer', () => {
     const clone = tfl.layers.Layer.fromConfig(RMSNorm, config) as RMSNorm;
     expect(clone.epsilon).to.equal(1e-5);
     tf.dispose([xt, y]);
+    layer.dispose();
+  });
+
+  it('the layer trains its zero-centred weight (1 + weight) through the op, and a frozen layer\'s weight costs no gradient work', () => {
+    const layer = new RMSNorm({ epsilon: eps, zeroCentered: true });
+    const xt = tensorOf(x, [3, 2, d]);
+    const gt = tensorOf(g, [3, 2, d]);
+    tf.dispose(layer.apply(xt) as tf.Tensor);
+    const small = asF32(rng.array(d, 0.3));
+    tf.tidy(() => layer.setWeights([tensorOf(small, [d])]));
+    const weight = layer.weights[0].read() as tf.Variable;
+    const loss = () => tf.sum(tf.mul(layer.apply(xt) as tf.Tensor, gt)) as tf.Scalar;
+    const onePlus = (ws: Float64Array) => ws.map(v => 1 + v);
+    const loss64 = (xs: Float64Array, ws: Float64Array) => rmsNorm64(xs, onePlus(ws), d, eps).reduce((s, v, i) => s + v * g[i], 0);
+    expectNoLeak(() => {
+      const { value, grads } = tf.variableGrads(loss, [weight]);
+      expectClose(value, [loss64(x, small)], 1e-5, 'loss');
+      expectClose(grads[weight.name], finiteDifferences(v => loss64(x, v), small), 1e-5, 'dweight');
+      tf.dispose([value, grads[weight.name]]);
+    });
+    const sumsOfDx = () => countKernels('Sum', () => tf.dispose(tf.grads((a: tf.Tensor) => tf.sum(tf.mul(layer.apply(a) as tf.Tensor, gt)))([xt])));
+    const trained = sumsOfDx();
+    layer.trainable = false;
+    expect(sumsOfDx()).to.equal(trained - 1);
+    tf.dispose([xt, gt]);
     layer.dispose();
   });
 

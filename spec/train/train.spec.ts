@@ -313,9 +313,11 @@ describe('train: divergence, failures and leaks', () => {
 
     const blown = await tinyModel(1);
     const beforeBlown = tf.memory().numTensors;
-    const blowUp = await reject(trainLoop(blown, PATTERN, { steps: 100, lr: 1000, batch: 4, seq: 8, seed: 1 }));
+    // lr 100: at 1000 the loss now falls to a dead model's ln(vocab) after 5 huge steps, since
+    // rmsNorm's closed-form gradient stays right where tfjs's Rsqrt gradient overflowed
+    const blowUp = await reject(trainLoop(blown, PATTERN, { steps: 100, lr: 100, batch: 4, seq: 8, seed: 1 }));
     expect(blowUp).to.be.instanceOf(TrainError);
-    expect(blowUp.message).to.match(/^the loss diverged: it stayed above .* at step \d+; try a smaller learning rate \(it is 1000\)$/);
+    expect(blowUp.message).to.match(/^the loss diverged: it stayed above .* at step \d+; try a smaller learning rate \(it is 100\)$/);
     expect(tf.memory().numTensors, 'no tensor left behind').to.equal(beforeBlown);
     blown.dispose();
   });

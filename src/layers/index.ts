@@ -6,8 +6,8 @@ export {
   SparseMoE, LORA_TARGETS, EXPERT_LORA_TARGETS, SHARED_LORA_TARGETS, EXPERT_STORAGES, variableFloat32, variableShape,
   type SparseMoEArgs, type LoRAAdapterConfig, type LoRATarget, type ExpertStorage,
 } from './sparse_moe.js';
-export { RMSNorm, rmsNorm, type RMSNormArgs } from './rms_norm.js';
-export { rotaryTables, applyRotary } from './rotary.js';
+export { RMSNorm, rmsNorm, rmsNormReference, type RMSNormArgs, type RMSNormOptions } from './rms_norm.js';
+export { rotaryTables, applyRotary, applyRotaryReference } from './rotary.js';
 export { RotaryAttention, QK_NORMS, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 export { MLAAttention, type MLAAttentionArgs } from './mla_attention.js';
 export { GatedDeltaNet, type GatedDeltaNetArgs, type DeltaNetProjections } from './gated_delta_net.js';

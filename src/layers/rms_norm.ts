@@ -5,21 +5,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
+import { rmsNorm } from '../ops/rms_norm.js';
 import { assertFiniteNumber, fail } from '../ops/validate.js';
 
-/**
- * The norm as a plain differentiable function; `weight` has the size of x's last axis.
- *
- * ```js
- * const y = rmsNorm(x, tf.ones([64]), 1e-6);  // same shape as x
- * ```
- */
-export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, epsilon: number): tf.Tensor {
-  return tf.tidy(() => {
-    const variance = tf.mean(tf.square(x), -1, true);          // [..., 1]
-    return tf.mul(tf.mul(x, tf.rsqrt(tf.add(variance, epsilon))), weight);
-  });
-}
+// the op (one customGrad, closed-form backward) and the plain composed formula it is checked against
+export { rmsNorm, rmsNormReference, type RMSNormOptions } from '../ops/rms_norm.js';
 
 export interface RMSNormArgs extends LayerArgs {
   /** added to the mean square; HF's rms_norm_eps (default 1e-6) */
@@ -61,8 +51,10 @@ export class RMSNorm extends tfl.layers.Layer {
 
   override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
     return tf.tidy(() => {
-      const weight = this.zeroCentered ? tf.add(this.weight!.read(), 1) : this.weight!.read();
-      return rmsNorm(Array.isArray(inputs) ? inputs[0] : inputs, weight, this.epsilon);
+      // a frozen weight (LoRA, freezeBaseLayers) gets no gradient work; as SparseMoE decides it
+      const trainWeight = this.trainable && this.weight!.trainable;
+      return rmsNorm(Array.isArray(inputs) ? inputs[0] : inputs, this.weight!.read(), this.epsilon,
+          { zeroCentered: this.zeroCentered, trainWeight });
     });
   }
 

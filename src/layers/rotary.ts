@@ -152,15 +152,19 @@ export function rotaryTablesAt(positionIds: tf.Tensor2D, headDim: number, theta:
   });
 }
 
+// the op (one customGrad, closed-form backward); applyRotaryReference below is what it computes
+export { applyRotary } from '../ops/rotary.js';
+
 /**
- * x · cos + rotateHalf(x) · sin for x [N, S, D] (heads folded into N: N = B·heads) and tables
- * [S, D] shared by every row, or [B, S, D] per row (rotaryTablesAt).
+ * x · cos + rotateHalf(x) · sin composed of plain ops on tfjs's tape, for x [N, S, D] (heads
+ * folded into N: N = B·heads) and tables [S, D] shared by every row, or [B, S, D] per row
+ * (rotaryTablesAt): the reference `applyRotary` is checked against.
  *
  * ```js
- * const q = applyRotary(q3d, cos, sin);  // [N, S, D]
+ * const q = applyRotaryReference(q3d, cos, sin);  // [N, S, D]
  * ```
  */
-export function applyRotary(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
+export function applyRotaryReference(x: tf.Tensor3D, cos: tf.Tensor2D | tf.Tensor3D, sin: tf.Tensor2D | tf.Tensor3D): tf.Tensor3D {
   return tf.tidy(() => {
     if (cos.rank === 2) return tf.add(tf.mul(x, cos), tf.mul(rotateHalf(x), sin)) as tf.Tensor3D;
     const [n, s, d] = x.shape;
