@@ -345,7 +345,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       // [B*S, n*D] → [B*n, S, D]; the per-head norm acts on the last axis before the transpose
       const heads = (t: tf.Tensor, n: number, norm?: string): tf.Tensor3D => {
         let t4 = tf.reshape(t, [b, s, n, d]);                          // [B, S, n, D]
-        if (norm !== undefined) t4 = rmsNorm(t4, this.qkNormZeroCentered ? tf.add(this.w(norm), 1) : this.w(norm), this.normEpsilon);
+        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon, { zeroCentered: this.qkNormZeroCentered });
         return tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
       };
       const perHead = this.qkNorm === 'perHead';
@@ -370,8 +370,8 @@ export class RotaryAttention extends tfl.layers.Layer {
       if (this.qkNorm === 'l2') {
         // a rotation keeps each head's norm, so normalizing after rope (Llama 4) equals before
         const ones = tf.ones([d]);
-        q3 = rmsNorm(q3, ones, this.normEpsilon) as tf.Tensor3D;
-        k3 = rmsNorm(k3, ones, this.normEpsilon) as tf.Tensor3D;
+        q3 = rmsNorm(q3, ones, this.normEpsilon, { trainWeight: false }) as tf.Tensor3D;
+        k3 = rmsNorm(k3, ones, this.normEpsilon, { trainWeight: false }) as tf.Tensor3D;
       }
       if (this.temperatureTuning !== null) q3 = tf.mul(q3, this.queryTemperature(s, cached.past ?? 0)) as tf.Tensor3D;
       let mask: tf.Tensor2D | tf.Tensor4D;
