@@ -5,7 +5,7 @@
 #   bash bench/e2e/go.sh qwen3        Qwen3-30B-A3B shape (12 of 48 layers; removes the OLMoE checkpoint), the same three
 #   bash bench/e2e/go.sh qwen3-more   ours nf4 and float32 on that checkpoint
 #   bash bench/e2e/go.sh qwen3-full   Qwen3-30B-A3B at full depth (48 layers) with its routed experts all zeros
-#                                     (sparse holes: 61 GB of files, 3.3 GB on the disk; write_checkpoint.ts), ours
+#                                     (sparse holes: 61 GB of files, 3.1 GB on the disk; write_checkpoint.ts), ours
 #                                     only with nf4 experts, once per pool bound (E2E_POOL_LIMITS), sampling the GPU's
 #                                     memory.used (nvidia-smi, every 200 ms) into ours-*/nvidia-smi.json: issue 15's
 #                                     24 GB target. Memory and speed only: zero experts learn nothing real.
@@ -76,7 +76,7 @@ EOF
 
 ckpt=${E2E_MODEL_DIR:-$work/ckpt-$model}
 if [ "$model" = qwen3-full ] && [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
-  # sparse: 3.3 GB on the disk at 48 layers, beside whichever other checkpoint is there
+  # sparse: 3.1 GB on the disk at 48 layers, beside whichever other checkpoint is there
   rm -rf "$ckpt"
   # shellcheck disable=SC2086
   step write_checkpoint 60 ${WRITER:-npx tsx bench/e2e/write_checkpoint.ts} --model qwen3 --layers "${E2E_QWEN3_FULL_LAYERS:-48}" --zero-experts on --out "$ckpt"

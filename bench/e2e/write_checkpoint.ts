@@ -2,7 +2,7 @@
  * A random bf16 checkpoint for ours-only runs on the GPU machine (no PyTorch needed), in HF's layout
  * and shard names (src/bench/load_bench.ts writeRandomBF16Checkpoint), with e2e_checkpoint.json as
  * make_checkpoints.py writes it. `--zero-experts on` leaves the routed experts as holes (zeros that
- * take no disk): Qwen3-30B-A3B's 48 layers are 61 GB of files but 3.3 GB on the disk. Such a run
+ * take no disk): Qwen3-30B-A3B's 48 layers are 61 GB of files but 3.1 GB on the disk. Such a run
  * measures memory and speed of the full depth, not learning: e2e_checkpoint.json says
  * `zeroExperts: true` and ours.ts copies it into result.json.
  *   npx tsx bench/e2e/write_checkpoint.ts --model qwen3 --layers 48 --zero-experts on --out DIR
