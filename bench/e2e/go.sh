@@ -4,6 +4,11 @@
 #   bash bench/e2e/go.sh olmoe-more   ours with 4-bit (nf4) and float32 experts on the same checkpoint
 #   bash bench/e2e/go.sh qwen3        Qwen3-30B-A3B shape (12 of 48 layers; removes the OLMoE checkpoint), the same three
 #   bash bench/e2e/go.sh qwen3-more   ours nf4 and float32 on that checkpoint
+#   bash bench/e2e/go.sh qwen3-full   Qwen3-30B-A3B at full depth (48 layers) with its routed experts all zeros
+#                                     (sparse holes: 61 GB of files, 3.1 GB on the disk; write_checkpoint.ts), ours
+#                                     only with nf4 experts, once per pool bound (E2E_POOL_LIMITS), sampling the GPU's
+#                                     memory.used (nvidia-smi, every 200 ms) into ours-*/nvidia-smi.json: issue 15's
+#                                     24 GB target. Memory and speed only: zero experts learn nothing real.
 # Checkpoints and results stay in $E2E_WORK (default /tmp/e2e-work) while the machine is warm, so the -more
 # phases reuse them; a phase whose checkpoint is gone writes it again. Each phase writes two files to $OUT:
 # e2e-PHASE.tar.gz (result JSONs, logs, adapter_config.json, the GPU's name and driver) and e2e-PHASE.log.
@@ -20,9 +25,14 @@
 #   E2E_TF_FLAGS="" (tf.env() flags for ours, e.g. WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,WEBGPU_MOE_SUBMIT_FLOPS=1e9)
 #   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
 #   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
+#   qwen3-full: E2E_QWEN3_FULL_LAYERS=48 E2E_STEPS=2 E2E_WARMUP=1 (its defaults)  E2E_POOL_LIMITS="0 none" (ours --pool-limit-mb: the most MiB of free buffers
+#   tfjs-webgpu's pool keeps; none: no bound)  E2E_FULL_DTYPE=nf4  WRITER="node .gpu/bundle/write_checkpoint.js"
 set -uo pipefail
-phase=${1:?usage: go.sh olmoe|olmoe-more|qwen3|qwen3-more}
-case "$phase" in olmoe|olmoe-more) model=olmoe ;; qwen3|qwen3-more) model=qwen3 ;; *) echo "unknown phase $phase" >&2; exit 2 ;; esac
+phase=${1:?usage: go.sh olmoe|olmoe-more|qwen3|qwen3-more|qwen3-full}
+case "$phase" in olmoe|olmoe-more) model=olmoe ;; qwen3|qwen3-more) model=qwen3 ;; qwen3-full) model=qwen3-full ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;; esac
+# qwen3-full loads 48 layers twice (one run per pool bound) in one call: fewer steps, enough for the step's peak
+if [ "$phase" = qwen3-full ]; then : "${E2E_STEPS:=2}" "${E2E_WARMUP:=1}"; fi
 [ -f package.json ] || { echo "run from the project root" >&2; exit 2; }
 start=$(date +%s)
 deadline=$((start + ${E2E_BUDGET_S:-560}))
@@ -38,6 +48,7 @@ if [ -z "${OURS:-}" ]; then
   # shellcheck disable=SC1091
   source .gpu/on-device.sh >>"$log" 2>&1
   OURS="node .gpu/bundle/ours.js"
+  WRITER=${WRITER:-node .gpu/bundle/write_checkpoint.js}
   [ -f .gpu/bundle/qwen3-tokenizer.json ] || xz -dk .gpu/bundle/qwen3-tokenizer.json.xz
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"; } > "$work/$model/gpu.txt" 2>&1
@@ -67,7 +78,12 @@ with open(sys.argv[1], "w") as out:
 EOF
 
 ckpt=${E2E_MODEL_DIR:-$work/ckpt-$model}
-if [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
+if [ "$model" = qwen3-full ] && [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
+  # sparse: 3.1 GB on the disk at 48 layers, beside whichever other checkpoint is there
+  rm -rf "$ckpt"
+  # shellcheck disable=SC2086
+  step write_checkpoint 60 ${WRITER:-npx tsx bench/e2e/write_checkpoint.ts} --model qwen3 --layers "${E2E_QWEN3_FULL_LAYERS:-48}" --zero-experts on --out "$ckpt"
+elif [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
   other=$([ "$model" = olmoe ] && echo qwen3 || echo olmoe)
   rm -rf "$ckpt" "$work/ckpt-$other"   # the disk (64 GB) holds one of them
   layers=$([ "$model" = qwen3 ] && echo "--layers ${E2E_QWEN3_LAYERS:-12}" || echo "")
@@ -85,8 +101,48 @@ ours() {  # ours EXPERT_DTYPE [flags]
   step "ours-$dtype" 60 $OURS "${common[@]}" --expert-dtype "$dtype" --name "$dtype" --out "$work/$model/ours-$dtype" ${E2E_OURS_FLAGS:-} "$@"
 }
 
+# ours_sampled NAME FLAGS...: ours with the GPU's memory.used sampled every 200 ms; the peak, the first sample (before
+# the load: what the device held already) and the count go to ours-NAME/nvidia-smi.json
+ours_sampled() {
+  local name=$1; shift
+  local dir="$work/$model/ours-$name"
+  mkdir -p "$dir"
+  local smi_pid=""
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$dir/nvidia-smi.csv" 2>/dev/null &
+    smi_pid=$!
+  fi
+  # shellcheck disable=SC2086
+  step "ours-$name" 60 $OURS "${common[@]}" --name "$name" --out "$dir" ${E2E_OURS_FLAGS:-} "$@"
+  local rc=$?
+  if [ -n "$smi_pid" ]; then kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null; fi
+  python3 - "$dir/nvidia-smi.csv" "$dir/nvidia-smi.json" <<'EOF'
+import json, sys
+try:
+    mib = [int(l.split(",")[0]) for l in open(sys.argv[1]) if l.split(",")[0].strip().isdigit()]
+except OSError:
+    mib = []
+json.dump({"peakMiB": max(mib) if mib else None, "firstMiB": mib[0] if mib else None, "samples": len(mib),
+           "every": "200 ms", "query": "nvidia-smi --query-gpu=memory.used" if mib else "no nvidia-smi (or no samples)"},
+          open(sys.argv[2], "w"), indent=1)
+EOF
+  say "ours-$name: GPU memory.used $(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$dir/nvidia-smi.json")"
+  return $rc
+}
+
 if [ -s "$ckpt/config.json" ]; then
   case "$phase" in
+    qwen3-full)
+      # the adapter (r·E rows per expert weight) is not wanted here
+      for bound in ${E2E_POOL_LIMITS:-0 none}; do
+        dtype=${E2E_FULL_DTYPE:-nf4}
+        if [ "$bound" = none ]; then
+          ours_sampled "$dtype-pool-none" --expert-dtype "$dtype" --save-adapter off
+        else
+          ours_sampled "$dtype-pool-$bound" --expert-dtype "$dtype" --save-adapter off --pool-limit-mb "$bound"
+        fi
+      done
+      ;;
     olmoe|qwen3)
       ours stored
       ids="$work/$model/ours-stored/train_ids/input_ids.safetensors"
@@ -111,7 +167,7 @@ fi
 
 say "packing"
 cp "$ckpt/e2e_checkpoint.json" "$work/$model/" 2>/dev/null
-(cd "$work" && find "$model" \( -name '*.json' -o -name '*.log' -o -name 'gpu.txt' -o -name '*.cpuprofile' \) -not -path '*/adapter_model*' -print0 |
+(cd "$work" && find "$model" \( -name '*.json' -o -name '*.log' -o -name 'gpu.txt' -o -name 'nvidia-smi.csv' -o -name '*.cpuprofile' \) -not -path '*/adapter_model*' -print0 |
   tar czf "$out/e2e-$phase.tar.gz" --null -T -)
 say "done: $out/e2e-$phase.tar.gz"
 cp "$log" "$out/e2e-$phase.log"

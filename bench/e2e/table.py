@@ -7,8 +7,9 @@ MODEL/torch-peft.json, MODEL/peft-compare.json, MODEL/e2e_checkpoint.json, MODEL
 a row for PyTorch + PEFT and one per expert storage of ours: load seconds, tokens/s after warm-up, the ratio to
 PyTorch + PEFT's tokens/s, peak GPU memory, the first step's loss (the same ids and base weights on both sides,
 LoRA B = 0 at the start: the losses should agree), and the PEFT round trip of our bf16-stored adapter.
-Peak memory: ours, the webgpu backend's tf.memory().numBytesAllocatedInGPU (its buffer pool, which keeps what it
-allocated, so the largest seen is the peak); PyTorch, torch.cuda.max_memory_allocated. Both include the weights.
+Peak memory: ours, the webgpu backend's pool at its largest (memory.peakAllocatedBytes, seen at every buffer
+creation; older results: tf.memory().numBytesAllocatedInGPU, the same while the pool is unbounded); with qwen3-full
+the GPU's own memory.used peak (nvidia-smi.json) in the notes; PyTorch, torch.cuda.max_memory_allocated. Both include the weights.
 """
 import json
 import os
@@ -40,9 +41,11 @@ def collect(paths):
         if len(parts) < 2:
             continue
         m = models.setdefault(parts[-2] if parts[-1] in ("torch-peft.json", "peft-compare.json", "e2e_checkpoint.json", "gpu.txt")
-                              else parts[-3] if parts[-1] == "result.json" else "?", {"ours": {}})
+                              else parts[-3] if parts[-1] in ("result.json", "nvidia-smi.json") else "?", {"ours": {}})
         if parts[-1] == "result.json" and parts[-2].startswith("ours-"):
             m["ours"][parts[-2][len("ours-"):]] = json.loads(text)
+        elif parts[-1] == "nvidia-smi.json" and parts[-2].startswith("ours-"):
+            m.setdefault("smi", {})[parts[-2][len("ours-"):]] = json.loads(text)
         elif parts[-1] == "torch-peft.json":
             m["torch"] = json.loads(text)
         elif parts[-1] == "peft-compare.json":
@@ -75,6 +78,9 @@ def table(models):
     for model, m in models.items():
         ck = m.get("checkpoint", {})
         label = model if not ck else f"{model} ({ck.get('layers')}/{ck.get('full_layers')} layers, {ck.get('params', 0) / 1e9:.2f} B)"
+        if ck.get("zeroExperts"):
+            label += ", ZERO experts"
+            notes.append(f"{model}: {ck.get('note')} ({ck.get('zero_bytes', 0) / 1e9:.1f} GB of holes): losses are not a real model's")
         torch_run = m.get("torch")
         base_tps = torch_run.get("tokensPerSecond") if torch_run else None
         if torch_run:
@@ -85,7 +91,11 @@ def table(models):
             r = m["ours"][dtype]
             tps = r.get("tokensPerSecond")
             mem = r.get("memory", {})
-            peak = mem.get("numBytesAllocatedInGPU") or mem.get("numBytes")
+            peak = max(mem.get("peakAllocatedBytes") or 0, mem.get("numBytesAllocatedInGPU") or 0) or mem.get("numBytes")
+            smi = m.get("smi", {}).get(dtype, {})
+            if smi.get("peakMiB") is not None:
+                notes.append(f"{model} ours {dtype}: nvidia-smi memory.used peak {smi['peakMiB'] / 1024:.2f} GiB (before the load {smi['firstMiB'] / 1024:.2f} GiB, {smi['samples']} samples every 200 ms); "
+                             f"tfjs peak in use {fmt((mem.get('peakUsedBytes') or 0) / 2**30 or None, '.2f')} GiB, pool bound {r.get('poolLimitBytes')}")
             trip = ""
             c = m.get("compare")
             if dtype == "stored" and c:

@@ -6,14 +6,17 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { spawnSync } from 'node:child_process';
-import { readdir, readFile, truncate } from 'node:fs/promises';
+import { readdir, readFile, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
-  benchLoad, formatLoadBenchTable, olmoeConfig, writeRandomBF16Checkpoint,
+  benchLoad, formatLoadBenchTable, olmoeConfig, qwen3MoeConfig, ROUTED_EXPERT_TENSOR, writeRandomBF16Checkpoint,
 } from '../../src/bench/load_bench.js';
+import { sparseMoELayers } from '../../src/layers/moe_causal_lm.js';
+import { unpackExpertWeight } from '../../src/ops/packed.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { configTensorPlan } from '../../src/io/hf_checkpoint_core.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
+import type { HFConfig } from '../../src/models/families.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
 import { OpArgumentError } from '../../src/ops/validate.js';
 import { encodeBFloat16 } from '../../src/util/half.js';
@@ -63,6 +66,55 @@ describe('bench/load_bench', () => {
     expect(new Set(values).size).to.be.greaterThan(1000);
     model.dispose();
     expect(tf.memory().numTensors - before).to.equal(0);
+  });
+
+  it('zeroExperts: the routed experts are holes (zeros, no disk), the rest random; nf4 and int4 loads of the zeros are zeros', async () => {
+    // experts of 32 KiB each (hidden 64, moe_intermediate 256): runs of whole file-system blocks
+    const config: HFConfig = { ...await fixtureConfig('qwen3_moe'), moe_intermediate_size: 256 };
+    const dense = await tempDir();
+    const sparse = await tempDir();
+    const full = await writeRandomBF16Checkpoint(dense, config, { seed: 5 });
+    const written = await writeRandomBF16Checkpoint(sparse, config, { seed: 5, zeroExperts: true });
+    const plan = configTensorPlan(config).all;
+    const expertBytes = plan.filter(e => ROUTED_EXPERT_TENSOR.test(e.name)).reduce((n, e) => n + 2 * e.shape.reduce((a, b) => a * b, 1), 0);
+    expect(plan.some(e => /shared_expert/.test(e.name) && ROUTED_EXPERT_TENSOR.test(e.name))).to.equal(false);
+    expect(written).to.deep.include({ totalBytes: full.totalBytes, zeroBytes: expertBytes, shards: full.shards });
+    expect(full.zeroBytes).to.equal(0);
+    const file = join(sparse, written.shards[0]);
+    const { size, blocks } = await stat(file);
+    expect(size).to.equal((await stat(join(dense, full.shards[0]))).size);
+    // on the disk: the file less its experts, give or take one 4 KiB block at each end of a layer's run of experts
+    expect(blocks * 512).to.be.at.most(size - expertBytes + 2 * 4096 * (config['num_hidden_layers'] as number));
+    const tensors = await readSafetensorsFile(file);
+    for (const name of tensors.names()) {
+      const t = await tensors.tensor(name);
+      const values = t.dataSync();
+      const zeros = values.every(v => v === 0);
+      expect(zeros, name).to.equal(ROUTED_EXPERT_TENSOR.test(name));
+      t.dispose();
+    }
+    // the quantizers on all-zero groups (absmax 0, int4's max − min 0): codes of 0, no NaN, and the model runs
+    const before = tf.memory().numTensors;
+    for (const expertDtype of ['nf4', 'int4'] as const) {
+      const model = await loadHFCheckpoint(sparse, { expertDtype });
+      for (const layer of sparseMoELayers(model)) {
+        for (const which of ['gate_up', 'down'] as const) {
+          const w = unpackExpertWeight(layer.expertWeight(which));
+          expect(Array.from(await w.data()).every(v => v === 0), `${expertDtype} ${which}`).to.equal(true);
+          w.dispose();
+        }
+      }
+      const input = tf.tensor2d([[1, 2, 3, 4]], [1, 4], 'int32');
+      const logits = model.apply(input, { training: false }) as tf.Tensor;
+      expect(Array.from(await logits.data()).every(Number.isFinite), expertDtype).to.equal(true);
+      tf.dispose([input, logits]);
+      model.dispose();
+    }
+    expect(tf.memory().numTensors - before).to.equal(0);
+    expect(qwen3MoeConfig()).to.deep.include({
+      num_hidden_layers: 48, hidden_size: 2048, num_experts: 128, num_experts_per_tok: 8, moe_intermediate_size: 768,
+      vocab_size: 151936, num_attention_heads: 32, num_key_value_heads: 4, head_dim: 128,
+    });
   });
 
   it('loads the checkpoint once per expert dtype in child processes and reports memory, RSS and time', async () => {

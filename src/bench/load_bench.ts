@@ -63,6 +63,28 @@ export function narrowOlmoeConfig(layers: number): HFConfig {
   };
 }
 
+/**
+ * Qwen3-30B-A3B's config.json (Qwen/Qwen3-30B-A3B, as bench/e2e/make_checkpoints.py writes it):
+ * hidden 2048, 128 experts top-8 of moe_intermediate 768, vocab 151936, 32 heads, 4 KV heads of
+ * head_dim 128; 48 layers, fewer with `layers`.
+ */
+export function qwen3MoeConfig(layers = 48): HFConfig {
+  return {
+    architectures: ['Qwen3MoeForCausalLM'], model_type: 'qwen3_moe', dtype: 'bfloat16',
+    vocab_size: 151936, hidden_size: 2048, intermediate_size: 6144, num_hidden_layers: layers,
+    num_attention_heads: 32, num_key_value_heads: 4, head_dim: 128, hidden_act: 'silu',
+    max_position_embeddings: 40960, initializer_range: 0.02, rms_norm_eps: 1e-6, use_cache: true,
+    tie_word_embeddings: false, rope_parameters: { rope_type: 'default', rope_theta: 1000000 }, attention_bias: false,
+    use_sliding_window: false, sliding_window: null, max_window_layers: layers, attention_dropout: 0,
+    decoder_sparse_step: 1, moe_intermediate_size: 768, num_experts_per_tok: 8, num_experts: 128,
+    norm_topk_prob: true, output_router_logits: false, router_aux_loss_coef: 0.001, mlp_only_layers: [],
+    bos_token_id: 151643, eos_token_id: 151645,
+  };
+}
+
+/** A routed expert's tensor in HF's names (per expert `mlp.experts.3.up_proj`, or fused `mlp.experts.gate_up_proj`); not a shared expert's. */
+export const ROUTED_EXPERT_TENSOR = /\.experts\./;
+
 /** mulberry32: a small seeded generator of uniform numbers in [0, 1). */
 export function seededUniform(seed: number): () => number {
   let a = seed >>> 0;
@@ -82,6 +104,8 @@ export interface WrittenCheckpoint {
   totalBytes: number;
   /** bytes of the largest tensor in the files */
   largestTensorBytes: number;
+  /** bytes of tensor data left as holes (zeroExperts: the routed experts), not on the disk */
+  zeroBytes: number;
 }
 
 /**
@@ -89,13 +113,18 @@ export interface WrittenCheckpoint {
  * `maxShardBytes` of data named as HF names them (`model-00001-of-00004.safetensors`, or
  * model.safetensors when one shard holds all), with model.safetensors.index.json
  * (`metadata.total_size`, `weight_map`) for more than one. Streams: memory is a 32 MiB pool.
+ * `zeroExperts`: the routed experts' data (ROUTED_EXPERT_TENSOR) is left as holes in the shards
+ * (sparse files: zeros that take no disk), every other tensor random as before; the files have
+ * the same names, headers and sizes. For the memory of a full-depth model whose bf16 experts would
+ * not fit the disk (bench/e2e go.sh qwen3-full): its losses and speeds are those of zero experts.
  *
  * ```js
  * await writeRandomBF16Checkpoint(dir, olmoeConfig(2), {seed: 1});
+ * await writeRandomBF16Checkpoint(dir2, qwen3MoeConfig(48), {zeroExperts: true});   // 61 GB of files, 3.1 GB on disk
  * ```
  */
 export async function writeRandomBF16Checkpoint(
-    dir: string, config: HFConfig, options: { seed?: number; maxShardBytes?: number } = {}): Promise<WrittenCheckpoint> {
+    dir: string, config: HFConfig, options: { seed?: number; maxShardBytes?: number; zeroExperts?: boolean } = {}): Promise<WrittenCheckpoint> {
   const maxShardBytes = options.maxShardBytes ?? DEFAULT_MAX_SHARD_BYTES;
   assertInteger(OP, 'maxShardBytes', maxShardBytes, 1);
   const random = seededUniform(options.seed ?? 1);
@@ -125,6 +154,7 @@ export async function writeRandomBF16Checkpoint(
     `model-${String(i + 1).padStart(5, '0')}-of-${String(n).padStart(5, '0')}.safetensors`;
   const weightMap: Record<string, string> = {};
   let totalBytes = 0;
+  let zeroBytes = 0;
   for (const [i, group] of groups.entries()) {
     // the format's own layout (header bytes and data order); only the data is the bench's
     const { header: start, entries, dataBytes } = safetensorsLayout('writeRandomBF16Checkpoint',
@@ -136,6 +166,11 @@ export async function writeRandomBF16Checkpoint(
       await file.write(start, 0, start.byteLength, 0);
       let at = start.byteLength;
       for (const e of entries) {
+        if (options.zeroExperts === true && ROUTED_EXPERT_TENSOR.test(e.name)) {
+          at += e.end - e.begin;   // a hole: reads as zeros
+          zeroBytes += e.end - e.begin;
+          continue;
+        }
         for (let left = e.end - e.begin; left > 0;) {
           const from = 2 * Math.floor(random() * (pool.length / 2));  // an even byte: whole bf16 values
           const chunk = Math.min(left, poolBytes.byteLength - from);
@@ -144,6 +179,7 @@ export async function writeRandomBF16Checkpoint(
           left -= chunk;
         }
       }
+      await file.truncate(at);   // the file's full length when it ends in a hole
     } finally {
       await file.close();
     }
@@ -153,7 +189,7 @@ export async function writeRandomBF16Checkpoint(
     await writeFile(join(dir, 'model.safetensors.index.json'),
         JSON.stringify({ metadata: { total_size: totalBytes }, weight_map: weightMap }, null, 2));
   }
-  return { shards: groups.map((_, i) => shardName(i)), totalBytes, largestTensorBytes };
+  return { shards: groups.map((_, i) => shardName(i)), totalBytes, largestTensorBytes, zeroBytes };
 }
 
 /** What one load in its child process reports (load_bench_child.ts). */
