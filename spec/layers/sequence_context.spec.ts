@@ -10,7 +10,7 @@ import { expect } from 'chai';
 import { planRows, rowsBatch, toSample, type TokenizedSample } from '../../src/data/datasets_rows.js';
 import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { rotaryTablesAt } from '../../src/layers/rotary.js';
-import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import { passConstant, withSequenceContext } from '../../src/layers/sequence_context.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { batchLoss, disposeBatch, IGNORE_INDEX } from '../../src/train/loss.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
@@ -139,5 +139,75 @@ describe('layers: RotaryAttention under a SequenceContext', () => {
       .to.throw("`rotaryTablesAt()`: 'positionIds' must hold positions in [0, 2] but holds 3 at index 2");
     expect(() => rotaryTablesAt(far, 8, 100, 3)).to.throw("`rotaryTablesAt()`: 'positionIds' must hold positions in [0, 2] but holds 3 at index 2");
     tf.dispose([ids, short, float, far]);
+  });
+});
+
+describe('layers: passConstant', () => {
+  it('builds a constant once per key inside a pass, shares it, disposes it when the pass returns; outside a pass builds every time', () => {
+    let builds = 0;
+    const build = () => { builds++; return { cos: tf.ones([2, 4]), sin: tf.zeros([2, 4]) }; };
+    const before = tf.memory().numTensors;
+    const [a, b, c] = withSequenceContext({}, () => tf.tidy(() => {
+      const first = passConstant('tables/2', build);
+      const again = passConstant('tables/2', build);
+      const other = passConstant('tables/3', build);
+      // a tidy inside the pass leaves the shared tensors alone
+      tf.tidy(() => tf.add(first.cos, 1));
+      expect(first.cos.isDisposed).to.equal(false);
+      return [first, again, other];
+    }));
+    expect(builds).to.equal(2);
+    expect(b).to.equal(a);
+    expect(c).to.not.equal(a);
+    // the pass has returned: its constants are gone, nothing is left behind
+    expect([a.cos, a.sin, c.cos, c.sin].every(t => t.isDisposed)).to.equal(true);
+    expect(tf.memory().numTensors).to.equal(before);
+    // nested passes keep their own constants; the inner one's are disposed when it returns
+    withSequenceContext({}, () => {
+      const outer = passConstant('mask', () => tf.ones([3]));
+      const inner = withSequenceContext({}, () => passConstant('mask', () => tf.zeros([3])));
+      expect(inner.isDisposed).to.equal(true);
+      expect(outer.isDisposed).to.equal(false);
+    });
+    expect(tf.memory().numTensors).to.equal(before);
+    const owned = passConstant('tables/2', build);
+    expect(builds).to.equal(3);
+    expect(owned.cos.isDisposed).to.equal(false);
+    tf.dispose([owned.cos, owned.sin]);
+  });
+
+  it('a model pass under a context builds the causal mask and rotary tables once for all its layers, and trains as without sharing', async () => {
+    const model = buildMoECausalLM(QWEN3, { name: 'shared_constants' });
+    await seedModelInit(model, 3, 0.3);
+    const ids = tf.tensor2d([[1, 5, 2, 9, 3, 4]], [1, 6], 'int32');
+    const lossOf = (shared: boolean) => tf.tidy(() => {
+      const f = () => tf.mean(tf.square(shared ? withSequenceContext({}, () => model.apply(ids) as tf.Tensor) : model.apply(ids) as tf.Tensor)) as tf.Scalar;
+      const { value, grads } = tf.variableGrads(f, model.trainableWeights.map(w => w.read() as tf.Variable));
+      return [value, ...Object.values(grads)];
+    });
+    // tensors made from host values (the mask and the tables are; kernels' outputs are not)
+    const engine = tf.engine() as unknown as { makeTensor: (...args: unknown[]) => tf.Tensor };
+    const makeTensor = engine.makeTensor;
+    let fromHost = 0;
+    engine.makeTensor = (...args: unknown[]) => { fromHost++; return makeTensor.apply(engine, args); };
+    const counted = (shared: boolean) => {
+      fromHost = 0;
+      const out = lossOf(shared);
+      return { out, fromHost };
+    };
+    let plain: tf.Tensor[], shared: tf.Tensor[], plainMade: number, sharedMade: number, before: number;
+    try {
+      ({ out: plain, fromHost: plainMade } = counted(false));
+      before = tf.memory().numTensors;
+      ({ out: shared, fromHost: sharedMade } = counted(true));
+    } finally {
+      engine.makeTensor = makeTensor;
+    }
+    // 2 layers: the second one's mask, cos and sin are the first one's
+    expect(plainMade - sharedMade).to.equal(3);
+    expect(tf.memory().numTensors - before).to.equal(shared.length);
+    for (let i = 0; i < plain.length; i++) expect(Array.from(shared[i].dataSync())).to.deep.equal(Array.from(plain[i].dataSync()));
+    tf.dispose([...plain, ...shared, ids]);
+    model.dispose();
   });
 });

@@ -20,7 +20,7 @@ import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
 import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
-import { currentSequenceContext } from './sequence_context.js';
+import { currentSequenceContext, passConstant } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 
@@ -134,6 +134,23 @@ export function attentionMask(seqLen: number, window: number | null, segmentIds:
   const b = segmentIds.shape[0];
   const same = tf.equal(tf.reshape(segmentIds, [b, 1, seqLen, 1]), tf.reshape(segmentIds, [b, 1, 1, seqLen]));  // [B, 1, S, S]
   return tf.add(causal, tf.mul(tf.sub(1, tf.cast(same, 'float32')), -1e9)) as tf.Tensor4D;
+}
+
+/**
+ * attentionMask, built once per forward pass and shared by its layers (passConstant) where it
+ * depends on the lengths only, not on segment ids.
+ */
+export function sharedAttentionMask(seqLen: number, window: number | null, segmentIds: tf.Tensor2D | null,
+    chunk: number | null = null): tf.Tensor2D | tf.Tensor4D {
+  if (segmentIds !== null) return attentionMask(seqLen, window, segmentIds, chunk);
+  return passConstant(`attentionMask/${seqLen}/${window}/${chunk}`, () => attentionMask(seqLen, window, null, chunk));
+}
+
+/** rotaryTables of positions 0..seqLen−1, built once per forward pass and shared by its layers (passConstant). */
+export function sharedRotaryTables(seqLen: number, headDim: number, theta: number, scaling: RopeScaling):
+    { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  return passConstant(`rotaryTables/${seqLen}/${headDim}/${theta}/${JSON.stringify(scaling)}`,
+    () => rotaryTables(seqLen, headDim, theta, 0, scaling));
 }
 
 /**
@@ -358,7 +375,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       if (this.rope) {
         const rd = this.rotaryDim;
         const { cos, sin } = cached.rotary ??
-          (positionIds === null ? rotaryTables(s, rd, this.ropeTheta, 0, this.ropeScaling) :
+          (positionIds === null ? sharedRotaryTables(s, rd, this.ropeTheta, this.ropeScaling) :
             rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
         q3 = this.rotate(q3, cos, sin);
         k3 = this.rotate(k3, cos, sin);
@@ -375,7 +392,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       }
       if (this.temperatureTuning !== null) q3 = tf.mul(q3, this.queryTemperature(s, cached.past ?? 0)) as tf.Tensor3D;
       let mask: tf.Tensor2D | tf.Tensor4D;
-      [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, attentionMask(s, this.slidingWindow, segmentIds, this.attentionChunkSize)];
+      [k3, v3, mask] = cached.attend?.(k3, v3) ?? [k3, v3, sharedAttentionMask(s, this.slidingWindow, segmentIds, this.attentionChunkSize)];
       // the core as one op with its own gradient (grouped KV heads read in place); with sinks, composed
       const o = this.sinks ? this.attendWithSinks(q3, k3, v3, mask, b) :
         scaledDotProductAttention(q3, k3, v3, mask, 1 / Math.sqrt(d));  // [B*nh, S, D]

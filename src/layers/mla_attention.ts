@@ -29,7 +29,7 @@ import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js'
 import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { describeValue } from '../util/describe.js';
-import { attentionMask, causalMask, contextIds } from './attention.js';
+import { causalMask, contextIds, sharedAttentionMask, sharedRotaryTables } from './attention.js';
 import { checkDSAIndexerArgs, dsaIndexerKeys, dsaIndexerWeightShapes, dsaKeepMask, type DSAIndexerArgs } from './dsa_indexer.js';
 import { normalInitializer } from './initializers.js';
 import { rmsNorm } from './rms_norm.js';
@@ -235,7 +235,8 @@ export class MLAAttention extends tfl.layers.Layer {
         fail(op, "a sequence context with a 'kvCache' takes no 'segmentIds' or 'positionIds'");
       }
       const past = cache?.seen(this.name) ?? 0;
-      const { cos, sin } = positionIds === null ? rotaryTables(s, rd, this.ropeTheta, past, this.ropeScaling) :
+      const { cos, sin } = positionIds === null ?
+        (past === 0 ? sharedRotaryTables(s, rd, this.ropeTheta, this.ropeScaling) : rotaryTables(s, rd, this.ropeTheta, past, this.ropeScaling)) :
         rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling);
       qRot = applyRotary(qRot, cos, sin);
       kRope = applyRotary(kRope, cos, sin);                                        // [B, S, rd]
@@ -252,7 +253,7 @@ export class MLAAttention extends tfl.layers.Layer {
         [k3, values] = [kept.keys, kept.values];
         mask = causalMask(s, null, k3.shape[1], past, kept.start);
       } else {
-        mask = attentionMask(s, null, segmentIds);
+        mask = sharedAttentionMask(s, null, segmentIds);
       }
       if (this.indexer !== null) {
         const w = (name: string) => this.w(name);
