@@ -7,7 +7,8 @@ MODEL/torch-peft.json, MODEL/peft-compare.json, MODEL/e2e_checkpoint.json, MODEL
 a row for PyTorch + PEFT and one per expert storage of ours: load seconds, tokens/s after warm-up, the ratio to
 PyTorch + PEFT's tokens/s, peak GPU memory, the first step's loss (the same ids and base weights on both sides,
 LoRA B = 0 at the start: the losses should agree), and the PEFT round trip of our bf16-stored adapter.
-Peak memory: ours, the webgpu backend's pool at its largest (memory.peakAllocatedBytes, seen at every buffer
+Peak memory: ours, the webgpu backend's pool at its largest over the training steps (the last step's
+memoryStages peakAllocatedBytes; memory.peakAllocatedBytes, the whole run's, where there are no stages; seen at every buffer
 creation; older results: tf.memory().numBytesAllocatedInGPU, the same while the pool is unbounded); with qwen3-full
 the GPU's own memory.used peak (nvidia-smi.json) in the notes; PyTorch, torch.cuda.max_memory_allocated. Both include the weights.
 """
@@ -91,7 +92,17 @@ def table(models):
             r = m["ours"][dtype]
             tps = r.get("tokensPerSecond")
             mem = r.get("memory", {})
-            peak = max(mem.get("peakAllocatedBytes") or 0, mem.get("numBytesAllocatedInGPU") or 0) or mem.get("numBytes")
+            # training's peak, as torch_peft.py's: the last step's running peak (memoryStages), not the whole run's,
+            # which includes the prompt's logits after training
+            steps = [st for st in r.get("memoryStages") or [] if str(st.get("stage", "")).startswith("step")]
+            if steps:
+                peak = max(steps[-1].get("peakAllocatedBytes") or 0, steps[-1].get("numBytesAllocatedInGPU") or 0)
+                whole = mem.get("peakAllocatedBytes") or 0
+                if whole > peak * 1.05:
+                    notes.append(f"{model} ours {dtype}: peak GPU over the training steps; the whole run's, with the prompt's logits after it, "
+                                 f"{whole / 2**30:.2f} GiB")
+            else:
+                peak = max(mem.get("peakAllocatedBytes") or 0, mem.get("numBytesAllocatedInGPU") or 0) or mem.get("numBytes")
             smi = m.get("smi", {}).get(dtype, {})
             if smi.get("peakMiB") is not None:
                 notes.append(f"{model} ours {dtype}: nvidia-smi memory.used peak {smi['peakMiB'] / 1024:.2f} GiB (before the load {smi['firstMiB'] / 1024:.2f} GiB, {smi['samples']} samples every 200 ms); "
