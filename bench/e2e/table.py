@@ -93,13 +93,14 @@ def table(models):
             tps = r.get("tokensPerSecond")
             mem = r.get("memory", {})
             # training's peak, as torch_peft.py's: the last step's running peak (memoryStages), not the whole run's,
-            # which includes the prompt's logits after training
+            # which includes what runs after training: --profile's recording-only step (no submit, so tfjs-webgpu
+            # reuses no buffer: 32.2 GiB against 19.5 in run G) and the prompt's logits
             steps = [st for st in r.get("memoryStages") or [] if str(st.get("stage", "")).startswith("step")]
             if steps:
                 peak = max(steps[-1].get("peakAllocatedBytes") or 0, steps[-1].get("numBytesAllocatedInGPU") or 0)
                 whole = mem.get("peakAllocatedBytes") or 0
                 if whole > peak * 1.05:
-                    notes.append(f"{model} ours {dtype}: peak GPU over the training steps; the whole run's, with the prompt's logits after it, "
+                    notes.append(f"{model} ours {dtype}: peak GPU over the training steps; the whole run's, with what ran after them (the profile, the prompt's logits), "
                                  f"{whole / 2**30:.2f} GiB")
             else:
                 peak = max(mem.get("peakAllocatedBytes") or 0, mem.get("numBytesAllocatedInGPU") or 0) or mem.get("numBytes")
