@@ -10,7 +10,8 @@ import { expect } from 'chai';
 import { planRows, rowsBatch, toSample, type TokenizedSample } from '../../src/data/datasets_rows.js';
 import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { rotaryTablesAt } from '../../src/layers/rotary.js';
-import { passConstant, withSequenceContext } from '../../src/layers/sequence_context.js';
+import { passConstant, passScalar } from '../../src/ops/pass_constants.js';
+import { withSequenceContext } from '../../src/layers/sequence_context.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { batchLoss, disposeBatch, IGNORE_INDEX } from '../../src/train/loss.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
@@ -142,7 +143,7 @@ describe('layers: RotaryAttention under a SequenceContext', () => {
   });
 });
 
-describe('layers: passConstant', () => {
+describe('ops: passConstant, passScalar', () => {
   it('builds a constant once per key inside a pass, shares it, disposes it when the pass returns; outside a pass builds every time', () => {
     let builds = 0;
     const build = () => { builds++; return { cos: tf.ones([2, 4]), sin: tf.zeros([2, 4]) }; };
@@ -170,13 +171,23 @@ describe('layers: passConstant', () => {
       expect(outer.isDisposed).to.equal(false);
     });
     expect(tf.memory().numTensors).to.equal(before);
+    // scalars: one tensor per value inside a pass (0 and -0 apart), the number itself outside
+    expect(passScalar(0.5)).to.equal(0.5);
+    withSequenceContext({}, () => {
+      const half = passScalar(0.5) as tf.Scalar;
+      expect(half).to.be.instanceOf(tf.Tensor);
+      expect(passScalar(0.5)).to.equal(half);
+      expect(Array.from(half.dataSync())).to.deep.equal([0.5]);
+      expect(passScalar(-0)).to.not.equal(passScalar(0));
+    });
+    expect(tf.memory().numTensors).to.equal(before);
     const owned = passConstant('tables/2', build);
     expect(builds).to.equal(3);
     expect(owned.cos.isDisposed).to.equal(false);
     tf.dispose([owned.cos, owned.sin]);
   });
 
-  it('a model pass under a context builds the causal mask and rotary tables once for all its layers, and trains as without sharing', async () => {
+  it('a model pass under a context builds the causal mask, rotary tables and norms\' ε once for all its layers, and trains as without sharing', async () => {
     const model = buildMoECausalLM(QWEN3, { name: 'shared_constants' });
     await seedModelInit(model, 3, 0.3);
     const ids = tf.tensor2d([[1, 5, 2, 9, 3, 4]], [1, 6], 'int32');
@@ -203,8 +214,9 @@ describe('layers: passConstant', () => {
     } finally {
       engine.makeTensor = makeTensor;
     }
-    // 2 layers: the second one's mask, cos and sin are the first one's
-    expect(plainMade - sharedMade).to.equal(3);
+    // 2 layers: the second one's mask, cos and sin are the first one's, and one ε scalar serves the
+    // 9 RMSNorms (input, post-attention, q and k norms of each layer, the final norm)
+    expect(plainMade - sharedMade).to.equal(3 + 8);
     expect(tf.memory().numTensors - before).to.equal(shared.length);
     for (let i = 0; i < plain.length; i++) expect(Array.from(shared[i].dataSync())).to.deep.equal(Array.from(plain[i].dataSync()));
     tf.dispose([...plain, ...shared, ids]);

@@ -20,7 +20,8 @@ import { scaledDotProductAttention } from '../ops/attention_core.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
 import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type RopeScaling } from './rotary.js';
-import { currentSequenceContext, passConstant } from './sequence_context.js';
+import { passConstant } from '../ops/pass_constants.js';
+import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
 

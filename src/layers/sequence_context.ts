@@ -8,8 +8,9 @@
  * (RotaryAttention) with `currentSequenceContext`. Backward passes need nothing from here (the
  * tape keeps what the forward pass computed).
  */
-import * as tf from '@tensorflow/tfjs-core';
+import type * as tf from '@tensorflow/tfjs-core';
 import type { KVCache } from '../generate/kv_cache.js';
+import { withPassConstants } from '../ops/pass_constants.js';
 import { fail } from '../ops/validate.js';
 
 export interface SequenceContext {
@@ -40,8 +41,6 @@ export interface SequenceContext {
 }
 
 const active: SequenceContext[] = [];
-/** per active context, the constants its pass shares (passConstant), disposed when the pass ends */
-const constants: Map<string, { value: unknown; tensors: tf.Tensor[] }>[] = [];
 
 /**
  * Runs `fn` (one forward pass) with `context` visible to the model's layers; contexts nest, the
@@ -56,38 +55,12 @@ export function withSequenceContext<T>(context: SequenceContext, fn: () => T): T
     fail('withSequenceContext', `'context' must be an object but got ${context === null ? 'null' : typeof context}`);
   }
   active.push(context);
-  constants.push(new Map());
   try {
-    return fn();
+    // a pass: its layers share the constants they build alike (pass_constants.ts)
+    return withPassConstants(fn);
   } finally {
     active.pop();
-    for (const { tensors } of constants.pop()!.values()) tf.dispose(tensors);
   }
-}
-
-/**
- * A constant of the current pass that every layer of it would build alike (the causal mask and
- * the rotary tables of its length: each a host computation and an upload, 16 times a pass at
- * OLMoE's depth): `build` runs on the first request for `key` in the innermost withSequenceContext,
- * later requests get the same tensors, and they are disposed when that pass returns. What the
- * backward pass needs of them the tape or a customGrad's save keeps (their own references). Outside
- * withSequenceContext, `build` runs every time and the caller owns what it returns, as without this.
- * `key` must name everything the tensors depend on.
- *
- * ```js
- * const mask = passConstant(`causalMask/${s}`, () => causalMask(s, null));
- * ```
- */
-export function passConstant<T extends tf.Tensor | Record<string, tf.Tensor>>(key: string, build: () => T): T {
-  const shared = constants.at(-1);
-  if (shared === undefined) return build();
-  const held = shared.get(key);
-  if (held !== undefined) return held.value as T;
-  const value = build();
-  const tensors = value instanceof tf.Tensor ? [value] : Object.values(value);
-  for (const t of tensors) tf.keep(t);
-  shared.set(key, { value, tensors });
-  return value;
 }
 
 /** The innermost context `withSequenceContext` set, or null outside of it. */

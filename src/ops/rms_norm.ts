@@ -9,6 +9,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
+import { passScalar } from './pass_constants.js';
 import { assertFiniteNumber, assertShape, fail } from './validate.js';
 
 export interface RMSNormOptions {
@@ -49,13 +50,16 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
   const zeroCentered = options.zeroCentered ?? false;
   const trainWeight = options.trainWeight ?? !(weight instanceof tf.Variable && !weight.trainable);
   const rowAxes = Array.from({ length: x.rank - 1 }, (_, i) => i);  // every axis but the last
+  // inside a pass, one uploaded scalar for every norm of it (made here, outside the op's kernel)
+  const eps = passScalar(epsilon);
+  const one = zeroCentered ? passScalar(1) : 1;
 
   if (!trainWeight) {
     // the weight is captured: one input, one gradient
     return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
       const save = args[1] as GradSaveFunc;
-      const scale = zeroCentered ? tf.add(weight, 1) : weight;        // [D]
-      const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, epsilon);
+      const scale = zeroCentered ? tf.add(weight, one) : weight;      // [D]
+      const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, eps);
       // kept for backward (the caller's tidy may dispose a weight it built, such as ones or 1 + w)
       save([normed, inverseRms, scale]);
       return {
@@ -66,8 +70,8 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
   }
   return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const save = args[2] as GradSaveFunc;
-    const scale = zeroCentered ? tf.add(args[1] as Tensor, 1) : args[1] as Tensor;  // [D]
-    const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, epsilon);
+    const scale = zeroCentered ? tf.add(args[1] as Tensor, one) : args[1] as Tensor;  // [D]
+    const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, eps);
     save([normed, inverseRms, scale]);
     return {
       value,
@@ -85,7 +89,7 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
 }
 
 /** The forward pass: y, and what backward needs (x̂ and r; x itself is not kept). */
-function rmsNormForward(x: Tensor, scale: Tensor, epsilon: number): { value: Tensor; normed: Tensor; inverseRms: Tensor } {
+function rmsNormForward(x: Tensor, scale: Tensor, epsilon: number | Tensor): { value: Tensor; normed: Tensor; inverseRms: Tensor } {
   const inverseRms = tf.rsqrt(tf.add(tf.mean(tf.square(x), -1, true), epsilon));  // [..., 1]
   const normed = tf.mul(x, inverseRms);                                            // [..., D]
   return { value: tf.mul(normed, scale), normed, inverseRms };

@@ -15,6 +15,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
 
 /** One applied adapter of a projection: A [r, in], B [out, r], s, and its dropout mask if any. */
@@ -87,6 +88,8 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
       assertShape(op, `${arg}.mask`, a.mask, [n, inSize], shapes);
     }
   });
+  // inside a pass, one uploaded scalar per scaling for every projection of it (made outside the op's kernel)
+  const scalings = adapters.map(a => passScalar(a.scaling));
   const forward = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const xs = args[0] as Tensor2D;
     const save = args[args.length - 1] as GradSaveFunc;
@@ -100,7 +103,8 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
     }
     const kept: Tensor[] = [];
     adapters.forEach((a, i) => {
-      const scaling = tf.scalar(a.scaling);
+      const shared = scalings[i];
+      const scaling = typeof shared === 'number' ? tf.scalar(shared) : shared;
       const input = a.mask === undefined ? xs : tf.mul(xs, a.mask) as Tensor2D;  // [N, in]
       const { down, branch } = loraBranchForward(input, factors[i].A, factors[i].B, scaling);
       const sum = tf.add(y, branch) as Tensor2D;
