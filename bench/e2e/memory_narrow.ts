@@ -7,39 +7,30 @@
  * limitWebGPUBufferPool bounds.
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/memory_narrow.ts --layers 1,2 --seq 64 --expert-dtype nf4 --pool-limit-mb none,0
  */
-import * as tf from '@tensorflow/tfjs-core';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { releaseFreeWebGPUBuffers } from '../../src/backends/webgpu/buffer_pool.js';
-import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
 import type { ExpertDtype } from '../../src/io/hf_block.js';
+import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 import { runOurs } from './ours.js';
 
-const args = process.argv.slice(2);
-const flag = (name: string, fallback: string) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
-};
-await setupDawnWebGPU({ tensorCores: 'off' });
-if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
-registerMoEKernels('webgpu');
-const seq = Number(flag('seq', '64'));
-const steps = Number(flag('steps', '2'));
-const expertDtype = flag('expert-dtype', 'nf4') as ExpertDtype;
+await setUpNarrowWebGPU();
+const seq = Number(commandLineFlag('seq', '64'));
+const steps = Number(commandLineFlag('steps', '2'));
+const expertDtype = commandLineFlag('expert-dtype', 'nf4') as ExpertDtype;
 const mib = (bytes: number | null) => bytes === null ? null : Math.round(bytes / 2 ** 20 * 10) / 10;
 const dir = await mkdtemp(join(tmpdir(), 'memory-narrow-'));
 try {
   const data = join(dir, 'data.jsonl');
   await writeFile(data, ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.']
       .map(text => JSON.stringify({ text })).join('\n') + '\n');
-  for (const layers of flag('layers', '1,2').split(',').map(Number)) {
+  for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
     const model = join(dir, `ckpt-${layers}`);
     await mkdir(model);
     await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
-    for (const bound of flag('pool-limit-mb', 'none').split(',')) {
+    for (const bound of commandLineFlag('pool-limit-mb', 'none').split(',')) {
       const poolLimitBytes = bound === 'none' ? undefined : Number(bound) * 2 ** 20;
       const result = await runOurs({ model, data, out: join(dir, 'out'), seq, warmup: 1, steps, expertDtype, saveAdapter: false, poolLimitBytes, log: () => {} });
       const stages = result.memoryStages.map(s => ({

@@ -11,29 +11,21 @@ import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
-import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
 import { ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
+import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 import { runOurs } from './ours.js';
 import type { StepProfile } from './step_profile.js';
 
-const args = process.argv.slice(2);
-const flag = (name: string, fallback: string) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
-};
-await setupDawnWebGPU({ tensorCores: 'off' });
-if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
-registerMoEKernels('webgpu');
-tf.env().set(ADAM_UPDATE_KERNEL_FLAG, flag('composed-adam', 'off') !== 'on');
-const seq = Number(flag('seq', '64'));
+await setUpNarrowWebGPU();
+tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !== 'on');
+const seq = Number(commandLineFlag('seq', '64'));
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {
   const data = join(dir, 'data.jsonl');
   await writeFile(data, ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.']
       .map(text => JSON.stringify({ text })).join('\n') + '\n');
-  for (const layers of flag('layers', '1,2').split(',').map(Number)) {
+  for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
     const model = join(dir, `ckpt-${layers}`);
     await import('node:fs/promises').then(fs => fs.mkdir(model));
     await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
