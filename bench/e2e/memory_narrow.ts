@@ -7,13 +7,12 @@
  * limitWebGPUBufferPool bounds.
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/memory_narrow.ts --layers 1,2 --seq 64 --expert-dtype nf4 --pool-limit-mb none,0
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { releaseFreeWebGPUBuffers } from '../../src/backends/webgpu/buffer_pool.js';
-import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
 import type { ExpertDtype } from '../../src/io/hf_block.js';
-import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
+import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { runOurs } from './ours.js';
 
 await setUpNarrowWebGPU();
@@ -23,13 +22,9 @@ const expertDtype = commandLineFlag('expert-dtype', 'nf4') as ExpertDtype;
 const mib = (bytes: number | null) => bytes === null ? null : Math.round(bytes / 2 ** 20 * 10) / 10;
 const dir = await mkdtemp(join(tmpdir(), 'memory-narrow-'));
 try {
-  const data = join(dir, 'data.jsonl');
-  await writeFile(data, ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.']
-      .map(text => JSON.stringify({ text })).join('\n') + '\n');
+  const data = await writeNarrowData(dir);
   for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
-    const model = join(dir, `ckpt-${layers}`);
-    await mkdir(model);
-    await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
+    const model = await writeNarrowCheckpoint(dir, layers);
     for (const bound of commandLineFlag('pool-limit-mb', 'none').split(',')) {
       const poolLimitBytes = bound === 'none' ? undefined : Number(bound) * 2 ** 20;
       const result = await runOurs({ model, data, out: join(dir, 'out'), seq, warmup: 1, steps, expertDtype, saveAdapter: false, poolLimitBytes, log: () => {} });

@@ -8,12 +8,11 @@
  * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
 import { ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
-import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
+import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { runOurs } from './ours.js';
 import type { StepProfile } from './step_profile.js';
 
@@ -22,13 +21,9 @@ tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !=
 const seq = Number(commandLineFlag('seq', '64'));
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {
-  const data = join(dir, 'data.jsonl');
-  await writeFile(data, ['Experts are chosen per token by a router.', 'LoRA trains two small factors beside each frozen weight.']
-      .map(text => JSON.stringify({ text })).join('\n') + '\n');
+  const data = await writeNarrowData(dir);
   for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
-    const model = join(dir, `ckpt-${layers}`);
-    await import('node:fs/promises').then(fs => fs.mkdir(model));
-    await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
+    const model = await writeNarrowCheckpoint(dir, layers);
     const out = join(dir, `out-${layers}`);
     const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, saveAdapter: false, profile: true, log: () => {} });
     const profile = JSON.parse(await readFile(result.profileFile!, 'utf8')) as StepProfile;
