@@ -187,7 +187,7 @@ describe('ops: passConstant, passScalar', () => {
     tf.dispose([owned.cos, owned.sin]);
   });
 
-  it('a model pass under a context builds the causal mask, rotary tables and norms\' ε once for all its layers, and trains as without sharing', async () => {
+  it('a model pass under a context builds the causal mask, rotary tables and operands and norms\' ε once for all its layers, and trains as without sharing', async () => {
     const model = buildMoECausalLM(QWEN3, { name: 'shared_constants' });
     await seedModelInit(model, 3, 0.3);
     const ids = tf.tensor2d([[1, 5, 2, 9, 3, 4]], [1, 6], 'int32');
@@ -214,9 +214,10 @@ describe('ops: passConstant, passScalar', () => {
     } finally {
       engine.makeTensor = makeTensor;
     }
-    // 2 layers: the second one's mask, cos and sin are the first one's, and one ε scalar serves the
-    // 9 RMSNorms (input, post-attention, q and k norms of each layer, the final norm)
-    expect(plainMade - sharedMade).to.equal(3 + 8);
+    // 2 layers: the second one's mask, cos and sin are the first one's, one ε scalar serves the
+    // 9 RMSNorms (input, post-attention, q and k norms of each layer, the final norm), and one
+    // signed-sin sign vector the 4 rotary calls (q and k of each layer)
+    expect(plainMade - sharedMade).to.equal(3 + 8 + 3);
     expect(tf.memory().numTensors - before).to.equal(shared.length);
     for (let i = 0; i < plain.length; i++) expect(Array.from(shared[i].dataSync())).to.deep.equal(Array.from(plain[i].dataSync()));
     tf.dispose([...plain, ...shared, ids]);

@@ -21,6 +21,11 @@ export function withPassConstants<T>(fn: () => T): T {
   }
 }
 
+/** Whether a pass is running (withPassConstants, withSequenceContext): passConstant then shares. */
+export function insidePass(): boolean {
+  return passes.length > 0;
+}
+
 /**
  * A constant of the current pass: `build` runs on the first request for `key` in the innermost
  * pass, later requests get the same tensors, and they are disposed when that pass returns (what a
@@ -54,5 +59,5 @@ export function passConstant<T extends tf.Tensor | Record<string, tf.Tensor>>(ke
  * ```
  */
 export function passScalar(value: number): tf.Scalar | number {
-  return passes.length === 0 ? value : passConstant(`scalar/${Object.is(value, -0) ? '-0' : value}`, () => tf.scalar(value));
+  return !insidePass() ? value : passConstant(`scalar/${Object.is(value, -0) ? '-0' : value}`, () => tf.scalar(value));
 }

@@ -9,6 +9,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
+import { insidePass, passConstant } from './pass_constants.js';
 import { fail } from './validate.js';
 
 /**
@@ -41,19 +42,28 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
   }
   const half = d / 2;
   const layout = rotaryLayout(n, s, d, cos.rank === 2 ? 0 : cos.shape[0]);
-  return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
-    const save = args[1] as GradSaveFunc;
-    const cosRows = tf.reshape(cos, layout.table);
-    // (−sin₁, sin₂): swapHalves((x1, x2)) · (−sin₁, sin₂) = (−x2·sin₁, x1·sin₂) = rotateHalf(x) · sin
+  // the tables in the op's layout, sin signed: (−sin₁, sin₂), so that swapHalves((x1, x2)) · (−sin₁, sin₂)
+  // = (−x2·sin₁, x1·sin₂) = rotateHalf(x) · sin. Shared tables are the same for every layer of a pass
+  // (sharedRotaryTables): made once there (passConstant), not a sign upload and a product per call.
+  const prepare = () => tf.tidy(() => {
     const sign = tf.tensor(Float32Array.from({ length: d }, (_, i) => (i < half ? -1 : 1)), layout.table.slice(-layout.signRank));
-    const signedSin = tf.mul(tf.reshape(sin, layout.table), sign);
-    // the tables are kept: the caller's tidy disposes them before backward runs
-    save([cosRows, signedSin]);
-    return {
-      value: rotaryForward(args[0] as Tensor, cosRows, signedSin, layout),
-      gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryBackward(dy, saved[0], saved[1], layout)],
-    };
-  })(x) as Tensor3D;
+    return { cosRows: tf.reshape(cos, layout.table), signedSin: tf.mul(tf.reshape(sin, layout.table), sign) };
+  });
+  const shared = cos.rank === 2 && insidePass();
+  const { cosRows, signedSin } = shared ? passConstant(`rotaryOperands/${cos.id}/${sin.id}`, prepare) : prepare();
+  try {
+    return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+      const save = args[1] as GradSaveFunc;
+      // kept for backward: the caller's tidy (or the pass) disposes the tables before backward runs
+      save([cosRows, signedSin]);
+      return {
+        value: rotaryForward(args[0] as Tensor, cosRows, signedSin, layout),
+        gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryBackward(dy, saved[0], saved[1], layout)],
+      };
+    })(x) as Tensor3D;
+  } finally {
+    if (!shared) tf.dispose([cosRows, signedSin]);
+  }
 }
 
 /**
