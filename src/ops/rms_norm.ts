@@ -54,38 +54,30 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
   const eps = passScalar(epsilon);
   const one = zeroCentered ? passScalar(1) : 1;
 
-  if (!trainWeight) {
-    // the weight is captured: one input, one gradient
-    return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
-      const save = args[1] as GradSaveFunc;
-      const scale = zeroCentered ? tf.add(weight, one) : weight;      // [D]
-      const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, eps);
-      // kept for backward (the caller's tidy may dispose a weight it built, such as ones or 1 + w)
-      save([normed, inverseRms, scale]);
-      return {
-        value,
-        gradFunc: (dy: Tensor, saved: Tensor[]) => [rmsNormBackwardX(dy, saved[0], saved[1], saved[2])],
-      };
-    })(x);
-  }
+  // a frozen weight is captured, not an input: one input, one gradient, no weight-gradient work
+  const inputs = trainWeight ? [x, weight] : [x];
   return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
-    const save = args[2] as GradSaveFunc;
-    const scale = zeroCentered ? tf.add(args[1] as Tensor, one) : args[1] as Tensor;  // [D]
+    const save = args[inputs.length] as GradSaveFunc;
+    const w = trainWeight ? args[1] as Tensor : weight;
+    const scale = zeroCentered ? tf.add(w, one) : w;                  // [D]
     const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, eps);
+    // kept for backward (the caller's tidy may dispose a weight it built, such as ones or 1 + w)
     save([normed, inverseRms, scale]);
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const [normed, inverseRms, scale] = saved;
+        const dx = rmsNormBackwardX(dy, normed, inverseRms, scale);
+        if (!trainWeight) return [dx];
         // d(1 + w)/dw = 1: zero-centred or not, the weight's gradient is the same sum
         const dWeight = tf.tidy(() => {
-          const perRow = tf.mul(dy, normed);                           // [..., D]
+          const perRow = tf.mul(dy, normed);                             // [..., D]
           return rowAxes.length === 0 ? perRow : tf.sum(perRow, rowAxes);  // [D]
         });
-        return [rmsNormBackwardX(dy, normed, inverseRms, scale), dWeight];
+        return [dx, dWeight];
       },
     };
-  })(x, weight);
+  })(...inputs);
 }
 
 /** The forward pass: y, and what backward needs (x̂ and r; x itself is not kept). */
