@@ -80,12 +80,14 @@ EOF
 ckpt=${E2E_MODEL_DIR:-$work/ckpt-$model}
 if [ "$model" = qwen3-full ] && [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
   # sparse: 3.1 GB on the disk at 48 layers, beside whichever other checkpoint is there
-  rm -rf "$ckpt"
+  # the results of the previous checkpoint (another layer count) would be packed with this one's
+  rm -rf "$ckpt" "$work/$model"/ours-*
   # shellcheck disable=SC2086
   step write_checkpoint 60 ${WRITER:-npx tsx bench/e2e/write_checkpoint.ts} --model qwen3 --layers "${E2E_QWEN3_FULL_LAYERS:-48}" --zero-experts on --out "$ckpt"
 elif [ -z "${E2E_MODEL_DIR:-}" ] && [ ! -s "$ckpt/e2e_checkpoint.json" ]; then
   other=$([ "$model" = olmoe ] && echo qwen3 || echo olmoe)
   rm -rf "$ckpt" "$work/ckpt-$other"   # the disk (64 GB) holds one of them
+  rm -rf "$work/$model"/ours-* "$work/$model"/torch-peft.json "$work/$model"/peft-compare.json   # the previous checkpoint's
   layers=$([ "$model" = qwen3 ] && echo "--layers ${E2E_QWEN3_LAYERS:-12}" || echo "")
   # shellcheck disable=SC2086
   step make_checkpoint 60 python3 "$here/make_checkpoints.py" --model "$model" --out "$ckpt" $layers

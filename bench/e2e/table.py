@@ -22,20 +22,37 @@ ORDER = ["float32", "stored", "int8", "int4", "nf4"]
 
 
 def collect(paths):
-    """{model: {"ours": {dtype: result}, "torch": ..., "compare": ..., "checkpoint": ..., "gpu": ...}}"""
-    files = {}
+    """{model: {"ours": {dtype: result}, "torch": ..., "compare": ..., "checkpoint": ..., "gpu": ...}}. Paths of the same
+    checkpoint merge (olmoe's tarball and olmoe-more's); the same model with another checkpoint (qwen3-full at 24, then
+    at 48 layers) keeps its own entry, named "MODEL (PATH)", so that each row says its own layers. A later path's run of
+    the same expert storage replaces an earlier one's."""
+    models = {}
     for path in paths:
-        if os.path.isdir(path):
-            for root, _, names in os.walk(path):
-                for n in names:
-                    full = os.path.join(root, n)
-                    if n.endswith(".tar.gz"):
-                        files.update(read_tar(full))
-                    elif n.endswith((".json", ".txt")):
-                        with open(full) as f:
-                            files[os.path.relpath(full, path)] = f.read()
-        else:
-            files.update(read_tar(path))
+        for model, m in collect_one(path).items():
+            key = model
+            if key in models and m.get("checkpoint") and models[key].get("checkpoint") not in (None, m["checkpoint"]):
+                key = f"{model} ({os.path.basename(path)})"
+            into = models.setdefault(key, {"ours": {}})
+            into["ours"].update(m.pop("ours"))
+            into.setdefault("smi", {}).update(m.pop("smi", {}))
+            into.update(m)
+    return models
+
+
+def collect_one(path):
+    """collect() of one tarball or folder"""
+    files = {}
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            for n in names:
+                full = os.path.join(root, n)
+                if n.endswith(".tar.gz"):
+                    files.update(read_tar(full))
+                elif n.endswith((".json", ".txt")):
+                    with open(full) as f:
+                        files[os.path.relpath(full, path)] = f.read()
+    else:
+        files.update(read_tar(path))
     models = {}
     for name, text in sorted(files.items()):
         parts = name.split("/")
