@@ -1,28 +1,30 @@
 /**
- * The tensor-core device batch, variants v3 (issue 13): the package's subgroup-matrix programs run
- * outside tfjs (their WGSL under a minimal stand-in of tfjs's preamble, variant_codes.ts), fixed
- * and as they were at db64af4, then the standalone GEMM variants that were exact on the H200,
- * each checked against float64 and timed. Every case runs in a child process of its own (this
- * script again, with VARIANT_CASE set), so that a crash inside Dawn or the driver (variants v2
- * died of SIGSEGV in its first case on the H100) ends that case only and is recorded as
+ * The tensor-core device batch, variants v4 (issue 13). v3 found the package's subgroup-matrix
+ * programs wrong on the H100 (max rel. error 1.4) and standalone f16 GEMMs exact, the best at
+ * 97 TFLOP/s (4 subgroups of 64×64, 128×128 block, depth 64, rows padded by 8 halves). v4 runs:
+ * 1. the rebuilt programs (that exact layout, no 4-byte workgroup scalars) outside tfjs (their WGSL
+ *    under a minimal stand-in of tfjs's preamble, variant_codes.ts) on a small grouped problem with
+ *    every edge (K tail, output columns past the last block's, padding rows, a block past the rows
+ *    in use), every element against float64;
+ * 2. the bisection (variant_codes.ts's bisectVariant): the exact layout staged per element from f32,
+ *    then one piece of the programs added per case (the slot epilogue, the row loader with and
+ *    without SwiGLU, the f32 and bf16 weight loaders, grouped rows, a runtime K bound, a 4-byte
+ *    workgroup scalar before the slabs, column-major As, a K tail), then all together;
+ * 3. the rebuilt programs at Q's up shape, timed; the exact GEMM at 2048³ (the control); db64af4's MatMul.
+ * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
+ * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
+ * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
+ * sums: a right kernel gives maxRelError 0 (SwiGLU on load: ~1e-7, its f16 rounding is in the reference).
+ * Every case runs in a child process of its own (this script again, with VARIANT_CASE set), so that
+ * a crash inside Dawn or the driver ends that case only and is recorded as
  * `{ crashed: true, signal, lastPhase }`; a case that hangs is killed after CASE_TIMEOUT_MS.
  *
- * Cases, the decisive first (CASES below):
- * 1. the fixed SubgroupMatrixMatMulProgram on a small grouped problem that has every edge (a K
- *    tail, output columns past the last block's, padding rows, a block past the rows in use), every
- *    element checked; the fixed weight gradient likewise; the MatMul at Q's up projection, timed;
- *    the MatMul with its main() as the entry point (no helper function, no private ids);
- * 2. db64af4's programs (tools/webgpu_tc/frozen/), small and at the shape v2 crashed on;
- * 3. variants v1's fastest standalone GEMMs (2048³ and Q's shape), then v2's faster patterns.
- * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
- * sums: a right kernel gives maxRelError 0.
- *
- * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts`:
- *   source .gpu/on-device.sh && node .gpu/bundle/variants.js      (bash tools/webgpu_tc/on_device.sh runs it)
+ * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts tools/webgpu_tc/check.ts`:
+ *   bash tools/webgpu_tc/on_device.sh      (this, then check.js)
  * Here (Mesa): `EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/variants.ts` reports that the
  * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it dry-runs the harness:
- * a plain f32 GEMM and the package cases' plumbing with the matrices stood in for (their numbers
- * are no product), each in its child process. `VARIANT_CASES=id,id` runs only those cases.
+ * a plain f32 GEMM and the package and bisection cases' plumbing with the matrices stood in for
+ * (their numbers are no product), each in its child process. `VARIANT_CASES=id,id` runs only those.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every case). Stops starting cases after TIME_BUDGET_MS.
  */
