@@ -9,9 +9,10 @@
  * and the vec4 views A16v, B16v of those buffers).
  */
 import {
-  aIndex, bIndex, declareAccumulators, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
-  stagedElementA, stagedElementB, subgroupCount, wgslU32,
+  aIndex, bIndex, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
+  stagedElementA, stagedElementB, subgroupCount, uniformStrideLoop, wgslU32,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_core.js';
+import { rowLoadSnippet, weightLoadSnippet } from '../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type {
   SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
@@ -329,4 +330,141 @@ export function standInMatrices(code: string): string {
 fn smLoad_${a}(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(f32(${a}[offset + stride])); }
 fn smStore_${a}(offset : u32, c : SM, colMajor : bool, stride : u32) { ${canWrite.has(a) ? `${a}[offset + stride] = c.v;` : ''} }`);
   return `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n${body}\n${helpers.join('\n')}`;
+}
+
+// ---- variants v4: bisection from the exact GEMM towards the package programs ----------------
+
+/**
+ * What one bisection case adds to the exact GEMM's layout (4 subgroups of 64×64, 128×128 block,
+ * depth 64, rows padded by 8 halves), each a piece of what the package programs do and the exact
+ * GEMM does not:
+ * - `slotEpilogue`: results through each subgroup's 16×16 f32 slot in workgroup memory, the lanes
+ *   writing C (the programs' epilogueThroughSlots), instead of subgroupMatrixStore straight to C;
+ * - `left`: A staged per element from f32 ('direct'), or through the package's row loader
+ *   (rowLoadSnippet: a workgroup table of source rows, here the batch's rows reversed, 'rows'), or
+ *   its SwiGLU on load from h [rows, 2K] ('act');
+ * - `leftColMajor`: As holds A column-major (the weight gradients' layout);
+ * - `weight`: B staged per element from B32 ('direct'), or through the package's weight loader
+ *   (weightLoadSnippet) from f32 ('f32') or packed bf16 words ('bf16');
+ * - `grouped`: the programs' grouped layout: every 8th row a padding row (source −1, result 0) and
+ *   the last row block past the rows in use (its K loop bound 0 by workgroupUniformLoad);
+ * - `runtimeK`: the K loop bound read from a buffer through workgroupUniformLoad (the programs'
+ *   bound is a uniform), not a constant;
+ * - `scalarFirst`: a 4-byte workgroup scalar declared (and used) before the slabs, as db64af4's
+ *   programs had (tileExpert, segStart): the alignment suspect.
+ * Bindings (6 storage buffers, within WebGPU's default 8 per stage): 0 A32, 1 B32, 2 C, 3 W (B32
+ * again for 'f32', bf16 words for 'bf16'), 4 A (A32 again, or h for 'act'), 5 Dims (i32: K, then
+ * the rows in use per batch).
+ */
+export interface BisectOptions {
+  slotEpilogue?: boolean;
+  left?: 'direct' | 'rows' | 'act';
+  leftColMajor?: boolean;
+  weight?: 'direct' | 'f32' | 'bf16';
+  grouped?: boolean;
+  runtimeK?: boolean;
+  scalarFirst?: boolean;
+}
+
+/** The exact GEMM's layout (v2 staged, 97 TFLOP/s on the H100), As row- or column-major. */
+export function exactLayout(leftColMajor = false): SlabLayout {
+  return { ...gemmLayout({ sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4, depth: 64, pad: 8 }), leftColMajor };
+}
+
+/** Rows of a grouped bisection problem that are padding (source −1): every 8th. */
+export const isPaddingRow = (row: number) => row % 8 === 7;
+
+export function bisectVariant(p: Problem, o: BisectOptions): Variant {
+  const l = exactLayout(o.leftColMajor);
+  const threads = 32 * subgroupCount(l);
+  const x = wgslU32;
+  const { row, col } = partOrigin(x, l, 'subgroup');
+  const size = slabSizes(l);
+  const left = o.left ?? 'direct';
+  const weight = o.weight ?? 'direct';
+  const usesRowTable = left !== 'direct' || o.grouped === true;
+  const a = stagedElementA(x, l, 'i');
+  const b = stagedElementB(x, l, 'i', false);
+  const rowSnippet = left === 'direct' ? '' : rowLoadSnippet(left, left === 'act' ? { kind: 'swiglu', interleaved: false } : undefined);
+  const weightSnippet = weight === 'direct' ? undefined : weightLoadSnippet(weight === 'bf16' ? { kind: 'bf16', cols: p.N, layout: null } : undefined);
+  // the row loader reads rowSrc[m] (a global row, −1 on padding): the batch's rows reversed ('rows',
+  // 'act' reads its own row), padding and unused rows −1 when grouped
+  const sourceRow = left === 'rows' ? `${p.M - 1}u - r` : 'r';
+  const rowTable = !usesRowTable ? '' : uniformStrideLoop('m', 'lid', l.rows, threads, `{
+      let r = row0 + m;
+      let padding = ${o.grouped ? `r % 8u == 7u || r >= rowsInUse` : 'false'};
+      rowSrc[m] = select(i32(wg.z * ${p.M}u + ${sourceRow}), -1, padding);
+    }`);
+  const aValue = left === 'direct'
+    ? `select(0.0, A32[aBase + (row0 + mm) * ${p.K}u + min(kAt, ${p.K - 1}u)], kAt < kEnd)`
+    : `select(0.0, loadA(i32(mm), i32(min(kAt, ${p.K - 1}u))), kAt < kEnd)`;
+  const bValue = weight === 'direct'
+    ? `select(0.0, B32[bBase + min(kAt, ${p.K - 1}u) * ${p.N}u + col0 + nn], kAt < kEnd)`
+    : `select(0.0, loadW(i32(bBase${weight === 'bf16' ? ' / 2u' : ''}), i32(min(kAt, ${p.K - 1}u)), i32(col0 + nn)), kAt < kEnd)`;
+  const loadW = weightSnippet === undefined ? '' : `${weightSnippet.fn}
+fn loadW(wBase : i32, k : i32, n : i32) -> f32 {
+  var v = 0.0;
+  ${weightSnippet.assign}
+  return v;
+}`;
+  const store = o.slotEpilogue
+    ? epilogueThroughSlots(l, 'subgroup', 'lane', 32, 'partRow', 'partCol', (m, n, v) => `C[cBase + (row0 + ${m}) * ${p.N}u + col0 + ${n}] = ${v};`)
+    : Array.from({ length: l.tilesM * l.tilesN }, (_, t) => {
+      const i = Math.floor(t / l.tilesN), j = t % l.tilesN;
+      return `subgroupMatrixStore(&C, cBase + (row0 + partRow + ${i * 16}u) * ${p.N}u + col0 + partCol + ${j * 16}u, c${i}_${j}, false, ${p.N}u);`;
+    }).join('\n  ');
+  const name = ['bisect: exact layout, f32 staged per element', o.slotEpilogue && 'slot epilogue', left !== 'direct' && `left via loadA '${left}'`,
+    o.leftColMajor && 'As column-major', weight !== 'direct' && `weight loader ${weight}`, o.grouped && 'grouped rows', o.runtimeK && 'runtime K bound',
+    o.scalarFirst && 'a 4-byte workgroup scalar first'].filter(Boolean).join(', ');
+  return { name, threads, blockRows: l.rows, blockCols: l.cols, code: `enable f16;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+@group(0) @binding(0) var<storage, read> A32 : array<f32>;
+@group(0) @binding(1) var<storage, read> B32 : array<f32>;
+@group(0) @binding(2) var<storage, read_write> C : array<f32>;
+@group(0) @binding(3) var<storage, read> W : array<${weight === 'bf16' ? 'i32' : 'f32'}>;
+@group(0) @binding(4) var<storage, read> A : array<f32>;
+@group(0) @binding(5) var<storage, read> Dims : array<i32>;
+struct Uniforms { inner : i32, sN : i32, sK : i32 }
+var<private> uniforms : Uniforms;
+${o.scalarFirst ? 'var<workgroup> flag : i32;' : ''}
+var<workgroup> As : array<f16, ${size.a}>;
+var<workgroup> Bs : array<f16, ${size.b}>;
+var<workgroup> Ts : array<f32, ${subgroupCount(l) * 256}>;
+var<workgroup> rowSrc : array<i32, ${l.rows + 4}>;
+${rowSnippet}
+${loadW}
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  if (wg.z > 100000u) { C[0] = A32[0] + B32[0] + f32(W[0]) + A[0] + f32(Dims[0]) + Ts[0] + f32(rowSrc[0]); }
+  uniforms = Uniforms(Dims[0], 1, ${p.N});
+  ${origins(p, l.rows, l.cols)}
+  let subgroup = lid / 32u;
+  let lane = lid % 32u;
+  let partRow = ${row};
+  let partCol = ${col};
+  let rowsInUse = u32(Dims[1]);
+  ${rowTable}
+  if (lid == 0u) {
+    // the K loop's bound: a constant, or from the buffer (0 for a block past the rows in use)
+    rowSrc[${l.rows}] = ${o.runtimeK || o.grouped ? `select(Dims[0], 0, ${o.grouped ? 'row0 >= rowsInUse' : 'false'})` : `${p.K}`};
+    ${o.scalarFirst ? 'flag = 1;' : ''}
+  }
+  let bound = workgroupUniformLoad(&rowSrc[${l.rows}]);
+  ${o.scalarFirst ? 'let one = workgroupUniformLoad(&flag);' : ''}
+  let kEnd = ${o.runtimeK || o.grouped ? `u32(bound)${o.scalarFirst ? ' * u32(one)' : ''}` : `${p.K}u`};
+  ${declareAccumulators(l)}
+  for (var k0 = 0u; k0 < kEnd; k0 += ${l.depth}u) {
+    ${uniformStrideLoop('i', 'lid', l.rows * l.depth, threads, `let mm = ${a.m}; let kk = ${a.k};
+      let kAt = k0 + kk;
+      As[${aIndex(x, l, 'mm', 'kk')}] = f16(${aValue});`)}
+    ${uniformStrideLoop('i', 'lid', l.depth * l.cols, threads, `let kk = ${b.k}; let nn = ${b.n};
+      let kAt = k0 + kk;
+      Bs[${bIndex(x, l, 'kk', 'nn')}] = f16(${bValue});`)}
+    workgroupBarrier();
+    ${multiplySlab(l, 'partRow', 'partCol')}
+    workgroupBarrier();
+  }
+  ${store}
+}` };
 }

@@ -1,28 +1,30 @@
 /**
- * The tensor-core device batch, variants v3 (issue 13): the package's subgroup-matrix programs run
- * outside tfjs (their WGSL under a minimal stand-in of tfjs's preamble, variant_codes.ts), fixed
- * and as they were at db64af4, then the standalone GEMM variants that were exact on the H200,
- * each checked against float64 and timed. Every case runs in a child process of its own (this
- * script again, with VARIANT_CASE set), so that a crash inside Dawn or the driver (variants v2
- * died of SIGSEGV in its first case on the H100) ends that case only and is recorded as
+ * The tensor-core device batch, variants v4 (issue 13). v3 found the package's subgroup-matrix
+ * programs wrong on the H100 (max rel. error 1.4) and standalone f16 GEMMs exact, the best at
+ * 97 TFLOP/s (4 subgroups of 64×64, 128×128 block, depth 64, rows padded by 8 halves). v4 runs:
+ * 1. the rebuilt programs (that exact layout, no 4-byte workgroup scalars) outside tfjs (their WGSL
+ *    under a minimal stand-in of tfjs's preamble, variant_codes.ts) on a small grouped problem with
+ *    every edge (K tail, output columns past the last block's, padding rows, a block past the rows
+ *    in use), every element against float64;
+ * 2. the bisection (variant_codes.ts's bisectVariant): the exact layout staged per element from f32,
+ *    then one piece of the programs added per case (the slot epilogue, the row loader with and
+ *    without SwiGLU, the f32 and bf16 weight loaders, grouped rows, a runtime K bound, a 4-byte
+ *    workgroup scalar before the slabs, column-major As, a K tail), then all together;
+ * 3. the rebuilt programs at Q's up shape, timed; the exact GEMM at 2048³ (the control); db64af4's MatMul.
+ * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
+ * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
+ * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
+ * sums: a right kernel gives maxRelError 0 (SwiGLU on load: ~1e-7, its f16 rounding is in the reference).
+ * Every case runs in a child process of its own (this script again, with VARIANT_CASE set), so that
+ * a crash inside Dawn or the driver ends that case only and is recorded as
  * `{ crashed: true, signal, lastPhase }`; a case that hangs is killed after CASE_TIMEOUT_MS.
  *
- * Cases, the decisive first (CASES below):
- * 1. the fixed SubgroupMatrixMatMulProgram on a small grouped problem that has every edge (a K
- *    tail, output columns past the last block's, padding rows, a block past the rows in use), every
- *    element checked; the fixed weight gradient likewise; the MatMul at Q's up projection, timed;
- *    the MatMul with its main() as the entry point (no helper function, no private ids);
- * 2. db64af4's programs (tools/webgpu_tc/frozen/), small and at the shape v2 crashed on;
- * 3. variants v1's fastest standalone GEMMs (2048³ and Q's shape), then v2's faster patterns.
- * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
- * sums: a right kernel gives maxRelError 0.
- *
- * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts`:
- *   source .gpu/on-device.sh && node .gpu/bundle/variants.js      (bash tools/webgpu_tc/on_device.sh runs it)
+ * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/variants.ts tools/webgpu_tc/check.ts`:
+ *   bash tools/webgpu_tc/on_device.sh      (this, then check.js)
  * Here (Mesa): `EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/variants.ts` reports that the
  * adapter has no subgroup matrices and exits 0; with VARIANTS_HARNESS=1 it dry-runs the harness:
- * a plain f32 GEMM and the package cases' plumbing with the matrices stood in for (their numbers
- * are no product), each in its child process. `VARIANT_CASES=id,id` runs only those cases.
+ * a plain f32 GEMM and the package and bisection cases' plumbing with the matrices stood in for
+ * (their numbers are no product), each in its child process. `VARIANT_CASES=id,id` runs only those.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every case). Stops starting cases after TIME_BUDGET_MS.
  */
@@ -33,14 +35,15 @@ import { create, globals } from 'webgpu';
 import { SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
-  type PackageShaderOptions, packageProgramShader, plainVariant, type Problem, stagedVariant, standInMatrices, stagedVariants,
-  storageVariant, type Variant, gemmLayout,
+  type BisectOptions, bisectVariant, isPaddingRow, type PackageShaderOptions, packageProgramShader, plainVariant, type Problem,
+  stagedVariant, standInMatrices, type Variant, gemmLayout,
 } from './variant_codes.js';
+import { bfloat16Bits } from '../../src/ops/packed.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
 /** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout */
-const TIME_BUDGET_MS = 120_000;
+const TIME_BUDGET_MS = 100_000;
 const CASE_TIMEOUT_MS = 30_000;
 const harness = process.env.VARIANTS_HARNESS === '1';
 const started = Date.now();
@@ -63,8 +66,6 @@ interface Grouped {
 }
 
 const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
-/** variants v2's shape, the one its first case crashed on */
-const V2_SHAPE: Grouped = { E: 2, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
 /** config Q's up projection */
 const Q_UP: Grouped = { E: 16, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
 
@@ -72,7 +73,8 @@ type Timing = 'none' | 'timestamps';
 
 type CaseSpec =
   | { kind: 'package'; program: 'matmul' | 'weightGrad'; code: 'fixed' | 'db64af4'; entry: PackageShaderOptions['entry']; shape: Grouped; timing: Timing }
-  | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing };
+  | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing }
+  | { kind: 'bisect'; problem: Problem; options: BisectOptions };
 
 interface Case {
   id: string;
@@ -87,55 +89,64 @@ interface Case {
 }
 
 const GEMM_2048: Problem = { name: '2048^3', batch: 1, M: 2048, N: 2048, K: 2048 };
-const GEMM_Q: Problem = { name: 'Q up: 16 x (1024 x 1536 x 2048)', batch: 16, M: 1024, N: 1536, K: 2048 };
-const v1Storage = (p: Problem) => storageVariant(p, { sgRows: 1, sgCols: 1, tilesM: 4, tilesN: 4 });
-const stagedV1 = (from: 'f16' | 'f32') => (p: Problem) => stagedVariant(p,
-    { layout: gemmLayout({ sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4, depth: 32, pad: 0 }), from, vec4: false, prefetch: false });
+/** the bisection's problem: 3 row blocks per batch (the last one unused when grouped), 2 column blocks, 3 whole slabs */
+const BISECT: Problem = { name: 'bisect: 2 x (384 x 256 x 192)', batch: 2, M: 384, N: 256, K: 192 };
+/** the same with a K tail (200: the last slab 8 deep, zero-filled) */
+const BISECT_TAIL: Problem = { ...BISECT, name: 'bisect: 2 x (384 x 256 x 200)', K: 200 };
+/** v2's exact GEMM: 4 subgroups of 64×64, 128×128 block, depth 64, pad 8, vec4 f16 reads, prefetch (97.1 TFLOP/s on the H100) */
+const exactV2 = (p: Problem) => stagedVariant(p,
+    { layout: gemmLayout({ sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 4, depth: 64, pad: 8 }), from: 'f16', vec4: true, prefetch: true });
 
 function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
     entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
   const what = program === 'matmul' ? 'SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])' : 'SubgroupMatrixWeightGradProgram (rows x rows)';
   const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
-  return { id, name: `package ${what}, ${code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
+  return { id, name: `package ${what}, ${code === 'fixed' ? 'depth 64, pad 8' : code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
     spec: { kind: 'package', program, code, entry, shape, timing } };
 }
 
-function droppedInstanceCase(): Case {
-  const c = packageCase('fixed-matmul-small-dropped-instance', 'matmul', 'fixed', SMALL);
-  return { ...c, name: `${c.name}, Dawn instance dropped and collected`, dropInstance: true };
+function bisectCase(id: string, options: BisectOptions, problem = BISECT): Case {
+  return { id, name: `${bisectVariant(problem, options).name} (${problem.name})`, spec: { kind: 'bisect', problem, options } };
 }
 
-/** Every case, in the order they run: the decisive first (see the file comment). */
+/**
+ * Every case, in the order they run (variants v4): the rebuilt programs first (right → done), then
+ * the bisection from the exact GEMM, one piece of the programs added per case (every element
+ * against float64, with where the wrong ones are), then the rebuilt programs at Q's shape, timed,
+ * the exact GEMM itself as the control, and db64af4's MatMul (wrong in v3) to show the card
+ * reproduces.
+ */
 export const CASES: Case[] = [
-  packageCase('fixed-matmul-small', 'matmul', 'fixed', SMALL),
-  packageCase('fixed-weightgrad-small', 'weightGrad', 'fixed', SMALL),
-  packageCase('fixed-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
-  packageCase('fixed-matmul-small-inline', 'matmul', 'fixed', SMALL, 'inline'),
+  packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  bisectCase('bisect-0-base', {}),
+  bisectCase('bisect-a-slot-epilogue', { slotEpilogue: true }),
+  bisectCase('bisect-b-left-rows', { left: 'rows' }),
+  bisectCase('bisect-c-left-act', { left: 'act' }),
+  bisectCase('bisect-d-weight-f32', { weight: 'f32' }),
+  bisectCase('bisect-e-weight-bf16', { weight: 'bf16' }),
+  bisectCase('bisect-f-grouped', { left: 'rows', grouped: true }),
+  bisectCase('bisect-k-runtime-k', { runtimeK: true }),
+  bisectCase('bisect-h-scalar-first', { runtimeK: true, scalarFirst: true }),
+  bisectCase('bisect-i-left-col-major', { leftColMajor: true }),
+  bisectCase('bisect-t-k-tail', {}, BISECT_TAIL),
+  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
+  packageCase('pkg-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q', 'weightGrad', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  { id: 'exact-v2-2048', name: 'v2 exact GEMM: 4 subgroups of 64x64, 128x128, depth 64, pad 8, vec4, prefetch', spec: { kind: 'gemm', problem: GEMM_2048, variant: exactV2, timing: 'timestamps' } },
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
-  packageCase('old-matmul-v2shape', 'matmul', 'db64af4', V2_SHAPE),
-  packageCase('old-weightgrad-small', 'weightGrad', 'db64af4', SMALL),
-  packageCase('fixed-matmul-v2shape', 'matmul', 'fixed', V2_SHAPE),
-  droppedInstanceCase(),
-  { id: 'v1-storage-2048', name: 'v1 storage f16, 1 subgroup of 64x64', spec: { kind: 'gemm', problem: GEMM_2048, variant: v1Storage, timing: 'timestamps' } },
-  { id: 'v1-staged-f16-2048', name: 'v1 staged f16->wg f16, 4 subgroups, 128x128', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f16'), timing: 'timestamps' } },
-  { id: 'v1-staged-f32-2048', name: 'v1 staged f32->wg f16, 4 subgroups, 128x128 (the programs\' layout)', spec: { kind: 'gemm', problem: GEMM_2048, variant: stagedV1('f32'), timing: 'timestamps' } },
-  { id: 'v1-storage-q', name: 'v1 storage f16, 1 subgroup of 64x64', spec: { kind: 'gemm', problem: GEMM_Q, variant: v1Storage, timing: 'timestamps' } },
-  { id: 'v1-staged-f16-q', name: 'v1 staged f16->wg f16, 4 subgroups, 128x128', spec: { kind: 'gemm', problem: GEMM_Q, variant: stagedV1('f16'), timing: 'timestamps' } },
-  ...stagedVariants().slice(0, 5).map((o, i): Case => ({ id: `v2-staged-${i}-2048`, name: `v2 ${stagedVariant(GEMM_2048, o).name}`,
-    spec: { kind: 'gemm', problem: GEMM_2048, variant: p => stagedVariant(p, o), timing: 'timestamps' } })),
-  { id: 'v2-storage-4sg-2048', name: 'v2 storage f16, 4 subgroups of 64x128', spec: { kind: 'gemm', problem: GEMM_2048,
-    variant: p => storageVariant(p, { sgRows: 2, sgCols: 2, tilesM: 4, tilesN: 8 }), timing: 'timestamps' } },
 ];
 
-/** The Mesa dry run's cases: the harness on a plain GEMM, the package cases' plumbing on small shapes. */
+/** The Mesa dry run's cases: the harness on a plain GEMM, the package cases' and bisection cases' plumbing on small shapes. */
 const HARNESS_CASES: Case[] = [
   { id: 'harness-plain', name: 'plain f32 GEMM (harness dry run)',
     spec: { kind: 'gemm', problem: { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, variant: plainVariant, timing: 'timestamps' } },
-  packageCase('fixed-matmul-small', 'matmul', 'fixed', SMALL),
-  packageCase('fixed-weightgrad-small', 'weightGrad', 'fixed', SMALL),
-  packageCase('fixed-matmul-small-inline', 'matmul', 'fixed', SMALL, 'inline'),
+  packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  bisectCase('bisect-c-left-act', { left: 'act' }),
+  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
+  bisectCase('bisect-e-weight-bf16', { weight: 'bf16', leftColMajor: true }),
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
-  droppedInstanceCase(),
 ];
 
 // ---- the child: one case ----------------------------------------------------------------------
@@ -167,7 +178,7 @@ interface Run {
   dispatch: [number, number, number];
   flops: number;
   /** max |c − expected| / max |expected| */
-  check: (c: Float32Array) => number;
+  check: (c: Float32Array, entry?: Record<string, unknown>) => number;
 }
 
 /** Compiles, runs once, checks, then times 10 dispatches (timestamp queries); tells each phase first. */
@@ -213,7 +224,7 @@ async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: R
   await readback.mapAsync(GPUMapMode.READ);
   const c = new Float32Array(readback.getMappedRange().slice(0));
   readback.unmap();
-  entry.maxRelError = run.check(c);
+  entry.maxRelError = run.check(c, entry);
   entry.finite = c.every(Number.isFinite);
   // the verdict first: a crash while timing leaves it with the parent
   tell({ partial: entry });
@@ -243,10 +254,82 @@ function storage(device: GPUDevice, data: ArrayBufferView | number): GPUBuffer {
   return g;
 }
 
-/** max |c − expected| / max |expected| over `points` (indices into c) with their float64 values. */
-function relativeCheck(points: number[], expected: number[]): (c: Float32Array) => number {
+/**
+ * max |c − expected| / max |expected| over `points` (indices into c) with their float64 values; and,
+ * into `entry`, where the wrong ones are (error above 1e-3 of the scale): how many, the first few,
+ * and their counts by the subgroup part of the 128×128 block they fall in (row, column halves),
+ * by row and by column inside their 16×16 matrix. `at(i)`: element i's output row and column.
+ */
+function relativeCheck(points: number[], expected: number[], at: (i: number) => [number, number] = i => [0, i]):
+    (c: Float32Array, entry?: Record<string, unknown>) => number {
   const scale = expected.reduce((m, v) => Math.max(m, Math.abs(v)), 1e-30);
-  return c => points.reduce((worst, at, i) => Math.max(worst, Math.abs(c[at] - expected[i]) / scale), 0);
+  return (c, entry) => {
+    let worst = 0;
+    const byPart = [0, 0, 0, 0], byRow16 = new Array(16).fill(0), byCol16 = new Array(16).fill(0);
+    const first: unknown[] = [];
+    let wrong = 0, zeros = 0;
+    points.forEach((index, i) => {
+      const err = Math.abs(c[index] - expected[i]) / scale;
+      worst = Math.max(worst, Number.isNaN(err) ? Infinity : err);
+      if (!(err <= 1e-3)) {
+        wrong++;
+        if (c[index] === 0) zeros++;
+        const [row, col] = at(index);
+        byPart[(row % 128 >= 64 ? 2 : 0) + (col % 128 >= 64 ? 1 : 0)]++;
+        byRow16[row % 16]++;
+        byCol16[col % 16]++;
+        if (first.length < 4) first.push({ row, col, got: c[index], want: expected[i] });
+      }
+    });
+    if (entry) Object.assign(entry, { checked: points.length, wrong, wrongAreZero: zeros, ...(wrong ? { firstWrong: first, wrongByPart: byPart, wrongByRow16: byRow16, wrongByCol16: byCol16 } : {}) });
+    return worst;
+  };
+}
+
+/** IEEE binary16 rounding (nearest, ties away: the cases' values never tie) of a float64. */
+function roundHalf(v: number): number {
+  if (v === 0 || !Number.isFinite(v)) return v;
+  const e = Math.max(Math.floor(Math.log2(Math.abs(v))), -14);
+  const step = 2 ** (e - 10);
+  return Math.round(v / step) * step;
+}
+
+/**
+ * A bisection case's run (variant_codes.ts's bisectVariant) on `p`, every element against float64:
+ * the left operand as its row loader sees it (the batch's rows reversed for 'rows', SwiGLU of h
+ * rounded to f16 for 'act', 0 on padding rows and past the rows in use when grouped).
+ */
+function bisectRun(device: GPUDevice, p: Problem, o: BisectOptions): Run {
+  const v = bisectVariant(p, o);
+  const { batch, M, N, K } = p;
+  const a = sixtyFourths(batch * M * K);
+  const b = sixtyFourths(batch * K * N);
+  const h = sixtyFourths(batch * M * 2 * K);
+  const rowsInUse = o.grouped ? M - 128 : M;
+  const left = (z: number, r: number, k: number): number => {
+    if (o.grouped && (isPaddingRow(r) || r >= rowsInUse)) return 0;
+    if (o.left === 'act') {
+      const base = (z * M + r) * 2 * K;
+      const g = h[base + k], u = h[base + K + k];
+      return roundHalf(g / (1 + Math.exp(-g)) * u);
+    }
+    return a[(z * M + (o.left === 'rows' ? M - 1 - r : r)) * K + k];
+  };
+  const points = Array.from({ length: batch * M * N }, (_, i) => i);
+  const expected = points.map(i => {
+    const z = Math.floor(i / (M * N)), r = Math.floor(i / N) % M, n = i % N;
+    let sum = 0;
+    for (let k = 0; k < K; k++) sum += left(z, r, k) * b[(z * K + k) * N + n];
+    return sum;
+  });
+  const C = storage(device, batch * M * N * 4);
+  const words = Uint16Array.from(b, bfloat16Bits);
+  const W = o.weight === 'bf16' ? storage(device, new Int32Array(words.buffer)) : storage(device, b);
+  const A = o.left === 'act' ? storage(device, h) : storage(device, a);
+  const dims = storage(device, Int32Array.of(K, rowsInUse, 0, 0));
+  return { code: v.code, buffers: [storage(device, a), storage(device, b), C, W, A, dims], out: C,
+    dispatch: [N / v.blockCols, M / v.blockRows, batch], flops: 2 * batch * M * N * K,
+    check: relativeCheck(points, expected, i => [Math.floor(i / N) % M, i % N]) };
 }
 
 /**
@@ -264,10 +347,8 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
     : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
   const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
   const shader = packageProgramShader(program, { entry: spec.entry, userCode });
-  // Mesa: f32 stand-in slabs at half length, within its 32 KiB (its numbers are no product anyway)
-  const code = dryRun
-    ? standInMatrices(shader).replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Number(n) / 2}>`)
-    : shader;
+  // Mesa: f32 stand-in slabs at a quarter of their length, within its 32 KiB (its numbers are no product anyway)
+  const code = dryRun ? shrinkSlabs(standInMatrices(shader)) : shader;
   const isReal = (row: number) => row < E * perExpert && row % perExpert < real;
   const pr = Int32Array.from({ length: rows }, (_, row) => (isReal(row) ? row : -1));
   // the plan's seg: E + 1 group starts (the last: rows in use), then E real counts
@@ -315,8 +396,19 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   }
   const uniforms = device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
   device.queue.writeBuffer(uniforms, 0, uniformData);
-  return { code, buffers, out: buffers[0], uniforms, dispatch: program.dispatch, check: relativeCheck(points, expected),
+  return { code, buffers, out: buffers[0], uniforms, dispatch: program.dispatch,
+    check: relativeCheck(points, expected, grad ? i => [Math.floor(i / K) % N, i % K] : i => [Math.floor(i / N), i % N]),
     flops: 2 * E * (grad ? real : perExpert) * N * K };
+}
+
+/** The f32 stand-in's slabs at a quarter of their length: within Mesa's 32 KiB of workgroup memory. */
+function shrinkSlabs(code: string): string {
+  return code.replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Math.floor(Number(n) / 4)}>`);
+}
+
+/** On Mesa (the harness), the matrices stood in for and the slabs shrunk, as for the package cases. */
+function harnessed(run: Run): Run {
+  return harness ? { ...run, code: shrinkSlabs(standInMatrices(run.code)) } : run;
 }
 
 function gemmRun(device: GPUDevice, p: Problem, v: Variant): Run {
@@ -333,7 +425,7 @@ function gemmRun(device: GPUDevice, p: Problem, v: Variant): Run {
   // bindings 5, 6: the f16 buffers again, read as vec4<f16>
   return { code: v.code, buffers: [storage(device, a), storage(device, b), A16, B16, C, A16, B16], out: C,
     dispatch: [p.N / v.blockCols, p.M / v.blockRows, p.batch], flops: 2 * p.batch * p.M * p.N * p.K,
-    check: relativeCheck(samples.map(([z, r, col]) => (z * p.M + r) * p.N + col), expected) };
+    check: relativeCheck(samples.map(([z, r, col]) => (z * p.M + r) * p.N + col), expected, i => [Math.floor(i / p.N) % p.M, i % p.N]) };
 }
 
 /**
@@ -369,12 +461,14 @@ async function child(id: string): Promise<void> {
     requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
       maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize, maxBufferSize: adapter.limits.maxBufferSize } });
   tell({ phase: 'inputs' });
-  const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness) : gemmRun(device, c.spec.problem, c.spec.variant(c.spec.problem));
+  const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness)
+    : c.spec.kind === 'bisect' ? harnessed(bisectRun(device, c.spec.problem, c.spec.options))
+    : gemmRun(device, c.spec.problem, c.spec.variant(c.spec.problem));
   if (c.dropInstance) {
     tell({ phase: 'gc' });
     (globalThis as { gc?: () => void }).gc?.();
   }
-  await runOnce(device, entry, run, c.spec.timing);
+  await runOnce(device, entry, run, c.spec.kind === 'bisect' ? 'none' : c.spec.timing);
   tell({ result: entry });
   device.destroy();
 }
@@ -426,7 +520,7 @@ function runCase(c: Case): Promise<Outcome> {
 }
 
 async function parent(): Promise<void> {
-  const report: Record<string, unknown> = { check: 'webgpu_tc variants v3', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
+  const report: Record<string, unknown> = { check: 'webgpu_tc variants v4', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
   const write = (name: string) => {
     if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
   };
@@ -449,7 +543,7 @@ async function parent(): Promise<void> {
     process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${c.name}\n`);
     const o = await runCase(c);
     results.push(o);
-    const brief = { rel: o.maxRelError, tflops: o.tflops, crashed: o.crashed, signal: o.signal, timedOut: o.timedOut, lastPhase: o.done ? undefined : o.lastPhase,
+    const brief = { rel: o.maxRelError, wrong: o.wrong, of: o.checked, byPart: o.wrongByPart, tflops: o.tflops, crashed: o.crashed, signal: o.signal, timedOut: o.timedOut, lastPhase: o.done ? undefined : o.lastPhase,
       err: o.error ?? o.compileErrors ?? (o.deviceErrors as string[] | undefined)?.[0] };
     process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${JSON.stringify(brief)}\n`);
     write('variants.partial.json');

@@ -13,7 +13,7 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
 } from './programs/subgroup_matrix_program.js';
 import { activeTensorCores, tensorCoreDevice, wideEnoughForTensorCores } from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
@@ -245,12 +245,15 @@ export interface GroupedMatMulArgs {
 
 /**
  * Whether a grouped product over `plan` of outCols × inner goes to the subgroup-matrix programs:
- * WEBGPU_MOE_TENSOR_CORES on, a registered device, the plan's row tile a multiple of the 64-row
- * block and the product wide enough (wideEnoughForTensorCores).
+ * WEBGPU_MOE_TENSOR_CORES on, a registered device whose workgroup memory holds the programs' slabs,
+ * the plan's row tile a multiple of the 128-row block and the product wide enough
+ * (wideEnoughForTensorCores).
  */
 export function useTensorCores(plan: DevicePlan, rows: number, cols: number, inner: number): boolean {
-  return activeTensorCores() !== undefined && plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 &&
-      wideEnoughForTensorCores(rows, cols, inner);
+  if (activeTensorCores() === undefined) return false;
+  const limits = (tf.backend() as unknown as { device: GPUDevice }).device.limits;
+  return limits.maxComputeWorkgroupStorageSize >= subgroupMatrixWorkgroupBytes() &&
+      plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 && wideEnoughForTensorCores(rows, cols, inner);
 }
 
 /** max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores). */

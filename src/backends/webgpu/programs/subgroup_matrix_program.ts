@@ -4,8 +4,9 @@
  * on f16 operands with f32 accumulation.
  *
  * Four subgroups per workgroup own a 128×128 block of the output, each a 64×64 part as 4×4 result
- * matrices of 16×16 f32. Each step stages a 32-deep slab of both operands in workgroup memory as
- * f16 — converted on the fly from f32 activations (the activation computed on load, the gather
+ * matrices of 16×16 f32. Each step stages a 64-deep slab of both operands in workgroup memory as
+ * f16, every slab row padded by 8 halves (the layout of the exact 97 TFLOP/s GEMM of variants v3
+ * on the H100) — converted on the fly from f32 activations (the activation computed on load, the gather
  * fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
  * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies them with
  * subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. Each accumulator goes through its
@@ -39,7 +40,14 @@ import {
  * (the gather, activation or weight decode, and the f16 conversion) is amortized over 4× the
  * matrix work of a one-subgroup block.
  */
-export const SUBGROUP_MATRIX_BLOCK = { rows: 128, cols: 128, depth: 32, subgroupRows: 2, subgroupCols: 2 } as const;
+export const SUBGROUP_MATRIX_BLOCK = { rows: 128, cols: 128, depth: 64, subgroupRows: 2, subgroupCols: 2 } as const;
+
+/**
+ * Halves added to every slab row: rows 144 (row-major As) or 272 bytes apart, so that the 16 rows
+ * of a matrix load fall on different banks (the exact 97 TFLOP/s GEMM's padding), and every row
+ * and every matrix starts on a 16-byte boundary, as the hardware's matrix loads want.
+ */
+const SLAB_PAD = 8;
 
 /** A subgroup's part of the block: 64×64 as 4×4 result matrices. */
 const TILES = 4;
@@ -52,10 +60,19 @@ const SUBGROUPS = SUBGROUP_MATRIX_BLOCK.subgroupRows * SUBGROUP_MATRIX_BLOCK.sub
  * emulates.
  */
 export const MATMUL_LAYOUT: SlabLayout = {
-  ...SUBGROUP_MATRIX_BLOCK, tilesM: TILES, tilesN: TILES, leftColMajor: false, pad: 0,
+  ...SUBGROUP_MATRIX_BLOCK, tilesM: TILES, tilesN: TILES, leftColMajor: false, pad: SLAB_PAD,
 };
 export const WEIGHT_GRAD_LAYOUT: SlabLayout = { ...MATMUL_LAYOUT, leftColMajor: true };
 checkSlabLayout(MATMUL_LAYOUT);
+
+/**
+ * i32 elements of the small workgroup array beside the slabs (the MatMul's row sources and its
+ * block's expert, the weight gradient's segment start and count): a whole number of 16-byte
+ * units, so that every workgroup array's size is, and no placement of the arrays by the driver
+ * can start a slab off a 16-byte boundary (a 4-byte scalar placed first would; the matrix loads
+ * from workgroup memory assume aligned rows).
+ */
+const ROW_INTS = SUBGROUP_MATRIX_BLOCK.rows + 4;
 
 /**
  * Workgroups for an output of rows × cols (per expert: × experts): one per block.
@@ -68,10 +85,14 @@ export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1):
   return [Math.ceil(cols / SUBGROUP_MATRIX_BLOCK.cols), Math.ceil(rows / SUBGROUP_MATRIX_BLOCK.rows), experts];
 }
 
-/** Bytes of workgroup memory a program uses: two f16 slabs, a 16×16 f32 tile per subgroup, the row sources. */
+/**
+ * Bytes of workgroup memory the larger program uses: two f16 slabs, a 16×16 f32 slot per subgroup,
+ * the row sources and the block's expert (the MatMul; the weight gradient's As, column-major, and
+ * its 4 ints are smaller).
+ */
 export function subgroupMatrixWorkgroupBytes(): number {
   const { a, b } = slabSizes(MATMUL_LAYOUT);
-  return 2 * (a + b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * SUBGROUP_MATRIX_BLOCK.rows + 8;
+  return 2 * (a + b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * ROW_INTS;
 }
 
 /**
@@ -170,8 +191,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     return `
       ${ENABLES}
       ${workgroupArrays(layout)}
-      var<workgroup> rowSrc : array<i32, ${rows}>;
-      var<workgroup> tileExpert : i32;
+      var<workgroup> rowSrc : array<i32, ${ROW_INTS}>;
       ${EXPERT_OF_ROW}
       ${rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${loadW.fn}
@@ -183,8 +203,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let row0 = i32(workgroupId.y) * ${rows};
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
-        ${tileRowsSnippet(this.spec.source, rows, threads, true)}
-        let e = workgroupUniformLoad(&tileExpert);
+        ${tileRowsSnippet(this.spec.source, rows, threads, true).replace(/\btileExpert\b/g, `rowSrc[${rows}]`)}
+        let e = workgroupUniformLoad(&rowSrc[${rows}]);
         ${declareAccumulators(layout)}
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
@@ -228,7 +248,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
 
 /**
  * GroupedWeightGradProgram's product on subgroup matrices: per expert, dW(p, q) = alpha·Σ_r
- * L(r, p)·R(r, q) over its real rows, 64 rows of the reduction per two staged slabs; `scaled`
+ * L(r, p)·R(r, q) over its real rows, 64 rows of the reduction per pair of staged slabs; `scaled`
  * scales L (the gradient operand) by `amax` as above.
  */
 export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
@@ -267,8 +287,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     return `
       ${ENABLES}
       ${workgroupArrays(layout)}
-      var<workgroup> segStart : i32;
-      var<workgroup> segCount : i32;
+      var<workgroup> segment : array<i32, 4>;
       ${loadL}
       ${loadR}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
@@ -281,11 +300,11 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         if (lid == 0) {
-          segStart = seg[e];
-          segCount = seg[uniforms.numExperts + 1 + e];
+          segment[0] = seg[e];
+          segment[1] = seg[uniforms.numExperts + 1 + e];
         }
-        let start = workgroupUniformLoad(&segStart);
-        let count = workgroupUniformLoad(&segCount);
+        let start = workgroupUniformLoad(&segment[0]);
+        let count = workgroupUniformLoad(&segment[1]);
         ${declareAccumulators(layout)}
         for (var r0 = 0; r0 < count; r0 += ${depth}) {
           ${stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
