@@ -5,19 +5,21 @@
  * cross-entropy of the samples run one by one. With a sliding window (Mixtral) too.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type * as tfl from '@tensorflow/tfjs-layers';
+import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { planRows, rowsBatch, toSample, type TokenizedSample } from '../../src/data/datasets_rows.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { rotaryTablesAt } from '../../src/layers/rotary.js';
 import { passConstant, passScalar } from '../../src/ops/pass_constants.js';
-import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import { passPerCall, withSequenceContext } from '../../src/layers/sequence_context.js';
+import { fileIO } from '../../src/io/file_io_handler.js';
+import { loadModelDir } from '../../src/io/model_dir.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { batchLoss, disposeBatch, IGNORE_INDEX } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
-import { fixtureConfig } from '../io/checkpoint_helpers.js';
+import { cleanup, fixtureConfig, tempDir } from '../io/checkpoint_helpers.js';
 import { expectNoLeak } from '../helpers/numeric.js';
 
 const VOCAB = 11;
@@ -146,6 +148,7 @@ describe('layers: RotaryAttention under a SequenceContext', () => {
 });
 
 describe('ops: passConstant, passScalar', () => {
+  after(cleanup);
   it('builds a constant once per key inside a pass, shares it, disposes it when the pass returns; outside a pass builds every time', () => {
     let builds = 0;
     const build = () => { builds++; return { cos: tf.ones([2, 4]), sin: tf.zeros([2, 4]) }; };
@@ -260,6 +263,33 @@ describe('ops: passConstant, passScalar', () => {
     tf.dispose([...plain.out, ...context.out, ...apply.out, predicted.out, onBatch.out, forward.out, ids]);
     expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before - plain.out.length - 1);
     model.dispose();
+  });
+
+  it('passPerCall: a model from tf.loadLayersModel shares once it is applied (twice changes nothing); loadModelDir applies it', async () => {
+    const model = buildMoECausalLM(QWEN3);
+    await seedModelInit(model, 5, 0.3);
+    const dir = await tempDir('pass-per-call-');
+    await model.save(fileIO(dir));
+    const ids = tf.tensor2d([[1, 5, 2, 9]], [1, 4], 'int32');
+    const predictCount = (m: tfl.LayersModel) => {
+      const { out, fromHost } = countFromHost(() => m.predict(ids) as tf.Tensor);
+      return { bits: bits(out), fromHost, dispose: () => out.dispose() };
+    };
+    const built = predictCount(model);
+    const raw = await tfl.loadLayersModel(fileIO(dir));
+    expect(Object.hasOwn(raw, 'call'), 'tfjs-layers\' loader knows nothing of passes').to.equal(false);
+    const before = predictCount(raw);
+    passPerCall(raw);
+    passPerCall(raw);
+    const after = predictCount(raw);
+    const { model: loaded } = await loadModelDir(dir);
+    const viaLoader = predictCount(loaded);
+    expect(before.fromHost - after.fromHost).to.equal(3 + 8 + 3);
+    expect([after.fromHost, viaLoader.fromHost]).to.deep.equal([built.fromHost, built.fromHost]);
+    for (const r of [before, after, viaLoader]) expect(r.bits).to.deep.equal(built.bits);
+    for (const r of [built, before, after, viaLoader]) r.dispose();
+    ids.dispose();
+    for (const m of [model, raw, loaded]) m.dispose();
   });
 
   it('a custom loop over model.apply builds as few host tensors a step as batchLoss and trains bit for bit the same', async () => {
