@@ -179,7 +179,8 @@ export function divergence(losses: readonly number[], vocab: number | null): str
  * (that streak's length) is not DIVERGENCE_PATIENCE: a streak warns once, when it gets there.
  *
  * ```js
- * noGradientWarning(10, 16, Math.log(11), 11, 1000).message;  // 'no gradient: the gradients\' global norm was 0 ...'
+ * noGradientWarning(10, 16, Math.log(11), 11, 1000).message;
+ * // "no gradient: the gradients' global norm was exactly 0 for the last 10 steps (steps 7–16) with the loss at 2.3979 ..."
  * ```
  */
 export function noGradientWarning(
