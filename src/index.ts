@@ -43,7 +43,7 @@ export {
   runTraining, trainLoop, nextTokenLoss, evaluateLoss, generateGreedy, TrainError,
   type TrainRunOptions, type TrainRunResult, type TrainMode, type TrainLoopOptions, type TrainLoopResult,
   learningRateAt, LR_SCHEDULERS, clipByGlobalNorm, saveTrainCheckpoint, loadTrainCheckpoint, readRunConfig, RunConfigError,
-  type LRScheduler, type TrainState, type StepReport, type EvalReport,
+  type LRScheduler, type TrainState, type StepReport, type EvalReport, type TrainWarning,
 } from './train/index.js';
 export {
   generate, KVCache, processLogits, drawToken, generationConfigFromJSON, readGenerationConfig, GenerationConfigError,

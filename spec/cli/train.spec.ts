@@ -232,11 +232,34 @@ describe('cli/train', () => {
       expect(r.stderr).to.equal("note: training data: 2 characters not in the tokenizer became <unk>: 'Ä' (U+00C4), '#' (U+0023)\n");
     });
 
+    it('a dead model (lr 1000): a warning on stderr, in the summary and the metrics, exit 0; --stop-on-no-gradient stops, saves, exits 1', async () => {
+      const metrics = join(dir, 'dead-metrics.jsonl');
+      const run = ['train', '--init-config', config, ...common({ steps: '25', lr: '1000' })];
+      const r = await runMain([...run, '--metrics', metrics, '--out', join(dir, 'dead')]);
+      expect(r.code, r.stderr).to.equal(0);
+      const warning = /^warning: no gradient: the gradients' global norm was exactly 0 for the last 10 steps \(steps (\d+)–(\d+)\) with the loss at \d\.\d{4} = ln\(vocab\), .* it is 1000\)$/m;
+      const [line, from, at] = r.stderr.match(warning)!;
+      expect(Number(at) - Number(from)).to.equal(9);
+      expect(r.stderr.split('\n').filter(l => l.startsWith('warning:')), 'warned once').to.deep.equal([line]);
+      expect(r.stdout.trimEnd().split('\n').at(-1), 'the summary repeats it').to.equal(line);
+      const records = (await readFile(metrics, 'utf8')).trimEnd().split('\n').map(l => JSON.parse(l));
+      expect(records.filter(l => l.type === 'warning')).to.deep.equal([{ type: 'warning', step: Number(at), kind: 'noGradient', message: line.slice(9) }]);
+      expect(records.filter(l => l.type === 'train').slice(Number(from) - 1).every(l => l.grad_norm === 0)).to.equal(true);
+
+      const stopped = await runMain([...run, '--stop-on-no-gradient', '--out', join(dir, 'dead-stopped'), '--json']);
+      expect(stopped.code, stopped.stderr).to.equal(1);
+      expect(stopped.stderr).to.equal(`${line}\n`);
+      const result = JSON.parse(stopped.stdout) as TrainRunResult;
+      expect(result).to.include({ steps: Number(at), stopped: false, stoppedNoGradient: true });
+      expect(result.warnings.map(w => w.message)).to.deep.equal([line.slice(9)]);
+      expect(await readdir(join(dir, 'dead-stopped'))).to.include('model.safetensors');
+    });
+
     it('--help lists the model, data and plugin flags', () => {
       const r = spawnCli(['train', '--help']);
       expect(r.code).to.equal(0);
       for (const flag of ['--init-config', '--model', '--data', '--val', '--steps', '--lr', '--batch', '--seq', '--seed',
-        '--backend', '--out', '--json', '--lora-rank', '--lora-alpha', '--lora-targets']) {
+        '--backend', '--out', '--json', '--lora-rank', '--lora-alpha', '--lora-targets', '--stop-on-no-gradient']) {
         expect(r.stdout).to.include(flag);
       }
     });

@@ -5,17 +5,21 @@
  * cross-entropy of the samples run one by one. With a sliding window (Mixtral) too.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type * as tfl from '@tensorflow/tfjs-layers';
+import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { planRows, rowsBatch, toSample, type TokenizedSample } from '../../src/data/datasets_rows.js';
-import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
+import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { rotaryTablesAt } from '../../src/layers/rotary.js';
 import { passConstant, passScalar } from '../../src/ops/pass_constants.js';
-import { withSequenceContext } from '../../src/layers/sequence_context.js';
+import { passPerCall, withSequenceContext } from '../../src/layers/sequence_context.js';
+import { fileIO } from '../../src/io/file_io_handler.js';
+import { loadModelDir } from '../../src/io/model_dir.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { batchLoss, disposeBatch, IGNORE_INDEX } from '../../src/train/loss.js';
+import { Adam } from '../../src/train/optimizer.js';
+import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
-import { fixtureConfig } from '../io/checkpoint_helpers.js';
+import { cleanup, fixtureConfig, tempDir } from '../io/checkpoint_helpers.js';
 import { expectNoLeak } from '../helpers/numeric.js';
 
 const VOCAB = 11;
@@ -144,6 +148,7 @@ describe('layers: RotaryAttention under a SequenceContext', () => {
 });
 
 describe('ops: passConstant, passScalar', () => {
+  after(cleanup);
   it('builds a constant once per key inside a pass, shares it, disposes it when the pass returns; outside a pass builds every time', () => {
     let builds = 0;
     const build = () => { builds++; return { cos: tf.ones([2, 4]), sin: tf.zeros([2, 4]) }; };
@@ -187,40 +192,137 @@ describe('ops: passConstant, passScalar', () => {
     tf.dispose([owned.cos, owned.sin]);
   });
 
-  it('a model pass under a context builds the causal mask, rotary tables and operands and norms\' ε once for all its layers, and trains as without sharing', async () => {
-    const model = buildMoECausalLM(QWEN3, { name: 'shared_constants' });
-    await seedModelInit(model, 3, 0.3);
-    const ids = tf.tensor2d([[1, 5, 2, 9, 3, 4]], [1, 6], 'int32');
-    const lossOf = (shared: boolean) => tf.tidy(() => {
-      const f = () => tf.mean(tf.square(shared ? withSequenceContext({}, () => model.apply(ids) as tf.Tensor) : model.apply(ids) as tf.Tensor)) as tf.Scalar;
-      const { value, grads } = tf.variableGrads(f, model.trainableWeights.map(w => w.read() as tf.Variable));
-      return [value, ...Object.values(grads)];
-    });
-    // tensors made from host values (the mask and the tables are; kernels' outputs are not)
+  /** counts tensors made from host values (the mask and the tables are; kernels' outputs are not) while `fn` runs */
+  function countFromHost<T>(fn: () => T): { out: T; fromHost: number } {
     const engine = tf.engine() as unknown as { makeTensor: (...args: unknown[]) => tf.Tensor };
     const makeTensor = engine.makeTensor;
     let fromHost = 0;
     engine.makeTensor = (...args: unknown[]) => { fromHost++; return makeTensor.apply(engine, args); };
-    const counted = (shared: boolean) => {
-      fromHost = 0;
-      const out = lossOf(shared);
-      return { out, fromHost };
-    };
-    let plain: tf.Tensor[], shared: tf.Tensor[], plainMade: number, sharedMade: number, before: number;
     try {
-      ({ out: plain, fromHost: plainMade } = counted(false));
-      before = tf.memory().numTensors;
-      ({ out: shared, fromHost: sharedMade } = counted(true));
+      return { out: fn(), fromHost };
     } finally {
       engine.makeTensor = makeTensor;
     }
+  }
+  /**
+   * Runs `fn` with LayersModel's own call / predict on `model`, without passPerCall's per-instance
+   * hooks: every layer builds its own constants, as before passPerCall.
+   */
+  function unhooked<T>(model: tfl.LayersModel, fn: () => T): T {
+    const methods = ['call', 'predict', 'predictOnBatch'] as const;
+    const hooks = methods.map(k => {
+      expect(Object.hasOwn(model, k), `passPerCall hooked ${k}`).to.equal(true);
+      const hook = model[k];
+      delete (model as unknown as Record<string, unknown>)[k];
+      return hook;
+    });
+    try {
+      return fn();
+    } finally {
+      methods.forEach((k, i) => Object.assign(model, { [k]: hooks[i] }));
+    }
+  }
+  const bits = (t: tf.Tensor) => Array.from(new Uint32Array((t.dataSync() as Float32Array).slice().buffer));
+
+  it('a model pass builds the causal mask, rotary tables and operands and norms\' ε once for all its layers, under a context and in a plain model.apply / predict, and trains as without sharing', async () => {
+    const model = buildMoECausalLM(QWEN3, { name: 'shared_constants' });
+    await seedModelInit(model, 3, 0.3);
+    const ids = tf.tensor2d([[1, 5, 2, 9, 3, 4]], [1, 6], 'int32');
+    const forwards: Record<string, () => tf.Tensor> = {
+      unshared: () => unhooked(model, () => model.apply(ids) as tf.Tensor),
+      context: () => withSequenceContext({}, () => model.apply(ids) as tf.Tensor),  // batchLoss's
+      apply: () => model.apply(ids) as tf.Tensor,                                 // a user's own loop
+    };
+    const lossAndGrads = (forward: () => tf.Tensor) => tf.tidy(() => {
+      const { value, grads } = tf.variableGrads(() => tf.mean(tf.square(forward())) as tf.Scalar,
+          model.trainableWeights.map(w => w.read() as tf.Variable));
+      return [value, ...Object.values(grads)];
+    });
+    const plain = countFromHost(() => lossAndGrads(forwards.unshared));
+    const before = tf.memory().numTensors;
+    const context = countFromHost(() => lossAndGrads(forwards.context));
+    const apply = countFromHost(() => lossAndGrads(forwards.apply));
     // 2 layers: the second one's mask, cos and sin are the first one's, one ε scalar serves the
     // 9 RMSNorms (input, post-attention, q and k norms of each layer, the final norm), and one
     // signed-sin sign vector the 4 rotary calls (q and k of each layer)
-    expect(plainMade - sharedMade).to.equal(3 + 8 + 3);
-    expect(tf.memory().numTensors - before).to.equal(shared.length);
-    for (let i = 0; i < plain.length; i++) expect(Array.from(shared[i].dataSync())).to.deep.equal(Array.from(plain[i].dataSync()));
-    tf.dispose([...plain, ...shared, ids]);
+    expect(plain.fromHost - context.fromHost).to.equal(3 + 8 + 3);
+    expect(apply.fromHost, 'model.apply alone shares as a context does').to.equal(context.fromHost);
+    expect(tf.memory().numTensors - before, 'the pass constants are gone once the call returned').to.equal(2 * plain.out.length);
+    for (let i = 0; i < plain.out.length; i++) {
+      expect(bits(context.out[i])).to.deep.equal(bits(plain.out[i]));
+      expect(bits(apply.out[i])).to.deep.equal(bits(plain.out[i]));
+    }
+    // predict (tfjs-layers runs the layers one by one, not through call) shares too
+    const predicted = countFromHost(() => model.predict(ids) as tf.Tensor);
+    const onBatch = countFromHost(() => model.predictOnBatch(ids) as tf.Tensor);
+    const forward = countFromHost(() => unhooked(model, () => model.predict(ids) as tf.Tensor));
+    expect(forward.fromHost - predicted.fromHost).to.equal(3 + 8 + 3);
+    expect(onBatch.fromHost).to.equal(predicted.fromHost);
+    expect(bits(predicted.out)).to.deep.equal(bits(forward.out));
+    expect(bits(onBatch.out)).to.deep.equal(bits(forward.out));
+    tf.dispose([...plain.out, ...context.out, ...apply.out, predicted.out, onBatch.out, forward.out, ids]);
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before - plain.out.length - 1);
     model.dispose();
+  });
+
+  it('passPerCall: a model from tf.loadLayersModel shares once it is applied (twice changes nothing); loadModelDir applies it', async () => {
+    const model = buildMoECausalLM(QWEN3);
+    await seedModelInit(model, 5, 0.3);
+    const dir = await tempDir('pass-per-call-');
+    await model.save(fileIO(dir));
+    const ids = tf.tensor2d([[1, 5, 2, 9]], [1, 4], 'int32');
+    const predictCount = (m: tfl.LayersModel) => {
+      const { out, fromHost } = countFromHost(() => m.predict(ids) as tf.Tensor);
+      return { bits: bits(out), fromHost, dispose: () => out.dispose() };
+    };
+    const built = predictCount(model);
+    const raw = await tfl.loadLayersModel(fileIO(dir));
+    expect(Object.hasOwn(raw, 'call'), 'tfjs-layers\' loader knows nothing of passes').to.equal(false);
+    const before = predictCount(raw);
+    passPerCall(raw);
+    passPerCall(raw);
+    const after = predictCount(raw);
+    const { model: loaded } = await loadModelDir(dir);
+    const viaLoader = predictCount(loaded);
+    expect(before.fromHost - after.fromHost).to.equal(3 + 8 + 3);
+    expect([after.fromHost, viaLoader.fromHost]).to.deep.equal([built.fromHost, built.fromHost]);
+    for (const r of [before, after, viaLoader]) expect(r.bits).to.deep.equal(built.bits);
+    for (const r of [built, before, after, viaLoader]) r.dispose();
+    ids.dispose();
+    for (const m of [model, raw, loaded]) m.dispose();
+  });
+
+  it('a custom loop over model.apply builds as few host tensors a step as batchLoss and trains bit for bit the same', async () => {
+    const models = [buildMoECausalLM(QWEN3), buildMoECausalLM(QWEN3)];
+    for (const m of models) await seedModelInit(m, 4, 0.3);
+    const batch = {
+      inputIds: tf.tensor2d([[1, 5, 2, 9, 3, 4], [8, 1, 1, 6, 2, 0]], [2, 6], 'int32') as tf.Tensor2D,
+      labels: tf.tensor2d([[5, 2, 9, 3, 4, 7], [1, 1, 6, 2, 0, 10]], [2, 6], 'int32') as tf.Tensor2D,
+      segmentIds: null, positionIds: null, targetCount: 12,
+    };
+    const before = tf.memory().numTensors;
+    const adams = models.map(m => new Adam(trainableVariables(m)));
+    const steps: Record<'batchLoss' | 'custom', (m: tfl.LayersModel) => { value: tf.Scalar; grads: tf.NamedTensorMap }> = {
+      batchLoss: m => tf.variableGrads(() => batchLoss(m, batch), trainableVariables(m)),
+      // what a user writes: the model on the ids, a cross-entropy on the logits, nothing of ours around it
+      custom: m => tf.variableGrads(() => tf.tidy(() => tokenCrossEntropy(
+          tf.reshape(m.apply(batch.inputIds) as tf.Tensor, [12, VOCAB]) as tf.Tensor2D,
+          tf.reshape(batch.labels, [12]) as tf.Tensor1D, 12)), trainableVariables(m)),
+    };
+    for (let step = 0; step < 3; step++) {
+      const made = (['batchLoss', 'custom'] as const).map((kind, k) => {
+        const { out: { value, grads }, fromHost } = countFromHost(() => steps[kind](models[k]));
+        adams[k].apply(trainableVariables(models[k]).map(v => grads[v.name]), 1e-2);
+        tf.dispose([value, ...Object.values(grads)]);
+        return fromHost;
+      });
+      expect(made[1], `step ${step + 1}: host tensors of the custom loop`).to.equal(made[0]);
+    }
+    const [a, b] = models.map(m => trainableVariables(m));
+    for (let i = 0; i < a.length; i++) expect(bits(b[i]), a[i].name).to.deep.equal(bits(a[i]));
+    for (const adam of adams) adam.dispose();
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+    tf.dispose([batch.inputIds, batch.labels]);
+    for (const m of models) m.dispose();
   });
 });

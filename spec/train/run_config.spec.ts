@@ -41,6 +41,7 @@ save_steps: 50
 save_total_limit: 2
 output_dir: ./out
 seed: 42
+stop_on_no_gradient: true
 `;
 
 describe('train/run_config: axolotl-style YAML', () => {
@@ -51,7 +52,7 @@ describe('train/run_config: axolotl-style YAML', () => {
       model: './my-moe', datasets: [{ path: 'chat.jsonl', type: 'chat_template', field: 'messages' }],
       seq: 512, samplePacking: true, trainOnInputs: false, batch: 2, gradAccum: 4, numEpochs: 2, steps: 100, lr: 2e-4,
       lrScheduler: 'cosine', warmupSteps: 10, maxGradNorm: 1, valSetSize: 0.05, evalEvery: 20, saveEvery: 50,
-      saveTotalLimit: 2, out: './out', seed: 42,
+      saveTotalLimit: 2, out: './out', seed: 42, stopOnNoGradient: true,
       'lora.r': 8, 'lora.alpha': 16, 'lora.dropout': 0, 'lora.targets': ['experts.gate_up', 'experts.down'],
     });
   });
@@ -90,7 +91,7 @@ describe('train/run_config: axolotl-style YAML', () => {
         'lora_dropout', 'lora_target_modules', 'lora_target_linear', 'sequence_len', 'sample_packing', 'train_on_inputs',
         'micro_batch_size', 'gradient_accumulation_steps', 'num_epochs', 'max_steps', 'learning_rate', 'lr_scheduler',
         'warmup_steps', 'warmup_ratio', 'max_grad_norm', 'val_set_size', 'eval_steps', 'save_steps', 'save_total_limit',
-        'output_dir', 'seed', 'backend', 'metrics'].join(', ')})`,
+        'output_dir', 'seed', 'backend', 'metrics', 'stop_on_no_gradient'].join(', ')})`,
       'base_model: expected a non-empty string but got 7',
       "datasets[0].typ: unknown key (expected one of path, type, field); did you mean 'type'?",
       'datasets[0].type: expected a non-empty string but got nothing',

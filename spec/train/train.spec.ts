@@ -12,7 +12,7 @@ import type { HFConfig } from '../../src/models/families.js';
 import { evaluationWindows, MAX_LOGITS_ELEMENTS, sampleWindows, windowStream } from '../../src/train/batches.js';
 import { TrainError } from '../../src/train/errors.js';
 import { evaluateLoss, generateGreedy, withAdaptersDisabled } from '../../src/train/evaluate.js';
-import { DIVERGENCE_PATIENCE, divergence, trainLoop } from '../../src/train/loop.js';
+import { DIVERGENCE_PATIENCE, divergence, noGradientWarning, trainLoop, type TrainWarning } from '../../src/train/loop.js';
 import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { INIT_PRESET_NAMES, presetConfig } from '../../src/train/presets.js';
@@ -315,22 +315,75 @@ describe('train: divergence, failures and leaks', () => {
     const beforeBlown = tf.memory().numTensors;
     // lr 100: at 1000 the loss now falls to a dead model's ln(vocab) after 5 huge steps, since
     // rmsNorm's closed-form gradient stays right where tfjs's Rsqrt gradient overflowed
-    const blowUp = await reject(trainLoop(blown, PATTERN, { steps: 100, lr: 100, batch: 4, seq: 8, seed: 1 }));
+    const blownWarnings: TrainWarning[] = [];
+    const blowUp = await reject(trainLoop(blown, PATTERN, {
+      steps: 100, lr: 100, batch: 4, seq: 8, seed: 1, onWarning: w => blownWarnings.push(w),
+    }));
     expect(blowUp).to.be.instanceOf(TrainError);
+    expect(blownWarnings, 'a blow-up has gradients: no dead-model warning before the error').to.deep.equal([]);
     expect(blowUp.message).to.match(/^the loss diverged: it stayed above .* at step \d+; try a smaller learning rate \(it is 100\)$/);
     expect(tf.memory().numTensors, 'no tensor left behind').to.equal(beforeBlown);
     blown.dispose();
   });
 
+  it('a dead model (lr 1000: every gradient 0, the loss at ln(vocab)) warns once after the patience, and stops only when asked', async () => {
+    const dead = await tinyModel(1);
+    const before = tf.memory().numTensors;
+    const seen: Array<{ step: number; norm: number; loss: number }> = [];
+    const warned: TrainWarning[] = [];
+    // what the loop reports, not what it decides from: the norms and losses come from onStep
+    const steps = 25;
+    const run = await trainLoop(dead, PATTERN, {
+      steps, lr: 1000, batch: 4, seq: 8, seed: 1,
+      onStep: r => seen.push({ step: r.step, norm: r.gradNorm, loss: r.loss }),
+      onWarning: w => { warned.push(w); expect(seen.at(-1)!.step, 'after the step\'s onStep').to.equal(w.step); },
+    });
+    // the first step whose gradients are exactly 0 and stay so: the warning comes DIVERGENCE_PATIENCE − 1 steps later
+    const firstDead = seen.findIndex((s, i) => seen.slice(i).every(t => t.norm === 0)) + 1;
+    expect(firstDead, 'the model dies within the first few huge steps').to.be.within(2, steps - DIVERGENCE_PATIENCE);
+    expect(seen.slice(firstDead - 1).every(s => Math.abs(s.loss - lnV) < 1e-5)).to.equal(true);
+    const at = firstDead + DIVERGENCE_PATIENCE - 1;
+    const message = `no gradient: the gradients' global norm was exactly 0 for the last ${DIVERGENCE_PATIENCE} steps ` +
+        `(steps ${firstDead}–${at}) with the loss at ${lnV.toFixed(4)} = ln(vocab), the same probability for all 11 tokens: ` +
+        'nothing trains any more (a dead model; too large a learning rate? it is 1000)';
+    expect(warned).to.deep.equal([{ step: at, kind: 'noGradient', message }]);
+    expect(run).to.deep.include({ step: steps, stopped: false, stoppedNoGradient: false, warnings: warned });
+    expect(tf.memory().numTensors, 'no tensor left behind').to.equal(before);
+    dead.dispose();
+
+    const stopping = await tinyModel(1);
+    const stopped = await trainLoop(stopping, PATTERN, { steps, lr: 1000, batch: 4, seq: 8, seed: 1, stopOnNoGradient: true });
+    expect(stopped).to.deep.include({ step: at, stopped: false, stoppedNoGradient: true, warnings: warned });
+    expect(stopped.losses).to.have.length(at);
+    stopping.dispose();
+
+    // a streak warns once, when it reaches the patience; a loss away from ln(vocab) is not called uniform
+    expect(noGradientWarning(DIVERGENCE_PATIENCE - 1, 9, lnV, VOCAB, 1)).to.equal(null);
+    expect(noGradientWarning(DIVERGENCE_PATIENCE + 1, 11, lnV, VOCAB, 1)).to.equal(null);
+    expect(noGradientWarning(DIVERGENCE_PATIENCE, 30, 0.5, VOCAB, 0.1)!.message).to.equal(
+      `no gradient: the gradients' global norm was exactly 0 for the last ${DIVERGENCE_PATIENCE} steps ` +
+      `(steps ${31 - DIVERGENCE_PATIENCE}–30) with the loss at 0.5000: nothing trains any more (a dead model; too large a ` +
+      'learning rate? it is 0.1)');
+  });
+
   it('no false alarm: a from-scratch run whose loss starts and stays near ln(vocab) trains to the end', async () => {
     const model = buildMoECausalLM(TINY);
     await seedModelInit(model, 2, 0.02);  // HF's init: near-uniform logits, loss ≈ ln V at the start
-    const slow = await trainLoop(model, PATTERN, { steps: 3 * DIVERGENCE_PATIENCE, lr: 1e-7, batch: 4, seq: 8, seed: 1 });
+    const warnings: TrainWarning[] = [];
+    const slow = await trainLoop(model, PATTERN, {
+      steps: 3 * DIVERGENCE_PATIENCE, lr: 1e-7, batch: 4, seq: 8, seed: 1, onWarning: w => warnings.push(w),
+    });
     expect(Math.abs(slow.losses[0] - lnV)).to.be.below(0.02 * lnV);
     expect(slow.losses.every(l => Math.abs(l - lnV) < 0.02 * lnV)).to.equal(true);
-    expect(slow).to.include({ step: 3 * DIVERGENCE_PATIENCE, stopped: false });
-    const learning = await trainLoop(model, PATTERN, { steps: 40, lr: 2e-2, batch: 4, seq: 8, seed: 1 });
+    expect(slow).to.include({ step: 3 * DIVERGENCE_PATIENCE, stopped: false, stoppedNoGradient: false });
+    // at ln(vocab) too, but with gradients: not a dead model
+    expect(slow.warnings).to.deep.equal([]);
+    const learning = await trainLoop(model, PATTERN, {
+      steps: 40, lr: 2e-2, batch: 4, seq: 8, seed: 1, onWarning: w => warnings.push(w),
+    });
     expect(learning.losses.at(-1)).to.be.below(0.5 * lnV);
+    expect(learning.warnings).to.deep.equal([]);
+    expect(warnings, 'onWarning was never called').to.deep.equal([]);
     model.dispose();
   });
 

@@ -9,6 +9,7 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import '../layers/index.js';  // registers every layer class, so loadLayersModel can rebuild them
 import type { MoECausalLM } from '../layers/moe_causal_lm.js';
+import { passPerCall } from '../layers/sequence_context.js';
 import { SparseMoE } from '../layers/sparse_moe.js';
 import { FileIOError, fileIO } from './file_io_handler.js';
 import { loadHFCheckpoint, type LoadHFCheckpointOptions } from './hf_checkpoint.js';
@@ -111,6 +112,8 @@ export async function loadModelDir(
     // tfjs's own errors here (an unknown layer class, a topology that does not build) are about the file
     throw new ModelDirError(`cannot load the TF.js model in '${dir}': ${(e as Error).message}`);
   }
+  // its own loops over model.apply share each pass's constants, as a built model's do
+  passPerCall(model);
   const packed = model.layers.find((l): l is SparseMoE => l instanceof SparseMoE && l.expertStorage !== 'float32');
   if (options.expertDtype === 'float32' && packed !== undefined) {
     model.dispose();

@@ -19,6 +19,7 @@ export {
   type LinearAdapterConfig, type LinearLoRAModule,
 } from './linear_lora.js';
 export { protectString, restoreString } from './config_strings.js';
+export { passPerCall } from './sequence_context.js';
 export {
   buildMoECausalLM, moeCausalLMConfigFromHF, hfConfigOf, sparseMoELayers, decoderLayerIndex, trainableVariables,
   addMoEAdapter, freezeBaseLayers, WHOLE_MODEL_TYPES,

@@ -39,6 +39,7 @@ import type { DSAIndexerArgs } from './dsa_indexer.js';
 import { GatedDeltaNet, type GatedDeltaNetShapeArgs } from './gated_delta_net.js';
 import { MLAAttention, type PositionScaling } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
+import { passPerCall } from './sequence_context.js';
 import { SparseMoE, type ExpertStorage, type LoRAAdapterConfig } from './sparse_moe.js';
 import { SwiGLUMLP } from './swiglu_mlp.js';
 
@@ -869,6 +870,8 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   const logits = head.apply(h) as tfl.SymbolicTensor;
   const model = tfl.model({ inputs: ids, outputs: logits, name: options.name ?? 'moe_causal_lm' });
   model.setUserDefinedMetadata({ [METADATA_KEY]: JSON.parse(JSON.stringify(hfConfig)) });
+  // a user's own loop over model.apply shares each pass's constants as batchLoss does
+  passPerCall(model);
   return model;
 }
 

@@ -9,8 +9,9 @@
  * tape keeps what the forward pass computed).
  */
 import type * as tf from '@tensorflow/tfjs-core';
+import type * as tfl from '@tensorflow/tfjs-layers';
 import type { KVCache } from '../generate/kv_cache.js';
-import { withPassConstants } from '../ops/pass_constants.js';
+import { insidePass, withPassConstants } from '../ops/pass_constants.js';
 import { fail } from '../ops/validate.js';
 
 export interface SequenceContext {
@@ -61,6 +62,35 @@ export function withSequenceContext<T>(context: SequenceContext, fn: () => T): T
   } finally {
     active.pop();
   }
+}
+
+/** the models passPerCall has hooked */
+const hooked = new WeakSet<tfl.LayersModel>();
+
+/**
+ * Makes each top-level call of `model` one pass, as `withSequenceContext` makes batchLoss's: its
+ * layers then share the causal mask, the rotary tables and the scalars (pass_constants.ts) also in
+ * a user's own loop over `model.apply(ids)` or `model.predict(ids)`, which would otherwise build
+ * them again in every layer (14 host tensors a pass at 2 layers, an upload each on webgpu). The
+ * pass closes when the call returns, as batchLoss's does: a backward pass holds what it needs of
+ * the constants by its own references (the tape's, a customGrad's save). Inside an open pass (a
+ * context) a call joins it. Per instance, so a model never built here is untouched; idempotent.
+ * buildMoECausalLM and loadModelDir do it; a model from `tf.loadLayersModel` itself needs it done.
+ *
+ * ```js
+ * passPerCall(model);
+ * const {value, grads} = tf.variableGrads(() => myLoss(model.apply(ids)));  // one mask, one set of tables
+ * ```
+ */
+export function passPerCall(model: tfl.LayersModel): void {
+  if (hooked.has(model)) return;
+  hooked.add(model);
+  const once = <T>(fn: () => T): T => insidePass() ? fn() : withPassConstants(fn);
+  // apply() on tensors runs call(); predict() and predictOnBatch() run the layers one by one (tfjs-layers' execute)
+  const { call, predict, predictOnBatch } = model;
+  model.call = (inputs, kwargs) => once(() => call.call(model, inputs, kwargs));
+  model.predict = (x, args) => once(() => predict.call(model, x, args));
+  model.predictOnBatch = x => once(() => predictOnBatch.call(model, x));
 }
 
 /** The innermost context `withSequenceContext` set, or null outside of it. */

@@ -4,7 +4,9 @@
  * JS numbers (ε, the LoRA scaling) into scalar tensors: each a host computation and, on webgpu, an
  * upload (a buffer created and mapped). In a V8 profile of a training step on an H100 (OLMoE-1B-7B,
  * docs/benchmarks.md run G) these uploads took 82 ms of a 620 ms step. A pass is what
- * `withSequenceContext` runs (batchLoss, generate); outside one nothing is shared.
+ * `withSequenceContext` runs (batchLoss, generate) and, when none is open, a model's own top-level
+ * call (`model.apply`, `predict`: passPerCall, src/layers/sequence_context.ts); outside one nothing
+ * is shared.
  */
 import * as tf from '@tensorflow/tfjs-core';
 

@@ -3,7 +3,7 @@ export { nextTokenLoss } from './loss.js';
 export { sampleWindows, evaluationWindows, windowStream, windowBatches, type BatchSource } from './batches.js';
 export {
   trainLoop, stepGradients, microBatchSeed,
-  type TrainLoopOptions, type TrainLoopResult, type StepReport, type EvalReport, type TrainState,
+  type TrainLoopOptions, type TrainLoopResult, type StepReport, type EvalReport, type TrainState, type TrainWarning,
 } from './loop.js';
 export { learningRateAt, LR_SCHEDULERS, type LRScheduler, type LRScheduleOptions } from './schedule.js';
 export { Adam, clipByGlobalNorm, type AdamSnapshot, type AdamOptions } from './optimizer.js';

@@ -16,6 +16,13 @@
  * ln(vocab) and is not below it yet, so it never raises the collapse alarm there; any text that is
  * not uniform over the vocabulary has an entropy below ln(vocab), so a loss that returns to
  * ln(vocab) means the model lost what it knew.
+ *
+ * A dead model is a warning, not an error (see `noGradientWarning`): the gradients' global norm
+ * exactly 0 for DIVERGENCE_PATIENCE steps in a row. Too large a learning rate can leave a model
+ * whose every logit is equal and whose every gradient is 0 (lr 1000 on the spec's model: the loss
+ * sits at ln(vocab) with norm 0 from step 7 on), which no loss rule above can tell from a
+ * from-scratch run that has not learnt yet. The norm is read from the device every step already
+ * (clipping and the report need it), so watching it costs nothing.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
@@ -64,6 +71,20 @@ export interface TrainLoopOptions {
   onStep?: (report: StepReport) => void;
   /** checked after every step; true stops the loop there */
   shouldStop?: () => boolean;
+  /** called with each warning (also listed in the result), after that step's onStep */
+  onWarning?: (warning: TrainWarning) => void;
+  /** stop at a 'noGradient' warning (the result's stoppedNoGradient) instead of training on; default false */
+  stopOnNoGradient?: boolean;
+}
+
+/**
+ * Something the user should know that does not stop the run (unless asked to): 'noGradient', the
+ * gradients' global norm exactly 0 for DIVERGENCE_PATIENCE steps in a row, at the last of them.
+ */
+export interface TrainWarning {
+  step: number;
+  kind: 'noGradient';
+  message: string;
 }
 
 /** Everything a resumed run needs from the loop to continue exactly (a checkpoint holds it). */
@@ -114,11 +135,15 @@ export interface TrainLoopResult {
   step: number;
   /** true when shouldStop() ended the loop before `steps` */
   stopped: boolean;
+  /** true when stopOnNoGradient ended the loop before `steps`, after the step of a 'noGradient' warning */
+  stoppedNoGradient: boolean;
+  /** the warnings of this run, in order (onWarning got each) */
+  warnings: TrainWarning[];
   seconds: number;
   tokensPerSecond: number;
 }
 
-/** Steps a collapse or a blow-up must last before the loop stops. */
+/** Steps a collapse or a blow-up must last before the loop stops, and a zero gradient before it warns. */
 export const DIVERGENCE_PATIENCE = 10;
 
 /**
@@ -146,6 +171,30 @@ export function divergence(losses: readonly number[], vocab: number | null): str
         `${losses[0].toFixed(4)} and ln(vocab)) for the last ${DIVERGENCE_PATIENCE} steps, and is ${recent.at(-1)!.toPrecision(4)}`;
   }
   return null;
+}
+
+/**
+ * The 'noGradient' warning of a run whose gradients' global norm was exactly 0 for the
+ * DIVERGENCE_PATIENCE steps up to `step` (with `loss` the last of them), or null when `zeroSteps`
+ * (that streak's length) is not DIVERGENCE_PATIENCE: a streak warns once, when it gets there.
+ *
+ * ```js
+ * noGradientWarning(10, 16, Math.log(11), 11, 1000).message;
+ * // "no gradient: the gradients' global norm was exactly 0 for the last 10 steps (steps 7–16) with the loss at 2.3979 ..."
+ * ```
+ */
+export function noGradientWarning(
+    zeroSteps: number, step: number, loss: number, vocab: number | null, lr: number): TrainWarning | null {
+  if (zeroSteps !== DIVERGENCE_PATIENCE) return null;
+  const uniform = vocab === null ? null : Math.log(vocab);
+  const atUniform = uniform !== null && Math.abs(loss - uniform) <= 0.02 * uniform;
+  return {
+    step, kind: 'noGradient',
+    message: `no gradient: the gradients' global norm was exactly 0 for the last ${DIVERGENCE_PATIENCE} steps ` +
+        `(steps ${step - DIVERGENCE_PATIENCE + 1}–${step}) with the loss at ${loss.toFixed(4)}` +
+        (atUniform ? ` = ln(vocab), the same probability for all ${vocab} tokens` : '') +
+        `: nothing trains any more (a dead model; too large a learning rate? it is ${lr})`,
+  };
 }
 
 /**
@@ -300,6 +349,10 @@ export async function trainLoop(
   const elapsed = () => (performance.now() - began) / 1000;
   let step = start;
   let stopped = false;
+  let stoppedNoGradient = false;
+  let stopForNoGradient = false;
+  const warnings: TrainWarning[] = [];
+  let zeroGradSteps = 0;
   const save = async () => options.onSave!({
     step, microBatches, losses: [...history], evalLosses: [...evalLosses], optimizer: await optimizer.snapshot(),
     seconds: savedSeconds + elapsed(),
@@ -313,6 +366,10 @@ export async function trainLoop(
       evalLosses.push(...(resume.evalLosses ?? []));
     }
     while (step < options.steps) {
+      if (stopForNoGradient) {
+        stoppedNoGradient = true;
+        break;
+      }
       if (options.shouldStop?.()) {
         stopped = true;
         break;
@@ -365,6 +422,14 @@ export async function trainLoop(
         step, steps: options.steps, loss, lr, gradNorm, tokens, seconds, elapsed: savedSeconds + seconds,
         tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
       });
+      zeroGradSteps = gradNorm === 0 ? zeroGradSteps + 1 : 0;
+      const warning = noGradientWarning(zeroGradSteps, step, loss, vocab, options.lr);
+      if (warning !== null) {
+        warnings.push(warning);
+        options.onWarning?.(warning);
+        // the loop's top ends the run, after this step's evaluation and checkpoint as any step's
+        if (options.stopOnNoGradient === true) stopForNoGradient = true;
+      }
       if (options.evalEvery !== undefined && step % options.evalEvery === 0) {
         const report = { step, loss: await options.evaluate!() };
         evalLosses.push(report);
@@ -380,7 +445,7 @@ export async function trainLoop(
   }
   const seconds = elapsed();
   return {
-    losses, evalLosses: evalLosses.slice(resume?.evalLosses?.length ?? 0), step, stopped, seconds,
+    losses, evalLosses: evalLosses.slice(resume?.evalLosses?.length ?? 0), step, stopped, stoppedNoGradient, warnings, seconds,
     tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
   };
 }

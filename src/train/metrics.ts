@@ -1,15 +1,16 @@
 /**
  * Training metrics as JSON Lines, one object per line as transformers' Trainer logs them
  * (log_history's names: loss, learning_rate, grad_norm, eval_loss): a line per step and a line
- * per evaluation. Each line is written at once (a crashed run keeps every line it reached).
+ * per evaluation, and one per warning of the loop (a dead model). Each line is written at once (a crashed run keeps every line it reached).
  */
 import { closeSync, openSync, writeSync } from 'node:fs';
-import type { EvalReport, StepReport } from './loop.js';
+import type { EvalReport, StepReport, TrainWarning } from './loop.js';
 import { FileError } from '../util/files.js';
 
 export interface MetricsLog {
   step(report: StepReport): void;
   eval(report: EvalReport): void;
+  warning(warning: TrainWarning): void;
   close(): void;
 }
 
@@ -36,6 +37,7 @@ export function openMetricsLog(path: string, append: boolean): MetricsLog {
       tokens_per_second: r.tokensPerSecond, elapsed: r.elapsed,
     }),
     eval: r => write({ type: 'eval', step: r.step, eval_loss: r.loss }),
+    warning: w => write({ type: 'warning', step: w.step, kind: w.kind, message: w.message }),
     close: () => closeSync(fd),
   };
 }

@@ -30,7 +30,7 @@ import { TrainError } from './errors.js';
 import { evaluateDatasetLoss, evaluateLoss } from './evaluate.js';
 import type { BatchSource } from './batches.js';
 import { loadTrainCheckpoint, saveTrainCheckpoint } from './checkpoint.js';
-import { trainLoop, type TrainState } from './loop.js';
+import { trainLoop, type TrainState, type TrainWarning } from './loop.js';
 import { openMetricsLog } from './metrics.js';
 import type { LRScheduler } from './schedule.js';
 import { INIT_PRESET_NAMES, presetConfig, type InitPreset } from './presets.js';
@@ -111,6 +111,10 @@ export interface TrainRunOptions {
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
+  /** stop at a dead model's warning (trainLoop's stopOnNoGradient); what was trained is saved; default false */
+  stopOnNoGradient?: boolean;
+  /** each warning of the loop as it comes (a dead model: trainLoop's onWarning); also in the result and the metrics */
+  onWarning?: (warning: TrainWarning) => void;
   /** notes for the user (unknown characters, ...) */
   note?: (line: string) => void;
   /** called once the model is ready, before the first step */
@@ -127,6 +131,10 @@ export interface TrainRunResult {
   trainTokens: number;
   steps: number;
   stopped: boolean;
+  /** stopOnNoGradient ended the run early, at a 'noGradient' warning */
+  stoppedNoGradient: boolean;
+  /** the loop's warnings (a dead model) */
+  warnings: TrainWarning[];
   firstLoss: number | null;
   /** the mean loss of the last 10 steps (fewer when fewer ran) */
   finalLoss: number | null;
@@ -380,6 +388,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
             options.saveTotalLimit).then(() => undefined),
         onStep: r => { progress.update(r); metrics?.step(r); },
         shouldStop: options.shouldStop,
+        onWarning: w => { metrics?.warning(w); options.onWarning?.(w); },
+        stopOnNoGradient: options.stopOnNoGradient,
       });
     } finally {
       progress.stop();
@@ -398,6 +408,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       trainTokens: data.trainTokens,
       steps: result.step,
       stopped: result.stopped,
+      stoppedNoGradient: result.stoppedNoGradient,
+      warnings: result.warnings,
       firstLoss: result.losses[0] ?? null,
       finalLoss: last.length > 0 ? last.reduce((s, l) => s + l, 0) / last.length : null,
       valLossBefore,

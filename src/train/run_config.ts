@@ -82,6 +82,7 @@ export const RUN_CONFIG_KEYS: readonly RunKeySpec[] = [
   // the CLI's BACKENDS (src/cli/backend.ts, which src/train does not import); a spec keeps them equal
   { key: 'backend', kind: 'enum', values: ['cpu', 'wasm', 'webgpu'], field: 'backend' },
   { key: 'metrics', kind: 'string', field: 'metrics' },
+  { key: 'stop_on_no_gradient', kind: 'boolean', field: 'stopOnNoGradient' },
 ];
 
 /** Other spellings a user may bring (the flags', HF TrainingArguments'), for "did you mean". */

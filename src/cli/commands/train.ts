@@ -1,8 +1,8 @@
 /**
  * `tfjs-moe-lora train`: a model from scratch (--init-config) or LoRA / full fine-tuning of a
  * checkpoint folder (--model), on a text file or JSON Lines datasets, with next-token cross-entropy and Adam. The logic is
- * src/train/run.ts. Exit codes: 0 done, 1 failed, 2 bad arguments, 130 interrupted (Ctrl-C;
- * what was trained so far is saved).
+ * src/train/run.ts. Exit codes: 0 done, 1 failed (also a run that --stop-on-no-gradient stopped: what
+ * was trained is saved), 2 bad arguments, 130 interrupted (Ctrl-C; what was trained so far is saved).
  */
 import { existsSync, statSync } from 'node:fs';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
@@ -13,6 +13,7 @@ import { DatasetError } from '../../data/datasets_error.js';
 import { DATASET_TYPES, type DatasetType } from '../../data/datasets_formats.js';
 import { TrainError } from '../../train/errors.js';
 import { onInterrupt } from '../../train/interrupt.js';
+import { DIVERGENCE_PATIENCE } from '../../train/loop.js';
 import { INIT_PRESET_NAMES } from '../../train/presets.js';
 import { runTraining, type TrainMode, type TrainRunResult } from '../../train/run.js';
 import { FileError } from '../../util/files.js';
@@ -58,6 +59,7 @@ interface TrainArgs {
   json: boolean;
   expertDtype?: ExpertDtype;
   int4GroupSize?: number;
+  stopOnNoGradient?: boolean;
 }
 
 export const command = 'train';
@@ -75,7 +77,8 @@ const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 const LORA_FLAG = /^lora-(?!mode$)/;
 const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
   'overwrite', 'expert-dtype', 'int4-group-size', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
-  'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size'];
+  'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size',
+  'stop-on-no-gradient'];
 
 /** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
 const TRAIN_DEFAULTS = { steps: 200, batch: 8, seq: 64, seed: 1, backend: 'wasm' } as const;
@@ -228,7 +231,15 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       .option('eval-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'evaluate on --val every N steps' })
       .option('save-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'write --out/checkpoint-<step>/ every N steps' })
       .option('save-total-limit', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'keep only the newest N checkpoints' })
-      .option('metrics', { type: 'string', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'write a JSON line per step and per evaluation to this file' })
+      .option('metrics', {
+        type: 'string', requiresArg: true, group: 'Checkpoints and metrics:',
+        describe: 'write a JSON line per step, per evaluation and per warning to this file',
+      })
+      .option('stop-on-no-gradient', {
+        type: 'boolean', group: 'Checkpoints and metrics:',
+        describe: 'stop (exit 1, what was trained is saved) when the gradient norm has been 0 for ' +
+            `${DIVERGENCE_PATIENCE} steps: a dead model, which is otherwise a warning`,
+      })
       .option('resume', {
         type: 'string', requiresArg: true, group: 'Checkpoints and metrics:',
         describe: 'continue from a checkpoint folder (--out/checkpoint-<step>) with the same flags: the same loss curve as an uninterrupted run',
@@ -270,6 +281,8 @@ function formatResult(r: TrainRunResult): string {
   if (r.valLossBefore !== null) lines.push(`  validation loss  ${loss(r.valLossBefore)} → ${loss(r.valLossAfter)}`);
   lines.push(`  parameters       ${r.params.toLocaleString('en-US')} (trainable ${r.trainableParams.toLocaleString('en-US')})`);
   lines.push(`  wrote            ${r.files.map(f => `${r.out}/${f}`).join(', ')}`);
+  for (const w of r.warnings) lines.push(`warning: ${w.message}`);
+  if (r.stoppedNoGradient) lines.push(`stopped: no gradient (--stop-on-no-gradient); saved what step ${r.steps} left`);
   if (r.stopped) lines.push(`interrupted: saved the state after step ${r.steps}`);
   return `${lines.join('\n')}\n`;
 }
@@ -311,6 +324,10 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
+      stopOnNoGradient: argv.stopOnNoGradient === true,
+      // at once, as well as in the summary: a long run shows it while there is still time to stop it
+      // (past the progress bar's line on a terminal)
+      onWarning: w => process.stderr.write(`${process.stderr.isTTY && !argv.json ? '\n' : ''}warning: ${w.message}\n`),
       note: line => process.stderr.write(`note: ${line}\n`),
       onStart: info => {
         if (argv.json) return;
@@ -332,4 +349,5 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   }
   process.stdout.write(argv.json ? `${JSON.stringify(result)}\n` : formatResult(result));
   if (result.stopped) throw new ExitCode(130);
+  if (result.stoppedNoGradient) throw new ExitCode(1);
 }
