@@ -63,8 +63,8 @@ function nextTokenLoss(model: tfl.LayersModel, ids: tf.Tensor2D, vocab: number):
  * transformers' own logits).
  */
 const LOGIT_BOUND: Record<'olmoe' | 'gpt_oss', Record<QuantizedKind, number>> = {
-  olmoe: { int8: 0.0025, int4: 0.025, nf4: 0.025, mxfp4: 0.045 },
-  gpt_oss: { int8: 0.07, int4: 0.7, nf4: 0.65, mxfp4: 1.0 },
+  olmoe: { int8: 0.0025, int4: 0.025, nf4: 0.025, 'nf4-dq': 0.025, mxfp4: 0.045 },
+  gpt_oss: { int8: 0.07, int4: 0.7, nf4: 0.65, 'nf4-dq': 0.65, mxfp4: 1.0 },
 };
 
 describe('quantized experts on load (expertDtype int8, int4, nf4, mxfp4)', function () {
