@@ -371,6 +371,40 @@ function codesNF4(values: Float32Array, at: number, stride: number, n: number, s
   if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
 }
 
+/**
+ * NF4 codes as bitsandbytes computes them (backends/default/ops.py quantize_4bit): x =
+ * clamp(f32(v · f32(1 / absmax)), −1, 1), the code of the smallest f32(|x − NF4[c]|), the lowest
+ * code on ties (torch.argmin). The table's code (nearest by exact midpoints) or a neighbour is that
+ * code: the float32 differences only move the choice on a near-tie (the codes are ≥ 0.079 apart).
+ * An all-zero group (1 / 0 · 0 = NaN) takes code 0, as torch.argmin's first index (decodes to −0).
+ */
+function codesNF4Bnb(values: Float32Array, at: number, stride: number, n: number, s0: number, inverse: number, words: Int32Array, wOff: number): void {
+  const f32 = Math.fround;
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    let x = f32(values[at] * inverse);
+    let q = 0;
+    if (x === x) {
+      x = x < -1 ? -1 : x > 1 ? 1 : x;
+      q = NF4_BUCKET_CODES[((x + 1) * (NF4_BUCKETS / 2)) | 0];
+      if (q === 255) q = nearestNF4(x);
+      const d = Math.abs(f32(x - NF4_CODE_BOOK[q]));
+      if (q > 0 && Math.abs(f32(x - NF4_CODE_BOOK[q - 1])) <= d) {
+        q--;
+      } else if (q < 15) {
+        const up = Math.abs(f32(x - NF4_CODE_BOOK[q + 1]));
+        if (up < d) q++;
+      }
+    }
+    acc |= q << ((s & 7) << 2);
+    if ((s & 7) === 7) {
+      words[wOff + (s >> 3)] |= acc;
+      acc = 0;
+    }
+  }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
+}
+
 function codesMXFP4(values: Float32Array, bits: Int32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
   let acc = 0;
   for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
@@ -431,10 +465,13 @@ export function quantizeExpertInto(
         floats[wOff + scaleWord + group] = scale;
         floats[wOff + zeroWord + group] = zero;
         if (scale !== 0) codesInt4(values, first, iStride, n, s0, scale, zero, words, wOff);
-      } else if (kind === 'nf4' || kind === 'nf4-dq') {
-        // nf4-dq: the f32 absmax waits in the nested-absmax region's scratch until every group has one
-        if (kind === 'nf4') floats[wOff + scaleWord + group] = absmax;  // an f32 value already
-        else dqScratch(layout)[group] = absmax;
+      } else if (kind === 'nf4-dq') {
+        // bitsandbytes' own rule (its codes bit for bit); the absmax waits in a scratch buffer until
+        // every group has one, then is quantized itself (compressAbsmax)
+        dqScratch(layout)[group] = absmax;
+        codesNF4Bnb(values, first, iStride, n, s0, Math.fround(1 / absmax), words, wOff);
+      } else if (kind === 'nf4') {
+        floats[wOff + scaleWord + group] = absmax;  // an f32 value already
         if (absmax !== 0) {
           codesNF4(values, first, iStride, n, s0, absmax, words, wOff);
         } else {
