@@ -107,7 +107,7 @@ describe('--expert-dtype', function () {
     expect(q.stdout).to.match(/ {2}re-quantized experts: largest change \d\.\d+(e-\d+)?\n/);
     const bad = await runMain(['merge', '--model', fixtureDir('olmoe'), '--adapter', adapter, '--out', join(await tempDir('cli-merge-'), 'm'), '--requantize']);
     expect(bad.code).to.equal(2);
-    expect(bad.stderr).to.match(/--requantize needs a quantized --expert-dtype \(int8, int4, nf4, mxfp4\) but got none/);
+    expect(bad.stderr).to.match(/--requantize needs a quantized --expert-dtype \(int8, int4, nf4, nf4-dq, mxfp4\) but got none/);
   });
 
   it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {
