@@ -127,7 +127,7 @@ export class PackedExpertWeight {
       const base = e * l.wordsPerExpert + (which === 'zeros' ? l.zeroWord : l.scaleWord);
       for (let g = 0; g < groups; g++) {
         out[e * groups + g] = l.kind === 'mxfp4' ? 2 ** (((words[base + (g >> 2)] >>> (8 * (g & 3))) & 255) - 127) :
-          l.kind === 'nf4-dq' ? doubleQuantizedAbsmax(l, words, e * l.wordsPerExpert, g) : floats[base + g];
+          l.kind === 'nf4-dq' ? doubleQuantizedAbsmax(l, words, floats, e * l.wordsPerExpert, g) : floats[base + g];
       }
     }
     return tf.tensor3d(out, [this.shape[0], l.outputs, l.groupsPerOutput]);

@@ -72,7 +72,7 @@ function linspaceF32(start: number, end: number, steps: number): Float32Array {
  * total_bits=8)` (functional.py), the code book of 'nf4-dq''s absmax codes when this package
  * quantizes: for i = 0 … 6, the 2^i midpoints m of linspace(0.1, 1, 2^i + 1) (float32, m =
  * f32((b_k + b_(k+1)) / 2)) give ±f32(f32(10^(i − 6)) · m); with 0 and 1 that is 256 values,
- * sorted ascending (code 0 = −0.9928…, code 255 = 1). The last bit of a few entries depends on
+ * sorted ascending (code 0 = −0.99296875, 127 = 0, 255 = 1). The last bit of a few entries depends on
  * torch's vectorised linspace, so a double-quantized checkpoint's own map is kept with its
  * weights (each expert's words hold the map they were quantized with).
  */
@@ -201,9 +201,7 @@ export function decodeQuantizedExpertInto(
         const absmax = floats[wOff + scaleWord + group];
         for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
       } else if (kind === 'nf4-dq') {
-        const code = (words[wOff + scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255;
-        const block = (group / NF4_DQ_NESTED_BLOCK_SIZE) | 0;   // the same formula as doubleQuantizedAbsmax
-        const absmax = f32(f32(floats[wOff + layout.mapWord + code] * floats[wOff + layout.nestedWord + block]) + floats[wOff + layout.offsetWord + block]);
+        const absmax = doubleQuantizedAbsmax(layout, words, floats, wOff, group);
         for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
       } else {
         const scale = floats[wOff + scaleWord + group];
@@ -218,12 +216,15 @@ export function decodeQuantizedExpertInto(
 }
 
 /**
- * 'nf4-dq': the absmax of `group` of the expert at words[wOff]: f32(f32(map[a] · nested) + offset)
- * with a its code byte and nested, offset those of its block of 256 groups (bitsandbytes'
- * dequantize_blockwise, then `+= offset`).
+ * 'nf4-dq': the absmax of `group` of the expert at words[wOff] (`floats` a Float32Array over the
+ * same memory): f32(f32(map[a] · nested) + offset) with a its code byte and nested, offset those
+ * of its block of 256 groups (bitsandbytes' dequantize_blockwise, then `+= offset`).
+ *
+ * ```js
+ * const absmax = doubleQuantizedAbsmax(layout, words, new Float32Array(words.buffer), 0, 5);  // group 5 of expert 0
+ * ```
  */
-export function doubleQuantizedAbsmax(layout: QuantizedLayout, words: Int32Array, wOff: number, group: number): number {
-  const floats = floatView(words);
+export function doubleQuantizedAbsmax(layout: QuantizedLayout, words: Int32Array, floats: Float32Array, wOff: number, group: number): number {
   const f32 = Math.fround;
   const code = (words[wOff + layout.scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255;
   const block = Math.floor(group / NF4_DQ_NESTED_BLOCK_SIZE);
@@ -235,6 +236,11 @@ export function doubleQuantizedAbsmax(layout: QuantizedLayout, words: Int32Array
  * to [−1, 1], the index of `map` (sorted ascending) with the smallest f32(|x − map[k]|), the lowest
  * index on ties (torch.argmin over the float32 differences, backends/default/ops.py). The
  * differences only grow away from x, so the two entries around x decide, then equal neighbours below.
+ *
+ * ```js
+ * nearestMapCode(1, BNB_DYNAMIC_MAP);    // 255
+ * nearestMapCode(NaN, BNB_DYNAMIC_MAP);  // 0
+ * ```
  */
 export function nearestMapCode(x: number, map: Float32Array): number {
   const f32 = Math.fround;
