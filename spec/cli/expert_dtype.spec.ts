@@ -46,7 +46,7 @@ describe('--expert-dtype', function () {
     expect(ok.code, ok.stderr).to.equal(0);
     const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'bf16']);
     expect(bad.code).to.equal(2);
-    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "mxfp4"/);
+    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "nf4-dq", "mxfp4"/);
   });
 
   it('convert quantizes with int4 / nf4 (int4 groups of 32 with --int4-group-size): the TF.js folder keeps them quantized', async () => {
