@@ -46,7 +46,7 @@ describe('--expert-dtype', function () {
     expect(ok.code, ok.stderr).to.equal(0);
     const bad = await runMain(['inspect', '--model', bf16, '--expert-dtype', 'bf16']);
     expect(bad.code).to.equal(2);
-    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "mxfp4"/);
+    expect(bad.stderr).to.match(/Invalid values:\s+Argument: expert-dtype, Given: "bf16", Choices: "stored", "float32", "int8", "int4", "nf4", "nf4-dq", "mxfp4"/);
   });
 
   it('convert quantizes with int4 / nf4 (int4 groups of 32 with --int4-group-size): the TF.js folder keeps them quantized', async () => {
@@ -107,7 +107,7 @@ describe('--expert-dtype', function () {
     expect(q.stdout).to.match(/ {2}re-quantized experts: largest change \d\.\d+(e-\d+)?\n/);
     const bad = await runMain(['merge', '--model', fixtureDir('olmoe'), '--adapter', adapter, '--out', join(await tempDir('cli-merge-'), 'm'), '--requantize']);
     expect(bad.code).to.equal(2);
-    expect(bad.stderr).to.match(/--requantize needs a quantized --expert-dtype \(int8, int4, nf4, mxfp4\) but got none/);
+    expect(bad.stderr).to.match(/--requantize needs a quantized --expert-dtype \(int8, int4, nf4, nf4-dq, mxfp4\) but got none/);
   });
 
   it("train: full fine-tuning with --expert-dtype stored is refused (exit 1), before any step", async () => {

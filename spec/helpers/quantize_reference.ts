@@ -7,11 +7,14 @@
  *   int4:  scale = f32((max − min) / 15), zero = f32(−min / scale) (min ≤ 0 ≤ max),
  *          q = clamp(round(v / scale + zero), 0, 15)
  *   nf4:   absmax per group, q = the code whose NF4 value is nearest v / absmax (a tie: the lower)
+ *   nf4-dq: bitsandbytes' rule: q = argmin_c |f32(clamp(f32(v · f32(1 / absmax))) − NF4[c])| (lowest
+ *          on ties, NaN → 0), then the absmax as quantize_blockwise of absmax − f32(mean) in blocks
+ *          of 256 with the dynamic map (the same argmin), brute force over every code
  *   mxfp4: e = clamp(⌊log2 absmax⌋ − 2, −127, 127), q = the nearest e2m1 of v / 2^e (saturating
  *          at ±6, a tie: the smaller magnitude), the scale byte e + 127
  * Non-finite values throw, naming the first one met in output-major, group, input order.
  */
-import type { QuantizedLayout } from '../../src/ops/quantized.js';
+import { BNB_DYNAMIC_MAP, type QuantizedLayout } from '../../src/ops/quantized.js';
 
 const NF4 = [
   -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -49,6 +52,7 @@ export function referenceQuantizeExpert(layout: QuantizedLayout, values: Float32
   const f32 = Math.fround;
   const oStride = inputAxis === 2 ? inputs : 1;
   const iStride = inputAxis === 2 ? 1 : outputs;
+  const groupAbsmax: number[] = [];   // nf4-dq: every group's, quantized at the end
   const setCode = (s: number, q: number) => {
     if (kind === 'int8') words[s >> 2] |= (q & 255) << (8 * (s & 3));
     else words[s >> 3] |= (q & 15) << (4 * (s & 7));
@@ -82,6 +86,10 @@ export function referenceQuantizeExpert(layout: QuantizedLayout, values: Float32
       } else if (kind === 'nf4') {
         floats[scaleWord + group] = absmax;
         code = v => absmax === 0 ? 7 : nearestNF4(v / absmax);
+      } else if (kind === 'nf4-dq') {
+        groupAbsmax.push(absmax);
+        const inverse = f32(1 / absmax);
+        code = v => argminCode(f32(v * inverse), NF4);
       } else {
         const e = absmax === 0 ? 0 : Math.max(-127, Math.min(127, exponentOf(absmax) - 2));
         words[scaleWord + (group >> 2)] |= (e + 127) << (8 * (group & 3));
@@ -90,5 +98,27 @@ export function referenceQuantizeExpert(layout: QuantizedLayout, values: Float32
       for (let i = start; i < end; i++) setCode(o * inputs + i, code(at(i)));
     }
   }
+  if (kind === 'nf4-dq') {
+    // the absmax quantized as bitsandbytes' quantize_blockwise of absmax − mean, blocks of 256
+    const offset = f32(groupAbsmax.reduce((a, b) => a + b, 0) / groupAbsmax.length);
+    for (let start = 0, block = 0; start < groupAbsmax.length; start += 256, block++) {
+      const centred = groupAbsmax.slice(start, start + 256).map(a => f32(a - offset));
+      const nested = Math.max(...centred.map(Math.abs));
+      floats[layout.nestedWord + block] = nested;
+      floats[layout.offsetWord + block] = offset;
+      const inverse = f32(1 / nested);
+      centred.forEach((c, k) => { words[scaleWord + ((start + k) >> 2)] |= argminCode(f32(c * inverse), BNB_DYNAMIC_MAP) << (8 * ((start + k) & 3)); });
+    }
+    floats.set(BNB_DYNAMIC_MAP, layout.mapWord);
+  }
   return words;
+}
+
+/** torch.argmin(|f32(clamp(x, −1, 1) − code)|): the lowest index on ties; NaN → 0 (its first index). */
+function argminCode(x: number, code: ArrayLike<number>): number {
+  if (Number.isNaN(x)) return 0;
+  const v = Math.min(1, Math.max(-1, x));
+  let best = 0;
+  for (let k = 1; k < code.length; k++) if (Math.abs(Math.fround(v - code[k])) < Math.abs(Math.fround(v - code[best]))) best = k;
+  return best;
 }

@@ -5,6 +5,8 @@
  *   int8:  scale·q                 (q a signed byte)
  *   int4:  scale·(q − zero)        (q a nibble 0 … 15, scale and zero float32)
  *   nf4:   NF4[q]·absmax           (bitsandbytes' 16 values, written out here again)
+ *   nf4-dq: NF4[q]·absmax, absmax = map[a]·nested + offset (a the group's byte; nested and offset
+ *          those of its block of 256 groups; map the expert's 256 stored floats), both rounded to float32
  *   mxfp4: E2M1[q]·2^(e − 127)     (e an unsigned byte)
  */
 import type { QuantizedLayout } from '../../src/ops/quantized.js';
@@ -41,6 +43,12 @@ export function referenceDecode(layout: QuantizedLayout, experts: number, words:
             v = scale * f32(q - zero);
           } else if (kind === 'nf4') {
             v = NF4[q] * view.getFloat32(byte0 + 4 * scaleWord + 4 * grp, true);
+          } else if (kind === 'nf4-dq') {
+            const a = view.getUint8(byte0 + 4 * scaleWord + grp);
+            const block = Math.floor(grp / 256);
+            const absmax = f32(f32(view.getFloat32(byte0 + 4 * layout.mapWord + 4 * a, true) *
+                view.getFloat32(byte0 + 4 * layout.nestedWord + 4 * block, true)) + view.getFloat32(byte0 + 4 * layout.offsetWord + 4 * block, true));
+            v = NF4[q] * absmax;
           } else {
             v = E2M1[q] * 2 ** (view.getUint8(byte0 + 4 * scaleWord + grp) - 127);
           }

@@ -17,7 +17,7 @@ import { saveHFCheckpoint } from '../../src/io/hf_save.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { sparseMoELayers, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../src/layers/sparse_moe.js';
-import { NF4_CODE_BOOK } from '../../src/ops/quantized.js';
+import { NF4_CODE_BOOK, quantizedLayout } from '../../src/ops/quantized.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { dynamicMap, writeBnbFixture, type BnbFixtureOptions } from '../../tools/fixtures/make_bnb_fixture.js';
 import type { RawTensor } from '../../tools/fixtures/raw_safetensors.js';
@@ -55,7 +55,7 @@ function expertValues(model: MoECausalLM): Float32Array[] {
 
 /** Loads the bnb checkpoint (with `expertDtype`) and its reference; checks storage, expert values and logits. */
 async function expectImport(
-    options: BnbFixtureOptions, expertDtype: 'stored' | 'float32' | 'nf4' | 'int8' | undefined, storage: string,
+    options: BnbFixtureOptions, expertDtype: 'stored' | 'float32' | 'nf4' | 'nf4-dq' | 'int8' | undefined, storage: string,
     expertTolerance: number, logitTolerance = 1e-6) {
   const { dir, referenceDir } = await fixture(options);
   const before = tf.memory().numTensors;
@@ -148,7 +148,44 @@ describe('io/bnb_checkpoint: bitsandbytes 4-bit and 8-bit checkpoints', () => {
       expect(tf.memory().numTensors).to.equal(before);
     });
 
-    it('NF4 with double quantization: decoded (float32 experts) by default; re-quantized only with expertDtype \'nf4\'', async () => {
+    it('NF4 with double quantization, nested blocks whole in each weight (256 units: 256 blocks a linear): kept as nf4-dq, nothing decoded, the same expert values and logits', async () => {
+      await expectImport({ doubleQuant: true, expertIntermediate: 256 }, undefined, 'nf4-dq', 0);
+      await expectImport({ doubleQuant: true, expertIntermediate: 256 }, 'nf4-dq', 'nf4-dq', 0);
+      // the stored words are bitsandbytes' own: codes (nibbles swapped), absmax codes, nested absmax, offset, map
+      const { dir, tensors } = await fixture({ doubleQuant: true, expertIntermediate: 256 });
+      const model = await loadHFCheckpoint(dir);
+      const words = new Uint8Array((sparseMoELayers(model)[0].weightVariable('gate_up').read().dataSync() as Int32Array).slice().buffer);
+      const l = quantizedLayout('nf4-dq', [8, 512, 64], 2);   // expert 0 of [E, 2I, H]
+      const w1 = 'model.layers.0.block_sparse_moe.experts.0.w1.weight';
+      const w3 = 'model.layers.0.block_sparse_moe.experts.0.w3.weight';
+      const state = JSON.parse(new TextDecoder().decode(tensors[`${w1}.quant_state.bitsandbytes__nf4`].bytes)) as { nested_offset: number };
+      expect(Array.from(words.subarray(0, 4))).to.deep.equal(Array.from(tensors[w1].bytes.subarray(0, 4), b => ((b & 15) << 4) | (b >> 4)));
+      expect(Array.from(words.subarray(4 * l.scaleWord, 4 * l.scaleWord + 512))).to.deep.equal(
+          [...tensors[`${w1}.absmax`].bytes, ...tensors[`${w3}.absmax`].bytes]);
+      const floats = new Float32Array(words.buffer);
+      expect(floats[l.nestedWord]).to.equal(new Float32Array(tensors[`${w1}.nested_absmax`].bytes.slice().buffer)[0]);
+      expect(floats[l.offsetWord]).to.equal(f32(state.nested_offset));
+      expect(Array.from(floats.subarray(l.mapWord, l.mapWord + 256))).to.deep.equal(dynamicMap());
+      model.dispose();
+    });
+
+    it('gate and up of one expert with different absmax code maps cannot share its words: refused, naming both', async () => {
+      const w3 = 'model.layers.0.block_sparse_moe.experts.0.w3.weight';
+      const { dir } = await fixture({
+        doubleQuant: true, expertIntermediate: 256,
+        edit: t => {
+          const map = new Float32Array(t[`${w3}.nested_quant_map`].bytes.slice().buffer);
+          map[3] = f32(map[3] * 0.999);
+          t[`${w3}.nested_quant_map`] = { dtype: 'F32', shape: [256], bytes: new Uint8Array(map.buffer) };
+        },
+      });
+      const e = await rejection(loadHFCheckpoint(dir));
+      expect(e).to.be.instanceOf(CheckpointError);
+      expect(e.message).to.include(`'${w3}.nested_quant_map' must equal 'model.layers.0.block_sparse_moe.experts.0.w1.weight.nested_quant_map' ` +
+          '(one absmax code map per fused expert) but differs at entry 3');
+    });
+
+    it('NF4 with double quantization whose nested blocks span gate and up (64 units: 64 blocks a linear): decoded (float32 experts) by default; re-quantized only with expertDtype \'nf4\'', async () => {
       await expectImport({ doubleQuant: true }, undefined, 'float32', 0);
       // re-quantized: within half an NF4 step of the decoded weights, so the logits move a little
       await expectImport({ doubleQuant: true }, 'nf4', 'nf4', 0.16, 0.05);

@@ -139,7 +139,7 @@ describe('16-bit checkpoints with packed experts', function () {
     [packed, wide, plain].forEach(disposeMoEBlockWeights);
     await loadMoEBlockWeights(file16, config, 0, { expertDtype: 'f64' as 'stored' }).then(
         () => expect.fail('no error'),
-        (e: Error) => expect(e.message).to.match(/`loadMoEBlockWeights\(\)`: 'options.expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'mxfp4' but got 'f64'/));
+        (e: Error) => expect(e.message).to.match(/`loadMoEBlockWeights\(\)`: 'options.expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got 'f64'/));
   });
 
   it('LoRA training on the packed model: the packed bits stay identical, losses match the float32 model', async () => {
@@ -210,13 +210,13 @@ describe('16-bit checkpoints with packed experts', function () {
   it('refuses a bad expertDtype, training packed experts, and halfBits of a non-16-bit tensor', async () => {
     await loadHFCheckpoint(dir16.bf16, { expertDtype: 'bf16' as 'stored' }).then(() => expect.fail('no error'), (e: Error) => {
       expect(e).to.be.instanceOf(CheckpointError);
-      expect(e.message).to.match(/`loadHFCheckpoint\(\)`: 'expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'mxfp4' but got "bf16"/);
+      expect(e.message).to.match(/`loadHFCheckpoint\(\)`: 'expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got "bf16"/);
     });
     const file = await readSafetensorsFile(join(dir32.bf16, 'model.safetensors'));
     await file.halfBits('lm_head.weight').then(() => expect.fail('no error'), (e: Error) =>
       expect(e.message).to.match(/tensor 'lm_head.weight' has dtype F32; halfBits reads BF16 and F16 tensors only/));
     expect(() => new SparseMoE({ numExperts: 2, intermediateSize: 2, routing: { kind: 'softmaxTopK', topK: 1 }, expertStorage: 'fp8' as 'bf16' }))
-        .to.throw(/'expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got 'fp8'/);
+        .to.throw(/'expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got 'fp8'/);
     const model = await loadHFCheckpoint(dir16.bf16, { expertKernel: 'fused' });
     sparseMoELayers(model)[0].weightVariable('gate_up').trainable = true;
     expect(() => tf.tidy(() => model.predict(tf.tensor2d([[1, 2]], [1, 2], 'int32'))))

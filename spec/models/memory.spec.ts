@@ -155,6 +155,8 @@ describe('models/memory', () => {
       int4: perExpert(4, 8, () => 64),            // f32 scale and zero per 64 inputs
       nf4: perExpert(4, 4, () => 64),             // f32 absmax per 64
       mxfp4: perExpert(4, 1, () => 32),           // one e8m0 byte per 32 (4 a word)
+      // a code byte per 64, an f32 nested absmax and offset per 256 groups, the 256 f32 of the map, per weight
+      'nf4-dq': [[2048, 2048], [2048, 1024]].reduce((n, [o, i]) => n + (o * i) / 2 + (o * i) / 64 + 8 * (o * i) / 64 / 256 + 1024, 0),
     };
     const plain = estimateLoadMemory(config);
     for (const [kind, bytes] of Object.entries(expected)) {
@@ -180,7 +182,7 @@ describe('models/memory', () => {
       await tf.setBackend(backend);
     }
     expect(() => estimateLoadMemory(config, { expertStorage: 'int3' as 'nf4' })).to.throw(
-        "`estimateLoadMemory()`: 'options.expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got \"int3\"");
+        "`estimateLoadMemory()`: 'options.expertStorage' must be one of 'float32', 'bf16', 'f16', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got \"int3\"");
     expect(() => estimateLoadMemory(config, { expertStorage: 'nf4', expertBytesPerElement: 2 })).to.throw(
         "`estimateLoadMemory()`: give 'options.expertStorage' or 'options.expertBytesPerElement', not both");
   });

@@ -66,7 +66,7 @@ describe('packed 16-bit expert weights', () => {
 
     it('refuses a bad kind, shape or packed tensor, naming the argument', () => expectNoLeak(() => {
       const t = tf.zeros([2, 3], 'int32');
-      expect(() => new PackedExpertWeight('fp8' as 'bf16', [2, 2, 3], t)).to.throw(/'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got "fp8"/);
+      expect(() => new PackedExpertWeight('fp8' as 'bf16', [2, 2, 3], t)).to.throw(/'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got "fp8"/);
       expect(() => new PackedExpertWeight('bf16', [2, 2], t)).to.throw(/'shape' must be \[E, rows, cols\] of positive integers but got \[2,2\]/);
       expect(() => new PackedExpertWeight('bf16', [2, 4, 3], t))
           .to.throw(/'packed' must be an int32 tensor \[2, 6\] \(bf16 halves of \[2,4,3\]\) but got a int32 tensor of shape \[2,3\]/);
@@ -79,7 +79,7 @@ describe('packed 16-bit expert weights', () => {
       expect(() => packedExpertWeightFromBits('f16', [1, 0, 2], new Uint16Array(0)))
           .to.throw(/`packedExpertWeightFromBits\(\)`: 'shape' must be \[E, rows, cols\] of positive integers but got \[1,0,2\]/);
       const z = tf.zeros([1, 2, 2]) as tf.Tensor3D;
-      expect(() => packExpertWeight(z, 'fp16' as 'f16')).to.throw(/`packExpertWeight\(\)`: 'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got "fp16"/);
+      expect(() => packExpertWeight(z, 'fp16' as 'f16')).to.throw(/`packExpertWeight\(\)`: 'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got "fp16"/);
       const z2 = tf.zeros([2, 2]);
       expect(() => packExpertWeight(z2 as unknown as tf.Tensor3D, 'bf16')).to.throw(/'weight' must be 3-D but got shape \[2,2\]/);
       const i3 = tf.zeros([1, 2, 2], 'int32') as tf.Tensor3D;

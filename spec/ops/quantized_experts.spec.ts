@@ -4,7 +4,7 @@ import { fusedExperts } from '../../src/ops/experts/fused_experts.js';
 import { GROUPED_MATMUL } from '../../src/ops/experts/kernels.js';
 import { PackedExpertWeight, packedExpertGroup, packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import {
-  E2M1_VALUES, NF4_CODE_BOOK, QUANTIZED_KINDS, quantizedLayout, quantizeExpertValues, type QuantizedKind,
+  BNB_DYNAMIC_MAP, E2M1_VALUES, NF4_CODE_BOOK, QUANTIZED_KINDS, quantizedLayout, quantizeExpertValues, type QuantizedKind,
 } from '../../src/ops/quantized.js';
 import { referenceExperts } from '../../src/ops/reference/moe_block.js';
 import type { LoRAMode } from '../../src/ops/types.js';
@@ -49,6 +49,8 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
       expect(words('int4')).to.equal(600 / 8 + 2 * 6 * 2);
       expect(words('nf4')).to.equal(600 / 8 + 6 * 2);
       expect(words('mxfp4')).to.equal(600 / 8 + Math.ceil((6 * 4) / 4));
+      // nf4-dq: a code byte per group, a nested absmax and an offset per 256 groups, the 256-entry map
+      expect(words('nf4-dq')).to.equal(600 / 8 + Math.ceil((6 * 2) / 4) + 2 + 256);
       // the input on axis 1 ([E, in, out]): the same sizes with rows and cols swapped
       expect(quantizedLayout('nf4', [2, 100, 6], 1).wordsPerExpert).to.equal(words('nf4'));
     });
@@ -95,6 +97,7 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
       const shape = [2, 8, 192];
       const values = weightValues(7, 2 * 8 * 192);
       const w0 = tf.tensor3d(values, shape as [number, number, number]);
+      const maxMapGap = Math.max(...Array.from(BNB_DYNAMIC_MAP.subarray(1), (v, k) => v - BNB_DYNAMIC_MAP[k]));
       for (const kind of QUANTIZED_KINDS) {
         const w = packExpertWeight(w0, kind);
         const layout = w.layout!;
@@ -111,8 +114,13 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
               // the format's step: int8 and int4 half a step (plus float32 rounding of the decode);
               // NF4 half the widest gap of its code book (−1 … −0.696) times absmax; MXFP4 one step
               // of the largest e2m1 gap (2·2^e) once saturated at 6·2^e, so at most 2^(e+1)
+              // nf4-dq: NF4's bound around the true absmax, which the decoded one s misses by at most
+              // half the widest gap of the 8-bit map times the nested absmax (δ)
+              const nested = new Float32Array(w.packed.dataSync().buffer)[e * layout.wordsPerExpert + layout.nestedWord + Math.floor(grp / 256)];
+              const delta = nested * (maxMapGap / 2) * (1 + 2 ** -20);
               const bound = kind === 'int8' || kind === 'int4' ? s[grp] * (0.5 + 2 ** -18) + Math.abs(values[at]) * 2 ** -23 :
-                kind === 'nf4' ? s[grp] * ((1 - 0.6961928009986877) / 2) * (1 + 2 ** -20) : s[grp] * 2;
+                kind === 'nf4' ? s[grp] * ((1 - 0.6961928009986877) / 2) * (1 + 2 ** -20) :
+                kind === 'nf4-dq' ? (s[grp] + delta) * ((1 - 0.6961928009986877) / 2) * (1 + 2 ** -20) + delta : s[grp] * 2;
               if (err > bound) expect.fail(`${kind} (${e}, ${o}, ${i}): |${values[at]} − ${decoded[at]}| > ${bound}`);
               worst = Math.max(worst, err / (bound || 1));
             }
@@ -141,7 +149,7 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
 
     it('refuses bad kinds, group sizes, input axes, values and packed tensors, naming the argument', () => expectNoLeak(() => {
       const w0 = tf.ones([2, 4, 64]) as tf.Tensor3D;
-      expect(() => packExpertWeight(w0, 'int3' as 'int4')).to.throw(/`packExpertWeight\(\)`: 'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'mxfp4' but got "int3"/);
+      expect(() => packExpertWeight(w0, 'int3' as 'int4')).to.throw(/`packExpertWeight\(\)`: 'kind' must be one of 'bf16', 'f16', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got "int3"/);
       expect(() => packExpertWeight(w0, 'int4', { groupSize: 48 })).to.throw(/`packExpertWeight\(\)`: 'groupSize' of int4 must be one of 32, 64, 128 but got 48/);
       expect(() => packExpertWeight(w0, 'nf4', { groupSize: 32 })).to.throw(/'groupSize' is fixed for nf4 \(64\) but got 32/);
       expect(() => packExpertWeight(w0, 'int8', { groupSize: 32 })).to.throw(/'groupSize' is fixed for int8 \(one scale per output: 64\) but got 32/);
@@ -174,24 +182,32 @@ describe('quantized expert weights (int8, int4, NF4, MXFP4)', () => {
       }
     }
 
-    it('gpt-oss layout (input on axis 1, biases, clamped activation): nf4, mxfp4 and int4 g32', () => {
-      for (const [kind, g] of [['nf4', undefined], ['mxfp4', undefined], ['int4', 32]] as const) {
+    it('gpt-oss layout (input on axis 1, biases, clamped activation): nf4, nf4-dq, mxfp4 and int4 g32', () => {
+      for (const [kind, g] of [['nf4', undefined], ['nf4-dq', undefined], ['mxfp4', undefined], ['int4', 32]] as const) {
         const c = makePackedCase(kind, { ...dims, I: 32 }, 32, 'inOutInterleaved', g);
         expectSameAsDequantized(c, 'split', `${kind} gpt-oss`);
         c.dispose();
       }
     });
 
-    it('the composed fallback (no grouped-product kernel) decodes one expert group at a time, same results', () => {
-      const c = makePackedCase('int4', dims, 33);
-      const saved = tf.getKernel(GROUPED_MATMUL, tf.getBackend());
-      if (saved) tf.unregisterKernel(GROUPED_MATMUL, tf.getBackend());
-      try {
-        expectSameAsDequantized(c, 'split', 'composed int4');
-      } finally {
-        if (saved) tf.registerKernel(saved);
-      }
+    it('nf4-dq over several nested blocks of 256 groups (gate_up 512 groups an expert, down 256)', () => {
+      const c = makePackedCase('nf4-dq', { ...dims, H: 256, I: 64 }, 35);
+      expectSameAsDequantized(c, 'split', 'nf4-dq 2 nested blocks');
       c.dispose();
+    });
+
+    it('the composed fallback (no grouped-product kernel) decodes one expert group at a time, same results', () => {
+      for (const kind of ['int4', 'nf4-dq'] as const) {
+        const c = makePackedCase(kind, dims, 33);
+        const saved = tf.getKernel(GROUPED_MATMUL, tf.getBackend());
+        if (saved) tf.unregisterKernel(GROUPED_MATMUL, tf.getBackend());
+        try {
+          expectSameAsDequantized(c, 'split', `composed ${kind}`);
+        } finally {
+          if (saved) tf.registerKernel(saved);
+        }
+        c.dispose();
+      }
     });
 
     it('the reference block (the oracle) decodes them too; the base is frozen and leaks nothing', () => {

@@ -77,7 +77,7 @@ export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = 
 }
 
 /**
- * `--expert-dtype stored|float32|int8|int4|nf4|mxfp4`, on every command that loads a model:
+ * `--expert-dtype stored|float32|int8|int4|nf4|nf4-dq|mxfp4`, on every command that loads a model:
  * 'stored' keeps BF16/F16 routed experts 16-bit in memory (packed, frozen) and MXFP4 ones MXFP4,
  * 'float32' widens them, the others quantize them on load (frozen; docs/quantized.md)
  * (loadHFCheckpoint's expertDtype). Not a register() arg, but named like the plugin's --expert-* flags.
@@ -89,7 +89,7 @@ export function pluginOptions<T>(yargs: Argv<T>, options: { check?: boolean } = 
  */
 export const EXPERT_DTYPE_FLAG = 'expert-dtype';
 export function expertDtypeOption<T>(yargs: Argv<T>, describe = "routed experts: 'stored' keeps BF16/F16 ones 16-bit " +
-    "in memory (packed, frozen; half the memory) and MXFP4 ones MXFP4, 'float32' widens them, int8/int4/nf4/mxfp4 " +
+    "in memory (packed, frozen; half the memory) and MXFP4 ones MXFP4, 'float32' widens them, int8/int4/nf4/nf4-dq/mxfp4 " +
     'quantize them on load (frozen; docs/quantized.md)'): Argv<T & { expertDtype?: ExpertDtype; int4GroupSize?: number }> {
   return yargs.option(EXPERT_DTYPE_FLAG, { type: 'string', choices: EXPERT_DTYPES, requiresArg: true, describe })
       .option(INT4_GROUP_SIZE_FLAG, {

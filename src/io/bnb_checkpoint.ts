@@ -34,7 +34,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { HFConfig } from '../models/families.js';
-import { NF4_BLOCK_SIZE, NF4_CODE_BOOK } from '../ops/quantized.js';
+import { NF4_BLOCK_SIZE, NF4_CODE_BOOK, NF4_DQ_NESTED_BLOCK_SIZE } from '../ops/quantized.js';
 import { describeValue } from '../util/describe.js';
 import { decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16 } from '../util/half.js';
 import type { TensorSource } from './hf_block.js';
@@ -282,9 +282,13 @@ export async function bnbTensorSource(source: ByteSource, where: string): Promis
       const state = states.get(name);
       if (state === undefined) return null;
       if (state.bits === 8) return 'int8';
-      // the same words as this package's nf4: blocks of 64 that never span two rows, one f32 absmax each
-      return state.quantType === 'nf4' && state.blocksize === NF4_BLOCK_SIZE && state.nested === null &&
-        state.shape[1] % NF4_BLOCK_SIZE === 0 ? 'nf4' : null;
+      // the same words as this package's nf4: blocks of 64 that never span two rows, one f32 absmax
+      // each; double-quantized: nf4-dq when the nested blocks are 256 and whole in the weight (so
+      // gate and up, fused one after the other, each keep their own nested absmax and offset)
+      if (state.quantType !== 'nf4' || state.blocksize !== NF4_BLOCK_SIZE || state.shape[1] % NF4_BLOCK_SIZE !== 0) return null;
+      if (state.nested === null) return 'nf4';
+      const blocks = (state.shape[0] * state.shape[1]) / NF4_BLOCK_SIZE;
+      return state.nested.blocksize === NF4_DQ_NESTED_BLOCK_SIZE && blocks % NF4_DQ_NESTED_BLOCK_SIZE === 0 ? 'nf4-dq' : null;
     },
     storedQuantizedParts: async name => {
       const state = states.get(name)!;
@@ -295,7 +299,15 @@ export async function bnbTensorSource(source: ByteSource, where: string): Promis
       }
       // bitsandbytes puts element 2j in the high nibble, this package in the low one: swap them
       const codes = Uint8Array.from(await bytesOf(name), b => ((b & 15) << 4) | (b >> 4));
-      return { codes, scales: await floatValues(source, `${name}.absmax`) };
+      if (state.nested === null) return { codes, scales: await floatValues(source, `${name}.absmax`) };
+      // nf4-dq: the absmax codes, nested absmax, offset and code map as bitsandbytes stored them
+      return {
+        codes, scales: null,
+        doubleQuant: {
+          absmaxCodes: await bytesOf(`${name}.absmax`), nestedAbsmax: await floatValues(source, `${name}.nested_absmax`),
+          offset: Math.fround(state.nested.offset), map: await floatValues(source, `${name}.nested_quant_map`),
+        },
+      };
     },
   };
   if (typeof source.halfBits === 'function' || [...states.values()].some(s => dtypeOf(s) !== 'F32')) wrapped.halfBits = halfBits;

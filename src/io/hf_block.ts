@@ -7,7 +7,8 @@ import type { Tensor1D, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
 import {
   isQuantizedKind, packedExpertWeightFromBits, packedWordsPerExpert, PackedExpertWeight, type HalfKind, type PackedKind,
 } from '../ops/packed.js';
-import { QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
+import { NF4_DQ_NESTED_BLOCK_SIZE, QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
+import { CheckpointError } from './hf_checkpoint_core.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
 import { decodeHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
@@ -44,7 +45,18 @@ export interface TensorSource {
    * Such a [out, in] weight's codes (bytes in this package's order: src/ops/quantized.ts) and
    * scales (one per group, output-major), where storedQuantizedKind(name) is not null
    */
-  storedQuantizedParts?(name: string): Promise<{ codes: Uint8Array; scales: Float32Array }>;
+  storedQuantizedParts?(name: string): Promise<StoredQuantizedParts>;
+}
+
+/**
+ * A stored quantized [out, in] weight's own codes and scales: `scales` one per group, or for
+ * 'nf4-dq' (bitsandbytes' double quantization) null and `doubleQuant` the absmax codes (a byte a
+ * group), the nested absmax (one per 256 groups), the offset and the 256-entry code map.
+ */
+export interface StoredQuantizedParts {
+  codes: Uint8Array;
+  scales: Float32Array | null;
+  doubleQuant?: { absmaxCodes: Uint8Array; nestedAbsmax: Float32Array; offset: number; map: Float32Array };
 }
 
 /**
@@ -370,10 +382,27 @@ async function fuseStoredQuantized(
   try {
     for (let e = 0; e < numExperts; e++) {
       expert.fill(0);
+      let map: Float32Array | null = null;
       for (const [p, part] of parts.entries()) {
         const stored = await file.storedQuantizedParts!(part[e].name);
         bytes.set(stored.codes, p * codeBytes);
-        floats.set(stored.scales, layout.scaleWord + p * scales);
+        const dq = stored.doubleQuant;
+        if (dq === undefined) {
+          floats.set(stored.scales!, layout.scaleWord + p * scales);
+          continue;
+        }
+        // nf4-dq: each part's groups fill whole nested blocks of 256 (storedQuantizedKind), so
+        // part p's nested absmax and offset are blocks p·scales/256 …; one code map per expert
+        const nestedBlocks = scales / NF4_DQ_NESTED_BLOCK_SIZE;
+        bytes.set(dq.absmaxCodes, 4 * layout.scaleWord + p * scales);
+        floats.set(dq.nestedAbsmax, layout.nestedWord + p * nestedBlocks);
+        floats.fill(dq.offset, layout.offsetWord + p * nestedBlocks, layout.offsetWord + (p + 1) * nestedBlocks);
+        if (map !== null && !dq.map.every((v, k) => Object.is(v, map![k]))) {
+          throw new CheckpointError(`'${part[e].name}.nested_quant_map' must equal '${parts[0][e].name}.nested_quant_map' ` +
+              `(one absmax code map per fused expert) but differs at entry ${dq.map.findIndex((v, k) => !Object.is(v, map![k]))}`);
+        }
+        map = dq.map;
+        floats.set(map, layout.mapWord);
       }
       await stack.write(expert, e * W);
     }

@@ -79,7 +79,7 @@ export async function mergeAdapterIntoCheckpoint(
     throw new CheckpointError(`\`${OP}()\`: 'requantize' must be a boolean but got ${describeValue(options.requantize)}`);
   }
   if (options.requantize === true && quantized === null) {
-    throw new CheckpointError(`\`${OP}()\`: 'requantize' needs a quantized 'expertDtype' (int8, int4, nf4, mxfp4) ` +
+    throw new CheckpointError(`\`${OP}()\`: 'requantize' needs a quantized 'expertDtype' (int8, int4, nf4, nf4-dq, mxfp4) ` +
         `but got ${describeValue(options.expertDtype)}`);
   }
   // 16-bit experts stay packed (merged, then rounded to their own dtype once) only when they are

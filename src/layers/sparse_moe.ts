@@ -532,7 +532,7 @@ export class SparseMoE extends tfl.layers.Layer {
    * rounded to the stored precision (as PEFT's merge into a bf16 model is): unmergeAdapter then
    * gives back the base only up to that rounding.
    *
-   * Quantized experts (int8, int4, nf4, mxfp4) can only take the merge re-quantized, which can
+   * Quantized experts (int8, int4, nf4, nf4-dq, mxfp4) can only take the merge re-quantized, which can
    * lose much of a small delta: that needs `{requantize: true}`, and the largest change the
    * re-quantization made to any merged value (|requantized − (dequantized base + ΔW)|) is
    * returned so the caller can judge it. To keep the delta exactly, merge into a checkpoint

@@ -15,7 +15,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { encodeBFloat16, encodeFloat16, float16Values } from '../util/half.js';
 import {
-  QUANTIZED_KINDS, decodeQuantizedExpertInto, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout,
+  QUANTIZED_KINDS, decodeQuantizedExpertInto, doubleQuantizedAbsmax, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout,
 } from './quantized.js';
 import { fail } from './validate.js';
 
@@ -111,7 +111,7 @@ export class PackedExpertWeight {
   codes(): tf.Tensor2D {
     return tf.slice(this.packed, [0, 0], [-1, this.layout?.scaleWord ?? this.wordsPerExpert]);
   }
-  /** float32 [E, O, groups]: the scales (mxfp4: 2^(e − 127)); null for 16-bit kinds */
+  /** float32 [E, O, groups]: the scales (mxfp4: 2^(e − 127); nf4-dq: the decoded absmax); null for 16-bit kinds */
   scales(): tf.Tensor3D | null { return this.metaFloats('scales'); }
   /** float32 [E, O, groups]: int4's zero points, else null */
   zeros(): tf.Tensor3D | null { return this.metaFloats('zeros'); }
@@ -126,7 +126,8 @@ export class PackedExpertWeight {
     for (let e = 0; e < this.shape[0]; e++) {
       const base = e * l.wordsPerExpert + (which === 'zeros' ? l.zeroWord : l.scaleWord);
       for (let g = 0; g < groups; g++) {
-        out[e * groups + g] = l.kind === 'mxfp4' ? 2 ** (((words[base + (g >> 2)] >>> (8 * (g & 3))) & 255) - 127) : floats[base + g];
+        out[e * groups + g] = l.kind === 'mxfp4' ? 2 ** (((words[base + (g >> 2)] >>> (8 * (g & 3))) & 255) - 127) :
+          l.kind === 'nf4-dq' ? doubleQuantizedAbsmax(l, words, floats, e * l.wordsPerExpert, g) : floats[base + g];
       }
     }
     return tf.tensor3d(out, [this.shape[0], l.outputs, l.groupsPerOutput]);

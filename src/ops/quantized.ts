@@ -15,6 +15,7 @@
  * | int8  | signed bytes, s in byte s (G = N)       | scale f32 per output: v = scale·q            |
  * | int4  | nibbles 0…15, s in nibble s (G = 32/64/128, default 64) | scale f32, then zero f32, per group: v = scale·(q − zero) |
  * | nf4   | nibbles, s in nibble s (G = 64)         | absmax f32 per group: v = NF4[q]·absmax      |
+ * | nf4-dq | nibbles, s in nibble s (G = 64)        | absmax code byte per group, then per 256 groups a nested absmax f32, then per 256 groups an offset f32, then the 256-entry f32 absmax code map: absmax = f32(f32(map[a]·nested) + offset), v = NF4[q]·absmax |
  * | mxfp4 | nibbles, s in nibble s (G = 32)         | e8m0 byte per group: v = E2M1[q]·2^(e − 127)  |
  *
  * Nibble s is bits 4·(s mod 8) … of word ⌊s/8⌋ (low nibble first in each little-endian byte), byte
@@ -28,14 +29,16 @@
 import { fail } from './validate.js';
 
 /** The quantized formats of a frozen expert weight. */
-export type QuantizedKind = 'int8' | 'int4' | 'nf4' | 'mxfp4';
-export const QUANTIZED_KINDS: readonly QuantizedKind[] = ['int8', 'int4', 'nf4', 'mxfp4'];
+export type QuantizedKind = 'int8' | 'int4' | 'nf4' | 'nf4-dq' | 'mxfp4';
+export const QUANTIZED_KINDS: readonly QuantizedKind[] = ['int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4'];
 
 /** int4 group sizes along the input; 64 by default (1 bit of scale and zero per weight, bitsandbytes' NF4 block). */
 export const INT4_GROUP_SIZES: readonly number[] = [32, 64, 128];
 export const DEFAULT_INT4_GROUP_SIZE = 64;
 /** bitsandbytes' NF4 block size */
 export const NF4_BLOCK_SIZE = 64;
+/** 'nf4-dq' (bitsandbytes' double quantization): absmax codes per nested block (bnb's fixed 256) */
+export const NF4_DQ_NESTED_BLOCK_SIZE = 256;
 /** OCP MX block size (gpt-oss) */
 export const MXFP4_BLOCK_SIZE = 32;
 
@@ -51,6 +54,41 @@ export const NF4_CODE_BOOK: Float32Array = Float32Array.of(
 
 /** The 16 e2m1 values by code (bit 3 the sign), as transformers' FP4_VALUES. */
 export const E2M1_VALUES: Float32Array = Float32Array.of(0, 0.5, 1, 1.5, 2, 3, 4, 6, -0, -0.5, -1, -1.5, -2, -3, -4, -6);
+
+/**
+ * torch.linspace(start, end, steps) in float32 as torch's scalar CPU loop computes it: step =
+ * f32((end − start) / (steps − 1)), the first half start + step·k, the second end − step·(steps − 1 − k).
+ */
+function linspaceF32(start: number, end: number, steps: number): Float32Array {
+  const f32 = Math.fround;
+  const [a, b] = [f32(start), f32(end)];
+  const step = f32(f32(b - a) / (steps - 1));
+  return Float32Array.from({ length: steps }, (_, k) =>
+    k < steps >> 1 ? f32(a + f32(step * k)) : f32(b - f32(step * (steps - 1 - k))));
+}
+
+/**
+ * bitsandbytes' 8-bit dynamic code map, `create_dynamic_map(signed=True, max_exponent_bits=7,
+ * total_bits=8)` (functional.py), the code book of 'nf4-dq''s absmax codes when this package
+ * quantizes: for i = 0 … 6, the 2^i midpoints m of linspace(0.1, 1, 2^i + 1) (float32, m =
+ * f32((b_k + b_(k+1)) / 2)) give ±f32(f32(10^(i − 6)) · m); with 0 and 1 that is 256 values,
+ * sorted ascending (code 0 = −0.99296875, 127 = 0, 255 = 1). The last bit of a few entries depends on
+ * torch's vectorised linspace, so a double-quantized checkpoint's own map is kept with its
+ * weights (each expert's words hold the map they were quantized with).
+ */
+export const BNB_DYNAMIC_MAP: Float32Array = (() => {
+  const f32 = Math.fround;
+  const data: number[] = [0, 1];
+  for (let i = 0; i < 7; i++) {
+    const bounds = linspaceF32(0.1, 1, 2 ** i + 1);
+    const scale = f32(10 ** (i - 6));
+    for (let k = 0; k + 1 < bounds.length; k++) {
+      const mean = f32(f32(bounds[k] + bounds[k + 1]) / 2);
+      data.push(f32(scale * mean), -f32(scale * mean));
+    }
+  }
+  return Float32Array.from(data.sort((x, y) => x - y));
+})();
 
 /** Where everything of one quantized expert lies in its words. */
 export interface QuantizedLayout {
@@ -68,12 +106,16 @@ export interface QuantizedLayout {
   scaleWord: number;
   /** first word of the zero points (int4), else −1 */
   zeroWord: number;
+  /** 'nf4-dq': first word of the nested absmax (one f32 per 256 groups), of the offsets (likewise) and of the 256-entry map; else −1 */
+  nestedWord: number;
+  offsetWord: number;
+  mapWord: number;
   wordsPerExpert: number;
 }
 
 /** The group size of `kind` when none is given (int8: the whole input row). */
 export function defaultGroupSize(kind: QuantizedKind, inputs: number): number {
-  return kind === 'int8' ? inputs : kind === 'int4' ? DEFAULT_INT4_GROUP_SIZE : kind === 'nf4' ? NF4_BLOCK_SIZE : MXFP4_BLOCK_SIZE;
+  return kind === 'int8' ? inputs : kind === 'int4' ? DEFAULT_INT4_GROUP_SIZE : kind === 'nf4' || kind === 'nf4-dq' ? NF4_BLOCK_SIZE : MXFP4_BLOCK_SIZE;
 }
 
 /**
@@ -102,11 +144,15 @@ export function quantizedLayout(
   const groupsPerOutput = Math.ceil(inputs / g);
   const groups = outputs * groupsPerOutput;
   const codeWords = Math.ceil((outputs * inputs) / (kind === 'int8' ? 4 : 8));
-  const scaleWords = kind === 'mxfp4' ? Math.ceil(groups / 4) : groups;
+  const scaleWords = kind === 'mxfp4' || kind === 'nf4-dq' ? Math.ceil(groups / 4) : groups;
   const zeroWord = kind === 'int4' ? codeWords + scaleWords : -1;
+  const nestedBlocks = Math.ceil(groups / NF4_DQ_NESTED_BLOCK_SIZE);
+  const dq = kind === 'nf4-dq';
+  const nestedWord = dq ? codeWords + scaleWords : -1;
   return {
     kind, inputAxis, outputs, inputs, groupSize: g, groupsPerOutput, scaleWord: codeWords, zeroWord,
-    wordsPerExpert: codeWords + scaleWords + (kind === 'int4' ? groups : 0),
+    nestedWord, offsetWord: dq ? nestedWord + nestedBlocks : -1, mapWord: dq ? nestedWord + 2 * nestedBlocks : -1,
+    wordsPerExpert: codeWords + scaleWords + (kind === 'int4' ? groups : 0) + (dq ? 2 * nestedBlocks + 256 : 0),
   };
 }
 
@@ -154,6 +200,9 @@ export function decodeQuantizedExpertInto(
       } else if (kind === 'nf4') {
         const absmax = floats[wOff + scaleWord + group];
         for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
+      } else if (kind === 'nf4-dq') {
+        const absmax = doubleQuantizedAbsmax(layout, words, floats, wOff, group);
+        for (let q = 0; q < 16; q++) lut[q] = NF4_CODE_BOOK[q] * absmax;
       } else {
         const scale = floats[wOff + scaleWord + group];
         const zero = floats[wOff + zeroWord + group];
@@ -164,6 +213,50 @@ export function decodeQuantizedExpertInto(
       }
     }
   }
+}
+
+/**
+ * 'nf4-dq': the absmax of `group` of the expert at words[wOff] (`floats` a Float32Array over the
+ * same memory): f32(f32(map[a] · nested) + offset) with a its code byte and nested, offset those
+ * of its block of 256 groups (bitsandbytes' dequantize_blockwise, then `+= offset`).
+ *
+ * ```js
+ * const absmax = doubleQuantizedAbsmax(layout, words, new Float32Array(words.buffer), 0, 5);  // group 5 of expert 0
+ * ```
+ */
+export function doubleQuantizedAbsmax(layout: QuantizedLayout, words: Int32Array, floats: Float32Array, wOff: number, group: number): number {
+  const f32 = Math.fround;
+  const code = (words[wOff + layout.scaleWord + (group >> 2)] >>> (8 * (group & 3))) & 255;
+  const block = Math.floor(group / NF4_DQ_NESTED_BLOCK_SIZE);
+  return f32(f32(floats[wOff + layout.mapWord + code] * floats[wOff + layout.nestedWord + block]) + floats[wOff + layout.offsetWord + block]);
+}
+
+/**
+ * bitsandbytes' quantize_blockwise code of one value x (already f32(v · f32(1 / absmax))): clamped
+ * to [−1, 1], the index of `map` (sorted ascending) with the smallest f32(|x − map[k]|), the lowest
+ * index on ties (torch.argmin over the float32 differences, backends/default/ops.py). The
+ * differences only grow away from x, so the two entries around x decide, then equal neighbours below.
+ *
+ * ```js
+ * nearestMapCode(1, BNB_DYNAMIC_MAP);    // 255
+ * nearestMapCode(NaN, BNB_DYNAMIC_MAP);  // 0
+ * ```
+ */
+export function nearestMapCode(x: number, map: Float32Array): number {
+  const f32 = Math.fround;
+  if (x !== x) return 0;   // NaN (an all-zero block: 0 · (1 / 0)): torch.argmin's first index
+  const v = x < -1 ? -1 : x > 1 ? 1 : x;
+  let [lo, hi] = [0, map.length];   // first index whose entry is ≥ v
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (map[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  const diff = (k: number) => Math.abs(f32(v - map[k]));
+  let best = lo === map.length ? map.length - 1 : lo;
+  if (lo > 0 && diff(lo - 1) <= diff(best)) best = lo - 1;
+  while (best > 0 && diff(best - 1) === diff(best)) best--;
+  return best;
 }
 
 // the quantizers' nearest-code thresholds: midpoints between neighbouring values (exact: the
@@ -284,6 +377,40 @@ function codesNF4(values: Float32Array, at: number, stride: number, n: number, s
   if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
 }
 
+/**
+ * NF4 codes as bitsandbytes computes them (backends/default/ops.py quantize_4bit): x =
+ * clamp(f32(v · f32(1 / absmax)), −1, 1), the code of the smallest f32(|x − NF4[c]|), the lowest
+ * code on ties (torch.argmin). The table's code (nearest by exact midpoints) or a neighbour is that
+ * code: the float32 differences only move the choice on a near-tie (the codes are ≥ 0.079 apart).
+ * An all-zero group (1 / 0 · 0 = NaN) takes code 0, as torch.argmin's first index (decodes to −0).
+ */
+function codesNF4Bnb(values: Float32Array, at: number, stride: number, n: number, s0: number, inverse: number, words: Int32Array, wOff: number): void {
+  const f32 = Math.fround;
+  let acc = 0;
+  for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
+    let x = f32(values[at] * inverse);
+    let q = 0;
+    if (x === x) {
+      x = x < -1 ? -1 : x > 1 ? 1 : x;
+      q = NF4_BUCKET_CODES[((x + 1) * (NF4_BUCKETS / 2)) | 0];
+      if (q === 255) q = nearestNF4(x);
+      const d = Math.abs(f32(x - NF4_CODE_BOOK[q]));
+      if (q > 0 && Math.abs(f32(x - NF4_CODE_BOOK[q - 1])) <= d) {
+        q--;
+      } else if (q < 15) {
+        const up = Math.abs(f32(x - NF4_CODE_BOOK[q + 1]));
+        if (up < d) q++;
+      }
+    }
+    acc |= q << ((s & 7) << 2);
+    if ((s & 7) === 7) {
+      words[wOff + (s >> 3)] |= acc;
+      acc = 0;
+    }
+  }
+  if (acc !== 0) words[wOff + ((s0 + n - 1) >> 3)] |= acc;
+}
+
 function codesMXFP4(values: Float32Array, bits: Int32Array, at: number, stride: number, n: number, s0: number, scale: number, words: Int32Array, wOff: number): void {
   let acc = 0;
   for (let k = 0, s = s0; k < n; k++, s++, at += stride) {
@@ -344,6 +471,11 @@ export function quantizeExpertInto(
         floats[wOff + scaleWord + group] = scale;
         floats[wOff + zeroWord + group] = zero;
         if (scale !== 0) codesInt4(values, first, iStride, n, s0, scale, zero, words, wOff);
+      } else if (kind === 'nf4-dq') {
+        // bitsandbytes' own rule (its codes bit for bit); the absmax waits in a scratch buffer until
+        // every group has one, then is quantized itself (compressAbsmax)
+        dqScratch(layout)[group] = absmax;
+        codesNF4Bnb(values, first, iStride, n, s0, Math.fround(1 / absmax), words, wOff);
       } else if (kind === 'nf4') {
         floats[wOff + scaleWord + group] = absmax;  // an f32 value already
         if (absmax !== 0) {
@@ -359,6 +491,44 @@ export function quantizeExpertInto(
       }
     }
   }
+  if (kind === 'nf4-dq') compressAbsmax(layout, dqScratch(layout), words, wOff, BNB_DYNAMIC_MAP);
+}
+
+let dqAbsmax = new Float32Array(0);
+/** a reused float32 buffer of one expert's absmax per group ('nf4-dq' quantizes them at the end) */
+function dqScratch(layout: QuantizedLayout): Float32Array {
+  const groups = layout.outputs * layout.groupsPerOutput;
+  if (dqAbsmax.length < groups) dqAbsmax = new Float32Array(groups);
+  return dqAbsmax;
+}
+
+/**
+ * bitsandbytes' double quantization of one weight's block absmax (functional.py quantize_4bit with
+ * compress_statistics, then quantize_blockwise): offset = their mean (float32; here the float64 sum
+ * over the count, rounded once: torch's float32 reduction may differ in the last bit), then
+ * c = f32(absmax − offset) in blocks of 256: nested = max|c|, codes nearestMapCode(f32(c · f32(1 / nested))).
+ * Written to the expert's words with `map` and the offset repeated per block of 256.
+ */
+function compressAbsmax(layout: QuantizedLayout, absmax: Float32Array, words: Int32Array, wOff: number, map: Float32Array): void {
+  const f32 = Math.fround;
+  const floats = floatView(words);
+  const groups = layout.outputs * layout.groupsPerOutput;
+  let sum = 0;
+  for (let b = 0; b < groups; b++) sum += absmax[b];
+  const offset = f32(sum / groups);
+  for (let start = 0, block = 0; start < groups; start += NF4_DQ_NESTED_BLOCK_SIZE, block++) {
+    const end = Math.min(groups, start + NF4_DQ_NESTED_BLOCK_SIZE);
+    let nested = 0;
+    for (let b = start; b < end; b++) nested = Math.max(nested, Math.abs(f32(absmax[b] - offset)));
+    floats[wOff + layout.nestedWord + block] = nested;
+    floats[wOff + layout.offsetWord + block] = offset;
+    const inverse = f32(1 / nested);
+    for (let b = start; b < end; b++) {
+      const code = nearestMapCode(f32(f32(absmax[b] - offset) * inverse), map);
+      words[wOff + layout.scaleWord + (b >> 2)] |= code << (8 * (b & 3));
+    }
+  }
+  floats.set(map, wOff + layout.mapWord);
 }
 
 /**

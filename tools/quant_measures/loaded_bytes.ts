@@ -26,7 +26,7 @@ const SHAPES: Array<[string, HFConfig]> = [
 const FORMATS: Array<[string, LoadMemoryOptions]> = [
   ['float32', { expertStorage: 'float32' }], ['bf16', { expertStorage: 'bf16' }], ['int8', { expertStorage: 'int8' }],
   ['int4 (g32)', { expertStorage: 'int4', expertGroupSize: 32 }], ['int4 (g64)', { expertStorage: 'int4' }],
-  ['int4 (g128)', { expertStorage: 'int4', expertGroupSize: 128 }], ['nf4', { expertStorage: 'nf4' }],
+  ['int4 (g128)', { expertStorage: 'int4', expertGroupSize: 128 }], ['nf4', { expertStorage: 'nf4' }], ['nf4-dq', { expertStorage: 'nf4-dq' }],
   ['mxfp4', { expertStorage: 'mxfp4' }],
 ];
 const both = (b: number) => `${b.toLocaleString('en-US').replace(/,/g, ' ')} B (${(b / 1e9).toFixed(2)} GB, ${(b / 2 ** 30).toFixed(2)} GiB)`;

@@ -33,11 +33,14 @@ describe('webgpu: quantized expert weights', () => {
   it('the device decode gives the formats\' values bit for bit, both input axes, a ragged last group', async () => {
     const rng = new Rng(41);
     for (const kind of QUANTIZED_KINDS) {
-      for (const axis of [2, 1] as const) {
-        const shape = axis === 2 ? [3, 10, 72] : [3, 72, 10];
+      // nf4-dq also over 3 nested blocks of 256 groups (24 × 2048: 768 groups an expert)
+      const cases = kind === 'nf4-dq' ? [[2, [3, 10, 72]], [1, [3, 72, 10]], [2, [3, 24, 2048]], [1, [3, 2048, 24]]] as const :
+        [[2, [3, 10, 72]], [1, [3, 72, 10]]] as const;
+      for (const [axis, shape] of cases) {
+        const n = shape[0] * shape[1] * shape[2];
         const layout = quantizedLayout(kind, shape, axis);
-        const words = quantizeExpertValues(layout, 3, Float32Array.from(rng.array(3 * 720, 0.8)));
-        const w = new PackedExpertWeight(kind, shape, tf.tensor2d(words, [3, layout.wordsPerExpert], 'int32'), { inputAxis: axis });
+        const words = quantizeExpertValues(layout, 3, Float32Array.from(rng.array(n, 0.8), (v, k) => v * (1 + Math.floor(k / 64) % 7)));
+        const w = new PackedExpertWeight(kind, [...shape], tf.tensor2d(words, [3, layout.wordsPerExpert], 'int32'), { inputAxis: axis });
         const decoded = unpackExpertWeight(w);
         const got = await decoded.data();
         const expected = referenceDecode(layout, 3, words);
@@ -62,7 +65,7 @@ describe('webgpu: quantized expert weights', () => {
   }
 
   it('webgpuFusedExperts: gpt-oss layout (input on axis 1) and the vec4 8×8 tiles', async () => {
-    for (const kind of ['mxfp4', 'int4'] as const) {
+    for (const kind of ['mxfp4', 'int4', 'nf4-dq'] as const) {
       const c = makePackedCase(kind, { ...dims, I: 32 }, 43, 'inOutInterleaved');
       await expectNoLeakAsync(() => expectSame(c, webgpuFusedExperts, { loraMode: 'split' }, `${kind} gpt-oss`));
       c.dispose();

@@ -36,8 +36,8 @@ function checkArgs(argv: Partial<MergeArgs>): string | true {
   const { model, adapter, out, maxShardSize } = argv as MergeArgs;
   if (!isDir(model)) return `--model: '${model}' is not a directory`;
   if (!isDir(adapter)) return `--adapter: '${adapter}' is not a directory`;
-  if (argv.requantize === true && !['int8', 'int4', 'nf4', 'mxfp4'].includes(argv.expertDtype ?? '')) {
-    return `--requantize needs a quantized --expert-dtype (int8, int4, nf4, mxfp4) but got ${argv.expertDtype ?? 'none'}`;
+  if (argv.requantize === true && !['int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4'].includes(argv.expertDtype ?? '')) {
+    return `--requantize needs a quantized --expert-dtype (int8, int4, nf4, nf4-dq, mxfp4) but got ${argv.expertDtype ?? 'none'}`;
   }
   const shardProblem = checkMaxShardSize(maxShardSize);
   if (shardProblem !== true) return shardProblem;

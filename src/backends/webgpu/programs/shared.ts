@@ -15,7 +15,7 @@
  * goes through a workgroup variable and workgroupUniformLoad.
  */
 import type { PackedKind } from '../../../ops/packed.js';
-import { E2M1_VALUES, NF4_CODE_BOOK, type QuantizedLayout } from '../../../ops/quantized.js';
+import { E2M1_VALUES, NF4_CODE_BOOK, NF4_DQ_NESTED_BLOCK_SIZE, type QuantizedLayout } from '../../../ops/quantized.js';
 import type { ExpertActivation } from '../../../ops/types.js';
 
 /** One entry of the program-defined uniforms, in the order of the program's `uniforms` string. */
@@ -186,19 +186,25 @@ export function packedElementSnippet(spec: PackedWeightSpec, words: string, name
           }`;
   }
   const f = (v: number) => (Object.is(v, -0) ? '-0.0' : Number.isInteger(v) ? `${v}.0` : `${v}`);
-  const table = l.kind === 'nf4' ? `var<private> ${name}Table : array<f32, 16> = array<f32, 16>(${Array.from(NF4_CODE_BOOK, f).join(', ')});` :
+  const table = l.kind === 'nf4' || l.kind === 'nf4-dq' ? `var<private> ${name}Table : array<f32, 16> = array<f32, 16>(${Array.from(NF4_CODE_BOOK, f).join(', ')});` :
     l.kind === 'mxfp4' ? `var<private> ${name}Table : array<f32, 16> = array<f32, 16>(${Array.from(E2M1_VALUES, f).join(', ')});` : '';
   const [oOf, iOf] = l.inputAxis === 2 ? ['r', 'c'] : ['c', 'r'];
   const code = l.kind === 'int8' ?
     `let q = f32((${words}[wordBase + s / 4] << u32(24 - 8 * (s & 3))) >> 24u);` :
     `let q = (bitcast<u32>(${words}[wordBase + s / 8]) >> u32(4 * (s & 7))) & 15u;`;
+  // nf4-dq: absmax = f32(f32(map[a] · nested) + offset) of the group's code byte a and its block of 256 groups
   const scale = l.kind === 'mxfp4' ?
     `let e = i32((bitcast<u32>(${words}[wordBase + ${l.scaleWord} + grp / 4]) >> u32(8 * (grp & 3))) & 255u);` :
+    l.kind === 'nf4-dq' ?
+    `let a = i32((bitcast<u32>(${words}[wordBase + ${l.scaleWord} + grp / 4]) >> u32(8 * (grp & 3))) & 255u);
+            let blk = grp / ${NF4_DQ_NESTED_BLOCK_SIZE};
+            let nested = bitcast<f32>(${words}[wordBase + ${l.mapWord} + a]) * bitcast<f32>(${words}[wordBase + ${l.nestedWord} + blk]);
+            let scale = nested + bitcast<f32>(${words}[wordBase + ${l.offsetWord} + blk]);` :
     `let scale = bitcast<f32>(${words}[wordBase + ${l.scaleWord} + grp]);`;
   const value = l.kind === 'int8' ? 'return scale * q;' :
     l.kind === 'int4' ? `let zero = bitcast<f32>(${words}[wordBase + ${l.zeroWord} + grp]);
             return scale * (f32(q) - zero);` :
-    l.kind === 'nf4' ? `return ${name}Table[q] * scale;` : `return ldexp(${name}Table[q], e - 127);`;
+    l.kind === 'nf4' || l.kind === 'nf4-dq' ? `return ${name}Table[q] * scale;` : `return ldexp(${name}Table[q], e - 127);`;
   return `
           ${table}
           fn ${name}(wordBase : i32, j : i32) -> f32 {
