@@ -527,16 +527,17 @@ const decodePackedConfig: tf.KernelConfig = {
 
 /**
  * The training loop's MoEAdamUpdate (src/train/adam_update.ts), under that op's own name: one
- * program per output instead of the composed op's ~14 kernels per variable (issue 15).
+ * program for the parameter and one for both moments, instead of the composed op's ~14 kernels
+ * per variable (issue 15).
  */
 const adamUpdateConfig: tf.KernelConfig = {
   kernelName: ADAM_UPDATE,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const inputs = args.inputs as Record<string, tf.TensorInfo>;
-    const list = [inputs.param, inputs.grad, inputs.m, inputs.v];
+    const list = [inputs.param, inputs.grad, inputs.moments];
     const uniforms = AdamUpdateProgram.uniformsFor(args.attrs as unknown as AdamUpdateAttrs);
-    return (['param', 'm', 'v'] as const).map(output =>
+    return (['param', 'moments'] as const).map(output =>
       webgpu(args).runWebGPUProgram(new AdamUpdateProgram(inputs.param.shape, output), list, 'float32', uniforms));
   },
 };
