@@ -28,6 +28,8 @@ import {
 import type { PackedWeightSpec } from './programs/shared.js';
 import { AdamUpdateProgram } from './programs/adam_program.js';
 import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
+import { RotaryProgram } from './programs/rotary_program.js';
+import { ROTARY } from '../../ops/rotary.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -542,8 +544,23 @@ const adamUpdateConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * applyRotary's MoERotary (src/ops/rotary.ts), under that op's own name: rope or its gradient in
+ * one program instead of the composed Reverse, two products and a sum (issue 15).
+ */
+const rotaryConfig: tf.KernelConfig = {
+  kernelName: ROTARY,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { x, cos, sin } = args.inputs as Record<string, tf.TensorInfo>;
+    const tableRows = cos.shape.length === 2 ? 0 : cos.shape[0];
+    return webgpu(args).runWebGPUProgram(new RotaryProgram(x.shape, args.attrs!.transposed as boolean), [x, cos, sin],
+        'float32', RotaryProgram.uniformsFor(x.shape, tableRows));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, adamUpdateConfig,
+  decodePackedConfig, adamUpdateConfig, rotaryConfig,
 ];
