@@ -1,13 +1,15 @@
 /**
  * The decoder's fused layer ops (rmsNorm, applyRotary) on webgpu: their op specs read
  * asynchronously, so they run here unchanged (and on cpu and wasm from spec/ops/); applyRotary
- * runs webgpu's MoERotary there. Here: what that kernel saves, counted.
+ * runs webgpu's MoERotary there, a frozen-weight rmsNorm MoERMSNorm(GradX). Here: what those kernels
+ * save, counted.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { StepCounter } from '../../../bench/e2e/step_profile.js';
 import { applyRotary, ROTARY } from '../../../src/ops/rotary.js';
 import { rotaryTables } from '../../../src/layers/rotary.js';
+import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
 import '../../ops/rms_norm.spec.js';
 import '../../ops/rotary.spec.js';
 
@@ -35,4 +37,33 @@ describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     tf.dispose([cos, sin, x]);
   });
+});
+
+describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (issue 15)', () => {
+  for (const zeroCentered of [false, true]) {
+    it(`one program forward and one for dx, instead of six each${zeroCentered ? ' (zero-centred)' : ''}`, async () => {
+      for (const name of [RMS_NORM, RMS_NORM_GRAD_X]) expect(tf.getKernel(name, 'webgpu'), `${name} is registered on webgpu`).to.not.equal(undefined);
+      // 3 rows of 200: more than a workgroup's lanes per row, and a row count that is no power of 2
+      const x = tf.randomNormal([3, 200]);
+      const weight = tf.randomNormal([200]);
+      const before = tf.memory().numTensors;
+      const counter = new StepCounter();
+      counter.install();
+      let dx: tf.Tensor;
+      try {
+        dx = tf.grad((a: tf.Tensor) => tf.sum(rmsNorm(a, weight, 1e-6, { trainWeight: false, zeroCentered })))(x);
+      } finally {
+        counter.uninstall();
+      }
+      await dx.data();
+      const { RMSNormProgram, ...others } = counter.programCounts;
+      expect(RMSNormProgram, 'the norm and its dx').to.equal(2);
+      // around the op: the sum (its gradient's ones are a fill on the host); the zero-centred 1 + w of
+      // a host-resident [D] weight runs on the host too (tfjs-webgpu's CPU forwarding)
+      expect(others, 'the other programs').to.deep.equal({ ReduceProgram: 1 });
+      dx.dispose();
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      tf.dispose([x, weight]);
+    });
+  }
 });

@@ -30,6 +30,8 @@ import { AdamUpdateProgram } from './programs/adam_program.js';
 import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
 import { RotaryProgram } from './programs/rotary_program.js';
 import { ROTARY } from '../../ops/rotary.js';
+import { RMSNormProgram } from './programs/rms_norm_program.js';
+import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -559,8 +561,32 @@ const rotaryConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * rmsNorm's MoERMSNorm and MoERMSNormGradX (src/ops/rms_norm.ts), under that op's own names: a
+ * frozen-weight norm and its gradient in one program each instead of six (issue 15).
+ */
+const rmsNormConfig: tf.KernelConfig = {
+  kernelName: RMS_NORM,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { x, scale } = args.inputs as Record<string, tf.TensorInfo>;
+    return webgpu(args).runWebGPUProgram(new RMSNormProgram(x.shape, 'forward'), [x, scale], 'float32',
+        RMSNormProgram.uniformsFor(x.shape, args.attrs!.epsilon as number));
+  },
+};
+
+const rmsNormGradXConfig: tf.KernelConfig = {
+  kernelName: RMS_NORM_GRAD_X,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { dy, x, scale } = args.inputs as Record<string, tf.TensorInfo>;
+    return webgpu(args).runWebGPUProgram(new RMSNormProgram(x.shape, 'gradX'), [dy, x, scale], 'float32',
+        RMSNormProgram.uniformsFor(x.shape, args.attrs!.epsilon as number));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, adamUpdateConfig, rotaryConfig,
+  decodePackedConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
 ];
