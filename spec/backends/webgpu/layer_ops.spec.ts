@@ -1,7 +1,7 @@
 /**
- * The decoder's fused layer ops (rmsNorm, applyRotary) on webgpu: their op specs read
+ * The decoder's fused layer ops (rmsNorm, applyRotary, loraLinear) on webgpu: their op specs read
  * asynchronously, so they run here unchanged (and on cpu and wasm from spec/ops/); applyRotary
- * runs webgpu's MoERotary there, a frozen-weight rmsNorm MoERMSNorm(GradX). Here: what those kernels
+ * runs webgpu's MoERotary there, a frozen-weight rmsNorm MoERMSNorm(GradX), loraLinear MoEMatMulAdd. Here: what those kernels
  * save, counted.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -10,8 +10,11 @@ import { StepCounter } from '../../../bench/e2e/step_profile.js';
 import { applyRotary, ROTARY } from '../../../src/ops/rotary.js';
 import { rotaryTables } from '../../../src/layers/rotary.js';
 import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
+import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
 import '../../ops/rms_norm.spec.js';
 import '../../ops/rotary.spec.js';
+import '../../ops/lora_linear.spec.js';
 
 describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {
   it('one program forward and one for the gradient, instead of a Reverse, two products and a sum each', async () => {
@@ -66,4 +69,32 @@ describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (i
       tf.dispose([x, weight]);
     });
   }
+});
+
+describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issue 15)', () => {
+  it('two adapters: no Add kernel forward or backward, the four sums inside products', async () => {
+    expect(tf.getKernel(MATMUL_ADD, 'webgpu'), 'MoEMatMulAdd is registered on webgpu').to.not.equal(undefined);
+    const [n, inSize, out, r] = [5, 12, 7, 3];
+    const x = tf.randomNormal([n, inSize]) as tf.Tensor2D;
+    const weight = tf.randomNormal([out, inSize]) as tf.Tensor2D;
+    const factors = [0, 1].map(() => ({ A: tf.randomNormal([r, inSize]) as tf.Tensor2D, B: tf.randomNormal([out, r]) as tf.Tensor2D }));
+    const before = tf.memory().numTensors;
+    const counter = new StepCounter();
+    counter.install();
+    let grads: tf.Tensor[];
+    try {
+      grads = tf.grads((...args: tf.Tensor[]) => tf.sum(loraLinear(args[0] as tf.Tensor2D, weight, null, [
+        { A: args[1] as tf.Tensor2D, B: args[2] as tf.Tensor2D, scaling: 2 }, { A: args[3] as tf.Tensor2D, B: args[4] as tf.Tensor2D, scaling: 0.5 },
+      ])))([x, ...factors.flatMap(f => [f.A, f.B])]);
+    } finally {
+      counter.uninstall();
+    }
+    await Promise.all(grads.map(g => g.data()));
+    // forward: y + each branch; backward: dx + each branch's part
+    expect(counter.kernelCounts[MATMUL_ADD], 'sums inside products').to.equal(4);
+    expect(counter.kernelCounts.Add ?? 0, `the kernels: ${JSON.stringify(counter.kernelCounts)}`).to.equal(0);
+    tf.dispose(grads);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    tf.dispose([x, weight, ...factors.flatMap(f => [f.A, f.B])]);
+  });
 });

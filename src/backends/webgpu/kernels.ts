@@ -32,6 +32,7 @@ import { RotaryProgram } from './programs/rotary_program.js';
 import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
+import { MATMUL_ADD } from '../../ops/matmul_add.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -585,8 +586,27 @@ const rmsNormGradXConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
+ * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
+ * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
+ */
+const matMulAddConfig: tf.KernelConfig = {
+  kernelName: MATMUL_ADD,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b, addend } = args.inputs as Record<string, tf.TensorInfo>;
+    const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
+    return fused.kernelFunc({
+      inputs: { a, b, bias: addend }, backend: args.backend,
+      attrs: { transposeA: args.attrs!.transposeA, transposeB: args.attrs!.transposeB, activation: 'linear', leakyreluAlpha: 0 },
+    });
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
+  matMulAddConfig,
 ];
