@@ -6,6 +6,7 @@
  * Mesa's times do not.
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/profile_narrow.ts --layers 1,2 --seq 64 [--composed-adam on]
  * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
+ * --detail on: also the kernels by name and the programs by class, per phase (which op to cut next).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -19,6 +20,7 @@ import type { StepProfile } from './step_profile.js';
 await setUpNarrowWebGPU();
 tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !== 'on');
 const seq = Number(commandLineFlag('seq', '64'));
+const detail = commandLineFlag('detail', 'off') === 'on';
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {
   const data = await writeNarrowData(dir);
@@ -28,7 +30,8 @@ try {
     const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, saveAdapter: false, profile: true, log: () => {} });
     const profile = JSON.parse(await readFile(result.profileFile!, 'utf8')) as StepProfile;
     const counts = Object.fromEntries(Object.entries(profile.phases).map(([phase, c]) => [phase, { kernels: c.kernels, dispatches: c.dispatches, reads: c.reads, mapReads: c.mapReads, submits: c.submits }]));
-    process.stdout.write(`${JSON.stringify({ layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs })}\n`);
+    process.stdout.write(`${JSON.stringify({ layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs,
+      ...(detail ? { kernelCounts: profile.kernelCounts, programCounts: profile.programCounts } : {}) })}\n`);
     await rm(model, { recursive: true, force: true });
   }
 } finally {

@@ -20,7 +20,7 @@ describe('train/adam_update: one Adam update of one variable', () => {
     let m = new Array<number>(n).fill(0);
     let v = new Array<number>(n).fill(0);
     const before = tf.memory().numTensors;
-    let state = { param: tf.tensor2d(p, shape) as tf.Tensor, m: tf.zeros(shape), v: tf.zeros(shape) };
+    let state = { param: tf.tensor2d(p, shape) as tf.Tensor, moments: tf.zeros([2, ...shape]) };
     for (const [t, lr] of [[1, 1e-2], [2, 4e-2]] as const) {
       const g = Array.from({ length: n }, () => Math.fround(rng.next() * 2 - 1));
       m = m.map((x, k) => 0.9 * x + 0.1 * g[k]);
@@ -28,15 +28,15 @@ describe('train/adam_update: one Adam update of one variable', () => {
       p = p.map((x, k) => x - lr / (1 - 0.9 ** t) * m[k] / (Math.sqrt(v[k]) / Math.sqrt(1 - 0.999 ** t) + 1e-8));
       const grad = tf.tensor2d(g, shape);
       const attrs: AdamUpdateAttrs = { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, correction2Sqrt: Math.sqrt(1 - 0.999 ** t), stepSize: lr / (1 - 0.9 ** t) };
-      const next = adamUpdate(state.param, grad, state.m, state.v, attrs);
-      tf.dispose([grad, state.param, state.m, state.v]);
+      const next = adamUpdate(state.param, grad, state.moments, attrs);
+      tf.dispose([grad, state.param, state.moments]);
       state = next;
       expect(state.param.shape).to.deep.equal(shape);
+      expect(state.moments.shape).to.deep.equal([2, ...shape]);
     }
     expect(maxRelativeError(await state.param.data(), p), 'param').to.be.below(1e-6);
-    expect(maxRelativeError(await state.m.data(), m), 'm').to.be.below(1e-6);
-    expect(maxRelativeError(await state.v.data(), v), 'v').to.be.below(1e-6);
-    tf.dispose([state.param, state.m, state.v]);
+    expect(maxRelativeError(await state.moments.data(), [...m, ...v]), 'm then v').to.be.below(1e-6);
+    tf.dispose([state.param, state.moments]);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 
@@ -46,14 +46,19 @@ describe('train/adam_update: one Adam update of one variable', () => {
     const b = tf.zeros([3, 2]);
     const ints = tf.zeros([2, 3], 'int32');
     const flat = tf.zeros([6]);
+    const moments = tf.zeros([2, 2, 3]);
+    const wrongMoments = tf.zeros([2, 3, 2]);
     const before = tf.memory().numTensors;
-    expect(() => adamUpdate([1, 2] as unknown as tf.Tensor, a, a, a, attrs))
+    expect(() => adamUpdate([1, 2] as unknown as tf.Tensor, a, moments, attrs))
         .to.throw("`adamUpdate()`: 'param' must be a float32 tensor but got an array of length 2");
-    expect(() => adamUpdate(ints, a, a, a, attrs)).to.throw("`adamUpdate()`: 'param' must be float32 but got int32 (shape [2,3])");
-    expect(() => adamUpdate(a, b, a, a, attrs)).to.throw("`adamUpdate()`: 'grad' must have the shape of 'param' [2,3] but has [3,2]");
-    expect(() => adamUpdate(a, a, a, flat, attrs)).to.throw("`adamUpdate()`: 'v' must be 2-D but got shape [6]");
-    expect(() => adamUpdate(a, a, a, a, { ...attrs, stepSize: NaN })).to.throw("`adamUpdate()`: 'stepSize' must be a finite number but got NaN");
+    expect(() => adamUpdate(ints, a, moments, attrs)).to.throw("`adamUpdate()`: 'param' must be float32 but got int32 (shape [2,3])");
+    expect(() => adamUpdate(a, b, moments, attrs)).to.throw("`adamUpdate()`: 'grad' must have the shape of 'param' [2,3] but has [3,2]");
+    expect(() => adamUpdate(a, flat, moments, attrs)).to.throw("`adamUpdate()`: 'grad' must be 2-D but got shape [6]");
+    expect(() => adamUpdate(a, a, a, attrs)).to.throw("`adamUpdate()`: 'moments' must be 3-D but got shape [2,3]");
+    expect(() => adamUpdate(a, a, wrongMoments, attrs))
+        .to.throw("`adamUpdate()`: 'moments' must be [2, ...param's shape] = [2,2,3] but has [2,3,2]");
+    expect(() => adamUpdate(a, a, moments, { ...attrs, stepSize: NaN })).to.throw("`adamUpdate()`: 'stepSize' must be a finite number but got NaN");
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
-    tf.dispose([a, b, ints, flat]);
+    tf.dispose([a, b, ints, flat, moments, wrongMoments]);
   });
 });

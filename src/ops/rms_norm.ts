@@ -4,13 +4,24 @@
  * its own casts, reshapes and uploaded scalars (Rsqrt's builds a pow and a division): 35 kernel
  * calls (19 webgpu programs) per norm in a training step, four norms per OLMoE layer. Here the
  * forward pass runs off the tape and the backward pass is the closed form: 15 kernel calls (12
- * programs); with a trained weight 17 (15) against 39 (22).
+ * programs); with a trained weight 17 (15) against 39 (22). A backend may register MoERMSNorm and
+ * MoERMSNormGradX to do a frozen-weight norm (LoRA's case) in one pass each way (webgpu: one
+ * program each, issue 15); elsewhere, and for a trained weight, the composed ops run.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { passScalar } from './pass_constants.js';
 import { assertFiniteNumber, assertShape, fail } from './validate.js';
+
+/**
+ * MoERMSNorm: inputs x (float32, rank ≥ 1, last axis D) and scale [D], attr epsilon; output
+ * (x·r)·scale with r = 1 / √(mean(x²) + ε) over the last axis. MoERMSNormGradX: inputs dy, x,
+ * scale, attr epsilon; output dx = (g − x̂·mean(g·x̂))·r with g = dy·scale, x̂ = x·r (r recomputed
+ * from x). Float32.
+ */
+export const RMS_NORM = 'MoERMSNorm';
+export const RMS_NORM_GRAD_X = 'MoERMSNormGradX';
 
 export interface RMSNormOptions {
   /** scale by (1 + weight) (Qwen3-Next's zero-centred norms); default false: scale by weight */
@@ -50,6 +61,10 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
   const zeroCentered = options.zeroCentered ?? false;
   const trainWeight = options.trainWeight ?? !(weight instanceof tf.Variable && !weight.trainable);
   const rowAxes = Array.from({ length: x.rank - 1 }, (_, i) => i);  // every axis but the last
+  const backend = tf.getBackend();
+  if (!trainWeight && tf.getKernel(RMS_NORM, backend) != null && tf.getKernel(RMS_NORM_GRAD_X, backend) != null) {
+    return rmsNormKernels(x, weight, epsilon, zeroCentered);
+  }
   // inside a pass, one uploaded scalar for every norm of it (made here, outside the op's kernel)
   const eps = passScalar(epsilon);
   const one = zeroCentered ? passScalar(1) : 1;
@@ -78,6 +93,23 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
       },
     };
   })(...inputs);
+}
+
+/**
+ * A frozen-weight norm through the backend's MoERMSNorm / MoERMSNormGradX: x is kept for backward,
+ * which recomputes r in its one pass; ε travels as an attribute (no scalar upload).
+ */
+function rmsNormKernels(x: Tensor, weight: Tensor, epsilon: number, zeroCentered: boolean): Tensor {
+  return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+    const xs = args[0] as Tensor;
+    const scale = zeroCentered ? tf.add(weight, passScalar(1)) : weight;  // [D]
+    (args[1] as GradSaveFunc)([xs, scale]);  // a zero-centred scale is this pass's own tensor
+    return {
+      value: tf.engine().runKernel(RMS_NORM, { x: xs, scale }, { epsilon }) as Tensor,
+      gradFunc: (dy: Tensor, saved: Tensor[]) =>
+        [tf.engine().runKernel(RMS_NORM_GRAD_X, { dy, x: saved[0], scale: saved[1] }, { epsilon }) as Tensor],
+    };
+  })(x);
 }
 
 /** The forward pass: y, and what backward needs (x̂ and r; x itself is not kept). */

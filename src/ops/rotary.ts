@@ -4,13 +4,27 @@
  * saves its inputs and gets tfjs's gradient (slices, a concat, casts): 24 kernel calls per call
  * with its backward, two calls (q and k) per layer. Here rotate-half is a reverse of the two halves
  * times a signed sin, x·cos + reverse(x)·sin±, and its gradient is the same shape:
- * dy·cos + reverse(dy·sin±): 17 kernel calls, 9 of them GPU programs against 14.
+ * dy·cos + reverse(dy·sin±): 17 kernel calls, 9 of them GPU programs against 14. A backend may
+ * register MoERotary to do either in one pass over x (webgpu: one program; 2 GPU programs per call
+ * with its backward instead of 9, issue 15); elsewhere the composed ops run.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { insidePass, passConstant } from './pass_constants.js';
 import { fail } from './validate.js';
+
+/**
+ * MoERotary: inputs x [N, S, D], cos and sin ([S, D] or [B, S, D], B dividing N; row n reads
+ * sample n / (N / B)); attr `transposed`. Output [N, S, D], in float32:
+ *   transposed false: x·cos + rotateHalf(x)·sin, rotateHalf((x1, x2)) = (−x2, x1);
+ *   transposed true:  x·cos − rotateHalf(x·sin)  (the forward's gradient for x = dy).
+ */
+export const ROTARY = 'MoERotary';
+
+function rotaryKernel(x: Tensor, cos: Tensor, sin: Tensor, transposed: boolean): Tensor {
+  return tf.engine().runKernel(ROTARY, { x, cos, sin }, { transposed }) as Tensor;
+}
 
 /**
  * x · cos + rotateHalf(x) · sin, rotateHalf((x1, x2)) = (−x2, x1) on the halves of the last axis,
@@ -39,6 +53,16 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
       t.shape[t.rank - 2] === s && t.shape[t.rank - 1] === d;
   if (!tableOk(cos) || !tf.util.arraysEqual(cos.shape, sin.shape)) {
     fail(op, `'cos' and 'sin' must both be [S, D] = [${s}, ${d}] or [B, S, D] with B dividing N = ${n} but got ${shapes}`);
+  }
+  if (tf.getKernel(ROTARY, tf.getBackend()) != null) {
+    // the tables as given: the kernel reads them in place, no signed copy
+    return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+      (args[1] as GradSaveFunc)([cos, sin]);
+      return {
+        value: rotaryKernel(args[0] as Tensor, cos, sin, false),
+        gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryKernel(dy, saved[0], saved[1], true)],
+      };
+    })(x) as Tensor3D;
   }
   const half = d / 2;
   const layout = rotaryLayout(n, s, d, cos.rank === 2 ? 0 : cos.shape[0]);

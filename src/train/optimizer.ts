@@ -45,15 +45,14 @@ export class Adam {
   readonly beta2: number;
   readonly epsilon: number;
   private t = 0;
-  private m: tf.Tensor[];
-  private v: tf.Tensor[];
+  /** per variable [2, ...its shape]: m then v (one tensor: one program writes both, adam_update.ts) */
+  private moments: tf.Tensor[];
 
   constructor(readonly variables: readonly tf.Variable[], options: AdamOptions = {}) {
     this.beta1 = options.beta1 ?? 0.9;
     this.beta2 = options.beta2 ?? 0.999;
     this.epsilon = options.epsilon ?? 1e-8;
-    this.m = variables.map(x => tf.zerosLike(x));
-    this.v = variables.map(x => tf.zerosLike(x));
+    this.moments = variables.map(x => tf.zeros([2, ...x.shape]));
   }
 
   /** optimizer steps taken */
@@ -76,19 +75,19 @@ export class Adam {
     const correction2Sqrt = Math.sqrt(1 - this.beta2 ** this.t);
     const attrs = { beta1: this.beta1, beta2: this.beta2, epsilon: this.epsilon, correction2Sqrt, stepSize: lr / correction1 };
     this.variables.forEach((variable, i) => {
-      // one op per variable: webgpu runs it as 3 programs instead of ~14 (adam_update.ts)
-      const { param, m, v } = adamUpdate(variable, grads[i], this.m[i], this.v[i], attrs);
+      // one op per variable: webgpu runs it as 2 programs instead of ~14 (adam_update.ts)
+      const { param, moments } = adamUpdate(variable, grads[i], this.moments[i], attrs);
       variable.assign(param);
-      tf.dispose([param, this.m[i], this.v[i]]);
-      this.m[i] = m;
-      this.v[i] = v;
+      tf.dispose([param, this.moments[i]]);
+      this.moments[i] = moments;
     });
   }
 
   /** The state, read back from the device (asynchronous: webgpu has no dataSync). */
   async snapshot(): Promise<AdamSnapshot> {
-    const read = (ts: tf.Tensor[]) => Promise.all(ts.map(async t => Float32Array.from(await t.data() as Float32Array)));
-    return { step: this.t, m: await read(this.m), v: await read(this.v) };
+    const both = await Promise.all(this.moments.map(async t => await t.data() as Float32Array));
+    const half = (values: Float32Array, which: number) => values.slice(which * values.length / 2, (which + 1) * values.length / 2);
+    return { step: this.t, m: both.map(values => half(values, 0)), v: both.map(values => half(values, 1)) };
   }
 
   /** Replaces the state by a snapshot of an optimizer over variables of the same shapes. */
@@ -106,14 +105,18 @@ export class Adam {
         }
       }
     });
-    tf.dispose([...this.m, ...this.v]);
-    this.m = this.variables.map((x, i) => tf.tensor(snapshot.m[i], x.shape, 'float32'));
-    this.v = this.variables.map((x, i) => tf.tensor(snapshot.v[i], x.shape, 'float32'));
+    tf.dispose(this.moments);
+    this.moments = this.variables.map((x, i) => {
+      const both = new Float32Array(2 * x.size);
+      both.set(snapshot.m[i]);
+      both.set(snapshot.v[i], x.size);
+      return tf.tensor(both, [2, ...x.shape], 'float32');
+    });
     this.t = snapshot.step;
   }
 
   dispose(): void {
-    tf.dispose([...this.m, ...this.v]);
+    tf.dispose(this.moments);
   }
 }
 

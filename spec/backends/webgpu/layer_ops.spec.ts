@@ -1,6 +1,100 @@
 /**
- * The decoder's fused layer ops (rmsNorm, applyRotary) on webgpu: their op specs read
- * asynchronously, so they run here unchanged (and on cpu and wasm from spec/ops/).
+ * The decoder's fused layer ops (rmsNorm, applyRotary, loraLinear) on webgpu: their op specs read
+ * asynchronously, so they run here unchanged (and on cpu and wasm from spec/ops/); applyRotary
+ * runs webgpu's MoERotary there, a frozen-weight rmsNorm MoERMSNorm(GradX), loraLinear MoEMatMulAdd. Here: what those kernels
+ * save, counted.
  */
+import * as tf from '@tensorflow/tfjs-core';
+import { expect } from 'chai';
+import { StepCounter } from '../../../bench/e2e/step_profile.js';
+import { applyRotary, ROTARY } from '../../../src/ops/rotary.js';
+import { rotaryTables } from '../../../src/layers/rotary.js';
+import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
+import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
 import '../../ops/rms_norm.spec.js';
 import '../../ops/rotary.spec.js';
+import '../../ops/lora_linear.spec.js';
+
+describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {
+  it('one program forward and one for the gradient, instead of a Reverse, two products and a sum each', async () => {
+    expect(tf.getKernel(ROTARY, 'webgpu'), 'MoERotary is registered on webgpu').to.not.equal(undefined);
+    const { cos, sin } = rotaryTables(5, 8, 100);
+    const x = tf.randomNormal([6, 5, 8]) as tf.Tensor3D;
+    const before = tf.memory().numTensors;
+    const counter = new StepCounter();
+    counter.install();
+    let dx: tf.Tensor;
+    try {
+      dx = tf.grad((a: tf.Tensor) => tf.sum(applyRotary(a as tf.Tensor3D, cos, sin)))(x);
+    } finally {
+      counter.uninstall();
+    }
+    await dx.data();
+    const { RotaryProgram, ...others } = counter.programCounts;
+    expect(RotaryProgram, 'rope and its transpose').to.equal(2);
+    // what the sum and its gradient add around the op: no Reverse, no BinaryOp of the rotation's
+    expect(others).to.not.have.any.keys('ReverseProgram');
+    expect(others.BinaryOpProgram ?? 0, `the other programs: ${JSON.stringify(others)}`).to.equal(0);
+    dx.dispose();
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    tf.dispose([cos, sin, x]);
+  });
+});
+
+describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (issue 15)', () => {
+  for (const zeroCentered of [false, true]) {
+    it(`one program forward and one for dx, instead of six each${zeroCentered ? ' (zero-centred)' : ''}`, async () => {
+      for (const name of [RMS_NORM, RMS_NORM_GRAD_X]) expect(tf.getKernel(name, 'webgpu'), `${name} is registered on webgpu`).to.not.equal(undefined);
+      // 3 rows of 200: more than a workgroup's lanes per row, and a row count that is no power of 2
+      const x = tf.randomNormal([3, 200]);
+      const weight = tf.randomNormal([200]);
+      const before = tf.memory().numTensors;
+      const counter = new StepCounter();
+      counter.install();
+      let dx: tf.Tensor;
+      try {
+        dx = tf.grad((a: tf.Tensor) => tf.sum(rmsNorm(a, weight, 1e-6, { trainWeight: false, zeroCentered })))(x);
+      } finally {
+        counter.uninstall();
+      }
+      await dx.data();
+      const { RMSNormProgram, ...others } = counter.programCounts;
+      expect(RMSNormProgram, 'the norm and its dx').to.equal(2);
+      // around the op: the sum (its gradient's ones are a fill on the host); the zero-centred 1 + w of
+      // a host-resident [D] weight runs on the host too (tfjs-webgpu's CPU forwarding)
+      expect(others, 'the other programs').to.deep.equal({ ReduceProgram: 1 });
+      dx.dispose();
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      tf.dispose([x, weight]);
+    });
+  }
+});
+
+describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issue 15)', () => {
+  it('two adapters: no Add kernel forward or backward, the four sums inside products', async () => {
+    expect(tf.getKernel(MATMUL_ADD, 'webgpu'), 'MoEMatMulAdd is registered on webgpu').to.not.equal(undefined);
+    const [n, inSize, out, r] = [5, 12, 7, 3];
+    const x = tf.randomNormal([n, inSize]) as tf.Tensor2D;
+    const weight = tf.randomNormal([out, inSize]) as tf.Tensor2D;
+    const factors = [0, 1].map(() => ({ A: tf.randomNormal([r, inSize]) as tf.Tensor2D, B: tf.randomNormal([out, r]) as tf.Tensor2D }));
+    const before = tf.memory().numTensors;
+    const counter = new StepCounter();
+    counter.install();
+    let grads: tf.Tensor[];
+    try {
+      grads = tf.grads((...args: tf.Tensor[]) => tf.sum(loraLinear(args[0] as tf.Tensor2D, weight, null, [
+        { A: args[1] as tf.Tensor2D, B: args[2] as tf.Tensor2D, scaling: 2 }, { A: args[3] as tf.Tensor2D, B: args[4] as tf.Tensor2D, scaling: 0.5 },
+      ])))([x, ...factors.flatMap(f => [f.A, f.B])]);
+    } finally {
+      counter.uninstall();
+    }
+    await Promise.all(grads.map(g => g.data()));
+    // forward: y + each branch; backward: dx + each branch's part
+    expect(counter.kernelCounts[MATMUL_ADD], 'sums inside products').to.equal(4);
+    expect(counter.kernelCounts.Add ?? 0, `the kernels: ${JSON.stringify(counter.kernelCounts)}`).to.equal(0);
+    tf.dispose(grads);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    tf.dispose([x, weight, ...factors.flatMap(f => [f.A, f.B])]);
+  });
+});

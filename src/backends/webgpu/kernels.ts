@@ -28,6 +28,11 @@ import {
 import type { PackedWeightSpec } from './programs/shared.js';
 import { AdamUpdateProgram } from './programs/adam_program.js';
 import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
+import { RotaryProgram } from './programs/rotary_program.js';
+import { ROTARY } from '../../ops/rotary.js';
+import { RMSNormProgram } from './programs/rms_norm_program.js';
+import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
+import { MATMUL_ADD } from '../../ops/matmul_add.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -530,22 +535,81 @@ const decodePackedConfig: tf.KernelConfig = {
 
 /**
  * The training loop's MoEAdamUpdate (src/train/adam_update.ts), under that op's own name: one
- * program per output instead of the composed op's ~14 kernels per variable (issue 15).
+ * program for the parameter and one for both moments, instead of the composed op's ~14 kernels
+ * per variable (issue 15).
  */
 const adamUpdateConfig: tf.KernelConfig = {
   kernelName: ADAM_UPDATE,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const inputs = args.inputs as Record<string, tf.TensorInfo>;
-    const list = [inputs.param, inputs.grad, inputs.m, inputs.v];
+    const list = [inputs.param, inputs.grad, inputs.moments];
     const uniforms = AdamUpdateProgram.uniformsFor(args.attrs as unknown as AdamUpdateAttrs);
-    return (['param', 'm', 'v'] as const).map(output =>
+    return (['param', 'moments'] as const).map(output =>
       webgpu(args).runWebGPUProgram(new AdamUpdateProgram(inputs.param.shape, output), list, 'float32', uniforms));
+  },
+};
+
+/**
+ * applyRotary's MoERotary (src/ops/rotary.ts), under that op's own name: rope or its gradient in
+ * one program instead of the composed Reverse, two products and a sum (issue 15).
+ */
+const rotaryConfig: tf.KernelConfig = {
+  kernelName: ROTARY,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { x, cos, sin } = args.inputs as Record<string, tf.TensorInfo>;
+    const tableRows = cos.shape.length === 2 ? 0 : cos.shape[0];
+    return webgpu(args).runWebGPUProgram(new RotaryProgram(x.shape, args.attrs!.transposed as boolean), [x, cos, sin],
+        'float32', RotaryProgram.uniformsFor(x.shape, tableRows));
+  },
+};
+
+/**
+ * rmsNorm's MoERMSNorm and MoERMSNormGradX (src/ops/rms_norm.ts), under that op's own names: a
+ * frozen-weight norm and its gradient in one program each instead of six (issue 15).
+ */
+const rmsNormConfig: tf.KernelConfig = {
+  kernelName: RMS_NORM,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { x, scale } = args.inputs as Record<string, tf.TensorInfo>;
+    return webgpu(args).runWebGPUProgram(new RMSNormProgram(x.shape, 'forward'), [x, scale], 'float32',
+        RMSNormProgram.uniformsFor(x.shape, args.attrs!.epsilon as number));
+  },
+};
+
+const rmsNormGradXConfig: tf.KernelConfig = {
+  kernelName: RMS_NORM_GRAD_X,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { dy, x, scale } = args.inputs as Record<string, tf.TensorInfo>;
+    return webgpu(args).runWebGPUProgram(new RMSNormProgram(x.shape, 'gradX'), [dy, x, scale], 'float32',
+        RMSNormProgram.uniformsFor(x.shape, args.attrs!.epsilon as number));
+  },
+};
+
+/**
+ * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
+ * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
+ * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
+ */
+const matMulAddConfig: tf.KernelConfig = {
+  kernelName: MATMUL_ADD,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b, addend } = args.inputs as Record<string, tf.TensorInfo>;
+    const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
+    return fused.kernelFunc({
+      inputs: { a, b, bias: addend }, backend: args.backend,
+      attrs: { transposeA: args.attrs!.transposeA, transposeB: args.attrs!.transposeB, activation: 'linear', leakyreluAlpha: 0 },
+    });
   },
 };
 
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, adamUpdateConfig,
+  decodePackedConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
+  matMulAddConfig,
 ];

@@ -15,6 +15,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { matMulAdd } from '../matmul_add.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -34,20 +35,26 @@ export interface LinearLoRABranch {
  */
 export function loraBranchForward(input: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: number | Scalar):
     { down: Tensor2D; branch: Tensor2D } {
-  const down = tf.mul(tf.matMul(input, A, false, true), scaling) as Tensor2D;  // [N, r]
-  return { down, branch: tf.matMul(down, B, false, true) };                   // [N, out]
+  const down = loraBranchDown(input, A, scaling);
+  return { down, branch: tf.matMul(down, B, false, true) };  // [N, out]
+}
+
+/** The branch's scaled down-projection s·(input·Aᵀ) [N, r]. */
+function loraBranchDown(input: Tensor2D, A: Tensor2D, scaling: number | Scalar): Tensor2D {
+  return tf.tidy(() => tf.mul(tf.matMul(input, A, false, true), scaling) as Tensor2D);  // [N, r]
 }
 
 /**
  * The gradient of loraBranchForward w.r.t. A, B and its input, given dy [N, out] and what the
  * forward kept (its input, its scaled down-projection).
  */
-function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: Scalar):
-    { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
-  const g = tf.mul(tf.matMul(dy, B), scaling) as Tensor2D;  // [N, r]
+function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: Scalar,
+    dxSoFar: Tensor2D | null): { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
+  const g = tf.tidy(() => tf.mul(tf.matMul(dy, B), scaling) as Tensor2D);  // [N, r]
   const dB = tf.matMul(dy, down, true, false) as Tensor2D;   // [out, r]
   const dA = tf.matMul(g, input, true, false) as Tensor2D;   // [r, in]
-  const dInput = tf.matMul(g, A) as Tensor2D;                // [N, in]
+  // the branch's part of dx, added to the rest in the same kernel where the backend has one
+  const dInput = dxSoFar === null ? tf.matMul(g, A) as Tensor2D : matMulAdd(g, A, false, false, dxSoFar);  // [N, in]
   g.dispose();
   return { dA, dB, dInput };
 }
@@ -106,9 +113,9 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
       const shared = scalings[i];
       const scaling = typeof shared === 'number' ? tf.scalar(shared) : shared;
       const input = a.mask === undefined ? xs : tf.mul(xs, a.mask) as Tensor2D;  // [N, in]
-      const { down, branch } = loraBranchForward(input, factors[i].A, factors[i].B, scaling);
-      const sum = tf.add(y, branch) as Tensor2D;
-      tf.dispose([y, branch]);
+      const down = loraBranchDown(input, factors[i].A, scaling);
+      const sum = matMulAdd(down, factors[i].B, false, true, y);  // y + down·Bᵀ, one kernel where the backend has it
+      y.dispose();
       y = sum;
       kept.push(input, down, factors[i].A, factors[i].B, scaling, ...(a.mask === undefined ? [] : [a.mask]));
     });
@@ -117,18 +124,24 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const dy2 = dy as Tensor2D;
-        let dx = tf.matMul(dy2, weight);  // [N, in]
+        let dx = tf.matMul(dy2, weight) as Tensor2D;  // [N, in]
         const grads: Tensor[] = [];
         let at = 0;
         adapters.forEach(a => {
           const [input, down, A, B, scaling] = saved.slice(at, at + 5) as [Tensor2D, Tensor2D, Tensor2D, Tensor2D, Scalar];
           const mask = a.mask === undefined ? null : saved[at + 5] as Tensor2D;
           at += mask === null ? 5 : 6;
-          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling);
-          const dBranch = mask === null ? dInput : tf.mul(dInput, mask) as Tensor2D;
-          const sum = tf.add(dx, dBranch) as Tensor2D;
-          tf.dispose([dx, dInput, dBranch]);
-          dx = sum;
+          // without a mask the branch's part of dx is added to dx in its product's kernel
+          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling, mask === null ? dx : null);
+          if (mask === null) {
+            dx.dispose();
+            dx = dInput;
+          } else {
+            const dBranch = tf.mul(dInput, mask) as Tensor2D;
+            const sum = tf.add(dx, dBranch) as Tensor2D;
+            tf.dispose([dx, dInput, dBranch]);
+            dx = sum;
+          }
           grads.push(dA, dB);
         });
         return [dx, ...grads];

@@ -1,19 +1,19 @@
 /**
- * AdamUpdateProgram: one of the three outputs of MoEAdamUpdate (src/train/adam_update.ts) in one
- * pass over the elements: the new first moment, second moment or parameter. Each instance reads
- * param, grad, m and v and computes all three (a few flops per element) rather than reading the
- * other programs' outputs, so the three are independent and compute the moments alike.
- * Float32, in the composed op's order: m' = m·β1 + g·(1 − β1), v' = v·β2 + g²·(1 − β2),
- * param' = param − (m' / (√v' / c2 + ε)) · stepSize.
+ * AdamUpdateProgram: one of the two outputs of MoEAdamUpdate (src/train/adam_update.ts) in one
+ * pass over the elements: the new parameter, or both new moments [2, n] (m' then v', one thread
+ * per value). Each instance reads param, grad and the moments and computes what it needs (a few
+ * flops per element) rather than reading the other program's output, so the two are independent
+ * and compute the moments alike. Float32, in the composed op's order: m' = m·β1 + g·(1 − β1),
+ * v' = v·β2 + g²·(1 − β2), param' = param − (m' / (√v' / c2 + ε)) · stepSize.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { FLAT_THREADS, flatDispatch, floatUniforms, type ProgramUniformEntry } from './shared.js';
 
-/** Which output a program writes. */
-export type AdamOutput = 'param' | 'm' | 'v';
+/** Which output a program writes: param' (n values) or the moments m', v' ([2, n]). */
+export type AdamOutput = 'param' | 'moments';
 
 export class AdamUpdateProgram implements WebGPUProgram {
-  variableNames = ['param', 'grad', 'm', 'v'];
+  variableNames = ['param', 'grad', 'moments'];
   outputShape: number[];
   shaderKey: string;
   dispatchLayout: { x: number[] };
@@ -23,11 +23,12 @@ export class AdamUpdateProgram implements WebGPUProgram {
   uniforms = 'beta1 : f32, oneMinusBeta1 : f32, beta2 : f32, oneMinusBeta2 : f32, epsilon : f32, correction2Sqrt : f32, stepSize : f32, ';
   private readonly output: AdamOutput;
 
+  /** `shape`: the parameter's. */
   constructor(shape: readonly number[], output: AdamOutput) {
     this.output = output;
-    this.outputShape = [...shape];
-    this.dispatchLayout = { x: shape.map((_, i) => i) };
-    this.dispatch = flatDispatch(shape.reduce((a, b) => a * b, 1));
+    this.outputShape = output === 'param' ? [...shape] : [2, ...shape];
+    this.dispatchLayout = { x: this.outputShape.map((_, i) => i) };
+    this.dispatch = flatDispatch(this.outputShape.reduce((a, b) => a * b, 1));
     this.shaderKey = `moeAdamUpdate_${output}`;
   }
 
@@ -37,17 +38,21 @@ export class AdamUpdateProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    // every variant reads all four inputs: the pipeline's automatic layout drops unused bindings,
-    // and tfjs binds every input
+    // n: the parameter's size; the moments output has 2n values, m' then v'. Both variants read
+    // all three inputs: the pipeline's automatic layout drops unused bindings, and tfjs binds every input
+    const n = this.output === 'param' ? 'uniforms.size' : 'uniforms.size / 2';
+    const write = this.output === 'param' ? 'result[index] = p2;' : 'if (index < n) { result[index] = m2; } else { result[index] = v2; }';
     return `
       fn main(index : i32) {
         if (index >= uniforms.size) { return; }
-        let g = grad[index];
-        let m2 = m[index] * uniforms.beta1 + g * uniforms.oneMinusBeta1;
-        let v2 = v[index] * uniforms.beta2 + (g * g) * uniforms.oneMinusBeta2;
+        let n = ${n};
+        let i = index % n;
+        let g = grad[i];
+        let m2 = moments[i] * uniforms.beta1 + g * uniforms.oneMinusBeta1;
+        let v2 = moments[n + i] * uniforms.beta2 + (g * g) * uniforms.oneMinusBeta2;
         let denom = sqrt(v2) / uniforms.correction2Sqrt + uniforms.epsilon;
-        let p2 = param[index] - (m2 / denom) * uniforms.stepSize;
-        result[index] = ${{ param: 'p2', m: 'm2', v: 'v2' }[this.output]};
+        let p2 = param[i] - (m2 / denom) * uniforms.stepSize;
+        ${write}
       }
     `;
   }

@@ -1,0 +1,54 @@
+/**
+ * Which line of src/ runs each tfjs kernel of one decoder layer's LoRA training step (issue 15: what
+ * to fuse next): a small OLMoE-shaped model (narrowOlmoeConfig, narrower still) with LoRA on
+ * E2E_LORA_TARGETS, one step with 1 layer and one with 2; prints per phase and call site (the two
+ * innermost src/ frames) the kernels the second layer added. Kernels only: on webgpu some run as no
+ * program (Reshape, Identity) and the MoE block takes its own path; profile_narrow.ts counts programs.
+ *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm]
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';
+import '@tensorflow/tfjs-backend-cpu';
+import '@tensorflow/tfjs-backend-wasm';
+import { E2E_LORA_TARGETS } from './ours.js';
+import { trainingStep } from './step_profile.js';
+import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
+import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
+import { register } from '../../src/plugin.js';
+import { nextTokenLoss } from '../../src/train/loss.js';
+import { Adam } from '../../src/train/optimizer.js';
+import { commandLineFlag } from './narrow_setup.js';
+
+await tf.setBackend(commandLineFlag('backend', 'cpu'));
+const SRC = `${new URL('../../src/', import.meta.url).pathname}`;
+/** kernel counts by 'phase name @ call site' of the second of two steps with `layers` layers */
+async function count(layers: number): Promise<Map<string, number>> {
+  const cfg = { ...narrowOlmoeConfig(layers), hidden_size: 64, intermediate_size: 32, moe_intermediate_size: 32, num_experts: 8, vocab_size: 50, num_attention_heads: 4, num_key_value_heads: 4 };
+  const model = buildMoECausalLM(cfg);
+  const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: [...E2E_LORA_TARGETS] } });
+  const variables = trainableVariables(model);
+  const adam = new Adam(variables);
+  const ids = tf.tensor2d(Int32Array.from({ length: 16 }, (_, i) => i % 50), [1, 16], 'int32');
+  await trainingStep({ loss: () => nextTokenLoss(model, ids), variables, apply: g => adam.apply(g, 1e-3) });
+  const counts = new Map<string, number>();
+  const engine = tf.engine();
+  const orig = engine.runKernel.bind(engine);
+  let phase = 'forward';
+  engine.runKernel = (name: string, inputs: tf.NamedTensorMap, attrs?: tf.NamedAttrMap) => {
+    const stack = new Error().stack!.split('\n').slice(2).filter(l => l.includes(SRC)).slice(0, 2)
+        .map(l => l.slice(l.indexOf(SRC) + SRC.length - 4).replace(/\)$/, '')).join(' < ');
+    const key = `${phase} ${name} @ ${stack}`;
+    counts.set(key, (counts.get(key) ?? 0) + 1);
+    return orig(name, inputs, attrs);
+  };
+  await trainingStep({ loss: () => nextTokenLoss(model, ids), variables, apply: g => adam.apply(g, 1e-3) }, p => { phase = p === 'forward' ? 'backward' : p === 'backward' ? 'optimizer' : 'read'; });
+  engine.runKernel = orig;
+  handle.unregister(); model.dispose(); adam.dispose(); ids.dispose();
+  return counts;
+}
+const one = await count(1), two = await count(2);
+const keys = new Set([...one.keys(), ...two.keys()]);
+const rows = [...keys].map(k => [k, (two.get(k) ?? 0) - (one.get(k) ?? 0)] as const).filter(r => r[1] !== 0).sort();
+for (const [k, d] of rows) console.log(d, k);
+const sum = (ph: string) => rows.filter(r => r[0].startsWith(ph)).reduce((a, r) => a + r[1], 0);
+console.log('per layer: forward', sum('forward'), 'backward', sum('backward'), 'optimizer', sum('optimizer'));
