@@ -18,6 +18,12 @@ import { batchLoss, IGNORE_INDEX, type TrainingBatch } from '../../src/train/los
 import { fixtureDir } from '../io/checkpoint_helpers.js';
 import { Rng } from '../helpers/numeric.js';
 
+/** OLMoE's layer (full attention, 8 experts top-2) at a size a spec builds in a moment */
+const OLMOE_SHAPE: HFConfig = {
+  model_type: 'olmoe', vocab_size: 32, hidden_size: 64, intermediate_size: 32, num_attention_heads: 4,
+  num_key_value_heads: 4, num_experts: 8, num_experts_per_tok: 2, rms_norm_eps: 1e-5,
+};
+
 const TARGETS = ['experts.gate_up', 'experts.down', 'router', 'q_proj', 'k_proj', 'v_proj', 'o_proj'];
 
 /** Two rows, the second packed with two samples (segment and position ids), a padded tail, some ignored labels. */
@@ -95,4 +101,37 @@ describe('layers: gradient checkpointing', () => {
       }
     });
   }
+
+  it("the step's peak memory grows per decoder layer by the layer's LoRA gradients and one [B, S, H] tensor, not its activations", async () => {
+    const [B, S, H] = [2, 32, 64];
+    /** bytes above what was allocated before, at the peak of one training pass of a model with `layers` layers */
+    const peak = async (layers: number, checkpointing: boolean) => {
+      const model = buildMoECausalLM({ ...OLMOE_SHAPE, num_hidden_layers: layers }, { expertKernel: 'fused' });
+      const handle = register({ models: [model], lora: { r: 4, alpha: 8, targets: TARGETS } });
+      const batch = packedBatch(32, S);
+      try {
+        setGradientCheckpointing(model, checkpointing);
+        const vars = trainableVariables(model);
+        const before = tf.memory().numBytes;
+        let step: { value: tf.Scalar; grads: tf.NamedTensorMap } | null = null;
+        const info = await tf.profile(() => { step = tf.variableGrads(() => batchLoss(model, batch), vars); });
+        tf.dispose([step!.value, ...Object.values(step!.grads)]);
+        return { bytes: info.peakBytes - before, loraBytes: vars.reduce((s, v) => s + 4 * v.size, 0) };
+      } finally {
+        tf.dispose(Object.values(batch).filter(t => t instanceof tf.Tensor));
+        handle.unregister();
+        model.dispose();
+      }
+    };
+    const [plain2, plain3, ckpt2, ckpt3] = [await peak(2, false), await peak(3, false), await peak(2, true), await peak(3, true)];
+    const plainSlope = plain3.bytes - plain2.bytes;
+    const ckptSlope = ckpt3.bytes - ckpt2.bytes;
+    // per layer, what a checkpointed step still holds at its peak (the end of the backward pass):
+    // the layer's LoRA gradients (the result) and the gradient of its input, which tfjs's tape frees
+    // only when the whole backward pass ends; the layer's input copy is freed once its backward ran
+    expect(ckptSlope).to.equal(plain3.loraBytes - plain2.loraBytes + B * S * H * 4);
+    // the plain step keeps every layer's activations (attention probabilities, expert rows, ...)
+    expect(plainSlope, `plain ${plainSlope} B/layer vs checkpointed ${ckptSlope} B/layer`).to.be.above(10 * ckptSlope);
+    expect(ckpt3.bytes).to.be.below(plain3.bytes);
+  });
 });

@@ -5,7 +5,8 @@
  * step; the activations fn makes stay alive only while its own backward runs.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { assertTensor, fail } from './validate.js';
+import { describeValue } from '../util/describe.js';
+import { fail } from './validate.js';
 
 const OP = 'recompute';
 
@@ -22,8 +23,8 @@ interface TapeState { gradientDepth: number; activeTape: unknown[] | null }
 function tapeState(): TapeState {
   const state = (tf.engine() as unknown as { state?: Partial<TapeState> }).state;
   if (state === undefined || typeof state.gradientDepth !== 'number' || !('activeTape' in state)) {
-    throw new Error(`\`${OP}()\`: tfjs-core's engine has no gradient tape state (gradientDepth, activeTape) ` +
-        `where version ${tf.version_core} was expected to keep it`);
+    fail(OP, `tfjs-core's engine (${tf.version_core}) must keep its gradient tape in state.gradientDepth and ` +
+        `state.activeTape (as 4.22 does) but its state has ${state === undefined ? 'neither' : `gradientDepth ${describeValue(state.gradientDepth)}${'activeTape' in state ? '' : ' and no activeTape'}`}`);
   }
   return state as TapeState;
 }
@@ -45,29 +46,45 @@ function tapeState(): TapeState {
 export function recompute(
     fn: (x: tf.Tensor) => tf.Tensor, x: tf.Tensor, trainables: readonly tf.Tensor[],
     scope: RecomputeScope = run => run()): tf.Tensor {
-  if (typeof fn !== 'function') fail(OP, `'fn' must be a function (x) => tensor but got ${typeof fn}`);
-  assertTensor(OP, 'x', x, x instanceof tf.Tensor ? x.rank : 0);
-  if (!Array.isArray(trainables)) fail(OP, `'trainables' must be an array of float32 tensors but got ${typeof trainables}`);
-  trainables.forEach((t, i) => assertTensor(OP, `trainables[${i}]`, t, t instanceof tf.Tensor ? t.rank : 0));
+  if (typeof fn !== 'function') fail(OP, `'fn' must be a function (x) => tensor but got ${describeValue(fn)}`);
+  assertFloatTensor('x', x);
+  if (!Array.isArray(trainables)) fail(OP, `'trainables' must be an array of float32 tensors but got ${describeValue(trainables)}`);
+  trainables.forEach((t, i) => assertFloatTensor(`trainables[${i}]`, t));
   const ids = new Set<number>([x.id]);
   trainables.forEach((t, i) => {
     if (ids.has(t.id)) fail(OP, `'trainables[${i}]' is given twice (or is 'x'): each input gets one gradient`);
     ids.add(t.id);
   });
-  if (typeof scope !== 'function') fail(OP, `'scope' must be a function (run) => run() but got ${typeof scope}`);
+  if (typeof scope !== 'function') fail(OP, `'scope' must be a function (run) => run() but got ${describeValue(scope)}`);
+  tapeState();  // the backward pass needs it: refused now, not in the middle of a gradient
   const op = tf.customGrad((...args: unknown[]) => {
     const save = args[args.length - 1] as tf.GradSaveFunc;
     const input = args[0] as tf.Tensor;
     // the forward runs as a kernel: the tape is off, so fn's own ops save nothing for backward
     const value = fn(input);
-    if (!(value instanceof tf.Tensor)) fail(OP, `'fn' must return a tensor but returned ${typeof value}`);
+    if (!(value instanceof tf.Tensor)) fail(OP, `'fn' must return a tensor but returned ${describeValue(value)}`);
     save([input]);
     return {
       value,
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => recomputeBackward(fn, saved[0], trainables, scope, dy),
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        try {
+          return recomputeBackward(fn, saved[0], trainables, scope, dy);
+        } finally {
+          // tfjs frees what a backward pass saved only when the whole pass ends: the layer inputs
+          // would all be alive at its peak. This op's copy of x has no other reader once used.
+          saved[0].dispose();
+        }
+      },
     };
   });
   return op(x, ...trainables);
+}
+
+/** A live float32 tensor of any shape (what gets a gradient). */
+function assertFloatTensor(arg: string, value: unknown): void {
+  if (!(value instanceof tf.Tensor)) fail(OP, `'${arg}' must be a float32 tensor but got ${describeValue(value)}`);
+  if (value.isDisposed) fail(OP, `'${arg}' was already disposed`);
+  if (value.dtype !== 'float32') fail(OP, `'${arg}' must be float32 but got ${value.dtype} (shape [${value.shape}])`);
 }
 
 /** Runs fn(x) again on a tape of its own and returns [dx, ...d(trainables)]. */
