@@ -88,34 +88,41 @@ function decoderSegments(op: string, model: tfl.LayersModel): DecoderSegments {
     else if (first.input !== boundaries[i]) fail(op, `decoder layer ${i} of '${model.name}' does not start where layer ${i - 1} ends`);
     boundaries.push(residual.output as tfl.SymbolicTensor);
   }
-  const layers = boundaries.slice(1).map((end, i) => layersBetween(boundaries[i], end));
+  const layers = boundaries.slice(1).map((end, i) => {
+    const { layers: inside, outside } = layersBetween(boundaries[i], end);
+    // a recomputed layer gets its input and the trainables as the op's inputs, nothing else from the graph
+    if (outside !== null) fail(op, `decoder layer ${i} of '${model.name}' reads '${outside}', which is computed outside it`);
+    return inside;
+  });
+  const head = layersBetween(boundaries[count], model.outputs[0]).outside;
+  if (head !== null) fail(op, `the layers after the last decoder layer of '${model.name}' read '${head}', which is computed before it`);
   return { boundaries, layers };
 }
 
-/** The layers that compute `end` from `start` (each once, in no particular order). */
-function layersBetween(start: tfl.SymbolicTensor, end: tfl.SymbolicTensor): tfl.layers.Layer[] {
+/** The layers that compute `end` from `start` (each once), and a graph input it reads besides `start`, if any. */
+function layersBetween(start: tfl.SymbolicTensor, end: tfl.SymbolicTensor): { layers: tfl.layers.Layer[]; outside: string | null } {
   const found = new Set<tfl.layers.Layer>();
   const seen = new Set<number>([start.id]);
+  let outside: string | null = null;
   const walk = (t: tfl.SymbolicTensor) => {
     if (seen.has(t.id)) return;
     seen.add(t.id);
-    found.add(t.sourceLayer as tfl.layers.Layer);
+    if (t.inputs.length === 0) outside ??= t.name;
+    else found.add(t.sourceLayer as tfl.layers.Layer);
     t.inputs.forEach(walk);
   };
   walk(end);
-  return [...found];
+  return { layers: [...found], outside };
 }
 
 /**
  * The value of `target` given the values in `known`: each layer applied once, after its inputs,
- * with the executor's arguments (the list of input values, the call's kwargs).
+ * with the executor's arguments (the list of input values, the call's kwargs). Every path from
+ * `target` ends in `known` (decoderSegments checked the layers' segments).
  */
 function evaluate(target: tfl.SymbolicTensor, known: Map<number, tf.Tensor>, kwargs: Kwargs): tf.Tensor {
   const value = known.get(target.id);
   if (value !== undefined) return value;
-  if (target.inputs.length === 0) {
-    throw new Error(`gradient checkpointing: '${target.name}' is not computed inside its segment (an input the walk did not expect)`);
-  }
   const inputs = target.inputs.map(t => evaluate(t, known, kwargs));
   const outputs = (target.sourceLayer as tfl.layers.Layer).apply(inputs, kwargs) as tf.Tensor | tf.Tensor[];
   const out = Array.isArray(outputs) ? outputs[target.outputTensorIndex ?? 0] : outputs;
