@@ -11,6 +11,7 @@ import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { gradientCheckpointingEnabled, setGradientCheckpointing } from '../../src/layers/gradient_checkpointing.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
+import { estimateTrainingMemory } from '../../src/models/memory.js';
 import { withSequenceContext } from '../../src/layers/sequence_context.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { register } from '../../src/plugin.js';
@@ -116,7 +117,8 @@ describe('layers: gradient checkpointing', () => {
         let step: { value: tf.Scalar; grads: tf.NamedTensorMap } | null = null;
         const info = await tf.profile(() => { step = tf.variableGrads(() => batchLoss(model, batch), vars); });
         tf.dispose([step!.value, ...Object.values(step!.grads)]);
-        return { bytes: info.peakBytes - before, loraBytes: vars.reduce((s, v) => s + 4 * v.size, 0) };
+        const estimate = estimateTrainingMemory(model, { batch: B, seq: S, gradientCheckpointing: checkpointing });
+        return { bytes: info.peakBytes - before, loraBytes: vars.reduce((s, v) => s + 4 * v.size, 0), estimate };
       } finally {
         tf.dispose(Object.values(batch).filter(t => t instanceof tf.Tensor));
         handle.unregister();
@@ -133,5 +135,11 @@ describe('layers: gradient checkpointing', () => {
     // the plain step keeps every layer's activations (attention probabilities, expert rows, ...)
     expect(plainSlope, `plain ${plainSlope} B/layer vs checkpointed ${ckptSlope} B/layer`).to.be.above(10 * ckptSlope);
     expect(ckpt3.bytes).to.be.below(plain3.bytes);
+    // the memory estimate (trainLoop's check before the first step) counts the same way: one layer's
+    // activations (8·H + 2·heads·S per token, K·(2·I + H) per routed token) and 2·H per token per layer
+    const tokens = B * S;
+    const oneLayer = tokens * (8 * H + 2 * 4 * S) * 4 + tokens * 2 * (2 * 32 + H) * 4;
+    expect(ckpt3.estimate.activationBytes).to.equal(7 * tokens * 32 * 4 + oneLayer + 3 * tokens * 2 * H * 4);
+    expect(ckpt3.estimate.activationBytes).to.be.below(plain3.estimate.activationBytes);
   });
 });
