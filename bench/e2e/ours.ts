@@ -33,6 +33,7 @@ import { sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal
 import { assertInteger, assertOneOf, fail } from '../../src/ops/validate.js';
 import { register } from '../../src/plugin.js';
 import { batchLoss } from '../../src/train/loss.js';
+import { setGradientCheckpointing } from '../../src/layers/gradient_checkpointing.js';
 import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
@@ -98,6 +99,11 @@ export interface E2EOptions {
    * the peaks of bytes in use and allocated are recorded (memory.peak*).
    */
   poolLimitBytes?: number;
+  /**
+   * recompute each decoder layer in the backward pass (setGradientCheckpointing): the step's peak
+   * no longer grows by a layer's activations per layer (issue 15); default off
+   */
+  gradientCheckpointing?: boolean;
   /** progress lines (default: stderr) */
   log?: (line: string) => void;
 }
@@ -148,6 +154,8 @@ export interface E2EResult {
   memoryStages: E2EMemoryStage[];
   /** webgpu: the bound on the pool's free bytes (poolLimitBytes), null for none (and on other backends, which have no pool) */
   poolLimitBytes: number | null;
+  /** whether the steps ran with gradient checkpointing */
+  gradientCheckpointing: boolean;
   /** e2e_checkpoint.json of the checkpoint, when it has one (e.g. zeroExperts: its routed experts are all zeros) */
   checkpoint?: Record<string, unknown>;
   /** profile.json (--profile on) */
@@ -254,7 +262,8 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[], ...options,
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[],
+    gradientCheckpointing: false, ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
   for (const k of ['model', 'data', 'out'] as const) {
@@ -266,6 +275,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
   assertInteger(OP, 'warmup', o.warmup, 0);
   if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
+  if (typeof o.gradientCheckpointing !== 'boolean') fail(OP, `'gradientCheckpointing' must be a boolean but got ${JSON.stringify(o.gradientCheckpointing)}`);
   for (const k of ['alpha', 'learningRate'] as const) {
     if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${JSON.stringify(o[k])}`);
   }
@@ -288,7 +298,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
     stepSeconds: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
-    errors: {}, stage: 'start', elapsedSeconds: 0,
+    gradientCheckpointing: o.gradientCheckpointing, errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const marker = join(o.model, 'e2e_checkpoint.json');
   if (existsSync(marker)) result.checkpoint = JSON.parse(await readTextFile(marker, `\`${OP}()\`: e2e_checkpoint.json`)) as Record<string, unknown>;
@@ -314,6 +324,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   result.memory = maxMemory(result.memory, memoryNow());
   result.memoryStages.push(memoryStage('load', limit));
   const handle = register({ models: [model], strict: true, lora: { r: o.rank, alpha: o.alpha, targets: [...o.targets] } });
+  setGradientCheckpointing(model, o.gradientCheckpointing);
   // torch.optim.Adam's update, as torch_peft.py trains (not tf.train.adam: its ε sits elsewhere)
   let optimizer: Adam | undefined;
   try {
@@ -442,7 +453,8 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     flags[key.slice(2)] = argv[i + 1];
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
-    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb'];
+    'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
+    'gradient-checkpointing'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -460,6 +472,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
+    gradientCheckpointing: onOff('gradient-checkpointing', false),
   };
 }
 

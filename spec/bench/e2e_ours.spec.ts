@@ -190,6 +190,7 @@ describe('bench/e2e/ours.ts', function () {
     await expectReject(run(data, { model: '' }), /'model' must be a path but got ""/);
     await expectReject(run(data, { targets: ['router', 'lm_head'] }), /'targets' must be one of 'experts.gate_up', .* but got 'lm_head'/);
     await expectReject(run(data, { targets: [] }), /'targets' must be a non-empty list but got \[\]/);
+    await expectReject(run(data, { gradientCheckpointing: 'on' }), /'gradientCheckpointing' must be a boolean but got "on"/);
   });
 
   it('reads its command line, and refuses unknown flags, odd arguments and a tensor-core run without tensor cores', () => {
@@ -199,6 +200,9 @@ describe('bench/e2e/ours.ts', function () {
       tensorCores: true, saveAdapter: false, profile: true, steps: undefined });
     expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, profile: false, targets: undefined });
     expect(parseOursArgs(['--targets', 'router,q_proj']).targets).to.deep.equal(['router', 'q_proj']);
+    expect(parseOursArgs(['--model', 'M']).gradientCheckpointing).to.equal(false);
+    expect(parseOursArgs(['--gradient-checkpointing', 'on']).gradientCheckpointing).to.equal(true);
+    expect(() => parseOursArgs(['--gradient-checkpointing', 'yes'])).to.throw(OpArgumentError, /'--gradient-checkpointing' must be one of 'on', 'off' but got 'yes'/);
     expect(parseOursArgs(['--cpu-profile', 'on', '--tf-flags', 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,DEBUG=false']))
         .to.deep.include({ cpuProfile: true, tfFlags: { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: 60, DEBUG: false } });
     expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });

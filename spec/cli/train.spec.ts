@@ -155,6 +155,19 @@ describe('cli/train', () => {
           .to.deep.equal(await readFile(join(out, 'adapter_model.safetensors')));
     });
 
+    it('--gradient-checkpointing: the same losses and adapter, bit for bit, as the run without it', async () => {
+      const lora = ['--lora-rank', '2', '--lora-alpha', '4', '--lora-targets', 'experts.gate_up,router,q_proj'];
+      const runs = [];
+      for (const flag of [[], ['--gradient-checkpointing']]) {
+        const out = join(dir, `ckpt-${flag.length}`);
+        const r = await runMain(['train', '--model', scratchOut, ...common(), ...lora, ...flag, '--out', out, '--json']);
+        expect(r.code, r.stderr).to.equal(0);
+        runs.push({ losses: (JSON.parse(r.stdout) as TrainRunResult).losses, adapter: await readFile(join(out, 'adapter_model.safetensors')) });
+      }
+      expect(runs[1].losses).to.deep.equal(runs[0].losses);
+      expect(runs[1].adapter.equals(runs[0].adapter), 'the trained adapters are the same bytes').to.equal(true);
+    });
+
     it('--config run.yaml: axolotl keys set the run, flags given on the command line win', async () => {
       const yaml = join(dir, 'run.yaml');
       await writeFile(yaml, [

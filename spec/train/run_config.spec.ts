@@ -35,6 +35,7 @@ learning_rate: 2.0e-4
 lr_scheduler: cosine
 warmup_steps: 10
 max_grad_norm: 1.0
+gradient_checkpointing: true
 val_set_size: 0.05
 eval_steps: 20
 save_steps: 50
@@ -51,7 +52,7 @@ describe('train/run_config: axolotl-style YAML', () => {
     expect(runConfigFlags(parse(GOOD), 'run.yaml')).to.deep.equal({
       model: './my-moe', datasets: [{ path: 'chat.jsonl', type: 'chat_template', field: 'messages' }],
       seq: 512, samplePacking: true, trainOnInputs: false, batch: 2, gradAccum: 4, numEpochs: 2, steps: 100, lr: 2e-4,
-      lrScheduler: 'cosine', warmupSteps: 10, maxGradNorm: 1, valSetSize: 0.05, evalEvery: 20, saveEvery: 50,
+      lrScheduler: 'cosine', warmupSteps: 10, maxGradNorm: 1, gradientCheckpointing: true, valSetSize: 0.05, evalEvery: 20, saveEvery: 50,
       saveTotalLimit: 2, out: './out', seed: 42, stopOnNoGradient: true,
       'lora.r': 8, 'lora.alpha': 16, 'lora.dropout': 0, 'lora.targets': ['experts.gate_up', 'experts.down'],
     });
@@ -75,6 +76,7 @@ describe('train/run_config: axolotl-style YAML', () => {
       learning_rat: 1e-3, micro_batchsize: 2, lr: 1, base_model: 7, adapter: 'qlora', lora_r: 0,
       lora_target_modules: ['experts.gate_upp'], lr_scheduler: 'step', warmup_steps: 5, warmup_ratio: 0.1,
       datasets: [{ path: 'a.jsonl', typ: 'alpaca' }, { path: 'b.jsonl', type: 'chat_templat' }], seed: -1, zzz: true,
+      gradient_checkpointing: 'yes',
     };
     let error: RunConfigError | undefined;
     try {
@@ -90,7 +92,7 @@ describe('train/run_config: axolotl-style YAML', () => {
       `zzz: unknown key (the keys: ${['base_model', 'init_config', 'data', 'val', 'tokenizer_config', 'datasets', 'adapter', 'lora_r', 'lora_alpha',
         'lora_dropout', 'lora_target_modules', 'lora_target_linear', 'sequence_len', 'sample_packing', 'train_on_inputs',
         'micro_batch_size', 'gradient_accumulation_steps', 'num_epochs', 'max_steps', 'learning_rate', 'lr_scheduler',
-        'warmup_steps', 'warmup_ratio', 'max_grad_norm', 'val_set_size', 'eval_steps', 'save_steps', 'save_total_limit',
+        'warmup_steps', 'warmup_ratio', 'max_grad_norm', 'gradient_checkpointing', 'val_set_size', 'eval_steps', 'save_steps', 'save_total_limit',
         'output_dir', 'seed', 'backend', 'metrics', 'stop_on_no_gradient'].join(', ')})`,
       'base_model: expected a non-empty string but got 7',
       "datasets[0].typ: unknown key (expected one of path, type, field); did you mean 'type'?",
@@ -98,11 +100,12 @@ describe('train/run_config: axolotl-style YAML', () => {
       "datasets[1].type: expected one of completion, prompt_completion, alpaca, chat_template but got 'chat_templat'; did you mean 'chat_template'?",
       "adapter: expected 'lora' or null (full fine-tuning) but got 'qlora'",
       "lr_scheduler: expected one of 'constant', 'linear', 'cosine' but got 'step' (string)",
+      'gradient_checkpointing: expected a boolean but got \'yes\' (string)',
       'seed: expected an integer >= 0 but got -1 (number)',
       'lora_r, lora_target_modules: need adapter: lora (without it every weight is trained)',
       'warmup_steps, warmup_ratio: give one of them, not both',
     ]);
-    expect(error!.message).to.match(/^the run config 'run\.yaml' has 13 problems:\n {2}- learning_rat: /);
+    expect(error!.message).to.match(/^the run config 'run\.yaml' has 14 problems:\n {2}- learning_rat: /);
   });
 
   it('with adapter: lora, register()\'s schema checks the lora values and names the YAML key', () => {

@@ -25,3 +25,4 @@ export {
   addMoEAdapter, freezeBaseLayers, WHOLE_MODEL_TYPES,
   type MoECausalLM, type MoECausalLMConfig, type MoECausalLMOptions,
 } from './moe_causal_lm.js';
+export { setGradientCheckpointing, gradientCheckpointingEnabled } from './gradient_checkpointing.js';

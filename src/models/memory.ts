@@ -166,14 +166,16 @@ const DTYPE_BYTES: Readonly<Record<string, number>> = { float32: 4, int32: 4, bo
  *     replaced; a spec checks the estimate stays above the measured peak)
  *   + per decoder layer, what its backward keeps: B·S·(8·H + 2·n_heads·S) × 4 (residual stream,
  *     norms, q/k/v/o, attention scores and probabilities) and, in an MoE layer,
- *     B·S·K·(2·I + H) × 4 (each routed token's gate/up output and its gathered input).
+ *     B·S·K·(2·I + H) × 4 (each routed token's gate/up output and its gathered input). With
+ *     gradientCheckpointing, that of one layer, plus B·S·2·H × 4 per layer (its input, its gradient).
  * A model without an HF config (not built by this package) counts weights, optimizer and logits.
  *
  * ```js
  * const {bytes} = estimateTrainingMemory(model, {batch: 8, seq: 256});
  * ```
  */
-export function estimateTrainingMemory(model: tfl.LayersModel, step: { batch: number; seq: number }): TrainingMemoryEstimate {
+export function estimateTrainingMemory(
+    model: tfl.LayersModel, step: { batch: number; seq: number; gradientCheckpointing?: boolean }): TrainingMemoryEstimate {
   const op = 'estimateTrainingMemory';
   assertInteger(op, 'batch', step?.batch, 1);
   assertInteger(op, 'seq', step.seq, 1);
@@ -195,8 +197,12 @@ export function estimateTrainingMemory(model: tfl.LayersModel, step: { batch: nu
   if (hf !== null) {
     const c = moeCausalLMConfigFromHF(hf);
     const k = c.moe.routing.topK;
-    activationBytes += c.numLayers * tokens * (8 * c.hiddenSize + 2 * c.numHeads * step.seq) * 4;
-    activationBytes += c.moeLayers.length * tokens * k * (2 * c.moe.intermediateSize + c.hiddenSize) * 4;
+    // gradient checkpointing: one layer's activations at a time, and per layer its input and that input's gradient
+    const activeLayers = step.gradientCheckpointing === true ? Math.min(1, c.numLayers) : c.numLayers;
+    const activeMoE = step.gradientCheckpointing === true ? Math.min(1, c.moeLayers.length) : c.moeLayers.length;
+    if (step.gradientCheckpointing === true) activationBytes += c.numLayers * tokens * 2 * c.hiddenSize * 4;
+    activationBytes += activeLayers * tokens * (8 * c.hiddenSize + 2 * c.numHeads * step.seq) * 4;
+    activationBytes += activeMoE * tokens * k * (2 * c.moe.intermediateSize + c.hiddenSize) * 4;
   }
   const stepBytes = optimizerBytes + activationBytes;
   return { weightBytes, optimizerBytes, activationBytes, stepBytes, bytes: weightBytes + stepBytes, largest };

@@ -4,6 +4,7 @@ export { referenceRoute } from './reference/routing.js';
 export { loadBalancingLoss, routerZLoss } from './aux_losses.js';
 export { tokenCrossEntropy } from './token_cross_entropy.js';
 export { scaledDotProductAttention } from './attention_core.js';
+export { recompute, type RecomputeScope } from './recompute.js';
 export * from './lora/index.js';
 export { fusedExperts, chooseLoRAMode, type FusedExpertsOptions } from './experts/fused_experts.js';
 export { buildDispatchPlan, buildDispatchPlanAsync, type DispatchPlan } from './experts/dispatch_plan.js';

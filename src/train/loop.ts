@@ -26,9 +26,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
+import { gradientCheckpointingEnabled, setGradientCheckpointing } from '../layers/gradient_checkpointing.js';
 import { trainableVariables } from '../layers/moe_causal_lm.js';
 import { estimateTrainingMemory, memoryProblem } from '../models/memory.js';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
+import { describeValue } from '../util/describe.js';
 import { assertLogitsFit, windowBatches, type BatchSource } from './batches.js';
 import { TrainError } from './errors.js';
 import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
@@ -54,6 +56,12 @@ export interface TrainLoopOptions {
   gradAccum?: number;
   /** clip the gradients' global L2 norm to this (torch's clip_grad_norm_); default null: no clipping */
   maxGradNorm?: number | null;
+  /**
+   * recompute each decoder layer in the backward pass instead of keeping its activations
+   * (transformers' gradient_checkpointing, setGradientCheckpointing): one more forward per step
+   * for a peak that grows by a layer's input, not its activations, per layer. Default false.
+   */
+  gradientCheckpointing?: boolean;
   /** steps already done without a saved state (the window order continues; Adam starts afresh); default 0 */
   startStep?: number;
   /** a saved state (`onSave`, a checkpoint) to continue from exactly: the step, Adam, the losses */
@@ -318,6 +326,8 @@ export async function trainLoop(
     assertInteger(op, name, every, 1);
     if (options[callback] === undefined) fail(op, `'${name}' needs '${callback}'`);
   }
+  const checkpointing = options.gradientCheckpointing ?? false;
+  if (typeof checkpointing !== 'boolean') fail(op, `'gradientCheckpointing' must be a boolean but got ${describeValue(checkpointing)}`);
   const isTokens = data instanceof Int32Array;
   if (isTokens && data.length < options.seq + 1) {
     throw new TrainError(`the training text has ${data.length} tokens but one window of seq ${options.seq} ` +
@@ -339,6 +349,9 @@ export async function trainLoop(
 
   let microBatches = resume?.microBatches ?? start * gradAccum;
   const source: BatchSource = isTokens ? windowBatches(data, options.batch, options.seq, options.seed, microBatches) : data;
+  // on for this run only: what the model had before is put back when the loop ends
+  const checkpointingBefore = gradientCheckpointingEnabled(model);
+  setGradientCheckpointing(model, checkpointing);
   const optimizer = new Adam(variables);
   const history = [...(resume?.losses ?? [])];
   const evalLosses: EvalReport[] = [];
@@ -442,6 +455,7 @@ export async function trainLoop(
     if (stopped && options.saveEvery !== undefined && step > start && step % options.saveEvery !== 0) await save();
   } finally {
     optimizer.dispose();
+    setGradientCheckpointing(model, checkpointingBefore);
   }
   const seconds = elapsed();
   return {

@@ -81,6 +81,8 @@ export interface TrainRunOptions {
   gradAccum?: number;
   /** clip the gradients' global norm to this; default none */
   maxGradNorm?: number;
+  /** recompute each decoder layer in the backward pass (trainLoop's gradientCheckpointing); default false */
+  gradientCheckpointing?: boolean;
   /** evaluate on `val` every this many steps (a line in the metrics) */
   evalEvery?: number;
   /** write out/checkpoint-<step>/ every this many steps */
@@ -381,6 +383,8 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
       result = await trainLoop(model, data.source(resumed?.state.microBatches ?? 0), {
         steps, lr: options.lr, batch: options.batch, seq: options.seq, seed: options.seed,
         lrScheduler: curve.lrScheduler, warmupSteps: curve.warmupSteps, gradAccum, maxGradNorm: curve.maxGradNorm,
+        // not part of `curve`: the loss and the gradients are the same with it, so a resumed run may change it
+        gradientCheckpointing: options.gradientCheckpointing,
         resume: resumed?.state,
         evalEvery: options.evalEvery, evaluate: async () => (await evaluate())!, onEval: r => metrics?.eval(r),
         saveEvery: options.saveEvery,

@@ -73,6 +73,8 @@ export const RUN_CONFIG_KEYS: readonly RunKeySpec[] = [
   { key: 'warmup_steps', kind: 'integer', min: 0, field: 'warmupSteps' },
   { key: 'warmup_ratio', kind: 'number', min: 0, below: 1, field: 'warmupRatio' },
   { key: 'max_grad_norm', kind: 'number', above: 0, field: 'maxGradNorm' },
+  // axolotl's key; transformers' TrainingArguments(gradient_checkpointing=True)
+  { key: 'gradient_checkpointing', kind: 'boolean', field: 'gradientCheckpointing' },
   { key: 'val_set_size', kind: 'number', min: 0, below: Infinity, field: 'valSetSize' },
   { key: 'eval_steps', kind: 'integer', min: 1, field: 'evalEvery' },
   { key: 'save_steps', kind: 'integer', min: 1, field: 'saveEvery' },

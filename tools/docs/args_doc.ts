@@ -16,6 +16,7 @@ import { pluginArgsFromArgv } from '../../src/cli/plugin_options.js';
 import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { register } from '../../src/plugin.js';
+import { runConfigFlags, RunConfigError } from '../../src/train/run_config.js';
 
 /** A bad value per arg, and what it shows. */
 const BAD: Record<string, { args: unknown; flags?: Record<string, unknown>; what: string }> = {
@@ -176,6 +177,29 @@ export async function renderArgsDoc(): Promise<string> {
   }
   model.dispose();
   dense.dispose();
+
+  p('## Training options beside register()');
+  p();
+  p('The training run has options of its own (`trainLoop`, `runTraining`, `tfjs-moe-lora train`, a run config:');
+  p('[training.md](training.md)); one changes how the plugin\'s layers run:');
+  p();
+  p('| option | type | default | CLI flag | YAML key | what it does |');
+  p('|---|---|---|---|---|---|');
+  p('| `gradientCheckpointing` | boolean | `false` | `--gradient-checkpointing` | `gradient_checkpointing` | recompute each decoder ' +
+      'layer in the backward pass instead of keeping its activations (transformers\' `gradient_checkpointing=True`): ' +
+      'one more forward per step; the step\'s peak grows per layer by one [batch, seq, hidden] tensor (the layer\'s ' +
+      'input, then its gradient), not by its activations; the same loss and gradients. ' +
+      '[training.md](training.md#gradient-checkpointing) |');
+  p();
+  p('```');
+  p("runConfigFlags({gradient_checkpointing: 'yes'}, 'run.yaml')");
+  try {
+    runConfigFlags({ gradient_checkpointing: 'yes' }, 'run.yaml');
+  } catch (e) {
+    if (!(e instanceof RunConfigError)) throw e;
+    for (const line of e.problems) p(`  ${line}`);
+  }
+  p('```');
   return `${out.join('\n').replace(/\n+$/, '')}\n`;
 }
 

@@ -44,6 +44,7 @@ interface TrainArgs {
   warmupRatio?: number;
   gradAccum?: number;
   maxGradNorm?: number;
+  gradientCheckpointing?: boolean;
   evalEvery?: number;
   saveEvery?: number;
   saveTotalLimit?: number;
@@ -228,6 +229,11 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
         describe: 'micro-batches per optimizer step (gradient accumulation; default 1)',
       })
       .option('max-grad-norm', { type: 'number', requiresArg: true, group: 'Schedule:', describe: 'clip the gradients\' global norm (default: no clipping)' })
+      .option('gradient-checkpointing', {
+        type: 'boolean', group: 'Schedule:',
+        describe: 'recompute each decoder layer in the backward pass instead of keeping its activations: one more ' +
+            'forward per step, a much lower peak (default off; the same loss and gradients)',
+      })
       .option('eval-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'evaluate on --val every N steps' })
       .option('save-every', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'write --out/checkpoint-<step>/ every N steps' })
       .option('save-total-limit', { type: 'number', requiresArg: true, group: 'Checkpoints and metrics:', describe: 'keep only the newest N checkpoints' })
@@ -318,7 +324,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       lr: argv.lr ?? (plugin.lora !== null ? DEFAULT_LR.lora : DEFAULT_LR.full),
       batch: argv.batch, seq: argv.seq, seed: argv.seed, out: argv.out, overwrite: argv.overwrite || argv.resume !== undefined, plugin,
       lrScheduler: argv.lrScheduler, warmupSteps: argv.warmupSteps, warmupRatio: argv.warmupRatio, gradAccum: argv.gradAccum,
-      maxGradNorm: argv.maxGradNorm, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
+      maxGradNorm: argv.maxGradNorm, gradientCheckpointing: argv.gradientCheckpointing, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
       metrics: argv.metrics, resume: argv.resume,
       samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
       expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize,
