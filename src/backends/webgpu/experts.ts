@@ -44,13 +44,23 @@ export interface WebGPUMoETuning {
 /**
  * The automatic choice, measured on the H100 (docs/webgpu.md): 128-row tiles with 8×8 register
  * tiles when experts get a few hundred rows each (training batches), 64-row tiles with 4×4 for
- * fewer rows, where the padding of big tiles would dominate.
+ * fewer rows, where the padding of big tiles would dominate, and 32-row tiles with 2×4 below 64
+ * rows per expert (Qwen3-30B-A3B's 128 experts at 512 tokens: 32 rows each on average).
  */
 export const WEBGPU_MOE_TUNING_LARGE: Readonly<WebGPUMoETuning> = {
   rowTile: 128, tile: { tm: 8, tn: 8, bk: 16 }, gradTile: { tm: 8, tn: 8, bk: 16 },
 };
 export const WEBGPU_MOE_TUNING_SMALL: Readonly<WebGPUMoETuning> = {
   rowTile: 64, tile: { tm: 4, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 },
+};
+/**
+ * Every padded-row tensor (h, which backward keeps, the down output, the gradients in row space)
+ * has planCapacity rows, N + E·(rowTile − 1) rounded up: at 4096 rows over 128 experts a 64-row
+ * tile makes them 12160 rows (3× N) and a 32-row tile 8064, and the tiles of an expert with ~32
+ * rows are half padding at 64.
+ */
+export const WEBGPU_MOE_TUNING_FEW: Readonly<WebGPUMoETuning> = {
+  rowTile: 32, tile: { tm: 2, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 },
 };
 
 let explicitTuning: WebGPUMoETuning | undefined;
@@ -98,7 +108,9 @@ export function getWebGPUMoETuning(): WebGPUMoETuning | undefined {
 
 /** The tiles for a call with `rows` = T·K pairs over `numExperts` experts. */
 export function webgpuMoETuningFor(rows: number, numExperts: number): WebGPUMoETuning {
-  return explicitTuning ?? (rows / numExperts >= 256 ? WEBGPU_MOE_TUNING_LARGE : WEBGPU_MOE_TUNING_SMALL);
+  const perExpert = rows / numExperts;
+  return explicitTuning ??
+    (perExpert >= 256 ? WEBGPU_MOE_TUNING_LARGE : perExpert >= 64 ? WEBGPU_MOE_TUNING_SMALL : WEBGPU_MOE_TUNING_FEW);
 }
 
 /** Where (e, out, in) of a per-expert operand lives: e·sE + out·outStride + in·inStride. */
