@@ -12,6 +12,7 @@ import {
   webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
 import { SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
+import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
 import type { LoRAMode } from '../../../src/ops/types.js';
@@ -97,7 +98,6 @@ describe('webgpu: webgpuFusedExperts', () => {
   it('T=300, H=100, I=24, E=8, K=2: forward and gradients match the cpu-style composed op within 1e-4', async () => {
     // the composed fusedExperts reads the plan with dataSync, which webgpu cannot: give it a host plan
     const c = makeExpertCase({ T: 300, H: 100, I: 24, E: 8, K: 2 }, 61);
-    const { buildDispatchPlanAsync } = await import('../../../src/ops/experts/dispatch_plan.js');
     const plan = await buildDispatchPlanAsync(c.experts, 8);
     const G = tf.randomNormal([300, 100], 0, 1, 'float32', 5);
     const run = (impl: typeof fusedExperts) => tf.grads((x: tf.Tensor, w: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor) =>
@@ -206,6 +206,31 @@ describe('webgpu: webgpuFusedExperts', () => {
       // at least h [cap, 2I] and the down output y [cap, H] are alive together at the forward's end
       expect(small.peak - few.peak, 'peak bytes in use, 64- minus 32-row tiles').to.be.at.least(4096 * (2 * 4 + 8) * 4);
       tf.dispose([...few.grads, ...small.grads]);
+    });
+    c.dispose();
+  });
+
+  it('keeps h for backward in pair order (N rows), not padded to the capacity: what every layer holds at the loss', async () => {
+    const c = makeExpertCase({ T: 512, H: 8, I: 16, E: 128, K: 8 }, 92);
+    const rows = 512 * 8;
+    // an identity whose backward notes the bytes held when backward starts: what forward kept
+    let heldAtBackward = 0;
+    const probe = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => ({
+      value: (args[0] as tf.Tensor).clone(),
+      gradFunc: (dy: tf.Tensor) => { heldAtBackward = tf.memory().numBytes; return dy; },
+    }));
+    await expectNoLeakAsync(async () => {
+      const before = tf.memory().numBytes;
+      const [dx] = tf.grads((x: tf.Tensor) => tf.sum(probe(webgpuFusedExperts(x as tf.Tensor2D, c, c.w, c.activation))))([c.x]);
+      const plan = await buildDispatchPlanAsync(c.experts, 128);
+      const [composed] = tf.grads((x: tf.Tensor) => tf.sum(fusedExperts(x as tf.Tensor2D, c, c.w, c.activation, { plan })))([c.x]);
+      await expectCloseAsync(dx, await composed.data(), 1e-5, 'dx');
+      composed.dispose();
+      const held = heldAtBackward - before;
+      const hKept = rows * 2 * 16 * 4;
+      const hPadded = planCapacity(rows, 128, webgpuMoETuningFor(rows, 128).rowTile) * 2 * 16 * 4;
+      expect(held, 'bytes held from forward to backward').to.be.at.least(hKept).and.below(hPadded);
+      dx.dispose();
     });
     c.dispose();
   });

@@ -7,7 +7,8 @@
  *
  * Forward: h = x[tok]·W1_eᵀ (+b1) — the gather fused into the load; y = act(h)·W2_eᵀ (+b2) — the
  * activation computed on load; out[t] = Σ_k w·y[rowOfPair] (a gather and a sum over K, no float
- * atomics). Backward keeps only x, the routing weights and h, like the composed op, and never
+ * atomics). Backward keeps only x, the routing weights and h (in pair order: N rows, not the padded
+ * capacity), like the composed op, and never
  * recomputes y: g = dOut[tok]·W2_e gives both dWeights = ⟨g, act(h)⟩ (+ ⟨dOut, b2⟩) and
  * dh = act'(h)·(w·g); dx[t] = Σ_k (dh·W1_e)[rowOfPair]; dW1 = Σ dhᵀ·x[tok], dW2 = Σ (w·dOut[tok])ᵀ·act(h)
  * per expert over its rows. Split LoRA adds rank-r grouped products on PEFT's factor layouts read
@@ -302,11 +303,17 @@ export function webgpuFusedExperts(
       const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
       const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
-      save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
+      // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
+      // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
+      const hKept = tf.gather(h, plan.rowOfPair);                              // [N, 2I]
+      save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
           ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
-        const [xS, wS, hS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
+        const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
+        // back to padded rows; a padding row (pairOfRow −1) takes pair 0's h: finite, and only ever
+        // multiplied by the zero gradient of a padding row or left out of the reductions
+        const hS = tf.gather(hKeptS, tf.maximum(pairOfRow, tf.scalar(0, 'int32'))) as tf.Tensor2D;  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
         const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
