@@ -7,6 +7,9 @@
  * limitWebGPUBufferPool bounds.
  * --gradient-checkpointing off,on runs each (layers, bound) both ways (default off).
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/memory_narrow.ts --layers 1,2 --seq 64 --expert-dtype nf4 --pool-limit-mb none,0
+ * `--shape qwen3`: Qwen3-30B-A3B's layout narrowed (128 experts top-8, narrow_setup.ts). `--peak-buffers N`:
+ * also the N largest groups of buffers alive at the run's highest point (peak_buffers.ts), by the program
+ * that made them and their size.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -16,10 +19,13 @@ import type { ExpertDtype } from '../../src/io/hf_block.js';
 import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { assertOneOf } from '../../src/ops/validate.js';
 import { runOurs } from './ours.js';
+import { followPeakBuffers } from './peak_buffers.js';
 
 await setUpNarrowWebGPU();
 const seq = Number(commandLineFlag('seq', '64'));
+const shape = commandLineFlag('shape', 'olmoe');
 const steps = Number(commandLineFlag('steps', '2'));
+const peakGroups = Number(commandLineFlag('peak-buffers', '0'));
 const expertDtype = commandLineFlag('expert-dtype', 'nf4') as ExpertDtype;
 const checkpointingRuns = commandLineFlag('gradient-checkpointing', 'off').split(',');
 for (const c of checkpointingRuns) assertOneOf('memory_narrow', '--gradient-checkpointing', c, ['on', 'off']);
@@ -28,9 +34,10 @@ const dir = await mkdtemp(join(tmpdir(), 'memory-narrow-'));
 try {
   const data = await writeNarrowData(dir);
   for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
-    const model = await writeNarrowCheckpoint(dir, layers);
+    const model = await writeNarrowCheckpoint(dir, layers, shape);
     for (const bound of commandLineFlag('pool-limit-mb', 'none').split(',')) for (const checkpointing of checkpointingRuns) {
       const poolLimitBytes = bound === 'none' ? undefined : Number(bound) * 2 ** 20;
+      const follow = peakGroups > 0 ? followPeakBuffers() : undefined;
       const result = await runOurs({
         model, data, out: join(dir, 'out'), seq, warmup: 1, steps, expertDtype, saveAdapter: false, poolLimitBytes, log: () => {},
         gradientCheckpointing: checkpointing === 'on',
@@ -39,7 +46,10 @@ try {
         stage: s.stage, inUse: mib(s.numBytesInGPU), allocated: mib(s.numBytesAllocatedInGPU), peakInUse: mib(s.peakUsedBytes),
         peakAllocated: mib(s.peakAllocatedBytes), free: Object.fromEntries(Object.entries(s.freeBytes ?? {}).map(([k, v]) => [k, mib(v)])),
       }));
-      process.stdout.write(`${JSON.stringify({ layers, seq, expertDtype, poolLimitMiB: bound, gradientCheckpointing: checkpointing, losses: result.losses, stepSeconds: result.stepSeconds, stages })}\n`);
+      const peak = follow?.peak();
+      follow?.stop();
+      const atPeak = peak && { usedMiB: mib(peak.usedBytes), groups: peak.groups.slice(0, peakGroups).map(g => `${g.count} × ${g.bytes} B = ${mib(g.totalBytes)} MiB by ${g.label}`) };
+      process.stdout.write(`${JSON.stringify({ shape, layers, seq, expertDtype, poolLimitMiB: bound, gradientCheckpointing: checkpointing, losses: result.losses, stepSeconds: result.stepSeconds, stages, atPeak })}\n`);
       // the next run starts from an empty pool, as a fresh process would
       releaseFreeWebGPUBuffers();
     }

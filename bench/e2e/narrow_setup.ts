@@ -1,14 +1,15 @@
 /**
  * What the narrow-model measurements on Mesa (profile_narrow.ts, memory_narrow.ts) share: their
  * `--name value` flags, the webgpu backend through Dawn with the package's kernels, and their
- * inputs (a short text, narrow OLMoE-shaped random checkpoints).
+ * inputs (a short text, narrow OLMoE- or Qwen3-MoE-shaped random checkpoints: `--shape`).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
-import { narrowOlmoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
+import { narrowOlmoeConfig, qwen3MoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
+import type { HFConfig } from '../../src/models/families.js';
 
 /** `--name value` from the command line, or `fallback` where absent. */
 export function commandLineFlag(name: string, fallback: string): string {
@@ -32,10 +33,28 @@ export async function writeNarrowData(dir: string): Promise<string> {
   return data;
 }
 
-/** A random bf16 checkpoint of load_bench's narrowOlmoeConfig with `layers` layers in `dir`/ckpt-LAYERS; returns its folder. */
-export async function writeNarrowCheckpoint(dir: string, layers: number): Promise<string> {
-  const model = join(dir, `ckpt-${layers}`);
+/**
+ * Qwen3-30B-A3B's layout (qwen3MoeConfig) narrowed for Mesa, keeping what makes its MoE layers
+ * differ from OLMoE's: 128 experts, top-8, few rows per expert (at seq 512, 32 on average, as at
+ * the real shape), an expert intermediate 3/8 of hidden (768 of 2048), grouped KV heads (8 on 2)
+ * and a separate head_dim. Hidden 512, experts of 192, vocab 32000.
+ */
+export function narrowQwen3Config(layers: number): HFConfig {
+  return {
+    ...qwen3MoeConfig(layers), hidden_size: 512, moe_intermediate_size: 192, intermediate_size: 1536,
+    vocab_size: 32000, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 64,
+  };
+}
+
+/** The narrow shapes by `--shape` name. */
+export const NARROW_SHAPES: Record<string, (layers: number) => HFConfig> = { olmoe: narrowOlmoeConfig, qwen3: narrowQwen3Config };
+
+/** A random bf16 checkpoint of the narrow `shape` with `layers` layers in `dir`/ckpt-SHAPE-LAYERS; returns its folder. */
+export async function writeNarrowCheckpoint(dir: string, layers: number, shape = 'olmoe'): Promise<string> {
+  const config = NARROW_SHAPES[shape];
+  if (config === undefined) throw new Error(`--shape must be one of ${Object.keys(NARROW_SHAPES).join(', ')} but got ${shape}`);
+  const model = join(dir, `ckpt-${shape}-${layers}`);
   await mkdir(model);
-  await writeRandomBF16Checkpoint(model, narrowOlmoeConfig(layers), { seed: 1 });
+  await writeRandomBF16Checkpoint(model, config(layers), { seed: 1 });
   return model;
 }

@@ -21,16 +21,17 @@ await setUpNarrowWebGPU();
 tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !== 'on');
 const seq = Number(commandLineFlag('seq', '64'));
 const detail = commandLineFlag('detail', 'off') === 'on';
+const shape = commandLineFlag('shape', 'olmoe');
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {
   const data = await writeNarrowData(dir);
   for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
-    const model = await writeNarrowCheckpoint(dir, layers);
+    const model = await writeNarrowCheckpoint(dir, layers, shape);
     const out = join(dir, `out-${layers}`);
     const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, saveAdapter: false, profile: true, log: () => {} });
     const profile = JSON.parse(await readFile(result.profileFile!, 'utf8')) as StepProfile;
     const counts = Object.fromEntries(Object.entries(profile.phases).map(([phase, c]) => [phase, { kernels: c.kernels, dispatches: c.dispatches, reads: c.reads, mapReads: c.mapReads, submits: c.submits }]));
-    process.stdout.write(`${JSON.stringify({ layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs,
+    process.stdout.write(`${JSON.stringify({ shape, layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs,
       ...(detail ? { kernelCounts: profile.kernelCounts, programCounts: profile.programCounts } : {}) })}\n`);
     await rm(model, { recursive: true, force: true });
   }

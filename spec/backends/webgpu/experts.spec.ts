@@ -6,11 +6,13 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { limitWebGPUBufferPool, webgpuBufferPoolStats } from '../../../src/backends/webgpu/buffer_pool.js';
 import {
-  WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
+  WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
   webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
-import { SUBMIT_FLOPS_FLAG } from '../../../src/backends/webgpu/kernels.js';
+import { SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
+import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
 import type { LoRAMode } from '../../../src/ops/types.js';
@@ -96,7 +98,6 @@ describe('webgpu: webgpuFusedExperts', () => {
   it('T=300, H=100, I=24, E=8, K=2: forward and gradients match the cpu-style composed op within 1e-4', async () => {
     // the composed fusedExperts reads the plan with dataSync, which webgpu cannot: give it a host plan
     const c = makeExpertCase({ T: 300, H: 100, I: 24, E: 8, K: 2 }, 61);
-    const { buildDispatchPlanAsync } = await import('../../../src/ops/experts/dispatch_plan.js');
     const plan = await buildDispatchPlanAsync(c.experts, 8);
     const G = tf.randomNormal([300, 100], 0, 1, 'float32', 5);
     const run = (impl: typeof fusedExperts) => tf.grads((x: tf.Tensor, w: tf.Tensor, w1: tf.Tensor, w2: tf.Tensor) =>
@@ -170,6 +171,68 @@ describe('webgpu: webgpuFusedExperts', () => {
     expect(getWebGPUMoETuning(), 'still automatic').to.equal(undefined);
     expect(webgpuMoETuningFor(8 * 300, 8)).to.deep.equal(WEBGPU_MOE_TUNING_LARGE);
     expect(webgpuMoETuningFor(8 * 200, 8)).to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
+    expect(webgpuMoETuningFor(8 * 64, 8)).to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
+    expect(webgpuMoETuningFor(512 * 8, 128), "Qwen3-30B-A3B's 128 experts at 512 tokens").to.deep.equal(WEBGPU_MOE_TUNING_FEW);
+  });
+
+  it('at 128 experts with ~32 rows each (Qwen3-30B-A3B at 512 tokens), 32-row tiles: the same values, 4096 fewer padded rows held', async () => {
+    // T·K = 4096 rows over 128 experts: planCapacity 12160 rows with 64-row tiles, 8064 with 32
+    const c = makeExpertCase({ T: 512, H: 8, I: 4, E: 128, K: 8, lora1: [2], lora2: [2] }, 91);
+    expect(planCapacity(4096, 128, WEBGPU_MOE_TUNING_SMALL.rowTile) - planCapacity(4096, 128, WEBGPU_MOE_TUNING_FEW.rowTile)).to.equal(4096);
+    const step = () => {
+      // a LoRA training step's call: frozen base, gradients to x, the routing weights and the factors
+      const inputs = [c.x, c.weights, c.w.gateUpLoRA![0].A, c.w.gateUpLoRA![0].B, c.w.downLoRA![0].A, c.w.downLoRA![0].B];
+      const limit = limitWebGPUBufferPool(Infinity);
+      const start = webgpuBufferPoolStats().usedBytes;
+      try {
+        const grads = tf.grads((x: tf.Tensor, w: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) =>
+          tf.sum(webgpuFusedExperts(x as tf.Tensor2D, { weights: w as tf.Tensor2D, experts: c.experts }, {
+            ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D }],
+            downLoRA: [{ ...c.w.downLoRA![0], A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D }],
+          }, c.activation)))(inputs);
+        return { grads, peak: limit.peakUsedBytes() - start };
+      } finally { limit.restore(); }
+    };
+    await expectNoLeakAsync(async () => {
+      const out = webgpuFusedExperts(c.x, c, c.w, c.activation);
+      await expectCloseAsync(out, experts64(c.m), 1e-5, 'out', [512, 8]);
+      out.dispose();
+      const few = step();
+      const previous = setWebGPUMoETuning(WEBGPU_MOE_TUNING_SMALL);
+      let small: ReturnType<typeof step>;
+      try { small = step(); } finally { setWebGPUMoETuning(previous); }
+      const names = ['dx', 'dweights', 'dA1', 'dB1', 'dA2', 'dB2'];
+      for (let i = 0; i < names.length; i++) await expectCloseAsync(few.grads[i], await small.grads[i].data(), 1e-5, names[i]);
+      // at least h [cap, 2I] and the down output y [cap, H] are alive together at the forward's end
+      expect(small.peak - few.peak, 'peak bytes in use, 64- minus 32-row tiles').to.be.at.least(4096 * (2 * 4 + 8) * 4);
+      tf.dispose([...few.grads, ...small.grads]);
+    });
+    c.dispose();
+  });
+
+  it('keeps h for backward in pair order (N rows), not padded to the capacity: what every layer holds at the loss', async () => {
+    const c = makeExpertCase({ T: 512, H: 8, I: 16, E: 128, K: 8 }, 92);
+    const rows = 512 * 8;
+    // an identity whose backward notes the bytes held when backward starts: what forward kept
+    let heldAtBackward = 0;
+    const probe = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => ({
+      value: (args[0] as tf.Tensor).clone(),
+      gradFunc: (dy: tf.Tensor) => { heldAtBackward = tf.memory().numBytes; return dy; },
+    }));
+    await expectNoLeakAsync(async () => {
+      const before = tf.memory().numBytes;
+      const [dx] = tf.grads((x: tf.Tensor) => tf.sum(probe(webgpuFusedExperts(x as tf.Tensor2D, c, c.w, c.activation))))([c.x]);
+      const plan = await buildDispatchPlanAsync(c.experts, 128);
+      const [composed] = tf.grads((x: tf.Tensor) => tf.sum(fusedExperts(x as tf.Tensor2D, c, c.w, c.activation, { plan })))([c.x]);
+      await expectCloseAsync(dx, await composed.data(), 1e-5, 'dx');
+      composed.dispose();
+      const held = heldAtBackward - before;
+      const hKept = rows * 2 * 16 * 4;
+      const hPadded = planCapacity(rows, 128, webgpuMoETuningFor(rows, 128).rowTile) * 2 * 16 * 4;
+      expect(held, 'bytes held from forward to backward').to.be.at.least(hKept).and.below(hPadded);
+      dx.dispose();
+    });
+    c.dispose();
   });
 
   it('rejects a host plan of another shape, like fusedExperts', () => {

@@ -7,7 +7,8 @@
  *
  * Forward: h = x[tok]·W1_eᵀ (+b1) — the gather fused into the load; y = act(h)·W2_eᵀ (+b2) — the
  * activation computed on load; out[t] = Σ_k w·y[rowOfPair] (a gather and a sum over K, no float
- * atomics). Backward keeps only x, the routing weights and h, like the composed op, and never
+ * atomics). Backward keeps only x, the routing weights and h (in pair order: N rows, not the padded
+ * capacity), like the composed op, and never
  * recomputes y: g = dOut[tok]·W2_e gives both dWeights = ⟨g, act(h)⟩ (+ ⟨dOut, b2⟩) and
  * dh = act'(h)·(w·g); dx[t] = Σ_k (dh·W1_e)[rowOfPair]; dW1 = Σ dhᵀ·x[tok], dW2 = Σ (w·dOut[tok])ᵀ·act(h)
  * per expert over its rows. Split LoRA adds rank-r grouped products on PEFT's factor layouts read
@@ -44,13 +45,23 @@ export interface WebGPUMoETuning {
 /**
  * The automatic choice, measured on the H100 (docs/webgpu.md): 128-row tiles with 8×8 register
  * tiles when experts get a few hundred rows each (training batches), 64-row tiles with 4×4 for
- * fewer rows, where the padding of big tiles would dominate.
+ * fewer rows, where the padding of big tiles would dominate, and 32-row tiles with 2×4 below 64
+ * rows per expert (Qwen3-30B-A3B's 128 experts at 512 tokens: 32 rows each on average).
  */
 export const WEBGPU_MOE_TUNING_LARGE: Readonly<WebGPUMoETuning> = {
   rowTile: 128, tile: { tm: 8, tn: 8, bk: 16 }, gradTile: { tm: 8, tn: 8, bk: 16 },
 };
 export const WEBGPU_MOE_TUNING_SMALL: Readonly<WebGPUMoETuning> = {
   rowTile: 64, tile: { tm: 4, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 },
+};
+/**
+ * Every padded-row tensor (h, which backward keeps, the down output, the gradients in row space)
+ * has planCapacity rows, N + E·(rowTile − 1) rounded up: at 4096 rows over 128 experts a 64-row
+ * tile makes them 12160 rows (3× N) and a 32-row tile 8064, and the tiles of an expert with ~32
+ * rows are half padding at 64.
+ */
+export const WEBGPU_MOE_TUNING_FEW: Readonly<WebGPUMoETuning> = {
+  rowTile: 32, tile: { tm: 2, tn: 4, bk: 16 }, gradTile: { tm: 4, tn: 4, bk: 16 },
 };
 
 let explicitTuning: WebGPUMoETuning | undefined;
@@ -98,7 +109,9 @@ export function getWebGPUMoETuning(): WebGPUMoETuning | undefined {
 
 /** The tiles for a call with `rows` = T·K pairs over `numExperts` experts. */
 export function webgpuMoETuningFor(rows: number, numExperts: number): WebGPUMoETuning {
-  return explicitTuning ?? (rows / numExperts >= 256 ? WEBGPU_MOE_TUNING_LARGE : WEBGPU_MOE_TUNING_SMALL);
+  const perExpert = rows / numExperts;
+  return explicitTuning ??
+    (perExpert >= 256 ? WEBGPU_MOE_TUNING_LARGE : perExpert >= 64 ? WEBGPU_MOE_TUNING_SMALL : WEBGPU_MOE_TUNING_FEW);
 }
 
 /** Where (e, out, in) of a per-expert operand lives: e·sE + out·outStride + in·inStride. */
@@ -290,11 +303,17 @@ export function webgpuFusedExperts(
       const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
       const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
-      save([xIn, wIn, h, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
+      // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
+      // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
+      const hKept = tf.gather(h, plan.rowOfPair);                              // [N, 2I]
+      save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
           ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
-        const [xS, wS, hS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
+        const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
+        // back to padded rows; a padding row (pairOfRow −1) takes pair 0's h: finite, and only ever
+        // multiplied by the zero gradient of a padding row or left out of the reductions
+        const hS = tf.gather(hKeptS, tf.maximum(pairOfRow, tf.scalar(0, 'int32'))) as tf.Tensor2D;  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
         const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
