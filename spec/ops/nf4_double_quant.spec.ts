@@ -6,6 +6,8 @@
  * differences (torch.argmin: the lowest index on ties), float64 arithmetic rounded where torch
  * computes in float32. bitsandbytes itself is not installed anywhere here.
  */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
@@ -98,6 +100,11 @@ describe('nf4-dq: bitsandbytes\' double-quantized NF4 held as it is', () => {
       expect(f32(map[k])).to.equal(map[k]);
     }
     expect(map[0]).to.equal(f32(-0.9929687500000001));   // −(0.9859375 + 1) / 2
+  });
+
+  it('BNB_DYNAMIC_MAP equals, bit for bit, the map torch 2.11 builds on cpu and cuda (fixture)', () => {
+    const fixture = JSON.parse(readFileSync(join('spec', 'fixtures', 'bnb', 'torch_dynamic_map.json'), 'utf8')) as { map_bits: number[] };
+    expect(Array.from(new Uint32Array(BNB_DYNAMIC_MAP.buffer, BNB_DYNAMIC_MAP.byteOffset, 256))).to.deep.equal(fixture.map_bits);
   });
 
   it('nearestMapCode is torch.argmin over the float32 differences (lowest on ties), on entries, midpoints, their neighbours and out of range', () => {
