@@ -149,7 +149,9 @@ describe('bench/e2e/ours.ts', function () {
     // the moments are one [2, ...shape] tensor, unstacked and stacked again)
     const n = 28;
     expect(profile.kernelCounts.optimizer).to.deep.equal({ Multiply: 5 * n, Add: 3 * n, RealDiv: 2 * n, Sqrt: n, Square: n, Sub: n, Unpack: n, Pack: n });
-    expect(profile.phases.optimizer).to.include({ kernels: 15 * n, dispatches: 0, reads: 0 });
+    // tfjs-wasm's Slice (the Unpack of the moments, 2 a variable) reads its input through readSync: a view
+    // of wasm's own heap, no copy and no device round trip; cpu's does not
+    expect(profile.phases.optimizer).to.include({ kernels: 15 * n, dispatches: 0, reads: tf.getBackend() === 'wasm' ? 2 * n : 0 });
     expect(profile.phases.lossRead).to.include({ kernels: 0, reads: 1 });
     for (const phase of ['forward', 'backward'] as const) expect(profile.phases[phase].kernels, phase).to.be.above(50);
     const sum = (k: 'kernels' | 'reads') => Object.values(profile.phases).reduce((s, p) => s + p[k], 0);
