@@ -14,7 +14,8 @@
 import { expect } from 'chai';
 import {
   aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
-  partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, subgroupCount,
+  partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, stagedQuadA, stagedQuadB,
+  subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
   MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
@@ -57,7 +58,12 @@ interface Emulated {
   /** the B staging walks k fastest (a weight stored [out, in]) */
   kFastestB: boolean;
   /** a deliberate mistake, to show the check can fail */
-  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0';
+  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0' | 'quad step 1 along k';
+  /**
+   * the programs' vectorized staging (stagedQuadA / stagedQuadB): each invocation writes 4
+   * consecutive elements per quad, whole quads past the reduction zero (inner a multiple of 4)
+   */
+  quads?: boolean;
 }
 
 /** One workgroup of the generated program, as data movement: the block it writes (NaN where unwritten). */
@@ -72,7 +78,27 @@ function emulateWorkgroup(w: Emulated): Float64Array {
   for (let k0 = 0; k0 < w.inner; k0 += l.depth) {
     const As = new Float64Array(sizes.a).fill(NaN);
     const Bs = new Float64Array(sizes.b).fill(NaN);
-    for (let lid = 0; lid < threads; lid++) {
+    for (let lid = 0; lid < threads && w.quads; lid++) {
+      // QuadStaging: quad lid + t·threads, 4 elements each
+      for (let t = 0; t < l.rows * l.depth / 4 / threads; t++) {
+        const { m, k, at, step } = stagedQuadA(x, l, lid + t * threads);
+        for (let c = 0; c < 4; c++) {
+          const [mc, kc] = l.leftColMajor ? [m + c, k] : [m, k + c];
+          if (!Number.isNaN(As[at + c * step])) throw new Error(`As[${at + c * step}] staged twice`);
+          As[at + c * step] = k0 + k < w.inner ? w.left(mc, k0 + kc) : 0;
+        }
+      }
+      for (let t = 0; t < l.depth * l.cols / 4 / threads; t++) {
+        const { k, n, at, step } = stagedQuadB(x, l, lid + t * threads, w.kFastestB);
+        const slabStep = w.fault === 'quad step 1 along k' ? 1 : step;
+        for (let c = 0; c < 4; c++) {
+          const [kc, nc] = w.kFastestB ? [k + c, n] : [k, n + c];
+          if (!Number.isNaN(Bs[at + c * slabStep])) throw new Error(`Bs[${at + c * slabStep}] staged twice`);
+          Bs[at + c * slabStep] = k0 + kc < w.inner ? w.right(k0 + kc, nc) : 0;
+        }
+      }
+    }
+    for (let lid = 0; lid < threads && !w.quads; lid++) {
       // the programs' uniformStrideLoop: element lid + step·threads, the same steps for every invocation
       for (let step = 0; step < l.rows * l.depth / threads; step++) {
         const i = lid + step * threads;
@@ -142,12 +168,12 @@ function values(n: number, seed: number): Float64Array {
  * largest |difference| to the float64 block. `leftTransposed`: the left operand comes as Lᵀ (the
  * weight gradients: L(r, p) with r the reduction).
  */
-function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault'] }): number {
+function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean }): number {
   const { rows, cols } = layout;
   const A = values(rows * o.inner, 1); // A(m, k) at m·inner + k
   const B = values(o.inner * cols, 2); // B(k, n) at k·cols + n
   const block = emulateWorkgroup({
-    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault,
+    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads,
     left: (m, k) => A[m * o.inner + k], right: (k, n) => B[k * cols + n],
   });
   let worst = 0;
@@ -225,6 +251,18 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
         }
       }
     }
+  });
+
+  it('vectorized staging (4 consecutive elements per quad, both layouts, B along k or n, K tails of whole quads): the block exactly', () => {
+    for (const inner of [64, 100, 196]) {
+      expect(blockError(MATMUL_LAYOUT, { inner, kFastestB: true, quads: true }), `matmul k ${inner}`).to.equal(0);
+      expect(blockError(MATMUL_LAYOUT, { inner, kFastestB: false, quads: true }), `matmul n ${inner}`).to.equal(0);
+      expect(blockError(WEIGHT_GRAD_LAYOUT, { inner, kFastestB: false, quads: true }), `grad ${inner}`).to.equal(0);
+    }
+    // quads along k land 4 slab rows apart, and the check sees it when they do not
+    expect(stagedQuadB(integers, MATMUL_LAYOUT, 0, true).step).to.equal(136);
+    expect(stagedQuadA(integers, WEIGHT_GRAD_LAYOUT, 33).step).to.equal(1);
+    expect(() => blockError(MATMUL_LAYOUT, { inner: 64, kFastestB: true, quads: true, fault: 'quad step 1 along k' })).to.throw(/staged twice/);
   });
 
   it('a left load with the wrong major order, or lanes reading another subgroup\'s slot, is caught', () => {
