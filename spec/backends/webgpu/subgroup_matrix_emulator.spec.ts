@@ -18,7 +18,7 @@ import {
   subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
+  MATMUL_LAYOUT, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   type BisectOptions, bisectVariant, exactLayout, gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
@@ -351,6 +351,27 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       expect(await compileErrors(standIn(packageProgramShader(gradProgram, options)))).to.deep.equal([]);
     });
   }
+
+  it('the package\'s programs outside tfjs in quads (the device batch\'s v5 cases: f32 and bf16 weights, along k and n, mixed): valid WGSL', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 2048, layout: null };
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
+    const programs: Array<[SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, boolean]> = [
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: true }, 32,
+          matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 })), false],
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: true, packedWeight: bf16 }, 32,
+          matMulStaging({ packedWeight: bf16 }, { inner: 2048, outCols: 1536, sE: 1536 * 1024, sN: 2048, sK: 1 })), true],
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: false }, 32,
+          matMulStaging({}, { inner: 198, outCols: 1536, sE: 1536 * 198, sN: 1, sK: 1536 })), false],
+      [new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+          weightGradStaging({ P: 1536, Q: 2048 })), false],
+    ];
+    expect(programs.map(([p]) => p.variableComponents.slice(0, 2))).to.deep.equal([[4, 4], [4, 2], [1, 4], [4, 4]]);
+    for (const [program, packedW] of programs) {
+      const code = packageProgramShader(program, { entry: 'wrapper', packedW });
+      expect(code).to.match(packedW ? /var<storage, read> W : array<vec2<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
+      expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
+    }
+  });
 
   it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
     for (const [program, userCode] of [[rowsProgram, OLD_MATMUL_ROWS], [gradProgram, OLD_WEIGHT_GRAD_ROWS]] as const) {
