@@ -7,6 +7,9 @@
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import type { DataType } from '@tensorflow/tfjs-core';
+import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
@@ -23,7 +26,7 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
-import { tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
+import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
 import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
@@ -360,6 +363,31 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       });
     }
   }
+
+  it('quad programs under tfjs\'s own preamble (its vec4 / vec2 input declarations and getters): valid WGSL around the matrix builtins', async () => {
+    // tfjs builds the shader in compileProgram; a device that only records the code hands it to Mesa's compiler
+    const shaderOf = (program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string => {
+      let code = '';
+      const recorder = { createShaderModule: (d: { code: string }) => { code = d.code; return {}; }, createComputePipeline: () => ({}) };
+      compileProgram(recorder as unknown as GPUDevice, program, inputs.map(([name, dtype, shape]) => ({ name, dtype, shape })) as never,
+          { dtype: 'float32', shape: out } as never, false);
+      return standInMatrices(hoistEnableDirectives(code));
+    };
+    const bf16 = packedSpec('bf16', 2);
+    const matmul = new SubgroupMatrixMatMulProgram(256, 96, { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: true,
+      hasAddend: false, kContiguous: true, scaled: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 128, outCols: 96, sE: 96 * 64, sN: 128, sK: 1 }));
+    const matmulCode = shaderOf(matmul, [['A', 'float32', [256, 256]], ['W', 'int32', [4, 96 * 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
+      ['bias', 'float32', [4, 96]], ['amax', 'float32', [1]]], [256, 96]);
+    expect(matmulCode).to.match(/var<storage, read> A: array<vec4<f32>>/);
+    expect(matmulCode).to.match(/var<storage, read> W: array<vec2<i32>>/);
+    expect(await compileErrors(matmulCode)).to.deep.equal([]);
+    const grad = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, { left: 'gather', right: 'rows', scaleLeft: true, scaled: false }, 32,
+        weightGradStaging({ P: 96, Q: 64 }));
+    const gradCode = shaderOf(grad, [['L', 'float32', [64, 96]], ['R', 'float32', [256, 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
+      ['rw', 'float32', [64]]], [4, 96, 64]);
+    expect(gradCode).to.match(/var<storage, read> L: array<vec4<f32>>/);
+    expect(await compileErrors(gradCode)).to.deep.equal([]);
+  });
 
   it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {
     const program = new SubgroupMatrixMatMulProgram(128, 96, matMulSpecs[0], 32);
