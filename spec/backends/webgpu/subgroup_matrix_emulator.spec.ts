@@ -265,6 +265,25 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     expect(() => blockError(MATMUL_LAYOUT, { inner: 64, kFastestB: true, quads: true, fault: 'quad step 1 along k' })).to.throw(/staged twice/);
   });
 
+  it('quads along k: a subgroup reads whole 32-byte runs of 8 columns and its transposing stores meet at most 2 words per bank', () => {
+    const x = integers;
+    for (let first = 0; first < 2048; first += 32) {
+      const quads = Array.from({ length: 32 }, (_, lane) => stagedQuadB(x, MATMUL_LAYOUT, first + lane, true));
+      const columns = new Set(quads.map(q => q.n));
+      expect(columns.size).to.equal(8);
+      // per column, 4 quads: 16 consecutive k, 64 bytes of a row of W [out, in]
+      for (const n of columns) expect(quads.filter(q => q.n === n).map(q => q.k).sort((a, b) => a - b)).to.deep.equal([0, 4, 8, 12].map(k => k + quads.find(q => q.n === n)!.k - quads.find(q => q.n === n)!.k % 16));
+      for (let c = 0; c < 4; c++) {
+        const wordsByBank = new Map<number, Set<number>>();
+        for (const q of quads) {
+          const word = Math.floor((q.at + c * q.step) / 2);
+          wordsByBank.set(word % 32, (wordsByBank.get(word % 32) ?? new Set()).add(word));
+        }
+        expect(Math.max(...[...wordsByBank.values()].map(w => w.size)), `quads ${first}.., half ${c}`).to.be.at.most(2);
+      }
+    }
+  });
+
   it('a left load with the wrong major order, or lanes reading another subgroup\'s slot, is caught', () => {
     expect(blockError(MATMUL_LAYOUT, { inner: 32, kFastestB: true, fault: 'left load transposed' })).to.be.greaterThan(0.1);
     expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 32, kFastestB: false, fault: 'left load transposed' })).to.be.greaterThan(0.1);
