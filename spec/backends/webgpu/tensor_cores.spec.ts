@@ -269,6 +269,9 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(element.getUserCode()).to.not.contain('vec4<f16>');
     expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...spec, packedWeight: packedSpec('int8', 2) }, 32, { left: 'vec4', right: 'vec4' }))
       .to.throw('SubgroupMatrixMatMulProgram: int8 weights are staged per element, not in quads');
+    // a workgroup whose invocations do not divide the slab's quads (no real subgroup size does) is refused, not left half staged
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, spec, 3, { left: 'vec4', right: 'vec4' }).getUserCode())
+      .to.throw('QuadStaging: 2048 quads are not whole steps of 12 invocations');
     const grad = new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128,
         { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: true }, scaleLeft: true, scaled: true }, 32, weightGradStaging({ P: 128, Q: 128 }));
     expect(grad.variableComponents).to.deep.equal([4, 4, 1, 1, 1, 1]);
