@@ -271,6 +271,8 @@ export interface PackageShaderOptions {
    * standalone variants that were exact on the H200.
    */
   entry: 'wrapper' | 'inline';
+  /** W holds packed int32 words (a bf16/f16 or quantized weight), not f32 */
+  packedW?: boolean;
 }
 
 /**
@@ -284,8 +286,12 @@ export function packageProgramShader(program: SubgroupMatrixMatMulProgram | Subg
   if (unbound.length > 0) throw new Error(`packageProgramShader: no binding for input ${unbound.join(', ')}`);
   const userCode = options.userCode ?? program.getUserCode();
   if (!/\bfn main\(\) \{/.test(userCode)) throw new Error('packageProgramShader: the code has no fn main() {');
-  const inputs = program.variableNames.map((name, i) =>
-    `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${PROGRAM_INPUTS[name]}>;`);
+  // as tfjs declares them: vec4 (vec2 for packed words) where the program stages in quads
+  const inputs = program.variableNames.map((name, i) => {
+    const scalar = name === 'W' && options.packedW ? 'i32' : PROGRAM_INPUTS[name];
+    const n = program.variableComponents[i];
+    return `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${n === 1 ? scalar : `vec${n}<${scalar}>`}>;`;
+  });
   const builtins = `@builtin(local_invocation_id) li3 : vec3<u32>, @builtin(local_invocation_index) li : u32,
     @builtin(workgroup_id) wg : vec3<u32>, @builtin(num_workgroups) nw : vec3<u32>`;
   const workgroupSize = `@compute @workgroup_size(${program.workgroupSize.join(', ')})`;

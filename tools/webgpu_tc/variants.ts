@@ -11,6 +11,13 @@
  *    without SwiGLU, the f32 and bf16 weight loaders, grouped rows, a runtime K bound, a 4-byte
  *    workgroup scalar before the slabs, column-major As, a K tail), then all together;
  * 3. the rebuilt programs at Q's up shape, timed; the exact GEMM at 2048³ (the control); db64af4's MatMul.
+ * v5 (the speed, after v4 found the programs exact at 3.4 / 5.4 TFLOP/s): the programs stage in
+ * vec4 quads with register prefetch where the shapes allow (subgroup_matrix_program.ts's
+ * matMulStaging / weightGradStaging, as kernels.ts picks them). CASES now run the small problem on
+ * every staging path (quads of f32 and bf16 weights, along k and n, a K tail per element, the
+ * per-element path itself), all rel 0 expected; then Q's shape timed (goal >= 40 TFLOP/s) beside the
+ * exact GEMM and the per-element MatMul; then the bisection's two ends. v4's other bisection cases
+ * are BISECT_CASES (VARIANT_CASES=id,... runs them).
  * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
  * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
  * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
@@ -32,7 +39,9 @@ import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
-import { SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
+import {
+  ELEMENT_STAGING, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, weightGradStaging,
+} from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
   type BisectOptions, bisectVariant, isPaddingRow, type PackageShaderOptions, packageProgramShader, plainVariant, type Problem,
@@ -42,8 +51,8 @@ import { bfloat16Bits } from '../../src/ops/packed.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
-/** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout */
-const TIME_BUDGET_MS = 100_000;
+/** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout (on_device.sh: 155) */
+const TIME_BUDGET_MS = 120_000;
 const CASE_TIMEOUT_MS = 30_000;
 const harness = process.env.VARIANTS_HARNESS === '1';
 const started = Date.now();
@@ -63,9 +72,16 @@ interface Grouped {
   K: number;
   /** check every element (else 512 samples) */
   everyElement: boolean;
+  /** MatMul: W f32 or packed bf16 words; stored [E, N, K] ('nk', contiguous along k) or [E, K, N] ('kn') */
+  weight?: 'f32' | 'bf16';
+  layout?: 'nk' | 'kn';
+  /** 'auto': matMulStaging / weightGradStaging of the shape (quads where aligned), as kernels.ts picks; 'element': the v4 per-element path */
+  staging?: 'auto' | 'element';
 }
 
 const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
+/** K not a multiple of 4: A per element (its tail zero-filled per element), W [E, K, N] in quads along n: the mixed path */
+const SMALL_TAIL: Grouped = { ...SMALL, K: 198, layout: 'kn' };
 /** config Q's up projection */
 const Q_UP: Grouped = { E: 16, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
 
@@ -99,7 +115,10 @@ const exactV2 = (p: Problem) => stagedVariant(p,
 
 function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
     entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
-  const what = program === 'matmul' ? 'SubgroupMatrixMatMulProgram (rows, f32 weight [E, N, K])' : 'SubgroupMatrixWeightGradProgram (rows x rows)';
+  const staging = code === 'db64af4' ? 'its staging' : shape.staging === 'element' ? 'per element' : 'quads where aligned';
+  const what = program === 'matmul'
+    ? `SubgroupMatrixMatMulProgram (rows, ${shape.weight ?? 'f32'} weight [E, ${shape.layout === 'kn' ? 'K, N' : 'N, K'}], ${staging})`
+    : `SubgroupMatrixWeightGradProgram (rows x rows, ${staging})`;
   const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
   return { id, name: `package ${what}, ${code === 'fixed' ? 'depth 64, pad 8' : code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
     spec: { kind: 'package', program, code, entry, shape, timing } };
@@ -117,9 +136,27 @@ function bisectCase(id: string, options: BisectOptions, problem = BISECT): Case 
  * reproduces.
  */
 export const CASES: Case[] = [
+  // exactness of every staging path on the small problem with every edge (rel 0 expected)
   packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
   packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  packageCase('pkg-matmul-small-bf16', 'matmul', 'fixed', { ...SMALL, weight: 'bf16' }),
+  packageCase('pkg-matmul-small-kn', 'matmul', 'fixed', { ...SMALL, layout: 'kn' }),
+  packageCase('pkg-matmul-small-tail', 'matmul', 'fixed', SMALL_TAIL),
+  packageCase('pkg-weightgrad-small-tail', 'weightGrad', 'fixed', { ...SMALL, K: 198 }),
+  packageCase('pkg-matmul-small-element', 'matmul', 'fixed', { ...SMALL, staging: 'element' }),
+  // speed at Q's up shape (goal: >= 40 TFLOP/s), the per-element path (v4: 3.4) and the exact GEMM as controls
+  packageCase('pkg-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q', 'weightGrad', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-bf16', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16' }, 'wrapper', 'timestamps'),
+  { id: 'exact-v2-2048', name: 'v2 exact GEMM: 4 subgroups of 64x64, 128x128, depth 64, pad 8, vec4, prefetch', spec: { kind: 'gemm', problem: GEMM_2048, variant: exactV2, timing: 'timestamps' } },
+  packageCase('pkg-matmul-q-element', 'matmul', 'fixed', { ...Q_UP, staging: 'element' }, 'wrapper', 'timestamps'),
+  // v4's bisection (every case rel 0 on the H100 at ed617bb): its two ends, as regressions
   bisectCase('bisect-0-base', {}),
+  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
+];
+
+/** v4's other bisection cases (compiled on Mesa by the emulator spec; run with VARIANT_CASES=id,...). */
+export const BISECT_CASES: Case[] = [
   bisectCase('bisect-a-slot-epilogue', { slotEpilogue: true }),
   bisectCase('bisect-b-left-rows', { left: 'rows' }),
   bisectCase('bisect-c-left-act', { left: 'act' }),
@@ -130,10 +167,6 @@ export const CASES: Case[] = [
   bisectCase('bisect-h-scalar-first', { runtimeK: true, scalarFirst: true }),
   bisectCase('bisect-i-left-col-major', { leftColMajor: true }),
   bisectCase('bisect-t-k-tail', {}, BISECT_TAIL),
-  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
-  packageCase('pkg-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
-  packageCase('pkg-weightgrad-q', 'weightGrad', 'fixed', Q_UP, 'wrapper', 'timestamps'),
-  { id: 'exact-v2-2048', name: 'v2 exact GEMM: 4 subgroups of 64x64, 128x128, depth 64, pad 8, vec4, prefetch', spec: { kind: 'gemm', problem: GEMM_2048, variant: exactV2, timing: 'timestamps' } },
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
 ];
 
@@ -143,6 +176,10 @@ const HARNESS_CASES: Case[] = [
     spec: { kind: 'gemm', problem: { name: 'harness', batch: 2, M: 64, N: 64, K: 64 }, variant: plainVariant, timing: 'timestamps' } },
   packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
   packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  packageCase('pkg-matmul-small-bf16', 'matmul', 'fixed', { ...SMALL, weight: 'bf16' }),
+  packageCase('pkg-matmul-small-tail', 'matmul', 'fixed', SMALL_TAIL),
+  packageCase('pkg-weightgrad-small-tail', 'weightGrad', 'fixed', { ...SMALL, K: 198 }),
+  packageCase('pkg-matmul-small-element', 'matmul', 'fixed', { ...SMALL, staging: 'element' }),
   bisectCase('bisect-c-left-act', { left: 'act' }),
   bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
   bisectCase('bisect-e-weight-bf16', { weight: 'bf16', leftColMajor: true }),
@@ -342,11 +379,20 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   const { E, perExpert, real, N, K } = g;
   const grad = spec.program === 'weightGrad';
   const rows = E * perExpert + (grad ? 0 : g.unused);
+  const bf16 = !grad && g.weight === 'bf16';
+  const kn = !grad && g.layout === 'kn';
+  // W_e(k, n) at e·sE + n·sN + k·sK (sE in words when packed)
+  const [sN, sK] = kn ? [1, N] : [K, 1];
+  const sE = bf16 ? N * K / 2 : N * K;
+  const packedWeight = bf16 ? { kind: 'bf16' as const, cols: kn ? N : K, layout: null } : undefined;
+  const element = g.staging === 'element' || spec.code === 'db64af4';
   const program = grad
-    ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32)
-    : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32);
+    ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+        element ? ELEMENT_STAGING : weightGradStaging({ P: N, Q: K }))
+    : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: !kn, scaled: false, packedWeight }, 32,
+        element ? ELEMENT_STAGING : matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK }));
   const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
-  const shader = packageProgramShader(program, { entry: spec.entry, userCode });
+  const shader = packageProgramShader(program, { entry: spec.entry, userCode, packedW: bf16 });
   // Mesa: f32 stand-in slabs at a quarter of their length, within its 32 KiB (its numbers are no product anyway)
   const code = dryRun ? shrinkSlabs(standInMatrices(shader)) : shader;
   const isReal = (row: number) => row < E * perExpert && row % perExpert < real;
@@ -373,9 +419,9 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
     });
     buffers = [storage(device, E * N * K * 4), storage(device, l), storage(device, r), storage(device, seg)];
   } else {
-    // A [rows, K], W [E, N, K]; out [rows, N]
+    // A [rows, K], W [E, N, K] or [E, K, N] (f32, or bf16 halves in int32 words: multiples of 1/64 are exact in both); out [rows, N]
     const a = sixtyFourths(rows * K), w = sixtyFourths(E * N * K);
-    new Int32Array(uniformData, 0, 8).set([rows, N, K, 1, E, N * K, K, 1]);
+    new Int32Array(uniformData, 0, 8).set([rows, N, K, 1, E, sE, sN, sK]);
     new Float32Array(uniformData, 32, 3).set([1, 0, 0]);
     // sampled: 32 of the samples on padding rows, which must be 0
     const padding = Array.from({ length: rows }, (_, row) => row).filter(row => !isReal(row));
@@ -389,10 +435,11 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
       if (!isReal(row)) return 0;
       const e = Math.floor(row / perExpert);
       let s = 0;
-      for (let k = 0; k < K; k++) s += a[row * K + k] * w[(e * N + n) * K + k];
+      for (let k = 0; k < K; k++) s += a[row * K + k] * w[e * N * K + n * sN + k * sK];
       return s;
     });
-    buffers = [storage(device, rows * N * 4), storage(device, a), storage(device, w), storage(device, seg), storage(device, pr)];
+    const W = bf16 ? storage(device, new Int32Array(Uint16Array.from(w, bfloat16Bits).buffer)) : storage(device, w);
+    buffers = [storage(device, rows * N * 4), storage(device, a), W, storage(device, seg), storage(device, pr)];
   }
   const uniforms = device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
   device.queue.writeBuffer(uniforms, 0, uniformData);
@@ -451,7 +498,7 @@ async function requestAdapter(hold = true): Promise<GPUAdapter> {
 const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
 
 async function child(id: string): Promise<void> {
-  const c = [...CASES, ...HARNESS_CASES].find(x => x.id === id);
+  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES].find(x => x.id === id);
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
@@ -520,7 +567,7 @@ function runCase(c: Case): Promise<Outcome> {
 }
 
 async function parent(): Promise<void> {
-  const report: Record<string, unknown> = { check: 'webgpu_tc variants v4', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
+  const report: Record<string, unknown> = { check: 'webgpu_tc variants v5', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
   const write = (name: string) => {
     if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
   };
@@ -535,7 +582,7 @@ async function parent(): Promise<void> {
     cases = harness ? HARNESS_CASES : [];
   }
   const only = process.env.VARIANT_CASES?.split(',');
-  if (only) cases = cases.filter(c => only.includes(c.id));
+  if (only) cases = [...cases, ...(lacking.length > 0 ? [] : BISECT_CASES)].filter(c => only.includes(c.id));
   const results: Outcome[] = [];
   report.results = results;
   for (const c of cases) {

@@ -14,10 +14,11 @@
 import { expect } from 'chai';
 import {
   aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
-  partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, subgroupCount,
+  partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, stagedQuadA, stagedQuadB,
+  subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  MATMUL_LAYOUT, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT,
+  MATMUL_LAYOUT, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   type BisectOptions, bisectVariant, exactLayout, gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
@@ -57,7 +58,12 @@ interface Emulated {
   /** the B staging walks k fastest (a weight stored [out, in]) */
   kFastestB: boolean;
   /** a deliberate mistake, to show the check can fail */
-  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0';
+  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0' | 'quad step 1 along k';
+  /**
+   * the programs' vectorized staging (stagedQuadA / stagedQuadB): each invocation writes 4
+   * consecutive elements per quad, whole quads past the reduction zero (inner a multiple of 4)
+   */
+  quads?: boolean;
 }
 
 /** One workgroup of the generated program, as data movement: the block it writes (NaN where unwritten). */
@@ -72,7 +78,27 @@ function emulateWorkgroup(w: Emulated): Float64Array {
   for (let k0 = 0; k0 < w.inner; k0 += l.depth) {
     const As = new Float64Array(sizes.a).fill(NaN);
     const Bs = new Float64Array(sizes.b).fill(NaN);
-    for (let lid = 0; lid < threads; lid++) {
+    for (let lid = 0; lid < threads && w.quads; lid++) {
+      // QuadStaging: quad lid + t·threads, 4 elements each
+      for (let t = 0; t < l.rows * l.depth / 4 / threads; t++) {
+        const { m, k, at, step } = stagedQuadA(x, l, lid + t * threads);
+        for (let c = 0; c < 4; c++) {
+          const [mc, kc] = l.leftColMajor ? [m + c, k] : [m, k + c];
+          if (!Number.isNaN(As[at + c * step])) throw new Error(`As[${at + c * step}] staged twice`);
+          As[at + c * step] = k0 + k < w.inner ? w.left(mc, k0 + kc) : 0;
+        }
+      }
+      for (let t = 0; t < l.depth * l.cols / 4 / threads; t++) {
+        const { k, n, at, step } = stagedQuadB(x, l, lid + t * threads, w.kFastestB);
+        const slabStep = w.fault === 'quad step 1 along k' ? 1 : step;
+        for (let c = 0; c < 4; c++) {
+          const [kc, nc] = w.kFastestB ? [k + c, n] : [k, n + c];
+          if (!Number.isNaN(Bs[at + c * slabStep])) throw new Error(`Bs[${at + c * slabStep}] staged twice`);
+          Bs[at + c * slabStep] = k0 + kc < w.inner ? w.right(k0 + kc, nc) : 0;
+        }
+      }
+    }
+    for (let lid = 0; lid < threads && !w.quads; lid++) {
       // the programs' uniformStrideLoop: element lid + step·threads, the same steps for every invocation
       for (let step = 0; step < l.rows * l.depth / threads; step++) {
         const i = lid + step * threads;
@@ -142,12 +168,12 @@ function values(n: number, seed: number): Float64Array {
  * largest |difference| to the float64 block. `leftTransposed`: the left operand comes as Lᵀ (the
  * weight gradients: L(r, p) with r the reduction).
  */
-function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault'] }): number {
+function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean }): number {
   const { rows, cols } = layout;
   const A = values(rows * o.inner, 1); // A(m, k) at m·inner + k
   const B = values(o.inner * cols, 2); // B(k, n) at k·cols + n
   const block = emulateWorkgroup({
-    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault,
+    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads,
     left: (m, k) => A[m * o.inner + k], right: (k, n) => B[k * cols + n],
   });
   let worst = 0;
@@ -223,6 +249,37 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
           const next = stagedElementB(x, l, e + c, false);
           expect([next.k, next.n, bIndex(x, l, next.k, next.n)]).to.deep.equal([first.k, first.n + c, bIndex(x, l, first.k, first.n) + c]);
         }
+      }
+    }
+  });
+
+  it('vectorized staging (4 consecutive elements per quad, both layouts, B along k or n, K tails of whole quads): the block exactly', () => {
+    for (const inner of [64, 100, 196]) {
+      expect(blockError(MATMUL_LAYOUT, { inner, kFastestB: true, quads: true }), `matmul k ${inner}`).to.equal(0);
+      expect(blockError(MATMUL_LAYOUT, { inner, kFastestB: false, quads: true }), `matmul n ${inner}`).to.equal(0);
+      expect(blockError(WEIGHT_GRAD_LAYOUT, { inner, kFastestB: false, quads: true }), `grad ${inner}`).to.equal(0);
+    }
+    // quads along k land 4 slab rows apart, and the check sees it when they do not
+    expect(stagedQuadB(integers, MATMUL_LAYOUT, 0, true).step).to.equal(136);
+    expect(stagedQuadA(integers, WEIGHT_GRAD_LAYOUT, 33).step).to.equal(1);
+    expect(() => blockError(MATMUL_LAYOUT, { inner: 64, kFastestB: true, quads: true, fault: 'quad step 1 along k' })).to.throw(/staged twice/);
+  });
+
+  it('quads along k: a subgroup reads whole 32-byte runs of 8 columns and its transposing stores meet at most 2 words per bank', () => {
+    const x = integers;
+    for (let first = 0; first < 2048; first += 32) {
+      const quads = Array.from({ length: 32 }, (_, lane) => stagedQuadB(x, MATMUL_LAYOUT, first + lane, true));
+      const columns = new Set(quads.map(q => q.n));
+      expect(columns.size).to.equal(8);
+      // per column, 4 quads: 16 consecutive k, 64 bytes of a row of W [out, in]
+      for (const n of columns) expect(quads.filter(q => q.n === n).map(q => q.k).sort((a, b) => a - b)).to.deep.equal([0, 4, 8, 12].map(k => k + quads.find(q => q.n === n)!.k - quads.find(q => q.n === n)!.k % 16));
+      for (let c = 0; c < 4; c++) {
+        const wordsByBank = new Map<number, Set<number>>();
+        for (const q of quads) {
+          const word = Math.floor((q.at + c * q.step) / 2);
+          wordsByBank.set(word % 32, (wordsByBank.get(word % 32) ?? new Set()).add(word));
+        }
+        expect(Math.max(...[...wordsByBank.values()].map(w => w.size)), `quads ${first}.., half ${c}`).to.be.at.most(2);
       }
     }
   });
@@ -313,6 +370,27 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       expect(await compileErrors(standIn(packageProgramShader(gradProgram, options)))).to.deep.equal([]);
     });
   }
+
+  it('the package\'s programs outside tfjs in quads (the device batch\'s v5 cases: f32 and bf16 weights, along k and n, mixed): valid WGSL', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 2048, layout: null };
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
+    const programs: Array<[SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, boolean]> = [
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: true }, 32,
+          matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 })), false],
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: true, packedWeight: bf16 }, 32,
+          matMulStaging({ packedWeight: bf16 }, { inner: 2048, outCols: 1536, sE: 1536 * 1024, sN: 2048, sK: 1 })), true],
+      [new SubgroupMatrixMatMulProgram(2048, 1536, { ...rows, kContiguous: false }, 32,
+          matMulStaging({}, { inner: 198, outCols: 1536, sE: 1536 * 198, sN: 1, sK: 1536 })), false],
+      [new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+          weightGradStaging({ P: 1536, Q: 2048 })), false],
+    ];
+    expect(programs.map(([p]) => p.variableComponents.slice(0, 2))).to.deep.equal([[4, 4], [4, 2], [1, 4], [4, 4]]);
+    for (const [program, packedW] of programs) {
+      const code = packageProgramShader(program, { entry: 'wrapper', packedW });
+      expect(code).to.match(packedW ? /var<storage, read> W : array<vec2<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
+      expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
+    }
+  });
 
   it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
     for (const [program, userCode] of [[rowsProgram, OLD_MATMUL_ROWS], [gradProgram, OLD_WEIGHT_GRAD_ROWS]] as const) {

@@ -7,7 +7,7 @@
 import { expect } from 'chai';
 import { uniformStrideLoop } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  ELEMENT_STAGING, SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
@@ -31,13 +31,17 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
   // 16 and 64 invocations per subgroup: 64 and 256 per workgroup, fewer or more than the block's 128 rows
   for (const subgroupSize of [16, 32, 64]) {
     it(`every program variant at subgroup size ${subgroupSize}: no per-invocation branch around them, no per-invocation loop bound, no early exit`, () => {
-      for (const spec of matMulSpecs) {
-        const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize);
-        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
-      }
-      for (const spec of gradSpecs) {
-        const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, subgroupSize);
-        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+      // per element, in quads (the register prefetch's loads under a workgroup-uniform branch), and mixed
+      const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: 'vec4' }, { left: 'vec4', right: 'element' }, { left: 'element', right: 'vec4' }];
+      for (const staging of stagings) {
+        for (const spec of matMulSpecs) {
+          const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize, staging);
+          expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+        }
+        for (const spec of gradSpecs) {
+          const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, subgroupSize, staging);
+          expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+        }
       }
     });
   }

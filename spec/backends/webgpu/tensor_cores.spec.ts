@@ -7,14 +7,17 @@
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import type { DataType } from '@tensorflow/tfjs-core';
+import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
-  SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
-  subgroupMatrixWorkgroupBytes,
+  ELEMENT_STAGING, matMulStaging, SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, type SubgroupStaging,
+  SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
@@ -23,7 +26,7 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
-import { tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
+import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
 import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
@@ -215,6 +218,68 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(SUBGROUP_MATRIX_BLOCK.rows % 16).to.equal(0);
   });
 
+  it('stages in quads only where every quad is aligned and decodable as a whole (matMulStaging, weightGradStaging)', () => {
+    const q = { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 };
+    const both: SubgroupStaging = { left: 'vec4', right: 'vec4' };
+    expect(matMulStaging({}, q)).to.deep.equal(both);
+    // [E, K, N] (contiguous along n), and PEFT's rank-major factors
+    expect(matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 1, sK: 1536 })).to.deep.equal(both);
+    // K not a multiple of 4: A and a k-contiguous W per element; an n-contiguous W still in quads
+    expect(matMulStaging({}, { ...q, inner: 2046, sN: 2046 })).to.deep.equal(ELEMENT_STAGING);
+    expect(matMulStaging({}, { inner: 2046, outCols: 1536, sE: 1536 * 2046, sN: 1, sK: 1536 })).to.deep.equal({ left: 'element', right: 'vec4' });
+    // misaligned strides or expert starts, columns not whole quads, neither stride 1
+    expect(matMulStaging({}, { ...q, sN: 2050 }).right).to.equal('element');
+    expect(matMulStaging({}, { ...q, sE: 1536 * 2048 + 2 }).right).to.equal('element');
+    expect(matMulStaging({}, { inner: 2048, outCols: 1534, sE: 1534 * 2048, sN: 1, sK: 1534 }).right).to.equal('element');
+    expect(matMulStaging({}, { ...q, sN: 4096, sK: 2 }).right).to.equal('element');
+    // packed halves: the expert's words in pairs; quantized kinds always per element
+    expect(matMulStaging({ packedWeight: packedSpec('bf16', 2) }, { ...q, sE: 1536 * 1024 }).right).to.equal('vec4');
+    expect(matMulStaging({ packedWeight: packedSpec('f16', 2) }, { ...q, sE: 1536 * 1024 + 1 }).right).to.equal('element');
+    for (const kind of ['int8', 'int4', 'nf4', 'mxfp4'] as const) {
+      expect(matMulStaging({ packedWeight: packedSpec(kind, 2, kind === 'int4' ? 32 : undefined) }, q), kind)
+        .to.deep.equal({ left: 'vec4', right: 'element' });
+    }
+    expect(weightGradStaging({ P: 1536, Q: 2048 })).to.deep.equal(both);
+    expect(weightGradStaging({ P: 1538, Q: 6 })).to.deep.equal({ left: 'element', right: 'element' });
+    expect(weightGradStaging({ P: 8, Q: 2 })).to.deep.equal({ left: 'vec4', right: 'element' });
+  });
+
+  it('quad programs: vec4 inputs, one load per 4 elements, the next slab fetched into registers during the products', () => {
+    const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
+    const quad = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, { left: 'vec4', right: 'vec4' });
+    const element = new SubgroupMatrixMatMulProgram(256, 128, spec, 32);
+    expect(quad.variableComponents).to.deep.equal([4, 4, 1, 1]);
+    expect(element.variableComponents).to.deep.equal([1, 1, 1, 1]);
+    expect(quad.shaderKey).to.not.equal(element.shaderKey);
+    const code = quad.getUserCode().replace(/\s+/g, ' ');
+    // 128×64 of A and 64×128 of W in quads over 128 invocations: 16 registers each
+    expect(code).to.contain('var ra15 : vec4<f16>;');
+    expect(code).to.not.contain('var ra16 ');
+    expect(code).to.contain('var rb15 : vec4<f16>;');
+    expect(code).to.contain('return W[(wBase + n * uniforms.sN + k * uniforms.sK) / 4];');
+    expect(code).to.contain('return A[(row * uniforms.inner + c) / 4];');
+    // W along k: a quad's 4 halves 4 slab rows (136 halves) apart
+    expect(code).to.contain('Bs[d + 408u] = rb0.w;');
+    // fetch the next slab after the barrier that publishes this one, before the products
+    const loop = code.slice(code.indexOf('for (var k0 = 0;'));
+    const [barrier, fetch, product] = ['workgroupBarrier();', 'if (next < kEnd) {', 'subgroupMatrixMultiplyAccumulate'].map(t => loop.indexOf(t));
+    expect(barrier).to.be.greaterThan(0);
+    expect(fetch).to.be.greaterThan(barrier);
+    expect(product).to.be.greaterThan(fetch);
+    expect(element.getUserCode()).to.not.contain('vec4<f16>');
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...spec, packedWeight: packedSpec('int8', 2) }, 32, { left: 'vec4', right: 'vec4' }))
+      .to.throw('SubgroupMatrixMatMulProgram: int8 weights are staged per element, not in quads');
+    // a workgroup whose invocations do not divide the slab's quads (no real subgroup size does) is refused, not left half staged
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, spec, 3, { left: 'vec4', right: 'vec4' }).getUserCode())
+      .to.throw('QuadStaging: 2048 quads are not whole steps of 12 invocations');
+    const grad = new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128,
+        { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: true }, scaleLeft: true, scaled: true }, 32, weightGradStaging({ P: 128, Q: 128 }));
+    expect(grad.variableComponents).to.deep.equal([4, 4, 1, 1, 1, 1]);
+    const g = grad.getUserCode().replace(/\s+/g, ' ');
+    expect(g).to.contain('let row = (pr[r] / uniforms.topK); return L[(row * uniforms.P + c) / 4] * rw[pr[r]];');
+    expect(g).to.contain('return vec4<f32>(actForward(p.x, p.y), actForward(p.z, p.w), actForward(q.x, q.y), actForward(q.z, q.w));');
+  });
+
   /**
    * The program's shader as tfjs's builder lays it out (the declarations the programs use, then
    * the program's code, then the entry point), with the subgroup-matrix types and builtins
@@ -222,8 +287,12 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
    * rest: names, types, uniformity of the barriers, the staging and the epilogue.
    */
   function standIn(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, intInputs: string[]): string {
-    const inputs = program.variableNames.map((name, i) =>
-      `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${intInputs.includes(name) ? 'i32' : 'f32'}>;`);
+    // as tfjs declares them: vec4 (vec2 for packed words) where the program stages in quads
+    const inputs = program.variableNames.map((name, i) => {
+      const scalar = intInputs.includes(name) ? 'i32' : 'f32';
+      const n = program.variableComponents[i];
+      return `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${n === 1 ? scalar : `vec${n}<${scalar}>`}>;`;
+    });
     const user = program.getUserCode();
     const hoisted = hoistEnableDirectives(`${inputs.join('\n')}\n${user}`);
     expect(hoisted.startsWith('enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
@@ -272,11 +341,16 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     { source: 'gather', hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('mxfp4', 1) },
   ];
   for (const spec of matMulSpecs) {
-    const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32);
-    it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
-      const ints = ['seg', 'pr', ...(spec.packedWeight ? ['W'] : [])];
-      expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
-    });
+    // per element, and in quads where the weight's kind allows (every path: A's sources and activations, f32/bf16/f16 W along k and n)
+    const quadW = spec.packedWeight === undefined || spec.packedWeight.layout === null;
+    const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: quadW ? 'vec4' : 'element' }, { left: 'element', right: quadW ? 'vec4' : 'element' }];
+    for (const staging of stagings) {
+      const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32, staging);
+      it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+        const ints = ['seg', 'pr', ...(spec.packedWeight ? ['W'] : [])];
+        expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
+      });
+    }
   }
 
   const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
@@ -285,11 +359,38 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     { left: 'gather', right: 'rows', scaleLeft: true, scaled: false },
   ];
   for (const spec of gradSpecs) {
-    const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32);
-    it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
-      expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);
-    });
+    for (const staging of [ELEMENT_STAGING, weightGradStaging({ P: 96, Q: 64 }), { left: 'element', right: 'vec4' } as const]) {
+      const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32, staging);
+      it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+        expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);
+      });
+    }
   }
+
+  it('quad programs under tfjs\'s own preamble (its vec4 / vec2 input declarations and getters): valid WGSL around the matrix builtins', async () => {
+    // tfjs builds the shader in compileProgram; a device that only records the code hands it to Mesa's compiler
+    const shaderOf = (program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string => {
+      let code = '';
+      const recorder = { createShaderModule: (d: { code: string }) => { code = d.code; return {}; }, createComputePipeline: () => ({}) };
+      compileProgram(recorder as unknown as GPUDevice, program, inputs.map(([name, dtype, shape]) => ({ name, dtype, shape })) as never,
+          { dtype: 'float32', shape: out } as never, false);
+      return standInMatrices(hoistEnableDirectives(code));
+    };
+    const bf16 = packedSpec('bf16', 2);
+    const matmul = new SubgroupMatrixMatMulProgram(256, 96, { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: true,
+      hasAddend: false, kContiguous: true, scaled: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 128, outCols: 96, sE: 96 * 64, sN: 128, sK: 1 }));
+    const matmulCode = shaderOf(matmul, [['A', 'float32', [256, 256]], ['W', 'int32', [4, 96 * 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
+      ['bias', 'float32', [4, 96]], ['amax', 'float32', [1]]], [256, 96]);
+    expect(matmulCode).to.match(/var<storage, read> A: array<vec4<f32>>/);
+    expect(matmulCode).to.match(/var<storage, read> W: array<vec2<i32>>/);
+    expect(await compileErrors(matmulCode)).to.deep.equal([]);
+    const grad = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, { left: 'gather', right: 'rows', scaleLeft: true, scaled: false }, 32,
+        weightGradStaging({ P: 96, Q: 64 }));
+    const gradCode = shaderOf(grad, [['L', 'float32', [64, 96]], ['R', 'float32', [256, 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
+      ['rw', 'float32', [64]]], [4, 96, 64]);
+    expect(gradCode).to.match(/var<storage, read> L: array<vec4<f32>>/);
+    expect(await compileErrors(gradCode)).to.deep.equal([]);
+  });
 
   it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {
     const program = new SubgroupMatrixMatMulProgram(128, 96, matMulSpecs[0], 32);

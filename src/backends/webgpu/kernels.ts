@@ -13,7 +13,8 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
+  matMulStaging, SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
+  weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import { activeTensorCores, tensorCoreDevice, wideEnoughForTensorCores } from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
@@ -202,7 +203,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
-      ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize)
+      ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize,
+          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }))
       : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
@@ -314,7 +316,7 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
-          { ...common, scaled: inputs.amax != null }, tc.subgroupSize)
+          { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }))
       : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),

@@ -137,6 +137,42 @@ export function stagedElementB<T>(x: Arith<T>, l: SlabLayout, i: T, kFastest: bo
     : { k: x.div(i, x.lit(l.cols)), n: x.mod(i, x.lit(l.cols)) };
 }
 
+/**
+ * Vectorized staging (4 consecutive elements of the operand's contiguous direction per load):
+ * quad q (q = lid, lid + threads, ...) of the left slab is the elements (m, k + c), c < 4, of
+ * As's memory order (k fastest row-major, m fastest column-major: the direction the activations
+ * and Lᵀ are contiguous in), at As's `at` + c·`step`.
+ */
+export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T): { m: T; k: T; at: T; step: number } {
+  if (l.leftColMajor) {
+    const m = x.mul(x.mod(q, x.lit(l.rows / 4)), x.lit(4));
+    const k = x.div(q, x.lit(l.rows / 4));
+    return { m, k, at: aIndex(x, l, m, k), step: 1 };
+  }
+  const m = x.div(q, x.lit(l.depth / 4));
+  const k = x.mul(x.mod(q, x.lit(l.depth / 4)), x.lit(4));
+  return { m, k, at: aIndex(x, l, m, k), step: 1 };
+}
+
+/**
+ * Quad q of the right slab: the elements (k + c, n) (`kFastest`, a weight contiguous along k,
+ * 4 slab rows apart: step strideB) or (k, n + c) (contiguous along n: consecutive halves).
+ * Along k, 8 consecutive quads take 8 columns at one depth and the next 8 the next depth: a
+ * subgroup of 32 reads 8 columns × 64 contiguous bytes (whole 32-byte sectors) and its
+ * transposing stores fall on 8 banks (2-way), where 16 quads down one column would put 16 lanes
+ * on 2 banks.
+ */
+export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boolean): { k: T; n: T; at: T; step: number } {
+  if (kFastest) {
+    const k = x.mul(x.mod(x.div(q, x.lit(8)), x.lit(l.depth / 4)), x.lit(4));
+    const n = x.add(x.mod(q, x.lit(8)), x.mul(x.div(q, x.lit(2 * l.depth)), x.lit(8)));
+    return { k, n, at: bIndex(x, l, k, n), step: strideB(l) };
+  }
+  const k = x.div(q, x.lit(l.cols / 4));
+  const n = x.mul(x.mod(q, x.lit(l.cols / 4)), x.lit(4));
+  return { k, n, at: bIndex(x, l, k, n), step: 1 };
+}
+
 /** The block row and column where subgroup `subgroup`'s part starts. */
 export function partOrigin<T>(x: Arith<T>, l: SlabLayout, subgroup: T): { row: T; col: T } {
   return {

@@ -28,10 +28,13 @@ import {
   type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, usesPairOfRow, weightGradLoadSnippets,
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
-import { ACTIVATION_UNIFORMS, activationKey, EXPERT_OF_ROW, packedWeightKey } from './shared.js';
+import {
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, type PackedWeightSpec, packedWeightKey,
+  type RowSource,
+} from './shared.js';
 import {
   aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
-  type SlabLayout, slabSizes, stagedElementA, stagedElementB, uniformStrideLoop, wgslU32,
+  type SlabLayout, slabSizes, stagedElementA, stagedElementB, stagedQuadA, stagedQuadB, uniformStrideLoop, wgslU32,
 } from './subgroup_matrix_core.js';
 
 /**
@@ -149,12 +152,199 @@ function stage(array: string, count: number, threads: number, at: string, body: 
 }
 
 /**
+ * How a program stages each operand (issue 13's speed): 'vec4' loads 4 consecutive elements of
+ * the operand's contiguous direction at once (one vec4<f32>, or one vec2<u32> of 4 packed 16-bit
+ * halves), resolves the row and the bounds once per 4 elements, converts to vec4<f16> and keeps
+ * the next slab's values in registers while the current slab multiplies (the exact 100 TFLOP/s
+ * GEMM's pattern, tools/webgpu_tc/variant_codes.ts's stagedVariant); 'element' is the per-element
+ * path through the f32 program's loaders (every quantized format, and any shape whose
+ * 4-element groups would not be aligned). The caller picks it from the shapes and strides
+ * (matMulStaging, weightGradStaging); it is part of the shader key.
+ */
+export interface SubgroupStaging { left: 'vec4' | 'element'; right: 'vec4' | 'element' }
+
+export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'element' };
+
+/**
+ * The MatMul's staging for a product of reduction `inner` and `outCols` columns with W_e(k, n) at
+ * W[e·sE + n·sN + k·sK] (sE in words for a packed weight): A in quads when every row's quads are
+ * aligned (inner a multiple of 4); W when float32, bf16 or f16, contiguous along k (sK = 1) or
+ * n (sN = 1), and every quad starts on a 16-byte boundary (the other stride, the length along the
+ * contiguous direction and the expert's start multiples of 4 elements).
+ *
+ * ```js
+ * matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 });  // both 'vec4'
+ * ```
+ */
+export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
+    d: { inner: number; outCols: number; sE: number; sN: number; sK: number }): SubgroupStaging {
+  const left = d.inner >= 4 && d.inner % 4 === 0 ? 'vec4' : 'element';
+  const packed = spec.packedWeight;
+  const decodable = packed === undefined || packed.layout === null;
+  // the expert's start: 4 f32 elements, or 2 words of 2 halves
+  const expertAligned = d.sE % (packed === undefined ? 4 : 2) === 0;
+  const alongK = d.sK === 1 && d.inner >= 4 && d.inner % 4 === 0 && d.sN % 4 === 0;
+  const alongN = d.sK !== 1 && d.sN === 1 && d.outCols >= 4 && d.outCols % 4 === 0 && d.sK % 4 === 0;
+  return { left, right: decodable && expertAligned && (alongK || alongN) ? 'vec4' : 'element' };
+}
+
+/**
+ * The weight gradient's staging: L in quads along p when P is a multiple of 4, R along q when Q is.
+ *
+ * ```js
+ * weightGradStaging({ P: 1536, Q: 2048 });   // both 'vec4'
+ * ```
+ */
+export function weightGradStaging(d: { P: number; Q: number }): SubgroupStaging {
+  return { left: d.P >= 4 && d.P % 4 === 0 ? 'vec4' : 'element', right: d.Q >= 4 && d.Q % 4 === 0 ? 'vec4' : 'element' };
+}
+
+function stagingKey(s: SubgroupStaging): string {
+  return `${s.left === 'vec4' ? 'v' : 'e'}${s.right === 'vec4' ? 'v' : 'e'}`;
+}
+
+/**
+ * WGSL: `fn ${name}(r : i32, c : i32) -> vec4<f32>`, columns c..c+3 (c a multiple of 4) of row
+ * `rowOf` (an expression of r) of `array` (bound as vec4<f32>, rows `width` long), times
+ * `rowScale`; or with `activation` of its h row (2·width: gate and up halves, or interleaved
+ * pairs), the activation applied per element after the loads, as the f32 program's loader does.
+ */
+function rowQuadSnippet(name: string, array: string, width: string, activation: ActivationSpec | undefined,
+    rowOf = 'r', rowScale = ''): string {
+  if (activation === undefined) {
+    return `
+      fn ${name}(r : i32, c : i32) -> vec4<f32> {
+        let row = ${rowOf};
+        return ${array}[(row * ${width} + c) / 4]${rowScale};
+      }`;
+  }
+  const act = (g: string, u: string) => `actForward(${g}, ${u})`;
+  const body = activation.interleaved
+    ? `let at = (base + 2 * c) / 4;
+        let p = ${array}[at];
+        let q = ${array}[at + 1];
+        return vec4<f32>(${act('p.x', 'p.y')}, ${act('p.z', 'p.w')}, ${act('q.x', 'q.y')}, ${act('q.z', 'q.w')});`
+    : `let g = ${array}[(base + c) / 4];
+        let u = ${array}[(base + ${width} + c) / 4];
+        return vec4<f32>(${act('g.x', 'u.x')}, ${act('g.y', 'u.y')}, ${act('g.z', 'u.z')}, ${act('g.w', 'u.w')});`;
+  return `
+      ${activationSnippet(activation)}
+      fn ${name}(r : i32, c : i32) -> vec4<f32> {
+        let base = ${rowOf} * 2 * ${width};
+        ${body}
+      }`;
+}
+
+/**
+ * WGSL: `fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32>`, the 4 weight elements from
+ * j = n·sN + k·sK on (j a multiple of 4): one vec4<f32>, or one vec2<u32> of 4 packed halves
+ * decoded as packedHalfSnippet does (bf16: the high half of an f32; f16: unpack2x16float).
+ */
+function weightQuadSnippet(packed: PackedWeightSpec | undefined): string {
+  if (packed === undefined) {
+    return `
+      fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32> {
+        return W[(wBase + n * uniforms.sN + k * uniforms.sK) / 4];
+      }`;
+  }
+  const decode = packed.kind === 'bf16'
+    ? 'vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u), bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u))'
+    : 'vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y))';
+  return `
+      fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32> {
+        let w = bitcast<vec2<u32>>(W[(wBase + (n * uniforms.sN + k * uniforms.sK) / 2) / 2]);
+        return ${decode};
+      }`;
+}
+
+/**
+ * An operand staged in quads with register prefetch: `count` quads of the slab over the
+ * workgroup's invocations, unrolled into registers `${reg}0..`; `quad` declares the quad's
+ * coordinates from q, `value` is its vec4<f32> (branch-free: indices clamped, then select), `at`
+ * and `step` where its 4 halves go in `slab`.
+ */
+class QuadStaging {
+  readonly perInvocation: number;
+  constructor(private readonly reg: string, private readonly slab: string, count: number, private readonly threads: number,
+      private readonly quad: string, private readonly value: (k0: string) => string,
+      private readonly at: string, private readonly step: number) {
+    if (count % threads !== 0) throw new Error(`QuadStaging: ${count} quads are not whole steps of ${threads} invocations`);
+    this.perInvocation = count / threads;
+  }
+
+  private each(body: (t: number) => string): string {
+    return Array.from({ length: this.perInvocation }, (_, t) => `{
+          let q = localIndex + ${t * this.threads}u;
+          ${body(t)}
+        }`).join('\n        ');
+  }
+
+  declarations(): string {
+    return Array.from({ length: this.perInvocation }, (_, t) => `var ${this.reg}${t} : vec4<f16>;`).join(' ');
+  }
+
+  /** the slab from k0 (i32) into the registers */
+  fetch(k0: string): string {
+    return this.each(t => `${this.quad}
+          ${this.reg}${t} = vec4<f16>(${this.value(k0)});`);
+  }
+
+  /** the registers into the slab */
+  store(): string {
+    const s = this.step;
+    return this.each(t => `${this.quad}
+          let d = ${this.at};
+          ${this.slab}[d] = ${this.reg}${t}.x;
+          ${this.slab}[d + ${s}u] = ${this.reg}${t}.y;
+          ${this.slab}[d + ${2 * s}u] = ${this.reg}${t}.z;
+          ${this.slab}[d + ${3 * s}u] = ${this.reg}${t}.w;`);
+  }
+}
+
+/**
+ * WGSL of one K loop over slabs `depth` deep up to `end` (workgroup-uniform): each step stores
+ * the quad operands' registers (or stages the element operands in place), barrier, fetches the
+ * next slab's quads, multiplies, barrier.
+ */
+function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string): string {
+  if (quads.length === 0) {
+    return `for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
+          ${elementStaging.join('\n          ')}
+          workgroupBarrier();
+          ${multiply}
+          workgroupBarrier();
+        }`;
+  }
+  return `${quads.map(q => q.declarations()).join('\n        ')}
+        if (${end} > 0) {
+          ${quads.map(q => q.fetch('0')).join('\n          ')}
+        }
+        for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
+          ${quads.map(q => q.store()).join('\n          ')}
+          ${elementStaging.join('\n          ')}
+          workgroupBarrier();
+          let next = ${index} + ${depth};
+          if (next < ${end}) {
+            ${quads.map(q => q.fetch('next')).join('\n            ')}
+          }
+          ${multiply}
+          workgroupBarrier();
+        }`;
+}
+
+/** The inputs' components for tfjs's declarations: vec4 (a vec2 of words for a packed weight) where staged in quads. */
+function components(names: string[], quadded: Record<string, number>): number[] {
+  return names.map(n => quadded[n] ?? 1);
+}
+
+/**
  * GroupedMatMulProgram's product (its spec without the register tile) on subgroup matrices;
  * `scaled` adds the input `amax` (see the file comment). The plan's row tile must be a multiple
  * of 128 (the block's rows), so that a block never spans two experts.
  */
 export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   variableNames: string[];
+  variableComponents: number[];
   outputShape: number[];
   shaderKey: string;
   dispatchLayout = { x: [0], y: [1] };
@@ -163,19 +353,31 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
       'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean };
+  private readonly staging: SubgroupStaging;
 
-  /** out [capacity, outCols]; capacity a multiple of 128 */
+  /**
+   * out [capacity, outCols]; capacity a multiple of 128. `staging`: matMulStaging of the product's
+   * shape and strides (per element when absent).
+   */
   constructor(capacity: number, outCols: number, spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean },
-      subgroupSize: number) {
+      subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING) {
     this.spec = spec;
+    this.staging = staging;
+    if (staging.right === 'vec4' && spec.packedWeight !== undefined && spec.packedWeight.layout !== null) {
+      throw new Error(`SubgroupMatrixMatMulProgram: ${spec.packedWeight.kind} weights are staged per element, not in quads`);
+    }
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols);
     this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
+    this.variableComponents = components(this.variableNames, {
+      ...(staging.left === 'vec4' ? { A: 4 } : {}),
+      ...(staging.right === 'vec4' ? { W: spec.packedWeight ? 2 : 4 } : {}),
+    });
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
-        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}`;
+        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}`;
   }
 
   getUserCode(): string {
@@ -183,18 +385,51 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
+    const quadA = this.staging.left === 'vec4';
+    const quadW = this.staging.right === 'vec4';
     const loadW = weightLoadSnippet(this.spec.packedWeight);
     const x = wgslU32;
     const a = stagedElementA(x, layout, 'i');
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
     const b = stagedElementB(x, layout, 'i', this.spec.kContiguous);
+    const qa = stagedQuadA(x, layout, 'q');
+    const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous);
+    const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
+    const quads: QuadStaging[] = [];
+    const elements: string[] = [];
+    if (quadA) {
+      // the row's source once per 4 elements; padding rows and the K tail (whole quads: inner % 4 == 0) give 0
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let mm = ${qa.m}; let kk = ${qa.k};`,
+          k0 => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
+              `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`, qa.at, qa.step));
+    } else {
+      elements.push(stage('As', rows * depth, threads, `let mm = ${a.m}; let kk = ${a.k};`,
+          'let kAt = k0 + i32(kk);\n' +
+          '            let a = loadA(i32(mm), min(kAt, uniforms.inner - 1)) * s;\n' +
+          '            v = select(0.0, a, kAt < uniforms.inner);',
+          aIndex(x, layout, 'mm', 'kk')));
+    }
+    if (quadW) {
+      // quads along the weight's contiguous direction, whole (matMulStaging): clamped into range, then 0 past the edges
+      const [nMax, kMax] = this.spec.kContiguous ? ['uniforms.outCols - 1', 'uniforms.inner - 4'] : ['uniforms.outCols - 4', 'uniforms.inner - 1'];
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let kk = ${qb.k}; let nn = ${qb.n};`,
+          k0 => `select(vec4<f32>(0.0), loadW4(wBase, min(col0 + i32(nn), ${nMax}), min(${k0} + i32(kk), ${kMax})), ` +
+              `col0 + i32(nn) < uniforms.outCols && ${k0} + i32(kk) < uniforms.inner)`, qb.at, qb.step));
+    } else {
+      elements.push(stage('Bs', depth * cols, threads, `let kk = ${b.k}; let nn = ${b.n};`,
+          'let kAt = k0 + i32(kk);\n            let nAt = col0 + i32(nn);\n' +
+          '            let k = min(kAt, uniforms.inner - 1);\n            let n = min(nAt, uniforms.outCols - 1);\n' +
+          `            ${loadW.assign}\n` +
+          '            v = select(0.0, v, nAt < uniforms.outCols && kAt < uniforms.inner);',
+          bIndex(x, layout, 'kk', 'nn')));
+    }
     return `
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${ROW_INTS}>;
       ${EXPERT_OF_ROW}
-      ${rowLoadSnippet(this.spec.source, this.spec.activation)}
-      ${loadW.fn}
+      ${quadA ? rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowLoadSnippet(this.spec.source, this.spec.activation)}
+      ${quadW ? weightQuadSnippet(this.spec.packedWeight) : loadW.fn}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
 
       fn main() {
@@ -211,22 +446,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         // matrix operations
         let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
-        for (var k0 = 0; k0 < kEnd; k0 += ${depth}) {
-          ${stage('As', rows * depth, threads, `let mm = ${a.m}; let kk = ${a.k};`,
-              'let kAt = k0 + i32(kk);\n' +
-              '            let a = loadA(i32(mm), min(kAt, uniforms.inner - 1)) * s;\n' +
-              '            v = select(0.0, a, kAt < uniforms.inner);',
-              aIndex(x, layout, 'mm', 'kk'))}
-          ${stage('Bs', depth * cols, threads, `let kk = ${b.k}; let nn = ${b.n};`,
-              'let kAt = k0 + i32(kk);\n            let nAt = col0 + i32(nn);\n' +
-              '            let k = min(kAt, uniforms.inner - 1);\n            let n = min(nAt, uniforms.outCols - 1);\n' +
-              `            ${loadW.assign}\n` +
-              '            v = select(0.0, v, nAt < uniforms.outCols && kAt < uniforms.inner);',
-              bIndex(x, layout, 'kk', 'nn'))}
-          workgroupBarrier();
-          ${multiplySlab(layout, 'partRow', 'partCol')}
-          workgroupBarrier();
-        }
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
         let unscale = uniforms.alpha / s;
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let m = ${m};
@@ -253,6 +473,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
  */
 export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
   variableNames: string[];
+  variableComponents: number[];
   outputShape: number[];
   shaderKey: string;
   dispatchLayout = { x: [0], y: [1], z: [2] };
@@ -261,17 +482,24 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
   uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
       ACTIVATION_UNIFORMS;
   private readonly spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean };
+  private readonly staging: SubgroupStaging;
 
+  /** `staging`: weightGradStaging of P and Q (per element when absent) */
   constructor(outputShape: number[], numExperts: number, P: number, Q: number,
-      spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }, subgroupSize: number) {
+      spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }, subgroupSize: number,
+      staging: SubgroupStaging = ELEMENT_STAGING) {
     this.spec = spec;
+    this.staging = staging;
     this.outputShape = outputShape;
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(P, Q, numExperts);
     this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : []),
       ...(spec.scaled ? ['amax'] : [])];
+    this.variableComponents = components(this.variableNames, {
+      ...(staging.left === 'vec4' ? { L: 4 } : {}), ...(staging.right === 'vec4' ? { R: 4 } : {}),
+    });
     this.shaderKey = `moeSubgroupWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
-        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? 'x' : ''}_${subgroupSize}_${outputShape.length}`;
+        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? 'x' : ''}_${subgroupSize}_${outputShape.length}_${stagingKey(staging)}`;
   }
 
   getUserCode(): string {
@@ -279,17 +507,48 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
+    const quadL = this.staging.left === 'vec4';
+    const quadR = this.staging.right === 'vec4';
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, tile: { tm: 1, tn: 1, bk: 1 } });
     const x = wgslU32;
     // As holds Lᵀ column-major: its element (p, r) is L(r0 + r, p0 + p), walked p fastest
     const a = stagedElementA(x, layout, 'i');
     const b = stagedElementB(x, layout, 'i', false);
+    const qa = stagedQuadA(x, layout, 'q');
+    const qb = stagedQuadB(x, layout, 'q', false);
+    const gathered = (side: 'gather' | RowSource) => (side === 'gather' ? '(pr[r] / uniforms.topK)' : 'r');
+    const quads: QuadStaging[] = [];
+    const elements: string[] = [];
+    if (quadL) {
+      // whole quads along p (P % 4 == 0); rows past the expert's count give 0
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
+          r0 => `select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4)) * s, ` +
+              `p0 + i32(pp) < uniforms.P && ${r0} + i32(rr) < count)`, qa.at, qa.step));
+    } else {
+      elements.push(stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
+          'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
+          '            let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1)) * s;\n' +
+          '            v = select(0.0, l, p < uniforms.P && r < count);',
+          aIndex(x, layout, 'pp', 'rr')));
+    }
+    if (quadR) {
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
+          r0 => `select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4)), ` +
+              `q0 + i32(qq) < uniforms.Q && ${r0} + i32(rr) < count)`, qb.at, qb.step));
+    } else {
+      elements.push(stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
+          'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
+          '            let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1));\n' +
+          '            v = select(0.0, rv, q < uniforms.Q && r < count);',
+          bIndex(x, layout, 'rr', 'qq')));
+    }
+    const right = this.spec.right;
     return `
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> segment : array<i32, 4>;
-      ${loadL}
-      ${loadR}
+      ${quadL ? rowQuadSnippet('loadL4', 'L', 'uniforms.P', undefined, gathered(this.spec.left), this.spec.scaleLeft ? ' * rw[pr[r]]' : '') : loadL}
+      ${quadR ? rowQuadSnippet('loadR4', 'R', 'uniforms.Q', right === 'act' ? this.spec.activation : undefined, gathered(right)) : loadR}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
 
       fn main() {
@@ -306,21 +565,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         let start = workgroupUniformLoad(&segment[0]);
         let count = workgroupUniformLoad(&segment[1]);
         ${declareAccumulators(layout)}
-        for (var r0 = 0; r0 < count; r0 += ${depth}) {
-          ${stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
-              'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
-              '            let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1)) * s;\n' +
-              '            v = select(0.0, l, p < uniforms.P && r < count);',
-              aIndex(x, layout, 'pp', 'rr'))}
-          ${stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
-              'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
-              '            let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1));\n' +
-              '            v = select(0.0, rv, q < uniforms.Q && r < count);',
-              bIndex(x, layout, 'rr', 'qq'))}
-          workgroupBarrier();
-          ${multiplySlab(layout, 'partRow', 'partCol')}
-          workgroupBarrier();
-        }
+        ${slabLoop('r0', 'count', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
         let unscale = uniforms.alpha / s;
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let p = p0 + i32(${m});
