@@ -18,10 +18,11 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { assertInteger, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
+import { addToDenseWeight, denseWeightOf, packedDenseFormat } from './dense_storage.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
-import { loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
+import { baseProduct, loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
 
 /** The projections of RotaryAttention and SwiGLUMLP that take LoRA, under HF's module names. */
 export const ATTENTION_PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -176,7 +177,8 @@ export class LinearLoRA {
     const scope = !inBuild && base.startsWith(`${layer.name}/`) ? `${layer.name}/` : '';
     const factors: Record<string, LinearFactors> = {};
     for (const [projection, m] of Object.entries(config.modules)) {
-      const [out, inSize] = this.owner.weight(projection).shape as number[];
+      const weight = this.owner.weight(projection);
+      const [out, inSize] = packedDenseFormat(weight)?.shape ?? weight.shape as number[];
       if (m.r > Math.min(out, inSize)) {
         fail(this.op, `'modules.${projection}.r' must be <= min(out, in) = ${Math.min(out, inSize)} of ${projection} [${out}, ${inSize}] but got ${m.r}`);
       }
@@ -278,9 +280,9 @@ export class LinearLoRA {
     this.merged = this.merged.filter(m => m !== name);
   }
 
+  /** W ± ΔW; a packed 16-bit base is decoded, added to and packed again (rounded to its kind). */
   private addToWeight(projection: string, delta: tf.Tensor, sign: 1 | -1): void {
-    const w = this.owner.weight(projection);
-    tf.tidy(() => { w.write(sign > 0 ? tf.add(w.read(), delta) : tf.sub(w.read(), delta)); });
+    addToDenseWeight(this.owner.weight(projection), delta, sign);
     delta.dispose();
   }
 
@@ -300,7 +302,7 @@ export class LinearLoRA {
       if (f !== undefined) applied.push({ f, dropout: state!.config.dropout ?? 0, key: `${this.owner.layer.name}.${projection}/${name}` });
     }
     return tf.tidy(() => {
-      const W = weight.read() as tf.Tensor2D;
+      const W = denseWeightOf(weight);  // float32, or packed 16-bit (frozen): decoded in each product
       if (!weight.trainable && bias?.trainable !== true) {
         const branches: LinearLoRABranch[] = applied.map(({ f, dropout, key }) => ({
           A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: f.scaling,
@@ -308,7 +310,7 @@ export class LinearLoRA {
         }));
         return loraLinear(x, W, bias === null ? null : bias.read() as tf.Tensor1D, branches);
       }
-      let y = tf.matMul(x, W, false, true) as tf.Tensor2D;  // [N, out]
+      let y = baseProduct(W, w => tf.matMul(x, w, false, true) as tf.Tensor2D);  // [N, out]
       if (bias !== null) y = tf.add(y, bias.read());
       for (const { f, dropout, key } of applied) {
         y = tf.add(y, loraBranch(x, f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, f.scaling, dropout, key));
