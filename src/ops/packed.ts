@@ -534,7 +534,9 @@ export function unpackDenseWeight(weight: DenseWeightTensor): tf.Tensor2D {
 
 /**
  * Rows `indices` (int32 [N]) of a dense weight as float32 [N, cols]: for a packed weight only
- * those rows' words are gathered and decoded (the embedding lookup), never the whole table.
+ * those rows' words are gathered and decoded (the embedding lookup), never the whole table; on
+ * webgpu (a MoEDecodePacked kernel, no synchronous read) the table is decoded on the device for
+ * the lookup and freed after it, as its Gather is not exact on int32 words.
  *
  * ```js
  * const h = gatherDenseRows(embedding, tf.tensor1d([5, 1, 5], 'int32'));  // [3, hidden]
@@ -548,6 +550,11 @@ export function gatherDenseRows(weight: DenseWeightTensor, indices: tf.Tensor1D)
   }
   if (!(weight instanceof PackedDenseWeight)) return tf.gather(weight, indices);
   if (indices.shape[0] === 0) return tf.zeros([0, weight.shape[1]]);
+  if (tf.getKernel(DECODE_PACKED, tf.getBackend()) != null) {
+    // webgpu: its Gather moves int32 through float32, which rounds words above 2^24 (measured:
+    // 0x7f7f3f81 came back 0x7f7f3f80); decode the table on the device and gather the floats, exact
+    return tf.tidy(() => tf.gather(unpackDenseWeight(weight), indices));
+  }
   const words = tf.gather(weight.packed, indices);  // int32 [N, ceil(cols/2)]
   try {
     return unpackDenseWeight(new PackedDenseWeight(weight.kind, [indices.shape[0], weight.shape[1]], words));
