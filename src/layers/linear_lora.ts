@@ -19,6 +19,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import { assertInteger, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
 import { addToDenseWeight, denseWeightOf, packedDenseFormat } from './dense_storage.js';
+import { HOST_BACKENDS } from './embedding.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
@@ -269,6 +270,7 @@ export class LinearLoRA {
   merge(name: string): void {
     const state = this.state(name, 'mergeAdapter');
     if (this.merged.includes(name)) fail(`${this.owner.layer.getClassName()}.mergeAdapter`, `adapter '${name}' is already merged`);
+    this.assertRepackable(`${this.owner.layer.getClassName()}.mergeAdapter`, name, Object.keys(state.factors));
     for (const projection of Object.keys(state.factors)) this.addToWeight(projection, this.deltaWeight(name, projection), 1);
     this.merged.push(name);
   }
@@ -276,8 +278,22 @@ export class LinearLoRA {
   unmerge(name: string): void {
     const state = this.state(name, 'unmergeAdapter');
     if (!this.merged.includes(name)) fail(`${this.owner.layer.getClassName()}.unmergeAdapter`, `adapter '${name}' is not merged`);
+    this.assertRepackable(`${this.owner.layer.getClassName()}.unmergeAdapter`, name, Object.keys(state.factors));
     for (const projection of Object.keys(state.factors)) this.addToWeight(projection, this.deltaWeight(name, projection), -1);
     this.merged = this.merged.filter(m => m !== name);
+  }
+
+  /**
+   * Re-packing a packed 16-bit base reads it to the host, synchronously here (merging is
+   * synchronous): refused up front on a backend that cannot (webgpu), before anything changed.
+   */
+  private assertRepackable(op: string, name: string, projections: readonly string[]): void {
+    if (HOST_BACKENDS.includes(tf.getBackend())) return;
+    const packed = projections.find(p => packedDenseFormat(this.owner.weight(p)) !== undefined);
+    if (packed === undefined) return;
+    fail(op, `adapter '${name}' adapts '${packed}', whose weight is stored packed (${packedDenseFormat(this.owner.weight(packed))!.kind}): ` +
+        `re-packing it reads it synchronously, which the ${tf.getBackend()} backend cannot do; load the model with ` +
+        "denseDtype 'float32', or use mergeAdapterIntoCheckpoint");
   }
 
   /** W ± ΔW; a packed 16-bit base is decoded, added to and packed again (rounded to its kind). */

@@ -8,6 +8,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
+import { RotaryAttention } from '../../../src/layers/attention.js';
 import { loraLinear, type LinearLoRABranch } from '../../../src/ops/lora/linear.js';
 import { gatherDenseRows, packedDenseWeightFromBits, unpackDenseWeight, type PackedDenseWeight } from '../../../src/ops/packed.js';
 import { cleanup, fixtureDir, tempDir } from '../../io/checkpoint_helpers.js';
@@ -69,6 +70,11 @@ describe('webgpu: packed 16-bit dense weights', function () {
     const [a, b] = [stored, widened].map(m => m.predict(ids) as tf.Tensor);
     expect(await bitsOf(a)).to.deep.equal(await bitsOf(b));
     tf.dispose([a, b, ids]);
+    // merging re-packs on the host, synchronously: refused on webgpu before anything changed
+    const attention = stored.layers.find((l): l is RotaryAttention => l instanceof RotaryAttention)!;
+    attention.lora.add({ name: 'a', modules: { o_proj: { r: 2, alpha: 4 } } }, 'random');
+    expect(() => attention.lora.merge('a')).to.throw(/RotaryAttention.mergeAdapter.*adapter 'a' adapts 'o_proj', whose weight is stored packed \(bf16\): re-packing it reads it synchronously, which the webgpu backend cannot do; load the model with denseDtype 'float32'/);
+    expect(attention.lora.mergedAdapters).to.deep.equal([]);
     stored.dispose();
     widened.dispose();
   });
