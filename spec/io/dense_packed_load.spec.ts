@@ -22,6 +22,7 @@ import { addMoEAdapter, trainableVariables, type MoECausalLM } from '../../src/l
 import { variableFloat32, variableShape } from '../../src/layers/sparse_moe.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
+import { generate } from '../../src/generate/generate.js';
 import { packDenseWeight } from '../../src/ops/packed.js';
 import { cleanup, fixtureDir, tempDir } from './checkpoint_helpers.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';
@@ -106,6 +107,9 @@ describe("denseDtype 'stored': 16-bit attention and embedding weights", function
     const [l1, l2] = [stored, widened].map(m => tf.tidy(() => m.predict(tf.tensor2d(IDS, [2, 8], 'int32')) as tf.Tensor));
     expect(bitsOf(l1)).to.deep.equal(bitsOf(l2));
     tf.dispose([l1, l2]);
+    // generation (the KV-cache path) picks the same tokens
+    const [g1, g2] = await Promise.all([stored, widened].map(m => generate(m, [3, 17, 42], { maxNewTokens: 6 })));
+    expect(Array.from(g1.ids)).to.deep.equal(Array.from(g2.ids));
     stored.dispose();
     widened.dispose();
     expect(tf.memory().numBytes).to.equal(before);
