@@ -44,6 +44,7 @@ export {
 export * from './layers/index.js';
 export {
   loadHFCheckpointFrom, CheckpointError, hfWeightName, type LoadHFCheckpointOptions, type HFCheckpointFiles,
+  DENSE_DTYPES, type DenseDtype,
 } from './io/hf_checkpoint_core.js';
 export {
   loadPeftAdapterFrom, encodePeftAdapter, peftAdapterTensors, PeftAdapterError, ADAPTER_CONFIG, ADAPTER_WEIGHTS,

@@ -94,7 +94,7 @@ describe('ops/loraLinear', () => {
         A: fs[2 * a] as tf.Tensor2D, B: fs[2 * a + 1] as tf.Tensor2D, scaling: br.s, mask: maskTensors[a],
       }));
       const inputs = [xt, ...factors.flat()];
-      const loss = (op: typeof loraLinear) => (...args: tf.Tensor[]) =>
+      const loss = (op: typeof composed) => (...args: tf.Tensor[]) =>
         tf.sum(tf.mul(op(args[0] as tf.Tensor2D, Wt, bt, branchesOf(args.slice(1))), gt)) as tf.Scalar;
 
       const before = tf.memory().numTensors;

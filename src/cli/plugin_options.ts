@@ -11,6 +11,7 @@ import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '
 import { collectArgProblems, describeValue } from '../args/validate.js';
 import { suggestName } from '../args/suggest.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../io/hf_block.js';
+import { DENSE_DTYPES, type DenseDtype } from '../io/hf_checkpoint_core.js';
 import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 
 /** The schema entries that have a flag. */
@@ -101,6 +102,25 @@ export function expertDtypeOption<T>(yargs: Argv<T>, describe = "routed experts:
     unknown as Argv<T & { expertDtype?: ExpertDtype; int4GroupSize?: number }>;
 }
 export const INT4_GROUP_SIZE_FLAG = 'int4-group-size';
+
+/**
+ * `--dense-dtype stored|float32`, beside --expert-dtype on the commands that load a model:
+ * 'stored' keeps BF16/F16 attention projections and an untied token embedding 16-bit in memory
+ * (packed, frozen, decoded in each product: bit for bit the float32 results), 'float32' (default)
+ * widens them (loadHFCheckpoint's denseDtype). The LM head stays float32.
+ *
+ * ```js
+ * const argv = await denseDtypeOption(yargs(['--dense-dtype', 'stored'])).parseAsync();
+ * argv.denseDtype;  // 'stored'
+ * ```
+ */
+export const DENSE_DTYPE_FLAG = 'dense-dtype';
+export function denseDtypeOption<T>(yargs: Argv<T>, describe = "attention q/k/v/o and an untied token embedding: 'stored' " +
+    "keeps BF16/F16 ones 16-bit in memory (packed, frozen, decoded per product; same results, half their memory), " +
+    "'float32' (default) widens them; the LM head stays float32"): Argv<T & { denseDtype?: DenseDtype }> {
+  return yargs.option(DENSE_DTYPE_FLAG, { type: 'string', choices: DENSE_DTYPES, requiresArg: true, describe }) as
+    unknown as Argv<T & { denseDtype?: DenseDtype }>;
+}
 
 const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$/i;
 

@@ -17,15 +17,16 @@ import { familyOf, type HFConfig } from '../models/families.js';
 import { estimateLoadMemory, memoryProblem } from '../models/memory.js';
 import { disposeMoEBlockWeights, getWeightField, type WeightField } from '../models/weight_fields.js';
 import {
-  EXPERT_DTYPES, expertPackedKind, expertTensorNames, loadMoEBlockWeights, moeBlockTensorPlan,
+  EXPERT_DTYPES, expertPackedKind, expertTensorNames, storedExpertKind, loadMoEBlockWeights, moeBlockTensorPlan,
   type BlockTensorPlan, type ExpertDtype, type TensorSource,
 } from './hf_block.js';
-import { isPackedExpertWeight, unpackExpertWeight } from '../ops/packed.js';
+import { isPackedExpertWeight, packedDenseWordsOf, unpackExpertWeight, type HalfKind } from '../ops/packed.js';
 import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
-import { readToDevice } from './device_tensor.js';
+import { deviceTensor, readToDevice } from './device_tensor.js';
+import { packedDenseFormat, type DenseStorage } from '../layers/dense_storage.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
 import { bnbTensorSource, isBitsAndBytesConfig } from './bnb_checkpoint.js';
@@ -265,6 +266,13 @@ export interface LoadHFCheckpointOptions extends Omit<MoECausalLMOptions, 'exper
   /** with expertDtype 'int4': its group size along the input, 32, 64 (default) or 128 */
   int4GroupSize?: number;
   /**
+   * The frozen non-expert weights, attention's q/k/v/o_proj and an untied token embedding:
+   * 'float32' (default) widens them; 'stored' keeps them in their stored 16-bit precision when
+   * every one is stored in one of BF16 / F16 (packed halves, decoded in each product that uses
+   * them: bit for bit the float32 results, half the bytes). The LM head stays float32.
+   */
+  denseDtype?: DenseDtype;
+  /**
    * @internal with a quantized expertDtype: hold the experts as float32, the exact values the
    * quantized experts stand for (a merge into the base an adapter was trained on)
    */
@@ -315,7 +323,11 @@ export async function loadHFCheckpointFrom(
 export async function modelFromCheckpoint(
     op: string, where: string, config: HFConfig, source: TensorSource,
     options: LoadHFCheckpointOptions, quantizer?: ExpertQuantizer): Promise<MoECausalLM> {
-  const { expertDtype = 'stored', dequantizeExperts = false, int4GroupSize, ...modelOptions } = options ?? {};
+  const { expertDtype = 'stored', denseDtype = 'float32', dequantizeExperts = false, int4GroupSize, ...modelOptions } = options ?? {};
+  if (!(DENSE_DTYPES as readonly unknown[]).includes(denseDtype)) {
+    throw new CheckpointError(`\`${op}()\`: 'denseDtype' must be one of ${DENSE_DTYPES.map(d => `'${d}'`).join(', ')} ` +
+        `but got ${JSON.stringify(denseDtype)}`);
+  }
   if (!(EXPERT_DTYPES as readonly unknown[]).includes(expertDtype)) {
     throw new CheckpointError(`\`${op}()\`: 'expertDtype' must be one of ${EXPERT_DTYPES.map(d => `'${d}'`).join(', ')} ` +
         `but got ${JSON.stringify(expertDtype)}`);
@@ -343,12 +355,13 @@ export async function modelFromCheckpoint(
   const expertStorage = dequantizeExperts ? 'float32' : modelExpertStorage(config, source, expertDtype);
   // know before you build: the experts as they will be held (16-bit, quantized), every other weight 4 bytes an element
   const groupOptions = int4GroupSize !== undefined && expertStorage === 'int4' ? { expertGroupSize: int4GroupSize } : {};
-  const need = estimateLoadMemory(config, { expertStorage, ...groupOptions });
+  const denseStorage = modelDenseStorage(config, source, denseDtype);
+  const need = estimateLoadMemory(config, { expertStorage, ...groupOptions, denseStorage });
   const tooLarge = memoryProblem(`loading the weights (${need.bytes} bytes) needs at its peak`,
       { bytes: need.peakBytes, largest: need.largest }, 'a smaller model');
   if (tooLarge !== null) throw new CheckpointError(`\`${op}()\`: ${where}: ${tooLarge}`);
   // every weight is overwritten from the checkpoint: built as zeros, not drawn at random
-  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, ...groupOptions, initializeWeights: false });
+  const model = buildMoECausalLM(config, { ...modelOptions, expertStorage, ...groupOptions, denseStorage, initializeWeights: false });
   try {
     await fillWeights(op, model, config, source, expertDtype, int4GroupSize, quantizer);
   } catch (e) {
@@ -367,6 +380,41 @@ export async function modelFromCheckpoint(
 function modelExpertStorage(config: HFConfig, source: TensorSource, expertDtype: ExpertDtype): ExpertStorage {
   const names = configTensorPlan(config).blocks.flatMap(b => expertTensorNames(b.plan));
   return expertPackedKind(source, names, expertDtype) ?? 'float32';
+}
+
+/** loadHFCheckpoint's choices for the frozen non-expert weights (`denseDtype`). */
+export type DenseDtype = 'stored' | 'float32';
+export const DENSE_DTYPES: readonly DenseDtype[] = ['stored', 'float32'];
+
+/**
+ * The checkpoint names of the weights a MoECausalLM can hold packed (DenseStorage): every
+ * RotaryAttention's q/k/v/o_proj weight and the token embedding unless it is tied to the head.
+ */
+export function denseStorageTensorNames(config: HFConfig): string[] {
+  const c = moeCausalLMConfigFromHF(config);
+  const names = c.tieWordEmbeddings ? [] : ['model.embed_tokens.weight'];
+  if (c.mla !== null) return names;
+  for (let i = 0; i < c.numLayers; i++) {
+    if (c.deltaNet?.layers[i]) continue;
+    for (const p of ['q_proj', 'k_proj', 'v_proj', 'o_proj']) names.push(`model.layers.${i}.self_attn.${p}.weight`);
+  }
+  return names;
+}
+
+/**
+ * How the model holds its frozen non-expert weights: their 16-bit kind with 'stored' when every
+ * one of them is stored in that dtype (and the source gives raw halves), float32 otherwise
+ * (F32 weights stay F32; a mix is widened).
+ */
+function modelDenseStorage(config: HFConfig, source: TensorSource, denseDtype: DenseDtype): DenseStorage {
+  if (denseDtype !== 'stored') return 'float32';
+  return storedExpertKind(source, denseStorageTensorNames(config)) ?? 'float32';
+}
+
+/** The int32 words [rows, ceil(cols/2)] of a 16-bit checkpoint tensor, on the device. */
+async function packedDenseTensor(source: TensorSource, name: string, kind: HalfKind, shape: [number, number]): Promise<tf.Tensor> {
+  const { words, shape: wordShape } = packedDenseWordsOf(kind, shape, await source.halfBits!(name));
+  return deviceTensor(words, wordShape, 'int32');
 }
 
 /**
@@ -389,8 +437,10 @@ async function fillWeights(
     for (const w of layer.weights) plain.push([w, hfWeightName(layer, w)]);
   }
   for (const [variable, name] of plain) {
-    // on the device before it is written (webgpu would otherwise keep it on the host until first use)
-    const t = await readToDevice(source, name);
+    // on the device before it is written (webgpu would otherwise keep it on the host until first use);
+    // a packed dense weight gets the file's halves as they are (never a float32 copy)
+    const dense = packedDenseFormat(variable);
+    const t = dense === undefined ? await readToDevice(source, name) : await packedDenseTensor(source, name, dense.kind, dense.shape);
     try {
       variable.write(t);
     } finally {

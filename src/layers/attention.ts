@@ -24,6 +24,7 @@ import { applyRotary, deinterleavePairs, rotaryTables, rotaryTablesAt, type Rope
 import { currentSequenceContext } from './sequence_context.js';
 import { normalInitializer } from './initializers.js';
 import { ATTENTION_PROJECTIONS, LinearLoRA, type SavedLinearAdapter } from './linear_lora.js';
+import { DENSE_STORAGES, addDenseWeight, type DenseStorage } from './dense_storage.js';
 
 export type QKNorm = 'none' | 'perHead' | 'full' | 'perHeadAfterRope' | 'l2';
 export const QK_NORMS: readonly QKNorm[] = ['none', 'perHead', 'full', 'perHeadAfterRope', 'l2'];
@@ -97,6 +98,11 @@ export interface RotaryAttentionArgs extends LayerArgs {
   qkNormZeroCentered?: boolean;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /**
+   * how q/k/v/o_proj's weights are held: 'float32' (default), or packed 'bf16' / 'f16' halves in
+   * frozen int32 variables (src/layers/dense_storage.ts), decoded in each product
+   */
+  denseStorage?: DenseStorage;
   /** LoRA adapters on q/k/v/o_proj to create in build(), as getConfig() writes them */
   loraAdapters?: SavedLinearAdapter[];
   activeLoraAdapters?: string[];
@@ -218,6 +224,7 @@ export class RotaryAttention extends tfl.layers.Layer {
   readonly temperatureTuning: TemperatureTuning | null;
   readonly attentionChunkSize: number | null;
   readonly initializerRange: number;
+  readonly denseStorage: DenseStorage;
   private readonly vars = new Map<string, tfl.LayerVariable>();
   /** LoRA adapters on q_proj, k_proj, v_proj and o_proj (PEFT's lora.Linear state) */
   readonly lora: LinearLoRA;
@@ -283,6 +290,8 @@ export class RotaryAttention extends tfl.layers.Layer {
     this.qkvBias = args.qkvBias ?? false;
     this.outputBias = args.outputBias ?? false;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.denseStorage = args.denseStorage ?? 'float32';
+    assertOneOf(op, 'denseStorage', this.denseStorage, DENSE_STORAGES);
   }
 
   override build(inputShape: tfl.Shape | tfl.Shape[]): void {
@@ -297,10 +306,12 @@ export class RotaryAttention extends tfl.layers.Layer {
     const ones = tfl.initializers.ones();
     const add = (name: string, dims: number[], init: ReturnType<typeof tfl.initializers.zeros>) =>
       this.vars.set(name, this.addWeight(name, dims, 'float32', init));
-    add('q_proj.weight', [this.outputGate ? 2 * q : q, h], normal);
-    add('k_proj.weight', [kv, h], normal);
-    add('v_proj.weight', [kv, h], normal);
-    add('o_proj.weight', [h, q], normal);
+    const addProjection = (name: string, dims: [number, number]) =>
+      this.vars.set(name, addDenseWeight(this.addWeight.bind(this), name, dims, this.denseStorage, normal));
+    addProjection('q_proj.weight', [this.outputGate ? 2 * q : q, h]);
+    addProjection('k_proj.weight', [kv, h]);
+    addProjection('v_proj.weight', [kv, h]);
+    addProjection('o_proj.weight', [h, q]);
     if (this.qkvBias) {
       add('q_proj.bias', [this.outputGate ? 2 * q : q], zeros);
       add('k_proj.bias', [kv], zeros);
@@ -508,6 +519,7 @@ export class RotaryAttention extends tfl.layers.Layer {
       ropeScaling: this.ropeScaling,
       sinks: this.sinks,
       ...(this.outputGate ? { outputGate: true } : {}),
+      ...(this.denseStorage !== 'float32' ? { denseStorage: this.denseStorage } : {}),
       ...(this.qkNormZeroCentered ? { qkNormZeroCentered: true } : {}),
       // Llama 4's settings, written only when used, so the configs of the other families stay as they were
       ...(this.rope ? {} : { rope: false }),

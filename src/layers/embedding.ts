@@ -8,7 +8,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { describeValue } from '../util/describe.js';
-import { assertInteger, fail } from '../ops/validate.js';
+import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
+import { gatherDenseRows, unpackDenseWeight } from '../ops/packed.js';
+import { DENSE_STORAGES, addDenseWeight, denseWeightOf, type DenseStorage } from './dense_storage.js';
 import { normalInitializer } from './initializers.js';
 
 type Kwargs = Parameters<tfl.layers.Layer['apply']>[1];
@@ -62,6 +64,8 @@ abstract class VocabLayer extends tfl.layers.Layer {
   readonly hiddenSize: number;
   readonly initializerRange: number;
   protected table: tfl.LayerVariable | null = null;
+  /** how the table is held: float32, or packed 16-bit (TokenEmbedding only; frozen) */
+  readonly denseStorage: DenseStorage;
 
   constructor(args: VocabLayerArgs, op: string) {
     super(args);
@@ -70,11 +74,13 @@ abstract class VocabLayer extends tfl.layers.Layer {
     this.vocabSize = args.vocabSize;
     this.hiddenSize = args.hiddenSize;
     this.initializerRange = args.initializerRange ?? 0.02;
+    this.denseStorage = (args as TokenEmbeddingArgs).denseStorage ?? 'float32';
+    assertOneOf(op, 'denseStorage', this.denseStorage, DENSE_STORAGES);
   }
 
   override build(): void {
     if (this.table !== null) return;
-    this.table = this.addWeight('weight', [this.vocabSize, this.hiddenSize], 'float32',
+    this.table = addDenseWeight(this.addWeight.bind(this), 'weight', [this.vocabSize, this.hiddenSize], this.denseStorage,
         normalInitializer(this.initializerRange));
     this.built = true;
   }
@@ -83,15 +89,25 @@ abstract class VocabLayer extends tfl.layers.Layer {
     return {
       ...super.getConfig(), vocabSize: this.vocabSize, hiddenSize: this.hiddenSize,
       initializerRange: this.initializerRange,
+      ...(this.denseStorage !== 'float32' ? { denseStorage: this.denseStorage } : {}),
     };
   }
+}
+
+export interface TokenEmbeddingArgs extends VocabLayerArgs {
+  /**
+   * how the table is held: 'float32' (default), or packed 'bf16' / 'f16' halves in a frozen int32
+   * variable [V, ceil(H/2)] (src/layers/dense_storage.ts): a lookup gathers the ids' packed rows
+   * and decodes only those
+   */
+  denseStorage?: DenseStorage;
 }
 
 /** ids int32 [B, S] → [B, S, H]; hidden [B, S, H] → logits [B, S, V] (the tied head). */
 export class TokenEmbedding extends VocabLayer {
   static className = 'TokenEmbedding';
 
-  constructor(args: VocabLayerArgs) {
+  constructor(args: TokenEmbeddingArgs) {
     super(args, 'TokenEmbedding');
   }
 
@@ -120,10 +136,13 @@ export class TokenEmbedding extends VocabLayer {
     return tf.tidy(() => {
       const op = 'TokenEmbedding.call';
       const x = Array.isArray(inputs) ? inputs[0] : inputs;
-      if (x.rank === 3) return projectToVocab(x, this.table!.read());
+      const table = denseWeightOf(this.table!);
+      // a packed table as the tied head: decoded whole, freed with this tidy (the loader keeps tied tables float32)
+      if (x.rank === 3) return projectToVocab(x, table instanceof tf.Tensor ? table : unpackDenseWeight(table));
       if (x.rank !== 2) fail(op, `the input must be ids [batch, seq] or hidden states [batch, seq, hidden] but got shape [${x.shape}]`);
       assertTokenIds(op, 'input_ids', x, this.vocabSize);
-      return tf.reshape(tf.gather(this.table!.read(), tf.reshape(x, [-1])), [...x.shape, this.hiddenSize]);  // [B, S, H]
+      // packed: only the looked-up rows are decoded
+      return tf.reshape(gatherDenseRows(table, tf.reshape(x, [-1]) as tf.Tensor1D), [...x.shape, this.hiddenSize]);  // [B, S, H]
     });
   }
 }

@@ -12,7 +12,8 @@ export { RotaryAttention, QK_NORMS, type QKNorm, type RotaryAttentionArgs } from
 export { MLAAttention, type MLAAttentionArgs } from './mla_attention.js';
 export { GatedDeltaNet, type GatedDeltaNetArgs, type DeltaNetProjections } from './gated_delta_net.js';
 export type { DSAIndexerArgs } from './dsa_indexer.js';
-export { TokenEmbedding, LMHead, type VocabLayerArgs } from './embedding.js';
+export { TokenEmbedding, LMHead, type VocabLayerArgs, type TokenEmbeddingArgs } from './embedding.js';
+export { DENSE_STORAGES, type DenseStorage } from './dense_storage.js';
 export { SwiGLUMLP, type SwiGLUMLPArgs } from './swiglu_mlp.js';
 export {
   LinearLoRA, ATTENTION_PROJECTIONS, MLP_PROJECTIONS, loraBranch, linearDeltaWeight, loraDropoutMask, dropoutSeedOf,

@@ -18,10 +18,12 @@ import * as tf from '@tensorflow/tfjs-core';
 import * as tfl from '@tensorflow/tfjs-layers';
 import { assertInteger, fail } from '../ops/validate.js';
 import { protectString, restoreString } from './config_strings.js';
+import { addToDenseWeight, denseWeightOf, packedDenseFormat } from './dense_storage.js';
+import { HOST_BACKENDS } from './embedding.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
-import { loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
+import { baseProduct, loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
 
 /** The projections of RotaryAttention and SwiGLUMLP that take LoRA, under HF's module names. */
 export const ATTENTION_PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -176,7 +178,8 @@ export class LinearLoRA {
     const scope = !inBuild && base.startsWith(`${layer.name}/`) ? `${layer.name}/` : '';
     const factors: Record<string, LinearFactors> = {};
     for (const [projection, m] of Object.entries(config.modules)) {
-      const [out, inSize] = this.owner.weight(projection).shape as number[];
+      const weight = this.owner.weight(projection);
+      const [out, inSize] = packedDenseFormat(weight)?.shape ?? weight.shape as number[];
       if (m.r > Math.min(out, inSize)) {
         fail(this.op, `'modules.${projection}.r' must be <= min(out, in) = ${Math.min(out, inSize)} of ${projection} [${out}, ${inSize}] but got ${m.r}`);
       }
@@ -267,6 +270,7 @@ export class LinearLoRA {
   merge(name: string): void {
     const state = this.state(name, 'mergeAdapter');
     if (this.merged.includes(name)) fail(`${this.owner.layer.getClassName()}.mergeAdapter`, `adapter '${name}' is already merged`);
+    this.assertRepackable(`${this.owner.layer.getClassName()}.mergeAdapter`, name, Object.keys(state.factors));
     for (const projection of Object.keys(state.factors)) this.addToWeight(projection, this.deltaWeight(name, projection), 1);
     this.merged.push(name);
   }
@@ -274,13 +278,27 @@ export class LinearLoRA {
   unmerge(name: string): void {
     const state = this.state(name, 'unmergeAdapter');
     if (!this.merged.includes(name)) fail(`${this.owner.layer.getClassName()}.unmergeAdapter`, `adapter '${name}' is not merged`);
+    this.assertRepackable(`${this.owner.layer.getClassName()}.unmergeAdapter`, name, Object.keys(state.factors));
     for (const projection of Object.keys(state.factors)) this.addToWeight(projection, this.deltaWeight(name, projection), -1);
     this.merged = this.merged.filter(m => m !== name);
   }
 
+  /**
+   * Re-packing a packed 16-bit base reads it to the host, synchronously here (merging is
+   * synchronous): refused up front on a backend that cannot (webgpu), before anything changed.
+   */
+  private assertRepackable(op: string, name: string, projections: readonly string[]): void {
+    if (HOST_BACKENDS.includes(tf.getBackend())) return;
+    const packed = projections.find(p => packedDenseFormat(this.owner.weight(p)) !== undefined);
+    if (packed === undefined) return;
+    fail(op, `adapter '${name}' adapts '${packed}', whose weight is stored packed (${packedDenseFormat(this.owner.weight(packed))!.kind}): ` +
+        `re-packing it reads it synchronously, which the ${tf.getBackend()} backend cannot do; load the model with ` +
+        "denseDtype 'float32', or use mergeAdapterIntoCheckpoint");
+  }
+
+  /** W ± ΔW; a packed 16-bit base is decoded, added to and packed again (rounded to its kind). */
   private addToWeight(projection: string, delta: tf.Tensor, sign: 1 | -1): void {
-    const w = this.owner.weight(projection);
-    tf.tidy(() => { w.write(sign > 0 ? tf.add(w.read(), delta) : tf.sub(w.read(), delta)); });
+    addToDenseWeight(this.owner.weight(projection), delta, sign);
     delta.dispose();
   }
 
@@ -300,7 +318,7 @@ export class LinearLoRA {
       if (f !== undefined) applied.push({ f, dropout: state!.config.dropout ?? 0, key: `${this.owner.layer.name}.${projection}/${name}` });
     }
     return tf.tidy(() => {
-      const W = weight.read() as tf.Tensor2D;
+      const W = denseWeightOf(weight);  // float32, or packed 16-bit (frozen): decoded in each product
       if (!weight.trainable && bias?.trainable !== true) {
         const branches: LinearLoRABranch[] = applied.map(({ f, dropout, key }) => ({
           A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: f.scaling,
@@ -308,7 +326,7 @@ export class LinearLoRA {
         }));
         return loraLinear(x, W, bias === null ? null : bias.read() as tf.Tensor1D, branches);
       }
-      let y = tf.matMul(x, W, false, true) as tf.Tensor2D;  // [N, out]
+      let y = baseProduct(W, w => tf.matMul(x, w, false, true) as tf.Tensor2D);  // [N, out]
       if (bias !== null) y = tf.add(y, bias.read());
       for (const { f, dropout, key } of applied) {
         y = tf.add(y, loraBranch(x, f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, f.scaling, dropout, key));

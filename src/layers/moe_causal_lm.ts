@@ -35,6 +35,7 @@ import { describeValue } from '../util/describe.js';
 import { RotaryAttention, type QKNorm, type RotaryAttentionArgs } from './attention.js';
 import type { Llama3Rope, RopeScaling, YarnRope } from './rotary.js';
 import { LMHead, TokenEmbedding } from './embedding.js';
+import type { DenseStorage } from './dense_storage.js';
 import type { DSAIndexerArgs } from './dsa_indexer.js';
 import { GatedDeltaNet, type GatedDeltaNetShapeArgs } from './gated_delta_net.js';
 import { MLAAttention, type PositionScaling } from './mla_attention.js';
@@ -784,6 +785,12 @@ export interface MoECausalLMOptions {
   /** int4 experts' group size along the input (32, 64 default, 128); only with expertStorage 'int4' */
   expertGroupSize?: number;
   /**
+   * how the frozen attention projections (RotaryAttention's q/k/v/o) and an untied token embedding
+   * are held: 'float32' (default), or packed 'bf16' / 'f16' (src/layers/dense_storage.ts); the LM
+   * head, a tied embedding (it is the head) and every other weight stay float32
+   */
+  denseStorage?: DenseStorage;
+  /**
    * false: every weight starts at zero instead of HF's random init, for a model whose weights are
    * all overwritten next (checkpoint loaders: drawing the normals is half a large model's load
    * time). Default true.
@@ -825,6 +832,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   const ids = tfl.input({ shape: [null], dtype: 'int32', name: 'input_ids' });
   const embed = layer(new TokenEmbedding({
     name: 'model.embed_tokens', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init,
+    ...(options.denseStorage !== undefined && !c.tieWordEmbeddings ? { denseStorage: options.denseStorage } : {}),
   }));
   let h = embed.apply(ids) as tfl.SymbolicTensor;
   for (let i = 0; i < c.numLayers; i++) {
@@ -844,6 +852,7 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
         ropeScaling: c.ropeScaling, sinks: c.sinks, ropeInterleave: c.ropeInterleave,
         outputGate: c.outputGate, qkNormZeroCentered: zeroCentered,
         ...(c.llama4Layers?.[i] ?? {}),
+        ...(options.denseStorage !== undefined ? { denseStorage: options.denseStorage } : {}),
         initializerRange: init,
       })).apply(attnIn) as tfl.SymbolicTensor;
     h = tfl.layers.add({ name: `${prefix}.attn_residual` }).apply([h, attn]) as tfl.SymbolicTensor;

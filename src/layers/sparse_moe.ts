@@ -12,7 +12,7 @@ import { expertLoRADelta } from '../ops/lora/delta.js';
 import { dropoutSeedOf } from '../ops/lora/dropout.js';
 import { moeBlock } from '../ops/moe_block.js';
 import {
-  PACKED_KINDS, PackedExpertWeight, expertWordsOf, isQuantizedKind, packExpertWeight, packedExpertGroup, unpackExpertWeight,
+  PACKED_KINDS, PackedExpertWeight, expertWordsOf, unpackDenseWeight, isQuantizedKind, packExpertWeight, packedExpertGroup, unpackExpertWeight,
   type ExpertWeightTensor, type PackedKind, type PackedOptions,
 } from '../ops/packed.js';
 import { DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES } from '../ops/quantized.js';
@@ -24,6 +24,7 @@ import { describeValue } from '../util/describe.js';
 import { protectString, restoreString } from './config_strings.js';
 import { HOST_BACKENDS } from './embedding.js';
 import { normalInitializer } from './initializers.js';
+import { packedDenseFormat, packedDenseOf } from './dense_storage.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 
@@ -60,8 +61,9 @@ function packedOf(variable: tfl.LayerVariable): PackedExpertWeight | undefined {
 }
 
 /**
- * A layer variable's value as float32 (a new tensor the caller owns): packed expert weights
- * decoded (the whole weight: for saving and merging), any other variable cloned.
+ * A layer variable's value as float32 (a new tensor the caller owns): packed expert weights and
+ * packed dense weights (src/layers/dense_storage.ts) decoded (the whole weight: for saving and
+ * merging), any other variable cloned.
  *
  * ```js
  * const w = variableFloat32(layer.weightVariable('gate_up'));  // float32 [E, 2I, H]
@@ -69,8 +71,10 @@ function packedOf(variable: tfl.LayerVariable): PackedExpertWeight | undefined {
  */
 export function variableFloat32(variable: tfl.LayerVariable): tf.Tensor {
   const packed = packedOf(variable);
-  if (packed === undefined) return tf.clone(variable.read());
-  return unpackExpertWeight(packed);
+  if (packed !== undefined) return unpackExpertWeight(packed);
+  const dense = packedDenseOf(variable);
+  if (dense !== undefined) return unpackDenseWeight(dense);
+  return tf.clone(variable.read());
 }
 
 /**
@@ -84,9 +88,9 @@ export function variableExpertFloat32(variable: tfl.LayerVariable, e: number): t
   return tf.tidy(() => tf.reshape(tf.slice(variable.read(), [e, 0, 0], [1, rows, cols]), [rows, cols]) as tf.Tensor2D);
 }
 
-/** A layer variable's logical shape: [E, rows, cols] for packed expert weights, else its own. */
+/** A layer variable's logical shape: [E, rows, cols] for packed expert weights, [rows, cols] for packed dense ones, else its own. */
 export function variableShape(variable: tfl.LayerVariable): number[] {
-  return [...(packedVariables.get(variable)?.shape ?? variable.shape as number[])];
+  return [...(packedVariables.get(variable)?.shape ?? packedDenseFormat(variable)?.shape ?? variable.shape as number[])];
 }
 
 export interface LoRAAdapterConfig {

@@ -19,10 +19,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
-import { configTensorPlan, type Expected } from '../io/hf_checkpoint_core.js';
+import { configTensorPlan, denseStorageTensorNames, type Expected } from '../io/hf_checkpoint_core.js';
+import { DENSE_STORAGES, type DenseStorage } from '../layers/dense_storage.js';
 import { hfConfigOf, moeCausalLMConfigFromHF, trainableVariables } from '../layers/moe_causal_lm.js';
 import { EXPERT_STORAGES, type ExpertStorage } from '../layers/sparse_moe.js';
-import { expertWordsOf, isQuantizedKind } from '../ops/packed.js';
+import { expertWordsOf, isQuantizedKind, packedDenseWordsPerRow } from '../ops/packed.js';
 import { assertInteger, fail } from '../ops/validate.js';
 import type { HFConfig } from './families.js';
 
@@ -43,6 +44,12 @@ export interface LoadMemoryOptions {
   expertStorage?: ExpertStorage;
   /** int4 experts' group size (expertStorage 'int4'): 32, 64 (default) or 128 */
   expertGroupSize?: number;
+  /**
+   * how the model holds its frozen attention projections and untied token embedding
+   * (MoECausalLMOptions.denseStorage): 'float32' (default), or 'bf16' / 'f16', packed two to an
+   * int32 word per row ([rows, ceil(cols/2)] words)
+   */
+  denseStorage?: DenseStorage;
 }
 
 export interface LoadMemoryEstimate {
@@ -50,7 +57,7 @@ export interface LoadMemoryEstimate {
   bytes: number;
   /** the routed experts' gate/up/down weights (fused as the model holds them), in bytes */
   expertBytes: number;
-  /** every other weight (embeddings, attention, norms, router, shared expert, head), float32 */
+  /** every other weight (embeddings, attention, norms, router, shared expert, head): float32, or packed 16-bit with denseStorage */
   otherBytes: number;
   /** the largest single weight of the model as it holds it (experts fused: [E, 2I, H]) */
   largest: { name: string; bytes: number };
@@ -93,6 +100,11 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
   if (options.expertGroupSize !== undefined && storage !== 'int4') {
     fail(op, `'options.expertGroupSize' is for expertStorage 'int4' but got expertStorage ${JSON.stringify(storage)}`);
   }
+  const denseStorage = options.denseStorage ?? 'float32';
+  if (!(DENSE_STORAGES as readonly unknown[]).includes(denseStorage)) {
+    fail(op, `'options.denseStorage' must be one of ${DENSE_STORAGES.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(denseStorage)}`);
+  }
+  const packedDense = new Set(denseStorage === 'float32' ? [] : denseStorageTensorNames(config));
   /** bytes of a fused expert weight [E, rows, cols] (the input on `inputAxis`) as the model holds it */
   const expertWeightBytes = (shape: number[], inputAxis: 1 | 2): number => {
     if (storage === undefined) return size(shape) * expertBytesPerElement;
@@ -103,7 +115,10 @@ export function estimateLoadMemory(config: HFConfig, options: LoadMemoryOptions 
   const plan = configTensorPlan(config);
   // `block`: the decoder layer of a MoE block's weight, null for the others
   const weights: Array<{ name: string; bytes: number; block: number | null }> =
-      plan.plain.map(e => ({ name: e.name, bytes: size(e.shape) * 4, block: null }));
+      plan.plain.map(e => ({
+        name: e.name, block: null,
+        bytes: packedDense.has(e.name) ? 4 * e.shape[0] * packedDenseWordsPerRow(e.shape[1]) : size(e.shape) * 4,
+      }));
   for (const { layer, plan: block } of plan.blocks) {
     const ex = block.experts;
     // the model holds each block's experts fused, one gate_up and one down tensor, whatever the checkpoint's layout

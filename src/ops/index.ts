@@ -19,6 +19,8 @@ export {
   PackedExpertWeight, packExpertWeight, unpackExpertWeight, packedExpertWeightFromBits, isPackedExpertWeight,
   PACKED_KINDS, type PackedKind, type ExpertWeightTensor,
   HALF_KINDS, type HalfKind, isQuantizedKind, type PackedOptions,
+  PackedDenseWeight, packDenseWeight, packedDenseWeightFromBits, unpackDenseWeight, gatherDenseRows, isPackedDenseWeight,
+  type DenseWeightTensor,
 } from './packed.js';
 export {
   QUANTIZED_KINDS, type QuantizedKind, quantizedLayout, type QuantizedLayout, quantizeExpertValues,

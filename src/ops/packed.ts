@@ -383,3 +383,182 @@ export function packedExpertGroup(weight: PackedExpertWeight, e: number): tf.Ten
     words.dispose();
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// frozen dense (non-expert) weights: attention projections, the token embedding
+
+/**
+ * A frozen 2-D weight [rows, cols] (a linear's [out, in], an embedding's [vocab, hidden]) kept in
+ * its stored 16-bit precision: the expert wrapper with one "expert" per row, i.e. a
+ * PackedExpertWeight of shape [rows, 1, cols] over int32 words [rows, ceil(cols/2)]. Each row
+ * starts on a word, so a gather of packed rows is a gather of words (the embedding lookup), and
+ * the decode is the experts' own (`unpackExpertWeight`: on the host on cpu and wasm, the
+ * MoEDecodePacked kernel on webgpu). The ops decode it inside the product that uses it and free
+ * the float32 copy when that product is done.
+ *
+ * ```js
+ * const w = packDenseWeight(tf.randomNormal([64, 32]), 'bf16');
+ * w.shape;                 // [64, 32]
+ * w.rowsAsExperts.packed;  // int32 [64, 16]
+ * const f32 = unpackDenseWeight(w);  // float32 [64, 32], the bf16-rounded values
+ * ```
+ */
+export class PackedDenseWeight {
+  /** the logical shape [rows, cols] of the float32 weight it stands for */
+  readonly shape: [number, number];
+  /** the same words seen as the expert wrapper: one expert per row, shape [rows, 1, cols] */
+  readonly rowsAsExperts: PackedExpertWeight;
+
+  constructor(kind: HalfKind, shape: readonly number[], packed: tf.Tensor) {
+    const op = 'PackedDenseWeight';
+    if (!(HALF_KINDS as readonly string[]).includes(kind)) {
+      fail(op, `'kind' must be one of ${HALF_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+    }
+    if (!Array.isArray(shape) || shape.length !== 2 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
+      fail(op, `'shape' must be [rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
+    }
+    this.shape = [shape[0], shape[1]];
+    this.rowsAsExperts = new PackedExpertWeight(kind, [shape[0], 1, shape[1]], packed);
+  }
+
+  get kind(): HalfKind { return this.rowsAsExperts.kind as HalfKind; }
+  /** int32 [rows, ceil(cols/2)] */
+  get packed(): tf.Tensor2D { return this.rowsAsExperts.packed; }
+  get rank(): 2 { return 2; }
+  get isDisposed(): boolean { return this.packed.isDisposed; }
+  dispose(): void { this.packed.dispose(); }
+}
+
+/** A frozen 2-D weight as the dense ops take it: float32, or packed 16-bit. */
+export type DenseWeightTensor = tf.Tensor2D | PackedDenseWeight;
+
+export function isPackedDenseWeight(value: unknown): value is PackedDenseWeight {
+  return value instanceof PackedDenseWeight;
+}
+
+/** int32 words of one row of a packed dense weight with `cols` columns. */
+export function packedDenseWordsPerRow(cols: number): number {
+  return packedWordsPerExpert(1, cols);
+}
+
+/** A dense weight argument: a 2-D float32 tensor or a valid, undisposed PackedDenseWeight. */
+export function assertDenseWeight(op: string, arg: string, value: unknown): asserts value is DenseWeightTensor {
+  if (value instanceof PackedDenseWeight) {
+    assertExpertWeight(op, arg, value.rowsAsExperts);
+    return;
+  }
+  if (!(value instanceof tf.Tensor)) {
+    fail(op, `'${arg}' must be a 2-D float32 tensor or a PackedDenseWeight but got ${value === null ? 'null' : typeof value}`);
+  }
+  if (value.isDisposed) fail(op, `'${arg}' was already disposed`);
+  if (value.rank !== 2) fail(op, `'${arg}' must be 2-D but got shape [${value.shape}]`);
+  if (value.dtype !== 'float32') fail(op, `'${arg}' must be float32 or a PackedDenseWeight but got ${value.dtype} (shape [${value.shape}])`);
+}
+
+/**
+ * 16-bit values as stored ([rows, cols] order) packed as a dense weight, each row on a word.
+ *
+ * ```js
+ * const w = packedDenseWeightFromBits('bf16', [out, inSize], halves);  // halves: Uint16Array(out·in)
+ * ```
+ */
+export function packedDenseWeightFromBits(kind: HalfKind, shape: readonly number[], halves: Uint16Array): PackedDenseWeight {
+  return new PackedDenseWeight(kind, shape, packedDenseWords(kind, shape, halves));
+}
+
+/**
+ * @internal The int32 words [rows, ceil(cols/2)] of a dense weight's stored halves (host memory),
+ * for a loader that uploads them itself.
+ */
+export function packedDenseWordsOf(kind: HalfKind, shape: readonly number[], halves: Uint16Array): { words: Int32Array; shape: [number, number] } {
+  const op = 'packedDenseWeightFromBits';
+  if (!Array.isArray(shape) || shape.length !== 2 || !shape.every(d => Number.isInteger(d) && d >= 1)) {
+    fail(op, `'shape' must be [rows, cols] of positive integers but got ${JSON.stringify(shape)}`);
+  }
+  if (!(HALF_KINDS as readonly string[]).includes(kind)) {
+    fail(op, `'kind' must be one of ${HALF_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+  }
+  const [rows, cols] = shape;
+  if (!(halves instanceof Uint16Array) || halves.length !== rows * cols) {
+    fail(op, `'halves' must be a Uint16Array of ${rows * cols} values (shape [${shape}]) but got ` +
+        `${halves instanceof Uint16Array ? `${halves.length} values` : String(halves)}`);
+  }
+  const perRow = packedDenseWordsPerRow(cols);
+  const words = new Int32Array(rows * perRow);
+  const view = new Uint16Array(words.buffer);
+  if (2 * perRow === cols) view.set(halves);  // even rows: the file's halves as they are
+  else for (let r = 0; r < rows; r++) view.set(halves.subarray(r * cols, (r + 1) * cols), 2 * r * perRow);
+  return { words, shape: [rows, perRow] };
+}
+
+function packedDenseWords(kind: HalfKind, shape: readonly number[], halves: Uint16Array): tf.Tensor2D {
+  const { words, shape: wordShape } = packedDenseWordsOf(kind, shape, halves);
+  return tf.tensor2d(words, wordShape, 'int32');
+}
+
+/**
+ * A float32 weight [rows, cols] rounded to bf16 or f16 (nearest even, as torch does) and packed
+ * as a dense weight (reads it to the host).
+ *
+ * ```js
+ * const w = packDenseWeight(qProj, 'bf16');
+ * ```
+ */
+export function packDenseWeight(weight: tf.Tensor2D, kind: HalfKind): PackedDenseWeight {
+  const op = 'packDenseWeight';
+  assertDenseWeight(op, 'weight', weight);
+  if (weight instanceof PackedDenseWeight) fail(op, `'weight' is already packed (${weight.kind})`);
+  if (!(HALF_KINDS as readonly string[]).includes(kind)) {
+    fail(op, `'kind' must be one of ${HALF_KINDS.map(k => `'${k}'`).join(', ')} but got ${JSON.stringify(kind)}`);
+  }
+  const values = weight.dataSync() as Float32Array;
+  return packedDenseWeightFromBits(kind, weight.shape, kind === 'bf16' ? encodeBFloat16(values) : encodeFloat16(values));
+}
+
+/**
+ * The whole dense weight as float32 [rows, cols] (exact; a new tensor the caller owns; a float32
+ * weight is cloned). The experts' decoder: on the host (cpu, wasm) or the MoEDecodePacked kernel.
+ *
+ * ```js
+ * const y = tf.tidy(() => tf.matMul(x, unpackDenseWeight(w), false, true));  // the copy freed with the tidy
+ * ```
+ */
+export function unpackDenseWeight(weight: DenseWeightTensor): tf.Tensor2D {
+  assertDenseWeight('unpackDenseWeight', 'weight', weight);
+  if (!(weight instanceof PackedDenseWeight)) return tf.clone(weight);
+  const decoded = unpackExpertWeight(weight.rowsAsExperts);  // [rows, 1, cols]
+  const flat = tf.reshape(decoded, weight.shape) as tf.Tensor2D;
+  decoded.dispose();
+  return flat;
+}
+
+/**
+ * Rows `indices` (int32 [N]) of a dense weight as float32 [N, cols]: for a packed weight only
+ * those rows' words are gathered and decoded (the embedding lookup), never the whole table; on
+ * webgpu (a MoEDecodePacked kernel, no synchronous read) the table is decoded on the device for
+ * the lookup and freed after it, as its Gather is not exact on int32 words.
+ *
+ * ```js
+ * const h = gatherDenseRows(embedding, tf.tensor1d([5, 1, 5], 'int32'));  // [3, hidden]
+ * ```
+ */
+export function gatherDenseRows(weight: DenseWeightTensor, indices: tf.Tensor1D): tf.Tensor2D {
+  const op = 'gatherDenseRows';
+  assertDenseWeight(op, 'weight', weight);
+  if (!(indices instanceof tf.Tensor) || indices.rank !== 1 || indices.dtype !== 'int32') {
+    fail(op, `'indices' must be a 1-D int32 tensor but got ${indices instanceof tf.Tensor ? `a ${indices.dtype} tensor of shape [${indices.shape}]` : String(indices)}`);
+  }
+  if (!(weight instanceof PackedDenseWeight)) return tf.gather(weight, indices);
+  if (indices.shape[0] === 0) return tf.zeros([0, weight.shape[1]]);
+  if (tf.getKernel(DECODE_PACKED, tf.getBackend()) != null) {
+    // webgpu: its Gather moves int32 through float32, which rounds words above 2^24 (measured:
+    // 0x7f7f3f81 came back 0x7f7f3f80); decode the table on the device and gather the floats, exact
+    return tf.tidy(() => tf.gather(unpackDenseWeight(weight), indices));
+  }
+  const words = tf.gather(weight.packed, indices);  // int32 [N, ceil(cols/2)]
+  try {
+    return unpackDenseWeight(new PackedDenseWeight(weight.kind, [indices.shape[0], weight.shape[1]], words));
+  } finally {
+    words.dispose();
+  }
+}

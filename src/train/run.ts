@@ -5,6 +5,7 @@
  * (LoRA or not), the training loop, and the result written to a folder: an HF checkpoint with
  * its tokenizer files (from scratch, or full fine-tuning), or a PEFT adapter (LoRA).
  */
+import type { DenseDtype } from '../io/hf_checkpoint_core.js';
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { join } from 'node:path';
@@ -110,6 +111,8 @@ export interface TrainRunOptions {
   expertDtype?: ExpertDtype;
   /** with expertDtype 'int4': its group size along the input (32, 64 default, 128) */
   int4GroupSize?: number;
+  /** 16-bit attention / embedding weights: 'stored' keeps them packed and frozen (LoRA only), 'float32' (default) widens them */
+  denseDtype?: DenseDtype;
   progress?: ProgressOptions;
   /** checked between steps; true stops training, and what was trained is saved */
   shouldStop?: () => boolean;
@@ -271,6 +274,10 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
         'is built from the text file of data');
   }
   const mode: TrainMode = options.initConfig !== undefined ? 'scratch' : lora !== null ? 'lora' : 'full';
+  if (mode === 'full' && options.denseDtype === 'stored') {
+    throw new TrainError("full fine-tuning trains the attention and embedding weights, which needs them in float32: denseDtype 'stored' " +
+        "keeps them 16-bit and frozen; leave denseDtype at 'float32' or train LoRA");
+  }
   if (mode === 'full' && options.expertDtype !== undefined && options.expertDtype !== 'float32') {
     throw new TrainError(`full fine-tuning trains the routed experts, which needs them in float32: expertDtype '${options.expertDtype}' ` +
         `keeps them ${options.expertDtype === 'stored' ? '16-bit and ' : 'quantized and '}frozen; use expertDtype 'float32' ` +
@@ -303,6 +310,7 @@ export async function runTraining(options: TrainRunOptions): Promise<TrainRunRes
     model = await loadHFCheckpoint(options.model!, {
       expertDtype: options.expertDtype ?? (mode === 'full' ? 'float32' : 'stored'),
       ...(options.int4GroupSize !== undefined ? { int4GroupSize: options.int4GroupSize } : {}),
+      ...(options.denseDtype !== undefined ? { denseDtype: options.denseDtype } : {}),
     });
   }
   let handle: PluginHandle | null = null;

@@ -181,7 +181,7 @@ export async function renderArgsDoc(): Promise<string> {
   p('## Training options beside register()');
   p();
   p('The training run has options of its own (`trainLoop`, `runTraining`, `tfjs-moe-lora train`, a run config:');
-  p('[training.md](training.md)); one changes how the plugin\'s layers run:');
+  p('[training.md](training.md)); these change how the plugin\'s layers run:');
   p();
   p('| option | type | default | CLI flag | YAML key | what it does |');
   p('|---|---|---|---|---|---|');
@@ -190,6 +190,10 @@ export async function renderArgsDoc(): Promise<string> {
       'one more forward per step; the step\'s peak grows per layer by one [batch, seq, hidden] tensor (the layer\'s ' +
       'input, then its gradient), not by its activations; the same loss and gradients. ' +
       '[training.md](training.md#gradient-checkpointing) |');
+  p('| `denseDtype` (load option) | `\'stored\' \\| \'float32\'` | `\'float32\'` | `--dense-dtype` (also convert, inspect) | — | ' +
+      '`\'stored\'` keeps a BF16/F16 checkpoint\'s attention q/k/v/o_proj and untied token embedding 16-bit in memory, ' +
+      'frozen, decoded inside each product: the same loss and LoRA gradients bit for bit, 2 bytes an element less; ' +
+      'LoRA only (full fine-tuning refuses it). [models.md](models.md#16-bit-attention-and-embedding-densedtype) |');
   p();
   p('```');
   p("runConfigFlags({gradient_checkpointing: 'yes'}, 'run.yaml')");

@@ -12,6 +12,7 @@
  * (tokenizer.json, tokenizer_config.json, ...: CHECKPOINT_COMPANION_FILES) go with the model to
  * --to hf and --to tfjs.
  */
+import type { DenseDtype } from '../../io/hf_checkpoint_core.js';
 import { existsSync, statSync } from 'node:fs';
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -19,7 +20,7 @@ import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { fileIO } from '../../io/file_io_handler.js';
 import { readCompanionFiles, saveHFCheckpoint } from '../../io/hf_save.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
-import { expertDtypeOption } from '../plugin_options.js';
+import { denseDtypeOption, expertDtypeOption } from '../plugin_options.js';
 import { loadModelDir, modelDirFormat, MODEL_DIR_FORMATS, ModelDirError, type ModelDirFormat } from '../../io/model_dir.js';
 import type { LoadedPeftAdapter } from '../../io/peft.js';
 import { loadPeftAdapter, savePeftAdapter } from '../../io/peft_files.js';
@@ -46,6 +47,8 @@ export interface ConvertArgs extends HFSaveArgs {
   expertDtype?: ExpertDtype;
   /** with expertDtype 'int4': its group size */
   int4GroupSize?: number;
+  /** 'stored' or 'float32' (default), for an HF checkpoint's attention and embedding */
+  denseDtype?: DenseDtype;
 }
 
 /** What a conversion did. */
@@ -119,8 +122,8 @@ export function builder(yargs: Argv): Argv<ConvertArgs> {
       .option('backend', {
         type: 'string', choices: BACKENDS, default: 'cpu', requiresArg: true, describe: 'tfjs backend',
       });
-  return expertDtypeOption(y0, "an HF --input's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 ones " +
-      "MXFP4 (packed in a TF.js output), 'float32' widens them, int8/int4/nf4/mxfp4 quantize them (a TF.js output keeps them quantized)")
+  return denseDtypeOption(expertDtypeOption(y0, "an HF --input's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 ones " +
+      "MXFP4 (packed in a TF.js output), 'float32' widens them, int8/int4/nf4/mxfp4 quantize them (a TF.js output keeps them quantized)"))
       .check(argv => checkArgs(argv as Partial<ConvertArgs>))
       .example('$0 convert --from hf --to tfjs --input spec/fixtures/hf/mixtral --output /tmp/mixtral-tfjs', '')
       .example('$0 convert --from tfjs --to hf --input /tmp/mixtral-tfjs --output /tmp/mixtral-hf', '')
@@ -155,7 +158,9 @@ export async function convertModel(argv: ConvertArgs): Promise<ConvertResult> {
     throw new UsageError(`--input is ${from === 'hf' ? 'an HF checkpoint' : 'a TF.js model'} already: nothing to convert to ${to}`);
   }
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.input, { format: from, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize });
+  const { model } = await loadModelDir(argv.input, {
+    format: from, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize, denseDtype: argv.denseDtype,
+  });
   const notes: string[] = [];
   let adapter: LoadedPeftAdapter | null = null;
   try {

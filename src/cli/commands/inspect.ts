@@ -4,6 +4,7 @@
  * plugin, so every layer reads 'patched: false'; `--register` runs register() on the model first
  * (with the plugin flags) and shows what it patches and adds.
  */
+import type { DenseDtype } from '../../io/hf_checkpoint_core.js';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { existsSync, statSync } from 'node:fs';
 import { PluginArgsError } from '../../args/errors.js';
@@ -14,7 +15,7 @@ import { register, type PluginHandle } from '../../plugin.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
-import { expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions, PLUGIN_FLAG_SPECS } from '../plugin_options.js';
+import { denseDtypeOption, expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions, PLUGIN_FLAG_SPECS } from '../plugin_options.js';
 
 interface InspectArgs {
   model: string;
@@ -26,6 +27,8 @@ interface InspectArgs {
   expertDtype?: ExpertDtype;
   /** with expertDtype 'int4': its group size */
   int4GroupSize?: number;
+  /** 'stored' or 'float32' (default), for an HF checkpoint's attention and embedding */
+  denseDtype?: DenseDtype;
 }
 
 /** What `--register` did: the register() handle's facts. */
@@ -75,7 +78,7 @@ export function builder(yargs: Argv): Argv<InspectArgs> {
         if (lora !== undefined && argv.register !== true) return `--${lora} is a register() flag: it needs --register`;
         return true;
       });
-  return pluginOptions(expertDtypeOption(y))
+  return pluginOptions(denseDtypeOption(expertDtypeOption(y)))
       .example('$0 inspect --model spec/fixtures/hf/mixtral', '')
       .example('$0 inspect --model ./my-model --json', '')
       .example('$0 inspect --model ./my-model --register --lora-rank 8 --lora-alpha 16 --lora-targets experts.gate_up,router',
@@ -93,7 +96,7 @@ export async function inspectDir(argv: InspectArgs & Record<string, unknown>): P
   }
   const args = argv.register ? pluginArgsFromArgv(argv) : null;
   await selectBackend(argv.backend);
-  const { model } = await loadModelDir(argv.model, { format, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize });
+  const { model } = await loadModelDir(argv.model, { format, expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize, denseDtype: argv.denseDtype });
   let handle: PluginHandle | null = null;
   try {
     if (args !== null) {

@@ -4,6 +4,7 @@
  * src/train/run.ts. Exit codes: 0 done, 1 failed (also a run that --stop-on-no-gradient stopped: what
  * was trained is saved), 2 bad arguments, 130 interrupted (Ctrl-C; what was trained so far is saved).
  */
+import type { DenseDtype } from '../../io/hf_checkpoint_core.js';
 import { existsSync, statSync } from 'node:fs';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { PluginArgsError } from '../../args/errors.js';
@@ -21,7 +22,7 @@ import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
-import { expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
+import { denseDtypeOption, expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
 import { RunConfigError, readRunConfig } from '../../train/run_config.js';
 import { LR_SCHEDULERS, type LRScheduler } from '../../train/schedule.js';
 
@@ -60,6 +61,7 @@ interface TrainArgs {
   json: boolean;
   expertDtype?: ExpertDtype;
   int4GroupSize?: number;
+  denseDtype?: DenseDtype;
   stopOnNoGradient?: boolean;
 }
 
@@ -258,9 +260,9 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
-  return pluginOptions(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
+  return pluginOptions(denseDtypeOption(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
       "ones MXFP4 (packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them), " +
-      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'))
+      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)')))
       .check(argv => {
         // with --config the file fills in flags first: the handler checks the merged flags
         if (argv.config !== undefined) return true;
@@ -327,7 +329,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
       maxGradNorm: argv.maxGradNorm, gradientCheckpointing: argv.gradientCheckpointing, evalEvery: argv.evalEvery, saveEvery: argv.saveEvery, saveTotalLimit: argv.saveTotalLimit,
       metrics: argv.metrics, resume: argv.resume,
       samplePacking: argv.samplePacking, trainOnInputs: argv.trainOnInputs, valSetSize: argv.valSetSize,
-      expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize,
+      expertDtype: argv.expertDtype, int4GroupSize: argv.int4GroupSize, denseDtype: argv.denseDtype,
       progress: { quiet: argv.json },
       shouldStop: () => interrupt.requested,
       stopOnNoGradient: argv.stopOnNoGradient === true,

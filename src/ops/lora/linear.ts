@@ -11,11 +11,14 @@
  *
  * with the closed-form gradient (u_a = s_a·(m_a ⊙ x)·A_aᵀ, g_a = s_a·dy·B_a):
  *   dB_a = dyᵀ·u_a,  dA_a = g_aᵀ·(m_a ⊙ x),  dx = dy·W + Σ_a (g_a·A_a) ⊙ m_a.
- * W and b are captured, not inputs: they get no gradient (frozen under LoRA).
+ * W and b are captured, not inputs: they get no gradient (frozen under LoRA). W may be packed
+ * 16-bit (PackedDenseWeight): it is decoded inside each product that uses it (forward, and again
+ * for dx in backward: the float32 copy is never saved) and freed when that product is done.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { matMulAdd } from '../matmul_add.js';
+import { assertDenseWeight, unpackDenseWeight, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -60,7 +63,8 @@ function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Te
 }
 
 /**
- * x·Wᵀ + b + Σ s·((mask ⊙ x)·Aᵀ)·Bᵀ for x [N, in], a frozen W [out, in] and b [out] (or null),
+ * x·Wᵀ + b + Σ s·((mask ⊙ x)·Aᵀ)·Bᵀ for x [N, in], a frozen W [out, in] (float32 or a
+ * PackedDenseWeight, decoded per product) and b [out] (or null),
  * and the applied adapters; gradients flow to x and every A and B, never to W or b. One op: its
  * forward and backward leave nothing on tfjs's tape but the tensors its backward reads.
  *
@@ -69,14 +73,14 @@ function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Te
  * const { grads } = tf.variableGrads(() => tf.sum(loraLinear(x, W, null, [{ A, B, scaling: 2 }])));
  * ```
  */
-export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null, adapters: readonly LinearLoRABranch[]): Tensor2D {
+export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1D | null, adapters: readonly LinearLoRABranch[]): Tensor2D {
   const op = 'loraLinear';
   assertTensor(op, 'x', x, 2);
-  assertTensor(op, 'weight', weight, 2);
+  assertDenseWeight(op, 'weight', weight);
   const [n, inSize] = x.shape;
   const out = weight.shape[0];
   const shapes = `x [N,in] = [${x.shape}], weight [out,in] = [${weight.shape}]`;
-  assertShape(op, 'weight', weight, [null, inSize], shapes);
+  if (weight.shape[1] !== inSize) fail(op, `'weight' must have shape [*,${inSize}] but got [${weight.shape}] (${shapes})`);
   if (bias !== null) {
     assertTensor(op, 'bias', bias, 1);
     assertShape(op, 'bias', bias, [out], shapes);
@@ -102,7 +106,7 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
     const save = args[args.length - 1] as GradSaveFunc;
     const factors = adapters.map((_, i) => ({ A: args[1 + 2 * i] as Tensor2D, B: args[2 + 2 * i] as Tensor2D }));
     // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
-    let y = tf.matMul(xs, weight, false, true) as Tensor2D;  // [N, out]
+    let y = baseProduct(weight, W => tf.matMul(xs, W, false, true) as Tensor2D);  // [N, out]
     if (bias !== null) {
       const biased = tf.add(y, bias) as Tensor2D;
       y.dispose();
@@ -124,7 +128,7 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const dy2 = dy as Tensor2D;
-        let dx = tf.matMul(dy2, weight) as Tensor2D;  // [N, in]
+        let dx = baseProduct(weight, W => tf.matMul(dy2, W) as Tensor2D);  // [N, in]: W decoded again, not saved
         const grads: Tensor[] = [];
         let at = 0;
         adapters.forEach(a => {
@@ -150,4 +154,13 @@ export function loraLinear(x: Tensor2D, weight: Tensor2D, bias: Tensor1D | null,
   });
   // the forward runs in a tidy of tfjs's engine: what it does not return or save is freed
   return forward(x, ...adapters.flatMap(a => [a.A, a.B])) as Tensor2D;
+}
+
+/**
+ * `product` of the frozen base weight as float32: a float32 weight as it is, a packed one decoded
+ * for this product only (the copy freed when it returns).
+ */
+export function baseProduct(weight: DenseWeightTensor, product: (W: Tensor2D) => Tensor2D): Tensor2D {
+  if (weight instanceof tf.Tensor) return product(weight);
+  return tf.tidy(() => product(unpackDenseWeight(weight)));
 }
