@@ -27,6 +27,7 @@ import { limitWebGPUBufferPool, webgpuBufferPoolStats, type WebGPUBufferPoolLimi
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../../src/io/hf_block.js';
+import { DENSE_DTYPES, type DenseDtype } from '../../src/io/hf_checkpoint_core.js';
 import { savePeftAdapter } from '../../src/io/peft_files.js';
 import { writeSafetensorsStream } from '../../src/io/safetensors.js';
 import { sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
@@ -67,6 +68,8 @@ export interface E2EOptions {
   tokenizer?: string | HFTokenizer;
   /** how the routed experts are held: 'stored' (bf16 as in the files), 'float32', 'int4', 'nf4', ... */
   expertDtype?: ExpertDtype;
+  /** how attention's projections and the embedding are held: 'float32' (default) or 'stored' (bf16 as in the files, decoded on use) */
+  denseDtype?: DenseDtype;
   /** the LoRA targets, a subset of E2E_LORA_TARGETS (default: all of them, as torch_peft.py trains) */
   targets?: readonly string[];
   rank?: number;
@@ -129,6 +132,7 @@ export interface E2EResult {
   model: string;
   modelType: string;
   expertDtype: ExpertDtype;
+  denseDtype: DenseDtype;
   lora: { r: number; alpha: number; targets: readonly string[] };
   batch: number;
   seq: number;
@@ -261,7 +265,7 @@ async function writeTensorsFolder(folder: string, file: string,
 export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
-    tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
+    tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, denseDtype: 'float32' as DenseDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
     warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[],
     gradientCheckpointing: false, ...options,
   };
@@ -270,6 +274,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     if (typeof o[k] !== 'string' || o[k].length === 0) fail(OP, `'${k}' must be a path but got ${JSON.stringify(o[k])}`);
   }
   assertOneOf(OP, 'expertDtype', o.expertDtype, EXPERT_DTYPES);
+  assertOneOf(OP, 'denseDtype', o.denseDtype, DENSE_DTYPES);
   if (!Array.isArray(o.targets) || o.targets.length === 0) fail(OP, `'targets' must be a non-empty list but got ${JSON.stringify(o.targets)}`);
   for (const t of o.targets) assertOneOf(OP, 'targets', t, E2E_LORA_TARGETS);
   for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
@@ -294,7 +299,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
   const result: E2EResult = {
     side: 'ours', name: o.name ?? o.expertDtype, backend: tf.getBackend(), model: o.model, modelType: String(config['model_type']),
-    expertDtype: o.expertDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
+    expertDtype: o.expertDtype, denseDtype: o.denseDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
     stepSeconds: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
@@ -314,7 +319,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   // webgpu: the pool's peaks (and its bound, if asked), from before the load to the end
   const limit = tf.getBackend() === 'webgpu' ? limitWebGPUBufferPool(o.poolLimitBytes ?? Infinity) : null;
   const t0 = performance.now();
-  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype }).catch(async err => {
+  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype, denseDtype: o.denseDtype }).catch(async err => {
     result.errors['load'] = errorText(err);
     limit?.restore();
     await partial('load failed');
@@ -452,7 +457,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     if (!key.startsWith('--') || i + 1 >= argv.length) fail(OP, `arguments must be '--flag value' pairs but got ${JSON.stringify(argv.slice(i, i + 2))}`);
     flags[key.slice(2)] = argv[i + 1];
   }
-  const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
+  const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
     'gradient-checkpointing'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
@@ -466,7 +471,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   assertOneOf(OP, '--backend', backend, E2E_BACKENDS);
   return {
     model: flags['model'], data: flags['data'], out: flags['out'] ?? process.env.OUT ?? '', tokenizer: flags['tokenizer'],
-    expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
+    expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, denseDtype: flags['dense-dtype'] as DenseDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
     saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
