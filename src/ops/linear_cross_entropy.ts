@@ -71,11 +71,13 @@ export function linearCrossEntropy(
     const counted = tf.cast(tf.greaterEqual(labels, 0), 'float32') as Tensor1D;  // [N]
     const safe = tf.maximum(labels, tf.scalar(0, 'int32')) as Tensor1D;          // [N]
     const { lse, value } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks);
-    save([x, w, lse, counted, safe]);
+    // a frozen head is not saved: a saved clone would be counted as another [V, H] tensor
+    save(trainHead ? [x, lse, counted, safe, w] : [x, lse, counted, safe]);
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
-        const [xs, ws, lses, counts, targets] = saved as [Tensor2D, Tensor2D, Tensor1D, Tensor1D, Tensor1D];
+        const [xs, lses, counts, targets] = saved as [Tensor2D, Tensor1D, Tensor1D, Tensor1D];
+        const ws = trainHead ? saved[4] as Tensor2D : headWeight;
         const { dHidden, dWeight } = linearCrossEntropyBackward(
             dy, xs, ws, lses, counts, targets, normalizer, chunks, trainHead);
         return trainHead ? [dHidden, dWeight!] : [dHidden];
