@@ -150,7 +150,7 @@ describe('train: batchLoss applies the head chunk by chunk (linearCrossEntropy)'
     expect(split!.headWeight).to.equal(model.getLayer('model.embed_tokens').weights[0]);
     const batch = batchOf(ids, labels);
     const vars = trainableVariables(model);
-    expect(vars.map(v => v.name)).to.include(split!.headWeight.read().name);
+    expect(vars.map(v => v.name)).to.include((split!.headWeight.read() as tf.Variable).name);
     expectNoLeak(() => expectSame(bothPaths(model, batch, vars, 3), vars));
     disposeBatch(batch);
     model.dispose();
