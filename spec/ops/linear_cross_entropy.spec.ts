@@ -152,7 +152,7 @@ describe('ops/linearCrossEntropy', () => {
     expect(defaultChunkRows(2 ** 30)).to.equal(1);
   });
 
-  it('refuses a head of another width, labels of another length, float labels, a bad normalizer, chunk size or trainHead', () => {
+  it('refuses no rows, a head of another width, labels of another length, float labels, a bad normalizer, chunk size or trainHead', () => {
     const hidden = tf.zeros([2, 3]) as tf.Tensor2D;
     const weight = tf.zeros([5, 3]) as tf.Tensor2D;
     const wide = tf.zeros([5, 4]) as tf.Tensor2D;
@@ -161,6 +161,10 @@ describe('ops/linearCrossEntropy', () => {
     const floats = tf.tensor1d([0, 1]);
     const op = '`linearCrossEntropy()`: ';
     expect(() => linearCrossEntropy(tf.zeros([2]) as unknown as tf.Tensor2D, weight, labels, 1)).to.throw(`${op}'hidden' must be 2-D but got shape [2]`);
+    const empty = tf.zeros([0, 3]) as tf.Tensor2D;
+    const noLabels = tf.tensor1d([], 'int32');
+    expect(() => linearCrossEntropy(empty, weight, noLabels, 1)).to.throw(`${op}'hidden' must have at least one row but got shape [0,3]`);
+    tf.dispose([empty, noLabels]);
     expect(() => linearCrossEntropy(hidden, wide, labels, 1)).to.throw(
         `${op}'headWeight' must have shape [*,3] but got [5,4] (hidden [N,H] = [2,3])`);
     expect(() => linearCrossEntropy(hidden, weight, three, 1)).to.throw(

@@ -52,6 +52,7 @@ export function linearCrossEntropy(
   assertTensor(op, 'headWeight', headWeight, 2, 'float32');
   const [n, h] = hidden.shape;
   const v = headWeight.shape[0];
+  if (n === 0) fail(op, `'hidden' must have at least one row but got shape [${hidden.shape}]`);
   assertShape(op, 'headWeight', headWeight, [null, h], `hidden [N,H] = [${hidden.shape}]`);
   assertTensor(op, 'labels', labels, 1, 'int32');
   assertShape(op, 'labels', labels, [n], `hidden [N,H] = [${hidden.shape}], headWeight [V,H] = [${headWeight.shape}]`);
