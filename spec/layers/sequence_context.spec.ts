@@ -17,7 +17,7 @@ import { loadModelDir } from '../../src/io/model_dir.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { batchLoss, disposeBatch, IGNORE_INDEX } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
-import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
+import { linearCrossEntropy } from '../../src/ops/linear_cross_entropy.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
 import { cleanup, fixtureConfig, tempDir } from '../io/checkpoint_helpers.js';
 import { expectNoLeak } from '../helpers/numeric.js';
@@ -302,12 +302,19 @@ describe('ops: passConstant, passScalar', () => {
     };
     const before = tf.memory().numTensors;
     const adams = models.map(m => new Adam(trainableVariables(m)));
+    const trunks = new Map(models.map(m => {
+      const trunk = tfl.model({ inputs: m.inputs, outputs: m.getLayer('model.norm').output as tfl.SymbolicTensor });
+      passPerCall(trunk);
+      return [m, trunk] as const;
+    }));
     const steps: Record<'batchLoss' | 'custom', (m: tfl.LayersModel) => { value: tf.Scalar; grads: tf.NamedTensorMap }> = {
       batchLoss: m => tf.variableGrads(() => batchLoss(m, batch), trainableVariables(m)),
-      // what a user writes: the model on the ids, a cross-entropy on the logits, nothing of ours around it
-      custom: m => tf.variableGrads(() => tf.tidy(() => tokenCrossEntropy(
-          tf.reshape(m.apply(batch.inputIds) as tf.Tensor, [12, VOCAB]) as tf.Tensor2D,
-          tf.reshape(batch.labels, [12]) as tf.Tensor1D, 12)), trainableVariables(m)),
+      // what a user writes (training.md): the model up to its final norm on the ids, the head and the
+      // cross-entropy in chunks (batchLoss's path), nothing of ours around it
+      custom: m => tf.variableGrads(() => tf.tidy(() => linearCrossEntropy(
+          tf.reshape(trunks.get(m)!.apply(batch.inputIds) as tf.Tensor, [12, QWEN3.hidden_size as number]) as tf.Tensor2D,
+          m.getLayer('lm_head').weights[0].read() as tf.Tensor2D, tf.reshape(batch.labels, [12]) as tf.Tensor1D, 12)),
+      trainableVariables(m)),
     };
     for (let step = 0; step < 3; step++) {
       const made = (['batchLoss', 'custom'] as const).map((kind, k) => {

@@ -38,6 +38,7 @@ import { LMHead, TokenEmbedding } from './embedding.js';
 import type { DenseStorage } from './dense_storage.js';
 import type { DSAIndexerArgs } from './dsa_indexer.js';
 import { GatedDeltaNet, type GatedDeltaNetShapeArgs } from './gated_delta_net.js';
+import { gradientCheckpointingEnabled, setGradientCheckpointing } from './gradient_checkpointing.js';
 import { MLAAttention, type PositionScaling } from './mla_attention.js';
 import { RMSNorm } from './rms_norm.js';
 import { passPerCall } from './sequence_context.js';
@@ -882,6 +883,50 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   // a user's own loop over model.apply shares each pass's constants as batchLoss does
   passPerCall(model);
   return model;
+}
+
+/** A causal LM cut before its LM head (`splitAtHead`). */
+export interface HeadSplit {
+  /** ids [B, S] → the final normed hidden states [B, S, H]: the model's own layers up to the head, shared */
+  trunk: tfl.LayersModel;
+  /** the head's weight [V, H]: lm_head.weight, or the embedding table when the embeddings are tied */
+  headWeight: tfl.LayerVariable;
+}
+
+/** per model, its split (null: its output is not an LM head on hidden states) */
+const headSplits = new WeakMap<tfl.LayersModel, HeadSplit | null>();
+
+/**
+ * @internal The model as trunk and head weight, so that a loss can apply the head itself,
+ * chunk by chunk (linearCrossEntropy), instead of receiving the [B, S, V] logits; null when the
+ * model's output is not an LMHead or tied TokenEmbedding applied to hidden states (any other
+ * LayersModel), for which the loss takes the logits. The model itself is unchanged, so predict,
+ * generation and save see the whole model. The trunk follows the model's gradient checkpointing.
+ *
+ * ```js
+ * const split = splitAtHead(model);
+ * const hidden = split.trunk.apply(ids, {training: true});  // [B, S, H]
+ * ```
+ */
+export function splitAtHead(model: tfl.LayersModel): HeadSplit | null {
+  let split = headSplits.get(model);
+  if (split === undefined) {
+    split = findHeadSplit(model);
+    headSplits.set(model, split);
+  }
+  if (split !== null) setGradientCheckpointing(split.trunk, gradientCheckpointingEnabled(model));
+  return split;
+}
+
+function findHeadSplit(model: tfl.LayersModel): HeadSplit | null {
+  if (model.inputs.length !== 1 || model.outputs.length !== 1) return null;
+  const logits = model.outputs[0];
+  const head = logits.sourceLayer;
+  if (!(head instanceof LMHead || head instanceof TokenEmbedding)) return null;
+  if (logits.inputs.length !== 1 || logits.inputs[0].rank !== 3 || head.weights.length !== 1) return null;
+  // a Container over the same layers: no weight is copied, the model's graph is not touched
+  const trunk = tfl.model({ inputs: model.inputs, outputs: logits.inputs[0], name: `${model.name}_trunk` });
+  return { trunk, headWeight: head.weights[0] };
 }
 
 /** The HF config a model was built from (kept in userDefinedMetadata, so also after save/load), or null. */

@@ -21,7 +21,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { configTensorPlan, denseStorageTensorNames, type Expected } from '../io/hf_checkpoint_core.js';
 import { DENSE_STORAGES, type DenseStorage } from '../layers/dense_storage.js';
-import { hfConfigOf, moeCausalLMConfigFromHF, trainableVariables } from '../layers/moe_causal_lm.js';
+import { hfConfigOf, moeCausalLMConfigFromHF, splitAtHead, trainableVariables } from '../layers/moe_causal_lm.js';
+import { defaultChunkRows } from '../ops/linear_cross_entropy.js';
 import { EXPERT_STORAGES, type ExpertStorage } from '../layers/sparse_moe.js';
 import { expertWordsOf, isQuantizedKind, packedDenseWordsPerRow } from '../ops/packed.js';
 import { assertInteger, fail } from '../ops/validate.js';
@@ -162,12 +163,14 @@ export interface TrainingMemoryEstimate {
   /** what a step allocates beyond the weights already loaded: optimizerBytes + activationBytes */
   stepBytes: number;
   bytes: number;
-  /** the largest single tensor of a step: a weight or the logits [B·S, V] */
+  /** the largest single tensor of a step: a weight or the logits (a chunk of them [rows, V], or [B·S, V]) */
   largest: { name: string; bytes: number };
 }
 
-/** Tensors of the logits' size a training step holds at its peak (measured: 6.8; see estimateTrainingMemory). */
+/** Tensors of the logits' size a training step holds at its peak with the composed loss (measured: 6.8; see estimateTrainingMemory). */
 const LOSS_LOGITS_COPIES = 7;
+/** [rows, V] chunks of logits linearCrossEntropy holds at a step's peak (measured: 2.3; see estimateTrainingMemory). */
+const LOSS_CHUNK_COPIES = 3;
 
 const DTYPE_BYTES: Readonly<Record<string, number>> = { float32: 4, int32: 4, bool: 1, complex64: 8, string: 0 };
 
@@ -175,15 +178,17 @@ const DTYPE_BYTES: Readonly<Record<string, number>> = { float32: 4, int32: 4, bo
  * The memory one training step of `model` on `batch` windows of `seq` tokens needs, a simple
  * estimate (it says what dominates, it is no allocator trace):
  *   weights (as held) + trainable elements × 3 × 4 bytes (gradient, Adam's m and v)
- *   + 7 × B·S·V × 4: the logits [B·S, V] and what the loss (tokenCrossEntropy) and the head's
- *     gradient make of their size at the peak: tf.profile's peakBytes of a step of a
- *     large-vocabulary model is 6.8 of them on cpu and wasm (15.8 with the composed loss it
- *     replaced; a spec checks the estimate stays above the measured peak)
+ *   + 3 × C·V × 4, C = min(B·S, defaultChunkRows(V)) (64 MiB of logits): batchLoss applies the
+ *     head and the loss chunk by chunk (linearCrossEntropy), never holding the logits [B·S, V];
+ *     tf.profile's peakBytes of a step of a large-vocabulary model whose chunk is all B·S rows is
+ *     2.3 of them on cpu and wasm (6.8 with the logits and tokenCrossEntropy, 15.8 with the
+ *     composed loss before that; a spec checks the estimate stays above the measured peak). A
+ *     model whose output is not an LM head (batchLoss takes its logits): 7 × B·S·V × 4
  *   + per decoder layer, what its backward keeps: B·S·(8·H + 2·n_heads·S) × 4 (residual stream,
  *     norms, q/k/v/o, attention scores and probabilities) and, in an MoE layer,
  *     B·S·K·(2·I + H) × 4 (each routed token's gate/up output and its gathered input). With
  *     gradientCheckpointing, that of one layer, plus B·S·2·H × 4 per layer (its input, its gradient).
- * A model without an HF config (not built by this package) counts weights, optimizer and logits.
+ * A model without an HF config (not built by this package) counts weights, optimizer and the loss.
  *
  * ```js
  * const {bytes} = estimateTrainingMemory(model, {batch: 8, seq: 256});
@@ -205,9 +210,12 @@ export function estimateTrainingMemory(
   const optimizerBytes = trainable * 3 * 4;
   const tokens = step.batch * step.seq;
   const vocab = model.outputs[0]?.shape[2];
-  const logitsBytes = typeof vocab === 'number' ? tokens * vocab * 4 : 0;
-  if (logitsBytes > largest.bytes) largest = { name: `logits [${tokens}, ${vocab}]`, bytes: logitsBytes };
-  let activationBytes = LOSS_LOGITS_COPIES * logitsBytes;
+  // batchLoss's two paths: the head in chunks (linearCrossEntropy) or the whole logits
+  const chunked = typeof vocab === 'number' && splitAtHead(model) !== null;
+  const rows = chunked ? Math.min(tokens, defaultChunkRows(vocab)) : tokens;
+  const logitsBytes = typeof vocab === 'number' ? rows * vocab * 4 : 0;
+  if (logitsBytes > largest.bytes) largest = { name: `logits [${rows}, ${vocab}]`, bytes: logitsBytes };
+  let activationBytes = (chunked ? LOSS_CHUNK_COPIES : LOSS_LOGITS_COPIES) * logitsBytes;
   const hf = hfConfigOf(model);
   if (hf !== null) {
     const c = moeCausalLMConfigFromHF(hf);

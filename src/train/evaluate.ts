@@ -6,7 +6,7 @@ import { sparseMoELayers } from '../layers/moe_causal_lm.js';
 import { assertInteger, fail } from '../ops/validate.js';
 import { evaluationBatches, type TokenizedDataset } from '../data/datasets.js';
 import { evaluationWindows } from './batches.js';
-import { batchLoss, disposeBatch, nextTokenLoss, vocabSizeOf } from './loss.js';
+import { batchLoss, disposeBatch, vocabSizeOf } from './loss.js';
 
 export interface EvaluateOptions {
   /** tokens per window (the context the model sees) */
@@ -42,9 +42,22 @@ export async function evaluateLoss(model: tfl.LayersModel, tokens: Int32Array, o
       const rows = group.slice(i, i + batch);
       const data = new Int32Array(rows.length * length);
       rows.forEach((r, k) => data.set(r, k * length));
-      const loss = tf.tidy(() => nextTokenLoss(model, tf.tensor2d(data, [rows.length, length], 'int32'), false));
-      const mean = (await loss.data())[0];
-      loss.dispose();
+      // batchLoss, not nextTokenLoss: the head and the loss in chunks, never the logits [rows·(length − 1), V]
+      const windowsOf = tf.tensor2d(data, [rows.length, length], 'int32');
+      const micro = {
+        inputIds: tf.slice(windowsOf, [0, 0], [rows.length, length - 1]) as tf.Tensor2D,
+        labels: tf.slice(windowsOf, [0, 1], [rows.length, length - 1]) as tf.Tensor2D,
+        segmentIds: null, positionIds: null, targetCount: rows.length * (length - 1),
+      };
+      windowsOf.dispose();
+      let mean: number;
+      try {
+        const loss = batchLoss(model, micro, { training: false });
+        mean = (await loss.data())[0];
+        loss.dispose();
+      } finally {
+        disposeBatch(micro);
+      }
       total += mean * rows.length * (length - 1);
       count += rows.length * (length - 1);
     }

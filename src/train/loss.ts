@@ -2,7 +2,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
 import { assertTokenIds, HOST_BACKENDS } from '../layers/embedding.js';
+import { splitAtHead } from '../layers/moe_causal_lm.js';
 import { withSequenceContext } from '../layers/sequence_context.js';
+import { linearCrossEntropy } from '../ops/linear_cross_entropy.js';
 import { tokenCrossEntropy } from '../ops/token_cross_entropy.js';
 import { assertInteger, assertTensor, fail } from '../ops/validate.js';
 
@@ -92,13 +94,18 @@ function assertLabels(op: string, labels: tf.Tensor2D, vocabSize: number): void 
  * passes the target count of the whole step, so every target weighs the same whatever
  * micro-batch it fell in). One forward pass, with the batch's segment and position ids.
  *
+ * A model whose output is its LM head (buildMoECausalLM's, loadHFCheckpoint's) runs up to its
+ * final norm, and the head and the loss run as one chunked op (linearCrossEntropy): the
+ * [B·S, V] logits are never held, only `chunkRows` rows of them at a time (default: as many as
+ * fit in 64 MiB, defaultChunkRows). Any other model: its logits, then tokenCrossEntropy.
+ *
  * ```js
  * const loss = batchLoss(model, batch);  // scalar
  * ```
  */
 export function batchLoss(
     model: tfl.LayersModel, batch: TrainingBatch,
-    options: { training?: boolean; normalizer?: number; dropoutSeed?: number } = {}): tf.Scalar {
+    options: { training?: boolean; normalizer?: number; dropoutSeed?: number; chunkRows?: number } = {}): tf.Scalar {
   const op = 'batchLoss';
   assertTensor(op, 'inputIds', batch.inputIds, 2, 'int32');
   const [b, s] = batch.inputIds.shape;
@@ -115,15 +122,24 @@ export function batchLoss(
   }
   const normalizer = options.normalizer ?? batch.targetCount;
   assertInteger(op, 'normalizer', normalizer, 1);
+  if (options.chunkRows !== undefined) assertInteger(op, 'chunkRows', options.chunkRows, 1);
   const v = vocabSizeOf(model);
   assertTokenIds(op, 'inputIds', batch.inputIds, v);
   assertLabels(op, batch.labels, v);
+  const split = splitAtHead(model);
   return tf.tidy(() => {
     const labels = tf.reshape(batch.labels, [b * s]) as tf.Tensor1D;             // IGNORE_INDEX < 0: not counted
     const training = options.training ?? true;
     const context = { segmentIds: batch.segmentIds, positionIds: batch.positionIds, training, dropoutSeed: options.dropoutSeed };
-    const logits = withSequenceContext(context, () => model.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, V]
-    // one op with its own gradient: a few logits-sized tensors, not the composed loss's dozen
-    return tokenCrossEntropy(tf.reshape(logits, [b * s, v]) as tf.Tensor2D, labels, normalizer);
+    if (split === null) {
+      const logits = withSequenceContext(context, () => model.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, V]
+      // one op with its own gradient: a few logits-sized tensors, not the composed loss's dozen
+      return tokenCrossEntropy(tf.reshape(logits, [b * s, v]) as tf.Tensor2D, labels, normalizer);
+    }
+    const hidden = withSequenceContext(context, () => split.trunk.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, H]
+    // the head's variable itself: it gets a gradient exactly when it trains (a frozen head is a constant)
+    const headWeight = split.headWeight.read() as tf.Tensor2D;                   // [V, H]
+    return linearCrossEntropy(tf.reshape(hidden, [b * s, hidden.shape[2]]) as tf.Tensor2D, headWeight, labels, normalizer,
+        { chunkRows: options.chunkRows });
   });
 }

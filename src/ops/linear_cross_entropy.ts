@@ -1,0 +1,173 @@
+/**
+ * The LM head and the language-modelling loss as one op ("fused linear cross-entropy", as
+ * Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy): the logits
+ * hidden · Wᵀ [N, V] are never held whole. The forward pass computes them chunk by chunk of rows
+ * and keeps only each row's log-sum-exp; the backward pass computes each chunk's logits again and
+ * turns them at once into that chunk's dHidden (and dW when the head trains). With Qwen3's
+ * vocabulary (151,936) and 512 tokens the logits are 311 MB, and composing the head and
+ * tokenCrossEntropy keeps several of them alive at a step's peak; here the peak is a couple of
+ * [chunk, V] buffers.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { assertInteger, assertShape, assertTensor, fail } from './validate.js';
+
+/** The most bytes one chunk's float32 logits [chunk, V] take with the default chunk size: 64 MiB. */
+export const LOGITS_CHUNK_BYTES = 64 * 2 ** 20;
+
+/** The default chunk: as many rows as keep a chunk's float32 logits within LOGITS_CHUNK_BYTES, at least 1. */
+export function defaultChunkRows(vocabSize: number): number {
+  return Math.max(1, Math.floor(LOGITS_CHUNK_BYTES / (4 * vocabSize)));
+}
+
+export interface LinearCrossEntropyOptions {
+  /** rows of `hidden` per chunk; default defaultChunkRows(V) (Qwen3's vocabulary: 110 rows) */
+  chunkRows?: number;
+  /**
+   * whether `headWeight` gets a gradient; default: it is a trainable tf.Variable. A frozen head
+   * (LoRA training) is a constant of the op: no [V, H] gradient is computed.
+   */
+  trainHead?: boolean;
+}
+
+/**
+ * Σ_n −log softmax(hidden[n] · headWeightᵀ)[labels[n]] over the rows whose label is ≥ 0,
+ * divided by `normalizer`: `tokenCrossEntropy(matMul(hidden, headWeight, false, true), labels,
+ * normalizer)` without the [N, V] logits. A negative label (PyTorch's ignore_index, −100)
+ * predicts nothing; labels must be < V (checked by the caller on host backends, as for
+ * tokenCrossEntropy). Gradients: hidden, and headWeight when it trains; labels get none.
+ *
+ * ```js
+ * const hidden = tf.randomNormal([6, 16]);                  // [N, H]: the final normed hidden states
+ * const head = tf.randomNormal([100, 16]);                  // [V, H]: lm_head.weight
+ * const labels = tf.tensor1d([3, 7, -100, 0, 99, 5], 'int32');
+ * const loss = linearCrossEntropy(hidden, head, labels, 5, {chunkRows: 4});  // the mean over 5 labels
+ * ```
+ */
+export function linearCrossEntropy(
+    hidden: Tensor2D, headWeight: Tensor2D, labels: Tensor1D, normalizer: number,
+    options: LinearCrossEntropyOptions = {}): Scalar {
+  const op = 'linearCrossEntropy';
+  assertTensor(op, 'hidden', hidden, 2, 'float32');
+  assertTensor(op, 'headWeight', headWeight, 2, 'float32');
+  const [n, h] = hidden.shape;
+  const v = headWeight.shape[0];
+  if (n === 0) fail(op, `'hidden' must have at least one row but got shape [${hidden.shape}]`);
+  assertShape(op, 'headWeight', headWeight, [null, h], `hidden [N,H] = [${hidden.shape}]`);
+  assertTensor(op, 'labels', labels, 1, 'int32');
+  assertShape(op, 'labels', labels, [n], `hidden [N,H] = [${hidden.shape}], headWeight [V,H] = [${headWeight.shape}]`);
+  assertInteger(op, 'normalizer', normalizer, 1);
+  const chunkRows = options.chunkRows ?? defaultChunkRows(v);
+  assertInteger(op, 'chunkRows', chunkRows, 1);
+  const trainHead = options.trainHead ?? (headWeight instanceof tf.Variable && headWeight.trainable);
+  if (typeof trainHead !== 'boolean') fail(op, `'trainHead' must be a boolean but got ${String(trainHead)} (${typeof trainHead})`);
+  const chunks: Array<[start: number, rows: number]> = [];
+  for (let start = 0; start < n; start += chunkRows) chunks.push([start, Math.min(chunkRows, n - start)]);
+
+  // labels are data, not a trainable input: captured here, they get no gradient; a frozen head too
+  const loss = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+    const x = args[0] as Tensor2D;
+    const w = trainHead ? args[1] as Tensor2D : headWeight;
+    const save = args[trainHead ? 2 : 1] as GradSaveFunc;
+    const counted = tf.cast(tf.greaterEqual(labels, 0), 'float32') as Tensor1D;  // [N]
+    const safe = tf.maximum(labels, tf.scalar(0, 'int32')) as Tensor1D;          // [N]
+    const { lse, value } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks);
+    // a frozen head is not saved: a saved clone would be counted as another [V, H] tensor
+    save(trainHead ? [x, lse, counted, safe, w] : [x, lse, counted, safe]);
+    return {
+      value,
+      gradFunc: (dy: Tensor, saved: Tensor[]) => {
+        const [xs, lses, counts, targets] = saved as [Tensor2D, Tensor1D, Tensor1D, Tensor1D];
+        const ws = trainHead ? saved[4] as Tensor2D : headWeight;
+        const { dHidden, dWeight } = linearCrossEntropyBackward(
+            dy, xs, ws, lses, counts, targets, normalizer, chunks, trainHead);
+        return trainHead ? [dHidden, dWeight!] : [dHidden];
+      },
+    };
+  });
+  return trainHead ? loss(hidden, headWeight) : loss(hidden);
+}
+
+/** The logits of rows start .. start + rows − 1: hidden[rows] · Wᵀ. */
+function chunkLogits(hidden: Tensor2D, weight: Tensor2D, start: number, rows: number): Tensor2D {
+  return tf.tidy(() => tf.matMul(tf.slice(hidden, [start, 0], [rows, hidden.shape[1]]), weight, false, true));  // [C, V]
+}
+
+/** Per chunk: its logits, their log-sum-exp (max-subtracted) and the target logit; keeps lse [N] only. */
+function linearCrossEntropyForward(
+    hidden: Tensor2D, weight: Tensor2D, counted: Tensor1D, safe: Tensor1D, normalizer: number,
+    chunks: Array<[number, number]>): { lse: Tensor1D; value: Scalar } {
+  const v = weight.shape[0];
+  const lses: Tensor1D[] = [];
+  const sums: Scalar[] = [];
+  for (const [start, rows] of chunks) {
+    // [C, V] tensors freed as soon as the next exists: at most two at a time
+    const logits = chunkLogits(hidden, weight, start, rows);                      // [C, V]
+    const max = tf.max(logits, 1, true);                                        // [C, 1]
+    const picked = tf.tidy(() => {
+      // the target logits by a flat gather: no [C, V] one-hot
+      const flat = tf.add(tf.mul(tf.range(0, rows, 1, 'int32'), tf.scalar(v, 'int32')), tf.slice(safe, [start], [rows]));
+      return tf.gather(tf.reshape(logits, [rows * v]), flat);                    // [C]
+    });
+    const shifted = tf.sub(logits, max);                                        // [C, V]
+    logits.dispose();
+    const exps = tf.exp(shifted);                                               // [C, V]
+    shifted.dispose();
+    const lse = tf.tidy(() => tf.add(tf.log(tf.sum(exps, 1)), tf.reshape(max, [rows])) as Tensor1D);  // [C]
+    exps.dispose();
+    sums.push(tf.tidy(() => tf.sum(tf.mul(tf.sub(lse, picked), tf.slice(counted, [start], [rows]))) as Scalar));
+    tf.dispose([max, picked]);
+    lses.push(lse);
+  }
+  const lse = (lses.length === 1 ? lses[0] : tf.concat(lses)) as Tensor1D;       // [N]
+  const value = tf.tidy(() => tf.div(sums.length === 1 ? sums[0] : tf.addN(sums), normalizer) as Scalar);
+  if (lses.length > 1) tf.dispose(lses);
+  tf.dispose(sums);
+  return { lse, value };
+}
+
+/**
+ * Per chunk: its logits again, dLogits = (softmax − onehot) · dy / normalizer on counted rows
+ * (0 on ignored ones), then dHidden[chunk] = dLogits · W and dW += dLogitsᵀ · hidden[chunk].
+ * At most two [C, V] tensors exist at a time; the one-hot term needs none.
+ */
+function linearCrossEntropyBackward(
+    dy: Tensor, hidden: Tensor2D, weight: Tensor2D, lse: Tensor1D, counted: Tensor1D, safe: Tensor1D,
+    normalizer: number, chunks: Array<[number, number]>, trainHead: boolean): { dHidden: Tensor2D; dWeight: Tensor2D | null } {
+  const [v, h] = weight.shape;
+  const dHiddens: Tensor2D[] = [];
+  let dWeight: Tensor2D | null = null;
+  for (const [start, rows] of chunks) {
+    const scale = tf.tidy(() =>
+      tf.reshape(tf.mul(tf.div(tf.slice(counted, [start], [rows]), normalizer), dy), [rows, 1]));  // [C, 1]
+    const logits = chunkLogits(hidden, weight, start, rows);                      // [C, V]
+    const shifted = tf.tidy(() => tf.sub(logits, tf.reshape(tf.slice(lse, [start], [rows]), [rows, 1])));
+    logits.dispose();
+    const probs = tf.exp(shifted);                                              // [C, V]
+    shifted.dispose();
+    const scaled = tf.mul(probs, scale) as Tensor2D;                             // [C, V]: softmax · scale
+    probs.dispose();
+    // the one-hot term −scale·onehot goes straight into the products: −scale·W[label] for dHidden,
+    // −scale·hidden scattered (summed) into the label rows for dW; no [C, V] one-hot or scatter
+    const target = tf.slice(safe, [start], [rows]);                             // [C]
+    dHiddens.push(tf.tidy(() => tf.sub(tf.matMul(scaled, weight), tf.mul(tf.gather(weight, target), scale))));  // [C, H]
+    if (trainHead) {
+      const part = tf.tidy(() => {
+        const x = tf.slice(hidden, [start, 0], [rows, h]);                        // [C, H]
+        const oneHotTerm = tf.scatterND(tf.reshape(target, [rows, 1]), tf.mul(x, scale), [v, h]);  // [V, H]
+        return tf.sub(tf.matMul(scaled, x, true, false), oneHotTerm) as Tensor2D;  // [V, H]
+      });
+      if (dWeight === null) {
+        dWeight = part;
+      } else {
+        const sum: Tensor2D = tf.add(dWeight, part);
+        tf.dispose([dWeight, part]);
+        dWeight = sum;
+      }
+    }
+    tf.dispose([scaled, scale, target]);
+  }
+  const dHidden = (dHiddens.length === 1 ? dHiddens[0] : tf.concat(dHiddens)) as Tensor2D;  // [N, H]
+  if (dHiddens.length > 1) tf.dispose(dHiddens);
+  return { dHidden, dWeight };
+}
