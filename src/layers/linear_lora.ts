@@ -23,7 +23,8 @@ import { HOST_BACKENDS } from './embedding.js';
 import { releaseLayerVariables } from './layer_variables.js';
 import { currentSequenceContext } from './sequence_context.js';
 import { dropoutSeedOf, loraDropoutMask } from '../ops/lora/dropout.js';
-import { baseProduct, loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
+import { loraBranchForward, loraLinear, type LinearLoRABranch } from '../ops/lora/linear.js';
+import { denseWeightMatMul } from '../ops/packed.js';
 
 /** The projections of RotaryAttention and SwiGLUMLP that take LoRA, under HF's module names. */
 export const ATTENTION_PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -318,7 +319,7 @@ export class LinearLoRA {
       if (f !== undefined) applied.push({ f, dropout: state!.config.dropout ?? 0, key: `${this.owner.layer.name}.${projection}/${name}` });
     }
     return tf.tidy(() => {
-      const W = denseWeightOf(weight);  // float32, or packed 16-bit (frozen): decoded in each product
+      const W = denseWeightOf(weight);  // float32, or packed 16-bit (frozen): read in each product (denseWeightMatMul)
       if (!weight.trainable && bias?.trainable !== true) {
         const branches: LinearLoRABranch[] = applied.map(({ f, dropout, key }) => ({
           A: f.A.read() as tf.Tensor2D, B: f.B.read() as tf.Tensor2D, scaling: f.scaling,
@@ -326,7 +327,7 @@ export class LinearLoRA {
         }));
         return loraLinear(x, W, bias === null ? null : bias.read() as tf.Tensor1D, branches);
       }
-      let y = baseProduct(W, w => tf.matMul(x, w, false, true) as tf.Tensor2D);  // [N, out]
+      let y = denseWeightMatMul(x, W, true, null);  // [N, out]
       if (bias !== null) y = tf.add(y, bias.read());
       for (const { f, dropout, key } of applied) {
         y = tf.add(y, loraBranch(x, f.A.read() as tf.Tensor2D, f.B.read() as tf.Tensor2D, f.scaling, dropout, key));

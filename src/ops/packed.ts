@@ -533,10 +533,24 @@ export function unpackDenseWeight(weight: DenseWeightTensor): tf.Tensor2D {
 }
 
 /**
+ * MoEGatherPackedRows: inputs packed int32 [rows, ceil(cols/2)] (a PackedDenseWeight's words) and
+ * indices int32 [N]; output float32 [N, cols], row indices[i] decoded exactly (row i is zeros for an
+ * index outside [0, rows), as tfjs-webgpu's Gather gives). Registered where tfjs's own Gather is not
+ * exact on int32 words (webgpu: it moves them through float32, which rounds words above 2^24); there
+ * only the looked-up rows are read and decoded. Elsewhere tf.gather of the words, then the decode.
+ */
+export const GATHER_PACKED_ROWS = 'MoEGatherPackedRows';
+export interface GatherPackedRowsAttrs {
+  kind: HalfKind;
+  /** the logical columns (halves per row, without the padding half of an odd count) */
+  cols: number;
+}
+
+/**
  * Rows `indices` (int32 [N]) of a dense weight as float32 [N, cols]: for a packed weight only
- * those rows' words are gathered and decoded (the embedding lookup), never the whole table; on
- * webgpu (a MoEDecodePacked kernel, no synchronous read) the table is decoded on the device for
- * the lookup and freed after it, as its Gather is not exact on int32 words.
+ * those rows' words are gathered and decoded (the embedding lookup), never the whole table: on
+ * webgpu in one MoEGatherPackedRows program (exact for every word), elsewhere a gather of the
+ * words and the host decode.
  *
  * ```js
  * const h = gatherDenseRows(embedding, tf.tensor1d([5, 1, 5], 'int32'));  // [3, hidden]
@@ -550,10 +564,9 @@ export function gatherDenseRows(weight: DenseWeightTensor, indices: tf.Tensor1D)
   }
   if (!(weight instanceof PackedDenseWeight)) return tf.gather(weight, indices);
   if (indices.shape[0] === 0) return tf.zeros([0, weight.shape[1]]);
-  if (tf.getKernel(DECODE_PACKED, tf.getBackend()) != null) {
-    // webgpu: its Gather moves int32 through float32, which rounds words above 2^24 (measured:
-    // 0x7f7f3f81 came back 0x7f7f3f80); decode the table on the device and gather the floats, exact
-    return tf.tidy(() => tf.gather(unpackDenseWeight(weight), indices));
+  if (tf.getKernel(GATHER_PACKED_ROWS, tf.getBackend()) != null) {
+    const attrs: GatherPackedRowsAttrs = { kind: weight.kind, cols: weight.shape[1] };
+    return tf.engine().runKernel(GATHER_PACKED_ROWS, { packed: weight.packed, indices }, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }
   const words = tf.gather(weight.packed, indices);  // int32 [N, ceil(cols/2)]
   try {
@@ -561,4 +574,45 @@ export function gatherDenseRows(weight: DenseWeightTensor, indices: tf.Tensor1D)
   } finally {
     words.dispose();
   }
+}
+
+/**
+ * MoEPackedDenseMatMul: inputs a float32 [N, K], packed int32 [rows, ceil(cols/2)] (a
+ * PackedDenseWeight W [rows, cols]) and optionally bias float32 [outCols]; attrs kind, rows, cols,
+ * transposeWeight. Output a·Wᵀ [N, rows] (K = cols) with transposeWeight, a·W [N, cols] (K = rows)
+ * without, + bias after the product (one rounding, as tf.add). A backend registers it to read the
+ * halves inside the product (webgpu: decoded in the tile loads); elsewhere the weight is decoded
+ * for the product and freed after it.
+ */
+export const PACKED_DENSE_MATMUL = 'MoEPackedDenseMatMul';
+export interface PackedDenseMatMulAttrs {
+  kind: HalfKind;
+  rows: number;
+  cols: number;
+  transposeWeight: boolean;
+}
+
+/**
+ * @internal a·Wᵀ (`transposeWeight`) or a·W for a frozen dense W, float32 or packed, plus `bias`
+ * [outCols] if given: tf.matMul on a float32 W; a packed W is read in the product where
+ * MoEPackedDenseMatMul is registered (no float32 copy of it), else decoded for this product only.
+ * No argument checks beyond tfjs's: the callers (loraLinear, LinearLoRA) pass shapes they checked.
+ *
+ * ```js
+ * const y = denseWeightMatMul(x, qProj, true, null);    // x [N, in], qProj [out, in] → [N, out]
+ * const dx = denseWeightMatMul(dy, qProj, false, null); // dy [N, out] → [N, in]
+ * ```
+ */
+export function denseWeightMatMul(a: tf.Tensor2D, weight: DenseWeightTensor, transposeWeight: boolean, bias: tf.Tensor1D | null): tf.Tensor2D {
+  if (weight instanceof PackedDenseWeight && tf.getKernel(PACKED_DENSE_MATMUL, tf.getBackend()) != null) {
+    const attrs: PackedDenseMatMulAttrs = { kind: weight.kind, rows: weight.shape[0], cols: weight.shape[1], transposeWeight };
+    const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...(bias === null ? {} : { bias }) };
+    return tf.engine().runKernel(PACKED_DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
+  }
+  // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
+  return tf.tidy(() => {
+    const W = weight instanceof PackedDenseWeight ? unpackDenseWeight(weight) : weight;
+    const y = tf.matMul(a, W, false, transposeWeight) as tf.Tensor2D;
+    return bias === null ? y : tf.add(y, bias) as tf.Tensor2D;
+  });
 }

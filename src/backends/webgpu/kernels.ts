@@ -24,8 +24,10 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, isPackedExpertWeight, layoutOf, type PackedFormat, type PackedKind,
+  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, GATHER_PACKED_ROWS, type GatherPackedRowsAttrs, isPackedExpertWeight,
+  layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat, type PackedKind,
 } from '../../ops/packed.js';
+import { GatherPackedRowsProgram } from './programs/gather_packed_rows_program.js';
 import type { PackedWeightSpec } from './programs/shared.js';
 import { AdamUpdateProgram } from './programs/adam_program.js';
 import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
@@ -536,6 +538,57 @@ const decodePackedConfig: tf.KernelConfig = {
 };
 
 /**
+ * gatherDenseRows' MoEGatherPackedRows (src/ops/packed.ts): the looked-up rows of a packed 16-bit
+ * table decoded in one program, instead of the whole table decoded for a Gather of floats.
+ */
+const gatherPackedRowsConfig: tf.KernelConfig = {
+  kernelName: GATHER_PACKED_ROWS,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { kind, cols } = args.attrs as unknown as GatherPackedRowsAttrs;
+    const { packed, indices } = args.inputs as Record<string, tf.TensorInfo>;
+    const count = indices.shape[0];
+    return webgpu(args).runWebGPUProgram(new GatherPackedRowsProgram(kind, count, cols), [packed, indices], 'float32',
+        GatherPackedRowsProgram.uniformsFor(count, cols, packed.shape[1], packed.shape[0]));
+  },
+};
+
+/**
+ * The register tile of a dense product over `rows` rows: the experts' presets by rows per group
+ * (webgpuMoETuningFor's thresholds), since a dense projection is one group of them.
+ */
+export function packedDenseTile(rows: number): TileConfig {
+  return rows >= 256 ? { tm: 8, tn: 8, bk: 16 } : rows >= 64 ? { tm: 4, tn: 4, bk: 16 } : { tm: 2, tn: 4, bk: 16 };
+}
+
+/**
+ * denseWeightMatMul's MoEPackedDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a packed 16-bit W
+ * as the experts' grouped product with one group (GroupedMatMulProgram, singleGroup): the halves
+ * are decoded as the tile loads read them, so no float32 copy of W is made, and the bias is added
+ * in the same program. W(k, n) is half n·sN + k·sK of the words, a row being 2·ceil(cols/2) halves.
+ */
+const packedDenseMatMulConfig: tf.KernelConfig = {
+  kernelName: PACKED_DENSE_MATMUL,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { kind, rows, cols, transposeWeight } = args.attrs as unknown as PackedDenseMatMulAttrs;
+    const { a, packed, bias } = args.inputs as Record<string, tf.TensorInfo>;
+    const n = a.shape[0];
+    const rowHalves = 2 * packed.shape[1];
+    // a·Wᵀ reduces over W's columns (contiguous halves), a·W over its rows
+    const [inner, outCols, sN, sK] = transposeWeight ? [cols, rows, rowHalves, 1] : [rows, cols, 1, rowHalves];
+    const program = new GroupedMatMulProgram(n, outCols, {
+      source: 'rows', hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, tile: packedDenseTile(n),
+      packedWeight: { kind, cols, layout: null }, singleGroup: true,
+    });
+    const uniforms: ProgramUniformEntry[] = [
+      ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+    ];
+    return runGroupedProduct(args, program, bias != null ? [a, packed, bias] : [a, packed], uniforms, 2 * n * outCols * inner);
+  },
+};
+
+/**
  * The training loop's MoEAdamUpdate (src/train/adam_update.ts), under that op's own name: one
  * program for the parameter and one for both moments, instead of the composed op's ~14 kernels
  * per variable (issue 15).
@@ -612,6 +665,6 @@ const matMulAddConfig: tf.KernelConfig = {
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
+  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
   matMulAddConfig,
 ];

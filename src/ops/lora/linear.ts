@@ -12,13 +12,14 @@
  * with the closed-form gradient (u_a = s_a·(m_a ⊙ x)·A_aᵀ, g_a = s_a·dy·B_a):
  *   dB_a = dyᵀ·u_a,  dA_a = g_aᵀ·(m_a ⊙ x),  dx = dy·W + Σ_a (g_a·A_a) ⊙ m_a.
  * W and b are captured, not inputs: they get no gradient (frozen under LoRA). W may be packed
- * 16-bit (PackedDenseWeight): it is decoded inside each product that uses it (forward, and again
- * for dx in backward: the float32 copy is never saved) and freed when that product is done.
+ * 16-bit (PackedDenseWeight): on webgpu its products (forward, and dx in backward) read the halves
+ * in their tile loads (MoEPackedDenseMatMul: no float32 copy at all); elsewhere it is decoded inside
+ * each product that uses it and freed when that product is done (the copy is never saved).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { matMulAdd } from '../matmul_add.js';
-import { assertDenseWeight, unpackDenseWeight, type DenseWeightTensor } from '../packed.js';
+import { assertDenseWeight, denseWeightMatMul, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -105,13 +106,7 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
     const xs = args[0] as Tensor2D;
     const save = args[args.length - 1] as GradSaveFunc;
     const factors = adapters.map((_, i) => ({ A: args[1 + 2 * i] as Tensor2D, B: args[2 + 2 * i] as Tensor2D }));
-    // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
-    let y = baseProduct(weight, W => tf.matMul(xs, W, false, true) as Tensor2D);  // [N, out]
-    if (bias !== null) {
-      const biased = tf.add(y, bias) as Tensor2D;
-      y.dispose();
-      y = biased;
-    }
+    let y = denseWeightMatMul(xs, weight, true, bias);  // [N, out]: x·Wᵀ + b
     const kept: Tensor[] = [];
     adapters.forEach((a, i) => {
       const shared = scalings[i];
@@ -128,7 +123,7 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const dy2 = dy as Tensor2D;
-        let dx = baseProduct(weight, W => tf.matMul(dy2, W) as Tensor2D);  // [N, in]: W decoded again, not saved
+        let dx = denseWeightMatMul(dy2, weight, false, null);  // [N, in]: W read again (or decoded again), not saved
         const grads: Tensor[] = [];
         let at = 0;
         adapters.forEach(a => {
@@ -154,13 +149,4 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
   });
   // the forward runs in a tidy of tfjs's engine: what it does not return or save is freed
   return forward(x, ...adapters.flatMap(a => [a.A, a.B])) as Tensor2D;
-}
-
-/**
- * `product` of the frozen base weight as float32: a float32 weight as it is, a packed one decoded
- * for this product only (the copy freed when it returns).
- */
-export function baseProduct(weight: DenseWeightTensor, product: (W: Tensor2D) => Tensor2D): Tensor2D {
-  if (weight instanceof tf.Tensor) return product(weight);
-  return tf.tidy(() => product(unpackDenseWeight(weight)));
 }

@@ -194,6 +194,19 @@ export interface GroupedMatMulSpec {
    * weight gradient) reads them.
    */
   packedWeight?: PackedWeightSpec;
+  /**
+   * One group over plain rows (a dense projection, MoEPackedDenseMatMul): no plan inputs (seg,
+   * pr); the tile's expert is 0 (sE 0), row r is A's row r for r < numRows; source must be 'rows'.
+   */
+  singleGroup?: boolean;
+}
+
+/** WGSL of tileRowsSnippet for a single group: expert 0, row r of A for r < numRows. */
+function singleGroupRowsSnippet(rows: number): string {
+  return `if (lid == 0) { tileExpert = 0; }
+        for (var m = lid; m < ${rows}; m += ${THREADS}) {
+          rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);
+        }`;
 }
 
 /**
@@ -242,16 +255,20 @@ export class GroupedMatMulProgram implements WebGPUProgram {
       'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: GroupedMatMulSpec;
 
-  /** out [capacity, outCols]; capacity must be a multiple of 16·tm */
+  /**
+   * out [capacity, outCols]; capacity must be a multiple of 16·tm (single group: any row count,
+   * the rows of A)
+   */
   constructor(capacity: number, outCols: number, spec: GroupedMatMulSpec) {
     this.spec = spec;
     const { tm, tn } = spec.tile;
     this.outputShape = [capacity, outCols];
     this.dispatch = [Math.ceil(outCols / (TILE_THREADS * tn)), Math.ceil(capacity / (TILE_THREADS * tm)), 1];
-    this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []), ...(spec.hasAddend ? ['addend'] : [])];
+    this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
+      ...(spec.hasAddend ? ['addend'] : [])];
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
-        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '');
+        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '') + (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
@@ -273,7 +290,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
       ${bSlab.declaration()}
       var<workgroup> rowSrc : array<i32, ${bm}>;
       var<workgroup> tileExpert : i32;
-      ${EXPERT_OF_ROW}
+      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${loadW.fn}
 
@@ -283,7 +300,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
         let lid = i32(localIndex);
         let col0 = i32(workgroupId.x) * ${bn};
         let row0 = i32(workgroupId.y) * ${bm};
-        ${tileRowsSnippet(this.spec.source, bm, THREADS)}
+        ${this.spec.singleGroup ? singleGroupRowsSnippet(bm) : tileRowsSnippet(this.spec.source, bm, THREADS)}
         // also the barrier that publishes rowSrc
         let e = workgroupUniformLoad(&tileExpert);
         var acc : array<f32, ${tm * tn}>;
