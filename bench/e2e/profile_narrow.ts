@@ -7,11 +7,13 @@
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/profile_narrow.ts --layers 1,2 --seq 64 [--composed-adam on]
  * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
  * --detail on: also the kernels by name and the programs by class, per phase (which op to cut next).
+ * --dense-dtype stored: attention q/k/v/o and the embedding held as their bf16 words (loadHFCheckpoint's denseDtype; default float32).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { DenseDtype } from '../../src/io/hf_checkpoint_core.js';
 import { ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
 import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { runOurs } from './ours.js';
@@ -22,16 +24,17 @@ tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !=
 const seq = Number(commandLineFlag('seq', '64'));
 const detail = commandLineFlag('detail', 'off') === 'on';
 const shape = commandLineFlag('shape', 'olmoe');
+const denseDtype = commandLineFlag('dense-dtype', 'float32') as DenseDtype;
 const dir = await mkdtemp(join(tmpdir(), 'profile-narrow-'));
 try {
   const data = await writeNarrowData(dir);
   for (const layers of commandLineFlag('layers', '1,2').split(',').map(Number)) {
     const model = await writeNarrowCheckpoint(dir, layers, shape);
     const out = join(dir, `out-${layers}`);
-    const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, saveAdapter: false, profile: true, log: () => {} });
+    const result = await runOurs({ model, data, out, seq, warmup: 1, steps: 1, denseDtype, saveAdapter: false, profile: true, log: () => {} });
     const profile = JSON.parse(await readFile(result.profileFile!, 'utf8')) as StepProfile;
     const counts = Object.fromEntries(Object.entries(profile.phases).map(([phase, c]) => [phase, { kernels: c.kernels, dispatches: c.dispatches, reads: c.reads, mapReads: c.mapReads, submits: c.submits }]));
-    process.stdout.write(`${JSON.stringify({ shape, layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs,
+    process.stdout.write(`${JSON.stringify({ shape, denseDtype, layers, seq, variables: result.params, losses: result.losses, counts, total: profile.total, recordOnlyMs: profile.recordOnlyMs,
       ...(detail ? { kernelCounts: profile.kernelCounts, programCounts: profile.programCounts } : {}) })}\n`);
     await rm(model, { recursive: true, force: true });
   }

@@ -46,7 +46,7 @@ import {
 
 const BACKEND = 'webgpu';
 
-type KernelArgs = Parameters<tf.KernelFunc>[0];
+export type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 function webgpu(args: KernelArgs): WebGPUBackend {
   return args.backend as unknown as WebGPUBackend;
@@ -566,25 +566,32 @@ export function packedDenseTile(rows: number): TileConfig {
  * as the experts' grouped product with one group (GroupedMatMulProgram, singleGroup): the halves
  * are decoded as the tile loads read them, so no float32 copy of W is made, and the bias is added
  * in the same program. W(k, n) is half n·sN + k·sK of the words, a row being 2·ceil(cols/2) halves.
+ * `tile` defaults to packedDenseTile (bench/webgpu_dense_packed.ts sweeps others).
  */
+export function runPackedDenseMatMul(
+    args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
+    attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
+  const { kind, rows, cols, transposeWeight } = attrs;
+  const n = a.shape[0];
+  const rowHalves = 2 * packed.shape[1];
+  // a·Wᵀ reduces over W's columns (contiguous halves), a·W over its rows
+  const [inner, outCols, sN, sK] = transposeWeight ? [cols, rows, rowHalves, 1] : [rows, cols, 1, rowHalves];
+  const program = new GroupedMatMulProgram(n, outCols, {
+    source: 'rows', hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, tile,
+    packedWeight: { kind, cols, layout: null }, singleGroup: true,
+  });
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+  ];
+  return runGroupedProduct(args, program, bias != null ? [a, packed, bias] : [a, packed], uniforms, 2 * n * outCols * inner);
+}
+
 const packedDenseMatMulConfig: tf.KernelConfig = {
   kernelName: PACKED_DENSE_MATMUL,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
-    const { kind, rows, cols, transposeWeight } = args.attrs as unknown as PackedDenseMatMulAttrs;
     const { a, packed, bias } = args.inputs as Record<string, tf.TensorInfo>;
-    const n = a.shape[0];
-    const rowHalves = 2 * packed.shape[1];
-    // a·Wᵀ reduces over W's columns (contiguous halves), a·W over its rows
-    const [inner, outCols, sN, sK] = transposeWeight ? [cols, rows, rowHalves, 1] : [rows, cols, 1, rowHalves];
-    const program = new GroupedMatMulProgram(n, outCols, {
-      source: 'rows', hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, tile: packedDenseTile(n),
-      packedWeight: { kind, cols, layout: null }, singleGroup: true,
-    });
-    const uniforms: ProgramUniformEntry[] = [
-      ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
-    ];
-    return runGroupedProduct(args, program, bias != null ? [a, packed, bias] : [a, packed], uniforms, 2 * n * outCols * inner);
+    return runPackedDenseMatMul(args, a, packed, bias, args.attrs as unknown as PackedDenseMatMulAttrs);
   },
 };
 
