@@ -393,8 +393,9 @@ export function packedExpertGroup(weight: PackedExpertWeight, e: number): tf.Ten
  * PackedExpertWeight of shape [rows, 1, cols] over int32 words [rows, ceil(cols/2)]. Each row
  * starts on a word, so a gather of packed rows is a gather of words (the embedding lookup), and
  * the decode is the experts' own (`unpackExpertWeight`: on the host on cpu and wasm, the
- * MoEDecodePacked kernel on webgpu). The ops decode it inside the product that uses it and free
- * the float32 copy when that product is done.
+ * MoEDecodePacked kernel on webgpu). On cpu and wasm the ops decode it inside the product that uses
+ * it and free the float32 copy when that product is done; on webgpu the products and the row gather
+ * read the halves in place (MoEPackedDenseMatMul, MoEGatherPackedRows: no float32 copy at all).
  *
  * ```js
  * const w = packDenseWeight(tf.randomNormal([64, 32]), 'bf16');
