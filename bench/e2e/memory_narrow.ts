@@ -9,8 +9,10 @@
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/memory_narrow.ts --layers 1,2 --seq 64 --expert-dtype nf4 --pool-limit-mb none,0
  * `--shape qwen3`: Qwen3-30B-A3B's layout narrowed (128 experts top-8, narrow_setup.ts). `--peak-buffers N`:
  * also the N largest groups of buffers alive at the run's highest point (peak_buffers.ts), by the program
- * that made them and their size.
+ * that made them and their size. `--composed-attention on`: attention as composed tfjs ops, not MoEAttention
+ * (which holds no [B·nh, S, L] probabilities for backward).
  */
+import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,10 +20,12 @@ import { releaseFreeWebGPUBuffers } from '../../src/backends/webgpu/buffer_pool.
 import type { ExpertDtype } from '../../src/io/hf_block.js';
 import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { assertOneOf } from '../../src/ops/validate.js';
+import { ATTENTION_KERNEL_FLAG } from '../../src/ops/attention_core.js';
 import { runOurs } from './ours.js';
 import { followPeakBuffers } from './peak_buffers.js';
 
 await setUpNarrowWebGPU();
+tf.env().set(ATTENTION_KERNEL_FLAG, commandLineFlag('composed-attention', 'off') !== 'on');
 const seq = Number(commandLineFlag('seq', '64'));
 const shape = commandLineFlag('shape', 'olmoe');
 const steps = Number(commandLineFlag('steps', '2'));

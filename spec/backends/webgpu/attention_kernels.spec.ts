@@ -150,6 +150,26 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
     await check({ nq: 4, nkv: 2, s: 33, keyLen: 33, dk: 128, dv: 128, mask: () => causalMask(33, null) }, 14);
   });
 
+  it('head width 256 for keys, 64 for values (the widest the kernels take), 9 positions', async () => {
+    await check({ nq: 1, nkv: 1, s: 9, keyLen: 9, dk: 256, dv: 64, mask: () => causalMask(9, null) }, 16);
+  });
+
+  it('a head wider than 256 runs the composed path', async () => {
+    const [q, k, v, mask] = [tf.ones([1, 2, 257]), tf.ones([1, 2, 257]), tf.ones([1, 2, 3]), causalMask(2, null)];
+    const counter = new StepCounter();
+    counter.install();
+    try {
+      const o = scaledDotProductAttention(q as tf.Tensor3D, k as tf.Tensor3D, v as tf.Tensor3D, mask, 0.1);
+      expect(Array.from(await o.data()), 'ones everywhere').to.deep.equal([1, 1, 1, 1, 1, 1]);
+      o.dispose();
+    } finally {
+      counter.uninstall();
+    }
+    expect(counter.programCounts.AttentionProgram).to.equal(undefined);
+    expect(counter.programCounts.SoftmaxProgram).to.equal(1);
+    tf.dispose([q, k, v, mask]);
+  });
+
   it('fully blocked rows (−1e9 everywhere; −2e9 where two masks add) spread evenly, as the composed softmax does', async () => {
     const blocked = [[0, -1e9, -1e9, 0], [-1e9, -1e9, -1e9, -1e9], [-2e9, -1e9, -2e9, -1e9]];
     await check({ nq: 2, nkv: 1, s: 3, keyLen: 4, dk: 4, dv: 3, mask: () => tf.tensor2d(blocked) }, 15);

@@ -10,7 +10,7 @@
  * workgroup takes WORKGROUP consecutive rows of one group (dispatch x: row block, y: group) and
  * shares each tile of g's keys among them; dK and dV take WORKGROUP keys of one group and share
  * each tile of its query rows. One thread holds one row: its q (or k, v) and its accumulator in
- * private arrays of the head widths, which are the shader's constants (head widths up to 256).
+ * private arrays of the head widths, which are the shader's constants (head widths up to ATTENTION_KERNEL_MAX_HEAD_WIDTH, 256).
  *   forward:  s_j = (q·scale)·k_j + mask_j;  running max m and sum l over key tiles (each tile
  *             rescales the accumulator once by exp(m_old − m_new));  O = Σ_j exp(s_j − m)·v_j / l
  *   stats:    the same running m and l, written as [Nq, S, 2] = (m, l)
@@ -28,9 +28,6 @@ export type AttentionPass = 'forward' | 'stats' | 'gradQ' | 'gradK' | 'gradV';
 
 /** Threads (rows) per workgroup. */
 export const ATTENTION_WORKGROUP = 64;
-
-/** The widest head a shader takes: its private arrays are this long at most. */
-export const ATTENTION_MAX_HEAD_WIDTH = 256;
 
 /** The problem's sizes; Nq = nkv·rep. */
 export interface AttentionDims {
