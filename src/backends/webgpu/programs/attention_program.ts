@@ -10,7 +10,9 @@
  * workgroup takes WORKGROUP consecutive rows of one group (dispatch x: row block, y: group) and
  * shares each tile of g's keys among them; dK and dV take WORKGROUP keys of one group and share
  * each tile of its query rows. One thread holds one row: its q (or k, v) and its accumulator in
- * private arrays of the head widths, which are the shader's constants (head widths up to ATTENTION_KERNEL_MAX_HEAD_WIDTH, 256).
+ * private arrays of the head widths, which are the shader's constants (head widths up to
+ * ATTENTION_KERNEL_MAX_HEAD_WIDTH, 256), as vec4s where both widths are multiples of 4 (every
+ * family's): a quarter of the workgroup-memory loads and loop trips.
  *   forward:  s_j = (q·scale)·k_j + mask_j;  running max m and sum l over key tiles (each tile
  *             rescales the accumulator once by exp(m_old − m_new));  O = Σ_j exp(s_j − m)·v_j / l
  *   stats:    the same running m and l, written as [Nq, S, 2] = (m, l)
@@ -91,7 +93,7 @@ export class AttentionProgram implements WebGPUProgram {
     // a thread per query row of the group (forward, stats, gradQ) or per key (gradK, gradV)
     const threadRows = pass === 'gradK' || pass === 'gradV' ? dims.keyLen : dims.rep * dims.seqLen;
     this.dispatch = [Math.max(1, Math.ceil(threadRows / ATTENTION_WORKGROUP)), dims.nkv, 1];
-    this.shaderKey = `moeAttention_${pass}_${dims.dk}_${dims.dv}_${this.tile}_${dims.maskBatch > 0 ? 'sample' : 'shared'}`;
+    this.shaderKey = `moeAttention_${pass}_${dims.dk}_${dims.dv}_${this.tile}_${this.lanes}_${dims.maskBatch > 0 ? 'sample' : 'shared'}`;
   }
 
   static uniformsFor(dims: AttentionDims, scale: number): ProgramUniformEntry[] {
@@ -101,6 +103,29 @@ export class AttentionProgram implements WebGPUProgram {
 
   getUserCode(): string {
     return this.pass === 'gradK' || this.pass === 'gradV' ? this.keyRowsCode() : this.queryRowsCode();
+  }
+
+  /** Floats per vector: 4 (vec4 rows, a quarter of the workgroup-memory loads) where both head widths allow. */
+  private get lanes(): 1 | 4 {
+    return this.dims.dk % 4 === 0 && this.dims.dv % 4 === 0 ? 4 : 1;
+  }
+
+  /**
+   * WGSL: the row vector type V, dotV(a, b), and for each input `name` in `names` a load
+   * ld_name(i) of the V at float index i (inputs are tfjs's flat f32 arrays).
+   */
+  private vectorFns(names: string[]): string {
+    const four = this.lanes === 4;
+    const loads = names.map(name => four
+      ? `fn ld_${name}(i : i32) -> V { return vec4<f32>(${name}[i], ${name}[i + 1], ${name}[i + 2], ${name}[i + 3]); }`
+      : `fn ld_${name}(i : i32) -> V { return ${name}[i]; }`);
+    return `
+      alias V = ${four ? 'vec4<f32>' : 'f32'};
+      fn dotV(a : V, b : V) -> f32 { return ${four ? 'dot(a, b)' : 'a * b'}; }
+      fn storeV(i : i32, value : V) {
+        ${four ? 'result[i] = value.x; result[i + 1] = value.y; result[i + 2] = value.z; result[i + 3] = value.w;' : 'result[i] = value;'}
+      }
+      ${loads.join('\n      ')}`;
   }
 
   /** WGSL: the start of query row `row`'s mask row (row = n·S + i, n's sample for a per-sample mask). */
@@ -116,15 +141,18 @@ export class AttentionProgram implements WebGPUProgram {
 
   /** forward, stats and gradQ: a thread per query row, key tiles shared. */
   private queryRowsCode(): string {
+    const N = this.lanes;
     const { dk: DK, dv: DV } = this.dims;
+    const [KV, VV] = [DK / N, DV / N];   // vectors per key row, per value row
     const T = this.tile;
     const W = ATTENTION_WORKGROUP;
     const pass = this.pass;
     const withV = pass !== 'stats';
-    const accWidth = pass === 'gradQ' ? DK : DV;
+    const accVectors = pass === 'gradQ' ? KV : VV;
     return `
-      var<workgroup> tileK : array<f32, ${T * DK}>;
-      ${withV ? `var<workgroup> tileV : array<f32, ${T * DV}>;` : ''}
+      var<workgroup> tileK : array<V, ${T * KV}>;
+      ${withV ? `var<workgroup> tileV : array<V, ${T * VV}>;` : ''}
+      ${this.vectorFns(this.variableNames.filter(n => n !== 'mask' && n !== 'stats'))}
       ${this.maskRowFn()}
       fn main(index : i32) {
         let g = i32(workgroupId.y);
@@ -136,15 +164,15 @@ export class AttentionProgram implements WebGPUProgram {
         let row = g * uniforms.groupRows + select(0, r, inRange);
         let maskStart = maskRowStart(row);
         let keyLen = uniforms.keyLen;
-        var qs : array<f32, ${DK}>;
-        for (var e = 0; e < ${DK}; e++) { qs[e] = queries[row * ${DK} + e] * uniforms.scale; }
-        var acc : array<f32, ${accWidth}>;
+        var qs : array<V, ${KV}>;
+        for (var e = 0; e < ${KV}; e++) { qs[e] = ld_queries((row * ${KV} + e) * ${N}) * uniforms.scale; }
+        var acc : array<V, ${accVectors}>;
         ${pass === 'gradQ' ? `
-        var dO : array<f32, ${DV}>;
+        var dO : array<V, ${VV}>;
         var delta = 0.0;
-        for (var e = 0; e < ${DV}; e++) {
-          dO[e] = gradOut[row * ${DV} + e];
-          delta += dO[e] * outputs[row * ${DV} + e];
+        for (var e = 0; e < ${VV}; e++) {
+          dO[e] = ld_gradOut((row * ${VV} + e) * ${N});
+          delta += dotV(dO[e], ld_outputs((row * ${VV} + e) * ${N}));
         }
         let m = stats[row * 2];
         let l = stats[row * 2 + 1];` : `
@@ -154,23 +182,23 @@ export class AttentionProgram implements WebGPUProgram {
         for (var j0 = 0; j0 < keyLen; j0 += ${T}) {
           let count = min(${T}, keyLen - j0);
           workgroupBarrier();    // the previous tile is consumed
-          for (var t = lane; t < count * ${DK}; t += ${W}) { tileK[t] = keys[(g * keyLen + j0) * ${DK} + t]; }
-          ${withV ? `for (var t = lane; t < count * ${DV}; t += ${W}) { tileV[t] = values[(g * keyLen + j0) * ${DV} + t]; }` : ''}
+          for (var t = lane; t < count * ${KV}; t += ${W}) { tileK[t] = ld_keys(((g * keyLen + j0) * ${KV} + t) * ${N}); }
+          ${withV ? `for (var t = lane; t < count * ${VV}; t += ${W}) { tileV[t] = ld_values(((g * keyLen + j0) * ${VV} + t) * ${N}); }` : ''}
           workgroupBarrier();
           ${pass === 'gradQ' ? `
           for (var jj = 0; jj < count; jj++) {
             var dot = 0.0;
-            for (var e = 0; e < ${DK}; e++) { dot += qs[e] * tileK[jj * ${DK} + e]; }
+            for (var e = 0; e < ${KV}; e++) { dot += dotV(qs[e], tileK[jj * ${KV} + e]); }
             let p = exp((dot + mask[maskStart + j0 + jj]) - m) / l;
             var dp = 0.0;
-            for (var e = 0; e < ${DV}; e++) { dp += dO[e] * tileV[jj * ${DV} + e]; }
+            for (var e = 0; e < ${VV}; e++) { dp += dotV(dO[e], tileV[jj * ${VV} + e]); }
             let ds = p * (dp - delta);
-            for (var e = 0; e < ${DK}; e++) { acc[e] += ds * tileK[jj * ${DK} + e]; }
+            for (var e = 0; e < ${KV}; e++) { acc[e] += ds * tileK[jj * ${KV} + e]; }
           }` : `
           var tileMax = -3.0e38;
           for (var jj = 0; jj < count; jj++) {
             var dot = 0.0;
-            for (var e = 0; e < ${DK}; e++) { dot += qs[e] * tileK[jj * ${DK} + e]; }
+            for (var e = 0; e < ${KV}; e++) { dot += dotV(qs[e], tileK[jj * ${KV} + e]); }
             let s = dot + mask[maskStart + j0 + jj];
             scores[jj] = s;
             tileMax = max(tileMax, s);
@@ -178,19 +206,19 @@ export class AttentionProgram implements WebGPUProgram {
           let mNew = max(m, tileMax);
           let correction = exp(m - mNew);
           l = l * correction;
-          ${withV ? `for (var e = 0; e < ${DV}; e++) { acc[e] = acc[e] * correction; }` : ''}
+          ${withV ? `for (var e = 0; e < ${VV}; e++) { acc[e] = acc[e] * correction; }` : ''}
           for (var jj = 0; jj < count; jj++) {
             let p = exp(scores[jj] - mNew);
             l += p;
-            ${withV ? `for (var e = 0; e < ${DV}; e++) { acc[e] += p * tileV[jj * ${DV} + e]; }` : ''}
+            ${withV ? `for (var e = 0; e < ${VV}; e++) { acc[e] += p * tileV[jj * ${VV} + e]; }` : ''}
           }
           m = mNew;`}
         }
         if (!inRange) { return; }
         ${{
-          forward: `for (var e = 0; e < ${DV}; e++) { result[row * ${DV} + e] = acc[e] / l; }`,
+          forward: `for (var e = 0; e < ${VV}; e++) { storeV((row * ${VV} + e) * ${N}, acc[e] / l); }`,
           stats: 'result[row * 2] = m;\n        result[row * 2 + 1] = l;',
-          gradQ: `for (var e = 0; e < ${DK}; e++) { result[row * ${DK} + e] = acc[e] * uniforms.scale; }`,
+          gradQ: `for (var e = 0; e < ${KV}; e++) { storeV((row * ${KV} + e) * ${N}, acc[e] * uniforms.scale); }`,
         }[pass as 'forward' | 'stats' | 'gradQ']}
       }
     `;
@@ -198,18 +226,21 @@ export class AttentionProgram implements WebGPUProgram {
 
   /** gradK and gradV: a thread per key of the group, query-row tiles shared. */
   private keyRowsCode(): string {
+    const N = this.lanes;
     const { dk: DK, dv: DV } = this.dims;
+    const [KV, VV] = [DK / N, DV / N];
     const T = this.tile;
     const W = ATTENTION_WORKGROUP;
     const gradK = this.pass === 'gradK';
-    const accWidth = gradK ? DK : DV;
+    const accVectors = gradK ? KV : VV;
     return `
-      var<workgroup> tileQ : array<f32, ${T * DK}>;
-      var<workgroup> tileDO : array<f32, ${T * DV}>;
+      var<workgroup> tileQ : array<V, ${T * KV}>;
+      var<workgroup> tileDO : array<V, ${T * VV}>;
       var<workgroup> tileM : array<f32, ${T}>;
       var<workgroup> tileL : array<f32, ${T}>;
       var<workgroup> tileMask : array<i32, ${T}>;
       ${gradK ? `var<workgroup> tileDelta : array<f32, ${T}>;` : ''}
+      ${this.vectorFns(this.variableNames.filter(n => n !== 'mask' && n !== 'stats'))}
       ${this.maskRowFn()}
       fn main(index : i32) {
         let g = i32(workgroupId.y);
@@ -218,21 +249,21 @@ export class AttentionProgram implements WebGPUProgram {
         let j = i32(workgroupId.x) * ${W} + lane;
         // keys past the end compute on key 0 and write nothing: every lane reaches every barrier
         let inRange = j < keyLen;
-        let key = g * keyLen + select(0, j, inRange);
         let jc = select(0, j, inRange);
-        var kj : array<f32, ${DK}>;
-        for (var e = 0; e < ${DK}; e++) { kj[e] = keys[key * ${DK} + e]; }
+        let key = g * keyLen + jc;
+        var kj : array<V, ${KV}>;
+        for (var e = 0; e < ${KV}; e++) { kj[e] = ld_keys((key * ${KV} + e) * ${N}); }
         ${gradK ? `
-        var vj : array<f32, ${DV}>;
-        for (var e = 0; e < ${DV}; e++) { vj[e] = values[key * ${DV} + e]; }` : ''}
-        var acc : array<f32, ${accWidth}>;
+        var vj : array<V, ${VV}>;
+        for (var e = 0; e < ${VV}; e++) { vj[e] = ld_values((key * ${VV} + e) * ${N}); }` : ''}
+        var acc : array<V, ${accVectors}>;
         let groupRows = uniforms.groupRows;
         for (var r0 = 0; r0 < groupRows; r0 += ${T}) {
           let count = min(${T}, groupRows - r0);
           let first = g * groupRows + r0;
           workgroupBarrier();    // the previous tile is consumed
-          for (var t = lane; t < count * ${DK}; t += ${W}) { tileQ[t] = queries[first * ${DK} + t] * uniforms.scale; }
-          for (var t = lane; t < count * ${DV}; t += ${W}) { tileDO[t] = gradOut[first * ${DV} + t]; }
+          for (var t = lane; t < count * ${KV}; t += ${W}) { tileQ[t] = ld_queries((first * ${KV} + t) * ${N}) * uniforms.scale; }
+          for (var t = lane; t < count * ${VV}; t += ${W}) { tileDO[t] = ld_gradOut((first * ${VV} + t) * ${N}); }
           if (lane < count) {
             let row = first + lane;
             tileM[lane] = stats[row * 2];
@@ -240,24 +271,26 @@ export class AttentionProgram implements WebGPUProgram {
             tileMask[lane] = maskRowStart(row);
             ${gradK ? `
             var delta = 0.0;
-            for (var e = 0; e < ${DV}; e++) { delta += gradOut[row * ${DV} + e] * outputs[row * ${DV} + e]; }
+            for (var e = 0; e < ${VV}; e++) {
+              delta += dotV(ld_gradOut((row * ${VV} + e) * ${N}), ld_outputs((row * ${VV} + e) * ${N}));
+            }
             tileDelta[lane] = delta;` : ''}
           }
           workgroupBarrier();
           for (var rr = 0; rr < count; rr++) {
             var dot = 0.0;
-            for (var e = 0; e < ${DK}; e++) { dot += tileQ[rr * ${DK} + e] * kj[e]; }
+            for (var e = 0; e < ${KV}; e++) { dot += dotV(tileQ[rr * ${KV} + e], kj[e]); }
             let p = exp((dot + mask[tileMask[rr] + jc]) - tileM[rr]) / tileL[rr];
             ${gradK ? `
             var dp = 0.0;
-            for (var e = 0; e < ${DV}; e++) { dp += tileDO[rr * ${DV} + e] * vj[e]; }
+            for (var e = 0; e < ${VV}; e++) { dp += dotV(tileDO[rr * ${VV} + e], vj[e]); }
             let ds = p * (dp - tileDelta[rr]);
-            for (var e = 0; e < ${DK}; e++) { acc[e] += ds * tileQ[rr * ${DK} + e]; }` : `
-            for (var e = 0; e < ${DV}; e++) { acc[e] += p * tileDO[rr * ${DV} + e]; }`}
+            for (var e = 0; e < ${KV}; e++) { acc[e] += ds * tileQ[rr * ${KV} + e]; }` : `
+            for (var e = 0; e < ${VV}; e++) { acc[e] += p * tileDO[rr * ${VV} + e]; }`}
           }
         }
         if (!inRange) { return; }
-        for (var e = 0; e < ${accWidth}; e++) { result[key * ${accWidth} + e] = acc[e]; }
+        for (var e = 0; e < ${accVectors}; e++) { storeV((key * ${accVectors} + e) * ${N}, acc[e]); }
       }
     `;
   }
