@@ -2,14 +2,47 @@
  * The attention core softmax(q·kᵀ·scale + mask)·v as one op with its own gradient. Composed on
  * tfjs's tape, each of its kernels saves its inputs (an Identity kernel each) and the grouped-KV
  * repeat's Tile has a slice and an add per repeat for gradient; on webgpu a training step is bound
- * by the host recording kernels, not by the GPU. Here the forward pass runs five kernels with the
- * tape off (plus Reshapes, no GPU work, with grouped heads or a per-sample mask) and the backward the
- * closed-form gradient in nine.
+ * by the host recording kernels, not by the GPU. Here, where a backend registers MoEAttention and
+ * MoEAttentionGrad (webgpu), the forward pass is 2 programs (O and the rows' softmax statistics;
+ * 1 when no gradient is recorded) and the backward 3 (dQ, dK, dV), flash-style: the [Nq, S, L]
+ * probabilities are never held (512 MB a layer at 32 heads and S = 2048), backward recomputes them
+ * per tile from q, k, v, O and the statistics (issue 15). Elsewhere (cpu, wasm: the reference) the
+ * forward pass runs five kernels with the tape off (plus Reshapes, no GPU work, with grouped heads
+ * or a per-sample mask), saving the probabilities, and the backward the closed-form gradient in nine.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { assertFiniteNumber, assertTensor, fail } from './validate.js';
+
+/**
+ * MoEAttention: inputs q [Nq, S, Dk], k [Nkv, L, Dk], v [Nkv, L, Dv], mask ([S, L] or [B, 1, S, L]),
+ * all float32 and checked by scaledDotProductAttention; attrs AttentionAttrs. Outputs [O [Nq, S, Dv]]
+ * or, with withStats, [O, stats [Nq, S, 2]]: per query row the max m of its scores s = (q·scale)·k +
+ * mask and the sum l of exp(s − m), so that softmax's p = exp(s − m) / l.
+ * MoEAttentionGrad: inputs q, k, v, mask, o, stats, dy [Nq, S, Dv]; attrs AttentionAttrs; outputs
+ * [dQ, dK, dV] (dK and dV summed over each KV head's rep query heads). A backend's kernels must
+ * compute in float32 what the composed path below does.
+ */
+export const ATTENTION = 'MoEAttention';
+export const ATTENTION_GRAD = 'MoEAttentionGrad';
+
+/** The attributes of MoEAttention and MoEAttentionGrad. */
+export interface AttentionAttrs {
+  scale: number;
+  /** MoEAttention: also output the rows' statistics (backward needs them) */
+  withStats: boolean;
+}
+
+/** The widest head (Dk and Dv) the kernels take; wider heads run the composed path. */
+export const ATTENTION_KERNEL_MAX_HEAD_WIDTH = 256;
+
+/**
+ * tf.env() flag: false runs the composed path even where MoEAttention is registered (to compare
+ * the two, or count what the kernels save: bench/e2e/profile_narrow.ts with the flag set).
+ */
+export const ATTENTION_KERNEL_FLAG = 'MOE_ATTENTION_KERNEL';
+tf.env().registerFlag(ATTENTION_KERNEL_FLAG, () => true);
 
 /**
  * softmax(q·kᵀ·scale + mask)·v per query head, with grouped KV heads read in place: query head n
@@ -51,6 +84,7 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
   }
   assertFiniteNumber(op, 'scale', scale);
   if (!(scale > 0)) fail(op, `'scale' must be > 0 but got ${scale}`);
+  if (useAttentionKernels(dk, dv, s, keyLen)) return attentionKernels(q, k, v, mask, scale);
   const rep = nq / nkv;
   const rows = rep * s;                     // a KV head's query rows: its rep heads' S positions
   // the mask's view of the scores: [Nkv, rep, S, L] for a shared mask, [B, nh, S, L] per sample
@@ -83,6 +117,41 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
         const dK = tf.matMul(dS, qs, true, false);                                // [Nkv, L, Dk], q already scaled
         return [dQ, dK, dV];
       }),
+    };
+  });
+  return attend(q, k, v) as Tensor3D;
+}
+
+/** Whether the backend's MoEAttention / MoEAttentionGrad run this problem (flag on, head widths up to 256, no empty axis). */
+function useAttentionKernels(dk: number, dv: number, s: number, keyLen: number): boolean {
+  const backend = tf.getBackend();
+  return tf.env().getBool(ATTENTION_KERNEL_FLAG) && tf.getKernel(ATTENTION, backend) != null &&
+      tf.getKernel(ATTENTION_GRAD, backend) != null && Math.max(dk, dv) <= ATTENTION_KERNEL_MAX_HEAD_WIDTH &&
+      Math.min(dk, dv, s, keyLen) > 0;
+}
+
+/**
+ * The op through MoEAttention / MoEAttentionGrad. Saved for backward: q, k, v, O, the statistics
+ * and the mask (a constant the caller may dispose before backward; the saved clone shares its
+ * data). With no gradient recorded (inference, generation, a checkpointed layer's first pass) only
+ * O is computed.
+ */
+function attentionKernels(q: Tensor3D, k: Tensor3D, v: Tensor3D, mask: Tensor2D | Tensor4D, scale: number): Tensor3D {
+  if (!tf.engine().isTapeOn()) {
+    return (tf.engine().runKernel(ATTENTION, { q, k, v, mask }, { scale, withStats: false }) as Tensor[])[0] as Tensor3D;
+  }
+  const attend = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+    const [q3, k3, v3] = args as Tensor3D[];
+    const [o, stats] = tf.engine().runKernel(ATTENTION, { q: q3, k: k3, v: v3, mask }, { scale, withStats: true }) as Tensor[];
+    (args[3] as GradSaveFunc)([q3, k3, v3, mask, o, stats]);
+    // stats is this pass's own: the tape keeps its saved clone, the forward's tidy drops this one
+    return {
+      value: o,
+      gradFunc: (dy: Tensor, saved: Tensor[]) => {
+        const [qs, ks, vs, maskSaved, os, statsSaved] = saved;
+        return tf.engine().runKernel(ATTENTION_GRAD, { q: qs, k: ks, v: vs, mask: maskSaved, o: os, stats: statsSaved, dy },
+            { scale, withStats: false }) as Tensor[];
+      },
     };
   });
   return attend(q, k, v) as Tensor3D;

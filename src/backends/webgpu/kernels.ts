@@ -36,6 +36,8 @@ import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
+import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
+import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs } from '../../ops/attention_core.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -669,9 +671,52 @@ const matMulAddConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * scaledDotProductAttention's MoEAttention and MoEAttentionGrad (src/ops/attention_core.ts), under
+ * that op's own names: the forward pass in 2 programs (O; with `withStats`, the rows' max and sum)
+ * and the backward in 3 (dQ; dK; dV), none holding an [Nq, S, L] buffer (issue 15).
+ */
+function attentionDims(q: tf.TensorInfo, k: tf.TensorInfo, v: tf.TensorInfo, mask: tf.TensorInfo): AttentionDims {
+  const [nq, seqLen, dk] = q.shape;
+  const [nkv, keyLen] = k.shape;
+  return { nkv, rep: nq / nkv, seqLen, keyLen, dk, dv: v.shape[2], maskBatch: mask.shape.length === 4 ? mask.shape[0] : 0 };
+}
+
+function runAttentionPass(args: KernelArgs, pass: AttentionPass, dims: AttentionDims, inputs: tf.TensorInfo[]): tf.TensorInfo {
+  const b = webgpu(args);
+  const program = new AttentionProgram(pass, dims, b.device.limits.maxComputeWorkgroupStorageSize);
+  return b.runWebGPUProgram(program, inputs, 'float32', AttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
+}
+
+const attentionConfig: tf.KernelConfig = {
+  kernelName: ATTENTION,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { q, k, v, mask } = args.inputs as Record<string, tf.TensorInfo>;
+    const dims = attentionDims(q, k, v, mask);
+    const o = runAttentionPass(args, 'forward', dims, [q, k, v, mask]);
+    if (!(args.attrs as unknown as AttentionAttrs).withStats) return [o];
+    return [o, runAttentionPass(args, 'stats', dims, [q, k, mask])];
+  },
+};
+
+const attentionGradConfig: tf.KernelConfig = {
+  kernelName: ATTENTION_GRAD,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { q, k, v, mask, o, stats, dy } = args.inputs as Record<string, tf.TensorInfo>;
+    const dims = attentionDims(q, k, v, mask);
+    return [
+      runAttentionPass(args, 'gradQ', dims, [q, k, v, mask, o, stats, dy]),
+      runAttentionPass(args, 'gradK', dims, [q, k, v, mask, o, stats, dy]),
+      runAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
+    ];
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig,
 ];

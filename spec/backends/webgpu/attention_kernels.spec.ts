@@ -1,0 +1,177 @@
+/**
+ * MoEAttention / MoEAttentionGrad on webgpu (src/ops/attention_core.ts, programs/attention_program.ts):
+ * scaledDotProductAttention flash-style, 2 programs forward and 3 backward, no [Nq, S, L] buffer
+ * (issue 15). Value and dq, dk, dv against a float64 closed form (softmax, P·V; dS = P ⊙ (dP −
+ * Σ dP ⊙ P)) and against the composed path on the same backend (ATTENTION_KERNEL_FLAG off), with
+ * grouped KV heads (rep 1, 2, 4), causal and per-sample packed-segment masks, fully blocked rows,
+ * S < L (a KV cache), Dk ≠ Dv, head width 128 and sizes that are no multiple of the 64-row
+ * workgroup or the key tile; programs counted, no tensors left behind. The op's own spec
+ * (attention_core.spec.ts, finite differences) runs on this path too. Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import '@tensorflow/tfjs-layers';
+import { expect } from 'chai';
+import { StepCounter } from '../../../bench/e2e/step_profile.js';
+import { attentionMask, causalMask } from '../../../src/layers/attention.js';
+import { ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../../src/ops/attention_core.js';
+import { maxRelativeError } from '../../../src/util/numeric.js';
+import { Rng, asF32 } from '../../helpers/numeric.js';
+
+interface Case { nq: number; nkv: number; s: number; keyLen: number; dk: number; dv: number; mask: () => tf.Tensor2D | tf.Tensor4D }
+
+/** float64: O, and dq, dk, dv for the cotangent w, of softmax((q·kᵀ)·scale + mask)·v per query head. */
+function reference64(c: Case, q: Float64Array, k: Float64Array, v: Float64Array, mask: Float64Array, maskBatch: number,
+    w: Float64Array, scale: number): { o: Float64Array; dq: Float64Array; dk: Float64Array; dv: Float64Array } {
+  const rep = c.nq / c.nkv;
+  const o = new Float64Array(c.nq * c.s * c.dv);
+  const dq = new Float64Array(q.length);
+  const dk = new Float64Array(k.length);
+  const dv = new Float64Array(v.length);
+  for (let n = 0; n < c.nq; n++) {
+    const g = Math.floor(n / rep);
+    const sample = maskBatch > 0 ? Math.floor(n / (c.nq / maskBatch)) : 0;
+    for (let i = 0; i < c.s; i++) {
+      const row = n * c.s + i;
+      const p = new Float64Array(c.keyLen);
+      for (let j = 0; j < c.keyLen; j++) {
+        let dot = 0;
+        for (let e = 0; e < c.dk; e++) dot += q[row * c.dk + e] * k[(g * c.keyLen + j) * c.dk + e];
+        const m = mask[(sample * c.s + i) * c.keyLen + j];
+        // in float32 −1e9 + q·k rounds to −1e9: a fully blocked row is uniform (tf.softmax's, torch's)
+        p[j] = m <= -1e8 ? m : dot * scale + m;
+      }
+      const max = Math.max(...p);
+      let sum = 0;
+      for (let j = 0; j < c.keyLen; j++) sum += (p[j] = Math.exp(p[j] - max));
+      for (let j = 0; j < c.keyLen; j++) p[j] /= sum;
+      const dp = new Float64Array(c.keyLen);
+      let pdp = 0;
+      for (let j = 0; j < c.keyLen; j++) {
+        for (let e = 0; e < c.dv; e++) {
+          const vj = v[(g * c.keyLen + j) * c.dv + e];
+          o[row * c.dv + e] += p[j] * vj;
+          dp[j] += w[row * c.dv + e] * vj;
+          dv[(g * c.keyLen + j) * c.dv + e] += p[j] * w[row * c.dv + e];
+        }
+        pdp += dp[j] * p[j];
+      }
+      for (let j = 0; j < c.keyLen; j++) {
+        const ds = p[j] * (dp[j] - pdp) * scale;
+        for (let e = 0; e < c.dk; e++) {
+          dq[row * c.dk + e] += ds * k[(g * c.keyLen + j) * c.dk + e];
+          dk[(g * c.keyLen + j) * c.dk + e] += ds * q[row * c.dk + e];
+        }
+      }
+    }
+  }
+  return { o, dq, dk, dv };
+}
+
+/** Runs `fn` with the composed path (ATTENTION_KERNEL_FLAG false), then the kernels again. */
+async function composedPath<T>(fn: () => Promise<T>): Promise<T> {
+  tf.env().set(ATTENTION_KERNEL_FLAG, false);
+  try {
+    return await fn();
+  } finally {
+    tf.env().set(ATTENTION_KERNEL_FLAG, true);
+  }
+}
+
+async function check(c: Case, seed: number): Promise<void> {
+  const rng = new Rng(seed);
+  const scale = 1 / Math.sqrt(c.dk);
+  const q64 = asF32(rng.array(c.nq * c.s * c.dk));
+  const k64 = asF32(rng.array(c.nkv * c.keyLen * c.dk));
+  const v64 = asF32(rng.array(c.nkv * c.keyLen * c.dv));
+  const w64 = asF32(rng.array(c.nq * c.s * c.dv));
+  const q = tf.tensor3d(Float32Array.from(q64), [c.nq, c.s, c.dk]);
+  const k = tf.tensor3d(Float32Array.from(k64), [c.nkv, c.keyLen, c.dk]);
+  const v = tf.tensor3d(Float32Array.from(v64), [c.nkv, c.keyLen, c.dv]);
+  const w = tf.tensor3d(Float32Array.from(w64), [c.nq, c.s, c.dv]);
+  const mask = c.mask();
+  const maskBatch = mask.rank === 4 ? mask.shape[0] : 0;
+  const want = reference64(c, q64, k64, v64, Float64Array.from(await mask.data()), maskBatch, w64, scale);
+  const before = tf.memory().numTensors;
+  const pass = async () => {
+    const counter = new StepCounter();
+    counter.install();
+    let result;
+    try {
+      // the value of a pass with a tape: the op's forward; then the gradients of Σ O ⊙ w
+      result = tf.valueAndGrads((a: tf.Tensor, b: tf.Tensor, d: tf.Tensor) =>
+        tf.sum(tf.mul(scaledDotProductAttention(a as tf.Tensor3D, b as tf.Tensor3D, d as tf.Tensor3D, mask, scale), w)))([q, k, v]);
+      const noTape = scaledDotProductAttention(q, k, v, mask, scale);
+      const out = { o: await noTape.data(), grads: await Promise.all(result.grads.map(g => g.data())), shapes: result.grads.map(g => g.shape) };
+      tf.dispose([noTape, result.value, ...result.grads]);
+      return { ...out, programs: counter.programCounts };
+    } finally {
+      counter.uninstall();
+    }
+  };
+  const fused = await pass();
+  const composed = await composedPath(pass);
+  expect(fused.programs.AttentionProgram, 'AttentionProgram: 2 forward + 3 backward, then 1 without a tape').to.equal(6);
+  expect(composed.programs.AttentionProgram, 'the composed path runs none').to.equal(undefined);
+  expect(maxRelativeError(fused.o, want.o), 'O against float64').to.be.below(1e-5);
+  expect(maxRelativeError(fused.o, composed.o), 'O against the composed path').to.be.below(1e-5);
+  for (const [i, name] of (['dq', 'dk', 'dv'] as const).entries()) {
+    expect(fused.shapes[i], `${name}: shape`).to.deep.equal([q, k, v][i].shape);
+    const errRef = maxRelativeError(fused.grads[i], want[name]);
+    expect(errRef, `${name} against float64`).to.be.below(2e-5);
+    const errComposed = maxRelativeError(fused.grads[i], composed.grads[i]);
+    expect(errComposed, `${name} against the composed path`).to.be.below(2e-5);
+  }
+  expect(tf.memory().numTensors, 'numTensors after the passes').to.equal(before);
+  tf.dispose([q, k, v, w, mask]);
+}
+
+describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×L buffer)', () => {
+  before(function () {
+    if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+    expect(tf.getKernel(ATTENTION, 'webgpu'), 'MoEAttention is registered').to.not.equal(undefined);
+    expect(tf.getKernel(ATTENTION_GRAD, 'webgpu'), 'MoEAttentionGrad is registered').to.not.equal(undefined);
+  });
+
+  it('one query head per KV head (rep 1), causal [S, S], 70 rows: past a 64-row workgroup and the key tile', async () => {
+    await check({ nq: 2, nkv: 2, s: 70, keyLen: 70, dk: 8, dv: 8, mask: () => causalMask(70, null) }, 11);
+  });
+
+  it('rep 4, per-sample packed segments [B, 1, S, S] (2 samples), with a sliding window', async () => {
+    const ids = tf.tensor2d([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], [2, 13], 'int32');
+    await check({ nq: 16, nkv: 4, s: 13, keyLen: 13, dk: 16, dv: 16, mask: () => attentionMask(13, 4, ids) }, 12);
+    ids.dispose();
+  });
+
+  it('a KV cache: 5 new queries over 83 keys [S, L], Dk 12 ≠ Dv 20 (MLA), rep 2', async () => {
+    await check({ nq: 4, nkv: 2, s: 5, keyLen: 83, dk: 12, dv: 20, mask: () => causalMask(5, null, 83, 78) }, 13);
+  });
+
+  it('head width 128 (Qwen3, OLMoE), rep 2, 33 positions', async () => {
+    await check({ nq: 4, nkv: 2, s: 33, keyLen: 33, dk: 128, dv: 128, mask: () => causalMask(33, null) }, 14);
+  });
+
+  it('head width 256 for keys, 64 for values (the widest the kernels take), 9 positions', async () => {
+    await check({ nq: 1, nkv: 1, s: 9, keyLen: 9, dk: 256, dv: 64, mask: () => causalMask(9, null) }, 16);
+  });
+
+  it('a head wider than 256 runs the composed path', async () => {
+    const [q, k, v, mask] = [tf.ones([1, 2, 257]), tf.ones([1, 2, 257]), tf.ones([1, 2, 3]), causalMask(2, null)];
+    const counter = new StepCounter();
+    counter.install();
+    try {
+      const o = scaledDotProductAttention(q as tf.Tensor3D, k as tf.Tensor3D, v as tf.Tensor3D, mask, 0.1);
+      expect(Array.from(await o.data()), 'ones everywhere').to.deep.equal([1, 1, 1, 1, 1, 1]);
+      o.dispose();
+    } finally {
+      counter.uninstall();
+    }
+    expect(counter.programCounts.AttentionProgram).to.equal(undefined);
+    expect(counter.programCounts.SoftmaxProgram).to.equal(1);
+    tf.dispose([q, k, v, mask]);
+  });
+
+  it('fully blocked rows (−1e9 everywhere; −2e9 where two masks add) spread evenly, as the composed softmax does', async () => {
+    const blocked = [[0, -1e9, -1e9, 0], [-1e9, -1e9, -1e9, -1e9], [-2e9, -1e9, -2e9, -1e9]];
+    await check({ nq: 2, nkv: 1, s: 3, keyLen: 4, dk: 4, dv: 3, mask: () => tf.tensor2d(blocked) }, 15);
+  });
+});
