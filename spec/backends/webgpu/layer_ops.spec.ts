@@ -12,7 +12,9 @@ import { rotaryTables } from '../../../src/layers/rotary.js';
 import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
+import { routerLogits } from '../../../src/ops/lora/router_logits.js';
 import '../../ops/rms_norm.spec.js';
+import '../../ops/router_logits_frozen.spec.js';
 import '../../ops/rotary.spec.js';
 import '../../ops/lora_linear.spec.js';
 
@@ -96,5 +98,49 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
     tf.dispose(grads);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     tf.dispose([x, weight, ...factors.flatMap(f => [f.A, f.B])]);
+  });
+});
+
+describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => {
+  it('one adapter: 4 programs forward and 6 backward, no Transpose, the sums inside products; a trainable weight composes 7 and 9', async () => {
+    const [t, h, e, r] = [6, 16, 8, 2];
+    const x = tf.randomNormal([t, h]) as tf.Tensor2D;
+    const A = tf.randomNormal([r, h]) as tf.Tensor2D;
+    const B = tf.randomNormal([e, r]) as tf.Tensor2D;
+    const programs = async (trainable: boolean) => {
+      const weight = tf.variable(tf.randomNormal([e, h]), trainable) as tf.Variable<tf.Rank.R2>;
+      const before = tf.memory().numTensors;
+      const counter = new StepCounter();
+      counter.install();
+      let y: tf.Tensor, grads: tf.Tensor[];
+      const forward: Record<string, number> = {};
+      try {
+        grads = tf.grads((...v: tf.Tensor[]) => {
+          y = routerLogits(v[0] as tf.Tensor2D, { weight, lora: [{ A: v[1] as tf.Tensor2D, B: v[2] as tf.Tensor2D, scaling: 2 }] });
+          Object.assign(forward, counter.programCounts, { total: counter.current.dispatches });
+          counter.reset();
+          return y;
+        })([x, A, B]);
+      } finally {
+        counter.uninstall();
+      }
+      await Promise.all(grads.map(g => g.data()));
+      const backward = { ...counter.programCounts, total: counter.current.dispatches };
+      tf.dispose(grads);
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      weight.dispose();
+      return { forward, backward };
+    };
+    const frozen = await programs(false);
+    // forward x·Wᵀ, x·Aᵀ, its scale, the branch's product with its sum; backward dy·W, dy·B and its
+    // scale, dB, dA, and the branch's dx added in its product (the ones of tf.grads' dy are a host fill)
+    expect(frozen.forward.total, `forward: ${JSON.stringify(frozen.forward)}`).to.equal(4);
+    expect(frozen.backward.total, `backward: ${JSON.stringify(frozen.backward)}`).to.equal(6);
+    for (const phase of [frozen.forward, frozen.backward]) {
+      expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
+    }
+    const trainable = await programs(true);
+    expect([trainable.forward.total, trainable.backward.total], JSON.stringify(trainable)).to.deep.equal([7, 9]);
+    tf.dispose([x, A, B]);
   });
 });
