@@ -110,7 +110,8 @@ describe('ops/routerLogits with a frozen router weight', () => {
         expectClose(await read(frozen[i]), await read(trainable[i]), 1e-5, `d ${names[i]} vs the trainable-weight path`);
       }
       tf.dispose([y, ...frozen, ...trainable, xt, frozenW, trainableW, gt, ...factors]);
-      tf.dispose([frozenB, scaleT].filter((t): t is tf.Tensor => t !== undefined));
+      frozenB?.dispose();
+      scaleT?.dispose();
     });
   }
 });

@@ -34,6 +34,8 @@ import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
+import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
+import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -609,9 +611,26 @@ const matMulAddConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
+ * scale s in one program (ScaledMatMulProgram) instead of a product and a BinaryOpProgram.
+ */
+const scaledMatMulConfig: tf.KernelConfig = {
+  kernelName: SCALED_MATMUL,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    const transposeB = args.attrs!.transposeB as boolean;
+    const [m, k] = a.shape;
+    const n = transposeB ? b.shape[0] : b.shape[1];
+    const program = new ScaledMatMulProgram(m, n, transposeB);
+    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, args.attrs!.scale as number));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig,
+  matMulAddConfig, scaledMatMulConfig,
 ];

@@ -20,7 +20,7 @@ import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
  *
  * Where the backend has MoEMatMulAdd (webgpu) and the weight and bias are non-trainable
  * tf.Variables (as LoRA leaves them), the adapters run as one loraLinear op instead (same formula, closed-form
- * backward): on webgpu 4 programs forward and 6 backward where the tape's composition runs 7 and 9,
+ * backward, scales inside products): on webgpu 3 programs forward and 5 backward where the tape's composition runs 7 and 9,
  * and each is a host cost there (issue 15). Weight and bias then get no gradient, as they get none
  * from `tf.variableGrads`; trainable ones keep the composed path.
  *
