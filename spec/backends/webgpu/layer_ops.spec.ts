@@ -134,7 +134,7 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
         counter.uninstall();
       }
       await Promise.all(grads.map(g => g.data()));
-      const backward = { ...counter.programCounts, total: counter.current.dispatches };
+      const backward: Record<string, number> = { ...counter.programCounts, total: counter.current.dispatches };
       tf.dispose(grads);
       expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
       weight.dispose();
