@@ -19,10 +19,11 @@ import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
  * list. `router.correctionBias` is not used here: it only affects expert selection (routing).
  *
  * Where the backend has MoEMatMulAdd (webgpu) and the weight and bias are non-trainable
- * tf.Variables (as LoRA leaves them), the adapters run as one loraLinear op instead (same formula, closed-form
- * backward, scales inside products): on webgpu 3 programs forward and 5 backward where the tape's composition runs 7 and 9,
- * and each is a host cost there (issue 15). Weight and bias then get no gradient, as they get none
- * from `tf.variableGrads`; trainable ones keep the composed path.
+ * tf.Variables (as LoRA leaves them), the adapters run as one loraLinear op instead (the same
+ * formula, a closed-form backward, sums and scales inside products): on webgpu 3 programs forward
+ * and 5 backward where the tape's composition runs 7 and 9, each a host cost there (issue 15).
+ * Weight and bias then get no gradient, as they get none from `tf.variableGrads`; trainable ones
+ * keep the composed path.
  *
  * ```js
  * const x = tf.randomNormal([6, 64]);                      // T = 6, H = 64
