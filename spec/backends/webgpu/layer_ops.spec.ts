@@ -157,22 +157,25 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
 });
 
 describe('webgpu: ScaledMatMulProgram past its dispatch bound', () => {
-  it('with 2 workgroups of rows for 5 blocks of 64, each takes every second block: equals float64', async () => {
-    expect(tf.getKernel(SCALED_MATMUL, 'webgpu'), 'MoEScaledMatMul is registered on webgpu').to.not.equal(undefined);
-    const [m, k, n] = [300, 20, 3];
-    const rng = new Rng(8);
-    const a = asF32(rng.array(m * k));
-    const b = asF32(rng.array(n * k));
-    const [at, bt] = [tensorOf(a, [m, k]), tensorOf(b, [n, k])];
-    const before = tf.memory().numTensors;
-    const backend = tf.backend() as unknown as { runWebGPUProgram: (...args: unknown[]) => tf.TensorInfo };
-    const program = new ScaledMatMulProgram(m, n, true, 2);
-    expect(program.dispatch).to.deep.equal([1, 2, 1]);
-    const info = backend.runWebGPUProgram(program, [at, bt], 'float32', program.uniformsFor(k, 3));
-    const y = tf.engine().makeTensorFromTensorInfo(info);
-    expectClose(Float64Array.from(await y.data()), scaledMatMul64(a, b, m, k, n, true, 3), 1e-5, 'value vs float64');
-    y.dispose();
-    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
-    tf.dispose([at, bt]);
-  });
+  // 300 rows: 5 blocks of 64 (4 rows per thread) on 2 workgroups, 19 blocks of 16 (1 row per thread) on 3
+  for (const [rowsPerThread, workgroups] of [[4, 2], [1, 3]] as const) {
+    it(`${rowsPerThread} row(s) per thread, ${workgroups} workgroups of rows: each takes every ${workgroups}th block; equals float64`, async () => {
+      expect(tf.getKernel(SCALED_MATMUL, 'webgpu'), 'MoEScaledMatMul is registered on webgpu').to.not.equal(undefined);
+      const [m, k, n] = [300, 20, 3];
+      const rng = new Rng(8);
+      const a = asF32(rng.array(m * k));
+      const b = asF32(rng.array(n * k));
+      const [at, bt] = [tensorOf(a, [m, k]), tensorOf(b, [n, k])];
+      const before = tf.memory().numTensors;
+      const backend = tf.backend() as unknown as { runWebGPUProgram: (...args: unknown[]) => tf.TensorInfo };
+      const program = new ScaledMatMulProgram(m, n, true, rowsPerThread, workgroups);
+      expect(program.dispatch).to.deep.equal([1, workgroups, 1]);
+      const info = backend.runWebGPUProgram(program, [at, bt], 'float32', program.uniformsFor(k, 3));
+      const y = tf.engine().makeTensorFromTensorInfo(info);
+      expectClose(Float64Array.from(await y.data()), scaledMatMul64(a, b, m, k, n, true, 3), 1e-5, 'value vs float64');
+      y.dispose();
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      tf.dispose([at, bt]);
+    });
+  }
 });
