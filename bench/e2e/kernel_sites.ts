@@ -2,9 +2,11 @@
  * Which line of src/ runs each tfjs kernel of one decoder layer's LoRA training step (issue 15: what
  * to fuse next): a small OLMoE-shaped model (narrowOlmoeConfig, narrower still) with LoRA on
  * E2E_LORA_TARGETS, one step with 1 layer and one with 2; prints per phase and call site (the two
- * innermost src/ frames) the kernels the second layer added. Kernels only: on webgpu some run as no
- * program (Reshape, Identity) and the MoE block takes its own path; profile_narrow.ts counts programs.
- *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm]
+ * innermost src/ frames outside src/backends/) the kernels the second layer added. On webgpu (Dawn,
+ * as narrow_setup's setUpNarrowWebGPU sets it up: the MoE block takes its own path there) it counts
+ * GPU programs instead, keyed by program class and the outermost tfjs kernel that dispatched it, since
+ * some kernels run as no program (Reshape, Identity) and some as several.
+ *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu]
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -17,10 +19,19 @@ import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
 import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
-import { commandLineFlag } from './narrow_setup.js';
+import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 
-await tf.setBackend(commandLineFlag('backend', 'cpu'));
+const backendName = commandLineFlag('backend', 'cpu');
+if (backendName === 'webgpu') await setUpNarrowWebGPU();
+else await tf.setBackend(backendName);
+Error.stackTraceLimit = 60;  // a program is dispatched ~20 frames below the src/ call that ran it
 const SRC = `${new URL('../../src/', import.meta.url).pathname}`;
+/** the two innermost src/ frames of the current stack, outside the backends' kernels where there are such */
+const callSite = () => {
+  const frames = new Error().stack!.split('\n').slice(3).filter(l => l.includes(SRC));
+  const outside = frames.filter(l => !l.includes(`${SRC}backends/`));
+  return (outside.length > 0 ? outside : frames).slice(0, 2).map(l => l.slice(l.indexOf(SRC) + SRC.length - 4).replace(/\)$/, '')).join(' < ');
+};
 /** kernel counts by 'phase name @ call site' of the second of two steps with `layers` layers */
 async function count(layers: number): Promise<Map<string, number>> {
   const cfg = { ...narrowOlmoeConfig(layers), hidden_size: 64, intermediate_size: 32, moe_intermediate_size: 32, num_experts: 8, vocab_size: 50, num_attention_heads: 4, num_key_value_heads: 4 };
@@ -34,15 +45,50 @@ async function count(layers: number): Promise<Map<string, number>> {
   const engine = tf.engine();
   const orig = engine.runKernel.bind(engine);
   let phase = 'forward';
-  engine.runKernel = (name: string, inputs: tf.NamedTensorMap, attrs?: tf.NamedAttrMap) => {
-    const stack = new Error().stack!.split('\n').slice(2).filter(l => l.includes(SRC)).slice(0, 2)
-        .map(l => l.slice(l.indexOf(SRC) + SRC.length - 4).replace(/\)$/, '')).join(' < ');
-    const key = `${phase} ${name} @ ${stack}`;
-    counts.set(key, (counts.get(key) ?? 0) + 1);
-    return orig(name, inputs, attrs);
+  const add = (key: string) => counts.set(key, (counts.get(key) ?? 0) + 1);
+  const kernels: string[] = [];  // the kernels running now, outermost first
+  // backward runs tfjs's gradients from the tape, below no src/ frame: name them by the forward kernel
+  let gradientOf = '';
+  const gradients = new Map<string, { gradFunc: (...args: unknown[]) => unknown }>();
+  const wrapGradient = (name: string) => {
+    const config = tf.getGradient(name) as unknown as { gradFunc: (...args: unknown[]) => unknown } | undefined;
+    if (config === undefined || gradients.has(name)) return;
+    const gradFunc = config.gradFunc;
+    gradients.set(name, { gradFunc });
+    config.gradFunc = (...args: unknown[]) => {
+      const grads = gradFunc(...args) as Record<string, () => unknown>;
+      return Object.fromEntries(Object.entries(grads).map(([input, grad]) => [input, () => {
+        gradientOf = `grad of ${name}`;
+        try {
+          return grad();
+        } finally {
+          gradientOf = '';
+        }
+      }]));
+    };
   };
+  engine.runKernel = (name: string, inputs: tf.NamedTensorMap, attrs?: tf.NamedAttrMap) => {
+    if (phase === 'forward') wrapGradient(name);
+    if (backendName !== 'webgpu') add(`${phase} ${name} @ ${callSite() || gradientOf}`);
+    kernels.push(name);
+    try {
+      return orig(name, inputs, attrs);
+    } finally {
+      kernels.pop();
+    }
+  };
+  const backend = tf.backend() as unknown as { runWebGPUProgram?: (...args: unknown[]) => unknown };
+  const runProgram = backend.runWebGPUProgram;
+  if (runProgram !== undefined) {
+    backend.runWebGPUProgram = function (this: unknown, ...args: unknown[]) {
+      add(`${phase} ${(args[0] as object).constructor.name} (${kernels[0] ?? '-'}) @ ${callSite() || gradientOf || (phase === 'backward' ? 'the tape (gradients summed)' : '')}`);
+      return runProgram.apply(this, args);
+    };
+  }
   await trainingStep({ loss: () => nextTokenLoss(model, ids), variables, apply: g => adam.apply(g, 1e-3) }, p => { phase = p === 'forward' ? 'backward' : p === 'backward' ? 'optimizer' : 'read'; });
   engine.runKernel = orig;
+  for (const [name, { gradFunc }] of gradients) (tf.getGradient(name) as unknown as { gradFunc: unknown }).gradFunc = gradFunc;
+  if (runProgram !== undefined) delete backend.runWebGPUProgram;
   handle.unregister(); model.dispose(); adam.dispose(); ids.dispose();
   return counts;
 }

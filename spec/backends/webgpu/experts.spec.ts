@@ -235,6 +235,17 @@ describe('webgpu: webgpuFusedExperts', () => {
     c.dispose();
   });
 
+  it("relies on tfjs-webgpu's gather giving zeros for index −1 (backward's padding rows of h, no clamp first)", async () => {
+    const h = tf.tensor2d([[1, 2], [3, 4], [5, 6]]);
+    const pairOfRow = tf.tensor1d([2, -1, 0, -1], 'int32');
+    const before = tf.memory().numTensors;
+    const padded = tf.gather(h, pairOfRow);
+    expect(Array.from(await padded.data())).to.deep.equal([5, 6, 0, 0, 1, 2, 0, 0]);
+    padded.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    tf.dispose([h, pairOfRow]);
+  });
+
   it('rejects a host plan of another shape, like fusedExperts', () => {
     const c = makeExpertCase({ T: 4, H: 5, I: 2, E: 3, K: 2 }, 81);
     const plan = { numTokens: 5, topK: 2, numExperts: 3, pairOfRow: new Int32Array(10), tokenOfRow: new Int32Array(10),

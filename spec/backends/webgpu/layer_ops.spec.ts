@@ -12,7 +12,14 @@ import { rotaryTables } from '../../../src/layers/rotary.js';
 import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
+import { routerLogits } from '../../../src/ops/lora/router_logits.js';
 import '../../ops/rms_norm.spec.js';
+import '../../ops/router_logits_frozen.spec.js';
+import '../../ops/scaled_matmul.spec.js';
+import { scaledMatMul64 } from '../../ops/scaled_matmul.spec.js';
+import { SCALED_MATMUL } from '../../../src/ops/scaled_matmul.js';
+import { ScaledMatMulProgram } from '../../../src/backends/webgpu/programs/scaled_matmul_program.js';
+import { asF32, expectClose, Rng, tensorOf } from '../../helpers/numeric.js';
 import '../../ops/rotary.spec.js';
 import '../../ops/lora_linear.spec.js';
 
@@ -93,8 +100,82 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
     // forward: y + each branch; backward: dx + each branch's part
     expect(counter.kernelCounts[MATMUL_ADD], 'sums inside products').to.equal(4);
     expect(counter.kernelCounts.Add ?? 0, `the kernels: ${JSON.stringify(counter.kernelCounts)}`).to.equal(0);
+    // forward s·(x·Aᵀ), backward s·(dy·B), per adapter: the scales inside the products
+    expect(counter.kernelCounts[SCALED_MATMUL], 'scales inside products').to.equal(4);
+    // the one Multiply left is tf.sum's gradient (dy ⊙ ones), outside the op
+    expect(counter.kernelCounts.Multiply ?? 0, `the kernels: ${JSON.stringify(counter.kernelCounts)}`).to.equal(1);
     tf.dispose(grads);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     tf.dispose([x, weight, ...factors.flatMap(f => [f.A, f.B])]);
   });
+});
+
+describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => {
+  it('one adapter: 3 programs forward and 5 backward, no Transpose, sums and scales inside products; a trainable weight composes 7 and 9', async () => {
+    const [t, h, e, r] = [6, 16, 8, 2];
+    const x = tf.randomNormal([t, h]) as tf.Tensor2D;
+    const A = tf.randomNormal([r, h]) as tf.Tensor2D;
+    const B = tf.randomNormal([e, r]) as tf.Tensor2D;
+    const programs = async (trainable: boolean) => {
+      const weight = tf.variable(tf.randomNormal([e, h]), trainable) as tf.Variable<tf.Rank.R2>;
+      const before = tf.memory().numTensors;
+      const counter = new StepCounter();
+      counter.install();
+      let y: tf.Tensor, grads: tf.Tensor[];
+      const forward: Record<string, number> = {};
+      try {
+        grads = tf.grads((...v: tf.Tensor[]) => {
+          y = routerLogits(v[0] as tf.Tensor2D, { weight, lora: [{ A: v[1] as tf.Tensor2D, B: v[2] as tf.Tensor2D, scaling: 2 }] });
+          Object.assign(forward, counter.programCounts, { total: counter.current.dispatches });
+          counter.reset();
+          return y;
+        })([x, A, B]);
+      } finally {
+        counter.uninstall();
+      }
+      await Promise.all(grads.map(g => g.data()));
+      const backward: Record<string, number> = { ...counter.programCounts, total: counter.current.dispatches };
+      tf.dispose(grads);
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      weight.dispose();
+      return { forward, backward };
+    };
+    const frozen = await programs(false);
+    // forward x·Wᵀ, s·(x·Aᵀ), the branch's product with its sum; backward dy·W, s·(dy·B), dB, dA,
+    // and the branch's dx added in its product (the ones of tf.grads' dy are a host fill)
+    expect(frozen.forward.total, `forward: ${JSON.stringify(frozen.forward)}`).to.equal(3);
+    expect(frozen.backward.total, `backward: ${JSON.stringify(frozen.backward)}`).to.equal(5);
+    expect(frozen.forward.ScaledMatMulProgram, 'the scaled product forward').to.equal(1);
+    expect(frozen.backward.ScaledMatMulProgram, 'the scaled product backward').to.equal(1);
+    for (const phase of [frozen.forward, frozen.backward]) {
+      expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
+    }
+    const trainable = await programs(true);
+    expect([trainable.forward.total, trainable.backward.total], JSON.stringify(trainable)).to.deep.equal([7, 9]);
+    tf.dispose([x, A, B]);
+  });
+});
+
+describe('webgpu: ScaledMatMulProgram past its dispatch bound', () => {
+  // 300 rows: 5 blocks of 64 (4 rows per thread) on 2 workgroups, 19 blocks of 16 (1 row per thread) on 3
+  for (const [rowsPerThread, workgroups] of [[4, 2], [1, 3]] as const) {
+    it(`${rowsPerThread} row(s) per thread, ${workgroups} workgroups of rows: each takes every ${workgroups}th block; equals float64`, async () => {
+      expect(tf.getKernel(SCALED_MATMUL, 'webgpu'), 'MoEScaledMatMul is registered on webgpu').to.not.equal(undefined);
+      const [m, k, n] = [300, 20, 3];
+      const rng = new Rng(8);
+      const a = asF32(rng.array(m * k));
+      const b = asF32(rng.array(n * k));
+      const [at, bt] = [tensorOf(a, [m, k]), tensorOf(b, [n, k])];
+      const before = tf.memory().numTensors;
+      const backend = tf.backend() as unknown as { runWebGPUProgram: (...args: unknown[]) => tf.TensorInfo };
+      const program = new ScaledMatMulProgram(m, n, true, rowsPerThread, workgroups);
+      expect(program.dispatch).to.deep.equal([1, workgroups, 1]);
+      const info = backend.runWebGPUProgram(program, [at, bt], 'float32', program.uniformsFor(k, 3));
+      const y = tf.engine().makeTensorFromTensorInfo(info);
+      expectClose(Float64Array.from(await y.data()), scaledMatMul64(a, b, m, k, n, true, 3), 1e-5, 'value vs float64');
+      y.dispose();
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+      tf.dispose([at, bt]);
+    });
+  }
 });

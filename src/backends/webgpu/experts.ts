@@ -311,9 +311,11 @@ export function webgpuFusedExperts(
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
-        // back to padded rows; a padding row (pairOfRow −1) takes pair 0's h: finite, and only ever
-        // multiplied by the zero gradient of a padding row or left out of the reductions
-        const hS = tf.gather(hKeptS, tf.maximum(pairOfRow, tf.scalar(0, 'int32'))) as tf.Tensor2D;  // [cap, 2I]
+        // back to padded rows; a padding row (pairOfRow −1) gets zeros, which tfjs-webgpu's gather
+        // gives an index out of range (pinned in spec/backends/webgpu/experts.spec.ts;
+        // no clamp program first, issue 15): finite, and only ever multiplied by the zero gradient
+        // of a padding row or left out of the reductions
+        const hS = tf.gather(hKeptS, pairOfRow) as tf.Tensor2D;  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
         const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,

@@ -38,6 +38,8 @@ import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs } from '../../ops/attention_core.js';
+import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
+import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -714,9 +716,26 @@ const attentionGradConfig: tf.KernelConfig = {
   },
 };
 
+/**
+ * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
+ * scale s in one program (ScaledMatMulProgram) instead of a product and a BinaryOpProgram.
+ */
+const scaledMatMulConfig: tf.KernelConfig = {
+  kernelName: SCALED_MATMUL,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    const transposeB = args.attrs!.transposeB as boolean;
+    const [m, k] = a.shape;
+    const n = transposeB ? b.shape[0] : b.shape[1];
+    const program = new ScaledMatMulProgram(m, n, transposeB);
+    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, args.attrs!.scale as number));
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig,
 ];

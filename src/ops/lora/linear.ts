@@ -19,6 +19,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { matMulAdd } from '../matmul_add.js';
+import { scaledMatMul } from '../scaled_matmul.js';
 import { assertDenseWeight, denseWeightMatMul, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
@@ -53,8 +54,9 @@ function loraBranchDown(input: Tensor2D, A: Tensor2D, scaling: number | Scalar):
  * forward kept (its input, its scaled down-projection).
  */
 function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: Scalar,
-    dxSoFar: Tensor2D | null): { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
-  const g = tf.tidy(() => tf.mul(tf.matMul(dy, B), scaling) as Tensor2D);  // [N, r]
+    scale: number, dxSoFar: Tensor2D | null): { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
+  // s·(dy·B), the scale inside the product's kernel where the backend has one
+  const g = scaledMatMul(dy, B, false, scale, scaling);  // [N, r]
   const dB = tf.matMul(dy, down, true, false) as Tensor2D;   // [out, r]
   const dA = tf.matMul(g, input, true, false) as Tensor2D;   // [r, in]
   // the branch's part of dx, added to the rest in the same kernel where the backend has one
@@ -112,7 +114,8 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
       const shared = scalings[i];
       const scaling = typeof shared === 'number' ? tf.scalar(shared) : shared;
       const input = a.mask === undefined ? xs : tf.mul(xs, a.mask) as Tensor2D;  // [N, in]
-      const down = loraBranchDown(input, factors[i].A, scaling);
+      // s·(input·Aᵀ) as loraBranchDown computes it, the scale inside the product's kernel where the backend has one
+      const down = scaledMatMul(input, factors[i].A, true, a.scaling, scaling);  // [N, r]
       const sum = matMulAdd(down, factors[i].B, false, true, y);  // y + down·Bᵀ, one kernel where the backend has it
       y.dispose();
       y = sum;
@@ -131,7 +134,7 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
           const mask = a.mask === undefined ? null : saved[at + 5] as Tensor2D;
           at += mask === null ? 5 : 6;
           // without a mask the branch's part of dx is added to dx in its product's kernel
-          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling, mask === null ? dx : null);
+          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling, a.scaling, mask === null ? dx : null);
           if (mask === null) {
             dx.dispose();
             dx = dInput;

@@ -3,9 +3,11 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor2D } from '@tensorflow/tfjs-core';
+import { MATMUL_ADD } from '../matmul_add.js';
 import type { RouterWeights } from '../types.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
-import { droppedInput } from './dropout.js';
+import { droppedInput, hasDropout, loraDropoutMask } from './dropout.js';
+import { loraLinear } from './linear.js';
 import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
 
 /**
@@ -15,6 +17,13 @@ import { assertAdapterList, checkRouterFactors } from './validate_lora.js';
  * Plain autodiff ops (2-D matMuls), so `tf.grads` gives gradients for x, the weight, the bias and
  * every A and B. The router weight stays frozen simply by leaving it out of the trained variable
  * list. `router.correctionBias` is not used here: it only affects expert selection (routing).
+ *
+ * Where the backend has MoEMatMulAdd (webgpu) and the weight and bias are non-trainable
+ * tf.Variables (as LoRA leaves them), the adapters run as one loraLinear op instead (the same
+ * formula, a closed-form backward, sums and scales inside products): on webgpu 3 programs forward
+ * and 5 backward where the tape's composition runs 7 and 9, each a host cost there (issue 15).
+ * Weight and bias then get no gradient, as they get none from `tf.variableGrads`; trainable ones
+ * keep the composed path.
  *
  * ```js
  * const x = tf.randomNormal([6, 64]);                      // T = 6, H = 64
@@ -51,11 +60,20 @@ export function routerLogits(x: Tensor2D, router: RouterWeights): Tensor2D {
   assertAdapterList(op, 'router.lora', lora);
   lora.forEach((f, i) => checkRouterFactors(op, `router.lora[${i}].`, f, E, H));
 
+  if (lora.length > 0 && isFrozenVariable(router.weight) && (router.bias == null || isFrozenVariable(router.bias)) &&
+      tf.getKernel(MATMUL_ADD, tf.getBackend()) != null) {
+    return tf.tidy(() => {
+      const input = inputScale === undefined ? x : scaledRouterInput(x, inputScale, router.inputNormEpsilon!, H);
+      return loraLinear(input, router.weight, router.bias ?? null, lora.map(f => ({
+        A: f.A, B: f.B, scaling: f.scaling,
+        // droppedInput's mask, drawn from the same seed
+        ...(hasDropout(f) ? { mask: loraDropoutMask(input.shape, f.dropout!.p, f.dropout!.seed) as Tensor2D } : {}),
+      })));
+    });
+  }
   return tf.tidy(() => {
     if (inputScale !== undefined) {
-      // Gemma4TextRouter: norm without scale, then × scale × H^-½
-      const inv = tf.rsqrt(tf.add(tf.mean(tf.square(x), 1, true), router.inputNormEpsilon!));  // [T, 1]
-      x = tf.mul(tf.mul(x, inv), tf.mul(inputScale, H ** -0.5)) as Tensor2D;                  // [T, H]
+      x = scaledRouterInput(x, inputScale, router.inputNormEpsilon!, H);
     }
     // Transposing the small weight keeps the big product untransposed (fast path on wasm).
     let logits: Tensor2D = tf.matMul(x, tf.transpose(router.weight));  // [T, E]
@@ -68,4 +86,17 @@ export function routerLogits(x: Tensor2D, router: RouterWeights): Tensor2D {
     }
     return logits;
   });
+}
+
+/** Gemma4TextRouter's input: norm without scale, then × scale × H^-½. */
+function scaledRouterInput(x: Tensor2D, inputScale: tf.Tensor1D, epsilon: number, H: number): Tensor2D {
+  return tf.tidy(() => {
+    const inv = tf.rsqrt(tf.add(tf.mean(tf.square(x), 1, true), epsilon));  // [T, 1]
+    return tf.mul(tf.mul(x, inv), tf.mul(inputScale, H ** -0.5)) as Tensor2D;  // [T, H]
+  });
+}
+
+/** A tf.Variable that tf.variableGrads leaves out: the frozen base weight under LoRA. */
+function isFrozenVariable(t: tf.Tensor): boolean {
+  return t instanceof tf.Variable && !t.trainable;
 }
