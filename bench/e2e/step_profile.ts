@@ -11,6 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
+import { GROUPED_ADAM_PROGRAM, groupedAdamDispatchListeners } from '../../src/backends/webgpu/grouped_adam.js';
 import { fail } from '../../src/ops/validate.js';
 
 /** The phases of one step, in order. */
@@ -101,6 +102,13 @@ export class StepCounter {
       this.programCounts[name] = (this.programCounts[name] ?? 0) + 1;
       this.current.dispatches++;
     });
+    // the grouped Adam records its dispatches itself, outside runWebGPUProgram
+    const grouped = () => {
+      this.programCounts[GROUPED_ADAM_PROGRAM] = (this.programCounts[GROUPED_ADAM_PROGRAM] ?? 0) + 1;
+      this.current.dispatches++;
+    };
+    groupedAdamDispatchListeners.add(grouped);
+    this.restore.push(() => groupedAdamDispatchListeners.delete(grouped));
     // one read of a tensor, whichever method the caller used: cpu's read calls its readSync
     // synchronously, which is not counted again
     let reading = false;

@@ -81,3 +81,47 @@ export function adamUpdate(param: tf.Tensor, grad: tf.Tensor, moments: tf.Tensor
     return { param: tf.sub(param, tf.mul(tf.div(m2, denom), attrs.stepSize)), moments: tf.stack([m2, v2]) };
   });
 }
+
+/**
+ * tf.env() flag: false keeps Adam per variable (adamUpdate) even where the backend updates many
+ * variables in one dispatch (webgpu: src/backends/webgpu/grouped_adam.ts), to compare the two.
+ */
+export const ADAM_GROUPED_FLAG = 'MOE_ADAM_GROUPED';
+tf.env().registerFlag(ADAM_GROUPED_FLAG, () => true);
+
+/** One variable of a grouped update: the variable, its gradient, and the optimizer's own moments. */
+export interface AdamEntry {
+  param: tf.Variable;
+  grad: tf.Tensor;
+  /** [2, ...param's shape]: m then v; owned by the optimizer (nothing else holds them) */
+  moments: tf.Tensor;
+}
+
+/**
+ * A backend's Adam over many variables at once, in place: it updates the variables' and the
+ * moments' own buffers, with adamUpdate's float32 expression (bit for bit). An entry it cannot
+ * update in place (a buffer shared with another tensor, a gradient that aliases a written buffer,
+ * a bad argument) it hands to `perVariable` (which runs adamUpdate and validates), before its own
+ * dispatches.
+ */
+export type GroupedAdamUpdate = (entries: readonly AdamEntry[], attrs: AdamUpdateAttrs, perVariable: (index: number) => void) => void;
+
+const groupedByBackend = new Map<string, GroupedAdamUpdate>();
+
+/** Registers `update` as `backendName`'s grouped Adam (the optimizer uses it when the flags allow). */
+export function registerGroupedAdamUpdate(backendName: string, update: GroupedAdamUpdate): void {
+  groupedByBackend.set(backendName, update);
+}
+
+/**
+ * The active backend's grouped Adam, or undefined: none registered, or the flags say per variable
+ * (ADAM_GROUPED_FLAG false, or ADAM_UPDATE_KERNEL_FLAG false: the composed ops).
+ *
+ * ```js
+ * const grouped = groupedAdamUpdateFor(tf.getBackend());   // webgpu: in-place, K variables per dispatch
+ * ```
+ */
+export function groupedAdamUpdateFor(backendName: string): GroupedAdamUpdate | undefined {
+  if (!tf.env().getBool(ADAM_GROUPED_FLAG) || !tf.env().getBool(ADAM_UPDATE_KERNEL_FLAG)) return undefined;
+  return groupedByBackend.get(backendName);
+}

@@ -10,7 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
-import { adamUpdate } from './adam_update.js';
+import { adamUpdate, groupedAdamUpdateFor } from './adam_update.js';
 
 /** What a checkpoint keeps of Adam: the step count and both moments of every variable, in order. */
 export interface AdamSnapshot {
@@ -74,13 +74,20 @@ export class Adam {
     const correction1 = 1 - this.beta1 ** this.t;
     const correction2Sqrt = Math.sqrt(1 - this.beta2 ** this.t);
     const attrs = { beta1: this.beta1, beta2: this.beta2, epsilon: this.epsilon, correction2Sqrt, stepSize: lr / correction1 };
-    this.variables.forEach((variable, i) => {
-      // one op per variable: webgpu runs it as 2 programs instead of ~14 (adam_update.ts)
-      const { param, moments } = adamUpdate(variable, grads[i], this.moments[i], attrs);
-      variable.assign(param);
+    // one op per variable: webgpu runs it as 2 programs instead of ~14 (adam_update.ts)
+    const perVariable = (i: number) => {
+      const { param, moments } = adamUpdate(this.variables[i], grads[i], this.moments[i], attrs);
+      this.variables[i].assign(param);
       tf.dispose([param, this.moments[i]]);
       this.moments[i] = moments;
-    });
+    };
+    const grouped = groupedAdamUpdateFor(tf.getBackend());
+    if (grouped === undefined) {
+      this.variables.forEach((_, i) => perVariable(i));
+      return;
+    }
+    // webgpu: many variables per dispatch, in place (issue 15); what it cannot take goes per variable
+    grouped(this.variables.map((param, i) => ({ param, grad: grads[i], moments: this.moments[i] })), attrs, perVariable);
   }
 
   /** The state, read back from the device (asynchronous: webgpu has no dataSync). */

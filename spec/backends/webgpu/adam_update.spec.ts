@@ -14,7 +14,7 @@ import { SeededRandom } from '../../../src/data/random.js';
 import { buildMoECausalLM, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../../src/models/families.js';
 import { register } from '../../../src/plugin.js';
-import { ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
+import { ADAM_GROUPED_FLAG, ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
 import { nextTokenLoss } from '../../../src/train/loss.js';
 import { Adam } from '../../../src/train/optimizer.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
@@ -40,7 +40,10 @@ async function withComposedAdam<T>(fn: () => Promise<T>): Promise<T> {
 describe('webgpu: MoEAdamUpdate (Adam in 2 programs per variable)', () => {
   before(function () {
     if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+    // the per-variable kernel, not the grouped in-place Adam that Adam uses by default (grouped_adam.spec.ts)
+    tf.env().set(ADAM_GROUPED_FLAG, false);
   });
+  after(() => tf.env().set(ADAM_GROUPED_FLAG, true));
 
   it('gives torch.optim.Adam\'s parameters (its own fixture) step after step', async () => {
     const ref = (JSON.parse(await readFile('spec/fixtures/train/loop_reference.json', 'utf8')) as { adam: AdamReference }).adam;

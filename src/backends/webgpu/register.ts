@@ -1,15 +1,17 @@
 /**
  * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
  * implementation of the 'fused' block, the softmaxTopK routing kernel and tfjs-webgpu's matMul
- * kernels wrapped around a wrong product (batch_mat_mul.ts). The routing override
+ * kernels wrapped around a wrong product (batch_mat_mul.ts), and the optimizer's grouped Adam. The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
  * not handle (whose errors the replaced implementation reports).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerExpertsImplementation } from '../../ops/moe_block.js';
 import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
+import { registerGroupedAdamUpdate } from '../../train/adam_update.js';
 import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
+import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
 import { webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 
@@ -39,6 +41,8 @@ export function registerWebGPUMoE(): string[] {
   if (installed) return added;
   installed = true;
   registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
+  // Adam in place, K variables per dispatch (grouped_adam.ts); MoEAdamUpdate stays its per-variable fallback
+  registerGroupedAdamUpdate(WEBGPU_BACKEND, webgpuGroupedAdamUpdate);
   const previous: RoutingFn | undefined = registerRouting('softmaxTopK', (logits, config, bias) => {
     const own = tf.getBackend() === WEBGPU_BACKEND && bias === undefined && config.nGroup === undefined &&
         config.topkGroup === undefined && config.scalingFactor === undefined;
