@@ -280,6 +280,38 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
     }
   });
 
+  it('inside tf.time: one timer per grouped dispatch (its own pass, as tfjs times its programs), the same values', async () => {
+    const sizes = [3, 130, 64, 1, 65, 9, 300];
+    const run = async () => {
+      const rng = new SeededRandom(4);
+      const variables = sizes.map(n => tf.tidy(() => tf.variable(tf.tensor1d(randomValues(rng, n, 1)))));
+      const grads = sizes.map(n => tf.tensor1d(randomValues(rng, n, 2)));
+      const adam = new Adam(variables);
+      const timing = await tf.time(() => adam.apply(grads, 1e-2)) as unknown as { getExtraProfileInfo(): string };
+      const params = await Promise.all(variables.map(bytesOf));
+      adam.dispose();
+      tf.dispose([...variables, ...grads]);
+      return { params, names: timing.getExtraProfileInfo().split(', ').map(entry => entry.split(':')[0]) };
+    };
+    // tf.time warns once where the adapter has no timestamp queries (Mesa's GL): that warning alone is expected
+    const warn = console.warn;
+    const warnings: string[] = [];
+    console.warn = (...args: unknown[]) => { warnings.push(args.join(' ')); };
+    let grouped: Awaited<ReturnType<typeof run>>;
+    let single: Awaited<ReturnType<typeof run>>;
+    try {
+      grouped = await run();
+      single = await perVariable(run);
+    } finally {
+      console.warn = warn;
+    }
+    for (const w of warnings) expect(w).to.match(/^This device doesn't support timestamp-query extension/);
+    const groups = Math.ceil(sizes.length / groupedAdamCapacity(device().limits));
+    expect(grouped.names).to.deep.equal(new Array<string>(groups).fill(GROUPED_ADAM_PROGRAM));
+    expect(single.names).to.deep.equal(new Array<string>(2 * sizes.length).fill('AdamUpdateProgram'));
+    grouped.params.forEach((p, i) => expect(p.equals(single.params[i]), `param ${i}`).to.equal(true));
+  });
+
   it('refuses clearly where the backend lacks the internals it records into', () => {
     const backend = tf.backend() as unknown as { commandQueueOwnedIds: unknown };
     const own = backend.commandQueueOwnedIds;

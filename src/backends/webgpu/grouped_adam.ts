@@ -37,7 +37,12 @@ interface WebGPUBackendInternals {
   dispatchCountInPass: number;
   commandQueueOwnedIds: WeakSet<object>;
   uniformPendingDisposal: GPUBuffer[];
-  activeTimers?: unknown[] | null;
+  /** set inside tf.time: each program then gets its own pass, timestamped where supported */
+  activeTimers?: Array<{ name: string; query: Promise<number> }> | null;
+  supportTimestampQuery?: boolean;
+  querySet?: GPUQuerySet | null;
+  querySetCount: number;
+  getQueryTime(): Promise<number>;
   refCount(dataId: object): number;
   uploadToGPU(dataId: object): void;
   ensureCommandEncoderReady(): void;
@@ -57,13 +62,13 @@ const OP = 'groupedAdamUpdate';
 
 function internals(): WebGPUBackendInternals {
   const b = tf.backend() as unknown as Partial<WebGPUBackendInternals>;
-  const methods = ['refCount', 'uploadToGPU', 'ensureCommandEncoderReady', 'endComputePassEncoder', 'submitQueue'] as const;
+  const methods = ['refCount', 'uploadToGPU', 'ensureCommandEncoderReady', 'endComputePassEncoder', 'submitQueue', 'getQueryTime'] as const;
   if (b.device == null || b.queue == null || typeof b.tensorMap?.get !== 'function' || typeof b.bufferManager?.acquireBuffer !== 'function' ||
-      typeof b.dispatchCountInPass !== 'number' || !(b.commandQueueOwnedIds instanceof WeakSet) ||
+      typeof b.dispatchCountInPass !== 'number' || typeof b.querySetCount !== 'number' || !(b.commandQueueOwnedIds instanceof WeakSet) ||
       !Array.isArray(b.uniformPendingDisposal) || !('computePassEncoder' in b) || !('commandEncoder' in b) ||
       methods.some(m => typeof b[m] !== 'function')) {
     fail(OP, "needs tfjs-backend-webgpu 4.22's WebGPUBackend internals (tensorMap, bufferManager, commandEncoder, " +
-        'computePassEncoder, dispatchCountInPass, commandQueueOwnedIds, uniformPendingDisposal, uploadToGPU, submitQueue) ' +
+        'computePassEncoder, dispatchCountInPass, commandQueueOwnedIds, uniformPendingDisposal, uploadToGPU, submitQueue, getQueryTime) ' +
         `but the '${tf.getBackend()}' backend lacks some; set tf.env() flag MOE_ADAM_GROUPED to false to update per variable`);
   }
   return b as WebGPUBackendInternals;
@@ -265,15 +270,29 @@ function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], at
   });
   const bindGroup = b.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
 
+  // tfjs's recordAndSubmit from here on: its pass, its submit rule, its timers
   b.ensureCommandEncoderReady();
-  if (b.computePassEncoder === null) b.computePassEncoder = b.commandEncoder!.beginComputePass({});
+  const timed = b.activeTimers != null;
+  if (timed) {
+    b.endComputePassEncoder();
+    const descriptor: GPUComputePassDescriptor = {};
+    if (b.supportTimestampQuery === true) {
+      b.querySet ??= b.device.createQuerySet({ type: 'timestamp', count: b.querySetCount });
+      descriptor.timestampWrites = { querySet: b.querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 };
+    }
+    b.computePassEncoder = b.commandEncoder!.beginComputePass(descriptor);
+  } else if (b.computePassEncoder === null) {
+    b.computePassEncoder = b.commandEncoder!.beginComputePass({});
+  }
   b.computePassEncoder.setPipeline(pipeline);
   b.computePassEncoder.setBindGroup(0, bindGroup);
   b.computePassEncoder.dispatchWorkgroups(workgroupsX, workgroupsY, 1);
   b.dispatchCountInPass++;
   groupedAdamDispatchListeners.forEach(listener => listener(k));
-  // tfjs's rule (recordAndSubmit): submit every WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE dispatches, not while timing
-  if (b.activeTimers == null && (tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE') as number) <= b.dispatchCountInPass) {
+  if (timed) {
+    b.endComputePassEncoder();
+    b.activeTimers!.push({ name: GROUPED_ADAM_PROGRAM, query: b.getQueryTime() });
+  } else if ((tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE') as number) <= b.dispatchCountInPass) {
     b.endComputePassEncoder();
     b.submitQueue();
   }
