@@ -54,13 +54,20 @@ interface Run {
   counts: Record<string, number>;
 }
 
-/** `steps` Adam steps of fresh variables of `sizes` with seeded gradients; reads the variables after each step. */
+/** `steps` Adam steps of fresh variables of `sizes` with seeded gradients; reads the state after each step, saves and restores it before step 2. */
 async function train(sizes: number[], steps: number, seed: number): Promise<Run> {
   const rng = new SeededRandom(seed);
   const variables = sizes.map((n, i) => tf.tidy(() => tf.variable(tf.tensor1d(randomValues(rng, n, 1)), true, `grouped_adam_${seed}_${i}`)));
-  const adam = new Adam(variables);
+  let adam = new Adam(variables);
   const counter = new StepCounter();
   for (let t = 0; t < steps; t++) {
+    if (t === 1) {
+      // a checkpoint's round trip: the restored moments start on the cpu (uploaded by the step)
+      const saved = await adam.snapshot();
+      adam.dispose();
+      adam = new Adam(variables);
+      adam.restore(saved);
+    }
     const grads = sizes.map(n => tf.tensor1d(randomValues(rng, n, 2)));
     counter.install();
     try {
@@ -69,8 +76,9 @@ async function train(sizes: number[], steps: number, seed: number): Promise<Run>
       counter.uninstall();
     }
     tf.dispose(grads);
-    // a read caches the values on the cpu: the next in-place step must not leave them stale
+    // a read caches the values on the cpu (variables, moments): the next in-place step must not leave them stale
     await Promise.all(variables.map(x => x.data()));
+    await adam.snapshot();
   }
   const snapshot = await adam.snapshot();
   const run = {
@@ -96,7 +104,7 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
     expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 1 << 20, maxBindingsPerBindGroup: 1 << 20 })).to.equal(64);
   });
 
-  it('mixed sizes over several groups, 3 steps: values and moments bit for bit the per-variable kernel\'s, ceil(n / K) dispatches a step', async () => {
+  it('mixed sizes over several groups, 3 steps with a save and restore: values and moments bit for bit the per-variable kernel\'s, ceil(n / K) dispatches a step', async () => {
     // 1, odd, one workgroup ± 1, several workgroups; more variables than K
     const k = groupedAdamCapacity(device().limits);
     expect(k, 'K on this device').to.be.at.least(1);
