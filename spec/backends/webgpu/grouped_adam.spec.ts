@@ -186,30 +186,32 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 
-  it('a gradient that is another variable (a buffer written here) goes per variable, with the per-variable results', async () => {
+  it('a gradient that is a variable (a buffer written in the step) sends the step per variable, in order: the per-variable results', async () => {
     const run = async () => {
       const a = tf.tidy(() => tf.variable(tf.tensor1d([0.5, -1, 2])));
       const b = tf.tidy(() => tf.variable(tf.tensor1d([3, -2, 1])));
-      const adam = new Adam([a, b]);
+      const c = tf.tidy(() => tf.variable(tf.tensor1d([1, 1, -1])));
+      const adam = new Adam([a, b, c]);
       const counter = new StepCounter();
       const gb = tf.tensor1d([1, 2, 3]);
       counter.install();
       try {
-        adam.apply([b, gb], 0.1);   // a's gradient is b itself, which the step writes
+        adam.apply([b, gb, b], 0.1);   // a's and c's gradient is b itself, which the step writes (c reads b's new value)
       } finally {
         counter.uninstall();
       }
       gb.dispose();
-      const out = { a: await bytesOf(a), b: await bytesOf(b), counts: counter.programCounts };
+      const out = { a: await bytesOf(a), b: await bytesOf(b), c: await bytesOf(c), counts: counter.programCounts };
       adam.dispose();
-      tf.dispose([a, b]);
+      tf.dispose([a, b, c]);
       return out;
     };
     const grouped = await run();
     const single = await perVariable(run);
-    expect(grouped.counts).to.deep.equal({ AdamUpdateProgram: 2, [GROUPED_ADAM_PROGRAM]: 1 });
+    expect(grouped.counts).to.deep.equal({ AdamUpdateProgram: 6 });
     expect(grouped.a.equals(single.a), 'a (read b before b\'s update)').to.equal(true);
     expect(grouped.b.equals(single.b)).to.equal(true);
+    expect(grouped.c.equals(single.c), 'c (read b after it)').to.equal(true);
   });
 
   it('no tensors left and no GPU buffer growth across steps; a bad gradient still gets adamUpdate\'s error', async () => {

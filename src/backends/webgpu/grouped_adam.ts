@@ -14,9 +14,10 @@
  * the step keeps its buffer until the work is submitted, as with tfjs's programs.
  *
  * In place is only right where nothing else sees the buffer: a variable whose data is shared (a
- * tf.clone, tf.variable(t)'s t, a user's reference: the backend's refCount > 1), held on a texture
- * or an external buffer, or whose gradient aliases a buffer written here, is updated by the
- * per-variable kernel instead (which gives it a buffer of its own: the next step is in place).
+ * tf.clone, tf.variable(t)'s t, a user's reference: the backend's refCount > 1), or held on a
+ * texture or an external buffer, is updated by the per-variable kernel instead (which gives it a
+ * buffer of its own: the next step is in place). A step whose gradients alias its variables (or
+ * that lists a variable twice) goes per variable as a whole, in order.
  *
  * The expression is AdamUpdateProgram's, in the same float32 order, with the same float32
  * scalars: the results are bit for bit the per-variable kernel's (spec/backends/webgpu/grouped_adam.spec.ts).
@@ -196,33 +197,31 @@ export const GROUPED_ADAM_PROGRAM = 'GroupedAdamProgram';
 export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: AdamUpdateAttrs, perVariable: (index: number) => void): void {
   const b = internals();
   const k = groupedAdamCapacity(b.device.limits);
-  const inPlace: Array<{ entry: AdamEntry; param: GPUBuffer; moments: GPUBuffer }> = [];
+  // a variable listed twice, or a gradient that is a variable's data: the per-variable order matters
+  // (and one buffer cannot be bound read_write and read in one dispatch), so all go per variable
+  const paramData = new Set<unknown>(entries.map(e => e.param?.dataId));
+  if (paramData.size !== entries.length || entries.some(e => paramData.has(e.grad?.dataId))) {
+    entries.forEach((_, index) => perVariable(index));
+    return;
+  }
+  const grouped: GroupedVariable[] = [];
   const rest: number[] = [];
-  const written = new Set<object>();
   entries.forEach((entry, index) => {
     const { param, grad, moments } = entry;
     const shapeOk = param instanceof tf.Variable && grad instanceof tf.Tensor && moments instanceof tf.Tensor && !grad.isDisposed &&
         !moments.isDisposed && tf.util.arraysEqual(grad.shape, param.shape) && moments.size === 2 * param.size && grad.dtype === 'float32';
     const paramBuffer = shapeOk && k > 0 ? ownBuffer(b, param) : null;
     const momentsBuffer = paramBuffer !== null ? ownBuffer(b, moments) : null;
-    if (paramBuffer === null || momentsBuffer === null) {
+    if (momentsBuffer !== null) b.uploadToGPU(grad.dataId);
+    const gradBuffer = momentsBuffer !== null ? b.tensorMap.get(grad.dataId)?.resource : undefined;
+    if (paramBuffer !== null && momentsBuffer !== null && gradBuffer instanceof GPUBuffer) {
+      grouped.push({ entry, param: paramBuffer, grad: gradBuffer, moments: momentsBuffer });
+    } else {
       rest.push(index);
-      return;
     }
-    written.add(param.dataId);
-    written.add(moments.dataId);
-    inPlace.push({ entry, param: paramBuffer, moments: momentsBuffer });
   });
-  // a gradient on a buffer written here would be bound twice in one dispatch (read and read_write)
-  const grouped: GroupedVariable[] = [];
-  for (const item of inPlace) {
-    const { grad } = item.entry;
-    if (!written.has(grad.dataId)) b.uploadToGPU(grad.dataId);
-    const resource = written.has(grad.dataId) ? undefined : b.tensorMap.get(grad.dataId)?.resource;
-    if (resource instanceof GPUBuffer) grouped.push({ ...item, grad: resource });
-    else rest.push(entries.indexOf(item.entry));
-  }
-  rest.sort((x, y) => x - y).forEach(perVariable);
+  // the entries touch disjoint buffers (checked above): the per-variable ones may go first
+  rest.forEach(perVariable);
   for (let start = 0; start < grouped.length; start += k) {
     record(b, grouped.slice(start, start + k), attrs);
   }
