@@ -11,24 +11,22 @@
  * also the N largest groups of buffers alive at the run's highest point (peak_buffers.ts), by the program
  * that made them and their size. `--dense-dtype stored`: attention q/k/v/o and the embedding held as their bf16
  * words (loadHFCheckpoint's denseDtype; default float32).
- * `--composed-attention on`: attention as composed tfjs ops, not MoEAttention
- * (which holds no [B·nh, S, L] probabilities for backward).
+ * `--attention auto|kernels|composed`: attention as the package picks (MoEAttention, which holds no [B·nh, S, L]
+ * probabilities for backward, from 64 MiB of them), always as MoEAttention, or always composed.
  */
-import * as tf from '@tensorflow/tfjs-core';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { releaseFreeWebGPUBuffers } from '../../src/backends/webgpu/buffer_pool.js';
 import type { ExpertDtype } from '../../src/io/hf_block.js';
 import type { DenseDtype } from '../../src/io/hf_checkpoint_core.js';
-import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
+import { commandLineFlag, setAttentionPath, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { assertOneOf } from '../../src/ops/validate.js';
-import { ATTENTION_KERNEL_FLAG } from '../../src/ops/attention_core.js';
 import { runOurs } from './ours.js';
 import { followPeakBuffers } from './peak_buffers.js';
 
 await setUpNarrowWebGPU();
-tf.env().set(ATTENTION_KERNEL_FLAG, commandLineFlag('composed-attention', 'off') !== 'on');
+setAttentionPath(commandLineFlag('attention', 'auto'));
 const seq = Number(commandLineFlag('seq', '64'));
 const shape = commandLineFlag('shape', 'olmoe');
 const steps = Number(commandLineFlag('steps', '2'));

@@ -10,12 +10,26 @@ import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { narrowOlmoeConfig, qwen3MoeConfig, writeRandomBF16Checkpoint } from '../../src/bench/load_bench.js';
 import type { HFConfig } from '../../src/models/families.js';
+import {
+  ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES, ATTENTION_KERNEL_MIN_BYTES_FLAG,
+} from '../../src/ops/attention_core.js';
 
 /** `--name value` from the command line, or `fallback` where absent. */
 export function commandLineFlag(name: string, fallback: string): string {
   const args = process.argv.slice(2);
   const i = args.indexOf(`--${name}`);
   return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
+}
+
+/**
+ * How the narrow tools run attention (`--attention`): 'auto' as the package picks (MoEAttention
+ * from MOE_ATTENTION_KERNEL_MIN_BYTES of probabilities), 'kernels' always MoEAttention, 'composed'
+ * always the composed tfjs ops.
+ */
+export function setAttentionPath(path: string): void {
+  if (!['auto', 'kernels', 'composed'].includes(path)) throw new Error(`--attention must be auto, kernels or composed but got '${path}'`);
+  tf.env().set(ATTENTION_KERNEL_FLAG, path !== 'composed');
+  tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, path === 'kernels' ? 0 : ATTENTION_KERNEL_MIN_BYTES);
 }
 
 /** Dawn's webgpu (f32 kernels, no tensor cores) as tfjs's backend, the package's kernels registered. */

@@ -7,7 +7,8 @@
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/profile_narrow.ts --layers 1,2 --seq 64 [--composed-adam on]
  * --composed-adam on: Adam as composed tfjs ops, not MoEAdamUpdate (the counts before that kernel).
  * --grouped-adam off: Adam per variable (MoEAdamUpdate, 2 dispatches each), not K variables per dispatch in place.
- * --composed-attention on: attention as composed tfjs ops, not MoEAttention (the counts before those kernels).
+ * --attention auto|kernels|composed: attention as the package picks (auto: MoEAttention from 64 MiB of probabilities),
+ *   always as MoEAttention, or always as composed tfjs ops (the counts before those kernels).
  * --detail on: also the kernels by name and the programs by class, per phase (which op to cut next).
  * --dense-dtype stored: attention q/k/v/o and the embedding held as their bf16 words (loadHFCheckpoint's denseDtype; default float32).
  */
@@ -17,15 +18,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DenseDtype } from '../../src/io/hf_checkpoint_core.js';
 import { ADAM_GROUPED_FLAG, ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
-import { ATTENTION_KERNEL_FLAG } from '../../src/ops/attention_core.js';
-import { commandLineFlag, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
+import { commandLineFlag, setAttentionPath, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { runOurs } from './ours.js';
 import type { StepProfile } from './step_profile.js';
 
 await setUpNarrowWebGPU();
 tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !== 'on');
 tf.env().set(ADAM_GROUPED_FLAG, commandLineFlag('grouped-adam', 'on') !== 'off');
-tf.env().set(ATTENTION_KERNEL_FLAG, commandLineFlag('composed-attention', 'off') !== 'on');
+setAttentionPath(commandLineFlag('attention', 'auto'));
 const seq = Number(commandLineFlag('seq', '64'));
 const detail = commandLineFlag('detail', 'off') === 'on';
 const shape = commandLineFlag('shape', 'olmoe');

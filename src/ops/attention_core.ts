@@ -6,7 +6,12 @@
  * MoEAttentionGrad (webgpu), the forward pass is 2 programs (O and the rows' softmax statistics;
  * 1 when no gradient is recorded) and the backward 3 (dQ, dK, dV), flash-style: the [Nq, S, L]
  * probabilities are never held (512 MB a layer at 32 heads and S = 2048), backward recomputes them
- * per tile from q, k, v, O and the statistics (issue 15). Elsewhere (cpu, wasm: the reference) the
+ * per tile from q, k, v, O and the statistics (issue 15). The kernels trade GPU time for memory: on
+ * an H100 (docs/benchmarks.md, run L) a training pass of 16 heads of 128 took 15.8 ms against the
+ * composed 13.9 at S = 512 (and OLMoE's step fell from 1785 to 1460 tokens/s with them), 112 ms
+ * against 47 at S = 2048, where the composed pass peaked at 2000 MiB against 256. So they run where
+ * the probabilities would be large (MOE_ATTENTION_KERNEL_MIN_BYTES, 64 MiB: OLMoE from S = 1024),
+ * the composed path below that. Elsewhere (cpu, wasm: the reference) and below the threshold the
  * forward pass runs five kernels with the tape off (plus Reshapes, no GPU work, with grouped heads
  * or a per-sample mask), saving the probabilities, and the backward the closed-form gradient in nine.
  */
@@ -43,6 +48,15 @@ export const ATTENTION_KERNEL_MAX_HEAD_WIDTH = 256;
  */
 export const ATTENTION_KERNEL_FLAG = 'MOE_ATTENTION_KERNEL';
 tf.env().registerFlag(ATTENTION_KERNEL_FLAG, () => true);
+
+/**
+ * tf.env() flag: the kernels run only where the composed path would hold at least this many bytes
+ * of probabilities (Nq·S·L float32): below it the composed path is faster and its buffer small
+ * (see the header). 0: the kernels wherever they are registered.
+ */
+export const ATTENTION_KERNEL_MIN_BYTES_FLAG = 'MOE_ATTENTION_KERNEL_MIN_BYTES';
+export const ATTENTION_KERNEL_MIN_BYTES = 64 * 2 ** 20;
+tf.env().registerFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, () => ATTENTION_KERNEL_MIN_BYTES);
 
 /**
  * softmax(q·kᵀ·scale + mask)·v per query head, with grouped KV heads read in place: query head n
@@ -84,7 +98,7 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
   }
   assertFiniteNumber(op, 'scale', scale);
   if (!(scale > 0)) fail(op, `'scale' must be > 0 but got ${scale}`);
-  if (useAttentionKernels(dk, dv, s, keyLen)) return attentionKernels(q, k, v, mask, scale);
+  if (useAttentionKernels(nq, dk, dv, s, keyLen)) return attentionKernels(q, k, v, mask, scale);
   const rep = nq / nkv;
   const rows = rep * s;                     // a KV head's query rows: its rep heads' S positions
   // the mask's view of the scores: [Nkv, rep, S, L] for a shared mask, [B, nh, S, L] per sample
@@ -122,12 +136,16 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
   return attend(q, k, v) as Tensor3D;
 }
 
-/** Whether the backend's MoEAttention / MoEAttentionGrad run this problem (flag on, head widths up to 256, no empty axis). */
-function useAttentionKernels(dk: number, dv: number, s: number, keyLen: number): boolean {
+/**
+ * Whether the backend's MoEAttention / MoEAttentionGrad run this problem: flag on, head widths up
+ * to 256, no empty axis, and the composed path's probabilities (Nq·S·L float32) at least
+ * MOE_ATTENTION_KERNEL_MIN_BYTES.
+ */
+function useAttentionKernels(nq: number, dk: number, dv: number, s: number, keyLen: number): boolean {
   const backend = tf.getBackend();
   return tf.env().getBool(ATTENTION_KERNEL_FLAG) && tf.getKernel(ATTENTION, backend) != null &&
       tf.getKernel(ATTENTION_GRAD, backend) != null && Math.max(dk, dv) <= ATTENTION_KERNEL_MAX_HEAD_WIDTH &&
-      Math.min(dk, dv, s, keyLen) > 0;
+      Math.min(dk, dv, s, keyLen) > 0 && nq * s * keyLen * 4 >= tf.env().getNumber(ATTENTION_KERNEL_MIN_BYTES_FLAG);
 }
 
 /**

@@ -13,7 +13,7 @@ import '@tensorflow/tfjs-layers';
 import { followPeakBuffers } from '../../bench/e2e/peak_buffers.js';
 import { commandLineFlag, setUpNarrowWebGPU } from '../../bench/e2e/narrow_setup.js';
 import { causalMask } from '../../src/layers/attention.js';
-import { ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
+import { ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 
 await setUpNarrowWebGPU();
@@ -47,6 +47,7 @@ async function time(fn: () => tf.Tensor[]): Promise<number> {
 
 async function measure(kernels: boolean) {
   tf.env().set(ATTENTION_KERNEL_FLAG, kernels);
+  tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0);   // the kernels at any size, to compare
   const forwardMs = await time(() => [scaledDotProductAttention(q, k, v, mask, scale)]);
   const trainMs = await time(() => { const r = tf.valueAndGrads(lossOf)([q, k, v]); return [r.grads[2], r.grads[0], r.grads[1], r.value]; });
   const follow = followPeakBuffers();

@@ -13,7 +13,9 @@ import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { StepCounter } from '../../../bench/e2e/step_profile.js';
 import { attentionMask, causalMask } from '../../../src/layers/attention.js';
-import { ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../../src/ops/attention_core.js';
+import {
+  ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES, ATTENTION_KERNEL_MIN_BYTES_FLAG, scaledDotProductAttention,
+} from '../../../src/ops/attention_core.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { Rng, asF32 } from '../../helpers/numeric.js';
 
@@ -130,7 +132,37 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
     if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
     expect(tf.getKernel(ATTENTION, 'webgpu'), 'MoEAttention is registered').to.not.equal(undefined);
     expect(tf.getKernel(ATTENTION_GRAD, 'webgpu'), 'MoEAttentionGrad is registered').to.not.equal(undefined);
+    // these problems are far below the size from which the package picks the kernels: force them
+    tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0);
   });
+
+  after(() => tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, ATTENTION_KERNEL_MIN_BYTES));
+
+  it('runs the kernels from MOE_ATTENTION_KERNEL_MIN_BYTES of probabilities (Nq·S·L·4) up, the composed path below', async () => {
+    const [q, k, v, mask] = [tf.ones([4, 6, 8]), tf.ones([2, 6, 8]), tf.ones([2, 6, 3]), causalMask(6, null)];
+    const programsAt = async (minBytes: number) => {
+      tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, minBytes);
+      const counter = new StepCounter();
+      counter.install();
+      try {
+        const o = scaledDotProductAttention(q as tf.Tensor3D, k as tf.Tensor3D, v as tf.Tensor3D, mask, 0.1);
+        await o.data();
+        o.dispose();
+      } finally {
+        counter.uninstall();
+        tf.env().set(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0);
+      }
+      return counter.programCounts;
+    };
+    const bytes = 4 * 6 * 6 * 4;
+    expect((await programsAt(bytes)).AttentionProgram, `kernels at exactly ${bytes} bytes`).to.equal(1);
+    const below = await programsAt(bytes + 1);
+    expect(below.AttentionProgram, 'no kernel one byte above the problem').to.equal(undefined);
+    expect(below.SoftmaxProgram, 'the composed softmax instead').to.equal(1);
+    expect(tf.env().getNumber(ATTENTION_KERNEL_MIN_BYTES_FLAG), 'the spec keeps its own setting').to.equal(0);
+    tf.dispose([q, k, v, mask]);
+  });
+
 
   it('one query head per KV head (rep 1), causal [S, S], 70 rows: past a 64-row workgroup and the key tile', async () => {
     await check({ nq: 2, nkv: 2, s: 70, keyLen: 70, dk: 8, dv: 8, mask: () => causalMask(70, null) }, 11);
