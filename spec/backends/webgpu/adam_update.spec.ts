@@ -8,23 +8,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
-import { E2E_LORA_TARGETS } from '../../../bench/e2e/ours.js';
-import { StepCounter, trainingStep } from '../../../bench/e2e/step_profile.js';
+import { StepCounter } from '../../../bench/e2e/step_profile.js';
 import { SeededRandom } from '../../../src/data/random.js';
-import { buildMoECausalLM, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
-import type { HFConfig } from '../../../src/models/families.js';
-import { register } from '../../../src/plugin.js';
 import { ADAM_GROUPED_FLAG, ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
-import { nextTokenLoss } from '../../../src/train/loss.js';
 import { Adam } from '../../../src/train/optimizer.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { adamStepErrors, type AdamReference } from '../../helpers/adam_reference.js';
-
-const TINY: HFConfig = {
-  model_type: 'qwen3_moe', vocab_size: 11, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2,
-  num_key_value_heads: 1, head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 8,
-  norm_topk_prob: true, rms_norm_eps: 1e-6,
-};
+import { withTinyMoETraining } from '../../helpers/tiny_moe_adam.js';
 
 /** Runs `fn` with Adam composed from tfjs ops (ADAM_UPDATE_KERNEL_FLAG false), then the kernel again. */
 async function withComposedAdam<T>(fn: () => Promise<T>): Promise<T> {
@@ -96,51 +86,17 @@ describe('webgpu: MoEAdamUpdate (Adam in 2 programs per variable)', () => {
   });
 
   it('LoRA training of a tiny MoE model: the same losses and parameters as the composed ops, ~7× fewer dispatches', async () => {
-    const model = buildMoECausalLM(TINY);
-    const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: [...E2E_LORA_TARGETS] } });
-    try {
-      const variables = trainableVariables(model);
-      const initial = variables.map(v => tf.clone(v));
-      const rng = new SeededRandom(3);
-      const ids = Int32Array.from({ length: 4 * 2 * 9 }, () => rng.int(TINY.vocab_size as number));
-      const run = async () => {
-        variables.forEach((v, i) => v.assign(initial[i]));
-        const adam = new Adam(variables);
-        const counter = new StepCounter();
-        const losses: number[] = [];
-        for (let step = 0; step < 4; step++) {
-          const windows = tf.tensor2d(ids.subarray(step * 18, (step + 1) * 18), [2, 9], 'int32');
-          losses.push(await trainingStep({
-            loss: () => nextTokenLoss(model, windows), variables,
-            apply: grads => {
-              counter.install();
-              try {
-                adam.apply(grads, 2e-2);
-              } finally {
-                counter.uninstall();
-              }
-            },
-          }));
-          windows.dispose();
-        }
-        adam.dispose();
-        const params = await Promise.all(variables.map(v => v.data()));
-        return { losses, params, dispatches: counter.current.dispatches };
-      };
+    await withTinyMoETraining(async ({ variables, run }) => {
       const before = tf.memory().numTensors;
-      const fused = await run();
-      const composed = await withComposedAdam(run);
+      const fused = await run(v => v.data());
+      const composed = await withComposedAdam(() => run(v => v.data()));
       expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
       // the updates did something: B starts at 0, so later losses differ from the first
       expect(Math.abs(fused.losses[3] - fused.losses[0]), 'training moved the loss').to.be.above(1e-4);
       expect(maxRelativeError(fused.losses, composed.losses), `losses ${fused.losses} vs ${composed.losses}`).to.be.below(1e-5);
       fused.params.forEach((p, i) => expect(maxRelativeError(p, composed.params[i]), `variable ${variables[i].name}`).to.be.below(1e-4));
-      expect(fused.dispatches, 'fused: 2 per variable and step').to.equal(2 * variables.length * 4);
-      expect(composed.dispatches, 'composed: more than 6× as many').to.be.above(6 * fused.dispatches);
-      tf.dispose(initial);
-    } finally {
-      handle.unregister();
-      model.dispose();
-    }
+      expect(fused.counter.current.dispatches, 'fused: 2 per variable and step').to.equal(2 * variables.length * 4);
+      expect(composed.counter.current.dispatches, 'composed: more than 6× as many').to.be.above(6 * fused.counter.current.dispatches);
+    });
   });
 });

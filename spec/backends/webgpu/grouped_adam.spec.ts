@@ -7,24 +7,14 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { E2E_LORA_TARGETS } from '../../../bench/e2e/ours.js';
-import { StepCounter, trainingStep } from '../../../bench/e2e/step_profile.js';
+import { StepCounter } from '../../../bench/e2e/step_profile.js';
 import { releaseFreeWebGPUBuffers } from '../../../src/backends/webgpu/buffer_pool.js';
 import { GROUPED_ADAM_PROGRAM, groupedAdamCapacity, webgpuGroupedAdamUpdate } from '../../../src/backends/webgpu/grouped_adam.js';
 import { SeededRandom } from '../../../src/data/random.js';
-import { buildMoECausalLM, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
-import type { HFConfig } from '../../../src/models/families.js';
-import { register } from '../../../src/plugin.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { ADAM_GROUPED_FLAG } from '../../../src/train/adam_update.js';
-import { nextTokenLoss } from '../../../src/train/loss.js';
 import { Adam } from '../../../src/train/optimizer.js';
-
-const TINY: HFConfig = {
-  model_type: 'qwen3_moe', vocab_size: 11, hidden_size: 16, num_hidden_layers: 2, num_attention_heads: 2,
-  num_key_value_heads: 1, head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 8,
-  norm_topk_prob: true, rms_norm_eps: 1e-6,
-};
+import { withTinyMoETraining } from '../../helpers/tiny_moe_adam.js';
 
 const device = () => (tf.backend() as unknown as { device: GPUDevice }).device;
 
@@ -244,53 +234,20 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
   });
 
   it('LoRA training of a tiny MoE model: the per-variable kernel\'s losses and parameters exactly, ceil(n / K) dispatches a step', async () => {
-    const model = buildMoECausalLM(TINY);
-    const handle = register({ models: [model], lora: { r: 2, alpha: 4, targets: [...E2E_LORA_TARGETS] } });
-    try {
-      const variables = trainableVariables(model);
-      const initial = variables.map(v => tf.clone(v));
-      const rng = new SeededRandom(3);
-      const ids = Int32Array.from({ length: 4 * 2 * 9 }, () => rng.int(TINY.vocab_size as number));
-      const run = async () => {
-        // assign shares initial's buffers: step 1 goes per variable, the next ones in place
-        variables.forEach((v, i) => v.assign(initial[i]));
-        const adam = new Adam(variables);
-        const counter = new StepCounter();
-        const losses: number[] = [];
-        for (let step = 0; step < 4; step++) {
-          const windows = tf.tensor2d(ids.subarray(step * 18, (step + 1) * 18), [2, 9], 'int32');
-          losses.push(await trainingStep({
-            loss: () => nextTokenLoss(model, windows), variables,
-            apply: grads => {
-              counter.install();
-              try {
-                adam.apply(grads, 2e-2);
-              } finally {
-                counter.uninstall();
-              }
-            },
-          }));
-          windows.dispose();
-        }
-        adam.dispose();
-        const params = await Promise.all(variables.map(bytesOf));
-        return { losses, params, counts: counter.programCounts };
-      };
+    await withTinyMoETraining(async ({ variables, run }) => {
+      // step 1 goes per variable (assign shares the first values' buffers), the next ones in place
       const before = tf.memory().numTensors;
-      const grouped = await run();
-      const single = await perVariable(run);
+      const grouped = await run(bytesOf);
+      const single = await perVariable(() => run(bytesOf));
       expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
       expect(Math.abs(grouped.losses[3] - grouped.losses[0]), 'training moved the loss').to.be.above(1e-4);
       expect(grouped.losses, 'losses').to.deep.equal(single.losses);
       grouped.params.forEach((p, i) => expect(p.equals(single.params[i]), `variable ${variables[i].name}`).to.equal(true));
       const n = variables.length;
-      expect(grouped.counts).to.deep.equal({ AdamUpdateProgram: 2 * n, [GROUPED_ADAM_PROGRAM]: 3 * Math.ceil(n / groupedAdamCapacity(device().limits)) });
-      expect(single.counts).to.deep.equal({ AdamUpdateProgram: 2 * n * 4 });
-      tf.dispose(initial);
-    } finally {
-      handle.unregister();
-      model.dispose();
-    }
+      expect(grouped.counter.programCounts).to.deep.equal(
+          { AdamUpdateProgram: 2 * n, [GROUPED_ADAM_PROGRAM]: 3 * Math.ceil(n / groupedAdamCapacity(device().limits)) });
+      expect(single.counter.programCounts).to.deep.equal({ AdamUpdateProgram: 2 * n * 4 });
+    });
   });
 
   it('inside tf.time: one timer per grouped dispatch (its own pass, as tfjs times its programs), the same values', async () => {
