@@ -152,7 +152,7 @@ describe('ops/linearCrossEntropy', () => {
     const narrow = packDenseWeight(zeros, 'bf16');
     expect(() => linearCrossEntropy(hidden, narrow, labels, NORMALIZER)).to.throw(
         `\`linearCrossEntropy()\`: 'headWeight' must have shape [*,${H}] but got [${V},${H - 1}] (hidden [N,H] = [${N},${H}])`);
-    tf.dispose([hidden, weight, packed, rounded, labels, narrow, zeros]);
+    tf.dispose([hidden, weight, packed.packed, rounded, labels, narrow.packed, zeros]);
   });
 
   it('a backward pass peaks at a couple of [chunk, V] buffers, not several [N, V] ones', async () => {
