@@ -9,11 +9,11 @@ import { CharTokenizer, writeTokenizer } from '../../src/data/index.js';
 
 const BACKEND = process.env.TFJS_BACKEND ?? 'cpu';
 
-/** The denseStorage of each RotaryAttention and TokenEmbedding in a TF.js folder's model.json (absent: float32). */
+/** The denseStorage of each RotaryAttention, TokenEmbedding and LMHead in a TF.js folder's model.json (absent: float32). */
 async function denseStorages(dir: string): Promise<string[]> {
   const json = JSON.parse(await readFile(join(dir, 'model.json'), 'utf8'));
   return (json.modelTopology.config.layers as Array<{ class_name: string; config: { dense_storage?: string } }>)
-      .filter(l => l.class_name === 'RotaryAttention' || l.class_name === 'TokenEmbedding')
+      .filter(l => ['RotaryAttention', 'TokenEmbedding', 'LMHead'].includes(l.class_name))
       .map(l => `${l.class_name}:${l.config.dense_storage ?? 'float32'}`);
 }
 
@@ -28,15 +28,15 @@ describe('--dense-dtype', function () {
   });
   after(cleanup);
 
-  it('convert keeps bf16 attention and embedding packed with stored, float32 by default; inspect takes it; a bad value exits 2', async () => {
+  it('convert keeps bf16 attention, embedding and head packed with stored, float32 by default; inspect takes it; a bad value exits 2', async () => {
     const stored = join(await tempDir('cli-dense-out-'), 'm');
     const r1 = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', stored, '--dense-dtype', 'stored', '--backend', BACKEND]);
     expect(r1.code, r1.stderr).to.equal(0);
-    expect(await denseStorages(stored)).to.deep.equal(['TokenEmbedding:bf16', 'RotaryAttention:bf16', 'RotaryAttention:bf16']);
+    expect(await denseStorages(stored)).to.deep.equal(['TokenEmbedding:bf16', 'RotaryAttention:bf16', 'RotaryAttention:bf16', 'LMHead:bf16']);
     const wide = join(await tempDir('cli-dense-out-'), 'm');
     const r2 = await runMain(['convert', '--to', 'tfjs', '--input', bf16, '--output', wide, '--backend', BACKEND]);
     expect(r2.code, r2.stderr).to.equal(0);
-    expect(await denseStorages(wide)).to.deep.equal(['TokenEmbedding:float32', 'RotaryAttention:float32', 'RotaryAttention:float32']);
+    expect(await denseStorages(wide)).to.deep.equal(['TokenEmbedding:float32', 'RotaryAttention:float32', 'RotaryAttention:float32', 'LMHead:float32']);
     const ok = await runMain(['inspect', '--model', bf16, '--dense-dtype', 'stored', '--json', '--backend', BACKEND]);
     expect(ok.code, ok.stderr).to.equal(0);
     const bad = await runMain(['inspect', '--model', bf16, '--dense-dtype', 'bf16']);

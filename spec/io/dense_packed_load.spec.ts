@@ -1,5 +1,5 @@
 /**
- * The frozen non-expert weights (attention q/k/v/o_proj, the untied token embedding) of a BF16
+ * The frozen non-expert weights (attention q/k/v/o_proj, the untied token embedding and LM head) of a BF16
  * checkpoint held as stored (denseDtype 'stored') against the same checkpoint widened to float32
  * ('float32'): bf16 → f32 is exact, so logits and every LoRA gradient are bit for bit equal,
  * while the weights take exactly 2 bytes an element less; training leaks nothing; save and merge
@@ -17,12 +17,13 @@ import { loadModelDir } from '../../src/io/model_dir.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { RotaryAttention } from '../../src/layers/attention.js';
 import { packedDenseFormat } from '../../src/layers/dense_storage.js';
-import { TokenEmbedding } from '../../src/layers/embedding.js';
+import { LMHead, TokenEmbedding } from '../../src/layers/embedding.js';
 import { addMoEAdapter, trainableVariables, type MoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { variableFloat32, variableShape } from '../../src/layers/sparse_moe.js';
 import type { HFConfig } from '../../src/models/families.js';
 import { estimateLoadMemory } from '../../src/models/memory.js';
 import { generate } from '../../src/generate/generate.js';
+import { batchLoss } from '../../src/train/loss.js';
 import { packDenseWeight } from '../../src/ops/packed.js';
 import { cleanup, fixtureDir, tempDir } from './checkpoint_helpers.js';
 import { writeHalfFixture } from '../helpers/half_checkpoint.js';
@@ -57,7 +58,7 @@ function bitsOf(t: tf.Tensor): number[] {
   return Array.from(new Int32Array(v.buffer, v.byteOffset, v.length));
 }
 
-describe("denseDtype 'stored': 16-bit attention and embedding weights", function () {
+describe("denseDtype 'stored': 16-bit attention, embedding and LM head weights", function () {
   this.timeout(60_000);
   let dir16: string;
   let dir32: string;
@@ -71,16 +72,16 @@ describe("denseDtype 'stored': 16-bit attention and embedding weights", function
   });
   after(cleanup);
 
-  it('holds q/k/v/o and the embedding packed (int32, frozen), 2 bytes an element less, as estimated; logits bit for bit', async () => {
+  it('holds q/k/v/o, the embedding and the head packed (int32, frozen), 2 bytes an element less, as estimated; logits bit for bit', async () => {
     const before = tf.memory().numBytes;
     const stored = await loadHFCheckpoint(dir16, { denseDtype: 'stored' });
     const storedBytes = tf.memory().numBytes - before;
     const widened = await loadHFCheckpoint(dir16, { denseDtype: 'float32' });
     const widenedBytes = tf.memory().numBytes - before - storedBytes;
-    // the savings computed here from the checkpoint's own shapes: every attention projection and the embedding (the head stays)
+    // the savings computed here from the checkpoint's own shapes: every attention projection, the embedding and the untied head
     const file = await readSafetensorsFile(join(dir16, 'model.safetensors'));
-    const names = file.names().filter(n => /self_attn\.[qkvo]_proj\.weight$/.test(n) || n === 'model.embed_tokens.weight');
-    expect(names).to.have.length(2 * 4 + 1);
+    const names = file.names().filter(n => /self_attn\.[qkvo]_proj\.weight$/.test(n) || n === 'model.embed_tokens.weight' || n === 'lm_head.weight');
+    expect(names).to.have.length(2 * 4 + 2);
     expect([...denseStorageTensorNames(config)].sort()).to.deep.equal([...names].sort());
     const savings = names.reduce((s, n) => s + 2 * file.info(n).shape.reduce((a, b) => a * b, 1), 0);
     expect(widenedBytes - storedBytes).to.equal(savings);
@@ -96,7 +97,11 @@ describe("denseDtype 'stored': 16-bit attention and embedding weights", function
       expect(packedDenseFormat(v!)).to.deep.equal({ kind: 'bf16', shape: [64, 64] });
     }
     expect(embeddingOf(stored).denseStorage).to.equal('bf16');
-    expect(stored.getLayer('lm_head').weights[0].dtype, 'the head stays float32').to.equal('float32');
+    const head = stored.getLayer('lm_head') as LMHead;
+    expect(head.denseStorage).to.equal('bf16');
+    expect(head.weights[0].dtype).to.equal('int32');
+    expect(head.weights[0].trainable).to.equal(false);
+    expect(packedDenseFormat(head.weights[0])).to.deep.equal({ kind: 'bf16', shape: [VOCAB, 64] });
     // every weight decodes to the widened model's value exactly
     expect(stored.weights.length).to.equal(widened.weights.length);
     stored.weights.forEach(w => {
@@ -146,6 +151,33 @@ describe("denseDtype 'stored': 16-bit attention and embedding weights", function
     attentionLayers(stored).forEach((l, i) => expect(Array.from(qProj(l).read().dataSync())).to.deep.equal(packedBits[i]));
     optimizer.dispose();
     ids.dispose();
+    stored.dispose();
+    widened.dispose();
+  });
+
+  it('batchLoss (the chunked head + loss, linearCrossEntropy) and its hidden-side gradients bit for bit with the packed head; no leak', async () => {
+    const stored = await loadHFCheckpoint(dir16, { denseDtype: 'stored', expertKernel: 'fused' });
+    const widened = await loadHFCheckpoint(dir16, { denseDtype: 'float32', expertKernel: 'fused' });
+    addAdapters(stored);
+    addAdapters(widened);
+    const [vs, vw] = [trainableVariables(stored), trainableVariables(widened)];
+    vw.forEach((v, i) => v.assign(vs[i]));
+    const inputIds = tf.tensor2d(IDS.map(r => r.slice(0, 7)), [2, 7], 'int32');
+    const labels = tf.tensor2d(IDS.map((r, i) => r.slice(1).map((t, j) => (i === 1 && j === 2 ? -100 : t))), [2, 7], 'int32');
+    const batch = { inputIds, labels, segmentIds: null, positionIds: null, targetCount: 13 };
+    for (const chunkRows of [3, 64]) {  // several chunks, and one
+      const [gs, gw] = [[stored, vs], [widened, vw]].map(([m, vars]) =>
+        tf.variableGrads(() => batchLoss(m as MoECausalLM, batch, { chunkRows }), vars as tf.Variable[]));
+      expect(bitsOf(gs.value), `chunkRows ${chunkRows}`).to.deep.equal(bitsOf(gw.value));
+      vs.forEach((v, i) => expect(bitsOf(gs.grads[v.name]), `${v.name}, chunkRows ${chunkRows}`).to.deep.equal(bitsOf(gw.grads[vw[i].name])));
+      expect(Object.keys(gs.grads)).to.have.length(vs.length);  // the frozen head gets none
+      tf.dispose([gs.value, gw.value, ...Object.values(gs.grads), ...Object.values(gw.grads)]);
+    }
+    const tensors = tf.memory().numTensors;
+    const { value, grads } = tf.variableGrads(() => batchLoss(stored, batch, { chunkRows: 3 }), vs);
+    tf.dispose([value, ...Object.values(grads)]);
+    expect(tf.memory().numTensors, 'a loss and its gradients leak no tensor').to.equal(tensors);
+    tf.dispose([inputIds, labels]);
     stored.dispose();
     widened.dispose();
   });

@@ -77,6 +77,16 @@ describe('models/memory', () => {
         const packed = estimateLoadMemory(config, { expertBytesPerElement: 2 });
         expect(packed.bytes, arch).to.equal(all - bytesOf(experts) / 2);
         expect(packed.expertBytes, arch).to.equal(bytesOf(experts) / 2);
+        // denseStorage bf16: attention, an untied embedding and an untied head held packed, as the model built so holds them
+        const dense = buildMoECausalLM(config, { denseStorage: 'bf16', initializeWeights: false });
+        try {
+          expect(estimateLoadMemory(config, { denseStorage: 'bf16' }).bytes, `${arch} denseStorage bf16`).to.equal(bytesOf(dense.weights));
+          if (dense.layers.some(l => l.name === 'lm_head')) {
+            expect(dense.getLayer('lm_head').weights[0].dtype, `${arch} lm_head`).to.equal('int32');
+          }
+        } finally {
+          dense.dispose();
+        }
       } finally {
         model.dispose();
       }

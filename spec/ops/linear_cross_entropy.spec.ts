@@ -10,6 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { defaultChunkRows, linearCrossEntropy, LOGITS_CHUNK_BYTES } from '../../src/ops/linear_cross_entropy.js';
 import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
+import { packDenseWeight, unpackDenseWeight } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { asF32, Rng } from '../helpers/numeric.js';
 
@@ -112,6 +113,46 @@ describe('ops/linearCrossEntropy', () => {
     });
     expect(left, 'tensors left behind').to.equal(0);
     tf.dispose([hidden, weight, frozen, trained, labels]);
+  });
+
+  it('a packed bf16 head (frozen): value and dHidden as the float32 head of the same bf16 values and float64', async () => {
+    const hidden = tf.tensor2d(Float32Array.from(hiddenData), [N, H]);
+    const weight = tf.tensor2d(Float32Array.from(weightData), [V, H]);
+    const packed = packDenseWeight(weight, 'bf16');
+    const rounded = unpackDenseWeight(packed);  // float32 [V, H]: the bf16 values, exactly
+    const roundedData = await rounded.data();
+    expect(maxRelativeError(roundedData, weightData), 'bf16 rounding moved the head').to.be.above(1e-4);
+    const wantRounded = reference(hiddenData, Float64Array.from(roundedData), LABELS, NORMALIZER);
+    const labels = tf.tensor1d(LABELS, 'int32');
+    const exactDecode = ['cpu', 'wasm'].includes(tf.getBackend());  // decoded once per pass, then tf.matMul as for float32
+    const [, left] = await leftBehind(async () => {
+      for (const chunkRows of [1, 4, 64]) {
+        const run = async (head: tf.Tensor2D | typeof packed) => {
+          const { value, grads } = tf.valueAndGrads((x: tf.Tensor) =>
+            linearCrossEntropy(x as tf.Tensor2D, head, labels, NORMALIZER, { chunkRows }))([hidden]);
+          const out = [await value.data(), await grads[0].data()];
+          tf.dispose([value, ...grads]);
+          return out;
+        };
+        const [fromPacked, fromFloat] = [await run(packed), await run(rounded)];
+        // cpu, wasm: the head decoded exactly, then the same products; webgpu reads the halves in its own product
+        ['loss', 'dHidden'].forEach((name, i) => {
+          const err = maxRelativeError(fromPacked[i], fromFloat[i]);
+          expect(err, `${name}, chunks of ${chunkRows}: ${err.toExponential(2)}`).to.be.at.most(1e-6);
+          if (exactDecode) expect(Array.from(fromPacked[i]), `${name} bit for bit`).to.deep.equal(Array.from(fromFloat[i]));
+        });
+        expect(Math.abs(fromPacked[0][0] - wantRounded.loss)).to.be.below(1e-5);
+        expect(maxRelativeError(fromPacked[1], wantRounded.dHidden)).to.be.below(1e-5);
+      }
+    });
+    expect(left, 'tensors left behind').to.equal(0);
+    expect(() => linearCrossEntropy(hidden, packed, labels, NORMALIZER, { trainHead: true })).to.throw(
+        "`linearCrossEntropy()`: 'trainHead' must be false for a packed (bf16) 'headWeight': packed weights are frozen");
+    const zeros = tf.zeros([V, H - 1]) as tf.Tensor2D;
+    const narrow = packDenseWeight(zeros, 'bf16');
+    expect(() => linearCrossEntropy(hidden, narrow, labels, NORMALIZER)).to.throw(
+        `\`linearCrossEntropy()\`: 'headWeight' must have shape [*,${H}] but got [${V},${H - 1}] (hidden [N,H] = [${N},${H}])`);
+    tf.dispose([hidden, weight, packed.packed, rounded, labels, narrow.packed, zeros]);
   });
 
   it('a backward pass peaks at a couple of [chunk, V] buffers, not several [N, V] ones', async () => {

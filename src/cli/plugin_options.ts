@@ -105,9 +105,9 @@ export const INT4_GROUP_SIZE_FLAG = 'int4-group-size';
 
 /**
  * `--dense-dtype stored|float32`, beside --expert-dtype on the commands that load a model:
- * 'stored' keeps BF16/F16 attention projections and an untied token embedding 16-bit in memory
- * (packed, frozen, decoded in each product: bit for bit the float32 results), 'float32' (default)
- * widens them (loadHFCheckpoint's denseDtype). The LM head stays float32.
+ * 'stored' keeps BF16/F16 attention projections and an untied token embedding and LM head 16-bit
+ * in memory (packed, frozen, decoded in each product: bit for bit the float32 results), 'float32'
+ * (default) widens them (loadHFCheckpoint's denseDtype).
  *
  * ```js
  * const argv = await denseDtypeOption(yargs(['--dense-dtype', 'stored'])).parseAsync();
@@ -115,9 +115,9 @@ export const INT4_GROUP_SIZE_FLAG = 'int4-group-size';
  * ```
  */
 export const DENSE_DTYPE_FLAG = 'dense-dtype';
-export function denseDtypeOption<T>(yargs: Argv<T>, describe = "attention q/k/v/o and an untied token embedding: 'stored' " +
+export function denseDtypeOption<T>(yargs: Argv<T>, describe = "attention q/k/v/o and an untied token embedding and LM head: 'stored' " +
     "keeps BF16/F16 ones 16-bit in memory (packed, frozen, decoded per product; same results, half their memory), " +
-    "'float32' (default) widens them; the LM head stays float32"): Argv<T & { denseDtype?: DenseDtype }> {
+    "'float32' (default) widens them"): Argv<T & { denseDtype?: DenseDtype }> {
   return yargs.option(DENSE_DTYPE_FLAG, { type: 'string', choices: DENSE_DTYPES, requiresArg: true, describe }) as
     unknown as Argv<T & { denseDtype?: DenseDtype }>;
 }

@@ -9,7 +9,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { describeValue } from '../util/describe.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { gatherDenseRows, unpackDenseWeight } from '../ops/packed.js';
+import { denseWeightMatMul, gatherDenseRows, PackedDenseWeight, type DenseWeightTensor } from '../ops/packed.js';
 import { DENSE_STORAGES, addDenseWeight, denseWeightOf, type DenseStorage } from './dense_storage.js';
 import { normalInitializer } from './initializers.js';
 
@@ -50,13 +50,28 @@ export interface VocabLayerArgs extends LayerArgs {
   hiddenSize: number;
   /** std of the normal initializer (HF initializer_range); default 0.02 */
   initializerRange?: number;
+  /**
+   * how the table is held: 'float32' (default), or packed 'bf16' / 'f16' halves in a frozen int32
+   * variable [V, ceil(H/2)] (src/layers/dense_storage.ts)
+   */
+  denseStorage?: DenseStorage;
 }
 
-/** x [B, S, H] · Wᵀ → [B, S, V] with W [V, H]. */
-function projectToVocab(x: tf.Tensor, weight: tf.Tensor): tf.Tensor {
+/**
+ * x [B, S, H] · Wᵀ → [B, S, V] with W [V, H], float32 or packed 16-bit (frozen). A packed W has its
+ * own gradient (dx = dy · W, W none): read in each product (denseWeightMatMul), so the tape never
+ * keeps a float32 copy of the head for the backward pass.
+ */
+function projectToVocab(x: tf.Tensor, weight: DenseWeightTensor): tf.Tensor {
   const [b, s, h] = x.shape;
   const v = weight.shape[0];
-  return tf.reshape(tf.matMul(tf.reshape(x, [b * s, h]), weight, false, true), [b, s, v]);  // [B, S, V]
+  const flat = tf.reshape(x, [b * s, h]) as tf.Tensor2D;
+  if (!(weight instanceof PackedDenseWeight)) return tf.reshape(tf.matMul(flat, weight, false, true), [b, s, v]);  // [B, S, V]
+  const project = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => ({
+    value: denseWeightMatMul(args[0] as tf.Tensor2D, weight, true, null),                  // [BS, V]
+    gradFunc: (dy: tf.Tensor) => denseWeightMatMul(dy as tf.Tensor2D, weight, false, null),  // [BS, H]
+  }));
+  return tf.reshape(project(flat), [b, s, v]);  // [B, S, V]
 }
 
 abstract class VocabLayer extends tfl.layers.Layer {
@@ -64,7 +79,7 @@ abstract class VocabLayer extends tfl.layers.Layer {
   readonly hiddenSize: number;
   readonly initializerRange: number;
   protected table: tfl.LayerVariable | null = null;
-  /** how the table is held: float32, or packed 16-bit (TokenEmbedding only; frozen) */
+  /** how the table is held: float32, or packed 16-bit (frozen) */
   readonly denseStorage: DenseStorage;
 
   constructor(args: VocabLayerArgs, op: string) {
@@ -74,7 +89,7 @@ abstract class VocabLayer extends tfl.layers.Layer {
     this.vocabSize = args.vocabSize;
     this.hiddenSize = args.hiddenSize;
     this.initializerRange = args.initializerRange ?? 0.02;
-    this.denseStorage = (args as TokenEmbeddingArgs).denseStorage ?? 'float32';
+    this.denseStorage = args.denseStorage ?? 'float32';
     assertOneOf(op, 'denseStorage', this.denseStorage, DENSE_STORAGES);
   }
 
@@ -137,8 +152,7 @@ export class TokenEmbedding extends VocabLayer {
       const op = 'TokenEmbedding.call';
       const x = Array.isArray(inputs) ? inputs[0] : inputs;
       const table = denseWeightOf(this.table!);
-      // a packed table as the tied head: decoded whole, freed with this tidy (the loader keeps tied tables float32)
-      if (x.rank === 3) return projectToVocab(x, table instanceof tf.Tensor ? table : unpackDenseWeight(table));
+      if (x.rank === 3) return projectToVocab(x, table);  // the tied head (the loader keeps tied tables float32)
       if (x.rank !== 2) fail(op, `the input must be ids [batch, seq] or hidden states [batch, seq, hidden] but got shape [${x.shape}]`);
       assertTokenIds(op, 'input_ids', x, this.vocabSize);
       // packed: only the looked-up rows are decoded
@@ -148,7 +162,11 @@ export class TokenEmbedding extends VocabLayer {
 }
 tf.serialization.registerClass(TokenEmbedding);
 
-/** hidden [B, S, H] → logits [B, S, V], no bias (HF lm_head). */
+/**
+ * hidden [B, S, H] → logits [B, S, V], no bias (HF lm_head). With a 16-bit denseStorage the
+ * weight is packed and frozen (LoRA training; denseDtype 'stored'): half the bytes, logits those
+ * of the float32 head holding the same 16-bit values.
+ */
 export class LMHead extends VocabLayer {
   static className = 'LMHead';
 
@@ -162,7 +180,7 @@ export class LMHead extends VocabLayer {
   }
 
   override call(inputs: tf.Tensor | tf.Tensor[]): tf.Tensor {
-    return tf.tidy(() => projectToVocab(Array.isArray(inputs) ? inputs[0] : inputs, this.table!.read()));
+    return tf.tidy(() => projectToVocab(Array.isArray(inputs) ? inputs[0] : inputs, denseWeightOf(this.table!)));
   }
 }
 tf.serialization.registerClass(LMHead);

@@ -786,9 +786,10 @@ export interface MoECausalLMOptions {
   /** int4 experts' group size along the input (32, 64 default, 128); only with expertStorage 'int4' */
   expertGroupSize?: number;
   /**
-   * how the frozen attention projections (RotaryAttention's q/k/v/o) and an untied token embedding
-   * are held: 'float32' (default), or packed 'bf16' / 'f16' (src/layers/dense_storage.ts); the LM
-   * head, a tied embedding (it is the head) and every other weight stay float32
+   * how the frozen attention projections (RotaryAttention's q/k/v/o), an untied token embedding
+   * and an untied LM head are held: 'float32' (default), or packed 'bf16' / 'f16'
+   * (src/layers/dense_storage.ts); a tied embedding (it is the head) and every other weight stay
+   * float32
    */
   denseStorage?: DenseStorage;
   /**
@@ -876,7 +877,10 @@ function assemble(c: MoECausalLMConfig, hfConfig: HFConfig, options: MoECausalLM
   }
   h = layer(new RMSNorm({ name: 'model.norm', epsilon: c.rmsNormEps, zeroCentered: c.zeroCenteredNorms ?? false })).apply(h) as tfl.SymbolicTensor;
   const head = c.tieWordEmbeddings ? embed :
-    layer(new LMHead({ name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init }));
+    layer(new LMHead({
+      name: 'lm_head', vocabSize: c.vocabSize, hiddenSize: c.hiddenSize, initializerRange: init,
+      ...(options.denseStorage !== undefined ? { denseStorage: options.denseStorage } : {}),
+    }));
   const logits = head.apply(h) as tfl.SymbolicTensor;
   const model = tfl.model({ inputs: ids, outputs: logits, name: options.name ?? 'moe_causal_lm' });
   model.setUserDefinedMetadata({ [METADATA_KEY]: JSON.parse(JSON.stringify(hfConfig)) });

@@ -11,6 +11,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { assertInteger, assertShape, assertTensor, fail } from './validate.js';
+import {
+  assertDenseWeight, denseWeightMatMul, gatherDenseRows, PACKED_DENSE_MATMUL, PackedDenseWeight, unpackDenseWeight,
+  type DenseWeightTensor,
+} from './packed.js';
 
 /** The most bytes one chunk's float32 logits [chunk, V] take with the default chunk size: 64 MiB. */
 export const LOGITS_CHUNK_BYTES = 64 * 2 ** 20;
@@ -25,7 +29,8 @@ export interface LinearCrossEntropyOptions {
   chunkRows?: number;
   /**
    * whether `headWeight` gets a gradient; default: it is a trainable tf.Variable. A frozen head
-   * (LoRA training) is a constant of the op: no [V, H] gradient is computed.
+   * (LoRA training) is a constant of the op: no [V, H] gradient is computed. A packed head
+   * (PackedDenseWeight) is always frozen.
    */
   trainHead?: boolean;
 }
@@ -36,6 +41,9 @@ export interface LinearCrossEntropyOptions {
  * normalizer)` without the [N, V] logits. A negative label (PyTorch's ignore_index, −100)
  * predicts nothing; labels must be < V (checked by the caller on host backends, as for
  * tokenCrossEntropy). Gradients: hidden, and headWeight when it trains; labels get none.
+ * `headWeight` may be a frozen PackedDenseWeight (bf16/f16 halves, denseDtype 'stored'): each
+ * chunk reads it in its product where MoEPackedDenseMatMul is registered (webgpu), elsewhere it
+ * is decoded once for the forward pass and once for the backward pass, never held between them.
  *
  * ```js
  * const hidden = tf.randomNormal([6, 16]);                  // [N, H]: the final normed hidden states
@@ -45,15 +53,15 @@ export interface LinearCrossEntropyOptions {
  * ```
  */
 export function linearCrossEntropy(
-    hidden: Tensor2D, headWeight: Tensor2D, labels: Tensor1D, normalizer: number,
+    hidden: Tensor2D, headWeight: DenseWeightTensor, labels: Tensor1D, normalizer: number,
     options: LinearCrossEntropyOptions = {}): Scalar {
   const op = 'linearCrossEntropy';
   assertTensor(op, 'hidden', hidden, 2, 'float32');
-  assertTensor(op, 'headWeight', headWeight, 2, 'float32');
+  assertDenseWeight(op, 'headWeight', headWeight);
   const [n, h] = hidden.shape;
   const v = headWeight.shape[0];
   if (n === 0) fail(op, `'hidden' must have at least one row but got shape [${hidden.shape}]`);
-  assertShape(op, 'headWeight', headWeight, [null, h], `hidden [N,H] = [${hidden.shape}]`);
+  assertShape(op, 'headWeight', headWeight as Tensor2D, [null, h], `hidden [N,H] = [${hidden.shape}]`);
   assertTensor(op, 'labels', labels, 1, 'int32');
   assertShape(op, 'labels', labels, [n], `hidden [N,H] = [${hidden.shape}], headWeight [V,H] = [${headWeight.shape}]`);
   assertInteger(op, 'normalizer', normalizer, 1);
@@ -61,43 +69,59 @@ export function linearCrossEntropy(
   assertInteger(op, 'chunkRows', chunkRows, 1);
   const trainHead = options.trainHead ?? (headWeight instanceof tf.Variable && headWeight.trainable);
   if (typeof trainHead !== 'boolean') fail(op, `'trainHead' must be a boolean but got ${String(trainHead)} (${typeof trainHead})`);
+  if (trainHead && headWeight instanceof PackedDenseWeight) {
+    fail(op, `'trainHead' must be false for a packed (${headWeight.kind}) 'headWeight': packed weights are frozen`);
+  }
   const chunks: Array<[start: number, rows: number]> = [];
   for (let start = 0; start < n; start += chunkRows) chunks.push([start, Math.min(chunkRows, n - start)]);
 
   // labels are data, not a trainable input: captured here, they get no gradient; a frozen head too
   const loss = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const x = args[0] as Tensor2D;
-    const w = trainHead ? args[1] as Tensor2D : headWeight;
+    const w = trainHead ? args[1] as Tensor2D : headWeight;  // a packed head is never trained
     const save = args[trainHead ? 2 : 1] as GradSaveFunc;
     const counted = tf.cast(tf.greaterEqual(labels, 0), 'float32') as Tensor1D;  // [N]
     const safe = tf.maximum(labels, tf.scalar(0, 'int32')) as Tensor1D;          // [N]
     const { lse, value } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks);
     // a frozen head is not saved: a saved clone would be counted as another [V, H] tensor
-    save(trainHead ? [x, lse, counted, safe, w] : [x, lse, counted, safe]);
+    save(trainHead ? [x, lse, counted, safe, w as Tensor2D] : [x, lse, counted, safe]);
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const [xs, lses, counts, targets] = saved as [Tensor2D, Tensor1D, Tensor1D, Tensor1D];
-        const ws = trainHead ? saved[4] as Tensor2D : headWeight;
+        const ws: DenseWeightTensor = trainHead ? saved[4] as Tensor2D : headWeight;
         const { dHidden, dWeight } = linearCrossEntropyBackward(
             dy, xs, ws, lses, counts, targets, normalizer, chunks, trainHead);
         return trainHead ? [dHidden, dWeight!] : [dHidden];
       },
     };
   });
-  return trainHead ? loss(hidden, headWeight) : loss(hidden);
+  return trainHead ? loss(hidden, headWeight as Tensor2D) : loss(hidden);
 }
 
 /** The logits of rows start .. start + rows − 1: hidden[rows] · Wᵀ. */
-function chunkLogits(hidden: Tensor2D, weight: Tensor2D, start: number, rows: number): Tensor2D {
-  return tf.tidy(() => tf.matMul(tf.slice(hidden, [start, 0], [rows, hidden.shape[1]]), weight, false, true));  // [C, V]
+function chunkLogits(hidden: Tensor2D, weight: DenseWeightTensor, start: number, rows: number): Tensor2D {
+  return tf.tidy(() => denseWeightMatMul(tf.slice(hidden, [start, 0], [rows, hidden.shape[1]]), weight, true, null));  // [C, V]
+}
+
+/**
+ * The head as one pass's chunks read it: a packed head decoded once here where no backend kernel
+ * reads the halves in the product (else every chunk would decode all of it); `owned` when it is
+ * that decoded copy, to be freed at the end of the pass.
+ */
+function headForPass(weight: DenseWeightTensor): { head: DenseWeightTensor; owned: boolean } {
+  if (!(weight instanceof PackedDenseWeight) || tf.getKernel(PACKED_DENSE_MATMUL, tf.getBackend()) != null) {
+    return { head: weight, owned: false };
+  }
+  return { head: unpackDenseWeight(weight), owned: true };
 }
 
 /** Per chunk: its logits, their log-sum-exp (max-subtracted) and the target logit; keeps lse [N] only. */
 function linearCrossEntropyForward(
-    hidden: Tensor2D, weight: Tensor2D, counted: Tensor1D, safe: Tensor1D, normalizer: number,
+    hidden: Tensor2D, packedOrFloat: DenseWeightTensor, counted: Tensor1D, safe: Tensor1D, normalizer: number,
     chunks: Array<[number, number]>): { lse: Tensor1D; value: Scalar } {
-  const v = weight.shape[0];
+  const v = packedOrFloat.shape[0];
+  const { head: weight, owned } = headForPass(packedOrFloat);
   const lses: Tensor1D[] = [];
   const sums: Scalar[] = [];
   for (const [start, rows] of chunks) {
@@ -119,6 +143,7 @@ function linearCrossEntropyForward(
     tf.dispose([max, picked]);
     lses.push(lse);
   }
+  if (owned) (weight as Tensor2D).dispose();
   const lse = (lses.length === 1 ? lses[0] : tf.concat(lses)) as Tensor1D;       // [N]
   const value = tf.tidy(() => tf.div(sums.length === 1 ? sums[0] : tf.addN(sums), normalizer) as Scalar);
   if (lses.length > 1) tf.dispose(lses);
@@ -132,9 +157,10 @@ function linearCrossEntropyForward(
  * At most two [C, V] tensors exist at a time; the one-hot term needs none.
  */
 function linearCrossEntropyBackward(
-    dy: Tensor, hidden: Tensor2D, weight: Tensor2D, lse: Tensor1D, counted: Tensor1D, safe: Tensor1D,
+    dy: Tensor, hidden: Tensor2D, packedOrFloat: DenseWeightTensor, lse: Tensor1D, counted: Tensor1D, safe: Tensor1D,
     normalizer: number, chunks: Array<[number, number]>, trainHead: boolean): { dHidden: Tensor2D; dWeight: Tensor2D | null } {
-  const [v, h] = weight.shape;
+  const [v, h] = packedOrFloat.shape;
+  const { head: weight, owned } = headForPass(packedOrFloat);
   const dHiddens: Tensor2D[] = [];
   let dWeight: Tensor2D | null = null;
   for (const [start, rows] of chunks) {
@@ -150,11 +176,13 @@ function linearCrossEntropyBackward(
     // the one-hot term −scale·onehot goes straight into the products: −scale·W[label] for dHidden,
     // −scale·hidden scattered (summed) into the label rows for dW; no [C, V] one-hot or scatter
     const target = tf.slice(safe, [start], [rows]);                             // [C]
-    dHiddens.push(tf.tidy(() => tf.sub(tf.matMul(scaled, weight), tf.mul(tf.gather(weight, target), scale))));  // [C, H]
+    dHiddens.push(tf.tidy(() =>
+      tf.sub(denseWeightMatMul(scaled, weight, false, null), tf.mul(gatherDenseRows(weight, target), scale))));  // [C, H]
     if (trainHead) {
       const part = tf.tidy(() => {
         const x = tf.slice(hidden, [start, 0], [rows, h]);                        // [C, H]
         const oneHotTerm = tf.scatterND(tf.reshape(target, [rows, 1]), tf.mul(x, scale), [v, h]);  // [V, H]
+        // trainHead: `weight` is the float32 variable (a packed head was refused above)
         return tf.sub(tf.matMul(scaled, x, true, false), oneHotTerm) as Tensor2D;  // [V, H]
       });
       if (dWeight === null) {
@@ -167,6 +195,7 @@ function linearCrossEntropyBackward(
     }
     tf.dispose([scaled, scale, target]);
   }
+  if (owned) (weight as Tensor2D).dispose();
   const dHidden = (dHiddens.length === 1 ? dHiddens[0] : tf.concat(dHiddens)) as Tensor2D;  // [N, H]
   if (dHiddens.length > 1) tf.dispose(dHiddens);
   return { dHidden, dWeight };

@@ -5,6 +5,7 @@ import { assertTokenIds, HOST_BACKENDS } from '../layers/embedding.js';
 import { splitAtHead } from '../layers/moe_causal_lm.js';
 import { withSequenceContext } from '../layers/sequence_context.js';
 import { linearCrossEntropy } from '../ops/linear_cross_entropy.js';
+import { denseWeightOf } from '../layers/dense_storage.js';
 import { tokenCrossEntropy } from '../ops/token_cross_entropy.js';
 import { assertInteger, assertTensor, fail } from '../ops/validate.js';
 
@@ -137,8 +138,9 @@ export function batchLoss(
       return tokenCrossEntropy(tf.reshape(logits, [b * s, v]) as tf.Tensor2D, labels, normalizer);
     }
     const hidden = withSequenceContext(context, () => split.trunk.apply(batch.inputIds, { training }) as tf.Tensor3D);  // [B, S, H]
-    // the head's variable itself: it gets a gradient exactly when it trains (a frozen head is a constant)
-    const headWeight = split.headWeight.read() as tf.Tensor2D;                   // [V, H]
+    // the head's variable itself: it gets a gradient exactly when it trains (a frozen head is a
+    // constant); a packed head (denseDtype 'stored') is its PackedDenseWeight, always frozen
+    const headWeight = denseWeightOf(split.headWeight);                          // [V, H]
     return linearCrossEntropy(tf.reshape(hidden, [b * s, hidden.shape[2]]) as tf.Tensor2D, headWeight, labels, normalizer,
         { chunkRows: options.chunkRows });
   });

@@ -1,5 +1,5 @@
 /**
- * 16-bit attention and embedding weights on WebGPU: the packed dense weight decodes on the device
+ * 16-bit attention, embedding and LM head weights on WebGPU: the packed dense weight decodes on the device
  * (MoEDecodePacked, one "expert" per row) to the definition's values, a row gather decodes only
  * those rows, loraLinear on a packed base (its products read the halves in place,
  * MoEPackedDenseMatMul) equals it on the decoded float32 base within float32 rounding and a float64
@@ -11,6 +11,7 @@ import { expect } from 'chai';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
 import { RotaryAttention } from '../../../src/layers/attention.js';
 import { addMoEAdapter, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
+import { batchLoss } from '../../../src/train/loss.js';
 import { loraLinear, type LinearLoRABranch } from '../../../src/ops/lora/linear.js';
 import { gatherDenseRows, packedDenseWeightFromBits, unpackDenseWeight, type PackedDenseWeight } from '../../../src/ops/packed.js';
 import { cleanup, fixtureDir, tempDir } from '../../io/checkpoint_helpers.js';
@@ -80,12 +81,12 @@ describe('webgpu: packed 16-bit dense weights', function () {
     tf.dispose([...outputs(fromPacked), ...outputs(fromFloat), W, x, A, B, g, packed.packed]);
   });
 
-  it("a BF16 checkpoint with denseDtype 'stored': int32 attention weights, the widened model's logits bit for bit", async () => {
+  it("a BF16 checkpoint with denseDtype 'stored': int32 attention, embedding and head weights, the widened model's logits", async () => {
     const dir16 = await tempDir('webgpu-dense-bf16-');
     await writeHalfFixture(fixtureDir('olmoe'), 'bf16', dir16, await tempDir('webgpu-dense-rounded-'));
     const stored = await loadHFCheckpoint(dir16, { denseDtype: 'stored', expertKernel: 'fused' });
     const widened = await loadHFCheckpoint(dir16, { denseDtype: 'float32', expertKernel: 'fused' });
-    expect(stored.weights.filter(w => w.dtype === 'int32' && /([qkvo]_proj\.weight|embed_tokens)/.test(w.originalName))).to.have.length(9);
+    expect(stored.weights.filter(w => w.dtype === 'int32' && /([qkvo]_proj\.weight|embed_tokens|lm_head)/.test(w.originalName))).to.have.length(10);
     const ids = tf.tensor2d([[3, 17, 42, 5, 9, 60, 2, 11]], [1, 8], 'int32');
     const [a, b] = [stored, widened].map(m => m.predict(ids) as tf.Tensor);
     await expectCloseAsync(a, await b.data(), 1e-6, "logits vs the widened model's");
@@ -130,6 +131,14 @@ describe('webgpu: packed 16-bit dense weights', function () {
       await expectCloseAsync(a, await b.data(), 1e-6, v.name);
     }
     tf.dispose([gs.value, gw.value, ...Object.values(gs.grads), ...Object.values(gw.grads)]);
+    // batchLoss: the packed head read chunk by chunk in linearCrossEntropy (MoEPackedDenseMatMul both ways)
+    const labels = tf.tensor2d([[17, 42, 5, 9, 60, 2, 11, -100], [1, 33, 70, 4, 25, 19, 6, -100]], [2, 8], 'int32');
+    const batch = { inputIds: ids, labels, segmentIds: null, positionIds: null, targetCount: 14 };
+    const [cs, cw] = [[stored, vs], [widened, vw]].map(([m, vars]) =>
+      tf.variableGrads(() => batchLoss(m as typeof stored, batch, { chunkRows: 5 }), vars as tf.Variable[]));
+    await expectCloseAsync(cs.value, await cw.value.data(), 1e-6, 'batchLoss');
+    for (const [i, v] of vs.entries()) await expectCloseAsync(cs.grads[v.name], await cw.grads[vw[i].name].data(), 1e-6, `batchLoss ${v.name}`);
+    tf.dispose([cs.value, cw.value, ...Object.values(cs.grads), ...Object.values(cw.grads), labels]);
     const qProj = (l: RotaryAttention) => l.weights.find(w => w.originalName.endsWith('q_proj.weight'))!;
     const attention = stored.layers.filter((l): l is RotaryAttention => l instanceof RotaryAttention);
     const packedBits = await Promise.all(attention.map(l => qProj(l).read().data()));
