@@ -10,6 +10,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { decodeBFloat16, decodeBFloat16Into, decodeFloat16, decodeFloat16Into } from '../util/half.js';
 import type { TensorSource } from './hf_block.js';
+import type * as tfl from '@tensorflow/tfjs-layers';
 
 /** What is used of tfjs-backend-webgpu's WebGPUBackend (4.22), checked before use. */
 interface WebGPUBackendLike {
@@ -193,5 +194,89 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   } catch (e) {
     builder.dispose();
     throw e;
+  }
+}
+
+/** What is used of tfjs-backend-wasm's BackendWasm (4.22): a tensor's place on the heap and its sharers. */
+interface WasmBackendLike {
+  wasm: { HEAPU8: Uint8Array };
+  dataIdMap: { get(dataId: object): { memoryOffset: number | null } | undefined };
+  refCount(dataId: object): number;
+}
+
+/** The wasm backend when it is the active one and has what this file uses, else null. */
+function activeWasm(): WasmBackendLike | null {
+  if (tf.getBackend() !== 'wasm') return null;
+  const b = tf.backend() as unknown as Partial<WasmBackendLike>;
+  const usable = b.wasm?.HEAPU8 instanceof Uint8Array && typeof b.dataIdMap?.get === 'function' &&
+      typeof b.refCount === 'function';
+  return usable ? b as WasmBackendLike : null;
+}
+
+/**
+ * The heap offset of `variable`'s values when the wasm backend is active and the variable alone
+ * holds them (no other tensor shares its buffer, so writing into it changes nothing else), of
+ * `dtype` and `shape`; else null.
+ */
+function ownWasmOffset(b: WasmBackendLike, variable: tf.Tensor, dtype: tf.DataType, shape: readonly number[]): number | null {
+  if (variable.dtype !== dtype || !tf.util.arraysEqual(variable.shape, shape as number[]) || variable.size === 0) return null;
+  if (b.refCount(variable.dataId) !== 1) return null;
+  const offset = b.dataIdMap.get(variable.dataId)?.memoryOffset;
+  return typeof offset === 'number' ? offset : null;
+}
+
+/**
+ * `variable.write(t)`, except on wasm, where `t`'s values are copied into the buffer the variable
+ * already has. Assigning would keep `t`'s buffer and free the variable's: on the wasm heap, which
+ * never shrinks, each loaded weight then leaves a hole of its size that the next, differently
+ * sized allocations split, and the heap of a 1B-parameter load grew to 2.5× its tensors. The
+ * caller still owns (and disposes) `t`.
+ *
+ * ```js
+ * const t = await readToDevice(file, name);
+ * writeVariable(layerVariable, t);
+ * t.dispose();
+ * ```
+ */
+export function writeVariable(variable: tfl.LayerVariable, t: tf.Tensor): void {
+  const b = activeWasm();
+  const target = variable.read();
+  const to = b === null ? null : ownWasmOffset(b, target, t.dtype, t.shape);
+  const from = to === null ? undefined : b!.dataIdMap.get(t.dataId)?.memoryOffset;
+  if (to === null || typeof from !== 'number') {
+    variable.write(t);
+    return;
+  }
+  if (from !== to) b!.wasm.HEAPU8.copyWithin(to, from, from + t.size * tf.util.bytesPerElement(t.dtype));
+}
+
+/**
+ * The checkpoint tensor `name` written into `variable` (as readToDevice then writeVariable). On
+ * wasm a BF16 or F16 tensor is decoded a piece at a time straight into the variable's buffer on
+ * the heap: the heap never holds a second copy of it.
+ *
+ * ```js
+ * await readIntoVariable(file, 'model.embed_tokens.weight', embedding.embeddings);
+ * ```
+ */
+export async function readIntoVariable(source: TensorSource, name: string, variable: tfl.LayerVariable): Promise<void> {
+  const { dtype, shape } = source.info(name);
+  const b = activeWasm();
+  const to = b === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16') ? null :
+    ownWasmOffset(b, variable.read(), 'float32', shape);
+  if (to === null) {
+    const t = await readToDevice(source, name);
+    try {
+      writeVariable(variable, t);
+    } finally {
+      t.dispose();
+    }
+    return;
+  }
+  const halves = await source.halfBits!(name);
+  for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
+    // a fresh view each piece: nothing allocates meanwhile, but a view must never outlive a heap growth
+    const heap = new Float32Array(b!.wasm.HEAPU8.buffer, to, halves.length);
+    decodeHalvesInto(dtype, halves.subarray(at, Math.min(at + DECODE_CHUNK_ELEMENTS, halves.length)), heap, at);
   }
 }

@@ -25,7 +25,7 @@ import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
-import { deviceTensor, readToDevice } from './device_tensor.js';
+import { deviceTensor, readIntoVariable, writeVariable } from './device_tensor.js';
 import { packedDenseFormat, type DenseStorage } from '../layers/dense_storage.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
@@ -441,9 +441,13 @@ async function fillWeights(
     // on the device before it is written (webgpu would otherwise keep it on the host until first use);
     // a packed dense weight gets the file's halves as they are (never a float32 copy)
     const dense = packedDenseFormat(variable);
-    const t = dense === undefined ? await readToDevice(source, name) : await packedDenseTensor(source, name, dense.kind, dense.shape);
+    if (dense === undefined) {
+      await readIntoVariable(source, name, variable);
+      continue;
+    }
+    const t = await packedDenseTensor(source, name, dense.kind, dense.shape);
     try {
-      variable.write(t);
+      writeVariable(variable, t);
     } finally {
       t.dispose();
     }
@@ -455,9 +459,10 @@ async function fillWeights(
         const t: unknown = getWeightField(weights, field);
         if (t === undefined) continue;
         const variable = layer.weightVariable(weightName);
-        if (!isPackedExpertWeight(t)) variable.write(t as tf.Tensor);
-        else if (layer.expertStorage !== 'float32') variable.write(t.packed);
-        else tf.tidy(() => { variable.write(unpackExpertWeight(t)); });
+        // written into the variables' own buffers (writeVariable): on wasm the heap keeps no holes
+        if (!isPackedExpertWeight(t)) writeVariable(variable, t as tf.Tensor);
+        else if (layer.expertStorage !== 'float32') writeVariable(variable, t.packed);
+        else tf.tidy(() => { writeVariable(variable, unpackExpertWeight(t)); });
       }
     } finally {
       disposeMoEBlockWeights(weights);
