@@ -3,7 +3,7 @@
  *   npx tsx bench/webgpu_moe.ts [--config M1,Q] [--presets auto,f] [--lora none|split|materialize]
  *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
- *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728']
+ *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728'] [--expert-storage float32|bf16]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
  *
@@ -14,7 +14,8 @@
  * the useful expert FLOPs (18·T·K·H·I) and GB/s of the compulsory traffic (every input read once,
  * every output written once, h written and read once). --profile adds per-program GPU times from
  * timestamp queries (tf.time), --composed the stock-kernel path (the composed fusedExperts with a
- * host-read plan) for comparison.
+ * host-read plan) for comparison. --expert-storage bf16 (LoRA cases only) runs on the experts packed
+ * as bf16 halves, decoded in the products' loads, as the end-to-end run holds them.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -26,10 +27,11 @@ import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
 import { buildDispatchPlanAsync } from '../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../src/ops/experts/fused_experts.js';
+import type { PackedExpertWeight } from '../src/ops/packed.js';
 import { registerExpertsImplementation } from '../src/ops/moe_block.js';
 import { routerLogits } from '../src/ops/lora/router_logits.js';
 import { route } from '../src/ops/routing/route.js';
-import { median, makeProblem, type Samples, settle, stepOf, timeSteps } from './webgpu_timing.js';
+import { median, makeProblem, type Samples, settle, stepOf, timeSteps, withPackedBf16Experts } from './webgpu_timing.js';
 
 /** Tile presets (see WebGPUMoETuning); 'auto' is the default choice by rows per expert. */
 export const PRESETS: Record<string, WebGPUMoETuning | undefined> = {
@@ -178,8 +180,12 @@ async function main(): Promise<void> {
     const mm = kernels.filter(k => k.name.startsWith('Grouped') && !k.name.includes('Column')).reduce((s, k) => s + k.ms, 0);
     console.log(`#   grouped products: ${mm.toFixed(2)} ms = ${(flops / mm / 1e9).toFixed(2)} TFLOP/s on the expert FLOPs`);
   };
+  const storage = arg('expert-storage', 'float32');
+  if (storage !== 'float32' && (storage !== 'bf16' || lora === 'none')) {
+    throw new Error(`--expert-storage: 'float32', or 'bf16' with a LoRA case; got '${storage}' with --lora ${lora}`);
+  }
   for (const name of configs) {
-    const p = makeProblem(name, lora);
+    const p = storage === 'bf16' ? await withPackedBf16Experts(makeProblem(name, lora)) : makeProblem(name, lora);
     const flops = expertFlops(BENCH_CONFIGS[name], lora);
     const bytes = compulsoryBytes(name, lora === 'none');
     const row = (preset: string, path: Row['path'], s: Samples): Row => {
@@ -239,6 +245,7 @@ async function main(): Promise<void> {
       }
     }
     tf.dispose([p.x, p.g, p.router, p.w1, p.w2, ...p.lora]);
+    if (p.packed) tf.dispose([p.packed.w1, p.packed.w2].map(w => (w as PackedExpertWeight).packed));
   }
   const out = arg('json', '');
   if (out) writeFileSync(out, JSON.stringify({ adapter, rows }, null, 1));

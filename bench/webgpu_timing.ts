@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { BENCH_CONFIGS } from '../src/bench/block_bench.js';
 import { moeBlock } from '../src/ops/moe_block.js';
+import { bfloat16Bits, type ExpertWeightTensor, packedExpertWeightFromBits } from '../src/ops/packed.js';
 import type { MoEBlockConfig } from '../src/ops/types.js';
 
 export function median(v: number[]): number {
@@ -15,6 +16,8 @@ export function median(v: number[]): number {
 
 export interface Problem {
   x: tf.Tensor2D; g: tf.Tensor2D; router: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; config: MoEBlockConfig;
+  /** the expert weights packed as bf16 halves (rounded from w1, w2), when asked for: frozen, LoRA only */
+  packed?: { w1: ExpertWeightTensor; w2: ExpertWeightTensor };
   /** expert LoRA [A1, B1, A2, B2] (rank BENCH_CONFIGS[name].rank, PEFT layouts), when benchmarked */
   lora: tf.Tensor2D[];
   scaling: number;
@@ -40,6 +43,17 @@ export function makeProblem(name: string, lora: 'none' | 'split' | 'materialize'
 }
 
 /**
+ * Adds bf16-packed copies of the problem's expert weights (as a checkpoint loaded with
+ * expertDtype 'stored' holds them), rounded to nearest even from the float32 ones; read back from
+ * the device with data(), which webgpu allows.
+ */
+export async function withPackedBf16Experts(p: Problem): Promise<Problem> {
+  const pack = async (w: tf.Tensor3D) => packedExpertWeightFromBits('bf16', w.shape,
+      Uint16Array.from(await w.data() as Float32Array, bfloat16Bits));
+  return { ...p, packed: { w1: await pack(p.w1), w2: await pack(p.w2) } };
+}
+
+/**
  * One step: the gradients of Σ out·g (g fed as the output's gradient) w.r.t. x, W_g, W1, W2 —
  * or, with expert LoRA, w.r.t. x and the adapters (base and router frozen).
  */
@@ -55,7 +69,7 @@ export function stepOf(p: Problem, lora: 'none' | 'split' | 'materialize'): () =
   }
   const grads = tf.grads((x: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) => {
     const { out, routing } = moeBlock(x as tf.Tensor2D, { router: { weight: p.router }, experts: {
-      gateUp: p.w1, down: p.w2,
+      gateUp: p.packed?.w1 ?? p.w1, down: p.packed?.w2 ?? p.w2,
       gateUpLoRA: [{ A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D, scaling: p.scaling }],
       downLoRA: [{ A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D, scaling: p.scaling }],
     } }, p.config, { loraMode: lora });

@@ -40,6 +40,8 @@ export const BENCH_CONFIGS: Readonly<Record<string, BenchConfig>> = {
   S: { tokens: 1024, hidden: 256, inter: 128, experts: 8, topK: 2, rank: 8, backends: ['cpu', 'wasm', 'webgpu'] },
   /** the Hugging Face reference shape of ../shared/gpu/README.md (Qwen3-MoE block, H100) */
   M1: { tokens: 4096, hidden: 1024, inter: 512, experts: 8, topK: 2, rank: 8, backends: ['webgpu'] },
+  /** OLMoE-1B-7B's block at a training batch of 512 tokens (bench/e2e's shape): 64 rows per expert */
+  O: { tokens: 512, hidden: 2048, inter: 1024, experts: 64, topK: 8, rank: 8, backends: ['webgpu'] },
   /** a Qwen3-30B-A3B-sized block */
   Q: { tokens: 16384, hidden: 2048, inter: 768, experts: 128, topK: 8, rank: 8, backends: ['webgpu'] },
 };
