@@ -562,7 +562,7 @@ export function groupedGemmVariant(p: GroupedProblem, o: GroupedGemmOptions): Va
     const kU = o.bounds ? `min(${kAt}, ${K} - 4u)` : kAt;
     const at = `(${rowU} * ${K} + ${kU}) / 4u`;
     const v = o.aF32 ? `vec4<f16>(A32v[${at}])` : `A16v[${at}]`;
-    return o.bounds ? `select(vec4<f16>(0.0h), ${v}, ${aRow} >= 0 && ${kAt} < ${K})` : v;
+    return o.bounds ? `select(vec4<f16>(), ${v}, ${aRow} >= 0 && ${kAt} < ${K})` : v;
   };
   const bFetch = (k0: string) => {
     const kAt = `${k0} + kk`;
@@ -574,7 +574,7 @@ export function groupedGemmVariant(p: GroupedProblem, o: GroupedGemmOptions): Va
     const v = b === 'f16-kn' || b === 'f16-nk' ? `Bv[(${element}) / 4u]`
       : b === 'f32-nk' ? `vec4<f16>(Bv[(${element}) / 4u])`
       : `bf16Quad(Bv[(${element}) / 4u])`;
-    return o.bounds ? `select(vec4<f16>(0.0h), ${v}, ${nAt} < ${N} && ${kAt} < ${K})` : v;
+    return o.bounds ? `select(vec4<f16>(), ${v}, ${nAt} < ${N} && ${kAt} < ${K})` : v;
   };
   const nA = l.rows * l.depth / 4 / threads;
   const nB = l.depth * l.cols / 4 / threads;
@@ -681,3 +681,24 @@ fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) 
 export function groupedGemmDispatch(p: GroupedProblem, o: GroupedGemmOptions): [number, number, number] {
   return o.expertLookup ? [p.N / 128, p.E * p.M / 128, 1] : [p.N / 128, p.M / 128, p.E];
 }
+
+/**
+ * The v6 bisection's cases at Q's up shape, in the order they run: the exact GEMM on the grouped
+ * problem, then each construct of the package's MatMul alone, then all of the MatMul's together
+ * (`v6-z-package-like`, what v5's program does; compare with pkg-matmul-q-v5).
+ */
+export const V6_STEPS: ReadonlyArray<readonly [string, GroupedGemmOptions]> = [
+  ['v6-0-exact-grouped', {}],
+  ['v6-a-expert-lookup', { expertLookup: true }],
+  ['v6-b-row-table', { rowTable: true }],
+  ['v6-c-a-from-f32', { aF32: true }],
+  ['v6-d-b-nk', { b: 'f16-nk' }],
+  ['v6-d-b-f32-nk', { b: 'f32-nk' }],
+  ['v6-d-b-bf16-nk', { b: 'bf16-nk' }],
+  ['v6-e-slot-epilogue', { slotEpilogue: true }],
+  ['v6-f-workgroup-39k', { workgroupExtra: true }],
+  ['v6-g-no-prefetch', { prefetch: false }],
+  ['v6-h-bounds', { bounds: true }],
+  ['v6-i-runtime-dims', { runtimeDims: true }],
+  ['v6-z-package-like', { expertLookup: true, rowTable: true, aF32: true, b: 'f32-nk', bounds: true, runtimeDims: true, slotEpilogue: true }],
+];
