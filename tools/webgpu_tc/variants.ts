@@ -18,6 +18,12 @@
  * per-element path itself), all rel 0 expected; then Q's shape timed (goal >= 40 TFLOP/s) beside the
  * exact GEMM and the per-element MatMul; then the bisection's two ends. v4's other bisection cases
  * are BISECT_CASES (VARIANT_CASES=id,... runs them).
+ * v6 (the speed, after v5's quads reached 11.1 / 13.9 TFLOP/s against the exact GEMM's 97): CASES
+ * run the v6 programs (subgroup_matrix_program.ts's `v6` structure: whole-block quads without clamps,
+ * quad rows resolved once per block, results stored straight to the output) on the small problems,
+ * then v6 against v5 at Q's up shape, then the speed bisection (variant_codes.ts's V6_STEPS: the
+ * exact GEMM on Q's grouped shape, each construct of the package's MatMul alone, then all together),
+ * each timed and checked on 512 samples. v4/v5's other cases are BISECT_CASES.
  * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
  * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
  * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
@@ -51,9 +57,9 @@ import {
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
-/** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout (on_device.sh: 155) */
-const TIME_BUDGET_MS = 120_000;
-const CASE_TIMEOUT_MS = 30_000;
+/** the parent starts no case after this; the batch stays within on_device.sh's 150 s with the last case's timeout */
+const TIME_BUDGET_MS = 125_000;
+const CASE_TIMEOUT_MS = 25_000;
 const harness = process.env.VARIANTS_HARNESS === '1';
 const started = Date.now();
 const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
