@@ -570,7 +570,7 @@ export function groupedGemmVariant(p: GroupedProblem, o: GroupedGemmOptions): Va
     const [kMax, nMax] = alongK ? [`${K} - 4u`, `${N} - 1u`] : [`${K} - 1u`, `${N} - 4u`];
     const kU = o.bounds ? `min(${kAt}, ${kMax})` : kAt;
     const nU = o.bounds ? `min(${nAt}, ${nMax})` : nAt;
-    const element = `bBase + ${nU} * ${sN} + ${kU} * ${sK}`;
+    const element = `bBase + (${nU}) * ${sN} + (${kU}) * ${sK}`;
     const v = b === 'f16-kn' || b === 'f16-nk' ? `Bv[(${element}) / 4u]`
       : b === 'f32-nk' ? `vec4<f16>(Bv[(${element}) / 4u])`
       : `bf16Quad(Bv[(${element}) / 4u])`;
