@@ -200,9 +200,9 @@ export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
   const alongK = d.sK === 1 && d.inner >= 4 && d.inner % 4 === 0 && d.sN % 4 === 0;
   const alongN = d.sK !== 1 && d.sN === 1 && d.outCols >= 4 && d.outCols % 4 === 0 && d.sK % 4 === 0;
   const right = decodable && expertAligned && (alongK || alongN) ? 'vec4' : 'element';
-  const { rows, cols, depth } = SUBGROUP_MATRIX_BLOCK;
-  // rows: the output's capacity is whole blocks (the program's contract), its padding rows resolved through rowSrc
-  return { left, right, v6: { whole: { depth: d.inner % depth === 0, rows: rows > 0, cols: d.outCols % cols === 0 } } };
+  const { cols, depth } = SUBGROUP_MATRIX_BLOCK;
+  // rows always: the output's capacity is whole blocks (the program's contract), its padding rows resolved through rowSrc
+  return { left, right, v6: { whole: { depth: d.inner % depth === 0, rows: true, cols: d.outCols % cols === 0 } } };
 }
 
 /**
