@@ -10,7 +10,7 @@
  */
 import {
   aIndex, bIndex, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
-  stagedElementA, stagedElementB, subgroupCount, uniformStrideLoop, wgslU32,
+  stagedElementA, stagedElementB, stagedQuadA, stagedQuadB, subgroupCount, uniformStrideLoop, wgslU32,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import { rowLoadSnippet, weightLoadSnippet } from '../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type {
@@ -474,3 +474,231 @@ fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) 
   ${store}
 }` };
 }
+
+// ---- variants v6: the speed bisection, from the exact GEMM to the package's MatMul ------------
+
+/** A grouped product C[rows, N] = A[rows, K] · B_e for the rows of expert e (E experts of M rows each). */
+export interface GroupedProblem { E: number; M: number; N: number; K: number }
+
+/**
+ * What one v6 case changes in the exact GEMM (v2 staged: 4 subgroups of 64×64, 128×128 block,
+ * depth 64, rows padded by 8 halves, vec4<f16> reads, register prefetch, results stored straight
+ * to C), each a construct of the package's SubgroupMatrixMatMulProgram that the exact GEMM lacks:
+ * - `expertLookup`: one dispatch over all E·M rows, the block's expert read from a table through
+ *   workgroupUniformLoad (the package's expertOfRow), instead of one z slice per expert;
+ * - `rowTable`: each staged quad's source row read from a workgroup table (filled once per block,
+ *   here each expert's rows reversed: a real gather) at every fetch;
+ * - `aF32`: A read as vec4<f32> and converted to f16 at the fetch (the activations are f32);
+ * - `b`: B as the exact GEMM has it ('f16-kn': [E, K, N], quads along n into consecutive halves) or
+ *   as the package's weights are ('f16-nk', 'f32-nk', 'bf16-nk': [E, N, K], quads along k, each
+ *   quad's 4 halves stored 4 slab rows apart; f32 converted, bf16 from vec2<u32> words);
+ * - `bounds`: the package's edge handling on every quad (k and n clamped, row −1 and k past K
+ *   zeroed by select), although the shape is whole blocks;
+ * - `runtimeDims`: K, N and the strides from a uniform buffer instead of WGSL constants;
+ * - `slotEpilogue`: results through each subgroup's 16×16 f32 slot and the lanes (2 barriers per
+ *   result matrix), instead of subgroupMatrixStore straight to C;
+ * - `workgroupExtra`: the package's extra workgroup memory (the 4 KiB of slots and the 528-byte row
+ *   table: 39.5 KiB instead of 35), declared and touched but not used;
+ * - `prefetch: false`: no register prefetch (stage, barrier, multiply).
+ */
+export interface GroupedGemmOptions {
+  expertLookup?: boolean;
+  rowTable?: boolean;
+  aF32?: boolean;
+  b?: 'f16-kn' | 'f16-nk' | 'f32-nk' | 'bf16-nk';
+  bounds?: boolean;
+  runtimeDims?: boolean;
+  slotEpilogue?: boolean;
+  workgroupExtra?: boolean;
+  prefetch?: boolean;
+}
+
+/** i32 elements of the Info buffer before the row table: one expert per row block. */
+export const groupedBlocks = (p: GroupedProblem) => p.E * p.M / 128;
+
+/**
+ * The source row of output row r in a v6 case with a row table: the rows of r's expert reversed.
+ *
+ * ```js
+ * groupedSourceRow({ E: 2, M: 256, N: 128, K: 64 }, 0);   // 255
+ * ```
+ */
+export function groupedSourceRow(p: GroupedProblem, r: number): number {
+  const e = Math.floor(r / p.M);
+  return e * p.M + (p.M - 1 - (r % p.M));
+}
+
+/**
+ * A v6 case's shader. Bindings: 0 A32v (vec4<f32>), 1 A16v (vec4<f16>), 2 Bv (vec4 of f16 or f32,
+ * or vec2<u32> of bf16 words), 3 C, 4 Info (i32: each row block's expert, then each row's source
+ * row), 5 the uniform Dims { K, N, sN, sK, sE, rows } (elements). Dispatch: groupedGemmDispatch.
+ */
+export function groupedGemmVariant(p: GroupedProblem, o: GroupedGemmOptions): Variant {
+  const l = exactLayout();
+  const threads = 32 * subgroupCount(l);
+  const x = wgslU32;
+  const { row, col } = partOrigin(x, l, 'subgroup');
+  const size = slabSizes(l);
+  const b = o.b ?? 'f16-kn';
+  const alongK = b !== 'f16-kn';
+  const prefetch = o.prefetch ?? true;
+  const rt = o.runtimeDims === true;
+  if (p.M % l.rows !== 0 || p.N % l.cols !== 0 || p.K % l.depth !== 0) throw new Error('groupedGemmVariant: the problem must be whole blocks');
+  const K = rt ? 'kDim' : `${p.K}u`;
+  const N = rt ? 'nDim' : `${p.N}u`;
+  // W_e(k, n) at e·sE + n·sN + k·sK (elements)
+  const [sN, sK] = rt ? ['sN', 'sK'] : alongK ? [`${p.K}u`, '1u'] : ['1u', `${p.N}u`];
+  const sE = rt ? 'sE' : `${p.K * p.N}u`;
+  const bType = b === 'f32-nk' ? 'vec4<f32>' : b === 'bf16-nk' ? 'vec2<u32>' : 'vec4<f16>';
+  const qa = stagedQuadA(x, l, 'q');
+  const qb = stagedQuadB(x, l, 'q', alongK);
+  const usesRowSrc = o.rowTable || o.expertLookup || o.workgroupExtra;
+  const usesSlots = o.slotEpilogue || o.workgroupExtra;
+  // A's quad: (row, k) → value; the row is the block's own, or the table's
+  const aRow = o.rowTable ? 'rowSrc[mm]' : 'i32(rowBase + mm)';
+  const aFetch = (k0: string) => {
+    const kAt = `${k0} + kk`;
+    const rowU = o.bounds ? `u32(max(${aRow}, 0))` : `u32(${aRow})`;
+    const kU = o.bounds ? `min(${kAt}, ${K} - 4u)` : kAt;
+    const at = `(${rowU} * ${K} + ${kU}) / 4u`;
+    const v = o.aF32 ? `vec4<f16>(A32v[${at}])` : `A16v[${at}]`;
+    return o.bounds ? `select(vec4<f16>(), ${v}, ${aRow} >= 0 && ${kAt} < ${K})` : v;
+  };
+  const bFetch = (k0: string) => {
+    const kAt = `${k0} + kk`;
+    const nAt = 'col0 + nn';
+    const [kMax, nMax] = alongK ? [`${K} - 4u`, `${N} - 1u`] : [`${K} - 1u`, `${N} - 4u`];
+    const kU = o.bounds ? `min(${kAt}, ${kMax})` : kAt;
+    const nU = o.bounds ? `min(${nAt}, ${nMax})` : nAt;
+    const element = `bBase + (${nU}) * ${sN} + (${kU}) * ${sK}`;
+    const v = b === 'f16-kn' || b === 'f16-nk' ? `Bv[(${element}) / 4u]`
+      : b === 'f32-nk' ? `vec4<f16>(Bv[(${element}) / 4u])`
+      : `bf16Quad(Bv[(${element}) / 4u])`;
+    return o.bounds ? `select(vec4<f16>(), ${v}, ${nAt} < ${N} && ${kAt} < ${K})` : v;
+  };
+  const nA = l.rows * l.depth / 4 / threads;
+  const nB = l.depth * l.cols / 4 / threads;
+  const each = (n: number, f: (t: number) => string) =>
+    Array.from({ length: n }, (_, t) => `{ let q = lid + ${t * threads}u; ${f(t)} }`).join('\n    ');
+  const put = (slab: string, at: string, step: number, v: string) =>
+    `{ let d = ${at}; ${slab}[d] = ${v}.x; ${slab}[d + ${step}u] = ${v}.y; ${slab}[d + ${2 * step}u] = ${v}.z; ${slab}[d + ${3 * step}u] = ${v}.w; }`;
+  const fetchA = (k0: string) => each(nA, t => `let mm = ${qa.m}; let kk = ${qa.k}; ra${t} = ${aFetch(k0)};`);
+  const fetchB = (k0: string) => each(nB, t => `let kk = ${qb.k}; let nn = ${qb.n}; rb${t} = ${bFetch(k0)};`);
+  const storeA = each(nA, t => put('As', qa.at, qa.step, `ra${t}`));
+  const storeB = each(nB, t => put('Bs', qb.at, qb.step, `rb${t}`));
+  const regs = `${Array.from({ length: nA }, (_, t) => `var ra${t} : vec4<f16>;`).join(' ')}
+  ${Array.from({ length: nB }, (_, t) => `var rb${t} : vec4<f16>;`).join(' ')}`;
+  const loop = prefetch
+    ? `${regs}
+  ${fetchA('0u')}
+  ${fetchB('0u')}
+  for (var k0 = 0u; k0 < ${K}; k0 += ${l.depth}u) {
+    ${storeA}
+    ${storeB}
+    workgroupBarrier();
+    if (k0 + ${l.depth}u < ${K}) {
+      let next = k0 + ${l.depth}u;
+      ${fetchA('next')}
+      ${fetchB('next')}
+    }
+    ${multiplySlab(l, 'partRow', 'partCol')}
+    workgroupBarrier();
+  }`
+    : `${regs}
+  for (var k0 = 0u; k0 < ${K}; k0 += ${l.depth}u) {
+    ${fetchA('k0')}
+    ${fetchB('k0')}
+    ${storeA}
+    ${storeB}
+    workgroupBarrier();
+    ${multiplySlab(l, 'partRow', 'partCol')}
+    workgroupBarrier();
+  }`;
+  const store = o.slotEpilogue
+    ? epilogueThroughSlots(l, 'subgroup', 'lane', 32, 'partRow', 'partCol', (m, n, v) => o.bounds
+      ? `{ let r = rowBase + ${m}; let c = col0 + ${n}; if (r < rowsDim && c < ${N}) { C[r * ${N} + c] = select(0.0, ${v}, e >= 0); } }`
+      : `C[(rowBase + ${m}) * ${N} + col0 + ${n}] = ${v};`)
+    : Array.from({ length: l.tilesM * l.tilesN }, (_, t) => {
+      const i = Math.floor(t / l.tilesN), j = t % l.tilesN;
+      return `subgroupMatrixStore(&C, (rowBase + partRow + ${i * 16}u) * ${N} + col0 + partCol + ${j * 16}u, c${i}_${j}, false, ${N});`;
+    }).join('\n  ');
+  const blocks = groupedBlocks(p);
+  const expert = o.expertLookup
+    ? `if (lid == 0u) { rowSrc[128] = Info[wg.y]; }
+  let e = workgroupUniformLoad(&rowSrc[128]);`
+    : 'let e = i32(wg.z);';
+  // the block's first row among all E·M rows
+  const rowBase = o.expertLookup ? `wg.y * ${l.rows}u` : `wg.z * ${p.M}u + wg.y * ${l.rows}u`;
+  const fillRows = o.rowTable
+    ? `${uniformStrideLoop('m', 'lid', l.rows, threads, `rowSrc[m] = Info[${blocks}u + rowBase + m];`)}
+  workgroupBarrier();`
+    : '';
+  const name = ['v6 grouped: exact GEMM', o.expertLookup && 'expert by lookup', o.rowTable && 'row table per fetch', o.aF32 && 'A from f32',
+    b !== 'f16-kn' && `B ${b}`, o.bounds && 'bounds on every quad', rt && 'runtime dims', o.slotEpilogue && 'slot epilogue',
+    o.workgroupExtra && '39.5 KiB workgroup memory', !prefetch && 'no prefetch'].filter(Boolean).join(', ');
+  return { name, threads, blockRows: l.rows, blockCols: l.cols, code: `enable f16;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+@group(0) @binding(0) var<storage, read> A32v : array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> A16v : array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> Bv : array<${bType}>;
+@group(0) @binding(3) var<storage, read_write> C : array<f32>;
+@group(0) @binding(4) var<storage, read> Info : array<i32>;
+struct Dims { K : i32, N : i32, sN : i32, sK : i32, sE : i32, rows : i32 }
+@group(0) @binding(5) var<uniform> dims : Dims;
+var<workgroup> As : array<f16, ${size.a}>;
+var<workgroup> Bs : array<f16, ${size.b}>;
+${usesSlots ? `var<workgroup> Ts : array<f32, ${subgroupCount(l) * 256}>;` : ''}
+${usesRowSrc ? `var<workgroup> rowSrc : array<i32, ${l.rows + 4}>;` : ''}
+${b === 'bf16-nk' ? `fn bf16Quad(w : vec2<u32>) -> vec4<f16> {
+  return vec4<f16>(vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u), bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u)));
+}` : ''}
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  if (wg.z > 100000u) { C[0] = A32v[0].x + f32(A16v[0].x) + f32(Bv[0].x) + f32(Info[0]) + f32(dims.rows)${usesSlots ? ' + Ts[0]' : ''}${usesRowSrc ? ' + f32(rowSrc[0])' : ''}; }
+  let kDim = u32(dims.K);
+  let nDim = u32(dims.N);
+  let sN = u32(dims.sN);
+  let sK = u32(dims.sK);
+  let sE = u32(dims.sE);
+  let rowsDim = u32(dims.rows);
+  let subgroup = lid / 32u;
+  let lane = lid % 32u;
+  let partRow = ${row};
+  let partCol = ${col};
+  let col0 = wg.x * ${l.cols}u;
+  let rowBase = ${rowBase};
+  ${expert}
+  let bBase = u32(e) * ${sE};
+  ${fillRows}
+  ${declareAccumulators(l)}
+  ${loop}
+  ${store}
+}` };
+}
+
+/** Workgroups of a v6 case: one per 128×128 block, per expert on z unless the expert is looked up. */
+export function groupedGemmDispatch(p: GroupedProblem, o: GroupedGemmOptions): [number, number, number] {
+  return o.expertLookup ? [p.N / 128, p.E * p.M / 128, 1] : [p.N / 128, p.M / 128, p.E];
+}
+
+/**
+ * The v6 bisection's cases at Q's up shape, in the order they run: the exact GEMM on the grouped
+ * problem, then each construct of the package's MatMul alone, then all of the MatMul's together
+ * (`v6-z-package-like`, what v5's program does; compare with pkg-matmul-q-v5).
+ */
+export const V6_STEPS: ReadonlyArray<readonly [string, GroupedGemmOptions]> = [
+  ['v6-0-exact-grouped', {}],
+  ['v6-a-expert-lookup', { expertLookup: true }],
+  ['v6-b-row-table', { rowTable: true }],
+  ['v6-c-a-from-f32', { aF32: true }],
+  ['v6-d-b-nk', { b: 'f16-nk' }],
+  ['v6-d-b-f32-nk', { b: 'f32-nk' }],
+  ['v6-d-b-bf16-nk', { b: 'bf16-nk' }],
+  ['v6-e-slot-epilogue', { slotEpilogue: true }],
+  ['v6-f-workgroup-39k', { workgroupExtra: true }],
+  ['v6-g-no-prefetch', { prefetch: false }],
+  ['v6-h-bounds', { bounds: true }],
+  ['v6-i-runtime-dims', { runtimeDims: true }],
+  ['v6-z-package-like', { expertLookup: true, rowTable: true, aF32: true, b: 'f32-nk', bounds: true, runtimeDims: true, slotEpilogue: true }],
+];

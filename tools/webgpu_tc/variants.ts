@@ -18,6 +18,12 @@
  * per-element path itself), all rel 0 expected; then Q's shape timed (goal >= 40 TFLOP/s) beside the
  * exact GEMM and the per-element MatMul; then the bisection's two ends. v4's other bisection cases
  * are BISECT_CASES (VARIANT_CASES=id,... runs them).
+ * v6 (the speed, after v5's quads reached 11.1 / 13.9 TFLOP/s against the exact GEMM's 97): CASES
+ * run the v6 programs (subgroup_matrix_program.ts's `v6` structure: whole-block quads without clamps,
+ * quad rows resolved once per block, results stored straight to the output) on the small problems,
+ * then v6 against v5 at Q's up shape, then the speed bisection (variant_codes.ts's V6_STEPS: the
+ * exact GEMM on Q's grouped shape, each construct of the package's MatMul alone, then all together),
+ * each timed and checked on 512 samples. v4/v5's other cases are BISECT_CASES.
  * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
  * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
  * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
@@ -40,21 +46,22 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import {
-  ELEMENT_STAGING, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, weightGradStaging,
+  ELEMENT_STAGING, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, weightGradStaging,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
   type BisectOptions, bisectVariant, isPaddingRow, type PackageShaderOptions, packageProgramShader, plainVariant, type Problem,
-  stagedVariant, standInMatrices, type Variant, gemmLayout,
+  stagedVariant, standInMatrices, type Variant, gemmLayout, type GroupedGemmOptions, groupedBlocks, groupedGemmDispatch, groupedGemmVariant,
+  type GroupedProblem, groupedSourceRow, V6_STEPS,
 } from './variant_codes.js';
-import { bfloat16Bits } from '../../src/ops/packed.js';
 
 Object.assign(globalThis, globals);
 const FLAGS = ['enable-dawn-features=allow_unsafe_apis,vulkan_enable_f16_on_nvidia'];
-/** the parent starts no case after this; the batch stays within ~150 s with the last case's timeout (on_device.sh: 155) */
-const TIME_BUDGET_MS = 120_000;
-const CASE_TIMEOUT_MS = 30_000;
+/** the parent starts no case after this; the batch stays within on_device.sh's 150 s with the last case's timeout */
+const TIME_BUDGET_MS = 125_000;
 const harness = process.env.VARIANTS_HARNESS === '1';
+// Mesa's software rasterizer takes ~27 s for a small package case
+const CASE_TIMEOUT_MS = harness ? 60_000 : 25_000;
 const started = Date.now();
 const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
 
@@ -77,11 +84,15 @@ interface Grouped {
   layout?: 'nk' | 'kn';
   /** 'auto': matMulStaging / weightGradStaging of the shape (quads where aligned), as kernels.ts picks; 'element': the v4 per-element path */
   staging?: 'auto' | 'element';
+  /** 'v5': the staging without v6's structure (v5Structure), for the old-vs-new comparison; default v6, as kernels.ts picks */
+  structure?: 'v5' | 'v6';
 }
 
 const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
 /** K not a multiple of 4: A per element (its tail zero-filled per element), W [E, K, N] in quads along n: the mixed path */
 const SMALL_TAIL: Grouped = { ...SMALL, K: 198, layout: 'kn' };
+/** whole blocks (K 256, N 256, 640 rows): v6's quads without clamps and its direct stores, padding rows and the unused block included */
+const SMALL_WHOLE: Grouped = { ...SMALL, N: 256, K: 256 };
 /** config Q's up projection */
 const Q_UP: Grouped = { E: 16, perExpert: 1024, real: 1000, unused: 0, N: 1536, K: 2048, everyElement: false };
 
@@ -90,7 +101,8 @@ type Timing = 'none' | 'timestamps';
 type CaseSpec =
   | { kind: 'package'; program: 'matmul' | 'weightGrad'; code: 'fixed' | 'db64af4'; entry: PackageShaderOptions['entry']; shape: Grouped; timing: Timing }
   | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing }
-  | { kind: 'bisect'; problem: Problem; options: BisectOptions };
+  | { kind: 'bisect'; problem: Problem; options: BisectOptions }
+  | { kind: 'grouped-gemm'; problem: GroupedProblem; options: GroupedGemmOptions };
 
 interface Case {
   id: string;
@@ -115,7 +127,8 @@ const exactV2 = (p: Problem) => stagedVariant(p,
 
 function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
     entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
-  const staging = code === 'db64af4' ? 'its staging' : shape.staging === 'element' ? 'per element' : 'quads where aligned';
+  const staging = code === 'db64af4' ? 'its staging' : shape.staging === 'element' ? 'per element'
+    : `quads where aligned, ${shape.structure ?? 'v6'}`;
   const what = program === 'matmul'
     ? `SubgroupMatrixMatMulProgram (rows, ${shape.weight ?? 'f32'} weight [E, ${shape.layout === 'kn' ? 'K, N' : 'N, K'}], ${staging})`
     : `SubgroupMatrixWeightGradProgram (rows x rows, ${staging})`;
@@ -135,25 +148,37 @@ function bisectCase(id: string, options: BisectOptions, problem = BISECT): Case 
  * the exact GEMM itself as the control, and db64af4's MatMul (wrong in v3) to show the card
  * reproduces.
  */
+/** Q's up shape for the v6 bisection: 16 experts × 1024 rows × K 2048 → N 1536 (no padding: whole blocks). */
+const Q_GEMM: GroupedProblem = { E: 16, M: 1024, N: 1536, K: 2048 };
+
+function groupedGemmCase(id: string, options: GroupedGemmOptions, problem = Q_GEMM): Case {
+  return { id, name: `${groupedGemmVariant(problem, options).name} (${problem.E} x ${problem.M} x ${problem.K} -> ${problem.N})`,
+    spec: { kind: 'grouped-gemm', problem, options } };
+}
+
+/**
+ * Every case, in the order they run (variants v6): the v6 programs (kernels.ts's choice) on the
+ * small problems, every element against float64 (rel 0 expected); the v6 and v5 programs at Q's
+ * shape, timed; the exact GEMM as the control; then the speed bisection (V6_STEPS): the exact GEMM
+ * on the grouped problem, one construct of the package's MatMul per case, then all of them.
+ */
 export const CASES: Case[] = [
-  // exactness of every staging path on the small problem with every edge (rel 0 expected)
   packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('pkg-matmul-small-whole', 'matmul', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-weightgrad-small-whole', 'weightGrad', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-matmul-small-whole-bf16', 'matmul', 'fixed', { ...SMALL_WHOLE, weight: 'bf16' }),
   packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
-  packageCase('pkg-matmul-small-bf16', 'matmul', 'fixed', { ...SMALL, weight: 'bf16' }),
-  packageCase('pkg-matmul-small-kn', 'matmul', 'fixed', { ...SMALL, layout: 'kn' }),
   packageCase('pkg-matmul-small-tail', 'matmul', 'fixed', SMALL_TAIL),
-  packageCase('pkg-weightgrad-small-tail', 'weightGrad', 'fixed', { ...SMALL, K: 198 }),
-  packageCase('pkg-matmul-small-element', 'matmul', 'fixed', { ...SMALL, staging: 'element' }),
-  // speed at Q's up shape (goal: >= 40 TFLOP/s), the per-element path (v4: 3.4) and the exact GEMM as controls
+  // speed at Q's up shape: v6 against v5 in the same run (v5, run L: 11.1 and 13.9 TFLOP/s)
   packageCase('pkg-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-v5', 'matmul', 'fixed', { ...Q_UP, structure: 'v5' }, 'wrapper', 'timestamps'),
   packageCase('pkg-weightgrad-q', 'weightGrad', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q-v5', 'weightGrad', 'fixed', { ...Q_UP, structure: 'v5' }, 'wrapper', 'timestamps'),
   packageCase('pkg-matmul-q-bf16', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16' }, 'wrapper', 'timestamps'),
   { id: 'exact-v2-2048', name: 'v2 exact GEMM: 4 subgroups of 64x64, 128x128, depth 64, pad 8, vec4, prefetch', spec: { kind: 'gemm', problem: GEMM_2048, variant: exactV2, timing: 'timestamps' } },
-  packageCase('pkg-matmul-q-element', 'matmul', 'fixed', { ...Q_UP, staging: 'element' }, 'wrapper', 'timestamps'),
-  // v4's bisection (every case rel 0 on the H100 at ed617bb): its two ends, as regressions
-  bisectCase('bisect-0-base', {}),
-  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
+  ...V6_STEPS.map(([id, options]) => groupedGemmCase(id, options)),
 ];
+
 
 /** v4's other bisection cases (compiled on Mesa by the emulator spec; run with VARIANT_CASES=id,...). */
 export const BISECT_CASES: Case[] = [
@@ -167,8 +192,18 @@ export const BISECT_CASES: Case[] = [
   bisectCase('bisect-h-scalar-first', { runtimeK: true, scalarFirst: true }),
   bisectCase('bisect-i-left-col-major', { leftColMajor: true }),
   bisectCase('bisect-t-k-tail', {}, BISECT_TAIL),
+  bisectCase('bisect-0-base', {}),
+  bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
+  // v5's other small cases (every staging path; rel 0 on the H100 in run L)
+  packageCase('pkg-matmul-small-bf16', 'matmul', 'fixed', { ...SMALL, weight: 'bf16' }),
+  packageCase('pkg-matmul-small-kn', 'matmul', 'fixed', { ...SMALL, layout: 'kn' }),
+  packageCase('pkg-weightgrad-small-tail', 'weightGrad', 'fixed', { ...SMALL, K: 198 }),
+  packageCase('pkg-matmul-small-element', 'matmul', 'fixed', { ...SMALL, staging: 'element' }),
+  packageCase('pkg-matmul-q-element', 'matmul', 'fixed', { ...Q_UP, staging: 'element' }, 'wrapper', 'timestamps'),
 ];
+
+const HARNESS_GROUPED: GroupedProblem = { E: 2, M: 256, N: 256, K: 128 };
 
 /** The Mesa dry run's cases: the harness on a plain GEMM, the package cases' and bisection cases' plumbing on small shapes. */
 const HARNESS_CASES: Case[] = [
@@ -184,6 +219,13 @@ const HARNESS_CASES: Case[] = [
   bisectCase('bisect-all', { slotEpilogue: true, left: 'rows', weight: 'f32', grouped: true, runtimeK: true, scalarFirst: true }, BISECT_TAIL),
   bisectCase('bisect-e-weight-bf16', { weight: 'bf16', leftColMajor: true }),
   packageCase('old-matmul-small', 'matmul', 'db64af4', SMALL),
+  packageCase('pkg-matmul-small-whole', 'matmul', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-weightgrad-small-whole', 'weightGrad', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-matmul-small-whole-bf16', 'matmul', 'fixed', { ...SMALL_WHOLE, weight: 'bf16' }),
+  // the v6 bisection's plumbing at a small grouped shape (every construct: both ends)
+  groupedGemmCase('harness-v6-0', {}, HARNESS_GROUPED),
+  groupedGemmCase('harness-v6-z', V6_STEPS[V6_STEPS.length - 1][1], HARNESS_GROUPED),
+  groupedGemmCase('harness-v6-bf16', { b: 'bf16-nk', rowTable: true, prefetch: false }, HARNESS_GROUPED),
 ];
 
 // ---- the child: one case ----------------------------------------------------------------------
@@ -195,7 +237,30 @@ function tell(message: Record<string, unknown>): void {
 
 let seed = 12345;
 const rand = () => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed / 2 ** 32; };
-const sixtyFourths = (n: number) => Float32Array.from({ length: n }, () => Math.round((rand() * 2 - 1) * 64) / 64);
+function sixtyFourths(n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = Math.round((rand() * 2 - 1) * 64) / 64;
+  return out;
+}
+
+/**
+ * bf16 words of f32 values that bf16 holds exactly (multiples of 1/64 in [-1, 1]: 7 significant
+ * bits), two per u32 in element order: each f32's high half, straight from its bits in a typed
+ * array (v5's per-element conversion took over 30 s at Q's 50M weights).
+ */
+function bf16Words(values: Float32Array): Uint16Array {
+  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < values.length; i++) out[i] = bits[i] >>> 16;
+  return out;
+}
+
+/** f16 bits of values f16 holds exactly (multiples of 1/64 in [-1, 1]). */
+function halves(values: Float32Array): Uint16Array {
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < values.length; i++) out[i] = halfBits(values[i]);
+  return out;
+}
 const scratchF32 = new Float32Array(1);
 const scratchU32 = new Uint32Array(scratchF32.buffer);
 function halfBits(v: number): number {
@@ -360,8 +425,7 @@ function bisectRun(device: GPUDevice, p: Problem, o: BisectOptions): Run {
     return sum;
   });
   const C = storage(device, batch * M * N * 4);
-  const words = Uint16Array.from(b, bfloat16Bits);
-  const W = o.weight === 'bf16' ? storage(device, new Int32Array(words.buffer)) : storage(device, b);
+  const W = o.weight === 'bf16' ? storage(device, new Int32Array(bf16Words(b).buffer)) : storage(device, b);
   const A = o.left === 'act' ? storage(device, h) : storage(device, a);
   const dims = storage(device, Int32Array.of(K, rowsInUse, 0, 0));
   return { code: v.code, buffers: [storage(device, a), storage(device, b), C, W, A, dims], out: C,
@@ -386,11 +450,12 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   const sE = bf16 ? N * K / 2 : N * K;
   const packedWeight = bf16 ? { kind: 'bf16' as const, cols: kn ? N : K, layout: null } : undefined;
   const element = g.staging === 'element' || spec.code === 'db64af4';
+  const structure = (s: ReturnType<typeof matMulStaging>) => (g.structure === 'v5' ? v5Structure(s) : s);
   const program = grad
     ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
-        element ? ELEMENT_STAGING : weightGradStaging({ P: N, Q: K }))
+        element ? ELEMENT_STAGING : structure(weightGradStaging({ P: N, Q: K })))
     : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: !kn, scaled: false, packedWeight }, 32,
-        element ? ELEMENT_STAGING : matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK }));
+        element ? ELEMENT_STAGING : structure(matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK })));
   const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
   const shader = packageProgramShader(program, { entry: spec.entry, userCode, packedW: bf16 });
   // Mesa: f32 stand-in slabs at a quarter of their length, within its 32 KiB (its numbers are no product anyway)
@@ -438,7 +503,7 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
       for (let k = 0; k < K; k++) s += a[row * K + k] * w[e * N * K + n * sN + k * sK];
       return s;
     });
-    const W = bf16 ? storage(device, new Int32Array(Uint16Array.from(w, bfloat16Bits).buffer)) : storage(device, w);
+    const W = bf16 ? storage(device, new Int32Array(bf16Words(w).buffer)) : storage(device, w);
     buffers = [storage(device, rows * N * 4), storage(device, a), W, storage(device, seg), storage(device, pr)];
   }
   const uniforms = device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
@@ -446,6 +511,43 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   return { code, buffers, out: buffers[0], uniforms, dispatch: program.dispatch,
     check: relativeCheck(points, expected, grad ? i => [Math.floor(i / K) % N, i % K] : i => [Math.floor(i / N), i % N]),
     flops: 2 * E * (grad ? real : perExpert) * N * K };
+}
+
+/**
+ * A v6 bisection case (variant_codes.ts's groupedGemmVariant) on `p`: A [E·M, K] (f32 or f16, only
+ * the one the case reads; the other bound as 16 bytes), B per expert in the case's layout and format,
+ * Info (the blocks' experts, then each row's source row: its expert's rows reversed), 512 sampled
+ * outputs against float64.
+ */
+function groupedGemmRun(device: GPUDevice, p: GroupedProblem, o: GroupedGemmOptions): Run {
+  const v = groupedGemmVariant(p, o);
+  const { E, M, N, K } = p;
+  const rows = E * M;
+  const a = sixtyFourths(rows * K);
+  const w = sixtyFourths(E * K * N);
+  const b = o.b ?? 'f16-kn';
+  // B_e(k, n) at e·K·N + n·sN + k·sK
+  const [sN, sK] = b === 'f16-kn' ? [1, N] : [K, 1];
+  const blocks = groupedBlocks(p);
+  const info = new Int32Array(blocks + rows);
+  for (let i = 0; i < blocks; i++) info[i] = Math.floor(i * 128 / M);
+  for (let r = 0; r < rows; r++) info[blocks + r] = groupedSourceRow(p, r);
+  const srcRow = (r: number) => (o.rowTable ? groupedSourceRow(p, r) : r);
+  const samples = Array.from({ length: 512 }, () => Math.floor(rand() * rows * N));
+  const expected = samples.map(i => {
+    const r = Math.floor(i / N), n = i % N, e = Math.floor(r / M), src = srcRow(r);
+    let s = 0;
+    for (let k = 0; k < K; k++) s += a[src * K + k] * w[e * K * N + n * sN + k * sK];
+    return s;
+  });
+  const tiny = () => storage(device, 16);
+  const B = b === 'f32-nk' ? storage(device, w) : b === 'bf16-nk' ? storage(device, bf16Words(w)) : storage(device, halves(w));
+  const C = storage(device, rows * N * 4);
+  const dims = device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+  device.queue.writeBuffer(dims, 0, Int32Array.of(K, N, sN, sK, K * N, rows, 0, 0));
+  return { code: v.code, buffers: [o.aF32 ? storage(device, a) : tiny(), o.aF32 ? tiny() : storage(device, halves(a)), B, C, storage(device, info)],
+    uniforms: dims, out: C, dispatch: groupedGemmDispatch(p, o), flops: 2 * rows * N * K,
+    check: relativeCheck(samples, expected, i => [Math.floor(i / N), i % N]) };
 }
 
 /** The f32 stand-in's slabs at a quarter of their length: within Mesa's 32 KiB of workgroup memory. */
@@ -467,7 +569,7 @@ function gemmRun(device: GPUDevice, p: Problem, v: Variant): Run {
     for (let k = 0; k < p.K; k++) s += a[(z * p.M + r) * p.K + k] * b[(z * p.K + k) * p.N + col];
     return s;
   });
-  const A16 = storage(device, Uint16Array.from(a, halfBits)), B16 = storage(device, Uint16Array.from(b, halfBits));
+  const A16 = storage(device, halves(a)), B16 = storage(device, halves(b));
   const C = storage(device, p.batch * p.M * p.N * 4);
   // bindings 5, 6: the f16 buffers again, read as vec4<f16>
   return { code: v.code, buffers: [storage(device, a), storage(device, b), A16, B16, C, A16, B16], out: C,
@@ -510,12 +612,13 @@ async function child(id: string): Promise<void> {
   tell({ phase: 'inputs' });
   const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness)
     : c.spec.kind === 'bisect' ? harnessed(bisectRun(device, c.spec.problem, c.spec.options))
+    : c.spec.kind === 'grouped-gemm' ? harnessed(groupedGemmRun(device, c.spec.problem, c.spec.options))
     : gemmRun(device, c.spec.problem, c.spec.variant(c.spec.problem));
   if (c.dropInstance) {
     tell({ phase: 'gc' });
     (globalThis as { gc?: () => void }).gc?.();
   }
-  await runOnce(device, entry, run, c.spec.kind === 'bisect' ? 'none' : c.spec.timing);
+  await runOnce(device, entry, run, c.spec.kind === 'bisect' ? 'none' : c.spec.kind === 'grouped-gemm' ? 'timestamps' : c.spec.timing);
   tell({ result: entry });
   device.destroy();
 }
@@ -567,7 +670,7 @@ function runCase(c: Case): Promise<Outcome> {
 }
 
 async function parent(): Promise<void> {
-  const report: Record<string, unknown> = { check: 'webgpu_tc variants v5', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
+  const report: Record<string, unknown> = { check: 'webgpu_tc variants v6', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
   const write = (name: string) => {
     if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
   };

@@ -18,10 +18,11 @@ import {
   subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  MATMUL_LAYOUT, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, WEIGHT_GRAD_LAYOUT, weightGradStaging,
+  MATMUL_LAYOUT, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, WEIGHT_GRAD_LAYOUT, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   type BisectOptions, bisectVariant, exactLayout, gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
+  groupedGemmDispatch, groupedGemmVariant, groupedSourceRow, V6_STEPS,
 } from '../../../tools/webgpu_tc/variant_codes.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
 import { compileErrors } from './helpers.js';
@@ -390,6 +391,78 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       expect(code).to.match(packedW ? /var<storage, read> W : array<vec2<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
       expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
     }
+  });
+
+  // variants v6: the speed bisection from the exact GEMM to the package's MatMul, at a small grouped shape
+  const grouped = { E: 2, M: 256, N: 256, K: 128 };
+  for (const [id, options] of V6_STEPS) {
+    it(`${id} (${groupedGemmVariant(grouped, options).name}): valid WGSL around the matrix builtins`, async () => {
+      expect(await compileErrors(standIn(groupedGemmVariant(grouped, options).code))).to.deep.equal([]);
+    });
+  }
+
+  it('the v6 bisection changes one construct per case, and the exact GEMM\'s case is its inner loop and direct stores', () => {
+    const squash = (t: string) => t.replace(/\s+/g, ' ');
+    const base = groupedGemmVariant(grouped, {}).code;
+    expect(squash(base)).to.contain(squash(multiplySlab(exactLayout(), 'partRow', 'partCol')));
+    expect(base).to.contain('subgroupMatrixStore(&C, (rowBase + partRow + 48u) * 256u + col0 + partCol + 48u, c3_3, false, 256u);');
+    expect(base).to.not.match(/rowSrc|Ts\b|A32v\[\(|select\(/);
+    const only = (options: object, has: RegExp) => {
+      const code = groupedGemmVariant(grouped, options).code;
+      expect(code, JSON.stringify(options)).to.match(has);
+      return code;
+    };
+    only({ expertLookup: true }, /let e = workgroupUniformLoad\(&rowSrc\[128\]\);/);
+    only({ rowTable: true }, /u32\(rowSrc\[mm\]\) \* 2048u|u32\(rowSrc\[mm\]\) \* 128u/);
+    only({ aF32: true }, /vec4<f16>\(A32v\[/);
+    only({ b: 'bf16-nk' }, /bf16Quad\(Bv\[/);
+    only({ bounds: true }, /select\(vec4<f16>\(\), /);
+    only({ runtimeDims: true }, /k0 < kDim/);
+    only({ slotEpilogue: true }, /subgroupMatrixStore\(&Ts, /);
+    only({ workgroupExtra: true }, /var<workgroup> Ts : array<f32, 1024>;/);
+    expect(only({ prefetch: false }, /for \(var k0 = 0u; k0 < 128u; k0 \+= 64u\) \{\s*\{ let q = lid \+ 0u; let mm/)).to.not.contain('let next');
+    // quads along k (the package's [E, N, K] weights): 4 halves 4 slab rows (136 halves) apart
+    expect(only({ b: 'f16-nk' }, /Bs\[d \+ 408u\] = rb0\.w;/)).to.contain('Bv[(bBase + (col0 + nn) * 128u + (next + kk) * 1u) / 4u]');
+    expect(base).to.contain('Bv[(bBase + (col0 + nn) * 1u + (next + kk) * 256u) / 4u]');
+    expect(groupedGemmDispatch(grouped, {})).to.deep.equal([2, 2, 2]);
+    expect(groupedGemmDispatch(grouped, { expertLookup: true })).to.deep.equal([2, 4, 1]);
+    expect([0, 255, 256, 511].map(r => groupedSourceRow(grouped, r))).to.deep.equal([255, 0, 511, 256]);
+    expect(() => groupedGemmVariant({ ...grouped, K: 100 }, {})).to.throw('groupedGemmVariant: the problem must be whole blocks');
+  });
+
+  it('the package\'s v6 programs outside tfjs (whole blocks and not, bf16 and f32, the weight gradient): valid WGSL, and v5 stays selectable', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
+    const whole = matMulStaging({}, { inner: 256, outCols: 256, sE: 256 * 256, sN: 256, sK: 1 });
+    const programs: Array<[SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, boolean]> = [
+      [new SubgroupMatrixMatMulProgram(640, 256, { ...rows, kContiguous: true }, 32, whole), false],
+      [new SubgroupMatrixMatMulProgram(640, 256, { ...rows, kContiguous: true, packedWeight: bf16 }, 32,
+          matMulStaging({ packedWeight: bf16 }, { inner: 256, outCols: 256, sE: 256 * 128, sN: 256, sK: 1 })), true],
+      [new SubgroupMatrixMatMulProgram(640, 320, { ...rows, kContiguous: true }, 32,
+          matMulStaging({}, { inner: 200, outCols: 320, sE: 320 * 200, sN: 200, sK: 1 })), false],
+      [new SubgroupMatrixWeightGradProgram([2, 256, 256], 2, 256, 256, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+          weightGradStaging({ P: 256, Q: 256 })), false],
+    ];
+    for (const [program, packedW] of programs) {
+      const code = packageProgramShader(program, { entry: 'wrapper', packedW });
+      expect(code, program.shaderKey).to.contain('subgroupMatrixStore(&result, ');
+      expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
+    }
+    const v6 = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, kContiguous: true }, 32, whole);
+    const v5 = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, kContiguous: true }, 32, v5Structure(whole));
+    expect(v6.shaderKey).to.not.equal(v5.shaderKey);
+    const v5Code = v5.getUserCode();
+    expect(v5Code).to.not.contain('subgroupMatrixStore(&result');
+    expect(v5Code).to.contain('min(col0 + i32(nn), uniforms.outCols - 1)');
+    const v6Code = v6.getUserCode().replace(/\s+/g, ' ');
+    // whole blocks: no clamps on the quads; rows as vec4 offsets, resolved once per block
+    expect(v6Code).to.not.contain('min(col0 + i32(nn)');
+    expect(v6Code).to.contain('rowSrc[m] = select(-1, src * ((uniforms.inner) >> 2u), src >= 0);');
+    expect(v6Code).to.contain('loadA4(max(rowSrc[mm], 0), next + i32(kk))');
+    expect(v6Code).to.contain('subgroupMatrixStore(&result, (u32(row0) + partRow + 48u) * u32(uniforms.outCols) + u32(col0) + partCol + 48u, c3_3, false, u32(uniforms.outCols));');
+    // a product with a bias or an addend keeps the per-element epilogue only
+    const biased = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, hasBias: true, kContiguous: true }, 32, whole).getUserCode();
+    expect(biased).to.not.contain('subgroupMatrixStore(&result');
   });
 
   it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {

@@ -16,8 +16,9 @@ import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
-  ELEMENT_STAGING, matMulStaging, SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, type SubgroupStaging,
-  SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, weightGradStaging,
+  ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram,
+  type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure, weightGradStaging,
+  weightGradStaging as weightGradStagingV6,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
@@ -221,6 +222,8 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   it('stages in quads only where every quad is aligned and decodable as a whole (matMulStaging, weightGradStaging)', () => {
     const q = { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 };
     const both: SubgroupStaging = { left: 'vec4', right: 'vec4' };
+    const matMulStaging = (spec: { packedWeight?: PackedWeightSpec }, d: typeof q) => v5Structure(matMulStagingV6(spec, d));
+    const weightGradStaging = (d: { P: number; Q: number }) => v5Structure(weightGradStagingV6(d));
     expect(matMulStaging({}, q)).to.deep.equal(both);
     // [E, K, N] (contiguous along n), and PEFT's rank-major factors
     expect(matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 1, sK: 1536 })).to.deep.equal(both);
@@ -242,6 +245,13 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(weightGradStaging({ P: 1536, Q: 2048 })).to.deep.equal(both);
     expect(weightGradStaging({ P: 1538, Q: 6 })).to.deep.equal({ left: 'element', right: 'element' });
     expect(weightGradStaging({ P: 8, Q: 2 })).to.deep.equal({ left: 'vec4', right: 'element' });
+    // v6: whole blocks where the shape is (the reduction's depth, the output's columns; the weight gradient's reduction never)
+    expect(matMulStagingV6({}, q).v6).to.deep.equal({ whole: { depth: true, rows: true, cols: true } });
+    expect(matMulStagingV6({}, { ...q, inner: 2000, sN: 2000 }).v6).to.deep.equal({ whole: { depth: false, rows: true, cols: true } });
+    expect(matMulStagingV6({}, { ...q, outCols: 1000 }).v6).to.deep.equal({ whole: { depth: true, rows: true, cols: false } });
+    expect(weightGradStagingV6({ P: 1536, Q: 2048 }).v6).to.deep.equal({ whole: { depth: false, rows: true, cols: true } });
+    expect(weightGradStagingV6({ P: 96, Q: 2048 }).v6).to.deep.equal({ whole: { depth: false, rows: false, cols: true } });
+    expect(v5Structure(weightGradStagingV6({ P: 1536, Q: 2048 }))).to.not.have.property('v6');
   });
 
   it('quad programs: vec4 inputs, one load per 4 elements, the next slab fetched into registers during the products', () => {
@@ -310,6 +320,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       fn smLoad_Bs(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(Bs[offset + stride]); }
       fn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }
       fn smStore_Ts(offset : u32, c : SM, colMajor : bool, stride : u32) { Ts[offset + stride] = c.v; }
+      fn smStore_result(offset : u32, c : SM, colMajor : bool, stride : u32) { result[offset + stride] = c.v; }
       ${body}
       @compute @workgroup_size(${program.workgroupSize.join(', ')})
       fn _start(@builtin(local_invocation_index) li : u32, @builtin(workgroup_id) wg : vec3<u32>) {
@@ -343,7 +354,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   for (const spec of matMulSpecs) {
     // per element, and in quads where the weight's kind allows (every path: A's sources and activations, f32/bf16/f16 W along k and n)
     const quadW = spec.packedWeight === undefined || spec.packedWeight.layout === null;
-    const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: quadW ? 'vec4' : 'element' }, { left: 'element', right: quadW ? 'vec4' : 'element' }];
+    const right = quadW ? 'vec4' : 'element';
+    const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right }, { left: 'element', right },
+      // v6: row offsets resolved per block, the direct store; whole blocks (no clamps) or not
+      { left: 'vec4', right, v6: { whole: { depth: true, rows: true, cols: true } } },
+      { left: 'vec4', right, v6: { whole: { depth: false, rows: true, cols: false } } }];
     for (const staging of stagings) {
       const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32, staging);
       it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
@@ -359,7 +374,9 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     { left: 'gather', right: 'rows', scaleLeft: true, scaled: false },
   ];
   for (const spec of gradSpecs) {
-    for (const staging of [ELEMENT_STAGING, weightGradStaging({ P: 96, Q: 64 }), { left: 'element', right: 'vec4' } as const]) {
+    const v6Whole: SubgroupStaging = { left: 'vec4', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: true } } };
+    for (const staging of [ELEMENT_STAGING, v5Structure(weightGradStaging({ P: 96, Q: 64 })), weightGradStaging({ P: 96, Q: 64 }), v6Whole,
+      { left: 'element', right: 'vec4' } as const]) {
       const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32, staging);
       it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
         expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);

@@ -161,7 +161,21 @@ function stage(array: string, count: number, threads: number, at: string, body: 
  * 4-element groups would not be aligned). The caller picks it from the shapes and strides
  * (matMulStaging, weightGradStaging); it is part of the shader key.
  */
-export interface SubgroupStaging { left: 'vec4' | 'element'; right: 'vec4' | 'element' }
+export interface SubgroupStaging {
+  left: 'vec4' | 'element';
+  right: 'vec4' | 'element';
+  /**
+   * The v6 structure (issue 13's speed, after v5's quads reached 11–14 TFLOP/s against the exact
+   * GEMM's 97): where the shape is whole blocks (`whole`: the reduction a multiple of the slab
+   * depth, the output's rows / columns multiples of 128), the quads load without clamps or
+   * selects; the MatMul's quad rows are resolved once per block to their vec4 offsets (in rowSrc,
+   * in place: the sign, which the epilogue reads, is kept), not per fetch; and a block fully in
+   * range with nothing to add and no scale (alpha / s = 1) stores its result matrices straight to
+   * the output (subgroupMatrixStore), the slots and lanes only otherwise. Absent: v5's programs
+   * (tools/webgpu_tc/variants.ts runs both).
+   */
+  v6?: { whole: { depth: boolean; rows: boolean; cols: boolean } };
+}
 
 export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'element' };
 
@@ -185,7 +199,10 @@ export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
   const expertAligned = d.sE % (packed === undefined ? 4 : 2) === 0;
   const alongK = d.sK === 1 && d.inner >= 4 && d.inner % 4 === 0 && d.sN % 4 === 0;
   const alongN = d.sK !== 1 && d.sN === 1 && d.outCols >= 4 && d.outCols % 4 === 0 && d.sK % 4 === 0;
-  return { left, right: decodable && expertAligned && (alongK || alongN) ? 'vec4' : 'element' };
+  const right = decodable && expertAligned && (alongK || alongN) ? 'vec4' : 'element';
+  const { cols, depth } = SUBGROUP_MATRIX_BLOCK;
+  // rows always: the output's capacity is whole blocks (the program's contract), its padding rows resolved through rowSrc
+  return { left, right, v6: { whole: { depth: d.inner % depth === 0, rows: true, cols: d.outCols % cols === 0 } } };
 }
 
 /**
@@ -196,11 +213,34 @@ export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
  * ```
  */
 export function weightGradStaging(d: { P: number; Q: number }): SubgroupStaging {
-  return { left: d.P >= 4 && d.P % 4 === 0 ? 'vec4' : 'element', right: d.Q >= 4 && d.Q % 4 === 0 ? 'vec4' : 'element' };
+  const { rows, cols } = SUBGROUP_MATRIX_BLOCK;
+  // the reduction runs over each expert's rows, a count known on the device only: never whole
+  return { left: d.P >= 4 && d.P % 4 === 0 ? 'vec4' : 'element', right: d.Q >= 4 && d.Q % 4 === 0 ? 'vec4' : 'element',
+    v6: { whole: { depth: false, rows: d.P % rows === 0, cols: d.Q % cols === 0 } } };
+}
+
+/** The same staging in v5's structure (the variants' comparison). */
+export function v5Structure(s: SubgroupStaging): SubgroupStaging {
+  return { left: s.left, right: s.right };
 }
 
 function stagingKey(s: SubgroupStaging): string {
-  return `${s.left === 'vec4' ? 'v' : 'e'}${s.right === 'vec4' ? 'v' : 'e'}`;
+  const w = s.v6?.whole;
+  return `${s.left === 'vec4' ? 'v' : 'e'}${s.right === 'vec4' ? 'v' : 'e'}` +
+      (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}`);
+}
+
+/**
+ * WGSL (v6): the result matrices straight to `result` at element `at(i, j)` (u32) of matrix (i, j)'s
+ * first element, rows `stride` (u32) apart: the exact GEMM's epilogue, for a block that needs none
+ * of the per-element one.
+ */
+function directStores(layout: SlabLayout, at: (i: number, j: number) => string, stride: string): string {
+  const lines: string[] = [];
+  for (let i = 0; i < layout.tilesM; i++) {
+    for (let j = 0; j < layout.tilesN; j++) lines.push(`subgroupMatrixStore(&result, ${at(i, j)}, c${i}_${j}, false, ${stride});`);
+  }
+  return lines.join('\n          ');
 }
 
 /**
@@ -231,6 +271,34 @@ function rowQuadSnippet(name: string, array: string, width: string, activation: 
       ${activationSnippet(activation)}
       fn ${name}(r : i32, c : i32) -> vec4<f32> {
         let base = ${rowOf} * 2 * ${width};
+        ${body}
+      }`;
+}
+
+/**
+ * WGSL (v6): `fn ${name}(at : i32, c : i32) -> vec4<f32>`, columns c..c+3 (c >= 0, a multiple of 4)
+ * of the row whose first vec4 is `at` (rowQuadOffsets: the row's source times its length in vec4s),
+ * with `activation` as rowQuadSnippet does.
+ */
+function rowQuadAtSnippet(name: string, array: string, width: string, activation: ActivationSpec | undefined): string {
+  if (activation === undefined) {
+    return `
+      fn ${name}(at : i32, c : i32) -> vec4<f32> {
+        return ${array}[at + (c >> 2u)];
+      }`;
+  }
+  const act = (g: string, u: string) => `actForward(${g}, ${u})`;
+  const body = activation.interleaved
+    ? `let i = at + (c >> 1u);
+        let p = ${array}[i];
+        let q = ${array}[i + 1];
+        return vec4<f32>(${act('p.x', 'p.y')}, ${act('p.z', 'p.w')}, ${act('q.x', 'q.y')}, ${act('q.z', 'q.w')});`
+    : `let g = ${array}[at + (c >> 2u)];
+        let u = ${array}[at + (${width} >> 2u) + (c >> 2u)];
+        return vec4<f32>(${act('g.x', 'u.x')}, ${act('g.y', 'u.y')}, ${act('g.z', 'u.z')}, ${act('g.w', 'u.w')});`;
+  return `
+      ${activationSnippet(activation)}
+      fn ${name}(at : i32, c : i32) -> vec4<f32> {
         ${body}
       }`;
 }
@@ -332,6 +400,23 @@ function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[
         }`;
 }
 
+/**
+ * WGSL (v6, after the row sources and the block's expert are published): each rowSrc entry that is
+ * a source row becomes that row's first vec4 in A (the row times `rowLength`, an i32 expression, / 4);
+ * −1 (padding) stays. Each invocation rewrites the entries it would have written, then a barrier.
+ */
+function rowQuadOffsets(rows: number, threads: number, rowLength: string): string {
+  // the same steps in every invocation, as before every matrix operation
+  return `for (var step = 0u; step < ${Math.ceil(rows / threads)}u; step++) {
+          let m = localIndex + step * ${threads}u;
+          if (m < ${rows}u) {
+            let src = rowSrc[m];
+            rowSrc[m] = select(-1, src * ((${rowLength}) >> 2u), src >= 0);
+          }
+        }
+        workgroupBarrier();`;
+}
+
 /** The inputs' components for tfjs's declarations: vec4 (a vec2 of words for a packed weight) where staged in quads. */
 function components(names: string[], quadded: Record<string, number>): number[] {
   return names.map(n => quadded[n] ?? 1);
@@ -394,10 +479,19 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const b = stagedElementB(x, layout, 'i', this.spec.kContiguous);
     const qa = stagedQuadA(x, layout, 'q');
     const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous);
+    const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
+    const v6 = this.staging.v6;
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
-    if (quadA) {
+    if (quadA && v6 !== undefined) {
+      // rowSrc holds each row's first vec4 (rowQuadOffsets) or −1: one workgroup read and an add per quad
+      const value = v6.whole.depth
+        ? (k0: string) => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), ${k0} + i32(kk)) * s, rowSrc[mm] >= 0)`
+        : (k0: string) => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
+            `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`;
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let mm = ${qa.m}; let kk = ${qa.k};`, value, qa.at, qa.step));
+    } else if (quadA) {
       // the row's source once per 4 elements; padding rows and the K tail (whole quads: inner % 4 == 0) give 0
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let mm = ${qa.m}; let kk = ${qa.k};`,
           k0 => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
@@ -409,7 +503,11 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           '            v = select(0.0, a, kAt < uniforms.inner);',
           aIndex(x, layout, 'mm', 'kk')));
     }
-    if (quadW) {
+    if (quadW && v6 !== undefined && v6.whole.depth && v6.whole.cols) {
+      // whole blocks: every quad in range
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let kk = ${qb.k}; let nn = ${qb.n};`,
+          k0 => `loadW4(wBase, col0 + i32(nn), ${k0} + i32(kk))`, qb.at, qb.step));
+    } else if (quadW) {
       // quads along the weight's contiguous direction, whole (matMulStaging): clamped into range, then 0 past the edges
       const [nMax, kMax] = this.spec.kContiguous ? ['uniforms.outCols - 1', 'uniforms.inner - 4'] : ['uniforms.outCols - 4', 'uniforms.inner - 1'];
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let kk = ${qb.k}; let nn = ${qb.n};`,
@@ -428,7 +526,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${ROW_INTS}>;
       ${EXPERT_OF_ROW}
-      ${quadA ? rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowLoadSnippet(this.spec.source, this.spec.activation)}
+      ${quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
+        : rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${quadW ? weightQuadSnippet(this.spec.packedWeight) : loadW.fn}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
 
@@ -439,15 +538,28 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         ${tileRowsSnippet(this.spec.source, rows, threads, true).replace(/\btileExpert\b/g, `rowSrc[${rows}]`)}
+        ${direct ? `// v6: whether this block stores straight to the output (published with e: the same for the whole
+        // workgroup by construction, as the barriers of the other epilogue need)
+        if (lid == 0) {
+          rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols && uniforms.alpha / s == 1.0);
+        }` : ''}
         let e = workgroupUniformLoad(&rowSrc[${rows}]);
+        ${direct ? `let direct = workgroupUniformLoad(&rowSrc[${rows + 1}]) == 1;` : ''}
         ${declareAccumulators(layout)}
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
         // matrix operations
         let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
+        ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
         ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
         let unscale = uniforms.alpha / s;
+        ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
+        // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
+        if (direct) {
+          ${directStores(layout, (i, j) => `(u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
+              'u32(uniforms.outCols)')}
+        } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let m = ${m};
           let r = row0 + i32(m);
@@ -461,6 +573,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
+        ${direct ? '}' : ''}
       }
     `;
   }
@@ -517,9 +630,15 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const qa = stagedQuadA(x, layout, 'q');
     const qb = stagedQuadB(x, layout, 'q', false);
     const gathered = (side: 'gather' | RowSource) => (side === 'gather' ? '(pr[r] / uniforms.topK)' : 'r');
+    const whole = this.staging.v6?.whole;
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
-    if (quadL) {
+    if (quadL && whole?.rows) {
+      // v6, P whole blocks: only the reduction's end is checked
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
+          r0 => `select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp)) * s, ${r0} + i32(rr) < count)`,
+          qa.at, qa.step));
+    } else if (quadL) {
       // whole quads along p (P % 4 == 0); rows past the expert's count give 0
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
           r0 => `select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4)) * s, ` +
@@ -531,7 +650,11 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
           '            v = select(0.0, l, p < uniforms.P && r < count);',
           aIndex(x, layout, 'pp', 'rr')));
     }
-    if (quadR) {
+    if (quadR && whole?.cols) {
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
+          r0 => `select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq)), ${r0} + i32(rr) < count)`,
+          qb.at, qb.step));
+    } else if (quadR) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
           r0 => `select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4)), ` +
               `q0 + i32(qq) < uniforms.Q && ${r0} + i32(rr) < count)`, qb.at, qb.step));
@@ -561,12 +684,19 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         if (lid == 0) {
           segment[0] = seg[e];
           segment[1] = seg[uniforms.numExperts + 1 + e];
+          ${whole !== undefined ? `// v6: a block fully in range of a row-major dW with no scale stores straight to the output
+          segment[2] = select(0, 1, p0 + ${rows} <= uniforms.P && q0 + ${cols} <= uniforms.Q && uniforms.oQ == 1 && uniforms.alpha / s == 1.0);` : ''}
         }
         let start = workgroupUniformLoad(&segment[0]);
         let count = workgroupUniformLoad(&segment[1]);
+        ${whole !== undefined ? 'let direct = workgroupUniformLoad(&segment[2]) == 1;' : ''}
         ${declareAccumulators(layout)}
         ${slabLoop('r0', 'count', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
         let unscale = uniforms.alpha / s;
+        ${whole !== undefined ? `if (direct) {
+          ${directStores(layout, (i, j) => `u32(e * uniforms.oE + p0 * uniforms.oP + q0) + (partRow + ${16 * i}u) * u32(uniforms.oP) + partCol + ${16 * j}u`,
+              'u32(uniforms.oP)')}
+        } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let p = p0 + i32(${m});
           let q = q0 + i32(${n});
@@ -574,6 +704,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
             result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = unscale * ${v};
           }
         }`)}
+        ${whole !== undefined ? '}' : ''}
       }
     `;
   }
