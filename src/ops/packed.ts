@@ -607,6 +607,27 @@ export interface DenseMatMulAttrs {
 }
 
 /**
+ * MoEDenseMatMul's gradient, for a product on tfjs's tape (LinearLoRA's composed path with a
+ * trained W or bias, a tied head trained by full fine-tuning): the input's through
+ * denseWeightMatMul again (the other direction, so the flag picks it too), W's as tfjs's product
+ * (dyᵀ·a for a·Wᵀ, aᵀ·dy for a·W), the bias's the column sums of dy.
+ */
+tf.registerGradient({
+  kernelName: DENSE_MATMUL,
+  inputsToSave: ['a', 'weight'],
+  gradFunc: (dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap) => {
+    const [a, weight] = saved as [tf.Tensor2D, tf.Tensor2D];
+    const g = dy as tf.Tensor2D;
+    const transposeWeight = (attrs as unknown as DenseMatMulAttrs).transposeWeight;
+    return {
+      a: () => denseWeightMatMul(g, weight, !transposeWeight, null),
+      weight: () => transposeWeight ? tf.matMul(g, a, true, false) : tf.matMul(a, g, true, false),
+      bias: () => tf.sum(g, 0),
+    };
+  },
+});
+
+/**
  * tf.env() flag: which products of a float32 dense W run MoEDenseMatMul where it is registered
  * (webgpu). 'forward': x·Wᵀ only (the default: on the H100, tfjs-webgpu's product of the forward
  * shapes is the slow one, up to 1.8× the grouped program's; its dy·W is about even, docs/webgpu.md);

@@ -3,7 +3,8 @@
  * dy·W equal a float64 reference and tfjs's tf.matMul within float32 rounding over odd shapes, rows
  * that are not whole tiles and both tile presets (2×4 below 64 rows, 4×4 vec4 from 64); the flag
  * WEBGPU_MOE_DENSE_PROGRAM picks which products run it ('forward' by default, 'grouped', 'tfjs');
- * loraLinear's output and dx on the new route equal float64's within rounding; no leaks.
+ * loraLinear's output and dx on the new route equal float64's within rounding, and on tfjs's tape (a
+ * trained W or bias) the kernel's gradient gives d(input), dW and db as float64 does; no leaks.
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -146,6 +147,38 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
     }));
     w.dispose();
   });
+
+  for (const transposeWeight of [true, false]) {
+    it(`on tfjs's tape (W and b trained), ${transposeWeight ? 'x·Wᵀ + b' : 'x·W + b'}: d(input), dW, db as float64 gives them`, async () => {
+      const [n, rows, cols] = [70, 19, 33];
+      const [inner, outCols] = transposeWeight ? [cols, rows] : [rows, cols];
+      const w = tf.randomNormal([rows, cols], 0, 1, 'float32', 13) as tf.Tensor2D;
+      const x = tf.randomNormal([n, inner], 0, 1, 'float32', 14) as tf.Tensor2D;
+      const bias = tf.randomNormal([outCols], 0, 1, 'float32', 15) as tf.Tensor1D;
+      const dy = tf.randomNormal([n, outCols], 0, 1, 'float32', 16) as tf.Tensor2D;
+      const [wv, xv, dyv] = await Promise.all([w.data(), x.data(), dy.data()]) as Float32Array[];
+      // float64: d(input) = dy·W (a·Wᵀ) or dy·Wᵀ (a·W); dW = dyᵀ·x or xᵀ·dy; db = Σ_rows dy
+      const dxRef = productFloat64(dyv, n, wv, rows, cols, !transposeWeight, null);
+      const dwRef = new Float64Array(rows * cols);
+      for (let i = 0; i < n; i++) {
+        for (let p = 0; p < rows; p++) {
+          for (let q = 0; q < cols; q++) {
+            dwRef[p * cols + q] += transposeWeight ? dyv[i * outCols + p] * xv[i * inner + q] : xv[i * inner + p] * dyv[i * outCols + q];
+          }
+        }
+      }
+      const dbRef = Float64Array.from({ length: outCols }, (_, j) => Array.from({ length: n }, (_, i) => dyv[i * outCols + j]).reduce((s, v) => s + v, 0));
+      await withDenseProgram('grouped', () => expectNoLeakAsync(async () => {
+        const grads = tf.grads((xs: tf.Tensor, ws: tf.Tensor, bs: tf.Tensor) =>
+          denseWeightMatMul(xs as tf.Tensor2D, ws as tf.Tensor2D, transposeWeight, bs as tf.Tensor1D))([x, w, bias], dy);
+        await expectCloseAsync(grads[0], dxRef, 1e-6, 'd(input)', [n, inner]);
+        await expectCloseAsync(grads[1], dwRef, 1e-6, 'dW', [rows, cols]);
+        await expectCloseAsync(grads[2], dbRef, 1e-6, 'db', [outCols]);
+        tf.dispose(grads);
+      }));
+      tf.dispose([w, x, bias, dy]);
+    });
+  }
 
   it('loraLinear on the grouped route: y and dx as float64 gives them, dA and dB as the tfjs route, W read by MoEDenseMatMul both ways', async () => {
     const [n, inSize, out, r, s] = [70, 48, 36, 4, 2];

@@ -562,7 +562,7 @@ const gatherPackedRowsConfig: tf.KernelConfig = {
  * The register tile of a dense product over `rows` rows. From 64 rows 4×4 per thread, each thread
  * owning a contiguous block read from the slabs as vec4s (4x4x16v): on the H100 it was the fastest
  * tile or within a few % of it for every attention shape of Qwen3-30B-A3B and OLMoE at 512 and
- * 2048 tokens, both directions, where the experts' 8×8 preset (the default before) was up to 3×
+ * 2048 tokens, both directions, where the experts' 8×8 preset (the default before) was up to 2.7×
  * slower on the narrow k/v projections and 1.6× on dy·W (run M, 2026-12-06, commit cf99476:
  * `node .gpu/bundle/webgpu_dense_packed.js --tokens 512,2048 --iters 5`, docs/webgpu.md). vec4 needs
  * tm and tn multiples of 4; below 64 rows (not measured) a 32-row tile wastes fewer threads.
