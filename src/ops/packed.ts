@@ -631,19 +631,26 @@ tf.registerGradient({
  * tf.env() flag: which products of a float32 dense W run MoEDenseMatMul where it is registered
  * (webgpu). 'forward': x·Wᵀ only (the default: on the H100, tfjs-webgpu's product of the forward
  * shapes is the slow one, up to 1.8× the grouped program's; its dy·W is about even, docs/webgpu.md);
- * 'grouped': x·Wᵀ and dy·W; 'tfjs': neither (tf.matMul, as before).
+ * 'grouped': x·Wᵀ and dy·W, and on webgpu MoEMatMulAdd's products too (loraLinear's LoRA sums,
+ * not measured yet); 'tfjs': neither (tf.matMul, as before).
  */
 export const DENSE_PROGRAM_FLAG = 'WEBGPU_MOE_DENSE_PROGRAM';
 export const DENSE_PROGRAM_CHOICES = ['forward', 'grouped', 'tfjs'] as const;
 export type DenseProgramChoice = typeof DENSE_PROGRAM_CHOICES[number];
 tf.env().registerFlag(DENSE_PROGRAM_FLAG, () => 'forward');
 
-/** Whether the flag sends this product of a float32 W to MoEDenseMatMul (an unknown value throws). */
-function denseProgramTakes(transposeWeight: boolean): boolean {
+/** DENSE_PROGRAM_FLAG's value; an unknown one throws, naming the flag and the choices. */
+export function denseProgramChoice(): DenseProgramChoice {
   const choice = tf.env().get(DENSE_PROGRAM_FLAG);
   if (!(DENSE_PROGRAM_CHOICES as readonly unknown[]).includes(choice)) {
     fail('denseWeightMatMul', `tf.env() flag ${DENSE_PROGRAM_FLAG} must be one of ${DENSE_PROGRAM_CHOICES.map(c => `'${c}'`).join(', ')} but got ${JSON.stringify(choice)}`);
   }
+  return choice as DenseProgramChoice;
+}
+
+/** Whether the flag sends this product of a float32 W to MoEDenseMatMul. */
+function denseProgramTakes(transposeWeight: boolean): boolean {
+  const choice = denseProgramChoice();
   return choice === 'grouped' || (choice === 'forward' && transposeWeight);
 }
 

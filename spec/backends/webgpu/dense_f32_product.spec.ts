@@ -4,13 +4,15 @@
  * that are not whole tiles and both tile presets (2×4 below 64 rows, 4×4 vec4 from 64); the flag
  * WEBGPU_MOE_DENSE_PROGRAM picks which products run it ('forward' by default, 'grouped', 'tfjs');
  * loraLinear's output and dx on the new route equal float64's within rounding, and on tfjs's tape (a
- * trained W or bias) the kernel's gradient gives d(input), dW and db as float64 does; no leaks.
+ * trained W or bias) the kernel's gradient gives d(input), dW and db as float64 does; 'grouped' also
+ * runs MoEMatMulAdd (loraLinear's LoRA sums) through the grouped program; no leaks.
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { packedDenseTile } from '../../../src/backends/webgpu/kernels.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul } from '../../../src/ops/packed.js';
 import { MoELoraError } from '../../../src/errors.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
@@ -177,6 +179,46 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
         tf.dispose(grads);
       }));
       tf.dispose([w, x, bias, dy]);
+    });
+  }
+
+  /** The classes of the programs `fn` runs on the webgpu backend (its runWebGPUProgram, wrapped for the call). */
+  function programsOf(fn: () => tf.Tensor): { out: tf.Tensor; programs: string[] } {
+    const backend = tf.backend() as unknown as { runWebGPUProgram: (...args: unknown[]) => unknown };
+    const run = backend.runWebGPUProgram;
+    const programs: string[] = [];
+    backend.runWebGPUProgram = function (this: unknown, ...args: unknown[]) {
+      programs.push((args[0] as object).constructor.name);
+      return run.apply(this, args);
+    };
+    try {
+      return { out: fn(), programs };
+    } finally {
+      backend.runWebGPUProgram = run;
+    }
+  }
+
+  for (const transposeB of [true, false]) {
+    it(`matMulAdd (transposeB ${transposeB}): 'grouped' runs the grouped program, float64's values within rounding; 'forward' tfjs's`, async () => {
+      const [m, k, n] = [70, 6, 37];
+      const a = tf.randomNormal([m, k], 0, 1, 'float32', 17) as tf.Tensor2D;
+      const b = tf.randomNormal(transposeB ? [n, k] : [k, n], 0, 1, 'float32', 18) as tf.Tensor2D;
+      const addend = tf.randomNormal([m, n], 0, 1, 'float32', 19) as tf.Tensor2D;
+      const [av, bv, cv] = await Promise.all([a.data(), b.data(), addend.data()]) as Float32Array[];
+      // b as W [rows, cols]: a·bᵀ is a·Wᵀ with W = b [n, k]; a·b is a·W with W = b [k, n]
+      const ref = productFloat64(av, m, bv, transposeB ? n : k, transposeB ? k : n, transposeB, null).map((v, i) => v + cv[i]);
+      await expectNoLeakAsync(async () => {
+        for (const choice of ['grouped', 'forward']) {
+          await withDenseProgram(choice, async () => {
+            const { out, programs } = programsOf(() => matMulAdd(a, b, false, transposeB, addend));
+            expect(programs, choice).to.deep.equal([choice === 'grouped' ? 'GroupedMatMulProgram' : programs[0]]);
+            if (choice !== 'grouped') expect(programs[0]).to.not.equal('GroupedMatMulProgram');
+            await expectCloseAsync(out, ref, 1e-6, `${choice} vs float64`, [m, n]);
+            out.dispose();
+          });
+        }
+      });
+      tf.dispose([a, b, addend]);
     });
   }
 

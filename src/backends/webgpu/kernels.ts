@@ -24,7 +24,7 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, DENSE_MATMUL, type DenseMatMulAttrs, type ExpertWeightTensor, GATHER_PACKED_ROWS,
+  DECODE_PACKED, type DecodePackedAttrs, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
   type PackedKind,
 } from '../../ops/packed.js';
@@ -572,28 +572,37 @@ export function packedDenseTile(rows: number): TileConfig {
 }
 
 /**
- * A dense product a·Wᵀ (`transposeWeight`) or a·W (+ bias) as the experts' grouped product with
- * one group (GroupedMatMulProgram, singleGroup), for W [rows, cols] float32 (`kind` absent: read
- * as it is) or packed 16-bit halves (decoded as the tile loads read them, no float32 copy); the
- * bias is added in the same program. W(k, n) is element n·sN + k·sK of a row-major W whose rows
- * are `rowStride` elements long (2·ceil(cols/2) halves when packed, cols when float32).
+ * A dense product out = a·W (+ bias) (+ addend) as the experts' grouped product with one group
+ * (GroupedMatMulProgram, singleGroup), W(k, n) = w[n·sN + k·sK] for k < inner, n < outCols: float32
+ * (`packed` absent: read as it is) or packed 16-bit halves of a W `cols` wide (decoded as the tile
+ * loads read them, no float32 copy); the bias [outCols] and the addend [rows of a, outCols] are added in the same
+ * program, after the product's rounding.
  */
 function runDenseProduct(
-    args: KernelArgs, a: tf.TensorInfo, w: tf.TensorInfo, bias: tf.TensorInfo | undefined,
-    shape: { rows: number; cols: number; transposeWeight: boolean; rowStride: number }, kind: HalfKind | undefined,
+    args: KernelArgs, a: tf.TensorInfo, w: tf.TensorInfo, added: { bias?: tf.TensorInfo; addend?: tf.TensorInfo },
+    layout: { inner: number; outCols: number; sN: number; sK: number }, packed: { kind: HalfKind; cols: number } | undefined,
     tile: TileConfig): tf.TensorInfo {
-  const { rows, cols, transposeWeight, rowStride } = shape;
+  const { inner, outCols, sN, sK } = layout;
   const n = a.shape[0];
-  // a·Wᵀ reduces over W's columns (contiguous), a·W over its rows
-  const [inner, outCols, sN, sK] = transposeWeight ? [cols, rows, rowStride, 1] : [rows, cols, 1, rowStride];
   const program = new GroupedMatMulProgram(n, outCols, {
-    source: 'rows', hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, tile,
-    packedWeight: kind === undefined ? undefined : { kind, cols, layout: null }, singleGroup: true,
+    source: 'rows', hasBias: added.bias != null, hasAddend: added.addend != null, kContiguous: sK === 1, tile,
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, singleGroup: true,
   });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
-  return runGroupedProduct(args, program, bias != null ? [a, w, bias] : [a, w], uniforms, 2 * n * outCols * inner);
+  const inputs = [a, w, ...(added.bias != null ? [added.bias] : []), ...(added.addend != null ? [added.addend] : [])];
+  return runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
+}
+
+/**
+ * Where W [rows, cols] (rows `rowStride` elements long) sits for a·Wᵀ (`transposeWeight`: reduces
+ * over W's contiguous columns) or a·W (over its rows).
+ */
+function denseLayout(rows: number, cols: number, transposeWeight: boolean, rowStride: number) {
+  return transposeWeight
+    ? { inner: cols, outCols: rows, sN: rowStride, sK: 1 }
+    : { inner: rows, outCols: cols, sN: 1, sK: rowStride };
 }
 
 /**
@@ -604,7 +613,8 @@ function runDenseProduct(
 export function runPackedDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
     attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
-  return runDenseProduct(args, a, packed, bias, { ...attrs, rowStride: 2 * packed.shape[1] }, attrs.kind, tile);
+  const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, 2 * packed.shape[1]);
+  return runDenseProduct(args, a, packed, { bias }, layout, { kind: attrs.kind, cols: attrs.cols }, tile);
 }
 
 const packedDenseMatMulConfig: tf.KernelConfig = {
@@ -625,7 +635,7 @@ const packedDenseMatMulConfig: tf.KernelConfig = {
 export function runDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, weight: tf.TensorInfo, bias: tf.TensorInfo | undefined,
     attrs: DenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
-  return runDenseProduct(args, a, weight, bias, { ...attrs, rowStride: attrs.cols }, undefined, tile);
+  return runDenseProduct(args, a, weight, { bias }, denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols), undefined, tile);
 }
 
 const denseMatMulConfig: tf.KernelConfig = {
@@ -697,16 +707,27 @@ const rmsNormGradXConfig: tf.KernelConfig = {
  * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
  * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
+ * With WEBGPU_MOE_DENSE_PROGRAM 'grouped' (not the default: these products reduce over the LoRA
+ * rank, which run M did not time) a·b (+ a full [M, N] addend) runs runDenseProduct instead, b read
+ * at its strides.
  */
 const matMulAddConfig: tf.KernelConfig = {
   kernelName: MATMUL_ADD,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b, addend } = args.inputs as Record<string, tf.TensorInfo>;
+    const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
+    const [m, k] = a.shape;
+    const n = transposeB ? b.shape[0] : b.shape[1];
+    if (!transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n && denseProgramChoice() === 'grouped') {
+      // b [K, N]: W(k, n) = b[k·N + n]; transposed, b [N, K]: b[n·K + k]
+      const layout = transposeB ? { inner: k, outCols: n, sN: k, sK: 1 } : { inner: k, outCols: n, sN: 1, sK: n };
+      return runDenseProduct(args, a, b, { addend }, layout, undefined, packedDenseTile(m));
+    }
     const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
     return fused.kernelFunc({
       inputs: { a, b, bias: addend }, backend: args.backend,
-      attrs: { transposeA: args.attrs!.transposeA, transposeB: args.attrs!.transposeB, activation: 'linear', leakyreluAlpha: 0 },
+      attrs: { transposeA, transposeB, activation: 'linear', leakyreluAlpha: 0 },
     });
   },
 };
