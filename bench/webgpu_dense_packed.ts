@@ -2,6 +2,8 @@
  * A packed 16-bit dense projection on WebGPU against tfjs's own product on the float32 weight
  * (issue 10/15): for Qwen3-30B-A3B's and OLMoE's attention shapes, per token count, the time of
  *   f32      tf.matMul on the float32 weight (tfjs-webgpu's MatMulPacked or whichever it picks)
+ *   ours-f32 MoEDenseMatMul on the same float32 weight (the grouped program with one group, its
+ *            automatic tile), whichever way WEBGPU_MOE_DENSE_PROGRAM is set
  *   packed   denseWeightMatMul on the bf16 words (MoEPackedDenseMatMul: one program, halves decoded
  *            in the tile loads), with its automatic tile and with each tile of --tiles
  *   decode   the path before it: MoEDecodePacked of the whole weight, then tf.matMul
@@ -16,10 +18,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import { writeFileSync } from 'node:fs';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
-import { type KernelArgs, runPackedDenseMatMul } from '../src/backends/webgpu/kernels.js';
+import { type KernelArgs, runDenseMatMul, runPackedDenseMatMul } from '../src/backends/webgpu/kernels.js';
 import type { TileConfig } from '../src/backends/webgpu/programs/grouped_matmul_program.js';
 import {
-  denseWeightMatMul, type PackedDenseMatMulAttrs, type PackedDenseWeight, packedDenseWeightFromBits, unpackDenseWeight,
+  type DenseMatMulAttrs, denseWeightMatMul, type PackedDenseMatMulAttrs, type PackedDenseWeight, packedDenseWeightFromBits, unpackDenseWeight,
 } from '../src/ops/packed.js';
 import { encodeBFloat16 } from '../src/util/half.js';
 import { median } from './webgpu_timing.js';
@@ -65,6 +67,13 @@ function packedWithTile(a: tf.Tensor2D, w: PackedDenseWeight, transposeWeight: b
   return tf.engine().makeTensorFromTensorInfo(info);
 }
 
+/** MoEDenseMatMul on a float32 W with its automatic tile, through the kernel's own code (runDenseMatMul). */
+function oursF32(a: tf.Tensor2D, w: tf.Tensor2D, transposeWeight: boolean): tf.Tensor {
+  const attrs: DenseMatMulAttrs = { rows: w.shape[0], cols: w.shape[1], transposeWeight };
+  const info = runDenseMatMul({ inputs: {}, backend: tf.backend(), attrs: {} } as unknown as KernelArgs, a, w, undefined, attrs);
+  return tf.engine().makeTensorFromTensorInfo(info);
+}
+
 await setupDawnWebGPU();
 if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
 registerMoEKernels('webgpu');
@@ -88,13 +97,15 @@ for (const shapeName of flag('shapes', 'qwen3,olmoe').split(',')) {
       const gflops = (ms: number) => Math.round(2 * n * out * inSize / ms / 1e6);
       for (const [dir, a, transposeWeight] of [['forward x·Wᵀ', x, true], ['dx dy·W', dy, false]] as const) {
         const f32 = await timeProduct(() => tf.matMul(a, wDecoded, false, transposeWeight), iters, chain);
+        const ours = await timeProduct(() => oursF32(a, wDecoded, transposeWeight), iters, chain);
         const auto = await timeProduct(() => denseWeightMatMul(a, packed, transposeWeight, null), iters, chain);
         const decode = await timeProduct(() => tf.tidy(() => tf.matMul(a, unpackDenseWeight(packed), false, transposeWeight)), iters, chain);
         const byTile: Record<string, number> = {};
         for (const t of tiles) byTile[t] = await timeProduct(() => packedWithTile(a, packed, transposeWeight, parseTile(t)), iters, chain);
         const row = {
-          shape: shapeName, proj, out, in: inSize, tokens: n, dir, f32Ms: f32, packedMs: auto, decodeMs: decode,
-          packedOverF32: Math.round(auto / f32 * 100) / 100, gflops: { f32: gflops(f32), packed: gflops(auto), decode: gflops(decode) },
+          shape: shapeName, proj, out, in: inSize, tokens: n, dir, f32Ms: f32, oursF32Ms: ours, packedMs: auto, decodeMs: decode,
+          oursF32OverF32: Math.round(ours / f32 * 100) / 100, packedOverF32: Math.round(auto / f32 * 100) / 100,
+          gflops: { f32: gflops(f32), oursF32: gflops(ours), packed: gflops(auto), decode: gflops(decode) },
           tileMs: byTile,
         };
         rows.push(row);

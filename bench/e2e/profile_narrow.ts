@@ -10,6 +10,8 @@
  * --attention auto|kernels|composed: attention as the package picks (auto: MoEAttention from 64 MiB of probabilities),
  *   always as MoEAttention, or always as composed tfjs ops (the counts before those kernels).
  * --detail on: also the kernels by name and the programs by class, per phase (which op to cut next).
+ * --dense-program forward|grouped|tfjs: which float32 dense products run MoEDenseMatMul on webgpu (WEBGPU_MOE_DENSE_PROGRAM;
+ *   default forward, as the package; tfjs: the counts before that kernel).
  * --dense-dtype stored: attention q/k/v/o and the embedding held as their bf16 words (loadHFCheckpoint's denseDtype; default float32).
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -17,6 +19,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DenseDtype } from '../../src/io/hf_checkpoint_core.js';
+import { DENSE_PROGRAM_FLAG } from '../../src/ops/packed.js';
 import { ADAM_GROUPED_FLAG, ADAM_UPDATE_KERNEL_FLAG } from '../../src/train/adam_update.js';
 import { commandLineFlag, setAttentionPath, setUpNarrowWebGPU, writeNarrowCheckpoint, writeNarrowData } from './narrow_setup.js';
 import { runOurs } from './ours.js';
@@ -26,6 +29,7 @@ await setUpNarrowWebGPU();
 tf.env().set(ADAM_UPDATE_KERNEL_FLAG, commandLineFlag('composed-adam', 'off') !== 'on');
 tf.env().set(ADAM_GROUPED_FLAG, commandLineFlag('grouped-adam', 'on') !== 'off');
 setAttentionPath(commandLineFlag('attention', 'auto'));
+tf.env().set(DENSE_PROGRAM_FLAG, commandLineFlag('dense-program', 'forward'));
 const seq = Number(commandLineFlag('seq', '64'));
 const detail = commandLineFlag('detail', 'off') === 'on';
 const shape = commandLineFlag('shape', 'olmoe');

@@ -594,9 +594,71 @@ export interface PackedDenseMatMulAttrs {
 }
 
 /**
+ * MoEDenseMatMul: MoEPackedDenseMatMul for a float32 W: inputs a float32 [N, K], weight float32
+ * [rows, cols] and optionally bias float32 [outCols]; attrs rows, cols, transposeWeight; the same
+ * output. A backend registers it where its own program beats the stock tf.matMul (webgpu: the
+ * experts' grouped program with one group, see DENSE_PROGRAM_FLAG); elsewhere tf.matMul runs.
+ */
+export const DENSE_MATMUL = 'MoEDenseMatMul';
+export interface DenseMatMulAttrs {
+  rows: number;
+  cols: number;
+  transposeWeight: boolean;
+}
+
+/**
+ * MoEDenseMatMul's gradient, for a product on tfjs's tape (LinearLoRA's composed path with a
+ * trained W or bias, a tied head trained by full fine-tuning): the input's through
+ * denseWeightMatMul again (the other direction, so the flag picks it too), W's as tfjs's product
+ * (dyᵀ·a for a·Wᵀ, aᵀ·dy for a·W), the bias's the column sums of dy.
+ */
+tf.registerGradient({
+  kernelName: DENSE_MATMUL,
+  inputsToSave: ['a', 'weight'],
+  gradFunc: (dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap) => {
+    const [a, weight] = saved as [tf.Tensor2D, tf.Tensor2D];
+    const g = dy as tf.Tensor2D;
+    const transposeWeight = (attrs as unknown as DenseMatMulAttrs).transposeWeight;
+    return {
+      a: () => denseWeightMatMul(g, weight, !transposeWeight, null),
+      weight: () => transposeWeight ? tf.matMul(g, a, true, false) : tf.matMul(a, g, true, false),
+      bias: () => tf.sum(g, 0),
+    };
+  },
+});
+
+/**
+ * tf.env() flag: which products of a float32 dense W run MoEDenseMatMul where it is registered
+ * (webgpu). 'forward': x·Wᵀ only (the default: on the H100, tfjs-webgpu's product of the forward
+ * shapes is the slow one, up to 1.8× the grouped program's; its dy·W is about even, docs/webgpu.md);
+ * 'grouped': x·Wᵀ and dy·W, and on webgpu MoEMatMulAdd's products too (loraLinear's LoRA sums,
+ * not measured yet); 'tfjs': neither (tf.matMul, as before).
+ */
+export const DENSE_PROGRAM_FLAG = 'WEBGPU_MOE_DENSE_PROGRAM';
+export const DENSE_PROGRAM_CHOICES = ['forward', 'grouped', 'tfjs'] as const;
+export type DenseProgramChoice = typeof DENSE_PROGRAM_CHOICES[number];
+tf.env().registerFlag(DENSE_PROGRAM_FLAG, () => 'forward');
+
+/** DENSE_PROGRAM_FLAG's value; an unknown one throws, naming the flag and the choices. */
+export function denseProgramChoice(): DenseProgramChoice {
+  const choice = tf.env().get(DENSE_PROGRAM_FLAG);
+  if (!(DENSE_PROGRAM_CHOICES as readonly unknown[]).includes(choice)) {
+    fail('denseWeightMatMul', `tf.env() flag ${DENSE_PROGRAM_FLAG} must be one of ${DENSE_PROGRAM_CHOICES.map(c => `'${c}'`).join(', ')} but got ${JSON.stringify(choice)}`);
+  }
+  return choice as DenseProgramChoice;
+}
+
+/** Whether the flag sends this product of a float32 W to MoEDenseMatMul. */
+function denseProgramTakes(transposeWeight: boolean): boolean {
+  const choice = denseProgramChoice();
+  return choice === 'grouped' || (choice === 'forward' && transposeWeight);
+}
+
+/**
  * @internal a·Wᵀ (`transposeWeight`) or a·W for a frozen dense W, float32 or packed, plus `bias`
- * [outCols] if given: tf.matMul on a float32 W; a packed W is read in the product where
- * MoEPackedDenseMatMul is registered (no float32 copy of it), else decoded for this product only.
+ * [outCols] if given: a packed W is read in the product where MoEPackedDenseMatMul is registered
+ * (no float32 copy of it), else decoded for this product only; a float32 W goes to MoEDenseMatMul
+ * where it is registered and DENSE_PROGRAM_FLAG picks it for this direction, else tf.matMul.
  * No argument checks beyond tfjs's: the callers (loraLinear, LinearLoRA) pass shapes they checked.
  *
  * ```js
@@ -605,10 +667,16 @@ export interface PackedDenseMatMulAttrs {
  * ```
  */
 export function denseWeightMatMul(a: tf.Tensor2D, weight: DenseWeightTensor, transposeWeight: boolean, bias: tf.Tensor1D | null): tf.Tensor2D {
+  const withBias: tf.NamedTensorMap = bias === null ? {} : { bias };
   if (weight instanceof PackedDenseWeight && tf.getKernel(PACKED_DENSE_MATMUL, tf.getBackend()) != null) {
     const attrs: PackedDenseMatMulAttrs = { kind: weight.kind, rows: weight.shape[0], cols: weight.shape[1], transposeWeight };
-    const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...(bias === null ? {} : { bias }) };
+    const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...withBias };
     return tf.engine().runKernel(PACKED_DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
+  }
+  if (!(weight instanceof PackedDenseWeight) && weight.dtype === 'float32' && tf.getKernel(DENSE_MATMUL, tf.getBackend()) != null && denseProgramTakes(transposeWeight)) {
+    const attrs: DenseMatMulAttrs = { rows: weight.shape[0], cols: weight.shape[1], transposeWeight };
+    const inputs: tf.NamedTensorMap = { a, weight, ...withBias };
+    return tf.engine().runKernel(DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }
   // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
   return tf.tidy(() => {

@@ -115,7 +115,7 @@ describe('webgpu: packed dense weights read in place (gather, products)', functi
     });
   }
 
-  // (n, in, out): n picks the tile (2×4 below 64 rows, 4×4 below 256, 8×8 above), none a whole tile
+  // (n, in, out): n picks the tile (2×4 below 64 rows, 4×4 vec4 from 64), none a whole tile
   const shapes: Array<[number, number, number]> = [[5, 7, 6], [70, 33, 19], [300, 65, 130]];
   for (const kind of ['bf16', 'f16'] as const) {
     for (const [n, inSize, out] of shapes) {

@@ -24,8 +24,9 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, type ExpertWeightTensor, GATHER_PACKED_ROWS, type GatherPackedRowsAttrs, isPackedExpertWeight,
-  layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat, type PackedKind,
+  DECODE_PACKED, type DecodePackedAttrs, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
+  type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
+  type PackedKind,
 } from '../../ops/packed.js';
 import { GatherPackedRowsProgram } from './programs/gather_packed_rows_program.js';
 import type { PackedWeightSpec } from './programs/shared.js';
@@ -558,36 +559,62 @@ const gatherPackedRowsConfig: tf.KernelConfig = {
 };
 
 /**
- * The register tile of a dense product over `rows` rows: the experts' presets by rows per group
- * (webgpuMoETuningFor's thresholds), since a dense projection is one group of them.
+ * The register tile of a dense product over `rows` rows. From 64 rows 4×4 per thread, each thread
+ * owning a contiguous block read from the slabs as vec4s (4x4x16v): on the H100 it was the fastest
+ * tile or within a few % of it for every attention shape of Qwen3-30B-A3B and OLMoE at 512 and
+ * 2048 tokens, both directions, where the experts' 8×8 preset (the default before) was up to 2.7×
+ * slower on the narrow k/v projections and 1.6× on dy·W (run M, 2026-12-06, commit cf99476:
+ * `node .gpu/bundle/webgpu_dense_packed.js --tokens 512,2048 --iters 5`, docs/webgpu.md). vec4 needs
+ * tm and tn multiples of 4; below 64 rows (not measured) a 32-row tile wastes fewer threads.
  */
 export function packedDenseTile(rows: number): TileConfig {
-  return rows >= 256 ? { tm: 8, tn: 8, bk: 16 } : rows >= 64 ? { tm: 4, tn: 4, bk: 16 } : { tm: 2, tn: 4, bk: 16 };
+  return rows >= 64 ? { tm: 4, tn: 4, bk: 16, vec4: true } : { tm: 2, tn: 4, bk: 16 };
 }
 
 /**
- * denseWeightMatMul's MoEPackedDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a packed 16-bit W
- * as the experts' grouped product with one group (GroupedMatMulProgram, singleGroup): the halves
- * are decoded as the tile loads read them, so no float32 copy of W is made, and the bias is added
- * in the same program. W(k, n) is half n·sN + k·sK of the words, a row being 2·ceil(cols/2) halves.
- * `tile` defaults to packedDenseTile (bench/webgpu_dense_packed.ts sweeps others).
+ * A dense product out = a·W (+ bias) (+ addend) as the experts' grouped product with one group
+ * (GroupedMatMulProgram, singleGroup), W(k, n) = w[n·sN + k·sK] for k < inner, n < outCols: float32
+ * (`packed` absent: read as it is) or packed 16-bit halves of a W `cols` wide (decoded as the tile
+ * loads read them, no float32 copy); the bias [outCols] and the addend [rows of a, outCols] are added in the same
+ * program, after the product's rounding.
  */
-export function runPackedDenseMatMul(
-    args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
-    attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
-  const { kind, rows, cols, transposeWeight } = attrs;
+function runDenseProduct(
+    args: KernelArgs, a: tf.TensorInfo, w: tf.TensorInfo, added: { bias?: tf.TensorInfo; addend?: tf.TensorInfo },
+    layout: { inner: number; outCols: number; sN: number; sK: number }, packed: { kind: HalfKind; cols: number } | undefined,
+    tile: TileConfig): tf.TensorInfo {
+  const { inner, outCols, sN, sK } = layout;
   const n = a.shape[0];
-  const rowHalves = 2 * packed.shape[1];
-  // a·Wᵀ reduces over W's columns (contiguous halves), a·W over its rows
-  const [inner, outCols, sN, sK] = transposeWeight ? [cols, rows, rowHalves, 1] : [rows, cols, 1, rowHalves];
   const program = new GroupedMatMulProgram(n, outCols, {
-    source: 'rows', hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, tile,
-    packedWeight: { kind, cols, layout: null }, singleGroup: true,
+    source: 'rows', hasBias: added.bias != null, hasAddend: added.addend != null, kContiguous: sK === 1, tile,
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, singleGroup: true,
   });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
-  return runGroupedProduct(args, program, bias != null ? [a, packed, bias] : [a, packed], uniforms, 2 * n * outCols * inner);
+  const inputs = [a, w, ...(added.bias != null ? [added.bias] : []), ...(added.addend != null ? [added.addend] : [])];
+  return runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
+}
+
+/**
+ * Where W [rows, cols] (rows `rowStride` elements long) sits for a·Wᵀ (`transposeWeight`: reduces
+ * over W's contiguous columns) or a·W (over its rows).
+ */
+function denseLayout(rows: number, cols: number, transposeWeight: boolean, rowStride: number) {
+  return transposeWeight
+    ? { inner: cols, outCols: rows, sN: rowStride, sK: 1 }
+    : { inner: rows, outCols: cols, sN: 1, sK: rowStride };
+}
+
+/**
+ * denseWeightMatMul's MoEPackedDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a packed 16-bit W
+ * through runDenseProduct, a row being 2·ceil(cols/2) halves. `tile` defaults to packedDenseTile
+ * (bench/webgpu_dense_packed.ts sweeps others).
+ */
+export function runPackedDenseMatMul(
+    args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
+    attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
+  const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, 2 * packed.shape[1]);
+  return runDenseProduct(args, a, packed, { bias }, layout, { kind: attrs.kind, cols: attrs.cols }, tile);
 }
 
 const packedDenseMatMulConfig: tf.KernelConfig = {
@@ -596,6 +623,27 @@ const packedDenseMatMulConfig: tf.KernelConfig = {
   kernelFunc: (args: KernelArgs) => {
     const { a, packed, bias } = args.inputs as Record<string, tf.TensorInfo>;
     return runPackedDenseMatMul(args, a, packed, bias, args.attrs as unknown as PackedDenseMatMulAttrs);
+  },
+};
+
+/**
+ * denseWeightMatMul's MoEDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a float32 W through
+ * runDenseProduct, with packedDenseTile's tile: on the H100 that program's forward beat
+ * tfjs-webgpu's MatMulPacked by up to 1.8× on the bf16 weight (docs/webgpu.md); the float32 weight
+ * doubles what it reads of W. `tile` defaults to packedDenseTile (the bench sweeps others).
+ */
+export function runDenseMatMul(
+    args: KernelArgs, a: tf.TensorInfo, weight: tf.TensorInfo, bias: tf.TensorInfo | undefined,
+    attrs: DenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
+  return runDenseProduct(args, a, weight, { bias }, denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols), undefined, tile);
+}
+
+const denseMatMulConfig: tf.KernelConfig = {
+  kernelName: DENSE_MATMUL,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, weight, bias } = args.inputs as Record<string, tf.TensorInfo>;
+    return runDenseMatMul(args, a, weight, bias, args.attrs as unknown as DenseMatMulAttrs);
   },
 };
 
@@ -659,16 +707,27 @@ const rmsNormGradXConfig: tf.KernelConfig = {
  * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
  * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
+ * With WEBGPU_MOE_DENSE_PROGRAM 'grouped' (not the default: these products reduce over the LoRA
+ * rank, which run M did not time) a·b (+ a full [M, N] addend) runs runDenseProduct instead, b read
+ * at its strides.
  */
 const matMulAddConfig: tf.KernelConfig = {
   kernelName: MATMUL_ADD,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b, addend } = args.inputs as Record<string, tf.TensorInfo>;
+    const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
+    const [m, k] = a.shape;
+    const n = transposeB ? b.shape[0] : b.shape[1];
+    if (!transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n && denseProgramChoice() === 'grouped') {
+      // b [K, N]: W(k, n) = b[k·N + n]; transposed, b [N, K]: b[n·K + k]
+      const layout = transposeB ? { inner: k, outCols: n, sN: k, sK: 1 } : { inner: k, outCols: n, sN: 1, sK: n };
+      return runDenseProduct(args, a, b, { addend }, layout, undefined, packedDenseTile(m));
+    }
     const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
     return fused.kernelFunc({
       inputs: { a, b, bias: addend }, backend: args.backend,
-      attrs: { transposeA: args.attrs!.transposeA, transposeB: args.attrs!.transposeB, activation: 'linear', leakyreluAlpha: 0 },
+      attrs: { transposeA, transposeB, activation: 'linear', leakyreluAlpha: 0 },
     });
   },
 };
@@ -736,6 +795,6 @@ const scaledMatMulConfig: tf.KernelConfig = {
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
+  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
   matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig,
 ];
