@@ -1,11 +1,12 @@
 /**
- * MoEAttention / MoEAttentionGrad on webgpu (src/ops/attention_core.ts, programs/attention_program.ts):
- * scaledDotProductAttention flash-style, 2 programs forward and 3 backward, no [Nq, S, L] buffer
- * (issue 15). Value and dq, dk, dv against a float64 closed form (softmax, P·V; dS = P ⊙ (dP −
- * Σ dP ⊙ P)) and against the composed path on the same backend (ATTENTION_KERNEL_FLAG off), with
- * grouped KV heads (rep 1, 2, 4), causal and per-sample packed-segment masks, fully blocked rows,
- * S < L (a KV cache), Dk ≠ Dv, head width 128 and sizes that are no multiple of the 64-row
- * workgroup or the key tile; programs counted, no tensors left behind. The op's own spec
+ * MoEAttention / MoEAttentionGrad on webgpu (src/ops/attention_core.ts; programs/tiled_attention_program.ts
+ * and, with MOE_ATTENTION_PROGRAM 'rows', programs/attention_program.ts): scaledDotProductAttention
+ * flash-style, no [Nq, S, L] buffer (issue 15). Value and dq, dk, dv against a float64 closed form
+ * (softmax, P·V; dS = P ⊙ (dP − Σ dP ⊙ P)) and against the composed path on the same backend
+ * (ATTENTION_KERNEL_FLAG off), with grouped KV heads (rep 1, 2, 4), causal and per-sample
+ * packed-segment masks, fully blocked rows (also among skipped tiles), S < L (a KV cache), Dk ≠ Dv,
+ * head widths 64, 128, 256 and sizes that are no multiple of a row block or a tile; programs
+ * counted, workgroup memory within the device limit, no tensors left behind. The op's own spec
  * (attention_core.spec.ts, finite differences) runs on this path too. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -16,6 +17,8 @@ import { attentionMask, causalMask } from '../../../src/layers/attention.js';
 import {
   ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES, ATTENTION_KERNEL_MIN_BYTES_FLAG, scaledDotProductAttention,
 } from '../../../src/ops/attention_core.js';
+import { ATTENTION_PROGRAM_FLAG, TiledAttentionProgram, type AttentionProgramKind } from '../../../src/backends/webgpu/programs/tiled_attention_program.js';
+import { OpArgumentError } from '../../../src/ops/validate.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { Rng, asF32 } from '../../helpers/numeric.js';
 
@@ -79,7 +82,28 @@ async function composedPath<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-async function check(c: Case, seed: number): Promise<void> {
+/** Runs `fn` with the kernels' programs `kind` (MOE_ATTENTION_PROGRAM), then the default again. */
+async function withPrograms<T>(kind: AttentionProgramKind, fn: () => Promise<T>): Promise<T> {
+  tf.env().set(ATTENTION_PROGRAM_FLAG, kind);
+  try {
+    return await fn();
+  } finally {
+    tf.env().set(ATTENTION_PROGRAM_FLAG, 'tiled');
+  }
+}
+
+/**
+ * Program class and count of a training pass plus a pass without a tape, per MOE_ATTENTION_PROGRAM.
+ * The 'rows' programs (kept for timing) run only the cases with narrow heads: each program set is
+ * compiled per case, and on Mesa the rows programs at head 128 took 65 s to compile cold, the
+ * tiled ones 28 s.
+ */
+const PROGRAMS: Record<AttentionProgramKind, [string, number, string]> = {
+  tiled: ['TiledAttentionProgram', 7, '2 forward + 4 backward (Δ, dQ, dK, dV), then 1 without a tape'],
+  rows: ['AttentionProgram', 6, '2 forward + 3 backward, then 1 without a tape'],
+};
+
+async function check(c: Case, seed: number, kinds: AttentionProgramKind[] = ['tiled', 'rows']): Promise<void> {
   const rng = new Rng(seed);
   const scale = 1 / Math.sqrt(c.dk);
   const q64 = asF32(rng.array(c.nq * c.s * c.dk));
@@ -110,18 +134,24 @@ async function check(c: Case, seed: number): Promise<void> {
       counter.uninstall();
     }
   };
-  const fused = await pass();
   const composed = await composedPath(pass);
-  expect(fused.programs.AttentionProgram, 'AttentionProgram: 2 forward + 3 backward, then 1 without a tape').to.equal(6);
   expect(composed.programs.AttentionProgram, 'the composed path runs none').to.equal(undefined);
-  expect(maxRelativeError(fused.o, want.o), 'O against float64').to.be.below(1e-5);
-  expect(maxRelativeError(fused.o, composed.o), 'O against the composed path').to.be.below(1e-5);
-  for (const [i, name] of (['dq', 'dk', 'dv'] as const).entries()) {
-    expect(fused.shapes[i], `${name}: shape`).to.deep.equal([q, k, v][i].shape);
-    const errRef = maxRelativeError(fused.grads[i], want[name]);
-    expect(errRef, `${name} against float64`).to.be.below(2e-5);
-    const errComposed = maxRelativeError(fused.grads[i], composed.grads[i]);
-    expect(errComposed, `${name} against the composed path`).to.be.below(2e-5);
+  expect(composed.programs.TiledAttentionProgram, 'the composed path runs none').to.equal(undefined);
+  for (const kind of kinds) {
+    const fused = await withPrograms(kind, pass);
+    const [program, count, what] = PROGRAMS[kind];
+    const other = PROGRAMS[kind === 'tiled' ? 'rows' : 'tiled'][0];
+    expect(fused.programs[program], `${kind}: ${program}: ${what}`).to.equal(count);
+    expect(fused.programs[other], `${kind}: no ${other}`).to.equal(undefined);
+    expect(maxRelativeError(fused.o, want.o), `${kind}: O against float64`).to.be.below(1e-5);
+    expect(maxRelativeError(fused.o, composed.o), `${kind}: O against the composed path`).to.be.below(1e-5);
+    for (const [i, name] of (['dq', 'dk', 'dv'] as const).entries()) {
+      expect(fused.shapes[i], `${kind}: ${name}: shape`).to.deep.equal([q, k, v][i].shape);
+      const errRef = maxRelativeError(fused.grads[i], want[name]);
+      expect(errRef, `${kind}: ${name} against float64`).to.be.below(2e-5);
+      const errComposed = maxRelativeError(fused.grads[i], composed.grads[i]);
+      expect(errComposed, `${kind}: ${name} against the composed path`).to.be.below(2e-5);
+    }
   }
   expect(tf.memory().numTensors, 'numTensors after the passes').to.equal(before);
   tf.dispose([q, k, v, w, mask]);
@@ -155,9 +185,9 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
       return counter.programCounts;
     };
     const bytes = 4 * 6 * 6 * 4;
-    expect((await programsAt(bytes)).AttentionProgram, `kernels at exactly ${bytes} bytes`).to.equal(1);
+    expect((await programsAt(bytes)).TiledAttentionProgram, `kernels at exactly ${bytes} bytes`).to.equal(1);
     const below = await programsAt(bytes + 1);
-    expect(below.AttentionProgram, 'no kernel one byte above the problem').to.equal(undefined);
+    expect(below.TiledAttentionProgram, 'no kernel one byte above the problem').to.equal(undefined);
     expect(below.SoftmaxProgram, 'the composed softmax instead').to.equal(1);
     expect(tf.env().getNumber(ATTENTION_KERNEL_MIN_BYTES_FLAG), 'the spec keeps its own setting').to.equal(0);
     tf.dispose([q, k, v, mask]);
@@ -179,11 +209,56 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
   });
 
   it('head width 128 (Qwen3, OLMoE), rep 2, 33 positions', async () => {
-    await check({ nq: 4, nkv: 2, s: 33, keyLen: 33, dk: 128, dv: 128, mask: () => causalMask(33, null) }, 14);
+    await check({ nq: 4, nkv: 2, s: 33, keyLen: 33, dk: 128, dv: 128, mask: () => causalMask(33, null) }, 14, ['tiled']);
   });
 
   it('head width 256 for keys, 64 for values (the widest the kernels take), 9 positions', async () => {
-    await check({ nq: 1, nkv: 1, s: 9, keyLen: 9, dk: 256, dv: 64, mask: () => causalMask(9, null) }, 16);
+    await check({ nq: 1, nkv: 1, s: 9, keyLen: 9, dk: 256, dv: 64, mask: () => causalMask(9, null) }, 16, ['tiled']);
+  });
+
+  it('head width 64, rep 4, per-sample packed segments, 100 positions: several row blocks, key tiles skipped', async () => {
+    const ids = tf.tensor2d([...Array(200).keys()].map(i => (i < 100 ? Math.floor(i / 37) : Math.floor((i - 100) / 61))), [2, 100], 'int32');
+    await check({ nq: 8, nkv: 2, s: 100, keyLen: 100, dk: 64, dv: 64, mask: () => attentionMask(100, null, ids) }, 17, ['tiled']);
+    ids.dispose();
+  });
+
+  it('fully blocked rows among causal rows whose tiles are skipped: the block is run again without skipping', async () => {
+    const s = 70;
+    const data = Float32Array.from(await causalMask(s, null).array().then(rows => rows.flat()));
+    for (let j = 0; j < s; j++) {
+      data[5 * s + j] = -1e9;                             // blocked everywhere
+      data[40 * s + j] = j % 2 === 0 ? -2e9 : -1e9;       // two masks added on half of the keys
+    }
+    data[60 * s + 66] = 0;                                // one key past the diagonal open
+    await check({ nq: 2, nkv: 1, s, keyLen: s, dk: 128, dv: 128, mask: () => tf.tensor2d(data, [s, s]) }, 19, ['tiled']);
+  });
+
+  it('the tiled programs declare no more workgroup memory than the device limit they are given (16 KiB, 48 KiB)', () => {
+    const bytesOf = (wgsl: string) => [...wgsl.matchAll(/var<workgroup> \w+ : (?:array<(\w+), (\d+)>|i32);/g)]
+      .reduce((sum, [, type, count]) => sum + (type === undefined ? 4 : (type === 'V' && /alias V = vec4/.test(wgsl) ? 16 : 4) * Number(count)), 0);
+    for (const limit of [16384, 49152]) {
+      for (const [dk, dv] of [[64, 64], [128, 128], [256, 256], [256, 64], [12, 20], [4, 3]]) {
+        for (const pass of ['forward', 'stats', 'gradQ', 'gradK', 'gradV'] as const) {
+          const program = new TiledAttentionProgram(pass, { nkv: 2, rep: 4, seqLen: 100, keyLen: 100, dk, dv, maskBatch: 0 }, limit);
+          const bytes = bytesOf(program.getUserCode());
+          expect(bytes, `${pass} ${dk}/${dv} at ${limit}`).to.be.within(1, limit);
+          // the tile is the largest that fits: twice as many rows would not
+          if (program.layout.tile < 32) expect(bytes * 2 - 64, `${pass} ${dk}/${dv} at ${limit}: tile ${program.layout.tile}`).to.be.above(limit - 64);
+        }
+      }
+    }
+  });
+
+  it('an unknown MOE_ATTENTION_PROGRAM is an error naming the flag', async () => {
+    const [q, k, v, mask] = [tf.ones([1, 2, 4]), tf.ones([1, 2, 4]), tf.ones([1, 2, 4]), causalMask(2, null)];
+    tf.env().set(ATTENTION_PROGRAM_FLAG, 'fast');
+    try {
+      expect(() => scaledDotProductAttention(q as tf.Tensor3D, k as tf.Tensor3D, v as tf.Tensor3D, mask, 0.5))
+        .to.throw(OpArgumentError, "`scaledDotProductAttention()`: tf.env() flag MOE_ATTENTION_PROGRAM must be 'tiled' or 'rows' but got");
+    } finally {
+      tf.env().set(ATTENTION_PROGRAM_FLAG, 'tiled');
+    }
+    tf.dispose([q, k, v, mask]);
   });
 
   it('a head wider than 256 runs the composed path', async () => {
@@ -197,7 +272,7 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
     } finally {
       counter.uninstall();
     }
-    expect(counter.programCounts.AttentionProgram).to.equal(undefined);
+    expect(counter.programCounts.TiledAttentionProgram).to.equal(undefined);
     expect(counter.programCounts.SoftmaxProgram).to.equal(1);
     tf.dispose([q, k, v, mask]);
   });

@@ -38,6 +38,7 @@ import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
+import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } from './programs/tiled_attention_program.js';
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
 import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
@@ -734,8 +735,10 @@ const matMulAddConfig: tf.KernelConfig = {
 
 /**
  * scaledDotProductAttention's MoEAttention and MoEAttentionGrad (src/ops/attention_core.ts), under
- * that op's own names: the forward pass in 2 programs (O; with `withStats`, the rows' max and sum)
- * and the backward in 3 (dQ; dK; dV), none holding an [Nq, S, L] buffer (issue 15).
+ * that op's own names, none holding an [Nq, S, L] buffer (issue 15). MOE_ATTENTION_PROGRAM picks
+ * the programs: 'tiled' (TiledAttentionProgram: forward 2 programs, O; with `withStats`, the rows'
+ * max and sum; backward 4: Δ = rowsum(dO ⊙ O), dQ, dK, dV) or 'rows' (AttentionProgram, a thread
+ * per row: forward 2, backward 3: dQ, dK, dV).
  */
 function attentionDims(q: tf.TensorInfo, k: tf.TensorInfo, v: tf.TensorInfo, mask: tf.TensorInfo): AttentionDims {
   const [nq, seqLen, dk] = q.shape;
@@ -749,15 +752,22 @@ function runAttentionPass(args: KernelArgs, pass: AttentionPass, dims: Attention
   return b.runWebGPUProgram(program, inputs, 'float32', AttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
 }
 
+function runTiledAttentionPass(args: KernelArgs, pass: TiledAttentionPass, dims: AttentionDims, inputs: tf.TensorInfo[]): tf.TensorInfo {
+  const b = webgpu(args);
+  const program = new TiledAttentionProgram(pass, dims, b.device.limits.maxComputeWorkgroupStorageSize);
+  return b.runWebGPUProgram(program, inputs, 'float32', TiledAttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
+}
+
 const attentionConfig: tf.KernelConfig = {
   kernelName: ATTENTION,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { q, k, v, mask } = args.inputs as Record<string, tf.TensorInfo>;
     const dims = attentionDims(q, k, v, mask);
-    const o = runAttentionPass(args, 'forward', dims, [q, k, v, mask]);
+    const run = attentionProgramKind() === 'tiled' ? runTiledAttentionPass : runAttentionPass;
+    const o = run(args, 'forward', dims, [q, k, v, mask]);
     if (!(args.attrs as unknown as AttentionAttrs).withStats) return [o];
-    return [o, runAttentionPass(args, 'stats', dims, [q, k, mask])];
+    return [o, run(args, 'stats', dims, [q, k, mask])];
   },
 };
 
@@ -767,11 +777,21 @@ const attentionGradConfig: tf.KernelConfig = {
   kernelFunc: (args: KernelArgs) => {
     const { q, k, v, mask, o, stats, dy } = args.inputs as Record<string, tf.TensorInfo>;
     const dims = attentionDims(q, k, v, mask);
-    return [
-      runAttentionPass(args, 'gradQ', dims, [q, k, v, mask, o, stats, dy]),
-      runAttentionPass(args, 'gradK', dims, [q, k, v, mask, o, stats, dy]),
-      runAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
+    if (attentionProgramKind() === 'rows') {
+      return [
+        runAttentionPass(args, 'gradQ', dims, [q, k, v, mask, o, stats, dy]),
+        runAttentionPass(args, 'gradK', dims, [q, k, v, mask, o, stats, dy]),
+        runAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
+      ];
+    }
+    const deltas = runTiledAttentionPass(args, 'delta', dims, [o, dy]);     // [Nq, S]
+    const grads = [
+      runTiledAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy]),
+      runTiledAttentionPass(args, 'gradK', dims, [q, k, v, mask, stats, deltas, dy]),
+      runTiledAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
     ];
+    webgpu(args).disposeData(deltas.dataId);
+    return grads;
   },
 };
 
