@@ -327,13 +327,20 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
   const q = b.shape[1];
   const out = bk.makeOutput([groupSizes.length, p, q], 'float32');
   const maxRows = Math.max(0, ...groupSizes);
-  const at_ = scratch(bk, maxRows * p);                    // one expert's a rows, transposed
-  const bs = bRows ? scratch(bk, maxRows * q) : null;
+  // XNNPACK packs the product's right operand ([n, q] here) on every call, ~5 ns an element, more
+  // than the product costs when the other side is narrow (LoRA's dA = grᵀ·x: p = r = 8 rows out
+  // of [n, 256] packed). Then the product runs the other way round, (bᵀ·a)ᵀ, packing a [n, p].
+  const swap = p < q;
+  const [lead, packed] = swap ? [q, p] : [p, q];           // the product: [lead, n]·[n, packed]
+  const leadT = scratch(bk, maxRows * lead);               // one expert's leading operand's rows, transposed
+  const packedRows = (swap ? aRows : bRows) ? scratch(bk, maxRows * packed) : null;
+  const swapped = swap ? scratch(bk, p * q) : null;        // one expert's [q, p] before its transpose
   const run = heapProducts(bk).product;
   try {
     const [ai, bi, oi] = [at(bk, a), at(bk, b), at(bk, out)];
     const ari = aRows ? at(bk, aRows) : 0;
     const bri = bRows ? at(bk, bRows) : 0;
+    const [li, lri, lIndexed, pi, pri] = swap ? [bi, bri, bRows, ai, ari] : [ai, ari, aRows, bi, bri];
     let start = 0;
     groupSizes.forEach((n, e) => {
       const o = oi + e * p * q;
@@ -343,18 +350,24 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
         return;
       }
       const idx = bk.wasm.HEAP32;
-      gatherTransposeInto(n, p, heap, ai, aRows ? idx : null, ari, start, heap, at_.index);  // [p, n]
-      let bIdx = bi + start * q;
-      if (bs) {
-        gatherRowsInto(n, q, heap, bi, idx, bri, start, heap, bs.index);
-        bIdx = bs.index;
+      gatherTransposeInto(n, lead, heap, li, lIndexed ? idx : null, lri, start, heap, leadT.index);  // [lead, n]
+      let pIdx = pi + start * packed;
+      if (packedRows) {
+        gatherRowsInto(n, packed, heap, pi, idx, pri, start, heap, packedRows.index);
+        pIdx = packedRows.index;
       }
-      run(p, n, q, at_.index, bIdx, o);
+      if (swapped) {
+        run(q, n, p, leadT.index, pIdx, swapped.index);
+        transposeInto(q, p, bk.wasm.HEAPF32, swapped.index, bk.wasm.HEAPF32, o);   // the product may have grown the heap
+      } else {
+        run(p, n, q, leadT.index, pIdx, o);
+      }
       start += n;
     });
   } finally {
-    at_.free();
-    bs?.free();
+    leadT.free();
+    packedRows?.free();
+    swapped?.free();
   }
   return out;
 }
