@@ -54,7 +54,8 @@ describe('Identity shares the buffer', () => {
 
   it('customGrad keeps what it saved after the caller disposes the original', () => {
     const before = tf.memory().numTensors;
-    const f = tf.customGrad((x: tf.Tensor, save: tf.GradSaveFunc) => {
+    const f = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
+      const [x, save] = args as [tf.Tensor, tf.GradSaveFunc];
       save([x]);
       return { value: tf.square(x), gradFunc: (dy: tf.Tensor, [xs]: tf.Tensor[]) => [tf.mul(dy, tf.mul(xs, 2))] };
     });

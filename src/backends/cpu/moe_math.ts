@@ -119,8 +119,8 @@ export function gatherRowsInto(
 /**
  * dst[cols, n] = (gathered rows, as in gatherRowsInto)ᵀ. Eight source rows at a time: each
  * destination row gets eight neighbouring writes per pass and the eight source rows stream in
- * order, about 0.8 ns an element in V8 against 2.3 for 32×32 tiles of single writes (256×256,
- * bench/wasm_products.ts's machine); a pure copy, so the values are unchanged.
+ * order: about 0.8 ns an element in V8 against 2.3 for 32×32 tiles of single writes (256×256 on
+ * the benchmark box, docs/benchmarks.md "wasm, third pass"); a pure copy, the values unchanged.
  */
 export function gatherTransposeInto(
     n: number, cols: number, src: F32, sOff: number, idx: Int32Array | null, idxOff: number, start: number,
