@@ -5,7 +5,8 @@
  * through the inverse permutation plus a sum over K). The building blocks are kernels on cpu and
  * wasm and stock-op compositions elsewhere (./kernels.ts).
  *
- * Its backward keeps only x, the routing weights and the up projection's output h, and recomputes
+ * Its backward keeps only x, the routing weights and the up projection's output h (with split
+ * LoRA on it also each up adapter's [N, r] u = s·x·A_eᵀ, r/2I of h's size), and recomputes
  * the activation (SonicMoE's design: about half the activation memory of autodiff, which would
  * keep the gathered rows, h, the activation and the down output). The down output y is never
  * recomputed: the routing weights' gradient comes from the down projection's dx (see gradFunc).
