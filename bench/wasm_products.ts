@@ -2,11 +2,14 @@
  * What bounds the fused block on wasm: tfjs-wasm's XNNPACK product (its exported BatchMatMul,
  * called on the heap as src/backends/wasm/moe_kernels.ts calls it) at config S's per-expert
  * shapes, with the operator built per call (a weight id registered and dropped, as for a trained
- * weight) and kept (a frozen one), and its vectorized sigmoid against Math.exp in JS.
+ * weight) and kept (a frozen one), and its vectorized sigmoid against Math.exp in JS; then the
+ * data moves around the products: moe_math's transpose (JS) against tfjs-wasm's Transpose, and an
+ * elementwise add in JS against tfjs-wasm's Add (XNNPACK), both on the heap.
  * `npx tsx bench/wasm_products.ts`; medians of 40 calls (20 for the sigmoid).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-wasm';
+import { scaleAdd, transposeInto } from '../src/backends/cpu/moe_math.js';
 
 interface WasmBackendInternals {
   wasm: {
@@ -73,3 +76,37 @@ for (let r = 0; r < 20; r++) {
   js.push(performance.now() - t0);
 }
 console.log(`sigmoid of [2048, 256]: XNNPACK ${median(xnn).toFixed(3)} ms, JS Math.exp ${median(js).toFixed(3)} ms`);
+
+const bytes = (values: number[]) => new Uint8Array(new Int32Array(values).buffer);
+const transpose = wasm.cwrap('Transpose', null, ['number', 'array', 'number', 'number', 'number', 'array', 'number']);
+const [rows, cols] = [256, 256];
+const tSrc = block(rows * cols);
+const tDst = block(rows * cols);
+const jsT: number[] = [];
+const wasmT: number[] = [];
+for (let r = 0; r < 40; r++) {
+  let t0 = performance.now();
+  transposeInto(rows, cols, wasm.HEAPF32, tSrc.index, wasm.HEAPF32, tDst.index);
+  jsT.push(performance.now() - t0);
+  t0 = performance.now();
+  transpose(tSrc.id, bytes([rows, cols]), 2, 0 /* float32 */, tDst.id, bytes([1, 0]), 2);
+  wasmT.push(performance.now() - t0);
+}
+const perElement = (ms: number, n: number) => (ms * 1e6 / n).toFixed(2);
+console.log(`transpose [${rows}, ${cols}]: moe_math ${perElement(median(jsT), rows * cols)} ns an element, ` +
+    `tfjs-wasm Transpose ${perElement(median(wasmT), rows * cols)}`);
+const add = wasm.cwrap('Add', null, ['number', 'array', 'number', 'number', 'array', 'number', 'number', 'number']);
+const addSize = 2048 * 256;
+const [sum, addend] = [block(addSize), block(addSize)];
+const jsAdd: number[] = [];
+const wasmAdd: number[] = [];
+for (let r = 0; r < 40; r++) {
+  let t0 = performance.now();
+  scaleAdd(addSize, 1, wasm.HEAPF32, sum.index, wasm.HEAPF32, addend.index);
+  jsAdd.push(performance.now() - t0);
+  t0 = performance.now();
+  add(sum.id, bytes([addSize]), 1, addend.id, bytes([addSize]), 1, 0 /* float32 */, sum.id);
+  wasmAdd.push(performance.now() - t0);
+}
+console.log(`y += addend over [2048, 256]: JS ${perElement(median(jsAdd), addSize)} ns an element, ` +
+    `tfjs-wasm Add ${perElement(median(wasmAdd), addSize)}`);

@@ -233,8 +233,10 @@ describe('MoE kernels', () => {
   });
 
   describe('groupedWeightGrad', () => {
+    // p = 6: q > p runs on wasm as (bᵀ·a)ᵀ (the narrow a packed), q < p as aᵀ·b
     const cases: Array<[boolean, boolean, number]> = [
-      [false, false, 9], [true, false, 9], [false, true, 9], [true, true, 9], [false, false, 21], [true, true, 21]];
+      [false, false, 9], [true, false, 9], [false, true, 9], [true, true, 9], [false, false, 21], [true, true, 21],
+      [false, false, 3], [true, false, 3], [false, true, 3], [true, true, 3]];
     for (const [aIdx, bIdx, q] of cases) {
       it(`Σ aᵀ·b per expert, q = ${q}${aIdx ? ', a through an index' : ''}${bIdx ? ', b through an index' : ''}; zeros for an empty expert`, () => {
         const rng = new Rng(31 + (aIdx ? 1 : 0) + (bIdx ? 2 : 0) + q);

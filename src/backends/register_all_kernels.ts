@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { cpuMoEKernelConfigs } from './cpu/moe_kernels.js';
 import { useFastTransposedBatchMatMul } from './wasm/batch_mat_mul.js';
+import { useSharedIdentity } from './wasm/identity.js';
 import { wasmMoEKernelConfigs } from './wasm/moe_kernels.js';
 import { unsortedSegmentSumConfig } from './wasm/unsorted_segment_sum.js';
 import { webgpuMoEKernelConfigs } from './webgpu/kernels.js';
@@ -28,8 +29,12 @@ export function registerMoEKernels(backendName: string = tf.getBackend()): strin
   // the experts implementation of the 'fused' block and the routing kernel ride along
   if (backendName === 'webgpu') registerWebGPUMoE();
   // tfjs-wasm's own BatchMatMul, wrapped so that transposed products (gradients, the router) take
-  // its XNNPACK path: a replacement, not an addition, so it is not in the names returned
-  if (backendName === 'wasm') useFastTransposedBatchMatMul();
+  // its XNNPACK path, and its Identity made to share the buffer instead of copying it (every clone,
+  // customGrad's saves): replacements, not additions, so they are not in the names returned
+  if (backendName === 'wasm') {
+    useFastTransposedBatchMatMul();
+    useSharedIdentity();
+  }
   return added;
 }
 

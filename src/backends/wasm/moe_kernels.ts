@@ -204,6 +204,32 @@ export function wasmWeightCacheSize(backend: {}): { entries: number; bytes: numb
   return { entries: cache?.entries.size ?? 0, bytes: cache?.bytes ?? 0 };
 }
 
+/** out = a + b elementwise over `size` floats, for heap tensor ids (out may be a): tfjs-wasm's XNNPACK add. */
+type HeapAdd = (aId: number, bId: number, outId: number, size: number) => void;
+
+const addOf = new WeakMap<WasmModuleLike, HeapAdd | null>();
+
+/**
+ * tfjs-wasm's exported `Add` on the heap, or null without it. A JS loop over the wasm heap adds
+ * at ~3.5 ns an element on the benchmark machine, XNNPACK's at ~0.35: split LoRA adds its branch
+ * to the base output four times a step ([2048, 256] at S), ~7 ms in JS.
+ */
+function heapAdd(b: WasmBackendLike): HeapAdd | null {
+  const wasm = b.wasm;
+  if (!addOf.has(wasm)) {
+    if (typeof wasm.cwrap !== 'function') {
+      addOf.set(wasm, null);
+    } else {
+      const add = wasm.cwrap('Add', null, ['number', 'array', 'number', 'number', 'array', 'number', 'number', 'number']);
+      addOf.set(wasm, (aId, bId, outId, size) => {
+        const shape = new Uint8Array(new Int32Array([size]).buffer);
+        add(aId, shape, 1, bId, shape, 1, 0 /* float32 */, outId);
+      });
+    }
+  }
+  return addOf.get(wasm)!;
+}
+
 /** A scratch block on the heap, freed by `free`. */
 interface Scratch { index: number; free(): void }
 
@@ -227,6 +253,9 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const cache = frozenW && products.productWithWeightId ? weightCache(b) : null;
   if (cache && cache.bytes > tf.env().getNumber(WEIGHT_CACHE_BYTES_FLAG)) makeRoom(b, cache, 0, products);  // the budget was lowered
   const wId = cache ? b.dataIdMap.get(w.dataId).id : 0;
+  // The addend goes in at the end, in one vectorized pass over the whole output (y + addTo rounds
+  // the same in either order); with a scale or a bias it is added per expert as before.
+  const add = addTo && alpha === 1 && !bias ? heapAdd(b) : null;
   const xs = rows ? scratch(b, maxRows * k) : null;        // one expert's gathered rows
   const blocks: { wt?: Scratch; dec?: Scratch } = {};      // one expert's W_eᵀ, its decoded packed weight
   const wordsPerExpert = w.shape[1] as number;
@@ -274,10 +303,14 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
       }
       const after = b.wasm.HEAPF32;   // the product may have grown the heap
       const oi = at(b, out) + start * m;
-      if (alpha !== 1 || addTo) scaleAdd(n * m, alpha, after, oi, addTo ? after : null, addTo ? at(b, addTo) + start * m : 0);
+      if (alpha !== 1 || (addTo && !add)) scaleAdd(n * m, alpha, after, oi, addTo ? after : null, addTo ? at(b, addTo) + start * m : 0);
       if (bias) addRowVector(n, m, after, oi, after, at(b, bias) + e * m);
       start += n;
     });
+    if (add && total > 0) {
+      const outId = b.dataIdMap.get(out.dataId).id;
+      add(outId, b.dataIdMap.get(addTo!.dataId).id, outId, total * m);
+    }
   } finally {
     xs?.free();
     blocks.wt?.free();
@@ -294,13 +327,20 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
   const q = b.shape[1];
   const out = bk.makeOutput([groupSizes.length, p, q], 'float32');
   const maxRows = Math.max(0, ...groupSizes);
-  const at_ = scratch(bk, maxRows * p);                    // one expert's a rows, transposed
-  const bs = bRows ? scratch(bk, maxRows * q) : null;
+  // XNNPACK packs the product's right operand ([n, q] here) on every call, ~5 ns an element, more
+  // than the product costs when the other side is narrow (LoRA's dA = grᵀ·x: p = r = 8 rows out
+  // of [n, 256] packed). Then the product runs the other way round, (bᵀ·a)ᵀ, packing a [n, p].
+  const swap = p < q;
+  const [lead, packed] = swap ? [q, p] : [p, q];           // the product: [lead, n]·[n, packed]
+  const leadT = scratch(bk, maxRows * lead);               // one expert's leading operand's rows, transposed
+  const packedRows = (swap ? aRows : bRows) ? scratch(bk, maxRows * packed) : null;
+  const swapped = swap ? scratch(bk, p * q) : null;        // one expert's [q, p] before its transpose
   const run = heapProducts(bk).product;
   try {
     const [ai, bi, oi] = [at(bk, a), at(bk, b), at(bk, out)];
     const ari = aRows ? at(bk, aRows) : 0;
     const bri = bRows ? at(bk, bRows) : 0;
+    const [li, lri, lIndexed, pi, pri] = swap ? [bi, bri, bRows, ai, ari] : [ai, ari, aRows, bi, bri];
     let start = 0;
     groupSizes.forEach((n, e) => {
       const o = oi + e * p * q;
@@ -310,18 +350,24 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
         return;
       }
       const idx = bk.wasm.HEAP32;
-      gatherTransposeInto(n, p, heap, ai, aRows ? idx : null, ari, start, heap, at_.index);  // [p, n]
-      let bIdx = bi + start * q;
-      if (bs) {
-        gatherRowsInto(n, q, heap, bi, idx, bri, start, heap, bs.index);
-        bIdx = bs.index;
+      gatherTransposeInto(n, lead, heap, li, lIndexed ? idx : null, lri, start, heap, leadT.index);  // [lead, n]
+      let pIdx = pi + start * packed;
+      if (packedRows) {
+        gatherRowsInto(n, packed, heap, pi, idx, pri, start, heap, packedRows.index);
+        pIdx = packedRows.index;
       }
-      run(p, n, q, at_.index, bIdx, o);
+      if (swapped) {
+        run(q, n, p, leadT.index, pIdx, swapped.index);
+        transposeInto(q, p, bk.wasm.HEAPF32, swapped.index, bk.wasm.HEAPF32, o);   // the product may have grown the heap
+      } else {
+        run(p, n, q, leadT.index, pIdx, o);
+      }
       start += n;
     });
   } finally {
-    at_.free();
-    bs?.free();
+    leadT.free();
+    packedRows?.free();
+    swapped?.free();
   }
   return out;
 }

@@ -5,7 +5,8 @@
  * through the inverse permutation plus a sum over K). The building blocks are kernels on cpu and
  * wasm and stock-op compositions elsewhere (./kernels.ts).
  *
- * Its backward keeps only x, the routing weights and the up projection's output h, and recomputes
+ * Its backward keeps only x, the routing weights and the up projection's output h (with split
+ * LoRA on it also each up adapter's [N, r] u = s·x·A_eᵀ, r/2I of h's size), and recomputes
  * the activation (SonicMoE's design: about half the activation memory of autodiff, which would
  * keep the gathered rows, h, the activation and the down output). The down output y is never
  * recomputed: the routing weights' gradient comes from the down projection's dx (see gradFunc).
@@ -17,7 +18,9 @@ import { resolveExpertCall } from './check_args.js';
 import { materializeGrouped } from './materialize_grouped.js';
 import { planProjection, projectionTrainables, restoreProjection, type ProjectionPlan } from './projection.js';
 import { buildDispatchPlan, type DispatchPlan } from './dispatch_plan.js';
-import { groupedRowsBackward, groupedRowsForward, type GroupedGrads, type GroupedLoRA, type GroupedWeight } from './grouped_matmul.js';
+import {
+  groupedRowsBackward, groupedRowsForward, groupedRowsForwardWithLoRADown, type GroupedGrads, type GroupedLoRA, type GroupedWeight,
+} from './grouped_matmul.js';
 import { hasDropout, loraDropoutMask } from '../lora/dropout.js';
 import {
   combineRows, expertActivation, expertActivationGrad, groupedProduct, groupedWeightGrad, pairRowDot, type Rows,
@@ -114,13 +117,14 @@ export function fusedExperts(
       // a base that gets no gradient is frozen (W_eff of materialize is trained: new every step)
       const upW: GroupedWeight = { weight: up.weight, bias: up.bias, lora: withMasks(up.lora, upMasks), transposed, frozen: !up.trainWeight };
       const downW: GroupedWeight = { weight: down.weight, bias: down.bias, lora: withMasks(down.lora, downMasks), transposed, frozen: !down.trainWeight };
-      const h = groupedRowsForward({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
+      const { y: h, loraDown: upU } = groupedRowsForwardWithLoRADown({ t: xIn, index: tokenIndex() }, groups, upW);  // [N, 2I], gather folded in
       const a = expertActivation(h, activation, dims.interleaved);                  // [N, I]
       const y = groupedRowsForward({ t: a }, groups, downW);                        // [N, H]
       const value = combineRows(y, rowIndex(), t, k, wIn);                          // [T, H]
       // backward keeps each projection's trainables; a frozen base is read through the closure
-      // (and the dropout masks, drawn once: backward must drop what forward dropped)
-      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down), ...masks]);
+      // (and the dropout masks, drawn once: backward must drop what forward dropped), and the up
+      // adapters' u = s·x·A_eᵀ [N, r]: recomputing them would gather x's rows again
+      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down), ...masks, ...upU]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
         const [xS, wS, hS] = saved as tf.Tensor2D[];
@@ -130,6 +134,7 @@ export function fusedExperts(
         const restoreMasks = (list: Array<tf.Tensor2D | undefined>) => list.map(m => m === undefined ? undefined : saved[at++] as tf.Tensor2D);
         const upS = { ...upP, lora: withMasks(upP.lora, restoreMasks(upMasks)) };
         const downS = { ...downP, lora: withMasks(downP.lora, restoreMasks(downMasks)) };
+        const upLoRADown = upU.map(() => saved[at++] as tf.Tensor2D);
         const rowIdx = rowIndex();
         const tokenIdx = tokenIndex();
         const dRows: Rows = { t: dOut as tf.Tensor2D, index: tokenIdx };            // dO of each row's token
@@ -154,7 +159,7 @@ export function fusedExperts(
         const dh = expertActivationGrad(hS, downG.dx, activation, dims.interleaved, wRow);  // [N, 2I]
         tf.dispose([aw, downG.dx]);
         const upG = groupedRowsBackward({ t: dh }, { t: xS, index: tokenIdx }, groups, { ...upS, frozen: !up.trainWeight },
-            { weight: up.trainWeight, bias: up.trainBias });
+            { weight: up.trainWeight, bias: up.trainBias, loraDown: upLoRADown });
         tf.dispose(dh);
         const dx = combineRows(upG.dx, rowIdx, t, k);                               // [T, H]
         return [dx, dWeights, ...gradsOf(up, upG), ...gradsOf(down, { ...downG, dBias: dDownBias })];

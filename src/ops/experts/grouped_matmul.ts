@@ -76,13 +76,28 @@ function loraDown(x: Rows, groupSizes: number[], f: ExpertFactors): tf.Tensor2D 
  * index into another tensor): y [N, out] = per-expert x·W_eᵀ (+ b_e) (+ Σ s·(x·A_eᵀ)·B_eᵀ).
  */
 export function groupedRowsForward(x: Rows, groupSizes: number[], w: GroupedWeight): tf.Tensor2D {
+  const { y, loraDown } = groupedRowsForwardWithLoRADown(x, groupSizes, w);
+  tf.dispose(loraDown);
+  return y;
+}
+
+/**
+ * groupedRowsForward that also returns each adapter's low-rank activations u = s·x·A_eᵀ [N, r]
+ * (adapter order). Backward needs them for dB; passed back to groupedRowsBackward they spare it
+ * a second pass over x's rows (a gather of [N, in] and a product) for N·r floats kept.
+ */
+export function groupedRowsForwardWithLoRADown(
+    x: Rows, groupSizes: number[], w: GroupedWeight): { y: tf.Tensor2D; loraDown: tf.Tensor2D[] } {
   return tf.tidy(() => {
     let y = baseProduct(x, groupSizes, w);                                      // [N, out]
+    const kept: tf.Tensor2D[] = [];
     for (const l of w.lora) {
       const f = expertFactors(l, groupSizes.length);
-      y = groupedProduct({ t: loraDown(branchRows(x, l), groupSizes, f) }, f.b, groupSizes, true, { addTo: y });
+      const u = loraDown(branchRows(x, l), groupSizes, f);                      // [N, r]
+      kept.push(u);
+      y = groupedProduct({ t: u }, f.b, groupSizes, true, { addTo: y });
     }
-    return y;
+    return { y, loraDown: kept };
   });
 }
 
@@ -92,6 +107,8 @@ export interface GroupedBackwardOptions {
   weight: boolean;
   /** db = Σ_rows dy per expert, when there is a bias */
   bias: boolean;
+  /** the adapters' u = s·x·A_eᵀ from groupedRowsForwardWithLoRADown, for these x (else recomputed) */
+  loraDown?: tf.Tensor2D[];
 }
 
 /**
@@ -106,16 +123,16 @@ export function groupedRowsBackward(
     let dx = groupedProduct(dy, w.weight, groupSizes, w.transposed, { frozenW: w.frozen });  // [N, in]
     const dA: tf.Tensor2D[] = [];
     const dB: tf.Tensor2D[] = [];
-    for (const l of w.lora) {
+    w.lora.forEach((l, i) => {
       const f = expertFactors(l, numExperts);
       const xb = branchRows(x, l);                                              // dropout(x)
       const gr = groupedProduct(dy, f.b, groupSizes, false, { alpha: f.scaling });  // [N, r]
       dx = l.rowMask === undefined ? groupedProduct({ t: gr }, f.a, groupSizes, false, { addTo: dx }) :
         tf.add(dx, tf.mul(groupedProduct({ t: gr }, f.a, groupSizes, false), l.rowMask)) as tf.Tensor2D;
       dA.push(peftLayoutA(groupedWeightGrad({ t: gr }, xb, groupSizes)));      // [r·E, in]
-      const u = loraDown(xb, groupSizes, f);                                    // [N, r]
+      const u = options.loraDown?.[i] ?? loraDown(xb, groupSizes, f);           // [N, r]
       dB.push(peftLayoutB(groupedWeightGrad(dy, { t: u }, groupSizes)));       // [out, r·E]
-    }
+    });
     const grads: GroupedGrads = { dx, dA, dB };
     if (options.weight) {
       grads.dWeight = w.transposed ? groupedWeightGrad(x, dy, groupSizes) : groupedWeightGrad(dy, x, groupSizes);
