@@ -83,6 +83,23 @@ describe('webgpu uniform arena', () => {
     x.dispose();
   });
 
+  it("still writes its chunks after a wrapper put on the backend's submitQueue is deleted again", async () => {
+    const backend = tf.backend() as unknown as { submitQueue(): void };
+    const submit = backend.submitQueue;
+    let submits = 0;
+    backend.submitQueue = function (this: unknown) { submits++; return submit.call(this); };
+    const x = tf.tensor1d(input);
+    try {
+      await clips(x);
+    } finally {
+      delete (backend as Partial<typeof backend>).submitQueue;
+    }
+    expect(submits).to.be.greaterThan(0);
+    const value = await clips(x);
+    value.forEach((v, i) => expect(Buffer.from(v.buffer).equals(Buffer.from(expected(input, i).buffer)), `dispatch ${i}`).to.equal(true));
+    x.dispose();
+  });
+
   it('is installed once per backend and leaves an object without the backend methods alone', () => {
     expect(installUniformArena(tf.backend())).to.equal(true);
     expect(installUniformArena({})).to.equal(false);

@@ -7,7 +7,7 @@
  * (bench/e2e/host_layer_ms.ts --cpu-profile). Here the same bytes, laid out by the same rules, go
  * into a host copy of a 64 KiB chunk at the device's uniform offset alignment, and the dispatch binds
  * its range of the chunk; a chunk is written to the GPU when it is full or when tfjs submits
- * (its submitQueue, the one place it submits). A writeBuffer is ordered before the submit that
+ * (its submitQueue, the one place it calls queue.submit, which is wrapped). A writeBuffer is ordered before the submit that
  * follows it on the queue, so a chunk is reused after that submit, as tfjs reuses its uniform
  * buffers. What the shaders read is unchanged, byte for byte.
  *
@@ -28,7 +28,6 @@ interface BackendInternals {
   device: GPUDevice;
   queue: GPUQueue;
   makeUniforms(entries: UniformEntry[]): UniformBinding;
-  submitQueue(): void;
 }
 
 /** Bytes a chunk holds: at 256-byte alignment, 256 dispatches' uniforms. */
@@ -128,8 +127,8 @@ class UniformArena {
 const installed = new WeakSet<object>();
 
 /**
- * Puts the arena on `backend` (a WebGPUBackend): its makeUniforms and submitQueue are wrapped on
- * the instance. Idempotent; a backend without the methods (another tfjs-webgpu) is left as it is.
+ * Puts the arena on `backend` (a WebGPUBackend): its makeUniforms and its queue's submit are
+ * wrapped on the instances. Idempotent; a backend without the methods (another tfjs-webgpu) is left as it is.
  *
  * ```js
  * await tf.setBackend('webgpu');
@@ -139,7 +138,7 @@ const installed = new WeakSet<object>();
 export function installUniformArena(backend: unknown): boolean {
   const b = backend as Partial<BackendInternals> | null;
   if (b == null || installed.has(b)) return b != null;
-  if (b.device == null || b.queue == null || typeof b.makeUniforms !== 'function' || typeof b.submitQueue !== 'function' ||
+  if (b.device == null || b.queue == null || typeof b.makeUniforms !== 'function' || typeof b.queue.submit !== 'function' ||
       typeof b.queue.writeBuffer !== 'function') {
     return false;
   }
@@ -147,7 +146,6 @@ export function installUniformArena(backend: unknown): boolean {
   const internals = b as BackendInternals;
   const arena = new UniformArena(internals);
   const makeUniforms = internals.makeUniforms;
-  const submitQueue = internals.submitQueue;
   internals.makeUniforms = function (this: BackendInternals, entries: UniformEntry[]) {
     if (tf.env().getBool(UNIFORM_ARENA_FLAG)) {
       const placed = arena.place(entries);
@@ -155,9 +153,13 @@ export function installUniformArena(backend: unknown): boolean {
     }
     return makeUniforms.call(this, entries);
   };
-  internals.submitQueue = function (this: BackendInternals) {
+  // the queue's own submit, not the backend's submitQueue: code that wraps submitQueue on the
+  // instance and deletes its wrapper after (as specs do) would take a wrapper there with it
+  const queue = internals.queue;
+  const submit = queue.submit;
+  queue.submit = function (this: GPUQueue, buffers: Iterable<GPUCommandBuffer>) {
     arena.beforeSubmit();
-    submitQueue.call(this);
+    submit.call(this, buffers);
     arena.afterSubmit();
   };
   return true;
