@@ -6,7 +6,9 @@
  * as narrow_setup's setUpNarrowWebGPU sets it up: the MoE block takes its own path there) it counts
  * GPU programs instead, keyed by program class and the outermost tfjs kernel that dispatched it, since
  * some kernels run as no program (Reshape, Identity) and some as several.
- *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu]
+ * --kernels on (webgpu): the tfjs kernels by call site too, as elsewhere (where the Identity and Reshape
+ * kernels of issue 15's host time come from: a customGrad's save clones each tensor it keeps).
+ *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu] [--kernels on]
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -22,6 +24,7 @@ import { Adam } from '../../src/train/optimizer.js';
 import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 
 const backendName = commandLineFlag('backend', 'cpu');
+const countKernels = backendName !== 'webgpu' || commandLineFlag('kernels', 'off') === 'on';
 if (backendName === 'webgpu') await setUpNarrowWebGPU();
 else await tf.setBackend(backendName);
 Error.stackTraceLimit = 60;  // a program is dispatched ~20 frames below the src/ call that ran it
@@ -69,7 +72,7 @@ async function count(layers: number): Promise<Map<string, number>> {
   };
   engine.runKernel = (name: string, inputs: tf.NamedTensorMap, attrs?: tf.NamedAttrMap) => {
     if (phase === 'forward') wrapGradient(name);
-    if (backendName !== 'webgpu') add(`${phase} ${name} @ ${callSite() || gradientOf}`);
+    if (countKernels) add(`${phase} ${name} @ ${callSite() || gradientOf}`);
     kernels.push(name);
     try {
       return orig(name, inputs, attrs);

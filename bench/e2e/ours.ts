@@ -96,6 +96,8 @@ export interface E2EOptions {
    * slows the host a little, so its steps are not the figures to quote)
    */
   cpuProfile?: boolean;
+  /** with `profile`: how many record-only steps the profile times (step_profile.ts recordRepeats; default 1) */
+  profileRecordRepeats?: number;
   /**
    * webgpu: the most bytes of free buffers tfjs-webgpu's pool may keep (limitWebGPUBufferPool:
    * free ones destroyed, largest first, before a buffer is created); default no bound. Either way
@@ -382,7 +384,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
         // the last step's windows again: the profile describes a step like the timed ones
         const windows = tf.tensor2d(ids.subarray((total - 1) * window, total * window), [o.batch, o.seq + 1], 'int32');
         try {
-          const { profile, losses } = await profileTrainingStep({ loss: windowLoss(windows), variables, apply });
+          const { profile, losses } = await profileTrainingStep({ loss: windowLoss(windows), variables, apply }, { recordRepeats: o.profileRecordRepeats });
           result.profileFile = join(o.out, 'profile.json');
           await writeFile(result.profileFile, JSON.stringify({ batch: o.batch, seq: o.seq, losses, ...profile }, null, 1));
         } finally {

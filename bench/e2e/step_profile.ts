@@ -58,6 +58,12 @@ export interface StepProfile {
    * left when recording ended; null elsewhere
    */
   recordOnlyMs: Record<StepPhase, number> | null;
+  /**
+   * webgpu, with `recordRepeats` > 1: the record-only step's samples per phase, wall ms and the
+   * process's CPU ms (process.cpuUsage: on a shared host less noisy than wall time; nothing runs on
+   * the GPU's threads while recording); recordOnlyMs is then the median wall ms; null elsewhere
+   */
+  recordOnlySamples: { wallMs: Record<StepPhase, number[]>; cpuMs: Record<StepPhase, number[]> } | null;
 }
 
 const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0 });
@@ -189,7 +195,7 @@ export async function trainingStep(step: StepFunctions, mark: (phase: StepPhase)
  * profile.phases.optimizer.dispatches;
  * ```
  */
-export async function profileTrainingStep(step: StepFunctions, options: { gpuTimes?: boolean } = {}):
+export async function profileTrainingStep(step: StepFunctions, options: { gpuTimes?: boolean; recordRepeats?: number } = {}):
     Promise<{ profile: StepProfile; losses: number[] }> {
   const counter = new StepCounter();
   const phases = Object.fromEntries(STEP_PHASES.map(p => [p, zeroCounts()])) as Record<StepPhase, PhaseCounts>;
@@ -213,22 +219,34 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
     counter.uninstall();
   }
   let recordOnlyMs: StepProfile['recordOnlyMs'] = null;
+  let recordOnlySamples: StepProfile['recordOnlySamples'] = null;
   if (tf.getBackend() === 'webgpu') {
     const flags = { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE'), [SUBMIT_FLOPS_FLAG]: tf.env().getNumber(SUBMIT_FLOPS_FLAG) };
     tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number.MAX_SAFE_INTEGER);
     tf.env().set(SUBMIT_FLOPS_FLAG, Infinity);
-    const ms = Object.fromEntries(STEP_PHASES.map(p => [p, 0])) as Record<StepPhase, number>;
-    let from = performance.now();
+    const samples = () => Object.fromEntries(STEP_PHASES.map(p => [p, [] as number[]])) as Record<StepPhase, number[]>;
+    const wallMs = samples();
+    const cpuMs = samples();
+    const cpuNow = () => { const { user, system } = process.cpuUsage(); return (user + system) / 1000; };
     try {
-      losses.push(await trainingStep(step, phase => {
-        const now = performance.now();
-        ms[phase] = now - from;
-        from = now;
-      }));
+      for (let repeat = 0; repeat < Math.max(1, options.recordRepeats ?? 1); repeat++) {
+        let from = performance.now();
+        let cpuFrom = cpuNow();
+        losses.push(await trainingStep(step, phase => {
+          const now = performance.now();
+          const cpu = cpuNow();
+          wallMs[phase].push(now - from);
+          cpuMs[phase].push(cpu - cpuFrom);
+          from = now;
+          cpuFrom = cpu;
+        }));
+      }
     } finally {
       for (const [flag, value] of Object.entries(flags)) tf.env().set(flag, value);
     }
-    recordOnlyMs = ms;
+    const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
+    recordOnlyMs = Object.fromEntries(STEP_PHASES.map(p => [p, median(wallMs[p])])) as Record<StepPhase, number>;
+    if ((options.recordRepeats ?? 1) > 1) recordOnlySamples = { wallMs, cpuMs };
   }
 
   const total = zeroCounts();
@@ -259,7 +277,7 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
   const gpuMs = gpuMsByProgram === null ? null : Object.values(gpuMsByProgram).reduce((s, e) => s + e.ms, 0);
   return {
     profile: {
-      backend: tf.getBackend(), phases, total, recordOnlyMs, kernelCounts, programCounts, gpuMsByProgram, gpuMs,
+      backend: tf.getBackend(), phases, total, recordOnlyMs, recordOnlySamples, kernelCounts, programCounts, gpuMsByProgram, gpuMs,
     },
     losses,
   };

@@ -42,6 +42,7 @@ import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } 
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
 import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
+import { installUniformArena } from './uniform_arena.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -55,6 +56,8 @@ const BACKEND = 'webgpu';
 export type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 function webgpu(args: KernelArgs): WebGPUBackend {
+  // a backend made after registerWebGPUMoE gets the arena here (a WeakSet lookup after the first)
+  installUniformArena(args.backend);
   return args.backend as unknown as WebGPUBackend;
 }
 

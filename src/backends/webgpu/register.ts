@@ -1,7 +1,8 @@
 /**
  * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
  * implementation of the 'fused' block, the softmaxTopK routing kernel and tfjs-webgpu's matMul
- * kernels wrapped around a wrong product (batch_mat_mul.ts), and the optimizer's grouped Adam. The routing override
+ * kernels wrapped around a wrong product (batch_mat_mul.ts), the optimizer's grouped Adam, and the
+ * uniform arena on the webgpu backend made so far (uniform_arena.ts). The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
  * not handle (whose errors the replaced implementation reports).
  */
@@ -14,6 +15,7 @@ import { webgpuFusedExperts } from './experts.js';
 import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
 import { webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
+import { installUniformArena } from './uniform_arena.js';
 
 export const WEBGPU_BACKEND = 'webgpu';
 
@@ -38,6 +40,11 @@ export function registerWebGPUMoE(): string[] {
   // tfjs-webgpu's matMul, wrapped where it computes a wrong product (LoRA's x·Aᵀ at width 2048):
   // a replacement, not an addition, so not in the names returned
   useSplitKSafeMatMul();
+  // every program's uniforms from a few buffers written once per submit (uniform_arena.ts); per
+  // backend instance, so a webgpu backend made again gets it too
+  // (the instance only if made: findBackend would start one); our kernels install it on first use otherwise
+  const backend = (tf.engine() as unknown as { registry: Record<string, unknown> }).registry[WEBGPU_BACKEND];
+  if (backend != null) installUniformArena(backend);
   if (installed) return added;
   installed = true;
   registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
