@@ -4,6 +4,7 @@
  *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
  *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728'] [--expert-storage float32|bf16]
+ *       [--tensor-cores on|off]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
  *
@@ -23,6 +24,7 @@ import { writeFileSync } from 'node:fs';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
 import { SUBMIT_FLOPS_FLAG } from '../src/backends/webgpu/kernels.js';
+import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
 import { buildDispatchPlanAsync } from '../src/ops/experts/dispatch_plan.js';
@@ -144,10 +146,16 @@ async function profileStep(step: () => tf.Tensor[]): Promise<NonNullable<Row['ke
 async function main(): Promise<void> {
   // timestamps at full resolution (Dawn rounds them to 100 µs by default)
   const extraFlags = ['disable-dawn-features=timestamp_quantization', ...arg('dawn-flags', '').split(' ').filter(f => f)];
-  const adapter = await setupDawnWebGPU({ extraFlags });
+  const tensorCores = arg('tensor-cores', 'off');
+  if (tensorCores !== 'on' && tensorCores !== 'off') throw new Error(`--tensor-cores: 'on' or 'off'; got '${tensorCores}'`);
+  const adapter = await setupDawnWebGPU({ extraFlags, tensorCores: tensorCores === 'on' ? 'auto' : 'off' });
   if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu backend failed to initialize');
   await tf.ready();
   registerMoEKernels('webgpu');
+  if (tensorCores === 'on') {
+    if (adapter.tensorCores !== 'available') throw new Error(`--tensor-cores on: this adapter has none: ${adapter.tensorCores}`);
+    tf.env().set(TENSOR_CORES_FLAG, true);
+  }
   console.log(`# adapter: ${adapter.vendor} ${adapter.architecture} ${adapter.description} (${adapter.featureLevel}, ` +
       `[${adapter.flags.join(' ')}]); ` +
       `features: ${adapter.features.join(' ')}`);

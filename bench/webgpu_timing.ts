@@ -48,8 +48,13 @@ export function makeProblem(name: string, lora: 'none' | 'split' | 'materialize'
  * the device with data(), which webgpu allows.
  */
 export async function withPackedBf16Experts(p: Problem): Promise<Problem> {
-  const pack = async (w: tf.Tensor3D) => packedExpertWeightFromBits('bf16', w.shape,
-      Uint16Array.from(await w.data() as Float32Array, bfloat16Bits));
+  const pack = async (w: tf.Tensor3D) => {
+    const values = await w.data() as Float32Array;
+    // a plain loop: Uint16Array.from(values, f) lists every value first (out of memory at O's 268 M)
+    const bits = new Uint16Array(values.length);
+    for (let i = 0; i < values.length; i++) bits[i] = bfloat16Bits(values[i]);
+    return packedExpertWeightFromBits('bf16', w.shape, bits);
+  };
   return { ...p, packed: { w1: await pack(p.w1), w2: await pack(p.w2) } };
 }
 

@@ -451,7 +451,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
 /** The command line's flags, as runOurs's options plus the backend and the tensor-core switch. */
 export function parseOursArgs(argv: readonly string[]): E2EOptions & {
-  backend: typeof E2E_BACKENDS[number]; tensorCores: boolean; tfFlags: Record<string, number | boolean>;
+  backend: typeof E2E_BACKENDS[number]; tensorCores: boolean; tfFlags: Record<string, number | boolean | string>;
 } {
   const flags: Record<string, string> = {};
   for (let i = 0; i < argv.length; i += 2) {
@@ -488,14 +488,16 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
  * false), for trying a backend's knobs on the GPU machine without a new bundle, e.g.
  * `WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60`.
  */
-export function parseTfFlags(text: string): Record<string, number | boolean> {
-  const flags: Record<string, number | boolean> = {};
+export function parseTfFlags(text: string): Record<string, number | boolean | string> {
+  const flags: Record<string, number | boolean | string> = {};
   for (const pair of text.split(',')) {
-    const match = /^([A-Z][A-Z0-9_]*)=(true|false|-?[0-9.e+-]+)$/.exec(pair.trim());
-    if (match === null || (match[2] !== 'true' && match[2] !== 'false' && !Number.isFinite(Number(match[2])))) {
-      fail(OP, `'--tf-flags' must be NAME=VALUE pairs (a number, true or false) joined by commas but got ${JSON.stringify(pair)}`);
+    // a string value is one lowercase word: the choice flags (WEBGPU_MOE_DENSE_PROGRAM=grouped, MOE_ATTENTION_PROGRAM=rows)
+    const match = /^([A-Z][A-Z0-9_]*)=(true|false|[a-z][a-z0-9_]*|-?[0-9.e+-]+)$/.exec(pair.trim());
+    if (match === null || (/^[-0-9.]/.test(match[2]) && !Number.isFinite(Number(match[2])))) {
+      fail(OP, `'--tf-flags' must be NAME=VALUE pairs (a number, true, false or a lowercase word) joined by commas but got ${JSON.stringify(pair)}`);
     }
-    flags[match[1]] = match[2] === 'true' ? true : match[2] === 'false' ? false : Number(match[2]);
+    const value = match[2];
+    flags[match[1]] = value === 'true' ? true : value === 'false' ? false : /^[a-z]/.test(value) ? value : Number(value);
   }
   return flags;
 }

@@ -208,8 +208,9 @@ describe('bench/e2e/ours.ts', function () {
     expect(parseOursArgs(['--cpu-profile', 'on', '--tf-flags', 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,DEBUG=false']))
         .to.deep.include({ cpuProfile: true, tfFlags: { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: 60, DEBUG: false } });
     expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });
-    for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=yes', 'X=1,', 'X=1-2']) {
-      expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true or false\) joined by commas but got "/);
+    expect(parseTfFlags('WEBGPU_MOE_DENSE_PROGRAM=grouped,X=2')).to.deep.equal({ WEBGPU_MOE_DENSE_PROGRAM: 'grouped', X: 2 });
+    for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=Yes', 'X=a b', 'X=', 'X=1,', 'X=1-2']) {
+      expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true, false or a lowercase word\) joined by commas but got "/);
     }
     expect(() => parseOursArgs(['--profile', 'yes'])).to.throw(OpArgumentError, /'--profile' must be one of 'on', 'off' but got 'yes'/);
     expect(() => parseOursArgs(['--modle', 'M'])).to.throw(OpArgumentError, /'--modle' is not a flag; the flags are --model --data/);
