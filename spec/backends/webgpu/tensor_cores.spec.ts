@@ -12,7 +12,7 @@ import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
-import { deviceDispatchPlan, groupedMatMul, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
+import { deviceDispatchPlan, groupedMatMul, maxAbs, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
@@ -187,6 +187,37 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     }
     expect(keys.filter(k => k.startsWith('moeGroupedMatMul'))).to.have.length(2);
     expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
+  });
+
+  it('maxAbs, the gradient operands\' scale: max |t| in two stages, exactly, and never one workgroup over the whole tensor', async () => {
+    await expectNoLeakAsync(async () => {
+      let seed = 7;
+      const rand = () => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed / 2 ** 31 - 0.5; };
+      for (const [shape, at] of [[[300, 70], 20999], [[1, 513], 0], [[513, 1], 512], [[6, 5, 4], 61], [[257], 3]] as Array<[number[], number]>) {
+        const size = shape.reduce((a, b) => a * b, 1);
+        const values = Float32Array.from({ length: size }, rand);
+        values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
+        const t = tf.tensor(values, shape);
+        const m = maxAbs(t);
+        expect(m.shape).to.deep.equal([1]);
+        expect(Array.from(await m.data()), JSON.stringify(shape)).to.deep.equal([3.25]);
+        tf.dispose([t, m]);
+      }
+      // a whole-tensor reduction of [rows, cols] runs as a reduction over cols per row, then over rows
+      const t = tf.randomNormal([64, 4096]);
+      const max = tf.getKernel('Max', 'webgpu')!;
+      const kernelFunc = max.kernelFunc;
+      const reduced: number[][] = [];
+      max.kernelFunc = (args => { reduced.push([...args.inputs.x!.shape]); return kernelFunc(args); }) as tf.KernelFunc;
+      try {
+        const m = maxAbs(t);
+        m.dispose();
+      } finally {
+        max.kernelFunc = kernelFunc;
+      }
+      expect(reduced).to.deep.equal([[64, 4096], [64]]);
+      t.dispose();
+    });
   });
 
   it('sends only wide products to the tensor cores: sides >= 32, reduction >= 16', () => {

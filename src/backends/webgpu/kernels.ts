@@ -274,9 +274,20 @@ export function useTensorCores(plan: DevicePlan, rows: number, cols: number, inn
       plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 && wideEnoughForTensorCores(rows, cols, inner);
 }
 
-/** max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores). */
-function maxAbs(t: tf.Tensor): tf.Tensor1D {
-  return tf.tidy(() => tf.reshape(tf.max(tf.abs(t)), [1]) as tf.Tensor1D);
+/**
+ * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores), in two
+ * stages: tfjs-webgpu reduces a whole tensor to one value in a single workgroup, which took 409 of
+ * the 493 GPU ms of the tensor-core block at Q on the H100 (run N, `webgpu_moe.js --config Q
+ * --tensor-cores on --profile`: four ReduceProgram calls over [16384, 2048]-sized operands). Per
+ * row first (a workgroup per row), then over the rows: the same maximum, exactly.
+ */
+export function maxAbs(t: tf.Tensor): tf.Tensor1D {
+  return tf.tidy(() => {
+    const abs = tf.abs(t);
+    const rows = t.rank >= 2 ? t.shape[0] : 1;
+    const perRow = t.size > 0 && rows > 1 ? tf.max(tf.reshape(abs, [rows, t.size / rows]), 1) : abs;
+    return tf.reshape(tf.max(perRow), [1]) as tf.Tensor1D;
+  });
 }
 
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
