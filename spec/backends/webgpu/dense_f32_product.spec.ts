@@ -16,22 +16,7 @@ import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul } from '../../../src/ops/packed.js';
 import { MoELoraError } from '../../../src/errors.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
-import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
-
-/** float64 a·Wᵀ (transposeWeight) or a·W, + bias; W [rows, cols] row-major. */
-function productFloat64(a: Float32Array, n: number, w: Float32Array, rows: number, cols: number, transposeWeight: boolean,
-    bias: Float32Array | null): Float64Array {
-  const [inner, out] = transposeWeight ? [cols, rows] : [rows, cols];
-  const y = new Float64Array(n * out);
-  for (let i = 0; i < n; i++) {
-    for (let j = 0; j < out; j++) {
-      let s = bias === null ? 0 : bias[j];
-      for (let k = 0; k < inner; k++) s += a[i * inner + k] * (transposeWeight ? w[j * cols + k] : w[k * cols + j]);
-      y[i * out + j] = s;
-    }
-  }
-  return y;
-}
+import { expectCloseAsync, expectNoLeakAsync, productFloat64 } from './helpers.js';
 
 /** The kernels `fn` runs (one entry per call) and the most bytes it held beyond what was there before (tf.profile). */
 async function profileOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; peakBytes: number }> {

@@ -35,4 +35,19 @@ export async function compileErrors(code: string): Promise<string[]> {
   return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
 }
 
+/** float64 a·Wᵀ (transposeWeight) or a·W, + bias; W [rows, cols] row-major. */
+export function productFloat64(a: Float32Array, n: number, w: Float32Array, rows: number, cols: number, transposeWeight: boolean,
+    bias: Float32Array | null): Float64Array {
+  const [inner, out] = transposeWeight ? [cols, rows] : [rows, cols];
+  const y = new Float64Array(n * out);
+  for (let i = 0; i < n; i++) {
+    for (let j = 0; j < out; j++) {
+      let s = bias === null ? 0 : bias[j];
+      for (let k = 0; k < inner; k++) s += a[i * inner + k] * (transposeWeight ? w[j * cols + k] : w[k * cols + j]);
+      y[i * out + j] = s;
+    }
+  }
+  return y;
+}
+
 export * from '../../helpers/expert_cases.js';

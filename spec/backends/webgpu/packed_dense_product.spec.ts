@@ -12,7 +12,7 @@ import {
   denseWeightMatMul, GATHER_PACKED_ROWS, gatherDenseRows, PACKED_DENSE_MATMUL, packedDenseWeightFromBits, unpackDenseWeight, type HalfKind,
 } from '../../../src/ops/packed.js';
 import { decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16 } from '../../../src/util/half.js';
-import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
+import { expectCloseAsync, expectNoLeakAsync, productFloat64 } from './helpers.js';
 
 /** A deterministic stream of 16-bit patterns (any pattern: NaNs, infinities and subnormals included). */
 function halfPatterns(count: number, seed: number): Uint16Array {
@@ -46,21 +46,6 @@ async function profileOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; peak
   }
   tf.dispose(info.result as tf.Tensor);
   return { kernels: info.kernelNames, peakBytes: info.peakBytes - before };
-}
-
-/** float64 a·Wᵀ (transposeWeight) or a·W, + bias; W [rows, cols] row-major. */
-function productFloat64(a: Float32Array, n: number, w: Float32Array, rows: number, cols: number, transposeWeight: boolean,
-    bias: Float32Array | null): Float64Array {
-  const [inner, out] = transposeWeight ? [cols, rows] : [rows, cols];
-  const y = new Float64Array(n * out);
-  for (let i = 0; i < n; i++) {
-    for (let j = 0; j < out; j++) {
-      let s = bias === null ? 0 : bias[j];
-      for (let k = 0; k < inner; k++) s += a[i * inner + k] * (transposeWeight ? w[j * cols + k] : w[k * cols + j]);
-      y[i * out + j] = s;
-    }
-  }
-  return y;
 }
 
 describe('webgpu: packed dense weights read in place (gather, products)', function () {
