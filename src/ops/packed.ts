@@ -630,9 +630,10 @@ tf.registerGradient({
 /**
  * tf.env() flag: which products of a float32 dense W run MoEDenseMatMul where it is registered
  * (webgpu). 'forward': x·Wᵀ only (the default: on the H100, tfjs-webgpu's product of the forward
- * shapes is the slow one, up to 1.8× the grouped program's; its dy·W is about even, docs/webgpu.md);
- * 'grouped': x·Wᵀ and dy·W, and on webgpu MoEMatMulAdd's products too (loraLinear's LoRA sums,
- * not measured yet); 'tfjs': neither (tf.matMul, as before).
+ * shapes is the slow one, up to 1.8× the grouped program's; for dy·W ours is 1.0–1.4× faster, but
+ * the end-to-end A/B of 'grouped' has not yet run in one lease with the default, docs/webgpu.md);
+ * 'grouped': x·Wᵀ and dy·W, and on webgpu MoEMatMulAdd's products too (loraLinear's LoRA sums);
+ * 'tfjs': neither (tf.matMul, as before).
  */
 export const DENSE_PROGRAM_FLAG = 'WEBGPU_MOE_DENSE_PROGRAM';
 export const DENSE_PROGRAM_CHOICES = ['forward', 'grouped', 'tfjs'] as const;
