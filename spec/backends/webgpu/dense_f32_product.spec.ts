@@ -16,23 +16,7 @@ import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul } from '../../../src/ops/packed.js';
 import { MoELoraError } from '../../../src/errors.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
-import { expectCloseAsync, expectNoLeakAsync, productFloat64 } from './helpers.js';
-
-/** The kernels `fn` runs (one entry per call) and the most bytes it held beyond what was there before (tf.profile). */
-async function profileOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; peakBytes: number }> {
-  const before = tf.memory().numBytes;
-  // tf.profile warns once where the adapter has no timestamp queries (Mesa's GL): expected here
-  const warn = console.warn;
-  console.warn = () => {};
-  let info: Awaited<ReturnType<typeof tf.profile>>;
-  try {
-    info = await tf.profile(() => fn());
-  } finally {
-    console.warn = warn;
-  }
-  tf.dispose(info.result as tf.Tensor);
-  return { kernels: info.kernels.map(k => k.name), peakBytes: info.peakBytes - before };
-}
+import { expectCloseAsync, expectNoLeakAsync, productFloat64, profileKernels } from './helpers.js';
 
 /** Runs `fn` with the flag set to `choice`, restoring the flag after. */
 async function withDenseProgram<T>(choice: unknown, fn: () => Promise<T>): Promise<T> {
@@ -81,7 +65,7 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
           await expectCloseAsync(c.got, await c.tfjs.data(), 1e-6, `${c.label} vs tf.matMul`);
         }
         for (const [fn, label] of [[() => denseWeightMatMul(x, w, true, bias), 'forward'], [() => denseWeightMatMul(dy, w, false, null), 'dx']] as const) {
-          const { kernels, peakBytes } = await profileOf(fn);
+          const { kernels, peakBytes } = await profileKernels(fn);
           expect(kernels, `${label}: one program`).to.deep.equal([DENSE_MATMUL]);
           expect(peakBytes, `${label}: peak bytes, the result only`).to.equal(4 * n * (label === 'dx' ? inSize : out));
         }
@@ -97,8 +81,8 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
     const x = tf.randomNormal([70, 24], 0, 1, 'float32', 5) as tf.Tensor2D;
     const dy = tf.randomNormal([70, 40], 0, 1, 'float32', 6) as tf.Tensor2D;
     const uses = async () => [
-      (await profileOf(() => denseWeightMatMul(x, w, true, null))).kernels.includes(DENSE_MATMUL),
-      (await profileOf(() => denseWeightMatMul(dy, w, false, null))).kernels.includes(DENSE_MATMUL),
+      (await profileKernels(() => denseWeightMatMul(x, w, true, null))).kernels.includes(DENSE_MATMUL),
+      (await profileKernels(() => denseWeightMatMul(dy, w, false, null))).kernels.includes(DENSE_MATMUL),
     ];
     await expectNoLeakAsync(async () => {
       expect(await uses(), 'forward').to.deep.equal([true, false]);
@@ -226,7 +210,7 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
     const run = (choice: string) => withDenseProgram(choice, async () => {
       const f = (xs: tf.Tensor, a: tf.Tensor, b: tf.Tensor) =>
         loraLinear(xs as tf.Tensor2D, w, bias, [{ A: a as tf.Tensor2D, B: b as tf.Tensor2D, scaling: s }]);
-      const { kernels } = await profileOf(() => tf.tidy(() => {
+      const { kernels } = await profileKernels(() => tf.tidy(() => {
         const { value, grads } = tf.valueAndGrads(f)([x, A, B], dy);
         tf.dispose(grads);
         return value;

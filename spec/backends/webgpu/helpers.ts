@@ -35,6 +35,25 @@ export async function compileErrors(code: string): Promise<string[]> {
   return info.messages.filter(m => m.type === 'error').map(m => `${m.lineNum}:${m.linePos} ${m.message}`);
 }
 
+/**
+ * The kernels `fn` runs (one entry per call, in order) and the most bytes it held beyond what was
+ * there before (tf.profile); its result is disposed.
+ */
+export async function profileKernels(fn: () => tf.Tensor): Promise<{ kernels: string[]; peakBytes: number }> {
+  const before = tf.memory().numBytes;
+  // tf.profile warns once where the adapter has no timestamp queries (Mesa's GL): expected here
+  const warn = console.warn;
+  console.warn = () => {};
+  let info: Awaited<ReturnType<typeof tf.profile>>;
+  try {
+    info = await tf.profile(() => fn());
+  } finally {
+    console.warn = warn;
+  }
+  tf.dispose(info.result as tf.Tensor);
+  return { kernels: info.kernels.map(k => k.name), peakBytes: info.peakBytes - before };
+}
+
 /** float64 a·Wᵀ (transposeWeight) or a·W, + bias; W [rows, cols] row-major. */
 export function productFloat64(a: Float32Array, n: number, w: Float32Array, rows: number, cols: number, transposeWeight: boolean,
     bias: Float32Array | null): Float64Array {

@@ -12,7 +12,7 @@ import {
   denseWeightMatMul, GATHER_PACKED_ROWS, gatherDenseRows, PACKED_DENSE_MATMUL, packedDenseWeightFromBits, unpackDenseWeight, type HalfKind,
 } from '../../../src/ops/packed.js';
 import { decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16 } from '../../../src/util/half.js';
-import { expectCloseAsync, expectNoLeakAsync, productFloat64 } from './helpers.js';
+import { expectCloseAsync, expectNoLeakAsync, productFloat64, profileKernels } from './helpers.js';
 
 /** A deterministic stream of 16-bit patterns (any pattern: NaNs, infinities and subnormals included). */
 function halfPatterns(count: number, seed: number): Uint16Array {
@@ -31,22 +31,6 @@ function randomHalves(kind: HalfKind, count: number, seed: number): Uint16Array 
 
 const decodeHost = (kind: HalfKind, halves: Uint16Array) => kind === 'bf16' ? decodeBFloat16(halves) : decodeFloat16(halves);
 const bitsOf = (v: Float32Array) => new Int32Array(v.buffer, v.byteOffset, v.length);
-
-/** The kernels a call runs and the most bytes it held beyond what was there before (tf.profile). */
-async function profileOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; peakBytes: number }> {
-  const before = tf.memory().numBytes;
-  // tf.profile warns once where the adapter has no timestamp queries (Mesa's GL): expected here
-  const warn = console.warn;
-  console.warn = () => {};
-  let info: Awaited<ReturnType<typeof tf.profile>>;
-  try {
-    info = await tf.profile(() => fn());
-  } finally {
-    console.warn = warn;
-  }
-  tf.dispose(info.result as tf.Tensor);
-  return { kernels: info.kernelNames, peakBytes: info.peakBytes - before };
-}
 
 describe('webgpu: packed dense weights read in place (gather, products)', function () {
   this.timeout(60_000);
@@ -92,7 +76,7 @@ describe('webgpu: packed dense weights read in place (gather, products)', functi
       const w = packedDenseWeightFromBits(kind, [rows, cols], randomHalves(kind, rows * cols, 5));
       const ids = tf.tensor1d([511, 0, 7, 511], 'int32');
       await expectNoLeakAsync(async () => {
-        const { kernels, peakBytes } = await profileOf(() => gatherDenseRows(w, ids));
+        const { kernels, peakBytes } = await profileKernels(() => gatherDenseRows(w, ids));
         expect(kernels).to.deep.equal([GATHER_PACKED_ROWS]);
         expect(peakBytes, 'peak bytes: the [4, 63] result').to.equal(4 * 4 * cols);
       });
@@ -126,7 +110,7 @@ describe('webgpu: packed dense weights read in place (gather, products)', functi
             await expectCloseAsync(c.got, await c.decoded.data(), 1e-6, `${c.label} vs the decoded weight's tf.matMul`);
           }
           for (const [fn, label] of [[() => denseWeightMatMul(x, packed, true, bias), 'forward'], [() => denseWeightMatMul(dy, packed, false, null), 'dx']] as const) {
-            const { kernels, peakBytes } = await profileOf(fn);
+            const { kernels, peakBytes } = await profileKernels(fn);
             expect(kernels, `${label}: one program, W not decoded`).to.deep.equal([PACKED_DENSE_MATMUL]);
             expect(peakBytes, `${label}: peak bytes, the result only`).to.equal(4 * n * (label === 'dx' ? inSize : out));
           }
