@@ -728,6 +728,12 @@ export interface V7Options {
   /** subgroups along the block's rows and columns: 2×2 (128×128, as v6), 4×2 (256×128), 2×4 (128×256) */
   sgRows: number;
   sgCols: number;
+  /**
+   * result matrices of a subgroup along rows and columns (default 4×4: 64×64, 128 accumulator
+   * registers a lane); 2×4 (32×64) halves them, for more subgroups on an SM at the same block
+   */
+  tilesM?: number;
+  tilesN?: number;
   /** slab depth: 64 (v6) or 32 (half the workgroup memory per buffer: room for two buffers or 8 subgroups) */
   depth: 32 | 64;
   /**
@@ -760,6 +766,8 @@ export interface V7Layout {
   depth: number;
   subgroupRows: number;
   subgroupCols: number;
+  tilesM: number;
+  tilesN: number;
   /** As row-major: (m, k) at m·strideA + k */
   strideA: number;
   /** Bs column-major: (k, n) at n·strideB + k; row-major: at k·strideB + n */
@@ -778,10 +786,11 @@ export interface V7Layout {
 const V7_PAD = 8;
 
 export function v7Layout(o: V7Options): V7Layout {
-  const rows = o.sgRows * 64, cols = o.sgCols * 64;
+  const tilesM = o.tilesM ?? 4, tilesN = o.tilesN ?? 4;
+  const rows = o.sgRows * tilesM * MATRIX_EDGE, cols = o.sgCols * tilesN * MATRIX_EDGE;
   const strideA = o.depth + V7_PAD;
   const strideB = o.bColMajor ? o.depth + V7_PAD : cols + V7_PAD;
-  return { rows, cols, depth: o.depth, subgroupRows: o.sgRows, subgroupCols: o.sgCols, strideA, strideB, bColMajor: o.bColMajor,
+  return { rows, cols, depth: o.depth, subgroupRows: o.sgRows, subgroupCols: o.sgCols, tilesM, tilesN, strideA, strideB, bColMajor: o.bColMajor,
     widthA: o.a === 'f32' ? 4 : o.width, widthB: o.b === 'f32' ? 4 : o.width,
     sizeA: rows * strideA, sizeB: o.bColMajor ? cols * strideB : o.depth * strideB,
     buffers: o.staging.startsWith('double') ? 2 : 1 };
@@ -888,7 +897,7 @@ export function v7Variant(p: V7Problem, o: V7Options): Variant {
   const runsB = l.cols * l.depth / l.widthB / threads;
   if (!Number.isInteger(runsA) || !Number.isInteger(runsB)) throw new Error('v7Variant: the slabs are not whole runs per invocation');
   const layoutOf = { rows: l.rows, cols: l.cols, depth: l.depth, subgroupRows: l.subgroupRows, subgroupCols: l.subgroupCols,
-    tilesM: 4, tilesN: 4, leftColMajor: false, pad: V7_PAD };
+    tilesM: l.tilesM, tilesN: l.tilesN, leftColMajor: false, pad: V7_PAD };
   const { row, col } = partOrigin(x, layoutOf, 'subgroup');
   const quadsA = l.widthA / 4, quadsB = l.widthB / 4;
   const ra = (t: number, h: number) => `ra${t}_${h}`;
@@ -924,15 +933,15 @@ export function v7Variant(p: V7Problem, o: V7Options): Variant {
     const baseA = bufferBase(buffer, l.sizeA);
     const baseB = bufferBase(buffer, l.sizeB);
     for (let kk = 0; kk < l.depth; kk += MATRIX_EDGE) {
-      for (let i = 0; i < 4; i++) {
+      for (let i = 0; i < l.tilesM; i++) {
         const at = v7LeftTile(x, l, baseA, 'partRow', x.lit(kk), i);
         lines.push(`let a${kk}_${i} = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&As, ${at.offset}, false, ${at.stride}u);`);
       }
-      for (let j = 0; j < 4; j++) {
+      for (let j = 0; j < l.tilesN; j++) {
         const at = v7RightTile(x, l, baseB, 'partCol', x.lit(kk), j);
         lines.push(`let b${kk}_${j} = subgroupMatrixLoad<subgroup_matrix_right<f16, 16, 16>>(&Bs, ${at.offset}, ${at.colMajor}, ${at.stride}u);`);
       }
-      for (let i = 0; i < 4; i++) for (let j = 0; j < 4; j++) lines.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`);
+      for (let i = 0; i < l.tilesM; i++) for (let j = 0; j < l.tilesN; j++) lines.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`);
     }
     return `{\n    ${lines.join('\n    ')}\n    }`;
   };
@@ -990,8 +999,8 @@ export function v7Variant(p: V7Problem, o: V7Options): Variant {
     workgroupBarrier();
   }`;
   }
-  const stores = Array.from({ length: 16 }, (_, t) => {
-    const i = Math.floor(t / 4), j = t % 4;
+  const stores = Array.from({ length: l.tilesM * l.tilesN }, (_, t) => {
+    const i = Math.floor(t / l.tilesN), j = t % l.tilesN;
     return `subgroupMatrixStore(&C, (rowBase + partRow + ${i * 16}u) * nDim + col0 + partCol + ${j * 16}u, c${i}_${j}, false, nDim);`;
   }).join('\n  ');
   const fillRow = `let src = Info[${v7Blocks(p, l.rows)}u + rowBase + m];
@@ -999,7 +1008,7 @@ export function v7Variant(p: V7Problem, o: V7Options): Variant {
   // 128×256 blocks: fewer rows than invocations (no matrix builtin in between: the guard needs no uniform steps)
   const fillRows = l.rows >= threads ? uniformStrideLoop('m', 'lid', l.rows, threads, fillRow) : `if (lid < ${l.rows}u) { let m = lid; ${fillRow} }`;
   const usesBf16 = o.b === 'bf16';
-  const name = `v7: ${l.subgroupRows * l.subgroupCols} subgroups, ${l.rows}x${l.cols}, depth ${l.depth}, ${o.staging}, A ${o.a}, W ${o.b}` +
+  const name = `v7: ${l.subgroupRows * l.subgroupCols} subgroups${l.tilesM * l.tilesN !== 16 ? ` of ${l.tilesM * 16}x${l.tilesN * 16}` : ''}, ${l.rows}x${l.cols}, depth ${l.depth}, ${o.staging}, A ${o.a}, W ${o.b}` +
     `${o.a !== 'f32' || o.b !== 'f32' ? ` x${o.width}` : ''}, Bs ${l.bColMajor ? 'column' : 'row'}-major, ${(v7WorkgroupBytes(l) / 1024).toFixed(1)} KiB`;
   return { name, threads, blockRows: l.rows, blockCols: l.cols, code: `enable f16;
 enable chromium_experimental_subgroup_matrix;
@@ -1096,4 +1105,8 @@ export const V7_STEPS: ReadonlyArray<readonly [string, V7Options]> = [
   // the same two with the package's operands as they are (A f32, W bf16): what a port without a conversion pass gets
   ['v7-k-256x128-f32-bf16', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8, depth: 32, sgRows: 4 }],
   ['v7-l-double-f32-bf16', { ...V7_BASE, staging: 'double', bColMajor: true, b: 'bf16', width: 8, depth: 32 }],
+  // v6's 128×128 block over 8 subgroups of 32×64: 64 accumulator registers a lane instead of 128, for
+  // more resident subgroups per SM; each subgroup loads 6 fragments per 8 products instead of 8 per 16
+  ['v7-m-8x32x64', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, sgRows: 4, tilesM: 2 }],
+  ['v7-n-8x32x64-f32-bf16', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8, sgRows: 4, tilesM: 2 }],
 ];

@@ -516,7 +516,8 @@ describe('webgpu: the v7 variants (tools/webgpu_tc): index math emulated against
     const W = values(l.cols * inner, 4); // B(k, n) = W(n, k) at n·inner + k
     const As = new Float64Array(l.buffers * l.sizeA);
     const Bs = new Float64Array(l.buffers * l.sizeB);
-    const acc = Array.from({ length: threads / 32 }, () => Array.from({ length: 16 }, () => new Float64Array(E * E)));
+    const tiles = l.tilesM * l.tilesN;
+    const acc = Array.from({ length: threads / 32 }, () => Array.from({ length: tiles }, () => new Float64Array(E * E)));
     const stage = (slab: Float64Array, start: number, size: number, at: number, value: number) => {
       if (at < 0 || at >= size) throw new Error(`run outside its buffer at ${at}`);
       if (!Number.isNaN(slab[start + at])) throw new Error(`slab element ${start + at} staged twice`);
@@ -538,16 +539,16 @@ describe('webgpu: the v7 variants (tools/webgpu_tc): index math emulated against
         }
       }
       for (let sg = 0; sg < threads / 32; sg++) {
-        const partRow = Math.trunc(sg / l.subgroupCols) * 64, partCol = (sg % l.subgroupCols) * 64;
+        const partRow = Math.trunc(sg / l.subgroupCols) * E * l.tilesM, partCol = (sg % l.subgroupCols) * E * l.tilesN;
         for (let kk = 0; kk < l.depth; kk += E) {
-          const a = [0, 1, 2, 3].map(i => loadMatrix(As, v7LeftTile(x, l, buffer * l.sizeA, partRow, kk, i)));
-          const b = [0, 1, 2, 3].map(j => {
+          const a = Array.from({ length: l.tilesM }, (_, i) => loadMatrix(As, v7LeftTile(x, l, buffer * l.sizeA, partRow, kk, i)));
+          const b = Array.from({ length: l.tilesN }, (_, j) => {
             const at = v7RightTile(x, l, buffer * l.sizeB, partCol, kk, j);
             return loadMatrix(Bs, fault ? { ...at, colMajor: false } : at);
           });
-          for (let i = 0; i < 4; i++) {
-            for (let j = 0; j < 4; j++) {
-              const c = acc[sg][i * 4 + j];
+          for (let i = 0; i < l.tilesM; i++) {
+            for (let j = 0; j < l.tilesN; j++) {
+              const c = acc[sg][i * l.tilesN + j];
               for (let r = 0; r < E; r++) for (let q = 0; q < E; q++) for (let t = 0; t < E; t++) c[r * E + q] += a[i][r * E + t] * b[j][t * E + q];
             }
           }
@@ -556,11 +557,11 @@ describe('webgpu: the v7 variants (tools/webgpu_tc): index math emulated against
     }
     let worst = 0;
     for (let sg = 0; sg < threads / 32; sg++) {
-      const partRow = Math.trunc(sg / l.subgroupCols) * 64, partCol = (sg % l.subgroupCols) * 64;
-      for (let t = 0; t < 16; t++) {
+      const partRow = Math.trunc(sg / l.subgroupCols) * E * l.tilesM, partCol = (sg % l.subgroupCols) * E * l.tilesN;
+      for (let t = 0; t < tiles; t++) {
         for (let r = 0; r < E; r++) {
           for (let q = 0; q < E; q++) {
-            const m = partRow + 16 * Math.trunc(t / 4) + r, n = partCol + 16 * (t % 4) + q;
+            const m = partRow + E * Math.trunc(t / l.tilesN) + r, n = partCol + E * (t % l.tilesN) + q;
             let sum = 0;
             for (let k = 0; k < inner; k++) sum += A[m * inner + k] * W[n * inner + k];
             const d = Math.abs(acc[sg][t][r * E + q] - sum);
