@@ -721,8 +721,9 @@ export interface V7Problem { E: number; M: number; unused: number; N: number; K:
  * through a per-block table of vector offsets (−1 → staged 0), K, N and the expert stride as
  * uniforms, blocks of no expert, results stored straight to C. Each subgroup owns 4×4 result
  * matrices (64×64: 128 f32 accumulator registers a lane; v2's 4×8 spilled).
- * The f16 16×16×16 config (f32 results) is the one the project uses on NVIDIA (Vulkan cooperative
- * matrices through Dawn); only the staging around it changes here.
+ * The f16 16×16×16 config (f32 results) stays: of Dawn's configs on the H100 (f16 at 16×16×16,
+ * 16×8×16, 16×8×8; no bf16) it ran 74 TFLOP/s in the probe against 17 and 13 (docs/webgpu.md);
+ * only the staging around it changes here.
  */
 export interface V7Options {
   /** subgroups along the block's rows and columns: 2×2 (128×128, as v6), 4×2 (256×128), 2×4 (128×256) */
