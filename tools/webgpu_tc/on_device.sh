@@ -11,8 +11,18 @@
 # 2. check.js (<= 80 s, stops itself at 70): the package's programs inside tfjs against the f32 kernels
 #    on the small products (tcVsF32), then the M1/Q block timings both paths, then the fixture and M1 products.
 # Leaves variants.json and tc.tgz (check's tc.json and logs) in $OUT.
+#
+# `bash tools/webgpu_tc/on_device.sh v7` (only variants.ts needs bundling): the v7 batch alone, <= 150 s:
+# the v6 baselines at Q's up shape, then every v7 variant exact on its small problem and timed at Q's
+# up shape, then the conversion pass. Leaves variants-v7.json in $OUT.
 set -u
 source .gpu/on-device.sh
+if [ "${1:-}" = v7 ]; then
+  OUT=$OUT timeout 150 node .gpu/bundle/variants.js v7 > "$OUT/variants-v7.stdout.json" 2> "$OUT/variants-v7.stderr.txt"; echo "variants v7 rc $?"
+  [ -f "$OUT/variants.json" ] && mv "$OUT/variants.json" "$OUT/variants-v7.json"
+  grep -E "^\[variants.*(: \{|no subgroup)" "$OUT/variants-v7.stderr.txt" | cut -c1-400
+  exit 0
+fi
 OUT=$OUT timeout 150 node .gpu/bundle/variants.js > "$OUT/variants.stdout.json" 2> "$OUT/variants.stderr.txt"; echo "variants rc $?"
 grep -E "^\[variants.*: \{" "$OUT/variants.stderr.txt" | cut -c1-260
 mkdir -p /tmp/tc; OUT=/tmp/tc timeout 80 node .gpu/bundle/check.js > /tmp/tc/stdout.json 2> /tmp/tc/stderr.txt; echo "check rc $?"

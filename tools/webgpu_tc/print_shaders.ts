@@ -2,10 +2,11 @@
  * Prints the WGSL of the package's subgroup-matrix programs for a representative set of attributes
  * (issue 13: what the GPU compiles, with the staging kernels.ts would pick for the shape), each
  * followed by what tools/webgpu_tc/uniformity.ts finds in its control flow, and the same for
- * db64af4's frozen programs.
+ * db64af4's frozen programs, and the v7 variants (variant_codes.ts's V7_STEPS) at Q's up shape.
  *
  *   npx tsx tools/webgpu_tc/print_shaders.ts            all of them
  *   npx tsx tools/webgpu_tc/print_shaders.ts matmul     those whose name contains 'matmul'
+ *   npx tsx tools/webgpu_tc/print_shaders.ts v7-g       the v7 variant v7-g-double
  *   npx tsx tools/webgpu_tc/print_shaders.ts --audit    the findings only
  */
 import {
@@ -13,6 +14,7 @@ import {
 } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import { auditSubgroupControlFlow } from './uniformity.js';
+import { v7Variant, V7_STEPS } from './variant_codes.js';
 
 const args = process.argv.slice(2);
 const auditOnly = args.includes('--audit');
@@ -38,6 +40,10 @@ const shaders: Array<[string, string]> = [
     weightGradStaging({ P: 1024, Q: 512 })).getUserCode()],
   ['db64af4 matmul (frozen): rows, f32 weight', OLD_MATMUL_ROWS],
   ['db64af4 weight grad (frozen): rows x rows', OLD_WEIGHT_GRAD_ROWS],
+  ...V7_STEPS.map(([id, options]): [string, string] => {
+    const v = v7Variant({ E: 16, M: 1024, unused: 0, N: 1536, K: 2048, padding: false }, options);
+    return [`${id} (${v.name})`, v.code];
+  }),
 ];
 for (const [name, code] of shaders) {
   if (filter && !name.includes(filter)) continue;

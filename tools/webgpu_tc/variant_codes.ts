@@ -9,7 +9,7 @@
  * and the vec4 views A16v, B16v of those buffers).
  */
 import {
-  aIndex, bIndex, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin, type SlabLayout, slabSizes,
+  aIndex, type Arith, bIndex, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, type MatrixAt, multiplySlab, partOrigin, type SlabLayout, slabSizes,
   stagedElementA, stagedElementB, stagedQuadA, stagedQuadB, subgroupCount, uniformStrideLoop, wgslU32,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import { rowLoadSnippet, weightLoadSnippet } from '../../src/backends/webgpu/programs/grouped_matmul_program.js';
@@ -323,7 +323,8 @@ ${code}`);
  */
 export function standInMatrices(code: string): string {
   const arrays = new Set<string>();
-  const body = code.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
+  // a u32 of two halves read as vec2<f16> (v7's 16-byte loads): the same two values as f32
+  const body = code.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/bitcast<vec2<f16>>\(/g, 'unpack2x16float(').replace(/\bf16\b/g, 'f32')
     .replace(/subgroupMatrix(Load|Store)(?:<subgroup_matrix_(?:left|right)<f32, 16, 16>>)?\(&(\w+), /g, (_, op: string, name: string) => {
       arrays.add(name);
       return `sm${op}_${name}(`;
@@ -701,4 +702,412 @@ export const V6_STEPS: ReadonlyArray<readonly [string, GroupedGemmOptions]> = [
   ['v6-h-bounds', { bounds: true }],
   ['v6-i-runtime-dims', { runtimeDims: true }],
   ['v6-z-package-like', { expertLookup: true, rowTable: true, aF32: true, b: 'f32-nk', bounds: true, runtimeDims: true, slotEpilogue: true }],
+];
+
+// ---- variants v7: faster grouped products (after run N) -------------------------------------
+
+/**
+ * A v7 grouped problem, the package MatMul's semantics: C[rows, N] = A[src(r), :] · W_eᵀ for the
+ * rows r of expert e's blocks, W [E, N, K] (k contiguous, as the package's expert weights), E
+ * experts of M rows each, then `unused` rows in a block of no expert (−1: K bound 0, result 0).
+ * `padding`: every 8th row of an expert is a padding row (source −1, result 0); the other rows
+ * gather their expert's rows reversed (groupedSourceRow).
+ */
+export interface V7Problem { E: number; M: number; unused: number; N: number; K: number; padding: boolean }
+
+/**
+ * What a v7 variant does. Every variant keeps what the package's v6 MatMul needs in a port: one
+ * dispatch over all rows with the block's expert looked up (workgroupUniformLoad), gathered rows
+ * through a per-block table of vector offsets (−1 → staged 0), K, N and the expert stride as
+ * uniforms, blocks of no expert, results stored straight to C. Each subgroup owns 4×4 result
+ * matrices (64×64: 128 f32 accumulator registers a lane; v2's 4×8 spilled).
+ * The f16 16×16×16 config (f32 results) stays: of Dawn's configs on the H100 (f16 at 16×16×16,
+ * 16×8×16, 16×8×8; no bf16) it ran 74 TFLOP/s in the probe against 17 and 13 (docs/webgpu.md);
+ * only the staging around it changes here.
+ */
+export interface V7Options {
+  /** subgroups along the block's rows and columns: 2×2 (128×128, as v6), 4×2 (256×128), 2×4 (128×256) */
+  sgRows: number;
+  sgCols: number;
+  /**
+   * result matrices of a subgroup along rows and columns (default 4×4: 64×64, 128 accumulator
+   * registers a lane); 2×4 (32×64) halves them, for more subgroups on an SM at the same block
+   */
+  tilesM?: number;
+  tilesN?: number;
+  /** slab depth: 64 (v6) or 32 (half the workgroup memory per buffer: room for two buffers or 8 subgroups) */
+  depth: 32 | 64;
+  /**
+   * 'prefetch' (v6): slab k+1 fetched into registers while slab k multiplies, 2 barriers a slab;
+   * 'direct': fetch, store, barrier, multiply, barrier (no registers live across the products:
+   * v6-g-no-prefetch ran 152.7 TFLOP/s against v6-0's 21.1 in run N);
+   * 'double': two slab buffers, slab k+1 staged (fetch and store) into the other buffer before slab k
+   * multiplies, one barrier a slab; 'double-prefetch': two buffers, slab k+1 fetched into registers
+   * before slab k's products and stored after them, one barrier a slab.
+   */
+  staging: 'prefetch' | 'direct' | 'double' | 'double-prefetch';
+  /** A in global memory: f32 (the activations as tfjs holds them, converted at the fetch) or f16 (a conversion pass before) */
+  a: 'f32' | 'f16';
+  /** W in global memory: f32, f16 (converted before) or packed bf16 words (the bf16-stored experts) */
+  b: 'f32' | 'f16' | 'bf16';
+  /** elements per global load of the 16-bit operands: 4 (8 bytes, v6) or 8 (16 bytes, vec4<u32>); f32 loads are vec4<f32> (16 bytes) */
+  width: 4 | 8;
+  /**
+   * Bs column-major ([cols][depth + pad], k contiguous as W is): a run of k-consecutive weights goes
+   * to consecutive halves (stores the compiler can merge), where v6's row-major Bs puts its 4
+   * elements 4 slab rows apart (4 separate 16-bit stores).
+   */
+  bColMajor: boolean;
+}
+
+/** A v7 variant's slab geometry (f16 elements). */
+export interface V7Layout {
+  rows: number;
+  cols: number;
+  depth: number;
+  subgroupRows: number;
+  subgroupCols: number;
+  tilesM: number;
+  tilesN: number;
+  /** As row-major: (m, k) at m·strideA + k */
+  strideA: number;
+  /** Bs column-major: (k, n) at n·strideB + k; row-major: at k·strideB + n */
+  strideB: number;
+  bColMajor: boolean;
+  /** elements per fetch of A and of B */
+  widthA: number;
+  widthB: number;
+  /** halves per buffer of As and Bs; `buffers` of each */
+  sizeA: number;
+  sizeB: number;
+  buffers: number;
+}
+
+/** Halves added to every slab row: rows 144 or 80 bytes apart put 8 consecutive rows' 16-byte chunks on distinct banks. */
+const V7_PAD = 8;
+
+export function v7Layout(o: V7Options): V7Layout {
+  const tilesM = o.tilesM ?? 4, tilesN = o.tilesN ?? 4;
+  const rows = o.sgRows * tilesM * MATRIX_EDGE, cols = o.sgCols * tilesN * MATRIX_EDGE;
+  const strideA = o.depth + V7_PAD;
+  const strideB = o.bColMajor ? o.depth + V7_PAD : cols + V7_PAD;
+  return { rows, cols, depth: o.depth, subgroupRows: o.sgRows, subgroupCols: o.sgCols, tilesM, tilesN, strideA, strideB, bColMajor: o.bColMajor,
+    widthA: o.a === 'f32' ? 4 : o.width, widthB: o.b === 'f32' ? 4 : o.width,
+    sizeA: rows * strideA, sizeB: o.bColMajor ? cols * strideB : o.depth * strideB,
+    buffers: o.staging.startsWith('double') ? 2 : 1 };
+}
+
+/** Workgroup bytes of a v7 variant: the slabs (f16) and the row table (rows + 4 i32). */
+export function v7WorkgroupBytes(l: V7Layout): number {
+  return 2 * l.buffers * (l.sizeA + l.sizeB) + 4 * (l.rows + 4);
+}
+
+/**
+ * Run q of A's slab (q = lid, lid + threads, ...): widthA k-consecutive elements of slab row m from
+ * depth k, stored at As's `at` + c (c < widthA). Consecutive runs walk a row's k first: a subgroup
+ * reads whole rows of contiguous bytes.
+ */
+export function v7RunA<T>(x: Arith<T>, l: V7Layout, q: T): { m: T; k: T; at: T } {
+  const perRow = l.depth / l.widthA;
+  const m = x.div(q, x.lit(perRow));
+  const k = x.mul(x.mod(q, x.lit(perRow)), x.lit(l.widthA));
+  return { m, k, at: x.add(x.mul(m, x.lit(l.strideA)), k) };
+}
+
+/**
+ * Run q of B's slab: widthB k-consecutive weights of output column n from depth k, stored at Bs's
+ * `at` + c·`step`. Column-major Bs: consecutive halves (step 1), runs walking a column's k first;
+ * row-major Bs (v6's order, stagedQuadB generalized to the width): 8 columns at one depth, then
+ * the next depth, each element a slab row (step strideB) apart.
+ */
+export function v7RunB<T>(x: Arith<T>, l: V7Layout, q: T): { n: T; k: T; at: T; step: number } {
+  const perColumn = l.depth / l.widthB;
+  if (l.bColMajor) {
+    const n = x.div(q, x.lit(perColumn));
+    const k = x.mul(x.mod(q, x.lit(perColumn)), x.lit(l.widthB));
+    return { n, k, at: x.add(x.mul(n, x.lit(l.strideB)), k), step: 1 };
+  }
+  const k = x.mul(x.mod(x.div(q, x.lit(8)), x.lit(perColumn)), x.lit(l.widthB));
+  const n = x.add(x.mod(q, x.lit(8)), x.mul(x.div(q, x.lit(8 * perColumn)), x.lit(8)));
+  return { n, k, at: x.add(x.mul(k, x.lit(l.strideB)), n), step: l.strideB };
+}
+
+/** Left matrix i of the part at partRow, slab depth kk (As row-major), in the buffer at `base`. */
+export function v7LeftTile<T>(x: Arith<T>, l: V7Layout, base: T, partRow: T, kk: T, i: number): MatrixAt<T> {
+  return { offset: x.add(base, x.add(x.mul(x.add(partRow, x.lit(MATRIX_EDGE * i)), x.lit(l.strideA)), kk)), colMajor: false, stride: l.strideA };
+}
+
+/** Right matrix j of the part at partCol, slab depth kk: element (k, n) at n·strideB + k column-major. */
+export function v7RightTile<T>(x: Arith<T>, l: V7Layout, base: T, partCol: T, kk: T, j: number): MatrixAt<T> {
+  const n = x.add(partCol, x.lit(MATRIX_EDGE * j));
+  return l.bColMajor
+    ? { offset: x.add(base, x.add(x.mul(n, x.lit(l.strideB)), kk)), colMajor: true, stride: l.strideB }
+    : { offset: x.add(base, x.add(x.mul(kk, x.lit(l.strideB)), n)), colMajor: false, stride: l.strideB };
+}
+
+/** Row blocks of a v7 problem for a block of `rows` rows (the Info buffer's first entries: each block's expert). */
+export const v7Blocks = (p: V7Problem, rows: number) => (p.E * p.M + p.unused) / rows;
+
+/**
+ * The source row of row r in a v7 problem (−1: padding or no expert): its expert's rows reversed.
+ *
+ * ```js
+ * v7SourceRow({ E: 2, M: 256, unused: 256, N: 256, K: 256, padding: true }, 0);   // 255
+ * v7SourceRow({ E: 2, M: 256, unused: 256, N: 256, K: 256, padding: true }, 7);   // -1
+ * ```
+ */
+export function v7SourceRow(p: V7Problem, r: number): number {
+  if (r >= p.E * p.M || (p.padding && r % 8 === 7)) return -1;
+  const e = Math.floor(r / p.M);
+  return e * p.M + (p.M - 1 - (r % p.M));
+}
+
+/** The WGSL array type of an operand's loads. */
+function v7ArrayType(format: 'f32' | 'f16' | 'bf16', width: number): string {
+  if (format === 'f32') return 'vec4<f32>';
+  if (width === 8) return 'vec4<u32>';
+  return format === 'f16' ? 'vec4<f16>' : 'vec2<u32>';
+}
+
+/** WGSL: the width / 4 vec4<f16> quads of a loaded value `v`. */
+function v7Quads(format: 'f32' | 'f16' | 'bf16', width: number, v: string): string[] {
+  if (format === 'f32') return [`vec4<f16>(${v})`];
+  if (format === 'f16') {
+    return width === 4 ? [v] : [`vec4<f16>(bitcast<vec2<f16>>(${v}.x), bitcast<vec2<f16>>(${v}.y))`,
+      `vec4<f16>(bitcast<vec2<f16>>(${v}.z), bitcast<vec2<f16>>(${v}.w))`];
+  }
+  return width === 4 ? [`bf16Quad(${v})`] : [`bf16Quad(${v}.xy)`, `bf16Quad(${v}.zw)`];
+}
+
+const V7_COMPONENTS = ['x', 'y', 'z', 'w'];
+
+/**
+ * A v7 variant's shader on `p`. Bindings: 0 A (the rows, K long, in the option's format), 1 W
+ * ([E, N, K]), 2 C [rows, N] f32, 3 Info (i32: each row block's expert, −1 for none, then each
+ * row's source row, −1 for padding), 4 the uniform Dims { K, N, sE (elements) }. Dispatch:
+ * v7Dispatch. Sizes other than the block's (rows, cols, depth) are uniforms, as in the package.
+ */
+export function v7Variant(p: V7Problem, o: V7Options): Variant {
+  const l = v7Layout(o);
+  const threads = 32 * l.subgroupRows * l.subgroupCols;
+  const x = wgslU32;
+  if ((p.E * p.M) % l.rows !== 0 || p.unused % l.rows !== 0 || p.N % l.cols !== 0 || p.K % l.depth !== 0) {
+    throw new Error(`v7Variant: ${p.E}×${p.M} rows (+${p.unused}), N ${p.N}, K ${p.K} are not whole ${l.rows}×${l.cols}×${l.depth} blocks`);
+  }
+  const runsA = l.rows * l.depth / l.widthA / threads;
+  const runsB = l.cols * l.depth / l.widthB / threads;
+  if (!Number.isInteger(runsA) || !Number.isInteger(runsB)) throw new Error('v7Variant: the slabs are not whole runs per invocation');
+  const layoutOf = { rows: l.rows, cols: l.cols, depth: l.depth, subgroupRows: l.subgroupRows, subgroupCols: l.subgroupCols,
+    tilesM: l.tilesM, tilesN: l.tilesN, leftColMajor: false, pad: V7_PAD };
+  const { row, col } = partOrigin(x, layoutOf, 'subgroup');
+  const quadsA = l.widthA / 4, quadsB = l.widthB / 4;
+  const ra = (t: number, h: number) => `ra${t}_${h}`;
+  const rb = (t: number, h: number) => `rb${t}_${h}`;
+  const each = (n: number, f: (t: number) => string) =>
+    Array.from({ length: n }, (_, t) => `{ let q = lid + ${t * threads}u; ${f(t)} }`).join('\n    ');
+  const fetchA = (k0: string) => each(runsA, t => {
+    const r = v7RunA(x, l, 'q');
+    const quads = v7Quads(o.a, l.widthA, 'v');
+    return `let base = rowSrc[${r.m}]; let v = A[u32(max(base, 0)) + (${k0} + ${r.k}) / ${l.widthA}u];
+      ${quads.map((value, h) => `${ra(t, h)} = select(vec4<f16>(), ${value}, base >= 0);`).join(' ')}`;
+  });
+  const fetchB = (k0: string) => each(runsB, t => {
+    const r = v7RunB(x, l, 'q');
+    const quads = v7Quads(o.b, l.widthB, 'v');
+    return `let v = B[(bBase + (col0 + ${r.n}) * kDim + ${k0} + ${r.k}) / ${l.widthB}u];
+      ${quads.map((value, h) => `${rb(t, h)} = ${value};`).join(' ')}`;
+  });
+  /** the buffer's first half in a slab array of `size` halves a buffer ('0u': the only or the first buffer) */
+  const bufferBase = (buffer: string, size: number) => (buffer === '0u' ? '0u' : x.mul(buffer, `${size}u`));
+  const put = (slab: string, at: string, step: number, quads: number, reg: (h: number) => string) => `let d = ${at}; ` +
+    Array.from({ length: quads * 4 }, (_, c) => `${slab}[d + ${c * step}u] = ${reg(Math.floor(c / 4))}.${V7_COMPONENTS[c % 4]};`).join(' ');
+  const storeA = (buffer: string) => each(runsA, t =>
+    put('As', x.add(bufferBase(buffer, l.sizeA), v7RunA(x, l, 'q').at), 1, quadsA, h => ra(t, h)));
+  const storeB = (buffer: string) => each(runsB, t => {
+    const r = v7RunB(x, l, 'q');
+    return put('Bs', x.add(bufferBase(buffer, l.sizeB), r.at), r.step, quadsB, h => rb(t, h));
+  });
+  const regs = [...Array.from({ length: runsA * quadsA }, (_, i) => `var ${ra(Math.floor(i / quadsA), i % quadsA)} : vec4<f16>;`),
+    ...Array.from({ length: runsB * quadsB }, (_, i) => `var ${rb(Math.floor(i / quadsB), i % quadsB)} : vec4<f16>;`)].join(' ');
+  const multiply = (buffer: string) => {
+    const lines: string[] = [];
+    const baseA = bufferBase(buffer, l.sizeA);
+    const baseB = bufferBase(buffer, l.sizeB);
+    for (let kk = 0; kk < l.depth; kk += MATRIX_EDGE) {
+      for (let i = 0; i < l.tilesM; i++) {
+        const at = v7LeftTile(x, l, baseA, 'partRow', x.lit(kk), i);
+        lines.push(`let a${kk}_${i} = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&As, ${at.offset}, false, ${at.stride}u);`);
+      }
+      for (let j = 0; j < l.tilesN; j++) {
+        const at = v7RightTile(x, l, baseB, 'partCol', x.lit(kk), j);
+        lines.push(`let b${kk}_${j} = subgroupMatrixLoad<subgroup_matrix_right<f16, 16, 16>>(&Bs, ${at.offset}, ${at.colMajor}, ${at.stride}u);`);
+      }
+      for (let i = 0; i < l.tilesM; i++) for (let j = 0; j < l.tilesN; j++) lines.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`);
+    }
+    return `{\n    ${lines.join('\n    ')}\n    }`;
+  };
+  const D = `${l.depth}u`;
+  let loop: string;
+  if (o.staging === 'prefetch') {
+    loop = `if (kEnd > 0u) {
+    ${fetchA('0u')}
+    ${fetchB('0u')}
+  }
+  for (var k0 = 0u; k0 < kEnd; k0 += ${D}) {
+    ${storeA('0u')}
+    ${storeB('0u')}
+    workgroupBarrier();
+    if (k0 + ${D} < kEnd) {
+      let next = k0 + ${D};
+      ${fetchA('next')}
+      ${fetchB('next')}
+    }
+    ${multiply('0u')}
+    workgroupBarrier();
+  }`;
+  } else if (o.staging === 'direct') {
+    loop = `for (var k0 = 0u; k0 < kEnd; k0 += ${D}) {
+    ${fetchA('k0')}
+    ${fetchB('k0')}
+    ${storeA('0u')}
+    ${storeB('0u')}
+    workgroupBarrier();
+    ${multiply('0u')}
+    workgroupBarrier();
+  }`;
+  } else {
+    // buffer (k0 / depth) % 2 holds slab k0; the other was last read before the previous barrier
+    const stageNext = o.staging === 'double'
+      ? { before: `${fetchA('next')}\n      ${fetchB('next')}\n      ${storeA('other')}\n      ${storeB('other')}`, after: '' }
+      : { before: `${fetchA('next')}\n      ${fetchB('next')}`, after: `${storeA('other')}\n      ${storeB('other')}` };
+    loop = `if (kEnd > 0u) {
+    ${fetchA('0u')}
+    ${fetchB('0u')}
+    ${storeA('0u')}
+    ${storeB('0u')}
+  }
+  workgroupBarrier();
+  for (var k0 = 0u; k0 < kEnd; k0 += ${D}) {
+    let current = (k0 / ${D}) % 2u;
+    let other = 1u - current;
+    let more = k0 + ${D} < kEnd;
+    let next = k0 + ${D};
+    if (more) {
+      ${stageNext.before}
+    }
+    ${multiply('current')}
+    ${stageNext.after ? `if (more) {\n      ${stageNext.after}\n    }` : ''}
+    workgroupBarrier();
+  }`;
+  }
+  const stores = Array.from({ length: l.tilesM * l.tilesN }, (_, t) => {
+    const i = Math.floor(t / l.tilesN), j = t % l.tilesN;
+    return `subgroupMatrixStore(&C, (rowBase + partRow + ${i * 16}u) * nDim + col0 + partCol + ${j * 16}u, c${i}_${j}, false, nDim);`;
+  }).join('\n  ');
+  const fillRow = `let src = Info[${v7Blocks(p, l.rows)}u + rowBase + m];
+            rowSrc[m] = select(-1, src * i32(kDim / ${l.widthA}u), src >= 0);`;
+  // 128×256 blocks: fewer rows than invocations (no matrix builtin in between: the guard needs no uniform steps)
+  const fillRows = l.rows >= threads ? uniformStrideLoop('m', 'lid', l.rows, threads, fillRow) : `if (lid < ${l.rows}u) { let m = lid; ${fillRow} }`;
+  const usesBf16 = o.b === 'bf16';
+  const name = `v7: ${l.subgroupRows * l.subgroupCols} subgroups${l.tilesM * l.tilesN !== 16 ? ` of ${l.tilesM * 16}x${l.tilesN * 16}` : ''}, ${l.rows}x${l.cols}, depth ${l.depth}, ${o.staging}, A ${o.a}, W ${o.b}` +
+    `${o.a !== 'f32' || o.b !== 'f32' ? ` x${o.width}` : ''}, Bs ${l.bColMajor ? 'column' : 'row'}-major, ${(v7WorkgroupBytes(l) / 1024).toFixed(1)} KiB`;
+  return { name, threads, blockRows: l.rows, blockCols: l.cols, code: `enable f16;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium.subgroup_matrix_uniformity);
+@group(0) @binding(0) var<storage, read> A : array<${v7ArrayType(o.a, l.widthA)}>;
+@group(0) @binding(1) var<storage, read> B : array<${v7ArrayType(o.b, l.widthB)}>;
+@group(0) @binding(2) var<storage, read_write> C : array<f32>;
+@group(0) @binding(3) var<storage, read> Info : array<i32>;
+struct Dims { K : u32, N : u32, sE : u32 }
+@group(0) @binding(4) var<uniform> dims : Dims;
+var<workgroup> As : array<f16, ${l.buffers * l.sizeA}>;
+var<workgroup> Bs : array<f16, ${l.buffers * l.sizeB}>;
+var<workgroup> rowSrc : array<i32, ${l.rows + 4}>;
+${usesBf16 ? `fn bf16Quad(w : vec2<u32>) -> vec4<f16> {
+  return vec4<f16>(vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u), bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u)));
+}` : ''}
+@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wg : vec3<u32>, @builtin(local_invocation_index) lid : u32) {
+  let kDim = dims.K;
+  let nDim = dims.N;
+  let subgroup = lid / 32u;
+  let partRow = ${row};
+  let partCol = ${col};
+  let col0 = wg.x * ${l.cols}u;
+  let rowBase = wg.y * ${l.rows}u;
+  if (lid == 0u) { rowSrc[${l.rows}] = Info[wg.y]; }
+  // each row's first vector in A, −1 on padding (its runs stage as 0)
+  ${fillRows}
+  // a barrier too: the table is complete for every invocation after it
+  let e = workgroupUniformLoad(&rowSrc[${l.rows}]);
+  let kEnd = select(kDim, 0u, e < 0);
+  let bBase = u32(max(e, 0)) * dims.sE;
+  ${declareAccumulators(layoutOf)}
+  ${regs}
+  ${loop}
+  ${stores}
+}` };
+}
+
+/** Workgroups of a v7 variant: one per block, columns on x, row blocks on y. */
+export function v7Dispatch(p: V7Problem, o: V7Options): [number, number, number] {
+  const l = v7Layout(o);
+  return [p.N / l.cols, v7Blocks(p, l.rows), 1];
+}
+
+/**
+ * The conversion pass that f16 operands would need first: `elements` f32 (vec4 pairs) to packed
+ * f16 (vec4<u32>, 8 halves), one invocation per 8 elements, 256 a workgroup, rows of
+ * 32768 workgroups on y. Bindings: 0 the f32 source, 1 the packed output; Dims.K the element count.
+ */
+export function conversionPass(): Variant {
+  return { name: 'f32 -> f16 conversion pass (8 elements an invocation, vec4<f32> pairs to vec4<u32>)', threads: 256, blockRows: 1, blockCols: 1, code: `
+@group(0) @binding(0) var<storage, read> F : array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> H : array<vec4<u32>>;
+struct Dims { count : u32 }
+@group(0) @binding(2) var<uniform> dims : Dims;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid : vec3<u32>) {
+  let i = gid.x + gid.y * ${32768 * 256}u;
+  if (i >= dims.count / 8u) { return; }
+  let lo = F[2u * i];
+  let hi = F[2u * i + 1u];
+  H[i] = vec4<u32>(pack2x16float(lo.xy), pack2x16float(lo.zw), pack2x16float(hi.xy), pack2x16float(hi.zw));
+}` };
+}
+
+const V7_BASE: V7Options = { sgRows: 2, sgCols: 2, depth: 64, staging: 'prefetch', a: 'f32', b: 'f32', width: 4, bColMajor: false };
+
+/**
+ * The v7 cases, each on the small grouped problem (every element against float64) and at Q's up
+ * shape (timed), in the order they run. Each names what limits v6 that it addresses.
+ */
+export const V7_STEPS: ReadonlyArray<readonly [string, V7Options]> = [
+  // v6's program rebuilt in the v7 generator (prefetch, f32 operands, row-major Bs): the family's baseline, ~pkg-matmul-q
+  ['v7-0-v6-like', V7_BASE],
+  // no register prefetch: 64 registers a lane less across the products (v6-g: 152.7 against v6-0's 21.1 TFLOP/s)
+  ['v7-a-direct', { ...V7_BASE, staging: 'direct' }],
+  // + Bs column-major: W's k-runs stored to consecutive halves instead of 4 separate stores 4 slab rows apart
+  ['v7-b-bs-col', { ...V7_BASE, staging: 'direct', bColMajor: true }],
+  // + the bf16-stored experts (the end-to-end setup): half W's bytes
+  ['v7-c-bf16x8', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8 }],
+  // + both operands f16 in global memory (price v7-convert-q beside it): half the bytes, no conversion at the fetch
+  ['v7-d-f16', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16' }],
+  // + 16-byte loads of 8 halves: half the load instructions, runs of 8 halves stored together
+  ['v7-e-f16x8', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8 }],
+  // depth 32: half the slab, twice the barriers (the reference point for the two below)
+  ['v7-f-depth32', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, depth: 32 }],
+  // two slab buffers, one barrier a slab: the next slab staged while other subgroups multiply
+  ['v7-g-double', { ...V7_BASE, staging: 'double', bColMajor: true, a: 'f16', b: 'f16', width: 8, depth: 32 }],
+  ['v7-h-double-prefetch', { ...V7_BASE, staging: 'double-prefetch', bColMajor: true, a: 'f16', b: 'f16', width: 8, depth: 32 }],
+  // 8 subgroups: each staged element feeds twice the products (256×128: W's slab shared by twice the rows)
+  ['v7-i-256x128', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, depth: 32, sgRows: 4 }],
+  ['v7-j-128x256', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, depth: 32, sgCols: 4 }],
+  // the same two with the package's operands as they are (A f32, W bf16): what a port without a conversion pass gets
+  ['v7-k-256x128-f32-bf16', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8, depth: 32, sgRows: 4 }],
+  ['v7-l-double-f32-bf16', { ...V7_BASE, staging: 'double', bColMajor: true, b: 'bf16', width: 8, depth: 32 }],
+  // v6's 128×128 block over 8 subgroups of 32×64: 64 accumulator registers a lane instead of 128, for
+  // more resident subgroups per SM; each subgroup loads 6 fragments per 8 products instead of 8 per 16
+  ['v7-m-8x32x64', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, sgRows: 4, tilesM: 2 }],
+  ['v7-n-8x32x64-f32-bf16', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8, sgRows: 4, tilesM: 2 }],
 ];

@@ -24,6 +24,14 @@
  * then v6 against v5 at Q's up shape, then the speed bisection (variant_codes.ts's V6_STEPS: the
  * exact GEMM on Q's grouped shape, each construct of the package's MatMul alone, then all together),
  * each timed and checked on 512 samples. v4/v5's other cases are BISECT_CASES.
+ * v7 (the speed, after run N: v6 programs 53 TFLOP/s, the exact grouped GEMM without its register
+ * prefetch 152.7): `node variants.js v7` runs V7_CASES (variant_codes.ts's V7_STEPS: staging without
+ * prefetch, Bs column-major, f16 / bf16 operands in 8- or 16-byte loads, depth 32, double-buffered
+ * slabs, 8-subgroup blocks, each with the package MatMul's gathered rows, expert lookup, padding
+ * and a block of no expert), each exact on a small problem on every element and then timed at Q's up
+ * shape, beside the v6 baselines pkg-matmul-q, pkg-matmul-q-bf16 and v6-g-no-prefetch; then the
+ * f32 → f16 conversion pass at Q's operands (what the f16 variants would add). Any other argument
+ * is a regular expression over the case ids. Timings: the median of 3 samples of 10 dispatches.
  * Each case reports maxRelError and, for the wrong elements (error > 1e-3 of the scale), how many,
  * the first few and their counts by subgroup part and by row / column inside the 16×16 matrix.
  * Operands are multiples of 1/64 in [-1, 1] and sums short enough to be exact in f16 inputs / f32
@@ -42,7 +50,8 @@
  * every case). Stops starting cases after TIME_BUDGET_MS.
  */
 import { spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import {
@@ -53,6 +62,7 @@ import {
   type BisectOptions, bisectVariant, isPaddingRow, type PackageShaderOptions, packageProgramShader, plainVariant, type Problem,
   stagedVariant, standInMatrices, type Variant, gemmLayout, type GroupedGemmOptions, groupedBlocks, groupedGemmDispatch, groupedGemmVariant,
   type GroupedProblem, groupedSourceRow, V6_STEPS,
+  conversionPass, v7Blocks, v7Dispatch, v7Layout, type V7Options, type V7Problem, v7SourceRow, v7Variant, v7WorkgroupBytes, V7_STEPS,
 } from './variant_codes.js';
 
 Object.assign(globalThis, globals);
@@ -102,7 +112,11 @@ type CaseSpec =
   | { kind: 'package'; program: 'matmul' | 'weightGrad'; code: 'fixed' | 'db64af4'; entry: PackageShaderOptions['entry']; shape: Grouped; timing: Timing }
   | { kind: 'gemm'; problem: Problem; variant: (p: Problem) => Variant; timing: Timing }
   | { kind: 'bisect'; problem: Problem; options: BisectOptions }
-  | { kind: 'grouped-gemm'; problem: GroupedProblem; options: GroupedGemmOptions };
+  | { kind: 'grouped-gemm'; problem: GroupedProblem; options: GroupedGemmOptions }
+  /** a v7 variant: the small problem on every element, then (on the GPU) Q's up shape timed */
+  | { kind: 'v7'; options: V7Options }
+  /** the f32 → f16 conversion pass over `elements` values, timed */
+  | { kind: 'convert'; elements: number };
 
 interface Case {
   id: string;
@@ -228,6 +242,31 @@ const HARNESS_CASES: Case[] = [
   groupedGemmCase('harness-v6-bf16', { b: 'bf16-nk', rowTable: true, prefetch: false }, HARNESS_GROUPED),
 ];
 
+/**
+ * v7's problems: the small one with every edge a port meets (padding rows, gathered rows, a block of
+ * no expert, whole 256-row and 256-column blocks), every element against float64; Q's up shape as
+ * pkg-matmul-q's (16 experts × 1024 rows, K 2048 → N 1536; rows gathered, no padding), timed.
+ */
+const V7_SMALL: V7Problem = { E: 2, M: 256, unused: 256, N: 256, K: 256, padding: true };
+const V7_Q: V7Problem = { E: 16, M: 1024, unused: 0, N: 1536, K: 2048, padding: false };
+
+/**
+ * The v7 batch (`node variants.js v7` selects it, with the v6 baselines pkg-matmul-q,
+ * pkg-matmul-q-bf16 and v6-g-no-prefetch run beside it): every V7_STEPS variant, then the
+ * conversion pass that the f16 variants need, priced at Q's operands (A and W, 83.9M values).
+ */
+export const V7_CASES: Case[] = [
+  ...V7_STEPS.map(([id, options]): Case => ({ id, name: `${v7Variant(V7_SMALL, options).name} (small, then Q's up shape)`, spec: { kind: 'v7', options } })),
+  { id: 'v7-convert-q', name: `${conversionPass().name}: Q's A and W (${(V7_Q.E * V7_Q.M * V7_Q.K + V7_Q.E * V7_Q.N * V7_Q.K) / 1e6}M values)`,
+    spec: { kind: 'convert', elements: V7_Q.E * V7_Q.M * V7_Q.K + V7_Q.E * V7_Q.N * V7_Q.K } },
+];
+
+/** What `node variants.js v7` runs: the v6 baselines at Q's shape in the same process tree, then V7_CASES. */
+const V7_FILTER_BASELINES = ['pkg-matmul-q', 'pkg-matmul-q-bf16', 'v6-g-no-prefetch'];
+
+/** On Mesa: the conversion pass on 2^16 values (pack2x16float needs no f16: a real check). */
+const HARNESS_V7_CONVERT: Case = { id: 'v7-convert-small', name: `${conversionPass().name}: 65536 values`, spec: { kind: 'convert', elements: 65536 } };
+
 // ---- the child: one case ----------------------------------------------------------------------
 
 /** A line for the parent: the phase reached (so that a crash says where), or the result. */
@@ -255,11 +294,41 @@ function bf16Words(values: Float32Array): Uint16Array {
   return out;
 }
 
+/** The prefix of sharedSixtyFourths' files in the temporary folder (the parent removes them at the end). */
+const SHARED_PREFIX = 'webgpu_tc_v7_';
+
+/**
+ * `n` multiples of 1/64 from a seed of their own, the same in every case's process: generated by the
+ * first case that asks (about 2 s of CPU for Q's 84M values) and read back from the temporary folder
+ * by the next ones, so that the v7 batch's Q cases spend their time on the GPU.
+ */
+function sharedSixtyFourths(name: string, n: number, ownSeed: number): Float32Array {
+  const path = join(tmpdir(), `${SHARED_PREFIX}${name}_${n}.f32`);
+  const out = new Float32Array(n);
+  if (existsSync(path) && statSync(path).size === n * 4) {
+    new Uint8Array(out.buffer).set(readFileSync(path));
+    return out;
+  }
+  const kept = seed;
+  seed = ownSeed;
+  out.set(sixtyFourths(n));
+  seed = kept;
+  writeFileSync(`${path}.${process.pid}`, out);
+  renameSync(`${path}.${process.pid}`, path);
+  return out;
+}
+
 /** f16 bits of values f16 holds exactly (multiples of 1/64 in [-1, 1]). */
 function halves(values: Float32Array): Uint16Array {
   const out = new Uint16Array(values.length);
   for (let i = 0; i < values.length; i++) out[i] = halfBits(values[i]);
   return out;
+}
+/** The value of f16 bits (normal numbers and zeros: what the cases hold). */
+function halfValue(bits: number): number {
+  const sign = bits & 0x8000 ? -1 : 1;
+  const exponent = (bits >>> 10) & 0x1f;
+  return exponent === 0 ? sign * (bits & 0x3ff) * 2 ** -24 : sign * (1 + (bits & 0x3ff) / 1024) * 2 ** (exponent - 15);
 }
 const scratchF32 = new Float32Array(1);
 const scratchU32 = new Uint32Array(scratchF32.buffer);
@@ -279,12 +348,14 @@ interface Run {
   uniforms?: GPUBuffer;
   dispatch: [number, number, number];
   flops: number;
+  /** bytes moved (a pass that does no products: reported as GB/s) */
+  bytes?: number;
   /** max |c − expected| / max |expected| */
   check: (c: Float32Array, entry?: Record<string, unknown>) => number;
 }
 
 /** Compiles, runs once, checks, then times 10 dispatches (timestamp queries); tells each phase first. */
-async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: Run, timing: Timing): Promise<void> {
+async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: Run, timing: Timing, partial = true): Promise<void> {
   const errors: string[] = [];
   device.addEventListener('uncapturederror', e => errors.push(String((e as GPUUncapturedErrorEvent).error.message).slice(0, 800)));
   entry.deviceErrors = errors;
@@ -328,25 +399,32 @@ async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: R
   readback.unmap();
   entry.maxRelError = run.check(c, entry);
   entry.finite = c.every(Number.isFinite);
-  // the verdict first: a crash while timing leaves it with the parent
-  tell({ partial: entry });
+  // the verdict first: a crash while timing leaves it with the parent (`partial` false: the caller tells it, under its own key)
+  if (partial) tell({ partial: entry });
   if (timing === 'none') return;
   tell({ phase: 'timing' });
-  await device.queue.onSubmittedWorkDone();
-  const t0 = performance.now();
-  go(10, true);
-  await device.queue.onSubmittedWorkDone();
-  entry.wallMs = (performance.now() - t0) / 10;
-  let ms = entry.wallMs as number;
-  if (querySet) {
-    await stampsRead!.mapAsync(GPUMapMode.READ);
-    const [begin, end] = new BigUint64Array(stampsRead!.getMappedRange().slice(0));
-    stampsRead!.unmap();
-    ms = Number(end - begin) / 1e6 / 10;
-    entry.gpuMs = ms;
+  // 3 samples of 10 dispatches, the median (run N's single samples were noisy)
+  const samples: number[] = [];
+  for (let sample = 0; sample < 3; sample++) {
+    await device.queue.onSubmittedWorkDone();
+    const t0 = performance.now();
+    go(10, true);
+    await device.queue.onSubmittedWorkDone();
+    let ms = (performance.now() - t0) / 10;
+    if (querySet) {
+      await stampsRead!.mapAsync(GPUMapMode.READ);
+      const [begin, end] = new BigUint64Array(stampsRead!.getMappedRange().slice(0));
+      stampsRead!.unmap();
+      ms = Number(end - begin) / 1e6 / 10;
+    }
+    samples.push(ms);
   }
+  entry.msSamples = samples.map(v => Number(v.toPrecision(4)));
+  entry.timedBy = querySet ? 'timestamps' : 'wall clock';
+  const ms = [...samples].sort((a, b) => a - b)[1];
   entry.ms = ms;
-  entry.tflops = run.flops / (ms * 1e-3) / 1e12;
+  if (run.flops > 0) entry.tflops = run.flops / (ms * 1e-3) / 1e12;
+  if (run.bytes) entry.gbps = run.bytes / (ms * 1e-3) / 1e9;
 }
 
 function storage(device: GPUDevice, data: ArrayBufferView | number): GPUBuffer {
@@ -550,6 +628,63 @@ function groupedGemmRun(device: GPUDevice, p: GroupedProblem, o: GroupedGemmOpti
     check: relativeCheck(samples, expected, i => [Math.floor(i / N), i % N]) };
 }
 
+/**
+ * A v7 case's run (variant_codes.ts's v7Variant) on `p`: A [rows, K] and W [E, N, K] in the
+ * variant's formats (only those it reads), Info (each block's expert, −1 past the experts, then
+ * each row's source row, v7SourceRow), and the float64 reference on every element or 512 samples.
+ */
+function v7Run(device: GPUDevice, p: V7Problem, o: V7Options, everyElement: boolean): Run {
+  const v = v7Variant(p, o);
+  const l = v7Layout(o);
+  const { E, M, N, K } = p;
+  const rows = E * M + p.unused;
+  // Q's operands: shared by the batch's cases (the small problem's: made here, in a moment)
+  const a = everyElement ? sixtyFourths(rows * K) : sharedSixtyFourths('a', rows * K, 101);
+  const w = everyElement ? sixtyFourths(E * N * K) : sharedSixtyFourths('w', E * N * K, 202);
+  const blocks = v7Blocks(p, l.rows);
+  const info = new Int32Array(blocks + rows);
+  for (let b = 0; b < blocks; b++) info[b] = b * l.rows < E * M ? Math.floor(b * l.rows / M) : -1;
+  for (let r = 0; r < rows; r++) info[blocks + r] = v7SourceRow(p, r);
+  const points = everyElement ? Array.from({ length: rows * N }, (_, i) => i) : Array.from({ length: 512 }, () => Math.floor(rand() * rows * N));
+  const expected = points.map(i => {
+    const r = Math.floor(i / N), n = i % N, src = v7SourceRow(p, r);
+    if (src < 0) return 0;
+    const e = Math.floor(r / M);
+    let s = 0;
+    for (let k = 0; k < K; k++) s += a[src * K + k] * w[(e * N + n) * K + k];
+    return s;
+  });
+  const A = o.a === 'f32' ? storage(device, a) : storage(device, halves(a));
+  const W = o.b === 'f32' ? storage(device, w) : o.b === 'bf16' ? storage(device, bf16Words(w)) : storage(device, halves(w));
+  const C = storage(device, rows * N * 4);
+  const dims = device.createBuffer({ size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+  device.queue.writeBuffer(dims, 0, Uint32Array.of(K, N, N * K, 0));
+  return { code: v.code, buffers: [A, W, C, storage(device, info)], uniforms: dims, out: C, dispatch: v7Dispatch(p, o),
+    flops: 2 * rows * N * K, check: relativeCheck(points, expected, i => [Math.floor(i / N), i % N]) };
+}
+
+/**
+ * The conversion pass's run: `elements` multiples of 1/64 (f32) to f16 bits, 4096 sampled halves
+ * (all of them when fewer) against halfBits; bytes moved: 4 read and 2 written per value.
+ */
+function convertRun(device: GPUDevice, elements: number): Run {
+  const f = sixtyFourths(elements);
+  const groups = elements / 8 / 256;
+  const dispatch: [number, number, number] = [Math.min(groups, 32768), Math.ceil(groups / 32768), 1];
+  const out = storage(device, elements * 2);
+  const dims = device.createBuffer({ size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+  device.queue.writeBuffer(dims, 0, Uint32Array.of(elements, 0, 0, 0));
+  const points = elements <= 4096 ? Array.from({ length: elements }, (_, i) => i) : Array.from({ length: 4096 }, () => Math.floor(rand() * elements));
+  return { code: conversionPass().code, buffers: [storage(device, f), out], uniforms: dims, out, dispatch, flops: 0, bytes: elements * 6,
+    check: (c, entry) => {
+      const got = new Uint16Array(c.buffer, c.byteOffset, elements);
+      // by value: −0 (a rounded −1/256) converts to f16's −0, which halfBits writes as +0
+      const wrong = points.filter(i => halfValue(got[i]) !== f[i]);
+      if (entry) Object.assign(entry, { checked: points.length, wrong: wrong.length, firstWrong: wrong.slice(0, 4).map(i => ({ i, got: halfValue(got[i]), want: f[i] })) });
+      return wrong.length ? 1 : 0;
+    } };
+}
+
 /** The f32 stand-in's slabs at a quarter of their length: within Mesa's 32 KiB of workgroup memory. */
 function shrinkSlabs(code: string): string {
   return code.replace(/(var<workgroup> [AB]s : array<f32, )(\d+)>/g, (_, head: string, n: string) => `${head}${Math.floor(Number(n) / 4)}>`);
@@ -600,7 +735,7 @@ async function requestAdapter(hold = true): Promise<GPUAdapter> {
 const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
 
 async function child(id: string): Promise<void> {
-  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES].find(x => x.id === id);
+  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT].find(x => x.id === id);
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
@@ -608,7 +743,16 @@ async function child(id: string): Promise<void> {
   const features = WANTED.filter(f => adapter.features.has(f));
   const device = await adapter.requestDevice({ requiredFeatures: harness ? [] : features,
     requiredLimits: { maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
-      maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize, maxBufferSize: adapter.limits.maxBufferSize } });
+      maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize, maxBufferSize: adapter.limits.maxBufferSize,
+      // v7's 8-subgroup blocks and the conversion pass: 256 invocations a workgroup
+      maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+      maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup } });
+  if (c.spec.kind === 'v7' || c.spec.kind === 'convert') {
+    await v7Child(device, c.spec, entry);
+    tell({ result: entry });
+    device.destroy();
+    return;
+  }
   tell({ phase: 'inputs' });
   const run = c.spec.kind === 'package' ? groupedRun(device, c.spec, harness)
     : c.spec.kind === 'bisect' ? harnessed(bisectRun(device, c.spec.problem, c.spec.options))
@@ -621,6 +765,37 @@ async function child(id: string): Promise<void> {
   await runOnce(device, entry, run, c.spec.kind === 'bisect' ? 'none' : c.spec.kind === 'grouped-gemm' ? 'timestamps' : c.spec.timing);
   tell({ result: entry });
   device.destroy();
+}
+
+/**
+ * A v7 case in its child: the variant on the small problem (every element; on Mesa with the
+ * matrices stood in for, no product), then on the GPU at Q's up shape (512 samples, timed) into
+ * `entry`; a variant needing more workgroup memory than the device has is reported, not run.
+ * The conversion pass: checked and timed.
+ */
+async function v7Child(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'v7' | 'convert' }>, entry: Record<string, unknown>): Promise<void> {
+  if (spec.kind === 'convert') {
+    tell({ phase: 'inputs' });
+    await runOnce(device, entry, convertRun(device, spec.elements), 'timestamps');
+    return;
+  }
+  const bytes = v7WorkgroupBytes(v7Layout(spec.options));
+  entry.workgroupBytes = bytes;
+  if (!harness && bytes > device.limits.maxComputeWorkgroupStorageSize) {
+    entry.error = `needs ${bytes} bytes of workgroup memory, the device has ${device.limits.maxComputeWorkgroupStorageSize}`;
+    return;
+  }
+  tell({ phase: 'inputs small' });
+  const small: Record<string, unknown> = {};
+  await runOnce(device, small, harnessed(v7Run(device, V7_SMALL, spec.options, true)), 'none', false);
+  // the errors so far (the device's listeners keep collecting into every run's list)
+  entry.small = harness ? { noProduct: 'matrices stood in for (Mesa)', compileErrors: small.compileErrors, deviceErrors: [...(small.deviceErrors as string[])] }
+    : { rel: small.maxRelError, wrong: small.wrong, of: small.checked, ...(small.wrong ? { firstWrong: small.firstWrong } : {}),
+    ...(small.compileErrors ? { compileErrors: small.compileErrors } : {}), ...((small.deviceErrors as string[]).length ? { deviceErrors: [...(small.deviceErrors as string[])] } : {}) };
+  tell({ partial: entry });
+  if (harness || small.compileErrors) return;
+  tell({ phase: 'inputs Q' });
+  await runOnce(device, entry, v7Run(device, V7_Q, spec.options, false), 'timestamps');
 }
 
 // ---- the parent: every case in its own process ------------------------------------------------
@@ -670,7 +845,7 @@ function runCase(c: Case): Promise<Outcome> {
 }
 
 async function parent(): Promise<void> {
-  const report: Record<string, unknown> = { check: 'webgpu_tc variants v6', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
+  const report: Record<string, unknown> = { check: 'webgpu_tc variants v7', budgetMs: TIME_BUDGET_MS, caseTimeoutMs: CASE_TIMEOUT_MS };
   const write = (name: string) => {
     if (process.env.OUT) writeFileSync(join(process.env.OUT, name), JSON.stringify(report, null, 1));
   };
@@ -678,14 +853,23 @@ async function parent(): Promise<void> {
   report.adapter = (adapter.info as unknown as { description?: string }).description;
   report.features = WANTED.filter(f => adapter.features.has(f));
   const lacking = ['shader-f16', 'chromium-experimental-subgroup-matrix'].filter(f => !adapter.features.has(f));
+  report.maxComputeWorkgroupStorageSize = adapter.limits.maxComputeWorkgroupStorageSize;
   let cases = CASES;
   if (lacking.length > 0) {
     report.noSubgroupMatrix = `no subgroup matrix: the adapter lacks ${lacking.join(' and ')}`;
     process.stderr.write(`[variants ${elapsed()}s] ${report.noSubgroupMatrix}\n`);
     cases = harness ? HARNESS_CASES : [];
   }
+  // the pool a selection draws from: on Mesa only the dry run's cases (v7's run their small problem, matrices stood in for)
+  const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT] : [])
+    : [...CASES, ...BISECT_CASES, ...V7_CASES];
   const only = process.env.VARIANT_CASES?.split(',');
-  if (only) cases = [...cases, ...(lacking.length > 0 ? [] : BISECT_CASES)].filter(c => only.includes(c.id));
+  if (only) cases = pool.filter(c => only.includes(c.id));
+  // `variants.js v7`: the v7 batch and its v6 baselines; any other argument: a regular expression over the case ids
+  const filter = process.argv[2];
+  if (filter === 'v7') cases = pool.filter(c => V7_FILTER_BASELINES.includes(c.id) || c.id.startsWith('v7-'));
+  else if (filter) cases = pool.filter(c => new RegExp(filter).test(c.id));
+  report.filter = filter ?? process.env.VARIANT_CASES ?? null;
   const results: Outcome[] = [];
   report.results = results;
   for (const c of cases) {
@@ -693,11 +877,13 @@ async function parent(): Promise<void> {
     process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${c.name}\n`);
     const o = await runCase(c);
     results.push(o);
-    const brief = { rel: o.maxRelError, wrong: o.wrong, of: o.checked, byPart: o.wrongByPart, tflops: o.tflops, crashed: o.crashed, signal: o.signal, timedOut: o.timedOut, lastPhase: o.done ? undefined : o.lastPhase,
+    const brief = { small: o.small, rel: o.maxRelError, wrong: o.wrong, of: o.checked, byPart: o.wrongByPart,
+      tflops: typeof o.tflops === 'number' ? Number(o.tflops.toFixed(1)) : undefined, ms: o.ms, gbps: typeof o.gbps === 'number' ? Math.round(o.gbps) : undefined, crashed: o.crashed, signal: o.signal, timedOut: o.timedOut, lastPhase: o.done ? undefined : o.lastPhase,
       err: o.error ?? o.compileErrors ?? (o.deviceErrors as string[] | undefined)?.[0] };
     process.stderr.write(`[variants ${elapsed()}s] ${c.id}: ${JSON.stringify(brief)}\n`);
     write('variants.partial.json');
   }
+  for (const name of readdirSync(tmpdir()).filter(f => f.startsWith(SHARED_PREFIX))) unlinkSync(join(tmpdir(), name));
   report.elapsedMs = Date.now() - started;
   process.stdout.write(JSON.stringify(report, null, 1) + '\n');
   write('variants.json');

@@ -13,7 +13,7 @@
  */
 import { expect } from 'chai';
 import {
-  aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
+  aIndex, bIndex, checkSlabLayout, epilogueThroughSlots, integers, wgslU32, leftTile, MATRIX_EDGE, type MatrixAt, multiplySlab,
   partOrigin, resultSlot, rightTile, type SlabLayout, slabSizes, slotElement, stagedElementA, stagedElementB, stagedQuadA, stagedQuadB,
   subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
@@ -23,6 +23,7 @@ import {
 import {
   type BisectOptions, bisectVariant, exactLayout, gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
   groupedGemmDispatch, groupedGemmVariant, groupedSourceRow, V6_STEPS,
+  conversionPass, v7Dispatch, v7Layout, v7LeftTile, type V7Options, v7RightTile, v7RunA, v7RunB, v7SourceRow, v7Variant, v7WorkgroupBytes, V7_STEPS,
 } from '../../../tools/webgpu_tc/variant_codes.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
 import { compileErrors } from './helpers.js';
@@ -496,5 +497,117 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     const thin = gemmLayout({ sgRows: 1, sgCols: 4, tilesM: 1, tilesN: 1, depth: 16, pad: 0 });
     expect(() => stagedVariant(problem, { layout: thin, from: 'f16', vec4: true, prefetch: true }))
       .to.throw('stagedVariant: prefetch needs whole shares');
+  });
+});
+
+describe('webgpu: the v7 variants (tools/webgpu_tc): index math emulated against float64, WGSL valid on Mesa', () => {
+  /**
+   * One workgroup of a v7 variant as data movement, with the functions its WGSL is generated from:
+   * every invocation's runs staged into the slab's buffer (slab s into buffer s % 2 when double
+   * buffered, that buffer emptied to NaN first, so a run that misses an element or a stale buffer
+   * shows), each subgroup's tiles loaded (Dawn's semantics, loadMatrix) and multiplied. Returns the
+   * largest |difference| of the rows × cols block to float64. W is stored [N, K] (k contiguous).
+   */
+  function v7BlockError(o: V7Options, inner: number, fault?: 'right tiles row-major'): number {
+    const l = v7Layout(o);
+    const threads = 32 * l.subgroupRows * l.subgroupCols;
+    const x = integers;
+    const A = values(l.rows * inner, 3); // A(m, k) at m·inner + k
+    const W = values(l.cols * inner, 4); // B(k, n) = W(n, k) at n·inner + k
+    const As = new Float64Array(l.buffers * l.sizeA);
+    const Bs = new Float64Array(l.buffers * l.sizeB);
+    const tiles = l.tilesM * l.tilesN;
+    const acc = Array.from({ length: threads / 32 }, () => Array.from({ length: tiles }, () => new Float64Array(E * E)));
+    const stage = (slab: Float64Array, start: number, size: number, at: number, value: number) => {
+      if (at < 0 || at >= size) throw new Error(`run outside its buffer at ${at}`);
+      if (!Number.isNaN(slab[start + at])) throw new Error(`slab element ${start + at} staged twice`);
+      slab[start + at] = value;
+    };
+    for (let s = 0; s * l.depth < inner; s++) {
+      const k0 = s * l.depth;
+      const buffer = l.buffers === 2 ? s % 2 : 0;
+      As.fill(NaN, buffer * l.sizeA, (buffer + 1) * l.sizeA);
+      Bs.fill(NaN, buffer * l.sizeB, (buffer + 1) * l.sizeB);
+      for (let lid = 0; lid < threads; lid++) {
+        for (let t = 0; t < l.rows * l.depth / l.widthA / threads; t++) {
+          const { m, k, at } = v7RunA(x, l, lid + t * threads);
+          for (let c = 0; c < l.widthA; c++) stage(As, buffer * l.sizeA, l.sizeA, at + c, A[m * inner + k0 + k + c]);
+        }
+        for (let t = 0; t < l.cols * l.depth / l.widthB / threads; t++) {
+          const { n, k, at, step } = v7RunB(x, l, lid + t * threads);
+          for (let c = 0; c < l.widthB; c++) stage(Bs, buffer * l.sizeB, l.sizeB, at + c * step, W[n * inner + k0 + k + c]);
+        }
+      }
+      for (let sg = 0; sg < threads / 32; sg++) {
+        const partRow = Math.trunc(sg / l.subgroupCols) * E * l.tilesM, partCol = (sg % l.subgroupCols) * E * l.tilesN;
+        for (let kk = 0; kk < l.depth; kk += E) {
+          const a = Array.from({ length: l.tilesM }, (_, i) => loadMatrix(As, v7LeftTile(x, l, buffer * l.sizeA, partRow, kk, i)));
+          const b = Array.from({ length: l.tilesN }, (_, j) => {
+            const at = v7RightTile(x, l, buffer * l.sizeB, partCol, kk, j);
+            return loadMatrix(Bs, fault ? { ...at, colMajor: false } : at);
+          });
+          for (let i = 0; i < l.tilesM; i++) {
+            for (let j = 0; j < l.tilesN; j++) {
+              const c = acc[sg][i * l.tilesN + j];
+              for (let r = 0; r < E; r++) for (let q = 0; q < E; q++) for (let t = 0; t < E; t++) c[r * E + q] += a[i][r * E + t] * b[j][t * E + q];
+            }
+          }
+        }
+      }
+    }
+    let worst = 0;
+    for (let sg = 0; sg < threads / 32; sg++) {
+      const partRow = Math.trunc(sg / l.subgroupCols) * E * l.tilesM, partCol = (sg % l.subgroupCols) * E * l.tilesN;
+      for (let t = 0; t < tiles; t++) {
+        for (let r = 0; r < E; r++) {
+          for (let q = 0; q < E; q++) {
+            const m = partRow + E * Math.trunc(t / l.tilesN) + r, n = partCol + E * (t % l.tilesN) + q;
+            let sum = 0;
+            for (let k = 0; k < inner; k++) sum += A[m * inner + k] * W[n * inner + k];
+            const d = Math.abs(acc[sg][t][r * E + q] - sum);
+            worst = Number.isNaN(d) ? Infinity : Math.max(worst, d);
+          }
+        }
+      }
+    }
+    return worst;
+  }
+
+  for (const [id, options] of V7_STEPS) {
+    it(`${id}: three slabs staged and multiplied give the block exactly`, () => {
+      expect(v7BlockError(options, 3 * options.depth)).to.equal(0);
+    });
+  }
+
+  it('a right tile loaded with the wrong major order is caught (the check above can fail)', () => {
+    const [, colMajor] = V7_STEPS.find(([id]) => id === 'v7-b-bs-col')!;
+    expect(v7BlockError(colMajor, 3 * colMajor.depth, 'right tiles row-major')).to.be.greaterThan(0);
+  });
+
+  const small = { E: 2, M: 256, unused: 256, N: 256, K: 256, padding: true };
+  for (const [id, options] of V7_STEPS) {
+    it(`${id}: the WGSL stages and loads with the emulated functions, and is valid around the matrix builtins`, async () => {
+      const l = v7Layout(options);
+      const v = v7Variant(small, options);
+      const x = wgslU32;
+      expect(v.code).to.contain(`let d = (0u + ${v7RunA(x, l, 'q').at});`);
+      expect(v.code).to.contain(`let d = (0u + ${v7RunB(x, l, 'q').at});`);
+      const right = v7RightTile(x, l, '0u', 'partCol', x.lit(16), 3);
+      const rightBase = l.buffers === 2 ? '(current * ' + l.sizeB + 'u)' : '0u';
+      expect(v.code).to.contain(`(&Bs, ${right.offset.replace(/^\(0u \+/, `(${rightBase} +`)}, ${right.colMajor}, ${right.stride}u);`);
+      expect(v7WorkgroupBytes(l)).to.be.at.most(48 * 1024);
+      expect(await compileErrors(standInMatrices(v.code))).to.deep.equal([]);
+    });
+  }
+
+  it('the problem\'s rows: gathered reversed per expert, padding and rows past the experts −1; one workgroup per block', () => {
+    expect([0, 7, 8, 254, 256, 511, 512, 767].map(r => v7SourceRow(small, r))).to.deep.equal([255, -1, 247, 1, 511, -1, -1, -1]);
+    expect(v7Dispatch(small, V7_STEPS[0][1])).to.deep.equal([2, 6, 1]);
+    expect(v7Dispatch(small, V7_STEPS.find(([id]) => id === 'v7-i-256x128')![1])).to.deep.equal([2, 3, 1]);
+    expect(() => v7Variant({ ...small, K: 200 }, V7_STEPS[0][1])).to.throw('v7Variant: 2×256 rows (+256), N 256, K 200 are not whole 128×128×64 blocks');
+  });
+
+  it('the conversion pass is valid WGSL (it needs no f16: pack2x16float)', async () => {
+    expect(await compileErrors(conversionPass().code)).to.deep.equal([]);
   });
 });

@@ -13,7 +13,7 @@ import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/back
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
-import { packageProgramShader } from '../../../tools/webgpu_tc/variant_codes.js';
+import { packageProgramShader, v7Variant, V7_STEPS } from '../../../tools/webgpu_tc/variant_codes.js';
 
 describe('webgpu: subgroup-matrix programs reach the matrix builtins and barriers in uniform control flow', () => {
   const bf16: PackedWeightSpec = { kind: 'bf16', cols: 96, layout: null };
@@ -52,6 +52,11 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
     const code = packageProgramShader(program);
     expect(code).to.contain('main_();');
     expect(auditSubgroupControlFlow(code)).to.deep.equal([]);
+  });
+
+  it('the v7 variants the device batch tries (tools/webgpu_tc, not yet in the package): every one audits clean', () => {
+    const small = { E: 2, M: 256, unused: 256, N: 256, K: 256, padding: true };
+    for (const [id, options] of V7_STEPS) expect(auditSubgroupControlFlow(v7Variant(small, options).code), id).to.deep.equal([]);
   });
 
   it('finds the per-invocation loops of db64af4\'s programs (staging, the row sources, the epilogue\'s lanes)', () => {
