@@ -26,7 +26,7 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
+  DECODE_PACKED, type DecodePackedAttrs, type DenseKernelOverride, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
   type PackedKind,
 } from '../../ops/packed.js';
@@ -289,6 +289,13 @@ export function denseTensorCores(device: GPUDevice, rows: number, cols: number, 
   if (tc === undefined || device.limits.maxComputeWorkgroupStorageSize < subgroupMatrixWorkgroupBytes()) return undefined;
   return wideEnoughForTensorCores(rows, cols, inner) ? tc : undefined;
 }
+
+/**
+ * packed.ts's DenseKernelOverride for 'webgpu' (register.ts installs it): a float32 dense product
+ * that runs on tensor cores here goes to MoEDenseMatMul whatever WEBGPU_MOE_DENSE_PROGRAM says.
+ */
+export const webgpuDenseKernelOverride: DenseKernelOverride = (rows, outCols, inner) =>
+  denseTensorCores((tf.backend() as unknown as { device: GPUDevice }).device, rows, outCols, inner) !== undefined;
 
 /**
  * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores), in two
@@ -631,7 +638,7 @@ function runDenseProduct(
  * over the rows) through tfjs-webgpu's own Abs and Max kernels, called as the backend's functions
  * (a kernel cannot run ops on the engine). The caller disposes the result.
  */
-function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
+export function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
   const run = (kernelName: string, x: tf.TensorInfo, attrs: tf.NamedAttrMap) =>
     tf.getKernel(kernelName, BACKEND)!.kernelFunc({ inputs: { x }, backend: args.backend, attrs }) as tf.TensorInfo;
   const abs = run(tf.Abs, t, {});                                                             // [rows, cols]

@@ -15,7 +15,7 @@ import { registerGroupedAdamUpdate } from '../../train/adam_update.js';
 import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
 import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
-import { denseTensorCores, webgpuMoEKernelConfigs } from './kernels.js';
+import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
 
@@ -54,8 +54,7 @@ export function registerWebGPUMoE(): string[] {
   registerGroupedAdamUpdate(WEBGPU_BACKEND, webgpuGroupedAdamUpdate);
   // a dense product that runs on tensor cores goes to MoEDenseMatMul whatever WEBGPU_MOE_DENSE_PROGRAM
   // says (that flag picks between f32 programs; on tensor cores ours is the fast one)
-  registerDenseKernelOverride(WEBGPU_BACKEND, (rows, outCols, inner) =>
-    denseTensorCores((tf.backend() as unknown as { device: GPUDevice }).device, rows, outCols, inner) !== undefined);
+  registerDenseKernelOverride(WEBGPU_BACKEND, webgpuDenseKernelOverride);
   const previous: RoutingFn | undefined = registerRouting('softmaxTopK', (logits, config, bias) => {
     const own = tf.getBackend() === WEBGPU_BACKEND && bias === undefined && config.nGroup === undefined &&
         config.topkGroup === undefined && config.scalingFactor === undefined;
