@@ -69,7 +69,7 @@ function projectToVocab(x: tf.Tensor, weight: DenseWeightTensor): tf.Tensor {
   if (!(weight instanceof PackedDenseWeight)) return tf.reshape(tf.matMul(flat, weight, false, true), [b, s, v]);  // [B, S, V]
   const project = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => ({
     value: denseWeightMatMul(args[0] as tf.Tensor2D, weight, true, null),                  // [BS, V]
-    gradFunc: (dy: tf.Tensor) => denseWeightMatMul(dy as tf.Tensor2D, weight, false, null),  // [BS, H]
+    gradFunc: (dy: tf.Tensor) => denseWeightMatMul(dy as tf.Tensor2D, weight, false, null, 'gradient'),  // [BS, H]
   }));
   return tf.reshape(project(flat), [b, s, v]);  // [B, S, V]
 }

@@ -177,7 +177,7 @@ function linearCrossEntropyBackward(
     // −scale·hidden scattered (summed) into the label rows for dW; no [C, V] one-hot or scatter
     const target = tf.slice(safe, [start], [rows]);                             // [C]
     dHiddens.push(tf.tidy(() =>
-      tf.sub(denseWeightMatMul(scaled, weight, false, null), tf.mul(gatherDenseRows(weight, target), scale))));  // [C, H]
+      tf.sub(denseWeightMatMul(scaled, weight, false, null, 'gradient'), tf.mul(gatherDenseRows(weight, target), scale))));  // [C, H]
     if (trainHead) {
       const part = tf.tidy(() => {
         const x = tf.slice(hidden, [start, 0], [rows, h]);                        // [C, H]

@@ -591,6 +591,11 @@ export interface PackedDenseMatMulAttrs {
   rows: number;
   cols: number;
   transposeWeight: boolean;
+  /**
+   * a holds a gradient (dy of dx = dy·W): a backend that rounds it to f16 (webgpu's tensor cores)
+   * scales it per tensor first, as gradients can lie below f16's smallest normal; absent: false
+   */
+  gradient?: boolean;
 }
 
 /**
@@ -604,6 +609,8 @@ export interface DenseMatMulAttrs {
   rows: number;
   cols: number;
   transposeWeight: boolean;
+  /** as PackedDenseMatMulAttrs.gradient */
+  gradient?: boolean;
 }
 
 /**
@@ -620,7 +627,7 @@ tf.registerGradient({
     const g = dy as tf.Tensor2D;
     const transposeWeight = (attrs as unknown as DenseMatMulAttrs).transposeWeight;
     return {
-      a: () => denseWeightMatMul(g, weight, !transposeWeight, null),
+      a: () => denseWeightMatMul(g, weight, !transposeWeight, null, 'gradient'),
       weight: () => transposeWeight ? tf.matMul(g, a, true, false) : tf.matMul(a, g, true, false),
       bias: () => tf.sum(g, 0),
     };
@@ -633,7 +640,10 @@ tf.registerGradient({
  * shapes is the slow one, up to 1.8× the grouped program's; for dy·W ours is 1.0–1.4× faster, but
  * the end-to-end A/B of 'grouped' has not yet run in one lease with the default, docs/webgpu.md);
  * 'grouped': x·Wᵀ and dy·W, and on webgpu MoEMatMulAdd's products too (loraLinear's LoRA sums);
- * 'tfjs': neither (tf.matMul, as before).
+ * 'tfjs': neither (tf.matMul, as before). It picks between f32 programs only: a product the
+ * backend runs on tensor cores (registerDenseKernelOverride: webgpu with WEBGPU_MOE_TENSOR_CORES on
+ * a device that has them) goes to MoEDenseMatMul whatever it says, since there our program (f16
+ * operands, f32 accumulation) is the fast one and tfjs has no tensor-core product at all.
  */
 export const DENSE_PROGRAM_FLAG = 'WEBGPU_MOE_DENSE_PROGRAM';
 export const DENSE_PROGRAM_CHOICES = ['forward', 'grouped', 'tfjs'] as const;
@@ -649,9 +659,24 @@ export function denseProgramChoice(): DenseProgramChoice {
   return choice as DenseProgramChoice;
 }
 
-/** Whether the flag sends this product of a float32 W to MoEDenseMatMul. */
-function denseProgramTakes(transposeWeight: boolean): boolean {
+/**
+ * Whether a backend's MoEDenseMatMul takes a product of `rows` rows, `outCols` × `inner`, whatever
+ * DENSE_PROGRAM_FLAG says (webgpu: when it runs that product on tensor cores).
+ */
+export type DenseKernelOverride = (rows: number, outCols: number, inner: number) => boolean;
+const denseKernelOverrides = new Map<string, DenseKernelOverride>();
+
+/** Sets (or, with undefined, removes) `backendName`'s DenseKernelOverride; called by the backend's registration. */
+export function registerDenseKernelOverride(backendName: string, takes: DenseKernelOverride | undefined): void {
+  if (takes === undefined) denseKernelOverrides.delete(backendName);
+  else denseKernelOverrides.set(backendName, takes);
+}
+
+/** Whether this product of a float32 W goes to MoEDenseMatMul: the backend's override, else the flag. */
+function denseProgramTakes(a: tf.Tensor2D, weight: tf.Tensor2D, transposeWeight: boolean): boolean {
   const choice = denseProgramChoice();
+  const [outCols, inner] = transposeWeight ? weight.shape : [weight.shape[1], weight.shape[0]];
+  if (denseKernelOverrides.get(tf.getBackend())?.(a.shape[0], outCols, inner) === true) return true;
   return choice === 'grouped' || (choice === 'forward' && transposeWeight);
 }
 
@@ -659,23 +684,27 @@ function denseProgramTakes(transposeWeight: boolean): boolean {
  * @internal a·Wᵀ (`transposeWeight`) or a·W for a frozen dense W, float32 or packed, plus `bias`
  * [outCols] if given: a packed W is read in the product where MoEPackedDenseMatMul is registered
  * (no float32 copy of it), else decoded for this product only; a float32 W goes to MoEDenseMatMul
- * where it is registered and DENSE_PROGRAM_FLAG picks it for this direction, else tf.matMul.
+ * where it is registered and DENSE_PROGRAM_FLAG (or the backend's override) picks it for this
+ * direction, else tf.matMul. `operand` 'gradient': a is a gradient (the kernels' `gradient` attr).
  * No argument checks beyond tfjs's: the callers (loraLinear, LinearLoRA) pass shapes they checked.
  *
  * ```js
- * const y = denseWeightMatMul(x, qProj, true, null);    // x [N, in], qProj [out, in] → [N, out]
- * const dx = denseWeightMatMul(dy, qProj, false, null); // dy [N, out] → [N, in]
+ * const y = denseWeightMatMul(x, qProj, true, null);                 // x [N, in], qProj [out, in] → [N, out]
+ * const dx = denseWeightMatMul(dy, qProj, false, null, 'gradient');  // dy [N, out] → [N, in]
  * ```
  */
-export function denseWeightMatMul(a: tf.Tensor2D, weight: DenseWeightTensor, transposeWeight: boolean, bias: tf.Tensor1D | null): tf.Tensor2D {
+export function denseWeightMatMul(a: tf.Tensor2D, weight: DenseWeightTensor, transposeWeight: boolean, bias: tf.Tensor1D | null,
+    operand: 'activation' | 'gradient' = 'activation'): tf.Tensor2D {
   const withBias: tf.NamedTensorMap = bias === null ? {} : { bias };
+  const gradient = operand === 'gradient';
   if (weight instanceof PackedDenseWeight && tf.getKernel(PACKED_DENSE_MATMUL, tf.getBackend()) != null) {
-    const attrs: PackedDenseMatMulAttrs = { kind: weight.kind, rows: weight.shape[0], cols: weight.shape[1], transposeWeight };
+    const attrs: PackedDenseMatMulAttrs = { kind: weight.kind, rows: weight.shape[0], cols: weight.shape[1], transposeWeight, gradient };
     const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...withBias };
     return tf.engine().runKernel(PACKED_DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }
-  if (!(weight instanceof PackedDenseWeight) && weight.dtype === 'float32' && tf.getKernel(DENSE_MATMUL, tf.getBackend()) != null && denseProgramTakes(transposeWeight)) {
-    const attrs: DenseMatMulAttrs = { rows: weight.shape[0], cols: weight.shape[1], transposeWeight };
+  if (!(weight instanceof PackedDenseWeight) && weight.dtype === 'float32' && tf.getKernel(DENSE_MATMUL, tf.getBackend()) != null &&
+      denseProgramTakes(a, weight, transposeWeight)) {
+    const attrs: DenseMatMulAttrs = { rows: weight.shape[0], cols: weight.shape[1], transposeWeight, gradient };
     const inputs: tf.NamedTensorMap = { a, weight, ...withBias };
     return tf.engine().runKernel(DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }

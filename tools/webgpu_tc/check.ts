@@ -1,7 +1,9 @@
 /**
  * Tensor-core check for the GPU machine (issue 13): the subgroup-matrix grouped products against
- * the f32 kernels on random inputs, the fused block of a transformers fixture with and without
- * them, and block timings at M1 and Q, both paths in one process.
+ * the f32 kernels on random inputs, the dense projections (MoEDenseMatMul / MoEPackedDenseMatMul,
+ * issue 13/15: x·Wᵀ and dy·W at OLMoE's [2048, 2048] and its LM head [50304, 2048], f32 and bf16 W)
+ * against the f32 path, the fused block of a transformers fixture with and without them, and block
+ * timings at M1 and Q, both paths in one process.
  *
  * Here (Mesa: reports that the feature is missing and exits 0):
  *   EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
@@ -11,7 +13,9 @@
  *   TC_CHECK_HARNESS=1 EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
  * Prints one JSON object on stdout (progress on stderr) and writes it to $OUT/tc.json when OUT is
  * set, and the report so far to $OUT/tc.partial.json after every step (a hang inside Dawn blocks
- * the event loop). Every step is caught and recorded. Exits 0 unless there is no adapter.
+ * the event loop). Every step is caught and recorded. Exits 0 unless there is no adapter (1), or
+ * tensor cores are available and a dense case failed (3: an error, max rel. error above 1e-2, a
+ * non-finite value, or no subgroup-matrix program run), one "dense ... FAIL" line each on stderr.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -30,7 +34,10 @@ import { readSafetensorsFile } from '../../src/io/safetensors.js';
 import { type HFConfig, moeBlockConfigFromHF } from '../../src/models/families.js';
 import { moeBlock } from '../../src/ops/moe_block.js';
 import { readJSONFile } from '../../src/util/files.js';
-import { bfloat16Bits, packExpertWeight, type PackedExpertWeight, packedExpertWeightFromBits } from '../../src/ops/packed.js';
+import {
+  bfloat16Bits, denseWeightMatMul, packExpertWeight, type PackedExpertWeight, packedDenseWeightFromBits, packedExpertWeightFromBits,
+} from '../../src/ops/packed.js';
+import { encodeBFloat16 } from '../../src/util/half.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
 import { auditSubgroupControlFlow } from './uniformity.js';
@@ -231,6 +238,103 @@ async function checkKernels(s: Size): Promise<unknown[]> {
   return results;
 }
 
+interface DenseSize { name: string; rows: number; out: number; in: number }
+/**
+ * The dense projections of the end-to-end OLMoE step (batch 4 × 512 tokens): q/k/v/o [2048, 2048]
+ * and the untied LM head [50304, 2048], cheap first; the harness (Mesa) runs small stand-ins.
+ */
+const DENSE_SIZES: DenseSize[] = harness
+  ? [{ name: 'proj (harness)', rows: 200, out: 256, in: 192 }, { name: 'head (harness)', rows: 130, out: 640, in: 128 }]
+  : [{ name: 'proj 2048', rows: 2048, out: 2048, in: 2048 }, { name: 'LM head', rows: 2048, out: 50304, in: 2048 }];
+/** dense cases that failed where tensor cores are available (exit code 3) */
+const denseFailures: string[] = [];
+
+/**
+ * The dense products through denseWeightMatMul as the layers call them, x·Wᵀ and dx = dy·W (dy a
+ * gradient: tiny, scaled on tensor cores), float32 W and packed bf16 W: tensor cores against the f32
+ * path (whatever runs with the flag off: our grouped program, or tfjs's product for the f32 dy·W
+ * under the default WEBGPU_MOE_DENSE_PROGRAM), the subgroup-matrix programs counted, both timed.
+ */
+async function checkDense(tensorCoresAvailable: boolean): Promise<unknown[]> {
+  const results: unknown[] = [];
+  for (const s of DENSE_SIZES) {
+    if (left() < 10_000) {
+      results.push({ size: s.name, skipped: 'out of time budget' });
+      if (tensorCoresAvailable) denseFailures.push(`dense ${s.name}: not run (out of time budget)`);
+      continue;
+    }
+    const rand = lcg(11);
+    // uniform in ±√(3/in): unit-variance outputs; made on the host, where bf16 packing reads them
+    const values = new Float32Array(s.out * s.in);
+    for (let i = 0; i < values.length; i++) values[i] = (rand() * 2 - 1) * Math.sqrt(3 / s.in);
+    const w = tf.tensor2d(values, [s.out, s.in]);
+    const wBf16 = packedDenseWeightFromBits('bf16', [s.out, s.in], encodeBFloat16(values));
+    const x = tf.randomNormal([s.rows, s.in], 0, 1, 'float32', 1) as tf.Tensor2D;
+    // a mean loss's gradient: far below f16's smallest normal without the per-tensor scale
+    const dy = tf.randomNormal([s.rows, s.out], 0, 1e-6, 'float32', 2) as tf.Tensor2D;
+    const flops = 2 * s.rows * s.out * s.in;
+    const chain = harness ? 2 : flops > 1e11 ? 5 : 20;
+    const cases: Array<[string, () => tf.Tensor]> = [
+      ['x·Wᵀ, f32 W', () => denseWeightMatMul(x, w, true, null)],
+      ['x·Wᵀ, bf16 W', () => denseWeightMatMul(x, wBf16, true, null)],
+      ['dy·W, f32 W (scaled)', () => denseWeightMatMul(dy, w, false, null, 'gradient')],
+      ['dy·W, bf16 W (scaled)', () => denseWeightMatMul(dy, wBf16, false, null, 'gradient')],
+    ];
+    try {
+      for (const [product, run] of cases) {
+        const entry: Record<string, unknown> = { size: s.name, product, shape: `[${s.rows}, ${product.startsWith('dy') ? s.out : s.in}] · W[${s.out}, ${s.in}]${product.startsWith('dy') ? '' : 'ᵀ'}` };
+        results.push(entry);
+        const label = `dense ${s.name} ${product}`;
+        try {
+          takeProgramCounts();
+          const f32 = await withTensorCores(false, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
+          entry.f32Programs = takeProgramCounts();
+          const tc = await withTensorCores(true, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
+          entry.tcPrograms = takeProgramCounts();
+          entry.maxRelError = maxRelativeError(tc, f32);
+          entry.finite = tc.every(Number.isFinite);
+          const subgroupPrograms = (entry.tcPrograms as { subgroupMatrix: number }).subgroupMatrix;
+          entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT && subgroupPrograms > 0;
+          errorSummary[label] = entry.maxRelError as number;
+          for (const on of [false, true]) {
+            const ms: number[] = [];
+            await withTensorCores(on, async () => {
+              for (let round = 0; round < ROUNDS; round++) {
+                const t0 = performance.now();
+                let r: tf.Tensor | undefined;
+                for (let i = 0; i < chain; i++) {
+                  r?.dispose();
+                  r = run();
+                }
+                const probe = tf.tidy(() => tf.slice(tf.reshape(r!, [-1]), 0, 1));
+                await probe.data();
+                ms.push((performance.now() - t0) / chain);
+                tf.dispose([r!, probe]);
+              }
+            });
+            entry[on ? 'tcMs' : 'f32Ms'] = median(ms);
+          }
+          takeProgramCounts();
+          const tflops = (ms: number) => (flops / (ms * 1e-3) / 1e12).toFixed(1);
+          const verdict = !tensorCoresAvailable ? 'tensor cores unavailable (both paths f32)' : entry.withinContract ? 'PASS' : 'FAIL';
+          log(`${label}: ${verdict}, tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)} (contract ${CONTRACT}), ` +
+              `subgroup-matrix programs ${subgroupPrograms}, f32 ${(entry.f32Ms as number).toFixed(2)} ms (${tflops(entry.f32Ms as number)} TFLOP/s), ` +
+              `tc ${(entry.tcMs as number).toFixed(2)} ms (${tflops(entry.tcMs as number)} TFLOP/s)`);
+          if (tensorCoresAvailable && !entry.withinContract) denseFailures.push(label);
+        } catch (err) {
+          entry.error = errorText(err);
+          errorSummary[label] = `error: ${entry.error}`.slice(0, 200);
+          log(`${label}: ${tensorCoresAvailable ? 'FAIL' : 'error'}: ${entry.error}`);
+          if (tensorCoresAvailable) denseFailures.push(label);
+        }
+      }
+    } finally {
+      tf.dispose([w, wBf16.packed, x, dy]);
+    }
+  }
+  return results;
+}
+
 /**
  * The qwen3_moe fixture's block (transformers' weights and input): out, dx and the gradients of
  * the expert weights and the router with the tensor cores against the f32 kernels, and out / dx
@@ -344,10 +448,12 @@ async function main(): Promise<void> {
     if (!harness) finish(0);
   }
   const steps: Array<[string, () => Promise<unknown>]> = harness && adapter.tensorCores !== 'available'
-    ? [['kernels', () => checkKernels(SIZES[0])], ['fixture', checkFixture]]
+    ? [['kernels', () => checkKernels(SIZES[0])], ['dense', () => checkDense(false)], ['fixture', checkFixture]]
     : [
-      // the small products' exactness first, then the block timings (v6's speed), then the rest as time allows
+      // the small products' exactness first, the dense projections (cheap shapes first), then the block
+      // timings (v6's speed), then the rest as time allows
       ['kernels', () => checkKernels(SIZES[0])],
+      ['dense', () => checkDense(adapter.tensorCores === 'available')],
       ['blocks', timeBlocks],
       ['fixture', checkFixture],
       ...SIZES.slice(1).map((s, i) => [`kernels${i + 1}`, () => checkKernels(s)] as [string, () => Promise<unknown>]),
@@ -362,14 +468,17 @@ async function main(): Promise<void> {
     log(`${name} done`);
   }
   report.subgroupPrograms = [...subgroupKeysSeen];
-  finish(0);
+  report.denseFailures = denseFailures;
+  finish(denseFailures.length > 0 ? 3 : 0);
 }
 
 setTimeout(() => {
   report.watchdog = `stopped at ${TOTAL_BUDGET_MS + 5000} ms; the report holds what finished`;
-  finish(report.adapter ? 0 : 1);
+  report.denseFailures = denseFailures;
+  finish(!report.adapter ? 1 : denseFailures.length > 0 ? 3 : 0);
 }, TOTAL_BUDGET_MS + 5000).unref();
 main().catch(err => {
   report.fatal = errorText(err);
-  finish(report.adapter ? 0 : 1);
+  report.denseFailures = denseFailures;
+  finish(!report.adapter ? 1 : denseFailures.length > 0 ? 3 : 0);
 });

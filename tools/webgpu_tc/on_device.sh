@@ -9,7 +9,8 @@
 #    control; then the speed bisection (v6-*): the exact GEMM on Q's grouped shape, one construct of the
 #    package's MatMul per case, then all of them (v6-z-package-like). One JSON line per case below.
 # 2. check.js (<= 80 s, stops itself at 70): the package's programs inside tfjs against the f32 kernels
-#    on the small products (tcVsF32), then the M1/Q block timings both paths, then the fixture and M1 products.
+#    on the small products (tcVsF32), the dense projections (q/k/v/o 2048² and the LM head, "dense ..." lines;
+#    rc 3 when one fails), then the M1/Q block timings both paths, then the fixture and M1 products.
 # Leaves variants.json and tc.tgz (check's tc.json and logs) in $OUT.
 #
 # `bash tools/webgpu_tc/on_device.sh v7` (only variants.ts needs bundling): the v7 batch alone, <= 150 s:
@@ -26,5 +27,5 @@ fi
 OUT=$OUT timeout 150 node .gpu/bundle/variants.js > "$OUT/variants.stdout.json" 2> "$OUT/variants.stderr.txt"; echo "variants rc $?"
 grep -E "^\[variants.*: \{" "$OUT/variants.stderr.txt" | cut -c1-260
 mkdir -p /tmp/tc; OUT=/tmp/tc timeout 80 node .gpu/bundle/check.js > /tmp/tc/stdout.json 2> /tmp/tc/stderr.txt; echo "check rc $?"
-grep -E "max rel. error|block|done|fatal" /tmp/tc/stderr.txt | cut -c1-200 | tail -30
+grep -E "max rel. error|block|done|fatal|FAIL" /tmp/tc/stderr.txt | cut -c1-260 | tail -40
 tar czf "$OUT/tc.tgz" -C /tmp tc

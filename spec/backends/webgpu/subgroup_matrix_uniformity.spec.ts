@@ -23,6 +23,8 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
     { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: true, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: bf16 },
+    // one group (the dense projections): its own row loop
+    { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: bf16 },
   ];
   const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
     { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },

@@ -27,6 +27,7 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
+import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
 import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
@@ -362,6 +363,15 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   }
 
 
+  /** The shader tfjs builds for `program` (compileProgram; a device that only records the code), the matrix builtins stood in for. */
+  function shaderOf(program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string {
+    let code = '';
+    const recorder = { createShaderModule: (d: { code: string }) => { code = d.code; return {}; }, createComputePipeline: () => ({}) };
+    compileProgram(recorder as unknown as GPUDevice, program, inputs.map(([name, dtype, shape]) => ({ name, dtype, shape })) as never,
+        { dtype: 'float32', shape: out } as never, false);
+    return standInMatrices(hoistEnableDirectives(code));
+  }
+
   /** The decode spec of a [4, 128, 96] packed weight (input on `inputAxis`), as the kernel builds it. */
   function packedSpec(kind: PackedKind, inputAxis: 1 | 2, groupSize?: number): PackedWeightSpec {
     const layout = kind === 'bf16' || kind === 'f16' ? null : quantizedLayout(kind, [4, 128, 96], inputAxis, groupSize);
@@ -381,6 +391,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, packedWeight: packedSpec('int4', 1, 32) },
     { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: packedSpec('nf4', 2) },
     { source: 'gather', hasBias: false, hasAddend: false, kContiguous: false, scaled: false, packedWeight: packedSpec('mxfp4', 1) },
+    // the dense projections (MoEDenseMatMul / MoEPackedDenseMatMul): one group, no plan inputs; dy·W scaled
+    { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false, singleGroup: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, singleGroup: true, packedWeight: packedSpec('bf16', 2) },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: packedSpec('f16', 2) },
   ];
   for (const spec of matMulSpecs) {
     // per element, and in quads where the weight's kind allows (every path: A's sources and activations, f32/bf16/f16 W along k and n)
@@ -416,14 +431,6 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   }
 
   it('quad programs under tfjs\'s own preamble (its vec4 / vec2 input declarations and getters): valid WGSL around the matrix builtins', async () => {
-    // tfjs builds the shader in compileProgram; a device that only records the code hands it to Mesa's compiler
-    const shaderOf = (program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string => {
-      let code = '';
-      const recorder = { createShaderModule: (d: { code: string }) => { code = d.code; return {}; }, createComputePipeline: () => ({}) };
-      compileProgram(recorder as unknown as GPUDevice, program, inputs.map(([name, dtype, shape]) => ({ name, dtype, shape })) as never,
-          { dtype: 'float32', shape: out } as never, false);
-      return standInMatrices(hoistEnableDirectives(code));
-    };
     const bf16 = packedSpec('bf16', 2);
     const matmul = new SubgroupMatrixMatMulProgram(256, 96, { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: true,
       hasAddend: false, kContiguous: true, scaled: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 128, outCols: 96, sE: 96 * 64, sN: 128, sK: 1 }));
@@ -438,6 +445,38 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       ['rw', 'float32', [64]]], [4, 96, 64]);
     expect(gradCode).to.match(/var<storage, read> L: array<vec4<f32>>/);
     expect(await compileErrors(gradCode)).to.deep.equal([]);
+  });
+
+  it('one group (the dense projections): inputs A, W (+ bias, amax) only, rows straight from A, no expert lookup, its own shader key', async () => {
+    const dense = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true } as const;
+    // OLMoE's dy·W at 300 rows (not whole blocks): [300, 2048] · W[2048, 2048]
+    const staging = matMulStaging({}, { inner: 2048, outCols: 2048, sE: 0, sN: 1, sK: 2048 });
+    const single = new SubgroupMatrixMatMulProgram(300, 2048, { ...dense, singleGroup: true }, 32, staging);
+    const grouped = new SubgroupMatrixMatMulProgram(384, 2048, dense, 32, staging);
+    expect(single.variableNames).to.deep.equal(['A', 'W', 'amax']);
+    expect(grouped.variableNames).to.deep.equal(['A', 'W', 'seg', 'pr', 'amax']);
+    expect(single.dispatch).to.deep.equal([16, 3, 1]);
+    expect(single.outputShape).to.deep.equal([300, 2048]);
+    expect(single.shaderKey).to.equal(`${grouped.shaderKey}_single`);
+    const code = single.getUserCode().replace(/\s+/g, ' ');
+    expect(code).to.not.match(/\bseg\b|\bpr\[|expertOfRow/);
+    expect(code).to.contain('rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);');
+    expect(code).to.contain('rowSrc[128] = 0;');
+    expect(auditSubgroupControlFlow(single.getUserCode())).to.deep.equal([]);
+  });
+
+  it('one group under tfjs\'s own preamble (f32 and packed bf16 W, 300 rows): valid WGSL around the matrix builtins', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };
+    const forward = new SubgroupMatrixMatMulProgram(300, 192, { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false,
+      singleGroup: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 256, outCols: 192, sE: 0, sN: 256, sK: 1 }));
+    const forwardCode = shaderOf(forward, [['A', 'float32', [300, 256]], ['W', 'int32', [192, 128]], ['bias', 'float32', [192]]], [300, 192]);
+    expect(forwardCode).to.match(/var<storage, read> W: array<vec2<i32>>/);
+    expect(await compileErrors(forwardCode)).to.deep.equal([]);
+    const dx = new SubgroupMatrixMatMulProgram(300, 256, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true,
+      singleGroup: true }, 32, matMulStaging({}, { inner: 192, outCols: 256, sE: 0, sN: 1, sK: 256 }));
+    const dxCode = shaderOf(dx, [['A', 'float32', [300, 192]], ['W', 'float32', [192, 256]], ['amax', 'float32', [1]]], [300, 256]);
+    expect(dxCode).to.match(/var<storage, read> W: array<vec4<f32>>/);
+    expect(await compileErrors(dxCode)).to.deep.equal([]);
   });
 
   it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {

@@ -16,7 +16,9 @@ import {
   matMulStaging, SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
   weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
-import { activeTensorCores, tensorCoreDevice, wideEnoughForTensorCores } from './tensor_cores.js';
+import {
+  activeTensorCores, TENSOR_CORES_FLAG, type TensorCoreDevice, tensorCoreDevice, wideEnoughForTensorCores,
+} from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
 import {
   ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
@@ -24,7 +26,7 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import {
-  DECODE_PACKED, type DecodePackedAttrs, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
+  DECODE_PACKED, type DecodePackedAttrs, type DenseKernelOverride, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
   type PackedKind,
 } from '../../ops/packed.js';
@@ -273,6 +275,27 @@ export function useTensorCores(plan: DevicePlan, rows: number, cols: number, inn
   return limits.maxComputeWorkgroupStorageSize >= subgroupMatrixWorkgroupBytes() &&
       plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 && wideEnoughForTensorCores(rows, cols, inner);
 }
+
+/**
+ * The tensor-core device a dense product (MoEDenseMatMul, MoEPackedDenseMatMul) of `rows` rows,
+ * `cols` × `inner` runs on, or undefined (the f32 programs): the experts' test without the plan
+ * (WEBGPU_MOE_TENSOR_CORES on, `device` registered, its workgroup memory holding the slabs, the
+ * product wide enough: the rank-r LoRA products are not). One group has no row tile to align:
+ * the program takes any row count.
+ */
+export function denseTensorCores(device: GPUDevice, rows: number, cols: number, inner: number): TensorCoreDevice | undefined {
+  if (!tf.env().getBool(TENSOR_CORES_FLAG)) return undefined;
+  const tc = tensorCoreDevice(device);
+  if (tc === undefined || device.limits.maxComputeWorkgroupStorageSize < subgroupMatrixWorkgroupBytes()) return undefined;
+  return wideEnoughForTensorCores(rows, cols, inner) ? tc : undefined;
+}
+
+/**
+ * packed.ts's DenseKernelOverride for 'webgpu' (register.ts installs it): a float32 dense product
+ * that runs on tensor cores here goes to MoEDenseMatMul whatever WEBGPU_MOE_DENSE_PROGRAM says.
+ */
+export const webgpuDenseKernelOverride: DenseKernelOverride = (rows, outCols, inner) =>
+  denseTensorCores((tf.backend() as unknown as { device: GPUDevice }).device, rows, outCols, inner) !== undefined;
 
 /**
  * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores), in two
@@ -611,6 +634,49 @@ function runDenseProduct(
 }
 
 /**
+ * max |t| of a 2-D tensor as a [1] tensor, from inside a kernel: maxAbs's two stages (per row, then
+ * over the rows) through tfjs-webgpu's own Abs and Max kernels, called as the backend's functions
+ * (a kernel cannot run ops on the engine). The caller disposes the result.
+ */
+export function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
+  const run = (kernelName: string, x: tf.TensorInfo, attrs: tf.NamedAttrMap) =>
+    tf.getKernel(kernelName, BACKEND)!.kernelFunc({ inputs: { x }, backend: args.backend, attrs }) as tf.TensorInfo;
+  const abs = run(tf.Abs, t, {});                                                             // [rows, cols]
+  const perRow = run(tf.Max, abs, { reductionIndices: [1], keepDims: false });                // [rows]
+  const max = run(tf.Max, perRow, { reductionIndices: [0], keepDims: true });                 // [1]
+  webgpu(args).disposeData(abs.dataId);
+  webgpu(args).disposeData(perRow.dataId);
+  return max;
+}
+
+/**
+ * A dense product out = a·W (+ bias) on tensor cores: SubgroupMatrixMatMulProgram with one group,
+ * f16 operands converted as the slabs are staged, f32 accumulation and result, as the experts'
+ * products; a `gradient` (dy of dx = dy·W) is scaled per tensor into f16's range first (amax).
+ */
+function runDenseProductOnTensorCores(
+    args: KernelArgs, tc: TensorCoreDevice, a: tf.TensorInfo, w: tf.TensorInfo, bias: tf.TensorInfo | undefined,
+    layout: { inner: number; outCols: number; sN: number; sK: number }, packed: { kind: HalfKind; cols: number } | undefined,
+    gradient: boolean): tf.TensorInfo {
+  const { inner, outCols, sN, sK } = layout;
+  const n = a.shape[0];
+  const spec = {
+    source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null },
+  };
+  const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }));
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+  ];
+  const amax = gradient ? maxAbsInKernel(args, a) : undefined;
+  const inputs = [a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : [])];
+  const out = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
+  if (amax !== undefined) webgpu(args).disposeData(amax.dataId);
+  return out;
+}
+
+/**
  * Where W [rows, cols] (rows `rowStride` elements long) sits for a·Wᵀ (`transposeWeight`: reduces
  * over W's contiguous columns) or a·W (over its rows).
  */
@@ -622,14 +688,18 @@ function denseLayout(rows: number, cols: number, transposeWeight: boolean, rowSt
 
 /**
  * denseWeightMatMul's MoEPackedDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a packed 16-bit W
- * through runDenseProduct, a row being 2·ceil(cols/2) halves. `tile` defaults to packedDenseTile
- * (bench/webgpu_dense_packed.ts sweeps others).
+ * through runDenseProduct, a row being 2·ceil(cols/2) halves, or on tensor cores where
+ * denseTensorCores says so (the halves decoded in the f16 staging). `tile` (the f32 program's)
+ * defaults to packedDenseTile (bench/webgpu_dense_packed.ts sweeps others).
  */
 export function runPackedDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
     attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
   const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, 2 * packed.shape[1]);
-  return runDenseProduct(args, a, packed, { bias }, layout, { kind: attrs.kind, cols: attrs.cols }, tile);
+  const halves = { kind: attrs.kind, cols: attrs.cols };
+  const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
+  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, packed, bias, layout, halves, attrs.gradient === true);
+  return runDenseProduct(args, a, packed, { bias }, layout, halves, tile);
 }
 
 const packedDenseMatMulConfig: tf.KernelConfig = {
@@ -645,12 +715,16 @@ const packedDenseMatMulConfig: tf.KernelConfig = {
  * denseWeightMatMul's MoEDenseMatMul (src/ops/packed.ts): a·Wᵀ or a·W for a float32 W through
  * runDenseProduct, with packedDenseTile's tile: on the H100 that program's forward beat
  * tfjs-webgpu's MatMulPacked by up to 1.8× on the bf16 weight (docs/webgpu.md); the float32 weight
- * doubles what it reads of W. `tile` defaults to packedDenseTile (the bench sweeps others).
+ * doubles what it reads of W. On tensor cores (denseTensorCores) the subgroup-matrix program runs
+ * instead, whichever direction. `tile` defaults to packedDenseTile (the bench sweeps others).
  */
 export function runDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, weight: tf.TensorInfo, bias: tf.TensorInfo | undefined,
     attrs: DenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
-  return runDenseProduct(args, a, weight, { bias }, denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols), undefined, tile);
+  const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols);
+  const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
+  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, weight, bias, layout, undefined, attrs.gradient === true);
+  return runDenseProduct(args, a, weight, { bias }, layout, undefined, tile);
 }
 
 const denseMatMulConfig: tf.KernelConfig = {

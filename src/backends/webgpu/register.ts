@@ -1,19 +1,21 @@
 /**
  * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
  * implementation of the 'fused' block, the softmaxTopK routing kernel and tfjs-webgpu's matMul
- * kernels wrapped around a wrong product (batch_mat_mul.ts), the optimizer's grouped Adam, and the
- * uniform arena on the webgpu backend made so far (uniform_arena.ts). The routing override
+ * kernels wrapped around a wrong product (batch_mat_mul.ts), the optimizer's grouped Adam, the dense
+ * products' tensor-core override (packed.ts's registerDenseKernelOverride) and the uniform arena on
+ * the webgpu backend made so far (uniform_arena.ts). The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
  * not handle (whose errors the replaced implementation reports).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerExpertsImplementation } from '../../ops/moe_block.js';
+import { registerDenseKernelOverride } from '../../ops/packed.js';
 import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
 import { registerGroupedAdamUpdate } from '../../train/adam_update.js';
 import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
 import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
-import { webgpuMoEKernelConfigs } from './kernels.js';
+import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
 
@@ -50,6 +52,9 @@ export function registerWebGPUMoE(): string[] {
   registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
   // Adam in place, K variables per dispatch (grouped_adam.ts); MoEAdamUpdate stays its per-variable fallback
   registerGroupedAdamUpdate(WEBGPU_BACKEND, webgpuGroupedAdamUpdate);
+  // a dense product that runs on tensor cores goes to MoEDenseMatMul whatever WEBGPU_MOE_DENSE_PROGRAM
+  // says (that flag picks between f32 programs; on tensor cores ours is the fast one)
+  registerDenseKernelOverride(WEBGPU_BACKEND, webgpuDenseKernelOverride);
   const previous: RoutingFn | undefined = registerRouting('softmaxTopK', (logits, config, bias) => {
     const own = tf.getBackend() === WEBGPU_BACKEND && bias === undefined && config.nGroup === undefined &&
         config.topkGroup === undefined && config.scalingFactor === undefined;

@@ -126,7 +126,7 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const dy2 = dy as Tensor2D;
-        let dx = denseWeightMatMul(dy2, weight, false, null);  // [N, in]: W read again (or decoded again), not saved
+        let dx = denseWeightMatMul(dy2, weight, false, null, 'gradient');  // [N, in]: W read again (or decoded again), not saved
         const grads: Tensor[] = [];
         let at = 0;
         adapters.forEach(a => {

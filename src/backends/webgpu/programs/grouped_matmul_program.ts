@@ -201,12 +201,24 @@ export interface GroupedMatMulSpec {
   singleGroup?: boolean;
 }
 
-/** WGSL of tileRowsSnippet for a single group: expert 0, row r of A for r < numRows. */
-function singleGroupRowsSnippet(rows: number): string {
-  return `if (lid == 0) { tileExpert = 0; }
-        for (var m = lid; m < ${rows}; m += ${THREADS}) {
-          rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);
+/**
+ * WGSL of tileRowsSnippet for a single group: expert 0, row r of A for r < numRows. Shared with
+ * the subgroup-matrix program (`uniformSteps` as in tileRowsSnippet).
+ */
+export function singleGroupRowsSnippet(rows: number, threads = THREADS, uniformSteps = false): string {
+  const row = `rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);`;
+  const loop = uniformSteps
+    ? `for (var step = 0; step < ${Math.ceil(rows / threads)}; step++) {
+          let m = lid + step * ${threads};
+          if (m < ${rows}) {
+            ${row}
+          }
+        }`
+    : `for (var m = lid; m < ${rows}; m += ${threads}) {
+          ${row}
         }`;
+  return `if (lid == 0) { tileExpert = 0; }
+        ${loop}`;
 }
 
 /**

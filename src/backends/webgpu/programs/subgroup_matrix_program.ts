@@ -25,7 +25,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, usesPairOfRow, weightGradLoadSnippets,
+  type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, singleGroupRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import {
@@ -425,7 +425,9 @@ function components(names: string[], quadded: Record<string, number>): number[] 
 /**
  * GroupedMatMulProgram's product (its spec without the register tile) on subgroup matrices;
  * `scaled` adds the input `amax` (see the file comment). The plan's row tile must be a multiple
- * of 128 (the block's rows), so that a block never spans two experts.
+ * of 128 (the block's rows), so that a block never spans two experts. With `singleGroup` (a dense
+ * projection, MoEDenseMatMul / MoEPackedDenseMatMul): no plan inputs, rows straight from A, any
+ * row count, as in GroupedMatMulProgram.
  */
 export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   variableNames: string[];
@@ -454,7 +456,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols);
-    this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasBias ? ['bias'] : []),
+    this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
       ...(staging.left === 'vec4' ? { A: 4 } : {}),
@@ -462,7 +464,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     });
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
-        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}`;
+        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}` +
+        (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
@@ -525,7 +528,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${ROW_INTS}>;
-      ${EXPERT_OF_ROW}
+      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${quadW ? weightQuadSnippet(this.spec.packedWeight) : loadW.fn}
@@ -537,7 +540,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let row0 = i32(workgroupId.y) * ${rows};
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
-        ${tileRowsSnippet(this.spec.source, rows, threads, true).replace(/\btileExpert\b/g, `rowSrc[${rows}]`)}
+        ${(this.spec.singleGroup ? singleGroupRowsSnippet(rows, threads, true) : tileRowsSnippet(this.spec.source, rows, threads, true))
+          .replace(/\btileExpert\b/g, `rowSrc[${rows}]`)}
         ${direct ? `// v6: whether this block stores straight to the output (published with e: the same for the whole
         // workgroup by construction, as the barriers of the other epilogue need)
         if (lid == 0) {
