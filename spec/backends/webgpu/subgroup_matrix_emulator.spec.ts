@@ -441,6 +441,22 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     }
   });
 
+  it('the package\'s 64- and 32-row blocks and 32-deep weight gradient outside tfjs (the device batch\'s few-rows cases): valid WGSL', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 768, layout: null };
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false, kContiguous: true } as const;
+    const programs: Array<[SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, boolean]> = [
+      ...([64, 32] as const).map((blockRows): [SubgroupMatrixMatMulProgram, boolean] => [new SubgroupMatrixMatMulProgram(4096, 2048,
+          { ...rows, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 768, outCols: 2048, sE: 2048 * 384, sN: 768, sK: 1 }),
+          blockRows), true]),
+      [new SubgroupMatrixMatMulProgram(320, 320, rows, 32, matMulStaging({}, { inner: 200, outCols: 320, sE: 320 * 200, sN: 200, sK: 1 }), 32), false],
+      [new SubgroupMatrixWeightGradProgram([64, 2048, 768], 64, 2048, 768, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+          weightGradStaging({ P: 2048, Q: 768 }), 32), false],
+    ];
+    for (const [program, packedW] of programs) {
+      expect(await compileErrors(standIn(packageProgramShader(program, { entry: 'wrapper', packedW }))), program.shaderKey).to.deep.equal([]);
+    }
+  });
+
   // variants v6: the speed bisection from the exact GEMM to the package's MatMul, at a small grouped shape
   const grouped = { E: 2, M: 256, N: 256, K: 128 };
   for (const [id, options] of V6_STEPS) {
