@@ -151,8 +151,9 @@ export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1,
 
 /**
  * Bytes of workgroup memory the larger program uses with MatMul blocks of `blockRows` rows: two
- * f16 slabs, a 16×16 f32 slot per subgroup, the row sources and the block's expert (the MatMul;
- * the weight gradient's As, column-major, and its 4 ints are at most the 128-row MatMul's).
+ * f16 slabs (the MatMul's at that block or the weight gradient's 128 × 128 ones, whichever are
+ * larger: below 128 rows the gradient's), a 16×16 f32 slot per subgroup, and the MatMul's row
+ * sources with the block's expert (more than the gradient's 4 ints).
  */
 export function subgroupMatrixWorkgroupBytes(blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows): number {
   const { a, b } = slabSizes(matMulLayout(blockRows));
