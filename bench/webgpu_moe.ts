@@ -17,6 +17,11 @@
  * timestamp queries (tf.time), --composed the stock-kernel path (the composed fusedExperts with a
  * host-read plan) for comparison. --expert-storage bf16 (LoRA cases only) runs on the experts packed
  * as bf16 halves, decoded in the products' loads, as the end-to-end run holds them.
+ * --tensor-cores on adds, per config, one line: the subgroup-matrix programs of a step (their keys
+ * name the block rows _r and the weight gradients' depth _d) and every gradient's max relative
+ * error to the same step on the f32 kernels, PASS or FAIL (above 1e-2, not finite, or no
+ * subgroup-matrix program ran: exit code 1). Batch 1 of real models (issue 15), bundled:
+ *   node .gpu/bundle/webgpu_moe.js --config O,Q1 --tensor-cores on --lora split --expert-storage bf16 --profile
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -33,6 +38,7 @@ import type { PackedExpertWeight } from '../src/ops/packed.js';
 import { registerExpertsImplementation } from '../src/ops/moe_block.js';
 import { routerLogits } from '../src/ops/lora/router_logits.js';
 import { route } from '../src/ops/routing/route.js';
+import { maxRelativeError } from '../src/util/numeric.js';
 import { median, makeProblem, type Samples, settle, stepOf, timeSteps, withPackedBf16Experts } from './webgpu_timing.js';
 
 /** Tile presets (see WebGPUMoETuning); 'auto' is the default choice by rows per expert. */
@@ -47,6 +53,49 @@ export const PRESETS: Record<string, WebGPUMoETuning | undefined> = {
   g: { rowTile: 64, tile: { tm: 4, tn: 8, bk: 16, vec4: true }, gradTile: { tm: 4, tn: 8, bk: 16, vec4: true } },
   h: { rowTile: 128, tile: { tm: 8, tn: 8, bk: 32, vec4: true }, gradTile: { tm: 8, tn: 8, bk: 32, vec4: true } },
 };
+
+/** The precision contract of issue 13: max relative error of the tensor-core path to the f32 path. */
+const TENSOR_CORE_CONTRACT = 1e-2;
+
+/**
+ * One step with the tensor cores on, then the same step on the f32 kernels: the shader keys of the
+ * subgroup-matrix programs the first ran (with counts), how many f32 grouped products it still
+ * ran (the thin LoRA products), and each gradient's max relative error to the f32 step.
+ */
+async function tensorCoresAgainstF32(step: () => tf.Tensor[], names: string[]): Promise<{
+  subgroupPrograms: Record<string, number>; f32Grouped: number; errors: Record<string, number>;
+}> {
+  const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string }, ...rest: unknown[]) => unknown };
+  const run = backend.runWebGPUProgram;
+  const keys: string[] = [];
+  const read = async (on: boolean): Promise<Float32Array[]> => {
+    tf.env().set(TENSOR_CORES_FLAG, on);
+    const grads = step();
+    const data = await Promise.all(grads.map(g => g.data() as Promise<Float32Array>));
+    tf.dispose(grads);
+    return data;
+  };
+  backend.runWebGPUProgram = function (this: unknown, program, ...rest) {
+    keys.push(program.shaderKey);
+    return run.call(this, program, ...rest);
+  };
+  let tc: Float32Array[];
+  try {
+    tc = await read(true);
+  } finally {
+    backend.runWebGPUProgram = run;
+  }
+  let f32: Float32Array[];
+  try {
+    f32 = await read(false);
+  } finally {
+    tf.env().set(TENSOR_CORES_FLAG, true);
+  }
+  const subgroupPrograms: Record<string, number> = {};
+  for (const k of keys.filter(k => k.startsWith('moeSubgroup'))) subgroupPrograms[k] = (subgroupPrograms[k] ?? 0) + 1;
+  const f32Grouped = keys.filter(k => k.startsWith('moeGroupedMatMul') || k.startsWith('moeGroupedWeightGrad')).length;
+  return { subgroupPrograms, f32Grouped, errors: Object.fromEntries(names.map((n, i) => [n, maxRelativeError(tc[i], f32[i])])) };
+}
 
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -192,6 +241,7 @@ async function main(): Promise<void> {
   if (storage !== 'float32' && (storage !== 'bf16' || lora === 'none')) {
     throw new Error(`--expert-storage: 'float32', or 'bf16' with a LoRA case; got '${storage}' with --lora ${lora}`);
   }
+  let failed = false;
   for (const name of configs) {
     const p = storage === 'bf16' ? await withPackedBf16Experts(makeProblem(name, lora)) : makeProblem(name, lora);
     const flops = expertFlops(BENCH_CONFIGS[name], lora);
@@ -232,6 +282,19 @@ async function main(): Promise<void> {
     best!.peakMiB = (mem.peakBytes - before) / 2 ** 20;
     console.log(`# ${name}: best preset ${best!.preset}, peak ${best!.peakMiB.toFixed(0)} MiB over the inputs`);
     if (best!.kernels) printKernels(`${name} preset ${best!.preset}`, best!.kernels, flops);
+    if (tensorCores === 'on') {
+      const names = lora === 'none' ? ['dx', 'dRouter', 'dW1', 'dW2'] : ['dx', 'dA1', 'dB1', 'dA2', 'dB2'];
+      const c = await tensorCoresAgainstF32(step, names);
+      const count = Object.values(c.subgroupPrograms).reduce((a, b) => a + b, 0);
+      const worst = Math.max(...Object.values(c.errors).map(e => (Number.isFinite(e) ? e : Infinity)));
+      const pass = count > 0 && worst <= TENSOR_CORE_CONTRACT;
+      failed ||= !pass;
+      console.log(`# ${name} tensor cores: ${pass ? 'PASS' : 'FAIL'} (preset ${best!.preset}, max rel. error to f32 ` +
+          `${worst.toExponential(2)}, contract <= ${TENSOR_CORE_CONTRACT}; ${count} subgroup-matrix programs a step): ` +
+          `${Object.entries(c.errors).map(([n, e]) => `${n} ${e.toExponential(2)}`).join(', ')}; ` +
+          `${Object.entries(c.subgroupPrograms).map(([k, n]) => `${k} x${n}`).join(', ') || 'no subgroup-matrix program'}; ` +
+          `${c.f32Grouped} f32 grouped products`);
+    }
     if (flag('composed')) {
       // the stock-kernel path: fusedExperts composed of tfjs ops, its plan read to the host first
       const logits = routerLogits(p.x, { weight: p.router });
@@ -257,6 +320,7 @@ async function main(): Promise<void> {
   }
   const out = arg('json', '');
   if (out) writeFileSync(out, JSON.stringify({ adapter, rows }, null, 1));
+  if (failed) throw new Error('the tensor-core path FAILed its check against f32 (lines above)');
 }
 
 main().then(() => process.exit(0), err => { console.error(err); process.exit(1); });

@@ -107,7 +107,7 @@ describe('bench/benchMoEBlock', () => {
 
   it('rejects bad options with one clear error each', async () => {
     const bad: Array<[object, RegExp]> = [
-      [{ config: 'L' }, /`benchMoEBlock\(\)`: 'config' must be one of 'XS', 'S', 'M1', 'O', 'Q' but got 'L'/],
+      [{ config: 'L' }, /`benchMoEBlock\(\)`: 'config' must be one of 'XS', 'S', 'M1', 'O', 'Q', 'Q1' but got 'L'/],
       [{ config: 'XS', lora: ['qlora'] }, /'lora\[0\]' must be one of 'none', 'materialize', 'split', 'auto' but got 'qlora'/],
       [{ config: 'XS', lora: [] }, /'lora' must be a non-empty list of cases but got \[\]/],
       [{ config: 'XS', iters: 0 }, /'iters' must be >= 1 but got 0/],

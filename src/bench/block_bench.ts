@@ -44,6 +44,8 @@ export const BENCH_CONFIGS: Readonly<Record<string, BenchConfig>> = {
   O: { tokens: 512, hidden: 2048, inter: 1024, experts: 64, topK: 8, rank: 8, backends: ['webgpu'] },
   /** a Qwen3-30B-A3B-sized block */
   Q: { tokens: 16384, hidden: 2048, inter: 768, experts: 128, topK: 8, rank: 8, backends: ['webgpu'] },
+  /** Qwen3-30B-A3B's block at batch 1 × 512 tokens: 32 rows per expert (32-row tiles and tensor-core blocks) */
+  Q1: { tokens: 512, hidden: 2048, inter: 768, experts: 128, topK: 8, rank: 8, backends: ['webgpu'] },
 };
 
 export const CPU_SEGMENT_SUMS = ['stock', 'linear'] as const;

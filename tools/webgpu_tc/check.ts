@@ -1,8 +1,9 @@
 /**
  * Tensor-core check for the GPU machine (issue 13): the subgroup-matrix grouped products against
- * the f32 kernels on random inputs, the dense projections (MoEDenseMatMul / MoEPackedDenseMatMul,
- * issue 13/15: x·Wᵀ and dy·W at OLMoE's [2048, 2048] and its LM head [50304, 2048], f32 and bf16 W)
- * against the f32 path, the fused block of a transformers fixture with and without them, and block
+ * the f32 kernels on random inputs (at 256, 64 and 32 rows per expert: the 128-, 64- and 32-row
+ * blocks, issue 15), the dense projections (MoEDenseMatMul / MoEPackedDenseMatMul, issue 13/15:
+ * x·Wᵀ and dy·W at OLMoE's [2048, 2048] and its LM head [50304, 2048], f32 and bf16 W) against the
+ * f32 path, the fused block of a transformers fixture with and without them, and block
  * timings at M1 and Q, both paths in one process.
  *
  * Here (Mesa: reports that the feature is missing and exits 0):
@@ -13,9 +14,12 @@
  *   TC_CHECK_HARNESS=1 EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
  * Prints one JSON object on stdout (progress on stderr) and writes it to $OUT/tc.json when OUT is
  * set, and the report so far to $OUT/tc.partial.json after every step (a hang inside Dawn blocks
- * the event loop). Every step is caught and recorded. Exits 0 unless there is no adapter (1), or
- * tensor cores are available and a dense case failed (3: an error, max rel. error above 1e-2, a
- * non-finite value, or no subgroup-matrix program run), one "dense ... FAIL" line each on stderr.
+ * the event loop). Every step is caught and recorded. One line per product on stderr, PASS or FAIL:
+ * FAIL when, on a tensor-core adapter, the error to f32 is above 1e-2 or not finite, or the
+ * subgroup-matrix program with the plan's block (_r<rows>) or slab depth (_d<depth>) did not run.
+ * Exits 1 when there is no adapter or a product FAILed, 3 when a dense case failed (an error, max
+ * rel. error above 1e-2, a non-finite value, or no subgroup-matrix program run; one "dense ... FAIL"
+ * line each), else 0.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -23,6 +27,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type DawnAdapterReport, setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning, webgpuMoETuningFor } from '../../src/backends/webgpu/experts.js';
+import { subgroupBlockRowsFor, weightGradDepthFor } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad,
 } from '../../src/backends/webgpu/kernels.js';
@@ -63,6 +68,7 @@ function log(msg: string): void {
 
 function finish(code: number): never {
   report.elapsedMs = Date.now() - started;
+  report.failures = failures;
   const json = JSON.stringify(report, null, 1);
   process.stdout.write(json + '\n');
   if (process.env.OUT) writeFileSync(join(process.env.OUT, 'tc.json'), json);
@@ -91,6 +97,10 @@ const subgroupKeysSeen = new Set<string>();
 const subgroupAudit: Record<string, string[]> = {};
 /** product → the tensor-core programs' max relative error to the f32 kernels, per size: the headline of the report */
 const errorSummary: Record<string, number | string> = {};
+/** the products that FAILed (see the file comment): the exit code */
+const failures: string[] = [];
+/** whether this adapter runs the subgroup-matrix programs (else both "paths" are f32: nothing can FAIL) */
+let tensorCoresAvailable = false;
 
 function recordPrograms(): void {
   const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string }, ...rest: unknown[]) => unknown };
@@ -106,12 +116,15 @@ function recordPrograms(): void {
   };
 }
 
-/** How many of the programs run since the last call were subgroup-matrix ones, of how many grouped products. */
-function takeProgramCounts(): { subgroupMatrix: number; f32Grouped: number } {
-  const subgroupMatrix = programsRun.filter(k => k.startsWith('moeSubgroup')).length;
+/**
+ * How many of the programs run since the last call were subgroup-matrix ones, of how many grouped
+ * products, and the subgroup-matrix shader keys (their _r / _d suffix: the block rows or the depth).
+ */
+function takeProgramCounts(): { subgroupMatrix: number; f32Grouped: number; subgroupKeys: string[] } {
+  const subgroupKeys = programsRun.filter(k => k.startsWith('moeSubgroup'));
   const f32Grouped = programsRun.filter(k => k.startsWith('moeGroupedMatMul') || k.startsWith('moeGroupedWeightGrad')).length;
   programsRun.length = 0;
-  return { subgroupMatrix, f32Grouped };
+  return { subgroupMatrix: subgroupKeys.length, f32Grouped, subgroupKeys: [...new Set(subgroupKeys)] };
 }
 
 function lcg(seed: number): () => number {
@@ -124,9 +137,17 @@ function lcg(seed: number): () => number {
 
 interface Size { name: string; T: number; H: number; I: number; E: number; K: number }
 const SIZES: Size[] = [
-  // 256 rows per expert: the large tuning's 128-row tile, which the 128-row blocks need
+  // 256 rows per expert: the large tuning's 128-row tile, 128-row blocks
   { name: 'small', T: 256, H: 256, I: 128, E: 2, K: 2 },
   { name: 'M1', T: 4096, H: 1024, I: 512, E: 8, K: 2 },
+];
+/**
+ * Batch 1's tiles (issue 15): 64 rows per expert (OLMoE-1B-7B at 512 tokens) → 64-row tiles and
+ * blocks; 32 (Qwen3-30B-A3B) → 32-row tiles and blocks, the weight gradients 32 deep.
+ */
+const FEW_ROWS_SIZES: Size[] = [
+  { name: 'rows64', T: 256, H: 256, I: 128, E: 8, K: 2 },
+  { name: 'rows32', T: 256, H: 256, I: 128, E: 16, K: 2 },
 ];
 
 /** Each product of the fused block once, as fusedExperts calls it (full fine-tuning, SwiGLU). */
@@ -158,7 +179,8 @@ function products(s: Size, t: {
   };
 }
 
-async function checkKernels(s: Size): Promise<unknown[]> {
+/** `timed`: also time both paths per product (the few-rows sizes are checked only: their products take microseconds) */
+async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
   const { T, H, I, E, K } = s;
   const rand = lcg(7);
   const experts = tf.tensor2d(Int32Array.from({ length: T * K }, (_, i) => (Math.floor(rand() * E) + (i % K)) % E), [T, K], 'int32');
@@ -203,11 +225,25 @@ async function checkKernels(s: Size): Promise<unknown[]> {
         entry.finite = tc.every(Number.isFinite);
         entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT;
         errorSummary[`${s.name}: ${name}`] = entry.maxRelError as number;
-        log(`${s.name} ${name}: tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)}` +
-            ` (${entry.withinContract ? 'within' : 'OUTSIDE'} ${CONTRACT}), ${JSON.stringify(entry.tcPrograms)}`);
+        // the program this plan should pick: the block's rows (products) or the slab's depth (weight gradients)
+        const suffix = name.startsWith('dW') ? `_d${weightGradDepthFor(tuning.rowTile)}` : `_r${subgroupBlockRowsFor(tuning.rowTile)}`;
+        const keys = (entry.tcPrograms as { subgroupKeys: string[] }).subgroupKeys;
+        const ran = keys.some(k => k.endsWith(suffix));
+        const problems = !tensorCoresAvailable ? [] : [
+          ...(entry.withinContract ? [] : [`error ${(entry.maxRelError as number).toExponential(2)} above ${CONTRACT} or not finite`]),
+          ...(ran ? [] : [`no subgroup-matrix program with ${suffix} ran (ran: ${keys.join(', ') || 'none'})`]),
+        ];
+        if (problems.length > 0) {
+          entry.failure = problems.join('; ');
+          failures.push(`${s.name} ${name}: ${entry.failure}`);
+        }
+        log(`${problems.length > 0 ? 'FAIL' : tensorCoresAvailable ? 'PASS' : 'f32 only (no tensor cores)'} ${s.name} (row tile ` +
+            `${tuning.rowTile}) ${name}: tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)}` +
+            ` (${entry.withinContract ? 'within' : 'OUTSIDE'} ${CONTRACT}), ${JSON.stringify(entry.tcPrograms)}` +
+            (problems.length > 0 ? ` — ${entry.failure}` : ''));
         // timing: CHAIN (20) products enqueued back to back, one read at the end (a single product at M1
         // is far shorter than the read's latency); the median of 3 such rounds, per product
-        for (const on of [false, true]) {
+        for (const on of timed ? [false, true] : []) {
           const ms: number[] = [];
           await withTensorCores(on, async () => {
             for (let round = 0; round < ROUNDS; round++) {
@@ -229,6 +265,8 @@ async function checkKernels(s: Size): Promise<unknown[]> {
       } catch (err) {
         entry.error = errorText(err);
         errorSummary[`${s.name}: ${name}`] = `error: ${entry.error}`.slice(0, 200);
+        if (tensorCoresAvailable) failures.push(`${s.name} ${name}: ${entry.error}`.slice(0, 300));
+        log(`FAIL ${s.name} ${name}: ${entry.error}`);
       }
     }
   } finally {
@@ -443,17 +481,20 @@ async function main(): Promise<void> {
   registerMoEKernels('webgpu');
   setWebGPUMoETuning(undefined);
   recordPrograms();
-  if (adapter.tensorCores !== 'available') {
+  tensorCoresAvailable = adapter.tensorCores === 'available';
+  if (!tensorCoresAvailable) {
     report.skipped = `no tensor-core path on this adapter: ${adapter.tensorCores}`;
     if (!harness) finish(0);
   }
-  const steps: Array<[string, () => Promise<unknown>]> = harness && adapter.tensorCores !== 'available'
-    ? [['kernels', () => checkKernels(SIZES[0])], ['dense', () => checkDense(false)], ['fixture', checkFixture]]
+  const fewRows = FEW_ROWS_SIZES.map(s => [`kernels_${s.name}`, () => checkKernels(s, false)] as [string, () => Promise<unknown>]);
+  const steps: Array<[string, () => Promise<unknown>]> = harness && !tensorCoresAvailable
+    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['dense', () => checkDense(false)], ['fixture', checkFixture]]
     : [
-      // the small products' exactness first, the dense projections (cheap shapes first), then the block
-      // timings (v6's speed), then the rest as time allows
+      // the small products' exactness first (the 128-, 64- and 32-row blocks), the dense projections
+      // (cheap shapes first), then the block timings (v6's speed), then the rest as time allows
       ['kernels', () => checkKernels(SIZES[0])],
-      ['dense', () => checkDense(adapter.tensorCores === 'available')],
+      ...fewRows,
+      ['dense', () => checkDense(tensorCoresAvailable)],
       ['blocks', timeBlocks],
       ['fixture', checkFixture],
       ...SIZES.slice(1).map((s, i) => [`kernels${i + 1}`, () => checkKernels(s)] as [string, () => Promise<unknown>]),
@@ -469,13 +510,14 @@ async function main(): Promise<void> {
   }
   report.subgroupPrograms = [...subgroupKeysSeen];
   report.denseFailures = denseFailures;
-  finish(denseFailures.length > 0 ? 3 : 0);
+  log(failures.length > 0 ? `FAILED: ${failures.length} product(s):\n  ${failures.join('\n  ')}` : 'no product FAILed');
+  finish(failures.length > 0 ? 1 : denseFailures.length > 0 ? 3 : 0);
 }
 
 setTimeout(() => {
   report.watchdog = `stopped at ${TOTAL_BUDGET_MS + 5000} ms; the report holds what finished`;
   report.denseFailures = denseFailures;
-  finish(!report.adapter ? 1 : denseFailures.length > 0 ? 3 : 0);
+  finish(!report.adapter || failures.length > 0 ? 1 : denseFailures.length > 0 ? 3 : 0);
 }, TOTAL_BUDGET_MS + 5000).unref();
 main().catch(err => {
   report.fatal = errorText(err);

@@ -48,6 +48,10 @@
  * (their numbers are no product), each in its child process. `VARIANT_CASES=id,id` runs only those.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every case). Stops starting cases after TIME_BUDGET_MS.
+ * Issue 15 (batch 1: 64 and 32 rows per expert): FEW_ROWS_CASES run the MatMul's 64- and 32-row
+ * blocks and the weight gradient's 32-deep slab on small problems (every element, rel 0 expected),
+ * then timed at OLMoE's and Qwen3-30B-A3B's batch-1 shapes, the other block / depth beside each:
+ *   VARIANT_CASES=few-rows node .gpu/bundle/variants.js
  */
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
@@ -55,7 +59,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import {
-  ELEMENT_STAGING, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, weightGradStaging,
+  ELEMENT_STAGING, matMulStaging, type SubgroupBlockRows, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure,
+  weightGradStaging,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
@@ -96,6 +101,10 @@ interface Grouped {
   staging?: 'auto' | 'element';
   /** 'v5': the staging without v6's structure (v5Structure), for the old-vs-new comparison; default v6, as kernels.ts picks */
   structure?: 'v5' | 'v6';
+  /** MatMul: the block's rows (default 128); perExpert and unused must be multiples of it */
+  blockRows?: SubgroupBlockRows;
+  /** weight gradient: rows of the reduction per slab (default 64) */
+  depth?: 32 | 64;
 }
 
 const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
@@ -146,8 +155,9 @@ function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed'
   const what = program === 'matmul'
     ? `SubgroupMatrixMatMulProgram (rows, ${shape.weight ?? 'f32'} weight [E, ${shape.layout === 'kn' ? 'K, N' : 'N, K'}], ${staging})`
     : `SubgroupMatrixWeightGradProgram (rows x rows, ${staging})`;
-  const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}`;
-  return { id, name: `package ${what}, ${code === 'fixed' ? 'depth 64, pad 8' : code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
+  const shapeName = `${shape.E} x ${shape.perExpert} rows (${shape.real} real${shape.unused && program === 'matmul' ? `, ${shape.unused} unused` : ''}), N ${shape.N}, K ${shape.K}` +
+      (program === 'matmul' ? `, ${shape.blockRows ?? 128}-row blocks` : '');
+  return { id, name: `package ${what}, ${code === 'fixed' ? `depth ${program === 'weightGrad' ? shape.depth ?? 64 : 64}, pad 8` : code}${entry === 'inline' ? ', main as the entry point' : ''}: ${shapeName}`,
     spec: { kind: 'package', program, code, entry, shape, timing } };
 }
 
@@ -193,6 +203,33 @@ export const CASES: Case[] = [
   ...V6_STEPS.map(([id, options]) => groupedGemmCase(id, options)),
 ];
 
+
+/** 64 rows per expert (OLMoE-1B-7B at 512 tokens), 32 (Qwen3-30B-A3B), with padding rows and an unused block */
+const SMALL_64: Grouped = { E: 4, perExpert: 64, real: 50, unused: 64, N: 320, K: 200, everyElement: true, blockRows: 64 };
+const SMALL_32: Grouped = { E: 8, perExpert: 32, real: 25, unused: 32, N: 320, K: 200, everyElement: true, blockRows: 32 };
+/**
+ * Batch 1's down projections: OLMoE (64 experts × 64 rows, N = H 2048, K = I 1024) and Qwen3-30B-A3B
+ * (N 2048, K = I 768, 32 rows each; 64 of its 128 experts, the same 1024 workgroups as OLMoE's),
+ * bf16 weights as the e2e run stores them.
+ */
+const O_DOWN: Grouped = { E: 64, perExpert: 64, real: 64, unused: 0, N: 2048, K: 1024, everyElement: false, weight: 'bf16', blockRows: 64 };
+const Q1_DOWN: Grouped = { E: 64, perExpert: 32, real: 32, unused: 0, N: 2048, K: 768, everyElement: false, weight: 'bf16', blockRows: 32 };
+
+/** Issue 15's cases (VARIANT_CASES=few-rows runs them all, VARIANT_CASES=id,... some). */
+export const FEW_ROWS_CASES: Case[] = [
+  packageCase('pkg-matmul-small-r64', 'matmul', 'fixed', SMALL_64),
+  packageCase('pkg-matmul-small-r32', 'matmul', 'fixed', SMALL_32),
+  packageCase('pkg-matmul-small-whole-r32-bf16', 'matmul', 'fixed', { ...SMALL_32, N: 256, K: 256, weight: 'bf16' }),
+  packageCase('pkg-weightgrad-small-d32', 'weightGrad', 'fixed', { ...SMALL_32, depth: 32 }),
+  packageCase('pkg-weightgrad-small-whole-d32', 'weightGrad', 'fixed', { ...SMALL_32, N: 256, K: 256, depth: 32 }),
+  // timed: each shape's block beside the smaller one it could also take, the weight gradient at both depths
+  packageCase('pkg-matmul-o-r64', 'matmul', 'fixed', O_DOWN, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-o-r32', 'matmul', 'fixed', { ...O_DOWN, blockRows: 32 }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q1-r32', 'matmul', 'fixed', Q1_DOWN, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q1-d32', 'weightGrad', 'fixed', { ...Q1_DOWN, depth: 32 }, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q1-d64', 'weightGrad', 'fixed', { ...Q1_DOWN, depth: 64 }, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-o-d64', 'weightGrad', 'fixed', { ...O_DOWN, depth: 64 }, 'wrapper', 'timestamps'),
+];
 
 /** v4's other bisection cases (compiled on Mesa by the emulator spec; run with VARIANT_CASES=id,...). */
 export const BISECT_CASES: Case[] = [
@@ -531,9 +568,9 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   const structure = (s: ReturnType<typeof matMulStaging>) => (g.structure === 'v5' ? v5Structure(s) : s);
   const program = grad
     ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
-        element ? ELEMENT_STAGING : structure(weightGradStaging({ P: N, Q: K })))
+        element ? ELEMENT_STAGING : structure(weightGradStaging({ P: N, Q: K })), g.depth ?? 64)
     : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: !kn, scaled: false, packedWeight }, 32,
-        element ? ELEMENT_STAGING : structure(matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK })));
+        element ? ELEMENT_STAGING : structure(matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK })), g.blockRows ?? 128);
   const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
   const shader = packageProgramShader(program, { entry: spec.entry, userCode, packedW: bf16 });
   // Mesa: f32 stand-in slabs at a quarter of their length, within its 32 KiB (its numbers are no product anyway)
@@ -735,7 +772,7 @@ async function requestAdapter(hold = true): Promise<GPUAdapter> {
 const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
 
 async function child(id: string): Promise<void> {
-  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT].find(x => x.id === id);
+  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT, ...FEW_ROWS_CASES].find(x => x.id === id);
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
@@ -860,10 +897,11 @@ async function parent(): Promise<void> {
     process.stderr.write(`[variants ${elapsed()}s] ${report.noSubgroupMatrix}\n`);
     cases = harness ? HARNESS_CASES : [];
   }
-  // the pool a selection draws from: on Mesa only the dry run's cases (v7's run their small problem, matrices stood in for)
-  const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT] : [])
-    : [...CASES, ...BISECT_CASES, ...V7_CASES];
-  const only = process.env.VARIANT_CASES?.split(',');
+  // the pool a selection draws from: on Mesa only the dry run's cases (v7's run their small problem, matrices
+  // stood in for; issue 15's few-row cases likewise)
+  const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT, ...FEW_ROWS_CASES] : [])
+    : [...CASES, ...BISECT_CASES, ...V7_CASES, ...FEW_ROWS_CASES];
+  const only = process.env.VARIANT_CASES === 'few-rows' ? FEW_ROWS_CASES.map(c => c.id) : process.env.VARIANT_CASES?.split(',');
   if (only) cases = pool.filter(c => only.includes(c.id));
   // `variants.js v7`: the v7 batch and its v6 baselines; any other argument: a regular expression over the case ids
   const filter = process.argv[2];

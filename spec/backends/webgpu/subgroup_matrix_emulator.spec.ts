@@ -18,7 +18,8 @@ import {
   subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  MATMUL_LAYOUT, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, WEIGHT_GRAD_LAYOUT, weightGradStaging,
+  MATMUL_LAYOUT, matMulLayout, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, WEIGHT_GRAD_LAYOUT,
+  weightGradLayout, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   type BisectOptions, bisectVariant, exactLayout, gemmLayout, type PackageShaderOptions, packageProgramShader, stagedVariant, stagedVariants, standInMatrices, storageVariant, type Problem,
@@ -205,11 +206,41 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 200, kFastestB: false })).to.equal(0);
   });
 
+  it('the products\' 64- and 32-row blocks (fewer rows per expert): 2×2 subgroups of 2×4 and 1×4 matrices, the block exactly', () => {
+    expect(matMulLayout(128)).to.deep.equal(MATMUL_LAYOUT);
+    expect(matMulLayout(64)).to.deep.include({ rows: 64, cols: 128, depth: 64, subgroupRows: 2, subgroupCols: 2, tilesM: 2, tilesN: 4 });
+    expect(matMulLayout(32)).to.deep.include({ rows: 32, cols: 128, depth: 64, subgroupRows: 2, subgroupCols: 2, tilesM: 1, tilesN: 4 });
+    for (const rows of [64, 32] as const) {
+      const l = matMulLayout(rows);
+      for (const inner of [48, 100, 192]) {
+        expect(blockError(l, { inner, kFastestB: true }), `${rows} rows, elements, k ${inner}`).to.equal(0);
+        expect(blockError(l, { inner, kFastestB: true, quads: true }), `${rows} rows, quads along k, k ${inner}`).to.equal(0);
+        expect(blockError(l, { inner, kFastestB: false, quads: true }), `${rows} rows, quads along n, k ${inner}`).to.equal(0);
+      }
+      expect(blockError(l, { inner: 32, kFastestB: true, fault: 'left load transposed' })).to.be.greaterThan(0.1);
+      expect(blockError(l, { inner: 32, kFastestB: true, fault: 'epilogue lanes from subgroup 0' })).to.be.greaterThan(0.1);
+    }
+    expect(() => matMulLayout(16 as 32)).to.throw('SubgroupMatrixMatMulProgram: block rows must be one of 128, 64, 32 but got 16');
+  });
+
+  it('the weight gradients\' 32-deep slab (32-row tiles: the reduction over each expert\'s rows in steps of 32): the block exactly', () => {
+    expect(weightGradLayout(64)).to.deep.equal(WEIGHT_GRAD_LAYOUT);
+    const l = weightGradLayout(32);
+    expect(l).to.deep.include({ rows: 128, cols: 128, depth: 32, leftColMajor: true });
+    // one short slab, one whole, a tail in the third
+    for (const inner of [20, 32, 72]) {
+      expect(blockError(l, { inner, kFastestB: false }), `elements ${inner}`).to.equal(0);
+      expect(blockError(l, { inner, kFastestB: false, quads: true }), `quads ${inner}`).to.equal(0);
+    }
+    expect(blockError(l, { inner: 32, kFastestB: false, fault: 'left load transposed' })).to.be.greaterThan(0.1);
+    expect(() => weightGradLayout(16 as 32)).to.throw('SubgroupMatrixWeightGradProgram: depth must be 32 or 64 but got 16');
+  });
+
   it('every matrix the programs load or store starts, and every row of it, on a 16-byte boundary', () => {
     // the hardware's matrix loads from workgroup memory read 16-byte rows; a row off that boundary
     // is a suspect for the H100's wrong numbers, so the programs' layouts keep all of them on it
     const x = integers;
-    for (const l of [MATMUL_LAYOUT, WEIGHT_GRAD_LAYOUT]) {
+    for (const l of [MATMUL_LAYOUT, WEIGHT_GRAD_LAYOUT, matMulLayout(64), matMulLayout(32), weightGradLayout(32)]) {
       const { a, b } = slabSizes(l);
       expect([a * 2 % 16, b * 2 % 16], 'slab bytes').to.deep.equal([0, 0]);
       for (let s = 0; s < subgroupCount(l); s++) {
@@ -306,8 +337,25 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     expect(squash(wg)).to.contain(squash(multiplySlab(WEIGHT_GRAD_LAYOUT, 'partRow', 'partCol')));
     expect(squash(mm)).to.contain('As[((mm * 72u) + kk)] = f16(v);');
     expect(squash(wg)).to.contain('As[((rr * 136u) + pp)] = f16(v);');
+    // the smaller blocks and the shallower slab: the same, from their layouts
+    const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
+    for (const rows of [64, 32] as const) {
+      const code = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, undefined, rows).getUserCode();
+      expect(squash(code)).to.contain(squash(multiplySlab(matMulLayout(rows), 'partRow', 'partCol')));
+      // rows / 32 result matrices per subgroup along the rows, 4 along the columns
+      const last = rows / 32 - 1;
+      expect(code).to.contain(`var c${last}_3 = subgroup_matrix_result<f32, 16, 16>();`);
+      expect(code).to.not.contain(`var c${last + 1}_0 `);
+      expect(code).to.contain(`var<workgroup> rowSrc : array<i32, ${rows + 4}>;`);
+      expect(code).to.contain(`var<workgroup> As : array<f16, ${rows * 72}>;`);
+    }
+    const shallow = new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { left: 'rows', right: 'gather', scaleLeft: false, scaled: false }, 32,
+        undefined, 32).getUserCode();
+    expect(squash(shallow)).to.contain(squash(multiplySlab(weightGradLayout(32), 'partRow', 'partCol')));
+    expect(shallow).to.contain(`var<workgroup> As : array<f16, ${32 * 136}>;`);
+    expect(squash(shallow)).to.contain('r0 += 32)');
     // no 4-byte scalar in workgroup memory beside the slabs: every workgroup array is whole 16-byte units
-    for (const code of [mm, wg]) {
+    for (const code of [mm, wg, new SubgroupMatrixMatMulProgram(256, 128, spec, 32, undefined, 32).getUserCode()]) {
       for (const [, type, n] of code.matchAll(/var<workgroup> \w+ : array<(f16|f32|i32), (\d+)>/g)) {
         expect(Number(n) * (type === 'f16' ? 2 : 4) % 16).to.equal(0);
       }
@@ -391,6 +439,22 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       const code = packageProgramShader(program, { entry: 'wrapper', packedW });
       expect(code).to.match(packedW ? /var<storage, read> W : array<vec2<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
       expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
+    }
+  });
+
+  it('the package\'s 64- and 32-row blocks and 32-deep weight gradient outside tfjs (the device batch\'s few-rows cases): valid WGSL', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 768, layout: null };
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false, kContiguous: true } as const;
+    const programs: Array<[SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, boolean]> = [
+      ...([64, 32] as const).map((blockRows): [SubgroupMatrixMatMulProgram, boolean] => [new SubgroupMatrixMatMulProgram(4096, 2048,
+          { ...rows, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 768, outCols: 2048, sE: 2048 * 384, sN: 768, sK: 1 }),
+          blockRows), true]),
+      [new SubgroupMatrixMatMulProgram(320, 320, rows, 32, matMulStaging({}, { inner: 200, outCols: 320, sE: 320 * 200, sN: 200, sK: 1 }), 32), false],
+      [new SubgroupMatrixWeightGradProgram([64, 2048, 768], 64, 2048, 768, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+          weightGradStaging({ P: 2048, Q: 768 }), 32), false],
+    ];
+    for (const [program, packedW] of programs) {
+      expect(await compileErrors(standIn(packageProgramShader(program, { entry: 'wrapper', packedW }))), program.shaderKey).to.deep.equal([]);
     }
   });
 

@@ -34,15 +34,21 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
   for (const subgroupSize of [16, 32, 64]) {
     it(`every program variant at subgroup size ${subgroupSize}: no per-invocation branch around them, no per-invocation loop bound, no early exit`, () => {
       // per element, in quads (the register prefetch's loads under a workgroup-uniform branch), and mixed
-      const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: 'vec4' }, { left: 'vec4', right: 'element' }, { left: 'element', right: 'vec4' }];
+      // and v6's, for every MatMul block (128, 64, 32 rows) and weight-gradient depth (64, 32)
+      const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: 'vec4' }, { left: 'vec4', right: 'element' }, { left: 'element', right: 'vec4' },
+        { left: 'vec4', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: false } } }];
       for (const staging of stagings) {
         for (const spec of matMulSpecs) {
-          const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize, staging);
-          expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+          for (const rows of [128, 64, 32] as const) {
+            const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize, staging, rows);
+            expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+          }
         }
         for (const spec of gradSpecs) {
-          const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, subgroupSize, staging);
-          expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+          for (const depth of [64, 32] as const) {
+            const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, subgroupSize, staging, depth);
+            expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+          }
         }
       }
     });

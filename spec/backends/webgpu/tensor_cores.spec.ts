@@ -12,13 +12,16 @@ import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
-import { deviceDispatchPlan, groupedMatMul, maxAbs, useTensorCores } from '../../../src/backends/webgpu/kernels.js';
+import {
+  deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
+} from '../../../src/backends/webgpu/kernels.js';
+import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
-  ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram,
-  type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure, weightGradStaging,
-  weightGradStaging as weightGradStagingV6,
+  ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupBlockRowsFor, subgroupMatrixDispatch,
+  SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure,
+  weightGradDepthFor, weightGradStaging, weightGradStaging as weightGradStagingV6,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
@@ -221,6 +224,62 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     });
   });
 
+  it('takes plans with 128-, 64- and 32-row tiles (batch 1 of OLMoE and Qwen3-30B-A3B too), each with its largest block', () => {
+    // the block: the largest of 128, 64, 32 that divides the row tile (a block never spans two experts)
+    expect([128, 256, 384].map(subgroupBlockRowsFor)).to.deep.equal([128, 128, 128]);
+    expect([64, 192, 320].map(subgroupBlockRowsFor)).to.deep.equal([64, 64, 64]);
+    expect([32, 96, 160].map(subgroupBlockRowsFor)).to.deep.equal([32, 32, 32]);
+    expect([16, 48, 8, 1].map(subgroupBlockRowsFor)).to.deep.equal([undefined, undefined, undefined, undefined]);
+    // the weight gradient's depth: 64 unless the row tile is below a multiple of it
+    expect([128, 64, 192, 32, 96].map(weightGradDepthFor)).to.deep.equal([64, 64, 64, 32, 32]);
+    // the automatic tuning's row tile → the block: Q's training batch (1024 rows per expert), OLMoE-1B-7B at
+    // batch 1 × 512 tokens (64 per expert), Qwen3-30B-A3B at batch 1 × 512 (32 per expert)
+    const blockOf = (T: number, K: number, E: number) => subgroupBlockRowsFor(webgpuMoETuningFor(T * K, E).rowTile);
+    expect([blockOf(16384, 8, 128), blockOf(512, 8, 64), blockOf(512, 8, 128)]).to.deep.equal([128, 64, 32]);
+    // the device's workgroup memory must hold the programs at that block (NVIDIA's Vulkan: 48 KiB)
+    for (const rowTile of [128, 64, 32]) expect(tensorCoresFit(rowTile, 49152, 4096, 2048, 1024), `${rowTile}`).to.equal(true);
+    expect(tensorCoresFit(16, 49152, 4096, 2048, 1024)).to.equal(false);
+    expect(tensorCoresFit(48, 49152, 4096, 2048, 1024)).to.equal(false);
+    expect(tensorCoresFit(32, 16384, 4096, 2048, 1024)).to.equal(false);   // WebGPU's default limit
+    expect(tensorCoresFit(32, subgroupMatrixWorkgroupBytes(32), 4096, 2048, 1024)).to.equal(true);
+    expect(tensorCoresFit(32, subgroupMatrixWorkgroupBytes(32) - 1, 4096, 2048, 1024)).to.equal(false);
+    // still only wide products (a rank-8 LoRA side stays f32)
+    expect(tensorCoresFit(64, 49152, 4096, 8, 1024)).to.equal(false);
+  });
+
+  it('groupedMatMul and groupedWeightGrad hand the plan\'s block rows and slab depth to their kernels', async () => {
+    const seen: Array<[string, unknown, unknown]> = [];
+    const wrapped = [GROUPED_MATMUL, GROUPED_WEIGHT_GRAD].map(name => {
+      const config = tf.getKernel(name, 'webgpu')!;
+      const kernelFunc = config.kernelFunc;
+      config.kernelFunc = (args => { seen.push([name, args.attrs!.blockRows, args.attrs!.rowDepth]); return kernelFunc(args); }) as tf.KernelFunc;
+      return { config, kernelFunc };
+    });
+    try {
+      await expectNoLeakAsync(async () => {
+        const [T, H, I, E, K] = [64, 32, 32, 4, 2];
+        const experts = tf.tensor2d(Int32Array.from({ length: T * K }, (_, i) => (i * 3 + (i % K)) % E), [T, K], 'int32') as tf.Tensor2D;
+        const x = tf.randomNormal([T, H], 0, 1, 'float32', 1) as tf.Tensor2D;
+        const w = tf.randomNormal([E, I, H], 0, 0.1, 'float32', 2);
+        for (const rowTile of [128, 64, 32, 96]) {
+          const plan = deviceDispatchPlan(experts, E, rowTile);
+          const y = groupedMatMul({ a: x, source: 'gather', w, strides: { sE: I * H, sN: H, sK: 1 }, inner: H, outCols: I, plan,
+            tile: { tm: 2, tn: 4, bk: 16 } });
+          const dW = groupedWeightGrad({ l: y, left: 'rows', r: x, right: 'gather', P: I, Q: H, outShape: [E, I, H],
+            outStrides: { oE: I * H, oP: H, oQ: 1 }, plan, tile: { tm: 2, tn: 4, bk: 16 } });
+          await dW.data();
+          tf.dispose([y, dW, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+        }
+        tf.dispose([experts, x, w]);
+      });
+    } finally {
+      for (const { config, kernelFunc } of wrapped) config.kernelFunc = kernelFunc;
+    }
+    expect(seen).to.deep.equal([128, 64, 32, 96].flatMap(rowTile => [
+      [GROUPED_MATMUL, subgroupBlockRowsFor(rowTile), undefined], [GROUPED_WEIGHT_GRAD, undefined, weightGradDepthFor(rowTile)]]));
+    expect(seen.map(s => s[1] ?? s[2])).to.deep.equal([128, 64, 64, 64, 32, 32, 32, 32]);
+  });
+
   it('sends only wide products to the tensor cores: sides >= 32, reduction >= 16', () => {
     expect(wideEnoughForTensorCores(4096, 1024, 512)).to.equal(true);
     expect(wideEnoughForTensorCores(64, 32, 16)).to.equal(true);
@@ -249,6 +308,34 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(subgroupMatrixWorkgroupBytes()).to.equal(2 * (128 * 72 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 132);
     expect(subgroupMatrixWorkgroupBytes()).to.be.at.most(49152);
     expect(SUBGROUP_MATRIX_BLOCK.rows % 16).to.equal(0);
+  });
+
+  it('64- and 32-row MatMul blocks and the 32-deep weight gradient: their dispatch, registers, memory and a shader key each', () => {
+    const spec = { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
+    const staging = matMulStaging({}, { inner: 2048, outCols: 1024, sE: 1024 * 2048, sN: 2048, sK: 1 });
+    // OLMoE at batch 1: 4096 pairs over 64 experts, 64-row tiles → capacity 8128; Qwen3-30B-A3B: 128 experts, 32-row tiles → 8096
+    const [b128, b64, b32] = ([128, 64, 32] as const).map(rows => new SubgroupMatrixMatMulProgram(8192, 1024, spec, 32, staging, rows));
+    expect([b128.dispatch, b64.dispatch, b32.dispatch]).to.deep.equal([[8, 64, 1], [8, 128, 1], [8, 256, 1]]);
+    expect(new Set([b128, b64, b32].map(p => p.shaderKey)).size).to.equal(3);
+    expect(b64.shaderKey).to.equal(b128.shaderKey.replace(/_r128$/, '_r64'));
+    expect([b128, b64, b32].map(p => p.workgroupSize)).to.deep.equal([[128, 1, 1], [128, 1, 1], [128, 1, 1]]);
+    // A's quads: rows × 64 / 4 over 128 invocations
+    for (const [program, registers] of [[b128, 16], [b64, 8], [b32, 4]] as const) {
+      const code = program.getUserCode();
+      expect(code).to.contain(`var ra${registers - 1} : vec4<f16>;`);
+      expect(code).to.not.contain(`var ra${registers} `);
+    }
+    // below 128 rows the weight gradient's slabs (Lᵀ 64 × 136, R 64 × 136 halves) are the larger: they set the bound
+    expect(subgroupMatrixWorkgroupBytes(128)).to.equal(2 * (128 * 72 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 132);
+    expect(subgroupMatrixWorkgroupBytes(64)).to.equal(2 * (64 * 136 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 68);
+    expect(subgroupMatrixWorkgroupBytes(32)).to.equal(2 * (64 * 136 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 36);
+    const grad = (depth: 32 | 64) => new SubgroupMatrixWeightGradProgram([128, 1024, 2048], 128, 1024, 2048, {
+      left: 'rows', right: 'gather', scaleLeft: false, scaled: true }, 32, weightGradStaging({ P: 1024, Q: 2048 }), depth);
+    const [d64, d32] = [grad(64), grad(32)];
+    expect(d32.dispatch).to.deep.equal(d64.dispatch);
+    expect(d32.shaderKey).to.equal(d64.shaderKey.replace(/_d64$/, '_d32'));
+    expect(d32.getUserCode()).to.contain('r0 += 32)');
+    expect(d64.getUserCode()).to.contain('r0 += 64)');
   });
 
   it('stages in quads only where every quad is aligned and decodable as a whole (matMulStaging, weightGradStaging)', () => {
@@ -412,6 +499,16 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
         expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
       });
     }
+    // the smaller blocks: per element and the v6 quads (the structure batch-1 plans run)
+    for (const staging of [stagings[0], stagings[3]]) {
+      for (const rows of [64, 32] as const) {
+        const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32, staging, rows);
+        it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+          const ints = ['seg', 'pr', ...(spec.packedWeight ? ['W'] : [])];
+          expect(await compileErrors(standIn(program, ints))).to.deep.equal([]);
+        });
+      }
+    }
   }
 
   const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
@@ -423,10 +520,12 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const v6Whole: SubgroupStaging = { left: 'vec4', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: true } } };
     for (const staging of [ELEMENT_STAGING, v5Structure(weightGradStaging({ P: 96, Q: 64 })), weightGradStaging({ P: 96, Q: 64 }), v6Whole,
       { left: 'element', right: 'vec4' } as const]) {
-      const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32, staging);
-      it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
-        expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);
-      });
+      for (const depth of [64, 32] as const) {
+        const program = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, spec, 32, staging, depth);
+        it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
+          expect(await compileErrors(standIn(program, ['seg', 'pr']))).to.deep.equal([]);
+        });
+      }
     }
   }
 

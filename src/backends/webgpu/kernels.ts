@@ -13,8 +13,8 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  matMulStaging, SUBGROUP_MATRIX_BLOCK, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
-  weightGradStaging,
+  matMulStaging, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, TENSOR_CORES_FLAG, type TensorCoreDevice, tensorCoreDevice, wideEnoughForTensorCores,
@@ -217,7 +217,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
       ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize,
-          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }))
+          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }),
+          a.blockRows as SubgroupBlockRows)
       : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
@@ -266,14 +267,29 @@ export interface GroupedMatMulArgs {
 /**
  * Whether a grouped product over `plan` of outCols × inner goes to the subgroup-matrix programs:
  * WEBGPU_MOE_TENSOR_CORES on, a registered device whose workgroup memory holds the programs' slabs,
- * the plan's row tile a multiple of the 128-row block and the product wide enough
- * (wideEnoughForTensorCores).
+ * the plan's row tile a multiple of a block's rows (128, 64 or 32: subgroupBlockRowsFor) and the
+ * product wide enough (wideEnoughForTensorCores).
  */
 export function useTensorCores(plan: DevicePlan, rows: number, cols: number, inner: number): boolean {
   if (activeTensorCores() === undefined) return false;
   const limits = (tf.backend() as unknown as { device: GPUDevice }).device.limits;
-  return limits.maxComputeWorkgroupStorageSize >= subgroupMatrixWorkgroupBytes() &&
-      plan.rowTile % SUBGROUP_MATRIX_BLOCK.rows === 0 && wideEnoughForTensorCores(rows, cols, inner);
+  return tensorCoresFit(plan.rowTile, limits.maxComputeWorkgroupStorageSize, rows, cols, inner);
+}
+
+/**
+ * useTensorCores past the flag and the device: a block's rows divide the row tile, the
+ * programs' workgroup memory at that block fits the device's `workgroupStorage` bytes, and the
+ * product is wide enough.
+ *
+ * ```js
+ * tensorCoresFit(64, 49152, 4096, 2048, 1024);   // true: 64-row blocks
+ * tensorCoresFit(16, 49152, 4096, 2048, 1024);   // false: no block divides a 16-row tile
+ * ```
+ */
+export function tensorCoresFit(rowTile: number, workgroupStorage: number, rows: number, cols: number, inner: number): boolean {
+  const blockRows = subgroupBlockRowsFor(rowTile);
+  return blockRows !== undefined && workgroupStorage >= subgroupMatrixWorkgroupBytes(blockRows) &&
+      wideEnoughForTensorCores(rows, cols, inner);
 }
 
 /**
@@ -323,7 +339,8 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
-    tensorCores,
+    // the subgroup-matrix block's rows: the largest that divides the plan's row tile
+    tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
@@ -361,7 +378,7 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
-          { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }))
+          { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
       : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
@@ -402,7 +419,8 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
   if (tensorCores) inputs.amax = maxAbs(args.l);
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
-    tensorCores,
+    // the reduction's rows per staged slab follow the plan's row tile
+    tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile),
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
     topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,

@@ -4,7 +4,8 @@
  * on f16 operands with f32 accumulation.
  *
  * Four subgroups per workgroup own a 128×128 block of the output, each a 64×64 part as 4×4 result
- * matrices of 16×16 f32. Each step stages a 64-deep slab of both operands in workgroup memory as
+ * matrices of 16×16 f32 (the products' blocks have 64 or 32 rows where the plan's row tile is
+ * smaller: subgroupBlockRowsFor). Each step stages a 64-deep slab of both operands in workgroup memory as
  * f16, every slab row padded by 8 halves (the layout of the exact 97 TFLOP/s GEMM of variants v3
  * on the H100) — converted on the fly from f32 activations (the activation computed on load, the gather
  * fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
@@ -69,33 +70,95 @@ export const WEIGHT_GRAD_LAYOUT: SlabLayout = { ...MATMUL_LAYOUT, leftColMajor: 
 checkSlabLayout(MATMUL_LAYOUT);
 
 /**
+ * The MatMul's block rows, largest first (issue 13/15). A block never spans two experts, so its
+ * rows must divide the plan's row tile: 128 where the tile is a multiple of it (training
+ * batches: 4×4 result matrices per subgroup, the most work per staged slab), 64 and 32 for the
+ * row tiles of fewer rows per expert (batch 1: OLMoE-1B-7B at 512 tokens has 64 rows per expert,
+ * Qwen3-30B-A3B 32), where padding expert rows to 128 would waste half the products or more.
+ * The subgroups stay 2×2 over 128 columns and the slab 64 deep; only the matrices per subgroup
+ * along the rows shrink (tilesM = rows / 32). The device's f16→f32 config has M = 16 (16×16×16,
+ * tensorCoreSupport), so 32 rows is the smallest block that two subgroup rows can split.
+ */
+export const SUBGROUP_BLOCK_ROWS = [128, 64, 32] as const;
+export type SubgroupBlockRows = typeof SUBGROUP_BLOCK_ROWS[number];
+
+/**
+ * The largest block rows dividing the plan's row tile, or undefined (no block fits: f32).
+ *
+ * ```js
+ * subgroupBlockRowsFor(256);  // 128
+ * subgroupBlockRowsFor(64);   // 64
+ * subgroupBlockRowsFor(96);   // 32
+ * subgroupBlockRowsFor(16);   // undefined
+ * ```
+ */
+export function subgroupBlockRowsFor(rowTile: number): SubgroupBlockRows | undefined {
+  return SUBGROUP_BLOCK_ROWS.find(rows => rowTile % rows === 0);
+}
+
+/** The MatMul's layout for a block of `blockRows` rows (MATMUL_LAYOUT at 128). */
+export function matMulLayout(blockRows: SubgroupBlockRows): SlabLayout {
+  if (!SUBGROUP_BLOCK_ROWS.includes(blockRows)) {
+    throw new Error(`SubgroupMatrixMatMulProgram: block rows must be one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${blockRows}`);
+  }
+  const layout = { ...MATMUL_LAYOUT, rows: blockRows, tilesM: blockRows / (MATRIX_EDGE * SUBGROUP_MATRIX_BLOCK.subgroupRows) };
+  checkSlabLayout(layout);
+  return layout;
+}
+
+/**
+ * The weight gradient's slab depth (rows of the reduction per staged slab) for a plan's row
+ * tile: its block is P × Q and its reduction runs over each expert's rows, so the row tile sets
+ * its depth, not its block. 64 (the exact GEMM's) unless the tile is below it: at a 32-row tile
+ * experts have fewer than 64 rows on average, and a 64-deep slab would be half zeros.
+ */
+export function weightGradDepthFor(rowTile: number): 32 | 64 {
+  return rowTile % SUBGROUP_MATRIX_BLOCK.depth === 0 ? 64 : 32;
+}
+
+/** The weight gradient's layout at slab depth `depth` (WEIGHT_GRAD_LAYOUT at 64). */
+export function weightGradLayout(depth: 32 | 64): SlabLayout {
+  if (depth !== 32 && depth !== 64) throw new Error(`SubgroupMatrixWeightGradProgram: depth must be 32 or 64 but got ${depth}`);
+  const layout = { ...WEIGHT_GRAD_LAYOUT, depth };
+  checkSlabLayout(layout);
+  return layout;
+}
+
+/**
  * i32 elements of the small workgroup array beside the slabs (the MatMul's row sources and its
  * block's expert, the weight gradient's segment start and count): a whole number of 16-byte
  * units, so that every workgroup array's size is, and no placement of the arrays by the driver
  * can start a slab off a 16-byte boundary (a 4-byte scalar placed first would; the matrix loads
  * from workgroup memory assume aligned rows).
  */
-const ROW_INTS = SUBGROUP_MATRIX_BLOCK.rows + 4;
-
-/**
- * Workgroups for an output of rows × cols (per expert: × experts): one per block.
- *
- * ```js
- * subgroupMatrixDispatch(256, 100);   // [1, 2, 1]
- * ```
- */
-export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1): [number, number, number] {
-  return [Math.ceil(cols / SUBGROUP_MATRIX_BLOCK.cols), Math.ceil(rows / SUBGROUP_MATRIX_BLOCK.rows), experts];
+function rowInts(blockRows: number): number {
+  return blockRows + 4;
 }
 
 /**
- * Bytes of workgroup memory the larger program uses: two f16 slabs, a 16×16 f32 slot per subgroup,
- * the row sources and the block's expert (the MatMul; the weight gradient's As, column-major, and
- * its 4 ints are smaller).
+ * Workgroups for an output of rows × cols (per expert: × experts): one per block of `blockRows`
+ * rows (the weight gradients' blocks: 128).
+ *
+ * ```js
+ * subgroupMatrixDispatch(256, 100);          // [1, 2, 1]
+ * subgroupMatrixDispatch(256, 100, 1, 32);   // [1, 8, 1]
+ * ```
  */
-export function subgroupMatrixWorkgroupBytes(): number {
-  const { a, b } = slabSizes(MATMUL_LAYOUT);
-  return 2 * (a + b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * ROW_INTS;
+export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1,
+    blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows): [number, number, number] {
+  return [Math.ceil(cols / SUBGROUP_MATRIX_BLOCK.cols), Math.ceil(rows / blockRows), experts];
+}
+
+/**
+ * Bytes of workgroup memory the larger program uses with MatMul blocks of `blockRows` rows: two
+ * f16 slabs (the MatMul's at that block or the weight gradient's 128 × 128 ones, whichever are
+ * larger: below 128 rows the gradient's), a 16×16 f32 slot per subgroup, and the MatMul's row
+ * sources with the block's expert (more than the gradient's 4 ints).
+ */
+export function subgroupMatrixWorkgroupBytes(blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows): number {
+  const { a, b } = slabSizes(matMulLayout(blockRows));
+  const gradient = slabSizes(WEIGHT_GRAD_LAYOUT);
+  return 2 * Math.max(a + b, gradient.a + gradient.b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * rowInts(blockRows);
 }
 
 /**
@@ -425,9 +488,9 @@ function components(names: string[], quadded: Record<string, number>): number[] 
 /**
  * GroupedMatMulProgram's product (its spec without the register tile) on subgroup matrices;
  * `scaled` adds the input `amax` (see the file comment). The plan's row tile must be a multiple
- * of 128 (the block's rows), so that a block never spans two experts. With `singleGroup` (a dense
- * projection, MoEDenseMatMul / MoEPackedDenseMatMul): no plan inputs, rows straight from A, any
- * row count, as in GroupedMatMulProgram.
+   * of the block's rows (subgroupBlockRowsFor), so that a block never spans two experts. With `singleGroup` (a dense
+   * projection, MoEDenseMatMul / MoEPackedDenseMatMul): no plan inputs, rows straight from A, any
+   * row count, as in GroupedMatMulProgram.
  */
 export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   variableNames: string[];
@@ -441,21 +504,24 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean };
   private readonly staging: SubgroupStaging;
+  private readonly layout: SlabLayout;
 
   /**
-   * out [capacity, outCols]; capacity a multiple of 128. `staging`: matMulStaging of the product's
-   * shape and strides (per element when absent).
+   * out [capacity, outCols]; capacity a multiple of `blockRows`. `staging`: matMulStaging of the
+   * product's shape and strides (per element when absent); `blockRows`: subgroupBlockRowsFor of
+   * the plan's row tile.
    */
   constructor(capacity: number, outCols: number, spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean },
-      subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING) {
+      subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING, blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows) {
     this.spec = spec;
     this.staging = staging;
+    this.layout = matMulLayout(blockRows);
     if (staging.right === 'vec4' && spec.packedWeight !== undefined && spec.packedWeight.layout !== null) {
       throw new Error(`SubgroupMatrixMatMulProgram: ${spec.packedWeight.kind} weights are staged per element, not in quads`);
     }
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
-    this.dispatch = subgroupMatrixDispatch(capacity, outCols);
+    this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
     this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
@@ -464,12 +530,12 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     });
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
-        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}` +
+        `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
         (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
-    const layout = MATMUL_LAYOUT;
+    const layout = this.layout;
     const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
@@ -527,7 +593,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     return `
       ${ENABLES}
       ${workgroupArrays(layout)}
-      var<workgroup> rowSrc : array<i32, ${ROW_INTS}>;
+      var<workgroup> rowSrc : array<i32, ${rowInts(rows)}>;
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
@@ -600,13 +666,18 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
       ACTIVATION_UNIFORMS;
   private readonly spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean };
   private readonly staging: SubgroupStaging;
+  private readonly layout: SlabLayout;
 
-  /** `staging`: weightGradStaging of P and Q (per element when absent) */
+  /**
+   * `staging`: weightGradStaging of P and Q (per element when absent); `depth`: the rows of the
+   * reduction per staged slab, weightGradDepthFor of the plan's row tile.
+   */
   constructor(outputShape: number[], numExperts: number, P: number, Q: number,
       spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }, subgroupSize: number,
-      staging: SubgroupStaging = ELEMENT_STAGING) {
+      staging: SubgroupStaging = ELEMENT_STAGING, depth: 32 | 64 = 64) {
     this.spec = spec;
     this.staging = staging;
+    this.layout = weightGradLayout(depth);
     this.outputShape = outputShape;
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(P, Q, numExperts);
@@ -616,11 +687,11 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
       ...(staging.left === 'vec4' ? { L: 4 } : {}), ...(staging.right === 'vec4' ? { R: 4 } : {}),
     });
     this.shaderKey = `moeSubgroupWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
-        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? 'x' : ''}_${subgroupSize}_${outputShape.length}_${stagingKey(staging)}`;
+        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? 'x' : ''}_${subgroupSize}_${outputShape.length}_${stagingKey(staging)}_d${depth}`;
   }
 
   getUserCode(): string {
-    const layout = WEIGHT_GRAD_LAYOUT;
+    const layout = this.layout;
     const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
