@@ -22,7 +22,7 @@
  *
  *   EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/contract.ts [--steps 200] [--fixtures mixtral,olmoe]
  * On the GPU machine, after `../shared/gpu/prepare.sh tools/webgpu_tc/contract.ts` in a checkout:
- *   source .gpu/on-device.sh && node .gpu/bundle/contract.js --require-tensor-cores
+ *   source .gpu/on-device.sh && node .gpu/bundle/contract.js --require-tensor-cores --budget-s 150
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';  // the gradients
@@ -72,6 +72,8 @@ const { values: flags } = parseArgs({
     // a dry run of the comparisons where the adapter has no tensor cores: both sides are then the
     // f32 kernels (errors 0), and no subgroup-matrix program is required
     harness: { type: 'boolean', default: false },
+    // stop with `contract: TIMEOUT` after this many seconds (a hang inside Dawn blocks nothing else); 0: none
+    'budget-s': { type: 'string', default: '0' },
   },
 });
 const steps = Number(flags.steps);
@@ -378,6 +380,15 @@ async function main(): Promise<void> {
   line(`contract: PASS (every comparable fixture block <= ${BLOCK_CONTRACT}, loss curves <= ${100 * LOSS_CONTRACT} %${broken}) ` +
       `in ${seconds()}`);
   finish(0);
+}
+
+const budgetSeconds = Number(flags['budget-s']);
+if (!(budgetSeconds >= 0)) throw new Error(`contract: --budget-s must be a number >= 0 but got '${flags['budget-s']}'`);
+if (budgetSeconds > 0) {
+  setTimeout(() => {
+    line(`contract: TIMEOUT after ${budgetSeconds} s (${failures.length} failure(s) so far${failures.length > 0 ? `: ${failures.join('; ')}` : ''})`);
+    finish(1);
+  }, budgetSeconds * 1000).unref();
 }
 
 main().catch(err => {
