@@ -31,7 +31,7 @@ export interface GenerateArgs {
   json: boolean;
   backend: string;
   /** webgpu: 'auto' uses the tensor cores where the adapter has them (default 'off') */
-  tensorCores?: string;
+  tensorCores?: TensorCoreMode;
 }
 
 /** What `generate --json` prints. */
@@ -126,7 +126,7 @@ export function builder(yargs: Argv): Argv<GenerateArgs> {
  * ```
  */
 export async function generateReport(argv: GenerateArgs): Promise<GenerateReport> {
-  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores as TensorCoreMode | undefined });
+  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores });
   // on stderr, --json or not: whether the tensor cores are in use
   if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
   const tokenizer = await readTokenizer(argv.model);

@@ -43,7 +43,7 @@ interface TrainArgs {
   seq: number;
   seed: number;
   backend: string;
-  tensorCores?: string;
+  tensorCores?: TensorCoreMode;
   out: string;
   lrScheduler?: LRScheduler;
   warmupSteps?: number;
@@ -317,7 +317,7 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
     if (e instanceof PluginArgsError) throw new UsageError(e.message);
     throw e;
   }
-  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores as TensorCoreMode | undefined });
+  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores });
   // on stderr in every mode, before the first step: a user sees at once whether they are in use
   if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
   const interrupt = onInterrupt(() => process.stderr.write('\ninterrupted: stopping after this step and saving (Ctrl-C again quits now)\n'));
