@@ -25,7 +25,7 @@ describe('cli/backend', () => {
       return {};
     };
     let err: unknown;
-    try { await selectBackend('wasm', importer); } catch (e) { err = e; }
+    try { await selectBackend('wasm', {}, importer); } catch (e) { err = e; }
     expect(err).to.be.instanceOf(BackendError);
     expect((err as Error).message).to.equal("the 'wasm' backend needs the package @tensorflow/tfjs-backend-wasm, " +
         'which is not installed (npm install @tensorflow/tfjs-backend-wasm@^4.22.0)');
@@ -40,7 +40,7 @@ describe('cli/backend', () => {
       return {};
     };
     let err: unknown;
-    try { await selectBackend('webgpu', missing); } catch (e) { err = e; }
+    try { await selectBackend('webgpu', {}, missing); } catch (e) { err = e; }
     expect(err).to.be.instanceOf(BackendError);
     expect((err as Error).message).to.equal("the 'webgpu' backend (Dawn, in Node) needs the package webgpu, " +
         'which is not installed (npm install webgpu@^0.6.2)');
@@ -50,7 +50,7 @@ describe('cli/backend', () => {
       releaseDawnWebGPU: () => { released++; },
     });
     err = undefined;
-    try { await selectBackend('webgpu', async () => ({}), noAdapter); } catch (e) { err = e; }
+    try { await selectBackend('webgpu', {}, async () => ({}), noAdapter); } catch (e) { err = e; }
     expect(err).to.be.instanceOf(BackendError);
     expect((err as Error).message).to.equal("the 'webgpu' backend could not start: setupDawnWebGPU: no WebGPU adapter");
     expect(tf.getBackend(), 'the backend in use stays').to.equal(process.env.TFJS_BACKEND ?? 'cpu');
@@ -60,7 +60,7 @@ describe('cli/backend', () => {
   it('passes on other import failures untouched', async () => {
     const broken = new Error('SyntaxError in a dependency');
     let err: unknown;
-    try { await selectBackend('cpu', async () => { throw broken; }); } catch (e) { err = e; }
+    try { await selectBackend('cpu', {}, async () => { throw broken; }); } catch (e) { err = e; }
     expect(err).to.equal(broken);
   });
 });

@@ -77,7 +77,7 @@ export async function selectBenchBackend(
   let dawn: DawnModuleLike;
   try {
     dawn = await dawnLoader();
-    await dawn.setupDawnWebGPU();
+    await dawn.setupDawnWebGPU({ tensorCores: 'off' });
   } catch (err) {
     const pkg = missingPackage(err, WEBGPU_PACKAGES);
     if (pkg !== undefined) {

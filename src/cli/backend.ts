@@ -5,8 +5,10 @@
  * calls releaseBackend() when the command is done.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { tensorCoresProblems, type TensorCoreMode } from '../args/tensor_cores.js';
 import { registerMoEKernels } from '../backends/register_all_kernels.js';
 import { BackendError } from '../backends/errors.js';
+import { TENSOR_CORES_FLAG, tensorCoreDevice } from '../backends/webgpu/tensor_cores.js';
 
 export const BACKENDS = ['cpu', 'wasm', 'webgpu'] as const;
 export type BackendName = typeof BACKENDS[number];
@@ -45,29 +47,63 @@ async function importPackage(specifier: string, purpose: string, importer: Impor
   }
 }
 
+/** How selectBackend starts a backend. */
+export interface BackendOptions {
+  /**
+   * webgpu only: 'auto' asks Dawn for the subgroup-matrix features (its tensor-core toggles) and
+   * turns the tf.env() flag WEBGPU_MOE_TENSOR_CORES on when the device has them; 'off' (default)
+   * turns the flag off: the f32 kernels (src/args/tensor_cores.ts)
+   */
+  tensorCores?: TensorCoreMode;
+}
+
+/** What selectBackend started. */
+export interface BackendReport {
+  backend: BackendName;
+  /**
+   * 'on': the wide expert products run on tensor cores (f16 operands, f32 accumulation); 'off':
+   * not asked for; else why 'auto' found none (the f32 kernels run), e.g. "the device lacks
+   * shader-f16 and chromium-experimental-subgroup-matrix" on Mesa
+   */
+  tensorCores: string;
+}
+
 /**
  * Makes `name` the active backend, ready for training (gradients and this package's kernels).
  *
  * ```js
  * await selectBackend('wasm');
  * tf.getBackend();  // 'wasm'
+ * const { tensorCores } = await selectBackend('webgpu', { tensorCores: 'auto' });  // 'on' on an H100
  * ```
  */
-export async function selectBackend(name: string, importer: Importer = nativeImport, dawnLoader: DawnLoader = loadDawn): Promise<void> {
+export async function selectBackend(name: string, options: BackendOptions = {}, importer: Importer = nativeImport,
+    dawnLoader: DawnLoader = loadDawn): Promise<BackendReport> {
   if (!(BACKENDS as readonly string[]).includes(name)) {
     throw new BackendError(`unknown backend '${name}'; choose one of ${BACKENDS.join(', ')}`);
   }
+  const problems = tensorCoresProblems(options.tensorCores, name);
+  if (problems.length > 0) throw new BackendError(`selectBackend(): ${problems.join('; ')}`);
+  const tensorCores = options.tensorCores ?? 'off';
   const backend = name as BackendName;
   await importPackage('@tensorflow/tfjs-layers', 'computing gradients', importer);
   await importPackage(BACKEND_PACKAGES[backend], `the '${backend}' backend`, importer);
-  if (backend === 'webgpu') {
-    // kept as it is when already active: a host (the specs) set Dawn up and releases it
-    if (tf.getBackend() === 'webgpu') {
-      registerMoEKernels(backend);
-      return;
-    }
-    await startDawn(importer, dawnLoader);
+  if (backend !== 'webgpu') {
+    await activate(backend);
+    return { backend, tensorCores: 'off' };
   }
+  // kept as it is when already active: a host (the specs) set Dawn up and releases it
+  if (tf.getBackend() === 'webgpu') {
+    registerMoEKernels(backend);
+    return { backend, tensorCores: useTensorCores(tensorCores, activeDeviceState()) };
+  }
+  const dawnState = await startDawn(importer, dawnLoader, tensorCores);
+  await activate(backend);
+  return { backend, tensorCores: useTensorCores(tensorCores, dawnState) };
+}
+
+/** Sets the backend (its package imported) and registers this package's kernels on it. */
+async function activate(backend: BackendName): Promise<void> {
   const listenersBefore = processErrorListeners();
   if (!(await tf.setBackend(backend))) {
     releaseBackend();
@@ -78,9 +114,27 @@ export async function selectBackend(name: string, importer: Importer = nativeImp
   registerMoEKernels(backend);
 }
 
+/**
+ * Sets the tensor-core flag for a webgpu run and says what it is: 'on' when asked for ('auto')
+ * and the device has them (`state` 'available'), 'off' when not asked for, else why not.
+ */
+function useTensorCores(mode: TensorCoreMode, state: string): string {
+  const on = mode === 'auto' && state === 'available';
+  tf.env().set(TENSOR_CORES_FLAG, on);
+  if (mode === 'off') return 'off';
+  return on ? 'on' : state;
+}
+
+/** The tensor-core state of the active webgpu backend's device, which its host set up. */
+function activeDeviceState(): string {
+  const device = (tf.backend() as unknown as { device?: GPUDevice }).device;
+  return tensorCoreDevice(device) !== undefined ? 'available' :
+    "the webgpu backend was started without tensorCores 'auto' (setupDawnWebGPU), so its device has no subgroup matrices";
+}
+
 /** What is used of src/backends/webgpu/dawn.ts (a stand-in in the specs). */
 export interface DawnModuleLike {
-  setupDawnWebGPU(): Promise<unknown>;
+  setupDawnWebGPU(options: { tensorCores: TensorCoreMode }): Promise<{ tensorCores: string }>;
   releaseDawnWebGPU(): void;
 }
 
@@ -89,18 +143,21 @@ export type DawnLoader = () => Promise<DawnModuleLike>;
 const loadDawn: DawnLoader = () => import('../backends/webgpu/dawn.js');
 
 /**
- * Dawn as navigator.gpu with tfjs's webgpu backend on it. No adapter is an error: tfjs would
- * fall back to another backend without a word.
+ * Dawn as navigator.gpu with tfjs's webgpu backend on it; returns the adapter's tensor-core state
+ * (DawnAdapterReport.tensorCores). No adapter is an error: tfjs would fall back to another backend
+ * without a word.
  */
-async function startDawn(importer: Importer, dawnLoader: DawnLoader): Promise<void> {
+async function startDawn(importer: Importer, dawnLoader: DawnLoader, tensorCores: TensorCoreMode): Promise<string> {
   await importPackage('webgpu', "the 'webgpu' backend (Dawn, in Node)", importer, '^0.6.2');
   const dawn = await dawnLoader();
+  let report: { tensorCores: string };
   try {
-    await dawn.setupDawnWebGPU();
+    report = await dawn.setupDawnWebGPU({ tensorCores });
   } catch (err) {
     throw new BackendError(`the 'webgpu' backend could not start: ${(err as Error)?.message ?? String(err)}`);
   }
   releaseDawn = () => dawn.releaseDawnWebGPU();
+  return report.tensorCores;
 }
 
 /**

@@ -10,6 +10,7 @@ import { PluginArgsError, type PluginArgsProblem } from '../args/errors.js';
 import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '../args/schema.js';
 import { collectArgProblems, describeValue } from '../args/validate.js';
 import { suggestName } from '../args/suggest.js';
+import { TENSOR_CORES_SPEC, tensorCoresProblems, type TensorCoreMode } from '../args/tensor_cores.js';
 import { EXPERT_DTYPES, type ExpertDtype } from '../io/hf_block.js';
 import { DENSE_DTYPES, type DenseDtype } from '../io/hf_checkpoint_core.js';
 import { INT4_GROUP_SIZES } from '../ops/quantized.js';
@@ -120,6 +121,46 @@ export function denseDtypeOption<T>(yargs: Argv<T>, describe = "attention q/k/v/
     "'float32' (default) widens them"): Argv<T & { denseDtype?: DenseDtype }> {
   return yargs.option(DENSE_DTYPE_FLAG, { type: 'string', choices: DENSE_DTYPES, requiresArg: true, describe }) as
     unknown as Argv<T & { denseDtype?: DenseDtype }>;
+}
+
+/**
+ * `--tensor-cores auto|off` (src/args/tensor_cores.ts), on the commands that run a model on a
+ * backend: 'auto' asks Dawn for the subgroup-matrix features and uses them where the adapter has
+ * them. A string, so that a bad value reaches tensorCoresFlagProblem as typed; the command's own
+ * check calls that with the backend it will use (whose default is the command's).
+ *
+ * ```js
+ * const argv = await tensorCoresOption(yargs(['--tensor-cores', 'auto'])).parseAsync();
+ * argv.tensorCores;  // 'auto'
+ * ```
+ */
+export const TENSOR_CORES_FLAG_NAME = TENSOR_CORES_SPEC.flag!;
+export function tensorCoresOption<T>(yargs: Argv<T>): Argv<T & { tensorCores?: TensorCoreMode }> {
+  return yargs.option(TENSOR_CORES_FLAG_NAME, {
+    type: 'string', requiresArg: true,
+    describe: `${TENSOR_CORES_SPEC.description} (${TENSOR_CORES_SPEC.values!.join(' | ')}; default ${TENSOR_CORES_SPEC.default}); ` +
+        'the run says whether they are in use',
+  }) as unknown as Argv<T & { tensorCores?: TensorCoreMode }>;
+}
+
+/**
+ * The first problem of --tensor-cores with this --backend, prefixed by the flag, or null.
+ *
+ * ```js
+ * tensorCoresFlagProblem('on', 'webgpu');
+ * // "--tensor-cores: tensorCores: expected one of 'auto', 'off' but got 'on' (string)"
+ * ```
+ */
+export function tensorCoresFlagProblem(value: unknown, backend: string): string | null {
+  const problems = tensorCoresProblems(value, backend);
+  return problems.length === 0 ? null : `--${TENSOR_CORES_FLAG_NAME}: ${problems[0]}`;
+}
+
+/** How a run says what selectBackend's tensorCores state means (BackendReport.tensorCores). */
+export function tensorCoresNote(state: string): string {
+  if (state === 'on') return 'webgpu tensor cores: on (the wide expert products in f16 with f32 accumulation)';
+  if (state === 'off') return 'webgpu tensor cores: off (f32 kernels)';
+  return `webgpu tensor cores: unavailable, f32 kernels: ${state}`;
 }
 
 const NUMBER = /^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$/i;

@@ -17,6 +17,8 @@ import { buildMoECausalLM } from '../../src/layers/moe_causal_lm.js';
 import { SparseMoE } from '../../src/layers/sparse_moe.js';
 import { register } from '../../src/plugin.js';
 import { runConfigFlags, RunConfigError } from '../../src/train/run_config.js';
+import { TENSOR_CORES_SPEC } from '../../src/args/tensor_cores.js';
+import { tensorCoresFlagProblem } from '../../src/cli/plugin_options.js';
 
 /** A bad value per arg, and what it shows. */
 const BAD: Record<string, { args: unknown; flags?: Record<string, unknown>; what: string }> = {
@@ -194,6 +196,17 @@ export async function renderArgsDoc(): Promise<string> {
       '`\'stored\'` keeps a BF16/F16 checkpoint\'s attention q/k/v/o_proj and untied token embedding 16-bit in memory, ' +
       'frozen, decoded inside each product: the same loss and LoRA gradients bit for bit, 2 bytes an element less; ' +
       'LoRA only (full fine-tuning refuses it). [models.md](models.md#16-bit-attention-and-embedding-densedtype) |');
+  p(`| \`${TENSOR_CORES_SPEC.path}\` (backend option) | ${TENSOR_CORES_SPEC.values!.map(v => `\`'${v}'\``).join(' \\| ')} | ` +
+      `\`'${TENSOR_CORES_SPEC.default}'\` | \`--${TENSOR_CORES_SPEC.flag}\` (train, generate) | — | ${TENSOR_CORES_SPEC.description}; ` +
+      'set by `selectBackend(name, {tensorCores})`, which says whether they are in use or why not. ' +
+      '[webgpu.md](webgpu.md#tensor-cores) |');
+  p();
+  p('```');
+  for (const [value, backend] of [['on', 'webgpu'], ['auto', 'wasm']]) {
+    p(`--backend ${backend} --${TENSOR_CORES_SPEC.flag} ${value}`);
+    p(`  ${tensorCoresFlagProblem(value, backend)}`);
+  }
+  p('```');
   p();
   p('```');
   p("runConfigFlags({gradient_checkpointing: 'yes'}, 'run.yaml')");

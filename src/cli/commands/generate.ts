@@ -12,7 +12,9 @@ import { generate, type GenerationPrompt, type GenerationResult } from '../../ge
 import { readGenerationConfig } from '../../generate/generation_config_file.js';
 import { loadModelDir } from '../../io/model_dir.js';
 import { loadPeftAdapter } from '../../io/peft_files.js';
+import type { TensorCoreMode } from '../../args/tensor_cores.js';
 import { BACKENDS, selectBackend } from '../backend.js';
+import { tensorCoresFlagProblem, tensorCoresNote, tensorCoresOption } from '../plugin_options.js';
 import { readChat } from './tokenize.js';
 
 export interface GenerateArgs {
@@ -28,6 +30,8 @@ export interface GenerateArgs {
   stop?: string[];
   json: boolean;
   backend: string;
+  /** webgpu: 'auto' uses the tensor cores where the adapter has them (default 'off') */
+  tensorCores?: TensorCoreMode;
 }
 
 /** What `generate --json` prints. */
@@ -38,12 +42,15 @@ export interface GenerateReport extends Omit<GenerationResult, 'promptIds' | 'id
   ids: number[];
   /** seconds from the first forward pass to the last token (model loading not included) */
   seconds: number;
+  /** on webgpu: 'on', 'off' or why --tensor-cores auto found none (selectBackend's BackendReport) */
+  tensorCores?: string;
 }
 
 export const command = 'generate';
 export const describe = 'Generate text from a model folder (and a PEFT adapter): greedy or sampled, with a KV cache';
 
-const SINGLE_FLAGS = ['model', 'adapter', 'prompt', 'chat', 'max-new-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'backend'];
+const SINGLE_FLAGS = ['model', 'adapter', 'prompt', 'chat', 'max-new-tokens', 'temperature', 'top-k', 'top-p', 'seed', 'backend',
+  'tensor-cores'];
 const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory();
 
 /** The checks that need no file contents, before any work. */
@@ -68,13 +75,15 @@ function checkArgs(argv: Record<string, unknown>): string | true {
   }
   const topP = argv['top-p'] as number | undefined;
   if (topP !== undefined && !(topP > 0 && topP <= 1)) return `--top-p must be a number in (0, 1] but got ${topP}`;
+  const tensorCores = tensorCoresFlagProblem(argv['tensor-cores'], argv['backend'] as string);
+  if (tensorCores !== null) return tensorCores;
   const stops = (argv['stop'] as unknown[] | undefined) ?? [];
   if (stops.some(s => typeof s !== 'string' || s.length === 0)) return '--stop must be a non-empty string';
   return true;
 }
 
 export function builder(yargs: Argv): Argv<GenerateArgs> {
-  return yargs
+  return tensorCoresOption(yargs)
       .option('model', {
         type: 'string', demandOption: true, requiresArg: true,
         describe: 'the model folder: an HF checkpoint or a TF.js model, with its tokenizer.json (and ' +
@@ -117,7 +126,9 @@ export function builder(yargs: Argv): Argv<GenerateArgs> {
  * ```
  */
 export async function generateReport(argv: GenerateArgs): Promise<GenerateReport> {
-  await selectBackend(argv.backend);
+  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores });
+  // on stderr, --json or not: whether the tensor cores are in use
+  if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
   const tokenizer = await readTokenizer(argv.model);
   const generationConfig = await readGenerationConfig(argv.model);
   let prompt: GenerationPrompt;
@@ -139,7 +150,10 @@ export async function generateReport(argv: GenerateArgs): Promise<GenerateReport
       topK: argv.topK, topP: argv.topP, seed: argv.seed, stopStrings: argv.stop,
     });
     const seconds = (performance.now() - start) / 1000;
-    return { ...r, prompt: promptText, promptIds: Array.from(r.promptIds), ids: Array.from(r.ids), seconds };
+    return {
+      ...r, prompt: promptText, promptIds: Array.from(r.promptIds), ids: Array.from(r.ids), seconds,
+      ...(started.backend === 'webgpu' ? { tensorCores: started.tensorCores } : {}),
+    };
   } finally {
     model.dispose();
   }

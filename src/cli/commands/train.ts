@@ -22,7 +22,11 @@ import { outputFolderProblem } from '../../util/output_folder.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
-import { denseDtypeOption, expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions } from '../plugin_options.js';
+import {
+  denseDtypeOption, expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions, tensorCoresFlagProblem, tensorCoresNote,
+  tensorCoresOption,
+} from '../plugin_options.js';
+import type { TensorCoreMode } from '../../args/tensor_cores.js';
 import { RunConfigError, readRunConfig } from '../../train/run_config.js';
 import { LR_SCHEDULERS, type LRScheduler } from '../../train/schedule.js';
 
@@ -39,6 +43,7 @@ interface TrainArgs {
   seq: number;
   seed: number;
   backend: string;
+  tensorCores?: TensorCoreMode;
   out: string;
   lrScheduler?: LRScheduler;
   warmupSteps?: number;
@@ -81,7 +86,7 @@ const LORA_FLAG = /^lora-(?!mode$)/;
 const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
   'overwrite', 'expert-dtype', 'int4-group-size', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
   'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size',
-  'stop-on-no-gradient'];
+  'stop-on-no-gradient', 'tensor-cores'];
 
 /** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
 const TRAIN_DEFAULTS = { steps: 200, batch: 8, seq: 64, seed: 1, backend: 'wasm' } as const;
@@ -134,6 +139,8 @@ function checkTrainArgs(argv: Record<string, unknown>): string | true {
     const v = argv[name] as number | undefined;
     if (v !== undefined && !(Number.isFinite(v) && v > 0)) return `--${name} must be a number > 0 but got ${v}`;
   }
+  const tensorCores = tensorCoresFlagProblem(argv['tensor-cores'], argv.backend as string);
+  if (tensorCores !== null) return tensorCores;
   if (argv['eval-every'] !== undefined && argv.val === undefined && argv['val-set-size'] === undefined) {
     return '--eval-every needs validation data: --val (a held-out text) or --val-set-size (with a dataset)';
   }
@@ -260,9 +267,9 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       })
       .option('overwrite', { type: 'boolean', default: false, describe: 'replace a model or adapter already in --out' })
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
-  return pluginOptions(denseDtypeOption(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
+  return pluginOptions(tensorCoresOption(denseDtypeOption(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
       "ones MXFP4 (packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them), " +
-      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)')))
+      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'))))
       .check(argv => {
         // with --config the file fills in flags first: the handler checks the merged flags
         if (argv.config !== undefined) return true;
@@ -310,7 +317,9 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
     if (e instanceof PluginArgsError) throw new UsageError(e.message);
     throw e;
   }
-  await selectBackend(argv.backend);
+  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores });
+  // on stderr in every mode, before the first step: a user sees at once whether they are in use
+  if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
   const interrupt = onInterrupt(() => process.stderr.write('\ninterrupted: stopping after this step and saving (Ctrl-C again quits now)\n'));
   let result: TrainRunResult;
   try {
@@ -355,7 +364,8 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   } finally {
     interrupt.dispose();
   }
-  process.stdout.write(argv.json ? `${JSON.stringify(result)}\n` : formatResult(result));
+  const shown = started.backend === 'webgpu' ? { ...result, tensorCores: started.tensorCores } : result;
+  process.stdout.write(argv.json ? `${JSON.stringify(shown)}\n` : formatResult(result));
   if (result.stopped) throw new ExitCode(130);
   if (result.stoppedNoGradient) throw new ExitCode(1);
 }
