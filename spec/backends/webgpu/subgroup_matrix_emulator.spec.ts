@@ -27,6 +27,7 @@ import {
   conversionPass, v7Dispatch, v7Layout, v7LeftTile, type V7Options, v7RightTile, v7RunA, v7RunB, v7SourceRow, v7Variant, v7WorkgroupBytes, V7_STEPS,
 } from '../../../tools/webgpu_tc/variant_codes.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
+import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { compileErrors } from './helpers.js';
 
 const E = MATRIX_EDGE;
@@ -588,7 +589,32 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     expect(biased).to.not.contain('subgroupMatrixStore(&result');
   });
 
-  it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
+  it('rejects 8-element runs of W where they cannot be: a float32 or quantized weight, W along n, the register prefetch, the weight gradient', () => {
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
+    const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };
+    const eight = { left: 'vec4', right: 'vec8' } as const;
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true }, 32, eight)).to.throw(
+        'SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k and no register prefetch, ' +
+        'but got float32, kContiguous true, registerPrefetch false');
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: false, packedWeight: bf16 }, 32, eight)).to.throw(
+        /but got bf16, kContiguous false, registerPrefetch false/);
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true, packedWeight: bf16 }, 32, { ...eight, registerPrefetch: true }))
+      .to.throw(/but got bf16, kContiguous true, registerPrefetch true/);
+    const int8 = { kind: 'int8' as const, cols: 256, layout: quantizedLayout('int8', [2, 256, 256], 2) };
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true, packedWeight: int8 }, 32, eight)).to.throw(
+        'SubgroupMatrixMatMulProgram: int8 weights are staged per element, not in quads');
+    expect(() => new SubgroupMatrixWeightGradProgram([2, 256, 256], 2, 256, 256, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+        { left: 'vec4', right: 'vec8' })).to.throw('SubgroupMatrixWeightGradProgram: R is staged per element or in runs of 4, not 8');
+    // matMulStaging picks runs of 8 only for a packed weight along k whose rows and expert start on 16 bytes; v6 and v5 go back to 4
+    const pick = (sN: number, sE: number, inner = 256) => matMulStaging({ packedWeight: bf16 }, { inner, outCols: 256, sE, sN, sK: 1 }).right;
+    expect([pick(256, 256 * 128), pick(260, 260 * 128, 260), pick(256, 256 * 128 + 2)]).to.deep.equal(['vec8', 'vec4', 'vec4']);
+    expect(matMulStaging({}, { inner: 256, outCols: 256, sE: 256 * 256, sN: 256, sK: 1 }).right).to.equal('vec4');
+    expect(v6Staging({ left: 'vec4', right: 'vec8' })).to.deep.equal({ left: 'vec4', right: 'vec4', registerPrefetch: true });
+    expect(v5Structure({ left: 'vec4', right: 'vec8', v6: { whole: { depth: true, rows: true, cols: true } } }))
+      .to.deep.equal({ left: 'vec4', right: 'vec4', registerPrefetch: true });
+  });
+
+    it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
     for (const [program, userCode] of [[rowsProgram, OLD_MATMUL_ROWS], [gradProgram, OLD_WEIGHT_GRAD_ROWS]] as const) {
       const code = packageProgramShader(program, { entry: 'wrapper', userCode });
       expect(code).to.contain('for (var i = localIndex; i < 4096u; i += 128u)');
