@@ -439,7 +439,7 @@ function weightQuadSnippet(packed: PackedWeightSpec | undefined, eight = false):
  * workgroup's invocations, unrolled; `quad` declares the run's coordinates from q, `value` gives
  * its elements as vec4<f32> expressions, one per 4 (branch-free: indices clamped, then select;
  * they may use what `prelude` declares), `at` and `step` where its halves go in `slab`. `fetch`
- * loads a slab into registers `${reg}${t}_${h}` (vec4<f16>), `store` writes them to the slab:
+ * loads a slab into registers (vec4<f16>), `store` writes them to the slab:
  * v7 declares the registers inside the K loop and fetches and stores in the same step (every
  * operand's loads issued before the first store, nothing live across the products); v6 keeps them
  * across the products, fetching the next slab while the current one multiplies.
@@ -462,8 +462,9 @@ class QuadStaging {
         }`).join('\n        ');
   }
 
+  /** run t's h-th 4 elements: `${reg}${t}` (runs of 4), `${reg}${t}_${h}` (runs of 8) */
   private register(t: number, h: number): string {
-    return `${this.reg}${t}_${h}`;
+    return this.quadsPerRun === 1 ? `${this.reg}${t}` : `${this.reg}${t}_${h}`;
   }
 
   declarations(): string {
