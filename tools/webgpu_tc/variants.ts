@@ -48,6 +48,11 @@
  * (their numbers are no product), each in its child process. `VARIANT_CASES=id,id` runs only those.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every case). Stops starting cases after TIME_BUDGET_MS.
+ * The port (after the v7 run of 06:38 UTC: v7-b 110.8, v7-c 114.8 TFLOP/s against the package program's
+ * 11.0): the package's programs now stage as v7-b/c (subgroup_matrix_program.ts's SubgroupStaging), so
+ * every pkg-* case above times the ported programs; `structure: 'v6'` (the -v6 cases) keeps v6's staging
+ * for the comparison. `node variants.js port` runs PORT_CASES: the ported programs exact on the small
+ * problems, then Q's up shape beside their -v6 twins and the raw v7-b, v7-c and v7-k.
  * Issue 15 (batch 1: 64 and 32 rows per expert): FEW_ROWS_CASES run the MatMul's 64- and 32-row
  * blocks and the weight gradient's 32-deep slab on small problems (every element, rel 0 expected),
  * then timed at OLMoE's and Qwen3-30B-A3B's batch-1 shapes, the other block / depth beside each:
@@ -302,7 +307,10 @@ export const V7_CASES: Case[] = [
     spec: { kind: 'convert', elements: V7_Q.E * V7_Q.M * V7_Q.K + V7_Q.E * V7_Q.N * V7_Q.K } },
 ];
 
-/** What `node variants.js v7` runs: the v6 baselines at Q's shape in the same process tree, then V7_CASES. */
+/**
+ * What `node variants.js v7` runs: the package's programs at Q's shape (since the port, with v7's staging) and
+ * v6-g in the same process tree, then V7_CASES.
+ */
 const V7_FILTER_BASELINES = ['pkg-matmul-q', 'pkg-matmul-q-bf16', 'v6-g-no-prefetch'];
 
 /**
