@@ -8,8 +8,8 @@
  * smaller: subgroupBlockRowsFor). Each step stages a 64-deep slab of both operands in workgroup memory as
  * f16, every slab row padded by 8 halves (the layout of the exact 97 TFLOP/s GEMM of variants v3
  * on the H100; since v7, a weight stored [out, in] goes to a column-major Bs, see SubgroupStaging),
- * fetched and stored in the same step, no register prefetch — converted on the fly from f32 activations (the activation computed on load, the gather
- * fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
+ * loaded and stored in the same step with no register prefetch — converted on the fly from f32
+ * activations (the activation computed on load, the gather fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
  * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies them with
  * subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. Each accumulator goes through its
  * subgroup's 16×16 f32 slot in workgroup memory so that the epilogue (alpha, bias, addend, padding
@@ -492,8 +492,9 @@ class QuadStaging {
 /**
  * WGSL of one K loop over slabs `depth` deep up to `end` (workgroup-uniform). v7 (`prefetch`
  * false): each step loads every quad operand's slab into registers and stores them to workgroup
- * memory (and stages the element operands), barrier, multiplies, barrier. v6: each step stores the quad operands' registers (and stages the element operands in
- * place), barrier, fetches the next slab's quads into the registers, multiplies, barrier.
+ * memory (and stages the element operands), barrier, multiplies, barrier. v6: each step stores
+ * the quad operands' registers (and stages the element operands in place), barrier, fetches the
+ * next slab's quads into the registers, multiplies, barrier.
  */
 function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string,
     prefetch: boolean): string {
