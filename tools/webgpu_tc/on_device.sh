@@ -16,8 +16,18 @@
 # `bash tools/webgpu_tc/on_device.sh v7` (only variants.ts needs bundling): the v7 batch alone, <= 150 s:
 # the v6 baselines at Q's up shape, then every v7 variant exact on its small problem and timed at Q's
 # up shape, then the conversion pass. Leaves variants-v7.json in $OUT.
+#
+# `bash tools/webgpu_tc/on_device.sh port` (only variants.ts needs bundling): the package's programs with
+# v7's staging ported (issue 13), <= 150 s: exact on the small problems (rel 0), then Q's up shape timed
+# beside the same operands with v6's staging (-v6) and the raw v7-b / v7-c / v7-k. Leaves variants-port.json.
 set -u
 source .gpu/on-device.sh
+if [ "${1:-}" = port ]; then
+  OUT=$OUT timeout 150 node .gpu/bundle/variants.js port > "$OUT/variants-port.stdout.json" 2> "$OUT/variants-port.stderr.txt"; echo "variants port rc $?"
+  [ -f "$OUT/variants.json" ] && mv "$OUT/variants.json" "$OUT/variants-port.json"
+  grep -E "^\[variants.*(: \{|no subgroup)" "$OUT/variants-port.stderr.txt" | cut -c1-400
+  exit 0
+fi
 if [ "${1:-}" = v7 ]; then
   OUT=$OUT timeout 150 node .gpu/bundle/variants.js v7 > "$OUT/variants-v7.stdout.json" 2> "$OUT/variants-v7.stderr.txt"; echo "variants v7 rc $?"
   [ -f "$OUT/variants.json" ] && mv "$OUT/variants.json" "$OUT/variants-v7.json"

@@ -48,6 +48,11 @@
  * (their numbers are no product), each in its child process. `VARIANT_CASES=id,id` runs only those.
  * Prints one JSON object; writes $OUT/variants.json when OUT is set (variants.partial.json after
  * every case). Stops starting cases after TIME_BUDGET_MS.
+ * The port (after the v7 run of 06:38 UTC: v7-b 110.8, v7-c 114.8 TFLOP/s against the package program's
+ * 11.0): the package's programs now stage as v7-b/c (subgroup_matrix_program.ts's SubgroupStaging), so
+ * every pkg-* case above times the ported programs; `structure: 'v6'` (the -v6 cases) keeps v6's staging
+ * for the comparison. `node variants.js port` runs PORT_CASES: the ported programs exact on the small
+ * problems, then Q's up shape beside their -v6 twins and the raw v7-b, v7-c and v7-k.
  * Issue 15 (batch 1: 64 and 32 rows per expert): FEW_ROWS_CASES run the MatMul's 64- and 32-row
  * blocks and the weight gradient's 32-deep slab on small problems (every element, rel 0 expected),
  * then timed at OLMoE's and Qwen3-30B-A3B's batch-1 shapes, the other block / depth beside each:
@@ -60,7 +65,7 @@ import { join } from 'node:path';
 import { create, globals } from 'webgpu';
 import {
   ELEMENT_STAGING, matMulStaging, type SubgroupBlockRows, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure,
-  weightGradStaging,
+  v6Staging, weightGradStaging,
 } from '../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from './frozen/db64af4.js';
 import {
@@ -99,7 +104,11 @@ interface Grouped {
   layout?: 'nk' | 'kn';
   /** 'auto': matMulStaging / weightGradStaging of the shape (quads where aligned), as kernels.ts picks; 'element': the v4 per-element path */
   staging?: 'auto' | 'element';
-  /** 'v5': the staging without v6's structure (v5Structure), for the old-vs-new comparison; default v6, as kernels.ts picks */
+  /**
+   * 'v5': the staging without v6's structure (v5Structure); 'v6': v6's staging (v6Staging: register
+   * prefetch, Bs row-major, 4-element loads), for the old-vs-new comparisons; default: the port of v7's
+   * staging, as kernels.ts picks
+   */
   structure?: 'v5' | 'v6';
   /** MatMul: the block's rows (default 128); perExpert and unused must be multiples of it */
   blockRows?: SubgroupBlockRows;
@@ -151,7 +160,7 @@ const exactV2 = (p: Problem) => stagedVariant(p,
 function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed' | 'db64af4', shape: Grouped,
     entry: PackageShaderOptions['entry'] = 'wrapper', timing: Timing = 'none'): Case {
   const staging = code === 'db64af4' ? 'its staging' : shape.staging === 'element' ? 'per element'
-    : `quads where aligned, ${shape.structure ?? 'v6'}`;
+    : `quads where aligned, ${shape.structure ?? 'v7'} staging`;
   const what = program === 'matmul'
     ? `SubgroupMatrixMatMulProgram (rows, ${shape.weight ?? 'f32'} weight [E, ${shape.layout === 'kn' ? 'K, N' : 'N, K'}], ${staging})`
     : `SubgroupMatrixWeightGradProgram (rows x rows, ${staging})`;
@@ -298,8 +307,41 @@ export const V7_CASES: Case[] = [
     spec: { kind: 'convert', elements: V7_Q.E * V7_Q.M * V7_Q.K + V7_Q.E * V7_Q.N * V7_Q.K } },
 ];
 
-/** What `node variants.js v7` runs: the v6 baselines at Q's shape in the same process tree, then V7_CASES. */
+/**
+ * What `node variants.js v7` runs: the package's programs at Q's shape (since the port, with v7's staging) and
+ * v6-g in the same process tree, then V7_CASES.
+ */
 const V7_FILTER_BASELINES = ['pkg-matmul-q', 'pkg-matmul-q-bf16', 'v6-g-no-prefetch'];
+
+/**
+ * The port of v7's staging into the package's programs (`node variants.js port`): the ported
+ * programs (kernels.ts's choice) exact on the small problems with every edge (rel 0: padding rows,
+ * a block of no expert, K and column tails, f32 and bf16 W along k — bf16 in 16-byte runs —, W
+ * along n, 64- and 32-row blocks, the weight gradient at both depths), then Q's up shape timed:
+ * each ported program beside the same operands with v6's staging (the -v6 cases: the program the
+ * lead measured at 11.0 / 13.7 TFLOP/s) and beside the raw v7 variants it ports (v7-b, v7-c) and
+ * the 256×128 block not yet ported (v7-k).
+ */
+export const PORT_CASES: Case[] = [
+  packageCase('pkg-matmul-small', 'matmul', 'fixed', SMALL),
+  packageCase('pkg-matmul-small-bf16', 'matmul', 'fixed', { ...SMALL, weight: 'bf16' }),
+  packageCase('pkg-matmul-small-whole', 'matmul', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-matmul-small-whole-bf16', 'matmul', 'fixed', { ...SMALL_WHOLE, weight: 'bf16' }),
+  packageCase('pkg-matmul-small-tail', 'matmul', 'fixed', SMALL_TAIL),
+  packageCase('pkg-matmul-small-kn', 'matmul', 'fixed', { ...SMALL, layout: 'kn' }),
+  packageCase('pkg-matmul-small-r64', 'matmul', 'fixed', SMALL_64),
+  packageCase('pkg-matmul-small-whole-r32-bf16', 'matmul', 'fixed', { ...SMALL_32, N: 256, K: 256, weight: 'bf16' }),
+  packageCase('pkg-weightgrad-small', 'weightGrad', 'fixed', SMALL),
+  packageCase('pkg-weightgrad-small-whole', 'weightGrad', 'fixed', SMALL_WHOLE),
+  packageCase('pkg-weightgrad-small-d32', 'weightGrad', 'fixed', { ...SMALL_32, depth: 32 }),
+  packageCase('pkg-matmul-q', 'matmul', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-v6', 'matmul', 'fixed', { ...Q_UP, structure: 'v6' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-bf16', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-bf16-v6', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16', structure: 'v6' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q', 'weightGrad', 'fixed', Q_UP, 'wrapper', 'timestamps'),
+  packageCase('pkg-weightgrad-q-v6', 'weightGrad', 'fixed', { ...Q_UP, structure: 'v6' }, 'wrapper', 'timestamps'),
+  ...V7_CASES.filter(c => ['v7-b-bs-col', 'v7-c-bf16x8', 'v7-k-256x128-f32-bf16'].includes(c.id)),
+];
 
 /** On Mesa: the conversion pass on 2^16 values (pack2x16float needs no f16: a real check). */
 const HARNESS_V7_CONVERT: Case = { id: 'v7-convert-small', name: `${conversionPass().name}: 65536 values`, spec: { kind: 'convert', elements: 65536 } };
@@ -565,7 +607,7 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
   const sE = bf16 ? N * K / 2 : N * K;
   const packedWeight = bf16 ? { kind: 'bf16' as const, cols: kn ? N : K, layout: null } : undefined;
   const element = g.staging === 'element' || spec.code === 'db64af4';
-  const structure = (s: ReturnType<typeof matMulStaging>) => (g.structure === 'v5' ? v5Structure(s) : s);
+  const structure = (s: ReturnType<typeof matMulStaging>) => (g.structure === 'v5' ? v5Structure(s) : g.structure === 'v6' ? v6Staging(s) : s);
   const program = grad
     ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
         element ? ELEMENT_STAGING : structure(weightGradStaging({ P: N, Q: K })), g.depth ?? 64)
@@ -772,7 +814,7 @@ async function requestAdapter(hold = true): Promise<GPUAdapter> {
 const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
 
 async function child(id: string): Promise<void> {
-  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT, ...FEW_ROWS_CASES].find(x => x.id === id);
+  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT, ...FEW_ROWS_CASES, ...PORT_CASES].find(x => x.id === id);
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
@@ -900,12 +942,16 @@ async function parent(): Promise<void> {
   // the pool a selection draws from: on Mesa only the dry run's cases (v7's run their small problem, matrices
   // stood in for; issue 15's few-row cases likewise)
   const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT, ...FEW_ROWS_CASES] : [])
-    : [...CASES, ...BISECT_CASES, ...V7_CASES, ...FEW_ROWS_CASES];
+    : [...CASES, ...BISECT_CASES, ...V7_CASES, ...FEW_ROWS_CASES, ...PORT_CASES];
   const only = process.env.VARIANT_CASES === 'few-rows' ? FEW_ROWS_CASES.map(c => c.id) : process.env.VARIANT_CASES?.split(',');
   if (only) cases = pool.filter(c => only.includes(c.id));
-  // `variants.js v7`: the v7 batch and its v6 baselines; any other argument: a regular expression over the case ids
+  // `variants.js v7`: the v7 batch and its baselines; `variants.js port`: PORT_CASES (on Mesa with VARIANTS_HARNESS=1,
+  // their small problems with the matrices stood in for); any other argument: a regular expression over the case ids
   const filter = process.argv[2];
   if (filter === 'v7') cases = pool.filter(c => V7_FILTER_BASELINES.includes(c.id) || c.id.startsWith('v7-'));
+  else if (filter === 'port') {
+    cases = lacking.length > 0 ? (harness ? PORT_CASES.filter(c => c.spec.kind === 'package' && c.spec.timing === 'none') : []) : PORT_CASES;
+  }
   else if (filter) cases = pool.filter(c => new RegExp(filter).test(c.id));
   report.filter = filter ?? process.env.VARIANT_CASES ?? null;
   const results: Outcome[] = [];

@@ -18,7 +18,7 @@ import {
   subgroupCount,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  MATMUL_LAYOUT, matMulLayout, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, WEIGHT_GRAD_LAYOUT,
+  MATMUL_LAYOUT, matMulLayout, matMulStaging, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram, v5Structure, v6Staging, WEIGHT_GRAD_LAYOUT,
   weightGradLayout, weightGradStaging,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
@@ -27,6 +27,7 @@ import {
   conversionPass, v7Dispatch, v7Layout, v7LeftTile, type V7Options, v7RightTile, v7RunA, v7RunB, v7SourceRow, v7Variant, v7WorkgroupBytes, V7_STEPS,
 } from '../../../tools/webgpu_tc/variant_codes.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
+import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { compileErrors } from './helpers.js';
 
 const E = MATRIX_EDGE;
@@ -61,12 +62,14 @@ interface Emulated {
   /** the B staging walks k fastest (a weight stored [out, in]) */
   kFastestB: boolean;
   /** a deliberate mistake, to show the check can fail */
-  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0' | 'quad step 1 along k';
+  fault?: 'left load transposed' | 'epilogue lanes from subgroup 0' | 'quad step 1 along k' | 'right load transposed';
   /**
    * the programs' vectorized staging (stagedQuadA / stagedQuadB): each invocation writes 4
    * consecutive elements per quad, whole quads past the reduction zero (inner a multiple of 4)
    */
   quads?: boolean;
+  /** elements per run of B in quads (8: the 16-byte loads of packed halves; inner a multiple of 8) */
+  widthB?: 4 | 8;
 }
 
 /** One workgroup of the generated program, as data movement: the block it writes (NaN where unwritten). */
@@ -91,10 +94,11 @@ function emulateWorkgroup(w: Emulated): Float64Array {
           As[at + c * step] = k0 + k < w.inner ? w.left(mc, k0 + kc) : 0;
         }
       }
-      for (let t = 0; t < l.depth * l.cols / 4 / threads; t++) {
-        const { k, n, at, step } = stagedQuadB(x, l, lid + t * threads, w.kFastestB);
+      const widthB = w.widthB ?? 4;
+      for (let t = 0; t < l.depth * l.cols / widthB / threads; t++) {
+        const { k, n, at, step } = stagedQuadB(x, l, lid + t * threads, w.kFastestB, widthB);
         const slabStep = w.fault === 'quad step 1 along k' ? 1 : step;
-        for (let c = 0; c < 4; c++) {
+        for (let c = 0; c < widthB; c++) {
           const [kc, nc] = w.kFastestB ? [k + c, n] : [k, n + c];
           if (!Number.isNaN(Bs[at + c * slabStep])) throw new Error(`Bs[${at + c * slabStep}] staged twice`);
           Bs[at + c * slabStep] = k0 + kc < w.inner ? w.right(k0 + kc, nc) : 0;
@@ -125,7 +129,10 @@ function emulateWorkgroup(w: Emulated): Float64Array {
           const at = leftTile(x, l, part.row, kk, i);
           return loadMatrix(As, w.fault === 'left load transposed' ? { ...at, colMajor: !at.colMajor } : at);
         });
-        const b = Array.from({ length: l.tilesN }, (_, j) => loadMatrix(Bs, rightTile(x, l, part.col, kk, j)));
+        const b = Array.from({ length: l.tilesN }, (_, j) => {
+          const at = rightTile(x, l, part.col, kk, j);
+          return loadMatrix(Bs, w.fault === 'right load transposed' ? { ...at, colMajor: !at.colMajor } : at);
+        });
         for (let i = 0; i < l.tilesM; i++) {
           for (let j = 0; j < l.tilesN; j++) {
             const c = acc[s][i * l.tilesN + j];
@@ -171,12 +178,12 @@ function values(n: number, seed: number): Float64Array {
  * largest |difference| to the float64 block. `leftTransposed`: the left operand comes as Lᵀ (the
  * weight gradients: L(r, p) with r the reduction).
  */
-function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean }): number {
+function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean; widthB?: 4 | 8 }): number {
   const { rows, cols } = layout;
   const A = values(rows * o.inner, 1); // A(m, k) at m·inner + k
   const B = values(o.inner * cols, 2); // B(k, n) at k·cols + n
   const block = emulateWorkgroup({
-    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads,
+    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads, widthB: o.widthB,
     left: (m, k) => A[m * o.inner + k], right: (k, n) => B[k * cols + n],
   });
   let worst = 0;
@@ -236,11 +243,36 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     expect(() => weightGradLayout(16 as 32)).to.throw('SubgroupMatrixWeightGradProgram: depth must be 32 or 64 but got 16');
   });
 
+  it('v7\'s staging of a weight along k (Bs column-major; per element, runs of 4 and runs of 8): the block exactly, every block', () => {
+    for (const rows of [128, 64, 32] as const) {
+      const l = matMulLayout(rows, true);
+      expect(l).to.deep.include({ rows, cols: 128, depth: 64, rightColMajor: true });
+      // Bs [128 columns][64 + 8]: each column's k-run on consecutive halves
+      expect(slabSizes(l).b).to.equal(128 * 72);
+      for (const inner of [48, 104, 192]) {
+        expect(blockError(l, { inner, kFastestB: true }), `${rows} rows, elements, k ${inner}`).to.equal(0);
+        expect(blockError(l, { inner, kFastestB: true, quads: true }), `${rows} rows, runs of 4, k ${inner}`).to.equal(0);
+        expect(blockError(l, { inner, kFastestB: true, quads: true, widthB: 8 }), `${rows} rows, runs of 8, k ${inner}`).to.equal(0);
+      }
+    }
+    const l = matMulLayout(128, true);
+    // runs of 8 along k: a subgroup reads 4 columns × 64 k (whole 128-byte rows of bf16 W) and stores them to consecutive halves
+    const runs = Array.from({ length: 32 }, (_, lane) => stagedQuadB(integers, l, lane, true, 8));
+    expect(new Set(runs.map(r => r.n)).size).to.equal(4);
+    expect(runs.slice(0, 8).map(r => [r.k, r.at, r.step])).to.deep.equal([0, 8, 16, 24, 32, 40, 48, 56].map(k => [k, k, 1]));
+    expect(runs[8].at).to.equal(72);
+    expect(() => stagedQuadB(integers, MATMUL_LAYOUT, 0, true, 8)).to.throw('stagedQuadB: runs of 8 need k fastest into a column-major Bs');
+    // the right matrices are loaded column-major: loading them row-major is caught
+    expect(blockError(l, { inner: 64, kFastestB: true, quads: true, fault: 'right load transposed' })).to.be.greaterThan(0.1);
+    expect(blockError(MATMUL_LAYOUT, { inner: 64, kFastestB: true, quads: true, fault: 'right load transposed' })).to.be.greaterThan(0.1);
+  });
+
   it('every matrix the programs load or store starts, and every row of it, on a 16-byte boundary', () => {
     // the hardware's matrix loads from workgroup memory read 16-byte rows; a row off that boundary
     // is a suspect for the H100's wrong numbers, so the programs' layouts keep all of them on it
     const x = integers;
-    for (const l of [MATMUL_LAYOUT, WEIGHT_GRAD_LAYOUT, matMulLayout(64), matMulLayout(32), weightGradLayout(32)]) {
+    for (const l of [MATMUL_LAYOUT, WEIGHT_GRAD_LAYOUT, matMulLayout(64), matMulLayout(32), weightGradLayout(32),
+      matMulLayout(128, true), matMulLayout(64, true), matMulLayout(32, true)]) {
       const { a, b } = slabSizes(l);
       expect([a * 2 % 16, b * 2 % 16], 'slab bytes').to.deep.equal([0, 0]);
       for (let s = 0; s < subgroupCount(l); s++) {
@@ -333,7 +365,10 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     const mm = new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32).getUserCode();
     const wg = new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { left: 'rows', right: 'gather', scaleLeft: false, scaled: false }, 32).getUserCode();
     const squash = (s: string) => s.replace(/\s+/g, ' ');
-    expect(squash(mm)).to.contain(squash(multiplySlab(MATMUL_LAYOUT, 'partRow', 'partCol')));
+    // a weight stored [out, in] (kContiguous) goes to a column-major Bs (v7)
+    expect(squash(mm)).to.contain(squash(multiplySlab(matMulLayout(128, true), 'partRow', 'partCol')));
+    expect(mm).to.contain('subgroupMatrixLoad<subgroup_matrix_right<f16, 16, 16>>(&Bs, (((partCol + 48u) * 72u) + 48u), true, 72u)');
+    expect(squash(mm)).to.contain('Bs[((nn * 72u) + kk)] = f16(v);');
     expect(squash(wg)).to.contain(squash(multiplySlab(WEIGHT_GRAD_LAYOUT, 'partRow', 'partCol')));
     expect(squash(mm)).to.contain('As[((mm * 72u) + kk)] = f16(v);');
     expect(squash(wg)).to.contain('As[((rr * 136u) + pp)] = f16(v);');
@@ -341,7 +376,7 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
     const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
     for (const rows of [64, 32] as const) {
       const code = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, undefined, rows).getUserCode();
-      expect(squash(code)).to.contain(squash(multiplySlab(matMulLayout(rows), 'partRow', 'partCol')));
+      expect(squash(code)).to.contain(squash(multiplySlab(matMulLayout(rows, true), 'partRow', 'partCol')));
       // rows / 32 result matrices per subgroup along the rows, 4 along the columns
       const last = rows / 32 - 1;
       expect(code).to.contain(`var c${last}_3 = subgroup_matrix_result<f32, 16, 16>();`);
@@ -434,10 +469,11 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
       [new SubgroupMatrixWeightGradProgram([2, 1536, 2048], 2, 1536, 2048, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
           weightGradStaging({ P: 1536, Q: 2048 })), false],
     ];
-    expect(programs.map(([p]) => p.variableComponents.slice(0, 2))).to.deep.equal([[4, 4], [4, 2], [1, 4], [4, 4]]);
+    // bf16 W along k in 16-byte runs of 8 halves (v7-c): 4 words a load
+    expect(programs.map(([p]) => p.variableComponents.slice(0, 2))).to.deep.equal([[4, 4], [4, 4], [1, 4], [4, 4]]);
     for (const [program, packedW] of programs) {
       const code = packageProgramShader(program, { entry: 'wrapper', packedW });
-      expect(code).to.match(packedW ? /var<storage, read> W : array<vec2<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
+      expect(code).to.match(packedW ? /var<storage, read> W : array<vec4<i32>>/ : /var<storage, read> [LAW] : array<vec4<f32>>/);
       expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
     }
   });
@@ -507,7 +543,20 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
           matMulStaging({}, { inner: 200, outCols: 320, sE: 320 * 200, sN: 200, sK: 1 })), false],
       [new SubgroupMatrixWeightGradProgram([2, 256, 256], 2, 256, 256, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
           weightGradStaging({ P: 256, Q: 256 })), false],
+      // bf16 in 16-byte runs past the edges (K 264: a partial slab; 320 columns: a partial block), clamped and zeroed
+      [new SubgroupMatrixMatMulProgram(640, 320, { ...rows, kContiguous: true, packedWeight: { ...bf16, cols: 264 } }, 32,
+          matMulStaging({ packedWeight: { ...bf16, cols: 264 } }, { inner: 264, outCols: 320, sE: 320 * 132, sN: 264, sK: 1 })), true],
     ];
+    const [, wholeBf16] = programs[1];
+    expect(wholeBf16).to.equal(true);
+    const eight = (programs[1][0] as SubgroupMatrixMatMulProgram).getUserCode().replace(/\s+/g, ' ');
+    // one 16-byte load per 8 halves, stored to 8 consecutive halves of the column-major Bs
+    expect(eight).to.contain('let w = loadW8(wBase, col0 + i32(nn), k0 + i32(kk)); rb0_0 = vec4<f16>(halves4(w.xy)); rb0_1 = vec4<f16>(halves4(w.zw));');
+    expect(eight).to.contain('let d = (((q / 8u) * 72u) + ((q % 8u) * 8u)); Bs[d + 0u] = rb0_0.x;');
+    expect(eight).to.contain('Bs[d + 7u] = rb0_1.w;');
+    const edges = (programs[4][0] as SubgroupMatrixMatMulProgram).getUserCode().replace(/\s+/g, ' ');
+    expect(edges).to.contain('loadW8(wBase, min(col0 + i32(nn), uniforms.outCols - 1), min(k0 + i32(kk), uniforms.inner - 8))');
+    expect(edges).to.contain('select(vec4<f32>(0.0), halves4(w.zw), col0 + i32(nn) < uniforms.outCols && k0 + i32(kk) < uniforms.inner)');
     for (const [program, packedW] of programs) {
       const code = packageProgramShader(program, { entry: 'wrapper', packedW });
       expect(code, program.shaderKey).to.contain('subgroupMatrixStore(&result, ');
@@ -523,14 +572,49 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     // whole blocks: no clamps on the quads; rows as vec4 offsets, resolved once per block
     expect(v6Code).to.not.contain('min(col0 + i32(nn)');
     expect(v6Code).to.contain('rowSrc[m] = select(-1, src * ((uniforms.inner) >> 2u), src >= 0);');
-    expect(v6Code).to.contain('loadA4(max(rowSrc[mm], 0), next + i32(kk))');
+    // v7's staging: the slab's registers declared inside the K loop, loaded and stored in the same step, no prefetch
+    expect(v6Code).to.contain('loadA4(max(rowSrc[mm], 0), k0 + i32(kk))');
+    expect(v6Code).to.match(/for \(var k0 = 0; k0 < kEnd; k0 \+= 64\) \{ var ra0 : vec4<f16>;/);
+    expect(v6Code).to.not.contain('let next');
+    // v6's staging stays selectable (the variants' comparison): registers across the products, the next slab prefetched, Bs row-major
+    const prefetched = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, kContiguous: true }, 32, v6Staging(whole));
+    expect(prefetched.shaderKey).to.not.equal(v6.shaderKey);
+    const prefetchedCode = prefetched.getUserCode().replace(/\s+/g, ' ');
+    expect(prefetchedCode).to.contain('loadA4(max(rowSrc[mm], 0), next + i32(kk))');
+    expect(prefetchedCode).to.contain(multiplySlab(MATMUL_LAYOUT, 'partRow', 'partCol').replace(/\s+/g, ' '));
+    expect(prefetchedCode.indexOf('var ra0 : vec4<f16>;')).to.be.lessThan(prefetchedCode.indexOf('for (var k0 = 0;'));
     expect(v6Code).to.contain('subgroupMatrixStore(&result, (u32(row0) + partRow + 48u) * u32(uniforms.outCols) + u32(col0) + partCol + 48u, c3_3, false, u32(uniforms.outCols));');
     // a product with a bias or an addend keeps the per-element epilogue only
     const biased = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, hasBias: true, kContiguous: true }, 32, whole).getUserCode();
     expect(biased).to.not.contain('subgroupMatrixStore(&result');
   });
 
-  it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
+  it('rejects 8-element runs of W where they cannot be: a float32 or quantized weight, W along n, the register prefetch, the weight gradient', () => {
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
+    const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };
+    const eight = { left: 'vec4', right: 'vec8' } as const;
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true }, 32, eight)).to.throw(
+        'SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k and no register prefetch, ' +
+        'but got float32, kContiguous true, registerPrefetch false');
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: false, packedWeight: bf16 }, 32, eight)).to.throw(
+        /but got bf16, kContiguous false, registerPrefetch false/);
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true, packedWeight: bf16 }, 32, { ...eight, registerPrefetch: true }))
+      .to.throw(/but got bf16, kContiguous true, registerPrefetch true/);
+    const int8 = { kind: 'int8' as const, cols: 256, layout: quantizedLayout('int8', [2, 256, 256], 2) };
+    expect(() => new SubgroupMatrixMatMulProgram(256, 256, { ...rows, kContiguous: true, packedWeight: int8 }, 32, eight)).to.throw(
+        'SubgroupMatrixMatMulProgram: int8 weights are staged per element, not in quads');
+    expect(() => new SubgroupMatrixWeightGradProgram([2, 256, 256], 2, 256, 256, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
+        { left: 'vec4', right: 'vec8' })).to.throw('SubgroupMatrixWeightGradProgram: R is staged per element or in runs of 4, not 8');
+    // matMulStaging picks runs of 8 only for a packed weight along k whose rows and expert start on 16 bytes; v6 and v5 go back to 4
+    const pick = (sN: number, sE: number, inner = 256) => matMulStaging({ packedWeight: bf16 }, { inner, outCols: 256, sE, sN, sK: 1 }).right;
+    expect([pick(256, 256 * 128), pick(260, 260 * 128, 260), pick(256, 256 * 128 + 2)]).to.deep.equal(['vec8', 'vec4', 'vec4']);
+    expect(matMulStaging({}, { inner: 256, outCols: 256, sE: 256 * 256, sN: 256, sK: 1 }).right).to.equal('vec4');
+    expect(v6Staging({ left: 'vec4', right: 'vec8' })).to.deep.equal({ left: 'vec4', right: 'vec4', registerPrefetch: true });
+    expect(v5Structure({ left: 'vec4', right: 'vec8', v6: { whole: { depth: true, rows: true, cols: true } } }))
+      .to.deep.equal({ left: 'vec4', right: 'vec4', registerPrefetch: true });
+  });
+
+    it('db64af4\'s programs (frozen) outside tfjs: valid WGSL around the matrix builtins', async () => {
     for (const [program, userCode] of [[rowsProgram, OLD_MATMUL_ROWS], [gradProgram, OLD_WEIGHT_GRAD_ROWS]] as const) {
       const code = packageProgramShader(program, { entry: 'wrapper', userCode });
       expect(code).to.contain('for (var i = localIndex; i < 4096u; i += 128u)');

@@ -33,10 +33,23 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
   // 16 and 64 invocations per subgroup: 64 and 256 per workgroup, fewer or more than the block's 128 rows
   for (const subgroupSize of [16, 32, 64]) {
     it(`every program variant at subgroup size ${subgroupSize}: no per-invocation branch around them, no per-invocation loop bound, no early exit`, () => {
-      // per element, in quads (the register prefetch's loads under a workgroup-uniform branch), and mixed
-      // and v6's, for every MatMul block (128, 64, 32 rows) and weight-gradient depth (64, 32)
+      // per element, in quads (v7's: loaded and stored in each step; v6's register prefetch: the loads under a
+      // workgroup-uniform branch), and mixed, with and without v6's whole-block structure, for every MatMul
+      // block (128, 64, 32 rows) and weight-gradient depth (64, 32)
+      const v6 = { whole: { depth: false, rows: true, cols: false } };
       const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right: 'vec4' }, { left: 'vec4', right: 'element' }, { left: 'element', right: 'vec4' },
-        { left: 'vec4', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: false } } }];
+        { left: 'vec4', right: 'vec4', v6 }, { left: 'vec4', right: 'vec4', registerPrefetch: true },
+        { left: 'vec4', right: 'element', registerPrefetch: true, v6 }];
+      // 16-byte runs of a packed weight along k, whole blocks or not
+      for (const staging of [{ left: 'vec4', right: 'vec8' }, { left: 'vec4', right: 'vec8', v6: { whole: { depth: true, rows: true, cols: true } } }] as const) {
+        for (const spec of matMulSpecs.filter(s => s.packedWeight !== undefined && s.kContiguous)) {
+          for (const rows of [128, 64, 32] as const) {
+            const program = new SubgroupMatrixMatMulProgram(256, 96, spec, subgroupSize, staging, rows);
+            expect(program.shaderKey).to.contain('_vw');
+            expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+          }
+        }
+      }
       for (const staging of stagings) {
         for (const spec of matMulSpecs) {
           for (const rows of [128, 64, 32] as const) {

@@ -20,7 +20,7 @@ import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/back
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
   ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupBlockRowsFor, subgroupMatrixDispatch,
-  SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure,
+  SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure, v6Staging,
   weightGradDepthFor, weightGradStaging, weightGradStaging as weightGradStagingV6,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
@@ -302,10 +302,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       left: 'rows', right: 'gather', scaleLeft: false, scaled: true }, 32);
     expect(wg.dispatch).to.deep.equal([16, 12, 128]);
     expect(wg.variableNames).to.deep.equal(['L', 'R', 'seg', 'pr', 'amax']);
-    // two f16 slabs 64 deep with rows padded by 8 halves, a 16×16 f32 slot per subgroup and the row
-    // sources with the block's expert: 39.5 KiB, within the 48 KiB NVIDIA's Vulkan driver offers
-    // (the exact 97 TFLOP/s GEMM of variants v3 used 35 KiB of it); useTensorCores checks the device
-    expect(subgroupMatrixWorkgroupBytes()).to.equal(2 * (128 * 72 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 132);
+    // two f16 slabs 64 deep with rows padded by 8 halves (v7's column-major Bs: 128 columns × 72 halves),
+    // a 16×16 f32 slot per subgroup and the row sources with the block's expert: 40.5 KiB, within the
+    // 48 KiB NVIDIA's Vulkan driver offers (the exact 97 TFLOP/s GEMM of variants v3 used 35 KiB of it);
+    // useTensorCores checks the device
+    expect(subgroupMatrixWorkgroupBytes()).to.equal(2 * (128 * 72 + 128 * 72) + 4 * 4 * 16 * 16 + 4 * 132);
     expect(subgroupMatrixWorkgroupBytes()).to.be.at.most(49152);
     expect(SUBGROUP_MATRIX_BLOCK.rows % 16).to.equal(0);
   });
@@ -326,7 +327,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       expect(code).to.not.contain(`var ra${registers} `);
     }
     // below 128 rows the weight gradient's slabs (Lᵀ 64 × 136, R 64 × 136 halves) are the larger: they set the bound
-    expect(subgroupMatrixWorkgroupBytes(128)).to.equal(2 * (128 * 72 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 132);
+    expect(subgroupMatrixWorkgroupBytes(128)).to.equal(2 * (128 * 72 + 128 * 72) + 4 * 4 * 16 * 16 + 4 * 132);
     expect(subgroupMatrixWorkgroupBytes(64)).to.equal(2 * (64 * 136 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 68);
     expect(subgroupMatrixWorkgroupBytes(32)).to.equal(2 * (64 * 136 + 64 * 136) + 4 * 4 * 16 * 16 + 4 * 36);
     const grad = (depth: 32 | 64) => new SubgroupMatrixWeightGradProgram([128, 1024, 2048], 128, 1024, 2048, {
@@ -341,8 +342,10 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   it('stages in quads only where every quad is aligned and decodable as a whole (matMulStaging, weightGradStaging)', () => {
     const q = { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 };
     const both: SubgroupStaging = { left: 'vec4', right: 'vec4' };
-    const matMulStaging = (spec: { packedWeight?: PackedWeightSpec }, d: typeof q) => v5Structure(matMulStagingV6(spec, d));
-    const weightGradStaging = (d: { P: number; Q: number }) => v5Structure(weightGradStagingV6(d));
+    // the operands' choice alone (without the whole-block structure below)
+    const operands = (s: SubgroupStaging): SubgroupStaging => ({ left: s.left, right: s.right });
+    const matMulStaging = (spec: { packedWeight?: PackedWeightSpec }, d: typeof q) => operands(matMulStagingV6(spec, d));
+    const weightGradStaging = (d: { P: number; Q: number }) => operands(weightGradStagingV6(d));
     expect(matMulStaging({}, q)).to.deep.equal(both);
     // [E, K, N] (contiguous along n), and PEFT's rank-major factors
     expect(matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 1, sK: 1536 })).to.deep.equal(both);
@@ -354,8 +357,10 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(matMulStaging({}, { ...q, sE: 1536 * 2048 + 2 }).right).to.equal('element');
     expect(matMulStaging({}, { inner: 2048, outCols: 1534, sE: 1534 * 2048, sN: 1, sK: 1534 }).right).to.equal('element');
     expect(matMulStaging({}, { ...q, sN: 4096, sK: 2 }).right).to.equal('element');
-    // packed halves: the expert's words in pairs; quantized kinds always per element
-    expect(matMulStaging({ packedWeight: packedSpec('bf16', 2) }, { ...q, sE: 1536 * 1024 }).right).to.equal('vec4');
+    // packed halves: the expert's words in pairs (along k, rows and expert on 16 bytes: 8 halves a load); quantized kinds always per element
+    expect(matMulStaging({ packedWeight: packedSpec('bf16', 2) }, { ...q, sE: 1536 * 1024 }).right).to.equal('vec8');
+    expect(matMulStaging({ packedWeight: packedSpec('bf16', 2) }, { ...q, sE: 1536 * 1024 + 2 }).right).to.equal('vec4');
+    expect(matMulStaging({ packedWeight: packedSpec('bf16', 1) }, { inner: 2048, outCols: 1536, sE: 1536 * 1024, sN: 1, sK: 1536 }).right).to.equal('vec4');
     expect(matMulStaging({ packedWeight: packedSpec('f16', 2) }, { ...q, sE: 1536 * 1024 + 1 }).right).to.equal('element');
     for (const kind of ['int8', 'int4', 'nf4', 'mxfp4'] as const) {
       expect(matMulStaging({ packedWeight: packedSpec(kind, 2, kind === 'int4' ? 32 : undefined) }, q), kind)
@@ -373,9 +378,25 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(v5Structure(weightGradStagingV6({ P: 1536, Q: 2048 }))).to.not.have.property('v6');
   });
 
-  it('quad programs: vec4 inputs, one load per 4 elements, the next slab fetched into registers during the products', () => {
+  it('quad programs: vec4 inputs, one load per 4 elements, each slab loaded and stored before its products (v7), Bs column-major for W along k', () => {
     const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
-    const quad = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, { left: 'vec4', right: 'vec4' });
+    const code = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, { left: 'vec4', right: 'vec4' }).getUserCode().replace(/\s+/g, ' ');
+    // W along k: a quad's 4 halves consecutive in Bs's column
+    expect(code).to.contain('let d = (((q / 16u) * 72u) + ((q % 16u) * 4u)); Bs[d + 0u] = rb0.x; Bs[d + 1u] = rb0.y;');
+    expect(code).to.contain('Bs[d + 3u] = rb0.w;');
+    // inside each step: the registers, every load, every store, the barrier, then the products; nothing prefetched
+    const loop = code.slice(code.indexOf('for (var k0 = 0;'));
+    const [declared, load, store, barrier, product] = ['var ra0 : vec4<f16>;', 'rb15 = vec4<f16>(', 'As[d + 0u] = ra0.x;', 'workgroupBarrier();',
+      'subgroupMatrixMultiplyAccumulate'].map(t => loop.indexOf(t));
+    expect(declared).to.be.greaterThan(0);
+    expect([load > declared, store > load, barrier > store, product > barrier]).to.deep.equal([true, true, true, true]);
+    expect(code.indexOf('var ra0 : vec4<f16>;')).to.equal(code.indexOf('for (var k0 = 0;') + declared);
+    expect(code).to.not.contain('let next');
+  });
+
+  it('quad programs with v6\'s staging (v6Staging, the variants\' comparison): the next slab fetched into registers during the products', () => {
+    const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
+    const quad = new SubgroupMatrixMatMulProgram(256, 128, spec, 32, v6Staging({ left: 'vec4', right: 'vec4' }));
     const element = new SubgroupMatrixMatMulProgram(256, 128, spec, 32);
     expect(quad.variableComponents).to.deep.equal([4, 4, 1, 1]);
     expect(element.variableComponents).to.deep.equal([1, 1, 1, 1]);
@@ -491,7 +512,12 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const stagings: SubgroupStaging[] = [ELEMENT_STAGING, { left: 'vec4', right }, { left: 'element', right },
       // v6: row offsets resolved per block, the direct store; whole blocks (no clamps) or not
       { left: 'vec4', right, v6: { whole: { depth: true, rows: true, cols: true } } },
-      { left: 'vec4', right, v6: { whole: { depth: false, rows: true, cols: false } } }];
+      { left: 'vec4', right, v6: { whole: { depth: false, rows: true, cols: false } } },
+      // v6's staging (register prefetch, Bs row-major), kept for the variants' comparison
+      v6Staging({ left: 'vec4', right, v6: { whole: { depth: true, rows: true, cols: true } } }),
+      // a packed 16-bit weight along k in 16-byte runs of 8, whole blocks or not
+      ...(spec.packedWeight?.layout === null && spec.kContiguous ? [{ left: 'vec4', right: 'vec8' } as const,
+        { left: 'vec4', right: 'vec8', v6: { whole: { depth: true, rows: true, cols: true } } } as const] : [])];
     for (const staging of stagings) {
       const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32, staging);
       it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins`, async () => {
@@ -536,7 +562,8 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const matmulCode = shaderOf(matmul, [['A', 'float32', [256, 256]], ['W', 'int32', [4, 96 * 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
       ['bias', 'float32', [4, 96]], ['amax', 'float32', [1]]], [256, 96]);
     expect(matmulCode).to.match(/var<storage, read> A: array<vec4<f32>>/);
-    expect(matmulCode).to.match(/var<storage, read> W: array<vec2<i32>>/);
+    // bf16 along k: 8 halves (4 words) a load
+    expect(matmulCode).to.match(/var<storage, read> W: array<vec4<i32>>/);
     expect(await compileErrors(matmulCode)).to.deep.equal([]);
     const grad = new SubgroupMatrixWeightGradProgram([4, 96, 64], 4, 96, 64, { left: 'gather', right: 'rows', scaleLeft: true, scaled: false }, 32,
         weightGradStaging({ P: 96, Q: 64 }));
@@ -569,7 +596,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const forward = new SubgroupMatrixMatMulProgram(300, 192, { source: 'rows', hasBias: true, hasAddend: false, kContiguous: true, scaled: false,
       singleGroup: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 256, outCols: 192, sE: 0, sN: 256, sK: 1 }));
     const forwardCode = shaderOf(forward, [['A', 'float32', [300, 256]], ['W', 'int32', [192, 128]], ['bias', 'float32', [192]]], [300, 192]);
-    expect(forwardCode).to.match(/var<storage, read> W: array<vec2<i32>>/);
+    expect(forwardCode).to.match(/var<storage, read> W: array<vec4<i32>>/);
     expect(await compileErrors(forwardCode)).to.deep.equal([]);
     const dx = new SubgroupMatrixMatMulProgram(300, 256, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true,
       singleGroup: true }, 32, matMulStaging({}, { inner: 192, outCols: 256, sE: 0, sN: 1, sK: 256 }));

@@ -25,7 +25,9 @@
  * - As row-major (the products): element (m, k) at m·strideA + k, strideA = depth + pad;
  *   column-major (`leftColMajor`, the weight gradients, whose left operand Lᵀ is read along its
  *   rows): element (m, k) at k·strideA + m, strideA = rows + pad;
- * - Bs row-major: element (k, n) at k·strideB + n, strideB = cols + pad.
+ * - Bs row-major: element (k, n) at k·strideB + n, strideB = cols + pad; column-major
+ *   (`rightColMajor`, the products of a weight stored [out, in], k contiguous: v7's staging, whose
+ *   k-runs of W land on consecutive halves): element (k, n) at n·strideB + k, strideB = depth + pad.
  * Left tile i of a subgroup at slab depth kk starts at As's element (partRow + 16i, kk), right tile
  * j at Bs's element (kk, partCol + 16j), each loaded with the slab's own major order and stride.
  * The epilogue stores result (i, j) row-major with stride 16 to the subgroup's 16×16 f32 slot of Ts
@@ -76,6 +78,8 @@ export interface SlabLayout {
   tilesN: number;
   /** As holds the left slab column-major ([depth][rows]) */
   leftColMajor: boolean;
+  /** Bs holds the right slab column-major ([cols][depth]); absent: row-major */
+  rightColMajor?: boolean;
   /** f16 elements added to every slab row (against workgroup-memory bank conflicts) */
   pad: number;
 }
@@ -98,12 +102,12 @@ export function strideA(l: SlabLayout): number {
 }
 
 export function strideB(l: SlabLayout): number {
-  return l.cols + l.pad;
+  return (l.rightColMajor ? l.depth : l.cols) + l.pad;
 }
 
 /** f16 elements of As and Bs. */
 export function slabSizes(l: SlabLayout): { a: number; b: number } {
-  return { a: (l.leftColMajor ? l.depth : l.rows) * strideA(l), b: l.depth * strideB(l) };
+  return { a: (l.leftColMajor ? l.depth : l.rows) * strideA(l), b: (l.rightColMajor ? l.cols : l.depth) * strideB(l) };
 }
 
 /** Where the left operand's slab element (m, k) lives in As. */
@@ -113,7 +117,7 @@ export function aIndex<T>(x: Arith<T>, l: SlabLayout, m: T, k: T): T {
 
 /** Where the right operand's slab element (k, n) lives in Bs. */
 export function bIndex<T>(x: Arith<T>, l: SlabLayout, k: T, n: T): T {
-  return x.add(x.mul(k, x.lit(strideB(l))), n);
+  return l.rightColMajor ? x.add(x.mul(n, x.lit(strideB(l))), k) : x.add(x.mul(k, x.lit(strideB(l))), n);
 }
 
 /**
@@ -155,14 +159,24 @@ export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T): { m: T; k: T; 
 }
 
 /**
- * Quad q of the right slab: the elements (k + c, n) (`kFastest`, a weight contiguous along k,
- * 4 slab rows apart: step strideB) or (k, n + c) (contiguous along n: consecutive halves).
- * Along k, 8 consecutive quads take 8 columns at one depth and the next 8 the next depth: a
+ * Quad q of the right slab: the elements (k + c, n) (`kFastest`, a weight contiguous along k) or
+ * (k, n + c) (contiguous along n), at Bs's `at` + c·`step`.
+ * Along k into a column-major Bs (v7's staging): runs of `width` (4, or 8 for the 16-byte loads of
+ * packed halves) walking a column's k first, each run on consecutive halves (step 1): a subgroup
+ * reads whole rows of W and stores whole 16-byte chunks. Along k into a row-major Bs (v6's,
+ * width 4): 8 consecutive quads take 8 columns at one depth and the next 8 the next depth: a
  * subgroup of 32 reads 8 columns × 64 contiguous bytes (whole 32-byte sectors) and its
- * transposing stores fall on 8 banks (2-way), where 16 quads down one column would put 16 lanes
- * on 2 banks.
+ * transposing stores, 4 slab rows apart (step strideB), fall on 8 banks (2-way), where 16 quads
+ * down one column would put 16 lanes on 2 banks.
  */
-export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boolean): { k: T; n: T; at: T; step: number } {
+export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boolean, width: 4 | 8 = 4): { k: T; n: T; at: T; step: number } {
+  if (width !== 4 && !(kFastest && l.rightColMajor)) throw new Error(`stagedQuadB: runs of ${width} need k fastest into a column-major Bs`);
+  if (kFastest && l.rightColMajor) {
+    const perColumn = l.depth / width;
+    const n = x.div(q, x.lit(perColumn));
+    const k = x.mul(x.mod(q, x.lit(perColumn)), x.lit(width));
+    return { k, n, at: bIndex(x, l, k, n), step: 1 };
+  }
   if (kFastest) {
     const k = x.mul(x.mod(x.div(q, x.lit(8)), x.lit(l.depth / 4)), x.lit(4));
     const n = x.add(x.mod(q, x.lit(8)), x.mul(x.div(q, x.lit(2 * l.depth)), x.lit(8)));
@@ -170,7 +184,7 @@ export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boole
   }
   const k = x.div(q, x.lit(l.cols / 4));
   const n = x.mul(x.mod(q, x.lit(l.cols / 4)), x.lit(4));
-  return { k, n, at: bIndex(x, l, k, n), step: 1 };
+  return { k, n, at: bIndex(x, l, k, n), step: l.rightColMajor ? strideB(l) : 1 };
 }
 
 /** The block row and column where subgroup `subgroup`'s part starts. */
@@ -191,7 +205,7 @@ export function leftTile<T>(x: Arith<T>, l: SlabLayout, partRow: T, kk: T, i: nu
 
 /** Right matrix j of the part at partCol, slab depth kk. */
 export function rightTile<T>(x: Arith<T>, l: SlabLayout, partCol: T, kk: T, j: number): MatrixAt<T> {
-  return { offset: bIndex(x, l, kk, x.add(partCol, x.lit(MATRIX_EDGE * j))), colMajor: false, stride: strideB(l) };
+  return { offset: bIndex(x, l, kk, x.add(partCol, x.lit(MATRIX_EDGE * j))), colMajor: l.rightColMajor === true, stride: strideB(l) };
 }
 
 /** Where a subgroup's 16×16 f32 epilogue slot starts in Ts (row-major, stride 16). */

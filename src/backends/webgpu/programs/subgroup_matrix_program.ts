@@ -7,8 +7,9 @@
  * matrices of 16×16 f32 (the products' blocks have 64 or 32 rows where the plan's row tile is
  * smaller: subgroupBlockRowsFor). Each step stages a 64-deep slab of both operands in workgroup memory as
  * f16, every slab row padded by 8 halves (the layout of the exact 97 TFLOP/s GEMM of variants v3
- * on the H100) — converted on the fly from f32 activations (the activation computed on load, the gather
- * fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
+ * on the H100; since v7, a weight stored [out, in] goes to a column-major Bs, see SubgroupStaging),
+ * loaded and stored in the same step with no register prefetch — converted on the fly from f32
+ * activations (the activation computed on load, the gather fused as in the f32 program) and from f32 or packed weights, bf16/f16 or quantized
  * (int8/int4/nf4/mxfp4), decoded to f32 by the f32 program's own loader — and multiplies them with
  * subgroupMatrixLoad / subgroupMatrixMultiplyAccumulate. Each accumulator goes through its
  * subgroup's 16×16 f32 slot in workgroup memory so that the epilogue (alpha, bias, addend, padding
@@ -96,12 +97,16 @@ export function subgroupBlockRowsFor(rowTile: number): SubgroupBlockRows | undef
   return SUBGROUP_BLOCK_ROWS.find(rows => rowTile % rows === 0);
 }
 
-/** The MatMul's layout for a block of `blockRows` rows (MATMUL_LAYOUT at 128). */
-export function matMulLayout(blockRows: SubgroupBlockRows): SlabLayout {
+/**
+ * The MatMul's layout for a block of `blockRows` rows (MATMUL_LAYOUT at 128); `rightColMajor`:
+ * Bs column-major (v7's staging of a weight stored [out, in]).
+ */
+export function matMulLayout(blockRows: SubgroupBlockRows, rightColMajor = false): SlabLayout {
   if (!SUBGROUP_BLOCK_ROWS.includes(blockRows)) {
     throw new Error(`SubgroupMatrixMatMulProgram: block rows must be one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${blockRows}`);
   }
-  const layout = { ...MATMUL_LAYOUT, rows: blockRows, tilesM: blockRows / (MATRIX_EDGE * SUBGROUP_MATRIX_BLOCK.subgroupRows) };
+  const layout = { ...MATMUL_LAYOUT, rows: blockRows, tilesM: blockRows / (MATRIX_EDGE * SUBGROUP_MATRIX_BLOCK.subgroupRows),
+    ...(rightColMajor ? { rightColMajor } : {}) };
   checkSlabLayout(layout);
   return layout;
 }
@@ -150,15 +155,21 @@ export function subgroupMatrixDispatch(rows: number, cols: number, experts = 1,
 }
 
 /**
- * Bytes of workgroup memory the larger program uses with MatMul blocks of `blockRows` rows: two
- * f16 slabs (the MatMul's at that block or the weight gradient's 128 × 128 ones, whichever are
- * larger: below 128 rows the gradient's), a 16×16 f32 slot per subgroup, and the MatMul's row
+ * Bytes of workgroup memory the largest program uses with MatMul blocks of `blockRows` rows: two
+ * f16 slabs (the MatMul's at that block, Bs in either major order, or the weight gradient's
+ * 128 × 128 ones, whichever are larger), a 16×16 f32 slot per subgroup, and the MatMul's row
  * sources with the block's expert (more than the gradient's 4 ints).
+ *
+ * ```js
+ * subgroupMatrixWorkgroupBytes();     // 41488: 2·(128·72 + 128·72) + 4096 + 528
+ * ```
  */
 export function subgroupMatrixWorkgroupBytes(blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows): number {
-  const { a, b } = slabSizes(matMulLayout(blockRows));
-  const gradient = slabSizes(WEIGHT_GRAD_LAYOUT);
-  return 2 * Math.max(a + b, gradient.a + gradient.b) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * rowInts(blockRows);
+  const slabs = [matMulLayout(blockRows), matMulLayout(blockRows, true), WEIGHT_GRAD_LAYOUT].map(l => {
+    const { a, b } = slabSizes(l);
+    return a + b;
+  });
+  return 2 * Math.max(...slabs) + 4 * SUBGROUPS * MATRIX_EDGE * MATRIX_EDGE + 4 * rowInts(blockRows);
 }
 
 /**
@@ -217,16 +228,26 @@ function stage(array: string, count: number, threads: number, at: string, body: 
 /**
  * How a program stages each operand (issue 13's speed): 'vec4' loads 4 consecutive elements of
  * the operand's contiguous direction at once (one vec4<f32>, or one vec2<u32> of 4 packed 16-bit
- * halves), resolves the row and the bounds once per 4 elements, converts to vec4<f16> and keeps
- * the next slab's values in registers while the current slab multiplies (the exact 100 TFLOP/s
- * GEMM's pattern, tools/webgpu_tc/variant_codes.ts's stagedVariant); 'element' is the per-element
- * path through the f32 program's loaders (every quantized format, and any shape whose
- * 4-element groups would not be aligned). The caller picks it from the shapes and strides
- * (matMulStaging, weightGradStaging); it is part of the shader key.
+ * halves), resolves the row and the bounds once per 4 elements and converts to vec4<f16>; 'vec8'
+ * (the MatMul's packed bf16 / f16 weight along k) loads 8 halves at once (one vec4<u32>, 16 bytes:
+ * variants v7-c); 'element' is the per-element path through the f32 program's loaders (every
+ * quantized format, and any shape whose 4-element groups would not be aligned). The caller picks
+ * it from the shapes and strides (matMulStaging, weightGradStaging); it is part of the shader key.
+ *
+ * The staging itself is v7's (variants v7-a / v7-b on the H100 at Q's up shape: 77.5 and 110.8
+ * TFLOP/s against 15.1 for the same program with v6's staging): each slab is fetched and stored to
+ * workgroup memory in the same step, then barrier, multiply, barrier, with no register holding the
+ * next slab across the products; and the MatMul's weight stored [out, in] (kContiguous) goes to a
+ * column-major Bs, so that its k-runs land on consecutive halves, not 4 slab rows apart.
  */
 export interface SubgroupStaging {
   left: 'vec4' | 'element';
-  right: 'vec4' | 'element';
+  right: 'vec4' | 'vec8' | 'element';
+  /**
+   * v6's staging (selectable for the variants' comparison, v6Staging): the next slab's quads kept
+   * in registers while the current one multiplies, Bs row-major, 4-element loads only.
+   */
+  registerPrefetch?: boolean;
   /**
    * The v6 structure (issue 13's speed, after v5's quads reached 11–14 TFLOP/s against the exact
    * GEMM's 97): where the shape is whole blocks (`whole`: the reduction a multiple of the slab
@@ -251,6 +272,8 @@ export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'eleme
  *
  * ```js
  * matMulStaging({}, { inner: 2048, outCols: 1536, sE: 1536 * 2048, sN: 2048, sK: 1 });  // both 'vec4'
+ * matMulStaging({ packedWeight: { kind: 'bf16', cols: 2048, layout: null } },
+ *     { inner: 2048, outCols: 1536, sE: 1536 * 1024, sN: 2048, sK: 1 });             // A 'vec4', W 'vec8'
  * ```
  */
 export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
@@ -262,7 +285,9 @@ export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
   const expertAligned = d.sE % (packed === undefined ? 4 : 2) === 0;
   const alongK = d.sK === 1 && d.inner >= 4 && d.inner % 4 === 0 && d.sN % 4 === 0;
   const alongN = d.sK !== 1 && d.sN === 1 && d.outCols >= 4 && d.outCols % 4 === 0 && d.sK % 4 === 0;
-  const right = decodable && expertAligned && (alongK || alongN) ? 'vec4' : 'element';
+  // 16-byte loads of 8 halves: whole runs along k, rows and the expert's start on 16 bytes (4 words)
+  const eightAlongK = packed !== undefined && alongK && d.inner % 8 === 0 && d.sN % 8 === 0 && d.sE % 4 === 0;
+  const right = decodable && expertAligned && (alongK || alongN) ? (eightAlongK ? 'vec8' : 'vec4') : 'element';
   const { cols, depth } = SUBGROUP_MATRIX_BLOCK;
   // rows always: the output's capacity is whole blocks (the program's contract), its padding rows resolved through rowSrc
   return { left, right, v6: { whole: { depth: d.inner % depth === 0, rows: true, cols: d.outCols % cols === 0 } } };
@@ -282,14 +307,24 @@ export function weightGradStaging(d: { P: number; Q: number }): SubgroupStaging 
     v6: { whole: { depth: false, rows: d.P % rows === 0, cols: d.Q % cols === 0 } } };
 }
 
-/** The same staging in v5's structure (the variants' comparison). */
+/** 4-element loads where `s` has 8 (v6's and v5's staging have no 16-byte runs). */
+function fourWide(right: SubgroupStaging['right']): SubgroupStaging['right'] {
+  return right === 'vec8' ? 'vec4' : right;
+}
+
+/** The same operands with v6's staging (register prefetch, Bs row-major): the variants' comparison. */
+export function v6Staging(s: SubgroupStaging): SubgroupStaging {
+  return { ...s, right: fourWide(s.right), registerPrefetch: true };
+}
+
+/** The same staging in v5's structure (the variants' comparison; v5 prefetched into registers too). */
 export function v5Structure(s: SubgroupStaging): SubgroupStaging {
-  return { left: s.left, right: s.right };
+  return { left: s.left, right: fourWide(s.right), registerPrefetch: true };
 }
 
 function stagingKey(s: SubgroupStaging): string {
   const w = s.v6?.whole;
-  return `${s.left === 'vec4' ? 'v' : 'e'}${s.right === 'vec4' ? 'v' : 'e'}` +
+  return `${s.left === 'vec4' ? 'v' : 'e'}${{ vec4: 'v', vec8: 'w', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
       (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}`);
 }
 
@@ -370,8 +405,10 @@ function rowQuadAtSnippet(name: string, array: string, width: string, activation
  * WGSL: `fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32>`, the 4 weight elements from
  * j = n·sN + k·sK on (j a multiple of 4): one vec4<f32>, or one vec2<u32> of 4 packed halves
  * decoded as packedHalfSnippet does (bf16: the high half of an f32; f16: unpack2x16float).
+ * `eight` (staging 'vec8'): `fn loadW8(wBase, n, k) -> vec4<u32>` instead, the 8 packed halves
+ * from j (a multiple of 8) as one 16-byte load, and `halves4` to decode each pair of words.
  */
-function weightQuadSnippet(packed: PackedWeightSpec | undefined): string {
+function weightQuadSnippet(packed: PackedWeightSpec | undefined, eight = false): string {
   if (packed === undefined) {
     return `
       fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32> {
@@ -381,26 +418,41 @@ function weightQuadSnippet(packed: PackedWeightSpec | undefined): string {
   const decode = packed.kind === 'bf16'
     ? 'vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u), bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u))'
     : 'vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y))';
-  return `
-      fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32> {
-        let w = bitcast<vec2<u32>>(W[(wBase + (n * uniforms.sN + k * uniforms.sK) / 2) / 2]);
+  const halves4 = `
+      fn halves4(w : vec2<u32>) -> vec4<f32> {
         return ${decode};
+      }`;
+  if (eight) {
+    return `${halves4}
+      fn loadW8(wBase : i32, n : i32, k : i32) -> vec4<u32> {
+        return bitcast<vec4<u32>>(W[(wBase + (n * uniforms.sN + k * uniforms.sK) / 2) / 4]);
+      }`;
+  }
+  return `${halves4}
+      fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32> {
+        return halves4(bitcast<vec2<u32>>(W[(wBase + (n * uniforms.sN + k * uniforms.sK) / 2) / 2]));
       }`;
 }
 
 /**
- * An operand staged in quads with register prefetch: `count` quads of the slab over the
- * workgroup's invocations, unrolled into registers `${reg}0..`; `quad` declares the quad's
- * coordinates from q, `value` is its vec4<f32> (branch-free: indices clamped, then select), `at`
- * and `step` where its 4 halves go in `slab`.
+ * An operand staged in runs of 4 (or 8) consecutive elements: `count` runs of the slab over the
+ * workgroup's invocations, unrolled; `quad` declares the run's coordinates from q, `value` gives
+ * its elements as vec4<f32> expressions, one per 4 (branch-free: indices clamped, then select;
+ * they may use what `prelude` declares), `at` and `step` where its halves go in `slab`. `fetch`
+ * loads a slab into registers (vec4<f16>), `store` writes them to the slab:
+ * v7 declares the registers inside the K loop and fetches and stores in the same step (every
+ * operand's loads issued before the first store, nothing live across the products); v6 keeps them
+ * across the products, fetching the next slab while the current one multiplies.
  */
 class QuadStaging {
   readonly perInvocation: number;
+  private readonly quadsPerRun: number;
   constructor(private readonly reg: string, private readonly slab: string, count: number, private readonly threads: number,
-      private readonly quad: string, private readonly value: (k0: string) => string,
-      private readonly at: string, private readonly step: number) {
+      private readonly quad: string, private readonly value: (k0: string) => string[],
+      private readonly at: string, private readonly step: number, private readonly prelude: (k0: string) => string = () => '') {
     if (count % threads !== 0) throw new Error(`QuadStaging: ${count} quads are not whole steps of ${threads} invocations`);
     this.perInvocation = count / threads;
+    this.quadsPerRun = value('0').length;
   }
 
   private each(body: (t: number) => string): string {
@@ -410,14 +462,21 @@ class QuadStaging {
         }`).join('\n        ');
   }
 
+  /** run t's h-th 4 elements: `${reg}${t}` (runs of 4), `${reg}${t}_${h}` (runs of 8) */
+  private register(t: number, h: number): string {
+    return this.quadsPerRun === 1 ? `${this.reg}${t}` : `${this.reg}${t}_${h}`;
+  }
+
   declarations(): string {
-    return Array.from({ length: this.perInvocation }, (_, t) => `var ${this.reg}${t} : vec4<f16>;`).join(' ');
+    return Array.from({ length: this.perInvocation * this.quadsPerRun },
+        (_, i) => `var ${this.register(Math.floor(i / this.quadsPerRun), i % this.quadsPerRun)} : vec4<f16>;`).join(' ');
   }
 
   /** the slab from k0 (i32) into the registers */
   fetch(k0: string): string {
     return this.each(t => `${this.quad}
-          ${this.reg}${t} = vec4<f16>(${this.value(k0)});`);
+          ${this.prelude(k0)}
+          ${this.value(k0).map((v, h) => `${this.register(t, h)} = vec4<f16>(${v});`).join('\n          ')}`);
   }
 
   /** the registers into the slab */
@@ -425,21 +484,26 @@ class QuadStaging {
     const s = this.step;
     return this.each(t => `${this.quad}
           let d = ${this.at};
-          ${this.slab}[d] = ${this.reg}${t}.x;
-          ${this.slab}[d + ${s}u] = ${this.reg}${t}.y;
-          ${this.slab}[d + ${2 * s}u] = ${this.reg}${t}.z;
-          ${this.slab}[d + ${3 * s}u] = ${this.reg}${t}.w;`);
+          ${Array.from({ length: 4 * this.quadsPerRun }, (_, c) =>
+            `${this.slab}[d + ${c * s}u] = ${this.register(t, Math.floor(c / 4))}.${'xyzw'[c % 4]};`).join('\n          ')}`);
   }
 }
 
 /**
- * WGSL of one K loop over slabs `depth` deep up to `end` (workgroup-uniform): each step stores
- * the quad operands' registers (or stages the element operands in place), barrier, fetches the
- * next slab's quads, multiplies, barrier.
+ * WGSL of one K loop over slabs `depth` deep up to `end` (workgroup-uniform). v7 (`prefetch`
+ * false): each step loads every quad operand's slab into registers and stores them to workgroup
+ * memory (and stages the element operands), barrier, multiplies, barrier. v6: each step stores
+ * the quad operands' registers (and stages the element operands in place), barrier, fetches the
+ * next slab's quads into the registers, multiplies, barrier.
  */
-function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string): string {
-  if (quads.length === 0) {
+function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string,
+    prefetch: boolean): string {
+  if (quads.length === 0 || !prefetch) {
+    // v7-a/b's order: every load of the slab, then every store
     return `for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
+          ${quads.map(q => q.declarations()).join('\n          ')}
+          ${quads.map(q => q.fetch(index)).join('\n          ')}
+          ${quads.map(q => q.store()).join('\n          ')}
           ${elementStaging.join('\n          ')}
           workgroupBarrier();
           ${multiply}
@@ -515,9 +579,15 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING, blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows) {
     this.spec = spec;
     this.staging = staging;
-    this.layout = matMulLayout(blockRows);
-    if (staging.right === 'vec4' && spec.packedWeight !== undefined && spec.packedWeight.layout !== null) {
+    // v7: a weight stored [out, in] goes to a column-major Bs (its k-runs on consecutive halves)
+    this.layout = matMulLayout(blockRows, spec.kContiguous && !staging.registerPrefetch);
+    if (staging.right !== 'element' && spec.packedWeight !== undefined && spec.packedWeight.layout !== null) {
       throw new Error(`SubgroupMatrixMatMulProgram: ${spec.packedWeight.kind} weights are staged per element, not in quads`);
+    }
+    if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
+      throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
+          `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
+          `registerPrefetch ${staging.registerPrefetch === true}`);
     }
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
@@ -527,6 +597,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.variableComponents = components(this.variableNames, {
       ...(staging.left === 'vec4' ? { A: 4 } : {}),
       ...(staging.right === 'vec4' ? { W: spec.packedWeight ? 2 : 4 } : {}),
+      // 8 packed halves: 4 words, 16 bytes
+      ...(staging.right === 'vec8' ? { W: 4 } : {}),
     });
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
@@ -540,14 +612,17 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
     const quadA = this.staging.left === 'vec4';
-    const quadW = this.staging.right === 'vec4';
+    const quadW = this.staging.right !== 'element';
+    const eightW = this.staging.right === 'vec8';
+    const prefetch = this.staging.registerPrefetch === true;
     const loadW = weightLoadSnippet(this.spec.packedWeight);
     const x = wgslU32;
     const a = stagedElementA(x, layout, 'i');
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
     const b = stagedElementB(x, layout, 'i', this.spec.kContiguous);
     const qa = stagedQuadA(x, layout, 'q');
-    const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous);
+    const widthW = eightW ? 8 : 4;
+    const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous, widthW);
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
@@ -556,15 +631,15 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     if (quadA && v6 !== undefined) {
       // rowSrc holds each row's first vec4 (rowQuadOffsets) or −1: one workgroup read and an add per quad
       const value = v6.whole.depth
-        ? (k0: string) => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), ${k0} + i32(kk)) * s, rowSrc[mm] >= 0)`
-        : (k0: string) => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
-            `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`;
+        ? (k0: string) => [`select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), ${k0} + i32(kk)) * s, rowSrc[mm] >= 0)`]
+        : (k0: string) => [`select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
+            `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`];
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let mm = ${qa.m}; let kk = ${qa.k};`, value, qa.at, qa.step));
     } else if (quadA) {
       // the row's source once per 4 elements; padding rows and the K tail (whole quads: inner % 4 == 0) give 0
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let mm = ${qa.m}; let kk = ${qa.k};`,
-          k0 => `select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
-              `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`, qa.at, qa.step));
+          k0 => [`select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), min(${k0} + i32(kk), uniforms.inner - 4)) * s, ` +
+              `rowSrc[mm] >= 0 && ${k0} + i32(kk) < uniforms.inner)`], qa.at, qa.step));
     } else {
       elements.push(stage('As', rows * depth, threads, `let mm = ${a.m}; let kk = ${a.k};`,
           'let kAt = k0 + i32(kk);\n' +
@@ -572,16 +647,26 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           '            v = select(0.0, a, kAt < uniforms.inner);',
           aIndex(x, layout, 'mm', 'kk')));
     }
-    if (quadW && v6 !== undefined && v6.whole.depth && v6.whole.cols) {
+    const runW = `let kk = ${qb.k}; let nn = ${qb.n};`;
+    const wholeW = v6 !== undefined && v6.whole.depth && v6.whole.cols;
+    if (eightW) {
+      // 16-byte loads of 8 packed halves along k (matMulStaging: whole runs); clamped into range and 0 past the edges unless whole
+      const inRange = (k0: string) => `col0 + i32(nn) < uniforms.outCols && ${k0} + i32(kk) < uniforms.inner`;
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 8, threads, runW,
+          k0 => ['w.xy', 'w.zw'].map(h => (wholeW ? `halves4(${h})` : `select(vec4<f32>(0.0), halves4(${h}), ${inRange(k0)})`)),
+          qb.at, qb.step,
+          k0 => (wholeW ? `let w = loadW8(wBase, col0 + i32(nn), ${k0} + i32(kk));`
+            : `let w = loadW8(wBase, min(col0 + i32(nn), uniforms.outCols - 1), min(${k0} + i32(kk), uniforms.inner - 8));`)));
+    } else if (quadW && wholeW) {
       // whole blocks: every quad in range
-      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let kk = ${qb.k}; let nn = ${qb.n};`,
-          k0 => `loadW4(wBase, col0 + i32(nn), ${k0} + i32(kk))`, qb.at, qb.step));
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, runW,
+          k0 => [`loadW4(wBase, col0 + i32(nn), ${k0} + i32(kk))`], qb.at, qb.step));
     } else if (quadW) {
       // quads along the weight's contiguous direction, whole (matMulStaging): clamped into range, then 0 past the edges
       const [nMax, kMax] = this.spec.kContiguous ? ['uniforms.outCols - 1', 'uniforms.inner - 4'] : ['uniforms.outCols - 4', 'uniforms.inner - 1'];
-      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let kk = ${qb.k}; let nn = ${qb.n};`,
-          k0 => `select(vec4<f32>(0.0), loadW4(wBase, min(col0 + i32(nn), ${nMax}), min(${k0} + i32(kk), ${kMax})), ` +
-              `col0 + i32(nn) < uniforms.outCols && ${k0} + i32(kk) < uniforms.inner)`, qb.at, qb.step));
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, runW,
+          k0 => [`select(vec4<f32>(0.0), loadW4(wBase, min(col0 + i32(nn), ${nMax}), min(${k0} + i32(kk), ${kMax})), ` +
+              `col0 + i32(nn) < uniforms.outCols && ${k0} + i32(kk) < uniforms.inner)`], qb.at, qb.step));
     } else {
       elements.push(stage('Bs', depth * cols, threads, `let kk = ${b.k}; let nn = ${b.n};`,
           'let kAt = k0 + i32(kk);\n            let nAt = col0 + i32(nn);\n' +
@@ -597,7 +682,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
-      ${quadW ? weightQuadSnippet(this.spec.packedWeight) : loadW.fn}
+      ${quadW ? weightQuadSnippet(this.spec.packedWeight, eightW) : loadW.fn}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
 
       fn main() {
@@ -622,7 +707,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
-        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch)}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
@@ -678,6 +763,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     this.spec = spec;
     this.staging = staging;
     this.layout = weightGradLayout(depth);
+    if (staging.right === 'vec8') throw new Error('SubgroupMatrixWeightGradProgram: R is staged per element or in runs of 4, not 8');
     this.outputShape = outputShape;
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(P, Q, numExperts);
@@ -711,13 +797,13 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     if (quadL && whole?.rows) {
       // v6, P whole blocks: only the reduction's end is checked
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
-          r0 => `select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp)) * s, ${r0} + i32(rr) < count)`,
+          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp)) * s, ${r0} + i32(rr) < count)`],
           qa.at, qa.step));
     } else if (quadL) {
       // whole quads along p (P % 4 == 0); rows past the expert's count give 0
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
-          r0 => `select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4)) * s, ` +
-              `p0 + i32(pp) < uniforms.P && ${r0} + i32(rr) < count)`, qa.at, qa.step));
+          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4)) * s, ` +
+              `p0 + i32(pp) < uniforms.P && ${r0} + i32(rr) < count)`], qa.at, qa.step));
     } else {
       elements.push(stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
           'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
@@ -727,12 +813,12 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     }
     if (quadR && whole?.cols) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
-          r0 => `select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq)), ${r0} + i32(rr) < count)`,
+          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq)), ${r0} + i32(rr) < count)`],
           qb.at, qb.step));
     } else if (quadR) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
-          r0 => `select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4)), ` +
-              `q0 + i32(qq) < uniforms.Q && ${r0} + i32(rr) < count)`, qb.at, qb.step));
+          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4)), ` +
+              `q0 + i32(qq) < uniforms.Q && ${r0} + i32(rr) < count)`], qb.at, qb.step));
     } else {
       elements.push(stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
           'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
@@ -766,7 +852,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         let count = workgroupUniformLoad(&segment[1]);
         ${whole !== undefined ? 'let direct = workgroupUniformLoad(&segment[2]) == 1;' : ''}
         ${declareAccumulators(layout)}
-        ${slabLoop('r0', 'count', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'))}
+        ${slabLoop('r0', 'count', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), this.staging.registerPrefetch === true)}
         let unscale = uniforms.alpha / s;
         ${whole !== undefined ? `if (direct) {
           ${directStores(layout, (i, j) => `u32(e * uniforms.oE + p0 * uniforms.oP + q0) + (partRow + ${16 * i}u) * u32(uniforms.oP) + partCol + ${16 * j}u`,
