@@ -113,7 +113,7 @@ const SHAPES: Record<string, { batchHeads: number; kvHeads: number; seq: number;
   'olmoe-b4-s512': { batchHeads: 4 * 16, kvHeads: 4 * 16, seq: 512, headDim: 128, about: 'OLMoE batch 4 × 16 heads, S 512, d 128' },
   'olmoe-s2048': { batchHeads: 16, kvHeads: 16, seq: 2048, headDim: 128, about: 'OLMoE batch 1 × 16 heads, S 2048, d 128' },
   'qwen3-s2048': { batchHeads: 32, kvHeads: 4, seq: 2048, headDim: 128, about: 'Qwen3 batch 1 × 32 q heads on 4 KV heads, S 2048, d 128' },
-  tiny: { batchHeads: 4, kvHeads: 2, seq: 96, headDim: 64, about: 'tiny (Mesa): 4 q heads on 2 KV heads, S 96, d 64' },
+  tiny: { batchHeads: 4, kvHeads: 2, seq: 96, headDim: 64, about: 'for Mesa: 4 q heads on 2 KV heads, S 96, d 64' },
 };
 /** The largest tensor-core error against the composed f32 path that passes. */
 const TENSOR_CORE_LIMIT = 1e-2;
