@@ -14,6 +14,9 @@
  *   gradK:   per block of 64 keys, tiles of 32 of the group's query rows: Sᵀ = k·(q·scale)ᵀ,
  *            dPᵀ = v·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ·(q·scale)
  *   gradV:   the same blocks, Sᵀ, dV += Pᵀ·dO
+ * (gradK is not used yet: its numbers are wrong in the emulated check of
+ * spec/backends/webgpu/attention_tensor_cores.spec.ts, while the other four passes agree with the
+ * tiled f32 programs; the kernel runs TiledAttentionProgram's gradK meanwhile.)
  * The forward pass computes S twice (stats, then O), as FlashAttention would with a rescaled
  * accumulator once; Δ = rowsum(dO ⊙ O) is TiledAttentionProgram's 'delta' pass (f32, cheap).
  *
