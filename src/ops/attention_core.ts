@@ -59,6 +59,27 @@ export const ATTENTION_KERNEL_MIN_BYTES = 64 * 2 ** 20;
 tf.env().registerFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, () => ATTENTION_KERNEL_MIN_BYTES);
 
 /**
+ * tf.env() flag: MOE_ATTENTION_KERNEL_MIN_BYTES's counterpart where the backend runs the kernels
+ * on tensor cores (registerTensorCoreAttention: webgpu's subgroup-matrix programs), which may pay
+ * off below the f32 kernels' threshold. Its default is the same 64 MiB until the H100 measures
+ * otherwise (tools/webgpu_attention/time_attention.ts --tensor-cores on).
+ */
+export const ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG = 'MOE_ATTENTION_TENSOR_CORE_MIN_BYTES';
+tf.env().registerFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, () => ATTENTION_KERNEL_MIN_BYTES);
+
+/** Per backend: whether its MoEAttention kernels would run heads of Dk, Dv on tensor cores now. */
+const tensorCoreAttention = new Map<string, (dk: number, dv: number) => boolean>();
+
+/**
+ * Registers `backend`'s answer to whether its kernels run heads of (dk, dv) on tensor cores now
+ * (the webgpu kernels register theirs), so that scaledDotProductAttention applies
+ * MOE_ATTENTION_TENSOR_CORE_MIN_BYTES there. The op never imports a backend.
+ */
+export function registerTensorCoreAttention(backend: string, usesTensorCores: (dk: number, dv: number) => boolean): void {
+  tensorCoreAttention.set(backend, usesTensorCores);
+}
+
+/**
  * softmax(q·kᵀ·scale + mask)·v per query head, with grouped KV heads read in place: query head n
  * of q [Nq, S, Dk] attends KV head floor(n / rep) of k [Nkv, L, Dk] and v [Nkv, L, Dv], rep =
  * Nq / Nkv (heads batch-major, B·nh and B·nkv: each KV head's rep query heads are adjacent, so
@@ -139,13 +160,18 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
 /**
  * Whether the backend's MoEAttention / MoEAttentionGrad run this problem: flag on, head widths up
  * to 256, no empty axis, and the composed path's probabilities (Nq·S·L float32) at least
- * MOE_ATTENTION_KERNEL_MIN_BYTES.
+ * MOE_ATTENTION_KERNEL_MIN_BYTES (MOE_ATTENTION_TENSOR_CORE_MIN_BYTES where the backend runs
+ * them on tensor cores).
  */
-function useAttentionKernels(nq: number, dk: number, dv: number, s: number, keyLen: number): boolean {
+export function useAttentionKernels(nq: number, dk: number, dv: number, s: number, keyLen: number): boolean {
   const backend = tf.getBackend();
-  return tf.env().getBool(ATTENTION_KERNEL_FLAG) && tf.getKernel(ATTENTION, backend) != null &&
+  if (!(tf.env().getBool(ATTENTION_KERNEL_FLAG) && tf.getKernel(ATTENTION, backend) != null &&
       tf.getKernel(ATTENTION_GRAD, backend) != null && Math.max(dk, dv) <= ATTENTION_KERNEL_MAX_HEAD_WIDTH &&
-      Math.min(dk, dv, s, keyLen) > 0 && nq * s * keyLen * 4 >= tf.env().getNumber(ATTENTION_KERNEL_MIN_BYTES_FLAG);
+      Math.min(dk, dv, s, keyLen) > 0)) {
+    return false;
+  }
+  const onTensorCores = tensorCoreAttention.get(backend)?.(dk, dv) ?? false;
+  return nq * s * keyLen * 4 >= tf.env().getNumber(onTensorCores ? ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG : ATTENTION_KERNEL_MIN_BYTES_FLAG);
 }
 
 /**

@@ -41,7 +41,10 @@ import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
 import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } from './programs/tiled_attention_program.js';
-import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs } from '../../ops/attention_core.js';
+import {
+  SubgroupMatrixAttentionProgram, subgroupMatrixAttentionMisfit, type SubgroupMatrixAttentionPass,
+} from './programs/subgroup_matrix_attention_program.js';
+import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs, registerTensorCoreAttention } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
 import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
 import { installUniformArena } from './uniform_arena.js';
@@ -844,13 +847,32 @@ const matMulAddConfig: tf.KernelConfig = {
  * that op's own names, none holding an [Nq, S, L] buffer (issue 15). MOE_ATTENTION_PROGRAM picks
  * the programs: 'tiled' (TiledAttentionProgram: forward 2 programs, O; with `withStats`, the rows'
  * max and sum; backward 4: Δ = rowsum(dO ⊙ O), dQ, dK, dV) or 'rows' (AttentionProgram, a thread
- * per row: forward 2, backward 3: dQ, dK, dV).
+ * per row: forward 2, backward 3: dQ, dK, dV). With 'tiled' on tensor cores (attentionTensorCores)
+ * SubgroupMatrixAttentionProgram runs instead: forward 2 programs whether or not the statistics are
+ * output (the statistics, then O from them), backward 5 (Δ, max |dO| in tfjs's Abs and two Max,
+ * dQ and dV on tensor cores, dK still on the tiled f32 program).
  */
 function attentionDims(q: tf.TensorInfo, k: tf.TensorInfo, v: tf.TensorInfo, mask: tf.TensorInfo): AttentionDims {
   const [nq, seqLen, dk] = q.shape;
   const [nkv, keyLen] = k.shape;
   return { nkv, rep: nq / nkv, seqLen, keyLen, dk, dv: v.shape[2], maskBatch: mask.shape.length === 4 ? mask.shape[0] : 0 };
 }
+
+/**
+ * The TensorCoreDevice on which MoEAttention / MoEAttentionGrad run heads of Dk, Dv on
+ * SubgroupMatrixAttentionProgram, or undefined (the f32 programs, exactly as without tensor
+ * cores): WEBGPU_MOE_TENSOR_CORES on and a registered device (activeTensorCores), the 'tiled'
+ * programs chosen ('rows' stays AttentionProgram, for timing), and head widths, subgroup size and
+ * workgroup memory that fit (subgroupMatrixAttentionMisfit: Dk, Dv multiples of 16 up to 128).
+ */
+export function attentionTensorCores(dk: number, dv: number): TensorCoreDevice | undefined {
+  const tc = activeTensorCores();
+  if (tc === undefined || attentionProgramKind() !== 'tiled') return undefined;
+  const limits = (tf.backend() as unknown as { device: GPUDevice }).device.limits;
+  return subgroupMatrixAttentionMisfit({ dk, dv }, tc.subgroupSize, limits.maxComputeWorkgroupStorageSize) === undefined ? tc : undefined;
+}
+// the op applies MOE_ATTENTION_TENSOR_CORE_MIN_BYTES where the programs above would run
+registerTensorCoreAttention(BACKEND, (dk, dv) => attentionTensorCores(dk, dv) !== undefined);
 
 function runAttentionPass(args: KernelArgs, pass: AttentionPass, dims: AttentionDims, inputs: tf.TensorInfo[]): tf.TensorInfo {
   const b = webgpu(args);
@@ -864,15 +886,48 @@ function runTiledAttentionPass(args: KernelArgs, pass: TiledAttentionPass, dims:
   return b.runWebGPUProgram(program, inputs, 'float32', TiledAttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
 }
 
+function runTensorCoreAttentionPass(args: KernelArgs, pass: SubgroupMatrixAttentionPass, dims: AttentionDims, inputs: tf.TensorInfo[],
+    tc: TensorCoreDevice): tf.TensorInfo {
+  const program = new SubgroupMatrixAttentionProgram(pass, dims, tc.subgroupSize);
+  // the same uniforms as the tiled programs'
+  return webgpu(args).runWebGPUProgram(program, inputs, 'float32',
+      TiledAttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
+}
+
+/**
+ * max |t| as a [] TensorInfo by tfjs's own kernels (Abs, Max per row, then Max over the rows:
+ * maxAbs's two stages, on TensorInfos, since a kernel gets no tf.Tensor): dO's scale on tensor cores.
+ */
+function maxAbsOfInfo(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
+  const run = (name: string, x: tf.TensorInfo, attrs: tf.NamedAttrMap) =>
+    tf.getKernel(name, BACKEND)!.kernelFunc({ inputs: { x }, backend: args.backend, attrs }) as tf.TensorInfo;
+  const abs = run(tf.Abs, t, {});
+  const perRow = run(tf.Max, abs, { reductionIndices: [t.shape.length - 1], keepDims: false });
+  const all = run(tf.Max, perRow, { reductionIndices: perRow.shape.map((_, i) => i), keepDims: false });
+  webgpu(args).disposeData(abs.dataId);
+  webgpu(args).disposeData(perRow.dataId);
+  return all;
+}
+
 const attentionConfig: tf.KernelConfig = {
   kernelName: ATTENTION,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { q, k, v, mask } = args.inputs as Record<string, tf.TensorInfo>;
     const dims = attentionDims(q, k, v, mask);
+    const withStats = (args.attrs as unknown as AttentionAttrs).withStats;
+    const tc = attentionTensorCores(dims.dk, dims.dv);
+    if (tc !== undefined) {
+      // O from exact probabilities: the rows' statistics first
+      const stats = runTensorCoreAttentionPass(args, 'stats', dims, [q, k, mask], tc);
+      const o = runTensorCoreAttentionPass(args, 'forward', dims, [q, k, v, mask, stats], tc);
+      if (withStats) return [o, stats];
+      webgpu(args).disposeData(stats.dataId);
+      return [o];
+    }
     const run = attentionProgramKind() === 'tiled' ? runTiledAttentionPass : runAttentionPass;
     const o = run(args, 'forward', dims, [q, k, v, mask]);
-    if (!(args.attrs as unknown as AttentionAttrs).withStats) return [o];
+    if (!withStats) return [o];
     return [o, run(args, 'stats', dims, [q, k, mask])];
   },
 };
@@ -891,11 +946,25 @@ const attentionGradConfig: tf.KernelConfig = {
       ];
     }
     const deltas = runTiledAttentionPass(args, 'delta', dims, [o, dy]);     // [Nq, S]
-    const grads = [
-      runTiledAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy]),
-      runTiledAttentionPass(args, 'gradK', dims, [q, k, v, mask, stats, deltas, dy]),
-      runTiledAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
-    ];
+    const tc = attentionTensorCores(dims.dk, dims.dv);
+    let grads: tf.TensorInfo[];
+    if (tc !== undefined) {
+      const amax = maxAbsOfInfo(args, dy);                                     // []
+      grads = [
+        runTensorCoreAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy, amax], tc),
+        // dK on the f32 tiled program: the subgroup-matrix gradK pass fails the emulated check
+        // (spec/backends/webgpu/attention_tensor_cores.spec.ts) and is not used until that is found
+        runTiledAttentionPass(args, 'gradK', dims, [q, k, v, mask, stats, deltas, dy]),
+        runTensorCoreAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy, amax], tc),
+      ];
+      webgpu(args).disposeData(amax.dataId);
+    } else {
+      grads = [
+        runTiledAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy]),
+        runTiledAttentionPass(args, 'gradK', dims, [q, k, v, mask, stats, deltas, dy]),
+        runTiledAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy]),
+      ];
+    }
     webgpu(args).disposeData(deltas.dataId);
     return grads;
   },

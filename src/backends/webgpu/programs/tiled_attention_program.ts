@@ -59,9 +59,9 @@ export function attentionProgramKind(): AttentionProgramKind {
 export const TILED_ATTENTION_THREADS = 128;
 
 /** A mask entry at or below this is blocked (attentionMask writes −1e9). */
-const BLOCKED_MASK = -1e8;
+export const BLOCKED_MASK = -1e8;
 /** A row whose max score is at or below this has no unblocked key. */
-const BLOCKED_ROW_MAX = -5e7;
+export const BLOCKED_ROW_MAX = -5e7;
 /** The largest number of keys (query passes) or query rows (key passes) per shared tile. */
 const MAX_TILE = 32;
 
@@ -108,6 +108,20 @@ export function tiledAttentionLayout(pass: TiledAttentionPass, dims: AttentionDi
   let tile = 1;
   while (tile * 2 <= MAX_TILE && tile * 2 * perEntry <= floats) tile *= 2;
   return { lanes, blockRows, tile, vector };
+}
+
+/**
+ * WGSL: maskRowStart(row), where the mask row of query row `row` (of the [Nq·S] rows) starts:
+ * row i of its position in a shared [S, L] mask, or of its sample's (`perSample`: [B, 1, S, L],
+ * uniforms.headsPerSample query heads a sample) (uniforms seqLen, keyLen, headsPerSample).
+ */
+export function maskRowStartSnippet(perSample: boolean): string {
+  return `
+      fn maskRowStart(row : i32) -> i32 {
+        let n = row / uniforms.seqLen;
+        let i = row - n * uniforms.seqLen;
+        return ((${perSample ? 'n / uniforms.headsPerSample' : '0'}) * uniforms.seqLen + i) * uniforms.keyLen;
+      }`;
 }
 
 export class TiledAttentionProgram implements WebGPUProgram {
@@ -181,11 +195,7 @@ export class TiledAttentionProgram implements WebGPUProgram {
         ${four ? 'result[i] = value.x; result[i + 1] = value.y; result[i + 2] = value.z; result[i + 3] = value.w;' : 'result[i] = value;'}
       }
       ${loads.join('\n      ')}
-      fn maskRowStart(row : i32) -> i32 {
-        let n = row / uniforms.seqLen;
-        let i = row - n * uniforms.seqLen;
-        return ((${this.dims.maskBatch > 0 ? 'n / uniforms.headsPerSample' : '0'}) * uniforms.seqLen + i) * uniforms.keyLen;
-      }`;
+      ${maskRowStartSnippet(this.dims.maskBatch > 0)}`;
   }
 
   /** Sizes in vectors: of a whole K row and V row (DKV, DVV), of a lane's slice of them (KS, VS). */
