@@ -60,12 +60,15 @@ tf.env().registerFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, () => ATTENTION_KERNEL_MI
 
 /**
  * tf.env() flag: MOE_ATTENTION_KERNEL_MIN_BYTES's counterpart where the backend runs the kernels
- * on tensor cores (registerTensorCoreAttention: webgpu's subgroup-matrix programs), which may pay
- * off below the f32 kernels' threshold. Its default is the same 64 MiB until the H100 measures
- * otherwise (tools/webgpu_attention/time_attention.ts --tensor-cores on).
+ * on tensor cores (registerTensorCoreAttention: webgpu's subgroup-matrix programs). 256 MiB of
+ * probabilities, from the H100 (run Q, docs/webgpu.md; `time_attention.js --tensor-cores on`, ms per
+ * training pass composed / tiled f32 / tensor cores): OLMoE's 16 heads at batch 4 × S 512 (64 MiB)
+ * 34.1 / 39.5 / 57.5, and the end-to-end step 12.7 % faster composed there; at S 2048 (256 MiB)
+ * 56.4 / 70.7 / 48.4. Below 256 MiB composed is faster and holds little.
  */
 export const ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG = 'MOE_ATTENTION_TENSOR_CORE_MIN_BYTES';
-tf.env().registerFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, () => ATTENTION_KERNEL_MIN_BYTES);
+export const ATTENTION_TENSOR_CORE_MIN_BYTES = 256 * 2 ** 20;
+tf.env().registerFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, () => ATTENTION_TENSOR_CORE_MIN_BYTES);
 
 /** Per backend: whether its MoEAttention kernels would run heads of Dk, Dv on tensor cores now. */
 const tensorCoreAttention = new Map<string, (dk: number, dv: number) => boolean>();

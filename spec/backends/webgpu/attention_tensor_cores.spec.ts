@@ -24,7 +24,7 @@ import type { AttentionDims } from '../../../src/backends/webgpu/programs/attent
 import { TENSOR_CORES_FLAG } from '../../../src/backends/webgpu/tensor_cores.js';
 import { attentionMask, causalMask } from '../../../src/layers/attention.js';
 import {
-  ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES, ATTENTION_KERNEL_MIN_BYTES_FLAG, ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG,
+  ATTENTION, ATTENTION_GRAD, ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES_FLAG, ATTENTION_TENSOR_CORE_MIN_BYTES, ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG,
   registerTensorCoreAttention, scaledDotProductAttention, useAttentionKernels,
 } from '../../../src/ops/attention_core.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
@@ -309,7 +309,8 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
   it('MOE_ATTENTION_TENSOR_CORE_MIN_BYTES applies where the backend runs the heads on tensor cores, MOE_ATTENTION_KERNEL_MIN_BYTES elsewhere', async () => {
     const [nq, s, d] = [4, 64, 128];
     const bytes = nq * s * s * 4;
-    expect(tf.env().getNumber(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG), 'the same default until the H100 measures').to.equal(ATTENTION_KERNEL_MIN_BYTES);
+    expect(tf.env().getNumber(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG), 'the H100-measured default').to.equal(ATTENTION_TENSOR_CORE_MIN_BYTES);
+    expect(ATTENTION_TENSOR_CORE_MIN_BYTES).to.equal(256 * 2 ** 20);
     const decide = () => useAttentionKernels(nq, d, d, s, s);
     await withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => {
       // here no tensor cores: the f32 threshold (64 MiB) holds, whatever the tensor-core one says
