@@ -31,7 +31,10 @@ export function loadBalancingLoss(logits: Tensor2D, experts: Tensor2D): Scalar {
   assertShape(op, 'experts', experts, [logits.shape[0], null], `logits [T,E] = [${logits.shape}]`);
   const numExperts = logits.shape[1];
   return tf.tidy(() => {
-    const expertMask = tf.cast(tf.oneHot(experts, numExperts), 'float32');     // [T, K, E]
+    // float32 from the start: on webgpu a cast of the int32 one-hot only relabels its buffer, and
+    // the Mean over axis 0 transposes it with tfjs-webgpu 4.22's TransposeProgram, which does not
+    // compile for int32 buffers (routing/common.ts maskToTopGroups)
+    const expertMask = tf.oneHot(experts, numExperts, 1, 0, 'float32');         // [T, K, E]
     const tokensPerExpert = tf.mean(expertMask, 0);                              // [K, E]
     const routerProbPerExpert = tf.mean(tf.softmax(logits), 0);                 // [E]
     return tf.mul(tf.sum(tf.mul(tokensPerExpert, routerProbPerExpert)), numExperts) as Scalar;

@@ -124,9 +124,11 @@ function keepBestGroups(scores: Tensor2D, nGroup: number, topkGroup: number, ran
   else if (size === 1) groupScore = tf.reshape(grouped, [T, nGroup]);
   else groupScore = tf.sum(tf.topk(grouped, 2).values, -1);
   const best = tf.topk(groupScore, topkGroup).indices;                                          // [T, topkGroup]
-  const keptGroups = tf.cast(tf.sum(tf.oneHot(best, nGroup), 1), 'float32');                   // [T, G]
+  // float32 one-hots, not int32 cast afterwards: on webgpu the cast only relabels the int32 buffer,
+  // which tfjs-webgpu 4.22's TransposeProgram (inside the Sum) cannot compile for (maskToTopGroups)
+  const keptGroups = tf.sum(tf.oneHot(best, nGroup, 1, 0, 'float32'), 1);                        // [T, G]
   const groupOf = tf.floorDiv(tf.range(0, E, 1, 'int32'), tf.scalar(size, 'int32'));           // [E]
-  const membership = tf.cast(tf.oneHot(groupOf, nGroup), 'float32');                           // [E, G]
+  const membership = tf.oneHot(groupOf, nGroup, 1, 0, 'float32');                               // [E, G]
   const keptExperts = tf.matMul(keptGroups, membership, false, true);                           // [T, E]
   return tf.where(tf.greater(keptExperts, 0.5), scores, tf.zerosLike(scores));
 }
