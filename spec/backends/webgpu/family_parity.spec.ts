@@ -2,21 +2,24 @@
  * The routing that runs composed from tfjs ops on webgpu (every kind but plain softmaxTopK, which
  * has its own kernel): each family fixture's MoE block against transformers (runBlockParity: out,
  * dx, every parameter gradient, the experts chosen), every routing kind with real expert groups
- * (n_group > topk_group, which no fixture but deepseek_v3 has) against float64, and the
- * load-balancing loss, whose one-hot meets the same tfjs-webgpu Transpose. Run with
- * TFJS_BACKEND=webgpu.
+ * (n_group > topk_group, which no fixture but deepseek_v3 has) against float64, and the two other
+ * one-hots that meet the same tfjs-webgpu Transpose: the load-balancing loss and glm_moe_dsa's
+ * DSA indexer (which keys each query keeps). Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { readSafetensorsFile } from '../../../src/io/safetensors.js';
+import { MLAAttention, type MLAAttentionArgs } from '../../../src/layers/mla_attention.js';
 import { runBlockParity } from '../../../src/models/parity.js';
 import { loadBalancingLoss } from '../../../src/ops/aux_losses.js';
 import { referenceRoute } from '../../../src/ops/reference/routing.js';
 import { route } from '../../../src/ops/routing/index.js';
 import type { Routing, RoutingConfig } from '../../../src/ops/types.js';
+import { dsaAttention64 } from '../../helpers/glm_dsa64.js';
 import { Rng, asF32, finiteDifferences } from '../../helpers/numeric.js';
 import { gradFD, routeRows64, separatedLogits, softmax64 } from '../../helpers/routing64.js';
 import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
@@ -124,5 +127,50 @@ describe('webgpu: composed routing', function () {
       tf.dispose([value, g]);
     });
     tf.dispose([x, experts]);
+  });
+
+  it('the DSA indexer (glm_moe_dsa): MLAAttention keeps each query\'s topK keys, as transformers\' float64', async () => {
+    // spec/layers/dsa_indexer.spec.ts's first case, read asynchronously
+    const args = {
+      numHeads: 2, qLoraRank: 6, kvLoraRank: 5, qkNopeHeadDim: 3, qkRopeHeadDim: 4, vHeadDim: 3,
+      ropeTheta: 30, ropeInterleave: true, attentionBias: false, normEpsilon: 1e-6,
+      indexer: { numHeads: 3, headDim: 6, topK: 3 },
+    } satisfies MLAAttentionArgs;
+    const [b, s, h] = [2, 6, 8];
+    const layer = new MLAAttention({ ...args, name: 'attn' });
+    layer.apply(tfl.input({ shape: [null, h] }));
+    const rng = new Rng(7);
+    const w: Record<string, Float64Array> = {};
+    for (const v of layer.weights) {
+      const name = v.originalName.slice('attn/'.length);
+      const size = v.shape.reduce((p: number, q) => p * (q as number), 1);
+      w[name] = asF32(name.includes('norm.weight') || name.includes('layernorm') ? rng.array(size, 0.3).map(t => 1 + t) :
+        rng.array(size, name.includes('bias') ? 0.1 : 0.7));
+      const value = tf.tensor(Float32Array.from(w[name]), v.shape as number[]);
+      v.write(value);
+      value.dispose();
+    }
+    const x = asF32(rng.array(b * s * h));
+    const want = new Float64Array(b * s * h);
+    const kept: number[][][] = [];
+    for (let bi = 0; bi < b; bi++) {
+      const r = dsaAttention64(x.slice(bi * s * h, (bi + 1) * s * h), n => w[n], {
+        numHeads: args.numHeads, qkNopeHeadDim: args.qkNopeHeadDim, qkRopeHeadDim: args.qkRopeHeadDim,
+        vHeadDim: args.vHeadDim, kvLoraRank: args.kvLoraRank, ropeTheta: args.ropeTheta, ropeInterleave: true,
+        indexHeads: args.indexer.numHeads, indexHeadDim: args.indexer.headDim, indexTopK: args.indexer.topK,
+      }, s, h);
+      want.set(r.out, bi * s * h);
+      kept.push(r.kept);
+    }
+    // the indexer really drops keys here: later queries keep 3 of up to 6
+    expect(kept[0].slice(3).some(row => row.join() !== '0,1,2')).to.equal(true);
+    const xt = tf.tensor3d(Float32Array.from(x), [b, s, h]);
+    await expectNoLeakAsync(async () => {
+      const y = layer.apply(xt) as Tensor;
+      await expectCloseAsync(y, want, 1e-5, 'out', [b, s, h]);
+      y.dispose();
+    });
+    xt.dispose();
+    layer.dispose();
   });
 });
