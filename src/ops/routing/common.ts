@@ -120,7 +120,9 @@ export function maskToTopGroups(
     // a float32 one-hot, not int32 (nor int32 then tf.cast): the Sum over axis 1 transposes it,
     // and tfjs-webgpu 4.22's TransposeProgram does not compile for an int32 buffer (its WGSL passes
     // an i32 to the f32 setOutputAtIndex), leaving zeros; its Cast int32 → float32 only relabels
-    // the int32 buffer, so a cast does not help. Same 0/1 values on every backend.
+    // the int32 buffer, so a cast does not help; and its Sum calls that transpose directly, not
+    // through the kernel registry, so no kernel override of ours could catch it. Same 0/1 values
+    // on every backend.
     const groupKept = tf.sum(tf.oneHot(keptGroups, nGroup, 1, 0, 'float32'), 1);  // [T, G] 0/1
     const kept = tf.greater(tf.tile(tf.reshape(groupKept, [T, nGroup, 1]), [1, 1, size]), 0);
     return tf.reshape(tf.where(kept, grouped, tf.zerosLike(grouped)), [T, E]) as Tensor2D;
