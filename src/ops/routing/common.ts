@@ -10,6 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { indexCounts } from '../index_counts.js';
 import type { Routing } from '../types.js';
 import { assertFiniteNumber, assertInteger, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -117,13 +118,8 @@ export function maskToTopGroups(
     else if (size === 1) perGroup = tf.reshape(grouped, [T, nGroup]);
     else perGroup = tf.sum(tf.topk(grouped, 2).values, 2);
     const keptGroups = tf.topk(perGroup, topkGroup).indices;                   // [T, topkGroup]
-    // a float32 one-hot, not int32 (nor int32 then tf.cast): the Sum over axis 1 transposes it,
-    // and tfjs-webgpu 4.22's TransposeProgram does not compile for an int32 buffer (its WGSL passes
-    // an i32 to the f32 setOutputAtIndex), leaving zeros; its Cast int32 → float32 only relabels
-    // the int32 buffer, so a cast does not help; and its Sum calls that transpose directly, not
-    // through the kernel registry, so no kernel override of ours could catch it. Same 0/1 values
-    // on every backend.
-    const groupKept = tf.sum(tf.oneHot(keptGroups, nGroup, 1, 0, 'float32'), 1);  // [T, G] 0/1
+    // not tf.sum(tf.oneHot(keptGroups, nGroup), 1): all zeros on webgpu (index_counts.ts says why)
+    const groupKept = indexCounts(keptGroups, nGroup);                         // [T, G] 0/1
     const kept = tf.greater(tf.tile(tf.reshape(groupKept, [T, nGroup, 1]), [1, 1, size]), 0);
     return tf.reshape(tf.where(kept, grouped, tf.zerosLike(grouped)), [T, E]) as Tensor2D;
   });
