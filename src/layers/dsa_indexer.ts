@@ -17,6 +17,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc } from '@tensorflow/tfjs-core';
+import { indexCounts } from '../ops/index_counts.js';
 import { assertInteger, fail } from '../ops/validate.js';
 import { applyRotary, deinterleavePairs } from './rotary.js';
 
@@ -126,7 +127,8 @@ export function dsaKeepMask(a: DSAIndexerArgs, x2: tf.Tensor2D, qLatent: tf.Tens
           tf.expandDims(tf.transpose(tf.reshape(weights, [b, s, nh]), [0, 2, 1]), 3));
       const scores = tf.add(tf.sum(perHead, 1), mask.rank === 2 ? mask : tf.reshape(mask, [b, s, keyLen]));  // [B, S, L]
       const chosen = tf.topk(scores, a.topK).indices;                              // [B, S, topK]
-      const kept = tf.sum(tf.oneHot(chosen, keyLen), 2);                           // [B, S, L] 0/1
+      // not tf.sum(tf.oneHot(chosen, keyLen), 2): all zeros on webgpu (src/ops/index_counts.ts)
+      const kept = indexCounts(chosen, keyLen);                                    // [B, S, L] 0/1
       return tf.reshape(tf.mul(tf.sub(1, kept), BLOCKED), [b, 1, s, keyLen]);
     });
     return { value, gradFunc: () => [tf.zerosLike(xs), tf.zerosLike(latent), tf.zerosLike(ks)] };

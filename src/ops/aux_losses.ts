@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Scalar, Tensor2D } from '@tensorflow/tfjs-core';
+import { indexCounts } from './index_counts.js';
 import { assertShape, assertTensor, fail } from './validate.js';
 
 /**
@@ -25,13 +26,15 @@ import { assertShape, assertTensor, fail } from './validate.js';
 export function loadBalancingLoss(logits: Tensor2D, experts: Tensor2D): Scalar {
   const op = 'loadBalancingLoss';
   checkLogits(op, logits);
-  // tf.oneHot needs depth >= 2, and balancing one expert means nothing
+  // balancing one expert means nothing
   if (logits.shape[1] < 2) fail(op, `'logits' must have at least 2 experts but got shape [${logits.shape}]`);
   assertTensor(op, 'experts', experts, 2, 'int32');
   assertShape(op, 'experts', experts, [logits.shape[0], null], `logits [T,E] = [${logits.shape}]`);
   const numExperts = logits.shape[1];
   return tf.tidy(() => {
-    const expertMask = tf.cast(tf.oneHot(experts, numExperts), 'float32');     // [T, K, E]
+    // not tf.cast(tf.oneHot(...)): its Mean over axis 0 is all zeros on webgpu (index_counts.ts)
+    const [T, K] = experts.shape;
+    const expertMask = indexCounts(tf.reshape(experts, [T, K, 1]), numExperts);  // [T, K, E]
     const tokensPerExpert = tf.mean(expertMask, 0);                              // [K, E]
     const routerProbPerExpert = tf.mean(tf.softmax(logits), 0);                 // [E]
     return tf.mul(tf.sum(tf.mul(tokensPerExpert, routerProbPerExpert)), numExperts) as Scalar;

@@ -1,7 +1,8 @@
 /**
  * Installs the WebGPU MoE path: the kernels (tf.registerKernel for 'webgpu'), the routed-experts
  * implementation of the 'fused' block, the softmaxTopK routing kernel and tfjs-webgpu's matMul
- * kernels wrapped around a wrong product (batch_mat_mul.ts), the optimizer's grouped Adam, the dense
+ * kernels wrapped around a wrong product (batch_mat_mul.ts), its AddN kept within the device's
+ * storage-buffer limit (add_n.ts), the optimizer's grouped Adam, the dense
  * products' tensor-core override (packed.ts's registerDenseKernelOverride) and the uniform arena on
  * the webgpu backend made so far (uniform_arena.ts). The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
@@ -12,6 +13,7 @@ import { registerExpertsImplementation } from '../../ops/moe_block.js';
 import { registerDenseKernelOverride } from '../../ops/packed.js';
 import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
 import { registerGroupedAdamUpdate } from '../../train/adam_update.js';
+import { useChunkedAddN } from './add_n.js';
 import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
 import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
@@ -42,6 +44,9 @@ export function registerWebGPUMoE(): string[] {
   // tfjs-webgpu's matMul, wrapped where it computes a wrong product (LoRA's x·Aᵀ at width 2048):
   // a replacement, not an addition, so not in the names returned
   useSplitKSafeMatMul();
+  // tfjs-webgpu's AddN, in programs of at most the device's storage buffers (the gradient norm sums
+  // one term per trainable weight): a replacement too
+  useChunkedAddN();
   // every program's uniforms from a few buffers written once per submit (uniform_arena.ts); per
   // backend instance, so a webgpu backend made again gets it too
   // (the instance only if made: findBackend would start one); our kernels install it on first use otherwise

@@ -5,6 +5,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { indexCounts } from '../index_counts.js';
 import type { Routing, RoutingConfig, RoutingKind } from '../types.js';
 import { assertFiniteNumber, assertInteger, assertOneOf, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -124,9 +125,10 @@ function keepBestGroups(scores: Tensor2D, nGroup: number, topkGroup: number, ran
   else if (size === 1) groupScore = tf.reshape(grouped, [T, nGroup]);
   else groupScore = tf.sum(tf.topk(grouped, 2).values, -1);
   const best = tf.topk(groupScore, topkGroup).indices;                                          // [T, topkGroup]
-  const keptGroups = tf.cast(tf.sum(tf.oneHot(best, nGroup), 1), 'float32');                   // [T, G]
+  // not tf.oneHot: summed over axis 1 it is all zeros on webgpu (src/ops/index_counts.ts says why)
+  const keptGroups = indexCounts(best, nGroup);                                                 // [T, G]
   const groupOf = tf.floorDiv(tf.range(0, E, 1, 'int32'), tf.scalar(size, 'int32'));           // [E]
-  const membership = tf.cast(tf.oneHot(groupOf, nGroup), 'float32');                           // [E, G]
+  const membership = indexCounts(tf.reshape(groupOf, [E, 1]), nGroup);                         // [E, G]
   const keptExperts = tf.matMul(keptGroups, membership, false, true);                           // [T, E]
   return tf.where(tf.greater(keptExperts, 0.5), scores, tf.zerosLike(scores));
 }

@@ -10,6 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
+import { indexCounts } from '../index_counts.js';
 import type { Routing } from '../types.js';
 import { assertFiniteNumber, assertInteger, assertShape, assertTensor, fail } from '../validate.js';
 
@@ -117,7 +118,8 @@ export function maskToTopGroups(
     else if (size === 1) perGroup = tf.reshape(grouped, [T, nGroup]);
     else perGroup = tf.sum(tf.topk(grouped, 2).values, 2);
     const keptGroups = tf.topk(perGroup, topkGroup).indices;                   // [T, topkGroup]
-    const groupKept = tf.sum(tf.oneHot(keptGroups, nGroup), 1);                // [T, G] 0/1
+    // not tf.sum(tf.oneHot(keptGroups, nGroup), 1): all zeros on webgpu (index_counts.ts says why)
+    const groupKept = indexCounts(keptGroups, nGroup);                         // [T, G] 0/1
     const kept = tf.greater(tf.tile(tf.reshape(groupKept, [T, nGroup, 1]), [1, 1, size]), 0);
     return tf.reshape(tf.where(kept, grouped, tf.zerosLike(grouped)), [T, E]) as Tensor2D;
   });
