@@ -117,7 +117,7 @@ const SHAPES: Record<string, { batchHeads: number; kvHeads: number; seq: number;
 };
 /** The largest tensor-core error against the composed f32 path that passes. */
 const TENSOR_CORE_LIMIT = 1e-2;
-/** The subgroup-matrix passes the kernels run (dK stays on the tiled f32 program: see kernels.ts). */
+/** The subgroup-matrix passes the kernels run (dK runs on the tiled f32 program: SubgroupMatrixAttentionProgram has none). */
 const PASSES = ['stats', 'forward', 'gradQ', 'gradV'];
 
 async function tensorCoreRun(): Promise<void> {

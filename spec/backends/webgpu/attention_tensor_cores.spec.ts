@@ -32,7 +32,7 @@ import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
 import { compileErrors, expectNoLeakAsync } from './helpers.js';
 
-const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradK', 'gradV'];
+const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradV'];
 
 /** The program's shader under a stand-in of tfjs's preamble, the matrix builtins replaced by plain functions. */
 function standIn(program: SubgroupMatrixAttentionProgram): string {
@@ -54,6 +54,9 @@ function standIn(program: SubgroupMatrixAttentionProgram): string {
  * a multiply-accumulate computes the whole product, a store writes every element (each lane the
  * same values). The halves become f32. So Mesa runs the programs' index math, staging, softmax
  * and epilogues, slowly, and their numbers can be compared with the f32 tiled programs'.
+ * Its limit on Mesa 22.3.6 (llvmpipe): the four passes here are right, but gradV with one more
+ * product in its tile loop, whose result nothing reads, already gives wrong numbers, so a pass with
+ * more matrices (the removed gradK had two more products) cannot be judged by this emulation.
  */
 class EmulatedSubgroupProgram implements WebGPUProgram {
   variableNames: string[];
@@ -153,7 +156,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       .to.throw('SubgroupMatrixAttentionProgram: head widths Dk 72, Dv 72: both must be multiples of 16 up to 128');
   });
 
-  it('dispatches a workgroup per 64 query rows of a KV head (stats, forward, gradQ) or per 64 of its keys (gradK, gradV)', () => {
+  it('dispatches a workgroup per 64 query rows of a KV head (stats, forward, gradQ) or per 64 of its keys (gradV)', () => {
     // Qwen3-shaped: 8 query heads on 2 KV heads (rep 4), 100 positions over 130 keys
     const dims: AttentionDims = { nkv: 2, rep: 4, seqLen: 100, keyLen: 130, dk: 128, dv: 64, maskBatch: 0 };
     const rowBlocks = Math.ceil(4 * 100 / ATTENTION_BLOCK);
@@ -162,7 +165,6 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       stats: { dispatch: [rowBlocks, 2, 1], shape: [8, 100, 2] },
       forward: { dispatch: [rowBlocks, 2, 1], shape: [8, 100, 64] },
       gradQ: { dispatch: [rowBlocks, 2, 1], shape: [8, 100, 128] },
-      gradK: { dispatch: [keyBlocks, 2, 1], shape: [2, 130, 128] },
       gradV: { dispatch: [keyBlocks, 2, 1], shape: [2, 130, 64] },
     };
     const keys = new Set<string>();
@@ -175,7 +177,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       keys.add(new SubgroupMatrixAttentionProgram(pass, { ...dims, maskBatch: 2 }, 32).shaderKey);
       keys.add(new SubgroupMatrixAttentionProgram(pass, dims, 16).shaderKey);
     }
-    expect(keys.size, 'the shader key names the pass, the head widths, the subgroup size and the mask kind').to.equal(15);
+    expect(keys.size, 'the shader key names the pass, the head widths, the subgroup size and the mask kind').to.equal(12);
   });
 
   const shapes: Array<{ dims: AttentionDims; subgroupSize: number }> = [
@@ -222,7 +224,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       const deltas = tf.engine().makeTensorFromTensorInfo(backend.runWebGPUProgram(
           new TiledAttentionProgram('delta', dims, backend.device.limits.maxComputeWorkgroupStorageSize), [o, dy], 'float32', uniforms));
       const amax = maxAbs(dy);
-      // as the kernel runs them: dK on the tiled f32 program (the subgroup-matrix gradK pass is wrong in this emulation, not used)
+      // as the kernel runs them: dK on the tiled f32 program (SubgroupMatrixAttentionProgram has no gradK pass)
       const dK = tf.engine().makeTensorFromTensorInfo(backend.runWebGPUProgram(
           new TiledAttentionProgram('gradK', dims, backend.device.limits.maxComputeWorkgroupStorageSize), [q, k, v, mask, stats, deltas, dy], 'float32', uniforms));
       const grads = [run('gradQ', [q, k, v, mask, stats, deltas, dy, amax]), dK, run('gradV', [q, k, mask, stats, dy, amax])];

@@ -952,8 +952,8 @@ const attentionGradConfig: tf.KernelConfig = {
       const amax = maxAbsOfInfo(args, dy);                                     // []
       grads = [
         runTensorCoreAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy, amax], tc),
-        // dK on the f32 tiled program: the subgroup-matrix gradK pass fails the emulated check
-        // (spec/backends/webgpu/attention_tensor_cores.spec.ts) and is not used until that is found
+        // dK on the f32 tiled program: SubgroupMatrixAttentionProgram has no gradK pass (its file
+        // comment says why)
         runTiledAttentionPass(args, 'gradK', dims, [q, k, v, mask, stats, deltas, dy]),
         runTensorCoreAttentionPass(args, 'gradV', dims, [q, k, mask, stats, dy, amax], tc),
       ];

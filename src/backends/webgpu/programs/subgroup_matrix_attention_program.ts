@@ -11,17 +11,19 @@
  *            per row the online max m and sum l (scalars, f32) of s + mask
  *   forward: the same S again, P = exp(S + mask − m) / l (f16), O += P·V
  *   gradQ:   S and dP = dO·Vᵀ per key tile, dS = P ⊙ (dP − Δ), dQ += dS·K (· scale at the end)
- *   gradK:   per block of 64 keys, tiles of 32 of the group's query rows: Sᵀ = k·(q·scale)ᵀ,
- *            dPᵀ = v·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ·(q·scale)
- *   gradV:   the same blocks, Sᵀ, dV += Pᵀ·dO
- * (gradK is not used yet: its numbers are wrong in the emulated check of
- * spec/backends/webgpu/attention_tensor_cores.spec.ts, while the other four passes agree with the
- * tiled f32 programs; the kernel runs TiledAttentionProgram's gradK meanwhile.)
+ *   gradV:   per block of 64 keys, tiles of 32 of the group's query rows: Sᵀ = k·(q·scale)ᵀ,
+ *            dV += Pᵀ·dO
+ * dK has no pass here: the kernel runs TiledAttentionProgram's gradK (f32). A gradK pass (dPᵀ =
+ * v·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), dK += dSᵀ·(q·scale), commit 751221b) was removed unverified: the
+ * spec's emulation (matrices as private f32 arrays on Mesa's llvmpipe) gave it wrong numbers,
+ * but it also gives gradV wrong numbers once one extra, unused product is added to gradV's tile
+ * loop, so that emulation cannot judge a pass with gradK's number of matrices; only a device
+ * check could, and none was run.
  * The forward pass computes S twice (stats, then O), as FlashAttention would with a rescaled
  * accumulator once; Δ = rowsum(dO ⊙ O) is TiledAttentionProgram's 'delta' pass (f32, cheap).
  *
  * Layout: 4 subgroups per workgroup, each owning 16 of the block's 64 rows (or keys), holding its
- * rows of q·scale and dO (or of k and v) as left matrices in registers for the whole pass (staged
+ * rows of q·scale and dO (or of k) as left matrices in registers for the whole pass (staged
  * once through workgroup memory). Per tile, the workgroup stages the tile's k and v (or q·scale
  * and dO) as f16 rows padded by 8 halves (16-byte aligned rows, spread over the banks, as in
  * subgroup_matrix_program.ts); the scores go through an f32 array Ts (rows padded by 4 floats)
@@ -45,13 +47,13 @@ import type { AttentionDims } from './attention_program.js';
 import { type SlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, uniformStrideLoop } from './subgroup_matrix_core.js';
 import { BLOCKED_MASK, BLOCKED_ROW_MAX, maskRowStartSnippet } from './tiled_attention_program.js';
 
-export type SubgroupMatrixAttentionPass = 'stats' | 'forward' | 'gradQ' | 'gradK' | 'gradV';
+export type SubgroupMatrixAttentionPass = 'stats' | 'forward' | 'gradQ' | 'gradV';
 
 /** Subgroups per workgroup, each owning 16 rows (keys) of the block. */
 const SUBGROUPS = 4;
-/** Query rows (stats, forward, gradQ) or keys (gradK, gradV) per workgroup. */
+/** Query rows (stats, forward, gradQ) or keys (gradV) per workgroup. */
 export const ATTENTION_BLOCK = SUBGROUPS * MATRIX_EDGE;
-/** Keys (row passes) or query rows (key passes) per staged tile. */
+/** Keys (row passes) or query rows (gradV) per staged tile. */
 export const ATTENTION_TILE = 32;
 /** f16 elements added to every staged row (16-byte aligned rows, different banks). */
 const PAD = 8;
@@ -70,7 +72,7 @@ const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
 
 /** Where each f16 operand lives in the workgroup arena H (halves), and the arrays' sizes. */
 interface Arena {
-  /** row passes: the key tile (k), the value tile (v); key passes: the query tile (q·scale), dO's */
+  /** row passes: the key tile (k), the value tile (v); gradV: the query tile (q·scale), dO's */
   first: number;
   second: number;
   /** the tile's P or dS, [64][32 + 8] */
@@ -94,9 +96,9 @@ function arenaOf(pass: SubgroupMatrixAttentionPass, dims: Pick<AttentionDims, 'd
   const usesSecond = pass !== 'stats';
   const probs = second + (usesSecond ? T * SV : 0);
   const end = probs + (pass === 'stats' ? 0 : B * (T + PAD));
-  // the block's own rows (q·scale and dO, or k and v) are staged once through the same arena
-  const prologue = B * Math.max(SK, pass === 'gradQ' || pass === 'gradK' ? SV : 0);
-  const rowFloats = pass === 'stats' ? 0 : (rowPass ? B : T) * (pass === 'gradQ' || pass === 'gradK' ? 3 : 2);
+  // the block's own rows (q·scale and dO, or k) are staged once through the same arena
+  const prologue = B * Math.max(SK, pass === 'gradQ' ? SV : 0);
+  const rowFloats = pass === 'stats' ? 0 : (rowPass ? B : T) * (pass === 'gradQ' ? 3 : 2);
   return { first, second, probs, halves: Math.max(end, prologue), scores: B * (T + SCORE_PAD), rowFloats };
 }
 
@@ -106,7 +108,7 @@ export function subgroupMatrixAttentionBytes(pass: SubgroupMatrixAttentionPass, 
   return 2 * a.halves + 4 * a.scores + 4 * a.rowFloats + 16;
 }
 
-const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradK', 'gradV'];
+const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradV'];
 
 /**
  * Why these head widths, subgroup size and workgroup memory cannot run the programs, or
@@ -160,22 +162,21 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
       stats: ['queries', 'keys', 'mask'],
       forward: ['queries', 'keys', 'values', 'mask', 'stats'],
       gradQ: ['queries', 'keys', 'values', 'mask', 'stats', 'deltas', 'gradOut', 'amax'],
-      gradK: ['queries', 'keys', 'values', 'mask', 'stats', 'deltas', 'gradOut', 'amax'],
       gradV: ['queries', 'keys', 'mask', 'stats', 'gradOut', 'amax'],
     }[pass];
     this.outputShape = {
       stats: [nq, dims.seqLen, 2], forward: [nq, dims.seqLen, dims.dv], gradQ: [nq, dims.seqLen, dims.dk],
-      gradK: [dims.nkv, dims.keyLen, dims.dk], gradV: [dims.nkv, dims.keyLen, dims.dv],
+      gradV: [dims.nkv, dims.keyLen, dims.dv],
     }[pass];
     this.dispatchLayout = { x: this.outputShape.map((_, i) => i) };
-    // a workgroup per block of a group's query rows (stats, forward, gradQ) or keys (gradK, gradV)
-    const rows = pass === 'gradK' || pass === 'gradV' ? dims.keyLen : dims.rep * dims.seqLen;
+    // a workgroup per block of a group's query rows (stats, forward, gradQ) or keys (gradV)
+    const rows = pass === 'gradV' ? dims.keyLen : dims.rep * dims.seqLen;
     this.dispatch = [Math.max(1, Math.ceil(rows / ATTENTION_BLOCK)), dims.nkv, 1];
     this.shaderKey = `moeSubgroupAttention_${pass}_${dims.dk}_${dims.dv}_${subgroupSize}_${dims.maskBatch > 0 ? 'sample' : 'shared'}`;
   }
 
   getUserCode(): string {
-    return this.pass === 'gradK' || this.pass === 'gradV' ? this.keyBlockCode() : this.rowBlockCode();
+    return this.pass === 'gradV' ? this.keyBlockCode() : this.rowBlockCode();
   }
 
   /** The epilogue's view of the block: 4 subgroups of 16 rows × `width` columns. */
@@ -186,7 +187,7 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
 
   /** WGSL: the declarations every pass shares. */
   private declarations(arena: Arena, rowArrays: string[]): string {
-    const perRow = this.pass === 'gradK' || this.pass === 'gradV' ? ATTENTION_TILE : ATTENTION_BLOCK;
+    const perRow = this.pass === 'gradV' ? ATTENTION_TILE : ATTENTION_BLOCK;
     return `
       ${ENABLES}
       var<workgroup> H : array<f16, ${arena.halves}>;
@@ -398,7 +399,7 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
     `;
   }
 
-  /** gradK and gradV: a workgroup per block of 64 of a group's keys, tiles of 32 of its query rows. */
+  /** gradV: a workgroup per block of 64 of a group's keys, tiles of 32 of its query rows. */
   private keyBlockCode(): string {
     const { dk, dv } = this.dims;
     const B = ATTENTION_BLOCK;
@@ -406,11 +407,9 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
     const TS = T + SCORE_PAD;
     const ST = T + PAD;
     const threads = this.workgroupSize[0];
-    const gradK = this.pass === 'gradK';
     const arena = arenaOf(this.pass, this.dims);
-    const width = gradK ? dk : dv;
     return `
-      ${this.declarations(arena, gradK ? ['tileM', 'tileL', 'tileDelta'] : ['tileM', 'tileL'])}
+      ${this.declarations(arena, ['tileM', 'tileL'])}
       fn main(index : i32) {
         let subgroup = localIndex / ${this.subgroupSize}u;
         let lane = localIndex % ${this.subgroupSize}u;
@@ -423,8 +422,7 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
         let keyCount = min(${B}, keyLen - firstKey);
         let s = gradOutScale();
         ${this.stageLeftMatrices('k', 'keys', dk, 'g * keyLen + firstKey', 'keyCount', '')}
-        ${gradK ? this.stageLeftMatrices('v', 'values', dv, 'g * keyLen + firstKey', 'keyCount', '') : ''}
-        ${declareAccumulators(this.resultLayout(width))}
+        ${declareAccumulators(this.resultLayout(dv))}
         var tileNumber = 0;
         for (var r0 = 0; r0 < groupRows; r0 += ${T}) {
           tileNumber++;
@@ -436,16 +434,13 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
             let r = i32(localIndex);
             var m = 0.0;
             var l = 1.0;
-            ${gradK ? 'var delta = 0.0;' : ''}
             if (r < count) {
               m = stats[(first + r) * 2];
               l = stats[(first + r) * 2 + 1];
-              ${gradK ? 'delta = deltas[first + r] * s;' : ''}
               if (m <= ${BLOCKED_ROW_MAX}) { flags[0] = tileNumber; }   // a fully blocked row sees every key
             }
             tileM[localIndex] = m;
             tileL[localIndex] = l;
-            ${gradK ? 'tileDelta[localIndex] = delta;' : ''}
           }
           ${uniformStrideLoop('i', 'localIndex', T * B, threads, `let r = i32(i / ${B}u);
             let j = i32(i % ${B}u);
@@ -466,22 +461,13 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
             if (i32(r) < count && i32(j) < keyCount) { mv = mask[maskRowStart(first + i32(r)) + firstKey + i32(j)]; }
             H[${arena.probs}u + j * ${ST}u + r] = f16(exp(Ts[j * ${TS}u + r] + mv - tileM[r]) / tileL[r]);`)}
           workgroupBarrier();
-          ${gradK ? `
-          // dPᵀ = v·dOᵀ through Ts, then dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) in place of Pᵀ (both scaled by s)
-          ${this.productToScores('dpt', 'v', dv, arena.second)}
-          workgroupBarrier();
-          ${uniformStrideLoop('i', 'localIndex', T * B, threads, `let r = i % ${T}u;
-            let j = i / ${T}u;
-            let at = ${arena.probs}u + j * ${ST}u + r;
-            H[at] = f16(f32(H[at]) * (Ts[j * ${TS}u + r] - tileDelta[r]));`)}
-          workgroupBarrier();
-          ${this.accumulate(arena, arena.first, dk)}` : this.accumulate(arena, arena.second, dv)}
+          ${this.accumulate(arena, arena.second, dv)}
         }
         let unscale = 1.0 / s;
         workgroupBarrier();    // Ts is free
-        ${epilogueThroughSlots(this.resultLayout(width), 'subgroup', 'lane', this.subgroupSize, 'partRow', 'partCol', (mm, nn, v) => `{
+        ${epilogueThroughSlots(this.resultLayout(dv), 'subgroup', 'lane', this.subgroupSize, 'partRow', 'partCol', (mm, nn, v) => `{
           let key = firstKey + i32(${mm});
-          if (key < keyLen) { result[(g * keyLen + key) * ${width} + i32(${nn})] = unscale * ${v}; }
+          if (key < keyLen) { result[(g * keyLen + key) * ${dv} + i32(${nn})] = unscale * ${v}; }
         }`)}
       }
     `;
