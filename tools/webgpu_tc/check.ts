@@ -75,6 +75,27 @@ function finish(code: number): never {
   process.exit(code);
 }
 
+/**
+ * ms per product: `chain` products enqueued back to back, one read at the end (a single product at
+ * M1 is far shorter than the read's latency); the median of ROUNDS such rounds.
+ */
+async function chainedMs(run: () => tf.Tensor, chain: number): Promise<number> {
+  const ms: number[] = [];
+  for (let round = 0; round < ROUNDS; round++) {
+    const t0 = performance.now();
+    let r: tf.Tensor | undefined;
+    for (let i = 0; i < chain; i++) {
+      r?.dispose();
+      r = run();
+    }
+    const probe = tf.tidy(() => tf.slice(tf.reshape(r!, [-1]), 0, 1));
+    await probe.data();
+    ms.push((performance.now() - t0) / chain);
+    tf.dispose([r!, probe]);
+  }
+  return median(ms);
+}
+
 /** Runs `fn` with the tensor-core flag set to `on`, restoring it after. */
 async function withTensorCores<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
   const before = tf.env().getBool(TENSOR_CORES_FLAG);
@@ -241,25 +262,8 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
             `${tuning.rowTile}) ${name}: tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)}` +
             ` (${entry.withinContract ? 'within' : 'OUTSIDE'} ${CONTRACT}), ${JSON.stringify(entry.tcPrograms)}` +
             (problems.length > 0 ? ` — ${entry.failure}` : ''));
-        // timing: CHAIN (20) products enqueued back to back, one read at the end (a single product at M1
-        // is far shorter than the read's latency); the median of 3 such rounds, per product
         for (const on of timed ? [false, true] : []) {
-          const ms: number[] = [];
-          await withTensorCores(on, async () => {
-            for (let round = 0; round < ROUNDS; round++) {
-              const t0 = performance.now();
-              let r: tf.Tensor | undefined;
-              for (let i = 0; i < CHAIN; i++) {
-                r?.dispose();
-                r = run();
-              }
-              const probe = tf.tidy(() => tf.slice(tf.reshape(r!, [-1]), 0, 1));
-              await probe.data();
-              ms.push((performance.now() - t0) / CHAIN);
-              tf.dispose([r!, probe]);
-            }
-          });
-          entry[on ? 'tcMs' : 'f32Ms'] = median(ms);
+          entry[on ? 'tcMs' : 'f32Ms'] = await withTensorCores(on, () => chainedMs(run, CHAIN));
         }
         takeProgramCounts();
       } catch (err) {
@@ -335,22 +339,7 @@ async function checkDense(tensorCoresAvailable: boolean): Promise<unknown[]> {
           entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT && subgroupPrograms > 0;
           errorSummary[label] = entry.maxRelError as number;
           for (const on of [false, true]) {
-            const ms: number[] = [];
-            await withTensorCores(on, async () => {
-              for (let round = 0; round < ROUNDS; round++) {
-                const t0 = performance.now();
-                let r: tf.Tensor | undefined;
-                for (let i = 0; i < chain; i++) {
-                  r?.dispose();
-                  r = run();
-                }
-                const probe = tf.tidy(() => tf.slice(tf.reshape(r!, [-1]), 0, 1));
-                await probe.data();
-                ms.push((performance.now() - t0) / chain);
-                tf.dispose([r!, probe]);
-              }
-            });
-            entry[on ? 'tcMs' : 'f32Ms'] = median(ms);
+            entry[on ? 'tcMs' : 'f32Ms'] = await withTensorCores(on, () => chainedMs(run, chain));
           }
           takeProgramCounts();
           const tflops = (ms: number) => (flops / (ms * 1e-3) / 1e12).toFixed(1);

@@ -30,7 +30,7 @@ import {
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
-import { compileErrors, expectNoLeakAsync } from './helpers.js';
+import { compileErrors, expectNoLeakAsync, withEnvFlag } from './helpers.js';
 
 const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradV'];
 
@@ -122,17 +122,6 @@ class EmulatedSubgroupProgram implements WebGPUProgram {
 
   getUserCode(): string {
     return this.code;
-  }
-}
-
-/** Runs fn with tf.env() flag `name` at `value`, restoring it after. */
-async function withFlag<T>(name: string, value: number | boolean, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().get(name);
-  tf.env().set(name, value);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(name, before);
   }
 }
 
@@ -259,7 +248,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
 
   it('with the tensor-core flag on, the suite\'s device (not registered) runs the tiled f32 programs: bit-identical O, dq, dk, dv', async () => {
     expect(attentionTensorCores(128, 128)).to.equal(undefined);
-    await withFlag(TENSOR_CORES_FLAG, true, async () => expect(attentionTensorCores(128, 128)).to.equal(undefined));
+    await withEnvFlag(TENSOR_CORES_FLAG, true, async () => expect(attentionTensorCores(128, 128)).to.equal(undefined));
     const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
     const run = backend.runWebGPUProgram;
     const keys: string[] = [];
@@ -268,7 +257,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       return run.call(this, p, ...rest);
     };
     try {
-      await withFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0, () => expectNoLeakAsync(async () => {
+      await withEnvFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0, () => expectNoLeakAsync(async () => {
         // grouped heads (rep 2), a per-sample packed mask with a fully blocked row, 70 positions: several blocks and tiles
         const [nq, nkv, s, d] = [4, 2, 70, 64];
         const q = tf.randomNormal([nq, s, d], 0, 1, 'float32', 1) as tf.Tensor3D;
@@ -294,7 +283,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
         keys.splice(0);   // the inputs' programs
         const off = await both();
         const offKeys = keys.splice(0);
-        const on = await withFlag(TENSOR_CORES_FLAG, true, both);
+        const on = await withEnvFlag(TENSOR_CORES_FLAG, true, both);
         expect(keys, 'the same programs').to.deep.equal(offKeys);
         expect(keys.some(key => key.startsWith('moeTiledAttention_')), 'the tiled programs ran').to.equal(true);
         expect(keys.some(key => key.startsWith('moeSubgroupAttention')), 'no subgroup-matrix program').to.equal(false);
@@ -314,25 +303,25 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
     expect(tf.env().getNumber(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG), 'the H100-measured default').to.equal(ATTENTION_TENSOR_CORE_MIN_BYTES);
     expect(ATTENTION_TENSOR_CORE_MIN_BYTES).to.equal(256 * 2 ** 20);
     const decide = () => useAttentionKernels(nq, d, d, s, s);
-    await withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => {
+    await withEnvFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => {
       // here no tensor cores: the f32 threshold (64 MiB) holds, whatever the tensor-core one says
-      await withFlag(TENSOR_CORES_FLAG, true, async () => expect(decide(), 'f32 threshold').to.equal(false));
-      await withFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, bytes, async () => expect(decide(), 'f32 threshold met').to.equal(true));
+      await withEnvFlag(TENSOR_CORES_FLAG, true, async () => expect(decide(), 'f32 threshold').to.equal(false));
+      await withEnvFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, bytes, async () => expect(decide(), 'f32 threshold met').to.equal(true));
     });
     // a backend whose heads run on tensor cores: the tensor-core threshold instead
     registerTensorCoreAttention('webgpu', (dk, dv) => dk === 128 && dv === 128);
     try {
-      await withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, bytes, async () => {
+      await withEnvFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, bytes, async () => {
         expect(decide(), 'tensor-core threshold met').to.equal(true);
         expect(useAttentionKernels(nq, 64, 64, s, s), 'heads not on tensor cores: the f32 threshold').to.equal(false);
       });
-      await withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, bytes + 1, async () => expect(decide(), 'one byte short').to.equal(false));
-      await withFlag(ATTENTION_KERNEL_FLAG, false, async () =>
-        withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => expect(decide(), 'the kernels off').to.equal(false)));
+      await withEnvFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, bytes + 1, async () => expect(decide(), 'one byte short').to.equal(false));
+      await withEnvFlag(ATTENTION_KERNEL_FLAG, false, async () =>
+        withEnvFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => expect(decide(), 'the kernels off').to.equal(false)));
     } finally {
       registerTensorCoreAttention('webgpu', (dk, dv) => attentionTensorCores(dk, dv) !== undefined);
     }
     // the real hook again: no tensor cores here
-    await withFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => expect(decide()).to.equal(false));
+    await withEnvFlag(ATTENTION_TENSOR_CORE_MIN_BYTES_FLAG, 0, async () => expect(decide()).to.equal(false));
   });
 });

@@ -17,18 +17,7 @@ import { registerTensorCoreDevice, TENSOR_CORES_FLAG } from '../../../src/backen
 import {
   DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul, PACKED_DENSE_MATMUL, packDenseWeight, registerDenseKernelOverride,
 } from '../../../src/ops/packed.js';
-import { expectNoLeakAsync, profileKernels } from './helpers.js';
-
-/** Runs `fn` with tf.env() flag `name` set to `value`, restoring it after. */
-async function withEnv<T>(name: string, value: boolean | string, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().get(name);
-  tf.env().set(name, value);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(name, before);
-  }
-}
+import { expectNoLeakAsync, profileKernels, withEnvFlag } from './helpers.js';
 
 type ProgramRunner = { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
 
@@ -70,7 +59,7 @@ describe('webgpu: dense products and tensor cores (choice and fall back, on a de
     expect(registerTensorCoreDevice(small, support)).to.equal(undefined);
     // OLMoE's q projection and LM head, both directions; LoRA's rank-8 products are not wide enough
     const wide: Array<[number, number, number]> = [[2048, 2048, 2048], [2048, 50304, 2048], [2048, 2048, 50304], [5, 2048, 2048]];
-    await withEnv(TENSOR_CORES_FLAG, true, async () => {
+    await withEnvFlag(TENSOR_CORES_FLAG, true, async () => {
       for (const [rows, cols, inner] of wide) {
         expect(denseTensorCores(roomy, rows, cols, inner), `${rows}×${cols}×${inner}`).to.deep.equal(
             rows >= 32 ? support : undefined);
@@ -81,7 +70,7 @@ describe('webgpu: dense products and tensor cores (choice and fall back, on a de
       expect(denseTensorCores(small, 2048, 2048, 2048), 'workgroup memory below the slabs').to.equal(undefined);
       expect(denseTensorCores(unregistered, 2048, 2048, 2048), 'not registered').to.equal(undefined);
     });
-    await withEnv(TENSOR_CORES_FLAG, false, async () => {
+    await withEnvFlag(TENSOR_CORES_FLAG, false, async () => {
       expect(denseTensorCores(roomy, 2048, 2048, 2048), 'flag off').to.equal(undefined);
     });
   });
@@ -100,8 +89,8 @@ describe('webgpu: dense products and tensor cores (choice and fall back, on a de
     ];
     await expectNoLeakAsync(async () => {
       for (const [label, fn, kernel, program] of calls) {
-        const off = await withEnv(TENSOR_CORES_FLAG, false, () => dispatchOf(fn));
-        const on = await withEnv(TENSOR_CORES_FLAG, true, () => dispatchOf(fn));
+        const off = await withEnvFlag(TENSOR_CORES_FLAG, false, () => dispatchOf(fn));
+        const on = await withEnvFlag(TENSOR_CORES_FLAG, true, () => dispatchOf(fn));
         expect(off.kernels, label).to.deep.equal([kernel]);
         expect(on.kernels, label).to.deep.equal([kernel]);
         expect(on.programs, label).to.deep.equal(off.programs);
@@ -129,18 +118,18 @@ describe('webgpu: dense products and tensor cores (choice and fall back, on a de
       registerDenseKernelOverride('webgpu', (rows, outCols, inner) => { asked.push([rows, outCols, inner]); return true; });
       await expectNoLeakAsync(async () => {
         for (const choice of ['forward', 'grouped', 'tfjs']) {
-          expect(await withEnv(DENSE_PROGRAM_FLAG, choice, kernelsOf), choice).to.deep.equal([[DENSE_MATMUL], [DENSE_MATMUL]]);
+          expect(await withEnvFlag(DENSE_PROGRAM_FLAG, choice, kernelsOf), choice).to.deep.equal([[DENSE_MATMUL], [DENSE_MATMUL]]);
         }
       });
       // profileKernels runs each call once: x·Wᵀ reduces over in (24) into out (40) columns, dy·W the other way
       expect(asked).to.deep.equal([[70, 40, 24], [70, 24, 40], [70, 40, 24], [70, 24, 40], [70, 40, 24], [70, 24, 40]]);
       registerDenseKernelOverride('webgpu', () => false);
-      expect(await withEnv(DENSE_PROGRAM_FLAG, 'tfjs', kernelsOf), 'an override that declines').to.deep.equal([['BatchMatMul'], ['BatchMatMul']]);
+      expect(await withEnvFlag(DENSE_PROGRAM_FLAG, 'tfjs', kernelsOf), 'an override that declines').to.deep.equal([['BatchMatMul'], ['BatchMatMul']]);
     } finally {
       registerDenseKernelOverride('webgpu', webgpuDenseKernelOverride);
     }
     // the webgpu override, restored: this device has no tensor cores, so the flag decides again
-    expect(await withEnv(TENSOR_CORES_FLAG, true, kernelsOf)).to.deep.equal([[DENSE_MATMUL], ['BatchMatMul']]);
+    expect(await withEnvFlag(TENSOR_CORES_FLAG, true, kernelsOf)).to.deep.equal([[DENSE_MATMUL], ['BatchMatMul']]);
     tf.dispose([w, x, dy]);
   });
 

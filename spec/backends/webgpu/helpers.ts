@@ -69,4 +69,15 @@ export function productFloat64(a: Float32Array, n: number, w: Float32Array, rows
   return y;
 }
 
+/** Runs `fn` with tf.env() flag `name` set to `value`, restoring the flag's previous value after. */
+export async function withEnvFlag<T>(name: string, value: boolean | number | string, fn: () => Promise<T>): Promise<T> {
+  const before = tf.env().get(name);
+  tf.env().set(name, value);
+  try {
+    return await fn();
+  } finally {
+    tf.env().set(name, before);
+  }
+}
+
 export * from '../../helpers/expert_cases.js';

@@ -32,21 +32,10 @@ import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
-import { compileErrors, expectNoLeakAsync } from './helpers.js';
+import { compileErrors, expectNoLeakAsync, withEnvFlag } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
 const BOTH = ['shader-f16', 'chromium-experimental-subgroup-matrix'];
-
-/** Runs fn with the tensor-core flag `on`, restoring it after. */
-async function withFlag<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().getBool(TENSOR_CORES_FLAG);
-  tf.env().set(TENSOR_CORES_FLAG, on);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(TENSOR_CORES_FLAG, before);
-  }
-}
 
 describe('webgpu: tensor cores (setup and choice, on a device without them)', () => {
   it('tensorCoreSupport needs both features, an f16→f32 16×16×16 config and one subgroup size', () => {
@@ -158,7 +147,7 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
 
   it('with the flag on, the suite\'s device (not registered) keeps the f32 kernels: same numbers, no subgroup program', async () => {
     expect(activeTensorCores()).to.equal(undefined);
-    await withFlag(true, async () => expect(activeTensorCores()).to.equal(undefined));
+    await withEnvFlag(TENSOR_CORES_FLAG, true, async () => expect(activeTensorCores()).to.equal(undefined));
     const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
     const run = backend.runWebGPUProgram;
     const keys: string[] = [];
@@ -175,8 +164,8 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         const w1 = tf.randomNormal([E, 2 * I, H], 0, 0.1, 'float32', 2);
         const product = () => groupedMatMul({ a: x, source: 'gather', w: w1, strides: { sE: 2 * I * H, sN: H, sK: 1 },
           inner: H, outCols: 2 * I, plan, tile: { tm: 4, tn: 4, bk: 16 }, gradient: true });
-        const off = await withFlag(false, async () => { const y = product(); const d = await y.data(); y.dispose(); return d; });
-        const on = await withFlag(true, async () => {
+        const off = await withEnvFlag(TENSOR_CORES_FLAG, false, async () => { const y = product(); const d = await y.data(); y.dispose(); return d; });
+        const on = await withEnvFlag(TENSOR_CORES_FLAG, true, async () => {
           expect(useTensorCores(plan, plan.capacity, 2 * I, H)).to.equal(false);
           const y = product();
           const d = await y.data();
