@@ -1,13 +1,15 @@
 /**
- * NarrowGroupedMatMulProgram (split LoRA's rank-r products) against float64 JS: every row source,
- * r in {1, 4, 8, 16}, A's layout (reduction contiguous) and PEFT's B read as dy·B_e (strided),
- * several BK chunks with a ragged last one, padding rows, an empty expert, 16- and 32-row blocks;
- * and which program the kernel picks. Run with TFJS_BACKEND=webgpu.
+ * NarrowGroupedMatMulProgram and NarrowWeightGradProgram (split LoRA's rank-r products) against
+ * float64 JS: every row source, r in {1, 4, 8, 16}, A's layout (reduction contiguous) and PEFT's
+ * B read as dy·B_e (strided), several BK chunks with a ragged last one, padding rows, empty
+ * experts, 16- and 32-row blocks; the weight gradients narrow on either side, scaled by the
+ * routing weight, into PEFT's A and B layouts over several 256-column blocks; and which program
+ * the kernel picks. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { expect } from 'chai';
-import { deviceDispatchPlan, groupedMatMul, NARROW_PRODUCTS_FLAG, type WeightStrides } from '../../../src/backends/webgpu/kernels.js';
+import { deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_FLAG, type WeightStrides } from '../../../src/backends/webgpu/kernels.js';
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
@@ -112,6 +114,85 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     });
   }
 
+  describe('weight gradients', () => {
+    const rowTile = 32;
+    // the wide side: two 256-column blocks, the second ragged
+    const wide = 300;
+    let plan: ReturnType<typeof deviceDispatchPlan>;
+    let ex: tf.Tensor2D;
+    let pairOfRow: number[];
+    const rw = asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform()));
+    before(async () => {
+      ex = tf.tensor2d(experts, [T, K], 'int32');
+      plan = deviceDispatchPlan(ex, E, rowTile);
+      pairOfRow = Array.from(await plan.pairOfRow.data());
+    });
+    after(() => tf.dispose([ex, plan.seg, plan.rowOfPair, plan.pairOfRow]));
+
+    type Case = { narrow: 'P' | 'Q'; left: 'gather' | 'rows'; right: RowSource };
+    const cases: Case[] = [
+      // dA_e = Σ (s·dy·B_e)ᵀ·x: L = gr rows, R = x gathered (up) or act(h) (down), also plain rows
+      { narrow: 'P', left: 'rows', right: 'gather' }, { narrow: 'P', left: 'rows', right: 'act' },
+      { narrow: 'P', left: 'rows', right: 'rows' },
+      // dB_e = Σ (w·dy)ᵀ·u: L = dOut gathered (down) or dh rows (up), R = u rows
+      { narrow: 'Q', left: 'gather', right: 'rows' }, { narrow: 'Q', left: 'rows', right: 'rows' },
+    ];
+    for (const r of [1, 4, 8, 16]) {
+      for (const c of cases) {
+        for (const scaled of [false, true]) {
+          it(`narrow ${c.narrow} = ${r}: L ${c.left}, R ${c.right}${scaled ? ', L scaled by the routing weight' : ''}`, async () => {
+            const cap = plan.capacity;
+            const P = c.narrow === 'P' ? r : wide;
+            const Q = c.narrow === 'P' ? wide : r;
+            const lData = asF32(rng.array((c.left === 'gather' ? T : cap) * P));
+            const rWidth = c.right === 'act' ? 2 * Q : Q;
+            const rData = asF32(rng.array((c.right === 'gather' ? T : cap) * rWidth));
+            const L = (row: number, p: number) => {
+              const pair = pairOfRow[row];
+              const v = c.left === 'gather' ? lData[Math.floor(pair / K) * P + p] : lData[row * P + p];
+              return scaled ? v * rw[pair] : v;
+            };
+            const R = (row: number, q: number) => {
+              const pair = pairOfRow[row];
+              if (c.right === 'gather') return rData[Math.floor(pair / K) * Q + q];
+              if (c.right === 'rows') return rData[row * Q + q];
+              const g = rData[row * 2 * Q + q];
+              return g * sigmoid(g) * rData[row * 2 * Q + Q + q];
+            };
+            // narrow P: PEFT's A [r·E, wide] (oE r·wide, oP wide, oQ 1); narrow Q: B [wide, r·E] (oE 1, oP r·E, oQ E)
+            const outShape = c.narrow === 'P' ? [r * E, wide] : [wide, r * E];
+            const o = c.narrow === 'P' ? { oE: r * wide, oP: wide, oQ: 1 } : { oE: 1, oP: r * E, oQ: E };
+            const alpha = 0.75;
+            const want = new Float64Array(r * E * wide);
+            for (let row = 0; row < cap; row++) {
+              const pair = pairOfRow[row];
+              if (pair < 0) continue;
+              const e = experts[pair];
+              for (let p = 0; p < P; p++) {
+                for (let q = 0; q < Q; q++) want[e * o.oE + p * o.oP + q * o.oQ] += alpha * L(row, p) * R(row, q);
+              }
+            }
+            const lT = tf.tensor2d(Float32Array.from(lData), [c.left === 'gather' ? T : cap, P]);
+            const rT = tf.tensor2d(Float32Array.from(rData), [c.right === 'gather' ? T : cap, rWidth]);
+            const rwT = tf.tensor1d(Float32Array.from(rw));
+            await expectNoLeakAsync(async () => {
+              let out: tf.Tensor | undefined;
+              const programs = programsOf(() => {
+                out = groupedWeightGrad({ l: lT, left: c.left, r: rT, right: c.right, P, Q, outShape, outStrides: o, plan,
+                  tile: { tm: 1, tn: 1, bk: 16 }, rowScale: scaled ? rwT : undefined, activation, alpha });
+              });
+              expect(programs, 'programs').to.deep.equal(['NarrowWeightGradProgram']);
+              // experts 0 and E−1 have no rows: their zeros are part of `want`
+              await expectCloseAsync(out!, want, 1e-5, 'dW', outShape);
+              out!.dispose();
+            });
+            tf.dispose([lT, rT, rwT]);
+          });
+        }
+      }
+    }
+  });
+
   it('the kernel keeps the generic program for r 17, a bias or addend, and with the flag off; both agree', async () => {
     const rowTile = 32;
     const ex = tf.tensor2d(experts, [T, K], 'int32');
@@ -147,5 +228,36 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
     await expectCloseAsync(withAddend.out, await generic.out.data(), 1e-6, 'generic with a zero addend');
     tf.dispose([wide.out, withAddend.out, narrow.out, generic.out, addend, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  });
+
+  it('the weight gradient keeps the generic program for P, Q > 16 and with the flag off; both agree', async () => {
+    const ex = tf.tensor2d(experts, [T, K], 'int32');
+    const plan = deviceDispatchPlan(ex, E, 32);
+    const input = tf.tensor2d(Float32Array.from(x), [T, inner]);
+    const run = (P: number) => {
+      const l = tf.ones([plan.capacity, P]) as tf.Tensor2D;
+      let out: tf.Tensor | undefined;
+      const names = programsOf(() => {
+        out = groupedWeightGrad({ l, left: 'rows', r: input, right: 'gather', P, Q: inner, outShape: [P * E, inner],
+          outStrides: { oE: P * inner, oP: inner, oQ: 1 }, plan, tile: { tm: 1, tn: 8, bk: 16 } });
+      });
+      l.dispose();
+      return { names, out: out! };
+    };
+    const wide = run(17);
+    expect(wide.names).to.deep.equal(['GroupedWeightGradProgram']);
+    const narrow = run(8);
+    expect(narrow.names).to.deep.equal(['NarrowWeightGradProgram']);
+    const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
+    tf.env().set(NARROW_PRODUCTS_FLAG, false);
+    let generic: ReturnType<typeof run>;
+    try {
+      generic = run(8);
+    } finally {
+      tf.env().set(NARROW_PRODUCTS_FLAG, previous);
+    }
+    expect(generic.names).to.deep.equal(['GroupedWeightGradProgram']);
+    await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
+    tf.dispose([wide.out, narrow.out, generic.out, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
   });
 });

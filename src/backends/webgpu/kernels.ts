@@ -12,7 +12,9 @@ import type { ExpertActivation } from '../../ops/types.js';
 import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
-import { NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread } from './programs/narrow_matmul_program.js';
+import {
+  NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
+} from './programs/narrow_matmul_program.js';
 import {
   matMulStaging, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
@@ -77,8 +79,9 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
 
 /**
  * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
- * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, which reads each row once; false: the
- * generic tiled GroupedMatMulProgram (A/B comparisons, bench/webgpu_lora_products.ts).
+ * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
+ * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
+ * false: the generic tiled programs (A/B comparisons, bench/webgpu_lora_products.ts).
  */
 export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
@@ -97,7 +100,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const backend = webgpu(args);
@@ -407,7 +410,9 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
-      : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
+      : a.narrow !== 'none'
+        ? new NarrowWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' })
+        : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
       ...floatUniforms(a.alpha as number),
@@ -446,9 +451,12 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   // L is the gradient operand (dy) of every weight gradient: scaled on tensor cores
   const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
   if (tensorCores) inputs.amax = maxAbs(args.l);
+  // NarrowWeightGradProgram's staged side (the narrower), 'none': the tiled program
+  const narrow = tensorCores || !tf.env().getBool(NARROW_PRODUCTS_FLAG) || Math.min(args.P, args.Q) > NARROW_MAX_COLS ? 'none'
+    : args.P <= args.Q ? 'P' : 'Q';
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
     // the reduction's rows per staged slab follow the plan's row tile
-    tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile),
+    tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile), narrow,
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
     topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,

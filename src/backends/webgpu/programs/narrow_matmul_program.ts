@@ -1,4 +1,7 @@
 /**
+ * The grouped products of split LoRA's rank r (≤ 16) at memory speed: NarrowGroupedMatMulProgram
+ * for the products r wide, NarrowWeightGradProgram for the LoRA factors' gradients.
+ *
  * NarrowGroupedMatMulProgram: GroupedMatMulProgram's product for outputs at most NARROW_MAX_COLS
  * wide, out[r, n] = alpha·Σ_k A(r, k)·W_e(k, n) with the same row sources, plan and weight strides
  * (no bias, no addend, float32 W): split LoRA's u = x·A_eᵀ and s·dy·B_e, [capacity, r].
@@ -17,7 +20,9 @@
  * after 32 chunks at r 8, inner 2048), too little to be worth a second specialisation.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { rowLoadSnippet, tileRowsSnippet } from './grouped_matmul_program.js';
+import {
+  type GroupedWeightGradSpec, rowLoadSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
+} from './grouped_matmul_program.js';
 import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, type RowSource, TILE_THREADS } from './shared.js';
 
 /** The widest output the narrow program takes: r ≤ 16 covers LoRA ranks 1–16 (see narrowProductFits). */
@@ -81,7 +86,7 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
       : `let n = i % ${cols}; let kk = i / ${cols};`;
     const fmas: string[] = [];
     for (let i = 0; i < rpt; i++) {
-      fmas.push(`let a${i} = select(0.0, loadA(ty + ${TILE_THREADS * i}, k), k < uniforms.inner);`);
+      fmas.push(`var a${i} = 0.0;`, `if (k < uniforms.inner) { a${i} = loadA(ty + ${TILE_THREADS * i}, k); }`);
     }
     for (let j = 0; j < cols; j++) {
       fmas.push(`{ let w = Ws[${j * BK} + kk];`);
@@ -141,6 +146,116 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
               result[r * ${cols} + c] = select(0.0, uniforms.alpha * s, e >= 0 && rowSrc[m] >= 0);
             }
             workgroupBarrier();
+          }
+        }
+      }
+    `;
+  }
+}
+
+/** Rows of the narrow operand staged per step of NarrowWeightGradProgram. */
+const GRAD_ROWS = 32;
+
+/**
+ * NarrowWeightGradProgram: GroupedWeightGradProgram's dW[e](p, q) = alpha·Σ_{real rows r of e}
+ * L(r, p)·R(r, q) (same operands, loaders and output strides) when P or Q is at most
+ * NARROW_MAX_COLS: split LoRA's dA_e = Σ (s·dy·B_e)ᵀ·x (P = r) and dB_e = Σ (w·dy)ᵀ·u (Q = r).
+ *
+ * The wide operand (x, act(h), dy: thousands of columns) is the bytes that matter; each of a
+ * workgroup's 256 threads owns one of its columns and reads that column of every row of the
+ * expert straight from memory (256 threads read 1 KB of a row together), once in all, while the
+ * narrow operand's rows (r ≤ 16 values each, r/inner of the bytes) are staged GRAD_ROWS at a time
+ * in workgroup memory and read as broadcasts. A thread keeps the narrow side's sums in registers,
+ * so no second reduction pass is needed: the grid is (wide / 256) × E workgroups (8 × 64 = 512 at
+ * OLMoE's 2048 columns, each summing its expert's ~256 rows), which fills the GPU without
+ * splitting the rows.
+ */
+export interface NarrowWeightGradSpec extends GroupedWeightGradSpec {
+  /** which of P, Q is narrow (≤ NARROW_MAX_COLS): its operand is staged, the other is read by column */
+  narrow: 'P' | 'Q';
+}
+
+export class NarrowWeightGradProgram implements WebGPUProgram {
+  variableNames: string[];
+  outputShape: number[];
+  shaderKey: string;
+  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, experts along z
+  dispatchLayout = { x: [1], y: [0] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [THREADS, 1, 1];
+  // GroupedWeightGradProgram's uniforms, so that the kernel passes the same list to either program
+  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
+      ACTIVATION_UNIFORMS;
+  private readonly spec: NarrowWeightGradSpec;
+  private readonly width: number;
+
+  /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
+  constructor(outputShape: number[], numExperts: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
+    const narrow = spec.narrow === 'P' ? P : Q;
+    if (narrow < 1 || narrow > NARROW_MAX_COLS) {
+      throw new Error(`NarrowWeightGradProgram: ${spec.narrow} must be in [1, ${NARROW_MAX_COLS}] but got ${narrow}`);
+    }
+    this.spec = spec;
+    this.width = narrow;
+    this.outputShape = outputShape;
+    this.dispatch = [Math.ceil((spec.narrow === 'P' ? Q : P) / THREADS), 1, numExperts];
+    this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : [])];
+    this.shaderKey = `moeNarrowWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
+        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${narrow}_${outputShape.length}`;
+  }
+
+  getUserCode(): string {
+    const width = this.width;
+    const { loadL, loadR } = weightGradLoadSnippets(this.spec);
+    const narrowP = this.spec.narrow === 'P';
+    // the narrow operand at (row, j) and the wide one at (row, c)
+    const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
+    const loadWide = narrowP ? 'loadR(row, c)' : 'loadL(row, c)';
+    const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
+    const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
+    const fmas = Array.from({ length: width }, (_, j) => `acc[${j}] = fma(v, Ns[rr * ${width} + ${j}], acc[${j}]);`);
+    return `
+      var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
+      var<workgroup> segStart : i32;
+      var<workgroup> segCount : i32;
+      ${loadL}
+      ${loadR}
+
+      fn main() {
+        let lid = i32(localIndex);
+        let e = i32(workgroupId.z);
+        let c = i32(workgroupId.x) * ${THREADS} + lid;
+        let live = c < ${wideSize};
+        if (lid == 0) {
+          segStart = seg[e];
+          segCount = seg[uniforms.numExperts + 1 + e];
+        }
+        let start = workgroupUniformLoad(&segStart);
+        let count = workgroupUniformLoad(&segCount);
+        var acc : array<f32, ${width}>;
+        for (var r0 = 0; r0 < count; r0 += ${GRAD_ROWS}) {
+          for (var i = lid; i < ${GRAD_ROWS * width}; i += ${THREADS}) {
+            let rr = i / ${width};
+            let j = i % ${width};
+            let row = start + r0 + rr;
+            var v = 0.0;
+            if (r0 + rr < count) { v = ${loadNarrow}; }
+            Ns[i] = v;
+          }
+          workgroupBarrier();
+          let rows = min(${GRAD_ROWS}, count - r0);
+          if (live) {
+            for (var rr = 0; rr < rows; rr++) {
+              let row = start + r0 + rr;
+              let v = ${loadWide};
+              ${fmas.join('\n              ')}
+            }
+          }
+          workgroupBarrier();
+        }
+        if (live) {
+          for (var j = 0; j < ${width}; j++) {
+            result[${outIndex}] = uniforms.alpha * acc[j];
           }
         }
       }
