@@ -155,6 +155,8 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
 
 /** Rows of the narrow operand staged per step of NarrowWeightGradProgram. */
 const GRAD_ROWS = 32;
+/** Rows of the wide operand a thread loads before summing them (divides GRAD_ROWS). */
+const GRAD_UNROLL = 8;
 
 /**
  * NarrowWeightGradProgram: GroupedWeightGradProgram's dW[e](p, q) = alpha·Σ_{real rows r of e}
@@ -213,7 +215,11 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
     const loadWide = narrowP ? 'loadR(row, c)' : 'loadL(row, c)';
     const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
     const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
-    const fmas = Array.from({ length: width }, (_, j) => `acc[${j}] = fma(v, Ns[rr * ${width} + ${j}], acc[${j}]);`);
+    // rows past `rows` load 0 (and their staged narrow values are 0 too)
+    const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
+      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { let row = start + r0 + rr0 + ${u}; v${u} = ${loadWide}; }`);
+    const sums = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
+      `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
     return `
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
       var<workgroup> segStart : i32;
@@ -245,10 +251,11 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
           workgroupBarrier();
           let rows = min(${GRAD_ROWS}, count - r0);
           if (live) {
-            for (var rr = 0; rr < rows; rr++) {
-              let row = start + r0 + rr;
-              let v = ${loadWide};
-              ${fmas.join('\n              ')}
+            // ${GRAD_UNROLL} rows' loads issued before their sums, so that each thread keeps that many
+            // reads in flight (a plain loop over rows would wait on each load in turn)
+            for (var rr0 = 0; rr0 < rows; rr0 += ${GRAD_UNROLL}) {
+              ${loads.join('\n              ')}
+              ${sums.join('\n              ')}
             }
           }
           workgroupBarrier();
