@@ -11,7 +11,8 @@
  * line: ms of each (--chain products enqueued, one read at the end, the median of --iters
  * chains), the speedup, the narrow one's GB/s over the bytes it must move (its wide operand
  * once, plus the output), and the max relative error of narrow against generic (must be ≤ 1e-5:
- * the same f32 sums in another order).
+ * the same f32 sums in another order); then down.grT / up.grT: the narrow s·dy·B_e on a contiguous
+ * Bᵀ copy made in the call (whether experts.ts should transpose PEFT's strided B first).
  *   npx tsx bench/webgpu_lora_products.ts [--tokens 2048] [--experts 64] [--topk 8] [--hidden 2048]
  *       [--inter 1024] [--rank 8] [--iters 7] [--chain 20]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_lora_products.ts, then on the GPU machine
@@ -115,16 +116,19 @@ const aStrides = (inSize: number) => ({ sE: r * inSize, sN: inSize, sK: 1 });
 const bBackward = { sE: 1, sN: E, sK: r * E };
 const N = T * K;
 
-/** [name, product, bytes it must move: the wide operand once (gathered rows count per pair) + output] */
+/**
+ * [name, product, bytes it must move: the wide operand's real rows once (padding rows are not
+ * read; a gathered row counts once per pair) + the output]
+ */
 const products: Array<[string, () => tf.Tensor, number]> = [
   ['up.u', () => groupedMatMul({ ...common, a: x, source: 'gather', w: A1, strides: aStrides(H), inner: H, outCols: r,
     tile: narrowColumns(tuning.tile) }), 4 * (N * H + cap * r)],
   ['down.u', () => groupedMatMul({ ...common, a: h, source: 'act', w: A2, strides: aStrides(I), inner: I, outCols: r,
-    tile: narrowColumns(tuning.tile) }), 4 * (cap * 2 * I + cap * r)],
+    tile: narrowColumns(tuning.tile) }), 4 * (N * 2 * I + cap * r)],
   ['down.gr', () => groupedMatMul({ ...common, a: dOut, source: 'gather', w: B2, strides: bBackward, inner: H, outCols: r,
     alpha: s, tile: narrowColumns(tuning.tile), gradient: true }), 4 * (N * H + cap * r)],
   ['up.gr', () => groupedMatMul({ ...common, a: dh, source: 'rows', w: B1, strides: bBackward, inner: 2 * I, outCols: r,
-    alpha: s, tile: narrowColumns(tuning.tile), gradient: true }), 4 * (cap * 2 * I + cap * r)],
+    alpha: s, tile: narrowColumns(tuning.tile), gradient: true }), 4 * (N * 2 * I + cap * r)],
   ['down.dA', () => groupedWeightGrad({ ...common, l: gr, left: 'rows', r: h, right: 'act', P: r, Q: I, outShape: A2.shape,
     outStrides: { oE: r * I, oP: I, oQ: 1 }, rowScale: rw, tile: narrowRows(tuning.gradTile) }), 4 * (N * 2 * I + r * E * I)],
   ['down.dB', () => groupedWeightGrad({ ...common, l: dOut, left: 'gather', r: uDown, right: 'rows', P: H, Q: r, outShape: B2.shape,
@@ -133,6 +137,22 @@ const products: Array<[string, () => tf.Tensor, number]> = [
     outStrides: { oE: r * H, oP: H, oQ: 1 }, tile: narrowRows(tuning.gradTile) }), 4 * (N * H + r * E * H)],
   ['up.dB', () => groupedWeightGrad({ ...common, l: dh, left: 'rows', r: uUp, right: 'rows', P: 2 * I, Q: r, outShape: B1.shape,
     outStrides: { oE: 1, oP: r * E, oQ: E }, alpha: s, tile: narrowColumns(tuning.gradTile) }), 4 * (N * 2 * I + 2 * I * r * E)],
+];
+
+/**
+ * s·dy·B_e on a contiguous copy Bᵀ [E, r, out] made in the same call: PEFT's B [out, r·E] puts
+ * an expert's r values of a row E apart, so staging B_e reads a 32-byte sector per value. If these
+ * lines beat down.gr / up.gr, experts.ts should transpose B once per backward.
+ */
+const contiguousB = (b: tf.Tensor2D, out: number) =>
+  tf.transpose(tf.reshape(b, [out, r, E]), [2, 1, 0]) as tf.Tensor3D;  // [E, r, out]
+const variants: Array<[string, () => tf.Tensor, number, string]> = [
+  ['down.grT', () => tf.tidy(() => groupedMatMul({ ...common, a: dOut, source: 'gather', w: contiguousB(B2, H),
+    strides: aStrides(H), inner: H, outCols: r, alpha: s, tile: narrowColumns(tuning.tile), gradient: true })),
+  4 * (N * H + cap * r), 'down.gr'],
+  ['up.grT', () => tf.tidy(() => groupedMatMul({ ...common, a: dh, source: 'rows', w: contiguousB(B1, 2 * I),
+    strides: aStrides(2 * I), inner: 2 * I, outCols: r, alpha: s, tile: narrowColumns(tuning.tile), gradient: true })),
+  4 * (N * 2 * I + cap * r), 'up.gr'],
 ];
 
 // per layer and step: up.u and down.u run twice (forward, and recomputed in backward), the rest once
@@ -153,6 +173,18 @@ for (const [name, product, bytes] of products) {
   process.stdout.write(`${name.padEnd(8)} generic ${genericMs.toFixed(3)} ms  narrow ${narrowMs.toFixed(3)} ms  ` +
       `${(genericMs / narrowMs).toFixed(2)}x  narrow ${(bytes / narrowMs / 1e6).toFixed(1)} GB/s  ` +
       `max rel err ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
+}
+// the Bᵀ-copy variants (narrow only, transpose included) against the generic product on PEFT's B
+for (const [name, product, bytes, of] of variants) {
+  const reference = products.find(([n]) => n === of)![1];
+  const want = withNarrow(false, reference);
+  const got = withNarrow(true, product);
+  const error = maxRelativeError(await got.data(), await want.data());
+  tf.dispose([want, got]);
+  const narrowMs = await timeProduct(() => withNarrow(true, product), iters, chain);
+  worst = Math.max(worst, error);
+  process.stdout.write(`${name.padEnd(8)} narrow on a Bᵀ copy (transpose included) ${narrowMs.toFixed(3)} ms  ` +
+      `${(bytes / narrowMs / 1e6).toFixed(1)} GB/s  max rel err vs generic ${of} ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
 }
 process.stdout.write(`per layer-step (u twice) generic ${stepGeneric.toFixed(3)} ms  narrow ${stepNarrow.toFixed(3)} ms  ` +
     `${(stepGeneric / stepNarrow).toFixed(2)}x  ${worst <= 1e-5 ? 'all ok' : 'MISMATCH'}\n`);
