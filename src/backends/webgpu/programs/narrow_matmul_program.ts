@@ -15,8 +15,8 @@
  * bytes of a row per load), against W_e's r × BK slab staged in workgroup memory once per
  * workgroup and chunk, so every staged weight value serves 16·rowsPerThread rows. The r partial
  * sums of each row are then reduced across its 16 lanes in workgroup memory, four outputs a
- * round. Workgroup memory rather than subgroup shuffles: Mesa's software Vulkan lacks subgroups,
- * and the reduction is rowsPerThread·⌈r/4⌉ rounds after inner/BK chunks of loading (4 rounds
+ * round. Workgroup memory rather than subgroup shuffles: the device tfjs gets on Mesa's software
+ * GL has no 'subgroups' feature (device.features is empty there), and the reduction is rowsPerThread·⌈r/4⌉ rounds after inner/BK chunks of loading (4 rounds
  * after 32 chunks at r 8, inner 2048), too little to be worth a second specialisation.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
