@@ -231,7 +231,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize,
           matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }),
           a.blockRows as SubgroupBlockRows)
-      : a.narrowRows !== 0
+      // narrowRows 0 (or absent: a caller of runKernel that predates it): the tiled program
+      : a.narrowRows === 1 || a.narrowRows === 2
         ? new NarrowGroupedMatMulProgram(capacity, outCols, {
           source: common.source, activation: common.activation, kContiguous: common.kContiguous, rowsPerThread: a.narrowRows as 1 | 2,
         })
@@ -410,7 +411,7 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
-      : a.narrow !== 'none'
+      : a.narrow === 'P' || a.narrow === 'Q'
         ? new NarrowWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' })
         : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
