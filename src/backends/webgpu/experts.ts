@@ -203,8 +203,10 @@ function projectionForward(x: Rows, p: Projection, c: Context): tf.Tensor2D {
 }
 
 /**
- * Tiles for the rank-r products of split LoRA: a 16-wide (or 16-tall) register tile instead of the
- * 64–128 of the base products, which would leave most of a tile idle for r = 8.
+ * Tiles for the rank-r products of split LoRA on the tiled programs: a 16-wide (or 16-tall)
+ * register tile instead of the 64–128 of the base products, which would leave most of a tile idle
+ * for r = 8. For r ≤ 16 the kernels pick the narrow programs instead (NARROW_PRODUCTS_FLAG, on by
+ * default), which ignore the tile; these apply with the flag off and for r > 16.
  */
 function narrowColumns(t: TileConfig): TileConfig {
   return { ...t, tn: 1, vec4: false };

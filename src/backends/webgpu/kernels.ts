@@ -13,6 +13,9 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
+  NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
+} from './programs/narrow_matmul_program.js';
+import {
   matMulStaging, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
@@ -77,6 +80,15 @@ function webgpu(args: KernelArgs): WebGPUBackend {
 export const SUBMIT_FLOPS_FLAG = 'WEBGPU_MOE_SUBMIT_FLOPS';
 tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
 
+/**
+ * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
+ * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
+ * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
+ * false: the generic tiled programs (A/B comparisons, bench/webgpu_lora_products.ts).
+ */
+export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
+tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
+
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
   dispatchCountInPass?: number;
@@ -91,7 +103,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | GroupedWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const backend = webgpu(args);
@@ -222,7 +234,12 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize,
           matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }),
           a.blockRows as SubgroupBlockRows)
-      : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
+      // narrowRows 0 (or absent: a caller of runKernel that predates it): the tiled program
+      : a.narrowRows === 1 || a.narrowRows === 2
+        ? new NarrowGroupedMatMulProgram(capacity, outCols, {
+          source: common.source, activation: common.activation, kContiguous: common.kContiguous, rowsPerThread: a.narrowRows as 1 | 2,
+        })
+        : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),
@@ -332,6 +349,18 @@ export function maxAbs(t: tf.Tensor): tf.Tensor1D {
   });
 }
 
+/**
+ * Whether a grouped product goes to NarrowGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): at most
+ * NARROW_MAX_COLS = 16 outputs (LoRA ranks up to 16, which is what the register file holds: 2 rows
+ * × 16 partial sums a thread), float32 W, no bias or addend (the rank-r products have neither).
+ * Wider outputs reuse each loaded row across enough columns for the tiled program's register tile
+ * to pay.
+ */
+export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' | 'bias' | 'addend'>): boolean {
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && args.outCols <= NARROW_MAX_COLS && !isPackedExpertWeight(args.w) &&
+      args.bias == null && args.addend == null;
+}
+
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
 export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const packed = isPackedExpertWeight(args.w) ? args.w : undefined;
@@ -341,9 +370,12 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (args.addend) inputs.addend = args.addend;
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
+  const narrow = !tensorCores && narrowProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
     // the subgroup-matrix block's rows: the largest that divides the plan's row tile
     tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
+    // NarrowGroupedMatMulProgram's rows per thread, 0: not narrow
+    narrowRows: narrow ? narrowRowsPerThread(args.plan.rowTile) : 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
@@ -382,7 +414,9 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
-      : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
+      : a.narrow === 'P' || a.narrow === 'Q'
+        ? new NarrowWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' })
+        : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
       ...floatUniforms(a.alpha as number),
@@ -421,9 +455,12 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   // L is the gradient operand (dy) of every weight gradient: scaled on tensor cores
   const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
   if (tensorCores) inputs.amax = maxAbs(args.l);
+  // NarrowWeightGradProgram's staged side (the narrower), 'none': the tiled program
+  const narrow = tensorCores || !tf.env().getBool(NARROW_PRODUCTS_FLAG) || Math.min(args.P, args.Q) > NARROW_MAX_COLS ? 'none'
+    : args.P <= args.Q ? 'P' : 'Q';
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
     // the reduction's rows per staged slab follow the plan's row tile
-    tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile),
+    tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile), narrow,
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
     topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,

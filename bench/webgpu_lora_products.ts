@@ -1,0 +1,192 @@
+/**
+ * Split LoRA's rank-r grouped products alone (issue 15), NarrowGroupedMatMulProgram /
+ * NarrowWeightGradProgram against the generic tiled programs (WEBGPU_MOE_NARROW_PRODUCTS off, the
+ * tiles experts.ts gives them: narrowColumns / narrowRows of the automatic tuning), at OLMoE's
+ * shape by default (T 2048, K 8 of E 64, H 2048, I 1024, r 8). One layer's eight distinct ones:
+ *   up.u      x[tok]·A1_eᵀ          (gather, inner H)      down.u    act(h)·A2_eᵀ      (act, inner I)
+ *   down.gr   s·dOut[tok]·B2_e      (gather, inner H)      up.gr     s·dh·B1_e         (rows, inner 2I)
+ *   down.dA   Σ (w·gr)ᵀ·act(h)      (P r, Q I)             down.dB   Σ (w·dOut[tok])ᵀ·u (P H, Q r)
+ *   up.dA     Σ grᵀ·x[tok]          (P r, Q H)             up.dB     Σ dhᵀ·u           (P 2I, Q r)
+ * (the forward's u is recomputed in backward: up.u and down.u run twice a step). Per product one
+ * line: ms of each (--chain products enqueued, one read at the end, the median of --iters
+ * chains), the speedup, the narrow one's GB/s over the bytes it must move (its wide operand
+ * once, plus the output), and the max relative error of narrow against generic (must be ≤ 1e-5:
+ * the same f32 sums in another order); then down.grT / up.grT: the narrow s·dy·B_e on a contiguous
+ * Bᵀ copy made in the call (whether experts.ts should transpose PEFT's strided B first).
+ *   npx tsx bench/webgpu_lora_products.ts [--tokens 2048] [--experts 64] [--topk 8] [--hidden 2048]
+ *       [--inter 1024] [--rank 8] [--iters 7] [--chain 20]
+ * or bundled: ../shared/gpu/prepare.sh bench/webgpu_lora_products.ts, then on the GPU machine
+ *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_lora_products.js
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
+import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
+import { webgpuMoETuningFor } from '../src/backends/webgpu/experts.js';
+import {
+  deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_FLAG,
+} from '../src/backends/webgpu/kernels.js';
+import type { TileConfig } from '../src/backends/webgpu/programs/grouped_matmul_program.js';
+import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
+import { maxRelativeError } from '../src/util/numeric.js';
+import { median } from './webgpu_timing.js';
+
+function flag(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
+}
+
+/** ms per product: `chain` products enqueued, one read at the end; the median of `iters` chains. */
+async function timeProduct(product: () => tf.Tensor, iters: number, chain: number): Promise<number> {
+  const samples: number[] = [];
+  for (let i = 0; i < iters + 1; i++) {
+    const t0 = performance.now();
+    const outs: tf.Tensor[] = [];
+    for (let c = 0; c < chain; c++) outs.push(product());
+    const probe = tf.tidy(() => tf.slice(tf.reshape(outs[outs.length - 1], [-1]), 0, 1));
+    await probe.data();
+    const ms = (performance.now() - t0) / chain;
+    tf.dispose([...outs, probe]);
+    if (i > 0) samples.push(ms);  // the first chain compiles the programs
+  }
+  return median(samples);
+}
+
+function withNarrow<T>(on: boolean, fn: () => T): T {
+  const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
+  tf.env().set(NARROW_PRODUCTS_FLAG, on);
+  try {
+    return fn();
+  } finally {
+    tf.env().set(NARROW_PRODUCTS_FLAG, previous);
+  }
+}
+
+const T = Number(flag('tokens', '2048'));
+const E = Number(flag('experts', '64'));
+const K = Number(flag('topk', '8'));
+const H = Number(flag('hidden', '2048'));
+const I = Number(flag('inter', '1024'));
+const r = Number(flag('rank', '8'));
+const iters = Number(flag('iters', '7'));
+const chain = Number(flag('chain', '20'));
+
+const adapter = await setupDawnWebGPU({ tensorCores: 'off' });
+if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
+registerMoEKernels('webgpu');
+// rank-r products are never wide enough for the subgroup-matrix programs: keep the comparison f32 only
+tf.env().set(TENSOR_CORES_FLAG, false);
+process.stdout.write(`# webgpu_lora_products: T ${T} K ${K} E ${E} H ${H} I ${I} r ${r}; adapter tensor cores: ${adapter.tensorCores}\n`);
+
+// K distinct experts per token, uniformly: the balanced groups a load-balanced router gives
+let seed = 7;
+const rand = () => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed / 2 ** 32; };
+const chosen = new Int32Array(T * K);
+for (let t = 0; t < T; t++) {
+  const perm = Array.from({ length: E }, (_, e) => e);
+  for (let k = 0; k < K; k++) {
+    const j = k + Math.floor(rand() * (E - k));
+    [perm[k], perm[j]] = [perm[j], perm[k]];
+    chosen[t * K + k] = perm[k];
+  }
+}
+const experts = tf.tensor2d(chosen, [T, K], 'int32');
+const tuning = webgpuMoETuningFor(T * K, E);
+const plan: DevicePlan = deviceDispatchPlan(experts, E, tuning.rowTile);
+const cap = plan.capacity;
+const normal = (shape: number[], std = 1) => tf.randomNormal(shape, 0, std, 'float32', seed++);
+const x = normal([T, H]) as tf.Tensor2D;
+const dOut = normal([T, H]) as tf.Tensor2D;
+const h = normal([cap, 2 * I]) as tf.Tensor2D;
+const dh = normal([cap, 2 * I]) as tf.Tensor2D;
+const uUp = normal([cap, r]) as tf.Tensor2D;
+const uDown = normal([cap, r]) as tf.Tensor2D;
+const gr = normal([cap, r]) as tf.Tensor2D;
+const rw = tf.randomUniform([T * K], 0.05, 0.3, 'float32', seed++) as tf.Tensor1D;
+const A1 = normal([r * E, H], 1 / Math.sqrt(H)) as tf.Tensor2D;
+const B1 = normal([2 * I, r * E], 0.01) as tf.Tensor2D;
+const A2 = normal([r * E, I], 1 / Math.sqrt(I)) as tf.Tensor2D;
+const B2 = normal([H, r * E], 0.01) as tf.Tensor2D;
+const s = 16 / r;
+const activation = { kind: 'swiglu' } as const;
+// the tiles experts.ts gives the generic program for these products
+const narrowColumns = (t: TileConfig): TileConfig => ({ ...t, tn: 1, vec4: false });
+const narrowRows = (t: TileConfig): TileConfig => ({ ...t, tm: 1, vec4: false });
+const common = { plan, activation };
+const aStrides = (inSize: number) => ({ sE: r * inSize, sN: inSize, sK: 1 });
+const bBackward = { sE: 1, sN: E, sK: r * E };
+const N = T * K;
+
+/**
+ * [name, product, bytes it must move: the wide operand's real rows once (padding rows are not
+ * read; a gathered row counts once per pair) + the output]
+ */
+const products: Array<[string, () => tf.Tensor, number]> = [
+  ['up.u', () => groupedMatMul({ ...common, a: x, source: 'gather', w: A1, strides: aStrides(H), inner: H, outCols: r,
+    tile: narrowColumns(tuning.tile) }), 4 * (N * H + cap * r)],
+  ['down.u', () => groupedMatMul({ ...common, a: h, source: 'act', w: A2, strides: aStrides(I), inner: I, outCols: r,
+    tile: narrowColumns(tuning.tile) }), 4 * (N * 2 * I + cap * r)],
+  ['down.gr', () => groupedMatMul({ ...common, a: dOut, source: 'gather', w: B2, strides: bBackward, inner: H, outCols: r,
+    alpha: s, tile: narrowColumns(tuning.tile), gradient: true }), 4 * (N * H + cap * r)],
+  ['up.gr', () => groupedMatMul({ ...common, a: dh, source: 'rows', w: B1, strides: bBackward, inner: 2 * I, outCols: r,
+    alpha: s, tile: narrowColumns(tuning.tile), gradient: true }), 4 * (N * 2 * I + cap * r)],
+  ['down.dA', () => groupedWeightGrad({ ...common, l: gr, left: 'rows', r: h, right: 'act', P: r, Q: I, outShape: A2.shape,
+    outStrides: { oE: r * I, oP: I, oQ: 1 }, rowScale: rw, tile: narrowRows(tuning.gradTile) }), 4 * (N * 2 * I + r * E * I)],
+  ['down.dB', () => groupedWeightGrad({ ...common, l: dOut, left: 'gather', r: uDown, right: 'rows', P: H, Q: r, outShape: B2.shape,
+    outStrides: { oE: 1, oP: r * E, oQ: E }, rowScale: rw, alpha: s, tile: narrowColumns(tuning.gradTile) }), 4 * (N * H + H * r * E)],
+  ['up.dA', () => groupedWeightGrad({ ...common, l: gr, left: 'rows', r: x, right: 'gather', P: r, Q: H, outShape: A1.shape,
+    outStrides: { oE: r * H, oP: H, oQ: 1 }, tile: narrowRows(tuning.gradTile) }), 4 * (N * H + r * E * H)],
+  ['up.dB', () => groupedWeightGrad({ ...common, l: dh, left: 'rows', r: uUp, right: 'rows', P: 2 * I, Q: r, outShape: B1.shape,
+    outStrides: { oE: 1, oP: r * E, oQ: E }, alpha: s, tile: narrowColumns(tuning.gradTile) }), 4 * (N * 2 * I + 2 * I * r * E)],
+];
+
+/**
+ * s·dy·B_e on a contiguous copy Bᵀ [E, r, out] made in the same call: PEFT's B [out, r·E] puts
+ * an expert's r values of a row E apart, so staging B_e reads a 32-byte sector per value. If these
+ * lines beat down.gr / up.gr, experts.ts should transpose B once per backward.
+ */
+const contiguousB = (b: tf.Tensor2D, out: number) =>
+  tf.transpose(tf.reshape(b, [out, r, E]), [2, 1, 0]) as tf.Tensor3D;  // [E, r, out]
+const variants: Array<[string, () => tf.Tensor, number, string]> = [
+  ['down.grT', () => tf.tidy(() => groupedMatMul({ ...common, a: dOut, source: 'gather', w: contiguousB(B2, H),
+    strides: aStrides(H), inner: H, outCols: r, alpha: s, tile: narrowColumns(tuning.tile), gradient: true })),
+  4 * (N * H + cap * r), 'down.gr'],
+  ['up.grT', () => tf.tidy(() => groupedMatMul({ ...common, a: dh, source: 'rows', w: contiguousB(B1, 2 * I),
+    strides: aStrides(2 * I), inner: 2 * I, outCols: r, alpha: s, tile: narrowColumns(tuning.tile), gradient: true })),
+  4 * (N * 2 * I + cap * r), 'up.gr'],
+];
+
+// per layer and step: up.u and down.u run twice (forward, and recomputed in backward), the rest once
+const runsPerStep = (name: string) => (name.endsWith('.u') ? 2 : 1);
+let stepGeneric = 0;
+let stepNarrow = 0;
+let worst = 0;
+for (const [name, product, bytes] of products) {
+  const want = withNarrow(false, product);
+  const got = withNarrow(true, product);
+  const error = maxRelativeError(await got.data(), await want.data());
+  tf.dispose([want, got]);
+  const genericMs = await timeProduct(() => withNarrow(false, product), iters, chain);
+  const narrowMs = await timeProduct(() => withNarrow(true, product), iters, chain);
+  stepGeneric += runsPerStep(name) * genericMs;
+  stepNarrow += runsPerStep(name) * narrowMs;
+  worst = Math.max(worst, error);
+  process.stdout.write(`${name.padEnd(8)} generic ${genericMs.toFixed(3)} ms  narrow ${narrowMs.toFixed(3)} ms  ` +
+      `${(genericMs / narrowMs).toFixed(2)}x  narrow ${(bytes / narrowMs / 1e6).toFixed(1)} GB/s  ` +
+      `max rel err ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
+}
+// the Bᵀ-copy variants (narrow only, transpose included) against the generic product on PEFT's B
+for (const [name, product, bytes, of] of variants) {
+  const reference = products.find(([n]) => n === of)![1];
+  const want = withNarrow(false, reference);
+  const got = withNarrow(true, product);
+  const error = maxRelativeError(await got.data(), await want.data());
+  tf.dispose([want, got]);
+  const narrowMs = await timeProduct(() => withNarrow(true, product), iters, chain);
+  worst = Math.max(worst, error);
+  process.stdout.write(`${name.padEnd(8)} narrow on a Bᵀ copy (transpose included) ${narrowMs.toFixed(3)} ms  ` +
+      `${(bytes / narrowMs / 1e6).toFixed(1)} GB/s  max rel err vs generic ${of} ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
+}
+process.stdout.write(`per layer-step (u twice) generic ${stepGeneric.toFixed(3)} ms  narrow ${stepNarrow.toFixed(3)} ms  ` +
+    `${(stepGeneric / stepNarrow).toFixed(2)}x  ${worst <= 1e-5 ? 'all ok' : 'MISMATCH'}\n`);
+tf.dispose([experts, plan.seg, plan.rowOfPair, plan.pairOfRow, x, dOut, h, dh, uUp, uDown, gr, rw, A1, B1, A2, B2]);
+process.exit(worst <= 1e-5 ? 0 : 1);

@@ -1,0 +1,266 @@
+/**
+ * NarrowGroupedMatMulProgram and NarrowWeightGradProgram (split LoRA's rank-r products) against
+ * float64 JS: every row source, r in {1, 4, 8, 16}, A's layout (reduction contiguous) and PEFT's
+ * B read as dy·B_e (strided), several BK chunks with a ragged last one, padding rows, empty
+ * experts, 16- and 32-row blocks; the weight gradients narrow on either side, scaled by the
+ * routing weight, into PEFT's A and B layouts over several 256-column blocks; and which program
+ * the kernel picks. Run with TFJS_BACKEND=webgpu.
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import { expect } from 'chai';
+import { deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_FLAG, type WeightStrides } from '../../../src/backends/webgpu/kernels.js';
+import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
+import type { ExpertActivation } from '../../../src/ops/types.js';
+import { asF32, Rng } from '../../helpers/numeric.js';
+import { chooseExperts, expectCloseAsync, expectNoLeakAsync } from './helpers.js';
+
+const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
+
+/** The constructor names of the programs `fn` runs. */
+function programsOf(fn: () => void): string[] {
+  const backend = tf.backend() as unknown as WebGPUBackend;
+  const original = backend.runWebGPUProgram.bind(backend);
+  const names: string[] = [];
+  backend.runWebGPUProgram = ((program: WebGPUProgram, ...rest: Parameters<WebGPUBackend['runWebGPUProgram']> extends [unknown, ...infer R] ? R : never) => {
+    names.push(program.constructor.name);
+    return original(program, ...rest);
+  }) as WebGPUBackend['runWebGPUProgram'];
+  try {
+    fn();
+  } finally {
+    backend.runWebGPUProgram = original;
+  }
+  return names;
+}
+
+describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
+  before(function () {
+    if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+  });
+
+  // T=29, K=3 over E=6 with expert 0 and 5 unused ('skip'); inner 150: two full 64-deep chunks
+  // and a ragged third
+  const T = 29, K = 3, E = 6, inner = 150;
+  const rng = new Rng(11);
+  const experts = chooseExperts(rng, T, K, E, 'skip');
+  const activation: ExpertActivation = { kind: 'swiglu' };
+  const x = asF32(rng.array(T * inner));
+
+  for (const rowTile of [16, 32]) {
+    describe(`row tile ${rowTile}`, () => {
+      let plan: ReturnType<typeof deviceDispatchPlan>;
+      let ex: tf.Tensor2D;
+      let pairOfRow: number[];
+      before(async () => {
+        ex = tf.tensor2d(experts, [T, K], 'int32');
+        plan = deviceDispatchPlan(ex, E, rowTile);
+        pairOfRow = Array.from(await plan.pairOfRow.data());
+      });
+      after(() => tf.dispose([ex, plan.seg, plan.rowOfPair, plan.pairOfRow]));
+
+      for (const source of ['gather', 'rows', 'act'] as const) {
+        for (const r of [1, 4, 8, 16]) {
+          for (const layout of ['A', 'B'] as const) {
+            it(`${source} rows, r ${r}, ${layout === 'A' ? 'x·A_eᵀ (A [r·E, in])' : 'dy·B_e (B [in, r·E] strided)'}`, async () => {
+              const cap = plan.capacity;
+              const rows = asF32(rng.array(cap * inner));
+              const h = asF32(rng.array(cap * 2 * inner));
+              // the factor: A [r·E, inner] (expert-major rows) or B [inner, r·E] (column j·E + e)
+              const f = asF32(rng.array(r * E * inner));
+              const strides: WeightStrides = layout === 'A' ? { sE: r * inner, sN: inner, sK: 1 } : { sE: 1, sN: E, sK: r * E };
+              const fAt = (e: number, n: number, k: number) => f[e * strides.sE + n * strides.sN + k * strides.sK];
+              const a = (row: number, k: number): number => {
+                const p = pairOfRow[row];
+                if (source === 'gather') return x[Math.floor(p / K) * inner + k];
+                if (source === 'rows') return rows[row * inner + k];
+                const g = h[row * 2 * inner + k];
+                return g * sigmoid(g) * h[row * 2 * inner + inner + k];
+              };
+              const alpha = 1.75;
+              const want = new Float64Array(cap * r);
+              for (let row = 0; row < cap; row++) {
+                const p = pairOfRow[row];
+                if (p < 0) continue;
+                const e = experts[p];
+                for (let n = 0; n < r; n++) {
+                  let s = 0;
+                  for (let k = 0; k < inner; k++) s += a(row, k) * fAt(e, n, k);
+                  want[row * r + n] = alpha * s;
+                }
+              }
+              const input = source === 'gather' ? tf.tensor2d(Float32Array.from(x), [T, inner])
+                : source === 'rows' ? tf.tensor2d(Float32Array.from(rows), [cap, inner])
+                : tf.tensor2d(Float32Array.from(h), [cap, 2 * inner]);
+              const fT = layout === 'A' ? tf.tensor2d(Float32Array.from(f), [r * E, inner]) : tf.tensor2d(Float32Array.from(f), [inner, r * E]);
+              await expectNoLeakAsync(async () => {
+                let out: tf.Tensor2D | undefined;
+                const programs = programsOf(() => {
+                  out = groupedMatMul({ a: input, source, w: fT, strides, inner, outCols: r, plan, activation, alpha,
+                    tile: { tm: 1, tn: 1, bk: 16 } });
+                });
+                expect(programs, 'programs').to.deep.equal(['NarrowGroupedMatMulProgram']);
+                await expectCloseAsync(out!, want, 1e-5, 'out', [cap, r]);
+                const got = await out!.data();
+                const padding = pairOfRow.flatMap((p, row) => (p < 0 ? Array.from(got.subarray(row * r, row * r + r)) : []));
+                expect(padding.every(v => v === 0), 'padding rows are 0').to.equal(true);
+                out!.dispose();
+              });
+              tf.dispose([input, fT]);
+            });
+          }
+        }
+      }
+    });
+  }
+
+  // 'skip': experts 0 and E−1 empty, ~22 rows each (one ragged staged step); 'one': all 87 rows on
+  // the last expert (three steps of 32, the last ragged)
+  for (const routing of ['skip', 'one'] as const) describe(`weight gradients, routing '${routing}'`, () => {
+    const experts = chooseExperts(new Rng(5), T, K, E, routing);
+    const rowTile = 32;
+    // the wide side: two 256-column blocks, the second ragged
+    const wide = 300;
+    let plan: ReturnType<typeof deviceDispatchPlan>;
+    let ex: tf.Tensor2D;
+    let pairOfRow: number[];
+    const rw = asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform()));
+    before(async () => {
+      ex = tf.tensor2d(experts, [T, K], 'int32');
+      plan = deviceDispatchPlan(ex, E, rowTile);
+      pairOfRow = Array.from(await plan.pairOfRow.data());
+    });
+    after(() => tf.dispose([ex, plan.seg, plan.rowOfPair, plan.pairOfRow]));
+
+    type Case = { narrow: 'P' | 'Q'; left: 'gather' | 'rows'; right: RowSource };
+    const cases: Case[] = [
+      // dA_e = Σ (s·dy·B_e)ᵀ·x: L = gr rows, R = x gathered (up) or act(h) (down), also plain rows
+      { narrow: 'P', left: 'rows', right: 'gather' }, { narrow: 'P', left: 'rows', right: 'act' },
+      { narrow: 'P', left: 'rows', right: 'rows' },
+      // dB_e = Σ (w·dy)ᵀ·u: L = dOut gathered (down) or dh rows (up), R = u rows
+      { narrow: 'Q', left: 'gather', right: 'rows' }, { narrow: 'Q', left: 'rows', right: 'rows' },
+    ];
+    for (const r of [1, 4, 8, 16]) {
+      for (const c of cases) {
+        for (const scaled of [false, true]) {
+          it(`narrow ${c.narrow} = ${r}: L ${c.left}, R ${c.right}${scaled ? ', L scaled by the routing weight' : ''}`, async () => {
+            const cap = plan.capacity;
+            const P = c.narrow === 'P' ? r : wide;
+            const Q = c.narrow === 'P' ? wide : r;
+            const lData = asF32(rng.array((c.left === 'gather' ? T : cap) * P));
+            const rWidth = c.right === 'act' ? 2 * Q : Q;
+            const rData = asF32(rng.array((c.right === 'gather' ? T : cap) * rWidth));
+            const L = (row: number, p: number) => {
+              const pair = pairOfRow[row];
+              const v = c.left === 'gather' ? lData[Math.floor(pair / K) * P + p] : lData[row * P + p];
+              return scaled ? v * rw[pair] : v;
+            };
+            const R = (row: number, q: number) => {
+              const pair = pairOfRow[row];
+              if (c.right === 'gather') return rData[Math.floor(pair / K) * Q + q];
+              if (c.right === 'rows') return rData[row * Q + q];
+              const g = rData[row * 2 * Q + q];
+              return g * sigmoid(g) * rData[row * 2 * Q + Q + q];
+            };
+            // narrow P: PEFT's A [r·E, wide] (oE r·wide, oP wide, oQ 1); narrow Q: B [wide, r·E] (oE 1, oP r·E, oQ E)
+            const outShape = c.narrow === 'P' ? [r * E, wide] : [wide, r * E];
+            const o = c.narrow === 'P' ? { oE: r * wide, oP: wide, oQ: 1 } : { oE: 1, oP: r * E, oQ: E };
+            const alpha = 0.75;
+            const want = new Float64Array(r * E * wide);
+            for (let row = 0; row < cap; row++) {
+              const pair = pairOfRow[row];
+              if (pair < 0) continue;
+              const e = experts[pair];
+              for (let p = 0; p < P; p++) {
+                for (let q = 0; q < Q; q++) want[e * o.oE + p * o.oP + q * o.oQ] += alpha * L(row, p) * R(row, q);
+              }
+            }
+            const lT = tf.tensor2d(Float32Array.from(lData), [c.left === 'gather' ? T : cap, P]);
+            const rT = tf.tensor2d(Float32Array.from(rData), [c.right === 'gather' ? T : cap, rWidth]);
+            const rwT = tf.tensor1d(Float32Array.from(rw));
+            await expectNoLeakAsync(async () => {
+              let out: tf.Tensor | undefined;
+              const programs = programsOf(() => {
+                out = groupedWeightGrad({ l: lT, left: c.left, r: rT, right: c.right, P, Q, outShape, outStrides: o, plan,
+                  tile: { tm: 1, tn: 1, bk: 16 }, rowScale: scaled ? rwT : undefined, activation, alpha });
+              });
+              expect(programs, 'programs').to.deep.equal(['NarrowWeightGradProgram']);
+              // experts with no rows: their zeros are part of `want`
+              await expectCloseAsync(out!, want, 1e-5, 'dW', outShape);
+              out!.dispose();
+            });
+            tf.dispose([lT, rT, rwT]);
+          });
+        }
+      }
+    }
+  });
+
+  it('the kernel keeps the generic program for r 17, a bias or addend, and with the flag off; both agree', async () => {
+    const rowTile = 32;
+    const ex = tf.tensor2d(experts, [T, K], 'int32');
+    const plan = deviceDispatchPlan(ex, E, rowTile);
+    const input = tf.tensor2d(Float32Array.from(x), [T, inner]);
+    const run = (r: number, extra: { addend?: tf.Tensor2D } = {}) => {
+      const w = tf.ones([r * E, inner]);
+      const names: string[] = [];
+      let out: tf.Tensor2D | undefined;
+      names.push(...programsOf(() => {
+        out = groupedMatMul({ a: input, source: 'gather' as RowSource, w, strides: { sE: r * inner, sN: inner, sK: 1 }, inner, outCols: r,
+          plan, tile: { tm: 1, tn: 1, bk: 16 }, ...extra });
+      }));
+      w.dispose();
+      return { names, out: out! };
+    };
+    const wide = run(17);
+    expect(wide.names).to.deep.equal(['GroupedMatMulProgram']);
+    const addend = tf.zeros([plan.capacity, 8]) as tf.Tensor2D;
+    const withAddend = run(8, { addend });
+    expect(withAddend.names).to.deep.equal(['GroupedMatMulProgram']);
+    const narrow = run(8);
+    expect(narrow.names).to.deep.equal(['NarrowGroupedMatMulProgram']);
+    const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
+    tf.env().set(NARROW_PRODUCTS_FLAG, false);
+    let generic: ReturnType<typeof run>;
+    try {
+      generic = run(8);
+    } finally {
+      tf.env().set(NARROW_PRODUCTS_FLAG, previous);
+    }
+    expect(generic.names).to.deep.equal(['GroupedMatMulProgram']);
+    await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
+    await expectCloseAsync(withAddend.out, await generic.out.data(), 1e-6, 'generic with a zero addend');
+    tf.dispose([wide.out, withAddend.out, narrow.out, generic.out, addend, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  });
+
+  it('the weight gradient keeps the generic program for P, Q > 16 and with the flag off; both agree', async () => {
+    const ex = tf.tensor2d(experts, [T, K], 'int32');
+    const plan = deviceDispatchPlan(ex, E, 32);
+    const input = tf.tensor2d(Float32Array.from(x), [T, inner]);
+    const run = (P: number) => {
+      const l = tf.ones([plan.capacity, P]) as tf.Tensor2D;
+      let out: tf.Tensor | undefined;
+      const names = programsOf(() => {
+        out = groupedWeightGrad({ l, left: 'rows', r: input, right: 'gather', P, Q: inner, outShape: [P * E, inner],
+          outStrides: { oE: P * inner, oP: inner, oQ: 1 }, plan, tile: { tm: 1, tn: 8, bk: 16 } });
+      });
+      l.dispose();
+      return { names, out: out! };
+    };
+    const wide = run(17);
+    expect(wide.names).to.deep.equal(['GroupedWeightGradProgram']);
+    const narrow = run(8);
+    expect(narrow.names).to.deep.equal(['NarrowWeightGradProgram']);
+    const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
+    tf.env().set(NARROW_PRODUCTS_FLAG, false);
+    let generic: ReturnType<typeof run>;
+    try {
+      generic = run(8);
+    } finally {
+      tf.env().set(NARROW_PRODUCTS_FLAG, previous);
+    }
+    expect(generic.names).to.deep.equal(['GroupedWeightGradProgram']);
+    await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
+    tf.dispose([wide.out, narrow.out, generic.out, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  });
+});

@@ -1,0 +1,271 @@
+/**
+ * The grouped products of split LoRA's rank r (≤ 16) at memory speed: NarrowGroupedMatMulProgram
+ * for the products r wide, NarrowWeightGradProgram for the LoRA factors' gradients.
+ *
+ * NarrowGroupedMatMulProgram: GroupedMatMulProgram's product for outputs at most NARROW_MAX_COLS
+ * wide, out[r, n] = alpha·Σ_k A(r, k)·W_e(k, n) with the same row sources, plan and weight strides
+ * (no bias, no addend, float32 W): split LoRA's u = x·A_eᵀ and s·dy·B_e, [capacity, r].
+ *
+ * Such a product reads `inner` values per row and writes r, so it is bound by reading A once; the
+ * 16×16-thread output tile of the generic program leaves 16 − r of its columns idle and reads A
+ * through a bk-deep transposing slab built for wide outputs (issue 15: ~0.5 ms a call at OLMoE's
+ * shape where reading the rows once takes ~0.07 ms at 3 TB/s). Here a workgroup owns a block of
+ * 16·rowsPerThread rows of one expert and reads each row's inner dimension once: thread (lane,
+ * ty) of 16×16 reads columns k = k0 + lane + 16·t of rows ty + 16·i (16 lanes read 64 contiguous
+ * bytes of a row per load), against W_e's r × BK slab staged in workgroup memory once per
+ * workgroup and chunk, so every staged weight value serves 16·rowsPerThread rows. The r partial
+ * sums of each row are then reduced across its 16 lanes in workgroup memory, four outputs a
+ * round. Workgroup memory rather than subgroup shuffles: the device tfjs gets on Mesa's software
+ * GL has no 'subgroups' feature (device.features is empty there), and the reduction is rowsPerThread·⌈r/4⌉ rounds after inner/BK chunks of loading (4 rounds
+ * after 32 chunks at r 8, inner 2048), too little to be worth a second specialisation.
+ */
+import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import {
+  type GroupedWeightGradSpec, rowLoadSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
+} from './grouped_matmul_program.js';
+import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, type RowSource, TILE_THREADS } from './shared.js';
+
+/** The widest output the narrow program takes: r ≤ 16 covers LoRA ranks 1–16 (see narrowProductFits). */
+export const NARROW_MAX_COLS = 16;
+
+/** Reduction depth staged per chunk: 16 lanes × 4 columns each. */
+const BK = 64;
+const LANES = TILE_THREADS;
+const THREADS = TILE_THREADS * TILE_THREADS;
+
+export interface NarrowGroupedMatMulSpec {
+  source: RowSource;
+  /** the activation, when source is 'act' */
+  activation?: ActivationSpec;
+  /** W's reduction stride is 1: the slab is staged along k (coalesced), else along n */
+  kContiguous: boolean;
+  /** rows per thread, 1 or 2: the block (16·rowsPerThread rows) must divide the plan's row tile */
+  rowsPerThread: 1 | 2;
+}
+
+/** The rows per thread for a plan's row tile: 2 (32-row blocks) where they divide it. */
+export function narrowRowsPerThread(rowTile: number): 1 | 2 {
+  return rowTile % (2 * TILE_THREADS) === 0 ? 2 : 1;
+}
+
+export class NarrowGroupedMatMulProgram implements WebGPUProgram {
+  variableNames = ['A', 'W', 'seg', 'pr'];
+  outputShape: number[];
+  shaderKey: string;
+  // not a flat layout (which tfjs would call as main(index)): one workgroup per row block along x
+  dispatchLayout = { x: [1], y: [0] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [THREADS, 1, 1];
+  // GroupedMatMulProgram's uniforms, so that the kernel passes the same list to either program
+  uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
+      'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+  private readonly spec: NarrowGroupedMatMulSpec;
+  private readonly outCols: number;
+
+  /** out [capacity, outCols], outCols ≤ NARROW_MAX_COLS; capacity a multiple of 16·rowsPerThread */
+  constructor(capacity: number, outCols: number, spec: NarrowGroupedMatMulSpec) {
+    if (outCols < 1 || outCols > NARROW_MAX_COLS) {
+      throw new Error(`NarrowGroupedMatMulProgram: outCols must be in [1, ${NARROW_MAX_COLS}] but got ${outCols}`);
+    }
+    this.spec = spec;
+    this.outCols = outCols;
+    this.outputShape = [capacity, outCols];
+    this.dispatch = [Math.ceil(capacity / (TILE_THREADS * spec.rowsPerThread)), 1, 1];
+    // outCols sizes the register arrays: part of the specialisation, not a uniform
+    this.shaderKey = `moeNarrowGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
+        `${spec.kContiguous ? 'k' : 'n'}_${outCols}_${spec.rowsPerThread}`;
+  }
+
+  getUserCode(): string {
+    const rpt = this.spec.rowsPerThread;
+    const blockRows = TILE_THREADS * rpt;
+    const cols = this.outCols;
+    const quads = Math.ceil(cols / 4);
+    const stage = this.spec.kContiguous
+      ? `let kk = i % ${BK}; let n = i / ${BK};`
+      : `let n = i % ${cols}; let kk = i / ${cols};`;
+    const fmas: string[] = [];
+    for (let i = 0; i < rpt; i++) {
+      fmas.push(`var a${i} = 0.0;`, `if (k < uniforms.inner) { a${i} = loadA(ty + ${TILE_THREADS * i}, k); }`);
+    }
+    for (let j = 0; j < cols; j++) {
+      fmas.push(`{ let w = Ws[${j * BK} + kk];`);
+      for (let i = 0; i < rpt; i++) fmas.push(`  acc[${i * 4 * quads + j}] = fma(a${i}, w, acc[${i * 4 * quads + j}]);`);
+      fmas.push('}');
+    }
+    return `
+      var<workgroup> Ws : array<f32, ${cols * BK}>;
+      var<workgroup> partial : array<vec4<f32>, ${THREADS}>;
+      var<workgroup> rowSrc : array<i32, ${blockRows}>;
+      var<workgroup> tileExpert : i32;
+      ${EXPERT_OF_ROW}
+      ${rowLoadSnippet(this.spec.source, this.spec.activation)}
+
+      fn main() {
+        let lid = i32(localIndex);
+        let lane = lid % ${LANES};
+        let ty = lid / ${LANES};
+        let row0 = i32(workgroupId.x) * ${blockRows};
+        ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
+        // also the barrier that publishes rowSrc
+        let e = workgroupUniformLoad(&tileExpert);
+        // rows i of this thread, outputs j at i·${4 * quads} + j (padded to whole vec4s for the reduction)
+        var acc : array<f32, ${rpt * 4 * quads}>;
+        if (e >= 0) {
+          let wBase = e * uniforms.sE;
+          for (var k0 = 0; k0 < uniforms.inner; k0 += ${BK}) {
+            for (var i = lid; i < ${cols * BK}; i += ${THREADS}) {
+              ${stage}
+              let k = k0 + kk;
+              var v = 0.0;
+              if (k < uniforms.inner) { v = W[wBase + n * uniforms.sN + k * uniforms.sK]; }
+              Ws[n * ${BK} + kk] = v;
+            }
+            workgroupBarrier();
+            for (var t = 0; t < ${BK / LANES}; t++) {
+              let kk = lane + ${LANES} * t;
+              let k = k0 + kk;
+              ${fmas.join('\n              ')}
+            }
+            workgroupBarrier();
+          }
+        }
+        // uniform control flow from here: e is workgroup-uniform, and every round has its barriers
+        for (var i = 0; i < ${rpt}; i++) {
+          let m = ty + ${TILE_THREADS} * i;
+          let r = row0 + m;
+          for (var q = 0; q < ${quads}; q++) {
+            let base = i * ${4 * quads} + 4 * q;
+            partial[lid] = vec4<f32>(acc[base], acc[base + 1], acc[base + 2], acc[base + 3]);
+            workgroupBarrier();
+            let c = 4 * q + lane;
+            if (lane < 4 && c < ${cols} && r < uniforms.numRows) {
+              var s = 0.0;
+              for (var l = 0; l < ${LANES}; l++) { s += partial[ty * ${LANES} + l][lane]; }
+              // padding rows and tiles past the rows in use read 0 and write 0
+              result[r * ${cols} + c] = select(0.0, uniforms.alpha * s, e >= 0 && rowSrc[m] >= 0);
+            }
+            workgroupBarrier();
+          }
+        }
+      }
+    `;
+  }
+}
+
+/** Rows of the narrow operand staged per step of NarrowWeightGradProgram. */
+const GRAD_ROWS = 32;
+/** Rows of the wide operand a thread loads before summing them (divides GRAD_ROWS). */
+const GRAD_UNROLL = 8;
+
+/**
+ * NarrowWeightGradProgram: GroupedWeightGradProgram's dW[e](p, q) = alpha·Σ_{real rows r of e}
+ * L(r, p)·R(r, q) (same operands, loaders and output strides) when P or Q is at most
+ * NARROW_MAX_COLS: split LoRA's dA_e = Σ (s·dy·B_e)ᵀ·x (P = r) and dB_e = Σ (w·dy)ᵀ·u (Q = r).
+ *
+ * The wide operand (x, act(h), dy: thousands of columns) is the bytes that matter; each of a
+ * workgroup's 256 threads owns one of its columns and reads that column of every row of the
+ * expert straight from memory (256 threads read 1 KB of a row together), once in all, while the
+ * narrow operand's rows (r ≤ 16 values each, r/inner of the bytes) are staged GRAD_ROWS at a time
+ * in workgroup memory and read as broadcasts. A thread keeps the narrow side's sums in registers,
+ * so no second reduction pass is needed: the grid is (wide / 256) × E workgroups (8 × 64 = 512 at
+ * OLMoE's 2048 columns, each summing its expert's ~256 rows), which fills the GPU without
+ * splitting the rows.
+ */
+export interface NarrowWeightGradSpec extends GroupedWeightGradSpec {
+  /** which of P, Q is narrow (≤ NARROW_MAX_COLS): its operand is staged, the other is read by column */
+  narrow: 'P' | 'Q';
+}
+
+export class NarrowWeightGradProgram implements WebGPUProgram {
+  variableNames: string[];
+  outputShape: number[];
+  shaderKey: string;
+  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, experts along z
+  dispatchLayout = { x: [1], y: [0] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [THREADS, 1, 1];
+  // GroupedWeightGradProgram's uniforms, so that the kernel passes the same list to either program
+  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
+      ACTIVATION_UNIFORMS;
+  private readonly spec: NarrowWeightGradSpec;
+  private readonly width: number;
+
+  /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
+  constructor(outputShape: number[], numExperts: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
+    const narrow = spec.narrow === 'P' ? P : Q;
+    if (narrow < 1 || narrow > NARROW_MAX_COLS) {
+      throw new Error(`NarrowWeightGradProgram: ${spec.narrow} must be in [1, ${NARROW_MAX_COLS}] but got ${narrow}`);
+    }
+    this.spec = spec;
+    this.width = narrow;
+    this.outputShape = outputShape;
+    this.dispatch = [Math.ceil((spec.narrow === 'P' ? Q : P) / THREADS), 1, numExperts];
+    this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : [])];
+    this.shaderKey = `moeNarrowWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
+        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${narrow}_${outputShape.length}`;
+  }
+
+  getUserCode(): string {
+    const width = this.width;
+    const { loadL, loadR } = weightGradLoadSnippets(this.spec);
+    const narrowP = this.spec.narrow === 'P';
+    // the narrow operand at (row, j) and the wide one at (row, c)
+    const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
+    const loadWide = narrowP ? 'loadR(row, c)' : 'loadL(row, c)';
+    const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
+    const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
+    // rows past `rows` load 0 (and their staged narrow values are 0 too)
+    const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
+      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { let row = start + r0 + rr0 + ${u}; v${u} = ${loadWide}; }`);
+    const sums = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
+      `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
+    return `
+      var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
+      var<workgroup> segStart : i32;
+      var<workgroup> segCount : i32;
+      ${loadL}
+      ${loadR}
+
+      fn main() {
+        let lid = i32(localIndex);
+        let e = i32(workgroupId.z);
+        let c = i32(workgroupId.x) * ${THREADS} + lid;
+        let live = c < ${wideSize};
+        if (lid == 0) {
+          segStart = seg[e];
+          segCount = seg[uniforms.numExperts + 1 + e];
+        }
+        let start = workgroupUniformLoad(&segStart);
+        let count = workgroupUniformLoad(&segCount);
+        var acc : array<f32, ${width}>;
+        for (var r0 = 0; r0 < count; r0 += ${GRAD_ROWS}) {
+          for (var i = lid; i < ${GRAD_ROWS * width}; i += ${THREADS}) {
+            let rr = i / ${width};
+            let j = i % ${width};
+            let row = start + r0 + rr;
+            var v = 0.0;
+            if (r0 + rr < count) { v = ${loadNarrow}; }
+            Ns[i] = v;
+          }
+          workgroupBarrier();
+          let rows = min(${GRAD_ROWS}, count - r0);
+          if (live) {
+            // ${GRAD_UNROLL} rows' loads issued before their sums, so that each thread keeps that many
+            // reads in flight (a plain loop over rows would wait on each load in turn)
+            for (var rr0 = 0; rr0 < rows; rr0 += ${GRAD_UNROLL}) {
+              ${loads.join('\n              ')}
+              ${sums.join('\n              ')}
+            }
+          }
+          workgroupBarrier();
+        }
+        if (live) {
+          for (var j = 0; j < ${width}; j++) {
+            result[${outIndex}] = uniforms.alpha * acc[j];
+          }
+        }
+      }
+    `;
+  }
+}
