@@ -32,7 +32,7 @@ import {
 } from '../src/ops/packed.js';
 import { encodeBFloat16 } from '../src/util/half.js';
 import { maxRelativeError } from '../src/util/numeric.js';
-import { median } from './webgpu_timing.js';
+import { timeProduct } from './webgpu_timing.js';
 
 function flag(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
@@ -51,22 +51,6 @@ function parseTile(s: string): TileConfig {
   const m = /^(\d+)x(\d+)x(\d+)(v?)$/.exec(s);
   if (m === null) throw new Error(`--tiles: '${s}' is not TMxTNxBK[v]`);
   return { tm: Number(m[1]), tn: Number(m[2]), bk: Number(m[3]), vec4: m[4] === 'v' };
-}
-
-/** ms per product: `chain` products enqueued, one read at the end; the median of `iters` chains. */
-async function timeProduct(product: () => tf.Tensor, iters: number, chain: number): Promise<number> {
-  const samples: number[] = [];
-  for (let i = 0; i < iters + 1; i++) {
-    const t0 = performance.now();
-    const outs: tf.Tensor[] = [];
-    for (let c = 0; c < chain; c++) outs.push(product());
-    const probe = tf.tidy(() => tf.slice(tf.reshape(outs[outs.length - 1], [-1]), 0, 1));
-    await probe.data();
-    const ms = (performance.now() - t0) / chain;
-    tf.dispose([...outs, probe]);
-    if (i > 0) samples.push(ms);  // the first chain compiles the programs
-  }
-  return median(samples);
 }
 
 /** MoEPackedDenseMatMul with a given tile, through the kernel's own code (runPackedDenseMatMul). */

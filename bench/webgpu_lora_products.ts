@@ -28,27 +28,11 @@ import {
 import type { TileConfig } from '../src/backends/webgpu/programs/grouped_matmul_program.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { maxRelativeError } from '../src/util/numeric.js';
-import { median } from './webgpu_timing.js';
+import { timeProduct } from './webgpu_timing.js';
 
 function flag(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
-}
-
-/** ms per product: `chain` products enqueued, one read at the end; the median of `iters` chains. */
-async function timeProduct(product: () => tf.Tensor, iters: number, chain: number): Promise<number> {
-  const samples: number[] = [];
-  for (let i = 0; i < iters + 1; i++) {
-    const t0 = performance.now();
-    const outs: tf.Tensor[] = [];
-    for (let c = 0; c < chain; c++) outs.push(product());
-    const probe = tf.tidy(() => tf.slice(tf.reshape(outs[outs.length - 1], [-1]), 0, 1));
-    await probe.data();
-    const ms = (performance.now() - t0) / chain;
-    tf.dispose([...outs, probe]);
-    if (i > 0) samples.push(ms);  // the first chain compiles the programs
-  }
-  return median(samples);
 }
 
 function withNarrow<T>(on: boolean, fn: () => T): T {

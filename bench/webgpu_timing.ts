@@ -14,6 +14,22 @@ export function median(v: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
+/** ms per product: `chain` products enqueued, one read at the end; the median of `iters` chains. */
+export async function timeProduct(product: () => tf.Tensor, iters: number, chain: number): Promise<number> {
+  const samples: number[] = [];
+  for (let i = 0; i < iters + 1; i++) {
+    const t0 = performance.now();
+    const outs: tf.Tensor[] = [];
+    for (let c = 0; c < chain; c++) outs.push(product());
+    const probe = tf.tidy(() => tf.slice(tf.reshape(outs[outs.length - 1], [-1]), 0, 1));
+    await probe.data();
+    const ms = (performance.now() - t0) / chain;
+    tf.dispose([...outs, probe]);
+    if (i > 0) samples.push(ms);  // the first chain compiles the programs
+  }
+  return median(samples);
+}
+
 export interface Problem {
   x: tf.Tensor2D; g: tf.Tensor2D; router: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; config: MoEBlockConfig;
   /** the expert weights packed as bf16 halves (rounded from w1, w2), when asked for: frozen, LoRA only */
