@@ -76,6 +76,22 @@ function finish(code: number): never {
 }
 
 /**
+ * Runs `run` once on the f32 kernels and once on tensor cores, recording in `entry` the programs
+ * each ran (f32Programs, tcPrograms), the max relative error of tensor cores to f32 and whether
+ * every tensor-core value is finite.
+ */
+async function compareBothPaths(run: () => tf.Tensor, entry: Record<string, unknown>): Promise<void> {
+  const values = async () => { const r = run(); const d = await r.data(); r.dispose(); return d; };
+  takeProgramCounts();
+  const f32 = await withTensorCores(false, values);
+  entry.f32Programs = takeProgramCounts();
+  const tc = await withTensorCores(true, values);
+  entry.tcPrograms = takeProgramCounts();
+  entry.maxRelError = maxRelativeError(tc, f32);
+  entry.finite = tc.every(Number.isFinite);
+}
+
+/**
  * ms per product: `chain` products enqueued back to back, one read at the end (a single product at
  * M1 is far shorter than the read's latency); the median of ROUNDS such rounds.
  */
@@ -237,13 +253,7 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
       results.push(entry);
       log(`kernel ${s.name} ${name}`);
       try {
-        takeProgramCounts();
-        const f32 = await withTensorCores(false, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
-        entry.f32Programs = takeProgramCounts();
-        const tc = await withTensorCores(true, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
-        entry.tcPrograms = takeProgramCounts();
-        entry.maxRelError = maxRelativeError(tc, f32);
-        entry.finite = tc.every(Number.isFinite);
+        await compareBothPaths(run, entry);
         entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT;
         errorSummary[`${s.name}: ${name}`] = entry.maxRelError as number;
         // the program this plan should pick: the block's rows (products) or the slab's depth (weight gradients)
@@ -328,13 +338,7 @@ async function checkDense(tensorCoresAvailable: boolean): Promise<unknown[]> {
         results.push(entry);
         const label = `dense ${s.name} ${product}`;
         try {
-          takeProgramCounts();
-          const f32 = await withTensorCores(false, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
-          entry.f32Programs = takeProgramCounts();
-          const tc = await withTensorCores(true, async () => { const r = run(); const d = await r.data(); r.dispose(); return d; });
-          entry.tcPrograms = takeProgramCounts();
-          entry.maxRelError = maxRelativeError(tc, f32);
-          entry.finite = tc.every(Number.isFinite);
+          await compareBothPaths(run, entry);
           const subgroupPrograms = (entry.tcPrograms as { subgroupMatrix: number }).subgroupMatrix;
           entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT && subgroupPrograms > 0;
           errorSummary[label] = entry.maxRelError as number;
