@@ -15,18 +15,7 @@ import { trainLoop, type StepReport } from '../../../src/train/loop.js';
 import { clipByGlobalNorm } from '../../../src/train/optimizer.js';
 import { seedModelInit } from '../../../src/train/seeded_init.js';
 import { Rng } from '../../helpers/numeric.js';
-import { expectCloseAsync, expectNoLeakAsync } from './helpers.js';
-
-/** Runs `fn` on the cpu backend (the reference path), then makes webgpu active again. */
-async function onCpu<T>(fn: () => Promise<T>): Promise<T> {
-  await tf.setBackend('cpu');
-  registerMoEKernels('cpu');
-  try {
-    return await fn();
-  } finally {
-    await tf.setBackend('webgpu');
-  }
-}
+import { expectCloseAsync, expectNoLeakAsync, onCpu } from './helpers.js';
 
 const device = () => (tf.backend() as unknown as { device: GPUDevice }).device;
 

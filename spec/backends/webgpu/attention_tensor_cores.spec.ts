@@ -30,7 +30,7 @@ import {
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
-import { compileErrors, expectNoLeakAsync, withEnvFlag } from './helpers.js';
+import { compileErrors, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
 
 const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gradV'];
 
@@ -249,15 +249,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
   it('with the tensor-core flag on, the suite\'s device (not registered) runs the tiled f32 programs: bit-identical O, dq, dk, dv', async () => {
     expect(attentionTensorCores(128, 128)).to.equal(undefined);
     await withEnvFlag(TENSOR_CORES_FLAG, true, async () => expect(attentionTensorCores(128, 128)).to.equal(undefined));
-    const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
-    const run = backend.runWebGPUProgram;
-    const keys: string[] = [];
-    backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
-      keys.push(p.shaderKey);
-      return run.call(this, p, ...rest);
-    };
-    try {
-      await withEnvFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0, () => expectNoLeakAsync(async () => {
+    await withShaderKeys(keys => withEnvFlag(ATTENTION_KERNEL_MIN_BYTES_FLAG, 0, () => expectNoLeakAsync(async () => {
         // grouped heads (rep 2), a per-sample packed mask with a fully blocked row, 70 positions: several blocks and tiles
         const [nq, nkv, s, d] = [4, 2, 70, 64];
         const q = tf.randomNormal([nq, s, d], 0, 1, 'float32', 1) as tf.Tensor3D;
@@ -291,10 +283,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
           expect(Buffer.from((on[i] as Float32Array).buffer).equals(Buffer.from((off[i] as Float32Array).buffer)), `output ${i} bit for bit`).to.equal(true);
         }
         tf.dispose([q, k, v, w, segments, mask]);
-      }));
-    } finally {
-      backend.runWebGPUProgram = run;
-    }
+      })));
   });
 
   it('MOE_ATTENTION_TENSOR_CORE_MIN_BYTES applies where the backend runs the heads on tensor cores, MOE_ATTENTION_KERNEL_MIN_BYTES elsewhere', async () => {

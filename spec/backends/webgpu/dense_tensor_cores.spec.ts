@@ -17,26 +17,12 @@ import { registerTensorCoreDevice, TENSOR_CORES_FLAG } from '../../../src/backen
 import {
   DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul, PACKED_DENSE_MATMUL, packDenseWeight, registerDenseKernelOverride,
 } from '../../../src/ops/packed.js';
-import { expectNoLeakAsync, profileKernels, withEnvFlag } from './helpers.js';
-
-type ProgramRunner = { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
+import { expectNoLeakAsync, profileKernels, withEnvFlag, withShaderKeys } from './helpers.js';
 
 /** The kernels (tf.profile) and the programs' shader keys of one call, and its values. */
 async function dispatchOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; programs: string[]; values: number[] }> {
   const { kernels } = await profileKernels(fn);
-  const backend = tf.backend() as unknown as ProgramRunner;
-  const run = backend.runWebGPUProgram;
-  const programs: string[] = [];
-  backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
-    programs.push(p.shaderKey);
-    return run.call(this, p, ...rest);
-  };
-  let y: tf.Tensor;
-  try {
-    y = fn();
-  } finally {
-    backend.runWebGPUProgram = run;
-  }
+  const { y, programs } = await withShaderKeys(async keys => ({ y: fn(), programs: [...keys] }));
   const values = Array.from(await y.data());
   y.dispose();
   return { kernels, programs, values };

@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { registerMoEKernels } from '../../../src/backends/register_all_kernels.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 
 /** Asserts max|a − e| / max|e| <= tol, reading the tensor asynchronously. */
@@ -77,6 +78,36 @@ export async function withEnvFlag<T>(name: string, value: boolean | number | str
     return await fn();
   } finally {
     tf.env().set(name, before);
+  }
+}
+
+/**
+ * Runs `fn` with every webgpu program's shader key pushed to `keys` (which fn may read and clear as it
+ * goes), restoring the backend's runWebGPUProgram after.
+ */
+export async function withShaderKeys<T>(fn: (keys: string[]) => Promise<T>): Promise<T> {
+  const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
+  const run = backend.runWebGPUProgram;
+  const keys: string[] = [];
+  backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
+    keys.push(p.shaderKey);
+    return run.call(this, p, ...rest);
+  };
+  try {
+    return await fn(keys);
+  } finally {
+    backend.runWebGPUProgram = run;
+  }
+}
+
+/** Runs `fn` on the cpu backend (the reference path), then makes webgpu active again. */
+export async function onCpu<T>(fn: () => Promise<T>): Promise<T> {
+  await tf.setBackend('cpu');
+  registerMoEKernels('cpu');
+  try {
+    return await fn();
+  } finally {
+    await tf.setBackend('webgpu');
   }
 }
 

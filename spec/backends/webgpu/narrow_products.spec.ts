@@ -13,7 +13,7 @@ import { deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_F
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
-import { chooseExperts, expectCloseAsync, expectNoLeakAsync } from './helpers.js';
+import { chooseExperts, expectCloseAsync, expectNoLeakAsync, withEnvFlag } from './helpers.js';
 
 const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 
@@ -219,14 +219,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     expect(withAddend.names).to.deep.equal(['GroupedMatMulProgram']);
     const narrow = run(8);
     expect(narrow.names).to.deep.equal(['NarrowGroupedMatMulProgram']);
-    const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
-    tf.env().set(NARROW_PRODUCTS_FLAG, false);
-    let generic: ReturnType<typeof run>;
-    try {
-      generic = run(8);
-    } finally {
-      tf.env().set(NARROW_PRODUCTS_FLAG, previous);
-    }
+    const generic = await withEnvFlag(NARROW_PRODUCTS_FLAG, false, async () => run(8));
     expect(generic.names).to.deep.equal(['GroupedMatMulProgram']);
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
     await expectCloseAsync(withAddend.out, await generic.out.data(), 1e-6, 'generic with a zero addend');
@@ -251,14 +244,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     expect(wide.names).to.deep.equal(['GroupedWeightGradProgram']);
     const narrow = run(8);
     expect(narrow.names).to.deep.equal(['NarrowWeightGradProgram']);
-    const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
-    tf.env().set(NARROW_PRODUCTS_FLAG, false);
-    let generic: ReturnType<typeof run>;
-    try {
-      generic = run(8);
-    } finally {
-      tf.env().set(NARROW_PRODUCTS_FLAG, previous);
-    }
+    const generic = await withEnvFlag(NARROW_PRODUCTS_FLAG, false, async () => run(8));
     expect(generic.names).to.deep.equal(['GroupedWeightGradProgram']);
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
     tf.dispose([wide.out, narrow.out, generic.out, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);

@@ -32,7 +32,7 @@ import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
-import { compileErrors, expectNoLeakAsync, withEnvFlag } from './helpers.js';
+import { compileErrors, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
 const BOTH = ['shader-f16', 'chromium-experimental-subgroup-matrix'];
@@ -148,14 +148,7 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
   it('with the flag on, the suite\'s device (not registered) keeps the f32 kernels: same numbers, no subgroup program', async () => {
     expect(activeTensorCores()).to.equal(undefined);
     await withEnvFlag(TENSOR_CORES_FLAG, true, async () => expect(activeTensorCores()).to.equal(undefined));
-    const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
-    const run = backend.runWebGPUProgram;
-    const keys: string[] = [];
-    backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
-      keys.push(p.shaderKey);
-      return run.call(this, p, ...rest);
-    };
-    try {
+    const keys = await withShaderKeys(async keys => {
       await expectNoLeakAsync(async () => {
         const [T, H, I, E, K] = [96, 64, 48, 4, 2];
         const experts = tf.tensor2d(Int32Array.from({ length: T * K }, (_, i) => (i * 7 + (i % K)) % E), [T, K], 'int32') as tf.Tensor2D;
@@ -175,9 +168,8 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         expect(Array.from(on)).to.deep.equal(Array.from(off));
         tf.dispose([experts, x, w1, plan.seg, plan.rowOfPair, plan.pairOfRow]);
       });
-    } finally {
-      backend.runWebGPUProgram = run;
-    }
+      return keys;
+    });
     expect(keys.filter(k => k.startsWith('moeGroupedMatMul'))).to.have.length(2);
     expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
   });

@@ -11,7 +11,6 @@ import type * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { registerMoEKernels } from '../../../src/backends/register_all_kernels.js';
 import { generate } from '../../../src/generate/generate.js';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
 import { saveHFCheckpoint } from '../../../src/io/hf_save.js';
@@ -30,23 +29,13 @@ import { maxRelativeError } from '../../../src/util/numeric.js';
 import { runMain } from '../../cli/run_cli.js';
 import { writeHalfFixture } from '../../helpers/half_checkpoint.js';
 import { cleanup, fixtureConfig, fixtureDir, golden, tempDir } from '../../io/checkpoint_helpers.js';
+import { onCpu } from './helpers.js';
 
 const ARCH = 'qwen3_moe';
 const FIXTURE = fixtureDir(ARCH);
 const ADAPTER = join(FIXTURE, 'adapter');
 /** the cpu parity spec's tolerance for logits against transformers / PEFT (spec/io/peft.spec.ts, merge.spec.ts) */
 const LOGITS_TOL = 1e-4;
-
-/** Runs `fn` on the cpu backend (the reference path), then makes webgpu active again. */
-async function onCpu<T>(fn: () => Promise<T>): Promise<T> {
-  await tf.setBackend('cpu');
-  registerMoEKernels('cpu');
-  try {
-    return await fn();
-  } finally {
-    await tf.setBackend('webgpu');
-  }
-}
 
 async function logitsOf(model: tfl.LayersModel, ids: number[][]): Promise<Float32Array> {
   const x = tf.tensor2d(ids, [ids.length, ids[0].length], 'int32');
