@@ -9,6 +9,9 @@ runs the fixed prompt ours.ts ran (OURS_OUT/prompt/logits.safetensors: input_ids
   delta_rel    max|(ours - base) - (peft - base)| / max|peft - base|, base = the model without the adapter:
                the adapter's own contribution compared, meaningful where `effect` is small (f32 only: in bf16
                the base's rounding is larger than the adapter's change)
+  bf16_vs_f32  max|peft in bf16 - peft in f32| / max|ours| (both dtypes run): the bf16 reference's own distance
+               from f32 on this prompt. Ours computes in f32, so where this is near `rel` in bf16, the bf16 miss is
+               PyTorch's bf16 rounding, not the adapter
 per dtype: bf16 (what a user runs) and f32 (the same bf16-stored weights widened: ours computes in f32).
 Experts eager here (the plainest reference; grouped_mm is timed in torch_peft.py).
 """
@@ -42,6 +45,7 @@ def main():
                   versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
     with open(os.path.join(a.ours, "result.json")) as f:
         result["oursName"] = json.load(f).get("name")
+    logits = {}
     for name in a.dtypes.split(","):
         dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[name]
         t0 = time.perf_counter()
@@ -60,9 +64,13 @@ def main():
         r["withinTarget"] = r["rel"] <= result["target"]
         result[name] = r
         print(f"[compare] {name}: {r}", flush=True)
+        logits[name] = peft_logits
         del model, base, peft_logits, base_logits
         if a.device == "cuda":
             torch.cuda.empty_cache()
+    if "bf16" in logits and "f32" in logits:
+        result["bf16_vs_f32"] = float((logits["bf16"] - logits["f32"]).abs().max()) / scale
+        print(f"[compare] PEFT bf16 against PEFT f32: {result['bf16_vs_f32']:.3e}", flush=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result), flush=True)

@@ -130,6 +130,9 @@ def table(models):
             if dtype == "stored" and c:
                 parts = [fmt(c.get(d, {}).get("rel"), ".2e") for d in ("bf16", "f32")]
                 trip = f"{parts[0]} / {parts[1]}; {fmt(c.get('f32', {}).get('delta_rel'), '.2e')} (effect {fmt(c.get('f32', {}).get('effect'), '.1e')})"
+                if c.get("bf16_vs_f32") is not None:
+                    notes.append(f"{model}: PEFT bf16 against PEFT f32 on the round trip's prompt {c['bf16_vs_f32']:.2e} "
+                                 "(the bf16 reference's own distance from f32; ours computes in f32)")
             lines.append(f"| {label} | ours ({r.get('backend')}) | {STORAGE.get(dtype, dtype)} | {fmt(r.get('loadSeconds'), '.1f')} | "
                          f"{fmt(tps, '.0f')} | {fmt(tps / base_tps if tps and base_tps else None, '.2f')} | "
                          f"{fmt(peak / 2**30 if peak else None, '.2f')} | {fmt((r.get('losses') or [None])[0], '.4f')} | {trip} |")
