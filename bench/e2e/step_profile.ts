@@ -52,6 +52,13 @@ export interface StepProfile {
   /** Σ gpuMsByProgram ms */
   gpuMs: number | null;
   /**
+   * the same timed step by program class, output shape and shader key ("SubgroupMatrixMatMulProgram
+   * [2048,2048] moeSubgroupMatMul_rows_..."): which products of a class cost what (a class serves
+   * experts, dense projections and the LM head alike); null where gpuMsByProgram is, or when the
+   * recorded programs and the timestamps do not line up one to one
+   */
+  gpuMsBySite: Record<string, { count: number; ms: number }> | null;
+  /**
    * webgpu: host ms per phase of another step recorded with no submit before the loss read
    * (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE and SUBMIT_FLOPS_FLAG out of reach), so forward,
    * backward and optimizer are the host's recording alone and lossRead is the GPU's work that was
@@ -253,31 +260,56 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
   for (const p of STEP_PHASES) for (const k of Object.keys(total) as Array<keyof PhaseCounts>) total[k] += phases[p][k];
 
   let gpuMsByProgram: StepProfile['gpuMsByProgram'] = null;
+  let gpuMsBySite: StepProfile['gpuMsBySite'] = null;
   const backend = tf.backend() as unknown as { supportTimestampQuery?: boolean };
   if ((options.gpuTimes ?? true) && tf.getBackend() === 'webgpu' && backend.supportTimestampQuery === true) {
     // the step's recording under backend.time: every program gets a timestamp pair (and its own
     // pass), so this step's wall time means nothing; only the GPU ms per program are kept
     let value: tf.Scalar | undefined;
+    // each program as it is recorded, in the order tfjs times them (the grouped Adam's own passes too)
+    const sites: string[] = [];
+    const webgpu = tf.backend() as unknown as Record<string, AnyFn>;
+    const run = webgpu['runWebGPUProgram'];
+    webgpu['runWebGPUProgram'] = function (this: unknown, ...args: unknown[]) {
+      const program = args[0] as { constructor: { name: string }; outputShape: number[]; shaderKey?: string };
+      sites.push(`${program.constructor.name} [${program.outputShape.join(',')}] ${(program.shaderKey ?? '').slice(0, 72)}`);
+      return run.apply(this, args);
+    };
+    const adamSite = () => { sites.push(GROUPED_ADAM_PROGRAM); };
+    groupedAdamDispatchListeners.add(adamSite);
     const timing = await tf.time(() => {
       const { value: v, grads } = tf.variableGrads(step.loss, step.variables);
       const list = step.variables.map(x => grads[x.name]);
       step.apply(list);
       tf.dispose(list);
       value = v;
+    }).finally(() => {
+      delete webgpu['runWebGPUProgram'];
+      if (webgpu['runWebGPUProgram'] !== run) webgpu['runWebGPUProgram'] = run;
+      groupedAdamDispatchListeners.delete(adamSite);
     }) as unknown as { getExtraProfileInfo?: () => unknown };
     losses.push((await value!.data())[0]);
     value!.dispose();
+    const times = programTimes(timing.getExtraProfileInfo?.());
     gpuMsByProgram = {};
-    for (const { name, ms } of programTimes(timing.getExtraProfileInfo?.())) {
+    for (const { name, ms } of times) {
       const entry = gpuMsByProgram[name] ??= { count: 0, ms: 0 };
       entry.count++;
       entry.ms += ms;
+    }
+    if (sites.length === times.length && times.every((t, i) => sites[i].startsWith(t.name))) {
+      gpuMsBySite = {};
+      times.forEach(({ ms }, i) => {
+        const entry = gpuMsBySite![sites[i]] ??= { count: 0, ms: 0 };
+        entry.count++;
+        entry.ms += ms;
+      });
     }
   }
   const gpuMs = gpuMsByProgram === null ? null : Object.values(gpuMsByProgram).reduce((s, e) => s + e.ms, 0);
   return {
     profile: {
-      backend: tf.getBackend(), phases, total, recordOnlyMs, recordOnlySamples, kernelCounts, programCounts, gpuMsByProgram, gpuMs,
+      backend: tf.getBackend(), phases, total, recordOnlyMs, recordOnlySamples, kernelCounts, programCounts, gpuMsByProgram, gpuMs, gpuMsBySite,
     },
     losses,
   };

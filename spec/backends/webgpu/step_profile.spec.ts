@@ -57,6 +57,13 @@ describe('webgpu: the training step profile', () => {
       if (profile.gpuMsByProgram !== null) {
         expect(profile.gpuMs).to.be.closeTo(Object.values(profile.gpuMsByProgram).reduce((s, e) => s + e.ms, 0), 1e-9);
         expect(profile.gpuMsByProgram[GROUPED_ADAM_PROGRAM]?.count).to.equal(groups);
+        // the same timestamps by site: every program accounted for once
+        const sites = Object.values(profile.gpuMsBySite!);
+        expect(sites.reduce((s, e) => s + e.ms, 0)).to.be.closeTo(profile.gpuMs!, 1e-6);
+        expect(sites.reduce((s, e) => s + e.count, 0)).to.equal(
+            Object.values(profile.gpuMsByProgram).reduce((s, e) => s + e.count, 0));
+      } else {
+        expect(profile.gpuMsBySite).to.equal(null);
       }
     } finally {
       windows.dispose();
