@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Times the fused block at config S on wasm with 0 (tfjs's single-threaded build), 1, 2, 4 and 8
-# XNNPACK threads, rotating the order each round (ROUNDS, default 3); one JSON line per run into
-# $OUT/wasm_threads.jsonl.
+# XNNPACK threads (THREADS, e.g. THREADS="0 8 16" on the GPU machine's 16 cores), rotating the order each
+# round (ROUNDS, default 3); one JSON line per run into $OUT/wasm_threads.jsonl.
 set -uo pipefail
 source .gpu/on-device.sh
 out=${OUT:-.}/wasm_threads.jsonl
 : > "$out"
-threads=(0 1 2 4 8)
+read -r -a threads <<< "${THREADS:-0 1 2 4 8}"
 for round in $(seq 1 "${ROUNDS:-3}"); do
   for i in "${!threads[@]}"; do
     t=${threads[$(( (i + round) % ${#threads[@]} ))]}
