@@ -10,7 +10,7 @@
  *     the 128-row tuning is set explicitly (setWebGPUMoETuning({rowTile: 128}), the large one's
  *     tiles), without which they take the 32-row tiles that the tensor-core programs never get;
  * (b) the example's LoRA run (examples/finetune.ts's defaults: tala-moe, r 4, alpha 8 on
- *     experts.gate_up, experts.down and the router, batch 8 × seq 64, lr 1e-2, seed 1), 200 steps
+ *     experts.gate_up, experts.down and the router, batch 8 × seq 64, lr 1e-2 or --lr, seed 1), 200 steps
  *     with f32 and with tensor cores from the same seed and the same windows: the loss curves' max
  *     relative difference <= 2 %, printed every 20 steps. Its 128 rows per expert would take the
  *     64-row tuning, so the 128-row one is set here too. A third run, f32 from the experts' initial
@@ -78,10 +78,15 @@ const { values: flags } = parseArgs({
     harness: { type: 'boolean', default: false },
     // stop with `contract: TIMEOUT` after this many seconds (a hang inside Dawn blocks nothing else); 0: none
     'budget-s': { type: 'string', default: '0' },
+    // the example run's learning rate (its default 1e-2): at 1e-2 the f32 run is itself sensitive
+    // enough that the control drifts 13.5 % (run R), so the curves are also compared at a lower one
+    lr: { type: 'string', default: String(EXAMPLE.lr) },
   },
 });
 const steps = Number(flags.steps);
 if (!Number.isInteger(steps) || steps < 1) throw new Error(`contract: --steps must be an integer >= 1 but got '${flags.steps}'`);
+const learningRate = Number(flags.lr);
+if (!(learningRate > 0)) throw new Error(`contract: --lr must be a number > 0 but got '${flags.lr}'`);
 
 const started = Date.now();
 const report: Record<string, unknown> = { tool: 'webgpu_tc contract v1', startedAt: new Date(started).toISOString() };
@@ -309,7 +314,7 @@ async function trainExample(tensorCores: boolean, perturbed = false):
     takeSubgroupPrograms();
     const t0 = performance.now();
     const result = await withTensorCores(tensorCores, () => trainLoop(model, tokens, {
-      steps, lr: EXAMPLE.lr, batch: EXAMPLE.batch, seq: EXAMPLE.seq, seed: EXAMPLE.seed,
+      steps, lr: learningRate, batch: EXAMPLE.batch, seq: EXAMPLE.seq, seed: EXAMPLE.seed,
     }));
     return { losses: result.losses, subgroupPrograms: takeSubgroupPrograms(), seconds: (performance.now() - t0) / 1000 };
   } finally {
@@ -324,9 +329,9 @@ async function checkTraining(tensorCores: boolean): Promise<Record<string, unkno
   const f32 = await trainExample(false);
   const f32DeviceErrors = await deviceErrorsSince(errorsBefore);
   if (f32DeviceErrors.length > 0) failures.push(`train f32: device errors: ${f32DeviceErrors[0]}`);
-  line(`train f32: ${steps} steps in ${f32.seconds.toFixed(1)} s, loss ${f32.losses[0].toFixed(4)} → ${f32.losses.at(-1)!.toFixed(4)}` +
+  line(`train f32 (lr ${learningRate}): ${steps} steps in ${f32.seconds.toFixed(1)} s, loss ${f32.losses[0].toFixed(4)} → ${f32.losses.at(-1)!.toFixed(4)}` +
       ` (subgroup-matrix programs ${f32.subgroupPrograms})`);
-  const out: Record<string, unknown> = { steps, f32Losses: f32.losses, f32Seconds: f32.seconds };
+  const out: Record<string, unknown> = { steps, lr: learningRate, f32Losses: f32.losses, f32Seconds: f32.seconds };
   if (!f32.losses.every(Number.isFinite)) failures.push('train f32: a loss is not finite');
   if (!tensorCores) return out;
   const tcErrorsBefore = deviceErrors.length;
