@@ -13,7 +13,8 @@ import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_prog
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
-  deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
+  DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, groupedMatMul,
+  groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
 import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
@@ -226,6 +227,15 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     expect(tensorCoresFit(32, subgroupMatrixWorkgroupBytes(32) - 1, 4096, 2048, 1024)).to.equal(false);
     // still only wide products (a rank-8 LoRA side stays f32)
     expect(tensorCoresFit(64, 49152, 4096, 8, 1024)).to.equal(false);
+  });
+
+  it('WEBGPU_MOE_DENSE_TC_BLOCK_ROWS: 128 by default, 64 and 32 taken, anything else refused by name', async () => {
+    expect(denseTensorCoreBlockRows()).to.equal(128);
+    for (const rows of [64, 32] as const) {
+      await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, rows, async () => expect(denseTensorCoreBlockRows()).to.equal(rows));
+    }
+    await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, 100, async () => expect(() => denseTensorCoreBlockRows()).to.throw(
+        'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS must be one of 128, 64, 32 but got 100'));
   });
 
   it('groupedMatMul and groupedWeightGrad hand the plan\'s block rows and slab depth to their kernels', async () => {
@@ -552,6 +562,15 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       ['rw', 'float32', [64]]], [4, 96, 64]);
     expect(gradCode).to.match(/var<storage, read> L: array<vec4<f32>>/);
     expect(await compileErrors(gradCode)).to.deep.equal([]);
+  });
+
+  it('a dense product in 64-row blocks (WEBGPU_MOE_DENSE_TC_BLOCK_ROWS 64): twice the blocks of 128 rows, valid WGSL', async () => {
+    const dense = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, singleGroup: true } as const;
+    const staging = matMulStaging({}, { inner: 2048, outCols: 2048, sE: 0, sN: 2048, sK: 1 });
+    const r64 = new SubgroupMatrixMatMulProgram(2048, 2048, dense, 32, staging, 64);
+    const r128 = new SubgroupMatrixMatMulProgram(2048, 2048, dense, 32, staging, 128);
+    expect(r64.dispatch[0] * r64.dispatch[1] * r64.dispatch[2]).to.equal(2 * r128.dispatch[0] * r128.dispatch[1] * r128.dispatch[2]);
+    expect(await compileErrors(standIn(r64, []))).to.deep.equal([]);
   });
 
   it('one group (the dense projections): inputs A, W (+ bias, amax) only, rows straight from A, no expert lookup, its own shader key', async () => {

@@ -16,7 +16,7 @@ import {
   NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
 } from './programs/narrow_matmul_program.js';
 import {
-  matMulStaging, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
@@ -88,6 +88,25 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
  */
 export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
+
+/**
+ * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores (128, 64 or
+ * 32; default 128). A projection at 2048 tokens × 2048 outputs makes 256 blocks of 128 rows, about
+ * two per SM of an H100: smaller blocks put more of them in flight for less reuse of each staged
+ * slab. For end-to-end A/B runs (E2E_TF_FLAGS); the experts' blocks follow their plan's row tile.
+ */
+export const DENSE_TC_BLOCK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS';
+tf.env().registerFlag(DENSE_TC_BLOCK_ROWS_FLAG, () => 128);
+
+/** DENSE_TC_BLOCK_ROWS_FLAG's value, checked. */
+export function denseTensorCoreBlockRows(): SubgroupBlockRows {
+  const rows = tf.env().getNumber(DENSE_TC_BLOCK_ROWS_FLAG);
+  const block = SUBGROUP_BLOCK_ROWS.find(r => r === rows);
+  if (block === undefined) {
+    throw new Error(`${DENSE_TC_BLOCK_ROWS_FLAG} must be one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${rows}`);
+  }
+  return block;
+}
 
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
@@ -723,7 +742,7 @@ function runDenseProductOnTensorCores(
     packedWeight: packed === undefined ? undefined : { ...packed, layout: null },
   };
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }));
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }), denseTensorCoreBlockRows());
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
