@@ -16,7 +16,8 @@
  * them for rows group + 8·i. W_e's inner × 128 slab is staged once per workgroup (and then held
  * in registers, inner vec4s a thread), and the block's rows of A (inner values each) once into
  * workgroup memory, read as broadcasts: per workgroup 2·blockRows·128·4 bytes of addend and
- * output against inner·128·4 of W. At most 8 KB + 4 KB of workgroup memory (inner 16, 64 rows),
+ * output against inner·128·4 of W. A thread issues its blockRows / 8 addend reads before that
+ * staging, so that they are in flight across its loads and barrier (up to 8 vec4s a thread). At most 8 KB + 4 KB of workgroup memory (inner 16, 64 rows),
  * under WebGPU's default 16 KB limit.
  *
  * Padding rows and tiles past the rows in use write 0 and read no addend, as GroupedMatMulProgram
@@ -34,8 +35,6 @@ const ROW_GROUPS = 8;
 const THREADS = COLUMN_LANES * ROW_GROUPS;
 /** Columns of a workgroup. */
 const BLOCK_COLS = 4 * COLUMN_LANES;
-/** Rows whose addend loads a thread issues before their sums (more reads in flight). */
-const ROW_BATCH = 4;
 
 /** Rows of a workgroup: each row group writes blockRows / 8 of them. */
 export type NarrowInnerBlockRows = 16 | 32 | 64;
@@ -115,19 +114,17 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
       return `if (r${i} < uniforms.numRows) {\n          let v${i} = ${value};\n${[0, 1, 2, 3].map(q =>
         `          if (${column(q)} < uniforms.outCols) { result[r${i} * uniforms.outCols + ${column(q)}] = v${i}[${q}]; }`).join('\n')}\n        }`;
     };
-    const batches: string[] = [];
-    for (let b = 0; b < rowsPerThread; b += ROW_BATCH) {
-      const rows = Array.from({ length: Math.min(ROW_BATCH, rowsPerThread - b) }, (_, k) => b + k);
-      batches.push(rows.map(i => `
+    const rows = Array.from({ length: rowsPerThread }, (_, i) => i);
+    const loads = rows.map(i => `
         let m${i} = group + ${ROW_GROUPS * i};
         let r${i} = row0 + m${i};
         let live${i} = e >= 0 && rowSrc[m${i}] >= 0;
         var a${i} = vec4<f32>(0.0);
-        ${load(i)}`).join('') + rows.map(i => `
+        ${load(i)}`).join('');
+    const sums = rows.map(i => `
         var s${i} = vec4<f32>(0.0);
         ${Array.from({ length: inner }, (_, j) => `s${i} = fma(vec4<f32>(As[m${i} * ${inner} + ${j}]), w${j}, s${i});`).join('\n        ')}
-        ${store(i)}`).join(''));
-    }
+        ${store(i)}`).join('');
     return `
       var<workgroup> Ws : array<vec4<f32>, ${inner * COLUMN_LANES}>;
       var<workgroup> As : array<f32, ${blockRows * inner}>;
@@ -145,6 +142,12 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
         ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
         // also the barrier that publishes rowSrc
         let e = workgroupUniformLoad(&tileExpert);
+        ${vec4 ? `let quadsPerRow = uniforms.outCols / 4;
+        let quad = col0 / 4 + lane;
+        let colLive = quad < quadsPerRow;` : ''}
+        // every addend read of this thread (${rowsPerThread} rows) issued before the staging and its
+        // barrier, which leave them in flight (a storage read is not ordered by the workgroup barrier)
+        ${loads}
         // W_e's slab, column c of the block read by consecutive threads (contiguous where sN is 1)
         for (var i = lid; i < ${inner * BLOCK_COLS}; i += ${THREADS}) {
           let c = i % ${BLOCK_COLS};
@@ -162,10 +165,7 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
         }
         workgroupBarrier();
         ${Array.from({ length: inner }, (_, j) => `let w${j} = Ws[${j * COLUMN_LANES} + lane];`).join('\n        ')}
-        ${vec4 ? `let quadsPerRow = uniforms.outCols / 4;
-        let quad = col0 / 4 + lane;
-        let colLive = quad < quadsPerRow;` : ''}
-        ${batches.join('\n')}
+        ${sums}
       }
     `;
   }
