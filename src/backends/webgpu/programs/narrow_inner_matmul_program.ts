@@ -16,8 +16,9 @@
  * them for rows group + 8·i. W_e's inner × 128 slab is staged once per workgroup (and then held
  * in registers, inner vec4s a thread), and the block's rows of A (inner values each) once into
  * workgroup memory, read as broadcasts: per workgroup 2·blockRows·128·4 bytes of addend and
- * output against inner·128·4 of W. A thread issues its blockRows / 8 addend reads before that
- * staging, so that they are in flight across its loads and barrier (up to 8 vec4s a thread). At most 8 KB + 4 KB of workgroup memory (inner 16, 64 rows),
+ * output against inner·128·4 of W. A thread issues its blockRows / 8 addend reads (up to 8 vec4s)
+ * first, each after only its row's pairOfRow read, so that they are in flight across the plan
+ * lookup (the expert's binary search over seg), the staging and their barriers. At most 8 KB + 4 KB of workgroup memory (inner 16, 64 rows),
  * under WebGPU's default 16 KB limit.
  *
  * Padding rows and tiles past the rows in use write 0 and read no addend, as GroupedMatMulProgram
@@ -118,7 +119,7 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
     const loads = rows.map(i => `
         let m${i} = group + ${ROW_GROUPS * i};
         let r${i} = row0 + m${i};
-        let live${i} = e >= 0 && rowSrc[m${i}] >= 0;
+        let live${i} = r${i} < uniforms.numRows && pr[r${i}] >= 0;
         var a${i} = vec4<f32>(0.0);
         ${load(i)}`).join('');
     const sums = rows.map(i => `
@@ -139,15 +140,16 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
         let group = lid / ${COLUMN_LANES};
         let col0 = i32(workgroupId.x) * ${BLOCK_COLS};
         let row0 = i32(workgroupId.y) * ${blockRows};
-        ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
-        // also the barrier that publishes rowSrc
-        let e = workgroupUniformLoad(&tileExpert);
         ${vec4 ? `let quadsPerRow = uniforms.outCols / 4;
         let quad = col0 / 4 + lane;
         let colLive = quad < quadsPerRow;` : ''}
-        // every addend read of this thread (${rowsPerThread} rows) issued before the staging and its
-        // barrier, which leave them in flight (a storage read is not ordered by the workgroup barrier)
+        // every addend read of this thread (${rowsPerThread} rows) first, in flight across the plan
+        // lookup, the staging and their barriers (which do not order storage reads): a row is real
+        // where its pair is (pr >= 0), and a real row lies in the rows in use, so its tile has an expert
         ${loads}
+        ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
+        // also the barrier that publishes rowSrc
+        let e = workgroupUniformLoad(&tileExpert);
         // W_e's slab, column c of the block read by consecutive threads (contiguous where sN is 1)
         for (var i = lid; i < ${inner * BLOCK_COLS}; i += ${THREADS}) {
           let c = i % ${BLOCK_COLS};
