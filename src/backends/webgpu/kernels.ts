@@ -16,7 +16,7 @@ import {
   NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
 } from './programs/narrow_matmul_program.js';
 import {
-  narrowInnerBlockRows, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
+  narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
   matMulStaging, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
@@ -372,17 +372,15 @@ export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' 
 }
 
 /**
- * The rows per workgroup of NarrowInnerGroupedMatMulProgram for a grouped product
- * (NARROW_PRODUCTS_FLAG on), or undefined: a reduction at most NARROW_MAX_COLS deep (split LoRA's
- * expansions, inner = r, whose bytes are the addend and the output), float32 W, no bias (those
- * products have none) and a plan whose row tile a 16-, 32- or 64-row block divides. Deeper
- * reductions reuse each loaded value across enough of the tiled program's register tile to pay.
+ * Whether a grouped product goes to NarrowInnerGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): a
+ * reduction at most NARROW_MAX_COLS deep (split LoRA's expansions, inner = r, whose bytes are the
+ * addend and the output), float32 W, no bias (those products have none) and a plan whose row tile
+ * a 16-, 32- or 64-row block divides. Deeper reductions reuse each loaded value across enough of
+ * the tiled program's register tile to pay.
  */
-export function narrowInnerFits(args: Pick<GroupedMatMulArgs, 'inner' | 'w' | 'bias' | 'plan'>): NarrowInnerBlockRows | undefined {
-  if (!tf.env().getBool(NARROW_PRODUCTS_FLAG) || args.inner > NARROW_MAX_COLS || isPackedExpertWeight(args.w) || args.bias != null) {
-    return undefined;
-  }
-  return narrowInnerBlockRows(args.plan.rowTile);
+export function narrowInnerProductFits(args: Pick<GroupedMatMulArgs, 'inner' | 'w' | 'bias' | 'plan'>): boolean {
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && args.inner <= NARROW_MAX_COLS && !isPackedExpertWeight(args.w) &&
+      args.bias == null && narrowInnerBlockRowsFor(args.plan.rowTile) !== undefined;
 }
 
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
@@ -396,14 +394,14 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
   // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
-  const narrowInner = tensorCores || narrow ? undefined : narrowInnerFits(args);
+  const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
     // the subgroup-matrix block's rows: the largest that divides the plan's row tile
     tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
     // NarrowGroupedMatMulProgram's rows per thread, 0: not narrow
     narrowRows: narrow ? narrowRowsPerThread(args.plan.rowTile) : 0,
     // NarrowInnerGroupedMatMulProgram's rows per workgroup, 0: not a narrow reduction
-    narrowInnerRows: narrowInner ?? 0,
+    narrowInnerRows: narrowInner ? narrowInnerBlockRowsFor(args.plan.rowTile)! : 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,

@@ -44,7 +44,7 @@ export type NarrowInnerBlockRows = 16 | 32 | 64;
  * The rows per workgroup for a plan's row tile: the largest of 64, 32, 16 that divides it (so a
  * block never spans two experts), or undefined (the generic program).
  */
-export function narrowInnerBlockRows(rowTile: number): NarrowInnerBlockRows | undefined {
+export function narrowInnerBlockRowsFor(rowTile: number): NarrowInnerBlockRows | undefined {
   return ([64, 32, 16] as const).find(rows => rowTile % rows === 0);
 }
 
