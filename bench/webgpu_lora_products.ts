@@ -1,12 +1,16 @@
 /**
  * Split LoRA's rank-r grouped products alone (issue 15), NarrowGroupedMatMulProgram /
- * NarrowWeightGradProgram against the generic tiled programs (WEBGPU_MOE_NARROW_PRODUCTS off, the
+ * NarrowInnerGroupedMatMulProgram / NarrowWeightGradProgram against the generic tiled programs (WEBGPU_MOE_NARROW_PRODUCTS off, the
  * tiles experts.ts gives them: narrowColumns / narrowRows of the automatic tuning), at OLMoE's
  * shape by default (T 2048, K 8 of E 64, H 2048, I 1024, r 8). One layer's eight distinct ones:
  *   up.u      x[tok]·A1_eᵀ          (gather, inner H)      down.u    act(h)·A2_eᵀ      (act, inner I)
  *   down.gr   s·dOut[tok]·B2_e      (gather, inner H)      up.gr     s·dh·B1_e         (rows, inner 2I)
  *   down.dA   Σ (w·gr)ᵀ·act(h)      (P r, Q I)             down.dB   Σ (w·dOut[tok])ᵀ·u (P H, Q r)
  *   up.dA     Σ grᵀ·x[tok]          (P r, Q H)             up.dB     Σ dhᵀ·u           (P 2I, Q r)
+ *   up.ex     y1 + s·u·B1_eᵀ        (inner r, out 2I)      down.ex   y2 + s·u·B2_eᵀ    (inner r, out H)
+ *   up.dxA    dx1 + gr·A1_e         (inner r, out H)       down.dxA  dx2 + gr·A2_e     (inner r, out I)
+ * (the expansions: the LoRA term added to the base product's output, the addend, on PEFT's B read
+ * strided forward and A along its rows backward, exactly as experts.ts calls them)
  * (the forward's u is recomputed in backward: up.u and down.u run twice a step). Per product one
  * line: ms of each (--chain products enqueued, one read at the end, the median of --iters
  * chains), the speedup, the narrow one's GB/s over the bytes it must move (its wide operand
@@ -85,6 +89,10 @@ const dh = normal([cap, 2 * I]) as tf.Tensor2D;
 const uUp = normal([cap, r]) as tf.Tensor2D;
 const uDown = normal([cap, r]) as tf.Tensor2D;
 const gr = normal([cap, r]) as tf.Tensor2D;
+// the base products' outputs the expansions add to: [cap, 2I], [cap, H], [cap, I]
+const y1 = normal([cap, 2 * I]) as tf.Tensor2D;
+const yH = normal([cap, H]) as tf.Tensor2D;
+const dxI = normal([cap, I]) as tf.Tensor2D;
 const rw = tf.randomUniform([T * K], 0.05, 0.3, 'float32', seed++) as tf.Tensor1D;
 const A1 = normal([r * E, H], 1 / Math.sqrt(H)) as tf.Tensor2D;
 const B1 = normal([2 * I, r * E], 0.01) as tf.Tensor2D;
@@ -98,6 +106,9 @@ const narrowRows = (t: TileConfig): TileConfig => ({ ...t, tm: 1, vec4: false })
 const common = { plan, activation };
 const aStrides = (inSize: number) => ({ sE: r * inSize, sN: inSize, sK: 1 });
 const bBackward = { sE: 1, sN: E, sK: r * E };
+// experts.ts's forwardStrides(factorBLayout) and backwardStrides(factorALayout): inner r
+const bForward = { sE: 1, sN: r * E, sK: E };
+const aBackward = (outSize: number) => ({ sE: r * outSize, sN: 1, sK: outSize });
 const N = T * K;
 
 /**
@@ -121,6 +132,16 @@ const products: Array<[string, () => tf.Tensor, number]> = [
     outStrides: { oE: r * H, oP: H, oQ: 1 }, tile: narrowRows(tuning.gradTile) }), 4 * (N * H + r * E * H)],
   ['up.dB', () => groupedWeightGrad({ ...common, l: dh, left: 'rows', r: uUp, right: 'rows', P: 2 * I, Q: r, outShape: B1.shape,
     outStrides: { oE: 1, oP: r * E, oQ: E }, alpha: s, tile: narrowColumns(tuning.gradTile) }), 4 * (N * 2 * I + 2 * I * r * E)],
+  // the expansions: the addend's real rows read once, the whole output written (padding rows and
+  // rows past those in use get 0), A's rows once
+  ['up.ex', () => groupedMatMul({ ...common, a: uUp, source: 'rows', w: B1, strides: bForward, inner: r, outCols: 2 * I,
+    addend: y1, alpha: s, tile: tuning.tile }), 4 * (N * 2 * I + cap * 2 * I + cap * r)],
+  ['down.ex', () => groupedMatMul({ ...common, a: uDown, source: 'rows', w: B2, strides: bForward, inner: r, outCols: H,
+    addend: yH, alpha: s, tile: tuning.tile }), 4 * (N * H + cap * H + cap * r)],
+  ['up.dxA', () => groupedMatMul({ ...common, a: gr, source: 'rows', w: A1, strides: aBackward(H), inner: r, outCols: H,
+    addend: yH, tile: tuning.tile }), 4 * (N * H + cap * H + cap * r)],
+  ['down.dxA', () => groupedMatMul({ ...common, a: gr, source: 'rows', w: A2, strides: aBackward(I), inner: r, outCols: I,
+    addend: dxI, tile: tuning.tile }), 4 * (N * I + cap * I + cap * r)],
 ];
 
 /**
@@ -172,5 +193,5 @@ for (const [name, product, bytes, of] of variants) {
 }
 process.stdout.write(`per layer-step (u twice) generic ${stepGeneric.toFixed(3)} ms  narrow ${stepNarrow.toFixed(3)} ms  ` +
     `${(stepGeneric / stepNarrow).toFixed(2)}x  ${worst <= 1e-5 ? 'all ok' : 'MISMATCH'}\n`);
-tf.dispose([experts, plan.seg, plan.rowOfPair, plan.pairOfRow, x, dOut, h, dh, uUp, uDown, gr, rw, A1, B1, A2, B2]);
+tf.dispose([experts, plan.seg, plan.rowOfPair, plan.pairOfRow, x, dOut, h, dh, uUp, uDown, gr, rw, A1, B1, A2, B2, y1, yH, dxI]);
 process.exit(worst <= 1e-5 ? 0 : 1);

@@ -16,6 +16,9 @@ import {
   NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
 } from './programs/narrow_matmul_program.js';
 import {
+  narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
+} from './programs/narrow_inner_matmul_program.js';
+import {
   matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
@@ -84,6 +87,7 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
  * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
  * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
  * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
+ * products at most that deep (the expansions y += s·u·B_eᵀ, dx += gr·A_e) NarrowInnerGroupedMatMulProgram;
  * false: the generic tiled programs (A/B comparisons, bench/webgpu_lora_products.ts).
  */
 export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
@@ -122,7 +126,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const backend = webgpu(args);
@@ -258,7 +262,13 @@ const groupedMatMulConfig: tf.KernelConfig = {
         ? new NarrowGroupedMatMulProgram(capacity, outCols, {
           source: common.source, activation: common.activation, kContiguous: common.kContiguous, rowsPerThread: a.narrowRows as 1 | 2,
         })
-        : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
+        // narrowInnerRows 0 (or absent): not a narrow reduction
+        : a.narrowInnerRows === 16 || a.narrowInnerRows === 32 || a.narrowInnerRows === 64
+          ? new NarrowInnerGroupedMatMulProgram(capacity, outCols, a.inner as number, {
+            source: common.source, activation: common.activation, hasAddend: common.hasAddend, vec4: outCols % 4 === 0,
+            blockRows: a.narrowInnerRows as NarrowInnerBlockRows,
+          })
+          : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),
@@ -380,6 +390,18 @@ export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' 
       args.bias == null && args.addend == null;
 }
 
+/**
+ * Whether a grouped product goes to NarrowInnerGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): a
+ * reduction at most NARROW_MAX_COLS deep (split LoRA's expansions, inner = r, whose bytes are the
+ * addend and the output), float32 W, no bias (those products have none) and a plan whose row tile
+ * a 16-, 32- or 64-row block divides. Deeper reductions reuse each loaded value across enough of
+ * the tiled program's register tile to pay.
+ */
+export function narrowInnerProductFits(args: Pick<GroupedMatMulArgs, 'inner' | 'w' | 'bias' | 'plan'>): boolean {
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && args.inner <= NARROW_MAX_COLS && !isPackedExpertWeight(args.w) &&
+      args.bias == null && narrowInnerBlockRowsFor(args.plan.rowTile) !== undefined;
+}
+
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
 export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const packed = isPackedExpertWeight(args.w) ? args.w : undefined;
@@ -390,11 +412,15 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
+  // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
+  const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
     // the subgroup-matrix block's rows: the largest that divides the plan's row tile
     tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
     // NarrowGroupedMatMulProgram's rows per thread, 0: not narrow
     narrowRows: narrow ? narrowRowsPerThread(args.plan.rowTile) : 0,
+    // NarrowInnerGroupedMatMulProgram's rows per workgroup, 0: not a narrow reduction
+    narrowInnerRows: narrowInner ? narrowInnerBlockRowsFor(args.plan.rowTile)! : 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
