@@ -278,17 +278,17 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
       routed.dispose();
     });
 
-    it('rejects a chunk flag that is not a positive integer, naming the op and the flag', async () => {
+    it('rejects a chunk flag that is not an integer in [1, 2^24], naming the op and the flag', async () => {
       const routed = new RoutedPlan(experts, T, K, E, 16);
       await routed.make();
       const l = tf.zeros([routed.plan.capacity, 8]) as tf.Tensor2D;
       const x = tf.zeros([T, 300]) as tf.Tensor2D;
-      for (const bad of [0, 2.5]) {
+      for (const bad of [0, 2.5, 2 ** 24 + 1]) {
         await expectNoLeakAsync(async () => {
           await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, bad, async () => {
             expect(() => groupedWeightGrad({ l, left: 'rows', r: x, right: 'gather', P: 8, Q: 300, outShape: [8 * E, 300],
               outStrides: { oE: 8 * 300, oP: 300, oQ: 1 }, plan: routed.plan, tile: { tm: 1, tn: 1, bk: 16 } }))
-              .to.throw(`\`groupedWeightGrad()\`: the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be a positive integer but got ${bad} (number)`);
+              .to.throw(`\`groupedWeightGrad()\`: the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${bad} (number)`);
           });
         });
       }

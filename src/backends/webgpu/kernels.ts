@@ -489,11 +489,12 @@ export interface GroupedWeightGradArgs {
   alpha?: number;
 }
 
-/** NARROW_GRAD_CHUNK_ROWS_FLAG's value, checked (a positive integer). */
+/** NARROW_GRAD_CHUNK_ROWS_FLAG's value, checked. */
 function narrowGradTargetRows(): number {
   const rows = tf.env().getNumber(NARROW_GRAD_CHUNK_ROWS_FLAG);
-  if (!Number.isInteger(rows) || rows < 1) {
-    fail('groupedWeightGrad', `the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be a positive integer but got ${describeValue(rows)}`);
+  // at most 2^24, so that the programs' row arithmetic (chunkRows + count) stays inside an i32
+  if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
+    fail('groupedWeightGrad', `the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
   }
   return rows;
 }
