@@ -13,6 +13,7 @@ import { expect } from 'chai';
 import {
   deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
 } from '../../../src/backends/webgpu/kernels.js';
+import { narrowGradChunkRows } from '../../../src/backends/webgpu/programs/narrow_matmul_program.js';
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
@@ -231,8 +232,8 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
 
   // Skewed routing, as real text gives: expert 3 has 200 rows (a full chunk of 128 and a ragged
   // one), expert 6 exactly 128 (one full chunk), expert 7 71, expert 0 one row, 1, 2, 4, 5 none.
-  // The chunk flag 1 makes every row tile a chunk, 48 a chunk of 48 (row tile 16) or 64 rows (32),
-  // 128 the default, 1000 one chunk per expert.
+  // Chunk flags: 1 and 8 make chunks of 1 and 8 rows (inside a row tile), 48 chunks of 48 (row
+  // tile 16) or 64 rows (32), 128 the default, 1000 one chunk per expert.
   describe('weight gradients under skewed routing: chunks of rows', () => {
     const T = 200, K = 2, E = 8;
     const experts = new Int32Array(T * K);
@@ -250,7 +251,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
         const routed = new RoutedPlan(experts, T, K, E, rowTile);
         before(() => routed.make());
         after(() => routed.dispose());
-        for (const chunkRows of [1, 48, 128, 1000]) {
+        for (const chunkRows of [1, 8, 48, 128, 1000]) {
           for (const r of [1, 8, 16]) {
             for (const c of cases) {
               it(`chunk flag ${chunkRows}, narrow ${c.narrow} = ${r}: L ${c.left}, R ${c.right}${c.scaled ? ', scaled' : ''}`, async () => {
@@ -261,6 +262,12 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
         }
       });
     }
+
+    it('chunks fit the row tile: whole tiles from one tile up, divisors of it below', () => {
+      expect([200, 128, 64, 48, 1].map(t => narrowGradChunkRows(128, t))).to.deep.equal([256, 128, 64, 32, 1]);
+      expect([48, 1000].map(t => narrowGradChunkRows(32, t))).to.deep.equal([64, 1024]);
+      expect(narrowGradChunkRows(24, 16)).to.equal(12);
+    });
 
     it('sums in a fixed order: two runs give the same bits', async () => {
       const routed = new RoutedPlan(experts, T, K, E, 16);

@@ -15,7 +15,7 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  NARROW_MAX_COLS, narrowGradChunkRows, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
+  NARROW_MAX_COLS, narrowGradChunkRows, narrowGradUnitRows, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
   type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
@@ -93,9 +93,9 @@ export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
 
 /**
- * tf.env() flag: the rows NarrowWeightGradProgram sums per workgroup, rounded up to a multiple of
- * the plan's row tile (see narrow_matmul_program.ts): fewer rows make more workgroups and more
- * partial sums to add (r·wide floats per chunk). For tuning on a GPU
+ * tf.env() flag: the rows NarrowWeightGradProgram sums per workgroup, rounded to fit the plan's
+ * row tile (narrowGradChunkRows in narrow_matmul_program.ts): fewer rows make more workgroups and
+ * more partial sums to add (r·wide floats per chunk). For tuning on a GPU
  * (bench/webgpu_lora_products.ts --grad-chunk-rows).
  */
 export const NARROW_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_NARROW_GRAD_CHUNK_ROWS';
@@ -452,16 +452,16 @@ function narrowWeightGrad(args: KernelArgs, list: tf.TensorInfo[], spec: NarrowW
   const P = a.P as number;
   const Q = a.Q as number;
   const numExperts = a.numExperts as number;
-  const rowTile = a.rowTile as number;
   const chunkRows = a.chunkRows as number;
+  const unitRows = narrowGradUnitRows(a.rowTile as number, chunkRows);
   const capacity = inputs.pr.shape[0];
-  const partial = backend.runWebGPUProgram(new NarrowWeightGradProgram(capacity, rowTile, P, Q, spec), list, 'float32', [
-    ...intUniforms(P, Q, a.topK as number, numExperts, rowTile, chunkRows),
+  const partial = backend.runWebGPUProgram(new NarrowWeightGradProgram(capacity, unitRows, P, Q, spec), list, 'float32', [
+    ...intUniforms(P, Q, a.topK as number, numExperts, unitRows, chunkRows),
     ...activationUniforms(activationOf(a)?.activation),
   ]);
   const out = runGroupedProduct(args, new NarrowWeightGradSumProgram(a.outShape as number[], numExperts, P, Q, spec.narrow),
       [partial, inputs.seg], [
-        ...intUniforms(P, Q, numExperts, rowTile, chunkRows, a.oE as number, a.oP as number, a.oQ as number),
+        ...intUniforms(P, Q, numExperts, unitRows, chunkRows, a.oE as number, a.oP as number, a.oQ as number),
         ...floatUniforms(a.alpha as number),
       ], flops);
   backend.disposeData(partial.dataId);
@@ -512,7 +512,7 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
     // the reduction's rows per staged slab follow the plan's row tile
     tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile), narrow,
-    // NarrowWeightGradProgram's chunks: whole row tiles of one expert
+    // NarrowWeightGradProgram's chunks: rows of one expert, aligned to the row tile
     rowTile: args.plan.rowTile, chunkRows: narrow === 'none' ? 0 : narrowGradChunkRows(args.plan.rowTile, narrowGradTargetRows()),
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,

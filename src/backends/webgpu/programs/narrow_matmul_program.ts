@@ -159,12 +159,24 @@ const GRAD_ROWS = 32;
 const GRAD_UNROLL = 8;
 
 /**
- * The rows one workgroup of NarrowWeightGradProgram sums: the plan's row tile times the tiles that
- * make at least `targetRows` (a chunk must not cross an expert's segment, whose padded length is a
- * multiple of the row tile).
+ * The rows one workgroup of NarrowWeightGradProgram sums, near `targetRows`: a chunk must not cross
+ * an expert's segment, whose start and padded length are multiples of the plan's row tile, so it
+ * is a multiple of the row tile (the fewest tiles that make targetRows) or, below one tile, the
+ * largest divisor of the row tile up to targetRows.
  */
 export function narrowGradChunkRows(rowTile: number, targetRows: number): number {
-  return rowTile * Math.max(1, Math.ceil(targetRows / rowTile));
+  if (targetRows >= rowTile) return rowTile * Math.ceil(targetRows / rowTile);
+  let rows = Math.max(1, Math.floor(targetRows));
+  while (rowTile % rows !== 0) rows--;
+  return rows;
+}
+
+/**
+ * The rows of one step of NarrowWeightGradProgram's grid: the row tile, or the chunk where that is
+ * smaller; either divides every segment's start and every chunk's.
+ */
+export function narrowGradUnitRows(rowTile: number, chunkRows: number): number {
+  return Math.min(rowTile, chunkRows);
 }
 
 /**
@@ -178,10 +190,10 @@ export function narrowGradChunkRows(rowTile: number, targetRows: number): number
  * reads that column of every row of the chunk straight from memory (256 threads read 1 KB of a row
  * together), while the narrow operand's rows (r ≤ 16 values each, r/inner of the bytes) are staged
  * GRAD_ROWS at a time in workgroup memory and read as broadcasts; the thread keeps the narrow
- * side's r sums in registers. A chunk is `chunkRows` rows (a multiple of the plan's row tile) of
- * one expert, starting at its segment's start or a multiple of chunkRows past it: the grid is
- * (wide / 256) × (capacity / rowTile) workgroups, one per row tile, of which only the tiles that
- * start a chunk do work, writing the chunk's partial sums at partial[tile, narrow, wide].
+ * side's r sums in registers. A chunk is `chunkRows` rows of one expert (narrowGradChunkRows),
+ * starting at its segment's start or a multiple of chunkRows past it: the grid is (wide / 256) ×
+ * (capacity / unitRows) workgroups, one per unit of rows (narrowGradUnitRows), of which only the
+ * units that start a chunk do work, writing the chunk's partial sums at partial[unit, narrow, wide].
  * One workgroup per expert instead (the first version) made the time follow the busiest expert:
  * real text's routing sends several times the mean rows to a few experts, and the grid's tail was
  * those experts' workgroups alone (0.70 ms a call in the OLMoE step against 0.12–0.21 ms at
@@ -209,22 +221,22 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
   variableNames: string[];
   outputShape: number[];
   shaderKey: string;
-  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, row tiles along y
+  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, units of rows along y
   dispatchLayout = { x: [2], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, rowTile : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
+  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, unitRows : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: NarrowWeightGradSpec;
   private readonly width: number;
 
-  /** partial sums [capacity / rowTile, narrow, wide]; only the rows of tiles that start a chunk are written */
-  constructor(capacity: number, rowTile: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
+  /** partial sums [capacity / unitRows, narrow, wide]; only the units that start a chunk are written */
+  constructor(capacity: number, unitRows: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
     this.width = checkNarrow('NarrowWeightGradProgram', P, Q, spec.narrow);
     this.spec = spec;
     const wide = spec.narrow === 'P' ? Q : P;
-    const tiles = capacity / rowTile;
-    this.outputShape = [tiles, this.width, wide];
-    this.dispatch = [Math.ceil(wide / THREADS), tiles, 1];
+    const units = capacity / unitRows;
+    this.outputShape = [units, this.width, wide];
+    this.dispatch = [Math.ceil(wide / THREADS), units, 1];
     this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : [])];
     this.shaderKey = `moeNarrowWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
         `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${this.width}`;
@@ -253,12 +265,12 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
 
       fn main() {
         let lid = i32(localIndex);
-        let tile = i32(workgroupId.y);
+        let unit = i32(workgroupId.y);
         let c = i32(workgroupId.x) * ${THREADS} + lid;
         let live = c < ${wideSize};
         if (lid == 0) {
-          // the chunk's real rows when this tile starts one; 0 inside a chunk and past the rows in use
-          let row0 = tile * uniforms.rowTile;
+          // the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
+          let row0 = unit * uniforms.unitRows;
           var rowsOfChunk = 0;
           if (row0 < seg[uniforms.numExperts]) {
             let e = expertOfRow(row0);
@@ -294,10 +306,10 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
           }
           workgroupBarrier();
         }
-        // tiles that start no chunk write nothing: the sum program reads only the chunks' tiles
+        // units that start no chunk write nothing: the sum program reads only the chunks' units
         if (live && count > 0) {
           for (var j = 0; j < ${width}; j++) {
-            result[(tile * ${width} + j) * ${wideSize} + c] = acc[j];
+            result[(unit * ${width} + j) * ${wideSize} + c] = acc[j];
           }
         }
       }
@@ -313,7 +325,7 @@ export class NarrowWeightGradSumProgram implements WebGPUProgram {
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  uniforms = 'P : i32, Q : i32, numExperts : i32, rowTile : i32, chunkRows : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ';
+  uniforms = 'P : i32, Q : i32, numExperts : i32, unitRows : i32, chunkRows : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ';
   private readonly narrow: 'P' | 'Q';
 
   /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
@@ -335,13 +347,13 @@ export class NarrowWeightGradSumProgram implements WebGPUProgram {
         let j = i32(workgroupId.y);
         let e = i32(workgroupId.z);
         if (c >= ${wideSize}) { return; }
-        // expert e's chunks start at its first tile, one every chunkRows / rowTile tiles
-        let firstTile = seg[e] / uniforms.rowTile;
-        let tileStep = uniforms.chunkRows / uniforms.rowTile;
+        // expert e's chunks start at its first unit, one every chunkRows / unitRows units
+        let firstUnit = seg[e] / uniforms.unitRows;
+        let unitStep = uniforms.chunkRows / uniforms.unitRows;
         let chunks = (seg[uniforms.numExperts + 1 + e] + uniforms.chunkRows - 1) / uniforms.chunkRows;
         var s = 0.0;
         for (var k = 0; k < chunks; k++) {
-          s += partial[((firstTile + k * tileStep) * ${narrowSize} + j) * ${wideSize} + c];
+          s += partial[((firstUnit + k * unitStep) * ${narrowSize} + j) * ${wideSize} + c];
         }
         result[${outIndex}] = uniforms.alpha * s;
       }
