@@ -115,7 +115,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradSumProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const backend = webgpu(args);
@@ -442,8 +442,9 @@ const groupedWeightGradConfig: tf.KernelConfig = {
 };
 
 /**
- * The narrow weight gradient's two dispatches: the chunks' partial sums (NarrowWeightGradProgram),
- * then each expert's chunks added into the gradient (NarrowWeightGradSumProgram).
+ * The narrow weight gradient's two dispatches: the chunks' partial sums (NarrowWeightGradProgram,
+ * the product: submitted after it when big, see SUBMIT_FLOPS_FLAG), then each expert's chunks added
+ * into the gradient (NarrowWeightGradSumProgram, a small pass over the partial sums).
  */
 function narrowWeightGrad(args: KernelArgs, list: tf.TensorInfo[], spec: NarrowWeightGradSpec, flops: number): tf.TensorInfo {
   const a = args.attrs!;
@@ -455,15 +456,15 @@ function narrowWeightGrad(args: KernelArgs, list: tf.TensorInfo[], spec: NarrowW
   const chunkRows = a.chunkRows as number;
   const unitRows = narrowGradUnitRows(a.rowTile as number, chunkRows);
   const capacity = inputs.pr.shape[0];
-  const partial = backend.runWebGPUProgram(new NarrowWeightGradProgram(capacity, unitRows, P, Q, spec), list, 'float32', [
+  const partial = runGroupedProduct(args, new NarrowWeightGradProgram(capacity, unitRows, P, Q, spec), list, [
     ...intUniforms(P, Q, a.topK as number, numExperts, unitRows, chunkRows),
     ...activationUniforms(activationOf(a)?.activation),
-  ]);
-  const out = runGroupedProduct(args, new NarrowWeightGradSumProgram(a.outShape as number[], numExperts, P, Q, spec.narrow),
-      [partial, inputs.seg], [
+  ], flops);
+  const out = backend.runWebGPUProgram(new NarrowWeightGradSumProgram(a.outShape as number[], numExperts, P, Q, spec.narrow),
+      [partial, inputs.seg], 'float32', [
         ...intUniforms(P, Q, numExperts, unitRows, chunkRows, a.oE as number, a.oP as number, a.oQ as number),
         ...floatUniforms(a.alpha as number),
-      ], flops);
+      ]);
   backend.disposeData(partial.dataId);
   return out;
 }
