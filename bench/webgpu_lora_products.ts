@@ -17,8 +17,16 @@
  * once, plus the output), and the max relative error of narrow against generic (must be ≤ 1e-5:
  * the same f32 sums in another order); then down.grT / up.grT: the narrow s·dy·B_e on a contiguous
  * Bᵀ copy made in the call (whether experts.ts should transpose PEFT's strided B first).
+ * Routing: --skew 0 (the default) gives each token K distinct experts uniformly (the balanced
+ * groups a load-balanced router gives); --skew s > 0 draws them Zipf-like, expert i with probability
+ * ∝ 1/(i+1)^s, K distinct per token (seeded), so that expert 0 gets several times the mean rows as
+ * frequent tokens give under real text (s 1 at OLMoE's shape: see the header's max/mean). Both sides
+ * of every line run on the same plan. --grad-chunk-rows n sets WEBGPU_MOE_NARROW_GRAD_CHUNK_ROWS (the
+ * rows one workgroup of the narrow dA/dB sums, rounded up to the row tile; default 128) for tuning
+ * it; a huge value (100000) makes one chunk per expert, as the first version's one workgroup per
+ * expert did (plus the chunk-sum dispatch).
  *   npx tsx bench/webgpu_lora_products.ts [--tokens 2048] [--experts 64] [--topk 8] [--hidden 2048]
- *       [--inter 1024] [--rank 8] [--iters 7] [--chain 20]
+ *       [--inter 1024] [--rank 8] [--skew 0] [--grad-chunk-rows 128] [--iters 7] [--chain 20]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_lora_products.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_lora_products.js
  */
@@ -27,9 +35,10 @@ import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import { webgpuMoETuningFor } from '../src/backends/webgpu/experts.js';
 import {
-  deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_FLAG,
+  deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_PRODUCTS_FLAG,
 } from '../src/backends/webgpu/kernels.js';
 import type { TileConfig } from '../src/backends/webgpu/programs/grouped_matmul_program.js';
+import { narrowGradChunkRows } from '../src/backends/webgpu/programs/narrow_matmul_program.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { timeProduct } from './webgpu_timing.js';
@@ -55,6 +64,8 @@ const K = Number(flag('topk', '8'));
 const H = Number(flag('hidden', '2048'));
 const I = Number(flag('inter', '1024'));
 const r = Number(flag('rank', '8'));
+const skew = Number(flag('skew', '0'));
+if (!(skew >= 0)) throw new Error(`webgpu_lora_products: --skew must be a number >= 0 but got '${flag('skew', '0')}'`);
 const iters = Number(flag('iters', '7'));
 const chain = Number(flag('chain', '20'));
 
@@ -63,23 +74,47 @@ if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set u
 registerMoEKernels('webgpu');
 // rank-r products are never wide enough for the subgroup-matrix programs: keep the comparison f32 only
 tf.env().set(TENSOR_CORES_FLAG, false);
-process.stdout.write(`# webgpu_lora_products: T ${T} K ${K} E ${E} H ${H} I ${I} r ${r}; adapter tensor cores: ${adapter.tensorCores}\n`);
-
-// K distinct experts per token, uniformly: the balanced groups a load-balanced router gives
+tf.env().set(NARROW_GRAD_CHUNK_ROWS_FLAG, Number(flag('grad-chunk-rows', String(tf.env().getNumber(NARROW_GRAD_CHUNK_ROWS_FLAG)))));
 let seed = 7;
 const rand = () => { seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0; return seed / 2 ** 32; };
 const chosen = new Int32Array(T * K);
-for (let t = 0; t < T; t++) {
-  const perm = Array.from({ length: E }, (_, e) => e);
-  for (let k = 0; k < K; k++) {
-    const j = k + Math.floor(rand() * (E - k));
-    [perm[k], perm[j]] = [perm[j], perm[k]];
-    chosen[t * K + k] = perm[k];
+if (skew === 0) {
+  // K distinct experts per token, uniformly (a partial Fisher-Yates shuffle)
+  for (let t = 0; t < T; t++) {
+    const perm = Array.from({ length: E }, (_, e) => e);
+    for (let k = 0; k < K; k++) {
+      const j = k + Math.floor(rand() * (E - k));
+      [perm[k], perm[j]] = [perm[j], perm[k]];
+      chosen[t * K + k] = perm[k];
+    }
+  }
+} else {
+  // K distinct experts per token drawn in turn, each from the Zipf weights of the experts not yet drawn
+  const zipf = Array.from({ length: E }, (_, e) => 1 / (e + 1) ** skew);
+  for (let t = 0; t < T; t++) {
+    const weights = [...zipf];
+    let total = weights.reduce((a, b) => a + b, 0);
+    for (let k = 0; k < K; k++) {
+      let u = rand() * total;
+      let e = 0;
+      while (e < E - 1 && (weights[e] === 0 || u >= weights[e])) { u -= weights[e]; e++; }
+      // rounding can leave u past the last weight: take the last expert not yet drawn
+      while (weights[e] === 0) e--;
+      chosen[t * K + k] = e;
+      total -= weights[e];
+      weights[e] = 0;
+    }
   }
 }
+const rowsOfExpert = new Array<number>(E).fill(0);
+for (const e of chosen) rowsOfExpert[e]++;
+const meanRows = (T * K) / E;
 const experts = tf.tensor2d(chosen, [T, K], 'int32');
 const tuning = webgpuMoETuningFor(T * K, E);
 const plan: DevicePlan = deviceDispatchPlan(experts, E, tuning.rowTile);
+process.stdout.write(`# webgpu_lora_products: T ${T} K ${K} E ${E} H ${H} I ${I} r ${r}; skew ${skew}: expert rows max/mean ` +
+    `${Math.max(...rowsOfExpert)}/${meanRows.toFixed(1)} = ${(Math.max(...rowsOfExpert) / meanRows).toFixed(2)}; ` +
+    `narrow dA/dB chunks of ${narrowGradChunkRows(tuning.rowTile, tf.env().getNumber(NARROW_GRAD_CHUNK_ROWS_FLAG))} rows (row tile ${tuning.rowTile}); adapter tensor cores: ${adapter.tensorCores}\n`);
 const cap = plan.capacity;
 const normal = (shape: number[], std = 1) => tf.randomNormal(shape, 0, std, 'float32', seed++);
 const x = normal([T, H]) as tf.Tensor2D;

@@ -3,13 +3,17 @@
  * float64 JS: every row source, r in {1, 4, 8, 16}, A's layout (reduction contiguous) and PEFT's
  * B read as dy·B_e (strided), several BK chunks with a ragged last one, padding rows, empty
  * experts, 16- and 32-row blocks; the weight gradients narrow on either side, scaled by the
- * routing weight, into PEFT's A and B layouts over several 256-column blocks; and which program
- * the kernel picks. Run with TFJS_BACKEND=webgpu.
+ * routing weight, into PEFT's A and B layouts over several 256-column blocks, also under skewed
+ * routing (one expert with many rows, others empty) at several chunk sizes, their order fixed
+ * (the same bits twice); and which program the kernel picks. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { expect } from 'chai';
-import { deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_PRODUCTS_FLAG, type WeightStrides } from '../../../src/backends/webgpu/kernels.js';
+import {
+  deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
+} from '../../../src/backends/webgpu/kernels.js';
+import { narrowGradChunkRows } from '../../../src/backends/webgpu/programs/narrow_matmul_program.js';
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
@@ -32,6 +36,92 @@ function programsOf(fn: () => void): string[] {
     backend.runWebGPUProgram = original;
   }
   return names;
+}
+
+/** A routing's device plan and its pairOfRow read back (for the float64 references). */
+class RoutedPlan {
+  plan!: ReturnType<typeof deviceDispatchPlan>;
+  pairOfRow: number[] = [];
+  private ex?: tf.Tensor2D;
+  constructor(readonly experts: Int32Array, readonly T: number, readonly K: number, readonly E: number, readonly rowTile: number) {}
+
+  async make(): Promise<void> {
+    this.ex = tf.tensor2d(this.experts, [this.T, this.K], 'int32');
+    this.plan = deviceDispatchPlan(this.ex, this.E, this.rowTile);
+    this.pairOfRow = Array.from(await this.plan.pairOfRow.data());
+  }
+
+  dispose(): void {
+    tf.dispose([this.ex!, this.plan.seg, this.plan.rowOfPair, this.plan.pairOfRow]);
+  }
+}
+
+type WeightGradCase = { narrow: 'P' | 'Q'; left: 'gather' | 'rows'; right: RowSource; r?: number; scaled?: boolean };
+
+/**
+ * groupedWeightGrad with P or Q = r narrow (the other 300 wide: two 256-column blocks, the second
+ * ragged) against float64 JS, into PEFT's A layout (narrow P) or B layout (narrow Q); checks that
+ * the kernel runs the narrow programs and leaks nothing.
+ */
+async function checkWeightGrad(routed: RoutedPlan, c: WeightGradCase & { r: number }, rng: Rng): Promise<void> {
+  const { plan, pairOfRow, experts, T, K, E } = routed;
+  const { r, scaled = false } = c;
+  const wide = 300;
+  const activation: ExpertActivation = { kind: 'swiglu' };
+  const cap = plan.capacity;
+  const rw = asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform()));
+  const P = c.narrow === 'P' ? r : wide;
+  const Q = c.narrow === 'P' ? wide : r;
+  const lData = asF32(rng.array((c.left === 'gather' ? T : cap) * P));
+  const rWidth = c.right === 'act' ? 2 * Q : Q;
+  const rData = asF32(rng.array((c.right === 'gather' ? T : cap) * rWidth));
+  const L = (row: number, p: number) => {
+    const pair = pairOfRow[row];
+    const v = c.left === 'gather' ? lData[Math.floor(pair / K) * P + p] : lData[row * P + p];
+    return scaled ? v * rw[pair] : v;
+  };
+  const R = (row: number, q: number) => {
+    const pair = pairOfRow[row];
+    if (c.right === 'gather') return rData[Math.floor(pair / K) * Q + q];
+    if (c.right === 'rows') return rData[row * Q + q];
+    const g = rData[row * 2 * Q + q];
+    return g * sigmoid(g) * rData[row * 2 * Q + Q + q];
+  };
+  // narrow P: PEFT's A [r·E, wide] (oE r·wide, oP wide, oQ 1); narrow Q: B [wide, r·E] (oE 1, oP r·E, oQ E)
+  const outShape = c.narrow === 'P' ? [r * E, wide] : [wide, r * E];
+  const o = c.narrow === 'P' ? { oE: r * wide, oP: wide, oQ: 1 } : { oE: 1, oP: r * E, oQ: E };
+  const alpha = 0.75;
+  const want = new Float64Array(r * E * wide);
+  for (let row = 0; row < cap; row++) {
+    const pair = pairOfRow[row];
+    if (pair < 0) continue;
+    const e = experts[pair];
+    for (let p = 0; p < P; p++) {
+      for (let q = 0; q < Q; q++) want[e * o.oE + p * o.oP + q * o.oQ] += alpha * L(row, p) * R(row, q);
+    }
+  }
+  const lT = tf.tensor2d(Float32Array.from(lData), [c.left === 'gather' ? T : cap, P]);
+  const rT = tf.tensor2d(Float32Array.from(rData), [c.right === 'gather' ? T : cap, rWidth]);
+  const rwT = tf.tensor1d(Float32Array.from(rw));
+  await expectNoLeakAsync(async () => {
+    let out: tf.Tensor | undefined;
+    const programs = programsOf(() => {
+      out = groupedWeightGrad({ l: lT, left: c.left, r: rT, right: c.right, P, Q, outShape, outStrides: o, plan,
+        tile: { tm: 1, tn: 1, bk: 16 }, rowScale: scaled ? rwT : undefined, activation, alpha });
+    });
+    expect(programs, 'programs').to.deep.equal(['NarrowWeightGradProgram', 'NarrowWeightGradSumProgram']);
+    await expectCloseAsync(out!, want, 1e-5, 'dW', outShape);
+    // experts with no rows: exact zeros
+    const got = await out!.data();
+    for (let e = 0; e < E; e++) {
+      if (experts.includes(e)) continue;
+      for (let p = 0; p < P; p++) {
+        for (let q = 0; q < Q; q++) expect(got[e * o.oE + p * o.oP + q * o.oQ], `dW of empty expert ${e}`).to.equal(0);
+      }
+    }
+    out!.dispose();
+  });
+  tf.dispose([lT, rT, rwT]);
 }
 
 describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
@@ -118,22 +208,11 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
   // the last expert (three steps of 32, the last ragged)
   for (const routing of ['skip', 'one'] as const) describe(`weight gradients, routing '${routing}'`, () => {
     const experts = chooseExperts(new Rng(5), T, K, E, routing);
-    const rowTile = 32;
-    // the wide side: two 256-column blocks, the second ragged
-    const wide = 300;
-    let plan: ReturnType<typeof deviceDispatchPlan>;
-    let ex: tf.Tensor2D;
-    let pairOfRow: number[];
-    const rw = asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform()));
-    before(async () => {
-      ex = tf.tensor2d(experts, [T, K], 'int32');
-      plan = deviceDispatchPlan(ex, E, rowTile);
-      pairOfRow = Array.from(await plan.pairOfRow.data());
-    });
-    after(() => tf.dispose([ex, plan.seg, plan.rowOfPair, plan.pairOfRow]));
+    const routed = new RoutedPlan(experts, T, K, E, 32);
+    before(() => routed.make());
+    after(() => routed.dispose());
 
-    type Case = { narrow: 'P' | 'Q'; left: 'gather' | 'rows'; right: RowSource };
-    const cases: Case[] = [
+    const cases: WeightGradCase[] = [
       // dA_e = Σ (s·dy·B_e)ᵀ·x: L = gr rows, R = x gathered (up) or act(h) (down), also plain rows
       { narrow: 'P', left: 'rows', right: 'gather' }, { narrow: 'P', left: 'rows', right: 'act' },
       { narrow: 'P', left: 'rows', right: 'rows' },
@@ -144,56 +223,85 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
       for (const c of cases) {
         for (const scaled of [false, true]) {
           it(`narrow ${c.narrow} = ${r}: L ${c.left}, R ${c.right}${scaled ? ', L scaled by the routing weight' : ''}`, async () => {
-            const cap = plan.capacity;
-            const P = c.narrow === 'P' ? r : wide;
-            const Q = c.narrow === 'P' ? wide : r;
-            const lData = asF32(rng.array((c.left === 'gather' ? T : cap) * P));
-            const rWidth = c.right === 'act' ? 2 * Q : Q;
-            const rData = asF32(rng.array((c.right === 'gather' ? T : cap) * rWidth));
-            const L = (row: number, p: number) => {
-              const pair = pairOfRow[row];
-              const v = c.left === 'gather' ? lData[Math.floor(pair / K) * P + p] : lData[row * P + p];
-              return scaled ? v * rw[pair] : v;
-            };
-            const R = (row: number, q: number) => {
-              const pair = pairOfRow[row];
-              if (c.right === 'gather') return rData[Math.floor(pair / K) * Q + q];
-              if (c.right === 'rows') return rData[row * Q + q];
-              const g = rData[row * 2 * Q + q];
-              return g * sigmoid(g) * rData[row * 2 * Q + Q + q];
-            };
-            // narrow P: PEFT's A [r·E, wide] (oE r·wide, oP wide, oQ 1); narrow Q: B [wide, r·E] (oE 1, oP r·E, oQ E)
-            const outShape = c.narrow === 'P' ? [r * E, wide] : [wide, r * E];
-            const o = c.narrow === 'P' ? { oE: r * wide, oP: wide, oQ: 1 } : { oE: 1, oP: r * E, oQ: E };
-            const alpha = 0.75;
-            const want = new Float64Array(r * E * wide);
-            for (let row = 0; row < cap; row++) {
-              const pair = pairOfRow[row];
-              if (pair < 0) continue;
-              const e = experts[pair];
-              for (let p = 0; p < P; p++) {
-                for (let q = 0; q < Q; q++) want[e * o.oE + p * o.oP + q * o.oQ] += alpha * L(row, p) * R(row, q);
-              }
-            }
-            const lT = tf.tensor2d(Float32Array.from(lData), [c.left === 'gather' ? T : cap, P]);
-            const rT = tf.tensor2d(Float32Array.from(rData), [c.right === 'gather' ? T : cap, rWidth]);
-            const rwT = tf.tensor1d(Float32Array.from(rw));
-            await expectNoLeakAsync(async () => {
-              let out: tf.Tensor | undefined;
-              const programs = programsOf(() => {
-                out = groupedWeightGrad({ l: lT, left: c.left, r: rT, right: c.right, P, Q, outShape, outStrides: o, plan,
-                  tile: { tm: 1, tn: 1, bk: 16 }, rowScale: scaled ? rwT : undefined, activation, alpha });
-              });
-              expect(programs, 'programs').to.deep.equal(['NarrowWeightGradProgram']);
-              // experts with no rows: their zeros are part of `want`
-              await expectCloseAsync(out!, want, 1e-5, 'dW', outShape);
-              out!.dispose();
-            });
-            tf.dispose([lT, rT, rwT]);
+            await checkWeightGrad(routed, { ...c, r, scaled }, rng);
           });
         }
       }
     }
+  });
+
+  // Skewed routing, as real text gives: expert 3 has 200 rows (a full chunk of 128 and a ragged
+  // one), expert 6 exactly 128 (one full chunk), expert 7 71, expert 0 one row, 1, 2, 4, 5 none.
+  // Chunk flags: 1 and 8 make chunks of 1 and 8 rows (inside a row tile), 48 chunks of 48 (row
+  // tile 16) or 64 rows (32), 128 the default, 1000 one chunk per expert.
+  describe('weight gradients under skewed routing: chunks of rows', () => {
+    const T = 200, K = 2, E = 8;
+    const experts = new Int32Array(T * K);
+    for (let t = 0; t < T; t++) {
+      experts[t * K] = 3;
+      experts[t * K + 1] = t < 128 ? 6 : t === 128 ? 0 : 7;
+    }
+    const cases: WeightGradCase[] = [
+      // down.dA (act(h), the routing weight on gr), up.dA (x gathered), down.dB (dOut gathered, scaled)
+      { narrow: 'P', left: 'rows', right: 'act', scaled: true }, { narrow: 'P', left: 'rows', right: 'gather' },
+      { narrow: 'Q', left: 'gather', right: 'rows', scaled: true },
+    ];
+    for (const rowTile of [16, 32]) {
+      describe(`row tile ${rowTile}`, () => {
+        const routed = new RoutedPlan(experts, T, K, E, rowTile);
+        before(() => routed.make());
+        after(() => routed.dispose());
+        for (const chunkRows of [1, 8, 48, 128, 1000]) {
+          for (const r of [1, 8, 16]) {
+            for (const c of cases) {
+              it(`chunk flag ${chunkRows}, narrow ${c.narrow} = ${r}: L ${c.left}, R ${c.right}${c.scaled ? ', scaled' : ''}`, async () => {
+                await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, chunkRows, () => checkWeightGrad(routed, { ...c, r }, rng));
+              });
+            }
+          }
+        }
+      });
+    }
+
+    it('chunks fit the row tile: whole tiles from one tile up, divisors of it below', () => {
+      expect([200, 128, 64, 48, 1].map(t => narrowGradChunkRows(128, t))).to.deep.equal([256, 128, 64, 32, 1]);
+      expect([48, 1000].map(t => narrowGradChunkRows(32, t))).to.deep.equal([64, 1024]);
+      expect(narrowGradChunkRows(24, 16)).to.equal(12);
+    });
+
+    it('sums in a fixed order: two runs give the same bits', async () => {
+      const routed = new RoutedPlan(experts, T, K, E, 16);
+      await routed.make();
+      const l = tf.tensor2d(Float32Array.from(rng.array(routed.plan.capacity * 8)), [routed.plan.capacity, 8]);
+      const x = tf.tensor2d(Float32Array.from(rng.array(T * 300)), [T, 300]);
+      await expectNoLeakAsync(async () => {
+        const run = () => groupedWeightGrad({ l, left: 'rows', r: x, right: 'gather', P: 8, Q: 300, outShape: [8 * E, 300],
+          outStrides: { oE: 8 * 300, oP: 300, oQ: 1 }, plan: routed.plan, tile: { tm: 1, tn: 1, bk: 16 } });
+        const [first, second] = await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, 16, async () => [run(), run()]);
+        expect(Array.from(await first.data())).to.deep.equal(Array.from(await second.data()));
+        tf.dispose([first, second]);
+      });
+      tf.dispose([l, x]);
+      routed.dispose();
+    });
+
+    it('rejects a chunk flag that is not an integer in [1, 2^24], naming the op and the flag', async () => {
+      const routed = new RoutedPlan(experts, T, K, E, 16);
+      await routed.make();
+      const l = tf.zeros([routed.plan.capacity, 8]) as tf.Tensor2D;
+      const x = tf.zeros([T, 300]) as tf.Tensor2D;
+      for (const bad of [0, 2.5, 2 ** 24 + 1]) {
+        await expectNoLeakAsync(async () => {
+          await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, bad, async () => {
+            expect(() => groupedWeightGrad({ l, left: 'rows', r: x, right: 'gather', P: 8, Q: 300, outShape: [8 * E, 300],
+              outStrides: { oE: 8 * 300, oP: 300, oQ: 1 }, plan: routed.plan, tile: { tm: 1, tn: 1, bk: 16 } }))
+              .to.throw(`\`groupedWeightGrad()\`: the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${bad} (number)`);
+          });
+        });
+      }
+      tf.dispose([l, x]);
+      routed.dispose();
+    });
   });
 
   it('the kernel keeps the generic program for r 17, a bias or addend, and with the flag off; both agree', async () => {
@@ -243,7 +351,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     const wide = run(17);
     expect(wide.names).to.deep.equal(['GroupedWeightGradProgram']);
     const narrow = run(8);
-    expect(narrow.names).to.deep.equal(['NarrowWeightGradProgram']);
+    expect(narrow.names).to.deep.equal(['NarrowWeightGradProgram', 'NarrowWeightGradSumProgram']);
     const generic = await withEnvFlag(NARROW_PRODUCTS_FLAG, false, async () => run(8));
     expect(generic.names).to.deep.equal(['GroupedWeightGradProgram']);
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');

@@ -9,11 +9,14 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
 import type { ExpertActivation } from '../../ops/types.js';
+import { fail } from '../../ops/validate.js';
+import { describeValue } from '../../util/describe.js';
 import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  NARROW_MAX_COLS, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
+  NARROW_MAX_COLS, narrowGradChunkRows, narrowGradUnitRows, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
+  type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
@@ -111,6 +114,15 @@ export function denseTensorCoreBlockRows(): SubgroupBlockRows {
   }
   return block;
 }
+
+/**
+ * tf.env() flag: the rows NarrowWeightGradProgram sums per workgroup, rounded to fit the plan's
+ * row tile (narrowGradChunkRows in narrow_matmul_program.ts): fewer rows make more workgroups and
+ * more partial sums to add (r·wide floats per chunk). For tuning on a GPU
+ * (bench/webgpu_lora_products.ts --grad-chunk-rows).
+ */
+export const NARROW_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_NARROW_GRAD_CHUNK_ROWS';
+tf.env().registerFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, () => 128);
 
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
@@ -454,23 +466,53 @@ const groupedWeightGradConfig: tf.KernelConfig = {
       left: a.left as 'gather' | 'rows', right: a.right as RowSource, activation: act?.spec,
       scaleLeft: a.scaleLeft as boolean,
     };
+    // every row of the plan (pairOfRow's length, padding included) meets each (p, q) of its expert once
+    const flops = 2 * inputs.pr.shape[0] * P * Q;
+    if (a.narrow === 'P' || a.narrow === 'Q') {
+      return narrowWeightGrad(args, list, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' }, flops);
+    }
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
-      : a.narrow === 'P' || a.narrow === 'Q'
-        ? new NarrowWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' })
-        : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
+      : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    // every row of the plan (pairOfRow's length, padding included) meets each (p, q) of its expert once
-    return runGroupedProduct(args, program, list, uniforms, 2 * inputs.pr.shape[0] * P * Q);
+    return runGroupedProduct(args, program, list, uniforms, flops);
   },
 };
+
+/**
+ * The narrow weight gradient's two dispatches: the chunks' partial sums (NarrowWeightGradProgram,
+ * the product: submitted after it when big, see SUBMIT_FLOPS_FLAG), then each expert's chunks added
+ * into the gradient (NarrowWeightGradSumProgram, a small pass over the partial sums).
+ */
+function narrowWeightGrad(args: KernelArgs, list: tf.TensorInfo[], spec: NarrowWeightGradSpec, flops: number): tf.TensorInfo {
+  const a = args.attrs!;
+  const inputs = args.inputs as Record<string, tf.TensorInfo>;
+  const backend = webgpu(args);
+  const P = a.P as number;
+  const Q = a.Q as number;
+  const numExperts = a.numExperts as number;
+  const chunkRows = a.chunkRows as number;
+  const unitRows = narrowGradUnitRows(a.rowTile as number, chunkRows);
+  const capacity = inputs.pr.shape[0];
+  const partial = runGroupedProduct(args, new NarrowWeightGradProgram(capacity, unitRows, P, Q, spec), list, [
+    ...intUniforms(P, Q, a.topK as number, numExperts, unitRows, chunkRows),
+    ...activationUniforms(activationOf(a)?.activation),
+  ], flops);
+  const out = backend.runWebGPUProgram(new NarrowWeightGradSumProgram(a.outShape as number[], numExperts, P, Q, spec.narrow),
+      [partial, inputs.seg], 'float32', [
+        ...intUniforms(P, Q, numExperts, unitRows, chunkRows, a.oE as number, a.oP as number, a.oQ as number),
+        ...floatUniforms(a.alpha as number),
+      ]);
+  backend.disposeData(partial.dataId);
+  return out;
+}
 
 export interface GroupedWeightGradArgs {
   /** [T, P] ('gather') or [capacity, P] ('rows') */
@@ -493,6 +535,16 @@ export interface GroupedWeightGradArgs {
   alpha?: number;
 }
 
+/** NARROW_GRAD_CHUNK_ROWS_FLAG's value, checked. */
+function narrowGradTargetRows(): number {
+  const rows = tf.env().getNumber(NARROW_GRAD_CHUNK_ROWS_FLAG);
+  // at most 2^24, so that the programs' row arithmetic (chunkRows + count) stays inside an i32
+  if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
+    fail('groupedWeightGrad', `the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
+  }
+  return rows;
+}
+
 /** dW (outShape): alpha·Σ_{rows of e} L(r, p)·R(r, q) for every expert at once. */
 export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const inputs: tf.NamedTensorMap = { L: args.l, R: args.r, seg: args.plan.seg, pr: args.plan.pairOfRow };
@@ -506,6 +558,8 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
     // the reduction's rows per staged slab follow the plan's row tile
     tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile), narrow,
+    // NarrowWeightGradProgram's chunks: rows of one expert, aligned to the row tile
+    rowTile: args.plan.rowTile, chunkRows: narrow === 'none' ? 0 : narrowGradChunkRows(args.plan.rowTile, narrowGradTargetRows()),
     left: args.left, right: args.right, scaleLeft: args.rowScale != null,
     P: args.P, Q: args.Q, outShape: args.outShape, ...args.outStrides,
     topK: args.plan.topK, numExperts: args.plan.numExperts, alpha: args.alpha ?? 1,

@@ -159,51 +159,87 @@ const GRAD_ROWS = 32;
 const GRAD_UNROLL = 8;
 
 /**
- * NarrowWeightGradProgram: GroupedWeightGradProgram's dW[e](p, q) = alpha·Σ_{real rows r of e}
- * L(r, p)·R(r, q) (same operands, loaders and output strides) when P or Q is at most
- * NARROW_MAX_COLS: split LoRA's dA_e = Σ (s·dy·B_e)ᵀ·x (P = r) and dB_e = Σ (w·dy)ᵀ·u (Q = r).
+ * The rows one workgroup of NarrowWeightGradProgram sums, near `targetRows`: a chunk must not cross
+ * an expert's segment, whose start and padded length are multiples of the plan's row tile, so it
+ * is a multiple of the row tile (the fewest tiles that make targetRows) or, below one tile, the
+ * largest divisor of the row tile up to targetRows.
+ */
+export function narrowGradChunkRows(rowTile: number, targetRows: number): number {
+  if (targetRows >= rowTile) return rowTile * Math.ceil(targetRows / rowTile);
+  let rows = Math.max(1, Math.floor(targetRows));
+  while (rowTile % rows !== 0) rows--;
+  return rows;
+}
+
+/**
+ * The rows of one step of NarrowWeightGradProgram's grid: the row tile, or the chunk where that is
+ * smaller; either divides every segment's start and every chunk's.
+ */
+export function narrowGradUnitRows(rowTile: number, chunkRows: number): number {
+  return Math.min(rowTile, chunkRows);
+}
+
+/**
+ * NarrowWeightGradProgram and NarrowWeightGradSumProgram: GroupedWeightGradProgram's
+ * dW[e](p, q) = alpha·Σ_{real rows r of e} L(r, p)·R(r, q) (same operands, loaders and output
+ * strides) when P or Q is at most NARROW_MAX_COLS: split LoRA's dA_e = Σ (s·dy·B_e)ᵀ·x (P = r) and
+ * dB_e = Σ (w·dy)ᵀ·u (Q = r), in two dispatches.
  *
- * The wide operand (x, act(h), dy: thousands of columns) is the bytes that matter; each of a
- * workgroup's 256 threads owns one of its columns and reads that column of every row of the
- * expert straight from memory (256 threads read 1 KB of a row together), once in all, while the
- * narrow operand's rows (r ≤ 16 values each, r/inner of the bytes) are staged GRAD_ROWS at a time
- * in workgroup memory and read as broadcasts. A thread keeps the narrow side's sums in registers,
- * so no second reduction pass is needed: the grid is (wide / 256) × E workgroups (8 × 64 = 512 at
- * OLMoE's 2048 columns, each summing its expert's ~256 rows), which fills the GPU without
- * splitting the rows.
+ * NarrowWeightGradProgram sums chunks of rows: the wide operand (x, act(h), dy: thousands of
+ * columns) is the bytes that matter; each of a workgroup's 256 threads owns one of its columns and
+ * reads that column of every row of the chunk straight from memory (256 threads read 1 KB of a row
+ * together), while the narrow operand's rows (r ≤ 16 values each, r/inner of the bytes) are staged
+ * GRAD_ROWS at a time in workgroup memory and read as broadcasts; the thread keeps the narrow
+ * side's r sums in registers. A chunk is `chunkRows` rows of one expert (narrowGradChunkRows),
+ * starting at its segment's start or a multiple of chunkRows past it: the grid is (wide / 256) ×
+ * (capacity / unitRows) workgroups, one per unit of rows (narrowGradUnitRows), of which only the
+ * units that start a chunk do work, writing the chunk's partial sums at partial[unit, narrow, wide].
+ * One workgroup per expert instead (the first version) made the time follow the busiest expert:
+ * real text's routing sends several times the mean rows to a few experts, and the grid's tail was
+ * those experts' workgroups alone (0.70 ms a call in the OLMoE step against 0.12–0.21 ms at
+ * uniform routing, bench/webgpu_lora_products.ts --skew). Chunks make the work follow the rows.
+ *
+ * NarrowWeightGradSumProgram adds each expert's chunk partials in chunk order (deterministic) into
+ * the gradient's own layout, times alpha: one thread per output element, (wide / 256) × narrow × E
+ * workgroups, reading partial along the wide side (coalesced). An expert with no rows has no chunks
+ * and gets exact zeros.
  */
 export interface NarrowWeightGradSpec extends GroupedWeightGradSpec {
   /** which of P, Q is narrow (≤ NARROW_MAX_COLS): its operand is staged, the other is read by column */
   narrow: 'P' | 'Q';
 }
 
+function checkNarrow(program: string, P: number, Q: number, narrow: 'P' | 'Q'): number {
+  const width = narrow === 'P' ? P : Q;
+  if (width < 1 || width > NARROW_MAX_COLS) {
+    throw new Error(`${program}: ${narrow} must be in [1, ${NARROW_MAX_COLS}] but got ${width}`);
+  }
+  return width;
+}
+
 export class NarrowWeightGradProgram implements WebGPUProgram {
   variableNames: string[];
   outputShape: number[];
   shaderKey: string;
-  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, experts along z
-  dispatchLayout = { x: [1], y: [0] };
+  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, units of rows along y
+  dispatchLayout = { x: [2], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  // GroupedWeightGradProgram's uniforms, so that the kernel passes the same list to either program
-  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
-      ACTIVATION_UNIFORMS;
+  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, unitRows : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
   private readonly spec: NarrowWeightGradSpec;
   private readonly width: number;
 
-  /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
-  constructor(outputShape: number[], numExperts: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
-    const narrow = spec.narrow === 'P' ? P : Q;
-    if (narrow < 1 || narrow > NARROW_MAX_COLS) {
-      throw new Error(`NarrowWeightGradProgram: ${spec.narrow} must be in [1, ${NARROW_MAX_COLS}] but got ${narrow}`);
-    }
+  /** partial sums [capacity / unitRows, narrow, wide]; only the units that start a chunk are written */
+  constructor(capacity: number, unitRows: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
+    this.width = checkNarrow('NarrowWeightGradProgram', P, Q, spec.narrow);
     this.spec = spec;
-    this.width = narrow;
-    this.outputShape = outputShape;
-    this.dispatch = [Math.ceil((spec.narrow === 'P' ? Q : P) / THREADS), 1, numExperts];
+    const wide = spec.narrow === 'P' ? Q : P;
+    const units = capacity / unitRows;
+    this.outputShape = [units, this.width, wide];
+    this.dispatch = [Math.ceil(wide / THREADS), units, 1];
     this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : [])];
     this.shaderKey = `moeNarrowWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
-        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${narrow}_${outputShape.length}`;
+        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${this.width}`;
   }
 
   getUserCode(): string {
@@ -214,7 +250,6 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
     const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
     const loadWide = narrowP ? 'loadR(row, c)' : 'loadL(row, c)';
     const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
-    const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
     // rows past `rows` load 0 (and their staged narrow values are 0 too)
     const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
       `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { let row = start + r0 + rr0 + ${u}; v${u} = ${loadWide}; }`);
@@ -222,22 +257,33 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
       `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
     return `
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
-      var<workgroup> segStart : i32;
-      var<workgroup> segCount : i32;
+      var<workgroup> chunkStart : i32;
+      var<workgroup> chunkCount : i32;
+      ${EXPERT_OF_ROW}
       ${loadL}
       ${loadR}
 
       fn main() {
         let lid = i32(localIndex);
-        let e = i32(workgroupId.z);
+        let unit = i32(workgroupId.y);
         let c = i32(workgroupId.x) * ${THREADS} + lid;
         let live = c < ${wideSize};
         if (lid == 0) {
-          segStart = seg[e];
-          segCount = seg[uniforms.numExperts + 1 + e];
+          // the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
+          let row0 = unit * uniforms.unitRows;
+          var rowsOfChunk = 0;
+          if (row0 < seg[uniforms.numExperts]) {
+            let e = expertOfRow(row0);
+            let offset = row0 - seg[e];
+            if (offset % uniforms.chunkRows == 0) {
+              rowsOfChunk = max(0, min(uniforms.chunkRows, seg[uniforms.numExperts + 1 + e] - offset));
+            }
+          }
+          chunkStart = row0;
+          chunkCount = rowsOfChunk;
         }
-        let start = workgroupUniformLoad(&segStart);
-        let count = workgroupUniformLoad(&segCount);
+        let start = workgroupUniformLoad(&chunkStart);
+        let count = workgroupUniformLoad(&chunkCount);
         var acc : array<f32, ${width}>;
         for (var r0 = 0; r0 < count; r0 += ${GRAD_ROWS}) {
           for (var i = lid; i < ${GRAD_ROWS * width}; i += ${THREADS}) {
@@ -260,11 +306,56 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
           }
           workgroupBarrier();
         }
-        if (live) {
+        // units that start no chunk write nothing: the sum program reads only the chunks' units
+        if (live && count > 0) {
           for (var j = 0; j < ${width}; j++) {
-            result[${outIndex}] = uniforms.alpha * acc[j];
+            result[(unit * ${width} + j) * ${wideSize} + c] = acc[j];
           }
         }
+      }
+    `;
+  }
+}
+
+export class NarrowWeightGradSumProgram implements WebGPUProgram {
+  variableNames = ['partial', 'seg'];
+  outputShape: number[];
+  shaderKey: string;
+  // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, narrow along y, experts along z
+  dispatchLayout = { x: [1], y: [0] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [THREADS, 1, 1];
+  uniforms = 'P : i32, Q : i32, numExperts : i32, unitRows : i32, chunkRows : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ';
+  private readonly narrow: 'P' | 'Q';
+
+  /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
+  constructor(outputShape: number[], numExperts: number, P: number, Q: number, narrow: 'P' | 'Q') {
+    const width = checkNarrow('NarrowWeightGradSumProgram', P, Q, narrow);
+    this.narrow = narrow;
+    this.outputShape = outputShape;
+    this.dispatch = [Math.ceil((narrow === 'P' ? Q : P) / THREADS), width, numExperts];
+    this.shaderKey = `moeNarrowWeightGradSum_${narrow}_${outputShape.length}`;
+  }
+
+  getUserCode(): string {
+    const narrowP = this.narrow === 'P';
+    const [narrowSize, wideSize] = narrowP ? ['uniforms.P', 'uniforms.Q'] : ['uniforms.Q', 'uniforms.P'];
+    const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
+    return `
+      fn main() {
+        let c = i32(workgroupId.x) * ${THREADS} + i32(localIndex);
+        let j = i32(workgroupId.y);
+        let e = i32(workgroupId.z);
+        if (c >= ${wideSize}) { return; }
+        // expert e's chunks start at its first unit, one every chunkRows / unitRows units
+        let firstUnit = seg[e] / uniforms.unitRows;
+        let unitStep = uniforms.chunkRows / uniforms.unitRows;
+        let chunks = (seg[uniforms.numExperts + 1 + e] + uniforms.chunkRows - 1) / uniforms.chunkRows;
+        var s = 0.0;
+        for (var k = 0; k < chunks; k++) {
+          s += partial[((firstUnit + k * unitStep) * ${narrowSize} + j) * ${wideSize} + c];
+        }
+        result[${outIndex}] = uniforms.alpha * s;
       }
     `;
   }
