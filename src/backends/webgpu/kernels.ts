@@ -49,7 +49,8 @@ import {
 } from './programs/subgroup_matrix_attention_program.js';
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs, registerTensorCoreAttention } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
-import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
+import { SCALED_MATMUL, type ScaledMatMulAttrs } from '../../ops/scaled_matmul.js';
+import { WEIGHT_GRAD_PRODUCT } from '../../ops/weight_grad_product.js';
 import { installUniformArena } from './uniform_arena.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
@@ -83,8 +84,11 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
 /**
  * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
  * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
- * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
- * false: the generic tiled programs (A/B comparisons, bench/webgpu_lora_products.ts).
+ * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once; so
+ * do the dense LoRA products of the same ranks (attention's q/k/v/o and the router: MoEScaledMatMul's
+ * s·x·Aᵀ, s·dy·B and MoEWeightGradProduct's dA, dB) as one group;
+ * false: the generic tiled programs, ScaledMatMulProgram and tfjs's matMul (A/B comparisons,
+ * bench/webgpu_lora_products.ts, bench/webgpu_dense_lora_products.ts).
  */
 export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
@@ -1007,20 +1011,133 @@ const attentionGradConfig: tf.KernelConfig = {
   },
 };
 
+// ---- dense LoRA products ------------------------------------------------------------------------
+
+/**
+ * A dense product of at most this many rows runs NarrowGroupedMatMulProgram with 1 row per thread
+ * (16-row workgroups), above it 2 (32-row): at 2048 tokens 1 row gives 128 workgroups where 2 would
+ * leave half an H100's 132 SMs idle. Not timed on its own yet (bench/webgpu_dense_lora_products.ts
+ * times the product).
+ */
+const DENSE_NARROW_FEW_ROWS = 4096;
+
+/**
+ * Rows per group of a dense weight gradient on NarrowWeightGradProgram: that program gives each
+ * group (wide / 256) workgroups that each sum all the group's rows, so one group of 2048 rows
+ * would run 8 workgroups at OLMoE's 2048 columns. In groups of this many rows it runs 128 at 2048
+ * tokens (an expert's ~256 rows at OLMoE's shape ran 512), and tfjs's Sum adds the groups' partial
+ * products after. Not timed on its own yet.
+ */
+const DENSE_GRAD_GROUP_ROWS = 128;
+
+/**
+ * The plan's segments for `rows` rows in order, cut into groups of `groupRows` (the last one the
+ * rest; one empty group for no rows): the starts (groups + 1, the last = rows), then the counts,
+ * as ExpertSegmentsProgram writes them for experts.
+ */
+export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
+  const groups = Math.max(1, Math.ceil(rows / groupRows));
+  const seg = new Int32Array(2 * groups + 1);
+  for (let g = 0; g <= groups; g++) seg[g] = Math.min(g * groupRows, rows);
+  for (let g = 0; g < groups; g++) seg[groups + 1 + g] = seg[g + 1] - seg[g];
+  return seg;
+}
+
+/**
+ * Whether a dense LoRA product with an `narrowSide` wide result side (r) over `rows` rows runs the
+ * narrow programs: NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the programs
+ * are sized by the rows; an empty product keeps tfjs's).
+ */
+export function denseNarrowFits(rows: number, narrowSide: number): boolean {
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && narrowSide <= NARROW_MAX_COLS && rows > 0;
+}
+
+/**
+ * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
+ * group (NarrowGroupedMatMulProgram, source 'rows'): that program has no single-group form, so the
+ * one group's plan is uploaded with it (seg [0, m, m], every row's pair 0: real, read from a
+ * itself), 4·(m + 3) bytes against the 4·m·k of a it reads.
+ */
+function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number): tf.TensorInfo {
+  const backend = webgpu(args);
+  const [m, k] = a.shape;
+  const n = transposeB ? b.shape[0] : b.shape[1];
+  // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
+  const [sN, sK] = transposeB ? [k, 1] : [1, n];
+  const program = new NarrowGroupedMatMulProgram(m, n, {
+    source: 'rows', kContiguous: sK === 1, rowsPerThread: m <= DENSE_NARROW_FEW_ROWS ? 1 : 2,
+  });
+  const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
+  const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
+  ];
+  const out = runGroupedProduct(args, program, [a, b, seg, pairOfRow], uniforms, 2 * m * n * k);
+  backend.disposeData(seg.dataId);
+  backend.disposeData(pairOfRow.dataId);
+  return out;
+}
+
 /**
  * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
- * scale s in one program (ScaledMatMulProgram) instead of a product and a BinaryOpProgram.
+ * scale s in one program instead of a product and a BinaryOpProgram. r ≤ NARROW_MAX_COLS outputs
+ * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct), which reads each row
+ * of x or dy once; wider ones, or NARROW_PRODUCTS_FLAG off, ScaledMatMulProgram.
  */
 const scaledMatMulConfig: tf.KernelConfig = {
   kernelName: SCALED_MATMUL,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
-    const transposeB = args.attrs!.transposeB as boolean;
+    const { transposeB, scale } = args.attrs as unknown as ScaledMatMulAttrs;
     const [m, k] = a.shape;
     const n = transposeB ? b.shape[0] : b.shape[1];
+    if (denseNarrowFits(m, n)) return runNarrowDenseProduct(args, a, b, transposeB, scale);
     const program = new ScaledMatMulProgram(m, n, transposeB);
-    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, args.attrs!.scale as number));
+    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, scale));
+  },
+};
+
+/**
+ * weightGradProduct's MoEWeightGradProduct (src/ops/weight_grad_product.ts): aᵀ·b [P, Q] for a
+ * [N, P], b [N, Q]. With P or Q ≤ NARROW_MAX_COLS (dA = gᵀ·x, dB = dyᵀ·u) NarrowWeightGradProgram
+ * over the rows cut into groups of DENSE_GRAD_GROUP_ROWS (the experts' program, each group an
+ * expert), writing [P, Q, groups], then tfjs's Sum over the groups (none for one group); else, or
+ * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it.
+ */
+const weightGradProductConfig: tf.KernelConfig = {
+  kernelName: WEIGHT_GRAD_PRODUCT,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    const [rows, P] = a.shape;
+    const Q = b.shape[1];
+    if (!denseNarrowFits(rows, Math.min(P, Q))) {
+      return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
+        inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
+      }) as tf.TensorInfo;
+    }
+    const backend = webgpu(args);
+    const segments = rowGroupSegments(rows, DENSE_GRAD_GROUP_ROWS);
+    const groups = (segments.length - 1) / 2;
+    // group g's partial product at (p, q, g): the Sum after reduces the innermost axis, no transpose
+    const program = new NarrowWeightGradProgram(groups === 1 ? [P, Q] : [P, Q, groups], groups, P, Q, {
+      left: 'rows', right: 'rows', scaleLeft: false, narrow: P <= Q ? 'P' : 'Q',
+      // the tiled program's tile, which the narrow one does not read
+      tile: { tm: 1, tn: 1, bk: 16 },
+    });
+    const seg = backend.makeTensorInfo([segments.length], 'int32', segments);
+    const uniforms: ProgramUniformEntry[] = [
+      ...intUniforms(P, Q, 1, groups, 1, Q * groups, groups), ...floatUniforms(1), ...activationUniforms(undefined),
+    ];
+    const partial = runGroupedProduct(args, program, [a, b, seg], uniforms, 2 * rows * P * Q);
+    backend.disposeData(seg.dataId);
+    if (groups === 1) return partial;
+    const sum = tf.getKernel(tf.Sum, BACKEND)!.kernelFunc({
+      inputs: { x: partial }, backend: args.backend, attrs: { axis: [2], keepDims: false },
+    }) as tf.TensorInfo;
+    backend.disposeData(partial.dataId);
+    return sum;
   },
 };
 
@@ -1028,5 +1145,5 @@ export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig,
 ];
