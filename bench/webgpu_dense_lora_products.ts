@@ -11,16 +11,22 @@
  * (--chain products enqueued, one read at the end, the median of --iters chains), the speedup,
  * after's GB/s over the bytes it must move (its wide operand once, the output) and the max relative
  * error of after against before (must be ≤ 1e-5: the same f32 sums in another order); then one
- * layer-step's sum (q/k/v/o four times, the router once; each product runs once a step).
+ * layer-step's sum (q/k/v/o four times, the router once; each product runs once a step). Then the
+ * kernels' two unmeasured constants, through their own code on the q/k/v/o shape: dA and dB with
+ * the rows cut into groups of each of --group-rows (all: one group, no Sum after; the kernel's
+ * default 128), u and g with each of --rows-per-thread (the kernel's: 1 up to 4096 rows, else 2).
  *   npx tsx bench/webgpu_dense_lora_products.ts [--tokens 2048] [--hidden 2048] [--out 2048]
- *       [--experts 64] [--rank 8] [--iters 7] [--chain 20]
+ *       [--experts 64] [--rank 8] [--iters 7] [--chain 20] [--group-rows 64,128,256,512,all]
+ *       [--rows-per-thread 1,2]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_dense_lora_products.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_dense_lora_products.js
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
-import { NARROW_PRODUCTS_FLAG } from '../src/backends/webgpu/kernels.js';
+import {
+  type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
+} from '../src/backends/webgpu/kernels.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { matMulAdd } from '../src/ops/matmul_add.js';
 import { scaledMatMul } from '../src/ops/scaled_matmul.js';
@@ -50,6 +56,11 @@ const E = Number(flag('experts', '64'));
 const r = Number(flag('rank', '8'));
 const iters = Number(flag('iters', '7'));
 const chain = Number(flag('chain', '20'));
+const groupRowsList = flag('group-rows', '64,128,256,512,all').split(',').filter(Boolean);
+const rowsPerThreadList = flag('rows-per-thread', '1,2').split(',').filter(Boolean).map(v => {
+  if (v !== '1' && v !== '2') throw new Error(`--rows-per-thread: each must be 1 or 2 but got '${v}'`);
+  return Number(v) as 1 | 2;
+});
 
 const adapter = await setupDawnWebGPU({ tensorCores: 'off' });
 if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
@@ -106,5 +117,34 @@ for (const [name, p, perLayer] of projections) {
 }
 process.stdout.write(`per layer-step (q/k/v/o x4 + router, expansions included) before ${stepBefore.toFixed(3)} ms  ` +
     `after ${stepAfter.toFixed(3)} ms  ${(stepBefore / stepAfter).toFixed(2)}x  ${worst <= 1e-5 ? 'all ok' : 'MISMATCH'}\n`);
+
+// the kernels' constants, through their own code (as bench/webgpu_dense_packed.ts sweeps tiles)
+const kernelArgs = () => ({ inputs: {}, backend: tf.backend(), attrs: {} }) as unknown as KernelArgs;
+const tensorOf = (info: tf.TensorInfo) => tf.engine().makeTensorFromTensorInfo(info);
+const attn = projections[0][1];
+const sweeps: Array<[string, () => tf.Tensor, () => tf.Tensor]> = [
+  ...groupRowsList.flatMap(g => {
+    const groupRows = g === 'all' ? T : Number(g);
+    return [
+      [`attn.dA group rows ${g}`, () => weightGradProduct(attn.g, x), () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.g, x, groupRows))],
+      [`attn.dB group rows ${g}`, () => weightGradProduct(attn.dy, attn.u), () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.dy, attn.u, groupRows))],
+    ] as Array<[string, () => tf.Tensor, () => tf.Tensor]>;
+  }),
+  ...rowsPerThreadList.flatMap(rows => [
+    [`attn.u ${rows} row(s)/thread`, () => scaledMatMul(x, attn.A, true, s),
+      () => tensorOf(runNarrowDenseProduct(kernelArgs(), x, attn.A, true, s, rows))],
+    [`attn.g ${rows} row(s)/thread`, () => scaledMatMul(attn.dy, attn.B, false, s),
+      () => tensorOf(runNarrowDenseProduct(kernelArgs(), attn.dy, attn.B, false, s, rows))],
+  ] as Array<[string, () => tf.Tensor, () => tf.Tensor]>),
+];
+for (const [label, reference, variant] of sweeps) {
+  const want = withNarrow(false, reference);
+  const got = variant();
+  const error = maxRelativeError(await got.data(), await want.data());
+  tf.dispose([want, got]);
+  const ms = await timeProduct(variant, iters, chain);
+  worst = Math.max(worst, error);
+  process.stdout.write(`${label.padEnd(26)} ${ms.toFixed(3)} ms  max rel err vs before ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
+}
 tf.dispose([x, ...projections.flatMap(([, p]) => [p.A, p.B, p.dy, p.u, p.g, p.y, p.dx])]);
 process.exit(worst <= 1e-5 ? 0 : 1);

@@ -1052,21 +1052,26 @@ export function denseNarrowFits(rows: number, narrowSide: number): boolean {
   return tf.env().getBool(NARROW_PRODUCTS_FLAG) && narrowSide <= NARROW_MAX_COLS && rows > 0;
 }
 
+/** NarrowGroupedMatMulProgram's rows per thread for a dense product of `rows` rows (DENSE_NARROW_FEW_ROWS). */
+export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
+  return rows <= DENSE_NARROW_FEW_ROWS ? 1 : 2;
+}
+
 /**
  * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
  * group (NarrowGroupedMatMulProgram, source 'rows'): that program has no single-group form, so the
  * one group's plan is uploaded with it (seg [0, m, m], every row's pair 0: real, read from a
- * itself), 4·(m + 3) bytes against the 4·m·k of a it reads.
+ * itself), 4·(m + 3) bytes against the 4·m·k of a it reads. MoEScaledMatMul's kernel calls it with
+ * denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
  */
-function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number): tf.TensorInfo {
+export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
+    rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
   const backend = webgpu(args);
   const [m, k] = a.shape;
   const n = transposeB ? b.shape[0] : b.shape[1];
   // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
-  const program = new NarrowGroupedMatMulProgram(m, n, {
-    source: 'rows', kContiguous: sK === 1, rowsPerThread: m <= DENSE_NARROW_FEW_ROWS ? 1 : 2,
-  });
+  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread });
   const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
   const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
   const uniforms: ProgramUniformEntry[] = [
@@ -1099,10 +1104,42 @@ const scaledMatMulConfig: tf.KernelConfig = {
 };
 
 /**
+ * aᵀ·b [P, Q] for a [N, P], b [N, Q] with P or Q ≤ NARROW_MAX_COLS (dA = gᵀ·x, dB = dyᵀ·u):
+ * NarrowWeightGradProgram over the rows cut into groups of `groupRows` (the experts' program, each
+ * group an expert), writing [P, Q, groups], then tfjs's Sum over the groups (none for one group).
+ * MoEWeightGradProduct's kernel calls it with DENSE_GRAD_GROUP_ROWS; bench/webgpu_dense_lora_products.ts
+ * times others.
+ */
+export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo,
+    groupRows = DENSE_GRAD_GROUP_ROWS): tf.TensorInfo {
+  const backend = webgpu(args);
+  const [rows, P] = a.shape;
+  const Q = b.shape[1];
+  const segments = rowGroupSegments(rows, groupRows);
+  const groups = (segments.length - 1) / 2;
+  // group g's partial product at (p, q, g): the Sum after reduces the innermost axis, no transpose
+  const program = new NarrowWeightGradProgram(groups === 1 ? [P, Q] : [P, Q, groups], groups, P, Q, {
+    left: 'rows', right: 'rows', scaleLeft: false, narrow: P <= Q ? 'P' : 'Q',
+    // the tiled program's tile, which the narrow one does not read
+    tile: { tm: 1, tn: 1, bk: 16 },
+  });
+  const seg = backend.makeTensorInfo([segments.length], 'int32', segments);
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(P, Q, 1, groups, 1, Q * groups, groups), ...floatUniforms(1), ...activationUniforms(undefined),
+  ];
+  const partial = runGroupedProduct(args, program, [a, b, seg], uniforms, 2 * rows * P * Q);
+  backend.disposeData(seg.dataId);
+  if (groups === 1) return partial;
+  const sum = tf.getKernel(tf.Sum, BACKEND)!.kernelFunc({
+    inputs: { x: partial }, backend: args.backend, attrs: { axis: [2], keepDims: false },
+  }) as tf.TensorInfo;
+  backend.disposeData(partial.dataId);
+  return sum;
+}
+
+/**
  * weightGradProduct's MoEWeightGradProduct (src/ops/weight_grad_product.ts): aᵀ·b [P, Q] for a
- * [N, P], b [N, Q]. With P or Q ≤ NARROW_MAX_COLS (dA = gᵀ·x, dB = dyᵀ·u) NarrowWeightGradProgram
- * over the rows cut into groups of DENSE_GRAD_GROUP_ROWS (the experts' program, each group an
- * expert), writing [P, Q, groups], then tfjs's Sum over the groups (none for one group); else, or
+ * [N, P], b [N, Q]; with P or Q ≤ NARROW_MAX_COLS runNarrowDenseWeightGrad, else, or
  * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it.
  */
 const weightGradProductConfig: tf.KernelConfig = {
@@ -1110,34 +1147,10 @@ const weightGradProductConfig: tf.KernelConfig = {
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
-    const [rows, P] = a.shape;
-    const Q = b.shape[1];
-    if (!denseNarrowFits(rows, Math.min(P, Q))) {
-      return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
-        inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
-      }) as tf.TensorInfo;
-    }
-    const backend = webgpu(args);
-    const segments = rowGroupSegments(rows, DENSE_GRAD_GROUP_ROWS);
-    const groups = (segments.length - 1) / 2;
-    // group g's partial product at (p, q, g): the Sum after reduces the innermost axis, no transpose
-    const program = new NarrowWeightGradProgram(groups === 1 ? [P, Q] : [P, Q, groups], groups, P, Q, {
-      left: 'rows', right: 'rows', scaleLeft: false, narrow: P <= Q ? 'P' : 'Q',
-      // the tiled program's tile, which the narrow one does not read
-      tile: { tm: 1, tn: 1, bk: 16 },
-    });
-    const seg = backend.makeTensorInfo([segments.length], 'int32', segments);
-    const uniforms: ProgramUniformEntry[] = [
-      ...intUniforms(P, Q, 1, groups, 1, Q * groups, groups), ...floatUniforms(1), ...activationUniforms(undefined),
-    ];
-    const partial = runGroupedProduct(args, program, [a, b, seg], uniforms, 2 * rows * P * Q);
-    backend.disposeData(seg.dataId);
-    if (groups === 1) return partial;
-    const sum = tf.getKernel(tf.Sum, BACKEND)!.kernelFunc({
-      inputs: { x: partial }, backend: args.backend, attrs: { axis: [2], keepDims: false },
+    if (denseNarrowFits(a.shape[0], Math.min(a.shape[1], b.shape[1]))) return runNarrowDenseWeightGrad(args, a, b);
+    return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
+      inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
     }) as tf.TensorInfo;
-    backend.disposeData(partial.dataId);
-    return sum;
   },
 };
 
