@@ -12,6 +12,7 @@ import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { NARROW_PRODUCTS_FLAG, rowGroupSegments } from '../../../src/backends/webgpu/kernels.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
 import { WEIGHT_GRAD_PRODUCT, weightGradProduct } from '../../../src/ops/weight_grad_product.js';
 import { asF32, Rng, tensorOf } from '../../helpers/numeric.js';
 import { expectCloseAsync, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
@@ -124,6 +125,25 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       tf.dispose([value, ...grads]);
     });
     tf.dispose([xt, Wt, At, Bt, dyt]);
+  });
+
+  it('no rows: s·x·Aᵀ is [0, r] and aᵀ·b zeros [P, Q], no narrow program, no validation error; no leak', async () => {
+    const [x, A, dy, u] = [tf.zeros([0, 6]), tf.ones([3, 6]), tf.zeros([0, 5]), tf.zeros([0, 3])] as tf.Tensor2D[];
+    const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+    await expectNoLeakAsync(async () => {
+      // tfjs's matMul on an empty a binds a zero-sized buffer, which Dawn rejects: the kernel must not run one
+      device.pushErrorScope('validation');
+      const { keys, down, dB } = await withShaderKeys(async recorded =>
+        ({ down: scaledMatMul(x, A, true, 2), dB: weightGradProduct(dy, u), keys: recorded }));
+      const seen = families(keys);
+      expect(seen.narrowProduct + seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(0);
+      expect(down.shape).to.deep.equal([0, 3]);
+      await expectCloseAsync(dB, new Float64Array(5 * 3), 0, 'dB', [5, 3]);
+      const error = await device.popErrorScope();
+      expect(error?.message, 'validation error').to.equal(undefined);
+      tf.dispose([down, dB]);
+    });
+    tf.dispose([x, A, dy, u]);
   });
 
   // [N, P, Q]: narrow on P (dA's shape), on Q (dB's) over 3 groups and 2 column blocks, on neither

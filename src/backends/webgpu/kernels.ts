@@ -1044,9 +1044,9 @@ export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
 }
 
 /**
- * Whether a dense LoRA product with an `narrowSide` wide result side (r) over `rows` rows runs the
- * narrow programs: NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the programs
- * are sized by the rows; an empty product keeps tfjs's).
+ * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
+ * runs the narrow programs: NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the
+ * programs are sized by the rows; an empty product keeps the programs before).
  */
 export function denseNarrowFits(rows: number, narrowSide: number): boolean {
   return tf.env().getBool(NARROW_PRODUCTS_FLAG) && narrowSide <= NARROW_MAX_COLS && rows > 0;
@@ -1061,7 +1061,8 @@ export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
  * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
  * group (NarrowGroupedMatMulProgram, source 'rows'): that program has no single-group form, so the
  * one group's plan is uploaded with it (seg [0, m, m], every row's pair 0: real, read from a
- * itself), 4·(m + 3) bytes against the 4·m·k of a it reads. MoEScaledMatMul's kernel calls it with
+ * itself), 4·(m + 3) bytes against the 4·m·k of a it reads. Any m: the last block's rows past m
+ * read as padding and are not written. MoEScaledMatMul's kernel calls it with
  * denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
  */
 export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
@@ -1140,13 +1141,20 @@ export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: 
 /**
  * weightGradProduct's MoEWeightGradProduct (src/ops/weight_grad_product.ts): aᵀ·b [P, Q] for a
  * [N, P], b [N, Q]; with P or Q ≤ NARROW_MAX_COLS runNarrowDenseWeightGrad, else, or
- * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it.
+ * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it. No rows:
+ * zeros (tfjs's Fill), since any program would bind the empty a, which Dawn rejects (a zero-sized
+ * binding invalidates the whole command buffer, tfjs's matMul included).
  */
 const weightGradProductConfig: tf.KernelConfig = {
   kernelName: WEIGHT_GRAD_PRODUCT,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    if (a.shape[0] === 0) {
+      return tf.getKernel(tf.Fill, BACKEND)!.kernelFunc({
+        inputs: {}, backend: args.backend, attrs: { shape: [a.shape[1], b.shape[1]], value: 0, dtype: 'float32' },
+      }) as tf.TensorInfo;
+    }
     if (denseNarrowFits(a.shape[0], Math.min(a.shape[1], b.shape[1]))) return runNarrowDenseWeightGrad(args, a, b);
     return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
       inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
