@@ -156,6 +156,9 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       const a = asF32(rng.array(n * P));
       const b = asF32(rng.array(n * Q));
       const [at, bt] = [tensorOf(a, [n, P]), tensorOf(b, [n, Q])] as tf.Tensor2D[];
+      // the kernel's own buffers (the segments, the groups' partial products) are backend data, not tensors
+      const backend = tf.backend() as unknown as { numDataIds(): number };
+      const dataIds = backend.numDataIds();
       await expectNoLeakAsync(async () => {
         const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
         const seen = families(keys);
@@ -163,6 +166,7 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
         await expectCloseAsync(result, product64(a, b, P, n, Q, true, false), 1e-5, 'aᵀ·b', [P, Q]);
         result.dispose();
       });
+      expect(backend.numDataIds(), 'backend data left behind').to.equal(dataIds);
       tf.dispose([at, bt]);
     });
   }
