@@ -8,7 +8,8 @@
  * some kernels run as no program (Reshape, Identity) and some as several.
  * --kernels on (webgpu): the tfjs kernels by call site too, as elsewhere (where the Identity and Reshape
  * kernels of issue 15's host time come from: a customGrad's save clones each tensor it keeps).
- *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu] [--kernels on]
+ * --shapes on (webgpu): each program's input shapes → output shape too (which product a matMul call is).
+ *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu] [--kernels on] [--shapes on]
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -25,6 +26,7 @@ import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 
 const backendName = commandLineFlag('backend', 'cpu');
 const countKernels = backendName !== 'webgpu' || commandLineFlag('kernels', 'off') === 'on';
+const withShapes = commandLineFlag('shapes', 'off') === 'on';
 if (backendName === 'webgpu') await setUpNarrowWebGPU();
 else await tf.setBackend(backendName);
 Error.stackTraceLimit = 60;  // a program is dispatched ~20 frames below the src/ call that ran it
@@ -84,7 +86,9 @@ async function count(layers: number): Promise<Map<string, number>> {
   const runProgram = backend.runWebGPUProgram;
   if (runProgram !== undefined) {
     backend.runWebGPUProgram = function (this: unknown, ...args: unknown[]) {
-      add(`${phase} ${(args[0] as object).constructor.name} (${kernels[0] ?? '-'}) @ ${callSite() || gradientOf || (phase === 'backward' ? 'the tape (gradients summed)' : '')}`);
+      const program = args[0] as { outputShape: number[] };
+      const shapes = withShapes ? ` [${(args[1] as tf.TensorInfo[]).map(t => t.shape.join('x')).join(', ')} -> ${program.outputShape.join('x')}]` : '';
+      add(`${phase} ${program.constructor.name}${shapes} (${kernels[0] ?? '-'}) @ ${callSite() || gradientOf || (phase === 'backward' ? 'the tape (gradients summed)' : '')}`);
       return runProgram.apply(this, args);
     };
   }

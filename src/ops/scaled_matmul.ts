@@ -14,6 +14,12 @@ import type { Scalar, Tensor2D } from '@tensorflow/tfjs-core';
  */
 export const SCALED_MATMUL = 'MoEScaledMatMul';
 
+/** MoEScaledMatMul's attributes. */
+export interface ScaledMatMulAttrs {
+  transposeB: boolean;
+  scale: number;
+}
+
 /**
  * scale·matMul(a, b, false, transposeB), in one kernel where MoEScaledMatMul is registered.
  * `scaleOperand` is what the composed path multiplies by (a pass's shared scalar, passScalar, or

@@ -145,8 +145,10 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
     // and the branch's dx added in its product (the ones of tf.grads' dy are a host fill)
     expect(frozen.forward.total, `forward: ${JSON.stringify(frozen.forward)}`).to.equal(3);
     expect(frozen.backward.total, `backward: ${JSON.stringify(frozen.backward)}`).to.equal(5);
-    expect(frozen.forward.ScaledMatMulProgram, 'the scaled product forward').to.equal(1);
-    expect(frozen.backward.ScaledMatMulProgram, 'the scaled product backward').to.equal(1);
+    // the rank-r products at memory speed (WEBGPU_MOE_NARROW_PRODUCTS, dense_lora_products.spec.ts)
+    expect(frozen.forward.NarrowGroupedMatMulProgram, 'the scaled product forward').to.equal(1);
+    expect(frozen.backward.NarrowGroupedMatMulProgram, 'the scaled product backward').to.equal(1);
+    expect(frozen.backward.NarrowWeightGradProgram, 'dA and dB').to.equal(2);
     for (const phase of [frozen.forward, frozen.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
     }

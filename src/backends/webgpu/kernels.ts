@@ -55,7 +55,8 @@ import {
 } from './programs/subgroup_matrix_attention_program.js';
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs, registerTensorCoreAttention } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
-import { SCALED_MATMUL } from '../../ops/scaled_matmul.js';
+import { SCALED_MATMUL, type ScaledMatMulAttrs } from '../../ops/scaled_matmul.js';
+import { WEIGHT_GRAD_PRODUCT } from '../../ops/weight_grad_product.js';
 import { installUniformArena } from './uniform_arena.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
@@ -91,7 +92,10 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
  * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
  * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
  * products at most that deep (the expansions y += s·u·B_eᵀ, dx += gr·A_e) NarrowInnerGroupedMatMulProgram;
- * false: the generic tiled programs (A/B comparisons, bench/webgpu_lora_products.ts).
+ * so do the dense LoRA products of the same ranks (attention's q/k/v/o and the router:
+ * MoEScaledMatMul's s·x·Aᵀ, s·dy·B and MoEWeightGradProduct's dA, dB) as one group;
+ * false: the generic tiled programs, ScaledMatMulProgram and tfjs's matMul (A/B comparisons,
+ * bench/webgpu_lora_products.ts, bench/webgpu_dense_lora_products.ts).
  */
 export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
@@ -1106,20 +1110,148 @@ const attentionGradConfig: tf.KernelConfig = {
   },
 };
 
+// ---- dense LoRA products ------------------------------------------------------------------------
+
+/**
+ * A dense product of at most this many rows runs NarrowGroupedMatMulProgram with 1 row per thread
+ * (16-row workgroups), above it 2 (32-row): at 2048 tokens 1 row gives 128 workgroups where 2 would
+ * leave half an H100's 132 SMs idle. Not timed on its own yet (bench/webgpu_dense_lora_products.ts
+ * times the product).
+ */
+const DENSE_NARROW_FEW_ROWS = 4096;
+
+/**
+ * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram: the rows are one group (one
+ * "expert"), cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
+ * and OLMoE's 2048 columns instead of 8 for one chunk), and NarrowWeightGradSumProgram adds them
+ * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --group-rows).
+ */
+const DENSE_GRAD_GROUP_ROWS = 128;
+
+/**
+ * The plan's segments for `rows` rows in order, cut into groups of `groupRows` (the last one the
+ * rest; one empty group for no rows): the starts (groups + 1, the last = rows), then the counts,
+ * as ExpertSegmentsProgram writes them for experts.
+ */
+export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
+  const groups = Math.max(1, Math.ceil(rows / groupRows));
+  const seg = new Int32Array(2 * groups + 1);
+  for (let g = 0; g <= groups; g++) seg[g] = Math.min(g * groupRows, rows);
+  for (let g = 0; g < groups; g++) seg[groups + 1 + g] = seg[g + 1] - seg[g];
+  return seg;
+}
+
+/**
+ * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
+ * runs the narrow programs: NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the
+ * programs are sized by the rows; an empty product keeps the programs before).
+ */
+export function denseNarrowFits(rows: number, narrowSide: number): boolean {
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && narrowSide <= NARROW_MAX_COLS && rows > 0;
+}
+
+/** NarrowGroupedMatMulProgram's rows per thread for a dense product of `rows` rows (DENSE_NARROW_FEW_ROWS). */
+export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
+  return rows <= DENSE_NARROW_FEW_ROWS ? 1 : 2;
+}
+
+/**
+ * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
+ * group (NarrowGroupedMatMulProgram, source 'rows'): that program has no single-group form, so the
+ * one group's plan is uploaded with it (seg [0, m, m], every row's pair 0: real, read from a
+ * itself), 4·(m + 3) bytes against the 4·m·k of a it reads. Any m: the last block's rows past m
+ * read as padding and are not written. MoEScaledMatMul's kernel calls it with
+ * denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
+ */
+export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
+    rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
+  const backend = webgpu(args);
+  const [m, k] = a.shape;
+  const n = transposeB ? b.shape[0] : b.shape[1];
+  // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
+  const [sN, sK] = transposeB ? [k, 1] : [1, n];
+  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread });
+  const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
+  const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
+  ];
+  const out = runGroupedProduct(args, program, [a, b, seg, pairOfRow], uniforms, 2 * m * n * k);
+  backend.disposeData(seg.dataId);
+  backend.disposeData(pairOfRow.dataId);
+  return out;
+}
+
 /**
  * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
- * scale s in one program (ScaledMatMulProgram) instead of a product and a BinaryOpProgram.
+ * scale s in one program instead of a product and a BinaryOpProgram. r ≤ NARROW_MAX_COLS outputs
+ * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct), which reads each row
+ * of x or dy once; wider ones, or NARROW_PRODUCTS_FLAG off, ScaledMatMulProgram.
  */
 const scaledMatMulConfig: tf.KernelConfig = {
   kernelName: SCALED_MATMUL,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
-    const transposeB = args.attrs!.transposeB as boolean;
+    const { transposeB, scale } = args.attrs as unknown as ScaledMatMulAttrs;
     const [m, k] = a.shape;
     const n = transposeB ? b.shape[0] : b.shape[1];
+    if (denseNarrowFits(m, n)) return runNarrowDenseProduct(args, a, b, transposeB, scale);
     const program = new ScaledMatMulProgram(m, n, transposeB);
-    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, args.attrs!.scale as number));
+    return webgpu(args).runWebGPUProgram(program, [a, b], 'float32', program.uniformsFor(k, scale));
+  },
+};
+
+/**
+ * aᵀ·b [P, Q] for a [N, P], b [N, Q] with P or Q ≤ NARROW_MAX_COLS (dA = gᵀ·x, dB = dyᵀ·u): the
+ * experts' narrow weight gradient with one group of N rows (rowGroupSegments), summed in chunks of
+ * `chunkRows` and the chunks added after (narrowWeightGrad's two programs). MoEWeightGradProduct's
+ * kernel calls it with DENSE_GRAD_GROUP_ROWS; bench/webgpu_dense_lora_products.ts times others.
+ */
+export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo,
+    chunkRows = DENSE_GRAD_GROUP_ROWS): tf.TensorInfo {
+  const backend = webgpu(args);
+  const [rows, P] = a.shape;
+  const Q = b.shape[1];
+  const unitRows = Math.min(chunkRows, rows);
+  // capacity in whole units; the units past the rows sum nothing
+  const capacity = unitRows * Math.ceil(rows / unitRows);
+  const narrow = P <= Q ? 'P' : 'Q';
+  const seg = backend.makeTensorInfo([3], 'int32', rowGroupSegments(rows, rows));
+  const partial = runGroupedProduct(args, new NarrowWeightGradProgram(capacity, unitRows, P, Q, {
+    left: 'rows', right: 'rows', scaleLeft: false, narrow,
+    // the tiled program's tile, which the narrow one does not read
+    tile: { tm: 1, tn: 1, bk: 16 },
+  }), [a, b, seg], [...intUniforms(P, Q, 1, 1, unitRows, unitRows), ...activationUniforms(undefined)], 2 * rows * P * Q);
+  const out = backend.runWebGPUProgram(new NarrowWeightGradSumProgram([P, Q], 1, P, Q, narrow), [partial, seg], 'float32', [
+    ...intUniforms(P, Q, 1, unitRows, unitRows, 0, Q, 1), ...floatUniforms(1),
+  ]);
+  backend.disposeData(partial.dataId);
+  backend.disposeData(seg.dataId);
+  return out;
+}
+
+/**
+ * weightGradProduct's MoEWeightGradProduct (src/ops/weight_grad_product.ts): aᵀ·b [P, Q] for a
+ * [N, P], b [N, Q]; with P or Q ≤ NARROW_MAX_COLS runNarrowDenseWeightGrad, else, or
+ * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it. No rows:
+ * zeros (tfjs's Fill), since any program would bind the empty a, which Dawn rejects (a zero-sized
+ * binding invalidates the whole command buffer, tfjs's matMul included).
+ */
+const weightGradProductConfig: tf.KernelConfig = {
+  kernelName: WEIGHT_GRAD_PRODUCT,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    if (a.shape[0] === 0) {
+      return tf.getKernel(tf.Fill, BACKEND)!.kernelFunc({
+        inputs: {}, backend: args.backend, attrs: { shape: [a.shape[1], b.shape[1]], value: 0, dtype: 'float32' },
+      }) as tf.TensorInfo;
+    }
+    if (denseNarrowFits(a.shape[0], Math.min(a.shape[1], b.shape[1]))) return runNarrowDenseWeightGrad(args, a, b);
+    return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
+      inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
+    }) as tf.TensorInfo;
   },
 };
 
@@ -1127,5 +1259,5 @@ export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig,
 ];

@@ -20,6 +20,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { matMulAdd } from '../matmul_add.js';
 import { scaledMatMul } from '../scaled_matmul.js';
+import { weightGradProduct } from '../weight_grad_product.js';
 import { assertDenseWeight, denseWeightMatMul, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
@@ -57,8 +58,9 @@ function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Te
     scale: number, dxSoFar: Tensor2D | null): { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
   // s·(dy·B), the scale inside the product's kernel where the backend has one
   const g = scaledMatMul(dy, B, false, scale, scaling);  // [N, r]
-  const dB = tf.matMul(dy, down, true, false) as Tensor2D;   // [out, r]
-  const dA = tf.matMul(g, input, true, false) as Tensor2D;   // [r, in]
+  // the factors' gradients sum N rows into r-wide results: one memory-speed kernel where the backend has one
+  const dB = weightGradProduct(dy, down);   // [out, r]
+  const dA = weightGradProduct(g, input);   // [r, in]
   // the branch's part of dx, added to the rest in the same kernel where the backend has one
   const dInput = dxSoFar === null ? tf.matMul(g, A) as Tensor2D : matMulAdd(g, A, false, false, dxSoFar);  // [N, in]
   g.dispose();
