@@ -1,7 +1,8 @@
 /**
  * The dense LoRA products of rank r ≤ 16 on webgpu (attention's q/k/v/o and the router, through
  * loraLinear): s·x·Aᵀ and s·dy·B (MoEScaledMatMul) run NarrowGroupedMatMulProgram, dA = gᵀ·x and
- * dB = dyᵀ·u (MoEWeightGradProduct) NarrowWeightGradProgram over groups of rows, with
+ * dB = dyᵀ·u (MoEWeightGradProduct) NarrowWeightGradProgram over chunks of rows and
+ * NarrowWeightGradSumProgram adding them, with
  * WEBGPU_MOE_NARROW_PRODUCTS on (the default); off, or r > 16, ScaledMatMulProgram and tfjs's
  * matMul as before. Values and gradients against float64 JS either way, at one group of rows and
  * at several (a ragged last one), a reduction past one 64-deep chunk with a ragged end, and output
@@ -34,10 +35,12 @@ const scaled = (v: Float64Array, s: number) => v.map(e => e * s);
 const sum = (u: Float64Array, v: Float64Array) => u.map((e, i) => e + v[i]);
 
 /** the program families among shader keys: narrow (ours), the scaled program, tfjs's matMul */
-function families(keys: string[]): { narrowProduct: number; narrowGrad: number; scaled: number; tfjsMatMul: number } {
+function families(keys: string[]):
+    { narrowProduct: number; narrowGrad: number; narrowGradSum: number; scaled: number; tfjsMatMul: number } {
   return {
     narrowProduct: keys.filter(k => k.startsWith('moeNarrowGroupedMatMul')).length,
-    narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad')).length,
+    narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad_')).length,
+    narrowGradSum: keys.filter(k => k.startsWith('moeNarrowWeightGradSum')).length,
     scaled: keys.filter(k => k.startsWith('moeScaledMatMul')).length,
     tfjsMatMul: keys.filter(k => /^matMul/i.test(k)).length,
   };
@@ -86,6 +89,7 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             // s·x·Aᵀ forward, s·dy·B backward; dA and dB
             expect(seen.narrowProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(2);
+            expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // tfjs's matMul is left the expansions (y + u·Bᵀ, dx + g·A) and the base dy·W
             expect(seen.tfjsMatMul, `shader keys: ${keys.join(', ')}`).to.be.at.most(3);
@@ -163,6 +167,7 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
         const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
         const seen = families(keys);
         expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(Math.min(P, Q) <= 16 ? 1 : 0);
+        expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(seen.narrowGrad);
         await expectCloseAsync(result, product64(a, b, P, n, Q, true, false), 1e-5, 'aᵀ·b', [P, Q]);
         result.dispose();
       });
