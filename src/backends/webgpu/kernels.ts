@@ -957,9 +957,9 @@ const rmsNormGradXConfig: tf.KernelConfig = {
  * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
  * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
- * With WEBGPU_MOE_DENSE_PROGRAM 'grouped' (not the default: these products reduce over the LoRA
- * rank, which run M did not time) a·b (+ a full [M, N] addend) runs runDenseProduct instead, b read
- * at its strides.
+ * A reduction at most NARROW_MAX_COLS deep with a full [M, N] addend (LoRA's expansions; with
+ * NARROW_PRODUCTS_FLAG on) runs runNarrowInnerDenseProduct; otherwise, with WEBGPU_MOE_DENSE_PROGRAM
+ * 'grouped' (not the default) a·b (+ a full [M, N] addend) runs runDenseProduct, b read at its strides.
  */
 const matMulAddConfig: tf.KernelConfig = {
   kernelName: MATMUL_ADD,
@@ -969,7 +969,9 @@ const matMulAddConfig: tf.KernelConfig = {
     const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
     const [m, k] = a.shape;
     const n = transposeB ? b.shape[0] : b.shape[1];
-    if (!transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n && denseProgramChoice() === 'grouped') {
+    const addendFits = !transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n;
+    if (addendFits && denseNarrowFits(m, k)) return runNarrowInnerDenseProduct(args, a, b, addend, transposeB);
+    if (addendFits && denseProgramChoice() === 'grouped') {
       // b [K, N]: W(k, n) = b[k·N + n]; transposed, b [N, K]: b[n·K + k]
       const layout = transposeB ? { inner: k, outCols: n, sN: k, sK: 1 } : { inner: k, outCols: n, sN: 1, sK: n };
       return runDenseProduct(args, a, b, { addend }, layout, undefined, packedDenseTile(m));
@@ -1165,21 +1167,50 @@ export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
  */
 export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
     rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
-  const backend = webgpu(args);
   const [m, k] = a.shape;
   const n = transposeB ? b.shape[0] : b.shape[1];
   // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
   const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread });
-  const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
-  const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
   ];
-  const out = runGroupedProduct(args, program, [a, b, seg, pairOfRow], uniforms, 2 * m * n * k);
-  backend.disposeData(seg.dataId);
-  backend.disposeData(pairOfRow.dataId);
-  return out;
+  return withOneGroupPlan(args, m, plan => runGroupedProduct(args, program, [a, b, ...plan], uniforms, 2 * m * n * k));
+}
+
+/**
+ * The plan of one group of m rows for the experts' narrow programs, which have no single-group form:
+ * seg [0, m, m] and every row's pair 0 (real, read from the rows themselves), uploaded for `run`
+ * and released after it.
+ */
+function withOneGroupPlan(args: KernelArgs, m: number, run: (plan: [tf.TensorInfo, tf.TensorInfo]) => tf.TensorInfo): tf.TensorInfo {
+  const backend = webgpu(args);
+  const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
+  const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
+  try {
+    return run([seg, pairOfRow]);
+  } finally {
+    backend.disposeData(seg.dataId);
+    backend.disposeData(pairOfRow.dataId);
+  }
+}
+
+/**
+ * out [m, n] = addend + a·op(b) with a reduction k ≤ NARROW_MAX_COLS deep (dense LoRA's expansions
+ * y + u·Bᵀ and dx + g·A, [m, r]·[r, n]) as the experts' expansions with one group
+ * (NarrowInnerGroupedMatMulProgram in 64-row blocks): bound by reading the addend and writing out,
+ * where tfjs's matMul stages an r-deep reduction built for deep ones.
+ */
+function runNarrowInnerDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, addend: tf.TensorInfo,
+    transposeB: boolean): tf.TensorInfo {
+  const [m, k] = a.shape;
+  const n = transposeB ? b.shape[0] : b.shape[1];
+  const [sN, sK] = transposeB ? [k, 1] : [1, n];
+  const program = new NarrowInnerGroupedMatMulProgram(m, n, k, { source: 'rows', hasAddend: true, vec4: n % 4 === 0, blockRows: 64 });
+  const uniforms: ProgramUniformEntry[] = [
+    ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+  ];
+  return withOneGroupPlan(args, m, plan => runGroupedProduct(args, program, [a, b, ...plan, addend], uniforms, 2 * m * n * k));
 }
 
 /**
