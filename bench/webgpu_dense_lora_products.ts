@@ -25,7 +25,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import {
-  type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
+  DENSE_NARROW_PRODUCTS_FLAG, type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
 } from '../src/backends/webgpu/kernels.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { matMulAdd } from '../src/ops/matmul_add.js';
@@ -40,12 +40,13 @@ function flag(name: string, fallback: string): string {
 }
 
 function withNarrow<T>(on: boolean, fn: () => T): T {
-  const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
-  tf.env().set(NARROW_PRODUCTS_FLAG, on);
+  const flags = [NARROW_PRODUCTS_FLAG, DENSE_NARROW_PRODUCTS_FLAG];
+  const previous = flags.map(f => tf.env().getBool(f));
+  for (const f of flags) tf.env().set(f, on);
   try {
     return fn();
   } finally {
-    tf.env().set(NARROW_PRODUCTS_FLAG, previous);
+    flags.forEach((f, i) => tf.env().set(f, previous[i]));
   }
 }
 

@@ -11,7 +11,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
-import { NARROW_PRODUCTS_FLAG, rowGroupSegments } from '../../../src/backends/webgpu/kernels.js';
+import { DENSE_NARROW_PRODUCTS_FLAG, NARROW_PRODUCTS_FLAG, rowGroupSegments } from '../../../src/backends/webgpu/kernels.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
 import { WEIGHT_GRAD_PRODUCT, weightGradProduct } from '../../../src/ops/weight_grad_product.js';
@@ -47,6 +47,11 @@ function families(keys: string[]):
   };
 }
 
+/** Both flags the dense narrow route needs (DENSE_NARROW_PRODUCTS_FLAG is off by default: per-call plan uploads). */
+function withDenseNarrow<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
+  return withEnvFlag(NARROW_PRODUCTS_FLAG, on, () => withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, on, fn));
+}
+
 describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (issue 15)', () => {
   it('rowGroupSegments: starts then counts, the last group the rest, one empty group for no rows', () => {
     expect([...rowGroupSegments(300, 128)]).to.deep.equal([0, 128, 256, 300, 128, 128, 44]);
@@ -79,7 +84,7 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
         const dB64 = product64(dy, u, out, n, r, true, false);
         const [xt, Wt, At, Bt, dyt] = [tensorOf(x, [n, inSize]), tensorOf(W, [out, inSize]), tensorOf(A, [r, inSize]),
           tensorOf(B, [out, r]), tensorOf(dy, [n, out])] as tf.Tensor2D[];
-        await withEnvFlag(NARROW_PRODUCTS_FLAG, narrow, () => expectNoLeakAsync(async () => {
+        await withDenseNarrow(narrow, () => expectNoLeakAsync(async () => {
           const { keys, value, grads } = await withShaderKeys(async recorded => {
             const result = tf.valueAndGrads((xs: tf.Tensor, a: tf.Tensor, b: tf.Tensor) =>
               loraLinear(xs as tf.Tensor2D, Wt, null, [{ A: a as tf.Tensor2D, B: b as tf.Tensor2D, scaling: s }]))([xt, At, Bt], dyt);
@@ -166,14 +171,14 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       // the kernel's own buffers (the segments, the groups' partial products) are backend data, not tensors
       const backend = tf.backend() as unknown as { numDataIds(): number };
       const dataIds = backend.numDataIds();
-      await expectNoLeakAsync(async () => {
+      await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
         const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
         const seen = families(keys);
         expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(Math.min(P, Q) <= 16 ? 1 : 0);
         expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(seen.narrowGrad);
         await expectCloseAsync(result, product64(a, b, P, n, Q, true, false), 1e-5, 'aᵀ·b', [P, Q]);
         result.dispose();
-      });
+      }));
       expect(backend.numDataIds(), 'backend data left behind').to.equal(dataIds);
       tf.dispose([at, bt]);
     });

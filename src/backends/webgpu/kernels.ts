@@ -101,6 +101,16 @@ export const NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_PRODUCTS';
 tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
 
 /**
+ * tf.env() flag: the dense LoRA products of rank ≤ 16 (see NARROW_PRODUCTS_FLAG; both must be on)
+ * on the narrow programs. Off by default: those programs read a plan, and a dense product uploads
+ * a one-group plan per call, which stalls the host about 1.7 ms a call on the H100 (run S:
+ * bench/webgpu_dense_lora_products.ts 6.1 → 45.7 ms a layer-step; the OLMoE step 4933 → 1032
+ * tokens/s) where the GPU time is about even. Needs the narrow programs' single-group form.
+ */
+export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
+tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => false);
+
+/**
  * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores (128, 64 or
  * 32; default 128). A projection at 2048 tokens × 2048 outputs makes 256 blocks of 128 rows, about
  * two per SM of an H100: smaller blocks put more of them in flight for less reuse of each staged
@@ -958,7 +968,7 @@ const rmsNormGradXConfig: tf.KernelConfig = {
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
  * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
  * A reduction at most NARROW_MAX_COLS deep with a full [M, N] addend (LoRA's expansions; with
- * NARROW_PRODUCTS_FLAG on) runs runNarrowInnerDenseProduct; otherwise, with WEBGPU_MOE_DENSE_PROGRAM
+ * NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on) runs runNarrowInnerDenseProduct; otherwise, with WEBGPU_MOE_DENSE_PROGRAM
  * 'grouped' (not the default) a·b (+ a full [M, N] addend) runs runDenseProduct, b read at its strides.
  */
 const matMulAddConfig: tf.KernelConfig = {
@@ -1145,11 +1155,12 @@ export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
 
 /**
  * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
- * runs the narrow programs: NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the
+ * runs the narrow programs: NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the
  * programs are sized by the rows; an empty product keeps the programs before).
  */
 export function denseNarrowFits(rows: number, narrowSide: number): boolean {
-  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && narrowSide <= NARROW_MAX_COLS && rows > 0;
+  return tf.env().getBool(NARROW_PRODUCTS_FLAG) && tf.env().getBool(DENSE_NARROW_PRODUCTS_FLAG) &&
+      narrowSide <= NARROW_MAX_COLS && rows > 0;
 }
 
 /** NarrowGroupedMatMulProgram's rows per thread for a dense product of `rows` rows (DENSE_NARROW_FEW_ROWS). */
