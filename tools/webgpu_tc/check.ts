@@ -293,11 +293,14 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
 interface DenseSize { name: string; rows: number; out: number; in: number }
 /**
  * The dense projections of the end-to-end OLMoE step (batch 4 × 512 tokens): q/k/v/o [2048, 2048]
- * and the untied LM head [50304, 2048], cheap first; the harness (Mesa) runs small stand-ins.
+ * and the untied LM head [50304, 2048] (at one loss chunk's 333 rows too), cheap first; the harness (Mesa) runs small stand-ins.
  */
 const DENSE_SIZES: DenseSize[] = harness
   ? [{ name: 'proj (harness)', rows: 200, out: 256, in: 192 }, { name: 'head (harness)', rows: 130, out: 640, in: 128 }]
-  : [{ name: 'proj 2048', rows: 2048, out: 2048, in: 2048 }, { name: 'LM head', rows: 2048, out: 50304, in: 2048 }];
+  : [{ name: 'proj 2048', rows: 2048, out: 2048, in: 2048 },
+    // the chunked loss's 333 rows: its dy·W ([333, 2048], 48 blocks of 128) runs 64-row blocks
+    { name: 'LM head 333 rows', rows: 333, out: 50304, in: 2048 },
+    { name: 'LM head', rows: 2048, out: 50304, in: 2048 }];
 /** dense cases that failed where tensor cores are available (exit code 3) */
 const denseFailures: string[] = [];
 

@@ -229,13 +229,18 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     expect(tensorCoresFit(64, 49152, 4096, 8, 1024)).to.equal(false);
   });
 
-  it('WEBGPU_MOE_DENSE_TC_BLOCK_ROWS: 128 by default, 64 and 32 taken, anything else refused by name', async () => {
-    expect(denseTensorCoreBlockRows()).to.equal(128);
-    for (const rows of [64, 32] as const) {
-      await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, rows, async () => expect(denseTensorCoreBlockRows()).to.equal(rows));
+  it('dense block rows: 128, or 64 below 128 blocks of 128 rows; the flag forces 128/64/32 and refuses others by name', async () => {
+    expect(denseTensorCoreBlockRows(2048, 2048)).to.equal(128);     // OLMoE's q/k/v/o: 256 blocks
+    expect(denseTensorCoreBlockRows(333, 50304)).to.equal(128);     // the LM head's x·Wᵀ: 1179
+    expect(denseTensorCoreBlockRows(333, 2048)).to.equal(64);       // its dy·W: 48
+    expect(denseTensorCoreBlockRows(1024, 2048)).to.equal(128);     // exactly 128 blocks
+    expect(denseTensorCoreBlockRows(1000, 2048)).to.equal(128);     // ceil: 8 × 16
+    expect(denseTensorCoreBlockRows(896, 2048)).to.equal(64);       // 7 × 16 = 112
+    for (const rows of [128, 64, 32] as const) {
+      await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, rows, async () => expect(denseTensorCoreBlockRows(333, 2048)).to.equal(rows));
     }
-    await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, 100, async () => expect(() => denseTensorCoreBlockRows()).to.throw(
-        'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS must be one of 128, 64, 32 but got 100'));
+    await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, 100, async () => expect(() => denseTensorCoreBlockRows(2048, 2048)).to.throw(
+        'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS must be 0 (automatic) or one of 128, 64, 32 but got 100'));
   });
 
   it('groupedMatMul and groupedWeightGrad hand the plan\'s block rows and slab depth to their kernels', async () => {

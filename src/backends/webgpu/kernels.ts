@@ -22,7 +22,7 @@ import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
-  matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
@@ -111,20 +111,32 @@ export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
 tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => false);
 
 /**
- * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores (128, 64 or
- * 32; default 128). A projection at 2048 tokens × 2048 outputs makes 256 blocks of 128 rows, about
- * two per SM of an H100: smaller blocks put more of them in flight for less reuse of each staged
- * slab. For end-to-end A/B runs (E2E_TF_FLAGS); the experts' blocks follow their plan's row tile.
+ * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores: 128, 64 or
+ * 32, or 0 (the default) for denseTensorCoreBlockRows's choice. For end-to-end A/B runs
+ * (E2E_TF_FLAGS); the experts' blocks follow their plan's row tile.
  */
 export const DENSE_TC_BLOCK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS';
-tf.env().registerFlag(DENSE_TC_BLOCK_ROWS_FLAG, () => 128);
+tf.env().registerFlag(DENSE_TC_BLOCK_ROWS_FLAG, () => 0);
 
-/** DENSE_TC_BLOCK_ROWS_FLAG's value, checked. */
-export function denseTensorCoreBlockRows(): SubgroupBlockRows {
-  const rows = tf.env().getNumber(DENSE_TC_BLOCK_ROWS_FLAG);
-  const block = SUBGROUP_BLOCK_ROWS.find(r => r === rows);
+/** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
+const DENSE_TC_FEW_BLOCKS = 128;
+
+/**
+ * The block rows of a dense [rows, cols] product on tensor cores: DENSE_TC_BLOCK_ROWS_FLAG when set,
+ * else 128, or 64 where 128-row blocks would be fewer than DENSE_TC_FEW_BLOCKS (about one per SM of
+ * an H100, 132). Run S (H100, OLMoE batch 4, timestamps per site, one lease): the LM head's dy·W
+ * ([333, 2048], 48 blocks of 128) took 17.0 ms a step in 128-row blocks and 11.3 in 64; every
+ * product of ≥ 256 blocks was slower in 64 (q/k/v/o 19.4 → 21.7 ms, the LM head's x·Wᵀ 13.0 → 17.8).
+ */
+export function denseTensorCoreBlockRows(rows: number, cols: number): SubgroupBlockRows {
+  const forced = tf.env().getNumber(DENSE_TC_BLOCK_ROWS_FLAG);
+  if (forced === 0) {
+    const blocks = subgroupMatrixDispatch(rows, cols, 1, 128);
+    return blocks[0] * blocks[1] < DENSE_TC_FEW_BLOCKS ? 64 : 128;
+  }
+  const block = SUBGROUP_BLOCK_ROWS.find(r => r === forced);
   if (block === undefined) {
-    throw new Error(`${DENSE_TC_BLOCK_ROWS_FLAG} must be one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${rows}`);
+    throw new Error(`${DENSE_TC_BLOCK_ROWS_FLAG} must be 0 (automatic) or one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${forced}`);
   }
   return block;
 }
@@ -836,7 +848,7 @@ function runDenseProductOnTensorCores(
     packedWeight: packed === undefined ? undefined : { ...packed, layout: null },
   };
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }), denseTensorCoreBlockRows());
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }), denseTensorCoreBlockRows(n, outCols));
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
