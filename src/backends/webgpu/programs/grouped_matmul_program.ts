@@ -24,7 +24,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
   type RowSource, TILE_THREADS,
 } from './shared.js';
 
@@ -263,8 +263,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [0], y: [1] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [TILE_THREADS, TILE_THREADS, 1];
-  uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
-      'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+  uniforms = GROUPED_MATMUL_UNIFORMS;
   private readonly spec: GroupedMatMulSpec;
 
   /**

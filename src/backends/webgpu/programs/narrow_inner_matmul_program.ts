@@ -27,7 +27,7 @@
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { rowLoadSnippet, tileRowsSnippet } from './grouped_matmul_program.js';
 import { NARROW_MAX_COLS } from './narrow_matmul_program.js';
-import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, type RowSource } from './shared.js';
+import { type ActivationSpec, activationKey, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource } from './shared.js';
 
 /** Column lanes of a workgroup: one warp's worth, each owning 4 columns of a row. */
 const COLUMN_LANES = 32;
@@ -68,9 +68,7 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  // GroupedMatMulProgram's uniforms, so that the kernel passes the same list to either program
-  uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
-      'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+  uniforms = GROUPED_MATMUL_UNIFORMS;
   private readonly spec: NarrowInnerGroupedMatMulSpec;
   private readonly inner: number;
 

@@ -23,7 +23,7 @@ import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
   type GroupedWeightGradSpec, rowLoadSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
 } from './grouped_matmul_program.js';
-import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, type RowSource, TILE_THREADS } from './shared.js';
+import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource, TILE_THREADS } from './shared.js';
 
 /** The widest output the narrow program takes: r ≤ 16 covers LoRA ranks 1–16 (see narrowProductFits). */
 export const NARROW_MAX_COLS = 16;
@@ -56,9 +56,7 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  // GroupedMatMulProgram's uniforms, so that the kernel passes the same list to either program
-  uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
-      'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+  uniforms = GROUPED_MATMUL_UNIFORMS;
   private readonly spec: NarrowGroupedMatMulSpec;
   private readonly outCols: number;
 

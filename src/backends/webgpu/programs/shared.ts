@@ -67,6 +67,13 @@ export function activationUniforms(activation: ExpertActivation | undefined): Pr
 export const ACTIVATION_UNIFORMS = 'actAlpha : f32, actLimit : f32, ';
 
 /**
+ * The grouped product's uniforms, in the kernel's order (groupedMatMul's intUniforms, alpha, the
+ * activation's): every program the kernel may pick declares these, so that it passes one list.
+ */
+export const GROUPED_MATMUL_UNIFORMS = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
+    'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+
+/**
  * WGSL: gateIndex/upIndex(i, width) give the columns of gate i and up i in an h row of 2·width;
  * actForward(g, u) and actBackward(g, u, da) -> vec2(dGate, dUp). The clamps pass the gradient
  * where the input is within the limits, boundaries included (as torch.clamp does).

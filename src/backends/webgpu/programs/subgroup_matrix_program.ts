@@ -31,7 +31,7 @@ import {
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, type PackedWeightSpec, packedWeightKey,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type PackedWeightSpec, packedWeightKey,
   type RowSource,
 } from './shared.js';
 import {
@@ -564,8 +564,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [0], y: [1] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number];
-  uniforms = 'numRows : i32, outCols : i32, inner : i32, topK : i32, numExperts : i32, ' +
-      'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
+  uniforms = GROUPED_MATMUL_UNIFORMS;
   private readonly spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean };
   private readonly staging: SubgroupStaging;
   private readonly layout: SlabLayout;
