@@ -92,8 +92,9 @@ tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
  * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
  * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
  * products at most that deep (the expansions y += s·u·B_eᵀ, dx += gr·A_e) NarrowInnerGroupedMatMulProgram;
- * so do the dense LoRA products of the same ranks (attention's q/k/v/o and the router:
- * MoEScaledMatMul's s·x·Aᵀ, s·dy·B and MoEWeightGradProduct's dA, dB) as one group;
+ * with DENSE_NARROW_PRODUCTS_FLAG too (off by default), so do the dense LoRA products of the same
+ * ranks (attention's q/k/v/o and the router: MoEScaledMatMul's s·x·Aᵀ, s·dy·B, MoEWeightGradProduct's
+ * dA, dB and MoEMatMulAdd's expansions) as one group;
  * false: the generic tiled programs, ScaledMatMulProgram and tfjs's matMul (A/B comparisons,
  * bench/webgpu_lora_products.ts, bench/webgpu_dense_lora_products.ts).
  */
@@ -979,9 +980,9 @@ const rmsNormGradXConfig: tf.KernelConfig = {
  * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
  * output element in any broadcastable shape: a LoRA branch or a dx part and its sum in one program.
- * A reduction at most NARROW_MAX_COLS deep with a full [M, N] addend (LoRA's expansions; with
- * NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on) runs runNarrowInnerDenseProduct; otherwise, with WEBGPU_MOE_DENSE_PROGRAM
- * 'grouped' (not the default) a·b (+ a full [M, N] addend) runs runDenseProduct, b read at its strides.
+ * A reduction at most NARROW_MAX_COLS deep with a full [M, N] addend (LoRA's expansions) runs
+ * runNarrowInnerDenseProduct where denseNarrowFits; otherwise, with WEBGPU_MOE_DENSE_PROGRAM 'grouped'
+ * (not the default) a·b (+ a full [M, N] addend) runs runDenseProduct, b read at its strides.
  */
 const matMulAddConfig: tf.KernelConfig = {
   kernelName: MATMUL_ADD,
@@ -1167,8 +1168,8 @@ export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
 
 /**
  * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
- * runs the narrow programs: NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS and at least one row (the
- * programs are sized by the rows; an empty product keeps the programs before).
+ * runs the narrow programs: NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS
+ * and at least one row (the programs are sized by the rows; an empty product keeps the programs before).
  */
 export function denseNarrowFits(rows: number, narrowSide: number): boolean {
   return tf.env().getBool(NARROW_PRODUCTS_FLAG) && tf.env().getBool(DENSE_NARROW_PRODUCTS_FLAG) &&
@@ -1239,8 +1240,8 @@ function runNarrowInnerDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.Te
 /**
  * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
  * scale s in one program instead of a product and a BinaryOpProgram. r ≤ NARROW_MAX_COLS outputs
- * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct), which reads each row
- * of x or dy once; wider ones, or NARROW_PRODUCTS_FLAG off, ScaledMatMulProgram.
+ * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct) where denseNarrowFits,
+ * reading each row of x or dy once; otherwise ScaledMatMulProgram.
  */
 const scaledMatMulConfig: tf.KernelConfig = {
   kernelName: SCALED_MATMUL,
@@ -1287,8 +1288,8 @@ export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: 
 
 /**
  * weightGradProduct's MoEWeightGradProduct (src/ops/weight_grad_product.ts): aᵀ·b [P, Q] for a
- * [N, P], b [N, Q]; with P or Q ≤ NARROW_MAX_COLS runNarrowDenseWeightGrad, else, or
- * NARROW_PRODUCTS_FLAG off, tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it. No rows:
+ * [N, P], b [N, Q]; runNarrowDenseWeightGrad where denseNarrowFits (P or Q ≤ NARROW_MAX_COLS),
+ * else tfjs's BatchMatMul as tf.matMul(a, b, true, false) runs it. No rows:
  * zeros (tfjs's Fill), since any program would bind the empty a, which Dawn rejects (a zero-sized
  * binding invalidates the whole command buffer, tfjs's matMul included).
  */

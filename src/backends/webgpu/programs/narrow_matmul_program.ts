@@ -1,6 +1,7 @@
 /**
  * The grouped products of split LoRA's rank r (≤ 16) at memory speed: NarrowGroupedMatMulProgram
- * for the products r wide, NarrowWeightGradProgram for the LoRA factors' gradients.
+ * for the products r wide, NarrowWeightGradProgram and NarrowWeightGradSumProgram for the LoRA
+ * factors' gradients (chunks of rows, then each expert's chunks added; see their comment below).
  *
  * NarrowGroupedMatMulProgram: GroupedMatMulProgram's product for outputs at most NARROW_MAX_COLS
  * wide, out[r, n] = alpha·Σ_k A(r, k)·W_e(k, n) with the same row sources, plan and weight strides
