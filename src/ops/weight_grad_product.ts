@@ -2,7 +2,8 @@
  * aᵀ·b as one kernel where a backend has one: a LoRA factor's gradient (dA = gᵀ·x, dB = dyᵀ·u)
  * sums the outer products of N rows into an [r, in] or [out, r] result, a product that reads
  * N·(in + r) values to write r·in. tfjs's generic matMul tiles the small output and leaves most of
- * the GPU idle; webgpu's kernel runs it at memory speed (NarrowWeightGradProgram, issue 15).
+ * the GPU idle; webgpu's kernel can run it at memory speed (NarrowWeightGradProgram, issue 15; with
+ * WEBGPU_MOE_DENSE_NARROW_PRODUCTS, off by default: see kernels.ts), else tfjs's BatchMatMul.
  * Elsewhere tf.matMul(a, b, true, false), as before.
  */
 import * as tf from '@tensorflow/tfjs-core';
