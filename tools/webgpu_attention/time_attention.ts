@@ -32,6 +32,7 @@ import { causalMask } from '../../src/layers/attention.js';
 import { ATTENTION_PROGRAM_FLAG, type AttentionProgramKind } from '../../src/backends/webgpu/programs/tiled_attention_program.js';
 import { ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
+import { withShaderKeys } from '../webgpu_tc/scoped.js';
 
 const tensorCores = commandLineFlag('tensor-cores', 'off');
 if (tensorCores !== 'on' && tensorCores !== 'off') throw new Error(`--tensor-cores must be 'on' or 'off' but got '${tensorCores}'`);
@@ -75,34 +76,18 @@ function choosePath(programs: AttentionProgramKind | null, onTensorCores = false
   tf.env().set(TENSOR_CORES_FLAG, onTensorCores);
 }
 
-/** The shader keys of the programs fn runs (tfjs's backend.runWebGPUProgram, wrapped for the call). */
-async function programsRun(fn: () => Promise<void>): Promise<string[]> {
-  const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
-  const run = backend.runWebGPUProgram;
-  const keys: string[] = [];
-  backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
-    keys.push(p.shaderKey);
-    return run.call(this, p, ...rest);
-  };
-  try {
-    await fn();
-  } finally {
-    backend.runWebGPUProgram = run;
-  }
-  return keys;
-}
-
 /** Times forward and training passes, then one training pass and one forward for the values (and the peak of GPU buffers there). */
 async function measure(p: ReturnType<typeof problem>) {
   const forwardMs = await time(() => [p.forward()]);
   const trainMs = await time(() => { const r = p.train(); return [r.grads[2], r.grads[0], r.grads[1], r.value]; });
   let values: Array<Float32Array | Int32Array | Uint8Array> = [];
   const follow = followPeakBuffers();
-  const keys = await programsRun(async () => {
+  const keys = await withShaderKeys(async recorded => {
     const r = p.train();
     const o = p.forward();
     values = [await o.data(), ...await Promise.all(r.grads.map(g => g.data()))];
     tf.dispose([o, r.value, ...r.grads]);
+    return recorded;
   });
   const peakMiB = Math.round(follow.peak().usedBytes / 2 ** 20);
   follow.stop();

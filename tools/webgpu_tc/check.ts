@@ -31,7 +31,6 @@ import { subgroupBlockRowsFor, weightGradDepthFor } from '../../src/backends/web
 import {
   deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad,
 } from '../../src/backends/webgpu/kernels.js';
-import { TENSOR_CORES_FLAG } from '../../src/backends/webgpu/tensor_cores.js';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../../src/bench/block_bench.js';
 import { blockLayerIndex, loadMoEBlockWeights } from '../../src/io/hf_block.js';
@@ -45,6 +44,7 @@ import {
 import { encodeBFloat16 } from '../../src/util/half.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
+import { withTensorCores } from './scoped.js';
 import { auditSubgroupControlFlow } from './uniformity.js';
 
 const started = Date.now();
@@ -110,17 +110,6 @@ async function chainedMs(run: () => tf.Tensor, chain: number): Promise<number> {
     tf.dispose([r!, probe]);
   }
   return median(ms);
-}
-
-/** Runs `fn` with the tensor-core flag set to `on`, restoring it after. */
-async function withTensorCores<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().getBool(TENSOR_CORES_FLAG);
-  tf.env().set(TENSOR_CORES_FLAG, on);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(TENSOR_CORES_FLAG, before);
-  }
 }
 
 /** Shader keys of the programs run since the last clear (recordPrograms wraps the backend). */

@@ -35,7 +35,6 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type DawnAdapterReport, setupDawnWebGPU } from '../../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning } from '../../src/backends/webgpu/experts.js';
-import { TENSOR_CORES_FLAG } from '../../src/backends/webgpu/tensor_cores.js';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { readTokenizer } from '../../src/data/tokenizer_file.js';
 import { blockLayerIndex, loadMoEBlockWeights } from '../../src/io/hf_block.js';
@@ -51,6 +50,7 @@ import { trainLoop } from '../../src/train/loop.js';
 import { seedAdapterInit } from '../../src/train/seeded_init.js';
 import { readJSONFile } from '../../src/util/files.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
+import { withTensorCores } from './scoped.js';
 
 /** issue 13: tensor cores against f32, per tensor of a fixture block (PyTorch bf16's own spread) */
 const BLOCK_CONTRACT = 1e-2;
@@ -126,16 +126,6 @@ function takeSubgroupPrograms(): number {
   const n = programsRun.filter(k => k.startsWith('moeSubgroup')).length;
   programsRun.length = 0;
   return n;
-}
-
-async function withTensorCores<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().getBool(TENSOR_CORES_FLAG);
-  tf.env().set(TENSOR_CORES_FLAG, on);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(TENSOR_CORES_FLAG, before);
-  }
 }
 
 interface FixtureBlock {

@@ -70,35 +70,8 @@ export function productFloat64(a: Float32Array, n: number, w: Float32Array, rows
   return y;
 }
 
-/** Runs `fn` with tf.env() flag `name` set to `value`, restoring the flag's previous value after. */
-export async function withEnvFlag<T>(name: string, value: boolean | number | string, fn: () => Promise<T>): Promise<T> {
-  const before = tf.env().get(name);
-  tf.env().set(name, value);
-  try {
-    return await fn();
-  } finally {
-    tf.env().set(name, before);
-  }
-}
-
-/**
- * Runs `fn` with every webgpu program's shader key pushed to `keys` (which fn may read and clear as it
- * goes), restoring the backend's runWebGPUProgram after.
- */
-export async function withShaderKeys<T>(fn: (keys: string[]) => Promise<T>): Promise<T> {
-  const backend = tf.backend() as unknown as { runWebGPUProgram: (p: { shaderKey: string }, ...rest: unknown[]) => unknown };
-  const run = backend.runWebGPUProgram;
-  const keys: string[] = [];
-  backend.runWebGPUProgram = function (this: unknown, p, ...rest) {
-    keys.push(p.shaderKey);
-    return run.call(this, p, ...rest);
-  };
-  try {
-    return await fn(keys);
-  } finally {
-    backend.runWebGPUProgram = run;
-  }
-}
+// the scoped flag and shader-key recorder, shared with the device tools
+export { withEnvFlag, withShaderKeys } from '../../../tools/webgpu_tc/scoped.js';
 
 /** Runs `fn` on the cpu backend (the reference path), then makes webgpu active again. */
 export async function onCpu<T>(fn: () => Promise<T>): Promise<T> {
