@@ -33,11 +33,7 @@ import { scaledMatMul } from '../src/ops/scaled_matmul.js';
 import { weightGradProduct } from '../src/ops/weight_grad_product.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { timeProduct } from './webgpu_timing.js';
-
-function flag(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
-}
+import { commandLineFlag as flag } from './e2e/narrow_setup.js';
 
 function withNarrow<T>(on: boolean, fn: () => T): T {
   const flags = [NARROW_PRODUCTS_FLAG, DENSE_NARROW_PRODUCTS_FLAG];

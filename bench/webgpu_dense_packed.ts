@@ -33,11 +33,7 @@ import {
 import { encodeBFloat16 } from '../src/util/half.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { timeProduct } from './webgpu_timing.js';
-
-function flag(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
-}
+import { commandLineFlag as flag } from './e2e/narrow_setup.js';
 
 /** [name, out, in] of each attention projection (q, k/v, o). */
 const SHAPES: Record<string, Array<[string, number, number]>> = {

@@ -42,11 +42,7 @@ import { narrowGradChunkRows } from '../src/backends/webgpu/programs/narrow_matm
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { timeProduct } from './webgpu_timing.js';
-
-function flag(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
-}
+import { commandLineFlag as flag } from './e2e/narrow_setup.js';
 
 function withNarrow<T>(on: boolean, fn: () => T): T {
   const previous = tf.env().getBool(NARROW_PRODUCTS_FLAG);
