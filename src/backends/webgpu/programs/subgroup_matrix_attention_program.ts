@@ -272,6 +272,17 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
   }
 
   /** stats, forward and gradQ: a workgroup per block of 64 of a group's query rows, tiles of 32 keys. */
+  /** main's first lines in both passes: this invocation's subgroup and lane, its matrices' origin, the group and its sizes. */
+  private invocationIds(): string {
+    return `let subgroup = localIndex / ${this.subgroupSize}u;
+        let lane = localIndex % ${this.subgroupSize}u;
+        let partRow = subgroup * ${MATRIX_EDGE}u;
+        let partCol = 0u;
+        let g = i32(workgroupId.y);
+        let groupRows = uniforms.groupRows;
+        let keyLen = uniforms.keyLen;`;
+  }
+
   private rowBlockCode(): string {
     const { dk, dv } = this.dims;
     const B = ATTENTION_BLOCK;
@@ -339,13 +350,7 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
     return `
       ${this.declarations(arena, stats ? [] : gradQ ? ['rowM', 'rowL', 'rowDelta'] : ['rowM', 'rowL'])}
       fn main(index : i32) {
-        let subgroup = localIndex / ${this.subgroupSize}u;
-        let lane = localIndex % ${this.subgroupSize}u;
-        let partRow = subgroup * ${MATRIX_EDGE}u;
-        let partCol = 0u;
-        let g = i32(workgroupId.y);
-        let groupRows = uniforms.groupRows;
-        let keyLen = uniforms.keyLen;
+        ${this.invocationIds()}
         let blockStart = i32(workgroupId.x) * ${B};
         let blockCount = min(${B}, groupRows - blockStart);
         let firstRow = g * groupRows + blockStart;
@@ -411,13 +416,7 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
     return `
       ${this.declarations(arena, ['tileM', 'tileL'])}
       fn main(index : i32) {
-        let subgroup = localIndex / ${this.subgroupSize}u;
-        let lane = localIndex % ${this.subgroupSize}u;
-        let partRow = subgroup * ${MATRIX_EDGE}u;
-        let partCol = 0u;
-        let g = i32(workgroupId.y);
-        let groupRows = uniforms.groupRows;
-        let keyLen = uniforms.keyLen;
+        ${this.invocationIds()}
         let firstKey = i32(workgroupId.x) * ${B};
         let keyCount = min(${B}, keyLen - firstKey);
         let s = gradOutScale();
