@@ -1110,4 +1110,7 @@ export const V7_STEPS: ReadonlyArray<readonly [string, V7Options]> = [
   // more resident subgroups per SM; each subgroup loads 6 fragments per 8 products instead of 8 per 16
   ['v7-m-8x32x64', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'f16', width: 8, sgRows: 4, tilesM: 2 }],
   ['v7-n-8x32x64-f32-bf16', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'bf16', width: 8, sgRows: 4, tilesM: 2 }],
+  // which operand's conversion costs c's speed against e's: A f16 in memory beside the bf16-stored W, and A f32 beside an f16 W
+  ['v7-o-f16-bf16x8', { ...V7_BASE, staging: 'direct', bColMajor: true, a: 'f16', b: 'bf16', width: 8 }],
+  ['v7-p-f32-f16x8', { ...V7_BASE, staging: 'direct', bColMajor: true, b: 'f16', width: 8 }],
 ];
