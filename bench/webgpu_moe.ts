@@ -4,7 +4,7 @@
  *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
  *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728'] [--expert-storage float32|bf16]
- *       [--tensor-cores on|off]
+ *       [--tensor-cores on|off] [--half-operands on|off]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
  *
@@ -28,7 +28,7 @@ import '@tensorflow/tfjs-layers';
 import { writeFileSync } from 'node:fs';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
-import { SUBMIT_FLOPS_FLAG } from '../src/backends/webgpu/kernels.js';
+import { SUBMIT_FLOPS_FLAG, TC_HALF_OPERANDS_FLAG } from '../src/backends/webgpu/kernels.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
@@ -216,6 +216,10 @@ async function main(): Promise<void> {
   const chain = Number(arg('chain', '10'));
   const batch = arg('batch', '');
   if (batch) tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number(batch));
+  // the tensor-core MatMul's left operand converted to f16 before it (default) or as it stages (A/B runs)
+  const halfOperands = arg('half-operands', 'on');
+  if (halfOperands !== 'on' && halfOperands !== 'off') throw new Error(`--half-operands: 'on' or 'off'; got '${halfOperands}'`);
+  tf.env().set(TC_HALF_OPERANDS_FLAG, halfOperands === 'on');
   const submitFlops = arg('submit-flops', '');
   if (submitFlops) tf.env().set(SUBMIT_FLOPS_FLAG, Number(submitFlops));
   console.log(`# read latency (small kernel + read): ${(await readLatency(20)).toFixed(2)} ms; ` +

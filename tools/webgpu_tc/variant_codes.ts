@@ -242,7 +242,7 @@ export function stagedVariants(): StagedOptions[] {
 }
 
 /** The inputs packageProgramShader binds, and their WGSL element types. */
-const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32' };
+const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32', amax: 'f32' };
 
 /**
  * What tfjs-webgpu declares before a program's code, as far as the package's programs use it: the
@@ -273,6 +273,8 @@ export interface PackageShaderOptions {
   entry: 'wrapper' | 'inline';
   /** W holds packed int32 words (a bf16/f16 or quantized weight), not f32 */
   packedW?: boolean;
+  /** A holds f16 halves in int32 words (staging 'half8'), not f32 */
+  packedA?: boolean;
 }
 
 /**
@@ -288,7 +290,7 @@ export function packageProgramShader(program: SubgroupMatrixMatMulProgram | Subg
   if (!/\bfn main\(\) \{/.test(userCode)) throw new Error('packageProgramShader: the code has no fn main() {');
   // as tfjs declares them: vec4 (vec2 for packed words) where the program stages in quads
   const inputs = program.variableNames.map((name, i) => {
-    const scalar = name === 'W' && options.packedW ? 'i32' : PROGRAM_INPUTS[name];
+    const scalar = (name === 'W' && options.packedW) || (name === 'A' && options.packedA) ? 'i32' : PROGRAM_INPUTS[name];
     const n = program.variableComponents[i];
     return `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${n === 1 ? scalar : `vec${n}<${scalar}>`}>;`;
   });

@@ -70,6 +70,8 @@ interface Emulated {
   quads?: boolean;
   /** elements per run of B in quads (8: the 16-byte loads of packed halves; inner a multiple of 8) */
   widthB?: 4 | 8;
+  /** elements per run of A in quads (8: an f16 left operand, staging 'half8'; inner a multiple of 8) */
+  widthA?: 4 | 8;
 }
 
 /** One workgroup of the generated program, as data movement: the block it writes (NaN where unwritten). */
@@ -85,10 +87,11 @@ function emulateWorkgroup(w: Emulated): Float64Array {
     const As = new Float64Array(sizes.a).fill(NaN);
     const Bs = new Float64Array(sizes.b).fill(NaN);
     for (let lid = 0; lid < threads && w.quads; lid++) {
-      // QuadStaging: quad lid + t·threads, 4 elements each
-      for (let t = 0; t < l.rows * l.depth / 4 / threads; t++) {
-        const { m, k, at, step } = stagedQuadA(x, l, lid + t * threads);
-        for (let c = 0; c < 4; c++) {
+      // QuadStaging: quad lid + t·threads, 4 (or widthA) elements each
+      const widthA = w.widthA ?? 4;
+      for (let t = 0; t < l.rows * l.depth / widthA / threads; t++) {
+        const { m, k, at, step } = stagedQuadA(x, l, lid + t * threads, widthA);
+        for (let c = 0; c < widthA; c++) {
           const [mc, kc] = l.leftColMajor ? [m + c, k] : [m, k + c];
           if (!Number.isNaN(As[at + c * step])) throw new Error(`As[${at + c * step}] staged twice`);
           As[at + c * step] = k0 + k < w.inner ? w.left(mc, k0 + kc) : 0;
@@ -178,12 +181,12 @@ function values(n: number, seed: number): Float64Array {
  * largest |difference| to the float64 block. `leftTransposed`: the left operand comes as Lᵀ (the
  * weight gradients: L(r, p) with r the reduction).
  */
-function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean; widthB?: 4 | 8 }): number {
+function blockError(layout: SlabLayout, o: { inner: number; kFastestB: boolean; fault?: Emulated['fault']; quads?: boolean; widthA?: 4 | 8; widthB?: 4 | 8 }): number {
   const { rows, cols } = layout;
   const A = values(rows * o.inner, 1); // A(m, k) at m·inner + k
   const B = values(o.inner * cols, 2); // B(k, n) at k·cols + n
   const block = emulateWorkgroup({
-    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads, widthB: o.widthB,
+    layout, subgroupSize: 32, inner: o.inner, kFastestB: o.kFastestB, fault: o.fault, quads: o.quads, widthA: o.widthA, widthB: o.widthB,
     left: (m, k) => A[m * o.inner + k], right: (k, n) => B[k * cols + n],
   });
   let worst = 0;
@@ -253,8 +256,11 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
         expect(blockError(l, { inner, kFastestB: true }), `${rows} rows, elements, k ${inner}`).to.equal(0);
         expect(blockError(l, { inner, kFastestB: true, quads: true }), `${rows} rows, runs of 4, k ${inner}`).to.equal(0);
         expect(blockError(l, { inner, kFastestB: true, quads: true, widthB: 8 }), `${rows} rows, runs of 8, k ${inner}`).to.equal(0);
+        // an f16 left operand ('half8'): A in runs of 8 as well
+        expect(blockError(l, { inner, kFastestB: true, quads: true, widthA: 8, widthB: 8 }), `${rows} rows, A and W in runs of 8, k ${inner}`).to.equal(0);
       }
     }
+    expect(() => stagedQuadA(integers, WEIGHT_GRAD_LAYOUT, 0, 8)).to.throw('stagedQuadA: runs of 8 need a row-major As');
     const l = matMulLayout(128, true);
     // runs of 8 along k: a subgroup reads 4 columns × 64 k (whole 128-byte rows of bf16 W) and stores them to consecutive halves
     const runs = Array.from({ length: 32 }, (_, lane) => stagedQuadB(integers, l, lane, true, 8));
@@ -587,6 +593,35 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
     // a product with a bias or an addend keeps the per-element epilogue only
     const biased = new SubgroupMatrixMatMulProgram(640, 256, { ...rows, hasBias: true, kContiguous: true }, 32, whole).getUserCode();
     expect(biased).to.not.contain('subgroupMatrixStore(&result');
+  });
+
+  it('the MatMul on f16 left operands (\'half8\': gathered and plain rows, whole slabs and a K tail, scaled, one group): valid WGSL, 8 halves a load', async () => {
+    const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };
+    const common = { hasBias: false, hasAddend: false, kContiguous: true } as const;
+    const staging = (inner: number, packed = true) => matMulStaging(packed ? { packedWeight: { ...bf16, cols: inner } } : {},
+        { inner, outCols: 256, sE: 256 * (packed ? inner / 2 : inner), sN: inner, sK: 1 }, true);
+    const programs = [
+      new SubgroupMatrixMatMulProgram(640, 256, { ...common, source: 'gather', scaled: false, packedWeight: bf16 }, 32, staging(256)),
+      new SubgroupMatrixMatMulProgram(640, 256, { ...common, source: 'rows', scaled: true, packedWeight: { ...bf16, cols: 200 } }, 32, staging(200)),
+      new SubgroupMatrixMatMulProgram(333, 256, { ...common, source: 'rows', scaled: true, singleGroup: true }, 32, staging(256, false), 64),
+    ];
+    expect(programs.map(p => p.shaderKey.includes('_hw_') || p.shaderKey.includes('_hv_'))).to.deep.equal([true, true, true]);
+    const whole = programs[0].getUserCode().replace(/\s+/g, ' ');
+    // rows as offsets in vec4s of words (8 halves), one 16-byte load per 8 halves, staged as they are
+    expect(whole).to.contain('rowSrc[m] = select(-1, src * ((uniforms.inner / 2) >> 2u), src >= 0);');
+    expect(whole).to.contain('let a = loadA8(max(rowSrc[mm], 0), k0 + i32(kk)); ra0_0 = vec4<f16>(select(vec4<f16>(), halfQuad(a.xy), rowSrc[mm] >= 0));');
+    expect(whole).to.contain('let d = (((q / 8u) * 72u) + ((q % 8u) * 8u)); As[d + 0u] = ra0_0.x;');
+    expect(whole).to.not.contain('* s,');
+    const tail = programs[1].getUserCode().replace(/\s+/g, ' ');
+    expect(tail).to.contain('loadA8(max(rowSrc[mm], 0), min(k0 + i32(kk), uniforms.inner - 8))');
+    expect(tail).to.contain('rowSrc[mm] >= 0 && k0 + i32(kk) < uniforms.inner');
+    for (const program of programs) {
+      const code = packageProgramShader(program, { entry: 'wrapper', packedW: program.variableNames.includes('W') && program.shaderKey.includes('bf16'), packedA: true });
+      expect(code, program.shaderKey).to.contain('var<storage, read> A : array<vec4<i32>>');
+      expect(await compileErrors(standIn(code)), program.shaderKey).to.deep.equal([]);
+    }
+    expect(() => new SubgroupMatrixMatMulProgram(640, 256, { ...common, source: 'act', activation: { kind: 'swiglu', interleaved: false }, scaled: false },
+        32, staging(256, false))).to.throw(/an f16 left operand \(staging 'half8'\) is read as rows or gathered rows with v6's row offsets and no register prefetch, but got source 'act'/);
   });
 
   it('rejects 8-element runs of W where they cannot be: a float32 or quantized weight, W along n, the register prefetch, the weight gradient', () => {

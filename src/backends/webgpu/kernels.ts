@@ -22,7 +22,7 @@ import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
-  matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  halfOperandFits, matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
@@ -34,6 +34,7 @@ import {
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
+import { HalfOperandProgram } from './programs/half_operand_program.js';
 import {
   DECODE_PACKED, type DecodePackedAttrs, type DenseKernelOverride, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
@@ -118,6 +119,15 @@ tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => false);
  */
 export const DENSE_TC_BLOCK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS';
 tf.env().registerFlag(DENSE_TC_BLOCK_ROWS_FLAG, () => 0);
+
+/**
+ * tf.env() flag: a MatMul on tensor cores reads its left operand as f16 halves that
+ * HalfOperandProgram writes just before it (staging 'half8'), instead of converting f32 as it
+ * stages each slab; the values are the same (each rounded to f16 once either way). false: the
+ * conversion in the staging (A/B runs).
+ */
+export const TC_HALF_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_OPERANDS';
+tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
@@ -292,9 +302,14 @@ const groupedMatMulConfig: tf.KernelConfig = {
     // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
+    const half = tc !== undefined ? halfLeftOperand(args, inputs.A, common.source, act, a.inner as number, inputs.amax) : undefined;
+    if (half !== undefined) list[0] = half.a;
     const program = tc !== undefined
-      ? new SubgroupMatrixMatMulProgram(capacity, outCols, { ...common, scaled: inputs.amax != null }, tc.subgroupSize,
-          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }),
+      ? new SubgroupMatrixMatMulProgram(capacity, outCols,
+          { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null },
+          tc.subgroupSize,
+          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number },
+              half !== undefined),
           a.blockRows as SubgroupBlockRows)
       // narrowRows 0 (or absent: a caller of runKernel that predates it): the tiled program
       : a.narrowRows === 1 || a.narrowRows === 2
@@ -314,9 +329,30 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
-    return runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * (a.inner as number));
+    const out = runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * (a.inner as number));
+    if (half !== undefined) webgpu(args).disposeData(half.a.dataId);
+    return out;
   },
 };
+
+/**
+ * The left operand `a` of a MatMul on tensor cores as f16 halves (HalfOperandProgram), where
+ * TC_HALF_OPERANDS_FLAG is on and its rows are whole runs of 8: `a` itself for 'gather' and 'rows'
+ * (the product still gathers or skips padding rows), act(h) for 'act' (read as 'rows' then), times
+ * operandScale(amax) with `amax` (a gradient operand). The caller disposes the result after the
+ * product. undefined: the product converts as it stages.
+ */
+function halfLeftOperand(args: KernelArgs, a: tf.TensorInfo, source: RowSource,
+    act: { spec: ActivationSpec; activation: ExpertActivation } | undefined, inner: number,
+    amax: tf.TensorInfo | undefined): { a: tf.TensorInfo; source: 'gather' | 'rows' } | undefined {
+  if (!tf.env().getBool(TC_HALF_OPERANDS_FLAG) || !halfOperandFits(inner) || a.shape[0] === 0) return undefined;
+  const fromAct = source === 'act';
+  const program = new HalfOperandProgram(a.shape[0], inner,
+      { source: fromAct ? 'act' : 'rows', activation: fromAct ? act!.spec : undefined, scaled: amax !== undefined });
+  const half = webgpu(args).runWebGPUProgram(program, amax !== undefined ? [a, amax] : [a], 'int32',
+      HalfOperandProgram.uniformsFor(a.shape[0], inner, activationUniforms(fromAct ? act!.activation : undefined)));
+  return { a: half, source: fromAct ? 'rows' : source };
+}
 
 /**
  * Where W_e(k, n) lives in the weight tensor: W[e·sE + n·sN + k·sK] (for a packed weight, the
@@ -848,15 +884,16 @@ function runDenseProductOnTensorCores(
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
     packedWeight: packed === undefined ? undefined : { ...packed, layout: null },
   };
+  const amax = gradient ? maxAbsInKernel(args, a) : undefined;
+  const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }), denseTensorCoreBlockRows(n, outCols));
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), denseTensorCoreBlockRows(n, outCols));
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
-  const amax = gradient ? maxAbsInKernel(args, a) : undefined;
-  const inputs = [a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : [])];
+  const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : [])];
   const out = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
-  if (amax !== undefined) webgpu(args).disposeData(amax.dataId);
+  for (const t of [amax, half?.a]) if (t !== undefined) webgpu(args).disposeData(t.dataId);
   return out;
 }
 

@@ -145,16 +145,18 @@ export function stagedElementB<T>(x: Arith<T>, l: SlabLayout, i: T, kFastest: bo
  * Vectorized staging (4 consecutive elements of the operand's contiguous direction per load):
  * quad q (q = lid, lid + threads, ...) of the left slab is the elements (m, k + c), c < 4, of
  * As's memory order (k fastest row-major, m fastest column-major: the direction the activations
- * and Lᵀ are contiguous in), at As's `at` + c·`step`.
+ * and Lᵀ are contiguous in), at As's `at` + c·`step`. `width` 8 (the 16-byte loads of an operand
+ * held as f16 halves, row-major As only): runs of 8 along k.
  */
-export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T): { m: T; k: T; at: T; step: number } {
+export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T, width: 4 | 8 = 4): { m: T; k: T; at: T; step: number } {
   if (l.leftColMajor) {
+    if (width !== 4) throw new Error(`stagedQuadA: runs of ${width} need a row-major As`);
     const m = x.mul(x.mod(q, x.lit(l.rows / 4)), x.lit(4));
     const k = x.div(q, x.lit(l.rows / 4));
     return { m, k, at: aIndex(x, l, m, k), step: 1 };
   }
-  const m = x.div(q, x.lit(l.depth / 4));
-  const k = x.mul(x.mod(q, x.lit(l.depth / 4)), x.lit(4));
+  const m = x.div(q, x.lit(l.depth / width));
+  const k = x.mul(x.mod(q, x.lit(l.depth / width)), x.lit(width));
   return { m, k, at: aIndex(x, l, m, k), step: 1 };
 }
 

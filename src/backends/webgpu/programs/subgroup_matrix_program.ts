@@ -184,7 +184,7 @@ const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
 /**
  * WGSL: operandScale(), the power of two s with s·amax <= 2^14 (1 when amax is 0 or not finite).
  */
-const OPERAND_SCALE = `
+export const OPERAND_SCALE = `
   fn operandScale() -> f32 {
     let m = amax[0];
     let usable = m > 0.0 && m <= 3.0e38;
@@ -241,7 +241,13 @@ function stage(array: string, count: number, threads: number, at: string, body: 
  * column-major Bs, so that its k-runs land on consecutive halves, not 4 slab rows apart.
  */
 export interface SubgroupStaging {
-  left: 'vec4' | 'element';
+  /**
+   * 'half8' (the MatMul only): A holds f16 halves, two per int32 word, that HalfOperandProgram
+   * wrote before the product (the activation and the operand scale already applied), loaded 8 per
+   * 16-byte fetch and staged as they are (variants v7-o against v7-c on the H100: 146 against 115
+   * TFLOP/s at Q's up shape, the same W).
+   */
+  left: 'vec4' | 'half8' | 'element';
   right: 'vec4' | 'vec8' | 'element';
   /**
    * v6's staging (selectable for the variants' comparison, v6Staging): the next slab's quads kept
@@ -277,8 +283,8 @@ export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'eleme
  * ```
  */
 export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
-    d: { inner: number; outCols: number; sE: number; sN: number; sK: number }): SubgroupStaging {
-  const left = d.inner >= 4 && d.inner % 4 === 0 ? 'vec4' : 'element';
+    d: { inner: number; outCols: number; sE: number; sN: number; sK: number }, halfLeft = false): SubgroupStaging {
+  const left = halfLeft && halfOperandFits(d.inner) ? 'half8' : d.inner >= 4 && d.inner % 4 === 0 ? 'vec4' : 'element';
   const packed = spec.packedWeight;
   const decodable = packed === undefined || packed.layout === null;
   // the expert's start: 4 f32 elements, or 2 words of 2 halves
@@ -291,6 +297,14 @@ export function matMulStaging(spec: { packedWeight?: PackedWeightSpec },
   const { cols, depth } = SUBGROUP_MATRIX_BLOCK;
   // rows always: the output's capacity is whole blocks (the program's contract), its padding rows resolved through rowSrc
   return { left, right, v6: { whole: { depth: d.inner % depth === 0, rows: true, cols: d.outCols % cols === 0 } } };
+}
+
+/**
+ * Whether a MatMul's left operand of reduction `inner` can be held as f16 halves ('half8'): whole
+ * 16-byte runs of 8 halves per row.
+ */
+export function halfOperandFits(inner: number): boolean {
+  return inner >= 8 && inner % 8 === 0;
 }
 
 /**
@@ -324,7 +338,7 @@ export function v5Structure(s: SubgroupStaging): SubgroupStaging {
 
 function stagingKey(s: SubgroupStaging): string {
   const w = s.v6?.whole;
-  return `${s.left === 'vec4' ? 'v' : 'e'}${{ vec4: 'v', vec8: 'w', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
+  return `${{ vec4: 'v', half8: 'h', element: 'e' }[s.left]}${{ vec4: 'v', vec8: 'w', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
       (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}`);
 }
 
@@ -347,7 +361,7 @@ function directStores(layout: SlabLayout, at: (i: number, j: number) => string, 
  * `rowScale`; or with `activation` of its h row (2·width: gate and up halves, or interleaved
  * pairs), the activation applied per element after the loads, as the f32 program's loader does.
  */
-function rowQuadSnippet(name: string, array: string, width: string, activation: ActivationSpec | undefined,
+export function rowQuadSnippet(name: string, array: string, width: string, activation: ActivationSpec | undefined,
     rowOf = 'r', rowScale = ''): string {
   if (activation === undefined) {
     return `
@@ -400,6 +414,19 @@ function rowQuadAtSnippet(name: string, array: string, width: string, activation
         ${body}
       }`;
 }
+
+/**
+ * WGSL ('half8'): `fn loadA8(at : i32, c : i32) -> vec4<u32>`, the 8 halves c..c+7 (c a multiple of 8)
+ * of the f16 row whose first vec4 of words is `at` (rowQuadOffsets), and `halfQuad` of a pair of
+ * its words as vec4<f16>.
+ */
+const HALF_ROW_SNIPPET = `
+      fn loadA8(at : i32, c : i32) -> vec4<u32> {
+        return bitcast<vec4<u32>>(A[at + (c >> 3u)]);
+      }
+      fn halfQuad(w : vec2<u32>) -> vec4<f16> {
+        return vec4<f16>(bitcast<vec2<f16>>(w.x), bitcast<vec2<f16>>(w.y));
+      }`;
 
 /**
  * WGSL: `fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32>`, the 4 weight elements from
@@ -583,6 +610,11 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     if (staging.right !== 'element' && spec.packedWeight !== undefined && spec.packedWeight.layout !== null) {
       throw new Error(`SubgroupMatrixMatMulProgram: ${spec.packedWeight.kind} weights are staged per element, not in quads`);
     }
+    if (staging.left === 'half8' && (spec.source === 'act' || staging.registerPrefetch || staging.v6 === undefined)) {
+      throw new Error('SubgroupMatrixMatMulProgram: an f16 left operand (staging \'half8\') is read as rows or gathered rows ' +
+          `with v6's row offsets and no register prefetch, but got source '${spec.source}', ` +
+          `registerPrefetch ${staging.registerPrefetch === true}, v6 ${staging.v6 !== undefined}`);
+    }
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
@@ -594,7 +626,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
-      ...(staging.left === 'vec4' ? { A: 4 } : {}),
+      // 'half8': 8 halves, 4 words, 16 bytes
+      ...(staging.left !== 'element' ? { A: 4 } : {}),
       ...(staging.right === 'vec4' ? { W: spec.packedWeight ? 2 : 4 } : {}),
       // 8 packed halves: 4 words, 16 bytes
       ...(staging.right === 'vec8' ? { W: 4 } : {}),
@@ -610,7 +643,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const { rows, cols, depth } = layout;
     const threads = this.workgroupSize[0];
     const subgroupSize = threads / SUBGROUPS;
-    const quadA = this.staging.left === 'vec4';
+    const halfA = this.staging.left === 'half8';
+    const quadA = this.staging.left !== 'element';
     const quadW = this.staging.right !== 'element';
     const eightW = this.staging.right === 'vec8';
     const prefetch = this.staging.registerPrefetch === true;
@@ -619,7 +653,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const a = stagedElementA(x, layout, 'i');
     // B's staging walks k fastest for an [out, in] weight (coalesced reads), n fastest otherwise
     const b = stagedElementB(x, layout, 'i', this.spec.kContiguous);
-    const qa = stagedQuadA(x, layout, 'q');
+    const qa = stagedQuadA(x, layout, 'q', halfA ? 8 : 4);
     const widthW = eightW ? 8 : 4;
     const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous, widthW);
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
@@ -627,7 +661,14 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const v6 = this.staging.v6;
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
-    if (quadA && v6 !== undefined) {
+    if (halfA) {
+      // 8 halves per 16-byte load from the row's first vec4 (rowQuadOffsets), staged as they are: the
+      // conversion pass applied the activation and the scale; padding rows and the K tail give 0
+      const inRange = (k0: string) => `rowSrc[mm] >= 0${v6!.whole.depth ? '' : ` && ${k0} + i32(kk) < uniforms.inner`}`;
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 8, threads, `let mm = ${qa.m}; let kk = ${qa.k};`,
+          k0 => ['a.xy', 'a.zw'].map(h => `select(vec4<f16>(), halfQuad(${h}), ${inRange(k0)})`), qa.at, qa.step,
+          k0 => `let a = loadA8(max(rowSrc[mm], 0), ${v6!.whole.depth ? `${k0} + i32(kk)` : `min(${k0} + i32(kk), uniforms.inner - 8)`});`));
+    } else if (quadA && v6 !== undefined) {
       // rowSrc holds each row's first vec4 (rowQuadOffsets) or −1: one workgroup read and an add per quad
       const value = v6.whole.depth
         ? (k0: string) => [`select(vec4<f32>(0.0), loadA4(max(rowSrc[mm], 0), ${k0} + i32(kk)) * s, rowSrc[mm] >= 0)`]
@@ -679,7 +720,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${rowInts(rows)}>;
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
-      ${quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
+      ${halfA ? HALF_ROW_SNIPPET
+        : quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${quadW ? weightQuadSnippet(this.spec.packedWeight, eightW) : loadW.fn}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
@@ -705,7 +747,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         // matrix operations
         let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
-        ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
+        ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
         ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch)}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
