@@ -82,6 +82,8 @@ const TIME_BUDGET_MS = 125_000;
 const harness = process.env.VARIANTS_HARNESS === '1';
 // Mesa's software rasterizer takes ~27 s for a small package case
 const CASE_TIMEOUT_MS = harness ? 60_000 : 25_000;
+/** Dispatching before a timed case's samples (clocks up); none in the Mesa dry run. */
+const WARM_UP_MS = harness ? 0 : 400;
 const started = Date.now();
 const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
 
@@ -114,6 +116,13 @@ interface Grouped {
   blockRows?: SubgroupBlockRows;
   /** weight gradient: rows of the reduction per slab (default 64) */
   depth?: 32 | 64;
+  /** MatMul: A f32 (default) or f16 halves in int32 words (staging 'half8', as kernels.ts converts it first) */
+  left?: 'f32' | 'half';
+  /**
+   * MatMul, for the bisection of the package's speed against the raw v7 variants: 'direct-only' drops
+   * the per-element epilogue (the shape must be whole blocks of real rows: every block stores directly)
+   */
+  edit?: 'direct-only';
 }
 
 const SMALL: Grouped = { E: 2, perExpert: 256, real: 200, unused: 128, N: 320, K: 200, everyElement: true };
@@ -170,6 +179,20 @@ function packageCase(id: string, program: 'matmul' | 'weightGrad', code: 'fixed'
     spec: { kind: 'package', program, code, entry, shape, timing } };
 }
 
+/**
+ * A MatMul's code with its per-element epilogue removed: `if (direct) { stores } else { slots }`
+ * becomes the stores alone (a bisection edit: right only where every block stores directly).
+ */
+function directOnly(code: string): string {
+  const start = code.indexOf('if (direct) {');
+  const otherwise = code.indexOf('} else {', start);
+  if (start < 0 || otherwise < 0) throw new Error('directOnly: the code has no direct-store branch');
+  // the else branch closes at the last '}' before main's own closing brace
+  const mainEnd = code.lastIndexOf('}');
+  const elseEnd = code.lastIndexOf('}', mainEnd - 1);
+  return `${code.slice(0, start)}{${code.slice(start + 'if (direct) {'.length, otherwise)}}${code.slice(elseEnd + 1)}`;
+}
+
 function bisectCase(id: string, options: BisectOptions, problem = BISECT): Case {
   return { id, name: `${bisectVariant(problem, options).name} (${problem.name})`, spec: { kind: 'bisect', problem, options } };
 }
@@ -223,6 +246,23 @@ const SMALL_32: Grouped = { E: 8, perExpert: 32, real: 25, unused: 32, N: 320, K
  */
 const O_DOWN: Grouped = { E: 64, perExpert: 64, real: 64, unused: 0, N: 2048, K: 1024, everyElement: false, weight: 'bf16', blockRows: 64 };
 const Q1_DOWN: Grouped = { E: 64, perExpert: 32, real: 32, unused: 0, N: 2048, K: 768, everyElement: false, weight: 'bf16', blockRows: 32 };
+
+/**
+ * The MatMul on f16 left operands (staging 'half8'), exact on the small problems (a K tail, padding
+ * rows, an unused block), then at Q's up shape timed beside the same program converting f32 A as it
+ * stages, the raw v7-o (the same operand formats outside the package) and the package with only the
+ * direct-store epilogue (real rows only: every block stores directly), to bisect the gap between them.
+ */
+const Q_UP_WHOLE: Grouped = { ...Q_UP, real: Q_UP.perExpert };
+export const HALF_CASES: Case[] = [
+  packageCase('pkg-matmul-small-half', 'matmul', 'fixed', { ...SMALL, K: 200, left: 'half' }),
+  packageCase('pkg-matmul-small-whole-bf16-half', 'matmul', 'fixed', { ...SMALL_WHOLE, weight: 'bf16', left: 'half' }),
+  packageCase('pkg-matmul-q-bf16-f32a', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-bf16-half', 'matmul', 'fixed', { ...Q_UP, weight: 'bf16', left: 'half' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-whole-bf16-half', 'matmul', 'fixed', { ...Q_UP_WHOLE, weight: 'bf16', left: 'half' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-whole-bf16-half-direct', 'matmul', 'fixed', { ...Q_UP_WHOLE, weight: 'bf16', left: 'half', edit: 'direct-only' }, 'wrapper', 'timestamps'),
+  packageCase('pkg-matmul-q-whole-bf16-half-inline', 'matmul', 'fixed', { ...Q_UP_WHOLE, weight: 'bf16', left: 'half' }, 'inline', 'timestamps'),
+];
 
 /** Issue 15's cases (VARIANT_CASES=few-rows runs them all, VARIANT_CASES=id,... some). */
 export const FEW_ROWS_CASES: Case[] = [
@@ -482,6 +522,13 @@ async function runOnce(device: GPUDevice, entry: Record<string, unknown>, run: R
   if (partial) tell({ partial: entry });
   if (timing === 'none') return;
   tell({ phase: 'timing' });
+  // the GPU's clocks ramp up under load: dispatches for WARM_UP_MS first, so that no case is timed at
+  // idle clocks (the same case gave 29.6 and 110.8 TFLOP/s in one run without it)
+  const warmUntil = performance.now() + WARM_UP_MS;
+  while (performance.now() < warmUntil) {
+    go(10, false);
+    await device.queue.onSubmittedWorkDone();
+  }
   // 3 samples of 10 dispatches, the median (run N's single samples were noisy)
   const samples: number[] = [];
   for (let sample = 0; sample < 3; sample++) {
@@ -612,9 +659,11 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
     ? new SubgroupMatrixWeightGradProgram([E, N, K], E, N, K, { left: 'rows', right: 'rows', scaleLeft: false, scaled: false }, 32,
         element ? ELEMENT_STAGING : structure(weightGradStaging({ P: N, Q: K })), g.depth ?? 64)
     : new SubgroupMatrixMatMulProgram(rows, N, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: !kn, scaled: false, packedWeight }, 32,
-        element ? ELEMENT_STAGING : structure(matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK })), g.blockRows ?? 128);
-  const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS) : undefined;
-  const shader = packageProgramShader(program, { entry: spec.entry, userCode, packedW: bf16 });
+        element ? ELEMENT_STAGING : structure(matMulStaging({ packedWeight }, { inner: K, outCols: N, sE, sN, sK }, g.left === 'half')), g.blockRows ?? 128);
+  const halfA = !grad && g.left === 'half';
+  const userCode = spec.code === 'db64af4' ? (grad ? OLD_WEIGHT_GRAD_ROWS : OLD_MATMUL_ROWS)
+    : g.edit === 'direct-only' ? directOnly(program.getUserCode()) : undefined;
+  const shader = packageProgramShader(program, { entry: spec.entry, userCode, packedW: bf16, packedA: halfA });
   // Mesa: f32 stand-in slabs at a quarter of their length, within its 32 KiB (its numbers are no product anyway)
   const code = dryRun ? shrinkSlabs(standInMatrices(shader)) : shader;
   const isReal = (row: number) => row < E * perExpert && row % perExpert < real;
@@ -661,7 +710,7 @@ function groupedRun(device: GPUDevice, spec: Extract<CaseSpec, { kind: 'package'
       return s;
     });
     const W = bf16 ? storage(device, new Int32Array(bf16Words(w).buffer)) : storage(device, w);
-    buffers = [storage(device, rows * N * 4), storage(device, a), W, storage(device, seg), storage(device, pr)];
+    buffers = [storage(device, rows * N * 4), storage(device, halfA ? halves(a) : a), W, storage(device, seg), storage(device, pr)];
   }
   const uniforms = device.createBuffer({ size: 48, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
   device.queue.writeBuffer(uniforms, 0, uniformData);
@@ -814,7 +863,7 @@ async function requestAdapter(hold = true): Promise<GPUAdapter> {
 const WANTED: GPUFeatureName[] = ['shader-f16', 'chromium-experimental-subgroup-matrix' as GPUFeatureName, 'subgroups' as GPUFeatureName, 'timestamp-query'];
 
 async function child(id: string): Promise<void> {
-  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT, ...FEW_ROWS_CASES, ...PORT_CASES].find(x => x.id === id);
+  const c = [...CASES, ...BISECT_CASES, ...HARNESS_CASES, ...V7_CASES, HARNESS_V7_CONVERT, ...FEW_ROWS_CASES, ...PORT_CASES, ...HALF_CASES].find(x => x.id === id);
   if (!c) throw new Error(`variants: no case ${id}`);
   const entry: Record<string, unknown> = {};
   tell({ phase: 'adapter' });
@@ -941,8 +990,8 @@ async function parent(): Promise<void> {
   }
   // the pool a selection draws from: on Mesa only the dry run's cases (v7's run their small problem, matrices
   // stood in for; issue 15's few-row cases likewise)
-  const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT, ...FEW_ROWS_CASES] : [])
-    : [...CASES, ...BISECT_CASES, ...V7_CASES, ...FEW_ROWS_CASES, ...PORT_CASES];
+  const pool = lacking.length > 0 ? (harness ? [...HARNESS_CASES, ...V7_CASES.filter(c => c.spec.kind === 'v7'), HARNESS_V7_CONVERT, ...FEW_ROWS_CASES, ...HALF_CASES] : [])
+    : [...CASES, ...BISECT_CASES, ...V7_CASES, ...FEW_ROWS_CASES, ...PORT_CASES, ...HALF_CASES];
   const only = process.env.VARIANT_CASES === 'few-rows' ? FEW_ROWS_CASES.map(c => c.id) : process.env.VARIANT_CASES?.split(',');
   if (only) cases = pool.filter(c => only.includes(c.id));
   // `variants.js v7`: the v7 batch and its baselines; `variants.js port`: PORT_CASES (on Mesa with VARIANTS_HARNESS=1,
