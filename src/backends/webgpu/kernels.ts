@@ -1149,7 +1149,7 @@ const DENSE_NARROW_FEW_ROWS = 4096;
  * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram's single-group form: the
  * rows are cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
  * and OLMoE's 2048 columns instead of 8 for one chunk), and NarrowWeightGradSumProgram adds them
- * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --group-rows).
+ * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --chunk-rows).
  */
 const DENSE_GRAD_CHUNK_ROWS = 128;
 
