@@ -1,7 +1,8 @@
 /**
  * Changes for the length of one call, undone after it, shared by the device tools (check.ts,
- * contract.ts, time_attention.ts) and the webgpu specs (spec/backends/webgpu/helpers.ts): a tf.env()
- * flag set, the tensor-core flag in particular, and the shader keys of the programs a call runs.
+ * contract.ts, time_attention.ts, bench/webgpu_dense_lora_products.ts) and the webgpu specs
+ * (spec/backends/webgpu/helpers.ts): a tf.env() flag set, the tensor-core flag in particular, the
+ * shader keys of the programs a call runs, and the host data it sends to the GPU.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { TENSOR_CORES_FLAG } from '../../src/backends/webgpu/tensor_cores.js';
