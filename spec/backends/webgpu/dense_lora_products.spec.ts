@@ -2,21 +2,28 @@
  * The dense LoRA products of rank r ≤ 16 on webgpu (attention's q/k/v/o and the router, through
  * loraLinear): s·x·Aᵀ and s·dy·B (MoEScaledMatMul) run NarrowGroupedMatMulProgram, dA = gᵀ·x and
  * dB = dyᵀ·u (MoEWeightGradProduct) NarrowWeightGradProgram over chunks of rows and
- * NarrowWeightGradSumProgram adding them, with
- * WEBGPU_MOE_NARROW_PRODUCTS on (the default); off, or r > 16, ScaledMatMulProgram and tfjs's
- * matMul as before. Values and gradients against float64 JS either way, at one group of rows and
- * at several (a ragged last one), a reduction past one 64-deep chunk with a ragged end, and output
- * columns past one 256-column block; no leaks. Run with TFJS_BACKEND=webgpu.
+ * NarrowWeightGradSumProgram adding them, y + u·Bᵀ and dx + g·A (MoEMatMulAdd)
+ * NarrowInnerGroupedMatMulProgram, all in their single-group forms (no plan inputs), with
+ * WEBGPU_MOE_NARROW_PRODUCTS and WEBGPU_MOE_DENSE_NARROW_PRODUCTS on; off, or r > 16,
+ * ScaledMatMulProgram and tfjs's matMul as before. Values and gradients against float64 JS either
+ * way: through loraLinear, and each product alone at odd row counts (1, 17, 333, 2053: partial
+ * row blocks, one chunk, several with a ragged last one), r 1, 8, 16 and 64 (past the narrow
+ * programs), both layouts of the factor, vec4 and per-column expansions; the weight gradient at
+ * chunk sizes that do not divide the rows; no leaks, and no host data sent to the GPU per call
+ * (the first version uploaded a one-group plan per call). Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
-import { DENSE_NARROW_PRODUCTS_FLAG, NARROW_PRODUCTS_FLAG, rowGroupSegments } from '../../../src/backends/webgpu/kernels.js';
+import {
+  DENSE_NARROW_PRODUCTS_FLAG, type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
+} from '../../../src/backends/webgpu/kernels.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
 import { WEIGHT_GRAD_PRODUCT, weightGradProduct } from '../../../src/ops/weight_grad_product.js';
 import { asF32, Rng, tensorOf } from '../../helpers/numeric.js';
-import { expectCloseAsync, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
+import { expectCloseAsync, expectNoLeakAsync, withEnvFlag, withHostUploads, withShaderKeys } from './helpers.js';
 
 /** float64 a·op(b): a [m, k], b [k, n] or ([n, k], transposeB); op(a) = aᵀ with transposeA (a [k, m]) */
 function product64(a: Float64Array, b: Float64Array, m: number, k: number, n: number, transposeA: boolean, transposeB: boolean): Float64Array {
@@ -34,10 +41,11 @@ function product64(a: Float64Array, b: Float64Array, m: number, k: number, n: nu
 const scaled = (v: Float64Array, s: number) => v.map(e => e * s);
 const sum = (u: Float64Array, v: Float64Array) => u.map((e, i) => e + v[i]);
 
-/** the program families among shader keys: narrow (ours), the scaled program, tfjs's matMul */
-function families(keys: string[]):
-    { narrowProduct: number; narrowInner: number; narrowGrad: number; narrowGradSum: number; scaled: number; tfjsMatMul: number } {
+/** the program families among shader keys: narrow (ours; `narrowPlanned`: those reading a plan), the scaled program, tfjs's matMul */
+function families(keys: string[]): { narrowProduct: number; narrowInner: number; narrowGrad: number; narrowGradSum: number;
+    narrowPlanned: number; scaled: number; tfjsMatMul: number } {
   return {
+    narrowPlanned: keys.filter(k => k.startsWith('moeNarrow') && !k.endsWith('_single')).length,
     narrowInner: keys.filter(k => k.startsWith('moeNarrowInnerGroupedMatMul')).length,
     narrowProduct: keys.filter(k => k.startsWith('moeNarrowGroupedMatMul')).length,
     narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad_')).length,
@@ -47,19 +55,12 @@ function families(keys: string[]):
   };
 }
 
-/** Both flags the dense narrow route needs (DENSE_NARROW_PRODUCTS_FLAG is off by default: per-call plan uploads). */
+/** Both flags the dense narrow route needs (DENSE_NARROW_PRODUCTS_FLAG is off by default until timed on the H100). */
 function withDenseNarrow<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
   return withEnvFlag(NARROW_PRODUCTS_FLAG, on, () => withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, on, fn));
 }
 
 describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (issue 15)', () => {
-  it('rowGroupSegments: starts then counts, the last group the rest, one empty group for no rows', () => {
-    expect([...rowGroupSegments(300, 128)]).to.deep.equal([0, 128, 256, 300, 128, 128, 44]);
-    expect([...rowGroupSegments(256, 128)]).to.deep.equal([0, 128, 256, 128, 128]);
-    expect([...rowGroupSegments(5, 128)]).to.deep.equal([0, 5, 5]);
-    expect([...rowGroupSegments(0, 128)]).to.deep.equal([0, 0, 0]);
-  });
-
   // [N, in, out, r]: one group of rows (5) and three (300: 128, 128, 44); in 70 is past one 64-deep
   // chunk with a ragged end; out 270 past one 256-column block (dB narrow on its Q side)
   const cases: Array<[number, number, number, number]> = [[5, 70, 24, 8], [300, 70, 270, 8], [300, 20, 12, 3]];
@@ -99,6 +100,8 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // the expansions y + u·Bᵀ and dx + g·A, their sums in the same program
             expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(2);
+            // all in their single-group forms: no plan inputs
+            expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // tfjs's matMul is left the base dy·W (x·Wᵀ is the grouped program with one group)
             expect(seen.tfjsMatMul, `shader keys: ${keys.join(', ')}`).to.be.at.most(1);
           } else {
@@ -183,4 +186,132 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       tf.dispose([at, bt]);
     });
   }
+  // each product alone at odd row counts: partial 16-, 32- and 64-row blocks, one 128-row chunk,
+  // several with a ragged last one; r 64 is past the narrow programs (ScaledMatMulProgram, tfjs's matMul)
+  const rowCounts = [1, 17, 333, 2048 + 5];
+  const ranks = [1, 8, 16, 64];
+  const kernelArgs = () => ({ inputs: {}, backend: tf.backend(), attrs: {} }) as unknown as KernelArgs;
+  for (const [index, rows] of rowCounts.entries()) {
+    // the expansions' width: a multiple of 4 past one 128-column block (vec4), or not (per column)
+    const wide = index % 2 === 0 ? 132 : 70;
+    for (const r of ranks) {
+      const narrow = r <= 16;
+      for (const transposeB of [true, false]) {
+        it(`${rows} rows, r ${r}, ${transposeB ? 'b [n, k] (A of s·x·Aᵀ, B of y + u·Bᵀ)' : 'b [k, n] (B of s·dy·B, A of dx + g·A)'}: ` +
+            `s·a·op(b) and addend + u·op(w) as float64 gives them, ${narrow ? 'single-group narrow programs' : 'the programs before'}`, async () => {
+          const rng = new Rng(rows * 131 + r * 7 + (transposeB ? 1 : 0));
+          const s = 1.75;
+          // the product r wide: a [rows, wide] · op(b) with b [r, wide] (transposed) or [wide, r]
+          const a = asF32(rng.array(rows * wide));
+          const b = asF32(rng.array(r * wide, 0.2));
+          // the expansion: addend [rows, wide] + u [rows, r] · op(w), w [wide, r] (transposed) or [r, wide]
+          const u = asF32(rng.array(rows * r));
+          const w = asF32(rng.array(wide * r, 0.2));
+          const addend = asF32(rng.array(rows * wide));
+          const productWant = scaled(product64(a, b, rows, wide, r, false, transposeB), s);
+          const expansionWant = sum(addend, product64(u, w, rows, r, wide, false, transposeB));
+          const [at, bt, ut, wt, addt] = [tensorOf(a, [rows, wide]), tensorOf(b, transposeB ? [r, wide] : [wide, r]),
+            tensorOf(u, [rows, r]), tensorOf(w, transposeB ? [wide, r] : [r, wide]), tensorOf(addend, [rows, wide])] as tf.Tensor2D[];
+          await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+            const { keys, product, expansion } = await withShaderKeys(async recorded => ({
+              product: scaledMatMul(at, bt, transposeB, s), expansion: matMulAdd(ut, wt, false, transposeB, addt), keys: recorded,
+            }));
+            const seen = families(keys);
+            expect(seen.narrowProduct, `shader keys: ${keys.join(', ')}`).to.equal(narrow ? 1 : 0);
+            expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(narrow ? 1 : 0);
+            expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
+            await expectCloseAsync(product, productWant, 1e-5, 's·a·op(b)', [rows, r]);
+            await expectCloseAsync(expansion, expansionWant, 1e-5, 'addend + u·op(w)', [rows, wide]);
+            tf.dispose([product, expansion]);
+            if (!narrow) return;
+            // 2 rows a thread (32-row blocks: the kernel's choice past 4096 rows) at these row counts
+            const twoRows = tf.engine().makeTensorFromTensorInfo(runNarrowDenseProduct(kernelArgs(), at, bt, transposeB, s, 2));
+            await expectCloseAsync(twoRows, productWant, 1e-5, 's·a·op(b), 2 rows a thread', [rows, r]);
+            twoRows.dispose();
+          }));
+          tf.dispose([at, bt, ut, wt, addt]);
+        });
+      }
+    }
+  }
+
+  // the weight gradient aᵀ·b, narrow on P (dA = gᵀ·x) or on Q (dB = dyᵀ·u): at the kernel's chunk
+  // (128 rows: 1, 17 one ragged chunk; 333, 2053 several, the last ragged) and at 7 and 100 rows a
+  // chunk through runNarrowDenseWeightGrad (neither divides the rows), the chunks summed in order
+  for (const rows of rowCounts) {
+    for (const r of ranks) {
+      for (const side of ['P', 'Q'] as const) {
+        it(`weight gradient over ${rows} rows, ${side} = r ${r}: aᵀ·b as float64 gives it at chunks of 128` +
+            `${r <= 16 ? ', 7 and 100 rows, single-group narrow programs' : " (tfjs's matMul)"}`, async () => {
+          const wide = 300;
+          const [P, Q] = side === 'P' ? [r, wide] : [wide, r];
+          const rng = new Rng(rows * 17 + r + (side === 'P' ? 0 : 1));
+          const a = asF32(rng.array(rows * P));
+          const b = asF32(rng.array(rows * Q));
+          const want = product64(a, b, P, rows, Q, true, false);
+          const [at, bt] = [tensorOf(a, [rows, P]), tensorOf(b, [rows, Q])] as tf.Tensor2D[];
+          const backend = tf.backend() as unknown as { numDataIds(): number };
+          const dataIds = backend.numDataIds();
+          await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+            const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
+            const seen = families(keys);
+            expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(r <= 16 ? 1 : 0);
+            expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(seen.narrowGrad);
+            expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
+            await expectCloseAsync(result, want, 1e-5, 'aᵀ·b', [P, Q]);
+            result.dispose();
+            if (r > 16) return;
+            for (const chunkRows of [7, 100]) {
+              const chunked = tf.engine().makeTensorFromTensorInfo(runNarrowDenseWeightGrad(kernelArgs(), at, bt, chunkRows));
+              await expectCloseAsync(chunked, want, 1e-5, `aᵀ·b at ${chunkRows} rows a chunk`, [P, Q]);
+              chunked.dispose();
+            }
+          }));
+          // the chunks' partial sums are backend data, not tensors
+          expect(backend.numDataIds(), 'backend data left behind').to.equal(dataIds);
+          tf.dispose([at, bt]);
+        });
+      }
+    }
+  }
+
+  it('uploads nothing: a layer\'s dense LoRA products (u, g, dA, dB, y + u·Bᵀ, dx + g·A) send no host data to the GPU', async () => {
+    const [n, inSize, out, r] = [333, 70, 132, 8];
+    const rng = new Rng(5);
+    const t = (shape: [number, number]) => tensorOf(asF32(rng.array(shape[0] * shape[1])), shape) as tf.Tensor2D;
+    const [x, A, B, dy, u, g, y, dx] = [t([n, inSize]), t([r, inSize]), t([out, r]), t([n, out]), t([n, r]), t([n, r]),
+      t([n, out]), t([n, inSize])];
+    const layer = () => [scaledMatMul(x, A, true, 2), scaledMatMul(dy, B, false, 2), weightGradProduct(g, x),
+      weightGradProduct(dy, u), matMulAdd(u, B, false, true, y), matMulAdd(g, A, false, false, dx)];
+    await withDenseNarrow(true, async () => {
+      // the counter sees what the first version did per call: a one-group plan made with values and uploaded
+      const backend = tf.backend() as unknown as {
+        makeTensorInfo(shape: number[], dtype: tf.DataType, values?: tf.BackendValues): tf.TensorInfo;
+        uploadToGPU(dataId: tf.DataId): void; disposeData(dataId: tf.DataId): void;
+      };
+      const planned = await withHostUploads(async uploads => {
+        const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, n, n));
+        backend.uploadToGPU(seg.dataId);
+        backend.disposeData(seg.dataId);
+        return { ...uploads };
+      });
+      expect(planned, 'the counter on a plan upload').to.deep.equal({ writes: 1, copies: 1 });
+      // inputs on the GPU and programs compiled first: the second layer is the steady state
+      tf.dispose(layer());
+      await expectNoLeakAsync(async () => {
+        const { keys, counted, outs } = await withShaderKeys(recorded => withHostUploads(async uploads => {
+          const results = layer();
+          return { keys: recorded, counted: { ...uploads }, outs: results };
+        }));
+        const seen = families(keys);
+        expect(seen.narrowProduct + seen.narrowInner + seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(6);
+        expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
+        expect(counted, 'host data sent to the GPU by the dense narrow products').to.deep.equal({ writes: 0, copies: 0 });
+        // the results are real: read them (reads are not uploads)
+        for (const o of outs) expect((await o.data()).every(Number.isFinite), 'finite results').to.equal(true);
+        tf.dispose(outs);
+      });
+    });
+    tf.dispose([x, A, B, dy, u, g, y, dx]);
+  });
 });

@@ -70,8 +70,8 @@ export function productFloat64(a: Float32Array, n: number, w: Float32Array, rows
   return y;
 }
 
-// the scoped flag and shader-key recorder, shared with the device tools
-export { withEnvFlag, withShaderKeys } from '../../../tools/webgpu_tc/scoped.js';
+// the scoped flag, shader-key recorder and host-upload counter, shared with the device tools
+export { type HostUploads, withEnvFlag, withHostUploads, withShaderKeys } from '../../../tools/webgpu_tc/scoped.js';
 
 /** Runs `fn` on the cpu backend (the reference path), then makes webgpu active again. */
 export async function onCpu<T>(fn: () => Promise<T>): Promise<T> {

@@ -169,4 +169,18 @@ describe('webgpu: NarrowInnerGroupedMatMulProgram (split LoRA expansions)', () =
     expect(() => new NarrowInnerGroupedMatMulProgram(64, 150, 8, { ...spec, vec4: true }))
       .to.throw('NarrowInnerGroupedMatMulProgram: vec4 needs outCols a multiple of 4 but got 150');
   });
+  // its values at odd row counts through the dense kernel: dense_lora_products.spec.ts
+  it('the single-group form reads no plan (no seg, no pr input), says so in the shader key, and rejects a gathered source', () => {
+    const spec = { source: 'rows' as const, hasAddend: true, vec4: true, blockRows: 64 as const, singleGroup: true };
+    const program = new NarrowInnerGroupedMatMulProgram(333, 132, 8, spec);
+    expect(program.variableNames).to.deep.equal(['A', 'W', 'addend']);
+    expect(program.variableComponents).to.deep.equal([1, 1, 4]);
+    expect(program.shaderKey).to.match(/_single$/);
+    const planned = new NarrowInnerGroupedMatMulProgram(320, 132, 8, { ...spec, singleGroup: false });
+    expect(planned.variableNames).to.deep.equal(['A', 'W', 'seg', 'pr', 'addend']);
+    expect(planned.variableComponents).to.deep.equal([1, 1, 1, 1, 4]);
+    expect(planned.shaderKey).to.not.match(/_single$/);
+    expect(() => new NarrowInnerGroupedMatMulProgram(64, 132, 8, { ...spec, source: 'gather' }))
+      .to.throw("NarrowInnerGroupedMatMulProgram: singleGroup reads plain rows, so source must be 'rows' but got 'gather'");
+  });
 });

@@ -13,7 +13,9 @@ import { expect } from 'chai';
 import {
   deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
 } from '../../../src/backends/webgpu/kernels.js';
-import { narrowGradChunkRows } from '../../../src/backends/webgpu/programs/narrow_matmul_program.js';
+import {
+  narrowGradChunkRows, NarrowGroupedMatMulProgram, NarrowWeightGradProgram, NarrowWeightGradSumProgram,
+} from '../../../src/backends/webgpu/programs/narrow_matmul_program.js';
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
@@ -356,5 +358,37 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     expect(generic.names).to.deep.equal(['GroupedWeightGradProgram']);
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
     tf.dispose([wide.out, narrow.out, generic.out, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  });
+  // their values, row counts and chunks: dense_lora_products.spec.ts, through the dense kernels
+  it('single-group forms read no plan (no seg, no pr input), say so in the shader key, and reject what needs a plan', () => {
+    const product = new NarrowGroupedMatMulProgram(333, 8, { source: 'rows', kContiguous: true, rowsPerThread: 1, singleGroup: true });
+    expect(product.variableNames).to.deep.equal(['A', 'W']);
+    expect(product.shaderKey).to.match(/_single$/);
+    expect(product.outputShape).to.deep.equal([333, 8]);
+    expect(new NarrowGroupedMatMulProgram(333, 8, { source: 'rows', kContiguous: true, rowsPerThread: 1 }).shaderKey).to.not.match(/_single$/);
+    expect(() => new NarrowGroupedMatMulProgram(64, 8, { source: 'gather', kContiguous: true, rowsPerThread: 1, singleGroup: true }))
+      .to.throw("NarrowGroupedMatMulProgram: singleGroup reads plain rows, so source must be 'rows' but got 'gather'");
+
+    const spec = { left: 'rows', right: 'rows', scaleLeft: false, narrow: 'P', singleGroup: true, tile: { tm: 1, tn: 1, bk: 16 } } as const;
+    // 333 rows in chunks of 128: 3 chunks, the last 77 rows
+    const grad = new NarrowWeightGradProgram(333, 128, 8, 300, spec);
+    expect(grad.variableNames).to.deep.equal(['L', 'R']);
+    expect(grad.outputShape).to.deep.equal([3, 8, 300]);
+    expect(grad.shaderKey).to.match(/_single$/);
+    expect(grad.uniforms).to.match(/numRows : i32/);
+    expect(() => new NarrowWeightGradProgram(333, 128, 8, 300, { ...spec, left: 'gather' }))
+      .to.throw("NarrowWeightGradProgram: singleGroup reads plain rows, so left and right must be 'rows' and scaleLeft false " +
+        "but got left 'gather', right 'rows', scaleLeft false");
+    expect(() => new NarrowWeightGradProgram(333, 128, 8, 300, { ...spec, right: 'act', activation: { kind: 'swiglu', interleaved: false } }))
+      .to.throw("but got left 'rows', right 'act', scaleLeft false");
+    expect(() => new NarrowWeightGradProgram(333, 128, 8, 300, { ...spec, scaleLeft: true }))
+      .to.throw("but got left 'rows', right 'rows', scaleLeft true");
+
+    const sum = new NarrowWeightGradSumProgram([8, 300], 1, 8, 300, 'P', true);
+    expect(sum.variableNames).to.deep.equal(['partial']);
+    expect(sum.shaderKey).to.match(/_single$/);
+    expect(new NarrowWeightGradSumProgram([8, 300], 1, 8, 300, 'P').variableNames).to.deep.equal(['partial', 'seg']);
+    expect(() => new NarrowWeightGradSumProgram([16, 300], 2, 8, 300, 'P', true))
+      .to.throw('NarrowWeightGradSumProgram: singleGroup sums one group, so numExperts must be 1 but got 2');
   });
 });

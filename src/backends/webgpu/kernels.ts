@@ -104,10 +104,10 @@ tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
 
 /**
  * tf.env() flag: the dense LoRA products of rank ≤ 16 (see NARROW_PRODUCTS_FLAG; both must be on)
- * on the narrow programs. Off by default: those programs read a plan, and a dense product uploads
- * a one-group plan per call, which stalls the host about 1.7 ms a call on the H100 (run S:
- * bench/webgpu_dense_lora_products.ts 6.1 → 45.7 ms a layer-step; the OLMoE step 4933 → 1032
- * tokens/s) where the GPU time is about even. Needs the narrow programs' single-group form.
+ * on the narrow programs' single-group forms (no plan inputs, nothing uploaded per call). Off by
+ * default until timed on the H100: the first version uploaded a one-group plan per call, which
+ * stalled the host about 1.7 ms a call (run S: bench/webgpu_dense_lora_products.ts 6.1 → 45.7 ms a
+ * layer-step; the OLMoE step 4933 → 1032 tokens/s) where the GPU time was about even.
  */
 export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
 tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => false);
@@ -1183,25 +1183,12 @@ const attentionGradConfig: tf.KernelConfig = {
 const DENSE_NARROW_FEW_ROWS = 4096;
 
 /**
- * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram: the rows are one group (one
- * "expert"), cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
+ * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram's single-group form: the
+ * rows are cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
  * and OLMoE's 2048 columns instead of 8 for one chunk), and NarrowWeightGradSumProgram adds them
- * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --group-rows).
+ * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --chunk-rows).
  */
-const DENSE_GRAD_GROUP_ROWS = 128;
-
-/**
- * The plan's segments for `rows` rows in order, cut into groups of `groupRows` (the last one the
- * rest; one empty group for no rows): the starts (groups + 1, the last = rows), then the counts,
- * as ExpertSegmentsProgram writes them for experts.
- */
-export function rowGroupSegments(rows: number, groupRows: number): Int32Array {
-  const groups = Math.max(1, Math.ceil(rows / groupRows));
-  const seg = new Int32Array(2 * groups + 1);
-  for (let g = 0; g <= groups; g++) seg[g] = Math.min(g * groupRows, rows);
-  for (let g = 0; g < groups; g++) seg[groups + 1 + g] = seg[g + 1] - seg[g];
-  return seg;
-}
+const DENSE_GRAD_CHUNK_ROWS = 128;
 
 /**
  * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
@@ -1220,11 +1207,9 @@ export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
 
 /**
  * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
- * group (NarrowGroupedMatMulProgram, source 'rows'): that program has no single-group form, so the
- * one group's plan is uploaded with it (seg [0, m, m], every row's pair 0: real, read from a
- * itself), 4·(m + 3) bytes against the 4·m·k of a it reads. Any m: the last block's rows past m
- * read as padding and are not written. MoEScaledMatMul's kernel calls it with
- * denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
+ * group (NarrowGroupedMatMulProgram, source 'rows', singleGroup: no plan, nothing uploaded). Any m:
+ * the last block's rows past m read as padding and are not written. MoEScaledMatMul's kernel calls
+ * it with denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
  */
 export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
     rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
@@ -1232,46 +1217,32 @@ export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.
   const n = transposeB ? b.shape[0] : b.shape[1];
   // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
-  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread });
+  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread, singleGroup: true });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
   ];
-  return withOneGroupPlan(args, m, plan => runGroupedProduct(args, program, [a, b, ...plan], uniforms, 2 * m * n * k));
-}
-
-/**
- * The plan of one group of m rows for the experts' narrow programs, which have no single-group form:
- * seg [0, m, m] and every row's pair 0 (real, read from the rows themselves), uploaded for `run`
- * and released after it.
- */
-function withOneGroupPlan(args: KernelArgs, m: number, run: (plan: [tf.TensorInfo, tf.TensorInfo]) => tf.TensorInfo): tf.TensorInfo {
-  const backend = webgpu(args);
-  const seg = backend.makeTensorInfo([3], 'int32', Int32Array.of(0, m, m));
-  const pairOfRow = backend.makeTensorInfo([m], 'int32', new Int32Array(m));
-  try {
-    return run([seg, pairOfRow]);
-  } finally {
-    backend.disposeData(seg.dataId);
-    backend.disposeData(pairOfRow.dataId);
-  }
+  return runGroupedProduct(args, program, [a, b], uniforms, 2 * m * n * k);
 }
 
 /**
  * out [m, n] = addend + a·op(b) with a reduction k ≤ NARROW_MAX_COLS deep (dense LoRA's expansions
  * y + u·Bᵀ and dx + g·A, [m, r]·[r, n]) as the experts' expansions with one group
- * (NarrowInnerGroupedMatMulProgram in 64-row blocks): bound by reading the addend and writing out,
- * where tfjs's matMul stages an r-deep reduction built for deep ones.
+ * (NarrowInnerGroupedMatMulProgram in 64-row blocks, singleGroup: no plan, nothing uploaded): bound
+ * by reading the addend and writing out, where tfjs's matMul stages an r-deep reduction built for
+ * deep ones.
  */
 function runNarrowInnerDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, addend: tf.TensorInfo,
     transposeB: boolean): tf.TensorInfo {
   const [m, k] = a.shape;
   const n = transposeB ? b.shape[0] : b.shape[1];
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
-  const program = new NarrowInnerGroupedMatMulProgram(m, n, k, { source: 'rows', hasAddend: true, vec4: n % 4 === 0, blockRows: 64 });
+  const program = new NarrowInnerGroupedMatMulProgram(m, n, k, {
+    source: 'rows', hasAddend: true, vec4: n % 4 === 0, blockRows: 64, singleGroup: true,
+  });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
-  return withOneGroupPlan(args, m, plan => runGroupedProduct(args, program, [a, b, ...plan, addend], uniforms, 2 * m * n * k));
+  return runGroupedProduct(args, program, [a, b, addend], uniforms, 2 * m * n * k);
 }
 
 /**
@@ -1296,30 +1267,27 @@ const scaledMatMulConfig: tf.KernelConfig = {
 
 /**
  * aᵀ·b [P, Q] for a [N, P], b [N, Q] with P or Q ≤ NARROW_MAX_COLS (dA = gᵀ·x, dB = dyᵀ·u): the
- * experts' narrow weight gradient with one group of N rows (rowGroupSegments), summed in chunks of
- * `chunkRows` and the chunks added after (narrowWeightGrad's two programs). MoEWeightGradProduct's
- * kernel calls it with DENSE_GRAD_GROUP_ROWS; bench/webgpu_dense_lora_products.ts times others.
+ * experts' narrow weight gradient in its single-group form (no plan, nothing uploaded), the N rows
+ * summed in chunks of `chunkRows` (the last one the rest) and the chunks added after, in order
+ * (narrowWeightGrad's two programs). MoEWeightGradProduct's kernel calls it with
+ * DENSE_GRAD_CHUNK_ROWS; bench/webgpu_dense_lora_products.ts times others.
  */
 export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo,
-    chunkRows = DENSE_GRAD_GROUP_ROWS): tf.TensorInfo {
+    chunkRows = DENSE_GRAD_CHUNK_ROWS): tf.TensorInfo {
   const backend = webgpu(args);
   const [rows, P] = a.shape;
   const Q = b.shape[1];
-  const unitRows = Math.min(chunkRows, rows);
-  // capacity in whole units; the units past the rows sum nothing
-  const capacity = unitRows * Math.ceil(rows / unitRows);
   const narrow = P <= Q ? 'P' : 'Q';
-  const seg = backend.makeTensorInfo([3], 'int32', rowGroupSegments(rows, rows));
-  const partial = runGroupedProduct(args, new NarrowWeightGradProgram(capacity, unitRows, P, Q, {
-    left: 'rows', right: 'rows', scaleLeft: false, narrow,
+  const partial = runGroupedProduct(args, new NarrowWeightGradProgram(rows, chunkRows, P, Q, {
+    left: 'rows', right: 'rows', scaleLeft: false, narrow, singleGroup: true,
     // the tiled program's tile, which the narrow one does not read
     tile: { tm: 1, tn: 1, bk: 16 },
-  }), [a, b, seg], [...intUniforms(P, Q, 1, 1, unitRows, unitRows), ...activationUniforms(undefined)], 2 * rows * P * Q);
-  const out = backend.runWebGPUProgram(new NarrowWeightGradSumProgram([P, Q], 1, P, Q, narrow), [partial, seg], 'float32', [
-    ...intUniforms(P, Q, 1, unitRows, unitRows, 0, Q, 1), ...floatUniforms(1),
+  }), [a, b], [...intUniforms(P, Q, rows, chunkRows), ...activationUniforms(undefined)], 2 * rows * P * Q);
+  // [P, Q] row-major: oP Q, oQ 1
+  const out = backend.runWebGPUProgram(new NarrowWeightGradSumProgram([P, Q], 1, P, Q, narrow, true), [partial], 'float32', [
+    ...intUniforms(P, Q, rows, chunkRows, Q, 1), ...floatUniforms(1),
   ]);
   backend.disposeData(partial.dataId);
-  backend.disposeData(seg.dataId);
   return out;
 }
 

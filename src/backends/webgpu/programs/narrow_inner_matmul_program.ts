@@ -23,9 +23,12 @@
  *
  * Padding rows and tiles past the rows in use write 0 and read no addend, as GroupedMatMulProgram
  * does; the sum is the same fma chain over j, then alpha·sum + addend, as there.
+ *
+ * With `singleGroup` (dense LoRA's expansions y + u·Bᵀ and dx + g·A) there is no plan: no seg or
+ * pr input, expert 0, row r of A for every r < numRows (any row count), so a call uploads nothing.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { rowLoadSnippet, tileRowsSnippet } from './grouped_matmul_program.js';
+import { rowLoadSnippet, singleGroupRowsSnippet, tileRowsSnippet } from './grouped_matmul_program.js';
 import { NARROW_MAX_COLS } from './narrow_matmul_program.js';
 import { type ActivationSpec, activationKey, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource } from './shared.js';
 
@@ -56,6 +59,11 @@ export interface NarrowInnerGroupedMatMulSpec {
   /** out's width is a multiple of 4: the addend and the output are read and written as vec4s */
   vec4: boolean;
   blockRows: NarrowInnerBlockRows;
+  /**
+   * One group over plain rows (a dense product): no plan inputs (seg, pr); the expert is 0 (sE 0)
+   * and row r is A's row r for r < numRows; source must be 'rows'. As GroupedMatMulSpec's singleGroup.
+   */
+  singleGroup?: boolean;
 }
 
 export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
@@ -72,7 +80,10 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
   private readonly spec: NarrowInnerGroupedMatMulSpec;
   private readonly inner: number;
 
-  /** out [capacity, outCols], inner ≤ NARROW_MAX_COLS; capacity a multiple of blockRows */
+  /**
+   * out [capacity, outCols], inner ≤ NARROW_MAX_COLS; capacity a multiple of blockRows (single
+   * group: any row count, the rows of A)
+   */
   constructor(capacity: number, outCols: number, inner: number, spec: NarrowInnerGroupedMatMulSpec) {
     if (inner < 1 || inner > NARROW_MAX_COLS) {
       throw new Error(`NarrowInnerGroupedMatMulProgram: inner must be in [1, ${NARROW_MAX_COLS}] but got ${inner}`);
@@ -80,21 +91,25 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
     if (spec.vec4 && outCols % 4 !== 0) {
       throw new Error(`NarrowInnerGroupedMatMulProgram: vec4 needs outCols a multiple of 4 but got ${outCols}`);
     }
+    if (spec.singleGroup && spec.source !== 'rows') {
+      throw new Error(`NarrowInnerGroupedMatMulProgram: singleGroup reads plain rows, so source must be 'rows' but got '${spec.source}'`);
+    }
     this.spec = spec;
     this.inner = inner;
     this.outputShape = [capacity, outCols];
     this.dispatch = [Math.ceil(outCols / BLOCK_COLS), Math.ceil(capacity / spec.blockRows), 1];
-    this.variableNames = ['A', 'W', 'seg', 'pr', ...(spec.hasAddend ? ['addend'] : [])];
+    const plan = spec.singleGroup ? [] : ['seg', 'pr'];
+    this.variableNames = ['A', 'W', ...plan, ...(spec.hasAddend ? ['addend'] : [])];
     const quad = spec.vec4 ? 4 : 1;
-    this.variableComponents = [1, 1, 1, 1, ...(spec.hasAddend ? [quad] : [])];
+    this.variableComponents = [1, 1, ...plan.map(() => 1), ...(spec.hasAddend ? [quad] : [])];
     this.outputComponent = quad;
     // inner sizes the register slab: part of the specialisation, not only a uniform
     this.shaderKey = `moeNarrowInnerGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
-        `${spec.hasAddend ? 'a' : ''}${spec.vec4 ? 'v' : 's'}_${inner}_${spec.blockRows}`;
+        `${spec.hasAddend ? 'a' : ''}${spec.vec4 ? 'v' : 's'}_${inner}_${spec.blockRows}` + (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
-    const { blockRows, vec4, hasAddend } = this.spec;
+    const { blockRows, vec4, hasAddend, singleGroup } = this.spec;
     const inner = this.inner;
     const rowsPerThread = blockRows / ROW_GROUPS;
     // where the workgroup's column c (0 ≤ c < 128) sits in the slab: the vec4 of its owner lane, and the lane's component
@@ -117,7 +132,7 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
     const loads = rows.map(i => `
         let m${i} = group + ${ROW_GROUPS * i};
         let r${i} = row0 + m${i};
-        let live${i} = r${i} < uniforms.numRows && pr[r${i}] >= 0;
+        let live${i} = r${i} < uniforms.numRows${singleGroup ? '' : ` && pr[r${i}] >= 0`};
         var a${i} = vec4<f32>(0.0);
         ${load(i)}`).join('');
     const sums = rows.map(i => `
@@ -129,7 +144,7 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
       var<workgroup> As : array<f32, ${blockRows * inner}>;
       var<workgroup> rowSrc : array<i32, ${blockRows}>;
       var<workgroup> tileExpert : i32;
-      ${EXPERT_OF_ROW}
+      ${singleGroup ? '' : EXPERT_OF_ROW}
       ${rowLoadSnippet(this.spec.source, this.spec.activation)}
 
       fn main() {
@@ -143,9 +158,10 @@ export class NarrowInnerGroupedMatMulProgram implements WebGPUProgram {
         let colLive = quad < quadsPerRow;` : ''}
         // every addend read of this thread (${rowsPerThread} rows) first, in flight across the plan
         // lookup, the staging and their barriers (which do not order storage reads): a row is real
-        // where its pair is (pr >= 0), and a real row lies in the rows in use, so its tile has an expert
+        // where its pair is (pr >= 0; every row in use with one group), and a real row lies in the
+        // rows in use, so its tile has an expert
         ${loads}
-        ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
+        ${singleGroup ? singleGroupRowsSnippet(blockRows, THREADS) : tileRowsSnippet(this.spec.source, blockRows, THREADS)}
         // also the barrier that publishes rowSrc
         let e = workgroupUniformLoad(&tileExpert);
         // W_e's slab, column c of the block read by consecutive threads (contiguous where sN is 1)

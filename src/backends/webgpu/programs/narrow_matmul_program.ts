@@ -22,7 +22,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  type GroupedWeightGradSpec, rowLoadSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
+  type GroupedWeightGradSpec, rowLoadSnippet, singleGroupRowsSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
 } from './grouped_matmul_program.js';
 import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource, TILE_THREADS } from './shared.js';
 
@@ -42,6 +42,12 @@ export interface NarrowGroupedMatMulSpec {
   kContiguous: boolean;
   /** rows per thread, 1 or 2: the block (16·rowsPerThread rows) must divide the plan's row tile */
   rowsPerThread: 1 | 2;
+  /**
+   * One group over plain rows (a dense LoRA product, s·x·Aᵀ or s·dy·B): no plan inputs (seg, pr),
+   * so nothing is uploaded per call; every block's expert is 0 (sE 0) and row r is A's row r for
+   * r < numRows (any row count); source must be 'rows'. As GroupedMatMulSpec's singleGroup.
+   */
+  singleGroup?: boolean;
 }
 
 /** The rows per thread for a plan's row tile: 2 (32-row blocks) where they divide it. */
@@ -50,7 +56,7 @@ export function narrowRowsPerThread(rowTile: number): 1 | 2 {
 }
 
 export class NarrowGroupedMatMulProgram implements WebGPUProgram {
-  variableNames = ['A', 'W', 'seg', 'pr'];
+  variableNames: string[];
   outputShape: number[];
   shaderKey: string;
   // not a flat layout (which tfjs would call as main(index)): one workgroup per row block along x
@@ -61,18 +67,25 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
   private readonly spec: NarrowGroupedMatMulSpec;
   private readonly outCols: number;
 
-  /** out [capacity, outCols], outCols ≤ NARROW_MAX_COLS; capacity a multiple of 16·rowsPerThread */
+  /**
+   * out [capacity, outCols], outCols ≤ NARROW_MAX_COLS; capacity a multiple of 16·rowsPerThread
+   * (single group: any row count, the rows of A)
+   */
   constructor(capacity: number, outCols: number, spec: NarrowGroupedMatMulSpec) {
     if (outCols < 1 || outCols > NARROW_MAX_COLS) {
       throw new Error(`NarrowGroupedMatMulProgram: outCols must be in [1, ${NARROW_MAX_COLS}] but got ${outCols}`);
+    }
+    if (spec.singleGroup && spec.source !== 'rows') {
+      throw new Error(`NarrowGroupedMatMulProgram: singleGroup reads plain rows, so source must be 'rows' but got '${spec.source}'`);
     }
     this.spec = spec;
     this.outCols = outCols;
     this.outputShape = [capacity, outCols];
     this.dispatch = [Math.ceil(capacity / (TILE_THREADS * spec.rowsPerThread)), 1, 1];
+    this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr'])];
     // outCols sizes the register arrays: part of the specialisation, not a uniform
     this.shaderKey = `moeNarrowGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
-        `${spec.kContiguous ? 'k' : 'n'}_${outCols}_${spec.rowsPerThread}`;
+        `${spec.kContiguous ? 'k' : 'n'}_${outCols}_${spec.rowsPerThread}` + (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
@@ -97,7 +110,7 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
       var<workgroup> partial : array<vec4<f32>, ${THREADS}>;
       var<workgroup> rowSrc : array<i32, ${blockRows}>;
       var<workgroup> tileExpert : i32;
-      ${EXPERT_OF_ROW}
+      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${rowLoadSnippet(this.spec.source, this.spec.activation)}
 
       fn main() {
@@ -105,7 +118,7 @@ export class NarrowGroupedMatMulProgram implements WebGPUProgram {
         let lane = lid % ${LANES};
         let ty = lid / ${LANES};
         let row0 = i32(workgroupId.x) * ${blockRows};
-        ${tileRowsSnippet(this.spec.source, blockRows, THREADS)}
+        ${this.spec.singleGroup ? singleGroupRowsSnippet(blockRows, THREADS) : tileRowsSnippet(this.spec.source, blockRows, THREADS)}
         // also the barrier that publishes rowSrc
         let e = workgroupUniformLoad(&tileExpert);
         // rows i of this thread, outputs j at i·${4 * quads} + j (padded to whole vec4s for the reduction)
@@ -202,11 +215,27 @@ export function narrowGradUnitRows(rowTile: number, chunkRows: number): number {
  * the gradient's own layout, times alpha: one thread per output element, (wide / 256) × narrow × E
  * workgroups, reading partial along the wide side (coalesced). An expert with no rows has no chunks
  * and gets exact zeros.
+ *
+ * With `singleGroup` (dense LoRA's dA = gᵀ·x and dB = dyᵀ·u, one "expert" of plain rows) neither
+ * program reads a plan: the rows 0..numRows−1 are cut every chunkRows (chunk c: rows c·chunkRows ..
+ * min((c+1)·chunkRows, numRows)), a unit is a chunk, and the sum adds the ⌈numRows / chunkRows⌉
+ * chunks in order. Their uniforms then say so (numRows, chunkRows instead of topK, numExperts,
+ * unitRows): nothing is uploaded per call, where a one-group plan was (a buffer created mapped and
+ * copied per call, ~1.7 ms of host a call on the H100, run S).
  */
 export interface NarrowWeightGradSpec extends GroupedWeightGradSpec {
   /** which of P, Q is narrow (≤ NARROW_MAX_COLS): its operand is staged, the other is read by column */
   narrow: 'P' | 'Q';
+  /** one group of plain rows, no plan inputs: left and right 'rows', not scaleLeft (what dense LoRA needs) */
+  singleGroup?: boolean;
 }
+
+/** NarrowWeightGradProgram's uniforms (in the kernel's order) with a plan and with one group. */
+const NARROW_GRAD_UNIFORMS = 'P : i32, Q : i32, topK : i32, numExperts : i32, unitRows : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
+const NARROW_GRAD_SINGLE_UNIFORMS = 'P : i32, Q : i32, numRows : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
+/** NarrowWeightGradSumProgram's, likewise. */
+const NARROW_GRAD_SUM_UNIFORMS = 'P : i32, Q : i32, numExperts : i32, unitRows : i32, chunkRows : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ';
+const NARROW_GRAD_SUM_SINGLE_UNIFORMS = 'P : i32, Q : i32, numRows : i32, chunkRows : i32, oP : i32, oQ : i32, alpha : f32, ';
 
 function checkNarrow(program: string, P: number, Q: number, narrow: 'P' | 'Q'): number {
   const width = narrow === 'P' ? P : Q;
@@ -224,21 +253,47 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
   dispatchLayout = { x: [2], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, unitRows : i32, chunkRows : i32, ' + ACTIVATION_UNIFORMS;
+  uniforms: string;
   private readonly spec: NarrowWeightGradSpec;
   private readonly width: number;
 
-  /** partial sums [capacity / unitRows, narrow, wide]; only the units that start a chunk are written */
+  /**
+   * partial sums [capacity / unitRows, narrow, wide]; only the units that start a chunk are written.
+   * Single group: capacity is the rows (any count) and unitRows the chunk's, [⌈rows / chunk⌉, narrow, wide].
+   */
   constructor(capacity: number, unitRows: number, P: number, Q: number, spec: NarrowWeightGradSpec) {
     this.width = checkNarrow('NarrowWeightGradProgram', P, Q, spec.narrow);
+    if (spec.singleGroup && (spec.left !== 'rows' || spec.right !== 'rows' || spec.scaleLeft)) {
+      throw new Error('NarrowWeightGradProgram: singleGroup reads plain rows, so left and right must be \'rows\' and scaleLeft false ' +
+          `but got left '${spec.left}', right '${spec.right}', scaleLeft ${spec.scaleLeft}`);
+    }
     this.spec = spec;
     const wide = spec.narrow === 'P' ? Q : P;
-    const units = capacity / unitRows;
+    const units = Math.ceil(capacity / unitRows);
     this.outputShape = [units, this.width, wide];
     this.dispatch = [Math.ceil(wide / THREADS), units, 1];
-    this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : [])];
+    this.uniforms = spec.singleGroup ? NARROW_GRAD_SINGLE_UNIFORMS : NARROW_GRAD_UNIFORMS;
+    this.variableNames = ['L', 'R', ...(spec.singleGroup ? [] : ['seg']), ...(usesPairOfRow(spec) ? ['pr'] : []),
+      ...(spec.scaleLeft ? ['rw'] : [])];
     this.shaderKey = `moeNarrowWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
-        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${this.width}`;
+        `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${this.width}` + (spec.singleGroup ? '_single' : '');
+  }
+
+  /** WGSL (lid == 0, row0 = the unit's first row): the unit's chunk rows into rowsOfChunk, 0 where it starts none */
+  private chunkSnippet(): string {
+    if (this.spec.singleGroup) {
+      return `// unit u is chunk u: rows row0 .. min(row0 + chunkRows, numRows)
+          let rowsOfChunk = max(0, min(uniforms.chunkRows, uniforms.numRows - row0));`;
+    }
+    return `// the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
+          var rowsOfChunk = 0;
+          if (row0 < seg[uniforms.numExperts]) {
+            let e = expertOfRow(row0);
+            let offset = row0 - seg[e];
+            if (offset % uniforms.chunkRows == 0) {
+              rowsOfChunk = max(0, min(uniforms.chunkRows, seg[uniforms.numExperts + 1 + e] - offset));
+            }
+          }`;
   }
 
   getUserCode(): string {
@@ -258,7 +313,7 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
       var<workgroup> chunkStart : i32;
       var<workgroup> chunkCount : i32;
-      ${EXPERT_OF_ROW}
+      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${loadL}
       ${loadR}
 
@@ -268,16 +323,8 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
         let c = i32(workgroupId.x) * ${THREADS} + lid;
         let live = c < ${wideSize};
         if (lid == 0) {
-          // the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
-          let row0 = unit * uniforms.unitRows;
-          var rowsOfChunk = 0;
-          if (row0 < seg[uniforms.numExperts]) {
-            let e = expertOfRow(row0);
-            let offset = row0 - seg[e];
-            if (offset % uniforms.chunkRows == 0) {
-              rowsOfChunk = max(0, min(uniforms.chunkRows, seg[uniforms.numExperts + 1 + e] - offset));
-            }
-          }
+          let row0 = unit * ${this.spec.singleGroup ? 'uniforms.chunkRows' : 'uniforms.unitRows'};
+          ${this.chunkSnippet()}
           chunkStart = row0;
           chunkCount = rowsOfChunk;
         }
@@ -317,28 +364,55 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
 }
 
 export class NarrowWeightGradSumProgram implements WebGPUProgram {
-  variableNames = ['partial', 'seg'];
+  variableNames: string[];
   outputShape: number[];
   shaderKey: string;
   // not a flat layout (which tfjs would call as main(index)): wide column blocks along x, narrow along y, experts along z
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  uniforms = 'P : i32, Q : i32, numExperts : i32, unitRows : i32, chunkRows : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ';
+  uniforms: string;
   private readonly narrow: 'P' | 'Q';
+  private readonly singleGroup: boolean;
 
-  /** outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]) */
-  constructor(outputShape: number[], numExperts: number, P: number, Q: number, narrow: 'P' | 'Q') {
+  /**
+   * outputShape is the gradient's own shape (e.g. PEFT's A [r·E, in] or B [out, r·E]); singleGroup:
+   * the partial sums of NarrowWeightGradProgram's single-group form (one expert, no seg input)
+   */
+  constructor(outputShape: number[], numExperts: number, P: number, Q: number, narrow: 'P' | 'Q', singleGroup = false) {
     const width = checkNarrow('NarrowWeightGradSumProgram', P, Q, narrow);
+    if (singleGroup && numExperts !== 1) {
+      throw new Error(`NarrowWeightGradSumProgram: singleGroup sums one group, so numExperts must be 1 but got ${numExperts}`);
+    }
     this.narrow = narrow;
+    this.singleGroup = singleGroup;
     this.outputShape = outputShape;
     this.dispatch = [Math.ceil((narrow === 'P' ? Q : P) / THREADS), width, numExperts];
-    this.shaderKey = `moeNarrowWeightGradSum_${narrow}_${outputShape.length}`;
+    this.variableNames = singleGroup ? ['partial'] : ['partial', 'seg'];
+    this.uniforms = singleGroup ? NARROW_GRAD_SUM_SINGLE_UNIFORMS : NARROW_GRAD_SUM_UNIFORMS;
+    this.shaderKey = `moeNarrowWeightGradSum_${narrow}_${outputShape.length}` + (singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
     const narrowP = this.narrow === 'P';
     const [narrowSize, wideSize] = narrowP ? ['uniforms.P', 'uniforms.Q'] : ['uniforms.Q', 'uniforms.P'];
+    if (this.singleGroup) {
+      const outIndex = narrowP ? 'j * uniforms.oP + c * uniforms.oQ' : 'c * uniforms.oP + j * uniforms.oQ';
+      return `
+      fn main() {
+        let c = i32(workgroupId.x) * ${THREADS} + i32(localIndex);
+        let j = i32(workgroupId.y);
+        if (c >= ${wideSize}) { return; }
+        // the one group's chunks are units 0, 1, ...: every chunkRows rows
+        let chunks = (uniforms.numRows + uniforms.chunkRows - 1) / uniforms.chunkRows;
+        var s = 0.0;
+        for (var k = 0; k < chunks; k++) {
+          s += partial[(k * ${narrowSize} + j) * ${wideSize} + c];
+        }
+        result[${outIndex}] = uniforms.alpha * s;
+      }
+    `;
+    }
     const outIndex = narrowP ? 'e * uniforms.oE + j * uniforms.oP + c * uniforms.oQ' : 'e * uniforms.oE + c * uniforms.oP + j * uniforms.oQ';
     return `
       fn main() {
