@@ -30,6 +30,8 @@ import {
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
 import { scaledDotProductAttention } from '../../../src/ops/attention_core.js';
+import { BATCH_PRODUCT } from '../../../src/ops/batch_product.js';
+import { countKernels } from '../../helpers/numeric.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
@@ -330,6 +332,19 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         const off = await withEnvFlag(TENSOR_CORES_FLAG, false, pass);
         const on = await withEnvFlag(TENSOR_CORES_FLAG, true, pass);
         expect(on).to.deep.equal(off);
+        // the six products, forward (q·kᵀ, P·v) and backward (Pᵀ·dO, dO·vᵀ, dS·k, dSᵀ·q), reach the kernel:
+        // the composed path calls batchProduct with the tape off (customGrad's forward and backward)
+        const products = await withEnvFlag(TENSOR_CORES_FLAG, true, async () => {
+          let ran: tf.Tensor[] = [];
+          const n = countKernels(BATCH_PRODUCT, () => {
+            const { value, grads } = tf.valueAndGrads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              tf.sum(scaledDotProductAttention(a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, mask, 0.25)))([q, k, v]);
+            ran = [value, ...grads];
+          });
+          tf.dispose(ran);
+          return n;
+        });
+        expect(products).to.equal(6);
         tf.dispose([q, k, v, mask]);
       });
       return keys;
