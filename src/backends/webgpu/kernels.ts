@@ -1365,6 +1365,10 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
     attrs: BatchProductAttrs, route: Exclude<BatchProductTensorCoreRoute, { f32: string }>): tf.TensorInfo {
   const backend = webgpu(args);
   const { batch, m, n, k } = batchProductSizes(a, b, attrs);
+  // a MatMul block takes its group from its first row: it must not span two batches
+  if (route.program === 'matMul' && m % route.blockRows !== 0) {
+    throw new Error(`MoEBatchProduct: ${route.blockRows}-row blocks would span two batches of ${m} rows`);
+  }
   const amax = attrs.gradient === 'none' ? undefined : maxAbsOfInfo(args, attrs.gradient === 'a' ? a : b);   // []
   const inputs = [a, b, ...(amax !== undefined ? [amax] : [])];
   let out: tf.TensorInfo;
