@@ -14,10 +14,13 @@
  * the composed path below that. Elsewhere (cpu, wasm: the reference) and below the threshold the
  * forward pass runs five kernels with the tape off (plus Reshapes, no GPU work, with grouped heads
  * or a per-sample mask), saving the probabilities, and the backward the closed-form gradient in nine.
+ * Their six products go through batchProduct (batch_product.ts): tf.matMul, or on webgpu with tensor
+ * cores on the subgroup-matrix programs (f16 operands, f32 accumulation, dO and dS scaled by amax).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
+import { batchProduct } from './batch_product.js';
 import { assertFiniteNumber, assertTensor, fail } from './validate.js';
 
 /**
@@ -136,23 +139,24 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
     const save = args[3] as GradSaveFunc;
     const scaledQ = grouped<Tensor3D>(tf.mul(q3, scale), [nkv, rows, dk]);       // [Nkv, rep·S, Dk]
     const probs = tf.tidy(() => {
-      const scores = tf.matMul(scaledQ, k3, false, true);                          // [Nkv, rep·S, L]
+      const scores = batchProduct(scaledQ, k3, false, true);                       // [Nkv, rep·S, L]
       if (!needsView) return tf.softmax(tf.add(scores, mask)) as Tensor3D;
       return tf.reshape(tf.softmax(tf.add(tf.reshape(scores, maskedShape), mask)), [nkv, rows, keyLen]) as Tensor3D;
     });
     save([scaledQ, k3, v3, probs]);
-    const value = tf.tidy(() => grouped<Tensor3D>(tf.matMul(probs, v3), [nq, s, dv]));
+    const value = tf.tidy(() => grouped<Tensor3D>(batchProduct(probs, v3), [nq, s, dv]));
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => tf.tidy(() => {
         const [qs, ks, vs, p] = saved as Tensor3D[];
         const dO = grouped<Tensor3D>(dy, [nkv, rows, dv]);
-        const dV = tf.matMul(p, dO, true, false);                                 // [Nkv, L, Dv]
-        const dP = tf.matMul(dO, vs, false, true);                                // [Nkv, rep·S, L]
+        // dO and dS are the gradient operands: scaled into f16's range where a backend rounds to it
+        const dV = batchProduct(p, dO, true, false, 'b');                         // [Nkv, L, Dv]
+        const dP = batchProduct(dO, vs, false, true, 'a');                        // [Nkv, rep·S, L]
         // softmax's gradient: dS = P ⊙ (dP − Σ_j dP ⊙ P); blocked keys have P = 0 and get 0
-        const dS = tf.mul(p, tf.sub(dP, tf.sum(tf.mul(dP, p), 2, true)));
-        const dQ = grouped(tf.mul(tf.matMul(dS, ks), scale), [nq, s, dk]);        // [Nq, S, Dk]
-        const dK = tf.matMul(dS, qs, true, false);                                // [Nkv, L, Dk], q already scaled
+        const dS = tf.mul(p, tf.sub(dP, tf.sum(tf.mul(dP, p), 2, true))) as Tensor3D;     // [Nkv, rep·S, L]
+        const dQ = grouped(tf.mul(batchProduct(dS, ks, false, false, 'a'), scale), [nq, s, dk]);  // [Nq, S, Dk]
+        const dK = batchProduct(dS, qs, true, false, 'a');                        // [Nkv, L, Dk], q already scaled
         return [dQ, dK, dV];
       }),
     };

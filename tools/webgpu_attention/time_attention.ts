@@ -16,7 +16,11 @@
  * path, the tiled f32 programs and the tiled tensor-core programs; the tensor-core O, dq, dk, dv
  * against the composed f32 path (max |a − b| / max |b|, limit 1e-2: beyond it the line says FAIL
  * and the tool exits 1); and the subgroup-matrix programs that ran in one training pass (stats,
- * forward, gradQ, gradV must; dK runs on the tiled f32 program, or FAIL). The cotangent w is scaled to 1e-6, as a mean loss's is (dO scaling).
+ * forward, gradQ, gradV must; dK runs on the tiled f32 program, or FAIL). Then a second line per
+ * shape, "composed, tensor-core products": the composed path with its six batched products on
+ * tensor cores (MoEBatchProduct's uniform-groups programs), its ms per training pass (forward), its
+ * O, dq, dk, dv against the composed f32 path (limit 1e-2) and its uniform-groups programs in one
+ * training pass and one forward (4 + 2 MatMul, 2 weight gradients; fewer: FAIL). The cotangent w is scaled to 1e-6, as a mean loss's is (dO scaling).
  * Where the adapter has no tensor cores (Mesa) it says so in one line and times the f32 paths.
  *   source .gpu/on-device.sh && node .gpu/bundle/time_attention.js --tensor-cores on --reps 5
  *   Mesa: EGL_PLATFORM=surfaceless npx tsx tools/webgpu_attention/time_attention.ts --tensor-cores on --shapes tiny --reps 1
@@ -104,6 +108,11 @@ const SHAPES: Record<string, { batchHeads: number; kvHeads: number; seq: number;
 const TENSOR_CORE_LIMIT = 1e-2;
 /** The subgroup-matrix passes the kernels run (dK runs on the tiled f32 program: SubgroupMatrixAttentionProgram has none). */
 const PASSES = ['stats', 'forward', 'gradQ', 'gradV'];
+/**
+ * The composed path's uniform-groups programs in measure's training pass and forward: MatMul for
+ * q·kᵀ and P·v (twice each), dO·vᵀ and dS·k; weight gradients for Pᵀ·dO and dSᵀ·q.
+ */
+const COMPOSED_PRODUCTS = { moeSubgroupMatMul: 6, moeSubgroupWeightGrad: 2 };
 
 async function tensorCoreRun(): Promise<void> {
   const adapter = await setupDawnWebGPU({ tensorCores: 'auto' });
@@ -149,6 +158,27 @@ async function tensorCoreRun(): Promise<void> {
       line += `; tiled f32 error vs composed ${fmt(errorsOf(tiled))}; tensor cores unavailable`;
     }
     console.log(line);
+    if (available) {
+      // the composed path again, its batched products on tensor cores (batchProduct's uniform groups)
+      choosePath(null, true);
+      const products = await measure(p);
+      const errors = errorsOf(products);
+      const worst = Math.max(...Object.values(errors));
+      const uniform = products.keys.filter(k => k.endsWith('_uniformGroups'));
+      const counts = Object.entries(COMPOSED_PRODUCTS).map(([program, want]) => [program, uniform.filter(k => k.startsWith(`${program}_`)).length, want] as const);
+      const ran = counts.every(([, n, want]) => n >= want);
+      const ok = worst <= TENSOR_CORE_LIMIT && ran;
+      failed ||= !ok;
+      entry.composedTensorCoreProducts = { forwardMs: products.forwardMs, trainMs: products.trainMs, peakMiB: products.peakMiB, errors,
+        programs: Object.fromEntries(counts.map(([program, n]) => [program, n])) };
+      console.log(`${name} composed, tensor-core products: ms per training pass (forward) ${products.trainMs.toFixed(1)} ` +
+          `(${products.forwardMs.toFixed(1)}) against composed f32 ${composed.trainMs.toFixed(1)} (${composed.forwardMs.toFixed(1)}); ` +
+          `error vs composed f32 ${fmt(errors)} (limit ${TENSOR_CORE_LIMIT}); uniform-groups programs in one pass + forward ` +
+          `${counts.map(([program, n, want]) => `${program.replace('moeSubgroup', '')}×${n} (want ${want})`).join(' ')} ` +
+          `${ok ? 'OK' : `FAIL${ran ? '' : ' (a product did not run on tensor cores)'}`}`);
+    } else {
+      console.log(`${name} composed, tensor-core products: tensor cores unavailable`);
+    }
     report.push(entry);
     p.dispose();
   }

@@ -3,8 +3,10 @@
  * the f32 kernels on random inputs (at 256, 64 and 32 rows per expert: the 128-, 64- and 32-row
  * blocks, issue 15), the dense projections (MoEDenseMatMul / MoEPackedDenseMatMul, issue 13/15:
  * x·Wᵀ and dy·W at OLMoE's [2048, 2048] and its LM head [50304, 2048], f32 and bf16 W) against the
- * f32 path, the fused block of a transformers fixture with and without them, and block
- * timings at M1 and Q, both paths in one process.
+ * f32 path, the composed attention's six batched products (MoEBatchProduct: q·kᵀ, P·v, Pᵀ·dO,
+ * dO·vᵀ, dS·k, dSᵀ·q at OLMoE's batch 4 × 16 heads, S = L = 512, head 128) and its whole training
+ * pass, the fused block of a transformers fixture with and without them, and block timings at M1
+ * and Q, both paths in one process.
  *
  * Here (Mesa: reports that the feature is missing and exits 0):
  *   EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
@@ -12,11 +14,15 @@
  *   source .gpu/on-device.sh && node .gpu/bundle/check.js
  * and a dry run of the steps there (both "paths" are the f32 kernels on Mesa):
  *   TC_CHECK_HARNESS=1 EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
+ * TC_CHECK_STEPS=attention,dense (the steps' names, comma-separated) runs only those steps: on Mesa
+ * the harness's first steps take its whole time budget.
  * Prints one JSON object on stdout (progress on stderr) and writes it to $OUT/tc.json when OUT is
  * set, and the report so far to $OUT/tc.partial.json after every step (a hang inside Dawn blocks
  * the event loop). Every step is caught and recorded. One line per product on stderr, PASS or FAIL:
  * FAIL when, on a tensor-core adapter, the error to f32 is above 1e-2 or not finite, or the
  * subgroup-matrix program with the plan's block (_r<rows>) or slab depth (_d<depth>) did not run.
+ * The attention products print "attention <product> PASS|FAIL" lines the same way (FAIL: error
+ * above 1e-2, not finite, or not the uniform-groups program the route picks); they count as products.
  * Exits 1 when there is no adapter or a product FAILed, 3 when a dense case failed (an error, max
  * rel. error above 1e-2, a non-finite value, or no subgroup-matrix program run; one "dense ... FAIL"
  * line each), else 0.
@@ -44,7 +50,11 @@ import {
 import { encodeBFloat16 } from '../../src/util/half.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
-import { withTensorCores } from './scoped.js';
+import { batchProductTensorCoreRoute } from '../../src/backends/webgpu/kernels.js';
+import { ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
+import { type BatchProductAttrs, batchProduct } from '../../src/ops/batch_product.js';
+import { causalMask } from '../../src/layers/attention.js';
+import { withEnvFlag, withTensorCores } from './scoped.js';
 import { auditSubgroupControlFlow } from './uniformity.js';
 
 const started = Date.now();
@@ -279,6 +289,147 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
   return results;
 }
 
+/**
+ * The composed attention's shape: KV heads (batch × heads; rep 1), query rows S, keys L, head
+ * width D. OLMoE-1B-7B at batch 4 × 512 tokens; the harness (Mesa) a small one with whole blocks.
+ */
+const ATTENTION_SHAPE = harness ? { heads: 4, s: 128, l: 128, d: 64 } : { heads: 64, s: 512, l: 512, d: 128 };
+
+/**
+ * The composed attention's six products as its customGrad calls them (batchProduct, the tape off)
+ * at ATTENTION_SHAPE, tensor cores (uniform groups) against the f32 path (tfjs's BatchMatMul),
+ * each timed on both; then one training pass of scaledDotProductAttention (causal, the kernels off:
+ * the composed path both times), O, dq, dk, dv against the f32 path. Operands as in training: q·scale
+ * and k unit-variance scores, P a softmax, dO and dS tiny (a mean loss: below f16's normals unscaled).
+ */
+async function checkAttention(): Promise<unknown[]> {
+  const { heads, s, l, d } = ATTENTION_SHAPE;
+  const results: unknown[] = [];
+  const scaledQ = tf.randomNormal([heads, s, d], 0, 1 / Math.sqrt(d), 'float32', 21) as tf.Tensor3D;
+  const k = tf.randomNormal([heads, l, d], 0, 1, 'float32', 22) as tf.Tensor3D;
+  const v = tf.randomNormal([heads, l, d], 0, 1, 'float32', 23) as tf.Tensor3D;
+  const p = tf.tidy(() => tf.softmax(tf.randomNormal([heads, s, l], 0, 2, 'float32', 24))) as tf.Tensor3D;
+  const dO = tf.randomNormal([heads, s, d], 0, 1e-6, 'float32', 25) as tf.Tensor3D;
+  const dS = tf.randomNormal([heads, s, l], 0, 1e-7, 'float32', 26) as tf.Tensor3D;
+  const none = { transposeA: false, transposeB: false, gradient: 'none' } as const;
+  const cases: Array<[string, BatchProductAttrs, tf.Tensor3D, tf.Tensor3D]> = [
+    ['scores = q·kᵀ', { ...none, transposeB: true }, scaledQ, k],
+    ['value = P·v', none, p, v],
+    ['dV = Pᵀ·dO (dO scaled)', { ...none, transposeA: true, gradient: 'b' }, p, dO],
+    ['dP = dO·vᵀ (dO scaled)', { ...none, transposeB: true, gradient: 'a' }, dO, v],
+    ['dQ = dS·k (dS scaled)', { ...none, gradient: 'a' }, dS, k],
+    ['dK = dSᵀ·q (dS scaled)', { ...none, transposeA: true, gradient: 'a' }, dS, scaledQ],
+  ];
+  try {
+    for (const [product, attrs, a, b] of cases) {
+      const [m, n, inner] = [attrs.transposeA ? a.shape[2] : a.shape[1], attrs.transposeB ? b.shape[1] : b.shape[2],
+        attrs.transposeA ? a.shape[1] : a.shape[2]];
+      const entry: Record<string, unknown> = { size: `${heads}×[${m}, ${n}] over ${inner}`, product };
+      results.push(entry);
+      const label = `attention ${product}`;
+      log(label);
+      const run = () => batchProduct(a, b, attrs.transposeA, attrs.transposeB, attrs.gradient);
+      try {
+        await compareBothPaths(run, entry);
+        entry.withinContract = entry.finite === true && (entry.maxRelError as number) <= CONTRACT;
+        errorSummary[label] = entry.maxRelError as number;
+        // the program the route picks: a uniform-groups MatMul with its block rows, or weight gradient with its depth
+        const route = batchProductTensorCoreRoute(attrs, heads, m, n, inner);
+        const suffix = 'program' in route ? (route.program === 'matMul' ? `_r${route.blockRows}_uniformGroups` : `_d${route.depth}_uniformGroups`) : '(none)';
+        const keys = (entry.tcPrograms as { subgroupKeys: string[] }).subgroupKeys;
+        const ran = keys.some(key => key.endsWith(suffix));
+        const problems = !tensorCoresAvailable ? [] : [
+          ...(entry.withinContract ? [] : [`error ${(entry.maxRelError as number).toExponential(2)} above ${CONTRACT} or not finite`]),
+          ...(ran ? [] : [`no subgroup-matrix program ending ${suffix} ran (ran: ${keys.join(', ') || 'none'})`]),
+        ];
+        for (const on of [false, true]) entry[on ? 'tcMs' : 'f32Ms'] = await withTensorCores(on, () => chainedMs(run, CHAIN));
+        takeProgramCounts();
+        if (problems.length > 0) {
+          entry.failure = problems.join('; ');
+          failures.push(`${label}: ${entry.failure}`);
+        }
+        const tflops = (ms: number) => (2 * heads * m * n * inner / (ms * 1e-3) / 1e12).toFixed(1);
+        log(`${label}: ${problems.length > 0 ? 'FAIL' : tensorCoresAvailable ? 'PASS' : 'f32 only (no tensor cores)'}, ${entry.size}, ` +
+            `tensor cores vs f32 max rel. error ${(entry.maxRelError as number).toExponential(2)} (contract ${CONTRACT}), ` +
+            `f32 ${(entry.f32Ms as number).toFixed(3)} ms (${tflops(entry.f32Ms as number)} TFLOP/s), ` +
+            `tc ${(entry.tcMs as number).toFixed(3)} ms (${tflops(entry.tcMs as number)} TFLOP/s), programs ${keys.join(', ') || 'none'}` +
+            (problems.length > 0 ? ` — ${entry.failure}` : ''));
+      } catch (err) {
+        entry.error = errorText(err);
+        errorSummary[label] = `error: ${entry.error}`.slice(0, 200);
+        if (tensorCoresAvailable) failures.push(`${label}: ${entry.error}`.slice(0, 300));
+        log(`FAIL ${label}: ${entry.error}`);
+      }
+    }
+    results.push(await checkComposedAttentionPass());
+  } finally {
+    tf.dispose([scaledQ, k, v, p, dO, dS]);
+  }
+  return results;
+}
+
+/**
+ * One training pass of the composed attention (the kernels off) at ATTENTION_SHAPE, causal, with
+ * the tensor-core products against without: O, dq, dk, dv (the loss Σ O ⊙ w, w at 1e-6: a mean loss's
+ * cotangent).
+ */
+async function checkComposedAttentionPass(): Promise<Record<string, unknown>> {
+  const { heads, s, d } = ATTENTION_SHAPE;
+  const label = 'attention composed training pass (O, dq, dk, dv)';
+  const entry: Record<string, unknown> = { product: label };
+  log(label);
+  const q = tf.randomNormal([heads, s, d], 0, 1, 'float32', 31) as tf.Tensor3D;
+  const k = tf.randomNormal([heads, s, d], 0, 1, 'float32', 32) as tf.Tensor3D;
+  const v = tf.randomNormal([heads, s, d], 0, 1, 'float32', 33) as tf.Tensor3D;
+  const w = tf.randomNormal([heads, s, d], 0, 1e-6, 'float32', 34) as tf.Tensor3D;
+  const mask = causalMask(s, null);
+  const pass = async () => {
+    const { value, grads } = tf.valueAndGrads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+      tf.sum(tf.mul(scaledDotProductAttention(a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, mask, 1 / Math.sqrt(d)), w)))([q, k, v]);
+    // O from a forward pass of its own: the loss is a scalar
+    const o = scaledDotProductAttention(q, k, v, mask, 1 / Math.sqrt(d));
+    const data = await Promise.all([o, ...grads].map(t => t.data() as Promise<Float32Array>));
+    tf.dispose([value, o, ...grads]);
+    return data;
+  };
+  try {
+    await withEnvFlag(ATTENTION_KERNEL_FLAG, false, async () => {
+      takeProgramCounts();
+      const f32 = await withTensorCores(false, pass);
+      entry.f32Programs = takeProgramCounts();
+      const tc = await withTensorCores(true, pass);
+      entry.tcPrograms = takeProgramCounts();
+      entry.tcVsF32 = Object.fromEntries(['o', 'dq', 'dk', 'dv'].map((n, i) => [n, maxRelativeError(tc[i], f32[i])]));
+      entry.finite = tc.every(t => t.every(Number.isFinite));
+    });
+    const worst = Math.max(...Object.values(entry.tcVsF32 as Record<string, number>));
+    const uniform = (entry.tcPrograms as { subgroupKeys: string[] }).subgroupKeys.filter(key => key.endsWith('_uniformGroups'));
+    // six products in the training pass, two in the forward: at least one program of each form ran
+    const bothForms = uniform.some(key => key.startsWith('moeSubgroupMatMul')) && uniform.some(key => key.startsWith('moeSubgroupWeightGrad'));
+    entry.withinContract = entry.finite === true && worst <= CONTRACT;
+    errorSummary[label] = worst;
+    const problems = !tensorCoresAvailable ? [] : [
+      ...(entry.withinContract ? [] : [`error ${worst.toExponential(2)} above ${CONTRACT} or not finite`]),
+      ...(bothForms ? [] : [`not both uniform-groups programs ran (ran: ${uniform.join(', ') || 'none'})`]),
+    ];
+    if (problems.length > 0) {
+      entry.failure = problems.join('; ');
+      failures.push(`${label}: ${entry.failure}`);
+    }
+    log(`${label}: ${problems.length > 0 ? 'FAIL' : tensorCoresAvailable ? 'PASS' : 'f32 only (no tensor cores)'}, tensor cores vs f32 ` +
+        `${Object.entries(entry.tcVsF32 as Record<string, number>).map(([n, e]) => `${n} ${e.toExponential(2)}`).join(' ')} (contract ${CONTRACT}), ` +
+        `${JSON.stringify(entry.tcPrograms)}${problems.length > 0 ? ` — ${entry.failure}` : ''}`);
+  } catch (err) {
+    entry.error = errorText(err);
+    errorSummary[label] = `error: ${entry.error}`.slice(0, 200);
+    if (tensorCoresAvailable) failures.push(`${label}: ${entry.error}`.slice(0, 300));
+    log(`FAIL ${label}: ${entry.error}`);
+  } finally {
+    tf.dispose([q, k, v, w, mask]);
+  }
+  return entry;
+}
+
 interface DenseSize { name: string; rows: number; out: number; in: number }
 /**
  * The dense projections of the end-to-end OLMoE step (batch 4 × 512 tokens): q/k/v/o [2048, 2048]
@@ -473,18 +624,27 @@ async function main(): Promise<void> {
   }
   const fewRows = FEW_ROWS_SIZES.map(s => [`kernels_${s.name}`, () => checkKernels(s, false)] as [string, () => Promise<unknown>]);
   const steps: Array<[string, () => Promise<unknown>]> = harness && !tensorCoresAvailable
-    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['dense', () => checkDense(false)], ['fixture', checkFixture]]
+    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['attention', checkAttention], ['dense', () => checkDense(false)],
+      ['fixture', checkFixture]]
     : [
-      // the small products' exactness first (the 128-, 64- and 32-row blocks), the dense projections
-      // (cheap shapes first), then the block timings (v6's speed), then the rest as time allows
+      // the small products' exactness first (the 128-, 64- and 32-row blocks), the attention's batched
+      // products, the dense projections (cheap shapes first), then the block timings (v6's speed), then
+      // the rest as time allows
       ['kernels', () => checkKernels(SIZES[0])],
       ...fewRows,
+      ['attention', checkAttention],
       ['dense', () => checkDense(tensorCoresAvailable)],
       ['blocks', timeBlocks],
       ['fixture', checkFixture],
       ...SIZES.slice(1).map((s, i) => [`kernels${i + 1}`, () => checkKernels(s)] as [string, () => Promise<unknown>]),
     ];
-  for (const [name, run] of steps) {
+  const only = process.env.TC_CHECK_STEPS?.split(',');
+  const unknownSteps = only?.filter(name => !steps.some(([step]) => step === name)) ?? [];
+  if (unknownSteps.length > 0) {
+    report.fatal = `TC_CHECK_STEPS: unknown ${unknownSteps.join(', ')}; known: ${steps.map(([step]) => step).join(', ')}`;
+    finish(1);
+  }
+  for (const [name, run] of steps.filter(([step]) => only === undefined || only.includes(step))) {
     if (left() < 5_000) { report[name] = { skipped: 'out of time budget' }; continue; }
     try {
       report[name] = await run();

@@ -7,9 +7,9 @@
 import { expect } from 'chai';
 import { uniformStrideLoop } from '../../../src/backends/webgpu/programs/subgroup_matrix_core.js';
 import {
-  ELEMENT_STAGING, SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram,
+  ELEMENT_STAGING, SubgroupMatrixMatMulProgram, type SubgroupMatMulSpec, type SubgroupStaging, SubgroupMatrixWeightGradProgram,
+  type SubgroupWeightGradSpec,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
-import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import { OLD_MATMUL_ROWS, OLD_WEIGHT_GRAD_ROWS } from '../../../tools/webgpu_tc/frozen/db64af4.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
@@ -17,7 +17,7 @@ import { packageProgramShader, v7Variant, V7_STEPS } from '../../../tools/webgpu
 
 describe('webgpu: subgroup-matrix programs reach the matrix builtins and barriers in uniform control flow', () => {
   const bf16: PackedWeightSpec = { kind: 'bf16', cols: 96, layout: null };
-  const matMulSpecs: Array<Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean }> = [
+  const matMulSpecs: SubgroupMatMulSpec[] = [
     { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true },
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
@@ -25,10 +25,15 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
     { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: bf16 },
     // one group (the dense projections): its own row loop
     { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: bf16 },
+    // uniform groups (the composed attention's batched products): the group from the block's first row
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, uniformGroups: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, uniformGroups: true },
   ];
-  const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
+  const gradSpecs: SubgroupWeightGradSpec[] = [
     { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },
     { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: true, scaled: true },
+    // uniform groups: segments from the uniform, R scaled (dV = Pᵀ·dO)
+    { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight: true, uniformGroups: true },
   ];
   // 16 and 64 invocations per subgroup: 64 and 256 per workgroup, fewer or more than the block's 128 rows
   for (const subgroupSize of [16, 32, 64]) {

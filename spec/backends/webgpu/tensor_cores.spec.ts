@@ -13,16 +13,15 @@ import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_prog
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
-  DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD, groupedMatMul,
-  groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
+  batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
+  groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
-import type { GroupedMatMulSpec, GroupedWeightGradSpec } from '../../../src/backends/webgpu/programs/grouped_matmul_program.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
   ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupBlockRowsFor, subgroupMatrixDispatch,
-  SubgroupMatrixMatMulProgram, type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes, v5Structure, v6Staging,
-  weightGradDepthFor, weightGradStaging, weightGradStaging as weightGradStagingV6,
+  SubgroupMatrixMatMulProgram, type SubgroupMatMulSpec, type SubgroupStaging, SubgroupMatrixWeightGradProgram, subgroupMatrixWorkgroupBytes,
+  type SubgroupWeightGradSpec, v5Structure, v6Staging, weightGradDepthFor, weightGradStaging, weightGradStaging as weightGradStagingV6,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
@@ -30,6 +29,9 @@ import {
 } from '../../../src/backends/webgpu/tensor_cores.js';
 import type { PackedKind } from '../../../src/ops/packed.js';
 import { quantizedLayout } from '../../../src/ops/quantized.js';
+import { scaledDotProductAttention } from '../../../src/ops/attention_core.js';
+import { BATCH_PRODUCT } from '../../../src/ops/batch_product.js';
+import { countKernels } from '../../helpers/numeric.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
@@ -283,6 +285,72 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     expect(wideEnoughForTensorCores(4096, 1024, 8)).to.equal(false);   // u·Bᵀ, rank 8
     expect(wideEnoughForTensorCores(16, 1024, 1024)).to.equal(false);
   });
+
+  it('batched products (MoEBatchProduct): the composed attention\'s six at OLMoE\'s shape on tensor cores, the rest f32 with the reason', () => {
+    const route = batchProductTensorCoreRoute;
+    const plain = { transposeA: false, transposeB: false, gradient: 'none' } as const;
+    // batch 4 × 16 heads = 64 KV heads of S = 512 query rows over L = 512 keys, head 128
+    const [heads, s, l, d] = [64, 512, 512, 128];
+    expect(route({ ...plain, transposeB: true }, heads, s, l, d), 'scores = q·kᵀ').to.deep.equal({ program: 'matMul', blockRows: 128 });
+    expect(route(plain, heads, s, d, l), 'value = P·v').to.deep.equal({ program: 'matMul', blockRows: 128 });
+    expect(route({ ...plain, transposeA: true, gradient: 'b' }, heads, l, d, s), 'dV = Pᵀ·dO').to.deep.equal({ program: 'weightGrad', depth: 64 });
+    expect(route({ ...plain, transposeB: true, gradient: 'a' }, heads, s, l, d), 'dP = dO·vᵀ').to.deep.equal({ program: 'matMul', blockRows: 128 });
+    expect(route({ ...plain, gradient: 'a' }, heads, s, d, l), 'dQ = dS·k').to.deep.equal({ program: 'matMul', blockRows: 128 });
+    expect(route({ ...plain, transposeA: true, gradient: 'a' }, heads, l, d, s), 'dK = dSᵀ·q').to.deep.equal({ program: 'weightGrad', depth: 64 });
+    // a block lies in one batch: the largest block rows dividing the batch's rows, 64 where 128-row blocks would be few
+    expect(route(plain, 4, 96, 128, 64)).to.deep.equal({ program: 'matMul', blockRows: 32 });
+    expect(route(plain, 1, 256, 128, 64)).to.deep.equal({ program: 'matMul', blockRows: 64 });
+    expect(route(plain, 128, 128, 128, 64)).to.deep.equal({ program: 'matMul', blockRows: 128 });
+    // the weight gradient's reduction is a batch's rows: 32-deep slabs unless they are a multiple of 64
+    expect(route({ ...plain, transposeA: true }, 2, 64, 64, 48)).to.deep.equal({ program: 'weightGrad', depth: 32 });
+    expect(route(plain, 64, 80, 128, 64)).to.deep.equal({ f32: '80 rows per batch, no multiple of 32: a block would span two batches' });
+    expect(route({ ...plain, transposeA: true, transposeB: true }, heads, s, l, d)).to.deep.equal({ f32: 'aᵀ·bᵀ has no subgroup-matrix form' });
+    expect(route({ ...plain, gradient: 'b' }, heads, s, d, l)).to.deep.equal({ f32: 'the MatMul scales only its left operand, not a gradient b' });
+    expect(route(plain, heads, s, 8, l)).to.deep.equal({ f32: 'too narrow: [512, 8] over 512 (sides >= 32, reduction >= 16)' });
+    expect(route({ ...plain, transposeA: true }, heads, l, d, 8)).to.deep.equal({ f32: 'too narrow: [512, 128] over 8 (sides >= 32, reduction >= 16)' });
+    expect(route(plain, 0, s, d, l)).to.deep.equal({ f32: 'an empty batch' });
+  });
+
+  it('with the flag on, the suite\'s device keeps the composed attention\'s products on tfjs\'s BatchMatMul: same numbers, no subgroup program', async () => {
+    const keys = await withShaderKeys(async keys => {
+      await expectNoLeakAsync(async () => {
+        // 2 KV heads of 2 × 32 query rows (rep 2) over 64 keys, head 32: every product wide enough and in whole blocks
+        const q = tf.randomNormal([4, 32, 32], 0, 1, 'float32', 1) as tf.Tensor3D;
+        const k = tf.randomNormal([2, 64, 32], 0, 1, 'float32', 2) as tf.Tensor3D;
+        const v = tf.randomNormal([2, 64, 32], 0, 1, 'float32', 3) as tf.Tensor3D;
+        const mask = tf.zeros([32, 64]) as tf.Tensor2D;
+        const pass = async () => {
+          const [y, grads] = tf.tidy(() => {
+            const { value, grads: g } = tf.valueAndGrads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              tf.sum(tf.square(scaledDotProductAttention(a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, mask, 0.25))))([q, k, v]);
+            return [value, g];
+          });
+          const out = await Promise.all([y, ...grads].map(t => t.data()));
+          tf.dispose([y, ...grads]);
+          return out.map(d => Array.from(d));
+        };
+        const off = await withEnvFlag(TENSOR_CORES_FLAG, false, pass);
+        const on = await withEnvFlag(TENSOR_CORES_FLAG, true, pass);
+        expect(on).to.deep.equal(off);
+        // the six products, forward (q·kᵀ, P·v) and backward (Pᵀ·dO, dO·vᵀ, dS·k, dSᵀ·q), reach the kernel:
+        // the composed path calls batchProduct with the tape off (customGrad's forward and backward)
+        const products = await withEnvFlag(TENSOR_CORES_FLAG, true, async () => {
+          let ran: tf.Tensor[] = [];
+          const n = countKernels(BATCH_PRODUCT, () => {
+            const { value, grads } = tf.valueAndGrads((a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) =>
+              tf.sum(scaledDotProductAttention(a as tf.Tensor3D, b as tf.Tensor3D, c as tf.Tensor3D, mask, 0.25)))([q, k, v]);
+            ran = [value, ...grads];
+          });
+          tf.dispose(ran);
+          return n;
+        });
+        expect(products).to.equal(6);
+        tf.dispose([q, k, v, mask]);
+      });
+      return keys;
+    });
+    expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
+  });
 });
 
 describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
@@ -482,7 +550,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     return { kind, cols: 96, layout };
   }
 
-  const matMulSpecs: Array<Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean }> = [
+  const matMulSpecs: SubgroupMatMulSpec[] = [
     { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true },
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
@@ -500,6 +568,9 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true },
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, singleGroup: true, packedWeight: packedSpec('bf16', 2) },
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: packedSpec('f16', 2) },
+    // the composed attention's batched products (MoEBatchProduct): uniform groups, no plan; q·kᵀ and dO·vᵀ (W along k), P·v and dS·k
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, uniformGroups: true },
+    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, uniformGroups: true },
   ];
   for (const spec of matMulSpecs) {
     // per element, and in quads where the weight's kind allows (every path: A's sources and activations, f32/bf16/f16 W along k and n)
@@ -533,10 +604,13 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     }
   }
 
-  const gradSpecs: Array<Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }> = [
+  const gradSpecs: SubgroupWeightGradSpec[] = [
     { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },
     { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: true, scaled: true },
     { left: 'gather', right: 'rows', scaleLeft: true, scaled: false },
+    // the composed attention's dK = dSᵀ·q (L scaled) and dV = Pᵀ·dO (R scaled): uniform groups, no plan
+    { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, uniformGroups: true },
+    { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight: true, uniformGroups: true },
   ];
   for (const spec of gradSpecs) {
     const v6Whole: SubgroupStaging = { left: 'vec4', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: true } } };
@@ -608,6 +682,85 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const dxCode = shaderOf(dx, [['A', 'float32', [300, 192]], ['W', 'float32', [192, 256]], ['amax', 'float32', [1]]], [300, 256]);
     expect(dxCode).to.match(/var<storage, read> W: array<vec4<f32>>/);
     expect(await compileErrors(dxCode)).to.deep.equal([]);
+  });
+
+  it('uniform groups (MoEBatchProduct): no plan inputs, the block\'s group from its first row, segments of G rows, a shader key each', () => {
+    const olmoe = { inner: 128, outCols: 512, sE: 512 * 128, sN: 128, sK: 1 };
+    const spec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false } as const;
+    // attention's scores at OLMoE's shape: 64 groups of 512 rows, 512 columns
+    const scores = new SubgroupMatrixMatMulProgram(64 * 512, 512, { ...spec, uniformGroups: true }, 32, matMulStaging({}, olmoe));
+    const planned = new SubgroupMatrixMatMulProgram(64 * 512, 512, spec, 32, matMulStaging({}, olmoe));
+    expect(scores.variableNames).to.deep.equal(['A', 'W']);
+    expect(scores.dispatch).to.deep.equal([4, 256, 1]);
+    expect(scores.shaderKey).to.equal(`${planned.shaderKey}_uniformGroups`);
+    expect(scores.uniforms).to.equal(`${planned.uniforms}groupRows : i32, `);
+    const code = scores.getUserCode().replace(/\s+/g, ' ');
+    expect(code).to.not.match(/\bseg\b|\bpr\[|expertOfRow/);
+    expect(code).to.contain('if (lid == 0) { rowSrc[128] = row0 / uniforms.groupRows; }');
+    expect(code).to.contain('rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);');
+    expect(code).to.contain('let wBase = max(e, 0) * uniforms.sE;');
+    expect(auditSubgroupControlFlow(scores.getUserCode())).to.deep.equal([]);
+    // dK = dSᵀ·q scales L (dS), dV = Pᵀ·dO scales R (dO): [64, 512, 128] each over 512 rows a group
+    const grad = (scaledRight: boolean) => new SubgroupMatrixWeightGradProgram([64, 512, 128], 64, 512, 128,
+        { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight, uniformGroups: true }, 32, weightGradStaging({ P: 512, Q: 128 }), 64);
+    const [dK, dV] = [grad(false), grad(true)];
+    expect(dV.variableNames).to.deep.equal(['L', 'R', 'amax']);
+    expect(dV.dispatch).to.deep.equal([1, 4, 64]);
+    expect(dV.uniforms).to.match(/groupRows : i32, $/);
+    expect(dK.shaderKey).to.match(/_x_32_3_.*_uniformGroups$/);
+    expect(dV.shaderKey).to.equal(dK.shaderKey.replace('_x_', '_xr_'));
+    const [k, v] = [dK, dV].map(p => p.getUserCode().replace(/\s+/g, ' '));
+    for (const c of [k, v]) {
+      expect(c).to.contain('segment[0] = e * uniforms.groupRows; segment[1] = uniforms.groupRows;');
+      expect(c).to.not.match(/\bseg\[/);
+    }
+    expect(k).to.contain('loadL4(start + min(r0 + i32(rr), count - 1), p0 + i32(pp)) * s, ');
+    expect(k).to.contain('loadR4(start + min(r0 + i32(rr), count - 1), q0 + i32(qq)), ');
+    expect(v).to.contain('loadL4(start + min(r0 + i32(rr), count - 1), p0 + i32(pp)), ');
+    expect(v).to.contain('loadR4(start + min(r0 + i32(rr), count - 1), q0 + i32(qq)) * s, ');
+    // per element too
+    const elementV = new SubgroupMatrixWeightGradProgram([64, 512, 128], 64, 512, 128,
+        { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight: true, uniformGroups: true }, 32).getUserCode();
+    expect(elementV).to.contain('let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1)) * s;');
+    expect(elementV).to.contain('let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1));');
+  });
+
+  it('refuses uniform groups of gathered or activated rows, with one group, or a row scale; and scaledRight without amax', () => {
+    const rows = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, uniformGroups: true } as const;
+    expect(() => new SubgroupMatrixMatMulProgram(256, 128, { ...rows, source: 'gather' }, 32)).to.throw(
+        "SubgroupMatrixMatMulProgram: uniform groups read A as rows, one group per G rows, but got source 'gather'");
+    expect(() => new SubgroupMatrixMatMulProgram(256, 128, { ...rows, singleGroup: true }, 32)).to.throw(
+        "SubgroupMatrixMatMulProgram: uniform groups read A as rows, one group per G rows, but got source 'rows' and singleGroup");
+    const grad = { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, uniformGroups: true } as const;
+    expect(() => new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { ...grad, right: 'gather' }, 32)).to.throw(
+        "SubgroupMatrixWeightGradProgram: uniform groups read L and R as rows with no row scale, but got left 'rows', right 'gather', scaleLeft false");
+    expect(() => new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { ...grad, scaleLeft: true }, 32)).to.throw(
+        "SubgroupMatrixWeightGradProgram: uniform groups read L and R as rows with no row scale, but got left 'rows', right 'rows', scaleLeft true");
+    expect(() => new SubgroupMatrixWeightGradProgram([2, 128, 128], 2, 128, 128, { ...grad, scaled: false, scaledRight: true }, 32)).to.throw(
+        'SubgroupMatrixWeightGradProgram: scaledRight needs scaled (the amax input)');
+  });
+
+  it('uniform groups under tfjs\'s own preamble at OLMoE\'s shape (3-D inputs and outputs, the six attention products): valid WGSL', async () => {
+    const [h, s, l, d] = [64, 512, 512, 128];
+    const mm = (kContiguous: boolean, scaled: boolean, inner: number, outCols: number) => new SubgroupMatrixMatMulProgram(h * s, outCols,
+        { source: 'rows', hasBias: false, hasAddend: false, kContiguous, scaled, uniformGroups: true }, 32,
+        matMulStaging({}, { inner, outCols, sE: inner * outCols, ...(kContiguous ? { sN: inner, sK: 1 } : { sN: 1, sK: outCols }) }));
+    const wg = (scaledRight: boolean, P: number, Q: number) => new SubgroupMatrixWeightGradProgram([h, P, Q], h, P, Q,
+        { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight, uniformGroups: true }, 32, weightGradStaging({ P, Q }), 64);
+    const amax: [string, DataType, number[]] = ['amax', 'float32', []];
+    const cases: Array<[string, WebGPUProgram, Array<[string, DataType, number[]]>, number[]]> = [
+      ['scores = q·kᵀ', mm(true, false, d, l), [['A', 'float32', [h, s, d]], ['W', 'float32', [h, l, d]]], [h, s, l]],
+      ['value = P·v', mm(false, false, l, d), [['A', 'float32', [h, s, l]], ['W', 'float32', [h, l, d]]], [h, s, d]],
+      ['dP = dO·vᵀ', mm(true, true, d, l), [['A', 'float32', [h, s, d]], ['W', 'float32', [h, l, d]], amax], [h, s, l]],
+      ['dQ = dS·k', mm(false, true, l, d), [['A', 'float32', [h, s, l]], ['W', 'float32', [h, l, d]], amax], [h, s, d]],
+      ['dV = Pᵀ·dO', wg(true, l, d), [['L', 'float32', [h, s, l]], ['R', 'float32', [h, s, d]], amax], [h, l, d]],
+      ['dK = dSᵀ·q', wg(false, l, d), [['L', 'float32', [h, s, l]], ['R', 'float32', [h, s, d]], amax], [h, l, d]],
+    ];
+    for (const [name, program, inputs, out] of cases) {
+      const code = shaderOf(program, inputs, out);
+      expect(code, name).to.match(/var<storage, read> [AL]: array<vec4<f32>>/);
+      expect(await compileErrors(code), name).to.deep.equal([]);
+    }
   });
 
   it('a stand-in shader with a mistake does not compile (the check above can fail)', async () => {

@@ -22,7 +22,7 @@ import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
-  halfOperandFits, matMulStaging, SUBGROUP_BLOCK_ROWS, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  halfOperandFits, matMulStaging, SUBGROUP_BLOCK_ROWS, SUBGROUP_MATRIX_BLOCK, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
@@ -58,6 +58,7 @@ import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs, registerTensorCoreAtten
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
 import { SCALED_MATMUL, type ScaledMatMulAttrs } from '../../ops/scaled_matmul.js';
 import { WEIGHT_GRAD_PRODUCT } from '../../ops/weight_grad_product.js';
+import { BATCH_PRODUCT, type BatchProductAttrs } from '../../ops/batch_product.js';
 import { installUniformArena } from './uniform_arena.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
@@ -177,9 +178,9 @@ function runGroupedProduct(
     args: KernelArgs,
     program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
-    uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
+    uniforms: ProgramUniformEntry[], flops: number, output?: tf.TensorInfo): tf.TensorInfo {
   const backend = webgpu(args);
-  const out = backend.runWebGPUProgram(program, inputs, 'float32', uniforms);
+  const out = backend.runWebGPUProgram(program, inputs, 'float32', uniforms, output);
   if (flops < tf.env().getNumber(SUBMIT_FLOPS_FLAG)) return out;
   const q = backend as unknown as CommandQueueInternals;
   // under tf.time/profile tfjs submits after every program itself, with its timestamp queries
@@ -1315,9 +1316,123 @@ const weightGradProductConfig: tf.KernelConfig = {
   },
 };
 
+/** How MoEBatchProduct runs on tensor cores: its program with that program's block rows or slab depth, or why not. */
+export type BatchProductTensorCoreRoute =
+  | { program: 'matMul'; blockRows: SubgroupBlockRows }
+  | { program: 'weightGrad'; depth: 32 | 64 }
+  | { f32: string };
+
+/**
+ * MoEBatchProduct's route on a device with tensor cores, for an output [batch, m, n] reduced over
+ * k: op(a)·op(b) as SubgroupMatrixMatMulProgram with uniform groups of m rows (b along n, or
+ * transposeB: b stored [n, k], kContiguous), aᵀ·b as SubgroupMatrixWeightGradProgram with
+ * segments of k rows; f32 (tfjs's BatchMatMul) where the programs have no form for it (aᵀ·bᵀ; the
+ * MatMul scales only its left operand, so not a gradient b), where a block of 32 rows or more
+ * would span two batches (m no multiple of 32), or where the product is too narrow
+ * (wideEnoughForTensorCores). MatMul blocks as the dense products': 128 rows, 64 where blocks of
+ * 128 would be fewer than DENSE_TC_FEW_BLOCKS.
+ *
+ * ```js
+ * batchProductTensorCoreRoute({ transposeA: false, transposeB: true, gradient: 'none' }, 64, 512, 512, 128);
+ * // { program: 'matMul', blockRows: 128 }   (attention's scores at OLMoE's shape)
+ * ```
+ */
+export function batchProductTensorCoreRoute(attrs: BatchProductAttrs, batch: number, m: number, n: number, k: number):
+    BatchProductTensorCoreRoute {
+  if (batch < 1) return { f32: 'an empty batch' };
+  if (attrs.transposeA && attrs.transposeB) return { f32: 'aᵀ·bᵀ has no subgroup-matrix form' };
+  if (!wideEnoughForTensorCores(m, n, k)) return { f32: `too narrow: [${m}, ${n}] over ${k} (sides >= 32, reduction >= 16)` };
+  if (attrs.transposeA) return { program: 'weightGrad', depth: weightGradDepthFor(k) };
+  if (attrs.gradient === 'b') return { f32: 'the MatMul scales only its left operand, not a gradient b' };
+  const blockRows = subgroupBlockRowsFor(m);
+  if (blockRows === undefined) return { f32: `${m} rows per batch, no multiple of 32: a block would span two batches` };
+  const few = blockRows === 128 && batch * (m / 128) * Math.ceil(n / SUBGROUP_MATRIX_BLOCK.cols) < DENSE_TC_FEW_BLOCKS;
+  return { program: 'matMul', blockRows: few ? 64 : blockRows };
+}
+
+/**
+ * The sizes of MoEBatchProduct's output [batch, m, n] and reduction k, from its inputs' shapes
+ * (checked by batchProduct).
+ */
+function batchProductSizes(a: tf.TensorInfo, b: tf.TensorInfo, attrs: BatchProductAttrs) {
+  const [batch] = a.shape;
+  return {
+    batch, m: attrs.transposeA ? a.shape[2] : a.shape[1], n: attrs.transposeB ? b.shape[1] : b.shape[2],
+    k: attrs.transposeA ? a.shape[1] : a.shape[2],
+  };
+}
+
+/**
+ * MoEBatchProduct on tensor cores (batchProductTensorCoreRoute's program), f16 operands, f32
+ * accumulation, the gradient operand scaled by its amax; per batch b, W's group b is b[b·sE].
+ */
+function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a: tf.TensorInfo, b: tf.TensorInfo,
+    attrs: BatchProductAttrs, route: Exclude<BatchProductTensorCoreRoute, { f32: string }>): tf.TensorInfo {
+  const backend = webgpu(args);
+  const { batch, m, n, k } = batchProductSizes(a, b, attrs);
+  // a MatMul block takes its group from its first row: it must not span two batches
+  if (route.program === 'matMul' && m % route.blockRows !== 0) {
+    throw new Error(`MoEBatchProduct: ${route.blockRows}-row blocks would span two batches of ${m} rows`);
+  }
+  const amax = attrs.gradient === 'none' ? undefined : maxAbsOfInfo(args, attrs.gradient === 'a' ? a : b);   // []
+  const inputs = [a, b, ...(amax !== undefined ? [amax] : [])];
+  let out: tf.TensorInfo;
+  if (route.program === 'matMul') {
+    // a [batch·m, k] as rows; b's group: [n, k] (transposeB, W along k) or [k, n] (along n)
+    const strides = attrs.transposeB ? { sN: k, sK: 1 } : { sN: 1, sK: n };
+    const spec = {
+      source: 'rows' as const, hasBias: false, hasAddend: false, kContiguous: attrs.transposeB, scaled: amax !== undefined,
+      uniformGroups: true,
+    };
+    const program = new SubgroupMatrixMatMulProgram(batch * m, n, spec, tc.subgroupSize,
+        matMulStaging({}, { inner: k, outCols: n, sE: n * k, ...strides }), route.blockRows);
+    const uniforms: ProgramUniformEntry[] = [
+      ...intUniforms(batch * m, n, k, 1, batch, n * k, strides.sN, strides.sK), ...floatUniforms(1),
+      ...activationUniforms(undefined), ...intUniforms(m),
+    ];
+    // the program writes rows batch·m × n; the output is their [batch, m, n] view
+    out = runGroupedProduct(args, program, inputs, uniforms, 2 * batch * m * n * k, backend.makeTensorInfo([batch, m, n], 'float32'));
+  } else {
+    // aᵀ·b per batch: L = a [batch·k, m], R = b [batch·k, n], segment b = rows b·k ..
+    const spec = {
+      left: 'rows' as const, right: 'rows' as const, scaleLeft: false, scaled: amax !== undefined, scaledRight: attrs.gradient === 'b',
+      uniformGroups: true,
+    };
+    const program = new SubgroupMatrixWeightGradProgram([batch, m, n], batch, m, n, spec, tc.subgroupSize,
+        weightGradStaging({ P: m, Q: n }), route.depth);
+    const uniforms: ProgramUniformEntry[] = [
+      ...intUniforms(m, n, 1, batch, m * n, n, 1), ...floatUniforms(1), ...activationUniforms(undefined), ...intUniforms(k),
+    ];
+    out = runGroupedProduct(args, program, inputs, uniforms, 2 * batch * m * n * k);
+  }
+  if (amax !== undefined) backend.disposeData(amax.dataId);
+  return out;
+}
+
+/**
+ * batchProduct's MoEBatchProduct (src/ops/batch_product.ts): on tensor cores where they are on
+ * for a product this size (denseTensorCores: the flag, a registered device, workgroup memory) and
+ * batchProductTensorCoreRoute has a program for it; else tfjs's BatchMatMul, as tf.matMul runs it.
+ */
+const batchProductConfig: tf.KernelConfig = {
+  kernelName: BATCH_PRODUCT,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
+    const attrs = args.attrs as unknown as BatchProductAttrs;
+    const { batch, m, n, k } = batchProductSizes(a, b, attrs);
+    const tc = denseTensorCores(webgpu(args).device, m, n, k);
+    const route = tc === undefined ? undefined : batchProductTensorCoreRoute(attrs, batch, m, n, k);
+    if (tc !== undefined && route !== undefined && !('f32' in route)) return runBatchProductOnTensorCores(args, tc, a, b, attrs, route);
+    return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
+      inputs: { a, b }, backend: args.backend, attrs: { transposeA: attrs.transposeA, transposeB: attrs.transposeB },
+    }) as tf.TensorInfo;
+  },
+};
+
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
 ];

@@ -203,9 +203,10 @@ export interface GroupedMatMulSpec {
 
 /**
  * WGSL of tileRowsSnippet for a single group: expert 0, row r of A for r < numRows. Shared with
- * the subgroup-matrix program (`uniformSteps` as in tileRowsSnippet).
+ * the subgroup-matrix program (`uniformSteps` as in tileRowsSnippet), whose uniform groups (a
+ * batch of equal groups, no plan) give `group`, the tile's group as a WGSL expression of row0.
  */
-export function singleGroupRowsSnippet(rows: number, threads = THREADS, uniformSteps = false): string {
+export function singleGroupRowsSnippet(rows: number, threads = THREADS, uniformSteps = false, group = '0'): string {
   const row = `rowSrc[m] = select(-1, row0 + m, row0 + m < uniforms.numRows);`;
   const loop = uniformSteps
     ? `for (var step = 0; step < ${Math.ceil(rows / threads)}; step++) {
@@ -217,7 +218,7 @@ export function singleGroupRowsSnippet(rows: number, threads = THREADS, uniformS
     : `for (var m = lid; m < ${rows}; m += ${threads}) {
           ${row}
         }`;
-  return `if (lid == 0) { tileExpert = 0; }
+  return `if (lid == 0) { tileExpert = ${group}; }
         ${loop}`;
 }
 

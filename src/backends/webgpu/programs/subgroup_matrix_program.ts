@@ -270,6 +270,29 @@ export interface SubgroupStaging {
 export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'element' };
 
 /**
+ * SubgroupMatrixMatMulProgram's product: GroupedMatMulProgram's spec without the register tile;
+ * `scaled` adds the input `amax` (see the file comment). `uniformGroups`: a batch of equal groups
+ * with no plan (the composed attention's batched products, batchProduct): rows b·G .. b·G + G − 1
+ * of A are group b, multiplied by W's group b (from W[b·sE]), G the uniform groupRows, a multiple
+ * of the block's rows so that a block's group is its first row's; source 'rows', no plan inputs.
+ */
+export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean };
+
+/**
+ * SubgroupMatrixWeightGradProgram's product: GroupedWeightGradSpec without the register tile;
+ * `scaled` scales L by `amax` (the gradient operand of the experts' dW = Lᵀ·R), or R with
+ * `scaledRight` (attention's dV = Pᵀ·dO, where the right operand is the gradient).
+ * `uniformGroups`: segment b is rows b·G .. b·G + G − 1 of L and R (G the uniform groupRows), no
+ * plan inputs; L and R 'rows', no row scale.
+ */
+export type SubgroupWeightGradSpec = Omit<GroupedWeightGradSpec, 'tile'> & {
+  scaled: boolean; scaledRight?: boolean; uniformGroups?: boolean;
+};
+
+/** The uniform of the uniform-groups specialisations, after the grouped products' own. */
+const GROUP_ROWS_UNIFORM = 'groupRows : i32, ';
+
+/**
  * The MatMul's staging for a product of reduction `inner` and `outCols` columns with W_e(k, n) at
  * W[e·sE + n·sN + k·sK] (sE in words for a packed weight): A in quads when every row's quads are
  * aligned (inner a multiple of 4); W when float32, bf16 or f16, contiguous along k (sK = 1) or
@@ -581,7 +604,8 @@ function components(names: string[], quadded: Record<string, number>): number[] 
  * `scaled` adds the input `amax` (see the file comment). The plan's row tile must be a multiple
    * of the block's rows (subgroupBlockRowsFor), so that a block never spans two experts. With `singleGroup` (a dense
    * projection, MoEDenseMatMul / MoEPackedDenseMatMul): no plan inputs, rows straight from A, any
-   * row count, as in GroupedMatMulProgram.
+   * row count, as in GroupedMatMulProgram. With `uniformGroups` (MoEBatchProduct): no plan inputs,
+   * rows straight from A, group b of every G rows (SubgroupMatMulSpec).
  */
 export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   variableNames: string[];
@@ -591,8 +615,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [0], y: [1] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number];
-  uniforms = GROUPED_MATMUL_UNIFORMS;
-  private readonly spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean };
+  uniforms: string;
+  private readonly spec: SubgroupMatMulSpec;
   private readonly staging: SubgroupStaging;
   private readonly layout: SlabLayout;
 
@@ -601,9 +625,13 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
    * product's shape and strides (per element when absent); `blockRows`: subgroupBlockRowsFor of
    * the plan's row tile.
    */
-  constructor(capacity: number, outCols: number, spec: Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean },
+  constructor(capacity: number, outCols: number, spec: SubgroupMatMulSpec,
       subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING, blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows) {
     this.spec = spec;
+    if (spec.uniformGroups && (spec.singleGroup || spec.source !== 'rows')) {
+      throw new Error(`SubgroupMatrixMatMulProgram: uniform groups read A as rows, one group per G rows, but got source '${spec.source}'` +
+          `${spec.singleGroup ? ' and singleGroup' : ''}`);
+    }
     this.staging = staging;
     // v7: a weight stored [out, in] goes to a column-major Bs (its k-runs on consecutive halves)
     this.layout = matMulLayout(blockRows, spec.kContiguous && !staging.registerPrefetch);
@@ -623,7 +651,9 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
-    this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
+    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
+    const planned = !spec.singleGroup && !spec.uniformGroups;
+    this.variableNames = ['A', 'W', ...(planned ? ['seg', 'pr'] : []), ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
       // 'half8': 8 halves, 4 words, 16 bytes
@@ -635,7 +665,18 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
-        (spec.singleGroup ? '_single' : '');
+        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '');
+  }
+
+  /**
+   * WGSL: the block's group into tileExpert and its rows' sources into rowSrc: from the plan, or
+   * with one group or uniform groups straight from A (a uniform group's block lies inside one group:
+   * G is a multiple of the block's rows, which the caller checks).
+   */
+  private rowsSnippet(rows: number, threads: number): string {
+    if (this.spec.uniformGroups) return singleGroupRowsSnippet(rows, threads, true, 'row0 / uniforms.groupRows');
+    if (this.spec.singleGroup) return singleGroupRowsSnippet(rows, threads, true);
+    return tileRowsSnippet(this.spec.source, rows, threads, true);
   }
 
   getUserCode(): string {
@@ -719,7 +760,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${rowInts(rows)}>;
-      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
+      ${this.spec.singleGroup || this.spec.uniformGroups ? '' : EXPERT_OF_ROW}
       ${halfA ? HALF_ROW_SNIPPET
         : quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
@@ -732,7 +773,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let row0 = i32(workgroupId.y) * ${rows};
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
-        ${(this.spec.singleGroup ? singleGroupRowsSnippet(rows, threads, true) : tileRowsSnippet(this.spec.source, rows, threads, true))
+        ${this.rowsSnippet(rows, threads)
           .replace(/\btileExpert\b/g, `rowSrc[${rows}]`)}
         ${direct ? `// v6: whether this block stores straight to the output (published with e: the same for the whole
         // workgroup by construction, as the barriers of the other epilogue need)
@@ -788,33 +829,40 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
   dispatchLayout = { x: [0], y: [1], z: [2] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number];
-  uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
-      ACTIVATION_UNIFORMS;
-  private readonly spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean };
+  uniforms: string;
+  private readonly spec: SubgroupWeightGradSpec;
   private readonly staging: SubgroupStaging;
   private readonly layout: SlabLayout;
 
   /**
    * `staging`: weightGradStaging of P and Q (per element when absent); `depth`: the rows of the
-   * reduction per staged slab, weightGradDepthFor of the plan's row tile.
+   * reduction per staged slab, weightGradDepthFor of the plan's row tile (of G with uniformGroups).
+   * `numExperts`: the groups (the batch with uniformGroups).
    */
-  constructor(outputShape: number[], numExperts: number, P: number, Q: number,
-      spec: Omit<GroupedWeightGradSpec, 'tile'> & { scaled: boolean }, subgroupSize: number,
+  constructor(outputShape: number[], numExperts: number, P: number, Q: number, spec: SubgroupWeightGradSpec, subgroupSize: number,
       staging: SubgroupStaging = ELEMENT_STAGING, depth: 32 | 64 = 64) {
     this.spec = spec;
     this.staging = staging;
     this.layout = weightGradLayout(depth);
     if (staging.right === 'vec8') throw new Error('SubgroupMatrixWeightGradProgram: R is staged per element or in runs of 4, not 8');
+    if (spec.scaledRight && !spec.scaled) throw new Error('SubgroupMatrixWeightGradProgram: scaledRight needs scaled (the amax input)');
+    if (spec.uniformGroups && (spec.left !== 'rows' || spec.right !== 'rows' || spec.scaleLeft)) {
+      throw new Error('SubgroupMatrixWeightGradProgram: uniform groups read L and R as rows with no row scale, but got ' +
+          `left '${spec.left}', right '${spec.right}', scaleLeft ${spec.scaleLeft}`);
+    }
     this.outputShape = outputShape;
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(P, Q, numExperts);
-    this.variableNames = ['L', 'R', 'seg', ...(usesPairOfRow(spec) ? ['pr'] : []), ...(spec.scaleLeft ? ['rw'] : []),
-      ...(spec.scaled ? ['amax'] : [])];
+    this.uniforms = 'P : i32, Q : i32, topK : i32, numExperts : i32, oE : i32, oP : i32, oQ : i32, alpha : f32, ' +
+        ACTIVATION_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
+    this.variableNames = ['L', 'R', ...(spec.uniformGroups ? [] : ['seg']), ...(usesPairOfRow(spec) ? ['pr'] : []),
+      ...(spec.scaleLeft ? ['rw'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
       ...(staging.left === 'vec4' ? { L: 4 } : {}), ...(staging.right === 'vec4' ? { R: 4 } : {}),
     });
     this.shaderKey = `moeSubgroupWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
-        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? 'x' : ''}_${subgroupSize}_${outputShape.length}_${stagingKey(staging)}_d${depth}`;
+        `${spec.scaleLeft ? 's' : ''}${spec.scaled ? (spec.scaledRight ? 'xr' : 'x') : ''}_${subgroupSize}_${outputShape.length}_` +
+        `${stagingKey(staging)}_d${depth}${spec.uniformGroups ? '_uniformGroups' : ''}`;
   }
 
   getUserCode(): string {
@@ -833,37 +881,40 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const qb = stagedQuadB(x, layout, 'q', false);
     const gathered = (side: 'gather' | RowSource) => (side === 'gather' ? '(pr[r] / uniforms.topK)' : 'r');
     const whole = this.staging.v6?.whole;
+    // the operand scaled into f16's range by s (1 unless scaled): L, or R with scaledRight
+    const sL = this.spec.scaledRight ? '' : ' * s';
+    const sR = this.spec.scaledRight ? ' * s' : '';
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
     if (quadL && whole?.rows) {
       // v6, P whole blocks: only the reduction's end is checked
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
-          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp)) * s, ${r0} + i32(rr) < count)`],
+          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp))${sL}, ${r0} + i32(rr) < count)`],
           qa.at, qa.step));
     } else if (quadL) {
       // whole quads along p (P % 4 == 0); rows past the expert's count give 0
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
-          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4)) * s, ` +
+          r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), min(p0 + i32(pp), uniforms.P - 4))${sL}, ` +
               `p0 + i32(pp) < uniforms.P && ${r0} + i32(rr) < count)`], qa.at, qa.step));
     } else {
       elements.push(stage('As', rows * depth, threads, `let pp = ${a.m}; let rr = ${a.k};`,
           'let p = p0 + i32(pp);\n            let r = r0 + i32(rr);\n' +
-          '            let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1)) * s;\n' +
+          `            let l = loadL(start + min(r, count - 1), min(p, uniforms.P - 1))${sL};\n` +
           '            v = select(0.0, l, p < uniforms.P && r < count);',
           aIndex(x, layout, 'pp', 'rr')));
     }
     if (quadR && whole?.cols) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
-          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq)), ${r0} + i32(rr) < count)`],
+          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq))${sR}, ${r0} + i32(rr) < count)`],
           qb.at, qb.step));
     } else if (quadR) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
-          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4)), ` +
+          r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), min(q0 + i32(qq), uniforms.Q - 4))${sR}, ` +
               `q0 + i32(qq) < uniforms.Q && ${r0} + i32(rr) < count)`], qb.at, qb.step));
     } else {
       elements.push(stage('Bs', depth * cols, threads, `let rr = ${b.k}; let qq = ${b.n};`,
           'let q = q0 + i32(qq);\n            let r = r0 + i32(rr);\n' +
-          '            let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1));\n' +
+          `            let rv = loadR(start + min(r, count - 1), min(q, uniforms.Q - 1))${sR};\n` +
           '            v = select(0.0, rv, q < uniforms.Q && r < count);',
           bIndex(x, layout, 'rr', 'qq')));
     }
@@ -884,8 +935,10 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         ${subgroupPart(layout, subgroupSize)}
         let s = ${this.spec.scaled ? 'operandScale()' : '1.0'};
         if (lid == 0) {
-          segment[0] = seg[e];
-          segment[1] = seg[uniforms.numExperts + 1 + e];
+          ${this.spec.uniformGroups ? `// uniform groups: group e is rows e·G .. e·G + G − 1
+          segment[0] = e * uniforms.groupRows;
+          segment[1] = uniforms.groupRows;` : `segment[0] = seg[e];
+          segment[1] = seg[uniforms.numExperts + 1 + e];`}
           ${whole !== undefined ? `// v6: a block fully in range of a row-major dW with no scale stores straight to the output
           segment[2] = select(0, 1, p0 + ${rows} <= uniforms.P && q0 + ${cols} <= uniforms.Q && uniforms.oQ == 1 && uniforms.alpha / s == 1.0);` : ''}
         }
