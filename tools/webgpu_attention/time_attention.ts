@@ -36,7 +36,8 @@ import { causalMask } from '../../src/layers/attention.js';
 import { ATTENTION_PROGRAM_FLAG, type AttentionProgramKind } from '../../src/backends/webgpu/programs/tiled_attention_program.js';
 import { ATTENTION_KERNEL_FLAG, ATTENTION_KERNEL_MIN_BYTES_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
-import { withShaderKeys } from '../webgpu_tc/scoped.js';
+import { withEnvFlag, withShaderKeys } from '../webgpu_tc/scoped.js';
+import { TC_BATCH_PRODUCTS_FLAG } from '../../src/backends/webgpu/kernels.js';
 
 const tensorCores = commandLineFlag('tensor-cores', 'off');
 if (tensorCores !== 'on' && tensorCores !== 'off') throw new Error(`--tensor-cores must be 'on' or 'off' but got '${tensorCores}'`);
@@ -161,7 +162,7 @@ async function tensorCoreRun(): Promise<void> {
     if (available) {
       // the composed path again, its batched products on tensor cores (batchProduct's uniform groups)
       choosePath(null, true);
-      const products = await measure(p);
+      const products = await withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, () => measure(p));
       const errors = errorsOf(products);
       const worst = Math.max(...Object.values(errors));
       const uniform = products.keys.filter(k => k.endsWith('_uniformGroups'));

@@ -50,7 +50,7 @@ import {
 import { encodeBFloat16 } from '../../src/util/half.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
-import { batchProductTensorCoreRoute } from '../../src/backends/webgpu/kernels.js';
+import { batchProductTensorCoreRoute, TC_BATCH_PRODUCTS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
 import { type BatchProductAttrs, batchProduct } from '../../src/ops/batch_product.js';
 import { causalMask } from '../../src/layers/attention.js';
@@ -624,7 +624,7 @@ async function main(): Promise<void> {
   }
   const fewRows = FEW_ROWS_SIZES.map(s => [`kernels_${s.name}`, () => checkKernels(s, false)] as [string, () => Promise<unknown>]);
   const steps: Array<[string, () => Promise<unknown>]> = harness && !tensorCoresAvailable
-    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['attention', checkAttention], ['dense', () => checkDense(false)],
+    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['attention', () => withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, checkAttention)], ['dense', () => checkDense(false)],
       ['fixture', checkFixture]]
     : [
       // the small products' exactness first (the 128-, 64- and 32-row blocks), the attention's batched
@@ -632,7 +632,7 @@ async function main(): Promise<void> {
       // the rest as time allows
       ['kernels', () => checkKernels(SIZES[0])],
       ...fewRows,
-      ['attention', checkAttention],
+      ['attention', () => withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, checkAttention)],
       ['dense', () => checkDense(tensorCoresAvailable)],
       ['blocks', timeBlocks],
       ['fixture', checkFixture],

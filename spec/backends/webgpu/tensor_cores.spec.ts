@@ -24,7 +24,7 @@ import {
   type SubgroupWeightGradSpec, v5Structure, v6Staging, weightGradDepthFor, weightGradStaging, weightGradStaging as weightGradStagingV6,
 } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import {
-  activeTensorCores, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
+  activeTensorCores, entryPointInlined, hoistEnableDirectives, readSubgroupMatrixConfigs, registerTensorCoreDevice, TENSOR_CORES_FLAG,
   tensorCoreDevice, tensorCoreSupport, wideEnoughForTensorCores, type SubgroupMatrixConfig,
 } from '../../../src/backends/webgpu/tensor_cores.js';
 import type { PackedKind } from '../../../src/ops/packed.js';
@@ -535,14 +535,40 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   }
 
 
-  /** The shader tfjs builds for `program` (compileProgram; a device that only records the code), the matrix builtins stood in for. */
-  function shaderOf(program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string {
+  /** The shader tfjs builds for `program` (compileProgram; a device that only records the code), as it builds it. */
+  function tfjsShaderOf(program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string {
     let code = '';
     const recorder = { createShaderModule: (d: { code: string }) => { code = d.code; return {}; }, createComputePipeline: () => ({}) };
     compileProgram(recorder as unknown as GPUDevice, program, inputs.map(([name, dtype, shape]) => ({ name, dtype, shape })) as never,
         { dtype: 'float32', shape: out } as never, false);
-    return standInMatrices(hoistEnableDirectives(code));
+    return code;
   }
+
+  /** tfjsShaderOf as a registered device compiles it (directives hoisted, main the entry point), the matrix builtins stood in for. */
+  function shaderOf(program: WebGPUProgram, inputs: Array<[string, DataType, number[]]>, out: number[]): string {
+    return standInMatrices(entryPointInlined(hoistEnableDirectives(tfjsShaderOf(program, inputs, out))));
+  }
+
+  it('a subgroup-matrix program\'s main() becomes tfjs\'s entry point _start (builtins as parameters, privates set, then shadowed): valid WGSL', async () => {
+    const program = new SubgroupMatrixMatMulProgram(300, 256, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true,
+      singleGroup: true }, 32, matMulStaging({}, { inner: 192, outCols: 256, sE: 0, sN: 1, sK: 256 }, true));
+    const tfjs = hoistEnableDirectives(tfjsShaderOf(program, [['A', 'int32', [300, 96]], ['W', 'float32', [192, 256]], ['amax', 'float32', [1]]], [300, 256]));
+    expect(tfjs).to.match(/fn _start\([\s\S]*main\(\);/);
+    const inlined = entryPointInlined(tfjs);
+    expect(inlined.match(/fn _start\(/g)).to.have.length(1);
+    expect(inlined).to.not.match(/\bfn main\(|\bmain\(\);/);
+    const entry = inlined.slice(inlined.indexOf('@compute @workgroup_size(128, 1, 1)'));
+    expect(entry.replace(/\s+/g, ' ')).to.match(/^@compute @workgroup_size\(128, 1, 1\) fn _start\(@builtin\(local_invocation_id\) LocalId : vec3<u32>, [^{]*\) \{ localId = LocalId; localIndex = LocalIndex; globalId = GlobalId; numWorkgroups = NumWorkgroups; workgroupId = WorkgroupId; let localId = LocalId; let localIndex = LocalIndex; let globalId = GlobalId; let numWorkgroups = NumWorkgroups; let workgroupId = WorkgroupId; let lid = i32\(localIndex\);/);
+    // main's body whole: its last statement, then the entry point's end and nothing after
+    expect(entry.trimEnd().endsWith('}')).to.equal(true);
+    expect(entry).to.contain('result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);');
+    expect(await compileErrors(standInMatrices(inlined))).to.deep.equal([]);
+    // code of another form is left as it is: a flat program's main(index), no tfjs entry point
+    const flat = 'fn main(index : i32) { }\n@compute @workgroup_size(64, 1, 1)\nfn _start(@builtin(local_invocation_index) LocalIndex : u32) {\n' +
+        '  localIndex = LocalIndex;\n  main(getGlobalIndex());;\n}';
+    expect(entryPointInlined(flat)).to.equal(flat);
+    expect(entryPointInlined('fn main() { }')).to.equal('fn main() { }');
+  });
 
   /** The decode spec of a [4, 128, 96] packed weight (input on `inputAxis`), as the kernel builds it. */
   function packedSpec(kind: PackedKind, inputAxis: 1 | 2, groupSize?: number): PackedWeightSpec {

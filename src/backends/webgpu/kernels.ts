@@ -130,6 +130,16 @@ tf.env().registerFlag(DENSE_TC_BLOCK_ROWS_FLAG, () => 0);
 export const TC_HALF_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_OPERANDS';
 tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
 
+/**
+ * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
+ * tensor cores where they are on. Off by default: on the H100 at OLMoE's batch 4 × S 512 it gained
+ * nothing (time_attention.js: a training pass 52.0 ms against 51.6 composed f32) and the scaled
+ * operands' amax passes added ~580 dispatches a step, which made the end-to-end step host-bound
+ * (host 444 against 344 ms a step, 4555 against 6311 tokens/s; docs/benchmarks.md, run T).
+ */
+export const TC_BATCH_PRODUCTS_FLAG = 'WEBGPU_MOE_TC_BATCH_PRODUCTS';
+tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => false);
+
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
 
@@ -1410,8 +1420,8 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
 }
 
 /**
- * batchProduct's MoEBatchProduct (src/ops/batch_product.ts): on tensor cores where they are on
- * for a product this size (denseTensorCores: the flag, a registered device, workgroup memory) and
+ * batchProduct's MoEBatchProduct (src/ops/batch_product.ts): on tensor cores where TC_BATCH_PRODUCTS_FLAG
+ * and they are on for a product this size (denseTensorCores: the flag, a registered device, workgroup memory) and
  * batchProductTensorCoreRoute has a program for it; else tfjs's BatchMatMul, as tf.matMul runs it.
  */
 const batchProductConfig: tf.KernelConfig = {
@@ -1421,7 +1431,7 @@ const batchProductConfig: tf.KernelConfig = {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
     const attrs = args.attrs as unknown as BatchProductAttrs;
     const { batch, m, n, k } = batchProductSizes(a, b, attrs);
-    const tc = denseTensorCores(webgpu(args).device, m, n, k);
+    const tc = tf.env().getBool(TC_BATCH_PRODUCTS_FLAG) ? denseTensorCores(webgpu(args).device, m, n, k) : undefined;
     const route = tc === undefined ? undefined : batchProductTensorCoreRoute(attrs, batch, m, n, k);
     if (tc !== undefined && route !== undefined && !('f32' in route)) return runBatchProductOnTensorCores(args, tc, a, b, attrs, route);
     return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
