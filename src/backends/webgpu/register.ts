@@ -20,6 +20,7 @@ import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
 import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js';
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
+import { installBindGroupLayoutCache } from './bind_group_layouts.js';
 
 export const WEBGPU_BACKEND = 'webgpu';
 
@@ -48,10 +49,14 @@ export function registerWebGPUMoE(): string[] {
   // one term per trainable weight): a replacement too
   useChunkedAddN();
   // every program's uniforms from a few buffers written once per submit (uniform_arena.ts); per
-  // backend instance, so a webgpu backend made again gets it too
+  // backend instance, so a webgpu backend made again gets it too (and the layout cache likewise)
   // (the instance only if made: findBackend would start one); our kernels install it on first use otherwise
   const backend = (tf.engine() as unknown as { registry: Record<string, unknown> }).registry[WEBGPU_BACKEND];
-  if (backend != null) installUniformArena(backend);
+  if (backend != null) {
+    installUniformArena(backend);
+    // one bind group layout object per pipeline instead of a native call per dispatch (bind_group_layouts.ts)
+    installBindGroupLayoutCache(backend);
+  }
   if (installed) return added;
   installed = true;
   registerExpertsImplementation(WEBGPU_BACKEND, webgpuFusedExperts);
