@@ -55,11 +55,13 @@ export function installBindGroupLayoutCache(backend: unknown): boolean {
   if (device == null || typeof device.createComputePipeline !== 'function') return false;
   if (installed.has(device)) return true;
   const create = device.createComputePipeline.bind(device);
-  const createAsync = device.createComputePipelineAsync.bind(device);
   const wrapped = (descriptor: GPUComputePipelineDescriptor) => cachingLayouts(create(descriptor));
   try {
     device.createComputePipeline = wrapped;
-    device.createComputePipelineAsync = async (descriptor: GPUComputePipelineDescriptor) => cachingLayouts(await createAsync(descriptor));
+    if (typeof device.createComputePipelineAsync === 'function') {
+      const createAsync = device.createComputePipelineAsync.bind(device);
+      device.createComputePipelineAsync = async (descriptor: GPUComputePipelineDescriptor) => cachingLayouts(await createAsync(descriptor));
+    }
   } catch {
     return false;
   }
