@@ -10,6 +10,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { DataType } from '@tensorflow/tfjs-core';
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
+import { MaxAbsProgram } from '../../../src/backends/webgpu/programs/max_abs_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
@@ -177,11 +178,12 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
   });
 
-  it('maxAbs, the gradient operands\' scale: max |t| in two stages, exactly, and never one workgroup over the whole tensor', async () => {
+  it('maxAbs, the gradient operands\' scale: max |t| exactly, in two MaxAbsProgram passes of many workgroups, never one over the whole tensor', async () => {
     await expectNoLeakAsync(async () => {
       let seed = 7;
       const rand = () => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed / 2 ** 31 - 0.5; };
-      for (const [shape, at] of [[[300, 70], 20999], [[1, 513], 0], [[513, 1], 512], [[6, 5, 4], 61], [[257], 3]] as Array<[number[], number]>) {
+      for (const [shape, at] of [[[300, 70], 20999], [[1, 513], 0], [[513, 1], 512], [[6, 5, 4], 61], [[257], 3], [[2048, 2000], 4095999],
+        [[70000], 33333]] as Array<[number[], number]>) {
         const size = shape.reduce((a, b) => a * b, 1);
         const values = Float32Array.from({ length: size }, rand);
         values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
@@ -191,20 +193,31 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         expect(Array.from(await m.data()), JSON.stringify(shape)).to.deep.equal([3.25]);
         tf.dispose([t, m]);
       }
-      // a whole-tensor reduction of [rows, cols] runs as a reduction over cols per row, then over rows
-      const t = tf.randomNormal([64, 4096]);
-      const max = tf.getKernel('Max', 'webgpu')!;
-      const kernelFunc = max.kernelFunc;
-      const reduced: number[][] = [];
-      max.kernelFunc = (args => { reduced.push([...args.inputs.x!.shape]); return kernelFunc(args); }) as tf.KernelFunc;
+      // an infinity is kept (operandScale leaves the operand unscaled); an empty tensor gives 0
+      const inf = tf.tensor1d([1, -Infinity, 2]);
+      const empty = tf.zeros([0, 8]);
+      const [mi, me] = [maxAbs(inf), maxAbs(empty)];
+      expect(Array.from(await mi.data())).to.deep.equal([Infinity]);
+      expect(Array.from(await me.data())).to.deep.equal([0]);
+      tf.dispose([inf, empty, mi, me]);
+      // [2048, 2048] (dy of a dense projection): the first pass over 1024 workgroups, the second over their maxima, nothing else
+      const t = tf.randomNormal([2048, 2048]);
+      const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string; dispatch: number[] }, ...rest: unknown[]) => unknown };
+      const run = backend.runWebGPUProgram;
+      const dispatched: Array<[string, number[]]> = [];
+      backend.runWebGPUProgram = function (this: unknown, program, ...rest) {
+        dispatched.push([program.shaderKey, [...program.dispatch]]);
+        return run.call(this, program, ...rest);
+      };
       try {
-        const m = maxAbs(t);
-        m.dispose();
+        maxAbs(t).dispose();
       } finally {
-        max.kernelFunc = kernelFunc;
+        delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
+        if (backend.runWebGPUProgram !== run) backend.runWebGPUProgram = run;
       }
-      expect(reduced).to.deep.equal([[64, 4096], [64]]);
+      expect(dispatched).to.deep.equal([['moeMaxAbs', [1024, 1, 1]], ['moeMaxAbs', [1, 1, 1]]]);
       t.dispose();
+      expect(() => new MaxAbsProgram(0)).to.throw('MaxAbsProgram: parts must be an integer in [1, 65535] but got 0');
     });
   });
 

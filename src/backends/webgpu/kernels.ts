@@ -35,6 +35,7 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import { HalfOperandProgram } from './programs/half_operand_program.js';
+import { MAX_ABS_THREADS, MaxAbsProgram } from './programs/max_abs_program.js';
 import {
   DECODE_PACKED, type DecodePackedAttrs, type DenseKernelOverride, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
@@ -451,19 +452,12 @@ export const webgpuDenseKernelOverride: DenseKernelOverride = (rows, outCols, in
   denseTensorCores((tf.backend() as unknown as { device: GPUDevice }).device, rows, outCols, inner) !== undefined;
 
 /**
- * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores), in two
- * stages: tfjs-webgpu reduces a whole tensor to one value in a single workgroup, which took 409 of
- * the 493 GPU ms of the tensor-core block at Q on the H100 (run N, `webgpu_moe.js --config Q
- * --tensor-cores on --profile`: four ReduceProgram calls over [16384, 2048]-sized operands). Per
- * row first (a workgroup per row), then over the rows: the same maximum, exactly.
+ * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores):
+ * maxAbsInKernel on the active webgpu backend.
  */
 export function maxAbs(t: tf.Tensor): tf.Tensor1D {
-  return tf.tidy(() => {
-    const abs = tf.abs(t);
-    const rows = t.rank >= 2 ? t.shape[0] : 1;
-    const perRow = t.size > 0 && rows > 1 ? tf.max(tf.reshape(abs, [rows, t.size / rows]), 1) : abs;
-    return tf.reshape(tf.max(perRow), [1]) as tf.Tensor1D;
-  });
+  const args = { inputs: {}, attrs: {}, backend: tf.backend() } as unknown as KernelArgs;
+  return tf.engine().makeTensorFromTensorInfo(maxAbsInKernel(args, t)) as tf.Tensor1D;
 }
 
 /**
@@ -867,20 +861,31 @@ function runDenseProduct(
 }
 
 /**
- * max |t| of a 2-D tensor as a [1] tensor, from inside a kernel: maxAbs's two stages (per row, then
- * over the rows) through tfjs-webgpu's own Abs and Max kernels, called as the backend's functions
- * (a kernel cannot run ops on the engine). The caller disposes the result.
+ * max |t| of any tensor as a [1] TensorInfo, from inside a kernel or out: MaxAbsProgram over the
+ * tensor in up to MAX_ABS_PARTS parts (each invocation reading ~16 elements or more), then over the
+ * parts; 0 for an empty tensor (operandScale then leaves the operand unscaled). One workgroup over a
+ * whole tensor is what tfjs-webgpu's Max does, which took 409 of the 493 GPU ms of the tensor-core
+ * block at Q on the H100 (run N); its Abs, Max per row and Max over the rows, which replaced it, took
+ * 3 dispatches and an |t| as large as t. The caller disposes the result.
  */
 export function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
-  const run = (kernelName: string, x: tf.TensorInfo, attrs: tf.NamedAttrMap) =>
-    tf.getKernel(kernelName, BACKEND)!.kernelFunc({ inputs: { x }, backend: args.backend, attrs }) as tf.TensorInfo;
-  const abs = run(tf.Abs, t, {});                                                             // [rows, cols]
-  const perRow = run(tf.Max, abs, { reductionIndices: [1], keepDims: false });                // [rows]
-  const max = run(tf.Max, perRow, { reductionIndices: [0], keepDims: true });                 // [1]
-  webgpu(args).disposeData(abs.dataId);
-  webgpu(args).disposeData(perRow.dataId);
+  const backend = webgpu(args);
+  const count = tf.util.sizeFromShape(t.shape);
+  // an empty tensor binds nothing (Dawn rejects a zero-sized binding)
+  if (count === 0) return backend.makeTensorInfo([1], 'float32', new Float32Array(1));
+  const flat = { dataId: t.dataId, shape: [count], dtype: t.dtype };
+  const reduce = (x: tf.TensorInfo, n: number, parts: number) =>
+    backend.runWebGPUProgram(new MaxAbsProgram(parts), [x], 'float32', MaxAbsProgram.uniformsFor(n, parts));
+  const parts = Math.min(MAX_ABS_PARTS, Math.ceil(count / (16 * MAX_ABS_THREADS)));
+  if (parts === 1) return reduce(flat, count, 1);
+  const partial = reduce(flat, count, parts);
+  const max = reduce(partial, parts, 1);
+  backend.disposeData(partial.dataId);
   return max;
 }
+
+/** The most parts maxAbsInKernel's first pass reduces a tensor to (workgroups: a few per SM of a large GPU). */
+const MAX_ABS_PARTS = 1024;
 
 /**
  * A dense product out = a·W (+ bias) on tensor cores: SubgroupMatrixMatMulProgram with one group,
@@ -1109,21 +1114,6 @@ function runTensorCoreAttentionPass(args: KernelArgs, pass: SubgroupMatrixAttent
       TiledAttentionProgram.uniformsFor(dims, (args.attrs as unknown as AttentionAttrs).scale));
 }
 
-/**
- * max |t| as a [] TensorInfo by tfjs's own kernels (Abs, Max per row, then Max over the rows:
- * maxAbs's two stages, on TensorInfos, since a kernel gets no tf.Tensor): dO's scale on tensor cores.
- */
-function maxAbsOfInfo(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
-  const run = (name: string, x: tf.TensorInfo, attrs: tf.NamedAttrMap) =>
-    tf.getKernel(name, BACKEND)!.kernelFunc({ inputs: { x }, backend: args.backend, attrs }) as tf.TensorInfo;
-  const abs = run(tf.Abs, t, {});
-  const perRow = run(tf.Max, abs, { reductionIndices: [t.shape.length - 1], keepDims: false });
-  const all = run(tf.Max, perRow, { reductionIndices: perRow.shape.map((_, i) => i), keepDims: false });
-  webgpu(args).disposeData(abs.dataId);
-  webgpu(args).disposeData(perRow.dataId);
-  return all;
-}
-
 const attentionConfig: tf.KernelConfig = {
   kernelName: ATTENTION,
   backendName: BACKEND,
@@ -1164,7 +1154,7 @@ const attentionGradConfig: tf.KernelConfig = {
     const tc = attentionTensorCores(dims.dk, dims.dv);
     let grads: tf.TensorInfo[];
     if (tc !== undefined) {
-      const amax = maxAbsOfInfo(args, dy);                                     // []
+      const amax = maxAbsInKernel(args, dy);                                     // [1]
       grads = [
         runTensorCoreAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy, amax], tc),
         // dK on the f32 tiled program: SubgroupMatrixAttentionProgram has no gradK pass (its file
@@ -1386,7 +1376,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
   if (route.program === 'matMul' && m % route.blockRows !== 0) {
     throw new Error(`MoEBatchProduct: ${route.blockRows}-row blocks would span two batches of ${m} rows`);
   }
-  const amax = attrs.gradient === 'none' ? undefined : maxAbsOfInfo(args, attrs.gradient === 'a' ? a : b);   // []
+  const amax = attrs.gradient === 'none' ? undefined : maxAbsInKernel(args, attrs.gradient === 'a' ? a : b);   // [1]
   const inputs = [a, b, ...(amax !== undefined ? [amax] : [])];
   let out: tf.TensorInfo;
   if (route.program === 'matMul') {
