@@ -61,6 +61,7 @@ import { SCALED_MATMUL, type ScaledMatMulAttrs } from '../../ops/scaled_matmul.j
 import { WEIGHT_GRAD_PRODUCT } from '../../ops/weight_grad_product.js';
 import { BATCH_PRODUCT, type BatchProductAttrs } from '../../ops/batch_product.js';
 import { installUniformArena } from './uniform_arena.js';
+import { installWrittenUploads } from './written_uploads.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
@@ -75,9 +76,11 @@ const BACKEND = 'webgpu';
 export type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 function webgpu(args: KernelArgs): WebGPUBackend {
-  // a backend made after registerWebGPUMoE gets the arena and the layout cache here (WeakSet lookups after the first)
+  // a backend made after registerWebGPUMoE gets the arena, the layout cache and the written uploads
+  // here (WeakSet lookups after the first)
   installUniformArena(args.backend);
   installBindGroupLayoutCache(args.backend);
+  installWrittenUploads(args.backend);
   return args.backend as unknown as WebGPUBackend;
 }
 

@@ -4,7 +4,7 @@
  * kernels wrapped around a wrong product (batch_mat_mul.ts), its AddN kept within the device's
  * storage-buffer limit (add_n.ts), the optimizer's grouped Adam, the dense
  * products' tensor-core override (packed.ts's registerDenseKernelOverride) and the uniform arena on
- * the webgpu backend made so far (uniform_arena.ts). The routing override
+ * the webgpu backend made so far (uniform_arena.ts, bind_group_layouts.ts, written_uploads.ts). The routing override
  * delegates to the implementation it replaced on every other backend, and for configs it does
  * not handle (whose errors the replaced implementation reports).
  */
@@ -21,6 +21,7 @@ import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js'
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
+import { installWrittenUploads } from './written_uploads.js';
 
 export const WEBGPU_BACKEND = 'webgpu';
 
@@ -56,6 +57,8 @@ export function registerWebGPUMoE(): string[] {
     installUniformArena(backend);
     // one bind group layout object per pipeline instead of a native call per dispatch (bind_group_layouts.ts)
     installBindGroupLayoutCache(backend);
+    // host values uploaded by writeBuffer, not a staging buffer created per upload (written_uploads.ts)
+    installWrittenUploads(backend);
   }
   if (installed) return added;
   installed = true;
