@@ -32,6 +32,10 @@ export interface PhaseCounts {
   mapReads: number;
   /** queue submits (webgpu) */
   submits: number;
+  /** tensors whose values went from the host to the GPU (webgpu's uploadToGPU of a tensor made from values) */
+  uploads: number;
+  /** GPU buffers created (webgpu: the pool had none free of that size and usage, or an upload's staging buffer) */
+  bufferCreates: number;
 }
 
 /** One profiled step. */
@@ -73,7 +77,7 @@ export interface StepProfile {
   recordOnlySamples: { wallMs: Record<StepPhase, number[]>; cpuMs: Record<StepPhase, number[]> } | null;
 }
 
-const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0 });
+const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0, uploads: 0, bufferCreates: 0 });
 
 type AnyFn = (...args: unknown[]) => unknown;
 
@@ -145,6 +149,13 @@ export class StepCounter {
     wrap(backend, 'readSync', () => { if (!reading) this.current.reads++; });
     wrap(backend, 'getBufferData', () => this.current.mapReads++);
     wrap(backend, 'submitQueue', () => this.current.submits++);
+    const tensorMap = backend['tensorMap'] as unknown as { get(id: unknown): { values?: unknown; resource?: unknown } | undefined } | undefined;
+    wrap(backend, 'uploadToGPU', args => {
+      const data = tensorMap?.get(args[0]);
+      if (data != null && data.resource == null && data.values != null) this.current.uploads++;
+    });
+    const device = backend['device'] as unknown as Record<string, AnyFn> | undefined;
+    if (device != null) wrap(device, 'createBuffer', () => this.current.bufferCreates++);
   }
 
   /** Starts counting afresh (the next phase). */
