@@ -96,6 +96,14 @@ export interface E2EOptions {
    * slows the host a little, so its steps are not the figures to quote)
    */
   cpuProfile?: boolean;
+  /**
+   * after the timed steps, `abRounds` rounds of one step per flag set, interleaved (the run's own
+   * flags first, then each set applied over them and put back after its step), so that settings of
+   * the backend compare in one process, after one load, on a warm pool: abSteps in the result
+   */
+  abFlags?: Array<Record<string, number | boolean | string>>;
+  /** rounds of abFlags (default 4) */
+  abRounds?: number;
   /** with `profile`: how many record-only steps the profile times (step_profile.ts recordRepeats; default 1) */
   profileRecordRepeats?: number;
   /**
@@ -150,6 +158,11 @@ export interface E2EResult {
   losses: number[];
   /** timed tokens (batch · seq · steps) over the timed steps' seconds */
   tokensPerSecond?: number;
+  /**
+   * abFlags' steps: per flag set (the run's own first, as {}), the seconds of its step in each round
+   * and tokens a step over their median
+   */
+  abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; medianTokensPerSecond: number }>;
   /**
    * the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU),
    * and on webgpu the peaks over the whole run of bytes in use and allocated (inside the steps too)
@@ -282,6 +295,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   for (const k of ['rank', 'batch', 'seq', 'steps'] as const) assertInteger(OP, k, o[k], 1);
   assertInteger(OP, 'warmup', o.warmup, 0);
   if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
+  if (o.abRounds !== undefined) assertInteger(OP, 'abRounds', o.abRounds, 1);
   if (typeof o.gradientCheckpointing !== 'boolean') fail(OP, `'gradientCheckpointing' must be a boolean but got ${JSON.stringify(o.gradientCheckpointing)}`);
   for (const k of ['alpha', 'learningRate'] as const) {
     if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${JSON.stringify(o[k])}`);
@@ -354,14 +368,23 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const labels = tf.slice(windows, [0, 1], [o.batch, o.seq]) as tf.Tensor2D;
       return batchLoss(model, { inputIds, labels, segmentIds: null, positionIds: null, targetCount: o.batch * o.seq });
     });
-    const runSteps = async (from: number, to: number) => {
-      for (let step = from; step < to; step++) {
-        const windows = tf.tensor2d(ids.subarray(step * window, (step + 1) * window), [o.batch, o.seq + 1], 'int32');
+    /** one training step on the windows of step `step` (taken modulo the steps tokenized); its seconds and loss */
+    const oneStep = async (step: number) => {
+      const at = step % total;
+      const windows = tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
+      try {
         const s0 = performance.now();
         const value = await trainingStep({ loss: windowLoss(windows), variables, apply });
-        result.stepSeconds.push((performance.now() - s0) / 1000);
-        result.losses.push(value);
+        return { seconds: (performance.now() - s0) / 1000, value };
+      } finally {
         windows.dispose();
+      }
+    };
+    const runSteps = async (from: number, to: number) => {
+      for (let step = from; step < to; step++) {
+        const { seconds, value } = await oneStep(step);
+        result.stepSeconds.push(seconds);
+        result.losses.push(value);
         result.memory = maxMemory(result.memory, memoryNow());
         result.memoryStages.push(memoryStage(`step ${step + 1}`, limit));
         await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
@@ -378,6 +401,26 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     }
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
+
+    if (o.abFlags !== undefined && o.abFlags.length > 0) {
+      const sets = [{}, ...o.abFlags];
+      const seconds = sets.map(() => [] as number[]);
+      let step = total;
+      for (let round = 0; round < (o.abRounds ?? 4); round++) {
+        for (const [i, flags] of sets.entries()) {
+          const before = Object.fromEntries(Object.keys(flags).map(name => [name, tf.env().get(name)]));
+          Object.entries(flags).forEach(([name, value]) => tf.env().set(name, value));
+          try {
+            seconds[i].push((await oneStep(step++)).seconds);
+          } finally {
+            Object.entries(before).forEach(([name, value]) => tf.env().set(name, value));
+          }
+        }
+        await partial(`A/B round ${round + 1}: ${seconds.map(s => s.at(-1)!.toFixed(3)).join(' / ')} s`);
+      }
+      const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+      result.abSteps = sets.map((flags, i) => ({ flags, stepSeconds: seconds[i], medianTokensPerSecond: (o.batch * o.seq) / median(seconds[i]) }));
+    }
 
     if (o.profile) {
       try {
@@ -461,7 +504,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -478,6 +521,8 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
+    // sets separated by ';', each as --tf-flags
+    abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
     gradientCheckpointing: onOff('gradient-checkpointing', false),
   };

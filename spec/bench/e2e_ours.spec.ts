@@ -159,6 +159,25 @@ describe('bench/e2e/ours.ts', function () {
     expect(Object.values(profile.kernelCounts.forward).reduce((a, b) => a + b, 0)).to.equal(profile.phases.forward.kernels);
   });
 
+  it('--ab-flags: rounds of one step per flag set, interleaved after the timed steps, each set put back after its step', async () => {
+    const flag = 'E2E_OURS_SPEC_AB_FLAG';
+    tf.env().registerFlag(flag, () => 1);
+    const before = tf.memory().numTensors;
+    const result = await runOurs({
+      model: FIXTURE, data, out: join(dir, 'ab'), rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false,
+      abFlags: [{ [flag]: 2 }, { [flag]: 3 }], abRounds: 2, log: () => {},
+    });
+    expect(result.abSteps!.map(a => a.flags)).to.deep.equal([{}, { [flag]: 2 }, { [flag]: 3 }]);
+    for (const a of result.abSteps!) {
+      expect(a.stepSeconds).to.have.length(2);
+      expect(a.medianTokensPerSecond).to.be.above(0);
+    }
+    expect(result.stepSeconds).to.have.length(1);  // the timed steps alone
+    expect(tf.env().get(flag)).to.equal(1);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    await expectReject(runOurs({ model: FIXTURE, data, out: join(dir, 'x'), abRounds: 0, log: () => {} }), /'abRounds' must be >= 1 but got 0/);
+  });
+
   it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
     const engine = tf.engine() as unknown as Record<string, unknown>;
     const runKernel = engine['runKernel'];
@@ -208,6 +227,7 @@ describe('bench/e2e/ours.ts', function () {
     expect(parseOursArgs(['--cpu-profile', 'on', '--tf-flags', 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,DEBUG=false']))
         .to.deep.include({ cpuProfile: true, tfFlags: { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: 60, DEBUG: false } });
     expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });
+    expect(parseOursArgs(['--ab-flags', 'A=1;B=2,C=true', '--ab-rounds', '3'])).to.deep.include({ abFlags: [{ A: 1 }, { B: 2, C: true }], abRounds: 3 });
     expect(parseTfFlags('WEBGPU_MOE_DENSE_PROGRAM=grouped,X=2')).to.deep.equal({ WEBGPU_MOE_DENSE_PROGRAM: 'grouped', X: 2 });
     for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=Yes', 'X=a b', 'X=', 'X=1,', 'X=1-2']) {
       expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true, false or a lowercase word\) joined by commas but got "/);
