@@ -55,7 +55,7 @@ function families(keys: string[]): { narrowProduct: number; narrowInner: number;
   };
 }
 
-/** Both flags the dense narrow route needs (DENSE_NARROW_PRODUCTS_FLAG is off by default until timed on the H100). */
+/** Both flags the dense narrow route needs, on or off (both on by default). */
 function withDenseNarrow<T>(on: boolean, fn: () => Promise<T>): Promise<T> {
   return withEnvFlag(NARROW_PRODUCTS_FLAG, on, () => withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, on, fn));
 }

@@ -96,11 +96,23 @@ export const SUBMIT_FLOPS_FLAG = 'WEBGPU_MOE_SUBMIT_FLOPS';
 tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
 
 /**
+ * tf.env() flag: host milliseconds that must pass after one SUBMIT_FLOPS_FLAG submit before a big
+ * product submits again (0: after every big product). At OLMoE's size nearly every product is big:
+ * 512 submits a step, each a native call and a break in the GPU's stream (run U1: no such submits
+ * 8429 against 8246 tokens/s); at M1's the first ones let the GPU start early in a short step.
+ */
+export const SUBMIT_SPACING_MS_FLAG = 'WEBGPU_MOE_SUBMIT_SPACING_MS';
+tf.env().registerFlag(SUBMIT_SPACING_MS_FLAG, () => 0);
+
+/** performance.now() at each backend's last SUBMIT_FLOPS_FLAG submit */
+const lastProductSubmit = new WeakMap<object, number>();
+
+/**
  * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
  * u = x·A_eᵀ and s·dy·B_e) run NarrowGroupedMatMulProgram, and weight gradients with P or Q at
  * most that (the LoRA factors' dA_e, dB_e) NarrowWeightGradProgram, which read each row once;
  * products at most that deep (the expansions y += s·u·B_eᵀ, dx += gr·A_e) NarrowInnerGroupedMatMulProgram;
- * with DENSE_NARROW_PRODUCTS_FLAG too (off by default), so do the dense LoRA products of the same
+ * with DENSE_NARROW_PRODUCTS_FLAG too (on by default), so do the dense LoRA products of the same
  * ranks (attention's q/k/v/o and the router: MoEScaledMatMul's s·x·Aᵀ, s·dy·B, MoEWeightGradProduct's
  * dA, dB and MoEMatMulAdd's expansions) as one group;
  * false: the generic tiled programs, ScaledMatMulProgram and tfjs's matMul (A/B comparisons,
@@ -111,13 +123,13 @@ tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
 
 /**
  * tf.env() flag: the dense LoRA products of rank ≤ 16 (see NARROW_PRODUCTS_FLAG; both must be on)
- * on the narrow programs' single-group forms (no plan inputs, nothing uploaded per call). Off by
- * default until timed on the H100: the first version uploaded a one-group plan per call, which
- * stalled the host about 1.7 ms a call (run S: bench/webgpu_dense_lora_products.ts 6.1 → 45.7 ms a
- * layer-step; the OLMoE step 4933 → 1032 tokens/s) where the GPU time was about even.
+ * on the narrow programs' single-group forms (no plan inputs, nothing uploaded per call). On by
+ * default since run U1 (H100, OLMoE's step interleaved in one process: 8528 against 8246 tokens/s,
+ * the step GPU-bound; run T: 9 GPU ms a step less). The first version uploaded a one-group plan
+ * per call, which stalled the host about 1.7 ms a call (run S: 4933 → 1032 tokens/s).
  */
 export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
-tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => false);
+tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => true);
 
 /**
  * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores: 128, 64 or
@@ -202,6 +214,9 @@ function runGroupedProduct(
   // under tf.time/profile tfjs submits after every program itself, with its timestamp queries
   if (q.activeTimers != null || !q.dispatchCountInPass) return out;
   if (typeof q.endComputePassEncoder !== 'function' || typeof q.submitQueue !== 'function') return out;
+  const now = performance.now();
+  if (now - (lastProductSubmit.get(backend) ?? -Infinity) < tf.env().getNumber(SUBMIT_SPACING_MS_FLAG)) return out;
+  lastProductSubmit.set(backend, now);
   q.endComputePassEncoder();
   q.submitQueue();
   return out;
