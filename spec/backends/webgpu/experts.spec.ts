@@ -11,7 +11,7 @@ import {
   WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
   webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
-import { SUBMIT_FLOPS_FLAG, SUBMIT_SPACING_MS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
+import { gatherRows, SUBMIT_FLOPS_FLAG, SUBMIT_SPACING_MS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
 import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
@@ -247,16 +247,26 @@ describe('webgpu: webgpuFusedExperts', () => {
     c.dispose();
   });
 
-  it("relies on tfjs-webgpu's gather giving zeros for index −1 (backward's padding rows of h, no clamp first)", async () => {
-    const h = tf.tensor2d([[1, 2], [3, 4], [5, 6]]);
-    const pairOfRow = tf.tensor1d([2, -1, 0, -1], 'int32');
-    const before = tf.memory().numTensors;
-    const padded = tf.gather(h, pairOfRow);
-    expect(Array.from(await padded.data())).to.deep.equal([5, 6, 0, 0, 1, 2, 0, 0]);
-    padded.dispose();
-    expect(tf.memory().numTensors).to.equal(before);
-    tf.dispose([h, pairOfRow]);
-  });
+  for (const [count, width] of [[4, 8], [70000, 4], [5, 6]]) {
+    it(`gatherRows: rows picked by index, zeros for −1 (the padding rows of h), ${count} × ${width}` +
+        `${width % 4 ? " (tfjs's gather)" : count > 65535 ? ' (more rows than a grid column)' : ''}`, async () => {
+      const sourceRows = 37;
+      const values = Float32Array.from({ length: sourceRows * width }, (_, i) => Math.fround(Math.sin(i) * 100));
+      const picks = Int32Array.from({ length: count }, (_, i) => (i % 5 === 1 ? -1 : (i * 7) % sourceRows));
+      const x = tf.tensor2d(values, [sourceRows, width]);
+      const rows = tf.tensor1d(picks, 'int32');
+      const before = tf.memory().numTensors;
+      const out = gatherRows(x, rows);
+      expect(out.shape).to.deep.equal([count, width]);
+      const got = await out.data();
+      const want = new Float32Array(count * width);
+      picks.forEach((r, i) => { if (r >= 0) want.set(values.subarray(r * width, (r + 1) * width), i * width); });
+      expect(Buffer.from(got.buffer).equals(Buffer.from(want.buffer))).to.equal(true);
+      out.dispose();
+      expect(tf.memory().numTensors).to.equal(before);
+      tf.dispose([x, rows]);
+    });
+  }
 
   it('rejects a host plan of another shape, like fusedExperts', () => {
     const c = makeExpertCase({ T: 4, H: 5, I: 2, E: 3, K: 2 }, 81);

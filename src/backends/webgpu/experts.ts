@@ -26,7 +26,7 @@ import { materializeExpertLoRA } from '../../ops/lora/materialize.js';
 import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../../ops/types.js';
 import { assertInteger, fail } from '../../ops/validate.js';
 import {
-  activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, groupedColumnSum, groupedMatMul,
+  activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, gatherRows, groupedColumnSum, groupedMatMul,
   groupedWeightGrad, pairDot, type WeightStrides,
 } from './kernels.js';
 import type { TileConfig } from './programs/grouped_matmul_program.js';
@@ -307,17 +307,15 @@ export function webgpuFusedExperts(
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
       // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
       // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
-      const hKept = tf.gather(h, plan.rowOfPair);                              // [N, 2I]
+      const hKept = gatherRows(h, plan.rowOfPair);                             // [N, 2I]
       save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
           ...projectionTrainables(up), ...projectionTrainables(down)]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
-        // back to padded rows; a padding row (pairOfRow −1) gets zeros, which tfjs-webgpu's gather
-        // gives an index out of range (pinned in spec/backends/webgpu/experts.spec.ts;
-        // no clamp program first, issue 15): finite, and only ever multiplied by the zero gradient
-        // of a padding row or left out of the reductions
-        const hS = tf.gather(hKeptS, pairOfRow) as tf.Tensor2D;  // [cap, 2I]
+        // back to padded rows; a padding row (pairOfRow −1) gets zeros (gatherRows), which are
+        // only ever multiplied by the zero gradient of a padding row or left out of the reductions
+        const hS = gatherRows(hKeptS, pairOfRow as unknown as tf.Tensor1D);  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
         const [downS] = restoreProjection(down, saved, next);
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,

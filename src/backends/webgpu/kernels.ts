@@ -30,7 +30,7 @@ import {
 } from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
 import {
-  ActivationBackwardProgram, CombineRowsProgram, GroupedColumnSumProgram, PairDotProgram,
+  ActivationBackwardProgram, CombineRowsProgram, GatherRowsProgram, GroupedColumnSumProgram, PairDotProgram,
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
@@ -681,6 +681,29 @@ export function combineRows(y: tf.Tensor2D, plan: DevicePlan, weights?: tf.Tenso
   const inputs: tf.NamedTensorMap = { Y: y, rp: plan.rowOfPair };
   if (weights) inputs.rw = weights;
   return tf.engine().runKernel(COMBINE_ROWS, inputs, { topK: plan.topK }) as tf.Tensor2D;
+}
+
+export const GATHER_ROWS = 'WebGPUMoEGatherRows';
+
+const gatherRowsConfig: tf.KernelConfig = {
+  kernelName: GATHER_ROWS,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const { X, rows } = args.inputs as Record<string, tf.TensorInfo>;
+    const [count] = rows.shape;
+    const width = X.shape[1];
+    return webgpu(args).runWebGPUProgram(new GatherRowsProgram(count, width), [X, rows], 'float32',
+        GatherRowsProgram.uniformsFor(count, width));
+  },
+};
+
+/**
+ * x's rows picked by `rows` (int32 [count]), zeros where an index is −1 (the plan's padding rows):
+ * GatherRowsProgram where x's width is a multiple of 4, else tfjs's gather (which gives −1 zeros too).
+ */
+export function gatherRows(x: tf.Tensor2D, rows: tf.Tensor1D): tf.Tensor2D {
+  if (x.shape[1] % 4 !== 0) return tf.gather(x, rows) as tf.Tensor2D;
+  return tf.engine().runKernel(GATHER_ROWS, { X: x, rows }) as tf.Tensor2D;
 }
 
 export const ACTIVATION_BACKWARD = 'WebGPUMoEActivationBackward';
@@ -1451,7 +1474,7 @@ const batchProductConfig: tf.KernelConfig = {
 };
 
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
-  dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig,
+  dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
   matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
