@@ -8,7 +8,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { defaultChunkRows, linearCrossEntropy, LOGITS_CHUNK_BYTES } from '../../src/ops/linear_cross_entropy.js';
+import { defaultChunkRows, linearCrossEntropy, LOGITS_CHUNK_BYTES, LOGITS_CHUNK_BYTES_FLAG } from '../../src/ops/linear_cross_entropy.js';
 import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
 import { packDenseWeight, unpackDenseWeight } from '../../src/ops/packed.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
@@ -187,10 +187,17 @@ describe('ops/linearCrossEntropy', () => {
     tf.dispose([hidden, weight, labels]);
   });
 
-  it('defaults to chunks whose logits take at most LOGITS_CHUNK_BYTES', () => {
+  it('defaults to chunks whose logits take at most LOGITS_CHUNK_BYTES, or what MOE_LOGITS_CHUNK_BYTES says', () => {
     expect(defaultChunkRows(151936)).to.equal(110);
     expect(defaultChunkRows(151936) * 151936 * 4).to.be.at.most(LOGITS_CHUNK_BYTES);
     expect(defaultChunkRows(2 ** 30)).to.equal(1);
+    tf.env().set(LOGITS_CHUNK_BYTES_FLAG, 256 * 2 ** 20);
+    try {
+      expect(defaultChunkRows(151936)).to.equal(441);
+      expect(defaultChunkRows(50304)).to.equal(1334);
+    } finally {
+      tf.env().set(LOGITS_CHUNK_BYTES_FLAG, LOGITS_CHUNK_BYTES);
+    }
   });
 
   it('refuses no rows, a head of another width, labels of another length, float labels, a bad normalizer, chunk size or trainHead', () => {

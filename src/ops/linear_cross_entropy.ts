@@ -19,9 +19,18 @@ import {
 /** The most bytes one chunk's float32 logits [chunk, V] take with the default chunk size: 64 MiB. */
 export const LOGITS_CHUNK_BYTES = 64 * 2 ** 20;
 
-/** The default chunk: as many rows as keep a chunk's float32 logits within LOGITS_CHUNK_BYTES, at least 1. */
+/**
+ * tf.env() flag: the most bytes of one chunk's float32 logits where chunkRows is not given (default
+ * LOGITS_CHUNK_BYTES). Larger chunks take fewer, larger products (the head's dHidden = dLogits·W
+ * reduces over the vocabulary, and a chunk of few rows leaves most of a big GPU idle) for a higher
+ * peak: a couple of chunks' logits are alive at once, and the memory estimate counts them.
+ */
+export const LOGITS_CHUNK_BYTES_FLAG = 'MOE_LOGITS_CHUNK_BYTES';
+tf.env().registerFlag(LOGITS_CHUNK_BYTES_FLAG, () => LOGITS_CHUNK_BYTES);
+
+/** The default chunk: as many rows as keep a chunk's float32 logits within LOGITS_CHUNK_BYTES_FLAG's bytes, at least 1. */
 export function defaultChunkRows(vocabSize: number): number {
-  return Math.max(1, Math.floor(LOGITS_CHUNK_BYTES / (4 * vocabSize)));
+  return Math.max(1, Math.floor(tf.env().getNumber(LOGITS_CHUNK_BYTES_FLAG) / (4 * vocabSize)));
 }
 
 export interface LinearCrossEntropyOptions {
