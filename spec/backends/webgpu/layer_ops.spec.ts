@@ -20,6 +20,8 @@ import { scaledMatMul64 } from '../../ops/scaled_matmul.spec.js';
 import { SCALED_MATMUL } from '../../../src/ops/scaled_matmul.js';
 import { ScaledMatMulProgram } from '../../../src/backends/webgpu/programs/scaled_matmul_program.js';
 import { asF32, expectClose, Rng, tensorOf } from '../../helpers/numeric.js';
+import { DENSE_NARROW_PRODUCTS_FLAG } from '../../../src/backends/webgpu/kernels.js';
+import { withEnvFlag } from '../../../tools/webgpu_tc/scoped.js';
 import '../../ops/rotary.spec.js';
 import '../../ops/lora_linear.spec.js';
 
@@ -111,7 +113,7 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
 });
 
 describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => {
-  it('one adapter: 3 programs forward and 5 backward, no Transpose, sums and scales inside products; a trainable weight composes 7 and 9', async () => {
+  it('one adapter: 3 programs forward and 5 backward (7 on the narrow programs, the default), no Transpose, sums and scales inside products; a trainable weight composes 7 and 9', async () => {
     const [t, h, e, r] = [6, 16, 8, 2];
     const x = tf.randomNormal([t, h]) as tf.Tensor2D;
     const A = tf.randomNormal([r, h]) as tf.Tensor2D;
@@ -140,7 +142,8 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
       weight.dispose();
       return { forward, backward };
     };
-    const frozen = await programs(false);
+    // the programs before the narrow ones took the dense rank-r products (DENSE_NARROW_PRODUCTS_FLAG off)
+    const frozen = await withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(false));
     // forward x·Wᵀ, s·(x·Aᵀ), the branch's product with its sum; backward dy·W, s·(dy·B), dB, dA,
     // and the branch's dx added in its product (the ones of tf.grads' dy are a host fill)
     expect(frozen.forward.total, `forward: ${JSON.stringify(frozen.forward)}`).to.equal(3);
@@ -150,7 +153,15 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
     for (const phase of [frozen.forward, frozen.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
     }
-    const trainable = await programs(true);
+    // the default: the same products on the narrow programs, dA and dB each a chunked pass and its sum
+    const narrow = await programs(false);
+    expect(narrow.forward, 'forward, narrow').to.deep.include({ total: 3, NarrowGroupedMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1 });
+    expect(narrow.backward, 'backward, narrow').to.deep.include({ total: 7, NarrowGroupedMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1,
+      NarrowWeightGradProgram: 2, NarrowWeightGradSumProgram: 2 });
+    for (const phase of [narrow.forward, narrow.backward]) {
+      expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram', 'ScaledMatMulProgram');
+    }
+    const trainable = await withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(true));
     expect([trainable.forward.total, trainable.backward.total], JSON.stringify(trainable)).to.deep.equal([7, 9]);
     tf.dispose([x, A, B]);
   });
