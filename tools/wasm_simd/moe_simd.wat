@@ -1,0 +1,924 @@
+;; The wasm MoE kernels' loops around the products (src/backends/wasm/moe_simd.ts), in SIMD (v128).
+;; The module imports tfjs-backend-wasm's own memory, so it reads and writes tensors in place: every
+;; pointer below is a byte address on that heap, every row is contiguous float32.
+;;
+;; Build: npx tsx tools/wasm_simd/build.ts  (assembles this file with tools/wasm_simd/wat.ts into
+;; src/backends/wasm/moe_simd_bytes.ts; spec/backends/wasm_simd.spec.ts checks that file is current).
+;;
+;; Results against the JS loops they replace (src/backends/cpu/moe_math.ts, moe_kernels.ts):
+;; - combine_rows: the same float64 sums in the same order, so bit for bit the same float32 results;
+;; - pair_row_dot: float64 sums in another order (four partial sums), float32 result;
+;; - gather_rows, gather_transpose: copies, bit for bit;
+;; - swiglu_forward / swiglu_backward: float32 arithmetic and a float32 exp (Cody–Waite reduction,
+;;   Cephes' degree-5 polynomial, ~1 ulp), where the JS loop computes in float64 with Math.exp; the
+;;   spec bounds the difference (spec/backends/wasm_simd.spec.ts says which bound and why).
+(module
+  (import "env" "memory" (memory 0))
+
+  ;; Row `r` of an indexed tensor: idx[start + r] when indexed, else start + r.
+  (func $row_of (param $indexed i32) (param $idx i32) (param $start i32) (param $r i32) (result i32)
+    local.get $indexed
+    if
+      local.get $idx
+      local.get $start
+      local.get $r
+      i32.add
+      i32.const 2
+      i32.shl
+      i32.add
+      i32.load
+      return
+    end
+    local.get $start
+    local.get $r
+    i32.add)
+
+  ;; a[n, I] = silu(g)·u = (g·u)·σ(g) with h[n, 2I] = [g | u] (gate and up halves); when `scaled`,
+  ;; also a_scaled[r] = a[r]·scale[r]. Eight columns a step in two independent chains (A: the first
+  ;; four, B: the next four), interleaved statement by statement: one chain's σ is a long dependency
+  ;; chain that leaves the CPU waiting (4 columns: 2.5 ns a column, 8: 1.6 on the benchmark box). The
+  ;; last step's eight columns end at the row's end, overlapping the step before when 8 does not
+  ;; divide I (out of place, so those columns are written twice with the same values). I >= 8.
+  (func $swiglu_forward (export "swiglu_forward")
+    (param $n i32) (param $inter i32) (param $h i32) (param $a i32) (param $scaled i32) (param $scale i32) (param $as i32)
+    (local $half i32) (local $last i32) (local $r i32) (local $c i32)
+    (local $g_at i32) (local $a_at i32) (local $as_at i32) (local $s v128)
+    (local $gA v128) (local $uA v128) (local $xA v128) (local $tA v128) (local $kA v128) (local $r2A v128) (local $eA v128) (local $gB v128) (local $uB v128) (local $xB v128) (local $tB v128) (local $kB v128) (local $r2B v128) (local $eB v128)
+    (local $x_min v128) (local $x_max v128) (local $log2e v128) (local $round v128) (local $ln2_hi v128) (local $ln2_lo v128)
+    (local $p0 v128) (local $p1 v128) (local $p2 v128) (local $p3 v128) (local $p4 v128) (local $p5 v128) (local $one v128) (local $exp_bias v128)
+    local.get $inter
+    i32.const 2
+    i32.shl
+    local.set $half
+    local.get $half
+    i32.const 32
+    i32.sub
+    local.set $last
+    local.get $h
+    local.set $g_at
+    local.get $a
+    local.set $a_at
+    local.get $as
+    local.set $as_at
+    ;; the exp's constants, built once (V8 builds a v128.const in the loop with several instructions)
+    v128.const f32x4 -87.3 -87.3 -87.3 -87.3
+    local.set $x_min
+    v128.const f32x4 88.3 88.3 88.3 88.3
+    local.set $x_max
+    v128.const f32x4 1.44269504 1.44269504 1.44269504 1.44269504
+    local.set $log2e
+    v128.const f32x4 12582912 12582912 12582912 12582912
+    local.set $round
+    v128.const f32x4 0.693359375 0.693359375 0.693359375 0.693359375
+    local.set $ln2_hi
+    v128.const f32x4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4
+    local.set $ln2_lo
+    v128.const f32x4 5.0000001201e-1 5.0000001201e-1 5.0000001201e-1 5.0000001201e-1
+    local.set $p0
+    v128.const f32x4 1.6666665459e-1 1.6666665459e-1 1.6666665459e-1 1.6666665459e-1
+    local.set $p1
+    v128.const f32x4 4.1665795894e-2 4.1665795894e-2 4.1665795894e-2 4.1665795894e-2
+    local.set $p2
+    v128.const f32x4 8.3334519073e-3 8.3334519073e-3 8.3334519073e-3 8.3334519073e-3
+    local.set $p3
+    v128.const f32x4 1.3981999507e-3 1.3981999507e-3 1.3981999507e-3 1.3981999507e-3
+    local.set $p4
+    v128.const f32x4 1.9875691500e-4 1.9875691500e-4 1.9875691500e-4 1.9875691500e-4
+    local.set $p5
+    v128.const f32x4 1 1 1 1
+    local.set $one
+    v128.const i32x4 0x3f800000 0x3f800000 0x3f800000 0x3f800000
+    local.set $exp_bias
+    block $done
+    loop $rows
+      local.get $r
+      local.get $n
+      i32.ge_u
+      br_if $done
+      local.get $scaled
+      if
+        local.get $scale local.get $r i32.const 2 i32.shl i32.add v128.load32_splat local.set $s
+      end
+      ;; c: the step's first column, in bytes from the row's start; the last step starts at `last`
+      i32.const 0
+      local.set $c
+      loop $cols
+        local.get $c local.get $last local.get $c local.get $last i32.lt_u select local.set $c
+        local.get $g_at local.get $c i32.add v128.load align=4 local.set $gA
+        local.get $g_at local.get $c i32.add v128.load offset=16 align=4 local.set $gB
+        local.get $g_at local.get $half i32.add local.get $c i32.add v128.load align=4 local.set $uA
+        local.get $g_at local.get $half i32.add local.get $c i32.add v128.load offset=16 align=4 local.set $uB
+        ;; x = −g clamped to [−87.3, 88.3], where 2^k below stays a normal float
+        local.get $gA f32x4.neg local.get $x_min f32x4.pmax local.get $x_max f32x4.pmin local.set $xA
+        local.get $gB f32x4.neg local.get $x_min f32x4.pmax local.get $x_max f32x4.pmin local.set $xB
+        ;; t = x·log2 e + 1.5·2^23 rounds to the integer k = t − 1.5·2^23 (ties to even, as nearest),
+        ;; which t holds in its low mantissa bits
+        local.get $xA local.get $log2e f32x4.mul local.get $round f32x4.add local.set $tA
+        local.get $xB local.get $log2e f32x4.mul local.get $round f32x4.add local.set $tB
+        local.get $tA local.get $round f32x4.sub local.set $kA
+        local.get $tB local.get $round f32x4.sub local.set $kB
+        ;; r = x − k·ln 2 in two parts (Cody–Waite): |r| <= ln 2 / 2
+        local.get $xA local.get $kA local.get $ln2_hi f32x4.mul f32x4.sub local.get $kA local.get $ln2_lo f32x4.mul f32x4.sub local.set $xA
+        local.get $xB local.get $kB local.get $ln2_hi f32x4.mul f32x4.sub local.get $kB local.get $ln2_lo f32x4.mul f32x4.sub local.set $xB
+        local.get $xA local.get $xA f32x4.mul local.set $r2A
+        local.get $xB local.get $xB f32x4.mul local.set $r2B
+        ;; e^r = P(r)·r² + r + 1, P Cephes' expf polynomial in Estrin's form (a shorter dependency chain
+        ;; than Horner's): P = (p0 + p1·r) + r²·(p2 + p3·r) + r⁴·(p4 + p5·r)
+        local.get $p1 local.get $xA f32x4.mul local.get $p0 f32x4.add local.get $p3 local.get $xA f32x4.mul local.get $p2 f32x4.add local.get $r2A f32x4.mul f32x4.add local.set $eA
+        local.get $p1 local.get $xB f32x4.mul local.get $p0 f32x4.add local.get $p3 local.get $xB f32x4.mul local.get $p2 f32x4.add local.get $r2B f32x4.mul f32x4.add local.set $eB
+        local.get $p5 local.get $xA f32x4.mul local.get $p4 f32x4.add local.get $r2A local.get $r2A f32x4.mul f32x4.mul local.set $kA
+        local.get $p5 local.get $xB f32x4.mul local.get $p4 f32x4.add local.get $r2B local.get $r2B f32x4.mul f32x4.mul local.set $kB
+        local.get $eA local.get $kA f32x4.add local.get $r2A f32x4.mul local.get $xA f32x4.add local.get $one f32x4.add local.set $eA
+        local.get $eB local.get $kB f32x4.add local.get $r2B f32x4.mul local.get $xB f32x4.add local.get $one f32x4.add local.set $eB
+        ;; 1 + e^−g = 1 + e^r·2^k: t's bits << 23 leave k << 23 (1.5·2^23's own bits shift out), + 127 << 23
+        local.get $eA local.get $tA i32.const 23 i32x4.shl local.get $exp_bias i32x4.add f32x4.mul local.get $one f32x4.add local.set $eA
+        local.get $eB local.get $tB i32.const 23 i32x4.shl local.get $exp_bias i32x4.add f32x4.mul local.get $one f32x4.add local.set $eB
+        ;; σ(g) = 1 / (1 + e^−g)
+        local.get $one local.get $eA f32x4.div local.set $eA
+        local.get $one local.get $eB f32x4.div local.set $eB
+        ;; a = (g·u)·σ(g), the JS loop's order (into e)
+        local.get $gA local.get $uA f32x4.mul local.get $eA f32x4.mul local.set $eA
+        local.get $gB local.get $uB f32x4.mul local.get $eB f32x4.mul local.set $eB
+        local.get $a_at local.get $c i32.add local.get $eA v128.store align=4
+        local.get $a_at local.get $c i32.add local.get $eB v128.store offset=16 align=4
+        local.get $scaled
+        if
+          local.get $as_at local.get $c i32.add local.get $eA local.get $s f32x4.mul v128.store align=4
+          local.get $as_at local.get $c i32.add local.get $eB local.get $s f32x4.mul v128.store offset=16 align=4
+        end
+        local.get $c local.get $last i32.ne
+        local.get $c i32.const 32 i32.add local.set $c
+        br_if $cols
+      end
+      ;; the next row
+      local.get $g_at local.get $half i32.add local.get $half i32.add local.set $g_at
+      local.get $a_at local.get $half i32.add local.set $a_at
+      local.get $as_at local.get $half i32.add local.set $as_at
+      local.get $r i32.const 1 i32.add local.set $r
+      br $rows
+    end
+    end)
+
+  ;; dh[n, 2I] = [dg | du] from h[n, 2I] = [g | u] and da[n, I] (times scale[r] when `scaled`):
+  ;; d = da·s, dg = ((d·u)·σ)·(1 + g·(1 − σ)), du = (d·g)·σ with σ = σ(g), the JS loop's order.
+  ;; Two chains and the last step as in swiglu_forward; I >= 8.
+  (func $swiglu_backward (export "swiglu_backward")
+    (param $n i32) (param $inter i32) (param $h i32) (param $da i32) (param $scaled i32) (param $scale i32) (param $dh i32)
+    (local $half i32) (local $last i32) (local $r i32) (local $c i32)
+    (local $g_at i32) (local $da_at i32) (local $dh_at i32) (local $s v128)
+    (local $gA v128) (local $uA v128) (local $dA v128) (local $xA v128) (local $tA v128) (local $kA v128) (local $r2A v128) (local $eA v128) (local $gB v128) (local $uB v128) (local $dB v128) (local $xB v128) (local $tB v128) (local $kB v128) (local $r2B v128) (local $eB v128)
+    (local $x_min v128) (local $x_max v128) (local $log2e v128) (local $round v128) (local $ln2_hi v128) (local $ln2_lo v128)
+    (local $p0 v128) (local $p1 v128) (local $p2 v128) (local $p3 v128) (local $p4 v128) (local $p5 v128) (local $one v128) (local $exp_bias v128)
+    local.get $inter
+    i32.const 2
+    i32.shl
+    local.set $half
+    local.get $half
+    i32.const 32
+    i32.sub
+    local.set $last
+    local.get $h
+    local.set $g_at
+    local.get $da
+    local.set $da_at
+    local.get $dh
+    local.set $dh_at
+    ;; the exp's constants, built once (V8 builds a v128.const in the loop with several instructions)
+    v128.const f32x4 -87.3 -87.3 -87.3 -87.3
+    local.set $x_min
+    v128.const f32x4 88.3 88.3 88.3 88.3
+    local.set $x_max
+    v128.const f32x4 1.44269504 1.44269504 1.44269504 1.44269504
+    local.set $log2e
+    v128.const f32x4 12582912 12582912 12582912 12582912
+    local.set $round
+    v128.const f32x4 0.693359375 0.693359375 0.693359375 0.693359375
+    local.set $ln2_hi
+    v128.const f32x4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4
+    local.set $ln2_lo
+    v128.const f32x4 5.0000001201e-1 5.0000001201e-1 5.0000001201e-1 5.0000001201e-1
+    local.set $p0
+    v128.const f32x4 1.6666665459e-1 1.6666665459e-1 1.6666665459e-1 1.6666665459e-1
+    local.set $p1
+    v128.const f32x4 4.1665795894e-2 4.1665795894e-2 4.1665795894e-2 4.1665795894e-2
+    local.set $p2
+    v128.const f32x4 8.3334519073e-3 8.3334519073e-3 8.3334519073e-3 8.3334519073e-3
+    local.set $p3
+    v128.const f32x4 1.3981999507e-3 1.3981999507e-3 1.3981999507e-3 1.3981999507e-3
+    local.set $p4
+    v128.const f32x4 1.9875691500e-4 1.9875691500e-4 1.9875691500e-4 1.9875691500e-4
+    local.set $p5
+    v128.const f32x4 1 1 1 1
+    local.set $one
+    v128.const i32x4 0x3f800000 0x3f800000 0x3f800000 0x3f800000
+    local.set $exp_bias
+    local.get $one
+    local.set $s
+    block $done
+    loop $rows
+      local.get $r
+      local.get $n
+      i32.ge_u
+      br_if $done
+      local.get $scaled
+      if
+        local.get $scale local.get $r i32.const 2 i32.shl i32.add v128.load32_splat local.set $s
+      end
+      i32.const 0
+      local.set $c
+      loop $cols
+        local.get $c local.get $last local.get $c local.get $last i32.lt_u select local.set $c
+        local.get $g_at local.get $c i32.add v128.load align=4 local.set $gA
+        local.get $g_at local.get $c i32.add v128.load offset=16 align=4 local.set $gB
+        local.get $g_at local.get $half i32.add local.get $c i32.add v128.load align=4 local.set $uA
+        local.get $g_at local.get $half i32.add local.get $c i32.add v128.load offset=16 align=4 local.set $uB
+        local.get $da_at local.get $c i32.add v128.load align=4 local.set $dA
+        local.get $da_at local.get $c i32.add v128.load offset=16 align=4 local.set $dB
+        ;; x = −g clamped to [−87.3, 88.3], where 2^k below stays a normal float
+        local.get $gA f32x4.neg local.get $x_min f32x4.pmax local.get $x_max f32x4.pmin local.set $xA
+        local.get $gB f32x4.neg local.get $x_min f32x4.pmax local.get $x_max f32x4.pmin local.set $xB
+        ;; t = x·log2 e + 1.5·2^23 rounds to the integer k = t − 1.5·2^23 (ties to even, as nearest),
+        ;; which t holds in its low mantissa bits
+        local.get $xA local.get $log2e f32x4.mul local.get $round f32x4.add local.set $tA
+        local.get $xB local.get $log2e f32x4.mul local.get $round f32x4.add local.set $tB
+        local.get $tA local.get $round f32x4.sub local.set $kA
+        local.get $tB local.get $round f32x4.sub local.set $kB
+        ;; r = x − k·ln 2 in two parts (Cody–Waite): |r| <= ln 2 / 2
+        local.get $xA local.get $kA local.get $ln2_hi f32x4.mul f32x4.sub local.get $kA local.get $ln2_lo f32x4.mul f32x4.sub local.set $xA
+        local.get $xB local.get $kB local.get $ln2_hi f32x4.mul f32x4.sub local.get $kB local.get $ln2_lo f32x4.mul f32x4.sub local.set $xB
+        local.get $xA local.get $xA f32x4.mul local.set $r2A
+        local.get $xB local.get $xB f32x4.mul local.set $r2B
+        ;; e^r = P(r)·r² + r + 1, P Cephes' expf polynomial in Estrin's form (a shorter dependency chain
+        ;; than Horner's): P = (p0 + p1·r) + r²·(p2 + p3·r) + r⁴·(p4 + p5·r)
+        local.get $p1 local.get $xA f32x4.mul local.get $p0 f32x4.add local.get $p3 local.get $xA f32x4.mul local.get $p2 f32x4.add local.get $r2A f32x4.mul f32x4.add local.set $eA
+        local.get $p1 local.get $xB f32x4.mul local.get $p0 f32x4.add local.get $p3 local.get $xB f32x4.mul local.get $p2 f32x4.add local.get $r2B f32x4.mul f32x4.add local.set $eB
+        local.get $p5 local.get $xA f32x4.mul local.get $p4 f32x4.add local.get $r2A local.get $r2A f32x4.mul f32x4.mul local.set $kA
+        local.get $p5 local.get $xB f32x4.mul local.get $p4 f32x4.add local.get $r2B local.get $r2B f32x4.mul f32x4.mul local.set $kB
+        local.get $eA local.get $kA f32x4.add local.get $r2A f32x4.mul local.get $xA f32x4.add local.get $one f32x4.add local.set $eA
+        local.get $eB local.get $kB f32x4.add local.get $r2B f32x4.mul local.get $xB f32x4.add local.get $one f32x4.add local.set $eB
+        ;; 1 + e^−g = 1 + e^r·2^k: t's bits << 23 leave k << 23 (1.5·2^23's own bits shift out), + 127 << 23
+        local.get $eA local.get $tA i32.const 23 i32x4.shl local.get $exp_bias i32x4.add f32x4.mul local.get $one f32x4.add local.set $eA
+        local.get $eB local.get $tB i32.const 23 i32x4.shl local.get $exp_bias i32x4.add f32x4.mul local.get $one f32x4.add local.set $eB
+        ;; σ(g) = 1 / (1 + e^−g)
+        local.get $one local.get $eA f32x4.div local.set $eA
+        local.get $one local.get $eB f32x4.div local.set $eB
+        ;; d = da·s; dg = ((d·u)·σ)·(1 + g·(1 − σ)) (into k); du = (d·g)·σ (into u)
+        local.get $dA local.get $s f32x4.mul local.set $dA
+        local.get $dB local.get $s f32x4.mul local.set $dB
+        local.get $dA local.get $uA f32x4.mul local.get $eA f32x4.mul local.get $one local.get $gA local.get $one local.get $eA f32x4.sub f32x4.mul f32x4.add f32x4.mul local.set $kA
+        local.get $dB local.get $uB f32x4.mul local.get $eB f32x4.mul local.get $one local.get $gB local.get $one local.get $eB f32x4.sub f32x4.mul f32x4.add f32x4.mul local.set $kB
+        local.get $dA local.get $gA f32x4.mul local.get $eA f32x4.mul local.set $uA
+        local.get $dB local.get $gB f32x4.mul local.get $eB f32x4.mul local.set $uB
+        local.get $dh_at local.get $c i32.add local.get $kA v128.store align=4
+        local.get $dh_at local.get $c i32.add local.get $kB v128.store offset=16 align=4
+        local.get $dh_at local.get $half i32.add local.get $c i32.add local.get $uA v128.store align=4
+        local.get $dh_at local.get $half i32.add local.get $c i32.add local.get $uB v128.store offset=16 align=4
+        local.get $c local.get $last i32.ne
+        local.get $c i32.const 32 i32.add local.set $c
+        br_if $cols
+      end
+      ;; the next row
+      local.get $g_at local.get $half i32.add local.get $half i32.add local.set $g_at
+      local.get $dh_at local.get $half i32.add local.get $half i32.add local.set $dh_at
+      local.get $da_at local.get $half i32.add local.set $da_at
+      local.get $r i32.const 1 i32.add local.set $r
+      br $rows
+    end
+    end)
+
+  ;; out[tok, c] = Σ_j w[tok·K + j]·y[rows[tok·K + j], c] (w = 1 unless `weighted`), summed in float64
+  ;; from 0 in slot order, as moe_math's combineRows: two columns a float64x2, four a step.
+  (func $combine_rows (export "combine_rows")
+    (param $t i32) (param $k i32) (param $cols i32) (param $y i32) (param $rows i32) (param $weighted i32) (param $w i32) (param $out i32)
+    (local $row_bytes i32) (local $tok i32) (local $c i32) (local $j i32) (local $pair i32) (local $o i32)
+    (local $acc f64) (local $sd f64)
+    (local $s v128) (local $v v128) (local $lo v128) (local $hi v128)
+    local.get $cols
+    i32.const 2
+    i32.shl
+    local.set $row_bytes
+    local.get $out
+    local.set $o
+    block $done
+    loop $tokens
+      local.get $tok
+      local.get $t
+      i32.ge_u
+      br_if $done
+      i32.const 0
+      local.set $c
+      block $wide_done
+      loop $wide
+        local.get $c
+        i32.const 16
+        i32.add
+        local.get $row_bytes
+        i32.gt_u
+        br_if $wide_done
+        v128.const f64x2 0 0
+        local.tee $lo
+        local.set $hi
+        i32.const 0
+        local.set $j
+        loop $slots
+          ;; s = w of pair tok·K + j (or 1); v = y[rows[pair], c … c + 3]
+          f64.const 1
+          local.set $sd
+          local.get $weighted
+          if
+            local.get $w
+            local.get $pair
+            local.get $j
+            i32.add
+            i32.const 2
+            i32.shl
+            i32.add
+            f32.load
+            f64.promote_f32
+            local.set $sd
+          end
+          local.get $sd
+          f64x2.splat
+          local.set $s
+          local.get $y
+          local.get $rows
+          local.get $pair
+          local.get $j
+          i32.add
+          i32.const 2
+          i32.shl
+          i32.add
+          i32.load
+          local.get $row_bytes
+          i32.mul
+          i32.add
+          local.get $c
+          i32.add
+          v128.load align=4
+          local.set $v
+          local.get $lo
+          local.get $v
+          f64x2.promote_low_f32x4
+          local.get $s
+          f64x2.mul
+          f64x2.add
+          local.set $lo
+          local.get $hi
+          local.get $v
+          local.get $v
+          i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7
+          f64x2.promote_low_f32x4
+          local.get $s
+          f64x2.mul
+          f64x2.add
+          local.set $hi
+          local.get $j
+          i32.const 1
+          i32.add
+          local.tee $j
+          local.get $k
+          i32.lt_u
+          br_if $slots
+        end
+        local.get $o
+        local.get $c
+        i32.add
+        local.get $lo
+        f32x4.demote_f64x2_zero
+        local.get $hi
+        f32x4.demote_f64x2_zero
+        i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+        v128.store align=4
+        local.get $c
+        i32.const 16
+        i32.add
+        local.set $c
+        br $wide
+      end
+      end
+      ;; the last cols mod 4, one at a time
+      block $tail_done
+      loop $tail
+        local.get $c
+        local.get $row_bytes
+        i32.ge_u
+        br_if $tail_done
+        f64.const 0
+        local.set $acc
+        i32.const 0
+        local.set $j
+        loop $slots1
+          f64.const 1
+          local.set $sd
+          local.get $weighted
+          if
+            local.get $w
+            local.get $pair
+            local.get $j
+            i32.add
+            i32.const 2
+            i32.shl
+            i32.add
+            f32.load
+            f64.promote_f32
+            local.set $sd
+          end
+          local.get $acc
+          local.get $sd
+          local.get $y
+          local.get $rows
+          local.get $pair
+          local.get $j
+          i32.add
+          i32.const 2
+          i32.shl
+          i32.add
+          i32.load
+          local.get $row_bytes
+          i32.mul
+          i32.add
+          local.get $c
+          i32.add
+          f32.load
+          f64.promote_f32
+          f64.mul
+          f64.add
+          local.set $acc
+          local.get $j
+          i32.const 1
+          i32.add
+          local.tee $j
+          local.get $k
+          i32.lt_u
+          br_if $slots1
+        end
+        local.get $o
+        local.get $c
+        i32.add
+        local.get $acc
+        f32.demote_f64
+        f32.store
+        local.get $c
+        i32.const 4
+        i32.add
+        local.set $c
+        br $tail
+      end
+      end
+      local.get $pair
+      local.get $k
+      i32.add
+      local.set $pair
+      local.get $o
+      local.get $row_bytes
+      i32.add
+      local.set $o
+      local.get $tok
+      i32.const 1
+      i32.add
+      local.set $tok
+      br $tokens
+    end
+    end)
+
+  ;; out[p] = ⟨a[rows[p]], b[rows[p]]⟩ for p < pairs, float64 products and sums (four partial sums).
+  (func $pair_row_dot (export "pair_row_dot")
+    (param $pairs i32) (param $cols i32) (param $a i32) (param $b i32) (param $rows i32) (param $out i32)
+    (local $row_bytes i32) (local $p i32) (local $off i32) (local $c i32)
+    (local $acc f64)
+    (local $va v128) (local $vb v128) (local $lo v128) (local $hi v128)
+    local.get $cols
+    i32.const 2
+    i32.shl
+    local.set $row_bytes
+    block $done
+    loop $pairs_loop
+      local.get $p
+      local.get $pairs
+      i32.ge_u
+      br_if $done
+      local.get $rows
+      local.get $p
+      i32.const 2
+      i32.shl
+      i32.add
+      i32.load
+      local.get $row_bytes
+      i32.mul
+      local.set $off
+      v128.const f64x2 0 0
+      local.tee $lo
+      local.set $hi
+      i32.const 0
+      local.set $c
+      block $wide_done
+      loop $wide
+        local.get $c
+        i32.const 16
+        i32.add
+        local.get $row_bytes
+        i32.gt_u
+        br_if $wide_done
+        local.get $a
+        local.get $off
+        i32.add
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $va
+        local.get $b
+        local.get $off
+        i32.add
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $vb
+        local.get $lo
+        local.get $va
+        f64x2.promote_low_f32x4
+        local.get $vb
+        f64x2.promote_low_f32x4
+        f64x2.mul
+        f64x2.add
+        local.set $lo
+        local.get $hi
+        local.get $va
+        local.get $va
+        i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7
+        f64x2.promote_low_f32x4
+        local.get $vb
+        local.get $vb
+        i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7
+        f64x2.promote_low_f32x4
+        f64x2.mul
+        f64x2.add
+        local.set $hi
+        local.get $c
+        i32.const 16
+        i32.add
+        local.set $c
+        br $wide
+      end
+      end
+      local.get $lo
+      local.get $hi
+      f64x2.add
+      local.tee $lo
+      f64x2.extract_lane 0
+      local.get $lo
+      f64x2.extract_lane 1
+      f64.add
+      local.set $acc
+      block $tail_done
+      loop $tail
+        local.get $c
+        local.get $row_bytes
+        i32.ge_u
+        br_if $tail_done
+        local.get $acc
+        local.get $a
+        local.get $off
+        i32.add
+        local.get $c
+        i32.add
+        f32.load
+        f64.promote_f32
+        local.get $b
+        local.get $off
+        i32.add
+        local.get $c
+        i32.add
+        f32.load
+        f64.promote_f32
+        f64.mul
+        f64.add
+        local.set $acc
+        local.get $c
+        i32.const 4
+        i32.add
+        local.set $c
+        br $tail
+      end
+      end
+      local.get $out
+      local.get $p
+      i32.const 2
+      i32.shl
+      i32.add
+      local.get $acc
+      f32.demote_f64
+      f32.store
+      local.get $p
+      i32.const 1
+      i32.add
+      local.set $p
+      br $pairs_loop
+    end
+    end)
+
+  ;; dst[n, cols] = rows row_of(0) … row_of(n − 1) of src [·, cols] (memmove per row).
+  (func $gather_rows (export "gather_rows")
+    (param $n i32) (param $cols i32) (param $src i32) (param $indexed i32) (param $idx i32) (param $start i32) (param $dst i32)
+    (local $row_bytes i32) (local $r i32)
+    local.get $cols
+    i32.const 2
+    i32.shl
+    local.set $row_bytes
+    block $done
+    loop $rows
+      local.get $r
+      local.get $n
+      i32.ge_u
+      br_if $done
+      local.get $dst
+      local.get $r
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.get $row_bytes
+      memory.copy
+      local.get $r
+      i32.const 1
+      i32.add
+      local.set $r
+      br $rows
+    end
+    end)
+
+  ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ: 4×4 blocks transposed in
+  ;; registers (four loads, eight shuffles, four stores), the last cols mod 4 columns and n mod 4
+  ;; rows one float at a time.
+  (func $gather_transpose (export "gather_transpose")
+    (param $n i32) (param $cols i32) (param $src i32) (param $indexed i32) (param $idx i32) (param $start i32) (param $dst i32)
+    (local $row_bytes i32) (local $stride i32) (local $r i32) (local $c i32) (local $d i32)
+    (local $s0 i32) (local $s1 i32) (local $s2 i32) (local $s3 i32)
+    (local $v0 v128) (local $v1 v128) (local $v2 v128) (local $v3 v128) (local $t0 v128) (local $t1 v128) (local $t2 v128) (local $t3 v128)
+    local.get $cols
+    i32.const 2
+    i32.shl
+    local.set $row_bytes
+    local.get $n
+    i32.const 2
+    i32.shl
+    local.set $stride
+    block $blocks_done
+    loop $blocks
+      local.get $r
+      i32.const 4
+      i32.add
+      local.get $n
+      i32.gt_u
+      br_if $blocks_done
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.set $s0
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      i32.const 1
+      i32.add
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.set $s1
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      i32.const 2
+      i32.add
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.set $s2
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      i32.const 3
+      i32.add
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.set $s3
+      local.get $dst
+      local.get $r
+      i32.const 2
+      i32.shl
+      i32.add
+      local.set $d
+      i32.const 0
+      local.set $c
+      block $wide_done
+      loop $wide
+        local.get $c
+        i32.const 16
+        i32.add
+        local.get $row_bytes
+        i32.gt_u
+        br_if $wide_done
+        local.get $s0
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $v0
+        local.get $s1
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $v1
+        local.get $s2
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $v2
+        local.get $s3
+        local.get $c
+        i32.add
+        v128.load align=4
+        local.set $v3
+        ;; t0 = [v0₀ v1₀ v0₁ v1₁], t1 = [v0₂ v1₂ v0₃ v1₃], t2, t3 the same of v2, v3
+        local.get $v0
+        local.get $v1
+        i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23
+        local.set $t0
+        local.get $v0
+        local.get $v1
+        i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31
+        local.set $t1
+        local.get $v2
+        local.get $v3
+        i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23
+        local.set $t2
+        local.get $v2
+        local.get $v3
+        i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31
+        local.set $t3
+        ;; column c + i of the four rows = low or high halves of t0/t2 (i = 0, 1), t1/t3 (i = 2, 3)
+        local.get $d
+        local.get $t0
+        local.get $t2
+        i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+        v128.store align=4
+        local.get $d
+        local.get $stride
+        i32.add
+        local.tee $d
+        local.get $t0
+        local.get $t2
+        i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31
+        v128.store align=4
+        local.get $d
+        local.get $stride
+        i32.add
+        local.tee $d
+        local.get $t1
+        local.get $t3
+        i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+        v128.store align=4
+        local.get $d
+        local.get $stride
+        i32.add
+        local.tee $d
+        local.get $t1
+        local.get $t3
+        i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31
+        v128.store align=4
+        local.get $d
+        local.get $stride
+        i32.add
+        local.set $d
+        local.get $c
+        i32.const 16
+        i32.add
+        local.set $c
+        br $wide
+      end
+      end
+      block $tail_done
+      loop $tail
+        local.get $c
+        local.get $row_bytes
+        i32.ge_u
+        br_if $tail_done
+        local.get $d
+        local.get $s0
+        local.get $c
+        i32.add
+        f32.load
+        f32.store
+        local.get $d
+        local.get $s1
+        local.get $c
+        i32.add
+        f32.load
+        f32.store offset=4
+        local.get $d
+        local.get $s2
+        local.get $c
+        i32.add
+        f32.load
+        f32.store offset=8
+        local.get $d
+        local.get $s3
+        local.get $c
+        i32.add
+        f32.load
+        f32.store offset=12
+        local.get $d
+        local.get $stride
+        i32.add
+        local.set $d
+        local.get $c
+        i32.const 4
+        i32.add
+        local.set $c
+        br $tail
+      end
+      end
+      local.get $r
+      i32.const 4
+      i32.add
+      local.set $r
+      br $blocks
+    end
+    end
+    ;; the last n mod 4 rows
+    block $rows_done
+    loop $rows
+      local.get $r
+      local.get $n
+      i32.ge_u
+      br_if $rows_done
+      local.get $src
+      local.get $indexed
+      local.get $idx
+      local.get $start
+      local.get $r
+      call $row_of
+      local.get $row_bytes
+      i32.mul
+      i32.add
+      local.set $s0
+      local.get $dst
+      local.get $r
+      i32.const 2
+      i32.shl
+      i32.add
+      local.set $d
+      i32.const 0
+      local.set $c
+      block $cols_done
+      loop $cols
+        local.get $c
+        local.get $row_bytes
+        i32.ge_u
+        br_if $cols_done
+        local.get $d
+        local.get $s0
+        local.get $c
+        i32.add
+        f32.load
+        f32.store
+        local.get $d
+        local.get $stride
+        i32.add
+        local.set $d
+        local.get $c
+        i32.const 4
+        i32.add
+        local.set $c
+        br $cols
+      end
+      end
+      local.get $r
+      i32.const 1
+      i32.add
+      local.set $r
+      br $rows
+    end
+    end)
+)
