@@ -13,13 +13,26 @@ import {
 import { packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import type { ExpertActivation } from '../../src/ops/types.js';
 import { WEIGHT_CACHE_BYTES_FLAG, clearWasmWeightCache, wasmWeightCacheSize } from '../../src/backends/wasm/moe_kernels.js';
+import { SIMD_KERNELS_FLAG } from '../../src/backends/wasm/moe_simd.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences, tensorOf } from '../helpers/numeric.js';
 
 const BACKEND = tf.getBackend.bind(tf);
 
-/** Runs `fn` once with this package's kernels and once with them unregistered (the composition). */
+/**
+ * Runs `fn` once with this package's kernels and once with them unregistered (the composition);
+ * on wasm also with the kernels' JS loops instead of the SIMD module (src/backends/wasm/moe_simd.ts).
+ */
 function bothPaths(fn: (path: string) => void): void {
   fn('kernel');
+  if (BACKEND() === 'wasm') {
+    const simd = tf.env().getBool(SIMD_KERNELS_FLAG);
+    tf.env().set(SIMD_KERNELS_FLAG, false);
+    try {
+      fn('kernel, JS loops');
+    } finally {
+      tf.env().set(SIMD_KERNELS_FLAG, simd);
+    }
+  }
   const saved = MOE_KERNEL_NAMES.map(n => tf.getKernel(n, BACKEND())).filter(k => k != null) as tf.KernelConfig[];
   saved.forEach(k => tf.unregisterKernel(k.kernelName, k.backendName));
   try {
@@ -267,10 +280,11 @@ describe('MoE kernels', () => {
       ['clamped swiglu, interleaved', { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.1 }, true],
       ['Gemma 4 geglu (tanh GELU), gate/up halves', { kind: 'gegluTanh' }, false],
     ];
-    for (const [name, act, interleaved] of acts) {
-      it(`${name}: a, a·scale and dh (finite differences of the float64 forward)`, () => {
+    // I = 13 and 16: wasm's SIMD SwiGLU (eight columns a step, I >= 8); I = 6 its JS loop
+    for (const [[name, act, interleaved], inter] of acts.flatMap(a => [6, 13, 16].map(i => [a, i] as const))) {
+      it(`${name}, I = ${inter}: a, a·scale and dh (finite differences of the float64 forward)`, () => {
         const rng = new Rng(41);
-        const n = 5, inter = 6;
+        const n = 5;
         // wide values so that the clamps cut in both directions
         const h = asF32(rng.array(n * 2 * inter, 1.5));
         const scale = asF32(Float64Array.from({ length: n }, () => 0.3 + rng.uniform()));

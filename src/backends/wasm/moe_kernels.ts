@@ -25,8 +25,9 @@ import {
 import { decodePackedExpertInto, layoutOf, type PackedFormat } from '../../ops/packed.js';
 import {
   activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto, gemm,
-  pairRowDot, scaleAdd, transposeInto,
+  pairRowDot, scaleAdd,
 } from '../cpu/moe_math.js';
+import { moeSimd } from './moe_simd.js';
 
 /** What is used of tfjs-backend-wasm's BackendWasm and its Emscripten module (a dev dependency). */
 interface WasmModuleLike {
@@ -230,6 +231,29 @@ function heapAdd(b: WasmBackendLike): HeapAdd | null {
   return addOf.get(wasm)!;
 }
 
+/**
+ * dst[n, cols] = rows idx[start] … idx[start + n − 1] of src (rows start … with `idx` null), all
+ * on the heap by HEAPF32 / HEAP32 index: moe_simd's loop, else moe_math's gatherRowsInto.
+ */
+function heapGatherRows(b: WasmBackendLike, n: number, cols: number, src: number, idx: number | null, start: number, dst: number): void {
+  const simd = moeSimd(b.wasm);
+  if (simd) {
+    simd.gatherRows(n, cols, src * 4, idx === null ? 0 : 1, (idx ?? 0) * 4, start, dst * 4);
+  } else {
+    gatherRowsInto(n, cols, b.wasm.HEAPF32, src, idx === null ? null : b.wasm.HEAP32, idx ?? 0, start, b.wasm.HEAPF32, dst);
+  }
+}
+
+/** dst[cols, n] = (the rows heapGatherRows gathers)ᵀ: moe_simd's 4×4 blocks, else moe_math's gatherTransposeInto. */
+function heapGatherTranspose(b: WasmBackendLike, n: number, cols: number, src: number, idx: number | null, start: number, dst: number): void {
+  const simd = moeSimd(b.wasm);
+  if (simd) {
+    simd.gatherTranspose(n, cols, src * 4, idx === null ? 0 : 1, (idx ?? 0) * 4, start, dst * 4);
+  } else {
+    gatherTransposeInto(n, cols, b.wasm.HEAPF32, src, idx === null ? null : b.wasm.HEAP32, idx ?? 0, start, b.wasm.HEAPF32, dst);
+  }
+}
+
 /** A scratch block on the heap, freed by `free`. */
 interface Scratch { index: number; free(): void }
 
@@ -270,7 +294,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
     }
     if (transposeW) {
       blocks.wt ??= scratch(b, k * m);
-      transposeInto(p, q, b.wasm.HEAPF32, wIdx, b.wasm.HEAPF32, blocks.wt.index);   // the heap may have grown
+      heapGatherTranspose(b, p, q, wIdx, null, 0, blocks.wt.index);
       wIdx = blocks.wt.index;
     }
     return wIdx;
@@ -281,7 +305,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
       if (n === 0) return;
       let a = at(b, x) + start * k;
       if (xs) {
-        gatherRowsInto(n, k, b.wasm.HEAPF32, at(b, x), b.wasm.HEAP32, at(b, rows), start, b.wasm.HEAPF32, xs.index);
+        heapGatherRows(b, n, k, at(b, x), at(b, rows), start, xs.index);
         a = xs.index;
       }
       const o = at(b, out) + start * m;
@@ -344,21 +368,19 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
     let start = 0;
     groupSizes.forEach((n, e) => {
       const o = oi + e * p * q;
-      const heap = bk.wasm.HEAPF32;
       if (n === 0) {
-        heap.fill(0, o, o + p * q);   // the heap is not zeroed
+        bk.wasm.HEAPF32.fill(0, o, o + p * q);   // the heap is not zeroed
         return;
       }
-      const idx = bk.wasm.HEAP32;
-      gatherTransposeInto(n, lead, heap, li, lIndexed ? idx : null, lri, start, heap, leadT.index);  // [lead, n]
+      heapGatherTranspose(bk, n, lead, li, lIndexed ? lri : null, start, leadT.index);  // [lead, n]
       let pIdx = pi + start * packed;
       if (packedRows) {
-        gatherRowsInto(n, packed, heap, pi, idx, pri, start, heap, packedRows.index);
+        heapGatherRows(bk, n, packed, pi, pri, start, packedRows.index);
         pIdx = packedRows.index;
       }
       if (swapped) {
         run(q, n, p, leadT.index, pIdx, swapped.index);
-        transposeInto(q, p, bk.wasm.HEAPF32, swapped.index, bk.wasm.HEAPF32, o);   // the product may have grown the heap
+        heapGatherTranspose(bk, q, p, swapped.index, null, 0, o);
       } else {
         run(p, n, q, leadT.index, pIdx, o);
       }
@@ -401,6 +423,13 @@ function sigmoidOfH(b: WasmBackendLike, h: tf.TensorInfo, params: ExpertActivati
   return { index: at(b, t), free: () => { b.disposeData(t.dataId); } };
 }
 
+/**
+ * moe_simd's SwiGLU: gate and up halves, at least 8 columns in each (its step). gpt-oss's clamped,
+ * interleaved GLU, GELU and narrower rows run the JS loops.
+ */
+const simdSwiglu = (b: WasmBackendLike, params: ExpertActivationAttrs, inter: number) =>
+  !params.clamped && !params.gelu && !params.interleaved && inter >= 8 ? moeSimd(b.wasm) : null;
+
 function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo[] {
   const b = backend as unknown as WasmBackendLike;
   const { h, scale } = inputs;
@@ -409,6 +438,11 @@ function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo
   const inter = twoI / 2;
   const outs = [b.makeOutput([n, inter], 'float32')];
   if (scale) outs.push(b.makeOutput([n, inter], 'float32'));
+  const simd = simdSwiglu(b, params, inter);
+  if (simd) {
+    simd.swigluForward(n, inter, at(b, h) * 4, at(b, outs[0]) * 4, scale ? 1 : 0, scale ? at(b, scale) * 4 : 0, scale ? at(b, outs[1]) * 4 : 0);
+    return outs;
+  }
   const sig = sigmoidOfH(b, h, params);
   try {
     const heap = b.wasm.HEAPF32;   // after the allocations
@@ -471,6 +505,11 @@ function expertActivationGrad({ inputs, backend, attrs }: KernelArgs): tf.Tensor
   const params = attrs as unknown as ExpertActivationAttrs;
   const [n, twoI] = h.shape;
   const out = b.makeOutput([n, twoI], 'float32');
+  const simd = simdSwiglu(b, params, twoI / 2);
+  if (simd) {
+    simd.swigluBackward(n, twoI / 2, at(b, h) * 4, at(b, da) * 4, scale ? 1 : 0, scale ? at(b, scale) * 4 : 0, at(b, out) * 4);
+    return out;
+  }
   const sig = sigmoidOfH(b, h, params);
   try {
     const heap = b.wasm.HEAPF32;
@@ -492,6 +531,11 @@ function combine({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const { numTokens, topK } = attrs as unknown as PairAttrs;
   const cols = y.shape[1];
   const out = b.makeOutput([numTokens, cols], 'float32');
+  const simd = topK > 0 ? moeSimd(b.wasm) : null;   // its slot loop runs at least once
+  if (simd) {
+    simd.combineRows(numTokens, topK, cols, at(b, y) * 4, at(b, rowOfPair) * 4, weights ? 1 : 0, weights ? at(b, weights) * 4 : 0, at(b, out) * 4);
+    return out;
+  }
   const heap = b.wasm.HEAPF32;
   combineRows(numTokens, topK, cols, heap, at(b, y), b.wasm.HEAP32, at(b, rowOfPair),
       weights ? heap : null, weights ? at(b, weights) : 0, heap, at(b, out));
@@ -503,6 +547,11 @@ function rowDot({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const { a, b, rowOfPair } = inputs;
   const { numTokens, topK } = attrs as unknown as PairAttrs;
   const out = bk.makeOutput([numTokens, topK], 'float32');
+  const simd = moeSimd(bk.wasm);
+  if (simd) {
+    simd.pairRowDot(numTokens * topK, a.shape[1], at(bk, a) * 4, at(bk, b) * 4, at(bk, rowOfPair) * 4, at(bk, out) * 4);
+    return out;
+  }
   const heap = bk.wasm.HEAPF32;
   pairRowDot(numTokens * topK, a.shape[1], heap, at(bk, a), heap, at(bk, b), bk.wasm.HEAP32, at(bk, rowOfPair),
       heap, at(bk, out));
