@@ -180,12 +180,12 @@ describe('wasm SIMD module (moe_simd)', () => {
     }
   });
 
-  it('gatherRows and gatherTranspose: bit for bit moe_math\'s, through an index or not, sizes around the 4×4 blocks', () => {
+  it('gatherRows and gatherTranspose: bit for bit moe_math\'s, through an index or not, sizes around the 8- and 4-row blocks', () => {
     const rng = new Rng(3);
-    for (const n of [1, 3, 4, 5, 9]) {
+    for (const n of [1, 3, 4, 5, 9, 12, 13]) {
       for (const cols of [1, 3, 4, 7, 9]) {
         for (const indexed of [false, true]) {
-          const srcRows = 11;
+          const srcRows = 16;   // >= start + n: unindexed rows are start … start + n − 1
           const start = 2;
           const heap = new Heap();
           const simd = simdOn(heap);

@@ -654,30 +654,95 @@
     end
     end)
 
-  ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ: 4×4 blocks transposed in
-  ;; registers (four loads, eight shuffles, four stores), the last cols mod 4 columns and n mod 4
-  ;; rows one float at a time.
+  ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ. Eight rows a block: per
+  ;; four columns, two 4×4 transposes in registers (eight loads, sixteen shuffles) and 32 contiguous
+  ;; bytes stored to each of the four destination rows (0.28 ns a float at 256×256 against 0.47 with
+  ;; blocks of four rows and 16 bytes a row); then blocks of four rows, then single rows; the last
+  ;; cols mod 4 columns one float at a time.
   (func $gather_transpose (export "gather_transpose")
     (param $n i32) (param $cols i32) (param $src i32) (param $indexed i32) (param $idx i32) (param $start i32) (param $dst i32)
     (local $row_bytes i32) (local $stride i32) (local $r i32) (local $c i32) (local $d i32)
-    (local $s0 i32) (local $s1 i32) (local $s2 i32) (local $s3 i32)
+    (local $s0 i32) (local $s1 i32) (local $s2 i32) (local $s3 i32) (local $s4 i32) (local $s5 i32) (local $s6 i32) (local $s7 i32)
     (local $v0 v128) (local $v1 v128) (local $v2 v128) (local $v3 v128) (local $t0 v128) (local $t1 v128) (local $t2 v128) (local $t3 v128)
-    local.get $cols
-    i32.const 2
-    i32.shl
-    local.set $row_bytes
-    local.get $n
-    i32.const 2
-    i32.shl
-    local.set $stride
+    (local $w0 v128) (local $w1 v128) (local $w2 v128) (local $w3 v128) (local $q0 v128) (local $q1 v128) (local $q2 v128) (local $q3 v128)
+    local.get $cols i32.const 2 i32.shl local.set $row_bytes
+    local.get $n i32.const 2 i32.shl local.set $stride
     block $blocks_done
     loop $blocks
+      local.get $r i32.const 8 i32.add local.get $n i32.gt_u br_if $blocks_done
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 0 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s0
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 1 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s1
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 2 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s2
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 3 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s3
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 4 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s4
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 5 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s5
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 6 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s6
+      local.get $src local.get $indexed local.get $idx local.get $start local.get $r i32.const 7 i32.add call $row_of local.get $row_bytes i32.mul i32.add local.set $s7
+      local.get $dst local.get $r i32.const 2 i32.shl i32.add local.set $d
+      i32.const 0 local.set $c
+      block $wide_done
+      loop $wide
+        local.get $c i32.const 16 i32.add local.get $row_bytes i32.gt_u br_if $wide_done
+        local.get $s0 local.get $c i32.add v128.load align=4 local.set $v0
+        local.get $s1 local.get $c i32.add v128.load align=4 local.set $v1
+        local.get $s2 local.get $c i32.add v128.load align=4 local.set $v2
+        local.get $s3 local.get $c i32.add v128.load align=4 local.set $v3
+        local.get $s4 local.get $c i32.add v128.load align=4 local.set $w0
+        local.get $s5 local.get $c i32.add v128.load align=4 local.set $w1
+        local.get $s6 local.get $c i32.add v128.load align=4 local.set $w2
+        local.get $s7 local.get $c i32.add v128.load align=4 local.set $w3
+        ;; t0 = [v0₀ v1₀ v0₁ v1₁], t1 = [v0₂ v1₂ v0₃ v1₃], t2, t3 the same of v2, v3; q0 … q3 of w0 … w3
+        local.get $v0 local.get $v1 i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 local.set $t0
+        local.get $v0 local.get $v1 i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 local.set $t1
+        local.get $v2 local.get $v3 i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 local.set $t2
+        local.get $v2 local.get $v3 i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 local.set $t3
+        local.get $w0 local.get $w1 i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 local.set $q0
+        local.get $w0 local.get $w1 i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 local.set $q1
+        local.get $w2 local.get $w3 i8x16.shuffle 0 1 2 3 16 17 18 19 4 5 6 7 20 21 22 23 local.set $q2
+        local.get $w2 local.get $w3 i8x16.shuffle 8 9 10 11 24 25 26 27 12 13 14 15 28 29 30 31 local.set $q3
+        ;; column c + i of the eight rows: low or high halves of t0/t2 and q0/q2 (i = 0, 1), t1/t3 and q1/q3 (i = 2, 3)
+        local.get $d local.get $t0 local.get $t2 i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 v128.store align=4
+        local.get $d local.get $q0 local.get $q2 i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 v128.store offset=16 align=4
+        local.get $d local.get $stride i32.add local.tee $d local.get $t0 local.get $t2 i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 v128.store align=4
+        local.get $d local.get $q0 local.get $q2 i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 v128.store offset=16 align=4
+        local.get $d local.get $stride i32.add local.tee $d local.get $t1 local.get $t3 i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 v128.store align=4
+        local.get $d local.get $q1 local.get $q3 i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23 v128.store offset=16 align=4
+        local.get $d local.get $stride i32.add local.tee $d local.get $t1 local.get $t3 i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 v128.store align=4
+        local.get $d local.get $q1 local.get $q3 i8x16.shuffle 8 9 10 11 12 13 14 15 24 25 26 27 28 29 30 31 v128.store offset=16 align=4
+        local.get $d local.get $stride i32.add local.set $d
+        local.get $c i32.const 16 i32.add local.set $c
+        br $wide
+      end
+      end
+      block $tail_done
+      loop $tail
+        local.get $c local.get $row_bytes i32.ge_u br_if $tail_done
+        local.get $d local.get $s0 local.get $c i32.add f32.load f32.store offset=0
+        local.get $d local.get $s1 local.get $c i32.add f32.load f32.store offset=4
+        local.get $d local.get $s2 local.get $c i32.add f32.load f32.store offset=8
+        local.get $d local.get $s3 local.get $c i32.add f32.load f32.store offset=12
+        local.get $d local.get $s4 local.get $c i32.add f32.load f32.store offset=16
+        local.get $d local.get $s5 local.get $c i32.add f32.load f32.store offset=20
+        local.get $d local.get $s6 local.get $c i32.add f32.load f32.store offset=24
+        local.get $d local.get $s7 local.get $c i32.add f32.load f32.store offset=28
+        local.get $d local.get $stride i32.add local.set $d
+        local.get $c i32.const 4 i32.add local.set $c
+        br $tail
+      end
+      end
+      local.get $r i32.const 8 i32.add local.set $r
+      br $blocks
+    end
+    end
+    ;; the rows left, four at a time
+    block $blocks4_done
+    loop $blocks4
       local.get $r
       i32.const 4
       i32.add
       local.get $n
       i32.gt_u
-      br_if $blocks_done
+      br_if $blocks4_done
       local.get $src
       local.get $indexed
       local.get $idx
@@ -863,10 +928,10 @@
       i32.const 4
       i32.add
       local.set $r
-      br $blocks
+      br $blocks4
     end
     end
-    ;; the last n mod 4 rows
+    ;; the last rows, one at a time
     block $rows_done
     loop $rows
       local.get $r
