@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { readFileSync } from 'node:fs';
 import { combineRows, gatherRowsInto, gatherTransposeInto } from '../../src/backends/cpu/moe_math.js';
-import { SIMD_KERNELS_FLAG, moeSimd, type MoESimd } from '../../src/backends/wasm/moe_simd.js';
+import { SIMD_KERNELS_FLAG, moeSimd, moeSimdSettled, type MoESimd } from '../../src/backends/wasm/moe_simd.js';
 import { BYTES_PATH, WAT_PATH, renderBytesModule } from '../../tools/wasm_simd/build.js';
 import { Rng } from '../helpers/numeric.js';
 
@@ -76,6 +76,27 @@ describe('wasm SIMD module (moe_simd)', () => {
     } finally {
       tf.env().set(SIMD_KERNELS_FLAG, saved);
     }
+  });
+
+  it('compiles asynchronously where a synchronous compile is refused (Chrome\'s main thread above 4 KB): JS loops until then', async () => {
+    const memory = new WebAssembly.Memory({ initial: 1 });
+    const wasm = { asm: { memory } };
+    const SyncModule = WebAssembly.Module;
+    (WebAssembly as { Module: unknown }).Module = function refused() {
+      throw new RangeError('WebAssembly.Compile is disallowed on the main thread, if the buffer size is larger than 4KB');
+    };
+    try {
+      expect(moeSimd(wasm), 'while the compile runs').to.equal(null);
+    } finally {
+      (WebAssembly as { Module: unknown }).Module = SyncModule;
+    }
+    expect(await moeSimdSettled(wasm)).to.equal(true);
+    const simd = moeSimd(wasm);
+    expect(simd).to.not.equal(null);
+    const f32 = new Float32Array(memory.buffer);
+    f32.set([1, 2, 3, 4, 5, 6], 0);
+    simd!.gatherRows(2, 3, 0, 0, 0, 1, 64);   // rows 1, 2 of a [·, 3]: only row 1 exists, then zeros
+    expect(Array.from(f32.subarray(16, 19))).to.deep.equal([4, 5, 6]);
   });
 
   // Bounds, per element, in units of U against the float64 formula on the same float32 inputs.
@@ -177,6 +198,41 @@ describe('wasm SIMD module (moe_simd)', () => {
         }
         expect(Math.abs(heap.f32[out + p] - dot), `cols = ${cols}, pair ${p}`).to.be.at.most(U * Math.abs(dot) + 1e-15 * abs);
       });
+    }
+  });
+
+  it('weightGrad: Σ aᵀ·b over the rows within float32 summation\'s bound (n + 1)·U·Σ|a·b|; zeros for no rows', () => {
+    const rng = new Rng(13);
+    for (const n of [0, 1, 2, 5]) {
+      for (const [p, q] of [[1, 7], [3, 4], [8, 9], [5, 1]]) {
+        for (const [aIdx, bIdx] of [[false, false], [true, false], [false, true]]) {
+          const srcRows = 9;
+          const start = 1;
+          const heap = new Heap();
+          const simd = simdOn(heap);
+          const aV = Float32Array.from({ length: srcRows * p }, () => rng.normal());
+          const bV = Float32Array.from({ length: srcRows * q }, () => rng.normal());
+          const idxV = Int32Array.from({ length: start + n }, () => rng.int(srcRows));
+          const [a, b, idx, out] = [heap.alloc(srcRows * p, aV), heap.alloc(srcRows * q, bV), heap.alloc(start + n, idxV, true), heap.alloc(p * q)];
+          heap.f32.fill(7, out, out + p * q);   // what a reused heap block may hold
+          simd.weightGrad(n, p, q, a * 4, aIdx ? 1 : 0, idx * 4, b * 4, bIdx ? 1 : 0, idx * 4, start, out * 4);
+          const label = `n = ${n}, [${p}, ${q}]${aIdx ? ', a indexed' : ''}${bIdx ? ', b indexed' : ''}`;
+          heap.expectCanaries(label);
+          for (let i = 0; i < p; i++) {
+            for (let j = 0; j < q; j++) {
+              let sum = 0;
+              let abs = 0;
+              for (let r = 0; r < n; r++) {
+                const ra = aIdx ? idxV[start + r] : start + r;
+                const rb = bIdx ? idxV[start + r] : start + r;
+                sum += aV[ra * p + i] * bV[rb * q + j];
+                abs += Math.abs(aV[ra * p + i] * bV[rb * q + j]);
+              }
+              expect(Math.abs(heap.f32[out + i * q + j] - sum), `${label}, [${i}, ${j}]`).to.be.at.most((n + 1) * U * abs);
+            }
+          }
+        }
+      }
     }
   });
 

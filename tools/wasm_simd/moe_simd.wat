@@ -986,4 +986,110 @@
       br $rows
     end
     end)
+
+  ;; out[p, q] = Σ_r a[row_a(r), :p]ᵀ·b[row_b(r), :q] over the n rows start … start + n − 1 (each
+  ;; side through its index when indexed): one expert's weight gradient as rank-1 updates, for
+  ;; products with a narrow side (LoRA's dA = grᵀ·x, r × in, and dB = dyᵀ·u, out × r), where a
+  ;; product on XNNPACK needs the wide operand transposed first and packs an operand per call.
+  ;; Two rows a pass: out[i, c…c+3] = (out + a0ᵢ·b0[c…]) + a1ᵢ·b1[c…]; the last row alone; the
+  ;; last q mod 4 columns one at a time. float32 sums in row order.
+  (func $weight_grad (export "weight_grad")
+    (param $n i32) (param $p i32) (param $q i32) (param $a i32) (param $a_indexed i32) (param $a_idx i32)
+    (param $b i32) (param $b_indexed i32) (param $b_idx i32) (param $start i32) (param $out i32)
+    (local $a_bytes i32) (local $q_bytes i32) (local $wide_end i32) (local $r i32) (local $i i32) (local $c i32) (local $o i32)
+    (local $a0 i32) (local $a1 i32) (local $b0 i32) (local $b1 i32)
+    (local $s0 v128) (local $s1 v128)
+    local.get $p i32.const 2 i32.shl local.set $a_bytes
+    local.get $q i32.const 2 i32.shl local.set $q_bytes
+    local.get $q_bytes i32.const -16 i32.and local.set $wide_end
+    local.get $out i32.const 0 local.get $p local.get $q_bytes i32.mul memory.fill
+    ;; two rows a pass
+    block $pairs_done
+    loop $pairs
+      local.get $r i32.const 2 i32.add local.get $n i32.gt_u br_if $pairs_done
+      local.get $a local.get $a_indexed local.get $a_idx local.get $start local.get $r call $row_of local.get $a_bytes i32.mul i32.add local.set $a0
+      local.get $a local.get $a_indexed local.get $a_idx local.get $start local.get $r i32.const 1 i32.add call $row_of local.get $a_bytes i32.mul i32.add local.set $a1
+      local.get $b local.get $b_indexed local.get $b_idx local.get $start local.get $r call $row_of local.get $q_bytes i32.mul i32.add local.set $b0
+      local.get $b local.get $b_indexed local.get $b_idx local.get $start local.get $r i32.const 1 i32.add call $row_of local.get $q_bytes i32.mul i32.add local.set $b1
+      local.get $out local.set $o
+      i32.const 0 local.set $i
+      block $out_rows_done
+      loop $out_rows
+        local.get $i local.get $p i32.ge_u br_if $out_rows_done
+        local.get $a0 local.get $i i32.const 2 i32.shl i32.add v128.load32_splat local.set $s0
+        local.get $a1 local.get $i i32.const 2 i32.shl i32.add v128.load32_splat local.set $s1
+        i32.const 0 local.set $c
+        block $wide_done
+        loop $wide
+          local.get $c local.get $wide_end i32.ge_u br_if $wide_done
+          local.get $o local.get $c i32.add
+          local.get $o local.get $c i32.add v128.load align=4
+          local.get $s0 local.get $b0 local.get $c i32.add v128.load align=4 f32x4.mul f32x4.add
+          local.get $s1 local.get $b1 local.get $c i32.add v128.load align=4 f32x4.mul f32x4.add
+          v128.store align=4
+          local.get $c i32.const 16 i32.add local.set $c
+          br $wide
+        end
+        end
+        block $tail_done
+        loop $tail
+          local.get $c local.get $q_bytes i32.ge_u br_if $tail_done
+          local.get $o local.get $c i32.add
+          local.get $o local.get $c i32.add f32.load
+          local.get $s0 f32x4.extract_lane 0 local.get $b0 local.get $c i32.add f32.load f32.mul f32.add
+          local.get $s1 f32x4.extract_lane 0 local.get $b1 local.get $c i32.add f32.load f32.mul f32.add
+          f32.store
+          local.get $c i32.const 4 i32.add local.set $c
+          br $tail
+        end
+        end
+        local.get $o local.get $q_bytes i32.add local.set $o
+        local.get $i i32.const 1 i32.add local.set $i
+        br $out_rows
+      end
+      end
+      local.get $r i32.const 2 i32.add local.set $r
+      br $pairs
+    end
+    end
+    ;; the last row when n is odd
+    local.get $r local.get $n i32.lt_u
+    if
+      local.get $a local.get $a_indexed local.get $a_idx local.get $start local.get $r call $row_of local.get $a_bytes i32.mul i32.add local.set $a0
+      local.get $b local.get $b_indexed local.get $b_idx local.get $start local.get $r call $row_of local.get $q_bytes i32.mul i32.add local.set $b0
+      local.get $out local.set $o
+      i32.const 0 local.set $i
+      block $last_done
+      loop $last
+        local.get $i local.get $p i32.ge_u br_if $last_done
+        local.get $a0 local.get $i i32.const 2 i32.shl i32.add v128.load32_splat local.set $s0
+        i32.const 0 local.set $c
+        block $wide1_done
+        loop $wide1
+          local.get $c local.get $wide_end i32.ge_u br_if $wide1_done
+          local.get $o local.get $c i32.add
+          local.get $o local.get $c i32.add v128.load align=4
+          local.get $s0 local.get $b0 local.get $c i32.add v128.load align=4 f32x4.mul f32x4.add
+          v128.store align=4
+          local.get $c i32.const 16 i32.add local.set $c
+          br $wide1
+        end
+        end
+        block $tail1_done
+        loop $tail1
+          local.get $c local.get $q_bytes i32.ge_u br_if $tail1_done
+          local.get $o local.get $c i32.add
+          local.get $o local.get $c i32.add f32.load
+          local.get $s0 f32x4.extract_lane 0 local.get $b0 local.get $c i32.add f32.load f32.mul f32.add
+          f32.store
+          local.get $c i32.const 4 i32.add local.set $c
+          br $tail1
+        end
+        end
+        local.get $o local.get $q_bytes i32.add local.set $o
+        local.get $i i32.const 1 i32.add local.set $i
+        br $last
+      end
+      end
+    end)
 )

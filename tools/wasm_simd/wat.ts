@@ -10,7 +10,7 @@
  *
  * Instructions: control (block, loop, if/else, br, br_if, return, end, with no block results; call),
  * locals, i32 / f32 / f64 scalars, SIMD (v128) loads, stores, lane ops, shuffles and arithmetic,
- * memory.copy. Memory arguments take `offset=` and `align=` (bytes); a name not in the tables
+ * memory.copy, memory.fill. Memory arguments take `offset=` and `align=` (bytes); a name not in the tables
  * below is an error naming it. The output is checked by WebAssembly.validate in the spec.
  */
 
@@ -277,6 +277,8 @@ function encodeBody(f: Func, funcIndex: (name: string) => number): number[] {
       if (m.lane) code.push(integer(next('lane'), op));
     } else if (op === 'memory.copy') {
       code.push(0xfc, ...uleb(10), 0x00, 0x00);
+    } else if (op === 'memory.fill') {
+      code.push(0xfc, ...uleb(11), 0x00);
     } else if (op in PLAIN) {
       code.push(PLAIN[op]);
     } else if (op in SIMD_PLAIN) {

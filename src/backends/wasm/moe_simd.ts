@@ -9,7 +9,10 @@
  * works on the tensors in place: no copy in or out, and a heap that grows stays visible to it.
  * Where that memory is not reachable (another tfjs-wasm build), is shared (the threaded build:
  * the import would have to be declared shared), the engine has no wasm SIMD, or the flag below is
- * off, `moeSimd` returns null and the kernels run their JS loops.
+ * off, `moeSimd` returns null and the kernels run their JS loops. The module is over 4 KB, which a
+ * browser's main thread may refuse to compile synchronously (Chrome throws a RangeError): then the
+ * first call starts an asynchronous compile and the kernels run their JS loops until it is done
+ * (`moeSimdSettled` waits for it).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
@@ -29,6 +32,8 @@ export interface MoESimd {
   pairRowDot(pairs: number, cols: number, a: number, b: number, rowOfPair: number, out: number): void;
   gatherRows(n: number, cols: number, src: number, indexed: number, idx: number, start: number, dst: number): void;
   gatherTranspose(n: number, cols: number, src: number, indexed: number, idx: number, start: number, dst: number): void;
+  weightGrad(n: number, p: number, q: number, a: number, aIndexed: number, aIdx: number, b: number, bIndexed: number,
+             bIdx: number, start: number, out: number): void;
 }
 
 /** What is read of tfjs-backend-wasm's Emscripten module. */
@@ -36,15 +41,10 @@ interface WasmModuleWithMemory {
   asm?: { memory?: unknown };
 }
 
-const instances = new WeakMap<object, MoESimd | null>();
+/** Per tfjs-wasm module: the instance, null (not available), or the asynchronous compile under way. */
+const instances = new WeakMap<object, MoESimd | null | Promise<void>>();
 
-function instantiate(memory: unknown): MoESimd | null {
-  if (typeof WebAssembly === 'undefined' || !(memory instanceof WebAssembly.Memory)) return null;
-  if (typeof SharedArrayBuffer !== 'undefined' && memory.buffer instanceof SharedArrayBuffer) return null;
-  const bytes = Uint8Array.from(atob(MOE_SIMD_WASM_BASE64), c => c.charCodeAt(0));
-  if (!WebAssembly.validate(bytes)) return null;   // no SIMD in this engine
-  // under 4 KB, so a synchronous compile is allowed on a browser's main thread too
-  const instance = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } });
+function exportsOf(instance: WebAssembly.Instance): MoESimd {
   const e = instance.exports as Record<string, (...args: number[]) => void>;
   return {
     swigluForward: e.swiglu_forward,
@@ -53,12 +53,37 @@ function instantiate(memory: unknown): MoESimd | null {
     pairRowDot: e.pair_row_dot,
     gatherRows: e.gather_rows,
     gatherTranspose: e.gather_transpose,
+    weightGrad: e.weight_grad,
   };
+}
+
+function instantiate(wasm: object): MoESimd | null | Promise<void> {
+  const memory = (wasm as WasmModuleWithMemory).asm?.memory;
+  if (typeof WebAssembly === 'undefined' || !(memory instanceof WebAssembly.Memory)) return null;
+  if (typeof SharedArrayBuffer !== 'undefined' && memory.buffer instanceof SharedArrayBuffer) return null;
+  const bytes = Uint8Array.from(atob(MOE_SIMD_WASM_BASE64), c => c.charCodeAt(0));
+  if (!WebAssembly.validate(bytes)) return null;   // no SIMD in this engine
+  const imports = { env: { memory } };
+  try {
+    return exportsOf(new WebAssembly.Instance(new WebAssembly.Module(bytes), imports));
+  } catch {
+    return WebAssembly.instantiate(bytes, imports).then(
+        ({ instance }) => { instances.set(wasm, exportsOf(instance)); },
+        () => { instances.set(wasm, null); });
+  }
 }
 
 /** The module on this backend's heap (instantiated once per tfjs-wasm module), or null: see the file comment. */
 export function moeSimd(wasm: object): MoESimd | null {
   if (!tf.env().getBool(SIMD_KERNELS_FLAG)) return null;
-  if (!instances.has(wasm)) instances.set(wasm, instantiate((wasm as WasmModuleWithMemory).asm?.memory));
-  return instances.get(wasm)!;
+  if (!instances.has(wasm)) instances.set(wasm, instantiate(wasm));
+  const state = instances.get(wasm)!;
+  return state instanceof Promise ? null : state;
+}
+
+/** Resolves when the module for this tfjs-wasm module is loaded or known unavailable: true when loaded. */
+export async function moeSimdSettled(wasm: object): Promise<boolean> {
+  if (!instances.has(wasm)) instances.set(wasm, instantiate(wasm));
+  await instances.get(wasm);
+  return instances.get(wasm) != null;
 }
