@@ -236,6 +236,42 @@ describe('wasm SIMD module (moe_simd)', () => {
     }
   });
 
+  it('productNarrowK: add + Σ_j (α·x_j)·w_j within (k + 2)·U of the summed magnitudes (k + 1 sums, α·x rounded), through an index or not', () => {
+    const rng = new Rng(17);
+    for (const n of [0, 1, 3]) {
+      for (const [k, m] of [[1, 5], [4, 8], [7, 11], [13, 1]]) {
+        for (const [indexed, added, alpha] of [[false, false, 1], [true, true, -1.75], [false, true, 1], [true, false, 0.5]] as const) {
+          const srcRows = 6;
+          const start = 2;
+          const heap = new Heap();
+          const simd = simdOn(heap);
+          const xV = Float32Array.from({ length: srcRows * k }, () => rng.normal());
+          const wV = Float32Array.from({ length: k * m }, () => rng.normal());
+          const addV = Float32Array.from({ length: n * m }, () => rng.normal());
+          const idxV = Int32Array.from({ length: start + n }, () => rng.int(srcRows));
+          const [x, w, add, idx, out] = [heap.alloc(srcRows * k, xV), heap.alloc(k * m, wV), heap.alloc(n * m, addV),
+            heap.alloc(start + n, idxV, true), heap.alloc(n * m)];
+          heap.f32.fill(7, out, out + n * m);   // what a reused heap block may hold
+          simd.productNarrowK(n, k, m, x * 4, indexed ? 1 : 0, idx * 4, start, w * 4, alpha, added ? 1 : 0, add * 4, out * 4);
+          const label = `n = ${n}, k = ${k}, m = ${m}${indexed ? ', indexed' : ''}${added ? ', added' : ''}, α = ${alpha}`;
+          heap.expectCanaries(label);
+          for (let r = 0; r < n; r++) {
+            const row = indexed ? idxV[start + r] : start + r;
+            for (let c = 0; c < m; c++) {
+              let sum = added ? addV[r * m + c] : 0;
+              let abs = Math.abs(sum);
+              for (let j = 0; j < k; j++) {
+                sum += alpha * xV[row * k + j] * wV[j * m + c];
+                abs += Math.abs(alpha * xV[row * k + j] * wV[j * m + c]);
+              }
+              expect(Math.abs(heap.f32[out + r * m + c] - sum), `${label}, [${r}, ${c}]`).to.be.at.most((k + 2) * U * abs);
+            }
+          }
+        }
+      }
+    }
+  });
+
   it('gatherRows and gatherTranspose: bit for bit moe_math\'s, through an index or not, sizes around the 8- and 4-row blocks', () => {
     const rng = new Rng(3);
     for (const n of [1, 3, 4, 5, 9, 12, 13]) {

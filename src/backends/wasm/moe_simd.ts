@@ -34,6 +34,8 @@ export interface MoESimd {
   gatherTranspose(n: number, cols: number, src: number, indexed: number, idx: number, start: number, dst: number): void;
   weightGrad(n: number, p: number, q: number, a: number, aIndexed: number, aIdx: number, b: number, bIndexed: number,
              bIdx: number, start: number, out: number): void;
+  productNarrowK(n: number, k: number, m: number, x: number, xIndexed: number, xIdx: number, start: number, w: number,
+                 alpha: number, added: number, add: number, out: number): void;
 }
 
 /** What is read of tfjs-backend-wasm's Emscripten module. */
@@ -54,6 +56,7 @@ function exportsOf(instance: WebAssembly.Instance): MoESimd {
     gatherRows: e.gather_rows,
     gatherTranspose: e.gather_transpose,
     weightGrad: e.weight_grad,
+    productNarrowK: e.product_narrow_k,
   };
 }
 
