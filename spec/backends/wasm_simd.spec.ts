@@ -272,6 +272,39 @@ describe('wasm SIMD module (moe_simd)', () => {
     }
   });
 
+  it('productNarrowM: α·⟨x, wt_j⟩ within (k + 3)·U of α·Σ|x·w| (four partial sums, their sum, α), through an index or not', () => {
+    const rng = new Rng(19);
+    for (const n of [0, 1, 3]) {
+      for (const [k, m] of [[1, 1], [5, 4], [9, 7], [17, 8], [33, 13]]) {
+        for (const [indexed, alpha] of [[false, 1], [true, -1.75]] as const) {
+          const srcRows = 6;
+          const start = 2;
+          const heap = new Heap();
+          const simd = simdOn(heap);
+          const xV = Float32Array.from({ length: srcRows * k }, () => rng.normal());
+          const wV = Float32Array.from({ length: m * k }, () => rng.normal());
+          const idxV = Int32Array.from({ length: start + n }, () => rng.int(srcRows));
+          const [x, wt, idx, out] = [heap.alloc(srcRows * k, xV), heap.alloc(m * k, wV), heap.alloc(start + n, idxV, true), heap.alloc(n * m)];
+          simd.productNarrowM(n, k, m, x * 4, indexed ? 1 : 0, idx * 4, start, wt * 4, alpha, out * 4);
+          const label = `n = ${n}, k = ${k}, m = ${m}${indexed ? ', indexed' : ''}, α = ${alpha}`;
+          heap.expectCanaries(label);
+          for (let r = 0; r < n; r++) {
+            const row = indexed ? idxV[start + r] : start + r;
+            for (let j = 0; j < m; j++) {
+              let dot = 0;
+              let abs = 0;
+              for (let c = 0; c < k; c++) {
+                dot += xV[row * k + c] * wV[j * k + c];
+                abs += Math.abs(xV[row * k + c] * wV[j * k + c]);
+              }
+              expect(Math.abs(heap.f32[out + r * m + j] - alpha * dot), `${label}, [${r}, ${j}]`).to.be.at.most((k + 3) * U * Math.abs(alpha) * abs);
+            }
+          }
+        }
+      }
+    }
+  });
+
   it('gatherRows and gatherTranspose: bit for bit moe_math\'s, through an index or not, sizes around the 8- and 4-row blocks', () => {
     const rng = new Rng(3);
     for (const n of [1, 3, 4, 5, 9, 12, 13]) {

@@ -36,6 +36,8 @@ export interface MoESimd {
              bIdx: number, start: number, out: number): void;
   productNarrowK(n: number, k: number, m: number, x: number, xIndexed: number, xIdx: number, start: number, w: number,
                  alpha: number, added: number, add: number, out: number): void;
+  productNarrowM(n: number, k: number, m: number, x: number, xIndexed: number, xIdx: number, start: number, wt: number,
+                 alpha: number, out: number): void;
 }
 
 /** What is read of tfjs-backend-wasm's Emscripten module. */
@@ -57,6 +59,7 @@ function exportsOf(instance: WebAssembly.Instance): MoESimd {
     gatherTranspose: e.gather_transpose,
     weightGrad: e.weight_grad,
     productNarrowK: e.product_narrow_k,
+    productNarrowM: e.product_narrow_m,
   };
 }
 
