@@ -128,24 +128,26 @@ describe('MoE kernels', () => {
     const E = 4;
     const groups = [3, 0, 5, 1];   // expert 1 has no rows
     const n = 9;
-    // m <= 16 and m > 16 take different cpu paths (dot products vs row updates); on wasm k <= 16
-    // without a bias runs moe_simd's product_narrow_k (alpha and addTo folded in), the rest XNNPACK
-    for (const [p, q] of [[7, 5], [19, 23], [6, 13]]) {
+    // m <= 16 and m > 16 take different cpu paths (dot products vs row updates); on wasm, without a
+    // bias, k <= 16 runs moe_simd's product_narrow_k (alpha and addTo folded in), else m <= 16
+    // without addTo its product_narrow_m ([6, 21] and [21, 6] reach both in one layout or the other),
+    // the rest XNNPACK
+    for (const [p, q] of [[7, 5], [19, 23], [6, 21], [21, 6]]) {
       for (const transposeW of [false, true]) {
         for (const gather of [false, true]) {
-          for (const extras of ['none', 'alpha, bias and addTo', 'alpha and addTo'] as const) {
+          for (const extras of ['none', 'alpha, bias and addTo', 'alpha and addTo', 'alpha'] as const) {
             const label = `W${transposeW ? 'ᵀ' : ''} [${E},${p},${q}]${gather ? ', rows through an index' : ''}` +
                 `${extras !== 'none' ? `, ${extras}` : ''}`;
-            const [withBias, withAlphaAdd] = [extras === 'alpha, bias and addTo', extras !== 'none'];
+            const [withBias, withAdd, withAlpha] = [extras === 'alpha, bias and addTo', extras.includes('addTo'), extras !== 'none'];
             it(label, () => {
-              const rng = new Rng(11 + p + (transposeW ? 1 : 0) + (gather ? 2 : 0) + (withBias ? 4 : 0) + (withAlphaAdd ? 8 : 0));
+              const rng = new Rng(11 + p + (transposeW ? 1 : 0) + (gather ? 2 : 0) + (withBias ? 4 : 0) + (withAdd ? 8 : 0) + (withAlpha ? 16 : 0));
               const [k, m] = transposeW ? [q, p] : [p, q];
               const srcRows = gather ? 6 : n;
               const x = asF32(rng.array(srcRows * k));
               const w = asF32(rng.array(E * p * q));
               const bias = withBias ? asF32(rng.array(E * m)) : null;
-              const addTo = withAlphaAdd ? asF32(rng.array(n * m)) : null;
-              const alpha = withAlphaAdd ? -1.75 : 1;
+              const addTo = withAdd ? asF32(rng.array(n * m)) : null;
+              const alpha = withAlpha ? -1.75 : 1;
               const rows = gather ? randomRows(rng, n, srcRows) : null;
               const product = groupedProduct64(x, k, rows, w, [E, p, q], groups, transposeW, null);
               const expertOfRow = groups.flatMap((g, e) => Array<number>(g).fill(e));
@@ -157,7 +159,7 @@ describe('MoE kernels', () => {
                     tensorOf(w, [E, p, q]) as tf.Tensor3D, groups, transposeW, {
                       bias: bias ? tensorOf(bias, [E, m]) as tf.Tensor2D : undefined,
                       addTo: addTo ? tensorOf(addTo, [n, m]) as tf.Tensor2D : undefined,
-                      alpha: withAlphaAdd ? alpha : undefined,
+                      alpha: withAlpha ? alpha : undefined,
                     }));
                 expect(y.shape, path).to.deep.equal([n, m]);
                 expectClose(y, expected, 1e-5, path);
