@@ -1,6 +1,6 @@
 /**
  * The wasm MoE kernels at config S's shapes with their loops in moe_simd (src/backends/wasm/moe_simd.ts)
- * against their JS loops (flag WASM_MOE_SIMD_KERNELS off), alternating round by round in one
+ * against their JS loops and XNNPACK's products (flag WASM_MOE_SIMD_KERNELS off), alternating round by round in one
  * process so that a busy machine slows both alike. Prints per kernel the median over rounds of
  * each round's mean ms a call, and the ratio.
  *
@@ -33,6 +33,8 @@ const a = tf.randomNormal([N, I]) as tf.Tensor2D;
 const routing = tf.randomUniform([T, K]) as tf.Tensor2D;
 const gr = tf.randomNormal([N, R]) as tf.Tensor2D;
 const w = tf.randomNormal([E, 2 * I, H]) as tf.Tensor3D;
+const loraA = tf.randomNormal([E, R, H]) as tf.Tensor3D;   // A_e [r, in]
+const loraB = tf.randomNormal([E, H, R]) as tf.Tensor3D;   // B_e [out, r]
 const swiglu = { kind: 'swiglu' } as const;
 
 const cases: Array<[string, () => tf.TensorContainer]> = [
@@ -44,6 +46,10 @@ const cases: Array<[string, () => tf.TensorContainer]> = [
   ['dB = dyᵀ·u [256, 8] per expert', () => groupedWeightGrad({ t: y }, { t: gr }, groups)],
   ['dW = dyᵀ·x[token] [256, 256] per expert (transposed gather)', () => groupedWeightGrad({ t: y }, { t: x, index: tokenOfRow }, groups)],
   ['x[token]·W_eᵀ [2048, 256]·[256, 256] (row gather, W transposed)', () => groupedProduct({ t: x, index: tokenOfRow }, w, groups, true)],
+  ['u = s·x[token]·A_eᵀ [2048, 256]·[256, 8]', () => groupedProduct({ t: x, index: tokenOfRow }, loraA, groups, true, { alpha: 2 })],
+  ['gr = s·dy·B_e [2048, 256]·[256, 8]', () => groupedProduct({ t: y }, loraB, groups, false, { alpha: 2 })],
+  ['y + u·B_eᵀ [2048, 8]·[8, 256]', () => groupedProduct({ t: gr }, loraB, groups, true, { addTo: y })],
+  ['dx + gr·A_e [2048, 8]·[8, 256]', () => groupedProduct({ t: gr }, loraA, groups, false, { addTo: y })],
 ];
 const calls = 10;
 const times = new Map<string, { simd: number[]; js: number[] }>(cases.map(([name]) => [name, { simd: [], js: [] }]));

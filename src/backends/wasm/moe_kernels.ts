@@ -1,10 +1,13 @@
 /**
  * The fused experts' kernels (src/ops/experts/kernels.ts) for the wasm backend. They work on the
  * wasm heap in place (tfjs's own wasm Slice, Gather and Concat copy the whole input to JS first)
- * and run every product through the backend's XNNPACK path, which tfjs takes only for a plain
+ * and run the products through the backend's XNNPACK path, which tfjs takes only for a plain
  * untransposed 2-D product: the operand that would need a transpose is transposed into a scratch
  * block of one expert first, and the others are passed as views into the tensors (a temporary
  * tensor id registered at an offset inside them), so no expert's rows or weights are copied.
+ * Products with a side of at most 16 (LoRA's rank-r products and weight gradients) and the loops
+ * around the products (SwiGLU, combine, the pairs' dots, row gathers and transposes) run in the
+ * package's SIMD module on the same heap (moe_simd.ts) where it loads, else XNNPACK and JS loops.
  *
  * Uses tfjs-backend-wasm 4.x internals (`wasm.tfjs.registerTensor`, `dataIdMap`, the exported
  * `BatchMatMul`); without them the products run on moe_math's JS gemm over the heap instead.
@@ -244,7 +247,7 @@ function heapGatherRows(b: WasmBackendLike, n: number, cols: number, src: number
   }
 }
 
-/** dst[cols, n] = (the rows heapGatherRows gathers)ᵀ: moe_simd's 4×4 blocks, else moe_math's gatherTransposeInto. */
+/** dst[cols, n] = (the rows heapGatherRows gathers)ᵀ: moe_simd's 8×4 blocks, else moe_math's gatherTransposeInto. */
 function heapGatherTranspose(b: WasmBackendLike, n: number, cols: number, src: number, idx: number | null, start: number, dst: number): void {
   const simd = moeSimd(b.wasm);
   if (simd) {
@@ -265,8 +268,8 @@ function scratch(b: WasmBackendLike, size: number): Scratch {
 /**
  * groupedMatMul with a narrow inner dimension (k <= 16: LoRA's expansions u·B_eᵀ and gr·A_e, k = r)
  * on moe_simd's product_narrow_k, the row gather, alpha and the addend folded in: XNNPACK runs these
- * at 5–11 GFLOP/s with an operator built per call ([2048, 8]·[8, 256] + addend at S: 0.39 against
- * 0.65 ms). A W_e stored [m, k] (transposeW) is transposed into a scratch block first (k·m floats).
+ * at 5–11 GFLOP/s with an operator built per call (bench/wasm_simd_kernels.ts times both at S).
+ * A W_e stored [m, k] (transposeW) is transposed into a scratch block first (k·m floats).
  */
 function narrowKMatMul(
     b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
@@ -295,9 +298,9 @@ function narrowKMatMul(
 
 /**
  * groupedMatMul with a narrow output (m <= 16: LoRA's u = s·x·A_eᵀ and gr = s·dy·B_e, m = r) on
- * moe_simd's product_narrow_m (dot products along k, the row gather and alpha folded in):
- * [2048, 256]·[256, 8] at S 0.37 against 0.62–0.65 ms on XNNPACK. A W_e stored [k, m] (not
- * transposeW) is transposed into a scratch block first (k·m floats).
+ * moe_simd's product_narrow_m (dot products along k, the row gather and alpha folded in), against
+ * XNNPACK's 9–11 GFLOP/s there with an operator built per call (bench/wasm_simd_kernels.ts). A W_e
+ * stored [k, m] (not transposeW) is transposed into a scratch block first (k·m floats).
  */
 function narrowMMatMul(
     b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
@@ -417,7 +420,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
 /**
  * groupedWeightGrad with a narrow side (LoRA's dA = grᵀ·x and dB = dyᵀ·u, a bias's 1ᵀ·dy) as
  * moe_simd's rank-1 updates, the wide side along the vectors: no transpose of the wide operand and
- * no operand packed per call as on XNNPACK (up dA at S: 0.5 against 0.85–1.15 ms a call). With the
+ * no operand packed per call as on XNNPACK (bench/wasm_simd_kernels.ts times both at S). With the
  * wide side on the left it computes (bᵀ·a) and transposes that small block into place.
  */
 function narrowWeightGrad(
