@@ -36,7 +36,7 @@
   ;; a[n, I] = silu(g)·u = (g·u)·σ(g) with h[n, 2I] = [g | u] (gate and up halves); when `scaled`,
   ;; also a_scaled[r] = a[r]·scale[r]. Eight columns a step in two independent chains (A: the first
   ;; four, B: the next four), interleaved statement by statement: one chain's σ is a long dependency
-  ;; chain that leaves the CPU waiting (4 columns: 2.5 ns a column, 8: 1.6 on the benchmark box). The
+  ;; chain that leaves the CPU waiting, and the other chain's instructions fill that time. The
   ;; last step's eight columns end at the row's end, overlapping the step before when 8 does not
   ;; divide I (out of place, so those columns are written twice with the same values). I >= 8.
   (func $swiglu_forward (export "swiglu_forward")
@@ -656,8 +656,8 @@
 
   ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ. Eight rows a block: per
   ;; four columns, two 4×4 transposes in registers (eight loads, sixteen shuffles) and 32 contiguous
-  ;; bytes stored to each of the four destination rows (0.28 ns a float at 256×256 against 0.47 with
-  ;; blocks of four rows and 16 bytes a row); then blocks of four rows, then single rows; the last
+  ;; bytes stored to each of the four destination rows (blocks of four rows stored 16 bytes a row,
+  ;; each destination cache line written in more passes); then blocks of four rows, then single rows; the last
   ;; cols mod 4 columns one float at a time.
   (func $gather_transpose (export "gather_transpose")
     (param $n i32) (param $cols i32) (param $src i32) (param $indexed i32) (param $idx i32) (param $start i32) (param $dst i32)
@@ -992,8 +992,7 @@
   ;; products with a narrow side (LoRA's dA = grᵀ·x, r × in, and dB = dyᵀ·u, out × r), where a
   ;; product on XNNPACK needs the wide operand transposed first and packs an operand per call.
   ;; Four rows a pass, out[i, c…c+3] = (((out + a0ᵢ·b0[c…]) + a1ᵢ·b1[c…]) + a2ᵢ·b2[c…]) + a3ᵢ·b3[c…]
-  ;; (one load and store of out per 16 products: dA at S, 8 × 256 rows into [8, 256], 0.37 ms against
-  ;; 0.43 with two rows a pass); the rows left
+  ;; (one load and store of out per 16 products, where two rows a pass had one per 8); the rows left
   ;; one at a time; the last q mod 4 columns one at a time. float32 sums in row order.
   (func $weight_grad (export "weight_grad")
     (param $n i32) (param $p i32) (param $q i32) (param $a i32) (param $a_indexed i32) (param $a_idx i32)
@@ -1111,7 +1110,7 @@
 
   ;; out[r, :m] = add[r, :m] + Σ_j (alpha·x[row_x(r), j])·w[j, :m] for r < n (add = 0 unless `added`),
   ;; w [k, m] contiguous: a product with a narrow inner dimension (LoRA's expansions u·B_eᵀ and
-  ;; gr·A_e, k = r), which XNNPACK runs at 5–11 GFLOP/s with an operator built per call. Four
+  ;; gr·A_e, k = r), which XNNPACK runs at 10–12 GFLOP/s at S with an operator built per call. Four
   ;; terms j a pass over the output row (four splats of x, one load and store of out per 16
   ;; products), the first pass reading the addend (or a zeroed row); then single terms; the last
   ;; m mod 4 columns one at a time. float32 sums in j order after the addend.
@@ -1225,7 +1224,7 @@
 
   ;; out[r, j] = alpha·⟨x[row_x(r), :k], wt[j, :k]⟩ for r < n, j < m, wt [m, k] contiguous: a
   ;; product with a narrow output (LoRA's u = s·x·A_eᵀ and gr = s·dy·B_e, m = r), which XNNPACK
-  ;; runs at 9–11 GFLOP/s with an operator built per call. Four outputs a pass, each a chain of
+  ;; runs at 10–13 GFLOP/s at S with an operator built per call. Four outputs a pass, each a chain of
   ;; float32x4 partial sums over four columns a step (four independent chains); their lanes summed
   ;; by a 4×4 transpose and three adds; the last k mod 4 columns in scalars added to those lanes;
   ;; the last m mod 4 outputs alone.

@@ -268,7 +268,7 @@ function scratch(b: WasmBackendLike, size: number): Scratch {
 /**
  * groupedMatMul with a narrow inner dimension (k <= 16: LoRA's expansions u·B_eᵀ and gr·A_e, k = r)
  * on moe_simd's product_narrow_k, the row gather, alpha and the addend folded in: XNNPACK runs these
- * at 5–11 GFLOP/s with an operator built per call (bench/wasm_simd_kernels.ts times both at S).
+ * at 10–12 GFLOP/s at S with an operator built per call (bench/wasm_simd_kernels.ts times both).
  * A W_e stored [m, k] (transposeW) is transposed into a scratch block first (k·m floats).
  */
 function narrowKMatMul(
@@ -299,7 +299,7 @@ function narrowKMatMul(
 /**
  * groupedMatMul with a narrow output (m <= 16: LoRA's u = s·x·A_eᵀ and gr = s·dy·B_e, m = r) on
  * moe_simd's product_narrow_m (dot products along k, the row gather and alpha folded in), against
- * XNNPACK's 9–11 GFLOP/s there with an operator built per call (bench/wasm_simd_kernels.ts). A W_e
+ * XNNPACK's 10–13 GFLOP/s at S with an operator built per call (bench/wasm_simd_kernels.ts). A W_e
  * stored [k, m] (not transposeW) is transposed into a scratch block first (k·m floats).
  */
 function narrowMMatMul(
