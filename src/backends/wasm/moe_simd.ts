@@ -9,10 +9,10 @@
  * works on the tensors in place: no copy in or out, and a heap that grows stays visible to it.
  * Where that memory is not reachable (another tfjs-wasm build), is shared (the threaded build:
  * the import would have to be declared shared), the engine has no wasm SIMD, or the flag below is
- * off, `moeSimd` returns null and the kernels run their JS loops. The module is over 4 KB, which a
- * browser's main thread may refuse to compile synchronously (Chrome throws a RangeError): then the
- * first call starts an asynchronous compile and the kernels run their JS loops until it is done
- * (`moeSimdSettled` waits for it).
+ * off, `moeSimd` returns null and the kernels run their JS loops. The module is over 4 KB, which
+ * Chrome's main thread refused to compile synchronously (a RangeError; headless Chromium 156 no
+ * longer does): where the synchronous compile throws, the first call starts an asynchronous one
+ * and the kernels run their JS loops until it is done (`moeSimdSettled` waits for it).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
