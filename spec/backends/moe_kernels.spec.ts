@@ -13,13 +13,26 @@ import {
 import { packExpertWeight, unpackExpertWeight } from '../../src/ops/packed.js';
 import type { ExpertActivation } from '../../src/ops/types.js';
 import { WEIGHT_CACHE_BYTES_FLAG, clearWasmWeightCache, wasmWeightCacheSize } from '../../src/backends/wasm/moe_kernels.js';
+import { SIMD_KERNELS_FLAG } from '../../src/backends/wasm/moe_simd.js';
 import { Rng, asF32, expectClose, expectNoLeak, finiteDifferences, tensorOf } from '../helpers/numeric.js';
 
 const BACKEND = tf.getBackend.bind(tf);
 
-/** Runs `fn` once with this package's kernels and once with them unregistered (the composition). */
+/**
+ * Runs `fn` once with this package's kernels and once with them unregistered (the composition);
+ * on wasm also with the kernels' JS loops instead of the SIMD module (src/backends/wasm/moe_simd.ts).
+ */
 function bothPaths(fn: (path: string) => void): void {
   fn('kernel');
+  if (BACKEND() === 'wasm') {
+    const simd = tf.env().getBool(SIMD_KERNELS_FLAG);
+    tf.env().set(SIMD_KERNELS_FLAG, false);
+    try {
+      fn('kernel, JS loops');
+    } finally {
+      tf.env().set(SIMD_KERNELS_FLAG, simd);
+    }
+  }
   const saved = MOE_KERNEL_NAMES.map(n => tf.getKernel(n, BACKEND())).filter(k => k != null) as tf.KernelConfig[];
   saved.forEach(k => tf.unregisterKernel(k.kernelName, k.backendName));
   try {
@@ -115,22 +128,26 @@ describe('MoE kernels', () => {
     const E = 4;
     const groups = [3, 0, 5, 1];   // expert 1 has no rows
     const n = 9;
-    // m <= 16 and m > 16 take different cpu paths (dot products vs row updates)
-    for (const [p, q] of [[7, 5], [19, 23]]) {
+    // m <= 16 and m > 16 take different cpu paths (dot products vs row updates); on wasm, without a
+    // bias, k <= 16 runs moe_simd's product_narrow_k (alpha and addTo folded in), else m <= 16
+    // without addTo its product_narrow_m ([6, 21] and [21, 6] reach both in one layout or the other),
+    // the rest XNNPACK
+    for (const [p, q] of [[7, 5], [19, 23], [6, 21], [21, 6]]) {
       for (const transposeW of [false, true]) {
         for (const gather of [false, true]) {
-          for (const extras of [false, true]) {
+          for (const extras of ['none', 'alpha, bias and addTo', 'alpha and addTo', 'alpha'] as const) {
             const label = `W${transposeW ? 'ᵀ' : ''} [${E},${p},${q}]${gather ? ', rows through an index' : ''}` +
-                `${extras ? ', alpha, bias and addTo' : ''}`;
+                `${extras !== 'none' ? `, ${extras}` : ''}`;
+            const [withBias, withAdd, withAlpha] = [extras === 'alpha, bias and addTo', extras.includes('addTo'), extras !== 'none'];
             it(label, () => {
-              const rng = new Rng(11 + p + (transposeW ? 1 : 0) + (gather ? 2 : 0) + (extras ? 4 : 0));
+              const rng = new Rng(11 + p + (transposeW ? 1 : 0) + (gather ? 2 : 0) + (withBias ? 4 : 0) + (withAdd ? 8 : 0) + (withAlpha ? 16 : 0));
               const [k, m] = transposeW ? [q, p] : [p, q];
               const srcRows = gather ? 6 : n;
               const x = asF32(rng.array(srcRows * k));
               const w = asF32(rng.array(E * p * q));
-              const bias = extras ? asF32(rng.array(E * m)) : null;
-              const addTo = extras ? asF32(rng.array(n * m)) : null;
-              const alpha = extras ? -1.75 : 1;
+              const bias = withBias ? asF32(rng.array(E * m)) : null;
+              const addTo = withAdd ? asF32(rng.array(n * m)) : null;
+              const alpha = withAlpha ? -1.75 : 1;
               const rows = gather ? randomRows(rng, n, srcRows) : null;
               const product = groupedProduct64(x, k, rows, w, [E, p, q], groups, transposeW, null);
               const expertOfRow = groups.flatMap((g, e) => Array<number>(g).fill(e));
@@ -142,7 +159,7 @@ describe('MoE kernels', () => {
                     tensorOf(w, [E, p, q]) as tf.Tensor3D, groups, transposeW, {
                       bias: bias ? tensorOf(bias, [E, m]) as tf.Tensor2D : undefined,
                       addTo: addTo ? tensorOf(addTo, [n, m]) as tf.Tensor2D : undefined,
-                      alpha: extras ? alpha : undefined,
+                      alpha: withAlpha ? alpha : undefined,
                     }));
                 expect(y.shape, path).to.deep.equal([n, m]);
                 expectClose(y, expected, 1e-5, path);
@@ -267,10 +284,11 @@ describe('MoE kernels', () => {
       ['clamped swiglu, interleaved', { kind: 'clampedSwiglu', alpha: 1.702, limit: 1.1 }, true],
       ['Gemma 4 geglu (tanh GELU), gate/up halves', { kind: 'gegluTanh' }, false],
     ];
-    for (const [name, act, interleaved] of acts) {
-      it(`${name}: a, a·scale and dh (finite differences of the float64 forward)`, () => {
+    // I = 13 and 16: wasm's SIMD SwiGLU (eight columns a step, I >= 8); I = 6 its JS loop
+    for (const [[name, act, interleaved], inter] of acts.flatMap(a => [6, 13, 16].map(i => [a, i] as const))) {
+      it(`${name}, I = ${inter}: a, a·scale and dh (finite differences of the float64 forward)`, () => {
         const rng = new Rng(41);
-        const n = 5, inter = 6;
+        const n = 5;
         // wide values so that the clamps cut in both directions
         const h = asF32(rng.array(n * 2 * inter, 1.5));
         const scale = asF32(Float64Array.from({ length: n }, () => 0.3 + rng.uniform()));

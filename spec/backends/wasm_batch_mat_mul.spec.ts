@@ -68,6 +68,20 @@ describe('BatchMatMul with transposed operands', () => {
     }
   }
 
+  it('no inner dimension (k = 0, transposed or not): zeros, also where the output\'s heap block held values', () => {
+    for (const [transposeA, transposeB] of [[true, false], [false, false], [false, true]]) {
+      const [m, n] = [5, 3];
+      expectNoLeak(() => {
+        tf.dispose(tf.fill([m, n], 7));   // leaves an [m, n] block with 7s on the heap, for the product to reuse
+        const out = tf.tidy(() => tf.matMul(tf.zeros(transposeA ? [0, m] : [m, 0]) as tf.Tensor2D,
+            tf.zeros(transposeB ? [n, 0] : [0, n]) as tf.Tensor2D, transposeA, transposeB));
+        expect(out.shape).to.deep.equal([m, n]);
+        expect(Array.from(out.dataSync()), `transposeA ${transposeA}, transposeB ${transposeB}`).to.deep.equal(Array(m * n).fill(0));
+        out.dispose();
+      });
+    }
+  });
+
   it('leaves batched products (batch 3) to tfjs-wasm\'s kernel, with the same results', () => {
     const [batch, m, k, n] = [3, 6, 5, 4];
     const rng = new Rng(5);

@@ -11,6 +11,10 @@
  * (attention's heads) it leaves tfjs-wasm's kernel as it is.
  *
  * The sums run in XNNPACK's order instead of the loop's: results move within float32 rounding.
+ *
+ * A product with no inner dimension (aᵀ·b over 0 rows: a weight gradient of an empty batch) is
+ * zeros: tfjs-wasm hands it to XNNPACK, which refuses k = 0 ("xnn_create_fully_connected_nc_f32 …
+ * status 2") and leaves the output block as the heap held it.
  */
 import * as tf from '@tensorflow/tfjs-core';
 
@@ -35,13 +39,20 @@ function batchOf(t: tf.TensorInfo): number {
  * (tfjs-wasm's Transpose kernel). Other calls go to `original` unchanged.
  *
  * ```js
- * const fast = fastTransposedBatchMatMul(tf.getKernel('BatchMatMul', 'wasm'), tf.getKernel('Transpose', 'wasm'));
+ * const fast = fastTransposedBatchMatMul(tf.getKernel('BatchMatMul', 'wasm'), tf.getKernel('Transpose', 'wasm'),
+ *     tf.getKernel('Fill', 'wasm'));
  * ```
  */
-export function fastTransposedBatchMatMul(original: tf.KernelConfig, transpose: tf.KernelConfig): tf.KernelConfig {
+export function fastTransposedBatchMatMul(original: tf.KernelConfig, transpose: tf.KernelConfig, fill: tf.KernelConfig): tf.KernelConfig {
   const kernelFunc = (args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] => {
     const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
     const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
+    if (a.dtype === 'float32' && b.dtype === 'float32' && a.shape.length >= 2 && b.shape.length >= 2 &&
+        a.shape.at(transposeA ? -2 : -1) === 0) {
+      const batch = tf.broadcast_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2));
+      const shape = [...batch, a.shape.at(transposeA ? -1 : -2)!, b.shape.at(transposeB ? -2 : -1)!];
+      return fill.kernelFunc({ inputs: {}, backend: args.backend, attrs: { shape, value: 0, dtype: 'float32' } });
+    }
     if ((!transposeA && !transposeB) || a.dtype !== 'float32' || b.dtype !== 'float32' ||
         a.shape.length < 2 || b.shape.length < 2 || batchOf(a) !== 1 || batchOf(b) !== 1) {
       return original.kernelFunc(args);
@@ -88,10 +99,11 @@ export function fastTransposedBatchMatMul(original: tf.KernelConfig, transpose: 
 export function useFastTransposedBatchMatMul(): boolean {
   const original = tf.getKernel(tf.BatchMatMul, 'wasm');
   const transpose = tf.getKernel(tf.Transpose, 'wasm');
-  if (original == null || transpose == null || (original.kernelFunc as unknown as Record<symbol, unknown>)[WRAPPED]) {
+  const fill = tf.getKernel(tf.Fill, 'wasm');
+  if (original == null || transpose == null || fill == null || (original.kernelFunc as unknown as Record<symbol, unknown>)[WRAPPED]) {
     return false;
   }
   tf.unregisterKernel(tf.BatchMatMul, 'wasm');
-  tf.registerKernel(fastTransposedBatchMatMul(original, transpose));
+  tf.registerKernel(fastTransposedBatchMatMul(original, transpose, fill));
   return true;
 }

@@ -1,10 +1,13 @@
 /**
  * The fused experts' kernels (src/ops/experts/kernels.ts) for the wasm backend. They work on the
  * wasm heap in place (tfjs's own wasm Slice, Gather and Concat copy the whole input to JS first)
- * and run every product through the backend's XNNPACK path, which tfjs takes only for a plain
+ * and run the products through the backend's XNNPACK path, which tfjs takes only for a plain
  * untransposed 2-D product: the operand that would need a transpose is transposed into a scratch
  * block of one expert first, and the others are passed as views into the tensors (a temporary
  * tensor id registered at an offset inside them), so no expert's rows or weights are copied.
+ * Products with a side of at most 16 (LoRA's rank-r products and weight gradients) and the loops
+ * around the products (SwiGLU, combine, the pairs' dots, row gathers and transposes) run in the
+ * package's SIMD module on the same heap (moe_simd.ts) where it loads, else XNNPACK and JS loops.
  *
  * Uses tfjs-backend-wasm 4.x internals (`wasm.tfjs.registerTensor`, `dataIdMap`, the exported
  * `BatchMatMul`); without them the products run on moe_math's JS gemm over the heap instead.
@@ -24,9 +27,10 @@ import {
 } from '../../ops/experts/kernels.js';
 import { decodePackedExpertInto, layoutOf, type PackedFormat } from '../../ops/packed.js';
 import {
-  activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto, gemm,
-  pairRowDot, scaleAdd, transposeInto,
+  NARROW, activationBackward, activationForward, addRowVector, combineRows, gatherRowsInto, gatherTransposeInto, gemm,
+  pairRowDot, scaleAdd,
 } from '../cpu/moe_math.js';
+import { moeSimd, type MoESimd } from './moe_simd.js';
 
 /** What is used of tfjs-backend-wasm's BackendWasm and its Emscripten module (a dev dependency). */
 interface WasmModuleLike {
@@ -230,12 +234,97 @@ function heapAdd(b: WasmBackendLike): HeapAdd | null {
   return addOf.get(wasm)!;
 }
 
+/**
+ * dst[n, cols] = rows idx[start] … idx[start + n − 1] of src (rows start … with `idx` null), all
+ * on the heap by HEAPF32 / HEAP32 index: moe_simd's loop, else moe_math's gatherRowsInto.
+ */
+function heapGatherRows(b: WasmBackendLike, n: number, cols: number, src: number, idx: number | null, start: number, dst: number): void {
+  const simd = moeSimd(b.wasm);
+  if (simd) {
+    simd.gatherRows(n, cols, src * 4, idx === null ? 0 : 1, (idx ?? 0) * 4, start, dst * 4);
+  } else {
+    gatherRowsInto(n, cols, b.wasm.HEAPF32, src, idx === null ? null : b.wasm.HEAP32, idx ?? 0, start, b.wasm.HEAPF32, dst);
+  }
+}
+
+/** dst[cols, n] = (the rows heapGatherRows gathers)ᵀ: moe_simd's 8×4 blocks, else moe_math's gatherTransposeInto. */
+function heapGatherTranspose(b: WasmBackendLike, n: number, cols: number, src: number, idx: number | null, start: number, dst: number): void {
+  const simd = moeSimd(b.wasm);
+  if (simd) {
+    simd.gatherTranspose(n, cols, src * 4, idx === null ? 0 : 1, (idx ?? 0) * 4, start, dst * 4);
+  } else {
+    gatherTransposeInto(n, cols, b.wasm.HEAPF32, src, idx === null ? null : b.wasm.HEAP32, idx ?? 0, start, b.wasm.HEAPF32, dst);
+  }
+}
+
 /** A scratch block on the heap, freed by `free`. */
 interface Scratch { index: number; free(): void }
 
 function scratch(b: WasmBackendLike, size: number): Scratch {
   const t = b.makeOutput([Math.max(size, 1)], 'float32');
   return { index: at(b, t), free: () => { b.disposeData(t.dataId); } };
+}
+
+/**
+ * groupedMatMul with a narrow inner dimension (k <= 16: LoRA's expansions u·B_eᵀ and gr·A_e, k = r)
+ * on moe_simd's product_narrow_k, the row gather, alpha and the addend folded in: XNNPACK runs these
+ * at 10–12 GFLOP/s at S with an operator built per call (bench/wasm_simd_kernels.ts times both).
+ * A W_e stored [m, k] (transposeW) is transposed into a scratch block first (k·m floats).
+ */
+function narrowKMatMul(
+    b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
+    addTo: tf.TensorInfo | undefined, attrs: GroupedMatMulAttrs, out: tf.TensorInfo): void {
+  const { groupSizes, transposeW, alpha, wShape } = attrs;
+  const [, p, q] = wShape;
+  const [k, m] = transposeW ? [q, p] : [p, q];
+  const wt = transposeW ? scratch(b, k * m) : null;   // one expert's W_eᵀ [k, m]
+  try {
+    let start = 0;
+    groupSizes.forEach((n, e) => {
+      if (n === 0) return;
+      let wIdx = at(b, w) + e * p * q;
+      if (wt) {
+        simd.gatherTranspose(p, q, wIdx * 4, 0, 0, 0, wt.index * 4);
+        wIdx = wt.index;
+      }
+      simd.productNarrowK(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, alpha,
+          addTo ? 1 : 0, addTo ? (at(b, addTo) + start * m) * 4 : 0, (at(b, out) + start * m) * 4);
+      start += n;
+    });
+  } finally {
+    wt?.free();
+  }
+}
+
+/**
+ * groupedMatMul with a narrow output (m <= 16: LoRA's u = s·x·A_eᵀ and gr = s·dy·B_e, m = r) on
+ * moe_simd's product_narrow_m (dot products along k, the row gather and alpha folded in), against
+ * XNNPACK's 10–13 GFLOP/s at S with an operator built per call (bench/wasm_simd_kernels.ts). A W_e
+ * stored [k, m] (not transposeW) is transposed into a scratch block first (k·m floats).
+ */
+function narrowMMatMul(
+    b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
+    attrs: GroupedMatMulAttrs, out: tf.TensorInfo): void {
+  const { groupSizes, transposeW, alpha, wShape } = attrs;
+  const [, p, q] = wShape;
+  const [k, m] = transposeW ? [q, p] : [p, q];
+  const wt = transposeW ? null : scratch(b, k * m);   // one expert's W_eᵀ [m, k]
+  try {
+    let start = 0;
+    groupSizes.forEach((n, e) => {
+      if (n === 0) return;
+      let wIdx = at(b, w) + e * p * q;
+      if (wt) {
+        simd.gatherTranspose(p, q, wIdx * 4, 0, 0, 0, wt.index * 4);
+        wIdx = wt.index;
+      }
+      simd.productNarrowM(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, alpha,
+          (at(b, out) + start * m) * 4);
+      start += n;
+    });
+  } finally {
+    wt?.free();
+  }
 }
 
 function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
@@ -248,6 +337,15 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const [k, m] = transposeW ? [q, p] : [p, q];
   const total = groupSizes.reduce((s, n) => s + n, 0);
   const out = b.makeOutput([total, m], 'float32');
+  const simd = (k <= NARROW || (m <= NARROW && !addTo)) && packed === 'none' && !bias ? moeSimd(b.wasm) : null;
+  if (simd && k <= NARROW) {
+    narrowKMatMul(b, simd, x, rows, w, addTo, attrs as unknown as GroupedMatMulAttrs, out);
+    return out;
+  }
+  if (simd) {
+    narrowMMatMul(b, simd, x, rows, w, attrs as unknown as GroupedMatMulAttrs, out);
+    return out;
+  }
   const maxRows = Math.max(0, ...groupSizes);
   const products = heapProducts(b);
   const cache = frozenW && products.productWithWeightId ? weightCache(b) : null;
@@ -270,7 +368,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
     }
     if (transposeW) {
       blocks.wt ??= scratch(b, k * m);
-      transposeInto(p, q, b.wasm.HEAPF32, wIdx, b.wasm.HEAPF32, blocks.wt.index);   // the heap may have grown
+      heapGatherTranspose(b, p, q, wIdx, null, 0, blocks.wt.index);
       wIdx = blocks.wt.index;
     }
     return wIdx;
@@ -281,7 +379,7 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
       if (n === 0) return;
       let a = at(b, x) + start * k;
       if (xs) {
-        gatherRowsInto(n, k, b.wasm.HEAPF32, at(b, x), b.wasm.HEAP32, at(b, rows), start, b.wasm.HEAPF32, xs.index);
+        heapGatherRows(b, n, k, at(b, x), at(b, rows), start, xs.index);
         a = xs.index;
       }
       const o = at(b, out) + start * m;
@@ -319,6 +417,36 @@ function groupedMatMul({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   return out;
 }
 
+/**
+ * groupedWeightGrad with a narrow side (LoRA's dA = grᵀ·x and dB = dyᵀ·u, a bias's 1ᵀ·dy) as
+ * moe_simd's rank-1 updates, the wide side along the vectors: no transpose of the wide operand and
+ * no operand packed per call as on XNNPACK (bench/wasm_simd_kernels.ts times both at S). With the
+ * wide side on the left it computes (bᵀ·a) and transposes that small block into place.
+ */
+function narrowWeightGrad(
+    bk: WasmBackendLike, simd: MoESimd, a: tf.TensorInfo, b: tf.TensorInfo, aRows: tf.TensorInfo | undefined,
+    bRows: tf.TensorInfo | undefined, groupSizes: number[], out: tf.TensorInfo): void {
+  const p = a.shape[1];
+  const q = b.shape[1];
+  const swap = p > q;
+  const swapped = swap ? scratch(bk, p * q) : null;   // one expert's [q, p]
+  const side = (t: tf.TensorInfo, rows: tf.TensorInfo | undefined): [number, number, number] =>
+    [at(bk, t) * 4, rows ? 1 : 0, rows ? at(bk, rows) * 4 : 0];
+  const [left, right] = swap ? [side(b, bRows), side(a, aRows)] : [side(a, aRows), side(b, bRows)];
+  const [rowsOut, colsOut] = swap ? [q, p] : [p, q];
+  try {
+    let start = 0;
+    groupSizes.forEach((n, e) => {
+      const o = (at(bk, out) + e * p * q) * 4;
+      simd.weightGrad(n, rowsOut, colsOut, ...left, ...right, start, swapped ? swapped.index * 4 : o);   // zeros when n = 0
+      if (swapped) simd.gatherTranspose(q, p, swapped.index * 4, 0, 0, 0, o);
+      start += n;
+    });
+  } finally {
+    swapped?.free();
+  }
+}
+
 function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const bk = backend as unknown as WasmBackendLike;
   const { a, b, aRows, bRows } = inputs;
@@ -326,6 +454,11 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
   const p = a.shape[1];
   const q = b.shape[1];
   const out = bk.makeOutput([groupSizes.length, p, q], 'float32');
+  const simd = Math.min(p, q) <= NARROW ? moeSimd(bk.wasm) : null;
+  if (simd) {
+    narrowWeightGrad(bk, simd, a, b, aRows, bRows, groupSizes, out);
+    return out;
+  }
   const maxRows = Math.max(0, ...groupSizes);
   // XNNPACK packs the product's right operand ([n, q] here) on every call, ~5 ns an element, more
   // than the product costs when the other side is narrow (LoRA's dA = grᵀ·x: p = r = 8 rows out
@@ -344,21 +477,19 @@ function groupedWeightGrad({ inputs, backend, attrs }: KernelArgs): tf.TensorInf
     let start = 0;
     groupSizes.forEach((n, e) => {
       const o = oi + e * p * q;
-      const heap = bk.wasm.HEAPF32;
       if (n === 0) {
-        heap.fill(0, o, o + p * q);   // the heap is not zeroed
+        bk.wasm.HEAPF32.fill(0, o, o + p * q);   // the heap is not zeroed
         return;
       }
-      const idx = bk.wasm.HEAP32;
-      gatherTransposeInto(n, lead, heap, li, lIndexed ? idx : null, lri, start, heap, leadT.index);  // [lead, n]
+      heapGatherTranspose(bk, n, lead, li, lIndexed ? lri : null, start, leadT.index);  // [lead, n]
       let pIdx = pi + start * packed;
       if (packedRows) {
-        gatherRowsInto(n, packed, heap, pi, idx, pri, start, heap, packedRows.index);
+        heapGatherRows(bk, n, packed, pi, pri, start, packedRows.index);
         pIdx = packedRows.index;
       }
       if (swapped) {
         run(q, n, p, leadT.index, pIdx, swapped.index);
-        transposeInto(q, p, bk.wasm.HEAPF32, swapped.index, bk.wasm.HEAPF32, o);   // the product may have grown the heap
+        heapGatherTranspose(bk, q, p, swapped.index, null, 0, o);
       } else {
         run(p, n, q, leadT.index, pIdx, o);
       }
@@ -401,6 +532,13 @@ function sigmoidOfH(b: WasmBackendLike, h: tf.TensorInfo, params: ExpertActivati
   return { index: at(b, t), free: () => { b.disposeData(t.dataId); } };
 }
 
+/**
+ * moe_simd's SwiGLU: gate and up halves, at least 8 columns in each (its step). gpt-oss's clamped,
+ * interleaved GLU, GELU and narrower rows run the JS loops.
+ */
+const simdSwiglu = (b: WasmBackendLike, params: ExpertActivationAttrs, inter: number) =>
+  !params.clamped && !params.gelu && !params.interleaved && inter >= 8 ? moeSimd(b.wasm) : null;
+
 function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo[] {
   const b = backend as unknown as WasmBackendLike;
   const { h, scale } = inputs;
@@ -409,6 +547,11 @@ function expertActivation({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo
   const inter = twoI / 2;
   const outs = [b.makeOutput([n, inter], 'float32')];
   if (scale) outs.push(b.makeOutput([n, inter], 'float32'));
+  const simd = simdSwiglu(b, params, inter);
+  if (simd) {
+    simd.swigluForward(n, inter, at(b, h) * 4, at(b, outs[0]) * 4, scale ? 1 : 0, scale ? at(b, scale) * 4 : 0, scale ? at(b, outs[1]) * 4 : 0);
+    return outs;
+  }
   const sig = sigmoidOfH(b, h, params);
   try {
     const heap = b.wasm.HEAPF32;   // after the allocations
@@ -471,6 +614,11 @@ function expertActivationGrad({ inputs, backend, attrs }: KernelArgs): tf.Tensor
   const params = attrs as unknown as ExpertActivationAttrs;
   const [n, twoI] = h.shape;
   const out = b.makeOutput([n, twoI], 'float32');
+  const simd = simdSwiglu(b, params, twoI / 2);
+  if (simd) {
+    simd.swigluBackward(n, twoI / 2, at(b, h) * 4, at(b, da) * 4, scale ? 1 : 0, scale ? at(b, scale) * 4 : 0, at(b, out) * 4);
+    return out;
+  }
   const sig = sigmoidOfH(b, h, params);
   try {
     const heap = b.wasm.HEAPF32;
@@ -492,6 +640,11 @@ function combine({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const { numTokens, topK } = attrs as unknown as PairAttrs;
   const cols = y.shape[1];
   const out = b.makeOutput([numTokens, cols], 'float32');
+  const simd = topK > 0 ? moeSimd(b.wasm) : null;   // its slot loop runs at least once
+  if (simd) {
+    simd.combineRows(numTokens, topK, cols, at(b, y) * 4, at(b, rowOfPair) * 4, weights ? 1 : 0, weights ? at(b, weights) * 4 : 0, at(b, out) * 4);
+    return out;
+  }
   const heap = b.wasm.HEAPF32;
   combineRows(numTokens, topK, cols, heap, at(b, y), b.wasm.HEAP32, at(b, rowOfPair),
       weights ? heap : null, weights ? at(b, weights) : 0, heap, at(b, out));
@@ -503,6 +656,11 @@ function rowDot({ inputs, backend, attrs }: KernelArgs): tf.TensorInfo {
   const { a, b, rowOfPair } = inputs;
   const { numTokens, topK } = attrs as unknown as PairAttrs;
   const out = bk.makeOutput([numTokens, topK], 'float32');
+  const simd = moeSimd(bk.wasm);
+  if (simd) {
+    simd.pairRowDot(numTokens * topK, a.shape[1], at(bk, a) * 4, at(bk, b) * 4, at(bk, rowOfPair) * 4, at(bk, out) * 4);
+    return out;
+  }
   const heap = bk.wasm.HEAPF32;
   pairRowDot(numTokens * topK, a.shape[1], heap, at(bk, a), heap, at(bk, b), bk.wasm.HEAP32, at(bk, rowOfPair),
       heap, at(bk, out));
