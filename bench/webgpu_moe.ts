@@ -3,7 +3,7 @@
  *   npx tsx bench/webgpu_moe.ts [--config M1,Q] [--presets auto,f] [--lora none|split|materialize]
  *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
- *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728,spacing=1'] [--expert-storage float32|bf16]
+ *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728'] [--expert-storage float32|bf16]
  *       [--tensor-cores on|off] [--half-operands on|off]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
@@ -28,7 +28,7 @@ import '@tensorflow/tfjs-layers';
 import { writeFileSync } from 'node:fs';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
-import { SUBMIT_FLOPS_FLAG, SUBMIT_SPACING_MS_FLAG, TC_HALF_OPERANDS_FLAG } from '../src/backends/webgpu/kernels.js';
+import { SUBMIT_FLOPS_FLAG, TC_HALF_OPERANDS_FLAG } from '../src/backends/webgpu/kernels.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { BENCH_CONFIGS, expertFlops } from '../src/bench/block_bench.js';
@@ -104,23 +104,21 @@ function arg(name: string, fallback: string): string {
 const flag = (name: string) => process.argv.includes(`--${name}`);
 
 /**
- * Submit settings (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE, this package's SUBMIT_FLOPS_FLAG and SUBMIT_SPACING_MS_FLAG)
+ * Submit settings (tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE, this package's SUBMIT_FLOPS_FLAG)
  * compared in one process, one step of each in turn: differences between machines and between
  * runs on one machine (±0.5 ms at M1) do not enter the comparison.
  */
 async function timeInterleaved(
-    step: () => tf.Tensor[], variants: Array<{ batch: number; submit: number; spacing: number }>, warmup: number,
+    step: () => tf.Tensor[], variants: Array<{ batch: number; submit: number }>, warmup: number,
     iters: number): Promise<Samples[]> {
   const out = variants.map((): Samples => ({ total: [], enqueue: [] }));
   const batch0 = tf.env().getNumber('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE');
   const submit0 = tf.env().getNumber(SUBMIT_FLOPS_FLAG);
-  const spacing0 = tf.env().getNumber(SUBMIT_SPACING_MS_FLAG);
   try {
     for (let i = 0; i < warmup + iters; i++) {
       for (const [v, variant] of variants.entries()) {
         tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', variant.batch);
         tf.env().set(SUBMIT_FLOPS_FLAG, variant.submit);
-        tf.env().set(SUBMIT_SPACING_MS_FLAG, variant.spacing);
         const s = await timeSteps(step, 0, 1);
         if (i >= warmup) { out[v].total.push(s.total[0]); out[v].enqueue.push(s.enqueue[0]); }
       }
@@ -128,7 +126,6 @@ async function timeInterleaved(
   } finally {
     tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', batch0);
     tf.env().set(SUBMIT_FLOPS_FLAG, submit0);
-    tf.env().set(SUBMIT_SPACING_MS_FLAG, spacing0);
   }
   return out;
 }
@@ -276,11 +273,11 @@ async function main(): Promise<void> {
     if (interleave) {
       const variants = interleave.split(';').map(v => {
         const kv = Object.fromEntries(v.split(',').map(p => p.split('=')));
-        return { batch: Number(kv.batch ?? 15), submit: Number(kv.submit ?? 2 ** 27), spacing: Number(kv.spacing ?? 0) };
+        return { batch: Number(kv.batch ?? 15), submit: Number(kv.submit ?? Infinity) };
       });
       const samples = await timeInterleaved(step, variants, warmup, iters);
       for (const [v, variant] of variants.entries()) {
-        const r = row(`batch ${variant.batch} submit ${variant.submit} spacing ${variant.spacing}`, 'fused', samples[v]);
+        const r = row(`batch ${variant.batch} submit ${variant.submit}`, 'fused', samples[v]);
         report(r);
       }
     }

@@ -86,26 +86,16 @@ function webgpu(args: KernelArgs): WebGPUBackend {
 
 /**
  * tf.env() flag: a grouped product of at least this many FLOPs submits the commands recorded so
- * far right after it is recorded (Infinity: never). tfjs submits every
- * WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE (15) dispatches; at M1 size the host takes 2–3 ms to record a
- * step, and the GPU would wait for the first 15 dispatches before starting on the big products
- * among them (docs/webgpu.md). The default, 2^27 FLOPs (about 7 µs on an H100), leaves the small
- * products of small models batched.
+ * far right after it is recorded (default Infinity: never; tfjs submits every
+ * WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE (15) dispatches itself). Such submits let the GPU start on a
+ * big product while the host records the rest; they helped M1 when its host took 2–3 ms to record
+ * a step (2^27 FLOPs then: 6.18 against 6.66 ms, docs/webgpu.md), but since the uniform arena, the
+ * layout cache and the written uploads, each submit costs more than it gives: on the H100 (run U2,
+ * interleaved in one process) M1 full FT 5.18 → 4.70 ms and split 9.76 → 8.28 ms without them, Q
+ * 1–2 % slower; OLMoE's step makes 512 of them (U1: 8246 → 8429 tokens/s without; U3: 6727 → 7256).
  */
 export const SUBMIT_FLOPS_FLAG = 'WEBGPU_MOE_SUBMIT_FLOPS';
-tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => 2 ** 27);
-
-/**
- * tf.env() flag: host milliseconds that must pass after one SUBMIT_FLOPS_FLAG submit before a big
- * product submits again (0: after every big product). At OLMoE's size nearly every product is big:
- * 512 submits a step, each a native call and a break in the GPU's stream (run U1: no such submits
- * 8429 against 8246 tokens/s); at M1's the first ones let the GPU start early in a short step.
- */
-export const SUBMIT_SPACING_MS_FLAG = 'WEBGPU_MOE_SUBMIT_SPACING_MS';
-tf.env().registerFlag(SUBMIT_SPACING_MS_FLAG, () => 0);
-
-/** performance.now() at each backend's last SUBMIT_FLOPS_FLAG submit */
-const lastProductSubmit = new WeakMap<object, number>();
+tf.env().registerFlag(SUBMIT_FLOPS_FLAG, () => Infinity);
 
 /**
  * tf.env() flag: grouped products at most NARROW_MAX_COLS wide (split LoRA's rank-r products
@@ -214,9 +204,6 @@ function runGroupedProduct(
   // under tf.time/profile tfjs submits after every program itself, with its timestamp queries
   if (q.activeTimers != null || !q.dispatchCountInPass) return out;
   if (typeof q.endComputePassEncoder !== 'function' || typeof q.submitQueue !== 'function') return out;
-  const now = performance.now();
-  if (now - (lastProductSubmit.get(backend) ?? -Infinity) < tf.env().getNumber(SUBMIT_SPACING_MS_FLAG)) return out;
-  lastProductSubmit.set(backend, now);
   q.endComputePassEncoder();
   q.submitQueue();
   return out;
