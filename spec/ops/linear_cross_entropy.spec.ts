@@ -8,6 +8,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { OpArgumentError } from '../../src/ops/validate.js';
 import { defaultChunkRows, linearCrossEntropy, LOGITS_CHUNK_BYTES, LOGITS_CHUNK_BYTES_FLAG } from '../../src/ops/linear_cross_entropy.js';
 import { tokenCrossEntropy } from '../../src/ops/token_cross_entropy.js';
 import { packDenseWeight, unpackDenseWeight } from '../../src/ops/packed.js';
@@ -195,6 +196,9 @@ describe('ops/linearCrossEntropy', () => {
     try {
       expect(defaultChunkRows(151936)).to.equal(441);
       expect(defaultChunkRows(50304)).to.equal(1334);
+      tf.env().set(LOGITS_CHUNK_BYTES_FLAG, 0);
+      expect(() => defaultChunkRows(50304)).to.throw(OpArgumentError,
+          '`defaultChunkRows()`: the tf.env() flag MOE_LOGITS_CHUNK_BYTES must be a number of bytes > 0 but is 0');
     } finally {
       tf.env().set(LOGITS_CHUNK_BYTES_FLAG, LOGITS_CHUNK_BYTES);
     }

@@ -11,6 +11,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { assertInteger, assertShape, assertTensor, fail } from './validate.js';
+import { describeValue } from '../util/describe.js';
 import {
   assertDenseWeight, denseWeightMatMul, gatherDenseRows, PACKED_DENSE_MATMUL, PackedDenseWeight, unpackDenseWeight,
   type DenseWeightTensor,
@@ -30,7 +31,11 @@ tf.env().registerFlag(LOGITS_CHUNK_BYTES_FLAG, () => LOGITS_CHUNK_BYTES);
 
 /** The default chunk: as many rows as keep a chunk's float32 logits within LOGITS_CHUNK_BYTES_FLAG's bytes, at least 1. */
 export function defaultChunkRows(vocabSize: number): number {
-  return Math.max(1, Math.floor(tf.env().getNumber(LOGITS_CHUNK_BYTES_FLAG) / (4 * vocabSize)));
+  const bytes = tf.env().get(LOGITS_CHUNK_BYTES_FLAG);
+  if (typeof bytes !== 'number' || !(bytes > 0)) {
+    fail('defaultChunkRows', `the tf.env() flag ${LOGITS_CHUNK_BYTES_FLAG} must be a number of bytes > 0 but is ${describeValue(bytes)}`);
+  }
+  return Math.max(1, Math.floor(bytes / (4 * vocabSize)));
 }
 
 export interface LinearCrossEntropyOptions {
