@@ -296,6 +296,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   assertInteger(OP, 'warmup', o.warmup, 0);
   if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
   if (o.abRounds !== undefined) assertInteger(OP, 'abRounds', o.abRounds, 1);
+  // before the load, not after it: a flag tf.env() does not know would throw inside tfjs at the first A/B step
+  for (const name of (o.abFlags ?? []).flatMap(set => Object.keys(set))) {
+    try {
+      tf.env().get(name);
+    } catch {
+      fail(OP, `'abFlags' names ${name}, which is not a tf.env() flag on ${tf.getBackend()}`);
+    }
+  }
   if (typeof o.gradientCheckpointing !== 'boolean') fail(OP, `'gradientCheckpointing' must be a boolean but got ${JSON.stringify(o.gradientCheckpointing)}`);
   for (const k of ['alpha', 'learningRate'] as const) {
     if (typeof o[k] !== 'number' || !(o[k] > 0)) fail(OP, `'${k}' must be a number > 0 but got ${JSON.stringify(o[k])}`);

@@ -176,6 +176,8 @@ describe('bench/e2e/ours.ts', function () {
     expect(tf.env().get(flag)).to.equal(1);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     await expectReject(runOurs({ model: FIXTURE, data, out: join(dir, 'x'), abRounds: 0, log: () => {} }), /'abRounds' must be >= 1 but got 0/);
+    await expectReject(runOurs({ model: FIXTURE, data, out: join(dir, 'x'), abFlags: [{ NO_SUCH_FLAG_X: 1 }], log: () => {} }),
+        /'abFlags' names NO_SUCH_FLAG_X, which is not a tf.env\(\) flag on /);
   });
 
   it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
