@@ -274,26 +274,11 @@ function scratch(b: WasmBackendLike, size: number): Scratch {
 function narrowKMatMul(
     b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
     addTo: tf.TensorInfo | undefined, attrs: GroupedMatMulAttrs, out: tf.TensorInfo): void {
-  const { groupSizes, transposeW, alpha, wShape } = attrs;
-  const [, p, q] = wShape;
-  const [k, m] = transposeW ? [q, p] : [p, q];
-  const wt = transposeW ? scratch(b, k * m) : null;   // one expert's W_eᵀ [k, m]
-  try {
-    let start = 0;
-    groupSizes.forEach((n, e) => {
-      if (n === 0) return;
-      let wIdx = at(b, w) + e * p * q;
-      if (wt) {
-        simd.gatherTranspose(p, q, wIdx * 4, 0, 0, 0, wt.index * 4);
-        wIdx = wt.index;
-      }
-      simd.productNarrowK(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, alpha,
-          addTo ? 1 : 0, addTo ? (at(b, addTo) + start * m) * 4 : 0, (at(b, out) + start * m) * 4);
-      start += n;
-    });
-  } finally {
-    wt?.free();
-  }
+  const [k, m] = attrs.transposeW ? [attrs.wShape[2], attrs.wShape[1]] : [attrs.wShape[1], attrs.wShape[2]];
+  forEachExpertWeight(b, simd, w, attrs, attrs.transposeW, (start, n, wIdx) => {
+    simd.productNarrowK(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, attrs.alpha,
+        addTo ? 1 : 0, addTo ? (at(b, addTo) + start * m) * 4 : 0, (at(b, out) + start * m) * 4);
+  });
 }
 
 /**
@@ -305,21 +290,32 @@ function narrowKMatMul(
 function narrowMMatMul(
     b: WasmBackendLike, simd: MoESimd, x: tf.TensorInfo, rows: tf.TensorInfo | undefined, w: tf.TensorInfo,
     attrs: GroupedMatMulAttrs, out: tf.TensorInfo): void {
-  const { groupSizes, transposeW, alpha, wShape } = attrs;
-  const [, p, q] = wShape;
-  const [k, m] = transposeW ? [q, p] : [p, q];
-  const wt = transposeW ? null : scratch(b, k * m);   // one expert's W_eᵀ [m, k]
+  const [k, m] = attrs.transposeW ? [attrs.wShape[2], attrs.wShape[1]] : [attrs.wShape[1], attrs.wShape[2]];
+  forEachExpertWeight(b, simd, w, attrs, !attrs.transposeW, (start, n, wIdx) => {
+    simd.productNarrowM(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, attrs.alpha,
+        (at(b, out) + start * m) * 4);
+  });
+}
+
+/**
+ * Calls `run` for each expert with rows: its first row, its row count and the heap index of its
+ * W_e [p, q], or of W_eᵀ in a scratch block (p·q floats, reused) where `transposed` asks for it.
+ */
+function forEachExpertWeight(
+    b: WasmBackendLike, simd: MoESimd, w: tf.TensorInfo, attrs: GroupedMatMulAttrs, transposed: boolean,
+    run: (start: number, n: number, wIdx: number) => void): void {
+  const [, p, q] = attrs.wShape;
+  const wt = transposed ? scratch(b, p * q) : null;
   try {
     let start = 0;
-    groupSizes.forEach((n, e) => {
+    attrs.groupSizes.forEach((n, e) => {
       if (n === 0) return;
       let wIdx = at(b, w) + e * p * q;
       if (wt) {
         simd.gatherTranspose(p, q, wIdx * 4, 0, 0, 0, wt.index * 4);
         wIdx = wt.index;
       }
-      simd.productNarrowM(n, k, m, at(b, x) * 4, rows ? 1 : 0, rows ? at(b, rows) * 4 : 0, start, wIdx * 4, alpha,
-          (at(b, out) + start * m) * 4);
+      run(start, n, wIdx);
       start += n;
     });
   } finally {
