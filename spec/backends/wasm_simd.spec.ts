@@ -64,11 +64,18 @@ describe('wasm SIMD module (moe_simd)', () => {
     expect(readFileSync(BYTES_PATH, 'utf8')).to.equal(renderBytesModule(readFileSync(WAT_PATH, 'utf8')));
   });
 
-  it('loads on a plain memory; null (the JS loops run) with the flag off, without a memory, on a shared one', () => {
+  it('loads on a plain memory and on the threaded build\'s shared one; null (the JS loops run) with the flag off or without a memory', () => {
     const memory = new WebAssembly.Memory({ initial: 1 });
     expect(moeSimd({ asm: { memory } })).to.not.equal(null);
     expect(moeSimd({})).to.equal(null);
-    expect(moeSimd({ asm: { memory: new WebAssembly.Memory({ initial: 1, maximum: 2, shared: true }) } })).to.equal(null);
+    // the threaded build keeps its shared memory as wasmMemory: the twin importing it as shared runs on it
+    const sharedMemory = new WebAssembly.Memory({ initial: 1, maximum: 65536, shared: true });
+    const onShared = moeSimd({ wasmMemory: sharedMemory });
+    expect(onShared).to.not.equal(null);
+    const f32 = new Float32Array(sharedMemory.buffer);
+    f32.set([1, 2, 3, 4, 5, 6], 0);
+    onShared!.gatherRows(2, 3, 0, 0, 0, 1, 64);   // rows 1, 2 of a [·, 3]: only row 1 exists, then zeros
+    expect(Array.from(f32.subarray(16, 22))).to.deep.equal([4, 5, 6, 0, 0, 0]);
     const saved = tf.env().getBool(SIMD_KERNELS_FLAG);
     try {
       tf.env().set(SIMD_KERNELS_FLAG, false);

@@ -11,12 +11,12 @@ import { useThreadedWasm } from '../../src/backends/wasm/threads_node.js';
 
 
 describe('threaded wasm in Node', () => {
-  it('starts with the threads asked for; its products equal the exact ones; a second start is refused', () => {
+  it('starts with the threads asked for; its products equal the exact ones; moe_simd runs on its shared heap; a second start is refused', () => {
     const r = spawnSync(process.execPath, ['--import', 'tsx', 'spec/helpers/threaded_wasm_child.ts'], { encoding: 'utf8' });
     expect(r.status, r.stderr).to.equal(0);
     const out = JSON.parse(r.stdout.trim().split('\n').at(-1)!);
     expect(out).to.deep.equal({
-      threads: 2, backend: 'wasm', worst: 0,
+      threads: 2, backend: 'wasm', worst: 0, gathered: [4, 5, 6],
       again: 'BackendError: the threaded wasm build must be chosen before the wasm backend starts, but it has started already',
     });
   });

@@ -4,7 +4,7 @@
  * no network). Standard WAT, linear (unfolded) instructions only:
  *
  *   (module
- *     (import "env" "memory" (memory 0))
+ *     (import "env" "memory" (memory 0))              or (memory 0 65536 shared)
  *     (func $name (export "name") (param $p i32) … (result f32)? (local $l v128) …
  *       local.get $p  i32.const 4  i32.add  …  block $b  loop $l  br_if $b  …  end  end))
  *
@@ -304,7 +304,11 @@ export function assemble(text: string): Uint8Array {
       const [, mod, field, desc] = item as [string, string, string, Sexp[]];
       if (!Array.isArray(desc) || desc[0] !== 'memory') fail('only a memory can be imported');
       const min = integer(desc[1] as string, 'memory minimum');
-      imports.push([...utf8(JSON.parse(mod) as string), ...utf8(JSON.parse(field) as string), 0x02, 0x00, ...uleb(min)]);
+      // (memory MIN) or (memory MIN MAX shared): a shared memory needs its maximum (limits flag 3)
+      const limits = desc.length === 2 ? [0x00, ...uleb(min)]
+        : desc.length === 4 && desc[3] === 'shared' ? [0x03, ...uleb(min), ...uleb(integer(desc[2] as string, 'memory maximum'))]
+        : fail(`an imported memory must be (memory MIN) or (memory MIN MAX shared) but got (${desc.join(' ')})`);
+      imports.push([...utf8(JSON.parse(mod) as string), ...utf8(JSON.parse(field) as string), 0x02, ...limits]);
     } else if (item[0] === 'func') {
       funcs.push(readFunc(item));
     } else {

@@ -5,17 +5,18 @@
  * tools/wasm_simd/moe_simd.wat (what each function computes, and how its results compare with
  * the JS loops it replaces); the bytes are generated into moe_simd_bytes.ts.
  *
- * The module imports tfjs-backend-wasm's own memory (the Emscripten module's `asm.memory`), so it
- * works on the tensors in place: no copy in or out, and a heap that grows stays visible to it.
- * Where that memory is not reachable (another tfjs-wasm build), is shared (the threaded build:
- * the import would have to be declared shared), the engine has no wasm SIMD, or the flag below is
- * off, `moeSimd` returns null and the kernels run their JS loops. The module is over 4 KB, which
+ * The module imports tfjs-backend-wasm's own memory (the Emscripten module's `asm.memory`, or the
+ * threaded build's shared `wasmMemory`, which a twin of the module imports as shared), so it
+ * works on the tensors in place: no copy in or out, and a heap that grows stays visible to it. Its
+ * loops run on the calling thread, between tfjs-wasm's kernels, never beside XNNPACK's workers.
+ * Where that memory is not reachable (another tfjs-wasm build), the engine has no wasm SIMD, or the
+ * flag below is off, `moeSimd` returns null and the kernels run their JS loops. The module is over 4 KB, which
  * Chrome's main thread refused to compile synchronously (a RangeError; headless Chromium 156 no
  * longer does): where the synchronous compile throws, the first call starts an asynchronous one
  * and the kernels run their JS loops until it is done (`moeSimdSettled` waits for it).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
+import { MOE_SIMD_SHARED_WASM_BASE64, MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
 
 /** tf.env() flag: run the wasm kernels' loops in this module (true) or in JS (false, for A/B and specs). */
 export const SIMD_KERNELS_FLAG = 'WASM_MOE_SIMD_KERNELS';
@@ -40,9 +41,13 @@ export interface MoESimd {
                  alpha: number, out: number): void;
 }
 
-/** What is read of tfjs-backend-wasm's Emscripten module. */
+/**
+ * What is read of tfjs-backend-wasm's Emscripten module: the single-threaded build exports its
+ * memory (`asm.memory`); the threaded build creates a shared one and keeps it as `wasmMemory`.
+ */
 interface WasmModuleWithMemory {
   asm?: { memory?: unknown };
+  wasmMemory?: unknown;
 }
 
 /** Per tfjs-wasm module: the instance, null (not available), or the asynchronous compile under way. */
@@ -64,10 +69,11 @@ function exportsOf(instance: WebAssembly.Instance): MoESimd {
 }
 
 function instantiate(wasm: object): MoESimd | null | Promise<void> {
-  const memory = (wasm as WasmModuleWithMemory).asm?.memory;
+  const memory = (wasm as WasmModuleWithMemory).asm?.memory ?? (wasm as WasmModuleWithMemory).wasmMemory;
   if (typeof WebAssembly === 'undefined' || !(memory instanceof WebAssembly.Memory)) return null;
-  if (typeof SharedArrayBuffer !== 'undefined' && memory.buffer instanceof SharedArrayBuffer) return null;
-  const bytes = Uint8Array.from(atob(MOE_SIMD_WASM_BASE64), c => c.charCodeAt(0));
+  // a shared memory is imported by the module's twin that declares it shared
+  const shared = typeof SharedArrayBuffer !== 'undefined' && memory.buffer instanceof SharedArrayBuffer;
+  const bytes = Uint8Array.from(atob(shared ? MOE_SIMD_SHARED_WASM_BASE64 : MOE_SIMD_WASM_BASE64), c => c.charCodeAt(0));
   if (!WebAssembly.validate(bytes)) return null;   // no SIMD in this engine
   const imports = { env: { memory } };
   try {
