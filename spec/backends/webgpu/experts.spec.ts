@@ -8,8 +8,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { limitWebGPUBufferPool, webgpuBufferPoolStats } from '../../../src/backends/webgpu/buffer_pool.js';
 import {
-  WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning, webgpuFusedExperts,
-  webgpuMoETuningFor,
+  ROW_TILE_FLAG, WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning,
+  webgpuFusedExperts, webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
 import { gatherRows, SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
 import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
@@ -173,6 +173,21 @@ describe('webgpu: webgpuFusedExperts', () => {
     expect(webgpuMoETuningFor(8 * 200, 8)).to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
     expect(webgpuMoETuningFor(8 * 64, 8)).to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
     expect(webgpuMoETuningFor(512 * 8, 128), "Qwen3-30B-A3B's 128 experts at 512 tokens").to.deep.equal(WEBGPU_MOE_TUNING_FEW);
+  });
+
+  it('takes the row tile from WEBGPU_MOE_ROW_TILE where set, and refuses a tile it has no preset for', () => {
+    const previous = tf.env().getNumber(ROW_TILE_FLAG);
+    try {
+      tf.env().set(ROW_TILE_FLAG, 64);
+      expect(webgpuMoETuningFor(8 * 300, 8), 'forced below the automatic 128').to.deep.equal(WEBGPU_MOE_TUNING_SMALL);
+      tf.env().set(ROW_TILE_FLAG, 128);
+      expect(webgpuMoETuningFor(512 * 8, 128), 'forced above the automatic 32').to.deep.equal(WEBGPU_MOE_TUNING_LARGE);
+      tf.env().set(ROW_TILE_FLAG, 48);
+      expect(() => webgpuMoETuningFor(8 * 300, 8)).to.throw('WEBGPU_MOE_ROW_TILE must be 0 (automatic) or one of 128, 64, 32 but got 48');
+    } finally {
+      tf.env().set(ROW_TILE_FLAG, previous);
+    }
+    expect(webgpuMoETuningFor(8 * 300, 8), 'automatic again').to.deep.equal(WEBGPU_MOE_TUNING_LARGE);
   });
 
   it('at 128 experts with ~32 rows each (Qwen3-30B-A3B at 512 tokens), 32-row tiles: the same values, 4096 fewer padded rows held', async () => {

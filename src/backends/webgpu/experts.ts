@@ -107,11 +107,31 @@ export function getWebGPUMoETuning(): WebGPUMoETuning | undefined {
   return explicitTuning && { ...explicitTuning };
 }
 
+/**
+ * tf.env() flag: the experts' row tile, 128, 64 or 32 (the presets above), or 0 (the default) for
+ * the choice by rows per expert. For end-to-end A/B runs (bench/e2e/ours.ts --ab-flags): the
+ * tensor-core blocks follow the plan's row tile, and an expert's padding (up to a tile less one
+ * row) is work those blocks do, a quarter of the rows at OLMoE's ~256 rows per expert and 128.
+ * setWebGPUMoETuning's explicit tiles come first.
+ */
+export const ROW_TILE_FLAG = 'WEBGPU_MOE_ROW_TILE';
+tf.env().registerFlag(ROW_TILE_FLAG, () => 0);
+
+const TUNING_BY_ROW_TILE: ReadonlyArray<Readonly<WebGPUMoETuning>> = [WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, WEBGPU_MOE_TUNING_FEW];
+
 /** The tiles for a call with `rows` = T·K pairs over `numExperts` experts. */
 export function webgpuMoETuningFor(rows: number, numExperts: number): WebGPUMoETuning {
+  if (explicitTuning !== undefined) return explicitTuning;
+  const forced = tf.env().getNumber(ROW_TILE_FLAG);
+  if (forced !== 0) {
+    const preset = TUNING_BY_ROW_TILE.find(t => t.rowTile === forced);
+    if (preset === undefined) {
+      throw new Error(`${ROW_TILE_FLAG} must be 0 (automatic) or one of ${TUNING_BY_ROW_TILE.map(t => t.rowTile).join(', ')} but got ${forced}`);
+    }
+    return preset;
+  }
   const perExpert = rows / numExperts;
-  return explicitTuning ??
-    (perExpert >= 256 ? WEBGPU_MOE_TUNING_LARGE : perExpert >= 64 ? WEBGPU_MOE_TUNING_SMALL : WEBGPU_MOE_TUNING_FEW);
+  return perExpert >= 256 ? WEBGPU_MOE_TUNING_LARGE : perExpert >= 64 ? WEBGPU_MOE_TUNING_SMALL : WEBGPU_MOE_TUNING_FEW;
 }
 
 /** Where (e, out, in) of a per-expert operand lives: e·sE + out·outStride + in·inStride. */
