@@ -19,6 +19,9 @@ import {
   type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
+  DenseNarrowMatMulProgram, type DenseNarrowMatMulLayout,
+} from './programs/dense_narrow_matmul_program.js';
+import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
@@ -194,7 +197,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | DenseNarrowMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number, output?: tf.TensorInfo): tf.TensorInfo {
   const backend = webgpu(args);
@@ -1206,12 +1209,27 @@ const attentionGradConfig: tf.KernelConfig = {
 // ---- dense LoRA products ------------------------------------------------------------------------
 
 /**
- * A dense product of at most this many rows runs NarrowGroupedMatMulProgram with 1 row per thread
- * (16-row workgroups), above it 2 (32-row): at 2048 tokens 1 row gives 128 workgroups where 2 would
- * leave half an H100's 132 SMs idle. Not timed on its own yet (bench/webgpu_dense_lora_products.ts
- * times the product).
+ * From this many rows a dense product runs DenseNarrowMatMulProgram with 2 rows a thread (8-row
+ * workgroups of 4 rows × 64 lanes), below it 1 (4-row): 2 rows share each load of W (n loads of W
+ * per load of A at 1 row, L1 traffic n times A's) and still leave 256 workgroups at 2048 rows,
+ * about two per H100 SM; fewer rows keep 1 so that the workgroups stay many. Chosen by reasoning,
+ * to be timed (bench/webgpu_dense_lora_products.ts times every layout).
  */
-const DENSE_NARROW_FEW_ROWS = 4096;
+const DENSE_NARROW_MANY_ROWS = 2048;
+
+/** DenseNarrowMatMulProgram's layout for a dense product of `rows` rows (DENSE_NARROW_MANY_ROWS). */
+export function denseNarrowLayoutFor(rows: number): DenseNarrowMatMulLayout {
+  return { lanes: 64, rowsPerThread: rows >= DENSE_NARROW_MANY_ROWS ? 2 : 1 };
+}
+
+/**
+ * Which program runs a dense product r wide: DenseNarrowMatMulProgram with a layout (the kernel's,
+ * denseNarrowLayoutFor), or NarrowGroupedMatMulProgram's single-group form with its rows per
+ * thread (the program before, which bench/webgpu_dense_lora_products.ts times against it).
+ */
+export type DenseNarrowProductForm =
+  | { program: 'dense'; layout: DenseNarrowMatMulLayout }
+  | { program: 'grouped'; rowsPerThread: 1 | 2 };
 
 /**
  * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram's single-group form: the
@@ -1231,24 +1249,26 @@ export function denseNarrowFits(rows: number, narrowSide: number): boolean {
       narrowSide <= NARROW_MAX_COLS && rows > 0;
 }
 
-/** NarrowGroupedMatMulProgram's rows per thread for a dense product of `rows` rows (DENSE_NARROW_FEW_ROWS). */
-export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
-  return rows <= DENSE_NARROW_FEW_ROWS ? 1 : 2;
-}
-
 /**
- * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
- * group (NarrowGroupedMatMulProgram, source 'rows', singleGroup: no plan, nothing uploaded). Any m:
- * the last block's rows past m read as padding and are not written. MoEScaledMatMul's kernel calls
- * it with denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
+ * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS, one group of plain rows (no plan, nothing
+ * uploaded): DenseNarrowMatMulProgram (lanes splitting each row's k) in the kernel's layout, or
+ * `form`. Any m: rows past m are not written. MoEScaledMatMul's kernel calls it with the default;
+ * bench/webgpu_dense_lora_products.ts times every layout against NarrowGroupedMatMulProgram's
+ * single-group form ({ program: 'grouped' }), 16 rows a workgroup with W staged per 64-deep chunk.
  */
 export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
-    rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
+    form: DenseNarrowProductForm = { program: 'dense', layout: denseNarrowLayoutFor(a.shape[0]) }): tf.TensorInfo {
   const [m, k] = a.shape;
   const n = transposeB ? b.shape[0] : b.shape[1];
   // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
-  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread, singleGroup: true });
+  if (form.program === 'dense') {
+    const program = new DenseNarrowMatMulProgram(m, n, form.layout);
+    return runGroupedProduct(args, program, [a, b], [...intUniforms(m, n, k, sN, sK), ...floatUniforms(scale)], 2 * m * n * k);
+  }
+  const program = new NarrowGroupedMatMulProgram(m, n, {
+    source: 'rows', kContiguous: sK === 1, rowsPerThread: form.rowsPerThread, singleGroup: true,
+  });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
   ];
@@ -1279,7 +1299,7 @@ function runNarrowInnerDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.Te
 /**
  * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
  * scale s in one program instead of a product and a BinaryOpProgram. r ≤ NARROW_MAX_COLS outputs
- * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct) where denseNarrowFits,
+ * (s·x·Aᵀ, s·dy·B) run DenseNarrowMatMulProgram (runNarrowDenseProduct) where denseNarrowFits,
  * reading each row of x or dy once; otherwise ScaledMatMulProgram.
  */
 const scaledMatMulConfig: tf.KernelConfig = {
