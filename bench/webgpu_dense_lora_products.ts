@@ -18,7 +18,8 @@
  * timestamp queries (tf.time, one pass per program; 'n/a' where the device has no
  * timestamp-query, as Mesa's software GL) and GB/s over the bytes the product must move (over GPU
  * time where there is one, else over host+GPU): dA and dB with the rows cut into chunks of each
- * of --chunk-rows (all: one chunk; the kernel's: 128), and u and g on NarrowGroupedMatMulProgram's single-group form (the program before, 16 rows
+ * of --chunk-rows (all: one chunk; the kernel's default: the flag WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS,
+ * 128), and u and g on NarrowGroupedMatMulProgram's single-group form (the program before, 16 rows
  * a workgroup, W staged per 64-deep chunk; --grouped-rows-per-thread) and on DenseNarrowMatMulProgram
  * in each of --layouts (lanes × rows a thread; the kernel's: 64 × 1 below 2048 rows, 64 × 2 from
  * there), each checked against the grouped form at 1 row a thread (≤ 1e-5 relative) with its

@@ -9,7 +9,7 @@
  * way: through loraLinear, and each product alone at odd row counts (1, 17, 333, 2053: partial
  * row blocks, one chunk, several with a ragged last one), r 1, 8, 16 and 64 (past the narrow
  * programs), both layouts of the factor, vec4 and per-column expansions; the weight gradient at
- * chunk sizes that do not divide the rows; DenseNarrowMatMulProgram alone in
+ * chunk sizes that do not divide the rows and at the chunk flag's; DenseNarrowMatMulProgram alone in
  * every layout at odd rows and depths; no leaks, and no host data sent to the GPU per call (the
  * first version uploaded a one-group plan per call). Run with TFJS_BACKEND=webgpu.
  */
@@ -17,7 +17,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import {
-  DENSE_NARROW_PRODUCTS_FLAG, denseNarrowLayoutFor, type KernelArgs, NARROW_PRODUCTS_FLAG,
+  DENSE_GRAD_CHUNK_ROWS_FLAG, DENSE_NARROW_PRODUCTS_FLAG, denseNarrowLayoutFor, type KernelArgs, NARROW_PRODUCTS_FLAG,
   runNarrowDenseProduct, runNarrowDenseWeightGrad,
 } from '../../../src/backends/webgpu/kernels.js';
 import {
@@ -331,6 +331,53 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       });
     });
     tf.dispose([x, A, B, dy, u, g, y, dx]);
+  });
+
+  it(`the weight gradient's chunk rows follow ${DENSE_GRAD_CHUNK_ROWS_FLAG} (7: 48 chunks, the last ragged); aᵀ·b as float64 gives it`, async () => {
+    const [rows, P, Q] = [333, 8, 300];
+    const rng = new Rng(77);
+    const a = asF32(rng.array(rows * P));
+    const b = asF32(rng.array(rows * Q));
+    const [at, bt] = [tensorOf(a, [rows, P]), tensorOf(b, [rows, Q])] as tf.Tensor2D[];
+    const partialRows = async () => {
+      const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
+      await expectCloseAsync(result, product64(a, b, P, rows, Q, true, false), 1e-5, 'aᵀ·b', [P, Q]);
+      result.dispose();
+      return keys;
+    };
+    await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+      // the partial sums' first dimension is the chunk count: the flag reaches the program
+      const backend = tf.backend() as unknown as { runWebGPUProgram(program: { outputShape: number[] }, ...rest: unknown[]): tf.TensorInfo };
+      const run = backend.runWebGPUProgram;
+      const own = Object.prototype.hasOwnProperty.call(backend, 'runWebGPUProgram');
+      const partialShapes: number[][] = [];
+      backend.runWebGPUProgram = function (program, ...rest) {
+        if ((program as { shaderKey?: string }).shaderKey?.startsWith('moeNarrowWeightGrad_')) partialShapes.push(program.outputShape);
+        return run.call(this, program, ...rest);
+      };
+      try {
+        await withEnvFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, 7, partialRows);
+        await partialRows();
+      } finally {
+        if (own) backend.runWebGPUProgram = run;
+        else delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
+      }
+      expect(partialShapes).to.deep.equal([[Math.ceil(rows / 7), P, Q], [Math.ceil(rows / 128), P, Q]]);
+    }));
+    tf.dispose([at, bt]);
+  });
+
+  it(`rejects a ${DENSE_GRAD_CHUNK_ROWS_FLAG} that is not an integer in [1, 2^24], naming the op and the flag`, async () => {
+    const [g, x] = [tf.zeros([33, 8]), tf.zeros([33, 40])] as tf.Tensor2D[];
+    for (const bad of [0, 2.5, -3, 2 ** 24 + 1, NaN]) {
+      await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+        await withEnvFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, bad, async () => {
+          expect(() => weightGradProduct(g, x)).to.throw(
+            `\`weightGradProduct()\`: the flag ${DENSE_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${bad} (number)`);
+        });
+      }));
+    }
+    tf.dispose([g, x]);
   });
 });
 

@@ -183,6 +183,19 @@ export function denseTensorCoreBlockRows(rows: number, cols: number): SubgroupBl
 export const NARROW_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_NARROW_GRAD_CHUNK_ROWS';
 tf.env().registerFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, () => 128);
 
+/**
+ * tf.env() flag: the rows per chunk of a dense weight gradient (dA = gᵀ·x, dB = dyᵀ·u) on
+ * NarrowWeightGradProgram's single-group form (runNarrowDenseWeightGrad): the rows are cut into
+ * chunks of this many, each summed by its own workgroups, and NarrowWeightGradSumProgram adds the
+ * chunks in order. 128 gives 16 chunks × 8 column blocks = 128 workgroups at OLMoE's 2048 tokens
+ * and 2048 columns (about one per H100 SM, each summing 128 rows); fewer rows make more
+ * workgroups and more partial sums to add (r·wide floats per chunk). An integer in [1, 2^24]; for
+ * end-to-end A/B runs (bench/e2e/ours.ts --ab-flags) and bench/webgpu_dense_lora_products.ts
+ * --chunk-rows.
+ */
+export const DENSE_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS';
+tf.env().registerFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, () => 128);
+
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
   dispatchCountInPass?: number;
@@ -619,6 +632,16 @@ function narrowGradTargetRows(): number {
   // at most 2^24, so that the programs' row arithmetic (chunkRows + count) stays inside an i32
   if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
     fail('groupedWeightGrad', `the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
+  }
+  return rows;
+}
+
+/** DENSE_GRAD_CHUNK_ROWS_FLAG's value, checked. */
+function denseGradChunkRows(): number {
+  const rows = tf.env().getNumber(DENSE_GRAD_CHUNK_ROWS_FLAG);
+  // at most 2^24, as NARROW_GRAD_CHUNK_ROWS_FLAG: the programs' row arithmetic stays inside an i32
+  if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
+    fail('weightGradProduct', `the flag ${DENSE_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
   }
   return rows;
 }
@@ -1232,14 +1255,6 @@ export type DenseNarrowProductForm =
   | { program: 'grouped'; rowsPerThread: 1 | 2 };
 
 /**
- * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram's single-group form: the
- * rows are cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
- * and OLMoE's 2048 columns instead of 8 for one chunk), and NarrowWeightGradSumProgram adds them
- * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --chunk-rows).
- */
-const DENSE_GRAD_CHUNK_ROWS = 128;
-
-/**
  * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
  * runs the narrow programs: NARROW_PRODUCTS_FLAG and DENSE_NARROW_PRODUCTS_FLAG on, r ≤ NARROW_MAX_COLS
  * and at least one row (the programs are sized by the rows; an empty product keeps the programs before).
@@ -1321,10 +1336,10 @@ const scaledMatMulConfig: tf.KernelConfig = {
  * experts' narrow weight gradient in its single-group form (no plan, nothing uploaded), the N rows
  * summed in chunks of `chunkRows` (the last one the rest) and the chunks added after, in order
  * (narrowWeightGrad's two programs). MoEWeightGradProduct's kernel calls it with
- * DENSE_GRAD_CHUNK_ROWS; bench/webgpu_dense_lora_products.ts times others.
+ * DENSE_GRAD_CHUNK_ROWS_FLAG's rows; bench/webgpu_dense_lora_products.ts times others.
  */
 export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo,
-    chunkRows = DENSE_GRAD_CHUNK_ROWS): tf.TensorInfo {
+    chunkRows = denseGradChunkRows()): tf.TensorInfo {
   const backend = webgpu(args);
   const [rows, P] = a.shape;
   const Q = b.shape[1];
