@@ -90,9 +90,9 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
     const quads = Math.ceil(cols / 4);
     // acc[i·4·quads + j]: row i of the thread, output j (padded to whole vec4s for the reduction)
     const accAt = (i: number, j: number) => `acc[${i * 4 * quads + j}]`;
-    /** WGSL: the sums of one k (its A values a{u}_{i} and W values w{u}_{j} loaded before) */
-    const step = (u: number, guarded: boolean): { loads: string[]; sums: string[] } => {
-      const k = `(k + ${u * lanes})`;
+    /** WGSL: the loads of round u's k (A's rows of the thread, W's n values) and their sums */
+    const step = (u: number): { loads: string[]; sums: string[] } => {
+      const k = u === 0 ? 'k' : `(k + ${u * lanes})`;
       const loads: string[] = [];
       for (let i = 0; i < rpt; i++) loads.push(`let a${u}_${i} = A[rowBase${i} + ${k}];`);
       for (let j = 0; j < cols; j++) loads.push(`let w${u}_${j} = W[${j} * uniforms.sN + ${k} * uniforms.sK];`);
@@ -100,14 +100,36 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
       for (let i = 0; i < rpt; i++) {
         for (let j = 0; j < cols; j++) sums.push(`${accAt(i, j)} = fma(a${u}_${i}, w${u}_${j}, ${accAt(i, j)});`);
       }
-      return guarded ? { loads: [`if (${k} < uniforms.inner) {`, ...loads, ...sums, '}'], sums: [] } : { loads, sums };
+      return { loads, sums };
     };
-    const unrolled = Array.from({ length: UNROLL }, (_, u) => step(u, false));
+    const unrolled = Array.from({ length: UNROLL }, (_, u) => step(u));
+    const rest = step(0);
     const rowBases = Array.from({ length: rpt }, (_, i) =>
       // rows past numRows read row numRows − 1 (in bounds) and are not written
       `let rowBase${i} = min(row0 + ty + ${rowGroups * i}, uniforms.numRows - 1) * uniforms.inner;`);
     const treeAdds = Array.from({ length: quads }, (_, q) =>
       `partial[${q * THREADS} + lid] += partial[${q * THREADS} + lid + half];`);
+    // one reduction per row of the thread, unrolled here: acc indexed only by constants stays in
+    // registers (an index computed at run time can put the whole array in local memory)
+    const reductions = Array.from({ length: rpt }, (_, i) => `
+        // row ${i} of the thread
+        ${Array.from({ length: quads }, (_, q) => `partial[${q * THREADS} + lid] = vec4<f32>(` +
+            `${[0, 1, 2, 3].map(c => accAt(i, 4 * q + c)).join(', ')});`).join('\n        ')}
+        workgroupBarrier();
+        // a tree over the row's lanes: lane l adds lane l + half, until lane 0 holds the sums
+        for (var half = ${lanes / 2}; half > 0; half /= 2) {
+          if (lane < half) {
+            ${treeAdds.join('\n            ')}
+          }
+          workgroupBarrier();
+        }
+        {
+          let r = row0 + ty + ${rowGroups * i};
+          if (lane < ${cols} && r < uniforms.numRows) {
+            result[r * ${cols} + lane] = uniforms.alpha * partial[(lane / 4) * ${THREADS} + ty * ${lanes}][lane % 4];
+          }
+        }
+        ${i + 1 < rpt ? '// the next row\'s partials overwrite these\n        workgroupBarrier();' : ''}`);
     return `
       var<workgroup> partial : array<vec4<f32>, ${quads * THREADS}>;
 
@@ -125,29 +147,10 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
           ${unrolled.flatMap(s => s.sums).join('\n          ')}
         }
         for (; k < uniforms.inner; k += ${lanes}) {
-          ${step(0, true).loads.join('\n          ')}
+          ${[...rest.loads, ...rest.sums].join('\n          ')}
         }
-        // uniform control flow from here: every thread runs every round and its barriers
-        for (var i = 0; i < ${rpt}; i++) {
-          let base = i * ${4 * quads};
-          ${Array.from({ length: quads }, (_, q) =>
-            `partial[${q * THREADS} + lid] = vec4<f32>(acc[base + ${4 * q}], acc[base + ${4 * q + 1}], acc[base + ${4 * q + 2}], acc[base + ${4 * q + 3}]);`)
-            .join('\n          ')}
-          workgroupBarrier();
-          // a tree over the row's lanes: lane l adds lane l + half, until lane 0 holds the sums
-          for (var half = ${lanes / 2}; half > 0; half /= 2) {
-            if (lane < half) {
-              ${treeAdds.join('\n              ')}
-            }
-            workgroupBarrier();
-          }
-          let r = row0 + ty + ${rowGroups} * i;
-          if (lane < ${cols} && r < uniforms.numRows) {
-            result[r * ${cols} + lane] = uniforms.alpha * partial[(lane / 4) * ${THREADS} + ty * ${lanes}][lane % 4];
-          }
-          // the next row's partials overwrite these
-          workgroupBarrier();
-        }
+        // uniform control flow from here: every thread runs every reduction and its barriers
+        ${reductions.join('\n')}
       }
     `;
   }
