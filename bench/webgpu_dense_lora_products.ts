@@ -208,7 +208,8 @@ for (const { label, run, reference, bytes, baseline } of sweeps) {
   const ms = await timeProduct(run, iters, chain);
   const gpu = await gpuMs(run);
   if (gpu !== undefined) gpuByLabel.set(label, gpu);
-  const base = baseline === undefined ? undefined : gpuByLabel.get(baseline);
+  // the baseline's own line gets no speedup
+  const base = baseline === undefined || baseline === label ? undefined : gpuByLabel.get(baseline);
   worst = Math.max(worst, error);
   process.stdout.write(`${label.padEnd(34)} ${ms.toFixed(3)} ms  GPU ${gpu === undefined ? 'n/a' : `${(gpu * 1e3).toFixed(1)} us`}  ` +
       `${(bytes / (gpu ?? ms) / 1e6).toFixed(1)} GB/s${gpu === undefined ? ' (host+GPU)' : ''}  ` +
