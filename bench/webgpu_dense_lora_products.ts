@@ -13,13 +13,20 @@
  * host uploads of one after call (must be 0: the first version uploaded a one-group plan per call,
  * ~1.7 ms of host each on the H100, run S) and the max relative error of after against before
  * (must be ≤ 1e-5: the same f32 sums in another order); then one layer-step's sum (q/k/v/o four
- * times, the router once; each product runs once a step). Then the kernels' two unmeasured
- * constants, through their own code on the q/k/v/o shape: dA and dB with the rows cut into chunks
- * of each of --chunk-rows (all: one chunk; the kernel's default 128), u and g with each of
- * --rows-per-thread (the kernel's: 1 up to 4096 rows, else 2). Exits 1 on a mismatch or an upload.
+ * times, the router once; each product runs once a step). Then the kernels' choices, through their
+ * own code on the q/k/v/o shape, each line with host+GPU ms (as above), GPU us a call from
+ * timestamp queries (tf.time, one pass per program; 'n/a' where the device has no
+ * timestamp-query, as Mesa's software GL) and GB/s over the bytes the product must move (over GPU
+ * time where there is one, else over host+GPU): dA and dB with the rows cut into chunks of each
+ * of --chunk-rows (all: one chunk; the kernel's default: the flag WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS,
+ * 128), and u and g on NarrowGroupedMatMulProgram's single-group form (the program before, 16 rows
+ * a workgroup, W staged per 64-deep chunk; --grouped-rows-per-thread) and on DenseNarrowMatMulProgram
+ * in each of --layouts (lanes × rows a thread; the kernel's: 64 × 1 below 2048 rows, 64 × 2 from
+ * there), each checked against the grouped form at 1 row a thread (≤ 1e-5 relative) with its
+ * speedup over it. Exits 1 on a mismatch or an upload.
  *   npx tsx bench/webgpu_dense_lora_products.ts [--tokens 2048] [--hidden 2048] [--out 2048]
  *       [--experts 64] [--rank 8] [--iters 7] [--chain 20] [--chunk-rows 64,128,256,512,all]
- *       [--rows-per-thread 1,2]
+ *       [--grouped-rows-per-thread 1,2] [--layouts 32x1,32x2,32x4,64x1,64x2,64x4,128x1,128x2,128x4]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_dense_lora_products.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_dense_lora_products.js
  */
@@ -27,15 +34,19 @@ import * as tf from '@tensorflow/tfjs-core';
 import { registerMoEKernels } from '../src/backends/register_all_kernels.js';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
 import {
-  DENSE_NARROW_PRODUCTS_FLAG, type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
+  DENSE_NARROW_PRODUCTS_FLAG, type DenseNarrowProductForm, type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct,
+  runNarrowDenseWeightGrad,
 } from '../src/backends/webgpu/kernels.js';
+import {
+  DENSE_NARROW_LANES, DENSE_NARROW_ROWS_PER_THREAD, type DenseNarrowMatMulLayout,
+} from '../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { matMulAdd } from '../src/ops/matmul_add.js';
 import { scaledMatMul } from '../src/ops/scaled_matmul.js';
 import { weightGradProduct } from '../src/ops/weight_grad_product.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { withHostUploads } from '../tools/webgpu_tc/scoped.js';
-import { timeProduct } from './webgpu_timing.js';
+import { median, timeProduct } from './webgpu_timing.js';
 import { commandLineFlag as flag } from './e2e/narrow_setup.js';
 
 function withNarrow<T>(on: boolean, fn: () => T): T {
@@ -57,12 +68,24 @@ const r = Number(flag('rank', '8'));
 const iters = Number(flag('iters', '7'));
 const chain = Number(flag('chain', '20'));
 const chunkRowsList = flag('chunk-rows', '64,128,256,512,all').split(',').filter(Boolean);
-const rowsPerThreadList = flag('rows-per-thread', '1,2').split(',').filter(Boolean).map(v => {
-  if (v !== '1' && v !== '2') throw new Error(`--rows-per-thread: each must be 1 or 2 but got '${v}'`);
+const groupedRowsPerThread = flag('grouped-rows-per-thread', '1,2').split(',').filter(Boolean).map(v => {
+  if (v !== '1' && v !== '2') throw new Error(`--grouped-rows-per-thread: each must be 1 or 2 but got '${v}'`);
   return Number(v) as 1 | 2;
 });
+const layouts = flag('layouts', DENSE_NARROW_LANES.flatMap(l => DENSE_NARROW_ROWS_PER_THREAD.map(rpt => `${l}x${rpt}`)).join(','))
+  .split(',').filter(Boolean).map(v => {
+    const [lanes, rowsPerThread] = v.split('x').map(Number);
+    const layout = { lanes, rowsPerThread } as DenseNarrowMatMulLayout;
+    if (!DENSE_NARROW_LANES.includes(layout.lanes) || !DENSE_NARROW_ROWS_PER_THREAD.includes(layout.rowsPerThread)) {
+      throw new Error(`--layouts: each must be LANESxROWS with lanes one of ${DENSE_NARROW_LANES.join(', ')} and rows a thread ` +
+          `one of ${DENSE_NARROW_ROWS_PER_THREAD.join(', ')} but got '${v}'`);
+    }
+    return layout;
+  });
 
-const adapter = await setupDawnWebGPU({ tensorCores: 'off' });
+// 'auto' for the toggle that exposes timestamp queries on NVIDIA (the sweeps' GPU times), full resolution;
+// the tensor-core programs stay off (the flag below)
+const adapter = await setupDawnWebGPU({ tensorCores: 'auto', extraFlags: ['disable-dawn-features=timestamp_quantization'] });
 if (!(await tf.setBackend('webgpu'))) throw new Error('webgpu could not be set up');
 registerMoEKernels('webgpu');
 // rank-r products are never wide enough for the subgroup-matrix programs: the comparison is f32 only
@@ -128,30 +151,70 @@ process.stdout.write(`per layer-step (q/k/v/o x4 + router, expansions included) 
 const kernelArgs = () => ({ inputs: {}, backend: tf.backend(), attrs: {} }) as unknown as KernelArgs;
 const tensorOf = (info: tf.TensorInfo) => tf.engine().makeTensorFromTensorInfo(info);
 const attn = projections[0][1];
-const sweeps: Array<[string, () => tf.Tensor, () => tf.Tensor]> = [
+const device = (tf.backend() as unknown as { device: GPUDevice }).device;
+const timestamps = device.features.has('timestamp-query');
+/** GPU ms of one call (its programs' passes summed): the median of `iters` calls under tf.time; undefined without timestamp-query */
+async function gpuMs(run: () => tf.Tensor): Promise<number | undefined> {
+  if (!timestamps) return undefined;
+  tf.dispose(run());
+  const samples: number[] = [];
+  for (let i = 0; i < iters; i++) {
+    const timing = await tf.time(() => { tf.dispose(run()); });
+    if (typeof timing.kernelMs !== 'number') throw new Error(`tf.time gave no kernel time: ${JSON.stringify(timing.kernelMs)}`);
+    samples.push(timing.kernelMs);
+  }
+  return median(samples);
+}
+process.stdout.write(`# sweeps: GPU times ${timestamps ? 'from timestamp queries' : 'n/a (no timestamp-query on this device)'}\n`);
+
+/** [label, variant, reference (the output to match), bytes it must move, the baseline line's label for a speedup] */
+type Sweep = { label: string; run: () => tf.Tensor; reference: () => tf.Tensor; bytes: number; baseline?: string };
+const product = (a: tf.Tensor2D, b: tf.Tensor2D, transposeB: boolean, form: DenseNarrowProductForm) =>
+  () => tensorOf(runNarrowDenseProduct(kernelArgs(), a, b, transposeB, s, form));
+const formLabel = (form: DenseNarrowProductForm) => form.program === 'grouped'
+  ? `grouped ${form.rowsPerThread} row/thr`
+  : `dense ${form.layout.lanes} lanes x ${form.layout.rowsPerThread} row/thr`;
+const sweeps: Sweep[] = [
   ...chunkRowsList.flatMap(c => {
     const chunkRows = c === 'all' ? T : Number(c);
     if (!Number.isInteger(chunkRows) || chunkRows < 1) throw new Error(`--chunk-rows: each must be a positive integer or 'all' but got '${c}'`);
     return [
-      [`attn.dA chunk rows ${c}`, () => weightGradProduct(attn.g, x), () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.g, x, chunkRows))],
-      [`attn.dB chunk rows ${c}`, () => weightGradProduct(attn.dy, attn.u), () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.dy, attn.u, chunkRows))],
-    ] as Array<[string, () => tf.Tensor, () => tf.Tensor]>;
+      { label: `attn.dA chunk rows ${c}`, reference: () => withNarrow(false, () => weightGradProduct(attn.g, x)),
+        run: () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.g, x, chunkRows)), bytes: 4 * (T * H + T * r + r * H) },
+      { label: `attn.dB chunk rows ${c}`, reference: () => withNarrow(false, () => weightGradProduct(attn.dy, attn.u)),
+        run: () => tensorOf(runNarrowDenseWeightGrad(kernelArgs(), attn.dy, attn.u, chunkRows)), bytes: 4 * (T * attnOut + T * r + attnOut * r) },
+    ];
   }),
-  ...rowsPerThreadList.flatMap(rows => [
-    [`attn.u ${rows} row(s)/thread`, () => scaledMatMul(x, attn.A, true, s),
-      () => tensorOf(runNarrowDenseProduct(kernelArgs(), x, attn.A, true, s, rows))],
-    [`attn.g ${rows} row(s)/thread`, () => scaledMatMul(attn.dy, attn.B, false, s),
-      () => tensorOf(runNarrowDenseProduct(kernelArgs(), attn.dy, attn.B, false, s, rows))],
-  ] as Array<[string, () => tf.Tensor, () => tf.Tensor]>),
+  // u = s·x·Aᵀ (A [r, H]: W's k contiguous) and g = s·dy·B (B [out, r]: W's n contiguous), every form
+  // checked against the grouped form at 1 row a thread (the program the kernel ran before)
+  ...([['attn.u', x, attn.A, true, H], ['attn.g', attn.dy, attn.B, false, attnOut]] as const).flatMap(([name, a, b, transposeB, inner]) => {
+    const forms: DenseNarrowProductForm[] = [
+      ...groupedRowsPerThread.map(rowsPerThread => ({ program: 'grouped', rowsPerThread }) as const),
+      ...layouts.map(layout => ({ program: 'dense', layout }) as const),
+    ];
+    const baselineForm: DenseNarrowProductForm = { program: 'grouped', rowsPerThread: 1 };
+    return forms.map(form => ({
+      label: `${name} ${formLabel(form)}`, run: product(a, b, transposeB, form), reference: product(a, b, transposeB, baselineForm),
+      bytes: 4 * (T * inner + T * r + r * inner), baseline: `${name} ${formLabel(baselineForm)}`,
+    }));
+  }),
 ];
-for (const [label, reference, variant] of sweeps) {
-  const want = withNarrow(false, reference);
-  const got = variant();
+const gpuByLabel = new Map<string, number>();
+for (const { label, run, reference, bytes, baseline } of sweeps) {
+  const want = reference();
+  const got = run();
   const error = maxRelativeError(await got.data(), await want.data());
   tf.dispose([want, got]);
-  const ms = await timeProduct(variant, iters, chain);
+  const ms = await timeProduct(run, iters, chain);
+  const gpu = await gpuMs(run);
+  if (gpu !== undefined) gpuByLabel.set(label, gpu);
+  // the baseline's own line gets no speedup
+  const base = baseline === undefined || baseline === label ? undefined : gpuByLabel.get(baseline);
   worst = Math.max(worst, error);
-  process.stdout.write(`${label.padEnd(26)} ${ms.toFixed(3)} ms  max rel err vs before ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
+  process.stdout.write(`${label.padEnd(34)} ${ms.toFixed(3)} ms  GPU ${gpu === undefined ? 'n/a' : `${(gpu * 1e3).toFixed(1)} us`}  ` +
+      `${(bytes / (gpu ?? ms) / 1e6).toFixed(1)} GB/s${gpu === undefined ? ' (host+GPU)' : ''}  ` +
+      `${base !== undefined && gpu !== undefined ? `${(base / gpu).toFixed(2)}x GPU vs ${baseline!.split(' ').slice(1).join(' ')}  ` : ''}` +
+      `max rel err ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
 }
 tf.dispose([x, ...projections.flatMap(([, p]) => [p.A, p.B, p.dy, p.u, p.g, p.y, p.dx])]);
 process.exit(worst <= 1e-5 && uploadsSeen === 0 ? 0 : 1);

@@ -1,23 +1,28 @@
 /**
  * The dense LoRA products of rank r ≤ 16 on webgpu (attention's q/k/v/o and the router, through
- * loraLinear): s·x·Aᵀ and s·dy·B (MoEScaledMatMul) run NarrowGroupedMatMulProgram, dA = gᵀ·x and
+ * loraLinear): s·x·Aᵀ and s·dy·B (MoEScaledMatMul) run DenseNarrowMatMulProgram, dA = gᵀ·x and
  * dB = dyᵀ·u (MoEWeightGradProduct) NarrowWeightGradProgram over chunks of rows and
  * NarrowWeightGradSumProgram adding them, y + u·Bᵀ and dx + g·A (MoEMatMulAdd)
- * NarrowInnerGroupedMatMulProgram, all in their single-group forms (no plan inputs), with
+ * NarrowInnerGroupedMatMulProgram, the narrow ones in their single-group forms (no plan inputs), with
  * WEBGPU_MOE_NARROW_PRODUCTS and WEBGPU_MOE_DENSE_NARROW_PRODUCTS on; off, or r > 16,
  * ScaledMatMulProgram and tfjs's matMul as before. Values and gradients against float64 JS either
  * way: through loraLinear, and each product alone at odd row counts (1, 17, 333, 2053: partial
  * row blocks, one chunk, several with a ragged last one), r 1, 8, 16 and 64 (past the narrow
  * programs), both layouts of the factor, vec4 and per-column expansions; the weight gradient at
- * chunk sizes that do not divide the rows; no leaks, and no host data sent to the GPU per call
- * (the first version uploaded a one-group plan per call). Run with TFJS_BACKEND=webgpu.
+ * chunk sizes that do not divide the rows and at the chunk flag's; DenseNarrowMatMulProgram alone in
+ * every layout at odd rows and depths; no leaks, and no host data sent to the GPU per call (the
+ * first version uploaded a one-group plan per call). Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import {
-  DENSE_NARROW_PRODUCTS_FLAG, type KernelArgs, NARROW_PRODUCTS_FLAG, runNarrowDenseProduct, runNarrowDenseWeightGrad,
+  DENSE_GRAD_CHUNK_ROWS_FLAG, DENSE_NARROW_PRODUCTS_FLAG, denseNarrowLayoutFor, type KernelArgs, NARROW_PRODUCTS_FLAG,
+  runNarrowDenseProduct, runNarrowDenseWeightGrad,
 } from '../../../src/backends/webgpu/kernels.js';
+import {
+  DENSE_NARROW_LANES, DENSE_NARROW_ROWS_PER_THREAD, type DenseNarrowLanes, DenseNarrowMatMulProgram,
+} from '../../../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
@@ -41,13 +46,18 @@ function product64(a: Float64Array, b: Float64Array, m: number, k: number, n: nu
 const scaled = (v: Float64Array, s: number) => v.map(e => e * s);
 const sum = (u: Float64Array, v: Float64Array) => u.map((e, i) => e + v[i]);
 
-/** the program families among shader keys: narrow (ours; `narrowPlanned`: those reading a plan), the scaled program, tfjs's matMul */
-function families(keys: string[]): { narrowProduct: number; narrowInner: number; narrowGrad: number; narrowGradSum: number;
-    narrowPlanned: number; scaled: number; tfjsMatMul: number } {
+/**
+ * the program families among shader keys: narrow (ours; `narrowPlanned`: those reading a plan;
+ * `narrowProduct`: either program of the products r wide, `denseProduct`: DenseNarrowMatMulProgram),
+ * the scaled program, tfjs's matMul
+ */
+function families(keys: string[]): { narrowProduct: number; denseProduct: number; narrowInner: number; narrowGrad: number;
+    narrowGradSum: number; narrowPlanned: number; scaled: number; tfjsMatMul: number } {
   return {
     narrowPlanned: keys.filter(k => k.startsWith('moeNarrow') && !k.endsWith('_single')).length,
     narrowInner: keys.filter(k => k.startsWith('moeNarrowInnerGroupedMatMul')).length,
-    narrowProduct: keys.filter(k => k.startsWith('moeNarrowGroupedMatMul')).length,
+    narrowProduct: keys.filter(k => k.startsWith('moeNarrowGroupedMatMul') || k.startsWith('moeDenseNarrowMatMul')).length,
+    denseProduct: keys.filter(k => k.startsWith('moeDenseNarrowMatMul')).length,
     narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad_')).length,
     narrowGradSum: keys.filter(k => k.startsWith('moeNarrowWeightGradSum')).length,
     scaled: keys.filter(k => k.startsWith('moeScaledMatMul')).length,
@@ -93,7 +103,8 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
           });
           const seen = families(keys);
           if (narrow) {
-            // s·x·Aᵀ forward, s·dy·B backward; dA and dB
+            // s·x·Aᵀ forward, s·dy·B backward, both DenseNarrowMatMulProgram; dA and dB
+            expect(seen.denseProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.narrowProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(2);
@@ -218,16 +229,21 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             }));
             const seen = families(keys);
             expect(seen.narrowProduct, `shader keys: ${keys.join(', ')}`).to.equal(narrow ? 1 : 0);
+            expect(seen.denseProduct, `shader keys: ${keys.join(', ')}`).to.equal(narrow ? 1 : 0);
             expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(narrow ? 1 : 0);
             expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
             await expectCloseAsync(product, productWant, 1e-5, 's·a·op(b)', [rows, r]);
             await expectCloseAsync(expansion, expansionWant, 1e-5, 'addend + u·op(w)', [rows, wide]);
             tf.dispose([product, expansion]);
             if (!narrow) return;
-            // 2 rows a thread (32-row blocks: the kernel's choice past 4096 rows) at these row counts
-            const twoRows = tf.engine().makeTensorFromTensorInfo(runNarrowDenseProduct(kernelArgs(), at, bt, transposeB, s, 2));
-            await expectCloseAsync(twoRows, productWant, 1e-5, 's·a·op(b), 2 rows a thread', [rows, r]);
-            twoRows.dispose();
+            // the program before (NarrowGroupedMatMulProgram's single-group form, which the bench
+            // times against DenseNarrowMatMulProgram) at 1 and 2 rows a thread (16- and 32-row blocks)
+            for (const rowsPerThread of [1, 2] as const) {
+              const grouped = tf.engine().makeTensorFromTensorInfo(
+                runNarrowDenseProduct(kernelArgs(), at, bt, transposeB, s, { program: 'grouped', rowsPerThread }));
+              await expectCloseAsync(grouped, productWant, 1e-5, `s·a·op(b), grouped, ${rowsPerThread} rows a thread`, [rows, r]);
+              grouped.dispose();
+            }
           }));
           tf.dispose([at, bt, ut, wt, addt]);
         });
@@ -305,6 +321,8 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
         }));
         const seen = families(keys);
         expect(seen.narrowProduct + seen.narrowInner + seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(6);
+        // u and g on DenseNarrowMatMulProgram: the check covers the kernel's program
+        expect(seen.denseProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
         expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
         expect(counted, 'host data sent to the GPU by the dense narrow products').to.deep.equal({ writes: 0, copies: 0 });
         // the results are real: read them (reads are not uploads)
@@ -313,5 +331,117 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       });
     });
     tf.dispose([x, A, B, dy, u, g, y, dx]);
+  });
+
+  it(`the weight gradient's chunk rows follow ${DENSE_GRAD_CHUNK_ROWS_FLAG} (7: 48 chunks, the last ragged); aᵀ·b as float64 gives it`, async () => {
+    const [rows, P, Q] = [333, 8, 300];
+    const rng = new Rng(77);
+    const a = asF32(rng.array(rows * P));
+    const b = asF32(rng.array(rows * Q));
+    const [at, bt] = [tensorOf(a, [rows, P]), tensorOf(b, [rows, Q])] as tf.Tensor2D[];
+    const partialRows = async () => {
+      const { keys, result } = await withShaderKeys(async recorded => ({ result: weightGradProduct(at, bt), keys: recorded }));
+      await expectCloseAsync(result, product64(a, b, P, rows, Q, true, false), 1e-5, 'aᵀ·b', [P, Q]);
+      result.dispose();
+      return keys;
+    };
+    await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+      // the partial sums' first dimension is the chunk count: the flag reaches the program
+      const backend = tf.backend() as unknown as { runWebGPUProgram(program: { outputShape: number[] }, ...rest: unknown[]): tf.TensorInfo };
+      const run = backend.runWebGPUProgram;
+      const own = Object.prototype.hasOwnProperty.call(backend, 'runWebGPUProgram');
+      const partialShapes: number[][] = [];
+      backend.runWebGPUProgram = function (program, ...rest) {
+        if ((program as { shaderKey?: string }).shaderKey?.startsWith('moeNarrowWeightGrad_')) partialShapes.push(program.outputShape);
+        return run.call(this, program, ...rest);
+      };
+      try {
+        await withEnvFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, 7, partialRows);
+        await partialRows();
+      } finally {
+        if (own) backend.runWebGPUProgram = run;
+        else delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
+      }
+      expect(partialShapes).to.deep.equal([[Math.ceil(rows / 7), P, Q], [Math.ceil(rows / 128), P, Q]]);
+    }));
+    tf.dispose([at, bt]);
+  });
+
+  it(`rejects a ${DENSE_GRAD_CHUNK_ROWS_FLAG} that is not an integer in [1, 2^24], naming the op and the flag`, async () => {
+    const [g, x] = [tf.zeros([33, 8]), tf.zeros([33, 40])] as tf.Tensor2D[];
+    for (const bad of [0, 2.5, -3, 2 ** 24 + 1, NaN]) {
+      await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+        await withEnvFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, bad, async () => {
+          expect(() => weightGradProduct(g, x)).to.throw(
+            `\`weightGradProduct()\`: the flag ${DENSE_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${bad} (number)`);
+        });
+      }));
+    }
+    tf.dispose([g, x]);
+  });
+});
+
+/**
+ * DenseNarrowMatMulProgram alone (through runNarrowDenseProduct's layouts): out = alpha·a·op(b) at
+ * row counts that fill no workgroup (1, 3), end inside one (17, 333, 2053 at every layout's 2–32
+ * rows), depths below one lane round (1, 5), with a ragged unrolled round (63, 1000) and whole ones
+ * (2048), widths 1, 5 (a partial vec4 in the reduction), 8 and 16, b [n, k] (A of s·x·Aᵀ) and
+ * [k, n] (B of s·dy·B), each lanes × rows-per-thread layout.
+ */
+describe('webgpu: DenseNarrowMatMulProgram (dense products r wide, lanes splitting k)', () => {
+  const kernelArgs = () => ({ inputs: {}, backend: tf.backend(), attrs: {} }) as unknown as KernelArgs;
+  const layouts = DENSE_NARROW_LANES.flatMap(lanes => DENSE_NARROW_ROWS_PER_THREAD.map(rowsPerThread => ({ lanes, rowsPerThread })));
+  for (const rows of [1, 3, 17, 333, 2053]) {
+    for (const inner of [1, 5, 63, 1000, 2048]) {
+      it(`a [${rows}, ${inner}]: alpha·a·op(b) as float64 gives it for n 1, 5, 8, 16, both layouts of b, every layout ` +
+          `(lanes ${DENSE_NARROW_LANES.join('/')} × rows a thread ${DENSE_NARROW_ROWS_PER_THREAD.join('/')})`, async () => {
+        const rng = new Rng(rows * 31 + inner);
+        const alpha = -1.75;
+        const a = asF32(rng.array(rows * inner));
+        const at = tensorOf(a, [rows, inner]) as tf.Tensor2D;
+        for (const n of [1, 5, 8, 16]) {
+          for (const transposeB of [true, false]) {
+            const b = asF32(rng.array(n * inner, 0.2));
+            const want = scaled(product64(a, b, rows, inner, n, false, transposeB), alpha);
+            const bt = tensorOf(b, transposeB ? [n, inner] : [inner, n]) as tf.Tensor2D;
+            await expectNoLeakAsync(async () => {
+              for (const layout of layouts) {
+                const { keys, out } = await withShaderKeys(async recorded => ({
+                  out: tf.engine().makeTensorFromTensorInfo(runNarrowDenseProduct(kernelArgs(), at, bt, transposeB, alpha,
+                    { program: 'dense', layout })),
+                  keys: recorded,
+                }));
+                expect(keys).to.deep.equal([`moeDenseNarrowMatMul_${n}_${layout.lanes}_${layout.rowsPerThread}`]);
+                await expectCloseAsync(out, want, 1e-5,
+                  `n ${n}, b ${transposeB ? '[n, k]' : '[k, n]'}, lanes ${layout.lanes}, ${layout.rowsPerThread} rows a thread`, [rows, n]);
+                out.dispose();
+              }
+            });
+            bt.dispose();
+          }
+        }
+        at.dispose();
+      });
+    }
+  }
+
+  it('the kernel\'s layout: 64 lanes, 1 row a thread below 2048 rows, 2 from there', () => {
+    expect(denseNarrowLayoutFor(1)).to.deep.equal({ lanes: 64, rowsPerThread: 1 });
+    expect(denseNarrowLayoutFor(2047)).to.deep.equal({ lanes: 64, rowsPerThread: 1 });
+    expect(denseNarrowLayoutFor(2048)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
+  });
+
+  it('rejects widths past 16, unknown layouts and no rows, naming the argument, expected and actual', () => {
+    const layout = { lanes: 64, rowsPerThread: 1 } as const;
+    expect(() => new DenseNarrowMatMulProgram(8, 17, layout)).to.throw('DenseNarrowMatMulProgram: outCols must be an integer in [1, 16] but got 17');
+    expect(() => new DenseNarrowMatMulProgram(8, 0, layout)).to.throw('DenseNarrowMatMulProgram: outCols must be an integer in [1, 16] but got 0');
+    expect(() => new DenseNarrowMatMulProgram(8, 8, { lanes: 16 as DenseNarrowLanes, rowsPerThread: 1 }))
+      .to.throw('DenseNarrowMatMulProgram: lanes must be one of 32, 64, 128 but got 16');
+    expect(() => new DenseNarrowMatMulProgram(8, 8, { lanes: 64, rowsPerThread: 3 as 1 }))
+      .to.throw('DenseNarrowMatMulProgram: rowsPerThread must be one of 1, 2, 4 but got 3');
+    expect(() => new DenseNarrowMatMulProgram(0, 8, layout)).to.throw('DenseNarrowMatMulProgram: rows must be a positive integer but got 0');
+    // the dispatch: one workgroup per (256 / lanes)·rowsPerThread rows
+    expect(new DenseNarrowMatMulProgram(2053, 8, { lanes: 32, rowsPerThread: 4 }).dispatch).to.deep.equal([Math.ceil(2053 / 32), 1, 1]);
+    expect(new DenseNarrowMatMulProgram(2053, 8, { lanes: 128, rowsPerThread: 1 }).dispatch).to.deep.equal([Math.ceil(2053 / 2), 1, 1]);
   });
 });

@@ -153,10 +153,10 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
     for (const phase of [frozen.forward, frozen.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
     }
-    // the default: the same products on the narrow programs, dA and dB each a chunked pass and its sum
+    // the default: the same products on the narrow programs (s·x·Aᵀ, s·dy·B DenseNarrowMatMulProgram), dA and dB each a chunked pass and its sum
     const narrow = await programs(false);
-    expect(narrow.forward, 'forward, narrow').to.deep.include({ total: 3, NarrowGroupedMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1 });
-    expect(narrow.backward, 'backward, narrow').to.deep.include({ total: 7, NarrowGroupedMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1,
+    expect(narrow.forward, 'forward, narrow').to.deep.include({ total: 3, DenseNarrowMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1 });
+    expect(narrow.backward, 'backward, narrow').to.deep.include({ total: 7, DenseNarrowMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1,
       NarrowWeightGradProgram: 2, NarrowWeightGradSumProgram: 2 });
     for (const phase of [narrow.forward, narrow.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram', 'ScaledMatMulProgram');

@@ -19,6 +19,9 @@ import {
   type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
+  DenseNarrowMatMulProgram, type DenseNarrowMatMulLayout,
+} from './programs/dense_narrow_matmul_program.js';
+import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
@@ -213,6 +216,19 @@ export function denseTensorCoreKSlices(rows: number, cols: number, inner: number
 export const NARROW_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_NARROW_GRAD_CHUNK_ROWS';
 tf.env().registerFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, () => 128);
 
+/**
+ * tf.env() flag: the rows per chunk of a dense weight gradient (dA = gᵀ·x, dB = dyᵀ·u) on
+ * NarrowWeightGradProgram's single-group form (runNarrowDenseWeightGrad): the rows are cut into
+ * chunks of this many, each summed by its own workgroups, and NarrowWeightGradSumProgram adds the
+ * chunks in order. 128 gives 16 chunks × 8 column blocks = 128 workgroups at OLMoE's 2048 tokens
+ * and 2048 columns (about one per H100 SM, each summing 128 rows); fewer rows make more
+ * workgroups and more partial sums to add (r·wide floats per chunk). An integer in [1, 2^24]; for
+ * end-to-end A/B runs (bench/e2e/ours.ts --ab-flags) and bench/webgpu_dense_lora_products.ts
+ * --chunk-rows.
+ */
+export const DENSE_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS';
+tf.env().registerFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, () => 128);
+
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
   dispatchCountInPass?: number;
@@ -227,7 +243,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | DenseNarrowMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number, output?: tf.TensorInfo): tf.TensorInfo {
   const backend = webgpu(args);
@@ -649,6 +665,16 @@ function narrowGradTargetRows(): number {
   // at most 2^24, so that the programs' row arithmetic (chunkRows + count) stays inside an i32
   if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
     fail('groupedWeightGrad', `the flag ${NARROW_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
+  }
+  return rows;
+}
+
+/** DENSE_GRAD_CHUNK_ROWS_FLAG's value, checked. */
+function denseGradChunkRows(): number {
+  const rows = tf.env().getNumber(DENSE_GRAD_CHUNK_ROWS_FLAG);
+  // at most 2^24, as NARROW_GRAD_CHUNK_ROWS_FLAG: the programs' row arithmetic stays inside an i32
+  if (!Number.isInteger(rows) || rows < 1 || rows > 2 ** 24) {
+    fail('weightGradProduct', `the flag ${DENSE_GRAD_CHUNK_ROWS_FLAG} must be an integer in [1, ${2 ** 24}] but got ${describeValue(rows)}`);
   }
   return rows;
 }
@@ -1245,20 +1271,27 @@ const attentionGradConfig: tf.KernelConfig = {
 // ---- dense LoRA products ------------------------------------------------------------------------
 
 /**
- * A dense product of at most this many rows runs NarrowGroupedMatMulProgram with 1 row per thread
- * (16-row workgroups), above it 2 (32-row): at 2048 tokens 1 row gives 128 workgroups where 2 would
- * leave half an H100's 132 SMs idle. Not timed on its own yet (bench/webgpu_dense_lora_products.ts
- * times the product).
+ * From this many rows a dense product runs DenseNarrowMatMulProgram with 2 rows a thread (8-row
+ * workgroups of 4 rows × 64 lanes), below it 1 (4-row): 2 rows share each load of W (n loads of W
+ * per load of A at 1 row, L1 traffic n times A's) and still leave 256 workgroups at 2048 rows,
+ * about two per H100 SM; fewer rows keep 1 so that the workgroups stay many. Chosen by reasoning,
+ * to be timed (bench/webgpu_dense_lora_products.ts times every layout).
  */
-const DENSE_NARROW_FEW_ROWS = 4096;
+const DENSE_NARROW_MANY_ROWS = 2048;
+
+/** DenseNarrowMatMulProgram's layout for a dense product of `rows` rows (DENSE_NARROW_MANY_ROWS). */
+export function denseNarrowLayoutFor(rows: number): DenseNarrowMatMulLayout {
+  return { lanes: 64, rowsPerThread: rows >= DENSE_NARROW_MANY_ROWS ? 2 : 1 };
+}
 
 /**
- * Rows per chunk of a dense weight gradient on NarrowWeightGradProgram's single-group form: the
- * rows are cut into chunks of this many that the program sums apart (128 workgroups at 2048 tokens
- * and OLMoE's 2048 columns instead of 8 for one chunk), and NarrowWeightGradSumProgram adds them
- * in order. Not timed on its own yet (bench/webgpu_dense_lora_products.ts --chunk-rows).
+ * Which program runs a dense product r wide: DenseNarrowMatMulProgram with a layout (the kernel's,
+ * denseNarrowLayoutFor), or NarrowGroupedMatMulProgram's single-group form with its rows per
+ * thread (the program before, which bench/webgpu_dense_lora_products.ts times against it).
  */
-const DENSE_GRAD_CHUNK_ROWS = 128;
+export type DenseNarrowProductForm =
+  | { program: 'dense'; layout: DenseNarrowMatMulLayout }
+  | { program: 'grouped'; rowsPerThread: 1 | 2 };
 
 /**
  * Whether a dense LoRA product over `rows` rows whose result's narrow side is `narrowSide` (r)
@@ -1270,24 +1303,26 @@ export function denseNarrowFits(rows: number, narrowSide: number): boolean {
       narrowSide <= NARROW_MAX_COLS && rows > 0;
 }
 
-/** NarrowGroupedMatMulProgram's rows per thread for a dense product of `rows` rows (DENSE_NARROW_FEW_ROWS). */
-export function denseNarrowRowsPerThread(rows: number): 1 | 2 {
-  return rows <= DENSE_NARROW_FEW_ROWS ? 1 : 2;
-}
-
 /**
- * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS as the experts' rank-r product with one
- * group (NarrowGroupedMatMulProgram, source 'rows', singleGroup: no plan, nothing uploaded). Any m:
- * the last block's rows past m read as padding and are not written. MoEScaledMatMul's kernel calls
- * it with denseNarrowRowsPerThread; bench/webgpu_dense_lora_products.ts times both choices.
+ * out [m, n] = scale·a·op(b) with n ≤ NARROW_MAX_COLS, one group of plain rows (no plan, nothing
+ * uploaded): DenseNarrowMatMulProgram (lanes splitting each row's k) in the kernel's layout, or
+ * `form`. Any m: rows past m are not written. MoEScaledMatMul's kernel calls it with the default;
+ * bench/webgpu_dense_lora_products.ts times every layout against NarrowGroupedMatMulProgram's
+ * single-group form ({ program: 'grouped' }), 16 rows a workgroup with W staged per 64-deep chunk.
  */
 export function runNarrowDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, transposeB: boolean, scale: number,
-    rowsPerThread = denseNarrowRowsPerThread(a.shape[0])): tf.TensorInfo {
+    form: DenseNarrowProductForm = { program: 'dense', layout: denseNarrowLayoutFor(a.shape[0]) }): tf.TensorInfo {
   const [m, k] = a.shape;
   const n = transposeB ? b.shape[0] : b.shape[1];
   // W(k, n) = b[n·K + k] transposed ([N, K], e.g. LoRA's A), else b[k·N + n] ([K, N], LoRA's B)
   const [sN, sK] = transposeB ? [k, 1] : [1, n];
-  const program = new NarrowGroupedMatMulProgram(m, n, { source: 'rows', kContiguous: sK === 1, rowsPerThread, singleGroup: true });
+  if (form.program === 'dense') {
+    const program = new DenseNarrowMatMulProgram(m, n, form.layout);
+    return runGroupedProduct(args, program, [a, b], [...intUniforms(m, n, k, sN, sK), ...floatUniforms(scale)], 2 * m * n * k);
+  }
+  const program = new NarrowGroupedMatMulProgram(m, n, {
+    source: 'rows', kContiguous: sK === 1, rowsPerThread: form.rowsPerThread, singleGroup: true,
+  });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(m, n, k, 1, 1, 0, sN, sK), ...floatUniforms(scale), ...activationUniforms(undefined),
   ];
@@ -1318,7 +1353,7 @@ function runNarrowInnerDenseProduct(args: KernelArgs, a: tf.TensorInfo, b: tf.Te
 /**
  * scaledMatMul's MoEScaledMatMul (src/ops/scaled_matmul.ts): LoRA's rank-sized product and its
  * scale s in one program instead of a product and a BinaryOpProgram. r ≤ NARROW_MAX_COLS outputs
- * (s·x·Aᵀ, s·dy·B) run NarrowGroupedMatMulProgram (runNarrowDenseProduct) where denseNarrowFits,
+ * (s·x·Aᵀ, s·dy·B) run DenseNarrowMatMulProgram (runNarrowDenseProduct) where denseNarrowFits,
  * reading each row of x or dy once; otherwise ScaledMatMulProgram.
  */
 const scaledMatMulConfig: tf.KernelConfig = {
@@ -1340,10 +1375,10 @@ const scaledMatMulConfig: tf.KernelConfig = {
  * experts' narrow weight gradient in its single-group form (no plan, nothing uploaded), the N rows
  * summed in chunks of `chunkRows` (the last one the rest) and the chunks added after, in order
  * (narrowWeightGrad's two programs). MoEWeightGradProduct's kernel calls it with
- * DENSE_GRAD_CHUNK_ROWS; bench/webgpu_dense_lora_products.ts times others.
+ * DENSE_GRAD_CHUNK_ROWS_FLAG's rows; bench/webgpu_dense_lora_products.ts times others.
  */
 export function runNarrowDenseWeightGrad(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo,
-    chunkRows = DENSE_GRAD_CHUNK_ROWS): tf.TensorInfo {
+    chunkRows = denseGradChunkRows()): tf.TensorInfo {
   const backend = webgpu(args);
   const [rows, P] = a.shape;
   const Q = b.shape[1];
