@@ -11,7 +11,7 @@ import {
   ROW_TILE_FLAG, WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning,
   webgpuFusedExperts, webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
-import { gatherRows, SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
+import { gatherRows, GROUPED_MATMUL, SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
 import { buildDispatchPlanAsync } from '../../../src/ops/experts/dispatch_plan.js';
 import { fusedExperts } from '../../../src/ops/experts/fused_experts.js';
 import { moeBlock, registerExpertsImplementation } from '../../../src/ops/moe_block.js';
@@ -82,6 +82,38 @@ describe('webgpu: webgpuFusedExperts', () => {
       c.dispose();
     });
   }
+
+  it('split LoRA\'s backward reads each factor\'s u = x·A_eᵀ as forward made it: one rank-wide product per factor each way', async () => {
+    // ranks 2 and 1 on W1, 3 on W2; every other product is at least I = 5 wide
+    const c = makeExpertCase({ T: 8, H: 6, I: 5, E: 5, K: 2, lora1: [2, 1], lora2: [3], routing: 'skip' }, 23);
+    const config = tf.getKernel(GROUPED_MATMUL, 'webgpu')!;
+    const kernelFunc = config.kernelFunc;
+    const rankWide: number[] = [];
+    config.kernelFunc = (args => {
+      const outCols = args.attrs!.outCols as number;
+      if (outCols <= 3) rankWide.push(outCols);
+      return kernelFunc(args);
+    }) as tf.KernelFunc;
+    try {
+      await expectNoLeakAsync(async () => {
+        const up = c.w.gateUpLoRA!;
+        const down = c.w.downLoRA!;
+        const factors = [...up, ...down].flatMap(f => [f.A, f.B]);
+        const grads = tf.grads((...ts: tf.Tensor[]) => {
+          const at = (i: number) => ({ A: ts[1 + 2 * i] as tf.Tensor2D, B: ts[2 + 2 * i] as tf.Tensor2D });
+          const w = { ...c.w, gateUpLoRA: up.map((f, i) => ({ ...f, ...at(i) })), downLoRA: down.map((f, i) => ({ ...f, ...at(up.length + i) })) };
+          return tf.sum(webgpuFusedExperts(ts[0] as tf.Tensor2D, { weights: c.weights, experts: c.experts }, w, c.activation, { loraMode: 'split' }));
+        })([c.x, ...factors]);
+        await Promise.all(grads.map(g => g.data()));
+        tf.dispose(grads);
+      });
+    } finally {
+      config.kernelFunc = kernelFunc;
+    }
+    // forward: u of each factor; backward: s·dy·B_e of each, no u again
+    expect([...rankWide].sort()).to.deep.equal([1, 1, 2, 2, 3, 3]);
+    c.dispose();
+  });
 
   it('trains base and LoRA together in split mode (auto picks split)', async () => {
     const c = makeExpertCase({ T: 6, H: 5, I: 2, E: 3, K: 2, lora1: [1], lora2: [2] }, 41);

@@ -7,8 +7,8 @@
  *
  * Forward: h = x[tok]·W1_eᵀ (+b1) — the gather fused into the load; y = act(h)·W2_eᵀ (+b2) — the
  * activation computed on load; out[t] = Σ_k w·y[rowOfPair] (a gather and a sum over K, no float
- * atomics). Backward keeps only x, the routing weights and h (in pair order: N rows, not the padded
- * capacity), like the composed op, and never
+ * atomics). Backward keeps only x, the routing weights, h (in pair order: N rows, not the padded
+ * capacity), like the composed op, and split LoRA's u = x·A_eᵀ (r floats a padded row), and never
  * recomputes y: g = dOut[tok]·W2_e gives both dWeights = ⟨g, act(h)⟩ (+ ⟨dOut, b2⟩) and
  * dh = act'(h)·(w·g); dx[t] = Σ_k (dh·W1_e)[rowOfPair]; dW1 = Σ dhᵀ·x[tok], dW2 = Σ (w·dOut[tok])ᵀ·act(h)
  * per expert over its rows. Split LoRA adds rank-r grouped products on PEFT's factor layouts read
@@ -199,13 +199,18 @@ interface Context {
   tuning: WebGPUMoETuning;
 }
 
-/** y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ. */
-function projectionForward(x: Rows, p: Projection, c: Context): tf.Tensor2D {
+/**
+ * y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ, and each factor's u = rows·A_eᵀ
+ * [capacity, r]: backward's dB reads it, and keeping it (r floats a row) saves recomputing it from
+ * rows (the whole input read again, a narrow product per factor and layer).
+ */
+function projectionForward(x: Rows, p: Projection, c: Context): { y: tf.Tensor2D; us: tf.Tensor2D[] } {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   let y = groupedMatMul({
     ...common, a: x.t, source: x.source, w: p.weight, strides: forwardStrides(weightLayout(p.outSize, p.inSize, c.transposed)),
     inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile,
   });
+  const us: tf.Tensor2D[] = [];
   for (const f of p.lora) {
     const rank = f.A.shape[0] / c.numExperts;
     const u = groupedMatMul({
@@ -216,10 +221,11 @@ function projectionForward(x: Rows, p: Projection, c: Context): tf.Tensor2D {
       ...common, a: u, source: 'rows', w: f.B, strides: forwardStrides(factorBLayout(rank, c.numExperts)),
       inner: rank, outCols: p.outSize, addend: y, alpha: f.scaling, tile: c.tuning.tile,
     });
-    tf.dispose([u, y]);
+    y.dispose();
     y = next;
+    us.push(u);
   }
-  return y;
+  return { y, us };
 }
 
 /**
@@ -240,11 +246,12 @@ interface ProjectionGrads { dx: tf.Tensor2D; grads: tf.Tensor[] }
 /**
  * For dy (the rows `dy`, optionally times the pair's routing weight `rowScale`, which the input
  * gradient leaves out: the caller applies it), returns dx [capacity, in] = dy·W_e + Σ s·(dy·B_e)·A_e
- * and the gradients of the projection's trainables in projectionTrainables order.
+ * and the gradients of the projection's trainables in projectionTrainables order; `us`: each
+ * factor's u = x·A_eᵀ as projectionForward returned it.
  */
 function projectionBackward(
     dy: Rows & { source: 'gather' | 'rows' }, x: Rows, rowScale: tf.Tensor1D | undefined, p: Projection,
-    c: Context): ProjectionGrads {
+    us: tf.Tensor2D[], c: Context): ProjectionGrads {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
   let dx = groupedMatMul({
@@ -259,7 +266,7 @@ function projectionBackward(
   });
   if (p.trainWeight) grads.push(gradOf(dy, x, p.outSize, p.inSize, wLayout, p.weight.shape, rowScale));
   if (p.trainBias) grads.push(groupedColumnSum(dy.t, dy.source, c.plan, rowScale));
-  for (const f of p.lora) {
+  for (const [i, f] of p.lora.entries()) {
     const rank = f.A.shape[0] / c.numExperts;
     const aLayout = factorALayout(rank, p.inSize);
     const bLayout = factorBLayout(rank, c.numExperts);
@@ -276,13 +283,9 @@ function projectionBackward(
     dx = next;
     grads.push(gradOf({ source: 'rows', t: gr }, x, rank, p.inSize, aLayout, f.A.shape, rowScale, 1,
         narrowRows(c.tuning.gradTile)));
-    const u = groupedMatMul({
-      ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(aLayout),
-      inner: p.inSize, outCols: rank, tile: narrowColumns(c.tuning.tile),
-    });
-    grads.push(gradOf(dy, { source: 'rows', t: u }, p.outSize, rank, bLayout, f.B.shape, rowScale, f.scaling,
+    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, rank, bLayout, f.B.shape, rowScale, f.scaling,
         narrowColumns(c.tuning.gradTile)));
-    tf.dispose([gr, u]);
+    gr.dispose();
   }
   return { dx, grads };
 }
@@ -322,14 +325,14 @@ export function webgpuFusedExperts(
       const [xIn, wIn] = args as tf.Tensor2D[];
       const plan = deviceDispatchPlan(experts, numExperts, tuning.rowTile);
       const c: Context = { plan, transposed, interleaved, activation, numExperts, tuning };
-      const h = projectionForward({ source: 'gather', t: xIn }, up, c);          // [cap, 2I]
-      const y = projectionForward({ source: 'act', t: h }, down, c);             // [cap, H]
+      const { y: h, us: upUs } = projectionForward({ source: 'gather', t: xIn }, up, c);    // [cap, 2I]
+      const { y, us: downUs } = projectionForward({ source: 'act', t: h }, down, c);       // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
       // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
       // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
       const hKept = gatherRows(h, plan.rowOfPair);                             // [N, 2I]
       save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
-          ...projectionTrainables(up), ...projectionTrainables(down)]);
+          ...projectionTrainables(up), ...projectionTrainables(down), ...upUs, ...downUs]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
@@ -337,18 +340,20 @@ export function webgpuFusedExperts(
         // only ever multiplied by the zero gradient of a padding row or left out of the reductions
         const hS = gatherRows(hKeptS, pairOfRow as unknown as tf.Tensor1D);  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
-        const [downS] = restoreProjection(down, saved, next);
+        const [downS, usAt] = restoreProjection(down, saved, next);
+        const upUsS = saved.slice(usAt, usAt + up.lora.length) as tf.Tensor2D[];
+        const downUsS = saved.slice(usAt + up.lora.length, usAt + up.lora.length + down.lora.length) as tf.Tensor2D[];
         const planS: DevicePlan = { ...plan, seg: seg as unknown as tf.Tensor1D, rowOfPair: rowOfPair as unknown as tf.Tensor1D,
           pairOfRow: pairOfRow as unknown as tf.Tensor1D };
         const cS: Context = { ...c, plan: planS };
         const wFlat = tf.reshape(wS, [rows]) as tf.Tensor1D;
         const dy = { source: 'gather' as const, t: dOut as tf.Tensor2D };
-        const downGrads = projectionBackward(dy, { source: 'act', t: hS }, wFlat, downS, cS);
+        const downGrads = projectionBackward(dy, { source: 'act', t: hS }, wFlat, downS, downUsS, cS);
         const g = downGrads.dx;                                                  // [cap, I], before w
         const dWeights = pairDot(g, hS, planS, activation, interleaved,
             downS.bias ? { dOut: dOut as tf.Tensor2D, downBias: downS.bias, experts: expertsS } : undefined);  // [T, K]
         const dh = activationBackward(hS, g, wFlat, planS, activation, interleaved);  // [cap, 2I]
-        const upGrads = projectionBackward({ source: 'rows', t: dh }, { source: 'gather', t: xS }, undefined, upS, cS);
+        const upGrads = projectionBackward({ source: 'rows', t: dh }, { source: 'gather', t: xS }, undefined, upS, upUsS, cS);
         const dx = combineRows(upGrads.dx, planS);                               // [T, H]
         return [dx, dWeights, ...upGrads.grads, ...downGrads.grads];
       }) as tf.Tensor[];
