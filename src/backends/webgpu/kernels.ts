@@ -72,7 +72,7 @@ function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
 }
 import {
-  type ActivationSpec, activationUniforms, FLAT_THREADS, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
+  type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
 } from './programs/shared.js';
 
 const BACKEND = 'webgpu';
@@ -202,9 +202,8 @@ export function denseTensorCoreKSlices(rows: number, cols: number, inner: number
   const [x, y] = subgroupMatrixDispatch(rows, cols, 1, blockRows);
   if (x * y >= DENSE_TC_FEW_BLOCKS) return 1;
   const slices = Math.min(Math.ceil(SPLIT_K_TARGET_BLOCKS / (x * y)), Math.floor(inner / SPLIT_K_MIN_DEPTH));
-  // KSliceSumProgram adds vec4s in one grid row of at most 65535 workgroups
-  const fits = (rows * cols) % 4 === 0 && Math.ceil(rows * cols / 4 / FLAT_THREADS) <= 65535;
-  return slices >= 2 && fits ? slices : 1;
+  // KSliceSumProgram adds vec4s
+  return slices >= 2 && (rows * cols) % 4 === 0 ? slices : 1;
 }
 
 /**

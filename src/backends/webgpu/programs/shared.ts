@@ -34,9 +34,22 @@ export function floatUniforms(...values: number[]): ProgramUniformEntry[] {
 /** Threads per workgroup of the programs that run one thread per output element (or token). */
 export const FLAT_THREADS = 64;
 
-/** The dispatch of such a program over `size` elements: one workgroup per FLAT_THREADS, at least one. */
+/** WebGPU's default maxComputeWorkgroupsPerDimension, which browsers give (Chrome's adapters report no more). */
+export const MAX_WORKGROUPS_PER_DIMENSION = 65535;
+
+/**
+ * The dispatch of such a program over `size` elements: one workgroup per FLAT_THREADS, at least
+ * one, in rows of at most MAX_WORKGROUPS_PER_DIMENSION workgroups. Past one row (4 194 240
+ * elements: OLMoE's activation gradient has 25 million) the grid is two-dimensional; tfjs's
+ * getGlobalIndex then counts workgroups across rows, and the programs' `index < size` guard drops
+ * the last row's surplus. One row only where the device allowed more was the H100's case, not a
+ * browser's.
+ */
 export function flatDispatch(size: number): [number, number, number] {
-  return [Math.max(1, Math.ceil(size / FLAT_THREADS)), 1, 1];
+  const groups = Math.max(1, Math.ceil(size / FLAT_THREADS));
+  if (groups <= MAX_WORKGROUPS_PER_DIMENSION) return [groups, 1, 1];
+  const rows = Math.ceil(groups / MAX_WORKGROUPS_PER_DIMENSION);
+  return [Math.ceil(groups / rows), rows, 1];
 }
 
 /** Threads per workgroup of the tiled products: 16×16, each thread a TM×TN block of outputs. */
