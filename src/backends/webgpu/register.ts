@@ -14,6 +14,7 @@ import { registerDenseKernelOverride } from '../../ops/packed.js';
 import { registerRouting, type RoutingFn } from '../../ops/routing/route.js';
 import { registerGroupedAdamUpdate } from '../../train/adam_update.js';
 import { useChunkedAddN } from './add_n.js';
+import { useQuadTranspose } from './transpose.js';
 import { useSplitKSafeMatMul } from './batch_mat_mul.js';
 import { webgpuFusedExperts } from './experts.js';
 import { webgpuGroupedAdamUpdate } from './grouped_adam.js';
@@ -50,6 +51,8 @@ export function registerWebGPUMoE(): string[] {
   // tfjs-webgpu's AddN, in programs of at most the device's storage buffers (the gradient norm sums
   // one term per trainable weight): a replacement too
   useChunkedAddN();
+  // tfjs-webgpu's Transpose, float32 ones keeping the last axis in vec4 copies (attention's head moves): a replacement too
+  useQuadTranspose();
   // every program's uniforms from a few buffers written once per submit (uniform_arena.ts); per
   // backend instance, so a webgpu backend made again gets it too (and the layout cache likewise)
   // (the instance only if made: findBackend would start one); our kernels install it on first use otherwise
