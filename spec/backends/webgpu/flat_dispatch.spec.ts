@@ -35,7 +35,8 @@ describe('webgpu: flat programs\' grids within 65535 workgroups a dimension (fla
   });
 
   it('a program over two rows of workgroups computes every element (applyRotary, 4 194 432 elements)', async () => {
-    const [n, s, d] = [1, 32769, 128];
+    // many rows of one position: the tables stay one row, the arrays two of ~17 MB
+    const [n, s, d] = [32769, 1, 128];
     expect(flatDispatch(n * s * d)[1], 'two rows').to.equal(2);
     await expectNoLeakAsync(async () => {
       const xv = Float32Array.from({ length: n * s * d }, (_, i) => ((i * 7919) % 1009) / 1009 - 0.5);
@@ -57,6 +58,7 @@ describe('webgpu: flat programs\' grids within 65535 workgroups a dimension (fla
       }
       // two float32 products and a sum of values below 1: a few units in the last place
       expect(worst).to.be.at.most(4e-7);
+      expect(got.length).to.equal(n * s * d);
       tf.dispose([x, cos, sin, y]);
     });
   });
