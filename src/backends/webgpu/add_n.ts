@@ -12,6 +12,7 @@
  * binds, then sums those partial sums the same way; within the limit it is the original call.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { replaceWebGPUKernel } from './kernel_replacement.js';
 
 type KernelArgs = Parameters<tf.KernelFunc>[0];
 
@@ -27,9 +28,6 @@ export interface AddNLimits {
   maxBindingsPerBindGroup: number;
 }
 
-/** Marks the wrapper, so that installing twice does not wrap it twice. */
-const WRAPPED = Symbol('moe-lora chunked AddN');
-
 /**
  * Inputs one AddNPackedProgram may take on a device: a storage buffer each, besides the output's;
  * a binding each, besides the output's and the uniforms'.
@@ -44,14 +42,14 @@ export function addNInputsPerProgram(limits: AddNLimits): number {
 }
 
 /**
- * An 'AddN' config for webgpu that calls `original` on at most addNInputsPerProgram inputs at a
+ * An 'AddN' kernelFunc for webgpu that calls `original` on at most addNInputsPerProgram inputs at a
  * time: consecutive groups summed, then their sums, until one program takes what is left.
  *
  * ```js
  * const chunked = chunkedAddN(tf.getKernel('AddN', 'webgpu'));
  * ```
  */
-export function chunkedAddN(original: tf.KernelConfig): tf.KernelConfig {
+export function chunkedAddN(original: tf.KernelConfig): tf.KernelFunc {
   const kernelFunc = (args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] => {
     const backend = args.backend as unknown as WebGPUBackendLike;
     const perProgram = addNInputsPerProgram(backend.device.limits);
@@ -81,14 +79,10 @@ export function chunkedAddN(original: tf.KernelConfig): tf.KernelConfig {
       for (const p of partials) backend.disposeData(p.dataId);
     }
   };
-  return { ...original, kernelFunc: Object.assign(kernelFunc, { [WRAPPED]: true }) as unknown as tf.KernelFunc };
+  return kernelFunc as unknown as tf.KernelFunc;
 }
 
 /** Replaces webgpu's registered 'AddN' with chunkedAddN of it (once); returns the names replaced now. */
 export function useChunkedAddN(): string[] {
-  const original = tf.getKernel(tf.AddN, 'webgpu');
-  if (original == null || (original.kernelFunc as unknown as Record<symbol, unknown>)[WRAPPED]) return [];
-  tf.unregisterKernel(tf.AddN, 'webgpu');
-  tf.registerKernel(chunkedAddN(original));
-  return [tf.AddN];
+  return replaceWebGPUKernel(tf.AddN, chunkedAddN) ? [tf.AddN] : [];
 }

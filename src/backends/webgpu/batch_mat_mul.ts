@@ -14,6 +14,7 @@
  * through its own WEBGPU_MATMUL_PROGRAM_TYPE flag for the duration of the call.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { replaceWebGPUKernel } from './kernel_replacement.js';
 
 type KernelArgs = Parameters<tf.KernelFunc>[0];
 
@@ -26,9 +27,6 @@ interface WebGPUBackendLike {
 const SMALL_OUTPUT_SIZE_PROGRAM = 2;
 const PROGRAM_TYPE_FLAG = 'WEBGPU_MATMUL_PROGRAM_TYPE';
 const THRESHOLD_FLAG = 'WEBGPU_THRESHOLD_TO_INCREASE_WORKGROUPS_FOR_MATMUL';
-
-/** Marks the wrapper, so that installing twice does not wrap it twice. */
-const WRAPPED = Symbol('moe-lora split-K-safe BatchMatMul');
 
 const batchOf = (t: tf.TensorInfo) => t.shape.slice(0, -2).reduce((s, n) => s * n, 1);
 
@@ -50,7 +48,7 @@ export function picksTransposedSplitK(a: tf.TensorInfo, b: tf.TensorInfo, transp
 }
 
 /**
- * A 'BatchMatMul' or '_FusedMatMul' config for webgpu that runs `original` with the small-output
+ * A 'BatchMatMul' or '_FusedMatMul' kernelFunc for webgpu that runs `original` with the small-output
  * program where `original` would pick its split-K program on a transposed B; other calls go to
  * `original` unchanged.
  *
@@ -58,7 +56,7 @@ export function picksTransposedSplitK(a: tf.TensorInfo, b: tf.TensorInfo, transp
  * const safe = splitKSafeMatMul(tf.getKernel('BatchMatMul', 'webgpu'));
  * ```
  */
-export function splitKSafeMatMul(original: tf.KernelConfig): tf.KernelConfig {
+export function splitKSafeMatMul(original: tf.KernelConfig): tf.KernelFunc {
   const kernelFunc = (args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] => {
     const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
     const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
@@ -74,7 +72,7 @@ export function splitKSafeMatMul(original: tf.KernelConfig): tf.KernelConfig {
       env.set(PROGRAM_TYPE_FLAG, before);
     }
   };
-  return { ...original, kernelFunc: Object.assign(kernelFunc, { [WRAPPED]: true }) as unknown as tf.KernelFunc };
+  return kernelFunc as unknown as tf.KernelFunc;
 }
 
 /**
@@ -82,13 +80,5 @@ export function splitKSafeMatMul(original: tf.KernelConfig): tf.KernelConfig {
  * (once each); returns the names replaced now.
  */
 export function useSplitKSafeMatMul(): string[] {
-  const replaced: string[] = [];
-  for (const name of [tf.BatchMatMul, tf._FusedMatMul]) {
-    const original = tf.getKernel(name, 'webgpu');
-    if (original == null || (original.kernelFunc as unknown as Record<symbol, unknown>)[WRAPPED]) continue;
-    tf.unregisterKernel(name, 'webgpu');
-    tf.registerKernel(splitKSafeMatMul(original));
-    replaced.push(name);
-  }
-  return replaced;
+  return [tf.BatchMatMul, tf._FusedMatMul].filter(name => replaceWebGPUKernel(name, splitKSafeMatMul));
 }

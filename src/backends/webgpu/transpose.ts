@@ -8,6 +8,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { TRANSPOSE_QUADS_MAX_RANK, TransposeQuadsProgram } from './programs/transpose_quads_program.js';
+import { replaceWebGPUKernel } from './kernel_replacement.js';
 
 export const TRANSPOSE_QUADS_FLAG = 'WEBGPU_MOE_TRANSPOSE_QUADS';
 tf.env().registerFlag(TRANSPOSE_QUADS_FLAG, () => true);
@@ -20,9 +21,6 @@ interface WebGPUBackendLike {
       uniforms: ReturnType<TransposeQuadsProgram['uniformsFor']>): tf.TensorInfo;
 }
 
-/** Marks the wrapper, so that installing twice does not wrap it twice. */
-const WRAPPED = Symbol('moe-lora quad Transpose');
-
 /** Whether TransposeQuadsProgram takes x transposed by perm. */
 export function transposeKeepsQuads(x: tf.TensorInfo, perm: readonly number[]): boolean {
   const rank = x.shape.length;
@@ -31,10 +29,10 @@ export function transposeKeepsQuads(x: tf.TensorInfo, perm: readonly number[]): 
 }
 
 /**
- * A 'Transpose' config for webgpu that runs TransposeQuadsProgram where transposeKeepsQuads and the
+ * A 'Transpose' kernelFunc for webgpu that runs TransposeQuadsProgram where transposeKeepsQuads and the
  * flag say so, and `original` otherwise.
  */
-export function quadTranspose(original: tf.KernelConfig): tf.KernelConfig {
+export function quadTranspose(original: tf.KernelConfig): tf.KernelFunc {
   const kernelFunc = (args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] => {
     const { x } = args.inputs as { x: tf.TensorInfo };
     const { perm } = args.attrs as unknown as { perm: number[] };
@@ -42,14 +40,10 @@ export function quadTranspose(original: tf.KernelConfig): tf.KernelConfig {
     const program = new TransposeQuadsProgram(x.shape, perm);
     return (args.backend as unknown as WebGPUBackendLike).runWebGPUProgram(program, [x], 'float32', program.uniformsFor());
   };
-  return { ...original, kernelFunc: Object.assign(kernelFunc, { [WRAPPED]: true }) as unknown as tf.KernelFunc };
+  return kernelFunc as unknown as tf.KernelFunc;
 }
 
 /** Replaces webgpu's registered 'Transpose' with quadTranspose of it (once); returns the names replaced now. */
 export function useQuadTranspose(): string[] {
-  const original = tf.getKernel(tf.Transpose, 'webgpu');
-  if (original == null || (original.kernelFunc as unknown as Record<symbol, unknown>)[WRAPPED]) return [];
-  tf.unregisterKernel(tf.Transpose, 'webgpu');
-  tf.registerKernel(quadTranspose(original));
-  return [tf.Transpose];
+  return replaceWebGPUKernel(tf.Transpose, quadTranspose) ? [tf.Transpose] : [];
 }
