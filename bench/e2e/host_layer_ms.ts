@@ -11,7 +11,6 @@
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/host_layer_ms.ts [--layers 3] [--steps 15] [--cpu-profile FILE]
  * --cpu-profile FILE: the L-layer model's recorded steps under V8's sampler, summarized (cpu_profile.ts) into FILE.
  * --uniform-arena off: tfjs-webgpu's own uniform buffers (UNIFORM_ARENA_FLAG false), the comparison in one checkout.
- * --bind-group-cache off: a bind group made per dispatch, as tfjs does (BIND_GROUP_CACHE_FLAG false).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -21,7 +20,6 @@ import { STEP_PHASES, type StepPhase, trainingStep } from './step_profile.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { UNIFORM_ARENA_FLAG } from '../../src/backends/webgpu/uniform_arena.js';
-import { BIND_GROUP_CACHE_FLAG, bindGroupCacheStats } from '../../src/backends/webgpu/bind_group_cache.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
 import { register } from '../../src/plugin.js';
@@ -38,7 +36,6 @@ const cpuProfileFile = commandLineFlag('cpu-profile', '');
 tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number.MAX_SAFE_INTEGER);
 tf.env().set(SUBMIT_FLOPS_FLAG, Infinity);
 tf.env().set(UNIFORM_ARENA_FLAG, commandLineFlag('uniform-arena', 'on') !== 'off');
-tf.env().set(BIND_GROUP_CACHE_FLAG, commandLineFlag('bind-group-cache', 'on') !== 'off');
 
 async function tinyModel(n: number) {
   const cfg = { ...narrowOlmoeConfig(n), hidden_size: 64, intermediate_size: 32, moe_intermediate_size: 32, num_experts: 8, vocab_size: 50, num_attention_heads: 4, num_key_value_heads: 4 };
@@ -88,7 +85,7 @@ const perLayer = (kind: 'wall' | 'cpu') => Object.fromEntries(STEP_PHASES.filter
   [p, Math.round(1000 * (median(samples[1][kind][p]) - median(samples[0][kind][p])) / (layers - 1)) / 1000]));
 const medians = (kind: 'wall' | 'cpu') => samples.map(s => Object.fromEntries(STEP_PHASES.map(p => [p, Math.round(1000 * median(s[kind][p])) / 1000])));
 process.stdout.write(`${JSON.stringify({ layers, steps, perLayerCpuMs: perLayer('cpu'), perLayerWallMs: perLayer('wall'), cpuMs: medians('cpu'), wallMs: medians('wall'),
-  losses: samples.map(s => s.losses), bindGroupCache: bindGroupCacheStats(tf.backend()) ?? null })}\n`);
+  losses: samples.map(s => s.losses) })}\n`);
 for (const m of models) { m.handle.unregister(); m.model.dispose(); m.adam.dispose(); }
 ids.dispose();
 process.exit(0);

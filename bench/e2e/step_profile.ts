@@ -13,13 +13,6 @@ import * as tf from '@tensorflow/tfjs-core';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { GROUPED_ADAM_PROGRAM, groupedAdamDispatchListeners } from '../../src/backends/webgpu/grouped_adam.js';
 import { fail } from '../../src/ops/validate.js';
-import { bindGroupCacheStats } from '../../src/backends/webgpu/bind_group_cache.js';
-
-/** Bind groups the backend's device has made natively (0 where the cache is not installed). */
-function bindGroupsMade(): number {
-  const stats = tf.getBackend() === 'webgpu' ? bindGroupCacheStats(tf.backend()) : undefined;
-  return stats === undefined ? 0 : stats.misses + stats.uncached;
-}
 
 /** The phases of one step, in order. */
 export const STEP_PHASES = ['forward', 'backward', 'optimizer', 'lossRead'] as const;
@@ -43,8 +36,6 @@ export interface PhaseCounts {
   uploads: number;
   /** GPU buffers created (webgpu: the pool had none free of that size and usage, or an upload's staging buffer) */
   bufferCreates: number;
-  /** bind groups made natively (webgpu: not found in bind_group_cache.ts's cache, or made with it off) */
-  bindGroupsMade: number;
 }
 
 /** One profiled step. */
@@ -86,7 +77,7 @@ export interface StepProfile {
   recordOnlySamples: { wallMs: Record<StepPhase, number[]>; cpuMs: Record<StepPhase, number[]> } | null;
 }
 
-const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0, uploads: 0, bufferCreates: 0, bindGroupsMade: 0 });
+const zeroCounts = (): PhaseCounts => ({ hostMs: 0, kernels: 0, dispatches: 0, reads: 0, mapReads: 0, submits: 0, uploads: 0, bufferCreates: 0 });
 
 type AnyFn = (...args: unknown[]) => unknown;
 
@@ -100,12 +91,6 @@ export class StepCounter {
   kernelCounts: Record<string, number> = {};
   programCounts: Record<string, number> = {};
   private restore: Array<() => void> = [];
-  private madeAtReset = bindGroupsMade();
-
-  /** the counts since the last reset, with the bind groups made natively since */
-  counts(): PhaseCounts {
-    return { ...this.current, bindGroupsMade: bindGroupsMade() - this.madeAtReset };
-  }
 
   install(): void {
     if (this.restore.length > 0) fail('StepCounter.install', 'the counter is already installed');
@@ -176,7 +161,6 @@ export class StepCounter {
   /** Starts counting afresh (the next phase). */
   reset(): void {
     this.current = zeroCounts();
-    this.madeAtReset = bindGroupsMade();
     this.kernelCounts = {};
     this.programCounts = {};
   }
@@ -243,7 +227,7 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
   try {
     losses.push(await trainingStep(step, phase => {
       const now = performance.now();
-      phases[phase] = { ...counter.counts(), hostMs: now - since };
+      phases[phase] = { ...counter.current, hostMs: now - since };
       kernelCounts[phase] = sortedByCount(counter.kernelCounts);
       programCounts[phase] = sortedByCount(counter.programCounts);
       counter.reset();

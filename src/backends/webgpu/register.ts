@@ -22,7 +22,6 @@ import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js'
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
-import { installBindGroupCache } from './bind_group_cache.js';
 import { installWrittenUploads } from './written_uploads.js';
 
 export const WEBGPU_BACKEND = 'webgpu';
@@ -61,8 +60,6 @@ export function registerWebGPUMoE(): string[] {
     installUniformArena(backend);
     // one bind group layout object per pipeline instead of a native call per dispatch (bind_group_layouts.ts)
     installBindGroupLayoutCache(backend);
-    // one bind group per distinct set of bound buffers, not a native call per dispatch (bind_group_cache.ts)
-    installBindGroupCache(backend);
     // host values uploaded by writeBuffer, not a staging buffer created per upload (written_uploads.ts)
     installWrittenUploads(backend);
   }
