@@ -624,32 +624,6 @@ describe('webgpu: tools/webgpu_tc variants compile around the matrix builtins (M
         32, staging(256, false))).to.throw(/an f16 left operand \(staging 'half8'\) is read as rows or gathered rows with v6's row offsets and no register prefetch, but got source 'act'/);
   });
 
-  it('the MatMul split along K (one group, the LM head\'s dLogits·W): slices of whole slabs from kFirst, each at its own rows; valid WGSL', async () => {
-    const common = { hasBias: false, hasAddend: false, source: 'rows', scaled: true, singleGroup: true } as const;
-    // W [vocab, H] read as a·W: the reduction over W's rows (sN 1), a K tail past the last whole slab
-    const inner = 1000;
-    const staging = matMulStaging({}, { inner, outCols: 256, sE: 0, sN: 1, sK: 256 }, true);
-    const split = new SubgroupMatrixMatMulProgram(333, 256, { ...common, kContiguous: false, kSlices: 3 }, 32, staging, 64);
-    expect(split.outputShape).to.deep.equal([999, 256]);
-    expect(split.dispatch).to.deep.equal([2, 6, 3]);
-    expect(split.shaderKey).to.match(/_splitK$/);
-    const whole = new SubgroupMatrixMatMulProgram(333, 256, { ...common, kContiguous: false }, 32, staging, 64);
-    expect(whole.shaderKey).to.not.contain('splitK');
-    const code = split.getUserCode().replace(/\s+/g, ' ');
-    expect(code).to.contain('let first = i32(workgroupId.z) * sliceSlabs * 64; kSlice = vec2<i32>(first, min(uniforms.inner, first + sliceSlabs * 64));');
-    expect(code).to.contain('let slice = workgroupUniformLoad(&kSlice); let kFirst = slice.x; let kEnd = select(0, slice.y, e >= 0);');
-    expect(code).to.contain('let outRow0 = row0 + i32(workgroupId.z) * uniforms.numRows;');
-    expect(code).to.contain('for (var k0 = kFirst; k0 < kEnd; k0 += 64)');
-    expect(code).to.contain('result[(outRow0 + i32(m)) * uniforms.outCols + c]');
-    expect(whole.getUserCode().replace(/\s+/g, ' ')).to.contain('for (var k0 = 0; k0 < kEnd; k0 += 64)');
-    const shader = packageProgramShader(split, { entry: 'wrapper', packedW: false, packedA: true });
-    expect(await compileErrors(standIn(shader)), split.shaderKey).to.deep.equal([]);
-    for (const bad of [{ kSlices: 2, singleGroup: false }, { kSlices: 2, hasBias: true }, { kSlices: 1.5 }, { kSlices: 0 }]) {
-      expect(() => new SubgroupMatrixMatMulProgram(333, 256, { ...common, kContiguous: false, ...bad }, 32, staging, 64), JSON.stringify(bad))
-          .to.throw(/kSlices is a whole number ≥ 1, and above 1 only with one group and nothing added/);
-    }
-  });
-
   it('rejects 8-element runs of W where they cannot be: a float32 or quantized weight, W along n, the register prefetch, the weight gradient', () => {
     const rows = { source: 'rows', hasBias: false, hasAddend: false, scaled: false } as const;
     const bf16 = { kind: 'bf16' as const, cols: 256, layout: null };

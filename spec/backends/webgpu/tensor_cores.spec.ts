@@ -14,11 +14,10 @@ import { MaxAbsProgram } from '../../../src/backends/webgpu/programs/max_abs_pro
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
-  batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, denseTensorCoreKSlices, deviceDispatchPlan, TC_SPLIT_K_FLAG, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
+  batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
   groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
-import { KSliceSumProgram } from '../../../src/backends/webgpu/programs/row_programs.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
 import {
   ELEMENT_STAGING, matMulStaging, matMulStaging as matMulStagingV6, SUBGROUP_MATRIX_BLOCK, subgroupBlockRowsFor, subgroupMatrixDispatch,
@@ -257,34 +256,6 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     }
     await withEnvFlag(DENSE_TC_BLOCK_ROWS_FLAG, 100, async () => expect(() => denseTensorCoreBlockRows(2048, 2048)).to.throw(
         'WEBGPU_MOE_DENSE_TC_BLOCK_ROWS must be 0 (automatic) or one of 128, 64, 32 but got 100'));
-  });
-
-  it('split-K slices: only few blocks over a deep reduction (the LM head\'s dLogits·W), off by the flag', async () => {
-    expect(denseTensorCoreKSlices(333, 2048, 50304, 64)).to.equal(3);     // 96 blocks over 50304: 264 workgroups' worth
-    expect(denseTensorCoreKSlices(333, 2048, 50304, 128)).to.equal(6);    // 48 blocks
-    expect(denseTensorCoreKSlices(333, 2048, 8192, 64)).to.equal(2);      // each slice keeps ≥ 4096 of the reduction
-    expect(denseTensorCoreKSlices(333, 2048, 4096, 64)).to.equal(1);
-    expect(denseTensorCoreKSlices(2048, 2048, 50304, 128)).to.equal(1);   // 256 blocks
-    expect(denseTensorCoreKSlices(333, 50304, 2048, 128)).to.equal(1);    // the head's x·Wᵀ: 1179 blocks
-    expect(denseTensorCoreKSlices(333, 2047, 50304, 64), 'rows·cols no multiple of 4').to.equal(1);
-    await withEnvFlag(TC_SPLIT_K_FLAG, false, async () => expect(denseTensorCoreKSlices(333, 2048, 50304, 64)).to.equal(1));
-  });
-
-  it('KSliceSumProgram adds a split-K product\'s slices in order', async () => {
-    await expectNoLeakAsync(async () => {
-      const [rows, cols, slices] = [5, 12, 3];
-      const values = Float32Array.from({ length: slices * rows * cols }, (_, i) => ((i * 37) % 101) / 7 - 7);
-      const partial = tf.tensor2d(values, [slices * rows, cols]);
-      const backend = tf.backend() as unknown as { runWebGPUProgram: (p: unknown, i: tf.TensorInfo[], d: string, u: unknown) => tf.TensorInfo };
-      const info = backend.runWebGPUProgram(new KSliceSumProgram(rows, cols), [partial], 'float32', KSliceSumProgram.uniformsFor(slices));
-      const sum = tf.engine().makeTensorFromTensorInfo(info);
-      const got = await sum.data();
-      const want = Float64Array.from({ length: rows * cols }, (_, i) => values[i] + values[rows * cols + i] + values[2 * rows * cols + i]);
-      // float32 adds in slice order: within one rounding per add of the float64 sum
-      got.forEach((v, i) => expect(Math.abs(v - want[i]), `element ${i}`).to.be.at.most(2 * 2 ** -23 * 30));
-      tf.dispose([partial, sum]);
-    });
-    expect(() => new KSliceSumProgram(3, 5)).to.throw('KSliceSumProgram: rows·cols must be a multiple of 4 but got 3·5');
   });
 
   it('groupedMatMul and groupedWeightGrad hand the plan\'s block rows and slab depth to their kernels', async () => {

@@ -33,7 +33,7 @@ import {
 } from './tensor_cores.js';
 import { ExpertSegmentsProgram, PairOfRowProgram, RowOfPairProgram } from './programs/plan_programs.js';
 import {
-  ActivationBackwardProgram, CombineRowsProgram, GatherRowsProgram, GroupedColumnSumProgram, KSliceSumProgram, PairDotProgram,
+  ActivationBackwardProgram, CombineRowsProgram, GatherRowsProgram, GroupedColumnSumProgram, PairDotProgram,
 } from './programs/row_programs.js';
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
@@ -172,36 +172,6 @@ export function denseTensorCoreBlockRows(rows: number, cols: number): SubgroupBl
     throw new Error(`${DENSE_TC_BLOCK_ROWS_FLAG} must be 0 (automatic) or one of ${SUBGROUP_BLOCK_ROWS.join(', ')} but got ${forced}`);
   }
   return block;
-}
-
-/**
- * tf.env() flag: a dense product on tensor cores with few blocks and a deep reduction cuts the
- * reduction into slices that run as more workgroups and are added after (denseTensorCoreKSlices).
- * false: one workgroup per block over the whole reduction (A/B runs).
- */
-export const TC_SPLIT_K_FLAG = 'WEBGPU_MOE_TC_SPLIT_K';
-tf.env().registerFlag(TC_SPLIT_K_FLAG, () => true);
-
-/** Workgroups a split-K dense product aims at: about two per SM of an H100 (132). */
-const SPLIT_K_TARGET_BLOCKS = 264;
-/** The least reduction a slice keeps, so that its slabs outweigh writing and adding its partial product. */
-const SPLIT_K_MIN_DEPTH = 4096;
-
-/**
- * The reduction slices of a dense [rows, cols] product reducing `inner` deep on tensor cores in
- * `blockRows`-row blocks: 1 unless TC_SPLIT_K_FLAG is on and the blocks are fewer than
- * DENSE_TC_FEW_BLOCKS, else enough for SPLIT_K_TARGET_BLOCKS workgroups with SPLIT_K_MIN_DEPTH of the
- * reduction each at least. Run U2 (H100): the LM head's dHidden = dLogits·W, 333 rows × 2048 over
- * 50304 in 96 blocks, ran at 48 TFLOP/s where the same product at 1334 rows (bigger loss chunks)
- * was ~2.5× faster per row; it takes 3 slices here.
- */
-export function denseTensorCoreKSlices(rows: number, cols: number, inner: number, blockRows: SubgroupBlockRows): number {
-  if (!tf.env().getBool(TC_SPLIT_K_FLAG)) return 1;
-  const [x, y] = subgroupMatrixDispatch(rows, cols, 1, blockRows);
-  if (x * y >= DENSE_TC_FEW_BLOCKS) return 1;
-  const slices = Math.min(Math.ceil(SPLIT_K_TARGET_BLOCKS / (x * y)), Math.floor(inner / SPLIT_K_MIN_DEPTH));
-  // KSliceSumProgram adds vec4s
-  return slices >= 2 && (rows * cols) % 4 === 0 ? slices : 1;
 }
 
 /**
@@ -988,20 +958,14 @@ function runDenseProductOnTensorCores(
   };
   const amax = gradient ? maxAbsInKernel(args, a) : undefined;
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
-  const blockRows = denseTensorCoreBlockRows(n, outCols);
-  const kSlices = bias == null ? denseTensorCoreKSlices(n, outCols, inner, blockRows) : 1;
-  const program = new SubgroupMatrixMatMulProgram(n, outCols, { ...spec, kSlices }, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), blockRows);
+  const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), denseTensorCoreBlockRows(n, outCols));
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
   ];
   const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : [])];
-  const backend = webgpu(args);
-  const product = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
-  for (const t of [amax, half?.a]) if (t !== undefined) backend.disposeData(t.dataId);
-  if (kSlices === 1) return product;
-  const out = backend.runWebGPUProgram(new KSliceSumProgram(n, outCols), [product], 'float32', KSliceSumProgram.uniformsFor(kSlices));
-  backend.disposeData(product.dataId);
+  const out = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
+  for (const t of [amax, half?.a]) if (t !== undefined) webgpu(args).disposeData(t.dataId);
   return out;
 }
 

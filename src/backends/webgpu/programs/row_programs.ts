@@ -9,7 +9,6 @@
  *   projection's input gradient before the routing weight.
  * - GroupedColumnSumProgram: bias gradients, Σ over an expert's real rows.
  * - GatherRowsProgram: rows picked by index, zeros for −1 (h between pair order and padded rows).
- * - KSliceSumProgram: a split-K product's slices added (SubgroupMatrixMatMulProgram's kSlices).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
@@ -251,47 +250,6 @@ export class GatherRowsProgram implements WebGPUProgram {
           if (row >= 0) { v = X[row * uniforms.quads + q]; }
           result[i * uniforms.quads + q] = v;
         }
-      }
-    `;
-  }
-}
-
-/**
- * out [rows, cols] = Σ_z partial[z·rows .. (z+1)·rows − 1] over `slices` slices in z order: the
- * partial products of a split-K SubgroupMatrixMatMulProgram added (issue 15: the LM head's
- * dLogits·W). One invocation per vec4 of the output (rows·cols a multiple of 4).
- */
-export class KSliceSumProgram implements WebGPUProgram {
-  variableNames = ['partial'];
-  variableComponents = [4];
-  outputComponent = 4;
-  outputShape: number[];
-  shaderKey = 'moeKSliceSum';
-  dispatchLayout = { x: [0, 1] };
-  dispatch: [number, number, number];
-  workgroupSize: [number, number, number] = [FLAT_THREADS, 1, 1];
-  size = true;
-  uniforms = 'slices : i32, ';
-
-  constructor(rows: number, cols: number) {
-    if ((rows * cols) % 4 !== 0) throw new Error(`KSliceSumProgram: rows·cols must be a multiple of 4 but got ${rows}·${cols}`);
-    this.outputShape = [rows, cols];
-    this.dispatch = flatDispatch(rows * cols / 4);
-  }
-
-  static uniformsFor(slices: number): ProgramUniformEntry[] {
-    return intUniforms(slices);
-  }
-
-  getUserCode(): string {
-    return `
-      fn main(index : i32) {
-        if (index >= uniforms.size) { return; }
-        var s = partial[index];
-        for (var z = 1; z < uniforms.slices; z++) {
-          s += partial[z * uniforms.size + index];
-        }
-        result[index] = s;
       }
     `;
   }

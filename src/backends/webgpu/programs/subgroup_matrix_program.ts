@@ -276,13 +276,7 @@ export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'eleme
  * of A are group b, multiplied by W's group b (from W[b·sE]), G the uniform groupRows, a multiple
  * of the block's rows so that a block's group is its first row's; source 'rows', no plan inputs.
  */
-/**
- * `kSlices` (> 1: split-K, one group only, nothing added): the reduction is cut into that many
- * runs of whole slabs, slice z (the dispatch's z) writing its partial product at rows
- * z·numRows ..; KSliceSumProgram adds them. For products of few blocks and a deep reduction (the
- * LM head's dLogits·W: 96 blocks reducing 50304 deep on an H100's 132 SMs).
- */
-export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean; kSlices?: number };
+export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean };
 
 /**
  * SubgroupMatrixWeightGradProgram's product: GroupedWeightGradSpec without the register tile;
@@ -553,10 +547,10 @@ class QuadStaging {
  * next slab's quads into the registers, multiplies, barrier.
  */
 function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string,
-    prefetch: boolean, start = '0'): string {
+    prefetch: boolean): string {
   if (quads.length === 0 || !prefetch) {
     // v7-a/b's order: every load of the slab, then every store
-    return `for (var ${index} = ${start}; ${index} < ${end}; ${index} += ${depth}) {
+    return `for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
           ${quads.map(q => q.declarations()).join('\n          ')}
           ${quads.map(q => q.fetch(index)).join('\n          ')}
           ${quads.map(q => q.store()).join('\n          ')}
@@ -567,10 +561,10 @@ function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[
         }`;
   }
   return `${quads.map(q => q.declarations()).join('\n        ')}
-        if (${start} < ${end}) {
-          ${quads.map(q => q.fetch(start)).join('\n          ')}
+        if (${end} > 0) {
+          ${quads.map(q => q.fetch('0')).join('\n          ')}
         }
-        for (var ${index} = ${start}; ${index} < ${end}; ${index} += ${depth}) {
+        for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
           ${quads.map(q => q.store()).join('\n          ')}
           ${elementStaging.join('\n          ')}
           workgroupBarrier();
@@ -654,14 +648,9 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
           `registerPrefetch ${staging.registerPrefetch === true}`);
     }
-    const kSlices = spec.kSlices ?? 1;
-    if (!Number.isInteger(kSlices) || kSlices < 1 || (kSlices > 1 && (!spec.singleGroup || spec.hasBias || spec.hasAddend))) {
-      throw new Error('SubgroupMatrixMatMulProgram: kSlices is a whole number ≥ 1, and above 1 only with one group and nothing added, ' +
-          `but got ${kSlices} with singleGroup ${spec.singleGroup === true}, bias ${spec.hasBias}, addend ${spec.hasAddend}`);
-    }
-    this.outputShape = [kSlices * capacity, outCols];
+    this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
-    this.dispatch = subgroupMatrixDispatch(capacity, outCols, kSlices, blockRows);
+    this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
     this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
     const planned = !spec.singleGroup && !spec.uniformGroups;
     this.variableNames = ['A', 'W', ...(planned ? ['seg', 'pr'] : []), ...(spec.hasBias ? ['bias'] : []),
@@ -676,7 +665,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
-        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') + (kSlices > 1 ? '_splitK' : '');
+        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '');
   }
 
   /**
@@ -711,7 +700,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
-    const splitK = (this.spec.kSlices ?? 1) > 1;
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
     if (halfA) {
@@ -772,7 +760,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${rowInts(rows)}>;
-      ${splitK ? 'var<workgroup> kSlice : vec2<i32>;' : ''}
       ${this.spec.singleGroup || this.spec.uniformGroups ? '' : EXPERT_OF_ROW}
       ${halfA ? HALF_ROW_SNIPPET
         : quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
@@ -793,31 +780,21 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         if (lid == 0) {
           rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols && uniforms.alpha / s == 1.0);
         }` : ''}
-        ${splitK ? `// split-K: slice z of numWorkgroups.z reduces its run of whole slabs [x, y), and writes at rows
-        // z·numRows ..; published like e, so that the loop around the barriers is uniform by construction
-        if (lid == 0) {
-          let sliceSlabs = ((uniforms.inner + ${depth - 1}) / ${depth} + i32(numWorkgroups.z) - 1) / i32(numWorkgroups.z);
-          let first = i32(workgroupId.z) * sliceSlabs * ${depth};
-          kSlice = vec2<i32>(first, min(uniforms.inner, first + sliceSlabs * ${depth}));
-        }` : ''}
         let e = workgroupUniformLoad(&rowSrc[${rows}]);
         ${direct ? `let direct = workgroupUniformLoad(&rowSrc[${rows + 1}]) == 1;` : ''}
         ${declareAccumulators(layout)}
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
         // matrix operations
-        ${splitK ? `let slice = workgroupUniformLoad(&kSlice);
-        let kFirst = slice.x;
-        let kEnd = select(0, slice.y, e >= 0);
-        let outRow0 = row0 + i32(workgroupId.z) * uniforms.numRows;` : `let kEnd = select(0, uniforms.inner, e >= 0);`}
+        let kEnd = select(0, uniforms.inner, e >= 0);
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
-        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch, splitK ? 'kFirst' : '0')}
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch)}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
         if (direct) {
-          ${directStores(layout, (i, j) => `(u32(${splitK ? 'outRow0' : 'row0'}) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
+          ${directStores(layout, (i, j) => `(u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
               'u32(uniforms.outCols)')}
         } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
@@ -830,7 +807,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             var v = unscale * ${v};
             ${this.spec.hasBias ? 'v += bias[max(e, 0) * uniforms.outCols + c];' : ''}
             ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-            result[${splitK ? '(outRow0 + i32(m))' : 'r'} * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
+            result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
         ${direct ? '}' : ''}
