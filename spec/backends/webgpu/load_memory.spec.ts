@@ -3,13 +3,11 @@
  * process: 275 MB of bf16 loaded with packed experts holds on the host at most the largest tensor
  * and a stated margin (spec/helpers/load_memory.ts) beyond the device's buffers, and nothing of
  * the model is left on the host afterwards. Mesa's software GPU keeps the device's buffers in the
- * process's memory, so the host figure is RSS minus the bytes the backend allocated on the device,
- * from a pool with no free buffers (the specs before this one leave many).
+ * process's memory, so the host figure is RSS minus the bytes the backend allocated on the device.
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { releaseFreeWebGPUBuffers } from '../../../src/backends/webgpu/buffer_pool.js';
 import { benchLoad } from '../../../src/bench/load_bench.js';
 import { estimateLoadMemory } from '../../../src/models/memory.js';
 import { hostBound, loadMemoryConfig } from '../../helpers/load_memory.js';
@@ -19,10 +17,6 @@ describe('webgpu: host memory of a checkpoint load', function () {
 
   before(function () {
     if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
-    // the load's own memory, not what the specs before it left in tfjs's pool: on Mesa free buffers
-    // are the process's memory, and a pool of hundreds of odd sizes (the dense product specs) moved
-    // the load's RSS rise from ~430 to ~530 MB
-    releaseFreeWebGPUBuffers();
   });
 
   it('275 MB of bf16 with packed experts: the host holds the largest tensor plus a margin, the device the model', async () => {
