@@ -494,7 +494,7 @@ export function maxAbs(t: tf.Tensor): tf.Tensor1D {
 /**
  * Whether a grouped product goes to NarrowGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): at most
  * NARROW_MAX_COLS = 16 outputs (LoRA ranks up to 16, which is what the register file holds: 2 rows
- * × 16 partial sums a thread), float32 W, no bias or addend (the rank-r products have neither).
+ * × 16 partial sums a thread), float32 W, no bias, addend or rank-r term (the rank-r products have none).
  * Wider outputs reuse each loaded row across enough columns for the tiled program's register tile
  * to pay.
  */
@@ -506,7 +506,7 @@ export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' 
 /**
  * Whether a grouped product goes to NarrowInnerGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): a
  * reduction at most NARROW_MAX_COLS deep (split LoRA's expansions, inner = r, whose bytes are the
- * addend and the output), float32 W, no bias (those products have none) and a plan whose row tile
+ * addend and the output), float32 W, no bias or rank-r term (those products have neither) and a plan whose row tile
  * a 16-, 32- or 64-row block divides. Deeper reductions reuse each loaded value across enough of
  * the tiled program's register tile to pay.
  */
