@@ -2,7 +2,8 @@
  * linearCrossEntropy against float64 and against the composed path it replaces (the head's
  * matMul, then tokenCrossEntropy): value and gradients (hidden; the head weight when it trains)
  * for chunk sizes that divide N, do not, are 1 and exceed N, with IGNORE_INDEX labels; a frozen
- * head gets no gradient; no tensors left behind; the backward pass's peak memory a couple of
+ * head gets no gradient (its dHidden taken in the forward pass under a tape, each chunk's logits
+ * computed once); no tensors left behind; the backward pass's peak memory a couple of
  * [chunk, V] buffers instead of several [N, V] ones. Reads asynchronously: it runs on webgpu too
  * (spec/backends/webgpu/linear_cross_entropy.spec.ts).
  */
@@ -116,6 +117,41 @@ describe('ops/linearCrossEntropy', () => {
     tf.dispose([hidden, weight, frozen, trained, labels]);
   });
 
+  it('a frozen head\'s dHidden is taken in the forward pass under a tape (each chunk\'s logits once), and only there', async () => {
+    const hidden = tf.tensor2d(Float32Array.from(hiddenData), [N, H]);
+    const weight = tf.tensor2d(Float32Array.from(weightData), [V, H]);
+    const labels = tf.tensor1d(LABELS, 'int32');
+    const products = async (f: () => Promise<void>) => {
+      const warn = console.warn;  // tf.profile warns where a webgpu adapter has no timestamp queries (Mesa's GL)
+      console.warn = () => {};
+      try {
+        return (await tf.profile(f)).kernels.filter(k => /MatMul/.test(k.name)).length;
+      } finally {
+        console.warn = warn;
+      }
+    };
+    const [counts, left] = await leftBehind(async () => {
+      // 3 chunks: forward 3 logits + 3 dHidden products, backward none (it recomputed 3 logits and took 3 dHidden)
+      const training = await products(async () => {
+        const { value, grads } = tf.valueAndGrads((x: tf.Tensor) =>
+          tf.mul(linearCrossEntropy(x as tf.Tensor2D, weight, labels, NORMALIZER, { chunkRows: 4 }), 3))([hidden]);
+        expect(Math.abs((await value.data())[0] - 3 * want.loss)).to.be.below(3e-5);
+        expect(maxRelativeError(await grads[0].data(), want.dHidden.map(g => 3 * g))).to.be.below(1e-5);
+        tf.dispose([value, ...grads]);
+      });
+      // no tape: the loss alone, 3 logits products
+      const evaluation = await products(async () => {
+        const value = linearCrossEntropy(hidden, weight, labels, NORMALIZER, { chunkRows: 4 });
+        expect(Math.abs((await value.data())[0] - want.loss)).to.be.below(1e-5);
+        value.dispose();
+      });
+      return { training, evaluation };
+    });
+    expect(counts).to.deep.equal({ training: 6, evaluation: 3 });
+    expect(left, 'tensors left behind').to.equal(0);
+    tf.dispose([hidden, weight, labels]);
+  });
+
   it('a packed bf16 head (frozen): value and dHidden as the float32 head of the same bf16 values and float64', async () => {
     const hidden = tf.tensor2d(Float32Array.from(hiddenData), [N, H]);
     const weight = tf.tensor2d(Float32Array.from(weightData), [V, H]);
@@ -180,7 +216,7 @@ describe('ops/linearCrossEntropy', () => {
     const logitsBytes = n * v * 4;
     const composed = await peakOf(x => tokenCrossEntropy(tf.matMul(x, weight, false, true) as tf.Tensor2D, labels, n));
     const fused = await peakOf(x => linearCrossEntropy(x as tf.Tensor2D, weight, labels, n, { chunkRows }));
-    // tfjs counts a saved clone's bytes again: the composed path's saved logits, the fused one's hidden (the frozen head is not saved)
+    // tfjs counts a saved clone's bytes again: the composed path's saved logits, the fused one's dHidden [n, h] (taken in forward)
     const savedClones = n * h * 4;
     // composed measured 4.0 logits (saved logits, two temporaries, the gradient); fused two [chunk, V] temporaries
     expect(composed / logitsBytes).to.be.above(3.5);

@@ -4,7 +4,7 @@ export { referenceRoute } from './reference/routing.js';
 export { loadBalancingLoss, routerZLoss } from './aux_losses.js';
 export { tokenCrossEntropy } from './token_cross_entropy.js';
 export {
-  linearCrossEntropy, defaultChunkRows, LOGITS_CHUNK_BYTES, LOGITS_CHUNK_BYTES_FLAG, type LinearCrossEntropyOptions,
+  linearCrossEntropy, defaultChunkRows, GRADIENT_IN_FORWARD_FLAG, LOGITS_CHUNK_BYTES, LOGITS_CHUNK_BYTES_FLAG, type LinearCrossEntropyOptions,
 } from './linear_cross_entropy.js';
 export { scaledDotProductAttention } from './attention_core.js';
 export { recompute, type RecomputeScope } from './recompute.js';

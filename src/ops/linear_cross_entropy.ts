@@ -3,7 +3,10 @@
  * Liger-Kernel's FusedLinearCrossEntropy and Apple's Cut Cross-Entropy): the logits
  * hidden · Wᵀ [N, V] are never held whole. The forward pass computes them chunk by chunk of rows
  * and keeps only each row's log-sum-exp; the backward pass computes each chunk's logits again and
- * turns them at once into that chunk's dHidden (and dW when the head trains). With Qwen3's
+ * turns them at once into that chunk's dHidden (and dW when the head trains). A frozen head under a
+ * gradient tape (LoRA training) takes dHidden in the forward pass instead, from the logits it has
+ * then (Liger-Kernel's way): the loss is a scalar, so backward only scales that [N, H] by dy, and no
+ * chunk's logits are computed twice. With Qwen3's
  * vocabulary (151,936) and 512 tokens the logits are 311 MB, and composing the head and
  * tokenCrossEntropy keeps several of them alive at a step's peak; here the peak is a couple of
  * [chunk, V] buffers.
@@ -37,6 +40,13 @@ export function defaultChunkRows(vocabSize: number): number {
   }
   return Math.max(1, Math.floor(bytes / (4 * vocabSize)));
 }
+
+/**
+ * tf.env() flag: a frozen head under a gradient tape takes dHidden in the forward pass (default
+ * true); false recomputes each chunk's logits in the backward pass as a trained head does (A/B runs).
+ */
+export const GRADIENT_IN_FORWARD_FLAG = 'MOE_LOSS_GRADIENT_IN_FORWARD';
+tf.env().registerFlag(GRADIENT_IN_FORWARD_FLAG, () => true);
 
 export interface LinearCrossEntropyOptions {
   /** rows of `hidden` per chunk; default defaultChunkRows(V) (Qwen3's vocabulary: 110 rows) */
@@ -89,6 +99,10 @@ export function linearCrossEntropy(
   const chunks: Array<[start: number, rows: number]> = [];
   for (let start = 0; start < n; start += chunkRows) chunks.push([start, Math.min(chunkRows, n - start)]);
 
+  // dHidden in the forward pass: only where a gradient is being recorded (evaluation pays nothing)
+  // and the head is frozen (a trained head's [V, H] dW would be held from forward to backward)
+  const gradientInForward = !trainHead && tf.engine().isTapeOn() && tf.env().getBool(GRADIENT_IN_FORWARD_FLAG);
+
   // labels are data, not a trainable input: captured here, they get no gradient; a frozen head too
   const loss = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const x = args[0] as Tensor2D;
@@ -96,7 +110,12 @@ export function linearCrossEntropy(
     const save = args[trainHead ? 2 : 1] as GradSaveFunc;
     const counted = tf.cast(tf.greaterEqual(labels, 0), 'float32') as Tensor1D;  // [N]
     const safe = tf.maximum(labels, tf.scalar(0, 'int32')) as Tensor1D;          // [N]
-    const { lse, value } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks);
+    const { lse, value, dHidden } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks, gradientInForward);
+    if (dHidden !== undefined) {
+      save([dHidden]);
+      tf.dispose([lse, counted, safe]);
+      return { value, gradFunc: (dy: Tensor, saved: Tensor[]) => [tf.mul(saved[0], dy)] };
+    }
     // a frozen head is not saved: a saved clone would be counted as another [V, H] tensor
     save(trainHead ? [x, lse, counted, safe, w as Tensor2D] : [x, lse, counted, safe]);
     return {
@@ -130,14 +149,19 @@ function headForPass(weight: DenseWeightTensor): { head: DenseWeightTensor; owne
   return { head: unpackDenseWeight(weight), owned: true };
 }
 
-/** Per chunk: its logits, their log-sum-exp (max-subtracted) and the target logit; keeps lse [N] only. */
+/**
+ * Per chunk: its logits, their log-sum-exp (max-subtracted) and the target logit; keeps lse [N]
+ * only. With `withHiddenGradient`: also dHidden [N, H] of the loss (dy = 1), each chunk's from its
+ * softmax exp(shifted) / Σ exp(shifted) while the chunk is at hand.
+ */
 function linearCrossEntropyForward(
     hidden: Tensor2D, packedOrFloat: DenseWeightTensor, counted: Tensor1D, safe: Tensor1D, normalizer: number,
-    chunks: Array<[number, number]>): { lse: Tensor1D; value: Scalar } {
+    chunks: Array<[number, number]>, withHiddenGradient = false): { lse: Tensor1D; value: Scalar; dHidden?: Tensor2D } {
   const v = packedOrFloat.shape[0];
   const { head: weight, owned } = headForPass(packedOrFloat);
   const lses: Tensor1D[] = [];
   const sums: Scalar[] = [];
+  const dHiddens: Tensor2D[] = [];
   for (const [start, rows] of chunks) {
     // [C, V] tensors freed as soon as the next exists: at most two at a time
     const logits = chunkLogits(hidden, weight, start, rows);                      // [C, V]
@@ -151,8 +175,15 @@ function linearCrossEntropyForward(
     logits.dispose();
     const exps = tf.exp(shifted);                                               // [C, V]
     shifted.dispose();
-    const lse = tf.tidy(() => tf.add(tf.log(tf.sum(exps, 1)), tf.reshape(max, [rows])) as Tensor1D);  // [C]
-    exps.dispose();
+    const sumExp = tf.sum(exps, 1, true);                                       // [C, 1]
+    const lse = tf.tidy(() => tf.add(tf.log(tf.reshape(sumExp, [rows])), tf.reshape(max, [rows])) as Tensor1D);  // [C]
+    if (withHiddenGradient) {
+      const scale = chunkGradientScale(counted, 1, normalizer, start, rows);
+      const scaled = tf.tidy(() => tf.mul(exps, tf.div(scale, sumExp)) as Tensor2D);  // [C, V]: softmax · scale
+      dHiddens.push(chunkHiddenGradient(scaled, weight, safe, scale, start, rows));
+      tf.dispose([scaled, scale]);
+    }
+    tf.dispose([exps, sumExp]);
     sums.push(tf.tidy(() => tf.sum(tf.mul(tf.sub(lse, picked), tf.slice(counted, [start], [rows]))) as Scalar));
     tf.dispose([max, picked]);
     lses.push(lse);
@@ -162,7 +193,25 @@ function linearCrossEntropyForward(
   const value = tf.tidy(() => tf.div(sums.length === 1 ? sums[0] : tf.addN(sums), normalizer) as Scalar);
   if (lses.length > 1) tf.dispose(lses);
   tf.dispose(sums);
-  return { lse, value };
+  if (!withHiddenGradient) return { lse, value };
+  const dHidden = (dHiddens.length === 1 ? dHiddens[0] : tf.concat(dHiddens)) as Tensor2D;  // [N, H]
+  if (dHiddens.length > 1) tf.dispose(dHiddens);
+  return { lse, value, dHidden };
+}
+
+/** The rows' factor of dLogits = (softmax − onehot) · scale: counted / normalizer · dy, [C, 1]. */
+function chunkGradientScale(counted: Tensor1D, dy: Tensor | number, normalizer: number, start: number, rows: number): Tensor2D {
+  return tf.tidy(() => tf.reshape(tf.mul(tf.div(tf.slice(counted, [start], [rows]), normalizer), dy), [rows, 1]));
+}
+
+/**
+ * A chunk's dHidden = dLogits · W from `scaled` = softmax · scale [C, V]: the one-hot term
+ * −scale·onehot goes straight into the product as −scale·W[label], with no [C, V] one-hot.
+ */
+function chunkHiddenGradient(
+    scaled: Tensor2D, weight: DenseWeightTensor, safe: Tensor1D, scale: Tensor2D, start: number, rows: number): Tensor2D {
+  return tf.tidy(() => tf.sub(denseWeightMatMul(scaled, weight, false, null, 'gradient'),
+      tf.mul(gatherDenseRows(weight, tf.slice(safe, [start], [rows])), scale)));  // [C, H]
 }
 
 /**
@@ -178,8 +227,7 @@ function linearCrossEntropyBackward(
   const dHiddens: Tensor2D[] = [];
   let dWeight: Tensor2D | null = null;
   for (const [start, rows] of chunks) {
-    const scale = tf.tidy(() =>
-      tf.reshape(tf.mul(tf.div(tf.slice(counted, [start], [rows]), normalizer), dy), [rows, 1]));  // [C, 1]
+    const scale = chunkGradientScale(counted, dy, normalizer, start, rows);      // [C, 1]
     const logits = chunkLogits(hidden, weight, start, rows);                      // [C, V]
     const shifted = tf.tidy(() => tf.sub(logits, tf.reshape(tf.slice(lse, [start], [rows]), [rows, 1])));
     logits.dispose();
@@ -187,13 +235,11 @@ function linearCrossEntropyBackward(
     shifted.dispose();
     const scaled = tf.mul(probs, scale) as Tensor2D;                             // [C, V]: softmax · scale
     probs.dispose();
-    // the one-hot term −scale·onehot goes straight into the products: −scale·W[label] for dHidden,
-    // −scale·hidden scattered (summed) into the label rows for dW; no [C, V] one-hot or scatter
-    const target = tf.slice(safe, [start], [rows]);                             // [C]
-    dHiddens.push(tf.tidy(() =>
-      tf.sub(denseWeightMatMul(scaled, weight, false, null, 'gradient'), tf.mul(gatherDenseRows(weight, target), scale))));  // [C, H]
+    dHiddens.push(chunkHiddenGradient(scaled, weight, safe, scale, start, rows));
     if (trainHead) {
+      // the one-hot term −scale·hidden scattered (summed) into the label rows: no [C, V] one-hot
       const part = tf.tidy(() => {
+        const target = tf.slice(safe, [start], [rows]);                         // [C]
         const x = tf.slice(hidden, [start, 0], [rows, h]);                        // [C, H]
         const oneHotTerm = tf.scatterND(tf.reshape(target, [rows, 1]), tf.mul(x, scale), [v, h]);  // [V, H]
         // trainHead: `weight` is the float32 variable (a packed head was refused above)
@@ -207,7 +253,7 @@ function linearCrossEntropyBackward(
         dWeight = sum;
       }
     }
-    tf.dispose([scaled, scale, target]);
+    tf.dispose([scaled, scale]);
   }
   if (owned) (weight as Tensor2D).dispose();
   const dHidden = (dHiddens.length === 1 ? dHiddens[0] : tf.concat(dHiddens)) as Tensor2D;  // [N, H]
