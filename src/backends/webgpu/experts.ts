@@ -134,15 +134,6 @@ export function webgpuMoETuningFor(rows: number, numExperts: number): WebGPUMoET
   return perExpert >= 256 ? WEBGPU_MOE_TUNING_LARGE : perExpert >= 64 ? WEBGPU_MOE_TUNING_SMALL : WEBGPU_MOE_TUNING_FEW;
 }
 
-/**
- * tf.env() flag: split LoRA's expansion of a projection's first factor (s·u·B_eᵀ forward, gr·A_e
- * backward) is added in the base product's epilogue (GroupedArgs' lowRank) instead of a product of
- * its own that read and wrote the whole [capacity, out] output once more. false: that product
- * (A/B runs). Further factors of the same projection keep their own products.
- */
-export const LOW_RANK_EPILOGUE_FLAG = 'WEBGPU_MOE_LOW_RANK_EPILOGUE';
-tf.env().registerFlag(LOW_RANK_EPILOGUE_FLAG, () => true);
-
 /** Where (e, out, in) of a per-expert operand lives: e·sE + out·outStride + in·inStride. */
 interface OperandLayout { sE: number; outStride: number; inStride: number }
 
@@ -211,32 +202,28 @@ interface Context {
 /**
  * y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ, and each factor's u = rows·A_eᵀ
  * [capacity, r]: backward's dB reads it, and keeping it (r floats a row) saves recomputing it from
- * rows (the whole input read again, a narrow product per factor and layer). The u come first, so
- * that the first factor's expansion can ride in the base product (LOW_RANK_EPILOGUE_FLAG).
+ * rows (the whole input read again, a narrow product per factor and layer).
  */
 function projectionForward(x: Rows, p: Projection, c: Context): { y: tf.Tensor2D; us: tf.Tensor2D[] } {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
-  const ranks = p.lora.map(f => f.A.shape[0] / c.numExperts);
-  const us = p.lora.map((f, i) => groupedMatMul({
-    ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(factorALayout(ranks[i], p.inSize)),
-    inner: p.inSize, outCols: ranks[i], tile: narrowColumns(c.tuning.tile),
-  }));
-  const expansion = (i: number) => ({
-    v: p.lora[i].B, strides: forwardStrides(factorBLayout(ranks[i], c.numExperts)), alpha: p.lora[i].scaling,
-  });
-  const folded = p.lora.length > 0 && tf.env().getBool(LOW_RANK_EPILOGUE_FLAG) ? 1 : 0;
   let y = groupedMatMul({
     ...common, a: x.t, source: x.source, w: p.weight, strides: forwardStrides(weightLayout(p.outSize, p.inSize, c.transposed)),
     inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile,
-    ...(folded ? { lowRank: { u: us[0], ...expansion(0) } } : {}),
   });
-  for (let i = folded; i < p.lora.length; i++) {
-    const { v, strides, alpha } = expansion(i);
+  const us: tf.Tensor2D[] = [];
+  for (const f of p.lora) {
+    const rank = f.A.shape[0] / c.numExperts;
+    const u = groupedMatMul({
+      ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(factorALayout(rank, p.inSize)),
+      inner: p.inSize, outCols: rank, tile: narrowColumns(c.tuning.tile),
+    });
     const next = groupedMatMul({
-      ...common, a: us[i], source: 'rows', w: v, strides, inner: ranks[i], outCols: p.outSize, addend: y, alpha, tile: c.tuning.tile,
+      ...common, a: u, source: 'rows', w: f.B, strides: forwardStrides(factorBLayout(rank, c.numExperts)),
+      inner: rank, outCols: p.outSize, addend: y, alpha: f.scaling, tile: c.tuning.tile,
     });
     y.dispose();
     y = next;
+    us.push(u);
   }
   return { y, us };
 }
@@ -267,27 +254,10 @@ function projectionBackward(
     us: tf.Tensor2D[], c: Context): ProjectionGrads {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
-  const ranks = p.lora.map(f => f.A.shape[0] / c.numExperts);
-  const aLayouts = ranks.map(rank => factorALayout(rank, p.inSize));
-  // gr = s·dy·B_e per factor, without the routing weight like dx; first, for the epilogue as in forward
-  const grs = p.lora.map((f, i) => groupedMatMul({
-    ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(factorBLayout(ranks[i], c.numExperts)),
-    inner: p.outSize, outCols: ranks[i], alpha: f.scaling, tile: narrowColumns(c.tuning.tile), gradient: true,
-  }));
-  const folded = p.lora.length > 0 && tf.env().getBool(LOW_RANK_EPILOGUE_FLAG) ? 1 : 0;
   let dx = groupedMatMul({
     ...common, a: dy.t, source: dy.source, w: p.weight, strides: backwardStrides(wLayout),
     inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile, gradient: true,
-    ...(folded ? { lowRank: { u: grs[0], v: p.lora[0].A, strides: backwardStrides(aLayouts[0]), alpha: 1 } } : {}),
   });
-  for (let i = folded; i < p.lora.length; i++) {
-    const next = groupedMatMul({
-      ...common, a: grs[i], source: 'rows', w: p.lora[i].A, strides: backwardStrides(aLayouts[i]),
-      inner: ranks[i], outCols: p.inSize, addend: dx, tile: c.tuning.tile,
-    });
-    dx.dispose();
-    dx = next;
-  }
   const grads: tf.Tensor[] = [];
   const gradOf = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
       shape: number[], scale: tf.Tensor1D | undefined, alpha = 1, tile = c.tuning.gradTile) => groupedWeightGrad({
@@ -297,11 +267,25 @@ function projectionBackward(
   if (p.trainWeight) grads.push(gradOf(dy, x, p.outSize, p.inSize, wLayout, p.weight.shape, rowScale));
   if (p.trainBias) grads.push(groupedColumnSum(dy.t, dy.source, c.plan, rowScale));
   for (const [i, f] of p.lora.entries()) {
-    grads.push(gradOf({ source: 'rows', t: grs[i] }, x, ranks[i], p.inSize, aLayouts[i], f.A.shape, rowScale, 1,
+    const rank = f.A.shape[0] / c.numExperts;
+    const aLayout = factorALayout(rank, p.inSize);
+    const bLayout = factorBLayout(rank, c.numExperts);
+    // gr = s·dy·B_e, without the routing weight like dx
+    const gr = groupedMatMul({
+      ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(bLayout),
+      inner: p.outSize, outCols: rank, alpha: f.scaling, tile: narrowColumns(c.tuning.tile), gradient: true,
+    });
+    const next = groupedMatMul({
+      ...common, a: gr, source: 'rows', w: f.A, strides: backwardStrides(aLayout),
+      inner: rank, outCols: p.inSize, addend: dx, tile: c.tuning.tile,
+    });
+    tf.dispose(dx);
+    dx = next;
+    grads.push(gradOf({ source: 'rows', t: gr }, x, rank, p.inSize, aLayout, f.A.shape, rowScale, 1,
         narrowRows(c.tuning.gradTile)));
-    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, ranks[i], factorBLayout(ranks[i], c.numExperts), f.B.shape,
-        rowScale, f.scaling, narrowColumns(c.tuning.gradTile)));
-    grs[i].dispose();
+    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, rank, bLayout, f.B.shape, rowScale, f.scaling,
+        narrowColumns(c.tuning.gradTile)));
+    gr.dispose();
   }
   return { dx, grads };
 }

@@ -71,7 +71,7 @@ function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
 }
 import {
-  type ActivationSpec, activationUniforms, floatUniforms, intUniforms, lowRankUniforms, type ProgramUniformEntry, type RowSource,
+  type ActivationSpec, activationUniforms, floatUniforms, intUniforms, type ProgramUniformEntry, type RowSource,
 } from './programs/shared.js';
 
 const BACKEND = 'webgpu';
@@ -323,9 +323,6 @@ const groupedMatMulConfig: tf.KernelConfig = {
     const list = [inputs.A, inputs.W, inputs.seg, inputs.pr];
     if (a.hasBias) list.push(inputs.bias);
     if (a.hasAddend) list.push(inputs.addend);
-    // lowRank 0 (or absent: a caller of runKernel that predates it): no rank-r term
-    const lowRank = (a.lowRank as number | undefined) || undefined;
-    if (lowRank !== undefined) list.push(inputs.lrU, inputs.lrV);
     const capacity = inputs.pr.shape[0];
     const outCols = a.outCols as number;
     const packedWeight = a.weightKind === 'float32' ? undefined : packedWeightSpec({
@@ -333,7 +330,7 @@ const groupedMatMulConfig: tf.KernelConfig = {
     });
     const common = {
       source: a.source as RowSource, activation: act?.spec, hasBias: a.hasBias as boolean,
-      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, packedWeight, lowRank,
+      hasAddend: a.hasAddend as boolean, kContiguous: a.sK === 1, packedWeight,
     };
     // the wrapper chose tensor cores for this device; a device that is not registered (cannot
     // happen through groupedMatMul) falls back to f32 without the scale input. Packed weights of
@@ -366,10 +363,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
           a.sE as number, a.sN as number, a.sK as number),
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
-      ...(lowRank !== undefined ? lowRankUniforms(
-          { sE: a.lowRankSE as number, sN: a.lowRankSN as number, sK: a.lowRankSK as number }, a.lowRankAlpha as number) : []),
     ];
-    const out = runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * ((a.inner as number) + (lowRank ?? 0)));
+    const out = runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * (a.inner as number));
     if (half !== undefined) webgpu(args).disposeData(half.a.dataId);
     return out;
   },
@@ -420,11 +415,6 @@ export interface GroupedMatMulArgs {
   bias?: tf.Tensor2D;
   /** [capacity, outCols], added after the product */
   addend?: tf.Tensor2D;
-  /**
-   * alpha·u·V_e added to each row in the product's epilogue (split LoRA's expansion folded into
-   * the base product): u [capacity, r] rows, V_e(j, c) at V[e·sE + c·sN + j·sK]
-   */
-  lowRank?: { u: tf.Tensor2D; v: tf.Tensor; strides: WeightStrides; alpha: number };
   alpha?: number;
   /**
    * A holds gradients (dOut, dh): on tensor cores it is scaled per tensor into f16's range
@@ -494,25 +484,25 @@ export function maxAbs(t: tf.Tensor): tf.Tensor1D {
 /**
  * Whether a grouped product goes to NarrowGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): at most
  * NARROW_MAX_COLS = 16 outputs (LoRA ranks up to 16, which is what the register file holds: 2 rows
- * × 16 partial sums a thread), float32 W, no bias, addend or rank-r term (the rank-r products have none).
+ * × 16 partial sums a thread), float32 W, no bias or addend (the rank-r products have neither).
  * Wider outputs reuse each loaded row across enough columns for the tiled program's register tile
  * to pay.
  */
-export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' | 'bias' | 'addend' | 'lowRank'>): boolean {
+export function narrowProductFits(args: Pick<GroupedMatMulArgs, 'outCols' | 'w' | 'bias' | 'addend'>): boolean {
   return tf.env().getBool(NARROW_PRODUCTS_FLAG) && args.outCols <= NARROW_MAX_COLS && !isPackedExpertWeight(args.w) &&
-      args.bias == null && args.addend == null && args.lowRank == null;
+      args.bias == null && args.addend == null;
 }
 
 /**
  * Whether a grouped product goes to NarrowInnerGroupedMatMulProgram (NARROW_PRODUCTS_FLAG on): a
  * reduction at most NARROW_MAX_COLS deep (split LoRA's expansions, inner = r, whose bytes are the
- * addend and the output), float32 W, no bias or rank-r term (those products have neither) and a plan whose row tile
+ * addend and the output), float32 W, no bias (those products have none) and a plan whose row tile
  * a 16-, 32- or 64-row block divides. Deeper reductions reuse each loaded value across enough of
  * the tiled program's register tile to pay.
  */
-export function narrowInnerProductFits(args: Pick<GroupedMatMulArgs, 'inner' | 'w' | 'bias' | 'lowRank' | 'plan'>): boolean {
+export function narrowInnerProductFits(args: Pick<GroupedMatMulArgs, 'inner' | 'w' | 'bias' | 'plan'>): boolean {
   return tf.env().getBool(NARROW_PRODUCTS_FLAG) && args.inner <= NARROW_MAX_COLS && !isPackedExpertWeight(args.w) &&
-      args.bias == null && args.lowRank == null && narrowInnerBlockRowsFor(args.plan.rowTile) !== undefined;
+      args.bias == null && narrowInnerBlockRowsFor(args.plan.rowTile) !== undefined;
 }
 
 /** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
@@ -522,7 +512,6 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const inputs: tf.NamedTensorMap = { A: args.a, W: w, seg: args.plan.seg, pr: args.plan.pairOfRow };
   if (args.bias) inputs.bias = args.bias;
   if (args.addend) inputs.addend = args.addend;
-  if (args.lowRank) Object.assign(inputs, { lrU: args.lowRank.u, lrV: args.lowRank.v });
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
@@ -536,10 +525,6 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     // NarrowInnerGroupedMatMulProgram's rows per workgroup, 0: not a narrow reduction
     narrowInnerRows: narrowInner ? narrowInnerBlockRowsFor(args.plan.rowTile)! : 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
-    ...(args.lowRank ? {
-      lowRank: args.lowRank.u.shape[1], lowRankSE: args.lowRank.strides.sE, lowRankSN: args.lowRank.strides.sN,
-      lowRankSK: args.lowRank.strides.sK, lowRankAlpha: args.lowRank.alpha,
-    } : {}),
     outCols: args.outCols, inner: args.inner, topK: args.plan.topK, numExperts: args.plan.numExperts,
     ...args.strides, alpha: args.alpha ?? 1,
     // each packed expert starts on a word: its base counts words

@@ -24,8 +24,8 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, LOW_RANK_UNIFORMS,
-  lowRankSnippet, packedElementSnippet, packedWeightKey, type PackedWeightSpec, type RowSource, TILE_THREADS,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
+  type RowSource, TILE_THREADS,
 } from './shared.js';
 
 /**
@@ -199,12 +199,6 @@ export interface GroupedMatMulSpec {
    * pr); the tile's expert is 0 (sE 0), row r is A's row r for r < numRows; source must be 'rows'.
    */
   singleGroup?: boolean;
-  /**
-   * The rank of a term lrAlpha·lrU·V_e added to each output (lowRankSnippet: split LoRA's
-   * expansion folded into the base product), inputs lrU [capacity, rank] and lrV after the addend,
-   * LOW_RANK_UNIFORMS after the program's; absent: none.
-   */
-  lowRank?: number;
 }
 
 /**
@@ -283,12 +277,10 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.dispatch = [Math.ceil(outCols / (TILE_THREADS * tn)), Math.ceil(capacity / (TILE_THREADS * tm)), 1];
     this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
-      ...(spec.hasAddend ? ['addend'] : []), ...(spec.lowRank !== undefined ? ['lrU', 'lrV'] : [])];
-    if (spec.lowRank !== undefined) this.uniforms = GROUPED_MATMUL_UNIFORMS + LOW_RANK_UNIFORMS;
+      ...(spec.hasAddend ? ['addend'] : [])];
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
-        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '') + (spec.singleGroup ? '_single' : '') +
-        (spec.lowRank !== undefined ? `_lr${spec.lowRank}` : '');
+        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '') + (spec.singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
@@ -313,7 +305,6 @@ export class GroupedMatMulProgram implements WebGPUProgram {
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
       ${rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${loadW.fn}
-      ${this.spec.lowRank !== undefined ? lowRankSnippet(this.spec.lowRank) : ''}
 
       fn main() {
         let tx = i32(localId.x);
@@ -357,7 +348,6 @@ export class GroupedMatMulProgram implements WebGPUProgram {
                 v = uniforms.alpha * acc[i * ${tn} + j];
                 ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
                 ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-                ${this.spec.lowRank !== undefined ? 'v += lowRankTerm(r, c, e);' : ''}
               }
               result[r * uniforms.outCols + c] = v;
             }

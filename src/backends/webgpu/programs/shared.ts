@@ -87,34 +87,6 @@ export const GROUPED_MATMUL_UNIFORMS = 'numRows : i32, outCols : i32, inner : i3
     'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
 
 /**
- * The uniforms of a grouped product's rank-r term (lowRankSnippet), after GROUPED_MATMUL_UNIFORMS
- * (and a program's own): V_e(j, c) at V[e·lrSE + c·lrSN + j·lrSK], the term times lrAlpha.
- */
-export const LOW_RANK_UNIFORMS = 'lrSE : i32, lrSN : i32, lrSK : i32, lrAlpha : f32, ';
-
-/** Uniform entries matching LOW_RANK_UNIFORMS. */
-export function lowRankUniforms(strides: { sE: number; sN: number; sK: number }, alpha: number): ProgramUniformEntry[] {
-  return [...intUniforms(strides.sE, strides.sN, strides.sK), ...floatUniforms(alpha)];
-}
-
-/**
- * WGSL: lowRankTerm(r, c, e) = lrAlpha·Σ_j lrU(r, j)·V_e(j, c) over j < `rank`, lrU [rows, rank]
- * in the product's own row space: split LoRA's expansion (s·u·B_eᵀ forward, gr·A_e backward) added
- * in the base product's epilogue, where a pass of its own read and wrote the whole output again.
- */
-export function lowRankSnippet(rank: number): string {
-  return `
-      fn lowRankTerm(r : i32, c : i32, e : i32) -> f32 {
-        let vBase = e * uniforms.lrSE + c * uniforms.lrSN;
-        var sum = 0.0;
-        for (var j = 0; j < ${rank}; j++) {
-          sum += lrU[r * ${rank} + j] * lrV[vBase + j * uniforms.lrSK];
-        }
-        return uniforms.lrAlpha * sum;
-      }`;
-}
-
-/**
  * WGSL: gateIndex/upIndex(i, width) give the columns of gate i and up i in an h row of 2·width;
  * actForward(g, u) and actBackward(g, u, da) -> vec2(dGate, dUp). The clamps pass the gradient
  * where the input is within the limits, boundaries included (as torch.clamp does).

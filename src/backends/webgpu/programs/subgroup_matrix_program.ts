@@ -31,8 +31,8 @@ import {
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, LOW_RANK_UNIFORMS,
-  lowRankSnippet, type PackedWeightSpec, packedWeightKey, type RowSource,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type PackedWeightSpec, packedWeightKey,
+  type RowSource,
 } from './shared.js';
 import {
   aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
@@ -651,11 +651,10 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
-    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '') +
-        (spec.lowRank !== undefined ? LOW_RANK_UNIFORMS : '');
+    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
     const planned = !spec.singleGroup && !spec.uniformGroups;
     this.variableNames = ['A', 'W', ...(planned ? ['seg', 'pr'] : []), ...(spec.hasBias ? ['bias'] : []),
-      ...(spec.hasAddend ? ['addend'] : []), ...(spec.lowRank !== undefined ? ['lrU', 'lrV'] : []), ...(spec.scaled ? ['amax'] : [])];
+      ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
     this.variableComponents = components(this.variableNames, {
       // 'half8': 8 halves, 4 words, 16 bytes
       ...(staging.left !== 'element' ? { A: 4 } : {}),
@@ -666,8 +665,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
-        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') +
-        (spec.lowRank !== undefined ? `_lr${spec.lowRank}` : '');
+        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '');
   }
 
   /**
@@ -699,7 +697,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const qa = stagedQuadA(x, layout, 'q', halfA ? 8 : 4);
     const widthW = eightW ? 8 : 4;
     const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous, widthW);
-    const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend && this.spec.lowRank === undefined;
+    const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
     const quads: QuadStaging[] = [];
@@ -768,7 +766,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         : rowLoadSnippet(this.spec.source, this.spec.activation)}
       ${quadW ? weightQuadSnippet(this.spec.packedWeight, eightW) : loadW.fn}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
-      ${this.spec.lowRank !== undefined ? lowRankSnippet(this.spec.lowRank) : ''}
 
       fn main() {
         let lid = i32(localIndex);
@@ -810,7 +807,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             var v = unscale * ${v};
             ${this.spec.hasBias ? 'v += bias[max(e, 0) * uniforms.outCols + c];' : ''}
             ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-            ${this.spec.lowRank !== undefined ? 'v += lowRankTerm(r, c, max(e, 0));' : ''}
             result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
