@@ -192,8 +192,9 @@ export async function renderArgsDoc(): Promise<string> {
       'one more forward per step; the step\'s peak grows per layer by one [batch, seq, hidden] tensor (the layer\'s ' +
       'input, then its gradient), not by its activations; the same loss and gradients. ' +
       '[training.md](training.md#gradient-checkpointing) |');
-  p('| `denseDtype` (load option) | `\'stored\' \\| \'float32\'` | `\'float32\'` | `--dense-dtype` (also convert, inspect) | — | ' +
-      '`\'stored\'` keeps a BF16/F16 checkpoint\'s attention q/k/v/o_proj and untied token embedding 16-bit in memory, ' +
+  p('| `denseDtype` (load option) | `\'stored\' \\| \'float32\'` | `\'float32\'`; train: `\'stored\'` with LoRA, `\'float32\'` ' +
+      'for full fine-tuning | `--dense-dtype` (also convert, inspect) | — | ' +
+      '`\'stored\'` keeps a BF16/F16 checkpoint\'s attention q/k/v/o_proj and untied token embedding and LM head 16-bit in memory, ' +
       'frozen, decoded inside each product: the same loss and LoRA gradients bit for bit, 2 bytes an element less; ' +
       'LoRA only (full fine-tuning refuses it). [models.md](models.md#16-bit-attention-and-embedding-densedtype) |');
   p(`| \`${TENSOR_CORES_SPEC.path}\` (backend option) | ${TENSOR_CORES_SPEC.values!.map(v => `\`'${v}'\``).join(' \\| ')} | ` +

@@ -269,7 +269,9 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
       .option('json', { type: 'boolean', default: false, describe: 'print one JSON object (with every step\'s loss), no progress' });
   return pluginOptions(tensorCoresOption(denseDtypeOption(expertDtypeOption(y, "--model's routed experts: 'stored' keeps BF16/F16 ones 16-bit and MXFP4 " +
       "ones MXFP4 (packed, frozen; default with LoRA), 'float32' widens them (default for full fine-tuning, which trains them), " +
-      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'))))
+      'int8/int4/nf4/mxfp4 quantize them on load (frozen: QLoRA)'), "--model's attention q/k/v/o and untied token embedding and LM head: " +
+      "'stored' keeps BF16/F16 ones 16-bit (packed, frozen, decoded per product: the same results at half their memory; default " +
+      "with LoRA), 'float32' widens them (default for full fine-tuning, which trains them)")))
       .check(argv => {
         // with --config the file fills in flags first: the handler checks the merged flags
         if (argv.config !== undefined) return true;
