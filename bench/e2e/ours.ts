@@ -68,7 +68,10 @@ export interface E2EOptions {
   tokenizer?: string | HFTokenizer;
   /** how the routed experts are held: 'stored' (bf16 as in the files), 'float32', 'int4', 'nf4', ... */
   expertDtype?: ExpertDtype;
-  /** how attention's projections and the embedding are held: 'float32' (default) or 'stored' (bf16 as in the files, decoded on use) */
+  /**
+   * how attention's projections, the embedding and the head are held: 'stored' (default, as `train`
+   * holds them with LoRA since run W: bf16 as in the files, decoded on use) or 'float32'
+   */
   denseDtype?: DenseDtype;
   /** the LoRA targets, a subset of E2E_LORA_TARGETS (default: all of them, as torch_peft.py trains) */
   targets?: readonly string[];
@@ -280,7 +283,7 @@ async function writeTensorsFolder(folder: string, file: string,
 export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
-    tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, denseDtype: 'float32' as DenseDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
+    tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, denseDtype: 'stored' as DenseDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
     warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[],
     gradientCheckpointing: false, ...options,
   };
