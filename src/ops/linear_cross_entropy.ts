@@ -178,7 +178,7 @@ function linearCrossEntropyForward(
     const sumExp = tf.sum(exps, 1, true);                                       // [C, 1]
     const lse = tf.tidy(() => tf.add(tf.log(tf.reshape(sumExp, [rows])), tf.reshape(max, [rows])) as Tensor1D);  // [C]
     if (withHiddenGradient) {
-      const scale = chunkGradientScale(counted, 1, normalizer, start, rows);
+      const scale = chunkGradientScale(counted, null, normalizer, start, rows);
       const scaled = tf.tidy(() => tf.mul(exps, tf.div(scale, sumExp)) as Tensor2D);  // [C, V]: softmax · scale
       dHiddens.push(chunkHiddenGradient(scaled, weight, safe, scale, start, rows));
       tf.dispose([scaled, scale]);
@@ -199,9 +199,15 @@ function linearCrossEntropyForward(
   return { lse, value, dHidden };
 }
 
-/** The rows' factor of dLogits = (softmax − onehot) · scale: counted / normalizer · dy, [C, 1]. */
-function chunkGradientScale(counted: Tensor1D, dy: Tensor | number, normalizer: number, start: number, rows: number): Tensor2D {
-  return tf.tidy(() => tf.reshape(tf.mul(tf.div(tf.slice(counted, [start], [rows]), normalizer), dy), [rows, 1]));
+/**
+ * The rows' factor of dLogits = (softmax − onehot) · scale: counted / normalizer · dy, [C, 1]
+ * (no dy in the forward pass, where the loss's own gradient, 1, is meant).
+ */
+function chunkGradientScale(counted: Tensor1D, dy: Tensor | null, normalizer: number, start: number, rows: number): Tensor2D {
+  return tf.tidy(() => {
+    const perRow = tf.div(tf.slice(counted, [start], [rows]), normalizer);
+    return tf.reshape(dy === null ? perRow : tf.mul(perRow, dy), [rows, 1]);
+  });
 }
 
 /**
