@@ -14,6 +14,12 @@
  * Chrome's main thread refused to compile synchronously (a RangeError; headless Chromium 156 no
  * longer does): where the synchronous compile throws, the first call starts an asynchronous one
  * and the kernels run their JS loops until it is done (`moeSimdSettled` waits for it).
+ *
+ * On a shared heap, threads of the module's own may be attached (`attachMoESimdThreads`: Node's
+ * worker_threads, moe_simd_threads_node.ts): the loops whose rows are independent then run on parts
+ * of their rows at once, each part on one thread, with the same results bit for bit (a row is
+ * computed by the same code whichever thread runs it). XNNPACK's products already run on the
+ * threaded build's pool; without this the loops between them ran on the calling thread alone.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MOE_SIMD_SHARED_WASM_BASE64, MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
@@ -21,6 +27,10 @@ import { MOE_SIMD_SHARED_WASM_BASE64, MOE_SIMD_WASM_BASE64 } from './moe_simd_by
 /** tf.env() flag: run the wasm kernels' loops in this module (true) or in JS (false, for A/B and specs). */
 export const SIMD_KERNELS_FLAG = 'WASM_MOE_SIMD_KERNELS';
 tf.env().registerFlag(SIMD_KERNELS_FLAG, () => true);
+
+/** tf.env() flag: split the loops' rows over attached threads (true) or run them on the calling thread (false, for A/B and specs). */
+export const SIMD_THREADS_FLAG = 'WASM_MOE_SIMD_THREADS';
+tf.env().registerFlag(SIMD_THREADS_FLAG, () => true);
 
 /**
  * The module's exports. Every address is a byte offset on the wasm heap (a HEAPF32 index · 4);
@@ -50,8 +60,36 @@ interface WasmModuleWithMemory {
   wasmMemory?: unknown;
 }
 
-/** Per tfjs-wasm module: the instance, null (not available), or the asynchronous compile under way. */
-const instances = new WeakMap<object, MoESimd | null | Promise<void>>();
+/** The loops that `MoESimdThreads` may split by rows, by their export names in the module. */
+export const ROW_SPLIT_EXPORTS = [
+  'swiglu_forward', 'swiglu_backward', 'combine_rows', 'pair_row_dot', 'gather_rows', 'product_narrow_k', 'product_narrow_m',
+] as const;
+export type RowSplitExport = typeof ROW_SPLIT_EXPORTS[number];
+
+/**
+ * Threads with instances of the module on the same shared heap, which run one export on several
+ * argument lists at once.
+ */
+export interface MoESimdThreads {
+  /** How many argument lists run at once: the threads and the calling thread. */
+  readonly parts: number;
+  /**
+   * Runs export `name` once per argument list: `own` (the calling thread's instance) on the first,
+   * the threads on the others; returns when all are done.
+   */
+  run(name: RowSplitExport, parts: readonly number[][], own: (...args: number[]) => void): void;
+}
+
+/** A loaded module on one tfjs-wasm module's heap, and the threads attached to it. */
+interface Loaded {
+  simd: MoESimd;
+  module: WebAssembly.Module;
+  memory: WebAssembly.Memory;
+  threads?: { pool: MoESimdThreads; split: MoESimd };
+}
+
+/** Per tfjs-wasm module: the loaded module, null (not available), or the asynchronous compile under way. */
+const instances = new WeakMap<object, Loaded | null | Promise<void>>();
 
 function exportsOf(instance: WebAssembly.Instance): MoESimd {
   const e = instance.exports as Record<string, (...args: number[]) => void>;
@@ -68,7 +106,7 @@ function exportsOf(instance: WebAssembly.Instance): MoESimd {
   };
 }
 
-function instantiate(wasm: object): MoESimd | null | Promise<void> {
+function instantiate(wasm: object): Loaded | null | Promise<void> {
   const memory = (wasm as WasmModuleWithMemory).asm?.memory ?? (wasm as WasmModuleWithMemory).wasmMemory;
   if (typeof WebAssembly === 'undefined' || !(memory instanceof WebAssembly.Memory)) return null;
   // a shared memory is imported by the module's twin that declares it shared
@@ -77,20 +115,31 @@ function instantiate(wasm: object): MoESimd | null | Promise<void> {
   if (!WebAssembly.validate(bytes)) return null;   // no SIMD in this engine
   const imports = { env: { memory } };
   try {
-    return exportsOf(new WebAssembly.Instance(new WebAssembly.Module(bytes), imports));
+    const module = new WebAssembly.Module(bytes);
+    return { simd: exportsOf(new WebAssembly.Instance(module, imports)), module, memory };
   } catch {
     return WebAssembly.instantiate(bytes, imports).then(
-        ({ instance }) => { instances.set(wasm, exportsOf(instance)); },
+        ({ module, instance }) => { instances.set(wasm, { simd: exportsOf(instance), module, memory }); },
         () => { instances.set(wasm, null); });
   }
 }
 
-/** The module on this backend's heap (instantiated once per tfjs-wasm module), or null: see the file comment. */
-export function moeSimd(wasm: object): MoESimd | null {
-  if (!tf.env().getBool(SIMD_KERNELS_FLAG)) return null;
+/** The loaded module for this tfjs-wasm module, null where it is not (yet) available. */
+function loaded(wasm: object): Loaded | null {
   if (!instances.has(wasm)) instances.set(wasm, instantiate(wasm));
   const state = instances.get(wasm)!;
   return state instanceof Promise ? null : state;
+}
+
+/**
+ * The module on this backend's heap (instantiated once per tfjs-wasm module), with its row loops
+ * split over attached threads where the flag says so, or null: see the file comment.
+ */
+export function moeSimd(wasm: object): MoESimd | null {
+  if (!tf.env().getBool(SIMD_KERNELS_FLAG)) return null;
+  const state = loaded(wasm);
+  if (state === null) return null;
+  return state.threads !== undefined && tf.env().getBool(SIMD_THREADS_FLAG) ? state.threads.split : state.simd;
 }
 
 /** Resolves when the module for this tfjs-wasm module is loaded or known unavailable: true when loaded. */
@@ -98,4 +147,82 @@ export async function moeSimdSettled(wasm: object): Promise<boolean> {
   if (!instances.has(wasm)) instances.set(wasm, instantiate(wasm));
   await instances.get(wasm);
   return instances.get(wasm) != null;
+}
+
+/**
+ * The compiled module and the shared heap it imports, for threads to instantiate it on: null
+ * where the module is not loaded or the heap is not shared.
+ */
+export function moeSimdSharedModule(wasm: object): { module: WebAssembly.Module; memory: WebAssembly.Memory } | null {
+  const state = loaded(wasm);
+  if (state === null || typeof SharedArrayBuffer === 'undefined' || !(state.memory.buffer instanceof SharedArrayBuffer)) return null;
+  return { module: state.module, memory: state.memory };
+}
+
+/** The threads attached to the module on this tfjs-wasm module's heap, or null. */
+export function attachedMoESimdThreads(wasm: object): MoESimdThreads | null {
+  return loaded(wasm)?.threads?.pool ?? null;
+}
+
+/** Attaches threads to the module on this tfjs-wasm module's heap (null detaches them). */
+export function attachMoESimdThreads(wasm: object, pool: MoESimdThreads | null): void {
+  const state = loaded(wasm);
+  if (state === null) throw new Error('attachMoESimdThreads: the module is not loaded on this heap');
+  state.threads = pool === null ? undefined : { pool, split: splitRows(state.simd, pool) };
+}
+
+/** A part below this many floats read and written costs less than waking a thread for it. */
+const PART_MIN_FLOATS = 1 << 14;
+
+/**
+ * Calls `own` on rows 0 … n − 1, or `pool` on up to pool.parts ranges of them, where each part
+ * has at least PART_MIN_FLOATS (rowFloats a row). `args(first, rows)` is the argument list of a
+ * range: the row count and the pointers moved to its first row.
+ */
+function byRows(pool: MoESimdThreads, name: RowSplitExport, own: (...args: number[]) => void, n: number, rowFloats: number,
+    args: (first: number, rows: number) => number[]): void {
+  const parts = Math.min(pool.parts, n, Math.floor(n * rowFloats / PART_MIN_FLOATS));
+  if (parts <= 1) {
+    own(...args(0, n));
+    return;
+  }
+  const lists: number[][] = [];
+  for (let p = 0; p < parts; p++) {
+    const first = Math.floor(n * p / parts);
+    lists.push(args(first, Math.floor(n * (p + 1) / parts) - first));
+  }
+  pool.run(name, lists, own);
+}
+
+/**
+ * `simd` with its row loops split over `pool`: each range's pointers move to its first row (by the
+ * row's bytes; an index array by its entries; `start` by rows). Optional operands stay 0 when
+ * their flag is off. weight_grad (sums over rows) and gather_transpose (rows become columns)
+ * run on the calling thread.
+ */
+function splitRows(simd: MoESimd, pool: MoESimdThreads): MoESimd {
+  return {
+    ...simd,
+    swigluForward: (n, inter, h, a, scaled, scale, aScaled) =>
+      byRows(pool, 'swiglu_forward', simd.swigluForward, n, (3 + scaled * 2) * inter, (r, rows) =>
+        [rows, inter, h + r * 8 * inter, a + r * 4 * inter, scaled, scaled ? scale + r * 4 : 0, scaled ? aScaled + r * 4 * inter : 0]),
+    swigluBackward: (n, inter, h, da, scaled, scale, dh) =>
+      byRows(pool, 'swiglu_backward', simd.swigluBackward, n, 5 * inter, (r, rows) =>
+        [rows, inter, h + r * 8 * inter, da + r * 4 * inter, scaled, scaled ? scale + r * 4 : 0, dh + r * 8 * inter]),
+    combineRows: (t, k, cols, y, rowOfPair, weighted, w, out) =>
+      byRows(pool, 'combine_rows', simd.combineRows, t, (k + 1) * cols, (r, rows) =>
+        [rows, k, cols, y, rowOfPair + r * 4 * k, weighted, weighted ? w + r * 4 * k : 0, out + r * 4 * cols]),
+    pairRowDot: (pairs, cols, a, b, rowOfPair, out) =>
+      byRows(pool, 'pair_row_dot', simd.pairRowDot, pairs, 2 * cols, (r, rows) =>
+        [rows, cols, a, b, rowOfPair + r * 4, out + r * 4]),
+    gatherRows: (n, cols, src, indexed, idx, start, dst) =>
+      byRows(pool, 'gather_rows', simd.gatherRows, n, 2 * cols, (r, rows) =>
+        [rows, cols, src, indexed, idx, start + r, dst + r * 4 * cols]),
+    productNarrowK: (n, k, m, x, xIndexed, xIdx, start, w, alpha, added, add, out) =>
+      byRows(pool, 'product_narrow_k', simd.productNarrowK, n, k + (1 + added) * m, (r, rows) =>
+        [rows, k, m, x, xIndexed, xIdx, start + r, w, alpha, added, added ? add + r * 4 * m : 0, out + r * 4 * m]),
+    productNarrowM: (n, k, m, x, xIndexed, xIdx, start, wt, alpha, out) =>
+      byRows(pool, 'product_narrow_m', simd.productNarrowM, n, k + m, (r, rows) =>
+        [rows, k, m, x, xIndexed, xIdx, start + r, wt, alpha, out + r * 4 * m]),
+  };
 }

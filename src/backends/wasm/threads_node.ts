@@ -10,6 +10,12 @@
  * module goes into tfjs-wasm's own BackendWasm, registered under the name 'wasm', so every wasm
  * kernel (tfjs's and this package's) runs on it unchanged.
  *
+ * The package's own SIMD loops between the products (moe_simd.ts) get threads too: workers beside
+ * the calling thread split their rows (moe_simd_threads_node.ts). By default as many as there are
+ * cores beyond XNNPACK's threads, at most `threads` − 1: XNNPACK's workers spin for a while after
+ * each product (pthreadpool's spin wait), so loop workers on the same cores would only take turns
+ * with them (measured on a 2-core box: the block 10–30 % slower with one loop worker than with none).
+ *
  * tfjs-wasm caps its pool at half the logical cores it sees (it assumes two hardware threads a
  * core) and at 8. While the module starts, the core count it reads (os.cpus()) is raised to
  * 2 × `threads` when lower, so that the pool gets the threads asked for; more threads than cores
@@ -23,6 +29,7 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { BackendError } from '../errors.js';
+import { startMoESimdThreads } from './moe_simd_threads_node.js';
 
 /** tfjs-wasm's pthread pool has this many workers (its build's PTHREAD_POOL_SIZE). */
 export const MAX_WASM_THREADS = 8;
@@ -42,20 +49,35 @@ interface WasmPackage {
   getThreadsCount(): number;
 }
 
+/** useThreadedWasm's options. */
+export interface ThreadedWasmOptions {
+  /**
+   * Worker threads for the package's loops between the products, beside the calling thread
+   * (0: none). Default: the cores left beside XNNPACK's threads, at most threads − 1.
+   */
+  loopWorkers?: number;
+}
+
 /**
  * Makes 'wasm' the threaded SIMD build with `threads` XNNPACK threads and sets it as the backend.
- * Call it before the wasm backend has started. Returns the pool's thread count, and `release`,
- * which removes the backend and ends its worker threads: until then they keep Node running.
+ * Call it before the wasm backend has started. Returns the pool's thread count, the loop workers
+ * started, and `release`, which removes the backend and ends its worker threads: until then they
+ * keep Node running.
  *
  * ```js
- * const { threads, release } = await useThreadedWasm(4);   // tf.getBackend() === 'wasm'
+ * const { threads, loopWorkers, release } = await useThreadedWasm(4);   // tf.getBackend() === 'wasm'
  * // ... train, bench ...
  * release();
  * ```
  */
-export async function useThreadedWasm(threads: number): Promise<{ threads: number; release(): void }> {
+export async function useThreadedWasm(threads: number, options: ThreadedWasmOptions = {}):
+    Promise<{ threads: number; loopWorkers: number; release(): void }> {
   if (!Number.isInteger(threads) || threads < 1 || threads > MAX_WASM_THREADS) {
     throw new BackendError(`wasm threads must be an integer from 1 to ${MAX_WASM_THREADS} but got ${threads}`);
+  }
+  const { loopWorkers } = options;
+  if (loopWorkers !== undefined && (!Number.isInteger(loopWorkers) || loopWorkers < 0 || loopWorkers > MAX_WASM_THREADS)) {
+    throw new BackendError(`loopWorkers must be an integer from 0 to ${MAX_WASM_THREADS} but got ${loopWorkers}`);
   }
   if (tf.engine().registry.wasm != null) {
     throw new BackendError('the threaded wasm build must be chosen before the wasm backend starts, ' +
@@ -105,6 +127,16 @@ export async function useThreadedWasm(threads: number): Promise<{ threads: numbe
   }, 2);
   if (!(await tf.setBackend('wasm'))) throw new BackendError('the threaded wasm build failed to initialize');
   await tf.ready();
-  // BackendWasm.dispose (through removeBackend) ends the pool's threads (PThread.terminateAllThreads)
-  return { threads: wasmPackage.getThreadsCount(), release: () => tf.removeBackend('wasm') };
+  const count = wasmPackage.getThreadsCount();
+  const workers = loopWorkers ?? Math.max(0, Math.min(count - 1, os.cpus().length - count));
+  const loops = workers > 0 ? await startMoESimdThreads((tf.backend() as unknown as { wasm: object }).wasm, workers) : null;
+  return {
+    threads: count,
+    loopWorkers: loops === null ? 0 : workers,
+    release: () => {
+      void loops?.stop();
+      // BackendWasm.dispose (through removeBackend) ends the pool's threads (PThread.terminateAllThreads)
+      tf.removeBackend('wasm');
+    },
+  };
 }

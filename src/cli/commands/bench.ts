@@ -180,7 +180,7 @@ export async function handler(argv: ArgumentsCamelCase<BenchArgs>): Promise<void
   if (argv.wasmThreads !== undefined) {
     const threaded = await useThreadedWasm(argv.wasmThreads);
     releaseThreads = threaded.release;
-    process.stderr.write(`wasm: threaded SIMD build, ${threaded.threads} XNNPACK threads\n`);
+    process.stderr.write(`wasm: threaded SIMD build, ${threaded.threads} XNNPACK threads, ${threaded.loopWorkers} loop workers\n`);
   }
   const release = await selectBenchBackend(argv.backend);
   try {
