@@ -56,6 +56,7 @@ export {
   type Progress, type ProgressOptions, type InterruptFlag,
 } from './train/index.js';
 export { setupDawnWebGPU, releaseDawnWebGPU, type DawnSetupOptions, type DawnAdapterReport } from './backends/webgpu/dawn.js';
+export { useThreadedWasm, MAX_WASM_THREADS, type ThreadedWasmOptions } from './backends/wasm/threads_node.js';
 export { registerWebGPUMoE } from './backends/webgpu/register.js';
 
 // Like tfjs-node, this (Node) entry makes 'file://' paths work for model.save and

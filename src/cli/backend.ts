@@ -22,6 +22,8 @@ export const BACKEND_PACKAGES: Readonly<Record<BackendName, string>> = {
 
 /** What releases the Dawn this module started (null: none, or one its host started and keeps). */
 let releaseDawn: (() => void) | null = null;
+/** What ends the threaded wasm build's threads this module started (null: none). */
+let releaseWasmThreads: (() => void) | null = null;
 
 export { BackendError };
 
@@ -55,6 +57,12 @@ export interface BackendOptions {
    * turns the flag off: the f32 kernels (src/args/tensor_cores.ts)
    */
   tensorCores?: TensorCoreMode;
+  /**
+   * wasm in Node only: tfjs-wasm's threaded SIMD build with this many XNNPACK threads (1 to 8), its
+   * loops between the products split over the cores left beside them
+   * (src/backends/wasm/threads_node.ts); default: the single-threaded build tfjs loads in Node
+   */
+  wasmThreads?: number;
 }
 
 /** What selectBackend started. */
@@ -66,6 +74,8 @@ export interface BackendReport {
    * shader-f16 and chromium-experimental-subgroup-matrix" on Mesa
    */
   tensorCores: string;
+  /** With wasmThreads: the XNNPACK threads and loop workers started. */
+  wasmThreads?: { threads: number; loopWorkers: number };
 }
 
 /**
@@ -83,11 +93,15 @@ export async function selectBackend(name: string, options: BackendOptions = {}, 
     throw new BackendError(`unknown backend '${name}'; choose one of ${BACKENDS.join(', ')}`);
   }
   const problems = tensorCoresProblems(options.tensorCores, name);
+  if (options.wasmThreads !== undefined && name !== 'wasm') problems.push(`wasmThreads is for the 'wasm' backend, not '${name}'`);
   if (problems.length > 0) throw new BackendError(`selectBackend(): ${problems.join('; ')}`);
   const tensorCores = options.tensorCores ?? 'off';
   const backend = name as BackendName;
   await importPackage('@tensorflow/tfjs-layers', 'computing gradients', importer);
   await importPackage(BACKEND_PACKAGES[backend], `the '${backend}' backend`, importer);
+  if (backend === 'wasm' && options.wasmThreads !== undefined) {
+    return { backend, tensorCores: 'off', wasmThreads: await activateThreadedWasm(options.wasmThreads) };
+  }
   if (backend !== 'webgpu') {
     await activate(backend);
     return { backend, tensorCores: 'off' };
@@ -112,6 +126,20 @@ async function activate(backend: BackendName): Promise<void> {
   await tf.ready();
   removeListenersAddedSince(listenersBefore);
   registerMoEKernels(backend);
+}
+
+/**
+ * The threaded wasm build as the backend (useThreadedWasm, imported here: it is Node's alone), this
+ * package's kernels on it; releaseBackend ends its threads.
+ */
+async function activateThreadedWasm(threads: number): Promise<{ threads: number; loopWorkers: number }> {
+  const { useThreadedWasm } = await import('../backends/wasm/threads_node.js');
+  const listenersBefore = processErrorListeners();
+  const started = await useThreadedWasm(threads);
+  removeListenersAddedSince(listenersBefore);
+  registerMoEKernels('wasm');
+  releaseWasmThreads = started.release;
+  return { threads: started.threads, loopWorkers: started.loopWorkers };
 }
 
 /**
@@ -161,8 +189,8 @@ async function startDawn(importer: Importer, dawnLoader: DawnLoader, tensorCores
 }
 
 /**
- * Lets go of what selectBackend started that would keep Node alive (Dawn, for webgpu); a no-op
- * otherwise. main() calls it after every command.
+ * Lets go of what selectBackend started that would keep Node alive (Dawn, for webgpu; the threaded
+ * wasm build's threads, which goes with its backend); a no-op otherwise. main() calls it after every command.
  *
  * ```js
  * await selectBackend('webgpu');
@@ -173,6 +201,9 @@ export function releaseBackend(): void {
   const release = releaseDawn;
   releaseDawn = null;
   release?.();
+  const releaseThreads = releaseWasmThreads;
+  releaseWasmThreads = null;
+  releaseThreads?.();
 }
 
 const PROCESS_ERROR_EVENTS = ['uncaughtException', 'unhandledRejection'] as const;

@@ -5,6 +5,7 @@
  * into plugin args through the same validation as register(), so the messages are the same,
  * each prefixed by its flag. Any --lora-* flag other than --lora-mode turns LoRA on.
  */
+import { MAX_WASM_THREADS } from '../backends/wasm/threads_node.js';
 import type { Argv, Options } from 'yargs';
 import { PluginArgsError, type PluginArgsProblem } from '../args/errors.js';
 import { PLUGIN_ARG_SPECS, keyOf, type ArgSpec, type ResolvedPluginArgs } from '../args/schema.js';
@@ -154,6 +155,19 @@ export function tensorCoresOption<T>(yargs: Argv<T>): Argv<T & { tensorCores?: T
 export function tensorCoresFlagProblem(value: unknown, backend: string): string | null {
   const problems = tensorCoresProblems(value, backend);
   return problems.length === 0 ? null : `--${TENSOR_CORES_FLAG_NAME}: ${problems[0]}`;
+}
+
+/**
+ * `--wasm-threads`'s problem (train, bench): another backend than wasm, or not an integer from 1
+ * to MAX_WASM_THREADS; null when fine or absent.
+ */
+export function wasmThreadsFlagProblem(threads: number | undefined, backend: string): string | null {
+  if (threads === undefined) return null;
+  if (backend !== 'wasm') return `--wasm-threads is for --backend wasm, not ${backend}`;
+  if (!Number.isInteger(threads) || threads < 1 || threads > MAX_WASM_THREADS) {
+    return `--wasm-threads must be an integer from 1 to ${MAX_WASM_THREADS} but got ${threads}`;
+  }
+  return null;
 }
 
 /** How a run says what selectBackend's tensorCores state means (BackendReport.tensorCores). */

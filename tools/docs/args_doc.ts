@@ -201,6 +201,10 @@ export async function renderArgsDoc(): Promise<string> {
       `\`'${TENSOR_CORES_SPEC.default}'\` | \`--${TENSOR_CORES_SPEC.flag}\` (train, generate) | — | ${TENSOR_CORES_SPEC.description}; ` +
       'set by `selectBackend(name, {tensorCores})`, which says whether they are in use or why not. ' +
       '[webgpu.md](webgpu.md#tensor-cores) |');
+  p('| `wasmThreads` (backend option) | integer 1–8 | the single-threaded build | `--wasm-threads` (train, bench) | — | ' +
+      'wasm in Node: tfjs-wasm\'s threaded SIMD build with this many XNNPACK threads, the package\'s loops between the ' +
+      'products split over the cores left beside them; the same losses; set by `selectBackend(\'wasm\', {wasmThreads})`. ' +
+      '[benchmarks.md](benchmarks.md#wasm-toward-30-gflops-at-s-issue-10-speed-on-wasm) |');
   p();
   p('```');
   for (const [value, backend] of [['on', 'webgpu'], ['auto', 'wasm']]) {

@@ -6,7 +6,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { ArgumentsCamelCase, Argv } from 'yargs';
 import { withLinearCpuSegmentSum } from '../../backends/cpu/unsorted_segment_sum.js';
-import { MAX_WASM_THREADS, useThreadedWasm } from '../../backends/wasm/threads_node.js';
+import { useThreadedWasm } from '../../backends/wasm/threads_node.js';
+import { wasmThreadsFlagProblem } from '../plugin_options.js';
 import { BENCH_BACKENDS, selectBenchBackend } from '../../bench/backend.js';
 import {
   BENCH_CONFIGS, BENCH_EXPERT_STORAGES, BENCH_LORA_CASES, CPU_SEGMENT_SUMS, type BenchExpertStorage, benchMoEBlock, formatBenchTable, type BenchLoRA,
@@ -113,13 +114,10 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
             'default: the single-threaded build tfjs loads in Node)',
       })
       .check(argv => {
-        const threads = argv.wasmThreads as number | undefined;
-        if (threads !== undefined) {
-          if (argv.backend !== 'wasm') return `--wasm-threads is for --backend wasm, not ${argv.backend}`;
-          if (argv.config === LOAD_BENCH_CONFIG) return `--wasm-threads is not an option of --config ${LOAD_BENCH_CONFIG}`;
-          if (!Number.isInteger(threads) || threads < 1 || threads > MAX_WASM_THREADS) {
-            return `--wasm-threads must be an integer from 1 to ${MAX_WASM_THREADS} but got ${threads}`;
-          }
+        const threads = wasmThreadsFlagProblem(argv.wasmThreads as number | undefined, argv.backend as string);
+        if (threads !== null) return threads;
+        if (argv.wasmThreads !== undefined && argv.config === LOAD_BENCH_CONFIG) {
+          return `--wasm-threads is not an option of --config ${LOAD_BENCH_CONFIG}`;
         }
         const bad = (argv.lora as string[]).filter(l => !(BENCH_LORA_CASES as readonly string[]).includes(l));
         if (bad.length > 0) return `--lora: '${bad[0]}' is not one of ${BENCH_LORA_CASES.join(', ')}`;

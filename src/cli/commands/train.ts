@@ -19,12 +19,13 @@ import { INIT_PRESET_NAMES } from '../../train/presets.js';
 import { runTraining, type TrainMode, type TrainRunResult } from '../../train/run.js';
 import { FileError } from '../../util/files.js';
 import { outputFolderProblem } from '../../util/output_folder.js';
+import { MAX_WASM_THREADS } from '../../backends/wasm/threads_node.js';
 import { BACKENDS, selectBackend } from '../backend.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
 import {
   denseDtypeOption, expertDtypeOption, flagOf, pluginArgsFromArgv, pluginOptions, tensorCoresFlagProblem, tensorCoresNote,
-  tensorCoresOption,
+  tensorCoresOption, wasmThreadsFlagProblem,
 } from '../plugin_options.js';
 import type { TensorCoreMode } from '../../args/tensor_cores.js';
 import { RunConfigError, readRunConfig } from '../../train/run_config.js';
@@ -44,6 +45,7 @@ interface TrainArgs {
   seed: number;
   backend: string;
   tensorCores?: TensorCoreMode;
+  wasmThreads?: number;
   out: string;
   lrScheduler?: LRScheduler;
   warmupSteps?: number;
@@ -86,7 +88,7 @@ const LORA_FLAG = /^lora-(?!mode$)/;
 const SINGLE_FLAGS = ['config', 'init-config', 'model', 'data', 'val', 'steps', 'lr', 'batch', 'seq', 'seed', 'backend', 'out',
   'overwrite', 'expert-dtype', 'int4-group-size', 'lr-scheduler', 'warmup-steps', 'grad-accum', 'max-grad-norm', 'eval-every', 'save-every',
   'save-total-limit', 'metrics', 'resume', 'data-type', 'tokenizer', 'val-set-size',
-  'stop-on-no-gradient', 'tensor-cores'];
+  'stop-on-no-gradient', 'tensor-cores', 'wasm-threads'];
 
 /** The defaults of the flags a run config may set too (yargs gets none: a given flag must be told from a default). */
 const TRAIN_DEFAULTS = { steps: 200, batch: 8, seq: 64, seed: 1, backend: 'wasm' } as const;
@@ -141,6 +143,8 @@ function checkTrainArgs(argv: Record<string, unknown>): string | true {
   }
   const tensorCores = tensorCoresFlagProblem(argv['tensor-cores'], argv.backend as string);
   if (tensorCores !== null) return tensorCores;
+  const wasmThreads = wasmThreadsFlagProblem(argv['wasm-threads'] as number | undefined, argv.backend as string);
+  if (wasmThreads !== null) return wasmThreads;
   if (argv['eval-every'] !== undefined && argv.val === undefined && argv['val-set-size'] === undefined) {
     return '--eval-every needs validation data: --val (a held-out text) or --val-set-size (with a dataset)';
   }
@@ -260,6 +264,11 @@ export function builder(yargs: Argv): Argv<TrainArgs> {
         describe: 'continue from a checkpoint folder (--out/checkpoint-<step>) with the same flags: the same loss curve as an uninterrupted run',
       })
       .option('backend', { type: 'string', choices: BACKENDS, requiresArg: true, describe: `tfjs backend (default ${TRAIN_DEFAULTS.backend})` })
+      .option('wasm-threads', {
+        type: 'number', requiresArg: true,
+        describe: `wasm: tfjs-wasm's threaded SIMD build with this many XNNPACK threads (1 to ${MAX_WASM_THREADS}), the ` +
+            "package's loops between the products split over the cores left beside them (default: the single-threaded build tfjs loads in Node)",
+      })
       .option('out', {
         type: 'string', requiresArg: true,
         describe: 'output folder: an HF checkpoint + tokenizer.json, or with LoRA a PEFT adapter (checked before ' +
@@ -319,9 +328,13 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
     if (e instanceof PluginArgsError) throw new UsageError(e.message);
     throw e;
   }
-  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores });
+  const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores, wasmThreads: argv.wasmThreads });
   // on stderr in every mode, before the first step: a user sees at once whether they are in use
   if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
+  if (started.wasmThreads !== undefined) {
+    process.stderr.write(`note: wasm threaded SIMD build, ${started.wasmThreads.threads} XNNPACK threads, ` +
+        `${started.wasmThreads.loopWorkers} loop workers\n`);
+  }
   const interrupt = onInterrupt(() => process.stderr.write('\ninterrupted: stopping after this step and saving (Ctrl-C again quits now)\n'));
   let result: TrainRunResult;
   try {
