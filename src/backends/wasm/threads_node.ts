@@ -6,7 +6,7 @@
  * The package ships what it needs (wasm-out/tfjs-backend-wasm-threaded-simd.{js,worker.js} and
  * dist/tfjs-backend-wasm-threaded-simd.wasm); what tfjs's loader does for browsers does not work
  * in Node (it hands the pthread workers Blob URLs), so this builds the module itself: the worker
- * script is written to a file in os.tmpdir(), the main script is passed by its path, and the
+ * script is written to a file in os.tmpdir() (removed by release), the main script is passed by its path, and the
  * module goes into tfjs-wasm's own BackendWasm, registered under the name 'wasm', so every wasm
  * kernel (tfjs's and this package's) runs on it unchanged.
  *
@@ -24,7 +24,7 @@
  * Uses tfjs-backend-wasm 4.x internals (the wasm-out factory, BackendWasm, the C exports' names).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -137,6 +137,7 @@ export async function useThreadedWasm(threads: number, options: ThreadedWasmOpti
       void loops?.stop();
       // BackendWasm.dispose (through removeBackend) ends the pool's threads (PThread.terminateAllThreads)
       tf.removeBackend('wasm');
+      rmSync(workerFile, { force: true });
     },
   };
 }
