@@ -20,7 +20,8 @@ describe('threaded wasm in Node', () => {
       threads: 2, loopWorkers: 1, backend: 'wasm', worst: 0, gathered: [4, 5, 6], parts: 2,
       // the fused block's value and every gradient, split LoRA and full fine-tuning: no value differs
       blockMismatches: 0,
-      splitExports: ['combine_rows', 'gather_rows', 'pair_row_dot', 'product_narrow_k', 'product_narrow_m', 'swiglu_backward', 'swiglu_forward'],
+      splitExports: ['combine_rows', 'gather_rows', 'gather_transpose', 'pair_row_dot', 'product_narrow_k', 'product_narrow_m',
+        'swiglu_backward', 'swiglu_forward', 'weight_grad'],
       again: 'BackendError: the threaded wasm build must be chosen before the wasm backend starts, but it has started already',
     });
   });

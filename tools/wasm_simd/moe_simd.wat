@@ -654,19 +654,21 @@
     end
     end)
 
-  ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ. Eight rows a block: per
+  ;; dst[cols, n] = (rows row_of(0) … row_of(n − 1) of src [·, cols])ᵀ, a destination row dst_n floats
+  ;; long (n, or more where a thread writes columns n of a wider one). Eight rows a block: per
   ;; four columns, two 4×4 transposes in registers (eight loads, sixteen shuffles) and 32 contiguous
   ;; bytes stored to each of the four destination rows (blocks of four rows stored 16 bytes a row,
   ;; each destination cache line written in more passes); then blocks of four rows, then single rows; the last
   ;; cols mod 4 columns one float at a time.
   (func $gather_transpose (export "gather_transpose")
     (param $n i32) (param $cols i32) (param $src i32) (param $indexed i32) (param $idx i32) (param $start i32) (param $dst i32)
+    (param $dst_n i32)
     (local $row_bytes i32) (local $stride i32) (local $r i32) (local $c i32) (local $d i32)
     (local $s0 i32) (local $s1 i32) (local $s2 i32) (local $s3 i32) (local $s4 i32) (local $s5 i32) (local $s6 i32) (local $s7 i32)
     (local $v0 v128) (local $v1 v128) (local $v2 v128) (local $v3 v128) (local $t0 v128) (local $t1 v128) (local $t2 v128) (local $t3 v128)
     (local $w0 v128) (local $w1 v128) (local $w2 v128) (local $w3 v128) (local $q0 v128) (local $q1 v128) (local $q2 v128) (local $q3 v128)
     local.get $cols i32.const 2 i32.shl local.set $row_bytes
-    local.get $n i32.const 2 i32.shl local.set $stride
+    local.get $dst_n i32.const 2 i32.shl local.set $stride
     block $blocks_done
     loop $blocks
       local.get $r i32.const 8 i32.add local.get $n i32.gt_u br_if $blocks_done
@@ -988,7 +990,8 @@
     end)
 
   ;; out[p, q] = Σ_r a[row_a(r), :p]ᵀ·b[row_b(r), :q] over the n rows start … start + n − 1 (each
-  ;; side through its index when indexed): one expert's weight gradient as rank-1 updates, for
+  ;; side through its index when indexed), a's rows a_p floats long (p, or more where a thread takes
+  ;; out rows p of a wider product): one expert's weight gradient as rank-1 updates, for
   ;; products with a narrow side (LoRA's dA = grᵀ·x, r × in, and dB = dyᵀ·u, out × r), where a
   ;; product on XNNPACK needs the wide operand transposed first and packs an operand per call.
   ;; Four rows a pass, out[i, c…c+3] = (((out + a0ᵢ·b0[c…]) + a1ᵢ·b1[c…]) + a2ᵢ·b2[c…]) + a3ᵢ·b3[c…]
@@ -996,11 +999,11 @@
   ;; one at a time; the last q mod 4 columns one at a time. float32 sums in row order.
   (func $weight_grad (export "weight_grad")
     (param $n i32) (param $p i32) (param $q i32) (param $a i32) (param $a_indexed i32) (param $a_idx i32)
-    (param $b i32) (param $b_indexed i32) (param $b_idx i32) (param $start i32) (param $out i32)
+    (param $b i32) (param $b_indexed i32) (param $b_idx i32) (param $start i32) (param $out i32) (param $a_p i32)
     (local $a_bytes i32) (local $q_bytes i32) (local $wide_end i32) (local $r i32) (local $i i32) (local $c i32) (local $o i32)
     (local $a0 i32) (local $a1 i32) (local $a2 i32) (local $a3 i32) (local $b0 i32) (local $b1 i32) (local $b2 i32) (local $b3 i32)
     (local $s0 v128) (local $s1 v128) (local $s2 v128) (local $s3 v128)
-    local.get $p i32.const 2 i32.shl local.set $a_bytes
+    local.get $a_p i32.const 2 i32.shl local.set $a_bytes
     local.get $q i32.const 2 i32.shl local.set $q_bytes
     local.get $q_bytes i32.const -16 i32.and local.set $wide_end
     local.get $out i32.const 0 local.get $p local.get $q_bytes i32.mul memory.fill

@@ -16,9 +16,9 @@
  * and the kernels run their JS loops until it is done (`moeSimdSettled` waits for it).
  *
  * On a shared heap, threads of the module's own may be attached (`attachMoESimdThreads`: Node's
- * worker_threads, moe_simd_threads_node.ts): the loops whose rows are independent then run on parts
- * of their rows at once, each part on one thread, with the same results bit for bit (a row is
- * computed by the same code whichever thread runs it). XNNPACK's products already run on the
+ * worker_threads, moe_simd_threads_node.ts): every loop then runs on parts of its rows at once
+ * (weight_grad: of its output's rows), each part on one thread, with the same results bit for bit
+ * (an output row is computed by the same code, in the same order, whichever thread runs it). XNNPACK's products already run on the
  * threaded build's pool; without this the loops between them ran on the calling thread alone.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -62,7 +62,8 @@ interface WasmModuleWithMemory {
 
 /** The loops that `MoESimdThreads` may split by rows, by their export names in the module. */
 export const ROW_SPLIT_EXPORTS = [
-  'swiglu_forward', 'swiglu_backward', 'combine_rows', 'pair_row_dot', 'gather_rows', 'product_narrow_k', 'product_narrow_m',
+  'swiglu_forward', 'swiglu_backward', 'combine_rows', 'pair_row_dot', 'gather_rows', 'gather_transpose', 'weight_grad',
+  'product_narrow_k', 'product_narrow_m',
 ] as const;
 export type RowSplitExport = typeof ROW_SPLIT_EXPORTS[number];
 
@@ -83,6 +84,7 @@ export interface MoESimdThreads {
 /** A loaded module on one tfjs-wasm module's heap, and the threads attached to it. */
 interface Loaded {
   simd: MoESimd;
+  raw: RawExports;
   module: WebAssembly.Module;
   memory: WebAssembly.Memory;
   threads?: { pool: MoESimdThreads; split: MoESimd };
@@ -91,16 +93,23 @@ interface Loaded {
 /** Per tfjs-wasm module: the loaded module, null (not available), or the asynchronous compile under way. */
 const instances = new WeakMap<object, Loaded | null | Promise<void>>();
 
-function exportsOf(instance: WebAssembly.Instance): MoESimd {
-  const e = instance.exports as Record<string, (...args: number[]) => void>;
+/** The module's exports by name. */
+type RawExports = Record<RowSplitExport, (...args: number[]) => void>;
+
+/**
+ * The interface on an instance's exports: gather_transpose's destination row and weight_grad's
+ * row of a are the whole ones (what a thread's part moves: splitRows).
+ */
+function exportsOf(e: RawExports): MoESimd {
   return {
     swigluForward: e.swiglu_forward,
     swigluBackward: e.swiglu_backward,
     combineRows: e.combine_rows,
     pairRowDot: e.pair_row_dot,
     gatherRows: e.gather_rows,
-    gatherTranspose: e.gather_transpose,
-    weightGrad: e.weight_grad,
+    gatherTranspose: (n, cols, src, indexed, idx, start, dst) => e.gather_transpose(n, cols, src, indexed, idx, start, dst, n),
+    weightGrad: (n, p, q, a, aIndexed, aIdx, b, bIndexed, bIdx, start, out) =>
+      e.weight_grad(n, p, q, a, aIndexed, aIdx, b, bIndexed, bIdx, start, out, p),
     productNarrowK: e.product_narrow_k,
     productNarrowM: e.product_narrow_m,
   };
@@ -116,10 +125,14 @@ function instantiate(wasm: object): Loaded | null | Promise<void> {
   const imports = { env: { memory } };
   try {
     const module = new WebAssembly.Module(bytes);
-    return { simd: exportsOf(new WebAssembly.Instance(module, imports)), module, memory };
+    const raw = new WebAssembly.Instance(module, imports).exports as unknown as RawExports;
+    return { simd: exportsOf(raw), raw, module, memory };
   } catch {
     return WebAssembly.instantiate(bytes, imports).then(
-        ({ module, instance }) => { instances.set(wasm, { simd: exportsOf(instance), module, memory }); },
+        ({ module, instance }) => {
+          const raw = instance.exports as unknown as RawExports;
+          instances.set(wasm, { simd: exportsOf(raw), raw, module, memory });
+        },
         () => { instances.set(wasm, null); });
   }
 }
@@ -168,7 +181,7 @@ export function attachedMoESimdThreads(wasm: object): MoESimdThreads | null {
 export function attachMoESimdThreads(wasm: object, pool: MoESimdThreads | null): void {
   const state = loaded(wasm);
   if (state === null) throw new Error('attachMoESimdThreads: the module is not loaded on this heap');
-  state.threads = pool === null ? undefined : { pool, split: splitRows(state.simd, pool) };
+  state.threads = pool === null ? undefined : { pool, split: splitRows(state.simd, state.raw, pool) };
 }
 
 /** A part below this many floats read and written costs less than waking a thread for it. */
@@ -176,33 +189,40 @@ const PART_MIN_FLOATS = 1 << 14;
 
 /**
  * Calls `own` on rows 0 … n − 1, or `pool` on up to pool.parts ranges of them, where each part
- * has at least PART_MIN_FLOATS (rowFloats a row). `args(first, rows)` is the argument list of a
- * range: the row count and the pointers moved to its first row.
+ * has at least PART_MIN_FLOATS (rowFloats a row; for weight_grad, whose rows are out's, the
+ * products of one). `args(first, rows)` is the argument list of a range: the row count and the
+ * pointers moved to its first row. Ranges start at multiples of `align` rows (gather_transpose's
+ * blocks of eight).
  */
 function byRows(pool: MoESimdThreads, name: RowSplitExport, own: (...args: number[]) => void, n: number, rowFloats: number,
-    args: (first: number, rows: number) => number[]): void {
-  const parts = Math.min(pool.parts, n, Math.floor(n * rowFloats / PART_MIN_FLOATS));
+    args: (first: number, rows: number) => number[], align = 1): void {
+  const parts = Math.min(pool.parts, Math.floor(n / align), Math.floor(n * rowFloats / PART_MIN_FLOATS));
   if (parts <= 1) {
     own(...args(0, n));
     return;
   }
   const lists: number[][] = [];
-  for (let p = 0; p < parts; p++) {
-    const first = Math.floor(n * p / parts);
-    lists.push(args(first, Math.floor(n * (p + 1) / parts) - first));
-  }
+  const startOf = (p: number) => (p === parts ? n : Math.floor(n * p / parts / align) * align);
+  for (let p = 0; p < parts; p++) lists.push(args(startOf(p), startOf(p + 1) - startOf(p)));
   pool.run(name, lists, own);
 }
 
 /**
  * `simd` with its row loops split over `pool`: each range's pointers move to its first row (by the
  * row's bytes; an index array by its entries; `start` by rows). Optional operands stay 0 when
- * their flag is off. weight_grad (sums over rows) and gather_transpose (rows become columns)
- * run on the calling thread.
+ * their flag is off. gather_transpose's rows become destination columns (a part writes columns of
+ * the whole destination rows); weight_grad sums over its rows, so its parts take rows of out (and
+ * columns of a).
  */
-function splitRows(simd: MoESimd, pool: MoESimdThreads): MoESimd {
+function splitRows(simd: MoESimd, raw: RawExports, pool: MoESimdThreads): MoESimd {
   return {
     ...simd,
+    gatherTranspose: (n, cols, src, indexed, idx, start, dst) =>
+      byRows(pool, 'gather_transpose', raw.gather_transpose, n, 2 * cols, (r, rows) =>
+        [rows, cols, src, indexed, idx, start + r, dst + r * 4, n], 8),
+    weightGrad: (n, p, q, a, aIndexed, aIdx, b, bIndexed, bIdx, start, out) =>
+      byRows(pool, 'weight_grad', raw.weight_grad, p, n * q, (i, rows) =>
+        [n, rows, q, a + i * 4, aIndexed, aIdx, b, bIndexed, bIdx, start, out + i * 4 * q, p]),
     swigluForward: (n, inter, h, a, scaled, scale, aScaled) =>
       byRows(pool, 'swiglu_forward', simd.swigluForward, n, (3 + scaled * 2) * inter, (r, rows) =>
         [rows, inter, h + r * 8 * inter, a + r * 4 * inter, scaled, scaled ? scale + r * 4 : 0, scaled ? aScaled + r * 4 * inter : 0]),
