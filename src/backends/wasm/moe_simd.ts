@@ -18,8 +18,9 @@
  * On a shared heap, threads of the module's own may be attached (`attachMoESimdThreads`: Node's
  * worker_threads, moe_simd_threads_node.ts): every loop then runs on parts of its rows at once
  * (weight_grad: of its output's rows), each part on one thread, with the same results bit for bit
- * (an output row is computed by the same code, in the same order, whichever thread runs it). XNNPACK's products already run on the
- * threaded build's pool; without this the loops between them ran on the calling thread alone.
+ * (an output row is computed by the same code, in the same order, whichever thread runs it).
+ * XNNPACK's products already run on the threaded build's pool; without this the loops between
+ * them ran on the calling thread alone.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { MOE_SIMD_SHARED_WASM_BASE64, MOE_SIMD_WASM_BASE64 } from './moe_simd_bytes.js';
@@ -81,6 +82,9 @@ export interface MoESimdThreads {
   run(name: RowSplitExport, parts: readonly number[][], own: (...args: number[]) => void): void;
 }
 
+/** The module's exports by name. */
+type RawExports = Record<RowSplitExport, (...args: number[]) => void>;
+
 /** A loaded module on one tfjs-wasm module's heap, and the threads attached to it. */
 interface Loaded {
   simd: MoESimd;
@@ -92,9 +96,6 @@ interface Loaded {
 
 /** Per tfjs-wasm module: the loaded module, null (not available), or the asynchronous compile under way. */
 const instances = new WeakMap<object, Loaded | null | Promise<void>>();
-
-/** The module's exports by name. */
-type RawExports = Record<RowSplitExport, (...args: number[]) => void>;
 
 /**
  * The interface on an instance's exports: gather_transpose's destination row and weight_grad's

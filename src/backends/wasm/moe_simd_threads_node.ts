@@ -71,10 +71,15 @@ export async function startMoESimdThreads(wasm: object, workers: number): Promis
   const threads = Array.from({ length: workers }, (_, index) => new Worker(WORKER_SOURCE, {
     eval: true, workerData: { ...shared, control, slots, index, names, workers, spins: SPINS },
   }));
-  await Promise.all(threads.map(t => new Promise<void>((resolve, reject) => {
-    t.once('message', () => resolve());
-    t.once('error', reject);
-  })));
+  try {
+    await Promise.all(threads.map(t => new Promise<void>((resolve, reject) => {
+      t.once('message', () => resolve());
+      t.once('error', reject);
+    })));
+  } catch (e) {
+    await Promise.all(threads.map(t => t.terminate()));
+    throw new BackendError(`moe_simd's worker threads did not start: ${(e as Error)?.message ?? String(e)}`);
+  }
   for (const t of threads) t.unref();   // a pool not stopped does not keep Node running
 
   const pool: MoESimdThreadPool = {
@@ -95,14 +100,17 @@ export async function startMoESimdThreads(wasm: object, workers: number): Promis
       Atomics.store(ctrl, DONE, 0);
       Atomics.add(ctrl, GENERATION, 1);
       Atomics.notify(ctrl, GENERATION);
+      let failed = 0;
       try {
         own(...parts[0]);
       } finally {
+        // the workers write the heap until they answer: wait for them whatever this thread's part did
         for (let i = 0, done; (done = Atomics.load(ctrl, DONE)) < workers; i++) {
           if (i > SPINS) Atomics.wait(ctrl, DONE, done);
         }
+        failed = Atomics.exchange(ctrl, FAILED, 0);
       }
-      if (Atomics.exchange(ctrl, FAILED, 0) !== 0) {
+      if (failed !== 0) {
         throw new BackendError(`moe_simd's ${name} failed on a worker thread (arguments ${JSON.stringify(parts.slice(1))})`);
       }
     },

@@ -129,7 +129,9 @@ export async function useThreadedWasm(threads: number, options: ThreadedWasmOpti
   await tf.ready();
   const count = wasmPackage.getThreadsCount();
   const workers = loopWorkers ?? Math.max(0, Math.min(count - 1, os.cpus().length - count));
-  const loops = workers > 0 ? await startMoESimdThreads((tf.backend() as unknown as { wasm: object }).wasm, workers) : null;
+  // loop workers are a speed-up: where they cannot start (a heap the module cannot share), the loops stay here
+  const loops = workers > 0
+    ? await startMoESimdThreads((tf.backend() as unknown as { wasm: object }).wasm, workers).catch(() => null) : null;
   return {
     threads: count,
     loopWorkers: loops === null ? 0 : workers,
