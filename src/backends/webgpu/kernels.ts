@@ -143,13 +143,13 @@ tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
 
 /**
  * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
- * tensor cores where they are on. Off by default: on the H100 at OLMoE's batch 4 × S 512 it gained
- * nothing (time_attention.js: a training pass 52.0 ms against 51.6 composed f32) and the scaled
- * operands' amax passes added ~580 dispatches a step, which made the end-to-end step host-bound
- * (host 444 against 344 ms a step, 4555 against 6311 tokens/s; docs/benchmarks.md, run T).
+ * tensor cores where they are on. On by default since run X (H100, OLMoE batch 4 × S 512, A/B of 6
+ * interleaved steps in one lease: 0.187 against 0.197 s a step, +5.3 %): the step is GPU-bound now.
+ * In run T, when the step was host-bound, the amax passes of its scaled operands (3 dispatches each
+ * then, 2 now) made it slower end to end (4555 against 6311 tokens/s; docs/benchmarks.md).
  */
 export const TC_BATCH_PRODUCTS_FLAG = 'WEBGPU_MOE_TC_BATCH_PRODUCTS';
-tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => false);
+tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => true);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
