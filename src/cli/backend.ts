@@ -129,8 +129,9 @@ async function activate(backend: BackendName): Promise<void> {
 }
 
 /**
- * The threaded wasm build as the backend (useThreadedWasm, imported here: it is Node's alone), this
- * package's kernels on it; releaseBackend ends its threads.
+ * The threaded wasm build as the backend (useThreadedWasm, imported only when asked for: it reads
+ * tfjs-wasm's threaded files and starts worker threads), this package's kernels on it;
+ * releaseBackend ends its threads.
  */
 async function activateThreadedWasm(threads: number): Promise<{ threads: number; loopWorkers: number }> {
   const { useThreadedWasm } = await import('../backends/wasm/threads_node.js');

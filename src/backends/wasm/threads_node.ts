@@ -6,15 +6,16 @@
  * The package ships what it needs (wasm-out/tfjs-backend-wasm-threaded-simd.{js,worker.js} and
  * dist/tfjs-backend-wasm-threaded-simd.wasm); what tfjs's loader does for browsers does not work
  * in Node (it hands the pthread workers Blob URLs), so this builds the module itself: the worker
- * script is written to a file in os.tmpdir() (removed by release), the main script is passed by its path, and the
- * module goes into tfjs-wasm's own BackendWasm, registered under the name 'wasm', so every wasm
- * kernel (tfjs's and this package's) runs on it unchanged.
+ * script is written to a file in os.tmpdir() (removed by release), the main script is passed by
+ * its path, and the module goes into tfjs-wasm's own BackendWasm, registered under the name
+ * 'wasm', so every wasm kernel (tfjs's and this package's) runs on it unchanged.
  *
  * The package's own SIMD loops between the products (moe_simd.ts) get threads too: workers beside
  * the calling thread split their rows (moe_simd_threads_node.ts). By default as many as there are
  * cores beyond XNNPACK's threads, at most `threads` − 1: XNNPACK's workers spin for a while after
  * each product (pthreadpool's spin wait), so loop workers on the same cores would only take turns
- * with them (measured on a 2-core box: the block 10–30 % slower with one loop worker than with none).
+ * with them (on a 2-core box the block was 10–30 % slower with one loop worker than with none; on
+ * 16 cores, 8 threads and 7 loop workers gave 8–20 % over none: docs/benchmarks.md, run X).
  *
  * tfjs-wasm caps its pool at half the logical cores it sees (it assumes two hardware threads a
  * core) and at 8. While the module starts, the core count it reads (os.cpus()) is raised to
