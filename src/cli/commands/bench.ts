@@ -110,8 +110,8 @@ export function builder(yargs: Argv): Argv<BenchArgs> {
       })
       .option('wasm-threads', {
         type: 'number', requiresArg: true,
-        describe: 'block configs on wasm: tfjs-wasm\'s threaded SIMD build with this many XNNPACK threads (1 to 8; ' +
-            'default: the single-threaded build tfjs loads in Node)',
+        describe: 'block configs on wasm: tfjs-wasm\'s threaded SIMD build with this many XNNPACK threads (1 to 8), ' +
+            'the package\'s loops split over the cores left beside them (default: the single-threaded build tfjs loads in Node)',
       })
       .check(argv => {
         const threads = wasmThreadsFlagProblem(argv.wasmThreads as number | undefined, argv.backend as string);
