@@ -7,8 +7,8 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-wasm';
-import { useThreadedWasm } from '../../src/backends/wasm/threads_node.js';
 import '@tensorflow/tfjs-layers';   // the gradients of tfjs's own ops
+import { useThreadedWasm } from '../../src/backends/wasm/threads_node.js';
 import { SIMD_THREADS_FLAG, attachMoESimdThreads, attachedMoESimdThreads, moeSimd } from '../../src/backends/wasm/moe_simd.js';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { fusedExperts } from '../../src/ops/experts/fused_experts.js';
