@@ -183,7 +183,7 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
       let seed = 7;
       const rand = () => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed / 2 ** 31 - 0.5; };
       for (const [shape, at] of [[[300, 70], 20999], [[1, 513], 0], [[513, 1], 512], [[6, 5, 4], 61], [[257], 3], [[2048, 2000], 4095999],
-        [[70000], 33333]] as Array<[number[], number]>) {
+        [[70000], 33333], [[4099, 3], 12296]] as Array<[number[], number]>) {
         const size = shape.reduce((a, b) => a * b, 1);
         const values = Float32Array.from({ length: size }, rand);
         values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
@@ -200,7 +200,7 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
       expect(Array.from(await mi.data())).to.deep.equal([Infinity]);
       expect(Array.from(await me.data())).to.deep.equal([0]);
       tf.dispose([inf, empty, mi, me]);
-      // [2048, 2048] (dy of a dense projection): the first pass over 1024 workgroups, the second over their maxima, nothing else
+      // [2048, 2048] (dy of a dense projection): the first pass over 1024 workgroups in quads, the second over their maxima, nothing else
       const t = tf.randomNormal([2048, 2048]);
       const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string; dispatch: number[] }, ...rest: unknown[]) => unknown };
       const run = backend.runWebGPUProgram;
@@ -215,9 +215,10 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
         delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
         if (backend.runWebGPUProgram !== run) backend.runWebGPUProgram = run;
       }
-      expect(dispatched).to.deep.equal([['moeMaxAbs', [1024, 1, 1]], ['moeMaxAbs', [1, 1, 1]]]);
+      expect(dispatched).to.deep.equal([['moeMaxAbs_v4', [1024, 1, 1]], ['moeMaxAbs', [1, 1, 1]]]);
       t.dispose();
       expect(() => new MaxAbsProgram(0)).to.throw('MaxAbsProgram: parts must be an integer in [1, 65535] but got 0');
+      expect(() => MaxAbsProgram.uniformsFor(10, 1, true)).to.throw('MaxAbsProgram: quads need a count that is a multiple of 4 but got 10');
     });
   });
 

@@ -928,11 +928,12 @@ export function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInf
   // an empty tensor binds nothing (Dawn rejects a zero-sized binding)
   if (count === 0) return backend.makeTensorInfo([1], 'float32', new Float32Array(1));
   const flat = { dataId: t.dataId, shape: [count], dtype: t.dtype };
-  const reduce = (x: tf.TensorInfo, n: number, parts: number) =>
-    backend.runWebGPUProgram(new MaxAbsProgram(parts), [x], 'float32', MaxAbsProgram.uniformsFor(n, parts));
+  const reduce = (x: tf.TensorInfo, n: number, parts: number, quads = false) =>
+    backend.runWebGPUProgram(new MaxAbsProgram(parts, quads), [x], 'float32', MaxAbsProgram.uniformsFor(n, parts, quads));
   const parts = Math.min(MAX_ABS_PARTS, Math.ceil(count / (16 * MAX_ABS_THREADS)));
   if (parts === 1) return reduce(flat, count, 1);
-  const partial = reduce(flat, count, parts);
+  // 4 elements a load where the count allows (every gradient operand of the hot products)
+  const partial = reduce(flat, count, parts, count % 4 === 0);
   const max = reduce(partial, parts, 1);
   backend.disposeData(partial.dataId);
   return max;
