@@ -190,6 +190,7 @@ const FEW_ROWS_SIZES: Size[] = [
 function products(s: Size, t: {
   x: tf.Tensor2D; dOut: tf.Tensor2D; h: tf.Tensor2D; dh: tf.Tensor2D; w1: tf.Tensor3D; w2: tf.Tensor3D; rw: tf.Tensor1D;
   w1bf16: PackedExpertWeight; w1Quantized: PackedExpertWeight[]; plan: DevicePlan;
+  u: tf.Tensor2D; gr: tf.Tensor2D; loraA: tf.Tensor2D; loraB: tf.Tensor2D;
 }): Record<string, () => tf.Tensor> {
   const { H, I, E } = s;
   const tile = webgpuMoETuningFor(s.T * s.K, E);
@@ -212,8 +213,18 @@ function products(s: Size, t: {
     'dW2 = (w·dOut)ᵀ·act(h)': () => groupedWeightGrad({ ...common, l: t.dOut, left: 'gather', r: t.h, right: 'act', P: H, Q: I,
       outShape: [E, H, I], outStrides: { oE: H * I, oP: I, oQ: 1 }, tile: tile.gradTile, rowScale: t.rw }),
     ...quantized,
+    // split LoRA's expansions as the products' last reduction step (loraTail; f32: a product of its own): PEFT's B [2I, r·E]
+    // read with sN = r·E, sK = E in forward, A [r·E, H] with sN = 1, sK = H in backward
+    'up + s·u·Bᵀ (gather, bf16 weight, LoRA tail)': () => groupedMatMul({ ...common, a: t.x, source: 'gather', w: t.w1bf16, strides: up,
+      inner: H, outCols: 2 * I, tile: tile.tile, loraTail: { a: t.u, w: t.loraB, strides: { sE: 1, sN: LORA_RANK * E, sK: E }, rank: LORA_RANK, alpha: 2 } }),
+    'dx rows = dh·W1 + gr·A (rows, scaled, LoRA tail)': () => groupedMatMul({ ...common, a: t.dh, source: 'rows', w: t.w1,
+      strides: { sE: 2 * I * H, sN: 1, sK: H }, inner: 2 * I, outCols: H, tile: tile.tile, gradient: true,
+      loraTail: { a: t.gr, w: t.loraA, strides: { sE: LORA_RANK * H, sN: 1, sK: H }, rank: LORA_RANK, alpha: 1 } }),
   };
 }
+
+/** The rank of the LoRA tails checked (the end-to-end run's). */
+const LORA_RANK = 8;
 
 /** `timed`: also time both paths per product (the few-rows sizes are checked only: their products take microseconds) */
 async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
@@ -237,6 +248,11 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
     w1bf16: packedExpertWeightFromBits('bf16', [E, 2 * I, H], Uint16Array.from(w1Values, bfloat16Bits)),
     w1Quantized: [] as PackedExpertWeight[],
     plan,
+    // u = x·Aᵀ is O(1); gr = s·dh·B a gradient (dh's 1e-6 times 2·B over 2I rows of ~0.03); B trained away from its zero init
+    u: tf.randomNormal([cap, LORA_RANK], 0, 1, 'float32', 8) as tf.Tensor2D,
+    gr: tf.randomNormal([cap, LORA_RANK], 0, 1e-6, 'float32', 9) as tf.Tensor2D,
+    loraA: tf.randomNormal([LORA_RANK * E, H], 0, 1 / Math.sqrt(H), 'float32', 10) as tf.Tensor2D,
+    loraB: tf.randomNormal([2 * I, LORA_RANK * E], 0, 0.03, 'float32', 11) as tf.Tensor2D,
   };
   const results: unknown[] = [];
   try {
@@ -258,10 +274,11 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
         // the program this plan should pick: the block's rows (products) or the slab's depth (weight gradients)
         const suffix = name.startsWith('dW') ? `_d${weightGradDepthFor(tuning.rowTile)}` : `_r${subgroupBlockRowsFor(tuning.rowTile)}`;
         const keys = (entry.tcPrograms as { subgroupKeys: string[] }).subgroupKeys;
-        const ran = keys.some(k => k.endsWith(suffix));
+        // a LoRA tail's product must have taken it into its own reduction
+        const ran = keys.some(k => (k.endsWith(suffix) || k.endsWith(`${suffix}_loraTail`)) && (!name.includes('LoRA tail') || k.endsWith('_loraTail')));
         const problems = !tensorCoresAvailable ? [] : [
           ...(entry.withinContract ? [] : [`error ${(entry.maxRelError as number).toExponential(2)} above ${CONTRACT} or not finite`]),
-          ...(ran ? [] : [`no subgroup-matrix program with ${suffix} ran (ran: ${keys.join(', ') || 'none'})`]),
+          ...(ran ? [] : [`no subgroup-matrix program with ${suffix}${name.includes('LoRA tail') ? ' and a LoRA tail' : ''} ran (ran: ${keys.join(', ') || 'none'})`]),
         ];
         if (problems.length > 0) {
           entry.failure = problems.join('; ');
@@ -283,7 +300,7 @@ async function checkKernels(s: Size, timed = true): Promise<unknown[]> {
       }
     }
   } finally {
-    tf.dispose([experts, t.x, t.dOut, t.h, t.dh, t.w1, t.w2, t.rw, t.w1bf16.packed, ...t.w1Quantized.map(w => w.packed),
+    tf.dispose([experts, t.x, t.dOut, t.h, t.dh, t.w1, t.w2, t.rw, t.u, t.gr, t.loraA, t.loraB, t.w1bf16.packed, ...t.w1Quantized.map(w => w.packed),
       plan.seg, plan.rowOfPair, plan.pairOfRow]);
   }
   return results;

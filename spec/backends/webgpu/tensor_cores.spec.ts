@@ -644,6 +644,42 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     }
   }
 
+  // split LoRA's expansion as the products' last reduction step (loraTail): the experts' forward (x gathered or act(h),
+  // W along k, f32 or bf16) and backward (dy scaled, W along n), with the stagings those products run
+  const whole = { whole: { depth: true, rows: true, cols: true } };
+  const tailCases: Array<[SubgroupMatMulSpec, SubgroupStaging, string[]]> = [
+    [{ source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: packedSpec('bf16', 2) },
+      { left: 'half8', right: 'vec8', v6: whole }, ['A', 'W']],
+    [{ source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, ELEMENT_STAGING, []],
+    [{ source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: false, hasAddend: false, kContiguous: true, scaled: false },
+      { left: 'vec4', right: 'vec4', v6: whole }, []],
+    [{ source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, packedWeight: packedSpec('bf16', 1) },
+      { left: 'half8', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: false } } }, ['A', 'W']],
+    [{ source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true }, { left: 'vec4', right: 'vec4' }, []],
+  ];
+  for (const [spec, staging, ints] of tailCases) {
+    for (const rows of [128, 64, 32] as const) {
+      const program = new SubgroupMatrixMatMulProgram(128, 96, { ...spec, loraTail: true }, 32, staging, rows);
+      it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL around the matrix builtins, the tail's inputs last`, async () => {
+        expect(program.variableNames.slice(-2)).to.deep.equal(['tailA', 'tailW']);
+        expect(program.uniforms.endsWith('tailRank : i32, tailSE : i32, tailSN : i32, tailSK : i32, tailScale : f32, ')).to.equal(true);
+        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+        // tfjs's own shader (f16 kept: 'half8' bitcasts halves), the matrix builtins stood in for
+        const inputs = program.variableNames.map(name => [name, ['seg', 'pr', ...ints].includes(name) ? 'int32' : 'float32', [128, 96]] as
+            [string, DataType, number[]]);
+        expect(await compileErrors(shaderOf(program, inputs, [128, 96]))).to.deep.equal([]);
+      });
+    }
+  }
+  it('a LoRA tail goes only into a planned product with no register prefetch', () => {
+    const rows: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, loraTail: true };
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, singleGroup: true }, 32)).to.throw(
+        'SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned product with no register prefetch, but got singleGroup true, ' +
+        'uniformGroups false, registerPrefetch false');
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, rows, 32, v6Staging({ left: 'vec4', right: 'vec4' }))).to.throw(
+        'registerPrefetch true');
+  });
+
   const gradSpecs: SubgroupWeightGradSpec[] = [
     { left: 'rows', right: 'gather', scaleLeft: false, scaled: true },
     { left: 'gather', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: true, scaled: true },

@@ -27,7 +27,7 @@ import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../
 import { assertInteger, fail } from '../../ops/validate.js';
 import {
   activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, gatherRows, groupedColumnSum, groupedMatMul,
-  groupedWeightGrad, pairDot, type WeightStrides,
+  groupedWeightGrad, type LoRATail, pairDot, type WeightStrides,
 } from './kernels.js';
 import type { TileConfig } from './programs/grouped_matmul_program.js';
 import type { RowSource } from './programs/shared.js';
@@ -202,28 +202,31 @@ interface Context {
 /**
  * y [capacity, out] = rows·W_eᵀ (+ b_e) + Σ s·(rows·A_eᵀ)·B_eᵀ, and each factor's u = rows·A_eᵀ
  * [capacity, r]: backward's dB reads it, and keeping it (r floats a row) saves recomputing it from
- * rows (the whole input read again, a narrow product per factor and layer).
+ * rows (the whole input read again, a narrow product per factor and layer). The first factor's
+ * expansion is the base product's LoRA tail (one more step of its reduction on tensor cores).
  */
 function projectionForward(x: Rows, p: Projection, c: Context): { y: tf.Tensor2D; us: tf.Tensor2D[] } {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
+  const us = p.lora.map(f => groupedMatMul({
+    ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(factorALayout(f.A.shape[0] / c.numExperts, p.inSize)),
+    inner: p.inSize, outCols: f.A.shape[0] / c.numExperts, tile: narrowColumns(c.tuning.tile),
+  }));
+  const expansion = (i: number): LoRATail => {
+    const rank = p.lora[i].A.shape[0] / c.numExperts;
+    return { a: us[i], w: p.lora[i].B, strides: forwardStrides(factorBLayout(rank, c.numExperts)), rank, alpha: p.lora[i].scaling };
+  };
   let y = groupedMatMul({
     ...common, a: x.t, source: x.source, w: p.weight, strides: forwardStrides(weightLayout(p.outSize, p.inSize, c.transposed)),
-    inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile,
+    inner: p.inSize, outCols: p.outSize, bias: p.bias, tile: c.tuning.tile, loraTail: us.length > 0 ? expansion(0) : undefined,
   });
-  const us: tf.Tensor2D[] = [];
-  for (const f of p.lora) {
-    const rank = f.A.shape[0] / c.numExperts;
-    const u = groupedMatMul({
-      ...common, a: x.t, source: x.source, w: f.A, strides: forwardStrides(factorALayout(rank, p.inSize)),
-      inner: p.inSize, outCols: rank, tile: narrowColumns(c.tuning.tile),
-    });
+  for (let i = 1; i < us.length; i++) {
+    const tail = expansion(i);
     const next = groupedMatMul({
-      ...common, a: u, source: 'rows', w: f.B, strides: forwardStrides(factorBLayout(rank, c.numExperts)),
-      inner: rank, outCols: p.outSize, addend: y, alpha: f.scaling, tile: c.tuning.tile,
+      ...common, a: tail.a, source: 'rows', w: tail.w, strides: tail.strides, inner: tail.rank, outCols: p.outSize, addend: y,
+      alpha: tail.alpha, tile: c.tuning.tile,
     });
     y.dispose();
     y = next;
-    us.push(u);
   }
   return { y, us };
 }
@@ -254,10 +257,29 @@ function projectionBackward(
     us: tf.Tensor2D[], c: Context): ProjectionGrads {
   const common = { plan: c.plan, activation: c.activation, interleaved: c.interleaved };
   const wLayout = weightLayout(p.outSize, p.inSize, c.transposed);
+  // gr = s·dy·B_e per factor, without the routing weight like dx
+  const grs = p.lora.map(f => groupedMatMul({
+    ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(factorBLayout(f.A.shape[0] / c.numExperts, c.numExperts)),
+    inner: p.outSize, outCols: f.A.shape[0] / c.numExperts, alpha: f.scaling, tile: narrowColumns(c.tuning.tile), gradient: true,
+  }));
+  // dx += gr·A_e: the first factor's as the base product's LoRA tail
+  const expansion = (i: number): LoRATail => {
+    const rank = p.lora[i].A.shape[0] / c.numExperts;
+    return { a: grs[i], w: p.lora[i].A, strides: backwardStrides(factorALayout(rank, p.inSize)), rank, alpha: 1 };
+  };
   let dx = groupedMatMul({
     ...common, a: dy.t, source: dy.source, w: p.weight, strides: backwardStrides(wLayout),
-    inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile, gradient: true,
+    inner: p.outSize, outCols: p.inSize, tile: c.tuning.tile, gradient: true, loraTail: grs.length > 0 ? expansion(0) : undefined,
   });
+  for (let i = 1; i < grs.length; i++) {
+    const tail = expansion(i);
+    const next = groupedMatMul({
+      ...common, a: tail.a, source: 'rows', w: tail.w, strides: tail.strides, inner: tail.rank, outCols: p.inSize, addend: dx,
+      tile: c.tuning.tile,
+    });
+    dx.dispose();
+    dx = next;
+  }
   const grads: tf.Tensor[] = [];
   const gradOf = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
       shape: number[], scale: tf.Tensor1D | undefined, alpha = 1, tile = c.tuning.gradTile) => groupedWeightGrad({
@@ -268,25 +290,12 @@ function projectionBackward(
   if (p.trainBias) grads.push(groupedColumnSum(dy.t, dy.source, c.plan, rowScale));
   for (const [i, f] of p.lora.entries()) {
     const rank = f.A.shape[0] / c.numExperts;
-    const aLayout = factorALayout(rank, p.inSize);
-    const bLayout = factorBLayout(rank, c.numExperts);
-    // gr = s·dy·B_e, without the routing weight like dx
-    const gr = groupedMatMul({
-      ...common, a: dy.t, source: dy.source, w: f.B, strides: backwardStrides(bLayout),
-      inner: p.outSize, outCols: rank, alpha: f.scaling, tile: narrowColumns(c.tuning.tile), gradient: true,
-    });
-    const next = groupedMatMul({
-      ...common, a: gr, source: 'rows', w: f.A, strides: backwardStrides(aLayout),
-      inner: rank, outCols: p.inSize, addend: dx, tile: c.tuning.tile,
-    });
-    tf.dispose(dx);
-    dx = next;
-    grads.push(gradOf({ source: 'rows', t: gr }, x, rank, p.inSize, aLayout, f.A.shape, rowScale, 1,
+    grads.push(gradOf({ source: 'rows', t: grs[i] }, x, rank, p.inSize, factorALayout(rank, p.inSize), f.A.shape, rowScale, 1,
         narrowRows(c.tuning.gradTile)));
-    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, rank, bLayout, f.B.shape, rowScale, f.scaling,
-        narrowColumns(c.tuning.gradTile)));
-    gr.dispose();
+    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, rank, factorBLayout(rank, c.numExperts), f.B.shape, rowScale,
+        f.scaling, narrowColumns(c.tuning.gradTile)));
   }
+  tf.dispose(grs);
   return { dx, grads };
 }
 

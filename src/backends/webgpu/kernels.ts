@@ -25,7 +25,7 @@ import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
 } from './programs/narrow_inner_matmul_program.js';
 import {
-  halfOperandFits, matMulStaging, SUBGROUP_BLOCK_ROWS, SUBGROUP_MATRIX_BLOCK, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
+  halfOperandFits, LORA_TAIL_MAX_RANK, matMulStaging, SUBGROUP_BLOCK_ROWS, SUBGROUP_MATRIX_BLOCK, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
   subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
@@ -150,6 +150,15 @@ tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
  */
 export const TC_BATCH_PRODUCTS_FLAG = 'WEBGPU_MOE_TC_BATCH_PRODUCTS';
 tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => true);
+
+/**
+ * tf.env() flag: a grouped product on tensor cores given a `loraTail` (split LoRA's expansion of
+ * its first adapter) adds it as one more 16-deep step of its own reduction
+ * (SubgroupMatrixMatMulProgram's loraTail) instead of a separate expansion that reads and writes
+ * the whole output again. false: the separate expansion, as off tensor cores (A/B runs).
+ */
+export const TC_LORA_TAIL_FLAG = 'WEBGPU_MOE_TC_LORA_TAIL';
+tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => true);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
@@ -337,11 +346,15 @@ const groupedMatMulConfig: tf.KernelConfig = {
     // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
+    // groupedMatMul folds a LoRA tail only into a product it sends to tensor cores
+    const loraTail = a.loraTail === true;
+    if (loraTail && tc === undefined) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores`);
+    if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const half = tc !== undefined ? halfLeftOperand(args, inputs.A, common.source, act, a.inner as number, inputs.amax) : undefined;
     if (half !== undefined) list[0] = half.a;
     const program = tc !== undefined
       ? new SubgroupMatrixMatMulProgram(capacity, outCols,
-          { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null },
+          { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null, loraTail },
           tc.subgroupSize,
           matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number },
               half !== undefined),
@@ -363,6 +376,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
           a.sE as number, a.sN as number, a.sK as number),
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
+      ...(loraTail ? [...intUniforms(a.tailRank as number, a.tailSE as number, a.tailSN as number, a.tailSK as number),
+        ...floatUniforms(a.tailScale as number)] : []),
     ];
     const out = runGroupedProduct(args, program, list, uniforms, 2 * capacity * outCols * (a.inner as number));
     if (half !== undefined) webgpu(args).disposeData(half.a.dataId);
@@ -421,7 +436,18 @@ export interface GroupedMatMulArgs {
    * (SubgroupMatrixMatMulProgram)
    */
   gradient?: boolean;
+  /** split LoRA's expansion added to the result (see LoRATail) */
+  loraTail?: LoRATail;
 }
+
+/**
+ * Split LoRA's expansion of a grouped product's result: out += alpha·T·V_e, T [capacity, rank] in
+ * padded-row order (u = x·A_eᵀ in forward, gr = s·dy·B_e in backward), V_e(k, n) at
+ * w[e·sE + n·sN + k·sK] (PEFT's B or A in place). On tensor cores (TC_LORA_TAIL_FLAG, rank ≤ 16, a
+ * float32 factor) one more step of the product's own reduction; otherwise a product of its own
+ * with the result as its addend, as before the fold.
+ */
+export interface LoRATail { a: tf.Tensor2D; w: tf.Tensor; strides: WeightStrides; rank: number; alpha: number }
 
 /**
  * Whether a grouped product over `plan` of outCols × inner goes to the subgroup-matrix programs:
@@ -505,7 +531,10 @@ export function narrowInnerProductFits(args: Pick<GroupedMatMulArgs, 'inner' | '
       args.bias == null && narrowInnerBlockRowsFor(args.plan.rowTile) !== undefined;
 }
 
-/** out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend), per padded row's expert. */
+/**
+ * out [capacity, outCols] = alpha·A·W_e (+ bias_e) (+ addend) (+ the LoRA tail's alpha·T·V_e), per
+ * padded row's expert.
+ */
 export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const packed = isPackedExpertWeight(args.w) ? args.w : undefined;
   const w = packed ? packed.packed : args.w as tf.Tensor;
@@ -513,6 +542,18 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (args.bias) inputs.bias = args.bias;
   if (args.addend) inputs.addend = args.addend;
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
+  const tail = args.loraTail;
+  if (tail !== undefined && !(tensorCores && tf.env().getBool(TC_LORA_TAIL_FLAG) && tail.rank <= LORA_TAIL_MAX_RANK)) {
+    // the expansion as its own product, the result its addend
+    const base = groupedMatMul({ ...args, loraTail: undefined });
+    const out = groupedMatMul({
+      plan: args.plan, activation: args.activation, interleaved: args.interleaved, a: tail.a, source: 'rows', w: tail.w,
+      strides: tail.strides, inner: tail.rank, outCols: args.outCols, addend: base, alpha: tail.alpha, tile: args.tile,
+    });
+    base.dispose();
+    return out;
+  }
+  if (tail !== undefined) Object.assign(inputs, { tailA: tail.a, tailW: tail.w });
   if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
   // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
@@ -531,6 +572,11 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     ...(packed ? { sE: packed.wordsPerExpert } : {}), weightKind: packed?.kind ?? 'float32',
     ...(packed ? { packedShape: [...packed.shape], inputAxis: packed.inputAxis, groupSize: packed.groupSize ?? 0 } : {}),
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
+    ...(tail === undefined ? {} : {
+      loraTail: true, tailRank: tail.rank, tailSE: tail.strides.sE, tailSN: tail.strides.sN, tailSK: tail.strides.sK,
+      // the program multiplies the whole reduction by alpha: the tail's V is staged times alpha_tail / alpha
+      tailScale: tail.alpha / (args.alpha ?? 1),
+    }),
   }) as tf.Tensor2D;
   if (inputs.amax) inputs.amax.dispose();
   return out;
@@ -564,6 +610,10 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     }
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
+    // groupedMatMul folds a LoRA tail only into a product it sends to tensor cores
+    const loraTail = a.loraTail === true;
+    if (loraTail && tc === undefined) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores`);
+    if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)

@@ -242,12 +242,14 @@ export function declareAccumulators(l: SlabLayout): string {
 
 /**
  * WGSL: the products over one staged slab (As, Bs), unrolled: for each 16-deep step, the part's
- * left and right matrices, then every accumulator. `partRow`, `partCol`: u32 expressions.
+ * left and right matrices, then every accumulator. `partRow`, `partCol`: u32 expressions;
+ * `depth`: the slab's first `depth` columns only (a multiple of 16; a shallower slab staged into
+ * the same arrays with the layout's strides).
  */
-export function multiplySlab(l: SlabLayout, partRow: string, partCol: string): string {
+export function multiplySlab(l: SlabLayout, partRow: string, partCol: string, depth = l.depth): string {
   const x = wgslU32;
   const lines: string[] = [];
-  for (let kk = 0; kk < l.depth; kk += MATRIX_EDGE) {
+  for (let kk = 0; kk < depth; kk += MATRIX_EDGE) {
     const k = x.lit(kk);
     for (let i = 0; i < l.tilesM; i++) lines.push(`let a${kk}_${i} = ${load(LEFT, 'As', leftTile(x, l, partRow, k, i))};`);
     for (let j = 0; j < l.tilesN; j++) lines.push(`let b${kk}_${j} = ${load(RIGHT, 'Bs', rightTile(x, l, partCol, k, j))};`);

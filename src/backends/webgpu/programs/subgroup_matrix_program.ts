@@ -276,7 +276,46 @@ export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'eleme
  * of A are group b, multiplied by W's group b (from W[b·sE]), G the uniform groupRows, a multiple
  * of the block's rows so that a block's group is its first row's; source 'rows', no plan inputs.
  */
-export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean };
+export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean; loraTail?: boolean };
+
+/**
+ * The uniforms of a product with `loraTail`, after all others: T's columns (the rank, at most 16),
+ * V_e(k, n) at tailW[e·tailSE + n·tailSN + k·tailSK], and the factor the tail's V is staged times.
+ */
+const LORA_TAIL_UNIFORMS = 'tailRank : i32, tailSE : i32, tailSN : i32, tailSK : i32, tailScale : f32, ';
+
+/** The deepest LoRA tail: one 16-deep step of the matrices. */
+export const LORA_TAIL_MAX_RANK = MATRIX_EDGE;
+
+/**
+ * WGSL (after the K loop, with e, s, row0, col0, partRow and partCol set): split LoRA's expansion
+ * as one more 16-deep step of the reduction, out += tailScale·alpha·T(r, k)·V_e(k, n) for k < rank
+ * (T = u = x·A_eᵀ in forward, V = B_e; T = gr = s·dy·B_e in backward, V = A_e), so that the base
+ * product's result already holds it: no separate expansion reads and writes the whole output again
+ * (run X6: 10.5 GPU ms a step of NarrowInnerGroupedMatMulProgram). As gets s·T of the block's own
+ * rows (T is in padded-row order; padding rows, rows past the rows in use and k ≥ rank give 0),
+ * Bs gets tailScale·V_e; both in the layout's strides, read by the first 16 columns' matrices only.
+ * Every invocation takes the same steps (uniformStrideLoop), as before the matrix operations.
+ */
+function loraTailStep(layout: SlabLayout, threads: number): string {
+  const x = wgslU32;
+  const shallow = { ...layout, depth: MATRIX_EDGE };
+  // Bs in its memory order: k fastest into a column-major Bs, n fastest into a row-major one
+  const b = stagedElementB(x, shallow, 'i', layout.rightColMajor === true);
+  return `// split LoRA's expansion: one more 16-deep step of the reduction
+        ${uniformStrideLoop('i', 'localIndex', layout.rows * MATRIX_EDGE, threads, `let mm = i / ${MATRIX_EDGE}u; let kk = i % ${MATRIX_EDGE}u;
+            let inUse = e >= 0 && rowSrc[mm] >= 0 && i32(kk) < uniforms.tailRank;
+            let t = tailA[min(row0 + i32(mm), uniforms.numRows - 1) * uniforms.tailRank + min(i32(kk), uniforms.tailRank - 1)];
+            As[${aIndex(x, layout, 'mm', 'kk')}] = f16(select(0.0, t * s, inUse));`)}
+        ${uniformStrideLoop('i', 'localIndex', MATRIX_EDGE * layout.cols, threads, `let kk = ${b.k}; let nn = ${b.n};
+            let n = col0 + i32(nn);
+            let inRange = i32(kk) < uniforms.tailRank && n < uniforms.outCols;
+            let v = tailW[max(e, 0) * uniforms.tailSE + min(n, uniforms.outCols - 1) * uniforms.tailSN +
+                min(i32(kk), uniforms.tailRank - 1) * uniforms.tailSK];
+            Bs[${bIndex(x, layout, 'kk', 'nn')}] = f16(select(0.0, v * uniforms.tailScale, inRange));`)}
+        workgroupBarrier();
+        ${multiplySlab(layout, 'partRow', 'partCol', MATRIX_EDGE)}`;
+}
 
 /**
  * SubgroupMatrixWeightGradProgram's product: GroupedWeightGradSpec without the register tile;
@@ -643,6 +682,10 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           `with v6's row offsets and no register prefetch, but got source '${spec.source}', ` +
           `registerPrefetch ${staging.registerPrefetch === true}, v6 ${staging.v6 !== undefined}`);
     }
+    if (spec.loraTail && (spec.singleGroup || spec.uniformGroups || staging.registerPrefetch)) {
+      throw new Error('SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned product with no register prefetch, but got ' +
+          `singleGroup ${spec.singleGroup === true}, uniformGroups ${spec.uniformGroups === true}, registerPrefetch ${staging.registerPrefetch === true}`);
+    }
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
@@ -651,10 +694,10 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
     this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
-    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
+    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '') + (spec.loraTail ? LORA_TAIL_UNIFORMS : '');
     const planned = !spec.singleGroup && !spec.uniformGroups;
     this.variableNames = ['A', 'W', ...(planned ? ['seg', 'pr'] : []), ...(spec.hasBias ? ['bias'] : []),
-      ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : [])];
+      ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : []), ...(spec.loraTail ? ['tailA', 'tailW'] : [])];
     this.variableComponents = components(this.variableNames, {
       // 'half8': 8 halves, 4 words, 16 bytes
       ...(staging.left !== 'element' ? { A: 4 } : {}),
@@ -665,7 +708,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
-        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '');
+        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') + (spec.loraTail ? '_loraTail' : '');
   }
 
   /**
@@ -790,6 +833,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
         ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch)}
+        ${this.spec.loraTail ? loraTailStep(layout, threads) : ''}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
