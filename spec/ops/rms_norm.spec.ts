@@ -37,6 +37,9 @@ const CASES: NormCase[] = [
   { name: "attention 'l2' (ones) [B·n, S, D]", shape: [4, 3, 4], weight: 'ones' },
   { name: 'zero-centred (1 + weight) [B, S, H]', shape: [2, 3, 6], weight: 'small', zeroCentered: true },
   { name: 'one row [D]', shape: [6], weight: 'random' },
+  // rows wider than a workgroup's 64 lanes take, in quads (webgpu) and in elements
+  { name: 'wide rows [N, D], D a multiple of 4', shape: [2, 520], weight: 'random' },
+  { name: 'wide rows [N, D], D odd', shape: [2, 301], weight: 'random' },
 ];
 
 describe('ops/rmsNorm', () => {
