@@ -17,6 +17,7 @@ import { encodeBFloat16, encodeFloat16, float16Values } from '../util/half.js';
 import {
   QUANTIZED_KINDS, decodeQuantizedExpertInto, doubleQuantizedAbsmax, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout,
 } from './quantized.js';
+import { matMulAdd } from './matmul_add.js';
 import { fail } from './validate.js';
 
 /** The 16-bit formats a packed expert weight can hold. */
@@ -614,6 +615,13 @@ export interface DenseMatMulAttrs {
 }
 
 /**
+ * A LoRA branch's expansion added to a dense product (denseWeightMatMul's `tail`): + a·bᵀ for b
+ * [outCols, r] (`transposeB`: the forward's down·Bᵀ) or + a·b for b [r, outCols] (the backward's
+ * g·A), a [N, r]. The kernels take it as inputs `tailA`, `tailB` and the attr `tailTransposeB`.
+ */
+export interface DenseProductTail { a: tf.Tensor2D; b: tf.Tensor2D; transposeB: boolean }
+
+/**
  * MoEDenseMatMul's gradient, for a product on tfjs's tape (LinearLoRA's composed path with a
  * trained W or bias, a tied head trained by full fine-tuning): the input's through
  * denseWeightMatMul again (the other direction, so the flag picks it too), W's as tfjs's product
@@ -686,6 +694,9 @@ function denseProgramTakes(a: tf.Tensor2D, weight: tf.Tensor2D, transposeWeight:
  * (no float32 copy of it), else decoded for this product only; a float32 W goes to MoEDenseMatMul
  * where it is registered and DENSE_PROGRAM_FLAG (or the backend's override) picks it for this
  * direction, else tf.matMul. `operand` 'gradient': a is a gradient (the kernels' `gradient` attr).
+ * `tail`: a LoRA branch's expansion added to the result, inside the product's own kernel where the
+ * backend folds it (webgpu's tensor cores: one more step of the reduction), else by matMulAdd
+ * after it. loraLinear passes it inside its customGrad: the tape never differentiates a tail.
  * No argument checks beyond tfjs's: the callers (loraLinear, LinearLoRA) pass shapes they checked.
  *
  * ```js
@@ -694,24 +705,30 @@ function denseProgramTakes(a: tf.Tensor2D, weight: tf.Tensor2D, transposeWeight:
  * ```
  */
 export function denseWeightMatMul(a: tf.Tensor2D, weight: DenseWeightTensor, transposeWeight: boolean, bias: tf.Tensor1D | null,
-    operand: 'activation' | 'gradient' = 'activation'): tf.Tensor2D {
+    operand: 'activation' | 'gradient' = 'activation', tail?: DenseProductTail): tf.Tensor2D {
   const withBias: tf.NamedTensorMap = bias === null ? {} : { bias };
+  const withTail: tf.NamedTensorMap = tail === undefined ? {} : { tailA: tail.a, tailB: tail.b };
+  const tailAttrs = tail === undefined ? {} : { tailTransposeB: tail.transposeB };
   const gradient = operand === 'gradient';
   if (weight instanceof PackedDenseWeight && tf.getKernel(PACKED_DENSE_MATMUL, tf.getBackend()) != null) {
     const attrs: PackedDenseMatMulAttrs = { kind: weight.kind, rows: weight.shape[0], cols: weight.shape[1], transposeWeight, gradient };
-    const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...withBias };
-    return tf.engine().runKernel(PACKED_DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
+    const inputs: tf.NamedTensorMap = { a, packed: weight.packed, ...withBias, ...withTail };
+    return tf.engine().runKernel(PACKED_DENSE_MATMUL, inputs, { ...attrs, ...tailAttrs } as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }
   if (!(weight instanceof PackedDenseWeight) && weight.dtype === 'float32' && tf.getKernel(DENSE_MATMUL, tf.getBackend()) != null &&
       denseProgramTakes(a, weight, transposeWeight)) {
     const attrs: DenseMatMulAttrs = { rows: weight.shape[0], cols: weight.shape[1], transposeWeight, gradient };
-    const inputs: tf.NamedTensorMap = { a, weight, ...withBias };
-    return tf.engine().runKernel(DENSE_MATMUL, inputs, attrs as unknown as tf.NamedAttrMap) as tf.Tensor2D;
+    const inputs: tf.NamedTensorMap = { a, weight, ...withBias, ...withTail };
+    return tf.engine().runKernel(DENSE_MATMUL, inputs, { ...attrs, ...tailAttrs } as unknown as tf.NamedAttrMap) as tf.Tensor2D;
   }
   // not tf.fused.matMul with the bias: tfjs-backend-wasm 4.22's FusedMatMul adds it wrongly with transposeB
-  return tf.tidy(() => {
+  const product = tf.tidy(() => {
     const W = weight instanceof PackedDenseWeight ? unpackDenseWeight(weight) : weight;
     const y = tf.matMul(a, W, false, transposeWeight) as tf.Tensor2D;
     return bias === null ? y : tf.add(y, bias) as tf.Tensor2D;
   });
+  if (tail === undefined) return product;
+  const sum = matMulAdd(tail.a, tail.b, false, tail.transposeB, product);
+  product.dispose();
+  return sum;
 }

@@ -13,7 +13,7 @@ import { expect } from 'chai';
 import { packedDenseTile } from '../../../src/backends/webgpu/kernels.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { matMulAdd } from '../../../src/ops/matmul_add.js';
-import { DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul } from '../../../src/ops/packed.js';
+import { DENSE_MATMUL, DENSE_PROGRAM_FLAG, type DenseProductTail, denseWeightMatMul } from '../../../src/ops/packed.js';
 import { MoELoraError } from '../../../src/errors.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 import { expectCloseAsync, expectNoLeakAsync, productFloat64, profileKernels } from './helpers.js';
@@ -42,6 +42,11 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
     expect(packedDenseTile(4096)).to.deep.equal({ tm: 4, tn: 4, bk: 16, vec4: true });
   });
 
+  /** A LoRA tail of random factors: a [N, r] and b [out, r] (transposeB) or [r, in]. */
+  function tailOf(aShape: [number, number], bShape: [number, number], transposeB: boolean): DenseProductTail {
+    return { a: tf.randomNormal(aShape, 0, 1, 'float32', 11) as tf.Tensor2D, b: tf.randomNormal(bShape, 0, 1, 'float32', 12) as tf.Tensor2D, transposeB };
+  }
+
   // (n, in, out): 2×4 tile for n = 5, 4×4 vec4 for the others; none a whole tile, out not a multiple of 4
   const shapes: Array<[number, number, number]> = [[5, 7, 6], [70, 33, 19], [300, 65, 130], [129, 300, 67]];
   for (const [n, inSize, out] of shapes) {
@@ -68,6 +73,23 @@ describe('webgpu: float32 dense products through the grouped program (MoEDenseMa
           const { kernels, peakBytes } = await profileKernels(fn);
           expect(kernels, `${label}: one program`).to.deep.equal([DENSE_MATMUL]);
           expect(peakBytes, `${label}: peak bytes, the result only`).to.equal(4 * n * (label === 'dx' ? inSize : out));
+        }
+        // loraLinear's LoRA tails: + down·Bᵀ (B [out, 3]) forward and + g·A (A [3, in]) backward, inside the same kernel
+        const tails = [
+          { label: 'x·Wᵀ + b + down·Bᵀ', a: x, transposeWeight: true, bias, tail: tailOf([n, 3], [out, 3], true), outCols: out, ref: productFloat64(xv, n, wv, out, inSize, true, bv) },
+          { label: 'dy·W + g·A', a: dy, transposeWeight: false, bias: null, tail: tailOf([n, 3], [3, inSize], false), outCols: inSize, ref: productFloat64(dyv, n, wv, out, inSize, false, null) },
+        ];
+        for (const t of tails) {
+          const [tav, tbv] = await Promise.all([t.tail.a.data(), t.tail.b.data()]) as Float32Array[];
+          const [rowsB, colsB] = t.tail.b.shape;
+          const branch = productFloat64(tav, n, tbv, rowsB, colsB, t.tail.transposeB, null);
+          const run = () => denseWeightMatMul(t.a, w, t.transposeWeight, t.bias, 'activation', t.tail);
+          const got = run();
+          await expectCloseAsync(got, t.ref.map((v, i) => v + branch[i]), 1e-6, `${t.label} vs float64`, [n, t.outCols]);
+          got.dispose();
+          const { kernels } = await profileKernels(run);
+          expect(kernels, `${t.label}: one kernel`).to.deep.equal([DENSE_MATMUL]);
+          tf.dispose([t.tail.a, t.tail.b]);
         }
         tf.dispose(cases.flatMap(c => [c.got, c.tfjs]));
       }));

@@ -99,8 +99,10 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
       counter.uninstall();
     }
     await Promise.all(grads.map(g => g.data()));
-    // forward: y + each branch; backward: dx + each branch's part
-    expect(counter.kernelCounts[MATMUL_ADD], 'sums inside products').to.equal(4);
+    // forward: y + each branch; backward: dx + each branch's part. The forward's first branch goes to
+    // MoEDenseMatMul as its LoRA tail (added inside that kernel; on tensor cores inside its reduction)
+    expect(counter.kernelCounts[MATMUL_ADD], 'sums inside products').to.equal(3);
+    expect(counter.kernelCounts.MoEDenseMatMul, 'the forward\'s product with its tail').to.equal(1);
     expect(counter.kernelCounts.Add ?? 0, `the kernels: ${JSON.stringify(counter.kernelCounts)}`).to.equal(0);
     // forward s·(x·Aᵀ), backward s·(dy·B), per adapter: the scales inside the products
     expect(counter.kernelCounts[SCALED_MATMUL], 'scales inside products').to.equal(4);

@@ -656,6 +656,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     [{ source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, packedWeight: packedSpec('bf16', 1) },
       { left: 'half8', right: 'vec4', v6: { whole: { depth: false, rows: true, cols: false } } }, ['A', 'W']],
     [{ source: 'gather', hasBias: true, hasAddend: true, kContiguous: false, scaled: true }, { left: 'vec4', right: 'vec4' }, []],
+    // the dense projections' x·Wᵀ + down·Bᵀ and dy·W + g·A (loraLinear): one group, bf16 W
+    [{ source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, singleGroup: true, packedWeight: packedSpec('bf16', 2) },
+      { left: 'half8', right: 'vec8', v6: whole }, ['A', 'W']],
+    [{ source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: packedSpec('bf16', 1) },
+      { left: 'half8', right: 'vec4', v6: whole }, ['A', 'W']],
   ];
   for (const [spec, staging, ints] of tailCases) {
     for (const rows of [128, 64, 32] as const) {
@@ -671,11 +676,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       });
     }
   }
-  it('a LoRA tail goes only into a planned product with no register prefetch', () => {
+  it('a LoRA tail goes only into a planned or single-group product with no register prefetch', () => {
     const rows: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, loraTail: true };
-    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, singleGroup: true }, 32)).to.throw(
-        'SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned product with no register prefetch, but got singleGroup true, ' +
-        'uniformGroups false, registerPrefetch false');
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, uniformGroups: true }, 32)).to.throw(
+        'SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned or single-group product with no register prefetch, but got ' +
+        'uniformGroups true, registerPrefetch false');
     expect(() => new SubgroupMatrixMatMulProgram(128, 96, rows, 32, v6Staging({ left: 'vec4', right: 'vec4' }))).to.throw(
         'registerPrefetch true');
   });

@@ -1000,21 +1000,29 @@ const MAX_ABS_PARTS = 1024;
 function runDenseProductOnTensorCores(
     args: KernelArgs, tc: TensorCoreDevice, a: tf.TensorInfo, w: tf.TensorInfo, bias: tf.TensorInfo | undefined,
     layout: { inner: number; outCols: number; sN: number; sK: number }, packed: { kind: HalfKind; cols: number } | undefined,
-    gradient: boolean): tf.TensorInfo {
+    gradient: boolean, tail?: DenseKernelTail): tf.TensorInfo {
   const { inner, outCols, sN, sK } = layout;
   const n = a.shape[0];
+  const tailRank = tail?.a.shape[1] ?? 0;
+  if (tail !== undefined && !(tf.env().getBool(TC_LORA_TAIL_FLAG) && tailRank <= LORA_TAIL_MAX_RANK)) {
+    return withDenseTail(args, runDenseProductOnTensorCores(args, tc, a, w, bias, layout, packed, gradient), tail);
+  }
   const spec = {
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
-    packedWeight: packed === undefined ? undefined : { ...packed, layout: null },
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, loraTail: tail !== undefined,
   };
   const amax = gradient ? maxAbsInKernel(args, a) : undefined;
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
       matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), denseTensorCoreBlockRows(n, outCols));
+  // the tail's V(k, n): b [outCols, r] (transposed) at n·r + k, b [r, outCols] at k·outCols + n; alpha 1 both
+  const [tailSN, tailSK] = tail?.transposeB ? [tailRank, 1] : [1, outCols];
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+    ...(tail !== undefined ? [...intUniforms(tailRank, 0, tailSN, tailSK), ...floatUniforms(1)] : []),
   ];
-  const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : [])];
+  const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : []),
+    ...(tail !== undefined ? [tail.a, tail.b] : [])];
   const out = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
   for (const t of [amax, half?.a]) if (t !== undefined) webgpu(args).disposeData(t.dataId);
   return out;
@@ -1038,12 +1046,30 @@ function denseLayout(rows: number, cols: number, transposeWeight: boolean, rowSt
  */
 export function runPackedDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, packed: tf.TensorInfo, bias: tf.TensorInfo | undefined,
-    attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
+    attrs: PackedDenseMatMulAttrs, tile = packedDenseTile(a.shape[0]), tail?: DenseKernelTail): tf.TensorInfo {
   const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, 2 * packed.shape[1]);
   const halves = { kind: attrs.kind, cols: attrs.cols };
   const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
-  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, packed, bias, layout, halves, attrs.gradient === true);
-  return runDenseProduct(args, a, packed, { bias }, layout, halves, tile);
+  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, packed, bias, layout, halves, attrs.gradient === true, tail);
+  return withDenseTail(args, runDenseProduct(args, a, packed, { bias }, layout, halves, tile), tail);
+}
+
+/** A dense product's LoRA tail (DenseProductTail) as its kernel sees it. */
+interface DenseKernelTail { a: tf.TensorInfo; b: tf.TensorInfo; transposeB: boolean }
+
+/** The kernel's inputs tailA, tailB and attr tailTransposeB, if given. */
+function denseKernelTail(args: KernelArgs): DenseKernelTail | undefined {
+  const { tailA, tailB } = args.inputs as Record<string, tf.TensorInfo | undefined>;
+  if (tailA == null || tailB == null) return undefined;
+  return { a: tailA, b: tailB, transposeB: args.attrs!.tailTransposeB === true };
+}
+
+/** product + the tail's a·op(b) by MoEMatMulAdd's programs (the tail not folded into the product); disposes `product`. */
+function withDenseTail(args: KernelArgs, product: tf.TensorInfo, tail: DenseKernelTail | undefined): tf.TensorInfo {
+  if (tail === undefined) return product;
+  const sum = runMatMulAdd(args, tail.a, tail.b, product, false, tail.transposeB);
+  webgpu(args).disposeData(product.dataId);
+  return sum;
 }
 
 const packedDenseMatMulConfig: tf.KernelConfig = {
@@ -1051,7 +1077,8 @@ const packedDenseMatMulConfig: tf.KernelConfig = {
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, packed, bias } = args.inputs as Record<string, tf.TensorInfo>;
-    return runPackedDenseMatMul(args, a, packed, bias, args.attrs as unknown as PackedDenseMatMulAttrs);
+    const attrs = args.attrs as unknown as PackedDenseMatMulAttrs;
+    return runPackedDenseMatMul(args, a, packed, bias, attrs, packedDenseTile(a.shape[0]), denseKernelTail(args));
   },
 };
 
@@ -1064,11 +1091,11 @@ const packedDenseMatMulConfig: tf.KernelConfig = {
  */
 export function runDenseMatMul(
     args: KernelArgs, a: tf.TensorInfo, weight: tf.TensorInfo, bias: tf.TensorInfo | undefined,
-    attrs: DenseMatMulAttrs, tile = packedDenseTile(a.shape[0])): tf.TensorInfo {
+    attrs: DenseMatMulAttrs, tile = packedDenseTile(a.shape[0]), tail?: DenseKernelTail): tf.TensorInfo {
   const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols);
   const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
-  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, weight, bias, layout, undefined, attrs.gradient === true);
-  return runDenseProduct(args, a, weight, { bias }, layout, undefined, tile);
+  if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, weight, bias, layout, undefined, attrs.gradient === true, tail);
+  return withDenseTail(args, runDenseProduct(args, a, weight, { bias }, layout, undefined, tile), tail);
 }
 
 const denseMatMulConfig: tf.KernelConfig = {
@@ -1076,7 +1103,8 @@ const denseMatMulConfig: tf.KernelConfig = {
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, weight, bias } = args.inputs as Record<string, tf.TensorInfo>;
-    return runDenseMatMul(args, a, weight, bias, args.attrs as unknown as DenseMatMulAttrs);
+    return runDenseMatMul(args, a, weight, bias, args.attrs as unknown as DenseMatMulAttrs, packedDenseTile(a.shape[0]),
+        denseKernelTail(args));
   },
 };
 
@@ -1150,22 +1178,28 @@ const matMulAddConfig: tf.KernelConfig = {
   kernelFunc: (args: KernelArgs) => {
     const { a, b, addend } = args.inputs as Record<string, tf.TensorInfo>;
     const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
-    const [m, k] = a.shape;
-    const n = transposeB ? b.shape[0] : b.shape[1];
-    const addendFits = !transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n;
-    if (addendFits && denseNarrowFits(m, k)) return runNarrowInnerDenseProduct(args, a, b, addend, transposeB);
-    if (addendFits && denseProgramChoice() === 'grouped') {
-      // b [K, N]: W(k, n) = b[k·N + n]; transposed, b [N, K]: b[n·K + k]
-      const layout = transposeB ? { inner: k, outCols: n, sN: k, sK: 1 } : { inner: k, outCols: n, sN: 1, sK: n };
-      return runDenseProduct(args, a, b, { addend }, layout, undefined, packedDenseTile(m));
-    }
-    const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
-    return fused.kernelFunc({
-      inputs: { a, b, bias: addend }, backend: args.backend,
-      attrs: { transposeA, transposeB, activation: 'linear', leakyreluAlpha: 0 },
-    });
+    return runMatMulAdd(args, a, b, addend, transposeA, transposeB);
   },
 };
+
+/** MoEMatMulAdd's a·op(b) + addend, from its kernel or a dense product's unfolded LoRA tail. */
+function runMatMulAdd(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo, addend: tf.TensorInfo, transposeA: boolean,
+    transposeB: boolean): tf.TensorInfo {
+  const [m, k] = a.shape;
+  const n = transposeB ? b.shape[0] : b.shape[1];
+  const addendFits = !transposeA && addend.shape.length === 2 && addend.shape[0] === m && addend.shape[1] === n;
+  if (addendFits && denseNarrowFits(m, k)) return runNarrowInnerDenseProduct(args, a, b, addend, transposeB);
+  if (addendFits && denseProgramChoice() === 'grouped') {
+    // b [K, N]: W(k, n) = b[k·N + n]; transposed, b [N, K]: b[n·K + k]
+    const layout = transposeB ? { inner: k, outCols: n, sN: k, sK: 1 } : { inner: k, outCols: n, sN: 1, sK: n };
+    return runDenseProduct(args, a, b, { addend }, layout, undefined, packedDenseTile(m));
+  }
+  const fused = tf.getKernel(tf._FusedMatMul, BACKEND)!;
+  return fused.kernelFunc({
+    inputs: { a, b, bias: addend }, backend: args.backend,
+    attrs: { transposeA, transposeB, activation: 'linear', leakyreluAlpha: 0 },
+  }) as tf.TensorInfo;
+}
 
 /**
  * scaledDotProductAttention's MoEAttention and MoEAttentionGrad (src/ops/attention_core.ts), under

@@ -51,20 +51,12 @@ function loraBranchDown(input: Tensor2D, A: Tensor2D, scaling: number | Scalar):
 }
 
 /**
- * The gradient of loraBranchForward w.r.t. A, B and its input, given dy [N, out] and what the
- * forward kept (its input, its scaled down-projection).
+ * The gradients of loraBranchForward w.r.t. A and B, given dy [N, out], what the forward kept (its
+ * input, its scaled down-projection) and g = s·(dy·B) [N, r], which the input's part g·A also reads.
  */
-function loraBranchBackward(dy: Tensor2D, input: Tensor2D, down: Tensor2D, A: Tensor2D, B: Tensor2D, scaling: Scalar,
-    scale: number, dxSoFar: Tensor2D | null): { dA: Tensor2D; dB: Tensor2D; dInput: Tensor2D } {
-  // s·(dy·B), the scale inside the product's kernel where the backend has one
-  const g = scaledMatMul(dy, B, false, scale, scaling);  // [N, r]
+function loraFactorGrads(dy: Tensor2D, input: Tensor2D, down: Tensor2D, g: Tensor2D): { dA: Tensor2D; dB: Tensor2D } {
   // the factors' gradients sum N rows into r-wide results: one memory-speed kernel where the backend has one
-  const dB = weightGradProduct(dy, down);   // [out, r]
-  const dA = weightGradProduct(g, input);   // [r, in]
-  // the branch's part of dx, added to the rest in the same kernel where the backend has one
-  const dInput = dxSoFar === null ? tf.matMul(g, A) as Tensor2D : matMulAdd(g, A, false, false, dxSoFar);  // [N, in]
-  g.dispose();
-  return { dA, dB, dInput };
+  return { dA: weightGradProduct(g, input), dB: weightGradProduct(dy, down) };  // [r, in], [out, r]
 }
 
 /**
@@ -110,44 +102,54 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
     const xs = args[0] as Tensor2D;
     const save = args[args.length - 1] as GradSaveFunc;
     const factors = adapters.map((_, i) => ({ A: args[1 + 2 * i] as Tensor2D, B: args[2 + 2 * i] as Tensor2D }));
-    let y = denseWeightMatMul(xs, weight, true, bias);  // [N, out]: x·Wᵀ + b
     const kept: Tensor[] = [];
-    adapters.forEach((a, i) => {
+    const downs = adapters.map((a, i) => {
       const shared = scalings[i];
       const scaling = typeof shared === 'number' ? tf.scalar(shared) : shared;
       const input = a.mask === undefined ? xs : tf.mul(xs, a.mask) as Tensor2D;  // [N, in]
       // s·(input·Aᵀ) as loraBranchDown computes it, the scale inside the product's kernel where the backend has one
       const down = scaledMatMul(input, factors[i].A, true, a.scaling, scaling);  // [N, r]
-      const sum = matMulAdd(down, factors[i].B, false, true, y);  // y + down·Bᵀ, one kernel where the backend has it
+      kept.push(input, down, factors[i].A, factors[i].B, scaling, ...(a.mask === undefined ? [] : [a.mask]));
+      return down;
+    });
+    // x·Wᵀ + b with the first branch's down·Bᵀ added inside the product where the backend folds it
+    let y = denseWeightMatMul(xs, weight, true, bias, 'activation',
+        downs.length > 0 ? { a: downs[0], b: factors[0].B, transposeB: true } : undefined);  // [N, out]
+    for (let i = 1; i < downs.length; i++) {
+      const sum = matMulAdd(downs[i], factors[i].B, false, true, y);  // y + down·Bᵀ, one kernel where the backend has it
       y.dispose();
       y = sum;
-      kept.push(input, down, factors[i].A, factors[i].B, scaling, ...(a.mask === undefined ? [] : [a.mask]));
-    });
+    }
     save(kept);
     return {
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
         const dy2 = dy as Tensor2D;
-        let dx = denseWeightMatMul(dy2, weight, false, null, 'gradient');  // [N, in]: W read again (or decoded again), not saved
-        const grads: Tensor[] = [];
         let at = 0;
-        adapters.forEach(a => {
+        const branches = adapters.map(a => {
           const [input, down, A, B, scaling] = saved.slice(at, at + 5) as [Tensor2D, Tensor2D, Tensor2D, Tensor2D, Scalar];
           const mask = a.mask === undefined ? null : saved[at + 5] as Tensor2D;
           at += mask === null ? 5 : 6;
-          // without a mask the branch's part of dx is added to dx in its product's kernel
-          const { dA, dB, dInput } = loraBranchBackward(dy2, input, down, A, B, scaling, a.scaling, mask === null ? dx : null);
-          if (mask === null) {
+          // g = s·(dy·B) [N, r], the scale inside the product's kernel where the backend has one
+          return { input, down, A, mask, g: scaledMatMul(dy2, B, false, a.scaling, scaling) };
+        });
+        // dy·W, W read again (or decoded again), not saved; an unmasked first branch's g·A added inside that
+        // product where the backend folds it
+        const folded = branches.length > 0 && branches[0].mask === null;
+        let dx = denseWeightMatMul(dy2, weight, false, null, 'gradient',
+            folded ? { a: branches[0].g, b: branches[0].A, transposeB: false } : undefined);  // [N, in]
+        const grads: Tensor[] = [];
+        branches.forEach(({ input, down, A, mask, g }, i) => {
+          if (!(folded && i === 0)) {
+            // without a mask the branch's part of dx is added to dx in its product's kernel
+            const sum = mask === null ? matMulAdd(g, A, false, false, dx) : tf.tidy(() => tf.add(dx, tf.mul(tf.matMul(g, A), mask)) as Tensor2D);
             dx.dispose();
-            dx = dInput;
-          } else {
-            const dBranch = tf.mul(dInput, mask) as Tensor2D;
-            const sum = tf.add(dx, dBranch) as Tensor2D;
-            tf.dispose([dx, dInput, dBranch]);
             dx = sum;
           }
+          const { dA, dB } = loraFactorGrads(dy2, input, down, g);
           grads.push(dA, dB);
         });
+        tf.dispose(branches.map(b => b.g));
         return [dx, ...grads];
       },
     };

@@ -682,9 +682,9 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           `with v6's row offsets and no register prefetch, but got source '${spec.source}', ` +
           `registerPrefetch ${staging.registerPrefetch === true}, v6 ${staging.v6 !== undefined}`);
     }
-    if (spec.loraTail && (spec.singleGroup || spec.uniformGroups || staging.registerPrefetch)) {
-      throw new Error('SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned product with no register prefetch, but got ' +
-          `singleGroup ${spec.singleGroup === true}, uniformGroups ${spec.uniformGroups === true}, registerPrefetch ${staging.registerPrefetch === true}`);
+    if (spec.loraTail && (spec.uniformGroups || staging.registerPrefetch)) {
+      throw new Error('SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned or single-group product with no register ' +
+          `prefetch, but got uniformGroups ${spec.uniformGroups === true}, registerPrefetch ${staging.registerPrefetch === true}`);
     }
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
