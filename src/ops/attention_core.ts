@@ -21,6 +21,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { batchProduct } from './batch_product.js';
+import { softmaxGrad } from './softmax_grad.js';
 import { assertFiniteNumber, assertTensor, fail } from './validate.js';
 
 /**
@@ -154,7 +155,7 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
         const dV = batchProduct(p, dO, true, false, 'b');                         // [Nkv, L, Dv]
         const dP = batchProduct(dO, vs, false, true, 'a');                        // [Nkv, rep·S, L]
         // softmax's gradient: dS = P ⊙ (dP − Σ_j dP ⊙ P); blocked keys have P = 0 and get 0
-        const dS = tf.mul(p, tf.sub(dP, tf.sum(tf.mul(dP, p), 2, true))) as Tensor3D;     // [Nkv, rep·S, L]
+        const dS = softmaxGrad(p, dP);                                            // [Nkv, rep·S, L]
         const dQ = grouped(tf.mul(batchProduct(dS, ks, false, false, 'a'), scale), [nq, s, dk]);  // [Nq, S, Dk]
         const dK = batchProduct(dS, qs, true, false, 'a');                        // [Nkv, L, Dk], q already scaled
         return [dQ, dK, dV];

@@ -14,6 +14,8 @@ import { loraLinear } from '../../../src/ops/lora/linear.js';
 import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
 import { routerLogits } from '../../../src/ops/lora/router_logits.js';
 import '../../ops/rms_norm.spec.js';
+import '../../ops/softmax_grad.spec.js';
+import { SOFTMAX_GRAD, softmaxGrad } from '../../../src/ops/softmax_grad.js';
 import '../../ops/router_logits_frozen.spec.js';
 import '../../ops/scaled_matmul.spec.js';
 import { scaledMatMul64 } from '../../ops/scaled_matmul.spec.js';
@@ -78,6 +80,25 @@ describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (i
       tf.dispose([x, weight]);
     });
   }
+});
+
+describe('webgpu: softmaxGrad is one program (MoESoftmaxGrad, issue 15)', () => {
+  it('the composed attention\'s dS = P ⊙ (dP − Σ dP ⊙ P) in one program instead of four', async () => {
+    expect(tf.getKernel(SOFTMAX_GRAD, 'webgpu'), 'MoESoftmaxGrad is registered on webgpu').to.not.equal(undefined);
+    const p = tf.softmax(tf.randomNormal([2, 6, 12]));
+    const dP = tf.randomNormal([2, 6, 12]);
+    const counter = new StepCounter();
+    counter.install();
+    let dS: tf.Tensor;
+    try {
+      dS = softmaxGrad(p, dP);
+    } finally {
+      counter.uninstall();
+    }
+    await dS.data();
+    expect(counter.programCounts).to.deep.equal({ SoftmaxGradProgram: 1 });
+    tf.dispose([p, dP, dS]);
+  });
 });
 
 describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issue 15)', () => {

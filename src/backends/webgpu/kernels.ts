@@ -52,6 +52,8 @@ import { RotaryProgram } from './programs/rotary_program.js';
 import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
+import { SOFTMAX_GRAD } from '../../ops/softmax_grad.js';
+import { SoftmaxGradProgram } from './programs/softmax_grad_program.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
 import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } from './programs/tiled_attention_program.js';
@@ -1164,6 +1166,17 @@ const rmsNormGradXConfig: tf.KernelConfig = {
   },
 };
 
+/** softmaxGrad's MoESoftmaxGrad (src/ops/softmax_grad.ts): one program instead of four. */
+const softmaxGradConfig: tf.KernelConfig = {
+  kernelName: SOFTMAX_GRAD,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { p, dP } = args.inputs as Record<string, tf.TensorInfo>;
+    const program = new SoftmaxGradProgram(p.shape);
+    return webgpu(args).runWebGPUProgram(program, [p, dP], 'float32', program.uniformsFor());
+  },
+};
+
 /**
  * matMulAdd's MoEMatMulAdd (src/ops/matmul_add.ts): tfjs-webgpu's own _FusedMatMul (as registered
  * now, so batch_mat_mul.ts's wrapper too) with the addend as its bias, which its products add per
@@ -1584,6 +1597,6 @@ const batchProductConfig: tf.KernelConfig = {
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig,
+  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig,
   matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
 ];
