@@ -21,6 +21,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { batchProduct } from './batch_product.js';
+import { maskedSoftmax } from './masked_softmax.js';
 import { softmaxGrad } from './softmax_grad.js';
 import { assertFiniteNumber, assertTensor, fail } from './validate.js';
 
@@ -141,8 +142,8 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
     const scaledQ = grouped<Tensor3D>(tf.mul(q3, scale), [nkv, rows, dk]);       // [Nkv, rep·S, Dk]
     const probs = tf.tidy(() => {
       const scores = batchProduct(scaledQ, k3, false, true);                       // [Nkv, rep·S, L]
-      if (!needsView) return tf.softmax(tf.add(scores, mask)) as Tensor3D;
-      return tf.reshape(tf.softmax(tf.add(tf.reshape(scores, maskedShape), mask)), [nkv, rows, keyLen]) as Tensor3D;
+      if (!needsView) return maskedSoftmax(scores, mask);
+      return tf.reshape(maskedSoftmax(tf.reshape(scores, maskedShape), mask), [nkv, rows, keyLen]) as Tensor3D;
     });
     save([scaledQ, k3, v3, probs]);
     const value = tf.tidy(() => grouped<Tensor3D>(batchProduct(probs, v3), [nq, s, dv]));

@@ -15,6 +15,8 @@ import { MATMUL_ADD } from '../../../src/ops/matmul_add.js';
 import { routerLogits } from '../../../src/ops/lora/router_logits.js';
 import '../../ops/rms_norm.spec.js';
 import '../../ops/softmax_grad.spec.js';
+import '../../ops/masked_softmax.spec.js';
+import { MASKED_SOFTMAX, maskedSoftmax } from '../../../src/ops/masked_softmax.js';
 import { SOFTMAX_GRAD, softmaxGrad } from '../../../src/ops/softmax_grad.js';
 import '../../ops/router_logits_frozen.spec.js';
 import '../../ops/scaled_matmul.spec.js';
@@ -80,6 +82,25 @@ describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (i
       tf.dispose([x, weight]);
     });
   }
+});
+
+describe('webgpu: maskedSoftmax is one program (MoEMaskedSoftmax, issue 15)', () => {
+  it('the composed attention\'s softmax(scores + mask) in one program instead of an Add and a Softmax', async () => {
+    expect(tf.getKernel(MASKED_SOFTMAX, 'webgpu'), 'MoEMaskedSoftmax is registered on webgpu').to.not.equal(undefined);
+    const scores = tf.randomNormal([2, 3, 6, 12]);
+    const mask = tf.zeros([2, 1, 6, 12]);
+    const counter = new StepCounter();
+    counter.install();
+    let p: tf.Tensor;
+    try {
+      p = maskedSoftmax(scores, mask);
+    } finally {
+      counter.uninstall();
+    }
+    await p.data();
+    expect(counter.programCounts).to.deep.equal({ MaskedSoftmaxProgram: 1 });
+    tf.dispose([scores, mask, p]);
+  });
 });
 
 describe('webgpu: softmaxGrad is one program (MoESoftmaxGrad, issue 15)', () => {

@@ -53,7 +53,8 @@ import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { SOFTMAX_GRAD } from '../../ops/softmax_grad.js';
-import { SoftmaxGradProgram } from './programs/softmax_grad_program.js';
+import { MASKED_SOFTMAX } from '../../ops/masked_softmax.js';
+import { MaskedSoftmaxProgram, SoftmaxGradProgram } from './programs/softmax_rows_program.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
 import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } from './programs/tiled_attention_program.js';
@@ -1166,6 +1167,17 @@ const rmsNormGradXConfig: tf.KernelConfig = {
   },
 };
 
+/** maskedSoftmax's MoEMaskedSoftmax (src/ops/masked_softmax.ts): one program instead of an Add and a Softmax. */
+const maskedSoftmaxConfig: tf.KernelConfig = {
+  kernelName: MASKED_SOFTMAX,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { scores, mask } = args.inputs as Record<string, tf.TensorInfo>;
+    const program = new MaskedSoftmaxProgram(scores.shape, mask.shape);
+    return webgpu(args).runWebGPUProgram(program, [scores, mask], 'float32', program.uniformsFor());
+  },
+};
+
 /** softmaxGrad's MoESoftmaxGrad (src/ops/softmax_grad.ts): one program instead of four. */
 const softmaxGradConfig: tf.KernelConfig = {
   kernelName: SOFTMAX_GRAD,
@@ -1597,6 +1609,6 @@ const batchProductConfig: tf.KernelConfig = {
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig,
+  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig, maskedSoftmaxConfig,
   matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
 ];
