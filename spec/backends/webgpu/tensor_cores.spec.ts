@@ -11,11 +11,12 @@ import type { DataType } from '@tensorflow/tfjs-core';
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
 import { MaxAbsProgram } from '../../../src/backends/webgpu/programs/max_abs_program.js';
+import { SumSlicesProgram } from '../../../src/backends/webgpu/programs/sum_slices_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
   batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
-  groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
+  denseSplitK, groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
@@ -676,6 +677,58 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       });
     }
   }
+  // split K: the LM head's dHidden = dLogits·W (one group, scaled, f16 halves, bf16 W along n)
+  for (const staging of [{ left: 'half8', right: 'vec4', v6: whole } as SubgroupStaging, ELEMENT_STAGING]) {
+    const spec: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true,
+      packedWeight: packedSpec('bf16', 1), splitK: true };
+    const program = new SubgroupMatrixMatMulProgram(128, 96, spec, 32, staging, 64, 6);
+    it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL, a slice of the result per split`, async () => {
+      expect(program.outputShape).to.deep.equal([6 * 128, 96]);
+      expect(program.dispatch).to.deep.equal([1, 2, 6]);
+      expect(program.uniforms.endsWith('kChunk : i32, ')).to.equal(true);
+      expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+      const ints = staging.left === 'half8' ? ['A', 'W'] : ['W'];
+      const inputs = program.variableNames.map(name => [name, ints.includes(name) ? 'int32' : 'float32', [128, 96]] as [string, DataType, number[]]);
+      expect(await compileErrors(shaderOf(program, inputs, [6 * 128, 96]))).to.deep.equal([]);
+    });
+  }
+  it('SumSlicesProgram: the split-K slices summed in order, in quads and not, no leak', async () => {
+    await expectNoLeakAsync(async () => {
+      for (const [splits, shape] of [[6, [5, 8]], [3, [7, 3]], [1, [2, 4]]] as Array<[number, number[]]>) {
+        const size = shape[0] * shape[1];
+        const values = Float32Array.from({ length: splits * size }, (_, i) => Math.sin(i) * 10);
+        const x = tf.tensor2d(values, [splits * shape[0], shape[1]]);
+        const program = new SumSlicesProgram(shape, splits);
+        const backend = tf.backend() as unknown as { runWebGPUProgram: (p: SumSlicesProgram, i: tf.TensorInfo[], d: string, u: unknown) => tf.TensorInfo };
+        const sum = tf.engine().makeTensorFromTensorInfo(backend.runWebGPUProgram(program, [x], 'float32', program.uniformsFor()));
+        const want = Float32Array.from({ length: size }, (_, i) => {
+          let v = 0;
+          for (let z = 0; z < splits; z++) v = Math.fround(v + values[z * size + i]);
+          return v;
+        });
+        expect(sum.shape).to.deep.equal(shape);
+        expect(Array.from(await sum.data()), `${splits} × [${shape}]`).to.deep.equal(Array.from(want));
+        tf.dispose([x, sum]);
+      }
+    });
+  });
+
+  it('split K: one group with nothing added; denseSplitK aims for 512 workgroups, slices at least 2048 deep', () => {
+    const one: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, splitK: true };
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...one, hasBias: true }, 32, ELEMENT_STAGING, 128, 2)).to.throw(
+        'SubgroupMatrixMatMulProgram: split K takes one group with nothing added and no register prefetch, and only it takes splits ' +
+        'other than 1, but got splitK true, singleGroup true, bias true, addend false, loraTail false, registerPrefetch false, splits 2');
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...one, splitK: false }, 32, ELEMENT_STAGING, 128, 2)).to.throw('splits 2');
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, one, 32, ELEMENT_STAGING, 128, 0)).to.throw(
+        'SubgroupMatrixMatMulProgram: splits must be an integer in [1, 65535] but got 0');
+    // the LM head's 333-row chunks: 6·16 blocks of 64 rows; the last chunk of 50 rows: 16 blocks, 24 slices of ≥ 2048
+    expect(denseSplitK(333, 2048, 50304, 64)).to.equal(6);
+    expect(denseSplitK(50, 2048, 50304, 64)).to.equal(24);
+    // q/k/v/o: one slice (256 blocks, and a reduction of one chunk)
+    expect(denseSplitK(2048, 2048, 2048, 128)).to.equal(1);
+    expect(denseSplitK(2048, 50304, 2048, 128)).to.equal(1);
+  });
+
   it('a LoRA tail goes only into a planned or single-group product with no register prefetch', () => {
     const rows: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, loraTail: true };
     expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, uniformGroups: true }, 32)).to.throw(

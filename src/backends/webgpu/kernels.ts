@@ -55,6 +55,7 @@ import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { SOFTMAX_GRAD } from '../../ops/softmax_grad.js';
 import { MASKED_SOFTMAX } from '../../ops/masked_softmax.js';
 import { MaskedSoftmaxProgram, SoftmaxGradProgram } from './programs/softmax_rows_program.js';
+import { SumSlicesProgram } from './programs/sum_slices_program.js';
 import { MATMUL_ADD } from '../../ops/matmul_add.js';
 import { AttentionProgram, type AttentionDims, type AttentionPass } from './programs/attention_program.js';
 import { attentionProgramKind, TiledAttentionProgram, type TiledAttentionPass } from './programs/tiled_attention_program.js';
@@ -1010,25 +1011,67 @@ function runDenseProductOnTensorCores(
   if (tail !== undefined && !(tf.env().getBool(TC_LORA_TAIL_FLAG) && tailRank <= LORA_TAIL_MAX_RANK)) {
     return withDenseTail(args, runDenseProductOnTensorCores(args, tc, a, w, bias, layout, packed, gradient), tail);
   }
+  const blockRows = denseTensorCoreBlockRows(n, outCols);
+  const splits = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, blockRows) : 1;
   const spec = {
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
-    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, loraTail: tail !== undefined,
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, loraTail: tail !== undefined, splitK: splits > 1,
   };
   const amax = gradient ? maxAbsInKernel(args, a) : undefined;
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), denseTensorCoreBlockRows(n, outCols));
+      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), blockRows, splits);
   // the tail's V(k, n): b [outCols, r] (transposed) at n·r + k, b [r, outCols] at k·outCols + n; alpha 1 both
   const [tailSN, tailSK] = tail?.transposeB ? [tailRank, 1] : [1, outCols];
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
     ...(tail !== undefined ? [...intUniforms(tailRank, 0, tailSN, tailSK), ...floatUniforms(1)] : []),
+    ...(splits > 1 ? intUniforms(splitKChunk(inner, splits)) : []),
   ];
   const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : []),
     ...(tail !== undefined ? [tail.a, tail.b] : [])];
   const out = runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
   for (const t of [amax, half?.a]) if (t !== undefined) webgpu(args).disposeData(t.dataId);
-  return out;
+  if (splits === 1) return out;
+  const sum = new SumSlicesProgram([n, outCols], splits);
+  const total = webgpu(args).runWebGPUProgram(sum, [out], 'float32', sum.uniformsFor());
+  webgpu(args).disposeData(out.dataId);
+  return total;
+}
+
+/**
+ * tf.env() flag: a dense product on tensor cores of few blocks over a long reduction splits its
+ * reduction over workgroups (denseSplitK) and sums the slices after. false: one pass (A/B runs).
+ */
+export const DENSE_SPLIT_K_FLAG = 'WEBGPU_MOE_DENSE_SPLIT_K';
+tf.env().registerFlag(DENSE_SPLIT_K_FLAG, () => true);
+
+/** The workgroups a split-K product aims for: a few per SM of a large GPU (132 on the H100). */
+const SPLIT_K_TARGET_BLOCKS = 512;
+/** The least reduction a slice takes: below it the slices' partial results cost more than they save. */
+const SPLIT_K_MIN_CHUNK = 2048;
+
+/**
+ * The slices of a dense product's reduction (1: none): enough that blocks × slices reach
+ * SPLIT_K_TARGET_BLOCKS, each at least SPLIT_K_MIN_CHUNK deep. The LM head's dHidden = dLogits·W
+ * at OLMoE's 333-row loss chunks has 96 blocks of 64 × 128 over a reduction of 50304 (run X6: 52
+ * TFLOP/s, 9.2 GPU ms a step, where the forward x·Wᵀ's 1179 blocks ran at 105).
+ *
+ * ```js
+ * denseSplitK(333, 2048, 50304, 64);   // 6: 96 blocks
+ * denseSplitK(2048, 2048, 2048, 128);  // 1: 256 blocks, and a reduction of one chunk
+ * ```
+ */
+export function denseSplitK(rows: number, outCols: number, inner: number, blockRows: number): number {
+  if (!tf.env().getBool(DENSE_SPLIT_K_FLAG)) return 1;
+  const blocks = Math.ceil(rows / blockRows) * Math.ceil(outCols / SUBGROUP_MATRIX_BLOCK.cols);
+  return Math.max(1, Math.min(Math.ceil(SPLIT_K_TARGET_BLOCKS / blocks), Math.floor(inner / SPLIT_K_MIN_CHUNK)));
+}
+
+/** Each slice's reduction: inner / splits rounded up to whole slabs. */
+function splitKChunk(inner: number, splits: number): number {
+  const depth = SUBGROUP_MATRIX_BLOCK.depth;
+  return Math.ceil(inner / splits / depth) * depth;
 }
 
 /**

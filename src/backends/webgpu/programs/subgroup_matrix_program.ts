@@ -276,7 +276,20 @@ export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'eleme
  * of A are group b, multiplied by W's group b (from W[b·sE]), G the uniform groupRows, a multiple
  * of the block's rows so that a block's group is its first row's; source 'rows', no plan inputs.
  */
-export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & { scaled: boolean; uniformGroups?: boolean; loraTail?: boolean };
+export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & {
+  scaled: boolean; uniformGroups?: boolean; loraTail?: boolean;
+  /**
+   * split K (one group only, nothing added): workgroup z reduces k in [z·kChunk, (z + 1)·kChunk)
+   * (the uniform kChunk, a multiple of the slab depth) into its own [numRows, outCols] slice of
+   * the result ([splits·numRows, outCols]), which the caller sums (SumSlicesProgram): a product
+   * of few blocks over a long reduction (the LM head's dHidden = dLogits·W) otherwise leaves
+   * most of the GPU idle.
+   */
+  splitK?: boolean;
+};
+
+/** The uniform of the split-K specialisation, last. */
+const SPLIT_K_UNIFORM = 'kChunk : i32, ';
 
 /**
  * The uniforms of a product with `loraTail`, after all others: T's columns (the rank, at most 16),
@@ -579,17 +592,19 @@ class QuadStaging {
 }
 
 /**
- * WGSL of one K loop over slabs `depth` deep up to `end` (workgroup-uniform). v7 (`prefetch`
+ * WGSL of one K loop over slabs `depth` deep from `begin` (v7 only) up to `end` (both
+ * workgroup-uniform). v7 (`prefetch`
  * false): each step loads every quad operand's slab into registers and stores them to workgroup
  * memory (and stages the element operands), barrier, multiplies, barrier. v6: each step stores
  * the quad operands' registers (and stages the element operands in place), barrier, fetches the
  * next slab's quads into the registers, multiplies, barrier.
  */
 function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[], elementStaging: string[], multiply: string,
-    prefetch: boolean): string {
+    prefetch: boolean, begin = '0'): string {
+  if (begin !== '0' && prefetch) throw new Error(`slabLoop: a loop from ${begin} has no register prefetch`);
   if (quads.length === 0 || !prefetch) {
     // v7-a/b's order: every load of the slab, then every store
-    return `for (var ${index} = 0; ${index} < ${end}; ${index} += ${depth}) {
+    return `for (var ${index} = ${begin}; ${index} < ${end}; ${index} += ${depth}) {
           ${quads.map(q => q.declarations()).join('\n          ')}
           ${quads.map(q => q.fetch(index)).join('\n          ')}
           ${quads.map(q => q.store()).join('\n          ')}
@@ -665,8 +680,17 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
    * the plan's row tile.
    */
   constructor(capacity: number, outCols: number, spec: SubgroupMatMulSpec,
-      subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING, blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows) {
+      subgroupSize: number, staging: SubgroupStaging = ELEMENT_STAGING, blockRows: SubgroupBlockRows = SUBGROUP_MATRIX_BLOCK.rows,
+      splits = 1) {
     this.spec = spec;
+    if (spec.splitK ? !(spec.singleGroup && !spec.hasBias && !spec.hasAddend && !spec.loraTail && !staging.registerPrefetch) : splits !== 1) {
+      throw new Error('SubgroupMatrixMatMulProgram: split K takes one group with nothing added and no register prefetch, and only it ' +
+          `takes splits other than 1, but got splitK ${spec.splitK === true}, singleGroup ${spec.singleGroup === true}, bias ${spec.hasBias}, ` +
+          `addend ${spec.hasAddend}, loraTail ${spec.loraTail === true}, registerPrefetch ${staging.registerPrefetch === true}, splits ${splits}`);
+    }
+    if (!Number.isInteger(splits) || splits < 1 || splits > 65535) {
+      throw new Error(`SubgroupMatrixMatMulProgram: splits must be an integer in [1, 65535] but got ${splits}`);
+    }
     if (spec.uniformGroups && (spec.singleGroup || spec.source !== 'rows')) {
       throw new Error(`SubgroupMatrixMatMulProgram: uniform groups read A as rows, one group per G rows, but got source '${spec.source}'` +
           `${spec.singleGroup ? ' and singleGroup' : ''}`);
@@ -691,10 +715,11 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
           `registerPrefetch ${staging.registerPrefetch === true}`);
     }
-    this.outputShape = [capacity, outCols];
+    this.outputShape = [splits * capacity, outCols];
     this.workgroupSize = [SUBGROUPS * subgroupSize, 1, 1];
-    this.dispatch = subgroupMatrixDispatch(capacity, outCols, 1, blockRows);
-    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '') + (spec.loraTail ? LORA_TAIL_UNIFORMS : '');
+    this.dispatch = subgroupMatrixDispatch(capacity, outCols, splits, blockRows);
+    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '') + (spec.loraTail ? LORA_TAIL_UNIFORMS : '') +
+        (spec.splitK ? SPLIT_K_UNIFORM : '');
     const planned = !spec.singleGroup && !spec.uniformGroups;
     this.variableNames = ['A', 'W', ...(planned ? ['seg', 'pr'] : []), ...(spec.hasBias ? ['bias'] : []),
       ...(spec.hasAddend ? ['addend'] : []), ...(spec.scaled ? ['amax'] : []), ...(spec.loraTail ? ['tailA', 'tailW'] : [])];
@@ -708,7 +733,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     this.shaderKey = `moeSubgroupMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
-        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') + (spec.loraTail ? '_loraTail' : '');
+        (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') + (spec.loraTail ? '_loraTail' : '') +
+        (spec.splitK ? '_splitK' : '');
   }
 
   /**
@@ -829,16 +855,20 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
         // matrix operations
-        let kEnd = select(0, uniforms.inner, e >= 0);
+        ${this.spec.splitK ? `// split K: this workgroup's k range and its slice of the result
+        let kBegin = i32(workgroupId.z) * uniforms.kChunk;
+        let kEnd = select(0, min(kBegin + uniforms.kChunk, uniforms.inner), e >= 0);
+        let outBase = i32(workgroupId.z) * uniforms.numRows * uniforms.outCols;` : `let kEnd = select(0, uniforms.inner, e >= 0);
+        let outBase = 0;`}
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
-        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch)}
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch, this.spec.splitK ? 'kBegin' : '0')}
         ${this.spec.loraTail ? loraTailStep(layout, threads) : ''}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
         if (direct) {
-          ${directStores(layout, (i, j) => `(u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
+          ${directStores(layout, (i, j) => `u32(outBase) + (u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
               'u32(uniforms.outCols)')}
         } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
@@ -851,7 +881,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             var v = unscale * ${v};
             ${this.spec.hasBias ? 'v += bias[max(e, 0) * uniforms.outCols + c];' : ''}
             ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-            result[r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
+            result[outBase + r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
         ${direct ? '}' : ''}
