@@ -721,9 +721,11 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...one, splitK: false }, 32, ELEMENT_STAGING, 128, 2)).to.throw('splits 2');
     expect(() => new SubgroupMatrixMatMulProgram(128, 96, one, 32, ELEMENT_STAGING, 128, 0)).to.throw(
         'SubgroupMatrixMatMulProgram: splits must be an integer in [1, 65535] but got 0');
-    // the LM head's 333-row chunks: 6·16 blocks of 64 rows; the last chunk of 50 rows: 16 blocks, 24 slices of ≥ 2048
+    // the LM head's 333-row chunks: 3·16 blocks of 128 rows (a split product's) or 6·16 of 64; the last chunk of 50
+    // rows: 16 blocks, 24 slices of ≥ 2048
+    expect(denseSplitK(333, 2048, 50304, 128)).to.equal(11);
     expect(denseSplitK(333, 2048, 50304, 64)).to.equal(6);
-    expect(denseSplitK(50, 2048, 50304, 64)).to.equal(24);
+    expect(denseSplitK(50, 2048, 50304, 128)).to.equal(24);
     // q/k/v/o: one slice (256 blocks, and a reduction of one chunk)
     expect(denseSplitK(2048, 2048, 2048, 128)).to.equal(1);
     expect(denseSplitK(2048, 50304, 2048, 128)).to.equal(1);

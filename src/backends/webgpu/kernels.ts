@@ -1011,7 +1011,11 @@ function runDenseProductOnTensorCores(
   if (tail !== undefined && !(tf.env().getBool(TC_LORA_TAIL_FLAG) && tailRank <= LORA_TAIL_MAX_RANK)) {
     return withDenseTail(args, runDenseProductOnTensorCores(args, tc, a, w, bias, layout, packed, gradient), tail);
   }
-  const blockRows = denseTensorCoreBlockRows(n, outCols);
+  // a product that splits K takes 128-row blocks whatever its row count: the slices supply the
+  // parallelism that smaller blocks would, and each row block reads all of W (the LM head's dHidden at
+  // 333 rows: 6 blocks of 64 read its 206 MB 6 times, 3 of 128 three times)
+  const splitsAt128 = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, SUBGROUP_MATRIX_BLOCK.rows) : 1;
+  const blockRows = splitsAt128 > 1 ? SUBGROUP_MATRIX_BLOCK.rows : denseTensorCoreBlockRows(n, outCols);
   const splits = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, blockRows) : 1;
   const spec = {
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
@@ -1055,10 +1059,11 @@ const SPLIT_K_MIN_CHUNK = 2048;
  * The slices of a dense product's reduction (1: none): enough that blocks × slices reach
  * SPLIT_K_TARGET_BLOCKS, each at least SPLIT_K_MIN_CHUNK deep. The LM head's dHidden = dLogits·W
  * at OLMoE's 333-row loss chunks has 96 blocks of 64 × 128 over a reduction of 50304 (run X6: 52
- * TFLOP/s, 9.2 GPU ms a step, where the forward x·Wᵀ's 1179 blocks ran at 105).
+ * TFLOP/s, 9.2 GPU ms a step, where the forward x·Wᵀ's 1179 blocks ran at 105); in 128-row blocks
+ * (what a split product takes) 48.
  *
  * ```js
- * denseSplitK(333, 2048, 50304, 64);   // 6: 96 blocks
+ * denseSplitK(333, 2048, 50304, 128);  // 11: 48 blocks
  * denseSplitK(2048, 2048, 2048, 128);  // 1: 256 blocks, and a reduction of one chunk
  * ```
  */
