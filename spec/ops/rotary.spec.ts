@@ -53,6 +53,11 @@ const CASES: RopeCase[] = [
     name: 'arbitrary tables [S, D]', n: 2, s: 3, d: 4,
     tables: () => ({ cos: tensorOf(asF32(rng.array(12)), [3, 4]), sin: tensorOf(asF32(rng.array(12)), [3, 4]) }),
   },
+  {
+    // D a multiple of 8 (webgpu's RotaryProgram takes quads), arbitrary per-row tables, 2 heads per row
+    name: 'arbitrary per-row tables [B, S, D], D 16', n: 4, s: 3, d: 16,
+    tables: () => ({ cos: tensorOf(asF32(rng.array(96)), [2, 3, 16]), sin: tensorOf(asF32(rng.array(96)), [2, 3, 16]) }),
+  },
 ];
 
 describe('ops/applyRotary', () => {

@@ -2,7 +2,7 @@
  * flatDispatch (src/backends/webgpu/programs/shared.ts): the one-thread-per-element programs'
  * grids stay within WebGPU's default 65535 workgroups per dimension, which browsers give, by
  * going two-dimensional past one row; a program over more elements than one row holds computes
- * every one of them (applyRotary's MoERotary at 65538 workgroups' worth, against JS float64).
+ * every one of them (applyRotary's MoERotary at 65536 workgroups' worth, against JS float64).
  * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
@@ -34,9 +34,10 @@ describe('webgpu: flat programs\' grids within 65535 workgroups a dimension (fla
     }
   });
 
-  it('a program over two rows of workgroups computes every element (applyRotary, 4 194 432 elements)', async () => {
-    // many rows of one position: the tables stay one row, the arrays two of ~17 MB
-    const [n, s, d] = [32769, 1, 128];
+  it('a program over two rows of workgroups computes every element (applyRotary, 4 194 246 elements)', async () => {
+    // many rows of one position: the tables stay one row, the arrays two of ~17 MB; D 6, one element a
+    // thread (a D that is a multiple of 8 takes quads, a quarter of the threads)
+    const [n, s, d] = [699041, 1, 6];
     expect(flatDispatch(n * s * d)[1], 'two rows').to.equal(2);
     await expectNoLeakAsync(async () => {
       const xv = Float32Array.from({ length: n * s * d }, (_, i) => ((i * 7919) % 1009) / 1009 - 0.5);
