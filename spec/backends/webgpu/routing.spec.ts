@@ -102,6 +102,18 @@ describe('webgpu: softmaxTopK routing kernel', () => {
     tf.dispose([x, r.weights, r.experts]);
   });
 
+  it('breaks ties towards the lower index across lanes too (200 experts over 64 lanes, ties far apart)', async () => {
+    // token 0: 5.0 at experts 190, 3, 130, 67 (a tie in four lanes), 4.0 at 64 and 0 (the same lane);
+    // token 1: all equal (the first K indices)
+    const row0 = new Float32Array(200).fill(-1);
+    for (const e of [190, 3, 130, 67]) row0[e] = 5;
+    for (const e of [64, 0]) row0[e] = 4;
+    const x = tf.tensor2d([...row0, ...new Float32Array(200)], [2, 200]);
+    const r = webgpuRouteSoftmaxTopK(x, 6, { renormalize: true });
+    expect(Array.from(await r.experts.data())).to.deep.equal([3, 67, 130, 190, 0, 64, 0, 1, 2, 3, 4, 5]);
+    tf.dispose([x, r.weights, r.experts]);
+  });
+
   it("is what route() runs for 'softmaxTopK' on webgpu", async () => {
     const x = tf.tensor2d(Float32Array.from(new Rng(3).array(6 * 7)), [6, 7]);
     // count the kernel's runs through its registered config
