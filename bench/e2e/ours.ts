@@ -505,7 +505,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
 /** The command line's flags, as runOurs's options plus the backend and the tensor-core switch. */
 export function parseOursArgs(argv: readonly string[]): E2EOptions & {
-  backend: typeof E2E_BACKENDS[number]; tensorCores: boolean; tfFlags: Record<string, number | boolean | string>;
+  backend: typeof E2E_BACKENDS[number]; tensorCores: boolean; tfFlags: Record<string, number | boolean | string>; dawnFlags: string[];
 } {
   const flags: Record<string, string> = {};
   for (let i = 0; i < argv.length; i += 2) {
@@ -515,7 +515,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -536,6 +536,8 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
     gradientCheckpointing: onOff('gradient-checkpointing', false),
+    // Dawn create() flags for the whole run, space-separated (e.g. 'enable-dawn-features=disable_robustness')
+    dawnFlags: (flags['dawn-flags'] ?? '').split(' ').filter(f => f !== ''),
   };
 }
 
@@ -571,7 +573,7 @@ async function main(): Promise<void> {
     // --profile on: GPU timestamps at full resolution (Dawn quantizes them by default)
     const adapter = await setupDawnWebGPU({
       tensorCores: args.tensorCores ? 'auto' : 'off',
-      extraFlags: args.profile ? ['disable-dawn-features=timestamp_quantization'] : [],
+      extraFlags: [...(args.profile ? ['disable-dawn-features=timestamp_quantization'] : []), ...args.dawnFlags],
     });
     process.stderr.write(`[ours] adapter ${adapter.vendor} ${adapter.description} (${adapter.featureLevel}), tensor cores ${adapter.tensorCores}\n`);
     // the card, driver and Dawn flags the table's note needs, beside the result

@@ -78,6 +78,10 @@ describe('bench/e2e/write_checkpoint.ts', () => {
     expect(bound.message).to.equal("`e2eOurs()`: 'poolLimitBytes' must be >= 0 but got -1");
     expect(parseOursArgs(['--pool-limit-mb', '256']).poolLimitBytes).to.equal(256 * 2 ** 20);
     expect(parseOursArgs(['--model', 'M']).poolLimitBytes).to.equal(undefined);
+    // Dawn flags for the run, space-separated; none by default
+    expect(parseOursArgs(['--dawn-flags', 'enable-dawn-features=disable_robustness  disable-dawn-features=x']).dawnFlags)
+        .to.deep.equal(['enable-dawn-features=disable_robustness', 'disable-dawn-features=x']);
+    expect(parseOursArgs(['--model', 'M']).dawnFlags).to.deep.equal([]);
     expect(parseWriteCheckpointArgs(['--model', 'qwen3', '--layers', '48', '--zero-experts', 'on', '--out', 'D']))
         .to.deep.equal({ model: 'qwen3', layers: 48, zeroExperts: true, out: 'D' });
     expect(parseWriteCheckpointArgs(['--model', 'olmoe', '--out', 'D'])).to.deep.equal({ model: 'olmoe', layers: undefined, zeroExperts: false, out: 'D' });
