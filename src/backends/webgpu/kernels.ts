@@ -782,9 +782,9 @@ const activationBackwardConfig: tf.KernelConfig = {
     const inputs = args.inputs as Record<string, tf.TensorInfo>;
     const act = activationOf(args.attrs!)!;
     const [capacity, width] = inputs.g.shape;
-    return webgpu(args).runWebGPUProgram(new ActivationBackwardProgram(capacity, width, act.spec),
-        [inputs.h, inputs.g, inputs.pr, inputs.rw], 'float32',
-        [...intUniforms(capacity * width, width), ...activationUniforms(act.activation)]);
+    const program = new ActivationBackwardProgram(capacity, width, act.spec);
+    return webgpu(args).runWebGPUProgram(program, [inputs.h, inputs.g, inputs.pr, inputs.rw], 'float32',
+        program.uniformsFor(capacity, width, activationUniforms(act.activation)));
   },
 };
 
