@@ -165,7 +165,7 @@ export interface E2EResult {
    * abFlags' steps: per flag set (the run's own first, as {}), the seconds of its step in each round
    * and tokens a step over their median
    */
-  abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; medianTokensPerSecond: number }>;
+  abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
   /**
    * the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU),
    * and on webgpu the peaks over the whole run of bytes in use and allocated (inside the steps too)
@@ -416,21 +416,25 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     if (o.abFlags !== undefined && o.abFlags.length > 0) {
       const sets = [{}, ...o.abFlags];
       const seconds = sets.map(() => [] as number[]);
+      const losses = sets.map(() => [] as number[]);
       let step = total;
       for (let round = 0; round < (o.abRounds ?? 4); round++) {
         for (const [i, flags] of sets.entries()) {
           const before = Object.fromEntries(Object.keys(flags).map(name => [name, tf.env().get(name)]));
           Object.entries(flags).forEach(([name, value]) => tf.env().set(name, value));
           try {
-            seconds[i].push((await oneStep(step++)).seconds);
+            const { seconds: took, value } = await oneStep(step++);
+            seconds[i].push(took);
+            losses[i].push(value);
           } finally {
             Object.entries(before).forEach(([name, value]) => tf.env().set(name, value));
           }
         }
-        await partial(`A/B round ${round + 1}: ${seconds.map(s => s.at(-1)!.toFixed(3)).join(' / ')} s`);
+        await partial(`A/B round ${round + 1}: ${seconds.map(s => s.at(-1)!.toFixed(3)).join(' / ')} s, ` +
+            `losses ${losses.map(l => l.at(-1)!.toFixed(4)).join(' / ')}`);
       }
       const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
-      result.abSteps = sets.map((flags, i) => ({ flags, stepSeconds: seconds[i], medianTokensPerSecond: (o.batch * o.seq) / median(seconds[i]) }));
+      result.abSteps = sets.map((flags, i) => ({ flags, stepSeconds: seconds[i], losses: losses[i], medianTokensPerSecond: (o.batch * o.seq) / median(seconds[i]) }));
     }
 
     if (o.profile) {
@@ -471,6 +475,9 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const values = await logits.data() as Float32Array;
       const shape = logits.shape;
       tf.dispose([input, logits]);
+      // a non-finite logit would turn every figure of the PEFT comparison into NaN: say so here
+      const nonFinite = values.reduce((n, v) => n + (Number.isFinite(v) ? 0 : 1), 0);
+      if (nonFinite > 0) result.errors['promptLogits'] = `${nonFinite} of ${values.length} prompt logits are not finite`;
       result.memoryStages.push(memoryStage('prompt logits', limit));
       result.promptFile = await writeTensorsFolder(join(o.out, 'prompt'), 'logits.safetensors', [
         { name: 'input_ids', dtype: 'I32', shape: [1, promptIds.length], values: promptIds },
