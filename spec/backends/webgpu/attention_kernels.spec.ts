@@ -188,7 +188,7 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
     expect((await programsAt(bytes)).TiledAttentionProgram, `kernels at exactly ${bytes} bytes`).to.equal(1);
     const below = await programsAt(bytes + 1);
     expect(below.TiledAttentionProgram, 'no kernel one byte above the problem').to.equal(undefined);
-    expect(below.SoftmaxProgram, 'the composed softmax instead').to.equal(1);
+    expect(below.MaskedSoftmaxProgram, 'the composed softmax instead').to.equal(1);
     expect(tf.env().getNumber(ATTENTION_KERNEL_MIN_BYTES_FLAG), 'the spec keeps its own setting').to.equal(0);
     tf.dispose([q, k, v, mask]);
   });
@@ -273,7 +273,7 @@ describe('webgpu: MoEAttention / MoEAttentionGrad (attention flash-style, no S×
       counter.uninstall();
     }
     expect(counter.programCounts.TiledAttentionProgram).to.equal(undefined);
-    expect(counter.programCounts.SoftmaxProgram).to.equal(1);
+    expect(counter.programCounts.MaskedSoftmaxProgram).to.equal(1);
     tf.dispose([q, k, v, mask]);
   });
 

@@ -769,6 +769,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
+    // split K: where this workgroup's slice of the result starts (the other programs' WGSL as it was)
+    const slice = (offset: string) => (this.spec.splitK ? offset : '');
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
     if (halfA) {
@@ -858,8 +860,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         ${this.spec.splitK ? `// split K: this workgroup's k range and its slice of the result
         let kBegin = i32(workgroupId.z) * uniforms.kChunk;
         let kEnd = select(0, min(kBegin + uniforms.kChunk, uniforms.inner), e >= 0);
-        let outBase = i32(workgroupId.z) * uniforms.numRows * uniforms.outCols;` : `let kEnd = select(0, uniforms.inner, e >= 0);
-        let outBase = 0;`}
+        let outBase = i32(workgroupId.z) * uniforms.numRows * uniforms.outCols;` : 'let kEnd = select(0, uniforms.inner, e >= 0);'}
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
         ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch, this.spec.splitK ? 'kBegin' : '0')}
@@ -868,7 +869,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
         if (direct) {
-          ${directStores(layout, (i, j) => `u32(outBase) + (u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
+          ${directStores(layout, (i, j) => `${slice('u32(outBase) + ')}(u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
               'u32(uniforms.outCols)')}
         } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
@@ -881,7 +882,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
             var v = unscale * ${v};
             ${this.spec.hasBias ? 'v += bias[max(e, 0) * uniforms.outCols + c];' : ''}
             ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
-            result[outBase + r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
+            result[${slice('outBase + ')}r * uniforms.outCols + c] = select(0.0, v, e >= 0 && rowSrc[m] >= 0);
           }
         }`)}
         ${direct ? '}' : ''}
