@@ -308,6 +308,11 @@ export const LORA_TAIL_MAX_RANK = MATRIX_EDGE;
  * (run X6: 10.5 GPU ms a step of NarrowInnerGroupedMatMulProgram). As gets s·T of the block's own
  * rows (T is in padded-row order; padding rows, rows past the rows in use and k ≥ rank give 0),
  * Bs gets tailScale·V_e; both in the layout's strides, read by the first 16 columns' matrices only.
+ * T's scale is s only while the block's T fits f16 that way: backward's gr = s_lora·dy·B_e grows
+ * with B during training, and s was chosen for dy alone (its largest magnitude to 2^14), so a
+ * trained B can carry s·gr past f16's 65504 (an infinity, then NaN weights). The block's largest
+ * |T| (reduced in Ts, free until the epilogue) caps it: tScale = min(s, 2^14 / max |T|), a power
+ * of two, and V takes the ratio s / tScale back, exactly.
  * Every invocation takes the same steps (uniformStrideLoop), as before the matrix operations.
  */
 function loraTailStep(layout: SlabLayout, threads: number): string {
@@ -315,17 +320,34 @@ function loraTailStep(layout: SlabLayout, threads: number): string {
   const shallow = { ...layout, depth: MATRIX_EDGE };
   // Bs in its memory order: k fastest into a column-major Bs, n fastest into a row-major one
   const b = stagedElementB(x, shallow, 'i', layout.rightColMajor === true);
-  return `// split LoRA's expansion: one more 16-deep step of the reduction
-        ${uniformStrideLoop('i', 'localIndex', layout.rows * MATRIX_EDGE, threads, `let mm = i / ${MATRIX_EDGE}u; let kk = i % ${MATRIX_EDGE}u;
+  // T's element i of the block (rows × 16 per staging pass): in use, and its value (indices clamped)
+  const tailElement = `let mm = i / ${MATRIX_EDGE}u; let kk = i % ${MATRIX_EDGE}u;
             let inUse = e >= 0 && rowSrc[mm] >= 0 && i32(kk) < uniforms.tailRank;
-            let t = tailA[min(row0 + i32(mm), uniforms.numRows - 1) * uniforms.tailRank + min(i32(kk), uniforms.tailRank - 1)];
-            As[${aIndex(x, layout, 'mm', 'kk')}] = f16(select(0.0, t * s, inUse));`)}
+            let t = tailA[min(row0 + i32(mm), uniforms.numRows - 1) * uniforms.tailRank + min(i32(kk), uniforms.tailRank - 1)];`;
+  return `// split LoRA's expansion: one more 16-deep step of the reduction. First the block's largest |T|
+        var tailLocal = 0.0;
+        ${uniformStrideLoop('i', 'localIndex', layout.rows * MATRIX_EDGE, threads, `${tailElement}
+            tailLocal = max(tailLocal, select(0.0, abs(t), inUse));`)}
+        Ts[localIndex] = tailLocal;
+        workgroupBarrier();
+        for (var width = ${threads / 2}u; width > 0u; width = width / 2u) {
+          if (localIndex < width) {
+            Ts[localIndex] = max(Ts[localIndex], Ts[localIndex + width]);
+          }
+          workgroupBarrier();
+        }
+        let tailMax = Ts[0];
+        workgroupBarrier();
+        let tScale = select(s, min(s, exp2(floor(log2(16384.0 / tailMax)))), tailMax > 0.0 && tailMax <= 3.0e38);
+        let vScale = uniforms.tailScale * (s / tScale);
+        ${uniformStrideLoop('i', 'localIndex', layout.rows * MATRIX_EDGE, threads, `${tailElement}
+            As[${aIndex(x, layout, 'mm', 'kk')}] = f16(select(0.0, t * tScale, inUse));`)}
         ${uniformStrideLoop('i', 'localIndex', MATRIX_EDGE * layout.cols, threads, `let kk = ${b.k}; let nn = ${b.n};
             let n = col0 + i32(nn);
             let inRange = i32(kk) < uniforms.tailRank && n < uniforms.outCols;
             let v = tailW[max(e, 0) * uniforms.tailSE + min(n, uniforms.outCols - 1) * uniforms.tailSN +
                 min(i32(kk), uniforms.tailRank - 1) * uniforms.tailSK];
-            Bs[${bIndex(x, layout, 'kk', 'nn')}] = f16(select(0.0, v * uniforms.tailScale, inRange));`)}
+            Bs[${bIndex(x, layout, 'kk', 'nn')}] = f16(select(0.0, v * vScale, inRange));`)}
         workgroupBarrier();
         ${multiplySlab(layout, 'partRow', 'partCol', MATRIX_EDGE)}`;
 }
