@@ -94,54 +94,34 @@ export class ActivationBackwardProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    if (this.quads) {
-      // quad i of the gate half and of the up half; each column through actBackward as one column a thread does
-      const lanes = [0, 1, 2, 3].map(c => `actBackward(hg[${c}], hu[${c}], scale * gq[${c}])`);
-      return `
-      ${activationSnippet(this.activation)}
-      fn main(index : i32) {
-        if (index >= uniforms.count) { return; }
-        let r = index / uniforms.width;
-        let i = index - r * uniforms.width;
-        let gi = r * 2 * uniforms.width + i;
-        let ui = gi + uniforms.width;
-        let p = pr[r];
-        if (p < 0) {
-          result[gi] = vec4<f32>(0.0);
-          result[ui] = vec4<f32>(0.0);
-          return;
-        }
-        let hg = h[gi];
+    // quads: quad i of the gate half and of the up half, each column through actBackward as one
+    // column a thread does; else column i where activationSnippet's gate/up layout puts it
+    const [indices, zero, body] = this.quads
+      ? ['let gi = r * 2 * uniforms.width + i;\n        let ui = gi + uniforms.width;', 'vec4<f32>(0.0)', `let hg = h[gi];
         let hu = h[ui];
         let gq = g[index];
         let scale = rw[p];
-        let d0 = ${lanes[0]};
-        let d1 = ${lanes[1]};
-        let d2 = ${lanes[2]};
-        let d3 = ${lanes[3]};
+        ${[0, 1, 2, 3].map(c => `let d${c} = actBackward(hg[${c}], hu[${c}], scale * gq[${c}]);`).join('\n        ')}
         result[gi] = vec4<f32>(d0.x, d1.x, d2.x, d3.x);
-        result[ui] = vec4<f32>(d0.y, d1.y, d2.y, d3.y);
-      }
-    `;
-    }
+        result[ui] = vec4<f32>(d0.y, d1.y, d2.y, d3.y);`]
+      : ['let base = r * 2 * uniforms.width;\n        let gi = base + gateIndex(i, uniforms.width);\n        let ui = base + upIndex(i, uniforms.width);',
+        '0.0', `let d = actBackward(h[gi], h[ui], rw[p] * g[r * uniforms.width + i]);
+        result[gi] = d.x;
+        result[ui] = d.y;`];
     return `
       ${activationSnippet(this.activation)}
       fn main(index : i32) {
         if (index >= uniforms.count) { return; }
         let r = index / uniforms.width;
         let i = index - r * uniforms.width;
-        let base = r * 2 * uniforms.width;
-        let gi = base + gateIndex(i, uniforms.width);
-        let ui = base + upIndex(i, uniforms.width);
+        ${indices}
         let p = pr[r];
         if (p < 0) {
-          result[gi] = 0.0;
-          result[ui] = 0.0;
+          result[gi] = ${zero};
+          result[ui] = ${zero};
           return;
         }
-        let d = actBackward(h[gi], h[ui], rw[p] * g[r * uniforms.width + i]);
-        result[gi] = d.x;
-        result[ui] = d.y;
+        ${body}
       }
     `;
   }
