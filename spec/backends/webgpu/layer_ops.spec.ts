@@ -84,42 +84,31 @@ describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (i
   }
 });
 
-describe('webgpu: maskedSoftmax is one program (MoEMaskedSoftmax, issue 15)', () => {
-  it('the composed attention\'s softmax(scores + mask) in one program instead of an Add and a Softmax', async () => {
-    expect(tf.getKernel(MASKED_SOFTMAX, 'webgpu'), 'MoEMaskedSoftmax is registered on webgpu').to.not.equal(undefined);
-    const scores = tf.randomNormal([2, 3, 6, 12]);
-    const mask = tf.zeros([2, 1, 6, 12]);
-    const counter = new StepCounter();
-    counter.install();
-    let p: tf.Tensor;
-    try {
-      p = maskedSoftmax(scores, mask);
-    } finally {
-      counter.uninstall();
-    }
-    await p.data();
-    expect(counter.programCounts).to.deep.equal({ MaskedSoftmaxProgram: 1 });
-    tf.dispose([scores, mask, p]);
-  });
-});
-
-describe('webgpu: softmaxGrad is one program (MoESoftmaxGrad, issue 15)', () => {
-  it('the composed attention\'s dS = P ⊙ (dP − Σ dP ⊙ P) in one program instead of four', async () => {
-    expect(tf.getKernel(SOFTMAX_GRAD, 'webgpu'), 'MoESoftmaxGrad is registered on webgpu').to.not.equal(undefined);
-    const p = tf.softmax(tf.randomNormal([2, 6, 12]));
-    const dP = tf.randomNormal([2, 6, 12]);
-    const counter = new StepCounter();
-    counter.install();
-    let dS: tf.Tensor;
-    try {
-      dS = softmaxGrad(p, dP);
-    } finally {
-      counter.uninstall();
-    }
-    await dS.data();
-    expect(counter.programCounts).to.deep.equal({ SoftmaxGradProgram: 1 });
-    tf.dispose([p, dP, dS]);
-  });
+describe('webgpu: the composed attention\'s row ops are one program each (issue 15)', () => {
+  // softmax(scores + mask) instead of an Add and a Softmax; dS = P ⊙ (dP − Σ dP ⊙ P) instead of four programs
+  const cases: Array<[string, string, string, () => tf.Tensor[], (inputs: tf.Tensor[]) => tf.Tensor]> = [
+    ['maskedSoftmax', MASKED_SOFTMAX, 'MaskedSoftmaxProgram', () => [tf.randomNormal([2, 3, 6, 12]), tf.zeros([2, 1, 6, 12])],
+      ([scores, mask]) => maskedSoftmax(scores, mask)],
+    ['softmaxGrad', SOFTMAX_GRAD, 'SoftmaxGradProgram', () => [tf.softmax(tf.randomNormal([2, 6, 12])), tf.randomNormal([2, 6, 12])],
+      ([p, dP]) => softmaxGrad(p, dP)],
+  ];
+  for (const [op, kernel, program, make, run] of cases) {
+    it(`${op}: ${kernel}, one ${program} and nothing else`, async () => {
+      expect(tf.getKernel(kernel, 'webgpu'), `${kernel} is registered on webgpu`).to.not.equal(undefined);
+      const inputs = make();
+      const counter = new StepCounter();
+      counter.install();
+      let out: tf.Tensor;
+      try {
+        out = run(inputs);
+      } finally {
+        counter.uninstall();
+      }
+      await out.data();
+      expect(counter.programCounts).to.deep.equal({ [program]: 1 });
+      tf.dispose([out, ...inputs]);
+    });
+  }
 });
 
 describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issue 15)', () => {
