@@ -50,7 +50,7 @@ import {
 import { encodeBFloat16 } from '../../src/util/half.js';
 import { maxRelativeError } from '../../src/util/numeric.js';
 import { makeProblem, median, stepOf, timeSteps } from '../../bench/webgpu_timing.js';
-import { batchProductTensorCoreRoute, TC_BATCH_PRODUCTS_FLAG } from '../../src/backends/webgpu/kernels.js';
+import { batchProductTensorCoreRoute, TC_BATCH_PRODUCTS_FLAG, TC_LORA_TAIL_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { ATTENTION_KERNEL_FLAG, scaledDotProductAttention } from '../../src/ops/attention_core.js';
 import { type BatchProductAttrs, batchProduct } from '../../src/ops/batch_product.js';
 import { causalMask } from '../../src/layers/attention.js';
@@ -657,18 +657,20 @@ async function main(): Promise<void> {
     report.skipped = `no tensor-core path on this adapter: ${adapter.tensorCores}`;
     if (!harness) finish(0);
   }
+  // the LoRA tails are checked whatever their flag's default (their cases fail where no tail ran)
+  const withTails = <T>(fn: () => Promise<T>) => withEnvFlag(TC_LORA_TAIL_FLAG, true, fn);
   const fewRows = FEW_ROWS_SIZES.map(s => [`kernels_${s.name}`, () => checkKernels(s, false)] as [string, () => Promise<unknown>]);
   const steps: Array<[string, () => Promise<unknown>]> = harness && !tensorCoresAvailable
-    ? [['kernels', () => checkKernels(SIZES[0])], ...fewRows, ['attention', () => withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, checkAttention)], ['dense', () => checkDense(false)],
-      ['fixture', checkFixture]]
+    ? [['kernels', () => withTails(() => checkKernels(SIZES[0]))], ...fewRows, ['attention', () => withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, checkAttention)],
+      ['dense', () => withTails(() => checkDense(false))], ['fixture', checkFixture]]
     : [
       // the small products' exactness first (the 128-, 64- and 32-row blocks), the attention's batched
       // products, the dense projections (cheap shapes first), then the block timings (v6's speed), then
       // the rest as time allows
-      ['kernels', () => checkKernels(SIZES[0])],
+      ['kernels', () => withTails(() => checkKernels(SIZES[0]))],
       ...fewRows,
       ['attention', () => withEnvFlag(TC_BATCH_PRODUCTS_FLAG, true, checkAttention)],
-      ['dense', () => checkDense(tensorCoresAvailable)],
+      ['dense', () => withTails(() => checkDense(tensorCoresAvailable))],
       ['blocks', timeBlocks],
       ['fixture', checkFixture],
       ...SIZES.slice(1).map((s, i) => [`kernels${i + 1}`, () => checkKernels(s)] as [string, () => Promise<unknown>]),

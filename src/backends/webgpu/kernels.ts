@@ -159,10 +159,14 @@ tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => true);
  * tf.env() flag: a grouped product on tensor cores given a `loraTail` (split LoRA's expansion of
  * its first adapter) adds it as one more 16-deep step of its own reduction
  * (SubgroupMatrixMatMulProgram's loraTail) instead of a separate expansion that reads and writes
- * the whole output again. false: the separate expansion, as off tensor cores (A/B runs).
+ * the whole output again (run Y: +2.5–3.6 % end to end). Off by default until the device checks
+ * the tail's own scale cap (commit 62da94f; check.js's tails at gr 300× dy, a run past 30 steps):
+ * before the cap, run Y3's adapter came out non-finite after 27 steps with the tails on, most
+ * likely backward's gr = s·dy·B carried past f16 by dy's operand scale. false: the separate
+ * expansion, as off tensor cores.
  */
 export const TC_LORA_TAIL_FLAG = 'WEBGPU_MOE_TC_LORA_TAIL';
-tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => true);
+tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => false);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
