@@ -618,10 +618,6 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     }
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
-    // groupedMatMul folds a LoRA tail only into a product it sends to tensor cores
-    const loraTail = a.loraTail === true;
-    if (loraTail && tc === undefined) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores`);
-    if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const program = tc !== undefined
       ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
           { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
