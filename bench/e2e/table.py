@@ -101,6 +101,7 @@ def table(models):
             notes.append(f"{model}: {ck.get('note')} ({ck.get('zero_bytes', 0) / 1e9:.1f} GB of holes): losses are not a real model's")
         torch_run = m.get("torch")
         base_tps = torch_run.get("tokensPerSecond") if torch_run else None
+        base_median = None
         if torch_run:
             lines.append(f"| {label} | PyTorch + PEFT | bf16 ({torch_run.get('expertsImplementation')}) | {fmt(torch_run.get('loadSeconds'), '.1f')} | "
                          f"{fmt(base_tps, '.0f')} | 1.00 | {fmt((torch_run.get('peakBytes') or 0) / 2**30 or None, '.2f')} | "
@@ -142,6 +143,20 @@ def table(models):
                 notes.append(f"{model} ours {dtype}: stopped at '{r.get('stage')}'")
             if r.get("tokenizer", {}).get("idsTakenModulo"):
                 notes.append(f"{model}: Qwen3 token ids taken modulo the model's vocabulary {r['tokenizer']['modelVocab']}")
+        # the median timed step beside the mean (tokens/s above): our first steps of a process run slower than
+        # the later ones, PyTorch's from its second on (run Y3: 0.215, 0.179, 0.202, ... then 0.174-0.178 s)
+        medians = []
+        for side, run in [("PyTorch + PEFT", torch_run)] + [(f"ours {d}", r) for d, r in m["ours"].items()]:
+            timed = sorted((run or {}).get("stepSeconds", [])[(run or {}).get("warmup", 0):])
+            if timed:
+                step = timed[len(timed) // 2]
+                tokens = (run.get("batch") or 0) * (run.get("seq") or 0)
+                ratio = f", {base_median / step:.2f}× PyTorch's" if side != "PyTorch + PEFT" and base_median else ""
+                medians.append(f"{side} {step:.3f} s ({tokens / step:.0f} tokens/s{ratio})")
+                if side == "PyTorch + PEFT":
+                    base_median = step
+        if medians:
+            notes.append(f"{model}: the median timed step: " + "; ".join(medians))
         any_run = torch_run or next(iter(m["ours"].values()), None)
         if any_run:
             notes.append(f"{model}: batch {any_run.get('batch')} × {any_run.get('seq')} tokens, {any_run.get('warmup')} warm-up + "
