@@ -1014,9 +1014,9 @@ function runDenseProductOnTensorCores(
   // a product that splits K takes 128-row blocks whatever its row count: the slices supply the
   // parallelism that smaller blocks would, and each row block reads all of W (the LM head's dHidden at
   // 333 rows: 6 blocks of 64 read its 206 MB 6 times, 3 of 128 three times)
-  const splitsAt128 = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, SUBGROUP_MATRIX_BLOCK.rows) : 1;
-  const blockRows = splitsAt128 > 1 ? SUBGROUP_MATRIX_BLOCK.rows : denseTensorCoreBlockRows(n, outCols);
-  const splits = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, blockRows) : 1;
+  // (a product that does not split at 128 rows does not at fewer either: more blocks, no fewer slices needed)
+  const splits = bias == null && tail === undefined ? denseSplitK(n, outCols, inner, SUBGROUP_MATRIX_BLOCK.rows) : 1;
+  const blockRows = splits > 1 ? SUBGROUP_MATRIX_BLOCK.rows : denseTensorCoreBlockRows(n, outCols);
   const spec = {
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
     packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, loraTail: tail !== undefined, splitK: splits > 1,

@@ -10,7 +10,7 @@
  * threads, most of the GPU idle).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { FLAT_THREADS, flatDispatch, intUniforms, type ProgramUniformEntry } from './shared.js';
+import { FLAT_THREADS, flatDispatch, intUniforms, type ProgramUniformEntry, reduceLanes } from './shared.js';
 
 export class SoftmaxTopKProgram implements WebGPUProgram {
   variableNames = ['logits'];
@@ -64,24 +64,10 @@ export class SoftmaxTopKProgram implements WebGPUProgram {
         let base = token * E;
         var m = -3.4e38;
         for (var e = lane; e < E; e += ${T}) { m = max(m, logits[base + e]); }
-        laneP[lane] = m;
-        workgroupBarrier();
-        for (var s = ${T / 2}; s > 0; s = s >> 1) {
-          if (lane < s) { laneP[lane] = max(laneP[lane], laneP[lane + s]); }
-          workgroupBarrier();
-        }
-        let mx = laneP[0];
-        workgroupBarrier();
+        ${reduceLanes('laneP', 'mx', 'm', (a, b) => `max(${a}, ${b})`)}
         var partial = 0.0;
         for (var e = lane; e < E; e += ${T}) { partial += exp(logits[base + e] - mx); }
-        laneP[lane] = partial;
-        workgroupBarrier();
-        for (var s = ${T / 2}; s > 0; s = s >> 1) {
-          if (lane < s) { laneP[lane] += laneP[lane + s]; }
-          workgroupBarrier();
-        }
-        let sum = laneP[0];
-        workgroupBarrier();
+        ${reduceLanes('laneP', 'sum', 'partial', (a, b) => `${a} + ${b}`)}
         var chosen : array<i32, ${K}>;
         var prob : array<f32, ${K}>;
         var prevP = 2.0;

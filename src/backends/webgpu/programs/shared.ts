@@ -34,6 +34,25 @@ export function floatUniforms(...values: number[]): ProgramUniformEntry[] {
 /** Threads per workgroup of the programs that run one thread per output element (or token). */
 export const FLAT_THREADS = 64;
 
+/**
+ * WGSL (inside main, with `lane` the i32 local index of a FLAT_THREADS workgroup): the lanes'
+ * `value` (f32) combined by `combine` through the workgroup array `array` (FLAT_THREADS f32) in a
+ * fixed tree, into `name` in every lane; a barrier after the read, so that `array` can be reused.
+ * Every lane reaches every barrier: call it in uniform control flow.
+ */
+export function reduceLanes(array: string, name: string, value: string, combine: (a: string, b: string) => string): string {
+  return `${array}[lane] = ${value};
+        workgroupBarrier();
+        for (var s = ${FLAT_THREADS / 2}; s > 0; s = s >> 1) {
+          if (lane < s) {
+            ${array}[lane] = ${combine(`${array}[lane]`, `${array}[lane + s]`)};
+          }
+          workgroupBarrier();
+        }
+        let ${name} = ${array}[0];
+        workgroupBarrier();`;
+}
+
 /** WebGPU's default maxComputeWorkgroupsPerDimension, which browsers give (Chrome's adapters report no more). */
 export const MAX_WORKGROUPS_PER_DIMENSION = 65535;
 

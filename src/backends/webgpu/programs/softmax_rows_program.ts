@@ -8,7 +8,7 @@
  * row's max and then its sum of exponentials.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { FLAT_THREADS, intUniforms, type ProgramUniformEntry } from './shared.js';
+import { FLAT_THREADS, intUniforms, type ProgramUniformEntry, reduceLanes } from './shared.js';
 
 /** Rows of a shape: the product of all axes but the last. */
 function rowsOf(shape: readonly number[]): number {
@@ -26,23 +26,6 @@ const ROW_START = `
         let inRange = row < uniforms.rows;
         let r = select(0, row, inRange);
         let base = r * uniforms.loads;`;
-
-/**
- * WGSL: the lanes' `value` (f32) combined by `combine` over the workgroup through `lanes`, into
- * `name` in every lane; a barrier after the read, so that `lanes` can be reused.
- */
-function reduceLanes(name: string, value: string, combine: (a: string, b: string) => string): string {
-  return `lanes[lane] = ${value};
-        workgroupBarrier();
-        for (var s = ${FLAT_THREADS / 2}; s > 0; s = s >> 1) {
-          if (lane < s) {
-            lanes[lane] = ${combine('lanes[lane]', 'lanes[lane + s]')};
-          }
-          workgroupBarrier();
-        }
-        let ${name} = lanes[0];
-        workgroupBarrier();`;
-}
 
 /** One row program's common parts: a workgroup per row, quads where L is a multiple of 4. */
 abstract class RowProgram implements WebGPUProgram {
@@ -99,7 +82,7 @@ export class SoftmaxGradProgram extends RowProgram {
         for (var i = lane; i < uniforms.loads; i += ${FLAT_THREADS}) {
           sum += ${dotOf};
         }
-        ${reduceLanes('total', 'sum', (a, b) => `${a} + ${b}`)}
+        ${reduceLanes('lanes', 'total', 'sum', (a, b) => `${a} + ${b}`)}
         if (!inRange) { return; }
         for (var i = lane; i < uniforms.loads; i += ${FLAT_THREADS}) {
           result[base + i] = p[base + i] * (dP[base + i] - total);
@@ -145,13 +128,13 @@ export class MaskedSoftmaxProgram extends RowProgram {
           let v = scores[base + i] + mask[maskBase + i];
           m = max(m, ${maxOf('v')});
         }
-        ${reduceLanes('rowMax', 'm', (a, b) => `max(${a}, ${b})`)}
+        ${reduceLanes('lanes', 'rowMax', 'm', (a, b) => `max(${a}, ${b})`)}
         var sum = 0.0;
         for (var i = lane; i < uniforms.loads; i += ${FLAT_THREADS}) {
           let e = exp(scores[base + i] + mask[maskBase + i] - rowMax);
           sum += ${sumOf('e')};
         }
-        ${reduceLanes('total', 'sum', (a, b) => `${a} + ${b}`)}
+        ${reduceLanes('lanes', 'total', 'sum', (a, b) => `${a} + ${b}`)}
         if (!inRange) { return; }
         for (var i = lane; i < uniforms.loads; i += ${FLAT_THREADS}) {
           result[base + i] = exp(scores[base + i] + mask[maskBase + i] - rowMax) / total;
