@@ -39,6 +39,7 @@ import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
+import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { profileTrainingStep, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
@@ -99,6 +100,11 @@ export interface E2EOptions {
    * slows the host a little, so its steps are not the figures to quote)
    */
   cpuProfile?: boolean;
+  /**
+   * webgpu: the timed steps with each native WebGPU call timed (native_timing.ts): the result's
+   * nativeCalls, calls and host ms a step per method; off by default (the wrappers cost a little)
+   */
+  nativeTiming?: boolean;
   /**
    * after the timed steps, `abRounds` rounds of one step per flag set, interleaved (the run's own
    * flags first, then each set applied over them and put back after its step), so that settings of
@@ -184,6 +190,8 @@ export interface E2EResult {
   profileFile?: string;
   /** steps.cpuprofile (--cpu-profile on) */
   cpuProfileFile?: string;
+  /** --native-timing on: per native method, calls and host ms a timed step */
+  nativeCalls?: NativeCallTimes;
   adapterDir?: string;
   promptFile?: string;
   idsFile?: string;
@@ -284,7 +292,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, denseDtype: 'stored' as DenseDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, targets: E2E_LORA_TARGETS as readonly string[],
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, nativeTiming: false, targets: E2E_LORA_TARGETS as readonly string[],
     gradientCheckpointing: false, ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
@@ -402,13 +410,19 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       }
     };
     await runSteps(0, o.warmup);
+    const timedSteps = o.nativeTiming && tf.getBackend() === 'webgpu'
+      ? async () => {
+        const { calls } = await withNativeTiming(tf.backend() as unknown as { device: GPUDevice; queue: GPUQueue }, () => runSteps(o.warmup, total));
+        result.nativeCalls = Object.fromEntries(Object.entries(calls).map(([name, c]) => [name, { count: c.count / o.steps, ms: c.ms / o.steps }]));
+      }
+      : () => runSteps(o.warmup, total);
     if (o.cpuProfile) {
-      const { profile } = await withCpuProfile(() => runSteps(o.warmup, total));
+      const { profile } = await withCpuProfile(timedSteps);
       result.cpuProfileFile = join(o.out, 'steps.cpuprofile');
       await writeFile(result.cpuProfileFile, JSON.stringify(profile));
       await writeFile(join(o.out, 'cpu-profile.json'), JSON.stringify({ steps: o.steps, ...summarizeCpuProfile(profile) }, null, 1));
     } else {
-      await runSteps(o.warmup, total);
+      await timedSteps();
     }
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
@@ -522,7 +536,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags', 'native-timing'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -537,6 +551,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, denseDtype: flags['dense-dtype'] as DenseDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
     saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
+    nativeTiming: onOff('native-timing', false),
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     // sets separated by ';', each as --tf-flags

@@ -224,6 +224,8 @@ describe('bench/e2e/ours.ts', function () {
     expect(parseOursArgs(['--model', 'M'])).to.include({ backend: 'webgpu', tensorCores: false, saveAdapter: true, profile: false, targets: undefined });
     expect(parseOursArgs(['--targets', 'router,q_proj']).targets).to.deep.equal(['router', 'q_proj']);
     expect(parseOursArgs(['--model', 'M']).gradientCheckpointing).to.equal(false);
+    expect(parseOursArgs(['--model', 'M']).nativeTiming).to.equal(false);
+    expect(parseOursArgs(['--native-timing', 'on']).nativeTiming).to.equal(true);
     expect(parseOursArgs(['--gradient-checkpointing', 'on']).gradientCheckpointing).to.equal(true);
     expect(() => parseOursArgs(['--gradient-checkpointing', 'yes'])).to.throw(OpArgumentError, /'--gradient-checkpointing' must be one of 'on', 'off' but got 'yes'/);
     expect(parseOursArgs(['--cpu-profile', 'on', '--tf-flags', 'WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,DEBUG=false']))
