@@ -70,6 +70,7 @@ import { BATCH_PRODUCT, type BatchProductAttrs } from '../../ops/batch_product.j
 import { installUniformArena } from './uniform_arena.js';
 import { installWrittenUploads } from './written_uploads.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
+import { installBindGroupCache } from './bind_groups.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -83,10 +84,11 @@ const BACKEND = 'webgpu';
 export type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 function webgpu(args: KernelArgs): WebGPUBackend {
-  // a backend made after registerWebGPUMoE gets the arena, the layout cache and the written uploads
-  // here (WeakSet lookups after the first)
+  // a backend made after registerWebGPUMoE gets the arena, the layout and bind group caches and the
+  // written uploads here (WeakSet and WeakMap lookups after the first)
   installUniformArena(args.backend);
   installBindGroupLayoutCache(args.backend);
+  installBindGroupCache(args.backend);
   installWrittenUploads(args.backend);
   return args.backend as unknown as WebGPUBackend;
 }

@@ -22,6 +22,7 @@ import { webgpuDenseKernelOverride, webgpuMoEKernelConfigs } from './kernels.js'
 import { webgpuRouteSoftmaxTopK } from './routing.js';
 import { installUniformArena } from './uniform_arena.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
+import { installBindGroupCache } from './bind_groups.js';
 import { installWrittenUploads } from './written_uploads.js';
 
 export const WEBGPU_BACKEND = 'webgpu';
@@ -60,6 +61,8 @@ export function registerWebGPUMoE(): string[] {
     installUniformArena(backend);
     // one bind group layout object per pipeline instead of a native call per dispatch (bind_group_layouts.ts)
     installBindGroupLayoutCache(backend);
+    // one bind group per distinct binding, the pool handing out its oldest free buffer (bind_groups.ts)
+    installBindGroupCache(backend);
     // host values uploaded by writeBuffer, not a staging buffer created per upload (written_uploads.ts)
     installWrittenUploads(backend);
   }

@@ -1,0 +1,147 @@
+/**
+ * One GPUBindGroup per distinct binding, made once and used again (issue 15: the host records an
+ * OLMoE training step about as long as the GPU runs it, ~2500 dispatches a step). tfjs-backend-webgpu's
+ * recordAndSubmit (4.22) calls device.createBindGroup on every dispatch, a native call that
+ * validates the entries and allocates a descriptor set; on Mesa it was 2/3 of recordAndSubmit's own
+ * time (V8's line ticks, bench/e2e/host_layer_ms.ts). A training step binds the same pipelines to
+ * the same buffers in the same order every step, provided the buffers it gets from the pool are the
+ * same. tfjs's BufferManager hands out the last buffer released of a size, so which one a tensor
+ * gets depends on the order earlier tensors were freed, and it drifts from step to step (on Mesa 15 %
+ * of bind groups recurred). Here:
+ *  - the pool's free lists of each (size, usage) are kept in creation order, the oldest buffer handed
+ *    out first: what a tensor gets depends only on which buffers are free, and a step that frees and
+ *    takes the same set in the same order gets the same buffers (on Mesa 92 % of bind groups recurred
+ *    over 13 steps, every one after the first steps);
+ *  - device.createBindGroup answers from a cache keyed by the layout and each entry's buffer, offset
+ *    and size (the most recent BIND_GROUP_CACHE_SIZE kept), where every entry binds a buffer.
+ * What a bind group binds is fixed at creation and a cached one is the one that the same descriptor
+ * would make again; a buffer destroyed later (the pool bound, buffer_pool.ts) is never bound again,
+ * so its bind groups are never asked for and age out.
+ *
+ * The tf.env() flag WEBGPU_MOE_BIND_GROUP_CACHE (default true) is read per call: false creates each
+ * bind group as tfjs does and releases buffers in tfjs's order (the comparison in one checkout).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+
+export const BIND_GROUP_CACHE_FLAG = 'WEBGPU_MOE_BIND_GROUP_CACHE';
+tf.env().registerFlag(BIND_GROUP_CACHE_FLAG, () => true);
+
+/** Bind groups kept: a few steps' worth at OLMoE's ~2500 dispatches a step. */
+export const BIND_GROUP_CACHE_SIZE = 8192;
+
+/** What is used of tfjs-backend-webgpu's WebGPUBackend and BufferManager (4.22). */
+interface BufferManagerInternals {
+  freeBuffers: Map<string, GPUBuffer[]>;
+  releaseBuffer(buffer: GPUBuffer, reuse?: boolean): void;
+}
+interface BackendInternals { device: GPUDevice; bufferManager: BufferManagerInternals }
+
+/** A number per object, in the order first seen (buffers: about their creation order). */
+class ObjectIds {
+  private readonly ids = new WeakMap<object, number>();
+  private next = 1;
+  of(o: object): number {
+    let id = this.ids.get(o);
+    if (id === undefined) {
+      id = this.next++;
+      this.ids.set(o, id);
+    }
+    return id;
+  }
+}
+
+/**
+ * The cache key of a descriptor whose every entry binds a buffer: the layout's id, then each
+ * entry's binding, buffer id, offset and size; undefined for any other entry (textures, samplers).
+ */
+function descriptorKey(descriptor: GPUBindGroupDescriptor, ids: ObjectIds): string | undefined {
+  let key = String(ids.of(descriptor.layout));
+  for (const entry of descriptor.entries) {
+    const resource = entry.resource as Partial<GPUBufferBinding>;
+    if (resource.buffer == null) return undefined;
+    key += `|${entry.binding}:${ids.of(resource.buffer)}:${resource.offset ?? 0}:${resource.size ?? ''}`;
+  }
+  return key;
+}
+
+/** The most recent `capacity` bind groups by key (a Map's insertion order, a hit moved to the end). */
+class BindGroupCache {
+  private readonly groups = new Map<string, GPUBindGroup>();
+  constructor(private readonly capacity: number) {}
+
+  get(key: string): GPUBindGroup | undefined {
+    const group = this.groups.get(key);
+    if (group !== undefined) {
+      this.groups.delete(key);
+      this.groups.set(key, group);
+    }
+    return group;
+  }
+
+  set(key: string, group: GPUBindGroup): void {
+    this.groups.set(key, group);
+    if (this.groups.size > this.capacity) this.groups.delete(this.groups.keys().next().value!);
+  }
+
+  get size(): number {
+    return this.groups.size;
+  }
+}
+
+const installed = new WeakMap<object, BindGroupCache>();
+
+/**
+ * Puts the bind group cache on `backend` (a WebGPUBackend): its device's createBindGroup and its
+ * pool's releaseBuffer are wrapped on the instances. Idempotent; returns whether it is on (a
+ * backend without those methods, another tfjs-webgpu, is left as it is).
+ *
+ * ```js
+ * await tf.setBackend('webgpu');
+ * installBindGroupCache(tf.backend());
+ * ```
+ */
+export function installBindGroupCache(backend: unknown): boolean {
+  const b = backend as Partial<BackendInternals> | null;
+  if (b == null) return false;
+  if (installed.has(b)) return true;
+  const device = b.device;
+  const pool = b.bufferManager;
+  if (device == null || typeof device.createBindGroup !== 'function' || pool == null ||
+      !(pool.freeBuffers instanceof Map) || typeof pool.releaseBuffer !== 'function') {
+    return false;
+  }
+  const ids = new ObjectIds();
+  const cache = new BindGroupCache(BIND_GROUP_CACHE_SIZE);
+  installed.set(b, cache);
+
+  const release = pool.releaseBuffer;
+  pool.releaseBuffer = function (this: BufferManagerInternals, buffer: GPUBuffer, reuse = true) {
+    release.call(this, buffer, reuse);
+    if (!tf.env().getBool(BIND_GROUP_CACHE_FLAG)) return;
+    // tfjs pushed it last and pops the last: each free list is kept in descending id order, so the oldest goes first
+    const free = this.freeBuffers.get(`${buffer.size}_${buffer.usage}`);
+    if (free === undefined || free[free.length - 1] !== buffer) return;
+    const id = ids.of(buffer);
+    let at = free.length - 1;
+    for (; at > 0 && ids.of(free[at - 1]) < id; at--) free[at] = free[at - 1];
+    free[at] = buffer;
+  };
+
+  const create = device.createBindGroup.bind(device);
+  device.createBindGroup = (descriptor: GPUBindGroupDescriptor) => {
+    const key = tf.env().getBool(BIND_GROUP_CACHE_FLAG) ? descriptorKey(descriptor, ids) : undefined;
+    if (key === undefined) return create(descriptor);
+    let group = cache.get(key);
+    if (group === undefined) {
+      group = create(descriptor);
+      cache.set(key, group);
+    }
+    return group;
+  };
+  return true;
+}
+
+/** Bind groups held for `backend` now (0 where the cache is not installed). */
+export function cachedBindGroups(backend: unknown): number {
+  return installed.get(backend as object)?.size ?? 0;
+}
