@@ -7,7 +7,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { BIND_GROUP_CACHE_FLAG, cachedBindGroups, installBindGroupCache } from '../../../src/backends/webgpu/bind_groups.js';
+import { BIND_GROUP_CACHE_FLAG, BIND_GROUP_CACHE_SIZE, cachedBindGroups, installBindGroupCache } from '../../../src/backends/webgpu/bind_groups.js';
 import { registerMoEKernels } from '../../../src/backends/register_all_kernels.js';
 import { withEnvFlag } from './helpers.js';
 
@@ -52,6 +52,21 @@ describe('webgpu: one bind group per distinct binding (bind_groups.ts)', () => {
     expect(group(layout, a), 'flag on again').to.equal(first);
     a.destroy();
     b.destroy();
+  });
+
+  it('holds at most BIND_GROUP_CACHE_SIZE bind groups', () => {
+    const { device } = backend;
+    const layout = device.createBindGroupLayout({ entries: [{ binding: 0, visibility: 4, buffer: { type: 'storage' } }] });
+    const buffer = device.createBuffer({ size: 256 * (BIND_GROUP_CACHE_SIZE + 1) + 256, usage: STORAGE });
+    let most = 0;
+    for (let i = 0; i <= BIND_GROUP_CACHE_SIZE; i++) {
+      device.createBindGroup({ layout, entries: [{ binding: 0, resource: { buffer, offset: 256 * i, size: 256 } }] });
+      most = Math.max(most, cachedBindGroups(backend));
+    }
+    expect(most).to.equal(BIND_GROUP_CACHE_SIZE);
+    // emptied when full: what the specs before left there and the first ones here went
+    expect(cachedBindGroups(backend), 'after emptying').to.be.at.most(BIND_GROUP_CACHE_SIZE / 2);
+    buffer.destroy();
   });
 
   it('hands out the oldest free buffer of a size first, whatever order they were freed in', () => {

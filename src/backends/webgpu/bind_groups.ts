@@ -13,10 +13,10 @@
  *    takes the same set in the same order gets the same buffers (on Mesa 92 % of bind groups recurred
  *    over 13 steps, every one after the first steps);
  *  - device.createBindGroup answers from a cache keyed by the layout and each entry's buffer, offset
- *    and size (the most recent BIND_GROUP_CACHE_SIZE kept), where every entry binds a buffer.
+ *    and size (emptied when it reaches BIND_GROUP_CACHE_SIZE), where every entry binds a buffer.
  * What a bind group binds is fixed at creation and a cached one is the one that the same descriptor
  * would make again; a buffer destroyed later (the pool bound, buffer_pool.ts) is never bound again,
- * so its bind groups are never asked for and age out.
+ * so its bind groups are never asked for again and go when the cache is next emptied.
  *
  * The tf.env() flag WEBGPU_MOE_BIND_GROUP_CACHE (default true) is read per call: false creates each
  * bind group as tfjs does and releases buffers in tfjs's order (the comparison in one checkout).
@@ -64,23 +64,21 @@ function descriptorKey(descriptor: GPUBindGroupDescriptor, ids: ObjectIds): stri
   return key;
 }
 
-/** The most recent `capacity` bind groups by key (a Map's insertion order, a hit moved to the end). */
+/**
+ * Bind groups by key, at most `capacity`: when full it is emptied (a working set larger than that
+ * does not recur within it, and a plain Map lookup per dispatch costs less than keeping an LRU order).
+ */
 class BindGroupCache {
   private readonly groups = new Map<string, GPUBindGroup>();
   constructor(private readonly capacity: number) {}
 
   get(key: string): GPUBindGroup | undefined {
-    const group = this.groups.get(key);
-    if (group !== undefined) {
-      this.groups.delete(key);
-      this.groups.set(key, group);
-    }
-    return group;
+    return this.groups.get(key);
   }
 
   set(key: string, group: GPUBindGroup): void {
+    if (this.groups.size >= this.capacity) this.groups.clear();
     this.groups.set(key, group);
-    if (this.groups.size > this.capacity) this.groups.delete(this.groups.keys().next().value!);
   }
 
   get size(): number {
