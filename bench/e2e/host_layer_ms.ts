@@ -11,6 +11,7 @@
  *   EGL_PLATFORM=surfaceless npx tsx bench/e2e/host_layer_ms.ts [--layers 3] [--steps 15] [--cpu-profile FILE]
  * --cpu-profile FILE: the L-layer model's recorded steps under V8's sampler, summarized (cpu_profile.ts) into FILE.
  * --uniform-arena off: tfjs-webgpu's own uniform buffers (UNIFORM_ARENA_FLAG false), the comparison in one checkout.
+ * --bind-group-cache off: a bind group created per dispatch, tfjs's pool order (BIND_GROUP_CACHE_FLAG false), likewise.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -20,6 +21,7 @@ import { STEP_PHASES, type StepPhase, trainingStep } from './step_profile.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { UNIFORM_ARENA_FLAG } from '../../src/backends/webgpu/uniform_arena.js';
+import { BIND_GROUP_CACHE_FLAG } from '../../src/backends/webgpu/bind_groups.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
 import { register } from '../../src/plugin.js';
@@ -36,6 +38,7 @@ const cpuProfileFile = commandLineFlag('cpu-profile', '');
 tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number.MAX_SAFE_INTEGER);
 tf.env().set(SUBMIT_FLOPS_FLAG, Infinity);
 tf.env().set(UNIFORM_ARENA_FLAG, commandLineFlag('uniform-arena', 'on') !== 'off');
+tf.env().set(BIND_GROUP_CACHE_FLAG, commandLineFlag('bind-group-cache', 'on') !== 'off');
 
 async function tinyModel(n: number) {
   const cfg = { ...narrowOlmoeConfig(n), hidden_size: 64, intermediate_size: 32, moe_intermediate_size: 32, num_experts: 8, vocab_size: 50, num_attention_heads: 4, num_key_value_heads: 4 };
