@@ -84,6 +84,10 @@ class BindGroupCache {
   get size(): number {
     return this.groups.size;
   }
+
+  clear(): void {
+    this.groups.clear();
+  }
 }
 
 const installed = new WeakMap<object, BindGroupCache>();
@@ -137,6 +141,11 @@ export function installBindGroupCache(backend: unknown): boolean {
     return group;
   };
   return true;
+}
+
+/** Drops every bind group cached for `backend` (they hold their buffers' wrappers until then). */
+export function emptyBindGroupCache(backend: unknown): void {
+  installed.get(backend as object)?.clear();
 }
 
 /** Bind groups held for `backend` now (0 where the cache is not installed). */
