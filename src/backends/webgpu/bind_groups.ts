@@ -36,30 +36,41 @@ interface BufferManagerInternals {
 }
 interface BackendInternals { device: GPUDevice; bufferManager: BufferManagerInternals }
 
-/** A number per object, in the order first seen (buffers: about their creation order). */
+/** A number per object, in the order first seen (buffers: about their creation order), and its text for keys. */
 class ObjectIds {
-  private readonly ids = new WeakMap<object, number>();
+  private readonly ids = new WeakMap<object, { n: number; text: string }>();
   private next = 1;
-  of(o: object): number {
+  private get(o: object): { n: number; text: string } {
     let id = this.ids.get(o);
     if (id === undefined) {
-      id = this.next++;
+      id = { n: this.next, text: String(this.next) };
+      this.next++;
       this.ids.set(o, id);
     }
     return id;
+  }
+  of(o: object): number {
+    return this.get(o).n;
+  }
+  textOf(o: object): string {
+    return this.get(o).text;
   }
 }
 
 /**
  * The cache key of a descriptor whose every entry binds a buffer: the layout's id, then each
- * entry's binding, buffer id, offset and size; undefined for any other entry (textures, samplers).
+ * entry's buffer id (its binding where it is not its index) and, where given, offset and size
+ * (tfjs's tensors bind whole buffers); undefined for any other entry (textures, samplers).
  */
 function descriptorKey(descriptor: GPUBindGroupDescriptor, ids: ObjectIds): string | undefined {
-  let key = String(ids.of(descriptor.layout));
+  let key = ids.textOf(descriptor.layout);
+  let index = 0;
   for (const entry of descriptor.entries) {
     const resource = entry.resource as Partial<GPUBufferBinding>;
     if (resource.buffer == null) return undefined;
-    key += `|${entry.binding}:${ids.of(resource.buffer)}:${resource.offset ?? 0}:${resource.size ?? ''}`;
+    key += entry.binding === index++ ? ',' : `,@${entry.binding}=`;
+    key += ids.textOf(resource.buffer);
+    if (resource.offset !== undefined || resource.size !== undefined) key += `:${resource.offset ?? 0}:${resource.size ?? ''}`;
   }
   return key;
 }
