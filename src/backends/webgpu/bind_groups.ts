@@ -8,8 +8,8 @@
  * same. tfjs's BufferManager hands out the last buffer released of a size, so which one a tensor
  * gets depends on the order earlier tensors were freed, and it drifts from step to step (on Mesa 15 %
  * of bind groups recurred). Here:
- *  - the pool's free lists of each (size, usage) are kept in creation order, the oldest buffer handed
- *    out first: what a tensor gets depends only on which buffers are free, and a step that frees and
+ *  - the pool's free lists of each (size, usage) are kept in the order their buffers were first seen
+ *    (about their creation order), the oldest handed out first: what a tensor gets depends only on which buffers are free, and a step that frees and
  *    takes the same set in the same order gets the same buffers (on Mesa 92 % of bind groups recurred
  *    over 13 steps, every one after the first steps);
  *  - device.createBindGroup answers from a cache keyed by the layout and each entry's buffer, offset
