@@ -12,6 +12,9 @@
  * --cpu-profile FILE: the L-layer model's recorded steps under V8's sampler, summarized (cpu_profile.ts) into FILE.
  * --uniform-arena off: tfjs-webgpu's own uniform buffers (UNIFORM_ARENA_FLAG false), the comparison in one checkout.
  * --bind-group-cache off: a bind group created per dispatch, tfjs's pool order (BIND_GROUP_CACHE_FLAG false), likewise.
+ * --native-timing on: the recorded steps' native WebGPU calls timed (native_timing.ts) into the line's nativeCalls
+ * (calls and ms over all of them), and bindGroupsMade, the bind groups the cache made in them (the rest of
+ * device.createBindGroup's calls were answered from it); the wrappers cost a little, so not with the timings quoted.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -21,7 +24,8 @@ import { STEP_PHASES, type StepPhase, trainingStep } from './step_profile.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { UNIFORM_ARENA_FLAG } from '../../src/backends/webgpu/uniform_arena.js';
-import { BIND_GROUP_CACHE_FLAG } from '../../src/backends/webgpu/bind_groups.js';
+import { BIND_GROUP_CACHE_FLAG, cachedBindGroups } from '../../src/backends/webgpu/bind_groups.js';
+import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
 import { register } from '../../src/plugin.js';
@@ -76,7 +80,15 @@ const step = async (i: number, record: boolean) => {
   samples[i].losses.push(loss);
 };
 for (let s = 0; s < 3; s++) for (let i = 0; i < 2; i++) await step(i, false);  // warm-up: pipelines, JIT
-const run = async () => { for (let s = 0; s < steps; s++) for (let i = 0; i < 2; i++) await step(i, true); };
+const recordSteps = async () => { for (let s = 0; s < steps; s++) for (let i = 0; i < 2; i++) await step(i, true); };
+let nativeCalls: NativeCallTimes | undefined;
+let bindGroupsMade: number | undefined;
+const run = commandLineFlag('native-timing', 'off') !== 'on' ? recordSteps : async () => {
+  const backend = tf.backend() as unknown as { device: GPUDevice; queue: GPUQueue };
+  const before = cachedBindGroups(backend);
+  nativeCalls = (await withNativeTiming(backend, recordSteps)).calls;
+  bindGroupsMade = cachedBindGroups(backend) - before;
+};
 if (cpuProfileFile) {
   const { profile } = await withCpuProfile(run);
   await writeFile(cpuProfileFile, JSON.stringify(summarizeCpuProfile(profile, 80), null, 1));
@@ -87,7 +99,7 @@ const median = (xs: number[]) => { const s = [...xs].sort((a, b) => a - b); retu
 const perLayer = (kind: 'wall' | 'cpu') => Object.fromEntries(STEP_PHASES.filter(p => p !== 'lossRead').map(p =>
   [p, Math.round(1000 * (median(samples[1][kind][p]) - median(samples[0][kind][p])) / (layers - 1)) / 1000]));
 const medians = (kind: 'wall' | 'cpu') => samples.map(s => Object.fromEntries(STEP_PHASES.map(p => [p, Math.round(1000 * median(s[kind][p])) / 1000])));
-process.stdout.write(`${JSON.stringify({ layers, steps, perLayerCpuMs: perLayer('cpu'), perLayerWallMs: perLayer('wall'), cpuMs: medians('cpu'), wallMs: medians('wall'),
+process.stdout.write(`${JSON.stringify({ layers, steps, perLayerCpuMs: perLayer('cpu'), perLayerWallMs: perLayer('wall'), cpuMs: medians('cpu'), wallMs: medians('wall'), nativeCalls, bindGroupsMade,
   losses: samples.map(s => s.losses) })}\n`);
 for (const m of models) { m.handle.unregister(); m.model.dispose(); m.adam.dispose(); }
 ids.dispose();

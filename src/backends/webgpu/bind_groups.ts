@@ -2,21 +2,22 @@
  * One GPUBindGroup per distinct binding, made once and used again (issue 15: the host records an
  * OLMoE training step about as long as the GPU runs it, ~2500 dispatches a step). tfjs-backend-webgpu's
  * recordAndSubmit (4.22) calls device.createBindGroup on every dispatch, a native call that
- * validates the entries and allocates a descriptor set; on Mesa it was 2/3 of recordAndSubmit's own
- * time (V8's line ticks, bench/e2e/host_layer_ms.ts). A training step binds the same pipelines to
+ * validates the entries and allocates a descriptor set. A training step binds the same pipelines to
  * the same buffers in the same order every step, provided the buffers it gets from the pool are the
  * same. tfjs's BufferManager hands out the last buffer released of a size, so which one a tensor
- * gets depends on the order earlier tensors were freed, and it drifts from step to step (on Mesa 15 %
- * of bind groups recurred). Here:
+ * gets depends on the order earlier tensors were freed, and it drifts from step to step. Here:
  *  - the pool's free lists of each (size, usage) are kept in the order their buffers were first seen
- *    (about their creation order), the oldest handed out first: what a tensor gets depends only on which buffers are free, and a step that frees and
- *    takes the same set in the same order gets the same buffers (on Mesa 92 % of bind groups recurred
- *    over 13 steps, every one after the first steps);
+ *    (about their creation order), the oldest handed out first: what a tensor gets depends only on
+ *    which buffers are free, and a step that frees and takes the same set in the same order gets the same buffers (on Mesa, after 3 warm-up steps, none
+ *    of 5260 calls over 10 steps made a bind group: host_layer_ms.ts --native-timing on);
  *  - device.createBindGroup answers from a cache keyed by the layout and each entry's buffer, offset
  *    and size (emptied when it reaches BIND_GROUP_CACHE_SIZE), where every entry binds a buffer.
  * What a bind group binds is fixed at creation and a cached one is the one that the same descriptor
  * would make again; a buffer destroyed later (the pool bound, buffer_pool.ts) is never bound again,
  * so its bind groups are never asked for again and go when the cache is next emptied.
+ *
+ * On Mesa the host's CPU ms per decoder layer fell by about half forward and a quarter backward
+ * (host_layer_ms.ts --bind-group-cache on|off, docs/benchmarks.md).
  *
  * The tf.env() flag WEBGPU_MOE_BIND_GROUP_CACHE (default true) is read per call: false creates each
  * bind group as tfjs does and releases buffers in tfjs's order (the comparison in one checkout).
