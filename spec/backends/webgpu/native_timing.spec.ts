@@ -35,7 +35,6 @@ describe('webgpu: native call timing (bench/e2e/native_timing.ts)', () => {
     expect(value).to.deep.equal(Array.from(av, (x, i) => Math.fround((x + bv[i]) * bv[i])));
     for (const name of ['device.createBindGroup', 'pass.setPipeline', 'pass.setBindGroup', 'pass.dispatchWorkgroups']) {
       expect(calls[name]?.count, name).to.equal(2);
-      expect(calls[name]!.ms, `${name} ms`).to.be.at.least(0);
     }
     expect(calls['queue.submit']?.count, 'queue.submit').to.be.at.least(1);
     expect(calls['encoder.finish']?.count, 'encoder.finish').to.equal(calls['queue.submit']!.count);
