@@ -3,7 +3,7 @@
  * shapes (hidden 2048, 64 experts, top-8, moe_intermediate 1024, vocab 50304, 16 heads; 16 layers,
  * fewer with `layers`) written in bf16 shards of at most 5 GB with HF's names and index, then
  * loaded once per expert dtype, each load in a child process of its own (load_bench_child.ts), so
- * that its peak RSS (process.resourceUsage().maxRSS) is the load's alone and not the writer's or
+ * that its peak RSS (VmHWM: its own high-water mark) is the load's alone and not the writer's or
  * another load's. Reports, per load: tf.memory().numBytes after the load, the child's RSS before
  * and at its peak, the peak of RSS minus the device's buffers (webgpu: on Mesa the device's memory
  * is RSS too) and the bytes of weights left on the host after the load, the load's wall time, and
@@ -198,7 +198,7 @@ export interface LoadChildResult {
   numBytes: number;
   /** the child's RSS after its backend was set up, before the load */
   rssBefore: number;
-  /** the child's peak RSS over its life (process.resourceUsage().maxRSS) */
+  /** the child's peak RSS over its life (VmHWM on Linux: its own, not its parent's, see load_bench_child.ts) */
   peakRss: number;
   /** the load's wall time */
   seconds: number;

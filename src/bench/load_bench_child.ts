@@ -10,11 +10,29 @@
  * the sampler runs between tensors.
  */
 import * as tf from '@tensorflow/tfjs-core';
+import { readFileSync } from 'node:fs';
 import { loadHFCheckpoint } from '../io/hf_checkpoint.js';
 import type { LoadHFCheckpointOptions } from '../io/hf_checkpoint_core.js';
 import { hostValueBytes } from '../io/device_tensor.js';
 import { selectBenchBackend } from './backend.js';
 import type { LoadChildResult } from './load_bench.js';
+
+/**
+ * This process's peak resident bytes since it started. On Linux getrusage's maxRSS
+ * (process.resourceUsage) is not it: execve folds the forked copy of the parent's address space
+ * into it, so a child of a large parent (the spec runner, ~0.8 GB after the webgpu specs) reports
+ * the parent's RSS. VmHWM in /proc/self/status is the high-water mark of this program's own
+ * memory; maxRSS where there is no /proc.
+ */
+function peakRssBytes(): number {
+  try {
+    const kB = /^VmHWM:\s*(\d+)\s*kB/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
+    if (kB !== undefined) return Number(kB) * 1024;
+  } catch {
+    // no /proc (macOS, Windows)
+  }
+  return process.resourceUsage().maxRSS * 1024;
+}
 
 const { dir, backend, expertDtype } = JSON.parse(process.argv[2] ?? '{}') as { dir: string; backend: string; expertDtype: string };
 try {
@@ -37,7 +55,7 @@ try {
     peakHost = Math.max(peakHost, hostBytes());
     const weights = model.weights.map(w => w.read());
     const result: LoadChildResult = {
-      numBytes: tf.memory().numBytes, rssBefore, peakRss: process.resourceUsage().maxRSS * 1024, seconds,
+      numBytes: tf.memory().numBytes, rssBefore, peakRss: peakRssBytes(), seconds,
       largestWeightBytes: Math.max(...weights.map(w => w.size * 4)),
       peakHostBytes: peakHost - hostBefore,
       hostValueBytesAfter: weights.reduce((sum, w) => sum + (hostValueBytes(w) ?? 0), 0),
