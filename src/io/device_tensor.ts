@@ -8,7 +8,7 @@
  * place.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { decodeBFloat16, decodeBFloat16Into, decodeFloat16, decodeFloat16Into } from '../util/half.js';
+import { decodeBFloat16Into, decodeFloat16Into } from '../util/half.js';
 import type { TensorSource } from './hf_block.js';
 import type * as tfl from '@tensorflow/tfjs-layers';
 
@@ -155,15 +155,9 @@ export function hostValueBytes(t: tf.Tensor): number | null {
 const DECODE_CHUNK_ELEMENTS = 1 << 22;
 
 /**
- * The 16-bit values `halves` (BF16 or F16 bits, as stored) decoded to float32, `count` at a time
- * from element `from`.
+ * The 16-bit values `halves` (BF16 or F16 bits, as stored) decoded to float32 into dst[dOff …]: a
+ * buffer reused across pieces and tensors (readToDevice, the quantizing loaders).
  */
-export function decodeHalves(dtype: string, halves: Uint16Array, from = 0, count = halves.length - from): Float32Array {
-  const part = halves.subarray(from, from + count);
-  return dtype === 'BF16' ? decodeBFloat16(part) : decodeFloat16(part);
-}
-
-/** decodeHalves into dst[dOff …] (a buffer reused across tensors: the quantizing loaders). */
 export function decodeHalvesInto(dtype: string, halves: Uint16Array, dst: Float32Array, dOff: number): void {
   if (dtype === 'BF16') decodeBFloat16Into(halves, dst, dOff);
   else decodeFloat16Into(halves, dst, dOff);
@@ -186,9 +180,14 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   }
   const halves = await source.halfBits(name);
   const builder = new TensorBuilder(shape, 'float32');
+  // one piece decoded into again and again (writeBuffer copies it at once): a new array per piece
+  // would leave the tensor's float32 size as garbage until V8 collects it
+  const piece = new Float32Array(Math.min(DECODE_CHUNK_ELEMENTS, halves.length));
   try {
     for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
-      await builder.write(decodeHalves(dtype, halves, at, Math.min(DECODE_CHUNK_ELEMENTS, halves.length - at)), at);
+      const count = Math.min(DECODE_CHUNK_ELEMENTS, halves.length - at);
+      decodeHalvesInto(dtype, halves.subarray(at, at + count), piece, 0);
+      await builder.write(count === piece.length ? piece : piece.subarray(0, count), at);
     }
     return await builder.finish();
   } catch (e) {
