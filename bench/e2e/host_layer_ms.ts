@@ -24,7 +24,7 @@ import { STEP_PHASES, type StepPhase, trainingStep } from './step_profile.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
 import { UNIFORM_ARENA_FLAG } from '../../src/backends/webgpu/uniform_arena.js';
-import { BIND_GROUP_CACHE_FLAG, cachedBindGroups } from '../../src/backends/webgpu/bind_groups.js';
+import { BIND_GROUP_CACHE_FLAG, bindGroupCacheCounts } from '../../src/backends/webgpu/bind_groups.js';
 import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { buildMoECausalLM, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { narrowOlmoeConfig } from '../../src/bench/load_bench.js';
@@ -85,9 +85,9 @@ let nativeCalls: NativeCallTimes | undefined;
 let bindGroupsMade: number | undefined;
 const run = commandLineFlag('native-timing', 'off') !== 'on' ? recordSteps : async () => {
   const backend = tf.backend() as unknown as { device: GPUDevice; queue: GPUQueue };
-  const before = cachedBindGroups(backend);
+  const before = bindGroupCacheCounts(backend).made;
   nativeCalls = (await withNativeTiming(backend, recordSteps)).calls;
-  bindGroupsMade = cachedBindGroups(backend) - before;
+  bindGroupsMade = bindGroupCacheCounts(backend).made - before;
 };
 if (cpuProfileFile) {
   const { profile } = await withCpuProfile(run);

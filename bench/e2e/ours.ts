@@ -22,7 +22,9 @@ import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { PerformanceObserver } from 'node:perf_hooks';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { bindGroupCacheCounts } from '../../src/backends/webgpu/bind_groups.js';
 import { limitWebGPUBufferPool, webgpuBufferPoolStats, type WebGPUBufferPoolLimit, type WebGPUBufferPoolStats } from '../../src/backends/webgpu/buffer_pool.js';
 import { HFTokenizer } from '../../src/data/hf_tokenizer.js';
 import { loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
@@ -164,6 +166,13 @@ export interface E2EResult {
   loadSeconds?: number;
   /** seconds of each step, warm-up ones first; a step ends when its loss has been read */
   stepSeconds: number[];
+  /**
+   * per step (as stepSeconds): V8's garbage-collection pauses, ms (PerformanceObserver 'gc'), and on
+   * webgpu the bind groups the cache made (bind_groups.ts; the rest of the step's were found again):
+   * what a step slower than its neighbours spent its time on
+   */
+  stepGcMs: number[];
+  stepBindGroupsMade?: number[];
   losses: number[];
   /** timed tokens (batch · seq · steps) over the timed steps' seconds */
   tokensPerSecond?: number;
@@ -337,7 +346,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     expertDtype: o.expertDtype, denseDtype: o.denseDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
-    stepSeconds: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
+    stepSeconds: [], stepGcMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
     gradientCheckpointing: o.gradientCheckpointing, errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const marker = join(o.model, 'e2e_checkpoint.json');
@@ -399,9 +408,18 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
         windows.dispose();
       }
     };
+    let gcMs = 0;
+    const gcObserver = new PerformanceObserver(list => { for (const e of list.getEntries()) gcMs += e.duration; });
+    gcObserver.observe({ entryTypes: ['gc'] });
     const runSteps = async (from: number, to: number) => {
       for (let step = from; step < to; step++) {
+        const gcBefore = gcMs;
+        const madeBefore = bindGroupCacheCounts(tf.backend()).made;
         const { seconds, value } = await oneStep(step);
+        // the observer is told after the step's own tasks: a turn of the event loop first
+        await new Promise(resolve => setImmediate(resolve));
+        result.stepGcMs.push(gcMs - gcBefore);
+        if (tf.getBackend() === 'webgpu') (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
         result.stepSeconds.push(seconds);
         result.losses.push(value);
         result.memory = maxMemory(result.memory, memoryNow());
@@ -424,6 +442,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     } else {
       await timedSteps();
     }
+    gcObserver.disconnect();
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
 

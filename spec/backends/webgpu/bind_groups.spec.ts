@@ -1,13 +1,14 @@
 /**
  * The bind group cache (src/backends/webgpu/bind_groups.ts): the same descriptor gives the same
  * bind group, another buffer, offset, size or layout another one, and with the flag off every call
- * makes a new one; it holds at most BIND_GROUP_CACHE_SIZE, emptied when full; the pool hands out the oldest free buffer of a size whatever the order they were
- * freed in; a computation repeated on fresh tensors binds the buffers of its first run again (no new
+ * makes a new one; it keeps what was used within its last generation of BIND_GROUP_CACHE_SIZE and
+ * drops the rest, holding at most two generations; the pool hands out the oldest free buffer of a
+ * size whatever the order they were freed in; a computation repeated on fresh tensors binds the buffers of its first run again (no new
  * bind groups) and computes what float32 JS does. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { BIND_GROUP_CACHE_FLAG, BIND_GROUP_CACHE_SIZE, cachedBindGroups, emptyBindGroupCache, installBindGroupCache } from '../../../src/backends/webgpu/bind_groups.js';
+import { BIND_GROUP_CACHE_FLAG, BIND_GROUP_CACHE_SIZE, bindGroupCacheCounts, emptyBindGroupCache, installBindGroupCache } from '../../../src/backends/webgpu/bind_groups.js';
 import { registerMoEKernels } from '../../../src/backends/register_all_kernels.js';
 import { withEnvFlag } from './helpers.js';
 
@@ -54,20 +55,37 @@ describe('webgpu: one bind group per distinct binding (bind_groups.ts)', () => {
     b.destroy();
   });
 
-  it('holds at most BIND_GROUP_CACHE_SIZE bind groups', () => {
+  it('keeps the bind groups used within its last generation, drops the rest, and holds at most two generations', () => {
     const { device } = backend;
+    const n = BIND_GROUP_CACHE_SIZE;
     const layout = device.createBindGroupLayout({ entries: [{ binding: 0, visibility: 4, buffer: { type: 'storage' } }] });
-    const buffer = device.createBuffer({ size: 256 * (BIND_GROUP_CACHE_SIZE + 1) + 256, usage: STORAGE });
+    const buffer = device.createBuffer({ size: 256 * 2 * n, usage: STORAGE });
+    // key i: the buffer's i-th 256-byte slice
+    const group = (i: number) => device.createBindGroup({ layout, entries: [{ binding: 0, resource: { buffer, offset: 256 * i, size: 256 } }] });
     emptyBindGroupCache(backend);
-    expect(cachedBindGroups(backend), 'emptied').to.equal(0);
+    expect(bindGroupCacheCounts(backend).cached, 'emptied').to.equal(0);
+    const first = group(0);
     let most = 0;
-    for (let i = 0; i <= BIND_GROUP_CACHE_SIZE; i++) {
-      device.createBindGroup({ layout, entries: [{ binding: 0, resource: { buffer, offset: 256 * i, size: 256 } }] });
-      most = Math.max(most, cachedBindGroups(backend));
-    }
-    expect(most).to.equal(BIND_GROUP_CACHE_SIZE);
-    // the last one found it full: emptied, then it alone
-    expect(cachedBindGroups(backend), 'emptied on the insert that found it full').to.equal(1);
+    const made = (from: number, to: number) => {
+      for (let i = from; i < to; i++) {
+        group(i);
+        most = Math.max(most, bindGroupCacheCounts(backend).cached);
+      }
+    };
+    made(1, n);
+    expect(bindGroupCacheCounts(backend).cached, 'one generation, full').to.equal(n);
+    made(n, n + 1);  // the current generation becomes the previous one
+    expect(bindGroupCacheCounts(backend).cached).to.equal(n + 1);
+    const madeBefore = bindGroupCacheCounts(backend).made;
+    expect(group(0), 'found in the previous generation').to.equal(first);
+    expect(bindGroupCacheCounts(backend).made, 'found, not made').to.equal(madeBefore);
+    made(n + 1, 2 * n);  // fills the current generation (group 0 moved into it) and turns it over
+    expect(most, 'at most two generations').to.be.at.most(2 * n);
+    expect(group(0), 'used within the last generation: kept').to.equal(first);
+    const dropped = bindGroupCacheCounts(backend).made;
+    group(1);
+    expect(bindGroupCacheCounts(backend).made, 'not used since two generations: dropped, made again').to.equal(dropped + 1);
+    emptyBindGroupCache(backend);
     buffer.destroy();
   });
 
@@ -109,11 +127,9 @@ describe('webgpu: one bind group per distinct binding (bind_groups.ts)', () => {
       const b = Math.fround(v + 1);
       return Math.fround(Math.fround(Math.fround(2 * v) - b) * Math.max(b, 0));
     });
-    // from an empty cache, so that it cannot fill (and be emptied) between the runs
-    emptyBindGroupCache(backend);
     expect(Array.from(await run())).to.deep.equal(Array.from(expected));
-    const groups = cachedBindGroups(backend);
+    const made = bindGroupCacheCounts(backend).made;
     for (let i = 0; i < 3; i++) expect(Array.from(await run()), `run ${i + 2}`).to.deep.equal(Array.from(expected));
-    expect(cachedBindGroups(backend), 'no new bind group after the first run').to.equal(groups);
+    expect(bindGroupCacheCounts(backend).made, 'no new bind group after the first run').to.equal(made);
   });
 });

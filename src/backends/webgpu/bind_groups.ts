@@ -11,10 +11,11 @@
  *    which buffers are free, and a step that frees and takes the same set in the same order gets the same buffers (on Mesa, after 3 warm-up steps, none
  *    of 5260 calls over 10 steps made a bind group: host_layer_ms.ts --native-timing on);
  *  - device.createBindGroup answers from a cache keyed by the layout and each entry's buffer, offset
- *    and size (emptied when it reaches BIND_GROUP_CACHE_SIZE), where every entry binds a buffer.
+ *    and size, where every entry binds a buffer; it keeps what was used within the last
+ *    BIND_GROUP_CACHE_SIZE bind groups made or found again, and drops the rest.
  * What a bind group binds is fixed at creation and a cached one is the one that the same descriptor
  * would make again; a buffer destroyed later (the pool bound, buffer_pool.ts) is never bound again,
- * so its bind groups are never asked for again and go when the cache is next emptied.
+ * so its bind groups are never asked for again and go within two generations of the cache.
  *
  * On Mesa the host's CPU ms per decoder layer fell by about half forward and a quarter backward
  * (host_layer_ms.ts --bind-group-cache on|off, docs/benchmarks.md).
@@ -27,8 +28,12 @@ import * as tf from '@tensorflow/tfjs-core';
 export const BIND_GROUP_CACHE_FLAG = 'WEBGPU_MOE_BIND_GROUP_CACHE';
 tf.env().registerFlag(BIND_GROUP_CACHE_FLAG, () => true);
 
-/** Bind groups kept: a few steps' worth at OLMoE's ~2500 dispatches a step. */
-export const BIND_GROUP_CACHE_SIZE = 8192;
+/**
+ * Bind groups a generation of the cache holds (it holds two): at least a training step's distinct
+ * ones, so that a step's working set stays whole (OLMoE: ~2500 a step; Qwen3-30B-A3B's 48 layers
+ * about three times that).
+ */
+export const BIND_GROUP_CACHE_SIZE = 16384;
 
 /** What is used of tfjs-backend-webgpu's WebGPUBackend and BufferManager (4.22). */
 interface BufferManagerInternals {
@@ -77,28 +82,52 @@ function descriptorKey(descriptor: GPUBindGroupDescriptor, ids: ObjectIds): stri
 }
 
 /**
- * Bind groups by key, at most `capacity`: when full it is emptied (a working set larger than that
- * does not recur within it, and a plain Map lookup per dispatch costs less than keeping an LRU order).
+ * Bind groups by key in two generations of at most `generationSize` each: a new one goes into the
+ * current generation, and one found in the previous moves to the current. When the current is full
+ * it becomes the previous and the previous is dropped, so what was used within the last
+ * `generationSize` insertions stays, and what was not is dropped (buffers the pool destroyed, a
+ * phase that ended), with one Map lookup per hit and no cliff where a step finds the cache empty.
  */
 class BindGroupCache {
-  private readonly groups = new Map<string, GPUBindGroup>();
-  constructor(private readonly capacity: number) {}
+  private current = new Map<string, GPUBindGroup>();
+  private previous = new Map<string, GPUBindGroup>();
+  /** bind groups made (not found) and found since the cache was installed */
+  made = 0;
+  found = 0;
+  constructor(private readonly generationSize: number) {}
 
   get(key: string): GPUBindGroup | undefined {
-    return this.groups.get(key);
+    let group = this.current.get(key);
+    if (group === undefined) {
+      group = this.previous.get(key);
+      if (group === undefined) return undefined;
+      this.previous.delete(key);
+      this.add(key, group);
+    }
+    this.found++;
+    return group;
   }
 
   set(key: string, group: GPUBindGroup): void {
-    if (this.groups.size >= this.capacity) this.groups.clear();
-    this.groups.set(key, group);
+    this.made++;
+    this.add(key, group);
+  }
+
+  private add(key: string, group: GPUBindGroup): void {
+    if (this.current.size >= this.generationSize) {
+      this.previous = this.current;
+      this.current = new Map();
+    }
+    this.current.set(key, group);
   }
 
   get size(): number {
-    return this.groups.size;
+    return this.current.size + this.previous.size;
   }
 
   clear(): void {
-    this.groups.clear();
+    this.current.clear();
+    this.previous.clear();
   }
 }
 
@@ -160,7 +189,8 @@ export function emptyBindGroupCache(backend: unknown): void {
   installed.get(backend as object)?.clear();
 }
 
-/** Bind groups held for `backend` now (0 where the cache is not installed). */
-export function cachedBindGroups(backend: unknown): number {
-  return installed.get(backend as object)?.size ?? 0;
+/** Bind groups held for `backend` now, and made and found since the cache was installed (zeros where it is not). */
+export function bindGroupCacheCounts(backend: unknown): { cached: number; made: number; found: number } {
+  const cache = installed.get(backend as object);
+  return cache === undefined ? { cached: 0, made: 0, found: 0 } : { cached: cache.size, made: cache.made, found: cache.found };
 }
