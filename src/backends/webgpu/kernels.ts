@@ -161,14 +161,14 @@ tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => true);
  * tf.env() flag: a grouped product on tensor cores given a `loraTail` (split LoRA's expansion of
  * its first adapter) adds it as one more 16-deep step of its own reduction
  * (SubgroupMatrixMatMulProgram's loraTail) instead of a separate expansion that reads and writes
- * the whole output again (run Y: +2.5–3.6 % end to end). Off by default until the device checks
- * the tail's own scale cap (commit 62da94f; check.js's tails at gr 300× dy, a run past 30 steps):
- * before the cap, run Y3's adapter came out non-finite after 27 steps with the tails on, most
- * likely backward's gr = s·dy·B carried past f16 by dy's operand scale. false: the separate
- * expansion, as off tensor cores.
+ * the whole output again (run Y: +2.5–3.6 % end to end). The tail's T is staged under its own
+ * scale cap (commit 62da94f): without it run Y3's adapter came out non-finite after 27 steps with
+ * the tails on (backward's gr = s·dy·B carried past f16 by dy's operand scale); with it run Z1 passed
+ * check.js's tails at gr 300× dy and saved a finite adapter after 27 steps with the tails on that
+ * PEFT reads within 5.2e-3. false: the separate expansion, as off tensor cores.
  */
 export const TC_LORA_TAIL_FLAG = 'WEBGPU_MOE_TC_LORA_TAIL';
-tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => false);
+tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => true);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
