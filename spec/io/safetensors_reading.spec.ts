@@ -19,6 +19,9 @@ import { FileError } from '../../src/util/files.js';
 import { expectSettlesQuickly, makeFifo } from './special_files.js';
 import { rejection } from '../helpers/rejection.js';
 
+/** 0.5 and 3 as little-endian bf16 (0x3f00, 0x4040). */
+const BF16_HALF_AND_THREE = new Uint8Array([0x00, 0x3f, 0x40, 0x40]);
+
 /** A file built by hand: the u64 length, the header text as given, then the data bytes. */
 function build(header: unknown, data: Uint8Array = new Uint8Array(0)): Uint8Array {
   const text = new TextEncoder().encode(typeof header === 'string' ? header : JSON.stringify(header));
@@ -139,6 +142,35 @@ describe('io/safetensors reading (validation, positional reads, special files)',
       const file = parseSafetensors(await encodeSafetensors(tensors));
       tf.dispose(Object.values(tensors));
       expect(file.names()).to.deep.equal(['a', 'b', 'c']);
+    });
+  });
+
+  describe('values read out', () => {
+    it('from bytes in memory: copies, never views of the bytes given (F32, I32, BF16 halves)', async () => {
+      const tensors = { f: tf.tensor([1.5, -2]), i: tf.tensor([7, -8], [2], 'int32') };
+      const bytes = await encodeSafetensors(tensors);
+      tf.dispose(Object.values(tensors));
+      const file = parseSafetensors(bytes);
+      const bf16Bytes = build({ h: { dtype: 'BF16', shape: [2], data_offsets: [0, 4] } }, BF16_HALF_AND_THREE);
+      const bf16 = parseSafetensors(bf16Bytes);
+      const [f, i] = [await file.tensor('f'), await file.tensor('i')];
+      const halves = await bf16.halfBits('h');
+      bytes.fill(0xff);
+      bf16Bytes.fill(0xff);
+      expect(Array.from(await f.data())).to.deep.equal([1.5, -2]);
+      expect(Array.from(await i.data())).to.deep.equal([7, -8]);
+      expect(Array.from(halves)).to.deep.equal([0x3f00, 0x4040]);  // 0.5 and 3 in bf16
+      tf.dispose([f, i]);
+    });
+
+    it('from a file: the values as written, each read its own (F32, BF16 halves)', async () => {
+      const path = join(dir, 'values.safetensors');
+      writeFileSync(path, build({ h: { dtype: 'BF16', shape: [2], data_offsets: [0, 4] } }, BF16_HALF_AND_THREE));
+      const file = await readSafetensorsFile(path);
+      const [a, b] = [await file.halfBits('h'), await file.halfBits('h')];
+      a[0] = 0;
+      expect(Array.from(b)).to.deep.equal([0x3f00, 0x4040]);
+      rmSync(path);
     });
   });
 

@@ -56,6 +56,8 @@ export interface Header {
 /**
  * @internal The bytes [begin, end) of a file's data section (offsets as in `data_offsets`): a view
  * of bytes in memory (parseSafetensors) or a positional read of the file (readSafetensorsFile).
+ * Bytes that are a whole ArrayBuffer are the reader's own (a view of a file in memory never is:
+ * its header comes first) and may be kept as they are; any other bytes are copied out.
  */
 export type DataRangeReader = (begin: number, end: number) => Promise<Uint8Array>;
 
@@ -541,34 +543,40 @@ function jsonKind(v: unknown): string {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Little-endian element access. The data buffer is rarely aligned for a typed-array view, so each
-// reader copies its bytes; on a big-endian host the copy goes through a DataView instead.
+// Little-endian element access. Bytes that are a whole buffer are a read of the reader's own
+// (DataRangeReader) and are viewed in place: a copy of every tensor would double the bytes a
+// checkpoint load moves and leaves as garbage. Any other bytes, a view of a file in memory
+// (parseSafetensors) or part of a larger read, are copied: they are rarely aligned for a typed
+// array, and the result must neither alias the caller's bytes nor keep a larger buffer alive. On
+// a big-endian host the elements go through a DataView.
 
 const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
-function readFloat32(bytes: Uint8Array): Float32Array {
-  if (HOST_LITTLE_ENDIAN) return new Float32Array(bytes.slice().buffer);
+type ElementArray = Float32Array | Int32Array | Uint16Array;
+interface ElementArrayType<T extends ElementArray> {
+  new (buffer: ArrayBufferLike, byteOffset?: number, length?: number): T;
+  new (length: number): T;
+  readonly BYTES_PER_ELEMENT: number;
+}
+
+/** `bytes` as little-endian elements of `type`: in place when they are a whole buffer, else copied. */
+function readElements<T extends ElementArray>(type: ElementArrayType<T>, bytes: Uint8Array,
+    get: (view: DataView, at: number) => number): T {
+  const size = type.BYTES_PER_ELEMENT;
+  const count = bytes.byteLength / size;
+  if (HOST_LITTLE_ENDIAN) {
+    const whole = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
+    return whole ? new type(bytes.buffer, 0, count) : new type(bytes.slice().buffer);
+  }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const out = new Float32Array(bytes.byteLength / 4);
-  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(4 * i, true);
+  const out = new type(count);
+  for (let i = 0; i < count; i++) out[i] = get(view, size * i);
   return out;
 }
 
-function readInt32(bytes: Uint8Array): Int32Array {
-  if (HOST_LITTLE_ENDIAN) return new Int32Array(bytes.slice().buffer);
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const out = new Int32Array(bytes.byteLength / 4);
-  for (let i = 0; i < out.length; i++) out[i] = view.getInt32(4 * i, true);
-  return out;
-}
-
-function readUint16(bytes: Uint8Array): Uint16Array {
-  if (HOST_LITTLE_ENDIAN) return new Uint16Array(bytes.slice().buffer);
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const out = new Uint16Array(bytes.byteLength / 2);
-  for (let i = 0; i < out.length; i++) out[i] = view.getUint16(2 * i, true);
-  return out;
-}
+const readFloat32 = (bytes: Uint8Array) => readElements(Float32Array, bytes, (v, at) => v.getFloat32(at, true));
+const readInt32 = (bytes: Uint8Array) => readElements(Int32Array, bytes, (v, at) => v.getInt32(at, true));
+const readUint16 = (bytes: Uint8Array) => readElements(Uint16Array, bytes, (v, at) => v.getUint16(at, true));
 
 
 export { decodeBFloat16, decodeFloat16, encodeBFloat16, encodeFloat16 } from '../util/half.js';
