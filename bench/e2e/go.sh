@@ -24,6 +24,7 @@
 #   cpu-profile.json, ms per function; the sampling slows the steps a little)
 #   E2E_NATIVE_TIMING=off (on: the timed steps with each native WebGPU call timed, native_timing.ts: result.json's
 #   nativeCalls, calls and host ms a step per method)
+#   E2E_LOAD_PROFILE=off (on: the load under V8's sampling profiler: ours-DTYPE/load-cpu-profile.json, ms per function)
 #   E2E_GRAD_CKPT=off (on: ours recomputes each decoder layer in backward, setGradientCheckpointing; the
 #   qwen3-full peak per layer, issue 15)
 #   E2E_TF_FLAGS="" (tf.env() flags for ours, e.g. WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60,WEBGPU_MOE_SUBMIT_FLOPS=1e9)
@@ -102,7 +103,8 @@ fi
 common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2E_STEPS:-5}" --batch "${E2E_BATCH:-1}"
         --seq "${E2E_SEQ:-512}" --rank "${E2E_RANK:-8}" --alpha "${E2E_ALPHA:-16}" --lr "${E2E_LR:-1e-3}"
         --tensor-cores "${E2E_TENSOR_CORES:-off}" --profile "${E2E_PROFILE:-off}" --cpu-profile "${E2E_CPU_PROFILE:-off}"
-        --gradient-checkpointing "${E2E_GRAD_CKPT:-off}" --native-timing "${E2E_NATIVE_TIMING:-off}")
+        --gradient-checkpointing "${E2E_GRAD_CKPT:-off}" --native-timing "${E2E_NATIVE_TIMING:-off}"
+        --load-profile "${E2E_LOAD_PROFILE:-off}")
 [ -n "${E2E_TF_FLAGS:-}" ] && common+=(--tf-flags "$E2E_TF_FLAGS")
 [ -n "${E2E_AB_FLAGS:-}" ] && common+=(--ab-flags "$E2E_AB_FLAGS" --ab-rounds "${E2E_AB_ROUNDS:-4}")
 ours() {  # ours EXPERT_DTYPE [flags]

@@ -103,6 +103,11 @@ export interface E2EOptions {
    */
   cpuProfile?: boolean;
   /**
+   * the load under V8's sampling profiler: `out`/load-cpu-profile.json (ms per function,
+   * cpu_profile.ts; the load is 10× PyTorch's at OLMoE's size, run Z1); off by default
+   */
+  loadProfile?: boolean;
+  /**
    * webgpu: the timed steps with each native WebGPU call timed (native_timing.ts): the result's
    * nativeCalls, calls and host ms a step per method; off by default (the wrappers cost a little)
    */
@@ -199,6 +204,8 @@ export interface E2EResult {
   profileFile?: string;
   /** steps.cpuprofile (--cpu-profile on) */
   cpuProfileFile?: string;
+  /** load-cpu-profile.json (--load-profile on) */
+  loadProfileFile?: string;
   /** --native-timing on: per native method, calls and host ms a timed step */
   nativeCalls?: NativeCallTimes;
   adapterDir?: string;
@@ -301,7 +308,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   const started = performance.now();
   const o = {
     tokenizer: defaultTokenizerPath(), expertDtype: 'stored' as ExpertDtype, denseDtype: 'stored' as DenseDtype, rank: 8, alpha: 16, batch: 1, seq: 512,
-    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, nativeTiming: false, targets: E2E_LORA_TARGETS as readonly string[],
+    warmup: 2, steps: 5, learningRate: 1e-3, saveAdapter: true, profile: false, cpuProfile: false, loadProfile: false, nativeTiming: false, targets: E2E_LORA_TARGETS as readonly string[],
     gradientCheckpointing: false, ...options,
   };
   const log = options.log ?? ((line: string) => process.stderr.write(`[ours ${((performance.now() - started) / 1000).toFixed(1)}s] ${line}\n`));
@@ -363,7 +370,12 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   // webgpu: the pool's peaks (and its bound, if asked), from before the load to the end
   const limit = tf.getBackend() === 'webgpu' ? limitWebGPUBufferPool(o.poolLimitBytes ?? Infinity) : null;
   const t0 = performance.now();
-  const model = await loadHFCheckpoint(o.model, { expertDtype: o.expertDtype, denseDtype: o.denseDtype }).catch(async err => {
+  const load = () => loadHFCheckpoint(o.model, { expertDtype: o.expertDtype, denseDtype: o.denseDtype });
+  const model = await (o.loadProfile ? withCpuProfile(load).then(async ({ value, profile }) => {
+    result.loadProfileFile = join(o.out, 'load-cpu-profile.json');
+    await writeFile(result.loadProfileFile, JSON.stringify(summarizeCpuProfile(profile), null, 1));
+    return value;
+  }) : load()).catch(async err => {
     result.errors['load'] = errorText(err);
     limit?.restore();
     await partial('load failed');
@@ -555,7 +567,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags', 'native-timing'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -570,7 +582,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     expertDtype: flags['expert-dtype'] as ExpertDtype | undefined, denseDtype: flags['dense-dtype'] as DenseDtype | undefined, rank: number('rank'), alpha: number('alpha'), batch: number('batch'),
     seq: number('seq'), warmup: number('warmup'), steps: number('steps'), learningRate: number('lr'), name: flags['name'],
     saveAdapter: onOff('save-adapter', true), profile: onOff('profile', false), cpuProfile: onOff('cpu-profile', false),
-    nativeTiming: onOff('native-timing', false),
+    nativeTiming: onOff('native-timing', false), loadProfile: onOff('load-profile', false),
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     // sets separated by ';', each as --tf-flags
