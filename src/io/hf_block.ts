@@ -262,7 +262,8 @@ async function fuseRows(
 /**
  * fuseRows for 16-bit experts kept packed: each expert's halves are copied from the file's bytes
  * into one expert's packed words as they are (no float32 copy of anything), then written into the
- * stack; the host holds one expert's words.
+ * stack; the host holds one expert's words, and the next expert's reads are under way meanwhile
+ * (their latency hidden behind this expert's copy and upload).
  */
 async function fuseRowsPacked(
     file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
@@ -272,10 +273,15 @@ async function fuseRowsPacked(
   const expert = new Int32Array(words);
   const halves = new Uint16Array(expert.buffer);
   const stack = new TensorBuilder([numExperts, words], 'int32');
+  const readHalves = (e: number) => Promise.all(parts.map(part => file.halfBits!(part[e].name)));
+  let next: Promise<Uint16Array[]> | null = readHalves(0);
   try {
     for (let e = 0; e < numExperts; e++) {
+      const read = await next!;
+      next = e + 1 < numExperts ? readHalves(e + 1) : null;
+      next?.catch(() => {});   // awaited next round; an error now must not be unhandled meanwhile
       expert.fill(0);  // the padding word of an odd-sized expert
-      for (const [p, part] of parts.entries()) halves.set(await file.halfBits!(part[e].name), p * block);
+      read.forEach((h, p) => halves.set(h, p * block));
       await stack.write(expert, e * words);
     }
     return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], await stack.finish());
