@@ -67,6 +67,9 @@ describe('bench/e2e/ours.ts', function () {
     expect(result.errors).to.deep.equal({});
     expect(result.stepSeconds).to.have.length(2);
     expect(result.losses).to.have.length(2);
+    // one GC figure a step; bind groups only where the webgpu cache counts them
+    expect(result.stepGcMs).to.have.length(2);
+    expect(result.stepBindGroupsMade?.length).to.equal(tf.getBackend() === 'webgpu' ? 2 : undefined);
     result.losses.forEach(l => expect(l).to.be.within(0.1, 20));
     expect(result.tokensPerSecond).to.be.closeTo(2 * 8 / result.stepSeconds[1], 1e-9);
     expect(result.loadSeconds).to.be.above(0);
@@ -122,14 +125,18 @@ describe('bench/e2e/ours.ts', function () {
     expect(tf.memory().numTensors).to.equal(before);
   });
 
-  it('--profile on: one more step counted per phase, in profile.json; --cpu-profile on: the timed steps sampled by V8', async () => {
+  it('--profile on: one more step counted per phase, in profile.json; --cpu-profile on: the timed steps sampled by V8; --load-profile on: the load', async () => {
     const out = join(dir, 'profiled');
     const tokenizer = HFTokenizer.fromFiles({ tokenizer: readFileSync(defaultTokenizerPath(), 'utf8') });
     const before = tf.memory().numTensors;
     const result = await runOurs({
       model: FIXTURE, data, out, tokenizer, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, profile: true,
-      cpuProfile: true, log: () => {},
+      cpuProfile: true, loadProfile: true, log: () => {},
     });
+    // --load-profile on: the load sampled, its functions summed
+    expect(result.loadProfileFile).to.equal(join(out, 'load-cpu-profile.json'));
+    const load = JSON.parse(readFileSync(result.loadProfileFile!, 'utf8')) as CpuProfileSummary;
+    expect(load.inclusive.map(f => f.name).some(n => n.startsWith('loadHFCheckpoint '))).to.equal(true);
     expect(result.cpuProfileFile).to.equal(join(out, 'steps.cpuprofile'));
     const cpu = JSON.parse(readFileSync(join(out, 'cpu-profile.json'), 'utf8')) as CpuProfileSummary & { steps: number };
     expect(cpu.steps).to.equal(1);
