@@ -439,22 +439,25 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
         await partial(`step ${step + 1}/${total}${step < o.warmup ? ' (warm-up)' : ''}: loss ${value.toFixed(4)}, ${result.stepSeconds.at(-1)!.toFixed(2)} s`);
       }
     };
-    await runSteps(0, o.warmup);
-    const timedSteps = o.nativeTiming && tf.getBackend() === 'webgpu'
-      ? async () => {
-        const { calls } = await withNativeTiming(tf.backend() as unknown as { device: GPUDevice; queue: GPUQueue }, () => runSteps(o.warmup, total));
-        result.nativeCalls = Object.fromEntries(Object.entries(calls).map(([name, c]) => [name, { count: c.count / o.steps, ms: c.ms / o.steps }]));
+    try {
+      await runSteps(0, o.warmup);
+      const timedSteps = o.nativeTiming && tf.getBackend() === 'webgpu'
+        ? async () => {
+          const { calls } = await withNativeTiming(tf.backend() as unknown as { device: GPUDevice; queue: GPUQueue }, () => runSteps(o.warmup, total));
+          result.nativeCalls = Object.fromEntries(Object.entries(calls).map(([name, c]) => [name, { count: c.count / o.steps, ms: c.ms / o.steps }]));
+        }
+        : () => runSteps(o.warmup, total);
+      if (o.cpuProfile) {
+        const { profile } = await withCpuProfile(timedSteps);
+        result.cpuProfileFile = join(o.out, 'steps.cpuprofile');
+        await writeFile(result.cpuProfileFile, JSON.stringify(profile));
+        await writeFile(join(o.out, 'cpu-profile.json'), JSON.stringify({ steps: o.steps, ...summarizeCpuProfile(profile) }, null, 1));
+      } else {
+        await timedSteps();
       }
-      : () => runSteps(o.warmup, total);
-    if (o.cpuProfile) {
-      const { profile } = await withCpuProfile(timedSteps);
-      result.cpuProfileFile = join(o.out, 'steps.cpuprofile');
-      await writeFile(result.cpuProfileFile, JSON.stringify(profile));
-      await writeFile(join(o.out, 'cpu-profile.json'), JSON.stringify({ steps: o.steps, ...summarizeCpuProfile(profile) }, null, 1));
-    } else {
-      await timedSteps();
+    } finally {
+      gcObserver.disconnect();
     }
-    gcObserver.disconnect();
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
 

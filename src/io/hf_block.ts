@@ -274,7 +274,7 @@ async function fuseRowsPacked(
   const halves = new Uint16Array(expert.buffer);
   const stack = new TensorBuilder([numExperts, words], 'int32');
   const readHalves = (e: number) => Promise.all(parts.map(part => file.halfBits!(part[e].name)));
-  let next: Promise<Uint16Array[]> | null = readHalves(0);
+  let next: Promise<Uint16Array[]> | null = numExperts > 0 ? readHalves(0) : null;
   try {
     for (let e = 0; e < numExperts; e++) {
       const read = await next!;
