@@ -260,6 +260,28 @@ async function fuseRows(
 }
 
 /**
+ * `read(0)`, `read(1)`, … `read(count − 1)` one ahead: each call of the result gives the next read
+ * and starts the one after it, so that a read is under way while the one before is used. A read
+ * that fails is thrown where it is taken, never as an unhandled rejection meanwhile.
+ */
+function readingOneAhead<T>(count: number, read: (i: number) => Promise<T>): () => Promise<T> {
+  const start = (i: number): Promise<T> | null => {
+    if (i >= count) return null;
+    const pending = read(i);
+    pending.catch(() => {});
+    return pending;
+  };
+  let taken = 0;
+  let next = start(0);
+  // called at most `count` times (one per expert)
+  return () => {
+    const current = next!;
+    next = start(++taken);
+    return current;
+  };
+}
+
+/**
  * fuseRows for 16-bit experts kept packed: each expert's halves are copied from the file's bytes
  * into one expert's packed words as they are (no float32 copy of anything), then written into the
  * stack; the host holds one expert's words, and the next expert's reads are under way meanwhile
@@ -273,13 +295,10 @@ async function fuseRowsPacked(
   const expert = new Int32Array(words);
   const halves = new Uint16Array(expert.buffer);
   const stack = new TensorBuilder([numExperts, words], 'int32');
-  const readHalves = (e: number) => Promise.all(parts.map(part => file.halfBits!(part[e].name)));
-  let next: Promise<Uint16Array[]> | null = numExperts > 0 ? readHalves(0) : null;
+  const nextHalves = readingOneAhead(numExperts, e => Promise.all(parts.map(part => file.halfBits!(part[e].name))));
   try {
     for (let e = 0; e < numExperts; e++) {
-      const read = await next!;
-      next = e + 1 < numExperts ? readHalves(e + 1) : null;
-      next?.catch(() => {});   // awaited next round; an error now must not be unhandled meanwhile
+      const read = await nextHalves();
       expert.fill(0);  // the padding word of an odd-sized expert
       read.forEach((h, p) => halves.set(h, p * block));
       await stack.write(expert, e * words);
@@ -312,12 +331,10 @@ async function fuseRowsQuantized(
   const block = new Float32Array(parts.length * rows * cols);
   const expert = new Int32Array(layout.wordsPerExpert);
   try {
-    let next = asHalves ? readHalves(0) : null;
+    const nextHalves = asHalves ? readingOneAhead(numExperts, readHalves) : null;
     for (let e = 0; e < numExperts; e++) {
-      if (next !== null) {
-        const halves = await next;
-        next = e + 1 < numExperts ? readHalves(e + 1) : null;
-        next?.catch(() => {});   // awaited next round; an error now must not be unhandled meanwhile
+      if (nextHalves !== null) {
+        const halves = await nextHalves();
         halves.forEach((h, p) => decodeHalvesInto(file.info(parts[p][e].name).dtype, h, block, p * rows * cols));
       } else {
         for (const [p, part] of parts.entries()) {

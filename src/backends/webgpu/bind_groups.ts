@@ -86,7 +86,8 @@ function descriptorKey(descriptor: GPUBindGroupDescriptor, ids: ObjectIds): stri
  * current generation, and one found in the previous moves to the current. When the current is full
  * it becomes the previous and the previous is dropped, so what was used within the last
  * `generationSize` insertions stays, and what was not is dropped (buffers the pool destroyed, a
- * phase that ended), with one Map lookup per hit and no cliff where a step finds the cache empty.
+ * phase that ended), with one Map lookup per hit in the current generation and no cliff where a
+ * step finds the cache empty.
  */
 class BindGroupCache {
   private current = new Map<string, GPUBindGroup>();
