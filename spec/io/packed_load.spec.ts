@@ -8,7 +8,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import { join } from 'node:path';
 import { fileIO } from '../../src/io/file_io_handler.js';
-import { loadMoEBlockWeights } from '../../src/io/hf_block.js';
+import { loadMoEBlockWeights, type TensorSource } from '../../src/io/hf_block.js';
 import { CheckpointError, loadHFCheckpoint } from '../../src/io/hf_checkpoint.js';
 import { CheckpointSource } from '../../src/io/hf_checkpoint_core.js';
 import { saveHFCheckpoint } from '../../src/io/hf_save.js';
@@ -140,6 +140,27 @@ describe('16-bit checkpoints with packed experts', function () {
     await loadMoEBlockWeights(file16, config, 0, { expertDtype: 'f64' as 'stored' }).then(
         () => expect.fail('no error'),
         (e: Error) => expect(e.message).to.match(/`loadMoEBlockWeights\(\)`: 'options.expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got 'f64'/));
+  });
+
+  it('a source that reads whole tensors only (no halfBitsInto) gives the same packed words, per-expert (olmoe) and fused (gpt-oss)', async () => {
+    for (const dir of [dir16.bf16, dir16.gptOss]) {
+      const config = JSON.parse(await import('node:fs/promises').then(fs => fs.readFile(join(dir, 'config.json'), 'utf8'))) as HFConfig;
+      const file = CheckpointSource.single(await readSafetensorsFile(join(dir, 'model.safetensors')));
+      const wholeOnly: TensorSource = {
+        has: name => file.has(name), info: name => file.info(name), tensor: name => file.tensor(name), halfBits: name => file.halfBits(name),
+      };
+      const before = tf.memory().numTensors;
+      for (const layer of [0, 1]) {
+        const [into, whole] = [await loadMoEBlockWeights(file, config, layer), await loadMoEBlockWeights(wholeOnly, config, layer)];
+        for (const key of ['gateUp', 'down'] as const) {
+          const [a, b] = [into.experts[key], whole.experts[key]];
+          if (!isPackedExpertWeight(a) || !isPackedExpertWeight(b)) throw new Error(`${dir} layer ${layer} ${key}: not packed`);
+          expect(Array.from(b.packed.dataSync()), `${dir} layer ${layer} ${key}`).to.deep.equal(Array.from(a.packed.dataSync()));
+        }
+        [into, whole].forEach(disposeMoEBlockWeights);
+      }
+      expect(tf.memory().numTensors).to.equal(before);
+    }
   });
 
   it('LoRA training on the packed model: the packed bits stay identical, losses match the float32 model', async () => {

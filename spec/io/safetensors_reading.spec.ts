@@ -174,6 +174,48 @@ describe('io/safetensors reading (validation, positional reads, special files)',
     });
   });
 
+  describe('halfBitsInto: elements read into the caller\'s array', () => {
+    // 8 bf16 elements 0x3f00 + i, so each element says where it came from
+    const eight = Uint8Array.from({ length: 16 }, (_, b) => b % 2 === 0 ? b / 2 : 0x3f);
+    const header = { h: { dtype: 'BF16', shape: [2, 4], data_offsets: [0, 16] }, f: f32(16, 1) };
+    const bytes = build(header, Uint8Array.from([...eight, 0, 0, 0, 0]));
+    const sources = async () => {
+      const path = join(dir, 'into.safetensors');
+      writeFileSync(path, bytes);
+      return [['file', await readSafetensorsFile(path)], ['memory', parseSafetensors(bytes)]] as const;
+    };
+
+    it('any range, from a file and from bytes in memory, and nothing beside it', async () => {
+      for (const [where, file] of await sources()) {
+        const into = new Uint16Array(7).fill(0xffff);
+        await file.halfBitsInto('h', into.subarray(1, 4), 3);   // elements 3, 4, 5 into [1, 4)
+        expect(Array.from(into), where).to.deep.equal([0xffff, 0x3f03, 0x3f04, 0x3f05, 0xffff, 0xffff, 0xffff]);
+        await file.halfBitsInto('h', into.subarray(0, 0), 8);   // none, at the end
+        const whole = new Uint16Array(8);
+        await file.halfBitsInto('h', whole);
+        expect(Array.from(whole), where).to.deep.equal(Array.from(await file.halfBits('h')));
+      }
+      expect(Array.from(bytes.subarray(bytes.length - 20, bytes.length - 4))).to.deep.equal(Array.from(eight));  // the bytes given are not touched
+      rmSync(join(dir, 'into.safetensors'));
+    });
+
+    it('refuses a range outside the tensor, an array that is not a Uint16Array and a tensor that is not 16-bit', async () => {
+      const [[, file]] = await sources();
+      const into = new Uint16Array(4);
+      for (const [args, message] of [
+        [[into, 5], /halfBitsInto\('h'\): 'from' and 'into' must stay within the tensor's 8 elements but got from 5 \(number\) and 4 elements/],
+        [[into, -1], /but got from -1 \(number\) and 4 elements/],
+        [[into, 1.5], /but got from 1.5 \(number\) and 4 elements/],
+        [[new Float32Array(4)], /halfBitsInto\('h'\): 'into' must be a Uint16Array but got a Float32Array of 16 bytes/],
+      ] as const) {
+        expect((await rejection(file.halfBitsInto('h', ...(args as unknown as [Uint16Array, number])))).message).to.match(message);
+      }
+      expect((await rejection(file.halfBitsInto('f', new Uint16Array(2)))).message)
+          .to.match(/tensor 'f' has dtype F32; halfBitsInto reads BF16 and F16 tensors only/);
+      rmSync(join(dir, 'into.safetensors'));
+    });
+  });
+
   describe('argument checks', () => {
     it('parseSafetensors refuses what is not a Uint8Array, naming the argument', () => {
       for (const [value, described] of [['x', '"x" (string)'], [null, 'null'], [[1, 2], 'an array of length 2'],

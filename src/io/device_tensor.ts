@@ -164,10 +164,43 @@ export function decodeHalvesInto(dtype: string, halves: Uint16Array, dst: Float3
 }
 
 /**
+ * `source`'s 16-bit tensor `name`, elements [from, from + into.length), into `into`: straight from
+ * the file where the source reads into a caller's array (halfBitsInto), else copied out of halfBits.
+ */
+export async function readHalvesInto(source: TensorSource, name: string, into: Uint16Array, from = 0): Promise<void> {
+  if (typeof source.halfBitsInto === 'function') return source.halfBitsInto(name, into, from);
+  into.set((await source.halfBits!(name)).subarray(from, from + into.length));
+}
+
+/**
+ * `use(halves, at)` for each piece of DECODE_CHUNK_ELEMENTS elements of the 16-bit tensor `name`
+ * (`size` elements) in order, the last one shorter. Where the source reads into a caller's array
+ * (halfBitsInto) each piece is read into one reused array, so the host never holds the tensor as
+ * stored; else the pieces are cut from halfBits. `halves` is reused once `use` has resolved.
+ */
+async function forEachHalfPiece(source: TensorSource, name: string, size: number,
+    use: (halves: Uint16Array, at: number) => void | Promise<void>): Promise<void> {
+  const whole = typeof source.halfBitsInto === 'function' ? null : await source.halfBits!(name);
+  const piece = whole === null ? new Uint16Array(Math.min(DECODE_CHUNK_ELEMENTS, size)) : null;
+  for (let at = 0; at < size; at += DECODE_CHUNK_ELEMENTS) {
+    const count = Math.min(DECODE_CHUNK_ELEMENTS, size - at);
+    let halves: Uint16Array;
+    if (whole !== null) {
+      halves = whole.subarray(at, at + count);
+    } else {
+      halves = count === piece!.length ? piece! : piece!.subarray(0, count);
+      await source.halfBitsInto!(name, halves, at);
+    }
+    await use(halves, at);
+  }
+}
+
+/**
  * The checkpoint tensor `name` as a float32 (or int32) tensor on the device. On webgpu a BF16 or
- * F16 tensor is read as its stored halves and decoded into its device buffer a piece at a time,
- * so the host holds the tensor's bytes as stored and one piece of float32, not all of it as
- * float32; anything else is `source.tensor(name)` moved with onDevice.
+ * F16 tensor is read a piece of its stored halves at a time and decoded into its device buffer,
+ * so the host holds a piece as stored and as float32, not the tensor (from a source without
+ * halfBitsInto: the tensor as stored and a piece); anything else is `source.tensor(name)` moved
+ * with onDevice.
  *
  * ```js
  * const embed = await readToDevice(file, 'model.embed_tokens.weight');
@@ -178,17 +211,16 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
     return onDevice(await source.tensor(name));
   }
-  const halves = await source.halfBits(name);
+  const size = tf.util.sizeFromShape(shape);
   const builder = new TensorBuilder(shape, 'float32');
   // one piece decoded into again and again (writeBuffer copies it at once): a new array per piece
   // would leave the tensor's float32 size as garbage until V8 collects it
-  const piece = new Float32Array(Math.min(DECODE_CHUNK_ELEMENTS, halves.length));
+  const piece = new Float32Array(Math.min(DECODE_CHUNK_ELEMENTS, size));
   try {
-    for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
-      const count = Math.min(DECODE_CHUNK_ELEMENTS, halves.length - at);
-      decodeHalvesInto(dtype, halves.subarray(at, at + count), piece, 0);
-      await builder.write(count === piece.length ? piece : piece.subarray(0, count), at);
-    }
+    await forEachHalfPiece(source, name, size, async (halves, at) => {
+      decodeHalvesInto(dtype, halves, piece, 0);
+      await builder.write(halves.length === piece.length ? piece : piece.subarray(0, halves.length), at);
+    });
     return await builder.finish();
   } catch (e) {
     builder.dispose();
@@ -251,8 +283,8 @@ export function writeVariable(variable: tfl.LayerVariable, t: tf.Tensor): void {
 
 /**
  * The checkpoint tensor `name` written into `variable` (as readToDevice then writeVariable). On
- * wasm a BF16 or F16 tensor is decoded a piece at a time straight into the variable's buffer on
- * the heap: the heap never holds a second copy of it.
+ * wasm a BF16 or F16 tensor is read and decoded a piece at a time straight into the variable's
+ * buffer on the heap: the heap never holds a second copy of it.
  *
  * ```js
  * await readIntoVariable(file, 'model.embed_tokens.weight', embedding.embeddings);
@@ -272,10 +304,10 @@ export async function readIntoVariable(source: TensorSource, name: string, varia
     }
     return;
   }
-  const halves = await source.halfBits!(name);
-  for (let at = 0; at < halves.length; at += DECODE_CHUNK_ELEMENTS) {
-    // a fresh view each piece: nothing allocates meanwhile, but a view must never outlive a heap growth
-    const heap = new Float32Array(b!.wasm.HEAPU8.buffer, to, halves.length);
-    decodeHalvesInto(dtype, halves.subarray(at, Math.min(at + DECODE_CHUNK_ELEMENTS, halves.length)), heap, at);
-  }
+  const size = tf.util.sizeFromShape(shape);
+  await forEachHalfPiece(source, name, size, (halves, at) => {
+    // a fresh view each piece: other work may run while a piece is read, and a view must never outlive a heap growth
+    const heap = new Float32Array(b!.wasm.HEAPU8.buffer, to, size);
+    decodeHalvesInto(dtype, halves, heap, at);
+  });
 }

@@ -63,9 +63,13 @@ export function withoutQuantizationConfig(config: HFConfig): HFConfig {
 class DequantizingSource implements TensorSource {
   constructor(private readonly source: TensorSource, private readonly quant: FP8Quantization, private readonly where: string) {
     if (typeof source.halfBits === 'function') this.halfBits = (name: string) => source.halfBits!(name);
+    if (typeof source.halfBitsInto === 'function') {
+      this.halfBitsInto = (name: string, into: Uint16Array, from?: number) => source.halfBitsInto!(name, into, from);
+    }
   }
 
   halfBits?: (name: string) => Promise<Uint16Array>;
+  halfBitsInto?: (name: string, into: Uint16Array, from?: number) => Promise<void>;
 
   has(name: string): boolean {
     return this.source.has(name);

@@ -10,7 +10,7 @@ import {
 import { NF4_DQ_NESTED_BLOCK_SIZE, QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { decodeHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
+import { decodeHalvesInto, readHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
@@ -32,6 +32,8 @@ export interface TensorSource {
    * experts are loaded as float32)
    */
   halfBits?(name: string): Promise<Uint16Array>;
+  /** halfBits' elements [from, from + into.length) read into `into` (optional: readHalvesInto copies from halfBits) */
+  halfBitsInto?(name: string, into: Uint16Array, from?: number): Promise<void>;
   /** whether `name` is an MXFP4 weight shown as one tensor (mxfp4TensorSource); optional */
   isMXFP4?(name: string): boolean;
   /** an MXFP4 weight's stored bytes (`X_blocks`, `X_scales`), where isMXFP4(name) */
@@ -282,32 +284,40 @@ function readingOneAhead<T>(count: number, read: (i: number) => Promise<T>): () 
 }
 
 /**
- * fuseRows for 16-bit experts kept packed: each expert's halves are copied from the file's bytes
- * into one expert's packed words as they are (no float32 copy of anything), then written into the
- * stack; the host holds one expert's words, and the next expert's reads are under way meanwhile
- * (their latency hidden behind this expert's copy and upload).
+ * 16-bit experts kept packed, [E, rows, cols]: `readInto(e, halves)` reads expert e's halves as
+ * stored straight into one expert's packed words, which are then written into the stack (no
+ * float32 copy of anything, no array per tensor). Two experts' words take turns, so expert e + 1
+ * is read while expert e is written: the host holds two experts' words.
  */
-async function fuseRowsPacked(
-    file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
-    [rows, cols]: number[]): Promise<PackedExpertWeight> {
-  const block = rows * cols;
-  const words = packedWordsPerExpert(parts.length * rows, cols);
-  const expert = new Int32Array(words);
-  const halves = new Uint16Array(expert.buffer);
+async function stackPackedExperts(
+    kind: HalfKind, [numExperts, rows, cols]: number[],
+    readInto: (e: number, halves: Uint16Array) => Promise<unknown>): Promise<PackedExpertWeight> {
+  const words = packedWordsPerExpert(rows, cols);
+  // zero once: the reads never touch the padding half of an odd-sized expert's last word
+  const experts = [new Int32Array(words), new Int32Array(words)];
   const stack = new TensorBuilder([numExperts, words], 'int32');
-  const nextHalves = readingOneAhead(numExperts, e => Promise.all(parts.map(part => file.halfBits!(part[e].name))));
+  // expert e's words are written (copied) before expert e + 2 is read into them
+  const nextExpert = readingOneAhead(numExperts, async e => {
+    const expert = experts[e % 2];
+    await readInto(e, new Uint16Array(expert.buffer, 0, rows * cols));
+    return expert;
+  });
   try {
-    for (let e = 0; e < numExperts; e++) {
-      const read = await nextHalves();
-      expert.fill(0);  // the padding word of an odd-sized expert
-      read.forEach((h, p) => halves.set(h, p * block));
-      await stack.write(expert, e * words);
-    }
-    return new PackedExpertWeight(kind, [numExperts, parts.length * rows, cols], await stack.finish());
+    for (let e = 0; e < numExperts; e++) await stack.write(await nextExpert(), e * words);
+    return new PackedExpertWeight(kind, [numExperts, rows, cols], await stack.finish());
   } catch (err) {
     stack.dispose();
     throw err;
   }
+}
+
+/** fuseRows for 16-bit experts kept packed: expert e's parts read one after the other into its rows. */
+function fuseRowsPacked(
+    file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
+    [rows, cols]: number[]): Promise<PackedExpertWeight> {
+  const block = rows * cols;
+  return stackPackedExperts(kind, [numExperts, parts.length * rows, cols], (e, halves) =>
+    Promise.all(parts.map((part, p) => readHalvesInto(file, part[e].name, halves.subarray(p * block, (p + 1) * block)))));
 }
 
 /**
@@ -492,29 +502,22 @@ async function readQuantizedTransposed(
 }
 
 /**
- * A fused 16-bit expert tensor kept packed: its halves (the tensor as stored) packed expert by
- * expert and written into the stack; the host holds the stored halves and one expert's words.
+ * A fused 16-bit expert tensor kept packed: expert x's elements read from their place in the
+ * tensor, or, from a source that reads whole tensors only (no halfBitsInto), cut from one read.
  */
-async function readPackedHalves(file: TensorSource, kind: HalfKind, e: Expected): Promise<PackedExpertWeight> {
+function readPackedHalves(file: TensorSource, kind: HalfKind, e: Expected): Promise<PackedExpertWeight> {
   const [experts, rows, cols] = e.shape;
   const block = rows * cols;
-  const halves = await file.halfBits!(e.name);
-  if (halves.length !== experts * block) return packedExpertWeightFromBits(kind, e.shape, halves);  // its own error
-  const words = packedWordsPerExpert(rows, cols);
-  const expert = new Int32Array(words);
-  const view = new Uint16Array(expert.buffer);
-  const stack = new TensorBuilder([experts, words], 'int32');
-  try {
-    for (let x = 0; x < experts; x++) {
-      expert.fill(0);
-      view.set(halves.subarray(x * block, (x + 1) * block), 0);
-      await stack.write(expert, x * words);
-    }
-    return new PackedExpertWeight(kind, e.shape, await stack.finish());
-  } catch (err) {
-    stack.dispose();
-    throw err;
+  if (typeof file.halfBitsInto === 'function') {
+    return stackPackedExperts(kind, e.shape, (x, halves) => file.halfBitsInto!(e.name, halves, x * block));
   }
+  const whole = file.halfBits!(e.name).then(halves => {
+    // a source's own array of another length: packedExpertWeightFromBits' error names it
+    if (halves.length !== experts * block) packedExpertWeightFromBits(kind, e.shape, halves);
+    return halves;
+  });
+  whole.catch(() => {});  // thrown where an expert takes it
+  return stackPackedExperts(kind, e.shape, async (x, halves) => halves.set((await whole).subarray(x * block, (x + 1) * block)));
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]) =>

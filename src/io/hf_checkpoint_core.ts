@@ -58,6 +58,7 @@ export class CheckpointSource implements TensorSource {
   info(name: string): { dtype: string; shape: number[] } { return this.fileOf.get(name)!.info(name); }
   tensor(name: string): Promise<tf.Tensor> { return this.fileOf.get(name)!.tensor(name); }
   halfBits(name: string): Promise<Uint16Array> { return this.fileOf.get(name)!.halfBits(name); }
+  halfBitsInto(name: string, into: Uint16Array, from?: number): Promise<void> { return this.fileOf.get(name)!.halfBitsInto(name, into, from); }
   uint8Values(name: string): Promise<Uint8Array> { return this.fileOf.get(name)!.uint8Values(name); }
 }
 

@@ -53,13 +53,13 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
   } finally {
     await handle.close();
   }
-  return new SafetensorsFile(header, async (begin, end) => {
+  return new SafetensorsFile(header, async (begin, end, into) => {
     if (end - begin > bufferConstants.MAX_LENGTH) {
       throw new SafetensorsError(
           `${where}: a tensor of ${end - begin} bytes exceeds the largest buffer this runtime can hold ` +
           `(${bufferConstants.MAX_LENGTH} bytes)`);
     }
-    const bytes = new Uint8Array(end - begin);
+    const bytes = into ?? new Uint8Array(end - begin);
     if (bytes.byteLength === 0) return bytes;
     const file = await openRegularFile(path, what, { expectedSize: size });
     try {

@@ -57,9 +57,11 @@ export interface Header {
  * @internal The bytes [begin, end) of a file's data section (offsets as in `data_offsets`): a view
  * of bytes in memory (parseSafetensors) or a positional read of the file (readSafetensorsFile).
  * Bytes that are a whole ArrayBuffer are the reader's own (a view of a file in memory never is:
- * its header comes first) and may be kept as they are; any other bytes are copied out.
+ * its header comes first) and may be kept as they are; any other bytes are copied out. Given
+ * `into` (end − begin bytes), a reader may read straight into it and resolve to it; whatever else
+ * it resolves to is copied into it.
  */
-export type DataRangeReader = (begin: number, end: number) => Promise<Uint8Array>;
+export type DataRangeReader = (begin: number, end: number, into?: Uint8Array) => Promise<Uint8Array>;
 
 /**
  * A parsed file: the validated header, and a way to read one tensor's byte range. `tensor()`
@@ -128,11 +130,38 @@ export class SafetensorsFile {
    * ```
    */
   async halfBits(name: string): Promise<Uint16Array> {
-    const e = this.entry(name);
-    if (e.dtype !== 'BF16' && e.dtype !== 'F16') {
-      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; halfBits reads BF16 and F16 tensors only`);
-    }
+    const e = this.halfEntry(name, 'halfBits');
     return readUint16(await this.readData(e.begin, e.end));
+  }
+
+  /**
+   * halfBits' elements [from, from + into.length) read into `into`. From a file they are read
+   * straight into it: a loader that reuses `into` for every expert makes no array per tensor (a
+   * fresh one is memory the system must zero and map, then collect).
+   *
+   * ```js
+   * const halves = new Uint16Array(rows * cols);
+   * await file.halfBitsInto('model.layers.0.mlp.experts.0.down_proj.weight', halves);
+   * ```
+   */
+  async halfBitsInto(name: string, into: Uint16Array, from = 0): Promise<void> {
+    const e = this.halfEntry(name, 'halfBitsInto');
+    const count = (e.end - e.begin) / 2;
+    if (!(into instanceof Uint16Array)) {
+      throw new SafetensorsError(`${this.where}: halfBitsInto('${name}'): 'into' must be a Uint16Array but got ${describeValue(into)}`);
+    }
+    if (!Number.isInteger(from) || from < 0 || from + into.length > count) {
+      throw new SafetensorsError(`${this.where}: halfBitsInto('${name}'): 'from' and 'into' must stay within the tensor's ` +
+          `${count} elements but got from ${describeValue(from)} and ${into.length} elements`);
+    }
+    const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength);
+    const begin = e.begin + 2 * from;
+    const read = await this.readData(begin, begin + bytes.byteLength, bytes);
+    if (read !== bytes) bytes.set(read);
+    if (!HOST_LITTLE_ENDIAN) {
+      const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      for (let i = 0; i < into.length; i++) into[i] = view.getUint16(2 * i, true);
+    }
   }
 
   /**
@@ -149,6 +178,15 @@ export class SafetensorsFile {
       throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; uint8Values reads U8 and I8 tensors only`);
     }
     return this.readData(e.begin, e.end);
+  }
+
+  /** The entry of a BF16 or F16 tensor (`method` names the reader in the error). */
+  private halfEntry(name: string, method: string): Entry {
+    const e = this.entry(name);
+    if (e.dtype !== 'BF16' && e.dtype !== 'F16') {
+      throw new SafetensorsError(`${this.where}: tensor '${name}' has dtype ${e.dtype}; ${method} reads BF16 and F16 tensors only`);
+    }
+    return e;
   }
 
   private entry(name: string): Entry {

@@ -10,6 +10,7 @@ import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { deviceTensor, hostValueBytes, onDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
+import type { TensorSource } from '../../../src/io/hf_block.js';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
 import { encodeFloat16, readSafetensorsFile, type SafetensorsFile } from '../../../src/io/safetensors.js';
 import { sparseMoELayers, type MoECausalLM } from '../../../src/layers/moe_causal_lm.js';
@@ -104,15 +105,21 @@ describe('webgpu: loading a checkpoint straight to the device', function () {
     const path = join(dir, 'big.safetensors');
     await writeFile(path, encodeHalfSafetensors('f16', { big: { bits: encodeFloat16(values), shape: [n] } }));
     const file = await readSafetensorsFile(path);
-    const before = tf.memory().numTensors;
-    const t = await readToDevice(file, 'big');
-    expect(hostValueBytes(t)).to.equal(0);
-    const got = await t.data();
-    t.dispose();
-    expect(tf.memory().numTensors).to.equal(before);
-    let mismatches = 0;
-    for (let i = 0; i < n; i++) if (got[i] !== values[i]) mismatches++;  // every value is exact in f16
-    expect(mismatches).to.equal(0);
+    // the file reads a piece at a time into one array (halfBitsInto); a source without it, whole
+    const wholeOnly: TensorSource = {
+      has: name => file.has(name), info: name => file.info(name), tensor: name => file.tensor(name), halfBits: name => file.halfBits(name),
+    };
+    for (const [what, source] of [['pieces read', file], ['whole read', wholeOnly]] as const) {
+      const before = tf.memory().numTensors;
+      const t = await readToDevice(source, 'big');
+      expect(hostValueBytes(t)).to.equal(0);
+      const got = await t.data();
+      t.dispose();
+      expect(tf.memory().numTensors).to.equal(before);
+      let mismatches = 0;
+      for (let i = 0; i < n; i++) if (got[i] !== values[i]) mismatches++;  // every value is exact in f16
+      expect(mismatches, what).to.equal(0);
+    }
   });
 
   it('bf16 olmoe as float32: every weight on the device and equal to the file, the stacks fused expert by expert', async () => {
