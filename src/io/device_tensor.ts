@@ -2,10 +2,10 @@
  * Loaded weights go straight to the device. On webgpu, tf.tensor(values) only records the host
  * array: tfjs-backend-webgpu uploads it at the tensor's first use (uploadToGPU) and keeps it until
  * then, so a model loaded with tf.tensor holds every weight on the host until its first forward
- * pass. Here a weight's device buffer is allocated empty and filled with queue.writeBuffer, a
- * piece at a time (a fused expert stack one expert at a time), so the host holds one piece, never
- * the stack or the model. On cpu and wasm the tensor's memory is the host's: one array, filled in
- * place.
+ * pass. Here a weight's device buffer is allocated empty and filled a piece at a time (a fused
+ * expert stack one expert at a time) through a few upload buffers reused from piece to piece, so
+ * the host holds one piece and the upload buffers, never the stack or the model. On cpu and wasm
+ * the tensor's memory is the host's: one array, filled in place.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { decodeBFloat16Into, decodeFloat16Into } from '../util/half.js';
@@ -21,8 +21,14 @@ interface WebGPUBackendLike {
   disposeData(dataId: object, force?: boolean): boolean;
 }
 
-/** Bytes queued with writeBuffer before the queue is waited on: bounds Dawn's staging memory. */
-const MAX_QUEUED_BYTES = 64 * 2 ** 20;
+/** The bytes of each upload buffer: a longer write is copied a buffer's worth at a time. */
+const UPLOAD_BUFFER_BYTES = 16 * 2 ** 20;
+/** Upload buffers per device: copies from the others are under way while one is filled. */
+const UPLOAD_BUFFERS = 4;
+// GPUBufferUsage's and GPUMapMode's bits (the spec's values)
+const MAP_WRITE = 0x0002;
+const COPY_SRC = 0x0004;
+const MAP_MODE_WRITE = 0x0002;
 
 /** The webgpu backend when it is the active one and has what this file uses, else null. */
 function activeWebGPU(): WebGPUBackendLike | null {
@@ -30,22 +36,77 @@ function activeWebGPU(): WebGPUBackendLike | null {
   const b = tf.backend() as unknown as Partial<WebGPUBackendLike>;
   const usable = typeof b.makeTensorInfo === 'function' && typeof b.uploadToGPU === 'function' &&
       typeof b.disposeData === 'function' && typeof b.tensorMap?.get === 'function' &&
-      typeof b.device?.queue?.writeBuffer === 'function';
+      typeof b.device?.createBuffer === 'function';
   return usable ? b as WebGPUBackendLike : null;
 }
 
-let queuedBytes = 0;
+/**
+ * Mapped upload buffers (MAP_WRITE | COPY_SRC) that loaded weights are copied through, the same
+ * few for every write: a write fills one (its mapped range is the buffer's memory, no copy
+ * between), submits a copy from it into the tensor's buffer and maps it again, which resolves
+ * once the copy is done. queue.writeBuffer would stage every write of over 4 MiB (Dawn's ring
+ * size) in a host-visible buffer made for it and freed after it: an OLMoE-1B-7B load, 8 MiB an
+ * expert, made and freed about 1700 of them. At most UPLOAD_BUFFERS are in flight, which bounds
+ * the host memory a load stages in.
+ */
+class UploadBuffers {
+  private readonly free: GPUBuffer[] = [];
+  private readonly waiting: Array<(buffer: GPUBuffer) => void> = [];
+  private made = 0;
 
-/** Waits for the queue when more than MAX_QUEUED_BYTES were written since the last wait (or always with `force`). */
-async function drainQueue(backend: WebGPUBackendLike, force: boolean): Promise<void> {
-  if (queuedBytes === 0 || (!force && queuedBytes < MAX_QUEUED_BYTES)) return;
-  queuedBytes = 0;
-  await backend.device.queue.onSubmittedWorkDone();
+  constructor(private readonly device: GPUDevice) {}
+
+  /** Copies `bytes` (a multiple of 4 long) into `target` from byte `targetOffset` (a multiple of 4) on. */
+  async copy(bytes: Uint8Array, target: GPUBuffer, targetOffset: number): Promise<void> {
+    for (let at = 0; at < bytes.byteLength; at += UPLOAD_BUFFER_BYTES) {
+      const count = Math.min(UPLOAD_BUFFER_BYTES, bytes.byteLength - at);
+      const upload = await this.take();
+      new Uint8Array(upload.getMappedRange(0, count)).set(bytes.subarray(at, at + count));
+      upload.unmap();
+      const encoder = this.device.createCommandEncoder();
+      encoder.copyBufferToBuffer(upload, 0, target, targetOffset + at, count);
+      this.device.queue.submit([encoder.finish()]);
+      upload.mapAsync(MAP_MODE_WRITE).then(() => this.give(upload), () => {
+        // the device is lost or destroyed: a buffer that never comes back is made again for whoever waits
+        upload.destroy();
+        this.made--;
+        const next = this.waiting.shift();
+        if (next !== undefined) void this.take().then(next);
+      });
+    }
+  }
+
+  /** A mapped buffer: a free one, a new one while fewer than UPLOAD_BUFFERS exist, else the next to come back. */
+  private take(): Promise<GPUBuffer> {
+    const free = this.free.pop();
+    if (free !== undefined) return Promise.resolve(free);
+    if (this.made < UPLOAD_BUFFERS) {
+      this.made++;
+      return Promise.resolve(this.device.createBuffer({ size: UPLOAD_BUFFER_BYTES, usage: MAP_WRITE | COPY_SRC, mappedAtCreation: true }));
+    }
+    return new Promise(resolve => this.waiting.push(resolve));
+  }
+
+  private give(upload: GPUBuffer): void {
+    const next = this.waiting.shift();
+    if (next !== undefined) next(upload);
+    else this.free.push(upload);
+  }
+
+}
+
+const uploadBuffers = new WeakMap<GPUDevice, UploadBuffers>();
+
+/** The device's upload buffers (made at its first load, kept for the next). */
+function uploadBuffersOf(device: GPUDevice): UploadBuffers {
+  let buffers = uploadBuffers.get(device);
+  if (buffers === undefined) uploadBuffers.set(device, buffers = new UploadBuffers(device));
+  return buffers;
 }
 
 /**
  * A float32 or int32 tensor of `shape` filled piece by piece: `write` copies a piece into its
- * place (on webgpu straight into the tensor's device buffer), `finish` gives the tensor. Every
+ * place (on webgpu into the tensor's device buffer, through UploadBuffers), `finish` gives the tensor. Every
  * element must be written once before `finish` (a reused device buffer is not zeroed).
  *
  * ```js
@@ -80,16 +141,13 @@ export class TensorBuilder {
       this.host.set(values, offset);
       return;
     }
-    const backend = this.backend!;
-    backend.device.queue.writeBuffer(this.buffer!, offset * 4, values.buffer, values.byteOffset, values.byteLength);
-    queuedBytes += values.byteLength;
-    await drainQueue(backend, false);
+    await uploadBuffersOf(this.backend!.device).copy(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), this.buffer!, offset * 4);
   }
 
   /** The tensor (the caller owns it); the builder is spent. */
   async finish(): Promise<tf.Tensor> {
     if (this.host !== null) return tf.tensor(this.host, this.shape, this.dtype);
-    await drainQueue(this.backend!, true);
+    // the copies are on the queue before anything that will read the tensor
     const info = this.info!;
     this.info = null;
     return tf.engine().makeTensorFromTensorInfo(info, this.backend as unknown as tf.KernelBackend);

@@ -97,6 +97,29 @@ describe('webgpu: loading a checkpoint straight to the device', function () {
     expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(before);
   });
 
+  it('a TensorBuilder copies writes longer than an upload buffer (16 MiB) and more writes than there are upload buffers', async () => {
+    // 3·2^22 + 5 int32 (48 MiB + 20 bytes): a 40 MiB write (three copies, the last short) at element 5,
+    // then 5 elements at 0, then the rest in 1000 small writes, each waiting only for a free upload buffer
+    const n = 3 * 2 ** 22 + 5;
+    const expected = Int32Array.from({ length: n }, (_, i) => (i * 2654435761) | 0);
+    const before = tf.memory().numTensors;
+    const stack = new TensorBuilder([n], 'int32');
+    const big = 10 * 2 ** 20;
+    await stack.write(expected.slice(5, 5 + big), 5);
+    await stack.write(expected.slice(0, 5), 0);
+    const rest = n - 5 - big;
+    const step = Math.ceil(rest / 1000);
+    for (let at = 5 + big; at < n; at += step) await stack.write(expected.slice(at, Math.min(n, at + step)), at);
+    const t = await stack.finish();
+    expect(hostValueBytes(t)).to.equal(0);
+    const got = await t.data() as Int32Array;
+    t.dispose();
+    expect(tf.memory().numTensors).to.equal(before);
+    let mismatches = 0;
+    for (let i = 0; i < n; i++) if (got[i] !== expected[i]) mismatches++;
+    expect(mismatches).to.equal(0);
+  });
+
   it('readToDevice decodes a 16-bit tensor into its device buffer in pieces: every piece where it belongs', async () => {
     // 2^22 + 3 elements: a whole 4 Mi-element piece and a short one; f16 here (bf16 is the loads below)
     const n = 2 ** 22 + 3;
