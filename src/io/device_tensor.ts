@@ -56,24 +56,41 @@ class UploadBuffers {
 
   constructor(private readonly device: GPUDevice) {}
 
-  /** Copies `bytes` (a multiple of 4 long) into `target` from byte `targetOffset` (a multiple of 4) on. */
-  async copy(bytes: Uint8Array, target: GPUBuffer, targetOffset: number): Promise<void> {
-    for (let at = 0; at < bytes.byteLength; at += UPLOAD_BUFFER_BYTES) {
-      const count = Math.min(UPLOAD_BUFFER_BYTES, bytes.byteLength - at);
+  /**
+   * Fills `byteLength` bytes of `target` from byte `targetOffset` on (both multiples of 4): for
+   * each upload buffer's worth, `fill(into, at)` writes bytes [at, at + into.byteLength) into
+   * `into`, the upload buffer's mapped memory, and a copy into `target` is submitted. A fill that
+   * throws submits nothing, and its upload buffer goes back as it is.
+   */
+  async fill(target: GPUBuffer, targetOffset: number, byteLength: number,
+      fill: (into: Uint8Array, at: number) => void | Promise<void>): Promise<void> {
+    for (let at = 0; at < byteLength; at += UPLOAD_BUFFER_BYTES) {
+      const count = Math.min(UPLOAD_BUFFER_BYTES, byteLength - at);
       const upload = await this.take();
-      new Uint8Array(upload.getMappedRange(0, count)).set(bytes.subarray(at, at + count));
+      try {
+        await fill(new Uint8Array(upload.getMappedRange(0, count)), at);
+      } catch (e) {
+        upload.unmap();   // the range given out is detached; mapped again below, as after a copy
+        this.mapAgain(upload);
+        throw e;
+      }
       upload.unmap();
       const encoder = this.device.createCommandEncoder();
       encoder.copyBufferToBuffer(upload, 0, target, targetOffset + at, count);
       this.device.queue.submit([encoder.finish()]);
-      upload.mapAsync(MAP_MODE_WRITE).then(() => this.give(upload), () => {
-        // the device is lost or destroyed: a buffer that never comes back is made again for whoever waits
-        upload.destroy();
-        this.made--;
-        const next = this.waiting.shift();
-        if (next !== undefined) void this.take().then(next);
-      });
+      this.mapAgain(upload);
     }
+  }
+
+  /** Maps `upload` again; it is free once its copies are done. */
+  private mapAgain(upload: GPUBuffer): void {
+    upload.mapAsync(MAP_MODE_WRITE).then(() => this.give(upload), () => {
+      // the device is lost or destroyed: a buffer that never comes back is made again for whoever waits
+      upload.destroy();
+      this.made--;
+      const next = this.waiting.shift();
+      if (next !== undefined) void this.take().then(next);
+    });
   }
 
   /** A mapped buffer: a free one, a new one while fewer than UPLOAD_BUFFERS exist, else the next to come back. */
@@ -92,7 +109,6 @@ class UploadBuffers {
     if (next !== undefined) next(upload);
     else this.free.push(upload);
   }
-
 }
 
 const uploadBuffers = new WeakMap<GPUDevice, UploadBuffers>();
@@ -137,11 +153,30 @@ export class TensorBuilder {
 
   /** Copies `values` to elements [offset, offset + values.length); `values` may be reused afterwards. */
   async write(values: Float32Array | Int32Array, offset: number): Promise<void> {
+    const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+    await this.fill(offset, values.length, (into, at) => {
+      new Uint8Array(into.buffer, into.byteOffset, into.byteLength).set(bytes.subarray(4 * at, 4 * (at + into.length)));
+    });
+  }
+
+  /**
+   * Elements [offset, offset + count) filled by `fill(into, at)`, which writes elements
+   * [offset + at, offset + at + into.length) into `into` (every one of them: nothing is zeroed)
+   * before it resolves. `into` is where the elements go next: on webgpu an upload buffer's mapped
+   * memory (a call per 16 MiB), elsewhere the tensor's own memory (one call). So a file is read
+   * straight into what the GPU copies from, with no array between. Calls for other ranges may
+   * run at once (each fills its own upload buffer).
+   */
+  async fill(offset: number, count: number, fill: (into: Float32Array | Int32Array, at: number) => void | Promise<void>): Promise<void> {
     if (this.host !== null) {
-      this.host.set(values, offset);
+      if (count > 0) await fill(this.host.subarray(offset, offset + count), 0);
       return;
     }
-    await uploadBuffersOf(this.backend!.device).copy(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), this.buffer!, offset * 4);
+    const int32 = this.dtype === 'int32';
+    await uploadBuffersOf(this.backend!.device).fill(this.buffer!, offset * 4, count * 4, (into, at) => {
+      const [buffer, from, length] = [into.buffer as ArrayBuffer, into.byteOffset, into.byteLength / 4];
+      return fill(int32 ? new Int32Array(buffer, from, length) : new Float32Array(buffer, from, length), at / 4);
+    });
   }
 
   /** The tensor (the caller owns it); the builder is spent. */
@@ -209,7 +244,7 @@ export function hostValueBytes(t: tf.Tensor): number | null {
   return values == null ? 0 : values.byteLength ?? values.length * 4;
 }
 
-/** Elements decoded per piece when a 16-bit tensor is written to the device: 16 MiB of float32. */
+/** Elements decoded per piece when a 16-bit tensor is read into a wasm variable: 16 MiB of float32. */
 const DECODE_CHUNK_ELEMENTS = 1 << 22;
 
 /**
@@ -231,34 +266,29 @@ export async function readHalvesInto(source: TensorSource, name: string, into: U
 }
 
 /**
- * `use(halves, at)` for each piece of DECODE_CHUNK_ELEMENTS elements of the 16-bit tensor `name`
- * (`size` elements) in order, the last one shorter. Where the source reads into a caller's array
- * (halfBitsInto) each piece is read into one reused array, so the host never holds the tensor as
- * stored; else the pieces are cut from halfBits. `halves` is reused once `use` has resolved.
+ * Reads the 16-bit tensor `name` a piece at a time: `read(at, count)` gives elements [at, at + count)
+ * in a view that the next call reuses. Where the source reads into a caller's array (halfBitsInto)
+ * each piece is read into one array, so the host never holds the tensor as stored; else the
+ * pieces are cut from halfBits' array, read once.
  */
-async function forEachHalfPiece(source: TensorSource, name: string, size: number,
-    use: (halves: Uint16Array, at: number) => void | Promise<void>): Promise<void> {
-  const whole = typeof source.halfBitsInto === 'function' ? null : await source.halfBits!(name);
-  const piece = whole === null ? new Uint16Array(Math.min(DECODE_CHUNK_ELEMENTS, size)) : null;
-  for (let at = 0; at < size; at += DECODE_CHUNK_ELEMENTS) {
-    const count = Math.min(DECODE_CHUNK_ELEMENTS, size - at);
-    let halves: Uint16Array;
-    if (whole !== null) {
-      halves = whole.subarray(at, at + count);
-    } else {
-      halves = count === piece!.length ? piece! : piece!.subarray(0, count);
-      await source.halfBitsInto!(name, halves, at);
-    }
-    await use(halves, at);
-  }
+function halfPieces(source: TensorSource, name: string): (at: number, count: number) => Promise<Uint16Array> {
+  let whole: Promise<Uint16Array> | null = null;
+  let piece = new Uint16Array(0);
+  return async (at, count) => {
+    if (typeof source.halfBitsInto !== 'function') return (await (whole ??= source.halfBits!(name))).subarray(at, at + count);
+    if (piece.length < count) piece = new Uint16Array(count);
+    const view = piece.subarray(0, count);
+    await source.halfBitsInto(name, view, at);
+    return view;
+  };
 }
 
 /**
  * The checkpoint tensor `name` as a float32 (or int32) tensor on the device. On webgpu a BF16 or
- * F16 tensor is read a piece of its stored halves at a time and decoded into its device buffer,
- * so the host holds a piece as stored and as float32, not the tensor (from a source without
- * halfBitsInto: the tensor as stored and a piece); anything else is `source.tensor(name)` moved
- * with onDevice.
+ * F16 tensor is read a piece at a time (halfPieces) and decoded straight into the upload buffer
+ * its device buffer is filled from, so the host holds a piece as stored, not the tensor (from a
+ * source without halfBitsInto: the tensor as stored); anything else is `source.tensor(name)`
+ * moved with onDevice.
  *
  * ```js
  * const embed = await readToDevice(file, 'model.embed_tokens.weight');
@@ -269,16 +299,11 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
     return onDevice(await source.tensor(name));
   }
-  const size = tf.util.sizeFromShape(shape);
+  const read = halfPieces(source, name);
   const builder = new TensorBuilder(shape, 'float32');
-  // one piece decoded into again and again (writeBuffer copies it at once): a new array per piece
-  // would leave the tensor's float32 size as garbage until V8 collects it
-  const piece = new Float32Array(Math.min(DECODE_CHUNK_ELEMENTS, size));
   try {
-    await forEachHalfPiece(source, name, size, async (halves, at) => {
-      decodeHalvesInto(dtype, halves, piece, 0);
-      await builder.write(halves.length === piece.length ? piece : piece.subarray(0, halves.length), at);
-    });
+    await builder.fill(0, tf.util.sizeFromShape(shape), async (into, at) =>
+      decodeHalvesInto(dtype, await read(at, into.length), into as Float32Array, 0));
     return await builder.finish();
   } catch (e) {
     builder.dispose();
@@ -363,9 +388,11 @@ export async function readIntoVariable(source: TensorSource, name: string, varia
     return;
   }
   const size = tf.util.sizeFromShape(shape);
-  await forEachHalfPiece(source, name, size, (halves, at) => {
+  const read = halfPieces(source, name);
+  for (let at = 0; at < size; at += DECODE_CHUNK_ELEMENTS) {
+    const halves = await read(at, Math.min(DECODE_CHUNK_ELEMENTS, size - at));
     // a fresh view each piece: other work may run while a piece is read, and a view must never outlive a heap growth
     const heap = new Float32Array(b!.wasm.HEAPU8.buffer, to, size);
     decodeHalvesInto(dtype, halves, heap, at);
-  });
+  }
 }

@@ -283,41 +283,62 @@ function readingOneAhead<T>(count: number, read: (i: number) => Promise<T>): () 
   };
 }
 
+/** Experts whose reads run at once while a packed stack is filled (each fills its own upload buffer). */
+const EXPERTS_IN_FLIGHT = 4;
+
 /**
- * 16-bit experts kept packed, [E, rows, cols]: `readInto(e, halves)` reads expert e's halves as
- * stored straight into one expert's packed words, which are then written into the stack (no
- * float32 copy of anything, no array per tensor). Two experts' words take turns, so expert e + 1
- * is read while expert e is written: the host holds two experts' words.
+ * 16-bit experts kept packed, [E, rows, cols]: `readInto(e, halves, from)` reads expert e's halves
+ * [from, from + halves.length) as stored straight into `halves`, which is where the stack's words
+ * go next (TensorBuilder.fill: on webgpu an upload buffer's memory, elsewhere the stack's own), so
+ * nothing is copied on the host and no array is made per tensor. EXPERTS_IN_FLIGHT experts are
+ * read at once; a failed read waits for the others before the stack is freed.
  */
 async function stackPackedExperts(
     kind: HalfKind, [numExperts, rows, cols]: number[],
-    readInto: (e: number, halves: Uint16Array) => Promise<unknown>): Promise<PackedExpertWeight> {
+    readInto: (e: number, halves: Uint16Array, from: number) => Promise<unknown>): Promise<PackedExpertWeight> {
   const words = packedWordsPerExpert(rows, cols);
-  // zero once: the reads never touch the padding half of an odd-sized expert's last word
-  const experts = [new Int32Array(words), new Int32Array(words)];
+  const halvesPerExpert = rows * cols;
   const stack = new TensorBuilder([numExperts, words], 'int32');
-  // expert e's words are written (copied) before expert e + 2 is read into them
-  const nextExpert = readingOneAhead(numExperts, async e => {
-    const expert = experts[e % 2];
-    await readInto(e, new Uint16Array(expert.buffer, 0, rows * cols));
-    return expert;
+  const fillExpert = (e: number) => stack.fill(e * words, words, async (into, at) => {
+    const halves = new Uint16Array(into.buffer, into.byteOffset, 2 * into.length);
+    // the expert's own halves, then (an odd-sized expert's last word) a padding half, zeroed
+    const own = Math.max(0, Math.min(halves.length, halvesPerExpert - 2 * at));
+    halves.fill(0, own);
+    if (own > 0) await readInto(e, halves.subarray(0, own), 2 * at);
   });
+  const inFlight = new Set<Promise<void>>();
   try {
-    for (let e = 0; e < numExperts; e++) await stack.write(await nextExpert(), e * words);
+    for (let e = 0; e < numExperts; e++) {
+      const filling = fillExpert(e);
+      inFlight.add(filling);
+      filling.then(() => inFlight.delete(filling), () => {});
+      if (inFlight.size >= EXPERTS_IN_FLIGHT) await Promise.race(inFlight);
+    }
+    await Promise.all(inFlight);
     return new PackedExpertWeight(kind, [numExperts, rows, cols], await stack.finish());
   } catch (err) {
+    await Promise.allSettled(inFlight);
     stack.dispose();
     throw err;
   }
 }
 
-/** fuseRows for 16-bit experts kept packed: expert e's parts read one after the other into its rows. */
+/** fuseRows for 16-bit experts kept packed: expert e's halves are its parts' one after the other. */
 function fuseRowsPacked(
     file: TensorSource, kind: HalfKind, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<PackedExpertWeight> {
   const block = rows * cols;
-  return stackPackedExperts(kind, [numExperts, parts.length * rows, cols], (e, halves) =>
-    Promise.all(parts.map((part, p) => readHalvesInto(file, part[e].name, halves.subarray(p * block, (p + 1) * block)))));
+  return stackPackedExperts(kind, [numExperts, parts.length * rows, cols], async (e, halves, from) => {
+    const reads: Array<Promise<void>> = [];
+    for (const [p, part] of parts.entries()) {
+      const [begin, end] = [Math.max(from, p * block), Math.min(from + halves.length, (p + 1) * block)];
+      if (begin < end) reads.push(readHalvesInto(file, part[e].name, halves.subarray(begin - from, end - from), begin - p * block));
+    }
+    // every read settled before any error is thrown: `halves` is an upload buffer's memory, unmapped after a failure
+    const settled = await Promise.allSettled(reads);
+    const failed = settled.find(r => r.status === 'rejected');
+    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+  });
 }
 
 /**
@@ -502,14 +523,14 @@ async function readQuantizedTransposed(
 }
 
 /**
- * A fused 16-bit expert tensor kept packed: expert x's elements read from their place in the
- * tensor, or, from a source that reads whole tensors only (no halfBitsInto), cut from one read.
+ * A fused 16-bit expert tensor kept packed: expert x's halves read from their place in the tensor,
+ * or, from a source that reads whole tensors only (no halfBitsInto), cut from one read.
  */
 function readPackedHalves(file: TensorSource, kind: HalfKind, e: Expected): Promise<PackedExpertWeight> {
   const [experts, rows, cols] = e.shape;
   const block = rows * cols;
   if (typeof file.halfBitsInto === 'function') {
-    return stackPackedExperts(kind, e.shape, (x, halves) => file.halfBitsInto!(e.name, halves, x * block));
+    return stackPackedExperts(kind, e.shape, (x, halves, from) => file.halfBitsInto!(e.name, halves, x * block + from));
   }
   const whole = file.halfBits!(e.name).then(halves => {
     // a source's own array of another length: packedExpertWeightFromBits' error names it
@@ -517,7 +538,8 @@ function readPackedHalves(file: TensorSource, kind: HalfKind, e: Expected): Prom
     return halves;
   });
   whole.catch(() => {});  // thrown where an expert takes it
-  return stackPackedExperts(kind, e.shape, async (x, halves) => halves.set((await whole).subarray(x * block, (x + 1) * block)));
+  return stackPackedExperts(kind, e.shape, async (x, halves, from) =>
+    halves.set((await whole).subarray(x * block + from, x * block + from + halves.length)));
 }
 
 const sameShape = (a: readonly number[], b: readonly number[]) =>

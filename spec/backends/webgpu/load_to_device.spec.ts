@@ -10,12 +10,16 @@ import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { deviceTensor, hostValueBytes, onDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
-import type { TensorSource } from '../../../src/io/hf_block.js';
+import { loadMoEBlockWeights, type TensorSource } from '../../../src/io/hf_block.js';
+import { CheckpointSource } from '../../../src/io/hf_checkpoint_core.js';
+import type { HFConfig } from '../../../src/models/families.js';
+import { disposeMoEBlockWeights } from '../../../src/models/weight_fields.js';
+import { rejection } from '../../helpers/rejection.js';
 import { loadHFCheckpoint } from '../../../src/io/hf_checkpoint.js';
 import { encodeFloat16, readSafetensorsFile, type SafetensorsFile } from '../../../src/io/safetensors.js';
 import { sparseMoELayers, type MoECausalLM } from '../../../src/layers/moe_causal_lm.js';
 import { variableFloat32 } from '../../../src/layers/sparse_moe.js';
-import { packExpertWeight } from '../../../src/ops/packed.js';
+import { isPackedExpertWeight, packExpertWeight } from '../../../src/ops/packed.js';
 import { encodeHalfSafetensors, writeHalfFixture } from '../../helpers/half_checkpoint.js';
 import { writeFile } from 'node:fs/promises';
 import { cleanup, fixtureDir, tempDir, writeCheckpoint } from '../../io/checkpoint_helpers.js';
@@ -212,6 +216,60 @@ describe('webgpu: loading a checkpoint straight to the device', function () {
       }
     }
     expect(tf.memory().numTensors).to.equal(before);
+  });
+
+  it('packed experts over an upload buffer (16 MiB) and odd-sized, read straight into it; a failed read mid-stack frees it', async () => {
+    // H = I = 2049: gate_up is 4198401 words an expert (two upload buffers, the cut inside up_proj), down
+    // 2049² halves (odd: a zero padding half); bf16 bits that say where they are
+    const [E, H, I] = [2, 2049, 2049];
+    const config = { model_type: 'olmoe', hidden_size: H, intermediate_size: I, num_experts: E, num_experts_per_tok: 1, num_hidden_layers: 1 } as unknown as HFConfig;
+    const at = (e: number, w: string) => `model.layers.0.mlp.experts.${e}.${w}.weight`;
+    const bitsOf = (seed: number, n: number) => Uint16Array.from({ length: n }, (_, i) => 0x3c00 + ((i * 31 + seed * 977) % 0x300));
+    const tensors: Record<string, { bits: Uint16Array; shape: number[] }> = { 'model.layers.0.mlp.gate.weight': { bits: bitsOf(0, E * H), shape: [E, H] } };
+    for (let e = 0; e < E; e++) {
+      tensors[at(e, 'gate_proj')] = { bits: bitsOf(3 * e + 1, I * H), shape: [I, H] };
+      tensors[at(e, 'up_proj')] = { bits: bitsOf(3 * e + 2, I * H), shape: [I, H] };
+      tensors[at(e, 'down_proj')] = { bits: bitsOf(3 * e + 3, H * I), shape: [H, I] };
+    }
+    const path = join(await tempDir(), 'model.safetensors');
+    await writeFile(path, encodeHalfSafetensors('bf16', tensors));
+    const file = CheckpointSource.single(await readSafetensorsFile(path));
+    const wordsOf = (...parts: Uint16Array[]) => {
+      const halves = new Uint16Array(2 * Math.ceil(parts.reduce((n, p) => n + p.length, 0) / 2));
+      let offset = 0;
+      for (const p of parts) { halves.set(p, offset); offset += p.length; }
+      return new Int32Array(halves.buffer);
+    };
+    const before = tf.memory().numTensors;
+    const weights = await loadMoEBlockWeights(file, config, 0);
+    for (const [key, parts] of [['gateUp', ['gate_proj', 'up_proj']], ['down', ['down_proj']]] as const) {
+      const packed = weights.experts[key];
+      if (!isPackedExpertWeight(packed)) throw new Error(`${key}: not packed`);
+      const got = await packed.packed.data() as Int32Array;
+      for (let e = 0; e < E; e++) {
+        const expected = wordsOf(...parts.map(w => tensors[at(e, w)].bits));
+        const words = got.subarray(e * expected.length, (e + 1) * expected.length);
+        let mismatches = 0;
+        for (let i = 0; i < expected.length; i++) if (words[i] !== expected[i]) mismatches++;
+        expect(mismatches, `${key} expert ${e}`).to.equal(0);
+      }
+    }
+    disposeMoEBlockWeights(weights);
+    expect(tf.memory().numTensors).to.equal(before);
+
+    // expert 1's up_proj fails while its gate_proj read, into the same upload buffer, is still under way
+    const failing: TensorSource = {
+      has: n => file.has(n), info: n => file.info(n), tensor: n => file.tensor(n), halfBits: n => file.halfBits(n),
+      halfBitsInto: async (n, into, from) => {
+        if (n === at(1, 'up_proj')) throw new Error('the disk went away');
+        await new Promise(resolve => setTimeout(resolve, 20));
+        return file.halfBitsInto(n, into, from);
+      },
+    };
+    const gpuBytes = () => (tf.memory() as unknown as { numBytesInGPU: number }).numBytesInGPU;
+    const start = { tensors: tf.memory().numTensors, gpu: gpuBytes() };
+    expect((await rejection(loadMoEBlockWeights(failing, config, 0))).message).to.equal('the disk went away');
+    expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(start);
   });
 
   it('a load that fails in the middle of a stack leaves no tensor and no device buffer behind', async () => {
