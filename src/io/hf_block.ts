@@ -336,8 +336,8 @@ function fuseRowsPacked(
     }
     // every read settled before any error is thrown: `halves` is an upload buffer's memory, unmapped after a failure
     const settled = await Promise.allSettled(reads);
-    const failed = settled.find(r => r.status === 'rejected');
-    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
   });
 }
 
