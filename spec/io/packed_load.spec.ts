@@ -142,7 +142,7 @@ describe('16-bit checkpoints with packed experts', function () {
         (e: Error) => expect(e.message).to.match(/`loadMoEBlockWeights\(\)`: 'options.expertDtype' must be one of 'stored', 'float32', 'int8', 'int4', 'nf4', 'nf4-dq', 'mxfp4' but got 'f64'/));
   });
 
-  it('a source that reads whole tensors only (no halfBitsInto) gives the same packed words, per-expert (olmoe) and fused (gpt-oss)', async () => {
+  it('a source that reads whole tensors only (no halfBitsInto) gives the same packed words and float32 stacks, per-expert (olmoe) and fused (gpt-oss)', async () => {
     for (const dir of [dir16.bf16, dir16.gptOss]) {
       const config = JSON.parse(await import('node:fs/promises').then(fs => fs.readFile(join(dir, 'config.json'), 'utf8'))) as HFConfig;
       const file = CheckpointSource.single(await readSafetensorsFile(join(dir, 'model.safetensors')));
@@ -151,13 +151,16 @@ describe('16-bit checkpoints with packed experts', function () {
       };
       const before = tf.memory().numTensors;
       for (const layer of [0, 1]) {
-        const [into, whole] = [await loadMoEBlockWeights(file, config, layer), await loadMoEBlockWeights(wholeOnly, config, layer)];
-        for (const key of ['gateUp', 'down'] as const) {
-          const [a, b] = [into.experts[key], whole.experts[key]];
-          if (!isPackedExpertWeight(a) || !isPackedExpertWeight(b)) throw new Error(`${dir} layer ${layer} ${key}: not packed`);
-          expect(Array.from(b.packed.dataSync()), `${dir} layer ${layer} ${key}`).to.deep.equal(Array.from(a.packed.dataSync()));
+        for (const expertDtype of ['stored', 'float32'] as const) {
+          const [into, whole] = [await loadMoEBlockWeights(file, config, layer, { expertDtype }), await loadMoEBlockWeights(wholeOnly, config, layer, { expertDtype })];
+          for (const key of ['gateUp', 'down'] as const) {
+            const [a, b] = [into.experts[key], whole.experts[key]];
+            const valuesOf = (w: typeof a) => Array.from(isPackedExpertWeight(w) ? w.packed.dataSync() : (w as tf.Tensor).dataSync());
+            expect(isPackedExpertWeight(a), `${expertDtype} ${key}`).to.equal(expertDtype === 'stored');
+            expect(valuesOf(b), `${dir} layer ${layer} ${expertDtype} ${key}`).to.deep.equal(valuesOf(a));
+          }
+          [into, whole].forEach(disposeMoEBlockWeights);
         }
-        [into, whole].forEach(disposeMoEBlockWeights);
       }
       expect(tf.memory().numTensors).to.equal(before);
     }

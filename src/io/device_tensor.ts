@@ -265,30 +265,46 @@ export async function readHalvesInto(source: TensorSource, name: string, into: U
   into.set((await source.halfBits!(name)).subarray(from, from + into.length));
 }
 
+/** The array halfPieces reads pieces into, kept by a caller that reads tensor after tensor (grown as needed). */
+export interface HalfScratch { halves: Uint16Array }
+
 /**
  * Reads the 16-bit tensor `name` a piece at a time: `read(at, count)` gives elements [at, at + count)
  * in a view that the next call reuses. Where the source reads into a caller's array (halfBitsInto)
- * each piece is read into one array, so the host never holds the tensor as stored; else the
- * pieces are cut from halfBits' array, read once.
+ * each piece is read into `scratch`, so the host never holds the tensor as stored; else the pieces
+ * are cut from halfBits' array, read once.
  */
-function halfPieces(source: TensorSource, name: string): (at: number, count: number) => Promise<Uint16Array> {
+function halfPieces(source: TensorSource, name: string, scratch: HalfScratch = { halves: new Uint16Array(0) }):
+    (at: number, count: number) => Promise<Uint16Array> {
   let whole: Promise<Uint16Array> | null = null;
-  let piece = new Uint16Array(0);
   return async (at, count) => {
     if (typeof source.halfBitsInto !== 'function') return (await (whole ??= source.halfBits!(name))).subarray(at, at + count);
-    if (piece.length < count) piece = new Uint16Array(count);
-    const view = piece.subarray(0, count);
+    if (scratch.halves.length < count) scratch.halves = new Uint16Array(count);
+    const view = scratch.halves.subarray(0, count);
     await source.halfBitsInto(name, view, at);
     return view;
   };
 }
 
 /**
+ * Elements [offset, offset + size of `name`) of `builder` (float32) filled with the 16-bit
+ * checkpoint tensor `name` (BF16 or F16) decoded: read a piece at a time (halfPieces, into
+ * `scratch`) and decoded straight into where the builder's elements go (on webgpu an upload
+ * buffer's memory), so no array of the tensor is made as float32.
+ */
+export async function fillDecodedHalves(builder: TensorBuilder, offset: number, source: TensorSource, name: string,
+    scratch?: HalfScratch): Promise<void> {
+  const { dtype, shape } = source.info(name);
+  const read = halfPieces(source, name, scratch);
+  await builder.fill(offset, tf.util.sizeFromShape(shape), async (into, at) =>
+    decodeHalvesInto(dtype, await read(at, into.length), into as Float32Array, 0));
+}
+
+/**
  * The checkpoint tensor `name` as a float32 (or int32) tensor on the device. On webgpu a BF16 or
- * F16 tensor is read a piece at a time (halfPieces) and decoded straight into the upload buffer
- * its device buffer is filled from, so the host holds a piece as stored, not the tensor (from a
- * source without halfBitsInto: the tensor as stored); anything else is `source.tensor(name)`
- * moved with onDevice.
+ * F16 tensor is decoded straight into the upload buffer its device buffer is filled from
+ * (fillDecodedHalves), so the host holds a piece as stored, not the tensor (from a source without
+ * halfBitsInto: the tensor as stored); anything else is `source.tensor(name)` moved with onDevice.
  *
  * ```js
  * const embed = await readToDevice(file, 'model.embed_tokens.weight');
@@ -299,11 +315,9 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
     return onDevice(await source.tensor(name));
   }
-  const read = halfPieces(source, name);
   const builder = new TensorBuilder(shape, 'float32');
   try {
-    await builder.fill(0, tf.util.sizeFromShape(shape), async (into, at) =>
-      decodeHalvesInto(dtype, await read(at, into.length), into as Float32Array, 0));
+    await fillDecodedHalves(builder, 0, source, name);
     return await builder.finish();
   } catch (e) {
     builder.dispose();

@@ -10,7 +10,7 @@ import {
 import { NF4_DQ_NESTED_BLOCK_SIZE, QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { decodeHalvesInto, readHalvesInto, readToDevice, TensorBuilder } from './device_tensor.js';
+import { decodeHalvesInto, fillDecodedHalves, readHalvesInto, readToDevice, TensorBuilder, type HalfScratch } from './device_tensor.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
@@ -240,18 +240,27 @@ async function floatValuesOf(op: string, file: TensorSource, name: string): Prom
 /**
  * Stacks per-expert [rows, cols] tensors into [E, parts·rows, cols]: expert e's block is
  * parts[0][e] then parts[1][e] ... . Written into the stack expert tensor by expert tensor
- * (TensorBuilder: on webgpu straight into its device buffer), so loading holds one expert's tensor
- * on the host, never a host copy of the whole stack (on cpu the stack is host memory itself).
+ * (TensorBuilder: on webgpu through its upload buffers), so loading holds at most one expert's
+ * tensor on the host, never a host copy of the whole stack (on cpu the stack is host memory
+ * itself); a 16-bit tensor is decoded straight into its place (fillDecodedHalves), no float32
+ * array made for it.
  */
 async function fuseRows(
     op: string, file: TensorSource, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<tf.Tensor3D> {
   const block = rows * cols;
   const stack = new TensorBuilder([numExperts, parts.length * rows, cols], 'float32');
+  const scratch: HalfScratch = { halves: new Uint16Array(0) };
   try {
     for (let e = 0; e < numExperts; e++) {
       for (const [p, part] of parts.entries()) {
-        await stack.write(await floatValuesOf(op, file, part[e].name), (e * parts.length + p) * block);
+        const { name } = part[e];
+        const offset = (e * parts.length + p) * block;
+        if (typeof file.halfBits === 'function' && ['BF16', 'F16'].includes(file.info(name).dtype)) {
+          await fillDecodedHalves(stack, offset, file, name, scratch);
+        } else {
+          await stack.write(await floatValuesOf(op, file, name), offset);
+        }
       }
     }
     return await stack.finish() as tf.Tensor3D;
