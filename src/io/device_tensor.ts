@@ -44,11 +44,11 @@ function activeWebGPU(): WebGPUBackendLike | null {
  * Mapped upload buffers (MAP_WRITE | COPY_SRC) that loaded weights are copied through, the same
  * few for every write: a write fills one (its mapped range is the buffer's memory, no copy
  * between), submits a copy from it into the tensor's buffer and maps it again, which resolves
- * once the copy is done. queue.writeBuffer would stage every write of at least 4 MiB (Dawn's
- * ring size, less the copy alignment) in a host-visible buffer made for it and freed after it: an
- * OLMoE-1B-7B load (an 8 MiB gate_up and a 4 MiB down per expert, 16 MiB pieces of the dense
- * weights) made and freed about 2100 of them. At most UPLOAD_BUFFERS are in flight, which bounds
- * the host memory a load stages in.
+ * once the copy is done. queue.writeBuffer would stage every write over 4 MiB (Dawn's ring size;
+ * some Dawn versions add the copy alignment to the request, so 4 MiB itself) in a host-visible
+ * buffer made for it and freed after it: an OLMoE-1B-7B load (an 8 MiB gate_up and a 4 MiB down
+ * per expert, 16 MiB pieces of the dense weights) made and freed 1100 to 2100 of them. At most
+ * UPLOAD_BUFFERS are in flight, which bounds the host memory a load stages in.
  */
 class UploadBuffers {
   private readonly free: GPUBuffer[] = [];
