@@ -250,7 +250,7 @@ const DECODE_CHUNK_ELEMENTS = 1 << 22;
 
 /**
  * The 16-bit values `halves` (BF16 or F16 bits, as stored) decoded to float32 into dst[dOff …]: a
- * buffer reused across pieces and tensors (readToDevice, the quantizing loaders).
+ * buffer reused across pieces and tensors (fillDecodedHalves, the quantizing loaders).
  */
 export function decodeHalvesInto(dtype: string, halves: Uint16Array, dst: Float32Array, dOff: number): void {
   if (dtype === 'BF16') decodeBFloat16Into(halves, dst, dOff);
