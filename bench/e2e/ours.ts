@@ -42,7 +42,7 @@ import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
-import { profileTrainingStep, trainingStep } from './step_profile.js';
+import { profileTrainingStep, type StepPhase, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
 
@@ -178,6 +178,12 @@ export interface E2EResult {
    */
   stepGcMs: number[];
   stepBindGroupsMade?: number[];
+  /**
+   * per step (as stepSeconds): the host's ms to each phase's end (trainingStep's marks). The host has
+   * recorded the whole step at 'optimizer'; 'lossRead' is then the wait for the GPU to finish it, so a
+   * step whose lossRead is near 0 was bound by the host and one whose forward..optimizer is short by the GPU
+   */
+  stepPhaseMs: Array<Record<StepPhase, number>>;
   losses: number[];
   /** timed tokens (batch · seq · steps) over the timed steps' seconds */
   tokensPerSecond?: number;
@@ -353,7 +359,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     expertDtype: o.expertDtype, denseDtype: o.denseDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
-    stepSeconds: [], stepGcMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
+    stepSeconds: [], stepGcMs: [], stepPhaseMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
     gradientCheckpointing: o.gradientCheckpointing, errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const marker = join(o.model, 'e2e_checkpoint.json');
@@ -414,8 +420,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const windows = tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
       try {
         const s0 = performance.now();
-        const value = await trainingStep({ loss: windowLoss(windows), variables, apply });
-        return { seconds: (performance.now() - s0) / 1000, value };
+        let since = s0;
+        const phaseMs = {} as Record<StepPhase, number>;
+        const value = await trainingStep({ loss: windowLoss(windows), variables, apply }, phase => {
+          const now = performance.now();
+          phaseMs[phase] = now - since;
+          since = now;
+        });
+        return { seconds: (performance.now() - s0) / 1000, value, phaseMs };
       } finally {
         windows.dispose();
       }
@@ -427,12 +439,13 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       for (let step = from; step < to; step++) {
         const gcBefore = gcMs;
         const madeBefore = bindGroupCacheCounts(tf.backend()).made;
-        const { seconds, value } = await oneStep(step);
+        const { seconds, value, phaseMs } = await oneStep(step);
         // the observer is told after the step's own tasks: a turn of the event loop first
         await new Promise(resolve => setImmediate(resolve));
         result.stepGcMs.push(gcMs - gcBefore);
         if (tf.getBackend() === 'webgpu') (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
         result.stepSeconds.push(seconds);
+        result.stepPhaseMs.push(phaseMs);
         result.losses.push(value);
         result.memory = maxMemory(result.memory, memoryNow());
         result.memoryStages.push(memoryStage(`step ${step + 1}`, limit));
