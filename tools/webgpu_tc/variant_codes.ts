@@ -242,7 +242,7 @@ export function stagedVariants(): StagedOptions[] {
 }
 
 /** The inputs packageProgramShader binds, and their WGSL element types. */
-const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32', amax: 'f32' };
+const PROGRAM_INPUTS: Record<string, string> = { A: 'f32', W: 'f32', L: 'f32', R: 'f32', seg: 'i32', pr: 'i32', amax: 'i32' };
 
 /**
  * What tfjs-webgpu declares before a program's code, as far as the package's programs use it: the

@@ -14,7 +14,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
-import { attentionTensorCores, maxAbs } from '../../../src/backends/webgpu/kernels.js';
+import { attentionTensorCores, maxAbsCode } from '../../../src/backends/webgpu/kernels.js';
 import { TiledAttentionProgram } from '../../../src/backends/webgpu/programs/tiled_attention_program.js';
 import {
   ATTENTION_BLOCK, SubgroupMatrixAttentionProgram, subgroupMatrixAttentionBytes, subgroupMatrixAttentionMisfit,
@@ -36,7 +36,8 @@ const PASSES: SubgroupMatrixAttentionPass[] = ['stats', 'forward', 'gradQ', 'gra
 
 /** The program's shader under a stand-in of tfjs's preamble, the matrix builtins replaced by plain functions. */
 function standIn(program: SubgroupMatrixAttentionProgram): string {
-  const inputs = program.variableNames.map((name, i) => `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<f32>;`);
+  // amax is an exponent code (int32), the rest f32
+  const inputs = program.variableNames.map((name, i) => `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${name === 'amax' ? 'i32' : 'f32'}>;`);
   return `${tfjsPreambleStandIn(program.uniforms, inputs)}
     ${standInMatrices(program.getUserCode())}
     @compute @workgroup_size(${program.workgroupSize.join(', ')})
@@ -212,7 +213,7 @@ describe('webgpu: attention on tensor cores (SubgroupMatrixAttentionProgram) whe
       const o = run('forward', [q, k, v, mask, stats]);
       const deltas = tf.engine().makeTensorFromTensorInfo(backend.runWebGPUProgram(
           new TiledAttentionProgram('delta', dims, backend.device.limits.maxComputeWorkgroupStorageSize), [o, dy], 'float32', uniforms));
-      const amax = maxAbs(dy);
+      const amax = maxAbsCode(dy);
       // as the kernel runs them: dK on the tiled f32 program (SubgroupMatrixAttentionProgram has no gradK pass)
       const dK = tf.engine().makeTensorFromTensorInfo(backend.runWebGPUProgram(
           new TiledAttentionProgram('gradK', dims, backend.device.limits.maxComputeWorkgroupStorageSize), [q, k, v, mask, stats, deltas, dy], 'float32', uniforms));

@@ -3,21 +3,21 @@
  * (Mesa): the choice (denseTensorCores: flag, registered device, workgroup memory, width), that with
  * the flag off or on-but-unavailable the same kernels and programs run with the same numbers bit for
  * bit, that a backend's override takes dy·W into MoEDenseMatMul whatever WEBGPU_MOE_DENSE_PROGRAM
- * says, and maxAbsInKernel (the gradient operand's scale, from inside the kernel). The products on
+ * says, and maxAbsCodeInKernel (the gradient operand's scale, from inside the kernel). The products on
  * tensor cores themselves are checked on the GPU machine (tools/webgpu_tc/check.ts, dense cases);
  * their programs' WGSL in tensor_cores.spec.ts. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import {
-  denseTensorCores, type KernelArgs, maxAbsInKernel, webgpuDenseKernelOverride,
+  denseTensorCores, type KernelArgs, MAX_ABS_ONE_PASS_FLAG, maxAbsCodeInKernel, webgpuDenseKernelOverride,
 } from '../../../src/backends/webgpu/kernels.js';
 import { subgroupMatrixWorkgroupBytes } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
 import { registerTensorCoreDevice, TENSOR_CORES_FLAG } from '../../../src/backends/webgpu/tensor_cores.js';
 import {
   DENSE_MATMUL, DENSE_PROGRAM_FLAG, denseWeightMatMul, PACKED_DENSE_MATMUL, packDenseWeight, registerDenseKernelOverride,
 } from '../../../src/ops/packed.js';
-import { expectNoLeakAsync, profileKernels, withEnvFlag, withShaderKeys } from './helpers.js';
+import { expectedMaxAbsCode, expectNoLeakAsync, profileKernels, withEnvFlag, withShaderKeys } from './helpers.js';
 
 /** The kernels (tf.profile) and the programs' shader keys of one call, and its values. */
 async function dispatchOf(fn: () => tf.Tensor): Promise<{ kernels: string[]; programs: string[]; values: number[] }> {
@@ -119,22 +119,26 @@ describe('webgpu: dense products and tensor cores (choice and fall back, on a de
     tf.dispose([w, x, dy]);
   });
 
-  it('maxAbsInKernel: max |t| as a [1] tensor, exactly, its intermediates freed', async () => {
+  it('maxAbsCodeInKernel: max |t|\'s exponent code as a [1] int32 tensor, exactly, its intermediates freed (one pass and two)', async () => {
     const backend = tf.backend() as unknown as { numDataIds(): number };
     const args = { inputs: {}, attrs: {}, backend: tf.backend() } as unknown as KernelArgs;
     let seed = 11;
     const rand = () => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed / 2 ** 31 - 0.5; };
-    for (const [rows, cols, at] of [[300, 70, 20999], [1, 513, 0], [513, 1, 512], [2, 2, 3], [1500, 2048, 3071999]]) {
-      const values = Float32Array.from({ length: rows * cols }, rand);
-      values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
-      const t = tf.tensor2d(values, [rows, cols]);
-      const before = backend.numDataIds();
-      const info = maxAbsInKernel(args, t);
-      expect(backend.numDataIds(), 'the result only').to.equal(before + 1);
-      const m = tf.engine().makeTensorFromTensorInfo(info);
-      expect(m.shape).to.deep.equal([1]);
-      expect(Array.from(await m.data()), `[${rows}, ${cols}]`).to.deep.equal([3.25]);
-      tf.dispose([t, m]);
+    for (const onePass of [true, false]) {
+      await withEnvFlag(MAX_ABS_ONE_PASS_FLAG, onePass, async () => {
+        for (const [rows, cols, at] of [[300, 70, 20999], [1, 513, 0], [513, 1, 512], [2, 2, 3], [1500, 2048, 3071999]]) {
+          const values = Float32Array.from({ length: rows * cols }, rand);
+          values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
+          const t = tf.tensor2d(values, [rows, cols]);
+          const before = backend.numDataIds();
+          const info = maxAbsCodeInKernel(args, t);
+          expect(backend.numDataIds(), 'the result only').to.equal(before + 1);
+          const m = tf.engine().makeTensorFromTensorInfo(info);
+          expect([m.shape, m.dtype]).to.deep.equal([[1], 'int32']);
+          expect((await m.data())[0] & 511, `[${rows}, ${cols}]`).to.equal(expectedMaxAbsCode(3.25));
+          tf.dispose([t, m]);
+        }
+      });
     }
   });
 });

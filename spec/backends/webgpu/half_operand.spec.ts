@@ -2,7 +2,8 @@
  * HalfOperandProgram (the tensor-core MatMul's left operand as f16 halves, staging 'half8'): on the
  * device, rows of f32 become the IEEE binary16 bits of each value rounded to nearest even (as
  * src/util/half.ts's encodeFloat16 computes them on the host), two per int32 word, low half first;
- * times operandScale(amax) for a gradient operand (a power of two: the scaled bits are exact);
+ * times operandScale(amax) for a gradient operand, amax from maxAbsCode (a power of two: the
+ * scaled bits are exact);
  * act(gate, up) of h rows, both halves and interleaved, within f16 rounding of the float64
  * activation; more rows than a grid column holds; bad shapes rejected; no leaks. The MatMul's
  * half8 staging itself is checked by subgroup_matrix_emulator.spec.ts (index math, WGSL) and on the
@@ -10,6 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
+import { maxAbsCode } from '../../../src/backends/webgpu/kernels.js';
 import { HalfOperandProgram } from '../../../src/backends/webgpu/programs/half_operand_program.js';
 import { activationUniforms } from '../../../src/backends/webgpu/programs/shared.js';
 import { halfOperandFits, matMulStaging } from '../../../src/backends/webgpu/programs/subgroup_matrix_program.js';
@@ -17,11 +19,11 @@ import { decodeFloat16, encodeFloat16 } from '../../../src/util/half.js';
 
 type Backend = { runWebGPUProgram: (...args: unknown[]) => tf.TensorInfo };
 
-/** Runs the program on x (and amax) and returns its halves in order. */
+/** Runs the program on x (and, scaled, x's maxAbsCode as amax) and returns its halves in order. */
 async function halvesOf(rows: number, cols: number, x: Float32Array, xCols: number, spec: ConstructorParameters<typeof HalfOperandProgram>[2],
-    amax?: number, activation = activationUniforms(undefined)): Promise<Uint16Array> {
+    activation = activationUniforms(undefined)): Promise<Uint16Array> {
   const xt = tf.tensor2d(x, [rows, xCols]);
-  const at = amax === undefined ? undefined : tf.tensor1d([amax]);
+  const at = spec.scaled ? maxAbsCode(xt) : undefined;
   const before = tf.memory().numTensors;
   const program = new HalfOperandProgram(rows, cols, spec);
   const info = (tf.backend() as unknown as Backend).runWebGPUProgram(program, at === undefined ? [xt] : [xt, at], 'int32',
@@ -70,10 +72,16 @@ describe('webgpu: HalfOperandProgram (f16 left operands for the tensor-core MatM
     const amax = x.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
     const s = 2 ** Math.floor(Math.log2(16384 / amax));
     expect(s * amax).to.be.within(8192, 16384);
-    const got = await halvesOf(rows, cols, x, cols, { source: 'rows', scaled: true }, amax);
+    const got = await halvesOf(rows, cols, x, cols, { source: 'rows', scaled: true });
     expect(Array.from(got)).to.deep.equal(Array.from(encodeFloat16(Float32Array.from(x, v => v * s))));
+    // a largest magnitude that is a power of two (s·amax is 2^14 exactly), then one with an infinity (s 1)
+    const power = Float32Array.from({ length: 8 }, (_, i) => (i === 3 ? -(2 ** -10) : 2 ** -12 * (i + 1) / 8));
+    const gotPower = await halvesOf(1, 8, power, 8, { source: 'rows', scaled: true });
+    expect(Array.from(gotPower)).to.deep.equal(Array.from(encodeFloat16(Float32Array.from(power, v => v * 2 ** 24))));
+    const infinite = Float32Array.from({ length: 8 }, (_, i) => (i === 5 ? Infinity : 1e-6 * i));
+    expect(Array.from(await halvesOf(1, 8, infinite, 8, { source: 'rows', scaled: true }))).to.deep.equal(Array.from(encodeFloat16(infinite)));
     // amax 0: s 1
-    const zeros = await halvesOf(1, 8, new Float32Array(8), 8, { source: 'rows', scaled: true }, 0);
+    const zeros = await halvesOf(1, 8, new Float32Array(8), 8, { source: 'rows', scaled: true });
     expect(Array.from(zeros)).to.deep.equal(new Array(8).fill(0));
   });
 
@@ -82,7 +90,7 @@ describe('webgpu: HalfOperandProgram (f16 left operands for the tensor-core MatM
       const [rows, cols] = [9, 24];
       const h = Float32Array.from(testValues(rows * 2 * cols, 11).map(v => Math.max(-30, Math.min(30, v))));
       const got = decodeFloat16(await halvesOf(rows, cols, h, 2 * cols,
-          { source: 'act', activation: { kind: 'swiglu', interleaved }, scaled: false }, undefined, activationUniforms({ kind: 'swiglu' })));
+          { source: 'act', activation: { kind: 'swiglu', interleaved }, scaled: false }, activationUniforms({ kind: 'swiglu' })));
       for (let r = 0; r < rows; r++) {
         for (let c = 0; c < cols; c++) {
           const [g, u] = interleaved ? [h[r * 2 * cols + 2 * c], h[r * 2 * cols + 2 * c + 1]] : [h[r * 2 * cols + c], h[r * 2 * cols + cols + c]];

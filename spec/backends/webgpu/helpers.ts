@@ -17,6 +17,16 @@ export async function expectCloseAsync(
   expect(err, `${label}: max relative error ${err.toExponential(2)} > ${tol}`).to.be.at.most(tol);
 }
 
+/**
+ * The exponent code maxAbsCodeInKernel gives for a largest magnitude m, in float64 (the reference):
+ * ceil(log2 m) + 150, 0 for 0, 511 for an infinity or NaN.
+ */
+export function expectedMaxAbsCode(m: number): number {
+  if (m === 0) return 0;
+  if (!Number.isFinite(m)) return 511;
+  return Math.ceil(Math.log2(m)) + 150;
+}
+
 /** numTensors before and after `fn` (which must dispose what it makes) must agree. */
 export async function expectNoLeakAsync(fn: () => Promise<void>, label = 'numTensors'): Promise<void> {
   const before = tf.memory().numTensors;

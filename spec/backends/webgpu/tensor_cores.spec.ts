@@ -10,13 +10,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { DataType } from '@tensorflow/tfjs-core';
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { compileProgram } from '@tensorflow/tfjs-backend-webgpu/dist/webgpu_program.js';
-import { MaxAbsProgram } from '../../../src/backends/webgpu/programs/max_abs_program.js';
+import { MAX_ABS_CODE_EPOCHS, MaxAbsCodeProgram } from '../../../src/backends/webgpu/programs/max_abs_program.js';
 import { SumSlicesProgram } from '../../../src/backends/webgpu/programs/sum_slices_program.js';
 import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
   batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
-  denseSplitK, groupedMatMul, groupedWeightGrad, maxAbs, tensorCoresFit, useTensorCores,
+  denseSplitK, groupedMatMul, groupedWeightGrad, MAX_ABS_CODE_SLOTS, MAX_ABS_ONE_PASS_FLAG, maxAbsCode, maxAbsCodeSlotsOf, tensorCoresFit, useTensorCores,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
@@ -37,7 +37,7 @@ import { countKernels } from '../../helpers/numeric.js';
 import { OpArgumentError } from '../../../src/ops/validate.js';
 import { auditSubgroupControlFlow } from '../../../tools/webgpu_tc/uniformity.js';
 import { standInMatrices, tfjsPreambleStandIn } from '../../../tools/webgpu_tc/variant_codes.js';
-import { compileErrors, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
+import { compileErrors, expectedMaxAbsCode, expectNoLeakAsync, withEnvFlag, withShaderKeys } from './helpers.js';
 
 const F16_F32: SubgroupMatrixConfig = { componentType: 'f16', resultComponentType: 'f32', M: 16, N: 16, K: 16 };
 const BOTH = ['shader-f16', 'chromium-experimental-subgroup-matrix'];
@@ -179,47 +179,98 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
     expect(keys.filter(k => k.startsWith('moeSubgroup'))).to.deep.equal([]);
   });
 
-  it('maxAbs, the gradient operands\' scale: max |t| exactly, in two MaxAbsProgram passes of many workgroups, never one over the whole tensor', async () => {
+  it('maxAbsCode, the gradient operands\' scale: ceil(log2 max |t|) + 150 exactly, in one MaxAbsCodeProgram dispatch of many workgroups', async () => {
     await expectNoLeakAsync(async () => {
       let seed = 7;
       const rand = () => { seed = (seed * 1103515245 + 12345) % 2 ** 31; return seed / 2 ** 31 - 0.5; };
-      for (const [shape, at] of [[[300, 70], 20999], [[1, 513], 0], [[513, 1], 512], [[6, 5, 4], 61], [[257], 3], [[2048, 2000], 4095999],
-        [[70000], 33333], [[4099, 3], 12296]] as Array<[number[], number]>) {
+      // the largest magnitude negative (abs before the maximum), powers of two and just above, tiny (a
+      // mean loss's cotangent), subnormal; sizes of one part, many parts, a count that is no multiple of 4
+      for (const [shape, at, largest] of [[[300, 70], 20999, 3.25], [[1, 513], 0, 4], [[513, 1], 512, Math.fround(4 * (1 + 2 ** -23))],
+        [[6, 5, 4], 61, 2 ** -20], [[257], 3, 65504], [[2048, 2000], 4095999, 2 ** -30], [[70000], 33333, 3e-41],
+        [[4099, 3], 12296, 1.5]] as Array<[number[], number, number]>) {
         const size = shape.reduce((a, b) => a * b, 1);
-        const values = Float32Array.from({ length: size }, rand);
-        values[at] = -3.25;  // the largest magnitude is negative: abs before the maximum
+        const values = Float32Array.from({ length: size }, () => rand() * largest);
+        values[at] = -largest;
         const t = tf.tensor(values, shape);
-        const m = maxAbs(t);
-        expect(m.shape).to.deep.equal([1]);
-        expect(Array.from(await m.data()), JSON.stringify(shape)).to.deep.equal([3.25]);
+        const m = maxAbsCode(t);
+        expect([m.shape, m.dtype]).to.deep.equal([[1], 'int32']);
+        expect((await m.data())[0] & 511, JSON.stringify(shape)).to.equal(expectedMaxAbsCode(largest));
         tf.dispose([t, m]);
       }
-      // an infinity is kept (operandScale leaves the operand unscaled); an empty tensor gives 0
-      const inf = tf.tensor1d([1, -Infinity, 2]);
-      const empty = tf.zeros([0, 8]);
-      const [mi, me] = [maxAbs(inf), maxAbs(empty)];
-      expect(Array.from(await mi.data())).to.deep.equal([Infinity]);
-      expect(Array.from(await me.data())).to.deep.equal([0]);
-      tf.dispose([inf, empty, mi, me]);
-      // [2048, 2048] (dy of a dense projection): the first pass over 1024 workgroups in quads, the second over their maxima, nothing else
-      const t = tf.randomNormal([2048, 2048]);
-      const backend = tf.backend() as unknown as { runWebGPUProgram: (program: { shaderKey: string; dispatch: number[] }, ...rest: unknown[]) => unknown };
-      const run = backend.runWebGPUProgram;
-      const dispatched: Array<[string, number[]]> = [];
-      backend.runWebGPUProgram = function (this: unknown, program, ...rest) {
-        dispatched.push([program.shaderKey, [...program.dispatch]]);
-        return run.call(this, program, ...rest);
-      };
-      try {
-        maxAbs(t).dispose();
-      } finally {
-        delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
-        if (backend.runWebGPUProgram !== run) backend.runWebGPUProgram = run;
+      // an infinity or NaN: 511 (operandScale leaves the operand unscaled); zeros and an empty tensor: 0
+      for (const [values, code] of [[[1, -Infinity, 2], 511], [[1, NaN, 2], 511], [new Array(40000).fill(0), 0], [[], 0]] as Array<[number[], number]>) {
+        const t = tf.tensor1d(values);
+        const m = maxAbsCode(t);
+        expect((await m.data())[0] & 511, `${values.slice(0, 3)}`).to.equal(code);
+        tf.dispose([t, m]);
       }
-      expect(dispatched).to.deep.equal([['moeMaxAbs_v4', [1024, 1, 1]], ['moeMaxAbs', [1, 1, 1]]]);
+    });
+  });
+
+  it('maxAbsCode: one dispatch into slots that later calls reuse, each code right though the slot held a larger one', async () => {
+    await expectNoLeakAsync(async () => {
+      const backend = tf.backend() as unknown as { device: GPUDevice; runWebGPUProgram: (program: { shaderKey: string; dispatch: number[] }, ...rest: unknown[]) => unknown };
+      const dispatchesOf = (fn: () => void) => {
+        const run = backend.runWebGPUProgram;
+        const dispatched: Array<[string, number[]]> = [];
+        backend.runWebGPUProgram = function (this: unknown, program, ...rest) {
+          dispatched.push([program.shaderKey, [...program.dispatch]]);
+          return run.call(this, program, ...rest);
+        };
+        try {
+          fn();
+        } finally {
+          delete (backend as { runWebGPUProgram?: unknown }).runWebGPUProgram;
+          if (backend.runWebGPUProgram !== run) backend.runWebGPUProgram = run;
+        }
+        return dispatched;
+      };
+      // [2048, 2048] (dy of a dense projection): 1024 workgroups in quads, nothing else; the flag off: partial maxima, then their code
+      const t = tf.randomNormal([2048, 2048]);
+      expect(dispatchesOf(() => maxAbsCode(t).dispose())).to.deep.equal([['moeMaxAbsCode_v4', [1024, 1, 1]]]);
+      const twoPasses = await withEnvFlag(MAX_ABS_ONE_PASS_FLAG, false, async () => {
+        let m: tf.Tensor | undefined;
+        const dispatched = dispatchesOf(() => { m = maxAbsCode(t); });
+        const code = (await m!.data())[0];
+        m!.dispose();
+        return { dispatched, code };
+      });
+      expect(twoPasses.dispatched).to.deep.equal([['moeMaxAbs_v4', [1024, 1, 1]], ['moeMaxAbsCode', [1, 1, 1]]]);
+      const largest = tf.tidy(() => tf.max(tf.abs(t)));
+      expect(twoPasses.code).to.equal(expectedMaxAbsCode((await largest.data())[0]));
+      largest.dispose();
       t.dispose();
-      expect(() => new MaxAbsProgram(0)).to.throw('MaxAbsProgram: parts must be an integer in [1, 65535] but got 0');
-      expect(() => MaxAbsProgram.uniformsFor(10, 1, true)).to.throw('MaxAbsProgram: quads need a count that is a multiple of 4 but got 10');
+      // largest magnitudes falling call after call: each slot holds a larger code from MAX_ABS_CODE_SLOTS calls before,
+      // which the new epoch outranks; the last MAX_ABS_CODE_SLOTS results are all still readable
+      const calls = 3 * MAX_ABS_CODE_SLOTS + 1;
+      const codesOf = async (first: number) => {
+        const got: number[] = [];
+        const held: tf.Tensor[] = [];
+        for (let i = 0; i < calls; i++) {
+          const x = tf.fill([64, 1024], 2 ** (first - i));
+          held.push(maxAbsCode(x));
+          x.dispose();
+          if (held.length === MAX_ABS_CODE_SLOTS) {
+            for (const m of held) got.push((await m.data())[0] & 511);
+            tf.dispose(held.splice(0));
+          }
+        }
+        for (const m of held) got.push((await m.data())[0] & 511);
+        tf.dispose(held);
+        return got;
+      };
+      const want = Array.from({ length: calls }, (_, i) => expectedMaxAbsCode(2 ** (40 - i)));
+      expect(await codesOf(40)).to.deep.equal(want);
+      // past the last epoch the slots start again from new buffers
+      const slots = maxAbsCodeSlotsOf(backend.device)!;
+      slots.calls = MAX_ABS_CODE_SLOTS * MAX_ABS_CODE_EPOCHS - 2;
+      expect(await codesOf(40)).to.deep.equal(want);
+      const renewed = maxAbsCodeSlotsOf(backend.device)!;
+      expect(renewed.calls, 'calls since the new buffers').to.equal(calls - 2);
+      expect(renewed.buffers.some(b => slots.buffers.includes(b)), 'the same buffers').to.equal(false);
+      expect(() => new MaxAbsCodeProgram(0)).to.throw('MaxAbsCodeProgram: parts must be an integer in [1, 65535] but got 0');
+      expect(() => MaxAbsCodeProgram.uniformsFor(10, 2, 1, true)).to.throw('MaxAbsCodeProgram: quads need a count that is a multiple of 4 but got 10');
+      expect(() => MaxAbsCodeProgram.uniformsFor(10, 2, 0)).to.throw(`MaxAbsCodeProgram: epoch must be an integer in [1, ${MAX_ABS_CODE_EPOCHS}] but got 0`);
     });
   });
 
@@ -516,9 +567,10 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
    * rest: names, types, uniformity of the barriers, the staging and the epilogue.
    */
   function standIn(program: SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, intInputs: string[]): string {
-    // as tfjs declares them: vec4 (vec2 for packed words) where the program stages in quads
+    // as tfjs declares them: vec4 (vec2 for packed words) where the program stages in quads; amax an
+    // exponent code (int32)
     const inputs = program.variableNames.map((name, i) => {
-      const scalar = intInputs.includes(name) ? 'i32' : 'f32';
+      const scalar = intInputs.includes(name) || name === 'amax' ? 'i32' : 'f32';
       const n = program.variableComponents[i];
       return `@group(0) @binding(${i + 1}) var<storage, read> ${name} : array<${n === 1 ? scalar : `vec${n}<${scalar}>`}>;`;
     });
@@ -567,7 +619,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
   it('a subgroup-matrix program\'s main() becomes tfjs\'s entry point _start (builtins as parameters, privates set, then shadowed): valid WGSL', async () => {
     const program = new SubgroupMatrixMatMulProgram(300, 256, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true,
       singleGroup: true }, 32, matMulStaging({}, { inner: 192, outCols: 256, sE: 0, sN: 1, sK: 256 }, true));
-    const tfjs = hoistEnableDirectives(tfjsShaderOf(program, [['A', 'int32', [300, 96]], ['W', 'float32', [192, 256]], ['amax', 'float32', [1]]], [300, 256]));
+    const tfjs = hoistEnableDirectives(tfjsShaderOf(program, [['A', 'int32', [300, 96]], ['W', 'float32', [192, 256]], ['amax', 'int32', [1]]], [300, 256]));
     expect(tfjs).to.match(/fn _start\([\s\S]*main\(\);/);
     const inlined = entryPointInlined(tfjs);
     expect(inlined.match(/fn _start\(/g)).to.have.length(1);
@@ -671,7 +723,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
         expect(program.uniforms.endsWith('tailRank : i32, tailSE : i32, tailSN : i32, tailSK : i32, tailScale : f32, ')).to.equal(true);
         expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
         // tfjs's own shader (f16 kept: 'half8' bitcasts halves), the matrix builtins stood in for
-        const inputs = program.variableNames.map(name => [name, ['seg', 'pr', ...ints].includes(name) ? 'int32' : 'float32', [128, 96]] as
+        const inputs = program.variableNames.map(name => [name, ['seg', 'pr', 'amax', ...ints].includes(name) ? 'int32' : 'float32', [128, 96]] as
             [string, DataType, number[]]);
         expect(await compileErrors(shaderOf(program, inputs, [128, 96]))).to.deep.equal([]);
       });
@@ -687,7 +739,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       expect(program.dispatch).to.deep.equal([1, 2, 6]);
       expect(program.uniforms.endsWith('kChunk : i32, ')).to.equal(true);
       expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
-      const ints = staging.left === 'half8' ? ['A', 'W'] : ['W'];
+      const ints = staging.left === 'half8' ? ['A', 'W', 'amax'] : ['W', 'amax'];
       const inputs = program.variableNames.map(name => [name, ints.includes(name) ? 'int32' : 'float32', [128, 96]] as [string, DataType, number[]]);
       expect(await compileErrors(shaderOf(program, inputs, [6 * 128, 96]))).to.deep.equal([]);
     });
@@ -766,7 +818,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const matmul = new SubgroupMatrixMatMulProgram(256, 96, { source: 'act', activation: { kind: 'swiglu', interleaved: true }, hasBias: true,
       hasAddend: false, kContiguous: true, scaled: true, packedWeight: bf16 }, 32, matMulStaging({ packedWeight: bf16 }, { inner: 128, outCols: 96, sE: 96 * 64, sN: 128, sK: 1 }));
     const matmulCode = shaderOf(matmul, [['A', 'float32', [256, 256]], ['W', 'int32', [4, 96 * 64]], ['seg', 'int32', [9]], ['pr', 'int32', [256]],
-      ['bias', 'float32', [4, 96]], ['amax', 'float32', [1]]], [256, 96]);
+      ['bias', 'float32', [4, 96]], ['amax', 'int32', [1]]], [256, 96]);
     expect(matmulCode).to.match(/var<storage, read> A: array<vec4<f32>>/);
     // bf16 along k: 8 halves (4 words) a load
     expect(matmulCode).to.match(/var<storage, read> W: array<vec4<i32>>/);
@@ -815,7 +867,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(await compileErrors(forwardCode)).to.deep.equal([]);
     const dx = new SubgroupMatrixMatMulProgram(300, 256, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true,
       singleGroup: true }, 32, matMulStaging({}, { inner: 192, outCols: 256, sE: 0, sN: 1, sK: 256 }));
-    const dxCode = shaderOf(dx, [['A', 'float32', [300, 192]], ['W', 'float32', [192, 256]], ['amax', 'float32', [1]]], [300, 256]);
+    const dxCode = shaderOf(dx, [['A', 'float32', [300, 192]], ['W', 'float32', [192, 256]], ['amax', 'int32', [1]]], [300, 256]);
     expect(dxCode).to.match(/var<storage, read> W: array<vec4<f32>>/);
     expect(await compileErrors(dxCode)).to.deep.equal([]);
   });
@@ -883,7 +935,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
         matMulStaging({}, { inner, outCols, sE: inner * outCols, ...(kContiguous ? { sN: inner, sK: 1 } : { sN: 1, sK: outCols }) }));
     const wg = (scaledRight: boolean, P: number, Q: number) => new SubgroupMatrixWeightGradProgram([h, P, Q], h, P, Q,
         { left: 'rows', right: 'rows', scaleLeft: false, scaled: true, scaledRight, uniformGroups: true }, 32, weightGradStaging({ P, Q }), 64);
-    const amax: [string, DataType, number[]] = ['amax', 'float32', []];
+    const amax: [string, DataType, number[]] = ['amax', 'int32', [1]];
     const cases: Array<[string, WebGPUProgram, Array<[string, DataType, number[]]>, number[]]> = [
       ['scores = q·kᵀ', mm(true, false, d, l), [['A', 'float32', [h, s, d]], ['W', 'float32', [h, l, d]]], [h, s, l]],
       ['value = P·v', mm(false, false, l, d), [['A', 'float32', [h, s, l]], ['W', 'float32', [h, l, d]]], [h, s, d]],

@@ -38,7 +38,7 @@ import {
 import { SoftmaxTopKGradProgram, SoftmaxTopKProgram } from './programs/routing_program.js';
 import { DecodePackedProgram } from './programs/decode_packed_program.js';
 import { HalfOperandProgram } from './programs/half_operand_program.js';
-import { MAX_ABS_THREADS, MaxAbsProgram } from './programs/max_abs_program.js';
+import { MAX_ABS_CODE_EPOCHS, MAX_ABS_THREADS, MaxAbsCodeProgram, MaxAbsProgram } from './programs/max_abs_program.js';
 import {
   DECODE_PACKED, type DecodePackedAttrs, type DenseKernelOverride, DENSE_MATMUL, type DenseMatMulAttrs, denseProgramChoice, type ExpertWeightTensor, GATHER_PACKED_ROWS,
   type GatherPackedRowsAttrs, type HalfKind, isPackedExpertWeight, layoutOf, PACKED_DENSE_MATMUL, type PackedDenseMatMulAttrs, type PackedFormat,
@@ -509,12 +509,13 @@ export const webgpuDenseKernelOverride: DenseKernelOverride = (rows, outCols, in
   denseTensorCores((tf.backend() as unknown as { device: GPUDevice }).device, rows, outCols, inner) !== undefined;
 
 /**
- * max |t| as a [1] tensor, on the device (the scale of a gradient operand on tensor cores):
- * maxAbsInKernel on the active webgpu backend.
+ * max |t| as the exponent code of a gradient operand's scale on tensor cores, an int32 [1] tensor
+ * on the device: maxAbsCodeInKernel on the active webgpu backend (its value is a slot's: read it in
+ * the products recorded next).
  */
-export function maxAbs(t: tf.Tensor): tf.Tensor1D {
+export function maxAbsCode(t: tf.Tensor): tf.Tensor1D {
   const args = { inputs: {}, attrs: {}, backend: tf.backend() } as unknown as KernelArgs;
-  return tf.engine().makeTensorFromTensorInfo(maxAbsInKernel(args, t)) as tf.Tensor1D;
+  return tf.engine().makeTensorFromTensorInfo(maxAbsCodeInKernel(args, t)) as tf.Tensor1D;
 }
 
 /**
@@ -564,7 +565,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     return out;
   }
   if (tail !== undefined) Object.assign(inputs, { tailA: tail.a, tailW: tail.w });
-  if (tensorCores && args.gradient) inputs.amax = maxAbs(args.a);
+  if (tensorCores && args.gradient) inputs.amax = maxAbsCode(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
   // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
   const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
@@ -708,7 +709,7 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   if (args.rowScale) inputs.rw = args.rowScale;
   // L is the gradient operand (dy) of every weight gradient: scaled on tensor cores
   const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
-  if (tensorCores) inputs.amax = maxAbs(args.l);
+  if (tensorCores) inputs.amax = maxAbsCode(args.l);
   // NarrowWeightGradProgram's staged side (the narrower), 'none': the tiled program
   const narrow = tensorCores || !tf.env().getBool(NARROW_PRODUCTS_FLAG) || Math.min(args.P, args.Q) > NARROW_MAX_COLS ? 'none'
     : args.P <= args.Q ? 'P' : 'Q';
@@ -971,32 +972,84 @@ function runDenseProduct(
 }
 
 /**
- * max |t| of any tensor as a [1] TensorInfo, from inside a kernel or out: MaxAbsProgram over the
- * tensor in up to MAX_ABS_PARTS parts (each invocation reading ~16 elements or more), then over the
- * parts; 0 for an empty tensor (operandScale then leaves the operand unscaled). One workgroup over a
- * whole tensor is what tfjs-webgpu's Max does, which took 409 of the 493 GPU ms of the tensor-core
- * block at Q on the H100 (run N); its Abs, Max per row and Max over the rows, which replaced it, took
- * 3 dispatches and an |t| as large as t. The caller disposes the result.
+ * tf.env() flag: maxAbsCodeInKernel reduces a tensor in one dispatch, its workgroups' codes taken by
+ * atomicMax into a slot kept from call to call (MaxAbsCodeProgram's epochs); false: two, the partial
+ * maxima (MaxAbsProgram) and their code (A/B runs: 183 dispatches of an OLMoE step).
  */
-export function maxAbsInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
+export const MAX_ABS_ONE_PASS_FLAG = 'WEBGPU_MOE_MAX_ABS_ONE_PASS';
+tf.env().registerFlag(MAX_ABS_ONE_PASS_FLAG, () => true);
+
+/**
+ * max |t| of any tensor as the exponent code the tensor-core products scale a gradient operand by
+ * (int32 [1], max_abs_program.ts), from inside a kernel or out; 0 for an empty tensor (operandScale
+ * then leaves the operand unscaled). MaxAbsCodeProgram over the tensor in up to MAX_ABS_PARTS parts
+ * (each invocation reading ~16 elements or more): one dispatch, whose result is one of a few slots
+ * that later calls reuse (maxAbsCodeSlot), so a caller reads it in the products it records next,
+ * before MAX_ABS_CODE_SLOTS more calls. One workgroup over a whole tensor is what tfjs-webgpu's Max
+ * does, which took 409 of the 493 GPU ms of the tensor-core block at Q on the H100 (run N). The
+ * caller disposes the result (a slot's tensor frees no buffer).
+ */
+export function maxAbsCodeInKernel(args: KernelArgs, t: tf.TensorInfo): tf.TensorInfo {
   const backend = webgpu(args);
   const count = tf.util.sizeFromShape(t.shape);
   // an empty tensor binds nothing (Dawn rejects a zero-sized binding)
-  if (count === 0) return backend.makeTensorInfo([1], 'float32', new Float32Array(1));
+  if (count === 0) return backend.makeTensorInfo([1], 'int32', new Int32Array(1));
   const flat = { dataId: t.dataId, shape: [count], dtype: t.dtype };
-  const reduce = (x: tf.TensorInfo, n: number, parts: number, quads = false) =>
-    backend.runWebGPUProgram(new MaxAbsProgram(parts, quads), [x], 'float32', MaxAbsProgram.uniformsFor(n, parts, quads));
   const parts = Math.min(MAX_ABS_PARTS, Math.ceil(count / (16 * MAX_ABS_THREADS)));
-  if (parts === 1) return reduce(flat, count, 1);
   // 4 elements a load where the count allows (every gradient operand of the hot products)
-  const partial = reduce(flat, count, parts, count % 4 === 0);
-  const max = reduce(partial, parts, 1);
+  const quads = parts > 1 && count % 4 === 0;
+  const code = (x: tf.TensorInfo, n: number, p: number, q: boolean, slot?: { info: tf.TensorInfo; epoch: number }) =>
+    backend.runWebGPUProgram(new MaxAbsCodeProgram(p, q), [x], 'int32', MaxAbsCodeProgram.uniformsFor(n, p, slot?.epoch ?? 0, q), slot?.info);
+  if (parts === 1) return code(flat, count, 1, false);
+  if (tf.env().getBool(MAX_ABS_ONE_PASS_FLAG)) return code(flat, count, parts, quads, maxAbsCodeSlot(backend));
+  const partial = backend.runWebGPUProgram(new MaxAbsProgram(parts, quads), [flat], 'float32', MaxAbsProgram.uniformsFor(count, parts, quads));
+  const out = code(partial, parts, 1, false);
   backend.disposeData(partial.dataId);
-  return max;
+  return out;
 }
 
-/** The most parts maxAbsInKernel's first pass reduces a tensor to (workgroups: a few per SM of a large GPU). */
+/** The most parts maxAbsCodeInKernel reduces a tensor in (workgroups: a few per SM of a large GPU). */
 const MAX_ABS_PARTS = 1024;
+
+/** The slots maxAbsCodeInKernel's one-pass codes go to in turn (a code is read before this many more calls). */
+export const MAX_ABS_CODE_SLOTS = 4;
+
+/** A device's code slots: int32 buffers that keep their value from one call to the next. */
+export interface MaxAbsCodeSlots { buffers: GPUBuffer[]; calls: number }
+const maxAbsCodeSlots = new WeakMap<GPUDevice, MaxAbsCodeSlots>();
+
+/**
+ * The next code slot of the backend's device as a [1] int32 TensorInfo (its buffer not the pool's:
+ * disposing it frees nothing) and the epoch of this call there, one above the slot's last. After
+ * MAX_ABS_CODE_EPOCHS rounds the slots are new buffers (zeros: below every epoch) and the old ones
+ * are left to the garbage collector, since commands recorded and not yet submitted may bind them.
+ */
+function maxAbsCodeSlot(backend: WebGPUBackend): { info: tf.TensorInfo; epoch: number } {
+  const internals = backend as unknown as BackendTensorMap;
+  let slots = maxAbsCodeSlots.get(backend.device);
+  if (slots === undefined || slots.calls === MAX_ABS_CODE_SLOTS * MAX_ABS_CODE_EPOCHS) {
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+    slots = { buffers: Array.from({ length: MAX_ABS_CODE_SLOTS }, () => backend.device.createBuffer({ size: 16, usage })), calls: 0 };
+    maxAbsCodeSlots.set(backend.device, slots);
+  }
+  const buffer = slots.buffers[slots.calls % MAX_ABS_CODE_SLOTS];
+  const epoch = Math.floor(slots.calls / MAX_ABS_CODE_SLOTS) + 1;
+  slots.calls++;
+  const dataId = { id: internals.nextDataId() };
+  internals.tensorMap.set(dataId, { dtype: 'int32', shape: [1], values: null, refCount: 1, external: true, resource: buffer });
+  return { info: { dataId, shape: [1], dtype: 'int32' }, epoch };
+}
+
+/** A device's code slots, as the specs see them (undefined before its first one-pass code). */
+export function maxAbsCodeSlotsOf(device: GPUDevice): MaxAbsCodeSlots | undefined {
+  return maxAbsCodeSlots.get(device);
+}
+
+/** The parts of WebGPUBackend's tensor bookkeeping that maxAbsCodeSlot uses (createTensorFromGPUData's, as a TensorInfo). */
+interface BackendTensorMap {
+  nextDataId(): number;
+  tensorMap: { set(dataId: object, data: object): void };
+}
 
 /**
  * A dense product out = a·W (+ bias) on tensor cores: SubgroupMatrixMatMulProgram with one group,
@@ -1023,7 +1076,7 @@ function runDenseProductOnTensorCores(
     source: 'rows' as const, hasBias: bias != null, hasAddend: false, kContiguous: sK === 1, scaled: gradient, singleGroup: true,
     packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, loraTail: tail !== undefined, splitK: splits > 1,
   };
-  const amax = gradient ? maxAbsInKernel(args, a) : undefined;
+  const amax = gradient ? maxAbsCodeInKernel(args, a) : undefined;
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
       matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), blockRows, splits);
@@ -1368,7 +1421,7 @@ const attentionGradConfig: tf.KernelConfig = {
     const tc = attentionTensorCores(dims.dk, dims.dv);
     let grads: tf.TensorInfo[];
     if (tc !== undefined) {
-      const amax = maxAbsInKernel(args, dy);                                     // [1]
+      const amax = maxAbsCodeInKernel(args, dy);                                     // [1]
       grads = [
         runTensorCoreAttentionPass(args, 'gradQ', dims, [q, k, v, mask, stats, deltas, dy, amax], tc),
         // dK on the f32 tiled program: SubgroupMatrixAttentionProgram has no gradK pass (its file
@@ -1600,7 +1653,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
   if (route.program === 'matMul' && m % route.blockRows !== 0) {
     throw new Error(`MoEBatchProduct: ${route.blockRows}-row blocks would span two batches of ${m} rows`);
   }
-  const amax = attrs.gradient === 'none' ? undefined : maxAbsInKernel(args, attrs.gradient === 'a' ? a : b);   // [1]
+  const amax = attrs.gradient === 'none' ? undefined : maxAbsCodeInKernel(args, attrs.gradient === 'a' ? a : b);   // [1]
   const inputs = [a, b, ...(amax !== undefined ? [amax] : [])];
   let out: tf.TensorInfo;
   if (route.program === 'matMul') {

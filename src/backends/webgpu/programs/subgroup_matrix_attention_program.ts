@@ -28,8 +28,8 @@
  * and dO) as f16 rows padded by 8 halves (16-byte aligned rows, spread over the banks, as in
  * subgroup_matrix_program.ts); the scores go through an f32 array Ts (rows padded by 4 floats)
  * for the per-element softmax, whose result (P or dS, f16) is the left operand of the next
- * product. dO is scaled per tensor by a power of two (input `amax`, max |dO|) that brings its
- * largest magnitude to 2^8: a mean loss's dO lies far below f16's smallest normal, and dP, dS and
+ * product. dO is scaled per tensor by a power of two (input `amax`, the exponent code of max |dO|)
+ * that brings its largest magnitude to 2^8: a mean loss's dO lies far below f16's smallest normal, and dP, dS and
  * the accumulators carry the same factor, which the epilogue divides out in f32 (exact). 2^8 and
  * not 2^14 as in the expert products: dS = P ⊙ (dP − Δ) is stored in f16 too, and dP sums Dv
  * products of dO with v.
@@ -44,6 +44,7 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import type { AttentionDims } from './attention_program.js';
+import { operandScaleSnippet } from './max_abs_program.js';
 import { type SlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, uniformStrideLoop } from './subgroup_matrix_core.js';
 import { BLOCKED_MASK, BLOCKED_ROW_MAX, maskRowStartSnippet } from './tiled_attention_program.js';
 
@@ -61,8 +62,8 @@ const PAD = 8;
 const SCORE_PAD = 4;
 /** The widest head the programs take (registers: see the file comment). */
 export const ATTENTION_MAX_HEAD_WIDTH = 128;
-/** dO's largest magnitude after scaling (see the file comment). */
-const GRAD_OUT_TARGET = 256;
+/** log2 of dO's largest magnitude after scaling, 256 (see the file comment). */
+const GRAD_OUT_TARGET_LOG2 = 8;
 
 const LEFT = `subgroup_matrix_left<f16, ${MATRIX_EDGE}, ${MATRIX_EDGE}>`;
 const RIGHT = `subgroup_matrix_right<f16, ${MATRIX_EDGE}, ${MATRIX_EDGE}>`;
@@ -197,12 +198,8 @@ export class SubgroupMatrixAttentionProgram implements WebGPUProgram {
       var<workgroup> flags : array<i32, 4>;
       ${maskRowStartSnippet(this.dims.maskBatch > 0)}
       ${this.variableNames.includes('amax') ? `
-      // the power of two s with s·max|dO| <= ${GRAD_OUT_TARGET} (1 when max|dO| is 0 or not finite)
-      fn gradOutScale() -> f32 {
-        let m = amax[0];
-        let usable = m > 0.0 && m <= 3.0e38;
-        return select(1.0, exp2(clamp(floor(log2(${GRAD_OUT_TARGET}.0 / select(1.0, m, usable))), -100.0, 100.0)), usable);
-      }` : ''}`;
+      // the power of two s with s·max|dO| <= 2^${GRAD_OUT_TARGET_LOG2} (1 when max|dO| is 0 or not finite)
+      ${operandScaleSnippet('gradOutScale', GRAD_OUT_TARGET_LOG2)}` : ''}`;
   }
 
   /**

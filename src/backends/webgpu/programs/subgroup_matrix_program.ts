@@ -19,13 +19,14 @@
  *
  * Gradient operands can be tiny (a mean loss over many tokens), below f16's smallest normal
  * (6e-5): with `scaled`, the left operand is multiplied by a power of two s that brings its
- * largest magnitude (input `amax`, a [1] tensor the caller computes on the device) to at most
- * 2^14, and the result by 1/s, both exact.
+ * largest magnitude (input `amax`: int32 [1], its exponent code, which the caller computes on the
+ * device with maxAbsCodeInKernel) to at most 2^14, and the result by 1/s, both exact.
  *
  * Matrix types are written as Dawn documents them and the probe confirmed on the H100:
  * subgroup_matrix_left<T, K, M>, subgroup_matrix_right<T, N, K>, subgroup_matrix_result<T, N, M>.
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
+import { operandScaleSnippet } from './max_abs_program.js';
 import {
   type GroupedMatMulSpec, type GroupedWeightGradSpec, rowLoadSnippet, singleGroupRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
   weightLoadSnippet, tileRowsSnippet,
@@ -182,14 +183,10 @@ const ENABLES = 'enable f16;\nenable chromium_experimental_subgroup_matrix;\n' +
     'diagnostic(off, chromium.subgroup_matrix_uniformity);';
 
 /**
- * WGSL: operandScale(), the power of two s with s·amax <= 2^14 (1 when amax is 0 or not finite).
+ * WGSL: operandScale(), the power of two s with s·max|A| <= 2^14 from input `amax` (1 when max|A| is
+ * 0 or not finite).
  */
-export const OPERAND_SCALE = `
-  fn operandScale() -> f32 {
-    let m = amax[0];
-    let usable = m > 0.0 && m <= 3.0e38;
-    return select(1.0, exp2(clamp(floor(log2(16384.0 / select(1.0, m, usable))), -100.0, 100.0)), usable);
-  }`;
+export const OPERAND_SCALE = operandScaleSnippet('operandScale', 14);
 
 /**
  * WGSL: this invocation's subgroup and lane and where its part starts (u32): subgroups are
