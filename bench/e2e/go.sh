@@ -56,7 +56,10 @@ if [ -z "${OURS:-}" ]; then
   source .gpu/on-device.sh >>"$log" 2>&1
   OURS="node .gpu/bundle/ours.js"
   WRITER=${WRITER:-node .gpu/bundle/write_checkpoint.js}
-  [ -f .gpu/bundle/qwen3-tokenizer.json ] || xz -dk .gpu/bundle/qwen3-tokenizer.json.xz
+fi
+# the bundle's tokenizer, for a bundle named in OURS too (ours.js looks beside itself first)
+if [ -f .gpu/bundle/qwen3-tokenizer.json.xz ] && [ ! -f .gpu/bundle/qwen3-tokenizer.json ]; then
+  xz -dk .gpu/bundle/qwen3-tokenizer.json.xz
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"; } > "$work/$model/gpu.txt" 2>&1
 df -h "$work" >> "$work/$model/gpu.txt" 2>&1
