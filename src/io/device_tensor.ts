@@ -326,6 +326,29 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   }
 }
 
+/**
+ * The 16-bit checkpoint tensor `name` ([rows, cols], cols even) as int32 words [rows, cols / 2], two
+ * halves a word, low first, as stored: the packed dense layout of an even row (packedDenseWordsOf).
+ * The halves are read from the file straight into where the builder's elements go (on webgpu an
+ * upload buffer's mapped memory), so the host holds no array of the tensor. For a source that reads
+ * into a caller's array (halfBitsInto); others would read the whole tensor once per piece.
+ */
+export async function readHalfWordsToDevice(source: TensorSource, name: string, [rows, cols]: [number, number]): Promise<tf.Tensor> {
+  if (cols % 2 !== 0 || typeof source.halfBitsInto !== 'function') {
+    throw new Error(`readHalfWordsToDevice: '${name}' needs an even row and a source with halfBitsInto but has ${cols} columns` +
+        `${typeof source.halfBitsInto === 'function' ? '' : ' and no halfBitsInto'}`);
+  }
+  const builder = new TensorBuilder([rows, cols / 2], 'int32');
+  try {
+    await builder.fill(0, rows * cols / 2, (into, at) =>
+      source.halfBitsInto!(name, new Uint16Array(into.buffer, into.byteOffset, 2 * into.length), 2 * at));
+    return await builder.finish();
+  } catch (e) {
+    builder.dispose();
+    throw e;
+  }
+}
+
 /** What is used of tfjs-backend-wasm's BackendWasm (4.22): a tensor's place on the heap and its sharers. */
 interface WasmBackendLike {
   wasm: { HEAPU8: Uint8Array };

@@ -25,7 +25,7 @@ import { INT4_GROUP_SIZES } from '../ops/quantized.js';
 import type { SafetensorsFile } from './safetensors_bytes.js';
 import { MoELoraError } from '../errors.js';
 import { recordSourceDtypes } from './checkpoint_source.js';
-import { deviceTensor, readIntoVariable, writeVariable } from './device_tensor.js';
+import { deviceTensor, readHalfWordsToDevice, readIntoVariable, writeVariable } from './device_tensor.js';
 import { packedDenseFormat, type DenseStorage } from '../layers/dense_storage.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import { isMXFP4Config, mxfp4TensorSource } from './mxfp4.js';
@@ -415,6 +415,8 @@ function modelDenseStorage(config: HFConfig, source: TensorSource, denseDtype: D
 
 /** The int32 words [rows, ceil(cols/2)] of a 16-bit checkpoint tensor, on the device. */
 async function packedDenseTensor(source: TensorSource, name: string, kind: HalfKind, shape: [number, number]): Promise<tf.Tensor> {
+  // an even row's words are the file's halves as they are (every real model's q/k/v/o, embedding and LM head)
+  if (shape[1] % 2 === 0 && typeof source.halfBitsInto === 'function') return readHalfWordsToDevice(source, name, shape);
   const { words, shape: wordShape } = packedDenseWordsOf(kind, shape, await source.halfBits!(name));
   return deviceTensor(words, wordShape, 'int32');
 }

@@ -9,7 +9,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { deviceTensor, hostValueBytes, onDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
+import { deviceTensor, hostValueBytes, onDevice, readHalfWordsToDevice, readToDevice, TensorBuilder } from '../../../src/io/device_tensor.js';
 import { loadMoEBlockWeights, type TensorSource } from '../../../src/io/hf_block.js';
 import { CheckpointSource } from '../../../src/io/hf_checkpoint_core.js';
 import type { HFConfig } from '../../../src/models/families.js';
@@ -147,6 +147,43 @@ describe('webgpu: loading a checkpoint straight to the device', function () {
       for (let i = 0; i < n; i++) if (got[i] !== values[i]) mismatches++;  // every value is exact in f16
       expect(mismatches, what).to.equal(0);
     }
+  });
+
+  it('readHalfWordsToDevice: a dense 16-bit weight\'s halves read into its words on the device over upload buffers; odd rows, a failed read', async () => {
+    // [2051, 4096] halves: 4200448 words, more than one 16 MiB upload buffer; bits that say where they are
+    const [rows, cols] = [2051, 4096];
+    const bits = Uint16Array.from({ length: rows * cols }, (_, i) => (i * 40503) & 0xffff);
+    const path = join(await tempDir(), 'dense.safetensors');
+    await writeFile(path, encodeHalfSafetensors('bf16', { w: { bits, shape: [rows, cols] }, odd: { bits: bits.subarray(0, 9), shape: [3, 3] } }));
+    const file = await readSafetensorsFile(path);
+    const before = tf.memory().numTensors;
+    const t = await readHalfWordsToDevice(file, 'w', [rows, cols]);
+    expect([t.shape, t.dtype, hostValueBytes(t)]).to.deep.equal([[rows, cols / 2], 'int32', 0]);
+    const got = new Uint16Array((await t.data() as Int32Array).buffer);
+    t.dispose();
+    let mismatches = 0;
+    for (let i = 0; i < bits.length; i++) if (got[i] !== bits[i]) mismatches++;
+    expect(mismatches).to.equal(0);
+    expect(tf.memory().numTensors).to.equal(before);
+    // an odd row needs its padding half (packedDenseWordsOf), a source without halfBitsInto a whole read per piece
+    expect((await rejection(readHalfWordsToDevice(file, 'odd', [3, 3]))).message).to.equal(
+        "readHalfWordsToDevice: 'odd' needs an even row and a source with halfBitsInto but has 3 columns");
+    const wholeOnly: TensorSource = { has: n => file.has(n), info: n => file.info(n), tensor: n => file.tensor(n), halfBits: n => file.halfBits(n) };
+    expect((await rejection(readHalfWordsToDevice(wholeOnly, 'w', [rows, cols]))).message).to.equal(
+        `readHalfWordsToDevice: 'w' needs an even row and a source with halfBitsInto but has ${cols} columns and no halfBitsInto`);
+    // the second upload buffer's read fails after the first's copy was submitted: nothing left behind
+    let reads = 0;
+    const failing: TensorSource = {
+      ...wholeOnly,
+      halfBitsInto: async (n, into, from) => {
+        if (reads++ === 1) throw new Error('the disk went away');
+        return file.halfBitsInto(n, into, from);
+      },
+    };
+    const gpuBytes = () => (tf.memory() as unknown as { numBytesInGPU: number }).numBytesInGPU;
+    const start = { tensors: tf.memory().numTensors, gpu: gpuBytes() };
+    expect((await rejection(readHalfWordsToDevice(failing, 'w', [rows, cols]))).message).to.equal('the disk went away');
+    expect({ tensors: tf.memory().numTensors, gpu: gpuBytes() }).to.deep.equal(start);
   });
 
   it('bf16 olmoe as float32: every weight on the device and equal to the file, the stacks fused expert by expert', async () => {
