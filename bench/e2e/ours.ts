@@ -179,6 +179,12 @@ export interface E2EResult {
   stepGcMs: number[];
   stepBindGroupsMade?: number[];
   /**
+   * per step (as stepSeconds), webgpu: bytes of device buffers tfjs's pool made during the step (it
+   * frees none unless bounded): a step that found no free buffer of a size made new ones, which Dawn
+   * also clears on the GPU before their first use
+   */
+  stepBytesAllocated?: number[];
+  /**
    * per step (as stepSeconds): the host's ms to each phase's end (trainingStep's marks). The host has
    * recorded the whole step at 'optimizer'; 'lossRead' is then the wait for the GPU to finish it, so a
    * step whose lossRead is near 0 was bound by the host and one whose forward..optimizer is short by the GPU
@@ -435,15 +441,20 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     let gcMs = 0;
     const gcObserver = new PerformanceObserver(list => { for (const e of list.getEntries()) gcMs += e.duration; });
     gcObserver.observe({ entryTypes: ['gc'] });
+    const webgpu = tf.getBackend() === 'webgpu';
     const runSteps = async (from: number, to: number) => {
       for (let step = from; step < to; step++) {
         const gcBefore = gcMs;
         const madeBefore = bindGroupCacheCounts(tf.backend()).made;
+        const allocatedBefore = webgpu ? webgpuBufferPoolStats().allocatedBytes : 0;
         const { seconds, value, phaseMs } = await oneStep(step);
         // the observer is told after the step's own tasks: a turn of the event loop first
         await new Promise(resolve => setImmediate(resolve));
         result.stepGcMs.push(gcMs - gcBefore);
-        if (tf.getBackend() === 'webgpu') (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
+        if (webgpu) {
+          (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
+          (result.stepBytesAllocated ??= []).push(webgpuBufferPoolStats().allocatedBytes - allocatedBefore);
+        }
         result.stepSeconds.push(seconds);
         result.stepPhaseMs.push(phaseMs);
         result.losses.push(value);

@@ -67,9 +67,17 @@ describe('bench/e2e/ours.ts', function () {
     expect(result.errors).to.deep.equal({});
     expect(result.stepSeconds).to.have.length(2);
     expect(result.losses).to.have.length(2);
-    // one GC figure a step; bind groups only where the webgpu cache counts them
+    // one GC figure a step, and the host's ms to each phase's end; bind groups and buffers made only on webgpu
     expect(result.stepGcMs).to.have.length(2);
+    expect(result.stepPhaseMs).to.have.length(2);
+    for (const phases of result.stepPhaseMs) {
+      expect(Object.keys(phases)).to.deep.equal(['forward', 'backward', 'optimizer', 'lossRead']);
+      Object.values(phases).forEach(ms => expect(ms).to.be.at.least(0));
+    }
+    const stepMs = result.stepSeconds[1] * 1000;
+    expect(Object.values(result.stepPhaseMs[1]).reduce((a, b) => a + b, 0)).to.be.within(0.9 * stepMs, stepMs);
     expect(result.stepBindGroupsMade?.length).to.equal(tf.getBackend() === 'webgpu' ? 2 : undefined);
+    expect(result.stepBytesAllocated?.length).to.equal(tf.getBackend() === 'webgpu' ? 2 : undefined);
     result.losses.forEach(l => expect(l).to.be.within(0.1, 20));
     expect(result.tokensPerSecond).to.be.closeTo(2 * 8 / result.stepSeconds[1], 1e-9);
     expect(result.loadSeconds).to.be.above(0);
