@@ -24,7 +24,6 @@ import { batchProduct } from './batch_product.js';
 import { maskedSoftmax } from './masked_softmax.js';
 import { softmaxGrad } from './softmax_grad.js';
 import { assertFiniteNumber, assertTensor, fail } from './validate.js';
-import { saveForBackward } from './saved_tensors.js';
 
 /**
  * MoEAttention: inputs q [Nq, S, Dk], k [Nkv, L, Dk], v [Nkv, L, Dv], mask ([S, L] or [B, 1, S, L]),
@@ -146,7 +145,7 @@ export function scaledDotProductAttention(q: Tensor3D, k: Tensor3D, v: Tensor3D,
       if (!needsView) return maskedSoftmax(scores, mask);
       return tf.reshape(maskedSoftmax(tf.reshape(scores, maskedShape), mask), [nkv, rows, keyLen]) as Tensor3D;
     });
-    saveForBackward(save, [scaledQ, k3, v3, probs]);
+    save([scaledQ, k3, v3, probs]);
     const value = tf.tidy(() => grouped<Tensor3D>(batchProduct(probs, v3), [nq, s, dv]));
     return {
       value,
@@ -197,7 +196,7 @@ function attentionKernels(q: Tensor3D, k: Tensor3D, v: Tensor3D, mask: Tensor2D 
   const attend = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const [q3, k3, v3] = args as Tensor3D[];
     const [o, stats] = tf.engine().runKernel(ATTENTION, { q: q3, k: k3, v: v3, mask }, { scale, withStats: true }) as Tensor[];
-    saveForBackward(args[3] as GradSaveFunc, [q3, k3, v3, mask, o, stats]);
+    (args[3] as GradSaveFunc)([q3, k3, v3, mask, o, stats]);
     // stats is this pass's own: the tape keeps its saved clone, the forward's tidy drops this one
     return {
       value: o,

@@ -19,7 +19,6 @@ import {
   assertDenseWeight, denseWeightMatMul, gatherDenseRows, PACKED_DENSE_MATMUL, PackedDenseWeight, unpackDenseWeight,
   type DenseWeightTensor,
 } from './packed.js';
-import { saveForBackward } from './saved_tensors.js';
 
 /** The most bytes one chunk's float32 logits [chunk, V] take with the default chunk size: 64 MiB. */
 export const LOGITS_CHUNK_BYTES = 64 * 2 ** 20;
@@ -113,12 +112,12 @@ export function linearCrossEntropy(
     const safe = tf.maximum(labels, tf.scalar(0, 'int32')) as Tensor1D;          // [N]
     const { lse, value, dHidden } = linearCrossEntropyForward(x, w, counted, safe, normalizer, chunks, gradientInForward);
     if (dHidden !== undefined) {
-      saveForBackward(save, [dHidden]);
+      save([dHidden]);
       tf.dispose([lse, counted, safe]);
       return { value, gradFunc: (dy: Tensor, saved: Tensor[]) => [tf.mul(saved[0], dy)] };
     }
     // a frozen head is not saved: a saved clone would be counted as another [V, H] tensor
-    saveForBackward(save, trainHead ? [x, lse, counted, safe, w as Tensor2D] : [x, lse, counted, safe]);
+    save(trainHead ? [x, lse, counted, safe, w as Tensor2D] : [x, lse, counted, safe]);
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {

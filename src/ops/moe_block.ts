@@ -13,7 +13,6 @@ import { checkSharedExpert, sharedExpert } from './shared_expert.js';
 import type { ExpertKernel, LoRAMode, MoEBlockConfig, MoEBlockWeights, Routing } from './types.js';
 import { assertShape, assertTensor, fail } from './validate.js';
 import { describeValue } from '../util/describe.js';
-import { saveForBackward } from './saved_tensors.js';
 
 export interface MoEBlockOptions {
   /** 'fused' (default) or 'reference', or a name given to registerMoEBlockKernel */
@@ -88,7 +87,7 @@ function scaledByExpert(routing: Routing, expertScale: tf.Tensor1D): Routing {
   // them), saved because the caller may dispose the Routing before backprop
   const pick = tfc.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => {
     const save = args[1] as tf.GradSaveFunc;
-    saveForBackward(save, [experts]);
+    save([experts]);
     return {
       value: tfc.gather(args[0] as tf.Tensor1D, experts),                                       // [T, K]
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>

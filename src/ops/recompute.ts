@@ -7,7 +7,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { fail } from './validate.js';
-import { saveForBackward } from './saved_tensors.js';
 
 const OP = 'recompute';
 
@@ -64,7 +63,7 @@ export function recompute(
     // the forward runs as a kernel: the tape is off, so fn's own ops save nothing for backward
     const value = fn(input);
     if (!(value instanceof tf.Tensor)) fail(OP, `'fn' must return a tensor but returned ${describeValue(value)}`);
-    saveForBackward(save, [input]);
+    save([input]);
     return {
       value,
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {

@@ -13,7 +13,6 @@ import type { GradSaveFunc, Tensor } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { passScalar } from './pass_constants.js';
 import { assertFiniteNumber, assertShape, fail } from './validate.js';
-import { saveForBackward } from './saved_tensors.js';
 
 /**
  * MoERMSNorm: inputs x (float32, rank ≥ 1, last axis D) and scale [D], attr epsilon; output
@@ -78,7 +77,7 @@ export function rmsNorm(x: Tensor, weight: Tensor, epsilon: number, options: RMS
     const scale = zeroCentered ? tf.add(w, one) : w;                  // [D]
     const { value, normed, inverseRms } = rmsNormForward(args[0] as Tensor, scale, eps);
     // kept for backward (the caller's tidy may dispose a weight it built, such as ones or 1 + w)
-    saveForBackward(save, [normed, inverseRms, scale]);
+    save([normed, inverseRms, scale]);
     return {
       value,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
@@ -104,7 +103,7 @@ function rmsNormKernels(x: Tensor, weight: Tensor, epsilon: number, zeroCentered
   return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const xs = args[0] as Tensor;
     const scale = zeroCentered ? tf.add(weight, passScalar(1)) : weight;  // [D]
-    saveForBackward(args[1] as GradSaveFunc, [xs, scale]);  // a zero-centred scale is this pass's own tensor
+    (args[1] as GradSaveFunc)([xs, scale]);  // a zero-centred scale is this pass's own tensor
     return {
       value: tf.engine().runKernel(RMS_NORM, { x: xs, scale }, { epsilon }) as Tensor,
       gradFunc: (dy: Tensor, saved: Tensor[]) =>

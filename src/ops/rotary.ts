@@ -13,7 +13,6 @@ import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D } from '@tensorflow/tfjs-
 import { describeValue } from '../util/describe.js';
 import { insidePass, passConstant } from './pass_constants.js';
 import { fail } from './validate.js';
-import { saveForBackward } from './saved_tensors.js';
 
 /**
  * MoERotary: inputs x [N, S, D], cos and sin ([S, D] or [B, S, D], B dividing N; row n reads
@@ -58,7 +57,7 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
   if (tf.getKernel(ROTARY, tf.getBackend()) != null) {
     // the tables as given: the kernel reads them in place, no signed copy
     return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
-      saveForBackward(args[1] as GradSaveFunc, [cos, sin]);
+      (args[1] as GradSaveFunc)([cos, sin]);
       return {
         value: rotaryKernel(args[0] as Tensor, cos, sin, false),
         gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryKernel(dy, saved[0], saved[1], true)],
@@ -80,7 +79,7 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
     return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
       const save = args[1] as GradSaveFunc;
       // kept for backward: the caller's tidy (or the pass) disposes the tables before backward runs
-      saveForBackward(save, [cosRows, signedSin]);
+      save([cosRows, signedSin]);
       return {
         value: rotaryForward(args[0] as Tensor, cosRows, signedSin, layout),
         gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryBackward(dy, saved[0], saved[1], layout)],

@@ -7,7 +7,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { assertInteger, assertShape, assertTensor } from './validate.js';
-import { saveForBackward } from './saved_tensors.js';
 
 /**
  * Σ_n −log softmax(logits[n])[labels[n]] over the rows whose label is ≥ 0, divided by
@@ -36,7 +35,7 @@ export function tokenCrossEntropy(logits: Tensor2D, labels: Tensor1D, normalizer
       const max = tf.max(x2, 1, true);                                          // [N, 1]
       return tf.add(tf.log(tf.sum(tf.exp(tf.sub(x2, max)), 1)), tf.reshape(max, [n]));  // [N]
     });
-    saveForBackward(save, [x2, lse, counted, safe]);
+    save([x2, lse, counted, safe]);
     const value = tf.tidy(() => {
       // the picked logits by a flat gather: no [N, V] one-hot in the forward pass
       const rows = tf.mul(tf.range(0, n, 1, 'int32'), tf.scalar(v, 'int32'));

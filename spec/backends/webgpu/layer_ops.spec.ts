@@ -27,7 +27,6 @@ import { asF32, expectClose, Rng, tensorOf } from '../../helpers/numeric.js';
 import { DENSE_NARROW_PRODUCTS_FLAG } from '../../../src/backends/webgpu/kernels.js';
 import { withEnvFlag } from '../../../tools/webgpu_tc/scoped.js';
 import '../../ops/rotary.spec.js';
-import '../../ops/saved_tensors.spec.js';
 import '../../ops/lora_linear.spec.js';
 
 describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {

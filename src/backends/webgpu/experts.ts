@@ -31,7 +31,6 @@ import {
 } from './kernels.js';
 import type { TileConfig } from './programs/grouped_matmul_program.js';
 import type { RowSource } from './programs/shared.js';
-import { saveForBackward } from '../../ops/saved_tensors.js';
 
 /** Tile sizes of the WebGPU experts (see setWebGPUMoETuning). */
 export interface WebGPUMoETuning {
@@ -341,7 +340,7 @@ export function webgpuFusedExperts(
       // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
       // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
       const hKept = gatherRows(h, plan.rowOfPair);                             // [N, 2I]
-      saveForBackward(save, [xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
+      save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
           ...projectionTrainables(up), ...projectionTrainables(down), ...upUs, ...downUs]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {

@@ -12,7 +12,6 @@ import {
 import type { SoftmaxTopKOptions } from '../../ops/routing/softmax_topk.js';
 import type { Routing } from '../../ops/types.js';
 import { softmaxTopKGradKernel, softmaxTopKKernel } from './kernels.js';
-import { saveForBackward } from '../../ops/saved_tensors.js';
 
 /**
  * routeSoftmaxTopK for the 'webgpu' backend: same arguments, result and gradients.
@@ -33,7 +32,7 @@ export function webgpuRouteSoftmaxTopK(logits: Tensor2D, k: number, options: Sof
     const weigh = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
       const [x, save] = args as [Tensor2D, GradSaveFunc];
       // experts is saved (cloned) too: the caller may dispose the Routing before backprop
-      saveForBackward(save, [x, experts]);
+      save([x, experts]);
       return {
         value: kernelWeights.clone(),
         gradFunc: (dy: Tensor, saved: Tensor[]) => {

@@ -25,7 +25,6 @@ import { hasDropout, loraDropoutMask } from '../lora/dropout.js';
 import {
   combineRows, expertActivation, expertActivationGrad, groupedProduct, groupedWeightGrad, pairRowDot, type Rows,
 } from './kernels.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 export interface FusedExpertsOptions {
   /**
@@ -125,7 +124,7 @@ export function fusedExperts(
       // backward keeps each projection's trainables; a frozen base is read through the closure
       // (and the dropout masks, drawn once: backward must drop what forward dropped), and the up
       // adapters' u = s·x·A_eᵀ [N, r]: recomputing them would gather x's rows again
-      saveForBackward(save, [xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down), ...masks, ...upU]);
+      save([xIn, wIn, h, ...projectionTrainables(up), ...projectionTrainables(down), ...masks, ...upU]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
         const [xS, wS, hS] = saved as tf.Tensor2D[];

@@ -24,7 +24,6 @@ import { weightGradProduct } from '../weight_grad_product.js';
 import { assertDenseWeight, denseWeightMatMul, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 /** One applied adapter of a projection: A [r, in], B [out, r], s, and its dropout mask if any. */
 export interface LinearLoRABranch {
@@ -121,7 +120,7 @@ export function loraLinear(x: Tensor2D, weight: DenseWeightTensor, bias: Tensor1
       y.dispose();
       y = sum;
     }
-    saveForBackward(save, kept);
+    save(kept);
     return {
       value: y,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {

@@ -11,7 +11,6 @@ import type { LoRAFactors } from '../types.js';
 import { assertInteger, assertShape, assertTensor, fail } from '../validate.js';
 import { hasDropout, loraDropoutMask } from './dropout.js';
 import { assertAdapterList, checkExpertFactors } from './validate_lora.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 export interface SplitExpertLoRAOptions {
   /** W stored [E, in, out] (gpt-oss) instead of [E, out, in] */
@@ -54,7 +53,7 @@ export function splitExpertLoRA(
     const lora = adapters.map((f, i) => ({ A: factors[2 * i], B: factors[2 * i + 1], scaling: f.scaling, rowMask: masks[i] }));
     const weight: GroupedWeight = { weight: W, transposed, lora };
     const value = groupedMatMulForward(args[0] as tf.Tensor2D, groupSizes, weight);  // [N, out]
-    saveForBackward(save, [args[0] as tf.Tensor, ...factors, ...drawn]);  // W is frozen and read through the closure
+    save([args[0] as tf.Tensor, ...factors, ...drawn]);  // W is frozen and read through the closure
     const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
       const [xS, ...fS] = saved;
       let at = 2 * adapters.length;

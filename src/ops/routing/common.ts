@@ -13,7 +13,6 @@ import type { GradSaveFunc, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-
 import { indexCounts } from '../index_counts.js';
 import type { Routing } from '../types.js';
 import { assertFiniteNumber, assertInteger, assertShape, assertTensor, fail } from '../validate.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 // ---- argument checks ----------------------------------------------------------------------
 
@@ -210,7 +209,7 @@ export function selectedScoreWeights(
     const scores = (score === 'softmax' ? tf.softmax(x) : tf.sigmoid(x)) as Tensor2D;  // [T, E]
     const selected = gatherSelected(scores, experts);                                    // [T, K]
     // experts is saved (cloned) too: the caller may dispose the Routing before backprop.
-    saveForBackward(save, [scores, selected, experts]);
+    save([scores, selected, experts]);
     return {
       value: normalizeSelected(selected, norm),                                          // [T, K]
       gradFunc: (dy: Tensor, saved: Tensor[]) => {

@@ -7,7 +7,6 @@ import {
   checkCorrectionBias, checkLogits, checkOptions, checkTopK, gatherSelected, gatherSelectedBackward,
   selectExperts, softmaxBackward, tidyRouting, topKIndices,
 } from './common.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 export interface SoftmaxBiasedTopKOptions {
   /** e_score_correction_bias [E] float32 (ERNIE's moe_statics): added to the probabilities for the
@@ -69,7 +68,7 @@ function clampedSoftmaxWeights(logits: Tensor2D, experts: Tensor2D, normMin: num
     const [x, save] = args as [Tensor, GradSaveFunc];
     const p = tf.softmax(x) as Tensor2D;                                                      // [T, E]
     const selected = gatherSelected(p, experts);                                              // [T, K]
-    saveForBackward(save, [p, selected, experts]);
+    save([p, selected, experts]);
     return {
       value: tf.div(selected, tf.maximum(tf.sum(selected, 1, true), normMin)),              // [T, K]
       gradFunc: (dy: Tensor, saved: Tensor[]) => {

@@ -6,7 +6,6 @@ import {
   checkLogits, checkTopK, gatherSelected, gatherSelectedBackward, selectExperts, softmaxBackward,
   tidyRouting, topKIndices,
 } from './common.js';
-import { saveForBackward } from '../saved_tensors.js';
 
 /**
  * Routes each token to the K experts with the largest logits, weighted by a softmax over those
@@ -43,7 +42,7 @@ function softmaxOfSelected(logits: Tensor2D, experts: Tensor2D): Tensor2D {
   const weigh = tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
     const [x, save] = args as [Tensor, GradSaveFunc];
     const w = tf.softmax(gatherSelected(x as Tensor2D, experts)) as Tensor2D;    // [T, K]
-    saveForBackward(save, [w, experts]);
+    save([w, experts]);
     return {
       value: w,
       gradFunc: (dy: Tensor, saved: Tensor[]) => {
