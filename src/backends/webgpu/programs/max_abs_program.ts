@@ -111,7 +111,8 @@ const MAX_ABS_CODE_SNIPPET = `
     let biased = i32(bits >> 23u);
     let mantissa = bits & 0x7fffffu;
     if (biased == 0) {
-      // a subnormal: mantissa · 2^-149, and ceil(log2 m) of an integer m > 1 is 32 − clz(m − 1)
+      // a subnormal: mantissa · 2^-149, so the code is ceil(log2 mantissa) + 1, and ceil(log2 m) of an
+      // integer m > 1 is 32 − clz(m − 1)
       return select(33 - i32(countLeadingZeros(mantissa - 1u)), 1, mantissa == 1u);
     }
     // (1 + mantissa · 2^-23) · 2^(biased − 127): ceil(log2) is biased − 127, one more unless a power of two
