@@ -61,31 +61,7 @@ export class MaxAbsProgram implements WebGPUProgram {
 
   getUserCode(): string {
     const fold = this.quads ? 'let v = abs(x[i]); m = max(m, max(max(v.x, v.y), max(v.z, v.w)));' : 'm = max(m, abs(x[i]));';
-    return `
-      var<workgroup> lanes : array<f32, ${MAX_ABS_THREADS}>;
-
-      // a one-dimensional dispatch, so tfjs passes the flat index; the workgroup and lane are what is
-      // used; uniforms.count counts x's loads (quads or elements)
-      fn main(index : i32) {
-        let lid = i32(localIndex);
-        let stride = uniforms.parts * ${MAX_ABS_THREADS};
-        var m = 0.0;
-        for (var i = i32(workgroupId.x) * ${MAX_ABS_THREADS} + lid; i < uniforms.count; i += stride) {
-          ${fold}
-        }
-        lanes[lid] = m;
-        workgroupBarrier();
-        for (var width = ${MAX_ABS_THREADS / 2}; width > 0; width /= 2) {
-          if (lid < width) {
-            lanes[lid] = max(lanes[lid], lanes[lid + width]);
-          }
-          workgroupBarrier();
-        }
-        if (lid == 0) {
-          result[workgroupId.x] = lanes[0];
-        }
-      }
-    `;
+    return workgroupMaxShader('f32', '0.0', fold, '', 'result[workgroupId.x] = lanes[0];');
   }
 }
 
@@ -171,16 +147,32 @@ export class MaxAbsCodeProgram implements WebGPUProgram {
     const fold = this.quads
       ? 'let v = bitcast<vec4<u32>>(x[i]) & vec4<u32>(0x7fffffffu); m = max(m, max(max(v.x, v.y), max(v.z, v.w)));'
       : 'm = max(m, bitcast<u32>(x[i]) & 0x7fffffffu);';
-    return `
-      var<workgroup> lanes : array<u32, ${MAX_ABS_THREADS}>;
-      ${MAX_ABS_CODE_SNIPPET}
+    return workgroupMaxShader('u32', '0u', fold, MAX_ABS_CODE_SNIPPET, `
+          let value = (uniforms.epoch << ${MAX_ABS_CODE_BITS}u) | maxAbsCode(lanes[0]);
+          if (uniforms.parts == 1) {
+            atomicStore(&result[0], value);
+          } else {
+            atomicMax(&result[0], value);
+          }`);
+  }
+}
+
+/**
+ * Both programs' shader: each lane folds (`fold`: m = max(m, …) of x[i]) its elements, workgroup w
+ * taking w·256 + lid and every parts·256 after, the lanes' maxima reduced in workgroup memory,
+ * then lane 0 runs `write` with the workgroup's maximum in lanes[0].
+ */
+function workgroupMaxShader(type: 'f32' | 'u32', zero: string, fold: string, helpers: string, write: string): string {
+  return `
+      var<workgroup> lanes : array<${type}, ${MAX_ABS_THREADS}>;
+      ${helpers}
 
       // a one-dimensional dispatch, so tfjs passes the flat index; the workgroup and lane are what is
       // used; uniforms.count counts x's loads (quads or elements)
       fn main(index : i32) {
         let lid = i32(localIndex);
         let stride = uniforms.parts * ${MAX_ABS_THREADS};
-        var m = 0u;
+        var m = ${zero};
         for (var i = i32(workgroupId.x) * ${MAX_ABS_THREADS} + lid; i < uniforms.count; i += stride) {
           ${fold}
         }
@@ -193,14 +185,8 @@ export class MaxAbsCodeProgram implements WebGPUProgram {
           workgroupBarrier();
         }
         if (lid == 0) {
-          let value = (uniforms.epoch << ${MAX_ABS_CODE_BITS}u) | maxAbsCode(lanes[0]);
-          if (uniforms.parts == 1) {
-            atomicStore(&result[0], value);
-          } else {
-            atomicMax(&result[0], value);
-          }
+          ${write}
         }
       }
     `;
-  }
 }
