@@ -139,6 +139,11 @@ describe('bench/load_bench', () => {
     }
     expect(formatLoadBenchTable(cases)).to.match(/numBytes stored \/ float32: \d\.\d{3} \(target <= 0\.55\)\n$/);
 
+    // denseDtype 'stored': the dense weights too held as their bf16 words, 2 bytes an element
+    const [words] = await benchLoad({ config, backend: BACKEND === 'wasm' ? 'wasm' : 'cpu', expertDtypes: ['stored'], denseDtype: 'stored' });
+    expect(words.numBytes).to.equal(estimateLoadMemory(config, { expertBytesPerElement: 2, denseStorage: 'bf16' }).bytes);
+    expect(words.numBytes).to.be.below(cases[0].numBytes);
+
     // a load that fails in its child is named, with the child's message
     let file = '';
     const failing = await rejection(benchLoad({
@@ -158,6 +163,7 @@ describe('bench/load_bench', () => {
     expect(await msg({ backend: 'webgl' })).to.equal("`benchLoad()`: 'backend' must be one of 'cpu', 'wasm', 'webgpu' but got 'webgl'");
     expect(await msg({ expertDtypes: [] })).to.equal("`benchLoad()`: 'expertDtypes' must name at least one of stored, float32");
     expect(await msg({ expertDtypes: ['f16' as never] })).to.equal("`benchLoad()`: 'expertDtypes' must be one of 'stored', 'float32' but got 'f16'");
+    expect(await msg({ denseDtype: 'f16' as never })).to.equal("`benchLoad()`: 'denseDtype' must be one of 'stored', 'float32' but got 'f16'");
     expect(olmoeConfig()).to.deep.include({ hidden_size: 2048, num_hidden_layers: 16, num_experts: 64, num_experts_per_tok: 8, intermediate_size: 1024, vocab_size: 50304, num_attention_heads: 16 });
     const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'bench', ...args], { encoding: 'utf8' });
     const cases: Array<[string[], string]> = [

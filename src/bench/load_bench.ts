@@ -18,7 +18,7 @@ import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { configTensorPlan } from '../io/hf_checkpoint_core.js';
+import { configTensorPlan, DENSE_DTYPES, type DenseDtype } from '../io/hf_checkpoint_core.js';
 import { safetensorsLayout } from '../io/safetensors_bytes.js';
 import type { HFConfig } from '../models/families.js';
 import { estimateLoadMemory } from '../models/memory.js';
@@ -236,6 +236,8 @@ export interface LoadBenchOptions {
   config?: HFConfig;
   /** the loads to run, each in its own child process (default both) */
   expertDtypes?: readonly LoadBenchExpertDtype[];
+  /** how the loads hold the dense weights (the loader's `denseDtype`, default float32) */
+  denseDtype?: DenseDtype;
   /** the backend of the loads (default cpu) */
   backend?: string;
   seed?: number;
@@ -260,8 +262,8 @@ function childEntry(): string {
 }
 
 /** Runs one load in a child process and returns its report (the last line of its stdout). */
-async function loadInChild(dir: string, backend: string, expertDtype: LoadBenchExpertDtype): Promise<LoadChildResult> {
-  const child = spawn(process.execPath, [...process.execArgv, childEntry(), JSON.stringify({ dir, backend, expertDtype })],
+async function loadInChild(dir: string, backend: string, expertDtype: LoadBenchExpertDtype, denseDtype: DenseDtype): Promise<LoadChildResult> {
+  const child = spawn(process.execPath, [...process.execArgv, childEntry(), JSON.stringify({ dir, backend, expertDtype, denseDtype })],
       { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
@@ -300,6 +302,8 @@ export async function benchLoad(options: LoadBenchOptions = {}): Promise<LoadBen
   const expertDtypes = options.expertDtypes ?? LOAD_BENCH_EXPERT_DTYPES;
   if (expertDtypes.length === 0) fail(OP, "'expertDtypes' must name at least one of stored, float32");
   for (const d of expertDtypes) assertOneOf(OP, 'expertDtypes', d, LOAD_BENCH_EXPERT_DTYPES);
+  const denseDtype = options.denseDtype ?? 'float32';
+  assertOneOf(OP, 'denseDtype', denseDtype, DENSE_DTYPES);
   const config = options.config ?? olmoeConfig(layers);
   const dir = options.dir ?? await mkdtemp(join(tmpdir(), 'moe-lora-load-bench-'));
   try {
@@ -308,7 +312,7 @@ export async function benchLoad(options: LoadBenchOptions = {}): Promise<LoadBen
     await options.onWritten?.({ ...written, dir, seconds: (performance.now() - began) / 1000 });
     const cases: LoadBenchCase[] = [];
     for (const expertDtype of expertDtypes) {
-      const r = await loadInChild(dir, backend, expertDtype);
+      const r = await loadInChild(dir, backend, expertDtype, denseDtype);
       const c: LoadBenchCase = {
         backend, expertDtype, layers: config['num_hidden_layers'] as number, checkpointBytes: written.totalBytes, shards: written.shards.length,
         estimateFloat32Bytes: estimateLoadMemory(config).bytes, ...r,

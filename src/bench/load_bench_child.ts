@@ -1,6 +1,6 @@
 /**
  * One load of the load benchmark, in a process of its own (started by load_bench.ts), so that its
- * peak RSS is the load's: argv[2] is `{dir, backend, expertDtype}` as JSON; the last line of
+ * peak RSS is the load's: argv[2] is `{dir, backend, expertDtype, denseDtype}` as JSON; the last line of
  * stdout is the LoadChildResult as JSON, or `{error}` (exit code 1).
  *
  * Besides the peak RSS, the child samples every millisecond of the load the RSS minus the bytes of
@@ -34,7 +34,8 @@ function peakRssBytes(): number {
   return process.resourceUsage().maxRSS * 1024;
 }
 
-const { dir, backend, expertDtype } = JSON.parse(process.argv[2] ?? '{}') as { dir: string; backend: string; expertDtype: string };
+const { dir, backend, expertDtype, denseDtype } = JSON.parse(process.argv[2] ?? '{}') as
+    { dir: string; backend: string; expertDtype: string; denseDtype?: string };
 try {
   const release = await selectBenchBackend(backend);
   try {
@@ -47,7 +48,7 @@ try {
     let model;
     try {
       // `expertDtype` is passed through as is: 'stored' keeps 16-bit experts packed where the loader supports it
-      model = await loadHFCheckpoint(dir, { expertDtype } as LoadHFCheckpointOptions);
+      model = await loadHFCheckpoint(dir, { expertDtype, denseDtype } as LoadHFCheckpointOptions);
     } finally {
       clearInterval(sampler);
     }
