@@ -442,18 +442,20 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     const gcObserver = new PerformanceObserver(list => { for (const e of list.getEntries()) gcMs += e.duration; });
     gcObserver.observe({ entryTypes: ['gc'] });
     const webgpu = tf.getBackend() === 'webgpu';
+    // the pool's bytes of buffers, as tf.memory() counts them (webgpuBufferPoolStats would walk its free lists)
+    const allocatedBytes = () => (tf.memory() as { numBytesAllocatedInGPU?: number }).numBytesAllocatedInGPU ?? 0;
     const runSteps = async (from: number, to: number) => {
       for (let step = from; step < to; step++) {
         const gcBefore = gcMs;
         const madeBefore = bindGroupCacheCounts(tf.backend()).made;
-        const allocatedBefore = webgpu ? webgpuBufferPoolStats().allocatedBytes : 0;
+        const allocatedBefore = allocatedBytes();
         const { seconds, value, phaseMs } = await oneStep(step);
         // the observer is told after the step's own tasks: a turn of the event loop first
         await new Promise(resolve => setImmediate(resolve));
         result.stepGcMs.push(gcMs - gcBefore);
         if (webgpu) {
           (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
-          (result.stepBytesAllocated ??= []).push(webgpuBufferPoolStats().allocatedBytes - allocatedBefore);
+          (result.stepBytesAllocated ??= []).push(allocatedBytes() - allocatedBefore);
         }
         result.stepSeconds.push(seconds);
         result.stepPhaseMs.push(phaseMs);
