@@ -205,9 +205,21 @@ export class TensorBuilder {
  * ```
  */
 export async function deviceTensor(values: Float32Array | Int32Array, shape: number[], dtype: 'float32' | 'int32'): Promise<tf.Tensor> {
+  return buildTensor(shape, dtype, builder => builder.write(values, 0));
+}
+
+/**
+ * A tensor of `shape` that `fill` writes through a TensorBuilder: finished when `fill` resolves,
+ * its device buffer freed when `fill` throws (which must not throw before its writes have settled).
+ *
+ * ```js
+ * const w = await buildTensor([rows, cols], 'float32', b => fillDecodedHalves(b, 0, file, name));
+ * ```
+ */
+export async function buildTensor(shape: number[], dtype: 'float32' | 'int32', fill: (builder: TensorBuilder) => Promise<void>): Promise<tf.Tensor> {
   const builder = new TensorBuilder(shape, dtype);
   try {
-    await builder.write(values, 0);
+    await fill(builder);
     return await builder.finish();
   } catch (e) {
     builder.dispose();
@@ -316,14 +328,7 @@ export async function readToDevice(source: TensorSource, name: string): Promise<
   if (activeWebGPU() === null || typeof source.halfBits !== 'function' || (dtype !== 'BF16' && dtype !== 'F16')) {
     return onDevice(await source.tensor(name));
   }
-  const builder = new TensorBuilder(shape, 'float32');
-  try {
-    await fillDecodedHalves(builder, 0, source, name);
-    return await builder.finish();
-  } catch (e) {
-    builder.dispose();
-    throw e;
-  }
+  return buildTensor(shape, 'float32', builder => fillDecodedHalves(builder, 0, source, name));
 }
 
 /**
@@ -338,15 +343,8 @@ export async function readHalfWordsToDevice(source: TensorSource, name: string, 
     throw new Error(`readHalfWordsToDevice: '${name}' needs an even row and a source with halfBitsInto but has ${cols} columns` +
         `${typeof source.halfBitsInto === 'function' ? '' : ' and no halfBitsInto'}`);
   }
-  const builder = new TensorBuilder([rows, cols / 2], 'int32');
-  try {
-    await builder.fill(0, rows * cols / 2, (into, at) =>
-      source.halfBitsInto!(name, new Uint16Array(into.buffer, into.byteOffset, 2 * into.length), 2 * at));
-    return await builder.finish();
-  } catch (e) {
-    builder.dispose();
-    throw e;
-  }
+  return buildTensor([rows, cols / 2], 'int32', builder => builder.fill(0, rows * cols / 2, (into, at) =>
+    source.halfBitsInto!(name, new Uint16Array(into.buffer, into.byteOffset, 2 * into.length), 2 * at)));
 }
 
 /** What is used of tfjs-backend-wasm's BackendWasm (4.22): a tensor's place on the heap and its sharers. */

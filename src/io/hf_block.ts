@@ -10,7 +10,7 @@ import {
 import { NF4_DQ_NESTED_BLOCK_SIZE, QUANTIZED_KINDS, quantizeExpertInto, quantizedLayout, type QuantizedKind, type QuantizedLayout } from '../ops/quantized.js';
 import { CheckpointError } from './hf_checkpoint_core.js';
 import { assertInteger, assertOneOf, fail } from '../ops/validate.js';
-import { decodeHalvesInto, fillDecodedHalves, readHalvesInto, readToDevice, TensorBuilder, type HalfScratch } from './device_tensor.js';
+import { buildTensor, decodeHalvesInto, fillDecodedHalves, readHalvesInto, readToDevice, TensorBuilder, type HalfScratch } from './device_tensor.js';
 import type { ExpertQuantizer } from './quantize_pool.js';
 import type { ExpertWeights, MoEBlockWeights, RouterWeights, SharedExpertWeights } from '../ops/types.js';
 import {
@@ -249,9 +249,8 @@ async function fuseRows(
     op: string, file: TensorSource, numExperts: number, parts: Expected[][],
     [rows, cols]: number[]): Promise<tf.Tensor3D> {
   const block = rows * cols;
-  const stack = new TensorBuilder([numExperts, parts.length * rows, cols], 'float32');
   const scratch: HalfScratch = { halves: new Uint16Array(0) };
-  try {
+  return await buildTensor([numExperts, parts.length * rows, cols], 'float32', async stack => {
     for (let e = 0; e < numExperts; e++) {
       for (const [p, part] of parts.entries()) {
         const { name } = part[e];
@@ -263,11 +262,7 @@ async function fuseRows(
         }
       }
     }
-    return await stack.finish() as tf.Tensor3D;
-  } catch (err) {
-    stack.dispose();
-    throw err;
-  }
+  }) as tf.Tensor3D;
 }
 
 /**
