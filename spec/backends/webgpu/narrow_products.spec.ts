@@ -11,8 +11,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { expect } from 'chai';
 import {
-  deviceDispatchPlan, groupedMatMul, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
+  deviceDispatchPlan, groupedMatMul, groupedNarrowLayoutFor, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_LANE_PRODUCTS_FLAG,
+  NARROW_PRODUCTS_FLAG, type WeightStrides,
 } from '../../../src/backends/webgpu/kernels.js';
+import { DenseNarrowMatMulProgram } from '../../../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import {
   narrowGradChunkRows, NarrowGroupedMatMulProgram, NarrowWeightGradProgram, NarrowWeightGradSumProgram,
 } from '../../../src/backends/webgpu/programs/narrow_matmul_program.js';
@@ -132,15 +134,20 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
   });
 
   // T=29, K=3 over E=6 with expert 0 and 5 unused ('skip'); inner 150: two full 64-deep chunks
-  // and a ragged third
+  // and a ragged third (the lanes' program: no whole round of 4·64, the rest one k at a time);
+  // 600: the lanes' program's two rounds of 256 and a ragged rest
   const T = 29, K = 3, E = 6, inner = 150;
   const rng = new Rng(11);
   const experts = chooseExperts(rng, T, K, E, 'skip');
   const activation: ExpertActivation = { kind: 'swiglu' };
   const x = asF32(rng.array(T * inner));
 
-  for (const rowTile of [16, 32]) {
-    describe(`row tile ${rowTile}`, () => {
+  // NarrowGroupedMatMulProgram (16 lanes a row, W staged), and DenseNarrowMatMulProgram's planned form
+  // (lanes splitting k; 4 or 8 rows a workgroup: 64 lanes, 1 row a thread below 2048 rows of capacity)
+  const programs = [['NarrowGroupedMatMulProgram', false], ['DenseNarrowMatMulProgram', true]] as const;
+  for (const [rowTile, inner, [program, lanes]] of programs.flatMap(p => [[16, 150, p], [32, 600, p]] as const)) {
+    describe(`row tile ${rowTile}, inner ${inner}: ${program}`, () => {
+      const x = asF32(rng.array(T * inner));
       let plan: ReturnType<typeof deviceDispatchPlan>;
       let ex: tf.Tensor2D;
       let pairOfRow: number[];
@@ -187,11 +194,11 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
               const fT = layout === 'A' ? tf.tensor2d(Float32Array.from(f), [r * E, inner]) : tf.tensor2d(Float32Array.from(f), [inner, r * E]);
               await expectNoLeakAsync(async () => {
                 let out: tf.Tensor2D | undefined;
-                const programs = programsOf(() => {
+                const programs = await withEnvFlag(NARROW_LANE_PRODUCTS_FLAG, lanes, async () => programsOf(() => {
                   out = groupedMatMul({ a: input, source, w: fT, strides, inner, outCols: r, plan, activation, alpha,
                     tile: { tm: 1, tn: 1, bk: 16 } });
-                });
-                expect(programs, 'programs').to.deep.equal(['NarrowGroupedMatMulProgram']);
+                }));
+                expect(programs, 'programs').to.deep.equal([program]);
                 await expectCloseAsync(out!, want, 1e-5, 'out', [cap, r]);
                 const got = await out!.data();
                 const padding = pairOfRow.flatMap((p, row) => (p < 0 ? Array.from(got.subarray(row * r, row * r + r)) : []));
@@ -328,12 +335,75 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     const withAddend = run(8, { addend });
     expect(withAddend.names).to.deep.equal(['GroupedMatMulProgram']);
     const narrow = run(8);
-    expect(narrow.names).to.deep.equal(['NarrowGroupedMatMulProgram']);
+    expect(narrow.names).to.deep.equal(['DenseNarrowMatMulProgram']);
+    const staged = await withEnvFlag(NARROW_LANE_PRODUCTS_FLAG, false, async () => run(8));
+    expect(staged.names).to.deep.equal(['NarrowGroupedMatMulProgram']);
     const generic = await withEnvFlag(NARROW_PRODUCTS_FLAG, false, async () => run(8));
     expect(generic.names).to.deep.equal(['GroupedMatMulProgram']);
     await expectCloseAsync(narrow.out, await generic.out.data(), 1e-6, 'narrow vs generic');
+    await expectCloseAsync(staged.out, await generic.out.data(), 1e-6, 'staged narrow vs generic');
     await expectCloseAsync(withAddend.out, await generic.out.data(), 1e-6, 'generic with a zero addend');
-    tf.dispose([wide.out, withAddend.out, narrow.out, generic.out, addend, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+    tf.dispose([wide.out, withAddend.out, narrow.out, staged.out, generic.out, addend, input, ex, plan.seg, plan.rowOfPair, plan.pairOfRow]);
+  });
+
+  it('the lanes\' program at 2 rows a thread (a capacity of 2048 rows or more): padding mixed with real rows in a thread', async () => {
+    // 700 tokens × 3 over 6 experts (0 and 5 unused), row tile 16: 2100 pairs, each expert's last tile part padding
+    const T = 700, K = 3, inner = 150, r = 8;
+    const rng = new Rng(21);
+    const experts = chooseExperts(rng, T, K, E, 'skip');
+    const routed = new RoutedPlan(experts, T, K, E, 16);
+    await routed.make();
+    const { plan, pairOfRow } = routed;
+    expect(plan.capacity).to.be.at.least(2048);
+    expect(groupedNarrowLayoutFor(16, plan.capacity)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
+    const h = asF32(rng.array(plan.capacity * 2 * inner));
+    const f = asF32(rng.array(r * E * inner));
+    const want = new Float64Array(plan.capacity * r);
+    for (let row = 0; row < plan.capacity; row++) {
+      const p = pairOfRow[row];
+      if (p < 0) continue;
+      for (let n = 0; n < r; n++) {
+        let sum = 0;
+        for (let k = 0; k < inner; k++) {
+          const g = h[row * 2 * inner + k];
+          sum += g * sigmoid(g) * h[row * 2 * inner + inner + k] * f[experts[p] * r * inner + n * inner + k];
+        }
+        want[row * r + n] = 0.5 * sum;
+      }
+    }
+    const input = tf.tensor2d(Float32Array.from(h), [plan.capacity, 2 * inner]);
+    const fT = tf.tensor2d(Float32Array.from(f), [r * E, inner]);
+    await expectNoLeakAsync(async () => {
+      let out: tf.Tensor2D | undefined;
+      const programs = programsOf(() => {
+        out = groupedMatMul({ a: input, source: 'act', w: fT, strides: { sE: r * inner, sN: inner, sK: 1 }, inner, outCols: r, plan,
+          activation: { kind: 'swiglu' }, alpha: 0.5, tile: { tm: 1, tn: 1, bk: 16 } });
+      });
+      expect(programs).to.deep.equal(['DenseNarrowMatMulProgram']);
+      await expectCloseAsync(out!, want, 1e-5, 'out', [plan.capacity, r]);
+      out!.dispose();
+    });
+    tf.dispose([input, fT]);
+    routed.dispose();
+  });
+
+  it('the lanes\' program takes a plan whose row tile its block divides; its planned form checks its rows and activation', async () => {
+    // 64 lanes, 1 row a thread (4-row blocks) below 2048 rows of capacity, 2 (8-row blocks) from it
+    expect(groupedNarrowLayoutFor(16, 512)).to.deep.equal({ lanes: 64, rowsPerThread: 1 });
+    expect(groupedNarrowLayoutFor(128, 24576)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
+    expect(groupedNarrowLayoutFor(4, 2048)).to.equal(undefined);
+    expect(await withEnvFlag(NARROW_LANE_PRODUCTS_FLAG, false, async () => groupedNarrowLayoutFor(128, 24576))).to.equal(undefined);
+    const layout = { lanes: 64, rowsPerThread: 2 } as const;
+    const planned = new DenseNarrowMatMulProgram(64, 8, layout, { source: 'gather' });
+    expect(planned.variableNames).to.deep.equal(['A', 'W', 'seg', 'pr']);
+    expect(planned.shaderKey).to.match(/_planned_gather_/);
+    expect(new DenseNarrowMatMulProgram(64, 8, layout).variableNames).to.deep.equal(['A', 'W']);
+    expect(() => new DenseNarrowMatMulProgram(60, 8, layout, { source: 'rows' }))
+      .to.throw('DenseNarrowMatMulProgram: a planned product\'s rows must be whole blocks of 8 but got 60');
+    expect(() => new DenseNarrowMatMulProgram(64, 8, layout, { source: 'act' }))
+      .to.throw("DenseNarrowMatMulProgram: an activation goes with source 'act' only, but got source 'act' and none");
+    expect(() => new DenseNarrowMatMulProgram(64, 8, layout, { source: 'rows', activation: { kind: 'swiglu', interleaved: false } }))
+      .to.throw("but got source 'rows' and 'swiglu'");
   });
 
   it('the weight gradient keeps the generic program for P, Q > 16 and with the flag off; both agree', async () => {

@@ -19,7 +19,7 @@ import {
   type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
-  DenseNarrowMatMulProgram, type DenseNarrowMatMulLayout,
+  denseNarrowBlockRows, DenseNarrowMatMulProgram, type DenseNarrowMatMulLayout, type DenseNarrowRowsPerThread,
 } from './programs/dense_narrow_matmul_program.js';
 import {
   narrowInnerBlockRowsFor, type NarrowInnerBlockRows, NarrowInnerGroupedMatMulProgram,
@@ -129,6 +129,15 @@ tf.env().registerFlag(NARROW_PRODUCTS_FLAG, () => true);
  */
 export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
 tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => true);
+
+/**
+ * tf.env() flag: the experts' products r wide (split LoRA's u = x·A_eᵀ, act(h)·A_eᵀ and s·dy·B_e;
+ * NARROW_PRODUCTS_FLAG on) on DenseNarrowMatMulProgram's planned form, lanes splitting each row's
+ * k, where its block divides the plan's row tile (groupedNarrowLayoutFor). false:
+ * NarrowGroupedMatMulProgram (A/B runs).
+ */
+export const NARROW_LANE_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_LANE_PRODUCTS';
+tf.env().registerFlag(NARROW_LANE_PRODUCTS_FLAG, () => true);
 
 /**
  * tf.env() flag: the rows of a subgroup-matrix block for dense products on tensor cores: 128, 64 or
@@ -378,6 +387,10 @@ const groupedMatMulConfig: tf.KernelConfig = {
           matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number },
               half !== undefined),
           a.blockRows as SubgroupBlockRows)
+      // narrowLanes 0 (or absent): not on the lanes' program
+      : a.narrowLanes === 32 || a.narrowLanes === 64 || a.narrowLanes === 128
+        ? new DenseNarrowMatMulProgram(capacity, outCols, { lanes: a.narrowLanes, rowsPerThread: a.narrowLaneRows as DenseNarrowRowsPerThread },
+          { source: common.source, activation: common.source === 'act' ? common.activation : undefined })
       // narrowRows 0 (or absent: a caller of runKernel that predates it): the tiled program
       : a.narrowRows === 1 || a.narrowRows === 2
         ? new NarrowGroupedMatMulProgram(capacity, outCols, {
@@ -576,6 +589,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (tail !== undefined) Object.assign(inputs, { tailA: tail.a, tailW: tail.w });
   if (tensorCores && args.gradient) inputs.amax = maxAbsCode(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
+  const laneLayout = narrow ? groupedNarrowLayoutFor(args.plan.rowTile, args.plan.capacity) : undefined;
   // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
   const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
@@ -583,6 +597,8 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
     // NarrowGroupedMatMulProgram's rows per thread, 0: not narrow
     narrowRows: narrow ? narrowRowsPerThread(args.plan.rowTile) : 0,
+    // or DenseNarrowMatMulProgram's planned form in this layout (0: not)
+    narrowLanes: laneLayout?.lanes ?? 0, narrowLaneRows: laneLayout?.rowsPerThread ?? 0,
     // NarrowInnerGroupedMatMulProgram's rows per workgroup, 0: not a narrow reduction
     narrowInnerRows: narrowInner ? narrowInnerBlockRowsFor(args.plan.rowTile)! : 0,
     source: args.source, hasBias: args.bias != null, hasAddend: args.addend != null,
@@ -1466,6 +1482,21 @@ const DENSE_NARROW_MANY_ROWS = 2048;
 /** DenseNarrowMatMulProgram's layout for a dense product of `rows` rows (DENSE_NARROW_MANY_ROWS). */
 export function denseNarrowLayoutFor(rows: number): DenseNarrowMatMulLayout {
   return { lanes: 64, rowsPerThread: rows >= DENSE_NARROW_MANY_ROWS ? 2 : 1 };
+}
+
+/**
+ * DenseNarrowMatMulProgram's layout for the experts' products r wide over a plan (the dense
+ * products' at its capacity), or undefined where NARROW_LANE_PRODUCTS_FLAG is off or its block
+ * does not divide the row tile (a block must not span two experts): NarrowGroupedMatMulProgram.
+ *
+ * ```js
+ * groupedNarrowLayoutFor(128, 24576);   // { lanes: 64, rowsPerThread: 2 }: 8-row blocks
+ * groupedNarrowLayoutFor(4, 64);        // undefined
+ * ```
+ */
+export function groupedNarrowLayoutFor(rowTile: number, capacity: number): DenseNarrowMatMulLayout | undefined {
+  const layout = denseNarrowLayoutFor(capacity);
+  return tf.env().getBool(NARROW_LANE_PRODUCTS_FLAG) && rowTile % denseNarrowBlockRows(layout) === 0 ? layout : undefined;
 }
 
 /**

@@ -24,9 +24,18 @@
  *
  * A single group of plain rows (no plan, nothing uploaded per call): row i is A's row i for
  * i < numRows; rows past it (the last workgroup's) load nothing and write nothing.
+ *
+ * `planned` (the experts' u = x·A_eᵀ, act(h)·A_eᵀ and s·dy·B_e, NarrowGroupedMatMulProgram's
+ * products): the plan's padded rows with GroupedMatMulProgram's row sources, inputs (seg, pr) and
+ * uniforms. A workgroup's rows must lie in one expert (its rows divide the plan's row tile), whose
+ * factor W_e starts at e·sE; a padding row, or a block past the rows in use, writes 0 and a thread
+ * none of whose rows is real loads nothing. NarrowGroupedMatMulProgram's 16 lanes a row against a
+ * staged slab took 137 µs a call for these at OLMoE's step (Z6's profile: 8.8 ms a step), where
+ * reading the 16384 rows once takes ~45 µs; at one group, 2048 rows, this layout was 3× faster (run V).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { NARROW_MAX_COLS } from './narrow_matmul_program.js';
+import { type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource } from './shared.js';
 
 const THREADS = 256;
 /** Loads of A (and their W values) a lane issues before its sums. */
@@ -44,23 +53,34 @@ export interface DenseNarrowMatMulLayout {
   rowsPerThread: DenseNarrowRowsPerThread;
 }
 
-/** The uniforms, in the kernel's order (runNarrowDenseProduct). */
+/** The uniforms, in the kernel's order (runNarrowDenseProduct); a planned product takes GROUPED_MATMUL_UNIFORMS. */
 export const DENSE_NARROW_MATMUL_UNIFORMS = 'numRows : i32, outCols : i32, inner : i32, sN : i32, sK : i32, alpha : f32, ';
 
+/** The rows of a planned product: the plan's row sources, as GroupedMatMulProgram's. */
+export interface DenseNarrowPlannedRows {
+  source: RowSource;
+  /** the activation, when source is 'act' */
+  activation?: ActivationSpec;
+}
+
 export class DenseNarrowMatMulProgram implements WebGPUProgram {
-  variableNames = ['A', 'W'];
+  variableNames: string[];
   outputShape: number[];
   shaderKey: string;
   // not a flat layout (which tfjs would call as main(index)): one workgroup per block of rows along x
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  uniforms = DENSE_NARROW_MATMUL_UNIFORMS;
+  uniforms: string;
   private readonly outCols: number;
   private readonly layout: DenseNarrowMatMulLayout;
+  private readonly planned?: DenseNarrowPlannedRows;
 
-  /** out [rows, outCols], outCols ≤ NARROW_MAX_COLS; any row count (≥ 1) */
-  constructor(rows: number, outCols: number, layout: DenseNarrowMatMulLayout) {
+  /**
+   * out [rows, outCols], outCols ≤ NARROW_MAX_COLS; any row count (≥ 1). `planned`: rows is the
+   * plan's capacity, a multiple of denseNarrowBlockRows(layout), as its row tile must be.
+   */
+  constructor(rows: number, outCols: number, layout: DenseNarrowMatMulLayout, planned?: DenseNarrowPlannedRows) {
     if (!Number.isInteger(outCols) || outCols < 1 || outCols > NARROW_MAX_COLS) {
       throw new Error(`DenseNarrowMatMulProgram: outCols must be an integer in [1, ${NARROW_MAX_COLS}] but got ${outCols}`);
     }
@@ -74,13 +94,39 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
     if (!Number.isInteger(rows) || rows < 1) {
       throw new Error(`DenseNarrowMatMulProgram: rows must be a positive integer but got ${rows}`);
     }
+    if (planned !== undefined && rows % denseNarrowBlockRows(layout) !== 0) {
+      throw new Error(`DenseNarrowMatMulProgram: a planned product's rows must be whole blocks of ${denseNarrowBlockRows(layout)} ` +
+          `but got ${rows}`);
+    }
+    if (planned !== undefined && (planned.source === 'act') !== (planned.activation !== undefined)) {
+      throw new Error(`DenseNarrowMatMulProgram: an activation goes with source 'act' only, but got source '${planned.source}' ` +
+          `and ${planned.activation === undefined ? 'none' : `'${planned.activation.kind}'`}`);
+    }
     this.outCols = outCols;
     this.layout = layout;
+    this.planned = planned;
     this.outputShape = [rows, outCols];
     this.dispatch = [Math.ceil(rows / denseNarrowBlockRows(layout)), 1, 1];
+    this.variableNames = planned === undefined ? ['A', 'W'] : ['A', 'W', 'seg', 'pr'];
+    this.uniforms = planned === undefined ? DENSE_NARROW_MATMUL_UNIFORMS : GROUPED_MATMUL_UNIFORMS;
     // outCols sizes the register arrays and lanes, rowsPerThread the loops: all specialisations;
     // the strides (either layout of W), rows, K and alpha are uniforms
-    this.shaderKey = `moeDenseNarrowMatMul_${outCols}_${layout.lanes}_${layout.rowsPerThread}`;
+    this.shaderKey = `moeDenseNarrowMatMul_${outCols}_${layout.lanes}_${layout.rowsPerThread}` +
+        (planned === undefined ? '' : `_planned_${planned.source}_${activationKey(planned.activation)}`);
+  }
+
+  /**
+   * WGSL (planned): `fn rowSource(r : i32, e : i32) -> i32`, the A row of padded row r in a block
+   * of expert e (−1: padding, a block past the rows in use, or past the capacity).
+   */
+  private rowSourceSnippet(): string {
+    return `
+      fn rowSource(r : i32, e : i32) -> i32 {
+        if (e < 0 || r >= uniforms.numRows) { return -1; }
+        let p = pr[r];
+        if (p < 0) { return -1; }
+        return ${this.planned!.source === 'gather' ? 'p / uniforms.topK' : 'r'};
+      }`;
   }
 
   getUserCode(): string {
@@ -91,11 +137,20 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
     // acc[i·4·quads + j]: row i of the thread, output j (padded to whole vec4s for the reduction)
     const accAt = (i: number, j: number) => `acc[${i * 4 * quads + j}]`;
     /** WGSL: the loads of round u's k (A's rows of the thread, W's n values) and their sums */
+    const planned = this.planned;
+    // A's element k of the thread's row i: as stored, or (planned) 0 on padding and act(h) for 'act'
+    const aAt = (i: number, k: string) => {
+      if (planned === undefined) return `A[rowBase${i} + ${k}]`;
+      const value = planned.source === 'act'
+        ? `actForward(A[rowBase${i} + gateIndex(${k}, uniforms.inner)], A[rowBase${i} + upIndex(${k}, uniforms.inner)])`
+        : `A[rowBase${i} + ${k}]`;
+      return `select(0.0, ${value}, live${i})`;
+    };
     const step = (u: number): { loads: string[]; sums: string[] } => {
       const k = u === 0 ? 'k' : `(k + ${u * lanes})`;
       const loads: string[] = [];
-      for (let i = 0; i < rpt; i++) loads.push(`let a${u}_${i} = A[rowBase${i} + ${k}];`);
-      for (let j = 0; j < cols; j++) loads.push(`let w${u}_${j} = W[${j} * uniforms.sN + ${k} * uniforms.sK];`);
+      for (let i = 0; i < rpt; i++) loads.push(`let a${u}_${i} = ${aAt(i, k)};`);
+      for (let j = 0; j < cols; j++) loads.push(`let w${u}_${j} = W[${planned === undefined ? '' : 'wBase + '}${j} * uniforms.sN + ${k} * uniforms.sK];`);
       const sums: string[] = [];
       for (let i = 0; i < rpt; i++) {
         for (let j = 0; j < cols; j++) sums.push(`${accAt(i, j)} = fma(a${u}_${i}, w${u}_${j}, ${accAt(i, j)});`);
@@ -104,9 +159,25 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
     };
     const unrolled = Array.from({ length: UNROLL }, (_, u) => step(u));
     const rest = step(0);
-    const rowBases = Array.from({ length: rpt }, (_, i) =>
-      // rows past numRows read row numRows − 1 (in bounds) and are not written
-      `let rowBase${i} = min(row0 + ty + ${rowGroups * i}, uniforms.numRows - 1) * uniforms.inner;`);
+    const rowBases = planned === undefined
+      ? Array.from({ length: rpt }, (_, i) =>
+        // rows past numRows read row numRows − 1 (in bounds) and are not written
+        `let rowBase${i} = min(row0 + ty + ${rowGroups * i}, uniforms.numRows - 1) * uniforms.inner;`)
+      : [
+        `if (lid == 0) {
+          var e = -1;
+          if (row0 < seg[uniforms.numExperts]) { e = expertOfRow(row0); }
+          blockExpert = e;
+        }
+        let e = workgroupUniformLoad(&blockExpert);
+        let wBase = max(e, 0) * uniforms.sE;`,
+        ...Array.from({ length: rpt }, (_, i) => `let src${i} = rowSource(row0 + ty + ${rowGroups * i}, e);
+        let live${i} = src${i} >= 0;
+        let rowBase${i} = max(src${i}, 0) * ${planned.source === 'act' ? '2 * ' : ''}uniforms.inner;`),
+        // a thread none of whose rows is real runs no step (no barrier inside the loops)
+        `let kEnd = select(0, uniforms.inner, ${Array.from({ length: rpt }, (_, i) => `live${i}`).join(' || ')});`,
+      ];
+    const kEnd = planned === undefined ? 'uniforms.inner' : 'kEnd';
     const treeAdds = Array.from({ length: quads }, (_, q) =>
       `partial[${q * THREADS} + lid] += partial[${q * THREADS} + lid + half];`);
     // one reduction per row of the thread, unrolled here: acc indexed only by constants stays in
@@ -126,12 +197,19 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
         {
           let r = row0 + ty + ${rowGroups * i};
           if (lane < ${cols} && r < uniforms.numRows) {
-            result[r * ${cols} + lane] = uniforms.alpha * partial[(lane / 4) * ${THREADS} + ty * ${lanes}][lane % 4];
+            ${planned === undefined
+              ? `result[r * ${cols} + lane] = uniforms.alpha * partial[(lane / 4) * ${THREADS} + ty * ${lanes}][lane % 4];`
+              // padding rows and blocks past the rows in use write 0
+              : `result[r * ${cols} + lane] = select(0.0, uniforms.alpha * partial[(lane / 4) * ${THREADS} + ty * ${lanes}][lane % 4], live${i});`}
           }
         }
         ${i + 1 < rpt ? '// the next row\'s partials overwrite these\n        workgroupBarrier();' : ''}`);
     return `
       var<workgroup> partial : array<vec4<f32>, ${quads * THREADS}>;
+      ${planned === undefined ? '' : `var<workgroup> blockExpert : i32;
+      ${EXPERT_OF_ROW}
+      ${this.rowSourceSnippet()}
+      ${planned.activation !== undefined ? activationSnippet(planned.activation) : ''}`}
 
       fn main() {
         let lid = i32(localIndex);
@@ -142,11 +220,11 @@ export class DenseNarrowMatMulProgram implements WebGPUProgram {
         var acc : array<f32, ${rpt * 4 * quads}>;
         // ${UNROLL} k a lane per round (${UNROLL}·${rpt} loads of A and ${UNROLL}·${cols} of W in flight), then the rest one at a time
         var k = lane;
-        for (; k + ${(UNROLL - 1) * lanes} < uniforms.inner; k += ${UNROLL * lanes}) {
+        for (; k + ${(UNROLL - 1) * lanes} < ${kEnd}; k += ${UNROLL * lanes}) {
           ${unrolled.flatMap(s => s.loads).join('\n          ')}
           ${unrolled.flatMap(s => s.sums).join('\n          ')}
         }
-        for (; k < uniforms.inner; k += ${lanes}) {
+        for (; k < ${kEnd}; k += ${lanes}) {
           ${[...rest.loads, ...rest.sums].join('\n          ')}
         }
         // uniform control flow from here: every thread runs every reduction and its barriers
