@@ -17,10 +17,6 @@
  * Per-invocation `if`s that hold no such call (a guarded store, the prologue of `lid == 0`) are
  * fine. A value is per-invocation when it is one of INVOCATION_NAMES or computed from one, or
  * assigned under a per-invocation branch; `workgroupUniformLoad(&x)` is uniform by definition.
- * SUBGROUP_NAMES (a subgroup's index and its part of the block) are the same across each
- * subgroup, as the programs compute them (subgroups are consecutive runs of the invocation
- * index): a branch on them may hold the subgroup-matrix builtins (each subgroup takes it
- * together), not a barrier or workgroupUniformLoad.
  * A textual analysis of the WGSL this package generates (one statement per `;`, braces around
  * every body), not a WGSL parser.
  *
@@ -32,17 +28,7 @@
 /** Names whose value differs between the invocations of a workgroup (or of its subgroups). */
 export const INVOCATION_NAMES = ['localIndex', 'localId', 'globalId', 'lid', 'lane', 'subgroup', 'partRow', 'partCol', 'tx', 'ty'];
 
-/** Of INVOCATION_NAMES, those that are the same across each subgroup (see the file comment). */
-export const SUBGROUP_NAMES = ['subgroup', 'partRow', 'partCol'];
-
 const COLLECTIVE = /\b(subgroupMatrixLoad|subgroupMatrixStore|subgroupMatrixMultiplyAccumulate|workgroupBarrier|workgroupUniformLoad)\b/;
-const WORKGROUP_WIDE = /\b(workgroupBarrier|workgroupUniformLoad)\b/;
-
-/** How far a value varies: the same for the workgroup, for each subgroup, or per invocation. */
-const UNIFORM = 0;
-const PER_SUBGROUP = 1;
-const PER_INVOCATION = 2;
-type Variation = typeof UNIFORM | typeof PER_SUBGROUP | typeof PER_INVOCATION;
 
 export interface ControlFlowFinding {
   kind: 'enclosed' | 'loop' | 'exit';
@@ -52,7 +38,7 @@ export interface ControlFlowFinding {
   at: string;
 }
 
-interface Construct { header: string; variation: Variation }
+interface Construct { header: string; perInvocation: boolean }
 
 const squeeze = (s: string) => s.replace(/\s+/g, ' ').trim();
 /** the names an expression mentions, member accesses (`.x`, `uniforms.inner`'s `inner`) left out */
@@ -78,38 +64,32 @@ function collectiveFunctions(code: string): Array<{ name: string; body: string }
 function auditFunction(name: string, body: string): ControlFlowFinding[] {
   const findings: ControlFlowFinding[] = [];
   const stack: Construct[] = [];
-  /** per block, the names declared there and how far each varies (WGSL's scoping) */
-  const scopes: Array<Map<string, Variation>> = [new Map(INVOCATION_NAMES.map(n => [n, variationOfName(n, PER_INVOCATION)]))];
+  /** per block, the names declared there and whether each is per-invocation (WGSL's scoping) */
+  const scopes: Array<Map<string, boolean>> = [new Map(INVOCATION_NAMES.map(n => [n, true]))];
   const owner = (n: string) => [...scopes].reverse().find(scope => scope.has(n));
-  const variationOf = (expr: string, except?: string): Variation =>
-    Math.max(UNIFORM, ...[...namesIn(expr)].filter(n => n !== except).map(n => owner(n)?.get(n) ?? UNIFORM)) as Variation;
-  const branchVariation = (): Variation => Math.max(UNIFORM, ...stack.map(c => c.variation)) as Variation;
-  // a barrier needs the whole workgroup together, a matrix builtin its subgroup
-  const enclosed = (s: string) => branchVariation() >= (WORKGROUP_WIDE.test(s) ? PER_SUBGROUP : PER_INVOCATION);
+  const varies = (n: string) => owner(n)?.get(n) ?? false;
+  const dependsOnInvocation = (expr: string, except?: string) => [...namesIn(expr)].some(n => n !== except && varies(n));
+  const underBranch = () => stack.some(c => c.perInvocation);
 
   const statement = (text: string) => {
     const s = squeeze(text);
     if (s === '') return;
-    if (COLLECTIVE.test(s) && enclosed(s)) findings.push({ kind: 'enclosed', fn: name, at: s });
-    if (/^(return|break|continue)\b/.test(s) && branchVariation() > UNIFORM) findings.push({ kind: 'exit', fn: name, at: s });
+    if (COLLECTIVE.test(s) && underBranch()) findings.push({ kind: 'enclosed', fn: name, at: s });
+    if (/^(return|break|continue)\b/.test(s) && underBranch()) findings.push({ kind: 'exit', fn: name, at: s });
     const uniformLoad = (value: string) => /^workgroupUniformLoad\(\s*&\s*\w+\s*\)$/.test(value);
     const decl = /^(?:let|var|const)\s+(\w+)(?:\s*:[^=]+)?\s*=\s*([\s\S]*)$/.exec(s);
     if (decl) {
-      scopes.at(-1)!.set(decl[1], uniformLoad(decl[2]) ? UNIFORM : variationOfName(decl[1], variationOf(decl[2])));
+      scopes.at(-1)!.set(decl[1], !uniformLoad(decl[2]) && dependsOnInvocation(decl[2]));
       return;
     }
     const assign = /^(\w+)(?:\[[^\]]*\])?\s*(?:[-+*/%&|^]|<<|>>)?=\s*([\s\S]*)$/.exec(s);
-    // an assignment under a branch varies at least as the branch does
-    if (assign && !uniformLoad(assign[2])) {
-      const scope = owner(assign[1]);
-      const v = Math.max(variationOf(assign[2]), branchVariation()) as Variation;
-      if (scope !== undefined && v > scope.get(assign[1])!) scope.set(assign[1], v);
-    }
+    // an assignment under a per-invocation branch leaves a per-invocation value
+    if (assign && !uniformLoad(assign[2]) && (dependsOnInvocation(assign[2]) || underBranch())) owner(assign[1])?.set(assign[1], true);
   };
 
   let text = '';
   let parens = 0;
-  /** the construct that closed last: an `else` varies as its `if` does */
+  /** the construct that closed last: an `else` is as per-invocation as its `if` */
   let closed: Construct | undefined;
   for (const ch of body) {
     if (ch === '(') parens++;
@@ -122,14 +102,13 @@ function auditFunction(name: string, body: string): ControlFlowFinding[] {
       text = '';
       const isLoop = /^(for|while|loop)\b/.test(header);
       const isBranch = /^(if|else|switch|case|default)\b/.test(header);
-      // a for loop's own counter: varies as its start does (checked with the rest of the header)
+      // a for loop's own counter: per-invocation when its start is (checked with the rest of the header)
       const counter = /^for\s*\(\s*(?:var|let)\s+(\w+)/.exec(header)?.[1];
-      const variation = isLoop || isBranch
-        ? Math.max(variationOf(header, counter), header.startsWith('else') ? closed?.variation ?? UNIFORM : UNIFORM) as Variation
-        : UNIFORM;
-      if (isLoop && variation > UNIFORM) findings.push({ kind: 'loop', fn: name, at: header });
-      stack.push({ header, variation });
-      scopes.push(new Map(counter ? [[counter, variation]] : []));
+      const varying = (isLoop || isBranch) &&
+          (dependsOnInvocation(header, counter) || (header.startsWith('else') && (closed?.perInvocation ?? false)));
+      if (isLoop && varying) findings.push({ kind: 'loop', fn: name, at: header });
+      stack.push({ header, perInvocation: varying });
+      scopes.push(new Map(counter ? [[counter, varying]] : []));
     } else if (ch === '}') {
       statement(text);
       text = '';
@@ -141,11 +120,6 @@ function auditFunction(name: string, body: string): ControlFlowFinding[] {
   }
   statement(text);
   return findings;
-}
-
-/** A subgroup's own names vary per subgroup at most, whatever they are computed from (the file comment). */
-function variationOfName(name: string, computed: Variation): Variation {
-  return SUBGROUP_NAMES.includes(name) ? Math.min(computed, PER_SUBGROUP) as Variation : computed;
 }
 
 /** Every finding (see the file comment) of every function of `code` that reaches a subgroup-wide builtin or a barrier. */

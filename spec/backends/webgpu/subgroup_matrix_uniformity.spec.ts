@@ -23,9 +23,6 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
     { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
     { source: 'act', activation: { kind: 'swiglu', interleaved: false }, hasBias: true, hasAddend: false, kContiguous: true, scaled: false },
     { source: 'act', activation: { kind: 'clampedSwiglu', interleaved: true }, hasBias: false, hasAddend: true, kContiguous: true, scaled: false, packedWeight: bf16 },
-    // the padding rows of an expert's last tile skipped: the products under branches on the subgroup's part
-    { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, packedWeight: bf16, skipPaddingRows: true },
-    { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, skipPaddingRows: true },
     // one group (the dense projections): its own row loop
     { source: 'rows', hasBias: true, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: bf16 },
     // uniform groups (the composed attention's batched products): the group from the block's first row
@@ -118,27 +115,6 @@ describe('webgpu: subgroup-matrix programs reach the matrix builtins and barrier
     // a value assigned under a per-invocation branch is per-invocation
     expect(auditSubgroupControlFlow(shader('var n = 4; if (lid == 0) { n = 8; }\nfor (var i = 0; i < n; i++) { workgroupBarrier(); }'))
       .map(f => f.kind)).to.deep.equal(['loop', 'enclosed']);
-  });
-
-  it('a branch on the subgroup\'s part may hold matrix operations, not a barrier; one on the lane neither', () => {
-    const shader = (body: string) => `fn main() {
-      let subgroup = localIndex / 32u;
-      let lane = localIndex % 32u;
-      let partRow = (subgroup / 2u) * 64u;
-      let live = u32(workgroupUniformLoad(&rowSrc[128]));
-      ${body}
-    }`;
-    const load = 'let a = subgroupMatrixLoad<subgroup_matrix_left<f16, 16, 16>>(&As, partRow * 72u, false, 72u)';
-    expect(auditSubgroupControlFlow(shader(`if (partRow < live) { ${load}; c = subgroupMatrixMultiplyAccumulate(a, b, c); }`))).to.deep.equal([]);
-    expect(auditSubgroupControlFlow(shader(`if (partRow + 64u <= live) { x = 1; } else if (partRow < live) { ${load}; }`))).to.deep.equal([]);
-    expect(auditSubgroupControlFlow(shader('if (partRow < live) { workgroupBarrier(); }'))).to.deep.equal([
-      { kind: 'enclosed', fn: 'main', at: 'workgroupBarrier()' },
-    ]);
-    expect(auditSubgroupControlFlow(shader(`if (lane < live) { ${load}; }`))).to.deep.equal([{ kind: 'enclosed', fn: 'main', at: load }]);
-    // a value of the lane assigned under the subgroup's branch is still the lane's
-    expect(auditSubgroupControlFlow(shader(`var n = 0u; if (partRow < live) { n = lane; }\nif (n < 4u) { ${load}; }`))).to.deep.equal([
-      { kind: 'enclosed', fn: 'main', at: load },
-    ]);
   });
 
   it('accepts what is uniform: workgroupUniformLoad, uniforms, a shadowed name, a guarded store without collective operations', () => {

@@ -715,30 +715,6 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     [{ source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true, singleGroup: true, packedWeight: packedSpec('bf16', 1) },
       { left: 'half8', right: 'vec4', v6: whole }, ['A', 'W']],
   ];
-  // the experts' products skip the padding rows of each expert's last tile (skipPaddingRows): with and without the tail
-  for (const [spec, staging, ints] of tailCases.filter(([spec]) => !spec.singleGroup)) {
-    for (const loraTail of [false, true]) {
-      const program = new SubgroupMatrixMatMulProgram(128, 96, { ...spec, loraTail, skipPaddingRows: true }, 32, staging);
-      it(`SubgroupMatrixMatMulProgram ${program.shaderKey}: valid WGSL, the products of the block's live rows only`, async () => {
-        const code = program.getUserCode();
-        // the block's rows of its expert from the plan, published to the workgroup; every slab's products (and the tail's) guarded
-        expect(code).to.contain('clamp(seg[t] + seg[uniforms.numExperts + 1 + t] - row0, 0, 128)');
-        expect(code).to.contain('let live = u32(workgroupUniformLoad(&rowSrc[130]));');
-        expect(code.split('} else if (partRow < live) {').length - 1).to.equal(loraTail ? 2 : 1);
-        expect(auditSubgroupControlFlow(code), program.shaderKey).to.deep.equal([]);
-        const inputs = program.variableNames.map(name => [name, ['seg', 'pr', 'amax', ...ints].includes(name) ? 'int32' : 'float32', [128, 96]] as
-            [string, DataType, number[]]);
-        expect(await compileErrors(shaderOf(program, inputs, [128, 96]))).to.deep.equal([]);
-      });
-    }
-  }
-  it('skipPaddingRows needs a planned product', () => {
-    const rows: SubgroupMatMulSpec = { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false, skipPaddingRows: true };
-    expect(new SubgroupMatrixMatMulProgram(128, 96, rows, 32).shaderKey).to.match(/_live$/);
-    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, singleGroup: true }, 32)).to.throw(
-        'SubgroupMatrixMatMulProgram: skipPaddingRows needs a planned product (its experts\' row counts), but got singleGroup true, uniformGroups false');
-    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { ...rows, uniformGroups: true }, 32)).to.throw('uniformGroups true');
-  });
   for (const [spec, staging, ints] of tailCases) {
     for (const rows of [128, 64, 32] as const) {
       const program = new SubgroupMatrixMatMulProgram(128, 96, { ...spec, loraTail: true }, 32, staging, rows);

@@ -157,14 +157,6 @@ export const TC_HALF_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_OPERANDS';
 tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
 
 /**
- * tf.env() flag: an experts' product on tensor cores runs no matrix products for the padding rows
- * of each expert's last tile (SubgroupMatMulSpec.skipPaddingRows); the results are the same.
- * false: every row of a block multiplies (A/B runs).
- */
-export const TC_SKIP_PADDING_ROWS_FLAG = 'WEBGPU_MOE_TC_SKIP_PADDING_ROWS';
-tf.env().registerFlag(TC_SKIP_PADDING_ROWS_FLAG, () => true);
-
-/**
  * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
  * tensor cores where they are on. On by default since run X (H100, OLMoE batch 4 × S 512, A/B of 6
  * interleaved steps in one lease: 0.187 against 0.197 s a step, +5.3 %): the step is GPU-bound now.
@@ -381,8 +373,7 @@ const groupedMatMulConfig: tf.KernelConfig = {
     if (half !== undefined) list[0] = half.a;
     const program = tc !== undefined
       ? new SubgroupMatrixMatMulProgram(capacity, outCols,
-          { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null, loraTail,
-            skipPaddingRows: tf.env().getBool(TC_SKIP_PADDING_ROWS_FLAG) },
+          { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null, loraTail },
           tc.subgroupSize,
           matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number },
               half !== undefined),

@@ -245,39 +245,19 @@ export function declareAccumulators(l: SlabLayout): string {
  * left and right matrices, then every accumulator. `partRow`, `partCol`: u32 expressions;
  * `depth`: the slab's first `depth` columns only (a multiple of 16; a shallower slab staged into
  * the same arrays with the layout's strides).
- *
- * `liveRows` (a u32 expression, the same for the whole workgroup): the block's rows below it are
- * real, those from it on padding (an expert's last tile), whose staged A is 0. A subgroup whose
- * part lies below it multiplies as without; one whose part starts at or past it multiplies
- * nothing; one across it loads and multiplies only its left matrices that start below it, so
- * the accumulators of padding rows stay 0, as the products would leave them. Each condition is
- * the same across a subgroup (its part and the block), as the matrix operations need.
  */
-export function multiplySlab(l: SlabLayout, partRow: string, partCol: string, depth = l.depth, liveRows?: string): string {
+export function multiplySlab(l: SlabLayout, partRow: string, partCol: string, depth = l.depth): string {
   const x = wgslU32;
-  const loadLeft = (kk: number, i: number) => `let a${kk}_${i} = ${load(LEFT, 'As', leftTile(x, l, partRow, x.lit(kk), i))};`;
-  const loadRight = (kk: number, j: number) => `let b${kk}_${j} = ${load(RIGHT, 'Bs', rightTile(x, l, partCol, x.lit(kk), j))};`;
-  const accumulate = (kk: number, i: number) =>
-    Array.from({ length: l.tilesN }, (_, j) => `c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`);
-  const whole: string[] = [];
-  const guarded: string[] = [];
+  const lines: string[] = [];
   for (let kk = 0; kk < depth; kk += MATRIX_EDGE) {
-    for (let i = 0; i < l.tilesM; i++) whole.push(loadLeft(kk, i));
-    for (let j = 0; j < l.tilesN; j++) {
-      whole.push(loadRight(kk, j));
-      guarded.push(loadRight(kk, j));
-    }
+    const k = x.lit(kk);
+    for (let i = 0; i < l.tilesM; i++) lines.push(`let a${kk}_${i} = ${load(LEFT, 'As', leftTile(x, l, partRow, k, i))};`);
+    for (let j = 0; j < l.tilesN; j++) lines.push(`let b${kk}_${j} = ${load(RIGHT, 'Bs', rightTile(x, l, partCol, k, j))};`);
     for (let i = 0; i < l.tilesM; i++) {
-      whole.push(...accumulate(kk, i));
-      guarded.push(`if (${x.add(partRow, x.lit(MATRIX_EDGE * i))} < ${liveRows}) {`, loadLeft(kk, i), ...accumulate(kk, i), '}');
+      for (let j = 0; j < l.tilesN; j++) lines.push(`c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`);
     }
   }
-  if (liveRows === undefined) return whole.join('\n');
-  return `if (${x.add(partRow, x.lit(MATRIX_EDGE * l.tilesM))} <= ${liveRows}) {
-${whole.join('\n')}
-} else if (${partRow} < ${liveRows}) {
-${guarded.join('\n')}
-}`;
+  return lines.join('\n');
 }
 
 /**

@@ -283,13 +283,6 @@ export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & {
    * most of the GPU idle.
    */
   splitK?: boolean;
-  /**
-   * A planned product only: the rows of a block past its expert's rows (the padding of the
-   * expert's last tile) run no matrix products (multiplySlab's liveRows). Each expert's rows are
-   * padded to whole 128-row tiles, so at OLMoE's step (16384 pairs over 64 experts) about a fifth
-   * of the rows the blocks cover are padding. Their results are 0 either way.
-   */
-  skipPaddingRows?: boolean;
 };
 
 /** The uniform of the split-K specialisation, last. */
@@ -319,7 +312,7 @@ export const LORA_TAIL_MAX_RANK = MATRIX_EDGE;
  * of two, and V takes the ratio s / tScale back, exactly.
  * Every invocation takes the same steps (uniformStrideLoop), as before the matrix operations.
  */
-function loraTailStep(layout: SlabLayout, threads: number, liveRows?: string): string {
+function loraTailStep(layout: SlabLayout, threads: number): string {
   const x = wgslU32;
   const shallow = { ...layout, depth: MATRIX_EDGE };
   // Bs in its memory order: k fastest into a column-major Bs, n fastest into a row-major one
@@ -353,7 +346,7 @@ function loraTailStep(layout: SlabLayout, threads: number, liveRows?: string): s
                 min(i32(kk), uniforms.tailRank - 1) * uniforms.tailSK];
             Bs[${bIndex(x, layout, 'kk', 'nn')}] = f16(select(0.0, v * vScale, inRange));`)}
         workgroupBarrier();
-        ${multiplySlab(layout, 'partRow', 'partCol', MATRIX_EDGE, liveRows)}`;
+        ${multiplySlab(layout, 'partRow', 'partCol', MATRIX_EDGE)}`;
 }
 
 /**
@@ -717,10 +710,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     if (!Number.isInteger(splits) || splits < 1 || splits > 65535) {
       throw new Error(`SubgroupMatrixMatMulProgram: splits must be an integer in [1, 65535] but got ${splits}`);
     }
-    if (spec.skipPaddingRows && (spec.singleGroup || spec.uniformGroups)) {
-      throw new Error('SubgroupMatrixMatMulProgram: skipPaddingRows needs a planned product (its experts\' row counts), but got ' +
-          `singleGroup ${spec.singleGroup === true}, uniformGroups ${spec.uniformGroups === true}`);
-    }
     if (spec.uniformGroups && (spec.singleGroup || spec.source !== 'rows')) {
       throw new Error(`SubgroupMatrixMatMulProgram: uniform groups read A as rows, one group per G rows, but got source '${spec.source}'` +
           `${spec.singleGroup ? ' and singleGroup' : ''}`);
@@ -764,7 +753,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.scaled ? 's' : ''}${spec.kContiguous ? 'k' : 'n'}_` +
         `${subgroupSize}${spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : ''}_${stagingKey(staging)}_r${blockRows}` +
         (spec.singleGroup ? '_single' : '') + (spec.uniformGroups ? '_uniformGroups' : '') + (spec.loraTail ? '_loraTail' : '') +
-        (spec.splitK ? '_splitK' : '') + (spec.skipPaddingRows ? '_live' : '');
+        (spec.splitK ? '_splitK' : '');
   }
 
   /**
@@ -797,8 +786,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const widthW = eightW ? 8 : 4;
     const qb = stagedQuadB(x, layout, 'q', this.spec.kContiguous, widthW);
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
-    const skip = this.spec.skipPaddingRows === true;
-    const liveRows = skip ? 'live' : undefined;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
     // split K: where this workgroup's slice of the result starts (the other programs' WGSL as it was)
@@ -883,15 +870,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         if (lid == 0) {
           rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols && uniforms.alpha / s == 1.0);
         }` : ''}
-        ${skip ? `// the block's rows of its expert (those past them are the padding of the expert's last tile)
-        if (lid == 0) {
-          let te = rowSrc[${rows}];
-          let t = max(te, 0);
-          rowSrc[${rows + 2}] = select(0, clamp(seg[t] + seg[uniforms.numExperts + 1 + t] - row0, 0, ${rows}), te >= 0);
-        }` : ''}
         let e = workgroupUniformLoad(&rowSrc[${rows}]);
         ${direct ? `let direct = workgroupUniformLoad(&rowSrc[${rows + 1}]) == 1;` : ''}
-        ${skip ? `let live = u32(workgroupUniformLoad(&rowSrc[${rows + 2}]));` : ''}
         ${declareAccumulators(layout)}
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
@@ -902,9 +882,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let outBase = i32(workgroupId.z) * uniforms.numRows * uniforms.outCols;` : 'let kEnd = select(0, uniforms.inner, e >= 0);'}
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
-        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol', depth, liveRows), prefetch,
-            this.spec.splitK ? 'kBegin' : '0')}
-        ${this.spec.loraTail ? loraTailStep(layout, threads, liveRows) : ''}
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch, this.spec.splitK ? 'kBegin' : '0')}
+        ${this.spec.loraTail ? loraTailStep(layout, threads) : ''}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
