@@ -152,13 +152,13 @@ describe('webgpu: NarrowInnerGroupedMatMulProgram (split LoRA expansions)', () =
     tf.dispose([addend, bias]);
   });
 
-  it('a product both narrow and shallow without an addend stays on the narrow products (DenseNarrowMatMulProgram\'s planned form)', async () => {
+  it('a product both narrow and shallow without an addend stays on NarrowGroupedMatMulProgram', async () => {
     const { plan } = plans.get(32)!;
     const u = tf.ones([plan.capacity, 8]) as tf.Tensor2D;
     const w = tf.ones([8 * E, 16]);
     const { result, programs } = await programsOf(() => groupedMatMul({ a: u, source: 'rows', w,
       strides: { sE: 8 * 16, sN: 1, sK: 16 }, inner: 8, outCols: 16, plan, tile: { tm: 1, tn: 1, bk: 16 } }));
-    expect(programs).to.deep.equal(['moeDenseNarrowMatMul']);
+    expect(programs).to.deep.equal(['moeNarrowGroupedMatMul']);
     tf.dispose([u, w, result]);
   });
 

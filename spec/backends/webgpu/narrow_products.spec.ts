@@ -143,7 +143,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
   const x = asF32(rng.array(T * inner));
 
   // NarrowGroupedMatMulProgram (16 lanes a row, W staged), and DenseNarrowMatMulProgram's planned form
-  // (lanes splitting k; 4 or 8 rows a workgroup: 64 lanes, 1 row a thread below 2048 rows of capacity)
+  // (lanes splitting k; 4 or 8 rows a workgroup: 64 lanes, 1 row a thread below 2048 rows of capacity) for W along k
   const programs = [['NarrowGroupedMatMulProgram', false], ['DenseNarrowMatMulProgram', true]] as const;
   for (const [rowTile, inner, [program, lanes]] of programs.flatMap(p => [[16, 150, p], [32, 600, p]] as const)) {
     describe(`row tile ${rowTile}, inner ${inner}: ${program}`, () => {
@@ -198,7 +198,8 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
                   out = groupedMatMul({ a: input, source, w: fT, strides, inner, outCols: r, plan, activation, alpha,
                     tile: { tm: 1, tn: 1, bk: 16 } });
                 }));
-                expect(programs, 'programs').to.deep.equal([program]);
+                // W strided along k (B) stays staged: groupedNarrowLayoutFor
+                expect(programs, 'programs').to.deep.equal([layout === 'A' ? program : 'NarrowGroupedMatMulProgram']);
                 await expectCloseAsync(out!, want, 1e-5, 'out', [cap, r]);
                 const got = await out!.data();
                 const padding = pairOfRow.flatMap((p, row) => (p < 0 ? Array.from(got.subarray(row * r, row * r + r)) : []));
@@ -355,7 +356,7 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     await routed.make();
     const { plan, pairOfRow } = routed;
     expect(plan.capacity).to.be.at.least(2048);
-    expect(groupedNarrowLayoutFor(16, plan.capacity)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
+    expect(groupedNarrowLayoutFor(16, plan.capacity, true)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
     const h = asF32(rng.array(plan.capacity * 2 * inner));
     const f = asF32(rng.array(r * E * inner));
     const want = new Float64Array(plan.capacity * r);
@@ -389,10 +390,12 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
 
   it('the lanes\' program takes a plan whose row tile its block divides; its planned form checks its rows and activation', async () => {
     // 64 lanes, 1 row a thread (4-row blocks) below 2048 rows of capacity, 2 (8-row blocks) from it
-    expect(groupedNarrowLayoutFor(16, 512)).to.deep.equal({ lanes: 64, rowsPerThread: 1 });
-    expect(groupedNarrowLayoutFor(128, 24576)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
-    expect(groupedNarrowLayoutFor(4, 2048)).to.equal(undefined);
-    expect(await withEnvFlag(NARROW_LANE_PRODUCTS_FLAG, false, async () => groupedNarrowLayoutFor(128, 24576))).to.equal(undefined);
+    expect(groupedNarrowLayoutFor(16, 512, true)).to.deep.equal({ lanes: 64, rowsPerThread: 1 });
+    expect(groupedNarrowLayoutFor(128, 24576, true)).to.deep.equal({ lanes: 64, rowsPerThread: 2 });
+    // W strided along k (PEFT's B read as dy·B_e): staged by NarrowGroupedMatMulProgram
+    expect(groupedNarrowLayoutFor(128, 24576, false)).to.equal(undefined);
+    expect(groupedNarrowLayoutFor(4, 2048, true)).to.equal(undefined);
+    expect(await withEnvFlag(NARROW_LANE_PRODUCTS_FLAG, false, async () => groupedNarrowLayoutFor(128, 24576, true))).to.equal(undefined);
     const layout = { lanes: 64, rowsPerThread: 2 } as const;
     const planned = new DenseNarrowMatMulProgram(64, 8, layout, { source: 'gather' });
     expect(planned.variableNames).to.deep.equal(['A', 'W', 'seg', 'pr']);

@@ -131,10 +131,10 @@ export const DENSE_NARROW_PRODUCTS_FLAG = 'WEBGPU_MOE_DENSE_NARROW_PRODUCTS';
 tf.env().registerFlag(DENSE_NARROW_PRODUCTS_FLAG, () => true);
 
 /**
- * tf.env() flag: the experts' products r wide (split LoRA's u = x·A_eᵀ, act(h)·A_eᵀ and s·dy·B_e;
- * NARROW_PRODUCTS_FLAG on) on DenseNarrowMatMulProgram's planned form, lanes splitting each row's
- * k, where its block divides the plan's row tile (groupedNarrowLayoutFor). false:
- * NarrowGroupedMatMulProgram (A/B runs).
+ * tf.env() flag: the experts' products r wide with W contiguous along k (split LoRA's u = x·A_eᵀ
+ * and act(h)·A_eᵀ; NARROW_PRODUCTS_FLAG on) on DenseNarrowMatMulProgram's planned form, lanes
+ * splitting each row's k, where its block divides the plan's row tile (groupedNarrowLayoutFor).
+ * false: NarrowGroupedMatMulProgram (A/B runs).
  */
 export const NARROW_LANE_PRODUCTS_FLAG = 'WEBGPU_MOE_NARROW_LANE_PRODUCTS';
 tf.env().registerFlag(NARROW_LANE_PRODUCTS_FLAG, () => true);
@@ -580,7 +580,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (tail !== undefined) Object.assign(inputs, { tailA: tail.a, tailW: tail.w });
   if (tensorCores && args.gradient) inputs.amax = maxAbsCode(args.a);
   const narrow = !tensorCores && narrowProductFits(args);
-  const laneLayout = narrow ? groupedNarrowLayoutFor(args.plan.rowTile, args.plan.capacity) : undefined;
+  const laneLayout = narrow ? groupedNarrowLayoutFor(args.plan.rowTile, args.plan.capacity, args.strides.sK === 1) : undefined;
   // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
   const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
@@ -1476,18 +1476,23 @@ export function denseNarrowLayoutFor(rows: number): DenseNarrowMatMulLayout {
 }
 
 /**
- * DenseNarrowMatMulProgram's layout for the experts' products r wide over a plan (the dense
- * products' at its capacity), or undefined where NARROW_LANE_PRODUCTS_FLAG is off or its block
- * does not divide the row tile (a block must not span two experts): NarrowGroupedMatMulProgram.
+ * DenseNarrowMatMulProgram's layout for an experts' product r wide over a plan (the dense
+ * products' at its capacity), or undefined: NarrowGroupedMatMulProgram. Only where W_e is
+ * contiguous along k (`kContiguous`: LoRA's A [r·E, in], the forward's x·A_eᵀ and act(h)·A_eᵀ):
+ * each lane reads W straight from memory, and PEFT's B [in, r·E] (backward's s·dy·B_e) puts a k's
+ * r values E apart, r cache lines a k, which made those products 2–4× slower than staging W (run
+ * Z12: 332 and 584 µs a call against ~140). Also undefined where NARROW_LANE_PRODUCTS_FLAG is off or
+ * the block does not divide the row tile (a block must not span two experts).
  *
  * ```js
- * groupedNarrowLayoutFor(128, 24576);   // { lanes: 64, rowsPerThread: 2 }: 8-row blocks
- * groupedNarrowLayoutFor(4, 64);        // undefined
+ * groupedNarrowLayoutFor(128, 24576, true);    // { lanes: 64, rowsPerThread: 2 }: 8-row blocks
+ * groupedNarrowLayoutFor(128, 24576, false);   // undefined
+ * groupedNarrowLayoutFor(4, 64, true);         // undefined
  * ```
  */
-export function groupedNarrowLayoutFor(rowTile: number, capacity: number): DenseNarrowMatMulLayout | undefined {
+export function groupedNarrowLayoutFor(rowTile: number, capacity: number, kContiguous: boolean): DenseNarrowMatMulLayout | undefined {
   const layout = denseNarrowLayoutFor(capacity);
-  return tf.env().getBool(NARROW_LANE_PRODUCTS_FLAG) && rowTile % denseNarrowBlockRows(layout) === 0 ? layout : undefined;
+  return tf.env().getBool(NARROW_LANE_PRODUCTS_FLAG) && kContiguous && rowTile % denseNarrowBlockRows(layout) === 0 ? layout : undefined;
 }
 
 /**
