@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { limitWebGPUBufferPool, webgpuBufferPoolStats } from '../../../src/backends/webgpu/buffer_pool.js';
 import {
-  ROW_TILE_FLAG, WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning,
+  PADDED_H_MAX_RATIO_FLAG, ROW_TILE_FLAG, WEBGPU_MOE_TUNING_FEW, WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, getWebGPUMoETuning, setWebGPUMoETuning,
   webgpuFusedExperts, webgpuMoETuningFor,
 } from '../../../src/backends/webgpu/experts.js';
 import { gatherRows, GROUPED_MATMUL, SUBMIT_FLOPS_FLAG, planCapacity } from '../../../src/backends/webgpu/kernels.js';
@@ -20,7 +20,8 @@ import { OpArgumentError } from '../../../src/ops/validate.js';
 import { Rng, asF32, finiteDifferences } from '../../helpers/numeric.js';
 import { experts64 } from '../../ops/expert_reference64.js';
 import {
-  type ExpertCase, type ExpertCaseSpec, expectCloseAsync, expectNoLeakAsync, loss64, makeExpertCase, trainedOf, weightsWith,
+  type ExpertCase, type ExpertCaseSpec, expectCloseAsync, expectNoLeakAsync, loss64, makeExpertCase, trainedOf, weightsWith, withEnvFlag,
+  withShaderKeys,
 } from './helpers.js';
 
 async function checkAgainstReference(
@@ -278,6 +279,44 @@ describe('webgpu: webgpuFusedExperts', () => {
       const hPadded = planCapacity(rows, 128, webgpuMoETuningFor(rows, 128).rowTile) * 2 * 16 * 4;
       expect(held, 'bytes held from forward to backward').to.be.at.least(hKept).and.below(hPadded);
       dx.dispose();
+    });
+    c.dispose();
+  });
+
+  it('keeps h padded where the capacity is at most 1.5× the pairs (no gathers), in pair order above it: the same gradients', async () => {
+    // 4096 pairs over 8 experts, 128-row tiles: capacity 5120 (1.25×), as OLMoE's batch (1.5×)
+    const c = makeExpertCase({ T: 512, H: 8, I: 16, E: 8, K: 8, lora1: [2], lora2: [2] }, 93);
+    const rows = 512 * 8;
+    const capacity = planCapacity(rows, 8, webgpuMoETuningFor(rows, 8).rowTile);
+    expect(capacity).to.equal(5120);
+    const inputs = [c.x, c.weights, c.w.gateUpLoRA![0].A, c.w.gateUpLoRA![0].B, c.w.downLoRA![0].A, c.w.downLoRA![0].B];
+    const step = () => withShaderKeys(async keys => {
+      // an identity whose backward notes the bytes held when backward starts: what forward kept
+      let heldAtBackward = 0;
+      const probe = tf.customGrad((...args: Array<tf.Tensor | tf.GradSaveFunc>) => ({
+        value: (args[0] as tf.Tensor).clone(),
+        gradFunc: (dy: tf.Tensor) => { heldAtBackward = tf.memory().numBytes; return dy; },
+      }));
+      const before = tf.memory().numBytes;
+      const grads = tf.grads((x: tf.Tensor, w: tf.Tensor, a1: tf.Tensor, b1: tf.Tensor, a2: tf.Tensor, b2: tf.Tensor) =>
+        tf.sum(probe(webgpuFusedExperts(x as tf.Tensor2D, { weights: w as tf.Tensor2D, experts: c.experts }, {
+          ...c.w, gateUpLoRA: [{ ...c.w.gateUpLoRA![0], A: a1 as tf.Tensor2D, B: b1 as tf.Tensor2D }],
+          downLoRA: [{ ...c.w.downLoRA![0], A: a2 as tf.Tensor2D, B: b2 as tf.Tensor2D }],
+        }, c.activation))))(inputs);
+      return { grads, held: heldAtBackward - before, gathers: keys.filter(k => k === 'moeGatherRows').length };
+    });
+    await expectNoLeakAsync(async () => {
+      const padded = await step();
+      const pairOrder = await withEnvFlag(PADDED_H_MAX_RATIO_FLAG, 1.2, step);
+      expect([padded.gathers, pairOrder.gathers], 'gathers of h, kept padded and in pair order').to.deep.equal([0, 2]);
+      // h [cap, 2I] held from forward to backward, against [N, 2I]
+      expect(padded.held - pairOrder.held, 'bytes held from forward to backward').to.equal((capacity - rows) * 2 * 16 * 4);
+      const names = ['dx', 'dweights', 'dA1', 'dB1', 'dA2', 'dB2'];
+      for (let i = 0; i < names.length; i++) {
+        const [a, b] = [await padded.grads[i].data(), await pairOrder.grads[i].data()];
+        expect(Buffer.from(a.buffer).equals(Buffer.from(b.buffer)), `${names[i]}: the same bits`).to.equal(true);
+      }
+      tf.dispose([...padded.grads, ...pairOrder.grads]);
     });
     c.dispose();
   });

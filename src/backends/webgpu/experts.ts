@@ -117,6 +117,18 @@ export function getWebGPUMoETuning(): WebGPUMoETuning | undefined {
 export const ROW_TILE_FLAG = 'WEBGPU_MOE_ROW_TILE';
 tf.env().registerFlag(ROW_TILE_FLAG, () => 0);
 
+/**
+ * tf.env() flag: forward keeps the up projection's output h for backward as it is, padded to the
+ * plan's capacity, where that capacity is at most this many times the T·K pairs; above it, h
+ * goes to pair order (gatherRows, N rows) and back (the memory of every layer's kept h at the
+ * loss is what bounds Qwen3-30B-A3B's 128 experts, whose capacity is 2–3× N). At OLMoE's batch
+ * (16384 pairs over 64 experts, capacity 24576: 1.5×) keeping it padded saves the two gathers
+ * (4.2 GPU ms a step, run Z11's profile) for a third more bytes per layer (67 MB). 0: always
+ * pair order.
+ */
+export const PADDED_H_MAX_RATIO_FLAG = 'WEBGPU_MOE_PADDED_H_MAX_RATIO';
+tf.env().registerFlag(PADDED_H_MAX_RATIO_FLAG, () => 1.5);
+
 const TUNING_BY_ROW_TILE: ReadonlyArray<Readonly<WebGPUMoETuning>> = [WEBGPU_MOE_TUNING_LARGE, WEBGPU_MOE_TUNING_SMALL, WEBGPU_MOE_TUNING_FEW];
 
 /** The tiles for a call with `rows` = T·K pairs over `numExperts` experts. */
@@ -337,17 +349,20 @@ export function webgpuFusedExperts(
       const { y: h, us: upUs } = projectionForward({ source: 'gather', t: xIn }, up, c);    // [cap, 2I]
       const { y, us: downUs } = projectionForward({ source: 'act', t: h }, down, c);       // [cap, H]
       const value = combineRows(y, plan, tf.reshape(wIn, [rows]) as tf.Tensor1D);  // [T, H]
-      // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I]: at 128 experts
-      // the capacity is up to 2-3× N, and every layer's kept h is alive at the loss (issue 15)
-      const hKept = gatherRows(h, plan.rowOfPair);                             // [N, 2I]
+      // h is kept for backward in pair order, [N, 2I], not padded [capacity, 2I], where the
+      // capacity is more than PADDED_H_MAX_RATIO_FLAG × N: at 128 experts it is up to 2-3× N, and
+      // every layer's kept h is alive at the loss (issue 15)
+      const keptPadded = plan.capacity <= tf.env().getNumber(PADDED_H_MAX_RATIO_FLAG) * rows;
+      const hKept = keptPadded ? h : gatherRows(h, plan.rowOfPair);            // [cap or N, 2I]
       save([xIn, wIn, hKept, plan.seg, plan.rowOfPair, plan.pairOfRow, experts,
           ...projectionTrainables(up), ...projectionTrainables(down), ...upUs, ...downUs]);
 
       const gradFunc = (dOut: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => tf.tidy(() => {
         const [xS, wS, hKeptS, seg, rowOfPair, pairOfRow, expertsS] = saved as tf.Tensor2D[];
-        // back to padded rows; a padding row (pairOfRow −1) gets zeros (gatherRows), which are
-        // only ever multiplied by the zero gradient of a padding row or left out of the reductions
-        const hS = gatherRows(hKeptS, pairOfRow as unknown as tf.Tensor1D);  // [cap, 2I]
+        // back to padded rows; a padding row (pairOfRow −1) gets zeros (gatherRows; the products
+        // write 0 there too), which are only ever multiplied by the zero gradient of a padding row
+        // or left out of the reductions
+        const hS = keptPadded ? hKeptS : gatherRows(hKeptS, pairOfRow as unknown as tf.Tensor1D);  // [cap, 2I]
         const [upS, next] = restoreProjection(up, saved, 7);
         const [downS, usAt] = restoreProjection(down, saved, next);
         const upUsS = saved.slice(usAt, usAt + up.lora.length) as tf.Tensor2D[];
