@@ -24,7 +24,9 @@ import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
   type GroupedWeightGradSpec, rowLoadSnippet, singleGroupRowsSnippet, tileRowsSnippet, usesPairOfRow, weightGradLoadSnippets,
 } from './grouped_matmul_program.js';
-import { ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource, TILE_THREADS } from './shared.js';
+import {
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type RowSource, TILE_THREADS,
+} from './shared.js';
 
 /** The widest output the narrow program takes: r ≤ 16 covers LoRA ranks 1–16 (see narrowProductFits). */
 export const NARROW_MAX_COLS = 16;
@@ -296,26 +298,50 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
           }`;
   }
 
+  /**
+   * WGSL: the wide operand's row, resolved once per staged row (its gather through pr and its
+   * routing weight are a dependent load each, which every element's load waited on: run Z13's
+   * gathered gradients took 130–144 µs a call against 75 for plain rows): `fn wideBase(row) -> i32`,
+   * where its elements start, `fn wideScale(row) -> f32` (the routing weight with scaleLeft on L,
+   * else 1) and `fn wideAt(base, c) -> f32`, element c unscaled (act(h) computed for 'act').
+   */
+  private wideRowSnippet(): string {
+    const narrowP = this.spec.narrow === 'P';
+    const source = narrowP ? this.spec.right : this.spec.left;
+    const [array, size] = narrowP ? ['R', 'uniforms.Q'] : ['L', 'uniforms.P'];
+    const row = source === 'gather' ? '(pr[row] / uniforms.topK)' : 'row';
+    const scale = !narrowP && this.spec.scaleLeft ? 'rw[pr[row]]' : '1.0';
+    const at = source === 'act'
+      ? `actForward(${array}[base + gateIndex(c, ${size})], ${array}[base + upIndex(c, ${size})])`
+      : `${array}[base + c]`;
+    return `
+      ${source === 'act' ? activationSnippet(this.spec.activation!) : ''}
+      fn wideBase(row : i32) -> i32 { return ${row} * ${source === 'act' ? '2 * ' : ''}${size}; }
+      fn wideScale(row : i32) -> f32 { return ${scale}; }
+      fn wideAt(base : i32, c : i32) -> f32 { return ${at}; }`;
+  }
+
   getUserCode(): string {
     const width = this.width;
-    const { loadL, loadR } = weightGradLoadSnippets(this.spec);
     const narrowP = this.spec.narrow === 'P';
-    // the narrow operand at (row, j) and the wide one at (row, c)
+    // the narrow operand's loader (the wide one is wideRowSnippet's)
+    const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, ...(narrowP ? { right: 'rows' } : { left: 'rows', scaleLeft: false }) });
     const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
-    const loadWide = narrowP ? 'loadR(row, c)' : 'loadL(row, c)';
     const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
-    // rows past `rows` load 0 (and their staged narrow values are 0 too)
+    // rows past `rows` load 0 (and their staged narrow values are 0 too); the row's start and scale staged
     const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
-      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { let row = start + r0 + rr0 + ${u}; v${u} = ${loadWide}; }`);
+      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { v${u} = wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]; }`);
     const sums = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
       `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
     return `
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
+      var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
+      var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;
       var<workgroup> chunkStart : i32;
       var<workgroup> chunkCount : i32;
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
-      ${loadL}
-      ${loadR}
+      ${narrowP ? loadL : loadR}
+      ${this.wideRowSnippet()}
 
       fn main() {
         let lid = i32(localIndex);
@@ -339,6 +365,11 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
             var v = 0.0;
             if (r0 + rr < count) { v = ${loadNarrow}; }
             Ns[i] = v;
+          }
+          if (lid < ${GRAD_ROWS}) {
+            let row = start + r0 + min(lid, count - r0 - 1);
+            wideRows[lid] = wideBase(row);
+            wideScales[lid] = wideScale(row);
           }
           workgroupBarrier();
           let rows = min(${GRAD_ROWS}, count - r0);
