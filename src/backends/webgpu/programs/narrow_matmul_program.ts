@@ -298,10 +298,16 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
           }`;
   }
 
+  /** Whether the wide operand's rows are gathered or scaled: their starts and scales are staged. */
+  private stagesWideRows(): boolean {
+    return this.spec.narrow === 'P' ? this.spec.right === 'gather' : this.spec.left === 'gather' || this.spec.scaleLeft;
+  }
+
   /**
-   * WGSL: the wide operand's row, resolved once per staged row (its gather through pr and its
-   * routing weight are a dependent load each, which every element's load waited on: run Z13's
-   * gathered gradients took 130–144 µs a call against 75 for plain rows): `fn wideBase(row) -> i32`,
+   * WGSL: the wide operand's row, resolved once per staged row where it is gathered or scaled (its
+   * gather through pr and its routing weight are a dependent load each, which every element's load
+   * waited on: run Z13's gathered gradients took 130–144 µs a call against 75 for plain rows, Z14's
+   * with them staged 76–77): `fn wideBase(row) -> i32`,
    * where its elements start, `fn wideScale(row) -> f32` (the routing weight with scaleLeft on L,
    * else 1) and `fn wideAt(base, c) -> f32`, element c unscaled (act(h) computed for 'act').
    */
@@ -328,15 +334,20 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, ...(narrowP ? { right: 'rows' } : { left: 'rows', scaleLeft: false }) });
     const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
     const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
-    // rows past `rows` load 0 (and their staged narrow values are 0 too); the row's start and scale staged
+    // rows past `rows` load 0 (and their staged narrow values are 0 too); a gathered or scaled row's
+    // start and scale staged, a plain row's computed in place (staging those cost Z14's dense
+    // gradients 35 → 44 µs a call)
+    const staged = this.stagesWideRows();
+    const wide = (u: number) => (staged ? `wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]`
+      : `wideAt(wideBase(start + r0 + rr0 + ${u}), c)`);
     const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
-      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { v${u} = wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]; }`);
+      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { v${u} = ${wide(u)}; }`);
     const sums = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
       `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
     return `
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
-      var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
-      var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;
+      ${staged ? `var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
+      var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;` : ''}
       var<workgroup> chunkStart : i32;
       var<workgroup> chunkCount : i32;
       ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
@@ -366,11 +377,11 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
             if (r0 + rr < count) { v = ${loadNarrow}; }
             Ns[i] = v;
           }
-          if (lid < ${GRAD_ROWS}) {
+          ${staged ? `if (lid < ${GRAD_ROWS}) {
             let row = start + r0 + min(lid, count - r0 - 1);
             wideRows[lid] = wideBase(row);
             wideScales[lid] = wideScale(row);
-          }
+          }` : ''}
           workgroupBarrier();
           let rows = min(${GRAD_ROWS}, count - r0);
           if (live) {
