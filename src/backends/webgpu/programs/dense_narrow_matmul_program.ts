@@ -25,13 +25,13 @@
  * A single group of plain rows (no plan, nothing uploaded per call): row i is A's row i for
  * i < numRows; rows past it (the last workgroup's) load nothing and write nothing.
  *
- * `planned` (the experts' u = x·A_eᵀ, act(h)·A_eᵀ and s·dy·B_e, NarrowGroupedMatMulProgram's
- * products): the plan's padded rows with GroupedMatMulProgram's row sources, inputs (seg, pr) and
- * uniforms. A workgroup's rows must lie in one expert (its rows divide the plan's row tile), whose
+ * `planned` (the experts' u = x·A_eᵀ and act(h)·A_eᵀ, which the kernel sends here where W is along
+ * k: groupedNarrowLayoutFor): the plan's padded rows with GroupedMatMulProgram's row sources,
+ * inputs (seg, pr) and uniforms. A workgroup's rows must lie in one expert (its rows divide the plan's row tile), whose
  * factor W_e starts at e·sE; a padding row, or a block past the rows in use, writes 0 and a thread
  * none of whose rows is real loads nothing. NarrowGroupedMatMulProgram's 16 lanes a row against a
- * staged slab took 137 µs a call for these at OLMoE's step (Z6's profile: 8.8 ms a step), where
- * reading the 16384 rows once takes ~45 µs; at one group, 2048 rows, this layout was 3× faster (run V).
+ * staged slab took 103 and 133 µs a call for these at OLMoE's step (run Z11's profile), where
+ * reading the 16384 rows once takes ~45 µs; this program 82 and 89 (run Z13).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { NARROW_MAX_COLS } from './narrow_matmul_program.js';

@@ -307,9 +307,9 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
    * WGSL: the wide operand's row, resolved once per staged row where it is gathered or scaled (its
    * gather through pr and its routing weight are a dependent load each, which every element's load
    * waited on: run Z13's gathered gradients took 130–144 µs a call against 75 for plain rows, Z14's
-   * with them staged 76–77): `fn wideBase(row) -> i32`,
-   * where its elements start, `fn wideScale(row) -> f32` (the routing weight with scaleLeft on L,
-   * else 1) and `fn wideAt(base, c) -> f32`, element c unscaled (act(h) computed for 'act').
+   * with them staged 76–77). `fn wideBase(row) -> i32`: where the row's elements start;
+   * `fn wideScale(row) -> f32`: the routing weight with scaleLeft on L, else 1; `fn wideAt(base, c)
+   * -> f32`: element c unscaled (act(h) computed for 'act').
    */
   private wideRowSnippet(): string {
     const narrowP = this.spec.narrow === 'P';
