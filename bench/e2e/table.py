@@ -157,6 +157,15 @@ def table(models):
                     base_median = step
         if medians:
             notes.append(f"{model}: the median timed step: " + "; ".join(medians))
+        # the A/B rounds after the timed steps (E2E_AB_FLAGS), the defaults' round: the same process later on, past
+        # the first steps' V8 warm-up (run Z14: timed steps 0.182 falling to 0.161 s, then the rounds at 0.153-0.160)
+        for dtype, r in m["ours"].items():
+            ab = next((a for a in r.get("abSteps") or [] if not a.get("flags")), None)
+            if ab and ab.get("medianTokensPerSecond"):
+                tokens = (r.get("batch") or 0) * (r.get("seq") or 0)
+                ratio = f", {ab['medianTokensPerSecond'] * base_median / tokens:.2f}× PyTorch's median timed step" if base_median and tokens else ""
+                notes.append(f"{model} ours {dtype}: after the timed steps, {len(ab.get('stepSeconds') or [])} A/B rounds of the defaults: "
+                             f"median {ab['medianTokensPerSecond']:.0f} tokens/s{ratio}")
         any_run = torch_run or next(iter(m["ours"].values()), None)
         if any_run:
             notes.append(f"{model}: batch {any_run.get('batch')} × {any_run.get('seq')} tokens, {any_run.get('warmup')} warm-up + "
