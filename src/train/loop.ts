@@ -34,7 +34,7 @@ import { describeValue } from '../util/describe.js';
 import { assertLogitsFit, windowBatches, type BatchSource } from './batches.js';
 import { TrainError } from './errors.js';
 import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
-import { Adam, clipByGlobalNorm, type AdamSnapshot } from './optimizer.js';
+import { Adam, type AdamSnapshot, clipToNorm, globalNorm } from './optimizer.js';
 import { learningRateAt, LR_SCHEDULERS, type LRScheduler } from './schedule.js';
 
 export interface TrainLoopOptions {
@@ -403,19 +403,21 @@ export async function trainLoop(
         if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
         const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
         const computed = stepGradients(model, variables, batches, seeds);
+        // the norm recorded before the reads, and both values read together: one wait for the GPU a
+        // step, where reading the loss first left the GPU idle while the norm's ~2 programs per
+        // gradient were recorded, then waited again (asynchronous reads: webgpu has no dataSync)
+        const norm = globalNorm(computed.grads);
         try {
-          // asynchronous reads: webgpu has no dataSync
-          loss = (await computed.loss.data())[0];
-          const clipped = await clipByGlobalNorm(computed.grads, maxGradNorm);
-          gradNorm = clipped.norm;
+          [loss, gradNorm] = (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
+          const clipped = clipToNorm(computed.grads, gradNorm, maxGradNorm);
           // a non-finite step is not applied: the model stays at the last good step
           try {
-            if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped.grads, lr);
+            if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped, lr);
           } finally {
-            tf.dispose(clipped.grads);
+            tf.dispose(clipped);
           }
         } finally {
-          tf.dispose([computed.loss, ...computed.grads]);
+          tf.dispose([computed.loss, norm, ...computed.grads]);
         }
       } finally {
         batches.forEach(disposeBatch);

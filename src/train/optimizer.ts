@@ -139,17 +139,36 @@ export class Adam {
  */
 export async function clipByGlobalNorm(
     grads: readonly tf.Tensor[], maxNorm: number | null): Promise<{ grads: tf.Tensor[]; norm: number }> {
-  const op = 'clipByGlobalNorm';
-  if (maxNorm !== null) {
-    assertFiniteNumber(op, 'maxNorm', maxNorm);
-    if (maxNorm <= 0) fail(op, `'maxNorm' must be > 0 (or null: no clipping) but got ${maxNorm}`);
-  }
+  checkMaxNorm('clipByGlobalNorm', maxNorm);
   if (grads.length === 0) return { grads: [], norm: 0 };
-  const normTensor = tf.tidy(() => tf.sqrt(tf.addN(grads.map(g => tf.sum(tf.square(g))))));
+  const normTensor = globalNorm(grads);
   const norm = (await normTensor.data())[0];
   normTensor.dispose();
+  return { grads: clipToNorm(grads, norm, maxNorm), norm };
+}
+
+/**
+ * The global L2 norm of `grads` as a scalar on their device, not read: the training loop records it
+ * right after the backward pass and reads it with the loss, in one wait for the GPU a step.
+ */
+export function globalNorm(grads: readonly tf.Tensor[]): tf.Scalar {
+  return tf.tidy(() => (grads.length === 0 ? tf.scalar(0) : tf.sqrt(tf.addN(grads.map(g => tf.sum(tf.square(g))))) as tf.Scalar));
+}
+
+/**
+ * `grads` clipped to `maxNorm` given their global norm `norm` (read from globalNorm), as
+ * clipByGlobalNorm: new tensors, scaled by max / (norm + 1e-6) only when that is below 1.
+ */
+export function clipToNorm(grads: readonly tf.Tensor[], norm: number, maxNorm: number | null): tf.Tensor[] {
+  checkMaxNorm('clipToNorm', maxNorm);
   const coefficient = maxNorm === null ? 1 : maxNorm / (norm + 1e-6);
   // torch multiplies by the clamped coefficient even when it is 1; skipping that multiply changes nothing
-  if (coefficient >= 1 || !Number.isFinite(norm)) return { grads: grads.map(g => tf.clone(g)), norm };
-  return { grads: grads.map(g => tf.mul(g, coefficient)), norm };
+  if (coefficient >= 1 || !Number.isFinite(norm)) return grads.map(g => tf.clone(g));
+  return grads.map(g => tf.mul(g, coefficient));
+}
+
+function checkMaxNorm(op: string, maxNorm: number | null): void {
+  if (maxNorm === null) return;
+  assertFiniteNumber(op, 'maxNorm', maxNorm);
+  if (maxNorm <= 0) fail(op, `'maxNorm' must be > 0 (or null: no clipping) but got ${maxNorm}`);
 }
