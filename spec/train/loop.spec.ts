@@ -14,7 +14,7 @@ import { windowBatches, type BatchSource } from '../../src/train/batches.js';
 import { TrainError } from '../../src/train/errors.js';
 import { microBatchSeed, stepGradients, trainLoop, type StepReport, type TrainState } from '../../src/train/loop.js';
 import { disposeBatch, IGNORE_INDEX, type TrainingBatch } from '../../src/train/loss.js';
-import { Adam, clipByGlobalNorm } from '../../src/train/optimizer.js';
+import { Adam, clipByGlobalNorm, globalNorm } from '../../src/train/optimizer.js';
 import { learningRateAt } from '../../src/train/schedule.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
 
@@ -144,6 +144,23 @@ describe('train/loop: accumulation, clipping, Adam', () => {
     expect(tf.memory().numTensors).to.equal(before);
     expect((await reject(clipByGlobalNorm(grads, 0))).message).to.equal("`clipByGlobalNorm()`: 'maxNorm' must be > 0 (or null: no clipping) but got 0");
     tf.dispose(grads);
+  });
+
+  it('globalNorm: the float64 norm over chunks of gradients (by count, by elements, one past the element bound alone), no leak', async () => {
+    const rng = new SeededRandom(10);
+    // 70 small ones (chunks of 32 by count), one of 2^22 + 5 elements (past the bound, alone), then two of 3·2^20 (the
+    // second starts a chunk: together past the bound), then an empty one
+    const shapes = [...Array.from({ length: 70 }, (_, i) => [1 + (i % 7), 3]), [(1 << 22) + 5], [3 << 20], [3 << 20], [0]];
+    const values = shapes.map(shape => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.next() * 2 - 1));
+    const grads = values.map((v, i) => tf.tensor(v, shapes[i]));
+    const before = tf.memory().numTensors;
+    const norm = globalNorm(grads);
+    expect(tf.memory().numTensors).to.equal(before + 1);
+    expect((await norm.data())[0]).to.be.closeTo(float64Norm(values), 1e-6 * float64Norm(values));
+    norm.dispose();
+    const empty = globalNorm([]);
+    expect(Array.from(await empty.data())).to.deep.equal([0]);
+    tf.dispose([empty, ...grads]);
   });
 
   it('Adam follows torch.optim.Adam (float64 reference over 3 steps with changing lr) and restores exactly', async () => {

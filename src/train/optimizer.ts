@@ -148,11 +148,37 @@ export async function clipByGlobalNorm(
 }
 
 /**
+ * globalNorm squares and sums gradients a chunk at a time, concatenated: at most this many of them
+ * and this many elements (16 MB of float32, freed before the next chunk). A square and a sum per
+ * gradient were ~2 programs each to record (465 for 224 gradients, OLMoE's LoRA count, on Mesa),
+ * a chunk is 1–3 concatenations, a square and a sum (44 for the same 224 in chunks of 32).
+ */
+const NORM_CHUNK_TENSORS = 32;
+const NORM_CHUNK_ELEMENTS = 1 << 22;
+
+/**
  * The global L2 norm of `grads` as a scalar on their device, not read: the training loop records it
  * right after the backward pass and reads it with the loss, in one wait for the GPU a step.
  */
 export function globalNorm(grads: readonly tf.Tensor[]): tf.Scalar {
-  return tf.tidy(() => (grads.length === 0 ? tf.scalar(0) : tf.sqrt(tf.addN(grads.map(g => tf.sum(tf.square(g))))) as tf.Scalar));
+  if (grads.length === 0) return tf.scalar(0);
+  const partials: tf.Scalar[] = [];
+  try {
+    for (let start = 0; start < grads.length;) {
+      let end = start + 1;
+      let elements = grads[start].size;
+      while (end < grads.length && end - start < NORM_CHUNK_TENSORS && elements + grads[end].size <= NORM_CHUNK_ELEMENTS) {
+        elements += grads[end].size;
+        end++;
+      }
+      const chunk = grads.slice(start, end);
+      partials.push(tf.tidy(() => tf.sum(tf.square(chunk.length === 1 ? chunk[0] : tf.concat(chunk.map(g => tf.reshape(g, [-1])))))));
+      start = end;
+    }
+    return tf.tidy(() => tf.sqrt(partials.length === 1 ? partials[0] : tf.addN(partials)));
+  } finally {
+    tf.dispose(partials);
+  }
 }
 
 /**

@@ -11,6 +11,8 @@ import { register } from '../../../src/plugin.js';
 import { windowStream } from '../../../src/train/batches.js';
 import { trainLoop } from '../../../src/train/loop.js';
 import { nextTokenLoss } from '../../../src/train/loss.js';
+import { globalNorm } from '../../../src/train/optimizer.js';
+import { withShaderKeys } from './helpers.js';
 
 const TINY: HFConfig = {
   model_type: 'qwen3_moe', vocab_size: 7, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,
@@ -21,6 +23,24 @@ const TINY: HFConfig = {
 describe('webgpu: trainLoop with the plugin registered', () => {
   before(function () {
     if (tf.getBackend() !== 'webgpu') throw new Error(`the webgpu specs need TFJS_BACKEND=webgpu (backend is ${tf.getBackend()})`);
+  });
+
+  it('globalNorm records a few programs a chunk of gradients, not a square and a sum each: 224 gradients (OLMoE\'s LoRA count)', async () => {
+    const values = Array.from({ length: 224 }, (_, i) => Float32Array.from({ length: i % 3 === 0 ? 600 : 48 }, (_, k) => Math.sin(i * 31 + k)));
+    const grads = values.map(v => tf.tensor1d(v));
+    const want = Math.sqrt(values.reduce((s, v) => s + v.reduce((t, x) => t + x * x, 0), 0));
+    const { programs, norm } = await withShaderKeys(async keys => {
+      const t = globalNorm(grads);
+      const programs = keys.length;
+      const value = (await t.data())[0];
+      t.dispose();
+      return { programs, norm: value };
+    });
+    expect(norm).to.be.closeTo(want, 1e-6 * want);
+    // 7 chunks of 32: their concatenations (1–3 programs by the device's storage-buffer limit), a square and a sum each;
+    // then addN and sqrt (a square and a sum per gradient: 465 on Mesa)
+    expect(programs).to.be.at.most(7 * 5 + 2);
+    tf.dispose(grads);
   });
 
   it('trains on the fused kernels, reading each loss asynchronously', async () => {
