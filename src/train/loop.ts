@@ -404,8 +404,8 @@ export async function trainLoop(
         const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
         const computed = stepGradients(model, variables, batches, seeds);
         // the norm recorded before the reads, and both values read together: one wait for the GPU a
-        // step, where reading the loss first left the GPU idle while the norm's ~2 programs per
-        // gradient were recorded, then waited again (asynchronous reads: webgpu has no dataSync)
+        // step, where reading the loss first left the GPU idle while the norm's programs were
+        // recorded, then waited again (asynchronous reads: webgpu has no dataSync)
         const norm = globalNorm(computed.grads);
         try {
           [loss, gradNorm] = (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
