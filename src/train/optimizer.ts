@@ -149,12 +149,13 @@ export async function clipByGlobalNorm(
 
 /**
  * globalNorm squares and sums gradients a chunk at a time, concatenated: at most this many of them
- * and this many elements (16 MB of float32, freed before the next chunk). A square and a sum per
- * gradient were ~2 programs each to record (465 for 224 gradients, OLMoE's LoRA count, on Mesa),
- * a chunk is 1–3 concatenations, a square and a sum (44 for the same 224 in chunks of 32).
+ * and this many elements (4 MB of float32, freed before the next chunk; no longer than OLMoE's
+ * largest LoRA gradient, so that tfjs-wasm's Sum, one float32 running total, adds no more terms in
+ * a row than it did per gradient). A square and a sum per gradient were ~2 programs each to record,
+ * a chunk is 1–3 concatenations (by the device's storage-buffer limit), a square and a sum.
  */
 const NORM_CHUNK_TENSORS = 32;
-const NORM_CHUNK_ELEMENTS = 1 << 22;
+const NORM_CHUNK_ELEMENTS = 1 << 20;
 
 /**
  * The global L2 norm of `grads` as a scalar on their device, not read: the training loop records it
