@@ -160,7 +160,8 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
 
       for (const source of ['gather', 'rows', 'act'] as const) {
         for (const r of [1, 4, 8, 16]) {
-          for (const layout of ['A', 'B'] as const) {
+          // with the lanes on, B (W strided along k) runs the staged program as without them: once (r 8) for the routing
+          for (const layout of (lanes && r !== 8 ? ['A'] : ['A', 'B']) as ReadonlyArray<'A' | 'B'>) {
             it(`${source} rows, r ${r}, ${layout === 'A' ? 'x·A_eᵀ (A [r·E, in])' : 'dy·B_e (B [in, r·E] strided)'}`, async () => {
               const cap = plan.capacity;
               const rows = asF32(rng.array(cap * inner));
