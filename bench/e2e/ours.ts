@@ -45,6 +45,8 @@ import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { profileTrainingStep, type StepPhase, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
+/** steps in each block of pipelineRounds */
+const PIPELINE_BLOCK = 4;
 
 /** LoRA targets of both sides: the fused experts, the router and the attention projections. */
 export const E2E_LORA_TARGETS = ['experts.gate_up', 'experts.down', 'router', 'q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -120,6 +122,13 @@ export interface E2EOptions {
   abFlags?: Array<Record<string, number | boolean | string>>;
   /** rounds of abFlags (default 4) */
   abRounds?: number;
+  /**
+   * after the timed steps (and abFlags' rounds), this many rounds of PIPELINE_BLOCK steps that each
+   * wait for their loss, then PIPELINE_BLOCK steps whose losses are read one step late (step n + 1
+   * recorded while the GPU runs step n): how long the GPU idles while a step waits on its own loss
+   * (pipelineSteps in the result); default none
+   */
+  pipelineRounds?: number;
   /** with `profile`: how many record-only steps the profile times (step_profile.ts recordRepeats; default 1) */
   profileRecordRepeats?: number;
   /**
@@ -198,6 +207,8 @@ export interface E2EResult {
    * and tokens a step over their median
    */
   abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
+  /** pipelineRounds' blocks: seconds a step per block, each step waiting on its loss or reading it one step late */
+  pipelineSteps?: { blockSteps: number; waitingSeconds: number[]; oneLateSeconds: number[]; losses: number[] };
   /**
    * the largest tf.memory() seen after load and after each step (webgpu: numBytesInGPU, numBytesAllocatedInGPU),
    * and on webgpu the peaks over the whole run of bytes in use and allocated (inside the steps too)
@@ -335,6 +346,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   assertInteger(OP, 'warmup', o.warmup, 0);
   if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
   if (o.abRounds !== undefined) assertInteger(OP, 'abRounds', o.abRounds, 1);
+  if (o.pipelineRounds !== undefined) assertInteger(OP, 'pipelineRounds', o.pipelineRounds, 1);
   // before the load, not after it: a flag tf.env() does not know would throw inside tfjs at the first A/B step
   for (const name of (o.abFlags ?? []).flatMap(set => Object.keys(set))) {
     try {
@@ -487,17 +499,18 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     const timed = result.stepSeconds.slice(o.warmup).reduce((a, b) => a + b, 0);
     result.tokensPerSecond = (o.batch * o.seq * o.steps) / timed;
 
+    // the steps after the timed ones (A/B and pipeline rounds) go on through the windows
+    let extraStep = total;
     if (o.abFlags !== undefined && o.abFlags.length > 0) {
       const sets = [{}, ...o.abFlags];
       const seconds = sets.map(() => [] as number[]);
       const losses = sets.map(() => [] as number[]);
-      let step = total;
       for (let round = 0; round < (o.abRounds ?? 4); round++) {
         for (const [i, flags] of sets.entries()) {
           const before = Object.fromEntries(Object.keys(flags).map(name => [name, tf.env().get(name)]));
           Object.entries(flags).forEach(([name, value]) => tf.env().set(name, value));
           try {
-            const { seconds: took, value } = await oneStep(step++);
+            const { seconds: took, value } = await oneStep(extraStep++);
             seconds[i].push(took);
             losses[i].push(value);
           } finally {
@@ -509,6 +522,41 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       }
       const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
       result.abSteps = sets.map((flags, i) => ({ flags, stepSeconds: seconds[i], losses: losses[i], medianTokensPerSecond: (o.batch * o.seq) / median(seconds[i]) }));
+    }
+
+    if (o.pipelineRounds !== undefined) {
+      /** records a step (forward, backward, Adam) and starts reading its loss, without waiting for it */
+      const recordStep = (step: number): Promise<number> => {
+        const at = step % total;
+        const windows = tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
+        try {
+          const { value, grads } = tf.variableGrads(windowLoss(windows), variables);
+          const list = variables.map(v => grads[v.name]);
+          apply(list);
+          tf.dispose(list);
+          return value.data().then(values => { value.dispose(); return values[0]; });
+        } finally {
+          windows.dispose();
+        }
+      };
+      const pipelineSteps = { blockSteps: PIPELINE_BLOCK, waitingSeconds: [] as number[], oneLateSeconds: [] as number[], losses: [] as number[] };
+      for (let round = 0; round < o.pipelineRounds; round++) {
+        let began = performance.now();
+        for (let k = 0; k < PIPELINE_BLOCK; k++) pipelineSteps.losses.push((await oneStep(extraStep++)).value);
+        pipelineSteps.waitingSeconds.push((performance.now() - began) / 1000 / PIPELINE_BLOCK);
+        began = performance.now();
+        let pending: Promise<number> | undefined;
+        for (let k = 0; k < PIPELINE_BLOCK; k++) {
+          const next = recordStep(extraStep++);
+          if (pending !== undefined) pipelineSteps.losses.push(await pending);
+          pending = next;
+        }
+        pipelineSteps.losses.push(await pending!);
+        pipelineSteps.oneLateSeconds.push((performance.now() - began) / 1000 / PIPELINE_BLOCK);
+        await partial(`pipeline round ${round + 1}: ${pipelineSteps.waitingSeconds.at(-1)!.toFixed(3)} s a step waiting on its loss, ` +
+            `${pipelineSteps.oneLateSeconds.at(-1)!.toFixed(3)} reading it one step late`);
+      }
+      result.pipelineSteps = pipelineSteps;
     }
 
     if (o.profile) {
@@ -596,7 +644,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'pipeline-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -615,7 +663,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     backend, tensorCores: onOff('tensor-cores', false), targets: flags['targets']?.split(','),
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     // sets separated by ';', each as --tf-flags
-    abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'),
+    abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'), pipelineRounds: number('pipeline-rounds'),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
     gradientCheckpointing: onOff('gradient-checkpointing', false),
     // Dawn create() flags for the whole run, space-separated (e.g. 'enable-dawn-features=disable_robustness')

@@ -12,7 +12,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import {
-  assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, parseTfFlags, runOurs, trainingWindows, type E2EResult,
+  assertTensorCores, defaultTokenizerPath, E2E_DOC_SEPARATOR, E2E_PROMPT, parseOursArgs, parseTfFlags, runOurs, type E2EOptions, trainingWindows, type E2EResult,
 } from '../../bench/e2e/ours.js';
 import { summarizeCpuProfile, type CpuProfile, type CpuProfileSummary } from '../../bench/e2e/cpu_profile.js';
 import { programTimes, StepCounter, type StepProfile } from '../../bench/e2e/step_profile.js';
@@ -195,6 +195,36 @@ describe('bench/e2e/ours.ts', function () {
         /'abFlags' names NO_SUCH_FLAG_X, which is not a tf.env\(\) flag on /);
   });
 
+  it('--pipeline-rounds: blocks of steps waiting on their loss, then blocks reading it one step late, training on', async () => {
+    const before = tf.memory().numTensors;
+    const options = { model: FIXTURE, data, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, log: () => {} };
+    // the adapters' random init (tfjs seeds it from Math.random) the same in both runs
+    const run = async (more: Partial<E2EOptions> & { out: string }) => {
+      const random = Math.random;
+      let state = 1;
+      Math.random = () => (state = (state * 48271) % 2147483647) / 2147483647;
+      try {
+        return await runOurs({ ...options, ...more });
+      } finally {
+        Math.random = random;
+      }
+    };
+    const result = await run({ out: join(dir, 'pipeline'), pipelineRounds: 2 });
+    const p = result.pipelineSteps!;
+    expect(p.blockSteps).to.equal(4);
+    for (const seconds of [p.waitingSeconds, p.oneLateSeconds]) {
+      expect(seconds).to.have.length(2);
+      for (const s of seconds) expect(s).to.be.above(0);
+    }
+    // the same 16 steps (one window: steps 1) each waiting on its loss, as A/B rounds of two empty
+    // flag sets: reading a loss one step late changes no value
+    const waiting = await run({ out: join(dir, 'pipeline-ref'), abFlags: [{}], abRounds: 8 });
+    const [own, other] = waiting.abSteps!.map(a => a.losses);
+    expect(p.losses).to.deep.equal(own.flatMap((loss, round) => [loss, other[round]]));
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    await expectReject(runOurs({ ...options, out: join(dir, 'x'), pipelineRounds: 0 }), /'pipelineRounds' must be >= 1 but got 0/);
+  });
+
   it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
     const engine = tf.engine() as unknown as Record<string, unknown>;
     const runKernel = engine['runKernel'];
@@ -247,6 +277,7 @@ describe('bench/e2e/ours.ts', function () {
         .to.deep.include({ cpuProfile: true, tfFlags: { WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE: 60, DEBUG: false } });
     expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });
     expect(parseOursArgs(['--ab-flags', 'A=1;B=2,C=true', '--ab-rounds', '3'])).to.deep.include({ abFlags: [{ A: 1 }, { B: 2, C: true }], abRounds: 3 });
+    expect(parseOursArgs(['--pipeline-rounds', '2'])).to.deep.include({ pipelineRounds: 2 });
     expect(parseTfFlags('WEBGPU_MOE_DENSE_PROGRAM=grouped,X=2')).to.deep.equal({ WEBGPU_MOE_DENSE_PROGRAM: 'grouped', X: 2 });
     for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=Yes', 'X=a b', 'X=', 'X=1,', 'X=1-2']) {
       expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true, false or a lowercase word\) joined by commas but got "/);
