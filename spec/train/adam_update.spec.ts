@@ -40,6 +40,37 @@ describe('train/adam_update: one Adam update of one variable', () => {
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 
+  it('gradScale multiplies the gradient (the same bits as a scaled gradient); 0 gives param and moments back unchanged', async () => {
+    const rng = new SeededRandom(3);
+    const values = (n: number) => Float32Array.from({ length: n }, () => rng.next() * 2 - 1);
+    const param = tf.tensor2d(values(12), [3, 4]);
+    const grad = tf.tensor2d(values(12), [3, 4]);
+    const moments = tf.tensor3d(values(24).map(Math.abs), [2, 3, 4]);
+    const attrs: AdamUpdateAttrs = { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, correction2Sqrt: Math.sqrt(1 - 0.999 ** 3), stepSize: 1e-2 / (1 - 0.9 ** 3) };
+    const bits = async (t: tf.Tensor) => Array.from(new Uint32Array((await t.data() as Float32Array).buffer));
+    const before = tf.memory().numTensors;
+    for (const scale of [0.37, 1, 3]) {
+      const s = tf.scalar(scale);
+      const scaledGrad = tf.mul(grad, s);
+      const got = adamUpdate(param, grad, moments, attrs, s);
+      const want = adamUpdate(param, scaledGrad, moments, attrs);
+      expect(await bits(got.param), `param at scale ${scale}`).to.deep.equal(await bits(want.param));
+      expect(await bits(got.moments), `moments at scale ${scale}`).to.deep.equal(await bits(want.moments));
+      tf.dispose([s, scaledGrad, got.param, got.moments, want.param, want.moments]);
+    }
+    const zero = tf.scalar(0);
+    const skipped = adamUpdate(param, grad, moments, attrs, zero);
+    expect(await bits(skipped.param), 'param of a skipped step').to.deep.equal(await bits(param));
+    expect(await bits(skipped.moments), 'moments of a skipped step').to.deep.equal(await bits(moments));
+    tf.dispose([zero, skipped.param, skipped.moments]);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    const ints = tf.scalar(1, 'int32');
+    const vector = tf.ones([1]);
+    expect(() => adamUpdate(param, grad, moments, attrs, ints)).to.throw("`adamUpdate()`: 'gradScale' must be a float32 scalar tensor but got");
+    expect(() => adamUpdate(param, grad, moments, attrs, vector)).to.throw("`adamUpdate()`: 'gradScale' must be a float32 scalar tensor but got");
+    tf.dispose([param, grad, moments, ints, vector]);
+  });
+
   it('names the argument that is wrong', () => {
     const attrs: AdamUpdateAttrs = { beta1: 0.9, beta2: 0.999, epsilon: 1e-8, correction2Sqrt: 0.03, stepSize: 0.01 };
     const a = tf.zeros([2, 3]);

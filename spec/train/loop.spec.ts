@@ -14,7 +14,7 @@ import { windowBatches, type BatchSource } from '../../src/train/batches.js';
 import { TrainError } from '../../src/train/errors.js';
 import { microBatchSeed, stepGradients, trainLoop, type StepReport, type TrainState } from '../../src/train/loop.js';
 import { disposeBatch, IGNORE_INDEX, type TrainingBatch } from '../../src/train/loss.js';
-import { Adam, clipByGlobalNorm, globalNorm } from '../../src/train/optimizer.js';
+import { Adam, clipByGlobalNorm, globalNorm, stepGradientScale } from '../../src/train/optimizer.js';
 import { learningRateAt } from '../../src/train/schedule.js';
 import { seedModelInit } from '../../src/train/seeded_init.js';
 
@@ -163,6 +163,51 @@ describe('train/loop: accumulation, clipping, Adam', () => {
     const empty = globalNorm([]);
     expect(Array.from(await empty.data())).to.deep.equal([0]);
     tf.dispose([empty, ...grads]);
+  });
+
+  it('stepGradientScale: clip_grad_norm_\'s float32 coefficient, 1 without clipping or below max, 0 where the loss or the norm is not finite', async () => {
+    const f32 = Math.fround;
+    const cases: Array<[number, number, number | null, number]> = [
+      [2.5, 5, 1, f32(1 / f32(5 + f32(1e-6)))], [2.5, 37.25, 0.3, f32(f32(0.3) / f32(37.25 + f32(1e-6)))],
+      [2.5, 0.5, 1, 1], [2.5, 0, 1, 1], [2.5, 5, null, 1],
+      [NaN, 5, 1, 0], [Infinity, 5, null, 0], [2.5, NaN, 1, 0], [2.5, Infinity, null, 0], [2.5, -Infinity, 1, 0],
+    ];
+    const before = tf.memory().numTensors;
+    for (const [lossValue, normValue, max, want] of cases) {
+      const [loss, norm] = [tf.scalar(lossValue), tf.scalar(normValue)];
+      const scale = stepGradientScale(loss, norm, max);
+      expect(scale.dtype).to.equal('float32');
+      expect((await scale.data())[0], `loss ${lossValue}, norm ${normValue}, max ${max}`).to.equal(want);
+      tf.dispose([loss, norm, scale]);
+    }
+    expect(tf.memory().numTensors).to.equal(before);
+    const one = tf.scalar(1);
+    expect(() => stepGradientScale(one, one, 0)).to.throw("`stepGradientScale()`: 'maxNorm' must be > 0 (or null: no clipping) but got 0");
+    one.dispose();
+  });
+
+  it('Adam.uncountStep: a step skipped on the device (gradScale 0) is not counted; the next step is the same as without it', async () => {
+    const run = async (skip: boolean) => {
+      const x = tf.variable(tf.tensor1d([0.5, -1.5, 2]));
+      const adam = new Adam([x]);
+      const steps = skip ? [[1, 0.1], [0, 5], [1, -0.3]] : [[1, 0.1], [1, -0.3]];
+      for (const [scale, g] of steps) {
+        const [grad, s] = [tf.tensor1d([g, 2 * g, -g]), tf.scalar(scale)];
+        adam.apply([grad], 1e-2, s);
+        if (scale === 0) adam.uncountStep();
+        tf.dispose([grad, s]);
+      }
+      const result = { step: adam.step, x: Array.from(await x.data()), state: await adam.snapshot() };
+      adam.dispose();
+      x.dispose();
+      return result;
+    };
+    const [skipped, plain] = [await run(true), await run(false)];
+    expect(skipped.step).to.equal(2);
+    expect(skipped.x).to.deep.equal(plain.x);
+    expect(Array.from(skipped.state.v[0])).to.deep.equal(Array.from(plain.state.v[0]));
+    const adam = new Adam([]);
+    expect(() => adam.uncountStep()).to.throw("`Adam.uncountStep()`: no step to uncount: apply() has not run");
   });
 
   it('Adam follows torch.optim.Adam (float64 reference over 3 steps with changing lr) and restores exactly', async () => {

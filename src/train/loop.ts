@@ -22,7 +22,11 @@
  * whose every logit is equal and whose every gradient is 0 (lr 1000 on the spec's model: the loss
  * sits at ln(vocab) with norm 0 from step 7 on), which no loss rule above can tell from a
  * from-scratch run that has not learnt yet. The norm is read from the device every step already
- * (clipping and the report need it), so watching it costs nothing.
+ * (the report needs it), with the loss, so watching it costs nothing.
+ *
+ * A step is recorded whole before anything is read: its clipping coefficient and whether it is
+ * applied at all (not when its loss or norm is non-finite) are computed on the device
+ * (stepGradientScale) and given to Adam, and the loss and the norm are read after, in one wait.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
@@ -34,7 +38,7 @@ import { describeValue } from '../util/describe.js';
 import { assertLogitsFit, windowBatches, type BatchSource } from './batches.js';
 import { TrainError } from './errors.js';
 import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
-import { Adam, type AdamSnapshot, clipToNorm, globalNorm } from './optimizer.js';
+import { Adam, type AdamSnapshot, globalNorm, stepGradientScale } from './optimizer.js';
 import { learningRateAt, LR_SCHEDULERS, type LRScheduler } from './schedule.js';
 
 export interface TrainLoopOptions {
@@ -403,21 +407,19 @@ export async function trainLoop(
         if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
         const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
         const computed = stepGradients(model, variables, batches, seeds);
-        // the norm recorded before the reads, and both values read together: one wait for the GPU a
-        // step, where reading the loss first left the GPU idle while the norm's programs were
-        // recorded, then waited again (asynchronous reads: webgpu has no dataSync)
+        // the whole step recorded before anything is read, then the loss and the norm read together:
+        // one wait for the GPU a step (asynchronous reads: webgpu has no dataSync). Clipping and the
+        // skip of a non-finite step are decided on the device (stepGradientScale), where reading
+        // first left the GPU idle while the host recorded the clipping and Adam.
         const norm = globalNorm(computed.grads);
+        const scale = stepGradientScale(computed.loss, norm, maxGradNorm);
         try {
+          optimizer.apply(computed.grads, lr, scale);
           [loss, gradNorm] = (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
-          const clipped = clipToNorm(computed.grads, gradNorm, maxGradNorm);
-          // a non-finite step is not applied: the model stays at the last good step
-          try {
-            if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped, lr);
-          } finally {
-            tf.dispose(clipped);
-          }
+          // a non-finite step is not applied (its scale was 0): the model stays at the last good step
+          if (!(Number.isFinite(loss) && Number.isFinite(gradNorm))) optimizer.uncountStep();
         } finally {
-          tf.dispose([computed.loss, norm, ...computed.grads]);
+          tf.dispose([computed.loss, norm, scale, ...computed.grads]);
         }
       } finally {
         batches.forEach(disposeBatch);

@@ -10,7 +10,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
-import { adamUpdate, groupedAdamUpdateFor } from './adam_update.js';
+import { adamUpdate, assertGradScale, groupedAdamUpdateFor } from './adam_update.js';
 
 /** What a checkpoint keeps of Adam: the step count and both moments of every variable, in order. */
 export interface AdamSnapshot {
@@ -64,19 +64,24 @@ export class Adam {
    * One step: torch.optim.Adam's `exp_avg.lerp_(grad, 1 − β1)`, `exp_avg_sq·β2 + (1 − β2)·grad²`,
    * `denom = √exp_avg_sq / √(1 − β2^t) + ε`, `param −= lr / (1 − β1^t) · exp_avg / denom`. The bias
    * corrections are float64 numbers of t, so a restored state continues exactly.
+   *
+   * `gradScale`, a float32 scalar on the device (stepGradientScale), multiplies every gradient; where
+   * it is 0 the device leaves the variables and moments as they were, and the caller, once it has
+   * read why, calls `uncountStep()` so that t counts the steps applied.
    */
-  apply(grads: readonly tf.Tensor[], lr: number): void {
+  apply(grads: readonly tf.Tensor[], lr: number, gradScale?: tf.Scalar): void {
     if (grads.length !== this.variables.length) {
       fail('Adam.apply', `'grads' must hold one gradient per variable (${this.variables.length}) but holds ${grads.length}`);
     }
     assertFiniteNumber('Adam.apply', 'lr', lr);
+    if (gradScale !== undefined) assertGradScale('Adam.apply', gradScale);
     this.t++;
     const correction1 = 1 - this.beta1 ** this.t;
     const correction2Sqrt = Math.sqrt(1 - this.beta2 ** this.t);
     const attrs = { beta1: this.beta1, beta2: this.beta2, epsilon: this.epsilon, correction2Sqrt, stepSize: lr / correction1 };
     // one op per variable: webgpu runs it as 2 programs instead of ~14 (adam_update.ts)
     const perVariable = (i: number) => {
-      const { param, moments } = adamUpdate(this.variables[i], grads[i], this.moments[i], attrs);
+      const { param, moments } = adamUpdate(this.variables[i], grads[i], this.moments[i], attrs, gradScale);
       this.variables[i].assign(param);
       tf.dispose([param, this.moments[i]]);
       this.moments[i] = moments;
@@ -87,7 +92,16 @@ export class Adam {
       return;
     }
     // webgpu: many variables per dispatch, in place (issue 15); what it cannot take goes per variable
-    grouped(this.variables.map((param, i) => ({ param, grad: grads[i], moments: this.moments[i] })), attrs, perVariable);
+    grouped(this.variables.map((param, i) => ({ param, grad: grads[i], moments: this.moments[i] })), attrs, perVariable, gradScale);
+  }
+
+  /**
+   * The last apply() was skipped on the device (its gradScale was 0): t goes back one, as if it had
+   * not been called. Before the next apply(), whose bias corrections use t.
+   */
+  uncountStep(): void {
+    if (this.t === 0) fail('Adam.uncountStep', 'no step to uncount: apply() has not run');
+    this.t--;
   }
 
   /** The state, read back from the device (asynchronous: webgpu has no dataSync). */
@@ -186,12 +200,26 @@ export function globalNorm(grads: readonly tf.Tensor[]): tf.Scalar {
  * `grads` clipped to `maxNorm` given their global norm `norm` (read from globalNorm), as
  * clipByGlobalNorm: new tensors, scaled by max / (norm + 1e-6) only when that is below 1.
  */
-export function clipToNorm(grads: readonly tf.Tensor[], norm: number, maxNorm: number | null): tf.Tensor[] {
-  checkMaxNorm('clipToNorm', maxNorm);
+function clipToNorm(grads: readonly tf.Tensor[], norm: number, maxNorm: number | null): tf.Tensor[] {
   const coefficient = maxNorm === null ? 1 : maxNorm / (norm + 1e-6);
   // torch multiplies by the clamped coefficient even when it is 1; skipping that multiply changes nothing
   if (coefficient >= 1 || !Number.isFinite(norm)) return grads.map(g => tf.clone(g));
   return grads.map(g => tf.mul(g, coefficient));
+}
+
+/**
+ * The training loop's gradScale for Adam.apply, on the device, so that the optimizer is recorded
+ * before anything is read: 0 where the loss or the gradients' norm is not finite (the step is
+ * skipped), else clip_grad_norm_'s coefficient min(1, maxNorm / (norm + 1e-6)) in float32 as torch
+ * computes it on the GPU, or 1 without clipping.
+ */
+export function stepGradientScale(loss: tf.Scalar, norm: tf.Scalar, maxNorm: number | null): tf.Scalar {
+  checkMaxNorm('stepGradientScale', maxNorm);
+  return tf.tidy(() => {
+    const finite = tf.logicalAnd(tf.isFinite(loss), tf.isFinite(norm));
+    const coefficient = maxNorm === null ? tf.scalar(1) : tf.minimum(tf.div(tf.scalar(maxNorm), tf.add(norm, 1e-6)), 1);
+    return tf.where(finite, coefficient, tf.scalar(0)) as tf.Scalar;
+  });
 }
 
 function checkMaxNorm(op: string, maxNorm: number | null): void {

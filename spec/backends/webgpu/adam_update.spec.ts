@@ -85,6 +85,58 @@ describe('webgpu: MoEAdamUpdate (Adam in 2 programs per variable)', () => {
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
   });
 
+  it('a gradScale: a float64 replay of the scaled gradient\'s step; a 0 step leaves param and moments bit for bit', async () => {
+    const rng = new SeededRandom(6);
+    const shape: [number, number] = [3, 130];
+    const n = shape[0] * shape[1];
+    const start = Float32Array.from({ length: n }, () => rng.next() * 2 - 1);
+    const before = tf.memory().numTensors;
+    const variable = tf.tidy(() => tf.variable(tf.tensor2d(start, shape)));
+    const adam = new Adam([variable]);
+    const p = Array.from(start);
+    const m = new Array<number>(n).fill(0);
+    const v = new Array<number>(n).fill(0);
+    const counter = new StepCounter();
+    let t = 0;
+    for (const [scale, lr] of [[0.37, 1e-2], [0, 3e-2], [1, 5e-3]] as const) {
+      const g = Float32Array.from({ length: n }, () => Math.fround(rng.next() * 4 - 2));
+      const beforeStep = { p: await variable.data(), moments: await adam.snapshot() };
+      const grad = tf.tensor2d(g, shape);
+      const s = tf.scalar(scale);
+      counter.install();
+      try {
+        adam.apply([grad], lr, s);
+      } finally {
+        counter.uninstall();
+      }
+      tf.dispose([grad, s]);
+      if (scale === 0) {
+        adam.uncountStep();
+        const after = await adam.snapshot();
+        expect(Buffer.from((await variable.data() as Float32Array).buffer).equals(Buffer.from((beforeStep.p as Float32Array).buffer)), 'param of the 0 step').to.equal(true);
+        expect(Buffer.from(after.m[0].buffer).equals(Buffer.from(beforeStep.moments.m[0].buffer)), 'm of the 0 step').to.equal(true);
+        expect(Buffer.from(after.v[0].buffer).equals(Buffer.from(beforeStep.moments.v[0].buffer)), 'v of the 0 step').to.equal(true);
+        continue;
+      }
+      t++;
+      for (let k = 0; k < n; k++) {
+        const gs = Math.fround(g[k] * scale);
+        m[k] = 0.9 * m[k] + 0.1 * gs;
+        v[k] = 0.999 * v[k] + 0.001 * gs * gs;
+        p[k] -= lr / (1 - 0.9 ** t) * m[k] / (Math.sqrt(v[k]) / Math.sqrt(1 - 0.999 ** t) + 1e-8);
+      }
+    }
+    expect(counter.programCounts, 'one program per output, the 0 step too').to.deep.equal({ AdamUpdateProgram: 2 * 3 });
+    expect(adam.step, 'the steps applied').to.equal(2);
+    expect(maxRelativeError(await variable.data(), p), 'param').to.be.below(1e-6);
+    const saved = await adam.snapshot();
+    expect(maxRelativeError(saved.m[0], m), 'm').to.be.below(1e-6);
+    expect(maxRelativeError(saved.v[0], v), 'v').to.be.below(1e-6);
+    adam.dispose();
+    variable.dispose();
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+  });
+
   it('LoRA training of a tiny MoE model: the same losses and parameters as the composed ops, ~7× fewer dispatches', async () => {
     await withTinyMoETraining(async ({ variables, run }) => {
       const before = tf.memory().numTensors;

@@ -45,8 +45,11 @@ interface Run {
   counts: Record<string, number>;
 }
 
-/** `steps` Adam steps of fresh variables of `sizes` with seeded gradients; reads the state after each step, saves and restores it before step 2. */
-async function train(sizes: number[], steps: number, seed: number): Promise<Run> {
+/**
+ * `steps` Adam steps of fresh variables of `sizes` with seeded gradients; reads the state after each
+ * step, saves and restores it before step 2. `scales`: step t's gradScale (a scalar tensor).
+ */
+async function train(sizes: number[], steps: number, seed: number, scales?: number[]): Promise<Run> {
   const rng = new SeededRandom(seed);
   const variables = sizes.map((n, i) => tf.tidy(() => tf.variable(tf.tensor1d(randomValues(rng, n, 1)), true, `grouped_adam_${seed}_${i}`)));
   let adam = new Adam(variables);
@@ -60,13 +63,14 @@ async function train(sizes: number[], steps: number, seed: number): Promise<Run>
       adam.restore(saved);
     }
     const grads = sizes.map(n => tf.tensor1d(randomValues(rng, n, 2)));
+    const scale = scales === undefined ? undefined : tf.scalar(scales[t]);
     counter.install();
     try {
-      adam.apply(grads, [1e-2, 3e-2, 5e-3][t % 3]);
+      adam.apply(grads, [1e-2, 3e-2, 5e-3][t % 3], scale);
     } finally {
       counter.uninstall();
     }
-    tf.dispose(grads);
+    tf.dispose([...grads, ...(scale !== undefined ? [scale] : [])]);
     // a read caches the values on the cpu (variables, moments): the next in-place step must not leave them stale
     await Promise.all(variables.map(x => x.data()));
     await adam.snapshot();
@@ -93,6 +97,34 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
     expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 8, maxBindingsPerBindGroup: 1000 })).to.equal(2);
     expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 1000, maxBindingsPerBindGroup: 31 })).to.equal(10);
     expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 1 << 20, maxBindingsPerBindGroup: 1 << 20 })).to.equal(64);
+    // with a gradScale, one storage buffer and one binding for it
+    expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 16, maxBindingsPerBindGroup: 1000 }, true)).to.equal(5);
+    expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 12, maxBindingsPerBindGroup: 1000 }, true)).to.equal(3);
+    expect(groupedAdamCapacity({ maxStorageBuffersPerShaderStage: 1000, maxBindingsPerBindGroup: 31 }, true)).to.equal(9);
+  });
+
+  it('a gradScale (clipping\'s coefficient, 0: a skipped step): bit for bit the per-variable kernel\'s; a 0 step changes no value', async () => {
+    const k = groupedAdamCapacity(device().limits, true);
+    const sizes = [1, 3, 63, 64, 65, 130, 35, 1000, 4097, 1, 17, 200];
+    while (sizes.length < 2 * k + 1) sizes.push(2 * sizes.length + 1);
+    const scales = [0.37, 0, 1];
+    const before = tf.memory().numTensors;
+    const grouped = await train(sizes, 3, 12, scales);
+    const single = await perVariable(() => train(sizes, 3, 12, scales));
+    expect(grouped.counts, 'grouped dispatches only').to.deep.equal({ [GROUPED_ADAM_PROGRAM]: 3 * Math.ceil(sizes.length / k) });
+    expect(single.counts).to.deep.equal({ AdamUpdateProgram: 3 * 2 * sizes.length });
+    // the first step alone: the 0 step after it leaves every value where it was
+    const first = await train(sizes, 1, 12, scales);
+    const firstTwo = await train(sizes, 2, 12, scales);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    sizes.forEach((_, i) => {
+      for (const part of ['params', 'm', 'v'] as const) {
+        expect(grouped[part][i].equals(single[part][i]), `${part} ${i} (${sizes[i]} values)`).to.equal(true);
+        expect(firstTwo[part][i].equals(first[part][i]), `${part} ${i} after the 0 step`).to.equal(true);
+      }
+    });
+    const unscaled = await train(sizes, 1, 12);
+    expect(unscaled.params[8].equals(first.params[8]), 'the 0.37 scale changed the step').to.equal(false);
   });
 
   it('mixed sizes over several groups, 3 steps with a save and restore: values and moments bit for bit the per-variable kernel\'s, ceil(n / K) dispatches a step', async () => {

@@ -21,6 +21,8 @@
  *
  * The expression is AdamUpdateProgram's, in the same float32 order, with the same float32
  * scalars: the results are bit for bit the per-variable kernel's (spec/backends/webgpu/grouped_adam.spec.ts).
+ * With a gradScale (adamUpdate's: the loop's clipping coefficient, 0 for a skipped step) one more
+ * binding holds it, and a dispatch whose scale is 0 writes nothing.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { fail } from '../../ops/validate.js';
@@ -82,20 +84,25 @@ const MAX_GROUP = 64;
 
 /**
  * Variables per dispatch on `device`: its storage buffers per shader stage over 3 (the scalars and
- * offsets are one uniform buffer, counted apart), within its bindings per bind group, at most 64.
+ * offsets are one uniform buffer, counted apart; `scaled`: one storage buffer for the gradScale),
+ * within its bindings per bind group, at most 64.
  *
  * ```js
- * groupedAdamCapacity(device);   // Mesa's GL: 16 storage buffers → 5
+ * groupedAdamCapacity(device);   // Mesa's GL: 16 storage buffers → 5 (scaled too)
  * ```
  */
-export function groupedAdamCapacity(limits: { maxStorageBuffersPerShaderStage: number; maxBindingsPerBindGroup: number }): number {
-  const byStorage = Math.floor(limits.maxStorageBuffersPerShaderStage / BINDINGS_PER_VARIABLE);
-  const byBindings = Math.floor((limits.maxBindingsPerBindGroup - 1) / BINDINGS_PER_VARIABLE);
+export function groupedAdamCapacity(limits: { maxStorageBuffersPerShaderStage: number; maxBindingsPerBindGroup: number }, scaled = false): number {
+  const scaleBindings = scaled ? 1 : 0;
+  const byStorage = Math.floor((limits.maxStorageBuffersPerShaderStage - scaleBindings) / BINDINGS_PER_VARIABLE);
+  const byBindings = Math.floor((limits.maxBindingsPerBindGroup - 1 - scaleBindings) / BINDINGS_PER_VARIABLE);
   return Math.max(0, Math.min(byStorage, byBindings, MAX_GROUP));
 }
 
-/** The WGSL of one dispatch over `k` variables (bindings 1 + 3s, 2 + 3s, 3 + 3s: slot s's param, grad, moments). */
-export function groupedAdamShader(k: number): string {
+/**
+ * The WGSL of one dispatch over `k` variables (bindings 1 + 3s, 2 + 3s, 3 + 3s: slot s's param,
+ * grad, moments; `scaled`: binding 1 + 3k the gradScale).
+ */
+export function groupedAdamShader(k: number, scaled = false): string {
   const vec4s = (n: number) => Math.max(1, Math.ceil(n / 4));
   const bindings: string[] = [];
   const cases: string[] = [];
@@ -106,7 +113,7 @@ export function groupedAdamShader(k: number): string {
         `@group(0) @binding(${3 + 3 * s}) var<storage, read_write> moments${s} : array<f32>;`);
     // AdamUpdateProgram's expression and order (programs/adam_program.ts): bit for bit its results
     cases.push(`      case ${s}u: {
-        let g = grad${s}[i];
+        let g = grad${s}[i]${scaled ? ' * scale' : ''};
         let m2 = moments${s}[i] * step.beta1 + g * step.oneMinusBeta1;
         let v2 = moments${s}[n + i] * step.beta2 + (g * g) * step.oneMinusBeta2;
         let denom = sqrt(v2) / step.correction2Sqrt + step.epsilon;
@@ -125,7 +132,8 @@ struct Step {
   size : array<vec4<u32>, ${vec4s(k)}>,
 };
 @group(0) @binding(0) var<uniform> step : Step;
-${bindings.join('\n')}
+${bindings.join('\n')}${scaled ? `
+@group(0) @binding(${1 + 3 * k}) var<storage, read> gradScale : array<f32>;` : ''}
 
 fn firstWorkgroup(j : u32) -> u32 { return step.firstWorkgroup[j / 4u][j % 4u]; }
 
@@ -140,7 +148,10 @@ fn main(@builtin(workgroup_id) wid : vec3<u32>, @builtin(local_invocation_id) li
   }
   let i = (wg - firstWorkgroup(j)) * ${FLAT_THREADS}u + lid.x;
   let n = step.size[j / 4u][j % 4u];
-  if (i >= n) { return; }
+  if (i >= n) { return; }${scaled ? `
+  // a skipped step (gradScale 0) leaves every value where it is
+  let scale = gradScale[0];
+  if (scale == 0.0) { return; }` : ''}
   switch j {
 ${cases.join('\n')}
       default: {}
@@ -149,16 +160,17 @@ ${cases.join('\n')}
 `;
 }
 
-const pipelines = new WeakMap<GPUDevice, Map<number, GPUComputePipeline>>();
+const pipelines = new WeakMap<GPUDevice, Map<string, GPUComputePipeline>>();
 
-function pipelineFor(device: GPUDevice, k: number): GPUComputePipeline {
-  let byCount = pipelines.get(device);
-  if (byCount === undefined) pipelines.set(device, byCount = new Map());
-  let pipeline = byCount.get(k);
+function pipelineFor(device: GPUDevice, k: number, scaled: boolean): GPUComputePipeline {
+  let byKey = pipelines.get(device);
+  if (byKey === undefined) pipelines.set(device, byKey = new Map());
+  const key = `moeGroupedAdam_${k}${scaled ? '_scaled' : ''}`;
+  let pipeline = byKey.get(key);
   if (pipeline === undefined) {
-    const module = device.createShaderModule({ code: groupedAdamShader(k), label: `moeGroupedAdam_${k}` });
-    pipeline = device.createComputePipeline({ layout: 'auto', compute: { module, entryPoint: 'main' }, label: `moeGroupedAdam_${k}` });
-    byCount.set(k, pipeline);
+    const module = device.createShaderModule({ code: groupedAdamShader(k, scaled), label: key });
+    pipeline = device.createComputePipeline({ layout: 'auto', compute: { module, entryPoint: 'main' }, label: key });
+    byKey.set(key, pipeline);
   }
   return pipeline;
 }
@@ -194,15 +206,27 @@ export const GROUPED_ADAM_PROGRAM = 'GroupedAdamProgram';
  *     i => perVariableAdam(i));
  * ```
  */
-export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: AdamUpdateAttrs, perVariable: (index: number) => void): void {
+export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: AdamUpdateAttrs, perVariable: (index: number) => void,
+    gradScale?: tf.Tensor): void {
   const b = internals();
-  const k = groupedAdamCapacity(b.device.limits);
-  // a variable listed twice, or a gradient that is a variable's data: the per-variable order matters
-  // (and one buffer cannot be bound read_write and read in one dispatch), so all go per variable
+  const scaled = gradScale !== undefined;
+  const k = groupedAdamCapacity(b.device.limits, scaled);
+  // a variable listed twice, or a gradient (or the scale) that is a variable's data: the per-variable
+  // order matters (and one buffer cannot be bound read_write and read in one dispatch), so all go per variable
   const paramData = new Set<unknown>(entries.map(e => e.param?.dataId));
-  if (paramData.size !== entries.length || entries.some(e => paramData.has(e.grad?.dataId))) {
+  if (paramData.size !== entries.length || entries.some(e => paramData.has(e.grad?.dataId)) || paramData.has(gradScale?.dataId)) {
     entries.forEach((_, index) => perVariable(index));
     return;
+  }
+  let scaleBuffer: GPUBuffer | undefined;
+  if (gradScale !== undefined) {
+    b.uploadToGPU(gradScale.dataId);
+    const resource = b.tensorMap.get(gradScale.dataId)?.resource;
+    if (!(resource instanceof GPUBuffer)) {
+      entries.forEach((_, index) => perVariable(index));
+      return;
+    }
+    scaleBuffer = resource;
   }
   const grouped: GroupedVariable[] = [];
   const rest: number[] = [];
@@ -222,13 +246,15 @@ export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: Ad
   });
   // the entries touch disjoint buffers (checked above): the per-variable ones may go first
   rest.forEach(perVariable);
+  const scale = gradScale !== undefined ? { tensor: gradScale, buffer: scaleBuffer! } : undefined;
   for (let start = 0; start < grouped.length; start += k) {
-    record(b, grouped.slice(start, start + k), attrs);
+    record(b, grouped.slice(start, start + k), attrs, scale);
   }
 }
 
 /** One dispatch over `group` (at most K variables), recorded into tfjs's current compute pass. */
-function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], attrs: AdamUpdateAttrs): void {
+function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], attrs: AdamUpdateAttrs,
+    scale: { tensor: tf.Tensor; buffer: GPUBuffer } | undefined): void {
   const k = group.length;
   const firstWorkgroup = new Uint32Array(4 * Math.max(1, Math.ceil((k + 1) / 4)));
   const sizes = new Uint32Array(4 * Math.max(1, Math.ceil(k / 4)));
@@ -253,7 +279,7 @@ function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], at
   b.queue.writeBuffer(uniform, 0, bytes, 0, bytes.byteLength);
   b.uniformPendingDisposal.push(uniform);
 
-  const pipeline = pipelineFor(b.device, k);
+  const pipeline = pipelineFor(b.device, k, scale !== undefined);
   const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
   group.forEach(({ entry, param, grad, moments }, s) => {
     const bytesOf = (n: number) => 4 * n;
@@ -267,6 +293,10 @@ function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], at
       if (t !== entry.grad) b.tensorMap.get(t.dataId)!.values = null;
     }
   });
+  if (scale !== undefined) {
+    entries.push({ binding: 1 + 3 * k, resource: { buffer: scale.buffer, size: 4 } });
+    b.commandQueueOwnedIds.add(scale.tensor.dataId);
+  }
   const bindGroup = b.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
 
   // tfjs's recordAndSubmit from here on: its pass, its submit rule, its timers

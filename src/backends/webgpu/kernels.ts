@@ -1240,10 +1240,11 @@ const adamUpdateConfig: tf.KernelConfig = {
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const inputs = args.inputs as Record<string, tf.TensorInfo>;
-    const list = [inputs.param, inputs.grad, inputs.moments];
+    const scaled = inputs.gradScale !== undefined;
+    const list = [inputs.param, inputs.grad, inputs.moments, ...(scaled ? [inputs.gradScale] : [])];
     const uniforms = AdamUpdateProgram.uniformsFor(args.attrs as unknown as AdamUpdateAttrs);
     return (['param', 'moments'] as const).map(output =>
-      webgpu(args).runWebGPUProgram(new AdamUpdateProgram(inputs.param.shape, output), list, 'float32', uniforms));
+      webgpu(args).runWebGPUProgram(new AdamUpdateProgram(inputs.param.shape, output, scaled), list, 'float32', uniforms));
   },
 };
 

@@ -4,7 +4,8 @@
  * per value). Each instance reads param, grad and the moments and computes what it needs (a few
  * flops per element) rather than reading the other program's output, so the two are independent
  * and compute the moments alike. Float32, in the composed op's order: m' = m·β1 + g·(1 − β1),
- * v' = v·β2 + g²·(1 − β2), param' = param − (m' / (√v' / c2 + ε)) · stepSize.
+ * v' = v·β2 + g²·(1 − β2), param' = param − (m' / (√v' / c2 + ε)) · stepSize; `scaled`: g = grad·s
+ * with s the input gradScale[0], and where s is 0 the old values are written back (a skipped step).
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { FLAT_THREADS, flatDispatch, floatUniforms, type ProgramUniformEntry } from './shared.js';
@@ -22,14 +23,17 @@ export class AdamUpdateProgram implements WebGPUProgram {
   size = true;
   uniforms = 'beta1 : f32, oneMinusBeta1 : f32, beta2 : f32, oneMinusBeta2 : f32, epsilon : f32, correction2Sqrt : f32, stepSize : f32, ';
   private readonly output: AdamOutput;
+  private readonly scaled: boolean;
 
-  /** `shape`: the parameter's. */
-  constructor(shape: readonly number[], output: AdamOutput) {
+  /** `shape`: the parameter's; `scaled`: a fourth input gradScale (MoEAdamUpdate's). */
+  constructor(shape: readonly number[], output: AdamOutput, scaled = false) {
     this.output = output;
+    this.scaled = scaled;
+    if (scaled) this.variableNames = [...this.variableNames, 'gradScale'];
     this.outputShape = output === 'param' ? [...shape] : [2, ...shape];
     this.dispatchLayout = { x: this.outputShape.map((_, i) => i) };
     this.dispatch = flatDispatch(this.outputShape.reduce((a, b) => a * b, 1));
-    this.shaderKey = `moeAdamUpdate_${output}`;
+    this.shaderKey = `moeAdamUpdate_${output}${scaled ? '_scaled' : ''}`;
   }
 
   /** 1 − β is taken in float64 and rounded once, as the composed op's scalar is. */
@@ -42,12 +46,20 @@ export class AdamUpdateProgram implements WebGPUProgram {
     // all three inputs: the pipeline's automatic layout drops unused bindings, and tfjs binds every input
     const n = this.output === 'param' ? 'uniforms.size' : 'uniforms.size / 2';
     const write = this.output === 'param' ? 'result[index] = p2;' : 'if (index < n) { result[index] = m2; } else { result[index] = v2; }';
+    // a skipped step (gradScale 0) copies the old value: param[i], or the moment at index
+    const skip = !this.scaled ? '' : `
+        if (s == 0.0) {
+          ${this.output === 'param' ? 'result[index] = param[i];' : 'result[index] = moments[index];'}
+          return;
+        }`;
     return `
       fn main(index : i32) {
         if (index >= uniforms.size) { return; }
         let n = ${n};
-        let i = index % n;
-        let g = grad[i];
+        let i = index % n;${this.scaled ? `
+        let s = gradScale[0];${skip}
+        let g = grad[i] * s;` : `
+        let g = grad[i];`}
         let m2 = moments[i] * uniforms.beta1 + g * uniforms.oneMinusBeta1;
         let v2 = moments[n + i] * uniforms.beta2 + (g * g) * uniforms.oneMinusBeta2;
         let denom = sqrt(v2) / uniforms.correction2Sqrt + uniforms.epsilon;
