@@ -261,13 +261,35 @@ describe('webgpu: tensor cores (setup and choice, on a device without them)', ()
       };
       const want = Array.from({ length: calls }, (_, i) => expectedMaxAbsCode(2 ** (40 - i)));
       expect(await codesOf(40)).to.deep.equal(want);
-      // past the last epoch the slots start again from new buffers
+      // past the last epoch the slots start again from new buffers: the first call takes a slot's last epoch, the next renews
       const slots = maxAbsCodeSlotsOf(backend.device)!;
-      slots.calls = MAX_ABS_CODE_SLOTS * MAX_ABS_CODE_EPOCHS - 2;
+      slots.epochs.fill(MAX_ABS_CODE_EPOCHS - 1);
       expect(await codesOf(40)).to.deep.equal(want);
       const renewed = maxAbsCodeSlotsOf(backend.device)!;
-      expect(renewed.calls, 'calls since the new buffers').to.equal(calls - 2);
+      expect(renewed.epochs.reduce((a, b) => a + b, 0), 'calls since the new buffers').to.equal(calls - 1);
       expect(renewed.buffers.some(b => slots.buffers.includes(b)), 'the same buffers').to.equal(false);
+      // a step's codes of the same tensors (the same buffers) go to the same slots every step, whatever the calls a
+      // step (7: slots taken in turn would move by 3 a step); within MAX_ABS_CODE_SLOTS calls no slot holds the codes
+      // of two tensors (a tensor again keeps its slot: the same code)
+      const inputs = Array.from({ length: 5 }, (_, i) => tf.fill([64, 1024], i + 1));
+      const order = [0, 1, 2, 3, 4, 1, 3];
+      const slotBuffer = (m: tf.Tensor) => (backend as unknown as { tensorMap: { get(id: object): { resource: unknown } } }).tensorMap.get(m.dataId).resource;
+      const stepSlots = () => order.map(i => {
+        const m = maxAbsCode(inputs[i]);
+        const buffer = slotBuffer(m);
+        m.dispose();
+        return maxAbsCodeSlotsOf(backend.device)!.buffers.indexOf(buffer as GPUBuffer);
+      });
+      const steps = [stepSlots(), stepSlots(), stepSlots()];
+      expect(steps[2], 'step 3 as step 2').to.deep.equal(steps[1]);
+      const all = steps.flat().map((slot, call) => ({ slot, input: order[call % order.length] }));
+      for (let i = 0; i + MAX_ABS_CODE_SLOTS <= all.length; i++) {
+        const window = all.slice(i, i + MAX_ABS_CODE_SLOTS);
+        for (const a of window) {
+          expect(window.filter(b => b.slot === a.slot).every(b => b.input === a.input), `calls ${i}.. ${JSON.stringify(all)}`).to.equal(true);
+        }
+      }
+      tf.dispose(inputs);
       expect(() => new MaxAbsCodeProgram(0)).to.throw('MaxAbsCodeProgram: parts must be an integer in [1, 65535] but got 0');
       expect(() => MaxAbsCodeProgram.uniformsFor(10, 2, 1, true)).to.throw('MaxAbsCodeProgram: quads need a count that is a multiple of 4 but got 10');
       expect(() => MaxAbsCodeProgram.uniformsFor(10, 2, 0)).to.throw(`MaxAbsCodeProgram: epoch must be an integer in [1, ${MAX_ABS_CODE_EPOCHS}] but got 0`);

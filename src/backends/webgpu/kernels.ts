@@ -1017,7 +1017,7 @@ export function maxAbsCodeInKernel(args: KernelArgs, t: tf.TensorInfo): tf.Tenso
   const code = (x: tf.TensorInfo, n: number, p: number, q: boolean, slot?: { info: tf.TensorInfo; epoch: number }) =>
     backend.runWebGPUProgram(new MaxAbsCodeProgram(p, q), [x], 'int32', MaxAbsCodeProgram.uniformsFor(n, p, slot?.epoch ?? 0, q), slot?.info);
   if (parts === 1) return code(flat, count, 1, false);
-  if (tf.env().getBool(MAX_ABS_ONE_PASS_FLAG)) return code(flat, count, parts, quads, maxAbsCodeSlot(backend));
+  if (tf.env().getBool(MAX_ABS_ONE_PASS_FLAG)) return code(flat, count, parts, quads, maxAbsCodeSlot(backend, t));
   const partial = backend.runWebGPUProgram(new MaxAbsProgram(parts, quads), [flat], 'float32', MaxAbsProgram.uniformsFor(count, parts, quads));
   const out = code(partial, parts, 1, false);
   backend.disposeData(partial.dataId);
@@ -1027,32 +1027,67 @@ export function maxAbsCodeInKernel(args: KernelArgs, t: tf.TensorInfo): tf.Tenso
 /** The most parts maxAbsCodeInKernel reduces a tensor in (workgroups: a few per SM of a large GPU). */
 const MAX_ABS_PARTS = 1024;
 
-/** The slots maxAbsCodeInKernel's one-pass codes go to in turn (a code is read before this many more calls). */
+/** A one-pass code is read before this many more calls of maxAbsCodeInKernel: its slot is not written again before. */
 export const MAX_ABS_CODE_SLOTS = 4;
+/** The code slots of a device: a buffer's own slot is free but where two buffers of the last calls share one. */
+export const MAX_ABS_CODE_BUFFERS = 4 * MAX_ABS_CODE_SLOTS;
 
-/** A device's code slots: int32 buffers that keep their value from one call to the next. */
-export interface MaxAbsCodeSlots { buffers: GPUBuffer[]; calls: number }
+/**
+ * A device's code slots: int32 buffers that keep their value from one call to the next, each
+ * slot's last epoch, the slot and input of the last MAX_ABS_CODE_SLOTS − 1 calls, and the slot
+ * each input buffer was given first.
+ */
+export interface MaxAbsCodeSlots {
+  buffers: GPUBuffer[];
+  epochs: number[];
+  recent: Array<{ slot: number; dataId: object }>;
+  slotOf: WeakMap<object, number>;
+  given: number;
+}
 const maxAbsCodeSlots = new WeakMap<GPUDevice, MaxAbsCodeSlots>();
 
 /**
- * The next code slot of the backend's device as a [1] int32 TensorInfo (its buffer not the pool's:
- * disposing it frees nothing) and the epoch of this call there, one above the slot's last. After
- * MAX_ABS_CODE_EPOCHS rounds the slots are new buffers (zeros: below every epoch) and the old ones
- * are left to the garbage collector, since commands recorded and not yet submitted may bind them.
+ * The code slot for a code of `input` on the backend's device as a [1] int32 TensorInfo (its buffer
+ * not the pool's: disposing it frees nothing) and the epoch of this call there, one above the
+ * slot's last. The slot follows the input's buffer: the one it got first, unless one of the last
+ * MAX_ABS_CODE_SLOTS − 1 calls wrote it for another tensor (then the next slot none of them wrote);
+ * the same tensor again writes the same code, so it keeps its slot. A training step takes the same
+ * buffers from the pool each step, so its products bind the same slots each step and their bind
+ * groups are made once (bind_groups.ts). Slots taken in turn made new bind groups for 4 steps at OLMoE's 183 codes
+ * a step (183 mod 4 = 3: the turn moved each step; run Z14: 421 bind groups made in the first
+ * timed step). When a slot's epoch would pass MAX_ABS_CODE_EPOCHS the slots are new buffers (zeros:
+ * below every epoch) and the old ones are left to the garbage collector, since commands recorded
+ * and not yet submitted may bind them.
  */
-function maxAbsCodeSlot(backend: WebGPUBackend): { info: tf.TensorInfo; epoch: number } {
+function maxAbsCodeSlot(backend: WebGPUBackend, input: tf.TensorInfo): { info: tf.TensorInfo; epoch: number } {
   const internals = backend as unknown as BackendTensorMap;
   let slots = maxAbsCodeSlots.get(backend.device);
-  if (slots === undefined || slots.calls === MAX_ABS_CODE_SLOTS * MAX_ABS_CODE_EPOCHS) {
+  if (slots === undefined || slots.epochs.some(e => e >= MAX_ABS_CODE_EPOCHS)) {
     const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
-    slots = { buffers: Array.from({ length: MAX_ABS_CODE_SLOTS }, () => backend.device.createBuffer({ size: 16, usage })), calls: 0 };
+    slots = {
+      buffers: Array.from({ length: MAX_ABS_CODE_BUFFERS }, () => backend.device.createBuffer({ size: 16, usage })),
+      epochs: new Array<number>(MAX_ABS_CODE_BUFFERS).fill(0), recent: [], slotOf: new WeakMap(), given: 0,
+    };
     maxAbsCodeSlots.set(backend.device, slots);
   }
-  const buffer = slots.buffers[slots.calls % MAX_ABS_CODE_SLOTS];
-  const epoch = Math.floor(slots.calls / MAX_ABS_CODE_SLOTS) + 1;
-  slots.calls++;
+  // the input's GPU buffer (the same each step for the same site), else its data (a new key each time)
+  const key = (internals.tensorMap.get(input.dataId)?.resource as object | undefined) ?? input.dataId;
+  let slot = slots.slotOf.get(key);
+  if (slot === undefined) {
+    slot = slots.given++ % MAX_ABS_CODE_BUFFERS;
+    slots.slotOf.set(key, slot);
+  }
+  const again = slots.recent.find(r => r.dataId === input.dataId);
+  if (again !== undefined) {
+    slot = again.slot;
+  } else {
+    while (slots.recent.some(r => r.slot === slot)) slot = (slot + 1) % MAX_ABS_CODE_BUFFERS;
+  }
+  slots.recent.push({ slot, dataId: input.dataId });
+  if (slots.recent.length > MAX_ABS_CODE_SLOTS - 1) slots.recent.shift();
+  const epoch = ++slots.epochs[slot];
   const dataId = { id: internals.nextDataId() };
-  internals.tensorMap.set(dataId, { dtype: 'int32', shape: [1], values: null, refCount: 1, external: true, resource: buffer });
+  internals.tensorMap.set(dataId, { dtype: 'int32', shape: [1], values: null, refCount: 1, external: true, resource: slots.buffers[slot] });
   return { info: { dataId, shape: [1], dtype: 'int32' }, epoch };
 }
 
@@ -1064,7 +1099,7 @@ export function maxAbsCodeSlotsOf(device: GPUDevice): MaxAbsCodeSlots | undefine
 /** The parts of WebGPUBackend's tensor bookkeeping that maxAbsCodeSlot uses (createTensorFromGPUData's, as a TensorInfo). */
 interface BackendTensorMap {
   nextDataId(): number;
-  tensorMap: { set(dataId: object, data: object): void };
+  tensorMap: { set(dataId: object, data: object): void; get(dataId: object): { resource?: unknown } | undefined };
 }
 
 /**
