@@ -4,7 +4,7 @@
  *       [--iters 20] [--warmup 3] [--chain 10] [--batch N] [--submit-flops N|Infinity]
  *       [--profile] [--composed] [--json out.json] [--dawn-flags enable-dawn-features=...]
  *       [--interleave 'batch=15,submit=Infinity;batch=3,submit=134217728'] [--expert-storage float32|bf16]
- *       [--tensor-cores on|off] [--half-operands on|off]
+ *       [--tensor-cores on|off] [--half-operands on|off] [--tf-flags NAME=VALUE,...]
  * or bundled: ../shared/gpu/prepare.sh bench/webgpu_moe.ts, then on the GPU machine
  *   source .gpu/on-device.sh && node .gpu/bundle/webgpu_moe.js --config M1,Q --profile
  *
@@ -27,6 +27,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { writeFileSync } from 'node:fs';
 import { setupDawnWebGPU } from '../src/backends/webgpu/dawn.js';
+import { parseTfFlags, setTfFlags } from './tf_flags.js';
 import { setWebGPUMoETuning, type WebGPUMoETuning } from '../src/backends/webgpu/experts.js';
 import { SUBMIT_FLOPS_FLAG, TC_HALF_OPERANDS_FLAG } from '../src/backends/webgpu/kernels.js';
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
@@ -222,6 +223,11 @@ async function main(): Promise<void> {
   tf.env().set(TC_HALF_OPERANDS_FLAG, halfOperands === 'on');
   const submitFlops = arg('submit-flops', '');
   if (submitFlops) tf.env().set(SUBMIT_FLOPS_FLAG, Number(submitFlops));
+  // any other tf.env() flag for this run, e.g. WEBGPU_MOE_PADDED_H_MAX_RATIO=0 (bench/tf_flags.ts)
+  const tfFlagsText = arg('tf-flags', '');
+  const tfFlags = tfFlagsText === '' ? {} : parseTfFlags(tfFlagsText);
+  setTfFlags(tfFlags);
+  if (Object.keys(tfFlags).length > 0) console.log(`# tf flags: ${JSON.stringify(tfFlags)}`);
   console.log(`# read latency (small kernel + read): ${(await readLatency(20)).toFixed(2)} ms; ` +
       `submit batch ${tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE')}, submit after products of ` +
       `${tf.env().getNumber(SUBMIT_FLOPS_FLAG)} FLOPs`);

@@ -34,6 +34,7 @@ import { savePeftAdapter } from '../../src/io/peft_files.js';
 import { writeSafetensorsStream } from '../../src/io/safetensors.js';
 import { sparseMoELayers, trainableVariables } from '../../src/layers/moe_causal_lm.js';
 import { assertInteger, assertOneOf, fail } from '../../src/ops/validate.js';
+import { parseTfFlags, setTfFlags } from '../tf_flags.js';
 import { register } from '../../src/plugin.js';
 import { batchLoss } from '../../src/train/loss.js';
 import { setGradientCheckpointing } from '../../src/layers/gradient_checkpointing.js';
@@ -45,6 +46,7 @@ import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { profileTrainingStep, type StepPhase, trainingStep } from './step_profile.js';
 
 const OP = 'e2eOurs';
+export { parseTfFlags } from '../tf_flags.js';
 /** steps in each block of pipelineRounds */
 const PIPELINE_BLOCK = 4;
 
@@ -671,25 +673,6 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   };
 }
 
-/**
- * `--tf-flags 'NAME=VALUE,...'`: tf.env() flags to set once the backend is up (numbers, or true /
- * false), for trying a backend's knobs on the GPU machine without a new bundle, e.g.
- * `WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE=60`.
- */
-export function parseTfFlags(text: string): Record<string, number | boolean | string> {
-  const flags: Record<string, number | boolean | string> = {};
-  for (const pair of text.split(',')) {
-    // a string value is one lowercase word: the choice flags (WEBGPU_MOE_DENSE_PROGRAM=grouped, MOE_ATTENTION_PROGRAM=rows)
-    const match = /^([A-Z][A-Z0-9_]*)=(true|false|[a-z][a-z0-9_]*|-?[0-9.e+-]+)$/.exec(pair.trim());
-    if (match === null || (/^[-0-9.]/.test(match[2]) && !Number.isFinite(Number(match[2])))) {
-      fail(OP, `'--tf-flags' must be NAME=VALUE pairs (a number, true, false or a lowercase word) joined by commas but got ${JSON.stringify(pair)}`);
-    }
-    const value = match[2];
-    flags[match[1]] = value === 'true' ? true : value === 'false' ? false : /^[a-z]/.test(value) ? value : Number(value);
-  }
-  return flags;
-}
-
 /** A run asked for with --tensor-cores on stops where the adapter has none: a silent f32 run would be mislabelled. */
 export function assertTensorCores(requested: boolean, adapterTensorCores: string): void {
   if (requested && adapterTensorCores !== 'available') fail(OP, `'--tensor-cores' is on but this adapter has none: ${adapterTensorCores}`);
@@ -721,13 +704,7 @@ async function main(): Promise<void> {
   }
   if (!(await tf.setBackend(args.backend))) throw new Error(`backend '${args.backend}' could not be set`);
   registerMoEKernels(args.backend);
-  for (const [name, value] of Object.entries(args.tfFlags)) {
-    try {
-      tf.env().set(name, value);
-    } catch (err) {
-      fail(OP, `'--tf-flags' names ${name}, which tf.env() cannot set on ${args.backend}: ${errorText(err)}`);
-    }
-  }
+  setTfFlags(args.tfFlags);
   const result = await runOurs(withDefaults);
   process.stdout.write(`${JSON.stringify(result, null, 1)}\n`);
 }
