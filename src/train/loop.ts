@@ -24,9 +24,11 @@
  * from-scratch run that has not learnt yet. The norm is read from the device every step already
  * (the report needs it), with the loss, so watching it costs nothing.
  *
- * A step is recorded whole before anything is read: its clipping coefficient and whether it is
- * applied at all (not when its loss or norm is non-finite) are computed on the device
- * (stepGradientScale) and given to Adam, and the loss and the norm are read after, in one wait.
+ * Where Adam runs as the backend's kernel (webgpu), a step is recorded whole before anything is
+ * read: its clipping coefficient and whether it is applied at all (not when its loss or norm is
+ * non-finite) are computed on the device (stepGradientScale) and given to Adam, and the loss and
+ * the norm are read after, in one wait. Elsewhere the values are read first and the clipping and
+ * the skip decided on the host, by the same rule.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
@@ -38,7 +40,7 @@ import { describeValue } from '../util/describe.js';
 import { assertLogitsFit, windowBatches, type BatchSource } from './batches.js';
 import { TrainError } from './errors.js';
 import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
-import { Adam, type AdamSnapshot, globalNorm, stepGradientScale } from './optimizer.js';
+import { Adam, type AdamSnapshot, clipToNorm, globalNorm, stepGradientScale } from './optimizer.js';
 import { learningRateAt, LR_SCHEDULERS, type LRScheduler } from './schedule.js';
 
 export interface TrainLoopOptions {
@@ -407,19 +409,34 @@ export async function trainLoop(
         if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
         const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
         const computed = stepGradients(model, variables, batches, seeds);
-        // the whole step recorded before anything is read, then the loss and the norm read together:
-        // one wait for the GPU a step (asynchronous reads: webgpu has no dataSync). Clipping and the
-        // skip of a non-finite step are decided on the device (stepGradientScale), where reading
-        // first left the GPU idle while the host recorded the clipping and Adam.
+        // the loss and the norm read together: one wait for the GPU a step (asynchronous reads:
+        // webgpu has no dataSync); a non-finite step is not applied, so the model stays at the last good step
         const norm = globalNorm(computed.grads);
-        const scale = stepGradientScale(computed.loss, norm, maxGradNorm);
+        const read = async () => (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
         try {
-          optimizer.apply(computed.grads, lr, scale);
-          [loss, gradNorm] = (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
-          // a non-finite step is not applied (its scale was 0): the model stays at the last good step
-          if (!(Number.isFinite(loss) && Number.isFinite(gradNorm))) optimizer.uncountStep();
+          if (optimizer.scalesOnDevice) {
+            // the whole step recorded before the read: clipping and the skip decided on the device
+            // (stepGradientScale), where reading first left the GPU idle while the host recorded
+            // the clipping's multiplies and Adam
+            const scale = stepGradientScale(computed.loss, norm, maxGradNorm);
+            try {
+              optimizer.apply(computed.grads, lr, scale);
+              [loss, gradNorm] = await read();
+              if (!(Number.isFinite(loss) && Number.isFinite(gradNorm))) optimizer.uncountStep();
+            } finally {
+              scale.dispose();
+            }
+          } else {
+            [loss, gradNorm] = await read();
+            const clipped = clipToNorm(computed.grads, gradNorm, maxGradNorm);
+            try {
+              if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped, lr);
+            } finally {
+              tf.dispose(clipped);
+            }
+          }
         } finally {
-          tf.dispose([computed.loss, norm, scale, ...computed.grads]);
+          tf.dispose([computed.loss, norm, ...computed.grads]);
         }
       } finally {
         batches.forEach(disposeBatch);

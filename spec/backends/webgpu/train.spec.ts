@@ -10,8 +10,11 @@ import type { HFConfig } from '../../../src/models/families.js';
 import { register } from '../../../src/plugin.js';
 import { windowStream } from '../../../src/train/batches.js';
 import { trainLoop } from '../../../src/train/loop.js';
+import { seedModelInit } from '../../../src/train/seeded_init.js';
 import { nextTokenLoss } from '../../../src/train/loss.js';
-import { globalNorm } from '../../../src/train/optimizer.js';
+import { ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
+import { Adam, globalNorm } from '../../../src/train/optimizer.js';
+import { maxRelativeError } from '../../../src/util/numeric.js';
 import { withShaderKeys } from './helpers.js';
 
 const TINY: HFConfig = {
@@ -63,6 +66,56 @@ describe('webgpu: trainLoop with the plugin registered', () => {
       expect(losses[0]).to.be.closeTo(expected, 1e-5 * Math.abs(expected));
       const mean = (v: number[]) => v.reduce((s, x) => s + x, 0) / v.length;
       expect(mean(losses.slice(-5)), 'loss of the last steps').to.be.below(0.5 * mean(losses.slice(0, 5)));
+    } finally {
+      handle.unregister();
+      model.dispose();
+    }
+  });
+
+  it('clips and skips on the device (Adam\'s gradScale): the read-first loop\'s losses, a non-finite step not applied', async () => {
+    const tokens = Int32Array.from({ length: 200 }, (_, i) => [1, 4, 2, 6, 3][i % 5]);
+    // maxGradNorm small enough that every step clips
+    const options = { steps: 8, lr: 0.02, batch: 4, seq: 10, seed: 3, maxGradNorm: 0.05 };
+    const train = async (deviceScale: boolean) => {
+      tf.env().set(ADAM_UPDATE_KERNEL_FLAG, deviceScale);
+      const model = buildMoECausalLM(TINY);
+      await seedModelInit(model, 1, 0.5);  // both runs from the same weights
+      const handle = register({ models: [model] });
+      try {
+        expect(new Adam([]).scalesOnDevice, 'Adam scales on the device').to.equal(deviceScale);
+        const norms: number[] = [];
+        const { losses } = await trainLoop(model, tokens, { ...options, onStep: r => norms.push(r.gradNorm) });
+        return { losses, norms };
+      } finally {
+        handle.unregister();
+        model.dispose();
+        tf.env().set(ADAM_UPDATE_KERNEL_FLAG, true);
+      }
+    };
+    const before = tf.memory().numTensors;
+    const device = await train(true);
+    const host = await train(false);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    expect(Math.min(...device.norms), 'every step clipped').to.be.above(options.maxGradNorm);
+    // the same rule; Adam's kernel and the composed ops agree within float32 rounding (adam_update.spec.ts)
+    expect(maxRelativeError(device.losses, host.losses), `${device.losses} vs ${host.losses}`).to.be.below(1e-5);
+    expect(Math.abs(device.losses[7] - device.losses[0]), 'training moved the loss').to.be.above(1e-3);
+
+    // a NaN in the embedding: the loss is NaN at step 1, Adam's kernel writes nothing, the error names it
+    const model = buildMoECausalLM(TINY);
+    const handle = register({ models: [model] });
+    try {
+      const embed = model.weights.find(w => /embed/.test(w.originalName))!;
+      const nans = tf.fill(embed.shape as number[], NaN);
+      embed.write(nans);
+      nans.dispose();
+      const others = model.weights.filter(w => w !== embed && w.trainable);
+      const values = await Promise.all(others.map(w => w.read().data()));
+      let message = '';
+      await trainLoop(model, tokens, { ...options, steps: 2 }).catch((err: Error) => { message = err.message; });
+      expect(message).to.equal('the loss became NaN at step 1; try a smaller learning rate (it is 0.02)');
+      const after = await Promise.all(others.map(w => w.read().data()));
+      others.forEach((w, i) => expect(Array.from(after[i]), w.name).to.deep.equal(Array.from(values[i])));
     } finally {
       handle.unregister();
       model.dispose();
