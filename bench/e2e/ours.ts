@@ -434,10 +434,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const labels = tf.slice(windows, [0, 1], [o.batch, o.seq]) as tf.Tensor2D;
       return batchLoss(model, { inputIds, labels, segmentIds: null, positionIds: null, targetCount: o.batch * o.seq });
     });
-    /** one training step on the windows of step `step` (taken modulo the steps tokenized); its seconds and loss */
-    const oneStep = async (step: number) => {
+    /** the windows of step `step` (taken modulo the steps tokenized); the caller disposes them */
+    const windowsOf = (step: number) => {
       const at = step % total;
-      const windows = tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
+      return tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
+    };
+    /** one training step on the windows of step `step`; its seconds and loss */
+    const oneStep = async (step: number) => {
+      const windows = windowsOf(step);
       try {
         const s0 = performance.now();
         let since = s0;
@@ -529,8 +533,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     if (o.pipelineRounds !== undefined) {
       /** records a step (forward, backward, Adam) and starts reading its loss, without waiting for it */
       const recordStep = (step: number): Promise<number> => {
-        const at = step % total;
-        const windows = tf.tensor2d(ids.subarray(at * window, (at + 1) * window), [o.batch, o.seq + 1], 'int32');
+        const windows = windowsOf(step);
         try {
           const { value, grads } = tf.variableGrads(windowLoss(windows), variables);
           const list = variables.map(v => grads[v.name]);
