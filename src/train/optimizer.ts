@@ -63,7 +63,8 @@ export class Adam {
   /**
    * Whether apply() runs as the backend's Adam kernel (webgpu's), which takes a gradScale at no
    * cost. Elsewhere (cpu, wasm) the composed ops would add a multiply and two selects per variable
-   * (+25 % of a wasm step of a 224-adapter model), and reading before apply() waits for nothing.
+   * (a 224-adapter step 1.6× slower on wasm: train_loop_steps.ts --backend wasm, docs/webgpu.md),
+   * and reading before apply() waits for nothing.
    */
   get scalesOnDevice(): boolean {
     return tf.env().getBool(ADAM_UPDATE_KERNEL_FLAG) && tf.getKernel(ADAM_UPDATE, tf.getBackend()) != null;

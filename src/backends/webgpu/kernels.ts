@@ -1053,9 +1053,9 @@ const maxAbsCodeSlots = new WeakMap<GPUDevice, MaxAbsCodeSlots>();
  * MAX_ABS_CODE_SLOTS − 1 calls wrote it for another tensor (then the next slot none of them wrote);
  * the same tensor again writes the same code, so it keeps its slot. A training step takes the same
  * buffers from the pool each step, so its products bind the same slots each step and their bind
- * groups are made once (bind_groups.ts). Slots taken in turn made new bind groups for 4 steps at OLMoE's 183 codes
- * a step (183 mod 4 = 3: the turn moved each step; run Z14: 421 bind groups made in the first
- * timed step). When a slot's epoch would pass MAX_ABS_CODE_EPOCHS the slots are new buffers (zeros:
+ * groups are made once (bind_groups.ts). Slots taken in turn made new bind groups for 4 steps at
+ * OLMoE's 183 codes a step (183 mod 4 = 3: the turn moved each step; run Z14: 421 bind groups made
+ * in the first timed step; run Z15: none after step 2). When a slot's epoch would pass MAX_ABS_CODE_EPOCHS the slots are new buffers (zeros:
  * below every epoch) and the old ones are left to the garbage collector, since commands recorded
  * and not yet submitted may bind them.
  */
