@@ -11,6 +11,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { assertFiniteNumber, assertInteger, fail } from '../ops/validate.js';
 import { ADAM_UPDATE, ADAM_UPDATE_KERNEL_FLAG, adamUpdate, assertGradScale, groupedAdamUpdateFor } from './adam_update.js';
+import { sumOfSquares } from './sum_of_squares.js';
 
 /** What a checkpoint keeps of Adam: the step count and both moments of every variable, in order. */
 export interface AdamSnapshot {
@@ -172,37 +173,16 @@ export async function clipByGlobalNorm(
 }
 
 /**
- * globalNorm squares and sums gradients a chunk at a time, concatenated: at most this many of them
- * and this many elements (4 MB of float32, freed before the next chunk; no longer than OLMoE's
- * largest LoRA gradient, so that tfjs-wasm's Sum, one float32 running total, adds no more terms in
- * a row than it did per gradient). A square and a sum per gradient were ~2 programs each to record,
- * a chunk is 1–3 concatenations (by the device's storage-buffer limit), a square and a sum.
- */
-const NORM_CHUNK_TENSORS = 32;
-const NORM_CHUNK_ELEMENTS = 1 << 20;
-
-/**
  * The global L2 norm of `grads` as a scalar on their device, not read: the training loop records it
  * right after the backward pass and reads it with the loss, in one wait for the GPU a step.
  */
 export function globalNorm(grads: readonly tf.Tensor[]): tf.Scalar {
   if (grads.length === 0) return tf.scalar(0);
-  const partials: tf.Scalar[] = [];
+  const sum = sumOfSquares(grads);
   try {
-    for (let start = 0; start < grads.length;) {
-      let end = start + 1;
-      let elements = grads[start].size;
-      while (end < grads.length && end - start < NORM_CHUNK_TENSORS && elements + grads[end].size <= NORM_CHUNK_ELEMENTS) {
-        elements += grads[end].size;
-        end++;
-      }
-      const chunk = grads.slice(start, end);
-      partials.push(tf.tidy(() => tf.sum(tf.square(chunk.length === 1 ? chunk[0] : tf.concat(chunk.map(g => tf.reshape(g, [-1])))))));
-      start = end;
-    }
-    return tf.tidy(() => tf.sqrt(partials.length === 1 ? partials[0] : tf.addN(partials)));
+    return tf.sqrt(sum);
   } finally {
-    tf.dispose(partials);
+    sum.dispose();
   }
 }
 

@@ -48,6 +48,9 @@ import { GatherPackedRowsProgram } from './programs/gather_packed_rows_program.j
 import type { PackedWeightSpec } from './programs/shared.js';
 import { AdamUpdateProgram } from './programs/adam_program.js';
 import { ADAM_UPDATE, type AdamUpdateAttrs } from '../../train/adam_update.js';
+import { SUM_OF_SQUARES } from '../../train/sum_of_squares.js';
+import { type SumOfSquaresMode, SUM_OF_SQUARES_THREADS, SumOfSquaresProgram } from './programs/sum_of_squares_program.js';
+import { addNInputsPerProgram } from './add_n.js';
 import { RotaryProgram } from './programs/rotary_program.js';
 import { ROTARY } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
@@ -1283,6 +1286,52 @@ const adamUpdateConfig: tf.KernelConfig = {
   },
 };
 
+/** The most workgroups SumOfSquaresProgram gives one input (a few per SM of a large GPU, as MAX_ABS_PARTS). */
+const SUM_OF_SQUARES_PARTS = 1024;
+
+/**
+ * sumOfSquares's MoESumOfSquares (src/train/sum_of_squares.ts), under that op's own name: Σ x² of
+ * up to addNInputsPerProgram inputs a dispatch (SumOfSquaresProgram), each input on workgroups
+ * of its own that read ~16 elements a lane, then the partial sums of those dispatches, up to
+ * addNInputsPerProgram of them a workgroup, until one value is left. At OLMoE's 224 LoRA gradients:
+ * 15 dispatches and one more on a device of 16 storage buffers, where the composed ops took 184.
+ * Empty inputs bind nothing (Dawn rejects a zero-sized binding).
+ */
+const sumOfSquaresConfig: tf.KernelConfig = {
+  kernelName: SUM_OF_SQUARES,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const backend = webgpu(args);
+    const perDispatch = addNInputsPerProgram(backend.device.limits);
+    const flat = (t: tf.TensorInfo) => ({ dataId: t.dataId, shape: [tf.util.sizeFromShape(t.shape)], dtype: t.dtype });
+    // AddN's convention: the inputs are the array of tensors, not a map of names
+    let level = (args.inputs as unknown as tf.TensorInfo[]).map(flat).filter(t => t.shape[0] > 0);
+    if (level.length === 0) return backend.makeTensorInfo([], 'float32', new Float32Array(1));
+    const made: tf.TensorInfo[] = [];
+    const pass = (mode: SumOfSquaresMode) => {
+      const next: tf.TensorInfo[] = [];
+      for (let i = 0; i < level.length; i += perDispatch) {
+        const group = level.slice(i, i + perDispatch);
+        const program = new SumOfSquaresProgram(group.map(t => {
+          const quads = t.shape[0] % 4 === 0;
+          const loads = quads ? t.shape[0] / 4 : t.shape[0];
+          return { loads, quads, parts: mode.together ? 1 : Math.min(SUM_OF_SQUARES_PARTS, Math.ceil(loads / (4 * SUM_OF_SQUARES_THREADS))) };
+        }), mode);
+        const out = backend.runWebGPUProgram(program, group, 'float32', program.uniformsFor());
+        made.push(out);
+        next.push(out);
+      }
+      level = next;
+    };
+    // every input on workgroups of its own, then the partial sums, a group to one workgroup, until one value is left
+    pass({ square: true, together: false });
+    while (level.length > 1 || level[0].shape[0] > 1) pass({ square: false, together: true });
+    const total = made.pop()!;
+    made.forEach(t => backend.disposeData(t.dataId));
+    return { dataId: total.dataId, shape: [], dtype: 'float32' };
+  },
+};
+
 /**
  * applyRotary's MoERotary (src/ops/rotary.ts), under that op's own name: rope or its gradient in
  * one program instead of the composed Reverse, two products and a sum (issue 15).
@@ -1784,6 +1833,6 @@ const batchProductConfig: tf.KernelConfig = {
 export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
-  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig, maskedSoftmaxConfig,
+  decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, sumOfSquaresConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig, maskedSoftmaxConfig,
   matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
 ];
