@@ -32,6 +32,8 @@
 #     step with its own flags and one with each set, interleaved: result.json's abSteps)
 #   E2E_PIPELINE_ROUNDS="" (after those, rounds of 4 steps each waiting on its loss and 4 reading it one step late:
 #     result.json's pipelineSteps)
+#   E2E_TRAIN_LOOP_ROUNDS="" (after those, rounds of 5 steps through trainLoop, what `tfjs-moe-lora train` runs: clipping
+#     at 1, the loss and the norm read each step; one block per flag set of E2E_AB_FLAGS too: result.json's trainLoopSteps)
 #   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
 #   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
 #   qwen3-full: E2E_QWEN3_FULL_LAYERS=48 E2E_STEPS=2 E2E_WARMUP=1 (its defaults)  E2E_POOL_LIMITS="0 none" (ours --pool-limit-mb: the most MiB of free buffers
@@ -113,6 +115,7 @@ common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2
 [ -n "${E2E_TF_FLAGS:-}" ] && common+=(--tf-flags "$E2E_TF_FLAGS")
 [ -n "${E2E_AB_FLAGS:-}" ] && common+=(--ab-flags "$E2E_AB_FLAGS" --ab-rounds "${E2E_AB_ROUNDS:-4}")
 [ -n "${E2E_PIPELINE_ROUNDS:-}" ] && common+=(--pipeline-rounds "$E2E_PIPELINE_ROUNDS")
+[ -n "${E2E_TRAIN_LOOP_ROUNDS:-}" ] && common+=(--train-loop-rounds "$E2E_TRAIN_LOOP_ROUNDS")
 ours() {  # ours EXPERT_DTYPE [flags]
   local dtype=$1; shift
   # shellcheck disable=SC2086

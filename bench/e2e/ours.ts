@@ -41,6 +41,7 @@ import { setGradientCheckpointing } from '../../src/layers/gradient_checkpointin
 import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
+import { trainLoop } from '../../src/train/loop.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { profileTrainingStep, type StepPhase, trainingStep } from './step_profile.js';
@@ -49,6 +50,23 @@ const OP = 'e2eOurs';
 export { parseTfFlags } from '../tf_flags.js';
 /** steps in each block of pipelineRounds */
 const PIPELINE_BLOCK = 4;
+/** steps in each block of trainLoopRounds (a trainLoop call each) */
+const TRAIN_LOOP_BLOCK = 5;
+/** trainLoop's maxGradNorm in trainLoopRounds: transformers' Trainer's default */
+const TRAIN_LOOP_MAX_GRAD_NORM = 1;
+
+const median = (xs: readonly number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+
+/** Runs `fn` with the tf.env() flags `flags` set, and puts back what they were after it. */
+async function withTfFlags<T>(flags: Record<string, number | boolean | string>, fn: () => Promise<T>): Promise<T> {
+  const before = Object.fromEntries(Object.keys(flags).map(name => [name, tf.env().get(name)]));
+  Object.entries(flags).forEach(([name, value]) => tf.env().set(name, value));
+  try {
+    return await fn();
+  } finally {
+    Object.entries(before).forEach(([name, value]) => tf.env().set(name, value));
+  }
+}
 
 /** LoRA targets of both sides: the fused experts, the router and the attention projections. */
 export const E2E_LORA_TARGETS = ['experts.gate_up', 'experts.down', 'router', 'q_proj', 'k_proj', 'v_proj', 'o_proj'] as const;
@@ -131,6 +149,14 @@ export interface E2EOptions {
    * (pipelineSteps in the result); default none
    */
   pipelineRounds?: number;
+  /**
+   * after the timed steps (and the A/B and pipeline rounds), this many rounds of TRAIN_LOOP_BLOCK steps through
+   * trainLoop, the loop `tfjs-moe-lora train` runs (its own Adam, the gradients clipped at maxGradNorm 1 as
+   * transformers' Trainer does, the loss and the global norm read every step), one block per flag set in turn (the
+   * run's own, then each of abFlags): what a user's step costs where ours.ts's own step above has no clipping and
+   * reads only the loss (trainLoopSteps in the result); default none
+   */
+  trainLoopRounds?: number;
   /** with `profile`: how many record-only steps the profile times (step_profile.ts recordRepeats; default 1) */
   profileRecordRepeats?: number;
   /**
@@ -209,6 +235,11 @@ export interface E2EResult {
    * and tokens a step over their median
    */
   abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
+  /**
+   * trainLoopRounds' blocks: per flag set (the run's own first, as {}), each step's seconds (trainLoop's onStep) and
+   * loss, and tokens a step over the median of the steps after each block's first (which makes its Adam's moments)
+   */
+  trainLoopSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
   /** pipelineRounds' blocks: seconds a step per block, each step waiting on its loss or reading it one step late */
   pipelineSteps?: { blockSteps: number; waitingSeconds: number[]; oneLateSeconds: number[]; losses: number[] };
   /**
@@ -349,6 +380,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   if (o.poolLimitBytes !== undefined) assertInteger(OP, 'poolLimitBytes', o.poolLimitBytes, 0);
   if (o.abRounds !== undefined) assertInteger(OP, 'abRounds', o.abRounds, 1);
   if (o.pipelineRounds !== undefined) assertInteger(OP, 'pipelineRounds', o.pipelineRounds, 1);
+  if (o.trainLoopRounds !== undefined) assertInteger(OP, 'trainLoopRounds', o.trainLoopRounds, 1);
   // before the load, not after it: a flag tf.env() does not know would throw inside tfjs at the first A/B step
   for (const name of (o.abFlags ?? []).flatMap(set => Object.keys(set))) {
     try {
@@ -513,20 +545,13 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const losses = sets.map(() => [] as number[]);
       for (let round = 0; round < (o.abRounds ?? 4); round++) {
         for (const [i, flags] of sets.entries()) {
-          const before = Object.fromEntries(Object.keys(flags).map(name => [name, tf.env().get(name)]));
-          Object.entries(flags).forEach(([name, value]) => tf.env().set(name, value));
-          try {
-            const { seconds: took, value } = await oneStep(extraStep++);
-            seconds[i].push(took);
-            losses[i].push(value);
-          } finally {
-            Object.entries(before).forEach(([name, value]) => tf.env().set(name, value));
-          }
+          const { seconds: took, value } = await withTfFlags(flags, () => oneStep(extraStep++));
+          seconds[i].push(took);
+          losses[i].push(value);
         }
         await partial(`A/B round ${round + 1}: ${seconds.map(s => s.at(-1)!.toFixed(3)).join(' / ')} s, ` +
             `losses ${losses.map(l => l.at(-1)!.toFixed(4)).join(' / ')}`);
       }
-      const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
       result.abSteps = sets.map((flags, i) => ({ flags, stepSeconds: seconds[i], losses: losses[i], medianTokensPerSecond: (o.batch * o.seq) / median(seconds[i]) }));
     }
 
@@ -562,6 +587,36 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
             `${pipelineSteps.oneLateSeconds.at(-1)!.toFixed(3)} reading it one step late`);
       }
       result.pipelineSteps = pipelineSteps;
+    }
+
+    if (o.trainLoopRounds !== undefined) {
+      const sets = [{}, ...(o.abFlags ?? [])];
+      const blocks = sets.map(flags => ({ flags, stepSeconds: [] as number[], losses: [] as number[], medianTokensPerSecond: 0 }));
+      const afterFirst: number[][] = sets.map(() => []);
+      try {
+        for (let round = 0; round < o.trainLoopRounds; round++) {
+          for (const [i, flags] of sets.entries()) {
+            let last = 0;
+            const seconds: number[] = [];
+            // random windows of the text (trainLoop's own order, seeded by the round), as `train` takes them
+            const { losses } = await withTfFlags(flags, () => trainLoop(model, textTokens, {
+              steps: TRAIN_LOOP_BLOCK, lr: o.learningRate, batch: o.batch, seq: o.seq, seed: round, maxGradNorm: TRAIN_LOOP_MAX_GRAD_NORM,
+              onStep: report => { seconds.push(report.seconds - last); last = report.seconds; },
+            }));
+            blocks[i].stepSeconds.push(...seconds);
+            blocks[i].losses.push(...losses);
+            afterFirst[i].push(...seconds.slice(1));
+          }
+          await partial(`trainLoop round ${round + 1}: ${blocks.map(b => median(b.stepSeconds.slice(-TRAIN_LOOP_BLOCK + 1)).toFixed(3)).join(' / ')} s ` +
+              'a step (median after the first)');
+        }
+      } catch (err) {
+        result.errors['trainLoop'] = errorText(err);
+        await partial('trainLoop rounds failed');
+      }
+      result.trainLoopSteps = blocks.map((b, i) => ({
+        ...b, medianTokensPerSecond: afterFirst[i].length > 0 ? (o.batch * o.seq) / median(afterFirst[i]) : 0,
+      }));
     }
 
     if (o.profile) {
@@ -649,7 +704,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'pipeline-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'pipeline-rounds', 'train-loop-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -669,6 +724,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     // sets separated by ';', each as --tf-flags
     abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'), pipelineRounds: number('pipeline-rounds'),
+    trainLoopRounds: number('train-loop-rounds'),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
     gradientCheckpointing: onOff('gradient-checkpointing', false),
     // Dawn create() flags for the whole run, space-separated (e.g. 'enable-dawn-features=disable_robustness')

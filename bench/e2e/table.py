@@ -166,6 +166,17 @@ def table(models):
                 ratio = f", {ab['medianTokensPerSecond'] * base_median / tokens:.2f}× PyTorch's median timed step" if base_median and tokens else ""
                 notes.append(f"{model} ours {dtype}: after the timed steps, {len(ab.get('stepSeconds') or [])} A/B rounds of the defaults: "
                              f"median {ab['medianTokensPerSecond']:.0f} tokens/s{ratio}")
+        # trainLoop's blocks (E2E_TRAIN_LOOP_ROUNDS): what `tfjs-moe-lora train` runs, clipping and the norm's read included
+        for dtype, r in m["ours"].items():
+            for block in r.get("trainLoopSteps") or []:
+                if not block.get("medianTokensPerSecond"):
+                    continue
+                tokens = (r.get("batch") or 0) * (r.get("seq") or 0)
+                ratio = f", {block['medianTokensPerSecond'] * base_median / tokens:.2f}× PyTorch's median timed step" if base_median and tokens else ""
+                flags = ",".join(f"{k}={v}" for k, v in (block.get("flags") or {}).items()) or "the defaults"
+                notes.append(f"{model} ours {dtype}: trainLoop (clipping at 1, the loss and norm read each step), {flags}: "
+                             f"{len(block.get('stepSeconds') or [])} steps, median after each block's first "
+                             f"{block['medianTokensPerSecond']:.0f} tokens/s{ratio}")
         any_run = torch_run or next(iter(m["ours"].values()), None)
         if any_run:
             notes.append(f"{model}: batch {any_run.get('batch')} × {any_run.get('seq')} tokens, {any_run.get('warmup')} warm-up + "
