@@ -22,7 +22,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { PerformanceObserver } from 'node:perf_hooks';
+import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { bindGroupCacheCounts } from '../../src/backends/webgpu/bind_groups.js';
 import { limitWebGPUBufferPool, webgpuBufferPoolStats, type WebGPUBufferPoolLimit, type WebGPUBufferPoolStats } from '../../src/backends/webgpu/buffer_pool.js';
@@ -54,6 +54,15 @@ const PIPELINE_BLOCK = 4;
 const TRAIN_LOOP_BLOCK = 5;
 /** trainLoop's maxGradNorm in trainLoopRounds: transformers' Trainer's default */
 const TRAIN_LOOP_MAX_GRAD_NORM = 1;
+
+/** The kinds of V8's 'gc' performance entries (their detail.kind), by name. */
+const GC_KIND_CODES = {
+  major: perfConstants.NODE_PERFORMANCE_GC_MAJOR, minor: perfConstants.NODE_PERFORMANCE_GC_MINOR,
+  incremental: perfConstants.NODE_PERFORMANCE_GC_INCREMENTAL, weakcb: perfConstants.NODE_PERFORMANCE_GC_WEAKCB,
+} as const;
+type GcKind = keyof typeof GC_KIND_CODES;
+const GC_KINDS = Object.keys(GC_KIND_CODES) as GcKind[];
+const noGc = (): Record<GcKind, number> => ({ major: 0, minor: 0, incremental: 0, weakcb: 0 });
 
 const median = (xs: readonly number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
@@ -214,6 +223,12 @@ export interface E2EResult {
    * what a step slower than its neighbours spent its time on
    */
   stepGcMs: number[];
+  /**
+   * per step, stepGcMs by the 'gc' entries' kind: major (mark-compact of the old generation), minor (scavenge),
+   * incremental (marking steps) and weakcb (weak callbacks: finalizers, e.g. of Dawn's native objects): what a long
+   * pause was (run Z16: 108 ms in one step where the others took 3–18)
+   */
+  stepGcKindMs: Array<Record<GcKind, number>>;
   stepBindGroupsMade?: number[];
   /**
    * per step (as stepSeconds), webgpu: bytes of device buffers tfjs's pool made during the step (it
@@ -411,7 +426,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     expertDtype: o.expertDtype, denseDtype: o.denseDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
-    stepSeconds: [], stepGcMs: [], stepPhaseMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
+    stepSeconds: [], stepGcMs: [], stepGcKindMs: [], stepPhaseMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
     gradientCheckpointing: o.gradientCheckpointing, errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const marker = join(o.model, 'e2e_checkpoint.json');
@@ -489,7 +504,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       }
     };
     let gcMs = 0;
-    const gcObserver = new PerformanceObserver(list => { for (const e of list.getEntries()) gcMs += e.duration; });
+    const gcKindMs = noGc();
+    const gcObserver = new PerformanceObserver(list => {
+      for (const e of list.getEntries()) {
+        gcMs += e.duration;
+        const kind = GC_KINDS.find(k => GC_KIND_CODES[k] === (e as { detail?: { kind?: number } }).detail?.kind);
+        if (kind !== undefined) gcKindMs[kind] += e.duration;
+      }
+    });
     gcObserver.observe({ entryTypes: ['gc'] });
     const webgpu = tf.getBackend() === 'webgpu';
     // the pool's bytes of buffers, as tf.memory() counts them (webgpuBufferPoolStats would walk its free lists)
@@ -497,12 +519,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     const runSteps = async (from: number, to: number) => {
       for (let step = from; step < to; step++) {
         const gcBefore = gcMs;
+        const gcKindBefore = { ...gcKindMs };
         const madeBefore = bindGroupCacheCounts(tf.backend()).made;
         const allocatedBefore = allocatedBytes();
         const { seconds, value, phaseMs } = await oneStep(step);
         // the observer is told after the step's own tasks: a turn of the event loop first
         await new Promise(resolve => setImmediate(resolve));
         result.stepGcMs.push(gcMs - gcBefore);
+        result.stepGcKindMs.push(Object.fromEntries(GC_KINDS.map(k => [k, gcKindMs[k] - gcKindBefore[k]])) as Record<GcKind, number>);
         if (webgpu) {
           (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
           (result.stepBytesAllocated ??= []).push(allocatedBytes() - allocatedBefore);

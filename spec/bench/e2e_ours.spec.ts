@@ -69,6 +69,12 @@ describe('bench/e2e/ours.ts', function () {
     expect(result.losses).to.have.length(2);
     // one GC figure a step, and the host's ms to each phase's end; bind groups and buffers made only on webgpu
     expect(result.stepGcMs).to.have.length(2);
+    // by kind: every entry has one of the four, so the kinds add up to the step's figure
+    expect(result.stepGcKindMs).to.have.length(2);
+    result.stepGcKindMs.forEach((kinds, i) => {
+      expect(Object.keys(kinds)).to.deep.equal(['major', 'minor', 'incremental', 'weakcb']);
+      expect(Object.values(kinds).reduce((a, b) => a + b, 0)).to.be.closeTo(result.stepGcMs[i], 1e-6);
+    });
     expect(result.stepPhaseMs).to.have.length(2);
     for (const phases of result.stepPhaseMs) {
       expect(Object.keys(phases)).to.deep.equal(['forward', 'backward', 'optimizer', 'lossRead']);
