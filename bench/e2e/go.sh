@@ -32,7 +32,7 @@
 #     step with its own flags and one with each set, interleaved: result.json's abSteps)
 #   E2E_PIPELINE_ROUNDS="" (after those, rounds of 4 steps each waiting on its loss and 4 reading it one step late:
 #     result.json's pipelineSteps)
-#   E2E_TRAIN_LOOP_ROUNDS="" (after those, rounds of 5 steps through trainLoop, what `tfjs-moe-lora train` runs: clipping
+#   E2E_TRAIN_LOOP_ROUNDS="" (after those, rounds of E2E_TRAIN_LOOP_BLOCK=5 steps through trainLoop, what `tfjs-moe-lora train` runs: clipping
 #     at 1, the loss and the norm read each step; one block per flag set of E2E_AB_FLAGS too: result.json's trainLoopSteps)
 #   E2E_MODEL_DIR=DIR (use this checkpoint, write none)  OURS="node .gpu/bundle/ours.js" (the command of our side)
 #   E2E_OURS_FLAGS="" (more flags for ours, e.g. "--backend cpu" for a dry run here)
@@ -115,7 +115,7 @@ common=(--model "$ckpt" --data "$data" --warmup "${E2E_WARMUP:-2}" --steps "${E2
 [ -n "${E2E_TF_FLAGS:-}" ] && common+=(--tf-flags "$E2E_TF_FLAGS")
 [ -n "${E2E_AB_FLAGS:-}" ] && common+=(--ab-flags "$E2E_AB_FLAGS" --ab-rounds "${E2E_AB_ROUNDS:-4}")
 [ -n "${E2E_PIPELINE_ROUNDS:-}" ] && common+=(--pipeline-rounds "$E2E_PIPELINE_ROUNDS")
-[ -n "${E2E_TRAIN_LOOP_ROUNDS:-}" ] && common+=(--train-loop-rounds "$E2E_TRAIN_LOOP_ROUNDS")
+[ -n "${E2E_TRAIN_LOOP_ROUNDS:-}" ] && common+=(--train-loop-rounds "$E2E_TRAIN_LOOP_ROUNDS" --train-loop-block "${E2E_TRAIN_LOOP_BLOCK:-5}")
 ours() {  # ours EXPERT_DTYPE [flags]
   local dtype=$1; shift
   # shellcheck disable=SC2086

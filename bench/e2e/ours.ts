@@ -23,6 +23,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
+import { getHeapStatistics } from 'node:v8';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
 import { bindGroupCacheCounts } from '../../src/backends/webgpu/bind_groups.js';
 import { limitWebGPUBufferPool, webgpuBufferPoolStats, type WebGPUBufferPoolLimit, type WebGPUBufferPoolStats } from '../../src/backends/webgpu/buffer_pool.js';
@@ -50,7 +51,7 @@ const OP = 'e2eOurs';
 export { parseTfFlags } from '../tf_flags.js';
 /** steps in each block of pipelineRounds */
 const PIPELINE_BLOCK = 4;
-/** steps in each block of trainLoopRounds (a trainLoop call each) */
+/** steps in each block of trainLoopRounds by default (a trainLoop call each) */
 const TRAIN_LOOP_BLOCK = 5;
 /** trainLoop's maxGradNorm in trainLoopRounds: transformers' Trainer's default */
 const TRAIN_LOOP_MAX_GRAD_NORM = 1;
@@ -159,13 +160,15 @@ export interface E2EOptions {
    */
   pipelineRounds?: number;
   /**
-   * after the timed steps (and the A/B and pipeline rounds), this many rounds of TRAIN_LOOP_BLOCK steps through
+   * after the timed steps (and the A/B and pipeline rounds), this many rounds of trainLoopBlock steps through
    * trainLoop, the loop `tfjs-moe-lora train` runs (its own Adam, the gradients clipped at maxGradNorm 1 as
    * transformers' Trainer does, the loss and the global norm read every step), one block per flag set in turn (the
    * run's own, then each of abFlags): what a user's step costs where ours.ts's own step above has no clipping and
    * reads only the loss (trainLoopSteps in the result); default none
    */
   trainLoopRounds?: number;
+  /** steps in each of trainLoopRounds' blocks (a trainLoop call each; default TRAIN_LOOP_BLOCK) */
+  trainLoopBlock?: number;
   /** with `profile`: how many record-only steps the profile times (step_profile.ts recordRepeats; default 1) */
   profileRecordRepeats?: number;
   /**
@@ -229,6 +232,11 @@ export interface E2EResult {
    * pause was (run Z16: 108 ms in one step where the others took 3–18)
    */
   stepGcKindMs: Array<Record<GcKind, number>>;
+  /**
+   * after each step, V8's heap (v8.getHeapStatistics, MB): used_heap_size and external_memory (ArrayBuffers and what
+   * native code reported), so that a growth that ends in a long mark-compact shows (runs Z16, Z19: ~100 ms at step 35–37)
+   */
+  stepHeapMB: Array<{ used: number; external: number }>;
   stepBindGroupsMade?: number[];
   /**
    * per step (as stepSeconds), webgpu: bytes of device buffers tfjs's pool made during the step (it
@@ -396,6 +404,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
   if (o.abRounds !== undefined) assertInteger(OP, 'abRounds', o.abRounds, 1);
   if (o.pipelineRounds !== undefined) assertInteger(OP, 'pipelineRounds', o.pipelineRounds, 1);
   if (o.trainLoopRounds !== undefined) assertInteger(OP, 'trainLoopRounds', o.trainLoopRounds, 1);
+  if (o.trainLoopBlock !== undefined) assertInteger(OP, 'trainLoopBlock', o.trainLoopBlock, 2);
   // before the load, not after it: a flag tf.env() does not know would throw inside tfjs at the first A/B step
   for (const name of (o.abFlags ?? []).flatMap(set => Object.keys(set))) {
     try {
@@ -426,7 +435,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
     expertDtype: o.expertDtype, denseDtype: o.denseDtype, lora: { r: o.rank, alpha: o.alpha, targets: o.targets },
     batch: o.batch, seq: o.seq, warmup: o.warmup, steps: o.steps, learningRate: o.learningRate,
     tokenizer: { path: typeof o.tokenizer === 'string' ? o.tokenizer : '(given)', vocabSize: tokenizer.vocabSize, modelVocab, idsTakenModulo: tokenizer.vocabSize > modelVocab, textTokens: textTokens.length },
-    stepSeconds: [], stepGcMs: [], stepGcKindMs: [], stepPhaseMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
+    stepSeconds: [], stepGcMs: [], stepGcKindMs: [], stepHeapMB: [], stepPhaseMs: [], losses: [], memory: memoryNow(), memoryStages: [], poolLimitBytes: tf.getBackend() === 'webgpu' ? o.poolLimitBytes ?? null : null,
     gradientCheckpointing: o.gradientCheckpointing, errors: {}, stage: 'start', elapsedSeconds: 0,
   };
   const marker = join(o.model, 'e2e_checkpoint.json');
@@ -527,6 +536,8 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
         await new Promise(resolve => setImmediate(resolve));
         result.stepGcMs.push(gcMs - gcBefore);
         result.stepGcKindMs.push(Object.fromEntries(GC_KINDS.map(k => [k, gcKindMs[k] - gcKindBefore[k]])) as Record<GcKind, number>);
+        const heap = getHeapStatistics();
+        result.stepHeapMB.push({ used: heap.used_heap_size / 2 ** 20, external: heap.external_memory / 2 ** 20 });
         if (webgpu) {
           (result.stepBindGroupsMade ??= []).push(bindGroupCacheCounts(tf.backend()).made - madeBefore);
           (result.stepBytesAllocated ??= []).push(allocatedBytes() - allocatedBefore);
@@ -617,6 +628,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       const sets = [{}, ...(o.abFlags ?? [])];
       const blocks = sets.map(flags => ({ flags, stepSeconds: [] as number[], losses: [] as number[], medianTokensPerSecond: 0 }));
       const afterFirst: number[][] = sets.map(() => []);
+      const block = o.trainLoopBlock ?? TRAIN_LOOP_BLOCK;
       try {
         for (let round = 0; round < o.trainLoopRounds; round++) {
           for (const [i, flags] of sets.entries()) {
@@ -624,14 +636,14 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
             const seconds: number[] = [];
             // random windows of the text (trainLoop's own order, seeded by the round), as `train` takes them
             const { losses } = await withTfFlags(flags, () => trainLoop(model, textTokens, {
-              steps: TRAIN_LOOP_BLOCK, lr: o.learningRate, batch: o.batch, seq: o.seq, seed: round, maxGradNorm: TRAIN_LOOP_MAX_GRAD_NORM,
+              steps: block, lr: o.learningRate, batch: o.batch, seq: o.seq, seed: round, maxGradNorm: TRAIN_LOOP_MAX_GRAD_NORM,
               onStep: report => { seconds.push(report.seconds - last); last = report.seconds; },
             }));
             blocks[i].stepSeconds.push(...seconds);
             blocks[i].losses.push(...losses);
             afterFirst[i].push(...seconds.slice(1));
           }
-          await partial(`trainLoop round ${round + 1}: ${blocks.map(b => median(b.stepSeconds.slice(-TRAIN_LOOP_BLOCK + 1)).toFixed(3)).join(' / ')} s ` +
+          await partial(`trainLoop round ${round + 1}: ${blocks.map(b => median(b.stepSeconds.slice(-block + 1)).toFixed(3)).join(' / ')} s ` +
               'a step (median after the first)');
         }
       } catch (err) {
@@ -728,7 +740,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
   }
   const known = ['model', 'data', 'out', 'tokenizer', 'expert-dtype', 'dense-dtype', 'rank', 'alpha', 'batch', 'seq', 'warmup', 'steps', 'lr',
     'name', 'save-adapter', 'backend', 'tensor-cores', 'profile', 'cpu-profile', 'tf-flags', 'targets', 'pool-limit-mb',
-    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'pipeline-rounds', 'train-loop-rounds', 'dawn-flags', 'native-timing', 'load-profile'];
+    'gradient-checkpointing', 'ab-flags', 'ab-rounds', 'pipeline-rounds', 'train-loop-rounds', 'train-loop-block', 'dawn-flags', 'native-timing', 'load-profile'];
   for (const k of Object.keys(flags)) if (!known.includes(k)) fail(OP, `'--${k}' is not a flag; the flags are ${known.map(f => `--${f}`).join(' ')}`);
   const number = (k: string) => flags[k] === undefined ? undefined : Number(flags[k]);
   const onOff = (k: string, fallback: boolean) => {
@@ -748,7 +760,7 @@ export function parseOursArgs(argv: readonly string[]): E2EOptions & {
     tfFlags: flags['tf-flags'] === undefined ? {} : parseTfFlags(flags['tf-flags']),
     // sets separated by ';', each as --tf-flags
     abFlags: flags['ab-flags']?.split(';').map(parseTfFlags), abRounds: number('ab-rounds'), pipelineRounds: number('pipeline-rounds'),
-    trainLoopRounds: number('train-loop-rounds'),
+    trainLoopRounds: number('train-loop-rounds'), trainLoopBlock: number('train-loop-block'),
     poolLimitBytes: flags['pool-limit-mb'] === undefined ? undefined : Number(flags['pool-limit-mb']) * 2 ** 20,
     gradientCheckpointing: onOff('gradient-checkpointing', false),
     // Dawn create() flags for the whole run, space-separated (e.g. 'enable-dawn-features=disable_robustness')

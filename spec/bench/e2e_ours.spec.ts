@@ -69,6 +69,9 @@ describe('bench/e2e/ours.ts', function () {
     expect(result.losses).to.have.length(2);
     // one GC figure a step, and the host's ms to each phase's end; bind groups and buffers made only on webgpu
     expect(result.stepGcMs).to.have.length(2);
+    // V8's heap after each step
+    expect(result.stepHeapMB).to.have.length(2);
+    for (const heap of result.stepHeapMB) expect(heap.used).to.be.above(1);
     // by kind: every entry has one of the four, so the kinds add up to the step's figure
     expect(result.stepGcKindMs).to.have.length(2);
     result.stepGcKindMs.forEach((kinds, i) => {
@@ -236,13 +239,13 @@ describe('bench/e2e/ours.ts', function () {
     tf.env().registerFlag(flag, () => 1);
     const before = tf.memory().numTensors;
     const options = { model: FIXTURE, data, rank: 4, alpha: 8, batch: 1, seq: 8, warmup: 0, steps: 1, saveAdapter: false, log: () => {} };
-    const result = await runOurs({ ...options, out: join(dir, 'loop'), abFlags: [{ [flag]: 2 }], abRounds: 1, trainLoopRounds: 2 });
+    const result = await runOurs({ ...options, out: join(dir, 'loop'), abFlags: [{ [flag]: 2 }], abRounds: 1, trainLoopRounds: 2, trainLoopBlock: 3 });
     expect(result.errors).to.deep.equal({});
     expect(result.trainLoopSteps!.map(b => b.flags)).to.deep.equal([{}, { [flag]: 2 }]);
     for (const b of result.trainLoopSteps!) {
-      // 2 rounds of trainLoop's 5 steps, each timed by its onStep
-      expect(b.stepSeconds).to.have.length(10);
-      expect(b.losses).to.have.length(10);
+      // 2 rounds of trainLoop's 3 steps, each timed by its onStep
+      expect(b.stepSeconds).to.have.length(6);
+      expect(b.losses).to.have.length(6);
       // finite, about a random model's ln 97 (the fixture's vocabulary)
       for (const loss of b.losses) expect(loss).to.be.above(0).and.below(2 * Math.log(97));
       expect(b.medianTokensPerSecond).to.be.above(0);
@@ -250,6 +253,7 @@ describe('bench/e2e/ours.ts', function () {
     expect(tf.env().get(flag)).to.equal(1);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     await expectReject(runOurs({ ...options, out: join(dir, 'x'), trainLoopRounds: 0 }), /'trainLoopRounds' must be >= 1 but got 0/);
+    await expectReject(runOurs({ ...options, out: join(dir, 'x'), trainLoopBlock: 1 }), /'trainLoopBlock' must be >= 2 but got 1/);
   });
 
   it('StepCounter counts kernels and reads while installed and puts the methods back', async () => {
@@ -305,7 +309,7 @@ describe('bench/e2e/ours.ts', function () {
     expect(parseTfFlags('A_B=1e-3')).to.deep.equal({ A_B: 1e-3 });
     expect(parseOursArgs(['--ab-flags', 'A=1;B=2,C=true', '--ab-rounds', '3'])).to.deep.include({ abFlags: [{ A: 1 }, { B: 2, C: true }], abRounds: 3 });
     expect(parseOursArgs(['--pipeline-rounds', '2'])).to.deep.include({ pipelineRounds: 2 });
-    expect(parseOursArgs(['--train-loop-rounds', '3'])).to.deep.include({ trainLoopRounds: 3 });
+    expect(parseOursArgs(['--train-loop-rounds', '3', '--train-loop-block', '40'])).to.deep.include({ trainLoopRounds: 3, trainLoopBlock: 40 });
     expect(parseTfFlags('WEBGPU_MOE_DENSE_PROGRAM=grouped,X=2')).to.deep.equal({ WEBGPU_MOE_DENSE_PROGRAM: 'grouped', X: 2 });
     for (const bad of ['WEBGPU_X', 'webgpu_x=1', 'X=Yes', 'X=a b', 'X=', 'X=1,', 'X=1-2']) {
       expect(() => parseTfFlags(bad), bad).to.throw(OpArgumentError, /'--tf-flags' must be NAME=VALUE pairs \(a number, true, false or a lowercase word\) joined by commas but got "/);
