@@ -43,6 +43,7 @@ import { writeArtifactFolder } from '../../src/util/atomic.js';
 import { readTextFile } from '../../src/util/files.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { trainLoop } from '../../src/train/loop.js';
+import { limitHeapGrowthForTraining } from '../../src/cli/heap_growth.js';
 import { summarizeCpuProfile, withCpuProfile } from './cpu_profile.js';
 import { withNativeTiming, type NativeCallTimes } from './native_timing.js';
 import { profileTrainingStep, type StepPhase, trainingStep } from './step_profile.js';
@@ -787,6 +788,8 @@ async function main(): Promise<void> {
     // the card, driver and Dawn flags the table's note needs, beside the result
     await mkdir(args.out, { recursive: true });
     await writeFile(join(args.out, 'adapter.json'), JSON.stringify(adapter, null, 1));
+    // as `tfjs-moe-lora train` does on webgpu (node --heap-growing-percent=0 for V8's own growth)
+    limitHeapGrowthForTraining();
     if (args.tensorCores) {
       assertTensorCores(true, adapter.tensorCores);
       const { TENSOR_CORES_FLAG } = await import('../../src/backends/webgpu/tensor_cores.js');

@@ -21,6 +21,7 @@ import { FileError } from '../../util/files.js';
 import { outputFolderProblem } from '../../util/output_folder.js';
 import { MAX_WASM_THREADS } from '../../backends/wasm/threads_node.js';
 import { BACKENDS, selectBackend } from '../backend.js';
+import { limitHeapGrowthForTraining } from '../heap_growth.js';
 import { ExitCode, UsageError } from '../errors.js';
 import type { ExpertDtype } from '../../io/hf_block.js';
 import {
@@ -331,6 +332,8 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores, wasmThreads: argv.wasmThreads });
   // on stderr in every mode, before the first step: a user sees at once whether they are in use
   if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
+  // a mark-compact every few steps inside the wait for the GPU, not a long one every ~35 (heap_growth.ts)
+  if (started.backend === 'webgpu') limitHeapGrowthForTraining();
   if (started.wasmThreads !== undefined) {
     process.stderr.write(`note: wasm threaded SIMD build, ${started.wasmThreads.threads} XNNPACK threads, ` +
         `${started.wasmThreads.loopWorkers} loop workers\n`);
