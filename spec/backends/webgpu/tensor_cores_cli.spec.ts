@@ -38,8 +38,7 @@ describe('webgpu: --tensor-cores auto where the adapter has none', function () {
   });
 
   it('train: the reason in --json and every step\'s loss equal to --tensor-cores off', () => {
-    // LoRA on the example model: a from-scratch run here has a tfjs AddN over 25 tensors (26 storage buffers, past Mesa's
-    // 16), whose validation errors Dawn prints on stdout, in the way of --json
+    // LoRA on the example model, as a user's fine-tune of a checkpoint folder
     const run = (mode: string) => spawnCli(['train', '--model', TALA, '--lora-rank', '2', '--lora-alpha', '4', '--data', 'examples/data/target_train.txt',
       '--steps', '2', '--batch', '2', '--seq', '16', '--backend', 'webgpu', '--tensor-cores', mode, '--json',
       '--out', join(dir, mode)]);
