@@ -230,12 +230,13 @@ export interface E2EResult {
   /**
    * per step, stepGcMs by the 'gc' entries' kind: major (mark-compact of the old generation), minor (scavenge),
    * incremental (marking steps) and weakcb (weak callbacks: finalizers, e.g. of Dawn's native objects): what a long
-   * pause was (run Z16: 108 ms in one step where the others took 3–18)
+   * pause was (runs Z19, Z21: 101 and 123 ms, all of it one mark-compact, where a step's scavenges take ~6)
    */
   stepGcKindMs: Array<Record<GcKind, number>>;
   /**
    * after each step, V8's heap (v8.getHeapStatistics, MB): used_heap_size and external_memory (ArrayBuffers and what
-   * native code reported), so that a growth that ends in a long mark-compact shows (runs Z16, Z19: ~100 ms at step 35–37)
+   * native code reported), so that a growth that ends in a long mark-compact shows (run Z21: ~10 MB a step, from
+   * ~120 to ~400 MB before the 123-ms one; docs/webgpu.md "Garbage collection in a long run")
    */
   stepHeapMB: Array<{ used: number; external: number }>;
   stepBindGroupsMade?: number[];
