@@ -409,10 +409,19 @@ export async function trainLoop(
         if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
         const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
         const computed = stepGradients(model, variables, batches, seeds);
-        // the loss and the norm read together: one wait for the GPU a step (asynchronous reads:
-        // webgpu has no dataSync); a non-finite step is not applied, so the model stays at the last good step
+        // the loss and the norm read together as one [2] tensor: one copy and one wait for the GPU a step
+        // (asynchronous reads: webgpu has no dataSync; two reads were two copies, submits and map waits);
+        // a non-finite step is not applied, so the model stays at the last good step
         const norm = globalNorm(computed.grads);
-        const read = async () => (await Promise.all([computed.loss.data(), norm.data()])).map(values => values[0]);
+        const read = async () => {
+          const both = tf.stack([computed.loss, norm]);
+          try {
+            const [lossValue, normValue] = await both.data();
+            return [lossValue, normValue];
+          } finally {
+            both.dispose();
+          }
+        };
         try {
           if (optimizer.scalesOnDevice) {
             // the whole step recorded before the read: clipping and the skip decided on the device

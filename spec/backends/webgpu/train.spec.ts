@@ -75,6 +75,28 @@ describe('webgpu: trainLoop with the plugin registered', () => {
     }
   });
 
+  it('reads once a step: the loss and the gradients\' norm as one [2] tensor (one copy and one map wait)', async () => {
+    const model = buildMoECausalLM(TINY);
+    const handle = register({ models: [model], lora: { r: 2, alpha: 4 } });
+    const backend = tf.backend() as unknown as { read: (dataId: object) => Promise<unknown> };
+    const read = backend.read;
+    let reads = 0;
+    backend.read = function (this: unknown, dataId: object) {
+      reads++;
+      return read.call(this, dataId);
+    };
+    try {
+      const tokens = Int32Array.from({ length: 200 }, (_, i) => [1, 4, 2, 6, 3][i % 5]);
+      const { losses } = await trainLoop(model, tokens, { steps: 3, lr: 0.02, batch: 2, seq: 8, seed: 1, maxGradNorm: 1 });
+      expect(losses).to.have.length(3);
+      expect(reads, 'reads in 3 steps').to.equal(3);
+    } finally {
+      backend.read = read;
+      handle.unregister();
+      model.dispose();
+    }
+  });
+
   it('clips and skips on the device (Adam\'s gradScale): the read-first loop\'s losses, a non-finite step not applied', async () => {
     const tokens = Int32Array.from({ length: 200 }, (_, i) => [1, 4, 2, 6, 3][i % 5]);
     // maxGradNorm small enough that every step clips
