@@ -177,7 +177,6 @@ export async function clipByGlobalNorm(
  * right after the backward pass and reads it with the loss, in one wait for the GPU a step.
  */
 export function globalNorm(grads: readonly tf.Tensor[]): tf.Scalar {
-  if (grads.length === 0) return tf.scalar(0);
   const sum = sumOfSquares(grads);
   try {
     return tf.sqrt(sum);
