@@ -17,11 +17,10 @@ const device = () => (tf.backend() as unknown as { device: GPUDevice }).device;
 const float64SumOfSquares = (values: Float32Array[]) => values.reduce((s, v) => s + v.reduce((t, x) => t + x * x, 0), 0);
 
 /**
- * The together passes after `first` first-pass outputs, `perDispatch` inputs a dispatch: none where one output holds
- * one value (`single`), else groups of partial sums until one is left.
+ * The together passes after `first` first-pass outputs of more than one value each, `perDispatch` inputs a dispatch:
+ * groups of partial sums until one is left (an input of one workgroup alone needs none: checked apart).
  */
-function togetherPasses(first: number, perDispatch: number, single: boolean): number {
-  if (first === 1 && single) return 0;
+function togetherPasses(first: number, perDispatch: number): number {
   let passes = 0;
   for (let left = first; passes === 0 || left > 1; left = Math.ceil(left / perDispatch)) passes++;
   return passes;
@@ -61,7 +60,7 @@ describe('webgpu: sumOfSquares (MoESumOfSquares)', () => {
     // 37 non-empty inputs in first passes of perDispatch each, then their partial sums together
     const firstPasses = Math.ceil(37 / perDispatch);
     expect(keys.filter(k => k.startsWith('moeSumOfSquares_sq_'))).to.have.length(firstPasses);
-    expect(keys.filter(k => k.startsWith('moeSumOfSquares_sum_together_'))).to.have.length(togetherPasses(firstPasses, perDispatch, false));
+    expect(keys.filter(k => k.startsWith('moeSumOfSquares_sum_together_'))).to.have.length(togetherPasses(firstPasses, perDispatch));
     expect(keys).to.have.length(keys.filter(k => k.startsWith('moeSumOfSquares_')).length);
     tf.dispose(tensors);
   });
@@ -89,7 +88,7 @@ describe('webgpu: sumOfSquares (MoESumOfSquares)', () => {
     const want = float64SumOfSquares(values);
     expect(value).to.be.closeTo(want, 40 * 2 ** -24 * want);
     const firstPasses = Math.ceil(224 / perDispatch);
-    expect(keys).to.have.length(firstPasses + togetherPasses(firstPasses, perDispatch, false));
+    expect(keys).to.have.length(firstPasses + togetherPasses(firstPasses, perDispatch));
     const one = tf.scalar(-3);
     expect(await sumOf([one])).to.deep.equal({ value: 9, keys: ['moeSumOfSquares_sq_e'] });
     tf.dispose([one, ...tensors]);
