@@ -29,6 +29,16 @@
  * non-finite) are computed on the device (stepGradientScale) and given to Adam, and the loss and
  * the norm are read after, in one wait. Elsewhere the values are read first and the clipping and
  * the skip decided on the host, by the same rule.
+ *
+ * There the loop also reads ahead: the read of step n's loss and norm is started (its copy encoded
+ * and submitted) and step n + 1's forward and backward are recorded before the host waits for it,
+ * so the GPU runs on into step n + 1 while the host waits and decides; step n + 1's Adam update is
+ * recorded after the read, with the step count and clipping step n left. Nothing reaches the
+ * model or the optimizer out of order: every value is what the step-by-step loop computes. What
+ * changes: the data source gives step n + 1's micro-batches before step n is reported, and a run
+ * that stops after step n (shouldStop, an error, a warning that stops it) discards them unused.
+ * Not before a step that evaluates or saves (those run with nothing in flight), nor past the last
+ * step. The tf.env() flag MOE_TRAIN_READ_AHEAD (default true) turns it off.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type * as tfl from '@tensorflow/tfjs-layers';
@@ -42,6 +52,14 @@ import { TrainError } from './errors.js';
 import { batchLoss, disposeBatch, vocabSizeOf, type TrainingBatch } from './loss.js';
 import { Adam, type AdamSnapshot, clipToNorm, globalNorm, stepGradientScale } from './optimizer.js';
 import { learningRateAt, LR_SCHEDULERS, type LRScheduler } from './schedule.js';
+
+/**
+ * tf.env() flag: false makes trainLoop wait for each step's loss and norm before it records the next
+ * step, where it would otherwise record the next step's forward and backward first (see the file
+ * comment); to compare the two (bench/e2e/ours.ts --train-loop-rounds with --ab-flags).
+ */
+export const TRAIN_READ_AHEAD_FLAG = 'MOE_TRAIN_READ_AHEAD';
+tf.env().registerFlag(TRAIN_READ_AHEAD_FLAG, () => true);
 
 export interface TrainLoopOptions {
   /** the step count to reach, counting `startStep` (the schedules' num_training_steps) */
@@ -289,6 +307,32 @@ export function stepGradients(
   return { loss: loss!, grads: grads! };
 }
 
+/** A step's forward and backward, recorded: its micro-batches, the labels they predict, the loss and the gradients. */
+interface RecordedStep {
+  batches: TrainingBatch[];
+  tokens: number;
+  loss: tf.Scalar;
+  grads: tf.Tensor[];
+}
+
+function disposeRecorded(recorded: RecordedStep): void {
+  tf.dispose([recorded.loss, ...recorded.grads]);
+  recorded.batches.forEach(disposeBatch);
+}
+
+/**
+ * A step's loss and gradients' norm, read as one [2] tensor: one copy and one wait for the GPU
+ * (asynchronous: webgpu has no dataSync). The copy is encoded and submitted when this is called,
+ * so what the host records after it runs behind it on the GPU while the host waits.
+ */
+function readLossAndNorm(loss: tf.Scalar, norm: tf.Scalar): Promise<[number, number]> {
+  const both = tf.stack([loss, norm]);
+  const values = both.data().then(v => [v[0], v[1]] as [number, number]).finally(() => both.dispose());
+  // handled where the caller awaits it; an error that ends the step first must not leave it unhandled
+  values.catch(() => undefined);
+  return values;
+}
+
 /**
  * Trains `model` until step `steps`, on `data`: a token array (random windows of it, `batch` ×
  * `seq` per micro-batch, in the order `seed` gives) or a BatchSource (positioned by the caller:
@@ -372,6 +416,27 @@ export async function trainLoop(
   let stopForNoGradient = false;
   const warnings: TrainWarning[] = [];
   let zeroGradSteps = 0;
+  /** step `index` (0-based): its micro-batches, from micro-batch `firstMicroBatch` of the run on, and its loss and gradients */
+  const recordGradients = (index: number, firstMicroBatch: number): RecordedStep => {
+    const batches: TrainingBatch[] = [];
+    try {
+      for (let k = 0; k < gradAccum; k++) batches.push(source.next());
+      const tokens = batches.reduce((s, b) => s + b.targetCount, 0);
+      if (tokens === 0) throw new TrainError(`step ${index + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
+      const seeds = batches.map((_, k) => microBatchSeed(options.seed, firstMicroBatch + k));
+      return { batches, tokens, ...stepGradients(model, variables, batches, seeds) };
+    } catch (e) {
+      batches.forEach(disposeBatch);
+      throw e;
+    }
+  };
+  // the next step's forward and backward, recorded before this step's read (reading ahead, see the file comment), or
+  // the error recording them threw: thrown when that step comes, after this one is reported, as step by step
+  let ahead: RecordedStep | { error: unknown } | null = null;
+  /** whether the step after step `done` (1-based) is recorded before step `done`'s read */
+  const readsAhead = (done: number) => tf.env().getBool(TRAIN_READ_AHEAD_FLAG) && done < options.steps &&
+      !(options.evalEvery !== undefined && done % options.evalEvery === 0) &&
+      !(options.saveEvery !== undefined && done % options.saveEvery === 0);
   const save = async () => options.onSave!({
     step, microBatches, losses: [...history], evalLosses: [...evalLosses], optimizer: await optimizer.snapshot(),
     seconds: savedSeconds + elapsed(),
@@ -399,57 +464,53 @@ export async function trainLoop(
             `(was the plugin unregistered or an adapter removed?); the loop trains the weights it started with`);
       }
       const lr = learningRateAt(scheduler, step + 1, { lr: options.lr, totalSteps: options.steps, warmupSteps });
-      const batches: TrainingBatch[] = [];
-      let loss: number;
-      let gradNorm: number;
-      let tokens: number;
+      const taken = ahead;
+      ahead = null;
+      if (taken !== null && 'error' in taken) throw taken.error;
+      const recorded = taken ?? recordGradients(step, microBatches);
+      const onDevice = optimizer.scalesOnDevice;
+      let values: Promise<[number, number]>;
       try {
-        for (let k = 0; k < gradAccum; k++) batches.push(source.next());
-        tokens = batches.reduce((s, b) => s + b.targetCount, 0);
-        if (tokens === 0) throw new TrainError(`step ${step + 1} has no label to predict in its ${gradAccum} micro-batch(es)`);
-        const seeds = batches.map((_, k) => microBatchSeed(options.seed, microBatches + k));
-        const computed = stepGradients(model, variables, batches, seeds);
-        // the loss and the norm read together as one [2] tensor: one copy and one wait for the GPU a step
-        // (asynchronous reads: webgpu has no dataSync; two reads were two copies, submits and map waits);
-        // a non-finite step is not applied, so the model stays at the last good step
-        const norm = globalNorm(computed.grads);
-        const read = async () => {
-          const both = tf.stack([computed.loss, norm]);
-          try {
-            const [lossValue, normValue] = await both.data();
-            return [lossValue, normValue];
-          } finally {
-            both.dispose();
-          }
-        };
+        const norm = globalNorm(recorded.grads);
         try {
-          if (optimizer.scalesOnDevice) {
+          if (onDevice) {
             // the whole step recorded before the read: clipping and the skip decided on the device
             // (stepGradientScale), where reading first left the GPU idle while the host recorded
             // the clipping's multiplies and Adam
-            const scale = stepGradientScale(computed.loss, norm, maxGradNorm);
+            const scale = stepGradientScale(recorded.loss, norm, maxGradNorm);
             try {
-              optimizer.apply(computed.grads, lr, scale);
-              [loss, gradNorm] = await read();
-              if (!(Number.isFinite(loss) && Number.isFinite(gradNorm))) optimizer.uncountStep();
+              optimizer.apply(recorded.grads, lr, scale);
+              values = readLossAndNorm(recorded.loss, norm);
             } finally {
               scale.dispose();
             }
           } else {
-            [loss, gradNorm] = await read();
-            const clipped = clipToNorm(computed.grads, gradNorm, maxGradNorm);
+            values = readLossAndNorm(recorded.loss, norm);
+            const [lossValue, normValue] = await values;
+            const clipped = clipToNorm(recorded.grads, normValue, maxGradNorm);
             try {
-              if (Number.isFinite(loss) && Number.isFinite(gradNorm)) optimizer.apply(clipped, lr);
+              // a non-finite step is not applied, so the model stays at the last good step
+              if (Number.isFinite(lossValue) && Number.isFinite(normValue)) optimizer.apply(clipped, lr);
             } finally {
               tf.dispose(clipped);
             }
           }
         } finally {
-          tf.dispose([computed.loss, norm, ...computed.grads]);
+          norm.dispose();
         }
       } finally {
-        batches.forEach(disposeBatch);
+        disposeRecorded(recorded);
       }
+      // this step's gradients are gone before the next step's are made: the peak of one step, not two
+      if (onDevice && readsAhead(step + 1)) {
+        try {
+          ahead = recordGradients(step + 1, microBatches + gradAccum);
+        } catch (e) {
+          ahead = { error: e };
+        }
+      }
+      const [loss, gradNorm] = await values;
+      if (onDevice && !(Number.isFinite(loss) && Number.isFinite(gradNorm))) optimizer.uncountStep();
       step++;
       microBatches += gradAccum;
       if (!Number.isFinite(loss)) {
@@ -457,12 +518,12 @@ export async function trainLoop(
       }
       losses.push(loss);
       history.push(loss);
-      tokensTrained += tokens;
+      tokensTrained += recorded.tokens;
       const diverged = divergence(history, vocab);
       if (diverged !== null) throw new TrainError(`${diverged} at step ${step}; try a smaller learning rate (it is ${options.lr})`);
       const seconds = elapsed();
       options.onStep?.({
-        step, steps: options.steps, loss, lr, gradNorm, tokens, seconds, elapsed: savedSeconds + seconds,
+        step, steps: options.steps, loss, lr, gradNorm, tokens: recorded.tokens, seconds, elapsed: savedSeconds + seconds,
         tokensPerSecond: seconds > 0 ? tokensTrained / seconds : 0,
       });
       zeroGradSteps = gradNorm === 0 ? zeroGradSteps + 1 : 0;
@@ -484,6 +545,7 @@ export async function trainLoop(
     // a stopped run (Ctrl-C) keeps a checkpoint of where it stopped, so --resume can go on from there
     if (stopped && options.saveEvery !== undefined && step > start && step % options.saveEvery !== 0) await save();
   } finally {
+    if (ahead !== null && !('error' in ahead)) disposeRecorded(ahead);
     optimizer.dispose();
     setGradientCheckpointing(model, checkpointingBefore);
   }

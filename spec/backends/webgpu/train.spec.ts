@@ -9,20 +9,58 @@ import { buildMoECausalLM } from '../../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../../src/models/families.js';
 import { register } from '../../../src/plugin.js';
 import { windowStream } from '../../../src/train/batches.js';
-import { trainLoop } from '../../../src/train/loop.js';
-import { seedModelInit } from '../../../src/train/seeded_init.js';
+import { TRAIN_READ_AHEAD_FLAG, trainLoop, type StepReport } from '../../../src/train/loop.js';
+import { IGNORE_INDEX, type TrainingBatch } from '../../../src/train/loss.js';
+import { trainableVariables } from '../../../src/layers/moe_causal_lm.js';
+import { seedAdapterInit, seedModelInit } from '../../../src/train/seeded_init.js';
 import { nextTokenLoss } from '../../../src/train/loss.js';
 import { ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
 import { Adam, globalNorm } from '../../../src/train/optimizer.js';
 import { addNInputsPerProgram } from '../../../src/backends/webgpu/add_n.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
-import { withShaderKeys } from './helpers.js';
+import { withEnvFlag, withShaderKeys } from './helpers.js';
 
 const TINY: HFConfig = {
   model_type: 'qwen3_moe', vocab_size: 7, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,
   num_key_value_heads: 1, head_dim: 8, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 8,
   norm_topk_prob: true, rms_norm_eps: 1e-6,
 };
+
+/** A micro-batch of `rows` (each row's tokens; labels are the next tokens), with the labels at `ignored` not predicted. */
+function batchOf(rows: number[][], ignored: Array<[number, number]> = []): TrainingBatch {
+  const s = rows[0].length - 1;
+  const labels = rows.map(r => r.slice(1));
+  for (const [i, j] of ignored) labels[i][j] = IGNORE_INDEX;
+  return {
+    inputIds: tf.tensor2d(rows.map(r => r.slice(0, s)), [rows.length, s], 'int32'),
+    labels: tf.tensor2d(labels, [rows.length, s], 'int32'),
+    segmentIds: null, positionIds: null, targetCount: rows.length * s - ignored.length,
+  };
+}
+
+/**
+ * Runs `fn` with the webgpu backend's reads counted: for each read, the programs run between its start and the
+ * moment its values reach the host (0 where the host waits for them at once), in the order the reads resolve.
+ */
+async function withProgramsWhileReading<T>(fn: () => Promise<T>): Promise<{ result: T; programsWhileReading: number[] }> {
+  const backend = tf.backend() as unknown as { read: (dataId: object) => Promise<unknown> };
+  const read = backend.read;
+  const programsWhileReading: number[] = [];
+  try {
+    return await withShaderKeys(async keys => {
+      backend.read = function (this: unknown, dataId: object) {
+        const at = keys.length;
+        return read.call(this, dataId).then(values => {
+          programsWhileReading.push(keys.length - at);
+          return values;
+        });
+      };
+      return { result: await fn(), programsWhileReading };
+    });
+  } finally {
+    backend.read = read;
+  }
+}
 
 describe('webgpu: trainLoop with the plugin registered', () => {
   before(function () {
@@ -78,20 +116,86 @@ describe('webgpu: trainLoop with the plugin registered', () => {
   it('reads once a step: the loss and the gradients\' norm as one [2] tensor (one copy and one map wait)', async () => {
     const model = buildMoECausalLM(TINY);
     const handle = register({ models: [model], lora: { r: 2, alpha: 4 } });
-    const backend = tf.backend() as unknown as { read: (dataId: object) => Promise<unknown> };
-    const read = backend.read;
-    let reads = 0;
-    backend.read = function (this: unknown, dataId: object) {
-      reads++;
-      return read.call(this, dataId);
-    };
     try {
       const tokens = Int32Array.from({ length: 200 }, (_, i) => [1, 4, 2, 6, 3][i % 5]);
-      const { losses } = await trainLoop(model, tokens, { steps: 3, lr: 0.02, batch: 2, seq: 8, seed: 1, maxGradNorm: 1 });
+      const { result: { losses }, programsWhileReading } = await withProgramsWhileReading(
+          () => trainLoop(model, tokens, { steps: 3, lr: 0.02, batch: 2, seq: 8, seed: 1, maxGradNorm: 1 }));
       expect(losses).to.have.length(3);
-      expect(reads, 'reads in 3 steps').to.equal(3);
+      expect(programsWhileReading, 'reads in 3 steps').to.have.length(3);
     } finally {
-      backend.read = read;
+      handle.unregister();
+      model.dispose();
+    }
+  });
+
+  it('reads ahead: the next step recorded while a step\'s loss and norm are read, the step-by-step values bit for bit', async () => {
+    const tokens = Int32Array.from({ length: 200 }, (_, i) => [1, 4, 2, 6, 3][i % 5]);
+    const train = (readAhead: boolean) => withEnvFlag(TRAIN_READ_AHEAD_FLAG, readAhead, async () => {
+      const model = buildMoECausalLM(TINY);
+      await seedModelInit(model, 1, 0.5);
+      const handle = register({ models: [model], lora: { r: 2, alpha: 4 } });
+      seedAdapterInit(model, 'default', 2);  // B not zero: every adapter weight has a gradient from step 1
+      try {
+        const norms: number[] = [];
+        const evaluated: number[] = [];
+        // two micro-batches a step, every step clipped, an evaluation after step 3: the loop's every path
+        const { result: { losses }, programsWhileReading } = await withProgramsWhileReading(() => trainLoop(model, tokens, {
+          steps: 5, lr: 0.02, batch: 2, seq: 8, seed: 1, gradAccum: 2, maxGradNorm: 0.05, evalEvery: 3,
+          evaluate: () => 0, onEval: r => evaluated.push(r.step), onStep: r => norms.push(r.gradNorm),
+        }));
+        const weights = await Promise.all(trainableVariables(model).map(async v => Array.from(await v.data())));
+        return { losses, norms, weights, programsWhileReading, evaluated };
+      } finally {
+        handle.unregister();
+        model.dispose();
+      }
+    });
+    const before = tf.memory().numTensors;
+    const ahead = await train(true);
+    const stepByStep = await train(false);
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    // step 3 evaluates, so step 4 waits for it; step 5 is the last: their reads have nothing recorded behind them
+    const recordedWhileReading = ahead.programsWhileReading.map(n => n > 0);
+    expect(recordedWhileReading, `programs while reading: ${ahead.programsWhileReading}`).to.deep.equal([true, true, false, true, false]);
+    expect(stepByStep.programsWhileReading).to.deep.equal([0, 0, 0, 0, 0]);
+    expect(Math.min(...ahead.programsWhileReading.filter(n => n > 0)), 'a step\'s forward and backward')
+        .to.be.above(stepByStep.programsWhileReading.length);
+    expect(ahead.evaluated).to.deep.equal([3]);
+    expect(Math.min(...ahead.norms), 'every step clipped').to.be.above(0.05);
+    expect(ahead.losses).to.deep.equal(stepByStep.losses);
+    expect(ahead.norms).to.deep.equal(stepByStep.norms);
+    expect(ahead.weights).to.deep.equal(stepByStep.weights);
+    expect(Math.abs(ahead.losses[4] - ahead.losses[0]), 'training moved the loss').to.be.above(1e-3);
+  });
+
+  it('reads ahead and stops: the step read ahead is discarded, its error comes after the step before is reported', async () => {
+    const model = buildMoECausalLM(TINY);
+    const handle = register({ models: [model], lora: { r: 2, alpha: 4 } });
+    try {
+      const row = [1, 4, 2, 6, 3, 1, 4, 2, 6];
+      // the third micro-batch predicts nothing: recorded ahead of step 2's read, its error is step 3's
+      const given: TrainingBatch[] = [];
+      const source = { next: () => given[given.push(batchOf([row], given.length === 2 ? row.slice(1).map((_, j) => [0, j]) : [])) - 1] };
+      const before = tf.memory().numTensors;
+      const reports: StepReport[] = [];
+      let message = '';
+      await trainLoop(model, source, { steps: 4, lr: 0.02, batch: 1, seq: 8, seed: 1, onStep: r => reports.push(r) })
+          .catch((err: Error) => { message = err.message; });
+      expect(message).to.equal('step 3 has no label to predict in its 1 micro-batch(es)');
+      expect(reports.map(r => r.step), 'steps reported').to.deep.equal([1, 2]);
+      expect(given).to.have.length(3);
+      expect(given.every(b => b.inputIds.isDisposed && b.labels.isDisposed), 'batches disposed').to.equal(true);
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+
+      // stopped after step 2 (a Ctrl-C): step 3, recorded ahead, is discarded, and the run ends at step 2
+      given.length = 0;
+      const stopping = { next: () => given[given.push(batchOf([row])) - 1] };
+      const result = await trainLoop(model, stopping, { steps: 5, lr: 0.02, batch: 1, seq: 8, seed: 1, shouldStop: () => given.length >= 3 });
+      expect([result.step, result.stopped, result.losses.length]).to.deep.equal([2, true, 2]);
+      expect(given).to.have.length(3);
+      expect(given.every(b => b.inputIds.isDisposed), 'batches disposed').to.equal(true);
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    } finally {
       handle.unregister();
       model.dispose();
     }
@@ -137,8 +241,11 @@ describe('webgpu: trainLoop with the plugin registered', () => {
       const others = model.weights.filter(w => w !== embed && w.trainable);
       const values = await Promise.all(others.map(w => w.read().data()));
       let message = '';
+      const tensors = tf.memory().numTensors;
+      // step 2, recorded ahead of step 1's read, is discarded with the error
       await trainLoop(model, tokens, { ...options, steps: 2 }).catch((err: Error) => { message = err.message; });
       expect(message).to.equal('the loss became NaN at step 1; try a smaller learning rate (it is 0.02)');
+      expect(tf.memory().numTensors, 'tensors left behind').to.equal(tensors);
       const after = await Promise.all(others.map(w => w.read().data()));
       others.forEach((w, i) => expect(Array.from(after[i]), w.name).to.deep.equal(Array.from(values[i])));
     } finally {
