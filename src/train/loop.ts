@@ -433,6 +433,10 @@ export async function trainLoop(
   // the next step's forward and backward, recorded before this step's read (reading ahead, see the file comment), or
   // the error recording them threw: thrown when that step comes, after this one is reported, as step by step
   let ahead: RecordedStep | { error: unknown } | null = null;
+  const discardAhead = () => {
+    if (ahead !== null && !('error' in ahead)) disposeRecorded(ahead);
+    ahead = null;
+  };
   /** whether the step after step `done` (1-based) is recorded before step `done`'s read */
   const readsAhead = (done: number) => tf.env().getBool(TRAIN_READ_AHEAD_FLAG) && done < options.steps &&
       !(options.evalEvery !== undefined && done % options.evalEvery === 0) &&
@@ -542,10 +546,11 @@ export async function trainLoop(
       if (options.saveEvery !== undefined && step % options.saveEvery === 0) await save();
       await yieldToEventLoop();
     }
+    discardAhead();  // a step recorded ahead of a stop: its gradients are not kept through the save below
     // a stopped run (Ctrl-C) keeps a checkpoint of where it stopped, so --resume can go on from there
     if (stopped && options.saveEvery !== undefined && step > start && step % options.saveEvery !== 0) await save();
   } finally {
-    if (ahead !== null && !('error' in ahead)) disposeRecorded(ahead);
+    discardAhead();
     optimizer.dispose();
     setGradientCheckpointing(model, checkpointingBefore);
   }

@@ -187,11 +187,16 @@ describe('webgpu: trainLoop with the plugin registered', () => {
       expect(given.every(b => b.inputIds.isDisposed && b.labels.isDisposed), 'batches disposed').to.equal(true);
       expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
 
-      // stopped after step 2 (a Ctrl-C): step 3, recorded ahead, is discarded, and the run ends at step 2
+      // stopped after step 2 (a Ctrl-C): step 3, recorded ahead, is discarded before the stopped run's checkpoint
       given.length = 0;
       const stopping = { next: () => given[given.push(batchOf([row])) - 1] };
-      const result = await trainLoop(model, stopping, { steps: 5, lr: 0.02, batch: 1, seq: 8, seed: 1, shouldStop: () => given.length >= 3 });
+      const saves: Array<{ step: number; batchesDisposed: boolean }> = [];
+      const result = await trainLoop(model, stopping, {
+        steps: 5, lr: 0.02, batch: 1, seq: 8, seed: 1, shouldStop: () => given.length >= 3, saveEvery: 4,
+        onSave: async state => { saves.push({ step: state.step, batchesDisposed: given.every(b => b.inputIds.isDisposed) }); },
+      });
       expect([result.step, result.stopped, result.losses.length]).to.deep.equal([2, true, 2]);
+      expect(saves).to.deep.equal([{ step: 2, batchesDisposed: true }]);
       expect(given).to.have.length(3);
       expect(given.every(b => b.inputIds.isDisposed), 'batches disposed').to.equal(true);
       expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
