@@ -11,6 +11,11 @@ target_modules (q_proj, k_proj, v_proj, o_proj); dropout 0. bf16 weights, transf
 (config._experts_implementation), sdpa attention, Adam. The loss is the mean next-token cross-entropy over
 batch x seq, as ours. Reports tokens/s over the timed steps (each ends with loss.item(), a GPU sync), peak
 torch.cuda.max_memory_allocated (weights included), load seconds, losses; writes one JSON (--out) and prints it.
+
+--read-late: step n's loss is read after step n + 1 is launched (forward, backward, Adam), so the GPU runs on while
+the host waits, as HF's Trainer (which reads the loss only when it logs) and as ours' trainLoop on webgpu (its
+read-ahead); a step's seconds are then from one read's return to the next (the first from its launch). The values
+are the same.
 """
 import argparse
 import json
@@ -33,6 +38,7 @@ def main():
     ap.add_argument("--experts", default="grouped_mm", help="transformers' experts implementation (grouped_mm, eager, ...)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--read-late", action="store_true", help="read step n's loss after launching step n + 1")
     a = ap.parse_args()
 
     import peft
@@ -74,6 +80,15 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     result["stepSeconds"], result["losses"] = [], []
+    result["readLate"] = a.read_late
+
+    def record(step, value, since):
+        result["stepSeconds"].append(time.perf_counter() - since)
+        result["losses"].append(value)
+        print(f"[torch] step {step + 1}: loss {value:.4f}, {result['stepSeconds'][-1]:.3f} s", flush=True)
+        return time.perf_counter()
+
+    unread, read_at = None, None
     for step in range(a.warmup + a.steps):
         w = ids[step].to(a.device)
         s0 = time.perf_counter()
@@ -82,11 +97,18 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        result["stepSeconds"].append(time.perf_counter() - s0)
-        result["losses"].append(value)
-        del logits, loss
-        print(f"[torch] step {step + 1}: loss {value:.4f}, {result['stepSeconds'][-1]:.3f} s", flush=True)
+        del logits
+        if not a.read_late:
+            record(step, loss.item(), s0)
+        else:
+            if unread is not None:
+                read_at = record(step - 1, unread.item(), read_at if read_at is not None else s0_first)
+            else:
+                s0_first = s0
+            unread = loss.detach()
+        del loss
+    if unread is not None:
+        record(a.warmup + a.steps - 1, unread.item(), read_at if read_at is not None else s0_first)
     timed = sum(result["stepSeconds"][a.warmup:])
     result["tokensPerSecond"] = batch * (window - 1) * a.steps / timed
     if cuda:
