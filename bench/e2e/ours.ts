@@ -262,9 +262,15 @@ export interface E2EResult {
   abSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
   /**
    * trainLoopRounds' blocks: per flag set (the run's own first, as {}), each step's seconds (trainLoop's onStep) and
-   * loss, and tokens a step over the median of the steps after each block's first (which makes its Adam's moments)
+   * loss, and tokens a step over the median and over the mean of the steps after each block's first (which makes its
+   * Adam's moments). Reading ahead, a step is reported after the next one is recorded and a block's last step only
+   * waits (run Z26: 0.006–0.074 s), so the mean (a block's time from its first report to its last) is the measure
+   * there; the median leans to the short last steps' side less than one rank a block.
    */
-  trainLoopSteps?: Array<{ flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number }>;
+  trainLoopSteps?: Array<{
+    flags: Record<string, number | boolean | string>; stepSeconds: number[]; losses: number[]; medianTokensPerSecond: number;
+    meanTokensPerSecond: number;
+  }>;
   /** pipelineRounds' blocks: seconds a step per block, each step waiting on its loss or reading it one step late */
   pipelineSteps?: { blockSteps: number; waitingSeconds: number[]; oneLateSeconds: number[]; losses: number[] };
   /**
@@ -628,7 +634,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
 
     if (o.trainLoopRounds !== undefined) {
       const sets = [{}, ...(o.abFlags ?? [])];
-      const blocks = sets.map(flags => ({ flags, stepSeconds: [] as number[], losses: [] as number[], medianTokensPerSecond: 0 }));
+      const blocks = sets.map(flags => ({ flags, stepSeconds: [] as number[], losses: [] as number[], medianTokensPerSecond: 0, meanTokensPerSecond: 0 }));
       const afterFirst: number[][] = sets.map(() => []);
       const block = o.trainLoopBlock ?? TRAIN_LOOP_BLOCK;
       try {
@@ -654,6 +660,7 @@ export async function runOurs(options: E2EOptions): Promise<E2EResult> {
       }
       result.trainLoopSteps = blocks.map((b, i) => ({
         ...b, medianTokensPerSecond: afterFirst[i].length > 0 ? (o.batch * o.seq) / median(afterFirst[i]) : 0,
+        meanTokensPerSecond: afterFirst[i].length > 0 ? (o.batch * o.seq) * afterFirst[i].length / afterFirst[i].reduce((t, x) => t + x, 0) : 0,
       }));
     }
 

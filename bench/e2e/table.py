@@ -174,9 +174,12 @@ def table(models):
                 tokens = (r.get("batch") or 0) * (r.get("seq") or 0)
                 ratio = f", {block['medianTokensPerSecond'] * base_median / tokens:.2f}× PyTorch's median timed step" if base_median and tokens else ""
                 flags = ",".join(f"{k}={v}" for k, v in (block.get("flags") or {}).items()) or "the defaults"
+                mean = block.get("meanTokensPerSecond")
+                mean_text = (f"; mean {mean:.0f} tokens/s, {mean * base_median / tokens:.2f}× PyTorch's median timed step"
+                             if mean and base_median and tokens else "")
                 notes.append(f"{model} ours {dtype}: trainLoop (clipping at 1, the loss and norm read each step), {flags}: "
                              f"{len(block.get('stepSeconds') or [])} steps, median after each block's first "
-                             f"{block['medianTokensPerSecond']:.0f} tokens/s{ratio}")
+                             f"{block['medianTokensPerSecond']:.0f} tokens/s{ratio}{mean_text}")
         any_run = torch_run or next(iter(m["ours"].values()), None)
         if any_run:
             notes.append(f"{model}: batch {any_run.get('batch')} × {any_run.get('seq')} tokens, {any_run.get('warmup')} warm-up + "

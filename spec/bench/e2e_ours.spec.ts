@@ -249,6 +249,9 @@ describe('bench/e2e/ours.ts', function () {
       // finite, about a random model's ln 97 (the fixture's vocabulary)
       for (const loss of b.losses) expect(loss).to.be.above(0).and.below(2 * Math.log(97));
       expect(b.medianTokensPerSecond).to.be.above(0);
+      // the mean of the steps after each block's first: rounds' steps 2–3 and 5–6
+      const afterFirst = [1, 2, 4, 5].map(k => b.stepSeconds[k]);
+      expect(b.meanTokensPerSecond).to.be.closeTo(8 * 4 / afterFirst.reduce((t, x) => t + x, 0), 1e-9 * b.meanTokensPerSecond);
     }
     expect(tf.env().get(flag)).to.equal(1);
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
