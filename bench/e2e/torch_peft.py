@@ -14,8 +14,8 @@ torch.cuda.max_memory_allocated (weights included), load seconds, losses; writes
 
 --read-late: step n's loss is read after step n + 1 is launched (forward, backward, Adam), so the GPU runs on while
 the host waits, as HF's Trainer (which reads the loss only when it logs) and as ours' trainLoop on webgpu (its
-read-ahead); a step's seconds are then from one read's return to the next (the first from its launch). The values
-are the same.
+read-ahead); a step's seconds are then from one read's return to the next (the first from its launch). The
+computation is the same; only when the host reads changes.
 """
 import argparse
 import json
@@ -88,7 +88,9 @@ def main():
         print(f"[torch] step {step + 1}: loss {value:.4f}, {result['stepSeconds'][-1]:.3f} s", flush=True)
         return time.perf_counter()
 
-    unread, read_at = None, None
+    # --read-late: the step launched but not read yet, and where its seconds start (its launch for the first step,
+    # else the previous read's return)
+    unread, read_from = None, None
     for step in range(a.warmup + a.steps):
         w = ids[step].to(a.device)
         s0 = time.perf_counter()
@@ -101,14 +103,11 @@ def main():
         if not a.read_late:
             record(step, loss.item(), s0)
         else:
-            if unread is not None:
-                read_at = record(step - 1, unread.item(), read_at if read_at is not None else s0_first)
-            else:
-                s0_first = s0
+            read_from = s0 if unread is None else record(step - 1, unread.item(), read_from)
             unread = loss.detach()
         del loss
     if unread is not None:
-        record(a.warmup + a.steps - 1, unread.item(), read_at if read_at is not None else s0_first)
+        record(a.warmup + a.steps - 1, unread.item(), read_from)
     timed = sum(result["stepSeconds"][a.warmup:])
     result["tokensPerSecond"] = batch * (window - 1) * a.steps / timed
     if cuda:
