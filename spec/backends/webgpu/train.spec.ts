@@ -5,15 +5,13 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
-import { buildMoECausalLM } from '../../../src/layers/moe_causal_lm.js';
+import { buildMoECausalLM, trainableVariables } from '../../../src/layers/moe_causal_lm.js';
 import type { HFConfig } from '../../../src/models/families.js';
 import { register } from '../../../src/plugin.js';
 import { windowStream } from '../../../src/train/batches.js';
 import { TRAIN_READ_AHEAD_FLAG, trainLoop, type StepReport } from '../../../src/train/loop.js';
-import { IGNORE_INDEX, type TrainingBatch } from '../../../src/train/loss.js';
-import { trainableVariables } from '../../../src/layers/moe_causal_lm.js';
 import { seedAdapterInit, seedModelInit } from '../../../src/train/seeded_init.js';
-import { nextTokenLoss } from '../../../src/train/loss.js';
+import { IGNORE_INDEX, nextTokenLoss, type TrainingBatch } from '../../../src/train/loss.js';
 import { ADAM_UPDATE_KERNEL_FLAG } from '../../../src/train/adam_update.js';
 import { Adam, globalNorm } from '../../../src/train/optimizer.js';
 import { addNInputsPerProgram } from '../../../src/backends/webgpu/add_n.js';
