@@ -31,10 +31,7 @@ export function limitHeapGrowthForTraining(
     env: { execArgv: readonly string[]; nodeOptions: string | undefined } = { execArgv: process.execArgv, nodeOptions: process.env.NODE_OPTIONS },
     set: (flags: string) => void = setFlagsFromString): boolean {
   // node takes V8's flags with '_' or '-' between the words
-  const given = (arg: string) => {
-    const flag = arg.split('=')[0].replace(/_/g, '-');
-    return flag === FLAG;
-  };
+  const given = (arg: string) => arg.split('=')[0].replace(/_/g, '-') === FLAG;
   if (env.execArgv.some(given) || (env.nodeOptions ?? '').split(/\s+/).some(given)) return false;
   set(`${FLAG}=${TRAINING_HEAP_GROWING_PERCENT}`);
   return true;

@@ -331,9 +331,11 @@ export async function handler(argv: ArgumentsCamelCase<TrainArgs>): Promise<void
   }
   const started = await selectBackend(argv.backend, { tensorCores: argv.tensorCores, wasmThreads: argv.wasmThreads });
   // on stderr in every mode, before the first step: a user sees at once whether they are in use
-  if (started.backend === 'webgpu') process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
-  // a mark-compact every few steps inside the wait for the GPU, not a long one every ~35 (heap_growth.ts)
-  if (started.backend === 'webgpu') limitHeapGrowthForTraining();
+  if (started.backend === 'webgpu') {
+    process.stderr.write(`note: ${tensorCoresNote(started.tensorCores)}\n`);
+    // a mark-compact every few steps inside the wait for the GPU, not a long one every ~35 (heap_growth.ts)
+    limitHeapGrowthForTraining();
+  }
   if (started.wasmThreads !== undefined) {
     process.stderr.write(`note: wasm threaded SIMD build, ${started.wasmThreads.threads} XNNPACK threads, ` +
         `${started.wasmThreads.loopWorkers} loop workers\n`);
