@@ -19,14 +19,18 @@ import { decodeFloat16, encodeFloat16 } from '../../../src/util/half.js';
 
 type Backend = { runWebGPUProgram: (...args: unknown[]) => tf.TensorInfo };
 
-/** Runs the program on x (and, scaled, x's maxAbsCode as amax) and returns its halves in order. */
+/**
+ * Runs the program on x (and, scaled, x's maxAbsCode as amax; with `rowScale`, its routing weights
+ * and pairs of rows) and returns its halves in order.
+ */
 async function halvesOf(rows: number, cols: number, x: Float32Array, xCols: number, spec: ConstructorParameters<typeof HalfOperandProgram>[2],
-    activation = activationUniforms(undefined)): Promise<Uint16Array> {
+    activation = activationUniforms(undefined), rowScale?: { rw: Float32Array; pr: Int32Array }): Promise<Uint16Array> {
   const xt = tf.tensor2d(x, [rows, xCols]);
   const at = spec.scaled ? maxAbsCode(xt) : undefined;
+  const weights = rowScale === undefined ? [] : [tf.tensor1d(rowScale.rw), tf.tensor1d(rowScale.pr, 'int32')];
   const before = tf.memory().numTensors;
   const program = new HalfOperandProgram(rows, cols, spec);
-  const info = (tf.backend() as unknown as Backend).runWebGPUProgram(program, at === undefined ? [xt] : [xt, at], 'int32',
+  const info = (tf.backend() as unknown as Backend).runWebGPUProgram(program, [xt, ...(at === undefined ? [] : [at]), ...weights], 'int32',
       HalfOperandProgram.uniformsFor(rows, cols, activation));
   const words = tf.engine().makeTensorFromTensorInfo(info);
   expect(words.shape).to.deep.equal([rows, cols / 2]);
@@ -34,7 +38,7 @@ async function halvesOf(rows: number, cols: number, x: Float32Array, xCols: numb
   const data = await words.data() as Int32Array;
   words.dispose();
   expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
-  tf.dispose([xt, ...(at === undefined ? [] : [at])]);
+  tf.dispose([xt, ...(at === undefined ? [] : [at]), ...weights]);
   return new Uint16Array(data.buffer, data.byteOffset, data.length * 2);
 }
 
@@ -103,6 +107,38 @@ describe('webgpu: HalfOperandProgram (f16 left operands for the tensor-core MatM
       }
     });
   }
+
+  it('rowScale (the weight gradient\'s rw·act(h) or rw·dh): row r times rw[pr[r]], 0 for a padding row, scaled after, rounded once', async () => {
+    const [rows, cols, pairs] = [7, 16, 10];
+    const x = Float32Array.from(testValues(rows * cols, 5), v => Math.fround(v * 1e-3));
+    const rw = Float32Array.from({ length: pairs }, (_, i) => Math.fround(0.05 + i / 7));
+    // the plan's rows: pairs in expert order, −1 for padding rows
+    const pr = Int32Array.from([3, 9, -1, 0, 7, -1, 2]);
+    // a padding row's weight is 0, so its values are ±0 with x's signs (no product reads them)
+    const scaledRow = (s: number) => Float32Array.from(x, (v, i) => {
+      const pair = pr[Math.floor(i / cols)];
+      return Math.fround(v * (pair < 0 ? 0 : Math.fround(rw[pair] * s)));
+    });
+    const plain = await halvesOf(rows, cols, x, cols, { source: 'rows', scaled: false, rowScale: true }, undefined, { rw, pr });
+    expect(Array.from(plain)).to.deep.equal(Array.from(encodeFloat16(scaledRow(1))));
+    const amax = x.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    const s = 2 ** Math.floor(Math.log2(16384 / amax));
+    const scaled = await halvesOf(rows, cols, x, cols, { source: 'rows', scaled: true, rowScale: true }, undefined, { rw, pr });
+    expect(Array.from(scaled)).to.deep.equal(Array.from(encodeFloat16(scaledRow(s))));
+    // act(h) times the row's weight: silu(g)·u·rw within f16 rounding
+    const h = Float32Array.from(testValues(rows * 2 * cols, 13).map(v => Math.max(-30, Math.min(30, v))));
+    const got = decodeFloat16(await halvesOf(rows, cols, h, 2 * cols, { source: 'act', activation: { kind: 'swiglu', interleaved: false }, scaled: false,
+      rowScale: true }, activationUniforms({ kind: 'swiglu' }), { rw, pr }));
+    for (let r = 0; r < rows; r++) {
+      for (let c = 0; c < cols; c++) {
+        const [g, u] = [h[r * 2 * cols + c], h[r * 2 * cols + cols + c]];
+        const want = pr[r] < 0 ? 0 : g / (1 + Math.exp(-g)) * u * rw[pr[r]];
+        const ulp = Math.abs(want) < 2 ** -14 ? 2 ** -24 : 2 ** (Math.floor(Math.log2(Math.abs(want))) - 10);
+        expect(Math.abs(got[r * cols + c] - want), `row ${r} col ${c}`).to.be.at.most(ulp / 2 + Math.abs(want) * 2 ** -20);
+      }
+    }
+    expect(new HalfOperandProgram(rows, cols, { source: 'rows', scaled: true, rowScale: true }).variableNames).to.deep.equal(['x', 'amax', 'rw', 'pr']);
+  });
 
   it('more rows than one grid column (65535): the grid rows loop over the rest', async () => {
     const [rows, cols] = [65540, 8];

@@ -260,17 +260,37 @@ describe('webgpu: subgroup-matrix index math (emulated workgroup against float64
         expect(blockError(l, { inner, kFastestB: true, quads: true, widthA: 8, widthB: 8 }), `${rows} rows, A and W in runs of 8, k ${inner}`).to.equal(0);
       }
     }
-    expect(() => stagedQuadA(integers, WEIGHT_GRAD_LAYOUT, 0, 8)).to.throw('stagedQuadA: runs of 8 need a row-major As');
     const l = matMulLayout(128, true);
     // runs of 8 along k: a subgroup reads 4 columns × 64 k (whole 128-byte rows of bf16 W) and stores them to consecutive halves
     const runs = Array.from({ length: 32 }, (_, lane) => stagedQuadB(integers, l, lane, true, 8));
     expect(new Set(runs.map(r => r.n)).size).to.equal(4);
     expect(runs.slice(0, 8).map(r => [r.k, r.at, r.step])).to.deep.equal([0, 8, 16, 24, 32, 40, 48, 56].map(k => [k, k, 1]));
     expect(runs[8].at).to.equal(72);
-    expect(() => stagedQuadB(integers, MATMUL_LAYOUT, 0, true, 8)).to.throw('stagedQuadB: runs of 8 need k fastest into a column-major Bs');
+    expect(() => stagedQuadB(integers, MATMUL_LAYOUT, 0, true, 8)).to.throw(
+        'stagedQuadB: runs of 8 need k fastest into a column-major Bs or n fastest into a row-major one');
+    expect(() => stagedQuadB(integers, l, 0, false, 8)).to.throw('stagedQuadB: runs of 8 need k fastest into a column-major Bs');
     // the right matrices are loaded column-major: loading them row-major is caught
     expect(blockError(l, { inner: 64, kFastestB: true, quads: true, fault: 'right load transposed' })).to.be.greaterThan(0.1);
     expect(blockError(MATMUL_LAYOUT, { inner: 64, kFastestB: true, quads: true, fault: 'right load transposed' })).to.be.greaterThan(0.1);
+  });
+
+  it('the weight gradients on f16 operands (\'half8\': Lᵀ in runs of 8 along p, R along q): the block exactly, 64 and 32 deep', () => {
+    for (const depth of [64, 32] as const) {
+      const l = weightGradLayout(depth);
+      // one short slab, one whole, a tail in the third; L alone in runs of 8 (R's length not whole runs of 8), then both
+      for (const inner of [20, depth, 72]) {
+        expect(blockError(l, { inner, kFastestB: false, quads: true, widthA: 8 }), `L in runs of 8, depth ${depth}, rows ${inner}`).to.equal(0);
+        expect(blockError(l, { inner, kFastestB: false, quads: true, widthA: 8, widthB: 8 }), `both, depth ${depth}, rows ${inner}`).to.equal(0);
+      }
+    }
+    // a lane's run: 8 consecutive p of one row into 8 consecutive halves of As, 16 lanes down a column of 128 p
+    const runs = Array.from({ length: 32 }, (_, lane) => stagedQuadA(integers, WEIGHT_GRAD_LAYOUT, lane, 8));
+    expect(runs.slice(0, 3).map(r => [r.m, r.k, r.at, r.step])).to.deep.equal([[0, 0, 0, 1], [8, 0, 8, 1], [16, 0, 16, 1]]);
+    expect([runs[16].m, runs[16].k, runs[16].at]).to.deep.equal([0, 1, 136]);
+    const rRuns = Array.from({ length: 32 }, (_, lane) => stagedQuadB(integers, WEIGHT_GRAD_LAYOUT, lane, false, 8));
+    expect([rRuns[1].k, rRuns[1].n, rRuns[1].at, rRuns[16].k, rRuns[16].n, rRuns[16].at]).to.deep.equal([0, 8, 8, 1, 0, 136]);
+    expect(blockError(WEIGHT_GRAD_LAYOUT, { inner: 64, kFastestB: false, quads: true, widthA: 8, widthB: 8, fault: 'left load transposed' }))
+      .to.be.greaterThan(0.1);
   });
 
   it('every matrix the programs load or store starts, and every row of it, on a 16-byte boundary', () => {

@@ -521,6 +521,13 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     expect(weightGradStaging({ P: 1536, Q: 2048 })).to.deep.equal(both);
     expect(weightGradStaging({ P: 1538, Q: 6 })).to.deep.equal({ left: 'element', right: 'element' });
     expect(weightGradStaging({ P: 8, Q: 2 })).to.deep.equal({ left: 'vec4', right: 'element' });
+    // f16 operands where asked and each side's rows are whole runs of 8
+    const halves = (d: { P: number; Q: number }, left = true, right = true) => operands(weightGradStagingV6(d, { left, right }));
+    expect(halves({ P: 1536, Q: 2048 })).to.deep.equal({ left: 'half8', right: 'half8' });
+    expect(halves({ P: 1536, Q: 2052 })).to.deep.equal({ left: 'half8', right: 'vec4' });
+    expect(halves({ P: 12, Q: 2048 })).to.deep.equal({ left: 'vec4', right: 'half8' });
+    expect(halves({ P: 1536, Q: 2048 }, false, true)).to.deep.equal({ left: 'vec4', right: 'half8' });
+    expect(halves({ P: 6, Q: 4 })).to.deep.equal({ left: 'element', right: 'vec4' });
     // v6: whole blocks where the shape is (the reduction's depth, the output's columns; the weight gradient's reduction never)
     expect(matMulStagingV6({}, q).v6).to.deep.equal({ whole: { depth: true, rows: true, cols: true } });
     expect(matMulStagingV6({}, { ...q, inner: 2000, sN: 2000 }).v6).to.deep.equal({ whole: { depth: false, rows: true, cols: true } });
@@ -834,6 +841,60 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       }
     }
   }
+
+  // the experts' weight gradients on f16 operands ('half8'): dW1 = dhᵀ·x (L rows, R gathered), dW2 = dyᵀ·(rw·act(h)) (L gathered,
+  // R the converted rows), one side f16 only, blocks not whole (P 96, Q 64: clamped runs), both depths
+  const halfGradCases: Array<[SubgroupWeightGradSpec, { P: number; Q: number }, { left: boolean; right: boolean }]> = [
+    [{ left: 'rows', right: 'gather', scaleLeft: false, scaled: true }, { P: 256, Q: 128 }, { left: true, right: true }],
+    [{ left: 'gather', right: 'rows', scaleLeft: false, scaled: true }, { P: 128, Q: 256 }, { left: true, right: true }],
+    [{ left: 'gather', right: 'rows', scaleLeft: false, scaled: true }, { P: 96, Q: 64 }, { left: true, right: true }],
+    [{ left: 'gather', right: 'gather', scaleLeft: true, scaled: true }, { P: 96, Q: 64 }, { left: false, right: true }],
+    [{ left: 'rows', right: 'act', activation: { kind: 'swiglu', interleaved: true }, scaleLeft: false, scaled: true }, { P: 96, Q: 68 },
+      { left: true, right: false }],
+  ];
+  for (const [spec, d, half] of halfGradCases) {
+    for (const depth of [64, 32] as const) {
+      const staging = weightGradStaging(d, half);
+      const program = new SubgroupMatrixWeightGradProgram([4, d.P, d.Q], 4, d.P, d.Q, spec, 32, staging, depth);
+      it(`SubgroupMatrixWeightGradProgram ${program.shaderKey}: f16 operands, 8 halves a load, valid WGSL under tfjs's preamble`, async () => {
+        const halfSides = (['L', 'R'] as const).filter((_, i) => [staging.left, staging.right][i] === 'half8');
+        expect(halfSides.length).to.equal(Number(half.left && d.P % 8 === 0) + Number(half.right && d.Q % 8 === 0));
+        const code = program.getUserCode().replace(/\s+/g, ' ');
+        for (const side of halfSides) {
+          // the row's 16-byte run, staged as it is: no scale or row weight at staging (the conversion applied them)
+          expect(code).to.contain(`fn load${side}8(r : i32, c : i32) -> vec4<u32>`);
+          expect(code).to.contain(`select(vec4<f16>(), halfQuad(h.xy), `);
+        }
+        if (halfSides.includes('L')) expect(code).to.not.match(/loadL8\([^;]*\) \* s/);
+        if (d.P % 128 !== 0 && halfSides.includes('L')) expect(code).to.contain('min(p0 + i32(pp), uniforms.P - 8)');
+        expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+        const ints = ['seg', 'pr', 'amax', ...halfSides];
+        const rows = (name: string) => (name === 'L' ? [256, halfSides.includes('L') ? d.P / 2 : d.P] : [256, halfSides.includes('R') ? d.Q / 2 : 2 * d.Q]);
+        const inputs = program.variableNames.map(name => [name, ints.includes(name) ? 'int32' : 'float32', name === 'L' || name === 'R' ? rows(name) : [256]] as
+            [string, DataType, number[]]);
+        const tfjs = shaderOf(program, inputs, [4, d.P, d.Q]);
+        for (const side of halfSides) expect(tfjs).to.match(new RegExp(`var<storage, read> ${side}: array<vec4<i32>>`));
+        expect(await compileErrors(tfjs)).to.deep.equal([]);
+      });
+    }
+  }
+
+  it('f16 weight-gradient operands only where the conversion carries all of it: no row scale, activation, odd length or uniform groups', () => {
+    const both: SubgroupStaging = { left: 'half8', right: 'half8' };
+    const make = (spec: SubgroupWeightGradSpec, staging: SubgroupStaging, P = 128, Q = 128) =>
+      () => new SubgroupMatrixWeightGradProgram([4, P, Q], 4, P, Q, spec, 32, staging);
+    const message = /^SubgroupMatrixWeightGradProgram: f16 operands \(staging 'half8'\) are rows or gathered rows whose length is a multiple of 8, with no row scale, register prefetch or uniform groups, but got /;
+    expect(make({ left: 'gather', right: 'rows', scaleLeft: true, scaled: true }, both)).to.throw(message);
+    expect(make({ left: 'rows', right: 'act', activation: { kind: 'swiglu', interleaved: false }, scaleLeft: false, scaled: true }, both))
+      .to.throw(/right half8 \('act', Q 128\)/);
+    expect(make({ left: 'rows', right: 'rows', scaleLeft: false, scaled: true }, both, 124)).to.throw(/left half8 \(P 124, scaleLeft false\)/);
+    expect(make({ left: 'rows', right: 'rows', scaleLeft: false, scaled: true, uniformGroups: true }, both)).to.throw(/uniformGroups true/);
+    expect(make({ left: 'rows', right: 'rows', scaleLeft: false, scaled: true }, { ...both, registerPrefetch: true })).to.throw(/registerPrefetch true/);
+    // the row scale stays with an f32 L; the MatMul takes no f16 W
+    expect(make({ left: 'gather', right: 'rows', scaleLeft: true, scaled: true }, { left: 'vec4', right: 'half8' })).to.not.throw();
+    expect(() => new SubgroupMatrixMatMulProgram(128, 96, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: true, scaled: false }, 32,
+        { left: 'vec4', right: 'half8' })).to.throw('SubgroupMatrixMatMulProgram: W is staged per element or in runs of 4 or 8 packed halves, not as f16 rows');
+  });
 
   it('quad programs under tfjs\'s own preamble (its vec4 / vec2 input declarations and getters): valid WGSL around the matrix builtins', async () => {
     const bf16 = packedSpec('bf16', 2);

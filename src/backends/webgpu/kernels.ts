@@ -160,6 +160,16 @@ export const TC_HALF_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_OPERANDS';
 tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
 
 /**
+ * tf.env() flag: the experts' weight gradients on tensor cores read L and R as f16 halves that
+ * HalfOperandProgram writes just before them (staging 'half8', as the MatMul's left operand),
+ * instead of converting f32 as each slab is staged; each value is rounded to f16 once either way
+ * (the routing weight may ride on R instead of L: the same product). false: the conversion in the
+ * staging (A/B runs).
+ */
+export const TC_HALF_GRAD_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_GRAD_OPERANDS';
+tf.env().registerFlag(TC_HALF_GRAD_OPERANDS_FLAG, () => true);
+
+/**
  * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
  * tensor cores where they are on. On by default since run X (H100, OLMoE batch 4 × S 512, A/B of 6
  * interleaved steps in one lease: 0.187 against 0.197 s a step, +5.3 %): the step is GPU-bound now.
@@ -638,20 +648,78 @@ const groupedWeightGradConfig: tf.KernelConfig = {
     if (a.narrow === 'P' || a.narrow === 'Q') {
       return narrowWeightGrad(args, list, { ...common, tile: tileOf(a), narrow: a.narrow as 'P' | 'Q' }, flops);
     }
-    const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
-    if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
-    const program = tc !== undefined
-      ? new SubgroupMatrixWeightGradProgram(a.outShape as number[], numExperts, P, Q,
-          { ...common, scaled: inputs.amax != null }, tc.subgroupSize, weightGradStaging({ P, Q }), a.rowDepth as 32 | 64)
-      : new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(P, Q, a.topK as number, numExperts, a.oE as number, a.oP as number, a.oQ as number),
       ...floatUniforms(a.alpha as number),
       ...activationUniforms(act?.activation),
     ];
+    const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
+    if (tc !== undefined) return tensorCoreWeightGrad(args, tc.subgroupSize, common, uniforms, flops);
+    const program = new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     return runGroupedProduct(args, program, list, uniforms, flops);
   },
 };
+
+/**
+ * Where the routing weight of a weight gradient on f16 operands is applied: in the conversion of L
+ * (its rows are the plan's), of R (the same product: rw·L(r)ᵀ·R(r) = L(r)ᵀ·(rw·R(r))), or in the
+ * product's own staging of an f32 L. A gathered L (token rows, shared by the K pairs) cannot
+ * carry it, so with a gathered R too, L stays f32.
+ */
+type RowScaleSite = 'none' | 'L' | 'R' | 'program';
+
+function weightGradHalves(spec: { left: 'gather' | 'rows'; right: RowSource; scaleLeft: boolean }, P: number, Q: number):
+    { left: boolean; right: boolean; rowScale: RowScaleSite } {
+  const on = tf.env().getBool(TC_HALF_GRAD_OPERANDS_FLAG);
+  const left = on && halfOperandFits(P);
+  const right = on && halfOperandFits(Q);
+  if (!spec.scaleLeft) return { left, right, rowScale: 'none' };
+  if (left && spec.left === 'rows') return { left, right, rowScale: 'L' };
+  if (right && spec.right !== 'gather') return { left, right, rowScale: 'R' };
+  return { left: false, right, rowScale: 'program' };
+}
+
+/**
+ * The experts' weight gradient on tensor cores (SubgroupMatrixWeightGradProgram), its operands
+ * converted to f16 halves first where TC_HALF_GRAD_OPERANDS_FLAG is on and their rows are whole
+ * runs of 8 (L times the operand scale, the activation and the routing weight applied there).
+ */
+function tensorCoreWeightGrad(args: KernelArgs, subgroupSize: number,
+    common: { left: 'gather' | 'rows'; right: RowSource; activation: ActivationSpec | undefined; scaleLeft: boolean },
+    uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
+  const a = args.attrs!;
+  const inputs = args.inputs as Record<string, tf.TensorInfo>;
+  const backend = webgpu(args);
+  const P = a.P as number;
+  const Q = a.Q as number;
+  const scaled = inputs.amax != null;
+  const halves = weightGradHalves(common, P, Q);
+  const staging = weightGradStaging({ P, Q }, halves);
+  const activation = activationOf(a);
+  const converted: tf.TensorInfo[] = [];
+  const half = (t: tf.TensorInfo, cols: number, spec: { source: 'rows' | 'act'; scaled: boolean; rowScale: boolean }) => {
+    const fromAct = spec.source === 'act';
+    const out = backend.runWebGPUProgram(new HalfOperandProgram(t.shape[0], cols, { ...spec, activation: fromAct ? activation!.spec : undefined }),
+        [t, ...(spec.scaled ? [inputs.amax] : []), ...(spec.rowScale ? [inputs.rw, inputs.pr] : [])], 'int32',
+        HalfOperandProgram.uniformsFor(t.shape[0], cols, activationUniforms(fromAct ? activation!.activation : undefined)));
+    converted.push(out);
+    return out;
+  };
+  const L = staging.left === 'half8' ? half(inputs.L, P, { source: 'rows', scaled, rowScale: halves.rowScale === 'L' }) : inputs.L;
+  const R = staging.right === 'half8'
+    ? half(inputs.R, Q, { source: common.right === 'act' ? 'act' : 'rows', scaled: false, rowScale: halves.rowScale === 'R' }) : inputs.R;
+  const spec = {
+    ...common, right: staging.right === 'half8' && common.right === 'act' ? 'rows' as const : common.right,
+    scaleLeft: halves.rowScale === 'program', scaled,
+  };
+  const list = [L, R, inputs.seg, ...(usesPairOfRow(spec) ? [inputs.pr] : []), ...(spec.scaleLeft ? [inputs.rw] : []),
+    ...(scaled ? [inputs.amax] : [])];
+  const program = new SubgroupMatrixWeightGradProgram(a.outShape as number[], a.numExperts as number, P, Q, spec, subgroupSize, staging,
+      a.rowDepth as 32 | 64);
+  const out = runGroupedProduct(args, program, list, uniforms, flops);
+  for (const t of converted) backend.disposeData(t.dataId);
+  return out;
+}
 
 /**
  * The narrow weight gradient's two dispatches: the chunks' partial sums (NarrowWeightGradProgram,

@@ -6,8 +6,12 @@
  * v7-o against v7-c): 146–148 against 115 TFLOP/s; in Q's split-LoRA block (run T) the four
  * products 36.2 → 31.7 ms for 0.96 ms of conversions.
  *
+ * The weight gradient's operands likewise (SubgroupMatrixWeightGradProgram's 'half8' staging): its
+ * L and R, either of them times the pair's routing weight (`rowScale`) where its rows are the plan's.
+ *
  * Each value is what the product's staging would have made of it: the row itself ('rows'), or
- * act(gate, up) of an h row of 2·cols ('act'), times the operand scale s of a gradient operand
+ * act(gate, up) of an h row of 2·cols ('act'), times the pair's routing weight rw[pairOfRow[r]]
+ * (`rowScale`; 0 for a padding row), times the operand scale s of a gradient operand
  * (`scaled`: operandScale of input `amax`, which the product reads too, to unscale its result).
  * pack2x16float rounds each to f16 once (needs no shader-f16, so it runs on Mesa in CI).
  */
@@ -27,6 +31,8 @@ export interface HalfOperandSpec {
   activation?: ActivationSpec;
   /** multiply by operandScale(amax) before rounding (a gradient operand) */
   scaled: boolean;
+  /** multiply row r by rw[pr[r]] (inputs rw: the pairs' routing weights, pr: the plan's pairOfRow) */
+  rowScale?: boolean;
 }
 
 export class HalfOperandProgram implements WebGPUProgram {
@@ -50,10 +56,10 @@ export class HalfOperandProgram implements WebGPUProgram {
     this.spec = spec;
     this.outputShape = [rows, cols / 2];
     this.dispatch = [Math.ceil(cols / 8 / HALF_OPERAND_THREADS), Math.max(1, Math.min(rows, MAX_GRID_ROWS)), 1];
-    this.variableNames = ['x', ...(spec.scaled ? ['amax'] : [])];
+    this.variableNames = ['x', ...(spec.scaled ? ['amax'] : []), ...(spec.rowScale ? ['rw', 'pr'] : [])];
     // the 'act' source's interleaved pairs are read in vec4s too (rowQuadSnippet)
     this.variableComponents = this.variableNames.map(n => (n === 'x' ? 4 : 1));
-    this.shaderKey = `moeHalfOperand_${spec.source}_${activationKey(spec.activation)}_${spec.scaled ? 's' : ''}`;
+    this.shaderKey = `moeHalfOperand_${spec.source}_${activationKey(spec.activation)}_${spec.scaled ? 's' : ''}${spec.rowScale ? 'w' : ''}`;
   }
 
   static uniformsFor(rows: number, cols: number, activation: ProgramUniformEntry[]): ProgramUniformEntry[] {
@@ -71,8 +77,10 @@ export class HalfOperandProgram implements WebGPUProgram {
         // a grid row per row, looping where there are more rows than grid rows
         for (var r = i32(workgroupId.y); r < uniforms.rows; r += i32(numWorkgroups.y)) {
           if (c < uniforms.cols) {
-            let lo = loadQuad(r, c) * s;
-            let hi = loadQuad(r, c + 4) * s;
+            ${this.spec.rowScale ? `let pair = pr[r];
+            let rowS = select(0.0, rw[max(pair, 0)], pair >= 0) * s;` : 'let rowS = s;'}
+            let lo = loadQuad(r, c) * rowS;
+            let hi = loadQuad(r, c + 4) * rowS;
             let at = (r * uniforms.cols + c) / 2;
             result[at] = bitcast<i32>(pack2x16float(lo.xy));
             result[at + 1] = bitcast<i32>(pack2x16float(lo.zw));

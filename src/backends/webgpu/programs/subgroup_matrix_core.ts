@@ -146,13 +146,12 @@ export function stagedElementB<T>(x: Arith<T>, l: SlabLayout, i: T, kFastest: bo
  * quad q (q = lid, lid + threads, ...) of the left slab is the elements (m, k + c), c < 4, of
  * As's memory order (k fastest row-major, m fastest column-major: the direction the activations
  * and Lᵀ are contiguous in), at As's `at` + c·`step`. `width` 8 (the 16-byte loads of an operand
- * held as f16 halves, row-major As only): runs of 8 along k.
+ * held as f16 halves): runs of 8 along k, or along m into a column-major As.
  */
 export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T, width: 4 | 8 = 4): { m: T; k: T; at: T; step: number } {
   if (l.leftColMajor) {
-    if (width !== 4) throw new Error(`stagedQuadA: runs of ${width} need a row-major As`);
-    const m = x.mul(x.mod(q, x.lit(l.rows / 4)), x.lit(4));
-    const k = x.div(q, x.lit(l.rows / 4));
+    const m = x.mul(x.mod(q, x.lit(l.rows / width)), x.lit(width));
+    const k = x.div(q, x.lit(l.rows / width));
     return { m, k, at: aIndex(x, l, m, k), step: 1 };
   }
   const m = x.div(q, x.lit(l.depth / width));
@@ -165,14 +164,17 @@ export function stagedQuadA<T>(x: Arith<T>, l: SlabLayout, q: T, width: 4 | 8 = 
  * (k, n + c) (contiguous along n), at Bs's `at` + c·`step`.
  * Along k into a column-major Bs (v7's staging): runs of `width` (4, or 8 for the 16-byte loads of
  * packed halves) walking a column's k first, each run on consecutive halves (step 1): a subgroup
- * reads whole rows of W and stores whole 16-byte chunks. Along k into a row-major Bs (v6's,
+ * reads whole rows of W and stores whole 16-byte chunks. Along n into a row-major Bs: runs of 4, or
+ * of 8 (the weight gradient's R held as f16 halves), on consecutive halves too. Along k into a row-major Bs (v6's,
  * width 4): 8 consecutive quads take 8 columns at one depth and the next 8 the next depth: a
  * subgroup of 32 reads 8 columns × 64 contiguous bytes (whole 32-byte sectors) and its
  * transposing stores, 4 slab rows apart (step strideB), fall on 8 banks (2-way), where 16 quads
  * down one column would put 16 lanes on 2 banks.
  */
 export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boolean, width: 4 | 8 = 4): { k: T; n: T; at: T; step: number } {
-  if (width !== 4 && !(kFastest && l.rightColMajor)) throw new Error(`stagedQuadB: runs of ${width} need k fastest into a column-major Bs`);
+  if (width !== 4 && kFastest !== (l.rightColMajor === true)) {
+    throw new Error(`stagedQuadB: runs of ${width} need k fastest into a column-major Bs or n fastest into a row-major one`);
+  }
   if (kFastest && l.rightColMajor) {
     const perColumn = l.depth / width;
     const n = x.div(q, x.lit(perColumn));
@@ -184,8 +186,8 @@ export function stagedQuadB<T>(x: Arith<T>, l: SlabLayout, q: T, kFastest: boole
     const n = x.add(x.mod(q, x.lit(8)), x.mul(x.div(q, x.lit(2 * l.depth)), x.lit(8)));
     return { k, n, at: bIndex(x, l, k, n), step: strideB(l) };
   }
-  const k = x.div(q, x.lit(l.cols / 4));
-  const n = x.mul(x.mod(q, x.lit(l.cols / 4)), x.lit(4));
+  const k = x.div(q, x.lit(l.cols / width));
+  const n = x.mul(x.mod(q, x.lit(l.cols / width)), x.lit(width));
   return { k, n, at: bIndex(x, l, k, n), step: l.rightColMajor ? strideB(l) : 1 };
 }
 

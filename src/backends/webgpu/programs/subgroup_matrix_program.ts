@@ -239,13 +239,14 @@ function stage(array: string, count: number, threads: number, at: string, body: 
  */
 export interface SubgroupStaging {
   /**
-   * 'half8' (the MatMul only): A holds f16 halves, two per int32 word, that HalfOperandProgram
-   * wrote before the product (the activation and the operand scale already applied), loaded 8 per
+   * 'half8': A (the weight gradient's L) holds f16 halves, two per int32 word, that HalfOperandProgram
+   * wrote before the product (the activation, the routing weight and the operand scale already applied), loaded 8 per
    * 16-byte fetch and staged as they are (variants v7-o against v7-c on the H100: 146 against 115
    * TFLOP/s at Q's up shape, the same W).
    */
   left: 'vec4' | 'half8' | 'element';
-  right: 'vec4' | 'vec8' | 'element';
+  /** 'half8' (the weight gradient only): R held as f16 halves, as the left operand's 'half8' */
+  right: 'vec4' | 'vec8' | 'half8' | 'element';
   /**
    * v6's staging (selectable for the variants' comparison, v6Staging): the next slab's quads kept
    * in registers while the current one multiplies, Bs row-major, 4-element loads only.
@@ -402,16 +403,21 @@ export function halfOperandFits(inner: number): boolean {
 }
 
 /**
- * The weight gradient's staging: L in quads along p when P is a multiple of 4, R along q when Q is.
+ * The weight gradient's staging: L in quads along p when P is a multiple of 4, R along q when Q is;
+ * `half` names the operands held as f16 halves ('half8', each where its length is whole runs of 8:
+ * halfOperandFits), which the caller converts before the product.
  *
  * ```js
- * weightGradStaging({ P: 1536, Q: 2048 });   // both 'vec4'
+ * weightGradStaging({ P: 1536, Q: 2048 });                                    // both 'vec4'
+ * weightGradStaging({ P: 1536, Q: 2052 }, { left: true, right: true });       // L 'half8', R 'vec4'
  * ```
  */
-export function weightGradStaging(d: { P: number; Q: number }): SubgroupStaging {
+export function weightGradStaging(d: { P: number; Q: number }, half: { left: boolean; right: boolean } = { left: false, right: false }): SubgroupStaging {
   const { rows, cols } = SUBGROUP_MATRIX_BLOCK;
+  const side = (length: number, halves: boolean) =>
+    halves && halfOperandFits(length) ? 'half8' : length >= 4 && length % 4 === 0 ? 'vec4' : 'element';
   // the reduction runs over each expert's rows, a count known on the device only: never whole
-  return { left: d.P >= 4 && d.P % 4 === 0 ? 'vec4' : 'element', right: d.Q >= 4 && d.Q % 4 === 0 ? 'vec4' : 'element',
+  return { left: side(d.P, half.left), right: side(d.Q, half.right),
     v6: { whole: { depth: false, rows: d.P % rows === 0, cols: d.Q % cols === 0 } } };
 }
 
@@ -432,7 +438,7 @@ export function v5Structure(s: SubgroupStaging): SubgroupStaging {
 
 function stagingKey(s: SubgroupStaging): string {
   const w = s.v6?.whole;
-  return `${{ vec4: 'v', half8: 'h', element: 'e' }[s.left]}${{ vec4: 'v', vec8: 'w', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
+  return `${{ vec4: 'v', half8: 'h', element: 'e' }[s.left]}${{ vec4: 'v', vec8: 'w', half8: 'h', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
       (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}`);
 }
 
@@ -509,18 +515,32 @@ function rowQuadAtSnippet(name: string, array: string, width: string, activation
       }`;
 }
 
+/** WGSL ('half8'): `halfQuad`, a pair of words of f16 halves as vec4<f16>. */
+const HALF_QUAD_SNIPPET = `
+      fn halfQuad(w : vec2<u32>) -> vec4<f16> {
+        return vec4<f16>(bitcast<vec2<f16>>(w.x), bitcast<vec2<f16>>(w.y));
+      }`;
+
 /**
  * WGSL ('half8'): `fn loadA8(at : i32, c : i32) -> vec4<u32>`, the 8 halves c..c+7 (c a multiple of 8)
- * of the f16 row whose first vec4 of words is `at` (rowQuadOffsets), and `halfQuad` of a pair of
- * its words as vec4<f16>.
+ * of the f16 row whose first vec4 of words is `at` (rowQuadOffsets), and halfQuad.
  */
 const HALF_ROW_SNIPPET = `
       fn loadA8(at : i32, c : i32) -> vec4<u32> {
         return bitcast<vec4<u32>>(A[at + (c >> 3u)]);
-      }
-      fn halfQuad(w : vec2<u32>) -> vec4<f16> {
-        return vec4<f16>(bitcast<vec2<f16>>(w.x), bitcast<vec2<f16>>(w.y));
+      }${HALF_QUAD_SNIPPET}`;
+
+/**
+ * WGSL ('half8', the weight gradient): `fn ${name}(r : i32, c : i32) -> vec4<u32>`, the 8 halves
+ * c..c+7 (c a multiple of 8) of row `rowOf` (an expression of r) of `array`, f16 rows `width`
+ * halves long (a multiple of 8) bound as vec4 of words.
+ */
+function halfRowSnippet(name: string, array: string, width: string, rowOf: string): string {
+  return `
+      fn ${name}(r : i32, c : i32) -> vec4<u32> {
+        return bitcast<vec4<u32>>(${array}[(${rowOf} * ${width} + c) >> 3u]);
       }`;
+}
 
 /**
  * WGSL: `fn loadW4(wBase : i32, n : i32, k : i32) -> vec4<f32>`, the 4 weight elements from
@@ -729,6 +749,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       throw new Error('SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned or single-group product with no register ' +
           `prefetch, but got uniformGroups ${spec.uniformGroups === true}, registerPrefetch ${staging.registerPrefetch === true}`);
     }
+    if (staging.right === 'half8') throw new Error('SubgroupMatrixMatMulProgram: W is staged per element or in runs of 4 or 8 packed halves, not as f16 rows');
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
@@ -939,6 +960,16 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     this.staging = staging;
     this.layout = weightGradLayout(depth);
     if (staging.right === 'vec8') throw new Error('SubgroupMatrixWeightGradProgram: R is staged per element or in runs of 4, not 8');
+    const halfL = staging.left === 'half8';
+    const halfR = staging.right === 'half8';
+    // the conversion pass applied the activation and the routing weight: the halves are plain rows
+    if ((halfL && (spec.scaleLeft || P % 8 !== 0)) || (halfR && (spec.right === 'act' || Q % 8 !== 0)) ||
+        ((halfL || halfR) && (staging.registerPrefetch || spec.uniformGroups))) {
+      throw new Error('SubgroupMatrixWeightGradProgram: f16 operands (staging \'half8\') are rows or gathered rows whose length is a ' +
+          'multiple of 8, with no row scale, register prefetch or uniform groups, but got ' +
+          `left ${staging.left} (P ${P}, scaleLeft ${spec.scaleLeft}), right ${staging.right} ('${spec.right}', Q ${Q}), ` +
+          `registerPrefetch ${staging.registerPrefetch === true}, uniformGroups ${spec.uniformGroups === true}`);
+    }
     if (spec.scaledRight && !spec.scaled) throw new Error('SubgroupMatrixWeightGradProgram: scaledRight needs scaled (the amax input)');
     if (spec.uniformGroups && (spec.left !== 'rows' || spec.right !== 'rows' || spec.scaleLeft)) {
       throw new Error('SubgroupMatrixWeightGradProgram: uniform groups read L and R as rows with no row scale, but got ' +
@@ -951,8 +982,9 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         ACTIVATION_UNIFORMS + (spec.uniformGroups ? GROUP_ROWS_UNIFORM : '');
     this.variableNames = ['L', 'R', ...(spec.uniformGroups ? [] : ['seg']), ...(usesPairOfRow(spec) ? ['pr'] : []),
       ...(spec.scaleLeft ? ['rw'] : []), ...(spec.scaled ? ['amax'] : [])];
+    // 'half8': 8 halves, 4 words, 16 bytes
     this.variableComponents = components(this.variableNames, {
-      ...(staging.left === 'vec4' ? { L: 4 } : {}), ...(staging.right === 'vec4' ? { R: 4 } : {}),
+      ...(staging.left !== 'element' ? { L: 4 } : {}), ...(staging.right !== 'element' ? { R: 4 } : {}),
     });
     this.shaderKey = `moeSubgroupWeightGrad_${spec.left}_${spec.right}_${activationKey(spec.right === 'act' ? spec.activation : undefined)}_` +
         `${spec.scaleLeft ? 's' : ''}${spec.scaled ? (spec.scaledRight ? 'xr' : 'x') : ''}_${subgroupSize}_${outputShape.length}_` +
@@ -966,13 +998,15 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const subgroupSize = threads / SUBGROUPS;
     const quadL = this.staging.left === 'vec4';
     const quadR = this.staging.right === 'vec4';
+    const halfL = this.staging.left === 'half8';
+    const halfR = this.staging.right === 'half8';
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, tile: { tm: 1, tn: 1, bk: 1 } });
     const x = wgslU32;
     // As holds Lᵀ column-major: its element (p, r) is L(r0 + r, p0 + p), walked p fastest
     const a = stagedElementA(x, layout, 'i');
     const b = stagedElementB(x, layout, 'i', false);
-    const qa = stagedQuadA(x, layout, 'q');
-    const qb = stagedQuadB(x, layout, 'q', false);
+    const qa = stagedQuadA(x, layout, 'q', halfL ? 8 : 4);
+    const qb = stagedQuadB(x, layout, 'q', false, halfR ? 8 : 4);
     const gathered = (side: 'gather' | RowSource) => (side === 'gather' ? '(pr[r] / uniforms.topK)' : 'r');
     const whole = this.staging.v6?.whole;
     // the operand scaled into f16's range by s (1 unless scaled): L, or R with scaledRight
@@ -980,7 +1014,14 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const sR = this.spec.scaledRight ? ' * s' : '';
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
-    if (quadL && whole?.rows) {
+    // f16 rows: 8 halves per 16-byte load, staged as they are (the pass applied the scale); rows past
+    // the expert's count, and columns past the edge of a block that is not whole, give 0
+    if (halfL) {
+      const inRange = (r0: string) => `${r0} + i32(rr) < count${whole?.rows ? '' : ' && p0 + i32(pp) < uniforms.P'}`;
+      quads.push(new QuadStaging('ra', 'As', rows * depth / 8, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
+          r0 => ['h.xy', 'h.zw'].map(w => `select(vec4<f16>(), halfQuad(${w}), ${inRange(r0)})`), qa.at, qa.step,
+          r0 => `let h = loadL8(start + min(${r0} + i32(rr), count - 1), ${whole?.rows ? 'p0 + i32(pp)' : 'min(p0 + i32(pp), uniforms.P - 8)'});`));
+    } else if (quadL && whole?.rows) {
       // v6, P whole blocks: only the reduction's end is checked
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
           r0 => [`select(vec4<f32>(0.0), loadL4(start + min(${r0} + i32(rr), count - 1), p0 + i32(pp))${sL}, ${r0} + i32(rr) < count)`],
@@ -997,7 +1038,12 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
           '            v = select(0.0, l, p < uniforms.P && r < count);',
           aIndex(x, layout, 'pp', 'rr')));
     }
-    if (quadR && whole?.cols) {
+    if (halfR) {
+      const inRange = (r0: string) => `${r0} + i32(rr) < count${whole?.cols ? '' : ' && q0 + i32(qq) < uniforms.Q'}`;
+      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 8, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
+          r0 => ['h.xy', 'h.zw'].map(w => `select(vec4<f16>(), halfQuad(${w}), ${inRange(r0)})`), qb.at, qb.step,
+          r0 => `let h = loadR8(start + min(${r0} + i32(rr), count - 1), ${whole?.cols ? 'q0 + i32(qq)' : 'min(q0 + i32(qq), uniforms.Q - 8)'});`));
+    } else if (quadR && whole?.cols) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
           r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq))${sR}, ${r0} + i32(rr) < count)`],
           qb.at, qb.step));
@@ -1017,8 +1063,11 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> segment : array<i32, 4>;
-      ${quadL ? rowQuadSnippet('loadL4', 'L', 'uniforms.P', undefined, gathered(this.spec.left), this.spec.scaleLeft ? ' * rw[pr[r]]' : '') : loadL}
-      ${quadR ? rowQuadSnippet('loadR4', 'R', 'uniforms.Q', right === 'act' ? this.spec.activation : undefined, gathered(right)) : loadR}
+      ${halfL ? halfRowSnippet('loadL8', 'L', 'uniforms.P', gathered(this.spec.left))
+        : quadL ? rowQuadSnippet('loadL4', 'L', 'uniforms.P', undefined, gathered(this.spec.left), this.spec.scaleLeft ? ' * rw[pr[r]]' : '') : loadL}
+      ${halfR ? halfRowSnippet('loadR8', 'R', 'uniforms.Q', gathered(right))
+        : quadR ? rowQuadSnippet('loadR4', 'R', 'uniforms.Q', right === 'act' ? this.spec.activation : undefined, gathered(right)) : loadR}
+      ${halfL || halfR ? HALF_QUAD_SNIPPET : ''}
       ${this.spec.scaled ? OPERAND_SCALE : ''}
 
       fn main() {
