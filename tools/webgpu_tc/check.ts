@@ -15,7 +15,9 @@
  * and a dry run of the steps there (both "paths" are the f32 kernels on Mesa):
  *   TC_CHECK_HARNESS=1 EGL_PLATFORM=surfaceless npx tsx tools/webgpu_tc/check.ts
  * TC_CHECK_STEPS=attention,dense (the steps' names, comma-separated) runs only those steps: on Mesa
- * the harness's first steps take its whole time budget.
+ * the harness's first steps take its whole time budget. TC_CHECK_TF_FLAGS='NAME=VALUE,...' sets
+ * tf.env() flags for the whole check (bench/tf_flags.ts's form), e.g. a tensor-core flag before its
+ * default is decided.
  * Prints one JSON object on stdout (progress on stderr) and writes it to $OUT/tc.json when OUT is
  * set, and the report so far to $OUT/tc.partial.json after every step (a hang inside Dawn blocks
  * the event loop). Every step is caught and recorded. One line per product on stderr, PASS or FAIL:
@@ -23,9 +25,9 @@
  * subgroup-matrix program with the plan's block (_r<rows>) or slab depth (_d<depth>) did not run.
  * The attention products print "attention <product> PASS|FAIL" lines the same way (FAIL: error
  * above 1e-2, not finite, or not the uniform-groups program the route picks); they count as products.
- * Exits 1 when there is no adapter or a product FAILed, 3 when a dense case failed (an error, max
- * rel. error above 1e-2, a non-finite value, or no subgroup-matrix program run; one "dense ... FAIL"
- * line each), else 0.
+ * Exits 1 when there is no adapter, a product FAILed or the check stopped on an error
+ * (report.fatal), 3 when a dense case failed (an error, max rel. error above 1e-2, a non-finite
+ * value, or no subgroup-matrix program run; one "dense ... FAIL" line each), else 0.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -38,6 +40,7 @@ import {
   deviceDispatchPlan, type DevicePlan, groupedMatMul, groupedWeightGrad,
 } from '../../src/backends/webgpu/kernels.js';
 import { registerMoEKernels } from '../../src/backends/register_all_kernels.js';
+import { parseTfFlags, setTfFlags } from '../../bench/tf_flags.js';
 import { BENCH_CONFIGS, expertFlops } from '../../src/bench/block_bench.js';
 import { blockLayerIndex, loadMoEBlockWeights } from '../../src/io/hf_block.js';
 import { readSafetensorsFile } from '../../src/io/safetensors.js';
@@ -651,6 +654,10 @@ async function main(): Promise<void> {
   });
   registerMoEKernels('webgpu');
   setWebGPUMoETuning(undefined);
+  if (process.env.TC_CHECK_TF_FLAGS) {
+    report.tfFlags = parseTfFlags(process.env.TC_CHECK_TF_FLAGS);
+    setTfFlags(report.tfFlags as Record<string, number | boolean | string>);
+  }
   recordPrograms();
   tensorCoresAvailable = adapter.tensorCores === 'available';
   if (!tensorCoresAvailable) {
@@ -702,7 +709,8 @@ setTimeout(() => {
   finish(!report.adapter || failures.length > 0 ? 1 : denseFailures.length > 0 ? 3 : 0);
 }, TOTAL_BUDGET_MS + 5000).unref();
 main().catch(err => {
+  // the check did not finish: never a pass
   report.fatal = errorText(err);
   report.denseFailures = denseFailures;
-  finish(!report.adapter ? 1 : denseFailures.length > 0 ? 3 : 0);
+  finish(1);
 });

@@ -332,13 +332,14 @@ export function standInMatrices(code: string): string {
       return `sm${op}_${name}(`;
     })
     .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
-    .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(');
+    .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(').replace(/subgroupMatrixScalarMultiply\(/g, 'smScale(');
   const writable = /var<(?:workgroup|storage, read_write)>\s*(\w+)/g;
   const canWrite = new Set([...body.matchAll(writable)].map(m => m[1]));
   const helpers = [...arrays].map(a => `
 fn smLoad_${a}(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(f32(${a}[offset + stride])); }
 fn smStore_${a}(offset : u32, c : SM, colMajor : bool, stride : u32) { ${canWrite.has(a) ? `${a}[offset + stride] = c.v;` : ''} }`);
-  return `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n${body}\n${helpers.join('\n')}`;
+  return `struct SM { v : f32 }\nfn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }\n` +
+      `fn smScale(a : SM, s : f32) -> SM { return SM(a.v * s); }\n${body}\n${helpers.join('\n')}`;
 }
 
 // ---- variants v4: bisection from the exact GEMM towards the package programs ----------------

@@ -610,7 +610,8 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const body = user.replace(/^\s*(enable|diagnostic)\b.*$/gm, '').replace(/\bf16\b/g, 'f32')
       .replace(/subgroupMatrixLoad<subgroup_matrix_(?:left|right)<f32, 16, 16>>\(&(\w+), /g, 'smLoad_$1(')
       .replace(/subgroup_matrix_result<f32, 16, 16>\(\)/g, 'SM(0.0)')
-      .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(').replace(/subgroupMatrixStore\(&(\w+), /g, 'smStore_$1(');
+      .replace(/subgroupMatrixMultiplyAccumulate\(/g, 'smMma(').replace(/subgroupMatrixStore\(&(\w+), /g, 'smStore_$1(')
+      .replace(/subgroupMatrixScalarMultiply\(/g, 'smScale(');
     expect(body).to.not.match(/subgroup_matrix|subgroupMatrix/);
     // one function per array (the slabs differ in size, and WGSL has no generics)
     return `
@@ -619,6 +620,7 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       fn smLoad_As(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(As[offset + stride]); }
       fn smLoad_Bs(offset : u32, colMajor : bool, stride : u32) -> SM { return SM(Bs[offset + stride]); }
       fn smMma(a : SM, b : SM, c : SM) -> SM { return SM(a.v * b.v + c.v); }
+      fn smScale(a : SM, s : f32) -> SM { return SM(a.v * s); }
       fn smStore_Ts(offset : u32, c : SM, colMajor : bool, stride : u32) { Ts[offset + stride] = c.v; }
       fn smStore_result(offset : u32, c : SM, colMajor : bool, stride : u32) { result[offset + stride] = c.v; }
       ${body}
@@ -878,6 +880,44 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       });
     }
   }
+
+  // scaled results stored straight to the output (staging scaledDirect): a gradient MatMul (with a LoRA tail, with split K),
+  // an unscaled one with alpha, and the weight gradients (planned on f16 operands, and uniform groups)
+  const scaledDirectCases: Array<[string, () => SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram, string[]]> = [
+    ['MatMul dy·W', () => new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false,
+      scaled: true, loraTail: true, packedWeight: packedSpec('bf16', 1) }, 32, { left: 'half8', right: 'vec4', v6: whole, scaledDirect: true }), ['A', 'W']],
+    ['MatMul split K', () => new SubgroupMatrixMatMulProgram(128, 96, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false,
+      scaled: true, singleGroup: true, splitK: true }, 32, { left: 'half8', right: 'vec4', v6: whole, scaledDirect: true }, 64, 3), ['A']],
+    ['MatMul x·Wᵀ', () => new SubgroupMatrixMatMulProgram(256, 128, { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true,
+      scaled: false }, 32, { left: 'vec4', right: 'vec4', v6: whole, scaledDirect: true }), []],
+    ['weight gradient', () => new SubgroupMatrixWeightGradProgram([4, 256, 128], 4, 256, 128, { left: 'rows', right: 'gather', scaleLeft: false,
+      scaled: true }, 32, { ...weightGradStaging({ P: 256, Q: 128 }, { left: true, right: true }), scaledDirect: true }), ['L', 'R']],
+    ['batched weight gradient', () => new SubgroupMatrixWeightGradProgram([4, 128, 128], 4, 128, 128, { left: 'rows', right: 'rows', scaleLeft: false,
+      scaled: true, scaledRight: true, uniformGroups: true }, 32, { ...weightGradStaging({ P: 128, Q: 128 }), scaledDirect: true }), []],
+  ];
+  for (const [name, make, ints] of scaledDirectCases) {
+    it(`${name} with scaled direct stores: each result matrix times unscale, stored whole; the slots only for blocks out of range`, async () => {
+      const program = make();
+      expect(program.shaderKey).to.match(/_6[drc]*s(_|$)/);
+      const code = program.getUserCode().replace(/\s+/g, ' ');
+      expect(code).to.contain('subgroupMatrixStore(&result, ');
+      expect(code).to.contain(', subgroupMatrixScalarMultiply(c0_0, unscale), false, ');
+      // the direct condition no longer asks alpha / s to be 1; the per-element epilogue stays for the other blocks
+      expect(code).to.not.contain('uniforms.alpha / s == 1.0');
+      expect(code).to.contain('subgroupMatrixStore(&Ts, ');
+      expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
+      const inputs = program.variableNames.map(n => [n, ['seg', 'pr', 'amax', ...ints].includes(n) ? 'int32' : 'float32', [256, 256]] as
+          [string, DataType, number[]]);
+      expect(await compileErrors(shaderOf(program, inputs, program.outputShape))).to.deep.equal([]);
+    });
+  }
+  it('without scaledDirect a scaled block keeps the per-element epilogue (alpha / s must be 1 to store directly)', () => {
+    const program = new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
+        32, { left: 'half8', right: 'vec4', v6: whole });
+    const code = program.getUserCode();
+    expect(code).to.contain('uniforms.alpha / s == 1.0');
+    expect(code).to.not.contain('subgroupMatrixScalarMultiply');
+  });
 
   it('f16 weight-gradient operands only where the conversion carries all of it: no row scale, activation, odd length or uniform groups', () => {
     const both: SubgroupStaging = { left: 'half8', right: 'half8' };

@@ -26,7 +26,7 @@ import {
 } from './programs/narrow_inner_matmul_program.js';
 import {
   halfOperandFits, LORA_TAIL_MAX_RANK, matMulStaging, SUBGROUP_BLOCK_ROWS, SUBGROUP_MATRIX_BLOCK, type SubgroupBlockRows, subgroupBlockRowsFor, subgroupMatrixDispatch, SubgroupMatrixMatMulProgram, SubgroupMatrixWeightGradProgram,
-  subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
+  type SubgroupStaging, subgroupMatrixWorkgroupBytes, weightGradDepthFor, weightGradStaging,
 } from './programs/subgroup_matrix_program.js';
 import {
   activeTensorCores, TENSOR_CORES_FLAG, type TensorCoreDevice, tensorCoreDevice, wideEnoughForTensorCores,
@@ -168,6 +168,21 @@ tf.env().registerFlag(TC_HALF_OPERANDS_FLAG, () => true);
  */
 export const TC_HALF_GRAD_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_GRAD_OPERANDS';
 tf.env().registerFlag(TC_HALF_GRAD_OPERANDS_FLAG, () => true);
+
+/**
+ * tf.env() flag: a tensor-core product whose result is scaled (a gradient operand's 1/s, a LoRA
+ * or weight-gradient alpha) stores its whole blocks straight to the output, each result matrix
+ * multiplied first (staging `scaledDirect`), as an unscaled one does, instead of through the
+ * per-element epilogue (two workgroup barriers per result matrix); the stored values are the same
+ * f32 products. Off until measured on the card (docs/webgpu.md "Left to do" has the A/B to run).
+ */
+export const TC_SCALED_DIRECT_STORES_FLAG = 'WEBGPU_MOE_TC_SCALED_DIRECT_STORES';
+tf.env().registerFlag(TC_SCALED_DIRECT_STORES_FLAG, () => false);
+
+/** `staging` with TC_SCALED_DIRECT_STORES_FLAG's choice (v6 programs only: the others store per element). */
+function withScaledDirectStores(staging: SubgroupStaging): SubgroupStaging {
+  return staging.v6 !== undefined && tf.env().getBool(TC_SCALED_DIRECT_STORES_FLAG) ? { ...staging, scaledDirect: true } : staging;
+}
 
 /**
  * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
@@ -388,8 +403,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ? new SubgroupMatrixMatMulProgram(capacity, outCols,
           { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null, loraTail },
           tc.subgroupSize,
-          matMulStaging(common, { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number },
-              half !== undefined),
+          withScaledDirectStores(matMulStaging(common,
+              { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }, half !== undefined)),
           a.blockRows as SubgroupBlockRows)
       // narrowLanes 0 (or absent): not on the lanes' program
       : a.narrowLanes === 32 || a.narrowLanes === 64 || a.narrowLanes === 128
@@ -694,7 +709,7 @@ function tensorCoreWeightGrad(args: KernelArgs, subgroupSize: number,
   const Q = a.Q as number;
   const scaled = inputs.amax != null;
   const halves = weightGradHalves(common, P, Q);
-  const staging = weightGradStaging({ P, Q }, halves);
+  const staging = withScaledDirectStores(weightGradStaging({ P, Q }, halves));
   const activation = activationOf(a);
   const converted: tf.TensorInfo[] = [];
   const half = (t: tf.TensorInfo, cols: number, spec: { source: 'rows' | 'act'; scaled: boolean; rowScale: boolean }) => {
@@ -1201,7 +1216,7 @@ function runDenseProductOnTensorCores(
   const amax = gradient ? maxAbsCodeInKernel(args, a) : undefined;
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
-      matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined), blockRows, splits);
+      withScaledDirectStores(matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined)), blockRows, splits);
   // the tail's V(k, n): b [outCols, r] (transposed) at n·r + k, b [r, outCols] at k·outCols + n; alpha 1 both
   const [tailSN, tailSK] = tail?.transposeB ? [tailRank, 1] : [1, outCols];
   const uniforms: ProgramUniformEntry[] = [
@@ -1853,7 +1868,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
       uniformGroups: true,
     };
     const program = new SubgroupMatrixMatMulProgram(batch * m, n, spec, tc.subgroupSize,
-        matMulStaging({}, { inner: k, outCols: n, sE: n * k, ...strides }), route.blockRows);
+        withScaledDirectStores(matMulStaging({}, { inner: k, outCols: n, sE: n * k, ...strides })), route.blockRows);
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(batch * m, n, k, 1, batch, n * k, strides.sN, strides.sK), ...floatUniforms(1),
       ...activationUniforms(undefined), ...intUniforms(m),
@@ -1867,7 +1882,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
       uniformGroups: true,
     };
     const program = new SubgroupMatrixWeightGradProgram([batch, m, n], batch, m, n, spec, tc.subgroupSize,
-        weightGradStaging({ P: m, Q: n }), route.depth);
+        withScaledDirectStores(weightGradStaging({ P: m, Q: n })), route.depth);
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(m, n, 1, batch, m * n, n, 1), ...floatUniforms(1), ...activationUniforms(undefined), ...intUniforms(k),
     ];

@@ -263,6 +263,13 @@ export interface SubgroupStaging {
    * (tools/webgpu_tc/variants.ts runs both).
    */
   v6?: { whole: { depth: boolean; rows: boolean; cols: boolean } };
+  /**
+   * v6's direct stores for any alpha / s too (a gradient product's 1/s, a LoRA scale): each result
+   * matrix is multiplied by it (subgroupMatrixScalarMultiply, the same f32 product the per-element
+   * epilogue computes) and stored straight to the output, where those blocks otherwise went through
+   * the slots: two workgroup barriers per result matrix, 32 a block.
+   */
+  scaledDirect?: boolean;
 }
 
 export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'element' };
@@ -439,20 +446,28 @@ export function v5Structure(s: SubgroupStaging): SubgroupStaging {
 function stagingKey(s: SubgroupStaging): string {
   const w = s.v6?.whole;
   return `${{ vec4: 'v', half8: 'h', element: 'e' }[s.left]}${{ vec4: 'v', vec8: 'w', half8: 'h', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
-      (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}`);
+      (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}${s.scaledDirect ? 's' : ''}`);
 }
 
 /**
  * WGSL (v6): the result matrices straight to `result` at element `at(i, j)` (u32) of matrix (i, j)'s
  * first element, rows `stride` (u32) apart: the exact GEMM's epilogue, for a block that needs none
- * of the per-element one.
+ * of the per-element one; `scale` (an f32 expression, staging `scaledDirect`) multiplies each first.
  */
-function directStores(layout: SlabLayout, at: (i: number, j: number) => string, stride: string): string {
+function directStores(layout: SlabLayout, at: (i: number, j: number) => string, stride: string, scale?: string): string {
   const lines: string[] = [];
   for (let i = 0; i < layout.tilesM; i++) {
-    for (let j = 0; j < layout.tilesN; j++) lines.push(`subgroupMatrixStore(&result, ${at(i, j)}, c${i}_${j}, false, ${stride});`);
+    for (let j = 0; j < layout.tilesN; j++) {
+      const c = scale === undefined ? `c${i}_${j}` : `subgroupMatrixScalarMultiply(c${i}_${j}, ${scale})`;
+      lines.push(`subgroupMatrixStore(&result, ${at(i, j)}, ${c}, false, ${stride});`);
+    }
   }
   return lines.join('\n          ');
+}
+
+/** WGSL: the direct stores' condition on the scale, and the scale they apply (none: alpha / s must be 1). */
+function directScale(staging: SubgroupStaging): { condition: string; scale?: string } {
+  return staging.scaledDirect ? { condition: '', scale: 'unscale' } : { condition: ' && uniforms.alpha / s == 1.0' };
 }
 
 /**
@@ -889,7 +904,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         ${direct ? `// v6: whether this block stores straight to the output (published with e: the same for the whole
         // workgroup by construction, as the barriers of the other epilogue need)
         if (lid == 0) {
-          rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols && uniforms.alpha / s == 1.0);
+          rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols${directScale(this.staging).condition});
         }` : ''}
         let e = workgroupUniformLoad(&rowSrc[${rows}]);
         ${direct ? `let direct = workgroupUniformLoad(&rowSrc[${rows + 1}]) == 1;` : ''}
@@ -910,7 +925,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         // rows are 0 there: their A quads were staged as 0); the slots and lanes otherwise
         if (direct) {
           ${directStores(layout, (i, j) => `${slice('u32(outBase) + ')}(u32(row0) + partRow + ${16 * i}u) * u32(uniforms.outCols) + u32(col0) + partCol + ${16 * j}u`,
-              'u32(uniforms.outCols)')}
+              'u32(uniforms.outCols)', directScale(this.staging).scale)}
         } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let m = ${m};
@@ -1083,7 +1098,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
           segment[1] = uniforms.groupRows;` : `segment[0] = seg[e];
           segment[1] = seg[uniforms.numExperts + 1 + e];`}
           ${whole !== undefined ? `// v6: a block fully in range of a row-major dW with no scale stores straight to the output
-          segment[2] = select(0, 1, p0 + ${rows} <= uniforms.P && q0 + ${cols} <= uniforms.Q && uniforms.oQ == 1 && uniforms.alpha / s == 1.0);` : ''}
+          segment[2] = select(0, 1, p0 + ${rows} <= uniforms.P && q0 + ${cols} <= uniforms.Q && uniforms.oQ == 1${directScale(this.staging).condition});` : ''}
         }
         let start = workgroupUniformLoad(&segment[0]);
         let count = workgroupUniformLoad(&segment[1]);
@@ -1093,7 +1108,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
         let unscale = uniforms.alpha / s;
         ${whole !== undefined ? `if (direct) {
           ${directStores(layout, (i, j) => `u32(e * uniforms.oE + p0 * uniforms.oP + q0) + (partRow + ${16 * i}u) * u32(uniforms.oP) + partCol + ${16 * j}u`,
-              'u32(uniforms.oP)')}
+              'u32(uniforms.oP)', directScale(this.staging).scale)}
         } else {` : ''}
         ${epilogueThroughSlots(layout, 'subgroup', 'lane', subgroupSize, 'partRow', 'partCol', (m, n, v) => `{
           let p = p0 + i32(${m});
