@@ -239,9 +239,9 @@ function stage(array: string, count: number, threads: number, at: string, body: 
  */
 export interface SubgroupStaging {
   /**
-   * 'half8': A (the weight gradient's L) holds f16 halves, two per int32 word, that HalfOperandProgram
-   * wrote before the product (the activation, the routing weight and the operand scale already applied), loaded 8 per
-   * 16-byte fetch and staged as they are (variants v7-o against v7-c on the H100: 146 against 115
+   * 'half8': A (the weight gradient's L) holds f16 halves, two per int32 word, that
+   * HalfOperandProgram wrote before the product (the activation, the routing weight and the
+   * operand scale already applied), loaded 8 per 16-byte fetch and staged as they are (variants v7-o against v7-c on the H100: 146 against 115
    * TFLOP/s at Q's up shape, the same W).
    */
   left: 'vec4' | 'half8' | 'element';
@@ -419,7 +419,8 @@ export function halfOperandFits(inner: number): boolean {
  * weightGradStaging({ P: 1536, Q: 2052 }, { left: true, right: true });       // L 'half8', R 'vec4'
  * ```
  */
-export function weightGradStaging(d: { P: number; Q: number }, half: { left: boolean; right: boolean } = { left: false, right: false }): SubgroupStaging {
+export function weightGradStaging(d: { P: number; Q: number },
+    half: { left: boolean; right: boolean } = { left: false, right: false }): SubgroupStaging {
   const { rows, cols } = SUBGROUP_MATRIX_BLOCK;
   const side = (length: number, halves: boolean) =>
     halves && halfOperandFits(length) ? 'half8' : length >= 4 && length % 4 === 0 ? 'vec4' : 'element';
@@ -764,7 +765,9 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       throw new Error('SubgroupMatrixMatMulProgram: a LoRA tail is added to a planned or single-group product with no register ' +
           `prefetch, but got uniformGroups ${spec.uniformGroups === true}, registerPrefetch ${staging.registerPrefetch === true}`);
     }
-    if (staging.right === 'half8') throw new Error('SubgroupMatrixMatMulProgram: W is staged per element or in runs of 4 or 8 packed halves, not as f16 rows');
+    if (staging.right === 'half8') {
+      throw new Error('SubgroupMatrixMatMulProgram: W is staged per element or in runs of 4 or 8 packed halves, not as f16 rows');
+    }
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
@@ -1029,13 +1032,18 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const sR = this.spec.scaledRight ? ' * s' : '';
     const quads: QuadStaging[] = [];
     const elements: string[] = [];
-    // f16 rows: 8 halves per 16-byte load, staged as they are (the pass applied the scale); rows past
-    // the expert's count, and columns past the edge of a block that is not whole, give 0
+    // f16 rows (L into As, R into Bs, 128 × depth each): 8 halves per 16-byte load of row `rr`'s column
+    // `col`, staged as they are (the pass applied the scale); rows past the expert's count, and
+    // columns past `edge` (a block that is not whole), give 0
+    const halfRun = (reg: 'ra' | 'rb', load: string, coords: string, at: string, step: number, col: string, edge: string | undefined) => {
+      const inRange = (r0: string) => `${r0} + i32(rr) < count${edge === undefined ? '' : ` && ${col} < ${edge}`}`;
+      return new QuadStaging(reg, reg === 'ra' ? 'As' : 'Bs', rows * depth / 8, threads, coords,
+          r0 => ['h.xy', 'h.zw'].map(w => `select(vec4<f16>(), halfQuad(${w}), ${inRange(r0)})`), at, step,
+          r0 => `let h = ${load}(start + min(${r0} + i32(rr), count - 1), ${edge === undefined ? col : `min(${col}, ${edge} - 8)`});`);
+    };
     if (halfL) {
-      const inRange = (r0: string) => `${r0} + i32(rr) < count${whole?.rows ? '' : ' && p0 + i32(pp) < uniforms.P'}`;
-      quads.push(new QuadStaging('ra', 'As', rows * depth / 8, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
-          r0 => ['h.xy', 'h.zw'].map(w => `select(vec4<f16>(), halfQuad(${w}), ${inRange(r0)})`), qa.at, qa.step,
-          r0 => `let h = loadL8(start + min(${r0} + i32(rr), count - 1), ${whole?.rows ? 'p0 + i32(pp)' : 'min(p0 + i32(pp), uniforms.P - 8)'});`));
+      quads.push(halfRun('ra', 'loadL8', `let pp = ${qa.m}; let rr = ${qa.k};`, qa.at, qa.step, 'p0 + i32(pp)',
+          whole?.rows ? undefined : 'uniforms.P'));
     } else if (quadL && whole?.rows) {
       // v6, P whole blocks: only the reduction's end is checked
       quads.push(new QuadStaging('ra', 'As', rows * depth / 4, threads, `let pp = ${qa.m}; let rr = ${qa.k};`,
@@ -1054,10 +1062,8 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
           aIndex(x, layout, 'pp', 'rr')));
     }
     if (halfR) {
-      const inRange = (r0: string) => `${r0} + i32(rr) < count${whole?.cols ? '' : ' && q0 + i32(qq) < uniforms.Q'}`;
-      quads.push(new QuadStaging('rb', 'Bs', depth * cols / 8, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
-          r0 => ['h.xy', 'h.zw'].map(w => `select(vec4<f16>(), halfQuad(${w}), ${inRange(r0)})`), qb.at, qb.step,
-          r0 => `let h = loadR8(start + min(${r0} + i32(rr), count - 1), ${whole?.cols ? 'q0 + i32(qq)' : 'min(q0 + i32(qq), uniforms.Q - 8)'});`));
+      quads.push(halfRun('rb', 'loadR8', `let rr = ${qb.k}; let qq = ${qb.n};`, qb.at, qb.step, 'q0 + i32(qq)',
+          whole?.cols ? undefined : 'uniforms.Q'));
     } else if (quadR && whole?.cols) {
       quads.push(new QuadStaging('rb', 'Bs', depth * cols / 4, threads, `let rr = ${qb.k}; let qq = ${qb.n};`,
           r0 => [`select(vec4<f32>(0.0), loadR4(start + min(${r0} + i32(rr), count - 1), q0 + i32(qq))${sR}, ${r0} + i32(rr) < count)`],
