@@ -16,7 +16,8 @@ import { expect } from 'chai';
 import { requestDawnDevice, TENSOR_CORE_TOGGLES, withToggles } from '../../../src/backends/webgpu/dawn.js';
 import {
   batchProductTensorCoreRoute, DENSE_TC_BLOCK_ROWS_FLAG, denseTensorCoreBlockRows, deviceDispatchPlan, GROUPED_MATMUL, GROUPED_WEIGHT_GRAD,
-  denseSplitK, groupedMatMul, groupedWeightGrad, MAX_ABS_CODE_SLOTS, MAX_ABS_ONE_PASS_FLAG, maxAbsCode, maxAbsCodeSlotsOf, tensorCoresFit, useTensorCores,
+  denseSplitK, groupedMatMul, groupedWeightGrad, MAX_ABS_CODE_SLOTS, MAX_ABS_ONE_PASS_FLAG, maxAbsCode, maxAbsCodeSlotsOf, TC_HALF_GRAD_OPERANDS_FLAG,
+  tensorCoresFit, useTensorCores, weightGradHalves,
 } from '../../../src/backends/webgpu/kernels.js';
 import { webgpuMoETuningFor } from '../../../src/backends/webgpu/experts.js';
 import type { PackedWeightSpec } from '../../../src/backends/webgpu/programs/shared.js';
@@ -917,6 +918,30 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
     const code = program.getUserCode();
     expect(code).to.contain('uniforms.alpha / s == 1.0');
     expect(code).to.not.contain('subgroupMatrixScalarMultiply');
+  });
+
+  it('the weight gradient\'s f16 operands: each side whose rows are whole runs of 8, the routing weight on the side in the plan\'s row order', () => {
+    const halves = (left: 'gather' | 'rows', right: 'gather' | 'rows' | 'act', scaleLeft: boolean, P = 1536, Q = 2048) =>
+      weightGradHalves({ left, right, scaleLeft }, P, Q);
+    // dW1 = dhᵀ·x: no routing weight
+    expect(halves('rows', 'gather', false)).to.deep.equal({ left: true, right: true, rowScale: 'none' });
+    // dW2 = (w·dy)ᵀ·act(h): dy gathered (token rows, shared by the K pairs), so w rides on act(h)'s rows
+    expect(halves('gather', 'act', true, 2048, 768)).to.deep.equal({ left: true, right: true, rowScale: 'R' });
+    // L in the plan's rows carries it itself
+    expect(halves('rows', 'gather', true)).to.deep.equal({ left: true, right: true, rowScale: 'L' });
+    // both sides gathered: L stays f32 and the product applies w as it stages L
+    expect(halves('gather', 'gather', true)).to.deep.equal({ left: false, right: true, rowScale: 'program' });
+    // R not whole runs of 8: w cannot ride on it, so with L gathered L stays f32 too
+    expect(halves('gather', 'act', true, 2048, 770)).to.deep.equal({ left: false, right: false, rowScale: 'program' });
+    expect(halves('rows', 'gather', false, 1532, 2048)).to.deep.equal({ left: false, right: true, rowScale: 'none' });
+    // the flag off: f32 staging on both sides
+    const before = tf.env().getBool(TC_HALF_GRAD_OPERANDS_FLAG);
+    tf.env().set(TC_HALF_GRAD_OPERANDS_FLAG, false);
+    try {
+      expect(halves('gather', 'act', true, 2048, 768)).to.deep.equal({ left: false, right: false, rowScale: 'program' });
+    } finally {
+      tf.env().set(TC_HALF_GRAD_OPERANDS_FLAG, before);
+    }
   });
 
   it('f16 weight-gradient operands only where the conversion carries all of it: no row scale, activation, odd length or uniform groups', () => {

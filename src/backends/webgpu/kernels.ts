@@ -681,9 +681,9 @@ const groupedWeightGradConfig: tf.KernelConfig = {
  * product's own staging of an f32 L. A gathered L (token rows, shared by the K pairs) cannot
  * carry it, so with a gathered R too, L stays f32.
  */
-type RowScaleSite = 'none' | 'L' | 'R' | 'program';
+export type RowScaleSite = 'none' | 'L' | 'R' | 'program';
 
-function weightGradHalves(spec: { left: 'gather' | 'rows'; right: RowSource; scaleLeft: boolean }, P: number, Q: number):
+export function weightGradHalves(spec: { left: 'gather' | 'rows'; right: RowSource; scaleLeft: boolean }, P: number, Q: number):
     { left: boolean; right: boolean; rowScale: RowScaleSite } {
   const on = tf.env().getBool(TC_HALF_GRAD_OPERANDS_FLAG);
   const left = on && halfOperandFits(P);
