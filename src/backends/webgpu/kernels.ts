@@ -669,7 +669,7 @@ const groupedWeightGradConfig: tf.KernelConfig = {
       ...activationUniforms(act?.activation),
     ];
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
-    if (tc !== undefined) return tensorCoreWeightGrad(args, tc.subgroupSize, common, uniforms, flops);
+    if (tc !== undefined) return tensorCoreWeightGrad(args, tc.subgroupSize, common, act, uniforms, flops);
     const program = new GroupedWeightGradProgram(a.outShape as number[], numExperts, P, Q, { ...common, tile: tileOf(a) });
     return runGroupedProduct(args, program, list, uniforms, flops);
   },
@@ -683,6 +683,7 @@ const groupedWeightGradConfig: tf.KernelConfig = {
  */
 export type RowScaleSite = 'none' | 'L' | 'R' | 'program';
 
+/** Which operands of a tensor-core weight gradient are converted to f16 halves, and where its routing weight goes. */
 export function weightGradHalves(spec: { left: 'gather' | 'rows'; right: RowSource; scaleLeft: boolean }, P: number, Q: number):
     { left: boolean; right: boolean; rowScale: RowScaleSite } {
   const on = tf.env().getBool(TC_HALF_GRAD_OPERANDS_FLAG);
@@ -701,7 +702,7 @@ export function weightGradHalves(spec: { left: 'gather' | 'rows'; right: RowSour
  */
 function tensorCoreWeightGrad(args: KernelArgs, subgroupSize: number,
     common: { left: 'gather' | 'rows'; right: RowSource; activation: ActivationSpec | undefined; scaleLeft: boolean },
-    uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
+    act: ReturnType<typeof activationOf>, uniforms: ProgramUniformEntry[], flops: number): tf.TensorInfo {
   const a = args.attrs!;
   const inputs = args.inputs as Record<string, tf.TensorInfo>;
   const backend = webgpu(args);
@@ -710,13 +711,12 @@ function tensorCoreWeightGrad(args: KernelArgs, subgroupSize: number,
   const scaled = inputs.amax != null;
   const halves = weightGradHalves(common, P, Q);
   const staging = withScaledDirectStores(weightGradStaging({ P, Q }, halves));
-  const activation = activationOf(a);
   const converted: tf.TensorInfo[] = [];
   const half = (t: tf.TensorInfo, cols: number, spec: { source: 'rows' | 'act'; scaled: boolean; rowScale: boolean }) => {
     const fromAct = spec.source === 'act';
-    const out = backend.runWebGPUProgram(new HalfOperandProgram(t.shape[0], cols, { ...spec, activation: fromAct ? activation!.spec : undefined }),
+    const out = backend.runWebGPUProgram(new HalfOperandProgram(t.shape[0], cols, { ...spec, activation: fromAct ? act!.spec : undefined }),
         [t, ...(spec.scaled ? [inputs.amax] : []), ...(spec.rowScale ? [inputs.rw, inputs.pr] : [])], 'int32',
-        HalfOperandProgram.uniformsFor(t.shape[0], cols, activationUniforms(fromAct ? activation!.activation : undefined)));
+        HalfOperandProgram.uniformsFor(t.shape[0], cols, activationUniforms(fromAct ? act!.activation : undefined)));
     converted.push(out);
     return out;
   };
