@@ -176,21 +176,25 @@ interface Row {
   config: string; lora: string; preset: string; path: 'fused' | 'composed'; ms: number; min: number; enqueueMs: number;
   chainedMs?: number; tflops: number; gbps: number; samples: number[]; peakMiB?: number;
   gpuMs?: number; kernels?: Array<{ name: string; ms: number; count: number }>;
+  /** with --profile: each dispatch's program and GPU ms in the order recorded (which of a program's calls is slow) */
+  dispatches?: Array<{ name: string; ms: number }>;
 }
 
-async function profileStep(step: () => tf.Tensor[]): Promise<NonNullable<Row['kernels']>> {
+async function profileStep(step: () => tf.Tensor[]): Promise<Required<Pick<Row, 'kernels' | 'dispatches'>>> {
   const info = await tf.time(() => { tf.dispose(step()); }) as tf.TimingInfo & { getExtraProfileInfo?: () => string };
-  const byName = new Map<string, { ms: number; count: number }>();
+  const dispatches: NonNullable<Row['dispatches']> = [];
   for (const part of (info.getExtraProfileInfo?.() ?? '').split(', ')) {
     const at = part.lastIndexOf(': ');
-    if (at < 0) continue;
-    const name = part.slice(0, at);
-    const e = byName.get(name) ?? { ms: 0, count: 0 };
-    e.ms += Number(part.slice(at + 2));
-    e.count++;
-    byName.set(name, e);
+    if (at >= 0) dispatches.push({ name: part.slice(0, at), ms: Number(part.slice(at + 2)) });
   }
-  return [...byName].map(([name, e]) => ({ name, ...e })).sort((a, b) => b.ms - a.ms);
+  const byName = new Map<string, { ms: number; count: number }>();
+  for (const d of dispatches) {
+    const e = byName.get(d.name) ?? { ms: 0, count: 0 };
+    e.ms += d.ms;
+    e.count++;
+    byName.set(d.name, e);
+  }
+  return { kernels: [...byName].map(([name, e]) => ({ name, ...e })).sort((a, b) => b.ms - a.ms), dispatches };
 }
 
 async function main(): Promise<void> {
@@ -268,8 +272,9 @@ async function main(): Promise<void> {
       const r = row(preset, 'fused', await timeSteps(step, warmup, iters));
       r.chainedMs = median(await timeChained(step, chain, 3));
       if (flag('profile')) {
-        r.kernels = await profileStep(step);
-        r.gpuMs = r.kernels.reduce((s, k) => s + k.ms, 0);
+        const profile = await profileStep(step);
+        Object.assign(r, profile);
+        r.gpuMs = profile.kernels.reduce((s, k) => s + k.ms, 0);
       }
       report(r);
       if (best === undefined || (r.gpuMs ?? r.ms) < (best.gpuMs ?? best.ms)) best = r;
@@ -315,8 +320,9 @@ async function main(): Promise<void> {
       try {
         const r = row('-', 'composed', await timeSteps(step, Math.min(warmup, 2), Math.min(iters, 5)));
         if (flag('profile')) {
-          r.kernels = await profileStep(step);
-          r.gpuMs = r.kernels.reduce((s, k) => s + k.ms, 0);
+          const profile = await profileStep(step);
+          Object.assign(r, profile);
+          r.gpuMs = profile.kernels.reduce((s, k) => s + k.ms, 0);
         }
         report(r);
       } catch (err) {
