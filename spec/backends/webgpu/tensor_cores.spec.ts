@@ -912,38 +912,6 @@ describe('webgpu: subgroup-matrix programs (dispatch math and WGSL)', () => {
       expect(await compileErrors(shaderOf(program, inputs, program.outputShape))).to.deep.equal([]);
     });
   }
-  // padding rows skipped (staging skipPaddingRows): the experts' up projection (gathered, f16 A), a gradient product
-  // with a LoRA tail and scaled direct stores, the down projection's activation on load, at 128 and 64 rows a block
-  const skipCases: Array<[string, () => SubgroupMatrixMatMulProgram, number, string[]]> = [
-    ['up x·Wᵀ', () => new SubgroupMatrixMatMulProgram(256, 128, { source: 'gather', hasBias: false, hasAddend: false, kContiguous: true,
-      scaled: false, packedWeight: packedSpec('bf16', 1) }, 32, { left: 'half8', right: 'vec4', v6: whole, skipPaddingRows: true }), 4, ['A', 'W']],
-    ['dy·W with a tail', () => new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false,
-      scaled: true, loraTail: true }, 32, { left: 'half8', right: 'vec4', v6: whole, scaledDirect: true, skipPaddingRows: true }), 4, ['A']],
-    ['down act(h)·Wᵀ, 64 rows', () => new SubgroupMatrixMatMulProgram(256, 128, { source: 'act', activation: { kind: 'swiglu', interleaved: false },
-      hasBias: true, hasAddend: false, kContiguous: true, scaled: false }, 32, { left: 'vec4', right: 'vec4', skipPaddingRows: true }, 64), 2, []],
-  ];
-  for (const [name, make, tilesM, ints] of skipCases) {
-    it(`${name} with padding rows skipped: live from the real rows, whole parts as before, a partial part's matrices guarded`, async () => {
-      const program = make();
-      expect(program.shaderKey).to.match(/_l(_|$)/);
-      const code = program.getUserCode().replace(/\s+/g, ' ');
-      expect(code).to.contain('if (rowSrc[m] >= 0) { atomicMax(&liveRows, m + 1u); }');
-      expect(code).to.contain(`if (partRow + ${16 * tilesM}u <= live) {`);
-      expect(code).to.contain('} else if (partRow < live) {');
-      // one guard per matrix row past the part's first, per 16-deep step of the 64-deep slab
-      expect(code.match(/if \(partRow \+ \d+u < live\)/g)).to.have.length(4 * (tilesM - 1));
-      expect(auditSubgroupControlFlow(program.getUserCode()), program.shaderKey).to.deep.equal([]);
-      const inputs = program.variableNames.map(n => [n, ['seg', 'pr', 'amax', ...ints].includes(n) ? 'int32' : 'float32', [256, 256]] as
-          [string, DataType, number[]]);
-      expect(await compileErrors(shaderOf(program, inputs, program.outputShape))).to.deep.equal([]);
-    });
-  }
-  it('padding rows are skipped only in planned products', () => {
-    for (const extra of [{ singleGroup: true }, { uniformGroups: true }]) {
-      expect(() => new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: false,
-        ...extra }, 32, { left: 'vec4', right: 'vec4', skipPaddingRows: true })).to.throw(/padding rows are skipped in a planned product/);
-    }
-  });
   it('without scaledDirect a scaled block keeps the per-element epilogue (alpha / s must be 1 to store directly)', () => {
     const program = new SubgroupMatrixMatMulProgram(256, 128, { source: 'rows', hasBias: false, hasAddend: false, kContiguous: false, scaled: true },
         32, { left: 'half8', right: 'vec4', v6: whole });

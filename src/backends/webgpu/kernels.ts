@@ -185,14 +185,6 @@ function withScaledDirectStores(staging: SubgroupStaging): SubgroupStaging {
 }
 
 /**
- * tf.env() flag: the experts' tensor-core MatMuls skip the products of the padding rows in each
- * expert's last block (staging skipPaddingRows; those rows are 0 either way). Off until measured
- * on the card.
- */
-export const TC_SKIP_PADDING_ROWS_FLAG = 'WEBGPU_MOE_TC_SKIP_PADDING_ROWS';
-tf.env().registerFlag(TC_SKIP_PADDING_ROWS_FLAG, () => false);
-
-/**
  * tf.env() flag: batchProduct's MoEBatchProduct (the composed attention's six batched products) on
  * tensor cores where they are on. On by default since run X (H100, OLMoE batch 4 × S 512, A/B of 6
  * interleaved steps in one lease: 0.187 against 0.197 s a step, +5.3 %): the step is GPU-bound now.
@@ -411,9 +403,8 @@ const groupedMatMulConfig: tf.KernelConfig = {
       ? new SubgroupMatrixMatMulProgram(capacity, outCols,
           { ...common, ...(half !== undefined ? { source: half.source, activation: undefined } : {}), scaled: inputs.amax != null, loraTail },
           tc.subgroupSize,
-          { ...withScaledDirectStores(matMulStaging(common,
+          withScaledDirectStores(matMulStaging(common,
               { inner: a.inner as number, outCols, sE: a.sE as number, sN: a.sN as number, sK: a.sK as number }, half !== undefined)),
-            ...(tf.env().getBool(TC_SKIP_PADDING_ROWS_FLAG) ? { skipPaddingRows: true } : {}) },
           a.blockRows as SubgroupBlockRows)
       // narrowLanes 0 (or absent): not on the lanes' program
       : a.narrowLanes === 32 || a.narrowLanes === 64 || a.narrowLanes === 128

@@ -263,33 +263,6 @@ export function multiplySlab(l: SlabLayout, partRow: string, partCol: string, de
 }
 
 /**
- * WGSL: multiplySlab for a block whose rows from `live` on (a u32 expression, the same for the whole
- * workgroup) are padding, as in each expert's last block of a plan: a part with no real row skips
- * the slab, a part with some multiplies only its 16-row matrices that hold one (their accumulators
- * stay 0, what the padding rows' zero-staged A gave). The branches are each subgroup's own (partRow
- * is), which is all the matrix operations need; a part of real rows only runs multiplySlab as is.
- */
-export function multiplySlabLiveRows(l: SlabLayout, partRow: string, partCol: string, live: string, depth = l.depth): string {
-  const x = wgslU32;
-  const lines: string[] = [];
-  for (let kk = 0; kk < depth; kk += MATRIX_EDGE) {
-    const k = x.lit(kk);
-    for (let j = 0; j < l.tilesN; j++) lines.push(`let b${kk}_${j} = ${load(RIGHT, 'Bs', rightTile(x, l, partCol, k, j))};`);
-    for (let i = 0; i < l.tilesM; i++) {
-      const products = [`let a${kk}_${i} = ${load(LEFT, 'As', leftTile(x, l, partRow, k, i))};`,
-        ...Array.from({ length: l.tilesN }, (_, j) => `c${i}_${j} = subgroupMatrixMultiplyAccumulate(a${kk}_${i}, b${kk}_${j}, c${i}_${j});`)];
-      // the part's first matrix holds a real row: the branch below is taken only then
-      lines.push(i === 0 ? products.join('\n') : `if (${partRow} + ${MATRIX_EDGE * i}u < ${live}) {\n${products.join('\n')}\n}`);
-    }
-  }
-  return `if (${partRow} + ${MATRIX_EDGE * l.tilesM}u <= ${live}) {
-          ${multiplySlab(l, partRow, partCol, depth)}
-        } else if (${partRow} < ${live}) {
-          ${lines.join('\n          ')}
-        }`;
-}
-
-/**
  * WGSL: a loop over `count` items shared by `threads` invocations, item `index` = `first` + step·threads
  * for step < count / threads: the same trip count for every invocation (a loop that starts at the
  * invocation's own index and stops at `count` has a per-invocation bound, and the subgroup-matrix

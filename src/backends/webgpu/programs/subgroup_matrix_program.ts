@@ -36,7 +36,7 @@ import {
   type RowSource,
 } from './shared.js';
 import {
-  aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, multiplySlabLiveRows, partOrigin,
+  aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
   type SlabLayout, slabSizes, stagedElementA, stagedElementB, stagedQuadA, stagedQuadB, uniformStrideLoop, wgslU32,
 } from './subgroup_matrix_core.js';
 
@@ -270,12 +270,6 @@ export interface SubgroupStaging {
    * the slots: two workgroup barriers per result matrix, 32 a block.
    */
   scaledDirect?: boolean;
-  /**
-   * A planned MatMul's parts skip the products of 16-row matrices past the block's last real row
-   * (multiplySlabLiveRows): each expert's last block holds its padding, a quarter of the rows the
-   * experts' blocks computed in an OLMoE step (batch 4 × 512, 64 experts, 128-row blocks).
-   */
-  skipPaddingRows?: boolean;
 }
 
 export const ELEMENT_STAGING: SubgroupStaging = { left: 'element', right: 'element' };
@@ -453,8 +447,7 @@ export function v5Structure(s: SubgroupStaging): SubgroupStaging {
 function stagingKey(s: SubgroupStaging): string {
   const w = s.v6?.whole;
   return `${{ vec4: 'v', half8: 'h', element: 'e' }[s.left]}${{ vec4: 'v', vec8: 'w', half8: 'h', element: 'e' }[s.right]}${s.registerPrefetch ? 'p' : ''}` +
-      (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}${s.scaledDirect ? 's' : ''}`) +
-      (s.skipPaddingRows ? '_l' : '');
+      (w === undefined ? '' : `_6${w.depth ? 'd' : ''}${w.rows ? 'r' : ''}${w.cols ? 'c' : ''}${s.scaledDirect ? 's' : ''}`);
 }
 
 /**
@@ -694,23 +687,6 @@ function slabLoop(index: string, end: string, depth: number, quads: QuadStaging[
 }
 
 /**
- * WGSL (staging skipPaddingRows, after the row sources are published; liveRows zeroed before that):
- * `live`, one past the block's last real row (rowSrc ≥ 0), the same for the whole workgroup. An
- * atomic maximum rather than the plan's counts, so that it holds for any placement of the padding.
- */
-function liveRowsSnippet(rows: number, threads: number): string {
-  return `for (var step = 0u; step < ${Math.ceil(rows / threads)}u; step++) {
-          let m = localIndex + step * ${threads}u;
-          if (m < ${rows}u) {
-            if (rowSrc[m] >= 0) { atomicMax(&liveRows, m + 1u); }
-          }
-        }
-        workgroupBarrier();
-        if (lid == 0) { rowSrc[${rows + 2}] = i32(atomicLoad(&liveRows)); }
-        let live = u32(workgroupUniformLoad(&rowSrc[${rows + 2}]));`;
-}
-
-/**
  * WGSL (v6, after the row sources and the block's expert are published): each rowSrc entry that is
  * a source row becomes that row's first vec4 in A (the row times `rowLength`, an i32 expression, / 4);
  * −1 (padding) stays. Each invocation rewrites the entries it would have written, then a barrier.
@@ -792,10 +768,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     if (staging.right === 'half8') {
       throw new Error('SubgroupMatrixMatMulProgram: W is staged per element or in runs of 4 or 8 packed halves, not as f16 rows');
     }
-    if (staging.skipPaddingRows && (spec.singleGroup || spec.uniformGroups)) {
-      throw new Error('SubgroupMatrixMatMulProgram: padding rows are skipped in a planned product (each expert\'s last block), ' +
-          `but got singleGroup ${spec.singleGroup === true}, uniformGroups ${spec.uniformGroups === true}`);
-    }
     if (staging.right === 'vec8' && (spec.packedWeight === undefined || !spec.kContiguous || staging.registerPrefetch)) {
       throw new Error('SubgroupMatrixMatMulProgram: 8-element runs of W need a packed 16-bit weight contiguous along k ' +
           `and no register prefetch, but got ${spec.packedWeight?.kind ?? 'float32'}, kContiguous ${spec.kContiguous}, ` +
@@ -855,7 +827,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
     const direct = this.staging.v6 !== undefined && !this.spec.hasBias && !this.spec.hasAddend;
     const activation = this.spec.source === 'act' ? this.spec.activation : undefined;
     const v6 = this.staging.v6;
-    const skipPadding = this.staging.skipPaddingRows === true;
     // split K: where this workgroup's slice of the result starts (the other programs' WGSL as it was)
     const slice = (offset: string) => (this.spec.splitK ? offset : '');
     const quads: QuadStaging[] = [];
@@ -918,7 +889,6 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
       ${ENABLES}
       ${workgroupArrays(layout)}
       var<workgroup> rowSrc : array<i32, ${rowInts(rows)}>;
-      ${skipPadding ? 'var<workgroup> liveRows : atomic<u32>;' : ''}
       ${this.spec.singleGroup || this.spec.uniformGroups ? '' : EXPERT_OF_ROW}
       ${halfA ? HALF_ROW_SNIPPET
         : quadA ? (v6 !== undefined ? rowQuadAtSnippet('loadA4', 'A', 'uniforms.inner', activation) : rowQuadSnippet('loadA4', 'A', 'uniforms.inner', activation))
@@ -939,10 +909,8 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         if (lid == 0) {
           rowSrc[${rows + 1}] = select(0, 1, row0 + ${rows} <= uniforms.numRows && col0 + ${cols} <= uniforms.outCols${directScale(this.staging).condition});
         }` : ''}
-        ${skipPadding ? 'if (lid == 0) { atomicStore(&liveRows, 0u); }' : ''}
         let e = workgroupUniformLoad(&rowSrc[${rows}]);
         ${direct ? `let direct = workgroupUniformLoad(&rowSrc[${rows + 1}]) == 1;` : ''}
-        ${skipPadding ? liveRowsSnippet(rows, threads) : ''}
         ${declareAccumulators(layout)}
         // a block past the rows in use (e < 0) runs no step: a loop bound that is the same for the
         // whole workgroup (e comes from workgroupUniformLoad) rather than a branch around the
@@ -953,9 +921,7 @@ export class SubgroupMatrixMatMulProgram implements WebGPUProgram {
         let outBase = i32(workgroupId.z) * uniforms.numRows * uniforms.outCols;` : 'let kEnd = select(0, uniforms.inner, e >= 0);'}
         let wBase = max(e, 0) * uniforms.sE;
         ${quadA && v6 !== undefined ? rowQuadOffsets(rows, threads, halfA ? 'uniforms.inner / 2' : activation === undefined ? 'uniforms.inner' : '2 * uniforms.inner') : ''}
-        ${slabLoop('k0', 'kEnd', depth, quads, elements,
-          skipPadding ? multiplySlabLiveRows(layout, 'partRow', 'partCol', 'live') : multiplySlab(layout, 'partRow', 'partCol'),
-          prefetch, this.spec.splitK ? 'kBegin' : '0')}
+        ${slabLoop('k0', 'kEnd', depth, quads, elements, multiplySlab(layout, 'partRow', 'partCol'), prefetch, this.spec.splitK ? 'kBegin' : '0')}
         ${this.spec.loraTail ? loraTailStep(layout, threads) : ''}
         let unscale = uniforms.alpha / s;
         ${direct ? `// v6: a block fully in range with nothing to add stores its matrices straight to the output (padding
