@@ -180,7 +180,8 @@ interface Row {
   dispatches?: Array<{ name: string; ms: number }>;
 }
 
-async function profileStep(step: () => tf.Tensor[]): Promise<Required<Pick<Row, 'kernels' | 'dispatches'>>> {
+/** One step under tfjs's profiler: GPU ms per program (largest first), per dispatch in order, and in all. */
+async function profileStep(step: () => tf.Tensor[]): Promise<Required<Pick<Row, 'kernels' | 'dispatches' | 'gpuMs'>>> {
   const info = await tf.time(() => { tf.dispose(step()); }) as tf.TimingInfo & { getExtraProfileInfo?: () => string };
   const dispatches: NonNullable<Row['dispatches']> = [];
   for (const part of (info.getExtraProfileInfo?.() ?? '').split(', ')) {
@@ -194,7 +195,8 @@ async function profileStep(step: () => tf.Tensor[]): Promise<Required<Pick<Row, 
     e.count++;
     byName.set(d.name, e);
   }
-  return { kernels: [...byName].map(([name, e]) => ({ name, ...e })).sort((a, b) => b.ms - a.ms), dispatches };
+  const kernels = [...byName].map(([name, e]) => ({ name, ...e })).sort((a, b) => b.ms - a.ms);
+  return { kernels, dispatches, gpuMs: dispatches.reduce((sum, d) => sum + d.ms, 0) };
 }
 
 async function main(): Promise<void> {
@@ -271,11 +273,7 @@ async function main(): Promise<void> {
       setWebGPUMoETuning(PRESETS[preset]);
       const r = row(preset, 'fused', await timeSteps(step, warmup, iters));
       r.chainedMs = median(await timeChained(step, chain, 3));
-      if (flag('profile')) {
-        const profile = await profileStep(step);
-        Object.assign(r, profile);
-        r.gpuMs = profile.kernels.reduce((s, k) => s + k.ms, 0);
-      }
+      if (flag('profile')) Object.assign(r, await profileStep(step));
       report(r);
       if (best === undefined || (r.gpuMs ?? r.ms) < (best.gpuMs ?? best.ms)) best = r;
     }
@@ -319,11 +317,7 @@ async function main(): Promise<void> {
       const previous = registerExpertsImplementation('webgpu', (x, r, w, a, o) => fusedExperts(x, r, w, a, { ...o, plan }));
       try {
         const r = row('-', 'composed', await timeSteps(step, Math.min(warmup, 2), Math.min(iters, 5)));
-        if (flag('profile')) {
-          const profile = await profileStep(step);
-          Object.assign(r, profile);
-          r.gpuMs = profile.kernels.reduce((s, k) => s + k.ms, 0);
-        }
+        if (flag('profile')) Object.assign(r, await profileStep(step));
         report(r);
       } catch (err) {
         console.log(`# ${name} composed: failed: ${String(err).split('\n')[0]}`);
