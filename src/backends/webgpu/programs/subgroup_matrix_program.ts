@@ -239,10 +239,10 @@ function stage(array: string, count: number, threads: number, at: string, body: 
  */
 export interface SubgroupStaging {
   /**
-   * 'half8': A (the weight gradient's L) holds f16 halves, two per int32 word, that
-   * HalfOperandProgram wrote before the product (the activation, the routing weight and the
-   * operand scale already applied), loaded 8 per 16-byte fetch and staged as they are (variants v7-o against v7-c on the H100: 146 against 115
-   * TFLOP/s at Q's up shape, the same W).
+   * 'half8': the MatMul's A, or the weight gradient's L, holds f16 halves, two per int32 word,
+   * that HalfOperandProgram wrote before the product (the activation, the routing weight and the
+   * operand scale already applied), loaded 8 per 16-byte fetch and staged as they are (variants
+   * v7-o against v7-c on the H100: 146 against 115 TFLOP/s at Q's up shape, the same W).
    */
   left: 'vec4' | 'half8' | 'element';
   /** 'half8' (the weight gradient only): R held as f16 halves, as the left operand's 'half8' */
