@@ -174,11 +174,12 @@ tf.env().registerFlag(TC_HALF_GRAD_OPERANDS_FLAG, () => true);
  * or weight-gradient alpha) stores its whole blocks straight to the output, each result matrix
  * multiplied first (staging `scaledDirect`), as an unscaled one does, instead of through the
  * per-element epilogue (two workgroup barriers per result matrix); the stored values are the same
- * f32 products. Off: run Z31 on the H100 found the Q blocks right with it and their chained steps
- * 1.4–2.8 % faster; the dense products alone and an end-to-end A/B are still to run (docs/webgpu.md, "Left to do").
+ * f32 products. On by default since run Z32 (H100): check.js's grouped and dense products with it
+ * within 4.8e-4 of f32, OLMoE's step 1–5 % faster by the median of interleaved A/B steps; run Z31:
+ * the Q blocks right with it, chained 1.4–2.8 % faster. false: the epilogue (A/B runs).
  */
 export const TC_SCALED_DIRECT_STORES_FLAG = 'WEBGPU_MOE_TC_SCALED_DIRECT_STORES';
-tf.env().registerFlag(TC_SCALED_DIRECT_STORES_FLAG, () => false);
+tf.env().registerFlag(TC_SCALED_DIRECT_STORES_FLAG, () => true);
 
 /** `staging` with TC_SCALED_DIRECT_STORES_FLAG's choice (v6 programs only: the others store per element). */
 function withScaledDirectStores(staging: SubgroupStaging): SubgroupStaging {
