@@ -170,20 +170,32 @@ export const TC_HALF_GRAD_OPERANDS_FLAG = 'WEBGPU_MOE_TC_HALF_GRAD_OPERANDS';
 tf.env().registerFlag(TC_HALF_GRAD_OPERANDS_FLAG, () => true);
 
 /**
- * tf.env() flag: a tensor-core product whose result is scaled (a gradient operand's 1/s, a LoRA
- * or weight-gradient alpha) stores its whole blocks straight to the output, each result matrix
- * multiplied first (staging `scaledDirect`), as an unscaled one does, instead of through the
- * per-element epilogue (two workgroup barriers per result matrix); the stored values are the same
- * f32 products. On by default since run Z32 (H100): check.js's grouped and dense products with it
+ * tf.env() flag: a grouped or dense tensor-core product whose result is scaled (a gradient operand's
+ * 1/s, a LoRA or weight-gradient alpha; MoEBatchProduct's only with TC_BATCH_SCALED_DIRECT_STORES_FLAG
+ * on too) stores its whole blocks straight to the output, each result matrix multiplied first
+ * (staging `scaledDirect`), as an unscaled one does, instead of through the per-element epilogue
+ * (two workgroup barriers per result matrix); the stored values are the same f32 products. On by default since run Z32 (H100): check.js's grouped and dense products with it
  * within 4.8e-4 of f32, OLMoE's step 1–5 % faster by the median of interleaved A/B steps; run Z31:
  * the Q blocks right with it, chained 1.4–2.8 % faster. false: the epilogue (A/B runs).
  */
 export const TC_SCALED_DIRECT_STORES_FLAG = 'WEBGPU_MOE_TC_SCALED_DIRECT_STORES';
 tf.env().registerFlag(TC_SCALED_DIRECT_STORES_FLAG, () => true);
 
-/** `staging` with TC_SCALED_DIRECT_STORES_FLAG's choice (v6 programs only: the others store per element). */
-function withScaledDirectStores(staging: SubgroupStaging): SubgroupStaging {
-  return staging.v6 !== undefined && tf.env().getBool(TC_SCALED_DIRECT_STORES_FLAG) ? { ...staging, scaledDirect: true } : staging;
+/**
+ * tf.env() flag: TC_SCALED_DIRECT_STORES_FLAG's stores for MoEBatchProduct's scaled products too (the
+ * composed attention's dO·vᵀ, dS·k, Pᵀ·dO, dSᵀ·q). Off: run Z32 checked the grouped and dense products
+ * with the direct stores, not these (check.js's attention step with both flags on is still to run).
+ */
+export const TC_BATCH_SCALED_DIRECT_STORES_FLAG = 'WEBGPU_MOE_TC_BATCH_SCALED_DIRECT_STORES';
+tf.env().registerFlag(TC_BATCH_SCALED_DIRECT_STORES_FLAG, () => false);
+
+/**
+ * `staging` with the direct stores where TC_SCALED_DIRECT_STORES_FLAG (and, for MoEBatchProduct's
+ * products, TC_BATCH_SCALED_DIRECT_STORES_FLAG) asks for them; v6 programs only: the others store per element.
+ */
+function withScaledDirectStores(staging: SubgroupStaging, batchProduct = false): SubgroupStaging {
+  const on = tf.env().getBool(TC_SCALED_DIRECT_STORES_FLAG) && (!batchProduct || tf.env().getBool(TC_BATCH_SCALED_DIRECT_STORES_FLAG));
+  return staging.v6 !== undefined && on ? { ...staging, scaledDirect: true } : staging;
 }
 
 /**
@@ -1870,7 +1882,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
       uniformGroups: true,
     };
     const program = new SubgroupMatrixMatMulProgram(batch * m, n, spec, tc.subgroupSize,
-        withScaledDirectStores(matMulStaging({}, { inner: k, outCols: n, sE: n * k, ...strides })), route.blockRows);
+        withScaledDirectStores(matMulStaging({}, { inner: k, outCols: n, sE: n * k, ...strides }), true), route.blockRows);
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(batch * m, n, k, 1, batch, n * k, strides.sN, strides.sK), ...floatUniforms(1),
       ...activationUniforms(undefined), ...intUniforms(m),
@@ -1884,7 +1896,7 @@ function runBatchProductOnTensorCores(args: KernelArgs, tc: TensorCoreDevice, a:
       uniformGroups: true,
     };
     const program = new SubgroupMatrixWeightGradProgram([batch, m, n], batch, m, n, spec, tc.subgroupSize,
-        withScaledDirectStores(weightGradStaging({ P: m, Q: n })), route.depth);
+        withScaledDirectStores(weightGradStaging({ P: m, Q: n }), true), route.depth);
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(m, n, 1, batch, m * n, n, 1), ...floatUniforms(1), ...activationUniforms(undefined), ...intUniforms(k),
     ];
