@@ -1,12 +1,13 @@
 /**
  * applyRotary (one customGrad: x·cos + reverse(x)·signed sin, and its transpose) against float64
  * and finite differences and against the composed applyRotaryReference's tfjs gradient, for both
- * table layouts. Reads are awaited, so this runs on webgpu too (spec/backends/webgpu/layer_ops.spec.ts).
+ * table layouts; applyRotaryToHeads (the same on x [B, S, heads, D], the heads moved to [B·heads, S, D])
+ * against float64 of the transposed x and finite differences. Reads are awaited, so this runs on webgpu too (spec/backends/webgpu/layer_ops.spec.ts).
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
-import { applyRotary } from '../../src/ops/rotary.js';
+import { applyRotary, applyRotaryToHeads } from '../../src/ops/rotary.js';
 import { applyRotaryReference, rotaryTables, rotaryTablesAt } from '../../src/layers/rotary.js';
 import { expectCloseAsync, expectNoLeakAsync } from '../backends/webgpu/helpers.js';
 import { asF32, finiteDifferences, Rng, tensorOf } from '../helpers/numeric.js';
@@ -104,5 +105,60 @@ describe('ops/applyRotary', () => {
     expect(() => applyRotary(x, perRow, perRow)).to.throw(tableMessage(perRow, perRow));
     expect(() => applyRotary(x, cos, three)).to.throw(tableMessage(cos, three));
     tf.dispose([cos, sin, x, perRow, ...made]);
+  });
+});
+
+/** x [B, S, h, D] → [B·h, S, D] in float64 (the heads' transpose applyRotaryToHeads folds in) */
+function headsFirst64(x: Float64Array, b: number, s: number, h: number, d: number): Float64Array {
+  const out = new Float64Array(x.length);
+  for (let bi = 0; bi < b; bi++) {
+    for (let p = 0; p < s; p++) {
+      for (let hi = 0; hi < h; hi++) {
+        for (let i = 0; i < d; i++) out[((bi * h + hi) * s + p) * d + i] = x[((bi * s + p) * h + hi) * d + i];
+      }
+    }
+  }
+  return out;
+}
+
+describe('ops/applyRotaryToHeads', () => {
+  // the cases' N rows as B samples of h heads: per-row tables fix B, shared ones take B = 2 where N allows
+  for (const c of CASES) {
+    it(`${c.name}: float64 of the transposed heads and finite differences`, async () => {
+      const { n, s, d } = c;
+      const { cos, sin } = c.tables();
+      const tableRows = cos.rank === 3 ? cos.shape[0] : 0;
+      const b = tableRows > 0 ? tableRows : n % 2 === 0 ? 2 : 1;
+      const h = n / b;
+      const [cos64, sin64] = [Float64Array.from(await cos.data()), Float64Array.from(await sin.data())];
+      const x = asF32(rng.array(n * s * d));
+      const g = asF32(rng.array(n * s * d));
+      const [xt, gt] = [tensorOf(x, [b, s, h, d]) as tf.Tensor4D, tensorOf(g, [n, s, d])];
+      const tables = [cos, sin] as [tf.Tensor2D, tf.Tensor2D];
+      const rotated = (v: Float64Array) => rope64(headsFirst64(v, b, s, h, d), cos64, sin64, n, s, d, tableRows);
+      await expectNoLeakAsync(async () => {
+        const y = applyRotaryToHeads(xt, ...tables);
+        expect(y.shape).to.deep.equal([n, s, d]);
+        await expectCloseAsync(y, rotated(x), 1e-6, 'forward', [n, s, d]);
+        const dx = tf.grad((a: tf.Tensor) => tf.sum(tf.mul(applyRotaryToHeads(a as tf.Tensor4D, ...tables), gt)))(xt);
+        expect(dx.shape).to.deep.equal([b, s, h, d]);
+        const fd = finiteDifferences(v => rotated(v).reduce((acc, val, i) => acc + val * g[i], 0), x);
+        await expectCloseAsync(dx, fd, 1e-5, 'dx against finite differences', [b, s, h, d]);
+        tf.dispose([y, dx]);
+      });
+      tf.dispose([xt, gt, cos, sin]);
+    });
+  }
+
+  it('refuses bad arguments with one message naming the argument and every shape', () => {
+    const { cos, sin } = rotaryTables(3, 4, 100);
+    const flat = tf.zeros([2, 3, 4]) as unknown as tf.Tensor4D;
+    const perRow = tf.zeros([3, 3, 4]) as tf.Tensor3D;  // B = 3 does not divide N = B·h = 2
+    const x = tf.zeros([1, 3, 2, 4]) as tf.Tensor4D;
+    expect(() => applyRotaryToHeads(flat, cos, sin)).to.throw(
+      "`applyRotaryToHeads()`: 'x' must be [B, S, heads, D] but got x [2,3,4], cos [3,4], sin [3,4]");
+    expect(() => applyRotaryToHeads(x, perRow, perRow)).to.throw("`applyRotaryToHeads()`: 'cos' and 'sin' must both be [S, D] = [3, 4] " +
+      'or [B, S, D] with B dividing N = 2 but got x [1,3,2,4], cos [3,3,4], sin [3,3,4]');
+    tf.dispose([cos, sin, flat, perRow, x]);
   });
 });

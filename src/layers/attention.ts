@@ -17,6 +17,7 @@ import * as tfl from '@tensorflow/tfjs-layers';
 import type { LayerArgs } from '@tensorflow/tfjs-layers/dist/engine/topology.js';
 import { assertFiniteNumber, assertInteger, assertOneOf, assertTensor, fail } from '../ops/validate.js';
 import { scaledDotProductAttention } from '../ops/attention_core.js';
+import { applyRotaryToHeads } from '../ops/rotary.js';
 import { passConstant } from '../ops/pass_constants.js';
 import { describeValue } from '../util/describe.js';
 import { rmsNorm } from './rms_norm.js';
@@ -371,27 +372,25 @@ export class RotaryAttention extends tfl.layers.Layer {
         const c = this.clipQKV;
         [q, k, v] = [q, k, v].map(t => tf.clipByValue(t, -c, c));
       }
-      // [B*S, n*D] → [B*n, S, D]; the per-head norm acts on the last axis before the transpose
-      const heads = (t: tf.Tensor, n: number, norm?: string): tf.Tensor3D => {
-        let t4 = tf.reshape(t, [b, s, n, d]);                          // [B, S, n, D]
-        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon, { zeroCentered: this.qkNormZeroCentered });
-        return tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
-      };
-      const perHead = this.qkNorm === 'perHead';
-      let q3 = heads(q, nh, perHead ? 'q_norm.weight' : undefined);    // [B*nh, S, D]
-      let k3 = heads(k, nkv, perHead ? 'k_norm.weight' : undefined);   // [B*nkv, S, D]
-      let v3 = heads(v, nkv);                                          // [B*nkv, S, D]
       const { segmentIds, positionIds } = contextIds(b, s);
       // generation: the new tokens come after the cached ones (cachedPositions)
       const cached = this.cachedPositions(s, segmentIds !== null || positionIds !== null);
-      if (this.rope) {
-        const rd = this.rotaryDim;
-        const { cos, sin } = cached.rotary ??
-          (positionIds === null ? sharedRotaryTables(s, rd, this.ropeTheta, this.ropeScaling) :
-            rotaryTablesAt(positionIds, rd, this.ropeTheta, s, this.ropeScaling));
-        q3 = this.rotate(q3, cos, sin);
-        k3 = this.rotate(k3, cos, sin);
-      }
+      const tables = !this.rope ? null : cached.rotary ??
+        (positionIds === null ? sharedRotaryTables(s, this.rotaryDim, this.ropeTheta, this.ropeScaling) :
+          rotaryTablesAt(positionIds, this.rotaryDim, this.ropeTheta, s, this.ropeScaling));
+      // [B*S, n*D] → [B*n, S, D], rotated for q and k; the per-head norm acts on the last axis before the transpose
+      const heads = (t: tf.Tensor, n: number, rotated: boolean, norm?: string): tf.Tensor3D => {
+        let t4 = tf.reshape(t, [b, s, n, d]) as tf.Tensor4D;          // [B, S, n, D]
+        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon, { zeroCentered: this.qkNormZeroCentered }) as tf.Tensor4D;
+        // the whole head rotated by rotate-half: the transpose and the rotation in one op
+        if (rotated && tables !== null && this.rotaryDim === d && !this.ropeInterleave) return applyRotaryToHeads(t4, tables.cos, tables.sin);
+        const t3 = tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
+        return rotated && tables !== null ? this.rotate(t3, tables.cos, tables.sin) : t3;
+      };
+      const perHead = this.qkNorm === 'perHead';
+      let q3 = heads(q, nh, true, perHead ? 'q_norm.weight' : undefined);    // [B*nh, S, D]
+      let k3 = heads(k, nkv, true, perHead ? 'k_norm.weight' : undefined);   // [B*nkv, S, D]
+      let v3 = heads(v, nkv, false);                                         // [B*nkv, S, D]
       if (this.qkNorm === 'perHeadAfterRope') {
         q3 = rmsNorm(q3, this.w('query_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;
         k3 = rmsNorm(k3, this.w('key_layernorm.weight'), this.normEpsilon) as tf.Tensor3D;

@@ -9,21 +9,50 @@
  * with its backward instead of 9, issue 15); elsewhere the composed ops run.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D } from '@tensorflow/tfjs-core';
+import type { GradSaveFunc, Tensor, Tensor2D, Tensor3D, Tensor4D } from '@tensorflow/tfjs-core';
 import { describeValue } from '../util/describe.js';
 import { insidePass, passConstant } from './pass_constants.js';
 import { fail } from './validate.js';
 
 /**
  * MoERotary: inputs x [N, S, D], cos and sin ([S, D] or [B, S, D], B dividing N; row n reads
- * sample n / (N / B)); attr `transposed`. Output [N, S, D], in float32:
+ * sample n / (N / B)); attrs `transposed`, `heads`. Output [N, S, D], in float32:
  *   transposed false: x·cos + rotateHalf(x)·sin, rotateHalf((x1, x2)) = (−x2, x1);
  *   transposed true:  x·cos − rotateHalf(x·sin)  (the forward's gradient for x = dy).
+ * With heads h > 0 the rows [N, S] = [B·h, S] are also moved between layouts: the forward takes x
+ * [B, S, h, D] (the projection's) and returns [B·h, S, D], the transpose takes [B·h, S, D] and
+ * returns [B, S, h, D].
  */
 export const ROTARY = 'MoERotary';
 
-function rotaryKernel(x: Tensor, cos: Tensor, sin: Tensor, transposed: boolean): Tensor {
-  return tf.engine().runKernel(ROTARY, { x, cos, sin }, { transposed }) as Tensor;
+/** MoERotary's attributes. */
+export interface RotaryAttrs {
+  transposed: boolean;
+  /** h of x [B, S, h, D] to move to [B·h, S, D] (the forward) and back (the transpose); 0: x is [N, S, D] */
+  heads: number;
+}
+
+function rotaryKernel(x: Tensor, cos: Tensor, sin: Tensor, transposed: boolean, heads = 0): Tensor {
+  const attrs: RotaryAttrs = { transposed, heads };
+  return tf.engine().runKernel(ROTARY, { x, cos, sin }, attrs as unknown as tf.NamedAttrMap) as Tensor;
+}
+
+/** applyRotary's input checks on x, cos and sin (x [N, S, D], the tables [S, D] or [B, S, D], B dividing N). */
+function checkRotaryArgs(op: string, x: Tensor, cos: Tensor, sin: Tensor, n: number, s: number, d: number, xLayout: string): void {
+  for (const [name, value] of [['x', x], ['cos', cos], ['sin', sin]] as const) {
+    if (!(value instanceof tf.Tensor) || value.dtype !== 'float32') {
+      fail(op, `'${name}' must be a float32 tensor but got ${describeValue(value)}`);
+    }
+    if (value.isDisposed) fail(op, `'${name}' was already disposed`);
+  }
+  const shapes = `x [${x.shape}], cos [${cos.shape}], sin [${sin.shape}]`;
+  if (x.rank !== xLayout.split(',').length) fail(op, `'x' must be [${xLayout}] but got ${shapes}`);
+  if (d % 2 !== 0) fail(op, `'x' must have an even last axis (D) but got ${shapes}`);
+  const tableOk = (t: Tensor) => (t.rank === 2 || (t.rank === 3 && n % t.shape[0] === 0)) &&
+      t.shape[t.rank - 2] === s && t.shape[t.rank - 1] === d;
+  if (!tableOk(cos) || !tf.util.arraysEqual(cos.shape, sin.shape)) {
+    fail(op, `'cos' and 'sin' must both be [S, D] = [${s}, ${d}] or [B, S, D] with B dividing N = ${n} but got ${shapes}`);
+  }
 }
 
 /**
@@ -38,22 +67,8 @@ function rotaryKernel(x: Tensor, cos: Tensor, sin: Tensor, transposed: boolean):
  * ```
  */
 export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D | Tensor3D): Tensor3D {
-  const op = 'applyRotary';
-  for (const [name, value] of [['x', x], ['cos', cos], ['sin', sin]] as const) {
-    if (!(value instanceof tf.Tensor) || value.dtype !== 'float32') {
-      fail(op, `'${name}' must be a float32 tensor but got ${describeValue(value)}`);
-    }
-    if (value.isDisposed) fail(op, `'${name}' was already disposed`);
-  }
-  const shapes = `x [${x.shape}], cos [${cos.shape}], sin [${sin.shape}]`;
-  if (x.rank !== 3) fail(op, `'x' must be [N, S, D] but got ${shapes}`);
-  const [n, s, d] = x.shape;
-  if (d % 2 !== 0) fail(op, `'x' must have an even last axis (D) but got ${shapes}`);
-  const tableOk = (t: Tensor) => (t.rank === 2 || (t.rank === 3 && n % t.shape[0] === 0)) &&
-      t.shape[t.rank - 2] === s && t.shape[t.rank - 1] === d;
-  if (!tableOk(cos) || !tf.util.arraysEqual(cos.shape, sin.shape)) {
-    fail(op, `'cos' and 'sin' must both be [S, D] = [${s}, ${d}] or [B, S, D] with B dividing N = ${n} but got ${shapes}`);
-  }
+  const [n, s, d] = x instanceof tf.Tensor && x.rank === 3 ? x.shape : [0, 0, 0];
+  checkRotaryArgs('applyRotary', x, cos, sin, n, s, d, 'N, S, D');
   if (tf.getKernel(ROTARY, tf.getBackend()) != null) {
     // the tables as given: the kernel reads them in place, no signed copy
     return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
@@ -88,6 +103,32 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
   } finally {
     if (!shared) tf.dispose([cosRows, signedSin]);
   }
+}
+
+/**
+ * applyRotary on heads still in the projection's layout: x [B, S, h, D] → the rotated heads
+ * [B·h, S, D], i.e. applyRotary(reshape(transpose(x, [0, 2, 1, 3]), [B·h, S, D]), cos, sin), with
+ * the same tables ([S, D], or [B, S, D] per sample). Where the backend's MoERotary moves heads
+ * (webgpu), the transpose and the rotation are one program each way (the attention's q and k: two
+ * dispatches fewer a layer forward and two backward); elsewhere the transpose and applyRotary run.
+ *
+ * ```js
+ * const q3 = applyRotaryToHeads(tf.reshape(q, [B, S, heads, D]), cos, sin);  // [B·heads, S, D]
+ * ```
+ */
+export function applyRotaryToHeads(x: Tensor4D, cos: Tensor2D | Tensor3D, sin: Tensor2D | Tensor3D): Tensor3D {
+  const [b, s, h, d] = x instanceof tf.Tensor && x.rank === 4 ? x.shape : [0, 0, 0, 0];
+  checkRotaryArgs('applyRotaryToHeads', x, cos, sin, b * h, s, d, 'B, S, heads, D');
+  if (tf.getKernel(ROTARY, tf.getBackend()) == null) {
+    return tf.tidy(() => applyRotary(tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b * h, s, d]) as Tensor3D, cos, sin));
+  }
+  return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
+    (args[1] as GradSaveFunc)([cos, sin]);
+    return {
+      value: rotaryKernel(args[0] as Tensor, cos, sin, false, h),
+      gradFunc: (dy: Tensor, saved: Tensor[]) => [rotaryKernel(dy, saved[0], saved[1], true, h)],
+    };
+  })(x) as Tensor3D;
 }
 
 /**

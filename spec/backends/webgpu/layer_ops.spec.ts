@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { StepCounter } from '../../../bench/e2e/step_profile.js';
-import { applyRotary, ROTARY } from '../../../src/ops/rotary.js';
+import { applyRotary, applyRotaryToHeads, ROTARY } from '../../../src/ops/rotary.js';
 import { rotaryTables } from '../../../src/layers/rotary.js';
 import { RMS_NORM, RMS_NORM_GRAD_X, rmsNorm } from '../../../src/ops/rms_norm.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
@@ -49,6 +49,29 @@ describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {
     // what the sum and its gradient add around the op: no Reverse, no BinaryOp of the rotation's
     expect(others).to.not.have.any.keys('ReverseProgram');
     expect(others.BinaryOpProgram ?? 0, `the other programs: ${JSON.stringify(others)}`).to.equal(0);
+    dx.dispose();
+    expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
+    tf.dispose([cos, sin, x]);
+  });
+});
+
+describe('webgpu: applyRotaryToHeads moves the heads inside MoERotary (issue 15)', () => {
+  it('one program forward and one for the gradient, and no transpose either way', async () => {
+    const { cos, sin } = rotaryTables(5, 8, 100);
+    const x = tf.randomNormal([2, 5, 3, 8]) as tf.Tensor4D;  // [B, S, heads, D]
+    const before = tf.memory().numTensors;
+    const counter = new StepCounter();
+    counter.install();
+    let dx: tf.Tensor;
+    try {
+      dx = tf.grad((a: tf.Tensor) => tf.sum(applyRotaryToHeads(a as tf.Tensor4D, cos, sin)))(x);
+    } finally {
+      counter.uninstall();
+    }
+    await dx.data();
+    const { RotaryProgram, ...others } = counter.programCounts;
+    expect(RotaryProgram, 'rope with the heads moved, and its transpose').to.equal(2);
+    expect(Object.keys(others).filter(name => name.startsWith('Transpose')), `the other programs: ${JSON.stringify(others)}`).to.deep.equal([]);
     dx.dispose();
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     tf.dispose([cos, sin, x]);

@@ -52,7 +52,7 @@ import { SUM_OF_SQUARES } from '../../train/sum_of_squares.js';
 import { type SumOfSquaresMode, SUM_OF_SQUARES_THREADS, SumOfSquaresProgram } from './programs/sum_of_squares_program.js';
 import { addNInputsPerProgram } from './add_n.js';
 import { RotaryProgram } from './programs/rotary_program.js';
-import { ROTARY } from '../../ops/rotary.js';
+import { ROTARY, type RotaryAttrs } from '../../ops/rotary.js';
 import { RMSNormProgram } from './programs/rms_norm_program.js';
 import { RMS_NORM, RMS_NORM_GRAD_X } from '../../ops/rms_norm.js';
 import { SOFTMAX_GRAD } from '../../ops/softmax_grad.js';
@@ -1430,17 +1430,22 @@ const sumOfSquaresConfig: tf.KernelConfig = {
 };
 
 /**
- * applyRotary's MoERotary (src/ops/rotary.ts), under that op's own name: rope or its gradient in
- * one program instead of the composed Reverse, two products and a sum (issue 15).
+ * applyRotary's and applyRotaryToHeads' MoERotary (src/ops/rotary.ts), under that op's own name:
+ * rope or its gradient in one program instead of the composed Reverse, two products and a sum
+ * (issue 15); with `heads`, the heads' transpose in the same program.
  */
 const rotaryConfig: tf.KernelConfig = {
   kernelName: ROTARY,
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { x, cos, sin } = args.inputs as Record<string, tf.TensorInfo>;
+    const { transposed, heads } = args.attrs as unknown as RotaryAttrs;
     const tableRows = cos.shape.length === 2 ? 0 : cos.shape[0];
-    return webgpu(args).runWebGPUProgram(new RotaryProgram(x.shape, args.attrs!.transposed as boolean), [x, cos, sin],
-        'float32', RotaryProgram.uniformsFor(x.shape, tableRows));
+    // the rotation's [N, S, D]: x's own, or [B·h, S, D] from the forward's x [B, S, h, D]
+    const [b, s, h, d] = x.shape;
+    const shape = heads > 0 && !transposed ? [b * h, s, d] : x.shape;
+    return webgpu(args).runWebGPUProgram(new RotaryProgram(shape, transposed, heads), [x, cos, sin],
+        'float32', RotaryProgram.uniformsFor(shape, tableRows, heads));
   },
 };
 
