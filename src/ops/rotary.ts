@@ -37,8 +37,12 @@ function rotaryKernel(x: Tensor, cos: Tensor, sin: Tensor, transposed: boolean, 
   return tf.engine().runKernel(ROTARY, { x, cos, sin }, attrs as unknown as tf.NamedAttrMap) as Tensor;
 }
 
-/** applyRotary's input checks on x, cos and sin (x [N, S, D], the tables [S, D] or [B, S, D], B dividing N). */
-function checkRotaryArgs(op: string, x: Tensor, cos: Tensor, sin: Tensor, n: number, s: number, d: number, xLayout: string): void {
+/**
+ * applyRotary's and applyRotaryToHeads' checks: float32 tensors not disposed, x of `xAxes`' rank,
+ * an even D, and the tables [S, D] or [B, S, D] with B dividing the rotation's n rows.
+ */
+function checkRotaryArgs(op: string, x: Tensor, cos: Tensor, sin: Tensor, n: number, s: number, d: number,
+    xAxes: readonly string[]): void {
   for (const [name, value] of [['x', x], ['cos', cos], ['sin', sin]] as const) {
     if (!(value instanceof tf.Tensor) || value.dtype !== 'float32') {
       fail(op, `'${name}' must be a float32 tensor but got ${describeValue(value)}`);
@@ -46,7 +50,7 @@ function checkRotaryArgs(op: string, x: Tensor, cos: Tensor, sin: Tensor, n: num
     if (value.isDisposed) fail(op, `'${name}' was already disposed`);
   }
   const shapes = `x [${x.shape}], cos [${cos.shape}], sin [${sin.shape}]`;
-  if (x.rank !== xLayout.split(',').length) fail(op, `'x' must be [${xLayout}] but got ${shapes}`);
+  if (x.rank !== xAxes.length) fail(op, `'x' must be [${xAxes.join(', ')}] but got ${shapes}`);
   if (d % 2 !== 0) fail(op, `'x' must have an even last axis (D) but got ${shapes}`);
   const tableOk = (t: Tensor) => (t.rank === 2 || (t.rank === 3 && n % t.shape[0] === 0)) &&
       t.shape[t.rank - 2] === s && t.shape[t.rank - 1] === d;
@@ -68,7 +72,7 @@ function checkRotaryArgs(op: string, x: Tensor, cos: Tensor, sin: Tensor, n: num
  */
 export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D | Tensor3D): Tensor3D {
   const [n, s, d] = x instanceof tf.Tensor && x.rank === 3 ? x.shape : [0, 0, 0];
-  checkRotaryArgs('applyRotary', x, cos, sin, n, s, d, 'N, S, D');
+  checkRotaryArgs('applyRotary', x, cos, sin, n, s, d, ['N', 'S', 'D']);
   if (tf.getKernel(ROTARY, tf.getBackend()) != null) {
     // the tables as given: the kernel reads them in place, no signed copy
     return tf.customGrad((...args: Array<Tensor | GradSaveFunc>) => {
@@ -118,7 +122,7 @@ export function applyRotary(x: Tensor3D, cos: Tensor2D | Tensor3D, sin: Tensor2D
  */
 export function applyRotaryToHeads(x: Tensor4D, cos: Tensor2D | Tensor3D, sin: Tensor2D | Tensor3D): Tensor3D {
   const [b, s, h, d] = x instanceof tf.Tensor && x.rank === 4 ? x.shape : [0, 0, 0, 0];
-  checkRotaryArgs('applyRotaryToHeads', x, cos, sin, b * h, s, d, 'B, S, heads, D');
+  checkRotaryArgs('applyRotaryToHeads', x, cos, sin, b * h, s, d, ['B', 'S', 'heads', 'D']);
   if (tf.getKernel(ROTARY, tf.getBackend()) == null) {
     return tf.tidy(() => applyRotary(tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b * h, s, d]) as Tensor3D, cos, sin));
   }
