@@ -29,20 +29,24 @@ import { withEnvFlag } from '../../../tools/webgpu_tc/scoped.js';
 import '../../ops/rotary.spec.js';
 import '../../ops/lora_linear.spec.js';
 
+/** What `run` dispatches: its result (not read yet) and the counter that saw its kernels and programs. */
+function counted<T>(run: () => T): { result: T; counter: StepCounter } {
+  const counter = new StepCounter();
+  counter.install();
+  try {
+    return { result: run(), counter };
+  } finally {
+    counter.uninstall();
+  }
+}
+
 describe('webgpu: applyRotary runs MoERotary (issue 15)', () => {
   it('one program forward and one for the gradient, instead of a Reverse, two products and a sum each', async () => {
     expect(tf.getKernel(ROTARY, 'webgpu'), 'MoERotary is registered on webgpu').to.not.equal(undefined);
     const { cos, sin } = rotaryTables(5, 8, 100);
     const x = tf.randomNormal([6, 5, 8]) as tf.Tensor3D;
     const before = tf.memory().numTensors;
-    const counter = new StepCounter();
-    counter.install();
-    let dx: tf.Tensor;
-    try {
-      dx = tf.grad((a: tf.Tensor) => tf.sum(applyRotary(a as tf.Tensor3D, cos, sin)))(x);
-    } finally {
-      counter.uninstall();
-    }
+    const { result: dx, counter } = counted(() => tf.grad((a: tf.Tensor) => tf.sum(applyRotary(a as tf.Tensor3D, cos, sin)))(x));
     await dx.data();
     const { RotaryProgram, ...others } = counter.programCounts;
     expect(RotaryProgram, 'rope and its transpose').to.equal(2);
@@ -60,18 +64,13 @@ describe('webgpu: applyRotaryToHeads moves the heads inside MoERotary (issue 15)
     const { cos, sin } = rotaryTables(5, 8, 100);
     const x = tf.randomNormal([2, 5, 3, 8]) as tf.Tensor4D;  // [B, S, heads, D]
     const before = tf.memory().numTensors;
-    const counter = new StepCounter();
-    counter.install();
-    let dx: tf.Tensor;
-    try {
-      dx = tf.grad((a: tf.Tensor) => tf.sum(applyRotaryToHeads(a as tf.Tensor4D, cos, sin)))(x);
-    } finally {
-      counter.uninstall();
-    }
+    const { result: dx, counter } = counted(() =>
+      tf.grad((a: tf.Tensor) => tf.sum(applyRotaryToHeads(a as tf.Tensor4D, cos, sin)))(x));
     await dx.data();
     const { RotaryProgram, ...others } = counter.programCounts;
     expect(RotaryProgram, 'rope with the heads moved, and its transpose').to.equal(2);
-    expect(Object.keys(others).filter(name => name.startsWith('Transpose')), `the other programs: ${JSON.stringify(others)}`).to.deep.equal([]);
+    const transposes = Object.keys(others).filter(name => name.startsWith('Transpose'));
+    expect(transposes, `the other programs: ${JSON.stringify(others)}`).to.deep.equal([]);
     dx.dispose();
     expect(tf.memory().numTensors, 'tensors left behind').to.equal(before);
     tf.dispose([cos, sin, x]);
@@ -86,14 +85,8 @@ describe('webgpu: a frozen-weight rmsNorm runs MoERMSNorm and MoERMSNormGradX (i
       const x = tf.randomNormal([3, 200]);
       const weight = tf.randomNormal([200]);
       const before = tf.memory().numTensors;
-      const counter = new StepCounter();
-      counter.install();
-      let dx: tf.Tensor;
-      try {
-        dx = tf.grad((a: tf.Tensor) => tf.sum(rmsNorm(a, weight, 1e-6, { trainWeight: false, zeroCentered })))(x);
-      } finally {
-        counter.uninstall();
-      }
+      const { result: dx, counter } = counted(() =>
+        tf.grad((a: tf.Tensor) => tf.sum(rmsNorm(a, weight, 1e-6, { trainWeight: false, zeroCentered })))(x));
       await dx.data();
       const { RMSNormProgram, ...others } = counter.programCounts;
       expect(RMSNormProgram, 'the norm and its dx').to.equal(2);
@@ -119,14 +112,7 @@ describe('webgpu: the composed attention\'s row ops are one program each (issue 
     it(`${op}: ${kernel}, one ${program} and nothing else`, async () => {
       expect(tf.getKernel(kernel, 'webgpu'), `${kernel} is registered on webgpu`).to.not.equal(undefined);
       const inputs = make();
-      const counter = new StepCounter();
-      counter.install();
-      let out: tf.Tensor;
-      try {
-        out = run(inputs);
-      } finally {
-        counter.uninstall();
-      }
+      const { result: out, counter } = counted(() => run(inputs));
       await out.data();
       expect(counter.programCounts).to.deep.equal({ [program]: 1 });
       tf.dispose([out, ...inputs]);
@@ -142,16 +128,9 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
     const weight = tf.randomNormal([out, inSize]) as tf.Tensor2D;
     const factors = [0, 1].map(() => ({ A: tf.randomNormal([r, inSize]) as tf.Tensor2D, B: tf.randomNormal([out, r]) as tf.Tensor2D }));
     const before = tf.memory().numTensors;
-    const counter = new StepCounter();
-    counter.install();
-    let grads: tf.Tensor[];
-    try {
-      grads = tf.grads((...args: tf.Tensor[]) => tf.sum(loraLinear(args[0] as tf.Tensor2D, weight, null, [
-        { A: args[1] as tf.Tensor2D, B: args[2] as tf.Tensor2D, scaling: 2 }, { A: args[3] as tf.Tensor2D, B: args[4] as tf.Tensor2D, scaling: 0.5 },
-      ])))([x, ...factors.flatMap(f => [f.A, f.B])]);
-    } finally {
-      counter.uninstall();
-    }
+    const { result: grads, counter } = counted(() => tf.grads((...args: tf.Tensor[]) => tf.sum(loraLinear(args[0] as tf.Tensor2D, weight, null, [
+      { A: args[1] as tf.Tensor2D, B: args[2] as tf.Tensor2D, scaling: 2 }, { A: args[3] as tf.Tensor2D, B: args[4] as tf.Tensor2D, scaling: 0.5 },
+    ])))([x, ...factors.flatMap(f => [f.A, f.B])]));
     await Promise.all(grads.map(g => g.data()));
     // forward: y + each branch; backward: dx + each branch's part. The forward's first branch goes to
     // MoEDenseMatMul as its LoRA tail (added inside that kernel; on tensor cores inside its reduction)
