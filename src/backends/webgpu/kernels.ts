@@ -1442,8 +1442,7 @@ const rotaryConfig: tf.KernelConfig = {
     const { transposed, heads } = args.attrs as unknown as RotaryAttrs;
     const tableRows = cos.shape.length === 2 ? 0 : cos.shape[0];
     // the rotation's [N, S, D]: x's own, or [B·h, S, D] from the forward's x [B, S, h, D]
-    const [b, s, h, d] = x.shape;
-    const shape = heads > 0 && !transposed ? [b * h, s, d] : x.shape;
+    const shape = heads > 0 && !transposed ? [x.shape[0] * x.shape[2], x.shape[1], x.shape[3]] : x.shape;
     return webgpu(args).runWebGPUProgram(new RotaryProgram(shape, transposed, heads), [x, cos, sin],
         'float32', RotaryProgram.uniformsFor(shape, tableRows, heads));
   },
