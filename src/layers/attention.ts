@@ -381,11 +381,14 @@ export class RotaryAttention extends tfl.layers.Layer {
       // [B*S, n*D] → [B*n, S, D], rotated for q and k; the per-head norm acts on the last axis before the transpose
       const heads = (t: tf.Tensor, n: number, rotated: boolean, norm?: string): tf.Tensor3D => {
         let t4 = tf.reshape(t, [b, s, n, d]) as tf.Tensor4D;          // [B, S, n, D]
-        if (norm !== undefined) t4 = rmsNorm(t4, this.w(norm), this.normEpsilon, { zeroCentered: this.qkNormZeroCentered }) as tf.Tensor4D;
-        if (!rotated || tables === null) return tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
+        if (norm !== undefined) {
+          t4 = rmsNorm(t4, this.w(norm), this.normEpsilon, { zeroCentered: this.qkNormZeroCentered }) as tf.Tensor4D;
+        }
         // the whole head rotated by rotate-half: the transpose and the rotation in one op
-        if (this.rotaryDim === d && !this.ropeInterleave) return applyRotaryToHeads(t4, tables.cos, tables.sin);
-        return this.rotate(tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D, tables.cos, tables.sin);
+        const whole = this.rotaryDim === d && !this.ropeInterleave;
+        if (rotated && tables !== null && whole) return applyRotaryToHeads(t4, tables.cos, tables.sin);
+        const t3 = tf.reshape(tf.transpose(t4, [0, 2, 1, 3]), [b * n, s, d]) as tf.Tensor3D;
+        return rotated && tables !== null ? this.rotate(t3, tables.cos, tables.sin) : t3;
       };
       const perHead = this.qkNorm === 'perHead';
       let q3 = heads(q, nh, true, perHead ? 'q_norm.weight' : undefined);    // [B*nh, S, D]

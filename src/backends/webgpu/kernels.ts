@@ -174,9 +174,10 @@ tf.env().registerFlag(TC_HALF_GRAD_OPERANDS_FLAG, () => true);
  * 1/s, a LoRA or weight-gradient alpha; MoEBatchProduct's only with TC_BATCH_SCALED_DIRECT_STORES_FLAG
  * on too) stores its whole blocks straight to the output, each result matrix multiplied first
  * (staging `scaledDirect`), as an unscaled one does, instead of through the per-element epilogue
- * (two workgroup barriers per result matrix); the stored values are the same f32 products. On by default since run Z32 (H100): check.js's grouped and dense products with it
- * within 4.8e-4 of f32, OLMoE's step 1–5 % faster by the median of interleaved A/B steps; run Z31:
- * the Q blocks right with it, chained 1.4–2.8 % faster. false: the epilogue (A/B runs).
+ * (two workgroup barriers per result matrix); the stored values are the same f32 products. On by
+ * default since run Z32 (H100): check.js's grouped and dense products with it within 4.8e-4 of f32,
+ * OLMoE's step 1–5 % faster by the median of interleaved A/B steps; run Z31: the Q blocks right with
+ * it, chained 1.4–2.8 % faster. false: the epilogue (A/B runs).
  */
 export const TC_SCALED_DIRECT_STORES_FLAG = 'WEBGPU_MOE_TC_SCALED_DIRECT_STORES';
 tf.env().registerFlag(TC_SCALED_DIRECT_STORES_FLAG, () => true);
@@ -194,7 +195,8 @@ tf.env().registerFlag(TC_BATCH_SCALED_DIRECT_STORES_FLAG, () => false);
  * products, TC_BATCH_SCALED_DIRECT_STORES_FLAG) asks for them; v6 programs only: the others store per element.
  */
 function withScaledDirectStores(staging: SubgroupStaging, batchProduct = false): SubgroupStaging {
-  const on = tf.env().getBool(TC_SCALED_DIRECT_STORES_FLAG) && (!batchProduct || tf.env().getBool(TC_BATCH_SCALED_DIRECT_STORES_FLAG));
+  const on = tf.env().getBool(TC_SCALED_DIRECT_STORES_FLAG) &&
+      (!batchProduct || tf.env().getBool(TC_BATCH_SCALED_DIRECT_STORES_FLAG));
   return staging.v6 !== undefined && on ? { ...staging, scaledDirect: true } : staging;
 }
 
