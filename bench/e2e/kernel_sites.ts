@@ -23,6 +23,7 @@ import { register } from '../../src/plugin.js';
 import { nextTokenLoss } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
+import { ownDispatchListeners } from '../../src/backends/webgpu/own_dispatch.js';
 
 const backendName = commandLineFlag('backend', 'cpu');
 const countKernels = backendName !== 'webgpu' || commandLineFlag('kernels', 'off') === 'on';
@@ -92,7 +93,11 @@ async function count(layers: number): Promise<Map<string, number>> {
       return runProgram.apply(this, args);
     };
   }
+  // own pipelines (the weight gradients' pair sums, the grouped Adam) dispatch outside runWebGPUProgram
+  const ownDispatch = (program: string) => add(`${phase} ${program} (${kernels[0] ?? '-'}) @ ${callSite() || gradientOf}`);
+  ownDispatchListeners.add(ownDispatch);
   await trainingStep({ loss: () => nextTokenLoss(model, ids), variables, apply: g => adam.apply(g, 1e-3) }, p => { phase = p === 'forward' ? 'backward' : p === 'backward' ? 'optimizer' : 'read'; });
+  ownDispatchListeners.delete(ownDispatch);
   engine.runKernel = orig;
   for (const [name, { gradFunc }] of gradients) (tf.getGradient(name) as unknown as { gradFunc: unknown }).gradFunc = gradFunc;
   if (runProgram !== undefined) delete backend.runWebGPUProgram;

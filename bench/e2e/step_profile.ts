@@ -11,7 +11,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { SUBMIT_FLOPS_FLAG } from '../../src/backends/webgpu/kernels.js';
-import { GROUPED_ADAM_PROGRAM, groupedAdamDispatchListeners } from '../../src/backends/webgpu/grouped_adam.js';
+import { ownDispatchListeners } from '../../src/backends/webgpu/own_dispatch.js';
 import { fail } from '../../src/ops/validate.js';
 
 /** The phases of one step, in order. */
@@ -119,13 +119,13 @@ export class StepCounter {
       this.programCounts[name] = (this.programCounts[name] ?? 0) + 1;
       this.current.dispatches++;
     });
-    // the grouped Adam records its dispatches itself, outside runWebGPUProgram
-    const grouped = () => {
-      this.programCounts[GROUPED_ADAM_PROGRAM] = (this.programCounts[GROUPED_ADAM_PROGRAM] ?? 0) + 1;
+    // own pipelines (the grouped Adam, the weight gradients' pair sums) record their dispatches outside runWebGPUProgram
+    const own = (program: string) => {
+      this.programCounts[program] = (this.programCounts[program] ?? 0) + 1;
       this.current.dispatches++;
     };
-    groupedAdamDispatchListeners.add(grouped);
-    this.restore.push(() => groupedAdamDispatchListeners.delete(grouped));
+    ownDispatchListeners.add(own);
+    this.restore.push(() => ownDispatchListeners.delete(own));
     // one read of a tensor, whichever method the caller used: cpu's read calls its readSync
     // synchronously, which is not counted again
     let reading = false;
@@ -277,7 +277,7 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
     // the step's recording under backend.time: every program gets a timestamp pair (and its own
     // pass), so this step's wall time means nothing; only the GPU ms per program are kept
     let value: tf.Scalar | undefined;
-    // each program as it is recorded, in the order tfjs times them (the grouped Adam's own passes too)
+    // each program as it is recorded, in the order tfjs times them (own pipelines' passes too)
     const sites: string[] = [];
     const webgpu = tf.backend() as unknown as Record<string, AnyFn>;
     const run = webgpu['runWebGPUProgram'];
@@ -286,8 +286,8 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
       sites.push(`${program.constructor.name} [${program.outputShape.join(',')}] ${(program.shaderKey ?? '').slice(0, 72)}`);
       return run.apply(this, args);
     };
-    const adamSite = () => { sites.push(GROUPED_ADAM_PROGRAM); };
-    groupedAdamDispatchListeners.add(adamSite);
+    const ownSite = (program: string) => { sites.push(program); };
+    ownDispatchListeners.add(ownSite);
     const timing = await tf.time(() => {
       const { value: v, grads } = tf.variableGrads(step.loss, step.variables);
       const list = step.variables.map(x => grads[x.name]);
@@ -297,7 +297,7 @@ export async function profileTrainingStep(step: StepFunctions, options: { gpuTim
     }).finally(() => {
       delete webgpu['runWebGPUProgram'];
       if (webgpu['runWebGPUProgram'] !== run) webgpu['runWebGPUProgram'] = run;
-      groupedAdamDispatchListeners.delete(adamSite);
+      ownDispatchListeners.delete(ownSite);
     }) as unknown as { getExtraProfileInfo?: () => unknown };
     losses.push((await value!.data())[0]);
     value!.dispose();

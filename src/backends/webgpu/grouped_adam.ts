@@ -7,11 +7,8 @@
  * (as torch's fused/foreach Adam does): ceil(variables / K) dispatches a step, K from the device's
  * maxStorageBuffersPerShaderStage (3 bindings a variable; Mesa's GL reports 16: K = 5).
  *
- * The dispatch is recorded into tfjs's own command encoder and compute pass (what runWebGPUProgram
- * does after building its bind group), so it is ordered with tfjs's queued work and adds no
- * submit; it counts towards tfjs's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE like any program. The buffers
- * it reads or writes are marked as owned by the command queue, so a gradient disposed right after
- * the step keeps its buffer until the work is submitted, as with tfjs's programs.
+ * The dispatch is recorded into tfjs's own command encoder and compute pass (own_dispatch.ts), so
+ * it is ordered with tfjs's queued work and adds no submit.
  *
  * In place is only right where nothing else sees the buffer: a variable whose data is shared (a
  * tf.clone, tf.variable(t)'s t, a user's reference: the backend's refCount > 1), or held on a
@@ -25,56 +22,14 @@
  * binding holds it, and a dispatch whose scale is 0 writes nothing.
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { fail } from '../../ops/validate.js';
 import type { AdamEntry, AdamUpdateAttrs } from '../../train/adam_update.js';
+import { backendInternals, bufferOf, ownPipeline, recordOwnDispatch, type WebGPUBackendInternals } from './own_dispatch.js';
 import { FLAT_THREADS } from './programs/shared.js';
-
-/** What is used of tfjs-backend-webgpu's WebGPUBackend (4.22), checked before use. */
-interface WebGPUBackendInternals {
-  device: GPUDevice;
-  queue: GPUQueue;
-  tensorMap: { get(dataId: object): TensorDataLike | undefined };
-  bufferManager: { acquireBuffer(size: number, usage: number): GPUBuffer };
-  commandEncoder: GPUCommandEncoder | null;
-  computePassEncoder: GPUComputePassEncoder | null;
-  dispatchCountInPass: number;
-  commandQueueOwnedIds: WeakSet<object>;
-  uniformPendingDisposal: GPUBuffer[];
-  /** set inside tf.time: each program then gets its own pass, timestamped where supported */
-  activeTimers?: Array<{ name: string; query: Promise<number> }> | null;
-  supportTimestampQuery?: boolean;
-  querySet?: GPUQuerySet | null;
-  querySetCount: number;
-  getQueryTime(): Promise<number>;
-  refCount(dataId: object): number;
-  uploadToGPU(dataId: object): void;
-  ensureCommandEncoderReady(): void;
-  endComputePassEncoder(): void;
-  submitQueue(): void;
-}
-
-/** tfjs-backend-webgpu's TensorData, the part used. */
-interface TensorDataLike {
-  dtype: string;
-  values?: unknown;
-  resource?: unknown;
-  external?: boolean;
-}
 
 const OP = 'groupedAdamUpdate';
 
 function internals(): WebGPUBackendInternals {
-  const b = tf.backend() as unknown as Partial<WebGPUBackendInternals>;
-  const methods = ['refCount', 'uploadToGPU', 'ensureCommandEncoderReady', 'endComputePassEncoder', 'submitQueue', 'getQueryTime'] as const;
-  if (b.device == null || b.queue == null || typeof b.tensorMap?.get !== 'function' || typeof b.bufferManager?.acquireBuffer !== 'function' ||
-      typeof b.dispatchCountInPass !== 'number' || typeof b.querySetCount !== 'number' || !(b.commandQueueOwnedIds instanceof WeakSet) ||
-      !Array.isArray(b.uniformPendingDisposal) || !('computePassEncoder' in b) || !('commandEncoder' in b) ||
-      methods.some(m => typeof b[m] !== 'function')) {
-    fail(OP, "needs tfjs-backend-webgpu 4.22's WebGPUBackend internals (tensorMap, bufferManager, commandEncoder, " +
-        'computePassEncoder, dispatchCountInPass, commandQueueOwnedIds, uniformPendingDisposal, uploadToGPU, submitQueue, getQueryTime) ' +
-        `but the '${tf.getBackend()}' backend lacks some; set tf.env() flag MOE_ADAM_GROUPED to false to update per variable`);
-  }
-  return b as WebGPUBackendInternals;
+  return backendInternals(OP, 'set tf.env() flag MOE_ADAM_GROUPED to false to update per variable');
 }
 
 /** Storage buffers each variable binds: param (read_write), grad (read), moments (read_write). */
@@ -160,27 +115,15 @@ ${cases.join('\n')}
 `;
 }
 
-const pipelines = new WeakMap<GPUDevice, Map<string, GPUComputePipeline>>();
-
 function pipelineFor(device: GPUDevice, k: number, scaled: boolean): GPUComputePipeline {
-  let byKey = pipelines.get(device);
-  if (byKey === undefined) pipelines.set(device, byKey = new Map());
-  const key = `moeGroupedAdam_${k}${scaled ? '_scaled' : ''}`;
-  let pipeline = byKey.get(key);
-  if (pipeline === undefined) {
-    const module = device.createShaderModule({ code: groupedAdamShader(k, scaled), label: key });
-    pipeline = device.createComputePipeline({ layout: 'auto', compute: { module, entryPoint: 'main' }, label: key });
-    byKey.set(key, pipeline);
-  }
-  return pipeline;
+  return ownPipeline(device, `moeGroupedAdam_${k}${scaled ? '_scaled' : ''}`, () => groupedAdamShader(k, scaled));
 }
 
 /** A float32 GPU buffer the backend owns and nothing else references, after uploading it; else null. */
 function ownBuffer(b: WebGPUBackendInternals, t: tf.Tensor): GPUBuffer | null {
   const data = b.tensorMap.get(t.dataId);
   if (data === undefined || data.dtype !== 'float32' || data.external === true || t.size === 0 || b.refCount(t.dataId) !== 1) return null;
-  b.uploadToGPU(t.dataId);
-  return data.resource instanceof GPUBuffer ? data.resource : null;
+  return bufferOf(b, t.dataId);
 }
 
 /** One variable updated in place, with its three buffers. */
@@ -190,9 +133,6 @@ interface GroupedVariable {
   grad: GPUBuffer;
   moments: GPUBuffer;
 }
-
-/** Listeners told of each grouped dispatch (bench/e2e/step_profile.ts counts them with tfjs's programs). */
-export const groupedAdamDispatchListeners = new Set<(variables: number) => void>();
 
 /** The name dispatch counts give this program. */
 export const GROUPED_ADAM_PROGRAM = 'GroupedAdamProgram';
@@ -220,13 +160,12 @@ export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: Ad
   }
   let scaleBuffer: GPUBuffer | undefined;
   if (gradScale !== undefined) {
-    b.uploadToGPU(gradScale.dataId);
-    const resource = b.tensorMap.get(gradScale.dataId)?.resource;
-    if (!(resource instanceof GPUBuffer)) {
+    const buffer = bufferOf(b, gradScale.dataId);
+    if (buffer === null) {
       entries.forEach((_, index) => perVariable(index));
       return;
     }
-    scaleBuffer = resource;
+    scaleBuffer = buffer;
   }
   const grouped: GroupedVariable[] = [];
   const rest: number[] = [];
@@ -236,9 +175,8 @@ export function webgpuGroupedAdamUpdate(entries: readonly AdamEntry[], attrs: Ad
         !moments.isDisposed && tf.util.arraysEqual(grad.shape, param.shape) && moments.size === 2 * param.size && grad.dtype === 'float32';
     const paramBuffer = shapeOk && k > 0 ? ownBuffer(b, param) : null;
     const momentsBuffer = paramBuffer !== null ? ownBuffer(b, moments) : null;
-    if (momentsBuffer !== null) b.uploadToGPU(grad.dataId);
-    const gradBuffer = momentsBuffer !== null ? b.tensorMap.get(grad.dataId)?.resource : undefined;
-    if (paramBuffer !== null && momentsBuffer !== null && gradBuffer instanceof GPUBuffer) {
+    const gradBuffer = momentsBuffer !== null ? bufferOf(b, grad.dataId) : null;
+    if (paramBuffer !== null && momentsBuffer !== null && gradBuffer !== null) {
       grouped.push({ entry, param: paramBuffer, grad: gradBuffer, moments: momentsBuffer });
     } else {
       rest.push(index);
@@ -281,6 +219,7 @@ function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], at
 
   const pipeline = pipelineFor(b.device, k, scale !== undefined);
   const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniform } }];
+  const bound: object[] = [];
   group.forEach(({ entry, param, grad, moments }, s) => {
     const bytesOf = (n: number) => 4 * n;
     entries.push(
@@ -288,41 +227,14 @@ function record(b: WebGPUBackendInternals, group: readonly GroupedVariable[], at
         { binding: 2 + 3 * s, resource: { buffer: grad, size: bytesOf(entry.param.size) } },
         { binding: 3 + 3 * s, resource: { buffer: moments, size: bytesOf(2 * entry.param.size) } });
     for (const t of [entry.param, entry.grad, entry.moments]) {
-      b.commandQueueOwnedIds.add(t.dataId);
+      bound.push(t.dataId);
       // the new values are on the GPU only: a value cached by an earlier read is stale now
       if (t !== entry.grad) b.tensorMap.get(t.dataId)!.values = null;
     }
   });
   if (scale !== undefined) {
     entries.push({ binding: 1 + 3 * k, resource: { buffer: scale.buffer, size: 4 } });
-    b.commandQueueOwnedIds.add(scale.tensor.dataId);
+    bound.push(scale.tensor.dataId);
   }
-  const bindGroup = b.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
-
-  // tfjs's recordAndSubmit from here on: its pass, its submit rule, its timers
-  b.ensureCommandEncoderReady();
-  const timed = b.activeTimers != null;
-  if (timed) {
-    b.endComputePassEncoder();
-    const descriptor: GPUComputePassDescriptor = {};
-    if (b.supportTimestampQuery === true) {
-      b.querySet ??= b.device.createQuerySet({ type: 'timestamp', count: b.querySetCount });
-      descriptor.timestampWrites = { querySet: b.querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 };
-    }
-    b.computePassEncoder = b.commandEncoder!.beginComputePass(descriptor);
-  } else if (b.computePassEncoder === null) {
-    b.computePassEncoder = b.commandEncoder!.beginComputePass({});
-  }
-  b.computePassEncoder.setPipeline(pipeline);
-  b.computePassEncoder.setBindGroup(0, bindGroup);
-  b.computePassEncoder.dispatchWorkgroups(workgroupsX, workgroupsY, 1);
-  b.dispatchCountInPass++;
-  groupedAdamDispatchListeners.forEach(listener => listener(k));
-  if (timed) {
-    b.endComputePassEncoder();
-    b.activeTimers!.push({ name: GROUPED_ADAM_PROGRAM, query: b.getQueryTime() });
-  } else if ((tf.env().get('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE') as number) <= b.dispatchCountInPass) {
-    b.endComputePassEncoder();
-    b.submitQueue();
-  }
+  recordOwnDispatch(b, { program: GROUPED_ADAM_PROGRAM, pipeline, entries, workgroups: [workgroupsX, workgroupsY], bound });
 }
