@@ -15,6 +15,7 @@ import { OpArgumentError } from '../../../src/ops/validate.js';
 import { ADAM_GROUPED_FLAG } from '../../../src/train/adam_update.js';
 import { Adam } from '../../../src/train/optimizer.js';
 import { withTinyMoETraining } from '../../helpers/tiny_moe_adam.js';
+import { allowingNoTimestampWarning } from './helpers.js';
 
 const device = () => (tf.backend() as unknown as { device: GPUDevice }).device;
 
@@ -295,19 +296,7 @@ describe('webgpu: Adam over K variables per dispatch, in place', () => {
       tf.dispose([...variables, ...grads]);
       return { params, names: timing.getExtraProfileInfo().split(', ').map(entry => entry.split(':')[0]) };
     };
-    // tf.time warns once where the adapter has no timestamp queries (Mesa's GL): that warning alone is expected
-    const warn = console.warn;
-    const warnings: string[] = [];
-    console.warn = (...args: unknown[]) => { warnings.push(args.join(' ')); };
-    let grouped: Awaited<ReturnType<typeof run>>;
-    let single: Awaited<ReturnType<typeof run>>;
-    try {
-      grouped = await run();
-      single = await perVariable(run);
-    } finally {
-      console.warn = warn;
-    }
-    for (const w of warnings) expect(w).to.match(/^This device doesn't support timestamp-query extension/);
+    const { grouped, single } = await allowingNoTimestampWarning(async () => ({ grouped: await run(), single: await perVariable(run) }));
     const groups = Math.ceil(sizes.length / groupedAdamCapacity(device().limits));
     expect(grouped.names).to.deep.equal(new Array<string>(groups).fill(GROUPED_ADAM_PROGRAM));
     expect(single.names).to.deep.equal(new Array<string>(2 * sizes.length).fill('AdamUpdateProgram'));

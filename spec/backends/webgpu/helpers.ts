@@ -27,6 +27,22 @@ export function expectedMaxAbsCode(m: number): number {
   return Math.ceil(Math.log2(m)) + 150;
 }
 
+/**
+ * Runs `fn`, letting through tfjs's one warning where the adapter has no timestamp queries (Mesa's GL
+ * here; the H100 has them), which tf.time and tf.profile give there; any other warning fails.
+ */
+export async function allowingNoTimestampWarning<T>(fn: () => Promise<T>): Promise<T> {
+  const warn = console.warn;
+  const warnings: string[] = [];
+  console.warn = (...args: unknown[]) => { warnings.push(args.join(' ')); };
+  try {
+    return await fn();
+  } finally {
+    console.warn = warn;
+    for (const w of warnings) expect(w).to.match(/^This device doesn't support timestamp-query extension/);
+  }
+}
+
 /** numTensors before and after `fn` (which must dispose what it makes) must agree. */
 export async function expectNoLeakAsync(fn: () => Promise<void>, label = 'numTensors'): Promise<void> {
   const before = tf.memory().numTensors;
