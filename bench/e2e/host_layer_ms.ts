@@ -12,6 +12,8 @@
  * --cpu-profile FILE: the L-layer model's recorded steps under V8's sampler, summarized (cpu_profile.ts) into FILE.
  * --uniform-arena off: tfjs-webgpu's own uniform buffers (UNIFORM_ARENA_FLAG false), the comparison in one checkout.
  * --bind-group-cache off: a bind group created per dispatch, tfjs's pool order (BIND_GROUP_CACHE_FLAG false), likewise.
+ * --tf-flags 'NAME=VALUE,...': tf.env() flags set after the ones above (bench/tf_flags.ts), e.g.
+ * WEBGPU_MOE_WEIGHT_GRAD_PAIRS=false for the LoRA factors' gradients apart.
  * --native-timing on: the recorded steps' native WebGPU calls timed (native_timing.ts) into the line's nativeCalls
  * (calls and ms over all of them), and bindGroupsMade, the bind groups the cache made in them (the rest of
  * device.createBindGroup's calls were answered from it); the wrappers cost a little, so not with the timings quoted.
@@ -33,6 +35,7 @@ import { nextTokenLoss } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { seedAdapterInit, seedModelInit } from '../../src/train/seeded_init.js';
 import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
+import { parseTfFlags, setTfFlags } from '../tf_flags.js';
 
 await setUpNarrowWebGPU();
 const layers = Number(commandLineFlag('layers', '3'));
@@ -43,6 +46,8 @@ tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', Number.MAX_SAFE_INTEGER);
 tf.env().set(SUBMIT_FLOPS_FLAG, Infinity);
 tf.env().set(UNIFORM_ARENA_FLAG, commandLineFlag('uniform-arena', 'on') !== 'off');
 tf.env().set(BIND_GROUP_CACHE_FLAG, commandLineFlag('bind-group-cache', 'on') !== 'off');
+const tfFlags = commandLineFlag('tf-flags', '');
+if (tfFlags !== '') setTfFlags(parseTfFlags(tfFlags));
 
 async function tinyModel(n: number) {
   const cfg = { ...narrowOlmoeConfig(n), hidden_size: 64, intermediate_size: 32, moe_intermediate_size: 32, num_experts: 8, vocab_size: 50, num_attention_heads: 4, num_key_value_heads: 4 };

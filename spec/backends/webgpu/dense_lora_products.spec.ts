@@ -18,17 +18,20 @@ import '@tensorflow/tfjs-layers';
 import { expect } from 'chai';
 import {
   DENSE_GRAD_CHUNK_ROWS_FLAG, DENSE_NARROW_PRODUCTS_FLAG, denseNarrowLayoutFor, type KernelArgs, NARROW_PRODUCTS_FLAG,
-  runNarrowDenseProduct, runNarrowDenseWeightGrad,
+  runNarrowDenseProduct, runNarrowDenseWeightGrad, runNarrowDenseWeightGradPair,
 } from '../../../src/backends/webgpu/kernels.js';
 import {
   DENSE_NARROW_LANES, DENSE_NARROW_ROWS_PER_THREAD, type DenseNarrowLanes, DenseNarrowMatMulProgram,
 } from '../../../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import { loraLinear } from '../../../src/ops/lora/linear.js';
+import { OpArgumentError } from '../../../src/ops/validate.js';
 import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
-import { WEIGHT_GRAD_PRODUCT, weightGradProduct } from '../../../src/ops/weight_grad_product.js';
+import { WEIGHT_GRAD_PRODUCT, weightGradProduct, weightGradProductPair } from '../../../src/ops/weight_grad_product.js';
+import { ownDispatchListeners } from '../../../src/backends/webgpu/own_dispatch.js';
+import { NARROW_GRAD_PAIR_SUM_PROGRAM, WEIGHT_GRAD_PAIRS_FLAG } from '../../../src/backends/webgpu/weight_grad_pairs.js';
 import { asF32, Rng, tensorOf } from '../../helpers/numeric.js';
-import { expectCloseAsync, expectNoLeakAsync, withEnvFlag, withHostUploads, withShaderKeys } from './helpers.js';
+import { allowingNoTimestampWarning, expectCloseAsync, expectNoLeakAsync, withEnvFlag, withHostUploads, withShaderKeys } from './helpers.js';
 
 /** float64 a·op(b): a [m, k], b [k, n] or ([n, k], transposeB); op(a) = aᵀ with transposeA (a [k, m]) */
 function product64(a: Float64Array, b: Float64Array, m: number, k: number, n: number, transposeA: boolean, transposeB: boolean): Float64Array {
@@ -52,17 +55,30 @@ const sum = (u: Float64Array, v: Float64Array) => u.map((e, i) => e + v[i]);
  * the scaled program, tfjs's matMul
  */
 function families(keys: string[]): { narrowProduct: number; denseProduct: number; narrowInner: number; narrowGrad: number;
-    narrowGradSum: number; narrowPlanned: number; scaled: number; tfjsMatMul: number } {
+    narrowGradPair: number; narrowGradSum: number; narrowPlanned: number; scaled: number; tfjsMatMul: number } {
   return {
     narrowPlanned: keys.filter(k => k.startsWith('moeNarrow') && !k.endsWith('_single')).length,
     narrowInner: keys.filter(k => k.startsWith('moeNarrowInnerGroupedMatMul')).length,
     narrowProduct: keys.filter(k => k.startsWith('moeNarrowGroupedMatMul') || k.startsWith('moeDenseNarrowMatMul')).length,
     denseProduct: keys.filter(k => k.startsWith('moeDenseNarrowMatMul')).length,
     narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad_')).length,
+    narrowGradPair: keys.filter(k => k.startsWith('moeNarrowWeightGradPair_')).length,
     narrowGradSum: keys.filter(k => k.startsWith('moeNarrowWeightGradSum')).length,
     scaled: keys.filter(k => k.startsWith('moeScaledMatMul')).length,
     tfjsMatMul: keys.filter(k => /^matMul/i.test(k)).length,
   };
+}
+
+/** Runs `fn` with the names of the own dispatches recorded meanwhile (recordOwnDispatch's), in order. */
+async function withOwnDispatches<T>(fn: (recorded: string[]) => Promise<T>): Promise<T> {
+  const recorded: string[] = [];
+  const listener = (program: string) => { recorded.push(program); };
+  ownDispatchListeners.add(listener);
+  try {
+    return await fn(recorded);
+  } finally {
+    ownDispatchListeners.delete(listener);
+  }
 }
 
 /** Both flags the dense narrow route needs, on or off (both on by default). */
@@ -96,18 +112,20 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
         const [xt, Wt, At, Bt, dyt] = [tensorOf(x, [n, inSize]), tensorOf(W, [out, inSize]), tensorOf(A, [r, inSize]),
           tensorOf(B, [out, r]), tensorOf(dy, [n, out])] as tf.Tensor2D[];
         await withDenseNarrow(narrow, () => expectNoLeakAsync(async () => {
-          const { keys, value, grads } = await withShaderKeys(async recorded => {
+          const { keys, value, grads, sums } = await withShaderKeys(recorded => withOwnDispatches(async own => {
             const result = tf.valueAndGrads((xs: tf.Tensor, a: tf.Tensor, b: tf.Tensor) =>
               loraLinear(xs as tf.Tensor2D, Wt, null, [{ A: a as tf.Tensor2D, B: b as tf.Tensor2D, scaling: s }]))([xt, At, Bt], dyt);
-            return { keys: [...recorded], ...result };
-          });
+            return { keys: [...recorded], sums: [...own], ...result };
+          }));
           const seen = families(keys);
           if (narrow) {
-            // s·x·Aᵀ forward, s·dy·B backward, both DenseNarrowMatMulProgram; dA and dB
+            // s·x·Aᵀ forward, s·dy·B backward, both DenseNarrowMatMulProgram; dA and dB as a pair: one
+            // program for both chunked sums, one own dispatch adding them
             expect(seen.denseProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
             expect(seen.narrowProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
-            expect(seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(2);
-            expect(seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(2);
+            expect(seen.narrowGradPair, `shader keys: ${keys.join(', ')}`).to.equal(1);
+            expect(seen.narrowGrad + seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(0);
+            expect(sums).to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // the expansions y + u·Bᵀ and dx + g·A, their sums in the same program
             expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(2);
@@ -116,8 +134,9 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             // tfjs's matMul is left the base dy·W (x·Wᵀ is the grouped program with one group)
             expect(seen.tfjsMatMul, `shader keys: ${keys.join(', ')}`).to.be.at.most(1);
           } else {
-            expect(seen.narrowProduct + seen.narrowInner + seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(0);
+            expect(seen.narrowProduct + seen.narrowInner + seen.narrowGrad + seen.narrowGradPair, `shader keys: ${keys.join(', ')}`).to.equal(0);
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(2);
+            expect(sums).to.deep.equal([]);
           }
           await expectCloseAsync(value, y64, 1e-5, 'y', [n, out]);
           await expectCloseAsync(grads[0], dx64, 1e-5, 'dx', [n, inSize]);
@@ -297,8 +316,8 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
     const t = (shape: [number, number]) => tensorOf(asF32(rng.array(shape[0] * shape[1])), shape) as tf.Tensor2D;
     const [x, A, B, dy, u, g, y, dx] = [t([n, inSize]), t([r, inSize]), t([out, r]), t([n, out]), t([n, r]), t([n, r]),
       t([n, out]), t([n, inSize])];
-    const layer = () => [scaledMatMul(x, A, true, 2), scaledMatMul(dy, B, false, 2), weightGradProduct(g, x),
-      weightGradProduct(dy, u), matMulAdd(u, B, false, true, y), matMulAdd(g, A, false, false, dx)];
+    const layer = () => [scaledMatMul(x, A, true, 2), scaledMatMul(dy, B, false, 2), ...weightGradProductPair(g, x, dy, u),
+      matMulAdd(u, B, false, true, y), matMulAdd(g, A, false, false, dx)];
     await withDenseNarrow(true, async () => {
       // the counter sees what the first version did per call: a one-group plan made with values and uploaded
       const backend = tf.backend() as unknown as {
@@ -320,7 +339,7 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
           return { keys: recorded, counted: { ...uploads }, outs: results };
         }));
         const seen = families(keys);
-        expect(seen.narrowProduct + seen.narrowInner + seen.narrowGrad, `shader keys: ${keys.join(', ')}`).to.equal(6);
+        expect(seen.narrowProduct + seen.narrowInner + seen.narrowGradPair, `shader keys: ${keys.join(', ')}`).to.equal(5);
         // u and g on DenseNarrowMatMulProgram: the check covers the kernel's program
         expect(seen.denseProduct, `shader keys: ${keys.join(', ')}`).to.equal(2);
         expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
@@ -365,6 +384,124 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
       expect(partialShapes).to.deep.equal([[Math.ceil(rows / 7), P, Q], [Math.ceil(rows / 128), P, Q]]);
     }));
     tf.dispose([at, bt]);
+  });
+
+  // a projection's two factor gradients together (dA = gᵀ·x narrow on P, dB = dyᵀ·u narrow on Q, as
+  // loraLinear pairs them; or both on P), at equal and unequal ranks (the staged rows sized by the
+  // wider), the second product's column blocks after the first's two (wide 300, then 70 or 300)
+  const pairs: Array<{ name: string; shapes: [[number, number], [number, number]] }> = [
+    { name: 'dA r 8 · dB r 8', shapes: [[8, 300], [70, 8]] },
+    { name: 'dA r 1 · dB r 16', shapes: [[1, 300], [300, 16]] },
+    { name: 'both narrow on P, r 16 and 4', shapes: [[16, 300], [4, 70]] },
+  ];
+  for (const rows of rowCounts) {
+    for (const { name, shapes } of pairs) {
+      it(`weight gradient pair over ${rows} rows, ${name}: the two weightGradProducts' results bit for bit (float64 within ` +
+          '1e-5), in NarrowWeightGradPairProgram and one own sum, at chunks of 128, 7 and 100 rows', async () => {
+        const rng = new Rng(rows * 19 + shapes[0][0] + shapes[1][1]);
+        const [[P0, Q0], [P1, Q1]] = shapes;
+        const [a0, b0, a1, b1] = [rows * P0, rows * Q0, rows * P1, rows * Q1].map(size => asF32(rng.array(size)));
+        const [a0t, b0t, a1t, b1t] = [tensorOf(a0, [rows, P0]), tensorOf(b0, [rows, Q0]), tensorOf(a1, [rows, P1]),
+          tensorOf(b1, [rows, Q1])] as tf.Tensor2D[];
+        const backend = tf.backend() as unknown as { numDataIds(): number };
+        const dataIds = backend.numDataIds();
+        await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+          const { keys, sums, pair } = await withShaderKeys(recorded => withOwnDispatches(async own =>
+            ({ pair: weightGradProductPair(a0t, b0t, a1t, b1t), keys: [...recorded], sums: [...own] })));
+          const seen = families(keys);
+          expect(seen.narrowGradPair, `shader keys: ${keys.join(', ')}`).to.equal(1);
+          expect(seen.narrowGrad + seen.narrowGradSum + seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
+          expect(sums).to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
+          const apart = [weightGradProduct(a0t, b0t), weightGradProduct(a1t, b1t)];
+          for (const [i, [P, Q]] of shapes.entries()) {
+            expect(pair[i].shape).to.deep.equal([P, Q]);
+            expect(Array.from(await pair[i].data()), `product ${i}: bit for bit apart`).to.deep.equal(Array.from(await apart[i].data()));
+            await expectCloseAsync(pair[i], product64([a0, a1][i], [b0, b1][i], P, rows, Q, true, false), 1e-5, `product ${i}`, [P, Q]);
+          }
+          tf.dispose([...pair, ...apart]);
+          for (const chunkRows of [7, 100]) {
+            const args = kernelArgs();
+            const chunked = runNarrowDenseWeightGradPair(args, a0t, b0t, a1t, b1t, chunkRows).map(t => tf.engine().makeTensorFromTensorInfo(t));
+            const single = [runNarrowDenseWeightGrad(args, a0t, b0t, chunkRows), runNarrowDenseWeightGrad(args, a1t, b1t, chunkRows)]
+                .map(t => tf.engine().makeTensorFromTensorInfo(t));
+            for (let i = 0; i < 2; i++) {
+              expect(Array.from(await chunked[i].data()), `product ${i} at ${chunkRows} rows a chunk: bit for bit apart`)
+                  .to.deep.equal(Array.from(await single[i].data()));
+            }
+            tf.dispose([...chunked, ...single]);
+          }
+        }));
+        // the partial sums are backend data, not tensors
+        expect(backend.numDataIds(), 'backend data left behind').to.equal(dataIds);
+        tf.dispose([a0t, b0t, a1t, b1t]);
+      });
+    }
+  }
+
+  it(`the pair apart: ${WEIGHT_GRAD_PAIRS_FLAG} off, a product past r 16, unequal rows or no rows take the products one at a ` +
+      'time; as float64 gives them', async () => {
+    const rng = new Rng(91);
+    const cases: Array<{ name: string; flag: boolean; shapes: Array<[number, number, number]>; programs: Partial<ReturnType<typeof families>> }> = [
+      { name: 'flag off', flag: false, shapes: [[333, 8, 300], [333, 70, 8]], programs: { narrowGrad: 2, narrowGradSum: 2 } },
+      { name: 'r 20', flag: true, shapes: [[40, 20, 300], [40, 70, 8]], programs: { narrowGrad: 1, narrowGradSum: 1, tfjsMatMul: 1 } },
+      { name: 'unequal rows', flag: true, shapes: [[17, 8, 300], [33, 70, 8]], programs: { narrowGrad: 2, narrowGradSum: 2 } },
+      { name: 'no rows', flag: true, shapes: [[0, 8, 300], [0, 70, 8]], programs: { narrowGrad: 0, narrowGradSum: 0 } },
+    ];
+    for (const { name, flag, shapes, programs } of cases) {
+      const values = shapes.flatMap(([n, P, Q]) => [asF32(rng.array(n * P)), asF32(rng.array(n * Q))]);
+      const tensors = shapes.flatMap(([n, P, Q], i) => [tensorOf(values[2 * i], [n, P]), tensorOf(values[2 * i + 1], [n, Q])]) as tf.Tensor2D[];
+      await withDenseNarrow(true, () => withEnvFlag(WEIGHT_GRAD_PAIRS_FLAG, flag, () => expectNoLeakAsync(async () => {
+        const { keys, sums, pair } = await withShaderKeys(recorded => withOwnDispatches(async own =>
+          ({ pair: weightGradProductPair(tensors[0], tensors[1], tensors[2], tensors[3]), keys: [...recorded], sums: [...own] })));
+        const seen = families(keys);
+        for (const [family, count] of Object.entries(programs)) {
+          expect(seen[family as keyof typeof seen], `${name}: ${family} (shader keys: ${keys.join(', ')})`).to.equal(count);
+        }
+        expect(seen.narrowGradPair, `${name}: shader keys: ${keys.join(', ')}`).to.equal(0);
+        expect(sums, name).to.deep.equal([]);
+        for (const [i, [n, P, Q]] of shapes.entries()) {
+          await expectCloseAsync(pair[i], product64(values[2 * i], values[2 * i + 1], P, n, Q, true, false), 1e-5, `${name}: product ${i}`, [P, Q]);
+        }
+        tf.dispose(pair);
+      })));
+      tf.dispose(tensors);
+    }
+  });
+
+  it(`the pair refuses clearly where the backend lacks the internals its sum records into, naming ${WEIGHT_GRAD_PAIRS_FLAG}; ` +
+      'nothing left behind', async () => {
+    const [g, x, dy, u] = [tf.ones([33, 8]), tf.ones([33, 40]), tf.ones([33, 24]), tf.ones([33, 8])] as tf.Tensor2D[];
+    const backend = tf.backend() as unknown as { commandQueueOwnedIds: unknown; numDataIds(): number };
+    const own = backend.commandQueueOwnedIds;
+    const dataIds = backend.numDataIds();
+    backend.commandQueueOwnedIds = undefined;
+    try {
+      await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+        expect(() => weightGradProductPair(g, x, dy, u)).to.throw(OpArgumentError,
+            new RegExp(`weightGradProductPair\\(\\)\`: needs tfjs-backend-webgpu 4\\.22's WebGPUBackend internals .* ${WEIGHT_GRAD_PAIRS_FLAG} to false`));
+      }));
+    } finally {
+      backend.commandQueueOwnedIds = own;
+    }
+    expect(backend.numDataIds(), 'backend data left behind').to.equal(dataIds);
+    tf.dispose([g, x, dy, u]);
+  });
+
+  it('the pair inside tf.time: its sum in a pass of its own, named in the profile, the results as outside', async () => {
+    const [rows, r, inSize, out] = [333, 8, 300, 70];
+    const rng = new Rng(93);
+    const [g, x, dy, u] = [[rows, r], [rows, inSize], [rows, out], [rows, r]].map(shape =>
+      tensorOf(asF32(rng.array(shape[0] * shape[1])), shape)) as tf.Tensor2D[];
+    await withDenseNarrow(true, () => expectNoLeakAsync(async () => {
+      const outside = weightGradProductPair(g, x, dy, u);
+      let timed: tf.Tensor2D[] = [];
+      const info = await allowingNoTimestampWarning(() => tf.time(() => { timed = weightGradProductPair(g, x, dy, u); })) as unknown as
+          { getExtraProfileInfo?: () => string };
+      expect(info.getExtraProfileInfo?.() ?? '', 'the profile names the sum').to.include(NARROW_GRAD_PAIR_SUM_PROGRAM);
+      for (let i = 0; i < 2; i++) expect(Array.from(await timed[i].data())).to.deep.equal(Array.from(await outside[i].data()));
+      tf.dispose([...outside, ...timed]);
+    }));
+    tf.dispose([g, x, dy, u]);
   });
 
   it(`rejects a ${DENSE_GRAD_CHUNK_ROWS_FLAG} that is not an integer in [1, 2^24], naming the op and the flag`, async () => {

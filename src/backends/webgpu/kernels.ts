@@ -15,8 +15,8 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  NARROW_MAX_COLS, narrowGradChunkRows, narrowGradUnitRows, NarrowGroupedMatMulProgram, narrowRowsPerThread, NarrowWeightGradProgram,
-  type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
+  NARROW_MAX_COLS, narrowGradChunkRows, narrowGradPairLayout, type NarrowGradProduct, narrowGradUnitRows, NarrowGroupedMatMulProgram,
+  narrowRowsPerThread, NarrowWeightGradPairProgram, NarrowWeightGradProgram, type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
   denseNarrowBlockRows, DenseNarrowMatMulProgram, type DenseNarrowMatMulLayout, type DenseNarrowRowsPerThread,
@@ -68,12 +68,13 @@ import {
 import { ATTENTION, ATTENTION_GRAD, type AttentionAttrs, registerTensorCoreAttention } from '../../ops/attention_core.js';
 import { ScaledMatMulProgram } from './programs/scaled_matmul_program.js';
 import { SCALED_MATMUL, type ScaledMatMulAttrs } from '../../ops/scaled_matmul.js';
-import { WEIGHT_GRAD_PRODUCT } from '../../ops/weight_grad_product.js';
+import { WEIGHT_GRAD_PRODUCT, WEIGHT_GRAD_PRODUCT_PAIR } from '../../ops/weight_grad_product.js';
 import { BATCH_PRODUCT, type BatchProductAttrs } from '../../ops/batch_product.js';
 import { installUniformArena } from './uniform_arena.js';
 import { installWrittenUploads } from './written_uploads.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
 import { installBindGroupCache } from './bind_groups.js';
+import { narrowGradPairSumBackend, recordNarrowGradPairSum, WEIGHT_GRAD_PAIRS_FLAG } from './weight_grad_pairs.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -268,6 +269,13 @@ tf.env().registerFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, () => 128);
 export const DENSE_GRAD_CHUNK_ROWS_FLAG = 'WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS';
 tf.env().registerFlag(DENSE_GRAD_CHUNK_ROWS_FLAG, () => 128);
 
+/**
+ * tf.env() flag WEBGPU_MOE_WEIGHT_GRAD_PAIRS (WEIGHT_GRAD_PAIRS_FLAG, default true): a LoRA
+ * projection's dA and dB (MoEWeightGradProductPair) in two dispatches together
+ * (runNarrowDenseWeightGradPair) instead of two each; false: each apart, as before (the A/B).
+ */
+tf.env().registerFlag(WEIGHT_GRAD_PAIRS_FLAG, () => true);
+
 /** The parts of WebGPUBackend this uses that its typings keep private. */
 interface CommandQueueInternals {
   dispatchCountInPass?: number;
@@ -282,7 +290,7 @@ interface CommandQueueInternals {
  */
 function runGroupedProduct(
     args: KernelArgs,
-    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | DenseNarrowMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
+    program: GroupedMatMulProgram | NarrowGroupedMatMulProgram | DenseNarrowMatMulProgram | NarrowInnerGroupedMatMulProgram | GroupedWeightGradProgram | NarrowWeightGradProgram | NarrowWeightGradPairProgram | SubgroupMatrixMatMulProgram | SubgroupMatrixWeightGradProgram,
     inputs: tf.TensorInfo[],
     uniforms: ProgramUniformEntry[], flops: number, output?: tf.TensorInfo): tf.TensorInfo {
   const backend = webgpu(args);
@@ -1807,15 +1815,62 @@ const weightGradProductConfig: tf.KernelConfig = {
   backendName: BACKEND,
   kernelFunc: (args: KernelArgs) => {
     const { a, b } = args.inputs as Record<string, tf.TensorInfo>;
-    if (a.shape[0] === 0) {
-      return tf.getKernel(tf.Fill, BACKEND)!.kernelFunc({
-        inputs: {}, backend: args.backend, attrs: { shape: [a.shape[1], b.shape[1]], value: 0, dtype: 'float32' },
-      }) as tf.TensorInfo;
-    }
-    if (denseNarrowFits(a.shape[0], Math.min(a.shape[1], b.shape[1]))) return runNarrowDenseWeightGrad(args, a, b);
-    return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
-      inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
+    return weightGradProductOnWebGPU(args, a, b);
+  },
+};
+
+/** MoEWeightGradProduct's aᵀ·b (see weightGradProductConfig). */
+function weightGradProductOnWebGPU(args: KernelArgs, a: tf.TensorInfo, b: tf.TensorInfo): tf.TensorInfo {
+  if (a.shape[0] === 0) {
+    return tf.getKernel(tf.Fill, BACKEND)!.kernelFunc({
+      inputs: {}, backend: args.backend, attrs: { shape: [a.shape[1], b.shape[1]], value: 0, dtype: 'float32' },
     }) as tf.TensorInfo;
+  }
+  if (denseNarrowFits(a.shape[0], Math.min(a.shape[1], b.shape[1]))) return runNarrowDenseWeightGrad(args, a, b);
+  return tf.getKernel(tf.BatchMatMul, BACKEND)!.kernelFunc({
+    inputs: { a, b }, backend: args.backend, attrs: { transposeA: true, transposeB: false },
+  }) as tf.TensorInfo;
+}
+
+/**
+ * [a0ᵀ·b0, a1ᵀ·b1] over the same N rows, both narrow (a LoRA projection's dA = gᵀ·x and dB = dyᵀ·u):
+ * NarrowWeightGradPairProgram's chunks of DENSE_GRAD_CHUNK_ROWS_FLAG's rows for both products,
+ * then one sum of our own into both gradients (weight_grad_pairs.ts): two dispatches where
+ * runNarrowDenseWeightGrad takes two per product, with the same gradients bit for bit.
+ */
+export function runNarrowDenseWeightGradPair(args: KernelArgs, a0: tf.TensorInfo, b0: tf.TensorInfo, a1: tf.TensorInfo, b1: tf.TensorInfo,
+    chunkRows = denseGradChunkRows()): [tf.TensorInfo, tf.TensorInfo] {
+  const backend = webgpu(args);
+  const own = narrowGradPairSumBackend();  // before the first program: a refusal leaves nothing behind
+  const rows = a0.shape[0];
+  const products: [NarrowGradProduct, NarrowGradProduct] = [{ P: a0.shape[1], Q: b0.shape[1] }, { P: a1.shape[1], Q: b1.shape[1] }];
+  const program = new NarrowWeightGradPairProgram(rows, chunkRows, products);
+  const { parts, perUnit } = narrowGradPairLayout(products);
+  const flops = products.reduce((sum, { P, Q }) => sum + 2 * rows * P * Q, 0);
+  const partial = runGroupedProduct(args, program, [a0, b0, a1, b1],
+      intUniforms(products[0].P, products[0].Q, products[1].P, products[1].Q, rows, chunkRows, perUnit, parts[1].firstBlock, parts[1].offset), flops);
+  const gradients = recordNarrowGradPairSum(own, partial, parts);
+  // kept by the command queue until the sum is submitted
+  backend.disposeData(partial.dataId);
+  return gradients;
+}
+
+/**
+ * weightGradProductPair's MoEWeightGradProductPair (src/ops/weight_grad_product.ts): two products
+ * aᵀ·b as MoEWeightGradProduct computes each; runNarrowDenseWeightGradPair where both take the
+ * narrow programs over the same rows and WEIGHT_GRAD_PAIRS_FLAG is on, else one at a time.
+ */
+const weightGradProductPairConfig: tf.KernelConfig = {
+  kernelName: WEIGHT_GRAD_PRODUCT_PAIR,
+  backendName: BACKEND,
+  kernelFunc: (args: KernelArgs) => {
+    const { a0, b0, a1, b1 } = args.inputs as Record<string, tf.TensorInfo>;
+    const rows = a0.shape[0];
+    const narrow = (a: tf.TensorInfo, b: tf.TensorInfo) => denseNarrowFits(rows, Math.min(a.shape[1], b.shape[1]));
+    if (tf.env().getBool(WEIGHT_GRAD_PAIRS_FLAG) && a1.shape[0] === rows && narrow(a0, b0) && narrow(a1, b1)) {
+      return runNarrowDenseWeightGradPair(args, a0, b0, a1, b1);
+    }
+    return [weightGradProductOnWebGPU(args, a0, b0), weightGradProductOnWebGPU(args, a1, b1)];
   },
 };
 
@@ -1937,5 +1992,5 @@ export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, sumOfSquaresConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig, maskedSoftmaxConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, batchProductConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, weightGradProductPairConfig, batchProductConfig,
 ];

@@ -20,7 +20,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { GradSaveFunc, Scalar, Tensor, Tensor1D, Tensor2D } from '@tensorflow/tfjs-core';
 import { matMulAdd } from '../matmul_add.js';
 import { scaledMatMul } from '../scaled_matmul.js';
-import { weightGradProduct } from '../weight_grad_product.js';
+import { weightGradProductPair } from '../weight_grad_product.js';
 import { assertDenseWeight, denseWeightMatMul, type DenseWeightTensor } from '../packed.js';
 import { passScalar } from '../pass_constants.js';
 import { assertFiniteNumber, assertShape, assertTensor, fail } from '../validate.js';
@@ -55,8 +55,9 @@ function loraBranchDown(input: Tensor2D, A: Tensor2D, scaling: number | Scalar):
  * input, its scaled down-projection) and g = s·(dy·B) [N, r], which the input's part g·A also reads.
  */
 function loraFactorGrads(dy: Tensor2D, input: Tensor2D, down: Tensor2D, g: Tensor2D): { dA: Tensor2D; dB: Tensor2D } {
-  // the factors' gradients sum N rows into r-wide results: one memory-speed kernel where the backend has one
-  return { dA: weightGradProduct(g, input), dB: weightGradProduct(dy, down) };  // [r, in], [out, r]
+  // the factors' gradients sum N rows into r-wide results: one memory-speed kernel for both where the backend has one
+  const [dA, dB] = weightGradProductPair(g, input, dy, down);  // [r, in], [out, r]
+  return { dA, dB };
 }
 
 /**

@@ -34,7 +34,9 @@ export const NARROW_MAX_COLS = 16;
 /** Reduction depth staged per chunk: 16 lanes × 4 columns each. */
 const BK = 64;
 const LANES = TILE_THREADS;
-const THREADS = TILE_THREADS * TILE_THREADS;
+/** Threads of a workgroup of the narrow programs: NarrowWeightGradProgram's column block is this wide. */
+export const NARROW_THREADS = TILE_THREADS * TILE_THREADS;
+const THREADS = NARROW_THREADS;
 
 export interface NarrowGroupedMatMulSpec {
   source: RowSource;
@@ -328,24 +330,16 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
   }
 
   getUserCode(): string {
-    const width = this.width;
     const narrowP = this.spec.narrow === 'P';
     // the narrow operand's loader (the wide one is wideRowSnippet's)
     const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, ...(narrowP ? { right: 'rows' } : { left: 'rows', scaleLeft: false }) });
-    const loadNarrow = narrowP ? 'loadL(row, j)' : 'loadR(row, j)';
-    const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
     // rows past `rows` load 0 (and their staged narrow values are 0 too); a gathered or scaled row's
     // start and scale staged, a plain row's computed in place (staging those cost Z14's dense
     // gradients 35 → 44 µs a call)
     const staged = this.stagesWideRows();
-    const wide = (u: number) => (staged ? `wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]`
-      : `wideAt(wideBase(start + r0 + rr0 + ${u}), c)`);
-    const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
-      `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { v${u} = ${wide(u)}; }`);
-    const sums = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
-      `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
+    const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
     return `
-      var<workgroup> Ns : array<f32, ${GRAD_ROWS * width}>;
+      var<workgroup> Ns : array<f32, ${GRAD_ROWS * this.width}>;
       ${staged ? `var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
       var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;` : ''}
       var<workgroup> chunkStart : i32;
@@ -357,8 +351,6 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
       fn main() {
         let lid = i32(localIndex);
         let unit = i32(workgroupId.y);
-        let c = i32(workgroupId.x) * ${THREADS} + lid;
-        let live = c < ${wideSize};
         if (lid == 0) {
           let row0 = unit * ${this.spec.singleGroup ? 'uniforms.chunkRows' : 'uniforms.unitRows'};
           ${this.chunkSnippet()}
@@ -367,6 +359,48 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
         }
         let start = workgroupUniformLoad(&chunkStart);
         let count = workgroupUniformLoad(&chunkCount);
+        ${chunkSumsSnippet({
+          width: this.width, wideSize, column: `i32(workgroupId.x) * ${THREADS} + lid`,
+          loadNarrow: narrowP ? 'loadL(row, j)' : 'loadR(row, j)',
+          wide: u => (staged ? `wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]` : `wideAt(wideBase(start + r0 + rr0 + ${u}), c)`),
+          stageWideRows: staged, store: j => `result[(unit * ${this.width} + ${j}) * ${wideSize} + c]`,
+        })}
+      }
+    `;
+  }
+}
+
+/** One product's part of a chunk's partial sums (chunkSumsSnippet), in WGSL expressions. */
+interface ChunkSums {
+  /** the narrow operand's columns: the sums a thread keeps */
+  width: number;
+  /** the wide operand's columns */
+  wideSize: string;
+  /** the thread's wide column c (lid and the workgroup in scope) */
+  column: string;
+  /** the narrow operand's element j of row `row` */
+  loadNarrow: string;
+  /** the wide operand's column c of the staged row rr0 + u (start, r0, rr0, c in scope) */
+  wide: (u: number) => string;
+  /** the wide rows' starts and scales are staged in wideRows and wideScales (wideBase, wideScale in scope) */
+  stageWideRows: boolean;
+  /** where sum j of this unit goes (unit, c in scope) */
+  store: (j: string) => string;
+}
+
+/**
+ * WGSL statements: the sums over the chunk's `count` rows from `start` of one wide column c with
+ * each of the narrow operand's `width` columns, staged GRAD_ROWS rows at a time in Ns, stored where
+ * `store` says (lid, unit, start and count in scope, all but lid workgroup-uniform).
+ */
+function chunkSumsSnippet(sums: ChunkSums): string {
+  const { width } = sums;
+  const loads = Array.from({ length: GRAD_UNROLL }, (_, u) =>
+    `var v${u} = 0.0;\n              if (rr0 + ${u} < rows) { v${u} = ${sums.wide(u)}; }`);
+  const fmas = Array.from({ length: GRAD_UNROLL }, (_, u) => Array.from({ length: width }, (_, j) =>
+    `acc[${j}] = fma(v${u}, Ns[(rr0 + ${u}) * ${width} + ${j}], acc[${j}]);`).join('\n              '));
+  return `let c = ${sums.column};
+        let live = c < ${sums.wideSize};
         var acc : array<f32, ${width}>;
         for (var r0 = 0; r0 < count; r0 += ${GRAD_ROWS}) {
           for (var i = lid; i < ${GRAD_ROWS * width}; i += ${THREADS}) {
@@ -374,10 +408,10 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
             let j = i % ${width};
             let row = start + r0 + rr;
             var v = 0.0;
-            if (r0 + rr < count) { v = ${loadNarrow}; }
+            if (r0 + rr < count) { v = ${sums.loadNarrow}; }
             Ns[i] = v;
           }
-          ${staged ? `if (lid < ${GRAD_ROWS}) {
+          ${sums.stageWideRows ? `if (lid < ${GRAD_ROWS}) {
             let row = start + r0 + min(lid, count - r0 - 1);
             wideRows[lid] = wideBase(row);
             wideScales[lid] = wideScale(row);
@@ -389,20 +423,17 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
             // reads in flight (a plain loop over rows would wait on each load in turn)
             for (var rr0 = 0; rr0 < rows; rr0 += ${GRAD_UNROLL}) {
               ${loads.join('\n              ')}
-              ${sums.join('\n              ')}
+              ${fmas.join('\n              ')}
             }
           }
           workgroupBarrier();
         }
-        // units that start no chunk write nothing: the sum program reads only the chunks' units
+        // units that start no chunk write nothing: the sum reads only the chunks' units
         if (live && count > 0) {
           for (var j = 0; j < ${width}; j++) {
-            result[(unit * ${width} + j) * ${wideSize} + c] = acc[j];
+            ${sums.store('j')} = acc[j];
           }
-        }
-      }
-    `;
-  }
+        }`;
 }
 
 export class NarrowWeightGradSumProgram implements WebGPUProgram {
@@ -471,6 +502,115 @@ export class NarrowWeightGradSumProgram implements WebGPUProgram {
           s += partial[((firstUnit + k * unitStep) * ${narrowSize} + j) * ${wideSize} + c];
         }
         result[${outIndex}] = uniforms.alpha * s;
+      }
+    `;
+  }
+}
+
+/** One product aᵀ·b of a NarrowWeightGradPairProgram: a [N, P], b [N, Q], P or Q ≤ NARROW_MAX_COLS. */
+export interface NarrowGradProduct {
+  P: number;
+  Q: number;
+}
+
+/** Where a NarrowWeightGradPairProgram puts a product's partial sums: its narrow side, and its part of a unit's row. */
+export interface NarrowGradPart extends NarrowGradProduct {
+  narrow: 'P' | 'Q';
+  /** the narrow side's columns */
+  width: number;
+  /** the wide side's columns */
+  wide: number;
+  /** the workgroups along x over the wide side, and the first of them */
+  blocks: number;
+  firstBlock: number;
+  /** where its [width, wide] partial sums start in each unit's row of the output */
+  offset: number;
+}
+
+/** The layout of two products' partial sums in one unit's row (NarrowWeightGradPairProgram's output [units, perUnit]). */
+export function narrowGradPairLayout(products: readonly [NarrowGradProduct, NarrowGradProduct]): { parts: [NarrowGradPart, NarrowGradPart]; perUnit: number } {
+  let offset = 0;
+  let firstBlock = 0;
+  const parts = products.map(({ P, Q }, i) => {
+    const narrow = P <= Q ? 'P' : 'Q';
+    const width = checkNarrow(`NarrowWeightGradPairProgram product ${i}`, P, Q, narrow);
+    const wide = narrow === 'P' ? Q : P;
+    const part = { P, Q, narrow, width, wide, blocks: Math.ceil(wide / THREADS), firstBlock, offset } as const;
+    offset += width * wide;
+    firstBlock += part.blocks;
+    return part;
+  }) as [NarrowGradPart, NarrowGradPart];
+  return { parts, perUnit: offset };
+}
+
+/**
+ * NarrowWeightGradProgram's single-group form for two products over the same N plain rows in one
+ * dispatch (a LoRA projection's dA = gᵀ·x and dB = dyᵀ·u: one program where there were two): the
+ * first product's column blocks, then the second's, along x, one chunk of rows per workgroup along
+ * y, each workgroup summing its chunk for one product as NarrowWeightGradProgram does (the same
+ * loads and fused multiply-adds in the same order: the same partial sums, bit for bit). Output
+ * [chunks, perUnit]: each chunk's row holds the first product's [narrow, wide] partial sums, then
+ * the second's (narrowGradPairLayout). Inputs L0, R0, L1, R1: product i is Liᵀ·Ri.
+ */
+export class NarrowWeightGradPairProgram implements WebGPUProgram {
+  variableNames = ['L0', 'R0', 'L1', 'R1'];
+  outputShape: number[];
+  shaderKey: string;
+  // not a flat layout (which tfjs would call as main(index)): column blocks along x, chunks along y
+  dispatchLayout = { x: [1], y: [0] };
+  dispatch: [number, number, number];
+  workgroupSize: [number, number, number] = [THREADS, 1, 1];
+  // the second product's first column block and offset in a unit's row (narrowGradPairLayout)
+  uniforms = 'P0 : i32, Q0 : i32, P1 : i32, Q1 : i32, numRows : i32, chunkRows : i32, perUnit : i32, firstBlock1 : i32, offset1 : i32, ';
+  private readonly parts: [NarrowGradPart, NarrowGradPart];
+
+  constructor(rows: number, chunkRows: number, products: readonly [NarrowGradProduct, NarrowGradProduct]) {
+    const { parts, perUnit } = narrowGradPairLayout(products);
+    this.parts = parts;
+    const units = Math.ceil(rows / chunkRows);
+    this.outputShape = [units, perUnit];
+    this.dispatch = [parts[0].blocks + parts[1].blocks, units, 1];
+    // the narrow widths size the register arrays: part of the specialisation, not uniforms
+    this.shaderKey = `moeNarrowWeightGradPair_${parts.map(p => `${p.narrow}${p.width}`).join('_')}_single`;
+  }
+
+  /** WGSL: product i's part of the workgroup's chunk, as NarrowWeightGradProgram's single-group form computes it */
+  private partSnippet(i: number): string {
+    const { narrow, width } = this.parts[i];
+    const [P, Q] = [`uniforms.P${i}`, `uniforms.Q${i}`];
+    const [firstBlock, offset] = i === 0 ? ['0', '0'] : ['uniforms.firstBlock1', 'uniforms.offset1'];
+    const wideRow = (u: number) => `(start + r0 + rr0 + ${u})`;
+    return chunkSumsSnippet(narrow === 'P'
+      ? { width, wideSize: Q, loadNarrow: `L${i}[row * ${P} + j]`, wide: u => `R${i}[${wideRow(u)} * ${Q} + c]`, stageWideRows: false,
+          column: `(i32(workgroupId.x) - ${firstBlock}) * ${THREADS} + lid`, store: j => `result[unit * uniforms.perUnit + ${offset} + ${j} * ${Q} + c]` }
+      : { width, wideSize: P, loadNarrow: `R${i}[row * ${Q} + j]`, wide: u => `L${i}[${wideRow(u)} * ${P} + c]`, stageWideRows: false,
+          column: `(i32(workgroupId.x) - ${firstBlock}) * ${THREADS} + lid`, store: j => `result[unit * uniforms.perUnit + ${offset} + ${j} * ${P} + c]` });
+  }
+
+  getUserCode(): string {
+    return `
+      var<workgroup> Ns : array<f32, ${GRAD_ROWS * Math.max(this.parts[0].width, this.parts[1].width)}>;
+      var<workgroup> chunkStart : i32;
+      var<workgroup> chunkCount : i32;
+      var<workgroup> chunkPart : i32;
+
+      fn main() {
+        let lid = i32(localIndex);
+        let unit = i32(workgroupId.y);
+        if (lid == 0) {
+          // unit u is chunk u: rows row0 .. min(row0 + chunkRows, numRows), of product 0 or 1 by the column block
+          let row0 = unit * uniforms.chunkRows;
+          chunkStart = row0;
+          chunkCount = max(0, min(uniforms.chunkRows, uniforms.numRows - row0));
+          chunkPart = select(1, 0, i32(workgroupId.x) < uniforms.firstBlock1);
+        }
+        let start = workgroupUniformLoad(&chunkStart);
+        let count = workgroupUniformLoad(&chunkCount);
+        if (workgroupUniformLoad(&chunkPart) == 0) {
+          ${this.partSnippet(0)}
+        } else {
+          ${this.partSnippet(1)}
+        }
       }
     `;
   }
