@@ -5,15 +5,18 @@
  * experts, 16- and 32-row blocks; the weight gradients narrow on either side, scaled by the
  * routing weight, into PEFT's A and B layouts over several 256-column blocks, also under skewed
  * routing (one expert with many rows, others empty) at several chunk sizes, their order fixed
- * (the same bits twice); and which program the kernel picks. Run with TFJS_BACKEND=webgpu.
+ * (the same bits twice); a LoRA factor pair's two gradients in one program and one own sum, bit
+ * for bit the two apart; and which program the kernel picks. Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import type { WebGPUBackend, WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import { expect } from 'chai';
 import {
-  deviceDispatchPlan, groupedMatMul, groupedNarrowLayoutFor, groupedWeightGrad, NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_LANE_PRODUCTS_FLAG,
-  NARROW_PRODUCTS_FLAG, type WeightStrides,
+  deviceDispatchPlan, groupedMatMul, groupedNarrowLayoutFor, groupedWeightGrad, type GroupedWeightGradArgs, groupedWeightGradPair,
+  NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_LANE_PRODUCTS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
 } from '../../../src/backends/webgpu/kernels.js';
+import { ownDispatchListeners } from '../../../src/backends/webgpu/own_dispatch.js';
+import { NARROW_GRAD_PAIR_SUM_PROGRAM, WEIGHT_GRAD_PAIRS_FLAG } from '../../../src/backends/webgpu/weight_grad_pairs.js';
 import { DenseNarrowMatMulProgram } from '../../../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import {
   narrowGradChunkRows, NarrowGroupedMatMulProgram, NarrowWeightGradProgram, NarrowWeightGradSumProgram,
@@ -313,6 +316,82 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
       tf.dispose([l, x]);
       routed.dispose();
     });
+  });
+
+  // a LoRA factor pair's dA_e and dB_e together (groupedWeightGradPair): the up projection's (x
+  // gathered; dh rows) and the down projection's (act(h), dOut gathered, both scaled by the routing
+  // weight, as experts.ts passes them), at equal and unequal ranks, under the skewed routing above
+  // and at several chunk sizes: bit for bit the two groupedWeightGrads, in two dispatches
+  describe('weight gradient pairs (dA_e and dB_e in one program and one own sum)', () => {
+    const T = 200, K = 2, E = 8;
+    const experts = new Int32Array(T * K);
+    for (let t = 0; t < T; t++) {
+      experts[t * K] = 3;
+      experts[t * K + 1] = t < 128 ? 6 : t === 128 ? 0 : 7;
+    }
+    const wide = 300;
+    const activation: ExpertActivation = { kind: 'swiglu' };
+    type Side = { left: 'gather' | 'rows'; right: RowSource; narrow: 'P' | 'Q'; r: number };
+    /** one product's arguments over `routed`, into PEFT's A (narrow P) or B (narrow Q) layout, random operands */
+    const sideArgs = (routed: RoutedPlan, side: Side, rw: tf.Tensor1D | undefined, alpha: number, made: tf.Tensor[]): GroupedWeightGradArgs => {
+      const { plan } = routed;
+      const [P, Q] = side.narrow === 'P' ? [side.r, wide] : [wide, side.r];
+      const random = (rows: number, cols: number) => tf.tensor2d(Float32Array.from(asF32(rng.array(rows * cols))), [rows, cols]);
+      const l = random(side.left === 'gather' ? T : plan.capacity, P);
+      const r = random(side.right === 'gather' ? T : plan.capacity, side.right === 'act' ? 2 * Q : Q);
+      made.push(l, r);
+      const [outShape, outStrides] = side.narrow === 'P'
+        ? [[side.r * E, wide], { oE: side.r * wide, oP: wide, oQ: 1 }]
+        : [[wide, side.r * E], { oE: 1, oP: side.r * E, oQ: E }];
+      return { l, left: side.left, r, right: side.right, P, Q, outShape, outStrides, plan, tile: { tm: 1, tn: 1, bk: 16 }, rowScale: rw,
+        activation, alpha };
+    };
+    const pairs: Array<{ name: string; sides: [Side, Side]; scaled: boolean }> = [];
+    for (const [r0, r1] of [[1, 1], [8, 8], [16, 16], [4, 16]]) {
+      pairs.push({ name: `up, r ${r0}/${r1}`, scaled: false,
+        sides: [{ narrow: 'P', left: 'rows', right: 'gather', r: r0 }, { narrow: 'Q', left: 'rows', right: 'rows', r: r1 }] });
+      pairs.push({ name: `down, r ${r0}/${r1}, scaled`, scaled: true,
+        sides: [{ narrow: 'P', left: 'rows', right: 'act', r: r0 }, { narrow: 'Q', left: 'gather', right: 'rows', r: r1 }] });
+    }
+    for (const rowTile of [16, 32]) {
+      describe(`row tile ${rowTile}`, () => {
+        const routed = new RoutedPlan(experts, T, K, E, rowTile);
+        before(() => routed.make());
+        after(() => routed.dispose());
+        for (const chunkRows of [1, 48, 128]) {
+          for (const { name, sides, scaled } of pairs) {
+            it(`chunk flag ${chunkRows}, ${name}: the two gradients bit for bit apart, in NarrowWeightGradPairProgram and one own sum`, async () => {
+              const made: tf.Tensor[] = [];
+              const rw = scaled ? tf.tensor1d(Float32Array.from(asF32(Float64Array.from({ length: T * K }, () => 0.2 + rng.uniform())))) : undefined;
+              if (rw) made.push(rw);
+              const args = [sideArgs(routed, sides[0], rw, 1, made), sideArgs(routed, sides[1], rw, 0.75, made)] as const;
+              await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, chunkRows, () => expectNoLeakAsync(async () => {
+                let pair: tf.Tensor[] = [];
+                const own: string[] = [];
+                const listener = (program: string) => { own.push(program); };
+                ownDispatchListeners.add(listener);
+                const programs = programsOf(() => { pair = groupedWeightGradPair(args[0], args[1]); });
+                ownDispatchListeners.delete(listener);
+                expect(programs, 'programs').to.deep.equal(['NarrowWeightGradPairProgram']);
+                expect(own, 'own dispatches').to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
+                // the flag off: the two apart, four programs
+                let apart: tf.Tensor[] = [];
+                const off = await withEnvFlag(WEIGHT_GRAD_PAIRS_FLAG, false, async () =>
+                  programsOf(() => { apart = groupedWeightGradPair(args[0], args[1]); }));
+                const apartPrograms = ['NarrowWeightGradProgram', 'NarrowWeightGradSumProgram'];
+                expect(off).to.deep.equal([...apartPrograms, ...apartPrograms]);
+                for (let i = 0; i < 2; i++) {
+                  expect(pair[i].shape).to.deep.equal(args[i].outShape);
+                  expect(Array.from(await pair[i].data()), `product ${i}: bit for bit apart`).to.deep.equal(Array.from(await apart[i].data()));
+                }
+                tf.dispose([...pair, ...apart]);
+              }));
+              tf.dispose(made);
+            });
+          }
+        }
+      });
+    }
   });
 
   it('the kernel keeps the generic program for r 17, a bias or addend, and with the flag off; both agree', async () => {

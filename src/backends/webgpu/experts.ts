@@ -27,7 +27,7 @@ import type { ExpertActivation, ExpertWeights, LoRAFactors, LoRAMode } from '../
 import { assertInteger, fail } from '../../ops/validate.js';
 import {
   activationBackward, combineRows, deviceDispatchPlan, type DevicePlan, gatherRows, groupedColumnSum, groupedMatMul,
-  groupedWeightGrad, type LoRATail, pairDot, type WeightStrides,
+  groupedWeightGrad, type GroupedWeightGradArgs, groupedWeightGradPair, type LoRATail, pairDot, type WeightStrides,
 } from './kernels.js';
 import type { TileConfig } from './programs/grouped_matmul_program.js';
 import type { RowSource } from './programs/shared.js';
@@ -293,19 +293,21 @@ function projectionBackward(
     dx = next;
   }
   const grads: tf.Tensor[] = [];
-  const gradOf = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
-      shape: number[], scale: tf.Tensor1D | undefined, alpha = 1, tile = c.tuning.gradTile) => groupedWeightGrad({
+  const gradArgs = (l: Rows & { source: 'gather' | 'rows' }, r: Rows, P: number, Q: number, layout: OperandLayout,
+      shape: number[], scale: tf.Tensor1D | undefined, alpha = 1, tile = c.tuning.gradTile): GroupedWeightGradArgs => ({
     ...common, l: l.t, left: l.source, r: r.t, right: r.source, P, Q, outShape: shape,
     outStrides: { oE: layout.sE, oP: layout.outStride, oQ: layout.inStride }, rowScale: scale, alpha, tile,
   });
-  if (p.trainWeight) grads.push(gradOf(dy, x, p.outSize, p.inSize, wLayout, p.weight.shape, rowScale));
+  if (p.trainWeight) grads.push(groupedWeightGrad(gradArgs(dy, x, p.outSize, p.inSize, wLayout, p.weight.shape, rowScale)));
   if (p.trainBias) grads.push(groupedColumnSum(dy.t, dy.source, c.plan, rowScale));
   for (const [i, f] of p.lora.entries()) {
     const rank = f.A.shape[0] / c.numExperts;
-    grads.push(gradOf({ source: 'rows', t: grs[i] }, x, rank, p.inSize, factorALayout(rank, p.inSize), f.A.shape, rowScale, 1,
-        narrowRows(c.tuning.gradTile)));
-    grads.push(gradOf(dy, { source: 'rows', t: us[i] }, p.outSize, rank, factorBLayout(rank, c.numExperts), f.B.shape, rowScale,
-        f.scaling, narrowColumns(c.tuning.gradTile)));
+    // dA_e and dB_e together where both are narrow (two dispatches instead of four), else apart
+    grads.push(...groupedWeightGradPair(
+        gradArgs({ source: 'rows', t: grs[i] }, x, rank, p.inSize, factorALayout(rank, p.inSize), f.A.shape, rowScale, 1,
+            narrowRows(c.tuning.gradTile)),
+        gradArgs(dy, { source: 'rows', t: us[i] }, p.outSize, rank, factorBLayout(rank, c.numExperts), f.B.shape, rowScale,
+            f.scaling, narrowColumns(c.tuning.gradTile))));
   }
   tf.dispose(grs);
   return { dx, grads };

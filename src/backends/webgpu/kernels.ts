@@ -74,7 +74,9 @@ import { installUniformArena } from './uniform_arena.js';
 import { installWrittenUploads } from './written_uploads.js';
 import { installBindGroupLayoutCache } from './bind_group_layouts.js';
 import { installBindGroupCache } from './bind_groups.js';
-import { narrowGradPairSumBackend, recordNarrowGradPairSum, WEIGHT_GRAD_PAIRS_FLAG } from './weight_grad_pairs.js';
+import {
+  narrowGradPairSumBackend, type PairChunks, type PairGradientOut, recordNarrowGradPairSum, WEIGHT_GRAD_PAIRS_FLAG,
+} from './weight_grad_pairs.js';
 
 function packedWeightSpec(f: PackedFormat): PackedWeightSpec {
   return { kind: f.kind, cols: f.shape[2], layout: layoutOf(f) };
@@ -829,6 +831,12 @@ function denseGradChunkRows(): number {
   return rows;
 }
 
+/** NarrowWeightGradProgram's staged side for `args` (the narrower), 'none': the tiled or the tensor-core program. */
+function narrowSideOf(args: GroupedWeightGradArgs, tensorCores: boolean): 'P' | 'Q' | 'none' {
+  if (tensorCores || !tf.env().getBool(NARROW_PRODUCTS_FLAG) || Math.min(args.P, args.Q) > NARROW_MAX_COLS) return 'none';
+  return args.P <= args.Q ? 'P' : 'Q';
+}
+
 /** dW (outShape): alpha·Σ_{rows of e} L(r, p)·R(r, q) for every expert at once. */
 export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   const inputs: tf.NamedTensorMap = { L: args.l, R: args.r, seg: args.plan.seg, pr: args.plan.pairOfRow };
@@ -836,9 +844,7 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   // L is the gradient operand (dy) of every weight gradient: scaled on tensor cores
   const tensorCores = useTensorCores(args.plan, args.P, args.Q, args.plan.rowTile);
   if (tensorCores) inputs.amax = maxAbsCode(args.l);
-  // NarrowWeightGradProgram's staged side (the narrower), 'none': the tiled program
-  const narrow = tensorCores || !tf.env().getBool(NARROW_PRODUCTS_FLAG) || Math.min(args.P, args.Q) > NARROW_MAX_COLS ? 'none'
-    : args.P <= args.Q ? 'P' : 'Q';
+  const narrow = narrowSideOf(args, tensorCores);
   const out = tf.engine().runKernel(GROUPED_WEIGHT_GRAD, inputs, {
     // the reduction's rows per staged slab follow the plan's row tile
     tensorCores, rowDepth: weightGradDepthFor(args.plan.rowTile), narrow,
@@ -851,6 +857,77 @@ export function groupedWeightGrad(args: GroupedWeightGradArgs): tf.Tensor {
   }) as tf.Tensor;
   if (inputs.amax) inputs.amax.dispose();
   return out;
+}
+
+export const GROUPED_WEIGHT_GRAD_PAIR = 'WebGPUMoEGroupedWeightGradPair';
+
+/** The attrs of one product of WebGPUMoEGroupedWeightGradPair, named with its index (P0, left0, ...). */
+function pairProductAttrs(args: GroupedWeightGradArgs, i: number): tf.NamedAttrMap {
+  const attrs = { P: args.P, Q: args.Q, left: args.left, right: args.right, scaleLeft: args.rowScale != null, outShape: args.outShape,
+    ...args.outStrides, alpha: args.alpha ?? 1 };
+  return Object.fromEntries(Object.entries(attrs).map(([name, value]) => [`${name}${i}`, value]));
+}
+
+/**
+ * WebGPUMoEGroupedWeightGradPair: two of WebGPUMoEGroupedWeightGrad's narrow gradients over one plan
+ * (a LoRA factor pair's dA_e and dB_e) in narrowWeightGradPair's two dispatches instead of four.
+ * Inputs L0, R0, L1, R1, seg, pr and rw (when either scales its L); attrs per product i (P{i},
+ * Q{i}, left{i}, right{i}, scaleLeft{i}, outShape{i}, oE{i}, oP{i}, oQ{i}, alpha{i}) and the
+ * plan's and activation's, as WebGPUMoEGroupedWeightGrad's.
+ */
+const groupedWeightGradPairConfig: tf.KernelConfig = {
+  kernelName: GROUPED_WEIGHT_GRAD_PAIR,
+  backendName: BACKEND,
+  kernelFunc: args => {
+    const a = args.attrs!;
+    const inputs = args.inputs as Record<string, tf.TensorInfo>;
+    const act = activationOf(a);
+    const product = (i: number): NarrowGradProduct => ({
+      P: a[`P${i}`] as number, Q: a[`Q${i}`] as number,
+      rows: {
+        left: a[`left${i}`] as 'gather' | 'rows', right: a[`right${i}`] as RowSource, scaleLeft: a[`scaleLeft${i}`] as boolean,
+        activation: act?.spec,
+      },
+    });
+    const products: [NarrowGradProduct, NarrowGradProduct] = [product(0), product(1)];
+    const out = (i: number): PairGradientOut => ({
+      shape: a[`outShape${i}`] as number[], oE: a[`oE${i}`] as number, oP: a[`oP${i}`] as number, oQ: a[`oQ${i}`] as number,
+      alpha: a[`alpha${i}`] as number,
+    });
+    const numExperts = a.numExperts as number;
+    const chunkRows = a.chunkRows as number;
+    const unitRows = narrowGradUnitRows(a.rowTile as number, chunkRows);
+    const list = [inputs.L0, inputs.R0, inputs.L1, inputs.R1, inputs.seg, ...(products.some(p => usesPairOfRow(p.rows!)) ? [inputs.pr] : []),
+      ...(products.some(p => p.rows!.scaleLeft) ? [inputs.rw] : [])];
+    return narrowWeightGradPair(args, list, products, {
+      capacity: inputs.pr.shape[0], unitRows, chunkRows, topK: a.topK as number, plan: { seg: inputs.seg, numExperts }, activation: act?.activation,
+    }, [out(0), out(1)]);
+  },
+};
+
+/**
+ * [groupedWeightGrad(first), groupedWeightGrad(second)]: together (WebGPUMoEGroupedWeightGradPair)
+ * where both run NarrowWeightGradProgram over the same plan, chunks and activation with at most one
+ * routing-weight tensor, and WEIGHT_GRAD_PAIRS_FLAG is on; else one at a time. The gradients are
+ * bit for bit the same either way.
+ */
+export function groupedWeightGradPair(first: GroupedWeightGradArgs, second: GroupedWeightGradArgs): [tf.Tensor, tf.Tensor] {
+  const bothNarrow = [first, second].every(g => narrowSideOf(g, useTensorCores(g.plan, g.P, g.Q, g.plan.rowTile)) !== 'none');
+  const sameRows = first.plan === second.plan && first.activation === second.activation && first.interleaved === second.interleaved &&
+      (first.rowScale === undefined || second.rowScale === undefined || first.rowScale === second.rowScale);
+  if (!tf.env().getBool(WEIGHT_GRAD_PAIRS_FLAG) || !bothNarrow || !sameRows || (first.right === 'act' && second.right === 'act')) {
+    return [groupedWeightGrad(first), groupedWeightGrad(second)];
+  }
+  const plan = first.plan;
+  const rowScale = first.rowScale ?? second.rowScale;
+  const inputs: tf.NamedTensorMap = { L0: first.l, R0: first.r, L1: second.l, R1: second.r, seg: plan.seg, pr: plan.pairOfRow,
+    ...(rowScale ? { rw: rowScale } : {}) };
+  const [dFirst, dSecond] = tf.engine().runKernel(GROUPED_WEIGHT_GRAD_PAIR, inputs, {
+    ...pairProductAttrs(first, 0), ...pairProductAttrs(second, 1),
+    rowTile: plan.rowTile, chunkRows: narrowGradChunkRows(plan.rowTile, narrowGradTargetRows()), topK: plan.topK, numExperts: plan.numExperts,
+    ...activationAttrs(first.activation, first.interleaved ?? false),
+  }) as tf.Tensor[];
+  return [dFirst, dSecond];
 }
 
 // ---- row-wise ---------------------------------------------------------------------------------
@@ -1834,24 +1911,40 @@ function weightGradProductOnWebGPU(args: KernelArgs, a: tf.TensorInfo, b: tf.Ten
 
 /**
  * [a0ᵀ·b0, a1ᵀ·b1] over the same N rows, both narrow (a LoRA projection's dA = gᵀ·x and dB = dyᵀ·u):
- * NarrowWeightGradPairProgram's chunks of DENSE_GRAD_CHUNK_ROWS_FLAG's rows for both products,
- * then one sum of our own into both gradients (weight_grad_pairs.ts): two dispatches where
- * runNarrowDenseWeightGrad takes two per product, with the same gradients bit for bit.
+ * narrowWeightGradPair's two dispatches in the single-group form, chunks of DENSE_GRAD_CHUNK_ROWS_FLAG's
+ * rows, where runNarrowDenseWeightGrad takes two per product; the same gradients bit for bit.
  */
 export function runNarrowDenseWeightGradPair(args: KernelArgs, a0: tf.TensorInfo, b0: tf.TensorInfo, a1: tf.TensorInfo, b1: tf.TensorInfo,
     chunkRows = denseGradChunkRows()): [tf.TensorInfo, tf.TensorInfo] {
-  const backend = webgpu(args);
-  const own = narrowGradPairSumBackend();  // before the first program: a refusal leaves nothing behind
-  const rows = a0.shape[0];
   const products: [NarrowGradProduct, NarrowGradProduct] = [{ P: a0.shape[1], Q: b0.shape[1] }, { P: a1.shape[1], Q: b1.shape[1] }];
-  const program = new NarrowWeightGradPairProgram(rows, chunkRows, products);
+  const rowMajor = ({ P, Q }: NarrowGradProduct): PairGradientOut => ({ shape: [P, Q], oE: 0, oP: Q, oQ: 1, alpha: 1 });
+  return narrowWeightGradPair(args, [a0, b0, a1, b1], products, { capacity: a0.shape[0], unitRows: chunkRows, chunkRows, topK: 1 },
+      [rowMajor(products[0]), rowMajor(products[1])]);
+}
+
+/**
+ * Two narrow weight gradients over the same rows and chunks in two dispatches: both products'
+ * chunks in NarrowWeightGradPairProgram (the product: submitted after it when big, see
+ * SUBMIT_FLOPS_FLAG), then one sum of our own into both gradients (weight_grad_pairs.ts), where
+ * NarrowWeightGradProgram and its sum take two per product. `inputs` as the program's
+ * variableNames; `rows.seg` the plan's segments with a plan.
+ */
+function narrowWeightGradPair(args: KernelArgs, inputs: tf.TensorInfo[], products: [NarrowGradProduct, NarrowGradProduct],
+    rows: PairChunks & { capacity: number; topK: number; activation?: ExpertActivation },
+    outs: [PairGradientOut, PairGradientOut]): [tf.TensorInfo, tf.TensorInfo] {
+  const own = narrowGradPairSumBackend();  // before the first program: a refusal leaves nothing behind
+  const program = new NarrowWeightGradPairProgram(rows.capacity, rows.unitRows, products, rows.plan === undefined);
   const { parts, perUnit } = narrowGradPairLayout(products);
-  const flops = products.reduce((sum, { P, Q }) => sum + 2 * rows * P * Q, 0);
-  const partial = runGroupedProduct(args, program, [a0, b0, a1, b1],
-      intUniforms(products[0].P, products[0].Q, products[1].P, products[1].Q, rows, chunkRows, perUnit, parts[1].firstBlock, parts[1].offset), flops);
-  const gradients = recordNarrowGradPairSum(own, partial, parts);
+  const numExperts = rows.plan?.numExperts ?? 1;
+  const flops = products.reduce((sum, { P, Q }) => sum + 2 * rows.capacity * P * Q, 0);
+  const partial = runGroupedProduct(args, program, inputs, [
+    ...intUniforms(products[0].P, products[0].Q, products[1].P, products[1].Q, rows.capacity, rows.topK, numExperts, rows.unitRows,
+        rows.chunkRows, perUnit, parts[1].firstBlock, parts[1].offset),
+    ...activationUniforms(rows.activation),
+  ], flops);
+  const gradients = recordNarrowGradPairSum(own, partial, parts, outs, rows);
   // kept by the command queue until the sum is submitted
-  backend.disposeData(partial.dataId);
+  webgpu(args).disposeData(partial.dataId);
   return gradients;
 }
 
@@ -1992,5 +2085,6 @@ export const webgpuMoEKernelConfigs: tf.KernelConfig[] = [
   dispatchPlanConfig, groupedMatMulConfig, groupedWeightGradConfig, combineRowsConfig, gatherRowsConfig,
   activationBackwardConfig, pairDotConfig, groupedColumnSumConfig, softmaxTopKConfig, softmaxTopKGradConfig,
   decodePackedConfig, gatherPackedRowsConfig, packedDenseMatMulConfig, denseMatMulConfig, adamUpdateConfig, sumOfSquaresConfig, rotaryConfig, rmsNormConfig, rmsNormGradXConfig, softmaxGradConfig, maskedSoftmaxConfig,
-  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, weightGradProductPairConfig, batchProductConfig,
+  matMulAddConfig, attentionConfig, attentionGradConfig, scaledMatMulConfig, weightGradProductConfig, weightGradProductPairConfig,
+  groupedWeightGradPairConfig, batchProductConfig,
 ];

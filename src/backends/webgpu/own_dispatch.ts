@@ -97,7 +97,7 @@ export interface OwnDispatch {
   program: string;
   pipeline: GPUComputePipeline;
   entries: GPUBindGroupEntry[];
-  workgroups: [number, number];
+  workgroups: [number, number] | [number, number, number];
   /** the data ids of the tensors bound, kept by the command queue until submitted */
   bound: object[];
 }
@@ -121,7 +121,7 @@ export function recordOwnDispatch(b: WebGPUBackendInternals, dispatch: OwnDispat
   }
   b.computePassEncoder.setPipeline(dispatch.pipeline);
   b.computePassEncoder.setBindGroup(0, bindGroup);
-  b.computePassEncoder.dispatchWorkgroups(dispatch.workgroups[0], dispatch.workgroups[1], 1);
+  b.computePassEncoder.dispatchWorkgroups(dispatch.workgroups[0], dispatch.workgroups[1], dispatch.workgroups[2] ?? 1);
   b.dispatchCountInPass++;
   ownDispatchListeners.forEach(listener => listener(dispatch.program));
   if (timed) {

@@ -375,27 +375,31 @@ export function usesPairOfRow(spec: Pick<GroupedWeightGradSpec, 'left' | 'right'
 
 /**
  * WGSL: loadL(r, p) and loadR(r, q), the weight gradient's operands at padded row r (L times the
- * pair's routing weight when scaleLeft). Shared with the subgroup-matrix program.
+ * pair's routing weight when scaleLeft). Shared with the subgroup-matrix program. `suffix` names
+ * one product of several in a program: loadL0 reads L0 with uniforms.P0, and so on (pr, rw,
+ * topK and the activation are the program's).
  */
-export function weightGradLoadSnippets(spec: GroupedWeightGradSpec): { loadL: string; loadR: string } {
+export function weightGradLoadSnippets(spec: Pick<GroupedWeightGradSpec, 'left' | 'right' | 'activation' | 'scaleLeft'>, suffix = ''):
+    { loadL: string; loadR: string } {
+  const [L, R, P, Q] = [`L${suffix}`, `R${suffix}`, `uniforms.P${suffix}`, `uniforms.Q${suffix}`];
   const scale = spec.scaleLeft ? ' * rw[pr[r]]' : '';
   const loadL = spec.left === 'gather'
-    ? `fn loadL(r : i32, p : i32) -> f32 { return L[(pr[r] / uniforms.topK) * uniforms.P + p]${scale}; }`
-    : `fn loadL(r : i32, p : i32) -> f32 { return L[r * uniforms.P + p]${scale}; }`;
+    ? `fn loadL${suffix}(r : i32, p : i32) -> f32 { return ${L}[(pr[r] / uniforms.topK) * ${P} + p]${scale}; }`
+    : `fn loadL${suffix}(r : i32, p : i32) -> f32 { return ${L}[r * ${P} + p]${scale}; }`;
   let loadR: string;
   switch (spec.right) {
     case 'gather':
-      loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[(pr[r] / uniforms.topK) * uniforms.Q + q]; }`;
+      loadR = `fn loadR${suffix}(r : i32, q : i32) -> f32 { return ${R}[(pr[r] / uniforms.topK) * ${Q} + q]; }`;
       break;
     case 'rows':
-      loadR = `fn loadR(r : i32, q : i32) -> f32 { return R[r * uniforms.Q + q]; }`;
+      loadR = `fn loadR${suffix}(r : i32, q : i32) -> f32 { return ${R}[r * ${Q} + q]; }`;
       break;
     case 'act':
       loadR = `
         ${activationSnippet(spec.activation!)}
-        fn loadR(r : i32, q : i32) -> f32 {
-          let base = r * 2 * uniforms.Q;
-          return actForward(R[base + gateIndex(q, uniforms.Q)], R[base + upIndex(q, uniforms.Q)]);
+        fn loadR${suffix}(r : i32, q : i32) -> f32 {
+          let base = r * 2 * ${Q};
+          return actForward(${R}[base + gateIndex(q, ${Q})], ${R}[base + upIndex(q, ${Q})]);
         }`;
       break;
   }

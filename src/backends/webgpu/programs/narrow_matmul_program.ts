@@ -283,13 +283,49 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
         `${spec.scaleLeft ? 's' : ''}_${spec.narrow}${this.width}` + (spec.singleGroup ? '_single' : '');
   }
 
-  /** WGSL (lid == 0, row0 = the unit's first row): the unit's chunk rows into rowsOfChunk, 0 where it starts none */
-  private chunkSnippet(): string {
-    if (this.spec.singleGroup) {
-      return `// unit u is chunk u: rows row0 .. min(row0 + chunkRows, numRows)
+  getUserCode(): string {
+    const product = narrowProductSnippets(this.spec, this.width, '');
+    return `
+      var<workgroup> Ns : array<f32, ${GRAD_ROWS * this.width}>;
+      ${product.staged ? STAGED_WIDE_ROWS : ''}
+      var<workgroup> chunkStart : i32;
+      var<workgroup> chunkCount : i32;
+      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
+      ${product.functions}
+
+      fn main() {
+        let lid = i32(localIndex);
+        let unit = i32(workgroupId.y);
+        if (lid == 0) {
+          ${chunkRowsSnippet(this.spec.singleGroup === true)}
+          chunkStart = row0;
+          chunkCount = rowsOfChunk;
+        }
+        let start = workgroupUniformLoad(&chunkStart);
+        let count = workgroupUniformLoad(&chunkCount);
+        ${product.sums(`i32(workgroupId.x) * ${THREADS} + lid`, j => `result[(unit * ${this.width} + ${j}) * ${product.wideSize} + c]`)}
+      }
+    `;
+  }
+}
+
+/** The workgroup arrays of the staged wide rows' starts and scales (narrowProductSnippets' `staged`). */
+const STAGED_WIDE_ROWS = `var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
+      var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;`;
+
+/**
+ * WGSL (lid == 0): the unit's first row into row0 and its chunk's rows into rowsOfChunk, 0 where
+ * it starts none. One group: unit u is chunk u; with a plan (seg, EXPERT_OF_ROW), a unit of
+ * unitRows starts a chunk every chunkRows rows of its expert's segment.
+ */
+function chunkRowsSnippet(singleGroup: boolean): string {
+  if (singleGroup) {
+    return `// unit u is chunk u: rows row0 .. min(row0 + chunkRows, numRows)
+          let row0 = unit * uniforms.chunkRows;
           let rowsOfChunk = max(0, min(uniforms.chunkRows, uniforms.numRows - row0));`;
-    }
-    return `// the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
+  }
+  return `// the chunk's real rows when this unit starts one; 0 inside a chunk and past the rows in use
+          let row0 = unit * uniforms.unitRows;
           var rowsOfChunk = 0;
           if (row0 < seg[uniforms.numExperts]) {
             let e = expertOfRow(row0);
@@ -298,76 +334,56 @@ export class NarrowWeightGradProgram implements WebGPUProgram {
               rowsOfChunk = max(0, min(uniforms.chunkRows, seg[uniforms.numExperts + 1 + e] - offset));
             }
           }`;
-  }
+}
 
-  /** Whether the wide operand's rows are gathered or scaled: their starts and scales are staged. */
-  private stagesWideRows(): boolean {
-    return this.spec.narrow === 'P' ? this.spec.right === 'gather' : this.spec.left === 'gather' || this.spec.scaleLeft;
-  }
+/** How a narrow weight gradient reads its rows: NarrowWeightGradSpec less the tile, which it does not read. */
+export type NarrowProductSpec = Pick<NarrowWeightGradSpec, 'left' | 'right' | 'activation' | 'scaleLeft' | 'narrow'>;
 
-  /**
-   * WGSL: the wide operand's row, resolved once per staged row where it is gathered or scaled (its
-   * gather through pr and its routing weight are a dependent load each, which every element's load
-   * waited on: run Z13's gathered gradients took 130–144 µs a call against 75 for plain rows, Z14's
-   * with them staged 76–77). `fn wideBase(row) -> i32`: where the row's elements start;
-   * `fn wideScale(row) -> f32`: the routing weight with scaleLeft on L, else 1; `fn wideAt(base, c)
-   * -> f32`: element c unscaled (act(h) computed for 'act').
-   */
-  private wideRowSnippet(): string {
-    const narrowP = this.spec.narrow === 'P';
-    const source = narrowP ? this.spec.right : this.spec.left;
-    const [array, size] = narrowP ? ['R', 'uniforms.Q'] : ['L', 'uniforms.P'];
-    const row = source === 'gather' ? '(pr[row] / uniforms.topK)' : 'row';
-    const scale = !narrowP && this.spec.scaleLeft ? 'rw[pr[row]]' : '1.0';
-    const at = source === 'act'
-      ? `actForward(${array}[base + gateIndex(c, ${size})], ${array}[base + upIndex(c, ${size})])`
-      : `${array}[base + c]`;
-    return `
-      ${source === 'act' ? activationSnippet(this.spec.activation!) : ''}
-      fn wideBase(row : i32) -> i32 { return ${row} * ${source === 'act' ? '2 * ' : ''}${size}; }
-      fn wideScale(row : i32) -> f32 { return ${scale}; }
-      fn wideAt(base : i32, c : i32) -> f32 { return ${at}; }`;
-  }
-
-  getUserCode(): string {
-    const narrowP = this.spec.narrow === 'P';
-    // the narrow operand's loader (the wide one is wideRowSnippet's)
-    const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, ...(narrowP ? { right: 'rows' } : { left: 'rows', scaleLeft: false }) });
-    // rows past `rows` load 0 (and their staged narrow values are 0 too); a gathered or scaled row's
-    // start and scale staged, a plain row's computed in place (staging those cost Z14's dense
-    // gradients 35 → 44 µs a call)
-    const staged = this.stagesWideRows();
-    const wideSize = narrowP ? 'uniforms.Q' : 'uniforms.P';
-    return `
-      var<workgroup> Ns : array<f32, ${GRAD_ROWS * this.width}>;
-      ${staged ? `var<workgroup> wideRows : array<i32, ${GRAD_ROWS}>;
-      var<workgroup> wideScales : array<f32, ${GRAD_ROWS}>;` : ''}
-      var<workgroup> chunkStart : i32;
-      var<workgroup> chunkCount : i32;
-      ${this.spec.singleGroup ? '' : EXPERT_OF_ROW}
+/**
+ * WGSL of one narrow product aᵀ·b in a program (`suffix` names it among several: its inputs
+ * L{suffix}, R{suffix}, its sizes uniforms.P{suffix}, uniforms.Q{suffix}; pr, rw and the chunk
+ * are the program's): `functions`, its loaders, once at module scope; `sums(column, store)`, the
+ * statements of a workgroup's part (chunkSumsSnippet) for the wide column `column`, storing sum j
+ * at `store(j)`; `staged`: it stages its wide rows' starts and scales (STAGED_WIDE_ROWS).
+ *
+ * The wide operand's row is resolved once per staged row where it is gathered or scaled (its
+ * gather through pr and its routing weight are a dependent load each, which every element's load
+ * waited on: run Z13's gathered gradients took 130–144 µs a call against 75 for plain rows, Z14's
+ * with them staged 76–77); a plain row's start is computed in place (staging those cost Z14's
+ * dense gradients 35 → 44 µs a call). `fn wideBase(row) -> i32`: where the row's elements start;
+ * `fn wideScale(row) -> f32`: the routing weight with scaleLeft on L, else 1; `fn wideAt(base, c)
+ * -> f32`: element c unscaled (act(h) computed for 'act').
+ */
+function narrowProductSnippets(spec: NarrowProductSpec, width: number, suffix: string):
+    { functions: string; staged: boolean; wideSize: string; sums: (column: string, store: (j: string) => string) => string } {
+  const narrowP = spec.narrow === 'P';
+  const [P, Q] = [`uniforms.P${suffix}`, `uniforms.Q${suffix}`];
+  // the narrow operand's loader (the wide one is below)
+  const { loadL, loadR } = weightGradLoadSnippets({ ...spec, ...(narrowP ? { right: 'rows' } : { left: 'rows', scaleLeft: false }) }, suffix);
+  const source = narrowP ? spec.right : spec.left;
+  const [array, wideSize] = narrowP ? [`R${suffix}`, Q] : [`L${suffix}`, P];
+  const row = source === 'gather' ? '(pr[row] / uniforms.topK)' : 'row';
+  const scale = !narrowP && spec.scaleLeft ? 'rw[pr[row]]' : '1.0';
+  const at = source === 'act'
+    ? `actForward(${array}[base + gateIndex(c, ${wideSize})], ${array}[base + upIndex(c, ${wideSize})])`
+    : `${array}[base + c]`;
+  const staged = narrowP ? spec.right === 'gather' : spec.left === 'gather' || spec.scaleLeft;
+  const functions = `
       ${narrowP ? loadL : loadR}
-      ${this.wideRowSnippet()}
-
-      fn main() {
-        let lid = i32(localIndex);
-        let unit = i32(workgroupId.y);
-        if (lid == 0) {
-          let row0 = unit * ${this.spec.singleGroup ? 'uniforms.chunkRows' : 'uniforms.unitRows'};
-          ${this.chunkSnippet()}
-          chunkStart = row0;
-          chunkCount = rowsOfChunk;
-        }
-        let start = workgroupUniformLoad(&chunkStart);
-        let count = workgroupUniformLoad(&chunkCount);
-        ${chunkSumsSnippet({
-          width: this.width, wideSize, column: `i32(workgroupId.x) * ${THREADS} + lid`,
-          loadNarrow: narrowP ? 'loadL(row, j)' : 'loadR(row, j)',
-          wide: u => (staged ? `wideAt(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]` : `wideAt(wideBase(start + r0 + rr0 + ${u}), c)`),
-          stageWideRows: staged, store: j => `result[(unit * ${this.width} + ${j}) * ${wideSize} + c]`,
-        })}
-      }
-    `;
-  }
+      ${source === 'act' ? activationSnippet(spec.activation!) : ''}
+      fn wideBase${suffix}(row : i32) -> i32 { return ${row} * ${source === 'act' ? '2 * ' : ''}${wideSize}; }
+      fn wideScale${suffix}(row : i32) -> f32 { return ${scale}; }
+      fn wideAt${suffix}(base : i32, c : i32) -> f32 { return ${at}; }`;
+  return {
+    functions, staged, wideSize,
+    sums: (column, store) => chunkSumsSnippet({
+      width, wideSize, column, store, suffix, stageWideRows: staged,
+      loadNarrow: narrowP ? `loadL${suffix}(row, j)` : `loadR${suffix}(row, j)`,
+      // rows past `rows` load 0 (and their staged narrow values are 0 too)
+      wide: u => (staged ? `wideAt${suffix}(wideRows[rr0 + ${u}], c) * wideScales[rr0 + ${u}]`
+        : `wideAt${suffix}(wideBase${suffix}(start + r0 + rr0 + ${u}), c)`),
+    }),
+  };
 }
 
 /** One product's part of a chunk's partial sums (chunkSumsSnippet), in WGSL expressions. */
@@ -382,8 +398,10 @@ interface ChunkSums {
   loadNarrow: string;
   /** the wide operand's column c of the staged row rr0 + u (start, r0, rr0, c in scope) */
   wide: (u: number) => string;
-  /** the wide rows' starts and scales are staged in wideRows and wideScales (wideBase, wideScale in scope) */
+  /** the wide rows' starts and scales are staged in wideRows and wideScales (wideBase{suffix}, wideScale{suffix} in scope) */
   stageWideRows: boolean;
+  /** the product's name among several (narrowProductSnippets') */
+  suffix: string;
   /** where sum j of this unit goes (unit, c in scope) */
   store: (j: string) => string;
 }
@@ -413,8 +431,8 @@ function chunkSumsSnippet(sums: ChunkSums): string {
           }
           ${sums.stageWideRows ? `if (lid < ${GRAD_ROWS}) {
             let row = start + r0 + min(lid, count - r0 - 1);
-            wideRows[lid] = wideBase(row);
-            wideScales[lid] = wideScale(row);
+            wideRows[lid] = wideBase${sums.suffix}(row);
+            wideScales[lid] = wideScale${sums.suffix}(row);
           }` : ''}
           workgroupBarrier();
           let rows = min(${GRAD_ROWS}, count - r0);
@@ -507,15 +525,17 @@ export class NarrowWeightGradSumProgram implements WebGPUProgram {
   }
 }
 
-/** One product aᵀ·b of a NarrowWeightGradPairProgram: a [N, P], b [N, Q], P or Q ≤ NARROW_MAX_COLS. */
+/** One product aᵀ·b of a NarrowWeightGradPairProgram: a [rows, P], b [rows, Q], P or Q ≤ NARROW_MAX_COLS. */
 export interface NarrowGradProduct {
   P: number;
   Q: number;
+  /** how its rows are read, as NarrowWeightGradSpec's (with a plan); absent: plain rows */
+  rows?: Pick<NarrowWeightGradSpec, 'left' | 'right' | 'activation' | 'scaleLeft'>;
 }
 
-/** Where a NarrowWeightGradPairProgram puts a product's partial sums: its narrow side, and its part of a unit's row. */
+/** Where a NarrowWeightGradPairProgram puts a product's partial sums, and how it reads its rows. */
 export interface NarrowGradPart extends NarrowGradProduct {
-  narrow: 'P' | 'Q';
+  spec: NarrowProductSpec;
   /** the narrow side's columns */
   width: number;
   /** the wide side's columns */
@@ -531,11 +551,13 @@ export interface NarrowGradPart extends NarrowGradProduct {
 export function narrowGradPairLayout(products: readonly [NarrowGradProduct, NarrowGradProduct]): { parts: [NarrowGradPart, NarrowGradPart]; perUnit: number } {
   let offset = 0;
   let firstBlock = 0;
-  const parts = products.map(({ P, Q }, i) => {
+  const parts = products.map((product, i) => {
+    const { P, Q } = product;
     const narrow = P <= Q ? 'P' : 'Q';
     const width = checkNarrow(`NarrowWeightGradPairProgram product ${i}`, P, Q, narrow);
     const wide = narrow === 'P' ? Q : P;
-    const part = { P, Q, narrow, width, wide, blocks: Math.ceil(wide / THREADS), firstBlock, offset } as const;
+    const spec: NarrowProductSpec = { left: 'rows', right: 'rows', scaleLeft: false, ...product.rows, narrow };
+    const part: NarrowGradPart = { ...product, spec, width, wide, blocks: Math.ceil(wide / THREADS), firstBlock, offset };
     offset += width * wide;
     firstBlock += part.blocks;
     return part;
@@ -543,73 +565,86 @@ export function narrowGradPairLayout(products: readonly [NarrowGradProduct, Narr
   return { parts, perUnit: offset };
 }
 
+/** NarrowWeightGradPairProgram's uniforms, in the kernels' order (single group: numRows; with a plan: topK, numExperts, unitRows). */
+export const NARROW_GRAD_PAIR_UNIFORMS = 'P0 : i32, Q0 : i32, P1 : i32, Q1 : i32, numRows : i32, topK : i32, numExperts : i32, ' +
+    'unitRows : i32, chunkRows : i32, perUnit : i32, firstBlock1 : i32, offset1 : i32, ' + ACTIVATION_UNIFORMS;
+
 /**
- * NarrowWeightGradProgram's single-group form for two products over the same N plain rows in one
- * dispatch (a LoRA projection's dA = gᵀ·x and dB = dyᵀ·u: one program where there were two): the
- * first product's column blocks, then the second's, along x, one chunk of rows per workgroup along
- * y, each workgroup summing its chunk for one product as NarrowWeightGradProgram does (the same
- * loads and fused multiply-adds in the same order: the same partial sums, bit for bit). Output
- * [chunks, perUnit]: each chunk's row holds the first product's [narrow, wide] partial sums, then
- * the second's (narrowGradPairLayout). Inputs L0, R0, L1, R1: product i is Liᵀ·Ri.
+ * NarrowWeightGradProgram for two products over the same rows and chunks in one dispatch (a LoRA
+ * factor pair's dA = gᵀ·x and dB = dyᵀ·u: one program where there were two): the first product's
+ * column blocks, then the second's, along x, the units of rows along y, each workgroup summing its
+ * chunk for one product as NarrowWeightGradProgram does (narrowProductSnippets: the same loads and
+ * multiply-adds in the same order, so the same partial sums bit for bit). Output [units, perUnit]:
+ * each unit's row holds the first product's [narrow, wide] partial sums, then the second's
+ * (narrowGradPairLayout). Inputs L0, R0, L1, R1 (product i is Liᵀ·Ri), and with a plan seg, pr and
+ * rw as the products read them; the uniforms are NARROW_GRAD_PAIR_UNIFORMS (firstBlock1 and
+ * offset1 the layout's).
  */
 export class NarrowWeightGradPairProgram implements WebGPUProgram {
-  variableNames = ['L0', 'R0', 'L1', 'R1'];
+  variableNames: string[];
   outputShape: number[];
   shaderKey: string;
-  // not a flat layout (which tfjs would call as main(index)): column blocks along x, chunks along y
+  // not a flat layout (which tfjs would call as main(index)): column blocks along x, units along y
   dispatchLayout = { x: [1], y: [0] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
-  // the second product's first column block and offset in a unit's row (narrowGradPairLayout)
-  uniforms = 'P0 : i32, Q0 : i32, P1 : i32, Q1 : i32, numRows : i32, chunkRows : i32, perUnit : i32, firstBlock1 : i32, offset1 : i32, ';
+  uniforms = NARROW_GRAD_PAIR_UNIFORMS;
   private readonly parts: [NarrowGradPart, NarrowGradPart];
+  private readonly singleGroup: boolean;
 
-  constructor(rows: number, chunkRows: number, products: readonly [NarrowGradProduct, NarrowGradProduct]) {
+  /** as NarrowWeightGradProgram's: capacity rows in units of unitRows; single group: the rows, in chunks */
+  constructor(capacity: number, unitRows: number, products: readonly [NarrowGradProduct, NarrowGradProduct], singleGroup: boolean) {
     const { parts, perUnit } = narrowGradPairLayout(products);
+    if (singleGroup && parts.some(p => p.spec.left !== 'rows' || p.spec.right !== 'rows' || p.spec.scaleLeft)) {
+      throw new Error('NarrowWeightGradPairProgram: singleGroup reads plain rows, so both products must read rows unscaled');
+    }
+    // one activation snippet per program: its functions and uniforms are the program's
+    if (parts.every(p => p.spec.right === 'act')) {
+      throw new Error('NarrowWeightGradPairProgram: at most one product may read act(h), but both do');
+    }
     this.parts = parts;
-    const units = Math.ceil(rows / chunkRows);
+    this.singleGroup = singleGroup;
+    const units = Math.ceil(capacity / unitRows);
     this.outputShape = [units, perUnit];
     this.dispatch = [parts[0].blocks + parts[1].blocks, units, 1];
+    this.variableNames = ['L0', 'R0', 'L1', 'R1', ...(singleGroup ? [] : ['seg']), ...(parts.some(p => usesPairOfRow(p.spec)) ? ['pr'] : []),
+      ...(parts.some(p => p.spec.scaleLeft) ? ['rw'] : [])];
+    const act = parts.find(p => p.spec.right === 'act')?.spec.activation;
     // the narrow widths size the register arrays: part of the specialisation, not uniforms
-    this.shaderKey = `moeNarrowWeightGradPair_${parts.map(p => `${p.narrow}${p.width}`).join('_')}_single`;
-  }
-
-  /** WGSL: product i's part of the workgroup's chunk, as NarrowWeightGradProgram's single-group form computes it */
-  private partSnippet(i: number): string {
-    const { narrow, width } = this.parts[i];
-    const [P, Q] = [`uniforms.P${i}`, `uniforms.Q${i}`];
-    const [firstBlock, offset] = i === 0 ? ['0', '0'] : ['uniforms.firstBlock1', 'uniforms.offset1'];
-    const wideRow = (u: number) => `(start + r0 + rr0 + ${u})`;
-    return chunkSumsSnippet(narrow === 'P'
-      ? { width, wideSize: Q, loadNarrow: `L${i}[row * ${P} + j]`, wide: u => `R${i}[${wideRow(u)} * ${Q} + c]`, stageWideRows: false,
-          column: `(i32(workgroupId.x) - ${firstBlock}) * ${THREADS} + lid`, store: j => `result[unit * uniforms.perUnit + ${offset} + ${j} * ${Q} + c]` }
-      : { width, wideSize: P, loadNarrow: `R${i}[row * ${Q} + j]`, wide: u => `L${i}[${wideRow(u)} * ${P} + c]`, stageWideRows: false,
-          column: `(i32(workgroupId.x) - ${firstBlock}) * ${THREADS} + lid`, store: j => `result[unit * uniforms.perUnit + ${offset} + ${j} * ${P} + c]` });
+    this.shaderKey = `moeNarrowWeightGradPair_${parts.map(({ spec, width }) => `${spec.left}_${spec.right}_${spec.scaleLeft ? 's' : ''}_` +
+        `${spec.narrow}${width}`).join('_')}_${activationKey(act)}` + (singleGroup ? '_single' : '');
   }
 
   getUserCode(): string {
+    const products = this.parts.map((p, i) => narrowProductSnippets(p.spec, p.width, String(i)));
+    const [firstBlock, offset] = [['0', 'uniforms.firstBlock1'], ['0', 'uniforms.offset1']];
+    const part = (i: number) => products[i].sums(`(i32(workgroupId.x) - ${firstBlock[i]}) * ${THREADS} + lid`,
+        j => `result[unit * uniforms.perUnit + ${offset[i]} + ${j} * ${products[i].wideSize} + c]`);
     return `
       var<workgroup> Ns : array<f32, ${GRAD_ROWS * Math.max(this.parts[0].width, this.parts[1].width)}>;
+      ${products.some(p => p.staged) ? STAGED_WIDE_ROWS : ''}
       var<workgroup> chunkStart : i32;
       var<workgroup> chunkCount : i32;
       var<workgroup> chunkPart : i32;
+      ${this.singleGroup ? '' : EXPERT_OF_ROW}
+      ${products.map(p => p.functions).join('\n')}
 
       fn main() {
         let lid = i32(localIndex);
         let unit = i32(workgroupId.y);
         if (lid == 0) {
-          // unit u is chunk u: rows row0 .. min(row0 + chunkRows, numRows), of product 0 or 1 by the column block
-          let row0 = unit * uniforms.chunkRows;
+          ${chunkRowsSnippet(this.singleGroup)}
           chunkStart = row0;
-          chunkCount = max(0, min(uniforms.chunkRows, uniforms.numRows - row0));
+          chunkCount = rowsOfChunk;
+          // product 0 or 1, by the column block
           chunkPart = select(1, 0, i32(workgroupId.x) < uniforms.firstBlock1);
         }
         let start = workgroupUniformLoad(&chunkStart);
         let count = workgroupUniformLoad(&chunkCount);
         if (workgroupUniformLoad(&chunkPart) == 0) {
-          ${this.partSnippet(0)}
+          ${part(0)}
         } else {
-          ${this.partSnippet(1)}
+          ${part(1)}
         }
       }
     `;

@@ -1018,7 +1018,7 @@ export class SubgroupMatrixWeightGradProgram implements WebGPUProgram {
     const quadR = this.staging.right === 'vec4';
     const halfL = this.staging.left === 'half8';
     const halfR = this.staging.right === 'half8';
-    const { loadL, loadR } = weightGradLoadSnippets({ ...this.spec, tile: { tm: 1, tn: 1, bk: 1 } });
+    const { loadL, loadR } = weightGradLoadSnippets(this.spec);
     const x = wgslU32;
     // As holds Lᵀ column-major: its element (p, r) is L(r0 + r, p0 + p), walked p fastest
     const a = stagedElementA(x, layout, 'i');
