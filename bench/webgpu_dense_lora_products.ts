@@ -8,22 +8,24 @@
  *   dA   gᵀ·x     [r, H]  (MoEWeightGradProduct)         dB   dyᵀ·u   [out, r] (MoEWeightGradProduct)
  *   y+u·Bᵀ, dx+g·A  the expansions with their sums (MoEMatMulAdd, inner r: NarrowInnerGroupedMatMulProgram)
  * Per product one line: ms before and after (--chain products enqueued, one read at the end, the
- * median of --iters chains: host recording and GPU time together, so a per-call host stall shows),
- * the speedup, after's GB/s over the bytes it must move (its wide operand once, the output), the
- * host uploads of one after call (must be 0: the first version uploaded a one-group plan per call,
- * ~1.7 ms of host each on the H100, run S) and the max relative error of after against before
- * (must be ≤ 1e-5: the same f32 sums in another order); then one layer-step's sum (q/k/v/o four
- * times, the router once; each product runs once a step). Then the kernels' choices, through their
- * own code on the q/k/v/o shape, each line with host+GPU ms (as above), GPU us a call from
- * timestamp queries (tf.time, one pass per program; 'n/a' where the device has no
- * timestamp-query, as Mesa's software GL) and GB/s over the bytes the product must move (over GPU
- * time where there is one, else over host+GPU): dA and dB with the rows cut into chunks of each
- * of --chunk-rows (all: one chunk; the kernel's default: the flag WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS,
- * 128), and u and g on NarrowGroupedMatMulProgram's single-group form (the program before, 16 rows
- * a workgroup, W staged per 64-deep chunk; --grouped-rows-per-thread) and on DenseNarrowMatMulProgram
- * in each of --layouts (lanes × rows a thread; the kernel's: 64 × 1 below 2048 rows, 64 × 2 from
- * there), each checked against the grouped form at 1 row a thread (≤ 1e-5 relative) with its
- * speedup over it. Exits 1 on a mismatch or an upload.
+ * median of --iters chains: host recording and GPU time together, so a per-call host stall shows), the
+ * speedup, after's GB/s over the bytes it must move (its wide operand once, the output), the host
+ * uploads of one after call (must be 0: the first version uploaded a one-group plan per call, ~1.7 ms
+ * of host each on the H100, run S) and the max relative error of after against before (must be ≤ 1e-5:
+ * the same f32 sums in another order); then one layer-step's sum (q/k/v/o four times, the router once;
+ * each product runs once a step). Then dA and dB of each projection as a pair (weightGradProductPair,
+ * the default: two dispatches) against apart (WEBGPU_MOE_WEIGHT_GRAD_PAIRS off: four), host+GPU ms and
+ * GPU us (as below), and whether they agree bit for bit. Then the kernels' choices, through their own
+ * code on the q/k/v/o shape, each line with host+GPU ms (as above), GPU us a call from timestamp
+ * queries (tf.time, one pass per program; 'n/a' where the device has no timestamp-query, as Mesa's
+ * software GL) and GB/s over the bytes the product must move (over GPU time where there is one, else
+ * over host+GPU): dA and dB with the rows cut into chunks of each of --chunk-rows (all: one chunk; the
+ * kernel's default: the flag WEBGPU_MOE_DENSE_GRAD_CHUNK_ROWS, 128), and u and g on
+ * NarrowGroupedMatMulProgram's single-group form (the program before, 16 rows a workgroup, W staged
+ * per 64-deep chunk; --grouped-rows-per-thread) and on DenseNarrowMatMulProgram in each of --layouts
+ * (lanes × rows a thread; the kernel's: 64 × 1 below 2048 rows, 64 × 2 from there), each checked
+ * against the grouped form at 1 row a thread (≤ 1e-5 relative) with its speedup over it. Exits 1 on a
+ * mismatch or an upload.
  *   npx tsx bench/webgpu_dense_lora_products.ts [--tokens 2048] [--hidden 2048] [--out 2048]
  *       [--experts 64] [--rank 8] [--iters 7] [--chain 20] [--chunk-rows 64,128,256,512,all]
  *       [--grouped-rows-per-thread 1,2] [--layouts 32x1,32x2,32x4,64x1,64x2,64x4,128x1,128x2,128x4]
@@ -43,7 +45,8 @@ import {
 import { TENSOR_CORES_FLAG } from '../src/backends/webgpu/tensor_cores.js';
 import { matMulAdd } from '../src/ops/matmul_add.js';
 import { scaledMatMul } from '../src/ops/scaled_matmul.js';
-import { weightGradProduct } from '../src/ops/weight_grad_product.js';
+import { weightGradProduct, weightGradProductPair } from '../src/ops/weight_grad_product.js';
+import { WEIGHT_GRAD_PAIRS_FLAG } from '../src/backends/webgpu/weight_grad_pairs.js';
 import { maxRelativeError } from '../src/util/numeric.js';
 import { withHostUploads } from '../tools/webgpu_tc/scoped.js';
 import { median, timeProduct } from './webgpu_timing.js';
@@ -167,6 +170,38 @@ async function gpuMs(run: () => tf.Tensor): Promise<number | undefined> {
 }
 process.stdout.write(`# sweeps: GPU times ${timestamps ? 'from timestamp queries' : 'n/a (no timestamp-query on this device)'}\n`);
 
+// dA and dB together (weightGradProductPair: NarrowWeightGradPairProgram and one own sum, the default)
+// against apart (WEIGHT_GRAD_PAIRS_FLAG off: two programs each), the same bits required
+let pairMismatch = false;
+for (const [name, p] of projections) {
+  const pairOf = (together: boolean) => () => {
+    tf.env().set(WEIGHT_GRAD_PAIRS_FLAG, together);
+    try {
+      const [dA, dB] = weightGradProductPair(p.g, x, p.dy, p.u);
+      dA.dispose();
+      return dB;
+    } finally {
+      tf.env().set(WEIGHT_GRAD_PAIRS_FLAG, true);
+    }
+  };
+  const bits = async (together: boolean) => {
+    tf.env().set(WEIGHT_GRAD_PAIRS_FLAG, together);
+    const pair = weightGradProductPair(p.g, x, p.dy, p.u);
+    tf.env().set(WEIGHT_GRAD_PAIRS_FLAG, true);
+    const values = await Promise.all(pair.map(t => t.data()));
+    tf.dispose(pair);
+    return values.flatMap(v => Array.from(v));
+  };
+  const [together, apart] = [await bits(true), await bits(false)];
+  const same = together.length === apart.length && together.every((v, i) => Object.is(v, apart[i]));
+  pairMismatch ||= !same;
+  const [pairMs, apartMs] = [await timeProduct(pairOf(true), iters, chain), await timeProduct(pairOf(false), iters, chain)];
+  const [pairGpu, apartGpu] = [await gpuMs(pairOf(true)), await gpuMs(pairOf(false))];
+  const us = (ms: number | undefined) => (ms === undefined ? 'n/a' : `${(ms * 1e3).toFixed(1)} us`);
+  process.stdout.write(`${`${name}.dA+dB`.padEnd(14)} apart ${apartMs.toFixed(3)} ms (GPU ${us(apartGpu)})  pair ${pairMs.toFixed(3)} ms ` +
+      `(GPU ${us(pairGpu)})  ${(apartMs / pairMs).toFixed(2)}x  ${same ? 'bit for bit ok' : 'MISMATCH'}\n`);
+}
+
 /** [label, variant, reference (the output to match), bytes it must move, the baseline line's label for a speedup] */
 type Sweep = { label: string; run: () => tf.Tensor; reference: () => tf.Tensor; bytes: number; baseline?: string };
 const product = (a: tf.Tensor2D, b: tf.Tensor2D, transposeB: boolean, form: DenseNarrowProductForm) =>
@@ -217,4 +252,4 @@ for (const { label, run, reference, bytes, baseline } of sweeps) {
       `max rel err ${error.toExponential(2)} ${error <= 1e-5 ? 'ok' : 'MISMATCH'}\n`);
 }
 tf.dispose([x, ...projections.flatMap(([, p]) => [p.A, p.B, p.dy, p.u, p.g, p.y, p.dx])]);
-process.exit(worst <= 1e-5 && uploadsSeen === 0 ? 0 : 1);
+process.exit(worst <= 1e-5 && uploadsSeen === 0 && !pairMismatch ? 0 : 1);
