@@ -45,6 +45,21 @@ function programsOf(fn: () => void): string[] {
   return names;
 }
 
+/**
+ * Skewed routing, as real text gives: 200 tokens, top 2 of 8 experts; expert 3 has 200 rows (a full
+ * chunk of 128 and a ragged one), expert 6 exactly 128 (one full chunk), expert 7 71, expert 0 one
+ * row, 1, 2, 4, 5 none.
+ */
+function skewedRouting(): { T: number; K: number; E: number; experts: Int32Array } {
+  const T = 200, K = 2, E = 8;
+  const experts = new Int32Array(T * K);
+  for (let t = 0; t < T; t++) {
+    experts[t * K] = 3;
+    experts[t * K + 1] = t < 128 ? 6 : t === 128 ? 0 : 7;
+  }
+  return { T, K, E, experts };
+}
+
 /** A routing's device plan and its pairOfRow read back (for the float64 references). */
 class RoutedPlan {
   plan!: ReturnType<typeof deviceDispatchPlan>;
@@ -244,17 +259,10 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
     }
   });
 
-  // Skewed routing, as real text gives: expert 3 has 200 rows (a full chunk of 128 and a ragged
-  // one), expert 6 exactly 128 (one full chunk), expert 7 71, expert 0 one row, 1, 2, 4, 5 none.
-  // Chunk flags: 1 and 8 make chunks of 1 and 8 rows (inside a row tile), 48 chunks of 48 (row
-  // tile 16) or 64 rows (32), 128 the default, 1000 one chunk per expert.
+  // Skewed routing (skewedRouting). Chunk flags: 1 and 8 make chunks of 1 and 8 rows (inside a
+  // row tile), 48 chunks of 48 (row tile 16) or 64 rows (32), 128 the default, 1000 one chunk per expert.
   describe('weight gradients under skewed routing: chunks of rows', () => {
-    const T = 200, K = 2, E = 8;
-    const experts = new Int32Array(T * K);
-    for (let t = 0; t < T; t++) {
-      experts[t * K] = 3;
-      experts[t * K + 1] = t < 128 ? 6 : t === 128 ? 0 : 7;
-    }
+    const { T, K, E, experts } = skewedRouting();
     const cases: WeightGradCase[] = [
       // down.dA (act(h), the routing weight on gr), up.dA (x gathered), down.dB (dOut gathered, scaled)
       { narrow: 'P', left: 'rows', right: 'act', scaled: true }, { narrow: 'P', left: 'rows', right: 'gather' },
@@ -320,15 +328,10 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
 
   // a LoRA factor pair's dA_e and dB_e together (groupedWeightGradPair): the up projection's (x
   // gathered; dh rows) and the down projection's (act(h), dOut gathered, both scaled by the routing
-  // weight, as experts.ts passes them), at equal and unequal ranks, under the skewed routing above
-  // and at several chunk sizes: bit for bit the two groupedWeightGrads, in two dispatches
+  // weight, as experts.ts passes them), at equal and unequal ranks, under skewedRouting and at
+  // several chunk sizes: bit for bit the two groupedWeightGrads, in two dispatches
   describe('weight gradient pairs (dA_e and dB_e in one program and one own sum)', () => {
-    const T = 200, K = 2, E = 8;
-    const experts = new Int32Array(T * K);
-    for (let t = 0; t < T; t++) {
-      experts[t * K] = 3;
-      experts[t * K + 1] = t < 128 ? 6 : t === 128 ? 0 : 7;
-    }
+    const { T, K, E, experts } = skewedRouting();
     const wide = 300;
     const activation: ExpertActivation = { kind: 'swiglu' };
     type Side = { left: 'gather' | 'rows'; right: RowSource; narrow: 'P' | 'Q'; r: number };
