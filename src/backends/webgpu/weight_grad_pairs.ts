@@ -1,14 +1,15 @@
 /**
- * The second half of a pair of narrow weight gradients (a LoRA projection's dA = gᵀ·x [r, in] and
- * dB = dyᵀ·u [out, r]; issue 15: the host is bound by dispatches): NarrowWeightGradPairProgram
- * leaves both products' partial sums per chunk of rows in one tensor, and one dispatch of our own
- * adds each product's chunks into its own gradient. That is two outputs, which a tfjs program
- * cannot write: with a program per product the pair took four dispatches (two chunked passes, two
- * sums), here two. The chunks are added in order from 0.0, as NarrowWeightGradSumProgram adds them
- * (its alpha is 1 for these): the same gradients, bit for bit.
+ * The second half of a pair of narrow weight gradients (a LoRA factor pair's dA = gᵀ·x and
+ * dB = dyᵀ·u, dense or the experts'; issue 15: the host is bound by dispatches):
+ * NarrowWeightGradPairProgram leaves both products' partial sums per chunk of rows in one tensor,
+ * and one dispatch of our own adds each product's chunks into its own gradient. That is two
+ * outputs, which a tfjs program cannot write: with a program per product the pair took four
+ * dispatches (two chunked passes, two sums), here two. The chunks are added in order from 0.0 and
+ * the sum multiplied by alpha, as NarrowWeightGradSumProgram does: the same gradients, bit for bit.
  *
- * The sizes are constants of the shader (a model has a few projection shapes); the chunk count is
- * the partial sums' binding length over a chunk's row, so nothing is uploaded per call.
+ * The sizes, the gradients' strides and alphas are constants of the shader (a model has a few
+ * projection shapes); one group's chunk count is the partial sums' binding length over a unit's
+ * row, a plan's experts' come from its seg, so nothing is uploaded per call.
  */
 import type * as tf from '@tensorflow/tfjs-core';
 import { backendInternals, bufferOf, ownPipeline, recordOwnDispatch, type WebGPUBackendInternals } from './own_dispatch.js';

@@ -5,7 +5,8 @@
  * Identity for each of the 8 inputs its kernels saved, and the Reshapes and Cast of tfjs-core's
  * Add and Mul gradients. Here the forward runs 1 + 4 products and adds per adapter (+1 with a
  * bias, +1 per dropout mask) and saves 5 tensors per adapter, the backward 1 + 6 per adapter
- * (+1 per mask): 15 kernels for that projection. Public tfjs ops only, so every backend runs it.
+ * (+1 per mask; 1 + 5 where dA and dB are one kernel, weightGradProductPair's on webgpu): 15
+ * kernels for that projection. Public tfjs ops only, so every backend runs it.
  *
  *   y = x·Wᵀ + b + Σ_a s_a·((m_a ⊙ x)·A_aᵀ)·B_aᵀ
  *
