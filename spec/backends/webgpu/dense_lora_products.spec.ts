@@ -55,7 +55,7 @@ const sum = (u: Float64Array, v: Float64Array) => u.map((e, i) => e + v[i]);
  * the scaled program, tfjs's matMul
  */
 function families(keys: string[]): { narrowProduct: number; denseProduct: number; narrowInner: number; narrowGrad: number;
-    narrowGradPair: number; narrowGradSum: number; narrowPlanned: number; scaled: number; tfjsMatMul: number } {
+    narrowGradPair: number; narrowGradSum: number; narrowPlanned: number; scaled: number; tfjsMatMul: number; tail: number } {
   return {
     narrowPlanned: keys.filter(k => k.startsWith('moeNarrow') && !k.endsWith('_single')).length,
     narrowInner: keys.filter(k => k.startsWith('moeNarrowInnerGroupedMatMul')).length,
@@ -63,6 +63,7 @@ function families(keys: string[]): { narrowProduct: number; denseProduct: number
     denseProduct: keys.filter(k => k.startsWith('moeDenseNarrowMatMul')).length,
     narrowGrad: keys.filter(k => k.startsWith('moeNarrowWeightGrad_')).length,
     narrowGradPair: keys.filter(k => k.startsWith('moeNarrowWeightGradPair_')).length,
+    tail: keys.filter(k => k.startsWith('moeGroupedMatMul_') && k.endsWith('_loraTail')).length,
     narrowGradSum: keys.filter(k => k.startsWith('moeNarrowWeightGradSum')).length,
     scaled: keys.filter(k => k.startsWith('moeScaledMatMul')).length,
     tfjsMatMul: keys.filter(k => /^matMul/i.test(k)).length,
@@ -127,8 +128,10 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             expect(seen.narrowGrad + seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(0);
             expect(sums).to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(0);
-            // the expansions y + u·Bᵀ and dx + g·A, their sums in the same program
-            expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(2);
+            // the expansion y + u·Bᵀ in the base product's epilogue (its LoRA tail), dx + g·A with its sum in
+            // one program after tfjs's dy·W
+            expect(seen.tail, `shader keys: ${keys.join(', ')}`).to.equal(1);
+            expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(1);
             // all in their single-group forms: no plan inputs
             expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // tfjs's matMul is left the base dy·W (x·Wᵀ is the grouped program with one group)

@@ -226,6 +226,16 @@ tf.env().registerFlag(TC_BATCH_PRODUCTS_FLAG, () => true);
 export const TC_LORA_TAIL_FLAG = 'WEBGPU_MOE_TC_LORA_TAIL';
 tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => true);
 
+/**
+ * tf.env() flag: off tensor cores, a product on GroupedMatMulProgram given a LoRA tail (split LoRA's
+ * expansion of its first adapter; a dense projection's u·Bᵀ or g·A) adds it in its epilogue
+ * (GroupedMatMulProgram's loraTail: each output reads its row of T and its column of V, r ≤ 16
+ * values each) instead of a separate expansion that reads and writes the whole output again: one
+ * dispatch fewer per tail. false: the separate expansion, as before (the A/B).
+ */
+export const F32_LORA_TAIL_FLAG = 'WEBGPU_MOE_F32_LORA_TAIL';
+tf.env().registerFlag(F32_LORA_TAIL_FLAG, () => true);
+
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
 
@@ -419,9 +429,11 @@ const groupedMatMulConfig: tf.KernelConfig = {
     // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
-    // groupedMatMul folds a LoRA tail only into a product it sends to tensor cores
+    // groupedMatMul folds a LoRA tail only into a product on tensor cores or on GroupedMatMulProgram
     const loraTail = a.loraTail === true;
-    if (loraTail && tc === undefined) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores`);
+    const tiled = !(a.narrowLanes === 32 || a.narrowLanes === 64 || a.narrowLanes === 128) && !(a.narrowRows === 1 || a.narrowRows === 2) &&
+        !(a.narrowInnerRows === 16 || a.narrowInnerRows === 32 || a.narrowInnerRows === 64);
+    if (loraTail && tc === undefined && !tiled) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores or GroupedMatMulProgram`);
     if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const half = tc !== undefined ? halfLeftOperand(args, inputs.A, common.source, act, a.inner as number, inputs.amax) : undefined;
     if (half !== undefined) list[0] = half.a;
@@ -447,7 +459,7 @@ const groupedMatMulConfig: tf.KernelConfig = {
             source: common.source, activation: common.activation, hasAddend: common.hasAddend, vec4: outCols % 4 === 0,
             blockRows: a.narrowInnerRows as NarrowInnerBlockRows,
           })
-          : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a) });
+          : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a), loraTail });
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),
@@ -620,8 +632,15 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   if (args.bias) inputs.bias = args.bias;
   if (args.addend) inputs.addend = args.addend;
   const tensorCores = useTensorCores(args.plan, args.plan.capacity, args.outCols, args.inner);
+  const narrow = !tensorCores && narrowProductFits(args);
+  // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
+  const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const tail = args.loraTail;
-  if (tail !== undefined && !(tensorCores && tf.env().getBool(TC_LORA_TAIL_FLAG) && tail.rank <= LORA_TAIL_MAX_RANK)) {
+  const foldsTail = tail !== undefined && tail.rank <= LORA_TAIL_MAX_RANK && (tensorCores
+    ? tf.env().getBool(TC_LORA_TAIL_FLAG)
+    // off tensor cores only GroupedMatMulProgram has the tail's epilogue
+    : tf.env().getBool(F32_LORA_TAIL_FLAG) && !narrow && !narrowInner);
+  if (tail !== undefined && !foldsTail) {
     // the expansion as its own product, the result its addend
     const base = groupedMatMul({ ...args, loraTail: undefined });
     const out = groupedMatMul({
@@ -633,10 +652,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   }
   if (tail !== undefined) Object.assign(inputs, { tailA: tail.a, tailW: tail.w });
   if (tensorCores && args.gradient) inputs.amax = maxAbsCode(args.a);
-  const narrow = !tensorCores && narrowProductFits(args);
   const laneLayout = narrow ? groupedNarrowLayoutFor(args.plan.rowTile, args.plan.capacity, args.strides.sK === 1) : undefined;
-  // products both narrow and shallow without an addend stay on NarrowGroupedMatMulProgram
-  const narrowInner = !tensorCores && !narrow && narrowInnerProductFits(args);
   const out = tf.engine().runKernel(GROUPED_MATMUL, inputs, {
     // the subgroup-matrix block's rows: the largest that divides the plan's row tile
     tensorCores, blockRows: subgroupBlockRowsFor(args.plan.rowTile) ?? 0,
@@ -655,7 +671,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
     ...activationAttrs(args.activation, args.interleaved ?? false), ...tileAttrs(args.tile),
     ...(tail === undefined ? {} : {
       loraTail: true, tailRank: tail.rank, tailSE: tail.strides.sE, tailSN: tail.strides.sN, tailSK: tail.strides.sK,
-      // the program multiplies the whole reduction by alpha: the tail's V is staged times alpha_tail / alpha
+      // the program multiplies the whole reduction by alpha: the tail's sums are added times alpha_tail / alpha
       tailScale: tail.alpha / (args.alpha ?? 1),
     }),
   }) as tf.Tensor2D;
@@ -1160,18 +1176,29 @@ export function packedDenseTile(rows: number): TileConfig {
 function runDenseProduct(
     args: KernelArgs, a: tf.TensorInfo, w: tf.TensorInfo, added: { bias?: tf.TensorInfo; addend?: tf.TensorInfo },
     layout: { inner: number; outCols: number; sN: number; sK: number }, packed: { kind: HalfKind; cols: number } | undefined,
-    tile: TileConfig): tf.TensorInfo {
+    tile: TileConfig, tail?: DenseKernelTail): tf.TensorInfo {
   const { inner, outCols, sN, sK } = layout;
   const n = a.shape[0];
+  const tailRank = tail?.a.shape[1] ?? 0;
+  if (tail !== undefined && !(tf.env().getBool(F32_LORA_TAIL_FLAG) && tailRank <= LORA_TAIL_MAX_RANK)) {
+    return withDenseTail(args, runDenseProduct(args, a, w, added, layout, packed, tile), tail);
+  }
   const program = new GroupedMatMulProgram(n, outCols, {
     source: 'rows', hasBias: added.bias != null, hasAddend: added.addend != null, kContiguous: sK === 1, tile,
-    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, singleGroup: true,
+    packedWeight: packed === undefined ? undefined : { ...packed, layout: null }, singleGroup: true, loraTail: tail !== undefined,
   });
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
+    ...(tail !== undefined ? [...intUniforms(tailRank, 0, ...denseTailStrides(tail, outCols)), ...floatUniforms(1)] : []),
   ];
-  const inputs = [a, w, ...(added.bias != null ? [added.bias] : []), ...(added.addend != null ? [added.addend] : [])];
+  const inputs = [a, w, ...(added.bias != null ? [added.bias] : []), ...(added.addend != null ? [added.addend] : []),
+    ...(tail !== undefined ? [tail.a, tail.b] : [])];
   return runGroupedProduct(args, program, inputs, uniforms, 2 * n * outCols * inner);
+}
+
+/** A dense tail's V(k, n) strides [sN, sK]: b [outCols, r] (transposed) at n·r + k, b [r, outCols] at k·outCols + n. */
+function denseTailStrides(tail: DenseKernelTail, outCols: number): [number, number] {
+  return tail.transposeB ? [tail.a.shape[1], 1] : [1, outCols];
 }
 
 /**
@@ -1318,11 +1345,10 @@ function runDenseProductOnTensorCores(
   const half = halfLeftOperand(args, a, 'rows', undefined, inner, amax);
   const program = new SubgroupMatrixMatMulProgram(n, outCols, spec, tc.subgroupSize,
       withScaledDirectStores(matMulStaging(spec, { inner, outCols, sE: 0, sN, sK }, half !== undefined)), blockRows, splits);
-  // the tail's V(k, n): b [outCols, r] (transposed) at n·r + k, b [r, outCols] at k·outCols + n; alpha 1 both
-  const [tailSN, tailSK] = tail?.transposeB ? [tailRank, 1] : [1, outCols];
   const uniforms: ProgramUniformEntry[] = [
     ...intUniforms(n, outCols, inner, 1, 1, 0, sN, sK), ...floatUniforms(1), ...activationUniforms(undefined),
-    ...(tail !== undefined ? [...intUniforms(tailRank, 0, tailSN, tailSK), ...floatUniforms(1)] : []),
+    // the tail's alpha is 1
+    ...(tail !== undefined ? [...intUniforms(tailRank, 0, ...denseTailStrides(tail, outCols)), ...floatUniforms(1)] : []),
     ...(splits > 1 ? intUniforms(splitKChunk(inner, splits)) : []),
   ];
   const inputs = [half?.a ?? a, w, ...(bias != null ? [bias] : []), ...(amax !== undefined ? [amax] : []),
@@ -1395,7 +1421,7 @@ export function runPackedDenseMatMul(
   const halves = { kind: attrs.kind, cols: attrs.cols };
   const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
   if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, packed, bias, layout, halves, attrs.gradient === true, tail);
-  return withDenseTail(args, runDenseProduct(args, a, packed, { bias }, layout, halves, tile), tail);
+  return runDenseProduct(args, a, packed, { bias }, layout, halves, tile, tail);
 }
 
 /** A dense product's LoRA tail (DenseProductTail) as its kernel sees it. */
@@ -1439,7 +1465,7 @@ export function runDenseMatMul(
   const layout = denseLayout(attrs.rows, attrs.cols, attrs.transposeWeight, attrs.cols);
   const tc = denseTensorCores(webgpu(args).device, a.shape[0], layout.outCols, layout.inner);
   if (tc !== undefined) return runDenseProductOnTensorCores(args, tc, a, weight, bias, layout, undefined, attrs.gradient === true, tail);
-  return withDenseTail(args, runDenseProduct(args, a, weight, { bias }, layout, undefined, tile), tail);
+  return runDenseProduct(args, a, weight, { bias }, layout, undefined, tile, tail);
 }
 
 const denseMatMulConfig: tf.KernelConfig = {

@@ -24,8 +24,8 @@
  */
 import type { WebGPUProgram } from '@tensorflow/tfjs-backend-webgpu';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, packedElementSnippet, packedWeightKey, type PackedWeightSpec,
-  type RowSource, TILE_THREADS,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, LORA_TAIL_UNIFORMS,
+  packedElementSnippet, packedWeightKey, type PackedWeightSpec, type RowSource, TILE_THREADS,
 } from './shared.js';
 
 /**
@@ -199,6 +199,12 @@ export interface GroupedMatMulSpec {
    * pr); the tile's expert is 0 (sE 0), row r is A's row r for r < numRows; source must be 'rows'.
    */
   singleGroup?: boolean;
+  /**
+   * A LoRA branch's expansion added in the epilogue: each output (r, c) of expert e gets
+   * tailScale·Σ_k T(r, k)·V_e(k, c) before alpha (inputs tailA = T [rows, rank], tailW = V;
+   * LORA_TAIL_UNIFORMS), instead of a second product that reads and writes the output again.
+   */
+  loraTail?: boolean;
 }
 
 /**
@@ -257,6 +263,9 @@ export function tileRowsSnippet(source: RowSource, rows: number, threads: number
         ${loop}`;
 }
 
+/** The deepest LoRA tail GroupedMatMulProgram adds in its epilogue (the rank a thread holds one row of). */
+export const LORA_TAIL_EPILOGUE_MAX_RANK = 16;
+
 export class GroupedMatMulProgram implements WebGPUProgram {
   variableNames: string[];
   outputShape: number[];
@@ -264,7 +273,7 @@ export class GroupedMatMulProgram implements WebGPUProgram {
   dispatchLayout = { x: [0], y: [1] };
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [TILE_THREADS, TILE_THREADS, 1];
-  uniforms = GROUPED_MATMUL_UNIFORMS;
+  uniforms: string;
   private readonly spec: GroupedMatMulSpec;
 
   /**
@@ -277,10 +286,12 @@ export class GroupedMatMulProgram implements WebGPUProgram {
     this.outputShape = [capacity, outCols];
     this.dispatch = [Math.ceil(outCols / (TILE_THREADS * tn)), Math.ceil(capacity / (TILE_THREADS * tm)), 1];
     this.variableNames = ['A', 'W', ...(spec.singleGroup ? [] : ['seg', 'pr']), ...(spec.hasBias ? ['bias'] : []),
-      ...(spec.hasAddend ? ['addend'] : [])];
+      ...(spec.hasAddend ? ['addend'] : []), ...(spec.loraTail ? ['tailA', 'tailW'] : [])];
+    this.uniforms = GROUPED_MATMUL_UNIFORMS + (spec.loraTail ? LORA_TAIL_UNIFORMS : '');
     this.shaderKey = `moeGroupedMatMul_${spec.source}_${activationKey(spec.source === 'act' ? spec.activation : undefined)}_` +
         `${spec.hasBias ? 'b' : ''}${spec.hasAddend ? 'a' : ''}${spec.kContiguous ? 'k' : 'n'}_${tileKey(spec.tile)}` +
-        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '') + (spec.singleGroup ? '_single' : '');
+        (spec.packedWeight ? `_${packedWeightKey(spec.packedWeight)}` : '') + (spec.singleGroup ? '_single' : '') +
+        (spec.loraTail ? '_loraTail' : '');
   }
 
   getUserCode(): string {
@@ -339,13 +350,22 @@ export class GroupedMatMulProgram implements WebGPUProgram {
           let m = ${owned(tile, '0', 'ty', 'i', tm)};
           let r = row0 + m;
           if (r >= uniforms.numRows) { continue; }
-          let live = e >= 0 && rowSrc[m] >= 0;
+          let live = e >= 0 && rowSrc[m] >= 0;${this.spec.loraTail ? `
+          // the tail's row T(r, ·), read once for the row's columns (0 past the rank)
+          var tailRow : array<f32, ${LORA_TAIL_EPILOGUE_MAX_RANK}>;
+          if (live) {
+            for (var k = 0; k < uniforms.tailRank; k++) { tailRow[k] = tailA[r * uniforms.tailRank + k]; }
+          }` : ''}
           for (var j = 0; j < ${tn}; j++) {
             let c = ${owned(tile, 'col0', 'tx', 'j', tn)};
             if (c < uniforms.outCols) {
               var v = 0.0;
-              if (live) {
-                v = uniforms.alpha * acc[i * ${tn} + j];
+              if (live) {${this.spec.loraTail ? `
+                var t = 0.0;
+                let vBase = e * uniforms.tailSE + c * uniforms.tailSN;
+                for (var k = 0; k < uniforms.tailRank; k++) { t = fma(tailRow[k], tailW[vBase + k * uniforms.tailSK], t); }
+                v = uniforms.alpha * (acc[i * ${tn} + j] + uniforms.tailScale * t);` : `
+                v = uniforms.alpha * acc[i * ${tn} + j];`}
                 ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
                 ${this.spec.hasAddend ? 'v += addend[r * uniforms.outCols + c];' : ''}
               }

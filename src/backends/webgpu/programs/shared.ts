@@ -106,6 +106,13 @@ export const GROUPED_MATMUL_UNIFORMS = 'numRows : i32, outCols : i32, inner : i3
     'sE : i32, sN : i32, sK : i32, alpha : f32, ' + ACTIVATION_UNIFORMS;
 
 /**
+ * The uniforms of a grouped product with a LoRA tail (`loraTail`), after all others: T's columns
+ * (the rank, at most 16), V_e(k, n) at tailW[e·tailSE + n·tailSN + k·tailSK], and the factor the
+ * tail's sums are added times (its alpha over the product's, which multiplies both).
+ */
+export const LORA_TAIL_UNIFORMS = 'tailRank : i32, tailSE : i32, tailSN : i32, tailSK : i32, tailScale : f32, ';
+
+/**
  * WGSL: gateIndex/upIndex(i, width) give the columns of gate i and up i in an h row of 2·width;
  * actForward(g, u) and actBackward(g, u, da) -> vec2(dGate, dUp). The clamps pass the gradient
  * where the input is within the limits, boundaries included (as torch.clamp does).

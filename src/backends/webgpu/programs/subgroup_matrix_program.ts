@@ -32,8 +32,8 @@ import {
   weightLoadSnippet, tileRowsSnippet,
 } from './grouped_matmul_program.js';
 import {
-  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, type PackedWeightSpec, packedWeightKey,
-  type RowSource,
+  ACTIVATION_UNIFORMS, type ActivationSpec, activationKey, activationSnippet, EXPERT_OF_ROW, GROUPED_MATMUL_UNIFORMS, LORA_TAIL_UNIFORMS,
+  type PackedWeightSpec, packedWeightKey, type RowSource,
 } from './shared.js';
 import {
   aIndex, bIndex, checkSlabLayout, declareAccumulators, epilogueThroughSlots, MATRIX_EDGE, multiplySlab, partOrigin,
@@ -295,12 +295,6 @@ export type SubgroupMatMulSpec = Omit<GroupedMatMulSpec, 'tile'> & {
 
 /** The uniform of the split-K specialisation, last. */
 const SPLIT_K_UNIFORM = 'kChunk : i32, ';
-
-/**
- * The uniforms of a product with `loraTail`, after all others: T's columns (the rank, at most 16),
- * V_e(k, n) at tailW[e·tailSE + n·tailSN + k·tailSK], and the factor the tail's V is staged times.
- */
-const LORA_TAIL_UNIFORMS = 'tailRank : i32, tailSE : i32, tailSN : i32, tailSK : i32, tailScale : f32, ';
 
 /** The deepest LoRA tail: one 16-deep step of the matrices. */
 export const LORA_TAIL_MAX_RANK = MATRIX_EDGE;
