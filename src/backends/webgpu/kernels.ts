@@ -429,12 +429,7 @@ const groupedMatMulConfig: tf.KernelConfig = {
     // every kind (bf16/f16 and the quantized ones) are decoded by the same loader in both programs.
     const tc = a.tensorCores ? tensorCoreDevice(webgpu(args).device) : undefined;
     if (tc !== undefined && inputs.amax != null) list.push(inputs.amax);
-    // groupedMatMul folds a LoRA tail only into a product on tensor cores or on GroupedMatMulProgram
     const loraTail = a.loraTail === true;
-    const tiled = !(a.narrowLanes === 32 || a.narrowLanes === 64 || a.narrowLanes === 128) && !(a.narrowRows === 1 || a.narrowRows === 2) &&
-        !(a.narrowInnerRows === 16 || a.narrowInnerRows === 32 || a.narrowInnerRows === 64);
-    if (loraTail && tc === undefined && !tiled) throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores or GroupedMatMulProgram`);
-    if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const half = tc !== undefined ? halfLeftOperand(args, inputs.A, common.source, act, a.inner as number, inputs.amax) : undefined;
     if (half !== undefined) list[0] = half.a;
     const program = tc !== undefined
@@ -460,6 +455,11 @@ const groupedMatMulConfig: tf.KernelConfig = {
             blockRows: a.narrowInnerRows as NarrowInnerBlockRows,
           })
           : new GroupedMatMulProgram(capacity, outCols, { ...common, tile: tileOf(a), loraTail });
+    // groupedMatMul folds a LoRA tail only into a product on tensor cores or on GroupedMatMulProgram
+    if (loraTail && !(program instanceof SubgroupMatrixMatMulProgram || program instanceof GroupedMatMulProgram)) {
+      throw new Error(`${GROUPED_MATMUL}: a LoRA tail runs only on tensor cores or GroupedMatMulProgram, not ${program.constructor.name}`);
+    }
+    if (loraTail) list.push(inputs.tailA, inputs.tailW);
     const uniforms: ProgramUniformEntry[] = [
       ...intUniforms(capacity, outCols, a.inner as number, a.topK as number, a.numExperts as number,
           a.sE as number, a.sN as number, a.sK as number),

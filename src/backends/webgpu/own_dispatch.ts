@@ -40,7 +40,7 @@ export interface WebGPUBackendInternals {
 }
 
 /** tfjs-backend-webgpu's TensorData, the part used. */
-export interface TensorDataLike {
+interface TensorDataLike {
   dtype: string;
   values?: unknown;
   resource?: unknown;
