@@ -28,10 +28,11 @@ import { OpArgumentError } from '../../../src/ops/validate.js';
 import { matMulAdd } from '../../../src/ops/matmul_add.js';
 import { scaledMatMul } from '../../../src/ops/scaled_matmul.js';
 import { WEIGHT_GRAD_PRODUCT, weightGradProduct, weightGradProductPair } from '../../../src/ops/weight_grad_product.js';
-import { ownDispatchListeners } from '../../../src/backends/webgpu/own_dispatch.js';
 import { NARROW_GRAD_PAIR_SUM_PROGRAM, WEIGHT_GRAD_PAIRS_FLAG } from '../../../src/backends/webgpu/weight_grad_pairs.js';
 import { asF32, Rng, tensorOf } from '../../helpers/numeric.js';
-import { allowingNoTimestampWarning, expectCloseAsync, expectNoLeakAsync, withEnvFlag, withHostUploads, withShaderKeys } from './helpers.js';
+import {
+  allowingNoTimestampWarning, expectCloseAsync, expectNoLeakAsync, withEnvFlag, withHostUploads, withOwnDispatches, withShaderKeys,
+} from './helpers.js';
 
 /** float64 a·op(b): a [m, k], b [k, n] or ([n, k], transposeB); op(a) = aᵀ with transposeA (a [k, m]) */
 function product64(a: Float64Array, b: Float64Array, m: number, k: number, n: number, transposeA: boolean, transposeB: boolean): Float64Array {
@@ -68,18 +69,6 @@ function families(keys: string[]): { narrowProduct: number; denseProduct: number
     scaled: keys.filter(k => k.startsWith('moeScaledMatMul')).length,
     tfjsMatMul: keys.filter(k => /^matMul/i.test(k)).length,
   };
-}
-
-/** Runs `fn` with the names of the own dispatches recorded meanwhile (recordOwnDispatch's), in order. */
-async function withOwnDispatches<T>(fn: (recorded: string[]) => Promise<T>): Promise<T> {
-  const recorded: string[] = [];
-  const listener = (program: string) => { recorded.push(program); };
-  ownDispatchListeners.add(listener);
-  try {
-    return await fn(recorded);
-  } finally {
-    ownDispatchListeners.delete(listener);
-  }
 }
 
 /** Both flags the dense narrow route needs, on or off (both on by default). */

@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
 import { registerMoEKernels } from '../../../src/backends/register_all_kernels.js';
+import { ownDispatchListeners } from '../../../src/backends/webgpu/own_dispatch.js';
 import { maxRelativeError } from '../../../src/util/numeric.js';
 
 /** Asserts max|a − e| / max|e| <= tol, reading the tensor asynchronously. */
@@ -25,6 +26,18 @@ export function expectedMaxAbsCode(m: number): number {
   if (m === 0) return 0;
   if (!Number.isFinite(m)) return 511;
   return Math.ceil(Math.log2(m)) + 150;
+}
+
+/** Runs `fn` with the names of the own dispatches recorded meanwhile (recordOwnDispatch's), in order. */
+export async function withOwnDispatches<T>(fn: (recorded: string[]) => Promise<T>): Promise<T> {
+  const recorded: string[] = [];
+  const listener = (program: string) => { recorded.push(program); };
+  ownDispatchListeners.add(listener);
+  try {
+    return await fn(recorded);
+  } finally {
+    ownDispatchListeners.delete(listener);
+  }
 }
 
 /**

@@ -15,7 +15,6 @@ import {
   deviceDispatchPlan, groupedMatMul, groupedNarrowLayoutFor, groupedWeightGrad, type GroupedWeightGradArgs, groupedWeightGradPair,
   NARROW_GRAD_CHUNK_ROWS_FLAG, NARROW_LANE_PRODUCTS_FLAG, NARROW_PRODUCTS_FLAG, type WeightStrides,
 } from '../../../src/backends/webgpu/kernels.js';
-import { ownDispatchListeners } from '../../../src/backends/webgpu/own_dispatch.js';
 import { NARROW_GRAD_PAIR_SUM_PROGRAM, WEIGHT_GRAD_PAIRS_FLAG } from '../../../src/backends/webgpu/weight_grad_pairs.js';
 import { DenseNarrowMatMulProgram } from '../../../src/backends/webgpu/programs/dense_narrow_matmul_program.js';
 import {
@@ -24,7 +23,7 @@ import {
 import type { RowSource } from '../../../src/backends/webgpu/programs/shared.js';
 import type { ExpertActivation } from '../../../src/ops/types.js';
 import { asF32, Rng } from '../../helpers/numeric.js';
-import { chooseExperts, expectCloseAsync, expectNoLeakAsync, withEnvFlag } from './helpers.js';
+import { chooseExperts, expectCloseAsync, expectNoLeakAsync, withEnvFlag, withOwnDispatches } from './helpers.js';
 
 const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 
@@ -370,11 +369,8 @@ describe('webgpu: NarrowGroupedMatMulProgram (rank-r grouped products)', () => {
               const args = [sideArgs(routed, sides[0], rw, 1, made), sideArgs(routed, sides[1], rw, 0.75, made)] as const;
               await withEnvFlag(NARROW_GRAD_CHUNK_ROWS_FLAG, chunkRows, () => expectNoLeakAsync(async () => {
                 let pair: tf.Tensor[] = [];
-                const own: string[] = [];
-                const listener = (program: string) => { own.push(program); };
-                ownDispatchListeners.add(listener);
-                const programs = programsOf(() => { pair = groupedWeightGradPair(args[0], args[1]); });
-                ownDispatchListeners.delete(listener);
+                const { programs, own } = await withOwnDispatches(async recorded =>
+                  ({ programs: programsOf(() => { pair = groupedWeightGradPair(args[0], args[1]); }), own: [...recorded] }));
                 expect(programs, 'programs').to.deep.equal(['NarrowWeightGradPairProgram']);
                 expect(own, 'own dispatches').to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
                 // the flag off: the two apart, four programs
