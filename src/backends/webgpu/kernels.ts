@@ -15,7 +15,7 @@ import {
   GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
-  NARROW_MAX_COLS, narrowGradChunkRows, narrowGradPairLayout, type NarrowGradProduct, narrowGradUnitRows, NarrowGroupedMatMulProgram,
+  NARROW_MAX_COLS, narrowGradChunkRows, type NarrowGradProduct, narrowGradUnitRows, NarrowGroupedMatMulProgram,
   narrowRowsPerThread, NarrowWeightGradPairProgram, NarrowWeightGradProgram, type NarrowWeightGradSpec, NarrowWeightGradSumProgram,
 } from './programs/narrow_matmul_program.js';
 import {
@@ -1960,7 +1960,7 @@ function narrowWeightGradPair(args: KernelArgs, inputs: tf.TensorInfo[], product
     outs: [PairGradientOut, PairGradientOut]): [tf.TensorInfo, tf.TensorInfo] {
   const own = narrowGradPairSumBackend();  // before the first program: a refusal leaves nothing behind
   const program = new NarrowWeightGradPairProgram(rows.capacity, rows.unitRows, products, rows.plan === undefined);
-  const { parts, perUnit } = narrowGradPairLayout(products);
+  const { parts, perUnit } = program;
   const numExperts = rows.plan?.numExperts ?? 1;
   const flops = products.reduce((sum, { P, Q }) => sum + 2 * rows.capacity * P * Q, 0);
   const partial = runGroupedProduct(args, program, inputs, [

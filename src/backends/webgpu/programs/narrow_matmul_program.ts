@@ -589,7 +589,9 @@ export class NarrowWeightGradPairProgram implements WebGPUProgram {
   dispatch: [number, number, number];
   workgroupSize: [number, number, number] = [THREADS, 1, 1];
   uniforms = NARROW_GRAD_PAIR_UNIFORMS;
-  private readonly parts: [NarrowGradPart, NarrowGradPart];
+  /** where each product's partial sums go in a unit's row, and its length (narrowGradPairLayout's) */
+  readonly parts: [NarrowGradPart, NarrowGradPart];
+  readonly perUnit: number;
   private readonly singleGroup: boolean;
 
   /** as NarrowWeightGradProgram's: capacity rows in units of unitRows; single group: the rows, in chunks */
@@ -603,6 +605,7 @@ export class NarrowWeightGradPairProgram implements WebGPUProgram {
       throw new Error('NarrowWeightGradPairProgram: at most one product may read act(h), but both do');
     }
     this.parts = parts;
+    this.perUnit = perUnit;
     this.singleGroup = singleGroup;
     const units = Math.ceil(capacity / unitRows);
     this.outputShape = [units, perUnit];
