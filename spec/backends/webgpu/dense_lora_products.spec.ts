@@ -117,10 +117,10 @@ describe('webgpu: dense LoRA products of rank ≤ 16 run the narrow programs (is
             expect(seen.narrowGrad + seen.narrowGradSum, `shader keys: ${keys.join(', ')}`).to.equal(0);
             expect(sums).to.deep.equal([NARROW_GRAD_PAIR_SUM_PROGRAM]);
             expect(seen.scaled, `shader keys: ${keys.join(', ')}`).to.equal(0);
-            // the expansion y + u·Bᵀ in the base product's epilogue (its LoRA tail), dx + g·A with its sum in
-            // one program after tfjs's dy·W
-            expect(seen.tail, `shader keys: ${keys.join(', ')}`).to.equal(1);
-            expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(1);
+            // the expansions y + u·Bᵀ (after the base product: WEBGPU_MOE_F32_LORA_TAIL is off by default) and
+            // dx + g·A (after tfjs's dy·W), each with its sum in one program
+            expect(seen.tail, `shader keys: ${keys.join(', ')}`).to.equal(0);
+            expect(seen.narrowInner, `shader keys: ${keys.join(', ')}`).to.equal(2);
             // all in their single-group forms: no plan inputs
             expect(seen.narrowPlanned, `shader keys: ${keys.join(', ')}`).to.equal(0);
             // tfjs's matMul is left the base dy·W (x·Wᵀ is the grouped program with one group)

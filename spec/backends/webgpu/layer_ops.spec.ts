@@ -149,7 +149,7 @@ describe('webgpu: loraLinear adds each branch in its product (MoEMatMulAdd, issu
 });
 
 describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => {
-  it('one adapter: 2 programs forward (the tail in the base product) and 5 backward (dA and dB a pair), no Transpose, sums and scales inside products; a trainable weight composes 7 and 9', async () => {
+  it('one adapter: 2 programs forward (the tail in the base product, WEBGPU_MOE_F32_LORA_TAIL on; 3 by default) and 5 backward (dA and dB a pair), no Transpose, sums and scales inside products; a trainable weight composes 7 and 9', async () => {
     const [t, h, e, r] = [6, 16, 8, 2];
     const x = tf.randomNormal([t, h]) as tf.Tensor2D;
     const A = tf.randomNormal([r, h]) as tf.Tensor2D;
@@ -179,7 +179,8 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
       return { forward, backward };
     };
     // the programs before the narrow ones took the dense rank-r products (DENSE_NARROW_PRODUCTS_FLAG off)
-    const frozen = await withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(false));
+    const folded = (fn: () => ReturnType<typeof programs>) => withEnvFlag(F32_LORA_TAIL_FLAG, true, fn);
+    const frozen = await folded(() => withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(false)));
     // forward s·(x·Aᵀ), then x·Wᵀ with the branch's u·Bᵀ added in its epilogue; backward dy·W, s·(dy·B), dB, dA,
     // and the branch's dx added in its product (the ones of tf.grads' dy are a host fill)
     expect(frozen.forward.total, `forward: ${JSON.stringify(frozen.forward)}`).to.equal(2);
@@ -190,19 +191,19 @@ describe('webgpu: a frozen router\'s LoRA runs as loraLinear (issue 15)', () => 
     for (const phase of [frozen.forward, frozen.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram');
     }
-    // the default: the same products on the narrow programs (s·x·Aᵀ, s·dy·B DenseNarrowMatMulProgram), dA and dB
+    // the narrow programs (the default) for the same products (s·x·Aᵀ, s·dy·B DenseNarrowMatMulProgram), dA and dB
     // together: one chunked pass for both and one own dispatch adding each one's chunks
-    const narrow = await programs(false);
+    const narrow = await folded(() => programs(false));
     expect(narrow.forward, 'forward, narrow').to.deep.include({ total: 2, DenseNarrowMatMulProgram: 1, GroupedMatMulProgram: 1 });
     expect(narrow.backward, 'backward, narrow').to.deep.include({ total: 5, DenseNarrowMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1,
       NarrowWeightGradPairProgram: 1, [NARROW_GRAD_PAIR_SUM_PROGRAM]: 1 });
     for (const phase of [narrow.forward, narrow.backward]) {
       expect(phase, JSON.stringify(phase)).to.not.have.any.keys('TransposeProgram', 'TransposeSharedProgram', 'ScaledMatMulProgram');
     }
-    // the tail apart (F32_LORA_TAIL_FLAG off): the expansion and its sum one more program forward
-    const apart = await withEnvFlag(F32_LORA_TAIL_FLAG, false, () => programs(false));
+    // the default, the tail apart (F32_LORA_TAIL_FLAG off): the expansion and its sum one more program forward
+    const apart = await programs(false);
     expect(apart.forward, 'forward, tail apart').to.deep.include({ total: 3, DenseNarrowMatMulProgram: 1, NarrowInnerGroupedMatMulProgram: 1 });
-    const trainable = await withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(true));
+    const trainable = await folded(() => withEnvFlag(DENSE_NARROW_PRODUCTS_FLAG, false, () => programs(true)));
     expect([trainable.forward.total, trainable.backward.total], JSON.stringify(trainable)).to.deep.equal([7, 9]);
     tf.dispose([x, A, B]);
   });

@@ -1,14 +1,15 @@
 /**
- * GroupedMatMulProgram's LoRA tail (off tensor cores, WEBGPU_MOE_F32_LORA_TAIL): a product's
- * result plus tailAlpha·T·V_e added in its epilogue, one dispatch where the expansion took a second.
- * Against float64 JS: the experts' grouped product (x gathered, act(h), plain rows; W along n or
- * along k; the tail's V in PEFT's B layout; the tail's alpha apart from the product's) over a
- * routing with empty experts and padding rows (which stay 0), at ranks 1, 8 and 16, and rank 17
- * (past the epilogue: the expansion apart); a dense projection's (denseWeightMatMul) forward with a
- * bias and its gradient direction on a packed bf16 weight, at 1, 17 and 333 rows; with the flag off
- * the expansion apart, as before, agreeing. And the program's WGSL indexes its register tile only
- * by constants (run Z33: a loop over it that NVIDIA's compiler did not unroll put acc in local
- * memory, the f32 split-LoRA Q block 1319 ms against 137). Run with TFJS_BACKEND=webgpu.
+ * GroupedMatMulProgram's LoRA tail (off tensor cores, WEBGPU_MOE_F32_LORA_TAIL, off by default: each
+ * spec turns it on): a product's result plus tailAlpha·T·V_e added in its epilogue, T and V staged in
+ * the slabs, one dispatch where the expansion took a second. Against float64 JS: the experts' grouped
+ * product (x gathered, act(h), plain rows; W along n or along k; the tail's V in PEFT's B layout; the
+ * tail's alpha apart from the product's) over a routing with empty experts and padding rows (which stay
+ * 0), at ranks 1, 8 and 16, and ranks 9 on 8-deep slabs and 17 (past the epilogue: the expansion
+ * apart); a dense projection's (denseWeightMatMul) forward with a bias and its gradient direction on a
+ * packed bf16 weight, at 1, 17 and 333 rows; with the flag off the expansion apart, agreeing. And the
+ * program's WGSL indexes its register tile only by constants (run Z33: a loop over it that NVIDIA's
+ * compiler did not unroll put acc in local memory, the f32 split-LoRA Q block 1319 ms against 137).
+ * Run with TFJS_BACKEND=webgpu.
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { expect } from 'chai';
@@ -52,10 +53,12 @@ describe('webgpu: LoRA tails in GroupedMatMulProgram\'s epilogue (issue 15: fewe
   const experts = chooseExperts(new Rng(3), T, K, E, 'skip');
   for (const source of ['gather', 'act', 'rows'] as RowSource[]) {
     for (const kContiguous of [false, true]) {
-      for (const rank of [1, 8, 16, 17]) {
-        it(`grouped, A ${source}, W along ${kContiguous ? 'k' : 'n'}, rank ${rank}: as float64 gives it, ` +
-            `${rank <= 16 ? 'in one GroupedMatMulProgram' : 'the expansion apart (past the epilogue)'}; the flag off agrees`, async () => {
-          const rng = new Rng(rank * 7 + (kContiguous ? 1 : 0) + source.length);
+      // the tail's T and V are staged in the tile's bk-deep slabs: a rank past min(bk, 16) goes apart
+      for (const [rank, bk] of [[1, 16], [8, 8], [8, 16], [16, 16], [9, 8], [17, 16]]) {
+        const folds = rank <= Math.min(bk, 16);
+        it(`grouped, A ${source}, W along ${kContiguous ? 'k' : 'n'}, rank ${rank}, slabs ${bk} deep: as float64 gives it, ` +
+            `${folds ? 'in one GroupedMatMulProgram' : 'the expansion apart (past the epilogue)'}; the flag off agrees`, async () => {
+          const rng = new Rng(rank * 7 + bk + (kContiguous ? 1 : 0) + source.length);
           const ex = tf.tensor2d(experts, [T, K], 'int32');
           const plan = deviceDispatchPlan(ex, E, rowTile);
           const pairOfRow = Array.from(await plan.pairOfRow.data());
@@ -91,14 +94,15 @@ describe('webgpu: LoRA tails in GroupedMatMulProgram\'s epilogue (issue 15: fewe
           const [at, wt, tt, vt] = [tensorOf(a, [aRows, aCols]), tf.tensor1d(Float32Array.from(w)), tensorOf(t, [cap, rank]),
             tf.tensor1d(Float32Array.from(v))] as [tf.Tensor2D, tf.Tensor, tf.Tensor2D, tf.Tensor];
           const args: GroupedMatMulArgs = {
-            a: at, source, w: wt, strides, inner, outCols, plan, tile: { tm: 1, tn: 2, bk: 8 }, alpha,
+            a: at, source, w: wt, strides, inner, outCols, plan, tile: { tm: 1, tn: 2, bk }, alpha,
             activation: source === 'act' ? { kind: 'swiglu' } : undefined,
             loraTail: { a: tt, w: vt, strides: tailStrides, rank, alpha: tailAlpha },
           };
           await expectNoLeakAsync(async () => {
-            const { keys, out } = await withShaderKeys(async recorded => ({ out: groupedMatMul(args), keys: recorded }));
-            expect(keys.length, `shader keys: ${keys.join(', ')}`).to.equal(rank <= 16 ? 1 : 2);
-            expect(tailKeys(keys), `shader keys: ${keys.join(', ')}`).to.equal(rank <= 16 ? 1 : 0);
+            const { keys, out } = await withEnvFlag(F32_LORA_TAIL_FLAG, true, () =>
+              withShaderKeys(async recorded => ({ out: groupedMatMul(args), keys: recorded })));
+            expect(keys.length, `shader keys: ${keys.join(', ')}`).to.equal(folds ? 1 : 2);
+            expect(tailKeys(keys), `shader keys: ${keys.join(', ')}`).to.equal(folds ? 1 : 0);
             await expectCloseAsync(out, want, 1e-5, 'out', [cap, outCols]);
             // padding rows stay exactly 0
             const got = await out.data();
@@ -150,11 +154,11 @@ describe('webgpu: LoRA tails in GroupedMatMulProgram\'s epilogue (issue 15: fewe
         }
       }
       await expectNoLeakAsync(async () => {
-        const { keys, y, dx } = await withShaderKeys(async recorded => ({
+        const { keys, y, dx } = await withEnvFlag(F32_LORA_TAIL_FLAG, true, () => withShaderKeys(async recorded => ({
           y: denseWeightMatMul(xt, Wt, true, bt, 'activation', { a: ut, b: Bt, transposeB: true }),
           dx: denseWeightMatMul(dyt, packed, false, null, 'gradient', { a: gt, b: At, transposeB: false }),
           keys: recorded,
-        }));
+        })));
         expect(keys.length, `shader keys: ${keys.join(', ')}`).to.equal(2);
         expect(tailKeys(keys), `shader keys: ${keys.join(', ')}`).to.equal(2);
         await expectCloseAsync(y, forward, 1e-5, 'x·Wᵀ + b + u·Bᵀ', [rows, out]);

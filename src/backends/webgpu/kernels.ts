@@ -12,7 +12,7 @@ import type { ExpertActivation } from '../../ops/types.js';
 import { fail } from '../../ops/validate.js';
 import { describeValue } from '../../util/describe.js';
 import {
-  GroupedMatMulProgram, GroupedWeightGradProgram, type TileConfig, usesPairOfRow,
+  GroupedMatMulProgram, GroupedWeightGradProgram, loraTailEpilogueRank, type TileConfig, usesPairOfRow,
 } from './programs/grouped_matmul_program.js';
 import {
   NARROW_MAX_COLS, narrowGradChunkRows, type NarrowGradProduct, narrowGradUnitRows, NarrowGroupedMatMulProgram,
@@ -232,11 +232,13 @@ tf.env().registerFlag(TC_LORA_TAIL_FLAG, () => true);
  * tf.env() flag: off tensor cores, a product on GroupedMatMulProgram given a LoRA tail (split LoRA's
  * expansion of its first adapter; a dense projection's u·Bᵀ or g·A) adds it in its epilogue
  * (GroupedMatMulProgram's loraTail: each output reads its row of T and its column of V, r ≤ 16
- * values each) instead of a separate expansion that reads and writes the whole output again: one
- * dispatch fewer per tail. false: the separate expansion, as before (the A/B).
+ * values each, staged in the slabs) instead of a separate expansion that reads and writes the whole
+ * output again: one dispatch fewer per tail. Off by default: in run Z33 (H100) the fold, then reading
+ * V per output from global memory, was not faster than the expansion apart (the f32 split-LoRA Q block
+ * even chained, M1 8 % slower chained); the slab-staged form is checked on Mesa, not yet timed on a card.
  */
 export const F32_LORA_TAIL_FLAG = 'WEBGPU_MOE_F32_LORA_TAIL';
-tf.env().registerFlag(F32_LORA_TAIL_FLAG, () => true);
+tf.env().registerFlag(F32_LORA_TAIL_FLAG, () => false);
 
 /** Below this many blocks of 128 rows a dense product on tensor cores takes 64-row blocks. */
 const DENSE_TC_FEW_BLOCKS = 128;
@@ -641,7 +643,7 @@ export function groupedMatMul(args: GroupedMatMulArgs): tf.Tensor2D {
   const foldsTail = tail !== undefined && tail.rank <= LORA_TAIL_MAX_RANK && (tensorCores
     ? tf.env().getBool(TC_LORA_TAIL_FLAG)
     // off tensor cores only GroupedMatMulProgram has the tail's epilogue
-    : tf.env().getBool(F32_LORA_TAIL_FLAG) && !narrow && !narrowInner);
+    : tf.env().getBool(F32_LORA_TAIL_FLAG) && !narrow && !narrowInner && tail.rank <= loraTailEpilogueRank(args.tile));
   if (tail !== undefined && !foldsTail) {
     // the expansion as its own product, the result its addend
     const base = groupedMatMul({ ...args, loraTail: undefined });
@@ -1182,7 +1184,7 @@ function runDenseProduct(
   const { inner, outCols, sN, sK } = layout;
   const n = a.shape[0];
   const tailRank = tail?.a.shape[1] ?? 0;
-  if (tail !== undefined && !(tf.env().getBool(F32_LORA_TAIL_FLAG) && tailRank <= LORA_TAIL_MAX_RANK)) {
+  if (tail !== undefined && !(tf.env().getBool(F32_LORA_TAIL_FLAG) && tailRank <= loraTailEpilogueRank(tile))) {
     return withDenseTail(args, runDenseProduct(args, a, w, added, layout, packed, tile), tail);
   }
   const program = new GroupedMatMulProgram(n, outCols, {

@@ -63,6 +63,11 @@ class Slab {
       : `${this.name}[${k} * ${this.stride} + ${m}] = ${v};`;
   }
 
+  /** WGSL of the element at depth k, column m (both WGSL expressions). */
+  at(k: string, m: string): string {
+    return this.vec4 ? `${this.name}[${k} * ${this.stride} + ${m} / 4][${m} % 4]` : `${this.name}[${k} * ${this.stride} + ${m}]`;
+  }
+
   /** WGSL lets of this thread's `count` operand values at depth kk: `${prefix}0`, ... */
   loads(prefix: string, owner: string, count: number): string[] {
     if (!this.vec4) {
@@ -263,8 +268,13 @@ export function tileRowsSnippet(source: RowSource, rows: number, threads: number
         ${loop}`;
 }
 
-/** The deepest LoRA tail GroupedMatMulProgram adds in its epilogue (the rank a thread holds one row of). */
+/** The deepest LoRA tail GroupedMatMulProgram adds in its epilogue, on a tile at least as deep. */
 export const LORA_TAIL_EPILOGUE_MAX_RANK = 16;
+
+/** The deepest LoRA tail GroupedMatMulProgram adds on this tile: its T and V are staged in the bk-deep slabs. */
+export function loraTailEpilogueRank(tile: TileConfig): number {
+  return Math.min(tile.bk, LORA_TAIL_EPILOGUE_MAX_RANK);
+}
 
 export class GroupedMatMulProgram implements WebGPUProgram {
   variableNames: string[];
@@ -346,7 +356,8 @@ export class GroupedMatMulProgram implements WebGPUProgram {
             workgroupBarrier();
           }
         }
-        ${this.epilogue()}
+        ${this.spec.loraTail ? tailStagingSnippet(aSlab, bSlab, loraTailEpilogueRank(tile)) : ''}
+        ${this.epilogue(aSlab, bSlab)}
       }
     `;
   }
@@ -356,19 +367,20 @@ export class GroupedMatMulProgram implements WebGPUProgram {
    * by constants, so it stays in registers. A loop over it that the shader compiler does not unroll
    * (the LoRA tail's loop over a uniform rank was enough on NVIDIA's Vulkan driver) makes acc
    * addressable, i.e. local memory, in the product's inner loop too: the f32 split-LoRA Q block took
-   * 1319 ms against 154 (run Z33).
+   * 1319 ms against 137 (run Z33). The tail's T and V_e come from the slabs (tailStagingSnippet).
    */
-  private epilogue(): string {
-    const { tm, tn } = this.spec.tile;
+  private epilogue(aSlab: Slab, bSlab: Slab): string {
+    const tile = this.spec.tile;
+    const { tm, tn } = tile;
     const tail = this.spec.loraTail === true;
     const columns = (i: number) => Array.from({ length: tn }, (_, j) => `{
-            let c = ${owned(this.spec.tile, 'col0', 'tx', `${j}`, tn)};
+            let n = ${owned(tile, '0', 'tx', `${j}`, tn)};
+            let c = col0 + n;
             if (c < uniforms.outCols) {
               var v = 0.0;
               if (live) {${tail ? `
                 var t = 0.0;
-                let vBase = e * uniforms.tailSE + c * uniforms.tailSN;
-                for (var k = 0; k < uniforms.tailRank; k++) { t = fma(tailRow[k], tailW[vBase + k * uniforms.tailSK], t); }
+                for (var k = 0; k < uniforms.tailRank; k++) { t = fma(${aSlab.at('k', 'm')}, ${bSlab.at('k', 'n')}, t); }
                 v = uniforms.alpha * (acc[${i * tn + j}] + uniforms.tailScale * t);` : `
                 v = uniforms.alpha * acc[${i * tn + j}];`}
                 ${this.spec.hasBias ? 'v += bias[e * uniforms.outCols + c];' : ''}
@@ -378,19 +390,36 @@ export class GroupedMatMulProgram implements WebGPUProgram {
             }
           }`).join('\n          ');
     return Array.from({ length: tm }, (_, i) => `{
-          let m = ${owned(this.spec.tile, '0', 'ty', `${i}`, tm)};
+          let m = ${owned(tile, '0', 'ty', `${i}`, tm)};
           let r = row0 + m;
           if (r < uniforms.numRows) {
-            let live = e >= 0 && rowSrc[m] >= 0;${tail ? `
-            // the tail's row T(r, ·), read once for the row's columns (0 past the rank)
-            var tailRow : array<f32, ${LORA_TAIL_EPILOGUE_MAX_RANK}>;
-            if (live) {
-              for (var k = 0; k < uniforms.tailRank; k++) { tailRow[k] = tailA[r * uniforms.tailRank + k]; }
-            }` : ''}
+            let live = e >= 0 && rowSrc[m] >= 0;
             ${columns(i)}
           }
         }`).join('\n        ');
   }
+}
+
+/**
+ * WGSL (after the reduction, whose last barrier frees the slabs): the tile's rows of the LoRA tail's
+ * T into the A slab and its expert's columns of V into the B slab, depth k = the rank's index (0 past
+ * the rank, the row count or outCols; the rank at most `depth`, loraTailEpilogueRank), so that each output's tail reads workgroup memory: read from
+ * global memory per output, r values of V's column each, the epilogue made the f32 split-LoRA block
+ * up to 8 % slower than the expansion apart (run Z33).
+ */
+function tailStagingSnippet(aSlab: Slab, bSlab: Slab, depth: number): string {
+  const stage = (slab: Slab, width: number, load: string, inRange: string) => `
+          for (var i = lid; i < ${depth * width}; i += ${THREADS}) {
+            let k = i % ${depth};
+            let x = i / ${depth};
+            var v = 0.0;
+            if (k < uniforms.tailRank && ${inRange}) { v = ${load}; }
+            ${slab.store('k', 'x', 'v')}
+          }`;
+  return `if (e >= 0) {${stage(aSlab, aSlab.width, 'tailA[(row0 + x) * uniforms.tailRank + k]', 'row0 + x < uniforms.numRows')}
+          ${stage(bSlab, bSlab.width, 'tailW[e * uniforms.tailSE + (col0 + x) * uniforms.tailSN + k * uniforms.tailSK]', 'col0 + x < uniforms.outCols')}
+          workgroupBarrier();
+        }`;
 }
 
 export interface GroupedWeightGradSpec {
