@@ -9,7 +9,8 @@
  * --kernels on (webgpu): the tfjs kernels by call site too, as elsewhere (where the Identity and Reshape
  * kernels of issue 15's host time come from: a customGrad's save clones each tensor it keeps).
  * --shapes on (webgpu): each program's input shapes → output shape too (which product a matMul call is).
- *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu] [--kernels on] [--shapes on]
+ * --tf-flags 'NAME=VALUE,...': tf.env() flags (bench/tf_flags.ts), e.g. WEBGPU_MOE_F32_LORA_TAIL=true
+ *   npx tsx bench/e2e/kernel_sites.ts [--backend cpu|wasm|webgpu] [--kernels on] [--shapes on] [--tf-flags ...]
  */
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-layers';
@@ -24,12 +25,15 @@ import { nextTokenLoss } from '../../src/train/loss.js';
 import { Adam } from '../../src/train/optimizer.js';
 import { commandLineFlag, setUpNarrowWebGPU } from './narrow_setup.js';
 import { ownDispatchListeners } from '../../src/backends/webgpu/own_dispatch.js';
+import { parseTfFlags, setTfFlags } from '../tf_flags.js';
 
 const backendName = commandLineFlag('backend', 'cpu');
 const countKernels = backendName !== 'webgpu' || commandLineFlag('kernels', 'off') === 'on';
 const withShapes = commandLineFlag('shapes', 'off') === 'on';
 if (backendName === 'webgpu') await setUpNarrowWebGPU();
 else await tf.setBackend(backendName);
+const tfFlags = commandLineFlag('tf-flags', '');
+if (tfFlags !== '') setTfFlags(parseTfFlags(tfFlags));
 Error.stackTraceLimit = 60;  // a program is dispatched ~20 frames below the src/ call that ran it
 const SRC = `${new URL('../../src/', import.meta.url).pathname}`;
 /** the two innermost src/ frames of the current stack, outside the backends' kernels where there are such */
