@@ -7,7 +7,8 @@
 # There (carry [".gpu"]): bash bench/tensor_cores_table.sh
 # Prints the lines docs/webgpu.md's tables are made from; the JSON of each block run goes to $OUT/table/.
 # A warm-up process first: a process's first block runs on a cold clock (run Z18). Each M1 process runs the
-# block twice (M1,M1) and the second is the one to read. About 5 minutes on an H100 (run Z32's parts, timed apart).
+# block twice (M1,M1) and the second is the one to read. About 7 minutes on an H100 (run Z33: 400 s before the
+# f32 tail's A/B was added).
 set -uo pipefail
 [ -f package.json ] || { echo "run from the project root" >&2; exit 2; }
 for f in .gpu/bundle/*.js.xz; do [ -f "${f%.xz}" ] || xz -dk "$f"; done
@@ -36,8 +37,11 @@ timeout 90 $block --config Q --lora none --tensor-cores on --iters 3 --warmup 2 
 elapsed "Q profile"
 timeout 180 python3 .gpu/torch_moe_bench.py --quick 2>&1 | tail -12
 elapsed "PyTorch"
-for lora in split none; do
-  timeout 120 $block --config M1,Q --lora "$lora" --tensor-cores off --iters 4 --warmup 2 \
-    --json "$out/f32-$lora.json" 2>&1 | show | grep -E 'median'
-  elapsed "f32 path, $lora"
+# the f32 path: split LoRA with its first expansion apart (the default) and folded into the base product's
+# epilogue (WEBGPU_MOE_F32_LORA_TAIL, off until this A/B says it is faster: docs/webgpu.md, run Z33), full FT
+for run in "split false" "split true" "none false"; do
+  set -- $run
+  timeout 120 $block --config M1,M1,Q --lora "$1" --tensor-cores off --iters 4 --warmup 2 --tf-flags "WEBGPU_MOE_F32_LORA_TAIL=$2" \
+    --json "$out/f32-$1-tail-$2.json" 2>&1 | show | grep -E 'median'
+  elapsed "f32 path, $1, folded tail $2"
 done
