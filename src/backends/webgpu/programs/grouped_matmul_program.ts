@@ -545,17 +545,23 @@ export class GroupedWeightGradProgram implements WebGPUProgram {
           ${accumulateSnippet(tile, ls, rs)}
           workgroupBarrier();
         }
-        for (var i = 0; i < ${tm}; i++) {
-          let p = ${owned(tile, 'p0', 'ty', 'i', tm)};
-          if (p >= uniforms.P) { continue; }
-          for (var j = 0; j < ${tn}; j++) {
-            let q = ${owned(tile, 'q0', 'tx', 'j', tn)};
-            if (q < uniforms.Q) {
-              result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = uniforms.alpha * acc[i * ${tn} + j];
-            }
-          }
-        }
+        ${this.stores()}
       }
     `;
+  }
+
+  /** WGSL of the register tile's stores, unrolled here: acc indexed by constants only (GroupedMatMulProgram's epilogue). */
+  private stores(): string {
+    const tile = this.spec.tile;
+    const { tm, tn } = tile;
+    return Array.from({ length: tm }, (_, i) => `{
+          let p = ${owned(tile, 'p0', 'ty', `${i}`, tm)};
+          if (p < uniforms.P) {
+            ${Array.from({ length: tn }, (_, j) => `{
+              let q = ${owned(tile, 'q0', 'tx', `${j}`, tn)};
+              if (q < uniforms.Q) { result[e * uniforms.oE + p * uniforms.oP + q * uniforms.oQ] = uniforms.alpha * acc[${i * tn + j}]; }
+            }`).join('\n            ')}
+          }
+        }`).join('\n        ');
   }
 }
