@@ -402,22 +402,23 @@ export class GroupedMatMulProgram implements WebGPUProgram {
 
 /**
  * WGSL (after the reduction, whose last barrier frees the slabs): the tile's rows of the LoRA tail's
- * T into the A slab and its expert's columns of V into the B slab, depth k = the rank's index (0 past
- * the rank, the row count or outCols; the rank at most `depth`, loraTailEpilogueRank), so that each output's tail reads workgroup memory: read from
- * global memory per output, r values of V's column each, the epilogue made the f32 split-LoRA block
- * up to 8 % slower than the expansion apart (run Z33).
+ * T into the A slab and its expert's columns of V into the B slab, at depth k = the rank's index
+ * (0 past the rank, the row count or outCols; the rank is at most `depth`, loraTailEpilogueRank).
+ * Each output's tail then reads workgroup memory: reading r values of V's column from global memory
+ * per output, the epilogue made the f32 split-LoRA block up to 8 % slower than the expansion apart
+ * (run Z33).
  */
 function tailStagingSnippet(aSlab: Slab, bSlab: Slab, depth: number): string {
-  const stage = (slab: Slab, width: number, load: string, inRange: string) => `
-          for (var i = lid; i < ${depth * width}; i += ${THREADS}) {
+  const stage = (slab: Slab, load: string, inRange: string) => `
+          for (var i = lid; i < ${depth * slab.width}; i += ${THREADS}) {
             let k = i % ${depth};
             let x = i / ${depth};
             var v = 0.0;
             if (k < uniforms.tailRank && ${inRange}) { v = ${load}; }
             ${slab.store('k', 'x', 'v')}
           }`;
-  return `if (e >= 0) {${stage(aSlab, aSlab.width, 'tailA[(row0 + x) * uniforms.tailRank + k]', 'row0 + x < uniforms.numRows')}
-          ${stage(bSlab, bSlab.width, 'tailW[e * uniforms.tailSE + (col0 + x) * uniforms.tailSN + k * uniforms.tailSK]', 'col0 + x < uniforms.outCols')}
+  return `if (e >= 0) {${stage(aSlab, 'tailA[(row0 + x) * uniforms.tailRank + k]', 'row0 + x < uniforms.numRows')}
+          ${stage(bSlab, 'tailW[e * uniforms.tailSE + (col0 + x) * uniforms.tailSN + k * uniforms.tailSK]', 'col0 + x < uniforms.outCols')}
           workgroupBarrier();
         }`;
 }
